@@ -1,0 +1,288 @@
+"""
+Reaching a backend: TCP, the PROXY header, TLS, and the login dialogue's
+shared plumbing.
+
+A protocol module writes its backend login as a subclass of
+L{BackendProtocol}: it only speaks its wire syntax (greeting, capabilities,
+identity forwarding, login) and reports the outcome with L{succeed} or
+L{fail}. Connecting, the PROXY header, implicit TLS, STARTTLS with
+certificate verification before any credential is written, the dialogue's
+timeout and the classification of failures live here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import _proxyproto, _tls
+from .model import Backend, ClientInfo, Credentials, Route
+
+FailureKind = Literal["auth", "unavailable", "refused"]
+
+
+class BackendFailure(Exception):
+    """
+    The backend did not give us a logged-in session.
+
+    @ivar kind: C{"auth"}: it refused the credentials (the client sees the
+        generic authentication failure); C{"unavailable"}: it could not be
+        reached, timed out, failed TLS or spoke nonsense (the client sees a
+        temporary failure); C{"refused"}: it refused for a reason worth
+        passing on (C{clientText} is safe to show, e.g. an IMAP
+        C{[LIMIT]} code).
+    @ivar detail: what happened, for the log (never a credential).
+    @ivar clientText: for C{"refused"}, the protocol-specific reply text.
+    """
+
+    def __init__(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
+        super().__init__(kind, detail)
+        self.kind = kind
+        self.detail = detail
+        self.clientText = clientText
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+@frozen
+class LoginJob:
+    """
+    Everything a backend login dialogue needs to know.
+
+    @ivar user: the login name for the backend (after any rewrite).
+    @ivar password: the password for the backend, or L{None} with a master
+        user.
+    @ivar masterUser: log in as this master user on C{user}'s behalf.
+    @ivar clientID: IMAP ID pairs the client sent, to pass on.
+    """
+
+    route: Route
+    protocol: str
+    client: ClientInfo
+    credentials: Credentials | None
+    user: str
+    password: bytes | None
+    masterUser: str | None = None
+    masterPassword: bytes | None = None
+    clientID: tuple[tuple[str, str], ...] = ()
+    ttl: int = 5
+
+    @property
+    def backend(self) -> Backend:
+        """
+        The backend this job logs in to.
+        """
+        return self.route.backend
+
+
+@implementer(IHandshakeListener)
+class BackendProtocol(Protocol):
+    """
+    The client side of a connection to a backend, until login.
+
+    Subclasses implement L{dialogueReceived} (bytes before hand-over) and
+    call L{startTLS}, L{succeed} and L{fail}. After L{succeed}, the relay
+    replaces C{dataReceived} and the subclass is done.
+
+    @ivar result: fires with this protocol once logged in, or fails with
+        L{BackendFailure}.
+    @ivar leftover: octets read past the end of the login dialogue.
+    @ivar tlsActive: TLS is up (implicit, or after STARTTLS) and verified.
+    """
+
+    log = Logger()
+
+    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+        self.job = job
+        self.result: Deferred[BackendProtocol] = Deferred(lambda d: self._cancelled())
+        self.connecting: Deferred | None = None
+        self.leftover = b""
+        self.tlsActive = False
+        self._clock = clock
+        self._timeout = timeout
+        self._timer: IDelayedCall | None = None
+        self._done = False
+        self._awaitingHandshake = False
+        self.onLost: Callable[[], None] | None = None
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        backend = self.job.backend
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        self._timer = self._clock.callLater(self._timeout, self._timedOut)
+        header = proxyHeader(backend, self.job.client, self.job.protocol)
+        if header:
+            self.transport.write(header)
+        if backend.tls == "implicit":
+            self.startTLS()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaitingHandshake and not self.tlsActive:
+            # Bytes the server sent before the TLS handshake finished can only
+            # be plaintext injected after its STARTTLS reply.
+            self.fail("unavailable", "backend sent data before the TLS handshake")
+            return
+        self.dialogueReceived(data)
+
+    def dialogueReceived(self, data: bytes) -> None:
+        """
+        Handle backend octets during the login dialogue.
+        """
+        raise NotImplementedError(type(self).__name__ + " must handle the dialogue")
+
+    def startTLS(self) -> None:
+        """
+        Start TLS towards the backend; L{tlsReady} runs once the handshake
+        has finished and the certificate has been verified.
+        """
+        self._awaitingHandshake = True
+        self.transport.startTLS(_tls.clientOptions(self.job.backend))
+
+    def handshakeCompleted(self) -> None:
+        self.tlsActive = True
+        self._awaitingHandshake = False
+        self.tlsReady()
+
+    def tlsReady(self) -> None:
+        """
+        TLS to the backend is up and verified; subclasses continue here
+        after STARTTLS. With implicit TLS, the greeting follows anyway.
+        """
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancelTimer()
+        if not self._done:
+            detail = "connection closed during login"
+            if self._awaitingHandshake:
+                detail = "TLS handshake failed: " + _describe(reason)
+            self.fail("unavailable", detail)
+        elif self.onLost is not None:
+            self.onLost()
+
+    # Outcome
+
+    def succeed(self, leftover: bytes = b"") -> None:
+        """
+        The backend accepted the login; hand this connection over.
+        """
+        if self._done or self.result.called:
+            return
+        self._done = True
+        self._cancelTimer()
+        self.leftover = leftover
+        self.result.callback(self)
+
+    def fail(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
+        """
+        The login did not succeed; close the connection and report why.
+        """
+        if self._done or self.result.called:
+            return
+        self._done = True
+        self._cancelTimer()
+        if self.transport is not None:
+            self.transport.abortConnection()
+        self.result.errback(Failure(BackendFailure(kind, detail, clientText)))
+
+    def abandon(self) -> None:
+        """
+        The client went away before the login finished: close quietly.
+        """
+        if not self._done:
+            self._done = True
+            self._cancelTimer()
+            if not self.result.called:
+                self.result.addErrback(lambda f: None)
+                self.result.errback(Failure(BackendFailure("unavailable", "client left")))
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _cancelled(self) -> None:
+        # The session gave up on this login (its client left).
+        self._done = True
+        self._cancelTimer()
+        if self.transport is not None:
+            self.transport.abortConnection()
+        elif self.connecting is not None:
+            self.connecting.cancel()
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.fail("unavailable", f"no login reply within {self._timeout:.0f}s")
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def _describe(reason: Failure | None) -> str:
+    if reason is None:
+        return "connection lost"
+    return reason.getErrorMessage() or reason.type.__name__
+
+
+def proxyHeader(backend: Backend, client: ClientInfo, protocol: str) -> bytes:
+    """
+    The PROXY protocol header to send first on a connection to C{backend},
+    or C{b""} when the backend does not take one.
+    """
+    source = (client.address, client.port)
+    destination = (client.localAddress, client.localPort)
+    if backend.forward == "proxy-v1":
+        return _proxyproto.encodeV1(source, destination)
+    if backend.forward == "proxy-v2":
+        return _proxyproto.encodeV2(
+            source,
+            destination,
+            authority=client.tls.serverName if client.tls else None,
+            alpn=protocol.encode("ascii"),
+            tls=client.tls,
+            uniqueId=client.sessionId.encode("ascii"),
+        )
+    return b""
+
+
+def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtocol]:
+    """
+    Connect C{protocol} to its job's backend and run its login dialogue.
+
+    @return: L{BackendProtocol.result}: the logged-in protocol, or a
+        L{BackendFailure}.
+    """
+    job = protocol.job
+    backend = job.backend
+    try:
+        port = backend.port(job.protocol)
+    except KeyError:
+        protocol.result.errback(
+            Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.protocol} port"))
+        )
+        return protocol.result
+    endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)
+    connecting = protocol.connecting = connectProtocol(endpoint, protocol)
+
+    def connectFailed(reason: Failure) -> None:
+        protocol.connecting = None
+        if protocol.result.called:
+            return
+        protocol._done = True
+        protocol._cancelTimer()
+        protocol.result.errback(
+            Failure(BackendFailure("unavailable", f"cannot connect to {backend.name}: {_describe(reason)}"))
+        )
+
+    connecting.addErrback(connectFailed)
+    return protocol.result

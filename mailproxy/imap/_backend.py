@@ -1,0 +1,331 @@
+"""
+The IMAP4 login dialogue towards a backend.
+
+Order (as Dovecot's proxy does it, STARTTLS first so that nothing about the
+client travels in clear): greeting -> STARTTLS and handshake (if configured)
+-> CAPABILITY (if the greeting did not carry it) -> ID with the client's
+addresses (if forwarding by ID) and the login, pipelined -> CAPABILITY again
+if the login reply did not carry the post-login list.
+
+The login uses C{AUTHENTICATE PLAIN} with an initial response when the
+server offers SASL-IR, otherwise C{LOGIN} with literals (non-synchronizing
+with LITERAL+), so no quoting bug can ever mangle a password.
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64encode
+
+from twisted.logger import Logger
+
+from .._backend import BackendProtocol, LoginJob
+
+#: Longest backend response line accepted during login.
+MAX_BACKEND_LINE = 65536
+#: Capabilities a relay cannot honour: never shown to the client.
+_HIDDEN_CAPABILITIES = frozenset([b"UNAUTHENTICATE", b"STARTTLS", b"LOGINDISABLED"])
+#: Backend NO codes that mean "wrong credentials" (answered generically).
+_AUTH_CODES = frozenset([b"", b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"])
+#: Backend NO codes that mean "try later".
+_TEMP_CODES = frozenset([b"UNAVAILABLE", b"SERVERBUG"])
+
+_CODE = re.compile(rb"^\[([^\]\s]+)(?: ([^\]]*))?\] ?")
+_LITERAL_END = re.compile(rb"\{(\d{1,9})\+?\}$")
+_SAFE_QUOTED = re.compile(rb"^[\x20\x21\x23-\x5b\x5d-\x7e]*$")
+
+
+def quoted(value: bytes) -> bytes:
+    """
+    Quote C{value} as an IMAP quoted string (only for printable ASCII).
+    """
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def parseCode(text: bytes) -> tuple[bytes, bytes, bytes]:
+    """
+    Split C{"[CODE args] text"} into C{(CODE, args, text)}.
+    """
+    match = _CODE.match(text)
+    if match is None:
+        return b"", b"", text
+    return match.group(1).upper(), match.group(2) or b"", text[match.end() :]
+
+
+class IMAPBackendLogin(BackendProtocol):
+    """
+    Logs in to an IMAP server for one client.
+
+    @ivar capabilities: the server's current capability list as it wrote
+        it, or L{None} when it must be asked.
+    @ivar untagged: untagged lines the server sent during login that the
+        client should see (alerts), raw.
+    @ivar okText: the text of the server's tagged OK to the login.
+    """
+
+    log = Logger()
+
+    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+        super().__init__(job, clock, timeout)
+        self.capabilities: list[bytes] | None = None
+        self.untagged: list[bytes] = []
+        self.okText = b""
+        self._buffer = b""
+        self._state = "greeting"
+        self._tag = 0
+        self._waiting: dict[bytes, str] = {}
+        self._pendingLiterals: list[bytes] = []
+        self._replyHandlers = {
+            "starttls": self._reply_starttls,
+            "capability": self._reply_capability,
+            "id": self._reply_id,
+            "login": self._reply_login,
+            "postcapability": self._reply_postcapability,
+        }
+
+    # Writing
+
+    def _nextTag(self, purpose: str) -> bytes:
+        self._tag += 1
+        tag = b"P%d" % (self._tag,)
+        self._waiting[tag] = purpose
+        return tag
+
+    def _send(self, purpose: str, command: bytes) -> None:
+        self.transport.write(self._nextTag(purpose) + b" " + command + b"\r\n")
+
+    # Reading
+
+    def dialogueReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while not self._done:
+            response = self._nextResponse()
+            if response is None:
+                if len(self._buffer) > MAX_BACKEND_LINE:
+                    self.fail("unavailable", "backend response line too long")
+                return
+            self._handle(response)
+            if self._state == "tls":
+                # After the STARTTLS reply, any byte still buffered came in
+                # clear before the handshake: an injection attempt.
+                if self._buffer:
+                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                return
+
+    def _nextResponse(self) -> bytes | None:
+        """
+        One whole response, literals included, or None if incomplete.
+        """
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start)
+            if end < 0:
+                return None
+            line = self._buffer[start:end].rstrip(b"\r")
+            match = _LITERAL_END.search(line)
+            if match is None:
+                response = self._buffer[:end].rstrip(b"\r")
+                self._buffer = self._buffer[end + 1 :]
+                return response
+            start = end + 1 + int(match.group(1))
+            if start > len(self._buffer):
+                if start > MAX_BACKEND_LINE:
+                    self.fail("unavailable", "backend literal too large")
+                return None
+
+    def _handle(self, response: bytes) -> None:
+        if self._state == "greeting":
+            self._greeting(response)
+            return
+        if response.startswith(b"+"):
+            self._continuation()
+            return
+        tag, _, rest = response.partition(b" ")
+        if tag == b"*":
+            self._untaggedResponse(response, rest)
+            return
+        purpose = self._waiting.pop(tag, None)
+        if purpose is None:
+            self.fail("unavailable", "backend sent an unexpected tagged response")
+            return
+        status, _, text = rest.partition(b" ")
+        status = status.upper()
+        self._replyHandlers[purpose](status, text)
+
+    def _untaggedResponse(self, response: bytes, rest: bytes) -> None:
+        kind, _, text = rest.partition(b" ")
+        kind = kind.upper()
+        if kind == b"CAPABILITY":
+            self.capabilities = text.split()
+        elif kind in (b"ID", b"BYE"):
+            # ID answers our forwarding; BYE precedes a close that fails the
+            # login anyway.
+            pass
+        elif kind == b"OK":
+            code, args, _ = parseCode(text)
+            if code == b"CAPABILITY":
+                self.capabilities = args.split()
+            else:
+                self.untagged.append(response)
+        else:
+            self.untagged.append(response)
+
+    # The dialogue
+
+    def _greeting(self, line: bytes) -> None:
+        status = line[:5].upper()
+        if status != b"* OK ":
+            self.fail("unavailable", "unexpected greeting: " + line[:60].decode("ascii", "replace"))
+            return
+        code, args, _ = parseCode(line[5:])
+        if code == b"CAPABILITY":
+            self.capabilities = args.split()
+        self._state = "dialogue"
+        if self.job.backend.tls == "starttls":
+            if self.capabilities is not None and b"STARTTLS" not in self._caps():
+                self.fail("unavailable", "backend does not offer STARTTLS")
+                return
+            self._send("starttls", b"STARTTLS")
+            return
+        self._ready()
+
+    def _reply_starttls(self, status: bytes, text: bytes) -> None:
+        if status != b"OK":
+            self.fail("unavailable", "backend refused STARTTLS")
+            return
+        self._state = "tls"
+        self.startTLS()
+
+    def tlsReady(self) -> None:
+        if self._state != "tls":
+            return  # implicit TLS: the greeting follows
+        self._state = "dialogue"
+        # Capabilities seen before TLS are forgotten (RFC 9051 §6.2.1).
+        self.capabilities = None
+        self._ready()
+
+    def _ready(self) -> None:
+        if self.capabilities is None:
+            self._send("capability", b"CAPABILITY")
+            return
+        self._login()
+
+    def _reply_capability(self, status: bytes, text: bytes) -> None:
+        if status != b"OK" or self.capabilities is None:
+            self.fail("unavailable", "backend CAPABILITY failed")
+            return
+        self._login()
+
+    def _reply_id(self, status: bytes, text: bytes) -> None:
+        # A server that rejects ID still lets us log in.
+        pass
+
+    def _login(self) -> None:
+        caps = self._caps()
+        backend = self.job.backend
+        if not self.tlsActive and b"LOGINDISABLED" in caps:
+            self.fail("unavailable", "backend refuses plaintext login (LOGINDISABLED); configure tls for it")
+            return
+        commands = []
+        forward = backend.forward
+        if forward == "id" or (forward == "auto" and b"ID" in caps):
+            commands.append(self._nextTag("id") + b" ID " + self._idParameters())
+        job = self.job
+        if job.masterUser is not None:
+            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
+        else:
+            authzid, authcid, password = "", job.user, job.password or b""
+        authzidBytes = authzid.encode("utf-8", "surrogateescape")
+        authcidBytes = authcid.encode("utf-8", "surrogateescape")
+        if b"AUTH=PLAIN" in caps and (b"SASL-IR" in caps or authzid):
+            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            if b"SASL-IR" in caps:
+                commands.append(self._nextTag("login") + b" AUTHENTICATE PLAIN " + response)
+            else:
+                commands.append(self._nextTag("login") + b" AUTHENTICATE PLAIN")
+                self._pendingLiterals = [response + b"\r\n"]
+        else:
+            if authzid:
+                authcidBytes = authzidBytes + backend.masterSeparator.encode("utf-8") + authcidBytes
+            tag = self._nextTag("login")
+            if b"LITERAL+" in caps:
+                commands.append(
+                    tag + b" LOGIN {%d+}\r\n%s {%d+}\r\n%s" % (len(authcidBytes), authcidBytes, len(password), password)
+                )
+            else:
+                # Synchronizing literals: each waits for the server's "+".
+                commands.append(tag + b" LOGIN {%d}" % (len(authcidBytes),))
+                self._pendingLiterals = [
+                    authcidBytes + b" {%d}\r\n" % (len(password),),
+                    password + b"\r\n",
+                ]
+        self.transport.write(b"\r\n".join(commands) + b"\r\n")
+
+    def _continuation(self) -> None:
+        if not self._pendingLiterals:
+            self.fail("unavailable", "backend sent an unexpected continuation")
+            return
+        self.transport.write(self._pendingLiterals.pop(0))
+
+    def _idParameters(self) -> bytes:
+        client = self.job.client
+        pairs: list[tuple[str, str]] = [
+            (k, v) for k, v in self.job.clientID if not k.lower().startswith("x-")
+        ]
+        pairs += [
+            ("x-session-id", client.sessionId),
+            ("x-originating-ip", client.address),
+            ("x-originating-port", str(client.port)),
+            ("x-connected-ip", client.localAddress),
+            ("x-connected-port", str(client.localPort)),
+            ("x-proxy-ttl", str(self.job.ttl)),
+            ("x-client-transport", "TLS" if client.tls else "insecure"),
+        ]
+        if client.tls and client.tls.serverName:
+            pairs.append(("x-connected-name", client.tls.serverName))
+        items = []
+        for key, value in pairs:
+            k, v = key.encode("utf-8"), value.encode("utf-8")
+            if _SAFE_QUOTED.match(k) and _SAFE_QUOTED.match(v):
+                items.append(quoted(k) + b" " + quoted(v))
+        return b"(" + b" ".join(items) + b")"
+
+    def _reply_login(self, status: bytes, text: bytes) -> None:
+        self._pendingLiterals = []
+        if status == b"OK":
+            code, args, rest = parseCode(text)
+            self.okText = rest
+            if code == b"CAPABILITY":
+                self.capabilities = args.split()
+                self.succeed(self._buffer)
+            else:
+                # No post-login list in the reply: ask, so the client never
+                # sees the pre-login one as if it were post-login.
+                self.capabilities = None
+                self._send("postcapability", b"CAPABILITY")
+            return
+        code, _, rest = parseCode(text)
+        if status == b"NO" and code in _AUTH_CODES:
+            self.fail("auth", "backend refused the credentials")
+        elif status == b"NO" and code in _TEMP_CODES:
+            self.fail("unavailable", "backend login: " + code.decode("ascii", "replace"))
+        elif status == b"NO":
+            clientText = b"NO [" + code + b"] " + rest[:200]
+            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
+        else:
+            self.fail("unavailable", "backend answered login with " + status.decode("ascii", "replace"))
+
+    def _reply_postcapability(self, status: bytes, text: bytes) -> None:
+        if status != b"OK" or self.capabilities is None:
+            self.fail("unavailable", "backend CAPABILITY after login failed")
+            return
+        self.succeed(self._buffer)
+
+    def _caps(self) -> frozenset[bytes]:
+        return frozenset(cap.upper() for cap in self.capabilities or ())
+
+    def postLoginCapabilities(self) -> list[bytes]:
+        """
+        The backend's post-login capabilities the client may see.
+        """
+        return [cap for cap in self.capabilities or [] if cap.upper() not in _HIDDEN_CAPABILITIES]

@@ -1,0 +1,360 @@
+"""
+The IMAP4 front end: what a client sees before it is logged in.
+
+It answers CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and AUTHENTICATE
+(PLAIN and LOGIN, with SASL-IR) itself, refuses everything else with the
+RFC's BAD or NO, and on a successful backend login answers the client's
+command with the backend's post-login capabilities before the relay starts.
+Commands are dispatched through an explicit table, never by name lookup on
+the object.
+"""
+
+from __future__ import annotations
+
+import binascii
+from base64 import b64decode
+from typing import Callable
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .._backend import BackendProtocol, LoginJob
+from .._session import FrontendProtocol, LoginFailed
+from ..model import Credentials
+from ._backend import IMAPBackendLogin
+from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest, RawLine
+
+#: Longest SASL response line (OAuth tokens are long; PROTOCOLS.md §1.2).
+MAX_SASL_LINE = 12288
+#: BAD replies after which the connection is closed, like Dovecot does.
+MAX_BAD_COMMANDS = 10
+#: RFC 2971 §3.3 limits on the client's ID.
+MAX_ID_PAIRS, MAX_ID_KEY, MAX_ID_VALUE = 30, 30, 1024
+
+#: Commands that exist but need an authenticated session.
+_AFTER_LOGIN = frozenset(
+    b"ENABLE SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB "
+    b"NAMESPACE STATUS APPEND IDLE CHECK CLOSE UNSELECT EXPUNGE SEARCH FETCH STORE "
+    b"COPY MOVE UID GETQUOTA GETQUOTAROOT SETQUOTA GETACL SETACL MYRIGHTS LISTRIGHTS "
+    b"GETMETADATA SETMETADATA COMPRESS".split()
+)
+
+
+def _sanitize(text: str) -> str:
+    """
+    Make router-supplied text safe to put on one protocol line.
+    """
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+
+
+class IMAPFrontend(FrontendProtocol):
+    """
+    Pre-auth IMAP4rev1 for one client connection.
+
+    States: C{"command"} (reading commands), C{"sasl"} (reading
+    AUTHENTICATE continuation lines), C{"login"} (waiting for the router and
+    backend; client input stays buffered), C{"closed"}.
+    """
+
+    protocolName = "imap"
+    log = Logger()
+
+    def __init__(self, context, listener) -> None:
+        super().__init__(context, listener)
+        self.parser = CommandParser(self.limits.lineLength, self.limits.literalSize)
+        self.state = "command"
+        self.clientID: tuple[tuple[str, str], ...] = ()
+        self.capabilityAsked = False
+        self.badCommands = 0
+        self._saslTag = b""
+        self._saslStep: Callable[[bytes], None] | None = None
+        self._commands: dict[bytes, Callable[[Command], None]] = {
+            b"CAPABILITY": self.do_CAPABILITY,
+            b"NOOP": self.do_NOOP,
+            b"LOGOUT": self.do_LOGOUT,
+            b"STARTTLS": self.do_STARTTLS,
+            b"ID": self.do_ID,
+            b"LOGIN": self.do_LOGIN,
+            b"AUTHENTICATE": self.do_AUTHENTICATE,
+        }
+
+    # Wire helpers
+
+    def sendLine(self, line: bytes) -> None:
+        """
+        Write one response line.
+        """
+        self.transport.write(line + b"\r\n")
+
+    def reply(self, tag: bytes, status: bytes, text: str) -> None:
+        """
+        Write a tagged completion result.
+        """
+        self.sendLine(tag + b" " + status + b" " + text.encode("utf-8"))
+
+    def capabilities(self) -> bytes:
+        """
+        The pre-login capability list, reflecting TLS state.
+        """
+        caps = [b"IMAP4rev1", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"LITERAL+"]
+        if self.tlsAvailable:
+            caps.append(b"STARTTLS")
+        if self.plaintextLoginAllowed:
+            caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
+        else:
+            caps.append(b"LOGINDISABLED")
+        return b" ".join(caps)
+
+    # FrontendProtocol
+
+    def greet(self) -> None:
+        self.sendLine(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready.")
+
+    def sayGoodbye(self, reason: str) -> None:
+        self.sendLine(b"* BYE " + reason.encode("utf-8"))
+
+    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
+        return IMAPBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        self.parser.feed(data)
+        self._process()
+
+    # The command loop
+
+    def _process(self) -> None:
+        while self.state in ("command", "sasl"):
+            if self.state == "sasl":
+                line = self.parser.nextLine(MAX_SASL_LINE)
+                if line is None:
+                    return
+                if isinstance(line, Fatal):
+                    self._fatal(line.reason)
+                    return
+                self._saslLine(line)
+                continue
+            event = self.parser.next()
+            if event is None:
+                return
+            if isinstance(event, Command):
+                handler = self._commands.get(event.name)
+                if handler is not None:
+                    handler(event)
+                elif event.name in _AFTER_LOGIN:
+                    self._bad(event.tag, "Command not permitted before authentication.")
+                else:
+                    self._bad(event.tag, "Unknown command.")
+            elif isinstance(event, LiteralRequest):
+                self.sendLine(b"+ Ready for literal data")
+                self.parser.acceptLiteral()
+            elif isinstance(event, BadCommand):
+                text = ("[" + event.code + "] " if event.code else "") + event.reason
+                self._bad(event.tag, text)
+            elif isinstance(event, Fatal):
+                self._fatal(event.reason)
+                return
+
+    def _bad(self, tag: bytes | None, text: str) -> None:
+        self.reply(tag if tag is not None else b"*", b"BAD", text)
+        self.badCommands += 1
+        if self.badCommands >= MAX_BAD_COMMANDS:
+            self.result = "too many invalid commands"
+            self._close("Too many invalid IMAP commands.")
+
+    def _fatal(self, reason: str) -> None:
+        self.result = "protocol error: " + reason
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        self.state = "closed"
+        self.sayGoodbye(reason)
+        self.transport.loseConnection()
+
+    # Commands
+
+    def do_CAPABILITY(self, command: Command) -> None:
+        self.capabilityAsked = True
+        self.sendLine(b"* CAPABILITY " + self.capabilities())
+        self.reply(command.tag, b"OK", "Pre-login capabilities listed, post-login capabilities have more.")
+
+    def do_NOOP(self, command: Command) -> None:
+        self.reply(command.tag, b"OK", "NOOP completed.")
+
+    def do_LOGOUT(self, command: Command) -> None:
+        self.result = "logged out"
+        self.sendLine(b"* BYE Logging out")
+        self.reply(command.tag, b"OK", "Logout completed.")
+        self.state = "closed"
+        self.transport.loseConnection()
+
+    def do_STARTTLS(self, command: Command) -> None:
+        if command.args:
+            self._bad(command.tag, "STARTTLS takes no arguments.")
+            return
+        if self.tlsActive:
+            self._bad(command.tag, "TLS is already active.")
+            return
+        if not self.tlsAvailable:
+            self._bad(command.tag, "STARTTLS is not available on this port.")
+            return
+        self.reply(command.tag, b"OK", "Begin TLS negotiation now.")
+        # Anything the client sent after STARTTLS in plaintext could have
+        # been injected by an attacker: drop it (CVE-2011-0411).
+        self.parser.clear()
+        self.capabilityAsked = False
+        self.startTLS()
+
+    def do_ID(self, command: Command) -> None:
+        if len(command.args) != 1:
+            self._bad(command.tag, "ID takes one argument.")
+            return
+        (arg,) = command.args
+        if isinstance(arg, Atom) and arg.value.upper() == b"NIL":
+            pairs: list[tuple[str, str]] = []
+        elif isinstance(arg, tuple) and len(arg) % 2 == 0 and all(isinstance(v, (bytes, Atom)) for v in arg):
+            pairs = []
+            for key, value in zip(arg[0::2], arg[1::2]):
+                if not isinstance(key, bytes) or len(key) > MAX_ID_KEY:
+                    continue
+                if isinstance(value, Atom) or len(value) > MAX_ID_VALUE:
+                    continue
+                pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+        else:
+            self._bad(command.tag, "Invalid ID parameters.")
+            return
+        # Only the first ID counts, as with Dovecot; the pairs are kept for
+        # the router and (without any x- keys) for the backend.
+        if not self.clientID:
+            self.clientID = tuple(pairs[:MAX_ID_PAIRS])
+        self.sendLine(b'* ID ("name" "mailproxy")')
+        self.reply(command.tag, b"OK", "ID completed.")
+
+    def do_LOGIN(self, command: Command) -> None:
+        if len(command.args) != 2 or not all(isinstance(a, (bytes, Atom)) for a in command.args):
+            self._bad(command.tag, "LOGIN takes a user name and a password.")
+            return
+        if not self.plaintextLoginAllowed:
+            self.reply(command.tag, b"NO", "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.")
+            return
+        user, password = (a.value if isinstance(a, Atom) else a for a in command.args)
+        self._login(command.tag, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=password))
+
+    def do_AUTHENTICATE(self, command: Command) -> None:
+        args = command.args
+        if not 1 <= len(args) <= 2 or not isinstance(args[0], Atom):
+            self._bad(command.tag, "AUTHENTICATE takes a mechanism and an optional initial response.")
+            return
+        mechanism = args[0].value.upper()
+        if mechanism not in (b"PLAIN", b"LOGIN"):
+            self.reply(command.tag, b"NO", "Unsupported authentication mechanism.")
+            return
+        if not self.plaintextLoginAllowed:
+            self.reply(command.tag, b"NO", "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.")
+            return
+        initial: bytes | None = None
+        if len(args) == 2:
+            raw = args[1].value if isinstance(args[1], Atom) else args[1]
+            if not isinstance(raw, bytes):
+                self._bad(command.tag, "Invalid initial response.")
+                return
+            initial = self._decode(command.tag, raw)
+            if initial is None:
+                return
+        self._saslTag = command.tag
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._continue(b"", self._plainResponse)
+            else:
+                self._plainResponse(initial)
+        else:
+            if initial is None:
+                self._continue(b"Username:", self._loginUser)
+            else:
+                self._loginUser(initial)
+
+    # SASL
+
+    def _decode(self, tag: bytes, raw: bytes) -> bytes | None:
+        if raw == b"=":
+            return b""
+        try:
+            return b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            self.state = "command"
+            self._bad(tag, "Invalid base64 data in continued response.")
+            return None
+
+    def _continue(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
+        from base64 import b64encode
+
+        self.sendLine(b"+ " + b64encode(challenge))
+        self._saslStep = step
+        self.state = "sasl"
+
+    def _saslLine(self, line: RawLine) -> None:
+        self.state = "command"
+        if line.data.strip() == b"*":
+            self._bad(self._saslTag, "Authentication aborted by client.")
+            return
+        decoded = self._decode(self._saslTag, line.data.strip())
+        if decoded is not None and self._saslStep is not None:
+            self._saslStep(decoded)
+
+    def _plainResponse(self, response: bytes) -> None:
+        parts = response.split(b"\x00")
+        if len(parts) != 3 or not parts[1]:
+            self._bad(self._saslTag, "Invalid PLAIN response.")
+            return
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            # Acting as another user is decided by the backend's master-user
+            # rules, which a router cannot see; refuse rather than guess.
+            self.reply(self._saslTag, b"NO", "[AUTHORIZATIONFAILED] Authorization identity not supported.")
+            return
+        self._login(self._saslTag, Credentials("PLAIN", authcid.decode("utf-8", "surrogateescape"), password=password))
+
+    def _loginUser(self, user: bytes) -> None:
+        def password(secret: bytes) -> None:
+            self._login(self._saslTag, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=secret))
+
+        self._continue(b"Password:", password)
+
+    # Login
+
+    def _login(self, tag: bytes, credentials: Credentials) -> None:
+        self.state = "login"
+        d = self.login(credentials, self.clientID)
+        d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(tag,), errbackArgs=(tag,))
+        d.addErrback(self._unexpected)
+
+    def _loggedIn(self, backend: IMAPBackendLogin, tag: bytes) -> None:
+        for line in backend.untagged:
+            self.sendLine(line)
+        caps = b" ".join(backend.postLoginCapabilities())
+        if self.capabilityAsked:
+            self.sendLine(b"* CAPABILITY " + caps)
+        self.sendLine(tag + b" OK [CAPABILITY " + caps + b"] " + (backend.okText or b"Logged in"))
+        self.state = "relay"
+        self.handOver(backend, toBackend=self.parser.takeRemaining())
+
+    def _loginFailed(self, reason: Failure, tag: bytes) -> None:
+        reason.trap(LoginFailed)
+        failure: LoginFailed = reason.value
+        if failure.kind == "auth":
+            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (_sanitize(failure.message) or "Authentication failed."))
+        elif failure.kind == "refused" and failure.clientText:
+            self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
+        else:
+            self.reply(tag, b"NO", "[UNAVAILABLE] " + (_sanitize(failure.message) or "Service temporarily unavailable, try again later."))
+        if failure.close:
+            self._close("Too many invalid authentication attempts." if self.failures >= self.limits.loginFailures else "Closing connection.")
+            return
+        self.state = "command"
+        self._process()
+
+    def _unexpected(self, reason: Failure) -> None:
+        if self.state == "closed":
+            return
+        self.log.failure("IMAP login handling failed", reason)
+        self.result = "internal error"
+        self._close("Internal error.")
