@@ -375,6 +375,8 @@ class FrontendProtocol(Protocol):
         def deliver(_: object) -> None:
             raise failure
 
+        if wait <= 0:
+            raise failure
         delayed: Deferred = Deferred(lambda d: call.cancel())
         call = self.context.reactor.callLater(wait, delayed.callback, None)
         return delayed.addCallback(deliver)

@@ -15,6 +15,7 @@ import binascii
 from base64 import b64decode
 from typing import Callable
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -115,6 +116,10 @@ class IMAPFrontend(FrontendProtocol):
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return IMAPBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.state = "closed"
+        super().connectionLost(reason)
 
     def frontendDataReceived(self, data: bytes) -> None:
         self.parser.feed(data)
@@ -353,7 +358,7 @@ class IMAPFrontend(FrontendProtocol):
         self._process()
 
     def _unexpected(self, reason: Failure) -> None:
-        if self.state == "closed":
+        if self.state == "closed" or reason.check(CancelledError):
             return
         self.log.failure("IMAP login handling failed", reason)
         self.result = "internal error"

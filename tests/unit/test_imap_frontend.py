@@ -1,0 +1,590 @@
+"""
+The IMAP front end and its backend login, over in-memory transports.
+
+The client is a L{TLSStringTransport}; the backend is another, whose
+replies the tests write by hand in Dovecot's dialect.
+"""
+
+from __future__ import annotations
+
+from base64 import b64encode
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.config import Limits
+from mailproxy.model import Rejection, Route
+from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n"
+POSTLOGIN = b"IMAP4rev1 SASL-IR ID ENABLE IDLE SORT THREAD=REFERENCES UNAUTHENTICATE LITERAL+ MOVE"
+
+
+class IMAPFrontendTestsMixin:
+    """
+    Helpers: a front end with a fake router and an in-memory backend.
+    """
+
+    def build(self, tls: str = "none", limits: Limits | None = None, backend=None, **routeArgs):
+        self.backend = backend or makeBackend("old")
+        self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
+        self.connector = MemoryConnector()
+        self.frontend, self.client, self.clock = makeFrontend(
+            "imap", self.router, self.connector, tls=tls, limits=limits
+        )
+        self.client.clear()
+
+    def send(self, data: bytes) -> bytes:
+        """
+        Send C{data} as the client; return what the proxy answered.
+        """
+        self.client.clear()
+        self.frontend.dataReceived(data)
+        return self.client.value()
+
+    def backendSays(self, data: bytes, index: int = -1) -> bytes:
+        """
+        Send C{data} as the backend; return what the proxy wrote to it.
+        """
+        transport = self.connector.transports[index]
+        transport.clear()
+        self.connector.protocols[index].dataReceived(data)
+        return transport.value()
+
+
+class GreetingAndCapabilityTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    What a client learns before logging in.
+    """
+
+    def test_greetingOnStartTLSPort(self) -> None:
+        """
+        The greeting carries a CAPABILITY code with STARTTLS and the AUTH
+        mechanisms on a port where TLS is optional.
+        """
+        backend = makeBackend()
+        _, client, _ = makeFrontend("imap", FakeRouter({"a": Route(backend)}), tls="starttls")
+        self.assertEqual(
+            client.value(),
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN]"
+            b" proxy.test IMAP proxy ready.\r\n",
+        )
+
+    def test_startTLSRequiredHidesAuth(self) -> None:
+        """
+        Before TLS on a starttls-required port, CAPABILITY shows STARTTLS and
+        LOGINDISABLED and no AUTH= mechanism.
+        """
+        self.build(tls="starttls-required")
+        self.assertEqual(
+            self.send(b"a CAPABILITY\r\n"),
+            b"* CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED\r\n"
+            b"a OK Pre-login capabilities listed, post-login capabilities have more.\r\n",
+        )
+
+    def test_implicitTLSHasNoStartTLS(self) -> None:
+        """
+        On an implicit TLS port STARTTLS is neither offered nor accepted.
+        """
+        self.build(tls="implicit")
+        self.assertNotIn(b"STARTTLS", self.send(b"a CAPABILITY\r\n"))
+        self.assertEqual(self.send(b"b STARTTLS\r\n"), b"b BAD TLS is already active.\r\n")
+
+    def test_noopLogoutAndUnknown(self) -> None:
+        """
+        NOOP succeeds, commands of the authenticated state get BAD, unknown
+        commands get BAD, and LOGOUT says BYE and closes.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a NOOP\r\n"), b"a OK NOOP completed.\r\n")
+        self.assertEqual(self.send(b"b ENABLE UTF8=ACCEPT\r\n"), b"b BAD Command not permitted before authentication.\r\n")
+        self.assertEqual(self.send(b"c SELECT INBOX\r\n"), b"c BAD Command not permitted before authentication.\r\n")
+        self.assertEqual(self.send(b"d FROB\r\n"), b"d BAD Unknown command.\r\n")
+        self.assertEqual(self.send(b"e LOGOUT\r\n"), b"* BYE Logging out\r\ne OK Logout completed.\r\n")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_tooManyBadCommands(self) -> None:
+        """
+        After ten BAD replies the connection is closed with a BYE.
+        """
+        self.build()
+        out = self.send(b"x FROB\r\n" * 10)
+        self.assertTrue(out.endswith(b"* BYE Too many invalid IMAP commands.\r\n"))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_id(self) -> None:
+        """
+        ID is answered by the proxy, and the client's pairs reach the router.
+        """
+        self.build()
+        self.assertEqual(
+            self.send(b'a ID ("name" "Thunderbird" "version" "128.0")\r\n'),
+            b'* ID ("name" "mailproxy")\r\na OK ID completed.\r\n',
+        )
+        self.send(b"b LOGIN alice secret\r\n")
+        self.assertEqual(self.router.requests[0].clientID, (("name", "Thunderbird"), ("version", "128.0")))
+
+    def test_idNil(self) -> None:
+        """
+        C{ID NIL} is accepted; a malformed ID gets BAD.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a ID NIL\r\n"), b'* ID ("name" "mailproxy")\r\na OK ID completed.\r\n')
+        self.assertEqual(self.send(b'b ID ("odd")\r\n'), b"b BAD Invalid ID parameters.\r\n")
+
+
+class StartTLSTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    STARTTLS towards the client.
+    """
+
+    def test_startTLS(self) -> None:
+        """
+        STARTTLS is answered OK and TLS starts right after the reply.
+        """
+        self.build(tls="starttls")
+        self.assertEqual(self.send(b"a STARTTLS\r\n"), b"a OK Begin TLS negotiation now.\r\n")
+        self.assertIsNotNone(self.client.tlsOptions)
+        self.assertEqual(self.client.writtenBeforeTLS, b"a OK Begin TLS negotiation now.\r\n")
+
+    def test_injectionDiscarded(self) -> None:
+        """
+        Commands pipelined in plaintext behind STARTTLS are discarded, not
+        executed after the handshake (CVE-2011-0411).
+        """
+        self.build(tls="starttls")
+        out = self.send(b"a STARTTLS\r\nb LOGIN alice secret\r\nc NOOP\r\n")
+        self.assertEqual(out, b"a OK Begin TLS negotiation now.\r\n")
+        self.assertEqual(self.router.requests, [])
+        # What arrives after the handshake is read normally.
+        self.assertEqual(self.send(b"d NOOP\r\n"), b"d OK NOOP completed.\r\n")
+
+    def test_afterTLSCapabilities(self) -> None:
+        """
+        After STARTTLS, STARTTLS and LOGINDISABLED disappear and AUTH= shows.
+        """
+        self.build(tls="starttls-required")
+        self.send(b"a STARTTLS\r\n")
+        caps = self.send(b"b CAPABILITY\r\n")
+        self.assertIn(b"AUTH=PLAIN AUTH=LOGIN", caps)
+        self.assertNotIn(b"STARTTLS", caps)
+        self.assertNotIn(b"LOGINDISABLED", caps)
+        self.assertEqual(self.send(b"c STARTTLS\r\n"), b"c BAD TLS is already active.\r\n")
+
+    def test_loginRequiresTLS(self) -> None:
+        """
+        LOGIN and AUTHENTICATE before TLS on a starttls-required port are
+        refused with PRIVACYREQUIRED and the router is never asked.
+        """
+        self.build(tls="starttls-required")
+        self.assertEqual(
+            self.send(b"a LOGIN alice secret\r\n"),
+            b"a NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n",
+        )
+        self.assertIn(b"b NO [PRIVACYREQUIRED]", self.send(b"b AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"))
+        self.assertEqual(self.router.requests, [])
+
+
+class LoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    From the client's LOGIN to the relay.
+    """
+
+    def loginAndAccept(self, command: bytes = b"a LOGIN alice secret\r\n") -> bytes:
+        self.send(command)
+        self.backendSays(GREETING)
+        self.client.clear()
+        return self.connector.transports[-1].value()
+
+    def test_loginForwardsIdentityAndLogsIn(self) -> None:
+        """
+        After the backend greeting, the proxy sends ID with the client's
+        addresses and AUTHENTICATE PLAIN with SASL-IR, pipelined.
+        """
+        self.build()
+        sent = self.loginAndAccept()
+        sid = self.frontend.client.sessionId.encode()
+        self.assertEqual(
+            sent,
+            b'P1 ID ("x-session-id" "' + sid + b'" "x-originating-ip" "192.0.2.10" "x-originating-port" "50000" '
+            b'"x-connected-ip" "192.0.2.1" "x-connected-port" "143" "x-proxy-ttl" "5" "x-client-transport" "insecure")\r\n'
+            b"P2 AUTHENTICATE PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n",
+        )
+
+    def test_successCarriesBackendCapabilities(self) -> None:
+        """
+        The client's tagged OK carries the backend's post-login
+        capabilities, without UNAUTHENTICATE, and then bytes flow unchanged.
+        """
+        self.build()
+        self.loginAndAccept()
+        self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\n')
+        self.backendSays(b"P2 OK [CAPABILITY " + POSTLOGIN + b"] Logged in\r\n")
+        self.assertEqual(
+            self.client.value(),
+            b"a OK [CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE SORT THREAD=REFERENCES LITERAL+ MOVE] Logged in\r\n",
+        )
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.send(b"b SELECT INBOX\r\n")
+        self.assertEqual(backendTransport.value(), b"b SELECT INBOX\r\n")
+        self.client.clear()
+        self.connector.protocols[-1].dataReceived(b"* 3 EXISTS\r\nb OK [READ-WRITE] Select completed.\r\n")
+        self.assertEqual(self.client.value(), b"* 3 EXISTS\r\nb OK [READ-WRITE] Select completed.\r\n")
+
+    def test_pipelinedCommandsReachBackend(self) -> None:
+        """
+        Commands the client pipelined behind LOGIN go to the backend after
+        the hand-over, in order; backend bytes after its OK reach the client.
+        """
+        self.build()
+        self.loginAndAccept(b"a LOGIN alice secret\r\nb SELECT INBOX\r\n")
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.backendSays(b"P1 OK ID\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n* 1 EXISTS\r\n")
+        self.assertEqual(backendTransport.value(), b"b SELECT INBOX\r\n")
+        self.assertEqual(self.client.value(), b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n* 1 EXISTS\r\n")
+
+    def test_capabilityAskedWhenMissing(self) -> None:
+        """
+        A backend OK without capabilities makes the proxy ask CAPABILITY
+        before answering the client; an untagged CAPABILITY is also sent to
+        a client that asked for capabilities before logging in.
+        """
+        self.build()
+        self.send(b"x CAPABILITY\r\n")
+        self.loginAndAccept()
+        self.assertEqual(self.backendSays(b"P1 OK\r\nP2 OK Logged in\r\n"), b"P3 CAPABILITY\r\n")
+        self.assertEqual(self.client.value(), b"")
+        self.backendSays(b"* CAPABILITY IMAP4rev1 IDLE\r\nP3 OK done\r\n")
+        self.assertEqual(
+            self.client.value(),
+            b"* CAPABILITY IMAP4rev1 IDLE\r\na OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+        )
+
+    def test_literalLogin(self) -> None:
+        """
+        LOGIN with synchronizing literals: the proxy sends continuations and
+        the router receives the exact octets, spaces and quotes included.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a LOGIN {5}\r\n"), b"+ Ready for literal data\r\n")
+        self.assertEqual(self.send(b'alice {10}\r\n'), b"+ Ready for literal data\r\n")
+        self.send(b'p "w \\d\xc3\xa4x\r\n')
+        credentials = self.router.requests[0].credentials
+        self.assertEqual((credentials.user, credentials.password), ("alice", b'p "w \\d\xc3\xa4x'))
+
+    def test_authenticatePlainContinuation(self) -> None:
+        """
+        AUTHENTICATE PLAIN without an initial response gets an empty
+        continuation and takes the response on the next line.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a AUTHENTICATE PLAIN\r\n"), b"+ \r\n")
+        self.send(b64encode(b"\x00alice\x00secret") + b"\r\n")
+        credentials = self.router.requests[0].credentials
+        self.assertEqual((credentials.mechanism, credentials.user, credentials.password), ("PLAIN", "alice", b"secret"))
+
+    def test_authenticateLogin(self) -> None:
+        """
+        AUTHENTICATE LOGIN prompts for the user name and the password.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a AUTHENTICATE LOGIN\r\n"), b"+ " + b64encode(b"Username:") + b"\r\n")
+        self.assertEqual(self.send(b64encode(b"alice") + b"\r\n"), b"+ " + b64encode(b"Password:") + b"\r\n")
+        self.send(b64encode(b"secret") + b"\r\n")
+        self.assertEqual(self.router.requests[0].credentials.password, b"secret")
+
+    def test_authenticateCancelAndBadBase64(self) -> None:
+        """
+        C{*} cancels an exchange with BAD; invalid base64 gets BAD; the
+        connection stays usable.
+        """
+        self.build()
+        self.send(b"a AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"a BAD Authentication aborted by client.\r\n")
+        self.assertEqual(
+            self.send(b"b AUTHENTICATE PLAIN !!!!\r\n"), b"b BAD Invalid base64 data in continued response.\r\n"
+        )
+        self.assertEqual(self.send(b"c NOOP\r\n"), b"c OK NOOP completed.\r\n")
+        self.assertEqual(self.send(b"d AUTHENTICATE CRAM-MD5\r\n"), b"d NO Unsupported authentication mechanism.\r\n")
+
+    def test_masterUserLogin(self) -> None:
+        """
+        A route with C{useMaster} logs in with the backend's master user as
+        authentication identity and the account as authorization identity.
+        """
+        self.build(backend=makeBackend("old", masterUser="proxy", masterPassword=b"masterpw"), useMaster=True)
+        sent = self.loginAndAccept()
+        self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"alice\x00proxy\x00masterpw") + b"\r\n", sent)
+
+    def test_loginWithoutSASLIR(self) -> None:
+        """
+        A backend without SASL-IR and LITERAL+ gets LOGIN with synchronizing
+        literals, each sent after its continuation.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        self.send(b"a LOGIN alice s3cret\r\n")
+        sent = self.backendSays(b"* OK [CAPABILITY IMAP4rev1] old server\r\n")
+        self.assertEqual(sent, b"P1 LOGIN {5}\r\n")
+        self.assertEqual(self.backendSays(b"+ OK\r\n"), b"alice {6}\r\n")
+        self.assertEqual(self.backendSays(b"+ OK\r\n"), b"s3cret\r\n")
+        self.backendSays(b"P1 OK [CAPABILITY IMAP4rev1 IDLE] done\r\n")
+        self.assertEqual(self.client.value(), b"a OK [CAPABILITY IMAP4rev1 IDLE] done\r\n")
+
+    def test_backendStartTLS(self) -> None:
+        """
+        With tls = starttls the proxy sends STARTTLS first and writes no
+        credentials before the handshake has completed; then it asks for
+        the capabilities again.
+        """
+        self.build(backend=makeBackend("old", tls="starttls"))
+        self.send(b"a LOGIN alice secret\r\n")
+        self.assertEqual(self.backendSays(GREETING.replace(b"AUTH=PLAIN", b"STARTTLS")), b"P1 STARTTLS\r\n")
+        self.assertEqual(self.backendSays(b"P1 OK Begin TLS negotiation now.\r\n"), b"")
+        self.assertIsNotNone(self.connector.transports[-1].tlsOptions)
+        transport = self.connector.transports[-1]
+        self.connector.protocols[-1].handshakeCompleted()
+        self.assertEqual(transport.value(), b"P2 CAPABILITY\r\n")
+
+    def test_backendStartTLSInjection(self) -> None:
+        """
+        Bytes after the backend's STARTTLS reply in the same read are an
+        injection: the login fails as unavailable.
+        """
+        self.build(backend=makeBackend("old", tls="starttls"))
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING.replace(b"AUTH=PLAIN", b"STARTTLS"))
+        self.backendSays(b"P1 OK Begin TLS\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] evil\r\n")
+        self.assertEqual(
+            self.client.value(), b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n"
+        )
+
+
+class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    Everything that can go wrong during login.
+    """
+
+    def test_wrongPasswordIsDelayedAndRetryable(self) -> None:
+        """
+        A backend refusal becomes the generic failure, only after the
+        failed-login delay; the client may try again.
+        """
+        self.build(limits=Limits(failureDelay=2.0))
+        self.send(b"a LOGIN alice wrong\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(2.0)
+        self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
+
+    def test_unknownUserLooksLikeWrongPassword(self) -> None:
+        """
+        A router rejection gives the same reply as a wrong password, and no
+        backend is contacted.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN nobody secret\r\n")
+        self.clock.advance(1.0)
+        self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.connector.protocols, [])
+
+    def test_temporaryRejection(self) -> None:
+        """
+        A temporary router rejection says UNAVAILABLE with its text.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Directory down", temporary=True)
+        self.send(b"a LOGIN alice secret\r\n")
+        self.assertEqual(self.client.value(), b"a NO [UNAVAILABLE] Directory down\r\n")
+
+    def test_growingDelayAndClose(self) -> None:
+        """
+        The n-th failure waits n times the delay; after the limit the
+        connection closes with BYE.
+        """
+        self.build(limits=Limits(failureDelay=1.0, loginFailures=3))
+        for attempt in (1, 2):
+            self.send(b"a LOGIN nobody x\r\n")
+            self.clock.advance(attempt - 0.5)
+            self.assertEqual(self.client.value(), b"")
+            self.clock.advance(0.5)
+            self.assertIn(b"a NO [AUTHENTICATIONFAILED]", self.client.value())
+        self.send(b"a LOGIN nobody x\r\n")
+        self.clock.advance(3.0)
+        self.assertEqual(
+            self.client.value(),
+            b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Too many invalid authentication attempts.\r\n",
+        )
+        self.assertTrue(self.client.disconnecting)
+
+    def test_deadBackend(self) -> None:
+        """
+        A backend that cannot be reached gives NO [UNAVAILABLE] at once.
+        """
+        self.build()
+        self.connector.refuse = True
+        self.assertEqual(
+            self.send(b"a LOGIN alice secret\r\n"),
+            b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n",
+        )
+
+    def test_silentBackendTimesOut(self) -> None:
+        """
+        A backend that never greets is given up after the backend timeout.
+        """
+        self.build(limits=Limits(backendTimeout=5))
+        self.send(b"a LOGIN alice secret\r\n")
+        self.clock.advance(5)
+        self.assertIn(b"a NO [UNAVAILABLE]", self.client.value())
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
+    def test_rudeBackendGreeting(self) -> None:
+        """
+        A backend that greets with BYE gives UNAVAILABLE.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(b"* BYE go away\r\n")
+        self.assertIn(b"a NO [UNAVAILABLE]", self.client.value())
+
+    def test_backendCodedRefusalPassedOn(self) -> None:
+        """
+        A backend NO with a code other than an authentication failure (e.g.
+        LIMIT) reaches the client with the client's tag.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 NO [LIMIT] Too many connections\r\n")
+        self.assertEqual(self.client.value(), b"a NO [LIMIT] Too many connections\r\n")
+
+    def test_preauthTimeout(self) -> None:
+        """
+        A client that does not log in within the pre-auth timeout gets BYE.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.clock.advance(30)
+        self.assertEqual(self.client.value(), b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_longLine(self) -> None:
+        """
+        A line beyond the limit, even without CRLF, ends the connection.
+        """
+        self.build(limits=Limits(lineLength=100))
+        self.assertEqual(self.send(b"a LOGIN " + b"x" * 200), b"* BYE Input buffer full\r\n")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_connectionsPerAddress(self) -> None:
+        """
+        Connections beyond the per-address limit are greeted with BYE.
+        """
+        self.build(limits=Limits(connectionsPerAddress=1))
+        from mailproxy._session import FrontendFactory  # noqa: F401  (same context is shared below)
+
+        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
+        from mailproxy.testing import TLSStringTransport
+        from twisted.internet.address import IPv4Address
+
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
+        second.makeConnection(transport)
+        self.assertEqual(transport.value(), b"* BYE Too many connections from your address.\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_clientLeavesDuringLogin(self) -> None:
+        """
+        A client that disconnects while the backend login runs makes the
+        proxy drop the backend connection.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.frontend.connectionLost(None)
+        self.assertTrue(self.connector.transports[-1].disconnected or self.connector.transports[-1].disconnecting)
+
+    def test_passwordNeverLogged(self) -> None:
+        """
+        Neither a failed nor a successful login puts the password in a log
+        event.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build()
+        self.send(b"a LOGIN alice Sup3rSecretPw\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.clock.advance(10)
+        self.send(b"b LOGIN alice Sup3rSecretPw\r\n")
+        self.backendSays(GREETING, index=-1)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1] ok\r\n")
+        self.frontend.connectionLost(None)
+        self.assertTrue(events)
+        for event in events:
+            self.assertNotIn("Sup3rSecretPw", repr(event))
+
+
+class RelayTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    The relay after login.
+    """
+
+    def loggedIn(self, limits: Limits | None = None) -> None:
+        self.build(limits=limits)
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        self.client.clear()
+
+    def test_backpressure(self) -> None:
+        """
+        Each leg is registered as the streaming producer of the other, so a
+        slow reader pauses the fast sender.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        self.assertIs(backendTransport.producer, self.client)
+        self.assertIs(self.client.producer, backendTransport)
+        self.assertTrue(backendTransport.streaming)
+
+    def test_backendCloseClosesClient(self) -> None:
+        """
+        When the backend goes away, the client connection is closed too.
+        """
+        self.loggedIn()
+        self.connector.protocols[-1].connectionLost(None)
+        self.assertTrue(self.client.disconnecting)
+
+    def test_clientCloseClosesBackend(self) -> None:
+        """
+        When the client goes away, the backend connection is closed.
+        """
+        self.loggedIn()
+        self.frontend.connectionLost(None)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
+    def test_idleTimeout(self) -> None:
+        """
+        A session silent in both directions for the idle timeout is closed
+        with a BYE; traffic pushes the deadline back.
+        """
+        self.loggedIn(Limits(idleTimeout=1800))
+        self.clock.advance(1000)
+        self.send(b"b NOOP\r\n")
+        self.clock.advance(1000)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(800)
+        self.assertEqual(self.client.value(), b"* BYE Idle timeout.\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
+    def test_byteCounts(self) -> None:
+        """
+        The relay counts the octets each way.
+        """
+        self.loggedIn()
+        self.send(b"b NOOP\r\n")
+        self.connector.protocols[-1].dataReceived(b"b OK done\r\n")
+        self.assertEqual((self.frontend.relay.bytesFromClient, self.frontend.relay.bytesFromBackend), (8, 11))
