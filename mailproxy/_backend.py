@@ -193,7 +193,11 @@ class BackendProtocol(Protocol):
         self._done = True
         self._cancelTimer()
         if self.transport is not None:
-            self.transport.abortConnection()
+            if kind == "unavailable":
+                self.transport.abortConnection()
+            else:
+                # The server answered cleanly; leave it cleanly.
+                self.transport.loseConnection()
         self.result.errback(Failure(BackendFailure(kind, detail, clientText)))
 
     def abandon(self) -> None:
