@@ -1,0 +1,743 @@
+"""
+The configuration file: TOML text in, a validated frozen L{Config} out.
+
+Everything is checked before anything listens: unknown keys, value types,
+ranges, enumerations, endpoint strings, that the files named exist and can be
+read, and that the parts fit together (a TLS listener needs C{[tls]}, a
+listener's protocol needs a backend that serves it).  Every problem is a
+L{ConfigError} whose text is C{"<file>: <key>: <what is wrong>"}, where
+C{<key>} is written as in TOML (C{listener[0].tls}, C{backend.old.ports.imap},
+C{accounts."alice@example.org".backend}); indexes into arrays of tables count
+from 0.  Secrets (the master password) never appear in an error.
+
+Relative paths resolve against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn, get_args
+
+from attrs import field, frozen
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
+
+from mailproxy._tls import CertificateSource
+from mailproxy.model import Backend, BackendTLS, Forwarding
+
+__all__ = [
+    "ConfigError",
+    "Limits",
+    "Listener",
+    "RouterConfig",
+    "Config",
+    "loadConfig",
+    "parseConfig",
+    "LISTENER_PROTOCOLS",
+    "BACKEND_PROTOCOLS",
+    "LISTENER_TLS_MODES",
+    "ENDPOINT_TYPES",
+    "ROUTER_TYPES",
+    "formatKey",
+    "Table",
+    "parseTOML",
+    "readTOML",
+]
+
+LISTENER_PROTOCOLS: tuple[str, ...] = ("imap",)
+"""
+The protocols a C{[[listener]]} can speak (the front ends that exist).
+"""
+
+BACKEND_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "smtp", "sieve")
+"""
+The protocols a backend's C{ports} table may name.
+"""
+
+LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
+"""
+The values of a listener's C{tls} key.
+"""
+
+ENDPOINT_TYPES: tuple[str, ...] = ("tcp", "tcp6")
+"""
+The Twisted server endpoint types a listener may use, optionally behind the
+C{haproxy:} prefix.  TLS is never part of the endpoint: it is the listener's
+C{tls} key, so that the proxy owns the certificates and the STARTTLS logic.
+"""
+
+ROUTER_TYPES: tuple[str, ...] = ("static",)
+"""
+The built-in router types; C{python:package.module.Class} names any other.
+"""
+
+_BACKEND_TLS: tuple[str, ...] = get_args(BackendTLS)
+_FORWARDING: tuple[str, ...] = get_args(Forwarding)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
+_PYTHON_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+_TOML_POSITION = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\Z")
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+Key = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """
+    The configuration (or a file it names) is wrong.
+
+    C{str(error)} is C{"<file>: <key>: <what is wrong>"}, ready for an
+    operator; it never contains a secret.
+    """
+
+
+def formatKey(key: Iterable[str | int]) -> str:
+    """
+    Write a key path the way TOML would: bare keys joined by dots, other keys
+    quoted, array indexes in brackets.
+
+    @param key: the path, e.g. C{("listener", 1, "tls")}.
+    @return: e.g. C{"listener[1].tls"} or C{'accounts."a@b".backend'}.
+    """
+    text = ""
+    for part in key:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        if not _BARE_KEY.match(part):
+            part = '"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text += ("." if text else "") + part
+    return text
+
+
+@frozen
+class Limits:
+    """
+    Bounds on what one client may cost before and after login.
+
+    @ivar lineLength: longest pre-auth command line, in octets (literals
+        excluded).
+    @ivar literalSize: largest pre-auth literal (IMAP LOGIN arguments).
+    @ivar preauthTimeout: seconds from connect until the login must be done.
+    @ivar connectionsPerAddress: concurrent connections from one client
+        address; 0 means unlimited.
+    @ivar loginFailures: failed logins after which the connection is closed.
+    @ivar failureDelay: seconds; the n-th failure is answered after
+        C{n * failureDelay}.
+    @ivar idleTimeout: seconds without traffic either way after login.
+    @ivar backendTimeout: seconds for the backend's greeting and login
+        dialogue.
+    """
+
+    lineLength: int = 8192
+    literalSize: int = 8192
+    preauthTimeout: float = 120.0
+    connectionsPerAddress: int = 50
+    loginFailures: int = 3
+    failureDelay: float = 1.0
+    idleTimeout: float = 1800.0
+    backendTimeout: float = 30.0
+
+
+@frozen
+class Listener:
+    """
+    One C{[[listener]]}: where to accept clients and how.
+
+    @ivar protocol: one of L{LISTENER_PROTOCOLS}.
+    @ivar endpoint: a Twisted server endpoint string, known to parse.
+    @ivar tls: one of L{LISTENER_TLS_MODES}.
+    """
+
+    protocol: str
+    endpoint: str
+    tls: str
+
+
+def _optionsRepr(options: Mapping[str, Any]) -> str:
+    # Options may hold a directory's bind password: show only the names.
+    return "{" + ", ".join(f"{name!r}: ..." for name in options) + "}"
+
+
+@frozen
+class RouterConfig:
+    """
+    The C{[router]} table.
+
+    @ivar type: C{"static"} (see L{ROUTER_TYPES}) or
+        C{"python:package.module.Class"}.
+    @ivar options: every other key of C{[router]}.  Relative paths are
+        resolved against the configuration directory for the key C{path}
+        and for keys ending in C{_path}, C{_file} or C{_dir}.
+    """
+
+    type: str
+    options: dict[str, Any] = field(factory=dict, hash=False, repr=_optionsRepr)
+
+
+@frozen
+class Config:
+    """
+    A whole, validated configuration.
+
+    @ivar path: the absolute path of the configuration file.
+    @ivar hostname: the proxy's name in greetings and session ids.
+    @ivar tls: the default certificate, or L{None} without C{[tls]}.
+    @ivar sni: extra certificates chosen by the name the client asks for.
+    @ivar backends: the C{[backend.NAME]} tables by NAME.
+    """
+
+    path: str
+    hostname: str
+    limits: Limits
+    tls: CertificateSource | None
+    sni: tuple[CertificateSource, ...]
+    listeners: tuple[Listener, ...]
+    router: RouterConfig
+    backends: dict[str, Backend] = field(hash=False)
+
+
+_MISSING: Any = object()
+
+
+class Table:
+    """
+    A reader for one TOML table that turns every problem into a
+    L{ConfigError} naming the file and the key.
+
+    Also used by the route table of L{mailproxy.routers.static}.
+
+    @ivar file: the file the table came from, for messages.
+    @ivar key: the path of this table inside the file.
+    @ivar base: the directory relative paths resolve against.
+    """
+
+    def __init__(self, file: str, key: Key, data: Mapping[str, Any], base: str) -> None:
+        self.file = file
+        self.key = key
+        self.data = data
+        self.base = base
+
+    def fail(self, name: str | int | None, what: str) -> NoReturn:
+        """
+        Raise a L{ConfigError} about C{name} in this table (or about the table
+        itself when C{name} is L{None}).
+        """
+        key = self.key if name is None else self.key + (name,)
+        raise ConfigError(f"{self.file}: {formatKey(key) or '(top level)'}: {what}")
+
+    def allow(self, *names: str) -> None:
+        """
+        Refuse any key not in C{names}, listing the allowed ones.
+        """
+        for name in self.data:
+            if name not in names:
+                allowed = ", ".join(names) if names else "none"
+                self.fail(name, f"unknown key; allowed keys here: {allowed}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.data
+
+    def _get(self, name: str, default: Any) -> Any:
+        if name in self.data:
+            return self.data[name]
+        if default is _MISSING:
+            self.fail(name, "required")
+        return default
+
+    def string(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        choices: Sequence[str] | None = None,
+    ) -> Any:
+        """
+        A non-empty string, or C{default} when absent.
+
+        @param choices: if given, the value must be one of these.
+        """
+        value = self._get(name, default)
+        if name not in self.data:
+            return value
+        if not isinstance(value, str):
+            self.fail(name, f"must be a string, not {_typeName(value)}")
+        if choices is not None and value not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
+        if not value:
+            self.fail(name, "must not be empty")
+        return value
+
+    def secret(self, name: str, default: Any = _MISSING) -> Any:
+        """
+        A non-empty string returned as UTF-8 bytes; messages never show it.
+        """
+        value = self._get(name, default)
+        if name not in self.data:
+            return value
+        if not isinstance(value, str):
+            self.fail(name, f"must be a string, not {_typeName(value)}")
+        if not value:
+            self.fail(name, "must not be empty")
+        return value.encode("utf-8")
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        """
+        C{true} or C{false}, or C{default} when absent.
+        """
+        value = self._get(name, default)
+        if name in self.data and not isinstance(value, bool):
+            self.fail(name, f"must be true or false, not {_typeName(value)}")
+        return value
+
+    def integer(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> Any:
+        """
+        An integer in C{[minimum, maximum]}, or C{default} when absent.
+        """
+        value = self._get(name, default)
+        if name not in self.data:
+            return value
+        # bool is an int subclass, but TOML true is no number.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"must be an integer, not {_typeName(value)}")
+        self._range(name, value, minimum, maximum)
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        positive: bool = False,
+    ) -> Any:
+        """
+        A finite integer or float as a float, or C{default} when absent.
+
+        @param positive: the value must be greater than 0.
+        """
+        value = self._get(name, default)
+        if name not in self.data:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(name, f"must be a number, not {_typeName(value)}")
+        if not math.isfinite(value):
+            self.fail(name, "must be a finite number")
+        if positive and value <= 0:
+            self.fail(name, f"must be greater than 0, not {value}")
+        self._range(name, value, minimum, maximum)
+        return float(value)
+
+    def _range(
+        self, name: str, value: float, minimum: float | None, maximum: float | None
+    ) -> None:
+        if minimum is not None and value < minimum:
+            self.fail(name, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            self.fail(name, f"must be at most {maximum}, not {value}")
+
+    def path(self, name: str, default: Any = _MISSING, readable: bool = True) -> Any:
+        """
+        A file name resolved against L{base}; with C{readable}, the file
+        must exist and be readable now.
+        """
+        value = self.string(name, default)
+        if name not in self.data:
+            return value
+        resolved = os.path.normpath(os.path.join(self.base, os.path.expanduser(value)))
+        if readable:
+            problem = _unreadable(resolved)
+            if problem:
+                self.fail(name, problem)
+        return resolved
+
+    def table(self, name: str, required: bool = False) -> Table | None:
+        """
+        The sub-table C{name}, or L{None} when absent and not required.
+        """
+        value = self._get(name, _MISSING if required else None)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(name, f"must be a table, not {_typeName(value)}")
+        return Table(self.file, self.key + (name,), value, self.base)
+
+    def tables(self, name: str) -> list[Table]:
+        """
+        The array of tables C{name} (C{[[name]]}); empty when absent.
+        """
+        value = self._get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            self.fail(name, f"must be an array of tables ([[{formatKey(self.key + (name,))}]])")
+        return [
+            Table(self.file, self.key + (name, index), item, self.base)
+            for index, item in enumerate(value)
+        ]
+
+    def strings(self, name: str, default: Any = _MISSING) -> Any:
+        """
+        A non-empty array of non-empty strings, as a tuple.
+        """
+        value = self._get(name, default)
+        if name not in self.data:
+            return value
+        if not isinstance(value, list) or not value:
+            self.fail(name, "must be a non-empty array of strings")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.fail(name, f"item {index} must be a non-empty string")
+        return tuple(value)
+
+
+def _typeName(value: object) -> str:
+    """
+    The TOML name of C{value}'s type, for messages that must not show the
+    value itself.
+    """
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _unreadable(path: str) -> str | None:
+    """
+    Why C{path} cannot be read as a file, or L{None} if it can.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"cannot read {path!r}: {e.strerror or e}"
+    return None
+
+
+def parseTOML(text: str | bytes, path: str) -> dict[str, Any]:
+    """
+    Parse TOML, reporting syntax errors with the file and line.
+
+    @raise ConfigError: on a syntax error or bytes that are not UTF-8.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        match = _TOML_POSITION.search(message)
+        if match is None:
+            raise ConfigError(f"{path}: {message}") from None
+        where = match.group(1)
+        if where == "end of document":
+            where = f"line {text.count(chr(10)) + 1} (end of file)"
+        raise ConfigError(f"{path}: {where}: {message[: match.start()]}") from None
+
+
+def readTOML(path: str) -> dict[str, Any]:
+    """
+    Read and parse the TOML file C{path}.
+
+    @raise ConfigError: if it cannot be read or parsed.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parseTOML(data, path)
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read, parse and validate the configuration file C{path}.
+
+    @raise ConfigError: if anything is wrong; see the module docstring.
+    """
+    path = os.path.abspath(path)
+    return _build(readTOML(path), path)
+
+
+def parseConfig(text: str, path: str) -> Config:
+    """
+    Parse and validate configuration C{text} as if read from C{path}.
+
+    @param path: used in messages, as L{Config.path} (made absolute) and to
+        resolve relative paths.
+    @raise ConfigError: if anything is wrong.
+    """
+    path = os.path.abspath(path)
+    return _build(parseTOML(text, path), path)
+
+
+def _build(data: dict[str, Any], path: str) -> Config:
+    root = Table(path, (), data, os.path.dirname(path))
+    root.allow("proxy", "limits", "tls", "listener", "router", "backend")
+    hostname = _parseProxy(root.table("proxy"))
+    limits = _parseLimits(root.table("limits"))
+    tls, sni = _parseTLS(root.table("tls"))
+    backends = _parseBackends(root.table("backend"))
+    listeners = _parseListeners(root, tls is not None, backends)
+    routerTable = root.table("router", required=True)
+    assert routerTable is not None
+    router = _parseRouter(routerTable)
+    return Config(
+        path=path,
+        hostname=hostname,
+        limits=limits,
+        tls=tls,
+        sni=sni,
+        listeners=listeners,
+        router=router,
+        backends=backends,
+    )
+
+
+def _parseProxy(table: Table | None) -> str:
+    if table is None:
+        return socket.getfqdn()
+    table.allow("hostname")
+    hostname = table.string("hostname", None)
+    if hostname is None:
+        return socket.getfqdn()
+    # It is written into greetings: no spaces, CR or LF may reach the wire.
+    if not _HOSTNAME.match(hostname):
+        table.fail("hostname", f"not a host name: {hostname!r}")
+    return hostname
+
+
+# (TOML key, Limits attribute, integer?, minimum, maximum, must be > 0)
+_LIMITS: tuple[tuple[str, str, bool, float | None, float | None, bool], ...] = (
+    ("line_length", "lineLength", True, 512, 1 << 20, False),
+    ("literal_size", "literalSize", True, 1, 1 << 20, False),
+    ("preauth_timeout", "preauthTimeout", False, None, None, True),
+    ("connections_per_address", "connectionsPerAddress", True, 0, None, False),
+    ("login_failures", "loginFailures", True, 1, None, False),
+    ("failure_delay", "failureDelay", False, 0, None, False),
+    ("idle_timeout", "idleTimeout", False, None, None, True),
+    ("backend_timeout", "backendTimeout", False, None, None, True),
+)
+
+
+def _parseLimits(table: Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    table.allow(*(key for key, *_ in _LIMITS))
+    values: dict[str, Any] = {}
+    for key, attribute, isInteger, minimum, maximum, positive in _LIMITS:
+        if key not in table:
+            continue
+        if isInteger:
+            values[attribute] = table.integer(key, None, minimum, maximum)  # type: ignore[arg-type]
+        else:
+            values[attribute] = table.number(key, None, minimum, maximum, positive)
+    return Limits(**values)
+
+
+def _parseTLS(table: Table | None) -> tuple[CertificateSource | None, tuple[CertificateSource, ...]]:
+    if table is None:
+        return None, ()
+    table.allow("certificate", "key", "sni")
+    default = CertificateSource(certificate=table.path("certificate"), key=table.path("key"))
+    sni = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(table.tables("sni")):
+        entry.allow("names", "certificate", "key")
+        names = entry.strings("names")
+        for name in names:
+            if any(c.isspace() for c in name):
+                entry.fail("names", f"not a host name: {name!r}")
+            folded = name.lower()
+            if folded in seen:
+                entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
+            seen[folded] = index
+        sni.append(
+            CertificateSource(
+                certificate=entry.path("certificate"),
+                key=entry.path("key"),
+                names=tuple(name.lower() for name in names),
+            )
+        )
+    return default, tuple(sni)
+
+
+def _parseBackends(table: Table | None) -> dict[str, Backend]:
+    if table is None:
+        return {}
+    return {name: _parseBackend(name, table) for name in table.data}
+
+
+def _parseBackend(name: str, parent: Table) -> Backend:
+    table = parent.table(name)
+    assert table is not None
+    table.allow(
+        "host",
+        "ports",
+        "tls",
+        "verify",
+        "ca_file",
+        "server_name",
+        "forward",
+        "master_user",
+        "master_password_file",
+        "master_separator",
+        "connect_timeout",
+    )
+    host = table.string("host")
+    if not _HOSTNAME.match(host) and ":" not in host:
+        table.fail("host", f"not a host name or address: {host!r}")
+
+    portsTable = table.table("ports", required=True)
+    assert portsTable is not None
+    portsTable.allow(*BACKEND_PROTOCOLS)
+    ports = {protocol: portsTable.integer(protocol, None, 1, 65535) for protocol in portsTable.data}
+    if not ports:
+        table.fail("ports", f"must name at least one of {', '.join(BACKEND_PROTOCOLS)}")
+
+    masterUser = table.string("master_user", None)
+    masterPassword = None
+    if "master_password_file" in table:
+        if masterUser is None:
+            table.fail("master_password_file", "needs master_user")
+        masterPassword = _readSecretLine(table, "master_password_file")
+    elif masterUser is not None:
+        table.fail("master_user", "needs master_password_file")
+
+    return Backend(
+        name=name,
+        host=host,
+        ports=ports,
+        tls=table.string("tls", "none", _BACKEND_TLS),
+        verify=table.boolean("verify", True),
+        caFile=table.path("ca_file", None),
+        serverName=table.string("server_name", None),
+        forward=table.string("forward", "auto", _FORWARDING),
+        masterUser=masterUser,
+        masterPassword=masterPassword,
+        masterSeparator=table.string("master_separator", "*"),
+        connectTimeout=table.number("connect_timeout", 10.0, positive=True),
+    )
+
+
+def _readSecretLine(table: Table, name: str) -> bytes:
+    """
+    The first line of the file named by C{name}, without its line ending.
+    """
+    path = table.path(name)
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+    except OSError as e:
+        table.fail(name, f"cannot read {path!r}: {e.strerror or e}")
+    secret = line.rstrip(b"\r\n")
+    if not secret:
+        table.fail(name, f"the first line of {path!r} is empty")
+    return secret
+
+
+def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend]) -> tuple[Listener, ...]:
+    entries = root.tables("listener")
+    if not entries:
+        root.fail("listener", "at least one [[listener]] is required")
+    listeners = []
+    bound: dict[tuple[str, int], int] = {}
+    for index, entry in enumerate(entries):
+        entry.allow("protocol", "endpoint", "tls")
+        protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
+        endpoint = entry.string("endpoint")
+        tls = entry.string("tls", choices=LISTENER_TLS_MODES)
+        if tls != "none" and not haveTLS:
+            entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key")
+        if not any(protocol in backend.ports for backend in backends.values()):
+            entry.fail(
+                "protocol",
+                f"no backend serves {protocol!r}; add ports.{protocol} to a [backend.NAME] table",
+            )
+        for address in _checkEndpoint(entry, endpoint):
+            if address in bound:
+                entry.fail("endpoint", f"same address and port as listener[{bound[address]}]")
+            bound[address] = index
+        listeners.append(Listener(protocol=protocol, endpoint=endpoint, tls=tls))
+    return tuple(listeners)
+
+
+def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
+    """
+    Check that C{endpoint} is a supported server endpoint string, without
+    listening anywhere.
+
+    @return: the (interface, port) pairs it would bind, port 0 excluded.
+    """
+    parts = _UNESCAPED_COLON.split(endpoint, maxsplit=2)
+    kind = parts[0].strip().lower()
+    if kind == "haproxy" and len(parts) > 1:
+        kind = parts[1].strip().lower()
+    if kind == "ssl":
+        entry.fail("endpoint", "must not be an ssl: endpoint; set the listener's tls key instead")
+    if kind not in ENDPOINT_TYPES:
+        allowed = ", ".join(ENDPOINT_TYPES)
+        entry.fail(
+            "endpoint",
+            f"unsupported endpoint type {kind!r} in {endpoint!r}; use {allowed} (optionally after haproxy:)",
+        )
+    # A MemoryReactor parses and "listens" without touching the network,
+    # which also reveals the port the endpoint would bind.
+    reactor = MemoryReactor()
+    try:
+        serverFromString(reactor, endpoint).listen(Factory())
+    except Exception as e:
+        entry.fail("endpoint", f"cannot parse {endpoint!r}: {e}")
+    addresses = []
+    for port, _, _, interface in reactor.tcpServers:
+        if not 0 <= port <= 65535:
+            entry.fail("endpoint", f"port must be 0-65535, not {port}")
+        if port:
+            addresses.append((interface, port))
+    return addresses
+
+
+def _parseRouter(table: Table) -> RouterConfig:
+    kind = table.string("type")
+    if kind.startswith("python:"):
+        if not _PYTHON_NAME.match(kind[len("python:") :]):
+            table.fail("type", f"must be python:package.module.Class, not {kind!r}")
+    elif kind not in ROUTER_TYPES:
+        allowed = ", ".join(ROUTER_TYPES + ("python:package.module.Class",))
+        table.fail("type", f"must be one of {allowed}, not {kind!r}")
+    if kind == "static":
+        table.path("path")
+    options = {}
+    for name, value in table.data.items():
+        if name == "type":
+            continue
+        if _isPathKey(name) and isinstance(value, str):
+            value = table.path(name, readable=False)
+        options[name] = value
+    return RouterConfig(type=kind, options=options)
+
+
+def _isPathKey(name: str) -> bool:
+    return name == "path" or name.endswith(("_path", "_file", "_dir"))

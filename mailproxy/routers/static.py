@@ -1,0 +1,367 @@
+"""
+The static router: a TOML route table file, re-read while the proxy runs.
+
+The table (see C{examples/routes.toml})::
+
+    default = "old"
+    [domains]
+    "example.org" = "old"
+    [accounts]
+    "alice@example.org" = "new"
+    "carol@example.org" = { backend = "new", password = "s3cret", login_user = "carol" }
+
+A login is looked up by account (the whole login name), then by domain (the
+part after the last C{@}), then C{default}; all matching ignores case.  An
+account that is only a backend name is I{located}: the backend judges the
+password.  An account with a C{password} is I{authenticated} by the proxy,
+which is what lets it offer digest mechanisms (CRAM-MD5, APOP) and rewrite the
+login (C{login_password}, C{master}) safely.
+
+Moving an account is one edit of the file: L{StaticRouter.startWatching}
+notices it, or the service calls L{StaticRouter.reload} (on SIGHUP, say).  A
+file that does not parse, half-written or wrong, leaves the previous table in
+place, so an editor saving in place can never empty the routing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from attrs import field, frozen
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailproxy.config import ConfigError, Table, readTOML
+from mailproxy.interfaces import IReloadable, IRouter
+from mailproxy.model import Backend, Rejection, Route, RouteRequest
+
+__all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]
+
+
+@frozen
+class RouteRule:
+    """
+    One entry of a route table.
+
+    @ivar description: where the rule is written, e.g.
+        C{"accounts['alice@example.org']"}, C{"domains['example.org']"} or
+        C{"default"}.
+    @ivar backend: where matching logins go.
+    @ivar password: if set, the client must prove knowledge of it.
+    @ivar loginUser: the user name to log in with on the backend.
+    @ivar loginPassword: the password to log in with on the backend.
+    @ivar master: log in with the backend's master user.
+    """
+
+    description: str
+    backend: Backend
+    password: bytes | None = field(default=None, repr=False)
+    loginUser: str | None = None
+    loginPassword: bytes | None = field(default=None, repr=False)
+    master: bool = False
+
+    def explain(self) -> str:
+        """
+        The rule and its backend, as a log line would show them.
+        """
+        return f"{self.description} -> {self.backend.name}"
+
+
+@frozen
+class RouteTable:
+    """
+    A parsed route table.
+
+    @ivar accounts: account rules by lower-cased login name.
+    @ivar domains: domain rules by lower-cased domain.
+    @ivar default: the rule for everything else, if any.
+    """
+
+    accounts: dict[str, RouteRule] = field(factory=dict, hash=False)
+    domains: dict[str, RouteRule] = field(factory=dict, hash=False)
+    default: RouteRule | None = None
+
+    def find(self, user: str) -> RouteRule | None:
+        """
+        The rule for login name C{user}: account, then domain, then default.
+        """
+        user = user.lower()
+        rule = self.accounts.get(user)
+        if rule is None and "@" in user:
+            rule = self.domains.get(user.rpartition("@")[2])
+        if rule is None:
+            rule = self.default
+        return rule
+
+
+_ACCOUNT_KEYS = ("backend", "password", "login_user", "login_password", "master")
+
+
+def parseRouteTable(
+    data: Mapping[str, object], path: str, backends: Mapping[str, Backend]
+) -> RouteTable:
+    """
+    Validate parsed TOML as a route table.
+
+    @param path: the file it came from, for messages.
+    @param backends: the configured backends, by name.
+    @raise ConfigError: naming the file and the key that is wrong.
+    """
+    root = Table(path, (), data, os.path.dirname(path))
+    root.allow("default", "domains", "accounts")
+
+    default = None
+    if "default" in root:
+        default = RouteRule("default", _backend(root, "default", backends))
+
+    domains: dict[str, RouteRule] = {}
+    domainTable = root.table("domains")
+    if domainTable is not None:
+        for name in domainTable.data:
+            if not name or "@" in name:
+                domainTable.fail(name, "must be a domain name, without @")
+            _unique(domainTable, name, domains)
+            rule = RouteRule(f"domains[{name!r}]", _backend(domainTable, name, backends))
+            domains[name.lower()] = rule
+
+    accounts: dict[str, RouteRule] = {}
+    accountTable = root.table("accounts")
+    if accountTable is not None:
+        for name in accountTable.data:
+            if not name:
+                accountTable.fail(name, "must not be empty")
+            _unique(accountTable, name, accounts)
+            accounts[name.lower()] = _account(accountTable, name, backends)
+
+    return RouteTable(accounts=accounts, domains=domains, default=default)
+
+
+def _unique(table: Table, name: str, seen: Mapping[str, RouteRule]) -> None:
+    if name.lower() in seen:
+        other = seen[name.lower()].description
+        table.fail(name, f"same entry as {other} (names are compared without case)")
+
+
+def _backend(table: Table, name: str, backends: Mapping[str, Backend]) -> Backend:
+    if name not in table:
+        table.fail(name, "required")
+    value = table.data[name]
+    if not isinstance(value, str):
+        table.fail(name, "must be a backend name (a string)")
+    if value not in backends:
+        configured = ", ".join(sorted(backends)) or "none"
+        table.fail(name, f"unknown backend {value!r}; configured backends: {configured}")
+    return backends[value]
+
+
+def _account(parent: Table, name: str, backends: Mapping[str, Backend]) -> RouteRule:
+    description = f"accounts[{name!r}]"
+    value = parent.data[name]
+    if isinstance(value, str):
+        return RouteRule(description, _backend(parent, name, backends))
+    if not isinstance(value, dict):
+        parent.fail(name, "must be a backend name or a table like { backend = ... }")
+    table = parent.table(name)
+    assert table is not None
+    table.allow(*_ACCOUNT_KEYS)
+    backend = _backend(table, "backend", backends)
+    password = table.secret("password", None)
+    loginPassword = table.secret("login_password", None)
+    master = table.boolean("master", False)
+    # Without a password check, a rewritten login would admit anyone who
+    # knows the account name: the backend would never see the client's password.
+    if loginPassword is not None and password is None:
+        table.fail("login_password", "needs password (the proxy must check the client first)")
+    if master:
+        if password is None:
+            table.fail("master", "needs password (the proxy must check the client first)")
+        if backend.masterUser is None:
+            table.fail("master", f"backend {backend.name!r} has no master_user")
+    return RouteRule(
+        description,
+        backend,
+        password=password,
+        loginUser=table.string("login_user", None),
+        loginPassword=loginPassword,
+        master=master,
+    )
+
+
+def loadRouteTable(path: str, backends: Mapping[str, Backend]) -> RouteTable:
+    """
+    Read and validate the route table file C{path}.
+
+    @raise ConfigError: if it cannot be read, parsed or validated.
+    """
+    return parseRouteTable(readTOML(path), path, backends)
+
+
+_Signature = tuple[int, int, int]
+
+
+@implementer(IRouter, IReloadable)
+class StaticRouter:
+    """
+    Routes logins by a TOML route table file.
+
+    Digest mechanisms (CRAM-MD5, APOP) send no password, only a proof of it,
+    so the proxy can neither verify them nor log in to the backend unless the
+    route table holds the account's C{password}.  Such a login for an account
+    without one is refused with the same generic text as a wrong password
+    (the reason goes to the log), so that clients cannot learn which
+    accounts have a stored password.
+
+    @ivar path: the absolute path of the route table.
+    @ivar watchInterval: seconds between two looks at the file while
+        watching.
+    @ivar lastError: why the last reload failed, or L{None} if it worked.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        backends: Mapping[str, Backend],
+        *,
+        reactor: IReactorTime | None = None,
+        watchInterval: float = 2.0,
+    ) -> None:
+        """
+        Load the table now.
+
+        @param backends: the configured backends, by name.
+        @param reactor: the clock for L{startWatching}.
+        @raise ConfigError: if the table cannot be loaded.
+        """
+        self.path = os.path.abspath(path)
+        self.watchInterval = watchInterval
+        self.lastError: str | None = None
+        self._backends = dict(backends)
+        self._reactor = reactor
+        self._watcher: LoopingCall | None = None
+        # Taken before reading: a change made during the read is seen next time.
+        self._signature = self._stat()
+        self._table = loadRouteTable(self.path, self._backends)
+
+    def route(self, request: RouteRequest) -> Route | Rejection:
+        """
+        Answer C{request} from the current table.
+        """
+        credentials = request.credentials
+        user = credentials.user if credentials is not None else ""
+        rule = self._table.find(user)
+        if rule is None:
+            self.log.info("No route for {user}", user=user)
+            return Rejection()
+        digest = credentials is not None and credentials.password is None
+        if rule.password is not None:
+            if credentials is None or not credentials.check(rule.password):
+                self.log.info("Wrong password for {user} ({rule})", user=user, rule=rule.description)
+                return Rejection()
+        elif digest:
+            assert credentials is not None
+            self.log.warn(
+                "{mechanism} login for {user} refused: {rule} has no password to check it against",
+                mechanism=credentials.mechanism,
+                user=user,
+                rule=rule.description,
+            )
+            return Rejection()
+        if request.protocol not in rule.backend.ports:
+            self.log.error(
+                "{rule} sends {user} to backend {backend}, which has no {protocol} port",
+                rule=rule.description,
+                user=user,
+                backend=rule.backend.name,
+                protocol=request.protocol,
+            )
+            return Rejection(message="Service temporarily unavailable.", temporary=True)
+        password = rule.loginPassword
+        if password is None and digest:
+            password = rule.password
+        return Route(
+            backend=rule.backend,
+            user=rule.loginUser,
+            password=password,
+            useMaster=rule.master,
+            authenticated=rule.password is not None,
+            rule=rule.explain(),
+        )
+
+    def explain(self, user: str) -> str:
+        """
+        Which rule the current table applies to login name C{user}, e.g.
+        C{"accounts['alice@example.org'] -> new"}, C{"default -> old"} or
+        C{"no rule"}.
+        """
+        rule = self._table.find(user)
+        return "no rule" if rule is None else rule.explain()
+
+    def reload(self) -> None:
+        """
+        Re-read the table; if it is unreadable or wrong, keep the previous one
+        and log why.
+        """
+        signature = self._stat()
+        try:
+            table = loadRouteTable(self.path, self._backends)
+        except ConfigError as e:
+            self._signature = signature
+            self.lastError = str(e)
+            self.log.error("Keeping the previous route table: {error}", error=str(e))
+            return
+        self._signature = signature
+        self._table = table
+        self.lastError = None
+        self.log.info(
+            "Loaded route table {path}: {accounts} accounts, {domains} domains, default {default}",
+            path=self.path,
+            accounts=len(table.accounts),
+            domains=len(table.domains),
+            default=table.default.backend.name if table.default else None,
+        )
+
+    def startWatching(self) -> None:
+        """
+        Look at the file every L{watchInterval} seconds and reload it when its
+        modification time, size or inode (a replacing rename) changed.
+
+        @raise RuntimeError: if no reactor was given.
+        """
+        if self._watcher is not None:
+            return
+        if self._reactor is None:
+            raise RuntimeError("StaticRouter needs a reactor to watch its file")
+        self._watcher = LoopingCall(self._poll)
+        self._watcher.clock = self._reactor
+        self._watcher.start(self.watchInterval, now=False)
+
+    def stopWatching(self) -> None:
+        """
+        Stop looking at the file.
+        """
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _poll(self) -> None:
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        if signature is None:
+            self._signature = None
+            self.log.error("Route table {path} is gone; keeping the previous table", path=self.path)
+            return
+        self.reload()
+
+    def _stat(self) -> _Signature | None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
