@@ -709,7 +709,10 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
     try:
         serverFromString(reactor, endpoint).listen(Factory())
     except Exception as e:
-        entry.fail("endpoint", f"cannot parse {endpoint!r}: {e}")
+        hint = ""
+        if _unescapedColonInValue(_UNESCAPED_COLON.split(endpoint)):
+            hint = " (write a colon inside a value as \\:, e.g. interface=\\:\\:1)"
+        entry.fail("endpoint", f"cannot parse {endpoint!r}: {e}{hint}")
     addresses = []
     for port, _, _, interface in reactor.tcpServers:
         if not 0 <= port <= 65535:
@@ -717,6 +720,17 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
         if port:
             addresses.append((interface, port))
     return addresses
+
+
+def _unescapedColonInValue(segments: list[str]) -> bool:
+    """
+    Whether a keyword argument's value seems to go on past an unescaped
+    colon, as in C{interface=::1}: the segment after it is no C{key=value}.
+    """
+    return any(
+        "=" in segment and "=" not in following
+        for segment, following in zip(segments[1:], segments[2:])
+    )
 
 
 def _parseRouter(table: Table) -> RouterConfig:

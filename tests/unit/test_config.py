@@ -806,6 +806,28 @@ class ListenerTests(ConfigTestCase):
                 f"cannot parse {endpoint!r}",
             )
 
+    def test_unescapedColon(self) -> None:
+        """
+        An IPv6 interface written without escaping its colons gets a hint.
+        """
+        self.assertConfigError(
+            configText(listener=self.listener(endpoint="tcp:993:interface=::")),
+            "listener[0].endpoint",
+            "cannot parse 'tcp:993:interface=::'",
+            "(write a colon inside a value as \\:, e.g. interface=\\:\\:1)",
+        )
+
+    def test_noColonHint(self) -> None:
+        """
+        Other parse errors get no hint about colons.
+        """
+        message = self.assertConfigError(
+            configText(listener=self.listener(endpoint="tcp:143:interface=127.0.0.1:bogus=1")),
+            "listener[0].endpoint",
+            "bogus",
+        )
+        self.assertNotIn("colon", message)
+
     def test_portRange(self) -> None:
         """
         A listening port above 65535 is refused.
