@@ -104,6 +104,16 @@ class LoginFailed(Exception):
         self.close = close
 
 
+def plainAddress(address: str) -> str:
+    """
+    An IPv4 client of a dual-stack listener as plain IPv4 (C{::ffff:192.0.2.1}
+    becomes C{192.0.2.1}), so routers, logs and backends see one form.
+    """
+    if address.lower().startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
 def newSessionId() -> str:
     """
     A short random session id, safe in any protocol's syntax.
@@ -152,9 +162,9 @@ class FrontendProtocol(Protocol):
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.client = ClientInfo(
             sessionId=self.client.sessionId,
-            address=getattr(peer, "host", str(peer)),
+            address=plainAddress(getattr(peer, "host", str(peer))),
             port=getattr(peer, "port", 0),
-            localAddress=getattr(host, "host", str(host)),
+            localAddress=plainAddress(getattr(host, "host", str(host))),
             localPort=getattr(host, "port", 0),
         )
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
