@@ -1,0 +1,579 @@
+"""
+TLS for both sides of the proxy.
+
+The client side (clients to the proxy) follows Mozilla's "intermediate"
+guideline 6.0: TLS 1.2 and 1.3 only, ECDHE with AEAD ciphers for TLS 1.2, the
+client's cipher preference, and one certificate per SNI name.  The backend side
+uses Twisted's verified client options, or an explicitly unverified context
+when a backend is configured with C{verify = false}.
+
+Certificates and keys are read and checked when the options are built, so a
+configuration mistake shows up at start (or reload) with the file named, not
+at the first handshake.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import idna
+from attrs import field, frozen
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    PrivateKeyTypes,
+    PublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from zope.interface import implementer
+
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+
+from mailproxy.model import Backend, TLSInfo
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+__all__ = [
+    "TLSConfigError",
+    "CertificateSource",
+    "serverOptions",
+    "clientOptions",
+    "tlsInfo",
+    "makeSelfSigned",
+]
+
+_log = Logger()
+
+# Mozilla intermediate 6.0: ECDHE key exchange with AEAD ciphers only.
+_TLS12_CIPHERS = b":".join(
+    [
+        b"ECDHE-ECDSA-AES128-GCM-SHA256",
+        b"ECDHE-RSA-AES128-GCM-SHA256",
+        b"ECDHE-ECDSA-AES256-GCM-SHA384",
+        b"ECDHE-RSA-AES256-GCM-SHA384",
+        b"ECDHE-ECDSA-CHACHA20-POLY1305",
+        b"ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+_TLS13_SUITES = b":".join(
+    [b"TLS_AES_128_GCM_SHA256", b"TLS_AES_256_GCM_SHA384", b"TLS_CHACHA20_POLY1305_SHA256"]
+)
+
+# Tried in order: the first list this OpenSSL build accepts wins.
+_GROUP_LISTS = (
+    b"X25519MLKEM768:X25519:prime256v1:secp384r1",
+    b"X25519:prime256v1:secp384r1",
+)
+
+
+class TLSConfigError(Exception):
+    """
+    A certificate or key file cannot be used.
+
+    The message names the file and what is wrong with it, never its contents.
+    """
+
+
+def _namesTuple(names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
+@frozen
+class CertificateSource:
+    """
+    A certificate the proxy can present, and the SNI names it serves.
+
+    @ivar certificate: the path of a PEM file: the leaf certificate first,
+        then the intermediates that complete its chain.
+    @ivar key: the path of the PEM private key that matches the leaf (it may
+        be the same file as C{certificate}).
+    @ivar names: the SNI names this certificate answers for; C{"*.example.com"}
+        matches one label below C{example.com}.  Empty for the default
+        certificate.
+    """
+
+    certificate: str
+    key: str
+    names: tuple[str, ...] = field(default=(), converter=_namesTuple)
+
+
+def _readFile(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _publicKeyBytes(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@frozen
+class _LoadedCertificate:
+    """
+    The contents of a L{CertificateSource}, parsed and checked.
+    """
+
+    source: CertificateSource
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes = field(repr=False)
+
+
+def _loadSource(source: CertificateSource) -> _LoadedCertificate:
+    """
+    Read and check a certificate chain and its key.
+
+    @raise TLSConfigError: if either file is missing, unreadable, not PEM, or
+        the key does not belong to the first certificate.
+    """
+    chainData = _readFile(source.certificate, "certificate")
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(chainData))
+    except ValueError:
+        raise TLSConfigError(
+            f"{source.certificate}: no PEM certificate found"
+        ) from None
+
+    keyData = _readFile(source.key, "private key")
+    try:
+        key = serialization.load_pem_private_key(keyData, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            f"{source.key}: the private key is encrypted; give an unencrypted key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(f"{source.key}: no usable PEM private key found") from None
+
+    leaf = chain[0]
+    if _publicKeyBytes(key.public_key()) != _publicKeyBytes(leaf.public_key()):
+        raise TLSConfigError(
+            f"{source.key}: the private key does not match the first certificate"
+            f" in {source.certificate}"
+        )
+    _warnAboutValidity(source.certificate, leaf)
+    return _LoadedCertificate(source=source, chain=chain, key=key)
+
+
+def _warnAboutValidity(path: str, leaf: x509.Certificate) -> None:
+    """
+    Log what will make clients refuse C{leaf}, without refusing it ourselves:
+    an expired certificate is still better than no listener at all.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if leaf.not_valid_after_utc < now:
+        _log.warn(
+            "TLS certificate {path} expired on {notAfter}",
+            path=path,
+            notAfter=leaf.not_valid_after_utc.isoformat(),
+        )
+    elif leaf.not_valid_before_utc > now:
+        _log.warn(
+            "TLS certificate {path} is not valid before {notBefore}",
+            path=path,
+            notBefore=leaf.not_valid_before_utc.isoformat(),
+        )
+
+
+def _setGroups(context: SSL.Context) -> None:
+    """
+    Restrict key exchange groups to the policy's, with the post-quantum hybrid
+    first when this OpenSSL build has it.
+
+    pyOpenSSL has no public API for a list of groups, so this reaches for the
+    binding; without it OpenSSL's own defaults (a superset) stay in force.
+    """
+    try:
+        from OpenSSL._util import lib as _lib
+    except ImportError:
+        return
+    setList = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    if setList is None:
+        return
+    for groups in _GROUP_LISTS:
+        if setList(context._context, groups) == 1:
+            return
+        _lib.ERR_clear_error()
+
+
+def _alpnSelector(
+    acceptable: tuple[bytes, ...],
+) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    """
+    An ALPN callback that picks the first of C{acceptable} the client offers,
+    and fails the handshake when there is none (a cross-protocol attack
+    defence): a client that sends no ALPN at all is not asked.
+    """
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+        for protocol in acceptable:
+            if protocol in offered:
+                return protocol
+        # Raising makes OpenSSL send the no_application_protocol alert; the
+        # error has OpenSSL's own shape so that Twisted can report it.
+        raise SSL.Error([("mailproxy", "ALPN", "no application protocol in common")])
+
+    return select
+
+
+def _serverContext(loaded: _LoadedCertificate, alpn: tuple[bytes, ...]) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    # No OP_CIPHER_SERVER_PREFERENCE: every allowed cipher is strong, so the
+    # client may pick what its hardware does fast.
+    context.set_options(
+        SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+    )
+    # Mail sessions idle for hours; without this each keeps ~30 KiB of buffers.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_cipher_list(_TLS12_CIPHERS)
+    context.set_tls13_ciphersuites(_TLS13_SUITES)
+    _setGroups(context)
+    try:
+        context.use_certificate(loaded.chain[0])
+        for intermediate in loaded.chain[1:]:
+            context.add_extra_chain_cert(intermediate)
+        context.use_privatekey(loaded.key)  # type: ignore[arg-type]
+        context.check_privatekey()
+    except SSL.Error as e:
+        # OpenSSL's reasons ("ee key too small", ...) name no key material.
+        reasons = "; ".join(reason for _, _, reason in e.args[0]) or "unusable"
+        raise TLSConfigError(
+            f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
+        ) from None
+    if alpn:
+        context.set_alpn_select_callback(_alpnSelector(alpn))
+    return context
+
+
+def _normalName(name: str) -> str:
+    """
+    The form SNI names are compared in: lower case, A-labels, no final dot,
+    a leading C{*.} kept.
+
+    @raise idna.IDNAError: if C{name} is not a valid internationalised name.
+    """
+    name = name.rstrip(".").lower()
+    wildcard = name.startswith("*.")
+    if wildcard:
+        name = name[2:]
+    if not name.isascii():
+        name = idna.encode(name, uts46=True).decode("ascii")
+    return "*." + name if wildcard else name
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerOptions:
+    """
+    Creates server-side TLS connections that start with the default
+    certificate's context and switch to another when the client's SNI asks for
+    one of its names.
+
+    @ivar _exact: contexts by exact (normalised) name.
+    @ivar _wildcard: contexts by the parent domain of a C{*.} name.
+    """
+
+    def __init__(
+        self,
+        default: SSL.Context,
+        exact: dict[str, SSL.Context],
+        wildcard: dict[str, SSL.Context],
+    ) -> None:
+        self._default = default
+        self._exact = exact
+        self._wildcard = wildcard
+        if exact or wildcard:
+            default.set_tlsext_servername_callback(self._selectContext)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        Create the OpenSSL connection for one accepted client.
+
+        @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
+            that will drive it.
+        """
+        return SSL.Connection(self._default, None)
+
+    def contextForName(self, serverName: bytes | None) -> SSL.Context:
+        """
+        The context whose certificate serves C{serverName}: an exact name
+        first, then a one-label wildcard, else the default.
+        """
+        if not serverName:
+            return self._default
+        name = serverName.decode("ascii", "replace").rstrip(".").lower()
+        context = self._exact.get(name)
+        if context is not None:
+            return context
+        label, dot, parent = name.partition(".")
+        if label and dot and parent:
+            context = self._wildcard.get(parent)
+            if context is not None:
+                return context
+        return self._default
+
+    def _selectContext(self, connection: SSL.Connection) -> None:
+        context = self.contextForName(connection.get_servername())
+        if context is not self._default:
+            connection.set_context(context)
+
+
+def serverOptions(
+    default: CertificateSource,
+    others: Sequence[CertificateSource] = (),
+    alpn: Sequence[bytes] = (),
+) -> IOpenSSLServerConnectionCreator:
+    """
+    Build the TLS options for a listener, implicit TLS or STARTTLS alike.
+
+    Use it as C{TLSMemoryBIOFactory(options, False, factory)} or
+    C{transport.startTLS(options)}.
+
+    @param default: the certificate for clients that send no SNI or a name no
+        other source serves; its own C{names} are served too.
+    @param others: certificates selected by SNI.
+    @param alpn: the application protocols this listener speaks (e.g.
+        C{[b"imap"]}); a client offering ALPN without any of them is refused.
+
+    @raise TLSConfigError: if a file is missing, unreadable, not PEM, or a key
+        does not match its certificate, or two sources claim the same name.
+    """
+    acceptable = tuple(alpn)
+    defaultContext = _serverContext(_loadSource(default), acceptable)
+    exact: dict[str, SSL.Context] = {}
+    wildcard: dict[str, SSL.Context] = {}
+    claimedBy: dict[str, str] = {}
+    for source in (default, *others):
+        context = (
+            defaultContext
+            if source is default
+            else _serverContext(_loadSource(source), acceptable)
+        )
+        for name in source.names:
+            try:
+                normal = _normalName(name)
+            except idna.IDNAError:
+                raise TLSConfigError(
+                    f"{source.certificate}: {name!r} is not a valid host name"
+                ) from None
+            if normal in claimedBy:
+                raise TLSConfigError(
+                    f"{source.certificate}: the name {name!r} is already served"
+                    f" by {claimedBy[normal]}"
+                )
+            claimedBy[normal] = source.certificate
+            if normal.startswith("*."):
+                wildcard[normal[2:]] = context
+            else:
+                exact[normal] = context
+    return _ServerOptions(defaultContext, exact, wildcard)
+
+
+def _isIPAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientOptions:
+    """
+    Client TLS to a backend whose certificate is deliberately not checked
+    (C{verify = false}): still TLS 1.2 or later, still sends SNI for names.
+    """
+
+    def __init__(self, serverName: str) -> None:
+        self._sni: bytes | None = None
+        if not _isIPAddress(serverName):
+            try:
+                self._sni = _normalName(serverName).encode("ascii")
+            except idna.IDNAError:
+                raise TLSConfigError(f"{serverName!r} is not a valid host name") from None
+        self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+        self._context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        self._context.set_verify(SSL.VERIFY_NONE)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        Create the OpenSSL connection for one backend connection.
+
+        @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
+            that will drive it.
+        """
+        connection = SSL.Connection(self._context, None)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+def _loadTrustRoot(path: str) -> IOpenSSLTrustRoot:
+    data = _readFile(path, "CA certificates")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(f"{path}: no PEM certificate found") from None
+    return trustRootFromCertificates(
+        [
+            Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in certificates
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def clientOptions(backend: Backend) -> IOpenSSLClientConnectionCreator:
+    """
+    The TLS options for connections to C{backend}, built once per backend.
+
+    With C{backend.verify}, the server's certificate must chain to a CA in
+    C{backend.caFile} (or the platform's store) and be valid for
+    C{backend.serverName} or else C{backend.host}; IP literals are matched
+    against IP address SANs.  Without it, nothing is verified.
+
+    The result is cached per L{Backend} value; call C{clientOptions.cache_clear()}
+    when a CA file changes on disk without the configuration changing.
+
+    @raise TLSConfigError: if C{backend.caFile} cannot be read or holds no
+        certificate.
+    """
+    name = backend.serverName or backend.host
+    if not backend.verify:
+        return _UnverifiedClientOptions(name)
+    trustRoot = _loadTrustRoot(backend.caFile) if backend.caFile else None
+    return optionsForClientTLS(name, trustRoot=trustRoot)
+
+
+def _tlsConnection(transport: object) -> SSL.Connection | None:
+    """
+    Find the OpenSSL connection under C{transport}, through any protocol
+    wrappers: after C{startTLS} a TCP transport's C{getHandle} is replaced by
+    the TLS layer's, which returns it.
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        getHandle = getattr(transport, "getHandle", None)
+        if getHandle is not None:
+            try:
+                handle = getHandle()
+            except Exception:
+                handle = None
+            if isinstance(handle, SSL.Connection):
+                return handle
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
+
+
+def tlsInfo(transport: object) -> TLSInfo | None:
+    """
+    What TLS negotiated on C{transport}.
+
+    @param transport: a transport whose TLS handshake has completed, implicit
+        TLS or after C{startTLS}, server or client side.
+    @return: the version, cipher and SNI name, or L{None} if the transport
+        is not TLS or its handshake has not finished.
+    """
+    connection = _tlsConnection(transport)
+    if connection is None:
+        return None
+    cipher = connection.get_cipher_name()
+    version = connection.get_protocol_version_name()
+    if cipher is None or version == "Unknown":
+        return None
+    serverName = connection.get_servername()
+    return TLSInfo(
+        version=version,
+        cipher=cipher,
+        serverName=serverName.decode("ascii", "replace").lower() if serverName else None,
+    )
+
+
+def makeSelfSigned(
+    directory: str,
+    names: Sequence[str] = ("localhost",),
+    ips: Sequence[str] = ("127.0.0.1", "::1"),
+) -> tuple[str, str]:
+    """
+    Write a self-signed certificate for demos and tests.
+
+    @param directory: where to write C{selfsigned.pem} and C{selfsigned.key}.
+    @param names: DNS names (Unicode or A-labels) for the subject alternative
+        names; the first is also the common name.
+    @param ips: IP addresses for the subject alternative names.
+    @return: the certificate's path and the key's path.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    dnsNames = [_normalName(n) for n in names]
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, dnsNames[0] if dnsNames else "mailproxy")]
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alternatives: list[x509.GeneralName] = [x509.DNSName(n) for n in dnsNames]
+    alternatives += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # A little slack for clocks that run behind.
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        # Lets OpenSSL tell apart several self-signed certificates with the
+        # same subject in one CA file.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+            critical=False,
+        )
+    )
+    if alternatives:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(alternatives), critical=False
+        )
+    certificate = builder.sign(key, hashes.SHA256())
+
+    certificatePath = os.path.join(directory, "selfsigned.pem")
+    keyPath = os.path.join(directory, "selfsigned.key")
+    with open(certificatePath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    descriptor = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return certificatePath, keyPath
