@@ -367,6 +367,15 @@ class Dovecot:
             self._removeRuntime()
             raise
 
+    def ports(self) -> list[int]:
+        """
+        All the listening ports, once started.
+        """
+        return [
+            self.imap, self.imaps, self.imapProxy,
+            self.pop3, self.pop3s, self.sieve, self.lmtp,
+        ]  # fmt: skip
+
     def _choosePorts(self) -> None:
         """
         Pick a distinct free port for every listener.
@@ -437,7 +446,7 @@ class Dovecot:
         try:
             _waitForPorts(
                 self._process,
-                [self.imap, self.imaps, self.imapProxy, self.pop3, self.pop3s, self.sieve, self.lmtp],
+                self.ports(),
                 timeout=20,
                 describe=f"Dovecot {self.name!r}",
                 log=self.logPath,

@@ -1,0 +1,928 @@
+"""
+IMAP through the proxy, end to end: two real Dovecot servers ("old" and
+"new"), the proxy as a subprocess, and real clients (C{imaplib}, C{curl}, and
+a bare socket where the exact reply matters).
+
+Every account exists on both servers with the same password, and each
+server's copy of an account holds a different first message (Subject
+C{"<user> on <server>"}), so which server a login reached is visible in the
+mailbox the client sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import json
+import os
+import random
+import re
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .servers import (
+    Dovecot,
+    Proxy,
+    TestCA,
+    fixtureDirectory,
+    freePort,
+    requireServer,
+    sharedFixture,
+)
+
+#: Seconds any single client operation may take before the test fails.
+TIMEOUT = 30.0
+
+#: The source address test clients bind where the forwarded address matters:
+#: the proxy itself connects to the servers from 127.0.0.1.
+CLIENT_ADDRESS = "127.0.0.2"
+
+#: Accounts on both servers. dave's server password is not the one his
+#: route checks: he can only get in through the master user.
+PASSWORDS = {
+    "alice@example.org": "alice secret",
+    "bob@example.org": "bob-secret",
+    "carol@example.org": "carol-secret",
+    "dave@example.org": "dave-server-secret",
+}
+DAVE_ROUTE_PASSWORD = "dave-proxy-secret"
+MASTER_USER = ("proxy", "master-secret")
+
+#: The static route table, as TOML data; "dead" is a backend nobody serves.
+ROUTES: dict[str, Any] = {
+    "domains": {"example.org": "old"},
+    "accounts": {
+        "alice@example.org": "old",
+        "bob@example.org": "new",
+        "dave@example.org": {
+            "backend": "new",
+            "password": DAVE_ROUTE_PASSWORD,
+            "master": True,
+        },
+        "zed@example.org": "dead",
+    },
+}
+
+#: Where each account is routed to by L{ROUTES}.
+HOMES = {
+    "alice@example.org": "old",
+    "bob@example.org": "new",
+    "carol@example.org": "old",
+}
+
+LARGE_MESSAGE_ID = "<large@example.org>"
+
+if TYPE_CHECKING:
+    _MixinBase = SynchronousTestCase
+else:
+    _MixinBase = object
+
+
+def firstMessage(user: str, server: str) -> bytes:
+    """
+    The message that is UID 1 in C{user}'s INBOX on C{server}.
+    """
+    return (
+        f"From: postmaster@example.org\r\n"
+        f"To: {user}\r\n"
+        f"Subject: {user} on {server}\r\n"
+        f"Message-ID: <{user.replace('@', '.')}.{server}@example.org>\r\n"
+        f"\r\n"
+        f"This copy of {user}'s mailbox lives on {server}.\r\n"
+    ).encode("ascii")
+
+
+def largeMessage(size: int = 10 * 1024 * 1024) -> bytes:
+    """
+    A message of more than C{size} octets: random bytes in base64 lines.
+    """
+    header = (
+        "From: postmaster@example.org\r\n"
+        "To: carol@example.org\r\n"
+        "Subject: large message\r\n"
+        f"Message-ID: {LARGE_MESSAGE_ID}\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n"
+        "\r\n"
+    ).encode("ascii")
+    content = random.Random(2026).randbytes(size * 3 // 4 + 1)
+    return header + base64.encodebytes(content).replace(b"\n", b"\r\n")
+
+
+def tomlValue(value: object) -> str:
+    """
+    C{value} (a string, number, boolean or mapping) in TOML syntax.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string of printable ASCII is a TOML basic string.
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{tomlValue(k)} = {tomlValue(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def tomlTable(name: str, values: Mapping[str, object]) -> str:
+    """
+    A TOML table C{[name]} holding C{values}.
+    """
+    lines = [f"[{name}]"] + [f"{tomlValue(k)} = {tomlValue(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def routesText(routes: Mapping[str, Any]) -> str:
+    """
+    The route table file for C{routes} (TOML data like L{ROUTES}).
+    """
+    text = ""
+    if "default" in routes:
+        text += f"default = {tomlValue(routes['default'])}\n"
+    for table in ("domains", "accounts"):
+        if table in routes:
+            text += "\n" + tomlTable(table, routes[table])
+    return text
+
+
+def writeAtomically(path: Path, text: str) -> None:
+    """
+    Replace the file at C{path} the way operators' tools do: write a new
+    file beside it, then rename it over the old one.
+    """
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class MailServers:
+    """
+    The scenario's two Dovecot servers, their certificate authority and
+    their mail.
+
+    @ivar largeMessage: a message of over 10 MB in carol's INBOX on old.
+    """
+
+    def __init__(self, directory: str) -> None:
+        """
+        Make the CA and configure (not start) the servers in C{directory}.
+        """
+        self.ca = TestCA(os.path.join(directory, "ca"))
+        self.old = Dovecot(
+            os.path.join(directory, "old"), "old", PASSWORDS, ca=self.ca, masterUser=MASTER_USER
+        )
+        self.new = Dovecot(
+            os.path.join(directory, "new"), "new", PASSWORDS, ca=self.ca, masterUser=MASTER_USER
+        )
+        self.largeMessage = largeMessage()
+
+    @classmethod
+    def start(cls) -> MailServers:
+        """
+        Start both servers and fill the mailboxes.
+        """
+        requireServer("dovecot", "doveadm", "openssl", "curl")
+        servers = cls(fixtureDirectory("dovecot"))
+        try:
+            for dovecot in (servers.old, servers.new):
+                dovecot.start()
+                for user in PASSWORDS:
+                    dovecot.deliver(user, firstMessage(user, dovecot.name))
+            servers.old.deliver("carol@example.org", servers.largeMessage)
+        except BaseException:
+            servers.stop()
+            raise
+        return servers
+
+    def byName(self, name: str) -> Dovecot:
+        """
+        The server called C{name} (C{"old"} or C{"new"}).
+        """
+        return {"old": self.old, "new": self.new}[name]
+
+    def stop(self) -> None:
+        """
+        Stop both servers.
+        """
+        self.old.stop()
+        self.new.stop()
+
+
+class RunningProxy:
+    """
+    The proxy under test, started with a test class's configuration: three
+    IMAP listeners (implicit TLS, STARTTLS, STARTTLS required) and the
+    static router reading C{routes.toml}.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        backends: Mapping[str, Mapping[str, object]],
+        routes: Mapping[str, Any],
+        ca: TestCA,
+    ) -> None:
+        """
+        Write the configuration, the route table and the master password
+        file into C{directory}; C{ca} signs the proxy's certificate.
+        """
+        self.implicit = freePort()
+        self.startTLS = freePort()
+        self.startTLSRequired = freePort()
+        certificate, key = ca.issue("proxy")
+        listeners = [
+            (self.implicit, "implicit"),
+            (self.startTLS, "starttls"),
+            (self.startTLSRequired, "starttls-required"),
+        ]
+        config = (
+            tomlTable("proxy", {"hostname": "proxy.example.org"})
+            + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
+            + tomlTable("tls", {"certificate": certificate, "key": key})
+            + "".join(
+                "[[listener]]\n"
+                'protocol = "imap"\n'
+                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                f"tls = {tomlValue(mode)}\n"
+                for port, mode in listeners
+            )
+            # Relative paths: they resolve against the configuration's directory.
+            + tomlTable("router", {"type": "static", "path": "routes.toml"})
+            + "".join(tomlTable(f"backend.{name}", values) for name, values in backends.items())
+        )
+        self.proxy = Proxy(directory, config)
+        self.routesPath = self.proxy.directory / "routes.toml"
+        self.routesPath.write_text(routesText(routes))
+        (self.proxy.directory / "master.pw").write_text(MASTER_USER[1] + "\n")
+
+    def start(self) -> None:
+        """
+        Start the proxy and wait for its listeners.
+        """
+        self.proxy.start([self.implicit, self.startTLS, self.startTLSRequired])
+
+    def stop(self) -> None:
+        """
+        Stop the proxy.
+        """
+        self.proxy.stop()
+
+
+class SourceBoundIMAP4_SSL(imaplib.IMAP4_SSL):
+    """
+    An implicit-TLS C{imaplib} client that connects from a chosen local
+    address, so the server's log can show whether that address was
+    forwarded.
+    """
+
+    def __init__(self, host: str, port: int, *, source: str, ssl_context: ssl.SSLContext) -> None:
+        """
+        Connect to C{host}:C{port} from C{source} and read the greeting.
+        """
+        self._source = source
+        super().__init__(host, port, ssl_context=ssl_context, timeout=TIMEOUT)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        connection = socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self._source, 0)
+        )
+        return self.ssl_context.wrap_socket(connection, server_hostname=self.host)
+
+
+class LineClient:
+    """
+    A bare IMAP client that sends command lines and returns reply lines as
+    bytes, for tests that assert the exact reply (it does not read literals).
+    """
+
+    def __init__(self, connection: socket.socket) -> None:
+        """
+        Use C{connection}, already connected.
+        """
+        self.connection = connection
+        self.connection.settimeout(TIMEOUT)
+        self._buffer = b""
+
+    @classmethod
+    def connect(cls, port: int, context: ssl.SSLContext | None = None) -> LineClient:
+        """
+        Connect to 127.0.0.1:C{port}, with implicit TLS if C{context} is
+        given.
+        """
+        connection = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+        if context is not None:
+            connection = context.wrap_socket(connection, server_hostname="127.0.0.1")
+        return cls(connection)
+
+    def readLine(self) -> bytes:
+        """
+        The next reply line, CRLF included.
+
+        @raise socket.timeout: nothing complete arrived in time.
+        @raise EOFError: the server closed the connection.
+        """
+        while b"\r\n" not in self._buffer:
+            data = self.connection.recv(65536)
+            if not data:
+                raise EOFError(f"connection closed; unterminated: {self._buffer!r}")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def send(self, line: bytes) -> None:
+        """
+        Send C{line} and CRLF.
+        """
+        self.connection.sendall(line + b"\r\n")
+
+    def command(self, tag: bytes, command: bytes) -> list[bytes]:
+        """
+        Send a tagged command; return the reply lines up to and including
+        the tagged one.
+        """
+        self.send(tag + b" " + command)
+        lines = [self.readLine()]
+        while not lines[-1].startswith(tag + b" "):
+            lines.append(self.readLine())
+        return lines
+
+    def startTLS(self, context: ssl.SSLContext) -> None:
+        """
+        Start TLS on the connection (after a tagged OK to STARTTLS).
+        """
+        assert self._buffer == b"", f"plaintext after STARTTLS: {self._buffer!r}"
+        self.connection = context.wrap_socket(self.connection, server_hostname="127.0.0.1")
+
+    def close(self) -> None:
+        """
+        Close the connection.
+        """
+        self.connection.close()
+
+
+def closeIMAP(client: imaplib.IMAP4) -> None:
+    """
+    Log out if the connection still works; close it in any case. Doing so
+    twice is harmless.
+    """
+    if client.state == "LOGOUT":
+        return
+    try:
+        client.logout()
+    except (imaplib.IMAP4.error, OSError):
+        try:
+            client.shutdown()
+        except OSError:
+            pass
+
+
+class ProxyFixtureMixin(_MixinBase):
+    """
+    Tests against the proxy and the two servers, both shared by a test
+    class's tests (the servers by the whole module).
+
+    A test class says how the proxy reaches the servers by overriding
+    L{backendOptions}, and may change the route table in L{routes}.
+
+    @cvar routes: the route table, as TOML data.
+    """
+
+    servers: MailServers
+    running: RunningProxy
+    routes: Mapping[str, Any] = ROUTES
+
+    def backendOptions(self, server: Dovecot) -> dict[str, object]:
+        """
+        The settings of the C{[backend.NAME]} table for C{server}: by
+        default plaintext, forwarding the client's address as the server
+        advertises (IMAP ID for Dovecot).
+        """
+        return {"ports": {"imap": server.imap}, "tls": "none", "forward": "auto"}
+
+    def extraBackends(self) -> dict[str, dict[str, object]]:
+        """
+        More backends this class's proxy configuration needs.
+        """
+        return {}
+
+    def setUp(self) -> None:
+        """
+        Get the running servers and this class's running proxy, starting
+        them if this is the first test to need them.
+        """
+        self.servers = sharedFixture("mail servers", __name__, MailServers.start)
+        self.running = sharedFixture("proxy", type(self).__qualname__, self._startProxy)
+        self.context = ssl.create_default_context(cafile=self.servers.ca.caPath)
+
+    def _startProxy(self) -> RunningProxy:
+        """
+        Configure and start the proxy for this test class.
+        """
+        backends: dict[str, dict[str, object]] = {
+            server.name: {
+                "host": "127.0.0.1",
+                **self.backendOptions(server),
+                "master_user": MASTER_USER[0],
+                "master_password_file": "master.pw",
+                "master_separator": "*",
+                "connect_timeout": 5,
+            }
+            for server in (self.servers.old, self.servers.new)
+        }
+        # A backend nobody serves: connections to it are refused.
+        backends["dead"] = {
+            "host": "127.0.0.1",
+            "ports": {"imap": freePort()},
+            "tls": "none",
+            "connect_timeout": 5,
+        }
+        backends.update(self.extraBackends())
+        running = RunningProxy(
+            fixtureDirectory(type(self).__name__), backends, self.routes, self.servers.ca
+        )
+        running.start()
+        return running
+
+    def connectImplicit(self, source: str | None = None) -> imaplib.IMAP4_SSL:
+        """
+        An C{imaplib} client on the proxy's implicit-TLS listener, closed
+        after the test.
+        """
+        client: imaplib.IMAP4_SSL
+        if source is None:
+            client = imaplib.IMAP4_SSL(
+                "127.0.0.1", self.running.implicit, ssl_context=self.context, timeout=TIMEOUT
+            )
+        else:
+            client = SourceBoundIMAP4_SSL(
+                "127.0.0.1", self.running.implicit, source=source, ssl_context=self.context
+            )
+        self.addCleanup(closeIMAP, client)
+        return client
+
+    def connectStartTLS(self) -> imaplib.IMAP4:
+        """
+        An C{imaplib} client on the proxy's STARTTLS listener after a
+        successful STARTTLS, closed after the test.
+        """
+        client = imaplib.IMAP4("127.0.0.1", self.running.startTLS, timeout=TIMEOUT)
+        self.addCleanup(closeIMAP, client)
+        client.starttls(ssl_context=self.context)
+        return client
+
+    def connectLines(self, port: int | None = None) -> LineClient:
+        """
+        A L{LineClient} on the proxy's implicit-TLS listener (or, in
+        plaintext, on C{port}), its greeting read, closed after the test.
+        """
+        if port is None:
+            client = LineClient.connect(self.running.implicit, self.context)
+        else:
+            client = LineClient.connect(port)
+        self.addCleanup(client.close)
+        self.assertTrue(client.readLine().startswith(b"* OK"))
+        return client
+
+    def firstSubject(self, client: imaplib.IMAP4) -> str:
+        """
+        The Subject of UID 1 in the logged-in C{client}'s INBOX.
+        """
+        status, _ = client.select("INBOX", readonly=True)
+        self.assertEqual(status, "OK")
+        status, data = client.uid("FETCH", "1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        self.assertEqual(status, "OK")
+        header = next(item[1] for item in data if isinstance(item, tuple))
+        return header.decode("ascii").strip().removeprefix("Subject: ")
+
+    def curl(self, url: str, user: str, *options: str) -> bytes:
+        """
+        Fetch C{url} with C{curl}, trusting the test CA and logging in as
+        C{user} with SASL PLAIN.
+
+        @return: what curl wrote to standard output.
+        """
+        result = subprocess.run(
+            [
+                "curl", "--silent", "--show-error", "--max-time", str(int(TIMEOUT)),
+                "--cacert", self.servers.ca.caPath,
+                "--user", f"{user}:{PASSWORDS[user]}", "--login-options", "AUTH=PLAIN",
+                *options, url,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            self.fail(
+                f"curl {url} failed ({result.returncode}): {result.stderr.decode(errors='replace')}"
+                f"\nproxy log:\n{self.running.proxy.logText()[-3000:]}"
+            )
+        return result.stdout
+
+    def logMark(self, server: Dovecot) -> int:
+        """
+        Where C{server}'s log ends now: pass it to L{waitForLogLine}.
+        """
+        return len(server.logText())
+
+    def waitForLogLine(self, server: Dovecot, mark: int, *fragments: str) -> str:
+        """
+        Wait until a line containing every one of C{fragments} appears in
+        C{server}'s log after C{mark}, and return it.
+        """
+        deadline = time.monotonic() + 10
+        while True:
+            added = server.logText()[mark:]
+            for line in added.splitlines():
+                if all(fragment in line for fragment in fragments):
+                    return line
+            if time.monotonic() > deadline:
+                self.fail(f"no line with {fragments} in {server.name}'s log; it added:\n{added}")
+            time.sleep(0.05)
+
+
+class RoutingTestsMixin(ProxyFixtureMixin):
+    """
+    Tests that hold for every way of reaching the servers: logins land on
+    the routed server, large messages and IDLE pass through, and the
+    client's address reaches the server.
+    """
+
+    def assertRoutedLogins(self, connect: Any, login: Any) -> None:
+        """
+        Log in as each routed account on a new connection from C{connect()}
+        with C{login(client, user, password)}; each sees its routed
+        server's mailbox.
+        """
+        for user, home in HOMES.items():
+            client = connect()
+            status, _ = login(client, user, PASSWORDS[user])
+            self.assertEqual(status, "OK")
+            self.assertEqual(self.firstSubject(client), f"{user} on {home}")
+            closeIMAP(client)
+
+    def test_implicitTLSLogin(self) -> None:
+        """
+        Over implicit TLS, LOGIN succeeds for accounts routed by account
+        (alice to old, bob to new) and by domain (carol to old), and each
+        sees the mailbox on the server the route names.
+        """
+        self.assertRoutedLogins(
+            self.connectImplicit, lambda client, user, password: client.login(user, password)
+        )
+
+    def test_implicitTLSAuthenticatePlain(self) -> None:
+        """
+        Over implicit TLS, AUTHENTICATE PLAIN (without an initial response)
+        logs each account in on its routed server.
+        """
+        self.assertRoutedLogins(self.connectImplicit, authenticatePlain)
+
+    def test_largeMessage(self) -> None:
+        """
+        A message of over 10 MB fetched through the proxy is byte for byte
+        what the server gives a direct client.
+        """
+        user = "carol@example.org"
+
+        def fetchLarge(client: imaplib.IMAP4) -> bytes:
+            client.login(user, PASSWORDS[user])
+            client.select("INBOX", readonly=True)
+            status, found = client.uid("SEARCH", "HEADER", "Message-ID", LARGE_MESSAGE_ID)
+            self.assertEqual(status, "OK")
+            [uid] = found[0].split()
+            status, data = client.uid("FETCH", uid.decode("ascii"), "(BODY.PEEK[])")
+            self.assertEqual(status, "OK")
+            return next(item[1] for item in data if isinstance(item, tuple))
+
+        direct = imaplib.IMAP4("127.0.0.1", self.servers.old.imap, timeout=TIMEOUT)
+        self.addCleanup(closeIMAP, direct)
+        expected = fetchLarge(direct)
+        self.assertGreater(len(expected), 10 * 1024 * 1024)
+        self.assertEqual(len(expected), len(self.servers.largeMessage))
+        proxied = fetchLarge(self.connectImplicit())
+        self.assertEqual(len(proxied), len(expected))
+        self.assertTrue(proxied == expected, "the message fetched through the proxy differs")
+
+    def test_idle(self) -> None:
+        """
+        A client IDLE through the proxy hears C{* n EXISTS} when a message
+        is delivered to its mailbox on the server.
+        """
+        user = "bob@example.org"
+        client = self.connectLines()
+        login = f'LOGIN {user} "{PASSWORDS[user]}"'.encode()
+        self.assertTrue(client.command(b"a", login)[-1].startswith(b"a OK"))
+        selected = client.command(b"b", b"SELECT INBOX")
+        self.assertTrue(selected[-1].startswith(b"b OK"), selected)
+        [exists] = [
+            int(match.group(1))
+            for line in selected
+            if (match := re.match(rb"\* (\d+) EXISTS", line))
+        ]
+        client.send(b"c IDLE")
+        self.assertTrue(client.readLine().startswith(b"+ "))
+        self.servers.byName(HOMES[user]).deliver(user, firstMessage(user, "idle"))
+        expected = f"* {exists + 1} EXISTS\r\n".encode()
+        seen = []
+        while expected not in seen:
+            seen.append(client.readLine())
+        client.send(b"DONE")
+        line = client.readLine()
+        while not line.startswith(b"c "):
+            line = client.readLine()
+        self.assertTrue(line.startswith(b"c OK"), line)
+
+    def test_clientAddressForwarded(self) -> None:
+        """
+        The server logs the client's address (127.0.0.2), not the proxy's,
+        for a login through the proxy.
+        """
+        mark = self.logMark(self.servers.old)
+        client = self.connectImplicit(source=CLIENT_ADDRESS)
+        client.login("alice@example.org", PASSWORDS["alice@example.org"])
+        self.assertEqual(self.firstSubject(client), "alice@example.org on old")
+        self.waitForLogLine(
+            self.servers.old, mark, "Login: user=<alice@example.org>", f"rip={CLIENT_ADDRESS},"
+        )
+
+
+def capabilities(reply: list[bytes]) -> list[bytes]:
+    """
+    The capability names in the C{* CAPABILITY} line of a CAPABILITY reply.
+    """
+    [names] = [line.split()[2:] for line in reply if line.startswith(b"* CAPABILITY ")]
+    return names
+
+
+def authenticatePlain(client: imaplib.IMAP4, user: str, password: str) -> tuple[str, Any]:
+    """
+    Log C{client} in with AUTHENTICATE PLAIN.
+    """
+    response = b"\0" + user.encode() + b"\0" + password.encode()
+    return client.authenticate("PLAIN", lambda challenge: response)
+
+
+class PlainBackendTests(RoutingTestsMixin, SynchronousTestCase):
+    """
+    The proxy in front of servers it reaches in plaintext, forwarding the
+    client's address with IMAP ID (C{forward = "auto"}): the whole client
+    experience.
+    """
+
+    def test_startTLSLogin(self) -> None:
+        """
+        After STARTTLS, LOGIN logs each account in on its routed server.
+        """
+        self.assertRoutedLogins(
+            self.connectStartTLS, lambda client, user, password: client.login(user, password)
+        )
+
+    def test_startTLSAuthenticatePlain(self) -> None:
+        """
+        After STARTTLS, AUTHENTICATE PLAIN logs each account in on its
+        routed server.
+        """
+        self.assertRoutedLogins(self.connectStartTLS, authenticatePlain)
+
+    def test_curlImplicitTLS(self) -> None:
+        """
+        curl fetches alice's first message over implicit TLS from old, where
+        she is routed.
+        """
+        message = self.curl(
+            f"imaps://127.0.0.1:{self.running.implicit}/INBOX;UID=1", "alice@example.org"
+        )
+        self.assertEqual(message, firstMessage("alice@example.org", "old"))
+
+    def test_curlStartTLS(self) -> None:
+        """
+        curl, requiring STARTTLS, fetches bob's first message from new.
+        """
+        message = self.curl(
+            f"imap://127.0.0.1:{self.running.startTLS}/INBOX;UID=1", "bob@example.org", "--ssl-reqd"
+        )
+        self.assertEqual(message, firstMessage("bob@example.org", "new"))
+
+    def test_curlStartTLSRequired(self) -> None:
+        """
+        curl, requiring STARTTLS, fetches carol's first message from old
+        through the listener that refuses logins before TLS.
+        """
+        message = self.curl(
+            f"imap://127.0.0.1:{self.running.startTLSRequired}/INBOX;UID=1",
+            "carol@example.org",
+            "--ssl-reqd",
+        )
+        self.assertEqual(message, firstMessage("carol@example.org", "old"))
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password gets the generic failure, and the client may try
+        again on the same connection and get in.
+        """
+        client = self.connectLines()
+        self.assertEqual(
+            client.command(b"a", b"LOGIN alice@example.org wrong"),
+            [b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"],
+        )
+        self.assertTrue(
+            client.command(b"b", b'LOGIN alice@example.org "alice secret"')[-1].startswith(b"b OK")
+        )
+        self.assertTrue(client.command(b"c", b"SELECT INBOX")[-1].startswith(b"c OK"))
+        self.assertIn(
+            b"* SEARCH 1\r\n",
+            client.command(b"d", b'UID SEARCH SUBJECT "alice@example.org on old"'),
+        )
+
+    def test_unknownUser(self) -> None:
+        """
+        An account no route matches (a domain not in the table, and no
+        default) gets the same generic failure as a wrong password.
+        """
+        client = self.connectLines()
+        self.assertEqual(
+            client.command(b"a", b"LOGIN eve@example.net whatever"),
+            [b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"],
+        )
+
+    def test_deadBackend(self) -> None:
+        """
+        A login routed to a server that refuses connections gets a prompt
+        C{NO [UNAVAILABLE]}, and the connection stays usable.
+        """
+        client = self.connectLines()
+        started = time.monotonic()
+        reply = client.command(b"a", b"LOGIN zed@example.org whatever")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(len(reply), 1, reply)
+        self.assertTrue(reply[0].startswith(b"a NO [UNAVAILABLE] "), reply)
+        self.assertTrue(client.command(b"b", b"NOOP")[-1].startswith(b"b OK"))
+
+    def test_startTLSRequired(self) -> None:
+        """
+        Before TLS, the STARTTLS-required listener advertises STARTTLS and
+        LOGINDISABLED and no AUTH= mechanism, and answers LOGIN with
+        C{NO [PRIVACYREQUIRED]}; after STARTTLS the same client logs in.
+        """
+        client = self.connectLines(port=self.running.startTLSRequired)
+        capability = client.command(b"a", b"CAPABILITY")
+        self.assertTrue(capability[-1].startswith(b"a OK"), capability)
+        advertised = capabilities(capability)
+        self.assertIn(b"STARTTLS", advertised)
+        self.assertIn(b"LOGINDISABLED", advertised)
+        self.assertEqual([name for name in advertised if name.upper().startswith(b"AUTH=")], [])
+        reply = client.command(b"b", b'LOGIN alice@example.org "alice secret"')
+        self.assertEqual(len(reply), 1, reply)
+        self.assertTrue(reply[0].startswith(b"b NO [PRIVACYREQUIRED]"), reply)
+        self.assertTrue(client.command(b"c", b"STARTTLS")[-1].startswith(b"c OK"))
+        client.startTLS(self.context)
+        capability = client.command(b"d", b"CAPABILITY")
+        advertised = capabilities(capability)
+        self.assertNotIn(b"STARTTLS", advertised)
+        self.assertNotIn(b"LOGINDISABLED", advertised)
+        self.assertTrue(
+            client.command(b"e", b'LOGIN alice@example.org "alice secret"')[-1].startswith(b"e OK")
+        )
+
+    def test_masterUser(self) -> None:
+        """
+        For a route with C{master = true}, the proxy checks the client's
+        password itself and logs in as the user with the master user
+        (C{dave@example.org*proxy}): the server logs dave's login by the
+        master user, and the client sees dave's mailbox.
+        """
+        user = "dave@example.org"
+        mark = self.logMark(self.servers.new)
+        client = self.connectImplicit(source=CLIENT_ADDRESS)
+        client.login(user, DAVE_ROUTE_PASSWORD)
+        self.assertEqual(self.firstSubject(client), f"{user} on new")
+        self.waitForLogLine(self.servers.new, mark, f"Master user logging in as {user}")
+        self.waitForLogLine(
+            self.servers.new,
+            mark,
+            f"Login: user=<{user}>",
+            f"rip={CLIENT_ADDRESS},",
+            "auth=<proxy>",
+        )
+
+
+class StartTLSBackendTests(RoutingTestsMixin, SynchronousTestCase):
+    """
+    The proxy reaching the servers with STARTTLS, verifying their
+    certificates against the test CA.
+    """
+
+    routes = {**ROUTES, "accounts": {**ROUTES["accounts"], "trent@example.org": "untrusted"}}
+
+    def backendOptions(self, server: Dovecot) -> dict[str, object]:
+        """
+        STARTTLS on the plain IMAP port, verifying C{localhost} against the
+        test CA.
+        """
+        return {
+            "ports": {"imap": server.imap},
+            "tls": "starttls",
+            "verify": True,
+            "ca_file": self.servers.ca.caPath,
+            "server_name": "localhost",
+            "forward": "auto",
+        }
+
+    def extraBackends(self) -> dict[str, dict[str, object]]:
+        """
+        The backend "untrusted": old, but verified against a CA that did not
+        sign its certificate.
+        """
+        untrusted = TestCA(fixtureDirectory("untrusted-ca"))
+        return {
+            "untrusted": {
+                "host": "127.0.0.1",
+                "ports": {"imap": self.servers.old.imap},
+                "tls": "starttls",
+                "ca_file": untrusted.caPath,
+                "server_name": "localhost",
+                "connect_timeout": 5,
+            }
+        }
+
+    def test_backendLoginOverTLS(self) -> None:
+        """
+        The server logs the proxy's login as made over TLS.
+        """
+        mark = self.logMark(self.servers.new)
+        client = self.connectImplicit()
+        client.login("bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertEqual(self.firstSubject(client), "bob@example.org on new")
+        self.waitForLogLine(self.servers.new, mark, "Login: user=<bob@example.org>", " TLS,")
+
+    def test_backendCertificateVerified(self) -> None:
+        """
+        A server whose certificate the configured CA did not sign is not
+        logged in to: the client gets C{NO [UNAVAILABLE]}.
+        """
+        client = self.connectLines()
+        reply = client.command(b"a", b"LOGIN trent@example.org whatever")
+        self.assertEqual(len(reply), 1, reply)
+        self.assertTrue(reply[0].startswith(b"a NO [UNAVAILABLE] "), reply)
+
+
+class ProxyProtocolBackendTests(RoutingTestsMixin, SynchronousTestCase):
+    """
+    The proxy reaching the servers' PROXY-protocol listener, telling them
+    the client's address in a PROXY v2 header.
+    """
+
+    def backendOptions(self, server: Dovecot) -> dict[str, object]:
+        """
+        The listener that requires a PROXY header, in plaintext.
+        """
+        return {"ports": {"imap": server.imapProxy}, "tls": "none", "forward": "proxy-v2"}
+
+
+class RouteChangeTests(ProxyFixtureMixin, SynchronousTestCase):
+    """
+    Changing the route table while the proxy runs.
+    """
+
+    def bobsServer(self) -> str:
+        """
+        The subject of bob's first message as seen by a new login.
+        """
+        client = self.connectImplicit()
+        client.login("bob@example.org", PASSWORDS["bob@example.org"])
+        subject = self.firstSubject(client)
+        closeIMAP(client)
+        return subject
+
+    def test_routeChange(self) -> None:
+        """
+        After the route file moves bob from new to old, the next login
+        lands on old without a restart, and a session opened before the
+        change stays connected to new.
+        """
+        pid = self.running.proxy.pid
+        established = self.connectImplicit()
+        established.login("bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertEqual(self.firstSubject(established), "bob@example.org on new")
+
+        moved = {**ROUTES, "accounts": {**ROUTES["accounts"], "bob@example.org": "old"}}
+        writeAtomically(self.running.routesPath, routesText(moved))
+        deadline = time.monotonic() + 15
+        while (subject := self.bobsServer()) != "bob@example.org on old":
+            self.assertEqual(subject, "bob@example.org on new")
+            if time.monotonic() > deadline:
+                self.fail("the proxy did not pick up the changed route in 15 s")
+            time.sleep(0.2)
+
+        self.assertTrue(self.running.proxy.running())
+        self.assertEqual(self.running.proxy.pid, pid)
+        self.assertEqual(established.noop()[0], "OK")
+        self.assertEqual(self.firstSubject(established), "bob@example.org on new")
