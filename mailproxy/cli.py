@@ -195,7 +195,11 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             demo = await startDemo(
                 reactor, directory, imapsPort=arguments.imaps_port, imapPort=arguments.imap_port
             )
-        except (ConfigError, TLSConfigError, OSError, CannotListenError) as e:
+        except CannotListenError as e:
+            print(f"{_PROG} demo: {_problem(e)}", file=err)
+            print(f"{_PROG} demo: choose other ports with --imaps-port and --imap-port", file=err)
+            raise SystemExit(1) from None
+        except (ConfigError, TLSConfigError, OSError) as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
             raise SystemExit(1) from None
         reactor.addSystemEventTrigger("before", "shutdown", demo.stop)

@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from attrs import define, field, frozen
+from zope.interface import implementer
+
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -48,7 +50,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Cooperator
 from twisted.mail import imap4
@@ -59,7 +61,6 @@ from twisted.mail.interfaces import (
     IMessageIMAP,
     IMessageIMAPFile,
 )
-from zope.interface import implementer
 
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import loadConfig
@@ -98,6 +99,21 @@ The demo accounts, each with its home server in the generated route table.
 DEMO_STORES: tuple[str, ...] = ("old", "new")
 """
 The names of the demo servers, as they appear in the generated configuration.
+"""
+
+DEMO_INTERFACE = "127.0.0.1"
+"""
+Where the demo listens: the loopback interface only.
+"""
+
+CONFIG_NAME = "mailproxy.toml"
+"""
+The name of the configuration file the demo writes.
+"""
+
+ROUTES_NAME = "routes.toml"
+"""
+The name of the route table file the demo writes next to it.
 """
 
 
@@ -487,8 +503,9 @@ def welcomeMessage(user: DemoUser, store: str) -> bytes:
             ]
             if routed
             else [
-                f"routes.toml sends {user.address} to {user.home!r}, so through",
-                "the proxy you see that server's copy, not this one.",
+                f"The demo starts with routes.toml sending {user.address}",
+                f"to {user.home!r}: if you read this through the proxy, the account",
+                "has moved here.",
             ]
         ),
         "",
@@ -574,15 +591,6 @@ class DemoStoreFactory(ServerFactory):
         proto.portal = self.portal  # type: ignore[assignment]
         proto.factory = self
         return proto
-
-
-DEMO_INTERFACE = "127.0.0.1"
-"""
-Where the demo listens: the loopback interface only.
-"""
-
-CONFIG_NAME = "mailproxy.toml"
-ROUTES_NAME = "routes.toml"
 
 
 def defaultDirectory(environ: Mapping[str, str] = os.environ) -> str:
@@ -773,7 +781,7 @@ def _stopStarted(service: MultiService) -> Deferred[Any]:
 
 
 async def startDemo(
-    reactor: IReactorTCP,
+    reactor: Any,
     directory: str,
     imapsPort: int = 10993,
     imapPort: int = 10143,
@@ -781,13 +789,18 @@ async def startDemo(
     """
     Start the demo: the demo servers on free loopback ports, a self-signed
     certificate and a configuration in C{directory}, and the proxy running
-    from that configuration.
+    from that configuration. If anything fails, whatever had started is
+    stopped again.
 
+    @param reactor: a reactor with TCP and time (L{IReactorTCP},
+        L{IReactorTime}).
     @param imapsPort: the proxy's implicit TLS port.
     @param imapPort: the proxy's STARTTLS port.
+    @raise twisted.internet.error.CannotListenError: if a proxy port is
+        taken.
     @raise mailproxy.config.ConfigError: if the written configuration does
-        not load (a bug, or an unwritable directory).
-    @raise OSError: if the directory cannot be made.
+        not load.
+    @raise OSError: if the directory or its files cannot be written.
     """
     os.makedirs(directory, mode=0o700, exist_ok=True)
     listening: list[IListeningPort] = []
@@ -796,7 +809,7 @@ async def startDemo(
     service: MultiService | None = None
     try:
         for name in DEMO_STORES:
-            factory = DemoStoreFactory(name, reactor)  # type: ignore[arg-type]
+            factory = DemoStoreFactory(name, reactor)
             port = await TCP4ServerEndpoint(reactor, 0, interface=DEMO_INTERFACE).listen(factory)
             listening.append(port)
             stores[name] = factory
@@ -886,6 +899,7 @@ def instructions(demo: RunningDemo) -> str:
     host = DEMO_INTERFACE
     alice = DEMO_USERS[0]
     cert = shlex.quote(demo.certificatePath)
+    routes = os.path.join(demo.directory, ROUTES_NAME)
     width = max(len(u.address) for u in DEMO_USERS)
     lines = [
         "mailproxy demo is running.",
@@ -909,9 +923,13 @@ def instructions(demo: RunningDemo) -> str:
         "      c FETCH 1 BODY[TEXT]",
         "      d LOGOUT",
         "",
+        f"Move {alice.address} to 'new' the way a migration does: edit {routes}",
+        f"to say \"{alice.address}\" = \"new\" and read again; the proxy re-reads",
+        "the table within seconds, no restart.",
+        "",
         f"The certificate is self-signed: {demo.certificatePath}",
         f"The configuration is a starting point for a real deployment: {demo.configPath}",
-        f"(and its route table, {os.path.join(demo.directory, ROUTES_NAME)}).",
+        f"(and its route table, {routes}).",
         "",
         "Press Ctrl-C to stop.",
     ]

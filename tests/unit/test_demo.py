@@ -175,7 +175,7 @@ class StoreProtocolTests(SynchronousTestCase):
     def test_otherServersCopy(self) -> None:
         """
         Each server holds every account; the copy on the server an account is
-        not routed to says where the route table sends it.
+        not routed to says where the route table first sends it.
         """
         session = StoreSession("new")
         self.addCleanup(session.close)
@@ -183,7 +183,7 @@ class StoreProtocolTests(SynchronousTestCase):
         session.send(b"b SELECT INBOX\r\n")
         text = session.send(b"c FETCH 1 BODY[TEXT]\r\n")
         self.assertIn(b"this message lives on the demo server 'new'.", text)
-        self.assertIn(b"routes.toml sends alice@example.org to 'old'", text)
+        self.assertIn(b"The demo starts with routes.toml sending alice@example.org\r\nto 'old'", text)
 
     def test_storeAndExpunge(self) -> None:
         """
@@ -558,6 +558,11 @@ class DemoTests(TestCase):
         self.assertIn(f"imap://127.0.0.1:{self.demo.imapPort}/INBOX;UID=1", printed)
         self.assertIn(self.demo.certificatePath, printed)
         self.assertIn(os.path.join(self.directory, "mailproxy.toml"), printed)
+        self.assertIn(
+            f"edit {os.path.join(self.directory, 'routes.toml')}\n"
+            'to say "alice@example.org" = "new"',
+            printed,
+        )
         for name, port in self.demo.storePorts.items():
             self.assertIn(f"127.0.0.1:{port}", printed)
 
