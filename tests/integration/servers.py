@@ -98,16 +98,20 @@ def _binary(name: str) -> str:
     return path
 
 
+_prctl: Callable[..., int] | None
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _dieWithParent() -> None:
     """
     In a freshly forked child: ask Linux to send SIGTERM when the test
     process dies, so that a killed test run leaves no servers behind.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -285,6 +289,7 @@ class Dovecot:
     """
 
     _instances = 0
+    _PORT_NAMES = ("imap", "imaps", "imapProxy", "pop3", "pop3s", "sieve", "lmtp")
 
     imap: int
     imaps: int
@@ -371,22 +376,17 @@ class Dovecot:
         """
         All the listening ports, once started.
         """
-        return [
-            self.imap, self.imaps, self.imapProxy,
-            self.pop3, self.pop3s, self.sieve, self.lmtp,
-        ]  # fmt: skip
+        return [getattr(self, name) for name in self._PORT_NAMES]
 
     def _choosePorts(self) -> None:
         """
         Pick a distinct free port for every listener.
         """
         ports: set[int] = set()
-        while len(ports) < 7:
+        while len(ports) < len(self._PORT_NAMES):
             ports.add(freePort())
-        (
-            self.imap, self.imaps, self.imapProxy,
-            self.pop3, self.pop3s, self.sieve, self.lmtp,
-        ) = sorted(ports)  # fmt: skip
+        for name, port in zip(self._PORT_NAMES, ports):
+            setattr(self, name, port)
 
     def _writeUsers(self) -> None:
         """
