@@ -100,6 +100,11 @@ class RouteRequest:
 
     @ivar attempt: 1 for the session's first login attempt, then 2, 3...
     @ivar clientID: for IMAP, the key/value pairs of the client's ID command.
+    @ivar helo: for SMTP, the client's HELO/EHLO name.
+    @ivar mailFrom: for SMTP without authentication (MX), the envelope
+        sender as the client wrote it, without the brackets.
+    @ivar rcptTo: for SMTP without authentication (MX), the recipient this
+        question is about, without the brackets.
     """
 
     protocol: Protocol
@@ -107,6 +112,9 @@ class RouteRequest:
     client: ClientInfo
     attempt: int = 1
     clientID: tuple[tuple[str, str], ...] = ()
+    helo: str | None = None
+    mailFrom: str | None = None
+    rcptTo: str | None = None
 
 
 @frozen
