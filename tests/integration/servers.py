@@ -212,7 +212,7 @@ class TestCA:
             "-subj", f"/CN=mailproxy test CA {self._directory.name}",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
+        )
 
     def _openssl(self, *arguments: str) -> None:
         """
@@ -262,12 +262,12 @@ class TestCA:
             "req", "-new", "-nodes",
             "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-keyout", key, "-out", request, "-subj", f"/CN={name}",
-        )  # fmt: skip
+        )
         self._openssl(
             "x509", "-req", "-in", request, "-days", "30",
             "-CA", self.caPath, "-CAkey", self._key, "-CAcreateserial",
             "-extfile", str(extensions), "-out", leaf,
-        )  # fmt: skip
+        )
         Path(chain).write_bytes(Path(leaf).read_bytes() + Path(self.caPath).read_bytes())
         return chain, key
 
@@ -554,7 +554,7 @@ class Proxy:
         return [
             twistd, "-n", "--pidfile=", f"--logfile={self.logPath}",
             "mailproxy", "--config", str(self.configPath),
-        ]  # fmt: skip
+        ]
 
     def start(self, waitPorts: Sequence[int]) -> None:
         """

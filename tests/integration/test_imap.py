@@ -518,7 +518,7 @@ class ProxyFixtureMixin(_MixinBase):
             ],
             stdin=subprocess.DEVNULL,
             capture_output=True,
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             self.fail(
                 f"curl {url} failed ({result.returncode}): {result.stderr.decode(errors='replace')}"
