@@ -1,0 +1,3 @@
+"""
+Benchmarks: mailproxy against direct Dovecot and nginx (see README.md).
+"""

@@ -1,0 +1,708 @@
+"""
+Compare IMAP direct to Dovecot, through mailproxy and through nginx's mail
+proxy, in one run on this machine, and print a table with ratios and the
+targets mailproxy is held to.
+
+Run from the repository root::
+
+    /tmp/venv/bin/python benchmarks/run.py [--quick] [--only logins,relay,idle] [--json out.json]
+
+See benchmarks/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import attrs
+
+_HERE = Path(__file__).resolve().parent
+_REPOSITORY = _HERE.parent
+if str(_REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(_REPOSITORY))
+
+from benchmarks import procstat  # noqa: E402
+from benchmarks.load import raiseFileLimit  # noqa: E402
+from benchmarks.nginx import Nginx  # noqa: E402
+from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+
+PATHS = ("direct", "mailproxy", "nginx")
+GROUPS = ("logins", "latency", "relay", "idle")
+TLS_MODES = ("none", "starttls", "implicit")
+PASSWORD = "pw"
+BIG_USER = "benchbig"
+
+#: Dovecot settings so that Dovecot is not the bottleneck and can hold
+#: thousands of sessions: long-lived login processes serving many clients,
+#: imap processes reused between sessions, one imap process per session
+#: (client_limit = 1) and enough of them, and the services every imap
+#: process connects to able to take them all.
+DOVECOT_TUNING = """
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 8
+  client_limit = 6000
+  vsz_limit = 1G
+}
+service imap {
+  service_count = 0
+  client_limit = 1
+  process_limit = 6500
+  process_min_avail = 25
+}
+mail_max_userip_connections = 100000
+# Every imap process keeps a connection to auth, stats and anvil.
+service auth {
+  client_limit = 8000
+}
+service stats {
+  client_limit = 8000
+}
+service anvil {
+  client_limit = 8000
+}
+"""
+
+MAILPROXY_CONFIG = """\
+[proxy]
+hostname = "localhost"
+
+[limits]
+connections_per_address = 0
+preauth_timeout = 300
+idle_timeout = 3600
+
+[tls]
+certificate = "{certificate}"
+key = "{key}"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:{plain}:interface=127.0.0.1:backlog=4096"
+tls = "none"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:{starttls}:interface=127.0.0.1:backlog=4096"
+tls = "starttls"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:{implicit}:interface=127.0.0.1:backlog=4096"
+tls = "implicit"
+
+[router]
+type = "static"
+path = "routes.toml"
+
+[backend.dovecot]
+host = "127.0.0.1"
+ports = {{ imap = {backend} }}
+tls = "none"
+forward = "none"
+"""
+
+
+@attrs.frozen
+class Settings:
+    """
+    The sizes of one benchmark run.
+    """
+
+    concurrency: int = 20
+    duration: float = 10.0
+    warmup: float = 1.0
+    latencyCount: int = 200
+    sessions: int = 2000
+    idleConcurrency: int = 50
+    sizeMB: float = 10.0
+    repeat: int = 10
+    users: int = 50
+    procs: int = 1
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """
+        Small counts: the whole run in well under a minute.
+        """
+        return cls(
+            duration=1.5, warmup=0.3, latencyCount=20, sessions=60,
+            idleConcurrency=20, sizeMB=2.0, repeat=2,
+        )  # fmt: skip
+
+
+@attrs.frozen
+class Endpoint:
+    """
+    One way to reach Dovecot.
+
+    @ivar name: C{direct}, C{mailproxy} or C{nginx}.
+    @ivar ports: TLS mode (C{none}, C{starttls}, C{implicit}) to port.
+    @ivar proxyPid: the proxy's (master) process, or L{None} for direct.
+    """
+
+    name: str
+    ports: dict[str, int]
+    proxyPid: int | None
+
+
+def mailproxyRunnable() -> tuple[bool, str]:
+    """
+    Whether C{twistd mailproxy} can run from this checkout.
+
+    @return: the answer and, if not, why.
+    """
+    twistd = Path(sys.executable).parent / "twistd"
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(_REPOSITORY), environment.get("PYTHONPATH")])
+    )
+    try:
+        result = subprocess.run(
+            [str(twistd), "mailproxy", "--help"],
+            env=environment,
+            capture_output=True,
+            timeout=60,
+            cwd=_REPOSITORY,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    if result.returncode != 0:
+        lines = (result.stdout + result.stderr).decode("utf-8", "replace").strip().splitlines()
+        return False, lines[-1] if lines else f"exit status {result.returncode}"
+    return True, ""
+
+
+def bigMessage(size: int) -> bytes:
+    """
+    An RFC 5322 message of C{size} octets (CRLF line ends), its body lines
+    of base64-like text.
+    """
+    header = (
+        b"From: bench@example.org\r\nTo: benchbig@example.org\r\n"
+        b"Subject: benchmark message\r\nMessage-ID: <bench@example.org>\r\n"
+        b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+    )
+    line = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/" * 2)[:76] + b"\r\n"
+    body = line * ((size - len(header)) // len(line) + 1)
+    return header + body[: size - len(header) - 2] + b"\r\n"
+
+
+class Bench:
+    """
+    The servers, the load tool invocations and the measurements of one run.
+    """
+
+    def __init__(self, settings: Settings, directory: Path, caFile: str) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.caFile = caFile
+        self.results: dict[str, dict[str, Any]] = {name: {} for name in PATHS}
+        self.dovecotPid: int | None = None
+        self.failures: list[str] = []
+
+    def load(self, arguments: Sequence[str], timeout: float) -> dict[str, Any]:
+        """
+        Run C{benchmarks/load.py} with C{arguments} and return its JSON.
+        """
+        command = [sys.executable, str(_HERE / "load.py"), *arguments]
+        result = subprocess.run(command, capture_output=True, timeout=timeout, cwd=_REPOSITORY)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"load.py {' '.join(arguments)} failed:\n"
+                + result.stderr.decode("utf-8", "replace")[-3000:]
+            )
+        return dict(json.loads(result.stdout.decode().strip().splitlines()[-1]))
+
+    def common(self, path: Endpoint, tls: str) -> list[str]:
+        """
+        The load.py options naming the target.
+        """
+        return [
+            "--port", str(path.ports[tls]), "--tls", tls,
+            "--ca", self.caFile, "--server-name", "localhost", "--password", PASSWORD,
+        ]  # fmt: skip
+
+    def usage(self, path: Endpoint) -> tuple[procstat.Usage | None, procstat.Usage | None]:
+        """
+        The proxy's and Dovecot's usage now.
+        """
+        proxy = procstat.usage(path.proxyPid) if path.proxyPid else None
+        dovecot = procstat.usage(self.dovecotPid) if self.dovecotPid else None
+        return proxy, dovecot
+
+    def note(self, path: Endpoint, key: str, result: dict[str, Any]) -> None:
+        """
+        Record C{result} and complain on stderr if sessions failed.
+        """
+        self.results[path.name][key] = result
+        errors = result.get("errors", 0)
+        if errors:
+            message = f"{path.name} {key}: {errors} errors {result.get('errorKinds')}"
+            self.failures.append(message)
+            print("  ! " + message, file=sys.stderr)
+
+    def logins(self, path: Endpoint, tls: str) -> None:
+        """
+        Logins per second at the configured concurrency, and the proxy's
+        and Dovecot's CPU per login.
+        """
+        s = self.settings
+        before = self.usage(path)
+        result = self.load(
+            ["logins", *self.common(path, tls), "--concurrency", str(s.concurrency),
+             "--duration", str(s.duration), "--warmup", str(s.warmup),
+             "--users", str(s.users), "--procs", str(s.procs)],
+            timeout=s.duration + s.warmup + 300,
+        )  # fmt: skip
+        after = self.usage(path)
+        completed = max(1, result["completed"])
+        result["proxyCpuMsPerLogin"] = _cpuMs(before[0], after[0], completed)
+        result["dovecotCpuMsPerLogin"] = _cpuMs(before[1], after[1], completed)
+        result["clientCpuShare"] = round(result["clientCpu"] / (s.duration + s.warmup), 3)
+        self.note(path, f"logins.{tls}", result)
+
+    def latency(self, path: Endpoint) -> None:
+        """
+        Sequential implicit-TLS logins by one client.
+        """
+        s = self.settings
+        result = self.load(
+            ["logins", *self.common(path, "implicit"), "--concurrency", "1",
+             "--count", str(s.latencyCount), "--warmup", "0", "--users", str(s.users)],
+            timeout=s.latencyCount * 2 + 120,
+        )  # fmt: skip
+        self.note(path, "latency.implicit", result)
+
+    def relay(self, path: Endpoint, tls: str) -> None:
+        """
+        MB/s of the big message's FETCH and the proxy's CPU per MB.
+        """
+        s = self.settings
+        before = self.usage(path)
+        result = self.load(
+            ["fetch", *self.common(path, tls), "--user", BIG_USER, "--repeat", str(s.repeat)],
+            timeout=600,
+        )
+        after = self.usage(path)
+        megabytes = result["size"] * (s.repeat + 1) / 1e6
+        result["proxyCpuMsPerMB"] = _cpuMs(before[0], after[0], megabytes)
+        result["dovecotCpuMsPerMB"] = _cpuMs(before[1], after[1], megabytes)
+        self.note(path, f"relay.{tls}", result)
+
+    def idle(self, path: Endpoint, tls: str) -> None:
+        """
+        Hold the configured number of sessions in IDLE and measure the RSS
+        they add to the proxy, and to Dovecot.
+        """
+        s = self.settings
+        before = self.usage(path)
+        command = [
+            sys.executable, str(_HERE / "load.py"), "idle", *self.common(path, tls),
+            "--sessions", str(s.sessions), "--concurrency", str(s.idleConcurrency),
+            "--users", str(s.users), "--procs", str(s.procs),
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_REPOSITORY
+        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            readyLine = process.stdout.readline()
+            if not readyLine:
+                raise RuntimeError(f"load.py idle ended early (status {process.wait()})")
+            ready = json.loads(readyLine)
+            # Let lazily freed buffers and late writes settle.
+            time.sleep(1.0)
+            during = self.usage(path)
+            process.stdin.write(b"release\n")
+            process.stdin.flush()
+            final = json.loads(process.stdout.readline())
+            process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        held = max(1, ready["ready"])
+        final["kibPerSession"] = _kib(before[0], during[0], held)
+        final["proxyProcesses"] = during[0].processes if during[0] else None
+        # Dovecot reuses imap processes between rounds, so its growth depends
+        # on what ran before: context only.
+        final["dovecotKibPerSession"] = _kib(before[1], during[1], held)
+        final["dovecotProcesses"] = during[1].processes if during[1] else None
+        self.note(path, f"idle.{tls}", final)
+
+
+def _kib(before: procstat.Usage | None, during: procstat.Usage | None, per: int) -> float | None:
+    if before is None or during is None:
+        return None
+    return round((during.rss - before.rss) / 1024 / per, 2)
+
+
+def _cpuMs(
+    before: procstat.Usage | None, after: procstat.Usage | None, per: float
+) -> float | None:
+    if before is None or after is None or per <= 0:
+        return None
+    return round((after.cpu - before.cpu) * 1000 / per, 4)
+
+
+@attrs.frozen
+class Row:
+    """
+    One line of the result table.
+
+    @ivar label: what is measured, with its unit.
+    @ivar values: per path name, the number or L{None}.
+    @ivar target: the target's text, or C{""}.
+    @ivar verdict: C{PASS}, C{MISS}, C{n/a} or C{""} (no target).
+    """
+
+    label: str
+    values: dict[str, float | None]
+    target: str = ""
+    verdict: str = ""
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _judge(
+    values: dict[str, float | None], description: str, test: Callable[..., bool], *needs: str
+) -> tuple[str, str]:
+    arguments = [values.get(name) for name in needs]
+    # A zero or missing reference (too few sessions to move the RSS, say)
+    # judges nothing.
+    if any(a is None for a in arguments) or not arguments[-1]:
+        return description, "n/a"
+    return description, "PASS" if test(*arguments) else "MISS"
+
+
+def buildRows(results: dict[str, dict[str, Any]]) -> list[Row]:
+    """
+    The table rows, with targets judged, from the raw results per path.
+    """
+
+    def pick(key: str, field: str, paths: Sequence[str] = PATHS) -> dict[str, float | None]:
+        values: dict[str, float | None] = {}
+        for name in PATHS:
+            result = results.get(name, {}).get(key)
+            value = result.get(field) if result and name in paths else None
+            values[name] = value
+        return values
+
+    rows: list[Row] = []
+    modeNames = {"none": "plain", "starttls": "STARTTLS", "implicit": "implicit TLS"}
+    proxies = ("mailproxy", "nginx")
+    for tls in TLS_MODES:
+        key = f"logins.{tls}"
+        if not any(key in r for r in results.values()):
+            continue
+        mode = modeNames[tls]
+        rate = pick(key, "perSecond")
+        if tls == "none":
+            target = _judge(
+                rate, ">= 0.75x direct",
+                lambda m, d: m >= 0.75 * d, "mailproxy", "direct",
+            )  # fmt: skip
+        else:
+            target = _judge(rate, ">= nginx", lambda m, n: m >= n, "mailproxy", "nginx")
+        rows.append(Row(f"logins/s, {mode}", rate, *target))
+        rows.append(Row(f"login p50 ms, {mode}", pick(key, "p50ms")))
+        rows.append(Row(f"login p99 ms, {mode}", pick(key, "p99ms")))
+        cpu = pick(key, "proxyCpuMsPerLogin", proxies)
+        target = ("", "")
+        if tls == "none":
+            target = _judge(
+                cpu, "<= 1.5x nginx", lambda m, n: m <= 1.5 * n, "mailproxy", "nginx"
+            )
+        rows.append(Row(f"proxy CPU ms/login, {mode}", cpu, *target))
+        rows.append(Row(f"Dovecot CPU ms/login, {mode}", pick(key, "dovecotCpuMsPerLogin")))
+    if any("latency.implicit" in r for r in results.values()):
+        values = pick("latency.implicit", "p50ms")
+        target = _judge(
+            values, "<= direct + 2 ms", lambda m, d: m <= d + 2.0, "mailproxy", "direct"
+        )
+        rows.append(Row("single-client TLS login p50 ms", values, *target))
+    for tls, mode in (("none", "plain"), ("implicit", "TLS")):
+        key = f"relay.{tls}"
+        if not any(key in r for r in results.values()):
+            continue
+        values = pick(key, "medianMBps")
+        target = _judge(
+            values, ">= 0.85x direct", lambda m, d: m >= 0.85 * d, "mailproxy", "direct"
+        )
+        rows.append(Row(f"FETCH MB/s, {mode}", values, *target))
+        rows.append(Row(f"proxy CPU ms/MB, {mode}", pick(key, "proxyCpuMsPerMB", proxies)))
+    for tls, mode in (("none", "plain"), ("implicit", "TLS")):
+        key = f"idle.{tls}"
+        if not any(key in r for r in results.values()):
+            continue
+        values = pick(key, "kibPerSession")
+        target = _judge(values, "<= 3x nginx", lambda m, n: m <= 3 * n, "mailproxy", "nginx")
+        rows.append(Row(f"proxy RSS KiB/idle session, {mode}", values, *target))
+    return rows
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def markdownTable(rows: Sequence[Row]) -> str:
+    """
+    The rows as a markdown table with ratio columns.
+    """
+    header = (
+        "| metric | direct | mailproxy | nginx | mailproxy/direct | nginx/direct "
+        "| mailproxy/nginx | target (mailproxy) | result |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        v = row.values
+        cells = [
+            row.label,
+            _format(v.get("direct")),
+            _format(v.get("mailproxy")),
+            _format(v.get("nginx")),
+            _format(_ratio(v.get("mailproxy"), v.get("direct"))),
+            _format(_ratio(v.get("nginx"), v.get("direct"))),
+            _format(_ratio(v.get("mailproxy"), v.get("nginx"))),
+            row.target,
+            row.verdict,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def buildParser() -> argparse.ArgumentParser:
+    """
+    The command line parser.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
+    parser.add_argument(
+        "--only", default=",".join(GROUPS),
+        help="comma-separated subset of: " + ", ".join(GROUPS) + " (logins includes latency)",
+    )  # fmt: skip
+    parser.add_argument("--paths", default=",".join(PATHS), help="subset of: " + ", ".join(PATHS))
+    parser.add_argument(
+        "--require-mailproxy", action="store_true",
+        help="fail instead of leaving the mailproxy column empty when it cannot run",
+    )  # fmt: skip
+    parser.add_argument("--json", help="also write the raw results and the table here")
+    parser.add_argument("--keep", help="keep the servers' files (logs) in this directory")
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--duration", type=float, help="measured seconds per login test")
+    parser.add_argument("--warmup", type=float)
+    parser.add_argument("--latency-count", type=int)
+    parser.add_argument("--sessions", type=int, help="idle sessions held")
+    parser.add_argument("--idle-concurrency", type=int)
+    parser.add_argument("--size-mb", type=float, help="size of the fetched message")
+    parser.add_argument("--repeat", type=int, help="timed fetches")
+    parser.add_argument("--users", type=int)
+    parser.add_argument("--procs", type=int, help="load generator worker processes")
+    parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument("--nginx-buffer", default="4k", help="nginx proxy_buffer")
+    parser.add_argument("--nginx-log-level", default="info")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 if a target is missed"
+    )
+    return parser
+
+
+def settingsFrom(options: argparse.Namespace) -> Settings:
+    """
+    The defaults (or C{--quick}'s), with the explicit options applied.
+    """
+    settings = Settings.quick() if options.quick else Settings()
+    overrides = {
+        "concurrency": options.concurrency,
+        "duration": options.duration,
+        "warmup": options.warmup,
+        "latencyCount": options.latency_count,
+        "sessions": options.sessions,
+        "idleConcurrency": options.idle_concurrency,
+        "sizeMB": options.size_mb,
+        "repeat": options.repeat,
+        "users": options.users,
+        "procs": options.procs,
+    }
+    return attrs.evolve(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Start the servers, run the selected measurements, print the table.
+    """
+    options = buildParser().parse_args(argv)
+    settings = settingsFrom(options)
+    groups = {g.strip() for g in options.only.split(",") if g.strip()}
+    if "logins" in groups:
+        groups.add("latency")
+    unknown = groups - set(GROUPS)
+    wanted = [p.strip() for p in options.paths.split(",") if p.strip()]
+    if unknown or set(wanted) - set(PATHS):
+        print(f"unknown --only or --paths entries: {unknown | (set(wanted) - set(PATHS))}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # Children (Dovecot, nginx, mailproxy, load.py) inherit the limit.
+    fdLimit = raiseFileLimit()
+    notes: list[str] = []
+
+    if "mailproxy" in wanted:
+        runnable, why = mailproxyRunnable()
+        if not runnable:
+            if options.require_mailproxy:
+                print(f"mailproxy cannot run: {why}", file=sys.stderr)
+                return 2
+            wanted.remove("mailproxy")
+            notes.append(f"mailproxy column empty: `twistd mailproxy` cannot run ({why})")
+
+    if options.keep:
+        directory = Path(options.keep).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        cleanup = None
+    else:
+        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-bench-")
+        directory = Path(cleanup.name)
+
+    # SIGTERM, like Ctrl-C, stops the run but still prints what was measured.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupted = False
+    started = time.monotonic()
+    ca = TestCA(str(directory / "ca"))
+    users = {f"bench{i}": PASSWORD for i in range(settings.users)}
+    users[BIG_USER] = PASSWORD
+    dovecot = Dovecot(str(directory / "dovecot"), "bench", users, ca=ca, extraConfig=DOVECOT_TUNING)
+    nginx: Nginx | None = None
+    proxy: Proxy | None = None
+    bench = Bench(settings, directory, ca.caPath)
+    try:
+        dovecot.start()
+        bench.dovecotPid = int(
+            (dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip()
+        )
+        dovecot.deliver(BIG_USER, bigMessage(int(settings.sizeMB * 1e6)))
+        dovecot.indexAll()
+
+        paths: list[Endpoint] = []
+        if "direct" in wanted:
+            ports = {"none": dovecot.imap, "starttls": dovecot.imap, "implicit": dovecot.imaps}
+            paths.append(Endpoint("direct", ports, None))
+        if "mailproxy" in wanted:
+            certificate, key = ca.issue("mailproxy")
+            ports = {mode: 0 for mode in TLS_MODES}
+            while len(set(ports.values())) < 3:
+                ports = {mode: freePort() for mode in TLS_MODES}
+            proxyDirectory = directory / "mailproxy"
+            proxyDirectory.mkdir(exist_ok=True)
+            (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
+            text = MAILPROXY_CONFIG.format(
+                certificate=certificate, key=key, plain=ports["none"],
+                starttls=ports["starttls"], implicit=ports["implicit"], backend=dovecot.imap,
+            )  # fmt: skip
+            proxy = Proxy(str(proxyDirectory), text)
+            proxy.start(list(ports.values()))
+            paths.append(Endpoint("mailproxy", ports, proxy.pid))
+        if "nginx" in wanted:
+            certificate, key = ca.issue("nginx")
+            nginx = Nginx(
+                str(directory / "nginx"), dovecot.imap, certificate, key,
+                workers=options.nginx_workers, proxyBuffer=options.nginx_buffer,
+                logLevel=options.nginx_log_level,
+            )  # fmt: skip
+            nginx.start()
+            ports = {"none": nginx.plain, "starttls": nginx.starttls, "implicit": nginx.ssl}
+            paths.append(Endpoint("nginx", ports, nginx.pid))
+
+        def each(label: str, run: Callable[[Endpoint], None]) -> None:
+            for path in paths:
+                print(f"  {label}: {path.name}", file=sys.stderr, flush=True)
+                run(path)
+
+        if "logins" in groups:
+            for tls in TLS_MODES:
+                each(f"logins {tls}", functools.partial(bench.logins, tls=tls))
+        if "latency" in groups:
+            each("latency implicit", bench.latency)
+        if "relay" in groups:
+            for tls in ("none", "implicit"):
+                each(f"relay {tls}", functools.partial(bench.relay, tls=tls))
+        if "idle" in groups:
+            for tls in ("none", "implicit"):
+                each(f"idle {tls}", functools.partial(bench.idle, tls=tls))
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("interrupted: the table shows the tests completed before that")
+    finally:
+        for server in (proxy, nginx, dovecot):
+            if server is not None:
+                server.stop()
+        if cleanup is not None:
+            cleanup.cleanup()
+
+    rows = buildRows(bench.results)
+    table = markdownTable(rows)
+    print(table)
+    if notes:
+        print()
+        for line in notes:
+            print(f"- {line}")
+    if bench.failures:
+        print()
+        for line in bench.failures:
+            print(f"- errors: {line}")
+    environment = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "fdLimit": fdLimit,
+        "nginxWorkers": options.nginx_workers,
+        "nginxProxyBuffer": options.nginx_buffer,
+        "nginxLogLevel": options.nginx_log_level,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if options.json:
+        document = {
+            "settings": attrs.asdict(settings),
+            "environment": environment,
+            "notes": notes,
+            "failures": bench.failures,
+            "results": bench.results,
+            "rows": [attrs.asdict(row) for row in rows],
+            "table": table,
+        }
+        Path(options.json).write_text(json.dumps(document, indent=2) + "\n")
+    if interrupted:
+        return 130
+    if bench.failures:
+        return 1
+    if options.strict and any(row.verdict == "MISS" for row in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
