@@ -469,6 +469,8 @@ class _Rejected(Exception):
 
 
 class FrontendFactory(Factory):
+    noisy = False  # one log line per listener start is enough
+
     """
     Builds a front-end protocol for each connection to one listener.
     """
