@@ -15,6 +15,7 @@ Relative paths resolve against the directory of the configuration file.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -36,6 +37,10 @@ __all__ = [
     "ConfigError",
     "Limits",
     "Listener",
+    "AdminConfig",
+    "LogConfig",
+    "MIN_TOKEN_LENGTH",
+    "LOG_FORMATS",
     "RouterConfig",
     "Config",
     "loadConfig",
@@ -68,9 +73,20 @@ The values of a listener's C{tls} key.
 
 ENDPOINT_TYPES: tuple[str, ...] = ("tcp", "tcp6")
 """
-The Twisted server endpoint types a listener may use, optionally behind the
-C{haproxy:} prefix.  TLS is never part of the endpoint: it is the listener's
-C{tls} key, so that the proxy owns the certificates and the STARTTLS logic.
+The Twisted server endpoint types a listener may use.  TLS is never part of
+the endpoint: it is the listener's C{tls} key, so that the proxy owns the
+certificates and the STARTTLS logic; likewise a PROXY header from a load
+balancer is the listener's C{proxy_protocol} key, not Twisted's C{haproxy:}.
+"""
+
+MIN_TOKEN_LENGTH = 32
+"""
+The shortest management token accepted (C{openssl rand -hex 32} makes 64).
+"""
+
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+"""
+The values of C{[log] format}.
 """
 
 ROUTER_TYPES: tuple[str, ...] = ("static",)
@@ -134,6 +150,8 @@ class Limits:
     @ivar idleTimeout: seconds without traffic either way after login.
     @ivar backendTimeout: seconds for the backend's greeting and login
         dialogue.
+    @ivar shutdownGrace: seconds open sessions may go on after SIGTERM
+        before the proxy says goodbye and closes them.
     """
 
     lineLength: int = 8192
@@ -144,6 +162,7 @@ class Limits:
     failureDelay: float = 1.0
     idleTimeout: float = 1800.0
     backendTimeout: float = 30.0
+    shutdownGrace: float = 30.0
 
 
 @frozen
@@ -154,11 +173,16 @@ class Listener:
     @ivar protocol: one of L{LISTENER_PROTOCOLS}.
     @ivar endpoint: a Twisted server endpoint string, known to parse.
     @ivar tls: one of L{LISTENER_TLS_MODES}.
+    @ivar proxyProtocol: every connection starts with a PROXY v1/v2 header
+        from a load balancer in C{proxyTrusted}.
+    @ivar proxyTrusted: addresses or CIDR networks of those balancers.
     """
 
     protocol: str
     endpoint: str
     tls: str
+    proxyProtocol: bool = False
+    proxyTrusted: tuple[str, ...] = ()
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:
@@ -183,6 +207,38 @@ class RouterConfig:
 
 
 @frozen
+class AdminConfig:
+    """
+    The C{[admin]} table: the management endpoint.
+
+    @ivar endpoint: a Twisted server endpoint string; loopback unless it
+        names an interface.
+    @ivar token: the bearer token (from C{token_file}), never shown.
+    @ivar tokenFile: where the token was read, to re-read it on reload.
+    @ivar tls: the certificate to serve HTTPS with, or L{None} for HTTP.
+    """
+
+    endpoint: str
+    token: bytes = field(repr=False)
+    tokenFile: str
+    tls: CertificateSource | None = None
+
+
+@frozen
+class LogConfig:
+    """
+    The C{[log]} table.
+
+    @ivar format: C{"text"} or C{"json"} (one JSON object per line).
+    @ivar path: a file the proxy writes its events to, C{"-"} for standard
+        output, or L{None} to leave logging to twistd alone.
+    """
+
+    format: str = "text"
+    path: str | None = None
+
+
+@frozen
 class Config:
     """
     A whole, validated configuration.
@@ -192,6 +248,8 @@ class Config:
     @ivar tls: the default certificate, or L{None} without C{[tls]}.
     @ivar sni: extra certificates chosen by the name the client asks for.
     @ivar backends: the C{[backend.NAME]} tables by NAME.
+    @ivar admin: the management endpoint, or L{None} without C{[admin]}.
+    @ivar log: where and how the proxy's events are written.
     """
 
     path: str
@@ -202,6 +260,8 @@ class Config:
     listeners: tuple[Listener, ...]
     router: RouterConfig
     backends: dict[str, Backend] = field(hash=False)
+    admin: AdminConfig | None = None
+    log: LogConfig = field(factory=LogConfig)
 
 
 _MISSING: Any = object()
@@ -495,7 +555,7 @@ def parseConfig(text: str, path: str) -> Config:
 
 def _build(data: dict[str, Any], path: str) -> Config:
     root = Table(path, (), data, os.path.dirname(path))
-    root.allow("proxy", "limits", "tls", "listener", "router", "backend")
+    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log")
     hostname = _parseProxy(root.table("proxy"))
     limits = _parseLimits(root.table("limits"))
     tls, sni = _parseTLS(root.table("tls"))
@@ -504,6 +564,8 @@ def _build(data: dict[str, Any], path: str) -> Config:
     routerTable = root.table("router", required=True)
     assert routerTable is not None
     router = _parseRouter(routerTable)
+    admin = _parseAdmin(root.table("admin"), listeners)
+    log = _parseLog(root.table("log"))
     return Config(
         path=path,
         hostname=hostname,
@@ -513,6 +575,8 @@ def _build(data: dict[str, Any], path: str) -> Config:
         listeners=listeners,
         router=router,
         backends=backends,
+        admin=admin,
+        log=log,
     )
 
 
@@ -539,6 +603,7 @@ _LIMITS: tuple[tuple[str, str, bool, float | None, float | None, bool], ...] = (
     ("failure_delay", "failureDelay", False, 0, None, False),
     ("idle_timeout", "idleTimeout", False, None, None, True),
     ("backend_timeout", "backendTimeout", False, None, None, True),
+    ("shutdown_grace", "shutdownGrace", False, 0, None, False),
 )
 
 
@@ -665,10 +730,21 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
     listeners = []
     bound: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(entries):
-        entry.allow("protocol", "endpoint", "tls")
+        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted")
         protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
         endpoint = entry.string("endpoint")
         tls = entry.string("tls", choices=LISTENER_TLS_MODES)
+        proxyProtocol = entry.boolean("proxy_protocol", False)
+        proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
+        if proxyProtocol and not proxyTrusted:
+            entry.fail("proxy_trusted", "proxy_protocol = true needs the balancers' addresses, e.g. [\"10.0.0.0/24\"]")
+        if proxyTrusted and not proxyProtocol:
+            entry.fail("proxy_trusted", "only meaningful with proxy_protocol = true")
+        for network in proxyTrusted:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                entry.fail("proxy_trusted", f"{network!r} is not an address or network")
         if tls != "none" and not haveTLS:
             entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key")
         if not any(protocol in backend.ports for backend in backends.values()):
@@ -680,7 +756,9 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
             if address in bound:
                 entry.fail("endpoint", f"same address and port as listener[{bound[address]}]")
             bound[address] = index
-        listeners.append(Listener(protocol=protocol, endpoint=endpoint, tls=tls))
+        listeners.append(
+            Listener(protocol=protocol, endpoint=endpoint, tls=tls, proxyProtocol=proxyProtocol, proxyTrusted=proxyTrusted)
+        )
     return tuple(listeners)
 
 
@@ -693,15 +771,17 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
     """
     parts = _UNESCAPED_COLON.split(endpoint, maxsplit=2)
     kind = parts[0].strip().lower()
-    if kind == "haproxy" and len(parts) > 1:
-        kind = parts[1].strip().lower()
+    if kind == "haproxy":
+        # Twisted's haproxy: endpoint greets before the header arrives and
+        # reads it inside TLS; the listener's own option does it right.
+        entry.fail("endpoint", "do not use haproxy:; set proxy_protocol = true and proxy_trusted on the listener")
     if kind == "ssl":
         entry.fail("endpoint", "must not be an ssl: endpoint; set the listener's tls key instead")
     if kind not in ENDPOINT_TYPES:
         allowed = ", ".join(ENDPOINT_TYPES)
         entry.fail(
             "endpoint",
-            f"unsupported endpoint type {kind!r} in {endpoint!r}; use {allowed} (optionally after haproxy:)",
+            f"unsupported endpoint type {kind!r} in {endpoint!r}; use {allowed}",
         )
     # A MemoryReactor parses and "listens" without touching the network,
     # which also reveals the port the endpoint would bind.
@@ -731,6 +811,70 @@ def _unescapedColonInValue(segments: list[str]) -> bool:
         "=" in segment and "=" not in following
         for segment, following in zip(segments[1:], segments[2:])
     )
+
+
+_LOOPBACK = "127.0.0.1"
+
+
+def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfig | None:
+    if table is None:
+        return None
+    table.allow("endpoint", "token_file", "certificate", "key")
+    endpoint = table.string("endpoint", f"tcp:9443:interface={_LOOPBACK}")
+    parts = _UNESCAPED_COLON.split(endpoint)
+    if parts[0].strip().lower() not in ENDPOINT_TYPES:
+        table.fail("endpoint", f"must be a tcp: or tcp6: endpoint, not {endpoint!r}")
+    if not any(part.startswith("interface=") for part in parts[1:]):
+        # Loopback unless the operator names another interface.
+        endpoint += f":interface={_LOOPBACK}" if parts[0].strip().lower() == "tcp" else ":interface=\\:\\:1"
+    addresses = _checkEndpoint(table, endpoint)
+    for index, listener in enumerate(listeners):
+        listenerTable = Table(table.file, ("listener", index), {}, table.base)
+        if set(addresses) & set(_checkEndpoint(listenerTable, listener.endpoint)):
+            table.fail("endpoint", f"same address and port as listener[{index}]")
+    tls = None
+    if "certificate" in table or "key" in table:
+        tls = CertificateSource(certificate=table.path("certificate"), key=table.path("key"))
+    else:
+        for interface in (address for address, _ in addresses):
+            if not _isLoopback(interface):
+                table.fail(
+                    "endpoint",
+                    f"listens on {interface!r}, beyond loopback, without TLS: "
+                    "add certificate and key, or use interface=127.0.0.1",
+                )
+    tokenFile = table.path("token_file")
+    token = _readSecretLine(table, "token_file").strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        table.fail(
+            "token_file",
+            f"the token in {tokenFile!r} has {len(token)} characters; at least "
+            f"{MIN_TOKEN_LENGTH} are required (make one with: openssl rand -hex 32)",
+        )
+    return AdminConfig(endpoint=endpoint, token=token, tokenFile=tokenFile, tls=tls)
+
+
+def _isLoopback(interface: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _parseLog(table: Table | None) -> LogConfig:
+    if table is None:
+        return LogConfig()
+    table.allow("format", "path")
+    logFormat = table.string("format", "text", LOG_FORMATS)
+    path = table.string("path", None)
+    if path is not None and path != "-":
+        path = table.path("path", readable=False)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            table.fail("path", f"the directory {directory!r} does not exist")
+    return LogConfig(format=logFormat, path=path)
 
 
 def _parseRouter(table: Table) -> RouterConfig:

@@ -189,9 +189,13 @@ class Rejection:
     @ivar temporary: a transient problem (a directory down), not a wrong
         password: IMAP says C{[UNAVAILABLE]}, SMTP 454, POP3 C{[SYS/TEMP]}.
     @ivar close: close the connection after the refusal.
+    @ivar unknown: the router does not know the account at all (rather
+        than knowing it and refusing the password): a chain of routers asks
+        the next one.
     """
 
     message: str = "Authentication failed."
     wait: float = 0.0
     temporary: bool = False
     close: bool = False
+    unknown: bool = False

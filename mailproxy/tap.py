@@ -16,6 +16,7 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from . import _tls
+from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from .config import Config, ConfigError, Listener, loadConfig
 from .interfaces import IReloadable
@@ -112,7 +113,10 @@ def listenerFactory(context: ProxyContext, listener: Listener):
     frontend = namedAny(FRONTENDS[listener.protocol])
     factory = FrontendFactory(frontend, context, listener)
     if listener.tls == "implicit":
-        return TLSMemoryBIOFactory(context.serverTLS, False, factory)
+        factory = TLSMemoryBIOFactory(context.serverTLS, False, factory)
+    if listener.proxyProtocol:
+        # Below TLS: a balancer sends the header before the ClientHello.
+        factory = ProxyHeaderFactory(factory, parseNetworks(listener.proxyTrusted), context.reactor)
     return factory
 
 

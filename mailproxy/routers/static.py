@@ -257,7 +257,7 @@ class StaticRouter:
         rule = self._table.find(user)
         if rule is None:
             self.log.info("No route for {user}", user=user)
-            return Rejection()
+            return Rejection(unknown=True)
         digest = credentials is not None and credentials.password is None
         if rule.password is not None:
             if credentials is None or not credentials.check(rule.password):

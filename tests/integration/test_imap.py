@@ -118,7 +118,7 @@ def largeMessage(size: int = 10 * 1024 * 1024) -> bytes:
 
 def tomlValue(value: object) -> str:
     """
-    C{value} (a string, number, boolean or mapping) in TOML syntax.
+    C{value} (a string, number, boolean, list or mapping) in TOML syntax.
     """
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -129,6 +129,8 @@ def tomlValue(value: object) -> str:
         return json.dumps(value)
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{tomlValue(k)} = {tomlValue(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(tomlValue(item) for item in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
 
 
@@ -229,6 +231,7 @@ class RunningProxy:
         backends: Mapping[str, Mapping[str, object]],
         routes: Mapping[str, Any],
         ca: TestCA,
+        implicitOptions: Mapping[str, object] | None = None,
     ) -> None:
         """
         Write the configuration, the route table and the master password
@@ -252,6 +255,11 @@ class RunningProxy:
                 'protocol = "imap"\n'
                 f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
                 f"tls = {tomlValue(mode)}\n"
+                + "".join(
+                    f"{key} = {tomlValue(value)}\n"
+                    for key, value in (implicitOptions or {}).items()
+                    if mode == "implicit"
+                )
                 for port, mode in listeners
             )
             # Relative paths: they resolve against the configuration's directory.
@@ -407,6 +415,12 @@ class ProxyFixtureMixin(_MixinBase):
         """
         return {"ports": {"imap": server.imap}, "tls": "none", "forward": "auto"}
 
+    def implicitListenerOptions(self) -> dict[str, object]:
+        """
+        More keys for the implicit-TLS listener's table.
+        """
+        return {}
+
     def extraBackends(self) -> dict[str, dict[str, object]]:
         """
         More backends this class's proxy configuration needs.
@@ -446,7 +460,11 @@ class ProxyFixtureMixin(_MixinBase):
         }
         backends.update(self.extraBackends())
         running = RunningProxy(
-            fixtureDirectory(type(self).__name__), backends, self.routes, self.servers.ca
+            fixtureDirectory(type(self).__name__),
+            backends,
+            self.routes,
+            self.servers.ca,
+            implicitOptions=self.implicitListenerOptions(),
         )
         running.start()
         return running
@@ -836,6 +854,12 @@ class StartTLSBackendTests(RoutingTestsMixin, SynchronousTestCase):
             "forward": "auto",
         }
 
+    def implicitListenerOptions(self) -> dict[str, object]:
+        """
+        More keys for the implicit-TLS listener's table.
+        """
+        return {}
+
     def extraBackends(self) -> dict[str, dict[str, object]]:
         """
         The backend "untrusted": old, but verified against a CA that did not
@@ -926,3 +950,103 @@ class RouteChangeTests(ProxyFixtureMixin, SynchronousTestCase):
         self.assertEqual(self.running.proxy.pid, pid)
         self.assertEqual(established.noop()[0], "OK")
         self.assertEqual(self.firstSubject(established), "bob@example.org on new")
+
+
+class HAProxy:
+    """
+    Debian's haproxy in TCP mode, sending a PROXY v2 header to one server.
+    """
+
+    def __init__(self, directory: str, target: int) -> None:
+        """
+        Configure (not start) a balancer on a free port in front of
+        127.0.0.1:C{target}.
+        """
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = freePort()
+        self.configPath = self.directory / "haproxy.cfg"
+        self.configPath.write_text(
+            "global\n    maxconn 200\n"
+            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
+            f"frontend clients\n    bind 127.0.0.1:{self.port}\n    default_backend proxies\n"
+            f"backend proxies\n    server mailproxy 127.0.0.1:{target} send-proxy-v2\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """
+        Start it in the foreground and wait for its port.
+        """
+        log = open(self.directory / "haproxy.log", "wb")
+        self.process = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(self.configPath)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.directory / "haproxy.log").read_text())
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """
+        Stop it by its pid.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class LoadBalancerTests(ProxyFixtureMixin, SynchronousTestCase):
+    """
+    The proxy behind a TCP load balancer (haproxy) that sends a PROXY v2
+    header before the TLS ClientHello.
+    """
+
+    def implicitListenerOptions(self) -> dict[str, object]:
+        """
+        The implicit-TLS listener takes PROXY headers from 127.0.0.1 only.
+        """
+        return {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"]}
+
+    def setUp(self) -> None:
+        """
+        Start haproxy in front of the proxy's implicit-TLS listener.
+        """
+        super().setUp()
+        requireServer("haproxy")
+        self.balancer = HAProxy(os.path.join(fixtureDirectory(type(self).__name__), "haproxy"), self.running.implicit)
+        self.balancer.start()
+        self.addCleanup(self.balancer.stop)
+
+    def test_clientAddressThroughBalancer(self) -> None:
+        """
+        A client at 127.0.0.2 logs in through haproxy; the proxy takes the
+        address from the PROXY header and Dovecot logs it.
+        """
+        mark = self.logMark(self.servers.old)
+        client = SourceBoundIMAP4_SSL("127.0.0.1", self.balancer.port, source=CLIENT_ADDRESS, ssl_context=self.context)
+        self.addCleanup(closeIMAP, client)
+        client.login("alice@example.org", PASSWORDS["alice@example.org"])
+        self.assertEqual(self.firstSubject(client), "alice@example.org on old")
+        self.waitForLogLine(self.servers.old, mark, "Login: user=<alice@example.org>", f"rip={CLIENT_ADDRESS},")
+
+    def test_untrustedSenderRefused(self) -> None:
+        """
+        A connection to the listener from an address that is not a trusted
+        balancer is closed without a greeting or a TLS handshake.
+        """
+        connection = socket.create_connection(
+            ("127.0.0.1", self.running.implicit), TIMEOUT, source_address=("127.0.0.3", 0)
+        )
+        self.addCleanup(connection.close)
+        try:
+            received = connection.recv(100)
+        except ConnectionResetError:
+            received = b""
+        self.assertEqual(received, b"")

@@ -245,8 +245,10 @@ tls = "implicit"
 
 [[listener]]
 protocol = "imap"
-endpoint = "haproxy:tcp:1143:interface=127.0.0.1"
+endpoint = "tcp:1143:interface=127.0.0.1"
 tls = "starttls-required"
+proxy_protocol = true
+proxy_trusted = ["10.0.0.0/24", "::1"]
 
 [router]
 type = "python:some.module.Router"
@@ -327,7 +329,13 @@ tls = "implicit"
             self.config.listeners,
             (
                 Listener("imap", "tcp:1993:interface=127.0.0.1", "implicit"),
-                Listener("imap", "haproxy:tcp:1143:interface=127.0.0.1", "starttls-required"),
+                Listener(
+                    "imap",
+                    "tcp:1143:interface=127.0.0.1",
+                    "starttls-required",
+                    proxyProtocol=True,
+                    proxyTrusted=("10.0.0.0/24", "::1"),
+                ),
             ),
         )
 
@@ -773,7 +781,7 @@ class ListenerTests(ConfigTestCase):
         """
         An C{ssl:} endpoint is refused: TLS is the listener's C{tls} key.
         """
-        for endpoint in ("ssl:993", "SSL:993", "haproxy:ssl:993"):
+        for endpoint in ("ssl:993", "SSL:993"):
             self.assertConfigError(
                 configText(listener=self.listener(endpoint=endpoint)),
                 "listener[0].endpoint",
@@ -789,7 +797,7 @@ class ListenerTests(ConfigTestCase):
                 configText(listener=self.listener(endpoint=endpoint)),
                 "listener[0].endpoint",
                 f"unsupported endpoint type {kind!r}",
-                "use tcp, tcp6 (optionally after haproxy:)",
+                "use tcp, tcp6",
             )
         self.assertConfigError(
             configText(listener=self.listener(endpoint="")), "listener[0].endpoint", "must not be empty"
@@ -799,12 +807,43 @@ class ListenerTests(ConfigTestCase):
         """
         An endpoint string Twisted cannot parse is refused with the reason.
         """
-        for endpoint in ("tcp:abc", "tcp:143:bogus=1", "haproxy:tcp:"):
+        for endpoint in ("tcp:abc", "tcp:143:bogus=1"):
             self.assertConfigError(
                 configText(listener=self.listener(endpoint=endpoint)),
                 "listener[0].endpoint",
                 f"cannot parse {endpoint!r}",
             )
+
+    def test_haproxyEndpointRefused(self) -> None:
+        """
+        Twisted's C{haproxy:} endpoint is refused with a pointer to the
+        listener's own PROXY protocol option.
+        """
+        self.assertConfigError(
+            configText(listener=self.listener(endpoint="haproxy:tcp:1143")),
+            "listener[0].endpoint",
+            "set proxy_protocol = true and proxy_trusted",
+        )
+
+    def test_proxyProtocolNeedsTrusted(self) -> None:
+        """
+        C{proxy_protocol} needs C{proxy_trusted}, which must hold addresses or
+        networks and means nothing alone.
+        """
+        base = self.listener(endpoint="tcp:1143")
+        self.assertConfigError(
+            configText(listener=base + "proxy_protocol = true\n"), "listener[0].proxy_trusted", "needs the balancers"
+        )
+        self.assertConfigError(
+            configText(listener=base + 'proxy_protocol = true\nproxy_trusted = ["lb.example"]\n'),
+            "listener[0].proxy_trusted",
+            "'lb.example' is not an address or network",
+        )
+        self.assertConfigError(
+            configText(listener=base + 'proxy_trusted = ["10.0.0.1"]\n'),
+            "listener[0].proxy_trusted",
+            "only meaningful with proxy_protocol = true",
+        )
 
     def test_unescapedColon(self) -> None:
         """
@@ -840,8 +879,8 @@ class ListenerTests(ConfigTestCase):
 
     def test_endpointForms(self) -> None:
         """
-        TCP over IPv4 and IPv6, keyword arguments, a backlog and the
-        C{haproxy:} prefix are all accepted, and port 0 may repeat.
+        TCP over IPv4 and IPv6, keyword arguments and a backlog are all
+        accepted, and port 0 may repeat.
         """
         listeners = "".join(
             self.listener(endpoint=endpoint)
@@ -849,7 +888,7 @@ class ListenerTests(ConfigTestCase):
                 "tcp:1993:interface=127.0.0.1:backlog=1024",
                 "tcp6:1993:interface=\\\\:\\\\:1",
                 "tcp:port=1994:interface=127.0.0.1",
-                "haproxy:tcp:1995",
+                "tcp:1995",
                 "tcp:0",
                 "tcp:0",
             )
@@ -860,11 +899,10 @@ class ListenerTests(ConfigTestCase):
 
     def test_sameAddress(self) -> None:
         """
-        Two listeners on the same address and port are refused, even when one
-        is behind C{haproxy:}.
+        Two listeners on the same address and port are refused.
         """
         text = configText(
-            listener=self.listener(endpoint="tcp:1993") + self.listener(endpoint="haproxy:tcp:1993")
+            listener=self.listener(endpoint="tcp:1993") + self.listener(endpoint="tcp:1993:backlog=10")
         )
         self.assertConfigError(text, "listener[1].endpoint", "same address and port as listener[0]")
 
