@@ -203,12 +203,15 @@ class LookupTests(RouterTestCase):
 
     def test_noRule(self) -> None:
         """
-        Without a default, an unknown login is refused as a failed login, and
+        Without a default, an unknown login is refused as a failed login
+        marked C{unknown} (so that a chain asks its next router), and
         explained as C{"no rule"}.
         """
         self.write('[accounts]\n"alice@example.org" = "new"\n')
         router = self.router()
-        self.assertEqual(router.route(login("bob@example.org")), Rejection("Authentication failed."))
+        self.assertEqual(
+            router.route(login("bob@example.org")), Rejection("Authentication failed.", unknown=True)
+        )
         self.assertEqual(router.explain("bob@example.org"), "no rule")
         self.assertIn("No route for bob@example.org", self.logText())
 
