@@ -47,6 +47,7 @@ __all__ = [
     "parseConfig",
     "LISTENER_PROTOCOLS",
     "BACKEND_PROTOCOLS",
+    "DIGEST_AUTH_PROTOCOLS",
     "LISTENER_TLS_MODES",
     "ENDPOINT_TYPES",
     "ROUTER_TYPES",
@@ -56,9 +57,15 @@ __all__ = [
     "readTOML",
 ]
 
-LISTENER_PROTOCOLS: tuple[str, ...] = ("imap",)
+LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3")
 """
 The protocols a C{[[listener]]} can speak (the front ends that exist).
+"""
+
+DIGEST_AUTH_PROTOCOLS: tuple[str, ...] = ("pop3",)
+"""
+The listener protocols whose front ends offer digest mechanisms when a
+listener sets C{digest_auth = true}.
 """
 
 BACKEND_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "smtp", "sieve")
@@ -176,6 +183,8 @@ class Listener:
     @ivar proxyProtocol: every connection starts with a PROXY v1/v2 header
         from a load balancer in C{proxyTrusted}.
     @ivar proxyTrusted: addresses or CIDR networks of those balancers.
+    @ivar digestAuth: offer the digest mechanisms (POP3 APOP and
+        CRAM-MD5), which only a router holding cleartext passwords can check.
     """
 
     protocol: str
@@ -183,6 +192,7 @@ class Listener:
     tls: str
     proxyProtocol: bool = False
     proxyTrusted: tuple[str, ...] = ()
+    digestAuth: bool = False
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:
@@ -730,10 +740,13 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
     listeners = []
     bound: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(entries):
-        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted")
+        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth")
         protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
         endpoint = entry.string("endpoint")
         tls = entry.string("tls", choices=LISTENER_TLS_MODES)
+        digestAuth = entry.boolean("digest_auth", False)
+        if digestAuth and protocol not in DIGEST_AUTH_PROTOCOLS:
+            entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
         proxyProtocol = entry.boolean("proxy_protocol", False)
         proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
         if proxyProtocol and not proxyTrusted:
@@ -757,7 +770,14 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
                 entry.fail("endpoint", f"same address and port as listener[{bound[address]}]")
             bound[address] = index
         listeners.append(
-            Listener(protocol=protocol, endpoint=endpoint, tls=tls, proxyProtocol=proxyProtocol, proxyTrusted=proxyTrusted)
+            Listener(
+                protocol=protocol,
+                endpoint=endpoint,
+                tls=tls,
+                proxyProtocol=proxyProtocol,
+                proxyTrusted=proxyTrusted,
+                digestAuth=digestAuth,
+            )
         )
     return tuple(listeners)
 

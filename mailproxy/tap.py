@@ -25,6 +25,7 @@ from .routers import buildRouter
 #: The front end for each listener protocol. Adding a protocol adds a line.
 FRONTENDS = {
     "imap": "mailproxy.imap._frontend.IMAPFrontend",
+    "pop3": "mailproxy.pop3._frontend.POP3Frontend",
 }
 
 #: Listen backlog when the endpoint string does not set one: Twisted's

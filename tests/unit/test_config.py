@@ -772,9 +772,9 @@ class ListenerTests(ConfigTestCase):
         A protocol without a front end is refused, listing the ones there are.
         """
         self.assertConfigError(
-            configText(listener=self.listener(protocol="pop3")),
+            configText(listener=self.listener(protocol="nntp")),
             "listener[0].protocol",
-            f"must be one of {', '.join(LISTENER_PROTOCOLS)}, not 'pop3'",
+            f"must be one of {', '.join(LISTENER_PROTOCOLS)}, not 'nntp'",
         )
 
     def test_sslEndpoint(self) -> None:

@@ -1,0 +1,287 @@
+"""
+The POP3 login dialogue towards a backend.
+
+Order (STLS first, so that nothing about the client travels in clear):
+greeting -> STLS and handshake (if configured) -> CAPA -> XCLIENT with the
+client's addresses (if forwarding by XCLIENT) and the login, pipelined ->
+the backend's C{+OK}, which the client gets verbatim.
+
+The login is C{AUTH PLAIN} with an initial response (the master user as
+authentication identity and the account as authorization identity) when the
+server's CAPA lists C{SASL PLAIN}, otherwise C{USER}/C{PASS} (a master user
+as C{user*master}).
+
+Dovecot advertises XCLIENT only to peers in its C{login_trusted_networks},
+as a C{[XCLIENT]} prefix of its greeting text (C{+OK [XCLIENT] Dovecot
+ready.}); C{forward = "auto"} uses it then, or when CAPA lists XCLIENT.
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64encode
+
+from twisted.logger import Logger
+
+from .._backend import BackendProtocol, LoginJob
+
+#: Longest backend response line accepted during login.
+MAX_BACKEND_LINE = 8192
+#: Longest command line a POP3 server must accept (RFC 2449 section 4).
+MAX_COMMAND_LINE = 255
+#: Response codes that tell the client something it can act on: passed on.
+_PASSED_ON_CODES = frozenset([b"IN-USE", b"LOGIN-DELAY", b"SYS/PERM"])
+
+_CODE = re.compile(rb"\[([^\]\s]+)\]")
+_HOSTNAME = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
+_UNSAFE = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def parseCode(text: bytes) -> bytes:
+    """
+    The response code at the start of a reply's text (after C{+OK} or
+    C{-ERR}), upper-cased, or C{b""}.
+    """
+    match = _CODE.match(text.lstrip(b" "))
+    return match.group(1).upper() if match else b""
+
+
+class POP3BackendLogin(BackendProtocol):
+    """
+    Logs in to a POP3 server for one client.
+
+    @ivar capabilities: the server's CAPA lines (after TLS, if any), upper-
+        cased; empty if it has no CAPA.
+    @ivar xclientOffered: the greeting carried Dovecot's C{[XCLIENT]}.
+    @ivar okLine: the server's C{+OK} line to the login, for the client.
+    """
+
+    log = Logger()
+
+    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+        super().__init__(job, clock, timeout)
+        self.capabilities: list[bytes] = []
+        self.xclientOffered = False
+        self.okLine = b""
+        self._buffer = b""
+        self._state = "greeting"
+        self._capa: list[bytes] | None = None
+        # The replies still to come, oldest first, as handler names.
+        self._expected: list[str] = []
+        self._afterUser: bytes | None = None
+        self._afterContinuation: bytes | None = None
+
+    # Reading
+
+    def dialogueReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while not self._done:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_BACKEND_LINE:
+                    self.fail("unavailable", "backend response line too long")
+                return
+            line = self._buffer[:end].rstrip(b"\r")
+            self._buffer = self._buffer[end + 1 :]
+            self._line(line)
+            if self._state == "tls" and not self._done:
+                # After the STLS reply, any byte still buffered came in clear
+                # before the handshake: an injection attempt.
+                if self._buffer:
+                    self.fail("unavailable", "backend sent data after its STLS reply")
+                return
+
+    def _line(self, line: bytes) -> None:
+        if self._state == "greeting":
+            self._greeting(line)
+        elif self._state == "stls":
+            self._stlsReply(line)
+        elif self._state == "capa":
+            self._capaLine(line)
+        elif self._state == "login" and self._expected:
+            handler = self._expected[0]
+            if handler == "xclient":
+                self._expected.pop(0)
+                self._xclientReply(line)
+            elif handler == "user":
+                self._expected.pop(0)
+                self._userReply(line)
+            else:
+                self._finalReply(line)
+        else:
+            self.fail("unavailable", "backend sent an unexpected line")
+
+    # The dialogue
+
+    def _greeting(self, line: bytes) -> None:
+        if not line.startswith(b"+OK"):
+            self.fail("unavailable", "unexpected greeting: " + _show(line))
+            return
+        self.xclientOffered = line[3:].upper().startswith(b" [XCLIENT]")
+        if self.job.backend.tls == "starttls":
+            self._state = "stls"
+            self.transport.write(b"STLS\r\n")
+            return
+        self._askCapabilities()
+
+    def _stlsReply(self, line: bytes) -> None:
+        if not line.startswith(b"+OK"):
+            self.fail("unavailable", "backend refused STLS: " + _show(line))
+            return
+        self._state = "tls"
+        self.startTLS()
+
+    def tlsReady(self) -> None:
+        if self._state != "tls":
+            return  # implicit TLS: the greeting follows
+        self._askCapabilities()
+
+    def _askCapabilities(self) -> None:
+        # Asked after TLS only: what a server says in clear could have been
+        # changed on the way (RFC 2595 section 4).
+        self._state = "capa"
+        self.transport.write(b"CAPA\r\n")
+
+    def _capaLine(self, line: bytes) -> None:
+        if self._capa is None:
+            if line.startswith(b"+OK"):
+                self._capa = []
+                return
+            # A server without CAPA (RFC 1939 only): USER/PASS it is.
+            self._login()
+            return
+        if line == b".":
+            self.capabilities = self._capa
+            self._login()
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        self._capa.append(line.upper())
+
+    def _login(self) -> None:
+        self._state = "login"
+        job = self.job
+        if job.masterUser is not None:
+            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
+        else:
+            authzid, authcid, password = "", job.user, job.password or b""
+        authzidBytes = authzid.encode("utf-8", "surrogateescape")
+        authcidBytes = authcid.encode("utf-8", "surrogateescape")
+        if any(_UNSAFE.search(value) for value in (authzidBytes, authcidBytes, password)):
+            # Only a rewritten login from the router can get here: client
+            # lines never carry CR, LF or NUL.
+            self.fail("unavailable", "the login name or password contains control characters")
+            return
+        commands = []
+        if self._forwardByXCLIENT():
+            commands.append(self._xclientCommand())
+            self._expected.append("xclient")
+        if self._offers(b"SASL", b"PLAIN"):
+            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            command = b"AUTH PLAIN " + response
+            if len(command) + 2 > MAX_COMMAND_LINE:
+                command = b"AUTH PLAIN"
+                self._afterContinuation = response
+            commands.append(command)
+            self._expected.append("final")
+        else:
+            if authzid:
+                authcidBytes = authzidBytes + job.backend.masterSeparator.encode("utf-8") + authcidBytes
+            commands.append(b"USER " + authcidBytes)
+            self._expected += ["user", "final"]
+            if self._offers(b"PIPELINING"):
+                commands.append(b"PASS " + password)
+            else:
+                self._afterUser = b"PASS " + password
+        self.transport.write(b"".join(command + b"\r\n" for command in commands))
+
+    def _offers(self, name: bytes, argument: bytes | None = None) -> bool:
+        for capability in self.capabilities:
+            words = capability.split()
+            if words and words[0] == name and (argument is None or argument in words[1:]):
+                return True
+        return False
+
+    def _forwardByXCLIENT(self) -> bool:
+        forward = self.job.backend.forward
+        return forward == "xclient" or (forward == "auto" and (self.xclientOffered or self._offers(b"XCLIENT")))
+
+    def _xclientCommand(self) -> bytes:
+        client = self.job.client
+        fields = [
+            (b"ADDR", client.address),
+            (b"PORT", str(client.port) if client.port else ""),
+            (b"SESSION", client.sessionId),
+            (b"TTL", str(self.job.ttl)),
+            (b"CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
+            (b"DESTADDR", client.localAddress),
+            (b"DESTPORT", str(client.localPort) if client.localPort else ""),
+        ]
+        if client.tls and client.tls.serverName:
+            fields.append((b"DESTNAME", client.tls.serverName))
+        words = [b"XCLIENT"]
+        for name, value in fields:
+            encoded = value.encode("ascii", "replace")
+            # Values are raw words: one with a space or control character
+            # would split the command, so it is left out.
+            if encoded and b" " not in encoded and not _UNSAFE.search(encoded):
+                if name != b"DESTNAME" or _HOSTNAME.match(encoded):
+                    words.append(name + b"=" + encoded)
+        return b" ".join(words)
+
+    # Replies to the login
+
+    def _xclientReply(self, line: bytes) -> None:
+        # A refused or ignored XCLIENT still lets us log in; the server then
+        # sees the proxy's address, which the operator should learn of.
+        if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
+            self.log.warn(
+                "backend {backend} did not take XCLIENT: {reply}",
+                backend=self.job.backend.name,
+                reply=_show(line),
+            )
+
+    def _userReply(self, line: bytes) -> None:
+        if not line.startswith(b"+OK"):
+            self._refused(line)
+            return
+        if self._afterUser is not None:
+            command, self._afterUser = self._afterUser, None
+            self.transport.write(command + b"\r\n")
+
+    def _finalReply(self, line: bytes) -> None:
+        if line.startswith(b"+OK"):
+            self._expected.pop(0)
+            self.okLine = line
+            self.succeed(self._buffer)
+            return
+        if line.startswith(b"+ ") or line == b"+":
+            if self._afterContinuation is None:
+                self.fail("unavailable", "backend sent an unexpected continuation")
+                return
+            response, self._afterContinuation = self._afterContinuation, None
+            self.transport.write(response + b"\r\n")
+            return
+        self._refused(line)
+
+    def _refused(self, line: bytes) -> None:
+        if not line.startswith(b"-ERR"):
+            self.fail("unavailable", "backend answered the login with: " + _show(line))
+            return
+        code = parseCode(line[4:])
+        if code == b"SYS/TEMP":
+            self.fail("unavailable", "backend login: SYS/TEMP")
+        elif code in _PASSED_ON_CODES:
+            clientText = _UNSAFE.sub(b" ", line)[:512].decode("utf-8", "replace")
+            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText)
+        else:
+            # [AUTH], no code, or one we do not know: the generic failure, so
+            # that no backend wording can tell accounts apart.
+            self.fail("auth", "backend refused the credentials")
+
+
+def _show(line: bytes) -> str:
+    """
+    The start of a backend line, for a log (never one we sent).
+    """
+    return line[:80].decode("ascii", "replace")

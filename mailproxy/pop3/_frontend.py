@@ -1,0 +1,414 @@
+"""
+The POP3 front end: what a client sees before it is logged in.
+
+It answers CAPA, STLS, USER, PASS, APOP, AUTH (PLAIN, LOGIN and CRAM-MD5,
+with or without an initial response, C{*} to cancel, and the bare C{AUTH}
+that lists the mechanisms), NOOP and QUIT itself, refuses everything else
+with C{-ERR}, and on a successful backend login forwards the backend's
+C{+OK} line before the relay starts. Failures carry the response codes of
+RFC 2449 and RFC 3206 (C{[AUTH]}, C{[SYS/TEMP]}, and the backend's own
+C{[IN-USE]}, C{[LOGIN-DELAY]} or C{[SYS/PERM]}). Commands are dispatched
+through an explicit table, never by name lookup on the object.
+
+APOP and CRAM-MD5 are offered only on listeners with C{digest_auth = true}:
+the client then proves it knows its password without sending it, and only a
+router that holds the cleartext password can check the proof and give the
+password for the backend login.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import re
+from base64 import b64decode, b64encode
+from typing import Callable
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .._backend import BackendProtocol, LoginJob
+from .._session import FrontendProtocol, LoginFailed
+from ..model import Credentials
+from ._backend import POP3BackendLogin
+from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser, RawLine
+
+#: Invalid or unknown commands in a row after which the connection is
+#: closed. Dovecot also allows three: a cross-protocol request (an HTTP
+#: request sent to a POP3 port by a browser, ALPACA) is many bad lines.
+MAX_BAD_COMMANDS = 3
+
+#: Commands of the TRANSACTION state (RFC 1939, RFC 2449).
+_AFTER_LOGIN = frozenset(b"STAT LIST RETR DELE RSET TOP UIDL LAST".split())
+
+_HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
+
+_PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+_AUTH_FAILED = "Authentication failed."
+_UNAVAILABLE = "Service temporarily unavailable, try again later."
+
+
+def _sanitize(text: str) -> str:
+    """
+    Make router-supplied text safe to put on one protocol line.
+    """
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+
+
+def _text(value: bytes) -> str:
+    """
+    Client octets as a string that turns back into the same octets.
+    """
+    return value.decode("utf-8", "surrogateescape")
+
+
+class POP3Frontend(FrontendProtocol):
+    """
+    The AUTHORIZATION state of POP3 for one client connection.
+
+    States: C{"command"} (reading commands), C{"sasl"} (reading an AUTH
+    response line), C{"login"} (waiting for the router and the backend;
+    client input stays buffered), C{"relay"}, C{"closed"}.
+
+    @ivar timestamp: the APOP timestamp of the greeting, L{None} when
+        digest mechanisms are off.
+    """
+
+    protocolName = "pop3"
+    log = Logger()
+
+    def __init__(self, context, listener) -> None:
+        super().__init__(context, listener)
+        self.parser = LineParser()
+        self.state = "command"
+        self.badCommands = 0
+        self.digestAuth = listener.digestAuth
+        self.timestamp: bytes | None = None
+        self._user: bytes | None = None
+        self._saslStep: Callable[[bytes], None] | None = None
+        self._commands: dict[bytes, Callable[[Command], None]] = {
+            b"CAPA": self.do_CAPA,
+            b"STLS": self.do_STLS,
+            b"USER": self.do_USER,
+            b"PASS": self.do_PASS,
+            b"APOP": self.do_APOP,
+            b"AUTH": self.do_AUTH,
+            b"NOOP": self.do_NOOP,
+            b"QUIT": self.do_QUIT,
+        }
+
+    # Wire helpers
+
+    def sendLine(self, line: bytes) -> None:
+        """
+        Write one response line.
+        """
+        self.transport.write(line + b"\r\n")
+
+    def ok(self, text: str = "") -> None:
+        """
+        Write a positive reply.
+        """
+        self.sendLine(b"+OK " + text.encode("utf-8") if text else b"+OK")
+
+    def err(self, text: str) -> None:
+        """
+        Write a negative reply.
+        """
+        self.sendLine(b"-ERR " + text.encode("utf-8"))
+
+    def newChallenge(self) -> bytes:
+        """
+        A challenge no other greeting or CRAM-MD5 exchange uses, in the
+        msg-id form RFC 1939 asks for: C{<random.time@hostname>}.
+        """
+        return b"<%s.%d@%s>" % (
+            os.urandom(12).hex().encode("ascii"),
+            int(self.context.reactor.seconds()),
+            self.context.hostname.encode("idna"),
+        )
+
+    def mechanisms(self) -> list[bytes]:
+        """
+        The SASL mechanisms a client may use on this connection now.
+        """
+        if not self.plaintextLoginAllowed:
+            return []
+        return [b"PLAIN", b"LOGIN"] + ([b"CRAM-MD5"] if self.digestAuth else [])
+
+    def capabilities(self) -> list[bytes]:
+        """
+        The pre-login capability list, reflecting TLS state.
+        """
+        caps = [b"CAPA", b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE"]
+        if self.tlsAvailable:
+            caps.append(b"STLS")
+        if self.plaintextLoginAllowed:
+            caps.append(b"USER")
+        mechanisms = self.mechanisms()
+        if mechanisms:
+            caps.append(b"SASL " + b" ".join(mechanisms))
+        return caps
+
+    # FrontendProtocol
+
+    def greet(self) -> None:
+        greeting = b"+OK " + self.context.hostname.encode("idna") + b" POP3 proxy ready."
+        if self.digestAuth:
+            self.timestamp = self.newChallenge()
+            greeting += b" " + self.timestamp
+        self.sendLine(greeting)
+
+    def sayGoodbye(self, reason: str) -> None:
+        self.err(reason)
+
+    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
+        return POP3BackendLogin(job, self.context.reactor, self.limits.backendTimeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.state = "closed"
+        super().connectionLost(reason)
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        self.parser.feed(data)
+        self._process()
+
+    # The command loop
+
+    def _process(self) -> None:
+        while self.state in ("command", "sasl"):
+            if self.state == "sasl":
+                line = self.parser.nextLine(MAX_SASL_LINE)
+                if line is None:
+                    return
+                self.state = "command"
+                if isinstance(line, BadLine):
+                    self.err(line.reason)
+                    continue
+                self._saslLine(line)
+                continue
+            event = self.parser.nextCommand()
+            if event is None:
+                return
+            if isinstance(event, BadLine):
+                self._bad(event.reason)
+                continue
+            handler = self._commands.get(event.name)
+            if handler is not None:
+                self.badCommands = 0
+                handler(event)
+            elif event.name in _AFTER_LOGIN:
+                self._bad("Command not permitted before authentication.")
+            else:
+                self._bad("Unknown command.")
+
+    def _bad(self, text: str) -> None:
+        self.err(text)
+        self.badCommands += 1
+        if self.badCommands >= MAX_BAD_COMMANDS:
+            self.result = "too many invalid commands"
+            self._close("Too many invalid commands.")
+
+    def _close(self, reason: str | None = None) -> None:
+        self.state = "closed"
+        if reason is not None:
+            self.sayGoodbye(reason)
+        self.transport.loseConnection()
+
+    # Commands
+
+    def do_CAPA(self, command: Command) -> None:
+        self.sendLine(b"+OK Capability list follows")
+        for capability in self.capabilities():
+            self.sendLine(capability)
+        self.sendLine(b".")
+
+    def do_NOOP(self, command: Command) -> None:
+        self.ok()
+
+    def do_QUIT(self, command: Command) -> None:
+        self.result = "logged out"
+        self.ok("Logging out.")
+        self._close()
+
+    def do_STLS(self, command: Command) -> None:
+        if command.argument is not None:
+            self.err("STLS takes no arguments.")
+            return
+        if self.tlsActive:
+            self.err("TLS is already active.")
+            return
+        if not self.tlsAvailable:
+            self.err("STLS is not available on this port.")
+            return
+        self.ok("Begin TLS negotiation now.")
+        # Anything the client sent after STLS in plaintext could have been
+        # injected by an attacker: drop it (CVE-2011-0411), and forget a user
+        # name given before TLS (RFC 2595 section 4).
+        self.parser.clear()
+        self._user = None
+        self.startTLS()
+
+    def do_USER(self, command: Command) -> None:
+        if not self.plaintextLoginAllowed:
+            self.err(_PLAINTEXT_DISALLOWED)
+            return
+        if not command.argument:
+            self.err("No username given.")
+            return
+        self._user = command.argument
+        self.ok()
+
+    def do_PASS(self, command: Command) -> None:
+        if not self.plaintextLoginAllowed:
+            self.err(_PLAINTEXT_DISALLOWED)
+            return
+        user, self._user = self._user, None
+        if user is None:
+            self.err("No username given.")
+            return
+        self._login(Credentials("LOGIN", _text(user), password=command.argument or b""))
+
+    def do_APOP(self, command: Command) -> None:
+        if self.timestamp is None:
+            self.err("APOP is not enabled.")
+            return
+        if not self.plaintextLoginAllowed:
+            self.err("[AUTH] Authentication disallowed on non-secure (SSL/TLS) connections.")
+            return
+        user, _, digest = (command.argument or b"").rpartition(b" ")
+        if not user or not _HEX_DIGEST.match(digest):
+            self.err("Invalid APOP parameters.")
+            return
+        self._login(Credentials("APOP", _text(user), challenge=self.timestamp, response=digest.lower()))
+
+    def do_AUTH(self, command: Command) -> None:
+        args = command.arguments()
+        if not args:
+            # Old-style discovery (Outlook): list the mechanisms.
+            self.ok()
+            for mechanism in self.mechanisms():
+                self.sendLine(mechanism)
+            self.sendLine(b".")
+            return
+        if len(args) > 2:
+            self.err("AUTH takes a mechanism and an optional initial response.")
+            return
+        mechanism = args[0].upper()
+        if mechanism not in (b"PLAIN", b"LOGIN") and not (mechanism == b"CRAM-MD5" and self.digestAuth):
+            self.err("Unsupported authentication mechanism.")
+            return
+        if not self.plaintextLoginAllowed:
+            self.err(_PLAINTEXT_DISALLOWED)
+            return
+        initial: bytes | None = None
+        if len(args) == 2:
+            initial = self._decode(args[1])
+            if initial is None:
+                return
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._continue(b"", self._plainResponse)
+            else:
+                self._plainResponse(initial)
+        elif mechanism == b"LOGIN":
+            if initial is None:
+                self._continue(b"Username:", self._loginUser)
+            else:
+                self._loginUser(initial)
+        else:
+            if initial is not None:
+                # CRAM-MD5 starts with the server's challenge.
+                self.err("CRAM-MD5 takes no initial response.")
+                return
+            challenge = self.newChallenge()
+            self._continue(challenge, lambda response: self._cramResponse(challenge, response))
+
+    # SASL
+
+    def _decode(self, raw: bytes) -> bytes | None:
+        if raw == b"=":
+            return b""
+        try:
+            return b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            self.err("Invalid base64 data.")
+            return None
+
+    def _continue(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
+        self.sendLine(b"+ " + b64encode(challenge))
+        self._saslStep = step
+        self.state = "sasl"
+
+    def _saslLine(self, line: RawLine) -> None:
+        step, self._saslStep = self._saslStep, None
+        data = line.data.strip()
+        if data == b"*":
+            self.err("Authentication aborted by client.")
+            return
+        decoded = self._decode(data)
+        if decoded is not None and step is not None:
+            step(decoded)
+
+    def _plainResponse(self, response: bytes) -> None:
+        parts = response.split(b"\x00")
+        if len(parts) != 3 or not parts[1]:
+            self.err("Invalid PLAIN response.")
+            return
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            # Acting as another user is decided by the backend's master-user
+            # rules, which a router cannot see; refuse rather than guess.
+            self.err("Authorization identity not supported.")
+            return
+        self._login(Credentials("PLAIN", _text(authcid), password=password))
+
+    def _loginUser(self, user: bytes) -> None:
+        def password(secret: bytes) -> None:
+            self._login(Credentials("LOGIN", _text(user), password=secret))
+
+        self._continue(b"Password:", password)
+
+    def _cramResponse(self, challenge: bytes, response: bytes) -> None:
+        user, _, digest = response.rpartition(b" ")
+        if not user or not _HEX_DIGEST.match(digest):
+            self.err("Invalid CRAM-MD5 response.")
+            return
+        self._login(Credentials("CRAM-MD5", _text(user), challenge=challenge, response=digest.lower()))
+
+    # Login
+
+    def _login(self, credentials: Credentials) -> None:
+        self.state = "login"
+        d = self.login(credentials)
+        d.addCallbacks(self._loggedIn, self._loginFailed)
+        d.addErrback(self._unexpected)
+
+    def _loggedIn(self, backend: POP3BackendLogin) -> None:
+        self.sendLine(backend.okLine)
+        self.state = "relay"
+        self.handOver(backend, toBackend=self.parser.takeRemaining())
+
+    def _loginFailed(self, reason: Failure) -> None:
+        reason.trap(LoginFailed)
+        failure: LoginFailed = reason.value
+        if failure.kind == "auth":
+            self.err("[AUTH] " + (_sanitize(failure.message) or _AUTH_FAILED))
+        elif failure.kind == "refused" and failure.clientText:
+            self.sendLine(failure.clientText.encode("utf-8"))
+        else:
+            self.err("[SYS/TEMP] " + (_sanitize(failure.message) or _UNAVAILABLE))
+        if failure.close:
+            # POP3 has no goodbye line: the -ERR above was the last word.
+            self._close()
+            return
+        self.state = "command"
+        self._process()
+
+    def _unexpected(self, reason: Failure) -> None:
+        if self.state == "closed" or reason.check(CancelledError):
+            return
+        self.log.failure("POP3 login handling failed", reason)
+        self.result = "internal error"
+        self._close("[SYS/TEMP] Internal error.")
