@@ -142,12 +142,15 @@ def makeFrontend(
     limits: Limits | None = None,
     clock: Clock | None = None,
     peer: tuple[str, int] = ("192.0.2.10", 50000),
+    **listenerOptions: Any,
 ) -> tuple[FrontendProtocol, TLSStringTransport, Clock]:
     """
     A connected front end of C{protocol} on an in-memory transport.
 
     @param tls: the listener's TLS mode; C{"implicit"} pretends the TLS layer
         is already there.
+    @param listenerOptions: more L{Listener} attributes, e.g.
+        C{digestAuth=True}.
     @return: the protocol, its client transport and the clock it uses.
     """
     from twisted.internet.address import IPv4Address
@@ -164,7 +167,7 @@ def makeFrontend(
         serverTLS=object(),
         backendConnector=connector if connector is not None else MemoryConnector(),
     )
-    listener = Listener(protocol=protocol, endpoint="tcp:0", tls=tls)
+    listener = Listener(protocol=protocol, endpoint="tcp:0", tls=tls, **listenerOptions)
     frontend = namedAny(FRONTENDS[protocol])(context, listener)
     transport = TLSStringTransport(
         hostAddress=IPv4Address("TCP", "192.0.2.1", 993 if tls == "implicit" else 143),
