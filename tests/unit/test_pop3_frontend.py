@@ -1,0 +1,1025 @@
+"""
+The POP3 front end and its backend login, over in-memory transports.
+
+The client is a L{TLSStringTransport}; the backend is another, whose
+replies the tests write by hand in Dovecot's dialect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from base64 import b64decode, b64encode
+
+from attrs import evolve
+from twisted.internet.address import IPv4Address
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.config import Limits
+from mailproxy.model import Rejection, Route, TLSInfo
+from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
+
+GREETING = b"+OK [XCLIENT] Dovecot ready.\r\n"
+PLAIN_GREETING = b"+OK Dovecot ready.\r\n"
+CAPA = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
+CAPA_USER_ONLY = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n"
+PIPELINED_CAPA = b"+OK\r\nCAPA\r\nPIPELINING\r\nUSER\r\n.\r\n"
+BASIC_CAPS = b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
+
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
+UNAVAILABLE = b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n"
+PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
+
+
+class POP3FrontendTestsMixin:
+    """
+    Helpers: a front end with a fake router and an in-memory backend.
+    """
+
+    def build(
+        self,
+        tls: str = "none",
+        limits: Limits | None = None,
+        backend=None,
+        digestAuth: bool = False,
+        **routeArgs,
+    ) -> None:
+        self.backend = backend or makeBackend("old")
+        self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
+        self.connector = MemoryConnector()
+        self.frontend, self.client, self.clock = makeFrontend(
+            "pop3", self.router, self.connector, tls=tls, limits=limits, digestAuth=digestAuth
+        )
+        self.greeting = self.client.value()
+        self.client.clear()
+
+    def send(self, data: bytes) -> bytes:
+        """
+        Send C{data} as the client; return what the proxy answered.
+        """
+        self.client.clear()
+        self.frontend.dataReceived(data)
+        return self.client.value()
+
+    def sendLogin(self, data: bytes = b"USER alice\r\nPASS secret\r\n") -> None:
+        """
+        Send C{data} (a login) as the client and forget the replies to the
+        commands before it, so that the client's next reply stands alone.
+        """
+        self.send(data)
+        self.client.clear()
+
+    def backendSays(self, data: bytes, index: int = -1) -> bytes:
+        """
+        Send C{data} as the backend; return what the proxy wrote to it.
+        """
+        transport = self.connector.transports[index]
+        transport.clear()
+        self.connector.protocols[index].dataReceived(data)
+        return transport.value()
+
+    def credentials(self, index: int = 0):
+        """
+        The credentials of the router's C{index}-th request.
+        """
+        return self.router.requests[index].credentials
+
+    def xclient(self, transport: bytes = b"insecure") -> bytes:
+        """
+        The XCLIENT command the proxy sends for the default client.
+        """
+        session = self.frontend.client.sessionId.encode("ascii")
+        return (
+            b"XCLIENT ADDR=192.0.2.10 PORT=50000 SESSION=" + session + b" TTL=5 CLIENT-TRANSPORT=" + transport
+            + b" DESTADDR=192.0.2.1 DESTPORT=" + (b"993" if transport == b"TLS" else b"143") + b"\r\n"
+        )
+
+
+class GreetingAndCapaTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    What a client learns before logging in.
+    """
+
+    def test_greeting(self) -> None:
+        """
+        Without digest mechanisms the greeting has no APOP timestamp.
+        """
+        self.build()
+        self.assertEqual(self.greeting, b"+OK proxy.test POP3 proxy ready.\r\n")
+
+    def test_greetingTimestamp(self) -> None:
+        """
+        With digest mechanisms the greeting ends with an APOP timestamp in
+        msg-id form, different on every connection.
+        """
+        self.build(digestAuth=True)
+        first = self.greeting
+        self.build(digestAuth=True)
+        pattern = re.compile(rb"\+OK proxy\.test POP3 proxy ready\. (<[0-9a-f]{24}\.0@proxy\.test>)\r\n\Z")
+        self.assertRegex(first, pattern)
+        self.assertRegex(self.greeting, pattern)
+        self.assertNotEqual(first, self.greeting)
+        self.assertEqual(pattern.match(self.greeting).group(1), self.frontend.timestamp)
+
+    def test_capaOnStartTLSPort(self) -> None:
+        """
+        Before TLS on a STARTTLS port, CAPA offers STLS, USER and SASL PLAIN
+        and LOGIN.
+        """
+        self.build(tls="starttls")
+        self.assertEqual(self.send(b"CAPA\r\n"), BASIC_CAPS + b"STLS\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n")
+
+    def test_capaStartTLSRequired(self) -> None:
+        """
+        Before TLS on a starttls-required port, CAPA offers STLS and no way
+        to log in; after STLS, USER and SASL and no STLS.
+        """
+        self.build(tls="starttls-required")
+        self.assertEqual(self.send(b"CAPA\r\n"), BASIC_CAPS + b"STLS\r\n.\r\n")
+        self.send(b"STLS\r\n")
+        self.assertEqual(self.send(b"CAPA\r\n"), BASIC_CAPS + b"USER\r\nSASL PLAIN LOGIN\r\n.\r\n")
+
+    def test_capaImplicitWithDigest(self) -> None:
+        """
+        Over implicit TLS with digest mechanisms on, CAPA offers CRAM-MD5
+        and no STLS.
+        """
+        self.build(tls="implicit", digestAuth=True)
+        self.assertEqual(self.send(b"capa\r\n"), BASIC_CAPS + b"USER\r\nSASL PLAIN LOGIN CRAM-MD5\r\n.\r\n")
+
+    def test_bareAuthListsMechanisms(self) -> None:
+        """
+        C{AUTH} without arguments lists the usable mechanisms, one per line;
+        none before TLS on a starttls-required port.
+        """
+        self.build(tls="starttls", digestAuth=True)
+        self.assertEqual(self.send(b"AUTH\r\n"), b"+OK\r\nPLAIN\r\nLOGIN\r\nCRAM-MD5\r\n.\r\n")
+        self.build(tls="starttls-required")
+        self.assertEqual(self.send(b"AUTH\r\n"), b"+OK\r\n.\r\n")
+
+    def test_noopAndQuit(self) -> None:
+        """
+        NOOP succeeds; QUIT says goodbye and closes.
+        """
+        self.build()
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK Logging out.\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.frontend.result, "logged out")
+
+    def test_unknownAndTransactionCommands(self) -> None:
+        """
+        Commands of the TRANSACTION state and unknown ones get C{-ERR}; a
+        good command in between resets the count of bad ones.
+        """
+        self.build()
+        self.assertEqual(self.send(b"STAT\r\n"), b"-ERR Command not permitted before authentication.\r\n")
+        self.assertEqual(self.send(b"FROB\r\n"), b"-ERR Unknown command.\r\n")
+        self.send(b"NOOP\r\n")
+        self.assertEqual(self.send(b"RETR 1\r\nLIST\r\n"), b"-ERR Command not permitted before authentication.\r\n" * 2)
+        self.assertFalse(self.client.disconnecting)
+
+    def test_tooManyBadCommands(self) -> None:
+        """
+        Three bad commands in a row (an HTTP request, say) close the
+        connection.
+        """
+        self.build()
+        out = self.send(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nUSER alice\r\n")
+        self.assertEqual(out, b"-ERR Unknown command.\r\n" * 3 + b"-ERR Too many invalid commands.\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.router.requests, [])
+
+    def test_clientXCLIENTRefused(self) -> None:
+        """
+        A client's own XCLIENT (or XOIP) is an unknown command: it can never
+        reach a backend that trusts the proxy.
+        """
+        self.build()
+        self.assertEqual(self.send(b"XCLIENT ADDR=10.0.0.1\r\n"), b"-ERR Unknown command.\r\n")
+        self.assertEqual(self.send(b"XOIP 10.0.0.1\r\n"), b"-ERR Unknown command.\r\n")
+        self.assertEqual(self.connector.protocols, [])
+
+    def test_longLine(self) -> None:
+        """
+        A command line over 255 octets gets C{-ERR} (before its end
+        arrives) and the session goes on.
+        """
+        self.build()
+        self.assertEqual(self.send(b"USER " + b"x" * 300), b"-ERR Line too long.\r\n")
+        self.assertEqual(self.send(b"x" * 1000 + b"\r\nNOOP\r\n"), b"+OK\r\n")
+        self.assertFalse(self.client.disconnecting)
+
+    def test_invalidOctets(self) -> None:
+        """
+        A line with NUL gets C{-ERR} and reaches no router.
+        """
+        self.build()
+        self.assertEqual(self.send(b"USER alice\r\nPASS a\x00b\r\n"), b"+OK\r\n-ERR Invalid characters in line.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+
+class StartTLSTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    STLS towards the client.
+    """
+
+    def test_stls(self) -> None:
+        """
+        STLS is answered C{+OK} and TLS starts right after the reply.
+        """
+        self.build(tls="starttls")
+        self.assertEqual(self.send(b"STLS\r\n"), b"+OK Begin TLS negotiation now.\r\n")
+        self.assertIsNotNone(self.client.tlsOptions)
+        self.assertEqual(self.client.writtenBeforeTLS, b"+OK Begin TLS negotiation now.\r\n")
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR TLS is already active.\r\n")
+
+    def test_injectionDiscarded(self) -> None:
+        """
+        Commands pipelined in plaintext behind STLS are discarded, not
+        executed after the handshake (CVE-2011-0411).
+        """
+        self.build(tls="starttls")
+        out = self.send(b"STLS\r\nUSER alice\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Begin TLS negotiation now.\r\n")
+        self.assertEqual(self.router.requests, [])
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR No username given.\r\n")
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_userForgottenAfterSTLS(self) -> None:
+        """
+        A user name given before STLS does not count after it.
+        """
+        self.build(tls="starttls")
+        self.send(b"USER alice\r\n")
+        self.send(b"STLS\r\n")
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR No username given.\r\n")
+
+    def test_stlsUnavailable(self) -> None:
+        """
+        STLS is refused on implicit TLS and plaintext-only ports, and with
+        arguments.
+        """
+        self.build(tls="implicit")
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR TLS is already active.\r\n")
+        self.build(tls="none")
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR STLS is not available on this port.\r\n")
+        self.build(tls="starttls")
+        self.assertEqual(self.send(b"STLS now\r\n"), b"-ERR STLS takes no arguments.\r\n")
+        self.assertIsNone(self.client.tlsOptions)
+
+    def test_loginRequiresTLS(self) -> None:
+        """
+        Before TLS on a starttls-required port, USER, PASS, AUTH and APOP
+        are refused with C{[AUTH]} and the router is never asked.
+        """
+        self.build(tls="starttls-required", digestAuth=True)
+        self.assertEqual(self.send(b"USER alice\r\n"), PLAINTEXT_DISALLOWED)
+        self.assertEqual(self.send(b"PASS secret\r\n"), PLAINTEXT_DISALLOWED)
+        self.assertEqual(self.send(b"AUTH PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n"), PLAINTEXT_DISALLOWED)
+        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), PLAINTEXT_DISALLOWED)
+        self.assertEqual(
+            self.send(b"APOP alice " + b"0" * 32 + b"\r\n"),
+            b"-ERR [AUTH] Authentication disallowed on non-secure (SSL/TLS) connections.\r\n",
+        )
+        self.assertEqual(self.router.requests, [])
+        self.assertFalse(self.client.disconnecting)
+
+
+class LoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    From the client's login command to the relay.
+    """
+
+    def test_userPass(self) -> None:
+        """
+        USER and PASS pipelined in one read reach the router as a LOGIN
+        with the rest of the PASS line as password, spaces included.
+        """
+        self.build()
+        self.assertEqual(self.send(b"USER alice\r\nPASS  se cret \r\n"), b"+OK\r\n")
+        credentials = self.credentials()
+        self.assertEqual(
+            (credentials.mechanism, credentials.user, credentials.password), ("LOGIN", "alice", b" se cret ")
+        )
+
+    def test_userPassErrors(self) -> None:
+        """
+        USER needs a name, PASS needs a USER before it, and after a PASS the
+        USER must be given again.
+        """
+        self.build()
+        self.assertEqual(self.send(b"USER\r\n"), b"-ERR No username given.\r\n")
+        self.assertEqual(self.send(b"PASS x\r\n"), b"-ERR No username given.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+    def test_loginForwardsIdentityAndLogsIn(self) -> None:
+        """
+        After the greeting (which offers XCLIENT) and CAPA, the proxy sends
+        XCLIENT with the client's addresses and AUTH PLAIN with an initial
+        response, pipelined; the client gets the backend's C{+OK} verbatim.
+        """
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.backendSays(GREETING), b"CAPA\r\n")
+        sent = self.backendSays(CAPA)
+        self.assertEqual(sent, self.xclient() + b"AUTH PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n")
+        self.assertEqual(self.client.value(), b"")
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+
+    def test_relayAndPipelining(self) -> None:
+        """
+        Commands the client pipelined behind PASS go to the backend after
+        the hand-over, in order; backend bytes after its C{+OK} reach the
+        client; then bytes flow unchanged both ways.
+        """
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n+OK 1 120\r\n")
+        self.assertEqual(backendTransport.value(), b"STAT\r\nLIST\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n+OK 1 120\r\n")
+        backendTransport.clear()
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(backendTransport.value(), b"RETR 1\r\n")
+
+    def test_noXCLIENTUnlessOffered(self) -> None:
+        """
+        With C{forward = "auto"}, a greeting without C{[XCLIENT]} and a CAPA
+        without XCLIENT get no XCLIENT; CAPA listing XCLIENT gets one.
+        """
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(CAPA), b"AUTH PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n")
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertTrue(self.backendSays(CAPA.replace(b"TOP\r\n", b"XCLIENT\r\n")).startswith(b"XCLIENT ADDR="))
+
+    def test_forwardXCLIENTAlways(self) -> None:
+        """
+        With C{forward = "xclient"} the proxy sends XCLIENT even when the
+        server does not advertise it.
+        """
+        self.build(backend=makeBackend("old", forward="xclient"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertTrue(self.backendSays(CAPA).startswith(self.xclient()))
+
+    def test_forwardNone(self) -> None:
+        """
+        With C{forward = "none"} no XCLIENT is sent, even when offered.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.assertTrue(self.backendSays(CAPA).startswith(b"AUTH PLAIN "))
+
+    def test_forwardProxyHeader(self) -> None:
+        """
+        With C{forward = "proxy-v1"} the connection starts with a PROXY
+        header, and no XCLIENT follows even when offered.
+        """
+        self.build(backend=makeBackend("old", forward="proxy-v1"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(
+            self.connector.transports[-1].value(), b"PROXY TCP4 192.0.2.10 192.0.2.1 50000 143\r\n"
+        )
+        self.backendSays(GREETING)
+        self.assertTrue(self.backendSays(CAPA).startswith(b"AUTH PLAIN "))
+
+    def test_xclientWithTLSAndServerName(self) -> None:
+        """
+        XCLIENT says the client used TLS and names the server name it asked
+        for.
+        """
+        self.build(tls="implicit")
+        self.frontend.client = evolve(self.frontend.client, tls=TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", "pop.example.org"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        sent = self.backendSays(CAPA)
+        self.assertTrue(
+            sent.startswith(self.xclient(b"TLS").rstrip(b"\r\n") + b" DESTNAME=pop.example.org\r\n"), sent
+        )
+
+    def test_xclientRefusedStillLogsIn(self) -> None:
+        """
+        A backend that refuses or ignores XCLIENT still gets the login; the
+        operator is told in the log.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK You are not from trusted IP - ignoring\r\n+OK Logged in.\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+        self.assertTrue(any("did not take XCLIENT" in event.get("log_format", "") for event in events))
+
+    def test_userPassToBackendPipelined(self) -> None:
+        """
+        A backend without SASL PLAIN but with PIPELINING gets USER and PASS
+        in one write.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        self.sendLogin(b"USER alice\r\nPASS s3 cret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(PIPELINED_CAPA), b"USER alice\r\nPASS s3 cret\r\n")
+        self.backendSays(b"+OK\r\n+OK Logged in.\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+
+    def test_userPassToBackendLockstep(self) -> None:
+        """
+        Without PIPELINING, PASS waits for the reply to USER.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(CAPA_USER_ONLY), b"USER alice\r\n")
+        self.assertEqual(self.backendSays(b"+OK\r\n"), b"PASS secret\r\n")
+        self.backendSays(b"+OK Logged in.\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+
+    def test_backendWithoutCAPA(self) -> None:
+        """
+        A backend that answers CAPA with C{-ERR} (RFC 1939 only) gets USER,
+        then PASS.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(b"-ERR Unknown command\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.backendSays(b"+OK\r\n"), b"PASS secret\r\n")
+
+    def test_masterUserSASL(self) -> None:
+        """
+        A route with C{useMaster} logs in with AUTH PLAIN, the master user as
+        authentication identity and the account as authorization identity.
+        """
+        self.build(backend=makeBackend("old", masterUser="proxy", masterPassword=b"masterpw", forward="none"), useMaster=True)
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.assertEqual(self.backendSays(CAPA), b"AUTH PLAIN " + b64encode(b"alice\x00proxy\x00masterpw") + b"\r\n")
+
+    def test_masterUserUSER(self) -> None:
+        """
+        Without SASL PLAIN, the master user logs in as C{user*master}.
+        """
+        self.build(backend=makeBackend("old", masterUser="proxy", masterPassword=b"masterpw", forward="none"), useMaster=True)
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(PIPELINED_CAPA), b"USER alice*proxy\r\nPASS masterpw\r\n")
+
+    def test_rewrittenLogin(self) -> None:
+        """
+        A route's user and password replace the client's on the backend.
+        """
+        self.build(backend=makeBackend("old", forward="none"), user="alice.old", password=b"other pw")
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(PIPELINED_CAPA), b"USER alice.old\r\nPASS other pw\r\n")
+
+    def test_rewrittenLoginWithLineBreak(self) -> None:
+        """
+        A route password with a line break cannot be sent: the login fails
+        as unavailable, nothing is written.
+        """
+        self.build(backend=makeBackend("old", forward="none"), password=b"a\r\nDELE 1")
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(PIPELINED_CAPA), b"")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_longCredentialsUseContinuation(self) -> None:
+        """
+        When AUTH PLAIN with its initial response would pass 255 octets,
+        the response goes on its own line after the server's C{+}.
+        """
+        self.build(backend=makeBackend("old", forward="none"))
+        password = b"p" * 200
+        self.sendLogin(b"USER alice\r\nPASS " + password + b"\r\n")
+        self.backendSays(GREETING)
+        self.assertEqual(self.backendSays(CAPA), b"AUTH PLAIN\r\n")
+        self.assertEqual(self.backendSays(b"+ \r\n"), b64encode(b"\x00alice\x00" + password) + b"\r\n")
+        self.backendSays(b"+OK Logged in.\r\n")
+        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+
+    def test_backendSTLS(self) -> None:
+        """
+        With C{tls = "starttls"} the proxy sends STLS first, writes nothing
+        until the handshake has completed, then asks CAPA.
+        """
+        self.build(backend=makeBackend("old", tls="starttls"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.backendSays(GREETING), b"STLS\r\n")
+        self.assertEqual(self.backendSays(b"+OK Begin TLS negotiation now.\r\n"), b"")
+        transport = self.connector.transports[-1]
+        self.assertIsNotNone(transport.tlsOptions)
+        self.connector.protocols[-1].handshakeCompleted()
+        self.assertEqual(transport.value(), b"CAPA\r\n")
+        # The greeting's [XCLIENT] still counts after TLS.
+        self.assertTrue(self.backendSays(CAPA).startswith(b"XCLIENT "))
+
+    def test_backendSTLSInjection(self) -> None:
+        """
+        Bytes after the backend's STLS reply in the same read are an
+        injection: the login fails as unavailable.
+        """
+        self.build(backend=makeBackend("old", tls="starttls"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"+OK Begin TLS\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_backendSTLSRefused(self) -> None:
+        """
+        A backend that refuses STLS gets no credentials.
+        """
+        self.build(backend=makeBackend("old", tls="starttls"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.assertEqual(self.backendSays(b"-ERR TLS support isn't enabled.\r\n"), b"")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_backendImplicitTLS(self) -> None:
+        """
+        With C{tls = "implicit"} TLS starts at once, and the dialogue goes
+        on after the greeting as in plaintext.
+        """
+        self.build(backend=makeBackend("old", tls="implicit"))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        transport = self.connector.transports[-1]
+        self.assertIsNotNone(transport.tlsOptions)
+        self.connector.protocols[-1].handshakeCompleted()
+        self.assertEqual(self.backendSays(GREETING), b"CAPA\r\n")
+
+
+class SASLTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    AUTH and APOP.
+    """
+
+    def test_plainInitialResponse(self) -> None:
+        """
+        AUTH PLAIN with an initial response; an authorization identity equal
+        to the user is accepted.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH PLAIN " + b64encode(b"alice\x00alice\x00s e\xc3\xa9") + b"\r\n"), b"")
+        credentials = self.credentials()
+        self.assertEqual(
+            (credentials.mechanism, credentials.user, credentials.password), ("PLAIN", "alice", b"s e\xc3\xa9")
+        )
+
+    def test_plainContinuation(self) -> None:
+        """
+        AUTH PLAIN without an initial response gets an empty continuation
+        and takes the response on the next line.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH PLAIN\r\n"), b"+ \r\n")
+        self.send(b64encode(b"\x00alice\x00secret") + b"\r\n")
+        self.assertEqual(self.credentials().password, b"secret")
+
+    def test_plainErrors(self) -> None:
+        """
+        An empty initial response (C{=}), a malformed PLAIN message and a
+        foreign authorization identity are refused.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH PLAIN =\r\n"), b"-ERR Invalid PLAIN response.\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + b64encode(b"alice\x00secret") + b"\r\n"), b"-ERR Invalid PLAIN response.\r\n"
+        )
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + b64encode(b"bob\x00alice\x00secret") + b"\r\n"),
+            b"-ERR Authorization identity not supported.\r\n",
+        )
+        self.assertEqual(self.router.requests, [])
+
+    def test_loginMechanism(self) -> None:
+        """
+        AUTH LOGIN prompts for the user name and the password; with an
+        initial response (the user name) it prompts for the password only.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH LOGIN\r\n"), b"+ " + b64encode(b"Username:") + b"\r\n")
+        self.assertEqual(self.send(b64encode(b"alice") + b"\r\n"), b"+ " + b64encode(b"Password:") + b"\r\n")
+        self.send(b64encode(b"secret") + b"\r\n")
+        self.assertEqual((self.credentials().user, self.credentials().password), ("alice", b"secret"))
+        self.build()
+        self.assertEqual(
+            self.send(b"auth login " + b64encode(b"alice") + b"\r\n"), b"+ " + b64encode(b"Password:") + b"\r\n"
+        )
+
+    def test_emptyInitialResponse(self) -> None:
+        """
+        C{=} is an empty initial response: for LOGIN, an empty user name.
+        """
+        self.build()
+        self.send(b"AUTH LOGIN =\r\n")
+        self.send(b64encode(b"pw") + b"\r\n")
+        self.assertEqual(self.credentials().user, "")
+
+    def test_cancel(self) -> None:
+        """
+        C{*} cancels an exchange with C{-ERR}; the session goes on.
+        """
+        self.build()
+        self.send(b"AUTH PLAIN\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"-ERR Authentication aborted by client.\r\n")
+        self.send(b"AUTH LOGIN\r\n")
+        self.send(b64encode(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"-ERR Authentication aborted by client.\r\n")
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+        self.assertEqual(self.router.requests, [])
+
+    def test_badBase64(self) -> None:
+        """
+        Invalid base64, as initial response or on a continuation line, gets
+        C{-ERR}.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH PLAIN !!!!\r\n"), b"-ERR Invalid base64 data.\r\n")
+        self.send(b"AUTH PLAIN\r\n")
+        self.assertEqual(self.send(b"AGFsaWNl!\r\n"), b"-ERR Invalid base64 data.\r\n")
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_mechanismErrors(self) -> None:
+        """
+        Unknown mechanisms, CRAM-MD5 without digest mechanisms enabled, and
+        too many arguments are refused.
+        """
+        self.build()
+        self.assertEqual(self.send(b"AUTH GSSAPI\r\n"), b"-ERR Unsupported authentication mechanism.\r\n")
+        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), b"-ERR Unsupported authentication mechanism.\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN a b\r\n"), b"-ERR AUTH takes a mechanism and an optional initial response.\r\n"
+        )
+
+    def test_longSASLLines(self) -> None:
+        """
+        An AUTH line longer than 255 octets is accepted; a continuation line
+        over 12 KiB is refused and ends the exchange.
+        """
+        self.build()
+        password = b"p" * 400
+        self.send(b"AUTH PLAIN " + b64encode(b"\x00alice\x00" + password) + b"\r\n")
+        self.assertEqual(self.credentials().password, password)
+        self.build()
+        self.send(b"AUTH PLAIN\r\n")
+        self.assertEqual(self.send(b"A" * 13000 + b"\r\n"), b"-ERR Line too long.\r\n")
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_cramMD5(self) -> None:
+        """
+        AUTH CRAM-MD5 sends a fresh challenge; the router gets the challenge
+        and the client's digest, which proves the password.
+        """
+        self.build(digestAuth=True)
+        reply = self.send(b"AUTH CRAM-MD5\r\n")
+        self.assertTrue(reply.startswith(b"+ ") and reply.endswith(b"\r\n"), reply)
+        challenge = b64decode(reply[2:-2])
+        self.assertRegex(challenge, rb"\A<[0-9a-f]{24}\.0@proxy\.test>\Z")
+        self.assertNotEqual(challenge, self.frontend.timestamp)
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().upper().encode()
+        self.send(b64encode(b"alice " + digest) + b"\r\n")
+        credentials = self.credentials()
+        self.assertEqual(
+            (credentials.mechanism, credentials.user, credentials.challenge, credentials.password),
+            ("CRAM-MD5", "alice", challenge, None),
+        )
+        self.assertTrue(credentials.check(b"secret"))
+        self.assertFalse(credentials.check(b"wrong"))
+
+    def test_cramMD5Errors(self) -> None:
+        """
+        CRAM-MD5 takes no initial response and needs C{user digest}.
+        """
+        self.build(digestAuth=True)
+        self.assertEqual(self.send(b"AUTH CRAM-MD5 YWJj\r\n"), b"-ERR CRAM-MD5 takes no initial response.\r\n")
+        self.send(b"AUTH CRAM-MD5\r\n")
+        self.assertEqual(self.send(b64encode(b"alice nothex") + b"\r\n"), b"-ERR Invalid CRAM-MD5 response.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+    def test_apop(self) -> None:
+        """
+        APOP gives the router the greeting's timestamp and the digest
+        (lower-cased), which proves the password; the route's password is
+        what the backend gets.
+        """
+        self.build(digestAuth=True, password=b"backend pw")
+        digest = hashlib.md5(self.frontend.timestamp + b"secret").hexdigest().upper().encode()
+        self.send(b"APOP alice " + digest + b"\r\n")
+        credentials = self.credentials()
+        self.assertEqual(
+            (credentials.mechanism, credentials.user, credentials.challenge, credentials.response),
+            ("APOP", "alice", self.frontend.timestamp, digest.lower()),
+        )
+        self.assertTrue(credentials.check(b"secret"))
+        self.backendSays(PLAIN_GREETING)
+        self.assertEqual(self.backendSays(CAPA), b"AUTH PLAIN " + b64encode(b"\x00alice\x00backend pw") + b"\r\n")
+
+    def test_apopWithoutBackendPassword(self) -> None:
+        """
+        A route without a password for a digest login cannot log in to the
+        backend: C{[SYS/TEMP]}, no backend contacted.
+        """
+        self.build(digestAuth=True)
+        self.send(b"APOP alice " + b"0" * 32 + b"\r\n")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+        self.assertEqual(self.connector.protocols, [])
+
+    def test_apopErrors(self) -> None:
+        """
+        APOP is refused when digest mechanisms are off, and with malformed
+        parameters.
+        """
+        self.build()
+        self.assertEqual(self.send(b"APOP alice " + b"0" * 32 + b"\r\n"), b"-ERR APOP is not enabled.\r\n")
+        self.build(digestAuth=True)
+        for line in (b"APOP\r\n", b"APOP alice\r\n", b"APOP alice " + b"g" * 32 + b"\r\n", b"APOP " + b"0" * 32 + b"\r\n"):
+            self.assertEqual(self.send(line), b"-ERR Invalid APOP parameters.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+
+class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    Everything that can go wrong during login.
+    """
+
+    def login(self) -> None:
+        """
+        Log in as alice and bring the backend to the login reply.
+        """
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.client.clear()
+
+    def test_wrongPasswordIsDelayedAndRetryable(self) -> None:
+        """
+        A backend C{-ERR [AUTH]} becomes the generic failure, only after the
+        failed-login delay; the client may try again.
+        """
+        self.build(limits=Limits(failureDelay=2.0))
+        self.login()
+        self.backendSays(b"+OK Updated\r\n-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(2.0)
+        self.assertEqual(self.client.value(), AUTH_FAILED)
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR No username given.\r\n")
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(len(self.connector.protocols), 2)
+
+    def test_backendWordingHidden(self) -> None:
+        """
+        A backend C{-ERR} without a code, or with one the proxy does not pass
+        on, gets the generic failure: no backend wording can tell accounts
+        apart.
+        """
+        for reply in (b"-ERR No such user here\r\n", b"-ERR [UTF8] odd\r\n"):
+            self.build(limits=Limits(failureDelay=0))
+            self.login()
+            self.backendSays(b"+OK Updated\r\n" + reply)
+            self.assertEqual(self.client.value(), AUTH_FAILED)
+
+    def test_userRefusedByBackend(self) -> None:
+        """
+        A C{-ERR} to USER (pipelined with PASS) fails the login at once.
+        """
+        self.build(backend=makeBackend("old", forward="none"), limits=Limits(failureDelay=0))
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(PLAIN_GREETING)
+        self.backendSays(PIPELINED_CAPA)
+        self.backendSays(b"-ERR [AUTH] Plaintext authentication disallowed.\r\n")
+        self.assertEqual(self.client.value(), AUTH_FAILED)
+
+    def test_unknownUserLooksLikeWrongPassword(self) -> None:
+        """
+        A router rejection gives the same reply as a wrong password, and no
+        backend is contacted.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"USER nobody\r\nPASS secret\r\n")
+        self.clock.advance(1.0)
+        self.assertEqual(self.client.value(), b"+OK\r\n" + AUTH_FAILED)
+        self.assertEqual(self.connector.protocols, [])
+
+    def test_temporaryRejection(self) -> None:
+        """
+        A temporary router rejection says C{[SYS/TEMP]} with its text, at
+        once.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Directory down\r\n", temporary=True)
+        self.assertEqual(self.send(b"USER alice\r\nPASS secret\r\n"), b"+OK\r\n-ERR [SYS/TEMP] Directory down\r\n")
+
+    def test_backendTemporaryFailure(self) -> None:
+        """
+        A backend C{-ERR [SYS/TEMP]} gives the client the proxy's own
+        temporary failure, without delay.
+        """
+        self.build(limits=Limits(failureDelay=5.0))
+        self.login()
+        self.backendSays(b"+OK Updated\r\n-ERR [SYS/TEMP] Auth server down\r\n")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_backendCodesPassedOn(self) -> None:
+        """
+        C{[IN-USE]}, C{[LOGIN-DELAY]} and C{[SYS/PERM]} refusals reach the
+        client as the backend wrote them, without delay.
+        """
+        for reply in (
+            b"-ERR [IN-USE] Mailbox is locked by another POP3 session.",
+            b"-ERR [LOGIN-DELAY] Too soon.",
+            b"-ERR [SYS/PERM] Mailbox is corrupt.",
+        ):
+            self.build(limits=Limits(failureDelay=5.0))
+            self.login()
+            self.backendSays(b"+OK Updated\r\n" + reply + b"\r\n")
+            self.assertEqual(self.client.value(), reply + b"\r\n")
+            self.assertFalse(self.client.disconnecting)
+
+    def test_growingDelayAndClose(self) -> None:
+        """
+        The n-th failure waits n times the delay; after the limit the
+        connection closes after the C{-ERR}, with nothing more.
+        """
+        self.build(limits=Limits(failureDelay=1.0, loginFailures=3))
+        for attempt in (1, 2):
+            self.send(b"USER nobody\r\nPASS x\r\n")
+            self.clock.advance(attempt - 0.5)
+            self.assertEqual(self.client.value(), b"+OK\r\n")
+            self.clock.advance(0.5)
+            self.assertEqual(self.client.value(), b"+OK\r\n" + AUTH_FAILED)
+        self.send(b"USER nobody\r\nPASS x\r\n")
+        self.clock.advance(3.0)
+        self.assertEqual(self.client.value(), b"+OK\r\n" + AUTH_FAILED)
+        self.assertTrue(self.client.disconnecting)
+
+    def test_deadBackend(self) -> None:
+        """
+        A backend that cannot be reached gives C{[SYS/TEMP]} at once.
+        """
+        self.build()
+        self.connector.refuse = True
+        self.assertEqual(self.send(b"USER alice\r\nPASS secret\r\n"), b"+OK\r\n" + UNAVAILABLE)
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_silentBackendTimesOut(self) -> None:
+        """
+        A backend that never greets is given up after the backend timeout.
+        """
+        self.build(limits=Limits(backendTimeout=5))
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.client.clear()
+        self.clock.advance(5)
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
+    def test_rudeBackend(self) -> None:
+        """
+        A backend greeting with C{-ERR}, answering the login with nonsense,
+        or sending an endless line gives C{[SYS/TEMP]}.
+        """
+        self.build()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.client.clear()
+        self.backendSays(b"-ERR [SYS/TEMP] Max connections reached\r\n")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+        self.build()
+        self.login()
+        self.backendSays(b"+OK Updated\r\n* what?\r\n")
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+        self.build()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.client.clear()
+        self.backendSays(b"+OK " + b"x" * 9000)
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_backendClosesDuringLogin(self) -> None:
+        """
+        A backend that closes the connection during the login gives
+        C{[SYS/TEMP]}.
+        """
+        self.build()
+        self.login()
+        self.connector.protocols[-1].connectionLost(None)
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+
+    def test_preauthTimeout(self) -> None:
+        """
+        A client that does not log in within the pre-auth timeout gets
+        C{-ERR} and is disconnected.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.clock.advance(30)
+        self.assertEqual(self.client.value(), b"-ERR Disconnected for inactivity.\r\n")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_connectionsPerAddress(self) -> None:
+        """
+        Connections beyond the per-address limit get C{-ERR} instead of the
+        greeting.
+        """
+        self.build(limits=Limits(connectionsPerAddress=1))
+        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
+        second.makeConnection(transport)
+        self.assertEqual(transport.value(), b"-ERR Too many connections from your address.\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_clientLeavesDuringLogin(self) -> None:
+        """
+        A client that disconnects while the backend login runs makes the
+        proxy drop the backend connection.
+        """
+        self.build()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.frontend.connectionLost(None)
+        transport = self.connector.transports[-1]
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+
+    def test_passwordNeverLogged(self) -> None:
+        """
+        Neither failed nor successful logins by PASS, AUTH PLAIN or APOP put
+        the password or the digest in a log event.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build(digestAuth=True, password=b"Sup3rSecretPw")
+        self.send(b"USER alice\r\nPASS Sup3rSecretPw\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n-ERR [AUTH] no\r\n")
+        self.clock.advance(10)
+        digest = hashlib.md5(self.frontend.timestamp + b"Sup3rSecretPw").hexdigest()
+        self.send(b"APOP alice " + digest.encode() + b"\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        self.frontend.connectionLost(None)
+        self.assertTrue(events)
+        for event in events:
+            text = repr(event)
+            self.assertNotIn("Sup3rSecretPw", text)
+            self.assertNotIn(digest, text)
+            self.assertNotIn(b64encode(b"\x00alice\x00Sup3rSecretPw").decode(), text)
+
+
+class RelayTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    The relay after login.
+    """
+
+    def loggedIn(self, limits: Limits | None = None) -> None:
+        self.build(limits=limits)
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        self.client.clear()
+
+    def test_bothWays(self) -> None:
+        """
+        After login, bytes pass unchanged both ways, even ones the front end
+        would refuse before login.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.send(b"XCLIENT ADDR=1.2.3.4\r\nRETR 1\r\n")
+        self.assertEqual(backendTransport.value(), b"XCLIENT ADDR=1.2.3.4\r\nRETR 1\r\n")
+        self.connector.protocols[-1].dataReceived(b"+OK 5 octets\r\nHi\r\n\r\n.\r\n")
+        self.assertEqual(self.client.value(), b"+OK 5 octets\r\nHi\r\n\r\n.\r\n")
+
+    def test_idleTimeout(self) -> None:
+        """
+        A session silent in both directions for the idle timeout is closed
+        with C{-ERR}.
+        """
+        self.loggedIn(Limits(idleTimeout=600))
+        self.clock.advance(600)
+        self.assertEqual(self.client.value(), b"-ERR Idle timeout.\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
+    def test_backendCloseClosesClient(self) -> None:
+        """
+        When the backend goes away (after QUIT, say), the client connection
+        is closed too.
+        """
+        self.loggedIn()
+        self.connector.protocols[-1].connectionLost(None)
+        self.assertTrue(self.client.disconnecting)
