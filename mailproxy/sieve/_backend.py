@@ -1,0 +1,230 @@
+"""
+The ManageSieve login dialogue towards a backend.
+
+Order (as Pigeonhole's own proxy does it): the capability greeting ->
+STARTTLS, the handshake and the capability list the server re-sends after
+it (if configured; what was learnt before TLS is forgotten, the C{XCLIENT}
+offer included) -> C{XCLIENT} with the client's addresses (if forwarding
+that way) -> C{AUTHENTICATE "PLAIN"} with an initial response -> the
+server's C{OK} line, which the client gets as the reply to its own
+AUTHENTICATE.
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64encode
+
+from twisted.logger import Logger
+
+from .._backend import BackendProtocol, LoginJob
+from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
+
+#: Longest backend line (and literal) accepted during login.
+MAX_BACKEND_LINE = 65536
+#: Response codes of a NO to AUTHENTICATE that mean "try later".
+_TEMPORARY_CODES = frozenset([b"TRYLATER"])
+#: Response codes that mean the proxy's own set-up is wrong (TLS towards
+#: the backend is needed), not the client's password.
+_SETUP_CODES = frozenset([b"ENCRYPT-NEEDED", b"AUTH-TOO-WEAK"])
+
+_XCLIENT_WORD = re.compile(rb"[!#-'*-\[\]-z|-~]+\Z")
+
+
+def responseCode(values: tuple[SieveValue, ...]) -> bytes:
+    """
+    The upper-cased response code of an C{OK}/C{NO}/C{BYE} line, or C{b""}.
+    """
+    if len(values) > 1 and isinstance(values[1], tuple) and values[1]:
+        first = values[1][0]
+        if isinstance(first, Atom):
+            return first.value.upper()
+    return b""
+
+
+class SieveBackendLogin(BackendProtocol):
+    """
+    Logs in to a ManageSieve server for one client.
+
+    @ivar capabilities: the server's current capabilities, upper-cased name
+        to value (L{None} for a capability without one).
+    @ivar okLine: the server's reply to AUTHENTICATE, CRLF included, once
+        logged in.
+    """
+
+    log = Logger()
+
+    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+        super().__init__(job, clock, timeout)
+        self.capabilities: dict[bytes, bytes | None] = {}
+        self.okLine = b""
+        self._parser = LineParser(MAX_BACKEND_LINE, MAX_BACKEND_LINE, MAX_BACKEND_LINE)
+        self._state = "greeting"
+        self._handlers = {
+            "greeting": self._greetingLine,
+            "starttls": self._startTLSReply,
+            "xclient": self._xclientReply,
+            "login": self._loginReply,
+        }
+
+    # Reading
+
+    def dialogueReceived(self, data: bytes) -> None:
+        self._parser.feed(data)
+        while not self._done:
+            event = self._parser.next()
+            if event is None:
+                return
+            if not isinstance(event, Line):
+                reason = event.reason if isinstance(event, Fatal) else "unparsable line: " + event.reason
+                self.fail("unavailable", "backend sent " + reason)
+                return
+            handler = self._handlers.get(self._state)
+            if handler is None:
+                self.fail("unavailable", "backend sent data while TLS was starting")
+                return
+            handler(event.values)
+            if self._state == "tls" and not self._done:
+                # After the STARTTLS reply, any octet still buffered came in
+                # clear before the handshake: an injection attempt.
+                if self._parser.buffered:
+                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                    return
+                self.startTLS()
+                return
+
+    def _status(self, values: tuple[SieveValue, ...]) -> bytes:
+        """
+        C{OK}, C{NO} or C{BYE} (upper-cased) if C{values} is a status line,
+        else C{b""}.
+        """
+        if values and isinstance(values[0], Atom):
+            status = values[0].value.upper()
+            if status in (b"OK", b"NO", b"BYE"):
+                return status
+        return b""
+
+    # The dialogue
+
+    def _greetingLine(self, values: tuple[SieveValue, ...]) -> None:
+        status = self._status(values)
+        if status == b"OK":
+            self._greeted()
+            return
+        if status:
+            self.fail("unavailable", "backend greeted with " + status.decode("ascii") + " " + _code(values))
+            return
+        if not values or not isinstance(values[0], bytes) or len(values) > 2:
+            self.fail("unavailable", "backend sent an invalid capability line")
+            return
+        value = values[1] if len(values) == 2 else None
+        if value is not None and not isinstance(value, bytes):
+            self.fail("unavailable", "backend sent an invalid capability line")
+            return
+        self.capabilities[values[0].upper()] = value
+
+    def _greeted(self) -> None:
+        backend = self.job.backend
+        if backend.tls == "starttls" and not self.tlsActive:
+            if b"STARTTLS" not in self.capabilities:
+                self.fail("unavailable", "backend does not offer STARTTLS")
+                return
+            self._state = "starttls"
+            self.transport.write(b"STARTTLS\r\n")
+            return
+        if backend.forward == "xclient" or (backend.forward == "auto" and b"XCLIENT" in self.capabilities):
+            self._state = "xclient"
+            self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n")
+            return
+        self._login()
+
+    def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
+        if self._status(values) != b"OK":
+            self.fail("unavailable", "backend refused STARTTLS")
+            return
+        self._state = "tls"
+
+    def tlsReady(self) -> None:
+        if self._state != "tls":
+            return  # implicit TLS: the greeting follows
+        # The server re-sends its capabilities now (RFC 5804 section 2.2);
+        # what it said in clear is forgotten.
+        self.capabilities = {}
+        self._state = "greeting"
+
+    def _xclientArguments(self) -> bytes:
+        client = self.job.client
+        pairs = [
+            ("ADDR", client.address),
+            ("PORT", str(client.port)),
+            ("DESTADDR", client.localAddress),
+            ("DESTPORT", str(client.localPort)),
+            ("SESSION", client.sessionId),
+            ("TTL", str(self.job.ttl)),
+            ("CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
+        ]
+        if client.tls and client.tls.serverName:
+            pairs.append(("DESTNAME", client.tls.serverName))
+        words = []
+        for key, value in pairs:
+            word = (key + "=" + value).encode("utf-8", "replace")
+            # Each is sent as an atom; anything that is not one is left out.
+            if value and _XCLIENT_WORD.match(word):
+                words.append(word)
+        return b" ".join(words)
+
+    def _xclientReply(self, values: tuple[SieveValue, ...]) -> None:
+        if self._status(values) != b"OK":
+            self.fail("unavailable", "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
+            return
+        self._login()
+
+    def _login(self) -> None:
+        mechanisms = (self.capabilities.get(b"SASL") or b"").upper().split()
+        if b"PLAIN" not in mechanisms:
+            hint = ""
+            if not self.tlsActive and b"STARTTLS" in self.capabilities:
+                hint = "; it may want TLS first (tls = starttls)"
+            self.fail("unavailable", "backend does not offer SASL PLAIN" + hint)
+            return
+        job = self.job
+        if job.masterUser is not None:
+            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
+        else:
+            authzid, authcid, password = "", job.user, job.password or b""
+        response = b64encode(
+            authzid.encode("utf-8", "surrogateescape")
+            + b"\x00"
+            + authcid.encode("utf-8", "surrogateescape")
+            + b"\x00"
+            + password
+        )
+        self._state = "login"
+        self.transport.write(b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n")
+
+    def _loginReply(self, values: tuple[SieveValue, ...]) -> None:
+        status = self._status(values)
+        if status == b"OK":
+            self.okLine = formatValues(values) + b"\r\n"
+            self.succeed(self._parser.takeRemaining())
+            return
+        code = responseCode(values)
+        if status == b"NO" and code in _TEMPORARY_CODES:
+            self.fail("unavailable", "backend login: NO " + _code(values))
+        elif status == b"NO" and code in _SETUP_CODES:
+            self.fail("unavailable", "backend login: NO " + _code(values) + "; configure tls for it")
+        elif status == b"NO":
+            self.fail("auth", "backend refused the credentials")
+        elif status == b"BYE":
+            self.fail("unavailable", "backend answered the login with BYE " + _code(values))
+        else:
+            # A SASL challenge: PLAIN with an initial response needs none.
+            self.fail("unavailable", "backend sent an unexpected SASL challenge")
+
+
+def _code(values: tuple[SieveValue, ...]) -> str:
+    """
+    A status line's response code for logs, e.g. C{"(TRYLATER)"}.
+    """
+    code = responseCode(values)
+    return "(" + code.decode("ascii", "replace") + ")" if code else "(no code)"
