@@ -57,7 +57,7 @@ __all__ = [
     "readTOML",
 ]
 
-LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3")
+LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "sieve")
 """
 The protocols a C{[[listener]]} can speak (the front ends that exist).
 """

@@ -26,6 +26,7 @@ from .routers import buildRouter
 FRONTENDS = {
     "imap": "mailproxy.imap._frontend.IMAPFrontend",
     "pop3": "mailproxy.pop3._frontend.POP3Frontend",
+    "sieve": "mailproxy.sieve._frontend.SieveFrontend",
 }
 
 #: Listen backlog when the endpoint string does not set one: Twisted's
