@@ -11,13 +11,14 @@ backend, and joining the two connections in a L{Relay}.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, CancelledError
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -27,6 +28,7 @@ from zope.interface import implementer
 from . import _tls
 from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from ._relay import Relay
+from ._stats import ProxyStats
 from .config import Limits, Listener
 from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
 from .routers import callRouter
@@ -61,6 +63,82 @@ class ConnectionTracker:
             del self._open[address]
 
 
+class SessionRegistry:
+    """
+    The open sessions of one proxy, to find them by account or backend.
+
+    A session is in the registry from its first byte to its close, before
+    and after login.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: set[FrontendProtocol] = set()
+        self._emptyWaiters: list[Deferred[None]] = []
+
+    def add(self, session: FrontendProtocol) -> None:
+        """
+        A session opened.
+        """
+        self._sessions.add(session)
+
+    def discard(self, session: FrontendProtocol) -> None:
+        """
+        A session closed.
+        """
+        self._sessions.discard(session)
+        if not self._sessions:
+            waiters, self._emptyWaiters = self._emptyWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[FrontendProtocol]:
+        # A copy: callers drop sessions while they iterate.
+        return iter(list(self._sessions))
+
+    def __contains__(self, session: object) -> bool:
+        return session in self._sessions
+
+    def find(
+        self,
+        account: str | None = None,
+        backend: str | None = None,
+        domain: str | None = None,
+    ) -> list[FrontendProtocol]:
+        """
+        The sessions matching every filter given.
+
+        @param account: the login name the client gave, without case.
+        @param backend: the name of the backend the session is relayed to;
+            sessions not logged in have none.
+        @param domain: the part of the login name after the last C{@},
+            without case.
+        """
+        found = []
+        for session in self._sessions:
+            user = (session.user or "").lower()
+            if account is not None and (not session.user or user != account.lower()):
+                continue
+            if domain is not None and (not session.user or user.rpartition("@")[2] != domain.lower() or "@" not in user):
+                continue
+            if backend is not None and session.backendName != backend:
+                continue
+            found.append(session)
+        return found
+
+    def whenEmpty(self) -> Deferred[None]:
+        """
+        A Deferred that fires once no session is open (at once if none is).
+        """
+        if not self._sessions:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._emptyWaiters.append(waiter)
+        return waiter
+
+
 @define
 class ProxyContext:
     """
@@ -68,6 +146,12 @@ class ProxyContext:
 
     @ivar backendConnector: how a backend login protocol gets connected;
         tests replace it to script backends in memory.
+    @ivar sessions: the open sessions.
+    @ivar stats: what the sessions count.
+    @ivar gate: if set, its C{wait(request)} is asked before each login is
+        routed; it answers L{None} (go on) or a Deferred that fires when the
+        login may go on (an operator holds an account while it moves).
+    @ivar routerName: how logs name the router (the configured type).
     """
 
     reactor: object
@@ -77,11 +161,16 @@ class ProxyContext:
     serverTLS: object | None = None
     tracker: ConnectionTracker = field(default=None)
     backendConnector: Callable[[object, BackendProtocol], Deferred] = connectBackend
-    sessions: set = field(factory=set)
+    sessions: SessionRegistry = field(factory=SessionRegistry)
+    stats: ProxyStats = field(default=None)
+    gate: Any = None
+    routerName: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.tracker is None:
             self.tracker = ConnectionTracker(self.limits.connectionsPerAddress)
+        if self.stats is None:
+            self.stats = ProxyStats(self.reactor)  # type: ignore[arg-type]
 
 
 class LoginFailed(Exception):
@@ -114,6 +203,14 @@ def plainAddress(address: str) -> str:
     return address
 
 
+def logQuote(text: str | None) -> str:
+    """
+    C{text} as a JSON string (C{"-"} for L{None}), for log lines: whatever a
+    client chose cannot break a line or pose as another field.
+    """
+    return "-" if text is None else json.dumps(text)
+
+
 def newSessionId() -> str:
     """
     A short random session id, safe in any protocol's syntax.
@@ -133,6 +230,10 @@ class FrontendProtocol(Protocol):
     @ivar client: the client's addresses and TLS facts.
     @ivar tlsActive: the connection is (or is becoming) TLS.
     @ivar relay: the L{Relay} once logged in.
+    @ivar user: the login name of the latest login attempt.
+    @ivar mechanism: the mechanism of the latest login attempt.
+    @ivar route: the router's answer to the latest login attempt, once it
+        gave one.
     """
 
     protocolName = ""
@@ -147,8 +248,10 @@ class FrontendProtocol(Protocol):
         self.attempts = 0
         self.failures = 0
         self.user: str | None = None
+        self.mechanism: str | None = None
         self.route: Route | None = None
         self.result = "disconnected before login"
+        self._goodbye: str | None = None
         self._counted = False
         self._preauthTimer = None
         self._pending: Deferred | None = None
@@ -206,6 +309,10 @@ class FrontendProtocol(Protocol):
         if self._counted:
             self._counted = False
             self.context.tracker.remove(self.client.address)
+            if self.relay is not None and self.route is not None:
+                self.context.stats.sessionEnded(
+                    self.protocolName, self.route.backend.name, self.relay.bytesFromClient, self.relay.bytesFromBackend
+                )
             self.context.sessions.discard(self)
             self._logEnd()
 
@@ -217,10 +324,17 @@ class FrontendProtocol(Protocol):
 
     def _logEnd(self) -> None:
         relay = self.relay
+        if relay is not None:
+            result = "ok"
+        elif self.attempts:
+            result = "failed"
+        else:
+            result = "no-login"
         self.log.info(
-            "session {session} end: {protocol} from {address}:{port} user={user} "
-            "backend={backend} result={result} duration={duration:.3f}s "
+            "session {session} end: {protocol} from {address}:{port} user={quotedUser} "
+            "backend={backend} result={result} reason={quotedReason} duration={duration:.3f}s "
             "in={bytesIn} out={bytesOut}",
+            event="session_end",
             session=self.client.sessionId,
             protocol=self.protocolName,
             address=self.client.address,
@@ -228,12 +342,70 @@ class FrontendProtocol(Protocol):
             tls=self.client.tls.version if self.client.tls else None,
             sni=self.client.tls.serverName if self.client.tls else None,
             user=self.user,
+            quotedUser=logQuote(self.user),
+            mechanism=self.mechanism,
+            router=self.context.routerName,
+            rule=self.route.rule if self.route else None,
             backend=self.route.backend.name if self.route else None,
-            result=relay.endReason if relay and relay.endReason else self.result,
+            result=result,
+            reason=relay.endReason if relay and relay.endReason else self.result,
+            quotedReason=logQuote(relay.endReason if relay and relay.endReason else self.result),
             duration=time.monotonic() - self._started,
             bytesIn=relay.bytesFromClient if relay else 0,
             bytesOut=relay.bytesFromBackend if relay else 0,
         )
+
+    # Operations
+
+    @property
+    def backendName(self) -> str | None:
+        """
+        The name of the backend this session's latest login was routed to,
+        or L{None} before a route is known.
+        """
+        return self.route.backend.name if self.route is not None else None
+
+    def drop(self, reason: str) -> None:
+        """
+        End this session from outside (an operator, a move, shutdown): say
+        the protocol's goodbye with C{reason} and close both connections.
+        """
+        if self.relay is not None:
+            if self.relay.endReason is None:
+                self._goodbye = reason
+                self.relay.stop("dropped: " + reason)
+            return
+        if not self._counted:
+            return
+        self.result = "dropped: " + reason
+        self.sayGoodbye(reason)
+        self.transport.loseConnection()
+
+    def describe(self) -> dict[str, Any]:
+        """
+        This session as JSON-ready data, for the management endpoint.
+        """
+        relay = self.relay
+        if relay is not None:
+            state = "relay"
+        elif self._pending is not None:
+            state = "login"
+        else:
+            state = "pre-auth"
+        return {
+            "session": self.client.sessionId,
+            "protocol": self.protocolName,
+            "state": state,
+            "account": self.user,
+            "backend": self.backendName,
+            "address": self.client.address,
+            "port": self.client.port,
+            "tls": self.client.tls.version if self.client.tls else None,
+            "sni": self.client.tls.serverName if self.client.tls else None,
+            "seconds": round(time.monotonic() - self._started, 3),
+            "bytesFromClient": relay.bytesFromClient if relay else 0,
+            "bytesFromBackend": relay.bytesFromBackend if relay else 0,
+        }
 
     # Services for the protocol modules
 
@@ -272,6 +444,8 @@ class FrontendProtocol(Protocol):
         """
         self.attempts += 1
         self.user = credentials.user
+        self.mechanism = credentials.mechanism
+        self.route = None
         self.transport.pauseProducing()
         request = RouteRequest(
             protocol=self.protocolName,  # type: ignore[arg-type]
@@ -280,12 +454,27 @@ class FrontendProtocol(Protocol):
             attempt=self.attempts,
             clientID=clientID,
         )
-        d = callRouter(self.context.router, request)
+        gate = self.context.gate
+        waiting = gate.wait(request) if gate is not None else None
+        if waiting is None:
+            d = self._callRouter(request)
+        else:
+            d = waiting.addCallback(lambda _: self._callRouter(request))
         d.addCallbacks(self._routed, self._routerFailed, callbackArgs=(credentials, clientID))
         d.addErrback(self._delayFailure)
         d.addBoth(self._loginDone)
         self._pending = d
         return d
+
+    def _callRouter(self, request: RouteRequest) -> Deferred:
+        clock = self.context.reactor
+        started = clock.seconds()
+
+        def answered(result: object) -> object:
+            self.context.stats.routerAnswered(clock.seconds() - started)
+            return result
+
+        return callRouter(self.context.router, request).addBoth(answered)
 
     def _routerFailed(self, reason: Failure) -> None:
         reason.trap(Exception)
@@ -368,14 +557,23 @@ class FrontendProtocol(Protocol):
         else:
             self.log.failure("login failed unexpectedly", reason)
             failure, wait = LoginFailed("unavailable"), 0.0
+        self.context.stats.loginFailed(self.protocolName, self.backendName or "", failure.kind)
         if failure.kind == "auth":
             self.failures += 1
             wait += self.failures * self.limits.failureDelay
+            # A stable line for fail2ban (examples/fail2ban): the address
+            # comes before anything the client chose.
             self.log.info(
-                "authentication failed: session={session} address={address} user={user} attempt={attempt}",
+                "authentication failed: session={session} address={address} protocol={protocol} "
+                "user={quotedUser} attempt={attempt}",
+                event="login_failed",
                 session=self.client.sessionId,
                 address=self.client.address,
+                port=self.client.port,
+                protocol=self.protocolName,
                 user=self.user,
+                quotedUser=logQuote(self.user),
+                mechanism=self.mechanism,
                 attempt=self.attempts,
             )
         if self.failures >= self.limits.loginFailures:
@@ -407,6 +605,7 @@ class FrontendProtocol(Protocol):
             self._preauthTimer.cancel()
         self._preauthTimer = None
         self.result = "logged in"
+        self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name)
         relay = Relay(
             self.transport,
             backend.transport,
@@ -419,20 +618,15 @@ class FrontendProtocol(Protocol):
         self.dataReceived = relay.fromClient  # type: ignore[method-assign]
         backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
         backend.onLost = relay.backendLost
-        self.log.info(
-            "session {session} logged in: user={user} backend={backend} rule={rule}",
-            session=self.client.sessionId,
-            user=self.user,
-            backend=backend.job.backend.name,
-            rule=backend.job.route.rule,
-        )
         relay.start(toClient=backend.leftover, toBackend=toBackend)
 
     def _relayEnded(self, relay: Relay) -> None:
+        # The client sees a goodbye only from us; the backend's own
+        # connection is closed under it.
         if relay.endReason == "idle timeout":
-            # The client sees a goodbye only from us; the backend's own
-            # connection is closed under it.
             self.sayGoodbye("Idle timeout.")
+        elif self._goodbye is not None:
+            self.sayGoodbye(self._goodbye)
 
     # For subclasses
 

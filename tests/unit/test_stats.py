@@ -1,0 +1,438 @@
+"""
+Tests for L{mailproxy._stats} and the session path's hooks for operations:
+the session registry, dropping a session, the login gate, the counters,
+and the log events at session end and for failed logins.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._stats import ProxyStats, metricsText, routerChain, snapshot
+from mailproxy.model import Rejection, Route
+from mailproxy.testing import FakeRouter, makeBackend
+
+from .opsfixtures import GREETING, ProxyHarness
+
+OLD = makeBackend("old")
+NEW = makeBackend("new")
+
+
+def harness(**kwargs) -> ProxyHarness:
+    """
+    A proxy routing alice and bob to old, carol to new.
+    """
+    router = FakeRouter(
+        {
+            "alice@example.org": Route(OLD, rule="accounts -> old"),
+            "bob@example.net": Route(OLD),
+            "carol@example.org": Route(NEW),
+        }
+    )
+    return ProxyHarness(router, **kwargs)
+
+
+def captureEvents(testCase: SynchronousTestCase) -> list[dict]:
+    """
+    Collect the log events emitted during the test.
+    """
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    testCase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+class RegistryTests(SynchronousTestCase):
+    """
+    L{mailproxy._session.SessionRegistry}.
+    """
+
+    def test_findByAccountBackendDomain(self) -> None:
+        """
+        Sessions are found by account (without case), by backend and by
+        domain; a session not logged in has no backend.
+        """
+        proxy = harness()
+        alice, _, _ = proxy.login("alice@example.org")
+        bob, _, _ = proxy.login("bob@example.net")
+        carol, _, _ = proxy.login("carol@example.org")
+        waiting, _ = proxy.connect()
+        sessions = proxy.context.sessions
+        self.assertEqual(len(sessions), 4)
+        self.assertEqual(sessions.find(account="ALICE@example.org"), [alice])
+        self.assertEqual(set(sessions.find(backend="old")), {alice, bob})
+        self.assertEqual(set(sessions.find(domain="Example.ORG")), {alice, carol})
+        self.assertEqual(sessions.find(domain="example.org", backend="new"), [carol])
+        self.assertEqual(set(sessions.find()), {alice, bob, carol, waiting})
+        self.assertIsNone(waiting.backendName)
+
+    def test_closedSessionsLeave(self) -> None:
+        """
+        A closed session leaves the registry, and L{whenEmpty} fires when
+        the last one is gone.
+        """
+        proxy = harness()
+        alice, _, _ = proxy.login("alice@example.org")
+        other, _ = proxy.connect()
+        empty = proxy.context.sessions.whenEmpty()
+        proxy.close(alice)
+        self.assertNotIn(alice, proxy.context.sessions)
+        self.assertNoResult(empty)
+        proxy.close(other)
+        self.assertIsNone(self.successResultOf(empty))
+        self.assertIsNone(self.successResultOf(proxy.context.sessions.whenEmpty()))
+
+
+class DropTests(SynchronousTestCase):
+    """
+    L{FrontendProtocol.drop}.
+    """
+
+    def test_dropRelayed(self) -> None:
+        """
+        A relayed session gets the protocol's goodbye and both its
+        connections are closed; the session end says it was dropped.
+        """
+        events = captureEvents(self)
+        proxy = harness()
+        alice, client, backend = proxy.login("alice@example.org")
+        alice.drop("Account moved, please reconnect.")
+        self.assertEqual(client.value(), b"* BYE Account moved, please reconnect.\r\n")
+        self.assertTrue(client.disconnecting)
+        self.assertTrue(backend.disconnecting)
+        proxy.close(alice)
+        (end,) = [e for e in events if e.get("event") == "session_end"]
+        self.assertEqual(end["reason"], "dropped: Account moved, please reconnect.")
+        self.assertEqual(end["result"], "ok")
+
+    def test_dropTwice(self) -> None:
+        """
+        Dropping a session that is already ending writes nothing more.
+        """
+        proxy = harness()
+        alice, client, _ = proxy.login("alice@example.org")
+        alice.drop("first")
+        client.clear()
+        alice.drop("second")
+        self.assertEqual(client.value(), b"")
+
+    def test_dropBeforeLogin(self) -> None:
+        """
+        A session not logged in gets the goodbye and is closed.
+        """
+        proxy = harness()
+        frontend, client = proxy.connect()
+        frontend.drop("Server shutting down.")
+        self.assertEqual(client.value(), b"* BYE Server shutting down.\r\n")
+        self.assertTrue(client.disconnecting)
+
+    def test_dropDuringLogin(self) -> None:
+        """
+        A session whose login is on its way to the backend is dropped too:
+        the backend connection goes with the client's.
+        """
+        proxy = harness()
+        frontend, client = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.assertEqual(frontend.backendName, "old")
+        frontend.drop("Account moved, please reconnect.")
+        self.assertEqual(client.value(), b"* BYE Account moved, please reconnect.\r\n")
+        proxy.close(frontend)
+        self.assertTrue(proxy.connector.transports[-1].disconnected or proxy.connector.transports[-1].disconnecting)
+
+    def test_idleTimeoutStillSaysSo(self) -> None:
+        """
+        The idle timeout's own goodbye is unchanged.
+        """
+        proxy = harness()
+        alice, client, _ = proxy.login("alice@example.org")
+        proxy.clock.advance(proxy.context.limits.idleTimeout + 1)
+        self.assertEqual(client.value(), b"* BYE Idle timeout.\r\n")
+
+
+class GateTests(SynchronousTestCase):
+    """
+    The login gate: a hook asked before each login is routed.
+    """
+
+    def test_heldUntilReleased(self) -> None:
+        """
+        A login the gate holds does not reach the router until the gate's
+        Deferred fires; then it goes on as usual.
+        """
+        released: Deferred[None] = Deferred()
+        asked = []
+
+        class Gate:
+            def wait(self, request):
+                asked.append(request.credentials.user)
+                return released
+
+        proxy = harness(gate=Gate())
+        frontend, client = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.assertEqual(asked, ["alice@example.org"])
+        self.assertEqual(proxy.context.router.requests, [])
+        self.assertEqual(proxy.connector.protocols, [])
+        released.callback(None)
+        self.assertEqual(len(proxy.context.router.requests), 1)
+        self.assertEqual(len(proxy.connector.protocols), 1)
+
+    def test_notHeld(self) -> None:
+        """
+        A gate that answers L{None} lets the login go on at once.
+        """
+
+        class Gate:
+            def wait(self, request):
+                return None
+
+        proxy = harness(gate=Gate())
+        frontend, _ = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.assertEqual(len(proxy.connector.protocols), 1)
+
+
+class CounterTests(SynchronousTestCase):
+    """
+    What the session path reports to L{ProxyStats}.
+    """
+
+    def test_loginsAndBytes(self) -> None:
+        """
+        Logins are counted by protocol, backend and result; bytes of open
+        sessions are read live, and kept when the session ends.
+        """
+        proxy = harness()
+        alice, client, backend = proxy.login("alice@example.org")
+        proxy.login("carol@example.org")
+        alice.dataReceived(b"b NOOP\r\n")
+        proxy.connector.protocols[0].dataReceived(b"b OK NOOP done\r\n")
+        data = snapshot(proxy.context.stats, proxy.context.sessions, proxy.context.router)
+        self.assertEqual(data["sessions"], {"open": 2, "byBackend": {"imap": {"old": 1, "new": 1}}})
+        self.assertEqual(data["logins"], {"imap": {"old": {"ok": 1}, "new": {"ok": 1}}})
+        self.assertEqual(data["bytes"]["fromClient"], 8)
+        self.assertEqual(data["bytes"]["fromBackend"], 16)
+        proxy.close(alice)
+        data = snapshot(proxy.context.stats, proxy.context.sessions, proxy.context.router)
+        self.assertEqual(data["sessions"], {"open": 1, "byBackend": {"imap": {"new": 1}}})
+        self.assertEqual(data["sessionsEnded"], {"imap": {"old": 1}})
+        self.assertEqual(data["bytes"]["fromClient"], 8)
+        self.assertEqual(data["bytes"]["fromBackendByBackend"], {"imap": {"old": 16}})
+
+    def test_failures(self) -> None:
+        """
+        A router refusal counts as an auth failure without backend; a
+        backend's refusal counts with it; an unreachable backend counts as
+        unavailable.
+        """
+        proxy = harness()
+        frontend, _ = proxy.connect()
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        proxy.clock.advance(1)
+        frontend.dataReceived(b"b LOGIN alice@example.org wrong\r\n")
+        proxy.connector.protocols[-1].dataReceived(GREETING)
+        proxy.connector.protocols[-1].dataReceived(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        proxy.clock.advance(2)
+        proxy.connector.refuse = True
+        other, _ = proxy.connect()
+        other.dataReceived(b"a LOGIN carol@example.org secret\r\n")
+        self.assertEqual(
+            dict(proxy.context.stats.logins),
+            {("imap", "", "auth"): 1, ("imap", "old", "auth"): 1, ("imap", "new", "unavailable"): 1},
+        )
+
+    def test_routerLatency(self) -> None:
+        """
+        The time from asking the router to its answer is measured on the
+        context's clock.
+        """
+        router = FakeRouter(manual=True)
+        proxy = ProxyHarness(router)
+        frontend, _ = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        proxy.clock.advance(0.03)
+        router.pending[0].callback(Rejection())
+        latency = proxy.context.stats.routerLatency
+        self.assertEqual(latency.count, 1)
+        self.assertAlmostEqual(latency.total, 0.03)
+        self.assertEqual(latency.counts[:5], [0, 0, 0, 0, 0])
+        self.assertEqual(latency.counts[5:], [1] * 9)
+
+    def test_cacheHitRate(self) -> None:
+        """
+        A cache in the router chain (C{hits} and C{misses}, reached through
+        C{wrapped} or C{routers}) shows up as a hit rate.
+        """
+
+        class Cache:
+            hits, misses = 3, 1
+
+            def __init__(self, wrapped):
+                self.wrapped = wrapped
+
+        class Chain:
+            def __init__(self, *routers):
+                self.routers = routers
+
+        inner = FakeRouter()
+        router = Chain(Cache(inner), FakeRouter())
+        self.assertEqual(len(list(routerChain(router))), 4)
+        data = snapshot(ProxyStats(), [], router)
+        self.assertEqual(data["router"]["cache"], {"hits": 3, "misses": 1, "hitRate": 0.75})
+        self.assertIsNone(snapshot(ProxyStats(), [], inner)["router"]["cache"])
+
+
+class MetricsTests(SynchronousTestCase):
+    """
+    The Prometheus exposition.
+    """
+
+    def metrics(self, proxy: ProxyHarness) -> dict:
+        """
+        Parse the proxy's metrics with prometheus_client's own parser.
+
+        @return: C{{(sample name, labels as sorted tuple): value}}.
+        """
+        text = metricsText(proxy.context.stats, proxy.context.sessions, proxy.context.router).decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+        return samples
+
+    def test_sessionsAndLogins(self) -> None:
+        """
+        Sessions open and logins per backend appear with their labels, and
+        the text parses.
+        """
+        proxy = harness()
+        proxy.login("alice@example.org")
+        proxy.login("bob@example.net")
+        proxy.login("carol@example.org")
+        proxy.connect()
+        samples = self.metrics(proxy)
+        self.assertEqual(samples["mailproxy_sessions_open", (("backend", "old"), ("protocol", "imap"))], 2)
+        self.assertEqual(samples["mailproxy_sessions_open", (("backend", "new"), ("protocol", "imap"))], 1)
+        self.assertEqual(samples["mailproxy_sessions_open", (("backend", ""), ("protocol", "imap"))], 1)
+        self.assertEqual(
+            samples["mailproxy_logins_total", (("backend", "old"), ("protocol", "imap"), ("result", "ok"))], 2
+        )
+        self.assertEqual(samples["mailproxy_router_latency_seconds_count", ()], 3)
+        self.assertEqual(samples["mailproxy_router_latency_seconds_bucket", (("le", "+Inf"),)], 3)
+
+    def test_bytes(self) -> None:
+        """
+        Relayed bytes are counted per direction.
+        """
+        proxy = harness()
+        alice, _, _ = proxy.login("alice@example.org")
+        alice.dataReceived(b"b NOOP\r\n")
+        samples = self.metrics(proxy)
+        self.assertEqual(
+            samples[
+                "mailproxy_relayed_bytes_total",
+                (("backend", "old"), ("direction", "from_client"), ("protocol", "imap")),
+            ],
+            8,
+        )
+
+    def test_oneRegistryPerProxy(self) -> None:
+        """
+        Two proxies in one process have their own counters.
+        """
+        one, two = harness(), harness()
+        one.login("alice@example.org")
+        self.assertNotIn(
+            ("mailproxy_logins_total", (("backend", "old"), ("protocol", "imap"), ("result", "ok"))),
+            self.metrics(two),
+        )
+
+
+class LogEventTests(SynchronousTestCase):
+    """
+    The structured events at session end and for failed logins.
+    """
+
+    def test_sessionEnd(self) -> None:
+        """
+        One event per session end carries every field the operator needs,
+        and never the password.
+        """
+        events = captureEvents(self)
+        proxy = harness()
+        alice, _, _ = proxy.login("alice@example.org", password="Pa55word-x")
+        alice.dataReceived(b"b NOOP\r\n")
+        proxy.close(alice)
+        (end,) = [e for e in events if e.get("event") == "session_end"]
+        fields = {
+            key: end[key]
+            for key in (
+                "session", "protocol", "address", "port", "tls", "sni", "user", "mechanism",
+                "router", "rule", "backend", "result", "reason", "bytesIn", "bytesOut",
+            )
+        }
+        self.assertEqual(
+            fields,
+            {
+                "session": alice.client.sessionId,
+                "protocol": "imap",
+                "address": "192.0.2.10",
+                "port": 50001,
+                "tls": None,
+                "sni": None,
+                "user": "alice@example.org",
+                "mechanism": "LOGIN",
+                "router": "fake",
+                "rule": "accounts -> old",
+                "backend": "old",
+                "result": "ok",
+                "reason": "client closed",
+                "bytesIn": 8,
+                "bytesOut": 0,
+            },
+        )
+        self.assertIsInstance(end["duration"], float)
+        for event in events:
+            self.assertNotIn("Pa55word-x", repr(event))
+
+    def test_failedLoginLine(self) -> None:
+        """
+        A failed login gives one line in the stable format fail2ban reads:
+        the address before anything the client chose, the user quoted.
+        """
+        from twisted.logger import formatEvent
+
+        events = captureEvents(self)
+        proxy = harness()
+        frontend, _ = proxy.connect(address="198.51.100.7")
+        frontend.dataReceived(b'a LOGIN "x address=192.0.2.99" secret\r\n')
+        (failed,) = [e for e in events if e.get("event") == "login_failed"]
+        self.assertEqual(
+            formatEvent(failed),
+            f"authentication failed: session={frontend.client.sessionId} address=198.51.100.7 "
+            'protocol=imap user="x address=192.0.2.99" attempt=1',
+        )
+
+    def test_userCannotBreakTheLine(self) -> None:
+        """
+        A login name with a line break (sent as a literal) stays on one
+        line in the session end and the failure lines.
+        """
+        from twisted.logger import formatEvent
+
+        events = captureEvents(self)
+        proxy = harness()
+        frontend, _ = proxy.connect()
+        frontend.dataReceived(b"a LOGIN {5+}\r\nx\r\ny\n secret\r\n")
+        proxy.close(frontend)
+        for event in events:
+            if event.get("event") in ("login_failed", "session_end"):
+                text = formatEvent(event)
+                self.assertNotIn("\n", text)
+                self.assertIn(json.dumps("x\r\ny\n"), text)
