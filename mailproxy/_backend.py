@@ -63,6 +63,8 @@ class LoginJob:
         user.
     @ivar masterUser: log in as this master user on C{user}'s behalf.
     @ivar clientID: IMAP ID pairs the client sent, to pass on.
+    @ivar portName: the key of the backend's C{ports} to connect to, when
+        it is not C{protocol} (SMTP MX sessions use C{"mx"}).
     """
 
     route: Route
@@ -75,6 +77,7 @@ class LoginJob:
     masterPassword: bytes | None = None
     clientID: tuple[tuple[str, str], ...] = ()
     ttl: int = 5
+    portName: str | None = None
 
     @property
     def backend(self) -> Backend:
@@ -269,10 +272,10 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
     job = protocol.job
     backend = job.backend
     try:
-        port = backend.port(job.protocol)
+        port = backend.port(job.portName or job.protocol)
     except KeyError:
         protocol.result.errback(
-            Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.protocol} port"))
+            Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.portName or job.protocol} port"))
         )
         return protocol.result
     endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)

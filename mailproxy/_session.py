@@ -146,6 +146,10 @@ class ProxyContext:
 
     @ivar backendConnector: how a backend login protocol gets connected;
         tests replace it to script backends in memory.
+    @ivar backends: the configured backends by name (for front ends that
+        must know all of them, e.g. to offer only what every one supports).
+    @ivar shared: state a protocol module shares between its sessions
+        (what it learned about the backends), under keys of its own.
     @ivar sessions: the open sessions.
     @ivar stats: what the sessions count.
     @ivar gate: if set, its C{wait(request)} is asked before each login is
@@ -161,6 +165,8 @@ class ProxyContext:
     serverTLS: object | None = None
     tracker: ConnectionTracker = field(default=None)
     backendConnector: Callable[[object, BackendProtocol], Deferred] = connectBackend
+    backends: dict = field(factory=dict)
+    shared: dict = field(factory=dict)
     sessions: SessionRegistry = field(factory=SessionRegistry)
     stats: ProxyStats = field(default=None)
     gate: Any = None
@@ -594,6 +600,16 @@ class FrontendProtocol(Protocol):
         if not isinstance(result, Failure) or not result.check(CancelledError):
             self.transport.resumeProducing()
         return result
+
+    def stopPreauthTimer(self) -> None:
+        """
+        Stop the pre-auth timer of a session that never logs in (SMTP MX,
+        served by the proxy from start to end): its front end applies
+        timeouts of its own.
+        """
+        if self._preauthTimer is not None and self._preauthTimer.active():
+            self._preauthTimer.cancel()
+        self._preauthTimer = None
 
     def handOver(self, backend: BackendProtocol, toBackend: bytes = b"") -> None:
         """

@@ -17,6 +17,7 @@ from attrs import field, frozen
 Protocol = Literal["imap", "pop3", "smtp", "sieve"]
 BackendTLS = Literal["none", "starttls", "implicit"]
 Forwarding = Literal["auto", "id", "xclient", "proxy-v1", "proxy-v2", "none"]
+RejectionReason = Literal["", "unknown-user", "not-local"]
 
 
 @frozen
@@ -192,6 +193,11 @@ class Rejection:
     @ivar unknown: the router does not know the account at all (rather
         than knowing it and refusing the password): a chain of routers asks
         the next one.
+    @ivar reason: for a recipient (SMTP MX, C{credentials} L{None}), why it
+        is refused: C{"unknown-user"} (a domain the proxy serves, but no such
+        account: SMTP C{550 5.1.1}) or C{"not-local"} (a domain the proxy
+        does not serve: C{550 5.7.1}, it never relays); C{""} otherwise.
+        Login front ends treat every reason as a failed login.
     """
 
     message: str = "Authentication failed."
@@ -199,3 +205,4 @@ class Rejection:
     temporary: bool = False
     close: bool = False
     unknown: bool = False
+    reason: RejectionReason = ""
