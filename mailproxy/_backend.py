@@ -16,9 +16,10 @@ from typing import Callable, Literal
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -107,7 +108,8 @@ class BackendProtocol(Protocol):
     def __init__(self, job: LoginJob, clock, timeout: float) -> None:
         self.job = job
         self.result: Deferred[BackendProtocol] = Deferred(lambda d: self._cancelled())
-        self.connecting: Deferred | None = None
+        #: Abandons a connection attempt still under way.
+        self.stopConnecting: Callable[[], object] | None = None
         self.leftover = b""
         self.tlsActive = False
         self._clock = clock
@@ -222,8 +224,8 @@ class BackendProtocol(Protocol):
         self._cancelTimer()
         if self.transport is not None:
             self.transport.abortConnection()
-        elif self.connecting is not None:
-            self.connecting.cancel()
+        elif self.stopConnecting is not None:
+            self.stopConnecting()
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -262,9 +264,33 @@ def proxyHeader(backend: Backend, client: ClientInfo, protocol: str) -> bytes:
     return b""
 
 
+class _OneBackendFactory(ClientFactory):
+    """
+    Hands one prepared L{BackendProtocol} to one connection.
+
+    Twisted's C{connectProtocol} would do, but it defines a factory class
+    per call (and logs its start and stop): too much for every login.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: BackendProtocol, failed: Callable[[Failure], None]) -> None:
+        self.backendProtocol = protocol
+        self.failed = failed
+
+    def buildProtocol(self, addr: object) -> BackendProtocol:
+        return self.backendProtocol
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.failed(reason)
+
+
 def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtocol]:
     """
     Connect C{protocol} to its job's backend and run its login dialogue.
+
+    Backends named by address are connected directly; host names go through
+    L{HostnameEndpoint} (resolution in a thread, then the addresses raced).
 
     @return: L{BackendProtocol.result}: the logged-in protocol, or a
         L{BackendFailure}.
@@ -278,11 +304,9 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
             Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.portName or job.protocol} port"))
         )
         return protocol.result
-    endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)
-    connecting = protocol.connecting = connectProtocol(endpoint, protocol)
 
     def connectFailed(reason: Failure) -> None:
-        protocol.connecting = None
+        protocol.stopConnecting = None
         if protocol.result.called:
             return
         protocol._done = True
@@ -291,5 +315,13 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
             Failure(BackendFailure("unavailable", f"cannot connect to {backend.name}: {_describe(reason)}"))
         )
 
-    connecting.addErrback(connectFailed)
+    factory = _OneBackendFactory(protocol, connectFailed)
+    if isIPAddress(backend.host) or isIPv6Address(backend.host):
+        connector = reactor.connectTCP(backend.host, port, factory, timeout=backend.connectTimeout)
+        protocol.stopConnecting = connector.stopConnecting
+    else:
+        endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)
+        connecting = endpoint.connect(factory)
+        connecting.addErrback(connectFailed)
+        protocol.stopConnecting = connecting.cancel
     return protocol.result
