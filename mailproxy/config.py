@@ -96,9 +96,10 @@ LOG_FORMATS: tuple[str, ...] = ("text", "json")
 The values of C{[log] format}.
 """
 
-ROUTER_TYPES: tuple[str, ...] = ("static",)
+ROUTER_TYPES: tuple[str, ...] = ("static", "http", "ldap", "sql", "chain")
 """
 The built-in router types; C{python:package.module.Class} names any other.
+Each validates its own options when built (L{mailproxy.routers.buildRouter}).
 """
 
 _BACKEND_TLS: tuple[str, ...] = get_args(BackendTLS)

@@ -22,33 +22,67 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table
+from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, _isPathKey, formatKey
 from mailproxy.interfaces import IRouter
-from mailproxy.model import Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers.static import StaticRouter
 
-__all__ = ["buildRouter", "callRouter"]
+__all__ = ["buildRouter", "buildFromTable", "callRouter"]
 
 _T = TypeVar("_T")
 
 
-def _buildStatic(config: Config, reactor: Any) -> IRouter:
-    options = Table(config.path, ("router",), config.router.options, os.path.dirname(config.path))
+_Builder = Callable[[Table, Mapping[str, Backend], Any], IRouter]
+
+
+def _buildStatic(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
     options.allow("path", "watch_interval")
     return StaticRouter(
         options.path("path"),
-        config.backends,
+        backends,
         reactor=reactor,
         watchInterval=options.number("watch_interval", 2.0, positive=True),
     )
 
 
-_BUILDERS: dict[str, Callable[[Config, Any], IRouter]] = {"static": _buildStatic}
+# The other routers' modules (and their libraries: treq, ldap3, a database
+# driver) are imported only when configured.
+def _buildHTTP(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    from mailproxy.routers.http import buildHTTPRouter
+
+    return buildHTTPRouter(options, backends, reactor)
+
+
+def _buildLDAP(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    from mailproxy.routers.ldap import buildLDAPRouter
+
+    return buildLDAPRouter(options, backends, reactor)
+
+
+def _buildSQL(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    from mailproxy.routers.sql import buildSQLRouter
+
+    return buildSQLRouter(options, backends, reactor)
+
+
+def _buildChain(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    from mailproxy.routers.chain import buildChain
+
+    return buildChain(options, backends, reactor, buildFromTable)
+
+
+_BUILDERS: dict[str, _Builder] = {
+    "static": _buildStatic,
+    "http": _buildHTTP,
+    "ldap": _buildLDAP,
+    "sql": _buildSQL,
+    "chain": _buildChain,
+}
 assert set(_BUILDERS) == set(ROUTER_TYPES)
 
 
@@ -60,15 +94,51 @@ def buildRouter(config: Config, reactor: Any) -> IRouter:
     @raise ConfigError: if the router cannot be made (a bad route table, a
         class that cannot be imported or that refuses its options).
     """
-    kind = config.router.type
+    table = Table(
+        config.path,
+        ("router",),
+        {"type": config.router.type, **config.router.options},
+        os.path.dirname(config.path),
+    )
+    return buildFromTable(table, config.backends, reactor)
+
+
+def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    """
+    Make the router one table describes: C{[router]}, or one of a chain's
+    C{[[router.routers]]}.
+
+    Its C{type} picks the kind; a C{cache} sub-table wraps it in a
+    L{mailproxy.routers.cache.CachingRouter}; every other key is the
+    router's option.
+
+    @raise ConfigError: naming the file and the key that is wrong.
+    """
+    kind = table.string("type")
+    cache = table.table("cache")
+    options = Table(
+        table.file,
+        table.key,
+        {name: value for name, value in table.data.items() if name not in ("type", "cache")},
+        table.base,
+    )
     if kind in _BUILDERS:
-        return _BUILDERS[kind](config, reactor)
-    return _buildPython(config, reactor, kind[len("python:") :])
+        router = _BUILDERS[kind](options, backends, reactor)
+    elif kind.startswith("python:"):
+        router = _buildPython(options, backends, reactor, kind[len("python:") :])
+    else:
+        allowed = ", ".join(ROUTER_TYPES + ("python:package.module.Class",))
+        table.fail("type", f"must be one of {allowed}, not {kind!r}")
+    if cache is not None:
+        from mailproxy.routers.cache import buildCache
+
+        router = buildCache(cache, router, reactor)
+    return router
 
 
-def _buildPython(config: Config, reactor: Any, name: str) -> IRouter:
+def _buildPython(options: Table, backends: Mapping[str, Backend], reactor: Any, name: str) -> IRouter:
     def problem(what: str) -> ConfigError:
-        return ConfigError(f"{config.path}: router.type: {what}")
+        return ConfigError(f"{options.file}: {formatKey(options.key + ('type',))}: {what}")
 
     moduleName, _, className = name.rpartition(".")
     try:
@@ -80,13 +150,19 @@ def _buildPython(config: Config, reactor: Any, name: str) -> IRouter:
     factory = getattr(module, className, None)
     if not callable(factory):
         raise problem(f"module {moduleName!r} has no class {className!r}")
+    # Paths in the top-level [router] are already resolved; those of a
+    # chain's routers are resolved the same way here.
+    arguments = {
+        key: options.path(key, readable=False) if _isPathKey(key) and isinstance(value, str) else value
+        for key, value in options.data.items()
+    }
     try:
-        router = factory(backends=dict(config.backends), reactor=reactor, **config.router.options)
+        router = factory(backends=dict(backends), reactor=reactor, **arguments)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(
-            f"{config.path}: router: {name} refused its options: {type(e).__name__}: {e}"
+            f"{options.file}: {formatKey(options.key)}: {name} refused its options: {type(e).__name__}: {e}"
         ) from None
     if not callable(getattr(router, "route", None)):
         raise problem(f"{name} has no route method")

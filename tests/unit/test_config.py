@@ -1168,7 +1168,7 @@ class RouterTests(ConfigTestCase):
         self.assertConfigError(
             configText(router='[router]\ntype = "ldap2"\n'),
             "router.type",
-            "must be one of static, python:package.module.Class, not 'ldap2'",
+            "must be one of static, http, ldap, sql, chain, python:package.module.Class, not 'ldap2'",
         )
 
     def test_pythonName(self) -> None:
