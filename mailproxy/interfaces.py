@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class IRouter(Interface):
@@ -37,4 +37,67 @@ class IReloadable(Interface):
     def reload() -> None:
         """
         Re-read the data; on error keep the last good data and log why.
+        """
+
+
+class RouteStoreError(Exception):
+    """
+    A route table change was refused or failed; C{str(error)} says why, for
+    an operator, without secrets.
+    """
+
+
+class IRouteStore(Interface):
+    """
+    A router whose route table can be read and changed while the proxy runs:
+    what moving accounts between backends needs.
+
+    A key is an account (the login name, matched without case), a domain
+    written with a leading C{@} (C{"@example.org"}), or C{"*"} for the
+    default.  A store that cannot hold a kind of key refuses it with
+    L{RouteStoreError}.  Each method may return its result or a Deferred of
+    it; once that arrives, the change is durable and the next login sees it.
+    """
+
+    def routes() -> Any:
+        """
+        The entries: a dict of key to backend name.
+        """
+
+    def setRoute(key: str, backend: str) -> Any:
+        """
+        Route C{key} to the backend named C{backend}, keeping whatever else
+        its entry says (a stored password, a login rewrite).
+
+        @raise RouteStoreError: an unknown backend, or the store cannot
+            change the entry.
+        """
+
+    def deleteRoute(key: str) -> Any:
+        """
+        Remove the entry for C{key}.
+
+        @raise RouteStoreError: there is no such entry, or it cannot be
+            removed.
+        """
+
+
+class IRouteCache(Interface):
+    """
+    A router that keeps other routers' answers for a while.
+
+    The management endpoint finds caches by walking the router chain (a
+    router's C{wrapped} router, or its C{routers} in order), reports their
+    hit rate, and invalidates them when a route changes.
+    """
+
+    wrapped = Attribute("The router whose answers are cached.")
+    hits = Attribute("How many logins were answered from the cache (an int).")
+    misses = Attribute("How many logins were passed on to C{wrapped} (an int).")
+
+    def invalidate(key: str | None = None) -> None:
+        """
+        Forget the answers for C{key} (an account, or a domain as
+        C{"@example.org"}: every account in it), or every answer when
+        C{key} is L{None}.
         """

@@ -26,7 +26,7 @@ place, so an editor saving in place can never empty the routing.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from attrs import field, frozen
 from zope.interface import implementer
@@ -35,9 +35,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mailproxy.config import ConfigError, Table, readTOML
-from mailproxy.interfaces import IReloadable, IRouter
+from mailproxy.config import ConfigError, Table, parseTOML, readTOML
+from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
+from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntry
 
 __all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]
 
@@ -191,6 +192,22 @@ def _account(parent: Table, name: str, backends: Mapping[str, Backend]) -> Route
     )
 
 
+def _tableAndName(key: str) -> tuple[str | None, str | None]:
+    """
+    Where an L{IRouteStore} key lives in the file: C{("accounts", name)},
+    C{("domains", name)} or C{(None, None)} for the default.
+    """
+    if key == "*":
+        return None, None
+    if key.startswith("@"):
+        if len(key) == 1 or "@" in key[1:]:
+            raise RouteStoreError(f"not a domain: {key!r}")
+        return "domains", key[1:]
+    if not key:
+        raise RouteStoreError("an account name must not be empty")
+    return "accounts", key
+
+
 def loadRouteTable(path: str, backends: Mapping[str, Backend]) -> RouteTable:
     """
     Read and validate the route table file C{path}.
@@ -203,7 +220,7 @@ def loadRouteTable(path: str, backends: Mapping[str, Backend]) -> RouteTable:
 _Signature = tuple[int, int, int]
 
 
-@implementer(IRouter, IReloadable)
+@implementer(IRouter, IReloadable, IRouteStore)
 class StaticRouter:
     """
     Routes logins by a TOML route table file.
@@ -214,6 +231,10 @@ class StaticRouter:
     without one is refused with the same generic text as a wrong password
     (the reason goes to the log), so that clients cannot learn which
     accounts have a stored password.
+
+    As an L{IRouteStore}, it changes the file itself: the one line of the
+    entry is edited (comments and order stay), the result is validated, and
+    the file is replaced atomically (see L{mailproxy.routers._tomledit}).
 
     @ivar path: the absolute path of the route table.
     @ivar watchInterval: seconds between two looks at the file while
@@ -301,6 +322,64 @@ class StaticRouter:
         """
         rule = self._table.find(user)
         return "no rule" if rule is None else rule.explain()
+
+    def explainRoute(self, user: str) -> tuple[str, str] | None:
+        """
+        The rule the current table applies to login name C{user} and its
+        backend's name, or L{None} if no rule matches.
+        """
+        rule = self._table.find(user)
+        return None if rule is None else (rule.description, rule.backend.name)
+
+    def routes(self) -> dict[str, str]:
+        """
+        The entries of the current table: accounts by name, domains as
+        C{"@domain"}, the default as C{"*"}; values are backend names.
+        """
+        entries = {name: rule.backend.name for name, rule in self._table.accounts.items()}
+        entries.update({"@" + name: rule.backend.name for name, rule in self._table.domains.items()})
+        if self._table.default is not None:
+            entries["*"] = self._table.default.backend.name
+        return entries
+
+    def setRoute(self, key: str, backend: str) -> None:
+        """
+        Route C{key} (see L{routes}) to C{backend} by editing the file; an
+        account's other settings stay as they are.
+
+        @raise RouteStoreError: an unknown backend, or a file that cannot be
+            edited or written.
+        """
+        if backend not in self._backends:
+            configured = ", ".join(sorted(self._backends)) or "none"
+            raise RouteStoreError(f"unknown backend {backend!r}; configured backends: {configured}")
+        table, name = _tableAndName(key)
+        self._edit(lambda text: setEntry(text, table, name, backend))
+
+    def deleteRoute(self, key: str) -> None:
+        """
+        Remove the entry for C{key} (see L{routes}) from the file.
+
+        @raise RouteStoreError: no such entry, or a file that cannot be
+            edited or written.
+        """
+        table, name = _tableAndName(key)
+        self._edit(lambda text: deleteEntry(text, table, name))
+
+    def _edit(self, change: Callable[[str], str]) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read().decode("utf-8")
+            changed = change(text)
+            parseRouteTable(parseTOML(changed, self.path), self.path, self._backends)
+            replaceFile(self.path, changed)
+        except (EditError, ConfigError) as e:
+            raise RouteStoreError(f"{self.path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RouteStoreError(f"{self.path}: cannot rewrite: {e}") from None
+        self.reload()
+        if self.lastError is not None:
+            raise RouteStoreError(self.lastError)
 
     def reload(self) -> None:
         """
