@@ -30,11 +30,14 @@ __all__ = [
     "splitHostPort",
 ]
 
-STANDARD_PORTS: dict[str, int] = {"imap": 143, "pop3": 110, "smtp": 587, "sieve": 4190}
+STANDARD_PORTS: dict[str, int] = {"imap": 143, "pop3": 110, "smtp": 587, "mx": 25, "sieve": 4190}
 """
 The port of each protocol on an ad-hoc backend named without one: the plain
-(or STARTTLS) ports, and submission for SMTP since the proxy logs in there.
+(or STARTTLS) ports, submission for SMTP logins and 25 for SMTP sessions
+without login (C{mx}).
 """
+
+_PORT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(BACKEND_PROTOCOLS + ("mx",)))
 
 BACKEND_TLS_MODES: tuple[str, ...] = get_args(BackendTLS)
 FORWARDING_MODES: tuple[str, ...] = get_args(Forwarding)
@@ -141,7 +144,7 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
     ports = dict(STANDARD_PORTS)
     portsTable = table.table("ports")
     if portsTable is not None:
-        portsTable.allow(*BACKEND_PROTOCOLS)
+        portsTable.allow(*_PORT_NAMES)
         for protocol in portsTable.data:
             ports[protocol] = portsTable.integer(protocol, None, 1, 65535)
     masterUser = table.string("master_user", None)
@@ -163,6 +166,15 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
         masterSeparator=table.string("master_separator", "*"),
         connectTimeout=table.number("connect_timeout", 10.0, positive=True),
     )
+
+
+def _portNames(protocol: str) -> tuple[str, ...]:
+    """
+    The C{ports} keys one address serves for C{protocol}: an SMTP backend
+    named by address takes both submission logins and MX sessions
+    (C{"mx"}) there.
+    """
+    return (protocol, "mx") if protocol == "smtp" else (protocol,)
 
 
 class BackendResolver:
@@ -217,15 +229,19 @@ class BackendResolver:
         @param port: L{None} for the default port of C{protocol}.
         @raise UnusableBackend: no port is known for C{protocol}.
         """
+        names = _portNames(protocol)
         if port is None:
-            port = self.defaults.ports.get(protocol)
-            if port is None:
+            ports = {name: self.defaults.ports[name] for name in names if name in self.defaults.ports}
+            if protocol not in ports:
                 raise UnusableBackend(f"no {protocol} port for {host!r} in backend_defaults.ports")
+        else:
+            ports = {name: port for name in names}
         if tls is None and forward is None:
             for backend in self.backends.values():
-                if backend.host.lower() == host.lower() and backend.ports.get(protocol) == port:
+                if backend.host.lower() == host.lower() and backend.ports.get(protocol) == ports[protocol]:
                     return backend
         defaults = self.defaults
+        port = ports[protocol]
         key = (host.lower(), port, protocol, tls, forward)
         backend = self._adhoc.get(key)
         if backend is None:
@@ -235,7 +251,7 @@ class BackendResolver:
             backend = Backend(
                 name=name,
                 host=host,
-                ports={protocol: port},
+                ports=ports,
                 tls=tls or defaults.tls,
                 verify=defaults.verify,
                 caFile=defaults.caFile,
