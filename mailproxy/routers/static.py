@@ -350,11 +350,25 @@ class StaticRouter:
         @raise RouteStoreError: an unknown backend, or a file that cannot be
             edited or written.
         """
-        if backend not in self._backends:
-            configured = ", ".join(sorted(self._backends)) or "none"
-            raise RouteStoreError(f"unknown backend {backend!r}; configured backends: {configured}")
-        table, name = _tableAndName(key)
-        self._edit(lambda text: setEntry(text, table, name, backend))
+        self.setRoutes({key: backend})
+
+    def setRoutes(self, changes: Mapping[str, str]) -> None:
+        """
+        Like L{setRoute} for several keys, written to the file at once: all
+        of the changes happen or none does.
+        """
+        for backend in changes.values():
+            if backend not in self._backends:
+                configured = ", ".join(sorted(self._backends)) or "none"
+                raise RouteStoreError(f"unknown backend {backend!r}; configured backends: {configured}")
+        edits = [(_tableAndName(key), backend) for key, backend in changes.items()]
+
+        def change(text: str) -> str:
+            for (table, name), backend in edits:
+                text = setEntry(text, table, name, backend)
+            return text
+
+        self._edit(change)
 
     def deleteRoute(self, key: str) -> None:
         """

@@ -1,0 +1,307 @@
+"""
+Moving accounts between backends while the proxy runs.
+
+A move is one operation: optionally hold new logins of the accounts, change
+their routes in the router's store (durably), forget cached routes, drop the
+accounts' sessions that are on another backend so that their clients
+reconnect to the new home, then let the held logins go on.  Rollback is the
+same move back.  A dry run computes the same plan and changes nothing.
+
+Also here: L{explainRoute}, which says which router, rule and backend decide
+an account's route without logging in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ._stats import routerChain
+from .interfaces import IRouteStore, RouteStoreError
+
+__all__ = ["MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "explainRoute", "MOVED"]
+
+#: What a moved account's clients are told when their session is dropped.
+MOVED = "Your mailbox has moved, please reconnect."
+
+#: The longest hold a move accepts, in seconds.
+MAX_HOLD = 60.0
+
+
+class MoveError(Exception):
+    """
+    A move was refused or failed; C{str(error)} is for the operator.
+    """
+
+
+@frozen
+class RouteChange:
+    """
+    One entry of the route store that a move changes.
+
+    @ivar key: an account, C{"@domain"} or C{"*"}.
+    @ivar before: the backend the entry named, or L{None} if there was none.
+    @ivar after: the backend it names after the move.
+    """
+
+    key: str
+    before: str | None
+    after: str
+
+
+@frozen
+class MoveResult:
+    """
+    What a move did (or, for a dry run, would do).
+
+    @ivar changes: the entries changed; entries already on the target are
+        not among them.
+    @ivar sessions: the sessions dropped (would be dropped), by id.
+    @ivar accounts: the accounts of those sessions.
+    @ivar held: seconds new logins of the accounts were held.
+    """
+
+    backend: str
+    changes: tuple[RouteChange, ...]
+    sessions: tuple[str, ...]
+    accounts: tuple[str, ...]
+    dryRun: bool
+    held: float = 0.0
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        This result as JSON-ready data.
+        """
+        return {
+            "backend": self.backend,
+            "dryRun": self.dryRun,
+            "changes": [{"key": c.key, "from": c.before, "to": c.after} for c in self.changes],
+            "sessions": len(self.sessions),
+            "sessionIds": list(self.sessions),
+            "accounts": list(self.accounts),
+            "held": self.held,
+        }
+
+
+class LoginHold:
+    """
+    The login gate of a proxy (L{ProxyContext.gate}): logins of accounts or
+    domains being moved wait until the move releases them.
+    """
+
+    def __init__(self) -> None:
+        self._holds: list[tuple[frozenset[str], frozenset[str], list[Deferred[None]]]] = []
+
+    def wait(self, request: Any) -> Deferred[None] | None:
+        """
+        L{None} if C{request}'s login may go on now, else a Deferred that
+        fires when it may.
+        """
+        if not self._holds or request.credentials is None:
+            return None
+        user = request.credentials.user.lower()
+        domain = user.rpartition("@")[2] if "@" in user else None
+        for accounts, domains, waiters in self._holds:
+            if user in accounts or domain in domains:
+                waiter: Deferred[None] = Deferred()
+                waiters.append(waiter)
+                return waiter
+        return None
+
+    def hold(self, accounts: Iterable[str], domains: Iterable[str]) -> Callable[[], None]:
+        """
+        Hold new logins of C{accounts} and of every account in C{domains}.
+
+        @return: a function that ends this hold and lets the waiting logins
+            go on.
+        """
+        entry = (frozenset(a.lower() for a in accounts), frozenset(d.lower() for d in domains), [])
+        self._holds.append(entry)
+
+        def release() -> None:
+            if entry in self._holds:
+                self._holds.remove(entry)
+                for waiter in entry[2]:
+                    waiter.callback(None)
+
+        return release
+
+
+def findRouteStore(router: object) -> Any:
+    """
+    The first router in C{router}'s chain that provides L{IRouteStore}, or
+    L{None}.
+    """
+    for member in routerChain(router):
+        if IRouteStore.providedBy(member):
+            return member
+    return None
+
+
+def _caches(router: object) -> list[Any]:
+    return [member for member in routerChain(router) if callable(getattr(member, "invalidate", None))]
+
+
+class Mover:
+    """
+    Moves accounts for one proxy.
+
+    @ivar context: the proxy's L{ProxyContext}: its router, sessions and
+        gate (a L{LoginHold}).
+    @ivar backends: the names of the configured backends.
+    """
+
+    log = Logger()
+
+    def __init__(self, context: Any, backends: Iterable[str], clock: IReactorTime) -> None:
+        self.context = context
+        self.backends = set(backends)
+        self.clock = clock
+        self._lock = DeferredLock()
+
+    def move(
+        self,
+        backend: str,
+        accounts: Sequence[str] = (),
+        domain: str | None = None,
+        *,
+        dryRun: bool = False,
+        hold: float = 0.0,
+        drop: bool = True,
+    ) -> Deferred[MoveResult]:
+        """
+        Route C{accounts} (and/or every account of C{domain} that has no
+        entry of its own) to C{backend}.
+
+        @param hold: seconds to hold new logins of these accounts, from
+            before the change until after their sessions are dropped.
+        @param drop: drop the accounts' sessions that are on another
+            backend.
+        @return: fires with a L{MoveResult}, or fails with L{MoveError}.
+        """
+        return self._lock.run(self._move, backend, list(accounts), domain, dryRun, hold, drop)
+
+    async def _movePlan(self, backend: str, accounts: list[str], domain: str | None) -> tuple[Any, dict[str, str], list[RouteChange], list[Any]]:
+        if backend not in self.backends:
+            configured = ", ".join(sorted(self.backends)) or "none"
+            raise MoveError(f"unknown backend {backend!r}; configured backends: {configured}")
+        if not accounts and not domain:
+            raise MoveError("name at least one account or a domain")
+        for account in accounts:
+            if not account or account.startswith("@") or account == "*":
+                raise MoveError(f"not an account: {account!r}")
+        if domain is not None and (not domain or "@" in domain):
+            raise MoveError(f"not a domain: {domain!r}")
+        store = findRouteStore(self.context.router)
+        if store is None:
+            raise MoveError(f"the router ({self.context.routerName or type(self.context.router).__name__}) cannot change routes")
+        entries = await maybeDeferred(store.routes)
+        folded = {key.lower(): value for key, value in entries.items()}
+        keys = [account for account in dict.fromkeys(a.lower() for a in accounts)]
+        if domain is not None:
+            keys.append("@" + domain.lower())
+        changes = [RouteChange(key, folded.get(key), backend) for key in keys if folded.get(key) != backend]
+        sessions = []
+        for session in self.context.sessions:
+            user = (session.user or "").lower()
+            if not user or session.backendName in (None, backend):
+                continue
+            if user in keys or (
+                domain is not None and "@" in user and user.rpartition("@")[2] == domain.lower() and user not in folded
+            ):
+                sessions.append(session)
+        return store, folded, changes, sessions
+
+    async def _move(
+        self, backend: str, accounts: list[str], domain: str | None, dryRun: bool, hold: float, drop: bool
+    ) -> MoveResult:
+        if not 0 <= hold <= MAX_HOLD:
+            raise MoveError(f"hold must be 0 to {MAX_HOLD:.0f} seconds, not {hold}")
+        release = None
+        if hold and not dryRun:
+            release = self.context.gate.hold([a for a in accounts], [domain] if domain else [])
+        started = self.clock.seconds()
+        try:
+            store, _, changes, sessions = await self._movePlan(backend, accounts, domain)
+            if not drop:
+                sessions = []
+            result = MoveResult(
+                backend=backend,
+                changes=tuple(changes),
+                sessions=tuple(s.client.sessionId for s in sessions),
+                accounts=tuple(sorted({(s.user or "").lower() for s in sessions})),
+                dryRun=dryRun,
+                held=hold if release is not None else 0.0,
+            )
+            if dryRun:
+                return result
+            if changes:
+                await self._write(store, {change.key: backend for change in changes})
+            for cache in _caches(self.context.router):
+                for change in changes:
+                    cache.invalidate(change.key)
+            for session in sessions:
+                session.drop(MOVED)
+            self.log.info(
+                "moved {keys} to {backend}: {count} sessions dropped",
+                event="move",
+                keys=[change.key for change in changes],
+                backend=backend,
+                count=len(sessions),
+            )
+            if release is not None:
+                remaining = hold - (self.clock.seconds() - started)
+                if remaining > 0:
+                    waited: Deferred[None] = Deferred()
+                    self.clock.callLater(remaining, waited.callback, None)
+                    await waited
+            return result
+        finally:
+            if release is not None:
+                release()
+
+    async def _write(self, store: Any, changes: Mapping[str, str]) -> None:
+        try:
+            if callable(getattr(store, "setRoutes", None)):
+                await maybeDeferred(store.setRoutes, changes)
+            else:
+                for key, backend in changes.items():
+                    await maybeDeferred(store.setRoute, key, backend)
+        except RouteStoreError as e:
+            raise MoveError(str(e)) from None
+
+
+def explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
+    """
+    Which router, rule and backend decide C{account}'s route, without a
+    login: asked of the first router in the chain that can tell
+    (C{explainRoute(user) -> (rule, backend) | None}).
+
+    @return: JSON-ready data: C{account}, C{router} (the configured type),
+        C{chain} (class names, outermost first), C{rule} and C{backend}
+        (L{None} when no rule matches), and C{explained} (whether any
+        router could tell without the password).
+    """
+    chain = list(routerChain(router))
+    answer: dict[str, Any] = {
+        "account": account,
+        "router": routerName,
+        "chain": [type(member).__name__ for member in chain],
+        "rule": None,
+        "backend": None,
+        "explained": False,
+    }
+    for member in chain:
+        explain = getattr(member, "explainRoute", None)
+        if callable(explain):
+            found = explain(account)
+            answer["explained"] = True
+            if found is not None:
+                answer["rule"], answer["backend"] = found
+            break
+    return answer
