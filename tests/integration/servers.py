@@ -285,17 +285,19 @@ class Dovecot:
 
     The ports are attributes, chosen free at L{start}: C{imap} (plain,
     STARTTLS offered), C{imaps} (implicit TLS), C{imapProxy} (requires a
-    PROXY v1/v2 header first), C{pop3}, C{pop3s}, C{sieve} and C{lmtp}.
+    PROXY v1/v2 header first), C{pop3}, C{pop3s}, C{pop3Proxy} (PROXY header
+    first), C{sieve} and C{lmtp}.
     """
 
     _instances = 0
-    _PORT_NAMES = ("imap", "imaps", "imapProxy", "pop3", "pop3s", "sieve", "lmtp")
+    _PORT_NAMES = ("imap", "imaps", "imapProxy", "pop3", "pop3s", "pop3Proxy", "sieve", "lmtp")
 
     imap: int
     imaps: int
     imapProxy: int
     pop3: int
     pop3s: int
+    pop3Proxy: int
     sieve: int
     lmtp: int
 
@@ -421,6 +423,7 @@ class Dovecot:
             "IMAP_PROXY": str(self.imapProxy),
             "POP3": str(self.pop3),
             "POP3S": str(self.pop3s),
+            "POP3_PROXY": str(self.pop3Proxy),
             "SIEVE": str(self.sieve),
             "LMTP": str(self.lmtp),
             "EXTRA": self._extraConfig,
