@@ -232,13 +232,14 @@ class POP3BackendLogin(BackendProtocol):
     # Replies to the login
 
     def _xclientReply(self, line: bytes) -> None:
-        # A refused or ignored XCLIENT still lets us log in; the server then
-        # sees the proxy's address, which the operator should learn of.
+        # A refused XCLIENT, or Dovecot's "+OK You are not from trusted IP -
+        # ignoring", would leave the server counting every client as the
+        # proxy (its penalties and limits per address included): fail as
+        # temporary, so that the misconfiguration shows at once.
         if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
-            self.log.warn(
-                "backend {backend} did not take XCLIENT: {reply}",
-                backend=self.job.backend.name,
-                reply=_show(line),
+            self.fail(
+                "unavailable",
+                "backend did not take XCLIENT (" + _show(line) + "); is the proxy in its login_trusted_networks?",
             )
 
     def _userReply(self, line: bytes) -> None:

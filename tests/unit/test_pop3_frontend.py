@@ -409,21 +409,24 @@ class LoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
             sent.startswith(self.xclient(b"TLS").rstrip(b"\r\n") + b" DESTNAME=pop.example.org\r\n"), sent
         )
 
-    def test_xclientRefusedStillLogsIn(self) -> None:
+    def test_xclientRefused(self) -> None:
         """
-        A backend that refuses or ignores XCLIENT still gets the login; the
-        operator is told in the log.
+        A backend that refuses XCLIENT, or ignores it because the proxy is
+        not trusted, fails the login as temporary (it would count every
+        client as the proxy), and the reason is logged.
         """
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.build()
-        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
-        self.backendSays(GREETING)
-        self.backendSays(CAPA)
-        self.backendSays(b"+OK You are not from trusted IP - ignoring\r\n+OK Logged in.\r\n")
-        self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
-        self.assertTrue(any("did not take XCLIENT" in event.get("log_format", "") for event in events))
+        for reply in (b"-ERR Invalid parameters", b"+OK You are not from trusted IP - ignoring"):
+            self.build(backend=makeBackend("old", forward="xclient"))
+            self.sendLogin()
+            self.backendSays(PLAIN_GREETING)
+            self.backendSays(CAPA)
+            self.backendSays(reply + b"\r\n+OK Logged in.\r\n")
+            self.assertEqual(self.client.value(), UNAVAILABLE)
+            self.assertTrue(self.connector.transports[-1].disconnecting)
+        self.assertTrue(any("login_trusted_networks" in str(event.get("detail", "")) for event in events))
 
     def test_userPassToBackendPipelined(self) -> None:
         """
