@@ -1,0 +1,525 @@
+"""
+The management endpoint: a small HTTP API (twisted.web) on its own listener.
+
+Every request but C{GET /health} needs C{Authorization: Bearer TOKEN} with
+the token from C{[admin] token_file}; tokens are compared in constant time,
+and each wrong one from an address is answered later than the one before.
+
+  - C{GET /health}: 200 when the proxy is up and every backend port answers
+    its greeting, 503 otherwise (or while shutting down); JSON details.
+  - C{GET /stats}: JSON counters (see L{mailproxy._stats.snapshot}).
+  - C{GET /metrics}: the same in Prometheus's text format.
+  - C{GET /sessions?account=&backend=&domain=}: the open sessions.
+  - C{POST /sessions/drop} C{{"account": ..., "backend": ..., "session": ...}}:
+    drop the matching sessions (at least one filter).
+  - C{GET /routes}: the route store's entries.  C{PUT /routes/KEY}
+    C{{"backend": ...}} and C{DELETE /routes/KEY} change one.
+  - C{GET /explain?account=}: which router, rule and backend decide.
+  - C{POST /move} C{{"backend": ..., "accounts": [...], "domain": ...,
+    "dry_run": false, "hold": 0, "drop": true}}: move accounts.
+  - C{POST /reload}: re-read the configuration (as SIGHUP does).
+
+Answers are JSON objects; errors are C{{"error": "..."}} with a 4xx or 5xx
+status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from . import _tls
+from ._migrate import MoveError, explainRoute, findRouteStore
+from ._stats import METRICS_CONTENT_TYPE, metricsText, routerChain, snapshot
+from .interfaces import RouteStoreError
+from .model import Backend
+
+__all__ = ["AdminResource", "HealthChecker", "TokenGuard", "adminSite", "GREETINGS"]
+
+#: The first line each protocol's server greets with when it is well.
+GREETINGS: dict[str, tuple[bytes, ...]] = {
+    "imap": (b"* OK", b"* PREAUTH"),
+    "pop3": (b"+OK",),
+    "smtp": (b"220",),
+    "sieve": (b'"',),
+}
+
+#: A PROXY header that says "this connection is the proxy's own" (v1
+#: UNKNOWN, v2 LOCAL): backends that require a header still greet a probe.
+_PROXY_LOCAL = {
+    "proxy-v1": b"PROXY UNKNOWN\r\n",
+    "proxy-v2": b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+}
+
+#: The largest request body accepted.
+MAX_BODY = 64 * 1024
+
+
+class TokenGuard:
+    """
+    Checks bearer tokens, and slows down whoever gets them wrong.
+
+    @ivar token: the expected token.
+    @ivar delay: seconds added to the answer per recent failure from the
+        same address, up to L{maxDelay}.
+    @ivar forget: seconds after which an address's failures are forgotten.
+    """
+
+    def __init__(self, token: bytes, clock: IReactorTime, delay: float = 1.0, maxDelay: float = 10.0, forget: float = 900.0) -> None:
+        self.token = token
+        self.clock = clock
+        self.delay = delay
+        self.maxDelay = maxDelay
+        self.forget = forget
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def check(self, header: bytes | None) -> bool:
+        """
+        Whether an C{Authorization} header value carries the token.
+        """
+        if header is None:
+            return False
+        scheme, _, given = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(given.strip(), self.token)
+
+    def failed(self, address: str) -> float:
+        """
+        Count a failure from C{address}.
+
+        @return: how many seconds to wait before answering it.
+        """
+        now = self.clock.seconds()
+        for other, (_, last) in list(self._failures.items()):
+            if now - last > self.forget:
+                del self._failures[other]
+        count = self._failures.get(address, (0, now))[0] + 1
+        self._failures[address] = (count, now)
+        return min(count * self.delay, self.maxDelay)
+
+    def succeeded(self, address: str) -> None:
+        """
+        C{address} presented the token: forget its failures.
+        """
+        self._failures.pop(address, None)
+
+
+class _GreetingProbe(Protocol):
+    """
+    Reads a server's first line, then hangs up.
+    """
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+        self.line: Deferred[bytes] = Deferred()
+        self._buffer = b""
+
+    def connectionMade(self) -> None:
+        if self.header:
+            self.transport.write(self.header)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\n" in self._buffer or len(self._buffer) > 4096:
+            line = self._buffer.split(b"\n", 1)[0].rstrip(b"\r")
+            if not self.line.called:
+                self.line.callback(line)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.line.called:
+            self.line.errback(Failure(ConnectionError("closed before greeting")))
+
+
+class HealthChecker:
+    """
+    Asks every backend port for its greeting; answers are kept for a
+    moment so that a busy monitor cannot make the proxy hammer its backends.
+
+    @ivar backends: a function giving the configured backends by name.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        backends: Callable[[], Mapping[str, Backend]],
+        timeout: float = 3.0,
+        keep: float = 2.0,
+    ) -> None:
+        self.reactor = reactor
+        self.backends = backends
+        self.timeout = timeout
+        self.keep = keep
+        self._last: tuple[float, dict[str, Any]] | None = None
+        self._waiting: list[Deferred[dict[str, Any]]] | None = None
+
+    def check(self) -> Deferred[dict[str, Any]]:
+        """
+        The state of every backend port: C{{name: {protocol: {"ok": bool,
+        "seconds": float, "error": str}}}}.
+        """
+        now = self.reactor.seconds()
+        if self._last is not None and now - self._last[0] < self.keep:
+            return succeed(self._last[1])
+        waiter: Deferred[dict[str, Any]] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+            return waiter
+        self._waiting = [waiter]
+        probes = []
+        keys = []
+        for name, backend in sorted(self.backends().items()):
+            for protocol, port in sorted(backend.ports.items()):
+                keys.append((name, protocol))
+                probes.append(self.probe(backend, protocol, port))
+
+        def collect(results: list[dict[str, Any]]) -> None:
+            states: dict[str, Any] = {}
+            for (name, protocol), state in zip(keys, results):
+                states.setdefault(name, {})[protocol] = state
+            self._last = (self.reactor.seconds(), states)
+            waiters, self._waiting = self._waiting or [], None
+            for each in waiters:
+                each.callback(states)
+
+        # Each probe turns its own trouble into a state: this cannot fail.
+        gatherResults(probes).addCallback(collect)
+        return waiter
+
+    def probe(self, backend: Backend, protocol: str, port: int) -> Deferred[dict[str, Any]]:
+        """
+        Connect to one backend port (with implicit TLS if configured) and
+        read its greeting.
+        """
+        started = self.reactor.seconds()
+        endpoint: Any = HostnameEndpoint(self.reactor, backend.host, port, timeout=self.timeout)
+        if backend.tls == "implicit":
+            endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
+        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b""))
+        connecting = connectProtocol(endpoint, probe)
+        timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
+
+        def connected(_: object) -> Deferred[bytes]:
+            return probe.line
+
+        def judge(line: bytes) -> dict[str, Any]:
+            if not line.startswith(GREETINGS.get(protocol, (b"",))):
+                return {"ok": False, "error": "unexpected greeting: " + line[:80].decode("ascii", "replace")}
+            return {"ok": True, "seconds": round(self.reactor.seconds() - started, 4)}
+
+        def trouble(reason: Failure) -> dict[str, Any]:
+            return {"ok": False, "error": reason.getErrorMessage() or reason.type.__name__}
+
+        def done(result: dict[str, Any]) -> dict[str, Any]:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return connecting.addCallback(connected).addCallbacks(judge, trouble).addBoth(done)
+
+    def _timedOut(self, probe: _GreetingProbe, connecting: Deferred[Any]) -> None:
+        if probe.transport is not None:
+            if not probe.line.called:
+                probe.line.errback(Failure(TimeoutError(f"no greeting within {self.timeout:.0f}s")))
+            probe.transport.abortConnection()
+        else:
+            connecting.cancel()
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminResource(Resource):
+    """
+    The whole management API as one resource, dispatched by method and
+    path through an explicit table.
+
+    @ivar proxy: what the API operates on; it has C{context} (the
+        L{mailproxy._session.ProxyContext}), C{mover} (a
+        L{mailproxy._migrate.Mover}), C{backends} (the configured backends
+        by name), C{draining} (a bool), and C{reload()} (returns JSON-ready
+        data on the outcome).
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, proxy: Any, guard: TokenGuard, health: HealthChecker) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.guard = guard
+        self.health = health
+        self._routes: dict[tuple[bytes, str], Callable[[Request, str], Any]] = {
+            (b"GET", "/stats"): self.getStats,
+            (b"GET", "/metrics"): self.getMetrics,
+            (b"GET", "/sessions"): self.getSessions,
+            (b"POST", "/sessions/drop"): self.dropSessions,
+            (b"GET", "/routes"): self.getRoutes,
+            (b"PUT", "/routes/"): self.putRoute,
+            (b"DELETE", "/routes/"): self.deleteRoute,
+            (b"GET", "/explain"): self.getExplain,
+            (b"POST", "/move"): self.postMove,
+            (b"POST", "/reload"): self.postReload,
+        }
+
+    def render(self, request: Request) -> Any:
+        path = unquote(request.path.decode("ascii", "replace"))
+        method = request.method
+        address = getattr(request.getClientAddress(), "host", "")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(result: tuple[int, bytes, str]) -> None:
+            status, body, contentType = result
+            if gone:
+                return
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", contentType.encode("ascii"))
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.write(body)
+            request.finish()
+
+        if method == b"GET" and path == "/health":
+            d = self.getHealth()
+        elif not self.guard.check(request.getHeader(b"authorization")):
+            wait = self.guard.failed(address)
+            self.log.warn("management: refused a request from {address} without the right token", address=address)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="mailproxy"')
+            d = Deferred()
+            self.guard.clock.callLater(wait, d.callback, _json(401, {"error": "a valid bearer token is required"}))
+        else:
+            self.guard.succeeded(address)
+            d = self._dispatch(method, path, request)
+        d.addErrback(self._failed).addCallback(answer)
+        return NOT_DONE_YET
+
+    def _dispatch(self, method: bytes, path: str, request: Request) -> Deferred[tuple[int, bytes, str]]:
+        handler = self._routes.get((method, path))
+        argument = ""
+        if handler is None and path.startswith("/routes/"):
+            handler = self._routes.get((method, "/routes/"))
+            argument = path[len("/routes/") :]
+        if handler is None:
+            known = {p for (_, p) in self._routes} | {"/health"}
+            status = 405 if path in known or path.startswith("/routes/") else 404
+            return succeed(_json(status, {"error": f"no {method.decode()} {path}"}))
+        return maybeDeferred(handler, request, argument)
+
+    def _failed(self, reason: Failure) -> tuple[int, bytes, str]:
+        if reason.check(_HTTPError):
+            return _json(reason.value.status, {"error": reason.value.message})
+        if reason.check(MoveError, RouteStoreError):
+            return _json(409, {"error": str(reason.value)})
+        self.log.failure("management request failed", reason)
+        return _json(500, {"error": "internal error; see the proxy's log"})
+
+    # Handlers
+
+    def getHealth(self) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{GET /health}.
+        """
+        def report(backends: dict[str, Any]) -> tuple[int, bytes, str]:
+            healthy = all(state["ok"] for ports in backends.values() for state in ports.values())
+            if self.proxy.draining:
+                status = "draining"
+            else:
+                status = "ok" if healthy else "degraded"
+            return _json(200 if status == "ok" else 503, {"status": status, "backends": backends})
+
+        return self.health.check().addCallback(report)
+
+    def getStats(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /stats}.
+        """
+        context = self.proxy.context
+        return _json(200, snapshot(context.stats, context.sessions, context.router))
+
+    def getMetrics(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /metrics}.
+        """
+        context = self.proxy.context
+        return 200, metricsText(context.stats, context.sessions, context.router), METRICS_CONTENT_TYPE
+
+    def getSessions(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /sessions?account=&backend=&domain=}.
+        """
+        filters = {name: _argument(request, name) for name in ("account", "backend", "domain")}
+        sessions = self.proxy.context.sessions.find(**filters)
+        described = sorted((session.describe() for session in sessions), key=lambda s: -s["seconds"])
+        return _json(200, {"count": len(described), "sessions": described})
+
+    def dropSessions(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{POST /sessions/drop}.
+        """
+        body = _body(request)
+        account, backend, sessionId = (_optionalString(body, key) for key in ("account", "backend", "session"))
+        if account is None and backend is None and sessionId is None:
+            raise _HTTPError(400, "name an account, a backend or a session")
+        sessions = self.proxy.context.sessions.find(account=account, backend=backend)
+        if sessionId is not None:
+            sessions = [s for s in sessions if s.client.sessionId == sessionId]
+        reason = _optionalString(body, "reason") or "Disconnected by the administrator."
+        for session in sessions:
+            session.drop(reason)
+        self.log.info(
+            "management: dropped {count} sessions (account={account} backend={backend} session={session})",
+            count=len(sessions), account=account, backend=backend, session=sessionId,
+        )
+        return _json(200, {"dropped": len(sessions), "sessions": [s.client.sessionId for s in sessions]})
+
+    def _store(self) -> Any:
+        store = findRouteStore(self.proxy.context.router)
+        if store is None:
+            raise _HTTPError(409, "the router cannot list or change routes")
+        return store
+
+    def getRoutes(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{GET /routes}.
+        """
+        return maybeDeferred(self._store().routes).addCallback(lambda routes: _json(200, {"routes": dict(sorted(routes.items()))}))
+
+    def putRoute(self, request: Request, key: str) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{PUT /routes/KEY}.
+        """
+        backend = _optionalString(_body(request), "backend")
+        if backend is None:
+            raise _HTTPError(400, "backend is required")
+        store = self._store()
+
+        def done(_: object) -> tuple[int, bytes, str]:
+            self._invalidate(key)
+            self.log.info("management: route {key} set to {backend}", key=key, backend=backend)
+            return _json(200, {"key": key, "backend": backend})
+
+        return maybeDeferred(store.setRoute, key, backend).addCallback(done)
+
+    def deleteRoute(self, request: Request, key: str) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{DELETE /routes/KEY}.
+        """
+        def done(_: object) -> tuple[int, bytes, str]:
+            self._invalidate(key)
+            self.log.info("management: route {key} deleted", key=key)
+            return _json(200, {"key": key, "deleted": True})
+
+        return maybeDeferred(self._store().deleteRoute, key).addCallback(done)
+
+    def _invalidate(self, key: str) -> None:
+        for member in routerChain(self.proxy.context.router):
+            invalidate = getattr(member, "invalidate", None)
+            if callable(invalidate):
+                invalidate(key)
+
+    def getExplain(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /explain?account=}.
+        """
+        account = _argument(request, "account")
+        if not account:
+            raise _HTTPError(400, "account is required")
+        context = self.proxy.context
+        return _json(200, explainRoute(context.router, context.routerName, account))
+
+    def postMove(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{POST /move}.
+        """
+        body = _body(request)
+        backend = _optionalString(body, "backend")
+        if backend is None:
+            raise _HTTPError(400, "backend is required")
+        accounts = body.get("accounts", [])
+        if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
+            raise _HTTPError(400, "accounts must be a list of strings")
+        hold = body.get("hold", 0)
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)):
+            raise _HTTPError(400, "hold must be a number of seconds")
+        dryRun, drop = body.get("dry_run", False), body.get("drop", True)
+        if not isinstance(dryRun, bool) or not isinstance(drop, bool):
+            raise _HTTPError(400, "dry_run and drop must be true or false")
+        moving = self.proxy.mover.move(
+            backend, accounts, _optionalString(body, "domain"), dryRun=dryRun, hold=float(hold), drop=drop
+        )
+        return moving.addCallback(lambda result: _json(200, result.asJSON()))
+
+    def postReload(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{POST /reload}.
+        """
+        outcome = self.proxy.reload()
+        return _json(200 if outcome["ok"] else 409, outcome)
+
+
+def _json(status: int, data: Any) -> tuple[int, bytes, str]:
+    return status, json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n", "application/json"
+
+
+def _argument(request: Request, name: str) -> str | None:
+    values = request.args.get(name.encode("ascii"))
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _body(request: Request) -> dict[str, Any]:
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(data) > MAX_BODY:
+        raise _HTTPError(413, f"the body is larger than {MAX_BODY} bytes")
+    if not data.strip():
+        return {}
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise _HTTPError(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _HTTPError(400, "the body must be a JSON object")
+    return body
+
+
+def _optionalString(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _HTTPError(400, f"{key} must be a non-empty string")
+    return value
+
+
+def adminSite(proxy: Any, token: bytes, reactor: Any) -> tuple[Site, AdminResource]:
+    """
+    The management endpoint's site for C{proxy}, and its resource (whose
+    C{guard.token} a reload may replace).
+    """
+    resource = AdminResource(
+        proxy,
+        TokenGuard(token, reactor),
+        HealthChecker(reactor, lambda: proxy.backends),
+    )
+    site = Site(resource, reactor=reactor)
+    site.displayTracebacks = False
+    # The access log would show every request; the API logs what it does.
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site, resource
+

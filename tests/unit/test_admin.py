@@ -1,0 +1,446 @@
+"""
+Tests for L{mailproxy.admin}: the management API over in-memory HTTP
+(C{treq.testing.StubTreq}), with in-memory sessions and a real static route
+table behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._migrate import MOVED, LoginHold, Mover
+from mailproxy.admin import AdminResource, HealthChecker, TokenGuard, _GreetingProbe
+from mailproxy.routers.static import StaticRouter
+from mailproxy.testing import makeBackend
+
+from .opsfixtures import ProxyHarness
+
+TOKEN = b"0123456789abcdef0123456789abcdef-token"
+AUTH = {b"Authorization": [b"Bearer " + TOKEN]}
+BACKENDS = {name: makeBackend(name) for name in ("old", "new")}
+
+
+class FakeHealth(HealthChecker):
+    """
+    A health checker whose probes answer from a table instead of the
+    network.
+    """
+
+    def __init__(self, reactor, backends, answers: dict[tuple[str, str], dict]) -> None:
+        super().__init__(reactor, backends)
+        self.answers = answers
+        self.probed: list[tuple[str, str]] = []
+
+    def probe(self, backend, protocol, port):
+        self.probed.append((backend.name, protocol))
+        return succeed(self.answers.get((backend.name, protocol), {"ok": True, "seconds": 0.001}))
+
+
+class Proxy:
+    """
+    What the API operates on, as L{mailproxy._lifecycle.ProxyService}
+    offers it.
+    """
+
+    def __init__(self, harness: ProxyHarness) -> None:
+        self.context = harness.context
+        self.backends = BACKENDS
+        self.mover = Mover(harness.context, BACKENDS, harness.clock)
+        self.draining = False
+        self.reloads: list[dict] = [{"ok": True, "changed": [], "restartNeeded": []}]
+
+    def reload(self) -> dict:
+        return self.reloads.pop(0)
+
+
+class AdminTestsMixin:
+    """
+    A management API in front of an in-memory proxy with a route table.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(directory)
+        self.routesPath = os.path.join(directory, "routes.toml")
+        with open(self.routesPath, "w") as f:
+            f.write('default = "old"\n\n[accounts]\n"alice@example.org" = "old"\n')
+        self.harness = ProxyHarness(StaticRouter(self.routesPath, BACKENDS), gate=LoginHold())
+        self.harness.context.routerName = "static"
+        self.clock = self.harness.clock
+        self.proxy = Proxy(self.harness)
+        self.health = FakeHealth(self.clock, lambda: BACKENDS, {})
+        self.guard = TokenGuard(TOKEN, self.clock)
+        self.resource = AdminResource(self.proxy, self.guard, self.health)
+        self.http = StubTreq(self.resource)
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict | None = AUTH) -> tuple[int, Any]:
+        """
+        Make a request and return its status and decoded body (JSON when
+        it is JSON).
+        """
+        data = json.dumps(body).encode() if body is not None else None
+        d = self.http.request(method, "http://admin.test" + path, data=data, headers=headers)
+        self.http.flush()
+        response = self.successResultOf(d)  # type: ignore[attr-defined]
+        content = self.successResultOf(self.http.content(response))  # type: ignore[attr-defined]
+        if response.headers.getRawHeaders(b"content-type") == [b"application/json"]:
+            return response.code, json.loads(content)
+        return response.code, content
+
+
+class TokenTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    The bearer token.
+    """
+
+    def test_required(self) -> None:
+        """
+        Without a token, a request is refused with 401 and a
+        C{WWW-Authenticate} challenge, after the failure delay.
+        """
+        d = self.http.get("http://admin.test/stats")
+        self.http.flush()
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="mailproxy"'])
+        body = json.loads(self.successResultOf(self.http.content(response)))
+        self.assertEqual(body, {"error": "a valid bearer token is required"})
+
+    def test_wrongTokensSlowedMore(self) -> None:
+        """
+        Each wrong token from the same address waits one second longer than
+        the one before; the right token answers at once and resets the count.
+        """
+        wrong = {b"Authorization": [b"Bearer " + TOKEN[:-1] + b"X"]}
+        for failures in (1, 2, 3):
+            d = self.http.get("http://admin.test/stats", headers=wrong)
+            self.http.flush()
+            self.clock.advance(failures - 0.5)
+            self.http.flush()
+            self.assertNoResult(d)
+            self.clock.advance(0.5)
+            self.http.flush()
+            self.assertEqual(self.successResultOf(d).code, 401)
+        status, _ = self.request("GET", "/stats")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.guard.failed("127.0.0.1"), 1.0)
+
+    def test_delayBounded(self) -> None:
+        """
+        The delay grows to at most ten seconds.
+        """
+        for _ in range(20):
+            delay = self.guard.failed("192.0.2.1")
+        self.assertEqual(delay, 10.0)
+
+    def test_otherSchemes(self) -> None:
+        """
+        Only the C{Bearer} scheme with the exact token passes.
+        """
+        self.assertTrue(self.guard.check(b"Bearer " + TOKEN))
+        self.assertTrue(self.guard.check(b"bearer  " + TOKEN + b" "))
+        self.assertFalse(self.guard.check(b"Basic " + TOKEN))
+        self.assertFalse(self.guard.check(b"Bearer " + TOKEN + b"x"))
+        self.assertFalse(self.guard.check(b"Bearer"))
+        self.assertFalse(self.guard.check(None))
+
+    def test_healthNeedsNoToken(self) -> None:
+        """
+        C{GET /health} answers without a token.
+        """
+        status, body = self.request("GET", "/health", headers=None)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["status"], "ok")
+
+
+class HealthTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    C{GET /health}.
+    """
+
+    def test_allWell(self) -> None:
+        """
+        Every backend port is probed; all answering gives 200.
+        """
+        status, body = self.request("GET", "/health", headers=None)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(self.health.probed), {(n, p) for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve")})
+        self.assertEqual(body["backends"]["old"]["imap"], {"ok": True, "seconds": 0.001})
+
+    def test_backendDown(self) -> None:
+        """
+        A backend port that does not answer gives 503 and says which.
+        """
+        self.health.answers[("new", "imap")] = {"ok": False, "error": "Connection was refused by other side: 111: Connection refused."}
+        status, body = self.request("GET", "/health", headers=None)
+        self.assertEqual(status, 503)
+        self.assertEqual(body["status"], "degraded")
+        self.assertFalse(body["backends"]["new"]["imap"]["ok"])
+
+    def test_draining(self) -> None:
+        """
+        While the proxy drains for shutdown, health says so with 503, so a
+        load balancer sends no new clients.
+        """
+        self.proxy.draining = True
+        status, body = self.request("GET", "/health", headers=None)
+        self.assertEqual((status, body["status"]), (503, "draining"))
+
+    def test_answersKept(self) -> None:
+        """
+        Probes run at most once per two seconds, whatever the request rate.
+        """
+        self.request("GET", "/health", headers=None)
+        self.request("GET", "/health", headers=None)
+        self.assertEqual(len(self.health.probed), 8)
+        self.clock.advance(2)
+        self.request("GET", "/health", headers=None)
+        self.assertEqual(len(self.health.probed), 16)
+
+    def test_concurrentChecksShareProbes(self) -> None:
+        """
+        Requests that arrive while probes run wait for the same probes.
+        """
+        pending: list[Deferred] = []
+
+        class Slow(HealthChecker):
+            def probe(self, backend, protocol, port):
+                d: Deferred = Deferred()
+                pending.append(d)
+                return d
+
+        checker = Slow(self.clock, lambda: {"old": makeBackend("old", ports={"imap": 143})})
+        first, second = checker.check(), checker.check()
+        self.assertEqual(len(pending), 1)
+        pending[0].callback({"ok": True})
+        self.assertEqual(self.successResultOf(first), {"old": {"imap": {"ok": True}}})
+        self.assertEqual(self.successResultOf(second), {"old": {"imap": {"ok": True}}})
+
+
+class GreetingProbeTests(SynchronousTestCase):
+    """
+    L{_GreetingProbe}, the protocol a health probe speaks.
+    """
+
+    def test_readsFirstLine(self) -> None:
+        """
+        The first line is delivered, in pieces or not, and the probe hangs
+        up.
+        """
+        probe = _GreetingProbe(b"")
+        transport = StringTransport()
+        probe.makeConnection(transport)
+        probe.dataReceived(b"* OK Dove")
+        self.assertNoResult(probe.line)
+        probe.dataReceived(b"cot ready.\r\n* more")
+        self.assertEqual(self.successResultOf(probe.line), b"* OK Dovecot ready.")
+        self.assertTrue(transport.disconnecting)
+
+    def test_proxyHeaderFirst(self) -> None:
+        """
+        For a backend that requires a PROXY header, the probe sends a LOCAL
+        one first.
+        """
+        probe = _GreetingProbe(b"PROXY UNKNOWN\r\n")
+        transport = StringTransport()
+        probe.makeConnection(transport)
+        self.assertEqual(transport.value(), b"PROXY UNKNOWN\r\n")
+
+    def test_closedEarly(self) -> None:
+        """
+        A server that closes without greeting fails the probe.
+        """
+        probe = _GreetingProbe(b"")
+        probe.makeConnection(StringTransport())
+        probe.connectionLost(None)
+        self.failureResultOf(probe.line, ConnectionError)
+
+
+class StatsAndMetricsTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    C{GET /stats} and C{GET /metrics}.
+    """
+
+    def test_stats(self) -> None:
+        """
+        The JSON counters show the sessions per backend and the logins.
+        """
+        self.harness.login("alice@example.org")
+        status, body = self.request("GET", "/stats")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["sessions"], {"open": 1, "byBackend": {"imap": {"old": 1}}})
+        self.assertEqual(body["logins"], {"imap": {"old": {"ok": 1}}})
+
+    def test_metrics(self) -> None:
+        """
+        The Prometheus exposition parses with prometheus_client's parser
+        and carries the session gauge.
+        """
+        self.harness.login("alice@example.org")
+        status, text = self.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        (sample,) = families["mailproxy_sessions_open"].samples
+        self.assertEqual((sample.labels, sample.value), ({"protocol": "imap", "backend": "old"}, 1))
+        self.assertIn("mailproxy_logins", families)
+
+
+class SessionTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    C{GET /sessions} and C{POST /sessions/drop}.
+    """
+
+    def test_list(self) -> None:
+        """
+        Sessions are listed with their account, backend and state, and
+        filtered by account or backend.
+        """
+        alice, _, _ = self.harness.login("alice@example.org")
+        self.harness.login("bob@example.org")
+        self.harness.connect()
+        status, body = self.request("GET", "/sessions")
+        self.assertEqual((status, body["count"]), (200, 3))
+        status, body = self.request("GET", "/sessions?account=ALICE%40example.org")
+        (session,) = body["sessions"]
+        self.assertEqual(
+            {k: session[k] for k in ("session", "protocol", "state", "account", "backend", "address")},
+            {
+                "session": alice.client.sessionId,
+                "protocol": "imap",
+                "state": "relay",
+                "account": "alice@example.org",
+                "backend": "old",
+                "address": "192.0.2.10",
+            },
+        )
+        status, body = self.request("GET", "/sessions?backend=new")
+        self.assertEqual(body["count"], 0)
+
+    def test_drop(self) -> None:
+        """
+        Dropping an account's sessions says goodbye to its clients only.
+        """
+        alice, aliceClient, _ = self.harness.login("alice@example.org")
+        bob, bobClient, _ = self.harness.login("bob@example.org")
+        status, body = self.request("POST", "/sessions/drop", {"account": "alice@example.org"})
+        self.assertEqual((status, body), (200, {"dropped": 1, "sessions": [alice.client.sessionId]}))
+        self.assertEqual(aliceClient.value(), b"* BYE Disconnected by the administrator.\r\n")
+        self.assertEqual(bobClient.value(), b"")
+
+    def test_dropNeedsFilter(self) -> None:
+        """
+        Dropping everything needs at least a filter.
+        """
+        status, body = self.request("POST", "/sessions/drop", {})
+        self.assertEqual((status, body), (400, {"error": "name an account, a backend or a session"}))
+
+    def test_badBodies(self) -> None:
+        """
+        Bodies that are not a JSON object, or too large, are refused.
+        """
+        d = self.http.post("http://admin.test/sessions/drop", data=b"[1]", headers=AUTH)
+        self.http.flush()
+        self.assertEqual(self.successResultOf(d).code, 400)
+        d = self.http.post("http://admin.test/sessions/drop", data=b"{" + b" " * 70000 + b"}", headers=AUTH)
+        self.http.flush()
+        self.assertEqual(self.successResultOf(d).code, 413)
+
+
+class RouteTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    The route table, explain, move and reload.
+    """
+
+    def test_readSetDelete(self) -> None:
+        """
+        Entries are read, set and deleted through C{/routes}.
+        """
+        self.assertEqual(
+            self.request("GET", "/routes"), (200, {"routes": {"*": "old", "alice@example.org": "old"}})
+        )
+        self.assertEqual(
+            self.request("PUT", "/routes/bob%40example.org", {"backend": "new"}),
+            (200, {"key": "bob@example.org", "backend": "new"}),
+        )
+        self.assertEqual(
+            self.request("DELETE", "/routes/alice@example.org"),
+            (200, {"key": "alice@example.org", "deleted": True}),
+        )
+        self.assertEqual(
+            self.request("GET", "/routes"), (200, {"routes": {"*": "old", "bob@example.org": "new"}})
+        )
+
+    def test_setUnknownBackend(self) -> None:
+        """
+        A store's refusal is a 409 with its reason.
+        """
+        self.assertEqual(
+            self.request("PUT", "/routes/bob@example.org", {"backend": "elsewhere"}),
+            (409, {"error": "unknown backend 'elsewhere'; configured backends: new, old"}),
+        )
+
+    def test_explain(self) -> None:
+        """
+        C{/explain} names the router, rule and backend.
+        """
+        status, body = self.request("GET", "/explain?account=alice@example.org")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            (body["router"], body["rule"], body["backend"]),
+            ("static", "accounts['alice@example.org']", "old"),
+        )
+
+    def test_move(self) -> None:
+        """
+        C{POST /move} moves accounts and drops their sessions; a dry run
+        first says what would happen.
+        """
+        alice, aliceClient, _ = self.harness.login("alice@example.org")
+        status, body = self.request("POST", "/move", {"backend": "new", "accounts": ["alice@example.org"], "dry_run": True})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["changes"], [{"key": "alice@example.org", "from": "old", "to": "new"}])
+        self.assertEqual((body["sessions"], body["dryRun"]), (1, True))
+        self.assertEqual(aliceClient.value(), b"")
+        status, body = self.request("POST", "/move", {"backend": "new", "accounts": ["alice@example.org"]})
+        self.assertEqual((status, body["sessions"], body["dryRun"]), (200, 1, False))
+        self.assertEqual(aliceClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+
+    def test_moveRefused(self) -> None:
+        """
+        A refused move is a 409 with the reason; a malformed one a 400.
+        """
+        self.assertEqual(
+            self.request("POST", "/move", {"backend": "elsewhere", "accounts": ["a@b"]}),
+            (409, {"error": "unknown backend 'elsewhere'; configured backends: new, old"}),
+        )
+        self.assertEqual(
+            self.request("POST", "/move", {"backend": "new", "accounts": "a@b"}),
+            (400, {"error": "accounts must be a list of strings"}),
+        )
+
+    def test_reload(self) -> None:
+        """
+        C{POST /reload} answers with the reload's outcome: 200 when it
+        worked, 409 with the reason when the old configuration was kept.
+        """
+        self.proxy.reloads.append({"ok": False, "error": "broken.toml: line 1: oops"})
+        self.assertEqual(self.request("POST", "/reload"), (200, {"ok": True, "changed": [], "restartNeeded": []}))
+        self.assertEqual(self.request("POST", "/reload"), (409, {"ok": False, "error": "broken.toml: line 1: oops"}))
+
+    def test_unknownPaths(self) -> None:
+        """
+        Unknown paths are 404, known paths with the wrong method 405.
+        """
+        self.assertEqual(self.request("GET", "/nothing")[0], 404)
+        self.assertEqual(self.request("GET", "/move")[0], 405)
