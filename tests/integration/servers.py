@@ -286,11 +286,11 @@ class Dovecot:
     The ports are attributes, chosen free at L{start}: C{imap} (plain,
     STARTTLS offered), C{imaps} (implicit TLS), C{imapProxy} (requires a
     PROXY v1/v2 header first), C{pop3}, C{pop3s}, C{pop3Proxy} (PROXY header
-    first), C{sieve} and C{lmtp}.
+    first), C{sieve}, C{sieveProxy} (PROXY header first) and C{lmtp}.
     """
 
     _instances = 0
-    _PORT_NAMES = ("imap", "imaps", "imapProxy", "pop3", "pop3s", "pop3Proxy", "sieve", "lmtp")
+    _PORT_NAMES = ("imap", "imaps", "imapProxy", "pop3", "pop3s", "pop3Proxy", "sieve", "sieveProxy", "lmtp")
 
     imap: int
     imaps: int
@@ -299,6 +299,7 @@ class Dovecot:
     pop3s: int
     pop3Proxy: int
     sieve: int
+    sieveProxy: int
     lmtp: int
 
     def __init__(
@@ -425,6 +426,7 @@ class Dovecot:
             "POP3S": str(self.pop3s),
             "POP3_PROXY": str(self.pop3Proxy),
             "SIEVE": str(self.sieve),
+            "SIEVE_PROXY": str(self.sieveProxy),
             "LMTP": str(self.lmtp),
             "EXTRA": self._extraConfig,
         }

@@ -668,3 +668,18 @@ class StartTLSBackendTests(RoutingTestsMixin, SynchronousTestCase):
             client.authenticatePlain("trent@example.org", "whatever"),
             [b'NO (TRYLATER) "Service temporarily unavailable, try again later."'],
         )
+
+
+class ProxyProtocolBackendTests(RoutingTestsMixin, SynchronousTestCase):
+    """
+    The proxy reaching the servers' ManageSieve listener that requires a
+    PROXY header, telling them the client's address in a PROXY v2 header
+    (no XCLIENT: one forwarding mechanism per listener).
+    """
+
+    def backendOptions(self, server: Dovecot) -> dict[str, object]:
+        """
+        The listener that requires a PROXY header, in plaintext.
+        """
+        return {"ports": {"sieve": server.sieveProxy}, "tls": "none", "forward": "proxy-v2"}
+
