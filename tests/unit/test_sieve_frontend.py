@@ -59,6 +59,11 @@ class SieveFrontendTestsMixin:
     """
 
     def build(self, tls: str = "none", limits: Limits | None = None, backend=None, **routeArgs):
+        """
+        A connected front end on a listener with C{tls}, whose router sends
+        "alice" to C{backend} (by default one called "old") with
+        C{routeArgs}; its greeting is cleared.
+        """
         self.backend = backend or makeBackend("old")
         self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
         self.connector = MemoryConnector()
@@ -874,6 +879,9 @@ class RelayTests(SieveFrontendTestsMixin, SynchronousTestCase):
     """
 
     def loggedIn(self, limits: Limits | None = None) -> None:
+        """
+        A front end whose client is logged in and relayed.
+        """
         self.build(limits=limits)
         self.authenticate()
         self.backendSays(b'OK "Logged in."\r\n')
