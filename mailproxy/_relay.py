@@ -12,12 +12,20 @@ Backpressure: each transport is registered as the streaming producer of the
 other, so when the backend's send buffer fills, Twisted pauses reading from
 the client (and the other way round). The relay never holds more than the
 transports' own buffers.
+
+When both legs are plain TCP (no TLS on either), the bytes need not pass
+through Python at all: L{_Splicer} moves them with C{splice(2)} through a
+pipe per direction, and only the readiness events are handled here.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from typing import Callable
 
+from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.logger import Logger
@@ -70,6 +78,7 @@ class Relay:
         self._idleTimeout = idleTimeout
         self._onEnd = onEnd
         self._idleCall: IDelayedCall | None = None
+        self._splicer: _Splicer | None = None
         self._lastActivity = 0.0
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
@@ -84,6 +93,12 @@ class Relay:
         @param toBackend: client octets pipelined after its login command.
         """
         self._lastActivity = self._clock.seconds()
+        if self._idleTimeout > 0:
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+        splicer = _Splicer.attempt(self, toClient, toBackend)
+        if splicer is not None:
+            self._splicer = splicer
+            return
         for transport in (self._client, self._backend):
             descriptor = socketOf(transport)
             if descriptor is not None:
@@ -92,8 +107,6 @@ class Relay:
         # pauses reading on the other.
         self._backend.registerProducer(self._client, True)
         self._client.registerProducer(self._backend, True)
-        if self._idleTimeout > 0:
-            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
         if toClient:
             self.fromBackend(toClient)
         if toBackend:
@@ -155,6 +168,10 @@ class Relay:
         if self._idleCall is not None and self._idleCall.active():
             self._idleCall.cancel()
         self._idleCall = None
+        if self._splicer is not None:
+            # Give the sockets back to Twisted, which closes them.
+            self._splicer.detach()
+            self._splicer = None
         for transport in (self._client, self._backend):
             # A transport that is already gone may refuse; nothing to undo.
             try:
@@ -164,3 +181,225 @@ class Relay:
         other.loseConnection()
         self._onEnd(self)
         return True
+
+
+#: How much one splice direction holds in its pipe (what the kernel allows up
+#: to /proc/sys/fs/pipe-max-size, 1 MiB by default).
+SPLICE_PIPE_SIZE = 1024 * 1024
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _plainSocket(transport: object) -> tcp.Connection | None:
+    """
+    The TCP connection under C{transport} if nothing but a PROXY header
+    reader sits between them and no TLS runs on it.
+    """
+    descriptor = socketOf(transport)
+    if not isinstance(descriptor, tcp.Connection) or getattr(descriptor, "TLS", False):
+        return None
+    if transport is not descriptor and type(transport).__name__ != "ProxyHeaderProtocol":
+        return None
+    if not hasattr(descriptor, "dataBuffer") or not hasattr(descriptor, "_tempDataBuffer"):
+        return None
+    return descriptor
+
+
+class _SocketEnd:
+    """
+    One relayed socket, as the reactor sees it while splicing: readable
+    means the peer sent something, writable means the pipe towards it can
+    drain.
+    """
+
+    def __init__(self, splicer: _Splicer, connection: tcp.Connection) -> None:
+        self.splicer = splicer
+        self.connection = connection
+        self._fileno = connection.fileno()
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def logPrefix(self) -> str:
+        return "splice"
+
+    def doRead(self) -> None:
+        self.splicer.readable(self)
+
+    def doWrite(self) -> None:
+        self.splicer.writable(self)
+
+    def connectionLost(self, reason: object) -> None:
+        self.splicer.fail()
+
+
+class _Direction:
+    """
+    Bytes on their way from C{source} to C{sink} through a pipe.
+    """
+
+    def __init__(self, source: _SocketEnd, sink: _SocketEnd) -> None:
+        self.source = source
+        self.sink = sink
+        self.read, self.write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.write, _F_SETPIPE_SZ, SPLICE_PIPE_SIZE)
+        except OSError:
+            pass  # the default (64 KiB) works too, with more wake-ups
+        self.pending = 0
+        self.ended = False
+
+    def close(self) -> None:
+        os.close(self.read)
+        os.close(self.write)
+
+
+class _Splicer:
+    """
+    Relays two plain TCP sockets with C{splice(2)}: the kernel moves the
+    bytes from socket to pipe to socket; Python only reacts to readiness.
+    Backpressure is the pipe: while it holds bytes its sink has not taken,
+    the source is not read.
+    """
+
+    log = Logger()
+
+    @classmethod
+    def attempt(cls, relay: Relay, toClient: bytes, toBackend: bytes) -> _Splicer | None:
+        """
+        Take over both sockets from Twisted if both are plain TCP; what
+        Twisted had not yet written, and the early bytes, go first.
+        """
+        if not hasattr(os, "splice"):
+            return None
+        client, backend = _plainSocket(relay._client), _plainSocket(relay._backend)
+        if client is None or backend is None:
+            return None
+        early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
+        if sum(map(len, early)) > 32768:
+            return None  # more than a pipe surely holds at once: stay in Python
+        splicer = cls(relay, client, backend)
+        for direction, data in zip((splicer.toClient, splicer.toBackend), early):
+            if data:
+                os.write(direction.write, data)
+                direction.pending = len(data)
+        relay.bytesFromBackend += len(toClient)
+        relay.bytesFromClient += len(toBackend)
+        splicer.run()
+        return splicer
+
+    @staticmethod
+    def _unwritten(connection: tcp.Connection) -> bytes:
+        data = bytes(connection.dataBuffer[connection.offset :]) + b"".join(connection._tempDataBuffer)
+        connection.dataBuffer = b""
+        connection.offset = 0
+        connection._tempDataBuffer = []
+        connection._tempDataLen = 0
+        return data
+
+    def __init__(self, relay: Relay, client: tcp.Connection, backend: tcp.Connection) -> None:
+        self.relay = relay
+        self.reactor = client.reactor
+        for connection in (client, backend):
+            connection.stopReading()
+            connection.stopWriting()
+        self.client = _SocketEnd(self, client)
+        self.backend = _SocketEnd(self, backend)
+        self.toBackend = _Direction(self.client, self.backend)
+        self.toClient = _Direction(self.backend, self.client)
+        self.attached = True
+
+    def run(self) -> None:
+        """
+        Start reading, after flushing what is already in the pipes.
+        """
+        for direction in (self.toBackend, self.toClient):
+            self._drain(direction)
+
+    def _directionFrom(self, end: _SocketEnd) -> _Direction:
+        return self.toBackend if end is self.client else self.toClient
+
+    def readable(self, end: _SocketEnd) -> None:
+        direction = self._directionFrom(end)
+        try:
+            moved = os.splice(end.fileno(), direction.write, SPLICE_PIPE_SIZE - direction.pending, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._broken(e)
+            return
+        if moved == 0:
+            direction.ended = True
+            self.reactor.removeReader(end)
+            if direction.pending == 0:
+                self._finished(direction)
+            return
+        self.relay._lastActivity = self.relay._clock.seconds()
+        if end is self.client:
+            self.relay.bytesFromClient += moved
+        else:
+            self.relay.bytesFromBackend += moved
+        direction.pending += moved
+        self._drain(direction)
+
+    def writable(self, end: _SocketEnd) -> None:
+        self._drain(self.toClient if end is self.client else self.toBackend)
+
+    def _drain(self, direction: _Direction) -> None:
+        while direction.pending:
+            try:
+                moved = os.splice(direction.read, direction.sink.fileno(), direction.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._broken(e)
+                return
+            direction.pending -= moved
+        if not self.attached:
+            return
+        if direction.pending:
+            # The sink is full: stop reading the source until it drains.
+            self.reactor.removeReader(direction.source)
+            self.reactor.addWriter(direction.sink)
+        else:
+            self.reactor.removeWriter(direction.sink)
+            if direction.ended:
+                self._finished(direction)
+            else:
+                self.reactor.addReader(direction.source)
+
+    def _finished(self, direction: _Direction) -> None:
+        # The source closed and everything it sent reached the sink: end as
+        # Twisted would have (the relay closes the sink), and close the
+        # source's socket too, which Twisted no longer watches.
+        if direction is self.toClient:
+            self.relay.backendLost()
+        else:
+            self.relay.clientLost()
+        direction.source.connection.loseConnection()
+
+    def _broken(self, error: OSError) -> None:
+        if error.errno not in (errno.ECONNRESET, errno.EPIPE):
+            self.log.warn("splice failed: {error}", error=error)
+        self.fail()
+
+    def fail(self) -> None:
+        """
+        A socket failed: end the relay; Twisted closes both sockets.
+        """
+        if self.attached:
+            self.relay.stop("connection reset")
+
+    def detach(self) -> None:
+        """
+        Stop splicing and give both sockets back to their Twisted
+        transports (which then close them).
+        """
+        if not self.attached:
+            return
+        self.attached = False
+        for end in (self.client, self.backend):
+            self.reactor.removeReader(end)
+            self.reactor.removeWriter(end)
+        for direction in (self.toBackend, self.toClient):
+            direction.close()

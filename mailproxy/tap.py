@@ -4,22 +4,22 @@ C{twistd mailproxy}: options and the service tree.
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from . import _tls
+from ._lifecycle import ProxyService, ReloadableServerTLS
+from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from .config import Config, ConfigError, Listener, loadConfig
-from .interfaces import IReloadable
+from .admin import adminSite
 from .routers import buildRouter
 
 #: The front end for each listener protocol. Adding a protocol adds a line.
@@ -27,6 +27,7 @@ FRONTENDS = {
     "imap": "mailproxy.imap._frontend.IMAPFrontend",
     "pop3": "mailproxy.pop3._frontend.POP3Frontend",
     "sieve": "mailproxy.sieve._frontend.SieveFrontend",
+    "smtp": "mailproxy.smtp._frontend.buildFrontend",
 }
 
 #: Listen backlog when the endpoint string does not set one: Twisted's
@@ -43,7 +44,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the mail proxy described by a TOML configuration file: listeners, "
         "TLS certificates, the router and the backends. Check a file without "
-        "serving with `mailproxy check FILE`. SIGHUP re-reads the route table."
+        "serving with `mailproxy check FILE`. SIGHUP reloads the configuration, "
+        "route table and certificates; SIGTERM stops accepting, lets sessions "
+        "drain for [limits] shutdown_grace seconds, then says goodbye to the rest."
     )
     optParameters = [
         ["config", "c", "/etc/mailproxy/mailproxy.toml", "The configuration file (TOML)."],
@@ -66,47 +69,6 @@ def withBacklog(endpoint: str) -> str:
     return endpoint
 
 
-class RouterService(Service):
-    """
-    Keeps the router's data fresh: file watching and SIGHUP reloads.
-    """
-
-    log = Logger()
-
-    def __init__(self, router: Any, reactor: Any) -> None:
-        self.router = router
-        self.reactor = reactor
-        self._previousHandler: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        start = getattr(self.router, "startWatching", None)
-        if start is not None:
-            start()
-        if IReloadable.providedBy(self.router):
-            try:
-                self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
-            except ValueError:
-                # Not the main thread (embedded use): no signal handling.
-                self._previousHandler = None
-
-    def stopService(self) -> None:
-        stop = getattr(self.router, "stopWatching", None)
-        if stop is not None:
-            stop()
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
-        return super().stopService()
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._reload)
-
-    def _reload(self) -> None:
-        self.log.info("SIGHUP: reloading the route table")
-        self.router.reload()
-
-
 def listenerFactory(context: ProxyContext, listener: Listener):
     """
     The protocol factory for one listener, with TLS wrapped around it for
@@ -122,28 +84,33 @@ def listenerFactory(context: ProxyContext, listener: Listener):
     return factory
 
 
-def serviceFromConfig(config: Config, reactor: Any) -> MultiService:
+def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
     """
-    Build the whole proxy from a loaded configuration.
+    Build the whole proxy from a loaded configuration: its listeners, the
+    management endpoint and the event log (see L{ProxyService} for reload
+    and shutdown).
 
     @raise ConfigError: if the router or the certificates cannot be set up.
     """
     router = buildRouter(config, reactor)
-    serverTLS = None
-    if config.tls is not None:
-        try:
-            serverTLS = _tls.serverOptions(config.tls, config.sni)
-        except _tls.TLSConfigError as e:
-            raise ConfigError(f"{config.path}: tls: {e}")
+    serverTLS = adminTLS = None
+    try:
+        if config.tls is not None:
+            serverTLS = ReloadableServerTLS(_tls.serverOptions(config.tls, config.sni))
+        if config.admin is not None and config.admin.tls is not None:
+            adminTLS = ReloadableServerTLS(_tls.serverOptions(config.admin.tls))
+    except _tls.TLSConfigError as e:
+        raise ConfigError(f"{config.path}: tls: {e}")
     context = ProxyContext(
         reactor=reactor,
         router=router,
         limits=config.limits,
         hostname=config.hostname,
         serverTLS=serverTLS,
+        backends=dict(config.backends),
+        routerName=config.router.type,
     )
-    top = MultiService()
-    RouterService(router, reactor).setServiceParent(top)
+    top = ProxyService(config, context, reactor)
     for index, listener in enumerate(config.listeners):
         endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
         service = StreamServerEndpointService(endpoint, listenerFactory(context, listener))
@@ -152,8 +119,36 @@ def serviceFromConfig(config: Config, reactor: Any) -> MultiService:
         service._raiseSynchronously = True
         service.setName(f"listener-{index}")
         service.setServiceParent(top)
-    top.context = context  # type: ignore[attr-defined]
+    if config.admin is not None:
+        site, top.admin = adminSite(top, config.admin.token, reactor)
+        factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
+        top.adminTLS = adminTLS
+        service = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), factory)
+        service._raiseSynchronously = True
+        service.setName("admin")
+        service.setServiceParent(top)
+    if config.log.path is not None:
+        top.eventLog = EventLogService(config.log)
+        top.eventLog.setName("log")
+        # First among the children: it starts before anything logs.
+        top.eventLog.setServiceParent(top)
+        top.services.insert(0, top.services.pop())
     return top
+
+
+def raiseFileLimit() -> None:
+    """
+    Allow as many open files as the hard limit does: each relayed session
+    holds two sockets (and, when both legs are plain TCP, two pipes).
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def makeService(options: Options) -> IService:
@@ -161,6 +156,8 @@ def makeService(options: Options) -> IService:
     The twistd entry point.
     """
     from twisted.internet import reactor
+
+    raiseFileLimit()
 
     try:
         return serviceFromConfig(options["loaded"], reactor)

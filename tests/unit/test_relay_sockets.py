@@ -1,0 +1,146 @@
+"""
+The relay on real loopback TCP connections, where plain legs are spliced
+by the kernel (L{mailproxy._relay._Splicer}) instead of passing through
+Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from mailproxy._relay import Relay
+
+
+class Collector(Protocol):
+    """
+    An outer peer: records what it receives and when it is closed.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.closed: Deferred[None] = Deferred()
+        self.ready: Deferred[Collector] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.ready.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)
+
+
+class Inner(Protocol):
+    """
+    The proxy's side of a leg, as the front end and backend protocols are
+    after hand-over: data and close go to the relay.
+    """
+
+    relay: Relay | None = None
+    lost: Deferred[None]
+
+    def connectionMade(self) -> None:
+        self.lost = Deferred()
+        self.factory.inner.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        raise AssertionError("the relay must take over reading")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+class SplicedRelayTests(TestCase):
+    """
+    Bytes and closes cross a relay of two plain TCP connections.
+    """
+
+    @inlineCallbacks
+    def leg(self):
+        """
+        A loopback TCP connection: (outer Collector, inner Inner).
+        """
+        serverFactory = Factory.forProtocol(Inner)
+        serverFactory.inner = Deferred()
+        port = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        outer = Collector()
+        clientFactory = ClientFactory.forProtocol(lambda: outer)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)
+        yield outer.ready
+        inner = yield serverFactory.inner
+        self.addCleanup(lambda: outer.transport.abortConnection() if outer.transport.connected else None)
+        return outer, inner
+
+    @inlineCallbacks
+    def relayed(self, toClient: bytes = b"", toBackend: bytes = b""):
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg()
+        self.ended = []
+        self.relay = Relay(
+            self.clientInner.transport, self.backendInner.transport, reactor, 60, self.ended.append
+        )
+        for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
+            inner.dataReceived = getattr(self.relay, method)
+        self.clientInner.connectionLost = lambda reason=None: (self.relay.clientLost(), Inner.connectionLost(self.clientInner))
+        self.backendInner.connectionLost = lambda reason=None: (self.relay.backendLost(), Inner.connectionLost(self.backendInner))
+        # As after a login: the proxy's reply is still in Twisted's buffer.
+        self.clientInner.transport.write(b"a OK Logged in\r\n")
+        self.relay.start(toClient=toClient, toBackend=toBackend)
+
+    @inlineCallbacks
+    def test_bulkBothWays(self) -> None:
+        """
+        Several megabytes each way arrive intact and in order, after the
+        login reply and the early bytes, and are counted.
+        """
+        yield self.relayed(toClient=b"* 1 EXISTS\r\n", toBackend=b"b SELECT INBOX\r\n")
+        self.assertIsNotNone(self.relay._splicer, "plain legs should be spliced")
+        down = os.urandom(3 * 1024 * 1024)
+        up = os.urandom(2 * 1024 * 1024)
+        self.backend.transport.write(down)
+        self.client.transport.write(up)
+        self.backend.transport.loseConnection()
+        yield self.client.closed
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* 1 EXISTS\r\n" + down)
+        self.assertEqual(self.relay.endReason, "backend closed")
+        self.assertEqual(self.relay.bytesFromBackend, len(down) + len(b"* 1 EXISTS\r\n"))
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+
+    @inlineCallbacks
+    def test_clientCloseClosesBackend(self) -> None:
+        """
+        When the client closes, what it sent reaches the backend, and the
+        backend connection is closed.
+        """
+        yield self.relayed()
+        self.client.transport.write(b"z LOGOUT\r\n")
+        self.client.transport.loseConnection()
+        yield self.backend.closed
+        self.assertEqual(bytes(self.backend.received), b"z LOGOUT\r\n")
+        self.assertEqual(self.relay.endReason, "client closed")
+        yield self.clientInner.lost
+
+    @inlineCallbacks
+    def test_stopFromOutside(self) -> None:
+        """
+        Stopping the relay (a dropped session) gives the sockets back to
+        Twisted, so a goodbye written afterwards still reaches the client.
+        """
+        yield self.relayed()
+
+        def goodbye(relay: Relay) -> None:
+            self.clientInner.transport.write(b"* BYE moved\r\n")
+
+        self.relay._onEnd = goodbye
+        self.relay.stop("dropped")
+        yield self.client.closed
+        yield self.backend.closed
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* BYE moved\r\n")
