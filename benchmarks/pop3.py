@@ -1,0 +1,364 @@
+"""
+POP3 logins per second, straight to Dovecot and through mailproxy.
+
+One private Dovecot (its pop3-login and pop3 services tuned like the IMAP
+benchmark's) and mailproxy with three POP3 listeners (plain, STLS, implicit
+TLS; static router, one backend reached in plain POP3, C{forward = "none"}),
+so that Dovecot checks every password on both paths. Each session connects,
+reads the greeting, does STLS or the TLS handshake as the mode says, sends
+C{USER} and C{PASS} in one write (both servers offer PIPELINING), says
+C{QUIT} and waits for the server to close. The load generator is
+L{benchmarks.load}'s non-blocking driver with a POP3 session.
+
+Run from the repository root::
+
+    /tmp/venv/bin/python benchmarks/pop3.py [--quick] [--json pop3.json]
+
+It prints a markdown table (logins/s and latency per TLS mode, direct and
+through mailproxy, with the ratio). L{measure} runs the same measurements
+against servers someone else started, for C{benchmarks/run.py}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+
+_HERE = Path(__file__).resolve().parent
+_REPOSITORY = _HERE.parent
+if str(_REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(_REPOSITORY))
+
+from benchmarks import procstat  # noqa: E402
+from benchmarks.load import (  # noqa: E402
+    Connection,
+    Driver,
+    ProtocolError,
+    Step,
+    Target,
+    cpuSeconds,
+    raiseFileLimit,
+    summarizeLogins,
+)
+from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+
+TLS_MODES = ("none", "starttls", "implicit")
+PATHS = ("direct", "mailproxy")
+PASSWORD = "pw"
+
+#: Dovecot settings so that Dovecot's POP3 side is not the bottleneck:
+#: long-lived login processes serving many clients and pop3 processes
+#: reused between sessions, as the IMAP benchmark does for imap.
+POP3_TUNING = """
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 8
+  client_limit = 6000
+  vsz_limit = 1G
+}
+service pop3 {
+  service_count = 0
+  client_limit = 1
+  process_limit = 2000
+  process_min_avail = 25
+}
+mail_max_userip_connections = 100000
+"""
+
+MAILPROXY_CONFIG = """\
+[proxy]
+hostname = "localhost"
+
+[limits]
+connections_per_address = 0
+
+[tls]
+certificate = "{certificate}"
+key = "{key}"
+
+[[listener]]
+protocol = "pop3"
+endpoint = "tcp:{none}:interface=127.0.0.1:backlog=4096"
+tls = "none"
+
+[[listener]]
+protocol = "pop3"
+endpoint = "tcp:{starttls}:interface=127.0.0.1:backlog=4096"
+tls = "starttls"
+
+[[listener]]
+protocol = "pop3"
+endpoint = "tcp:{implicit}:interface=127.0.0.1:backlog=4096"
+tls = "implicit"
+
+[router]
+type = "static"
+path = "routes.toml"
+
+[backend.dovecot]
+host = "127.0.0.1"
+ports = {{ pop3 = {backend} }}
+tls = "none"
+forward = "none"
+"""
+
+
+@attrs.frozen
+class Settings:
+    """
+    The sizes of one POP3 run.
+    """
+
+    concurrency: int = 20
+    duration: float = 10.0
+    warmup: float = 1.0
+    users: int = 50
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """
+        Small counts: a smoke test of every path.
+        """
+        return cls(duration=1.5, warmup=0.3)
+
+
+def _expectOK(line: bytes, what: str) -> None:
+    if not line.startswith(b"+OK"):
+        raise ProtocolError(f"{what}: " + line.decode("utf-8", "replace")[:200])
+
+
+def pop3LoginSteps(connection: Connection, index: int) -> Step:
+    """
+    One full POP3 session: connect, greeting, STLS or TLS as the target
+    says, USER and PASS pipelined, QUIT, wait for the close.
+    """
+    target = connection.target
+    context = target.clientContext()
+    yield from connection.connect()
+    if target.tls == "implicit":
+        assert context is not None
+        yield from connection.startTLS(context)
+    _expectOK((yield from connection.readLine()), "greeting")
+    if target.tls == "starttls":
+        assert context is not None
+        yield from connection.sendAll(b"STLS\r\n")
+        _expectOK((yield from connection.readLine()), "STLS")
+        yield from connection.startTLS(context)
+    user = target.user(index).encode("utf-8")
+    yield from connection.sendAll(b"USER " + user + b"\r\nPASS " + target.password.encode("utf-8") + b"\r\n")
+    _expectOK((yield from connection.readLine()), "USER")
+    _expectOK((yield from connection.readLine()), "PASS")
+    yield from connection.sendAll(b"QUIT\r\n")
+    _expectOK((yield from connection.readLine()), "QUIT")
+    yield from connection.waitClosed()
+
+
+def runLogins(target: Target, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+    """
+    Run POP3 login sessions for C{warmup} + C{duration} seconds at
+    C{concurrency} and summarise what was recorded after the warm-up (the
+    same fields as C{load.py logins}: C{perSecond}, C{p50ms}, ...).
+    """
+    driver = Driver(pop3LoginSteps, target, concurrency)
+    now = time.monotonic()
+    driver.recordFrom = now + warmup
+    stopAt = driver.recordUntil = now + warmup + duration
+    cpuBefore = cpuSeconds()
+    while True:
+        running = time.monotonic() < stopAt
+        while running and driver.inFlight < concurrency:
+            driver.start()
+        if driver.inFlight == 0 and not running:
+            break
+        driver.poll(0.2)
+        driver.expire()
+    part = {
+        "ok": len(driver.latencies),
+        "completed": driver.completed,
+        "window": duration,
+        "latencies": driver.latencies,
+        "errors": dict(driver.errors),
+        "clientCpu": cpuSeconds() - cpuBefore,
+    }
+    return summarizeLogins([part])
+
+
+def _cpuMsPer(before: procstat.Usage | None, after: procstat.Usage | None, count: int) -> float | None:
+    if before is None or after is None or count <= 0:
+        return None
+    return round((after.cpu - before.cpu) * 1000 / count, 4)
+
+
+def measure(
+    ports: dict[str, dict[str, int]],
+    caFile: str,
+    users: Sequence[str],
+    settings: Settings,
+    pids: dict[str, int | None] | None = None,
+    dovecotPid: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """
+    Logins per second for every path and TLS mode.
+
+    @param ports: per path (C{direct}, C{mailproxy}), the port of each TLS
+        mode (C{none}, C{starttls}, C{implicit}).
+    @param pids: per path, the proxy process whose CPU per login to report.
+    @return: per path, C{"pop3.logins.<mode>"} to the summary.
+    """
+    results: dict[str, dict[str, Any]] = {name: {} for name in ports}
+    for tls in TLS_MODES:
+        for name, modes in ports.items():
+            print(f"  pop3 logins {tls}: {name}", file=sys.stderr, flush=True)
+            target = Target("127.0.0.1", modes[tls], tls, tuple(users), PASSWORD, caFile, "localhost")
+            pid = (pids or {}).get(name)
+            before = (procstat.usage(pid) if pid else None, procstat.usage(dovecotPid) if dovecotPid else None)
+            summary = runLogins(target, settings.concurrency, settings.duration, settings.warmup)
+            after = (procstat.usage(pid) if pid else None, procstat.usage(dovecotPid) if dovecotPid else None)
+            completed = max(1, summary["completed"])
+            summary["proxyCpuMsPerLogin"] = _cpuMsPer(before[0], after[0], completed)
+            summary["dovecotCpuMsPerLogin"] = _cpuMsPer(before[1], after[1], completed)
+            summary["clientCpuShare"] = round(summary["clientCpu"] / (settings.duration + settings.warmup), 3)
+            results[name][f"pop3.logins.{tls}"] = summary
+    return results
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def markdownTable(results: dict[str, dict[str, Any]]) -> str:
+    """
+    The results as a markdown table: one row per metric and TLS mode, with
+    the mailproxy/direct ratio and, for plain logins/s, the target the IMAP
+    benchmark sets (at least 0.75 of direct).
+    """
+    modeNames = {"none": "plain", "starttls": "STLS", "implicit": "implicit TLS"}
+    lines = ["| POP3 metric | direct | mailproxy | mailproxy/direct | target | result |", "|---|---|---|---|---|---|"]
+    for tls in TLS_MODES:
+        key = f"pop3.logins.{tls}"
+        for field, label in (
+            ("perSecond", "logins/s"),
+            ("p50ms", "login p50 ms"),
+            ("p99ms", "login p99 ms"),
+            ("proxyCpuMsPerLogin", "proxy CPU ms/login"),
+            ("dovecotCpuMsPerLogin", "Dovecot CPU ms/login"),
+        ):
+            direct = results.get("direct", {}).get(key, {}).get(field)
+            proxied = results.get("mailproxy", {}).get(key, {}).get(field)
+            ratio = proxied / direct if direct and proxied is not None else None
+            target = result = ""
+            if field == "perSecond" and tls == "none":
+                target = ">= 0.75x direct"
+                result = "n/a" if ratio is None else ("PASS" if ratio >= 0.75 else "MISS")
+            cells = [f"{label}, {modeNames[tls]}", _format(direct), _format(proxied), _format(ratio), target, result]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Start Dovecot and mailproxy, measure, print the table.
+    """
+    parser = argparse.ArgumentParser(description="POP3 logins per second: direct to Dovecot vs through mailproxy.")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
+    parser.add_argument("--concurrency", type=int, help="sessions in flight (20)")
+    parser.add_argument("--duration", type=float, help="measured seconds per test (10)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each test (1)")
+    parser.add_argument("--users", type=int, help="distinct accounts, used round-robin (50)")
+    parser.add_argument("--json", help="write the raw results and the table to this file")
+    parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
+    options = parser.parse_args(argv)
+    settings = Settings.quick() if options.quick else Settings()
+    overrides = {
+        "concurrency": options.concurrency,
+        "duration": options.duration,
+        "warmup": options.warmup,
+        "users": options.users,
+    }
+    settings = attrs.evolve(settings, **{k: v for k, v in overrides.items() if v is not None})
+    raiseFileLimit()
+
+    if options.keep:
+        directory = Path(options.keep).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        cleanup = None
+    else:
+        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-pop3-bench-")
+        directory = Path(cleanup.name)
+    started = time.monotonic()
+    ca = TestCA(str(directory / "ca"))
+    users = [f"bench{i}" for i in range(settings.users)]
+    dovecot = Dovecot(
+        str(directory / "dovecot"), "pop3bench", {user: PASSWORD for user in users}, ca=ca, extraConfig=POP3_TUNING
+    )
+    proxy: Proxy | None = None
+    try:
+        dovecot.start()
+        dovecotPid = int((dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip())
+        message = b"From: bench@example.org\r\nSubject: pop3 benchmark\r\n\r\nHello.\r\n"
+        for user in users:
+            dovecot.deliver(user, message)
+        dovecot.indexAll()
+        certificate, key = ca.issue("mailproxy")
+        proxyPorts: dict[str, int] = {}
+        while len(set(proxyPorts.values())) < len(TLS_MODES):
+            proxyPorts = {mode: freePort() for mode in TLS_MODES}
+        proxyDirectory = directory / "mailproxy"
+        proxyDirectory.mkdir(exist_ok=True)
+        (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
+        proxy = Proxy(
+            str(proxyDirectory),
+            MAILPROXY_CONFIG.format(certificate=certificate, key=key, backend=dovecot.pop3, **proxyPorts),
+        )
+        proxy.start(list(proxyPorts.values()))
+        ports = {
+            "direct": {"none": dovecot.pop3, "starttls": dovecot.pop3, "implicit": dovecot.pop3s},
+            "mailproxy": proxyPorts,
+        }
+        results = measure(ports, ca.caPath, users, settings, pids={"mailproxy": proxy.pid}, dovecotPid=dovecotPid)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        dovecot.stop()
+        if cleanup is not None:
+            cleanup.cleanup()
+
+    table = markdownTable(results)
+    print(table)
+    failures = [
+        f"{name} {key}: {summary['errors']} errors {summary['errorKinds']}"
+        for name, byKey in results.items()
+        for key, summary in byKey.items()
+        if summary.get("errors")
+    ]
+    for line in failures:
+        print(f"- errors: {line}")
+    if options.json:
+        document = {
+            "settings": attrs.asdict(settings),
+            "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
+            "results": results,
+            "failures": failures,
+            "table": table,
+        }
+        Path(options.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
