@@ -32,7 +32,9 @@ C{examples/auth_users.toml}.  What the server does:
    a mailproxy chain asks its next router).
 
 A shared secret (nginx's C{auth_http_header}, mailproxy's C{headers}) keeps
-others from asking: set C{[auth] header} and C{secret} in the users file.
+others from asking: set C{[auth] header} and C{secret} in the users file;
+C{[auth] wait} sets the C{Auth-Wait} seconds (default 3).  C{--record FILE}
+appends every question's headers to FILE, to compare what proxies send.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import json
 import os
 import sys
 import tomllib
@@ -131,17 +134,37 @@ class AuthResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, table: UserTable) -> None:
+    def __init__(self, table: UserTable, record: str | None = None) -> None:
+        """
+        @param record: a file to append each question's headers to, one
+            JSON line each, in the order received, with C{Auth-Pass}
+            masked: to see what a proxy sends.
+        """
         super().__init__()
         self.table = table
+        self.record = record
 
     def render_GET(self, request: Request) -> bytes:
         try:
             self.table.refresh()
         except (OSError, tomllib.TOMLDecodeError) as e:
             self.log.error("cannot read {path}: {error}", path=self.table.path, error=e)
+        if self.record is not None:
+            self.write(request)
         self.answer(request, self.decide(request))
         return b""
+
+    def write(self, request: Request) -> None:
+        """
+        Append the question's headers to the record file.
+        """
+        headers = [
+            [name.decode("latin-1"), "***" if name.lower() == b"auth-pass" and value else value.decode("utf-8", "replace")]
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        with open(self.record, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
+            f.write(json.dumps({"method": request.method.decode(), "uri": request.uri.decode("latin-1"), "headers": headers}) + "\n")
 
     def header(self, request: Request, name: str) -> bytes:
         """
@@ -195,7 +218,7 @@ class AuthResource(Resource):
             )
             answer = [("Auth-Status", FAILED)]
             if attempt < MAX_ATTEMPTS:
-                answer.append(("Auth-Wait", "3"))
+                answer.append(("Auth-Wait", str(self.table.auth.get("wait", 3))))
             if protocol == "smtp":
                 answer.append(("Auth-Error-Code", "535 5.7.8"))
             if entry is None:
@@ -242,11 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the users file (default: auth_users.toml next to this script)",
     )
     parser.add_argument("--quiet", action="store_true", help="log nothing (benchmarks)")
+    parser.add_argument("--record", metavar="FILE", help="append each question's headers to FILE (JSON lines, Auth-Pass masked)")
     arguments = parser.parse_args(argv)
     table = UserTable(arguments.users)
     if not arguments.quiet:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    site = Site(AuthResource(table))
+    site = Site(AuthResource(table, arguments.record))
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     endpoint = serverFromString(reactor, arguments.listen)

@@ -31,6 +31,7 @@ C{NO [UNAVAILABLE]}), never a hang.
 
 from __future__ import annotations
 
+import math
 import ssl
 import string
 from collections.abc import Mapping, Sequence
@@ -233,10 +234,8 @@ class LDAPDirectory:
                 ca_certs_file=settings.caFile,
                 version=ssl.PROTOCOL_TLS_CLIENT if settings.verify else ssl.PROTOCOL_TLS,
             )
-        self._servers = [
-            serverFactory(url, connect_timeout=settings.connectTimeout, tls=tls, get_info=ldap3.NONE)
-            for url in settings.servers
-        ]
+        self._serverFactory = serverFactory
+        self._tls = tls
         self._preferred = 0
         self._service: PerThread[Any] = PerThread(self._serviceConnection, self._close)
         self._users: PerThread[Any] = PerThread(lambda: self._open(None, None), self._close)
@@ -355,17 +354,25 @@ class LDAPDirectory:
         """
         settings = self.settings
         problems = []
-        count = len(self._servers)
+        count = len(settings.servers)
         for offset in range(count):
             index = (self._preferred + offset) % count
-            server = self._servers[index]
+            # A new Server each time: ldap3 remembers an address that failed
+            # as unusable, which would outlive a directory's restart.
+            server = self._serverFactory(
+                settings.servers[index],
+                connect_timeout=settings.connectTimeout,
+                tls=self._tls,
+                get_info=self._ldap3.NONE,
+            )
             connection = self._connectionFactory(
                 server,
                 user=user,
                 password=password,
                 authentication=self._ldap3.SIMPLE if user else self._ldap3.ANONYMOUS,
                 raise_exceptions=False,
-                receive_timeout=settings.timeout,
+                # ldap3 packs it into SO_RCVTIMEO: whole seconds only.
+                receive_timeout=max(1, math.ceil(settings.timeout)),
                 read_only=True,
                 auto_referrals=False,
             )

@@ -1,0 +1,741 @@
+"""
+The routers end to end: real OpenLDAP (C{slapd}), the example nginx-style
+auth server (C{examples/auth_server.py}), SQLite, two real Dovecot servers,
+the proxy as a subprocess, and Debian's nginx mail proxy for comparison.
+
+Every account exists on both Dovecot servers with the same password, and
+each server's copy of an account holds one message whose subject names the
+server (C{"alice@example.org on old"}), so the mailbox a client sees shows
+where its login was routed.  The routers authenticate: a wrong password is
+refused by the proxy, and the servers' logs prove that no login reached
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .nginx import NginxMailProxy
+from .servers import (
+    Dovecot,
+    Proxy,
+    TestCA,
+    _dieWithParent,
+    _stopProcess,
+    _waitForPorts,
+    fixtureDirectory,
+    freePort,
+    requireServer,
+    sharedFixture,
+)
+from .slapd import SERVICE_DN, Account, Slapd
+
+#: Seconds any single client operation may take before the test fails.
+TIMEOUT = 30.0
+
+_REPOSITORY = Path(__file__).resolve().parent.parent.parent
+AUTH_SERVER = _REPOSITORY / "examples" / "auth_server.py"
+AUTH_SECRET = "integration-shared-secret-0123456789"
+
+#: Accounts on both mail servers (the password is the same everywhere).
+PASSWORDS = {
+    "alice@example.org": "alice secret",
+    "bob@example.org": "bob-secret",
+    "carol@example.org": "carol-secret",
+    "erin@example.org": "erin-secret",
+}
+
+#: Where each router sends each account.
+HOMES = {"alice@example.org": "old", "bob@example.org": "new", "carol@example.org": "new", "erin@example.org": "old"}
+
+if TYPE_CHECKING:
+    _MixinBase = SynchronousTestCase
+else:
+    _MixinBase = object
+
+
+def firstMessage(user: str, server: str) -> bytes:
+    """
+    The message in C{user}'s INBOX on C{server}.
+    """
+    return (
+        f"From: postmaster@example.org\r\nTo: {user}\r\nSubject: {user} on {server}\r\n"
+        f"Message-ID: <{user.replace('@', '.')}.{server}.routers@example.org>\r\n\r\n"
+        f"Routed to {server}.\r\n"
+    ).encode("ascii")
+
+
+class MailServers:
+    """
+    Two Dovecot servers, C{old} and C{new}, with every account on both.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.ca = TestCA(os.path.join(directory, "ca"))
+        self.old = Dovecot(os.path.join(directory, "old"), "rold", PASSWORDS, ca=self.ca, masterUser=None)
+        self.new = Dovecot(os.path.join(directory, "new"), "rnew", PASSWORDS, ca=self.ca, masterUser=None)
+
+    @classmethod
+    def start(cls) -> MailServers:
+        """
+        Start both servers and fill the mailboxes.
+        """
+        requireServer("dovecot", "doveadm", "openssl")
+        servers = cls(fixtureDirectory("routers-dovecot"))
+        try:
+            for name, dovecot in (("old", servers.old), ("new", servers.new)):
+                dovecot.start()
+                for user in PASSWORDS:
+                    dovecot.deliver(user, firstMessage(user, name))
+        except BaseException:
+            servers.stop()
+            raise
+        return servers
+
+    def stop(self) -> None:
+        """
+        Stop both.
+        """
+        self.old.stop()
+        self.new.stop()
+
+    def logs(self) -> str:
+        """
+        Both servers' logs.
+        """
+        return self.old.logText() + self.new.logText()
+
+
+def mailServers() -> MailServers:
+    """
+    The module's mail servers, started on first use.
+    """
+    return sharedFixture("routers-mail", "routers", MailServers.start)
+
+
+def directory() -> Slapd:
+    """
+    The module's directory (for the LDAP and chain routers), started on
+    first use: alice and erin live on C{old}, bob on C{new} (by backend
+    name), carol on a host the proxy has no backend for (C{localhost},
+    reached with C{backend_defaults}).
+    """
+
+    def start() -> Slapd:
+        slapd = Slapd(fixtureDirectory("routers-slapd"), _directoryAccounts())
+        slapd.start()
+        return slapd
+
+    return sharedFixture("routers-slapd", "routers", start)
+
+
+def _directoryAccounts() -> dict[str, Account]:
+    hosts = {"old": "old", "new": "new"}
+    accounts = {
+        user: Account(mail=user, uid=user.partition("@")[0], password=password, mailHost=hosts[HOMES[user]])
+        for user, password in PASSWORDS.items()
+    }
+    accounts["carol@example.org"] = Account("carol@example.org", "carol", PASSWORDS["carol@example.org"], "localhost")
+    return accounts
+
+
+class AuthServer:
+    """
+    C{examples/auth_server.py} as a subprocess, with a users file that
+    routes to the test's mail servers and a record of every question.
+    """
+
+    def __init__(self, directory: str, servers: MailServers) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.usersPath = self.directory / "users.toml"
+        self.recordPath = self.directory / "questions.jsonl"
+        self.logPath = self.directory / "auth.log"
+        byName = {"old": servers.old, "new": servers.new}
+        lines = [
+            "[auth]",
+            'header = "X-Auth-Key"',
+            f'secret = "{AUTH_SECRET}"',
+            "wait = 1",
+            "[defaults]",
+            'server = "127.0.0.1"',
+        ]
+        for user, password in PASSWORDS.items():
+            home = byName[HOMES[user]]
+            lines += [
+                f'[users."{user}"]',
+                f'password = "{password}"',
+                f"ports = {{ imap = {home.imap}, pop3 = {home.pop3} }}",
+            ]
+        self.usersPath.write_text("\n".join(lines) + "\n")
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """
+        The auth URL, nginx style (no scheme).
+        """
+        return f"127.0.0.1:{self.port}/auth"
+
+    def start(self) -> None:
+        """
+        Start the server and wait for it to listen.
+        """
+        self.port = freePort()
+        with open(self.logPath, "ab") as log:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(AUTH_SERVER),
+                    "--listen",
+                    f"tcp:{self.port}:interface=127.0.0.1",
+                    "--users",
+                    str(self.usersPath),
+                    "--record",
+                    str(self.recordPath),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_dieWithParent,
+            )
+        try:
+            _waitForPorts(self._process, [self.port], timeout=20, describe="the example auth server", log=self.logPath)
+        except RuntimeError:
+            _stopProcess(self._process)
+            raise
+
+    def stop(self) -> None:
+        """
+        Stop it.
+        """
+        if self._process is not None:
+            _stopProcess(self._process)
+            self._process = None
+
+    def questions(self) -> list[dict[str, Any]]:
+        """
+        Every question recorded so far.
+        """
+        try:
+            text = self.recordPath.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line]
+
+
+def authServer() -> AuthServer:
+    """
+    The module's auth server, started on first use.
+    """
+    servers = mailServers()
+
+    def start() -> AuthServer:
+        server = AuthServer(fixtureDirectory("routers-auth"), servers)
+        server.start()
+        return server
+
+    return sharedFixture("routers-auth", "routers", start)
+
+
+def toml(value: object) -> str:
+    """
+    C{value} in TOML syntax (strings, numbers, booleans, lists, tables).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+class RoutingProxy:
+    """
+    The proxy with one router, plain IMAP and POP3 listeners, and the
+    backends C{old} and C{new}.
+    """
+
+    def __init__(self, directory: str, servers: MailServers, router: str, files: Mapping[str, str] = {}) -> None:
+        """
+        @param router: the C{[router]} part of the configuration, TOML.
+        @param files: more files for the configuration's directory.
+        """
+        self.imap = freePort()
+        self.pop3 = freePort()
+        backends = "".join(
+            f'[backend.{name}]\nhost = "127.0.0.1"\nports = {{ imap = {server.imap}, pop3 = {server.pop3} }}\n'
+            f'tls = "none"\nforward = "none"\n'
+            for name, server in (("old", servers.old), ("new", servers.new))
+        )
+        config = (
+            '[proxy]\nhostname = "proxy.example.org"\n'
+            "[limits]\nfailure_delay = 0.0\nbackend_timeout = 10\n"
+            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
+            f'[[listener]]\nprotocol = "pop3"\nendpoint = "tcp:{self.pop3}:interface=127.0.0.1"\ntls = "none"\n'
+            + router
+            + backends
+        )
+        self.proxy = Proxy(directory, config)
+        for name, text in files.items():
+            (self.proxy.directory / name).write_text(text)
+
+    def start(self) -> None:
+        """
+        Start it and wait for its listeners.
+        """
+        self.proxy.start([self.imap, self.pop3])
+
+    def stop(self) -> None:
+        """
+        Stop it.
+        """
+        self.proxy.stop()
+
+
+class Reply(tuple):
+    """
+    The outcome of one login: C{("OK", subject)} or C{("NO", text)}.
+    """
+
+
+def _connect(port: int) -> tuple[socket.socket, Any]:
+    connection = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    connection.settimeout(TIMEOUT)
+    return connection, connection.makefile("rb")
+
+
+def imapLogin(port: int, user: str, password: str) -> tuple[str, str]:
+    """
+    Log in over IMAP; return C{("OK", subject of message 1)} or the
+    refusal, C{("NO", text)} (or C{("BYE", text)} if the server closed).
+    """
+    connection, reader = _connect(port)
+    try:
+        greeting = reader.readline()
+        if not greeting.startswith(b"* OK"):
+            return "BYE", greeting.decode("utf-8", "replace").strip()
+
+        def command(tag: bytes, line: bytes) -> list[bytes]:
+            connection.sendall(tag + b" " + line + b"\r\n")
+            lines = []
+            while True:
+                reply = reader.readline()
+                if not reply:
+                    raise EOFError(b"".join(lines))
+                lines.append(reply)
+                if reply.startswith(tag + b" "):
+                    return lines
+
+        quoted = '"' + password.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines = command(b"a", f'LOGIN "{user}" {quoted}'.encode())
+        final = lines[-1].decode("utf-8", "replace").strip()
+        if not final.startswith("a OK"):
+            return "NO", final[len("a NO ") :] if final.startswith("a NO ") else final
+        command(b"s", b"SELECT INBOX")
+        fetched = b"".join(command(b"b", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+        match = re.search(rb"Subject: ([^\r\n]*)", fetched)
+        command(b"c", b"LOGOUT")
+        return "OK", match.group(1).decode() if match else "?"
+    finally:
+        reader.close()
+        connection.close()
+
+
+def pop3Login(port: int, user: str, password: str) -> tuple[str, str]:
+    """
+    Log in over POP3 with USER/PASS; return C{("OK", subject of message
+    1)} or C{("NO", text)}.
+    """
+    connection, reader = _connect(port)
+    try:
+        greeting = reader.readline()
+        if not greeting.startswith(b"+OK"):
+            return "BYE", greeting.decode("utf-8", "replace").strip()
+
+        def command(line: str) -> str:
+            connection.sendall(line.encode("utf-8") + b"\r\n")
+            return reader.readline().decode("utf-8", "replace").strip()
+
+        reply = command(f"USER {user}")
+        if reply.startswith("+OK"):
+            reply = command(f"PASS {password}")
+        if not reply.startswith("+OK"):
+            return "NO", reply[len("-ERR ") :] if reply.startswith("-ERR ") else reply
+        connection.sendall(b"TOP 1 0\r\n")
+        subject = "?"
+        while True:
+            line = reader.readline()
+            if not line or line == b".\r\n":
+                break
+            if line.startswith(b"Subject: "):
+                subject = line[len(b"Subject: ") :].decode().strip()
+        command("QUIT")
+        return "OK", subject
+    finally:
+        reader.close()
+        connection.close()
+
+
+def withoutCode(text: str) -> str:
+    """
+    A refusal's text without a leading response code (C{[AUTH]}, ...).
+    """
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)
+
+
+class RouterTestsMixin(_MixinBase):
+    """
+    What every router must do, end to end; a test class supplies the
+    C{[router]} configuration.
+    """
+
+    servers: MailServers
+    running: RoutingProxy
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        """
+        The C{[router]} TOML and any files it needs.
+        """
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        """
+        Get the mail servers and this class's proxy (started by the first
+        test that needs them).
+        """
+        self.servers = mailServers()
+
+        def start() -> RoutingProxy:
+            router, files = self.routerConfig()
+            running = RoutingProxy(fixtureDirectory(f"proxy-{type(self).__name__}"), self.servers, router, files)
+            running.start()
+            return running
+
+        self.running = sharedFixture("routers-proxy", type(self), start)
+
+    def assertHome(self, reply: tuple[str, str], user: str) -> None:
+        """
+        C{reply} is a successful login that reached C{user}'s home.
+        """
+        self.assertEqual(reply, ("OK", f"{user} on {HOMES[user]}"))
+
+    def test_imapRouted(self) -> None:
+        """
+        IMAP logins are authenticated and routed: alice to old, bob to new.
+        """
+        for user in ("alice@example.org", "bob@example.org"):
+            self.assertHome(imapLogin(self.running.imap, user, PASSWORDS[user]), user)
+
+    def test_pop3Routed(self) -> None:
+        """
+        POP3 logins (USER/PASS) are routed the same way, to the servers'
+        POP3 ports.
+        """
+        for user in ("alice@example.org", "bob@example.org"):
+            self.assertHome(pop3Login(self.running.pop3, user, PASSWORDS[user]), user)
+
+    def test_wrongPasswordNeverReachesBackend(self) -> None:
+        """
+        A wrong password is refused by the proxy: neither server's log
+        mentions the account afterwards.
+        """
+        before = len(self.servers.logs())
+        reply = imapLogin(self.running.imap, "erin@example.org", "not-erins-password")
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[AUTHENTICATIONFAILED]"), reply)
+        reply = pop3Login(self.running.pop3, "erin@example.org", "not-erins-password")
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[AUTH]"), reply)
+        self.assertNotIn("erin", self.servers.logs()[before:])
+        # The right password still works afterwards (no negative caching
+        # of another password).
+        self.assertHome(imapLogin(self.running.imap, "erin@example.org", PASSWORDS["erin@example.org"]), "erin@example.org")
+
+    def test_unknownUser(self) -> None:
+        """
+        An account no router knows is refused like a wrong password.
+        """
+        reply = imapLogin(self.running.imap, "zed@example.org", "whatever")
+        self.assertEqual(reply[0], "NO")
+        self.assertIn("AUTHENTICATIONFAILED", reply[1])
+
+
+def _ldapRouter(slapd: Slapd, servers: MailServers, prefix: str = "router", cache: str = "") -> tuple[str, dict[str, str]]:
+    table = (
+        f"[{prefix}]\n" if not prefix.startswith("[[") else f"{prefix}\n"
+    )
+    table += (
+        ('type = "ldap"\n')
+        + f"servers = [{json.dumps(slapd.url)}]\n"
+        + f'bind_dn = "{SERVICE_DN}"\n'
+        + 'bind_password_file = "ldap.secret"\n'
+        + 'base = "ou=people,dc=example,dc=org"\n'
+        + 'filter = "(&(objectClass=inetLocalMailRecipient)(mail={user}))"\n'
+        + 'backend_attribute = "mailHost"\n'
+        + 'auth = "bind"\n'
+        + "connect_timeout = 2\ntimeout = 2\n"
+    )
+    defaults = f"backend_defaults = {{ tls = \"none\", forward = \"none\", ports = {{ imap = {servers.new.imap}, pop3 = {servers.new.pop3} }} }}\n"
+    return table + defaults + cache, {"ldap.secret": slapd.servicePassword + "\n"}
+
+
+class LDAPRouterTests(RouterTestsMixin, SynchronousTestCase):
+    """
+    The LDAP router against a real OpenLDAP: search as a service account,
+    bind as the user, route by C{mailHost}.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        return _ldapRouter(directory(), self.servers)
+
+    def test_hostWithoutBackend(self) -> None:
+        """
+        A C{mailHost} that names no configured backend (a host name) is
+        reached with C{backend_defaults}.
+        """
+        self.assertHome(imapLogin(self.running.imap, "carol@example.org", PASSWORDS["carol@example.org"]), "carol@example.org")
+
+    def test_bindsAsUser(self) -> None:
+        """
+        The password is checked by binding as the user's entry.
+        """
+        imapLogin(self.running.imap, "bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertIn('BIND dn="uid=bob,ou=people,dc=example,dc=org"', directory().logText())
+
+    def test_filterInjection(self) -> None:
+        """
+        A login name with filter syntax matches nothing (it is escaped).
+        """
+        reply = imapLogin(self.running.imap, "*)(uid=*", PASSWORDS["alice@example.org"])
+        self.assertEqual(reply[0], "NO")
+
+
+class HTTPRouterTests(RouterTestsMixin, SynchronousTestCase):
+    """
+    The HTTP router asking the example nginx-style auth server.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        auth = authServer()
+        return (
+            f'[router]\ntype = "http"\nurl = "http://{auth.url}"\ntimeout = 5\n'
+            f"headers = {{ X-Auth-Key = {json.dumps(AUTH_SECRET)} }}\n"
+            "[router.cache]\nttl = 30\n",
+            {},
+        )
+
+
+class SQLRouterTests(RouterTestsMixin, SynchronousTestCase):
+    """
+    The SQL router with an SQLite database that holds the passwords.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        directory = Path(fixtureDirectory("routers-sqlite"))
+        path = directory / "accounts.sqlite"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE accounts (address TEXT, backend TEXT, password TEXT)")
+            db.executemany(
+                "INSERT INTO accounts VALUES (?, ?, ?)",
+                [(user, HOMES[user], password) for user, password in PASSWORDS.items()],
+            )
+        db.close()
+        return (
+            f'[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = {json.dumps(str(path))}\n'
+            'query = "SELECT backend, password FROM accounts WHERE address = :user"\n',
+            {},
+        )
+
+
+class ChainRouterTests(RouterTestsMixin, SynchronousTestCase):
+    """
+    A migration table first, the directory second: bob is listed in the
+    table (routed there, password checked by the server); everyone else
+    falls through to LDAP.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        table, files = _ldapRouter(directory(), self.servers, prefix="[[router.routers]]", cache="[router.routers.cache]\nttl = 30\n")
+        files["moved.toml"] = '[accounts]\n"bob@example.org" = "new"\n'
+        return '[router]\ntype = "chain"\n[[router.routers]]\ntype = "static"\npath = "moved.toml"\n' + table, files
+
+    def test_tableFirst(self) -> None:
+        """
+        bob is routed by the table: the directory never sees his bind.
+        """
+        before = len(directory().logText())
+        self.assertHome(imapLogin(self.running.imap, "bob@example.org", PASSWORDS["bob@example.org"]), "bob@example.org")
+        self.assertNotIn("uid=bob", directory().logText()[before:])
+
+
+class DirectoryOutageTests(SynchronousTestCase):
+    """
+    A directory that stops or hangs: temporary errors for unknown answers,
+    cached answers for known users.  Uses a directory and proxy of its own.
+    """
+
+    def setUp(self) -> None:
+        self.servers = mailServers()
+
+        def start() -> Any:
+            slapd = Slapd(fixtureDirectory("routers-slapd-outage"), _directoryAccounts())
+            slapd.start()
+            router, files = _ldapRouter(slapd, self.servers, cache="[router.cache]\nttl = 0.2\nserve_stale = 3600\n")
+            router = router.replace("connect_timeout = 2\ntimeout = 2\n", "connect_timeout = 1\ntimeout = 1\n")
+            running = RoutingProxy(fixtureDirectory("proxy-outage"), self.servers, router, files)
+            try:
+                running.start()
+            except BaseException:
+                slapd.stop()
+                raise
+            return _Pair(slapd, running)
+
+        pair = sharedFixture("routers-proxy", type(self), start)
+        self.slapd, self.running = pair.slapd, pair.running
+        self.addCleanup(self.slapd.restart)
+        self.addCleanup(self.slapd.resume)
+
+    def test_stoppedDirectory(self) -> None:
+        """
+        With the directory stopped, a user the cache does not know gets
+        IMAP C{NO [UNAVAILABLE]} (and POP3 C{-ERR [SYS/TEMP]}); a user who
+        logged in before keeps working from the cache, past its TTL.
+        """
+        alice = "alice@example.org"
+        self.assertHome(imapLogin(self.running.imap, alice, PASSWORDS[alice]), alice)
+        self.slapd.stop()
+        time.sleep(0.3)  # past the TTL: only serve_stale can answer now
+        reply = imapLogin(self.running.imap, "bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[UNAVAILABLE]"), reply)
+        reply = pop3Login(self.running.pop3, "bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertTrue(reply[1].startswith("[SYS/TEMP]"), reply)
+        self.assertHome(imapLogin(self.running.imap, alice, PASSWORDS[alice]), alice)
+        self.assertIn("serving the answer cached", self.running.proxy.logText())
+
+    def test_hungDirectory(self) -> None:
+        """
+        A directory that accepts connections but never answers gives a
+        temporary error after the router's timeouts, never a hang.
+        """
+        self.slapd.pause()
+        reply = imapLogin(self.running.imap, "erin@example.org", PASSWORDS["erin@example.org"])
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[UNAVAILABLE]"), reply)
+
+    def assertHome(self, reply: tuple[str, str], user: str) -> None:
+        """
+        C{reply} is a successful login that reached C{user}'s home.
+        """
+        self.assertEqual(reply, ("OK", f"{user} on {HOMES[user]}"))
+
+
+class _Pair:
+    """
+    A directory and the proxy that uses it, stopped together.
+    """
+
+    def __init__(self, slapd: Slapd, running: RoutingProxy) -> None:
+        self.slapd = slapd
+        self.running = running
+
+    def stop(self) -> None:
+        self.running.stop()
+        self.slapd.stop()
+
+
+class NginxComparisonTests(SynchronousTestCase):
+    """
+    The same auth server behind Debian's nginx mail proxy and behind
+    mailproxy: both send it the same questions and route and refuse the
+    same logins.
+    """
+
+    CASES: list[tuple[str, str]] = [
+        ("alice@example.org", PASSWORDS["alice@example.org"]),
+        ("bob@example.org", PASSWORDS["bob@example.org"]),
+        ("alice@example.org", "wrong password"),
+        ("zed@example.org", "whatever"),
+    ]
+
+    def setUp(self) -> None:
+        self.servers = mailServers()
+        self.auth = authServer()
+
+        def start() -> _Proxies:
+            nginx = NginxMailProxy(fixtureDirectory("routers-nginx"), self.auth.url, {"X-Auth-Key": AUTH_SECRET})
+            nginx.start()
+            router = (
+                f'[router]\ntype = "http"\nurl = "http://{self.auth.url}"\n'
+                f"headers = {{ X-Auth-Key = {json.dumps(AUTH_SECRET)} }}\n"
+            )
+            running = RoutingProxy(fixtureDirectory("proxy-compare"), self.servers, router)
+            try:
+                running.start()
+            except BaseException:
+                nginx.stop()
+                raise
+            return _Proxies(nginx, running)
+
+        proxies = sharedFixture("routers-proxy", type(self), start)
+        self.nginx, self.running = proxies.nginx, proxies.running
+
+    def compare(self, login: Callable[[int, str, str], tuple[str, str]], nginxPort: int, ourPort: int) -> None:
+        """
+        Every case gives the same outcome through both proxies, and the
+        auth server got the same question from both.
+        """
+        for user, password in self.CASES:
+            before = len(self.auth.questions())
+            theirs = login(nginxPort, user, password)
+            middle = len(self.auth.questions())
+            ours = login(ourPort, user, password)
+            questions = self.auth.questions()
+            self.assertEqual((theirs[0], withoutCode(theirs[1])), (ours[0], withoutCode(ours[1])), (user, password))
+            self.assertEqual(middle - before, 1, "nginx asked once")
+            self.assertEqual(len(questions) - middle, 1, "mailproxy asked once")
+            self.assertEqual(questions[middle - 1]["headers"], questions[middle]["headers"])
+
+    def test_imap(self) -> None:
+        """
+        IMAP: the same routes and refusals, the same questions.
+        """
+        self.compare(imapLogin, self.nginx.imap, self.running.imap)
+
+    def test_pop3(self) -> None:
+        """
+        POP3: the same routes and refusals, the same questions.
+        """
+        self.compare(pop3Login, self.nginx.pop3, self.running.pop3)
+
+
+class _Proxies:
+    """
+    nginx and mailproxy, stopped together.
+    """
+
+    def __init__(self, nginx: NginxMailProxy, running: RoutingProxy) -> None:
+        self.nginx = nginx
+        self.running = running
+
+    def stop(self) -> None:
+        self.running.stop()
+        self.nginx.stop()
