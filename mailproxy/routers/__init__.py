@@ -4,6 +4,13 @@ Routers decide which backend serves a login.
 L{buildRouter} makes the router the configuration asks for; L{callRouter}
 asks any router, whatever style its C{route} method is written in.
 
+Built in: C{static} (L{mailproxy.routers.static}), C{http} (nginx's
+C{auth_http}, L{mailproxy.routers.http}), C{ldap}
+(L{mailproxy.routers.ldap}), C{sql} (L{mailproxy.routers.sql}) and C{chain}
+(L{mailproxy.routers.chain}); a C{cache} sub-table wraps any of them in a
+L{mailproxy.routers.cache.CachingRouter}.  The key C{cache} is therefore
+never passed to a router as an option.
+
 A router of your own is a class named in the configuration::
 
     [router]
