@@ -1,0 +1,491 @@
+"""
+The ESMTP dialogue towards a backend.
+
+Order: greeting -> EHLO -> STARTTLS and handshake, EHLO again (if the
+backend is configured for it) -> XCLIENT with the client's identity, which
+the server answers with a new greeting, then EHLO again with the client's
+name (if forwarding by XCLIENT) -> AUTH (submission, unless XCLIENT LOGIN
+already logged the user in).
+
+One class serves three purposes: C{"login"} (submission: the client is
+then relayed to the logged-in session), C{"relay"} (MX: after the identity
+the front end drives the session with L{SMTPBackend.command}) and
+C{"probe"} (learn the EHLO keywords, then QUIT).
+"""
+
+from __future__ import annotations
+
+from base64 import b64encode
+from collections import deque
+from typing import Callable, Literal
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .._backend import BackendProtocol, LoginJob
+from ..model import ClientInfo
+from ._ehlo import Extensions
+from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
+
+Purpose = Literal["login", "relay", "probe"]
+
+#: The XCLIENT attributes the proxy can fill in, in the order sent: NAME
+#: and ADDR last, because a server judges later XCLIENT commands by the new
+#: address (PROTOCOLS.md §3.5).
+_XCLIENT_ORDER = ("PROTO", "HELO", "LOGIN", "PORT", "DESTADDR", "DESTPORT", "REVERSE_NAME", "NAME", "ADDR")
+#: Longest raw value Postfix accepts for one attribute.
+_XCLIENT_VALUE = 255
+#: The proxy looks up no DNS names; this is how XCLIENT says so.
+UNAVAILABLE = "[UNAVAILABLE]"
+
+
+class BackendLost(Exception):
+    """
+    The backend connection ended (or timed out) while a reply was awaited.
+    """
+
+
+def xclientAddress(address: str) -> str:
+    """
+    An address as XCLIENT writes it: IPv6 with the C{IPV6:} prefix.
+    """
+    return "IPV6:" + address if ":" in address else address
+
+
+def xclientAttributes(
+    client: ClientInfo, helo: str | None, esmtp: bool, login: str | None
+) -> dict[str, str]:
+    """
+    Every XCLIENT attribute the proxy knows for C{client}.
+
+    @param helo: the client's EHLO/HELO name, if it gave one.
+    @param esmtp: it greeted with EHLO.
+    @param login: the user name to log in with XCLIENT LOGIN, or L{None}.
+    """
+    attributes = {
+        "PROTO": "ESMTP" if esmtp else "SMTP",
+        "PORT": str(client.port),
+        "DESTADDR": xclientAddress(client.localAddress),
+        "DESTPORT": str(client.localPort),
+        "REVERSE_NAME": UNAVAILABLE,
+        "NAME": UNAVAILABLE,
+        "ADDR": xclientAddress(client.address),
+    }
+    if helo is not None:
+        attributes["HELO"] = helo
+    if login is not None:
+        attributes["LOGIN"] = login
+    return attributes
+
+
+def xclientCommands(attributes: dict[str, str], advertised: list[str]) -> list[bytes]:
+    """
+    The XCLIENT command lines (without CRLF) that send those of
+    C{attributes} the server C{advertised}, each line within the 512-octet
+    limit, NAME and ADDR last.
+
+    @raise ValueError: an attribute is longer than a server accepts.
+    """
+    words = []
+    for name in _XCLIENT_ORDER:
+        if name not in attributes or name not in advertised:
+            continue
+        raw = attributes[name].encode("utf-8", "surrogateescape")
+        if len(raw) > _XCLIENT_VALUE:
+            raise ValueError(f"XCLIENT {name} value longer than {_XCLIENT_VALUE} octets")
+        words.append(name.encode("ascii") + b"=" + xtextEncode(raw))
+    lines: list[bytes] = []
+    line = b""
+    for word in words:
+        if line and len(line) + 1 + len(word) + 2 > COMMAND_LINE:
+            lines.append(line)
+            line = b""
+        if len(b"XCLIENT " + word) + 2 > COMMAND_LINE:
+            raise ValueError("XCLIENT attribute does not fit on a command line")
+        line = (line + b" " + word) if line else b"XCLIENT " + word
+    if line:
+        lines.append(line)
+    return lines
+
+
+class SMTPBackend(BackendProtocol):
+    """
+    One connection to an ESMTP backend.
+
+    @ivar extensions: the backend's EHLO keywords from its latest EHLO
+        reply.
+    @ivar xclientLogin: the user was logged in with XCLIENT LOGIN.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        job: LoginJob,
+        clock,
+        timeout: float,
+        *,
+        hostname: str,
+        purpose: Purpose,
+        helo: str | None = None,
+        esmtp: bool = True,
+        learn: Callable[[Extensions], None] | None = None,
+    ) -> None:
+        """
+        @param hostname: the proxy's name, for its own EHLO.
+        @param helo: the client's EHLO name, passed on after XCLIENT.
+        @param esmtp: the client greeted with EHLO (not HELO).
+        @param learn: told the backend's extensions after its last EHLO.
+        """
+        super().__init__(job, clock, timeout)
+        self.hostname = hostname
+        self.purpose = purpose
+        self.helo = helo
+        self.esmtp = esmtp
+        self.extensions: Extensions | None = None
+        self.xclientLogin = False
+        self._learn = learn
+        self._reader = ReplyReader()
+        self._state = "greeting"
+        self._xclientSent = False
+        self._pendingXCLIENT: list[bytes] = []
+        self._authSteps: list[bytes] = []
+        # After the dialogue: commands waiting to be written, and the
+        # Deferreds of commands written and awaiting their replies.
+        self._queued: deque[tuple[bytes, Deferred[Reply], float]] = deque()
+        self._inflight: deque[tuple[Deferred[Reply], float]] = deque()
+        self._replyTimer: IDelayedCall | None = None
+        self._lost = False
+
+    # Reading
+
+    def dialogueReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            if self._state == "session" and not self._inflight:
+                if len(self._reader):
+                    self._broken("backend sent a reply nobody asked for")
+                return
+            try:
+                reply = self._reader.next()
+            except ReplyError as e:
+                self._broken(f"backend sent garbage: {e}")
+                return
+            if reply is None:
+                return
+            if self._state == "session":
+                self._sessionReply(reply)
+                continue
+            self._handle(reply)
+            if self._done and self._state != "session":
+                return
+            if self._state == "tls":
+                # Bytes after the STARTTLS reply came in clear before the
+                # handshake: an injection attempt.
+                if len(self._reader):
+                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                return
+
+    def _broken(self, detail: str) -> None:
+        if not self._done:
+            self.fail("unavailable", detail)
+            return
+        self.log.warn("backend {backend}: {detail}", backend=self.job.backend.name, detail=detail)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _send(self, line: bytes) -> None:
+        self.transport.write(line + b"\r\n")
+
+    # The dialogue
+
+    def _handle(self, reply: Reply) -> None:
+        state = self._state
+        if state == "greeting":
+            if reply.code != 220:
+                self.fail("unavailable", "backend greeting: " + _show(reply))
+                return
+            self._ehlo(self.hostname)
+        elif state == "ehlo":
+            self._ehloReply(reply)
+        elif state == "starttls":
+            if reply.code != 220:
+                self.fail("unavailable", "backend refused STARTTLS: " + _show(reply))
+                return
+            self._state = "tls"
+            self.startTLS()
+        elif state == "xclient":
+            self._xclientReply(reply)
+        elif state == "auth":
+            self._authReply(reply)
+        else:
+            self.fail("unavailable", "backend sent an unexpected reply: " + _show(reply))
+
+    def _ehlo(self, name: str) -> None:
+        self._state = "ehlo"
+        self._send(b"EHLO " + name.encode("utf-8", "surrogateescape"))
+
+    def _ehloReply(self, reply: Reply) -> None:
+        if reply.code != 250:
+            if self._xclientSent:
+                self._refusedClient("backend refused EHLO after XCLIENT", reply)
+            else:
+                self.fail("unavailable", "backend refused EHLO: " + _show(reply))
+            return
+        self.extensions = Extensions.fromReply(reply)
+        backend = self.job.backend
+        if backend.tls == "starttls" and not self.tlsActive:
+            if "STARTTLS" not in self.extensions:
+                self.fail("unavailable", "backend does not offer STARTTLS")
+                return
+            self._state = "starttls"
+            self._send(b"STARTTLS")
+            return
+        if self._wantsXCLIENT():
+            self._startXCLIENT()
+            return
+        if backend.forward == "xclient" and not self._xclientSent:
+            self.fail(
+                "unavailable",
+                "backend does not offer XCLIENT to the proxy (is the proxy in smtpd_authorized_xclient_hosts?)",
+            )
+            return
+        if self._learn is not None:
+            self._learn(self.extensions)
+        self._identified()
+
+    def tlsReady(self) -> None:
+        if self._state != "tls":
+            return  # implicit TLS: the greeting follows
+        # What the server listed in clear is forgotten (RFC 3207 §4.2).
+        self.extensions = None
+        self._ehlo(self.hostname)
+
+    def _wantsXCLIENT(self) -> bool:
+        if self._xclientSent or self.purpose == "probe":
+            return False
+        assert self.extensions is not None
+        return self.job.backend.forward in ("xclient", "auto") and "XCLIENT" in self.extensions
+
+    def _startXCLIENT(self) -> None:
+        assert self.extensions is not None
+        advertised = self.extensions.parameters("XCLIENT")
+        job = self.job
+        login = None
+        if self.purpose == "login" and job.route.authenticated and "LOGIN" in advertised:
+            # The router checked the password: the backend trusts the proxy
+            # to say who logged in, and needs no password of its own.
+            login = job.user
+        attributes = xclientAttributes(job.client, self.helo, self.esmtp, login)
+        try:
+            commands = xclientCommands(attributes, advertised)
+        except ValueError as e:
+            self.fail("unavailable", str(e))
+            return
+        self.xclientLogin = login is not None
+        self._xclientSent = True
+        self._pendingXCLIENT = commands[1:]
+        self._state = "xclient"
+        self._send(commands[0])
+
+    def _xclientReply(self, reply: Reply) -> None:
+        if reply.code != 220:
+            self._refusedClient("backend refused XCLIENT", reply)
+            return
+        if self._pendingXCLIENT:
+            self._send(self._pendingXCLIENT.pop(0))
+            return
+        # XCLIENT reset the session to the greeting: EHLO again, with the
+        # client's own name so that the server logs and judges it.
+        self._ehlo(self.helo or self.hostname)
+
+    def _refusedClient(self, what: str, reply: Reply) -> None:
+        """
+        The backend, now knowing who the client is, refused it: a permanent
+        refusal is the client's answer (its address is blocked, say); a
+        temporary one means "try later".
+        """
+        if 500 <= reply.code < 600:
+            line = reply.lines[-1][:200].decode("utf-8", "replace")
+            self.fail("refused", f"{what}: {_show(reply)}", f"{reply.code} {line}")
+        else:
+            self.fail("unavailable", f"{what}: {_show(reply)}")
+
+    def _identified(self) -> None:
+        if self.purpose == "probe":
+            self._send(b"QUIT")
+            self.succeed()
+        elif self.purpose == "relay":
+            self._state = "session"
+            self.succeed()
+            self._flush()
+        elif self.xclientLogin:
+            self.succeed(self._reader.takeRemaining())
+        else:
+            self._authenticate()
+
+    def _authenticate(self) -> None:
+        assert self.extensions is not None
+        mechanisms = self.extensions.parameters("AUTH")
+        job = self.job
+        if job.masterUser is not None:
+            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
+        else:
+            authzid, authcid, password = "", job.user, job.password or b""
+        authzidBytes = authzid.encode("utf-8", "surrogateescape")
+        authcidBytes = authcid.encode("utf-8", "surrogateescape")
+        self._state = "auth"
+        if "PLAIN" in mechanisms:
+            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            line = b"AUTH PLAIN " + response
+            if len(line) + 2 <= COMMAND_LINE:
+                self._send(line)
+            else:
+                # Too long for a command line: send it after an empty
+                # challenge instead (RFC 4954 §4).
+                self._authSteps = [response]
+                self._send(b"AUTH PLAIN")
+        elif "LOGIN" in mechanisms and not authzid:
+            self._authSteps = [b64encode(authcidBytes), b64encode(password)]
+            self._send(b"AUTH LOGIN")
+        else:
+            needed = "PLAIN" if authzid else "PLAIN or LOGIN"
+            self.fail("unavailable", f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
+
+    def _authReply(self, reply: Reply) -> None:
+        if reply.code == 334 and self._authSteps:
+            self._send(self._authSteps.pop(0))
+            return
+        self._authSteps = []
+        if reply.code == 235:
+            self.succeed(self._reader.takeRemaining())
+        elif reply.code == 334:
+            self._send(b"*")
+            self.fail("unavailable", "backend asked for more than the mechanism needs")
+        elif 400 <= reply.code < 500:
+            self.fail("unavailable", "backend AUTH: " + _show(reply))
+        else:
+            # Any permanent refusal is answered like a wrong password, so
+            # that clients learn nothing about accounts (PROTOCOLS.md §0.4).
+            self.fail("auth", "backend refused the credentials: " + _show(reply))
+
+    # The session after the dialogue (purpose "relay")
+
+    def command(self, line: bytes, timeout: float | None = None) -> Deferred[Reply]:
+        """
+        Send a command line (without CRLF); the Deferred fires with its
+        reply, or fails with L{BackendLost}.
+
+        Commands are pipelined when the backend offers PIPELINING,
+        otherwise each waits for the previous reply.
+
+        @param timeout: seconds to wait for the reply; the dialogue's
+            timeout by default.
+        """
+        d: Deferred[Reply] = Deferred()
+        if self._lost:
+            d.errback(Failure(BackendLost("backend connection closed")))
+            return d
+        self._queued.append((line, d, self._timeout if timeout is None else timeout))
+        self._flush()
+        return d
+
+    def expectReply(self, timeout: float) -> Deferred[Reply]:
+        """
+        Wait for one more reply without sending a command (the reply to
+        the end of the message data, which the front end streamed with
+        L{writeData}).
+        """
+        d: Deferred[Reply] = Deferred()
+        if self._lost:
+            d.errback(Failure(BackendLost("backend connection closed")))
+            return d
+        self._inflight.append((d, timeout))
+        self._armTimer()
+        return d
+
+    def writeData(self, data: bytes) -> None:
+        """
+        Write message data as it is.
+        """
+        if not self._lost:
+            self.transport.write(data)
+
+    def quit(self) -> None:
+        """
+        Say QUIT and close once it is written, without waiting for the
+        reply.
+        """
+        if not self._lost and self.transport is not None:
+            self._send(b"QUIT")
+            self.transport.loseConnection()
+        self._lost = True
+
+    @property
+    def pipelining(self) -> bool:
+        """
+        The backend offered PIPELINING.
+        """
+        return self.extensions is not None and "PIPELINING" in self.extensions
+
+    @property
+    def lost(self) -> bool:
+        """
+        The connection has ended (or is ending); no more commands.
+        """
+        return self._lost
+
+    def _flush(self) -> None:
+        if self._state != "session":
+            return
+        while self._queued and (self.pipelining or not self._inflight):
+            line, d, timeout = self._queued.popleft()
+            self._send(line)
+            self._inflight.append((d, timeout))
+            self._armTimer()
+
+    def _sessionReply(self, reply: Reply) -> None:
+        d, _ = self._inflight.popleft()
+        self._cancelReplyTimer()
+        self._armTimer()
+        d.callback(reply)
+        self._flush()
+
+    def _armTimer(self) -> None:
+        if self._replyTimer is None and self._inflight:
+            self._replyTimer = self._clock.callLater(self._inflight[0][1], self._replyTimedOut)
+
+    def _cancelReplyTimer(self) -> None:
+        if self._replyTimer is not None and self._replyTimer.active():
+            self._replyTimer.cancel()
+        self._replyTimer = None
+
+    def _replyTimedOut(self) -> None:
+        self._replyTimer = None
+        self.log.warn("backend {backend} did not reply in time", backend=self.job.backend.name)
+        self._failPending("backend did not reply in time")
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _failPending(self, why: str) -> None:
+        self._lost = True
+        self._cancelReplyTimer()
+        pending = [d for d, _ in self._inflight] + [d for _, d, _ in self._queued]
+        self._inflight.clear()
+        self._queued.clear()
+        for d in pending:
+            d.errback(Failure(BackendLost(why)))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._done:
+            self._failPending("backend connection closed")
+        super().connectionLost(reason)
+
+
+def _show(reply: Reply) -> str:
+    """
+    A reply for a log line (never a credential: servers do not echo them).
+    """
+    return f"{reply.code} " + reply.text[:200].decode("utf-8", "replace")

@@ -1,0 +1,196 @@
+"""
+Which ESMTP extensions the proxy may offer its clients.
+
+The proxy answers the client's EHLO itself, before it knows which backend
+the session will reach; afterwards the client relies on that list while it
+talks to the backend. So the proxy offers an extension only if every
+backend the listener can route to has it (PROTOCOLS.md §3.2).
+
+L{BackendExtensions} learns each backend's list: by probing (connect,
+EHLO, QUIT) the first time a client needs it, and again from every
+session that reaches the backend. A backend that could not be asked counts
+as having no extensions at all, so an unknown backend can only make the
+list shorter, never promise something it lacks; it is asked again later.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..model import Backend
+from ._parser import Reply
+
+#: Extensions passed on to clients when every backend has them. Anything
+#: else a backend offers (AUTH, STARTTLS, XCLIENT, VRFY, ETRN, ...) is the
+#: proxy's own business or none of the client's.
+PASSED_ON = (
+    "PIPELINING",
+    "SIZE",
+    "8BITMIME",
+    "ENHANCEDSTATUSCODES",
+    "SMTPUTF8",
+    "DSN",
+    "CHUNKING",
+    "BINARYMIME",
+)
+
+
+@frozen
+class Extensions:
+    """
+    A server's EHLO keywords.
+
+    @ivar keywords: each upper-cased keyword with its parameters (C{""}
+        when it has none), e.g. C{{"SIZE": "10240000", "PIPELINING": ""}}.
+    """
+
+    keywords: dict[str, str] = field(factory=dict, hash=False)
+
+    @classmethod
+    def fromReply(cls, reply: Reply) -> Extensions:
+        """
+        The extensions listed in an EHLO reply (its first line is the
+        server's name).
+        """
+        keywords = {}
+        for line in reply.lines[1:]:
+            keyword, _, parameters = line.decode("ascii", "replace").strip().partition(" ")
+            if keyword:
+                keywords[keyword.upper()] = parameters.strip()
+        return cls(keywords)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+    def parameters(self, keyword: str) -> list[str]:
+        """
+        The upper-cased parameters of C{keyword}, e.g. the mechanisms of
+        C{AUTH}; empty if it is absent.
+        """
+        return self.keywords.get(keyword, "").upper().split()
+
+    @property
+    def sizeLimit(self) -> int | None:
+        """
+        The C{SIZE} limit in octets, or L{None} if none is declared.
+        """
+        value = self.keywords.get("SIZE", "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+        return None
+
+
+def common(lists: Iterable[Extensions]) -> Extensions:
+    """
+    The extensions of L{PASSED_ON} that every one of C{lists} has; C{SIZE}
+    with the smallest declared limit. No lists at all give no extensions.
+    """
+    lists = list(lists)
+    if not lists:
+        return Extensions()
+    keywords: dict[str, str] = {}
+    for keyword in PASSED_ON:
+        if all(keyword in extensions for extensions in lists):
+            keywords[keyword] = ""
+    if "SIZE" in keywords:
+        limits = [e.sizeLimit for e in lists if e.sizeLimit is not None]
+        keywords["SIZE"] = str(min(limits)) if limits else ""
+    if "CHUNKING" not in keywords:
+        keywords.pop("BINARYMIME", None)
+    return Extensions(keywords)
+
+
+Probe = Callable[[Backend], "Deferred[Extensions]"]
+
+
+class BackendExtensions:
+    """
+    What the backends behind one kind of listener support.
+
+    @ivar retryInterval: seconds before a backend that could not be probed
+        is probed again.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, backends: Iterable[Backend], probe: Probe, retryInterval: float = 60.0) -> None:
+        """
+        @param backends: every backend a session of this kind may reach.
+        @param probe: asks one backend for its extensions.
+        """
+        self._clock = clock
+        self._backends = list(backends)
+        self._probe = probe
+        self.retryInterval = retryInterval
+        self._known: dict[str, Extensions] = {}
+        self._failedAt: dict[str, float] = {}
+        self._probing: dict[str, Deferred[None]] = {}
+
+    def learn(self, name: str, extensions: Extensions) -> None:
+        """
+        Backend C{name} just listed C{extensions} (in a session's dialogue).
+        """
+        self._known[name] = extensions
+        self._failedAt.pop(name, None)
+
+    def known(self) -> Extensions | None:
+        """
+        The common extensions if every backend is known, else L{None}.
+        """
+        if any(backend.name not in self._known for backend in self._backends):
+            return None
+        return common(self._known[backend.name] for backend in self._backends)
+
+    def current(self) -> Deferred[Extensions]:
+        """
+        The extensions every backend has, probing backends not yet known
+        (unless one failed recently) and waiting for probes under way.
+        A backend still unknown afterwards makes the answer empty.
+        """
+        now = self._clock.seconds()
+        waits = []
+        for backend in self._backends:
+            name = backend.name
+            if name in self._known:
+                continue
+            probing = self._probing.get(name)
+            if probing is None:
+                failed = self._failedAt.get(name)
+                if failed is not None and now - failed < self.retryInterval:
+                    continue
+                probing = self._startProbe(backend)
+                if not probing.called:
+                    self._probing[name] = probing
+            waits.append(probing)
+        if not waits:
+            return succeed(self._answer())
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: self._answer())
+
+    def _answer(self) -> Extensions:
+        known = self.known()
+        return known if known is not None else Extensions()
+
+    def _startProbe(self, backend: Backend) -> Deferred[None]:
+        def probed(extensions: Extensions) -> None:
+            self.learn(backend.name, extensions)
+
+        def failed(reason: Failure) -> None:
+            self._failedAt[backend.name] = self._clock.seconds()
+            self.log.warn(
+                "cannot learn the ESMTP extensions of backend {backend}: {why}; offering clients none until it answers",
+                backend=backend.name,
+                why=reason.getErrorMessage(),
+            )
+
+        def done(result: object) -> None:
+            self._probing.pop(backend.name, None)
+
+        d = self._probe(backend)
+        d.addCallbacks(probed, failed)
+        d.addBoth(done)
+        return d

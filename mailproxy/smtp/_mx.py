@@ -1,0 +1,634 @@
+"""
+The inbound MX front end (port 25): every recipient is routed.
+
+The proxy answers EHLO and MAIL itself. At the first recipient of a
+transaction it asks the router, connects that recipient's backend (which
+learns the real client by XCLIENT or a PROXY header), replays MAIL FROM
+with its parameters and sends the RCPT; the backend's answer is the
+client's. Later recipients on the same backend are forwarded; recipients on
+another backend get C{452 4.5.3}, which makes the sending MTA deliver them
+in a later transaction (RFC 5321 §4.5.3.1.10). Nothing is accepted that no
+backend has accepted, and domains the router does not serve are refused:
+the proxy is never an open relay.
+
+The message (DATA or BDAT chunks) streams to the backend with backpressure,
+never held in memory. The proxy finds where it ends, the strict
+C{CRLF . CRLF} or the BDAT octet count, so that the next transaction is
+routed anew. A message with a bare CR or LF is refused rather than passed
+on: a backend that ends data at C{LF . LF} would otherwise read the rest as
+commands the proxy never saw (SMTP smuggling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .._backend import BackendFailure, LoginJob
+from .._session import ProxyContext, logQuote
+from ..config import Listener
+from ..model import Rejection, Route, RouteRequest
+from ..routers import callRouter
+from ._backend import BackendLost, SMTPBackend
+from ._frontend import SMTPFrontend
+from ._parser import (
+    Command,
+    DataScanner,
+    Path,
+    Reply,
+    SMTPSyntaxError,
+    parseBDAT,
+    parseMailFrom,
+    parseRcptTo,
+    reply,
+)
+
+#: Recipients accepted in one transaction (RFC 5321 asks for at least 100).
+MAX_RECIPIENTS = 1000
+#: Seconds to wait for the backend's reply to the end of the message
+#: (RFC 5321 §4.5.3.2.6).
+DATA_END_TIMEOUT = 600.0
+
+#: Which offered extension each MAIL parameter needs.
+_MAIL_PARAMETERS = {b"SIZE": "SIZE", b"BODY": "8BITMIME", b"SMTPUTF8": "SMTPUTF8", b"RET": "DSN", b"ENVID": "DSN"}
+#: Which offered extension each RCPT parameter needs.
+_RCPT_PARAMETERS = {b"NOTIFY": "DSN", b"ORCPT": "DSN"}
+
+_LOST = (451, "4.4.2", "Lost connection with the mail server, try again later")
+
+
+@implementer(IPushProducer)
+class _ClientReading:
+    """
+    Lets a backend's full send buffer pause reading from the client while
+    a message streams to it.
+    """
+
+    def __init__(self, frontend: SMTPFrontend) -> None:
+        self._frontend = frontend
+
+    def pauseProducing(self) -> None:
+        self._frontend.pause("backend buffer full")
+
+    def resumeProducing(self) -> None:
+        self._frontend.resume("backend buffer full")
+
+    def stopProducing(self) -> None:
+        self._frontend.resume("backend buffer full")
+
+
+def _lostToNone(reason: Failure) -> None:
+    reason.trap(BackendLost)
+    return None
+
+
+class MXFrontend(SMTPFrontend):
+    """
+    One inbound SMTP session.
+
+    More states: C{"data"} (a DATA message streams to the backend),
+    C{"chunk"} (a BDAT chunk streams to the backend, or is skipped when it
+    is refused).
+
+    @ivar mailFrom: the transaction's sender, once MAIL was accepted.
+    @ivar accepted: recipients the backend accepted in this transaction.
+    @ivar bound: the name of the backend the transaction goes to, once a
+        recipient was accepted.
+    @ivar backend: the current backend connection, if any.
+    @ivar messages: messages the backends accepted in this session.
+    """
+
+    log = Logger()
+
+    def __init__(self, context: ProxyContext, listener: Listener) -> None:
+        super().__init__(context, listener)
+        self.mailFrom: Path | None = None
+        self.accepted = 0
+        self.recipients = 0
+        self.bound: str | None = None
+        self.backend: SMTPBackend | None = None
+        self.messages = 0
+        self.result = "no mail"
+        self._backendName: str | None = None
+        self._connecting: SMTPBackend | None = None
+        self._mailSent = False
+        self._broken = False
+        self._scanner: DataScanner | None = None
+        self._dataProblem: str | None = None
+        self._chunkLeft = 0
+        self._chunkLast = False
+        self._chunkRefusal: tuple[int, str, str] | None = None
+        self._chunkReply: Deferred[Reply | None] | None = None
+        self._streaming = False
+        self._lastActivity = 0.0
+        self._idleCall: Any = None
+        self._commands.update(
+            {
+                b"MAIL": self.do_MAIL,
+                b"RCPT": self.do_RCPT,
+                b"DATA": self.do_DATA,
+                b"BDAT": self.do_BDAT,
+                b"AUTH": self.do_AUTH,
+            }
+        )
+
+    @property
+    def portName(self) -> str:
+        return "mx"
+
+    # Life cycle
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.transport.disconnecting:
+            return
+        # No login ends this session's pre-auth phase: it is timed by
+        # client silence instead, so a long message never hits a deadline.
+        self.stopPreauthTimer()
+        self._lastActivity = self.context.reactor.seconds()
+        self._idleCall = self.context.reactor.callLater(self.limits.preauthTimeout, self._checkIdle)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self._stopStreaming()
+        if self._connecting is not None:
+            self._connecting.abandon()
+            self._connecting = None
+        self._dropBackend(abort=self.state in ("data", "chunk"))
+        super().connectionLost(reason)
+
+    def _checkIdle(self) -> None:
+        self._idleCall = None
+        now = self.context.reactor.seconds()
+        if self.state == "waiting":
+            # The proxy is the one waiting (for a backend, which has
+            # timeouts of its own): the client is not idle.
+            self._lastActivity = now
+        idle = now - self._lastActivity
+        limit = self.limits.preauthTimeout
+        if idle >= limit:
+            self.result = "timeout"
+            self.close(421, "4.4.2", self.context.hostname + " Error: timeout exceeded")
+            return
+        self._idleCall = self.context.reactor.callLater(limit - idle, self._checkIdle)
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        self._lastActivity = self.context.reactor.seconds()
+        super().frontendDataReceived(data)
+
+    def process(self) -> None:
+        while True:
+            if self.state == "data":
+                pending = self.reader.takeRemaining()
+                if not pending:
+                    return
+                self._streamData(pending)
+                continue
+            if self.state == "chunk":
+                if self._chunkLeft and not len(self.reader):
+                    return
+                self._chunkBytes(self.reader.take(self._chunkLeft))
+                continue
+            if self.state != "command":
+                return
+            super().process()
+            if self.state not in ("data", "chunk"):
+                return
+
+    # Transactions
+
+    def inTransaction(self) -> bool:
+        return self.mailFrom is not None
+
+    def resetTransaction(self) -> None:
+        if self._mailSent and self.backend is not None and not self.backend.lost:
+            self.backend.command(b"RSET").addErrback(lambda f: None)
+        self._endTransaction()
+
+    def _endTransaction(self) -> None:
+        self.mailFrom = None
+        self.accepted = 0
+        self.recipients = 0
+        self.bound = None
+        self._mailSent = False
+        self._broken = False
+
+    def _dropBackend(self, abort: bool = False) -> None:
+        """
+        Leave the current backend connection: with QUIT, or by aborting it
+        when a message is half sent (so that the backend discards it).
+        """
+        backend, self.backend = self.backend, None
+        self._backendName = None
+        self._mailSent = False
+        if backend is not None:
+            backend.onLost = None
+            if abort and backend.transport is not None:
+                backend.transport.abortConnection()
+            else:
+                backend.quit()
+
+    def _backendLost(self, backend: SMTPBackend) -> None:
+        if backend is not self.backend:
+            return
+        self.backend = None
+        self._backendName = None
+        if self._mailSent or self.accepted:
+            # Recipients it accepted are gone with it: the client must not
+            # believe this transaction can still deliver to them.
+            self._broken = True
+        self._mailSent = False
+        if self.state in ("data", "chunk") and self._dataProblem is None:
+            self._dataProblem = "lost"
+            self._stopStreaming()
+
+    # Commands
+
+    def do_AUTH(self, command: Command) -> None:
+        self.error(503, "5.5.1", "Error: authentication not enabled")
+
+    def do_MAIL(self, command: Command) -> None:
+        if self.helo is None:
+            self.error(503, "5.5.1", "Error: send HELO/EHLO first")
+            return
+        if self.listener.tls == "starttls-required" and not self.tlsActive:
+            self.error(530, "5.7.0", "Must issue a STARTTLS command first")
+            return
+        if self.mailFrom is not None:
+            self.error(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            path = parseMailFrom(command.argument)
+            self._checkParameters(path, _MAIL_PARAMETERS)
+        except SMTPSyntaxError as e:
+            self.syntaxError(e)
+            return
+        size = path.parameter(b"SIZE")
+        if size is not None:
+            if not size.isdigit() or len(size) > 15:
+                self.error(501, "5.5.4", "Bad SIZE parameter")
+                return
+            limit = self.offered.sizeLimit
+            if limit is not None and int(size) > limit:
+                self.error(552, "5.3.4", "Message size exceeds fixed limit")
+                return
+        body = path.parameter(b"BODY")
+        if body is not None:
+            allowed = [b"7BIT", b"8BITMIME"] + ([b"BINARYMIME"] if "BINARYMIME" in self.offered else [])
+            if body.upper() not in allowed:
+                self.error(501, "5.5.4", "Bad BODY parameter")
+                return
+        self._endTransaction()
+        self.mailFrom = path
+        self.send(250, "2.1.0", "Ok")
+
+    def _checkParameters(self, path: Path, allowed: dict[bytes, str]) -> None:
+        for name, _ in path.parameters:
+            needs = allowed.get(name)
+            if needs is None or needs not in self.offered:
+                raise SMTPSyntaxError(555, "5.5.4", "Unsupported option: " + name.decode("ascii"))
+
+    def do_RCPT(self, command: Command) -> None:
+        if self.mailFrom is None:
+            self.error(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            path = parseRcptTo(command.argument)
+            self._checkParameters(path, _RCPT_PARAMETERS)
+        except SMTPSyntaxError as e:
+            self.syntaxError(e)
+            return
+        if self.recipients >= MAX_RECIPIENTS:
+            self.send(452, "4.5.3", "Error: too many recipients")
+            return
+        self.recipients += 1
+        if self._broken:
+            self.send(*_LOST)
+            return
+        request = RouteRequest(
+            protocol="smtp",
+            credentials=None,
+            client=self.client,
+            helo=self.helo,
+            mailFrom=self.mailFrom.address,
+            rcptTo=path.address,
+        )
+        gate = getattr(self.context, "gate", None)
+        waiting = gate.wait(request) if gate is not None else None
+        if waiting is None:
+            d = callRouter(self.context.router, request)
+        else:
+            d = waiting.addCallback(lambda _: callRouter(self.context.router, request))
+        d.addCallbacks(self._routed, self._routerFailed, callbackArgs=(path,), errbackArgs=(path,))
+        self.wait(d, self._answerRecipient)
+
+    def _routerFailed(self, reason: Failure, path: Path) -> tuple[bytes, bool]:
+        self.log.failure("router failed for session {session}", reason, session=self.client.sessionId)
+        return reply(451, "4.3.0", f"<{path.address}>: Temporary lookup failure"), False
+
+    def _routed(self, answer: Route | Rejection, path: Path) -> Deferred[tuple[bytes, bool]] | tuple[bytes, bool]:
+        address = path.address
+        if isinstance(answer, Rejection):
+            if answer.temporary:
+                refusal = reply(451, "4.3.0", f"<{address}>: Temporary lookup failure")
+            elif answer.reason == "unknown-user":
+                refusal = reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+            else:
+                refusal = reply(550, "5.7.1", f"<{address}>: Relay access denied")
+            self.log.info(
+                "recipient refused: session={session} from={sender} to={recipient} reason={reason} temporary={temporary}",
+                session=self.client.sessionId,
+                sender=logQuote(self.mailFrom.address if self.mailFrom else None),
+                recipient=logQuote(address),
+                reason=answer.reason or "-",
+                temporary=answer.temporary,
+            )
+            if answer.wait > 0:
+                return deferLater(self.context.reactor, answer.wait, lambda: (refusal, answer.close))
+            return refusal, answer.close
+        self.route = answer
+        name = answer.backend.name
+        if self.bound is not None and name != self.bound:
+            return reply(452, "4.5.3", f"<{address}>: Too many recipients for this transaction, send the rest in another"), False
+        if self.accepted == 0 and self.backend is not None and self._backendName != name:
+            # Nothing accepted yet: the transaction may still move.
+            if self._mailSent:
+                self.backend.command(b"RSET").addErrback(lambda f: None)
+            self._dropBackend()
+        d = self._connection(answer)
+        d.addCallback(self._sendRecipient, path)
+        return d
+
+    def _connection(self, route: Route) -> Deferred[SMTPBackend | BackendFailure]:
+        if self.backend is not None and not self.backend.lost:
+            return succeed(self.backend)
+        knowledge = self.knowledge
+        name = route.backend.name
+        job = LoginJob(
+            route=route,
+            protocol="smtp",
+            client=self.client,
+            credentials=None,
+            user="",
+            password=None,
+            portName=self.portName,
+        )
+        protocol = SMTPBackend(
+            job,
+            self.context.reactor,
+            self.limits.backendTimeout,
+            hostname=self.context.hostname,
+            purpose="relay",
+            helo=self.helo,
+            esmtp=self.esmtp,
+            learn=lambda extensions: knowledge.learn(name, extensions),
+        )
+        self._connecting = protocol
+
+        def connected(backend: SMTPBackend) -> SMTPBackend:
+            self._connecting = None
+            self.backend = backend
+            self._backendName = name
+            self._mailSent = False
+            backend.onLost = lambda: self._backendLost(backend)
+            return backend
+
+        def failed(reason: Failure) -> BackendFailure:
+            self._connecting = None
+            reason.trap(BackendFailure)
+            failure: BackendFailure = reason.value
+            self.log.info(
+                "backend {backend} unavailable for session {session}: {kind}: {detail}",
+                backend=name,
+                session=self.client.sessionId,
+                kind=failure.kind,
+                detail=failure.detail,
+            )
+            return failure
+
+        return self.context.backendConnector(self.context.reactor, protocol).addCallbacks(connected, failed)
+
+    def _sendRecipient(self, backend: SMTPBackend | BackendFailure, path: Path) -> Deferred[tuple[bytes, bool]] | tuple[bytes, bool]:
+        address = path.address
+        if isinstance(backend, BackendFailure):
+            if backend.kind == "refused" and backend.clientText:
+                # The backend, told who the client is, refused it.
+                return backend.clientText.encode("utf-8", "replace") + b"\r\n", False
+            return reply(451, "4.4.1", f"<{address}>: Mail server temporarily unavailable, try again later"), False
+        assert self.mailFrom is not None
+        rcpt = b"RCPT TO:<" + path.raw + b">" + path.parameterText()
+        if self._mailSent:
+            return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone)
+        mail = backend.command(b"MAIL FROM:<" + self.mailFrom.raw + b">" + self.mailFrom.parameterText())
+        if backend.pipelining:
+            pipelined = backend.command(rcpt)
+            pipelined.addErrback(lambda f: None)
+
+            def mailAnswered(mailReply: Reply) -> Any:
+                if not mailReply.positive:
+                    return _mailRefused(mailReply)
+                self._mailSent = True
+                return pipelined.addCallback(self._recipientReply)
+        else:
+
+            def mailAnswered(mailReply: Reply) -> Any:
+                if not mailReply.positive:
+                    return _mailRefused(mailReply)
+                self._mailSent = True
+                return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone)
+
+        def _mailRefused(mailReply: Reply) -> tuple[bytes, bool]:
+            # The backend refused the sender: that is this recipient's answer.
+            return mailReply.raw, False
+
+        return mail.addCallbacks(mailAnswered, _lostToNone).addCallback(self._orLost, address)
+
+    def _recipientReply(self, rcptReply: Reply | None) -> tuple[bytes, bool] | None:
+        if rcptReply is None:
+            return None
+        if rcptReply.positive:
+            self.accepted += 1
+            self.bound = self._backendName
+        return rcptReply.raw, False
+
+    def _orLost(self, answer: tuple[bytes, bool] | None, address: str) -> tuple[bytes, bool]:
+        if answer is None:
+            return reply(_LOST[0], _LOST[1], f"<{address}>: {_LOST[2]}"), False
+        return answer
+
+    def _answerRecipient(self, answer: tuple[bytes, bool]) -> None:
+        text, close = answer
+        self.transport.write(text)
+        if close:
+            self.result = "closed by the router"
+            self.close(421, "4.7.0", self.context.hostname + " Closing connection")
+
+    def do_DATA(self, command: Command) -> None:
+        if command.argument.strip(b" "):
+            self.error(501, "5.5.4", "Syntax: DATA")
+            return
+        if self.mailFrom is None:
+            self.error(503, "5.5.1", "Error: need MAIL command")
+            return
+        if self._broken or (self.accepted and (self.backend is None or self.backend.lost)):
+            self.send(*_LOST)
+            return
+        if not self.accepted or self.backend is None:
+            self.error(554, "5.5.1", "Error: no valid recipients")
+            return
+        self.wait(self.backend.command(b"DATA").addErrback(_lostToNone), self._dataReply)
+
+    def _dataReply(self, dataReply: Reply | None) -> None:
+        if dataReply is None:
+            self.send(*_LOST)
+            self._endTransaction()
+            return
+        self.transport.write(dataReply.raw)
+        if dataReply.code != 354:
+            return
+        self.state = "data"
+        self._scanner = DataScanner()
+        self._dataProblem = None
+        self._startStreaming()
+
+    def _startStreaming(self) -> None:
+        if self.backend is not None and not self._streaming:
+            self._streaming = True
+            self.backend.transport.registerProducer(_ClientReading(self), True)
+
+    def _stopStreaming(self) -> None:
+        if self._streaming:
+            self._streaming = False
+            if self.backend is not None and self.backend.transport is not None:
+                try:
+                    self.backend.transport.unregisterProducer()
+                except Exception:
+                    pass
+        self.resume("backend buffer full")
+
+    def _streamData(self, data: bytes) -> None:
+        scanner = self._scanner
+        assert scanner is not None
+        end = scanner.feed(data)
+        part = data if end is None else data[:end]
+        if self._dataProblem is None and scanner.bareLineEnding:
+            # Whatever the backend already has must never become a message:
+            # the connection goes, without the final dot.
+            self._dataProblem = "bare line ending"
+            self._stopStreaming()
+            self._dropBackend(abort=True)
+        if self._dataProblem is None and self.backend is not None:
+            self.backend.writeData(part)
+        if end is not None:
+            self.reader.feed(data[end:])
+            self._endOfData(scanner.size)
+
+    def _endOfData(self, size: int) -> None:
+        self._stopStreaming()
+        self._scanner = None
+        self.state = "command"
+        problem, self._dataProblem = self._dataProblem, None
+        if problem == "bare line ending":
+            self.log.info(
+                "message refused: session={session} bare CR or LF in the message data",
+                session=self.client.sessionId,
+            )
+            self.send(550, "5.6.0", "Message refused: bare CR or LF in message data; end lines with CRLF")
+            self._endTransaction()
+            return
+        if problem is not None or self.backend is None:
+            self.send(*_LOST)
+            self._endTransaction()
+            return
+        d = self.backend.expectReply(DATA_END_TIMEOUT).addErrback(_lostToNone)
+        self.wait(d, lambda messageReply: self._messageDone(messageReply, size))
+
+    def _messageDone(self, messageReply: Reply | None, size: int) -> None:
+        if messageReply is None:
+            self.send(*_LOST)
+        else:
+            self.transport.write(messageReply.raw)
+            if messageReply.positive:
+                self.messages += 1
+                self.result = f"{self.messages} message(s) accepted"
+        self.log.info(
+            "message: session={session} from={sender} recipients={recipients} backend={backend} size={size} reply={reply}",
+            session=self.client.sessionId,
+            sender=logQuote(self.mailFrom.address if self.mailFrom else None),
+            recipients=self.accepted,
+            backend=self.bound,
+            size=size,
+            reply=messageReply.code if messageReply is not None else None,
+        )
+        if messageReply is None or not messageReply.positive:
+            # Start the next transaction on a fresh connection rather than
+            # guess what state the backend kept.
+            self._dropBackend()
+        self._endTransaction()
+
+    def do_BDAT(self, command: Command) -> None:
+        try:
+            size, last = parseBDAT(command.argument)
+        except SMTPSyntaxError:
+            # Without a size nobody can tell where the chunk ends.
+            self.result = "protocol error: bad BDAT"
+            self.close(421, "4.7.0", self.context.hostname + " Error: bad BDAT syntax, closing connection")
+            return
+        refusal: tuple[int, str, str] | None = None
+        if "CHUNKING" not in self.offered:
+            refusal = (502, "5.5.1", "Error: command not implemented")
+        elif self.mailFrom is None:
+            refusal = (503, "5.5.1", "Error: need MAIL command")
+        elif self._broken or (self.accepted and (self.backend is None or self.backend.lost)):
+            refusal = _LOST
+        elif not self.accepted or self.backend is None:
+            refusal = (554, "5.5.1", "Error: no valid recipients")
+        self._chunkLeft = size
+        self._chunkLast = last
+        self._chunkRefusal = refusal
+        self._dataProblem = None
+        self._chunkReply = None
+        if refusal is None:
+            assert self.backend is not None
+            line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
+            self._chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
+            self._startStreaming()
+        self.state = "chunk"
+
+    def _chunkBytes(self, data: bytes) -> None:
+        if self._chunkRefusal is None and self._dataProblem is None and self.backend is not None:
+            self.backend.writeData(data)
+        self._chunkLeft -= len(data)
+        if self._chunkLeft > 0:
+            return
+        self._stopStreaming()
+        self.state = "command"
+        if self._chunkRefusal is not None:
+            self.error(*self._chunkRefusal)
+            return
+        if self._dataProblem is not None:
+            self._dataProblem = None
+            self.send(*_LOST)
+            self._endTransaction()
+            return
+        assert self._chunkReply is not None
+        last = self._chunkLast
+        self.wait(self._chunkReply, lambda chunkReply: self._chunkDone(chunkReply, last))
+
+    def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
+        if chunkReply is None:
+            self.send(*_LOST)
+            self._broken = True
+            return
+        if not last:
+            self.transport.write(chunkReply.raw)
+            return
+        self._messageDone(chunkReply, 0)
