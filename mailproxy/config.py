@@ -48,6 +48,8 @@ __all__ = [
     "LISTENER_PROTOCOLS",
     "BACKEND_PROTOCOLS",
     "DIGEST_AUTH_PROTOCOLS",
+    "LISTENER_MODES",
+    "MODE_PORTS",
     "LISTENER_TLS_MODES",
     "ENDPOINT_TYPES",
     "ROUTER_TYPES",
@@ -57,20 +59,33 @@ __all__ = [
     "readTOML",
 ]
 
-LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "sieve")
+LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "sieve", "smtp")
 """
 The protocols a C{[[listener]]} can speak (the front ends that exist).
 """
 
-DIGEST_AUTH_PROTOCOLS: tuple[str, ...] = ("pop3",)
+DIGEST_AUTH_PROTOCOLS: tuple[str, ...] = ("pop3", "smtp")
 """
 The listener protocols whose front ends offer digest mechanisms when a
 listener sets C{digest_auth = true}.
 """
 
-BACKEND_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "smtp", "sieve")
+BACKEND_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "smtp", "sieve", "mx")
 """
-The protocols a backend's C{ports} table may name.
+The protocols a backend's C{ports} table may name (C{mx}: where inbound
+mail from an C{smtp} listener in C{mx} mode goes; C{smtp}: submission).
+"""
+
+LISTENER_MODES: dict[str, tuple[str, ...]] = {"smtp": ("submission", "mx")}
+"""
+The listener protocols that come in kinds, with the values of their
+required C{mode} key.
+"""
+
+MODE_PORTS: dict[tuple[str, str], str] = {("smtp", "mx"): "mx"}
+"""
+The backend C{ports} key a listener mode connects to, where it is not the
+listener's protocol.
 """
 
 LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
@@ -186,6 +201,8 @@ class Listener:
     @ivar proxyTrusted: addresses or CIDR networks of those balancers.
     @ivar digestAuth: offer the digest mechanisms (POP3 APOP and
         CRAM-MD5), which only a router holding cleartext passwords can check.
+    @ivar mode: the kind of listener, for protocols in L{LISTENER_MODES}
+        (SMTP: C{"submission"} or C{"mx"}); L{None} for the others.
     """
 
     protocol: str
@@ -194,6 +211,14 @@ class Listener:
     proxyProtocol: bool = False
     proxyTrusted: tuple[str, ...] = ()
     digestAuth: bool = False
+    mode: str | None = None
+
+    @property
+    def portName(self) -> str:
+        """
+        The key of a backend's C{ports} this listener's sessions connect to.
+        """
+        return MODE_PORTS.get((self.protocol, self.mode or ""), self.protocol)
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:
@@ -741,13 +766,16 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
     listeners = []
     bound: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(entries):
-        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth")
+        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode")
         protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
+        mode = _parseMode(entry, protocol)
         endpoint = entry.string("endpoint")
         tls = entry.string("tls", choices=LISTENER_TLS_MODES)
         digestAuth = entry.boolean("digest_auth", False)
         if digestAuth and protocol not in DIGEST_AUTH_PROTOCOLS:
             entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
+        if digestAuth and mode == "mx":
+            entry.fail("digest_auth", "mx listeners take no logins")
         proxyProtocol = entry.boolean("proxy_protocol", False)
         proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
         if proxyProtocol and not proxyTrusted:
@@ -761,10 +789,12 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
                 entry.fail("proxy_trusted", f"{network!r} is not an address or network")
         if tls != "none" and not haveTLS:
             entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key")
-        if not any(protocol in backend.ports for backend in backends.values()):
+        portName = MODE_PORTS.get((protocol, mode or ""), protocol)
+        if not any(portName in backend.ports for backend in backends.values()):
+            served = repr(protocol) if mode is None else f"{protocol!r} in mode {mode!r}"
             entry.fail(
                 "protocol",
-                f"no backend serves {protocol!r}; add ports.{protocol} to a [backend.NAME] table",
+                f"no backend serves {served}; add ports.{portName} to a [backend.NAME] table",
             )
         for address in _checkEndpoint(entry, endpoint):
             if address in bound:
@@ -778,9 +808,25 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
                 proxyProtocol=proxyProtocol,
                 proxyTrusted=proxyTrusted,
                 digestAuth=digestAuth,
+                mode=mode,
             )
         )
     return tuple(listeners)
+
+
+def _parseMode(entry: Table, protocol: str) -> str | None:
+    """
+    The listener's C{mode}: required for protocols in L{LISTENER_MODES},
+    refused for the others.
+    """
+    modes = LISTENER_MODES.get(protocol)
+    if modes is None:
+        if "mode" in entry:
+            entry.fail("mode", f"only {', '.join(LISTENER_MODES)} listeners have a mode")
+        return None
+    if "mode" not in entry:
+        entry.fail("mode", f"required for {protocol} listeners: {' or '.join(modes)}")
+    return entry.string("mode", choices=modes)  # type: ignore[no-any-return]
 
 
 def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:

@@ -78,7 +78,7 @@ class POP3ConfigTests(SynchronousTestCase):
         is refused.
         """
         error = self.assertRaises(ConfigError, self.parse, listener("imap", "digest_auth = true\n") + BACKEND)
-        self.assertIn("listener[0].digest_auth: only pop3 listeners offer digest mechanisms", str(error))
+        self.assertIn("listener[0].digest_auth: only pop3, smtp listeners offer digest mechanisms", str(error))
 
     def test_needsPOP3Backend(self) -> None:
         """
