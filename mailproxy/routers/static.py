@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
-from mailproxy.model import Backend, Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
 from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntry
 
 __all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]
@@ -80,11 +80,39 @@ class RouteTable:
     @ivar accounts: account rules by lower-cased login name.
     @ivar domains: domain rules by lower-cased domain.
     @ivar default: the rule for everything else, if any.
+    @ivar accountDomains: the domains of the accounts' names.
     """
 
     accounts: dict[str, RouteRule] = field(factory=dict, hash=False)
     domains: dict[str, RouteRule] = field(factory=dict, hash=False)
     default: RouteRule | None = None
+    accountDomains: frozenset[str] = field(init=False, hash=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        domains = frozenset(name.rpartition("@")[2] for name in self.accounts if "@" in name)
+        object.__setattr__(self, "accountDomains", domains)
+
+    def findRecipient(self, address: str) -> RouteRule | RejectionReason:
+        """
+        The rule for mail to C{address} (SMTP MX): account, then domain;
+        never the default, which would make the proxy an open relay.
+
+        @return: the rule, or why there is none: C{"unknown-user"} when the
+            domain has accounts in the table but no entry of its own, else
+            C{"not-local"}.
+        """
+        address = address.lower()
+        rule = self.accounts.get(address)
+        if rule is not None:
+            return rule
+        _, at, domain = address.rpartition("@")
+        if at:
+            rule = self.domains.get(domain)
+            if rule is not None:
+                return rule
+            if domain in self.accountDomains:
+                return "unknown-user"
+        return "not-local"
 
     def find(self, user: str) -> RouteRule | None:
         """
@@ -273,6 +301,8 @@ class StaticRouter:
         """
         Answer C{request} from the current table.
         """
+        if request.credentials is None and request.rcptTo is not None:
+            return self._routeRecipient(request.rcptTo)
         credentials = request.credentials
         user = credentials.user if credentials is not None else ""
         rule = self._table.find(user)
@@ -313,6 +343,21 @@ class StaticRouter:
             authenticated=rule.password is not None,
             rule=rule.explain(),
         )
+
+    def _routeRecipient(self, address: str) -> Route | Rejection:
+        found = self._table.findRecipient(address)
+        if isinstance(found, str):
+            self.log.info("No route for recipient {recipient}: {reason}", recipient=address, reason=found)
+            return Rejection(message="Recipient refused.", unknown=True, reason=found)
+        if "mx" not in found.backend.ports:
+            self.log.error(
+                "{rule} sends mail for {recipient} to backend {backend}, which has no mx port",
+                rule=found.description,
+                recipient=address,
+                backend=found.backend.name,
+            )
+            return Rejection(message="Service temporarily unavailable.", temporary=True)
+        return Route(backend=found.backend, rule=found.explain())
 
     def explain(self, user: str) -> str:
         """
