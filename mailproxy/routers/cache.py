@@ -146,6 +146,28 @@ class CachingRouter:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def wrapped(self) -> Any:
+        """
+        The router this cache is in front of (how tools walk composed
+        routers: caches expose C{wrapped}, chains C{routers}).
+        """
+        return self.router
+
+    @property
+    def hits(self) -> int:
+        """
+        Questions answered from the cache.
+        """
+        return self.stats["hits"]
+
+    @property
+    def misses(self) -> int:
+        """
+        Questions passed to the router.
+        """
+        return self.stats["misses"]
+
     def keyFor(self, request: RouteRequest) -> tuple[object, ...]:
         """
         The cache key of C{request}: protocol, the credentials (user,
@@ -248,6 +270,8 @@ class CachingRouter:
         Forget the cached answers for login name C{user} (compared without
         case; every protocol and password), or all of them.
 
+        C{user} may also be a domain (no C{@}, as the keys of a route
+        table's C{[domains]}): every login name in it is forgotten too.
         Answers to questions asked before this call are not stored when
         they arrive.
 
@@ -259,7 +283,12 @@ class CachingRouter:
             self._entries.clear()
         else:
             folded = user.lower()
-            keys = [key for key, entry in self._entries.items() if entry.user == folded]
+            domain = "@" + folded if "@" not in folded else None
+            keys = [
+                key
+                for key, entry in self._entries.items()
+                if entry.user == folded or (domain is not None and entry.user.endswith(domain))
+            ]
             for key in keys:
                 del self._entries[key]
             count = len(keys)

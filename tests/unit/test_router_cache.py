@@ -339,6 +339,28 @@ class CacheTests(SynchronousTestCase):
         result(cache.route(login("bob@example.org")))
         self.assertEqual(self.inner.asked, asked + 1)
 
+    def test_invalidateDomain(self) -> None:
+        """
+        A key without C{@} (a route table's domain) drops every login in
+        that domain, and a login name equal to it.
+        """
+        cache = self.cache()
+        for user in ("alice@example.org", "bob@EXAMPLE.org", "carol@example.net", "example.org"):
+            result(cache.route(login(user)))
+        self.assertEqual(cache.invalidate("example.org"), 3)
+        self.assertEqual(len(cache), 1)
+
+    def test_walkable(self) -> None:
+        """
+        Tools that walk composed routers find the wrapped router as
+        C{wrapped} and the counters as C{hits} and C{misses}.
+        """
+        cache = self.cache()
+        result(cache.route(login()))
+        result(cache.route(login()))
+        self.assertIs(cache.wrapped, self.inner)
+        self.assertEqual((cache.hits, cache.misses), (1, 1))
+
     def test_invalidateAll(self) -> None:
         """
         L{CachingRouter.invalidate} without a user empties the cache.
