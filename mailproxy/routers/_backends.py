@@ -243,12 +243,12 @@ class BackendResolver:
         defaults = self.defaults
         port = ports[protocol]
         key = (host.lower(), port, protocol, tls, forward)
-        backend = self._adhoc.get(key)
-        if backend is None:
+        adhoc = self._adhoc.get(key)
+        if adhoc is None:
             if len(self._adhoc) >= self._MAX_ADHOC:
                 self._adhoc.clear()
             name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            backend = Backend(
+            adhoc = Backend(
                 name=name,
                 host=host,
                 ports=ports,
@@ -261,8 +261,8 @@ class BackendResolver:
                 masterSeparator=defaults.masterSeparator,
                 connectTimeout=defaults.connectTimeout,
             )
-            self._adhoc[key] = backend
-        return backend
+            self._adhoc[key] = adhoc
+        return adhoc
 
     def resolve(self, value: str, protocol: str) -> Backend:
         """

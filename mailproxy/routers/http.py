@@ -36,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -508,6 +508,7 @@ def _hostHeader(url: str) -> bytes:
 
 def _makeClient(reactor: Any, timeout: float, caFile: str | None, verify: bool, connections: int) -> Any:
     from treq.client import HTTPClient
+    from treq.cookies import IndexableCookieJar
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = connections
@@ -518,7 +519,7 @@ def _makeClient(reactor: Any, timeout: float, caFile: str | None, verify: bool, 
     agent = Agent(reactor, contextFactory=_AuthServerTLS(caFile, verify), connectTimeout=timeout, pool=pool)
     # Cookies an auth server sets must never travel from one user's
     # question to the next.
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    jar = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
     return HTTPClient(agent, cookiejar=jar)
 
 

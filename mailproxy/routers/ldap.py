@@ -221,7 +221,7 @@ class LDAPDirectory:
             give a mock strategy).
         @param serverFactory: C{ldap3.Server} unless given.
         """
-        import ldap3
+        import ldap3  # type: ignore[import-untyped]
 
         self.settings = settings
         self._ldap3 = ldap3
