@@ -246,7 +246,7 @@ class SMTPBackend(BackendProtocol):
         if self._wantsXCLIENT():
             self._startXCLIENT()
             return
-        if backend.forward == "xclient" and not self._xclientSent:
+        if backend.forward == "xclient" and not self._xclientSent and self.purpose != "probe":
             self.fail(
                 "unavailable",
                 "backend does not offer XCLIENT to the proxy (is the proxy in smtpd_authorized_xclient_hosts?)",

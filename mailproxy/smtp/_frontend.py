@@ -211,28 +211,37 @@ class SMTPFrontend(FrontendProtocol):
         Answer the current command once C{d} fires: no other command is
         read meanwhile, so replies keep the order of the commands.
         """
-        if d.called:
-            # Already answered: no pause, no reordering possible.
-            results: list[Any] = []
-            d.addBoth(results.append)
-            if results and isinstance(results[0], Failure):
-                self._internalError(results[0])
-                return
-            then(results[0] if results else None)
-            return
-        self.state = "waiting"
-        self.pause("waiting")
+        early: list[Any] = []
+        waiting = False
 
         def done(result: Any) -> None:
+            if not waiting:
+                early.append(result)
+                return
             if self.state == "closed":
                 return
             self.state = "command"
-            then(result)
             self.resume("waiting")
+            self._then(then, result)
             self.process()
 
-        d.addCallback(done)
-        d.addErrback(self._internalError)
+        d.addBoth(done)
+        if early:
+            # Answered at once: nothing to pause, no order to keep.
+            self._then(then, early[0])
+            return
+        waiting = True
+        self.state = "waiting"
+        self.pause("waiting")
+
+    def _then(self, then: Callable[[Any], None], result: Any) -> None:
+        if isinstance(result, Failure):
+            self._internalError(result)
+            return
+        try:
+            then(result)
+        except Exception:
+            self._internalError(Failure())
 
     def _internalError(self, reason: Failure) -> None:
         if reason.check(CancelledError) or self.state == "closed":
