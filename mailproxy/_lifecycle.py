@@ -1,0 +1,270 @@
+"""
+The running proxy as one service: reloading its configuration (SIGHUP or
+the management endpoint) and draining its sessions on shutdown (SIGTERM).
+
+A reload re-reads the configuration file and builds the new router and TLS
+certificates before anything changes; any error keeps the running
+configuration and says why.  What can change while sessions run is applied
+at once: the router and its route table, the backends, the limits, the host
+name, the TLS certificates (listeners hold a L{ReloadableServerTLS}, whose
+options are replaced), the management token and certificate.  Listeners,
+the management endpoint's address, turning its TLS on or off, and C{[log]}
+need a restart; a reload names what changed there and leaves it as it is.
+
+On shutdown the listeners stop accepting first; open sessions then have
+C{[limits] shutdown_grace} seconds to end on their own, after which each
+gets its protocol's goodbye (IMAP C{* BYE Server shutting down.}) and is
+closed.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import _tls
+from ._migrate import LoginHold, Mover
+from .config import Config, ConfigError, loadConfig
+
+__all__ = ["ReloadableServerTLS", "ProxyService", "SHUTDOWN", "RESTART_KEYS"]
+
+#: The goodbye sessions get when the grace period is over.
+SHUTDOWN = "Server shutting down."
+
+#: Seconds to wait for dropped sessions' connections to close.
+CLOSE_WAIT = 5.0
+
+#: The configuration keys a reload cannot apply to a running proxy.
+RESTART_KEYS = ("listener", "admin.endpoint", "admin.tls", "log")
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """
+    Server TLS options whose certificates a reload can replace: each new
+    connection uses the options current when it starts.
+
+    @ivar options: the L{mailproxy._tls.serverOptions} in use.
+    """
+
+    def __init__(self, options: IOpenSSLServerConnectionCreator) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> Any:
+        """
+        Create the OpenSSL connection for one client, with the current
+        certificates.
+        """
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+
+def _startRouter(router: object) -> None:
+    start = getattr(router, "startWatching", None)
+    if start is not None:
+        start()
+
+
+def _stopRouter(router: object) -> None:
+    stop = getattr(router, "stopWatching", None)
+    if stop is not None:
+        stop()
+
+
+class ProxyService(MultiService):
+    """
+    The proxy: its listeners and management endpoint as children, its
+    shared L{ProxyContext}, reload and drain.
+
+    Listener children are named C{listener-N}.
+
+    @ivar config: the configuration in effect (listeners, management
+        endpoint and log settings may lag behind the file until a restart).
+    @ivar context: what the sessions share.
+    @ivar mover: moves accounts (used by the management endpoint).
+    @ivar draining: shutdown has begun.
+    @ivar admin: the management resource, if there is an endpoint.
+    @ivar eventLog: the C{[log]} service, if C{[log] path} is set.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, context: Any, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.context = context
+        self.reactor = reactor
+        if context.gate is None:
+            context.gate = LoginHold()
+        self.mover = Mover(context, config.backends, reactor)
+        self.draining = False
+        self.admin: Any = None
+        self.adminTLS: ReloadableServerTLS | None = None
+        self.eventLog: Any = None
+        self._previousHandler: Any = None
+
+    @property
+    def backends(self) -> dict[str, Any]:
+        """
+        The configured backends, by name.
+        """
+        return self.config.backends
+
+    # Start and stop
+
+    def startService(self) -> None:
+        super().startService()
+        _startRouter(self.context.router)
+        try:
+            self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
+        except ValueError:
+            # Not the main thread (embedded use): no signal handling.
+            self._previousHandler = None
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reloadFromSignal)
+
+    def _reloadFromSignal(self) -> None:
+        self.log.info("SIGHUP: reloading {path}", path=self.config.path)
+        self.reload()
+        if self.eventLog is not None:
+            self.eventLog.reopen()
+
+    def stopService(self) -> Deferred[None]:
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        self.running = False
+        self.draining = True
+        listeners = [child for child in self if (child.name or "").startswith("listener-")]
+        others = [child for child in self if child not in listeners]
+        stopping = gatherResults([maybeDeferred(child.stopService) for child in listeners if child.running])
+
+        def stopOthers(_: object) -> Deferred[Any]:
+            _stopRouter(self.context.router)
+            return gatherResults([maybeDeferred(child.stopService) for child in reversed(others) if child.running])
+
+        return stopping.addCallback(lambda _: self.drain()).addCallback(stopOthers).addCallback(lambda _: None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        Wait for the open sessions to end, at most the grace period; then
+        say goodbye to the rest and close them.
+
+        @return: fires once no session is open, or shortly after the
+            goodbyes if some connections are slow to close.
+        """
+        sessions = self.context.sessions
+        if not len(sessions):
+            return succeed(None)
+        grace = self.context.limits.shutdownGrace
+        self.log.info(
+            "shutting down: {count} sessions open, waiting up to {grace:.0f}s",
+            count=len(sessions),
+            grace=grace,
+        )
+        done: Deferred[None] = Deferred()
+        calls: list[Any] = []
+
+        def finish(_: object = None) -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            if not done.called:
+                done.callback(None)
+
+        def graceOver() -> None:
+            remaining = list(sessions)
+            self.log.info("shutting down: closing {count} sessions", count=len(remaining))
+            for session in remaining:
+                session.drop(SHUTDOWN)
+            calls.append(self.reactor.callLater(CLOSE_WAIT, finish))
+
+        sessions.whenEmpty().addCallback(finish)
+        if not done.called:
+            calls.append(self.reactor.callLater(grace, graceOver))
+        return done
+
+    # Reload
+
+    def reload(self) -> dict[str, Any]:
+        """
+        Re-read the configuration file and apply what can change live.
+
+        @return: C{{"ok": True, "path": ..., "restartNeeded": [keys]}}, or
+            C{{"ok": False, "path": ..., "error": why}} when the file (or
+            what it names) is wrong and the running configuration was kept.
+        """
+        from .routers import buildRouter
+
+        path = self.config.path
+        try:
+            config = loadConfig(path)
+            router = buildRouter(config, self.reactor)
+            serverTLS = _tls.serverOptions(config.tls, config.sni) if config.tls is not None else None
+            adminTLS = None
+            if config.admin is not None and config.admin.tls is not None:
+                adminTLS = _tls.serverOptions(config.admin.tls)
+        except (ConfigError, _tls.TLSConfigError) as e:
+            self.log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return {"ok": False, "path": path, "error": str(e)}
+
+        restart = self._restartNeeded(config)
+        context = self.context
+        oldRouter, context.router = context.router, router
+        _stopRouter(oldRouter)
+        if self.running:
+            _startRouter(router)
+        context.routerName = config.router.type
+        context.limits = config.limits
+        context.tracker.limit = config.limits.connectionsPerAddress
+        context.hostname = config.hostname
+        context.backends = dict(config.backends)
+        if serverTLS is not None and isinstance(context.serverTLS, ReloadableServerTLS):
+            context.serverTLS.options = serverTLS
+        self.mover.backends = set(config.backends)
+        if self.admin is not None and config.admin is not None:
+            self.admin.guard.token = config.admin.token
+        if adminTLS is not None and self.adminTLS is not None:
+            self.adminTLS.options = adminTLS
+        # Keep what was not applied, so the next reload compares with what runs.
+        self.config = Config(
+            path=config.path,
+            hostname=config.hostname,
+            limits=config.limits,
+            tls=config.tls,
+            sni=config.sni,
+            listeners=self.config.listeners,
+            router=config.router,
+            backends=config.backends,
+            admin=self.config.admin if {"admin.endpoint", "admin.tls"} & set(restart) else config.admin,
+            log=self.config.log,
+        )
+        if restart:
+            self.log.warn(
+                "reloaded {path}; these changes need a restart: {keys}", path=path, keys=", ".join(restart)
+            )
+        else:
+            self.log.info("reloaded {path}", path=path)
+        return {"ok": True, "path": path, "restartNeeded": restart}
+
+    def _restartNeeded(self, config: Config) -> list[str]:
+        old = self.config
+        changed = []
+        if config.listeners != old.listeners or (config.tls is None) != (old.tls is None):
+            changed.append("listener")
+        oldAdmin, newAdmin = old.admin, config.admin
+        if (oldAdmin is None) != (newAdmin is None) or (
+            oldAdmin is not None and newAdmin is not None and oldAdmin.endpoint != newAdmin.endpoint
+        ):
+            changed.append("admin.endpoint")
+        elif oldAdmin is not None and newAdmin is not None and (oldAdmin.tls is None) != (newAdmin.tls is None):
+            changed.append("admin.tls")
+        if config.log != old.log:
+            changed.append("log")
+        return changed

@@ -1,0 +1,130 @@
+"""
+The proxy's own event log (C{[log] path}): every event of level info and
+above, as classic text lines or as one JSON object per line.
+
+JSON lines carry C{time}, C{level}, C{namespace}, C{event} (a stable name
+such as C{"session_end"} or C{"login_failed"}, or L{None}), C{message} (the
+text line's message), and every field of the event whose value is a string,
+number, boolean or null (fields starting with C{log_} excepted).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import IO, Any
+
+from twisted.application.service import Service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+from .config import LogConfig
+
+__all__ = ["jsonLine", "EventLogService"]
+
+_PRIMITIVES = (str, int, float, bool, type(None))
+# Fields that repeat others in a form meant only for the text line.
+_TEXT_ONLY = frozenset({"quotedUser", "quotedReason"})
+
+
+def jsonLine(event: dict[str, Any]) -> str:
+    """
+    One log event as a JSON object on one line (without the line end).
+    """
+    when = datetime.datetime.fromtimestamp(event.get("log_time", 0), datetime.timezone.utc)
+    level = event.get("log_level")
+    data: dict[str, Any] = {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": level.name if level is not None else None,
+        "namespace": event.get("log_namespace"),
+        "event": event.get("event") if isinstance(event.get("event"), str) else None,
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in data or key in _TEXT_ONLY or key == "format":
+            continue
+        if isinstance(value, _PRIMITIVES):
+            data[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        data["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return json.dumps(data, ensure_ascii=False, default=str)
+
+
+@implementer(ILogObserver)
+class _FileObserver:
+    """
+    Writes events to a stream in one of the formats.
+    """
+
+    def __init__(self, stream: IO[str], format: str) -> None:
+        self.stream = stream
+        self.format = format
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.format == "json":
+            line = jsonLine(event) + "\n"
+        else:
+            line = formatEventAsClassicLogText(event) or ""
+        if line:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+class EventLogService(Service):
+    """
+    While running, writes the process's log events to C{config.path}.
+    """
+
+    def __init__(self, config: LogConfig, publisher: Any = globalLogPublisher) -> None:
+        self.config = config
+        self.publisher = publisher
+        self._stream: IO[str] | None = None
+        self._observer: _FileObserver | None = None
+        self._filter: FilteringLogObserver | None = None
+
+    def _open(self) -> IO[str]:
+        if self.config.path == "-":
+            # twistd may have replaced sys.stdout with a logger: writing a
+            # log line there would log it again.
+            return sys.__stdout__
+        assert self.config.path is not None
+        return open(self.config.path, "a", encoding="utf-8")
+
+    def startService(self) -> None:
+        super().startService()
+        self._stream = self._open()
+        self._observer = _FileObserver(self._stream, self.config.format)
+        self._filter = FilteringLogObserver(self._observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
+        self.publisher.addObserver(self._filter)
+
+    def reopen(self) -> None:
+        """
+        Open the file again (after logrotate moved it away).
+        """
+        if self._observer is None or self.config.path == "-":
+            return
+        stream = self._open()
+        old, self._stream = self._stream, stream
+        self._observer.stream = stream
+        if old is not None:
+            old.close()
+
+    def stopService(self) -> None:
+        if self._filter is not None:
+            self.publisher.removeObserver(self._filter)
+            self._filter = None
+        if self._stream is not None and self._stream is not sys.__stdout__:
+            self._stream.close()
+        self._stream = None
+        self._observer = None
+        return super().stopService()

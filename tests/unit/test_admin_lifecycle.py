@@ -1,0 +1,393 @@
+"""
+Tests for L{mailproxy._lifecycle} (reload, drain on shutdown), the service
+tree L{mailproxy.tap.serviceFromConfig} builds around it, and the event log
+of L{mailproxy._logs}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
+from mailproxy._logs import EventLogService, jsonLine
+from mailproxy._tls import makeSelfSigned
+from mailproxy.config import LogConfig, loadConfig
+from mailproxy.routers.static import StaticRouter
+from mailproxy.tap import serviceFromConfig
+from mailproxy.testing import makeBackend
+
+from .opsfixtures import ProxyHarness
+
+CONFIG = """\
+[proxy]
+hostname = "proxy.example.org"
+
+[limits]
+shutdown_grace = 10
+
+[tls]
+certificate = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:10993:interface=127.0.0.1"
+tls = "implicit"
+
+[router]
+type = "static"
+path = "routes.toml"
+
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+
+[backend.new]
+host = "127.0.0.1"
+ports = { imap = 1143 }
+
+[admin]
+endpoint = "tcp:19443"
+token_file = "admin.token"
+
+[log]
+format = "json"
+path = "events.jsonl"
+"""
+
+
+class ServiceTreeTestsMixin:
+    """
+    A configuration directory with certificates, a route table and a token.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(self.directory)
+        certificate, key = makeSelfSigned(self.directory)
+        os.rename(certificate, os.path.join(self.directory, "cert.pem"))
+        os.rename(key, os.path.join(self.directory, "key.pem"))
+        self.write("routes.toml", 'default = "old"\n')
+        self.write("admin.token", "t" * 40 + "\n")
+        self.path = self.write("mailproxy.toml", CONFIG)
+        self.reactor = MemoryReactorClock()
+        self.service = serviceFromConfig(loadConfig(self.path), self.reactor)
+
+    def write(self, name: str, text: str) -> str:
+        """
+        Write C{text} to C{name} in the configuration directory.
+        """
+        path = os.path.join(self.directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+class ServiceTreeTests(ServiceTreeTestsMixin, SynchronousTestCase):
+    """
+    What L{serviceFromConfig} builds.
+    """
+
+    def test_children(self) -> None:
+        """
+        The proxy service holds the event log first, then the listeners and
+        the management endpoint; listener TLS can be reloaded.
+        """
+        self.assertIsInstance(self.service, ProxyService)
+        self.assertEqual([child.name for child in self.service], ["log", "listener-0", "admin"])
+        self.assertIsInstance(self.service.context.serverTLS, ReloadableServerTLS)
+        self.assertEqual(self.service.context.routerName, "static")
+        self.assertIsNotNone(self.service.admin)
+
+    def test_adminListensOnLoopback(self) -> None:
+        """
+        Started, the management endpoint listens on 127.0.0.1 at its port.
+        """
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        ports = {(port, interface) for port, _, _, interface in self.reactor.tcpServers}
+        self.assertIn((19443, "127.0.0.1"), ports)
+        self.assertIn((10993, "127.0.0.1"), ports)
+
+
+class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
+    """
+    L{ProxyService.reload}.
+    """
+
+    def test_appliesWhatCanChange(self) -> None:
+        """
+        A reload builds a new router from the new files and applies limits,
+        host name, certificates and token at once.
+        """
+        context = self.service.context
+        oldRouter, oldOptions = context.router, context.serverTLS.options
+        self.write("routes.toml", 'default = "new"\n')
+        self.write("admin.token", "u" * 40 + "\n")
+        self.write("mailproxy.toml", CONFIG.replace("shutdown_grace = 10", "shutdown_grace = 3").replace("proxy.example.org", "mail.example.org"))
+        outcome = self.service.reload()
+        self.assertEqual(outcome, {"ok": True, "path": self.path, "restartNeeded": []})
+        self.assertIsNot(context.router, oldRouter)
+        self.assertEqual(context.router.explainRoute("x@y"), ("default", "new"))
+        self.assertEqual(context.limits.shutdownGrace, 3)
+        self.assertEqual(context.hostname, "mail.example.org")
+        self.assertIsNot(context.serverTLS.options, oldOptions)
+        self.assertEqual(self.service.admin.guard.token, b"u" * 40)
+
+    def test_brokenFileKeepsRunningConfiguration(self) -> None:
+        """
+        A file that does not parse changes nothing; the outcome and the log
+        say why.
+        """
+        events: list[dict] = []
+        publisher = LogPublisher(events.append)
+        self.patch(ProxyService, "log", Logger(observer=publisher))
+        router = self.service.context.router
+        self.write("mailproxy.toml", CONFIG + "[limits\n")
+        outcome = self.service.reload()
+        self.assertFalse(outcome["ok"])
+        self.assertTrue(outcome["error"].startswith(f"{self.path}: line "), outcome["error"])
+        self.assertIs(self.service.context.router, router)
+        self.assertEqual(self.service.context.limits.shutdownGrace, 10)
+        (event,) = events
+        self.assertEqual(event["error"], outcome["error"])
+        self.assertIn("keeping the running configuration", event["log_format"])
+
+    def test_brokenRouteTable(self) -> None:
+        """
+        A route table naming an unknown backend keeps the old configuration
+        too, with the route table's name in the error.
+        """
+        self.write("routes.toml", 'default = "elsewhere"\n')
+        outcome = self.service.reload()
+        self.assertFalse(outcome["ok"])
+        self.assertIn("routes.toml: default: unknown backend 'elsewhere'", outcome["error"])
+
+    def test_restartNeeded(self) -> None:
+        """
+        Changed listeners, management endpoint or log settings are reported
+        as needing a restart, and are not taken as applied.
+        """
+        self.write(
+            "mailproxy.toml",
+            CONFIG.replace("tcp:10993", "tcp:10994").replace("tcp:19443", "tcp:19444").replace('"json"', '"text"'),
+        )
+        self.assertEqual(self.service.reload()["restartNeeded"], ["listener", "admin.endpoint", "log"])
+        self.assertEqual(self.service.reload()["restartNeeded"], ["listener", "admin.endpoint", "log"])
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    L{ProxyService.stopService}: stop accepting, drain, then goodbye.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "routes.toml")
+        with open(path, "w") as f:
+            f.write('default = "old"\n')
+        from mailproxy.config import Limits
+
+        self.harness = ProxyHarness(None, limits=Limits(shutdownGrace=10))
+        self.harness.context.router = StaticRouter(path, {"old": makeBackend("old")}, reactor=self.harness.clock)
+        config = loadConfigStub(path)
+        self.service = ProxyService(config, self.harness.context, self.harness.clock)
+        self.listener = StoppingService()
+        self.listener.setName("listener-0")
+        self.listener.setServiceParent(self.service)
+        self.service.startService()
+
+    def test_noSessions(self) -> None:
+        """
+        Without sessions, stopping is immediate once the listeners stopped.
+        """
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.listener.stopped.callback(None)
+        self.successResultOf(stopped)
+
+    def test_sessionsEndingInTime(self) -> None:
+        """
+        Sessions that end within the grace period end on their own: nobody
+        gets a goodbye.
+        """
+        alice, client, _ = self.harness.login("alice@example.org")
+        stopped = self.service.stopService()
+        self.listener.stopped.callback(None)
+        self.assertTrue(self.service.draining)
+        self.harness.clock.advance(9)
+        self.assertNoResult(stopped)
+        self.harness.close(alice)
+        self.successResultOf(stopped)
+        self.assertEqual(client.value(), b"")
+
+    def test_goodbyeAfterGrace(self) -> None:
+        """
+        Sessions still open after the grace period get the protocol's
+        goodbye and are closed; stopping completes when they are gone.
+        """
+        alice, aliceClient, aliceBackend = self.harness.login("alice@example.org")
+        waiting, waitingClient = self.harness.connect()
+        stopped = self.service.stopService()
+        self.listener.stopped.callback(None)
+        self.harness.clock.advance(9.9)
+        self.assertEqual(aliceClient.value(), b"")
+        self.harness.clock.advance(0.1)
+        self.assertEqual(aliceClient.value(), b"* BYE " + SHUTDOWN.encode() + b"\r\n")
+        self.assertEqual(waitingClient.value(), b"* BYE " + SHUTDOWN.encode() + b"\r\n")
+        self.assertTrue(aliceClient.disconnecting and aliceBackend.disconnecting)
+        self.assertNoResult(stopped)
+        self.harness.close(alice)
+        self.harness.close(waiting)
+        self.successResultOf(stopped)
+
+    def test_slowCloseBounded(self) -> None:
+        """
+        Connections that do not close after the goodbye hold up the
+        shutdown for a few seconds at most.
+        """
+        self.harness.login("alice@example.org")
+        stopped = self.service.stopService()
+        self.listener.stopped.callback(None)
+        self.harness.clock.advance(10)
+        self.assertNoResult(stopped)
+        self.harness.clock.advance(5)
+        self.successResultOf(stopped)
+
+    def test_listenersFirst(self) -> None:
+        """
+        Draining begins only once the listeners have stopped accepting.
+        """
+        alice, client, _ = self.harness.login("alice@example.org")
+        self.service.stopService()
+        self.harness.clock.advance(100)
+        self.assertEqual(client.value(), b"")
+        self.listener.stopped.callback(None)
+        self.harness.clock.advance(10)
+        self.assertEqual(client.value(), b"* BYE " + SHUTDOWN.encode() + b"\r\n")
+
+
+class StoppingService(Service):
+    """
+    A listener stand-in whose stop the test completes.
+    """
+
+    def __init__(self) -> None:
+        self.stopped: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stopped
+
+
+def loadConfigStub(routes: str):
+    """
+    A minimal configuration whose router reads C{routes}.
+    """
+    directory = os.path.dirname(routes)
+    path = os.path.join(directory, "mailproxy.toml")
+    with open(path, "w") as f:
+        f.write(
+            '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:1143"\ntls = "none"\n'
+            '[router]\ntype = "static"\npath = "routes.toml"\n'
+            '[backend.old]\nhost = "127.0.0.1"\nports = { imap = 143 }\n'
+        )
+    return loadConfig(path)
+
+
+class EventLogTests(SynchronousTestCase):
+    """
+    L{EventLogService} and L{jsonLine}.
+    """
+
+    def emit(self, logFormat: str) -> str:
+        """
+        Run the event log service in C{logFormat} on its own publisher, log
+        a session end and a failure, and return the file's text.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig(logFormat, path), publisher)
+        service.startService()
+        log = Logger(namespace="mailproxy.test", observer=publisher)
+        log.info("session {session} end: user={quotedUser}", event="session_end", session="abc", user="a\nb", quotedUser='"a\\nb"', bytesIn=3, credentials=object())
+        log.debug("not written")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke")
+        service.stopService()
+        with open(path) as f:
+            return f.read()
+
+    def test_jsonLines(self) -> None:
+        """
+        In JSON, each event is one object per line, with its stable name and
+        its plain fields, and without objects or debug events.
+        """
+        lines = self.emit("json").splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual(
+            {k: first[k] for k in ("level", "namespace", "event", "message", "session", "user", "bytesIn")},
+            {
+                "level": "info",
+                "namespace": "mailproxy.test",
+                "event": "session_end",
+                "message": 'session abc end: user="a\\nb"',
+                "session": "abc",
+                "user": "a\nb",
+                "bytesIn": 3,
+            },
+        )
+        self.assertNotIn("credentials", first)
+        self.assertNotIn("quotedUser", first)
+        self.assertTrue(first["time"].endswith("Z"))
+        self.assertEqual((second["level"], second["error"]), ("critical", "ZeroDivisionError: division by zero"))
+
+    def test_text(self) -> None:
+        """
+        In text, events are classic log lines: time, namespace and level,
+        message.
+        """
+        text = self.emit("text")
+        self.assertIn(' [mailproxy.test#info] session abc end: user="a\\nb"\n', text)
+
+    def test_reopen(self) -> None:
+        """
+        After the file is moved away (log rotation), L{reopen} writes to a
+        new file at the configured path.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig("json", path), publisher)
+        service.startService()
+        log = Logger(namespace="t", observer=publisher)
+        log.info("one")
+        os.rename(path, path + ".1")
+        service.reopen()
+        log.info("two")
+        service.stopService()
+        with open(path) as f:
+            self.assertEqual([json.loads(line)["message"] for line in f], ["two"])
+
+    def test_jsonLineWithoutFields(self) -> None:
+        """
+        An event with nothing but a format still gives a complete object.
+        """
+        self.assertEqual(
+            json.loads(jsonLine({"log_format": "hello", "log_time": 0})),
+            {"time": "1970-01-01T00:00:00.000Z", "level": None, "namespace": None, "event": None, "message": "hello"},
+        )
+
+
