@@ -229,10 +229,12 @@ class LDAPDirectory:
         serverFactory = serverFactory or ldap3.Server
         tls = None
         if settings.startTLS or any(url.lower().startswith("ldaps://") for url in settings.servers):
+            # ldap3 checks the server's name itself after the handshake
+            # (against the host in the URL).
             tls = ldap3.Tls(
                 validate=ssl.CERT_REQUIRED if settings.verify else ssl.CERT_NONE,
                 ca_certs_file=settings.caFile,
-                version=ssl.PROTOCOL_TLS_CLIENT if settings.verify else ssl.PROTOCOL_TLS,
+                version=ssl.PROTOCOL_TLS_CLIENT,
             )
         self._serverFactory = serverFactory
         self._tls = tls

@@ -58,10 +58,19 @@ class Slapd:
 
     port: int
 
-    def __init__(self, directory: str, accounts: Mapping[str, Account], servicePassword: str = "service-secret") -> None:
+    def __init__(
+        self,
+        directory: str,
+        accounts: Mapping[str, Account],
+        servicePassword: str = "service-secret",
+        tls: tuple[str, str] | None = None,
+    ) -> None:
         """
         @param accounts: by any name the test likes.
+        @param tls: a certificate (chain) and key file: StartTLS is then
+            offered on the port.
         """
+        self.tls = tls
         self.directory = Path(directory)
         self.accounts = dict(accounts)
         self.servicePassword = servicePassword
@@ -120,8 +129,12 @@ class Slapd:
         schemas = "".join(
             f"include /etc/ldap/schema/{name}.schema\n" for name in ("core", "cosine", "inetorgperson", "nis", "misc")
         )
+        tls = ""
+        if self.tls is not None:
+            tls = f"TLSCertificateFile {self.tls[0]}\nTLSCertificateKeyFile {self.tls[1]}\n"
         return (
             schemas
+            + tls
             + f"pidfile {self.directory}/slapd.pid\n"
             f"argsfile {self.directory}/slapd.args\n"
             "modulepath /usr/lib/ldap\n"

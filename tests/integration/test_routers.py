@@ -586,6 +586,65 @@ class ChainRouterTests(RouterTestsMixin, SynchronousTestCase):
         self.assertNotIn("uid=bob", directory().logText()[before:])
 
 
+class LDAPStartTLSTests(SynchronousTestCase):
+    """
+    The LDAP router over StartTLS, verifying the directory's certificate.
+    """
+
+    def setUp(self) -> None:
+        """
+        Get the mail servers.
+        """
+        self.servers = mailServers()
+
+    def start(self, caFile: str) -> RoutingProxy:
+        """
+        A directory that offers StartTLS (its certificate signed by the mail
+        servers' test CA) and a proxy whose router trusts C{caFile}.
+        """
+
+        def start() -> Slapd:
+            certificate, key = self.servers.ca.issue("slapd", names=("localhost",), ips=("127.0.0.1",))
+            slapd = Slapd(fixtureDirectory("routers-slapd-tls"), _directoryAccounts(), tls=(certificate, key))
+            slapd.start()
+            return slapd
+
+        slapd = sharedFixture("routers-slapd-tls", "tls", start)
+        router, files = _ldapRouter(slapd, self.servers)
+        router = router.replace('type = "ldap"\n', 'type = "ldap"\nstart_tls = true\nca_file = "ldap-ca.pem"\n')
+        files["ldap-ca.pem"] = Path(caFile).read_text()
+        running = RoutingProxy(fixtureDirectory("proxy-ldap-tls"), self.servers, router, files)
+        running.start()
+        self.addCleanup(running.stop)
+        return running
+
+    def test_verified(self) -> None:
+        """
+        With the CA that signed the directory's certificate, logins work.
+        """
+        running = self.start(self.mailCA())
+        user = "alice@example.org"
+        self.assertEqual(imapLogin(running.imap, user, PASSWORDS[user]), ("OK", f"{user} on {HOMES[user]}"))
+
+    def test_unverified(self) -> None:
+        """
+        With another CA, the directory is not trusted: the login fails as
+        temporary and the password is never sent to it.
+        """
+        other = TestCA(fixtureDirectory("other-ca"))
+        running = self.start(other.caPath)
+        reply = imapLogin(running.imap, "alice@example.org", PASSWORDS["alice@example.org"])
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[UNAVAILABLE]"), reply)
+        self.assertIn("certificate verify failed", running.proxy.logText())
+
+    def mailCA(self) -> str:
+        """
+        The test CA's certificate file.
+        """
+        return self.servers.ca.caPath
+
+
 class DirectoryOutageTests(SynchronousTestCase):
     """
     A directory that stops or hangs: temporary errors for unknown answers,
