@@ -156,7 +156,11 @@ class AuthServer:
     routes to the test's mail servers and a record of every question.
     """
 
-    def __init__(self, directory: str, servers: MailServers) -> None:
+    def __init__(self, directory: str, servers: MailServers, tls: tuple[str, str] | None = None) -> None:
+        """
+        @param tls: a certificate chain and key: serve HTTPS.
+        """
+        self.tls = tls
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.usersPath = self.directory / "users.toml"
@@ -185,8 +189,10 @@ class AuthServer:
     @property
     def url(self) -> str:
         """
-        The auth URL, nginx style (no scheme).
+        The auth URL, nginx style (no scheme; C{https://} for TLS).
         """
+        if self.tls is not None:
+            return f"https://localhost:{self.port}/auth"
         return f"127.0.0.1:{self.port}/auth"
 
     def start(self) -> None:
@@ -194,13 +200,16 @@ class AuthServer:
         Start the server and wait for it to listen.
         """
         self.port = freePort()
+        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        if self.tls is not None:
+            listen = f"ssl:{self.port}:interface=127.0.0.1:certKey={self.tls[0]}:privateKey={self.tls[1]}"
         with open(self.logPath, "ab") as log:
             self._process = subprocess.Popen(
                 [
                     sys.executable,
                     str(AUTH_SERVER),
                     "--listen",
-                    f"tcp:{self.port}:interface=127.0.0.1",
+                    listen,
                     "--users",
                     str(self.usersPath),
                     "--record",
@@ -541,6 +550,63 @@ class HTTPRouterTests(RouterTestsMixin, SynchronousTestCase):
             "[router.cache]\nttl = 30\n",
             {},
         )
+
+
+class HTTPSAuthTests(SynchronousTestCase):
+    """
+    The HTTP router asking the auth server over HTTPS, verified with
+    C{ca_file}.
+    """
+
+    def setUp(self) -> None:
+        """
+        Start an HTTPS auth server (shared by the class).
+        """
+        self.servers = mailServers()
+
+        def start() -> AuthServer:
+            certificate, key = self.servers.ca.issue("auth", names=("localhost",), ips=("127.0.0.1",))
+            server = AuthServer(fixtureDirectory("routers-auth-tls"), self.servers, tls=(certificate, key))
+            server.start()
+            return server
+
+        self.auth = sharedFixture("routers-auth-tls", "tls", start)
+
+    def proxy(self, caFile: str) -> RoutingProxy:
+        """
+        A proxy whose HTTP router trusts C{caFile}.
+        """
+        router = (
+            f'[router]\ntype = "http"\nurl = "{self.auth.url}"\nca_file = "auth-ca.pem"\ntimeout = 5\n'
+            f"headers = {{ X-Auth-Key = {json.dumps(AUTH_SECRET)} }}\n"
+        )
+        running = RoutingProxy(
+            fixtureDirectory("proxy-https"), self.servers, router, {"auth-ca.pem": Path(caFile).read_text()}
+        )
+        running.start()
+        self.addCleanup(running.stop)
+        return running
+
+    def test_verified(self) -> None:
+        """
+        With the CA that signed the auth server's certificate, logins are
+        routed.
+        """
+        running = self.proxy(self.servers.ca.caPath)
+        user = "bob@example.org"
+        self.assertEqual(imapLogin(running.imap, user, PASSWORDS[user]), ("OK", f"{user} on {HOMES[user]}"))
+
+    def test_unverified(self) -> None:
+        """
+        With another CA the auth server is not trusted: no question is
+        asked (so no password sent) and the login fails as temporary.
+        """
+        running = self.proxy(TestCA(fixtureDirectory("other-ca")).caPath)
+        before = len(self.auth.questions())
+        reply = imapLogin(running.imap, "bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertEqual(reply[0], "NO")
+        self.assertTrue(reply[1].startswith("[UNAVAILABLE]"), reply)
+        self.assertEqual(len(self.auth.questions()), before)
 
 
 class SQLRouterTests(RouterTestsMixin, SynchronousTestCase):
