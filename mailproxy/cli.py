@@ -6,7 +6,10 @@ The C{mailproxy} command.
   - C{mailproxy check CONFIG}: validate a configuration as the proxy would
     load it, files, route table and certificates included;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
-    as C{twistd -n mailproxy --config FILE} without a pid file.
+    as C{twistd -n mailproxy --config FILE} without a pid file;
+  - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
+    operate the running proxy through its management endpoint (C{[admin]}),
+    see L{mailproxy.admin}.
 
 This module is an entry point: it alone picks the global reactor and sets up
 logging, and hands both to the library.
@@ -15,7 +18,9 @@ logging, and hands both to the library.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from urllib.parse import quote
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -32,12 +37,16 @@ from twisted.logger import (
 from twisted.scripts.twistd import ServerOptions, runApp
 
 from mailproxy import __version__
+from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.config import ConfigError, loadConfig
 from mailproxy.demo import defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter
 
 _PROG = "mailproxy"
+
+#: Where the operations commands look for the running proxy's configuration.
+DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
 
 
 def _port(text: str) -> int:
@@ -109,7 +118,85 @@ def buildParser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
+    _addOperations(commands)
     return parser
+
+
+def _hold(text: str) -> float:
+    """
+    An argparse type: seconds to hold logins, 0 to 60.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"hold must be 0 to 60 seconds, not {text}")
+    return value
+
+
+def _addOperations(commands: Any) -> None:
+    """
+    The commands that talk to a running proxy's management endpoint.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=DEFAULT_CONFIG, metavar="FILE",
+        help="the running proxy's configuration, for its [admin] endpoint and token (default: %(default)s)",
+    )
+    common.add_argument("--url", metavar="URL", help="the management endpoint, e.g. http://127.0.0.1:9443")
+    common.add_argument("--token-file", metavar="FILE", help="a file whose first line is the token")
+
+    move = commands.add_parser(
+        "move", parents=[common],
+        usage="%(prog)s [options] [ACCOUNT ...] BACKEND",
+        help="move accounts (or a domain) to another backend",
+        description=(
+            "Route the accounts (and/or the domain) to BACKEND in the running proxy's route "
+            "table, forget cached routes, and drop their open sessions on other backends so "
+            "that their clients reconnect to the new home. Rollback: move them back."
+        ),
+    )
+    move.add_argument("targets", nargs="+", metavar="TARGET", help="the accounts to move, then the backend")
+    move.add_argument("--domain", metavar="DOMAIN", help="also move every account of DOMAIN without an entry of its own")
+    move.add_argument("--dry-run", action="store_true", help="only show what would change")
+    move.add_argument(
+        "--hold", type=_hold, default=0.0, metavar="SECONDS",
+        help="hold new logins of these accounts this long while the move happens (default: 0)",
+    )
+    move.add_argument("--no-drop", action="store_true", help="leave open sessions alone")
+
+    route = commands.add_parser("route", help="read or change the route table", description="Read or change the route table.")
+    actions = route.add_subparsers(dest="action", metavar="ACTION", required=True)
+    explain = actions.add_parser(
+        "explain", parents=[common], help="which router, rule and backend decide an account's route",
+        description="Say which router, rule and backend decide ACCOUNT's route, without logging in.",
+    )
+    explain.add_argument("account", metavar="ACCOUNT")
+    actions.add_parser("list", parents=[common], help="list the entries", description="List the route table's entries.")
+    setRoute = actions.add_parser(
+        "set", parents=[common], help="set one entry (no sessions are dropped; see move)",
+        description="Route KEY (an account, @domain, or * for the default) to BACKEND.",
+    )
+    setRoute.add_argument("key", metavar="KEY")
+    setRoute.add_argument("backend", metavar="BACKEND")
+    delete = actions.add_parser("delete", parents=[common], help="delete one entry", description="Delete KEY's entry.")
+    delete.add_argument("key", metavar="KEY")
+
+    sessions = commands.add_parser(
+        "sessions", parents=[common], help="list (or drop) open sessions",
+        description="List the running proxy's open sessions, optionally filtered; --drop ends them.",
+    )
+    sessions.add_argument("--account", metavar="ACCOUNT")
+    sessions.add_argument("--backend", metavar="BACKEND")
+    sessions.add_argument("--drop", action="store_true", help="drop the matching sessions (needs a filter)")
+
+    for name, text in (
+        ("reload", "reload the configuration, route table and certificates (like SIGHUP)"),
+        ("stats", "show the counters as JSON"),
+        ("health", "check the proxy and every backend (exit status 1 if unhealthy)"),
+    ):
+        commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
 
 
 def _globalReactor() -> Any:
@@ -216,7 +303,147 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "check": _check, "run": _run}
+def _client(arguments: argparse.Namespace) -> AdminClient:
+    """
+    The management client the arguments ask for.
+
+    @raise AdminError: no endpoint or token can be found.
+    """
+    token = None
+    if arguments.token_file:
+        try:
+            with open(arguments.token_file, "rb") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise AdminError(f"{arguments.token_file}: cannot read: {e.strerror or e}") from None
+    if arguments.url and token:
+        return AdminClient(arguments.url, token)
+    try:
+        config = loadConfig(arguments.config)
+    except ConfigError as e:
+        raise AdminError(str(e)) from None
+    return clientFromConfig(config, arguments.url, token)
+
+
+def _printMove(result: dict[str, Any], out: TextIO) -> None:
+    verb = "would change" if result["dryRun"] else "changed"
+    if not result["changes"]:
+        print(f"route table: nothing to change, already on {result['backend']}", file=out)
+    for change in result["changes"]:
+        print(f"{verb}: {change['key']}: {change['from'] or '(no entry)'} -> {change['to']}", file=out)
+    count = result["sessions"]
+    sessions = f"{count} open session{'s' if count != 1 else ''}"
+    if result["dryRun"]:
+        print(f"{sessions} would be dropped" + (f" ({', '.join(result['accounts'])})" if count else ""), file=out)
+    else:
+        print(f"{sessions} dropped" + (f"; logins held {result['held']:g}s" if result["held"] else ""), file=out)
+
+
+def _move(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    *accounts, backend = arguments.targets
+    result = client.call(
+        "POST", "/move",
+        {
+            "backend": backend,
+            "accounts": accounts,
+            "domain": arguments.domain,
+            "dry_run": arguments.dry_run,
+            "hold": arguments.hold,
+            "drop": not arguments.no_drop,
+        },
+    )
+    _printMove(result, out)
+    return 0
+
+
+def _route(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    if arguments.action == "explain":
+        answer = client.call("GET", "/explain?account=" + quote(arguments.account, safe="@"))
+        chain = " -> ".join(answer["chain"])
+        print(f"account: {answer['account']}", file=out)
+        print(f"router:  {answer['router']} ({chain})", file=out)
+        if not answer["explained"]:
+            print("rule:    (the router decides only at login, with the password)", file=out)
+        else:
+            print(f"rule:    {answer['rule'] or '(none: the login is refused)'}", file=out)
+            print(f"backend: {answer['backend'] or '-'}", file=out)
+    elif arguments.action == "list":
+        for key, backend in client.call("GET", "/routes")["routes"].items():
+            print(f"{key} {backend}", file=out)
+    elif arguments.action == "set":
+        client.call("PUT", "/routes/" + quoteKey(arguments.key), {"backend": arguments.backend})
+        print(f"{arguments.key} -> {arguments.backend}", file=out)
+    else:
+        client.call("DELETE", "/routes/" + quoteKey(arguments.key))
+        print(f"{arguments.key}: deleted", file=out)
+    return 0
+
+
+def _sessions(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    if arguments.drop:
+        if not arguments.account and not arguments.backend:
+            raise AdminError("--drop needs --account or --backend")
+        result = client.call("POST", "/sessions/drop", {"account": arguments.account, "backend": arguments.backend})
+        print(f"{result['dropped']} session{'s' if result['dropped'] != 1 else ''} dropped", file=out)
+        return 0
+    query = "&".join(
+        f"{name}={quote(value, safe='@')}"
+        for name, value in (("account", arguments.account), ("backend", arguments.backend))
+        if value
+    )
+    answer = client.call("GET", "/sessions" + ("?" + query if query else ""))
+    for session in answer["sessions"]:
+        print(
+            f"{session['session']} {session['protocol']} {session['state']} "
+            f"{session['account'] or '-'} {session['backend'] or '-'} "
+            f"{session['address']}:{session['port']} {session['seconds']:.0f}s "
+            f"in={session['bytesFromClient']} out={session['bytesFromBackend']}",
+            file=out,
+        )
+    print(f"{answer['count']} session{'s' if answer['count'] != 1 else ''}", file=out)
+    return 0
+
+
+def _reload(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    status, outcome = client.request("POST", "/reload")
+    if status != 200:
+        raise AdminError(f"reload failed, the running configuration is kept: {outcome.get('error', outcome)}")
+    print(f"reloaded {outcome['path']}", file=out)
+    if outcome["restartNeeded"]:
+        print(f"these changes need a restart: {', '.join(outcome['restartNeeded'])}", file=out)
+    return 0
+
+
+def _stats(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    print(json.dumps(client.call("GET", "/stats"), indent=2), file=out)
+    return 0
+
+
+def _health(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    status, answer = client.request("GET", "/health")
+    print(json.dumps(answer, indent=2), file=out)
+    return 0 if status == 200 else 1
+
+
+_OPERATIONS = {
+    "move": _move,
+    "route": _route,
+    "sessions": _sessions,
+    "reload": _reload,
+    "stats": _stats,
+    "health": _health,
+}
+
+
+def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        return _OPERATIONS[arguments.command](arguments, _client(arguments), out)
+    except AdminError as e:
+        print(f"{_PROG} {arguments.command}: {e}", file=err)
+        return 1
+
+
+_COMMANDS = {"demo": _demo, "check": _check, "run": _run, **{name: _operate for name in _OPERATIONS}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,254 @@
+"""
+Tests for the operations commands of L{mailproxy.cli} (C{move}, C{route},
+C{sessions}, C{reload}, C{stats}, C{health}) and L{mailproxy._adminclient}:
+the requests the commands make and what they print, with the HTTP exchange
+replaced by canned answers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._adminclient import AdminClient, AdminError, endpointURL
+from mailproxy.cli import main
+
+CONFIG = """\
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:1143:interface=127.0.0.1"
+tls = "none"
+
+[router]
+type = "static"
+path = "routes.toml"
+
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+
+[admin]
+endpoint = "tcp:19443"
+token_file = "admin.token"
+"""
+
+TOKEN = "s" * 40
+
+
+class EndpointURLTests(SynchronousTestCase):
+    """
+    L{endpointURL}.
+    """
+
+    def test_forms(self) -> None:
+        """
+        The URL reaches the endpoint from this machine: named interfaces as
+        they are, all-interfaces addresses as loopback, IPv6 in brackets.
+        """
+        self.assertEqual(endpointURL("tcp:9443:interface=127.0.0.1", False), "http://127.0.0.1:9443")
+        self.assertEqual(endpointURL("tcp:9443:interface=0.0.0.0", True), "https://127.0.0.1:9443")
+        self.assertEqual(endpointURL("tcp6:9443:interface=\\:\\:1", False), "http://[::1]:9443")
+        self.assertEqual(endpointURL("tcp6:port=9443:interface=\\:\\:", True), "https://[::1]:9443")
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    The commands, against canned answers.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        for name, text in (("routes.toml", 'default = "old"\n'), ("admin.token", TOKEN + "\n"), ("proxy.toml", CONFIG)):
+            with open(os.path.join(self.directory, name), "w") as f:
+                f.write(text)
+        self.config = os.path.join(self.directory, "proxy.toml")
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", self.out)
+        self.patch(sys, "stderr", self.err)
+        self.requests: list[tuple[str, str, str, Any]] = []
+        self.answers: list[tuple[int, Any]] = []
+
+        def request(client: AdminClient, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+            self.requests.append((client.url, method, path, body))
+            return self.answers.pop(0)
+
+        self.patch(AdminClient, "request", request)
+
+    def command(self, *arguments: str) -> int:
+        """
+        Run C{mailproxy ARGUMENTS --config CONFIG}.
+        """
+        return main([*arguments, "--config", self.config])
+
+    def test_move(self) -> None:
+        """
+        C{move ACCOUNT... BACKEND} posts the move to the endpoint named in
+        the configuration and prints each change and the dropped sessions.
+        """
+        self.answers.append(
+            (200, {"backend": "new", "dryRun": False, "held": 0.0, "sessions": 2, "accounts": ["a@x", "b@x"],
+                   "changes": [{"key": "a@x", "from": "old", "to": "new"}, {"key": "b@x", "from": None, "to": "new"}]})
+        )
+        self.assertEqual(self.command("move", "a@x", "b@x", "new"), 0)
+        self.assertEqual(
+            self.requests,
+            [("http://127.0.0.1:19443", "POST", "/move",
+              {"backend": "new", "accounts": ["a@x", "b@x"], "domain": None, "dry_run": False, "hold": 0.0, "drop": True})],
+        )
+        self.assertEqual(
+            self.out.getvalue(),
+            "changed: a@x: old -> new\nchanged: b@x: (no entry) -> new\n2 open sessions dropped\n",
+        )
+
+    def test_moveDryRunDomainHold(self) -> None:
+        """
+        The options reach the request; a dry run says what would happen.
+        """
+        self.answers.append(
+            (200, {"backend": "new", "dryRun": True, "held": 0.0, "sessions": 1, "accounts": ["e@x"],
+                   "changes": [{"key": "@x", "from": "old", "to": "new"}]})
+        )
+        self.assertEqual(self.command("move", "--domain", "x", "--dry-run", "--hold", "5", "--no-drop", "new"), 0)
+        self.assertEqual(
+            self.requests[0][3],
+            {"backend": "new", "accounts": [], "domain": "x", "dry_run": True, "hold": 5.0, "drop": False},
+        )
+        self.assertEqual(self.out.getvalue(), "would change: @x: old -> new\n1 open session would be dropped (e@x)\n")
+
+    def test_moveRefused(self) -> None:
+        """
+        A refused move prints the endpoint's reason and exits 1.
+        """
+        self.answers.append((409, {"error": "unknown backend 'nowhere'; configured backends: new, old"}))
+        self.assertEqual(self.command("move", "a@x", "nowhere"), 1)
+        self.assertEqual(
+            self.err.getvalue(),
+            "mailproxy move: POST /move: 409 unknown backend 'nowhere'; configured backends: new, old\n",
+        )
+
+    def test_holdBounded(self) -> None:
+        """
+        A hold beyond a minute is a usage error.
+        """
+        self.assertEqual(self.command("move", "--hold", "120", "a@x", "new"), 2)
+        self.assertIn("hold must be 0 to 60 seconds, not 120", self.err.getvalue())
+
+    def test_routeExplain(self) -> None:
+        """
+        C{route explain ACCOUNT} prints router, rule and backend.
+        """
+        self.answers.append(
+            (200, {"account": "a@x", "router": "static", "chain": ["StaticRouter"], "rule": "domains['x']",
+                   "backend": "old", "explained": True})
+        )
+        self.assertEqual(self.command("route", "explain", "a@x"), 0)
+        self.assertEqual(self.requests[0][1:3], ("GET", "/explain?account=a@x"))
+        self.assertEqual(
+            self.out.getvalue(),
+            "account: a@x\nrouter:  static (StaticRouter)\nrule:    domains['x']\nbackend: old\n",
+        )
+
+    def test_routeListSetDelete(self) -> None:
+        """
+        C{route list}, C{set} and C{delete} use C{/routes}.
+        """
+        self.answers += [(200, {"routes": {"*": "old", "a@x": "new"}}), (200, {}), (200, {})]
+        self.assertEqual(self.command("route", "list"), 0)
+        self.assertEqual(self.command("route", "set", "@x y", "new"), 0)
+        self.assertEqual(self.command("route", "delete", "a@x"), 0)
+        self.assertEqual(
+            [r[1:] for r in self.requests],
+            [("GET", "/routes", None), ("PUT", "/routes/@x%20y", {"backend": "new"}), ("DELETE", "/routes/a@x", None)],
+        )
+        self.assertEqual(self.out.getvalue(), "* old\na@x new\n@x y -> new\na@x: deleted\n")
+
+    def test_sessions(self) -> None:
+        """
+        C{sessions} lists with filters; C{--drop} drops and needs one.
+        """
+        self.answers += [
+            (200, {"count": 1, "sessions": [{"session": "s1", "protocol": "imap", "state": "relay", "account": "a@x",
+                                              "backend": "old", "address": "192.0.2.1", "port": 5000, "seconds": 12.3,
+                                              "bytesFromClient": 10, "bytesFromBackend": 20}]}),
+            (200, {"dropped": 1, "sessions": ["s1"]}),
+        ]
+        self.assertEqual(self.command("sessions", "--backend", "old"), 0)
+        self.assertEqual(self.command("sessions", "--account", "a@x", "--drop"), 0)
+        self.assertEqual(self.command("sessions", "--drop"), 1)
+        self.assertEqual(
+            [r[1:] for r in self.requests],
+            [("GET", "/sessions?backend=old", None), ("POST", "/sessions/drop", {"account": "a@x", "backend": None})],
+        )
+        self.assertEqual(
+            self.out.getvalue(),
+            "s1 imap relay a@x old 192.0.2.1:5000 12s in=10 out=20\n1 session\n1 session dropped\n",
+        )
+        self.assertEqual(self.err.getvalue(), "mailproxy sessions: --drop needs --account or --backend\n")
+
+    def test_reload(self) -> None:
+        """
+        C{reload} says what happened; a refused reload exits 1 with why.
+        """
+        self.answers += [
+            (200, {"ok": True, "path": "/p.toml", "restartNeeded": ["listener"]}),
+            (409, {"ok": False, "path": "/p.toml", "error": "/p.toml: line 3: Expected ']'"}),
+        ]
+        self.assertEqual(self.command("reload"), 0)
+        self.assertEqual(self.command("reload"), 1)
+        self.assertEqual(self.out.getvalue(), "reloaded /p.toml\nthese changes need a restart: listener\n")
+        self.assertEqual(
+            self.err.getvalue(),
+            "mailproxy reload: reload failed, the running configuration is kept: /p.toml: line 3: Expected ']'\n",
+        )
+
+    def test_health(self) -> None:
+        """
+        C{health} exits 1 when the proxy reports trouble.
+        """
+        self.answers += [(200, {"status": "ok"}), (503, {"status": "degraded"})]
+        self.assertEqual(self.command("health"), 0)
+        self.assertEqual(self.command("health"), 1)
+
+    def test_noAdmin(self) -> None:
+        """
+        A configuration without C{[admin]} is an error that says so.
+        """
+        with open(self.config, "w") as f:
+            f.write(CONFIG.split("[admin]")[0])
+        self.assertEqual(self.command("stats"), 1)
+        self.assertEqual(
+            self.err.getvalue(), f"mailproxy stats: {self.config}: no [admin] table: the proxy has no management endpoint\n"
+        )
+
+    def test_urlAndTokenFile(self) -> None:
+        """
+        C{--url} and C{--token-file} need no configuration.
+        """
+        self.answers.append((200, {"uptime": 1}))
+        token = os.path.join(self.directory, "admin.token")
+        self.assertEqual(main(["stats", "--url", "http://[::1]:8000", "--token-file", token]), 0)
+        self.assertEqual(self.requests[0][:3], ("http://[::1]:8000", "GET", "/stats"))
+
+
+class UnreachableTests(SynchronousTestCase):
+    """
+    L{AdminClient} when nothing listens.
+    """
+
+    def test_refused(self) -> None:
+        """
+        A refused connection is an L{AdminError} naming the URL.
+        """
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        client = AdminClient(f"http://127.0.0.1:{port}", b"t" * 32, timeout=5)
+        error = self.assertRaises(AdminError, client.request, "GET", "/stats")
+        self.assertIn(f"cannot reach the management endpoint at http://127.0.0.1:{port}", str(error))
