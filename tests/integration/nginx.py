@@ -58,7 +58,7 @@ class NginxMailProxy:
             "    auth_http_timeout 10s;\n"
             "    proxy_pass_error_message on;\n"
             "    imap_auth login plain;\n"
-            "    pop3_auth plain;\n"
+            "    pop3_auth plain apop;\n"
             f"    server {{ listen 127.0.0.1:{self.imap}; protocol imap; }}\n"
             f"    server {{ listen 127.0.0.1:{self.pop3}; protocol pop3; }}\n"
             "}\n"

@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -282,10 +283,13 @@ class RoutingProxy:
     backends C{old} and C{new}.
     """
 
-    def __init__(self, directory: str, servers: MailServers, router: str, files: Mapping[str, str] = {}) -> None:
+    def __init__(
+        self, directory: str, servers: MailServers, router: str, files: Mapping[str, str] = {}, digest: bool = False
+    ) -> None:
         """
         @param router: the C{[router]} part of the configuration, TOML.
         @param files: more files for the configuration's directory.
+        @param digest: offer APOP (C{digest_auth}) on the POP3 listener.
         """
         self.imap = freePort()
         self.pop3 = freePort()
@@ -299,6 +303,7 @@ class RoutingProxy:
             "[limits]\nfailure_delay = 0.0\nbackend_timeout = 10\n"
             f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
             f'[[listener]]\nprotocol = "pop3"\nendpoint = "tcp:{self.pop3}:interface=127.0.0.1"\ntls = "none"\n'
+            + ("digest_auth = true\n" if digest else "")
             + router
             + backends
         )
@@ -397,6 +402,38 @@ def pop3Login(port: int, user: str, password: str) -> tuple[str, str]:
             if line.startswith(b"Subject: "):
                 subject = line[len(b"Subject: ") :].decode().strip()
         command("QUIT")
+        return "OK", subject
+    finally:
+        reader.close()
+        connection.close()
+
+
+def apopLogin(port: int, user: str, password: str) -> tuple[str, str]:
+    """
+    Log in over POP3 with APOP (the digest of the greeting's timestamp and
+    the password); return like L{pop3Login}.
+    """
+    connection, reader = _connect(port)
+    try:
+        greeting = reader.readline().decode("utf-8", "replace").strip()
+        match = re.search(r"<[^>]*>", greeting)
+        if not greeting.startswith("+OK") or match is None:
+            return "BYE", greeting
+        digest = hashlib.md5((match.group() + password).encode("utf-8")).hexdigest()
+        connection.sendall(f"APOP {user} {digest}\r\n".encode("utf-8"))
+        reply = reader.readline().decode("utf-8", "replace").strip()
+        if not reply.startswith("+OK"):
+            return "NO", reply[len("-ERR ") :] if reply.startswith("-ERR ") else reply
+        connection.sendall(b"TOP 1 0\r\n")
+        subject = "?"
+        while True:
+            line = reader.readline()
+            if not line or line == b".\r\n":
+                break
+            if line.startswith(b"Subject: "):
+                subject = line[len(b"Subject: ") :].decode().strip()
+        connection.sendall(b"QUIT\r\n")
+        reader.readline()
         return "OK", subject
     finally:
         reader.close()
@@ -812,7 +849,7 @@ class NginxComparisonTests(SynchronousTestCase):
                 f'[router]\ntype = "http"\nurl = "http://{self.auth.url}"\n'
                 f"headers = {{ X-Auth-Key = {json.dumps(AUTH_SECRET)} }}\n"
             )
-            running = RoutingProxy(fixtureDirectory("proxy-compare"), self.servers, router)
+            running = RoutingProxy(fixtureDirectory("proxy-compare"), self.servers, router, digest=True)
             try:
                 running.start()
             except BaseException:
@@ -823,10 +860,20 @@ class NginxComparisonTests(SynchronousTestCase):
         proxies = sharedFixture("routers-proxy", type(self), start)
         self.nginx, self.running = proxies.nginx, proxies.running
 
-    def compare(self, login: Callable[[int, str, str], tuple[str, str]], nginxPort: int, ourPort: int) -> None:
+    def compare(
+        self,
+        login: Callable[[int, str, str], tuple[str, str]],
+        nginxPort: int,
+        ourPort: int,
+        sameValues: bool = True,
+    ) -> None:
         """
         Every case gives the same outcome through both proxies, and the
         auth server got the same question from both.
+
+        @param sameValues: compare every header value; if false, all but
+            C{Auth-Salt} and C{Auth-Pass} (APOP's timestamp, and so the
+            digest, is each session's own).
         """
         for user, password in self.CASES:
             before = len(self.auth.questions())
@@ -837,7 +884,12 @@ class NginxComparisonTests(SynchronousTestCase):
             self.assertEqual((theirs[0], withoutCode(theirs[1])), (ours[0], withoutCode(ours[1])), (user, password))
             self.assertEqual(middle - before, 1, "nginx asked once")
             self.assertEqual(len(questions) - middle, 1, "mailproxy asked once")
-            self.assertEqual(questions[middle - 1]["headers"], questions[middle]["headers"])
+            theirQuestion, ourQuestion = questions[middle - 1]["headers"], questions[middle]["headers"]
+            if not sameValues:
+                # The salt is each session's own, and so is the digest.
+                theirQuestion = [(n, v) if n not in ("Auth-Salt", "Auth-Pass") else (n, "") for n, v in theirQuestion]
+                ourQuestion = [(n, v) if n not in ("Auth-Salt", "Auth-Pass") else (n, "") for n, v in ourQuestion]
+            self.assertEqual(theirQuestion, ourQuestion)
 
     def test_imap(self) -> None:
         """
@@ -850,6 +902,17 @@ class NginxComparisonTests(SynchronousTestCase):
         POP3: the same routes and refusals, the same questions.
         """
         self.compare(pop3Login, self.nginx.pop3, self.running.pop3)
+
+    def test_apop(self) -> None:
+        """
+        POP3 APOP: both send the digest in C{Auth-Pass} and the timestamp in
+        C{Auth-Salt} in the same place, and log in with the C{Auth-Pass}
+        the server answers; a wrong digest is refused by both.
+        """
+        self.compare(apopLogin, self.nginx.pop3, self.running.pop3, sameValues=False)
+        question = self.auth.questions()[-1]["headers"]
+        self.assertEqual([name for name, _ in question][:6], ["Host", "Auth-Method", "Auth-User", "Auth-Pass", "Auth-Salt", "Auth-Protocol"])
+        self.assertEqual(question[1], ["Auth-Method", "apop"])
 
 
 class _Proxies:
