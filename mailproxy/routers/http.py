@@ -33,7 +33,6 @@ answer), which is what lets connections be reused.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from http.cookiejar import DefaultCookiePolicy
