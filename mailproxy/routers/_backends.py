@@ -19,7 +19,7 @@ from typing import get_args
 from attrs import field, frozen
 
 from mailproxy.config import BACKEND_PROTOCOLS, Table, _readSecretLine
-from mailproxy.model import Backend, BackendTLS, Forwarding
+from mailproxy.model import Backend, BackendTLS, Forwarding, RouteRequest
 
 __all__ = [
     "STANDARD_PORTS",
@@ -27,6 +27,7 @@ __all__ = [
     "BackendResolver",
     "UnusableBackend",
     "parseBackendDefaults",
+    "portName",
     "splitHostPort",
 ]
 
@@ -168,13 +169,27 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
     )
 
 
-def _portNames(protocol: str) -> tuple[str, ...]:
+def portName(request: RouteRequest) -> str:
     """
-    The C{ports} keys one address serves for C{protocol}: an SMTP backend
-    named by address takes both submission logins and MX sessions
-    (C{"mx"}) there.
+    The key of a backend's C{ports} that C{request}'s session connects to:
+    its protocol, or C{"mx"} for SMTP without login (inbound mail).
     """
-    return (protocol, "mx") if protocol == "smtp" else (protocol,)
+    if request.protocol == "smtp" and request.credentials is None:
+        return "mx"
+    return request.protocol
+
+
+def _portNames(name: str) -> tuple[str, ...]:
+    """
+    The C{ports} keys one address serves for the key C{name}: an SMTP
+    backend named by address takes both submission logins and MX sessions
+    there.
+    """
+    if name == "smtp":
+        return ("smtp", "mx")
+    if name == "mx":
+        return ("mx", "smtp")
+    return (name,)
 
 
 class BackendResolver:
@@ -198,7 +213,8 @@ class BackendResolver:
 
     def named(self, name: str, protocol: str) -> Backend:
         """
-        The configured backend C{name}, which must serve C{protocol}.
+        The configured backend C{name}, which must serve C{protocol} (a
+        C{ports} key: L{portName}).
 
         @raise UnusableBackend: there is none, or it lacks that protocol.
         """
@@ -269,6 +285,7 @@ class BackendResolver:
         The backend a directory value means: a configured backend's name, or
         C{host[:port]}.
 
+        @param protocol: the C{ports} key (L{portName}).
         @raise UnusableBackend: it is neither, or lacks C{protocol}.
         """
         value = value.strip()

@@ -60,6 +60,7 @@ from mailproxy.routers._backends import (
     UnusableBackend,
     parseBackendDefaults,
     parsePort,
+    portName,
     splitHostPort,
 )
 
@@ -412,7 +413,7 @@ class HTTPRouter:
         if answer.status != b"OK":
             return self._refusal(answer, user)
         try:
-            backend = self._backend(answer, request.protocol)
+            backend = self._backend(answer, portName(request))
         except UnusableBackend as e:
             self.log.error("auth_http {url} routed {user} nowhere: {problem}", url=self.url, user=user, problem=str(e))
             return Rejection(_UNAVAILABLE, temporary=True)

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from mailproxy.config import Table, _readSecretLine
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
-from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults
+from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
 from mailproxy.routers._blocking import PerThread, ThreadRunner
 
 __all__ = [
@@ -507,7 +507,7 @@ class LDAPRouter:
             )
             return Rejection()
         try:
-            backend = self._backend(entry, request.protocol)
+            backend = self._backend(entry, portName(request))
         except UnusableBackend as e:
             self.log.error("LDAP: {dn} routes {user} nowhere: {problem}", dn=entry.dn, user=user, problem=str(e))
             return Rejection(_UNAVAILABLE, temporary=True)

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from mailproxy.config import Table, _readSecretLine
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
-from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults
+from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
 from mailproxy.routers._blocking import PerThread, ThreadRunner
 
 __all__ = [
@@ -307,7 +307,7 @@ class SQLRouter:
         try:
             if row.backend is None:
                 raise UnusableBackend("its backend column is NULL")
-            backend = self.resolver.resolve(row.backend, request.protocol)
+            backend = self.resolver.resolve(row.backend, portName(request))
         except UnusableBackend as e:
             self.log.error("SQL: the row for {user} routes nowhere: {problem}", user=user, problem=str(e))
             return Rejection(_UNAVAILABLE, temporary=True)

@@ -395,6 +395,24 @@ class ResponseTests(SynchronousTestCase):
         )
         self.assertIs(route.backend, OLD)
 
+    def test_mxPorts(self) -> None:
+        """
+        For SMTP without login (MX) the answer's port is matched against
+        configured backends' C{mx} port, and an ad-hoc backend serves it as
+        both C{mx} and C{smtp}.
+        """
+        mx = Backend(name="mx1", host="10.0.0.5", ports={"smtp": 587, "mx": 25})
+        self.addCleanup(BACKENDS.pop, "mx1")
+        BACKENDS["mx1"] = mx
+        request = RouteRequest(protocol="smtp", credentials=None, client=CLIENT, helo="h", mailFrom="", rcptTo="a@b")
+        self.server.answers[""] = [("Auth-Status", "OK"), ("Auth-Server", "10.0.0.5"), ("Auth-Port", "25")]
+        self.assertIs(result(self.router().route(request)).backend, mx)
+        self.server.answers[""] = [("Auth-Status", "OK"), ("Auth-Server", "10.0.0.6"), ("Auth-Port", "2525")]
+        self.assertEqual(result(self.router().route(request)).backend.ports, {"mx": 2525, "smtp": 2525})
+        self.server.answers[""] = [("Auth-Status", "OK"), ("X-Mailproxy-Backend", "old")]
+        self.assertTrue(result(self.router().route(request)).temporary)
+        self.assertIn("backend 'old' has no mx port", self.logText())
+
     def test_backendDefaults(self) -> None:
         """
         Ad-hoc backends take the router's C{backend_defaults}.
