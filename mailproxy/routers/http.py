@@ -446,6 +446,9 @@ class HTTPRouter:
             wait=answer.wait,
             temporary=temporary,
         )
+        # An MX recipient refused with 5.1.1 is a user unknown in a domain
+        # the server serves (SMTP 550 5.1.1, not "relay access denied").
+        unknownUser = b"5.1.1" in (answer.errorCode or b"").split()
         # nginx: without Auth-Wait the error is the last thing said.
         return Rejection(
             message,
@@ -453,6 +456,7 @@ class HTTPRouter:
             temporary=temporary,
             close=answer.wait == 0,
             unknown=_yes(answer.unknown),
+            reason="unknown-user" if unknownUser else "",
         )
 
     def _backend(self, answer: AuthAnswer, protocol: str) -> Backend:

@@ -520,6 +520,14 @@ class ResponseTests(SynchronousTestCase):
         rejection = self.answer([("Auth-Status", "No"), ("Auth-Error-Code", "535 5.7.8"), ("Auth-Wait", "1")])
         self.assertFalse(rejection.temporary)
 
+    def test_unknownRecipient(self) -> None:
+        """
+        An C{Auth-Error-Code} with C{5.1.1} marks the refusal as an unknown
+        user (SMTP MX answers C{550 5.1.1} instead of relay denied).
+        """
+        rejection = self.answer([("Auth-Status", "No such user"), ("Auth-Error-Code", "550 5.1.1"), ("Auth-Wait", "1")])
+        self.assertEqual(rejection, Rejection("No such user", wait=1.0, reason="unknown-user"))
+
     def test_extensionFailureFlags(self) -> None:
         """
         C{X-Mailproxy-Unknown} and C{X-Mailproxy-Temporary} mark a refusal.
