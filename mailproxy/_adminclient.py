@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import ssl
+import tomllib
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .config import Config
+from .config import AdminConfig, Config, ConfigError, Table, _parseAdmin, loadConfig
 
-__all__ = ["AdminClient", "AdminError", "endpointURL", "clientFromConfig"]
+__all__ = ["AdminClient", "AdminError", "endpointURL", "clientFromConfig", "adminFromFile"]
 
 
 class AdminError(Exception):
@@ -140,19 +143,71 @@ def quoteKey(key: str) -> str:
     return quote(key, safe="@*")
 
 
-def clientFromConfig(config: Config, url: str | None = None, token: bytes | None = None) -> AdminClient:
+def clientFromConfig(config: Config | str, url: str | None = None, token: bytes | None = None) -> AdminClient:
     """
-    A client for the endpoint of the proxy that runs C{config}.
+    A client for the endpoint of the proxy that runs C{config} (a loaded
+    configuration, or the path of one, which may be broken elsewhere than
+    in C{[admin]}).
 
     @raise AdminError: the configuration has no C{[admin]} and no URL and
         token were given.
     """
-    admin = config.admin
+    if isinstance(config, str):
+        path = os.path.abspath(config)
+        admin, _ = adminFromFile(path)
+    else:
+        path, admin = config.path, config.admin
     if admin is None and (url is None or token is None):
-        raise AdminError(f"{config.path}: no [admin] table: the proxy has no management endpoint")
+        raise AdminError(f"{path}: no [admin] table: the proxy has no management endpoint")
     certificate = admin.tls.certificate if admin is not None and admin.tls is not None else None
     return AdminClient(
         url or endpointURL(admin.endpoint, admin.tls is not None),  # type: ignore[union-attr]
         token or admin.token,  # type: ignore[union-attr]
         certificate,
     )
+
+
+_HEADER = re.compile(r"^\s*\[")
+_ADMIN_HEADER = re.compile(r"^\s*\[\s*admin\s*\]\s*(#.*)?$")
+
+
+def adminFromFile(path: str) -> tuple[AdminConfig | None, str | None]:
+    """
+    The C{[admin]} table of the configuration at C{path}, even when the rest
+    of the file is broken: that is when an operator runs C{mailproxy reload}
+    to hear from the running proxy why.
+
+    @return: the management endpoint (or L{None} without C{[admin]}), and
+        why the whole file does not load (or L{None} if it does).
+    @raise AdminError: not even the C{[admin]} table can be read.
+    """
+    path = os.path.abspath(path)
+    try:
+        return loadConfig(path).admin, None
+    except ConfigError as e:
+        problem = str(e)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise AdminError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text).get("admin")
+    except tomllib.TOMLDecodeError:
+        # Only the [admin] table's own lines, which may well be intact.
+        lines, inside = [], False
+        for line in text.splitlines():
+            if _HEADER.match(line):
+                inside = bool(_ADMIN_HEADER.match(line))
+            elif inside:
+                lines.append(line)
+        try:
+            data = tomllib.loads("\n".join(lines)) if lines else None
+        except tomllib.TOMLDecodeError:
+            raise AdminError(problem) from None
+    if not isinstance(data, dict):
+        return None, problem
+    try:
+        return _parseAdmin(Table(path, ("admin",), data, os.path.dirname(path)), ()), problem
+    except ConfigError as e:
+        raise AdminError(str(e)) from None

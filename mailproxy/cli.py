@@ -318,11 +318,7 @@ def _client(arguments: argparse.Namespace) -> AdminClient:
             raise AdminError(f"{arguments.token_file}: cannot read: {e.strerror or e}") from None
     if arguments.url and token:
         return AdminClient(arguments.url, token)
-    try:
-        config = loadConfig(arguments.config)
-    except ConfigError as e:
-        raise AdminError(str(e)) from None
-    return clientFromConfig(config, arguments.url, token)
+    return clientFromConfig(arguments.config, arguments.url, token)
 
 
 def _printMove(result: dict[str, Any], out: TextIO) -> None:

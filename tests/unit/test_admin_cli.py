@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._adminclient import AdminClient, AdminError, endpointURL
+from mailproxy._adminclient import AdminClient, AdminError, adminFromFile, endpointURL
 from mailproxy.cli import main
 
 CONFIG = """\
@@ -252,3 +252,59 @@ class UnreachableTests(SynchronousTestCase):
         client = AdminClient(f"http://127.0.0.1:{port}", b"t" * 32, timeout=5)
         error = self.assertRaises(AdminError, client.request, "GET", "/stats")
         self.assertIn(f"cannot reach the management endpoint at http://127.0.0.1:{port}", str(error))
+
+
+class BrokenConfigurationTests(SynchronousTestCase):
+    """
+    L{adminFromFile}: the endpoint of a proxy whose configuration file is
+    broken elsewhere, which is when an operator asks it to reload.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        with open(os.path.join(self.directory, "admin.token"), "w") as f:
+            f.write(TOKEN + "\n")
+        self.path = os.path.join(self.directory, "proxy.toml")
+
+    def load(self, text: str):
+        """
+        Write C{text} as the configuration and read its C{[admin]}.
+        """
+        with open(self.path, "w") as f:
+            f.write(text)
+        return adminFromFile(self.path)
+
+    def test_syntaxError(self) -> None:
+        """
+        A file that is not TOML still yields its C{[admin]} table's
+        endpoint and token, with the reason the file does not load.
+        """
+        admin, problem = self.load(CONFIG + "[limits\n")
+        self.assertEqual((admin.endpoint, admin.token), ("tcp:19443:interface=127.0.0.1", TOKEN.encode()))
+        self.assertTrue(problem.startswith(f"{self.path}: line "), problem)
+
+    def test_invalidElsewhere(self) -> None:
+        """
+        A file that parses but is invalid elsewhere (no route table) yields
+        its endpoint too.
+        """
+        admin, problem = self.load(CONFIG.replace('path = "routes.toml"', 'path = "absent.toml"'))
+        self.assertEqual(admin.endpoint, "tcp:19443:interface=127.0.0.1")
+        self.assertIn("absent.toml", problem)
+
+    def test_adminBroken(self) -> None:
+        """
+        A broken C{[admin]} table itself is an error.
+        """
+        self.assertRaises(AdminError, self.load, CONFIG.replace('token_file = "admin.token"', 'token_file = "admin.token'))
+
+    def test_fine(self) -> None:
+        """
+        A good file loads whole.
+        """
+        with open(os.path.join(self.directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        admin, problem = self.load(CONFIG)
+        self.assertIsNone(problem)
+        self.assertEqual(admin.endpoint, "tcp:19443:interface=127.0.0.1")
