@@ -24,7 +24,9 @@ from twisted.logger import Logger
 from ._stats import routerChain
 from .interfaces import IRouteStore, RouteStoreError
 
-__all__ = ["MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "explainRoute", "MOVED"]
+__all__ = [
+    "MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "invalidateCaches", "explainRoute", "MOVED",
+]
 
 #: What a moved account's clients are told when their session is dropped.
 MOVED = "Your mailbox has moved, please reconnect."
@@ -143,8 +145,23 @@ def findRouteStore(router: object) -> Any:
     return None
 
 
-def _caches(router: object) -> list[Any]:
-    return [member for member in routerChain(router) if callable(getattr(member, "invalidate", None))]
+def invalidateCaches(router: object, key: str) -> None:
+    """
+    Make every cache in C{router}'s chain forget its answers for a route
+    store key: an account, C{"@domain"} (every account in it) or C{"*"}
+    (everything).
+    """
+    if key == "*":
+        argument = None
+    elif key.startswith("@"):
+        # Caches name a domain without its "@" (as a route table does).
+        argument = key[1:]
+    else:
+        argument = key
+    for member in routerChain(router):
+        invalidate = getattr(member, "invalidate", None)
+        if callable(invalidate):
+            invalidate(argument)
 
 
 class Mover:
@@ -242,9 +259,8 @@ class Mover:
                 return result
             if changes:
                 await self._write(store, {change.key: backend for change in changes})
-            for cache in _caches(self.context.router):
-                for change in changes:
-                    cache.invalidate(change.key)
+            for change in changes:
+                invalidateCaches(self.context.router, change.key)
             for session in sessions:
                 session.drop(MOVED)
             self.log.info(

@@ -41,8 +41,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
-from ._migrate import MoveError, explainRoute, findRouteStore
-from ._stats import METRICS_CONTENT_TYPE, metricsText, routerChain, snapshot
+from ._migrate import MoveError, explainRoute, findRouteStore, invalidateCaches
+from ._stats import METRICS_CONTENT_TYPE, metricsText, snapshot
 from .interfaces import RouteStoreError
 from .model import Backend
 
@@ -411,7 +411,7 @@ class AdminResource(Resource):
         store = self._store()
 
         def done(_: object) -> tuple[int, bytes, str]:
-            self._invalidate(key)
+            invalidateCaches(self.proxy.context.router, key)
             self.log.info("management: route {key} set to {backend}", key=key, backend=backend)
             return _json(200, {"key": key, "backend": backend})
 
@@ -422,17 +422,11 @@ class AdminResource(Resource):
         C{DELETE /routes/KEY}.
         """
         def done(_: object) -> tuple[int, bytes, str]:
-            self._invalidate(key)
+            invalidateCaches(self.proxy.context.router, key)
             self.log.info("management: route {key} deleted", key=key)
             return _json(200, {"key": key, "deleted": True})
 
         return maybeDeferred(self._store().deleteRoute, key).addCallback(done)
-
-    def _invalidate(self, key: str) -> None:
-        for member in routerChain(self.proxy.context.router):
-            invalidate = getattr(member, "invalidate", None)
-            if callable(invalidate):
-                invalidate(key)
 
     def getExplain(self, request: Request, _: str) -> tuple[int, bytes, str]:
         """

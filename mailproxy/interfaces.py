@@ -95,9 +95,9 @@ class IRouteCache(Interface):
     hits = Attribute("How many logins were answered from the cache (an int).")
     misses = Attribute("How many logins were passed on to C{wrapped} (an int).")
 
-    def invalidate(key: str | None = None) -> None:
+    def invalidate(user: str | None = None) -> Any:
         """
-        Forget the answers for C{key} (an account, or a domain as
-        C{"@example.org"}: every account in it), or every answer when
-        C{key} is L{None}.
+        Forget the answers for login name C{user}, or for every login name
+        of a domain when C{user} has no C{@} (C{"example.org"}, as a route
+        table's C{[domains]} keys), or every answer when C{user} is L{None}.
         """

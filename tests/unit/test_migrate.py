@@ -129,6 +129,25 @@ class MoveTests(SynchronousTestCase):
         self.assertEqual(result.sessions, (erin.client.sessionId,))
         self.assertIn('"example.net" = "new"', self.read())
         self.assertEqual(carolClient.value(), b"")
+        # Caches name a domain without its "@".
+        self.assertEqual(self.cache.invalidated, ["example.net"])
+
+    def test_realCache(self) -> None:
+        """
+        Behind the project's own route cache, a moved account's next login
+        is not answered from the cache with the old backend.
+        """
+        from mailproxy.routers.cache import CachingRouter
+
+        router = CachingRouter(self.store, reactor=self.proxy.clock, ttl=300)
+        self.proxy.context.router = router
+        self.proxy.login("alice@example.org")
+        self.proxy.login("erin@example.net")
+        self.successResultOf(self.mover.move("new", ["alice@example.org"], domain="example.net"))
+        again, _, _ = self.proxy.login("alice@example.org")
+        erin, _, _ = self.proxy.login("erin@example.net")
+        self.assertEqual((again.backendName, erin.backendName), ("new", "new"))
+        self.assertEqual(router.hits, 0)
 
     def test_rollback(self) -> None:
         """
