@@ -34,6 +34,11 @@ from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
 from .routers import callRouter
 
 
+#: Seconds a connection the proxy closed may take to finish closing before it
+#: is aborted (a TLS peer may never answer the close alert).
+CLOSE_GRACE = 10.0
+
+
 class ConnectionTracker:
     """
     Counts open connections per client address, across all listeners.
@@ -259,6 +264,7 @@ class FrontendProtocol(Protocol):
         self.result = "disconnected before login"
         self._goodbye: str | None = None
         self._counted = False
+        self._closing = False
         self._preauthTimer = None
         self._pending: Deferred | None = None
         self._backend: BackendProtocol | None = None
@@ -281,6 +287,7 @@ class FrontendProtocol(Protocol):
             setNoDelay(True)
         if not self.context.tracker.add(self.client.address):
             self.result = "too many connections"
+            self._closing = True
             self.sayGoodbye("Too many connections from your address.")
             self.transport.loseConnection()
             return
@@ -300,7 +307,12 @@ class FrontendProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        self.frontendDataReceived(data)
+        # Once the proxy is closing the connection, input is not read: TLS
+        # (and a PROXY header reader) still deliver what arrives while they
+        # wait for the peer, and a refused or timed-out client must not go
+        # on logging in.
+        if not self._closing and not getattr(self.transport, "disconnecting", False):
+            self.frontendDataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._preauthTimer is not None and self._preauthTimer.active():
@@ -324,9 +336,16 @@ class FrontendProtocol(Protocol):
 
     def _preauthExpired(self) -> None:
         self._preauthTimer = None
+        if self._closing or getattr(self.transport, "disconnecting", False):
+            # Closed already, yet still here: the peer holds the connection
+            # open (TLS waits for its close alert as long as it likes).
+            self.transport.abortConnection()
+            return
+        self._closing = True
         self.result = "pre-auth timeout"
         self.sayGoodbye("Disconnected for inactivity.")
         self.transport.loseConnection()
+        self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
 
     def _logEnd(self) -> None:
         relay = self.relay
@@ -643,6 +662,10 @@ class FrontendProtocol(Protocol):
             self.sayGoodbye("Idle timeout.")
         elif self._goodbye is not None:
             self.sayGoodbye(self._goodbye)
+        if relay.endReason != "client closed":
+            # The relay closes the client: cut it if it never finishes.
+            self._closing = True
+            self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
 
     # For subclasses
 

@@ -588,3 +588,94 @@ class RelayTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.send(b"b NOOP\r\n")
         self.connector.protocols[-1].dataReceived(b"b OK done\r\n")
         self.assertEqual((self.frontend.relay.bytesFromClient, self.frontend.relay.bytesFromBackend), (8, 11))
+
+
+class ClosingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    A session the proxy has decided to close reads no more commands and
+    does not outlive its deadline, even when the transport still delivers
+    input and waits for the peer (as TLS does: it keeps reading until the
+    client answers its close alert).
+    """
+
+    def test_noCommandsAfterPreauthTimeout(self) -> None:
+        """
+        Input that arrives after the pre-auth timeout's BYE is not
+        executed: the router is never asked.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.clock.advance(30)
+        self.assertEqual(self.send(b"a LOGIN alice secret\r\n"), b"")
+        self.assertEqual(self.router.requests, [])
+
+    def test_noCommandsOverConnectionLimit(self) -> None:
+        """
+        A connection refused for the per-address limit does not execute
+        what it sent along (a PROXY header or TLS layer may deliver it).
+        """
+        from twisted.internet.address import IPv4Address
+
+        from mailproxy.testing import TLSStringTransport
+
+        self.build(limits=Limits(connectionsPerAddress=1))
+        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
+        second.makeConnection(transport)
+        second.dataReceived(b"a LOGIN alice secret\r\n")
+        self.assertEqual(transport.value(), b"* BYE Too many connections from your address.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+    def test_timedOutConnectionAborted(self) -> None:
+        """
+        A connection still open a while after the pre-auth timeout closed
+        it (its peer never finishes the close) is aborted and leaves the
+        session registry.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.clock.advance(30)
+        self.assertTrue(self.client.disconnecting)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(60)
+        self.assertTrue(self.client.disconnected)
+
+    def test_loggedOutConnectionAborted(self) -> None:
+        """
+        After LOGOUT, a peer that keeps the connection open is cut at the
+        pre-auth deadline.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.send(b"a LOGOUT\r\n")
+        self.clock.advance(30)
+        self.assertTrue(self.client.disconnected)
+
+    def test_relayEndedConnectionAborted(self) -> None:
+        """
+        After the relay ends (here: the backend closed), a client that keeps
+        the connection open is cut a while later.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.connector.protocols[-1].connectionLost(None)
+        self.assertTrue(self.client.disconnecting)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(60)
+        self.assertTrue(self.client.disconnected)
+
+    def test_timedOutAfterStartTLS(self) -> None:
+        """
+        Under STARTTLS, Twisted's TCP transport reports C{disconnecting}
+        only once the TLS close has finished: the pre-auth timeout still
+        stops reading commands and aborts a peer that never answers.
+        """
+        self.build(tls="starttls", limits=Limits(preauthTimeout=30))
+        self.send(b"a STARTTLS\r\n")
+        # As tcp.Connection does with TLS on: the close is pending in the
+        # TLS layer, the socket is not yet disconnecting.
+        self.client.loseConnection = lambda: None
+        self.clock.advance(30)
+        self.assertEqual(self.send(b"b LOGIN alice secret\r\n"), b"")
+        self.assertEqual(self.router.requests, [])
+        self.clock.advance(60)
+        self.assertTrue(self.client.disconnected)
