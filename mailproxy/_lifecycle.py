@@ -31,6 +31,7 @@ from zope.interface import implementer
 from . import _tls
 from ._migrate import LoginHold, Mover
 from .config import Config, ConfigError, loadConfig
+from .routers import buildRouter
 
 __all__ = ["ReloadableServerTLS", "ProxyService", "SHUTDOWN", "RESTART_KEYS"]
 
@@ -200,8 +201,6 @@ class ProxyService(MultiService):
             C{{"ok": False, "path": ..., "error": why}} when the file (or
             what it names) is wrong and the running configuration was kept.
         """
-        from .routers import buildRouter
-
         path = self.config.path
         try:
             config = loadConfig(path)

@@ -5,7 +5,8 @@ above, as classic text lines or as one JSON object per line.
 JSON lines carry C{time}, C{level}, C{namespace}, C{event} (a stable name
 such as C{"session_end"} or C{"login_failed"}, or L{None}), C{message} (the
 text line's message), and every field of the event whose value is a string,
-number, boolean or null (fields starting with C{log_} excepted).
+number, boolean or null, or a list of those (fields starting with C{log_}
+excepted).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def jsonLine(event: dict[str, Any]) -> str:
             continue
         if isinstance(value, _PRIMITIVES):
             data[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(item, _PRIMITIVES) for item in value):
+            data[key] = list(value)
     failure = event.get("log_failure")
     if failure is not None:
         data["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"

@@ -320,7 +320,11 @@ class EventLogTests(SynchronousTestCase):
         service = EventLogService(LogConfig(logFormat, path), publisher)
         service.startService()
         log = Logger(namespace="mailproxy.test", observer=publisher)
-        log.info("session {session} end: user={quotedUser}", event="session_end", session="abc", user="a\nb", quotedUser='"a\\nb"', bytesIn=3, credentials=object())
+        log.info(
+            "session {session} end: user={quotedUser}",
+            event="session_end", session="abc", user="a\nb", quotedUser='"a\\nb"', bytesIn=3, keys=("x", "y"),
+            credentials=object(),
+        )
         log.debug("not written")
         try:
             1 / 0
@@ -339,7 +343,7 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2)
         first, second = (json.loads(line) for line in lines)
         self.assertEqual(
-            {k: first[k] for k in ("level", "namespace", "event", "message", "session", "user", "bytesIn")},
+            {k: first[k] for k in ("level", "namespace", "event", "message", "session", "user", "bytesIn", "keys")},
             {
                 "level": "info",
                 "namespace": "mailproxy.test",
@@ -348,6 +352,7 @@ class EventLogTests(SynchronousTestCase):
                 "session": "abc",
                 "user": "a\nb",
                 "bytesIn": 3,
+                "keys": ["x", "y"],
             },
         )
         self.assertNotIn("credentials", first)
