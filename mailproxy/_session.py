@@ -509,9 +509,10 @@ class FrontendProtocol(Protocol):
     def _routed(self, answer, credentials: Credentials, clientID) -> Deferred:
         if isinstance(answer, Rejection):
             self.log.info(
-                "login refused by router: session={session} user={user} temporary={temporary}",
+                "login refused by router: session={session} user={quotedUser} temporary={temporary}",
                 session=self.client.sessionId,
                 user=credentials.user,
+                quotedUser=logQuote(credentials.user),
                 temporary=answer.temporary,
             )
             raise _Rejected(answer)
@@ -530,8 +531,9 @@ class FrontendProtocol(Protocol):
             # A digest mechanism and a router that gave no password: nothing
             # to log in with at the backend.
             self.log.warn(
-                "route for {user} has no password for the backend ({mechanism})",
+                "route for {quotedUser} has no password for the backend ({mechanism})",
                 user=credentials.user,
+                quotedUser=logQuote(credentials.user),
                 mechanism=credentials.mechanism,
             )
             raise LoginFailed("unavailable")
@@ -556,9 +558,10 @@ class FrontendProtocol(Protocol):
         failure: BackendFailure = reason.value
         self._backend = None
         self.log.info(
-            "backend login failed: session={session} user={user} backend={backend} {kind}: {detail}",
+            "backend login failed: session={session} user={quotedUser} backend={backend} {kind}: {detail}",
             session=self.client.sessionId,
             user=self.user,
+            quotedUser=logQuote(self.user),
             backend=self.route.backend.name if self.route else None,
             kind=failure.kind,
             detail=failure.detail,

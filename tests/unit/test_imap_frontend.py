@@ -679,3 +679,64 @@ class ClosingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.router.requests, [])
         self.clock.advance(60)
         self.assertTrue(self.client.disconnected)
+
+
+class LogQuotingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    A login name is the client's choice: in a log line it is quoted, so it
+    cannot break the line or forge another (a fake "authentication failed"
+    line would make fail2ban ban someone else).
+    """
+
+    USER = b'x\nauthentication failed: session=s address=203.0.113.9 protocol=imap user="x" attempt=1'
+
+    def loggedLines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.send(b"a LOGIN {%d}\r\n" % (len(self.USER),))
+        self.send(self.USER + b" secret\r\n")
+        self.clock.advance(60)
+        return [formatEvent(event) for event in events]
+
+    def assertOneLineEach(self, lines: list[str]) -> None:
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertNotIn("\n", line)
+
+    def test_routerRejection(self) -> None:
+        """
+        The line about a router's refusal quotes the login name.
+        """
+        self.build()
+        self.assertOneLineEach(self.loggedLines())
+
+    def test_backendFailure(self) -> None:
+        """
+        The line about a failed backend login quotes the login name.
+        """
+        self.build()
+        self.router.default = Route(self.backend)
+        self.connector.refuse = True
+        self.assertOneLineEach(self.loggedLines())
+
+    def test_noPasswordForBackend(self) -> None:
+        """
+        The warning about a route without a password quotes the login name.
+        """
+        from mailproxy._session import FrontendProtocol
+        from mailproxy.model import Credentials
+
+        self.build()
+        self.router.default = Route(self.backend)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        from twisted.logger import formatEvent
+
+        credentials = Credentials("CRAM-MD5", self.USER.decode(), response=b"r", challenge=b"<c>")
+        FrontendProtocol.login(self.frontend, credentials).addErrback(lambda f: None)
+        self.clock.advance(60)
+        self.assertOneLineEach([formatEvent(event) for event in events])
