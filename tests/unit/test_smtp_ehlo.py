@@ -1,0 +1,176 @@
+"""
+Which ESMTP extensions the proxy offers: parsing a server's EHLO reply,
+the intersection over backends, and learning it by probing.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.model import Backend
+from mailproxy.smtp._ehlo import BackendExtensions, Extensions, common
+from mailproxy.smtp._parser import ReplyReader
+
+POSTFIX_EHLO = (
+    b"250-old.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n250-ETRN\r\n"
+    b"250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n"
+    b"250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n"
+    b"250-SMTPUTF8\r\n250 CHUNKING\r\n"
+)
+
+
+def parse(data: bytes) -> Extensions:
+    """
+    The extensions of an EHLO reply.
+    """
+    reader = ReplyReader()
+    reader.feed(data)
+    reply = reader.next()
+    assert reply is not None
+    return Extensions.fromReply(reply)
+
+
+class ExtensionsTests(SynchronousTestCase):
+    """
+    L{Extensions} from a server's EHLO reply.
+    """
+
+    def test_fromReply(self) -> None:
+        """
+        Every keyword after the first line, upper-cased, with parameters.
+        """
+        extensions = parse(POSTFIX_EHLO)
+        self.assertIn("XCLIENT", extensions)
+        self.assertNotIn("old.test", extensions.keywords)
+        self.assertEqual(extensions.parameters("AUTH"), ["PLAIN", "LOGIN"])
+        self.assertEqual(extensions.parameters("STARTTLS"), [])
+        self.assertEqual(extensions.sizeLimit, 10240000)
+
+    def test_sizeWithoutLimit(self) -> None:
+        """
+        C{SIZE} alone or C{SIZE 0} declares no limit.
+        """
+        self.assertIsNone(Extensions({"SIZE": ""}).sizeLimit)
+        self.assertIsNone(Extensions({"SIZE": "0"}).sizeLimit)
+        self.assertIsNone(Extensions().sizeLimit)
+
+
+class CommonTests(SynchronousTestCase):
+    """
+    L{common}: what every backend has.
+    """
+
+    def test_intersection(self) -> None:
+        """
+        Only passed-on keywords every list has; SIZE the smallest limit;
+        never AUTH, XCLIENT, VRFY or STARTTLS.
+        """
+        one = parse(POSTFIX_EHLO)
+        other = Extensions({"PIPELINING": "", "SIZE": "5000", "8BITMIME": "", "STARTTLS": "", "XCLIENT": "ADDR"})
+        self.assertEqual(common([one, other]).keywords, {"PIPELINING": "", "SIZE": "5000", "8BITMIME": ""})
+
+    def test_sizeUndeclared(self) -> None:
+        """
+        SIZE is offered without a number when no backend declares a limit,
+        and with the one declared limit otherwise.
+        """
+        self.assertEqual(common([Extensions({"SIZE": ""}), Extensions({"SIZE": "0"})]).keywords, {"SIZE": ""})
+        self.assertEqual(common([Extensions({"SIZE": ""}), Extensions({"SIZE": "7"})]).keywords, {"SIZE": "7"})
+
+    def test_binarymimeNeedsChunking(self) -> None:
+        """
+        BINARYMIME is only offered with CHUNKING.
+        """
+        self.assertEqual(common([Extensions({"BINARYMIME": ""})]).keywords, {})
+        self.assertEqual(
+            common([Extensions({"BINARYMIME": "", "CHUNKING": ""})]).keywords, {"CHUNKING": "", "BINARYMIME": ""}
+        )
+
+    def test_none(self) -> None:
+        """
+        No backends at all: nothing is offered.
+        """
+        self.assertEqual(common([]).keywords, {})
+
+
+class BackendExtensionsTests(SynchronousTestCase):
+    """
+    L{BackendExtensions} learns the backends' extensions.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backends = [Backend("old", "192.0.2.1", {"smtp": 587}), Backend("new", "192.0.2.2", {"smtp": 587})]
+        self.probes: dict[str, list[Deferred[Extensions]]] = {"old": [], "new": []}
+
+        def probe(backend: Backend) -> Deferred[Extensions]:
+            d: Deferred[Extensions] = Deferred()
+            self.probes[backend.name].append(d)
+            return d
+
+        self.knowledge = BackendExtensions(self.clock, self.backends, probe, retryInterval=60)
+
+    def result(self, d: Deferred[Extensions]) -> Extensions:
+        """
+        The result C{d} has now.
+        """
+        return self.successResultOf(d)
+
+    def test_probesOnceAndShares(self) -> None:
+        """
+        The first question probes every backend; a second one meanwhile
+        waits for the same probes; both get the common extensions.
+        """
+        first = self.knowledge.current()
+        second = self.knowledge.current()
+        self.assertEqual([len(p) for p in self.probes.values()], [1, 1])
+        self.assertNoResult(first)
+        self.probes["old"][0].callback(Extensions({"PIPELINING": "", "DSN": ""}))
+        self.assertNoResult(first)
+        self.probes["new"][0].callback(Extensions({"PIPELINING": ""}))
+        self.assertEqual(self.result(first).keywords, {"PIPELINING": ""})
+        self.assertEqual(self.result(second).keywords, {"PIPELINING": ""})
+        self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": ""})
+        self.assertEqual([len(p) for p in self.probes.values()], [1, 1])
+
+    def test_failedProbe(self) -> None:
+        """
+        A backend that cannot be probed makes the answer empty, and is
+        probed again only after the retry interval.
+        """
+        d = self.knowledge.current()
+        self.probes["old"][0].callback(Extensions({"PIPELINING": ""}))
+        self.probes["new"][0].errback(RuntimeError("refused"))
+        self.assertEqual(self.result(d).keywords, {})
+        self.flushLoggedErrors()
+        self.assertEqual(self.result(self.knowledge.current()).keywords, {})
+        self.assertEqual(len(self.probes["new"]), 1)
+        self.clock.advance(60)
+        d = self.knowledge.current()
+        self.assertEqual(len(self.probes["new"]), 2)
+        self.probes["new"][1].callback(Extensions({"PIPELINING": ""}))
+        self.assertEqual(self.result(d).keywords, {"PIPELINING": ""})
+
+    def test_learnFromSessions(self) -> None:
+        """
+        What a session's dialogue saw replaces what was known; with every
+        backend known, nothing is probed.
+        """
+        self.knowledge.learn("old", Extensions({"PIPELINING": "", "CHUNKING": ""}))
+        self.knowledge.learn("new", Extensions({"PIPELINING": "", "CHUNKING": ""}))
+        self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": "", "CHUNKING": ""})
+        self.knowledge.learn("new", Extensions({"PIPELINING": ""}))
+        self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": ""})
+        self.assertEqual([len(p) for p in self.probes.values()], [0, 0])
+
+    def test_synchronousProbe(self) -> None:
+        """
+        A probe that answers at once (or fails at once) is fine.
+        """
+        knowledge = BackendExtensions(self.clock, self.backends[:1], lambda b: succeed(Extensions({"DSN": ""})))
+        self.assertEqual(self.result(knowledge.current()).keywords, {"DSN": ""})
+        failing = BackendExtensions(self.clock, self.backends[:1], lambda b: fail(RuntimeError("no")))
+        self.assertEqual(self.result(failing.current()).keywords, {})
+        self.flushLoggedErrors()
