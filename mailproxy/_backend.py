@@ -307,7 +307,9 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
 
     def connectFailed(reason: Failure) -> None:
         protocol.stopConnecting = None
-        if protocol.result.called:
+        if protocol.result.called or protocol._done:
+            # Done already, or the session cancelled (stopping the attempt
+            # lands here): the result is not ours to fire.
             return
         protocol._done = True
         protocol._cancelTimer()

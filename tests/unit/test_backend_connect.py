@@ -1,0 +1,99 @@
+"""
+Connecting a backend login (L{mailproxy._backend.connectBackend}) and the
+job it carries, with a fake reactor whose connector behaves like Twisted's.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import UserError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
+from mailproxy.model import ClientInfo, Credentials, Route
+from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
+
+
+class PendingConnector:
+    """
+    A TCP connection attempt still under way; stopping it reports the
+    failure to the factory at once, as L{twisted.internet.base.BaseConnector}
+    does.
+    """
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.state = "connecting"
+
+    def stopConnecting(self) -> None:
+        self.state = "disconnected"
+        self.factory.clientConnectionFailed(self, Failure(UserError()))
+
+
+class SlowReactor(Clock):
+    """
+    A clock whose C{connectTCP} never completes by itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connectors: list[PendingConnector] = []
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None) -> PendingConnector:
+        connector = PendingConnector(factory)
+        self.connectors.append(connector)
+        return connector
+
+
+def makeJob(**kwargs) -> LoginJob:
+    """
+    A login job for alice on a backend named by address.
+    """
+    client = ClientInfo(sessionId="s", address="192.0.2.10", port=50000, localAddress="192.0.2.1", localPort=143)
+    kwargs.setdefault("password", b"Sup3rSecretPw")
+    return LoginJob(
+        route=Route(makeBackend("old")),
+        protocol="imap",
+        client=client,
+        credentials=Credentials("LOGIN", "alice", password=b"Sup3rSecretPw"),
+        user="alice",
+        **kwargs,
+    )
+
+
+class ConnectBackendTests(SynchronousTestCase):
+    """
+    L{connectBackend} while the TCP connection is being made.
+    """
+
+    def test_cancelWhileConnecting(self) -> None:
+        """
+        Giving up on a login while its connection is under way (the client
+        left) stops the attempt and fails the result with
+        L{CancelledError}, not as if the backend were down.
+        """
+        reactor = SlowReactor()
+        protocol = BackendProtocol(makeJob(), reactor, 30)
+        d = connectBackend(reactor, protocol)
+        d.cancel()
+        self.assertEqual(reactor.connectors[0].state, "disconnected")
+        self.failureResultOf(d, CancelledError)
+
+    def test_clientLeavesWhileConnecting(self) -> None:
+        """
+        When the client's connection ends while the backend connection is
+        under way, the front end does not go on with commands it had
+        buffered: no second login is routed.
+        """
+        reactor = SlowReactor()
+        router = FakeRouter({"alice": Route(makeBackend("old"))})
+        frontend, client, clock = makeFrontend("imap", router)
+        frontend.context.backendConnector = lambda _, protocol: connectBackend(reactor, protocol)
+        frontend.dataReceived(b"a LOGIN alice secret\r\nb LOGIN alice secret\r\n")
+        self.assertEqual(len(router.requests), 1)
+        frontend.connectionLost(None)
+        self.assertEqual(len(router.requests), 1)
+        self.assertEqual(len(reactor.connectors), 1)
+
