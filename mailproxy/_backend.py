@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
@@ -73,9 +73,9 @@ class LoginJob:
     client: ClientInfo
     credentials: Credentials | None
     user: str
-    password: bytes | None
+    password: bytes | None = field(repr=False)
     masterUser: str | None = None
-    masterPassword: bytes | None = None
+    masterPassword: bytes | None = field(default=None, repr=False)
     clientID: tuple[tuple[str, str], ...] = ()
     ttl: int = 5
     portName: str | None = None

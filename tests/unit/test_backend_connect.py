@@ -97,3 +97,17 @@ class ConnectBackendTests(SynchronousTestCase):
         self.assertEqual(len(router.requests), 1)
         self.assertEqual(len(reactor.connectors), 1)
 
+
+class LoginJobTests(SynchronousTestCase):
+    """
+    L{LoginJob} keeps its secrets.
+    """
+
+    def test_reprHidesPasswords(self) -> None:
+        """
+        Neither the backend password nor the master password appears in a
+        job's C{repr}.
+        """
+        job = makeJob(masterUser="proxy", masterPassword=b"MasterSecretPw")
+        self.assertNotIn("Sup3rSecretPw", repr(job))
+        self.assertNotIn("MasterSecretPw", repr(job))
