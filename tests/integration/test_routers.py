@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import smtplib
 import socket
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from twisted.trial.unittest import SynchronousTestCase
 
 from .nginx import NginxMailProxy
+from .postfix import Postfix, dovecotSASLConfig
 from .servers import (
     Dovecot,
     Proxy,
@@ -79,26 +81,45 @@ def firstMessage(user: str, server: str) -> bytes:
 
 class MailServers:
     """
-    Two Dovecot servers, C{old} and C{new}, with every account on both.
+    Two mail servers, C{old} and C{new}, each a Dovecot (IMAP, POP3) and a
+    Postfix (submission with SASL through that Dovecot, and MX delivering
+    to it), with every account on both.
     """
 
     def __init__(self, directory: str) -> None:
+        self.directory = directory
         self.ca = TestCA(os.path.join(directory, "ca"))
-        self.old = Dovecot(os.path.join(directory, "old"), "rold", PASSWORDS, ca=self.ca, masterUser=None)
-        self.new = Dovecot(os.path.join(directory, "new"), "rnew", PASSWORDS, ca=self.ca, masterUser=None)
+        self.old = Dovecot(
+            os.path.join(directory, "old"), "rold", PASSWORDS, ca=self.ca, masterUser=None, extraConfig=dovecotSASLConfig()
+        )
+        self.new = Dovecot(
+            os.path.join(directory, "new"), "rnew", PASSWORDS, ca=self.ca, masterUser=None, extraConfig=dovecotSASLConfig()
+        )
+        self.postfixes: dict[str, Postfix] = {}
 
     @classmethod
     def start(cls) -> MailServers:
         """
         Start both servers and fill the mailboxes.
         """
-        requireServer("dovecot", "doveadm", "openssl")
+        requireServer("dovecot", "doveadm", "openssl", "postfix", "postconf")
         servers = cls(fixtureDirectory("routers-dovecot"))
         try:
             for name, dovecot in (("old", servers.old), ("new", servers.new)):
                 dovecot.start()
                 for user in PASSWORDS:
                     dovecot.deliver(user, firstMessage(user, name))
+                postfix = Postfix(
+                    os.path.join(servers.directory, f"postfix-{name}"),
+                    f"r{name}",
+                    domains=["example.org"],
+                    mailboxes=list(PASSWORDS),
+                    lmtpPort=dovecot.lmtp,
+                    saslPath=os.path.join(os.path.realpath(dovecot.directory / "runtime"), "run", "postfix-auth"),
+                    ca=servers.ca,
+                )
+                servers.postfixes[name] = postfix
+                postfix.start()
         except BaseException:
             servers.stop()
             raise
@@ -106,16 +127,24 @@ class MailServers:
 
     def stop(self) -> None:
         """
-        Stop both.
+        Stop them all.
         """
+        for postfix in self.postfixes.values():
+            postfix.stop()
         self.old.stop()
         self.new.stop()
 
+    def byName(self, name: str) -> Dovecot:
+        """
+        The Dovecot called C{name}.
+        """
+        return {"old": self.old, "new": self.new}[name]
+
     def logs(self) -> str:
         """
-        Both servers' logs.
+        Every server's log.
         """
-        return self.old.logText() + self.new.logText()
+        return self.old.logText() + self.new.logText() + "".join(p.logText() for p in self.postfixes.values())
 
 
 def mailServers() -> MailServers:
@@ -178,10 +207,11 @@ class AuthServer:
         ]
         for user, password in PASSWORDS.items():
             home = byName[HOMES[user]]
+            postfix = servers.postfixes[HOMES[user]]
             lines += [
                 f'[users."{user}"]',
                 f'password = "{password}"',
-                f"ports = {{ imap = {home.imap}, pop3 = {home.pop3} }}",
+                f"ports = {{ imap = {home.imap}, pop3 = {home.pop3}, smtp = {postfix.submission}, mx = {postfix.mx} }}",
             ]
         self.usersPath.write_text("\n".join(lines) + "\n")
         self.port = 0
@@ -291,10 +321,11 @@ class RoutingProxy:
         @param files: more files for the configuration's directory.
         @param digest: offer APOP (C{digest_auth}) on the POP3 listener.
         """
-        self.imap = freePort()
-        self.pop3 = freePort()
+        self.imap, self.pop3, self.submission, self.mx = _distinctPorts(4)
         backends = "".join(
-            f'[backend.{name}]\nhost = "127.0.0.1"\nports = {{ imap = {server.imap}, pop3 = {server.pop3} }}\n'
+            f'[backend.{name}]\nhost = "127.0.0.1"\n'
+            f"ports = {{ imap = {server.imap}, pop3 = {server.pop3}, "
+            f"smtp = {servers.postfixes[name].submission}, mx = {servers.postfixes[name].mx} }}\n"
             f'tls = "none"\nforward = "none"\n'
             for name, server in (("old", servers.old), ("new", servers.new))
         )
@@ -304,6 +335,9 @@ class RoutingProxy:
             f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
             f'[[listener]]\nprotocol = "pop3"\nendpoint = "tcp:{self.pop3}:interface=127.0.0.1"\ntls = "none"\n'
             + ("digest_auth = true\n" if digest else "")
+            + f'[[listener]]\nprotocol = "smtp"\nmode = "submission"\n'
+            f'endpoint = "tcp:{self.submission}:interface=127.0.0.1"\ntls = "none"\n'
+            + f'[[listener]]\nprotocol = "smtp"\nmode = "mx"\nendpoint = "tcp:{self.mx}:interface=127.0.0.1"\ntls = "none"\n'
             + router
             + backends
         )
@@ -315,7 +349,7 @@ class RoutingProxy:
         """
         Start it and wait for its listeners.
         """
-        self.proxy.start([self.imap, self.pop3])
+        self.proxy.start([self.imap, self.pop3, self.submission, self.mx])
 
     def stop(self) -> None:
         """
@@ -324,10 +358,11 @@ class RoutingProxy:
         self.proxy.stop()
 
 
-class Reply(tuple):
-    """
-    The outcome of one login: C{("OK", subject)} or C{("NO", text)}.
-    """
+def _distinctPorts(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(freePort())
+    return sorted(ports)
 
 
 def _connect(port: int) -> tuple[socket.socket, Any]:
@@ -440,6 +475,22 @@ def apopLogin(port: int, user: str, password: str) -> tuple[str, str]:
         connection.close()
 
 
+def submissionLogin(port: int, user: str, password: str) -> tuple[str, str]:
+    """
+    Log in with SMTP AUTH on a submission port and send the user a message
+    (Postfix logs the login's user name with the message); return
+    C{("OK", "")} or C{("NO", "<code> <text>")}.
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
+        client.ehlo("client.example.net")
+        try:
+            client.login(user, password)
+        except smtplib.SMTPAuthenticationError as e:
+            return "NO", f"{e.smtp_code} {e.smtp_error.decode('utf-8', 'replace')}"
+        client.sendmail(user, [user], f"From: {user}\r\nTo: {user}\r\nSubject: note to self\r\n\r\nHi.\r\n")
+        return "OK", ""
+
+
 def withoutCode(text: str) -> str:
     """
     A refusal's text without a leading response code (C{[AUTH]}, ...).
@@ -514,6 +565,46 @@ class RouterTestsMixin(_MixinBase):
         # The right password still works afterwards (no negative caching
         # of another password).
         self.assertHome(imapLogin(self.running.imap, "erin@example.org", PASSWORDS["erin@example.org"]), "erin@example.org")
+
+    def test_submissionRouted(self) -> None:
+        """
+        SMTP submission logins are routed too: the home's Postfix (and no
+        other) logs the SASL login the proxy made there.
+        """
+        for user in ("alice@example.org", "bob@example.org"):
+            marks = {name: len(postfix.logText()) for name, postfix in self.servers.postfixes.items()}
+            self.assertEqual(submissionLogin(self.running.submission, user, PASSWORDS[user]), ("OK", ""))
+            home = self.servers.postfixes[HOMES[user]]
+            home.waitForLog(rf"sasl_username={re.escape(user)}", start=marks[HOMES[user]])
+            other = "new" if HOMES[user] == "old" else "old"
+            self.assertNotIn(f"sasl_username={user}", self.servers.postfixes[other].logText()[marks[other]:])
+
+    def test_submissionWrongPassword(self) -> None:
+        """
+        A wrong submission password is refused by the proxy (535) and never
+        reaches a server.
+        """
+        before = len(self.servers.logs())
+        code, text = submissionLogin(self.running.submission, "erin@example.org", "not-erins-password")
+        self.assertEqual(code, "NO")
+        self.assertTrue(text.startswith("535"), text)
+        self.assertNotIn("erin", self.servers.logs()[before:])
+
+    def test_mxRouted(self) -> None:
+        """
+        Inbound mail (SMTP without login) is routed by recipient: bob's
+        message is delivered by new's Postfix into new's Dovecot.
+        """
+        postfix = self.servers.postfixes["new"]
+        mark = len(postfix.logText())
+        messageId = f"<mx.{type(self).__name__}.{time.monotonic_ns()}@example.net>"
+        message = (
+            f"From: someone@example.net\r\nTo: bob@example.org\r\nSubject: inbound\r\n"
+            f"Message-ID: {messageId}\r\n\r\nHello.\r\n"
+        )
+        with smtplib.SMTP("127.0.0.1", self.running.mx, timeout=TIMEOUT) as client:
+            client.sendmail("someone@example.net", ["bob@example.org"], message)
+        postfix.waitForLog(r"to=<bob@example\.org>.*status=sent", start=mark)
 
     def test_unknownUser(self) -> None:
         """
