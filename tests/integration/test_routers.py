@@ -869,8 +869,9 @@ class DirectoryOutageTests(SynchronousTestCase):
     def test_stoppedDirectory(self) -> None:
         """
         With the directory stopped, a user the cache does not know gets
-        IMAP C{NO [UNAVAILABLE]} (and POP3 C{-ERR [SYS/TEMP]}); a user who
-        logged in before keeps working from the cache, past its TTL.
+        IMAP C{NO [UNAVAILABLE]} (POP3 C{-ERR [SYS/TEMP]}, SMTP C{454
+        4.7.0}); a user who logged in before keeps working from the cache,
+        past its TTL.
         """
         alice = "alice@example.org"
         self.assertHome(imapLogin(self.running.imap, alice, PASSWORDS[alice]), alice)
@@ -881,6 +882,8 @@ class DirectoryOutageTests(SynchronousTestCase):
         self.assertTrue(reply[1].startswith("[UNAVAILABLE]"), reply)
         reply = pop3Login(self.running.pop3, "bob@example.org", PASSWORDS["bob@example.org"])
         self.assertTrue(reply[1].startswith("[SYS/TEMP]"), reply)
+        code, text = submissionLogin(self.running.submission, "bob@example.org", PASSWORDS["bob@example.org"])
+        self.assertTrue(text.startswith("454 4.7.0"), (code, text))
         self.assertHome(imapLogin(self.running.imap, alice, PASSWORDS[alice]), alice)
         self.assertIn("serving the answer cached", self.running.proxy.logText())
 
