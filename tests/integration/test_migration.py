@@ -96,12 +96,15 @@ class DrillProxy:
 
     def __init__(self, servers: DrillServers, grace: float = 30) -> None:
         self.imap = freePort()
+        self.imaps = freePort()
         self.admin = freePort()
         directory = fixtureDirectory("drill-proxy")
         self.text = (
             '[proxy]\nhostname = "proxy.example.org"\n'
             f"[limits]\nfailure_delay = 0.1\nshutdown_grace = {grace}\n"
+            '[tls]\ncertificate = "proxy.pem"\nkey = "proxy.key"\n'
             f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
+            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imaps}:interface=127.0.0.1"\ntls = "implicit"\n'
             '[router]\ntype = "static"\npath = "routes.toml"\n'
             + "".join(
                 f'[backend.{server.name}]\nhost = "127.0.0.1"\nports = {{ imap = {server.imap} }}\n'
@@ -112,16 +115,27 @@ class DrillProxy:
         )
         self.proxy = Proxy(directory, self.text)
         self.directory = self.proxy.directory
+        self.ca = servers.ca
+        self.useCertificate("proxy-one")
         (self.directory / "admin.token").write_text(TOKEN + "\n")
         (self.directory / "routes.toml").write_text(
             '# The drill\'s route table: everyone starts on old.\ndefault = "old"\n\n[accounts]\n'
         )
 
+    def useCertificate(self, name: str) -> None:
+        """
+        Put a new certificate (common name C{name}, signed by the test CA)
+        where the configuration names it.
+        """
+        certificate, key = self.ca.issue(name)
+        (self.directory / "proxy.pem").write_bytes(Path(certificate).read_bytes())
+        (self.directory / "proxy.key").write_bytes(Path(key).read_bytes())
+
     def start(self) -> None:
         """
-        Start the proxy and wait for both listeners.
+        Start the proxy and wait for its listeners.
         """
-        self.proxy.start([self.imap, self.admin])
+        self.proxy.start([self.imap, self.imaps, self.admin])
 
     def stop(self) -> None:
         """
@@ -504,6 +518,50 @@ class ManagementTests(DrillTestsMixin, SynchronousTestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("Failregex: 1 total", result.stdout, name)
             self.assertRegex(result.stdout, r"\|\s+127\.0\.0\.1\s", name)
+
+
+class CertificateReloadTests(DrillTestsMixin, SynchronousTestCase):
+    """
+    SIGHUP with new certificate files.
+    """
+
+    def servedName(self) -> tuple[str, Any]:
+        """
+        Connect with TLS; return the common name of the certificate the
+        proxy served and the connection (greeting read).
+        """
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.servers.ca.caPath)
+        connection = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", self.proxy.imaps), TIMEOUT), server_hostname="localhost"
+        )
+        self.addCleanup(connection.close)
+        subject = dict(item[0] for item in connection.getpeercert()["subject"])
+        self.assertTrue(connection.recv(1024).startswith(b"* OK"))
+        return subject["commonName"], connection
+
+    def test_sighupNewCertificate(self) -> None:
+        """
+        After SIGHUP, new connections get the new certificate, while a
+        session that was open goes on.
+        """
+        client = self.connect()
+        client.login(ACCOUNTS[0])
+        client.idle()
+        name, _ = self.servedName()
+        self.assertEqual(name, "proxy-one")
+        self.proxy.useCertificate("proxy-two")
+        self.addCleanup(self.proxy.useCertificate, "proxy-one")
+        mark = len(self.proxy.proxy.logText())
+        os.kill(self.proxy.proxy.pid, signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while f"reloaded {self.proxy.proxy.configPath}" not in self.proxy.proxy.logText()[mark:]:
+            self.assertLess(time.monotonic(), deadline, "no reload in the log")
+            time.sleep(0.05)
+        name, _ = self.servedName()
+        self.assertEqual(name, "proxy-two")
+        self.assertEqual(client.done()[-1].split()[1], b"OK")
 
 
 class DrainTests(DrillTestsMixin, SynchronousTestCase):
