@@ -83,6 +83,7 @@ class Postfix:
         saslPath: str,
         ca: TestCA,
         messageSizeLimit: int = 100 * 1024 * 1024,
+        extraMainCf: str = "",
     ) -> None:
         """
         @param domains: the domains it receives mail for.
@@ -90,6 +91,9 @@ class Postfix:
         @param lmtpPort: the LMTP port on 127.0.0.1 that mail is delivered to.
         @param saslPath: the Dovecot auth socket for SASL on submission.
         @param ca: signs its certificate (for C{localhost} and 127.0.0.1).
+        @param extraMainCf: more C{main.cf} lines; a setting given again
+            here replaces the fixture's (e.g. C{virtual_transport} for a
+            benchmark that discards the mail).
         """
         self.directory = Path(directory)
         self.name = name
@@ -98,6 +102,7 @@ class Postfix:
         self.lmtpPort = lmtpPort
         self.saslPath = saslPath
         self.messageSizeLimit = messageSizeLimit
+        self.extraMainCf = extraMainCf
         self._ca = ca
         self._runtime: Path | None = None
         self._running = False
@@ -198,7 +203,7 @@ smtpd_tls_key_file = {runtime}/etc/key.pem
 smtpd_tls_security_level = may
 smtpd_tls_auth_only = no
 smtpd_tls_loglevel = 1
-"""
+""" + self.extraMainCf
 
     def _masterCf(self) -> str:
         submission = (
