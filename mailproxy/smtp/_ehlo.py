@@ -138,6 +138,12 @@ class BackendExtensions:
         self._known[name] = extensions
         self._failedAt.pop(name, None)
 
+    def extensionsOf(self, name: str) -> Extensions | None:
+        """
+        What backend C{name} was last seen to offer, if anything.
+        """
+        return self._known.get(name)
+
     def known(self) -> Extensions | None:
         """
         The common extensions if every backend is known, else L{None}.

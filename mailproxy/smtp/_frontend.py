@@ -70,36 +70,49 @@ def backendExtensions(context: ProxyContext, portName: str) -> BackendExtensions
     """
     The extension knowledge the sessions of C{context} share about the
     backends with a C{portName} port.
+
+    A new configuration (a reload) with other backends starts new
+    knowledge, keeping what was learned about backends that did not
+    change.
     """
     key = ("smtp-extensions", portName)
-    knowledge = context.shared.get(key)
-    if knowledge is None:
+    backends = tuple(backend for _, backend in sorted(context.backends.items()) if portName in backend.ports)
+    entry = context.shared.get(key)
+    if entry is not None and entry[0] == backends:
+        return entry[1]  # type: ignore[no-any-return]
 
-        def probe(backend: Backend) -> Deferred[Extensions]:
-            job = LoginJob(
-                route=Route(backend, rule="EHLO probe"),
-                protocol="smtp",
-                client=_probeClient(),
-                credentials=None,
-                user="",
-                password=None,
-                portName=portName,
-            )
-            protocol = SMTPBackend(
-                job, context.reactor, context.limits.backendTimeout, hostname=context.hostname, purpose="probe"
-            )
+    def probe(backend: Backend) -> Deferred[Extensions]:
+        job = LoginJob(
+            route=Route(backend, rule="EHLO probe"),
+            protocol="smtp",
+            client=_probeClient(),
+            credentials=None,
+            user="",
+            password=None,
+            portName=portName,
+        )
+        protocol = SMTPBackend(
+            job, context.reactor, context.limits.backendTimeout, hostname=context.hostname, purpose="probe"
+        )
 
-            def probed(result: SMTPBackend) -> Extensions:
-                if result.transport is not None:
-                    result.transport.loseConnection()
-                assert result.extensions is not None
-                return result.extensions
+        def probed(result: SMTPBackend) -> Extensions:
+            if result.transport is not None:
+                result.transport.loseConnection()
+            assert result.extensions is not None
+            return result.extensions
 
-            return context.backendConnector(context.reactor, protocol).addCallback(probed)
+        return context.backendConnector(context.reactor, protocol).addCallback(probed)
 
-        backends = [b for _, b in sorted(context.backends.items()) if portName in b.ports]
-        knowledge = context.shared[key] = BackendExtensions(context.reactor, backends, probe)
-    return knowledge  # type: ignore[no-any-return]
+    knowledge = BackendExtensions(context.reactor, backends, probe)
+    if entry is not None:
+        previous: BackendExtensions = entry[1]
+        for backend in backends:
+            if backend in entry[0]:
+                known = previous.extensionsOf(backend.name)
+                if known is not None:
+                    knowledge.learn(backend.name, known)
+    context.shared[key] = (backends, knowledge)
+    return knowledge
 
 
 class SMTPFrontend(FrontendProtocol):

@@ -9,8 +9,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._session import ProxyContext
+from mailproxy.config import Limits
 from mailproxy.model import Backend
 from mailproxy.smtp._ehlo import BackendExtensions, Extensions, common
+from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.testing import FakeRouter, MemoryConnector
 from mailproxy.smtp._parser import ReplyReader
 
 POSTFIX_EHLO = (
@@ -174,3 +178,37 @@ class BackendExtensionsTests(SynchronousTestCase):
         failing = BackendExtensions(self.clock, self.backends[:1], lambda b: fail(RuntimeError("no")))
         self.assertEqual(self.result(failing.current()).keywords, {})
         self.flushLoggedErrors()
+
+
+class SharedKnowledgeTests(SynchronousTestCase):
+    """
+    L{backendExtensions}: one knowledge per proxy and port, renewed when a
+    reload changes the backends.
+    """
+
+    def test_reload(self) -> None:
+        """
+        The same backends give the same knowledge; after the backends
+        change, what was learned about an unchanged backend is kept, and a
+        new or changed backend is unknown (probed on the next EHLO).
+        """
+        old = Backend("old", "192.0.2.1", {"smtp": 587})
+        context = ProxyContext(
+            reactor=Clock(),
+            router=FakeRouter(),
+            limits=Limits(),
+            hostname="proxy.test",
+            backendConnector=MemoryConnector(),
+            backends={"old": old, "imaponly": Backend("imaponly", "h", {"imap": 143})},
+        )
+        knowledge = backendExtensions(context, "smtp")
+        knowledge.learn("old", Extensions({"DSN": ""}))
+        self.assertIs(backendExtensions(context, "smtp"), knowledge)
+        self.assertEqual(knowledge.known(), Extensions({"DSN": ""}))
+        context.backends = {"old": old, "new": Backend("new", "192.0.2.2", {"smtp": 587})}
+        renewed = backendExtensions(context, "smtp")
+        self.assertIsNot(renewed, knowledge)
+        self.assertEqual(renewed.extensionsOf("old"), Extensions({"DSN": ""}))
+        self.assertIsNone(renewed.known())
+        context.backends = {"old": Backend("old", "192.0.2.9", {"smtp": 587})}
+        self.assertIsNone(backendExtensions(context, "smtp").extensionsOf("old"))
