@@ -275,10 +275,11 @@ class _Splicer:
         client, backend = _plainSocket(relay._client), _plainSocket(relay._backend)
         if client is None or backend is None:
             return None
-        early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
-        if sum(map(len, early)) > 32768:
+        sizes = (cls._unwrittenSize(client) + len(toClient), cls._unwrittenSize(backend) + len(toBackend))
+        if sum(sizes) > 32768:
             return None  # more than a pipe surely holds at once: stay in Python
         splicer = cls(relay, client, backend)
+        early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
         for direction, data in zip((splicer.toClient, splicer.toBackend), early):
             if data:
                 os.write(direction.write, data)
@@ -287,6 +288,10 @@ class _Splicer:
         relay.bytesFromClient += len(toBackend)
         splicer.run()
         return splicer
+
+    @staticmethod
+    def _unwrittenSize(connection: tcp.Connection) -> int:
+        return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
 
     @staticmethod
     def _unwritten(connection: tcp.Connection) -> bytes:

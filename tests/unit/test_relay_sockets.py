@@ -7,12 +7,15 @@ Python.
 from __future__ import annotations
 
 import os
+import select
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from mailproxy import _relay
 from mailproxy._relay import Relay
 
 
@@ -144,3 +147,31 @@ class SplicedRelayTests(TestCase):
         yield self.client.closed
         yield self.backend.closed
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* BYE moved\r\n")
+
+
+class SpliceHandOverTests(TestCase):
+    """
+    The hand-over from Twisted to the splicer, and back, in the cases that
+    do not fit the common path.
+    """
+
+    timeout = 15
+    leg = SplicedRelayTests.leg
+    relayed = SplicedRelayTests.relayed
+
+    @inlineCallbacks
+    def test_largeEarlyBytes(self) -> None:
+        """
+        With more early bytes than the splicer takes at once, the relay
+        stays in Python and nothing Twisted had not yet written is lost:
+        the login reply still reaches the client first.
+        """
+        pipelined = b"b APPEND INBOX {40000+}\r\n" + b"x" * 40000 + b"\r\n"
+        yield self.relayed(toBackend=pipelined)
+        self.backend.transport.write(b"b OK appended\r\n")
+        while len(self.backend.received) < len(pipelined):
+            yield deferLater(reactor, 0.01)
+        self.backend.transport.loseConnection()
+        yield self.client.closed
+        self.assertEqual(bytes(self.backend.received), pipelined)
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\nb OK appended\r\n")
