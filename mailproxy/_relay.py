@@ -188,6 +188,7 @@ class Relay:
 SPLICE_PIPE_SIZE = 1024 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def _plainSocket(transport: object) -> tcp.Connection | None:
@@ -246,6 +247,10 @@ class _Direction:
             fcntl.fcntl(self.write, _F_SETPIPE_SZ, SPLICE_PIPE_SIZE)
         except OSError:
             pass  # the default (64 KiB) works too, with more wake-ups
+        try:
+            self.capacity = fcntl.fcntl(self.write, _F_GETPIPE_SZ)
+        except OSError:
+            self.capacity = 4096
         self.pending = 0
         self.ended = False
 
@@ -279,6 +284,15 @@ class _Splicer:
         if sum(sizes) > 32768:
             return None  # more than a pipe surely holds at once: stay in Python
         splicer = cls(relay, client, backend)
+        if sizes[0] > splicer.toClient.capacity or sizes[1] > splicer.toBackend.capacity:
+            # Small pipes (the user's pipe quota is used up): a write would
+            # take only part of the early bytes.
+            for direction in (splicer.toBackend, splicer.toClient):
+                direction.close()
+            return None
+        for connection in (client, backend):
+            connection.stopReading()
+            connection.stopWriting()
         early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
         for direction, data in zip((splicer.toClient, splicer.toBackend), early):
             if data:
@@ -305,9 +319,6 @@ class _Splicer:
     def __init__(self, relay: Relay, client: tcp.Connection, backend: tcp.Connection) -> None:
         self.relay = relay
         self.reactor = client.reactor
-        for connection in (client, backend):
-            connection.stopReading()
-            connection.stopWriting()
         self.client = _SocketEnd(self, client)
         self.backend = _SocketEnd(self, backend)
         self.toBackend = _Direction(self.client, self.backend)

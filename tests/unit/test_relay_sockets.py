@@ -175,3 +175,20 @@ class SpliceHandOverTests(TestCase):
         yield self.client.closed
         self.assertEqual(bytes(self.backend.received), pipelined)
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\nb OK appended\r\n")
+
+    @inlineCallbacks
+    def test_smallPipes(self) -> None:
+        """
+        Pipes smaller than the early bytes (an unprivileged process past
+        C{/proc/sys/fs/pipe-user-pages-soft} gets 8 KiB pipes) lose nothing.
+        """
+        self.patch(_relay, "SPLICE_PIPE_SIZE", 4096)
+        pipelined = b"b NOOP\r\n" * 1250
+        yield self.relayed(toBackend=pipelined)
+        while len(self.backend.received) < len(pipelined):
+            yield deferLater(reactor, 0.01)
+        self.backend.transport.write(b"b OK done\r\n")
+        self.backend.transport.loseConnection()
+        yield self.client.closed
+        self.assertEqual(bytes(self.backend.received), pipelined)
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\nb OK done\r\n")
