@@ -95,9 +95,7 @@ class Relay:
         self._lastActivity = self._clock.seconds()
         if self._idleTimeout > 0:
             self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
-        splicer = _Splicer.attempt(self, toClient, toBackend)
-        if splicer is not None:
-            self._splicer = splicer
+        if _Splicer.attempt(self, toClient, toBackend) is not None:
             return
         for transport in (self._client, self._backend):
             descriptor = socketOf(transport)
@@ -300,6 +298,8 @@ class _Splicer:
                 direction.pending = len(data)
         relay.bytesFromBackend += len(toClient)
         relay.bytesFromClient += len(toBackend)
+        # Known to the relay before the first splice, which may end it.
+        relay._splicer = splicer
         splicer.run()
         return splicer
 
@@ -330,7 +330,8 @@ class _Splicer:
         Start reading, after flushing what is already in the pipes.
         """
         for direction in (self.toBackend, self.toClient):
-            self._drain(direction)
+            if self.attached:
+                self._drain(direction)
 
     def _directionFrom(self, end: _SocketEnd) -> _Direction:
         return self.toBackend if end is self.client else self.toClient

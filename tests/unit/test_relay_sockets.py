@@ -192,3 +192,40 @@ class SpliceHandOverTests(TestCase):
         yield self.client.closed
         self.assertEqual(bytes(self.backend.received), pipelined)
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\nb OK done\r\n")
+
+    @inlineCallbacks
+    def test_clientResetBeforeHandOver(self) -> None:
+        """
+        A client that reset its connection while its login ran (reading was
+        paused, so nobody noticed) ends the relay at the hand-over: both
+        connections close and the pipes are closed.
+        """
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg()
+        # Reading from the client pauses during a login.
+        self.clientInner.transport.pauseProducing()
+        self.client.transport.abortConnection()
+        fd = self.clientInner.transport.fileno()
+        while not select.select([fd], [], [], 0)[0]:
+            yield deferLater(reactor, 0.01)
+        ended: list[Relay] = []
+        relay = Relay(self.clientInner.transport, self.backendInner.transport, reactor, 60, ended.append)
+        self.clientInner.connectionLost = lambda reason=None: (relay.clientLost(), Inner.connectionLost(self.clientInner))
+        self.backendInner.connectionLost = lambda reason=None: (relay.backendLost(), Inner.connectionLost(self.backendInner))
+        self.clientInner.transport.write(b"a OK Logged in\r\n")
+        pipes: list[int] = []
+        realPipe = os.pipe2
+
+        def pipe2(flags: int) -> tuple[int, int]:
+            ends = realPipe(flags)
+            pipes.extend(ends)
+            return ends
+
+        self.patch(os, "pipe2", pipe2)
+        relay.start()
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+        self.assertEqual(relay.endReason, "connection reset")
+        self.assertEqual(len(pipes), 4)
+        for end in pipes:
+            self.assertRaises(OSError, os.fstat, end)
