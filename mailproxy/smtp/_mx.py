@@ -146,7 +146,7 @@ class MXFrontend(SMTPFrontend):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if self.transport.disconnecting:
+        if getattr(self.transport, "disconnecting", False):
             return
         # No login ends this session's pre-auth phase: it is timed by
         # client silence instead, so a long message never hits a deadline.
@@ -359,9 +359,8 @@ class MXFrontend(SMTPFrontend):
         if self.bound is not None and name != self.bound:
             return reply(452, "4.5.3", f"<{address}>: Too many recipients for this transaction, send the rest in another"), False
         if self.accepted == 0 and self.backend is not None and self._backendName != name:
-            # Nothing accepted yet: the transaction may still move.
-            if self._mailSent:
-                self.backend.command(b"RSET").addErrback(lambda f: None)
+            # Nothing accepted yet: the transaction may still move (QUIT
+            # discards what the old backend has of it).
             self._dropBackend()
         d = self._connection(answer)
         d.addCallback(self._sendRecipient, path)

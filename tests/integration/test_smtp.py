@@ -817,3 +817,34 @@ class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
         client.starttls(context=self.context)
         self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
         self.system.waitForCopy("old", user, messageId)
+
+
+class ImplicitTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    Submission to a backend port with implicit TLS (Postfix's
+    C{smtpd_tls_wrappermode}), verified against the test CA.
+    """
+
+    def backendOptions(self, postfix: Postfix) -> dict[str, object]:
+        """
+        The implicit-TLS submission port; no MX is used here.
+        """
+        return {
+            "ports": {"smtp": postfix.submissions, "mx": postfix.submissions},
+            "tls": "implicit",
+            "ca_file": self.system.ca.caPath,
+            "server_name": "localhost",
+            "forward": "xclient",
+        }
+
+    def test_submissionOverImplicitTLS(self) -> None:
+        """
+        carol's submission (XCLIENT LOGIN) reaches old's Postfix over TLS.
+        """
+        user, messageId, mark = "carol@example.org", newMessageId(), self.logMark("old")
+        client = self.smtp(self.running.submission)
+        client.starttls(context=self.context)
+        client.login(user, PASSWORDS[user])
+        self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
+        self.assertSubmitted("old", user, mark, messageId, "XCLIENT")
+        self.postfixLine("old", mark, "TLS connection established from localhost[127.0.0.1]")
