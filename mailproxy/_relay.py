@@ -201,6 +201,10 @@ def _plainSocket(transport: object) -> tcp.Connection | None:
         return None
     if not hasattr(descriptor, "dataBuffer") or not hasattr(descriptor, "_tempDataBuffer"):
         return None
+    if not descriptor.connected or descriptor.disconnecting:
+        # Being closed (a session dropped during its login): Twisted must
+        # finish that, it would not once the splicer took the socket.
+        return None
     return descriptor
 
 

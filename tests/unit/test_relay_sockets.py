@@ -229,3 +229,26 @@ class SpliceHandOverTests(TestCase):
         self.assertEqual(len(pipes), 4)
         for end in pipes:
             self.assertRaises(OSError, os.fstat, end)
+
+    @inlineCallbacks
+    def test_clientClosingAtHandOver(self) -> None:
+        """
+        A client connection already being closed (the session was dropped
+        while its login ran) is not taken over: it still closes, and the
+        backend with it.
+        """
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg()
+        relay = Relay(self.clientInner.transport, self.backendInner.transport, reactor, 60, lambda relay: None)
+        self.clientInner.dataReceived = relay.fromClient
+        self.backendInner.dataReceived = relay.fromBackend
+        self.clientInner.connectionLost = lambda reason=None: (relay.clientLost(), Inner.connectionLost(self.clientInner))
+        self.backendInner.connectionLost = lambda reason=None: (relay.backendLost(), Inner.connectionLost(self.backendInner))
+        self.clientInner.transport.write(b"* BYE dropped\r\n")
+        self.clientInner.transport.loseConnection()
+        self.clientInner.transport.write(b"a OK Logged in\r\n")
+        relay.start()
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+        yield self.client.closed
+        self.assertEqual(bytes(self.client.received), b"* BYE dropped\r\na OK Logged in\r\n")
