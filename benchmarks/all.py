@@ -1,0 +1,43 @@
+"""
+Every benchmark in one run: IMAP against direct Dovecot and nginx
+(C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}) and the routers
+(C{routers.py}), each printing its own table.
+
+    python benchmarks/all.py [--quick]
+
+Each part starts its own servers and stops them before the next begins, so
+they never compete for the two cores. The exit status is the worst part's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_REPOSITORY = Path(__file__).resolve().parent.parent
+if str(_REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(_REPOSITORY))
+
+from benchmarks import pop3, routers, run, smtp  # noqa: E402
+
+PARTS = (("IMAP", run.main), ("POP3", pop3.main), ("ESMTP", smtp.main), ("Routers", routers.main))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run every part with the same C{--quick} choice; return the worst status.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    unknown = [a for a in arguments if a != "--quick"]
+    if unknown:
+        print(f"usage: all.py [--quick] (each part has more options: run it alone)", file=sys.stderr)
+        return 2
+    worst = 0
+    for title, part in PARTS:
+        print(f"\n## {title}\n", flush=True)
+        worst = max(worst, part(list(arguments)) or 0)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
