@@ -67,6 +67,7 @@ class IMAPFrontend(FrontendProtocol):
         self.clientID: tuple[tuple[str, str], ...] = ()
         self.capabilityAsked = False
         self.badCommands = 0
+        self._processing = False
         self._saslTag = b""
         self._saslStep: Callable[[bytes], None] | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
@@ -128,6 +129,17 @@ class IMAPFrontend(FrontendProtocol):
     # The command loop
 
     def _process(self) -> None:
+        # A login that fails at once comes back here from inside the loop:
+        # the running loop goes on, rather than one more nested per login.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._processCommands()
+        finally:
+            self._processing = False
+
+    def _processCommands(self) -> None:
         while self.state in ("command", "sasl"):
             if self.state == "sasl":
                 line = self.parser.nextLine(MAX_SASL_LINE)

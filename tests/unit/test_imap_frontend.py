@@ -740,3 +740,20 @@ class LogQuotingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         FrontendProtocol.login(self.frontend, credentials).addErrback(lambda f: None)
         self.clock.advance(60)
         self.assertOneLineEach([formatEvent(event) for event in events])
+
+
+class PipelinedLoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    Logins pipelined in one read, each refused at once.
+    """
+
+    def test_manyImmediateFailures(self) -> None:
+        """
+        Every one of hundreds of pipelined logins that fail without delay
+        (a temporary refusal) is answered: handling one failure does not
+        nest the command loop once more per login until the stack runs out.
+        """
+        self.build()
+        self.router.default = Rejection("Directory down", temporary=True)
+        out = self.send(b"a LOGIN nobody x\r\n" * 400 + b"b NOOP\r\n")
+        self.assertEqual(out, b"a NO [UNAVAILABLE] Directory down\r\n" * 400 + b"b OK NOOP completed.\r\n")
