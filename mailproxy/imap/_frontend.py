@@ -219,6 +219,7 @@ class IMAPFrontend(FrontendProtocol):
         # been injected by an attacker: drop it (CVE-2011-0411).
         self.parser.clear()
         self.capabilityAsked = False
+        self.clientID = ()
         self.startTLS()
 
     def do_ID(self, command: Command) -> None:

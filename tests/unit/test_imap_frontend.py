@@ -757,3 +757,22 @@ class PipelinedLoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.router.default = Rejection("Directory down", temporary=True)
         out = self.send(b"a LOGIN nobody x\r\n" * 400 + b"b NOOP\r\n")
         self.assertEqual(out, b"a NO [UNAVAILABLE] Directory down\r\n" * 400 + b"b OK NOOP completed.\r\n")
+
+
+class StartTLSForgetsTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    What the client said in plaintext before STARTTLS does not count after
+    it (PROTOCOLS.md 0.2): a man in the middle could have said it.
+    """
+
+    def test_idForgotten(self) -> None:
+        """
+        An ID sent before STARTTLS reaches neither the router nor the
+        backend; the first ID after the handshake counts.
+        """
+        self.build(tls="starttls")
+        self.send(b'a ID ("name" "injected")\r\n')
+        self.send(b"b STARTTLS\r\n")
+        self.send(b'c ID ("name" "Thunderbird")\r\n')
+        self.send(b"d LOGIN alice secret\r\n")
+        self.assertEqual(self.router.requests[0].clientID, (("name", "Thunderbird"),))
