@@ -343,6 +343,9 @@ class FrontendProtocol(Protocol):
             return
         self._closing = True
         self.result = "pre-auth timeout"
+        if self._pending is not None:
+            # A login still running must not hand over after the goodbye.
+            self._pending.cancel()
         self.sayGoodbye("Disconnected for inactivity.")
         self.transport.loseConnection()
         self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)

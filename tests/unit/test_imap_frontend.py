@@ -680,6 +680,20 @@ class ClosingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.clock.advance(60)
         self.assertTrue(self.client.disconnected)
 
+    def test_loginInFlightAtPreauthTimeout(self) -> None:
+        """
+        A login still running when the pre-auth timeout says BYE is given
+        up: the backend connection is closed and the client gets no OK.
+        """
+        self.build(limits=Limits(preauthTimeout=30))
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.clock.advance(30)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.assertEqual(self.client.value(), b"* BYE Disconnected for inactivity.\r\n")
+        self.assertIsNone(self.frontend.relay)
+
 
 class LogQuotingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
     """
