@@ -15,7 +15,7 @@ list shorter, never promise something it lacks; it is asked again later.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -196,7 +196,7 @@ class BackendExtensions:
         def done(result: object) -> None:
             self._probing.pop(backend.name, None)
 
-        d = self._probe(backend)
+        d: Deferred[Any] = self._probe(backend)
         d.addCallbacks(probed, failed)
         d.addBoth(done)
         return d

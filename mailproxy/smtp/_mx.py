@@ -327,14 +327,14 @@ class MXFrontend(SMTPFrontend):
             d = callRouter(self.context.router, request)
         else:
             d = waiting.addCallback(lambda _: callRouter(self.context.router, request))
-        d.addCallbacks(self._routed, self._routerFailed, callbackArgs=(path,), errbackArgs=(path,))
+        d.addCallbacks(self._recipientRouted, self._lookupFailed, callbackArgs=(path,), errbackArgs=(path,))
         self.wait(d, self._answerRecipient)
 
-    def _routerFailed(self, reason: Failure, path: Path) -> tuple[bytes, bool]:
+    def _lookupFailed(self, reason: Failure, path: Path) -> tuple[bytes, bool]:
         self.log.failure("router failed for session {session}", reason, session=self.client.sessionId)
         return reply(451, "4.3.0", f"<{path.address}>: Temporary lookup failure"), False
 
-    def _routed(self, answer: Route | Rejection, path: Path) -> Deferred[tuple[bytes, bool]] | tuple[bytes, bool]:
+    def _recipientRouted(self, answer: Route | Rejection, path: Path) -> Deferred[Any] | tuple[bytes, bool]:
         address = path.address
         if isinstance(answer, Rejection):
             if answer.temporary:
@@ -366,7 +366,7 @@ class MXFrontend(SMTPFrontend):
         d.addCallback(self._sendRecipient, path)
         return d
 
-    def _connection(self, route: Route) -> Deferred[SMTPBackend | BackendFailure]:
+    def _connection(self, route: Route) -> Deferred[Any]:
         if self.backend is not None and not self.backend.lost:
             return succeed(self.backend)
         knowledge = self.knowledge
@@ -415,7 +415,7 @@ class MXFrontend(SMTPFrontend):
 
         return self.context.backendConnector(self.context.reactor, protocol).addCallbacks(connected, failed)
 
-    def _sendRecipient(self, backend: SMTPBackend | BackendFailure, path: Path) -> Deferred[tuple[bytes, bool]] | tuple[bytes, bool]:
+    def _sendRecipient(self, backend: SMTPBackend | BackendFailure, path: Path) -> Deferred[Any] | tuple[bytes, bool]:
         address = path.address
         if isinstance(backend, BackendFailure):
             if backend.kind == "refused" and backend.clientText:
@@ -425,7 +425,7 @@ class MXFrontend(SMTPFrontend):
         assert self.mailFrom is not None
         rcpt = b"RCPT TO:<" + path.raw + b">" + path.parameterText()
         if self._mailSent:
-            return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone)
+            return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone).addCallback(self._orLost, address)
         mail = backend.command(b"MAIL FROM:<" + self.mailFrom.raw + b">" + self.mailFrom.parameterText())
         if backend.pipelining:
             pipelined = backend.command(rcpt)

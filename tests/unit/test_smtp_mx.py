@@ -359,6 +359,22 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         self.send(b"RCPT TO:<carol@example.org>\r\n")
         self.assertEqual(len(self.connector.protocols), 2)
 
+    def test_backendLostDuringRecipient(self) -> None:
+        """
+        When the backend goes away while a recipient waits for its answer,
+        that recipient gets 451 4.4.2 and the session goes on.
+        """
+        self.build()
+        self.transaction()
+        self.assertEqual(self.send(b"RCPT TO:<carol@example.org>\r\n"), b"")
+        self.connector.protocols[0].connectionLost(None)
+        self.assertEqual(
+            self.client.value(),
+            b"451 4.4.2 <carol@example.org>: Lost connection with the mail server, try again later\r\n",
+        )
+        self.assertEqual(self.send(b"NOOP\r\n"), b"250 2.0.0 Ok\r\n")
+        self.assertFalse(self.client.disconnecting)
+
     def test_tooManyRecipients(self) -> None:
         """
         Recipients over the limit get 452 4.5.3 without a lookup.
