@@ -47,6 +47,7 @@ _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
 _GOODBYE_CODES = {
     "Disconnected for inactivity.": "4.4.2",
     "Idle timeout.": "4.4.2",
+    "Server shutting down.": "4.3.2",
 }
 
 

@@ -226,6 +226,16 @@ class GreetingAndEHLOTests(SubmissionTestsMixin, SynchronousTestCase):
             b"250 2.0.0 Ok\r\n",
         )
 
+    def test_dropped(self) -> None:
+        """
+        A session dropped from outside hears 421 with the reason; shutdown
+        says 4.3.2 (service not available).
+        """
+        self.build()
+        self.frontend.drop("Server shutting down.")
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
+        self.assertTrue(self.client.disconnecting)
+
     def test_preauthTimeout(self) -> None:
         """
         A client that does not log in in time is told 421 and dropped.
