@@ -83,8 +83,8 @@ def xclientAttributes(
 def xclientCommands(attributes: dict[str, str], advertised: list[str]) -> list[bytes]:
     """
     The XCLIENT command lines (without CRLF) that send those of
-    C{attributes} the server C{advertised}, each line within the 512-octet
-    limit, NAME and ADDR last.
+    C{attributes} the server C{advertised}, split between attributes where a
+    line would pass 512 octets, NAME and ADDR last.
 
     @raise ValueError: an attribute is longer than a server accepts.
     """
@@ -102,8 +102,9 @@ def xclientCommands(attributes: dict[str, str], advertised: list[str]) -> list[b
         if line and len(line) + 1 + len(word) + 2 > COMMAND_LINE:
             lines.append(line)
             line = b""
-        if len(b"XCLIENT " + word) + 2 > COMMAND_LINE:
-            raise ValueError("XCLIENT attribute does not fit on a command line")
+        # One attribute may make a line longer than 512 octets (255 octets
+        # of UTF-8 are 765 in xtext); Postfix reads up to its
+        # line_length_limit, 2048 by default.
         line = (line + b" " + word) if line else b"XCLIENT " + word
     if line:
         lines.append(line)

@@ -15,7 +15,8 @@ import hashlib
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
-from mailproxy.model import Backend, Rejection, Route
+from mailproxy.model import Backend, ClientInfo, Rejection, Route
+from mailproxy.smtp._backend import xclientAttributes, xclientCommands
 from mailproxy.smtp._ehlo import Extensions
 from mailproxy.smtp._frontend import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
@@ -736,3 +737,38 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
         self.assertTrue(self.connector.transports[-1].disconnecting)
+
+
+class XCLIENTCommandTests(SynchronousTestCase):
+    """
+    L{xclientCommands}: the XCLIENT lines for a set of attributes.
+    """
+
+    def test_splitNameAndAddressLast(self) -> None:
+        """
+        Attributes that do not fit on one 512-octet line are split over
+        several commands; NAME and ADDR come last.
+        """
+        attributes = xclientAttributes(
+            ClientInfo("s", "192.0.2.10", 1, "192.0.2.1", 25), "h" * 250, True, "ü" * 40
+        )
+        lines = xclientCommands(attributes, XCLIENT_ATTRIBUTES.decode().split())
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(all(len(line) + 2 <= 512 and line.startswith(b"XCLIENT ") for line in lines))
+        self.assertTrue(lines[-1].endswith(b"NAME=[UNAVAILABLE] ADDR=192.0.2.10"))
+        self.assertIn(b" LOGIN=" + b"+C3+BC" * 40, b" ".join(lines))
+
+    def test_longValueAlone(self) -> None:
+        """
+        An attribute whose xtext alone passes 512 octets goes on a line of
+        its own rather than not at all.
+        """
+        lines = xclientCommands({"LOGIN": "ü" * 127, "ADDR": "192.0.2.10"}, ["LOGIN", "ADDR"])
+        self.assertEqual(lines, [b"XCLIENT LOGIN=" + b"+C3+BC" * 127, b"XCLIENT ADDR=192.0.2.10"])
+
+    def test_tooLong(self) -> None:
+        """
+        A value over 255 octets cannot be sent.
+        """
+        attributes = {"LOGIN": "x" * 256}
+        self.assertRaises(ValueError, xclientCommands, attributes, ["LOGIN"])
