@@ -17,7 +17,7 @@ import tomllib
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .config import AdminConfig, Config, ConfigError, Table, _parseAdmin, loadConfig
+from .config import _UNESCAPED_COLON, AdminConfig, Config, ConfigError, Table, _parseAdmin, loadConfig
 
 __all__ = ["AdminClient", "AdminError", "endpointURL", "clientFromConfig", "adminFromFile"]
 
@@ -38,7 +38,7 @@ def endpointURL(endpoint: str, tls: bool) -> str:
     The URL that reaches a server endpoint string from this machine: an
     all-interfaces address becomes loopback.
     """
-    parts = [_unescape(part) for part in _split(endpoint)]
+    parts = [_unescape(part) for part in _UNESCAPED_COLON.split(endpoint)]
     kind, port = parts[0], parts[1]
     options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
     if port.startswith("port="):
@@ -51,23 +51,6 @@ def endpointURL(endpoint: str, tls: bool) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if tls else 'http'}://{host}:{port}"
-
-
-def _split(endpoint: str) -> list[str]:
-    parts, current, escaped = [], "", False
-    for character in endpoint:
-        if escaped:
-            current += "\\" + character
-            escaped = False
-        elif character == "\\":
-            escaped = True
-        elif character == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += character
-    parts.append(current)
-    return parts
 
 
 class AdminClient:

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .test_imap import firstMessage
 
 #: Seconds any single client operation may take before the test fails.
 TIMEOUT = 30.0
@@ -39,17 +40,6 @@ PASSWORD = "drill-secret"
 TOKEN = "drill-token-0123456789abcdef0123456789abcdef"
 MOVED_BYE = b"* BYE Your mailbox has moved, please reconnect.\r\n"
 _REPOSITORY = Path(__file__).resolve().parent.parent.parent
-
-
-def firstMessage(user: str, server: str) -> bytes:
-    """
-    The message that is UID 1 in C{user}'s INBOX on C{server}.
-    """
-    return (
-        f"From: postmaster@example.org\r\nTo: {user}\r\nSubject: {user} on {server}\r\n"
-        f"Message-ID: <{user.replace('@', '.')}.{server}@example.org>\r\n\r\n"
-        f"This copy of {user}'s mailbox lives on {server}.\r\n"
-    ).encode("ascii")
 
 
 class DrillServers:
