@@ -85,9 +85,11 @@ class DrillProxy:
     """
 
     def __init__(self, servers: DrillServers, grace: float = 30) -> None:
-        self.imap = freePort()
-        self.imaps = freePort()
-        self.admin = freePort()
+        # The kernel may hand out the same free port twice in a row.
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(freePort())
+        self.imap, self.imaps, self.admin = sorted(ports)
         directory = fixtureDirectory("drill-proxy")
         self.text = (
             '[proxy]\nhostname = "proxy.example.org"\n'
