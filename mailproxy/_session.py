@@ -341,12 +341,17 @@ class FrontendProtocol(Protocol):
             # open (TLS waits for its close alert as long as it likes).
             self.transport.abortConnection()
             return
+        self._closeBeforeLogin("pre-auth timeout", "Disconnected for inactivity.")
+
+    def _closeBeforeLogin(self, result: str, goodbye: str) -> None:
         self._closing = True
-        self.result = "pre-auth timeout"
+        self.result = result
+        if self._preauthTimer is not None and self._preauthTimer.active():
+            self._preauthTimer.cancel()
         if self._pending is not None:
             # A login still running must not hand over after the goodbye.
             self._pending.cancel()
-        self.sayGoodbye("Disconnected for inactivity.")
+        self.sayGoodbye(goodbye)
         self.transport.loseConnection()
         self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
 
@@ -403,11 +408,8 @@ class FrontendProtocol(Protocol):
                 self._goodbye = reason
                 self.relay.stop("dropped: " + reason)
             return
-        if not self._counted:
-            return
-        self.result = "dropped: " + reason
-        self.sayGoodbye(reason)
-        self.transport.loseConnection()
+        if self._counted and not self._closing:
+            self._closeBeforeLogin("dropped: " + reason, reason)
 
     def describe(self) -> dict[str, Any]:
         """

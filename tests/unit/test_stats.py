@@ -134,7 +134,8 @@ class DropTests(SynchronousTestCase):
     def test_dropDuringLogin(self) -> None:
         """
         A session whose login is on its way to the backend is dropped too:
-        the backend connection goes with the client's.
+        the login is abandoned, so it never hands over after the goodbye,
+        and the backend connection goes with the client's.
         """
         proxy = harness()
         frontend, client = proxy.connect()
@@ -142,8 +143,11 @@ class DropTests(SynchronousTestCase):
         self.assertEqual(frontend.backendName, "old")
         frontend.drop("Account moved, please reconnect.")
         self.assertEqual(client.value(), b"* BYE Account moved, please reconnect.\r\n")
-        proxy.close(frontend)
-        self.assertTrue(proxy.connector.transports[-1].disconnected or proxy.connector.transports[-1].disconnecting)
+        self.assertTrue(client.disconnecting)
+        self.assertTrue(proxy.connector.transports[-1].disconnecting)
+        proxy.connector.protocols[-1].dataReceived(GREETING)
+        self.assertIsNone(frontend.relay)
+        self.assertEqual(client.value(), b"* BYE Account moved, please reconnect.\r\n")
 
     def test_idleTimeoutStillSaysSo(self) -> None:
         """
