@@ -295,13 +295,16 @@ class Mover:
 def explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
     """
     Which router, rule and backend decide C{account}'s route, without a
-    login: asked of the first router in the chain that can tell
-    (C{explainRoute(user) -> (rule, backend) | None}).
+    login: the routers that do the deciding (not caches or chains) are
+    asked in the order a login asks them, each with
+    C{explainRoute(user) -> (rule, backend) | None}; the first rule found
+    decides, and a router that cannot tell without the password ends the
+    search.
 
     @return: JSON-ready data: C{account}, C{router} (the configured type),
         C{chain} (class names, outermost first), C{rule} and C{backend}
-        (L{None} when no rule matches), and C{explained} (whether any
-        router could tell without the password).
+        (L{None} when no rule matches), and C{explained} (whether the
+        answer is known without the password).
     """
     chain = list(routerChain(router))
     answer: dict[str, Any] = {
@@ -312,12 +315,16 @@ def explainRoute(router: object, routerName: str, account: str) -> dict[str, Any
         "backend": None,
         "explained": False,
     }
+    answer["explained"] = True
     for member in chain:
+        if getattr(member, "wrapped", None) is not None or getattr(member, "routers", None):
+            continue
         explain = getattr(member, "explainRoute", None)
-        if callable(explain):
-            found = explain(account)
-            answer["explained"] = True
-            if found is not None:
-                answer["rule"], answer["backend"] = found
+        if not callable(explain):
+            answer["explained"] = False
+            break
+        found = explain(account)
+        if found is not None:
+            answer["rule"], answer["backend"] = found
             break
     return answer

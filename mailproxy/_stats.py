@@ -124,7 +124,8 @@ class ProxyStats:
 
 def routerChain(router: object) -> Iterator[object]:
     """
-    C{router} and every router it wraps, outermost first.
+    C{router} and every router it wraps, depth first in the order they are
+    asked: a router, then what it wraps, then the next one.
 
     A router that wraps one other router (a cache) exposes it as C{wrapped};
     one that asks several (a chain) exposes them as C{routers}.
@@ -137,8 +138,7 @@ def routerChain(router: object) -> Iterator[object]:
             continue
         seen.add(id(current))
         yield current
-        pending.append(getattr(current, "wrapped", None))
-        pending.extend(getattr(current, "routers", None) or ())
+        pending[0:0] = [getattr(current, "wrapped", None), *(getattr(current, "routers", None) or ())]
 
 
 def _cacheCounts(router: object) -> tuple[int, int] | None:

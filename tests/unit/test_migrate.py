@@ -277,6 +277,32 @@ class ExplainTests(SynchronousTestCase):
             },
         )
 
+    def test_chain(self) -> None:
+        """
+        In a chain, the routers are asked in order: a route table without a
+        rule passes on, and a router that decides only at login ends the
+        search without an answer.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "moved.toml")
+        with open(path, "w") as f:
+            f.write('[accounts]\n"alice@example.org" = "new"\n')
+
+        class Chain:
+            def __init__(self, *routers):
+                self.routers = routers
+
+            def route(self, request):
+                raise AssertionError("not asked")
+
+        router = Chain(Cache(StaticRouter(path, BACKENDS)), FakeRouter())
+        alice = explainRoute(router, "chain", "alice@example.org")
+        self.assertEqual((alice["explained"], alice["rule"], alice["backend"]), (True, "accounts['alice@example.org']", "new"))
+        self.assertEqual(alice["chain"], ["Chain", "Cache", "StaticRouter", "FakeRouter"])
+        bob = explainRoute(router, "chain", "bob@example.org")
+        self.assertEqual((bob["explained"], bob["rule"], bob["backend"]), (False, None, None))
+
     def test_cannotTell(self) -> None:
         """
         A router that decides only at login says so.
