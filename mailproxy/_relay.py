@@ -236,14 +236,15 @@ class _SocketEnd:
         self.splicer.fail()
 
 
-class _Direction:
+class _Pipe:
     """
-    Bytes on their way from C{source} to C{sink} through a pipe.
+    A non-blocking pipe that splices go through.
+
+    @ivar capacity: how many octets it holds (the kernel may give less than
+        asked once the user's pipe quota, C{fs.pipe-user-pages-soft}, is used).
     """
 
-    def __init__(self, source: _SocketEnd, sink: _SocketEnd) -> None:
-        self.source = source
-        self.sink = sink
+    def __init__(self) -> None:
         self.read, self.write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(self.write, _F_SETPIPE_SZ, SPLICE_PIPE_SIZE)
@@ -253,12 +254,110 @@ class _Direction:
             self.capacity = fcntl.fcntl(self.write, _F_GETPIPE_SZ)
         except OSError:
             self.capacity = 4096
-        self.pending = 0
-        self.ended = False
 
     def close(self) -> None:
         os.close(self.read)
         os.close(self.write)
+
+
+class _PipePool:
+    """
+    Empty pipes shared by every spliced session. A direction holds a pipe
+    only while bytes are in flight, so thousands of idle sessions hold none
+    (and the user's pipe quota goes to the transfers under way).
+    """
+
+    def __init__(self, keep: int = 32) -> None:
+        self.keep = keep
+        self._free: list[_Pipe] = []
+
+    def acquire(self) -> _Pipe:
+        """
+        An empty pipe.
+        """
+        return self._free.pop() if self._free else _Pipe()
+
+    def release(self, pipe: _Pipe) -> None:
+        """
+        Take back an empty pipe.
+        """
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+
+_pipes = _PipePool()
+
+
+def _spliceWorks() -> bool:
+    """
+    Whether this kernel splices from a TCP-like socket into a pipe (checked
+    once, on a socket pair).
+    """
+    global _spliceChecked
+    if _spliceChecked is None:
+        import socket
+
+        _spliceChecked = False
+        if hasattr(os, "splice"):
+            left, right = socket.socketpair()
+            pipe = _Pipe()
+            try:
+                left.send(b"x")
+                right.setblocking(False)
+                _spliceChecked = os.splice(right.fileno(), pipe.write, 1, flags=_SPLICE_FLAGS) == 1
+            except OSError:
+                pass
+            finally:
+                left.close()
+                right.close()
+                pipe.close()
+    return _spliceChecked
+
+
+_spliceChecked: bool | None = None
+
+
+class _Direction:
+    """
+    Bytes on their way from C{source} to C{sink}, through a pipe from the
+    pool while any are in flight.
+    """
+
+    def __init__(self, source: _SocketEnd, sink: _SocketEnd) -> None:
+        self.source = source
+        self.sink = sink
+        self.pipe: _Pipe | None = None
+        self.pending = 0
+        self.ended = False
+
+    def hold(self) -> _Pipe:
+        """
+        The pipe, taken from the pool if none is held.
+        """
+        if self.pipe is None:
+            self.pipe = _pipes.acquire()
+        return self.pipe
+
+    def drained(self) -> None:
+        """
+        Nothing is in flight: give the pipe back.
+        """
+        if self.pipe is not None and self.pending == 0:
+            _pipes.release(self.pipe)
+            self.pipe = None
+
+    def close(self) -> None:
+        """
+        Done: return an empty pipe, close one still holding bytes.
+        """
+        if self.pipe is not None:
+            if self.pending == 0:
+                _pipes.release(self.pipe)
+            else:
+                self.pipe.close()
+            self.pipe = None
 
 
 class _Splicer:
@@ -277,7 +376,7 @@ class _Splicer:
         Take over both sockets from Twisted if both are plain TCP; what
         Twisted had not yet written, and the early bytes, go first.
         """
-        if not hasattr(os, "splice"):
+        if not _spliceWorks():
             return None
         client, backend = _plainSocket(relay._client), _plainSocket(relay._backend)
         if client is None or backend is None:
@@ -286,19 +385,20 @@ class _Splicer:
         if sum(sizes) > 32768:
             return None  # more than a pipe surely holds at once: stay in Python
         splicer = cls(relay, client, backend)
-        if sizes[0] > splicer.toClient.capacity or sizes[1] > splicer.toBackend.capacity:
-            # Small pipes (the user's pipe quota is used up): a write would
-            # take only part of the early bytes.
-            for direction in (splicer.toBackend, splicer.toClient):
-                direction.close()
-            return None
+        for size, direction in zip(sizes, (splicer.toClient, splicer.toBackend)):
+            if size and size > direction.hold().capacity:
+                # Small pipes (the user's pipe quota is used up): a write
+                # would take only part of the early bytes.
+                for each in (splicer.toBackend, splicer.toClient):
+                    each.close()
+                return None
         for connection in (client, backend):
             connection.stopReading()
             connection.stopWriting()
         early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
         for direction, data in zip((splicer.toClient, splicer.toBackend), early):
             if data:
-                os.write(direction.write, data)
+                os.write(direction.hold().write, data)
                 direction.pending = len(data)
         relay.bytesFromBackend += len(toClient)
         relay.bytesFromClient += len(toBackend)
@@ -342,14 +442,17 @@ class _Splicer:
 
     def readable(self, end: _SocketEnd) -> None:
         direction = self._directionFrom(end)
+        pipe = direction.hold()
         try:
-            moved = os.splice(end.fileno(), direction.write, SPLICE_PIPE_SIZE - direction.pending, flags=_SPLICE_FLAGS)
+            moved = os.splice(end.fileno(), pipe.write, pipe.capacity - direction.pending, flags=_SPLICE_FLAGS)
         except BlockingIOError:
+            direction.drained()
             return
         except OSError as e:
             self._broken(e)
             return
         if moved == 0:
+            direction.drained()
             direction.ended = True
             self.reactor.removeReader(end)
             if direction.pending == 0:
@@ -369,7 +472,7 @@ class _Splicer:
     def _drain(self, direction: _Direction) -> None:
         while direction.pending:
             try:
-                moved = os.splice(direction.read, direction.sink.fileno(), direction.pending, flags=_SPLICE_FLAGS)
+                moved = os.splice(direction.hold().read, direction.sink.fileno(), direction.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -383,6 +486,7 @@ class _Splicer:
             self.reactor.removeReader(direction.source)
             self.reactor.addWriter(direction.sink)
         else:
+            direction.drained()
             self.reactor.removeWriter(direction.sink)
             if direction.ended:
                 self._finished(direction)
