@@ -34,7 +34,7 @@ __all__ = ["jsonLine", "EventLogService"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
-_TEXT_ONLY = frozenset({"quotedUser", "quotedReason"})
+_TEXT_ONLY = frozenset({"quotedUser", "quotedReason", "text"})
 
 
 def jsonLine(event: dict[str, Any]) -> str:
