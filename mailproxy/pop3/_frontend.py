@@ -83,6 +83,7 @@ class POP3Frontend(FrontendProtocol):
         self.parser = LineParser()
         self.state = "command"
         self.badCommands = 0
+        self._processing = False
         self.digestAuth = listener.digestAuth
         self.timestamp: bytes | None = None
         self._user: bytes | None = None
@@ -177,6 +178,17 @@ class POP3Frontend(FrontendProtocol):
     # The command loop
 
     def _process(self) -> None:
+        # A login that fails at once comes back here from inside the loop:
+        # the running loop goes on, rather than one more nested per login.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._processCommands()
+        finally:
+            self._processing = False
+
+    def _processCommands(self) -> None:
         while self.state in ("command", "sasl"):
             if self.state == "sasl":
                 line = self.parser.nextLine(MAX_SASL_LINE)

@@ -93,6 +93,7 @@ class SieveFrontend(FrontendProtocol):
         self.parser = LineParser(self.limits.lineLength, self.limits.literalSize)
         self.state = "command"
         self.badCommands = 0
+        self._processing = False
         self._startingTLS = False
         self._saslStep: Callable[[bytes], None] | None = None
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
@@ -182,6 +183,17 @@ class SieveFrontend(FrontendProtocol):
     # The command loop
 
     def _process(self) -> None:
+        # A login that fails at once comes back here from inside the loop:
+        # the running loop goes on, rather than one more nested per login.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._processCommands()
+        finally:
+            self._processing = False
+
+    def _processCommands(self) -> None:
         while self.state in ("command", "sasl"):
             event = self.parser.next()
             if event is None:

@@ -142,6 +142,7 @@ class SMTPFrontend(FrontendProtocol):
         self.esmtp = False
         self.offered = Extensions()
         self.errors = 0
+        self._processing = False
         self._pauses: set[str] = set()
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"EHLO": self.do_EHLO,
@@ -276,6 +277,22 @@ class SMTPFrontend(FrontendProtocol):
         """
         Answer every complete command line buffered, in order, until a
         command must wait.
+        """
+        # A command answered at once (a login refused without delay) may
+        # come back here from inside the loop: the running loop goes on,
+        # rather than one more nested per command.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self.processInput()
+        finally:
+            self._processing = False
+
+    def processInput(self) -> None:
+        """
+        The loop behind L{process}; a subclass with input states of its
+        own (SASL lines, message data) extends it.
         """
         while self.state == "command":
             line = self.reader.nextLine(self.lineLimit())
@@ -489,7 +506,7 @@ class SubmissionFrontend(SMTPFrontend):
             learn=lambda extensions: knowledge.learn(job.backend.name, extensions),
         )
 
-    def process(self) -> None:
+    def processInput(self) -> None:
         while True:
             if self.state == "discard":
                 self._discard -= len(self.reader.take(self._discard))
@@ -510,7 +527,7 @@ class SubmissionFrontend(SMTPFrontend):
                 continue
             if self.state != "command":
                 return
-            super().process()
+            super().processInput()
             if self.state not in ("discard", "sasl"):
                 return
 

@@ -184,7 +184,7 @@ class MXFrontend(SMTPFrontend):
         self._lastActivity = self.context.reactor.seconds()
         super().frontendDataReceived(data)
 
-    def process(self) -> None:
+    def processInput(self) -> None:
         while True:
             if self.state == "data":
                 pending = self.reader.takeRemaining()
@@ -199,7 +199,7 @@ class MXFrontend(SMTPFrontend):
                 continue
             if self.state != "command":
                 return
-            super().process()
+            super().processInput()
             if self.state not in ("data", "chunk"):
                 return
 

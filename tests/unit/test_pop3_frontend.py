@@ -1026,3 +1026,20 @@ class RelayTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.loggedIn()
         self.connector.protocols[-1].connectionLost(None)
         self.assertTrue(self.client.disconnecting)
+
+
+class PipelinedLoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    Logins pipelined in one read, each refused at once.
+    """
+
+    def test_manyImmediateFailures(self) -> None:
+        """
+        Every one of hundreds of pipelined logins that fail without delay
+        (a temporary refusal) is answered: handling one failure does not
+        nest the command loop once more per login until the stack runs out.
+        """
+        self.build()
+        self.router.default = Rejection("Directory down", temporary=True)
+        out = self.send(b"USER nobody\r\nPASS x\r\n" * 400 + b"NOOP\r\n")
+        self.assertEqual(out, b"+OK\r\n-ERR [SYS/TEMP] Directory down\r\n" * 400 + b"+OK\r\n")

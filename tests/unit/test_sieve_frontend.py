@@ -905,3 +905,20 @@ class RelayTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b'BYE "Idle timeout."\r\n')
         self.assertTrue(self.client.disconnecting)
         self.assertTrue(self.connector.transports[-1].disconnecting)
+
+
+class PipelinedLoginTests(SieveFrontendTestsMixin, SynchronousTestCase):
+    """
+    Logins pipelined in one read, each refused at once.
+    """
+
+    def test_manyImmediateFailures(self) -> None:
+        """
+        Every one of hundreds of pipelined logins that fail without delay
+        (a temporary refusal) is answered: handling one failure does not
+        nest the command loop once more per login until the stack runs out.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Directory down", temporary=True)
+        out = self.send((b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n') * 400 + b"NOOP\r\n")
+        self.assertEqual(out, b'NO (TRYLATER) "Directory down"\r\n' * 400 + b'OK "NOOP completed."\r\n')

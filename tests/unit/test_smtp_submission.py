@@ -772,3 +772,20 @@ class XCLIENTCommandTests(SynchronousTestCase):
         """
         attributes = {"LOGIN": "x" * 256}
         self.assertRaises(ValueError, xclientCommands, attributes, ["LOGIN"])
+
+
+class PipelinedLoginTests(SubmissionTestsMixin, SynchronousTestCase):
+    """
+    Logins pipelined in one read, each refused at once.
+    """
+
+    def test_manyImmediateFailures(self) -> None:
+        """
+        Every one of hundreds of pipelined logins that fail without delay
+        (a temporary refusal) is answered: handling one failure does not
+        nest the command loop once more per login until the stack runs out.
+        """
+        self.build(router=FakeRouter(default=Rejection(message="Directory down.", temporary=True)))
+        self.ehlo()
+        out = self.send((b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n") * 400 + b"NOOP\r\n")
+        self.assertEqual(out, b"454 4.7.0 Directory down.\r\n" * 400 + b"250 2.0.0 Ok\r\n")
