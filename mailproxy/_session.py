@@ -352,8 +352,7 @@ class FrontendProtocol(Protocol):
             # A login still running must not hand over after the goodbye.
             self._pending.cancel()
         self.sayGoodbye(goodbye)
-        self.transport.loseConnection()
-        self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
+        self.closeConnection()
 
     def _logEnd(self) -> None:
         relay = self.relay
@@ -638,6 +637,21 @@ class FrontendProtocol(Protocol):
         if not isinstance(result, Failure) or not result.check(CancelledError):
             self.transport.resumeProducing()
         return result
+
+    def closeConnection(self) -> None:
+        """
+        Close the client connection once what was written is sent (after
+        the protocol's last words), reading no more input, and abort it if
+        it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
+        answer the close alert.  This replaces the pre-auth timer.
+        """
+        self._closing = True
+        if self._preauthTimer is not None and self._preauthTimer.active():
+            self._preauthTimer.cancel()
+        self._preauthTimer = None
+        self.transport.loseConnection()
+        if self._counted:
+            self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
 
     def stopPreauthTimer(self) -> None:
         """

@@ -343,7 +343,7 @@ class SMTPFrontend(FrontendProtocol):
         """
         self.state = "closed"
         self.send(code, enhanced, text)
-        self.transport.loseConnection()
+        self.closeConnection()
 
     # Hooks for subclasses
 

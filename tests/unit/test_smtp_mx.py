@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from mailproxy._session import CLOSE_GRACE
 from mailproxy.config import Limits
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
@@ -580,3 +581,44 @@ class DataTests(MXTestsMixin, SynchronousTestCase):
         self.assertFalse(self.client.disconnecting)
         self.clock.advance(10)
         self.assertEqual(self.client.value(), b"451 4.4.2 Lost connection with the mail server, try again later\r\n")
+
+
+class CloseGraceTests(MXTestsMixin, SynchronousTestCase):
+    """
+    A peer that never finishes a close the proxy started (a TLS peer that
+    ignores the close alert) is cut after L{CLOSE_GRACE}.
+    """
+
+    def test_quitAborted(self) -> None:
+        """
+        After QUIT, a connection still open L{CLOSE_GRACE} seconds later is
+        aborted.
+        """
+        self.build()
+        self.assertEqual(self.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.clock.advance(CLOSE_GRACE - 1)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.client.disconnected)
+
+    def test_timeoutAborted(self) -> None:
+        """
+        After the idle timeout's 421, a connection still open
+        L{CLOSE_GRACE} seconds later is aborted.
+        """
+        self.build(limits=Limits(preauthTimeout=60))
+        self.clock.advance(60)
+        self.assertTrue(self.client.disconnecting)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.client.disconnected)
+
+    def test_closedInTime(self) -> None:
+        """
+        A connection that closes within the grace is not aborted later.
+        """
+        self.build()
+        self.send(b"QUIT\r\n")
+        self.frontend.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
