@@ -327,7 +327,8 @@ def buildCache(options: Table, router: Any, reactor: Any) -> CachingRouter:
     @raise mailproxy.config.ConfigError: naming the key that is wrong.
     """
     options.allow("ttl", "negative_ttl", "size", "serve_stale", "vary")
-    vary = options.strings("vary", ())
+    # An empty array is the default written out, as the README shows it.
+    vary = () if options.data.get("vary") == [] else options.strings("vary", ())
     for name in vary:
         if name not in VARY_FIELDS:
             options.fail("vary", f"unknown field {name!r}; known: {', '.join(VARY_FIELDS)}")

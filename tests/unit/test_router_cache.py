@@ -433,12 +433,20 @@ class BuildTests(SynchronousTestCase):
         cache = self.build(ttl=5, negative_ttl=0, size=3, serve_stale=3600, vary=["client_address"])
         self.assertEqual((cache.ttl, cache.negativeTTL, cache.size, cache.serveStale, cache.vary), (5.0, 0.0, 3, 3600.0, ("client_address",)))
 
+    def test_emptyVary(self) -> None:
+        """
+        C{vary = []}, the default written out, adds no fact to the key.
+        """
+        self.assertEqual(self.build(vary=[]).vary, ())
+
     def test_badOptions(self) -> None:
         """
         Bad values name their key.
         """
         for options, key in (
             ({"ttl": -1}, "router.cache.ttl"),
+            ({"vary": "client_address"}, "router.cache.vary"),
+            ({"vary": [""]}, "router.cache.vary"),
             ({"size": 0}, "router.cache.size"),
             ({"vary": ["colour"]}, "router.cache.vary"),
             ({"colour": 1}, "router.cache.colour"),
