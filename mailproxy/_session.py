@@ -28,6 +28,7 @@ from zope.interface import implementer
 from . import _tls
 from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from ._relay import Relay
+from ._safetext import oneLine
 from ._stats import ProxyStats
 from .config import Limits, Listener
 from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
@@ -412,7 +413,11 @@ class FrontendProtocol(Protocol):
         """
         End this session from outside (an operator, a move, shutdown): say
         the protocol's goodbye with C{reason} and close both connections.
+
+        @param reason: for the client; made one line of bounded length
+            here (it may come from the management endpoint).
         """
+        reason = oneLine(reason) or "Disconnected."
         if self.relay is not None:
             if self.relay.endReason is None:
                 self._goodbye = reason

@@ -20,6 +20,7 @@ from base64 import b64encode
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 65536
@@ -33,6 +34,18 @@ _TEMP_CODES = frozenset([b"UNAVAILABLE", b"SERVERBUG"])
 _CODE = re.compile(rb"^\[([^\]\s]+)(?: ([^\]]*))?\] ?")
 _LITERAL_END = re.compile(rb"\{(\d{1,9})\+?\}$")
 _SAFE_QUOTED = re.compile(rb"^[\x20\x21\x23-\x5b\x5d-\x7e]*$")
+
+
+def replyText(text: bytes) -> bytes:
+    """
+    The human-readable text of a backend reply as one safe line for the
+    client: what follows a line break (a literal's octets, say) is dropped,
+    then a literal's announcement at the end of the line, then control
+    characters (see L{mailproxy._safetext.oneLine}).
+    """
+    line = re.split(rb"[\r\n]", text, maxsplit=1)[0]
+    line = _LITERAL_END.sub(b"", line)
+    return oneLine(line.decode("utf-8", "replace")).encode("utf-8")
 
 
 def quoted(value: bytes) -> bytes:
@@ -294,7 +307,7 @@ class IMAPBackendLogin(BackendProtocol):
         self._pendingLiterals = []
         if status == b"OK":
             code, args, rest = parseCode(text)
-            self.okText = rest
+            self.okText = replyText(rest)
             if code == b"CAPABILITY":
                 self.capabilities = args.split()
                 self.succeed(self._buffer)
@@ -310,7 +323,7 @@ class IMAPBackendLogin(BackendProtocol):
         elif status == b"NO" and code in _TEMP_CODES:
             self.fail("unavailable", "backend login: " + code.decode("ascii", "replace"))
         elif status == b"NO":
-            clientText = b"NO [" + code + b"] " + rest[:200]
+            clientText = b"NO [" + code + b"] " + (replyText(rest) or b"Login refused.")
             self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
         else:
             self.fail("unavailable", "backend answered login with " + status.decode("ascii", "replace"))

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
@@ -45,7 +46,7 @@ def _sanitize(text: str) -> str:
     """
     Make router-supplied text safe to put on one protocol line.
     """
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+    return oneLine(text)
 
 
 class IMAPFrontend(FrontendProtocol):

@@ -253,7 +253,7 @@ class POP3BackendLogin(BackendProtocol):
     def _finalReply(self, line: bytes) -> None:
         if line.startswith(b"+OK"):
             self._expected.pop(0)
-            self.okLine = line
+            self.okLine = _clientLine(line)
             self.succeed(self._buffer)
             return
         if line.startswith(b"+ ") or line == b"+":
@@ -273,12 +273,21 @@ class POP3BackendLogin(BackendProtocol):
         if code == b"SYS/TEMP":
             self.fail("unavailable", "backend login: SYS/TEMP")
         elif code in _PASSED_ON_CODES:
-            clientText = _UNSAFE.sub(b" ", line)[:512].decode("utf-8", "replace")
+            clientText = _clientLine(line).decode("utf-8", "replace")
             self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText)
         else:
             # [AUTH], no code, or one we do not know: the generic failure, so
             # that no backend wording can tell accounts apart.
             self.fail("auth", "backend refused the credentials")
+
+
+def _clientLine(line: bytes) -> bytes:
+    """
+    A backend's reply line made safe to pass on to the client: a bare CR or
+    any other control character becomes a space, and the line with its CRLF
+    fits the 512 octets of RFC 2449.
+    """
+    return _UNSAFE.sub(b" ", line)[:510]
 
 
 def _show(line: bytes) -> str:

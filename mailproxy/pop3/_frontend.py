@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
@@ -53,7 +54,7 @@ def _sanitize(text: str) -> str:
     """
     Make router-supplied text safe to put on one protocol line.
     """
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+    return oneLine(text)
 
 
 def _text(value: bytes) -> str:

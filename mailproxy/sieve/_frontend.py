@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import SieveBackendLogin
@@ -54,7 +55,7 @@ def _sanitize(text: str) -> str:
     """
     Make router-supplied text short and free of line breaks.
     """
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+    return oneLine(text)
 
 
 def _string(value: SieveValue) -> bytes | None:

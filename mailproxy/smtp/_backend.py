@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 from ..model import ClientInfo
 from ._ehlo import Extensions
 from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
@@ -309,7 +310,8 @@ class SMTPBackend(BackendProtocol):
         temporary one means "try later".
         """
         if 500 <= reply.code < 600:
-            line = reply.lines[-1][:200].decode("utf-8", "replace")
+            # The client's reply: one line, whatever the server wrote.
+            line = oneLine(reply.lines[-1].decode("utf-8", "replace")) or "Access denied"
             self.fail("refused", f"{what}: {_show(reply)}", f"{reply.code} {line}")
         else:
             self.fail("unavailable", f"{what}: {_show(reply)}")

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._safetext import oneLine
 from .._session import FrontendProtocol, LoginFailed, ProxyContext, newSessionId
 from ..config import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
@@ -55,7 +56,7 @@ def _sanitize(text: str) -> str:
     """
     Make router- or backend-supplied text safe to put on one reply line.
     """
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:200]
+    return oneLine(text)
 
 
 def _probeClient() -> ClientInfo:

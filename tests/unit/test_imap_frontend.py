@@ -790,3 +790,44 @@ class StartTLSForgetsTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.send(b'c ID ("name" "Thunderbird")\r\n')
         self.send(b"d LOGIN alice secret\r\n")
         self.assertEqual(self.router.requests[0].clientID, (("name", "Thunderbird"),))
+
+
+class BackendTextTests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    The text of the backend's tagged reply to the login reaches the client
+    as one line: a literal in it, or anything after a line break, does not.
+    """
+
+    def test_okTextLiteral(self) -> None:
+        """
+        An OK whose text ends in a literal gives the client the text before
+        the literal; the literal's octets are not written.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in {20}\r\n* 1 EXISTS\r\nb OK x\r\n\r\n")
+        self.assertEqual(self.client.value(), b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+    def test_okTextControl(self) -> None:
+        """
+        Control characters in the OK text become spaces, and the text is
+        bounded.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 OK [CAPABILITY IMAP4rev1] Logged\x00in\rb OK " + b"x" * 300 + b"\r\n")
+        self.assertEqual(self.client.value(), b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+    def test_refusalLiteral(self) -> None:
+        """
+        A passed-on refusal whose text ends in a literal reaches the client
+        without it.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 NO [LIMIT] Too many {14}\r\na OK injected\r\n")
+        self.assertEqual(self.client.value(), b"a NO [LIMIT] Too many\r\n")
+        self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")

@@ -1043,3 +1043,24 @@ class PipelinedLoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.router.default = Rejection("Directory down", temporary=True)
         out = self.send(b"USER nobody\r\nPASS x\r\n" * 400 + b"NOOP\r\n")
         self.assertEqual(out, b"+OK\r\n-ERR [SYS/TEMP] Directory down\r\n" * 400 + b"+OK\r\n")
+
+
+class BackendTextTests(POP3FrontendTestsMixin, SynchronousTestCase):
+    """
+    The backend's reply to the login reaches the client as one safe line.
+    """
+
+    def test_okLineControl(self) -> None:
+        """
+        A bare CR or other control character in the backend's C{+OK} becomes
+        a space, and the line is bounded.
+        """
+        self.build()
+        self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r+OK\x00injected" + b"x" * 600 + b"\r\n")
+        line = self.client.value()
+        self.assertTrue(line.startswith(b"+OK Logged in. +OK injected"), line)
+        self.assertEqual(line.count(b"\r"), 1)
+        self.assertLessEqual(len(line), 512)

@@ -622,3 +622,22 @@ class CloseGraceTests(MXTestsMixin, SynchronousTestCase):
         self.send(b"QUIT\r\n")
         self.frontend.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BackendTextTests(MXTestsMixin, SynchronousTestCase):
+    """
+    A backend refusal passed on to the client is one safe line.
+    """
+
+    def test_refusalControl(self) -> None:
+        """
+        A bare CR and control characters in the backend's refusal of the
+        client become spaces.
+        """
+        self.build()
+        self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        self.send(b"RCPT TO:<alice@example.org>\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"554 5.7.1 blocked\r250 2.0.0\x00 Ok\r\n")
+        self.assertEqual(self.client.value(), b"554 5.7.1 blocked 250 2.0.0 Ok\r\n")

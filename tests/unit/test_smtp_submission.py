@@ -789,3 +789,22 @@ class PipelinedLoginTests(SubmissionTestsMixin, SynchronousTestCase):
         self.ehlo()
         out = self.send((b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n") * 400 + b"NOOP\r\n")
         self.assertEqual(out, b"454 4.7.0 Directory down.\r\n" * 400 + b"250 2.0.0 Ok\r\n")
+
+
+class BackendTextTests(SubmissionTestsMixin, SynchronousTestCase):
+    """
+    A backend refusal passed on to the client is one safe line.
+    """
+
+    def test_refusalControl(self) -> None:
+        """
+        A bare CR and control characters in the backend's refusal become
+        spaces.
+        """
+        self.build()
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"554 5.7.1 blocked\r250 2.0.0\x00 Ok\r\n")
+        self.assertEqual(self.client.value(), b"554 5.7.1 blocked 250 2.0.0 Ok\r\n")
