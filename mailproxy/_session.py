@@ -316,6 +316,7 @@ class FrontendProtocol(Protocol):
             self.frontendDataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
         if self._preauthTimer is not None and self._preauthTimer.active():
             self._preauthTimer.cancel()
         self._preauthTimer = None
@@ -521,7 +522,11 @@ class FrontendProtocol(Protocol):
 
         return callRouter(self.context.router, request).addBoth(answered)
 
-    def _routerFailed(self, reason: Failure) -> None:
+    def _routerFailed(self, reason: Failure) -> Failure:
+        if reason.check(CancelledError) and self._closing:
+            # The session ended while the router (or a move's hold) had the
+            # login: it is abandoned, not failed, and must not be answered.
+            return reason
         reason.trap(Exception)
         self.log.failure("router failed for session {session}", reason, session=self.client.sessionId)
         raise LoginFailed("unavailable")
