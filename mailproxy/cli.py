@@ -187,8 +187,8 @@ def _addOperations(commands: Any) -> None:
         "sessions", parents=[common], help="list (or drop) open sessions",
         description="List the running proxy's open sessions, optionally filtered; --drop ends them.",
     )
-    sessions.add_argument("--account", metavar="ACCOUNT")
-    sessions.add_argument("--backend", metavar="BACKEND")
+    sessions.add_argument("--account", metavar="ACCOUNT", help="only the sessions logged in as ACCOUNT")
+    sessions.add_argument("--backend", metavar="BACKEND", help="only the sessions relayed to BACKEND")
     sessions.add_argument("--drop", action="store_true", help="drop the matching sessions (needs a filter)")
 
     for name, text in (
