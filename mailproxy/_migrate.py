@@ -220,16 +220,26 @@ class Mover:
         entries = await maybeDeferred(store.routes)
         folded = {key.lower(): value for key, value in entries.items()}
         keys = [account for account in dict.fromkeys(a.lower() for a in accounts)]
+        # A store whose domain entry overrides its accounts' own (the SQL
+        # router's set_domain_route rewrites them all) moves every account.
+        covers = bool(getattr(store, "domainCoversAccounts", False))
         if domain is not None:
             keys.append("@" + domain.lower())
-        changes = [RouteChange(key, folded.get(key), backend) for key in keys if folded.get(key) != backend]
+        changes = [
+            RouteChange(key, folded.get(key), backend)
+            for key in keys
+            if folded.get(key) != backend or (covers and key.startswith("@"))
+        ]
         sessions = []
         for session in self.context.sessions:
             user = (session.user or "").lower()
             if not user or session.backendName in (None, backend):
                 continue
             if user in keys or (
-                domain is not None and "@" in user and user.rpartition("@")[2] == domain.lower() and user not in folded
+                domain is not None
+                and "@" in user
+                and user.rpartition("@")[2] == domain.lower()
+                and (covers or user not in folded)
             ):
                 sessions.append(session)
         return store, folded, changes, sessions
@@ -292,20 +302,26 @@ class Mover:
             raise MoveError(str(e)) from None
 
 
-def explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
+def explainRoute(router: object, routerName: str, account: str) -> Deferred[dict[str, Any]]:
     """
     Which router, rule and backend decide C{account}'s route, without a
     login: the routers that do the deciding (not caches or chains) are
     asked in the order a login asks them, each with
-    C{explainRoute(user) -> (rule, backend) | None}; the first rule found
-    decides, and a router that cannot tell without the password ends the
-    search.
+    C{explainRoute(user) -> (rule, backend) | None} (or a Deferred of it:
+    a database is asked in its own threads); the first rule found decides,
+    and a router that cannot tell without the password ends the search.
 
-    @return: JSON-ready data: C{account}, C{router} (the configured type),
-        C{chain} (class names, outermost first), C{rule} and C{backend}
-        (L{None} when no rule matches), and C{explained} (whether the
-        answer is known without the password).
+    @return: fires with JSON-ready data: C{account}, C{router} (the
+        configured type), C{chain} (class names, outermost first), C{rule}
+        and C{backend} (L{None} when no rule matches), and C{explained}
+        (whether the answer is known without the password); fails with
+        what a router raised (L{RouteStoreError} for a database that
+        cannot answer).
     """
+    return Deferred.fromCoroutine(_explainRoute(router, routerName, account))
+
+
+async def _explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
     chain = list(routerChain(router))
     answer: dict[str, Any] = {
         "account": account,
@@ -323,7 +339,7 @@ def explainRoute(router: object, routerName: str, account: str) -> dict[str, Any
         if not callable(explain):
             answer["explained"] = False
             break
-        found = explain(account)
+        found = await maybeDeferred(explain, account)
         if found is not None:
             answer["rule"], answer["backend"] = found
             break

@@ -428,7 +428,7 @@ class AdminResource(Resource):
 
         return maybeDeferred(self._store().deleteRoute, key).addCallback(done)
 
-    def getExplain(self, request: Request, _: str) -> tuple[int, bytes, str]:
+    def getExplain(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{GET /explain?account=}.
         """
@@ -436,7 +436,7 @@ class AdminResource(Resource):
         if not account:
             raise _HTTPError(400, "account is required")
         context = self.proxy.context
-        return _json(200, explainRoute(context.router, context.routerName, account))
+        return explainRoute(context.router, context.routerName, account).addCallback(lambda answer: _json(200, answer))
 
     def postMove(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """

@@ -57,6 +57,13 @@ class IRouteStore(Interface):
     default.  A store that cannot hold a kind of key refuses it with
     L{RouteStoreError}.  Each method may return its result or a Deferred of
     it; once that arrives, the change is durable and the next login sees it.
+
+    Optional, found by name: C{setRoutes(mapping)} changes several keys at
+    once, all or none (a move uses it when present);
+    C{explainRoute(user) -> (rule, backend) | None} says which rule decides
+    an account without a login; C{domainCoversAccounts = True} says that a
+    domain's entry routes every account of the domain, those with an entry
+    of their own too (so a domain move drops all of their sessions).
     """
 
     def routes() -> Any:

@@ -27,6 +27,25 @@ more than one row is refused as ambiguous.  DB-API drivers block, so queries
 run in a bounded pool of threads (C{pool_size}), one connection each,
 re-made after any error; a database that does not answer within C{timeout}
 gives a temporary failure.
+
+With statements that list and change the routes, the router is also an
+L{IRouteStore}, so that accounts can be moved (C{mailproxy move}, the
+management endpoint)::
+
+    routes_query = "SELECT address AS account, backend FROM accounts"
+    set_route = "UPDATE accounts SET backend = :backend WHERE address = lower(:user)"
+    delete_route = "DELETE FROM accounts WHERE address = lower(:user)"          # optional
+    set_domain_route = "UPDATE accounts SET backend = :backend WHERE address LIKE '%@' || lower(:domain)"  # optional
+
+C{routes_query} lists the entries by its columns C{account} (an account, or
+C{@domain} if the schema has domain rows) and C{backend}.  C{set_route}
+routes one account (C{:user}, C{:local}, C{:domain}, C{:backend}) and must
+change a row: an account that is not in the database is refused, unless the
+statement inserts it.  C{set_domain_route} moves a whole domain (C{:domain},
+C{:backend}): every account of it, so a move drops the open sessions of all
+of them; without it a domain is refused.  The default (C{*}) lives in the
+query, never in a row, and cannot be set.  Several changes are one
+transaction: all happen or none.
 """
 
 from __future__ import annotations
@@ -38,13 +57,13 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from attrs import field, frozen
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from mailproxy.config import Table, _readSecretLine
-from mailproxy.interfaces import IRouter
+from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
 from mailproxy.routers._blocking import PerThread, ThreadRunner
@@ -53,8 +72,11 @@ __all__ = [
     "DRIVERS",
     "QUERY_PARAMETERS",
     "translateQuery",
+    "ROUTE_STATEMENTS",
     "AccountRow",
     "DatabaseUnavailable",
+    "NoRowChanged",
+    "RouteStatements",
     "SQLDatabase",
     "SQLRouter",
     "buildSQLRouter",
@@ -74,12 +96,26 @@ QUERY_PARAMETERS = ("user", "local", "domain")
 The named parameters a query may use (C{:user}, C{:local}, C{:domain}).
 """
 
+ROUTE_STATEMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = {
+    "routes_query": ((), (), False),
+    "set_route": (QUERY_PARAMETERS + ("backend",), ("backend",), True),
+    "delete_route": (QUERY_PARAMETERS, (), True),
+    "set_domain_route": (("domain", "backend"), ("domain", "backend"), False),
+}
+"""
+The statements that make the router a route store: for each, the parameters
+it may use, those it must use, and whether it must name the account (with
+C{:user}, or with both C{:local} and C{:domain}).
+"""
+
 _PARAMSTYLES = {"sqlite3": "named", "psycopg": "pyformat", "pymysql": "pyformat"}
 _UNAVAILABLE = "Service temporarily unavailable, try again later."
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def translateQuery(query: str, paramstyle: str) -> tuple[str, tuple[str, ...]]:
+def translateQuery(
+    query: str, paramstyle: str, allowed: tuple[str, ...] = QUERY_PARAMETERS
+) -> tuple[str, tuple[str, ...]]:
     """
     Rewrite C{:name} parameters for a driver's C{paramstyle}.
 
@@ -89,6 +125,7 @@ def translateQuery(query: str, paramstyle: str) -> tuple[str, tuple[str, ...]]:
 
     @param paramstyle: C{"named"} (sqlite3) or C{"pyformat"} (psycopg,
         PyMySQL).
+    @param allowed: the parameter names the query may use.
     @return: the query and the parameter names in order of appearance.
     @raise ValueError: an unknown parameter name, an unterminated quote or
         comment, or an unsupported paramstyle.
@@ -126,10 +163,10 @@ def translateQuery(query: str, paramstyle: str) -> tuple[str, tuple[str, ...]]:
             i += 2
         elif c == ":" and (match := _IDENTIFIER.match(query, i + 1)):
             name = match.group()
-            if name not in QUERY_PARAMETERS:
-                raise ValueError(
-                    f"unknown parameter :{name}; use {', '.join(':' + p for p in QUERY_PARAMETERS)}"
-                )
+            if name not in allowed:
+                if not allowed:
+                    raise ValueError(f"unknown parameter :{name}; this statement takes none")
+                raise ValueError(f"unknown parameter :{name}; use {', '.join(':' + p for p in allowed)}")
             names.append(name)
             out.append(f":{name}" if paramstyle == "named" else f"%({name})s")
             i = match.end()
@@ -160,6 +197,37 @@ class DatabaseUnavailable(Exception):
     """
     The database could not answer; the text says why (without secrets).
     """
+
+
+class NoRowChanged(Exception):
+    """
+    A statement of a change matched no row; the whole change was rolled
+    back.
+
+    @ivar index: which statement, counted from 0.
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"statement {index} changed no row")
+        self.index = index
+
+
+@frozen
+class RouteStatements:
+    """
+    The statements of an SQL route store, already in the driver's
+    paramstyle (see L{ROUTE_STATEMENTS}).
+
+    @ivar routes: lists the entries (columns C{account} and C{backend}).
+    @ivar setRoute: routes one account.
+    @ivar deleteRoute: removes one account, if configured.
+    @ivar setDomainRoute: routes every account of a domain, if configured.
+    """
+
+    routes: str
+    setRoute: str
+    deleteRoute: str | None = None
+    setDomainRoute: str | None = None
 
 
 class SQLDatabase:
@@ -205,6 +273,85 @@ class SQLDatabase:
             return [_row(dict(zip(columns, row)), "password" in columns) for row in rows]
         raise AssertionError("unreachable")
 
+    def entries(self, query: str) -> list[tuple[str, str]]:
+        """
+        The C{(account, backend)} pairs C{query} lists (rows with a NULL
+        in either are left out).
+
+        @raise DatabaseUnavailable: the query failed twice, or lacks one of
+            the columns.
+        """
+        for attempt in (1, 2):
+            try:
+                connection = self._connections.get()
+                cursor = connection.cursor()
+                try:
+                    cursor.execute(query)
+                    columns = [str(d[0]).lower() for d in cursor.description or ()]
+                    rows = cursor.fetchall()
+                finally:
+                    cursor.close()
+            except self._module.Error as e:
+                self._connections.discard()
+                if attempt == 2:
+                    raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from None
+                continue
+            missing = [name for name in ("account", "backend") if name not in columns]
+            if missing:
+                raise DatabaseUnavailable(
+                    f"routes_query returns no column named {' or '.join(missing)} (only {', '.join(columns)})"
+                )
+            account, backend = columns.index("account"), columns.index("backend")
+            return [
+                (_text(row[account]) or "", _text(row[backend]) or "")
+                for row in rows
+                if row[account] is not None and row[backend] is not None
+            ]
+        raise AssertionError("unreachable")
+
+    def change(self, statements: list[tuple[str, Mapping[str, str]]]) -> None:
+        """
+        Run C{statements} (each a statement and its parameters) in one
+        transaction; each must change at least one row.
+
+        @raise NoRowChanged: one changed nothing; nothing was changed.
+        @raise DatabaseUnavailable: the database failed; nothing was
+            changed (a fresh connection is tried once if the first cannot
+            even begin).
+        """
+        for attempt in (1, 2):
+            try:
+                connection = self._connections.get()
+                cursor = connection.cursor()
+                cursor.execute("BEGIN")
+            except self._module.Error as e:
+                self._connections.discard()
+                if attempt == 2:
+                    raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from None
+                continue
+            break
+        try:
+            try:
+                for index, (statement, parameters) in enumerate(statements):
+                    cursor.execute(statement, dict(parameters))
+                    # -1: the driver cannot tell; only a sure 0 refuses.
+                    if cursor.rowcount == 0:
+                        cursor.execute("ROLLBACK")
+                        raise NoRowChanged(index)
+                cursor.execute("COMMIT")
+            except self._module.Error as e:
+                try:
+                    cursor.execute("ROLLBACK")
+                except Exception:
+                    pass
+                self._connections.discard()
+                raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from None
+        finally:
+            try:
+                cursor.close()
+            except Exception:
+                pass
+
     def close(self) -> None:
         """
         Close every thread's connection (the pool has stopped).
@@ -241,26 +388,52 @@ def _row(values: Mapping[str, Any], hasPassword: bool) -> AccountRow:
     )
 
 
+def _parameters(user: str) -> dict[str, str]:
+    local, at, domain = user.rpartition("@")
+    if not at:
+        local, domain = user, ""
+    return {"user": user, "local": local, "domain": domain}
+
+
 @implementer(IRouter)
 class SQLRouter:
     """
     Routes (and optionally authenticates) logins with an SQL query (see the
     module docstring).
+
+    Given L{RouteStatements}, it also provides L{IRouteStore} (with
+    C{setRoutes} for several changes in one transaction); a domain's route
+    then covers every account of the domain (C{domainCoversAccounts}).
+    Every statement runs in the pool's threads, never in the reactor's.
     """
 
     log = Logger()
 
-    def __init__(self, database: Any, resolver: BackendResolver, *, runner: Any, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        database: Any,
+        resolver: BackendResolver,
+        *,
+        runner: Any,
+        timeout: float = 5.0,
+        statements: RouteStatements | None = None,
+    ) -> None:
         """
-        @param database: an L{SQLDatabase} (or a double with its C{lookup}).
-        @param runner: runs the blocking lookup: a L{ThreadRunner} or
+        @param database: an L{SQLDatabase} (or a double with its methods).
+        @param runner: runs the blocking calls: a L{ThreadRunner} or
             anything with its C{run(timeout, f, *args)}.
-        @param timeout: seconds one lookup may take.
+        @param timeout: seconds one lookup or change may take.
+        @param statements: the route store's statements, or L{None} for a
+            router that only reads.
         """
         self.database = database
         self.resolver = resolver
         self.timeout = timeout
+        self.statements = statements
+        self.domainCoversAccounts = True
         self._runner = runner
+        if statements is not None:
+            alsoProvides(self, IRouteStore)
 
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
@@ -271,10 +444,7 @@ class SQLRouter:
     async def _route(self, request: RouteRequest) -> Route | Rejection:
         credentials = request.credentials
         user = credentials.user if credentials is not None else (request.rcptTo or "")
-        local, at, domain = user.rpartition("@")
-        if not at:
-            local, domain = user, ""
-        parameters = {"user": user, "local": local, "domain": domain}
+        parameters = _parameters(user)
         try:
             rows = await self._runner.run(self.timeout, self.database.lookup, parameters)
         except Exception as e:
@@ -319,11 +489,153 @@ class SQLRouter:
             rule=f"sql -> {backend.name}",
         )
 
+    # Without a login
 
-def _sqliteConnect(module: Any, path: str, timeout: float) -> Callable[[], Any]:
-    # Read-only, and never create a missing file: a typo must fail, not
-    # route everybody nowhere.
-    uri = "file:" + quote(path) + "?mode=ro"
+    def explainRoute(self, user: str) -> Deferred[tuple[str, str | None] | None]:
+        """
+        What the query says about login name C{user}, without checking a
+        password: C{("sql", backend)} as the row names it, a rule saying
+        why logins are refused (with no backend) for several rows, or
+        L{None} for none.
+
+        @raise RouteStoreError: (in the Deferred) the lookup failed.
+        """
+        return Deferred.fromCoroutine(self._explain(user))
+
+    async def _explain(self, user: str) -> tuple[str, str | None] | None:
+        try:
+            rows = await self._runner.run(self.timeout, self.database.lookup, _parameters(user))
+        except Exception as e:
+            raise RouteStoreError(f"SQL: the lookup failed: {_describe(e)}") from None
+        if not rows:
+            return None
+        if len(rows) > 1:
+            return "sql: more than one row (logins are refused)", None
+        return "sql", rows[0].backend
+
+    # IRouteStore
+
+    def routes(self) -> Deferred[dict[str, str]]:
+        """
+        The entries C{routes_query} lists: account (or C{@domain}) to
+        backend.
+        """
+        return Deferred.fromCoroutine(self._routes())
+
+    async def _routes(self) -> dict[str, str]:
+        statements = self._store()
+        try:
+            entries = await self._runner.run(self.timeout, self.database.entries, statements.routes)
+        except Exception as e:
+            self.log.error("SQL: routes_query failed: {error}", error=_describe(e))
+            raise RouteStoreError(f"SQL: routes_query failed: {_describe(e)}") from None
+        return dict(entries)
+
+    def setRoute(self, key: str, backend: str) -> Deferred[None]:
+        """
+        Route C{key} to the configured backend C{backend}: an account with
+        C{set_route}, a domain with C{set_domain_route}.
+
+        @raise RouteStoreError: (in the Deferred) an unknown backend, a key
+            this store cannot change, no row changed, or a database
+            failure.
+        """
+        return self.setRoutes({key: backend})
+
+    def setRoutes(self, changes: Mapping[str, str]) -> Deferred[None]:
+        """
+        Like L{setRoute} for several keys, in one transaction: all of the
+        changes happen or none does.
+        """
+        return Deferred.fromCoroutine(self._setRoutes(dict(changes)))
+
+    async def _setRoutes(self, changes: dict[str, str]) -> None:
+        statements = self._store()
+        work: list[tuple[str, Mapping[str, str]]] = []
+        for key, backend in changes.items():
+            if backend not in self.resolver.backends:
+                configured = ", ".join(sorted(self.resolver.backends)) or "none"
+                raise RouteStoreError(f"unknown backend {backend!r}; configured backends: {configured}")
+            if key == "*":
+                raise RouteStoreError("SQL: the default route is the query's, not a row's; it cannot be set")
+            if key.startswith("@"):
+                domain = _domain(key)
+                if statements.setDomainRoute is None:
+                    raise RouteStoreError(
+                        f"SQL: cannot route the domain {domain!r}: set_domain_route is not configured"
+                    )
+                work.append((statements.setDomainRoute, {"domain": domain, "backend": backend}))
+            else:
+                work.append((statements.setRoute, {**_parameters(_account(key)), "backend": backend}))
+        await self._change(list(changes), work, "set_route")
+        self.log.info("SQL: routed {keys}", keys=changes)
+
+    def deleteRoute(self, key: str) -> Deferred[None]:
+        """
+        Remove the account C{key} with C{delete_route}.
+
+        @raise RouteStoreError: (in the Deferred) no such row, a key this
+            store cannot remove, or a database failure.
+        """
+        return Deferred.fromCoroutine(self._deleteRoute(key))
+
+    async def _deleteRoute(self, key: str) -> None:
+        statements = self._store()
+        if key == "*" or key.startswith("@"):
+            raise RouteStoreError(f"SQL: only accounts can be removed, not {key!r}")
+        if statements.deleteRoute is None:
+            raise RouteStoreError("SQL: delete_route is not configured")
+        await self._change([key], [(statements.deleteRoute, _parameters(_account(key)))], "delete_route")
+        self.log.info("SQL: removed {key}", key=key)
+
+    def _store(self) -> RouteStatements:
+        if self.statements is None:
+            raise RouteStoreError("SQL: no routes_query and set_route are configured")
+        return self.statements
+
+    async def _change(self, keys: list[str], work: list[tuple[str, Mapping[str, str]]], what: str) -> None:
+        try:
+            await self._runner.run(self.timeout, self.database.change, work)
+        except NoRowChanged as e:
+            key = keys[e.index]
+            statement = "set_domain_route" if key.startswith("@") and what == "set_route" else what
+            raise RouteStoreError(
+                f"SQL: {statement} changed no row for {key!r} (not in the database?); nothing was changed"
+            ) from None
+        except TimeoutError:
+            self.log.error("SQL: a route change did not finish within {timeout} s", timeout=self.timeout)
+            raise RouteStoreError(
+                f"SQL: the change did not finish within {self.timeout:g} s; it may still take effect (see the routes)"
+            ) from None
+        except Exception as e:
+            self.log.error("SQL: a route change failed: {error}", error=_describe(e))
+            raise RouteStoreError(f"SQL: the change failed: {_describe(e)}") from None
+
+
+def _describe(error: Exception) -> str:
+    # A DatabaseUnavailable already names the driver's error.
+    if isinstance(error, DatabaseUnavailable):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _domain(key: str) -> str:
+    domain = key[1:]
+    if not domain or "@" in domain:
+        raise RouteStoreError(f"not a domain: {key!r}")
+    return domain
+
+
+def _account(key: str) -> str:
+    if not key:
+        raise RouteStoreError("an account name must not be empty")
+    return key
+
+
+def _sqliteConnect(module: Any, path: str, timeout: float, writable: bool = False) -> Callable[[], Any]:
+    # Read-only unless routes are changed here, and never create a missing
+    # file: a typo must fail, not route everybody nowhere.
+    uri = "file:" + quote(path) + ("?mode=rw" if writable else "?mode=ro")
     return lambda: module.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
 
 
@@ -361,10 +673,18 @@ def _pymysqlConnect(module: Any, arguments: dict[str, Any], password: bytes | No
         "write_timeout": timeout,
         "autocommit": True,
         "charset": "utf8mb4",
+        # An UPDATE then counts the rows it matched, not only those whose
+        # value differed: setting a route to what it is must not look like
+        # "no such account".
+        "client_flag": _FOUND_ROWS,
     }
     if password is not None:
         extra["password"] = password
     return lambda: module.connect(**arguments, **extra)
+
+
+#: MySQL's CLIENT_FOUND_ROWS capability flag.
+_FOUND_ROWS = 2
 
 
 def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any) -> SQLRouter:
@@ -373,7 +693,10 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
 
     @raise mailproxy.config.ConfigError: naming the key that is wrong.
     """
-    options.allow("driver", "database", "dsn", "password_file", "query", "pool_size", "timeout", "backend_defaults")
+    options.allow(
+        "driver", "database", "dsn", "password_file", "query", "pool_size", "timeout", "backend_defaults",
+        *ROUTE_STATEMENTS,
+    )
     driver = options.string("driver", choices=tuple(DRIVERS))
     try:
         module = importlib.import_module(driver)
@@ -387,7 +710,8 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
                 options.fail(key, "not used by sqlite3; name the file with database")
         # Not checked for existence here: `mailproxy check` may run where
         # the database is not; a missing file fails each lookup, logged.
-        connect = _sqliteConnect(module, options.path("database", readable=False), timeout)
+        writable = any(key in options for key in ROUTE_STATEMENTS)
+        connect = _sqliteConnect(module, options.path("database", readable=False), timeout, writable)
     else:
         if "database" in options:
             options.fail("database", f"only for sqlite3; {driver} connects with dsn")
@@ -404,6 +728,7 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         query, _ = translateQuery(options.string("query"), _PARAMSTYLES[driver])
     except ValueError as e:
         options.fail("query", str(e))
+    statements = _routeStatements(options, _PARAMSTYLES[driver])
     database = SQLDatabase(connect, module, query)
     runner = ThreadRunner(reactor, options.integer("pool_size", 4, 1, 64), f"mailproxy-sql-{driver}")
     runner.whenStopping(database.close)
@@ -412,4 +737,42 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         BackendResolver(backends, parseBackendDefaults(options.table("backend_defaults"))),
         runner=runner,
         timeout=2 * timeout + 1,
+        statements=statements,
+    )
+
+
+def _routeStatements(options: Table, paramstyle: str) -> RouteStatements | None:
+    """
+    The route store's statements from C{options}, checked, or L{None} if
+    there are none.
+
+    @raise mailproxy.config.ConfigError: naming the statement that is
+        wrong, or the one missing.
+    """
+    present = [key for key in ROUTE_STATEMENTS if key in options]
+    if not present:
+        return None
+    for key in ("routes_query", "set_route"):
+        if key not in options:
+            others = ", ".join(name for name in present if name != key)
+            options.fail(key, f"required with {others} (a route store lists and sets routes)")
+    translated: dict[str, str] = {}
+    for key in present:
+        allowed, required, namesAccount = ROUTE_STATEMENTS[key]
+        try:
+            statement, names = translateQuery(options.string(key), paramstyle, allowed)
+        except ValueError as e:
+            options.fail(key, str(e))
+        for name in required:
+            if name not in names:
+                options.fail(key, f"must use :{name}")
+        if namesAccount and "user" not in names and not ("local" in names and "domain" in names):
+            # Without the account, the statement would change every row.
+            options.fail(key, "must name the account with :user, or with :local and :domain")
+        translated[key] = statement
+    return RouteStatements(
+        routes=translated["routes_query"],
+        setRoute=translated["set_route"],
+        deleteRoute=translated.get("delete_route"),
+        setDomainRoute=translated.get("set_domain_route"),
     )

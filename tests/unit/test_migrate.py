@@ -266,7 +266,7 @@ class ExplainTests(SynchronousTestCase):
             f.write(TABLE)
         router = Cache(StaticRouter(path, BACKENDS))
         self.assertEqual(
-            explainRoute(router, "static", "erin@example.net"),
+            self.successResultOf(explainRoute(router, "static", "erin@example.net")),
             {
                 "account": "erin@example.net",
                 "router": "static",
@@ -297,15 +297,15 @@ class ExplainTests(SynchronousTestCase):
                 raise AssertionError("not asked")
 
         router = Chain(Cache(StaticRouter(path, BACKENDS)), FakeRouter())
-        alice = explainRoute(router, "chain", "alice@example.org")
+        alice = self.successResultOf(explainRoute(router, "chain", "alice@example.org"))
         self.assertEqual((alice["explained"], alice["rule"], alice["backend"]), (True, "accounts['alice@example.org']", "new"))
         self.assertEqual(alice["chain"], ["Chain", "Cache", "StaticRouter", "FakeRouter"])
-        bob = explainRoute(router, "chain", "bob@example.org")
+        bob = self.successResultOf(explainRoute(router, "chain", "bob@example.org"))
         self.assertEqual((bob["explained"], bob["rule"], bob["backend"]), (False, None, None))
 
     def test_cannotTell(self) -> None:
         """
         A router that decides only at login says so.
         """
-        answer = explainRoute(FakeRouter(), "python:x.Y", "a@b")
+        answer = self.successResultOf(explainRoute(FakeRouter(), "python:x.Y", "a@b"))
         self.assertEqual((answer["explained"], answer["backend"]), (False, None))
