@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._migrate import MOVED, LoginHold, MoveError, Mover, RouteChange, explainRoute
+from mailproxy._migrate import MOVED, LoginHold, MoveError, Mover, RouteChange
 from mailproxy.admin import AdminResource, TokenGuard
 from mailproxy.config import ConfigError, Table
 from mailproxy.interfaces import IRouteStore, RouteStoreError
