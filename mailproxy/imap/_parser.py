@@ -34,22 +34,36 @@ from typing import Union
 
 from attrs import field, frozen
 
+from .._lines import (
+    TRAILING_LITERAL,
+    Atom,
+    LineSyntaxError,
+    SegmentBuffer,
+    SegmentTooLong,
+    Value,
+    ValueSyntax,
+    literalSize,
+    skip,
+)
 
-@frozen
-class Atom:
-    """
-    An IMAP atom, such as a command keyword, a mechanism name or C{NIL}.
+__all__ = [
+    "MAX_LIST_DEPTH",
+    "Atom",
+    "BadCommand",
+    "Command",
+    "CommandParser",
+    "Event",
+    "Fatal",
+    "IMAPValue",
+    "LiteralRequest",
+    "RawLine",
+]
 
-    @ivar value: the atom's octets, as sent (not upper-cased).
-    """
-
-    value: bytes
-
-
-IMAPValue = Union[Atom, bytes, tuple["IMAPValue", ...]]
+IMAPValue = Value
 """
-One command argument: an L{Atom}; L{bytes} for a quoted string or a literal
-(escapes already removed); a L{tuple} of values for a parenthesised list.
+One command argument: an L{Atom} (such as a command keyword, a mechanism
+name or C{NIL}); L{bytes} for a quoted string or a literal (escapes already
+removed); a L{tuple} of values for a parenthesised list.
 """
 
 
@@ -130,52 +144,17 @@ Event = Union[Command, LiteralRequest, BadCommand, Fatal]
 MAX_LIST_DEPTH = 8
 """How deeply parenthesised lists may nest (ID needs one level)."""
 
-# More digits than this is over any sane limit; compared before int() so a
-# hostile size never turns into a huge integer.
-_MAX_SIZE_DIGITS = 10
-
 _SP = 0x20
-_OPEN = 0x28
-_CLOSE = 0x29
-_DQUOTE = 0x22
-_BACKSLASH = 0x5C
-_LBRACE = 0x7B
 
 _ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+")
-_ATOM_EXTENT = re.compile(rb"[^ ()]*")
 _WORD = re.compile(rb"[^ ]*")
 _TAG = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\+]+")
 _SPACES = re.compile(rb" +")
-_QUOTED_RUN = re.compile(rb"[^\"\\\x00\r\n]*")
-_LITERAL = re.compile(rb"\{([0-9]+)(\+?)\}")
-_TRAILING_LITERAL = re.compile(rb"\{([0-9]+)(\+?)\}\Z")
+
+_SYNTAX = ValueSyntax(atom=_ATOM, maxListDepth=MAX_LIST_DEPTH)
 
 _INPUT_BUFFER_FULL = "Input buffer full"
 _LITERAL_TOO_BIG = "Literal too big"
-
-
-class _SyntaxError(Exception):
-    """
-    A command's syntax is wrong; the text is safe to show the client.
-    """
-
-
-def _skip(pattern: re.Pattern[bytes], line: bytes, position: int) -> int:
-    """
-    The position after C{pattern}'s match at C{position}, or C{position}.
-    """
-    match = pattern.match(line, position)
-    return position if match is None else match.end()
-
-
-def _literalSize(digits: bytes) -> int | None:
-    """
-    The value of a literal's size digits, or L{None} if absurdly large.
-    """
-    significant = digits.lstrip(b"0")
-    if len(significant) > _MAX_SIZE_DIGITS:
-        return None
-    return int(significant or b"0")
 
 
 class _State:
@@ -222,9 +201,7 @@ class CommandParser:
     def __init__(self, maxLineLength: int = 8192, maxLiteralSize: int = 8192) -> None:
         self.maxLineLength = maxLineLength
         self.maxLiteralSize = maxLiteralSize
-        self._buffer = bytearray()
-        # Where to resume looking for LF, so one-octet feeds stay linear.
-        self._scanned = 0
+        self._input = SegmentBuffer()
         self._fatal: Fatal | None = None
         self._resetCommand()
 
@@ -246,14 +223,14 @@ class CommandParser:
         """
         The number of input octets held and not yet consumed.
         """
-        return len(self._buffer)
+        return len(self._input)
 
     def feed(self, data: bytes) -> None:
         """
         Add input. Nothing is parsed until L{next} or L{nextLine} is called.
         """
         if self._fatal is None:
-            self._buffer += data
+            self._input.feed(data)
 
     def clear(self) -> None:
         """
@@ -262,8 +239,7 @@ class CommandParser:
         Used after STARTTLS, so that plaintext pipelined behind it is never
         read as a command. A parser that has reported L{Fatal} stays so.
         """
-        self._buffer.clear()
-        self._scanned = 0
+        self._input.clear()
         if self._fatal is None:
             self._resetCommand()
 
@@ -278,10 +254,7 @@ class CommandParser:
         """
         if self._state != _State.command:
             raise RuntimeError("a command is in progress")
-        remaining = bytes(self._buffer)
-        self._buffer.clear()
-        self._scanned = 0
-        return remaining
+        return self._input.takeAll()
 
     def acceptLiteral(self) -> None:
         """
@@ -365,8 +338,7 @@ class CommandParser:
         """
         self._fatal = Fatal(reason)
         self._state = _State.fatal
-        self._buffer.clear()
-        self._scanned = 0
+        self._input.clear()
         return self._fatal
 
     def _takeSegment(self, room: int) -> bytes | Fatal | None:
@@ -378,23 +350,10 @@ class CommandParser:
         @return: the segment without its terminator; L{Fatal} as soon as it
             is known to be longer than C{room}; L{None} if incomplete.
         """
-        buffer = self._buffer
-        end = buffer.find(b"\n", self._scanned)
-        if end < 0:
-            self._scanned = len(buffer)
-            # A trailing CR may be the start of the terminator.
-            length = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
-            if length > room:
-                return self._die(_INPUT_BUFFER_FULL)
-            return None
-        line = bytes(buffer[:end])
-        del buffer[: end + 1]
-        self._scanned = 0
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > room:
+        try:
+            return self._input.takeSegment(room)
+        except SegmentTooLong:
             return self._die(_INPUT_BUFFER_FULL)
-        return line
 
     def _readLiteral(self) -> bool:
         """
@@ -402,22 +361,15 @@ class CommandParser:
 
         @return: whether the literal is complete.
         """
-        buffer = self._buffer
         if self._state == _State.skipLiteral:
-            count = min(self._literalSize, len(buffer))
-            del buffer[:count]
-            self._scanned = 0
-            self._literalSize -= count
+            self._literalSize -= self._input.skipOctets(self._literalSize)
             if self._literalSize:
                 return False
             self._state = _State.skipSegment
             return True
-        size = self._literalSize
-        if len(buffer) < size:
+        data = self._input.takeOctets(self._literalSize)
+        if data is None:
             return False
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        self._scanned = 0
         if b"\x00" in data:
             # The rest of the command follows on the same line as usual.
             self._pendingBad = BadCommand(self._tag, "NUL octet in literal")
@@ -456,7 +408,7 @@ class CommandParser:
         literal ends the command: the client waits for a continuation that
         does not come.
         """
-        match = _TRAILING_LITERAL.search(line)
+        match = TRAILING_LITERAL.search(line)
         if match is not None and not match.group(2):
             match = None
         if match is None:
@@ -464,7 +416,7 @@ class CommandParser:
             assert bad is not None
             self._resetCommand()
             return bad
-        size = _literalSize(match.group(1))
+        size = literalSize(match.group(1))
         if size is None or size > self.maxLiteralSize - self._literalUsed:
             return self._die(_LITERAL_TOO_BIG)
         self._literalUsed += size
@@ -480,7 +432,7 @@ class CommandParser:
         try:
             position = self._parseHead(line) if first else 0
             return self._parseArguments(line, position)
-        except _SyntaxError as e:
+        except LineSyntaxError as e:
             self._pendingBad = BadCommand(self._tag, str(e))
             return self._skipSegment(line)
 
@@ -491,17 +443,17 @@ class CommandParser:
         @return: the position after the command name.
         """
         if not line:
-            raise _SyntaxError("Empty command line")
+            raise LineSyntaxError("Empty command line")
         match = _TAG.match(line)
         if match is None or (match.end() < len(line) and line[match.end()] != _SP):
-            raise _SyntaxError("Invalid tag")
+            raise LineSyntaxError("Invalid tag")
         self._tag = match.group()
-        position = _skip(_SPACES, line, match.end())
+        position = skip(_SPACES, line, match.end())
         if position == len(line):
-            raise _SyntaxError("Missing command")
-        extent = _skip(_WORD, line, position)
-        if _skip(_ATOM, line, position) != extent:
-            raise _SyntaxError("Invalid command name")
+            raise LineSyntaxError("Missing command")
+        extent = skip(_WORD, line, position)
+        if skip(_ATOM, line, position) != extent:
+            raise LineSyntaxError("Invalid command name")
         self._name = line[position:extent].upper()
         return extent
 
@@ -515,78 +467,10 @@ class CommandParser:
         @return: the L{Command} if the segment completes it, the event (if
             any) of a literal that ends the segment.
         """
-        stack = self._stack
-        end = len(line)
-        afterValue = True
-        while position < end:
-            octet = line[position]
-            if octet == _SP:
-                position = _skip(_SPACES, line, position)
-                afterValue = False
-                continue
-            if octet == _CLOSE:
-                if len(stack) == 1:
-                    raise _SyntaxError("Unexpected ')'")
-                closed = tuple(stack.pop())
-                stack[-1].append(closed)
-                position += 1
-                afterValue = True
-                continue
-            if afterValue:
-                raise _SyntaxError("Missing space between arguments")
-            if octet == _OPEN:
-                if len(stack) > MAX_LIST_DEPTH:
-                    raise _SyntaxError("Lists nested too deeply")
-                stack.append([])
-                position += 1
-            elif octet == _DQUOTE:
-                value, position = self._parseQuoted(line, position + 1)
-                stack[-1].append(value)
-                afterValue = True
-            elif octet == _LBRACE:
-                match = _LITERAL.match(line, position)
-                if match is None:
-                    raise _SyntaxError("Invalid literal")
-                if match.end() != end:
-                    raise _SyntaxError("Literal must end the line")
-                return self._startLiteral(
-                    _literalSize(match.group(1)), synchronizing=not match.group(2)
-                )
-            else:
-                extent = _skip(_ATOM_EXTENT, line, position)
-                if _skip(_ATOM, line, position) != extent:
-                    raise _SyntaxError("Invalid characters in atom")
-                stack[-1].append(Atom(line[position:extent]))
-                position = extent
-                afterValue = True
-        if len(stack) > 1:
-            raise _SyntaxError("Missing ')'")
+        literal = _SYNTAX.parse(line, position, True, self._stack)
+        if literal is not None:
+            return self._startLiteral(literal.size, literal.synchronizing)
         assert self._tag is not None
-        command = Command(self._tag, self._name, tuple(stack[0]))
+        command = Command(self._tag, self._name, tuple(self._stack[0]))
         self._resetCommand()
         return command
-
-    @staticmethod
-    def _parseQuoted(line: bytes, position: int) -> tuple[bytes, int]:
-        """
-        Parse a quoted string's body, from just after its opening quote.
-
-        @return: the unescaped value and the position after the closing
-            quote.
-        """
-        parts = []
-        end = len(line)
-        while True:
-            run = _skip(_QUOTED_RUN, line, position)
-            parts.append(line[position:run])
-            if run == end:
-                raise _SyntaxError("Missing closing quote")
-            octet = line[run]
-            if octet == _DQUOTE:
-                return b"".join(parts), run + 1
-            if octet != _BACKSLASH:
-                raise _SyntaxError("Invalid character in quoted string")
-            if run + 1 == end or line[run + 1] not in (_DQUOTE, _BACKSLASH):
-                raise _SyntaxError("Invalid escape in quoted string")
-            parts.append(line[run + 1 : run + 2])
-            position = run + 2

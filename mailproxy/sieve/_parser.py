@@ -44,22 +44,37 @@ from typing import Union
 
 from attrs import field, frozen
 
+from .._lines import (
+    TRAILING_LITERAL,
+    Atom,
+    LineSyntaxError,
+    SegmentBuffer,
+    SegmentTooLong,
+    Value,
+    ValueSyntax,
+    literalSize,
+)
 
-@frozen
-class Atom:
-    """
-    A ManageSieve atom, such as a command name, C{OK} or a response code.
+__all__ = [
+    "MAX_LIST_DEPTH",
+    "MAX_QUOTED_LENGTH",
+    "Atom",
+    "BadLine",
+    "Event",
+    "Fatal",
+    "Line",
+    "LineParser",
+    "SieveValue",
+    "clientString",
+    "formatValues",
+    "quoteString",
+]
 
-    @ivar value: the atom's octets, as sent (not upper-cased).
-    """
-
-    value: bytes
-
-
-SieveValue = Union[Atom, bytes, tuple["SieveValue", ...]]
+SieveValue = Value
 """
-One value of a line: an L{Atom}; L{bytes} for a quoted string or a literal
-(escapes already removed); a L{tuple} of values for a parenthesised list.
+One value of a line: an L{Atom} (such as a command name, C{OK} or a
+response code); L{bytes} for a quoted string or a literal (escapes already
+removed); a L{tuple} of values for a parenthesised list.
 """
 
 
@@ -105,50 +120,10 @@ MAX_QUOTED_LENGTH = 1024
 MAX_LIST_DEPTH = 2
 """How deeply parenthesised lists may nest (a response code needs one)."""
 
-# More digits than this is over any sane limit; compared before int() so a
-# hostile size never turns into a huge integer.
-_MAX_SIZE_DIGITS = 10
-
-_SP = 0x20
-_OPEN = 0x28
-_CLOSE = 0x29
-_DQUOTE = 0x22
-_BACKSLASH = 0x5C
-_LBRACE = 0x7B
-
 _ATOM = re.compile(rb"[!#-'*-\[\]-z|-~]+")
-_ATOM_EXTENT = re.compile(rb"[^ ()]*")
-_SPACES = re.compile(rb" +")
-_QUOTED_RUN = re.compile(rb"[^\"\\\x00\r\n]*")
-_LITERAL = re.compile(rb"\{([0-9]+)\+?\}")
-_TRAILING_LITERAL = re.compile(rb"\{([0-9]+)\+?\}\Z")
 
 _INPUT_BUFFER_FULL = "Input buffer full."
 _LITERAL_TOO_BIG = "Literal too big."
-
-
-class _SyntaxError(Exception):
-    """
-    A line's syntax is wrong; the text is safe to show the client.
-    """
-
-
-def _skip(pattern: re.Pattern[bytes], line: bytes, position: int) -> int:
-    """
-    The position after C{pattern}'s match at C{position}, or C{position}.
-    """
-    match = pattern.match(line, position)
-    return position if match is None else match.end()
-
-
-def _literalSize(digits: bytes) -> int | None:
-    """
-    The value of a literal's size digits, or L{None} if absurdly large.
-    """
-    significant = digits.lstrip(b"0")
-    if len(significant) > _MAX_SIZE_DIGITS:
-        return None
-    return int(significant or b"0")
 
 
 class _State:
@@ -197,9 +172,8 @@ class LineParser:
         self.maxLineLength = maxLineLength
         self.maxLiteralSize = maxLiteralSize
         self.maxQuotedLength = maxQuotedLength
-        self._buffer = bytearray()
-        # Where to resume looking for LF, so one-octet feeds stay linear.
-        self._scanned = 0
+        self._syntax = ValueSyntax(atom=_ATOM, maxListDepth=MAX_LIST_DEPTH, maxQuotedLength=maxQuotedLength)
+        self._input = SegmentBuffer()
         self._fatal: Fatal | None = None
         self._resetLine()
 
@@ -219,14 +193,14 @@ class LineParser:
         """
         The number of input octets held and not yet consumed.
         """
-        return len(self._buffer)
+        return len(self._input)
 
     def feed(self, data: bytes) -> None:
         """
         Add input. Nothing is parsed until L{next} is called.
         """
         if self._fatal is None:
-            self._buffer += data
+            self._input.feed(data)
 
     def clear(self) -> None:
         """
@@ -235,8 +209,7 @@ class LineParser:
         Used after STARTTLS, so that plaintext pipelined behind it is never
         read as a command. A parser that has reported L{Fatal} stays so.
         """
-        self._buffer.clear()
-        self._scanned = 0
+        self._input.clear()
         if self._fatal is None:
             self._resetLine()
 
@@ -252,10 +225,7 @@ class LineParser:
         """
         if self._state != _State.line:
             raise RuntimeError("a line is in progress")
-        remaining = bytes(self._buffer)
-        self._buffer.clear()
-        self._scanned = 0
-        return remaining
+        return self._input.takeAll()
 
     def next(self) -> Event | None:
         """
@@ -290,8 +260,7 @@ class LineParser:
         """
         self._fatal = Fatal(reason)
         self._state = _State.fatal
-        self._buffer.clear()
-        self._scanned = 0
+        self._input.clear()
         return self._fatal
 
     def _takeSegment(self, room: int) -> bytes | Fatal | None:
@@ -303,23 +272,10 @@ class LineParser:
         @return: the segment without its terminator; L{Fatal} as soon as it
             is known to be longer than C{room}; L{None} if incomplete.
         """
-        buffer = self._buffer
-        end = buffer.find(b"\n", self._scanned)
-        if end < 0:
-            self._scanned = len(buffer)
-            # A trailing CR may be the start of the terminator.
-            length = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
-            if length > room:
-                return self._die(_INPUT_BUFFER_FULL)
-            return None
-        segment = bytes(buffer[:end])
-        del buffer[: end + 1]
-        self._scanned = 0
-        if segment.endswith(b"\r"):
-            segment = segment[:-1]
-        if len(segment) > room:
+        try:
+            return self._input.takeSegment(room)
+        except SegmentTooLong:
             return self._die(_INPUT_BUFFER_FULL)
-        return segment
 
     def _readLiteral(self) -> bool:
         """
@@ -327,22 +283,16 @@ class LineParser:
 
         @return: whether the literal is complete.
         """
-        buffer = self._buffer
         if self._state == _State.skipLiteral:
-            count = min(self._literalSize, len(buffer))
-            del buffer[:count]
-            self._scanned = 0
-            self._literalSize -= count
+            self._literalSize -= self._input.skipOctets(self._literalSize)
             if self._literalSize:
                 return False
             self._state = _State.skipSegment
             return True
-        size = self._literalSize
-        if len(buffer) < size:
+        data = self._input.takeOctets(self._literalSize)
+        if data is None:
             return False
-        self._stack[-1].append(bytes(buffer[:size]))
-        del buffer[:size]
-        self._scanned = 0
+        self._stack[-1].append(data)
         self._state = _State.segment
         return True
 
@@ -367,111 +317,35 @@ class LineParser:
         A segment that ends in a literal announcement is followed by octets
         that must be skipped too.
         """
-        match = _TRAILING_LITERAL.search(segment)
+        match = TRAILING_LITERAL.search(segment)
         if match is None:
             bad = self._pendingBad
             assert bad is not None
             self._resetLine()
             return bad
-        return self._announceLiteral(_literalSize(match.group(1)), skipping=True)
+        return self._announceLiteral(literalSize(match.group(1)), skipping=True)
 
     def _parseSegment(self, segment: bytes) -> Event | None:
         """
         Parse one line segment.
-        """
-        # After a literal, a separator must come before the next value.
-        afterValue = self._state == _State.segment
-        try:
-            return self._parseValues(segment, afterValue)
-        except _SyntaxError as e:
-            self._pendingBad = BadLine(str(e))
-            self._state = _State.skipSegment
-            return self._skipSegment(segment)
-
-    def _parseValues(self, segment: bytes, afterValue: bool) -> Event | None:
-        """
-        Parse the values of one segment.
 
         @return: the L{Line} if the segment completes it, L{Fatal} if it
             announces a literal that is too big, else L{None} (a literal
             follows).
         """
-        stack = self._stack
-        end = len(segment)
-        position = 0
-        while position < end:
-            octet = segment[position]
-            if octet == _SP:
-                position = _skip(_SPACES, segment, position)
-                afterValue = False
-                continue
-            if octet == _CLOSE:
-                if len(stack) == 1:
-                    raise _SyntaxError("Unexpected ')'.")
-                closed = tuple(stack.pop())
-                stack[-1].append(closed)
-                position += 1
-                afterValue = True
-                continue
-            if afterValue:
-                raise _SyntaxError("Missing space between arguments.")
-            if octet == _OPEN:
-                if len(stack) > MAX_LIST_DEPTH:
-                    raise _SyntaxError("Lists nested too deeply.")
-                stack.append([])
-                position += 1
-            elif octet == _DQUOTE:
-                value, position = self._parseQuoted(segment, position + 1)
-                stack[-1].append(value)
-                afterValue = True
-            elif octet == _LBRACE:
-                match = _LITERAL.match(segment, position)
-                if match is None:
-                    raise _SyntaxError("Invalid literal.")
-                if match.end() != end:
-                    raise _SyntaxError("Literal must end the line.")
-                return self._announceLiteral(_literalSize(match.group(1)), skipping=False)
-            else:
-                extent = _skip(_ATOM_EXTENT, segment, position)
-                if _skip(_ATOM, segment, position) != extent:
-                    raise _SyntaxError("Invalid characters in atom.")
-                stack[-1].append(Atom(segment[position:extent]))
-                position = extent
-                afterValue = True
-        if len(stack) > 1:
-            raise _SyntaxError("Missing ')'.")
-        line = Line(tuple(stack[0]))
+        # After a literal, a separator must come before the next value.
+        afterValue = self._state == _State.segment
+        try:
+            literal = self._syntax.parse(segment, 0, afterValue, self._stack)
+        except LineSyntaxError as e:
+            self._pendingBad = BadLine(str(e) + ".")
+            self._state = _State.skipSegment
+            return self._skipSegment(segment)
+        if literal is not None:
+            return self._announceLiteral(literal.size, skipping=False)
+        line = Line(tuple(self._stack[0]))
         self._resetLine()
         return line
-
-    def _parseQuoted(self, segment: bytes, position: int) -> tuple[bytes, int]:
-        """
-        Parse a quoted string's body, from just after its opening quote.
-
-        @return: the unescaped value and the position after the closing
-            quote.
-        """
-        parts = []
-        length = 0
-        end = len(segment)
-        while True:
-            run = _skip(_QUOTED_RUN, segment, position)
-            parts.append(segment[position:run])
-            length += run - position
-            if run == end:
-                raise _SyntaxError("Missing closing quote.")
-            octet = segment[run]
-            if octet == _DQUOTE:
-                if length > self.maxQuotedLength:
-                    raise _SyntaxError("Quoted string too long; use a literal.")
-                return b"".join(parts), run + 1
-            if octet != _BACKSLASH:
-                raise _SyntaxError("Invalid character in quoted string.")
-            if run + 1 == end or segment[run + 1] not in (_DQUOTE, _BACKSLASH):
-                raise _SyntaxError("Invalid escape in quoted string.")
-            parts.append(segment[run + 1 : run + 2])
-            length += 1
-            position = run + 2
 
 
 def quoteString(value: bytes) -> bytes:
