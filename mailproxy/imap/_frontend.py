@@ -11,8 +11,7 @@ the object.
 
 from __future__ import annotations
 
-import binascii
-from base64 import b64decode
+from base64 import b64encode
 from typing import Callable
 
 from twisted.internet.defer import CancelledError
@@ -21,6 +20,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
@@ -70,7 +70,7 @@ class IMAPFrontend(FrontendProtocol):
         self.badCommands = 0
         self._processing = False
         self._saslTag = b""
-        self._saslStep: Callable[[bytes], None] | None = None
+        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
             b"NOOP": self.do_NOOP,
@@ -280,35 +280,17 @@ class IMAPFrontend(FrontendProtocol):
             if initial is None:
                 return
         self._saslTag = command.tag
-        if mechanism == b"PLAIN":
-            if initial is None:
-                self._continue(b"", self._plainResponse)
-            else:
-                self._plainResponse(initial)
-        else:
-            if initial is None:
-                self._continue(b"Username:", self._loginUser)
-            else:
-                self._loginUser(initial)
+        self._exchange = ServerExchange(mechanism.decode("ascii"))
+        self._saslStep(self._exchange.start(initial))
 
     # SASL
 
     def _decode(self, tag: bytes, raw: bytes) -> bytes | None:
-        if raw == b"=":
-            return b""
-        try:
-            return b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
+        decoded = decodeResponse(raw)
+        if decoded is None:
             self.state = "command"
             self._bad(tag, "Invalid base64 data in continued response.")
-            return None
-
-    def _continue(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
-        from base64 import b64encode
-
-        self.sendLine(b"+ " + b64encode(challenge))
-        self._saslStep = step
-        self.state = "sasl"
+        return decoded
 
     def _saslLine(self, line: RawLine) -> None:
         self.state = "command"
@@ -316,27 +298,19 @@ class IMAPFrontend(FrontendProtocol):
             self._bad(self._saslTag, "Authentication aborted by client.")
             return
         decoded = self._decode(self._saslTag, line.data.strip())
-        if decoded is not None and self._saslStep is not None:
-            self._saslStep(decoded)
+        if decoded is not None and self._exchange is not None:
+            self._saslStep(self._exchange.respond(decoded))
 
-    def _plainResponse(self, response: bytes) -> None:
-        parts = response.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self._bad(self._saslTag, "Invalid PLAIN response.")
-            return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # Acting as another user is decided by the backend's master-user
-            # rules, which a router cannot see; refuse rather than guess.
+    def _saslStep(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self.sendLine(b"+ " + b64encode(step.data))
+            self.state = "sasl"
+        elif isinstance(step, Refused) and step.reason == "authorization":
             self.reply(self._saslTag, b"NO", "[AUTHORIZATIONFAILED] Authorization identity not supported.")
-            return
-        self._login(self._saslTag, Credentials("PLAIN", authcid.decode("utf-8", "surrogateescape"), password=password))
-
-    def _loginUser(self, user: bytes) -> None:
-        def password(secret: bytes) -> None:
-            self._login(self._saslTag, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=secret))
-
-        self._continue(b"Password:", password)
+        elif isinstance(step, Refused):
+            self._bad(self._saslTag, "Invalid " + step.mechanism + " response.")
+        else:
+            self._login(self._saslTag, step)
 
     # Login
 

@@ -18,10 +18,7 @@ password for the backend login.
 
 from __future__ import annotations
 
-import binascii
-import os
-import re
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from typing import Callable
 
 from twisted.internet.defer import CancelledError
@@ -30,6 +27,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge, parseDigestResponse
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
@@ -42,8 +40,6 @@ MAX_BAD_COMMANDS = 3
 
 #: Commands of the TRANSACTION state (RFC 1939, RFC 2449).
 _AFTER_LOGIN = frozenset(b"STAT LIST RETR DELE RSET TOP UIDL LAST".split())
-
-_HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
 
 _PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 _AUTH_FAILED = "Authentication failed."
@@ -88,7 +84,7 @@ class POP3Frontend(FrontendProtocol):
         self.digestAuth = listener.digestAuth
         self.timestamp: bytes | None = None
         self._user: bytes | None = None
-        self._saslStep: Callable[[bytes], None] | None = None
+        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"CAPA": self.do_CAPA,
             b"STLS": self.do_STLS,
@@ -125,11 +121,7 @@ class POP3Frontend(FrontendProtocol):
         A challenge no other greeting or CRAM-MD5 exchange uses, in the
         msg-id form RFC 1939 asks for: C{<random.time@hostname>}.
         """
-        return b"<%s.%d@%s>" % (
-            os.urandom(12).hex().encode("ascii"),
-            int(self.context.reactor.seconds()),
-            self.context.hostname.encode("idna"),
-        )
+        return newChallenge(self.context.reactor.seconds(), self.context.hostname)
 
     def mechanisms(self) -> list[bytes]:
         """
@@ -290,11 +282,12 @@ class POP3Frontend(FrontendProtocol):
         if not self.plaintextLoginAllowed:
             self.err("[AUTH] Authentication disallowed on non-secure (SSL/TLS) connections.")
             return
-        user, _, digest = (command.argument or b"").rpartition(b" ")
-        if not user or not _HEX_DIGEST.match(digest):
+        parsed = parseDigestResponse(command.argument or b"")
+        if parsed is None:
             self.err("Invalid APOP parameters.")
             return
-        self._login(Credentials("APOP", _text(user), challenge=self.timestamp, response=digest.lower()))
+        user, digest = parsed
+        self._login(Credentials("APOP", _text(user), challenge=self.timestamp, response=digest))
 
     def do_AUTH(self, command: Command) -> None:
         args = command.arguments()
@@ -320,75 +313,43 @@ class POP3Frontend(FrontendProtocol):
             initial = self._decode(args[1])
             if initial is None:
                 return
-        if mechanism == b"PLAIN":
-            if initial is None:
-                self._continue(b"", self._plainResponse)
-            else:
-                self._plainResponse(initial)
-        elif mechanism == b"LOGIN":
-            if initial is None:
-                self._continue(b"Username:", self._loginUser)
-            else:
-                self._loginUser(initial)
-        else:
+        challenge = b""
+        if mechanism == b"CRAM-MD5":
             if initial is not None:
                 # CRAM-MD5 starts with the server's challenge.
                 self.err("CRAM-MD5 takes no initial response.")
                 return
             challenge = self.newChallenge()
-            self._continue(challenge, lambda response: self._cramResponse(challenge, response))
+        self._exchange = ServerExchange(mechanism.decode("ascii"), challenge)
+        self._saslStep(self._exchange.start(initial))
 
     # SASL
 
     def _decode(self, raw: bytes) -> bytes | None:
-        if raw == b"=":
-            return b""
-        try:
-            return b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
+        decoded = decodeResponse(raw)
+        if decoded is None:
             self.err("Invalid base64 data.")
-            return None
-
-    def _continue(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
-        self.sendLine(b"+ " + b64encode(challenge))
-        self._saslStep = step
-        self.state = "sasl"
+        return decoded
 
     def _saslLine(self, line: RawLine) -> None:
-        step, self._saslStep = self._saslStep, None
         data = line.data.strip()
         if data == b"*":
             self.err("Authentication aborted by client.")
             return
         decoded = self._decode(data)
-        if decoded is not None and step is not None:
-            step(decoded)
+        if decoded is not None and self._exchange is not None:
+            self._saslStep(self._exchange.respond(decoded))
 
-    def _plainResponse(self, response: bytes) -> None:
-        parts = response.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self.err("Invalid PLAIN response.")
-            return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # Acting as another user is decided by the backend's master-user
-            # rules, which a router cannot see; refuse rather than guess.
+    def _saslStep(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self.sendLine(b"+ " + b64encode(step.data))
+            self.state = "sasl"
+        elif isinstance(step, Refused) and step.reason == "authorization":
             self.err("Authorization identity not supported.")
-            return
-        self._login(Credentials("PLAIN", _text(authcid), password=password))
-
-    def _loginUser(self, user: bytes) -> None:
-        def password(secret: bytes) -> None:
-            self._login(Credentials("LOGIN", _text(user), password=secret))
-
-        self._continue(b"Password:", password)
-
-    def _cramResponse(self, challenge: bytes, response: bytes) -> None:
-        user, _, digest = response.rpartition(b" ")
-        if not user or not _HEX_DIGEST.match(digest):
-            self.err("Invalid CRAM-MD5 response.")
-            return
-        self._login(Credentials("CRAM-MD5", _text(user), challenge=challenge, response=digest.lower()))
+        elif isinstance(step, Refused):
+            self.err("Invalid " + step.mechanism + " response.")
+        else:
+            self._login(step)
 
     # Login
 

@@ -13,8 +13,7 @@ the object.
 
 from __future__ import annotations
 
-import binascii
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from typing import Callable
 
 from twisted.internet.defer import CancelledError
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64
 from .._session import FrontendProtocol, LoginFailed
 from ..model import Credentials
 from ._backend import SieveBackendLogin
@@ -96,7 +96,7 @@ class SieveFrontend(FrontendProtocol):
         self.badCommands = 0
         self._processing = False
         self._startingTLS = False
-        self._saslStep: Callable[[bytes], None] | None = None
+        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
             b"NOOP": self.do_NOOP,
@@ -308,30 +308,17 @@ class SieveFrontend(FrontendProtocol):
             initial = self._decode(args[1])
             if initial is None:
                 return
-        if mechanism == b"PLAIN":
-            if initial is None:
-                self._challenge(b"", self._plainResponse)
-            else:
-                self._plainResponse(initial)
-        elif initial is None:
-            self._challenge(b"Username:", self._loginUser)
-        else:
-            self._loginUser(initial)
+        self._exchange = ServerExchange(mechanism.decode("ascii"))
+        self._saslStep(self._exchange.start(initial))
 
     # SASL
 
     def _decode(self, raw: bytes) -> bytes | None:
-        try:
-            return b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
+        decoded = decodeBase64(raw)
+        if decoded is None:
             self.state = "command"
             self.reply(b"NO", "Invalid base64 data in AUTHENTICATE response.")
-            return None
-
-    def _challenge(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
-        self.sendLine(quoteString(b64encode(challenge)))
-        self._saslStep = step
-        self.state = "sasl"
+        return decoded
 
     def _saslLine(self, event: Line | BadLine) -> None:
         self.state = "command"
@@ -351,27 +338,19 @@ class SieveFrontend(FrontendProtocol):
             self.reply(b"NO", "Authentication aborted by client.")
             return
         decoded = self._decode(response)
-        if decoded is not None and self._saslStep is not None:
-            self._saslStep(decoded)
+        if decoded is not None and self._exchange is not None:
+            self._saslStep(self._exchange.respond(decoded))
 
-    def _plainResponse(self, response: bytes) -> None:
-        parts = response.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self.reply(b"NO", "Invalid PLAIN response.")
-            return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # Acting as another user is decided by the backend's master-user
-            # rules, which a router cannot see; refuse rather than guess.
+    def _saslStep(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self.sendLine(quoteString(b64encode(step.data)))
+            self.state = "sasl"
+        elif isinstance(step, Refused) and step.reason == "authorization":
             self.reply(b"NO", "Authorization identity not supported.")
-            return
-        self._login(Credentials("PLAIN", authcid.decode("utf-8", "surrogateescape"), password=password))
-
-    def _loginUser(self, user: bytes) -> None:
-        def password(secret: bytes) -> None:
-            self._login(Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=secret))
-
-        self._challenge(b"Password:", password)
+        elif isinstance(step, Refused):
+            self.reply(b"NO", "Invalid " + step.mechanism + " response.")
+        else:
+            self._login(step)
 
     # Login
 

@@ -15,10 +15,7 @@ the object.
 
 from __future__ import annotations
 
-import binascii
-import os
-import re
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -27,6 +24,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge
 from .._session import FrontendProtocol, LoginFailed, ProxyContext, newSessionId
 from ..config import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
@@ -41,8 +39,6 @@ MAX_ERRORS = 20
 #: Verbs of other protocols: a browser or proxy request sent to the SMTP
 #: port (cross-protocol attacks); the connection is closed at once.
 _FOREIGN_VERBS = frozenset([b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS"])
-
-_HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
 
 #: The enhanced code of the goodbye for each reason the core gives.
 _GOODBYE_CODES = {
@@ -469,9 +465,8 @@ class SubmissionFrontend(SMTPFrontend):
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        self._saslStep: Callable[[bytes], None] | None = None
+        self._exchange: ServerExchange | None = None
         self._discard = 0
-        self._challenge = b""
         self._commands.update(
             {
                 b"AUTH": self.do_AUTH,
@@ -572,88 +567,41 @@ class SubmissionFrontend(SMTPFrontend):
             initial = self._decode(words[1])
             if initial is None:
                 return
-        if mechanism == "PLAIN":
-            if initial is None:
-                self._challengeFor(b"", self._plainResponse)
-            else:
-                self._plainResponse(initial)
-        elif mechanism == "LOGIN":
-            if initial is None:
-                self._challengeFor(b"Username:", self._loginUser)
-            else:
-                self._loginUser(initial)
-        else:
+        challenge = b""
+        if mechanism == "CRAM-MD5":
             if initial is not None:
                 self.error(501, "5.5.4", "CRAM-MD5 takes no initial response")
                 return
-            self._challenge = b"<%s.%d@%s>" % (
-                os.urandom(12).hex().encode("ascii"),
-                int(self.context.reactor.seconds()),
-                self.context.hostname.encode("idna"),
-            )
-            self._challengeFor(self._challenge, self._cramResponse)
+            challenge = newChallenge(self.context.reactor.seconds(), self.context.hostname)
+        self._exchange = ServerExchange(mechanism, challenge, loginUserRequired=True)
+        self._saslStep(self._exchange.start(initial))
 
     # SASL
 
     def _decode(self, raw: bytes) -> bytes | None:
-        if raw == b"=":
-            return b""
-        try:
-            return b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
+        decoded = decodeResponse(raw)
+        if decoded is None:
             self.error(501, "5.5.2", "Cannot decode response")
-            return None
-
-    def _challengeFor(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
-        self.send(334, None, b64encode(challenge))
-        self._saslStep = step
-        self.state = "sasl"
+        return decoded
 
     def _saslLine(self, line: bytes) -> None:
-        step, self._saslStep = self._saslStep, None
         if line.strip(b" ") == b"*":
             self.error(501, "5.7.0", "Authentication aborted")
             return
         decoded = self._decode(line.strip(b" "))
-        if decoded is not None and step is not None:
-            step(decoded)
+        if decoded is not None and self._exchange is not None:
+            self._saslStep(self._exchange.respond(decoded))
 
-    def _plainResponse(self, response: bytes) -> None:
-        parts = response.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self.error(501, "5.5.2", "Invalid PLAIN response")
-            return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # Acting as another user is the backend's decision, which a
-            # router cannot see; refuse rather than guess.
+    def _saslStep(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self.send(334, None, b64encode(step.data))
+            self.state = "sasl"
+        elif isinstance(step, Refused) and step.reason == "authorization":
             self.error(535, "5.7.8", "Authorization identity not supported")
-            return
-        self._login(Credentials("PLAIN", authcid.decode("utf-8", "surrogateescape"), password=password))
-
-    def _loginUser(self, user: bytes) -> None:
-        if not user:
-            self.error(501, "5.5.2", "Invalid LOGIN response")
-            return
-
-        def password(secret: bytes) -> None:
-            self._login(Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=secret))
-
-        self._challengeFor(b"Password:", password)
-
-    def _cramResponse(self, response: bytes) -> None:
-        user, _, digest = response.rpartition(b" ")
-        if not user or not _HEX_DIGEST.match(digest):
-            self.error(501, "5.5.2", "Invalid CRAM-MD5 response")
-            return
-        self._login(
-            Credentials(
-                "CRAM-MD5",
-                user.decode("utf-8", "surrogateescape"),
-                challenge=self._challenge,
-                response=digest.lower(),
-            )
-        )
+        elif isinstance(step, Refused):
+            self.error(501, "5.5.2", "Invalid " + step.mechanism + " response")
+        else:
+            self._login(step)
 
     # Login
 
