@@ -87,6 +87,19 @@ class LoginJob:
         """
         return self.route.backend
 
+    def saslIdentities(self) -> tuple[bytes, bytes, bytes]:
+        """
+        The SASL authorization identity, authentication identity and
+        password to log in with, the names as UTF-8 (with
+        C{surrogateescape}). A master user authenticates as itself on
+        C{user}'s behalf; otherwise the authorization identity is empty.
+        """
+        if self.masterUser is not None:
+            authzid, authcid, password = self.user, self.masterUser, self.masterPassword or b""
+        else:
+            authzid, authcid, password = "", self.user, self.password or b""
+        return authzid.encode("utf-8", "surrogateescape"), authcid.encode("utf-8", "surrogateescape"), password
+
 
 @implementer(IHandshakeListener)
 class BackendProtocol(Protocol):

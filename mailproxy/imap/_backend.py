@@ -15,12 +15,12 @@ with LITERAL+), so no quoting bug can ever mangle a password.
 from __future__ import annotations
 
 import re
-from base64 import b64encode
 
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 65536
@@ -243,15 +243,9 @@ class IMAPBackendLogin(BackendProtocol):
         forward = backend.forward
         if forward == "id" or (forward == "auto" and b"ID" in caps):
             commands.append(self._nextTag("id") + b" ID " + self._idParameters())
-        job = self.job
-        if job.masterUser is not None:
-            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
-        else:
-            authzid, authcid, password = "", job.user, job.password or b""
-        authzidBytes = authzid.encode("utf-8", "surrogateescape")
-        authcidBytes = authcid.encode("utf-8", "surrogateescape")
+        authzid, authcid, password = self.job.saslIdentities()
         if b"AUTH=PLAIN" in caps and (b"SASL-IR" in caps or authzid):
-            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            response = plainResponse(authzid, authcid, password)
             if b"SASL-IR" in caps:
                 commands.append(self._nextTag("login") + b" AUTHENTICATE PLAIN " + response)
             else:
@@ -259,17 +253,15 @@ class IMAPBackendLogin(BackendProtocol):
                 self._pendingLiterals = [response + b"\r\n"]
         else:
             if authzid:
-                authcidBytes = authzidBytes + backend.masterSeparator.encode("utf-8") + authcidBytes
+                authcid = authzid + backend.masterSeparator.encode("utf-8") + authcid
             tag = self._nextTag("login")
             if b"LITERAL+" in caps:
-                commands.append(
-                    tag + b" LOGIN {%d+}\r\n%s {%d+}\r\n%s" % (len(authcidBytes), authcidBytes, len(password), password)
-                )
+                commands.append(tag + b" LOGIN {%d+}\r\n%s {%d+}\r\n%s" % (len(authcid), authcid, len(password), password))
             else:
                 # Synchronizing literals: each waits for the server's "+".
-                commands.append(tag + b" LOGIN {%d}" % (len(authcidBytes),))
+                commands.append(tag + b" LOGIN {%d}" % (len(authcid),))
                 self._pendingLiterals = [
-                    authcidBytes + b" {%d}\r\n" % (len(password),),
+                    authcid + b" {%d}\r\n" % (len(password),),
                     password + b"\r\n",
                 ]
         self.transport.write(b"\r\n".join(commands) + b"\r\n")

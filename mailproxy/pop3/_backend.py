@@ -19,11 +19,11 @@ ready.}); C{forward = "auto"} uses it then, or when CAPA lists XCLIENT.
 from __future__ import annotations
 
 import re
-from base64 import b64encode
 
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 8192
@@ -161,13 +161,8 @@ class POP3BackendLogin(BackendProtocol):
     def _login(self) -> None:
         self._state = "login"
         job = self.job
-        if job.masterUser is not None:
-            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
-        else:
-            authzid, authcid, password = "", job.user, job.password or b""
-        authzidBytes = authzid.encode("utf-8", "surrogateescape")
-        authcidBytes = authcid.encode("utf-8", "surrogateescape")
-        if any(_UNSAFE.search(value) for value in (authzidBytes, authcidBytes, password)):
+        authzid, authcid, password = job.saslIdentities()
+        if any(_UNSAFE.search(value) for value in (authzid, authcid, password)):
             # Only a rewritten login from the router can get here: client
             # lines never carry CR, LF or NUL.
             self.fail("unavailable", "the login name or password contains control characters")
@@ -177,7 +172,7 @@ class POP3BackendLogin(BackendProtocol):
             commands.append(self._xclientCommand())
             self._expected.append("xclient")
         if self._offers(b"SASL", b"PLAIN"):
-            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            response = plainResponse(authzid, authcid, password)
             command = b"AUTH PLAIN " + response
             if len(command) + 2 > MAX_COMMAND_LINE:
                 command = b"AUTH PLAIN"
@@ -186,8 +181,8 @@ class POP3BackendLogin(BackendProtocol):
             self._expected.append("final")
         else:
             if authzid:
-                authcidBytes = authzidBytes + job.backend.masterSeparator.encode("utf-8") + authcidBytes
-            commands.append(b"USER " + authcidBytes)
+                authcid = authzid + job.backend.masterSeparator.encode("utf-8") + authcid
+            commands.append(b"USER " + authcid)
             self._expected += ["user", "final"]
             if self._offers(b"PIPELINING"):
                 commands.append(b"PASS " + password)

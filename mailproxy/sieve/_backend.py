@@ -13,11 +13,11 @@ AUTHENTICATE.
 from __future__ import annotations
 
 import re
-from base64 import b64encode
 
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._sasl import plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
 
 #: Longest backend line (and literal) accepted during login.
@@ -187,18 +187,7 @@ class SieveBackendLogin(BackendProtocol):
                 hint = "; it may want TLS first (tls = starttls)"
             self.fail("unavailable", "backend does not offer SASL PLAIN" + hint)
             return
-        job = self.job
-        if job.masterUser is not None:
-            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
-        else:
-            authzid, authcid, password = "", job.user, job.password or b""
-        response = b64encode(
-            authzid.encode("utf-8", "surrogateescape")
-            + b"\x00"
-            + authcid.encode("utf-8", "surrogateescape")
-            + b"\x00"
-            + password
-        )
+        response = plainResponse(*self.job.saslIdentities())
         self._state = "login"
         self.transport.write(b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n")
 

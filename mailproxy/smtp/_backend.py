@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._safetext import oneLine
+from .._sasl import plainResponse
 from ..model import ClientInfo
 from ._ehlo import Extensions
 from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
@@ -332,16 +333,10 @@ class SMTPBackend(BackendProtocol):
     def _authenticate(self) -> None:
         assert self.extensions is not None
         mechanisms = self.extensions.parameters("AUTH")
-        job = self.job
-        if job.masterUser is not None:
-            authzid, authcid, password = job.user, job.masterUser, job.masterPassword or b""
-        else:
-            authzid, authcid, password = "", job.user, job.password or b""
-        authzidBytes = authzid.encode("utf-8", "surrogateescape")
-        authcidBytes = authcid.encode("utf-8", "surrogateescape")
+        authzid, authcid, password = self.job.saslIdentities()
         self._state = "auth"
         if "PLAIN" in mechanisms:
-            response = b64encode(authzidBytes + b"\x00" + authcidBytes + b"\x00" + password)
+            response = plainResponse(authzid, authcid, password)
             line = b"AUTH PLAIN " + response
             if len(line) + 2 <= COMMAND_LINE:
                 self._send(line)
@@ -351,7 +346,7 @@ class SMTPBackend(BackendProtocol):
                 self._authSteps = [response]
                 self._send(b"AUTH PLAIN")
         elif "LOGIN" in mechanisms and not authzid:
-            self._authSteps = [b64encode(authcidBytes), b64encode(password)]
+            self._authSteps = [b64encode(authcid), b64encode(password)]
             self._send(b"AUTH LOGIN")
         else:
             needed = "PLAIN" if authzid else "PLAIN or LOGIN"
