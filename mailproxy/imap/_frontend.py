@@ -19,9 +19,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._commandloop import CommandFrontend
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse
-from .._session import FrontendProtocol, LoginFailed
+from .._session import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
 from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest, RawLine
@@ -49,7 +50,7 @@ def _sanitize(text: str) -> str:
     return oneLine(text)
 
 
-class IMAPFrontend(FrontendProtocol):
+class IMAPFrontend(CommandFrontend):
     """
     Pre-auth IMAP4rev1 for one client connection.
 
@@ -59,16 +60,15 @@ class IMAPFrontend(FrontendProtocol):
     """
 
     protocolName = "imap"
+    maxBadCommands = MAX_BAD_COMMANDS
+    badCommandsGoodbye = "Too many invalid IMAP commands."
     log = Logger()
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
         self.parser = CommandParser(self.limits.lineLength, self.limits.literalSize)
-        self.state = "command"
         self.clientID: tuple[tuple[str, str], ...] = ()
         self.capabilityAsked = False
-        self.badCommands = 0
-        self._processing = False
         self._saslTag = b""
         self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
@@ -82,12 +82,6 @@ class IMAPFrontend(FrontendProtocol):
         }
 
     # Wire helpers
-
-    def sendLine(self, line: bytes) -> None:
-        """
-        Write one response line.
-        """
-        self.transport.write(line + b"\r\n")
 
     def reply(self, tag: bytes, status: bytes, text: str) -> None:
         """
@@ -119,35 +113,20 @@ class IMAPFrontend(FrontendProtocol):
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return IMAPBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.state = "closed"
-        super().connectionLost(reason)
-
     def frontendDataReceived(self, data: bytes) -> None:
         self.parser.feed(data)
-        self._process()
+        self.process()
 
     # The command loop
 
-    def _process(self) -> None:
-        # A login that fails at once comes back here from inside the loop:
-        # the running loop goes on, rather than one more nested per login.
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            self._processCommands()
-        finally:
-            self._processing = False
-
-    def _processCommands(self) -> None:
+    def processInput(self) -> None:
         while self.state in ("command", "sasl"):
             if self.state == "sasl":
                 line = self.parser.nextLine(MAX_SASL_LINE)
                 if line is None:
                     return
                 if isinstance(line, Fatal):
-                    self._fatal(line.reason)
+                    self.fatal(line.reason)
                     return
                 self._saslLine(line)
                 continue
@@ -169,24 +148,12 @@ class IMAPFrontend(FrontendProtocol):
                 text = ("[" + event.code + "] " if event.code else "") + event.reason
                 self._bad(event.tag, text)
             elif isinstance(event, Fatal):
-                self._fatal(event.reason)
+                self.fatal(event.reason)
                 return
 
     def _bad(self, tag: bytes | None, text: str) -> None:
         self.reply(tag if tag is not None else b"*", b"BAD", text)
-        self.badCommands += 1
-        if self.badCommands >= MAX_BAD_COMMANDS:
-            self.result = "too many invalid commands"
-            self._close("Too many invalid IMAP commands.")
-
-    def _fatal(self, reason: str) -> None:
-        self.result = "protocol error: " + reason
-        self._close(reason)
-
-    def _close(self, reason: str) -> None:
-        self.state = "closed"
-        self.sayGoodbye(reason)
-        self.transport.loseConnection()
+        self.countBadCommand()
 
     # Commands
 
@@ -202,8 +169,7 @@ class IMAPFrontend(FrontendProtocol):
         self.result = "logged out"
         self.sendLine(b"* BYE Logging out")
         self.reply(command.tag, b"OK", "Logout completed.")
-        self.state = "closed"
-        self.transport.loseConnection()
+        self.closeWith()
 
     def do_STARTTLS(self, command: Command) -> None:
         if command.args:
@@ -340,14 +306,14 @@ class IMAPFrontend(FrontendProtocol):
         else:
             self.reply(tag, b"NO", "[UNAVAILABLE] " + (_sanitize(failure.message) or "Service temporarily unavailable, try again later."))
         if failure.close:
-            self._close("Too many invalid authentication attempts." if self.failures >= self.limits.loginFailures else "Closing connection.")
+            self.closeAfterLoginFailure()
             return
         self.state = "command"
-        self._process()
+        self.process()
 
     def _unexpected(self, reason: Failure) -> None:
         if self.state == "closed" or reason.check(CancelledError):
             return
         self.log.failure("IMAP login handling failed", reason)
         self.result = "internal error"
-        self._close("Internal error.")
+        self.closeWith("Internal error.")

@@ -26,9 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._commandloop import CommandFrontend
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge, parseDigestResponse
-from .._session import FrontendProtocol, LoginFailed
+from .._session import LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
 from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser, RawLine
@@ -60,7 +61,7 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
-class POP3Frontend(FrontendProtocol):
+class POP3Frontend(CommandFrontend):
     """
     The AUTHORIZATION state of POP3 for one client connection.
 
@@ -73,14 +74,12 @@ class POP3Frontend(FrontendProtocol):
     """
 
     protocolName = "pop3"
+    maxBadCommands = MAX_BAD_COMMANDS
     log = Logger()
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
         self.parser = LineParser()
-        self.state = "command"
-        self.badCommands = 0
-        self._processing = False
         self.digestAuth = listener.digestAuth
         self.timestamp: bytes | None = None
         self._user: bytes | None = None
@@ -97,12 +96,6 @@ class POP3Frontend(FrontendProtocol):
         }
 
     # Wire helpers
-
-    def sendLine(self, line: bytes) -> None:
-        """
-        Write one response line.
-        """
-        self.transport.write(line + b"\r\n")
 
     def ok(self, text: str = "") -> None:
         """
@@ -160,28 +153,13 @@ class POP3Frontend(FrontendProtocol):
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return POP3BackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.state = "closed"
-        super().connectionLost(reason)
-
     def frontendDataReceived(self, data: bytes) -> None:
         self.parser.feed(data)
-        self._process()
+        self.process()
 
     # The command loop
 
-    def _process(self) -> None:
-        # A login that fails at once comes back here from inside the loop:
-        # the running loop goes on, rather than one more nested per login.
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            self._processCommands()
-        finally:
-            self._processing = False
-
-    def _processCommands(self) -> None:
+    def processInput(self) -> None:
         while self.state in ("command", "sasl"):
             if self.state == "sasl":
                 line = self.parser.nextLine(MAX_SASL_LINE)
@@ -210,16 +188,7 @@ class POP3Frontend(FrontendProtocol):
 
     def _bad(self, text: str) -> None:
         self.err(text)
-        self.badCommands += 1
-        if self.badCommands >= MAX_BAD_COMMANDS:
-            self.result = "too many invalid commands"
-            self._close("Too many invalid commands.")
-
-    def _close(self, reason: str | None = None) -> None:
-        self.state = "closed"
-        if reason is not None:
-            self.sayGoodbye(reason)
-        self.transport.loseConnection()
+        self.countBadCommand()
 
     # Commands
 
@@ -235,7 +204,7 @@ class POP3Frontend(FrontendProtocol):
     def do_QUIT(self, command: Command) -> None:
         self.result = "logged out"
         self.ok("Logging out.")
-        self._close()
+        self.closeWith()
 
     def do_STLS(self, command: Command) -> None:
         if command.argument is not None:
@@ -375,14 +344,14 @@ class POP3Frontend(FrontendProtocol):
             self.err("[SYS/TEMP] " + (_sanitize(failure.message) or _UNAVAILABLE))
         if failure.close:
             # POP3 has no goodbye line: the -ERR above was the last word.
-            self._close()
+            self.closeWith()
             return
         self.state = "command"
-        self._process()
+        self.process()
 
     def _unexpected(self, reason: Failure) -> None:
         if self.state == "closed" or reason.check(CancelledError):
             return
         self.log.failure("POP3 login handling failed", reason)
         self.result = "internal error"
-        self._close("[SYS/TEMP] Internal error.")
+        self.closeWith("[SYS/TEMP] Internal error.")

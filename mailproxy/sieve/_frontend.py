@@ -21,9 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._commandloop import CommandFrontend
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64
-from .._session import FrontendProtocol, LoginFailed
+from .._session import LoginFailed
 from ..model import Credentials
 from ._backend import SieveBackendLogin
 from ._parser import Atom, BadLine, Fatal, Line, LineParser, SieveValue, quoteString
@@ -69,7 +70,7 @@ def _string(value: SieveValue) -> bytes | None:
     return None
 
 
-class SieveFrontend(FrontendProtocol):
+class SieveFrontend(CommandFrontend):
     """
     Pre-auth ManageSieve for one client connection.
 
@@ -87,14 +88,13 @@ class SieveFrontend(FrontendProtocol):
     implementation = "mailproxy"
     sieveExtensions = DEFAULT_SIEVE_EXTENSIONS
     notifyMethods: str | None = DEFAULT_NOTIFY_METHODS
+    maxBadCommands = MAX_BAD_COMMANDS
+    badCommandsGoodbye = "Too many invalid MANAGESIEVE commands."
     log = Logger()
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
         self.parser = LineParser(self.limits.lineLength, self.limits.literalSize)
-        self.state = "command"
-        self.badCommands = 0
-        self._processing = False
         self._startingTLS = False
         self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
@@ -106,12 +106,6 @@ class SieveFrontend(FrontendProtocol):
         }
 
     # Wire helpers
-
-    def sendLine(self, line: bytes) -> None:
-        """
-        Write one response line.
-        """
-        self.transport.write(line + b"\r\n")
 
     def reply(self, status: bytes, text: str, code: bytes = b"") -> None:
         """
@@ -173,34 +167,19 @@ class SieveFrontend(FrontendProtocol):
             if self.state != "closed":
                 self.sendCapabilities("TLS negotiation successful.")
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.state = "closed"
-        super().connectionLost(reason)
-
     def frontendDataReceived(self, data: bytes) -> None:
         self.parser.feed(data)
-        self._process()
+        self.process()
 
     # The command loop
 
-    def _process(self) -> None:
-        # A login that fails at once comes back here from inside the loop:
-        # the running loop goes on, rather than one more nested per login.
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            self._processCommands()
-        finally:
-            self._processing = False
-
-    def _processCommands(self) -> None:
+    def processInput(self) -> None:
         while self.state in ("command", "sasl"):
             event = self.parser.next()
             if event is None:
                 return
             if isinstance(event, Fatal):
-                self._fatal(event.reason)
+                self.fatal(event.reason)
                 return
             if self.state == "sasl":
                 self._saslLine(event)
@@ -229,19 +208,7 @@ class SieveFrontend(FrontendProtocol):
 
     def _bad(self, text: str) -> None:
         self.reply(b"NO", text)
-        self.badCommands += 1
-        if self.badCommands >= MAX_BAD_COMMANDS:
-            self.result = "too many invalid commands"
-            self._close("Too many invalid MANAGESIEVE commands.")
-
-    def _fatal(self, reason: str) -> None:
-        self.result = "protocol error: " + reason
-        self._close(reason)
-
-    def _close(self, reason: str) -> None:
-        self.state = "closed"
-        self.sayGoodbye(reason)
-        self.transport.loseConnection()
+        self.countBadCommand()
 
     # Commands
 
@@ -265,8 +232,7 @@ class SieveFrontend(FrontendProtocol):
     def do_LOGOUT(self, args: tuple[SieveValue, ...]) -> None:
         self.result = "logged out"
         self.reply(b"OK", "Logout completed.")
-        self.state = "closed"
-        self.transport.loseConnection()
+        self.closeWith()
 
     def do_STARTTLS(self, args: tuple[SieveValue, ...]) -> None:
         if args:
@@ -377,18 +343,14 @@ class SieveFrontend(FrontendProtocol):
                 code=b"TRYLATER",
             )
         if failure.close:
-            self._close(
-                "Too many invalid authentication attempts."
-                if self.failures >= self.limits.loginFailures
-                else "Closing connection."
-            )
+            self.closeAfterLoginFailure()
             return
         self.state = "command"
-        self._process()
+        self.process()
 
     def _unexpected(self, reason: Failure) -> None:
         if self.state == "closed" or reason.check(CancelledError):
             return
         self.log.failure("ManageSieve login handling failed", reason)
         self.result = "internal error"
-        self._close("Internal error.")
+        self.closeWith("Internal error.")

@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._commandloop import CommandFrontend
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge
-from .._session import FrontendProtocol, LoginFailed, ProxyContext, newSessionId
+from .._session import LoginFailed, ProxyContext, newSessionId
 from ..config import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
 from ._backend import SMTPBackend
@@ -113,7 +114,7 @@ def backendExtensions(context: ProxyContext, portName: str) -> BackendExtensions
     return knowledge
 
 
-class SMTPFrontend(FrontendProtocol):
+class SMTPFrontend(CommandFrontend):
     """
     What submission and MX sessions share.
 
@@ -129,17 +130,15 @@ class SMTPFrontend(FrontendProtocol):
     """
 
     protocolName = "smtp"
+    maxBadCommands = MAX_ERRORS
     log = Logger()
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
         self.reader = LineReader()
-        self.state = "command"
         self.helo: str | None = None
         self.esmtp = False
         self.offered = Extensions()
-        self.errors = 0
-        self._processing = False
         self._pauses: set[str] = set()
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"EHLO": self.do_EHLO,
@@ -188,10 +187,6 @@ class SMTPFrontend(FrontendProtocol):
     def sayGoodbye(self, reason: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
         self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + reason.encode("utf-8"))
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.state = "closed"
-        super().connectionLost(reason)
 
     def frontendDataReceived(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -270,26 +265,10 @@ class SMTPFrontend(FrontendProtocol):
         """
         return max(COMMAND_LINE, self.limits.lineLength)
 
-    def process(self) -> None:
-        """
-        Answer every complete command line buffered, in order, until a
-        command must wait.
-        """
-        # A command answered at once (a login refused without delay) may
-        # come back here from inside the loop: the running loop goes on,
-        # rather than one more nested per command.
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            self.processInput()
-        finally:
-            self._processing = False
-
     def processInput(self) -> None:
         """
-        The loop behind L{process}; a subclass with input states of its
-        own (SASL lines, message data) extends it.
+        Answer command lines; a subclass with input states of its own (SASL
+        lines, message data) extends it.
         """
         while self.state == "command":
             line = self.reader.nextLine(self.lineLimit())
@@ -323,10 +302,11 @@ class SMTPFrontend(FrontendProtocol):
         Answer a command that was wrong; too many of them end the session.
         """
         self.send(code, enhanced, text)
-        self.errors += 1
-        if self.errors >= MAX_ERRORS:
-            self.result = "too many errors"
-            self.close(421, "4.7.0", self.context.hostname + " Error: too many errors")
+        self.countBadCommand()
+
+    def tooManyBadCommands(self) -> None:
+        self.result = "too many errors"
+        self.close(421, "4.7.0", self.context.hostname + " Error: too many errors")
 
     def syntaxError(self, error: SMTPSyntaxError) -> None:
         """
@@ -620,7 +600,7 @@ class SubmissionFrontend(SMTPFrontend):
         reason.trap(LoginFailed)
         failure: LoginFailed = reason.value
         if failure.kind == "refused" and failure.clientText:
-            self.transport.write(_sanitize(failure.clientText).encode("utf-8") + b"\r\n")
+            self.sendLine(_sanitize(failure.clientText).encode("utf-8"))
         elif failure.kind == "auth":
             self.send(535, "5.7.8", "Authentication credentials invalid")
         else:
