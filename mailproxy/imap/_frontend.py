@@ -43,13 +43,6 @@ _AFTER_LOGIN = frozenset(
 )
 
 
-def _sanitize(text: str) -> str:
-    """
-    Make router-supplied text safe to put on one protocol line.
-    """
-    return oneLine(text)
-
-
 class IMAPFrontend(CommandFrontend):
     """
     Pre-auth IMAP4rev1 for one client connection.
@@ -300,11 +293,11 @@ class IMAPFrontend(CommandFrontend):
         reason.trap(LoginFailed)
         failure: LoginFailed = reason.value
         if failure.kind == "auth":
-            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (_sanitize(failure.message) or "Authentication failed."))
+            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
         elif failure.kind == "refused" and failure.clientText:
             self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
         else:
-            self.reply(tag, b"NO", "[UNAVAILABLE] " + (_sanitize(failure.message) or "Service temporarily unavailable, try again later."))
+            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message) or "Service temporarily unavailable, try again later."))
         if failure.close:
             self.closeAfterLoginFailure()
             return

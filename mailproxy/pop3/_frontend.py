@@ -47,13 +47,6 @@ _AUTH_FAILED = "Authentication failed."
 _UNAVAILABLE = "Service temporarily unavailable, try again later."
 
 
-def _sanitize(text: str) -> str:
-    """
-    Make router-supplied text safe to put on one protocol line.
-    """
-    return oneLine(text)
-
-
 def _text(value: bytes) -> str:
     """
     Client octets as a string that turns back into the same octets.
@@ -337,11 +330,11 @@ class POP3Frontend(CommandFrontend):
         reason.trap(LoginFailed)
         failure: LoginFailed = reason.value
         if failure.kind == "auth":
-            self.err("[AUTH] " + (_sanitize(failure.message) or _AUTH_FAILED))
+            self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
         elif failure.kind == "refused" and failure.clientText:
             self.sendLine(failure.clientText.encode("utf-8"))
         else:
-            self.err("[SYS/TEMP] " + (_sanitize(failure.message) or _UNAVAILABLE))
+            self.err("[SYS/TEMP] " + (oneLine(failure.message) or _UNAVAILABLE))
         if failure.close:
             # POP3 has no goodbye line: the -ERR above was the last word.
             self.closeWith()

@@ -52,13 +52,6 @@ _AFTER_LOGIN = frozenset(
 _PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 
 
-def _sanitize(text: str) -> str:
-    """
-    Make router-supplied text short and free of line breaks.
-    """
-    return oneLine(text)
-
-
 def _string(value: SieveValue) -> bytes | None:
     """
     A value as a string: a quoted string or literal, or (leniently) an atom.
@@ -335,11 +328,11 @@ class SieveFrontend(CommandFrontend):
         reason.trap(LoginFailed)
         failure: LoginFailed = reason.value
         if failure.kind == "auth":
-            self.reply(b"NO", _sanitize(failure.message) or "Authentication failed.")
+            self.reply(b"NO", oneLine(failure.message) or "Authentication failed.")
         else:
             self.reply(
                 b"NO",
-                _sanitize(failure.message) or "Service temporarily unavailable, try again later.",
+                oneLine(failure.message) or "Service temporarily unavailable, try again later.",
                 code=b"TRYLATER",
             )
         if failure.close:

@@ -49,13 +49,6 @@ _GOODBYE_CODES = {
 }
 
 
-def _sanitize(text: str) -> str:
-    """
-    Make router- or backend-supplied text safe to put on one reply line.
-    """
-    return oneLine(text)
-
-
 def _probeClient() -> ClientInfo:
     """
     Who a probe says it is in a PROXY header: the proxy itself.
@@ -600,11 +593,11 @@ class SubmissionFrontend(SMTPFrontend):
         reason.trap(LoginFailed)
         failure: LoginFailed = reason.value
         if failure.kind == "refused" and failure.clientText:
-            self.sendLine(_sanitize(failure.clientText).encode("utf-8"))
+            self.sendLine(oneLine(failure.clientText).encode("utf-8"))
         elif failure.kind == "auth":
             self.send(535, "5.7.8", "Authentication credentials invalid")
         else:
-            self.send(454, "4.7.0", _sanitize(failure.message) or "Temporary authentication failure")
+            self.send(454, "4.7.0", oneLine(failure.message) or "Temporary authentication failure")
         if failure.close:
             self.result = "too many failed logins"
             self.close(421, "4.7.0", self.context.hostname + " Error: too many failed authentication attempts")
