@@ -718,14 +718,7 @@ def _parseBackend(name: str, parent: Table) -> Backend:
     if not ports:
         table.fail("ports", f"must name at least one of {', '.join(BACKEND_PROTOCOLS)}")
 
-    masterUser = table.string("master_user", None)
-    masterPassword = None
-    if "master_password_file" in table:
-        if masterUser is None:
-            table.fail("master_password_file", "needs master_user")
-        masterPassword = _readSecretLine(table, "master_password_file")
-    elif masterUser is not None:
-        table.fail("master_user", "needs master_password_file")
+    masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
 
     return Backend(
         name=name,
@@ -757,6 +750,24 @@ def _readSecretLine(table: Table, name: str) -> bytes:
     if not secret:
         table.fail(name, f"the first line of {path!r} is empty")
     return secret
+
+
+def _readNameAndSecret(table: Table, name: str, secretFile: str) -> tuple[str | None, bytes | None]:
+    """
+    An optional name (a master user, a bind DN) and its secret, read from
+    the file named by C{secretFile}: each of the two keys needs the other.
+
+    @return: both, or C{(None, None)} when neither is set.
+    """
+    value = table.string(name, None)
+    secret = None
+    if secretFile in table:
+        if value is None:
+            table.fail(secretFile, f"needs {name}")
+        secret = _readSecretLine(table, secretFile)
+    elif value is not None:
+        table.fail(name, f"needs {secretFile}")
+    return value, secret
 
 
 def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend]) -> tuple[Listener, ...]:

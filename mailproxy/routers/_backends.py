@@ -18,7 +18,7 @@ from typing import get_args
 
 from attrs import field, frozen
 
-from mailproxy.config import BACKEND_PROTOCOLS, Table, _readSecretLine
+from mailproxy.config import BACKEND_PROTOCOLS, Table, _readNameAndSecret
 from mailproxy.model import Backend, BackendTLS, Forwarding, RouteRequest
 
 __all__ = [
@@ -148,14 +148,7 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
         portsTable.allow(*_PORT_NAMES)
         for protocol in portsTable.data:
             ports[protocol] = portsTable.integer(protocol, None, 1, 65535)
-    masterUser = table.string("master_user", None)
-    masterPassword = None
-    if "master_password_file" in table:
-        if masterUser is None:
-            table.fail("master_password_file", "needs master_user")
-        masterPassword = _readSecretLine(table, "master_password_file")
-    elif masterUser is not None:
-        table.fail("master_user", "needs master_password_file")
+    masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
     return BackendDefaults(
         ports=ports,
         tls=table.string("tls", "none", BACKEND_TLS_MODES),

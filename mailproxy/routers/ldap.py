@@ -43,7 +43,7 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mailproxy.config import Table, _readSecretLine
+from mailproxy.config import Table, _readNameAndSecret
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
@@ -580,14 +580,7 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
             options.fail("servers", f"{url!r} is not an ldap:// or ldaps:// URL with a host")
         if startTLS and lowered.startswith("ldaps://"):
             options.fail("start_tls", f"{url!r} is ldaps:// (TLS from the start); start_tls is for ldap://")
-    bindDN = options.string("bind_dn", None)
-    bindPassword = None
-    if "bind_password_file" in options:
-        if bindDN is None:
-            options.fail("bind_password_file", "needs bind_dn")
-        bindPassword = _readSecretLine(options, "bind_password_file")
-    elif bindDN is not None:
-        options.fail("bind_dn", "needs bind_password_file")
+    bindDN, bindPassword = _readNameAndSecret(options, "bind_dn", "bind_password_file")
     try:
         template = FilterTemplate.check(options.string("filter", "(mail={user})"))
     except ValueError as e:
