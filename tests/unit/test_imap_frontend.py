@@ -14,42 +14,20 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, Route
-from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
+
+from .frontendhelpers import FrontendTestsMixin
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n"
 POSTLOGIN = b"IMAP4rev1 SASL-IR ID ENABLE IDLE SORT THREAD=REFERENCES UNAUTHENTICATE LITERAL+ MOVE"
 
 
-class IMAPFrontendTestsMixin:
+class IMAPFrontendTestsMixin(FrontendTestsMixin):
     """
-    Helpers: a front end with a fake router and an in-memory backend.
+    Helpers: an IMAP front end with a fake router and an in-memory backend.
     """
 
-    def build(self, tls: str = "none", limits: Limits | None = None, backend=None, **routeArgs):
-        self.backend = backend or makeBackend("old")
-        self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
-        self.connector = MemoryConnector()
-        self.frontend, self.client, self.clock = makeFrontend(
-            "imap", self.router, self.connector, tls=tls, limits=limits
-        )
-        self.client.clear()
-
-    def send(self, data: bytes) -> bytes:
-        """
-        Send C{data} as the client; return what the proxy answered.
-        """
-        self.client.clear()
-        self.frontend.dataReceived(data)
-        return self.client.value()
-
-    def backendSays(self, data: bytes, index: int = -1) -> bytes:
-        """
-        Send C{data} as the backend; return what the proxy wrote to it.
-        """
-        transport = self.connector.transports[index]
-        transport.clear()
-        self.connector.protocols[index].dataReceived(data)
-        return transport.value()
+    protocol = "imap"
 
 
 class GreetingAndCapabilityTests(IMAPFrontendTestsMixin, SynchronousTestCase):
@@ -483,14 +461,7 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         Connections beyond the per-address limit are greeted with BYE.
         """
         self.build(limits=Limits(connectionsPerAddress=1))
-        from mailproxy._session import FrontendFactory  # noqa: F401  (same context is shared below)
-
-        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
-        from mailproxy.testing import TLSStringTransport
-        from twisted.internet.address import IPv4Address
-
-        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
-        second.makeConnection(transport)
+        _, transport = self.connectAgain()
         self.assertEqual(transport.value(), b"* BYE Too many connections from your address.\r\n")
         self.assertTrue(transport.disconnecting)
 
@@ -613,14 +584,8 @@ class ClosingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         A connection refused for the per-address limit does not execute
         what it sent along (a PROXY header or TLS layer may deliver it).
         """
-        from twisted.internet.address import IPv4Address
-
-        from mailproxy.testing import TLSStringTransport
-
         self.build(limits=Limits(connectionsPerAddress=1))
-        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
-        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
-        second.makeConnection(transport)
+        second, transport = self.connectAgain()
         second.dataReceived(b"a LOGIN alice secret\r\n")
         self.assertEqual(transport.value(), b"* BYE Too many connections from your address.\r\n")
         self.assertEqual(self.router.requests, [])

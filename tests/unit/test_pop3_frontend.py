@@ -13,13 +13,14 @@ import re
 from base64 import b64decode, b64encode
 
 from attrs import evolve
-from twisted.internet.address import IPv4Address
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, Route, TLSInfo
-from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
+from mailproxy.testing import FakeRouter, makeBackend
+
+from .frontendhelpers import FrontendTestsMixin
 
 GREETING = b"+OK [XCLIENT] Dovecot ready.\r\n"
 PLAIN_GREETING = b"+OK Dovecot ready.\r\n"
@@ -33,10 +34,12 @@ UNAVAILABLE = b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later
 PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
 
 
-class POP3FrontendTestsMixin:
+class POP3FrontendTestsMixin(FrontendTestsMixin):
     """
-    Helpers: a front end with a fake router and an in-memory backend.
+    Helpers: a POP3 front end with a fake router and an in-memory backend.
     """
+
+    protocol = "pop3"
 
     def build(
         self,
@@ -47,21 +50,9 @@ class POP3FrontendTestsMixin:
         **routeArgs,
     ) -> None:
         self.backend = backend or makeBackend("old")
-        self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
-        self.connector = MemoryConnector()
-        self.frontend, self.client, self.clock = makeFrontend(
-            "pop3", self.router, self.connector, tls=tls, limits=limits, digestAuth=digestAuth
+        self.connect(
+            FakeRouter({"alice": Route(self.backend, **routeArgs)}), tls=tls, limits=limits, digestAuth=digestAuth
         )
-        self.greeting = self.client.value()
-        self.client.clear()
-
-    def send(self, data: bytes) -> bytes:
-        """
-        Send C{data} as the client; return what the proxy answered.
-        """
-        self.client.clear()
-        self.frontend.dataReceived(data)
-        return self.client.value()
 
     def sendLogin(self, data: bytes = b"USER alice\r\nPASS secret\r\n") -> None:
         """
@@ -70,15 +61,6 @@ class POP3FrontendTestsMixin:
         """
         self.send(data)
         self.client.clear()
-
-    def backendSays(self, data: bytes, index: int = -1) -> bytes:
-        """
-        Send C{data} as the backend; return what the proxy wrote to it.
-        """
-        transport = self.connector.transports[index]
-        transport.clear()
-        self.connector.protocols[index].dataReceived(data)
-        return transport.value()
 
     def credentials(self, index: int = 0):
         """
@@ -936,9 +918,7 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
         greeting.
         """
         self.build(limits=Limits(connectionsPerAddress=1))
-        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
-        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
-        second.makeConnection(transport)
+        _, transport = self.connectAgain()
         self.assertEqual(transport.value(), b"-ERR Too many connections from your address.\r\n")
         self.assertTrue(transport.disconnecting)
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 from base64 import b64encode
 
 from attrs import evolve
-from twisted.internet.address import IPv4Address
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
-from mailproxy.model import Rejection, Route, TLSInfo
+from mailproxy.model import Rejection, TLSInfo
 from mailproxy.sieve._frontend import DEFAULT_SIEVE_EXTENSIONS
-from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
+from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
+
+from .frontendhelpers import FrontendTestsMixin
 
 SIEVE = b'"SIEVE" "' + DEFAULT_SIEVE_EXTENSIONS.encode() + b'"\r\n'
 
@@ -53,41 +54,13 @@ def capabilityBlock(sasl: bytes = b"PLAIN LOGIN", startTLS: bool = False, ok: by
     )
 
 
-class SieveFrontendTestsMixin:
+class SieveFrontendTestsMixin(FrontendTestsMixin):
     """
-    Helpers: a front end with a fake router and an in-memory backend.
+    Helpers: a ManageSieve front end with a fake router and an in-memory
+    backend.
     """
 
-    def build(self, tls: str = "none", limits: Limits | None = None, backend=None, **routeArgs):
-        """
-        A connected front end on a listener with C{tls}, whose router sends
-        "alice" to C{backend} (by default one called "old") with
-        C{routeArgs}; its greeting is cleared.
-        """
-        self.backend = backend or makeBackend("old")
-        self.router = FakeRouter({"alice": Route(self.backend, **routeArgs)})
-        self.connector = MemoryConnector()
-        self.frontend, self.client, self.clock = makeFrontend(
-            "sieve", self.router, self.connector, tls=tls, limits=limits
-        )
-        self.client.clear()
-
-    def send(self, data: bytes) -> bytes:
-        """
-        Send C{data} as the client; return what the proxy answered.
-        """
-        self.client.clear()
-        self.frontend.dataReceived(data)
-        return self.client.value()
-
-    def backendSays(self, data: bytes, index: int = -1) -> bytes:
-        """
-        Send C{data} as the backend; return what the proxy wrote to it.
-        """
-        transport = self.connector.transports[index]
-        transport.clear()
-        self.connector.protocols[index].dataReceived(data)
-        return transport.value()
+    protocol = "sieve"
 
     def authenticate(self, command: bytes = b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n') -> bytes:
         """
@@ -832,9 +805,7 @@ class RouterFailureTests(SieveFrontendTestsMixin, SynchronousTestCase):
         Connections beyond the per-address limit are greeted with BYE.
         """
         self.build(limits=Limits(connectionsPerAddress=1))
-        second = type(self.frontend)(self.frontend.context, self.frontend.listener)
-        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 50001))
-        second.makeConnection(transport)
+        _, transport = self.connectAgain()
         self.assertEqual(transport.value(), b'BYE "Too many connections from your address."\r\n')
         self.assertTrue(transport.disconnecting)
 

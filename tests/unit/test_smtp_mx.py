@@ -18,7 +18,9 @@ from mailproxy.model import Rejection, Route, RouteRequest
 from mailproxy.smtp import _mx
 from mailproxy.smtp._ehlo import Extensions
 from mailproxy.smtp._frontend import backendExtensions
-from mailproxy.testing import MemoryConnector, makeBackend, makeFrontend
+from mailproxy.testing import makeBackend
+
+from .frontendhelpers import FrontendTestsMixin
 
 GREETING = b"220 mx.test ESMTP Postfix\r\n"
 POSTFIX_EHLO = (
@@ -51,11 +53,13 @@ class RecipientRouter:
         return answer
 
 
-class MXTestsMixin:
+class MXTestsMixin(FrontendTestsMixin):
     """
     Helpers: an MX front end, two in-memory backends ("old" and "new"),
     their extensions known.
     """
+
+    protocol = "smtp"
 
     def build(self, tls: str = "none", limits: Limits | None = None, extensions: Extensions = KEYWORDS, **answers: Any) -> None:
         self.old = makeBackend("old", ports={"mx": 25}, forward="xclient")
@@ -67,33 +71,10 @@ class MXTestsMixin:
             "nobody@example.org": Rejection(reason="unknown-user"),
         }
         routes.update({k.replace("_", "@"): v for k, v in answers.items()})
-        self.router = RecipientRouter(routes)
-        self.connector = MemoryConnector()
-        self.frontend, self.client, self.clock = makeFrontend(
-            "smtp", self.router, self.connector, tls=tls, limits=limits, mode="mx"
-        )
+        self.connect(RecipientRouter(routes), tls=tls, limits=limits, mode="mx")
         for backend in (self.old, self.new):
             self.frontend.context.backends[backend.name] = backend
             backendExtensions(self.frontend.context, "mx").learn(backend.name, extensions)
-        self.client.clear()
-
-    def send(self, data: bytes) -> bytes:
-        """
-        Send C{data} as the client; return what the proxy answered.
-        """
-        self.client.clear()
-        self.frontend.dataReceived(data)
-        return self.client.value()
-
-    def backendSays(self, data: bytes, index: int = -1) -> bytes:
-        """
-        Send C{data} as backend connection C{index}; return what the proxy
-        wrote to it.
-        """
-        transport = self.connector.transports[index]
-        transport.clear()
-        self.connector.protocols[index].dataReceived(data)
-        return transport.value()
 
     def connectBackend(self, ehlo: bytes = POSTFIX_EHLO) -> bytes:
         """

@@ -21,6 +21,8 @@ from mailproxy.smtp._ehlo import Extensions
 from mailproxy.smtp._frontend import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
 
+from .frontendhelpers import FrontendTestsMixin
+
 GREETING = b"220 old.test ESMTP Postfix\r\n"
 XCLIENT_ATTRIBUTES = b"NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT"
 POSTFIX_EHLO = (
@@ -55,11 +57,13 @@ def plain(user: bytes, password: bytes, authzid: bytes = b"") -> bytes:
     return b64encode(authzid + b"\0" + user + b"\0" + password)
 
 
-class SubmissionTestsMixin:
+class SubmissionTestsMixin(FrontendTestsMixin):
     """
     Helpers: a submission front end with a fake router, in-memory
     backends, and the backends' extensions already known.
     """
+
+    protocol = "smtp"
 
     def build(
         self,
@@ -72,31 +76,15 @@ class SubmissionTestsMixin:
         **routeArgs: object,
     ) -> None:
         self.backend = backend or makeBackend("old", ports={"smtp": 587}, forward="xclient")
-        self.router = router or FakeRouter({"alice": Route(self.backend, **routeArgs)})  # type: ignore[arg-type]
-        self.connector = MemoryConnector()
-        self.frontend, self.client, self.clock = makeFrontend(
-            "smtp", self.router, self.connector, tls=tls, limits=limits, mode="submission", digestAuth=digestAuth
+        self.connect(
+            router or FakeRouter({"alice": Route(self.backend, **routeArgs)}),  # type: ignore[arg-type]
+            tls=tls,
+            limits=limits,
+            mode="submission",
+            digestAuth=digestAuth,
         )
         self.frontend.context.backends[self.backend.name] = self.backend
         backendExtensions(self.frontend.context, "smtp").learn(self.backend.name, extensions)
-        self.client.clear()
-
-    def send(self, data: bytes) -> bytes:
-        """
-        Send C{data} as the client; return what the proxy answered.
-        """
-        self.client.clear()
-        self.frontend.dataReceived(data)
-        return self.client.value()
-
-    def backendSays(self, data: bytes, index: int = -1) -> bytes:
-        """
-        Send C{data} as the backend; return what the proxy wrote to it.
-        """
-        transport = self.connector.transports[index]
-        transport.clear()
-        self.connector.protocols[index].dataReceived(data)
-        return transport.value()
 
     def ehlo(self) -> bytes:
         """
