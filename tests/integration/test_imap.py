@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import imaplib
-import json
 import os
 import random
 import re
@@ -22,10 +21,25 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import common
+from .common import (
+    CLIENT_ADDRESS,
+    DAVE_ROUTE_PASSWORD,
+    HOMES,
+    MASTER_USER,
+    PASSWORDS,
+    ROUTES,
+    TIMEOUT,
+    ServerLogMixin,
+    connectFrom,
+    listenerTable,
+    routesText,
+    staticProxyConfig,
+)
 from .servers import (
     Dovecot,
     Proxy,
@@ -36,52 +50,7 @@ from .servers import (
     sharedFixture,
 )
 
-#: Seconds any single client operation may take before the test fails.
-TIMEOUT = 30.0
-
-#: The source address test clients bind where the forwarded address matters:
-#: the proxy itself connects to the servers from 127.0.0.1.
-CLIENT_ADDRESS = "127.0.0.2"
-
-#: Accounts on both servers. dave's server password is not the one his
-#: route checks: he can only get in through the master user.
-PASSWORDS = {
-    "alice@example.org": "alice secret",
-    "bob@example.org": "bob-secret",
-    "carol@example.org": "carol-secret",
-    "dave@example.org": "dave-server-secret",
-}
-DAVE_ROUTE_PASSWORD = "dave-proxy-secret"
-MASTER_USER = ("proxy", "master-secret")
-
-#: The static route table, as TOML data; "dead" is a backend nobody serves.
-ROUTES: dict[str, Any] = {
-    "domains": {"example.org": "old"},
-    "accounts": {
-        "alice@example.org": "old",
-        "bob@example.org": "new",
-        "dave@example.org": {
-            "backend": "new",
-            "password": DAVE_ROUTE_PASSWORD,
-            "master": True,
-        },
-        "zed@example.org": "dead",
-    },
-}
-
-#: Where each account is routed to by L{ROUTES}.
-HOMES = {
-    "alice@example.org": "old",
-    "bob@example.org": "new",
-    "carol@example.org": "old",
-}
-
 LARGE_MESSAGE_ID = "<large@example.org>"
-
-if TYPE_CHECKING:
-    _MixinBase = SynchronousTestCase
-else:
-    _MixinBase = object
 
 
 def firstMessage(user: str, server: str) -> bytes:
@@ -114,45 +83,6 @@ def largeMessage(size: int = 10 * 1024 * 1024) -> bytes:
     ).encode("ascii")
     content = random.Random(2026).randbytes(size * 3 // 4 + 1)
     return header + base64.encodebytes(content).replace(b"\n", b"\r\n")
-
-
-def tomlValue(value: object) -> str:
-    """
-    C{value} (a string, number, boolean, list or mapping) in TOML syntax.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string of printable ASCII is a TOML basic string.
-        return json.dumps(value)
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{tomlValue(k)} = {tomlValue(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(tomlValue(item) for item in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def tomlTable(name: str, values: Mapping[str, object]) -> str:
-    """
-    A TOML table C{[name]} holding C{values}.
-    """
-    lines = [f"[{name}]"] + [f"{tomlValue(k)} = {tomlValue(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def routesText(routes: Mapping[str, Any]) -> str:
-    """
-    The route table file for C{routes} (TOML data like L{ROUTES}).
-    """
-    text = ""
-    if "default" in routes:
-        text += f"default = {tomlValue(routes['default'])}\n"
-    for table in ("domains", "accounts"):
-        if table in routes:
-            text += "\n" + tomlTable(table, routes[table])
-    return text
 
 
 def writeAtomically(path: Path, text: str) -> None:
@@ -246,25 +176,14 @@ class RunningProxy:
             (self.startTLS, "starttls"),
             (self.startTLSRequired, "starttls-required"),
         ]
-        config = (
-            tomlTable("proxy", {"hostname": "proxy.example.org"})
-            + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
-            + tomlTable("tls", {"certificate": certificate, "key": key})
-            + "".join(
-                "[[listener]]\n"
-                'protocol = "imap"\n'
-                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                f"tls = {tomlValue(mode)}\n"
-                + "".join(
-                    f"{key} = {tomlValue(value)}\n"
-                    for key, value in (implicitOptions or {}).items()
-                    if mode == "implicit"
-                )
+        config = staticProxyConfig(
+            certificate,
+            key,
+            [
+                listenerTable("imap", port, mode, **((implicitOptions or {}) if mode == "implicit" else {}))
                 for port, mode in listeners
-            )
-            # Relative paths: they resolve against the configuration's directory.
-            + tomlTable("router", {"type": "static", "path": "routes.toml"})
-            + "".join(tomlTable(f"backend.{name}", values) for name, values in backends.items())
+            ],
+            backends,
         )
         self.proxy = Proxy(directory, config)
         self.routesPath = self.proxy.directory / "routes.toml"
@@ -299,36 +218,14 @@ class SourceBoundIMAP4_SSL(imaplib.IMAP4_SSL):
         super().__init__(host, port, ssl_context=ssl_context, timeout=TIMEOUT)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        connection = socket.create_connection(
-            (self.host, self.port), timeout, source_address=(self._source, 0)
-        )
-        return self.ssl_context.wrap_socket(connection, server_hostname=self.host)
+        return connectFrom(self._source, self.host, self.port, timeout, self.ssl_context)
 
 
-class LineClient:
+class LineClient(common.LineClient):
     """
     A bare IMAP client that sends command lines and returns reply lines as
     bytes, for tests that assert the exact reply (it does not read literals).
     """
-
-    def __init__(self, connection: socket.socket) -> None:
-        """
-        Use C{connection}, already connected.
-        """
-        self.connection = connection
-        self.connection.settimeout(TIMEOUT)
-        self._buffer = b""
-
-    @classmethod
-    def connect(cls, port: int, context: ssl.SSLContext | None = None) -> LineClient:
-        """
-        Connect to 127.0.0.1:C{port}, with implicit TLS if C{context} is
-        given.
-        """
-        connection = socket.create_connection(("127.0.0.1", port), TIMEOUT)
-        if context is not None:
-            connection = context.wrap_socket(connection, server_hostname="127.0.0.1")
-        return cls(connection)
 
     def readLine(self) -> bytes:
         """
@@ -337,13 +234,7 @@ class LineClient:
         @raise socket.timeout: nothing complete arrived in time.
         @raise EOFError: the server closed the connection.
         """
-        while b"\r\n" not in self._buffer:
-            data = self.connection.recv(65536)
-            if not data:
-                raise EOFError(f"connection closed; unterminated: {self._buffer!r}")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line + b"\r\n"
+        return self._nextLine() + b"\r\n"
 
     def send(self, line: bytes) -> None:
         """
@@ -366,14 +257,7 @@ class LineClient:
         """
         Start TLS on the connection (after a tagged OK to STARTTLS).
         """
-        assert self._buffer == b"", f"plaintext after STARTTLS: {self._buffer!r}"
-        self.connection = context.wrap_socket(self.connection, server_hostname="127.0.0.1")
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self.connection.close()
+        self._wrapTLS(context)
 
 
 def closeIMAP(client: imaplib.IMAP4) -> None:
@@ -392,7 +276,7 @@ def closeIMAP(client: imaplib.IMAP4) -> None:
             pass
 
 
-class ProxyFixtureMixin(_MixinBase):
+class ProxyFixtureMixin(ServerLogMixin):
     """
     Tests against the proxy and the two servers, both shared by a test
     class's tests (the servers by the whole module).
@@ -544,26 +428,6 @@ class ProxyFixtureMixin(_MixinBase):
             )
         return result.stdout
 
-    def logMark(self, server: Dovecot) -> int:
-        """
-        Where C{server}'s log ends now: pass it to L{waitForLogLine}.
-        """
-        return len(server.logText())
-
-    def waitForLogLine(self, server: Dovecot, mark: int, *fragments: str) -> str:
-        """
-        Wait until a line containing every one of C{fragments} appears in
-        C{server}'s log after C{mark}, and return it.
-        """
-        deadline = time.monotonic() + 10
-        while True:
-            added = server.logText()[mark:]
-            for line in added.splitlines():
-                if all(fragment in line for fragment in fragments):
-                    return line
-            if time.monotonic() > deadline:
-                self.fail(f"no line with {fragments} in {server.name}'s log; it added:\n{added}")
-            time.sleep(0.05)
 
 
 class RoutingTestsMixin(ProxyFixtureMixin):

@@ -28,22 +28,23 @@ from typing import Any, Callable, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
-from .test_imap import (
+from . import common
+from .common import (
     CLIENT_ADDRESS,
     DAVE_ROUTE_PASSWORD,
     HOMES,
-    LARGE_MESSAGE_ID,
     MASTER_USER,
     PASSWORDS,
     ROUTES,
     TIMEOUT,
-    MailServers,
-    firstMessage,
+    ServerLogMixin,
+    connectFrom,
+    listenerTable,
     routesText,
-    tomlTable,
-    tomlValue,
+    staticProxyConfig,
 )
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .test_imap import LARGE_MESSAGE_ID, MailServers, firstMessage
 
 #: The IMAP tests' routes, plus a password for carol: the proxy checks her
 #: logins itself, which lets her use APOP and CRAM-MD5.
@@ -88,20 +89,11 @@ class RunningPOP3Proxy:
             (self.startTLS, "starttls", True),
             (self.startTLSRequired, "starttls-required", False),
         ]
-        config = (
-            tomlTable("proxy", {"hostname": "proxy.example.org"})
-            + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
-            + tomlTable("tls", {"certificate": certificate, "key": key})
-            + "".join(
-                "[[listener]]\n"
-                'protocol = "pop3"\n'
-                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                f"tls = {tomlValue(mode)}\n"
-                f"digest_auth = {tomlValue(digest)}\n"
-                for port, mode, digest in listeners
-            )
-            + tomlTable("router", {"type": "static", "path": "routes.toml"})
-            + "".join(tomlTable(f"backend.{name}", values) for name, values in backends.items())
+        config = staticProxyConfig(
+            certificate,
+            key,
+            [listenerTable("pop3", port, mode, digest_auth=digest) for port, mode, digest in listeners],
+            backends,
         )
         self.proxy = Proxy(directory, config)
         (self.proxy.directory / "routes.toml").write_text(routesText(POP3_ROUTES))
@@ -135,8 +127,7 @@ class SourceBoundPOP3_SSL(poplib.POP3_SSL):
         super().__init__(host, port, context=context, timeout=TIMEOUT)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        connection = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-        return self.context.wrap_socket(connection, server_hostname=self.host)
+        return connectFrom(self._source, self.host, self.port, timeout, self.context)
 
 
 def authPlain(client: poplib.POP3, user: str, password: str) -> bytes:
@@ -180,30 +171,11 @@ def quitPOP3(client: poplib.POP3) -> None:
         client.close()
 
 
-class LineClient:
+class LineClient(common.LineClient):
     """
     A bare POP3 client that sends lines and returns reply lines as bytes,
     for tests that assert the exact reply.
     """
-
-    def __init__(self, connection: socket.socket) -> None:
-        """
-        Use C{connection}, already connected.
-        """
-        self.connection = connection
-        self.connection.settimeout(TIMEOUT)
-        self._buffer = b""
-
-    @classmethod
-    def connect(cls, port: int, context: ssl.SSLContext | None = None) -> LineClient:
-        """
-        Connect to 127.0.0.1:C{port}, with implicit TLS if C{context} is
-        given.
-        """
-        connection = socket.create_connection(("127.0.0.1", port), TIMEOUT)
-        if context is not None:
-            connection = context.wrap_socket(connection, server_hostname="127.0.0.1")
-        return cls(connection)
 
     def readLine(self) -> bytes:
         """
@@ -211,13 +183,7 @@ class LineClient:
 
         @raise EOFError: the server closed the connection.
         """
-        while b"\r\n" not in self._buffer:
-            data = self.connection.recv(65536)
-            if not data:
-                raise EOFError(f"connection closed; unterminated: {self._buffer!r}")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line + b"\r\n"
+        return self._nextLine() + b"\r\n"
 
     def command(self, line: bytes) -> bytes:
         """
@@ -241,17 +207,10 @@ class LineClient:
         """
         Start TLS on the connection (after C{+OK} to STLS).
         """
-        assert self._buffer == b"", f"plaintext after STLS: {self._buffer!r}"
-        self.connection = context.wrap_socket(self.connection, server_hostname="127.0.0.1")
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self.connection.close()
+        self._wrapTLS(context)
 
 
-class POP3FixtureMixin:
+class POP3FixtureMixin(ServerLogMixin):
     """
     Tests against the proxy and the two servers, both shared by a test
     class's tests (the servers by the whole module).
@@ -380,27 +339,6 @@ class POP3FixtureMixin:
             quitPOP3(client)
 
     # Servers' logs
-
-    def logMark(self, server: Dovecot) -> int:
-        """
-        Where C{server}'s log ends now: pass it to L{waitForLogLine}.
-        """
-        return len(server.logText())
-
-    def waitForLogLine(self, server: Dovecot, mark: int, *fragments: str) -> str:
-        """
-        Wait until a line containing every one of C{fragments} appears in
-        C{server}'s log after C{mark}, and return it.
-        """
-        deadline = time.monotonic() + 10
-        while True:
-            added = server.logText()[mark:]
-            for line in added.splitlines():
-                if all(fragment in line for fragment in fragments):
-                    return line
-            if time.monotonic() > deadline:
-                self.fail(f"no line with {fragments} in {server.name}'s log; it added:\n{added}")
-            time.sleep(0.05)
 
     def assertClientAddressForwarded(self, user: str = "alice@example.org") -> str:
         """

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from .common import TIMEOUT, listenerTable
 from .nginx import NginxMailProxy
 from .postfix import Postfix, dovecotSASLConfig
 from .servers import (
@@ -43,9 +44,6 @@ from .servers import (
     sharedFixture,
 )
 from .slapd import SERVICE_DN, Account, Slapd
-
-#: Seconds any single client operation may take before the test fails.
-TIMEOUT = 30.0
 
 _REPOSITORY = Path(__file__).resolve().parent.parent.parent
 AUTH_SERVER = _REPOSITORY / "examples" / "auth_server.py"
@@ -290,23 +288,6 @@ def authServer() -> AuthServer:
     return sharedFixture("routers-auth", "routers", start)
 
 
-def toml(value: object) -> str:
-    """
-    C{value} in TOML syntax (strings, numbers, booleans, lists, tables).
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
 class RoutingProxy:
     """
     The proxy with one router, plain IMAP and POP3 listeners, and the
@@ -332,12 +313,10 @@ class RoutingProxy:
         config = (
             '[proxy]\nhostname = "proxy.example.org"\n'
             "[limits]\nfailure_delay = 0.0\nbackend_timeout = 10\n"
-            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
-            f'[[listener]]\nprotocol = "pop3"\nendpoint = "tcp:{self.pop3}:interface=127.0.0.1"\ntls = "none"\n'
-            + ("digest_auth = true\n" if digest else "")
-            + f'[[listener]]\nprotocol = "smtp"\nmode = "submission"\n'
-            f'endpoint = "tcp:{self.submission}:interface=127.0.0.1"\ntls = "none"\n'
-            + f'[[listener]]\nprotocol = "smtp"\nmode = "mx"\nendpoint = "tcp:{self.mx}:interface=127.0.0.1"\ntls = "none"\n'
+            + listenerTable("imap", self.imap, "none")
+            + listenerTable("pop3", self.pop3, "none", **({"digest_auth": True} if digest else {}))
+            + listenerTable("smtp", self.submission, "none", mode="submission")
+            + listenerTable("smtp", self.mx, "none", mode="mx")
             + router
             + backends
         )

@@ -13,16 +13,29 @@ cannot pass.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import time
 from base64 import b64encode
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import common
+from .common import (
+    CLIENT_ADDRESS,
+    DAVE_ROUTE_PASSWORD,
+    HOMES,
+    MASTER_USER,
+    PASSWORDS,
+    ROUTES,
+    TIMEOUT,
+    ServerLogMixin,
+    listenerTable,
+    routesText,
+    staticProxyConfig,
+)
 from .servers import (
     Dovecot,
     Proxy,
@@ -32,48 +45,6 @@ from .servers import (
     requireServer,
     sharedFixture,
 )
-from .test_imap import routesText, tomlTable, tomlValue
-
-#: Seconds any single client operation may take before the test fails.
-TIMEOUT = 30.0
-
-#: The source address test clients bind where the forwarded address matters:
-#: the proxy itself connects to the servers from 127.0.0.1.
-CLIENT_ADDRESS = "127.0.0.2"
-
-#: Accounts on both servers. dave's server password is not the one his
-#: route checks: he can only get in through the master user.
-PASSWORDS = {
-    "alice@example.org": "alice secret",
-    "bob@example.org": "bob-secret",
-    "carol@example.org": "carol-secret",
-    "dave@example.org": "dave-server-secret",
-}
-DAVE_ROUTE_PASSWORD = "dave-proxy-secret"
-MASTER_USER = ("proxy", "master-secret")
-
-#: The static route table, as TOML data; "dead" is a backend nobody serves.
-ROUTES: dict[str, Any] = {
-    "domains": {"example.org": "old"},
-    "accounts": {
-        "alice@example.org": "old",
-        "bob@example.org": "new",
-        "dave@example.org": {"backend": "new", "password": DAVE_ROUTE_PASSWORD, "master": True},
-        "zed@example.org": "dead",
-    },
-}
-
-#: Where each account is routed to by L{ROUTES}.
-HOMES = {
-    "alice@example.org": "old",
-    "bob@example.org": "new",
-    "carol@example.org": "old",
-}
-
-if TYPE_CHECKING:
-    _MixinBase = SynchronousTestCase
-else:
-    _MixinBase = object
 
 
 class SieveServers:
@@ -144,19 +115,8 @@ class RunningProxy:
             (self.startTLS, "starttls"),
             (self.implicit, "implicit"),
         ]
-        config = (
-            tomlTable("proxy", {"hostname": "proxy.example.org"})
-            + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
-            + tomlTable("tls", {"certificate": certificate, "key": key})
-            + "".join(
-                "[[listener]]\n"
-                'protocol = "sieve"\n'
-                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                f"tls = {tomlValue(mode)}\n"
-                for port, mode in listeners
-            )
-            + tomlTable("router", {"type": "static", "path": "routes.toml"})
-            + "".join(tomlTable(f"backend.{name}", values) for name, values in backends.items())
+        config = staticProxyConfig(
+            certificate, key, [listenerTable("sieve", port, mode) for port, mode in listeners], backends
         )
         self.proxy = Proxy(directory, config)
         (self.proxy.directory / "routes.toml").write_text(routesText(routes))
@@ -175,49 +135,18 @@ class RunningProxy:
         self.proxy.stop()
 
 
-class SieveClient:
+class SieveClient(common.LineClient):
     """
     A bare ManageSieve client: sends command lines and returns response
     lines as bytes, reading literals the server sends.
     """
-
-    def __init__(self, connection: socket.socket) -> None:
-        """
-        Use C{connection}, already connected.
-        """
-        self.connection = connection
-        self.connection.settimeout(TIMEOUT)
-        self._buffer = b""
-
-    @classmethod
-    def connect(
-        cls, port: int, context: ssl.SSLContext | None = None, source: str | None = None
-    ) -> SieveClient:
-        """
-        Connect to 127.0.0.1:C{port} (from C{source} if given), with
-        implicit TLS if C{context} is given.
-        """
-        connection = socket.create_connection(
-            ("127.0.0.1", port), TIMEOUT, source_address=(source, 0) if source else None
-        )
-        if context is not None:
-            connection = context.wrap_socket(connection, server_hostname="127.0.0.1")
-        return cls(connection)
-
-    def _fill(self) -> None:
-        data = self.connection.recv(65536)
-        if not data:
-            raise EOFError(f"connection closed; unterminated: {self._buffer!r}")
-        self._buffer += data
 
     def readLine(self) -> bytes:
         """
         The next response line, CRLF excluded, with the octets of any
         literal it announces (C{{n}} at its end) appended.
         """
-        while b"\r\n" not in self._buffer:
-            self._fill()
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        line = self._nextLine()
         if line.endswith(b"}") and b"{" in line:
             size = int(line[line.rindex(b"{") + 1 : -1].rstrip(b"+"))
             while len(self._buffer) < size:
@@ -250,8 +179,7 @@ class SieveClient:
         """
         reply = self.command(b"STARTTLS")
         assert reply[-1].startswith(b"OK"), reply
-        assert self._buffer == b"", f"plaintext after STARTTLS: {self._buffer!r}"
-        self.connection = context.wrap_socket(self.connection, server_hostname="127.0.0.1")
+        self._wrapTLS(context)
         return self.readResponse()
 
     def authenticatePlain(self, user: str, password: str) -> list[bytes]:
@@ -260,12 +188,6 @@ class SieveClient:
         """
         response = b64encode(b"\x00" + user.encode() + b"\x00" + password.encode())
         return self.command(b'AUTHENTICATE "PLAIN" "' + response + b'"')
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self.connection.close()
 
 
 def capabilityNames(lines: list[bytes]) -> dict[bytes, bytes | None]:
@@ -282,7 +204,7 @@ def capabilityNames(lines: list[bytes]) -> dict[bytes, bytes | None]:
     return names
 
 
-class ProxyFixtureMixin(_MixinBase):
+class ProxyFixtureMixin(ServerLogMixin):
     """
     Tests against the proxy and the two servers, both shared by a test
     class's tests (the servers by the whole module).
@@ -405,26 +327,6 @@ class ProxyFixtureMixin(_MixinBase):
         literal = reply[0]
         return literal[literal.index(b"\r\n") + 2 :]
 
-    def logMark(self, server: Dovecot) -> int:
-        """
-        Where C{server}'s log ends now: pass it to L{waitForLogLine}.
-        """
-        return len(server.logText())
-
-    def waitForLogLine(self, server: Dovecot, mark: int, *fragments: str) -> str:
-        """
-        Wait until a line containing every one of C{fragments} appears in
-        C{server}'s log after C{mark}, and return it.
-        """
-        deadline = time.monotonic() + 10
-        while True:
-            added = server.logText()[mark:]
-            for line in added.splitlines():
-                if all(fragment in line for fragment in fragments):
-                    return line
-            if time.monotonic() > deadline:
-                self.fail(f"no line with {fragments} in {server.name}'s log; it added:\n{added}")
-            time.sleep(0.05)
 
 
 class RoutingTestsMixin(ProxyFixtureMixin):

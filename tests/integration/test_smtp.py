@@ -18,7 +18,6 @@ import os
 import random
 import re
 import smtplib
-import socket
 import ssl
 import subprocess
 import time
@@ -28,16 +27,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from . import common
+from .common import CLIENT_ADDRESS, TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .postfix import Postfix, dovecotSASLConfig
 from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
-from .test_imap import routesText, tomlTable, tomlValue
-
-#: Seconds any single client operation may take before the test fails.
-TIMEOUT = 30.0
-
-#: The source address test clients bind: the proxy itself connects to the
-#: servers from 127.0.0.1.
-CLIENT_ADDRESS = "127.0.0.2"
 
 #: Accounts, on both Dovecots (which also check SASL for both Postfixes).
 PASSWORDS = {
@@ -236,20 +229,8 @@ class RunningProxy:
             (self.submissions, "submission", "implicit"),
             (self.mx, "mx", "starttls"),
         ]
-        config = (
-            tomlTable("proxy", {"hostname": "proxy.example.org"})
-            + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
-            + tomlTable("tls", {"certificate": certificate, "key": key})
-            + "".join(
-                "[[listener]]\n"
-                'protocol = "smtp"\n'
-                f"mode = {tomlValue(mode)}\n"
-                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                f"tls = {tomlValue(tls)}\n"
-                for port, mode, tls in listeners
-            )
-            + tomlTable("router", {"type": "static", "path": "routes.toml"})
-            + "".join(tomlTable(f"backend.{name}", values) for name, values in backends.items())
+        config = staticProxyConfig(
+            certificate, key, [listenerTable("smtp", port, tls, mode=mode) for port, mode, tls in listeners], backends
         )
         self.proxy = Proxy(directory, config)
         (self.proxy.directory / "routes.toml").write_text(routesText(ROUTES))
@@ -351,10 +332,7 @@ class SMTPFixtureMixin(_MixinBase):
         A bare client of the proxy, its greeting read, closed after the
         test.
         """
-        connection = socket.create_connection(("127.0.0.1", port), TIMEOUT, source_address=(CLIENT_ADDRESS, 0))
-        if implicit:
-            connection = self.context.wrap_socket(connection, server_hostname="localhost")
-        client = LineClient(connection)
+        client = LineClient.connect(port, self.context if implicit else None, source=CLIENT_ADDRESS)
         self.addCleanup(client.close)
         self.assertTrue(client.reply()[0].startswith(b"220 "))
         return client
@@ -377,16 +355,13 @@ def _close(client: smtplib.SMTP) -> None:
         client.close()
 
 
-class LineClient:
+class LineClient(common.LineClient):
     """
     A bare SMTP client that sends lines and reads whole replies, for tests
     that assert exact replies.
     """
 
-    def __init__(self, connection: socket.socket) -> None:
-        self.connection = connection
-        self.connection.settimeout(TIMEOUT)
-        self._buffer = b""
+    serverName = "localhost"
 
     def line(self) -> bytes:
         """
@@ -394,13 +369,7 @@ class LineClient:
 
         @raise EOFError: the server closed the connection.
         """
-        while b"\r\n" not in self._buffer:
-            data = self.connection.recv(65536)
-            if not data:
-                raise EOFError(f"connection closed; unterminated: {self._buffer!r}")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line
+        return self._nextLine()
 
     def reply(self) -> list[bytes]:
         """
@@ -428,14 +397,7 @@ class LineClient:
         """
         Start TLS (after a 220 to STARTTLS).
         """
-        assert self._buffer == b"", f"plaintext after STARTTLS: {self._buffer!r}"
-        self.connection = context.wrap_socket(self.connection, server_hostname="localhost")
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self.connection.close()
+        self._wrapTLS(context)
 
 
 class SubmissionTests(SMTPFixtureMixin, SynchronousTestCase):
