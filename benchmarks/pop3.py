@@ -48,6 +48,7 @@ from benchmarks.load import (  # noqa: E402
     raiseFileLimit,
     summarizeLogins,
 )
+from benchmarks.run import mailproxyConfig  # noqa: E402
 from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
 
 TLS_MODES = ("none", "starttls", "implicit")
@@ -72,43 +73,6 @@ service pop3 {
   process_min_avail = 25
 }
 mail_max_userip_connections = 100000
-"""
-
-MAILPROXY_CONFIG = """\
-[proxy]
-hostname = "localhost"
-
-[limits]
-connections_per_address = 0
-
-[tls]
-certificate = "{certificate}"
-key = "{key}"
-
-[[listener]]
-protocol = "pop3"
-endpoint = "tcp:{none}:interface=127.0.0.1:backlog=4096"
-tls = "none"
-
-[[listener]]
-protocol = "pop3"
-endpoint = "tcp:{starttls}:interface=127.0.0.1:backlog=4096"
-tls = "starttls"
-
-[[listener]]
-protocol = "pop3"
-endpoint = "tcp:{implicit}:interface=127.0.0.1:backlog=4096"
-tls = "implicit"
-
-[router]
-type = "static"
-path = "routes.toml"
-
-[backend.dovecot]
-host = "127.0.0.1"
-ports = {{ pop3 = {backend} }}
-tls = "none"
-forward = "none"
 """
 
 
@@ -192,12 +156,6 @@ def runLogins(target: Target, concurrency: int, duration: float, warmup: float) 
     return summarizeLogins([part])
 
 
-def _cpuMsPer(before: procstat.Usage | None, after: procstat.Usage | None, count: int) -> float | None:
-    if before is None or after is None or count <= 0:
-        return None
-    return round((after.cpu - before.cpu) * 1000 / count, 4)
-
-
 def measure(
     ports: dict[str, dict[str, int]],
     caFile: str,
@@ -224,8 +182,8 @@ def measure(
             summary = runLogins(target, settings.concurrency, settings.duration, settings.warmup)
             after = (procstat.usage(pid) if pid else None, procstat.usage(dovecotPid) if dovecotPid else None)
             completed = max(1, summary["completed"])
-            summary["proxyCpuMsPerLogin"] = _cpuMsPer(before[0], after[0], completed)
-            summary["dovecotCpuMsPerLogin"] = _cpuMsPer(before[1], after[1], completed)
+            summary["proxyCpuMsPerLogin"] = procstat.cpuMsPer(before[0], after[0], completed)
+            summary["dovecotCpuMsPerLogin"] = procstat.cpuMsPer(before[1], after[1], completed)
             summary["clientCpuShare"] = round(summary["clientCpu"] / (settings.duration + settings.warmup), 3)
             results[name][f"pop3.logins.{tls}"] = summary
     return results
@@ -323,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
         proxy = Proxy(
             str(proxyDirectory),
-            MAILPROXY_CONFIG.format(certificate=certificate, key=key, backend=dovecot.pop3, **proxyPorts),
+            mailproxyConfig("pop3", proxyPorts, dovecot.pop3, certificate, key, {"connections_per_address": 0}),
         )
         proxy.start(list(proxyPorts.values()))
         ports = {

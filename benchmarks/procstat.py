@@ -78,3 +78,14 @@ def usage(root: int) -> Usage:
         rssPages += int(fields[24 - 3])
         count += 1
     return Usage(cpu=cpuTicks / _TICKS, rss=rssPages * _PAGE, processes=count)
+
+
+def cpuMsPer(before: Usage | None, after: Usage | None, per: float, digits: int = 4) -> float | None:
+    """
+    The CPU milliseconds used between two readings per unit of work (a
+    login, a megabyte), rounded to C{digits}; L{None} without both readings
+    or without work.
+    """
+    if before is None or after is None or per <= 0:
+        return None
+    return round((after.cpu - before.cpu) * 1000 / per, digits)

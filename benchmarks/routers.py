@@ -248,12 +248,6 @@ def loadTool(arguments: list[str], timeout: float) -> dict[str, Any]:
     return dict(json.loads(result.stdout.decode().strip().splitlines()[-1]))
 
 
-def _cpuMs(before: procstat.Usage | None, after: procstat.Usage | None, count: int) -> float | None:
-    if before is None or after is None or count <= 0:
-        return None
-    return round((after.cpu - before.cpu) * 1000 / count, 3)
-
-
 def measureOne(sources: Sources, router: str, cached: bool, directory: Path) -> dict[str, Any]:
     """
     Start a proxy with C{router} (and a cache if C{cached}), warm it, and
@@ -288,8 +282,8 @@ def measureOne(sources: Sources, router: str, cached: bool, directory: Path) -> 
     finally:
         proxy.stop()
     completed = max(1, result["completed"])
-    result["proxyCpuMsPerLogin"] = _cpuMs(before[0], after[0], completed)
-    result["sourceCpuMsPerLogin"] = _cpuMs(before[1], after[1], completed)
+    result["proxyCpuMsPerLogin"] = procstat.cpuMsPer(before[0], after[0], completed, digits=3)
+    result["sourceCpuMsPerLogin"] = procstat.cpuMsPer(before[1], after[1], completed, digits=3)
     result["router"] = router
     result["cache"] = "warm" if cached else "cold"
     return result

@@ -75,44 +75,31 @@ service anvil {
 }
 """
 
-MAILPROXY_CONFIG = """\
-[proxy]
-hostname = "localhost"
 
-[limits]
-connections_per_address = 0
-preauth_timeout = 300
-idle_timeout = 3600
+def mailproxyConfig(
+    protocol: str, ports: dict[str, int], backendPort: int, certificate: str, key: str, limits: dict[str, int]
+) -> str:
+    """
+    mailproxy in front of one Dovecot: a C{protocol} listener for each TLS
+    mode on C{ports} (by mode), the static router reading C{routes.toml},
+    and the backend C{dovecot} on C{backendPort}, in plain text and without
+    forwarding, so that Dovecot checks every password on both paths.
 
-[tls]
-certificate = "{certificate}"
-key = "{key}"
-
-[[listener]]
-protocol = "imap"
-endpoint = "tcp:{plain}:interface=127.0.0.1:backlog=4096"
-tls = "none"
-
-[[listener]]
-protocol = "imap"
-endpoint = "tcp:{starttls}:interface=127.0.0.1:backlog=4096"
-tls = "starttls"
-
-[[listener]]
-protocol = "imap"
-endpoint = "tcp:{implicit}:interface=127.0.0.1:backlog=4096"
-tls = "implicit"
-
-[router]
-type = "static"
-path = "routes.toml"
-
-[backend.dovecot]
-host = "127.0.0.1"
-ports = {{ imap = {backend} }}
-tls = "none"
-forward = "none"
-"""
+    @param limits: the C{[limits]} table.
+    """
+    listeners = "".join(
+        f'[[listener]]\nprotocol = "{protocol}"\n'
+        f'endpoint = "tcp:{ports[tls]}:interface=127.0.0.1:backlog=4096"\ntls = "{tls}"\n\n'
+        for tls in TLS_MODES
+    )
+    return (
+        '[proxy]\nhostname = "localhost"\n\n'
+        + "[limits]\n" + "".join(f"{name} = {value}\n" for name, value in limits.items()) + "\n"
+        + f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n\n'
+        + listeners
+        + '[router]\ntype = "static"\npath = "routes.toml"\n\n'
+        + f'[backend.dovecot]\nhost = "127.0.0.1"\nports = {{ {protocol} = {backendPort} }}\ntls = "none"\nforward = "none"\n'
+    )  # fmt: skip
 
 
 @attrs.frozen
@@ -271,8 +258,8 @@ class Bench:
         )  # fmt: skip
         after = self.usage(path)
         completed = max(1, result["completed"])
-        result["proxyCpuMsPerLogin"] = _cpuMs(before[0], after[0], completed)
-        result["dovecotCpuMsPerLogin"] = _cpuMs(before[1], after[1], completed)
+        result["proxyCpuMsPerLogin"] = procstat.cpuMsPer(before[0], after[0], completed)
+        result["dovecotCpuMsPerLogin"] = procstat.cpuMsPer(before[1], after[1], completed)
         result["clientCpuShare"] = round(result["clientCpu"] / (s.duration + s.warmup), 3)
         self.note(path, f"logins.{tls}", result)
 
@@ -300,8 +287,8 @@ class Bench:
         )
         after = self.usage(path)
         megabytes = result["size"] * (s.repeat + 1) / 1e6
-        result["proxyCpuMsPerMB"] = _cpuMs(before[0], after[0], megabytes)
-        result["dovecotCpuMsPerMB"] = _cpuMs(before[1], after[1], megabytes)
+        result["proxyCpuMsPerMB"] = procstat.cpuMsPer(before[0], after[0], megabytes)
+        result["dovecotCpuMsPerMB"] = procstat.cpuMsPer(before[1], after[1], megabytes)
         self.note(path, f"relay.{tls}", result)
 
     def idle(self, path: Endpoint, tls: str) -> None:
@@ -350,14 +337,6 @@ def _kib(before: procstat.Usage | None, during: procstat.Usage | None, per: int)
     if before is None or during is None:
         return None
     return round((during.rss - before.rss) / 1024 / per, 2)
-
-
-def _cpuMs(
-    before: procstat.Usage | None, after: procstat.Usage | None, per: float
-) -> float | None:
-    if before is None or after is None or per <= 0:
-        return None
-    return round((after.cpu - before.cpu) * 1000 / per, 4)
 
 
 @attrs.frozen
@@ -619,10 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             proxyDirectory = directory / "mailproxy"
             proxyDirectory.mkdir(exist_ok=True)
             (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
-            text = MAILPROXY_CONFIG.format(
-                certificate=certificate, key=key, plain=ports["none"],
-                starttls=ports["starttls"], implicit=ports["implicit"], backend=dovecot.imap,
-            )  # fmt: skip
+            limits = {"connections_per_address": 0, "preauth_timeout": 300, "idle_timeout": 3600}
+            text = mailproxyConfig("imap", ports, dovecot.imap, certificate, key, limits)
             proxy = Proxy(str(proxyDirectory), text)
             proxy.start(list(ports.values()))
             paths.append(Endpoint("mailproxy", ports, proxy.pid))
