@@ -15,20 +15,19 @@ from typing import Any
 
 from treq.testing import StubTreq
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendDefaults, BackendResolver
 from mailproxy.routers.http import HTTPRouter
+
+from .routerhelpers import CLIENT, result
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "examples")
 SECRET = "change-me-to-a-long-random-string"
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143, "pop3": 110})
 NEW = Backend(name="new", host="10.0.0.2", ports={"imap": 143, "pop3": 110})
-CLIENT = ClientInfo(sessionId="s", address="192.0.2.7", port=1, localAddress="192.0.2.1", localPort=143)
 
 
 def loadExample() -> Any:
@@ -40,18 +39,6 @@ def loadExample() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def login(user: str, password: bytes, protocol: str = "imap", attempt: int = 1) -> RouteRequest:

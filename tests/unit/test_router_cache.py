@@ -10,7 +10,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import ConfigError, Table
@@ -18,11 +17,12 @@ from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, 
 from mailproxy.routers.cache import CachingRouter, buildCache
 from mailproxy.testing import FakeRouter
 
+from .routerhelpers import CLIENT, result
+
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143})
 ROUTE = Route(backend=OLD, rule="test")
 WRONG = Rejection("Authentication failed.")
 DOWN = Rejection("Service temporarily unavailable.", temporary=True)
-CLIENT = ClientInfo(sessionId="s", address="192.0.2.7", port=1, localAddress="192.0.2.1", localPort=143)
 
 
 def login(user: str = "alice@example.org", password: bytes = b"secret", **kwargs: Any) -> RouteRequest:
@@ -32,18 +32,6 @@ def login(user: str = "alice@example.org", password: bytes = b"secret", **kwargs
     kwargs.setdefault("protocol", "imap")
     kwargs.setdefault("client", CLIENT)
     return RouteRequest(credentials=Credentials("LOGIN", user, password=password), **kwargs)
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class ScriptedRouter:

@@ -10,11 +10,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Config, ConfigError, parseConfig
-from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
 from mailproxy.routers import buildRouter
 from mailproxy.routers.cache import CachingRouter
 from mailproxy.routers.chain import ChainRouter
@@ -22,9 +21,10 @@ from mailproxy.routers.http import HTTPRouter
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import FakeRouter
 
+from .routerhelpers import CLIENT, result
+
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143})
 NEW = Backend(name="new", host="10.0.0.2", ports={"imap": 143})
-CLIENT = ClientInfo(sessionId="s", address="192.0.2.7", port=1, localAddress="192.0.2.1", localPort=143)
 
 
 def login(user: str = "alice@example.org", password: bytes = b"secret") -> RouteRequest:
@@ -32,18 +32,6 @@ def login(user: str = "alice@example.org", password: bytes = b"secret") -> Route
     A plain IMAP login request.
     """
     return RouteRequest(protocol="imap", credentials=Credentials("LOGIN", user, password=password), client=CLIENT)
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class Raising:

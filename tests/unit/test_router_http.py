@@ -16,7 +16,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -33,6 +32,8 @@ from mailproxy.routers.http import (
     requestHeaders,
     unescapeAuth,
 )
+
+from .routerhelpers import result
 
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143, "pop3": 110}, tls="starttls", forward="id")
 NEW = Backend(
@@ -62,18 +63,6 @@ def login(user: str = "alice@example.org", password: bytes = b"secret", **kwargs
     kwargs.setdefault("protocol", "imap")
     kwargs.setdefault("client", CLIENT)
     return RouteRequest(credentials=Credentials("LOGIN", user, password=password), **kwargs)
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has (failing the test if it has none).
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class EscapingTests(SynchronousTestCase):

@@ -12,11 +12,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import ConfigError, Table
-from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendDefaults, BackendResolver
 from mailproxy.routers.ldap import (
     DirectoryEntry,
@@ -29,10 +28,11 @@ from mailproxy.routers.ldap import (
     escapeFilterValue,
 )
 
+from .routerhelpers import CLIENT, result
+
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143})
 NEW = Backend(name="new", host="10.0.0.2", ports={"imap": 143})
 BACKENDS = {"old": OLD, "new": NEW}
-CLIENT = ClientInfo(sessionId="s", address="192.0.2.7", port=1, localAddress="192.0.2.1", localPort=143)
 UNAVAILABLE = Rejection("Service temporarily unavailable, try again later.", temporary=True)
 ALICE_DN = "uid=alice,ou=people,dc=example,dc=org"
 
@@ -55,18 +55,6 @@ def cram(user: str, secret: bytes) -> RouteRequest:
         credentials=Credentials("CRAM-MD5", user, challenge=challenge, response=response),
         client=CLIENT,
     )
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class InlineRunner:

@@ -11,11 +11,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import ConfigError, Table
-from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
+from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendDefaults, BackendResolver
 from mailproxy.routers.sql import (
     SQLDatabase,
@@ -25,10 +24,11 @@ from mailproxy.routers.sql import (
     translateQuery,
 )
 
+from .routerhelpers import CLIENT, result
+
 OLD = Backend(name="old", host="10.0.0.1", ports={"imap": 143, "pop3": 110})
 NEW = Backend(name="new", host="10.0.0.2", ports={"imap": 143, "pop3": 110})
 BACKENDS = {"old": OLD, "new": NEW}
-CLIENT = ClientInfo(sessionId="s", address="192.0.2.7", port=1, localAddress="192.0.2.1", localPort=143)
 UNAVAILABLE = Rejection("Service temporarily unavailable, try again later.", temporary=True)
 
 
@@ -52,18 +52,6 @@ def apop(user: str, secret: bytes) -> RouteRequest:
         credentials=Credentials("APOP", user, challenge=challenge, response=response),
         client=CLIENT,
     )
-
-
-def result(d: Deferred[Any]) -> Any:
-    """
-    The result C{d} already has.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "no result yet"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class InlineRunner:
