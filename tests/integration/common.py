@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .servers import Dovecot
+from .servers import Dovecot, Proxy, TestCA, freePort
 
 #: Seconds any single client operation may take before the test fails.
 TIMEOUT = 30.0
@@ -134,6 +134,65 @@ def routesText(routes: Mapping[str, Any]) -> str:
         if table in routes:
             text += "\n" + tomlTable(table, routes[table])
     return text
+
+
+class RunningProxy:
+    """
+    The proxy under test in the Dovecot scenario: a listener of one
+    protocol for each TLS mode (implicit TLS, STARTTLS, STARTTLS required),
+    the static router reading C{routes.toml}, and the master user's
+    password file.
+
+    @ivar implicit: the implicit-TLS listener's port, as C{startTLS} and
+        C{startTLSRequired} are the others'.
+    @ivar routesPath: the route table.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        protocol: str,
+        backends: Mapping[str, Mapping[str, object]],
+        routes: Mapping[str, Any],
+        ca: TestCA,
+        listenerOptions: Mapping[str, Mapping[str, object]] = {},
+        certificateName: str = "proxy",
+    ) -> None:
+        """
+        Write the configuration, the route table and the master password
+        file into C{directory}; C{ca} signs the proxy's certificate.
+
+        @param listenerOptions: more keys for a listener's table, by its TLS
+            mode.
+        """
+        self.implicit = freePort()
+        self.startTLS = freePort()
+        self.startTLSRequired = freePort()
+        certificate, key = ca.issue(certificateName)
+        listeners = [
+            listenerTable(protocol, port, mode, **listenerOptions.get(mode, {}))
+            for port, mode in [
+                (self.implicit, "implicit"),
+                (self.startTLS, "starttls"),
+                (self.startTLSRequired, "starttls-required"),
+            ]
+        ]
+        self.proxy = Proxy(directory, staticProxyConfig(certificate, key, listeners, backends))
+        self.routesPath = self.proxy.directory / "routes.toml"
+        self.routesPath.write_text(routesText(routes))
+        (self.proxy.directory / "master.pw").write_text(MASTER_USER[1] + "\n")
+
+    def start(self) -> None:
+        """
+        Start the proxy and wait for its listeners.
+        """
+        self.proxy.start([self.implicit, self.startTLS, self.startTLSRequired])
+
+    def stop(self) -> None:
+        """
+        Stop the proxy.
+        """
+        self.proxy.stop()
 
 
 # Clients

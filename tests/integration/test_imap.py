@@ -34,15 +34,13 @@ from .common import (
     PASSWORDS,
     ROUTES,
     TIMEOUT,
+    RunningProxy,
     ServerLogMixin,
     connectFrom,
-    listenerTable,
     routesText,
-    staticProxyConfig,
 )
 from .servers import (
     Dovecot,
-    Proxy,
     TestCA,
     fixtureDirectory,
     freePort,
@@ -146,61 +144,6 @@ class MailServers:
         """
         self.old.stop()
         self.new.stop()
-
-
-class RunningProxy:
-    """
-    The proxy under test, started with a test class's configuration: three
-    IMAP listeners (implicit TLS, STARTTLS, STARTTLS required) and the
-    static router reading C{routes.toml}.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        backends: Mapping[str, Mapping[str, object]],
-        routes: Mapping[str, Any],
-        ca: TestCA,
-        implicitOptions: Mapping[str, object] | None = None,
-    ) -> None:
-        """
-        Write the configuration, the route table and the master password
-        file into C{directory}; C{ca} signs the proxy's certificate.
-        """
-        self.implicit = freePort()
-        self.startTLS = freePort()
-        self.startTLSRequired = freePort()
-        certificate, key = ca.issue("proxy")
-        listeners = [
-            (self.implicit, "implicit"),
-            (self.startTLS, "starttls"),
-            (self.startTLSRequired, "starttls-required"),
-        ]
-        config = staticProxyConfig(
-            certificate,
-            key,
-            [
-                listenerTable("imap", port, mode, **((implicitOptions or {}) if mode == "implicit" else {}))
-                for port, mode in listeners
-            ],
-            backends,
-        )
-        self.proxy = Proxy(directory, config)
-        self.routesPath = self.proxy.directory / "routes.toml"
-        self.routesPath.write_text(routesText(routes))
-        (self.proxy.directory / "master.pw").write_text(MASTER_USER[1] + "\n")
-
-    def start(self) -> None:
-        """
-        Start the proxy and wait for its listeners.
-        """
-        self.proxy.start([self.implicit, self.startTLS, self.startTLSRequired])
-
-    def stop(self) -> None:
-        """
-        Stop the proxy.
-        """
-        self.proxy.stop()
 
 
 class SourceBoundIMAP4_SSL(imaplib.IMAP4_SSL):
@@ -345,10 +288,11 @@ class ProxyFixtureMixin(ServerLogMixin):
         backends.update(self.extraBackends())
         running = RunningProxy(
             fixtureDirectory(type(self).__name__),
+            "imap",
             backends,
             self.routes,
             self.servers.ca,
-            implicitOptions=self.implicitListenerOptions(),
+            {"implicit": self.implicitListenerOptions()},
         )
         running.start()
         return running

@@ -24,7 +24,7 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -37,13 +37,11 @@ from .common import (
     PASSWORDS,
     ROUTES,
     TIMEOUT,
+    RunningProxy,
     ServerLogMixin,
     connectFrom,
-    listenerTable,
-    routesText,
-    staticProxyConfig,
 )
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, fixtureDirectory, freePort, requireServer, sharedFixture
 from .test_imap import LARGE_MESSAGE_ID, MailServers, firstMessage
 
 #: The IMAP tests' routes, plus a password for carol: the proxy checks her
@@ -66,50 +64,6 @@ def startServers() -> MailServers:
     """
     requireServer("fetchmail", "curl")
     return MailServers.start()
-
-
-class RunningPOP3Proxy:
-    """
-    The proxy under test with three POP3 listeners: implicit TLS (995-style)
-    and STARTTLS (110-style), both offering APOP and CRAM-MD5, and STARTTLS
-    required; the static router reading C{routes.toml}.
-    """
-
-    def __init__(self, directory: str, backends: Mapping[str, Mapping[str, object]], ca: TestCA) -> None:
-        """
-        Write the configuration, the route table and the master password
-        file into C{directory}; C{ca} signs the proxy's certificate.
-        """
-        self.implicit = freePort()
-        self.startTLS = freePort()
-        self.startTLSRequired = freePort()
-        certificate, key = ca.issue("proxy")
-        listeners = [
-            (self.implicit, "implicit", True),
-            (self.startTLS, "starttls", True),
-            (self.startTLSRequired, "starttls-required", False),
-        ]
-        config = staticProxyConfig(
-            certificate,
-            key,
-            [listenerTable("pop3", port, mode, digest_auth=digest) for port, mode, digest in listeners],
-            backends,
-        )
-        self.proxy = Proxy(directory, config)
-        (self.proxy.directory / "routes.toml").write_text(routesText(POP3_ROUTES))
-        (self.proxy.directory / "master.pw").write_text(MASTER_USER[1] + "\n")
-
-    def start(self) -> None:
-        """
-        Start the proxy and wait for its listeners.
-        """
-        self.proxy.start([self.implicit, self.startTLS, self.startTLSRequired])
-
-    def stop(self) -> None:
-        """
-        Stop the proxy.
-        """
-        self.proxy.stop()
 
 
 class SourceBoundPOP3_SSL(poplib.POP3_SSL):
@@ -220,7 +174,7 @@ class POP3FixtureMixin(ServerLogMixin):
     """
 
     servers: MailServers
-    running: RunningPOP3Proxy
+    running: RunningProxy
 
     # Provided by SynchronousTestCase.
     addCleanup: Callable[..., None]
@@ -244,7 +198,7 @@ class POP3FixtureMixin(ServerLogMixin):
         self.running = sharedFixture("proxy", type(self).__qualname__, self._startProxy)
         self.context = ssl.create_default_context(cafile=self.servers.ca.caPath)
 
-    def _startProxy(self) -> RunningPOP3Proxy:
+    def _startProxy(self) -> RunningProxy:
         """
         Configure and start the proxy for this test class.
         """
@@ -260,7 +214,11 @@ class POP3FixtureMixin(ServerLogMixin):
             for server in (self.servers.old, self.servers.new)
         }
         backends["dead"] = {"host": "127.0.0.1", "ports": {"pop3": freePort()}, "connect_timeout": 5}
-        running = RunningPOP3Proxy(fixtureDirectory(type(self).__name__), backends, self.servers.ca)
+        # APOP and CRAM-MD5 are offered where TLS is optional or implicit.
+        digest = {"implicit": {"digest_auth": True}, "starttls": {"digest_auth": True}}
+        running = RunningProxy(
+            fixtureDirectory(type(self).__name__), "pop3", backends, POP3_ROUTES, self.servers.ca, digest
+        )
         running.start()
         return running
 

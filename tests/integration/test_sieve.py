@@ -31,14 +31,11 @@ from .common import (
     PASSWORDS,
     ROUTES,
     TIMEOUT,
+    RunningProxy,
     ServerLogMixin,
-    listenerTable,
-    routesText,
-    staticProxyConfig,
 )
 from .servers import (
     Dovecot,
-    Proxy,
     TestCA,
     fixtureDirectory,
     freePort,
@@ -87,52 +84,6 @@ class SieveServers:
         """
         self.old.stop()
         self.new.stop()
-
-
-class RunningProxy:
-    """
-    The proxy under test with three ManageSieve listeners (STARTTLS
-    required, STARTTLS optional, implicit TLS) and the static router.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        backends: Mapping[str, Mapping[str, object]],
-        routes: Mapping[str, Any],
-        ca: TestCA,
-    ) -> None:
-        """
-        Write the configuration, the route table and the master password
-        file into C{directory}; C{ca} signs the proxy's certificate.
-        """
-        self.startTLSRequired = freePort()
-        self.startTLS = freePort()
-        self.implicit = freePort()
-        certificate, key = ca.issue("proxy-sieve")
-        listeners = [
-            (self.startTLSRequired, "starttls-required"),
-            (self.startTLS, "starttls"),
-            (self.implicit, "implicit"),
-        ]
-        config = staticProxyConfig(
-            certificate, key, [listenerTable("sieve", port, mode) for port, mode in listeners], backends
-        )
-        self.proxy = Proxy(directory, config)
-        (self.proxy.directory / "routes.toml").write_text(routesText(routes))
-        (self.proxy.directory / "master.pw").write_text(MASTER_USER[1] + "\n")
-
-    def start(self) -> None:
-        """
-        Start the proxy and wait for its listeners.
-        """
-        self.proxy.start([self.startTLSRequired, self.startTLS, self.implicit])
-
-    def stop(self) -> None:
-        """
-        Stop the proxy.
-        """
-        self.proxy.stop()
 
 
 class SieveClient(common.LineClient):
@@ -256,7 +207,10 @@ class ProxyFixtureMixin(ServerLogMixin):
         }
         backends["dead"] = {"host": "127.0.0.1", "ports": {"sieve": freePort()}, "connect_timeout": 5}
         backends.update(self.extraBackends())
-        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.routes, self.servers.ca)
+        running = RunningProxy(
+            fixtureDirectory(type(self).__name__), "sieve", backends, self.routes, self.servers.ca,
+            certificateName="proxy-sieve",
+        )
         running.start()
         return running
 
