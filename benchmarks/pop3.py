@@ -48,7 +48,7 @@ from benchmarks.load import (  # noqa: E402
     raiseFileLimit,
     summarizeLogins,
 )
-from benchmarks.run import mailproxyConfig  # noqa: E402
+from benchmarks.run import formatNumber, mailproxyConfig  # noqa: E402
 from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
 
 TLS_MODES = ("none", "starttls", "implicit")
@@ -189,16 +189,6 @@ def measure(
     return results
 
 
-def _format(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def markdownTable(results: dict[str, dict[str, Any]]) -> str:
     """
     The results as a markdown table: one row per metric and TLS mode, with
@@ -223,7 +213,8 @@ def markdownTable(results: dict[str, dict[str, Any]]) -> str:
             if field == "perSecond" and tls == "none":
                 target = ">= 0.75x direct"
                 result = "n/a" if ratio is None else ("PASS" if ratio >= 0.75 else "MISS")
-            cells = [f"{label}, {modeNames[tls]}", _format(direct), _format(proxied), _format(ratio), target, result]
+            numbers = [formatNumber(value) for value in (direct, proxied, ratio)]
+            cells = [f"{label}, {modeNames[tls]}", *numbers, target, result]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -439,7 +439,10 @@ def buildRows(results: dict[str, dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def _format(value: float | None) -> str:
+def formatNumber(value: float | None) -> str:
+    """
+    A number for a table cell, with fewer decimals the larger it is.
+    """
     if value is None:
         return "n/a"
     if abs(value) >= 100:
@@ -462,12 +465,12 @@ def markdownTable(rows: Sequence[Row]) -> str:
         v = row.values
         cells = [
             row.label,
-            _format(v.get("direct")),
-            _format(v.get("mailproxy")),
-            _format(v.get("nginx")),
-            _format(_ratio(v.get("mailproxy"), v.get("direct"))),
-            _format(_ratio(v.get("nginx"), v.get("direct"))),
-            _format(_ratio(v.get("mailproxy"), v.get("nginx"))),
+            formatNumber(v.get("direct")),
+            formatNumber(v.get("mailproxy")),
+            formatNumber(v.get("nginx")),
+            formatNumber(_ratio(v.get("mailproxy"), v.get("direct"))),
+            formatNumber(_ratio(v.get("nginx"), v.get("direct"))),
+            formatNumber(_ratio(v.get("mailproxy"), v.get("nginx"))),
             row.target,
             row.verdict,
         ]
