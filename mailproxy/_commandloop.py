@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from twisted.python.failure import Failure
 
-from ._session import FrontendProtocol
+from ._session import FrontendProtocol, ProxyContext
+from .config import Listener
 
 
 class CommandFrontend(FrontendProtocol):
@@ -35,7 +36,7 @@ class CommandFrontend(FrontendProtocol):
     maxBadCommands = 10
     badCommandsGoodbye = "Too many invalid commands."
 
-    def __init__(self, context, listener) -> None:
+    def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
         self.state = "command"
         self.badCommands = 0
