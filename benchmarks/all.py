@@ -11,6 +11,7 @@ they never compete for the two cores. The exit status is the worst part's.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0
     for title, part in PARTS:
         print(f"\n## {title}\n", flush=True)
-        worst = max(worst, part(list(arguments)) or 0)
+        # A part may turn SIGTERM into KeyboardInterrupt for itself; the next
+        # part's worker processes must not inherit that.
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            worst = max(worst, part(list(arguments)) or 0)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
     return worst
 
 
