@@ -12,19 +12,20 @@ timeout and the classification of failures live here.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, cast
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _proxyproto, _tls
+from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
 FailureKind = Literal["auth", "unavailable", "refused"]
@@ -117,8 +118,11 @@ class BackendProtocol(Protocol):
     """
 
     log = Logger()
+    # None until connected: the dialogue runs on a connection, and what may
+    # run before one (fail, abandon, cancelling) checks.
+    transport: IProxyTransport
 
-    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+    def __init__(self, job: LoginJob, clock: IReactorTime, timeout: float) -> None:
         self.job = job
         self.result: Deferred[BackendProtocol] = Deferred(lambda d: self._cancelled())
         #: Abandons a connection attempt still under way.
@@ -253,7 +257,7 @@ class BackendProtocol(Protocol):
 def _describe(reason: Failure | None) -> str:
     if reason is None:
         return "connection lost"
-    return reason.getErrorMessage() or reason.type.__name__
+    return reason.getErrorMessage() or cast("type[BaseException]", reason.type).__name__
 
 
 def proxyHeader(backend: Backend, client: ClientInfo, protocol: str) -> bytes:

@@ -27,8 +27,11 @@ from typing import Callable
 
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._transport import IProxyTransport
 
 #: Octets read from a socket at once while relaying. Twisted's default of
 #: 64 KiB costs one trip through the reactor and the protocols per 64 KiB;
@@ -66,8 +69,8 @@ class Relay:
 
     def __init__(
         self,
-        client: ITransport,
-        backend: ITransport,
+        client: IProxyTransport,
+        backend: IProxyTransport,
         clock: IReactorTime,
         idleTimeout: float,
         onEnd: Callable[[Relay], None],
@@ -159,7 +162,7 @@ class Relay:
                 self._idleTimeout - idleFor, self._checkIdle
             )
 
-    def _end(self, reason: str, other: ITransport) -> bool:
+    def _end(self, reason: str, other: IProxyTransport) -> bool:
         if self.endReason is not None:
             return False
         self.endReason = reason
@@ -208,6 +211,7 @@ def _plainSocket(transport: object) -> tcp.Connection | None:
     return descriptor
 
 
+@implementer(IReadDescriptor, IWriteDescriptor)
 class _SocketEnd:
     """
     One relayed socket, as the reactor sees it while splicing: readable

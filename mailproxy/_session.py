@@ -15,11 +15,11 @@ import json
 import os
 import time
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,9 @@ from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from ._relay import Relay
 from ._safetext import oneLine
 from ._stats import ProxyStats
+from ._transport import IProxyTransport
 from .config import Limits, Listener
+from .interfaces import IRouter
 from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
 from .routers import callRouter
 
@@ -164,11 +166,11 @@ class ProxyContext:
     @ivar routerName: how logs name the router (the configured type).
     """
 
-    reactor: object
-    router: object
+    reactor: IReactorTime
+    router: IRouter
     limits: Limits
     hostname: str
-    serverTLS: object | None = None
+    serverTLS: IOpenSSLServerConnectionCreator | None = None
     tracker: ConnectionTracker = field(default=None)
     backendConnector: Callable[[object, BackendProtocol], Deferred] = connectBackend
     backends: dict = field(factory=dict)
@@ -250,6 +252,7 @@ class FrontendProtocol(Protocol):
 
     protocolName = ""
     log = Logger()
+    transport: IProxyTransport
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         self.context = context
@@ -266,7 +269,7 @@ class FrontendProtocol(Protocol):
         self._goodbye: str | None = None
         self._counted = False
         self._closing = False
-        self._preauthTimer = None
+        self._preauthTimer: IDelayedCall | None = None
         self._pending: Deferred | None = None
         self._backend: BackendProtocol | None = None
         self._started = time.monotonic()
@@ -461,7 +464,8 @@ class FrontendProtocol(Protocol):
         written). The caller must discard any input already buffered.
         """
         self.tlsActive = True
-        self.transport.startTLS(self.context.serverTLS)
+        # The configuration refuses a STARTTLS listener without [tls].
+        self.transport.startTLS(cast(IOpenSSLServerConnectionCreator, self.context.serverTLS))
 
     @property
     def tlsAvailable(self) -> bool:
@@ -580,7 +584,7 @@ class FrontendProtocol(Protocol):
 
     def _backendFailed(self, reason: Failure) -> None:
         reason.trap(BackendFailure)
-        failure: BackendFailure = reason.value
+        failure = cast(BackendFailure, reason.value)
         self._backend = None
         self.log.info(
             "backend login failed: session={session} user={quotedUser} backend={backend} {kind}: {detail}",
@@ -593,11 +597,11 @@ class FrontendProtocol(Protocol):
         )
         raise LoginFailed(failure.kind, clientText=failure.clientText)
 
-    def _delayFailure(self, reason: Failure) -> Deferred:
+    def _delayFailure(self, reason: Failure) -> Deferred[None] | Failure:
         if reason.check(CancelledError):
             return reason
         if reason.check(_Rejected):
-            rejection: Rejection = reason.value.rejection
+            rejection = cast(_Rejected, reason.value).rejection
             failure = LoginFailed(
                 "unavailable" if rejection.temporary else "auth",
                 message=rejection.message,
@@ -605,7 +609,7 @@ class FrontendProtocol(Protocol):
             )
             wait = rejection.wait
         elif reason.check(LoginFailed):
-            failure = reason.value
+            failure = cast(LoginFailed, reason.value)
             wait = 0.0
         else:
             self.log.failure("login failed unexpectedly", reason)
