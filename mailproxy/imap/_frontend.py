@@ -12,7 +12,7 @@ the object.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Callable
+from typing import Callable, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -194,7 +194,8 @@ class IMAPFrontend(CommandFrontend):
             for key, value in zip(arg[0::2], arg[1::2]):
                 if not isinstance(key, bytes) or len(key) > MAX_ID_KEY:
                     continue
-                if isinstance(value, Atom) or len(value) > MAX_ID_VALUE:
+                # A value is bytes or an Atom (NIL), checked above.
+                if not isinstance(value, bytes) or len(value) > MAX_ID_VALUE:
                     continue
                 pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
         else:
@@ -214,7 +215,8 @@ class IMAPFrontend(CommandFrontend):
         if not self.plaintextLoginAllowed:
             self.reply(command.tag, b"NO", "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.")
             return
-        user, password = (a.value if isinstance(a, Atom) else a for a in command.args)
+        # Each is bytes or an Atom, checked above.
+        user, password = (a.value if isinstance(a, Atom) else cast(bytes, a) for a in command.args)
         self._login(command.tag, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=password))
 
     def do_AUTHENTICATE(self, command: Command) -> None:
@@ -291,7 +293,7 @@ class IMAPFrontend(CommandFrontend):
 
     def _loginFailed(self, reason: Failure, tag: bytes) -> None:
         reason.trap(LoginFailed)
-        failure: LoginFailed = reason.value
+        failure = cast(LoginFailed, reason.value)
         if failure.kind == "auth":
             self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
         elif failure.kind == "refused" and failure.clientText:

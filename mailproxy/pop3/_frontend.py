@@ -19,7 +19,7 @@ password for the backend login.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Callable
+from typing import Callable, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -328,7 +328,7 @@ class POP3Frontend(CommandFrontend):
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)
-        failure: LoginFailed = reason.value
+        failure = cast(LoginFailed, reason.value)
         if failure.kind == "auth":
             self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
         elif failure.kind == "refused" and failure.clientText:

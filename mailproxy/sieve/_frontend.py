@@ -14,7 +14,7 @@ the object.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Callable
+from typing import Callable, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -326,7 +326,7 @@ class SieveFrontend(CommandFrontend):
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)
-        failure: LoginFailed = reason.value
+        failure = cast(LoginFailed, reason.value)
         if failure.kind == "auth":
             self.reply(b"NO", oneLine(failure.message) or "Authentication failed.")
         else:

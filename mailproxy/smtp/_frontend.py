@@ -16,7 +16,7 @@ the object.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -591,7 +591,7 @@ class SubmissionFrontend(SMTPFrontend):
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)
-        failure: LoginFailed = reason.value
+        failure = cast(LoginFailed, reason.value)
         if failure.kind == "refused" and failure.clientText:
             self.sendLine(oneLine(failure.clientText).encode("utf-8"))
         elif failure.kind == "auth":

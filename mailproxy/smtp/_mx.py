@@ -21,7 +21,7 @@ commands the proxy never saw (SMTP smuggling).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -403,7 +403,7 @@ class MXFrontend(SMTPFrontend):
         def failed(reason: Failure) -> BackendFailure:
             self._connecting = None
             reason.trap(BackendFailure)
-            failure: BackendFailure = reason.value
+            failure = cast(BackendFailure, reason.value)
             self.log.info(
                 "backend {backend} unavailable for session {session}: {kind}: {detail}",
                 backend=name,
