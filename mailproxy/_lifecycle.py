@@ -26,6 +26,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from . import _tls
@@ -57,7 +58,7 @@ class ReloadableServerTLS:
     def __init__(self, options: IOpenSSLServerConnectionCreator) -> None:
         self.options = options
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> Any:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> Any:
         """
         Create the OpenSSL connection for one client, with the current
         certificates.

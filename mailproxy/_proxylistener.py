@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -63,6 +63,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     log = Logger()
     factory: ProxyHeaderFactory
+    transport: ITCPTransport
 
     def __init__(self, factory: ProxyHeaderFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
@@ -107,7 +108,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self._peer = _address(*header.source)
             self._host = _address(*header.destination)
         self._ready = True
-        self.wrappedProtocol.makeConnection(self)
+        # makeConnection made this wrapper provide its transport's interfaces.
+        self.wrappedProtocol.makeConnection(cast(ITransport, self))
         if rest:
             self.wrappedProtocol.dataReceived(rest)
 
@@ -122,12 +124,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()
         self.factory.unregisterProtocol(self)
         if self._ready:
             self.wrappedProtocol.connectionLost(reason)
-        self.wrappedProtocol = None
+        self.wrappedProtocol = None  # type: ignore[assignment]  # released; nothing uses it after the loss
 
     def _refuse(self, why: str) -> None:
         self._cancelTimer()
@@ -144,7 +146,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._timer = None
 
 
-class ProxyHeaderFactory(WrappingFactory):
+class ProxyHeaderFactory(WrappingFactory[ProxyHeaderProtocol]):
     """
     Wraps a listener's factory so that each connection starts with a PROXY
     header from a trusted balancer.

@@ -4,11 +4,12 @@ C{twistd mailproxy}: options and the service tree.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.reflect import namedAny
@@ -69,15 +70,16 @@ def withBacklog(endpoint: str) -> str:
     return endpoint
 
 
-def listenerFactory(context: ProxyContext, listener: Listener):
+def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFactory:
     """
     The protocol factory for one listener, with TLS wrapped around it for
     implicit TLS.
     """
     frontend = namedAny(FRONTENDS[listener.protocol])
-    factory = FrontendFactory(frontend, context, listener)
+    factory: IProtocolFactory = FrontendFactory(frontend, context, listener)
     if listener.tls == "implicit":
-        factory = TLSMemoryBIOFactory(context.serverTLS, False, factory)
+        # The configuration refuses a TLS listener without [tls].
+        factory = TLSMemoryBIOFactory(cast(IOpenSSLServerConnectionCreator, context.serverTLS), False, factory)
     if listener.proxyProtocol:
         # Below TLS: a balancer sends the header before the ClientHello.
         factory = ProxyHeaderFactory(factory, parseNetworks(listener.proxyTrusted), context.reactor)

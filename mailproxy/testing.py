@@ -16,10 +16,10 @@ L{MemoryConnector}, whose connections are L{StringTransport}s too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -65,10 +65,16 @@ class TLSStringTransport(StringTransport):
 
     @ivar tlsOptions: what C{startTLS} was called with, or L{None}.
     @ivar writtenBeforeTLS: the octets written before C{startTLS}.
+    @ivar noDelay: what C{setTcpNoDelay} set.
+    @ivar keepAlive: what C{setTcpKeepAlive} set.
+    @ivar writeClosed: C{loseWriteConnection} was called.
     """
 
     tlsOptions: Any = None
     writtenBeforeTLS: bytes | None = None
+    noDelay = False
+    keepAlive = False
+    writeClosed = False
 
     def startTLS(self, options: Any, normal: bool = True) -> None:
         self.tlsOptions = options
@@ -76,6 +82,18 @@ class TLSStringTransport(StringTransport):
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.noDelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.noDelay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keepAlive = enabled
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.keepAlive
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
 
 
 class MemoryConnector:
@@ -164,7 +182,8 @@ def makeFrontend(
         router=router,
         limits=limits if limits is not None else Limits(),
         hostname="proxy.test",
-        serverTLS=object(),
+        # A stand-in: TLSStringTransport only records what startTLS gets.
+        serverTLS=cast(IOpenSSLServerConnectionCreator, object()),
         backendConnector=connector if connector is not None else MemoryConnector(),
     )
     listener = Listener(protocol=protocol, endpoint="tcp:0", tls=tls, **listenerOptions)
