@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.logger import (
@@ -99,7 +99,8 @@ class EventLogService(Service):
         if self.config.path == "-":
             # twistd may have replaced sys.stdout with a logger: writing a
             # log line there would log it again.
-            return sys.__stdout__
+            # None only for a process started without a console (pythonw).
+            return cast(IO[str], sys.__stdout__)
         assert self.config.path is not None
         return open(self.config.path, "a", encoding="utf-8")
 

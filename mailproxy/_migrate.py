@@ -122,7 +122,11 @@ class LoginHold:
         @return: a function that ends this hold and lets the waiting logins
             go on.
         """
-        entry = (frozenset(a.lower() for a in accounts), frozenset(d.lower() for d in domains), [])
+        entry: tuple[frozenset[str], frozenset[str], list[Deferred[None]]] = (
+            frozenset(a.lower() for a in accounts),
+            frozenset(d.lower() for d in domains),
+            [],
+        )
         self._holds.append(entry)
 
         def release() -> None:

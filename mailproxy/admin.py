@@ -28,12 +28,12 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -121,6 +121,9 @@ class _GreetingProbe(Protocol):
     """
     Reads a server's first line, then hangs up.
     """
+
+    # None until connected; the timeout, which may come first, checks.
+    transport: ITCPTransport
 
     def __init__(self, header: bytes) -> None:
         self.header = header
@@ -221,7 +224,7 @@ class HealthChecker:
             return {"ok": True, "seconds": round(self.reactor.seconds() - started, 4)}
 
         def trouble(reason: Failure) -> dict[str, Any]:
-            return {"ok": False, "error": reason.getErrorMessage() or reason.type.__name__}
+            return {"ok": False, "error": reason.getErrorMessage() or cast("type[BaseException]", reason.type).__name__}
 
         def done(result: dict[str, Any]) -> dict[str, Any]:
             if timer.active():
@@ -324,7 +327,8 @@ class AdminResource(Resource):
 
     def _failed(self, reason: Failure) -> tuple[int, bytes, str]:
         if reason.check(_HTTPError):
-            return _json(reason.value.status, {"error": reason.value.message})
+            error = cast(_HTTPError, reason.value)
+            return _json(error.status, {"error": error.message})
         if reason.check(MoveError, RouteStoreError):
             return _json(409, {"error": str(reason.value)})
         self.log.failure("management request failed", reason)

@@ -263,7 +263,9 @@ def deleteEntry(text: str, table: str | None, key: str) -> str:
             return _check(text, expected, "default")
         return _check("\n".join(lines[:index] + lines[index + 1 :]), expected, "default")
     entries = expected.get(table)
-    existing = _existingKey(entries, key) if isinstance(entries, dict) else None
+    if not isinstance(entries, dict):
+        entries = {}  # no such table, so no such entry
+    existing = _existingKey(entries, key)
     if existing is None:
         raise EditError(f"there is no entry {key!r} in {table}")
     what = f"{table}[{existing!r}]"

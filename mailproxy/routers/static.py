@@ -220,13 +220,14 @@ def _account(parent: Table, name: str, backends: Mapping[str, Backend]) -> Route
     )
 
 
-def _tableAndName(key: str) -> tuple[str | None, str | None]:
+def _tableAndName(key: str) -> tuple[str | None, str]:
     """
     Where an L{IRouteStore} key lives in the file: C{("accounts", name)},
-    C{("domains", name)} or C{(None, None)} for the default.
+    C{("domains", name)} or C{(None, "*")} for the default (the editor
+    ignores the name there).
     """
     if key == "*":
-        return None, None
+        return None, key
     if key.startswith("@"):
         if len(key) == 1 or "@" in key[1:]:
             raise RouteStoreError(f"not a domain: {key!r}")
