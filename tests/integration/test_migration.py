@@ -160,16 +160,20 @@ class IMAPClient:
     def readLine(self) -> bytes:
         """
         The next line, CRLF included; literals are read as lines too.
+        Dovecot's IDLE keepalive (C{* OK Still here}), which it may send at
+        any moment of an IDLE, is skipped.
 
         @raise EOFError: the server closed the connection.
         """
-        while b"\r\n" not in self.buffer:
-            data = self.connection.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line + b"\r\n"
+        while True:
+            while b"\r\n" not in self.buffer:
+                data = self.connection.recv(65536)
+                if not data:
+                    raise EOFError(self.buffer)
+                self.buffer += data
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if line != b"* OK Still here":
+                return line + b"\r\n"
 
     def command(self, text: str) -> list[bytes]:
         """
