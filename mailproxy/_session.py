@@ -749,11 +749,11 @@ class _Rejected(Exception):
 
 
 class FrontendFactory(Factory):
-    noisy = False  # one log line per listener start is enough
-
     """
     Builds a front-end protocol for each connection to one listener.
     """
+
+    noisy = False  # one log line per listener start is enough
 
     def __init__(self, protocolClass: type[FrontendProtocol], context: ProxyContext, listener: Listener) -> None:
         self.protocolClass = protocolClass
