@@ -10,6 +10,7 @@ loop, counting invalid commands, and closing the session.
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from ._session import FrontendProtocol, ProxyContext
@@ -30,11 +31,13 @@ class CommandFrontend(FrontendProtocol):
     @cvar maxBadCommands: invalid commands after which the connection is
         closed.
     @cvar badCommandsGoodbye: the last words then.
+    @cvar internalErrorGoodbye: the last words after a bug in login handling.
     @ivar badCommands: invalid commands so far.
     """
 
     maxBadCommands = 10
     badCommandsGoodbye = "Too many invalid commands."
+    internalErrorGoodbye = "Internal error."
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
@@ -97,6 +100,18 @@ class CommandFrontend(FrontendProtocol):
         """
         self.result = "protocol error: " + reason
         self.closeWith(reason)
+
+    def loginHandlingFailed(self, reason: Failure) -> None:
+        """
+        The last errback of a login: anything that reaches it is a bug in
+        answering the login. Log it and end the session, unless the session
+        ended first (its login was cancelled).
+        """
+        if self.state == "closed" or reason.check(CancelledError):
+            return
+        self.log.failure("{protocol} login handling failed", reason, protocol=self.protocolName)
+        self.result = "internal error"
+        self.closeWith(self.internalErrorGoodbye)
 
     def closeAfterLoginFailure(self) -> None:
         """

@@ -14,7 +14,6 @@ from __future__ import annotations
 from base64 import b64encode
 from typing import Callable, cast
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -279,7 +278,7 @@ class IMAPFrontend(CommandFrontend):
         self.state = "login"
         d = self.login(credentials, self.clientID)
         d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(tag,), errbackArgs=(tag,))
-        d.addErrback(self._unexpected)
+        d.addErrback(self.loginHandlingFailed)
 
     def _loggedIn(self, backend: IMAPBackendLogin, tag: bytes) -> None:
         for line in backend.untagged:
@@ -306,9 +305,3 @@ class IMAPFrontend(CommandFrontend):
         self.state = "command"
         self.process()
 
-    def _unexpected(self, reason: Failure) -> None:
-        if self.state == "closed" or reason.check(CancelledError):
-            return
-        self.log.failure("IMAP login handling failed", reason)
-        self.result = "internal error"
-        self.closeWith("Internal error.")

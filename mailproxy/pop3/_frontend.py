@@ -21,7 +21,6 @@ from __future__ import annotations
 from base64 import b64encode
 from typing import Callable, cast
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -67,6 +66,7 @@ class POP3Frontend(CommandFrontend):
     """
 
     protocolName = "pop3"
+    internalErrorGoodbye = "[SYS/TEMP] Internal error."
     maxBadCommands = MAX_BAD_COMMANDS
     log = Logger()
 
@@ -319,7 +319,7 @@ class POP3Frontend(CommandFrontend):
         self.state = "login"
         d = self.login(credentials)
         d.addCallbacks(self._loggedIn, self._loginFailed)
-        d.addErrback(self._unexpected)
+        d.addErrback(self.loginHandlingFailed)
 
     def _loggedIn(self, backend: POP3BackendLogin) -> None:
         self.sendLine(backend.okLine)
@@ -342,9 +342,3 @@ class POP3Frontend(CommandFrontend):
         self.state = "command"
         self.process()
 
-    def _unexpected(self, reason: Failure) -> None:
-        if self.state == "closed" or reason.check(CancelledError):
-            return
-        self.log.failure("POP3 login handling failed", reason)
-        self.result = "internal error"
-        self.closeWith("[SYS/TEMP] Internal error.")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from base64 import b64encode
 from typing import Callable, cast
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -317,7 +316,7 @@ class SieveFrontend(CommandFrontend):
         self.state = "login"
         d = self.login(credentials)
         d.addCallbacks(self._loggedIn, self._loginFailed)
-        d.addErrback(self._unexpected)
+        d.addErrback(self.loginHandlingFailed)
 
     def _loggedIn(self, backend: SieveBackendLogin) -> None:
         self.transport.write(backend.okLine)
@@ -341,9 +340,3 @@ class SieveFrontend(CommandFrontend):
         self.state = "command"
         self.process()
 
-    def _unexpected(self, reason: Failure) -> None:
-        if self.state == "closed" or reason.check(CancelledError):
-            return
-        self.log.failure("ManageSieve login handling failed", reason)
-        self.result = "internal error"
-        self.closeWith("Internal error.")
