@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescrip
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._proxylistener import ProxyHeaderProtocol
 from ._transport import IProxyTransport
 
 #: Octets read from a socket at once while relaying. Twisted's default of
@@ -200,7 +201,7 @@ def _plainSocket(transport: object) -> tcp.Connection | None:
     descriptor = socketOf(transport)
     if not isinstance(descriptor, tcp.Connection) or getattr(descriptor, "TLS", False):
         return None
-    if transport is not descriptor and type(transport).__name__ != "ProxyHeaderProtocol":
+    if transport is not descriptor and not isinstance(transport, ProxyHeaderProtocol):
         return None
     if not hasattr(descriptor, "dataBuffer") or not hasattr(descriptor, "_tempDataBuffer"):
         return None
