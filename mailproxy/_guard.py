@@ -86,8 +86,9 @@ class CommandGuard:
     count to reach zero (a refusal in order, a decision on the reply to
     C{DATA}).
 
-    Subclasses implement L{step} (consume the next piece of client input)
-    and L{countReplies} (complete replies in a piece of backend output).
+    Subclasses implement L{step} (consume the next piece of client input;
+    L{lineStep} reads a command line and asks L{command}) and
+    L{countReplies} (complete replies in a piece of backend output).
 
     @ivar link: the relay, once attached.
     @ivar outstanding: replies the backend owes for what was forwarded.
@@ -102,6 +103,7 @@ class CommandGuard:
         self._buffer = b""
         self._held = False
         self._then: Callable[[], None] | None = None
+        self._skipping = False
 
     # IRelayGuard
 
@@ -142,6 +144,44 @@ class CommandGuard:
         How many replies end in this piece of backend output.
         """
         raise NotImplementedError
+
+    def command(self, line: bytes) -> bool:
+        """
+        Judge one command line (without its LF) read by L{lineStep}.
+
+        @return: whether it goes to the backend; if not, the subclass
+            called L{refuse}.
+        """
+        raise NotImplementedError
+
+    def tooLong(self) -> bytes:
+        """
+        The reply to a command line over L{lineLimit}.
+        """
+        raise NotImplementedError
+
+    def lineStep(self, buffer: bytes, position: int) -> tuple[int, bool] | None:
+        """
+        A L{step} that reads one command line and lets L{command} judge it.
+        A line over L{lineLimit} is dropped as it arrives (never more than
+        a line is held) and answered with L{tooLong}.
+        """
+        end = buffer.find(b"\n", position)
+        if self._skipping:
+            if end < 0:
+                return (len(buffer), False) if position < len(buffer) else None
+            self._skipping = False
+            self.refuse(self.tooLong())
+            return end + 1, False
+        if end < 0:
+            if len(buffer) - position >= self.lineLimit:
+                self._skipping = True
+                return len(buffer), False
+            return None
+        if end + 1 - position > self.lineLimit:
+            self.refuse(self.tooLong())
+            return end + 1, False
+        return end + 1, self.command(buffer[position:end])
 
     def afterReplies(self, action: Callable[[], None]) -> None:
         """
@@ -212,7 +252,7 @@ def commandVerb(line: bytes) -> bytes:
     """
     line = line.lstrip(b" \t")
     end = len(line)
-    for separator in (b" ", b"\t", b"\r", b"\0"):
+    for separator in (b" ", b"\t", b"\r", b"\n", b"\0"):
         found = line.find(separator, 0, end)
         if found >= 0:
             end = found

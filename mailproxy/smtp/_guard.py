@@ -58,7 +58,6 @@ class SMTPGuard(CommandGuard):
         super().__init__(lineLimit)
         self.lastCode = b""
         self._head = b""
-        self._skipping = False
         self._scanner: DataScanner | None = None
         self._chunkLeft = 0
 
@@ -71,25 +70,12 @@ class SMTPGuard(CommandGuard):
             return end, True
         if self._scanner is not None:
             return self._content(buffer, position)
-        end = buffer.find(b"\n", position)
-        if self._skipping:
-            if end < 0:
-                return len(buffer), False
-            self._skipping = False
-            self.refuse(_TOO_LONG)
-            return end + 1, False
-        if end < 0:
-            if len(buffer) - position >= self.lineLimit:
-                # Dropped as it comes: never more than a line held.
-                self._skipping = True
-                return len(buffer), False
-            return None
-        if end + 1 - position > self.lineLimit:
-            self.refuse(_TOO_LONG)
-            return end + 1, False
-        return end + 1, self._command(buffer[position:end])
+        return self.lineStep(buffer, position)
 
-    def _command(self, line: bytes) -> bool:
+    def tooLong(self) -> bytes:
+        return _TOO_LONG
+
+    def command(self, line: bytes) -> bool:
         verb = commandVerb(line)
         refusal = _REFUSED.get(verb)
         if refusal is not None:
