@@ -119,11 +119,14 @@ class Relay:
         # pauses reading on the other.
         if self._guard is None:
             self._backend.registerProducer(self._client, True)
+            self._client.registerProducer(self._backend, True)
         else:
-            # The guard pauses the client too: reasons add up.
+            # The guard pauses the client too: reasons add up. Its answers
+            # come from client input, so a client that does not read them
+            # must stop being read as well.
             self._guard.attach(self)
-            self._backend.registerProducer(_ClientReading(self), True)
-        self._client.registerProducer(self._backend, True)
+            self._backend.registerProducer(_ClientReading(self, "backend full"), True)
+            self._client.registerProducer(_ClientReading(self, "client full", self._backend), True)
         if toClient:
             self.fromBackend(toClient)
         if toBackend:
@@ -230,21 +233,28 @@ class Relay:
 @implementer(IPushProducer)
 class _ClientReading:
     """
-    The client's reading, as the backend's producer when a guard may pause
-    it as well: a full backend send buffer is one reason to pause.
+    The client's reading (and the backend's, if given), as a producer for
+    a guarded relay, where a guard may pause the client as well: a full
+    send buffer is one reason to pause, called C{why}.
     """
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, why: str, backend: IProxyTransport | None = None) -> None:
         self._relay = relay
+        self._why = why
+        self._backend = backend
 
     def pauseProducing(self) -> None:
-        self._relay.holdClient("backend full")
+        self._relay.holdClient(self._why)
+        if self._backend is not None:
+            self._backend.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._relay.releaseClient("backend full")
+        self._relay.releaseClient(self._why)
+        if self._backend is not None:
+            self._backend.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._relay.releaseClient("backend full")
+        self._relay.releaseClient(self._why)
 
 
 #: How much one splice direction holds in its pipe (what the kernel allows up

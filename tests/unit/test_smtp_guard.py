@@ -262,6 +262,19 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.producerState, "producing")
         self.assertEqual(self.client.value(), b"250 2.0.0 Ok\r\n" + REFUSED)
 
+    def test_clientNotReadingPausesIt(self) -> None:
+        """
+        A client whose own send buffer is full (it does not read the
+        proxy's answers) is not read either, nor is the backend, until the
+        buffer drains: refusals cannot pile up without bound.
+        """
+        self.loggedIn()
+        backend = self.connector.transports[-1]
+        self.client.producer.pauseProducing()
+        self.assertEqual((self.client.producerState, backend.producerState), ("paused", "paused"))
+        self.client.producer.resumeProducing()
+        self.assertEqual((self.client.producerState, backend.producerState), ("producing", "producing"))
+
     def test_bytesCounted(self) -> None:
         """
         The session's counters hold what the client sent, refused commands
