@@ -16,6 +16,9 @@ transports' own buffers.
 When both legs are plain TCP (no TLS on either), the bytes need not pass
 through Python at all: L{_Splicer} moves them with C{splice(2)} through a
 pipe per direction, and only the readiness events are handled here.
+
+A protocol may give the relay a guard (L{mailproxy._guard.IRelayGuard}): it
+sees the client's octets before the backend and decides what reaches it.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import Callable
 
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._guard import IRelayGuard, IRelayLink
 from ._proxylistener import ProxyHeaderProtocol
 from ._transport import IProxyTransport
 
@@ -53,12 +57,13 @@ def socketOf(transport: object) -> FileDescriptor | None:
     return None
 
 
+@implementer(IRelayLink)
 class Relay:
     """
     Join two connected transports.
 
-    @ivar bytesFromClient: octets read from the client and sent to the
-        backend since the relay started.
+    @ivar bytesFromClient: octets read from the client since the relay
+        started (all sent to the backend, but what a guard refused).
     @ivar bytesFromBackend: octets read from the backend and sent to the
         client.
     @ivar endReason: why the relay ended: C{"client closed"},
@@ -75,6 +80,7 @@ class Relay:
         clock: IReactorTime,
         idleTimeout: float,
         onEnd: Callable[[Relay], None],
+        guard: IRelayGuard | None = None,
     ) -> None:
         self._client = client
         self._backend = backend
@@ -87,6 +93,8 @@ class Relay:
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
         self.endReason: str | None = None
+        self._guard = guard
+        self._clientHolds: set[str] = set()
 
     def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
         """
@@ -99,7 +107,9 @@ class Relay:
         self._lastActivity = self._clock.seconds()
         if self._idleTimeout > 0:
             self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
-        if _Splicer.attempt(self, toClient, toBackend) is not None:
+        # A guard must see every client octet before the backend does: the
+        # kernel cannot move them for it.
+        if self._guard is None and _Splicer.attempt(self, toClient, toBackend) is not None:
             return
         for transport in (self._client, self._backend):
             descriptor = socketOf(transport)
@@ -107,8 +117,16 @@ class Relay:
                 descriptor.bufferSize = RELAY_READ_SIZE
         # Each side is the other's producer: a full send buffer on one leg
         # pauses reading on the other.
-        self._backend.registerProducer(self._client, True)
-        self._client.registerProducer(self._backend, True)
+        if self._guard is None:
+            self._backend.registerProducer(self._client, True)
+            self._client.registerProducer(self._backend, True)
+        else:
+            # The guard pauses the client too: reasons add up. Its answers
+            # come from client input, so a client that does not read them
+            # must stop being read as well.
+            self._guard.attach(self)
+            self._backend.registerProducer(_ClientReading(self, "backend full"), True)
+            self._client.registerProducer(_ClientReading(self, "client full", self._backend), True)
         if toClient:
             self.fromBackend(toClient)
         if toBackend:
@@ -120,7 +138,10 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
-        self._backend.write(data)
+        if self._guard is None:
+            self._backend.write(data)
+        elif self.endReason is None:
+            self._guard.fromClient(data)
 
     def fromBackend(self, data: bytes) -> None:
         """
@@ -129,6 +150,30 @@ class Relay:
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
         self._client.write(data)
+        if self._guard is not None and self.endReason is None:
+            self._guard.fromBackend(data)
+
+    # IRelayLink, for the guard
+
+    def forward(self, data: bytes) -> None:
+        self._backend.write(data)
+
+    def answer(self, data: bytes) -> None:
+        self._client.write(data)
+
+    def holdClient(self, why: str = "guard") -> None:
+        if not self._clientHolds:
+            self._client.pauseProducing()
+        self._clientHolds.add(why)
+
+    def releaseClient(self, why: str = "guard") -> None:
+        if why in self._clientHolds:
+            self._clientHolds.discard(why)
+            if not self._clientHolds and self.endReason is None:
+                self._client.resumeProducing()
+
+    def close(self, reason: str) -> None:
+        self.stop(reason)
 
     def clientLost(self) -> None:
         """
@@ -183,6 +228,33 @@ class Relay:
         other.loseConnection()
         self._onEnd(self)
         return True
+
+
+@implementer(IPushProducer)
+class _ClientReading:
+    """
+    The client's reading (and the backend's, if given), as a producer for
+    a guarded relay, where a guard may pause the client as well: a full
+    send buffer is one reason to pause, called C{why}.
+    """
+
+    def __init__(self, relay: Relay, why: str, backend: IProxyTransport | None = None) -> None:
+        self._relay = relay
+        self._why = why
+        self._backend = backend
+
+    def pauseProducing(self) -> None:
+        self._relay.holdClient(self._why)
+        if self._backend is not None:
+            self._backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._relay.releaseClient(self._why)
+        if self._backend is not None:
+            self._backend.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._relay.releaseClient(self._why)
 
 
 #: How much one splice direction holds in its pipe (what the kernel allows up

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
+from ._guard import IRelayGuard
 from ._relay import Relay
 from ._safetext import oneLine
 from ._stats import ProxyStats
@@ -677,11 +678,13 @@ class FrontendProtocol(Protocol):
             self._preauthTimer.cancel()
         self._preauthTimer = None
 
-    def handOver(self, backend: BackendProtocol, toBackend: bytes = b"") -> None:
+    def handOver(self, backend: BackendProtocol, toBackend: bytes = b"", guard: IRelayGuard | None = None) -> None:
         """
         The client has its login reply: from now on relay bytes.
 
         @param toBackend: client octets already read past the login command.
+        @param guard: what keeps the client from saying what only the proxy
+            may say to this backend (identity forwarding), if anything can.
         """
         if self._preauthTimer is not None and self._preauthTimer.active():
             self._preauthTimer.cancel()
@@ -694,6 +697,7 @@ class FrontendProtocol(Protocol):
             self.context.reactor,
             self.limits.idleTimeout,
             onEnd=self._relayEnded,
+            guard=guard,
         )
         self.relay = relay
         self._backend = None

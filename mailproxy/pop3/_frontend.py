@@ -5,10 +5,12 @@ It answers CAPA, STLS, USER, PASS, APOP, AUTH (PLAIN, LOGIN and CRAM-MD5,
 with or without an initial response, C{*} to cancel, and the bare C{AUTH}
 that lists the mechanisms), NOOP and QUIT itself, refuses everything else
 with C{-ERR}, and on a successful backend login forwards the backend's
-C{+OK} line before the relay starts. Failures carry the response codes of
-RFC 2449 and RFC 3206 (C{[AUTH]}, C{[SYS/TEMP]}, and the backend's own
-C{[IN-USE]}, C{[LOGIN-DELAY]} or C{[SYS/PERM]}). Commands are dispatched
-through an explicit table, never by name lookup on the object.
+C{+OK} line before the relay starts; from then on L{POP3Guard} refuses
+what only the proxy may say to the backend (XCLIENT). Failures carry the
+response codes of RFC 2449 and RFC 3206 (C{[AUTH]}, C{[SYS/TEMP]}, and the
+backend's own C{[IN-USE]}, C{[LOGIN-DELAY]} or C{[SYS/PERM]}). Commands
+are dispatched through an explicit table, never by name lookup on the
+object.
 
 APOP and CRAM-MD5 are offered only on listeners with C{digest_auth = true}:
 the client then proves it knows its password without sending it, and only a
@@ -31,6 +33,7 @@ from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, ne
 from .._session import LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
+from ._guard import POP3Guard
 from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser, RawLine
 
 #: Invalid or unknown commands in a row after which the connection is
@@ -324,7 +327,7 @@ class POP3Frontend(CommandFrontend):
     def _loggedIn(self, backend: POP3BackendLogin) -> None:
         self.sendLine(backend.okLine)
         self.state = "relay"
-        self.handOver(backend, toBackend=self.parser.takeRemaining())
+        self.handOver(backend, toBackend=self.parser.takeRemaining(), guard=POP3Guard())
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)

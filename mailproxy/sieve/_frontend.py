@@ -6,9 +6,10 @@ STARTTLS (and re-sends the capability list after the handshake, RFC 5804
 section 2.2) and AUTHENTICATE with PLAIN or LOGIN itself, and refuses every
 other command with C{NO}. On a successful backend login the client gets the
 backend's own C{OK} line and the relay starts; from then on, CAPABILITY is
-answered by the backend, so the client sees the backend's SIEVE extensions.
-Commands are dispatched through an explicit table, never by name lookup on
-the object.
+answered by the backend, so the client sees the backend's SIEVE extensions,
+and L{SieveGuard} refuses what only the proxy may say to the backend
+(XCLIENT). Commands are dispatched through an explicit table, never by
+name lookup on the object.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64
 from .._session import LoginFailed
 from ..model import Credentials
 from ._backend import SieveBackendLogin
+from ._guard import SieveGuard
 from ._parser import Atom, BadLine, Fatal, Line, LineParser, SieveValue, quoteString
 
 #: The SIEVE extensions advertised before login: those of Dovecot 2.3's
@@ -321,7 +323,7 @@ class SieveFrontend(CommandFrontend):
     def _loggedIn(self, backend: SieveBackendLogin) -> None:
         self.transport.write(backend.okLine)
         self.state = "relay"
-        self.handOver(backend, toBackend=self.parser.takeRemaining())
+        self.handOver(backend, toBackend=self.parser.takeRemaining(), guard=SieveGuard())
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)

@@ -7,7 +7,10 @@ HELP, VRFY, QUIT, refusing the rest, pipelined commands answered in order,
 and enhanced status codes on every reply. L{SubmissionFrontend} (ports
 587/465) adds AUTH PLAIN/LOGIN (and CRAM-MD5 with C{digest_auth}); once
 the backend accepted the login the client talks to it directly.
-L{mailproxy.smtp._mx.MXFrontend} (port 25) routes every recipient.
+After login, L{mailproxy.smtp._guard.SMTPGuard} keeps the client from
+saying what only the proxy may say to the backend (XCLIENT, XFORWARD).
+L{mailproxy.smtp._mx.MXFrontend} (port 25) routes every recipient and
+never hands a session over: it reads every command itself.
 
 Commands are dispatched through an explicit table, never by name lookup on
 the object.
@@ -31,6 +34,7 @@ from ..config import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
 from ._backend import SMTPBackend
 from ._ehlo import PASSED_ON, BackendExtensions, Extensions
+from ._guard import SMTPGuard
 from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong, parseBDAT, parseCommand, parseHelo, reply
 
 #: Longest AUTH response line (RFC 4954 §4 calls 12288 octets enough).
@@ -587,7 +591,7 @@ class SubmissionFrontend(SMTPFrontend):
     def _loggedIn(self, backend: SMTPBackend) -> None:
         self.send(235, "2.7.0", "Authentication successful")
         self.state = "relay"
-        self.handOver(backend, toBackend=self.reader.takeRemaining())
+        self.handOver(backend, toBackend=self.reader.takeRemaining(), guard=SMTPGuard())
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)

@@ -480,6 +480,28 @@ class RoutingTestsMixin(ProxyFixtureMixin):
         )
 
 
+    def test_idAfterLoginIgnored(self) -> None:
+        """
+        An ID with C{x-originating-ip} sent after login reaches Dovecot's
+        imap process (the proxy relays it: only imap-login honours these
+        fields, and only from trusted peers), which logs it and keeps the
+        client's real address for the session.
+        """
+        mark = self.logMark(self.servers.old)
+        client = LineClient.connect(self.running.implicit, self.context, source=CLIENT_ADDRESS)
+        self.addCleanup(client.close)
+        self.assertTrue(client.readLine().startswith(b"* OK"))
+        login = f'LOGIN alice@example.org "{PASSWORDS["alice@example.org"]}"'.encode()
+        self.assertTrue(client.command(b"a", login)[-1].startswith(b"a OK"))
+        spoof = b'ID ("x-originating-ip" "6.6.6.6" "x-originating-port" "666")'
+        self.assertTrue(client.command(b"b", spoof)[-1].startswith(b"b OK"))
+        self.assertTrue(client.command(b"c", b"LOGOUT")[-1].startswith(b"c OK"))
+        sent = self.waitForLogLine(self.servers.old, mark, "imap(alice@example.org)", "ID sent: x-originating-ip=6.6.6.6")
+        self.assertIn(f" rip={CLIENT_ADDRESS}: ", sent)
+        end = self.waitForLogLine(self.servers.old, mark, "imap(alice@example.org)", "Disconnected: Logged out")
+        self.assertIn(f" rip={CLIENT_ADDRESS}: ", end)
+
+
 def capabilities(reply: list[bytes]) -> list[bytes]:
     """
     The capability names in the C{* CAPABILITY} line of a CAPABILITY reply.

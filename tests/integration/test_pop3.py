@@ -353,6 +353,31 @@ class PlainBackendTests(RoutingTestsMixin, SynchronousTestCase):
                 self.fail(f"the proxy did not log session {session}:\n{self.running.proxy.logText()[-3000:]}")
             time.sleep(0.05)
 
+    def test_xclientAfterLoginRefused(self) -> None:
+        """
+        XCLIENT after login gets the proxy's C{-ERR}, in order among the
+        server's replies; the server never sees it and keeps the client's
+        address for the session.
+        """
+        mark = self.logMark(self.servers.old)
+        client = LineClient.connect(self.running.implicit, self.context, source=CLIENT_ADDRESS)
+        self.addCleanup(client.close)
+        self.assertTrue(client.readLine().startswith(b"+OK"))
+        self.assertTrue(client.command(b"USER alice@example.org").startswith(b"+OK"))
+        self.assertTrue(client.command(b"PASS " + PASSWORDS["alice@example.org"].encode()).startswith(b"+OK"))
+        client.connection.sendall(b"LIST\r\nXCLIENT ADDR=6.6.6.6 LOGIN=bob@example.org\r\nXOIP 6.6.6.6\r\nSTAT\r\n")
+        listing = [client.readLine()]
+        while listing[-1] != b".\r\n":
+            listing.append(client.readLine())
+        self.assertTrue(listing[0].startswith(b"+OK"))
+        self.assertEqual(client.readLine(), b"-ERR Insufficient authorization.\r\n")
+        self.assertEqual(client.readLine(), b"-ERR Insufficient authorization.\r\n")
+        self.assertTrue(client.readLine().startswith(b"+OK "))
+        self.assertTrue(client.command(b"QUIT").startswith(b"+OK"))
+        end = self.waitForLogLine(self.servers.old, mark, "pop3(alice@example.org)", "Disconnected: Logged out")
+        self.assertIn(f" rip={CLIENT_ADDRESS}: ", end)
+        self.assertNotIn("6.6.6.6", self.servers.old.logText()[mark:])
+
     def test_startTLSUserPass(self) -> None:
         """
         After STLS, USER/PASS logs each account in on its routed server.

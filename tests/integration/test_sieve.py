@@ -349,6 +349,22 @@ class PlainBackendTests(RoutingTestsMixin, SynchronousTestCase):
     experience.
     """
 
+    def test_xclientAfterLoginRefused(self) -> None:
+        """
+        XCLIENT after login gets the proxy's C{NO}; the server never sees
+        it and keeps the client's address for the session.
+        """
+        mark = self.logMark(self.servers.old)
+        client = self.connectSecure(source=CLIENT_ADDRESS)
+        reply = client.authenticatePlain("alice@example.org", PASSWORDS["alice@example.org"])
+        self.assertTrue(reply[-1].startswith(b"OK"), reply)
+        self.assertEqual(client.command(b"XCLIENT ADDR=6.6.6.6 PORT=666"), [b'NO "Insufficient authorization."'])
+        self.assertTrue(client.command(b"LISTSCRIPTS")[-1].startswith(b"OK"))
+        self.assertTrue(client.command(b"LOGOUT")[-1].startswith(b"OK"))
+        end = self.waitForLogLine(self.servers.old, mark, "managesieve(alice@example.org)", "Disconnected")
+        self.assertIn(f" rip={CLIENT_ADDRESS}: ", end)
+        self.assertNotIn("6.6.6.6", self.servers.old.logText()[mark:])
+
     def test_sieveConnectLoginMechanism(self) -> None:
         """
         sieve-connect logs in with SASL LOGIN as well: carol, routed to old

@@ -592,6 +592,115 @@ class SubmissionTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertSubmitted("new", user, mark, messageId, "PLAIN")
 
 
+class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    What a logged-in submission client may not say to Postfix, which trusts
+    XCLIENT from the proxy's address: the proxy answers it and Postfix
+    never sees it, so the session stays the client's own.
+    """
+
+    #: The identity an attacker logged in as alice would take.
+    SPOOF = b"XCLIENT ADDR=6.6.6.6 LOGIN=bob@example.org"
+
+    def loggedIn(self, user: str = "alice@example.org", then: bytes = b"") -> LineClient:
+        """
+        A client on the implicit-TLS port logged in as C{user}, with
+        C{then} pipelined behind its AUTH.
+        """
+        client = self.raw(self.running.submissions, implicit=True)
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        client.send(b"AUTH PLAIN " + response + b"\r\n" + then)
+        self.assertEqual(client.reply(), [b"235 2.7.0 Authentication successful"])
+        return client
+
+    def assertNotSpoofed(self, mark: int) -> None:
+        """
+        Once the session's end is in old's Postfix log, nothing after
+        C{mark} shows the spoofed address or bob as a SASL user.
+        """
+        self.postfixLine("old", mark, "disconnect from")
+        added = self.system.postfixes["old"].logText()[mark:]
+        self.assertNotIn("sasl_method=XCLIENT", added)
+        self.assertNotIn("sasl_username=bob@example.org", added)
+        self.assertNotIn("6.6.6.6", added)
+
+    def submit(self, client: LineClient, user: str, messageId: str) -> None:
+        """
+        Send a message from C{user} to C{user} on C{client}.
+        """
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(user, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+
+    def test_xclientRefused(self) -> None:
+        """
+        XCLIENT ADDR/LOGIN after login gets the proxy's C{550 5.7.0}; the
+        message that follows is alice's in Postfix's log, and no line shows
+        C{sasl_method=XCLIENT} for bob or the spoofed address.
+        """
+        user, messageId, mark = "alice@example.org", newMessageId(), self.logMark("old")
+        client = self.loggedIn(user)
+        self.assertEqual(client.command(self.SPOOF), [b"550 5.7.0 Error: insufficient authorization"])
+        self.assertEqual(client.command(b"XFORWARD ADDR=6.6.6.6"), [b"550 5.7.0 Error: insufficient authorization"])
+        self.submit(client, user, messageId)
+        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
+        self.assertSubmitted("old", user, mark, messageId, "PLAIN")
+        self.assertNotSpoofed(mark)
+
+    def test_xclientPipelinedBehindAuth(self) -> None:
+        """
+        XCLIENT pipelined behind AUTH, with MAIL and RCPT after it: every
+        reply comes in order, the proxy's refusal in XCLIENT's place.
+        """
+        user, mark = "alice@example.org", self.logMark("old")
+        client = self.loggedIn(
+            user, self.SPOOF + b"\r\nMAIL FROM:<" + user.encode() + b">\r\nRCPT TO:<" + user.encode() + b">\r\n"
+        )
+        self.assertEqual(client.reply(), [b"550 5.7.0 Error: insufficient authorization"])
+        self.assertEqual(client.reply(), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.reply(), [b"250 2.1.5 Ok"])
+        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
+        self.assertNotSpoofed(mark)
+
+    def test_xclientBehindRefusedData(self) -> None:
+        """
+        DATA that Postfix refuses (no transaction), with XCLIENT in the same
+        packet: the proxy waits for Postfix's reply to DATA, which is no
+        C{354}, so XCLIENT is a command, and refused.
+        """
+        user, mark = "alice@example.org", self.logMark("old")
+        client = self.loggedIn(user)
+        client.send(b"DATA\r\n" + self.SPOOF + b"\r\nNOOP\r\n")
+        self.assertEqual(client.reply()[0][:4], b"503 ")
+        self.assertEqual(client.reply(), [b"550 5.7.0 Error: insufficient authorization"])
+        self.assertEqual(client.reply()[0][:4], b"250 ")
+        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
+        self.assertNotSpoofed(mark)
+
+    def test_xclientBehindBareLineFeedDot(self) -> None:
+        """
+        A message whose data "ends" at LF . LF, which this Postfix takes for
+        the end, followed by XCLIENT: the proxy refuses the message with
+        C{554 5.6.0} and closes before Postfix sees any of it, so nothing
+        is queued and XCLIENT never arrives.
+        """
+        user, mark = "alice@example.org", self.logMark("old")
+        client = self.loggedIn(user)
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(b"Subject: smuggled\r\n\r\nHello.\n.\n" + self.SPOOF + b"\r\nNOOP\r\n")
+        self.assertEqual(
+            client.reply(), [b"554 5.6.0 Message refused: bare CR or LF in message data; end lines with CRLF"]
+        )
+        self.assertRaises(EOFError, client.line)
+        self.assertNotSpoofed(mark)
+        self.assertNotIn("status=sent", self.system.postfixes["old"].logText()[mark:])
+
+
 class MXTests(SMTPFixtureMixin, SynchronousTestCase):
     """
     Inbound mail on the MX listener, each recipient routed to its server.

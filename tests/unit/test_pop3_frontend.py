@@ -976,16 +976,57 @@ class RelayTests(POP3FrontendTestsMixin, SynchronousTestCase):
 
     def test_bothWays(self) -> None:
         """
-        After login, bytes pass unchanged both ways, even ones the front end
-        would refuse before login.
+        After login, bytes pass unchanged both ways, even commands the front
+        end refuses before login.
         """
         self.loggedIn()
         backendTransport = self.connector.transports[-1]
         backendTransport.clear()
-        self.send(b"XCLIENT ADDR=1.2.3.4\r\nRETR 1\r\n")
-        self.assertEqual(backendTransport.value(), b"XCLIENT ADDR=1.2.3.4\r\nRETR 1\r\n")
-        self.connector.protocols[-1].dataReceived(b"+OK 5 octets\r\nHi\r\n\r\n.\r\n")
-        self.assertEqual(self.client.value(), b"+OK 5 octets\r\nHi\r\n\r\n.\r\n")
+        self.send(b"STAT\r\nRETR 1\r\n")
+        self.assertEqual(backendTransport.value(), b"STAT\r\nRETR 1\r\n")
+        self.connector.protocols[-1].dataReceived(b"+OK 1 5\r\n+OK 5 octets\r\nHi\r\n\r\n.\r\n")
+        self.assertEqual(self.client.value(), b"+OK 1 5\r\n+OK 5 octets\r\nHi\r\n\r\n.\r\n")
+
+    def test_xclientRefused(self) -> None:
+        """
+        XCLIENT after login never reaches the backend: the client gets the
+        proxy's C{-ERR} after the backend's replies to the commands before
+        it (a message body included, whatever its lines look like), and
+        commands after it go on.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.send(b"RETR 1\r\nXCLIENT ADDR=1.2.3.4 LOGIN=bob\r\nxoip 1.2.3.4\r\nSTAT\r\n")
+        self.assertEqual(backendTransport.value(), b"RETR 1\r\n")
+        self.assertEqual(self.client.producerState, "paused")
+        backend = self.connector.protocols[-1]
+        backend.dataReceived(b"+OK 21 octets\r\n-ERR\r\n+OK\r\n..\r\n")
+        self.assertEqual(self.client.value(), b"+OK 21 octets\r\n-ERR\r\n+OK\r\n..\r\n")
+        backend.dataReceived(b".\r\n")
+        self.assertEqual(
+            self.client.value(),
+            b"+OK 21 octets\r\n-ERR\r\n+OK\r\n..\r\n.\r\n" + b"-ERR Insufficient authorization.\r\n" * 2,
+        )
+        self.assertEqual(backendTransport.value(), b"RETR 1\r\nSTAT\r\n")
+        self.assertEqual(self.client.producerState, "producing")
+
+    def test_loginCommandsRefused(self) -> None:
+        """
+        A second login (USER, PASS, APOP, AUTH) and STLS after login are
+        answered by the proxy, in order after the backend's listing; a
+        line over the limit too.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.send(b"LIST\r\nUSER bob\r\nPASS x\r\nAPOP bob 0123\r\nAUTH PLAIN\r\nSTLS\r\nNOOP " + b"x" * 1100 + b"\r\n")
+        self.assertEqual(backendTransport.value(), b"LIST\r\n")
+        self.connector.protocols[-1].dataReceived(b"+OK 1 messages\r\n1 5\r\n.\r\n")
+        self.assertEqual(
+            self.client.value(),
+            b"+OK 1 messages\r\n1 5\r\n.\r\n" + b"-ERR Already logged in.\r\n" * 5 + b"-ERR Line too long.\r\n",
+        )
 
     def test_idleTimeout(self) -> None:
         """

@@ -878,6 +878,84 @@ class RelayTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertTrue(self.connector.transports[-1].disconnecting)
 
 
+    def test_xclientRefused(self) -> None:
+        """
+        XCLIENT after login never reaches the backend: the client gets the
+        proxy's C{NO} after the backend's responses to the commands before
+        it (a script in a server literal included, whatever its lines look
+        like); commands after it go on.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        self.send(b'GETSCRIPT "a"\r\nXCLIENT ADDR=1.2.3.4\r\nNOOP\r\n')
+        self.assertEqual(backendTransport.value(), b'GETSCRIPT "a"\r\n')
+        self.assertEqual(self.client.producerState, "paused")
+        backend = self.connector.protocols[-1]
+        backend.dataReceived(b"{10}\r\nOK\r\nNO x\r\n")
+        self.assertEqual(self.client.value(), b"{10}\r\nOK\r\nNO x\r\n")
+        backend.dataReceived(b'\r\nOK "Getscript completed."\r\n')
+        self.assertEqual(
+            self.client.value(),
+            b'{10}\r\nOK\r\nNO x\r\n\r\nOK "Getscript completed."\r\nNO "Insufficient authorization."\r\n',
+        )
+        self.assertEqual(backendTransport.value(), b'GETSCRIPT "a"\r\nNOOP\r\n')
+        self.assertEqual(self.client.producerState, "producing")
+
+    def test_loginCommandsRefused(self) -> None:
+        """
+        AUTHENTICATE, UNAUTHENTICATE and STARTTLS after login are answered
+        by the proxy; a refused command's literal is dropped with it.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        out = self.send(b'AUTHENTICATE "PLAIN" {8+}\r\nAGJvYgB4\r\nUNAUTHENTICATE\r\nSTARTTLS\r\n')
+        self.assertEqual(backendTransport.value(), b"")
+        self.assertEqual(
+            out,
+            b'NO "Already authenticated."\r\nNO "Not allowed through this proxy."\r\n'
+            b'NO "TLS is not available after login."\r\n',
+        )
+
+    def test_scriptLiteralNotParsed(self) -> None:
+        """
+        A script sent as a literal passes untouched, even a line of it that
+        looks like a refused command; the command after it is read as one.
+        """
+        self.loggedIn()
+        backendTransport = self.connector.transports[-1]
+        backendTransport.clear()
+        script = b'# STARTTLS\r\nAuthenticate me\r\nkeep;\r\n'
+        command = b'PUTSCRIPT "a" {%d+}\r\n' % (len(script),) + script + b"\r\n"
+        self.send(command[:20])
+        self.send(command[20:] + b"STARTTLS\r\n")
+        self.assertEqual(backendTransport.value(), command)
+        self.connector.protocols[-1].dataReceived(b'OK "Putscript completed."\r\n')
+        self.assertEqual(
+            self.client.value(), b'OK "Putscript completed."\r\nNO "TLS is not available after login."\r\n'
+        )
+
+    def test_xclientInLiteralCloses(self) -> None:
+        """
+        A line starting with XCLIENT inside a literal, or right after one,
+        ends the session: a backend that refused the command without
+        reading its literal would take it for a command.
+        """
+        for sent in (
+            b'FOO {22+}\r\nXCLIENT ADDR=1.2.3.4\r\n\r\n',
+            b'FOO {0+}\r\nxclient ADDR=1.2.3.4\r\n',
+            b'PUTSCRIPT "a" {16+}\r\nkeep;\r\nXCLI',
+        ):
+            self.loggedIn()
+            backendTransport = self.connector.transports[-1]
+            backendTransport.clear()
+            out = self.send(sent) + self.send(b"ENT ADDR=1.2.3.4\r\n")
+            self.assertNotIn(b"ADDR=1.2.3.4", backendTransport.value())
+            self.assertEqual(out, b'BYE "XCLIENT is not allowed."\r\n')
+            self.assertTrue(self.client.disconnecting)
+
+
 class PipelinedLoginTests(SieveFrontendTestsMixin, SynchronousTestCase):
     """
     Logins pipelined in one read, each refused at once.

@@ -1,0 +1,320 @@
+"""
+The submission guard after login: what a logged-in client may not say to
+its backend, and that everything else passes untouched and in order.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from mailproxy._guard import IRelayLink
+from mailproxy._relay import Relay
+from mailproxy.smtp._guard import GUARDED_LINE, SMTPGuard
+
+from . import test_relay_sockets
+from .test_smtp_submission import GREETING, POSTFIX_EHLO, SubmissionTestsMixin, plain
+
+REFUSED = b"550 5.7.0 Error: insufficient authorization\r\n"
+
+
+@implementer(IRelayLink)
+class FakeLink:
+    """
+    A relay as the guard sees it: records what reaches each side.
+    """
+
+    def __init__(self) -> None:
+        self.toBackend = b""
+        self.toClient = b""
+        self.held = False
+        self.closed: str | None = None
+
+    def forward(self, data: bytes) -> None:
+        self.toBackend += data
+
+    def answer(self, data: bytes) -> None:
+        self.toClient += data
+
+    def holdClient(self) -> None:
+        self.held = True
+
+    def releaseClient(self) -> None:
+        self.held = False
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+class SMTPGuardTests(SynchronousTestCase):
+    """
+    L{SMTPGuard} with a fake relay.
+    """
+
+    def setUp(self) -> None:
+        self.guard = SMTPGuard()
+        self.link = FakeLink()
+        self.guard.attach(self.link)
+
+    def client(self, data: bytes) -> None:
+        self.guard.fromClient(data)
+
+    def backend(self, data: bytes) -> None:
+        # The relay passes the backend's octets on before the guard sees them.
+        self.link.toClient += data
+        self.guard.fromBackend(data)
+
+    def test_identityCommandsRefused(self) -> None:
+        """
+        XCLIENT and XFORWARD, however spelt, never reach the backend; the
+        client gets C{550 5.7.0}. AUTH, STARTTLS, TURN and ATRN get their
+        own refusals.
+        """
+        self.client(
+            b"XCLIENT ADDR=6.6.6.6 LOGIN=bob\r\n xclient\tLOGIN=bob\r\nXFORWARD ADDR=6.6.6.6\r\n"
+            b"XCLIENT\0 LOGIN=bob\r\nAUTH PLAIN AGJvYgBzZWNyZXQ=\r\nSTARTTLS\r\nTURN\r\nATRN example.org\r\n"
+        )
+        self.assertEqual(self.link.toBackend, b"")
+        self.assertEqual(
+            self.link.toClient,
+            REFUSED * 4
+            + b"503 5.5.1 Error: already authenticated\r\n"
+            + b"502 5.5.1 Error: command not implemented\r\n" * 3,
+        )
+
+    def test_otherCommandsForwarded(self) -> None:
+        """
+        Every other command goes to the backend as it came, in one write.
+        """
+        commands = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nXCLIENTX\r\nRSET\n"
+        self.client(commands)
+        self.assertEqual(self.link.toBackend, commands)
+        self.assertEqual(self.link.toClient, b"")
+        self.assertFalse(self.link.held)
+
+    def test_refusalInOrder(self) -> None:
+        """
+        A refused command pipelined behind others is answered only after the
+        backend answered them (a multi-line reply, split across reads,
+        counts once); input behind it waits meanwhile.
+        """
+        self.client(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nXCLIENT LOGIN=bob\r\nRSET\r\n")
+        self.assertEqual(self.link.toBackend, b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertTrue(self.link.held)
+        self.backend(b"250-old.test\r\n250-PIPE")
+        self.backend(b"LINING\r\n250 8BITMIME\r\n")
+        self.assertEqual(self.link.toClient, b"250-old.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        self.backend(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.link.toClient[-len(REFUSED) - 14 :], b"250 2.1.0 Ok\r\n" + REFUSED)
+        self.assertFalse(self.link.held)
+        self.assertEqual(self.link.toBackend, b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nRSET\r\n")
+
+    def test_refusedDataThenXCLIENT(self) -> None:
+        """
+        DATA and XCLIENT in one packet: XCLIENT waits for the backend's
+        reply to DATA; a refusal (no C{354}) makes it a command, refused.
+        """
+        self.client(b"DATA\r\nXCLIENT ADDR=6.6.6.6 LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"DATA\r\n")
+        self.assertTrue(self.link.held)
+        self.backend(b"554 5.5.1 Error: no valid recipients\r\n")
+        self.assertEqual(self.link.toBackend, b"DATA\r\n")
+        self.assertEqual(self.link.toClient, b"554 5.5.1 Error: no valid recipients\r\n" + REFUSED)
+
+    def test_messageContentUntouched(self) -> None:
+        """
+        After the backend's C{354}, the message streams as it comes, lines
+        that look like commands and dot-stuffed lines included; after the
+        final dot, commands are read again.
+        """
+        self.client(b"DATA\r\nXCLIENT LOGIN=bob\r\n")
+        self.backend(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertEqual(self.link.toBackend, b"DATA\r\nXCLIENT LOGIN=bob\r\n")
+        self.assertFalse(self.link.held)
+        self.client(b"..\r\n.XCLIENT x\r\n\r")
+        self.client(b"\n.")
+        self.client(b"\r\nXCLIENT LOGIN=bob\r\nQUIT\r\n")
+        self.assertEqual(
+            self.link.toBackend, b"DATA\r\nXCLIENT LOGIN=bob\r\n..\r\n.XCLIENT x\r\n\r\n.\r\n"
+        )
+        self.assertTrue(self.link.held)
+        self.backend(b"250 2.0.0 Ok: queued\r\n")
+        self.assertEqual(self.link.toClient[-len(REFUSED) :], REFUSED)
+        self.assertEqual(self.link.toBackend[-6:], b"QUIT\r\n")
+
+    def test_contentStreams(self) -> None:
+        """
+        Message content is forwarded chunk by chunk, never collected: the
+        guard keeps nothing of it.
+        """
+        self.client(b"DATA\r\n")
+        self.backend(b"354 go ahead\r\n")
+        chunk = b"x" * 60000 + b"\r\n"
+        for _ in range(20):
+            self.client(chunk)
+            self.assertEqual(self.guard._buffer, b"")
+        self.assertEqual(len(self.link.toBackend), 6 + 20 * len(chunk))
+
+    def test_bareLineFeedEndsSession(self) -> None:
+        """
+        A bare LF in message content (C{LF . LF} ends data for some
+        backends) ends the session with C{554 5.6.0}; the chunk holding it
+        never reaches the backend.
+        """
+        self.client(b"DATA\r\n")
+        self.backend(b"354 go ahead\r\n")
+        self.client(b"Subject: x\r\n\r\n")
+        self.client(b"Hi.\n.\nXCLIENT LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"DATA\r\nSubject: x\r\n\r\n")
+        self.assertEqual(
+            self.link.toClient,
+            b"354 go ahead\r\n554 5.6.0 Message refused: bare CR or LF in message data; end lines with CRLF\r\n",
+        )
+        self.assertEqual(self.link.closed, "protocol error: bare CR or LF in message data")
+        self.client(b"XCLIENT LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"DATA\r\nSubject: x\r\n\r\n")
+
+    def test_bdatChunkNotParsed(self) -> None:
+        """
+        The octets of a BDAT chunk are content whatever they look like;
+        the command after the chunk is read as one.
+        """
+        chunk = b"XCLIENT LOGIN=bob\r\n"
+        self.client(b"BDAT %d LAST\r\n" % (len(chunk),) + chunk[:5])
+        self.client(chunk[5:] + b"XCLIENT LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"BDAT 19 LAST\r\n" + chunk)
+        self.backend(b"250 2.0.0 Ok: queued\r\n")
+        self.assertEqual(self.link.toClient, b"250 2.0.0 Ok: queued\r\n" + REFUSED)
+
+    def test_badBDAT(self) -> None:
+        """
+        BDAT without a size the proxy can read is refused: the backend
+        could count the chunk differently.
+        """
+        self.client(b"BDAT 12x\r\nBDAT\r\nXCLIENT LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"")
+        self.assertEqual(self.link.toClient, b"501 5.5.4 Syntax: BDAT size [LAST]\r\n" * 2 + REFUSED)
+
+    def test_lineTooLong(self) -> None:
+        """
+        A command line over the limit is dropped as it comes (the guard
+        never holds more than a line) and answered with C{500 5.5.2}; the
+        next command is read as usual.
+        """
+        self.client(b"MAIL FROM:<" + b"a" * (GUARDED_LINE - 20))
+        self.client(b"a" * GUARDED_LINE)
+        self.assertLessEqual(len(self.guard._buffer), GUARDED_LINE)
+        self.client(b"a" * GUARDED_LINE + b">\r\nXCLIENT LOGIN=bob\r\n")
+        self.client(b"NOOP" + b" " * GUARDED_LINE + b"\r\nNOOP\r\n")
+        self.assertEqual(self.link.toBackend, b"NOOP\r\n")
+        self.assertEqual(self.link.toClient, b"500 5.5.2 Error: line too long\r\n" + REFUSED + b"500 5.5.2 Error: line too long\r\n")
+
+    def test_unsolicitedReply(self) -> None:
+        """
+        A reply nobody asked for (a timeout notice) does not make the guard
+        answer a later refusal before the reply it belongs after.
+        """
+        self.backend(b"421 4.4.2 old.test Error: timeout exceeded\r\n")
+        self.client(b"NOOP\r\nXCLIENT LOGIN=bob\r\n")
+        self.assertTrue(self.link.held)
+        self.backend(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.link.toClient[-len(REFUSED) :], REFUSED)
+
+
+class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
+    """
+    The guard in a submission session, over in-memory transports.
+    """
+
+    def loggedIn(self, pipelined: bytes = b"") -> None:
+        self.build()
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n" + pipelined)
+        for reply in (GREETING, POSTFIX_EHLO, GREETING, POSTFIX_EHLO):
+            self.backendSays(reply)
+        self.backendSays(b"235 2.7.0 Ok\r\n")
+
+    def test_xclientBehindAuth(self) -> None:
+        """
+        XCLIENT pipelined behind AUTH never reaches the backend; the client
+        gets C{235}, then C{550 5.7.0}, then the backend's reply to the
+        next command.
+        """
+        self.loggedIn(b"XCLIENT ADDR=6.6.6.6 LOGIN=bob\r\nMAIL FROM:<alice@example.org>\r\n")
+        backend = self.connector.transports[-1]
+        self.assertEqual(backend.value(), b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(self.client.value(), b"235 2.7.0 Authentication successful\r\n" + REFUSED)
+        self.backendSays(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.client.value()[-14:], b"250 2.1.0 Ok\r\n")
+
+    def test_holdPausesClient(self) -> None:
+        """
+        While a refusal waits for the backend's replies, reading from the
+        client pauses; it resumes once the refusal is written.
+        """
+        self.loggedIn()
+        self.send(b"NOOP\r\nXCLIENT LOGIN=bob\r\n")
+        self.assertEqual(self.client.producerState, "paused")
+        self.backendSays(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertEqual(self.client.value(), b"250 2.0.0 Ok\r\n" + REFUSED)
+
+    def test_clientNotReadingPausesIt(self) -> None:
+        """
+        A client whose own send buffer is full (it does not read the
+        proxy's answers) is not read either, nor is the backend, until the
+        buffer drains: refusals cannot pile up without bound.
+        """
+        self.loggedIn()
+        backend = self.connector.transports[-1]
+        self.client.producer.pauseProducing()
+        self.assertEqual((self.client.producerState, backend.producerState), ("paused", "paused"))
+        self.client.producer.resumeProducing()
+        self.assertEqual((self.client.producerState, backend.producerState), ("producing", "producing"))
+
+    def test_bytesCounted(self) -> None:
+        """
+        The session's counters hold what the client sent, refused commands
+        included, and what the backend sent.
+        """
+        self.loggedIn()
+        self.send(b"XCLIENT LOGIN=bob\r\nNOOP\r\n")
+        self.backendSays(b"250 2.0.0 Ok\r\n")
+        relay = self.frontend.relay
+        assert relay is not None
+        self.assertEqual((relay.bytesFromClient, relay.bytesFromBackend), (25, 14))
+
+
+class GuardedSocketTests(TestCase):
+    """
+    A guarded relay of two plain TCP connections is not spliced: the guard
+    sees the client's commands.
+    """
+
+    leg = test_relay_sockets.SplicedRelayTests.leg
+
+    @inlineCallbacks
+    def test_guardedNotSpliced(self) -> None:
+        """
+        XCLIENT sent over a plain leg is answered by the guard and never
+        reaches the backend's socket; other commands do.
+        """
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg()
+        ended: list[Relay] = []
+        relay = Relay(
+            self.clientInner.transport, self.backendInner.transport, reactor, 60, ended.append, guard=SMTPGuard()
+        )
+        self.clientInner.dataReceived = relay.fromClient
+        self.backendInner.dataReceived = relay.fromBackend
+        relay.start()
+        self.assertIsNone(relay._splicer)
+        self.client.transport.write(b"XCLIENT LOGIN=bob\r\nNOOP\r\n")
+        while not self.backend.received or not self.client.received:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(bytes(self.backend.received), b"NOOP\r\n")
+        self.assertEqual(bytes(self.client.received), REFUSED)
+        relay.stop()
