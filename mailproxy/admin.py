@@ -42,6 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
 from ._migrate import MoveError, explainRoute, findRouteStore, invalidateCaches
+from ._safetext import logQuote
 from ._stats import METRICS_CONTENT_TYPE, metricsText, snapshot
 from .interfaces import RouteStoreError
 from .model import Backend
@@ -389,7 +390,7 @@ class AdminResource(Resource):
             session.drop(reason)
         self.log.info(
             "management: dropped {count} sessions (account={account} backend={backend} session={session})",
-            count=len(sessions), account=account, backend=backend, session=sessionId,
+            count=len(sessions), account=logQuote(account), backend=logQuote(backend), session=logQuote(sessionId),
         )
         return _json(200, {"dropped": len(sessions), "sessions": [s.client.sessionId for s in sessions]})
 
@@ -416,7 +417,7 @@ class AdminResource(Resource):
 
         def done(_: object) -> tuple[int, bytes, str]:
             invalidateCaches(self.proxy.context.router, key)
-            self.log.info("management: route {key} set to {backend}", key=key, backend=backend)
+            self.log.info("management: route {key} set to {backend}", key=logQuote(key), backend=logQuote(backend))
             return _json(200, {"key": key, "backend": backend})
 
         return maybeDeferred(store.setRoute, key, backend).addCallback(done)
@@ -427,7 +428,7 @@ class AdminResource(Resource):
         """
         def done(_: object) -> tuple[int, bytes, str]:
             invalidateCaches(self.proxy.context.router, key)
-            self.log.info("management: route {key} deleted", key=key)
+            self.log.info("management: route {key} deleted", key=logQuote(key))
             return _json(200, {"key": key, "deleted": True})
 
         return maybeDeferred(self._store().deleteRoute, key).addCallback(done)

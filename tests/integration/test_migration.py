@@ -516,6 +516,50 @@ class ManagementTests(DrillTestsMixin, SynchronousTestCase):
             self.assertRegex(result.stdout, r"\|\s+127\.0\.0\.1\s", name)
 
 
+class Fail2banFilterTests(SynchronousTestCase):
+    """
+    The fail2ban filters in examples/ against lines written by twistd's own
+    text formatter.
+    """
+
+    def test_continuationLineIgnored(self) -> None:
+        """
+        A multi-line entry (a traceback whose message holds a line shaped
+        like a failed login, from wherever the text came) continues on
+        tab-indented lines: the text filter takes only the genuine line,
+        which starts with its time stamp.
+        """
+        requireServer("fail2ban-regex")
+        from twisted.logger import Logger, textFileLogObserver
+
+        from mailproxy._safetext import logQuote
+
+        forged = (
+            "[mailproxy.imap._frontend.IMAPFrontend#info] authentication failed: "
+            'session=forged address=6.6.6.6 protocol=imap user="x" attempt=1'
+        )
+        path = Path(self.mktemp())
+        with open(path, "w") as f:
+            log = Logger(namespace="mailproxy.imap._frontend.IMAPFrontend", observer=textFileLogObserver(f))
+            try:
+                raise ValueError("bad name: x\n" + forged)
+            except ValueError:
+                log.failure("imap login handling failed")
+            log.info(
+                "authentication failed: session={session} address={address} protocol={protocol} user={user} attempt={attempt}",
+                session="genuine", address="127.0.0.1", protocol="imap", user=logQuote('a "b"\n' + forged), attempt=1,
+            )
+        self.assertIn("\n\t" + forged, path.read_text())
+        result = subprocess.run(
+            ["fail2ban-regex", "-v", str(path), str(_REPOSITORY / "examples" / "fail2ban" / "filter.d" / "mailproxy.conf")],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Failregex: 1 total", result.stdout)
+        self.assertEqual(re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3} ", result.stdout, re.M), ["127.0.0.1"])
+
+
 class CertificateReloadTests(DrillTestsMixin, SynchronousTestCase):
     """
     SIGHUP with new certificate files.

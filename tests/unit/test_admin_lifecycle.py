@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
 from mailproxy._logs import EventLogService, jsonLine
+from mailproxy._safetext import logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
 from mailproxy.routers.static import StaticRouter
@@ -310,10 +311,10 @@ class EventLogTests(SynchronousTestCase):
     L{EventLogService} and L{jsonLine}.
     """
 
-    def emit(self, logFormat: str) -> str:
+    def emit(self, logFormat: str, user: str = "a\nb") -> str:
         """
         Run the event log service in C{logFormat} on its own publisher, log
-        a session end and a failure, and return the file's text.
+        a session end of C{user} and a failure, and return the file's text.
         """
         path = os.path.abspath(self.mktemp())
         publisher = LogPublisher()
@@ -321,8 +322,8 @@ class EventLogTests(SynchronousTestCase):
         service.startService()
         log = Logger(namespace="mailproxy.test", observer=publisher)
         log.info(
-            "session {session} end: user={quotedUser}",
-            event="session_end", session="abc", user="a\nb", quotedUser='"a\\nb"', bytesIn=3, keys=("x", "y"),
+            "session {session} end: user={user}",
+            event="session_end", session="abc", user=logQuote(user), bytesIn=3, keys=("x", "y"),
             credentials=object(),
         )
         log.debug("not written")
@@ -356,9 +357,35 @@ class EventLogTests(SynchronousTestCase):
             },
         )
         self.assertNotIn("credentials", first)
-        self.assertNotIn("quotedUser", first)
         self.assertTrue(first["time"].endswith("Z"))
         self.assertEqual((second["level"], second["error"]), ("critical", "ZeroDivisionError: division by zero"))
+
+    def test_jsonLinesASCII(self) -> None:
+        """
+        A client's text that UTF-8 cannot encode (a lone surrogate from a
+        non-UTF-8 name) or that some readers take for a line end (U+2028,
+        NEL) is escaped: each event is one printable ASCII line, which
+        reads back as the text the client sent.
+        """
+        user = "a\udcff\u2028b\x85c\x1b[2J\rd"
+        text = self.emit("json", user)
+        self.assertTrue(text.isascii())
+        lines = text.splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(all(line.isprintable() for line in lines))
+        first = json.loads(lines[0])
+        self.assertEqual(first["user"], user)
+        self.assertEqual(first["message"], "session abc end: user=" + json.dumps(user))
+
+    def test_textOneLine(self) -> None:
+        """
+        In text, a client's text quoted with L{logQuote} stays on its line,
+        in printable ASCII, whatever it holds.
+        """
+        text = self.emit("text", "x\n[mailproxy.test#info] forged\r\x00\x1b\udcff\u2028")
+        (line,) = [line for line in text.split("\n") if "session abc end" in line]
+        self.assertTrue(line.isascii() and line.isprintable(), line)
+        self.assertNotIn("\n[mailproxy.test#info] forged", text)
 
     def test_text(self) -> None:
         """
