@@ -419,14 +419,41 @@ class ManagementTests(DrillTestsMixin, SynchronousTestCase):
 
     def test_health(self) -> None:
         """
-        Health needs no token and finds both servers greeting.
+        Health needs no token and finds both servers greeting; without the
+        token it says only so, with it it names each backend port.
         """
         status, body = adminRequest(self.proxy, "/health", token=None)
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}), body)
+        status, body = adminRequest(self.proxy, "/health")
         self.assertEqual(status, 200, body)
         answer = json.loads(body)
         self.assertEqual(answer["status"], "ok")
         self.assertTrue(answer["backends"]["old"]["imap"]["ok"])
         self.assertTrue(answer["backends"]["new"]["imap"]["ok"])
+
+    def test_unauthenticatedBodyRefused(self) -> None:
+        """
+        A POST without the token that declares a 315 MB body and starts
+        sending it is answered 401 over the socket, and the proxy closes
+        the connection instead of reading on.
+        """
+        connection = socket.create_connection(("127.0.0.1", self.proxy.admin), TIMEOUT)
+        self.addCleanup(connection.close)
+        connection.sendall(
+            b"POST /move HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 330301440\r\n\r\n" + b"[" * 65536
+        )
+        answer = b""
+        while True:
+            try:
+                data = connection.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2]), {"error": "a valid bearer token is required"})
 
     def test_routeExplain(self) -> None:
         """
