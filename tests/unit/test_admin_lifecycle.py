@@ -128,13 +128,19 @@ class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
     def test_appliesWhatCanChange(self) -> None:
         """
         A reload builds a new router from the new files and applies limits,
-        host name, certificates and token at once.
+        host name, certificates, token and health details at once.
         """
         context = self.service.context
         oldRouter, oldOptions = context.router, context.serverTLS.options
+        self.assertFalse(self.service.admin.healthDetails)
         self.write("routes.toml", 'default = "new"\n')
         self.write("admin.token", "u" * 40 + "\n")
-        self.write("mailproxy.toml", CONFIG.replace("shutdown_grace = 10", "shutdown_grace = 3").replace("proxy.example.org", "mail.example.org"))
+        self.write(
+            "mailproxy.toml",
+            CONFIG.replace("shutdown_grace = 10", "shutdown_grace = 3")
+            .replace("proxy.example.org", "mail.example.org")
+            .replace('token_file = "admin.token"\n', 'token_file = "admin.token"\nhealth_details = true\n'),
+        )
         outcome = self.service.reload()
         self.assertEqual(outcome, {"ok": True, "path": self.path, "restartNeeded": []})
         self.assertIsNot(context.router, oldRouter)
@@ -143,6 +149,7 @@ class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
         self.assertEqual(context.hostname, "mail.example.org")
         self.assertIsNot(context.serverTLS.options, oldOptions)
         self.assertEqual(self.service.admin.guard.token, b"u" * 40)
+        self.assertTrue(self.service.admin.healthDetails)
 
     def test_brokenFileKeepsRunningConfiguration(self) -> None:
         """
