@@ -14,6 +14,9 @@ for any reader.
 In the text format, a line break inside an event's text (a traceback's)
 continues on a line that starts with a tab, like twistd's log; text a client
 chose is quoted (L{mailproxy._safetext.logQuote}) and never breaks a line.
+Should other text carry a control character (a traceback's message), it is
+written as an escape (C{\\x1b}), and text UTF-8 cannot encode as
+C{\\udcff}: the line is written, and cannot drive a terminal.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ __all__ = ["jsonLine", "EventLogService"]
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
 _TEXT_ONLY = frozenset({"text"})
+# Controls but the tab and line feed of a continuation line, as escapes.
+_TEXT_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if code not in (0x09, 0x0A)}
 
 
 def jsonLine(event: dict[str, Any]) -> str:
@@ -90,6 +95,8 @@ class _FileObserver:
             line = jsonLine(event) + "\n"
         else:
             line = formatEventAsClassicLogText(event) or ""
+            if not (line.isascii() and line[:-1].replace("\n\t", "").isprintable()):
+                line = line.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
         if line:
             self.stream.write(line)
             self.stream.flush()

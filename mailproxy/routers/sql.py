@@ -528,7 +528,7 @@ class SQLRouter:
         try:
             entries = await self._runner.run(self.timeout, self.database.entries, statements.routes)
         except Exception as e:
-            self.log.error("SQL: routes_query failed: {error}", error=_describe(e))
+            self.log.error("SQL: routes_query failed: {error}", error=logQuote(_describe(e)))
             raise RouteStoreError(f"SQL: routes_query failed: {_describe(e)}") from None
         return dict(entries)
 
@@ -587,7 +587,7 @@ class SQLRouter:
         if statements.deleteRoute is None:
             raise RouteStoreError("SQL: delete_route is not configured")
         await self._change([key], [(statements.deleteRoute, _parameters(_account(key)))], "delete_route")
-        self.log.info("SQL: removed {key}", key=key)
+        self.log.info("SQL: removed {key}", key=logQuote(key))
 
     def _store(self) -> RouteStatements:
         if self.statements is None:
@@ -609,7 +609,7 @@ class SQLRouter:
                 f"SQL: the change did not finish within {self.timeout:g} s; it may still take effect (see the routes)"
             ) from None
         except Exception as e:
-            self.log.error("SQL: a route change failed: {error}", error=_describe(e))
+            self.log.error("SQL: a route change failed: {error}", error=logQuote(_describe(e)))
             raise RouteStoreError(f"SQL: the change failed: {_describe(e)}") from None
 
 

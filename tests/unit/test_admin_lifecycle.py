@@ -394,6 +394,29 @@ class EventLogTests(SynchronousTestCase):
         self.assertTrue(line.isascii() and line.isprintable(), line)
         self.assertNotIn("\n[mailproxy.test#info] forged", text)
 
+    def test_textControlsEscaped(self) -> None:
+        """
+        In text, control characters that reach an entry unquoted (in a
+        traceback's message) are written as escapes, and text UTF-8 cannot
+        encode does not lose the entry: only the tab-indented continuation
+        lines of the traceback remain.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig("text", path), publisher)
+        service.startService()
+        log = Logger(namespace="mailproxy.test", observer=publisher)
+        try:
+            raise ValueError("bad name x\r\x1b[2J\x00\udcff")
+        except ValueError:
+            log.failure("router failed")
+        service.stopService()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("ValueError: bad name x\\x0d\\x1b[2J\\x00\\udcff\n", text)
+        for line in text.splitlines():
+            self.assertTrue(line.replace("\t", " ").isprintable(), line)
+
     def test_text(self) -> None:
         """
         In text, events are classic log lines: time, namespace and level,
