@@ -230,6 +230,7 @@ class ProxyService(MultiService):
         self.mover.backends = set(config.backends)
         if self.admin is not None and config.admin is not None:
             self.admin.guard.token = config.admin.token
+            self.admin.healthDetails = config.admin.healthDetails
         if adminTLS is not None and self.adminTLS is not None:
             self.adminTLS.options = adminTLS
         # Keep what was not applied, so the next reload compares with what runs.

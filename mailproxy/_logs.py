@@ -6,7 +6,17 @@ JSON lines carry C{time}, C{level}, C{namespace}, C{event} (a stable name
 such as C{"session_end"} or C{"login_failed"}, or L{None}), C{message} (the
 text line's message), and every field of the event whose value is a string,
 number, boolean or null, or a list of those (fields starting with C{log_}
-excepted).
+excepted). A field quoted for the text line with
+L{mailproxy._safetext.logQuote} is recorded as the text it quotes. Lines are
+printable ASCII: whatever a client sent is escaped, so it cannot end a line
+for any reader.
+
+In the text format, a line break inside an event's text (a traceback's)
+continues on a line that starts with a tab, like twistd's log; text a client
+chose is quoted (L{mailproxy._safetext.logQuote}) and never breaks a line.
+Should other text carry a control character (a traceback's message), it is
+written as an escape (C{\\x1b}), and text UTF-8 cannot encode as
+C{\\udcff}: the line is written, and cannot drive a terminal.
 """
 
 from __future__ import annotations
@@ -28,13 +38,16 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from ._safetext import LogQuoted
 from .config import LogConfig
 
 __all__ = ["jsonLine", "EventLogService"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
-_TEXT_ONLY = frozenset({"quotedUser", "quotedReason", "text"})
+_TEXT_ONLY = frozenset({"text"})
+# Controls but the tab and line feed of a continuation line, as escapes.
+_TEXT_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if code not in (0x09, 0x0A)}
 
 
 def jsonLine(event: dict[str, Any]) -> str:
@@ -53,14 +66,18 @@ def jsonLine(event: dict[str, Any]) -> str:
     for key, value in event.items():
         if key.startswith("log_") or key in data or key in _TEXT_ONLY or key == "format":
             continue
+        if isinstance(value, LogQuoted):
+            value = value.raw
         if isinstance(value, _PRIMITIVES):
             data[key] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(item, _PRIMITIVES) for item in value):
-            data[key] = list(value)
+            data[key] = [item.raw if isinstance(item, LogQuoted) else item for item in value]
     failure = event.get("log_failure")
     if failure is not None:
         data["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
-    return json.dumps(data, ensure_ascii=False, default=str)
+    # ASCII: a client's lone surrogate (from non-UTF-8 octets) could not be
+    # written at all, and U+2028 or NEL would end the line for some readers.
+    return json.dumps(data, default=str)
 
 
 @implementer(ILogObserver)
@@ -78,6 +95,8 @@ class _FileObserver:
             line = jsonLine(event) + "\n"
         else:
             line = formatEventAsClassicLogText(event) or ""
+            if not (line.isascii() and line[:-1].replace("\n\t", "").isprintable()):
+                line = line.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
         if line:
             self.stream.write(line)
             self.stream.flush()

@@ -1,19 +1,26 @@
 """
-Text from elsewhere (an operator, a router, a backend) made fit for one line
-of a client's protocol.
+Text from elsewhere made fit for one line: of a client's protocol (text
+from an operator, a router, a backend) or of the proxy's log (text a client,
+a router or a backend chose).
 
 A protocol line ends at CRLF, and many clients also break at a bare CR or
 LF; control characters confuse terminals and logs; invisible format
 characters (bidirectional overrides) make a text read other than it is.
 L{oneLine} removes all of them and bounds the length, so such text can never
 add a line of its own to what a client reads.
+
+A log line must keep such text whole (an operator wants to see what was
+sent) yet never let it break the line or pose as another field or line: a
+forged "authentication failed" line would make fail2ban ban someone else.
+L{logQuote} writes it as a JSON string literal in printable ASCII.
 """
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
-__all__ = ["oneLine", "MAX_LINE_TEXT"]
+__all__ = ["oneLine", "MAX_LINE_TEXT", "logQuote", "LogQuoted"]
 
 #: The most octets (UTF-8) of foreign text put on one client line.
 MAX_LINE_TEXT = 200
@@ -49,3 +56,32 @@ def oneLine(text: str, limit: int = MAX_LINE_TEXT) -> str:
     if len(encoded) > limit:
         text = encoded[:limit].decode("utf-8", "ignore").rstrip()
     return text
+
+
+class LogQuoted(str):
+    """
+    Foreign text quoted for a log line by L{logQuote}: the string itself is
+    the quoted form, for the text log; C{raw} is the text as it came (or
+    L{None}), which the JSON event log records instead, since JSON escapes
+    it on its own.
+
+    @ivar raw: the text before quoting.
+    """
+
+    raw: str | None
+
+
+def logQuote(text: str | None) -> str:
+    """
+    C{text} as a JSON string in printable ASCII (C{"-"} for L{None}), for
+    every log line that carries text a client, a router or a backend chose:
+    line breaks, controls and non-ASCII characters become escapes, so the
+    text can neither break the line nor pose as another field.
+
+    Pass the result as the event's field (C{user=logQuote(user)}) and write
+    C{{user}} in the format: the text log shows the quoted form and the
+    JSON event log the original text (see L{LogQuoted}).
+    """
+    quoted = LogQuoted("-" if text is None else json.dumps(text))
+    quoted.raw = text
+    return quoted

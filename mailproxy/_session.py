@@ -11,7 +11,6 @@ backend, and joining the two connections in a L{Relay}.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from . import _tls
 from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from ._guard import IRelayGuard
 from ._relay import Relay
-from ._safetext import oneLine
+from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
 from ._transport import IProxyTransport
 from .config import Limits, Listener
@@ -216,14 +215,6 @@ def plainAddress(address: str) -> str:
     if address.lower().startswith("::ffff:") and "." in address:
         return address[7:]
     return address
-
-
-def logQuote(text: str | None) -> str:
-    """
-    C{text} as a JSON string (C{"-"} for L{None}), for log lines: whatever a
-    client chose cannot break a line or pose as another field.
-    """
-    return "-" if text is None else json.dumps(text)
 
 
 def newSessionId() -> str:
@@ -539,10 +530,9 @@ class FrontendProtocol(Protocol):
     def _routed(self, answer, credentials: Credentials, clientID) -> Deferred:
         if isinstance(answer, Rejection):
             self.log.info(
-                "login refused by router: session={session} user={quotedUser} temporary={temporary}",
+                "login refused by router: session={session} user={user} temporary={temporary}",
                 session=self.client.sessionId,
-                user=credentials.user,
-                quotedUser=logQuote(credentials.user),
+                user=logQuote(credentials.user),
                 temporary=answer.temporary,
             )
             raise _Rejected(answer)
@@ -561,9 +551,8 @@ class FrontendProtocol(Protocol):
             # A digest mechanism and a router that gave no password: nothing
             # to log in with at the backend.
             self.log.warn(
-                "route for {quotedUser} has no password for the backend ({mechanism})",
-                user=credentials.user,
-                quotedUser=logQuote(credentials.user),
+                "route for {user} has no password for the backend ({mechanism})",
+                user=logQuote(credentials.user),
                 mechanism=credentials.mechanism,
             )
             raise LoginFailed("unavailable")
@@ -588,13 +577,13 @@ class FrontendProtocol(Protocol):
         failure = cast(BackendFailure, reason.value)
         self._backend = None
         self.log.info(
-            "backend login failed: session={session} user={quotedUser} backend={backend} {kind}: {detail}",
+            "backend login failed: session={session} user={user} backend={backend} {kind}: {detail}",
             session=self.client.sessionId,
-            user=self.user,
-            quotedUser=logQuote(self.user),
+            user=logQuote(self.user),
             backend=self.route.backend.name if self.route else None,
             kind=failure.kind,
-            detail=failure.detail,
+            # The backend's words, which may repeat the client's.
+            detail=logQuote(failure.detail),
         )
         raise LoginFailed(failure.kind, clientText=failure.clientText)
 
@@ -623,14 +612,13 @@ class FrontendProtocol(Protocol):
             # comes before anything the client chose.
             self.log.info(
                 "authentication failed: session={session} address={address} protocol={protocol} "
-                "user={quotedUser} attempt={attempt}",
+                "user={user} attempt={attempt}",
                 event="login_failed",
                 session=self.client.sessionId,
                 address=self.client.address,
                 port=self.client.port,
                 protocol=self.protocolName,
-                user=self.user,
-                quotedUser=logQuote(self.user),
+                user=logQuote(self.user),
                 mechanism=self.mechanism,
                 attempt=self.attempts,
             )

@@ -4,9 +4,15 @@ The management endpoint: a small HTTP API (twisted.web) on its own listener.
 Every request but C{GET /health} needs C{Authorization: Bearer TOKEN} with
 the token from C{[admin] token_file}; tokens are compared in constant time,
 and each wrong one from an address is answered later than the one before.
+A request with a body is judged by its headers before any of the body is
+read: without the right token, or declaring more than L{MAX_BODY} octets,
+it is answered (401 or 413) and the connection closed; a chunked body is
+cut off at L{MAX_BODY} octets the same way.
 
   - C{GET /health}: 200 when the proxy is up and every backend port answers
-    its greeting, 503 otherwise (or while shutting down); JSON details.
+    its greeting, 503 otherwise (or while shutting down); the status in
+    JSON, and each backend port's state with the token (or without it,
+    with C{[admin] health_details}).
   - C{GET /stats}: JSON counters (see L{mailproxy._stats.snapshot}).
   - C{GET /metrics}: the same in Prometheus's text format.
   - C{GET /sessions?account=&backend=&domain=}: the open sessions.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Mapping
+from io import BytesIO
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -37,11 +44,13 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
 from ._migrate import MoveError, explainRoute, findRouteStore, invalidateCaches
+from ._safetext import logQuote
 from ._stats import METRICS_CONTENT_TYPE, metricsText, snapshot
 from .interfaces import RouteStoreError
 from .model import Backend
@@ -259,17 +268,21 @@ class AdminResource(Resource):
         L{mailproxy._migrate.Mover}), C{backends} (the configured backends
         by name), C{draining} (a bool), and C{reload()} (returns JSON-ready
         data on the outcome).
+    @ivar healthDetails: C{GET /health} without a token names the backends
+        and their troubles too, not only the status.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, proxy: Any, guard: TokenGuard, health: HealthChecker) -> None:
+    def __init__(self, proxy: Any, guard: TokenGuard, health: HealthChecker, healthDetails: bool = False) -> None:
         super().__init__()
         self.proxy = proxy
         self.guard = guard
         self.health = health
+        self.healthDetails = healthDetails
         self._routes: dict[tuple[bytes, str], Callable[[Request, str], Any]] = {
+            (b"GET", "/health"): self.getHealth,
             (b"GET", "/stats"): self.getStats,
             (b"GET", "/metrics"): self.getMetrics,
             (b"GET", "/sessions"): self.getSessions,
@@ -299,19 +312,47 @@ class AdminResource(Resource):
             request.write(body)
             request.finish()
 
-        if method == b"GET" and path == "/health":
-            d = self.getHealth()
-        elif not self.guard.check(request.getHeader(b"authorization")):
-            wait = self.guard.failed(address)
-            self.log.warn("management: refused a request from {address} without the right token", address=address)
+        authorization = request.getHeader(b"authorization")
+        if method == b"GET" and path == "/health" and authorization is None:
+            d = self.getHealth(request, "", details=self.healthDetails)
+        elif not self.guard.check(authorization):
+            wait = self.refusedToken(request)
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="mailproxy"')
             d = Deferred()
-            self.guard.clock.callLater(wait, d.callback, _json(401, {"error": "a valid bearer token is required"}))
+            self.guard.clock.callLater(wait, d.callback, _UNAUTHORIZED)
         else:
             self.guard.succeeded(address)
             d = self._dispatch(method, path, request)
         d.addErrback(self._failed).addCallback(answer)
         return NOT_DONE_YET
+
+    def refusedToken(self, request: Request) -> float:
+        """
+        Count and log a request without the right token.
+
+        @return: how many seconds to wait before answering it.
+        """
+        address = getattr(request.getClientAddress(), "host", "")
+        self.log.warn("management: refused a request from {address} without the right token", address=address)
+        return self.guard.failed(address)
+
+    def judgeHeaders(self, request: Request, length: int | None) -> tuple[float, tuple[int, bytes, str]] | None:
+        """
+        Judge a request with a body by its headers alone, before any of the
+        body is read: a body needs the token, and must not be declared
+        larger than L{MAX_BODY}.
+
+        @param length: the declared length of the body, L{None} if chunked.
+        @return: L{None} to read the body, or the seconds to wait and the
+            answer to give instead.
+        """
+        if length == 0:
+            return None
+        if not self.guard.check(request.getHeader(b"authorization")):
+            return self.refusedToken(request), _UNAUTHORIZED
+        if length is not None and length > MAX_BODY:
+            return 0.0, _TOO_LARGE
+        return None
 
     def _dispatch(self, method: bytes, path: str, request: Request) -> Deferred[tuple[int, bytes, str]]:
         handler = self._routes.get((method, path))
@@ -336,9 +377,10 @@ class AdminResource(Resource):
 
     # Handlers
 
-    def getHealth(self) -> Deferred[tuple[int, bytes, str]]:
+    def getHealth(self, request: Request, _: str, details: bool = True) -> Deferred[tuple[int, bytes, str]]:
         """
-        C{GET /health}.
+        C{GET /health}: the status, and with C{details} every backend
+        port's state.
         """
         def report(backends: dict[str, Any]) -> tuple[int, bytes, str]:
             healthy = all(state["ok"] for ports in backends.values() for state in ports.values())
@@ -346,7 +388,10 @@ class AdminResource(Resource):
                 status = "draining"
             else:
                 status = "ok" if healthy else "degraded"
-            return _json(200 if status == "ok" else 503, {"status": status, "backends": backends})
+            answer: dict[str, Any] = {"status": status}
+            if details:
+                answer["backends"] = backends
+            return _json(200 if status == "ok" else 503, answer)
 
         return self.health.check().addCallback(report)
 
@@ -389,7 +434,7 @@ class AdminResource(Resource):
             session.drop(reason)
         self.log.info(
             "management: dropped {count} sessions (account={account} backend={backend} session={session})",
-            count=len(sessions), account=account, backend=backend, session=sessionId,
+            count=len(sessions), account=logQuote(account), backend=logQuote(backend), session=logQuote(sessionId),
         )
         return _json(200, {"dropped": len(sessions), "sessions": [s.client.sessionId for s in sessions]})
 
@@ -416,7 +461,7 @@ class AdminResource(Resource):
 
         def done(_: object) -> tuple[int, bytes, str]:
             invalidateCaches(self.proxy.context.router, key)
-            self.log.info("management: route {key} set to {backend}", key=key, backend=backend)
+            self.log.info("management: route {key} set to {backend}", key=logQuote(key), backend=logQuote(backend))
             return _json(200, {"key": key, "backend": backend})
 
         return maybeDeferred(store.setRoute, key, backend).addCallback(done)
@@ -427,7 +472,7 @@ class AdminResource(Resource):
         """
         def done(_: object) -> tuple[int, bytes, str]:
             invalidateCaches(self.proxy.context.router, key)
-            self.log.info("management: route {key} deleted", key=key)
+            self.log.info("management: route {key} deleted", key=logQuote(key))
             return _json(200, {"key": key, "deleted": True})
 
         return maybeDeferred(self._store().deleteRoute, key).addCallback(done)
@@ -476,6 +521,84 @@ def _json(status: int, data: Any) -> tuple[int, bytes, str]:
     return status, json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n", "application/json"
 
 
+_UNAUTHORIZED = _json(401, {"error": "a valid bearer token is required"})
+_TOO_LARGE = _json(413, {"error": f"the body is larger than {MAX_BODY} bytes"})
+
+
+class _AdminRequest(Request):
+    """
+    A request to the management endpoint that is judged by its headers
+    (L{AdminResource.judgeHeaders}) before its body is read, and whose body
+    is cut off at L{MAX_BODY} octets while it is read. A refused request is
+    answered at once (or after the wrong token's wait), without a
+    C{100 Continue}, and its connection is closed: its body is never
+    stored, and no more of it is read than arrived with the headers.
+    """
+
+    _refused = False
+    _received = 0
+    _answerCall: Any = None
+
+    @property
+    def _resource(self) -> AdminResource:
+        return cast(AdminResource, cast(Any, self.channel).site.resource)
+
+    def gotLength(self, length: int | None) -> None:
+        judged = self._resource.judgeHeaders(self, length)
+        if judged is None:
+            super().gotLength(length)
+        else:
+            self._refuse(*judged)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self._refuse(0.0, _TOO_LARGE)
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            # Answered already; the connection is closing.
+            return
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._answerCall is not None and self._answerCall.active():
+            self._answerCall.cancel()
+        super().connectionLost(reason)
+
+    def _refuse(self, wait: float, answer: tuple[int, bytes, str]) -> None:
+        self._refused = True
+        self.content = BytesIO()
+        # Without "100 Continue" a client that asked need not send the body.
+        self.requestHeaders.removeHeader(b"expect")
+        # Read no more of the body: it is not wanted, not even to discard.
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+        self._answerCall = self._resource.guard.clock.callLater(wait, self._answer, answer)
+
+    def _answer(self, answer: tuple[int, bytes, str]) -> None:
+        # twisted.web makes a request answerable only once its body is in,
+        # so the answer is written here, as twisted.web writes its own 400.
+        status, body, contentType = answer
+        head = [
+            b"HTTP/1.1 %d %s" % (status, RESPONSES[status]),
+            b"Content-Type: " + contentType.encode("ascii"),
+            b"Content-Length: %d" % (len(body),),
+            b"Cache-Control: no-store",
+            b"Connection: close",
+        ]
+        if status == 401:
+            head.append(b'WWW-Authenticate: Bearer realm="mailproxy"')
+        assert self.transport is not None
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.channel.loseConnection()
+
+
 def _argument(request: Request, name: str) -> str | None:
     values = request.args.get(name.encode("ascii"))
     return values[0].decode("utf-8", "replace") if values else None
@@ -491,6 +614,8 @@ def _body(request: Request) -> dict[str, Any]:
         body = json.loads(data)
     except ValueError:
         raise _HTTPError(400, "the body is not JSON") from None
+    except RecursionError:
+        raise _HTTPError(400, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise _HTTPError(400, "the body must be a JSON object")
     return body
@@ -505,17 +630,19 @@ def _optionalString(body: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def adminSite(proxy: Any, token: bytes, reactor: Any) -> tuple[Site, AdminResource]:
+def adminSite(proxy: Any, token: bytes, reactor: Any, healthDetails: bool = False) -> tuple[Site, AdminResource]:
     """
     The management endpoint's site for C{proxy}, and its resource (whose
-    C{guard.token} a reload may replace).
+    C{guard.token} and C{healthDetails} a reload may replace).
     """
     resource = AdminResource(
         proxy,
         TokenGuard(token, reactor),
         HealthChecker(reactor, lambda: proxy.backends),
+        healthDetails,
     )
     site = Site(resource, reactor=reactor)
+    site.requestFactory = _AdminRequest
     site.displayTracebacks = False
     # The access log would show every request; the API logs what it does.
     site.log = lambda request: None  # type: ignore[method-assign]

@@ -252,12 +252,15 @@ class AdminConfig:
     @ivar token: the bearer token (from C{token_file}), never shown.
     @ivar tokenFile: where the token was read, to re-read it on reload.
     @ivar tls: the certificate to serve HTTPS with, or L{None} for HTTP.
+    @ivar healthDetails: C{GET /health} without the token names each
+        backend port and its trouble, not only the status.
     """
 
     endpoint: str
     token: bytes = field(repr=False)
     tokenFile: str
     tls: CertificateSource | None = None
+    healthDetails: bool = False
 
 
 @frozen
@@ -897,7 +900,7 @@ _LOOPBACK = "127.0.0.1"
 def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfig | None:
     if table is None:
         return None
-    table.allow("endpoint", "token_file", "certificate", "key")
+    table.allow("endpoint", "token_file", "certificate", "key", "health_details")
     endpoint = table.string("endpoint", f"tcp:9443:interface={_LOOPBACK}")
     parts = _UNESCAPED_COLON.split(endpoint)
     if parts[0].strip().lower() not in ENDPOINT_TYPES:
@@ -929,7 +932,9 @@ def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConf
             f"the token in {tokenFile!r} has {len(token)} characters; at least "
             f"{MIN_TOKEN_LENGTH} are required (make one with: openssl rand -hex 32)",
         )
-    return AdminConfig(endpoint=endpoint, token=token, tokenFile=tokenFile, tls=tls)
+    return AdminConfig(
+        endpoint=endpoint, token=token, tokenFile=tokenFile, tls=tls, healthDetails=table.boolean("health_details", False)
+    )
 
 
 def _isLoopback(interface: str) -> bool:

@@ -122,7 +122,7 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
         service.setName(f"listener-{index}")
         service.setServiceParent(top)
     if config.admin is not None:
-        site, top.admin = adminSite(top, config.admin.token, reactor)
+        site, top.admin = adminSite(top, config.admin.token, reactor, config.admin.healthDetails)
         factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
         top.adminTLS = adminTLS
         service = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), factory)

@@ -44,6 +44,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailproxy._safetext import logQuote
 from mailproxy.config import Table
 from mailproxy.interfaces import IReloadable, IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
@@ -237,7 +238,7 @@ class CachingRouter:
                 self.stats["stale"] += len(waiters)
                 self.log.warn(
                     "router failed for {user}; serving the answer cached {age:.0f} s past its expiry",
-                    user=user,
+                    user=logQuote(user),
                     age=now - stale.expires,
                 )
                 outcome = stale.answer
@@ -252,7 +253,7 @@ class CachingRouter:
         if isinstance(outcome, Failure) and not waiters:
             # Nobody is waiting any more (all gave up): the failure was
             # still the router's and is logged by no one else.
-            self.log.failure("router failed for {user} after every caller gave up", outcome, user=user)
+            self.log.failure("router failed for {user} after every caller gave up", outcome, user=logQuote(user))
 
     def _store(self, key: tuple[object, ...], user: str, answer: Route | Rejection, now: float) -> None:
         ttl = self.ttl if isinstance(answer, Route) else self.negativeTTL
@@ -292,7 +293,9 @@ class CachingRouter:
             for key in keys:
                 del self._entries[key]
             count = len(keys)
-        self.log.info("cache invalidated for {who}: {count} entries", who=user if user is not None else "everyone", count=count)
+        self.log.info(
+            "cache invalidated for {who}: {count} entries", who=logQuote(user) if user is not None else "everyone", count=count
+        )
         return count
 
     def reload(self) -> None:

@@ -50,6 +50,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 
 from mailproxy import _tls
+from mailproxy._safetext import logQuote
 from mailproxy.config import Table
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
@@ -379,14 +380,16 @@ class HTTPRouter:
                 self.log.error(
                     "auth_http {url} failed for {user}: {error}",
                     url=self.url,
-                    user=user,
-                    error=_describe(e),
+                    user=logQuote(user),
+                    error=logQuote(_describe(e)),
                 )
                 return Rejection(_UNAVAILABLE, temporary=True)
             if answer.status != b"WAIT":
                 return self._decide(answer, request, user)
             await deferLater(self._reactor, answer.wait, lambda: None)
-        self.log.error("auth_http {url} said WAIT {count} times for {user}", url=self.url, count=MAX_WAITS + 1, user=user)
+        self.log.error(
+            "auth_http {url} said WAIT {count} times for {user}", url=self.url, count=MAX_WAITS + 1, user=logQuote(user)
+        )
         return Rejection(_UNAVAILABLE, temporary=True)
 
     def _ask(self, headers: list[tuple[bytes, bytes]]) -> Deferred[AuthAnswer]:
@@ -408,14 +411,16 @@ class HTTPRouter:
 
     def _decide(self, answer: AuthAnswer, request: RouteRequest, user: str) -> Route | Rejection:
         if answer.status is None:
-            self.log.error("auth_http {url} answered without Auth-Status for {user}", url=self.url, user=user)
+            self.log.error("auth_http {url} answered without Auth-Status for {user}", url=self.url, user=logQuote(user))
             return Rejection(_UNAVAILABLE, temporary=True)
         if answer.status != b"OK":
             return self._refusal(answer, user)
         try:
             backend = self._backend(answer, portName(request))
         except UnusableBackend as e:
-            self.log.error("auth_http {url} routed {user} nowhere: {problem}", url=self.url, user=user, problem=str(e))
+            self.log.error(
+                "auth_http {url} routed {user} nowhere: {problem}", url=self.url, user=logQuote(user), problem=logQuote(str(e))
+            )
             return Rejection(_UNAVAILABLE, temporary=True)
         useMaster = _yes(answer.master)
         if useMaster and backend.masterUser is None:
@@ -423,7 +428,7 @@ class HTTPRouter:
                 "auth_http {url} asked for the master user of {backend}, which has none (user {user})",
                 url=self.url,
                 backend=backend.name,
-                user=user,
+                user=logQuote(user),
             )
             return Rejection(_UNAVAILABLE, temporary=True)
         return Route(
@@ -440,9 +445,9 @@ class HTTPRouter:
         message = answer.status.decode("utf-8", "replace")
         temporary = _yes(answer.temporary) or (answer.errorCode or b"").startswith(b"4")
         self.log.info(
-            "auth_http refused {user}: {message!r} wait={wait} temporary={temporary}",
-            user=user,
-            message=message,
+            "auth_http refused {user}: {message} wait={wait} temporary={temporary}",
+            user=logQuote(user),
+            message=logQuote(message),
             wait=answer.wait,
             temporary=temporary,
         )

@@ -43,6 +43,7 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailproxy._safetext import logQuote
 from mailproxy.config import Table, _readNameAndSecret
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
@@ -464,10 +465,10 @@ class LDAPRouter:
         except Exception as e:
             return self._unavailable(user, e)
         if not entries:
-            self.log.info("LDAP: no entry for {user}", user=user)
+            self.log.info("LDAP: no entry for {user}", user=logQuote(user))
             return Rejection(unknown=True)
         if len(entries) > 1:
-            self.log.error("LDAP: more than one entry for {user}; refusing", user=user)
+            self.log.error("LDAP: more than one entry for {user}; refusing", user=logQuote(user))
             return Rejection()
         entry: DirectoryEntry = entries[0]
         authenticated = False
@@ -476,7 +477,7 @@ class LDAPRouter:
                 self.log.warn(
                     "LDAP: {mechanism} login for {user} refused: auth = \"bind\" needs the cleartext password",
                     mechanism=credentials.mechanism,
-                    user=user,
+                    user=logQuote(user),
                 )
                 return Rejection()
             try:
@@ -484,17 +485,19 @@ class LDAPRouter:
             except Exception as e:
                 return self._unavailable(user, e)
             if not good:
-                self.log.info("LDAP: wrong password for {user} ({dn})", user=user, dn=entry.dn)
+                self.log.info("LDAP: wrong password for {user} ({dn})", user=logQuote(user), dn=logQuote(entry.dn))
                 return Rejection()
             authenticated = True
         password = None
         if credentials is not None and self.auth == "compare":
             secret = _cleartext(entry.password)
             if secret is None:
-                self.log.error("LDAP: {dn} has no usable cleartext password attribute; refusing {user}", dn=entry.dn, user=user)
+                self.log.error(
+                    "LDAP: {dn} has no usable cleartext password attribute; refusing {user}", dn=logQuote(entry.dn), user=logQuote(user)
+                )
                 return Rejection()
             if not credentials.check(secret):
-                self.log.info("LDAP: wrong password for {user} ({dn})", user=user, dn=entry.dn)
+                self.log.info("LDAP: wrong password for {user} ({dn})", user=logQuote(user), dn=logQuote(entry.dn))
                 return Rejection()
             authenticated = True
             if credentials.password is None:
@@ -503,13 +506,15 @@ class LDAPRouter:
             self.log.warn(
                 "LDAP: {mechanism} login for {user} refused: auth = \"none\" cannot check it",
                 mechanism=credentials.mechanism,
-                user=user,
+                user=logQuote(user),
             )
             return Rejection()
         try:
             backend = self._backend(entry, portName(request))
         except UnusableBackend as e:
-            self.log.error("LDAP: {dn} routes {user} nowhere: {problem}", dn=entry.dn, user=user, problem=str(e))
+            self.log.error(
+                "LDAP: {dn} routes {user} nowhere: {problem}", dn=logQuote(entry.dn), user=logQuote(user), problem=logQuote(str(e))
+            )
             return Rejection(_UNAVAILABLE, temporary=True)
         return Route(
             backend=backend,
@@ -527,7 +532,7 @@ class LDAPRouter:
         raise UnusableBackend("the entry has no backend attribute and there is no default_backend")
 
     def _unavailable(self, user: str, error: Exception) -> Rejection:
-        self.log.error("LDAP: directory unavailable for {user}: {error}", user=user, error=_describe(error))
+        self.log.error("LDAP: directory unavailable for {user}: {error}", user=logQuote(user), error=logQuote(_describe(error)))
         return Rejection(_UNAVAILABLE, temporary=True)
 
 

@@ -62,6 +62,7 @@ from zope.interface import alsoProvides, implementer
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
+from mailproxy._safetext import logQuote
 from mailproxy.config import Table, _readSecretLine
 from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
@@ -448,13 +449,13 @@ class SQLRouter:
         try:
             rows = await self._runner.run(self.timeout, self.database.lookup, parameters)
         except Exception as e:
-            self.log.error("SQL: lookup failed for {user}: {error}", user=user, error=f"{type(e).__name__}: {e}")
+            self.log.error("SQL: lookup failed for {user}: {error}", user=logQuote(user), error=logQuote(f"{type(e).__name__}: {e}"))
             return Rejection(_UNAVAILABLE, temporary=True)
         if not rows:
-            self.log.info("SQL: no row for {user}", user=user)
+            self.log.info("SQL: no row for {user}", user=logQuote(user))
             return Rejection(unknown=True)
         if len(rows) > 1:
-            self.log.error("SQL: more than one row for {user}; refusing", user=user)
+            self.log.error("SQL: more than one row for {user}; refusing", user=logQuote(user))
             return Rejection()
         row: AccountRow = rows[0]
         password = None
@@ -462,7 +463,7 @@ class SQLRouter:
         if credentials is not None:
             if row.password is not None:
                 if not credentials.check(row.password):
-                    self.log.info("SQL: wrong password for {user}", user=user)
+                    self.log.info("SQL: wrong password for {user}", user=logQuote(user))
                     return Rejection()
                 authenticated = True
                 if credentials.password is None:
@@ -471,7 +472,7 @@ class SQLRouter:
                 self.log.warn(
                     "SQL: {mechanism} login for {user} refused: the row has no password to check it against",
                     mechanism=credentials.mechanism,
-                    user=user,
+                    user=logQuote(user),
                 )
                 return Rejection()
         try:
@@ -479,7 +480,7 @@ class SQLRouter:
                 raise UnusableBackend("its backend column is NULL")
             backend = self.resolver.resolve(row.backend, portName(request))
         except UnusableBackend as e:
-            self.log.error("SQL: the row for {user} routes nowhere: {problem}", user=user, problem=str(e))
+            self.log.error("SQL: the row for {user} routes nowhere: {problem}", user=logQuote(user), problem=logQuote(str(e)))
             return Rejection(_UNAVAILABLE, temporary=True)
         return Route(
             backend=backend,
@@ -527,7 +528,7 @@ class SQLRouter:
         try:
             entries = await self._runner.run(self.timeout, self.database.entries, statements.routes)
         except Exception as e:
-            self.log.error("SQL: routes_query failed: {error}", error=_describe(e))
+            self.log.error("SQL: routes_query failed: {error}", error=logQuote(_describe(e)))
             raise RouteStoreError(f"SQL: routes_query failed: {_describe(e)}") from None
         return dict(entries)
 
@@ -586,7 +587,7 @@ class SQLRouter:
         if statements.deleteRoute is None:
             raise RouteStoreError("SQL: delete_route is not configured")
         await self._change([key], [(statements.deleteRoute, _parameters(_account(key)))], "delete_route")
-        self.log.info("SQL: removed {key}", key=key)
+        self.log.info("SQL: removed {key}", key=logQuote(key))
 
     def _store(self) -> RouteStatements:
         if self.statements is None:
@@ -608,7 +609,7 @@ class SQLRouter:
                 f"SQL: the change did not finish within {self.timeout:g} s; it may still take effect (see the routes)"
             ) from None
         except Exception as e:
-            self.log.error("SQL: a route change failed: {error}", error=_describe(e))
+            self.log.error("SQL: a route change failed: {error}", error=logQuote(_describe(e)))
             raise RouteStoreError(f"SQL: the change failed: {_describe(e)}") from None
 
 

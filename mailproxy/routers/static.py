@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailproxy._safetext import logQuote
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
@@ -308,19 +309,19 @@ class StaticRouter:
         user = credentials.user if credentials is not None else ""
         rule = self._table.find(user)
         if rule is None:
-            self.log.info("No route for {user}", user=user)
+            self.log.info("No route for {user}", user=logQuote(user))
             return Rejection(unknown=True)
         digest = credentials is not None and credentials.password is None
         if rule.password is not None:
             if credentials is None or not credentials.check(rule.password):
-                self.log.info("Wrong password for {user} ({rule})", user=user, rule=rule.description)
+                self.log.info("Wrong password for {user} ({rule})", user=logQuote(user), rule=rule.description)
                 return Rejection()
         elif digest:
             assert credentials is not None
             self.log.warn(
                 "{mechanism} login for {user} refused: {rule} has no password to check it against",
                 mechanism=credentials.mechanism,
-                user=user,
+                user=logQuote(user),
                 rule=rule.description,
             )
             return Rejection()
@@ -328,7 +329,7 @@ class StaticRouter:
             self.log.error(
                 "{rule} sends {user} to backend {backend}, which has no {protocol} port",
                 rule=rule.description,
-                user=user,
+                user=logQuote(user),
                 backend=rule.backend.name,
                 protocol=request.protocol,
             )
@@ -348,13 +349,13 @@ class StaticRouter:
     def _routeRecipient(self, address: str) -> Route | Rejection:
         found = self._table.findRecipient(address)
         if isinstance(found, str):
-            self.log.info("No route for recipient {recipient}: {reason}", recipient=address, reason=found)
+            self.log.info("No route for recipient {recipient}: {reason}", recipient=logQuote(address), reason=found)
             return Rejection(message="Recipient refused.", unknown=True, reason=found)
         if "mx" not in found.backend.ports:
             self.log.error(
                 "{rule} sends mail for {recipient} to backend {backend}, which has no mx port",
                 rule=found.description,
-                recipient=address,
+                recipient=logQuote(address),
                 backend=found.backend.name,
             )
             return Rejection(message="Service temporarily unavailable.", temporary=True)

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
-from .._safetext import oneLine
+from .._safetext import logQuote, oneLine
 from .._sasl import plainResponse
 from ..model import ClientInfo
 from ._ehlo import Extensions
@@ -195,7 +195,7 @@ class SMTPBackend(BackendProtocol):
         if not self._done:
             self.fail("unavailable", detail)
             return
-        self.log.warn("backend {backend}: {detail}", backend=self.job.backend.name, detail=detail)
+        self.log.warn("backend {backend}: {detail}", backend=self.job.backend.name, detail=logQuote(detail))
         if self.transport is not None:
             self.transport.abortConnection()
 

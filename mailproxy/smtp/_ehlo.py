@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._safetext import logQuote
 from ..model import Backend
 from ._parser import Reply
 
@@ -190,7 +191,7 @@ class BackendExtensions:
             self.log.warn(
                 "cannot learn the ESMTP extensions of backend {backend}: {why}; offering clients none until it answers",
                 backend=backend.name,
-                why=reason.getErrorMessage(),
+                why=logQuote(reason.getErrorMessage()),
             )
 
         def done(result: object) -> None:

@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._backend import BackendFailure, LoginJob
-from .._session import ProxyContext, logQuote
+from .._safetext import logQuote
+from .._session import ProxyContext
 from ..config import Listener
 from ..model import Rejection, Route, RouteRequest
 from ..routers import callRouter
@@ -409,7 +410,7 @@ class MXFrontend(SMTPFrontend):
                 backend=name,
                 session=self.client.sessionId,
                 kind=failure.kind,
-                detail=failure.detail,
+                detail=logQuote(failure.detail),
             )
             return failure
 

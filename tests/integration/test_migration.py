@@ -419,14 +419,41 @@ class ManagementTests(DrillTestsMixin, SynchronousTestCase):
 
     def test_health(self) -> None:
         """
-        Health needs no token and finds both servers greeting.
+        Health needs no token and finds both servers greeting; without the
+        token it says only so, with it it names each backend port.
         """
         status, body = adminRequest(self.proxy, "/health", token=None)
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}), body)
+        status, body = adminRequest(self.proxy, "/health")
         self.assertEqual(status, 200, body)
         answer = json.loads(body)
         self.assertEqual(answer["status"], "ok")
         self.assertTrue(answer["backends"]["old"]["imap"]["ok"])
         self.assertTrue(answer["backends"]["new"]["imap"]["ok"])
+
+    def test_unauthenticatedBodyRefused(self) -> None:
+        """
+        A POST without the token that declares a 315 MB body and starts
+        sending it is answered 401 over the socket, and the proxy closes
+        the connection instead of reading on.
+        """
+        connection = socket.create_connection(("127.0.0.1", self.proxy.admin), TIMEOUT)
+        self.addCleanup(connection.close)
+        connection.sendall(
+            b"POST /move HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 330301440\r\n\r\n" + b"[" * 65536
+        )
+        answer = b""
+        while True:
+            try:
+                data = connection.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2]), {"error": "a valid bearer token is required"})
 
     def test_routeExplain(self) -> None:
         """
@@ -514,6 +541,50 @@ class ManagementTests(DrillTestsMixin, SynchronousTestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("Failregex: 1 total", result.stdout, name)
             self.assertRegex(result.stdout, r"\|\s+127\.0\.0\.1\s", name)
+
+
+class Fail2banFilterTests(SynchronousTestCase):
+    """
+    The fail2ban filters in examples/ against lines written by twistd's own
+    text formatter.
+    """
+
+    def test_continuationLineIgnored(self) -> None:
+        """
+        A multi-line entry (a traceback whose message holds a line shaped
+        like a failed login, from wherever the text came) continues on
+        tab-indented lines: the text filter takes only the genuine line,
+        which starts with its time stamp.
+        """
+        requireServer("fail2ban-regex")
+        from twisted.logger import Logger, textFileLogObserver
+
+        from mailproxy._safetext import logQuote
+
+        forged = (
+            "[mailproxy.imap._frontend.IMAPFrontend#info] authentication failed: "
+            'session=forged address=6.6.6.6 protocol=imap user="x" attempt=1'
+        )
+        path = Path(self.mktemp())
+        with open(path, "w") as f:
+            log = Logger(namespace="mailproxy.imap._frontend.IMAPFrontend", observer=textFileLogObserver(f))
+            try:
+                raise ValueError("bad name: x\n" + forged)
+            except ValueError:
+                log.failure("imap login handling failed")
+            log.info(
+                "authentication failed: session={session} address={address} protocol={protocol} user={user} attempt={attempt}",
+                session="genuine", address="127.0.0.1", protocol="imap", user=logQuote('a "b"\n' + forged), attempt=1,
+            )
+        self.assertIn("\n\t" + forged, path.read_text())
+        result = subprocess.run(
+            ["fail2ban-regex", "-v", str(path), str(_REPOSITORY / "examples" / "fail2ban" / "filter.d" / "mailproxy.conf")],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Failregex: 1 total", result.stdout)
+        self.assertEqual(re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3} ", result.stdout, re.M), ["127.0.0.1"])
 
 
 class CertificateReloadTests(DrillTestsMixin, SynchronousTestCase):

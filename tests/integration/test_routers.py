@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -319,6 +320,7 @@ class RoutingProxy:
             + listenerTable("smtp", self.mx, "none", mode="mx")
             + router
             + backends
+            + '[log]\nformat = "json"\npath = "events.jsonl"\n'
         )
         self.proxy = Proxy(directory, config)
         for name, text in files.items():
@@ -382,6 +384,44 @@ def imapLogin(port: int, user: str, password: str) -> tuple[str, str]:
         match = re.search(rb"Subject: ([^\r\n]*)", fetched)
         command(b"c", b"LOGOUT")
         return "OK", match.group(1).decode() if match else "?"
+    finally:
+        reader.close()
+        connection.close()
+
+
+def imapFailedLogin(port: int, user: bytes, password: bytes, sasl: bool = False) -> bytes:
+    """
+    Try to log in over IMAP with C{user} (any octets: with LOGIN it is sent
+    as a literal, with C{sasl} in AUTHENTICATE LOGIN), then LOGOUT; return
+    the login's tagged reply.
+    """
+    connection, reader = _connect(port)
+    try:
+        if not reader.readline().startswith(b"* OK"):
+            raise AssertionError("no IMAP greeting")
+
+        def expect(prefix: bytes) -> bytes:
+            while True:
+                line = reader.readline()
+                if not line or line.startswith(prefix):
+                    return line
+
+        if sasl:
+            connection.sendall(b"a AUTHENTICATE LOGIN " + base64.b64encode(user) + b"\r\n")
+        else:
+            connection.sendall(b"a LOGIN {%d}\r\n" % (len(user),))
+            if not expect(b"+").startswith(b"+"):
+                raise AssertionError("the proxy refused the literal")
+            connection.sendall(user + b" ")
+        if sasl:
+            expect(b"+")
+            connection.sendall(base64.b64encode(password) + b"\r\n")
+        else:
+            connection.sendall(b'"' + password + b'"\r\n')
+        reply = expect(b"a ")
+        connection.sendall(b"z LOGOUT\r\n")
+        expect(b"z ")
+        return reply
     finally:
         reader.close()
         connection.close()
@@ -592,6 +632,60 @@ class RouterTestsMixin(_MixinBase):
         reply = imapLogin(self.running.imap, "zed@example.org", "whatever")
         self.assertEqual(reply[0], "NO")
         self.assertIn("AUTHENTICATIONFAILED", reply[1])
+
+    def test_forgedLogLines(self) -> None:
+        """
+        Login names made to forge log lines (a line break, then a line
+        shaped like a failed login from another address; CR, NUL, ESC) are
+        quoted in every line the router and the proxy write: the twistd log
+        and the JSON event log keep one printable line per event, and the
+        fail2ban filters in examples/ find the real client's address once
+        per failed login (the forged names' and a genuine wrong password),
+        and no other.
+        """
+        requireServer("fail2ban-regex")
+        proxy = self.running.proxy
+        events = proxy.directory / "events.jsonl"
+        textMark = proxy.logPath.stat().st_size
+        eventMark = events.stat().st_size if events.exists() else 0
+        forged = (
+            b"[mailproxy.imap._frontend.IMAPFrontend#info] authentication failed: session=forged "
+            b'address=6.6.6.%d protocol=imap user="x" attempt=1'
+        )
+        replies = [
+            imapFailedLogin(self.running.imap, b"x@example.org\n" + forged % 6, b"secret"),
+            imapFailedLogin(
+                self.running.imap, b"y@example.org\r\x00\x1b[2J\n2026-01-01T00:00:00+0000 " + forged % 7, b"secret", sasl=True
+            ),
+            imapFailedLogin(self.running.imap, b"erin@example.org", b"not-erins-password"),
+        ]
+        for reply in replies:
+            self.assertTrue(reply.startswith(b"a NO "), replies)
+        self.assertIn(b"[AUTHENTICATIONFAILED]", replies[-1])
+        with open(proxy.logPath, "rb") as f:
+            f.seek(textMark)
+            text = f.read().decode("ascii")
+        with open(events, "rb") as f:
+            f.seek(eventMark)
+            jsonText = f.read().decode("ascii")
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\x00-\x1f\x7f]*$")
+        for line in jsonText.splitlines():
+            self.assertTrue(line.isprintable(), line)
+            json.loads(line)
+        failed = [event for event in map(json.loads, jsonText.splitlines()) if event["event"] == "login_failed"]
+        self.assertIn("erin@example.org", [event["user"] for event in failed])
+        self.assertEqual({event["address"] for event in failed}, {"127.0.0.1"})
+        filters = _REPOSITORY / "examples" / "fail2ban" / "filter.d"
+        for name, logText in (("mailproxy.conf", text), ("mailproxy-json.conf", jsonText)):
+            log = Path(self.mktemp())
+            log.write_text(logText)
+            result = subprocess.run(
+                ["fail2ban-regex", "-v", str(log), str(filters / name)], capture_output=True, text=True
+            )
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn(f"Failregex: {len(failed)} total", result.stdout, name)
+            self.assertEqual(re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3} ", result.stdout, re.M), ["127.0.0.1"] * len(failed), name)
 
 
 def _ldapRouter(slapd: Slapd, servers: MailServers, prefix: str = "router", cache: str = "") -> tuple[str, dict[str, str]]:

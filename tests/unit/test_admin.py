@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+from io import BytesIO
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._migrate import MOVED, LoginHold, Mover
-from mailproxy.admin import AdminResource, HealthChecker, TokenGuard, _GreetingProbe
+from mailproxy.admin import MAX_BODY, AdminResource, HealthChecker, TokenGuard, _GreetingProbe, adminSite
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend
 
@@ -163,6 +165,18 @@ class TokenTests(AdminTestsMixin, SynchronousTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(body["status"], "ok")
 
+    def test_healthWrongToken(self) -> None:
+        """
+        C{GET /health} with a wrong token is refused like any request, after
+        the failure delay: it cannot be used to try tokens faster.
+        """
+        d = self.http.get("http://admin.test/health", headers={b"Authorization": [b"Bearer wrong"]})
+        self.http.flush()
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.http.flush()
+        self.assertEqual(self.successResultOf(d).code, 401)
+
 
 class HealthTests(AdminTestsMixin, SynchronousTestCase):
     """
@@ -171,9 +185,10 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
 
     def test_allWell(self) -> None:
         """
-        Every backend port is probed; all answering gives 200.
+        Every backend port is probed; all answering gives 200, with each
+        port's state for a client with the token.
         """
-        status, body = self.request("GET", "/health", headers=None)
+        status, body = self.request("GET", "/health")
         self.assertEqual(status, 200)
         self.assertEqual(set(self.health.probed), {(n, p) for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve")})
         self.assertEqual(body["backends"]["old"]["imap"], {"ok": True, "seconds": 0.001})
@@ -183,10 +198,31 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         A backend port that does not answer gives 503 and says which.
         """
         self.health.answers[("new", "imap")] = {"ok": False, "error": "Connection was refused by other side: 111: Connection refused."}
-        status, body = self.request("GET", "/health", headers=None)
+        status, body = self.request("GET", "/health")
         self.assertEqual(status, 503)
         self.assertEqual(body["status"], "degraded")
         self.assertFalse(body["backends"]["new"]["imap"]["ok"])
+
+    def test_statusOnlyWithoutToken(self) -> None:
+        """
+        Without a token, health says only its status (and the status code):
+        backend names and their errors are for those with the token.
+        """
+        self.assertEqual(self.request("GET", "/health", headers=None), (200, {"status": "ok"}))
+        self.clock.advance(2)
+        self.health.answers[("new", "imap")] = {"ok": False, "error": "Connection refused"}
+        self.assertEqual(self.request("GET", "/health", headers=None), (503, {"status": "degraded"}))
+
+    def test_detailsForEveryone(self) -> None:
+        """
+        With C{health_details}, health names every backend port and its
+        error without a token too.
+        """
+        self.resource.healthDetails = True
+        self.health.answers[("new", "imap")] = {"ok": False, "error": "Connection refused"}
+        status, body = self.request("GET", "/health", headers=None)
+        self.assertEqual(status, 503)
+        self.assertEqual(body["backends"]["new"]["imap"], {"ok": False, "error": "Connection refused"})
 
     def test_draining(self) -> None:
         """
@@ -356,6 +392,18 @@ class SessionTests(AdminTestsMixin, SynchronousTestCase):
         self.http.flush()
         self.assertEqual(self.successResultOf(d).code, 413)
 
+    def test_deeplyNestedBody(self) -> None:
+        """
+        JSON nested deeper than the parser can follow is a bad request
+        (400), not an internal error with a traceback in the log.
+        """
+        for body in (b"[" * 30000 + b"]" * 30000, b'{"a":' * 10000 + b"1" + b"}" * 10000):
+            d = self.http.post("http://admin.test/sessions/drop", data=body, headers=AUTH)
+            self.http.flush()
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 400)
+            self.assertEqual(json.loads(self.successResultOf(self.http.content(response))), {"error": "the body is nested too deeply"})
+
 
 class RouteTests(AdminTestsMixin, SynchronousTestCase):
     """
@@ -444,3 +492,124 @@ class RouteTests(AdminTestsMixin, SynchronousTestCase):
         """
         self.assertEqual(self.request("GET", "/nothing")[0], 404)
         self.assertEqual(self.request("GET", "/move")[0], 405)
+
+
+class BodyTests(AdminTestsMixin, SynchronousTestCase):
+    """
+    The management site reads a request's body only after its headers
+    passed: the token, and the declared length. Driven through
+    twisted.web's own HTTP channel on an in-memory transport, so what the
+    client would see on the wire is asserted, byte for byte.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        site, resource = adminSite(self.proxy, TOKEN, self.clock)
+        self.guard = resource.guard
+        self.requests: list[Any] = []
+        makeRequest = site.requestFactory
+
+        def recordRequest(*args: Any) -> Any:
+            self.requests.append(makeRequest(*args))
+            return self.requests[-1]
+
+        site.requestFactory = recordRequest
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel.makeConnection(self.transport)
+
+    def send(self, head: bytes, body: bytes = b"") -> None:
+        """
+        Send a request head (request line and headers, CRLF after each)
+        and the start of a body.
+        """
+        self.channel.dataReceived(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
+
+    def stored(self) -> bytes:
+        """
+        What the request has stored of its body.
+        """
+        content = self.requests[-1].content
+        self.assertIsInstance(content, BytesIO)
+        return content.getvalue()
+
+    def test_unauthenticatedBodyNotRead(self) -> None:
+        """
+        A POST without the token that declares a huge body is answered 401
+        (after the failure delay) and closed: no C{100 Continue}, no more
+        reading from the connection, and none of the body stored.
+        """
+        self.send(
+            b"POST /move HTTP/1.1\nHost: admin\nContent-Type: application/json\n"
+            b"Content-Length: 330301440\nExpect: 100-continue\n",
+            b"x" * 5000,
+        )
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.stored(), b"")
+        self.clock.advance(1)
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.1 401 Unauthorized")
+        self.assertIn(b'WWW-Authenticate: Bearer realm="mailproxy"', lines)
+        self.assertIn(b"Connection: close", lines)
+        self.assertEqual(json.loads(body), {"error": "a valid bearer token is required"})
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.stored(), b"")
+
+    def test_unauthenticatedCounted(self) -> None:
+        """
+        A refused body counts as a wrong token: the next one waits longer.
+        """
+        self.send(b"POST /reload HTTP/1.1\nHost: admin\nAuthorization: Bearer wrong\nContent-Length: 2\n", b"{}")
+        self.assertEqual(self.guard.failed("127.0.0.1"), 2.0)
+
+    def test_declaredTooLarge(self) -> None:
+        """
+        With the token, a body declared larger than 64 KiB is answered 413
+        at once and closed, without a C{100 Continue} and unread.
+        """
+        self.send(
+            b"POST /move HTTP/1.1\nHost: admin\nAuthorization: Bearer " + TOKEN + b"\n"
+            b"Content-Length: %d\nExpect: 100-continue\n" % (MAX_BODY + 1,),
+        )
+        self.clock.advance(0)
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        self.assertEqual(head.split(b"\r\n")[0], b"HTTP/1.1 413 Request Entity Too Large")
+        self.assertEqual(json.loads(body), {"error": "the body is larger than 65536 bytes"})
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.stored(), b"")
+
+    def test_chunkedTooLarge(self) -> None:
+        """
+        A chunked body is cut off with 413 as soon as it passes 64 KiB:
+        what was stored never exceeds the limit.
+        """
+        self.send(b"POST /move HTTP/1.1\nHost: admin\nAuthorization: Bearer " + TOKEN + b"\nTransfer-Encoding: chunked\n")
+        chunk = b"%x\r\n%s\r\n" % (16384, b" " * 16384)
+        for _ in range(5):
+            self.channel.dataReceived(chunk)
+        self.clock.advance(0)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(len(self.stored()), MAX_BODY)
+
+    def test_acceptedBody(self) -> None:
+        """
+        With the token and a body within the limit, the request goes on as
+        usual: C{100 Continue} if asked, then the answer, on a connection
+        that stays open.
+        """
+        self.harness.login("alice@example.org")
+        body = json.dumps({"account": "alice@example.org"}).encode()
+        self.send(
+            b"POST /sessions/drop HTTP/1.1\nHost: admin\nAuthorization: Bearer " + TOKEN + b"\n"
+            b"Content-Length: %d\nExpect: 100-continue\n" % (len(body),),
+        )
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.transport.clear()
+        self.channel.dataReceived(body)
+        head, _, answer = self.transport.value().partition(b"\r\n\r\n")
+        self.assertEqual(head.split(b"\r\n")[0], b"HTTP/1.1 200 OK")
+        self.assertIn(b'"dropped": 1', answer)
+        self.assertFalse(self.transport.disconnecting)

@@ -194,7 +194,20 @@ class OperationsConfigTests(SynchronousTestCase):
         """
         self.assertRefused(
             '[admin]\ntoken_file = "admin.token"\ntoken = "x"\n',
-            "admin.token: unknown key; allowed keys here: endpoint, token_file, certificate, key",
+            "admin.token: unknown key; allowed keys here: endpoint, token_file, certificate, key, health_details",
+        )
+
+    def test_healthDetails(self) -> None:
+        """
+        C{health_details} is off unless set (C{GET /health} without the
+        token says only its status), and must be true or false.
+        """
+        self.assertFalse(self.parse('[admin]\ntoken_file = "admin.token"\n').admin.healthDetails)
+        config = self.parse('[admin]\ntoken_file = "admin.token"\nhealth_details = true\n')
+        self.assertTrue(config.admin.healthDetails)
+        self.assertRefused(
+            '[admin]\ntoken_file = "admin.token"\nhealth_details = "yes"\n',
+            "admin.health_details: must be true or false, not a string",
         )
 
     def test_log(self) -> None:

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
 from mailproxy._logs import EventLogService, jsonLine
+from mailproxy._safetext import logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
 from mailproxy.routers.static import StaticRouter
@@ -127,13 +128,19 @@ class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
     def test_appliesWhatCanChange(self) -> None:
         """
         A reload builds a new router from the new files and applies limits,
-        host name, certificates and token at once.
+        host name, certificates, token and health details at once.
         """
         context = self.service.context
         oldRouter, oldOptions = context.router, context.serverTLS.options
+        self.assertFalse(self.service.admin.healthDetails)
         self.write("routes.toml", 'default = "new"\n')
         self.write("admin.token", "u" * 40 + "\n")
-        self.write("mailproxy.toml", CONFIG.replace("shutdown_grace = 10", "shutdown_grace = 3").replace("proxy.example.org", "mail.example.org"))
+        self.write(
+            "mailproxy.toml",
+            CONFIG.replace("shutdown_grace = 10", "shutdown_grace = 3")
+            .replace("proxy.example.org", "mail.example.org")
+            .replace('token_file = "admin.token"\n', 'token_file = "admin.token"\nhealth_details = true\n'),
+        )
         outcome = self.service.reload()
         self.assertEqual(outcome, {"ok": True, "path": self.path, "restartNeeded": []})
         self.assertIsNot(context.router, oldRouter)
@@ -142,6 +149,7 @@ class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
         self.assertEqual(context.hostname, "mail.example.org")
         self.assertIsNot(context.serverTLS.options, oldOptions)
         self.assertEqual(self.service.admin.guard.token, b"u" * 40)
+        self.assertTrue(self.service.admin.healthDetails)
 
     def test_brokenFileKeepsRunningConfiguration(self) -> None:
         """
@@ -310,10 +318,10 @@ class EventLogTests(SynchronousTestCase):
     L{EventLogService} and L{jsonLine}.
     """
 
-    def emit(self, logFormat: str) -> str:
+    def emit(self, logFormat: str, user: str = "a\nb") -> str:
         """
         Run the event log service in C{logFormat} on its own publisher, log
-        a session end and a failure, and return the file's text.
+        a session end of C{user} and a failure, and return the file's text.
         """
         path = os.path.abspath(self.mktemp())
         publisher = LogPublisher()
@@ -321,8 +329,8 @@ class EventLogTests(SynchronousTestCase):
         service.startService()
         log = Logger(namespace="mailproxy.test", observer=publisher)
         log.info(
-            "session {session} end: user={quotedUser}",
-            event="session_end", session="abc", user="a\nb", quotedUser='"a\\nb"', bytesIn=3, keys=("x", "y"),
+            "session {session} end: user={user}",
+            event="session_end", session="abc", user=logQuote(user), bytesIn=3, keys=("x", "y"),
             credentials=object(),
         )
         log.debug("not written")
@@ -356,9 +364,58 @@ class EventLogTests(SynchronousTestCase):
             },
         )
         self.assertNotIn("credentials", first)
-        self.assertNotIn("quotedUser", first)
         self.assertTrue(first["time"].endswith("Z"))
         self.assertEqual((second["level"], second["error"]), ("critical", "ZeroDivisionError: division by zero"))
+
+    def test_jsonLinesASCII(self) -> None:
+        """
+        A client's text that UTF-8 cannot encode (a lone surrogate from a
+        non-UTF-8 name) or that some readers take for a line end (U+2028,
+        NEL) is escaped: each event is one printable ASCII line, which
+        reads back as the text the client sent.
+        """
+        user = "a\udcff\u2028b\x85c\x1b[2J\rd"
+        text = self.emit("json", user)
+        self.assertTrue(text.isascii())
+        lines = text.splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(all(line.isprintable() for line in lines))
+        first = json.loads(lines[0])
+        self.assertEqual(first["user"], user)
+        self.assertEqual(first["message"], "session abc end: user=" + json.dumps(user))
+
+    def test_textOneLine(self) -> None:
+        """
+        In text, a client's text quoted with L{logQuote} stays on its line,
+        in printable ASCII, whatever it holds.
+        """
+        text = self.emit("text", "x\n[mailproxy.test#info] forged\r\x00\x1b\udcff\u2028")
+        (line,) = [line for line in text.split("\n") if "session abc end" in line]
+        self.assertTrue(line.isascii() and line.isprintable(), line)
+        self.assertNotIn("\n[mailproxy.test#info] forged", text)
+
+    def test_textControlsEscaped(self) -> None:
+        """
+        In text, control characters that reach an entry unquoted (in a
+        traceback's message) are written as escapes, and text UTF-8 cannot
+        encode does not lose the entry: only the tab-indented continuation
+        lines of the traceback remain.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig("text", path), publisher)
+        service.startService()
+        log = Logger(namespace="mailproxy.test", observer=publisher)
+        try:
+            raise ValueError("bad name x\r\x1b[2J\x00\udcff")
+        except ValueError:
+            log.failure("router failed")
+        service.stopService()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("ValueError: bad name x\\x0d\\x1b[2J\\x00\\udcff\n", text)
+        for line in text.splitlines():
+            self.assertTrue(line.replace("\t", " ").isprintable(), line)
 
     def test_text(self) -> None:
         """

@@ -609,7 +609,7 @@ class ResponseTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(0.2)
         self.assertTrue(result(d).temporary)
-        self.assertIn("auth_http http://auth.internal/auth failed for alice@example.org", self.logText())
+        self.assertIn('auth_http http://auth.internal/auth failed for "alice@example.org"', self.logText())
 
     def test_connectionFailure(self) -> None:
         """

@@ -197,7 +197,7 @@ class RouterTests(SynchronousTestCase):
         A failed bind refuses the login (no backend is ever named).
         """
         self.assertEqual(result(self.router().route(login(password=b"guess"))), Rejection())
-        self.assertIn("wrong password for alice@example.org", self.logText())
+        self.assertIn('wrong password for "alice@example.org"', self.logText())
         self.assertNotIn("guess", self.logText())
 
     def test_bindNeedsCleartext(self) -> None:
@@ -256,7 +256,7 @@ class RouterTests(SynchronousTestCase):
         """
         self.directory.down = True
         self.assertEqual(result(self.router().route(login())), UNAVAILABLE)
-        self.assertIn("directory unavailable for alice@example.org", self.logText())
+        self.assertIn('directory unavailable for "alice@example.org"', self.logText())
 
     def test_downDuringBind(self) -> None:
         """

@@ -205,7 +205,7 @@ class SQLiteRouterTests(SynchronousTestCase):
         Two rows are refused and logged.
         """
         self.assertEqual(result(self.router().route(login("twice@example.org"))), Rejection())
-        self.assertIn("more than one row for twice@example.org", self.logText())
+        self.assertIn('more than one row for "twice@example.org"', self.logText())
 
     def test_hostPort(self) -> None:
         """

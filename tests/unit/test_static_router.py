@@ -213,7 +213,7 @@ class LookupTests(RouterTestCase):
             router.route(login("bob@example.org")), Rejection("Authentication failed.", unknown=True)
         )
         self.assertEqual(router.explain("bob@example.org"), "no rule")
-        self.assertIn("No route for bob@example.org", self.logText())
+        self.assertIn('No route for "bob@example.org"', self.logText())
 
     def test_emptyTable(self) -> None:
         """
@@ -237,7 +237,7 @@ class LookupTests(RouterTestCase):
         result = self.router().route(login("x@example.com"))
         self.assertEqual(result, Rejection("Service temporarily unavailable.", temporary=True))
         self.assertIn(
-            "domains['example.com'] sends x@example.com to backend smtponly, which has no imap port",
+            "domains['example.com'] sends \"x@example.com\" to backend smtponly, which has no imap port",
             self.logText(),
         )
 
@@ -279,7 +279,7 @@ class PasswordTests(RouterTestCase):
         result = self.router().route(login("carol@example.org", b"guess"))
         self.assertEqual(result, Rejection("Authentication failed.", temporary=False))
         text = self.logText()
-        self.assertIn("Wrong password for carol@example.org", text)
+        self.assertIn('Wrong password for "carol@example.org"', text)
         self.assertNotIn("guess", text)
         self.assertNotIn("s3cret", text)
 
@@ -353,7 +353,7 @@ class PasswordTests(RouterTestCase):
         for user in ("alice@example.org", "zoe@example.net", "bob@example.org"):
             self.assertEqual(router.route(cramMD5(user, b"pw")), Rejection("Authentication failed."))
         self.assertIn(
-            "CRAM-MD5 login for alice@example.org refused: accounts['Alice@Example.org'] has no password",
+            "CRAM-MD5 login for \"alice@example.org\" refused: accounts['Alice@Example.org'] has no password",
             self.logText(),
         )
 
