@@ -143,6 +143,7 @@ class BackendProtocol(Protocol):
         self._awaitingHandshake = False
         self._received = 0
         self.onLost: Callable[[], None] | None = None
+        self.onHalfClosed: Callable[[], None] | None = None
 
     # Connection lifecycle
 
@@ -205,6 +206,20 @@ class BackendProtocol(Protocol):
             self.fail("unavailable", detail)
         elif self.onLost is not None:
             self.onLost()
+
+    def readConnectionLost(self) -> None:
+        """
+        The backend half-closed (only reported once relaying, see
+        L{mailproxy._relay.allowHalfClose}).
+        """
+        if self.onHalfClosed is not None:
+            self.onHalfClosed()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The relay half-closed the backend after the client's last words;
+        the backend's own close follows.
+        """
 
     # Outcome
 
