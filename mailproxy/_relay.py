@@ -19,9 +19,10 @@ pipe per direction, and only the readiness events are handled here.
 
 Half-close: a side that stops sending (TCP FIN, or a TLS close_notify) has
 that passed on to the other side once everything it sent has been written
-there, and the other direction goes on until it ends too (a client's
-C{LOGOUT} followed by C{shutdown(SHUT_WR)} still gets the backend's
-C{* BYE} and tagged C{OK}). The idle timeout keeps applying meanwhile.
+there (to a TLS peer, L{TLS_HALF_CLOSE_DELAY} later), and the other
+direction goes on until it ends too (a client's C{LOGOUT} followed by
+C{shutdown(SHUT_WR)} still gets the backend's C{* BYE} and tagged C{OK}).
+The idle timeout keeps applying meanwhile.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ from ._transport import IProxyTransport
 #: larger reads make bulk transfers (a big FETCH) cheaper per megabyte.
 #: It is also how much one direction may buffer before reading pauses.
 RELAY_READ_SIZE = 256 * 1024
+
+
+#: Seconds a TLS peer learns of the other side's half-close (our
+#: close_notify) after it, unless the session ends before. Dovecot's login
+#: process, which runs the TLS of its IMAP and POP3 connections, drops its
+#: reply to a command (C{LOGOUT}) that arrives together with the
+#: close_notify; a plain TCP peer gets its FIN at once.
+TLS_HALF_CLOSE_DELAY = 2.0
 
 
 def socketOf(transport: object) -> FileDescriptor | None:
@@ -248,6 +257,7 @@ class Relay:
         self._clientDone = False
         self._backendDone = False
         self._closedFirst: str | None = None
+        self._halfCloseCall: IDelayedCall | None = None
 
     def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
         """
@@ -342,7 +352,10 @@ class Relay:
             sink.unregisterProducer()
         except Exception:
             pass
-        closeWriting(sink)
+        if any(isinstance(layer, TLSMemoryBIOProtocol) for layer in _layers(sink)):
+            self._halfCloseCall = self._clock.callLater(TLS_HALF_CLOSE_DELAY, closeWriting, sink)
+        else:
+            closeWriting(sink)
 
     def stop(self, reason: str = "shutdown") -> None:
         """
@@ -367,9 +380,10 @@ class Relay:
         if self.endReason is not None:
             return False
         self.endReason = reason
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
+        for call in (self._idleCall, self._halfCloseCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._idleCall = self._halfCloseCall = None
         if self._splicer is not None:
             # Give the sockets back to Twisted, which closes them.
             self._splicer.detach()

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
@@ -142,14 +142,14 @@ class SplicedRelayTests(TestCase):
         self.backend, self.backendInner = yield self.leg(backend)
         self.join(toClient, toBackend)
 
-    def join(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
+    def join(self, toClient: bytes = b"", toBackend: bytes = b"", clock: object = reactor) -> None:
         """
         Relay L{clientInner} and L{backendInner} as a session does after
-        its login reply.
+        its login reply, with C{clock} for its timers.
         """
         self.ended = []
         self.relay = Relay(
-            self.clientInner.transport, self.backendInner.transport, reactor, 60, self.ended.append
+            self.clientInner.transport, self.backendInner.transport, clock, 60, self.ended.append
         )
         for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
             inner.dataReceived = getattr(self.relay, method)
@@ -341,25 +341,30 @@ class BlockingTLS:
     reading, as a half-closing client or server does.
     """
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, serverSide: bool) -> None:
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, serverSide: bool, serverName: str | None = None) -> None:
         sock.settimeout(10)
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=serverSide)
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=serverSide, server_hostname=serverName)
+
+    def _send(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
 
     def _step(self, operation):
         while True:
             try:
                 result = operation()
             except ssl.SSLWantReadError:
-                self.sock.sendall(self.outgoing.read())
+                self._send()
                 data = self.sock.recv(65536)
                 if not data:
                     raise EOFError()
                 self.incoming.write(data)
             else:
-                self.sock.sendall(self.outgoing.read())
+                self._send()
                 return result
 
     def handshake(self) -> None:
@@ -376,21 +381,26 @@ class BlockingTLS:
             self.tls.unwrap()
         except ssl.SSLWantReadError:
             pass
-        self.sock.sendall(self.outgoing.read())
+        self._send()
+
+    def read(self) -> bytes:
+        """
+        What the peer sent next; C{b""} once it sent its close_notify or
+        the connection ended.
+        """
+        try:
+            return self._step(lambda: self.tls.read(65536))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError, EOFError, ConnectionResetError):
+            return b""
 
     def readAll(self) -> bytes:
         """
         Everything until the peer's close_notify or the connection's end.
         """
         received = b""
-        while True:
-            try:
-                chunk = self._step(lambda: self.tls.read(65536))
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, EOFError):
-                return received
-            if not chunk:
-                return received
+        while chunk := self.read():
             received += chunk
+        return received
 
 
 class HalfCloseTests(TestCase):
@@ -418,13 +428,14 @@ class HalfCloseTests(TestCase):
         self.clientContext.verify_mode = ssl.CERT_NONE
 
     @inlineCallbacks
-    def plainClientLogsOut(self):
+    def plainClientLogsOut(self, alreadySent: bool = False):
         """
-        The client sends C{b LOGOUT} and half-closes; wait for its
-        connection to end, and for the relay's.
+        The client sends C{b LOGOUT} and half-closes (unless it did
+        already); wait for its connection to end, and for the relay's.
         """
-        self.client.transport.write(b"b LOGOUT\r\n")
-        self.client.transport.loseWriteConnection()
+        if not alreadySent:
+            self.client.transport.write(b"b LOGOUT\r\n")
+            self.client.transport.loseWriteConnection()
         yield self.client.closed
         yield self.clientInner.lost
         yield self.backendInner.lost
@@ -516,8 +527,8 @@ class HalfCloseTests(TestCase):
     def test_tlsBackend(self) -> None:
         """
         A plain client's half-close reaches a TLS backend as a close_notify
-        after the client's LOGOUT, and the backend's reply (sent after it)
-        still reaches the client.
+        after the client's LOGOUT, L{_relay.TLS_HALF_CLOSE_DELAY} later,
+        and the backend's reply (sent after it) still reaches the client.
         """
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
@@ -540,8 +551,17 @@ class HalfCloseTests(TestCase):
         self.backendInner = yield factory.inner
         self.backendInner.transport.startTLS(CertificateOptions())
         yield self.backendInner.handshake
-        self.join()
-        yield self.plainClientLogsOut()
+        clock = Clock()
+        self.join(clock=clock)
+        self.client.transport.write(b"b LOGOUT\r\n")
+        self.client.transport.loseWriteConnection()
+        while len(clock.getDelayedCalls()) < 2:
+            yield deferLater(reactor, 0.01)
+        # The half-close waits for its delay (beside the idle check).
+        delays = sorted(call.getTime() for call in clock.getDelayedCalls())
+        self.assertEqual(delays, [_relay.TLS_HALF_CLOSE_DELAY, 60])
+        clock.advance(_relay.TLS_HALF_CLOSE_DELAY)
+        yield self.plainClientLogsOut(alreadySent=True)
         self.assertEqual((yield backendReceived), b"b LOGOUT\r\n")
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
         self.assertEqual(self.relay.endReason, "client closed")
