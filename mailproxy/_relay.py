@@ -151,6 +151,12 @@ class _HalfClosingTLS(BufferingTLSTransport):
 
     _peerDone = False
 
+    def dataReceived(self, data: bytes) -> None:
+        # Nothing may follow the peer's close_notify: what does is dropped,
+        # not piled up unread in the TLS buffer.
+        if not self._peerDone:
+            super().dataReceived(data)
+
     def _flushReceiveBIO(self) -> None:
         # Twisted's loop, except for the close_notify of a peer we still
         # write to.
