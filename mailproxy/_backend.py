@@ -30,6 +30,13 @@ from .model import Backend, ClientInfo, Credentials, Route
 
 FailureKind = Literal["auth", "unavailable", "refused"]
 
+#: Octets a backend may send from its greeting to the end of the login
+#: dialogue. A real server's greeting, capabilities and login reply take a
+#: few KiB; a hostile one that keeps sending (endless untagged lines, a
+#: capability list without end) fails the login as temporary here instead of
+#: growing what the dialogue collects.
+MAX_LOGIN_DIALOGUE = 256 * 1024
+
 
 class BackendFailure(Exception):
     """
@@ -134,7 +141,9 @@ class BackendProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._done = False
         self._awaitingHandshake = False
+        self._received = 0
         self.onLost: Callable[[], None] | None = None
+        self.onHalfClosed: Callable[[], None] | None = None
 
     # Connection lifecycle
 
@@ -151,6 +160,11 @@ class BackendProtocol(Protocol):
             self.startTLS()
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._done:
+            self._received += len(data)
+            if self._received > MAX_LOGIN_DIALOGUE:
+                self.fail("unavailable", f"backend sent more than {MAX_LOGIN_DIALOGUE} octets during login")
+                return
         if self._awaitingHandshake and not self.tlsActive:
             # Bytes the server sent before the TLS handshake finished can only
             # be plaintext injected after its STARTTLS reply.
@@ -192,6 +206,20 @@ class BackendProtocol(Protocol):
             self.fail("unavailable", detail)
         elif self.onLost is not None:
             self.onLost()
+
+    def readConnectionLost(self) -> None:
+        """
+        The backend half-closed (only reported once relaying, see
+        L{mailproxy._relay.allowHalfClose}).
+        """
+        if self.onHalfClosed is not None:
+            self.onHalfClosed()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The relay half-closed the backend after the client's last words;
+        the backend's own close follows.
+        """
 
     # Outcome
 

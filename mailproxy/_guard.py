@@ -77,6 +77,13 @@ class IRelayGuard(Interface):
         The backend sent C{data}; it has already been passed to the client.
         """
 
+    def whenDrained(action: Callable[[], None]) -> None:
+        """
+        The client has stopped sending: run C{action} once every command it
+        sent that the guard still holds has been forwarded or answered (at
+        once if none is held). An unfinished command line is dropped.
+        """
+
 
 @implementer(IRelayGuard)
 class CommandGuard:
@@ -104,6 +111,7 @@ class CommandGuard:
         self._held = False
         self._then: Callable[[], None] | None = None
         self._skipping = False
+        self._drained: Callable[[], None] | None = None
 
     # IRelayGuard
 
@@ -126,6 +134,17 @@ class CommandGuard:
             assert self.link is not None
             self.link.releaseClient()
             self._run()
+
+    def whenDrained(self, action: Callable[[], None]) -> None:
+        self._drained = action
+        self._checkDrained()
+
+    def _checkDrained(self) -> None:
+        if self._drained is not None and self._then is None and not self.closed:
+            action, self._drained = self._drained, None
+            # What is left is no whole command: it never reaches the backend.
+            self._buffer = b""
+            action()
 
     # For subclasses
 
@@ -242,6 +261,7 @@ class CommandGuard:
         if start < position:
             link.forward(buffer[start:position] if start or position < len(buffer) else buffer)
         self._buffer = buffer[position:] if position else buffer
+        self._checkDrained()
 
 
 def commandVerb(line: bytes) -> bytes:

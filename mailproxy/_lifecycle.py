@@ -78,6 +78,14 @@ def _stopRouter(router: object) -> None:
         stop()
 
 
+def _closeRouter(router: object) -> None:
+    # A router holding threads or connections (LDAP, SQL) lets them go once
+    # its lookups under way are done.
+    close = getattr(router, "close", None)
+    if close is not None:
+        close()
+
+
 class ProxyService(MultiService):
     """
     The proxy: its listeners and management endpoint as children, its
@@ -218,6 +226,7 @@ class ProxyService(MultiService):
         context = self.context
         oldRouter, context.router = context.router, router
         _stopRouter(oldRouter)
+        _closeRouter(oldRouter)
         if self.running:
             _startRouter(router)
         context.routerName = config.router.type

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -123,6 +130,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         # TLS started under us (STARTTLS): tell the front end.
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
+
+    def readConnectionLost(self) -> None:
+        # Reported only once the relay made the layers half-closeable.
+        cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        cast(IHalfCloseableProtocol, self.wrappedProtocol).writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()

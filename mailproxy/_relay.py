@@ -19,6 +19,13 @@ pipe per direction, and only the readiness events are handled here.
 
 A protocol may give the relay a guard (L{mailproxy._guard.IRelayGuard}): it
 sees the client's octets before the backend and decides what reaches it.
+
+Half-close: a side that stops sending (TCP FIN, or a TLS close_notify) has
+that passed on to the other side once everything it sent has been written
+there (to a TLS peer, L{TLS_HALF_CLOSE_DELAY} later), and the other
+direction goes on until it ends too (a client's C{LOGOUT} followed by
+C{shutdown(SHUT_WR)} still gets the backend's C{* BYE} and tagged C{OK}).
+The idle timeout keeps applying meanwhile.
 """
 
 from __future__ import annotations
@@ -26,13 +33,25 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from typing import Callable
+import socket
+from typing import Callable, cast
 
+from OpenSSL.SSL import SENT_SHUTDOWN, Error, WantReadError, ZeroReturnError
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import alsoProvides, implementer
 
 from ._guard import IRelayGuard, IRelayLink
 from ._proxylistener import ProxyHeaderProtocol
@@ -43,6 +62,20 @@ from ._transport import IProxyTransport
 #: larger reads make bulk transfers (a big FETCH) cheaper per megabyte.
 #: It is also how much one direction may buffer before reading pauses.
 RELAY_READ_SIZE = 256 * 1024
+
+
+#: Seconds a TLS peer learns of the other side's half-close (our
+#: close_notify) after it, unless the session ends before. Dovecot's login
+#: process, which runs the TLS of its IMAP and POP3 connections, drops its
+#: reply to a command (C{LOGOUT}) that arrives together with the
+#: close_notify; a plain TCP peer gets its FIN at once.
+TLS_HALF_CLOSE_DELAY = 2.0
+
+#: Seconds without traffic after which a half-closed session ends (the
+#: idle timeout, if shorter). A client's close reaches the backend as a
+#: half-close (TCP cannot tell the two apart); a backend that then neither
+#: answers nor closes must not hold the session for the whole idle timeout.
+HALF_CLOSED_IDLE = 60.0
 
 
 def socketOf(transport: object) -> FileDescriptor | None:
@@ -57,6 +90,148 @@ def socketOf(transport: object) -> FileDescriptor | None:
     return None
 
 
+def _layers(transport: object) -> list[object]:
+    """
+    The protocols of the connection under C{transport}, from the socket's
+    up to the session's (wrappers such as TLS or a PROXY header reader
+    first).
+    """
+    descriptor = socketOf(transport)
+    layers: list[object] = []
+    layer = getattr(descriptor, "protocol", None)
+    while layer is not None and len(layers) < 5:
+        layers.append(layer)
+        layer = getattr(layer, "wrappedProtocol", None)
+    return layers
+
+
+def allowHalfClose(transport: object) -> bool:
+    """
+    Let the connection under C{transport} report its peer's half-close (a
+    TCP FIN, a TLS close_notify) as C{readConnectionLost} up to the
+    session's protocol, instead of ending. Done at hand-over only, so
+    nothing changes before login.
+
+    @return: whether every layer can pass it on; if one cannot, nothing
+        is changed and the peer's half-close ends the connection as before.
+    """
+    layers = _layers(transport)
+    if not layers:
+        return False
+    for layer in layers:
+        if isinstance(layer, TLSMemoryBIOProtocol):
+            if type(layer) not in (BufferingTLSTransport, _HalfClosingTLS):
+                return False
+        elif not hasattr(type(layer), "readConnectionLost"):
+            return False
+    for layer in layers:
+        if type(layer) is BufferingTLSTransport:
+            # Twisted's TLS ends the connection on a close_notify; the same
+            # layer with the half-close below (no state of its own).
+            layer.__class__ = _HalfClosingTLS
+        # Declared on the instance, as its interfaces were declared for the
+        # class it had (and as it must be for the other layers).
+        alsoProvides(layer, IHalfCloseableProtocol)
+    return True
+
+
+def closeWriting(transport: IProxyTransport) -> None:
+    """
+    Half-close C{transport} once what was written to it is sent: a TCP
+    FIN, or a TLS close_notify (not a bare FIN under TLS). A TLS layer that
+    cannot is closed instead.
+    """
+    for layer in _layers(transport):
+        if isinstance(layer, _HalfClosingTLS):
+            layer.loseWriteConnection()
+            return
+        if isinstance(layer, TLSMemoryBIOProtocol):
+            transport.loseConnection()
+            return
+    transport.loseWriteConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClosingTLS(BufferingTLSTransport):
+    """
+    Twisted's TLS layer, but a close_notify from the peer only ends its
+    sending: the wrapped protocol gets C{readConnectionLost} and may go on
+    writing; and C{loseWriteConnection} sends our close_notify and goes on
+    reading. A TCP FIN under TLS counts as the peer's half-close too.
+    """
+
+    _peerDone = False
+
+    def dataReceived(self, data: bytes) -> None:
+        # Nothing may follow the peer's close_notify: what does is dropped,
+        # not piled up unread in the TLS buffer.
+        if not self._peerDone:
+            super().dataReceived(data)
+
+    def _flushReceiveBIO(self) -> None:
+        # Twisted's loop, except for the close_notify of a peer we still
+        # write to.
+        while not self._lostTLSConnection and not self._peerDone:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                if self._tlsConnection.get_shutdown() & SENT_SHUTDOWN:
+                    # Both sides are done: close as Twisted does.
+                    self._shutdownTLS()
+                    self._tlsShutdownFinished(None)
+                else:
+                    self.readConnectionLost()
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+    def readConnectionLost(self) -> None:
+        """
+        The peer sends nothing more (its close_notify, or a FIN below).
+        """
+        if self._peerDone:
+            return
+        self._peerDone = True
+        if self.disconnecting:
+            # Our close_notify went out already: nothing more to wait for.
+            self._closeBelow()
+        else:
+            # allowHalfClose made the wrapped protocol half-closeable.
+            cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Only TLS half-closes, never the TCP below it.
+        """
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send our close_notify after what was written, and keep reading.
+        """
+        self._aggregator.flush()
+        if self._appSendBuffer:
+            # Still handshaking (never the case once relaying): close.
+            self.loseConnection()
+            return
+        self._shutdownTLS()
+
+    def _shutdownTLS(self) -> None:
+        super()._shutdownTLS()
+        if self.disconnecting and self._peerDone:
+            # The peer's close_notify will not come (it sent a bare FIN, or
+            # it came already): close the TCP connection now.
+            self._closeBelow()
+
+    def _closeBelow(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 @implementer(IRelayLink)
 class Relay:
     """
@@ -67,8 +242,10 @@ class Relay:
     @ivar bytesFromBackend: octets read from the backend and sent to the
         client.
     @ivar endReason: why the relay ended: C{"client closed"},
-        C{"backend closed"}, C{"idle timeout"} or C{"shutdown"}; L{None}
-        while it runs.
+        C{"backend closed"} (whichever side closed or half-closed first),
+        C{"idle timeout"} or C{"shutdown"}; L{None} while it runs.
+    @ivar clientGone: the client's connection is lost (the relay did not
+        have to close it).
     """
 
     log = Logger()
@@ -95,6 +272,13 @@ class Relay:
         self.endReason: str | None = None
         self._guard = guard
         self._clientHolds: set[str] = set()
+        self.clientGone = False
+        # The sides that have stopped sending (half-closed), and which did
+        # first.
+        self._clientDone = False
+        self._backendDone = False
+        self._closedFirst: str | None = None
+        self._halfCloseCall: IDelayedCall | None = None
 
     def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
         """
@@ -111,6 +295,8 @@ class Relay:
         # kernel cannot move them for it.
         if self._guard is None and _Splicer.attempt(self, toClient, toBackend) is not None:
             return
+        for transport in (self._client, self._backend):
+            allowHalfClose(transport)
         for transport in (self._client, self._backend):
             descriptor = socketOf(transport)
             if descriptor is not None:
@@ -180,14 +366,68 @@ class Relay:
         The client's connection is gone: close the backend after it has
         received everything already written.
         """
-        self._end("client closed", self._backend)
+        self.clientGone = True
+        self._end(self._closedFirst or "client closed", self._backend)
 
     def backendLost(self) -> None:
         """
         The backend's connection is gone: close the client once the
         backend's last words (e.g. C{* BYE}) have reached it.
         """
-        self._end("backend closed", self._client)
+        self._end(self._closedFirst or "backend closed", self._client)
+
+    def clientHalfClosed(self) -> None:
+        """
+        The client will send nothing more but still reads: once the backend
+        has what the client sent, tell it so, and go on relaying its
+        replies.
+        """
+        if self.endReason is None and not self._clientDone:
+            self._clientDone = True
+            if self._guard is None:
+                self._halfClosed("client closed", self._client, self._backend, self._backendDone)
+            else:
+                # Commands the guard still holds (waiting for replies) go to
+                # the backend before the half-close does.
+                self._guard.whenDrained(self._clientDrained)
+
+    def _clientDrained(self) -> None:
+        if self.endReason is None:
+            self._halfClosed("client closed", self._client, self._backend, self._backendDone)
+
+    def backendHalfClosed(self) -> None:
+        """
+        The backend will send nothing more but still reads: the same, the
+        other way round.
+        """
+        if self.endReason is None and not self._backendDone:
+            self._backendDone = True
+            self._halfClosed("backend closed", self._backend, self._client, self._clientDone)
+
+    def _halfClosed(self, reason: str, source: IProxyTransport, sink: IProxyTransport, sinkDone: bool) -> None:
+        if self._closedFirst is None:
+            self._closedFirst = reason
+        if sinkDone:
+            # Both directions are over: close both connections.
+            if self._end(self._closedFirst, sink):
+                source.loseConnection()
+            return
+        if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
+            self._idleTimeout = HALF_CLOSED_IDLE
+            if self._idleCall is not None and self._idleCall.active():
+                self._idleCall.cancel()
+            self._idleCall = self._clock.callLater(HALF_CLOSED_IDLE, self._checkIdle)
+        # The source produces nothing more: the sink's writes no longer
+        # pause it, and a registered producer would hold back the sink's
+        # half-close.
+        try:
+            sink.unregisterProducer()
+        except Exception:
+            pass
+        if any(isinstance(layer, TLSMemoryBIOProtocol) for layer in _layers(sink)):
+            self._halfCloseCall = self._clock.callLater(TLS_HALF_CLOSE_DELAY, closeWriting, sink)
+        else:
+            closeWriting(sink)
 
     def stop(self, reason: str = "shutdown") -> None:
         """
@@ -212,9 +452,10 @@ class Relay:
         if self.endReason is not None:
             return False
         self.endReason = reason
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
+        for call in (self._idleCall, self._halfCloseCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._idleCall = self._halfCloseCall = None
         if self._splicer is not None:
             # Give the sockets back to Twisted, which closes them.
             self._splicer.detach()
@@ -571,7 +812,18 @@ class _Splicer:
                 self.reactor.addReader(direction.source)
 
     def _finished(self, direction: _Direction) -> None:
-        # The source closed and everything it sent reached the sink: end as
+        other = self.toBackend if direction is self.toClient else self.toClient
+        if not (other.ended and other.pending == 0):
+            # Only this way is over (a half-close): the sink has everything,
+            # so it may learn that nothing follows; the other way goes on.
+            try:
+                direction.sink.connection.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            if self.relay._closedFirst is None:
+                self.relay._closedFirst = "client closed" if direction is self.toBackend else "backend closed"
+            return
+        # Both ways are over and everything reached its sink: end as
         # Twisted would have (the relay closes the sink), and close the
         # source's socket too, which Twisted no longer watches.
         if direction is self.toClient:

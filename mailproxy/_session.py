@@ -331,6 +331,20 @@ class FrontendProtocol(Protocol):
             self.context.sessions.discard(self)
             self._logEnd()
 
+    def readConnectionLost(self) -> None:
+        """
+        The client half-closed (only reported once relaying, see
+        L{mailproxy._relay.allowHalfClose}): the relay passes it on.
+        """
+        if self.relay is not None:
+            self.relay.clientHalfClosed()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The relay half-closed the client after the backend's last words;
+        the client's own close follows.
+        """
+
     def _preauthExpired(self) -> None:
         self._preauthTimer = None
         if self._closing or getattr(self.transport, "disconnecting", False):
@@ -692,6 +706,7 @@ class FrontendProtocol(Protocol):
         self.dataReceived = relay.fromClient  # type: ignore[method-assign]
         backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
         backend.onLost = relay.backendLost
+        backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=backend.leftover, toBackend=toBackend)
 
     def _relayEnded(self, relay: Relay) -> None:
@@ -701,7 +716,7 @@ class FrontendProtocol(Protocol):
             self.sayGoodbye("Idle timeout.")
         elif self._goodbye is not None:
             self.sayGoodbye(self._goodbye)
-        if relay.endReason != "client closed":
+        if not relay.clientGone:
             # The relay closes the client: cut it if it never finishes.
             self._closing = True
             self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)

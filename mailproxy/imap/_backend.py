@@ -24,6 +24,9 @@ from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 65536
+#: Most untagged lines (alerts) kept during login to show the client; a
+#: backend sending more fails the login as temporary.
+MAX_LOGIN_UNTAGGED = 64
 #: Capabilities a relay cannot honour: never shown to the client.
 _HIDDEN_CAPABILITIES = frozenset([b"UNAUTHENTICATE", b"STARTTLS", b"LOGINDISABLED"])
 #: Backend NO codes that mean "wrong credentials" (answered generically).
@@ -179,9 +182,15 @@ class IMAPBackendLogin(BackendProtocol):
             if code == b"CAPABILITY":
                 self.capabilities = args.split()
             else:
-                self.untagged.append(response)
+                self._keep(response)
         else:
-            self.untagged.append(response)
+            self._keep(response)
+
+    def _keep(self, response: bytes) -> None:
+        if len(self.untagged) >= MAX_LOGIN_UNTAGGED:
+            self.fail("unavailable", f"backend sent more than {MAX_LOGIN_UNTAGGED} untagged lines during login")
+            return
+        self.untagged.append(response)
 
     # The dialogue
 

@@ -28,7 +28,7 @@ _T = TypeVar("_T")
 class ThreadRunner:
     """
     A bounded thread pool that starts on first use and stops when the
-    reactor shuts down.
+    reactor shuts down, or once idle after L{close}.
 
     @ivar size: the most threads used at once.
     """
@@ -44,7 +44,11 @@ class ThreadRunner:
         self._reactor = reactor
         self._name = name
         self._pool: ThreadPool | None = None
+        self._shutdownTrigger: Any = None
         self._onStop: list[Callable[[], None]] = []
+        # Calls whose thread has not returned yet (timed out ones included).
+        self._running = 0
+        self._closing = False
 
     def run(self, timeout: float, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """
@@ -56,9 +60,23 @@ class ThreadRunner:
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=self.size, name=self._name)
             self._pool.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        d: Deferred[_T] = deferToThreadPool(self._reactor, self._pool, f, *args)
+            self._shutdownTrigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
+        self._running += 1
+        d: Deferred[_T] = deferToThreadPool(self._reactor, self._pool, self._call, f, args)
         return d.addTimeout(timeout, self._reactor)
+
+    def _call(self, f: Callable[..., _T], args: tuple[Any, ...]) -> _T:
+        # In the pool thread. The count drops when the thread is done, not
+        # when the caller's deadline passed.
+        try:
+            return f(*args)
+        finally:
+            self._reactor.callFromThread(self._returned)
+
+    def _returned(self) -> None:
+        self._running -= 1
+        if self._closing and not self._running:
+            self.stop()
 
     def whenStopping(self, cleanup: Callable[[], None]) -> None:
         """
@@ -67,12 +85,30 @@ class ThreadRunner:
         """
         self._onStop.append(cleanup)
 
+    def close(self) -> None:
+        """
+        The router using this runner is no longer used (a reload replaced
+        it): stop the pool and run the cleanups once the calls under way
+        have returned, without waiting for them here.  A call made later
+        still runs, in a pool that stops again when it is idle.
+        """
+        self._closing = True
+        if not self._running:
+            self.stop()
+
+    def _shutdown(self) -> None:
+        self._shutdownTrigger = None
+        self.stop()
+
     def stop(self) -> None:
         """
         Stop the threads (waiting for running calls) and run the cleanups.
         Doing so twice is harmless; a later L{run} starts a new pool.
         """
         pool, self._pool = self._pool, None
+        if self._shutdownTrigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdownTrigger)
+            self._shutdownTrigger = None
         if pool is not None:
             pool.stop()
         for cleanup in self._onStop:

@@ -306,6 +306,14 @@ class CachingRouter:
             self.router.reload()
         self.invalidate()
 
+    def close(self) -> None:
+        """
+        Close the wrapped router (a reload replaced this one), if it can.
+        """
+        close = getattr(self.router, "close", None)
+        if close is not None:
+            close()
+
     def startWatching(self) -> None:
         """
         Start the wrapped router's watching, if it has any.

@@ -96,6 +96,12 @@ class ChainRouter:
         """
         self._each("stopWatching")
 
+    def close(self) -> None:
+        """
+        Close every router that can be closed (a reload replaced the chain).
+        """
+        self._each("close")
+
     def _each(self, method: str) -> None:
         for router in self.routers:
             call = getattr(router, method, None)

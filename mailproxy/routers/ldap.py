@@ -450,6 +450,15 @@ class LDAPRouter:
         self._runner = runner
         self._deadline = deadline
 
+    def close(self) -> None:
+        """
+        This router is no longer used (a reload replaced it): its threads
+        stop and its connections close once the lookups under way are done.
+        """
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
+
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
         Look the login up, check its password, and route it.

@@ -436,6 +436,15 @@ class SQLRouter:
         if statements is not None:
             alsoProvides(self, IRouteStore)
 
+    def close(self) -> None:
+        """
+        This router is no longer used (a reload replaced it): its threads
+        stop and its connections close once the lookups under way are done.
+        """
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
+
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
         Run the query for C{request} and route by its row.

@@ -47,6 +47,7 @@ from .servers import (
     requireServer,
     sharedFixture,
 )
+from ..unit.test_relay_sockets import BlockingTLS
 
 LARGE_MESSAGE_ID = "<large@example.org>"
 
@@ -465,6 +466,54 @@ class RoutingTestsMixin(ProxyFixtureMixin):
         while not line.startswith(b"c "):
             line = client.readLine()
         self.assertTrue(line.startswith(b"c OK"), line)
+
+    def test_halfCloseAfterLogout(self) -> None:
+        """
+        A client that sends LOGOUT and at once half-closes its connection
+        (C{shutdown(SHUT_WR)}) still reads the server's C{* BYE} and tagged
+        C{OK}, then the end of the connection; three times.
+        """
+        user = "alice@example.org"
+        for _ in range(3):
+            client = self.connectLines(self.running.startTLS)
+            login = client.command(b"a", f'LOGIN {user} "{PASSWORDS[user]}"'.encode())
+            self.assertTrue(login[-1].startswith(b"a OK"), login)
+            client.send(b"b LOGOUT")
+            client.connection.shutdown(socket.SHUT_WR)
+            reply = [client.readLine(), client.readLine()]
+            self.assertTrue(reply[0].startswith(b"* BYE "), reply)
+            self.assertTrue(reply[1].startswith(b"b OK "), reply)
+            self.assertRaises(EOFError, client.readLine)
+
+    def test_closeNotifyAfterLogout(self) -> None:
+        """
+        A TLS client that sends LOGOUT and at once its close_notify and a
+        FIN (it sends nothing more, but reads on) gets the server's C{* BYE}
+        and tagged C{OK}, then the proxy's close_notify; three times.
+        """
+        user = "alice@example.org"
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", self.running.implicit), TIMEOUT) as sock:
+                tls = BlockingTLS(sock, self.context, serverSide=False, serverName=LineClient.serverName)
+                tls.handshake()
+                received = b""
+                while not received.endswith(b"\r\n"):
+                    received += tls.read()
+                self.assertTrue(received.startswith(b"* OK"), received)
+                tls.write(f'a LOGIN {user} "{PASSWORDS[user]}"\r\n'.encode())
+                received = b""
+                while b"a OK" not in received:
+                    chunk = tls.read()
+                    self.assertTrue(chunk, received)
+                    received += chunk
+                tls.write(b"b LOGOUT\r\n")
+                tls.closeNotify()
+                sock.shutdown(socket.SHUT_WR)
+                lines = tls.readAll().split(b"\r\n")
+                self.assertEqual(len(lines), 3, lines)
+                self.assertTrue(lines[0].startswith(b"* BYE "), lines)
+                self.assertTrue(lines[1].startswith(b"b OK "), lines)
+                self.assertEqual(lines[2], b"")
 
     def test_clientAddressForwarded(self) -> None:
         """

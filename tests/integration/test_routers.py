@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import smtplib
 import socket
 import sqlite3
@@ -736,6 +737,71 @@ class LDAPRouterTests(RouterTestsMixin, SynchronousTestCase):
         """
         reply = imapLogin(self.running.imap, "*)(uid=*", PASSWORDS["alice@example.org"])
         self.assertEqual(reply[0], "NO")
+
+
+def _connectionsTo(pid: int, port: int) -> list[int]:
+    """
+    The established TCP connections process C{pid} holds to C{port} on
+    127.0.0.1 (socket inodes), as the kernel lists them.
+    """
+    sockets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.add(int(target[8:-1]))
+    found = []
+    with open(f"/proc/{pid}/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            remote, state, inode = fields[2], fields[3], int(fields[9])
+            if remote == f"0100007F:{port:04X}" and state == "01" and inode in sockets:
+                found.append(inode)
+    return found
+
+
+class LDAPReloadTests(SynchronousTestCase):
+    """
+    Reloads of a proxy with the LDAP router (one thread, behind a cache)
+    against the real OpenLDAP: a replaced router lets its thread and its
+    connections go.
+    """
+
+    def test_reloadsReleaseThreadsAndConnections(self) -> None:
+        """
+        Eight reloads (SIGHUP), each followed by a login through the new
+        router, leave the proxy with as many threads and as many LDAP
+        connections as one reload did: each replaced router stopped its
+        pool and unbound its connections.
+        """
+        servers = mailServers()
+        slapd = directory()
+        router, files = _ldapRouter(slapd, servers, cache="[router.cache]\nttl = 60\n")
+        router = router.replace("timeout = 2\n", "timeout = 2\npool_size = 1\n", 1)
+        running = RoutingProxy(fixtureDirectory("proxy-ldap-reload"), servers, router, files)
+        running.start()
+        self.addCleanup(running.stop)
+        proxy = running.proxy
+        alice = "alice@example.org"
+
+        def reloadAndLogIn() -> tuple[int, int]:
+            done = proxy.logText().count("reloaded ")
+            os.kill(proxy.pid, signal.SIGHUP)
+            deadline = time.monotonic() + TIMEOUT
+            while proxy.logText().count("reloaded ") == done:
+                self.assertLess(time.monotonic(), deadline, "no reload in the log")
+                time.sleep(0.05)
+            self.assertEqual(imapLogin(running.imap, alice, PASSWORDS[alice]), ("OK", f"{alice} on {HOMES[alice]}"))
+            return len(os.listdir(f"/proc/{proxy.pid}/task")), len(_connectionsTo(proxy.pid, slapd.port))
+
+        first = reloadAndLogIn()
+        # The main thread and the router's; a service bind and a user bind.
+        self.assertEqual(first, (2, 2))
+        for _ in range(8):
+            self.assertEqual(reloadAndLogIn(), first)
 
 
 class HTTPRouterTests(RouterTestsMixin, SynchronousTestCase):

@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 
+from mailproxy._backend import MAX_LOGIN_DIALOGUE
 from mailproxy._session import FrontendProtocol
 from mailproxy.config import Limits
 from mailproxy.model import Route
@@ -76,3 +77,28 @@ class FrontendTestsMixin:
         transport.clear()
         self.connector.protocols[index].dataReceived(data)
         return transport.value()
+
+    def floodBackend(self, line: bytes, limit: int = 4 * MAX_LOGIN_DIALOGUE) -> int:
+        """
+        Send C{line} over and over (64 at a time) as the latest backend
+        connection, until the client hears something or C{limit} octets
+        went.
+
+        @return: how many octets were sent.
+        """
+        chunk = line * 64
+        sent = 0
+        while not self.client.value() and sent < limit:
+            self.connector.protocols[-1].dataReceived(chunk)
+            sent += len(chunk)
+        return sent
+
+    def assertFloodBounded(self, sent: int, line: bytes, reply: bytes) -> None:
+        """
+        The flood of C{line} that made C{sent} octets got the client
+        C{reply} once at most L{MAX_LOGIN_DIALOGUE} octets (and a chunk)
+        had come, and the backend connection was closed.
+        """
+        self.assertEqual(self.client.value(), reply)
+        self.assertLessEqual(sent, MAX_LOGIN_DIALOGUE + 64 * len(line))
+        self.assertTrue(self.connector.transports[-1].disconnecting)

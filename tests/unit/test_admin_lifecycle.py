@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
 from mailproxy._logs import EventLogService, jsonLine
@@ -23,9 +23,11 @@ from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
 from mailproxy.routers.static import StaticRouter
 from mailproxy.tap import serviceFromConfig
-from mailproxy.testing import makeBackend
+from mailproxy.model import Route
+from mailproxy.testing import makeBackend, makeRequest
 
 from .opsfixtures import ProxyHarness
+from .test_router_threads import poolThreads
 
 CONFIG = """\
 [proxy]
@@ -191,6 +193,72 @@ class ReloadTests(ServiceTreeTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(self.service.reload()["restartNeeded"], ["listener", "admin.endpoint", "log"])
         self.assertEqual(self.service.reload()["restartNeeded"], ["listener", "admin.endpoint", "log"])
+
+
+SQL_CONFIG = """\
+[proxy]
+hostname = "proxy.example.org"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:10143:interface=127.0.0.1"
+tls = "none"
+
+[router]
+type = "chain"
+
+[[router.routers]]
+type = "sql"
+driver = "sqlite3"
+database = "accounts.sqlite"
+query = "SELECT backend FROM accounts WHERE address = :user"
+pool_size = 2
+[router.routers.cache]
+ttl = 60
+
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+"""
+
+
+class ReloadReleasesRouterTests(TestCase):
+    """
+    A reload lets the replaced router's threads and connections go (on the
+    real reactor, with an SQLite router in a chain and a cache).
+    """
+
+    def test_threadsStayFlat(self) -> None:
+        """
+        After five reloads, each followed by a lookup on the new router,
+        only the current router's pool thread is alive: the old pools
+        stopped (before, each reload left one more).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        import sqlite3
+
+        with sqlite3.connect(os.path.join(directory, "accounts.sqlite")) as db:
+            db.execute("CREATE TABLE accounts (address TEXT, backend TEXT)")
+            db.execute("INSERT INTO accounts VALUES ('alice@example.org', 'old')")
+        path = os.path.join(directory, "mailproxy.toml")
+        with open(path, "w") as f:
+            f.write(SQL_CONFIG)
+        from twisted.internet import reactor
+
+        service = serviceFromConfig(loadConfig(path), reactor)
+        self.addCleanup(lambda: service.context.router.close())
+        name = "mailproxy-sql-sqlite3"
+
+        async def reloads() -> None:
+            for _ in range(6):
+                answer = await service.context.router.route(makeRequest("alice@example.org"))
+                self.assertIsInstance(answer, Route)
+                self.assertEqual(len(poolThreads(name)), 1)
+                self.assertTrue(service.reload()["ok"])
+            self.assertEqual(poolThreads(name), [])
+
+        return Deferred.fromCoroutine(reloads())
 
 
 class DrainTests(SynchronousTestCase):

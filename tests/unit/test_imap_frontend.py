@@ -419,6 +419,31 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertIn(b"a NO [UNAVAILABLE]", self.client.value())
         self.assertTrue(self.connector.transports[-1].disconnecting)
 
+    def test_endlessUntaggedLines(self) -> None:
+        """
+        A backend that answers the login with untagged lines without end
+        fails it as temporary after 64 of them, and is disconnected.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        line = b"* OK [ALERT] Still thinking\r\n"
+        sent = self.floodBackend(line)
+        self.assertFloodBounded(sent, line, b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+        self.assertLessEqual(len(self.connector.protocols[-1].untagged), 64)
+
+    def test_endlessCapabilityLines(self) -> None:
+        """
+        A backend that keeps sending (here C{* CAPABILITY} lines, which
+        are not kept) fails the login as temporary once it sent 256 KiB.
+        """
+        self.build()
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        line = b"* CAPABILITY IMAP4rev1 " + b"X" * 1000 + b"\r\n"
+        sent = self.floodBackend(line)
+        self.assertFloodBounded(sent, line, b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+
     def test_rudeBackendGreeting(self) -> None:
         """
         A backend that greets with BYE gives UNAVAILABLE.

@@ -809,6 +809,19 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.router.answers["alice"] = Rejection("Directory down\r\n", temporary=True)
         self.assertEqual(self.send(b"USER alice\r\nPASS secret\r\n"), b"+OK\r\n-ERR [SYS/TEMP] Directory down\r\n")
 
+    def test_endlessCapaReply(self) -> None:
+        """
+        A backend whose CAPA list never ends fails the login as temporary
+        ([SYS/TEMP]) once it sent 256 KiB, and is disconnected.
+        """
+        self.build()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b"+OK\r\n")
+        self.client.clear()
+        line = b"X-CAPABILITY " + b"Y" * 100 + b"\r\n"
+        self.assertFloodBounded(self.floodBackend(line), line, UNAVAILABLE)
+
     def test_backendTemporaryFailure(self) -> None:
         """
         A backend C{-ERR [SYS/TEMP]} gives the client the proxy's own

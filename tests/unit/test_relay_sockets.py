@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+import ssl
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from mailproxy import _relay
 from mailproxy._relay import Relay
+from mailproxy._tls import makeSelfSigned
 
 
 class Collector(Protocol):
@@ -39,18 +48,61 @@ class Collector(Protocol):
         self.closed.callback(None)
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfClosingCollector(Collector):
+    """
+    An outer peer that may go on sending after its peer half-closed.
+
+    @ivar readClosed: the peer half-closed.
+    """
+
+    readClosed = False
+
+    def readConnectionLost(self) -> None:
+        self.readClosed = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class LogoutPeer(HalfClosingCollector):
+    """
+    An outer backend that answers a client's half-close: once the proxy
+    tells it nothing more comes, it says goodbye and closes.
+    """
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"* BYE Logging out\r\nb OK Logout completed.\r\n")
+        self.transport.loseConnection()
+
+
+@implementer(IHandshakeListener)
 class Inner(Protocol):
     """
     The proxy's side of a leg, as the front end and backend protocols are
-    after hand-over: data and close go to the relay.
+    after hand-over: data, half-close and close go to the relay.
     """
 
     relay: Relay | None = None
     lost: Deferred[None]
+    handshake: Deferred[None]
 
     def connectionMade(self) -> None:
         self.lost = Deferred()
+        self.handshake = Deferred()
         self.factory.inner.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        self.handshake.callback(None)
+
+    def halfClosed(self) -> None:
+        raise AssertionError("not relaying")
+
+    def readConnectionLost(self) -> None:
+        self.halfClosed()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         raise AssertionError("the relay must take over reading")
@@ -65,15 +117,16 @@ class SplicedRelayTests(TestCase):
     """
 
     @inlineCallbacks
-    def leg(self):
+    def leg(self, outer: Collector | None = None):
         """
-        A loopback TCP connection: (outer Collector, inner Inner).
+        A loopback TCP connection: (outer C{outer} or a new Collector,
+        inner Inner).
         """
         serverFactory = Factory.forProtocol(Inner)
         serverFactory.inner = Deferred()
         port = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        outer = Collector()
+        outer = outer or Collector()
         clientFactory = ClientFactory.forProtocol(lambda: outer)
         reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)
         yield outer.ready
@@ -82,17 +135,28 @@ class SplicedRelayTests(TestCase):
         return outer, inner
 
     @inlineCallbacks
-    def relayed(self, toClient: bytes = b"", toBackend: bytes = b""):
-        self.client, self.clientInner = yield self.leg()
-        self.backend, self.backendInner = yield self.leg()
+    def relayed(
+        self, toClient: bytes = b"", toBackend: bytes = b"", backend: Collector | None = None, client: Collector | None = None
+    ):
+        self.client, self.clientInner = yield self.leg(client)
+        self.backend, self.backendInner = yield self.leg(backend)
+        self.join(toClient, toBackend)
+
+    def join(self, toClient: bytes = b"", toBackend: bytes = b"", clock: object = reactor) -> None:
+        """
+        Relay L{clientInner} and L{backendInner} as a session does after
+        its login reply, with C{clock} for its timers.
+        """
         self.ended = []
         self.relay = Relay(
-            self.clientInner.transport, self.backendInner.transport, reactor, 60, self.ended.append
+            self.clientInner.transport, self.backendInner.transport, clock, 60, self.ended.append
         )
         for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
             inner.dataReceived = getattr(self.relay, method)
         self.clientInner.connectionLost = lambda reason=None: (self.relay.clientLost(), Inner.connectionLost(self.clientInner))
         self.backendInner.connectionLost = lambda reason=None: (self.relay.backendLost(), Inner.connectionLost(self.backendInner))
+        self.clientInner.halfClosed = self.relay.clientHalfClosed
+        self.backendInner.halfClosed = self.relay.backendHalfClosed
         # As after a login: the proxy's reply is still in Twisted's buffer.
         self.clientInner.transport.write(b"a OK Logged in\r\n")
         self.relay.start(toClient=toClient, toBackend=toBackend)
@@ -118,10 +182,10 @@ class SplicedRelayTests(TestCase):
         self.backend.transport.loseConnection()
         yield self.client.closed
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* 1 EXISTS\r\n" + down)
-        self.assertEqual(self.relay.endReason, "backend closed")
-        self.assertEqual(self.relay.bytesFromBackend, len(down) + len(b"* 1 EXISTS\r\n"))
         yield self.clientInner.lost
         yield self.backendInner.lost
+        self.assertEqual(self.relay.endReason, "backend closed")
+        self.assertEqual(self.relay.bytesFromBackend, len(down) + len(b"* 1 EXISTS\r\n"))
 
     @inlineCallbacks
     def test_clientCloseClosesBackend(self) -> None:
@@ -134,8 +198,8 @@ class SplicedRelayTests(TestCase):
         self.client.transport.loseConnection()
         yield self.backend.closed
         self.assertEqual(bytes(self.backend.received), b"z LOGOUT\r\n")
-        self.assertEqual(self.relay.endReason, "client closed")
         yield self.clientInner.lost
+        self.assertEqual(self.relay.endReason, "client closed")
 
     @inlineCallbacks
     def test_stopFromOutside(self) -> None:
@@ -164,6 +228,7 @@ class SpliceHandOverTests(TestCase):
     timeout = 15
     leg = SplicedRelayTests.leg
     relayed = SplicedRelayTests.relayed
+    join = SplicedRelayTests.join
 
     @inlineCallbacks
     def test_largeEarlyBytes(self) -> None:
@@ -215,6 +280,8 @@ class SpliceHandOverTests(TestCase):
         fd = self.clientInner.transport.fileno()
         while not select.select([fd], [], [], 0)[0]:
             yield deferLater(reactor, 0.01)
+        # A pool of its own: pipes pooled by earlier tests would be reused.
+        self.patch(_relay, "_pipes", _relay._PipePool())
         ended: list[Relay] = []
         relay = Relay(self.clientInner.transport, self.backendInner.transport, reactor, 60, ended.append)
         self.clientInner.connectionLost = lambda reason=None: (relay.clientLost(), Inner.connectionLost(self.clientInner))
@@ -262,3 +329,239 @@ class SpliceHandOverTests(TestCase):
         yield self.backendInner.lost
         yield self.client.closed
         self.assertEqual(bytes(self.client.received), b"* BYE dropped\r\na OK Logged in\r\n")
+
+
+LOGOUT_REPLY = b"* BYE Logging out\r\nb OK Logout completed.\r\n"
+
+
+class BlockingTLS:
+    """
+    TLS over a blocking socket, in a thread of its own, with Python's own
+    TLS (not the code under test): it can send its close_notify and go on
+    reading, as a half-closing client or server does.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, serverSide: bool, serverName: str | None = None) -> None:
+        sock.settimeout(10)
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=serverSide, server_hostname=serverName)
+
+    def _send(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _step(self, operation):
+        while True:
+            try:
+                result = operation()
+            except ssl.SSLWantReadError:
+                self._send()
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError()
+                self.incoming.write(data)
+            else:
+                self._send()
+                return result
+
+    def handshake(self) -> None:
+        self._step(self.tls.do_handshake)
+
+    def write(self, data: bytes) -> None:
+        self._step(lambda: self.tls.write(data))
+
+    def closeNotify(self) -> None:
+        """
+        Send our close_notify without waiting for the peer's.
+        """
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self._send()
+
+    def read(self) -> bytes:
+        """
+        What the peer sent next; C{b""} once it sent its close_notify or
+        the connection ended.
+        """
+        try:
+            return self._step(lambda: self.tls.read(65536))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError, EOFError, ConnectionResetError):
+            return b""
+
+    def readAll(self) -> bytes:
+        """
+        Everything until the peer's close_notify or the connection's end.
+        """
+        received = b""
+        while chunk := self.read():
+            received += chunk
+        return received
+
+
+class HalfCloseTests(TestCase):
+    """
+    A side that half-closes (a client's C{b LOGOUT} then C{shutdown(SHUT_WR)}
+    or TLS close_notify) still gets the other side's last words, on
+    spliced, plain and TLS legs.
+    """
+
+    timeout = 20
+    leg = SplicedRelayTests.leg
+    relayed = SplicedRelayTests.relayed
+    join = SplicedRelayTests.join
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = makeSelfSigned(directory)
+        with open(certificate) as c, open(key) as k:
+            self.serverOptions = PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        self.serverContext = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.serverContext.load_cert_chain(certificate, key)
+        self.clientContext = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.clientContext.check_hostname = False
+        self.clientContext.verify_mode = ssl.CERT_NONE
+
+    @inlineCallbacks
+    def plainClientLogsOut(self, alreadySent: bool = False):
+        """
+        The client sends C{b LOGOUT} and half-closes (unless it did
+        already); wait for its connection to end, and for the relay's.
+        """
+        if not alreadySent:
+            self.client.transport.write(b"b LOGOUT\r\n")
+            self.client.transport.loseWriteConnection()
+        yield self.client.closed
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+
+    @inlineCallbacks
+    def test_spliced(self) -> None:
+        """
+        On spliced legs, the backend learns of the client's half-close
+        after its LOGOUT, and its reply reaches the client before the
+        close.
+        """
+        yield self.relayed(backend=LogoutPeer())
+        self.assertIsNotNone(self.relay._splicer)
+        yield self.plainClientLogsOut()
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_plainNotSpliced(self) -> None:
+        """
+        The same on plain legs relayed by Twisted (no splice).
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        yield self.relayed(backend=LogoutPeer())
+        self.assertIsNone(self.relay._splicer)
+        yield self.plainClientLogsOut()
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_backendHalfCloses(self) -> None:
+        """
+        A backend that says goodbye and half-closes still gets what the
+        client sends afterwards, spliced or not.
+        """
+        for splice in (None, False):
+            self.patch(_relay, "_spliceChecked", splice)
+            yield self.relayed(client=HalfClosingCollector())
+            self.backend.transport.write(b"* BYE going away\r\n")
+            self.backend.transport.loseWriteConnection()
+            while not self.client.readClosed:
+                yield deferLater(reactor, 0.01)
+            self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* BYE going away\r\n")
+            self.client.transport.write(b"c LOGOUT\r\n")
+            self.client.transport.loseConnection()
+            yield self.backend.closed
+            yield self.backendInner.lost
+            self.assertEqual(bytes(self.backend.received), b"c LOGOUT\r\n")
+            self.assertEqual(self.relay.endReason, "backend closed")
+
+    @inlineCallbacks
+    def test_tlsClient(self) -> None:
+        """
+        A TLS client that sends C{b LOGOUT} and its close_notify gets the
+        backend's reply, then the proxy's close_notify.
+        """
+        serverFactory = Factory.forProtocol(Inner)
+        serverFactory.inner = Deferred()
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        go = threading.Event()
+        self.addCleanup(go.set)
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
+                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
+                tls.handshake()
+                go.wait(10)
+                tls.write(b"b LOGOUT\r\n")
+                tls.closeNotify()
+                return tls.readAll()
+
+        received = deferToThread(client)
+        self.clientInner = yield serverFactory.inner
+        yield self.clientInner.handshake
+        self.backend, self.backendInner = yield self.leg(LogoutPeer())
+        self.join()
+        go.set()
+        received = yield received
+        self.assertEqual(received, b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+        self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_tlsBackend(self) -> None:
+        """
+        A plain client's half-close reaches a TLS backend as a close_notify
+        after the client's LOGOUT, L{_relay.TLS_HALF_CLOSE_DELAY} later,
+        and the backend's reply (sent after it) still reaches the client.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+
+        def backend() -> bytes:
+            sock, _ = listener.accept()
+            with sock:
+                tls = BlockingTLS(sock, self.serverContext, serverSide=True)
+                tls.handshake()
+                received = tls.readAll()
+                tls.write(LOGOUT_REPLY)
+                tls.closeNotify()
+                return received
+
+        backendReceived = deferToThread(backend)
+        self.client, self.clientInner = yield self.leg()
+        factory = ClientFactory.forProtocol(Inner)
+        factory.inner = Deferred()
+        reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
+        self.backendInner = yield factory.inner
+        self.backendInner.transport.startTLS(CertificateOptions())
+        yield self.backendInner.handshake
+        clock = Clock()
+        self.join(clock=clock)
+        self.client.transport.write(b"b LOGOUT\r\n")
+        self.client.transport.loseWriteConnection()
+        while len(clock.getDelayedCalls()) < 2:
+            yield deferLater(reactor, 0.01)
+        # The half-close waits for its delay (beside the idle check).
+        delays = sorted(call.getTime() for call in clock.getDelayedCalls())
+        self.assertEqual(delays, [_relay.TLS_HALF_CLOSE_DELAY, 60])
+        clock.advance(_relay.TLS_HALF_CLOSE_DELAY)
+        yield self.plainClientLogsOut(alreadySent=True)
+        self.assertEqual((yield backendReceived), b"b LOGOUT\r\n")
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(self.relay.endReason, "client closed")

@@ -82,6 +82,68 @@ class ThreadRunnerTests(TestCase):
         return self.assertFailure(self.runner().run(5, boom), ValueError)
 
 
+def poolThreads(name: str) -> list[threading.Thread]:
+    """
+    The live threads of the pools called C{name}.
+    """
+    return [thread for thread in threading.enumerate() if thread.name.startswith(f"PoolThread-{name}-")]
+
+
+class CloseTests(TestCase):
+    """
+    L{ThreadRunner.close}: a replaced router's pool stops once idle.
+    """
+
+    def test_closeIdle(self) -> None:
+        """
+        Closing an idle runner ends its threads and runs the cleanups at
+        once; a later call still runs, and its pool ends after it.
+        """
+        runner = ThreadRunner(reactor, 2, "close-idle")
+        self.addCleanup(runner.stop)
+        cleaned: list[bool] = []
+        runner.whenStopping(lambda: cleaned.append(True))
+
+        def closeNow(_: object) -> Deferred[Any]:
+            self.assertEqual(len(poolThreads("close-idle")), 1)
+            runner.close()
+            self.assertEqual((poolThreads("close-idle"), cleaned), ([], [True]))
+            return runner.run(5, threading.get_ident)
+
+        def afterLateCall(_: object) -> None:
+            self.assertEqual((poolThreads("close-idle"), cleaned), ([], [True, True]))
+
+        return runner.run(5, threading.get_ident).addCallback(closeNow).addCallback(afterLateCall)
+
+    def test_closeWaitsForCalls(self) -> None:
+        """
+        A runner closed while a call runs (even one whose deadline passed)
+        keeps its pool until that call returns, then ends its threads and
+        runs the cleanups.
+        """
+        runner = ThreadRunner(reactor, 2, "close-busy")
+        self.addCleanup(runner.stop)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        stopped: Deferred[None] = Deferred()
+        runner.whenStopping(lambda: stopped.called or stopped.callback(None))
+        late = runner.run(0.01, release.wait, 5)
+        running = runner.run(5, release.wait, 5)
+
+        def closeWhileRunning(_: object) -> Deferred[Any]:
+            runner.close()
+            self.assertFalse(stopped.called)
+            self.assertEqual(len(poolThreads("close-busy")), 2)
+            release.set()
+            return gatherResults([running, stopped])
+
+        def afterwards(_: object) -> None:
+            self.assertEqual(poolThreads("close-busy"), [])
+
+        d = self.assertFailure(late, TimeoutError).addCallback(closeWhileRunning)
+        return d.addCallback(afterwards)
+
+
 class LazyStartTests(SynchronousTestCase):
     """
     Building a router starts nothing.

@@ -580,6 +580,16 @@ class BackendFailureTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting or transport.disconnected)
         self.assertEqual(self.send(b"NOOP\r\n"), b'OK "NOOP completed."\r\n')
 
+    def test_endlessCapabilityLines(self) -> None:
+        """
+        A backend whose capability greeting never ends fails the login as
+        temporary (TRYLATER) once it sent 256 KiB, and is disconnected.
+        """
+        self.build()
+        self.send(b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n')
+        line = b'"X-CAPABILITY" "' + b"y" * 100 + b'"\r\n'
+        self.assertFloodBounded(self.floodBackend(line), line, self.UNAVAILABLE)
+
     def test_wrongPassword(self) -> None:
         """
         A backend NO becomes the generic failure, only after the

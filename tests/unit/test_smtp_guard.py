@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mailproxy._guard import IRelayLink
-from mailproxy._relay import Relay
+from mailproxy._relay import HALF_CLOSED_IDLE, Relay
 from mailproxy.smtp._guard import GUARDED_LINE, SMTPGuard
 
 from . import test_relay_sockets
@@ -212,6 +212,30 @@ class SMTPGuardTests(SynchronousTestCase):
         self.assertEqual(self.link.toBackend, b"NOOP\r\n")
         self.assertEqual(self.link.toClient, b"500 5.5.2 Error: line too long\r\n" + REFUSED + b"500 5.5.2 Error: line too long\r\n")
 
+    def test_drainedAfterHeldCommands(self) -> None:
+        """
+        A client that stops sending while the guard holds its commands (a
+        refusal waits for replies) is reported drained only once they have
+        been answered or forwarded; an unfinished line never reaches the
+        backend.
+        """
+        drained = []
+        self.client(b"NOOP\r\nXCLIENT LOGIN=bob\r\nQUIT\r\nXCLIENT LOG")
+        self.guard.whenDrained(lambda: drained.append(self.link.toBackend))
+        self.assertEqual(drained, [])
+        self.backend(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(drained, [b"NOOP\r\nQUIT\r\n"])
+        self.assertEqual(self.link.toClient, b"250 2.0.0 Ok\r\n" + REFUSED)
+
+    def test_drainedAtOnce(self) -> None:
+        """
+        With nothing held, a client that stops sending is drained at once.
+        """
+        drained = []
+        self.client(b"NOOP\r\n")
+        self.guard.whenDrained(lambda: drained.append(True))
+        self.assertEqual(drained, [True])
+
     def test_unsolicitedReply(self) -> None:
         """
         A reply nobody asked for (a timeout notice) does not make the guard
@@ -274,6 +298,42 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
         self.assertEqual((self.client.producerState, backend.producerState), ("paused", "paused"))
         self.client.producer.resumeProducing()
         self.assertEqual((self.client.producerState, backend.producerState), ("producing", "producing"))
+
+    def test_halfCloseAfterHeldCommands(self) -> None:
+        """
+        The client half-closes right after a refused command and a QUIT:
+        the backend gets the QUIT first and the half-close after, once the
+        refusal had its turn.
+        """
+        self.loggedIn()
+        backend = self.connector.transports[-1]
+        events = []
+        backend.loseWriteConnection = lambda: events.append(backend.value())  # type: ignore[attr-defined]
+        self.send(b"NOOP\r\nXCLIENT LOGIN=bob\r\nQUIT\r\n")
+        self.frontend.readConnectionLost()
+        self.assertEqual((backend.value(), events), (b"NOOP\r\n", []))
+        # What the backend receives after its reply (backendSays clears).
+        self.assertEqual(self.backendSays(b"250 2.0.0 Ok\r\n"), b"QUIT\r\n")
+        self.assertEqual(events, [b"QUIT\r\n"])
+        self.assertEqual(self.client.value(), b"250 2.0.0 Ok\r\n" + REFUSED)
+
+    def test_halfClosedSilentBackend(self) -> None:
+        """
+        After the client's half-close, a backend that neither answers nor
+        closes loses the session after HALF_CLOSED_IDLE seconds, not after
+        the whole idle timeout.
+        """
+        self.loggedIn()
+        backend = self.connector.transports[-1]
+        backend.loseWriteConnection = lambda: None  # type: ignore[attr-defined]
+        self.frontend.readConnectionLost()
+        self.clock.advance(HALF_CLOSED_IDLE - 1)
+        self.assertFalse(backend.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(backend.disconnecting)
+        relay = self.frontend.relay
+        assert relay is not None
+        self.assertEqual(relay.endReason, "idle timeout")
 
     def test_bytesCounted(self) -> None:
         """

@@ -705,6 +705,21 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.backendSays(POSTFIX_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH GSSAPI"))
         self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
 
+    def test_endlessEHLOReply(self) -> None:
+        """
+        A backend whose multi-line EHLO reply never ends fails the login as
+        temporary once it sent 256 KiB, well before the reply's own limit
+        of 200 lines of 16 KiB, and is disconnected.
+        """
+        self.build()
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.backendSays(GREETING)
+        self.client.clear()
+        line = b"250-X-" + b"Y" * 8000 + b"\r\n"
+        sent = self.floodBackend(line, limit=100 * len(line))
+        self.assertFloodBounded(sent, line, b"454 4.7.0 Temporary authentication failure\r\n")
+
     def test_backendGarbage(self) -> None:
         """
         A backend that speaks no SMTP fails the login as temporary.
