@@ -50,6 +50,7 @@ __all__ = [
     "DIGEST_AUTH_PROTOCOLS",
     "LISTENER_MODES",
     "MODE_PORTS",
+    "APPLICATION_PROTOCOLS",
     "LISTENER_TLS_MODES",
     "ENDPOINT_TYPES",
     "ROUTER_TYPES",
@@ -86,6 +87,20 @@ MODE_PORTS: dict[tuple[str, str], str] = {("smtp", "mx"): "mx"}
 """
 The backend C{ports} key a listener mode connects to, where it is not the
 listener's protocol.
+"""
+
+APPLICATION_PROTOCOLS: dict[str, tuple[bytes, ...]] = {
+    "imap": (b"imap",),
+    "pop3": (b"pop3",),
+    "sieve": (b"managesieve",),
+    # IANA has registered no ALPN id for SMTP; "smtp" is what a client that
+    # sends one anyway is most likely to send.
+    "smtp": (b"smtp",),
+}
+"""
+The TLS ALPN protocol ids each listener protocol accepts: a client that
+offers ALPN without one of them (a browser sent to a mail port, say) is
+refused during the handshake.
 """
 
 LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
@@ -219,6 +234,13 @@ class Listener:
         The key of a backend's C{ports} this listener's sessions connect to.
         """
         return MODE_PORTS.get((self.protocol, self.mode or ""), self.protocol)
+
+    @property
+    def applicationProtocols(self) -> tuple[bytes, ...]:
+        """
+        The TLS ALPN protocol ids this listener's clients may negotiate.
+        """
+        return APPLICATION_PROTOCOLS[self.protocol]
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:

@@ -79,7 +79,10 @@ def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFacto
     factory: IProtocolFactory = FrontendFactory(frontend, context, listener)
     if listener.tls == "implicit":
         # The configuration refuses a TLS listener without [tls].
-        factory = TLSMemoryBIOFactory(cast(IOpenSSLServerConnectionCreator, context.serverTLS), False, factory)
+        options = _tls.ApplicationProtocolOptions(
+            cast(IOpenSSLServerConnectionCreator, context.serverTLS), listener.applicationProtocols
+        )
+        factory = TLSMemoryBIOFactory(options, False, factory)
     if listener.proxyProtocol:
         # Below TLS: a balancer sends the header before the ClientHello.
         factory = ProxyHeaderFactory(factory, parseNetworks(listener.proxyTrusted), context.reactor)
