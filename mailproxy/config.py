@@ -177,7 +177,8 @@ class Limits:
     Bounds on what one client may cost before and after login.
 
     @ivar lineLength: longest pre-auth command line, in octets (literals
-        excluded).
+        excluded), for IMAP, ManageSieve and SMTP (POP3 keeps RFC 2449's
+        255); L{None} for each protocol's own default (L{lineLengthFor}).
     @ivar literalSize: largest pre-auth literal (IMAP LOGIN arguments).
     @ivar preauthTimeout: seconds from connect until the login must be done.
     @ivar connectionsPerAddress: concurrent connections from one client
@@ -192,7 +193,7 @@ class Limits:
         before the proxy says goodbye and closes them.
     """
 
-    lineLength: int = 8192
+    lineLength: int | None = None
     literalSize: int = 8192
     preauthTimeout: float = 120.0
     connectionsPerAddress: int = 50
@@ -201,6 +202,17 @@ class Limits:
     idleTimeout: float = 1800.0
     backendTimeout: float = 30.0
     shutdownGrace: float = 30.0
+
+    def lineLengthFor(self, default: int) -> int:
+        """
+        The pre-auth line limit of a protocol whose own default is
+        C{default}: the configured C{line_length}, else that default.
+
+        The protocols' defaults are their backends' own limits (Dovecot's
+        C{imap_max_line_length} for IMAP, for instance), so that what a
+        client may send to the backend directly still passes the proxy.
+        """
+        return default if self.lineLength is None else self.lineLength
 
 
 @frozen

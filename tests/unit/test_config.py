@@ -163,7 +163,7 @@ class DefaultTests(ConfigTestCase):
         self.assertEqual(
             Limits(),
             Limits(
-                lineLength=8192,
+                lineLength=None,
                 literalSize=8192,
                 preauthTimeout=120,
                 connectionsPerAddress=50,
