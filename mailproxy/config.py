@@ -740,6 +740,7 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         "master_password_file",
         "master_separator",
         "connect_timeout",
+        "port_tls",
     )
     host = table.string("host")
     if not _HOSTNAME.match(host) and ":" not in host:
@@ -753,6 +754,7 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         table.fail("ports", f"must name at least one of {', '.join(BACKEND_PROTOCOLS)}")
 
     masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
+    portTLS = _parsePortTLS(table, set(ports))
 
     return Backend(
         name=name,
@@ -767,7 +769,25 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         masterPassword=masterPassword,
         masterSeparator=table.string("master_separator", "*"),
         connectTimeout=table.number("connect_timeout", 10.0, positive=True),
+        portTLS=portTLS,
     )
+
+
+def _parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
+    """
+    A backend's C{port_tls}: the TLS mode of single ports where it differs
+    from the backend's C{tls} (C{port_tls = { mx = "none" }}).
+
+    @param ports: the C{ports} keys the backend has; no other may be named.
+    """
+    portTable = table.table("port_tls")
+    if portTable is None:
+        return {}
+    known = [name for name in BACKEND_PROTOCOLS if name in set(ports)]
+    for name in portTable.data:
+        if name not in known:
+            portTable.fail(name, f"not a port of this backend; its ports: {', '.join(known)}")
+    return {name: portTable.string(name, None, _BACKEND_TLS) for name in portTable.data}
 
 
 def _readSecretLine(table: Table, name: str) -> bytes:

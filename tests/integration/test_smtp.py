@@ -810,3 +810,45 @@ class ImplicitTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
         self.assertSubmitted("old", user, mark, messageId, "XCLIENT")
         self.postfixLine("old", mark, "TLS connection established from localhost[127.0.0.1]")
+
+
+class PortTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    One backend reached two ways (C{port_tls}): STARTTLS on its submission
+    port, plain SMTP on its MX port.
+    """
+
+    def backendOptions(self, postfix: Postfix) -> dict[str, object]:
+        """
+        STARTTLS by default, verified against the test CA; the MX port
+        plain.
+        """
+        return {
+            "ports": {"smtp": postfix.submission, "mx": postfix.mx},
+            "tls": "starttls",
+            "port_tls": {"mx": "none"},
+            "ca_file": self.system.ca.caPath,
+            "server_name": "localhost",
+            "forward": "xclient",
+        }
+
+    def test_submissionOverTLSAndMXPlain(self) -> None:
+        """
+        A submission reaches new's Postfix over TLS, which logs the TLS
+        connection; inbound mail reaches old's Postfix, which logs no TLS
+        connection for it.
+        """
+        user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.smtp(self.running.submissions, implicit=True)
+        client.login(user, PASSWORDS[user])
+        self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
+        self.assertSubmitted("new", user, mark, messageId, "PLAIN")
+        self.postfixLine("new", mark, "TLS connection established from localhost[127.0.0.1]")
+
+        sender, user, messageId, mark = "someone@remote.example", "carol@example.org", newMessageId(), self.logMark("old")
+        client = self.smtp(self.running.mx)
+        client.starttls(context=self.context)
+        self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
+        self.system.waitForCopy("old", user, messageId)
+        self.postfixLine("old", mark, f"client=unknown[{CLIENT_ADDRESS}]")
+        self.assertNotIn("TLS connection established", self.system.postfixes["old"].logText()[mark:])
