@@ -24,13 +24,14 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, get_args
 
+import idna
 from attrs import field, frozen
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
-from mailproxy._tls import CertificateSource
+from mailproxy._tls import CertificateSource, _normalName
 from mailproxy.model import Backend, BackendTLS, Forwarding
 
 __all__ = [
@@ -230,6 +231,9 @@ class Listener:
         CRAM-MD5), which only a router holding cleartext passwords can check.
     @ivar mode: the kind of listener, for protocols in L{LISTENER_MODES}
         (SMTP: C{"submission"} or C{"mx"}); L{None} for the others.
+    @ivar localDomains: for an MX listener, the domains the proxy receives
+        mail for (lower case, A-labels): a recipient there that the router
+        refuses is an unknown user (C{550 5.1.1}), not relaying (C{5.7.1}).
     """
 
     protocol: str
@@ -239,6 +243,7 @@ class Listener:
     proxyTrusted: tuple[str, ...] = ()
     digestAuth: bool = False
     mode: str | None = None
+    localDomains: frozenset[str] = frozenset()
 
     @property
     def portName(self) -> str:
@@ -831,7 +836,9 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
     listeners = []
     bound: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(entries):
-        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode")
+        entry.allow(
+            "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode", "local_domains"
+        )
         protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
         mode = _parseMode(entry, protocol)
         endpoint = entry.string("endpoint")
@@ -841,6 +848,7 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
             entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
         if digestAuth and mode == "mx":
             entry.fail("digest_auth", "mx listeners take no logins")
+        localDomains = _parseLocalDomains(entry, mode)
         proxyProtocol = entry.boolean("proxy_protocol", False)
         proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
         if proxyProtocol and not proxyTrusted:
@@ -874,9 +882,33 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
                 proxyTrusted=proxyTrusted,
                 digestAuth=digestAuth,
                 mode=mode,
+                localDomains=localDomains,
             )
         )
     return tuple(listeners)
+
+
+def _parseLocalDomains(entry: Table, mode: str | None) -> frozenset[str]:
+    """
+    An MX listener's C{local_domains}, in the form recipients are compared
+    in: lower case, A-labels, no final dot.
+    """
+    if "local_domains" not in entry:
+        return frozenset()
+    if mode != "mx":
+        entry.fail("local_domains", "only smtp listeners in mode \"mx\" receive mail for domains")
+    domains = set()
+    for name in entry.strings("local_domains"):
+        if "@" in name:
+            entry.fail("local_domains", f"{name!r} must be a domain name, without @")
+        try:
+            domain = _normalName(name)
+        except idna.IDNAError:
+            entry.fail("local_domains", f"{name!r} is not a domain name")
+        if not _HOSTNAME.match(domain):
+            entry.fail("local_domains", f"{name!r} is not a domain name")
+        domains.add(domain)
+    return frozenset(domains)
 
 
 def _parseMode(entry: Table, protocol: str) -> str | None:

@@ -56,6 +56,10 @@ ROUTES: dict[str, Any] = {
     },
 }
 
+#: The MX listener's C{local_domains}: example.com is local but has no
+#: route, as a domain whose directory lookups find nobody.
+LOCAL_DOMAINS = ["example.org", "example.net", "example.com"]
+
 #: Where each account's mail goes by L{ROUTES}.
 HOMES = {
     "alice@example.org": "old",
@@ -229,9 +233,11 @@ class RunningProxy:
             (self.submissions, "submission", "implicit"),
             (self.mx, "mx", "starttls"),
         ]
-        config = staticProxyConfig(
-            certificate, key, [listenerTable("smtp", port, tls, mode=mode) for port, mode, tls in listeners], backends
-        )
+        tables = [
+            listenerTable("smtp", port, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
+            for port, mode, tls in listeners
+        ]
+        config = staticProxyConfig(certificate, key, tables, backends)
         self.proxy = Proxy(directory, config)
         (self.proxy.directory / "routes.toml").write_text(routesText(ROUTES))
 
@@ -645,6 +651,27 @@ class MXTests(SMTPFixtureMixin, SynchronousTestCase):
         [line] = client.command(b"RCPT TO:<nobody@example.org>")
         self.assertTrue(line.startswith(b"550 5.1.1 <nobody@example.org>: Recipient address rejected"), line)
         self.assertEqual(client.command(b"DATA"), [b"554 5.5.1 Error: no valid recipients"])
+
+    def test_localDomainUnknownUser(self) -> None:
+        """
+        A recipient of a local domain (C{local_domains}) that the router
+        does not know gets 550 5.1.1 User unknown, not 5.7.1; a known
+        recipient of the same transaction still reaches its mailbox through
+        Postfix.
+        """
+        sender, user, messageId = "someone@remote.example", "erin@example.net", newMessageId()
+        client = self.raw(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<someone@remote.example>"), [b"250 2.1.0 Ok"])
+        self.assertEqual(
+            client.command(b"RCPT TO:<ghost@example.com>"),
+            [b"550 5.1.1 <ghost@example.com>: Recipient address rejected: User unknown"],
+        )
+        self.assertEqual(client.command(b"RCPT TO:<erin@example.net>"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        [done] = client.command(message(sender, [user], messageId) + b".")
+        self.assertTrue(done.startswith(b"250 2.0.0 Ok: queued as "), done)
+        self.system.waitForCopy("new", user, messageId)
 
     def test_chunking(self) -> None:
         """
