@@ -187,7 +187,8 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
         site, top.admin = adminSite(top, config.admin.token, reactor)
         factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
         top.adminTLS = adminTLS
-        service = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), factory)
+        endpoint = ReportingEndpoint(serverFromString(reactor, config.admin.endpoint), "admin")
+        service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True
         service.setName("admin")
         service.setServiceParent(top)

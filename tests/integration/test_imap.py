@@ -44,6 +44,7 @@ from .servers import (
     TestCA,
     fixtureDirectory,
     freePort,
+    refusedPort,
     requireServer,
     sharedFixture,
 )
@@ -281,7 +282,7 @@ class ProxyFixtureMixin(ServerLogMixin):
         # A backend nobody serves: connections to it are refused.
         backends["dead"] = {
             "host": "127.0.0.1",
-            "ports": {"imap": freePort()},
+            "ports": {"imap": refusedPort()},
             "tls": "none",
             "connect_timeout": 5,
         }
@@ -772,19 +773,37 @@ class HAProxy:
         """
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = freePort()
+        self.target = target
         self.configPath = self.directory / "haproxy.cfg"
-        self.configPath.write_text(
-            "global\n    maxconn 200\n"
-            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
-            f"frontend clients\n    bind 127.0.0.1:{self.port}\n    default_backend proxies\n"
-            f"backend proxies\n    server mailproxy 127.0.0.1:{target} send-proxy-v2\n"
-        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """
-        Start it in the foreground and wait for its port.
+        Start it in the foreground and wait for its port. haproxy must be
+        told its port: a free one is chosen, and chosen again if another
+        process took it before haproxy could bind it.
+        """
+        for attempt in range(3):
+            self.port = freePort()
+            self.configPath.write_text(
+                "global\n    maxconn 200\n"
+                "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
+                f"frontend clients\n    bind 127.0.0.1:{self.port}\n    default_backend proxies\n"
+                f"backend proxies\n    server mailproxy 127.0.0.1:{self.target} send-proxy-v2\n"
+            )
+            try:
+                self._run()
+                return
+            except RuntimeError as error:
+                if attempt == 2 or "Address already in use" not in str(error):
+                    raise
+
+    def _run(self) -> None:
+        """
+        Run haproxy and wait for its port.
+
+        @raise RuntimeError: it exited or did not listen; the message is
+            its log.
         """
         log = open(self.directory / "haproxy.log", "wb")
         self.process = subprocess.Popen(
@@ -798,6 +817,7 @@ class HAProxy:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError((self.directory / "haproxy.log").read_text())
                 time.sleep(0.05)
 

@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from . import common
 from .common import CLIENT_ADDRESS, TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .postfix import Postfix, dovecotSASLConfig
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
 
 #: Accounts, on both Dovecots (which also check SASL for both Postfixes).
 PASSWORDS = {
@@ -224,18 +224,12 @@ class RunningProxy:
         """
         Write the configuration and the route table into C{directory}.
         """
-        self.submission = freePort()
-        self.submissions = freePort()
-        self.mx = freePort()
         certificate, key = ca.issue("smtp-proxy")
-        listeners = [
-            (self.submission, "submission", "starttls-required"),
-            (self.submissions, "submission", "implicit"),
-            (self.mx, "mx", "starttls"),
-        ]
+        listeners = [("submission", "starttls-required"), ("submission", "implicit"), ("mx", "starttls")]
+        # Port 0: the proxy logs the ports the kernel chose (see start).
         tables = [
-            listenerTable("smtp", port, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
-            for port, mode, tls in listeners
+            listenerTable("smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
+            for mode, tls in listeners
         ]
         config = staticProxyConfig(certificate, key, tables, backends)
         self.proxy = Proxy(directory, config)
@@ -243,9 +237,10 @@ class RunningProxy:
 
     def start(self) -> None:
         """
-        Start the proxy and wait for its listeners.
+        Start the proxy and learn its listeners' ports.
         """
-        self.proxy.start([self.submission, self.submissions, self.mx])
+        self.proxy.start()
+        self.submission, self.submissions, self.mx = self.proxy.ports
 
     def stop(self) -> None:
         """
