@@ -519,6 +519,24 @@ class PlainBackendTests(RoutingTestsMixin, SynchronousTestCase):
         """
         self.assertRoutedLogins(self.connectStartTLS, authenticatePlain)
 
+    def test_longPreauthID(self) -> None:
+        """
+        A 30 KB ID before login (as imaptest's C{id} test sends) is answered
+        by Dovecot directly and, with the default limits, by the proxy too;
+        the client then logs in.
+        """
+        value = b"v" * 1000
+        command = b"ID (" + b" ".join(b'"k%d" "%s"' % (i, value) for i in range(30)) + b")"
+        self.assertGreater(len(command), 30000)
+        direct = self.connectLines(self.servers.old.imap)
+        self.assertEqual(direct.command(b"a", command)[-1], b"a OK ID completed.\r\n")
+        client = self.connectLines()
+        reply = client.command(b"a", command)
+        self.assertEqual(reply, [b'* ID ("name" "mailproxy")\r\n', b"a OK ID completed.\r\n"])
+        user = "alice@example.org"
+        login = client.command(b"b", b'LOGIN "%s" "%s"' % (user.encode(), PASSWORDS[user].encode()))
+        self.assertTrue(login[-1].startswith(b"b OK "), login)
+
     def test_curlImplicitTLS(self) -> None:
         """
         curl fetches alice's first message over implicit TLS from old, where
