@@ -27,8 +27,9 @@ from ._backend import IMAPBackendLogin
 from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest, RawLine
 
 #: Longest pre-auth command line unless C{line_length} says otherwise:
-#: Dovecot's C{imap_max_line_length}.  Clients send long lines before login
-#: (imaptest's C{id} test sends a 30 KB ID), which Dovecot accepts.
+#: Dovecot's C{imap_max_line_length}.  Before login Dovecot bounds each
+#: argument (about 1 KiB), not the line, and answers an ID of any length;
+#: clients send long ones (imaptest's C{id} test sends 30 KB).
 LINE_LENGTH = 65536
 #: Longest SASL response line (OAuth tokens are long; PROTOCOLS.md §1.2).
 MAX_SASL_LINE = 12288

@@ -42,7 +42,8 @@ DEFAULT_NOTIFY_METHODS = "mailto"
 #: Invalid commands after which the connection is closed.
 MAX_BAD_COMMANDS = 10
 #: Longest pre-auth command line unless C{line_length} says otherwise:
-#: Dovecot's C{managesieve_max_line_length}.
+#: Dovecot's C{managesieve_max_line_length} (before login it takes about
+#: 1 KiB, but AUTHENTICATE strings of several KiB).
 LINE_LENGTH = 65536
 
 #: Commands that exist but need an authenticated session.
