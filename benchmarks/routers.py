@@ -257,16 +257,17 @@ def measureOne(sources: Sources, router: str, cached: bool, directory: Path) -> 
     table, files = sources.routerTable(router)
     if cached:
         table += "[router.cache]\nttl = 3600\nsize = 100000\n"
-    port = freePort()
     proxyDirectory = directory / f"proxy-{router}-{'warm' if cached else 'cold'}"
-    proxy = Proxy(str(proxyDirectory), proxyConfig(port, sources.dovecot.imap, table))
+    # Port 0: the proxy logs the port the kernel chose.
+    proxy = Proxy(str(proxyDirectory), proxyConfig(0, sources.dovecot.imap, table))
     for name, text in files.items():
         (proxy.directory / name).write_text(text)
+    proxy.start()
+    [port] = proxy.ports
     common = [
         "logins", "--port", str(port), "--tls", "none", "--password", PASSWORD,
         "--user-format", USER_FORMAT, "--users", str(settings.users),
     ]  # fmt: skip
-    proxy.start([port])
     try:
         # One login per account: the cache (if any) is warm, the source's
         # and Dovecot's first-login costs are paid before measuring.

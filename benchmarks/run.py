@@ -35,7 +35,7 @@ if str(_REPOSITORY) not in sys.path:
 from benchmarks import procstat  # noqa: E402
 from benchmarks.load import raiseFileLimit  # noqa: E402
 from benchmarks.nginx import Nginx  # noqa: E402
-from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 PATHS = ("direct", "mailproxy", "nginx")
 GROUPS = ("logins", "latency", "relay", "idle")
@@ -595,16 +595,16 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(Endpoint("direct", ports, None))
         if "mailproxy" in wanted:
             certificate, key = ca.issue("mailproxy")
+            # Port 0: the proxy logs the ports the kernel chose.
             ports = {mode: 0 for mode in TLS_MODES}
-            while len(set(ports.values())) < 3:
-                ports = {mode: freePort() for mode in TLS_MODES}
             proxyDirectory = directory / "mailproxy"
             proxyDirectory.mkdir(exist_ok=True)
             (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
             limits = {"connections_per_address": 0, "preauth_timeout": 300, "idle_timeout": 3600}
             text = mailproxyConfig("imap", ports, dovecot.imap, certificate, key, limits)
             proxy = Proxy(str(proxyDirectory), text)
-            proxy.start(list(ports.values()))
+            proxy.start()
+            ports = dict(zip(TLS_MODES, proxy.ports))
             paths.append(Endpoint("mailproxy", ports, proxy.pid))
         if "nginx" in wanted:
             certificate, key = ca.issue("nginx")

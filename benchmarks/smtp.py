@@ -46,7 +46,7 @@ if str(_REPOSITORY) not in sys.path:
 
 from benchmarks import procstat  # noqa: E402
 from tests.integration.postfix import Postfix, dovecotSASLConfig  # noqa: E402
-from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 TLS_MODES = ("none", "starttls", "implicit")
 PATHS = ("direct", "mailproxy")
@@ -259,12 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             extraMainCf=POSTFIX_TUNING,
         )
         postfix.start()
-        ports = {tls: freePort() for tls in TLS_MODES}
-        ports["mx"] = freePort()
+        # Port 0: the proxy logs the ports the kernel chose.
+        ports = {name: 0 for name in (*TLS_MODES, "mx")}
         certificate, key = ca.issue("proxy")
         proxy = Proxy(str(directory / "mailproxy"), proxyConfig(ports, postfix, certificate, key))
         (proxy.directory / "routes.toml").write_text(f'[domains]\n"{DOMAIN}" = "pf"\n')
-        proxy.start(list(ports.values()))
+        proxy.start()
+        ports = dict(zip((*TLS_MODES, "mx"), proxy.ports))
         direct = {"none": postfix.submission, "starttls": postfix.submission, "implicit": postfix.submissions}
         for tls in modes:
             row: dict[str, Any] = {}

@@ -95,6 +95,14 @@ class LoginJob:
         """
         return self.route.backend
 
+    @property
+    def tls(self) -> str:
+        """
+        How to reach the backend on the port this job connects to: C{"none"},
+        C{"starttls"} or C{"implicit"}.
+        """
+        return self.route.backend.tlsFor(self.portName or self.protocol)
+
     def saslIdentities(self) -> tuple[bytes, bytes, bytes]:
         """
         The SASL authorization identity, authentication identity and
@@ -156,7 +164,7 @@ class BackendProtocol(Protocol):
         header = proxyHeader(backend, self.job.client, self.job.protocol)
         if header:
             self.transport.write(header)
-        if backend.tls == "implicit":
+        if self.job.tls == "implicit":
             self.startTLS()
 
     def dataReceived(self, data: bytes) -> None:

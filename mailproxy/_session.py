@@ -471,7 +471,8 @@ class FrontendProtocol(Protocol):
         """
         self.tlsActive = True
         # The configuration refuses a STARTTLS listener without [tls].
-        self.transport.startTLS(cast(IOpenSSLServerConnectionCreator, self.context.serverTLS))
+        options = cast(IOpenSSLServerConnectionCreator, self.context.serverTLS)
+        self.transport.startTLS(_tls.ApplicationProtocolOptions(options, self.listener.applicationProtocols))
 
     @property
     def tlsAvailable(self) -> bool:

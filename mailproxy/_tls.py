@@ -18,7 +18,8 @@ import datetime
 import functools
 import ipaddress
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+import weakref
+from typing import TYPE_CHECKING, Sequence
 
 import idna
 from attrs import field, frozen
@@ -54,6 +55,7 @@ __all__ = [
     "TLSConfigError",
     "CertificateSource",
     "serverOptions",
+    "ApplicationProtocolOptions",
     "clientOptions",
     "tlsInfo",
     "makeSelfSigned",
@@ -215,27 +217,37 @@ def _setGroups(context: SSL.Context) -> None:
         _lib.ERR_clear_error()
 
 
-def _alpnSelector(
-    acceptable: tuple[bytes, ...],
-) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+#: The ALPN ids each live server connection accepts.  Not the connection's
+#: app data: Twisted's TLS layer keeps its protocol there.
+_acceptedProtocols: weakref.WeakKeyDictionary[SSL.Connection, tuple[bytes, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _selectApplicationProtocol(connection: SSL.Connection, offered: list[bytes]) -> object:
     """
-    An ALPN callback that picks the first of C{acceptable} the client offers,
-    and fails the handshake when there is none (a cross-protocol attack
-    defence): a client that sends no ALPN at all is not asked.
+    The ALPN callback of every server context: pick the first of the
+    connection's acceptable protocols that the client offers, and fail the
+    handshake when there is none (a defence against cross-protocol attacks
+    such as ALPACA, where a browser is steered to a mail port).
+
+    The acceptable protocols travel with the connection, not the context, so
+    that the per-name contexts SNI switches to enforce them too, and one set
+    of certificates serves listeners of every protocol.  A client that sends
+    no ALPN is not asked; a connection with none set negotiates nothing.
     """
+    acceptable = _acceptedProtocols.get(connection)
+    if not acceptable:
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+    for protocol in acceptable:
+        if protocol in offered:
+            return protocol
+    # Raising makes OpenSSL send the no_application_protocol alert; the
+    # error has OpenSSL's own shape so that Twisted can report it.
+    raise SSL.Error([("mailproxy", "ALPN", "no application protocol in common")])
 
-    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-        for protocol in acceptable:
-            if protocol in offered:
-                return protocol
-        # Raising makes OpenSSL send the no_application_protocol alert; the
-        # error has OpenSSL's own shape so that Twisted can report it.
-        raise SSL.Error([("mailproxy", "ALPN", "no application protocol in common")])
 
-    return select
-
-
-def _serverContext(loaded: _LoadedCertificate, alpn: tuple[bytes, ...]) -> SSL.Context:
+def _serverContext(loaded: _LoadedCertificate) -> SSL.Context:
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     # No OP_CIPHER_SERVER_PREFERENCE: every allowed cipher is strong, so the
@@ -261,8 +273,7 @@ def _serverContext(loaded: _LoadedCertificate, alpn: tuple[bytes, ...]) -> SSL.C
         raise TLSConfigError(
             f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
         ) from None
-    if alpn:
-        context.set_alpn_select_callback(_alpnSelector(alpn))
+    context.set_alpn_select_callback(_selectApplicationProtocol)  # type: ignore[arg-type]
     return context
 
 
@@ -291,6 +302,7 @@ class _ServerOptions:
 
     @ivar _exact: contexts by exact (normalised) name.
     @ivar _wildcard: contexts by the parent domain of a C{*.} name.
+    @ivar _alpn: the application protocols its connections accept.
     """
 
     def __init__(
@@ -298,10 +310,12 @@ class _ServerOptions:
         default: SSL.Context,
         exact: dict[str, SSL.Context],
         wildcard: dict[str, SSL.Context],
+        alpn: tuple[bytes, ...] = (),
     ) -> None:
         self._default = default
         self._exact = exact
         self._wildcard = wildcard
+        self._alpn = alpn
         if exact or wildcard:
             default.set_tlsext_servername_callback(self._selectContext)
 
@@ -312,7 +326,9 @@ class _ServerOptions:
         @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
             that will drive it.
         """
-        return SSL.Connection(self._default, None)
+        connection = SSL.Connection(self._default, None)
+        _acceptedProtocols[connection] = self._alpn
+        return connection
 
     def contextForName(self, serverName: bytes | None) -> SSL.Context:
         """
@@ -359,7 +375,7 @@ def serverOptions(
         does not match its certificate, or two sources claim the same name.
     """
     acceptable = tuple(alpn)
-    defaultContext = _serverContext(_loadSource(default), acceptable)
+    defaultContext = _serverContext(_loadSource(default))
     exact: dict[str, SSL.Context] = {}
     wildcard: dict[str, SSL.Context] = {}
     claimedBy: dict[str, str] = {}
@@ -367,7 +383,7 @@ def serverOptions(
         context = (
             defaultContext
             if source is default
-            else _serverContext(_loadSource(source), acceptable)
+            else _serverContext(_loadSource(source))
         )
         for name in source.names:
             try:
@@ -386,7 +402,35 @@ def serverOptions(
                 wildcard[normal[2:]] = context
             else:
                 exact[normal] = context
-    return _ServerOptions(defaultContext, exact, wildcard)
+    return _ServerOptions(defaultContext, exact, wildcard, acceptable)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ApplicationProtocolOptions:
+    """
+    Server TLS options for one listener: another creator's connections (its
+    certificates, SNI and policy, reloadable), accepting only the listener's
+    ALPN protocols.
+
+    @ivar options: the creator whose connections are used.
+    @ivar alpn: the application protocols the listener speaks; a client
+        offering ALPN without any of them is refused.
+    """
+
+    def __init__(self, options: IOpenSSLServerConnectionCreator, alpn: Sequence[bytes]) -> None:
+        self.options = options
+        self.alpn = tuple(alpn)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        Create the OpenSSL connection for one client of the listener.
+
+        @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
+            that will drive it.
+        """
+        connection: SSL.Connection = self.options.serverConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
+        _acceptedProtocols[connection] = self.alpn
+        return connection
 
 
 def _isIPAddress(host: str) -> bool:

@@ -218,7 +218,7 @@ class HealthChecker:
         """
         started = self.reactor.seconds()
         endpoint: Any = HostnameEndpoint(self.reactor, backend.host, port, timeout=self.timeout)
-        if backend.tls == "implicit":
+        if backend.tlsFor(protocol) == "implicit":
             endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
         probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b""))
         connecting = connectProtocol(endpoint, probe)

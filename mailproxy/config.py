@@ -24,13 +24,14 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, get_args
 
+import idna
 from attrs import field, frozen
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
-from mailproxy._tls import CertificateSource
+from mailproxy._tls import CertificateSource, _normalName
 from mailproxy.model import Backend, BackendTLS, Forwarding
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "DIGEST_AUTH_PROTOCOLS",
     "LISTENER_MODES",
     "MODE_PORTS",
+    "APPLICATION_PROTOCOLS",
     "LISTENER_TLS_MODES",
     "ENDPOINT_TYPES",
     "ROUTER_TYPES",
@@ -86,6 +88,20 @@ MODE_PORTS: dict[tuple[str, str], str] = {("smtp", "mx"): "mx"}
 """
 The backend C{ports} key a listener mode connects to, where it is not the
 listener's protocol.
+"""
+
+APPLICATION_PROTOCOLS: dict[str, tuple[bytes, ...]] = {
+    "imap": (b"imap",),
+    "pop3": (b"pop3",),
+    "sieve": (b"managesieve",),
+    # IANA has registered no ALPN id for SMTP; "smtp" is what a client that
+    # sends one anyway is most likely to send.
+    "smtp": (b"smtp",),
+}
+"""
+The TLS ALPN protocol ids each listener protocol accepts: a client that
+offers ALPN without one of them (a browser sent to a mail port, say) is
+refused during the handshake.
 """
 
 LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
@@ -162,7 +178,8 @@ class Limits:
     Bounds on what one client may cost before and after login.
 
     @ivar lineLength: longest pre-auth command line, in octets (literals
-        excluded).
+        excluded), for IMAP, ManageSieve and SMTP (POP3 keeps RFC 2449's
+        255); L{None} for each protocol's own default (L{lineLengthFor}).
     @ivar literalSize: largest pre-auth literal (IMAP LOGIN arguments).
     @ivar preauthTimeout: seconds from connect until the login must be done.
     @ivar connectionsPerAddress: concurrent connections from one client
@@ -177,7 +194,7 @@ class Limits:
         before the proxy says goodbye and closes them.
     """
 
-    lineLength: int = 8192
+    lineLength: int | None = None
     literalSize: int = 8192
     preauthTimeout: float = 120.0
     connectionsPerAddress: int = 50
@@ -186,6 +203,17 @@ class Limits:
     idleTimeout: float = 1800.0
     backendTimeout: float = 30.0
     shutdownGrace: float = 30.0
+
+    def lineLengthFor(self, default: int) -> int:
+        """
+        The pre-auth line limit of a protocol whose own default is
+        C{default}: the configured C{line_length}, else that default.
+
+        The protocols' defaults are their backends' own limits (Dovecot's
+        C{imap_max_line_length} for IMAP, for instance), so that what a
+        client may send to the backend directly still passes the proxy.
+        """
+        return default if self.lineLength is None else self.lineLength
 
 
 @frozen
@@ -203,6 +231,9 @@ class Listener:
         CRAM-MD5), which only a router holding cleartext passwords can check.
     @ivar mode: the kind of listener, for protocols in L{LISTENER_MODES}
         (SMTP: C{"submission"} or C{"mx"}); L{None} for the others.
+    @ivar localDomains: for an MX listener, the domains the proxy receives
+        mail for (lower case, A-labels): a recipient there that the router
+        refuses is an unknown user (C{550 5.1.1}), not relaying (C{5.7.1}).
     """
 
     protocol: str
@@ -212,6 +243,7 @@ class Listener:
     proxyTrusted: tuple[str, ...] = ()
     digestAuth: bool = False
     mode: str | None = None
+    localDomains: frozenset[str] = frozenset()
 
     @property
     def portName(self) -> str:
@@ -219,6 +251,13 @@ class Listener:
         The key of a backend's C{ports} this listener's sessions connect to.
         """
         return MODE_PORTS.get((self.protocol, self.mode or ""), self.protocol)
+
+    @property
+    def applicationProtocols(self) -> tuple[bytes, ...]:
+        """
+        The TLS ALPN protocol ids this listener's clients may negotiate.
+        """
+        return APPLICATION_PROTOCOLS[self.protocol]
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:
@@ -709,6 +748,7 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         "master_password_file",
         "master_separator",
         "connect_timeout",
+        "port_tls",
     )
     host = table.string("host")
     if not _HOSTNAME.match(host) and ":" not in host:
@@ -722,6 +762,7 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         table.fail("ports", f"must name at least one of {', '.join(BACKEND_PROTOCOLS)}")
 
     masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
+    portTLS = _parsePortTLS(table, set(ports))
 
     return Backend(
         name=name,
@@ -736,7 +777,25 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         masterPassword=masterPassword,
         masterSeparator=table.string("master_separator", "*"),
         connectTimeout=table.number("connect_timeout", 10.0, positive=True),
+        portTLS=portTLS,
     )
+
+
+def _parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
+    """
+    A backend's C{port_tls}: the TLS mode of single ports where it differs
+    from the backend's C{tls} (C{port_tls = { mx = "none" }}).
+
+    @param ports: the C{ports} keys the backend has; no other may be named.
+    """
+    portTable = table.table("port_tls")
+    if portTable is None:
+        return {}
+    known = [name for name in BACKEND_PROTOCOLS if name in set(ports)]
+    for name in portTable.data:
+        if name not in known:
+            portTable.fail(name, f"not a port of this backend; its ports: {', '.join(known)}")
+    return {name: portTable.string(name, None, _BACKEND_TLS) for name in portTable.data}
 
 
 def _readSecretLine(table: Table, name: str) -> bytes:
@@ -780,7 +839,9 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
     listeners = []
     bound: dict[tuple[str, int], int] = {}
     for index, entry in enumerate(entries):
-        entry.allow("protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode")
+        entry.allow(
+            "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode", "local_domains"
+        )
         protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
         mode = _parseMode(entry, protocol)
         endpoint = entry.string("endpoint")
@@ -790,6 +851,7 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
             entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
         if digestAuth and mode == "mx":
             entry.fail("digest_auth", "mx listeners take no logins")
+        localDomains = _parseLocalDomains(entry, mode)
         proxyProtocol = entry.boolean("proxy_protocol", False)
         proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
         if proxyProtocol and not proxyTrusted:
@@ -823,9 +885,33 @@ def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend])
                 proxyTrusted=proxyTrusted,
                 digestAuth=digestAuth,
                 mode=mode,
+                localDomains=localDomains,
             )
         )
     return tuple(listeners)
+
+
+def _parseLocalDomains(entry: Table, mode: str | None) -> frozenset[str]:
+    """
+    An MX listener's C{local_domains}, in the form recipients are compared
+    in: lower case, A-labels, no final dot.
+    """
+    if "local_domains" not in entry:
+        return frozenset()
+    if mode != "mx":
+        entry.fail("local_domains", "only smtp listeners in mode \"mx\" receive mail for domains")
+    domains = set()
+    for name in entry.strings("local_domains"):
+        if "@" in name:
+            entry.fail("local_domains", f"{name!r} must be a domain name, without @")
+        try:
+            domain = _normalName(name)
+        except idna.IDNAError:
+            entry.fail("local_domains", f"{name!r} is not a domain name")
+        if not _HOSTNAME.match(domain):
+            entry.fail("local_domains", f"{name!r} is not a domain name")
+        domains.add(domain)
+    return frozenset(domains)
 
 
 def _parseMode(entry: Table, protocol: str) -> str | None:

@@ -64,7 +64,7 @@ from twisted.mail.interfaces import (
 
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import loadConfig
-from mailproxy.tap import serviceFromConfig
+from mailproxy.tap import listeningPort, serviceFromConfig
 
 DEMO_PASSWORD = "demo"
 """
@@ -798,8 +798,9 @@ async def startDemo(
 
     @param reactor: a reactor with TCP and time (L{IReactorTCP},
         L{IReactorTime}).
-    @param imapsPort: the proxy's implicit TLS port.
-    @param imapPort: the proxy's STARTTLS port.
+    @param imapsPort: the proxy's implicit TLS port; 0 lets the kernel
+        choose a free one (the result says which).
+    @param imapPort: the proxy's STARTTLS port; 0 likewise.
     @raise twisted.internet.error.CannotListenError: if a proxy port is
         taken.
     @raise mailproxy.config.ConfigError: if the written configuration does
@@ -824,6 +825,9 @@ async def startDemo(
         configPath = writeDemoConfig(directory, certificate, key, imapsPort, imapPort, storePorts)
         service = serviceFromConfig(loadConfig(configPath), reactor)
         service.startService()
+        # The listeners are the implicit TLS one, then the STARTTLS one.
+        imapsPort = listeningPort(service, 0) or imapsPort
+        imapPort = listeningPort(service, 1) or imapPort
     except BaseException:
         if service is not None:
             await _stopStarted(service)

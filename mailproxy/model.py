@@ -126,6 +126,9 @@ class Backend:
     @ivar name: the name it has in the configuration (C{[backend.NAME]}).
     @ivar ports: the port for each protocol it serves.
     @ivar tls: how to reach it: C{"none"}, C{"starttls"} or C{"implicit"}.
+    @ivar portTLS: where a port is reached otherwise than C{tls}: the mode
+        by C{ports} key (a store with STARTTLS on IMAP and plain SMTP on its
+        MX port).
     @ivar verify: whether its certificate must be valid for C{serverName}.
     @ivar caFile: a PEM file of trusted CAs, instead of the system's.
     @ivar serverName: the name to verify (and send as SNI); defaults to host.
@@ -147,6 +150,14 @@ class Backend:
     masterPassword: bytes | None = field(default=None, repr=False)
     masterSeparator: str = "*"
     connectTimeout: float = 10.0
+    portTLS: dict[str, BackendTLS] = field(factory=dict, hash=False)
+
+    def tlsFor(self, portName: str) -> BackendTLS:
+        """
+        How to reach this backend on the port C{ports[portName]}: its
+        C{portTLS} entry, else C{tls}.
+        """
+        return self.portTLS.get(portName, self.tls)
 
     def port(self, protocol: str) -> int:
         """

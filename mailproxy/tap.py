@@ -9,10 +9,18 @@ from typing import Any, cast
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.reflect import namedAny
+from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ProxyService, ReloadableServerTLS
@@ -70,6 +78,56 @@ def withBacklog(endpoint: str) -> str:
     return endpoint
 
 
+@implementer(IStreamServerEndpoint)
+class ReportingEndpoint:
+    """
+    A server endpoint that logs where it listens once it does, and keeps
+    the listening port: with port 0 in the endpoint string, the log line
+    (or L{port}) says which port the kernel chose.
+
+    @ivar port: the listening port, once listening.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, name: str) -> None:
+        """
+        @param name: how the log line names the listener (C{listener[0]}).
+        """
+        self.endpoint = endpoint
+        self.name = name
+        self.port: IListeningPort | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """
+        Listen with the wrapped endpoint, then log the address.
+        """
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            address = port.getHost()
+            self.log.info(
+                "{name} listening on {host}:{port}",
+                name=self.name,
+                host=getattr(address, "host", "?"),
+                port=getattr(address, "port", "?"),
+            )
+            return port
+
+        return self.endpoint.listen(protocolFactory).addCallback(listening)
+
+
+def listeningPort(service: ProxyService, index: int) -> int | None:
+    """
+    The TCP port listener C{index} of a started proxy listens on (the one
+    the kernel chose for port 0), or L{None} if it does not listen.
+    """
+    endpoint = service.getServiceNamed(f"listener-{index}").endpoint  # type: ignore[attr-defined]
+    if endpoint.port is None:
+        return None
+    return endpoint.port.getHost().port  # type: ignore[no-any-return]
+
+
 def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFactory:
     """
     The protocol factory for one listener, with TLS wrapped around it for
@@ -79,7 +137,10 @@ def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFacto
     factory: IProtocolFactory = FrontendFactory(frontend, context, listener)
     if listener.tls == "implicit":
         # The configuration refuses a TLS listener without [tls].
-        factory = TLSMemoryBIOFactory(cast(IOpenSSLServerConnectionCreator, context.serverTLS), False, factory)
+        options = _tls.ApplicationProtocolOptions(
+            cast(IOpenSSLServerConnectionCreator, context.serverTLS), listener.applicationProtocols
+        )
+        factory = TLSMemoryBIOFactory(options, False, factory)
     if listener.proxyProtocol:
         # Below TLS: a balancer sends the header before the ClientHello.
         factory = ProxyHeaderFactory(factory, parseNetworks(listener.proxyTrusted), context.reactor)
@@ -114,7 +175,8 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
     )
     top = ProxyService(config, context, reactor)
     for index, listener in enumerate(config.listeners):
-        endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
+        name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
+        endpoint = ReportingEndpoint(serverFromString(reactor, withBacklog(listener.endpoint)), name)
         service = StreamServerEndpointService(endpoint, listenerFactory(context, listener))
         # A listener that cannot bind must stop the proxy, not be logged and
         # forgotten.
@@ -125,7 +187,8 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
         site, top.admin = adminSite(top, config.admin.token, reactor, config.admin.healthDetails)
         factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
         top.adminTLS = adminTLS
-        service = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), factory)
+        endpoint = ReportingEndpoint(serverFromString(reactor, config.admin.endpoint), "admin")
+        service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True
         service.setName("admin")
         service.setServiceParent(top)

@@ -203,7 +203,7 @@ class IMAPBackendLogin(BackendProtocol):
         if code == b"CAPABILITY":
             self.capabilities = args.split()
         self._state = "dialogue"
-        if self.job.backend.tls == "starttls":
+        if self.job.tls == "starttls":
             if self.capabilities is not None and b"STARTTLS" not in self._caps():
                 self.fail("unavailable", "backend does not offer STARTTLS")
                 return

@@ -118,7 +118,7 @@ class POP3BackendLogin(BackendProtocol):
             self.fail("unavailable", "unexpected greeting: " + _show(line))
             return
         self.xclientOffered = line[3:].upper().startswith(b" [XCLIENT]")
-        if self.job.backend.tls == "starttls":
+        if self.job.tls == "starttls":
             self._state = "stls"
             self.transport.write(b"STLS\r\n")
             return

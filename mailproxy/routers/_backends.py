@@ -18,7 +18,7 @@ from typing import get_args
 
 from attrs import field, frozen
 
-from mailproxy.config import BACKEND_PROTOCOLS, Table, _readNameAndSecret
+from mailproxy.config import BACKEND_PROTOCOLS, Table, _parsePortTLS, _readNameAndSecret
 from mailproxy.model import Backend, BackendTLS, Forwarding, RouteRequest
 
 __all__ = [
@@ -111,6 +111,7 @@ class BackendDefaults:
 
     ports: dict[str, int] = field(factory=lambda: dict(STANDARD_PORTS), hash=False)
     tls: BackendTLS = "none"
+    portTLS: dict[str, BackendTLS] = field(factory=dict, hash=False)
     verify: bool = True
     caFile: str | None = None
     forward: Forwarding = "auto"
@@ -141,6 +142,7 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
         "master_password_file",
         "master_separator",
         "connect_timeout",
+        "port_tls",
     )
     ports = dict(STANDARD_PORTS)
     portsTable = table.table("ports")
@@ -152,6 +154,7 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
     return BackendDefaults(
         ports=ports,
         tls=table.string("tls", "none", BACKEND_TLS_MODES),
+        portTLS=_parsePortTLS(table, _PORT_NAMES),
         verify=table.boolean("verify", True),
         caFile=table.path("ca_file", None),
         forward=table.string("forward", "auto", FORWARDING_MODES),
@@ -262,6 +265,8 @@ class BackendResolver:
                 host=host,
                 ports=ports,
                 tls=tls or defaults.tls,
+                # A router that says how to reach this port has said it all.
+                portTLS=defaults.portTLS if tls is None else {},
                 verify=defaults.verify,
                 caFile=defaults.caFile,
                 forward=forward or defaults.forward,

@@ -125,7 +125,7 @@ class SieveBackendLogin(BackendProtocol):
 
     def _greeted(self) -> None:
         backend = self.job.backend
-        if backend.tls == "starttls" and not self.tlsActive:
+        if self.job.tls == "starttls" and not self.tlsActive:
             if b"STARTTLS" not in self.capabilities:
                 self.fail("unavailable", "backend does not offer STARTTLS")
                 return

@@ -43,6 +43,10 @@ DEFAULT_SIEVE_EXTENSIONS = (
 DEFAULT_NOTIFY_METHODS = "mailto"
 #: Invalid commands after which the connection is closed.
 MAX_BAD_COMMANDS = 10
+#: Longest pre-auth command line unless C{line_length} says otherwise:
+#: Dovecot's C{managesieve_max_line_length} (before login it takes about
+#: 1 KiB, but AUTHENTICATE strings of several KiB).
+LINE_LENGTH = 65536
 
 #: Commands that exist but need an authenticated session.
 _AFTER_LOGIN = frozenset(
@@ -88,7 +92,7 @@ class SieveFrontend(CommandFrontend):
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
-        self.parser = LineParser(self.limits.lineLength, self.limits.literalSize)
+        self.parser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
         self._startingTLS = False
         self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {

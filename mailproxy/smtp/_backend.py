@@ -239,7 +239,7 @@ class SMTPBackend(BackendProtocol):
             return
         self.extensions = Extensions.fromReply(reply)
         backend = self.job.backend
-        if backend.tls == "starttls" and not self.tlsActive:
+        if self.job.tls == "starttls" and not self.tlsActive:
             if "STARTTLS" not in self.extensions:
                 self.fail("unavailable", "backend does not offer STARTTLS")
                 return

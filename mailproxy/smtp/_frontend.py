@@ -39,6 +39,10 @@ from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong
 
 #: Longest AUTH response line (RFC 4954 §4 calls 12288 octets enough).
 MAX_SASL_LINE = 12288 + 2
+#: Longest command line unless C{line_length} says otherwise: above
+#: Postfix's C{line_length_limit} (2048) and RFC 5321's 512, yet small for
+#: an MX that takes connections from the whole Internet.
+LINE_LENGTH = 8192
 #: Errors after which the connection is closed (Postfix's hard limit).
 MAX_ERRORS = 20
 #: Verbs of other protocols: a browser or proxy request sent to the SMTP
@@ -260,7 +264,7 @@ class SMTPFrontend(CommandFrontend):
         """
         The longest command line accepted now.
         """
-        return max(COMMAND_LINE, self.limits.lineLength)
+        return max(COMMAND_LINE, self.limits.lineLengthFor(LINE_LENGTH))
 
     def processInput(self) -> None:
         """

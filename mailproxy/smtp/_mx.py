@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import idna
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import deferLater
@@ -33,6 +35,7 @@ from zope.interface import implementer
 from .._backend import BackendFailure, LoginJob
 from .._safetext import logQuote
 from .._session import ProxyContext
+from .._tls import _normalName
 from ..config import Listener
 from ..model import Rejection, Route, RouteRequest
 from ..routers import callRouter
@@ -340,7 +343,7 @@ class MXFrontend(SMTPFrontend):
         if isinstance(answer, Rejection):
             if answer.temporary:
                 refusal = reply(451, "4.3.0", f"<{address}>: Temporary lookup failure")
-            elif answer.reason == "unknown-user":
+            elif answer.reason == "unknown-user" or self._isLocal(address):
                 refusal = reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
             else:
                 refusal = reply(550, "5.7.1", f"<{address}>: Relay access denied")
@@ -366,6 +369,18 @@ class MXFrontend(SMTPFrontend):
         d = self._connection(answer)
         d.addCallback(self._sendRecipient, path)
         return d
+
+    def _isLocal(self, address: str) -> bool:
+        """
+        Whether C{address} is in one of the listener's C{local_domains}: a
+        recipient there that the router refuses is an unknown user, whatever
+        the router knows of domains.
+        """
+        try:
+            domain = _normalName(address.rpartition("@")[2])
+        except idna.IDNAError:
+            return False
+        return domain in self.listener.localDomains
 
     def _connection(self, route: Route) -> Deferred[Any]:
         if self.backend is not None and not self.backend.lost:

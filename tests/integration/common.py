@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .servers import Dovecot, Proxy, TestCA, freePort
+from .servers import Dovecot, Proxy, TestCA
 
 #: Seconds any single client operation may take before the test fails.
 TIMEOUT = 30.0
@@ -165,17 +165,11 @@ class RunningProxy:
         @param listenerOptions: more keys for a listener's table, by its TLS
             mode.
         """
-        self.implicit = freePort()
-        self.startTLS = freePort()
-        self.startTLSRequired = freePort()
         certificate, key = ca.issue(certificateName)
+        # Port 0: the proxy logs the ports the kernel chose (see start).
         listeners = [
-            listenerTable(protocol, port, mode, **listenerOptions.get(mode, {}))
-            for port, mode in [
-                (self.implicit, "implicit"),
-                (self.startTLS, "starttls"),
-                (self.startTLSRequired, "starttls-required"),
-            ]
+            listenerTable(protocol, 0, mode, **listenerOptions.get(mode, {}))
+            for mode in ("implicit", "starttls", "starttls-required")
         ]
         self.proxy = Proxy(directory, staticProxyConfig(certificate, key, listeners, backends))
         self.routesPath = self.proxy.directory / "routes.toml"
@@ -184,9 +178,11 @@ class RunningProxy:
 
     def start(self) -> None:
         """
-        Start the proxy and wait for its listeners.
+        Start the proxy and learn its listeners' ports: L{implicit},
+        L{startTLS} and L{startTLSRequired}.
         """
-        self.proxy.start([self.implicit, self.startTLS, self.startTLSRequired])
+        self.proxy.start()
+        self.implicit, self.startTLS, self.startTLSRequired = self.proxy.ports
 
     def stop(self) -> None:
         """

@@ -74,11 +74,30 @@ class NginxMailProxy:
         if not Path(MAIL_MODULE).exists():
             requireServer("libnginx-mod-mail (ngx_mail_module.so)")
         self.directory.mkdir(parents=True, exist_ok=True)
-        ports: set[int] = set()
-        while len(ports) < 2:
-            ports.add(freePort())
-        self.imap, self.pop3 = sorted(ports)
-        self.configPath.write_text(self.configuration())
+        # nginx must be told its ports: free when chosen, they may be taken
+        # before nginx binds them; choose again then.
+        for attempt in range(3):
+            ports: set[int] = set()
+            while len(ports) < 2:
+                ports.add(freePort())
+            self.imap, self.pop3 = sorted(ports)
+            self.configPath.write_text(self.configuration())
+            logged = self.logPath.stat().st_size if self.logPath.exists() else 0
+            try:
+                self._run()
+                return
+            except RuntimeError:
+                with open(self.logPath, "rb") as log:
+                    log.seek(logged)
+                    if attempt == 2 or b"Address already in use" not in log.read():
+                        raise
+
+    def _run(self) -> None:
+        """
+        Run nginx and wait for its ports.
+
+        @raise RuntimeError: it did not come up; the message has its log.
+        """
         import subprocess
 
         with open(self.logPath, "ab") as log:

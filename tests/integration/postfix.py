@@ -154,16 +154,26 @@ class Postfix:
             certificate, key = self._ca.issue(f"postfix-{self.name}")
             shutil.copy(certificate, etc / "cert.pem")
             shutil.copy(key, etc / "key.pem")
-            ports: set[int] = set()
-            while len(ports) < len(self._PORT_NAMES):
-                ports.add(freePort())
-            for name, port in zip(self._PORT_NAMES, sorted(ports)):
-                setattr(self, name, port)
-            (etc / "main.cf").write_text(self._mainCf())
-            (etc / "master.cf").write_text(self._masterCf())
-            self._postfix("start")
-            self._running = True
-            self._waitForPorts(timeout=30)
+            # Postfix must be told its ports: they are free when chosen but
+            # may be taken before Postfix binds them; choose again then.
+            for attempt in range(3):
+                ports: set[int] = set()
+                while len(ports) < len(self._PORT_NAMES):
+                    ports.add(freePort())
+                for name, port in zip(self._PORT_NAMES, sorted(ports)):
+                    setattr(self, name, port)
+                (etc / "main.cf").write_text(self._mainCf())
+                (etc / "master.cf").write_text(self._masterCf())
+                logged = len(self.logText())
+                try:
+                    self._postfix("start")
+                    self._running = True
+                    self._waitForPorts(timeout=30)
+                    return
+                except RuntimeError:
+                    if attempt == 2 or "Address already in use" not in self.logText()[logged:]:
+                        raise
+                    self._halt()
         except BaseException:
             self.stop()
             raise
@@ -262,26 +272,34 @@ smtpd_tls_loglevel = 1
         """
         if self._runtime is None:
             return
-        if self._running:
-            pid = self._masterPid()
-            try:
-                self._postfix("abort")
-            except RuntimeError:
-                pass
-            deadline = time.monotonic() + 10
-            while pid is not None and time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            self._running = False
+        self._halt()
         # The log outlives the instance, for whoever reads a failure.
         if (self._runtime / "maillog").exists():
             shutil.copy(self._runtime / "maillog", self.directory / "maillog")
         shutil.rmtree(self._runtime, ignore_errors=True)
         self._runtime = None
         (self.directory / "runtime").unlink(missing_ok=True)
+
+    def _halt(self) -> None:
+        """
+        Stop the Postfix processes, if running, and wait for the master to
+        exit; the runtime directory stays.
+        """
+        if not self._running:
+            return
+        pid = self._masterPid()
+        try:
+            self._postfix("abort")
+        except RuntimeError:
+            pass
+        deadline = time.monotonic() + 10
+        while pid is not None and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        self._running = False
 
     def logText(self) -> str:
         """

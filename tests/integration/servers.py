@@ -57,6 +57,23 @@ def freePort(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+#: Sockets bound for L{refusedPort}, open while the tests run.
+_refusing: list[socket.socket] = []
+
+
+def refusedPort(host: str = "127.0.0.1") -> int:
+    """
+    A TCP port on C{host} where connections are refused for as long as the
+    test process runs: a socket is bound there and never listens, so no
+    other process can take the port (as one could take a port that
+    L{freePort} found free).
+    """
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind((host, 0))
+    _refusing.append(probe)
+    return int(probe.getsockname()[1])
+
+
 def _which(binary: str) -> str | None:
     """
     The path of C{binary}, also looking in the sbin directories that a
@@ -533,10 +550,21 @@ class Proxy:
     The proxy (C{twistd mailproxy}) as a subprocess, with its configuration,
     log and standard error in a directory.
 
+    Listeners and the management endpoint may listen on port 0: the proxy
+    logs the port the kernel chose, and L{start} reads it from the log, so
+    no port has to be guessed free beforehand.
+
     @ivar pid: the process id, once started.
+    @ivar ports: the port of each C{[[listener]]}, in order, once started.
+    @ivar adminPort: the management endpoint's port, once started, if any.
     """
 
     pid: int
+    ports: list[int]
+    adminPort: int | None
+
+    #: The proxy's log line for a listening endpoint.
+    _LISTENING = re.compile(r"\] (listener\[(\d+)\]|admin) .*listening on \S+:(\d+)$", re.MULTILINE)
 
     def __init__(self, directory: str, configText: str) -> None:
         """
@@ -561,14 +589,36 @@ class Proxy:
             "mailproxy", "--config", str(self.configPath),
         ]
 
-    def start(self, waitPorts: Sequence[int]) -> None:
+    def start(self, waitPorts: Sequence[int] = (), choosePorts: Callable[[], None] | None = None) -> None:
         """
-        Start the proxy and wait until every one of C{waitPorts} accepts
-        connections.
+        Start the proxy, wait until it has logged where each listener (and
+        the management endpoint) listens, and until every one of
+        C{waitPorts} accepts connections.
 
+        @param choosePorts: for a configuration that names ports (not 0),
+            called to choose them again and rewrite the configuration when
+            one was taken before the proxy could bind it; the start is then
+            tried again, three times in all.
         @raise RuntimeError: it exited or did not listen in time; the
             message ends with the tail of its log and standard error.
         """
+        for attempt in range(3 if choosePorts is not None else 1):
+            try:
+                self._start(waitPorts)
+                return
+            except RuntimeError as error:
+                if choosePorts is None or attempt == 2 or "Address already in use" not in str(error):
+                    raise
+                choosePorts()
+
+    def _start(self, waitPorts: Sequence[int]) -> None:
+        """
+        Start the proxy once; see L{start}.
+        """
+        text = self.configPath.read_text()
+        listeners = len(re.findall(r"^\[\[listener\]\]", text, re.MULTILINE))
+        admin = re.search(r"^\[admin\]", text, re.MULTILINE) is not None
+        logged = self.logPath.stat().st_size if self.logPath.exists() else 0
         environment = dict(os.environ)
         # The checkout's mailproxy and twisted/plugins come first, whether or
         # not the package is installed in this virtualenv.
@@ -587,6 +637,7 @@ class Proxy:
             )
         self.pid = self._process.pid
         try:
+            self._readPorts(logged, listeners, admin, timeout=30)
             _waitForPorts(
                 self._process, waitPorts, timeout=30, describe="the proxy", log=self.logPath
             )
@@ -595,6 +646,43 @@ class Proxy:
             raise RuntimeError(
                 f"{error}\n{self._stderrPath}:\n{_tail(self._stderrPath)}"
             ) from None
+
+    def _readPorts(self, offset: int, listeners: int, admin: bool, timeout: float) -> None:
+        """
+        Wait until the log, from C{offset} on, names the port of each of
+        C{listeners} listeners (and of the management endpoint if
+        C{admin}); set L{ports} and L{adminPort}.
+
+        @raise RuntimeError: the proxy exited, or C{timeout} seconds passed.
+        """
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.logPath, "rb") as log:
+                    log.seek(offset)
+                    added = log.read().decode("utf-8", "replace")
+            except FileNotFoundError:
+                added = ""
+            found: dict[int, int] = {}
+            adminPort = None
+            for match in self._LISTENING.finditer(added):
+                if match.group(2) is not None:
+                    found[int(match.group(2))] = int(match.group(3))
+                else:
+                    adminPort = int(match.group(3))
+            if len(found) == listeners and (adminPort is not None or not admin):
+                self.ports = [found[index] for index in range(listeners)]
+                self.adminPort = adminPort
+                return
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"the proxy exited with status {self._process.returncode} before listening; "
+                    f"{self.logPath}:\n{_tail(self.logPath)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy is not listening after {timeout} s; {self.logPath}:\n{_tail(self.logPath)}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """

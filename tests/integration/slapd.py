@@ -103,8 +103,19 @@ class Slapd:
         )
         if loaded.returncode != 0:
             raise RuntimeError("slapadd failed:\n" + (loaded.stdout + loaded.stderr).decode("utf-8", "replace"))
-        self.port = freePort()
-        self._run()
+        # slapd must be told its port: free when chosen, it may be taken
+        # before slapd binds it; choose again then.
+        for attempt in range(3):
+            self.port = freePort()
+            logged = self.logPath.stat().st_size if self.logPath.exists() else 0
+            try:
+                self._run()
+                return
+            except RuntimeError:
+                with open(self.logPath, "rb") as log:
+                    log.seek(logged)
+                    if attempt == 2 or b"Address already in use" not in log.read():
+                        raise
 
     def _run(self) -> None:
         config = self.directory / "slapd.conf"

@@ -44,6 +44,7 @@ from .servers import (
     TestCA,
     fixtureDirectory,
     freePort,
+    refusedPort,
     requireServer,
     sharedFixture,
 )
@@ -282,7 +283,7 @@ class ProxyFixtureMixin(ServerLogMixin):
         # A backend nobody serves: connections to it are refused.
         backends["dead"] = {
             "host": "127.0.0.1",
-            "ports": {"imap": freePort()},
+            "ports": {"imap": refusedPort()},
             "tls": "none",
             "connect_timeout": 5,
         }
@@ -589,6 +590,24 @@ class PlainBackendTests(RoutingTestsMixin, SynchronousTestCase):
         """
         self.assertRoutedLogins(self.connectStartTLS, authenticatePlain)
 
+    def test_longPreauthID(self) -> None:
+        """
+        A 30 KB ID before login (as imaptest's C{id} test sends) is answered
+        by Dovecot directly and, with the default limits, by the proxy too;
+        the client then logs in.
+        """
+        value = b"v" * 1000
+        command = b"ID (" + b" ".join(b'"k%d" "%s"' % (i, value) for i in range(30)) + b")"
+        self.assertGreater(len(command), 30000)
+        direct = self.connectLines(self.servers.old.imap)
+        self.assertEqual(direct.command(b"a", command)[-1], b"a OK ID completed.\r\n")
+        client = self.connectLines()
+        reply = client.command(b"a", command)
+        self.assertEqual(reply, [b'* ID ("name" "mailproxy")\r\n', b"a OK ID completed.\r\n"])
+        user = "alice@example.org"
+        login = client.command(b"b", b'LOGIN "%s" "%s"' % (user.encode(), PASSWORDS[user].encode()))
+        self.assertTrue(login[-1].startswith(b"b OK "), login)
+
     def test_curlImplicitTLS(self) -> None:
         """
         curl fetches alice's first message over implicit TLS from old, where
@@ -843,19 +862,37 @@ class HAProxy:
         """
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = freePort()
+        self.target = target
         self.configPath = self.directory / "haproxy.cfg"
-        self.configPath.write_text(
-            "global\n    maxconn 200\n"
-            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
-            f"frontend clients\n    bind 127.0.0.1:{self.port}\n    default_backend proxies\n"
-            f"backend proxies\n    server mailproxy 127.0.0.1:{target} send-proxy-v2\n"
-        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """
-        Start it in the foreground and wait for its port.
+        Start it in the foreground and wait for its port. haproxy must be
+        told its port: a free one is chosen, and chosen again if another
+        process took it before haproxy could bind it.
+        """
+        for attempt in range(3):
+            self.port = freePort()
+            self.configPath.write_text(
+                "global\n    maxconn 200\n"
+                "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
+                f"frontend clients\n    bind 127.0.0.1:{self.port}\n    default_backend proxies\n"
+                f"backend proxies\n    server mailproxy 127.0.0.1:{self.target} send-proxy-v2\n"
+            )
+            try:
+                self._run()
+                return
+            except RuntimeError as error:
+                if attempt == 2 or "Address already in use" not in str(error):
+                    raise
+
+    def _run(self) -> None:
+        """
+        Run haproxy and wait for its port.
+
+        @raise RuntimeError: it exited or did not listen; the message is
+            its log.
         """
         log = open(self.directory / "haproxy.log", "wb")
         self.process = subprocess.Popen(
@@ -869,6 +906,7 @@ class HAProxy:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError((self.directory / "haproxy.log").read_text())
                 time.sleep(0.05)
 

@@ -85,24 +85,23 @@ class DrillProxy:
     """
 
     def __init__(self, servers: DrillServers, grace: float = 30) -> None:
-        # The kernel may hand out the same free port twice in a row.
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(freePort())
-        self.imap, self.imaps, self.admin = sorted(ports)
+        # The listeners on port 0: the proxy logs the ports the kernel chose.
+        # The management endpoint's port is in the configuration, where
+        # the mailproxy commands find it: it is chosen (see start).
         directory = fixtureDirectory("drill-proxy")
+        self.admin = freePort()
         self.text = (
             '[proxy]\nhostname = "proxy.example.org"\n'
             f"[limits]\nfailure_delay = 0.1\nshutdown_grace = {grace}\n"
             '[tls]\ncertificate = "proxy.pem"\nkey = "proxy.key"\n'
-            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
-            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imaps}:interface=127.0.0.1"\ntls = "implicit"\n'
+            '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
+            '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "implicit"\n'
             '[router]\ntype = "static"\npath = "routes.toml"\n'
             + "".join(
                 f'[backend.{server.name}]\nhost = "127.0.0.1"\nports = {{ imap = {server.imap} }}\n'
                 for server in (servers.old, servers.new)
             )
-            + f'[admin]\nendpoint = "tcp:{self.admin}"\ntoken_file = "admin.token"\n'
+            + f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
             '[log]\nformat = "json"\npath = "events.jsonl"\n'
         )
         self.proxy = Proxy(directory, self.text)
@@ -125,9 +124,18 @@ class DrillProxy:
 
     def start(self) -> None:
         """
-        Start the proxy and wait for its listeners.
+        Start the proxy and learn its listeners' ports.
         """
-        self.proxy.start([self.imap, self.imaps, self.admin])
+        self.proxy.start(choosePorts=self.chooseAdminPort)
+        self.imap, self.imaps = self.proxy.ports
+
+    def chooseAdminPort(self) -> None:
+        """
+        Move the management endpoint to another free port.
+        """
+        old, self.admin = self.admin, freePort()
+        self.text = self.text.replace(f'"tcp:{old}:', f'"tcp:{self.admin}:')
+        self.proxy.configPath.write_text(self.text)
 
     def stop(self) -> None:
         """

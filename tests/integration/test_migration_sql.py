@@ -28,11 +28,11 @@ class SQLProxy:
     """
 
     def __init__(self, servers: DrillServers) -> None:
-        ports: set[int] = set()
-        while len(ports) < 2:
-            ports.add(freePort())
-        self.imap, self.admin = sorted(ports)
+        # The listener on port 0: the proxy logs the port the kernel chose.
+        # The management endpoint's port is in the configuration, where
+        # the mailproxy commands find it: it is chosen (see start).
         directory = Path(fixtureDirectory("sql-move-proxy"))
+        self.admin = freePort()
         self.database = directory / "accounts.sqlite"
         with sqlite3.connect(self.database) as db:
             db.execute("CREATE TABLE accounts (address TEXT PRIMARY KEY, backend TEXT NOT NULL)")
@@ -41,7 +41,7 @@ class SQLProxy:
         text = (
             '[proxy]\nhostname = "proxy.example.org"\n'
             "[limits]\nfailure_delay = 0.1\nshutdown_grace = 0\n"
-            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
+            '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
             '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
             'query = "SELECT backend FROM accounts WHERE address = lower(:user)"\n'
             'routes_query = "SELECT address AS account, backend FROM accounts"\n'
@@ -52,7 +52,7 @@ class SQLProxy:
                 f'[backend.{server.name}]\nhost = "127.0.0.1"\nports = {{ imap = {server.imap} }}\n'
                 for server in (servers.old, servers.new)
             )
-            + f'[admin]\nendpoint = "tcp:{self.admin}"\ntoken_file = "admin.token"\n'
+            + f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
         )
         self.proxy = Proxy(str(directory), text)
         (self.proxy.directory / "admin.token").write_text(TOKEN + "\n")
@@ -61,7 +61,16 @@ class SQLProxy:
         """
         Start the proxy and wait for its listeners.
         """
-        self.proxy.start([self.imap, self.admin])
+        self.proxy.start(choosePorts=self.chooseAdminPort)
+        [self.imap] = self.proxy.ports
+
+    def chooseAdminPort(self) -> None:
+        """
+        Move the management endpoint to another free port.
+        """
+        old, self.admin = self.admin, freePort()
+        text = self.proxy.configPath.read_text().replace(f'"tcp:{old}:', f'"tcp:{self.admin}:')
+        self.proxy.configPath.write_text(text)
 
     def stop(self) -> None:
         """

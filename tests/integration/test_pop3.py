@@ -41,7 +41,7 @@ from .common import (
     ServerLogMixin,
     connectFrom,
 )
-from .servers import Dovecot, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, fixtureDirectory, refusedPort, requireServer, sharedFixture
 from .test_imap import LARGE_MESSAGE_ID, MailServers, firstMessage
 
 #: The IMAP tests' routes, plus a password for carol: the proxy checks her
@@ -213,7 +213,7 @@ class POP3FixtureMixin(ServerLogMixin):
             }
             for server in (self.servers.old, self.servers.new)
         }
-        backends["dead"] = {"host": "127.0.0.1", "ports": {"pop3": freePort()}, "connect_timeout": 5}
+        backends["dead"] = {"host": "127.0.0.1", "ports": {"pop3": refusedPort()}, "connect_timeout": 5}
         # APOP and CRAM-MD5 are offered where TLS is optional or implicit.
         digest = {"implicit": {"digest_auth": True}, "starttls": {"digest_auth": True}}
         running = RunningProxy(

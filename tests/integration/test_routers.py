@@ -39,9 +39,7 @@ from .servers import (
     TestCA,
     _dieWithParent,
     _stopProcess,
-    _waitForPorts,
     fixtureDirectory,
-    freePort,
     requireServer,
     sharedFixture,
 )
@@ -228,12 +226,13 @@ class AuthServer:
 
     def start(self) -> None:
         """
-        Start the server and wait for it to listen.
+        Start the server on a port the kernel chooses and wait until it
+        says which.
         """
-        self.port = freePort()
-        listen = f"tcp:{self.port}:interface=127.0.0.1"
+        listen = "tcp:0:interface=127.0.0.1"
         if self.tls is not None:
-            listen = f"ssl:{self.port}:interface=127.0.0.1:certKey={self.tls[0]}:privateKey={self.tls[1]}"
+            listen = f"ssl:0:interface=127.0.0.1:certKey={self.tls[0]}:privateKey={self.tls[1]}"
+        logged = self.logPath.stat().st_size if self.logPath.exists() else 0
         with open(self.logPath, "ab") as log:
             self._process = subprocess.Popen(
                 [
@@ -251,11 +250,18 @@ class AuthServer:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_dieWithParent,
             )
-        try:
-            _waitForPorts(self._process, [self.port], timeout=20, describe="the example auth server", log=self.logPath)
-        except RuntimeError:
-            _stopProcess(self._process)
-            raise
+        deadline = time.monotonic() + 20
+        while True:
+            with open(self.logPath, "rb") as log:
+                log.seek(logged)
+                match = re.search(rb"auth server listening on \S+:(\d+)", log.read())
+            if match is not None:
+                self.port = int(match.group(1))
+                return
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                _stopProcess(self._process)
+                raise RuntimeError(f"the example auth server did not listen; {self.logPath}:\n{self.logPath.read_text()}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """
@@ -304,7 +310,6 @@ class RoutingProxy:
         @param files: more files for the configuration's directory.
         @param digest: offer APOP (C{digest_auth}) on the POP3 listener.
         """
-        self.imap, self.pop3, self.submission, self.mx = _distinctPorts(4)
         backends = "".join(
             f'[backend.{name}]\nhost = "127.0.0.1"\n'
             f"ports = {{ imap = {server.imap}, pop3 = {server.pop3}, "
@@ -315,10 +320,11 @@ class RoutingProxy:
         config = (
             '[proxy]\nhostname = "proxy.example.org"\n'
             "[limits]\nfailure_delay = 0.0\nbackend_timeout = 10\n"
-            + listenerTable("imap", self.imap, "none")
-            + listenerTable("pop3", self.pop3, "none", **({"digest_auth": True} if digest else {}))
-            + listenerTable("smtp", self.submission, "none", mode="submission")
-            + listenerTable("smtp", self.mx, "none", mode="mx")
+            # Port 0: the proxy logs the ports the kernel chose (see start).
+            + listenerTable("imap", 0, "none")
+            + listenerTable("pop3", 0, "none", **({"digest_auth": True} if digest else {}))
+            + listenerTable("smtp", 0, "none", mode="submission")
+            + listenerTable("smtp", 0, "none", mode="mx")
             + router
             + backends
             + '[log]\nformat = "json"\npath = "events.jsonl"\n'
@@ -331,20 +337,14 @@ class RoutingProxy:
         """
         Start it and wait for its listeners.
         """
-        self.proxy.start([self.imap, self.pop3, self.submission, self.mx])
+        self.proxy.start()
+        self.imap, self.pop3, self.submission, self.mx = self.proxy.ports
 
     def stop(self) -> None:
         """
         Stop it.
         """
         self.proxy.stop()
-
-
-def _distinctPorts(count: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(freePort())
-    return sorted(ports)
 
 
 def _connect(port: int) -> tuple[socket.socket, Any]:

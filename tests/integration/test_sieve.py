@@ -38,7 +38,7 @@ from .servers import (
     Dovecot,
     TestCA,
     fixtureDirectory,
-    freePort,
+    refusedPort,
     requireServer,
     sharedFixture,
 )
@@ -205,7 +205,7 @@ class ProxyFixtureMixin(ServerLogMixin):
             }
             for server in (self.servers.old, self.servers.new)
         }
-        backends["dead"] = {"host": "127.0.0.1", "ports": {"sieve": freePort()}, "connect_timeout": 5}
+        backends["dead"] = {"host": "127.0.0.1", "ports": {"sieve": refusedPort()}, "connect_timeout": 5}
         backends.update(self.extraBackends())
         running = RunningProxy(
             fixtureDirectory(type(self).__name__), "sieve", backends, self.routes, self.servers.ca,

@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from . import common
 from .common import CLIENT_ADDRESS, TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .postfix import Postfix, dovecotSASLConfig
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
 
 #: Accounts, on both Dovecots (which also check SASL for both Postfixes).
 PASSWORDS = {
@@ -55,6 +55,10 @@ ROUTES: dict[str, Any] = {
         "erin@example.net": "new",
     },
 }
+
+#: The MX listener's C{local_domains}: example.com is local but has no
+#: route, as a domain whose directory lookups find nobody.
+LOCAL_DOMAINS = ["example.org", "example.net", "example.com"]
 
 #: Where each account's mail goes by L{ROUTES}.
 HOMES = {
@@ -220,26 +224,23 @@ class RunningProxy:
         """
         Write the configuration and the route table into C{directory}.
         """
-        self.submission = freePort()
-        self.submissions = freePort()
-        self.mx = freePort()
         certificate, key = ca.issue("smtp-proxy")
-        listeners = [
-            (self.submission, "submission", "starttls-required"),
-            (self.submissions, "submission", "implicit"),
-            (self.mx, "mx", "starttls"),
+        listeners = [("submission", "starttls-required"), ("submission", "implicit"), ("mx", "starttls")]
+        # Port 0: the proxy logs the ports the kernel chose (see start).
+        tables = [
+            listenerTable("smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
+            for mode, tls in listeners
         ]
-        config = staticProxyConfig(
-            certificate, key, [listenerTable("smtp", port, tls, mode=mode) for port, mode, tls in listeners], backends
-        )
+        config = staticProxyConfig(certificate, key, tables, backends)
         self.proxy = Proxy(directory, config)
         (self.proxy.directory / "routes.toml").write_text(routesText(ROUTES))
 
     def start(self) -> None:
         """
-        Start the proxy and wait for its listeners.
+        Start the proxy and learn its listeners' ports.
         """
-        self.proxy.start([self.submission, self.submissions, self.mx])
+        self.proxy.start()
+        self.submission, self.submissions, self.mx = self.proxy.ports
 
     def stop(self) -> None:
         """
@@ -755,6 +756,27 @@ class MXTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertTrue(line.startswith(b"550 5.1.1 <nobody@example.org>: Recipient address rejected"), line)
         self.assertEqual(client.command(b"DATA"), [b"554 5.5.1 Error: no valid recipients"])
 
+    def test_localDomainUnknownUser(self) -> None:
+        """
+        A recipient of a local domain (C{local_domains}) that the router
+        does not know gets 550 5.1.1 User unknown, not 5.7.1; a known
+        recipient of the same transaction still reaches its mailbox through
+        Postfix.
+        """
+        sender, user, messageId = "someone@remote.example", "erin@example.net", newMessageId()
+        client = self.raw(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<someone@remote.example>"), [b"250 2.1.0 Ok"])
+        self.assertEqual(
+            client.command(b"RCPT TO:<ghost@example.com>"),
+            [b"550 5.1.1 <ghost@example.com>: Recipient address rejected: User unknown"],
+        )
+        self.assertEqual(client.command(b"RCPT TO:<erin@example.net>"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        [done] = client.command(message(sender, [user], messageId) + b".")
+        self.assertTrue(done.startswith(b"250 2.0.0 Ok: queued as "), done)
+        self.system.waitForCopy("new", user, messageId)
+
     def test_chunking(self) -> None:
         """
         BDAT chunks (pipelined, the last with LAST) reach the backend and
@@ -919,3 +941,45 @@ class ImplicitTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
         self.assertSubmitted("old", user, mark, messageId, "XCLIENT")
         self.postfixLine("old", mark, "TLS connection established from localhost[127.0.0.1]")
+
+
+class PortTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    One backend reached two ways (C{port_tls}): STARTTLS on its submission
+    port, plain SMTP on its MX port.
+    """
+
+    def backendOptions(self, postfix: Postfix) -> dict[str, object]:
+        """
+        STARTTLS by default, verified against the test CA; the MX port
+        plain.
+        """
+        return {
+            "ports": {"smtp": postfix.submission, "mx": postfix.mx},
+            "tls": "starttls",
+            "port_tls": {"mx": "none"},
+            "ca_file": self.system.ca.caPath,
+            "server_name": "localhost",
+            "forward": "xclient",
+        }
+
+    def test_submissionOverTLSAndMXPlain(self) -> None:
+        """
+        A submission reaches new's Postfix over TLS, which logs the TLS
+        connection; inbound mail reaches old's Postfix, which logs no TLS
+        connection for it.
+        """
+        user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.smtp(self.running.submissions, implicit=True)
+        client.login(user, PASSWORDS[user])
+        self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
+        self.assertSubmitted("new", user, mark, messageId, "PLAIN")
+        self.postfixLine("new", mark, "TLS connection established from localhost[127.0.0.1]")
+
+        sender, user, messageId, mark = "someone@remote.example", "carol@example.org", newMessageId(), self.logMark("old")
+        client = self.smtp(self.running.mx)
+        client.starttls(context=self.context)
+        self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
+        self.system.waitForCopy("old", user, messageId)
+        self.postfixLine("old", mark, f"client=unknown[{CLIENT_ADDRESS}]")
+        self.assertNotIn("TLS connection established", self.system.postfixes["old"].logText()[mark:])

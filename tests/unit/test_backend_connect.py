@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
-from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
+from mailproxy.imap._backend import IMAPBackendLogin
+from mailproxy.smtp._backend import SMTPBackend
+from mailproxy.testing import FakeRouter, TLSStringTransport, makeBackend, makeFrontend
 
 
 class PendingConnector:
@@ -53,14 +55,10 @@ def makeJob(**kwargs) -> LoginJob:
     """
     client = ClientInfo(sessionId="s", address="192.0.2.10", port=50000, localAddress="192.0.2.1", localPort=143)
     kwargs.setdefault("password", b"Sup3rSecretPw")
-    return LoginJob(
-        route=Route(makeBackend("old")),
-        protocol="imap",
-        client=client,
-        credentials=Credentials("LOGIN", "alice", password=b"Sup3rSecretPw"),
-        user="alice",
-        **kwargs,
-    )
+    kwargs.setdefault("route", Route(makeBackend("old")))
+    kwargs.setdefault("protocol", "imap")
+    kwargs.setdefault("credentials", Credentials("LOGIN", "alice", password=b"Sup3rSecretPw"))
+    return LoginJob(client=client, user="alice", **kwargs)
 
 
 class ConnectBackendTests(SynchronousTestCase):
@@ -111,3 +109,64 @@ class LoginJobTests(SynchronousTestCase):
         job = makeJob(masterUser="proxy", masterPassword=b"MasterSecretPw")
         self.assertNotIn("Sup3rSecretPw", repr(job))
         self.assertNotIn("MasterSecretPw", repr(job))
+
+
+class PortTLSTests(SynchronousTestCase):
+    """
+    A backend's C{port_tls} overrides its C{tls} for one port: one store
+    reached with STARTTLS on IMAP and in plain on its MX port.
+    """
+
+    def setUp(self) -> None:
+        self.backend = makeBackend(
+            "store", ports={"imap": 143, "mx": 25}, tls="starttls", portTLS={"mx": "none"}, forward="none"
+        )
+        self.clock = Clock()
+
+    def connect(self, protocol: BackendProtocol) -> TLSStringTransport:
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        return transport
+
+    def test_imapStartTLS(self) -> None:
+        """
+        The IMAP login to the store starts with STARTTLS and writes no
+        credentials before the handshake.
+        """
+        protocol = IMAPBackendLogin(makeJob(route=Route(self.backend)), self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n")
+        self.assertEqual(transport.value(), b"P1 STARTTLS\r\n")
+        protocol.dataReceived(b"P1 OK Begin TLS negotiation now.\r\n")
+        self.assertIsNotNone(transport.tlsOptions)
+
+    def test_mxPlain(self) -> None:
+        """
+        An MX session to the same store stays plain: after EHLO, although
+        the server offers STARTTLS, the proxy sends no STARTTLS and starts
+        no TLS.
+        """
+        job = makeJob(route=Route(self.backend), protocol="smtp", portName="mx", credentials=None)
+        protocol = SMTPBackend(job, self.clock, 30, hostname="proxy.test", purpose="relay")
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"220 store.test ESMTP\r\n")
+        self.assertEqual(transport.value(), b"EHLO proxy.test\r\n")
+        transport.clear()
+        protocol.dataReceived(b"250-store.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+        self.assertNotIn(b"STARTTLS", transport.value())
+        self.assertIsNone(transport.tlsOptions)
+
+    def test_mxStartTLSWithoutOverride(self) -> None:
+        """
+        Without the override the MX session to a C{tls = "starttls"} store
+        does use STARTTLS (what the override changes).
+        """
+        backend = makeBackend("store", ports={"imap": 143, "mx": 25}, tls="starttls", forward="none")
+        job = makeJob(route=Route(backend), protocol="smtp", portName="mx", credentials=None)
+        protocol = SMTPBackend(job, self.clock, 30, hostname="proxy.test", purpose="relay")
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"220 store.test ESMTP\r\n")
+        transport.clear()
+        protocol.dataReceived(b"250-store.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+        self.assertEqual(transport.value(), b"STARTTLS\r\n")

@@ -100,6 +100,22 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("sometimes", message)
         self.assertEqual(message.count("\n"), 1)
 
+    def test_badPortTLS(self) -> None:
+        """
+        A backend's C{port_tls} with a value that is no TLS mode exits 1
+        naming the file and the key; a valid one passes.
+        """
+        self.write("routes.toml", ROUTES)
+        ports = "ports = { imap = 143 }\n"
+        path = self.write("proxy.toml", MINIMAL.replace(ports, ports + 'port_tls = { imap = "ssl" }\n'))
+        self.assertEqual(main(["check", path]), 1)
+        message = self.err.getvalue()
+        self.assertTrue(message.startswith(f"{path}: backend.only.port_tls.imap: "), message)
+        self.assertIn("must be one of none, starttls, implicit", message)
+
+        path = self.write("good.toml", MINIMAL.replace(ports, ports + 'port_tls = { imap = "starttls" }\n'))
+        self.assertEqual(main(["check", path]), 0)
+
     def test_missingFile(self) -> None:
         """
         A configuration file that does not exist exits 1 with its name.

@@ -163,7 +163,7 @@ class DefaultTests(ConfigTestCase):
         self.assertEqual(
             Limits(),
             Limits(
-                lineLength=8192,
+                lineLength=None,
                 literalSize=8192,
                 preauthTimeout=120,
                 connectionsPerAddress=50,
@@ -1075,6 +1075,45 @@ class BackendTests(ConfigTestCase):
             configText(backend='forward = "xforward"\n'),
             "backend.old.forward",
             "must be one of auto, id, xclient, proxy-v1, proxy-v2, none, not 'xforward'",
+        )
+
+    def test_portTLS(self) -> None:
+        """
+        C{port_tls} sets the TLS mode of single ports; the others keep the
+        backend's C{tls}, and a backend without it keeps C{tls} everywhere.
+        """
+        config = self.parse(
+            configText(
+                backend='tls = "starttls"\n',
+                extra='[backend.store]\nhost = "h"\ntls = "starttls"\n'
+                'ports = { imap = 143, smtp = 587, mx = 25 }\nport_tls = { mx = "none" }\n',
+            )
+        )
+        store = config.backends["store"]
+        self.assertEqual(store.portTLS, {"mx": "none"})
+        self.assertEqual(
+            [store.tlsFor(name) for name in ("imap", "smtp", "mx")], ["starttls", "starttls", "none"]
+        )
+        self.assertEqual(config.backends["old"].tlsFor("imap"), "starttls")
+        self.assertEqual(config.backends["old"].portTLS, {})
+
+    def test_portTLSRefused(self) -> None:
+        """
+        A C{port_tls} value that is no TLS mode, or a key that is not one
+        of the backend's ports, is refused naming the key.
+        """
+        self.assertConfigError(
+            configText(backend='port_tls = { imap = "tls" }\n'),
+            "backend.old.port_tls.imap",
+            "none, starttls, implicit",
+        )
+        self.assertConfigError(
+            configText(backend='port_tls = { mx = "none" }\n'),
+            "backend.old.port_tls.mx",
+            "not a port of this backend; its ports: imap",
+        )
+        self.assertConfigError(
+            configText(backend='port_tls = "none"\n'), "backend.old.port_tls", "must be a table"
         )
 
     def test_caFile(self) -> None:

@@ -24,6 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.mail import imap4
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -420,15 +421,6 @@ class StoreOverTCPTests(TestCase):
         yield client.logout()
 
 
-def freePort() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # type: ignore[no-any-return]
-
-
 def readInbox(
     port: int, user: str, password: str, cafile: str, starttls: bool = False
 ) -> bytes:
@@ -465,7 +457,7 @@ class DemoTests(TestCase):
     def setUp(self) -> Any:  # type: ignore[override]
         self.directory = os.path.abspath(self.mktemp())
         self.demo = yield Deferred.fromCoroutine(
-            startDemo(reactor, self.directory, imapsPort=freePort(), imapPort=freePort())
+            startDemo(reactor, self.directory, imapsPort=0, imapPort=0)
         )
         self.addCleanup(self.demo.stop)
 
@@ -567,6 +559,33 @@ class DemoTests(TestCase):
             self.assertIn(f"127.0.0.1:{port}", printed)
 
 
+class DemoPortTests(TestCase):
+    """
+    Ports the kernel chooses: the demo and the proxy say which.
+    """
+
+    @inlineCallbacks
+    def test_chosenPortsLogged(self) -> Any:
+        """
+        With port 0, each proxy listener logs the address it listens on,
+        and the running demo reports the same ports.
+        """
+        from twisted.logger import formatEvent
+
+        with capturedLogs() as events:
+            demo = yield Deferred.fromCoroutine(startDemo(reactor, os.path.abspath(self.mktemp()), 0, 0))
+        self.addCleanup(demo.stop)
+        lines = [formatEvent(e) for e in events if "listening on" in e.get("log_format", "")]
+        self.assertEqual(
+            lines,
+            [
+                f"listener[0] (imap, tls=implicit) listening on 127.0.0.1:{demo.imapsPort}",
+                f"listener[1] (imap, tls=starttls-required) listening on 127.0.0.1:{demo.imapPort}",
+            ],
+        )
+        self.assertNotIn(0, (demo.imapsPort, demo.imapPort))
+
+
 class DemoStartFailureTests(TestCase):
     """
     A demo that cannot start leaves nothing behind.
@@ -581,19 +600,21 @@ class DemoStartFailureTests(TestCase):
         """
         taken = reactor.listenTCP(0, DemoStoreFactory("x", reactor), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
-        imapsPort = freePort()
         directory = os.path.abspath(self.mktemp())
-        yield self.assertFailure(
-            Deferred.fromCoroutine(
-                startDemo(
-                    reactor,
-                    directory,
-                    imapsPort=imapsPort,
-                    imapPort=taken.getHost().port,  # type: ignore[attr-defined]
-                )
-            ),
-            CannotListenError,
-        )
+        with capturedLogs() as events:
+            yield self.assertFailure(
+                Deferred.fromCoroutine(
+                    startDemo(
+                        reactor,
+                        directory,
+                        imapsPort=0,
+                        imapPort=taken.getHost().port,  # type: ignore[attr-defined]
+                    )
+                ),
+                CannotListenError,
+            )
+        # The port the kernel chose for the implicit TLS listener, as logged.
+        [imapsPort] = [e["port"] for e in events if e.get("name", "").startswith("listener[0] ")]
         config = loadConfig(os.path.join(directory, "mailproxy.toml"))
         for port in [imapsPort] + [b.port("imap") for b in config.backends.values()]:
             with socket.socket() as s:

@@ -481,6 +481,26 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.send(b"a LOGIN " + b"x" * 200), b"* BYE Input buffer full\r\n")
         self.assertTrue(self.client.disconnecting)
 
+    def test_longIDWithDefaults(self) -> None:
+        """
+        With the default limits, a 30 KB pre-auth ID (as imaptest's C{id}
+        test sends, and Dovecot takes) is answered; a line beyond the
+        default limit still gets BYE.
+        """
+        self.build()
+        value = b"v" * 1000
+        pairs = b" ".join(b'"k%d" "%s"' % (i, value) for i in range(30))
+        line = b"a ID (" + pairs + b")\r\n"
+        self.assertGreater(len(line), 30000)
+        self.assertEqual(self.send(line), b'* ID ("name" "mailproxy")\r\na OK ID completed.\r\n')
+        self.assertFalse(self.client.disconnecting)
+
+        self.assertEqual(
+            self.send(b"b ID (" + b'"k" "' + b"v" * 65536 + b'")\r\n'),
+            b"* BYE Input buffer full\r\n",
+        )
+        self.assertTrue(self.client.disconnecting)
+
     def test_connectionsPerAddress(self) -> None:
         """
         Connections beyond the per-address limit are greeted with BYE.

@@ -186,12 +186,23 @@ class GreetingAndCapaTests(POP3FrontendTestsMixin, SynchronousTestCase):
 
     def test_longLine(self) -> None:
         """
-        A command line over 255 octets gets C{-ERR} (before its end
+        A command line over 1024 octets gets C{-ERR} (before its end
         arrives) and the session goes on.
         """
         self.build()
-        self.assertEqual(self.send(b"USER " + b"x" * 300), b"-ERR Line too long.\r\n")
+        self.assertEqual(self.send(b"USER " + b"x" * 1100), b"-ERR Line too long.\r\n")
         self.assertEqual(self.send(b"x" * 1000 + b"\r\nNOOP\r\n"), b"+OK\r\n")
+
+    def test_longPassword(self) -> None:
+        """
+        A PASS line of 1000 octets (as Dovecot takes directly) reaches the
+        router with the whole password.
+        """
+        self.build()
+        password = b"p" * 994
+        self.send(b"USER alice\r\nPASS " + password + b"\r\n")
+        [request] = self.router.requests
+        self.assertEqual(request.credentials.password, password)
         self.assertFalse(self.client.disconnecting)
 
     def test_invalidOctets(self) -> None:

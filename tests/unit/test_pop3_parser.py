@@ -115,7 +115,7 @@ class CommandTests(SynchronousTestCase):
         """
         The events are the same however the input is split.
         """
-        data = b"CAPA\r\nUSER a b\r\nPASS  x \nAUTH PLAIN =\r\nQ\x00IT\r\n" + b"X" * 300 + b"\r\nNOOP\r\n"
+        data = b"CAPA\r\nUSER a b\r\nPASS  x \nAUTH PLAIN =\r\nQ\x00IT\r\n" + b"X" * 1100 + b"\r\nNOOP\r\n"
         results = everySplit(data)
         self.assertEqual(
             results[0],
@@ -159,22 +159,22 @@ class LimitTests(SynchronousTestCase):
 
     def test_commandLimit(self) -> None:
         """
-        A command line of 255 octets with its CRLF is accepted; one of 256
-        is refused, and the next line is read normally.
+        A command line of 1024 octets with its CRLF is accepted; one of
+        1025 is refused, and the next line is read normally.
         """
         longest = b"USER " + b"a" * (MAX_COMMAND_LINE - 7) + b"\r\n"
-        self.assertEqual(len(longest), 255)
-        self.assertEqual(commands(longest), [Command(b"USER", b"a" * 248)])
-        for result in everySplit(b"USER " + b"a" * 249 + b"\r\nNOOP\r\n"):
+        self.assertEqual(len(longest), 1024)
+        self.assertEqual(commands(longest), [Command(b"USER", b"a" * 1017)])
+        for result in everySplit(b"USER " + b"a" * 1018 + b"\r\nNOOP\r\n"):
             self.assertEqual(result, [TOO_LONG, Command(b"NOOP", None)])
 
     def test_reportedBeforeTheEnd(self) -> None:
         """
-        A line is refused as soon as 255 octets without LF are buffered, and
-        its rest is discarded as it arrives, however long.
+        A line is refused as soon as 1024 octets without LF are buffered,
+        and its rest is discarded as it arrives, however long.
         """
         parser = LineParser()
-        parser.feed(b"x" * 254)
+        parser.feed(b"x" * 1023)
         self.assertIsNone(parser.nextCommand())
         parser.feed(b"x")
         self.assertEqual(parser.nextCommand(), TOO_LONG)
@@ -194,8 +194,8 @@ class LimitTests(SynchronousTestCase):
         response = b"A" * (MAX_SASL_LINE - len(b"AUTH PLAIN \r\n"))
         self.assertEqual(commands(b"auth PLAIN " + response + b"\r\n"), [Command(b"AUTH", b"PLAIN " + response)])
         self.assertEqual(commands(b"AUTH PLAIN " + response + b"A\r\n"), [TOO_LONG])
-        # Only AUTH: another keyword of the same length is held to 255.
-        self.assertEqual(commands(b"AUTO PLAIN " + b"A" * 300 + b"\r\n"), [TOO_LONG])
+        # Only AUTH: another keyword of the same length is held to 1024.
+        self.assertEqual(commands(b"AUTO PLAIN " + b"A" * 1100 + b"\r\n"), [TOO_LONG])
 
     def test_rawLineLimit(self) -> None:
         """
@@ -259,7 +259,7 @@ class ClearAndTakeTests(SynchronousTestCase):
         being discarded: the next input is read from its start.
         """
         parser = LineParser()
-        parser.feed(b"x" * 300)
+        parser.feed(b"x" * 1100)
         self.assertEqual(parser.nextCommand(), TOO_LONG)
         parser.clear()
         parser.feed(b"NOOP\r\n")
@@ -282,6 +282,6 @@ class ClearAndTakeTests(SynchronousTestCase):
         then is an error.
         """
         parser = LineParser()
-        parser.feed(b"x" * 300)
+        parser.feed(b"x" * 1100)
         parser.nextCommand()
         self.assertRaises(RuntimeError, parser.takeRemaining)

@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mailproxy.config import ConfigError, Table
 from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest, TLSInfo
-from mailproxy.routers._backends import BackendDefaults, BackendResolver
+from mailproxy.routers._backends import BackendDefaults, BackendResolver, parseBackendDefaults
 from mailproxy.routers.http import (
     HTTPRouter,
     authMethod,
@@ -410,6 +410,24 @@ class ResponseTests(SynchronousTestCase):
         route = self.answer([("Auth-Status", "OK"), ("Auth-Server", "192.0.2.50"), ("Auth-Port", "993")])
         backend = route.backend
         self.assertEqual((backend.tls, backend.verify, backend.forward, backend.caFile), ("implicit", False, "proxy-v2", "/ca.pem"))
+
+    def test_backendDefaultsPortTLS(self) -> None:
+        """
+        C{backend_defaults.port_tls} reaches single ports of ad-hoc backends
+        otherwise than their C{tls}; an answer that says how to reach the
+        backend (C{X-Mailproxy-TLS}) overrides it.
+        """
+        table = Table("/etc/mp.toml", ("router", "backend_defaults"), {"tls": "starttls", "port_tls": {"mx": "none"}}, "/etc")
+        self.defaults = parseBackendDefaults(table)
+        route = self.answer([("Auth-Status", "OK"), ("Auth-Server", "192.0.2.50"), ("Auth-Port", "25")])
+        self.assertEqual([route.backend.tlsFor(name) for name in ("imap", "mx")], ["starttls", "none"])
+        route = self.answer(
+            [("Auth-Status", "OK"), ("Auth-Server", "192.0.2.50"), ("Auth-Port", "25"), ("X-Mailproxy-TLS", "implicit")]
+        )
+        self.assertEqual(route.backend.tlsFor("mx"), "implicit")
+        table = Table("/etc/mp.toml", ("router", "backend_defaults"), {"port_tls": {"mx": "plain"}}, "/etc")
+        error = self.assertRaises(ConfigError, parseBackendDefaults, table)
+        self.assertIn("router.backend_defaults.port_tls.mx: must be one of none, starttls, implicit", str(error))
 
     def test_extensionBackend(self) -> None:
         """

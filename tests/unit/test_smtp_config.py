@@ -60,6 +60,28 @@ class SMTPConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, self.parse, text)
         self.assertIn(message, str(error))
 
+    def test_localDomains(self) -> None:
+        """
+        An MX listener's C{local_domains} are kept in lower case and
+        A-labels; another listener, an address or a non-name is refused
+        naming the key.
+        """
+        config = self.parse(listener("mx", 'local_domains = ["Example.ORG", "bücher.example."]\n') + BACKEND)
+        self.assertEqual(config.listeners[0].localDomains, {"example.org", "xn--bcher-kva.example"})
+        self.assertEqual(self.parse(listener("mx") + BACKEND).listeners[0].localDomains, frozenset())
+        self.assertConfigError(
+            listener("submission", 'local_domains = ["example.org"]\n') + BACKEND,
+            'listener[0].local_domains: only smtp listeners in mode "mx" receive mail for domains',
+        )
+        self.assertConfigError(
+            listener("mx", 'local_domains = ["a@example.org"]\n') + BACKEND,
+            "listener[0].local_domains: 'a@example.org' must be a domain name, without @",
+        )
+        self.assertConfigError(
+            listener("mx", 'local_domains = ["exa mple.org"]\n') + BACKEND,
+            "listener[0].local_domains: 'exa mple.org' is not a domain name",
+        )
+
     def test_modes(self) -> None:
         """
         Submission and MX listeners load, connect to ports.smtp and ports.mx,

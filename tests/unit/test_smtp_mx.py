@@ -61,7 +61,14 @@ class MXTestsMixin(FrontendTestsMixin):
 
     protocol = "smtp"
 
-    def build(self, tls: str = "none", limits: Limits | None = None, extensions: Extensions = KEYWORDS, **answers: Any) -> None:
+    def build(
+        self,
+        tls: str = "none",
+        limits: Limits | None = None,
+        extensions: Extensions = KEYWORDS,
+        localDomains: frozenset[str] = frozenset(),
+        **answers: Any,
+    ) -> None:
         self.old = makeBackend("old", ports={"mx": 25}, forward="xclient")
         self.new = makeBackend("new", ports={"mx": 25}, forward="xclient")
         routes = {
@@ -71,7 +78,7 @@ class MXTestsMixin(FrontendTestsMixin):
             "nobody@example.org": Rejection(reason="unknown-user"),
         }
         routes.update({k.replace("_", "@"): v for k, v in answers.items()})
-        self.connect(RecipientRouter(routes), tls=tls, limits=limits, mode="mx")
+        self.connect(RecipientRouter(routes), tls=tls, limits=limits, mode="mx", localDomains=localDomains)
         for backend in (self.old, self.new):
             self.frontend.context.backends[backend.name] = backend
             backendExtensions(self.frontend.context, "mx").learn(backend.name, extensions)
@@ -233,6 +240,50 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         )
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(self.connector.protocols, [])
+
+    def test_localDomains(self) -> None:
+        """
+        With C{local_domains}, a recipient of a local domain that the router
+        refuses without saying why (as a directory lookup that finds no
+        entry does) gets 550 5.1.1 User unknown, compared without case and
+        in A-labels; foreign domains still get 550 5.7.1.
+        """
+        self.build(
+            localDomains=frozenset({"example.org", "xn--bcher-kva.example"}),
+            **{"ghost_example.org": Rejection(unknown=True), "ghost_example.net": Rejection(unknown=True)},
+        )
+        self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        self.assertEqual(
+            self.send(b"RCPT TO:<ghost@example.org>\r\n"),
+            b"550 5.1.1 <ghost@example.org>: Recipient address rejected: User unknown\r\n",
+        )
+        self.assertEqual(
+            self.send(b"RCPT TO:<x@Example.ORG>\r\n"),
+            b"550 5.1.1 <x@Example.ORG>: Recipient address rejected: User unknown\r\n",
+        )
+        self.assertEqual(
+            self.send(b"RCPT TO:<x@xn--bcher-kva.example>\r\n"),
+            b"550 5.1.1 <x@xn--bcher-kva.example>: Recipient address rejected: User unknown\r\n",
+        )
+        self.assertEqual(
+            self.send(b"RCPT TO:<ghost@example.net>\r\n"),
+            b"550 5.7.1 <ghost@example.net>: Relay access denied\r\n",
+        )
+        self.assertEqual(
+            self.send(b"RCPT TO:<x@elsewhere.example>\r\n"), b"550 5.7.1 <x@elsewhere.example>: Relay access denied\r\n"
+        )
+        self.assertEqual(self.connector.protocols, [])
+
+    def test_withoutLocalDomains(self) -> None:
+        """
+        Without C{local_domains}, a refusal with no reason is taken as a
+        foreign domain: 550 5.7.1.
+        """
+        self.build(**{"ghost_example.org": Rejection(unknown=True)})
+        self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        self.assertEqual(
+            self.send(b"RCPT TO:<ghost@example.org>\r\n"), b"550 5.7.1 <ghost@example.org>: Relay access denied\r\n"
+        )
 
     def test_rejectionWaitAndClose(self) -> None:
         """

@@ -1,0 +1,229 @@
+"""
+ALPN on the proxy's listeners: each protocol's TLS, implicit or after
+STARTTLS, accepts only its own ALPN ids, with the SNI-selected certificate
+too.  Real pyOpenSSL contexts on real TCP sockets over loopback (STARTTLS
+needs a real transport's C{startTLS}).
+"""
+
+from __future__ import annotations
+
+import os
+
+from OpenSSL import SSL
+from zope.interface import implementer
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailproxy._lifecycle import ReloadableServerTLS
+from mailproxy._session import ProxyContext
+from mailproxy._tls import CertificateSource, makeSelfSigned, serverOptions
+from mailproxy.config import Limits, Listener
+from mailproxy.tap import listenerFactory
+from mailproxy.testing import FakeRouter
+
+#: What a client says and waits for, per protocol, until it may start TLS:
+#: (the start of the server line to wait for, what to send then); L{None}
+#: as the thing to send means "start TLS now".
+_STARTTLS_SCRIPTS: dict[str, list[tuple[bytes, bytes | None]]] = {
+    "imap": [(b"* OK", b"a STARTTLS\r\n"), (b"a OK", None)],
+    "pop3": [(b"+OK", b"STLS\r\n"), (b"+OK", None)],
+    "smtp": [(b"220 ", b"EHLO client.test\r\n"), (b"250 ", b"STARTTLS\r\n"), (b"220 ", None)],
+    "sieve": [(b"OK", b"STARTTLS\r\n"), (b"OK", None)],
+}
+
+#: The first line of each protocol's greeting.
+_GREETINGS = {"imap": b"* OK", "pop3": b"+OK", "smtp": b"220 ", "sieve": b'"IMPLEMENTATION"'}
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ALPNClient:
+    """
+    A pyOpenSSL client that verifies nothing and offers the given ALPN ids.
+    """
+
+    def __init__(self, alpn: list[bytes], serverName: bytes | None) -> None:
+        self.serverName = serverName
+        self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if alpn:
+            self.context.set_alpn_protos(alpn)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        if self.serverName is not None:
+            connection.set_tlsext_host_name(self.serverName)
+        return connection
+
+
+@implementer(IHandshakeListener)
+class _MailClient(Protocol):
+    """
+    Runs a STARTTLS script (or none, for implicit TLS), then reports the
+    first line the server sends over TLS, or why the connection was lost.
+
+    @ivar result: fires with C{("tls", firstLine)} or C{("lost", reason)}.
+    """
+
+    def __init__(self, script: list[tuple[bytes, bytes | None]], options: _ALPNClient) -> None:
+        self.script = list(script)
+        self.options = options
+        self.buffer = b""
+        self.secure = not script
+        self.upgraded = False
+        self.negotiated: bytes | None = None
+        self.result: defer.Deferred[tuple[str, object]] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if self.secure:
+                if not self.result.called:
+                    self.result.callback(("tls", line))
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            if self.script and line.startswith(self.script[0][0]):
+                _, send = self.script.pop(0)
+                if send is None:
+                    self.buffer = b""
+                    self.upgraded = True
+                    self.transport.startTLS(self.options)  # type: ignore[union-attr]
+                    return
+                self.transport.write(send)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        self.secure = True
+        # After startTLS on TCP, the handle is the OpenSSL connection.
+        connection = self.transport.getHandle()  # type: ignore[union-attr]
+        self.negotiated = connection.get_alpn_proto_negotiated() or None
+        if self.upgraded:
+            # After STARTTLS the server speaks only when spoken to.
+            self.transport.write(b"NOOP\r\n")  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.result.called:
+            self.result.callback(("lost", reason))
+
+
+class _TrackingFactory(WrappingFactory):
+    """
+    Tracks the server's connections, so a test can wait until all closed.
+    """
+
+    def __init__(self, wrapped: object) -> None:
+        super().__init__(wrapped)  # type: ignore[arg-type]
+        self.waiting: list[defer.Deferred[None]] = []
+
+    def unregisterProtocol(self, p: object) -> None:
+        super().unregisterProtocol(p)  # type: ignore[arg-type]
+        if not self.protocols:
+            waiting, self.waiting = self.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def allClosed(self) -> defer.Deferred[None]:
+        if not self.protocols:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class ListenerALPNTests(TestCase):
+    """
+    Each listener refuses a TLS client whose ALPN offer lacks the
+    listener's protocol (a browser's C{h2}, ALPACA-style), and serves one
+    that offers it or offers no ALPN at all.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "default"))
+        os.makedirs(os.path.join(directory, "mail"))
+        default = CertificateSource(*makeSelfSigned(os.path.join(directory, "default")))
+        mail = CertificateSource(
+            *makeSelfSigned(os.path.join(directory, "mail"), ["mail.example.com"]),
+            names=("mail.example.com",),
+        )
+        self.context = ProxyContext(
+            reactor=Clock(),
+            router=FakeRouter(),
+            limits=Limits(),
+            hostname="proxy.test",
+            serverTLS=ReloadableServerTLS(serverOptions(default, [mail])),
+        )
+
+    def connect(
+        self, protocol: str, tls: str, alpn: list[bytes], serverName: bytes | None = None
+    ) -> defer.Deferred[tuple[str, object, bytes | None]]:
+        """
+        Listen for C{protocol} with C{tls} on a free loopback port, connect
+        a client offering C{alpn}, and wait until both sides closed.
+
+        @return: fires with C{("tls", first line over TLS, negotiated ALPN)}
+            or C{("lost", reason, None)}.
+        """
+        from twisted.internet import reactor
+
+        listener = Listener(
+            protocol=protocol,
+            endpoint="tcp:0",
+            tls=tls,
+            mode="submission" if protocol == "smtp" else None,
+        )
+        factory = _TrackingFactory(listenerFactory(self.context, listener))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        options = _ALPNClient(alpn, serverName)
+        client = _MailClient(_STARTTLS_SCRIPTS[protocol] if tls == "starttls" else [], options)
+        clientFactory = ClientFactory.forProtocol(lambda: client)  # type: ignore[arg-type]
+        if tls == "implicit":
+            clientFactory = TLSMemoryBIOFactory(options, True, clientFactory)  # type: ignore[assignment]
+        reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)  # type: ignore[attr-defined]
+
+        def closed(result: tuple[str, object]) -> defer.Deferred[tuple[str, object, bytes | None]]:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.abortConnection()  # type: ignore[attr-defined]
+            return factory.allClosed().addCallback(lambda _: (*result, client.negotiated))
+
+        return client.result.addCallback(closed)
+
+    @defer.inlineCallbacks
+    def test_refusedWithoutTheProtocolsId(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering only C{h2} fails the handshake on every
+        protocol's listener, implicit TLS and STARTTLS, with the default
+        certificate and with the one SNI selects.
+        """
+        for protocol in ("imap", "pop3", "smtp", "sieve"):
+            for tls in ("implicit", "starttls"):
+                for serverName in (None, b"mail.example.com"):
+                    kind, detail, negotiated = yield self.connect(protocol, tls, [b"h2"], serverName)
+                    where = f"{protocol} {tls} SNI={serverName!r}"
+                    self.assertEqual(kind, "lost", where)
+                    self.assertIn("alert no application protocol", str(detail.value), where)
+
+    @defer.inlineCallbacks
+    def test_servedWithTheProtocolsIdOrNone(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering the protocol's ALPN id (among others) negotiates
+        it and is served over TLS; a client offering no ALPN is served too.
+        """
+        ids = {"imap": b"imap", "pop3": b"pop3", "smtp": b"smtp", "sieve": b"managesieve"}
+        for protocol, alpnId in ids.items():
+            for tls in ("implicit", "starttls"):
+                for alpn, expected in (([b"h2", alpnId], alpnId), ([], None)):
+                    kind, line, negotiated = yield self.connect(protocol, tls, alpn, b"mail.example.com")
+                    where = f"{protocol} {tls} ALPN={alpn!r}"
+                    self.assertEqual(kind, "tls", where)
+                    self.assertEqual(negotiated, expected, where)
+                    if tls == "implicit":
+                        self.assertTrue(line.startswith(_GREETINGS[protocol]), (where, line))
+                    else:
+                        self.assertNotEqual(line, b"", where)
