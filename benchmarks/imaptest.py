@@ -1,5 +1,5 @@
 """
-Dovecot's C{imaptest} script suite through mailproxy's implicit-TLS (IMAPS)
+Dovecot's imaptest script suite through mailproxy's implicit-TLS (IMAPS)
 listener, many runs in a row, and once straight to Dovecot's IMAPS port for
 comparison.
 
