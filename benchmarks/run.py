@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
@@ -77,7 +77,7 @@ service anvil {
 
 
 def mailproxyConfig(
-    protocol: str, ports: dict[str, int], backendPort: int, certificate: str, key: str, limits: dict[str, int]
+    protocol: str, ports: dict[str, int], backendPort: int, certificate: str, key: str, limits: Mapping[str, object]
 ) -> str:
     """
     mailproxy in front of one Dovecot: a C{protocol} listener for each TLS
