@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._session import CLOSE_GRACE
 from mailproxy.config import Limits
-from mailproxy.model import Route
+from mailproxy.model import Rejection, Route
 from mailproxy.testing import FakeRouter, MemoryConnector, SocketBufferTransport, makeBackend, makeFrontend
 
 
@@ -199,6 +199,32 @@ class UnreadRepliesTests(SynchronousTestCase):
         self.assertEqual(buffered.read(), b"* CAPABILITY IMAP4rev1\r\nb OK [CAPABILITY IMAP4rev1] Logged in\r\n")
         self.assertEqual(server.value(), b"c SELECT INBOX\r\n")
         self.assertIs(client.producer, server)
+        self.assertEqual(client.producerState, "producing")
+
+    def test_loginAndUnreadRepliesPauseTogether(self) -> None:
+        """
+        Reading resumes only once neither a login nor unread replies hold
+        it: replies read during a login do not resume it, nor does the end
+        of a login while replies wait.
+        """
+        router = FakeRouter(manual=True)
+        frontend, client, _ = makeFrontend(
+            "imap", router, transportClass=SocketBufferTransport, limits=Limits(failureDelay=0)
+        )
+        buffered = cast(SocketBufferTransport, client)
+        buffered.read()
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        self.assertEqual(client.producerState, "paused")
+        # The transport's buffer fills and drains while the router thinks.
+        buffered.producer.pauseProducing()
+        buffered.producer.resumeProducing()
+        self.assertEqual(client.producerState, "paused")
+        # It fills again; the login ends meanwhile.
+        buffered.producer.pauseProducing()
+        buffered.producerPaused = True
+        router.pending[0].callback(Rejection())
+        self.assertEqual(client.producerState, "paused")
+        self.assertEqual(buffered.read(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.assertEqual(client.producerState, "producing")
 
     def test_closeAfterFlood(self) -> None:
