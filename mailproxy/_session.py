@@ -49,8 +49,8 @@ from .routers import callRouter
 #: words. A few seconds are plenty for a goodbye of a few hundred octets.
 CLOSE_GRACE = 5.0
 
-#: Why reading pauses while a client does not read the replies: see
-#: L{FrontendProtocol.pause}.
+#: The reason to pause reading while a client does not read its replies
+#: (L{FrontendProtocol.repliesUnread}).
 REPLIES_UNREAD = "replies unread"
 
 
@@ -844,7 +844,7 @@ class _RepliesReader:
 
     def resumeProducing(self) -> None:
         frontend = self._frontend
-        if REPLIES_UNREAD in frontend._pauses:
+        if frontend.repliesUnread:
             frontend.resume(REPLIES_UNREAD)
             frontend.repliesRead()
 
