@@ -6,6 +6,13 @@ each; a login in between stops the loop until the router and the backend
 have answered. L{CommandFrontend} holds what every such loop needs: its
 state, the guard that keeps a login answered at once from nesting the
 loop, counting invalid commands, and closing the session.
+
+A client may pipeline commands without reading the replies: the loop then
+stops answering as soon as the transport's write buffer is full
+(L{FrontendProtocol.repliesUnread}), reading pauses, and the loop goes on
+where it stopped once the client has read (L{CommandFrontend.repliesRead}).
+What was read meanwhile stays buffered, bounded by one read and the line
+limits.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ class CommandFrontend(FrontendProtocol):
 
     Subclasses implement L{processInput}, besides what L{FrontendProtocol}
     asks for, and call L{process} when input arrives or a login failed.
+    Their loops stop while L{repliesUnread}.
 
     States (subclasses add their own): C{"command"} (reading commands),
     C{"login"} (waiting for the router and the backend; client input stays
@@ -74,9 +82,13 @@ class CommandFrontend(FrontendProtocol):
     def processInput(self) -> None:
         """
         The loop behind L{process}: read and answer buffered input while
-        the state allows.
+        the state allows and the client reads the replies (not
+        L{repliesUnread}).
         """
         raise NotImplementedError
+
+    def repliesRead(self) -> None:
+        self.process()
 
     def countBadCommand(self) -> None:
         """
@@ -131,6 +143,4 @@ class CommandFrontend(FrontendProtocol):
         self.state = "closed"
         if goodbye is not None:
             self.sayGoodbye(goodbye)
-        # The pre-auth timer keeps running: it aborts a peer that never
-        # finishes closing.
-        self.transport.loseConnection()
+        self.closeConnection()

@@ -18,7 +18,13 @@ from typing import Any, Callable, Iterator, cast
 
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,8 +44,14 @@ from .routers import callRouter
 
 
 #: Seconds a connection the proxy closed may take to finish closing before it
-#: is aborted (a TLS peer may never answer the close alert).
-CLOSE_GRACE = 10.0
+#: is aborted: a TLS peer may never answer the close alert (one that is still
+#: writing does not), and a peer that does not read never takes the last
+#: words. A few seconds are plenty for a goodbye of a few hundred octets.
+CLOSE_GRACE = 5.0
+
+#: The reason to pause reading while a client does not read its replies
+#: (L{FrontendProtocol.repliesUnread}).
+REPLIES_UNREAD = "replies unread"
 
 
 class ConnectionTracker:
@@ -262,6 +274,9 @@ class FrontendProtocol(Protocol):
         self._counted = False
         self._closing = False
         self._preauthTimer: IDelayedCall | None = None
+        self._lost = False
+        self._pauses: set[str] = set()
+        self._watchingReplies = False
         self._pending: Deferred | None = None
         self._backend: BackendProtocol | None = None
         self._started = time.monotonic()
@@ -283,16 +298,18 @@ class FrontendProtocol(Protocol):
             setNoDelay(True)
         if not self.context.tracker.add(self.client.address):
             self.result = "too many connections"
-            self._closing = True
             self.sayGoodbye("Too many connections from your address.")
-            self.transport.loseConnection()
+            self.closeConnection()
             return
         self._counted = True
         self.context.sessions.add(self)
         self._preauthTimer = self.context.reactor.callLater(self.limits.preauthTimeout, self._preauthExpired)
+        if not self.tlsActive:
+            self._watchReplies()
         self.greet()
 
     def handshakeCompleted(self) -> None:
+        self._watchReplies()
         self.client = ClientInfo(
             sessionId=self.client.sessionId,
             address=self.client.address,
@@ -312,6 +329,8 @@ class FrontendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
+        self._lost = True
+        self._watchingReplies = False
         if self._preauthTimer is not None and self._preauthTimer.active():
             self._preauthTimer.cancel()
         self._preauthTimer = None
@@ -464,12 +483,70 @@ class FrontendProtocol(Protocol):
 
     # Services for the protocol modules
 
+    def pause(self, why: str) -> None:
+        """
+        Stop reading from the client until L{resume} is called with the
+        same C{why}; reasons add up, so that one reason ending (a login
+        answered) does not resume reading another still holds (replies the
+        client has not read).
+        """
+        if not self._pauses and self.transport is not None and not self._closing:
+            self.transport.pauseProducing()
+        self._pauses.add(why)
+
+    def resume(self, why: str) -> None:
+        """
+        Withdraw one reason to pause; reading goes on when none is left.
+        """
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if not self._pauses and self.transport is not None and not self._closing:
+            self.transport.resumeProducing()
+
+    @property
+    def repliesUnread(self) -> bool:
+        """
+        The client is not reading: more replies than the transport's write
+        buffer holds wait to be sent. Command loops stop answering until
+        they are sent (L{repliesRead}), leaving the rest of the input
+        buffered.
+        """
+        return REPLIES_UNREAD in self._pauses
+
+    def repliesRead(self) -> None:
+        """
+        The client has read the replies that piled up: go on answering.
+        Front ends with a command loop override this.
+        """
+
+    def _watchReplies(self) -> None:
+        # Until the hand-over the proxy writes only replies to the client's
+        # commands: a client that sends commands and never reads them must
+        # not make them pile up in memory. With TLS, only once the handshake
+        # is done: TLS holds what is written during the handshake and pauses
+        # the producer meanwhile, which must not stop the reading the
+        # handshake needs.
+        if not self._watchingReplies and not self._closing and self.relay is None:
+            self.transport.registerProducer(_RepliesReader(self), True)
+            self._watchingReplies = True
+
+    def _stopWatchingReplies(self) -> None:
+        # The relay registers producers of its own on the transport; TLS
+        # sends its close alert, and TCP closes a connection whose producer
+        # is paused, only once no producer is registered.
+        if self._watchingReplies:
+            self._watchingReplies = False
+            self.transport.unregisterProducer()
+        self.resume(REPLIES_UNREAD)
+
     def startTLS(self) -> None:
         """
         Turn the connection into TLS now (after the STARTTLS reply was
         written). The caller must discard any input already buffered.
         """
         self.tlsActive = True
+        self._stopWatchingReplies()
         # The configuration refuses a STARTTLS listener without [tls].
         options = cast(IOpenSSLServerConnectionCreator, self.context.serverTLS)
         self.transport.startTLS(_tls.ApplicationProtocolOptions(options, self.listener.applicationProtocols))
@@ -503,7 +580,7 @@ class FrontendProtocol(Protocol):
         self.user = credentials.user
         self.mechanism = credentials.mechanism
         self.route = None
-        self.transport.pauseProducing()
+        self.pause("login")
         request = RouteRequest(
             protocol=self.protocolName,  # type: ignore[arg-type]
             credentials=credentials,
@@ -518,7 +595,7 @@ class FrontendProtocol(Protocol):
         else:
             d = waiting.addCallback(lambda _: self._callRouter(request))
         d.addCallbacks(self._routed, self._routerFailed, callbackArgs=(credentials, clientID))
-        d.addErrback(self._delayFailure)
+        d.addErrback(self._delayFailure, self.context.reactor.seconds())
         d.addBoth(self._loginDone)
         self._pending = d
         return d
@@ -602,7 +679,11 @@ class FrontendProtocol(Protocol):
         )
         raise LoginFailed(failure.kind, clientText=failure.clientText)
 
-    def _delayFailure(self, reason: Failure) -> Deferred[None] | Failure:
+    def _delayFailure(self, reason: Failure, started: float) -> Deferred[None] | Failure:
+        # The delay runs from the start of the attempt, not from the
+        # router's or the backend's answer: an unknown user (refused by the
+        # router) and a wrong password (refused by the backend, later) are
+        # answered at the same moment.
         if reason.check(CancelledError):
             return reason
         if reason.check(_Rejected):
@@ -644,6 +725,7 @@ class FrontendProtocol(Protocol):
         def deliver(_: object) -> None:
             raise failure
 
+        wait -= self.context.reactor.seconds() - started
         if wait <= 0:
             raise failure
         delayed: Deferred = Deferred(lambda d: call.cancel())
@@ -652,8 +734,7 @@ class FrontendProtocol(Protocol):
 
     def _loginDone(self, result):
         self._pending = None
-        if not isinstance(result, Failure) or not result.check(CancelledError):
-            self.transport.resumeProducing()
+        self.resume("login")
         return result
 
     def closeConnection(self) -> None:
@@ -661,14 +742,17 @@ class FrontendProtocol(Protocol):
         Close the client connection once what was written is sent (after
         the protocol's last words), reading no more input, and abort it if
         it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
-        answer the close alert.  This replaces the pre-auth timer.
+        answer the close alert, or keep writing without reading.  This
+        replaces the pre-auth timer.  Every close a front end starts before
+        the hand-over comes here.
         """
+        self._stopWatchingReplies()
         self._closing = True
         if self._preauthTimer is not None and self._preauthTimer.active():
             self._preauthTimer.cancel()
         self._preauthTimer = None
         self.transport.loseConnection()
-        if self._counted:
+        if not self._lost:
             self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
 
     def stopPreauthTimer(self) -> None:
@@ -692,6 +776,7 @@ class FrontendProtocol(Protocol):
         if self._preauthTimer is not None and self._preauthTimer.active():
             self._preauthTimer.cancel()
         self._preauthTimer = None
+        self._stopWatchingReplies()
         self.result = "logged in"
         self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name)
         relay = Relay(
@@ -748,6 +833,31 @@ class FrontendProtocol(Protocol):
         The protocol module's backend login dialogue for C{job}.
         """
         raise NotImplementedError
+
+
+@implementer(IPushProducer)
+class _RepliesReader:
+    """
+    The producer a front end registers on its client's transport before
+    the hand-over: the transport pauses it when its write buffer holds more
+    than the transport's C{bufferSize} (64 KiB with Twisted's TCP), and
+    resumes it once the buffer is sent.
+    """
+
+    def __init__(self, frontend: FrontendProtocol) -> None:
+        self._frontend = frontend
+
+    def pauseProducing(self) -> None:
+        self._frontend.pause(REPLIES_UNREAD)
+
+    def resumeProducing(self) -> None:
+        frontend = self._frontend
+        if frontend.repliesUnread:
+            frontend.resume(REPLIES_UNREAD)
+            frontend.repliesRead()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _Rejected(Exception):

@@ -96,6 +96,44 @@ class TLSStringTransport(StringTransport):
         self.writeClosed = True
 
 
+class SocketBufferTransport(TLSStringTransport):
+    """
+    A L{TLSStringTransport} whose written octets wait, unread, in a buffer
+    like a TCP transport's: once more than C{bufferSize} of them wait, the
+    registered streaming producer is paused, as Twisted's TCP transport
+    does; L{read} plays the client reading them all and resumes it.
+
+    @ivar producerPaused: the registered producer is paused.
+    """
+
+    bufferSize = 65536
+    producerPaused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming and not self.producerPaused and self.unread() > self.bufferSize:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def unread(self) -> int:
+        """
+        How many octets wait in the buffer.
+        """
+        return self.io.tell()
+
+    def read(self) -> bytes:
+        """
+        Take everything written so far, as the client reading it; a paused
+        producer is resumed.
+        """
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producerPaused:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        return data
+
+
 class MemoryConnector:
     """
     Stands in for L{mailproxy._backend.connectBackend}: each backend login
@@ -160,6 +198,7 @@ def makeFrontend(
     limits: Limits | None = None,
     clock: Clock | None = None,
     peer: tuple[str, int] = ("192.0.2.10", 50000),
+    transportClass: type[TLSStringTransport] = TLSStringTransport,
     **listenerOptions: Any,
 ) -> tuple[FrontendProtocol, TLSStringTransport, Clock]:
     """
@@ -167,6 +206,8 @@ def makeFrontend(
 
     @param tls: the listener's TLS mode; C{"implicit"} pretends the TLS layer
         is already there.
+    @param transportClass: the client transport's class, e.g.
+        L{SocketBufferTransport}.
     @param listenerOptions: more L{Listener} attributes, e.g.
         C{digestAuth=True}.
     @return: the protocol, its client transport and the clock it uses.
@@ -188,7 +229,7 @@ def makeFrontend(
     )
     listener = Listener(protocol=protocol, endpoint="tcp:0", tls=tls, **listenerOptions)
     frontend = namedAny(FRONTENDS[protocol])(context, listener)
-    transport = TLSStringTransport(
+    transport = transportClass(
         hostAddress=IPv4Address("TCP", "192.0.2.1", 993 if tls == "implicit" else 143),
         peerAddress=IPv4Address("TCP", *peer),
     )

@@ -156,7 +156,7 @@ class POP3Frontend(CommandFrontend):
     # The command loop
 
     def processInput(self) -> None:
-        while self.state in ("command", "sasl"):
+        while self.state in ("command", "sasl") and not self.repliesUnread:
             if self.state == "sasl":
                 line = self.parser.nextLine(MAX_SASL_LINE)
                 if line is None:

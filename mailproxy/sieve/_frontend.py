@@ -172,7 +172,7 @@ class SieveFrontend(CommandFrontend):
     # The command loop
 
     def processInput(self) -> None:
-        while self.state in ("command", "sasl"):
+        while self.state in ("command", "sasl") and not self.repliesUnread:
             event = self.parser.next()
             if event is None:
                 return

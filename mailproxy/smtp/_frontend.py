@@ -140,7 +140,6 @@ class SMTPFrontend(CommandFrontend):
         self.helo: str | None = None
         self.esmtp = False
         self.offered = Extensions()
-        self._pauses: set[str] = set()
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"EHLO": self.do_EHLO,
             b"HELO": self.do_HELO,
@@ -193,26 +192,7 @@ class SMTPFrontend(CommandFrontend):
         self.reader.feed(data)
         self.process()
 
-    # Reading with pauses
-
-    def pause(self, why: str) -> None:
-        """
-        Stop reading from the client until L{resume} is called with the
-        same C{why}; reasons add up.
-        """
-        if not self._pauses and self.transport is not None:
-            self.transport.pauseProducing()
-        self._pauses.add(why)
-
-    def resume(self, why: str) -> None:
-        """
-        Withdraw one reason to pause; reading goes on when none is left.
-        """
-        if why not in self._pauses:
-            return
-        self._pauses.discard(why)
-        if not self._pauses and self.transport is not None and self.state != "closed":
-            self.transport.resumeProducing()
+    # Waiting
 
     def wait(self, d: Deferred[Any], then: Callable[[Any], None]) -> None:
         """
@@ -271,7 +251,7 @@ class SMTPFrontend(CommandFrontend):
         Answer command lines; a subclass with input states of its own (SASL
         lines, message data) extends it.
         """
-        while self.state == "command":
+        while self.state == "command" and not self.repliesUnread:
             line = self.reader.nextLine(self.lineLimit())
             if line is None:
                 return
@@ -484,7 +464,7 @@ class SubmissionFrontend(SMTPFrontend):
         )
 
     def processInput(self) -> None:
-        while True:
+        while not self.repliesUnread:
             if self.state == "discard":
                 self._discard -= len(self.reader.take(self._discard))
                 if self._discard:

@@ -189,7 +189,7 @@ class MXFrontend(SMTPFrontend):
         super().frontendDataReceived(data)
 
     def processInput(self) -> None:
-        while True:
+        while not self.repliesUnread:
             if self.state == "data":
                 pending = self.reader.takeRemaining()
                 if not pending:

@@ -12,6 +12,7 @@ from base64 import b64encode
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._session import CLOSE_GRACE
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, Route
 from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
@@ -369,6 +370,44 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.assertEqual(self.connector.protocols, [])
 
+    def test_failureDelayFromAttemptStart(self) -> None:
+        """
+        The failure delay runs from the start of the attempt: a wrong
+        password the backend took a while to refuse and an unknown user the
+        router took a while to refuse are both answered one delay after the
+        LOGIN, not one delay after the refusal.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN alice wrong\r\n")
+        self.clock.advance(0.3)
+        self.backendSays(GREETING)
+        self.backendSays(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.clock.advance(0.69)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.01)
+        self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+
+        router = FakeRouter(manual=True)
+        self.connect(router, limits=Limits(failureDelay=1.0))
+        self.send(b"b LOGIN nobody secret\r\n")
+        self.clock.advance(0.3)
+        router.pending[0].callback(Rejection())
+        self.clock.advance(0.69)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.01)
+        self.assertEqual(self.client.value(), b"b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+
+    def test_slowRefusalNotDelayedFurther(self) -> None:
+        """
+        A refusal that took longer than the delay is answered at once.
+        """
+        router = FakeRouter(manual=True)
+        self.connect(router, limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN nobody secret\r\n")
+        self.clock.advance(1.5)
+        router.pending[0].callback(Rejection())
+        self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+
     def test_temporaryRejection(self) -> None:
         """
         A temporary router rejection says UNAVAILABLE with its text.
@@ -650,12 +689,12 @@ class ClosingTests(IMAPFrontendTestsMixin, SynchronousTestCase):
 
     def test_loggedOutConnectionAborted(self) -> None:
         """
-        After LOGOUT, a peer that keeps the connection open is cut at the
-        pre-auth deadline.
+        After LOGOUT, a peer that keeps the connection open is cut
+        C{CLOSE_GRACE} seconds later, long before the pre-auth deadline.
         """
         self.build(limits=Limits(preauthTimeout=30))
         self.send(b"a LOGOUT\r\n")
-        self.clock.advance(30)
+        self.clock.advance(CLOSE_GRACE)
         self.assertTrue(self.client.disconnected)
 
     def test_relayEndedConnectionAborted(self) -> None:

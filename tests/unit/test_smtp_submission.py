@@ -552,6 +552,7 @@ class LoginTests(SubmissionTestsMixin, SynchronousTestCase):
 
         # makeFrontend speaks IPv4: connect once more as an IPv6 client.
         self.client.peerAddress = IPv6Address("TCP", "2001:db8::5", 40000)
+        self.client.unregisterProducer()  # connectionMade registers it again
         self.frontend.connectionMade()
         self.frontend.context.backends["old"] = self.backend
         backendExtensions(self.frontend.context, "smtp").learn("old", KEYWORDS)
