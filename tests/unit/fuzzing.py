@@ -49,8 +49,12 @@ def hostileLines(vocabulary: list[bytes], maxLines: int = 30) -> st.SearchStrate
     C{vocabulary}), random octets, or a long run of one or two octets (past
     every line limit), each with any line ending or none.
     """
+    commands = st.sampled_from(vocabulary)
+    # Mostly commands, so that examples get past the greeting's state.
     word = st.one_of(
-        st.sampled_from(vocabulary),
+        commands,
+        commands,
+        commands,
         st.binary(max_size=40),
         st.builds(lambda unit, count: unit * count, st.binary(min_size=1, max_size=2), st.integers(0, 700)),
     )

@@ -1,0 +1,245 @@
+"""
+Property-based tests (hypothesis) of every front end over an in-memory
+transport: a client sending arbitrary octets and commands, in arbitrary
+reads, never causes an exception or a logged error, gets a bounded answer
+per line, and leaves a connection that is either still usable or closed
+with the protocol's last words; the same input in one read or one octet at
+a time gives the same answer.
+
+The router sends "alice" to a backend that never answers (so her logins
+run into C{backend_timeout}) and refuses everyone else (failed logins,
+slowed down); time passes whenever the front end waits for a login.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.config import Limits
+from mailproxy.model import Route
+from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+
+from .fuzzing import chunked, hostileLines
+
+#: Small line and literal limits, so that short examples reach them; no
+#: pre-auth timeout, so that what ends a session is the input.
+LIMITS = Limits(lineLength=128, literalSize=64, preauthTimeout=10**6, failureDelay=1.0, backendTimeout=30.0)
+
+#: Seconds a login may keep the front end waiting: the longest failure
+#: delay plus the backend timeout, with room.
+LOGIN_WAIT = 200
+
+PLAIN_ALICE = b"AGFsaWNlAHNlY3JldA=="
+PLAIN_BOB = b"AGJvYgBzZWNyZXQ="
+
+#: Per protocol: the listener's options, commands a client may send, a
+#: probe command that works whenever the session is still usable, what the
+#: answer to the probe ends with, and what the last line may be when the
+#: proxy closed the connection (its goodbye, or the reply to a logout).
+PROTOCOLS = {
+    "imap": dict(
+        options={},
+        words=[
+            b"a CAPABILITY", b"a NOOP", b"a ID NIL", b'a ID ("name" "x")', b"a LOGIN alice secret",
+            b"a LOGIN bob secret", b"a LOGIN {5}", b"a LOGIN {5+}", b"a LOGIN bob {6+}", b"secret",
+            b"a AUTHENTICATE PLAIN", b"a AUTHENTICATE LOGIN", b"a AUTHENTICATE PLAIN " + PLAIN_BOB,
+            PLAIN_ALICE, b"*", b"a STARTTLS", b"a SELECT INBOX", b"a LOGOUT", b"a ENABLE X",
+        ],
+        probe=b"z NOOP",
+        probed=rb"z OK [^\r\n]*\r\n\Z",
+        last=rb"(\* BYE [^\r\n]*|a OK Logout completed\.)\r\n\Z",
+    ),
+    "pop3": dict(
+        options={},
+        words=[
+            b"CAPA", b"USER alice", b"USER bob", b"USER alice\r\nPASS secret", b"USER bob\r\nPASS secret", b"PASS secret", b"AUTH PLAIN", b"AUTH LOGIN",
+            b"AUTH PLAIN " + PLAIN_BOB, PLAIN_ALICE, b"*", b"STLS", b"NOOP", b"QUIT", b"STAT",
+            b"APOP bob 0123456789abcdef0123456789abcdef", b"AUTH",
+        ],
+        probe=b"CAPA",
+        probed=rb"\r\n\.\r\n\Z",
+        last=rb"([-+]OK|-ERR) [^\r\n]*\r\n\Z",
+    ),
+    "sieve": dict(
+        options={},
+        words=[
+            b"CAPABILITY", b"NOOP", b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"', b'AUTHENTICATE "PLAIN"',
+            b'"' + PLAIN_BOB + b'"', b"STARTTLS", b'AUTHENTICATE "PLAIN" {20+}', b"LOGOUT", b"HAVESPACE x 1",
+            b'"*"', b'AUTHENTICATE "LOGIN"', b"{5+}", b"LISTSCRIPTS",
+        ],
+        probe=b"NOOP",
+        probed=rb'OK[^\r\n]*\r\n\Z',
+        last=rb'(BYE|OK)[^\r\n]*\r\n\Z',
+    ),
+    "smtp": dict(
+        options={"mode": "submission"},
+        words=[
+            b"EHLO client.example", b"HELO client.example", b"EHLO c\r\nAUTH PLAIN " + PLAIN_ALICE,
+            b"EHLO c\r\nAUTH PLAIN " + PLAIN_BOB, b"EHLO c\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0", b"AUTH PLAIN " + PLAIN_ALICE, b"AUTH PLAIN " + PLAIN_BOB,
+            b"AUTH PLAIN", b"AUTH LOGIN", b"Ym9i", b"c2VjcmV0", b"*", b"MAIL FROM:<a@example.org>",
+            b"RCPT TO:<b@example.org>", b"DATA", b"BDAT 5 LAST", b"RSET", b"NOOP", b"QUIT", b"STARTTLS",
+            b"XCLIENT ADDR=192.0.2.1", b".",
+        ],
+        probe=b"NOOP",
+        probed=rb"250 [^\r\n]*\r\n\Z",
+        last=rb"(421|221) [^\r\n]*\r\n\Z",
+    ),
+}
+
+
+class Session:
+    """
+    One client of a front end of C{protocol}, fed in reads; time passes
+    while the front end waits for a login.
+    """
+
+    def __init__(self, protocol: str) -> None:
+        backend = makeBackend("old")
+        self.router = FakeRouter({"alice": Route(backend), "alice@example.org": Route(backend)})
+        self.connector = MemoryConnector()
+        self.frontend, self.client, self.clock = makeFrontend(
+            protocol, self.router, self.connector, limits=LIMITS, **PROTOCOLS[protocol]["options"]
+        )
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.client.disconnecting)
+
+    def send(self, data: bytes) -> None:
+        """
+        One read of C{data}, then as much time as the front end waits for
+        logins (a real transport delivers nothing while it is paused).
+        """
+        self.frontend.dataReceived(data)
+        self.settle()
+
+    def settle(self) -> None:
+        """
+        Let time pass while the front end waits for a login; it must stop
+        waiting in bounded time.
+        """
+        waited = 0
+        while self.client.producerState == "paused" and not self.closed:
+            if waited >= LOGIN_WAIT:
+                raise AssertionError(f"still waiting for a login after {waited} s")
+            self.clock.advance(1)
+            waited += 1
+
+    def feed(self, chunks: list[bytes]) -> None:
+        """
+        Send each chunk as one read.
+        """
+        for chunk in chunks:
+            self.send(chunk)
+
+
+def normalise(output: bytes) -> bytes:
+    """
+    What the proxy wrote, with what differs between sessions (session
+    ids, challenges) replaced.
+    """
+    return re.sub(rb"<[0-9a-f]+\.[0-9]+@[^>]*>", b"<CHALLENGE>", output)
+
+
+class FrontendFuzzMixin:
+    """
+    The properties, for one protocol's front end.
+    """
+
+    protocol = ""
+
+    def check(self: SynchronousTestCase, chunks: list[bytes]) -> Session:
+        """
+        Feed C{chunks}; check that nothing was logged as an error, that the
+        answer is bounded by the lines sent, and that a closed connection
+        ended with the protocol's last words.
+        """
+        session = Session(self.protocol)
+        greeting = session.client.value()
+        session.feed(chunks)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        data = b"".join(chunks)
+        written = session.client.value()
+        self.assertLessEqual(len(written), len(greeting) + 600 * (data.count(b"\n") + 2))
+        if session.closed:
+            self.assertRegex(written, PROTOCOLS[self.protocol]["last"])
+        return session
+
+    def test_hostileInput(self) -> None:
+        """
+        Arbitrary commands and octets in arbitrary reads: no exception, no
+        logged error, a bounded answer; then either the session answers a
+        probe (sent after a line end, a few times over, to finish whatever
+        was left open) or it was closed with the protocol's last words.
+        """
+        spec = PROTOCOLS[self.protocol]
+
+        @settings(max_examples=200)
+        @given(chunked(hostileLines(spec["words"])))
+        def run(example: tuple[bytes, list[bytes]]) -> None:
+            data, chunks = example
+            session = self.check(chunks)
+            if session.closed:
+                return
+            for _ in range(12):
+                session.send(b"\r\n" + spec["probe"] + b"\r\n")
+            self.assertEqual(self.flushLoggedErrors(), [])
+            written = session.client.value()
+            if session.closed:
+                self.assertRegex(written, spec["last"])
+            else:
+                self.assertRegex(written, spec["probed"])
+
+        run()
+
+    def test_chunkingEquivalence(self) -> None:
+        """
+        The same input in one read and one octet at a time gives the same
+        answer (with session ids and challenges normalised).
+        """
+        spec = PROTOCOLS[self.protocol]
+
+        @given(hostileLines(spec["words"], maxLines=15).filter(lambda data: len(data) < 3000))
+        def run(data: bytes) -> None:
+            whole = self.check([data])
+            octets = self.check([data[i : i + 1] for i in range(len(data))])
+            self.assertEqual(normalise(octets.client.value()), normalise(whole.client.value()))
+            self.assertEqual(octets.closed, whole.closed)
+
+        run()
+
+
+class IMAPFrontendFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
+    """
+    The IMAP front end under hostile input.
+    """
+
+    protocol = "imap"
+
+
+class POP3FrontendFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
+    """
+    The POP3 front end under hostile input.
+    """
+
+    protocol = "pop3"
+
+
+class SieveFrontendFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
+    """
+    The ManageSieve front end under hostile input.
+    """
+
+    protocol = "sieve"
+
+
+class SMTPSubmissionFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
+    """
+    The SMTP submission front end under hostile input.
+    """
+
+    protocol = "smtp"
