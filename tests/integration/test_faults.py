@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 import urllib.request
-from base64 import b64decode
+from base64 import b64encode
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -287,6 +287,43 @@ def resetsMidTransfer(backend: FakeBackend, connection: socket.socket, record: b
         _reset(connection)
 
 
+def endlessPOP3Capa(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
+    """
+    A POP3 server whose CAPA list never ends.
+    """
+    reader = _Recording(connection, record)
+    connection.sendall(b"+OK fake POP3 ready\r\n")
+    if reader.line() is None:
+        return
+    connection.sendall(b"+OK\r\n")
+    chunk = b"X-CAPABILITY\r\n" * 4096
+    while not backend.stopping.is_set():
+        connection.sendall(chunk)
+
+
+def endlessSieveGreeting(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
+    """
+    A ManageSieve server whose capability greeting never ends.
+    """
+    number = 0
+    while not backend.stopping.is_set():
+        connection.sendall(b"".join(b'"X-%d" "value"\r\n' % (n,) for n in range(number, number + 4096)))
+        number += 4096
+
+
+def endlessEHLO(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
+    """
+    An SMTP server whose EHLO reply never ends.
+    """
+    reader = _Recording(connection, record)
+    connection.sendall(b"220 fake ESMTP ready\r\n")
+    if reader.line() is None:
+        return
+    chunk = b"250-X-EXTENSION\r\n" * 4096
+    while not backend.stopping.is_set():
+        connection.sendall(chunk)
+
+
 class FaultServers:
     """
     One fake backend per fault, the proxy in front of them (an IMAP
@@ -315,18 +352,38 @@ class FaultServers:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(certificate, key)
         self.backends["badcert"] = FakeBackend(wellBehaved, tls=context)
+        # Per protocol, a backend whose capability list never ends.
+        self.capa = {
+            "pop3": FakeBackend(endlessPOP3Capa),
+            "sieve": FakeBackend(endlessSieveGreeting),
+            "smtp": FakeBackend(endlessEHLO),
+        }
         # Nothing listens on the "refuses" backend's port.
         self.refusingPort = freePort()
         ports: set[int] = set()
         while len(ports) < 3:
             ports.add(freePort())
         self.imap, self.imaps, self.admin = sorted(ports)
+        self.ports = {"imap": self.imap}
+        for protocol in ("pop3", "sieve", "smtp"):
+            port = freePort()
+            while port in ports:
+                port = freePort()
+            ports.add(port)
+            self.ports[protocol] = port
         proxyCertificate, proxyKey = self.ca.issue("proxy")
         tables = {
             name: {"host": "127.0.0.1", "ports": {"imap": backend.port}, "tls": "none", "forward": "none", "connect_timeout": BACKEND_TIMEOUT}
             for name, backend in self.backends.items()
         }
         tables["badcert"].update(tls="implicit", ca_file=self.ca.caPath)
+        silent = self.backends["silent"].port
+        tables["silent"]["ports"] = {"imap": silent, "pop3": silent, "sieve": silent, "smtp": silent}
+        tables["capa"] = {
+            "host": "127.0.0.1",
+            "ports": {protocol: backend.port for protocol, backend in self.capa.items()},
+            "forward": "none",
+        }
         tables["refuses"] = {"host": "127.0.0.1", "ports": {"imap": self.refusingPort}, "forward": "none"}
         config = (
             tomlTable("proxy", {"hostname": "proxy.example.org"})
@@ -334,6 +391,11 @@ class FaultServers:
             + tomlTable("tls", {"certificate": proxyCertificate, "key": proxyKey})
             + f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imap}:interface=127.0.0.1"\ntls = "none"\n'
             + f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{self.imaps}:interface=127.0.0.1"\ntls = "implicit"\n'
+            + "".join(
+                f'[[listener]]\nprotocol = "{protocol}"\nendpoint = "tcp:{self.ports[protocol]}:interface=127.0.0.1"\ntls = "none"\n'
+                + ('mode = "submission"\n' if protocol == "smtp" else "")
+                for protocol in ("pop3", "sieve", "smtp")
+            )
             + tomlTable("router", {"type": "static", "path": "routes.toml"})
             + "".join(tomlTable(f"backend.{name}", values) for name, values in tables.items())
             + tomlTable("admin", {"endpoint": f"tcp:{self.admin}:interface=127.0.0.1", "token_file": "admin.token"})
@@ -351,7 +413,7 @@ class FaultServers:
         requireServer("openssl")
         servers = cls(fixtureDirectory("faults"))
         try:
-            servers.proxy.start([servers.imap, servers.imaps, servers.admin])
+            servers.proxy.start([*servers.ports.values(), servers.imaps, servers.admin])
             warmUp(servers.imap)
         except BaseException:
             servers.stop()
@@ -363,7 +425,7 @@ class FaultServers:
         Stop the proxy and the fake backends.
         """
         self.proxy.stop()
-        for backend in self.backends.values():
+        for backend in [*self.backends.values(), *self.capa.values()]:
             backend.stop()
 
 
@@ -427,6 +489,83 @@ class Client:
         Close with a TCP RST.
         """
         _reset(self.connection)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+#: Per protocol (other than IMAP): how a login goes, how the proxy answers a
+#: backend that fails, and a command that shows the session still works.
+OTHER_PROTOCOLS = {
+    "pop3": dict(
+        greeting=rb"\+OK ",
+        login=[b"USER {user}", b"PASS " + PASSWORD],
+        unavailable=rb"-ERR \[SYS/TEMP\] [^\r\n]*\r\n\Z",
+        probe=b"CAPA",
+        probed=rb"\+OK",
+    ),
+    "sieve": dict(
+        greeting=rb"OK",
+        login=[b'AUTHENTICATE "PLAIN" "{plain}"'],
+        unavailable=rb'NO \(TRYLATER\) "[^\r\n]*"\r\n\Z',
+        probe=b"NOOP",
+        probed=rb'OK "NOOP completed\."',
+    ),
+    "smtp": dict(
+        greeting=rb"220 ",
+        login=[b"EHLO client.example", b"AUTH PLAIN {plain}"],
+        unavailable=rb"454 4\.7\.0 [^\r\n]*\r\n\Z",
+        probe=b"NOOP",
+        probed=rb"250 ",
+    ),
+}
+
+
+class OtherClient:
+    """
+    A bare client of the proxy's POP3, ManageSieve or SMTP listener.
+    """
+
+    def __init__(self, protocol: str, port: int) -> None:
+        self.protocol = protocol
+        self.spec = OTHER_PROTOCOLS[protocol]
+        self.connection = socket.create_connection(("127.0.0.1", port), CLIENT_TIMEOUT)
+        self.buffer = bytearray()
+        self.greeting = self.reply()
+
+    def reply(self) -> bytes:
+        """
+        The next reply: one line, or the lines of a multi-line one
+        (ManageSieve's up to its OK, SMTP's up to the last).
+        """
+        lines = []
+        while True:
+            line = _readLine(self.connection, self.buffer)
+            if line is None:
+                raise EOFError(b"".join(lines))
+            lines.append(line + b"\r\n")
+            if self.protocol == "sieve" and line.startswith(b'"'):
+                continue
+            if self.protocol == "smtp" and line[3:4] == b"-":
+                continue
+            return b"".join(lines)
+
+    def command(self, line: bytes) -> bytes:
+        """
+        Send C{line}; the reply.
+        """
+        self.connection.sendall(line + b"\r\n")
+        return self.reply()
+
+    def login(self, account: str) -> bytes:
+        """
+        Log in as C{account}@example.org; the last reply.
+        """
+        user = account.encode() + b"@example.org"
+        plain = b64encode(b"\x00" + user + b"\x00" + PASSWORD)
+        for line in self.spec["login"]:
+            reply = self.command(line.replace(b"{user}", user).replace(b"{plain}", plain))
+        return reply
 
     def close(self) -> None:
         self.connection.close()
@@ -688,6 +827,39 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         self.assertTrue(data.startswith(b"* 1 FETCH (BODY[] {"), data[:100])
         self.assertLessEqual(len(data), FETCH_SIZE)
         self.assertTidy()
+
+    def assertOtherUnavailable(self, protocol: str, account: str) -> None:
+        """
+        A login over C{protocol} routed to C{account}'s backend gets that
+        protocol's temporary failure; the session still works; then
+        everything is tidy.
+        """
+        client = OtherClient(protocol, self.servers.ports[protocol])
+        self.clients.append(client)  # type: ignore[arg-type]
+        self.assertRegex(client.greeting, client.spec["greeting"])
+        self.assertRegex(client.login(account), client.spec["unavailable"])
+        self.assertRegex(client.command(client.spec["probe"]), client.spec["probed"])
+        client.close()
+        self.assertTidy()
+
+    def test_otherProtocolsBackendNeverGreets(self) -> None:
+        """
+        POP3, ManageSieve and SMTP logins to a backend that never greets:
+        each protocol's temporary failure.
+        """
+        for protocol in OTHER_PROTOCOLS:
+            self.assertOtherUnavailable(protocol, "silent")
+
+    def test_otherProtocolsEndlessCapabilities(self) -> None:
+        """
+        POP3, ManageSieve and SMTP logins to a backend whose capability
+        list (CAPA, the greeting, the EHLO reply) never ends: each
+        protocol's temporary failure, and the proxy does not collect the
+        list without bound.
+        """
+        for protocol in OTHER_PROTOCOLS:
+            self.assertOtherUnavailable(protocol, "capa")
+        self.assertLess(_memoryGrowth(self.proxy.pid, self.rss), 32 * 1024)
 
     # Client faults
 
