@@ -39,7 +39,7 @@ from .common import tomlTable, tomlValue
 from mailproxy._relay import _pipes
 from mailproxy._session import CLOSE_GRACE
 
-from .servers import Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
 
 if TYPE_CHECKING:
     MixinBase = SynchronousTestCase
@@ -358,6 +358,10 @@ class FaultServers:
             "sieve": FakeBackend(endlessSieveGreeting),
             "smtp": FakeBackend(endlessEHLO),
         }
+        # A real Dovecot, reached by a name its certificate does not carry.
+        self.dovecot = Dovecot(
+            str(self.directory / "dovecot"), "faults", {"dovecot@example.org": PASSWORD.decode()}, ca=self.ca
+        )
         # Nothing listens on the "refuses" backend's port.
         self.refusingPort = freePort()
         ports: set[int] = set()
@@ -384,6 +388,14 @@ class FaultServers:
             "ports": {protocol: backend.port for protocol, backend in self.capa.items()},
             "forward": "none",
         }
+        tables["dovecot"] = {
+            "host": "127.0.0.1",
+            "ports": {"imap": 0},
+            "tls": "implicit",
+            "ca_file": self.ca.caPath,
+            "server_name": "mail.elsewhere.example",
+            "forward": "none",
+        }
         tables["refuses"] = {"host": "127.0.0.1", "ports": {"imap": self.refusingPort}, "forward": "none"}
         config = (
             tomlTable("proxy", {"hostname": "proxy.example.org"})
@@ -400,6 +412,7 @@ class FaultServers:
             + "".join(tomlTable(f"backend.{name}", values) for name, values in tables.items())
             + tomlTable("admin", {"endpoint": f"tcp:{self.admin}:interface=127.0.0.1", "token_file": "admin.token"})
         )
+        self.config = config
         self.proxy = Proxy(str(self.directory / "proxy"), config)
         (self.proxy.directory / "admin.token").write_text(TOKEN + "\n")
         routes = "".join(f"{tomlValue(name + '@example.org')} = {tomlValue(name)}\n" for name in tables)
@@ -410,9 +423,14 @@ class FaultServers:
         """
         Start the proxy in front of the fake backends.
         """
-        requireServer("openssl")
+        requireServer("openssl", "dovecot")
         servers = cls(fixtureDirectory("faults"))
         try:
+            servers.dovecot.start()
+            # Its port is known now.
+            servers.proxy.configPath.write_text(
+                servers.config.replace('"ports" = { "imap" = 0 }', f'"ports" = {{ "imap" = {servers.dovecot.imaps} }}')
+            )
             servers.proxy.start([*servers.ports.values(), servers.imaps, servers.admin])
             warmUp(servers.imap)
         except BaseException:
@@ -425,6 +443,7 @@ class FaultServers:
         Stop the proxy and the fake backends.
         """
         self.proxy.stop()
+        self.dovecot.stop()
         for backend in [*self.backends.values(), *self.capa.values()]:
             backend.stop()
 
@@ -813,6 +832,23 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         received = self.assertUnavailable("badcert")
         self.assertEqual(received, b"")
         self.assertNotIn(PASSWORD.decode(), self.proxy.logText())
+
+    def test_dovecotWrongCertificateName(self) -> None:
+        """
+        A real Dovecot reached by a name its certificate does not carry:
+        C{NO [UNAVAILABLE]}, and Dovecot sees no login attempt.
+        """
+        mark = len(self.servers.dovecot.logText())
+        self.assertUnavailable("dovecot")
+        # Dovecot logs the connection the proxy broke off in the handshake.
+        deadline = time.monotonic() + SETTLE
+        while "TLS handshaking" not in (added := self.servers.dovecot.logText()[mark:]):
+            if time.monotonic() > deadline:
+                self.fail(f"Dovecot logged no broken handshake:\n{added}")
+            time.sleep(0.05)
+        self.assertIn("no auth attempts", added)
+        self.assertNotIn("dovecot@example.org", added)
+        self.assertNotIn("Login:", added)
 
     def test_backendResetsMidTransfer(self) -> None:
         """
