@@ -34,6 +34,10 @@ LIMITS = Limits(lineLength=128, literalSize=64, preauthTimeout=10**6, failureDel
 #: delay plus the backend timeout, with room.
 LOGIN_WAIT = 200
 
+#: The most client input a front end may hold between reads: the longest
+#: SASL response line, the longest of all its limits.
+MAX_HELD = 12288 + 2
+
 PLAIN_ALICE = b"AGFsaWNlAHNlY3JldA=="
 PLAIN_BOB = b"AGJvYgBzZWNyZXQ="
 
@@ -117,6 +121,13 @@ class Session:
         """
         self.frontend.dataReceived(data)
         self.settle()
+        if not self.closed:
+            # What the front end holds of the client's input: at most a
+            # line (a SASL response line is the longest) or a literal.
+            parser = getattr(self.frontend, "parser", None)
+            held = parser.buffered if parser is not None else len(self.frontend.reader)
+            if held > MAX_HELD:
+                raise AssertionError(f"the front end holds {held} octets of input")
 
     def settle(self) -> None:
         """
@@ -200,6 +211,22 @@ class FrontendFuzzMixin(MixinBase):
                 self.assertRegex(written, spec["last"])
             else:
                 self.assertRegex(written, spec["probed"])
+
+        run()
+
+    def test_flood(self) -> None:
+        """
+        After any command, a flood of octets without a line end (longer
+        than every limit) is never held whole: the front end answers with
+        its error or closes, and stays within its bound.
+        """
+        spec = PROTOCOLS[self.protocol]
+
+        @settings(max_examples=30)
+        @given(st.sampled_from(spec["words"]), st.integers(13000, 100000), st.sampled_from([b"A", b"{", b" ", b"\r"]))
+        def run(word: bytes, size: int, octet: bytes) -> None:
+            data = word + b"\r\n" + octet * size
+            self.check([data[i : i + 4096] for i in range(0, len(data), 4096)])
 
         run()
 
