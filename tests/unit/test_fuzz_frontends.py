@@ -93,7 +93,94 @@ PROTOCOLS = {
         probed=rb"250 [^\r\n]*\r\n\Z",
         last=rb"(421|221) [^\r\n]*\r\n\Z",
     ),
+    "mx": dict(
+        protocol="smtp",
+        options={"mode": "mx"},
+        words=[
+            b"EHLO client.example", b"HELO client.example", b"MAIL FROM:<a@example.org>", b"MAIL FROM:<>",
+            b"RCPT TO:<alice@example.org>", b"RCPT TO:<bob@example.org>", b"RCPT TO:<postmaster>", b"DATA",
+            b"BDAT 5 LAST", b"BDAT 3", b"hello", b".", b"..", b"RSET", b"NOOP", b"QUIT", b"STARTTLS", b"AUTH PLAIN",
+            b"MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=100 SMTPUTF8",
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>",
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>\r\nDATA",
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>\r\nBDAT 10",
+        ],
+        # A message in progress ends at the line with the dot.
+        probe=b".\r\nNOOP",
+        probed=rb"250 [^\r\n]*\r\n\Z",
+        last=rb"(421|221) [^\r\n]*\r\n\Z",
+    ),
 }
+
+
+class MailServer:
+    """
+    Plays every SMTP backend the MX front end connects: greets, takes
+    every command, message and chunk.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[int, dict] = {}
+
+    def serve(self, connector: MemoryConnector) -> None:
+        """
+        Answer whatever the proxy wrote to its backends since last time,
+        until they have nothing more to say.
+        """
+        busy = True
+        while busy:
+            busy = False
+            for index, (protocol, transport) in enumerate(zip(connector.protocols, connector.transports)):
+                if transport.disconnecting:
+                    continue
+                state = self._states.setdefault(index, {"read": 0, "buffer": b"", "data": False, "chunk": 0})
+                if state["read"] == 0 and not state.get("greeted"):
+                    state["greeted"] = True
+                    protocol.dataReceived(b"220 backend ESMTP\r\n")
+                    busy = True
+                written = transport.value()
+                state["buffer"] += written[state["read"] :]
+                state["read"] = len(written)
+                replies = self._answer(state)
+                if replies and not transport.disconnecting:
+                    protocol.dataReceived(replies)
+                    busy = True
+
+    def _answer(self, state: dict) -> bytes:
+        replies = b""
+        while True:
+            if state["chunk"]:
+                taken = min(state["chunk"], len(state["buffer"]))
+                state["buffer"] = state["buffer"][taken:]
+                state["chunk"] -= taken
+                if state["chunk"]:
+                    return replies
+                replies += b"250 2.0.0 Chunk taken\r\n"
+                continue
+            line, found, rest = state["buffer"].partition(b"\r\n")
+            if not found:
+                return replies
+            state["buffer"] = rest
+            if state["data"]:
+                if line == b".":
+                    state["data"] = False
+                    replies += b"250 2.0.0 Queued\r\n"
+                continue
+            verb, _, argument = line.partition(b" ")
+            verb = verb.upper()
+            if verb in (b"EHLO", b"LHLO"):
+                replies += b"250-backend\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+            elif verb == b"DATA":
+                state["data"] = True
+                replies += b"354 Go ahead\r\n"
+            elif verb == b"BDAT":
+                state["chunk"] = int(argument.split(b" ")[0] or b"0")
+                if not state["chunk"]:
+                    replies += b"250 2.0.0 Chunk taken\r\n"
+            elif verb == b"QUIT":
+                replies += b"221 2.0.0 Bye\r\n"
+            else:
+                replies += b"250 2.0.0 OK\r\n"
 
 
 class Session:
@@ -103,11 +190,18 @@ class Session:
     """
 
     def __init__(self, protocol: str) -> None:
-        backend = makeBackend("old")
+        backend = makeBackend("old", ports={"imap": 143, "pop3": 110, "smtp": 587, "sieve": 4190, "mx": 25})
         self.router = FakeRouter({"alice": Route(backend), "alice@example.org": Route(backend)})
+        self.mailServer: MailServer | None = None
+        if protocol == "mx":
+            # Inbound mail is routed without a login; a backend that takes
+            # it lets the examples reach DATA and BDAT.
+            self.router.default = Route(backend)
+            self.mailServer = MailServer()
         self.connector = MemoryConnector()
+        spec = PROTOCOLS[protocol]
         self.frontend, self.client, self.clock = makeFrontend(
-            protocol, self.router, self.connector, limits=LIMITS, **PROTOCOLS[protocol]["options"]
+            spec.get("protocol", protocol), self.router, self.connector, limits=LIMITS, **spec["options"]
         )
 
     @property
@@ -135,7 +229,11 @@ class Session:
         waiting in bounded time.
         """
         waited = 0
+        if self.mailServer is not None:
+            self.mailServer.serve(self.connector)
         while self.client.producerState == "paused" and not self.closed:
+            if self.mailServer is not None:
+                self.mailServer.serve(self.connector)
             if waited >= LOGIN_WAIT:
                 raise AssertionError(f"still waiting for a login after {waited} s")
             self.clock.advance(1)
@@ -277,3 +375,11 @@ class SMTPSubmissionFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
     """
 
     protocol = "smtp"
+
+
+class SMTPMXFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
+    """
+    The SMTP MX front end under hostile input.
+    """
+
+    protocol = "mx"
