@@ -14,7 +14,7 @@ slowed down); time passes whenever the front end waits for a login.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,7 +45,7 @@ PLAIN_BOB = b"AGJvYgBzZWNyZXQ="
 #: probe command that works whenever the session is still usable, what the
 #: answer to the probe ends with, and what the last line may be when the
 #: proxy closed the connection (its goodbye, or the reply to a logout).
-PROTOCOLS = {
+PROTOCOLS: dict[str, dict[str, Any]] = {
     "imap": dict(
         options={},
         words=[
@@ -219,7 +219,7 @@ class Session:
             # What the front end holds of the client's input: at most a
             # line (a SASL response line is the longest) or a literal.
             parser = getattr(self.frontend, "parser", None)
-            held = parser.buffered if parser is not None else len(self.frontend.reader)
+            held = parser.buffered if parser is not None else len(getattr(self.frontend, "reader"))
             if held > MAX_HELD:
                 raise AssertionError(f"the front end holds {held} octets of input")
 
