@@ -189,7 +189,7 @@ class Session:
     while the front end waits for a login.
     """
 
-    def __init__(self, protocol: str) -> None:
+    def __init__(self, protocol: str, tls: str = "none") -> None:
         backend = makeBackend("old", ports={"imap": 143, "pop3": 110, "smtp": 587, "sieve": 4190, "mx": 25})
         self.router = FakeRouter({"alice": Route(backend), "alice@example.org": Route(backend)})
         self.mailServer: MailServer | None = None
@@ -201,7 +201,7 @@ class Session:
         self.connector = MemoryConnector()
         spec = PROTOCOLS[protocol]
         self.frontend, self.client, self.clock = makeFrontend(
-            spec.get("protocol", protocol), self.router, self.connector, limits=LIMITS, **spec["options"]
+            spec.get("protocol", protocol), self.router, self.connector, tls=tls, limits=LIMITS, **spec["options"]
         )
 
     @property
@@ -261,12 +261,17 @@ else:
     MixinBase = object
 
 
-class FrontendFuzzMixin(MixinBase):
+class HostileInputMixin(MixinBase):
     """
-    The properties, for one protocol's front end.
+    The properties that hold for one protocol's front end on a listener
+    of any TLS mode.
+
+    @cvar protocol: a key of L{PROTOCOLS}.
+    @cvar tls: the listener's TLS mode.
     """
 
     protocol = ""
+    tls = "none"
 
     def check(self, chunks: list[bytes]) -> Session:
         """
@@ -274,7 +279,7 @@ class FrontendFuzzMixin(MixinBase):
         answer is bounded by the lines sent, and that a closed connection
         ended with the protocol's last words.
         """
-        session = Session(self.protocol)
+        session = Session(self.protocol, self.tls)
         greeting = session.client.value()
         session.feed(chunks)
         self.assertEqual(self.flushLoggedErrors(), [])
@@ -327,6 +332,15 @@ class FrontendFuzzMixin(MixinBase):
             self.check([data[i : i + 4096] for i in range(0, len(data), 4096)])
 
         run()
+
+
+
+class FrontendFuzzMixin(HostileInputMixin):
+    """
+    All the properties, for one protocol's front end on a listener without
+    TLS (with STARTTLS, what follows the command in the same read is
+    dropped by design, so reads matter there).
+    """
 
     def test_chunkingEquivalence(self) -> None:
         """
@@ -383,3 +397,43 @@ class SMTPMXFuzzTests(FrontendFuzzMixin, SynchronousTestCase):
     """
 
     protocol = "mx"
+
+
+class IMAPSTARTTLSFuzzTests(HostileInputMixin, SynchronousTestCase):
+    """
+    The IMAP front end of a STARTTLS listener under hostile input:
+    STARTTLS itself, octets pipelined behind it, everything after it.
+    """
+
+    protocol = "imap"
+    tls = "starttls"
+
+
+class POP3STARTTLSFuzzTests(HostileInputMixin, SynchronousTestCase):
+    """
+    The POP3 front end of a STARTTLS listener under hostile input:
+    STARTTLS itself, octets pipelined behind it, everything after it.
+    """
+
+    protocol = "pop3"
+    tls = "starttls"
+
+
+class SieveSTARTTLSFuzzTests(HostileInputMixin, SynchronousTestCase):
+    """
+    The ManageSieve front end of a STARTTLS listener under hostile input:
+    STARTTLS itself, octets pipelined behind it, everything after it.
+    """
+
+    protocol = "sieve"
+    tls = "starttls"
+
+
+class SMTPSTARTTLSFuzzTests(HostileInputMixin, SynchronousTestCase):
+    """
+    The SMTP submission front end of a STARTTLS listener under hostile input:
+    STARTTLS itself, octets pipelined behind it, everything after it.
+    """
+
+    protocol = "smtp"
+    tls = "starttls"
