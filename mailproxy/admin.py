@@ -501,11 +501,16 @@ class AdminResource(Resource):
         hold = body.get("hold", 0)
         if isinstance(hold, bool) or not isinstance(hold, (int, float)):
             raise _HTTPError(400, "hold must be a number of seconds")
+        try:
+            hold = float(hold)
+        except OverflowError:
+            # An integer of hundreds of digits; the mover judges the range.
+            raise _HTTPError(400, "hold must be a number of seconds") from None
         dryRun, drop = body.get("dry_run", False), body.get("drop", True)
         if not isinstance(dryRun, bool) or not isinstance(drop, bool):
             raise _HTTPError(400, "dry_run and drop must be true or false")
         moving = self.proxy.mover.move(
-            backend, accounts, _optionalString(body, "domain"), dryRun=dryRun, hold=float(hold), drop=drop
+            backend, accounts, _optionalString(body, "domain"), dryRun=dryRun, hold=hold, drop=drop
         )
         return moving.addCallback(lambda result: _json(200, result.asJSON()))
 
@@ -615,6 +620,7 @@ def _body(request: Request) -> dict[str, Any]:
     except ValueError:
         raise _HTTPError(400, "the body is not JSON") from None
     except RecursionError:
+        # Arrays nested thousands deep fit in MAX_BODY; json gives up.
         raise _HTTPError(400, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise _HTTPError(400, "the body must be a JSON object")

@@ -27,6 +27,9 @@ from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 8192
+#: CAPA lines accepted from a backend: real servers send about fifteen; a
+#: list that goes on is refused rather than collected until the timeout.
+MAX_CAPA_LINES = 256
 #: Longest command line a POP3 server must accept (RFC 2449 section 4).
 MAX_COMMAND_LINE = 255
 #: Response codes that tell the client something it can act on: passed on.
@@ -153,6 +156,9 @@ class POP3BackendLogin(BackendProtocol):
         if line == b".":
             self.capabilities = self._capa
             self._login()
+            return
+        if len(self._capa) >= MAX_CAPA_LINES:
+            self.fail("unavailable", "backend CAPA list too long")
             return
         if line.startswith(b"."):
             line = line[1:]

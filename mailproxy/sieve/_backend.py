@@ -22,6 +22,10 @@ from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, fo
 
 #: Longest backend line (and literal) accepted during login.
 MAX_BACKEND_LINE = 65536
+#: Capability lines accepted in one greeting: real servers send about a
+#: dozen; a greeting that goes on is refused rather than collected until
+#: the timeout.
+MAX_CAPABILITY_LINES = 256
 #: Response codes of a NO to AUTHENTICATE that mean "try later".
 _TEMPORARY_CODES = frozenset([b"TRYLATER"])
 #: Response codes that mean the proxy's own set-up is wrong (TLS towards
@@ -120,6 +124,9 @@ class SieveBackendLogin(BackendProtocol):
         value = values[1] if len(values) == 2 else None
         if value is not None and not isinstance(value, bytes):
             self.fail("unavailable", "backend sent an invalid capability line")
+            return
+        if len(self.capabilities) >= MAX_CAPABILITY_LINES:
+            self.fail("unavailable", "backend sent too many capabilities")
             return
         self.capabilities[values[0].upper()] = value
 

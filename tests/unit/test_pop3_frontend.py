@@ -789,6 +789,20 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
             self.backendSays(b"+OK Updated\r\n" + reply)
             self.assertEqual(self.client.value(), AUTH_FAILED)
 
+    def test_endlessCapaList(self) -> None:
+        """
+        A backend whose CAPA list never ends is a temporary failure once it
+        has sent more lines than any server has capabilities, not a list
+        the proxy keeps growing until C{backend_timeout}.
+        """
+        self.build()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.backendSays(GREETING)
+        self.client.clear()
+        self.backendSays(b"+OK\r\n" + b"X-CAPABILITY\r\n" * 1000)
+        self.assertEqual(self.client.value(), UNAVAILABLE)
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+
     def test_userRefusedByBackend(self) -> None:
         """
         A C{-ERR} to USER (pipelined with PASS) fails the login at once.

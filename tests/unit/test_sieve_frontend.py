@@ -603,6 +603,17 @@ class BackendFailureTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b'NO "Authentication failed."\r\n')
         self.assertEqual(self.send(b"NOOP\r\n"), b'OK "NOOP completed."\r\n')
 
+    def test_endlessCapabilityGreeting(self) -> None:
+        """
+        A backend whose capability greeting never ends is a temporary
+        failure once it has named more capabilities than any server has,
+        not a table the proxy keeps growing until C{backend_timeout}.
+        """
+        self.build()
+        self.send(b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n')
+        self.backendSays(b"".join(b'"X-%d" "value"\r\n' % (n,) for n in range(1000)))
+        self.assertUnavailable()
+
     def test_backendTextNotShown(self) -> None:
         """
         Whatever text or code (other than TRYLATER) the backend's NO
