@@ -154,11 +154,14 @@ class LineReader:
 
     A line ends with LF; a CR before it is removed too. A line longer than
     the limit is consumed whole and reported once as L{TooLong}, without
-    ever holding more than the limit in memory.
+    ever holding more than the limit in memory. Taking a line from the
+    front and looking for the next LF where the last look stopped keep a
+    read of many pipelined commands (or one octet at a time) linear.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0
         self._skipping = False
 
     def feed(self, data: bytes) -> None:
@@ -174,24 +177,22 @@ class LineReader:
 
         @param limit: the longest line accepted, line ending included.
         """
-        end = self._buffer.find(b"\n")
-        if self._skipping:
-            if end < 0:
-                self._buffer = b""
-                return None
-            self._buffer = self._buffer[end + 1 :]
+        buffer = self._buffer
+        end = buffer.find(b"\n", self._scanned)
+        if end < 0:
+            if self._skipping or len(buffer) >= limit:
+                self.clear()
+                self._skipping = True
+            else:
+                self._scanned = len(buffer)
+            return None
+        self._scanned = 0
+        if self._skipping or end + 1 > limit:
+            del buffer[: end + 1]
             self._skipping = False
             return TooLong()
-        if end < 0:
-            if len(self._buffer) >= limit:
-                self._buffer = b""
-                self._skipping = True
-            return None
-        if end + 1 > limit:
-            self._buffer = self._buffer[end + 1 :]
-            return TooLong()
-        line = self._buffer[:end]
-        self._buffer = self._buffer[end + 1 :]
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
         if line.endswith(b"\r"):
             line = line[:-1]
         return line
@@ -201,22 +202,25 @@ class LineReader:
         Up to C{size} raw octets from the front of the buffer (a BDAT
         chunk).
         """
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._scanned = 0
         return data
 
     def takeRemaining(self) -> bytes:
         """
         Everything buffered, unparsed; the reader is empty afterwards.
         """
-        data, self._buffer = self._buffer, b""
-        self._skipping = False
+        data = bytes(self._buffer)
+        self.clear()
         return data
 
     def clear(self) -> None:
         """
         Forget all buffered input (after STARTTLS).
         """
-        self._buffer = b""
+        self._buffer.clear()
+        self._scanned = 0
         self._skipping = False
 
     def __len__(self) -> int:
