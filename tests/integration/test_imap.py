@@ -548,7 +548,10 @@ class RoutingTestsMixin(ProxyFixtureMixin):
         self.assertTrue(client.command(b"c", b"LOGOUT")[-1].startswith(b"c OK"))
         sent = self.waitForLogLine(self.servers.old, mark, "imap(alice@example.org)", "ID sent: x-originating-ip=6.6.6.6")
         self.assertIn(f" rip={CLIENT_ADDRESS}: ", sent)
-        end = self.waitForLogLine(self.servers.old, mark, "imap(alice@example.org)", "Disconnected: Logged out")
+        # The same session's end (others of alice's may end meanwhile): its
+        # prefix names the process and the session, e.g. <3833><os3zrh...>.
+        session = sent[sent.index("imap(alice@example.org)") :].split(" ", 1)[0]
+        end = self.waitForLogLine(self.servers.old, mark, session, "Disconnected: Logged out")
         self.assertIn(f" rip={CLIENT_ADDRESS}: ", end)
 
 
