@@ -31,7 +31,8 @@ from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralReq
 #: argument (about 1 KiB), not the line, and answers an ID of any length;
 #: clients send long ones (imaptest's C{id} test sends 30 KB).
 LINE_LENGTH = 65536
-#: Longest SASL response line (OAuth tokens are long; PROTOCOLS.md §1.2).
+#: Longest SASL response line: OAuth tokens are long, and Dovecot's own
+#: authentication buffer is 8 KiB.
 MAX_SASL_LINE = 12288
 #: BAD replies after which the connection is closed, like Dovecot does.
 MAX_BAD_COMMANDS = 10

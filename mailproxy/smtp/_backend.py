@@ -35,7 +35,7 @@ Purpose = Literal["login", "relay", "probe"]
 
 #: The XCLIENT attributes the proxy can fill in, in the order sent: NAME
 #: and ADDR last, because a server judges later XCLIENT commands by the new
-#: address (PROTOCOLS.md §3.5).
+#: address (Postfix's XCLIENT_README).
 _XCLIENT_ORDER = ("PROTO", "HELO", "LOGIN", "PORT", "DESTADDR", "DESTPORT", "REVERSE_NAME", "NAME", "ADDR")
 #: Longest raw value Postfix accepts for one attribute.
 _XCLIENT_VALUE = 255
@@ -366,7 +366,7 @@ class SMTPBackend(BackendProtocol):
             self.fail("unavailable", "backend AUTH: " + _show(reply))
         else:
             # Any permanent refusal is answered like a wrong password, so
-            # that clients learn nothing about accounts (PROTOCOLS.md §0.4).
+            # that clients learn nothing about accounts.
             self.fail("auth", "backend refused the credentials: " + _show(reply))
 
     # The session after the dialogue (purpose "relay")

@@ -4,7 +4,7 @@ Which ESMTP extensions the proxy may offer its clients.
 The proxy answers the client's EHLO itself, before it knows which backend
 the session will reach; afterwards the client relies on that list while it
 talks to the backend. So the proxy offers an extension only if every
-backend the listener can route to has it (PROTOCOLS.md §3.2).
+backend the listener can route to has it.
 
 L{BackendExtensions} learns each backend's list: by probing (connect,
 EHLO, QUIT) the first time a client needs it, and again from every

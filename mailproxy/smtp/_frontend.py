@@ -407,7 +407,8 @@ class SMTPFrontend(CommandFrontend):
     def notAuthorized(self, command: Command) -> None:
         """
         Identity commands (XCLIENT, XFORWARD) are the proxy's to send, never
-        a client's (PROTOCOLS.md §0.5).
+        a client's: a backend trusts them from the proxy's address, so a
+        relayed one would let the client pose as another address or user.
         """
         self.error(550, "5.7.0", "Error: insufficient authorization")
 

@@ -825,7 +825,7 @@ class PipelinedLoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
 class StartTLSForgetsTests(IMAPFrontendTestsMixin, SynchronousTestCase):
     """
     What the client said in plaintext before STARTTLS does not count after
-    it (PROTOCOLS.md 0.2): a man in the middle could have said it.
+    it (RFC 9051 §6.2.1): a man in the middle could have said it.
     """
 
     def test_idForgotten(self) -> None:
