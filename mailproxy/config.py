@@ -157,11 +157,13 @@ class ConfigError(Exception):
     is one such line for each, and L{problems} holds them one by one.
 
     @ivar problems: the lines of C{str(error)}.
+    @ivar warnings: what else was found that works but should be fixed.
     """
 
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems: tuple[str, ...] = tuple(problems) or (message,)
+        self.warnings: tuple[str, ...] = tuple(warnings)
 
 
 _T = TypeVar("_T")
@@ -198,7 +200,7 @@ class Problems:
         @raise ConfigError: with every problem found, if there is one.
         """
         if self.found:
-            raise ConfigError("\n".join(self.found), self.found)
+            raise ConfigError("\n".join(self.found), self.found, self.warnings)
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
