@@ -403,7 +403,12 @@ def _probe(report: CheckReport, user: str | None, out: TextIO, err: TextIO) -> i
             _stopRouter(router)
             _closeRouter(router)
 
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as e:
+        # react() always exits; only the probes' outcome decides here.
+        if e.code:
+            failures += 1
     if failures:
         print(f"{report.path}: {failures} probe{'s' if failures != 1 else ''} failed", file=err)
         return 1
