@@ -44,7 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailproxy._safetext import logQuote
-from mailproxy.config import Table, _readNameAndSecret
+from mailproxy.config import Table, _readNameAndSecret, suggest
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
@@ -611,7 +611,10 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
         options.fail("backend_attribute", "required (or default_backend)")
     if defaultBackend is not None and defaultBackend not in backends:
         configured = ", ".join(sorted(backends)) or "none"
-        options.fail("default_backend", f"unknown backend {defaultBackend!r}; configured backends: {configured}")
+        options.fail(
+            "default_backend",
+            f"unknown backend {defaultBackend!r}; configured backends: {configured}{suggest(defaultBackend, backends)}",
+        )
     connectTimeout = options.number("connect_timeout", 3.0, positive=True)
     timeout = options.number("timeout", 5.0, positive=True)
     settings = LDAPSettings(
