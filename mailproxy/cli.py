@@ -432,6 +432,16 @@ async def _probeRouter(router: Any, routerName: str, user: str | None) -> tuple[
     except Exception as e:
         return f"router {routerName}: FAILED asking about {account}: {_problem(e)}", False
     if not answer["explained"]:
+        # A router that decides only at login may still show that it can
+        # reach its directory or auth server.
+        for member in routerChain(router):
+            probe = getattr(member, "probe", None)
+            if callable(probe):
+                try:
+                    said = await probe(account)
+                except Exception as e:
+                    return f"router {routerName}: FAILED: {_problem(e)}", False
+                return f"router {routerName}: OK, {said} (it routes only at login, with the password)", True
         return (
             f"router {routerName}: not asked: it decides only at login, with the password",
             True,

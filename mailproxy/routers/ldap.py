@@ -459,6 +459,22 @@ class LDAPRouter:
         if close is not None:
             close()
 
+    def probe(self, user: str) -> Deferred[str]:
+        """
+        Search C{user}'s entry as a login would, with the service account,
+        checking no password: for C{mailproxy check --probe}.
+
+        @return: fires with what the directory answered, in words; fails
+            with L{DirectoryUnavailable} if no server answered.
+        """
+
+        async def search() -> str:
+            entries = await self._runner.run(self._deadline, self.directory.find, self.filter.fill(user))
+            count = len(entries)
+            return f"the directory answers: {count} entr{'y' if count == 1 else 'ies'} for {user}"
+
+        return Deferred.fromCoroutine(search())
+
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
         Look the login up, check its password, and route it.

@@ -7,16 +7,20 @@ reporting a port where nothing listens.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from .common import tomlValue
 from .servers import Dovecot, TestCA, fixtureDirectory, refusedPort, requireServer, sharedFixture
+from .slapd import SERVICE_DN, Account, Slapd
 
 _REPOSITORY = Path(__file__).resolve().parent.parent.parent
 
@@ -42,10 +46,14 @@ class Store:
         self.dovecot.stop()
 
 
-class CheckProbeTests(SynchronousTestCase):
+class ProbeMixin:
     """
-    C{mailproxy check --probe} as a subprocess.
+    A configuration directory with an SQLite route database, the shared
+    Dovecot, and the C{mailproxy} command run as a subprocess.
     """
+
+    # Provided by SynchronousTestCase.
+    mktemp: Callable[[], str]
 
     def setUp(self) -> None:
         self.store = sharedFixture("mail servers", __name__, Store)
@@ -58,7 +66,7 @@ class CheckProbeTests(SynchronousTestCase):
         connection.close()
         self.deadPort = refusedPort()
 
-    def writeConfig(self, dead: bool) -> str:
+    def writeConfig(self, dead: bool, router: str = "") -> str:
         """
         A configuration routing with SQLite to the Dovecot's IMAP (plain)
         and POP3S (implicit TLS, verified) ports, and with C{dead} a second
@@ -81,7 +89,9 @@ class CheckProbeTests(SynchronousTestCase):
         text = (
             '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
             '[[listener]]\nprotocol = "pop3"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
-            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+        ) + (
+            router
+            or '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
             'query = "SELECT backend FROM accounts WHERE address = :user"\n'
         )
         for name, table in backends.items():
@@ -104,6 +114,12 @@ class CheckProbeTests(SynchronousTestCase):
             text=True,
             timeout=60,
         )
+
+
+class CheckProbeTests(ProbeMixin, SynchronousTestCase):
+    """
+    C{mailproxy check --probe} with an SQLite router.
+    """
 
     def test_everythingAnswers(self) -> None:
         """
@@ -151,3 +167,107 @@ class CheckProbeTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 1)
         self.assertIn("router.database: ", done.stderr)
         self.assertIn("does not exist; the proxy never creates it", done.stderr)
+
+
+class RouterProbeTests(ProbeMixin, SynchronousTestCase):
+    """
+    C{check --probe} with routers that decide only at login: it shows that
+    they reach their directory or auth server, asking no password.
+    """
+
+    def slapd(self) -> Slapd:
+        """
+        A directory with alice, routed to C{store}.
+        """
+
+        def start() -> Slapd:
+            slapd = Slapd(
+                fixtureDirectory("check-probe-slapd"),
+                {"alice": Account("alice@example.org", "alice", "alice secret", "store")},
+            )
+            slapd.start()
+            return slapd
+
+        return sharedFixture("check-probe-slapd", __name__, start)
+
+    def ldapRouter(self, url: str, servicePassword: str) -> str:
+        """
+        The C{[router]} table of an LDAP router on C{url}.
+        """
+        with open(os.path.join(self.directory, "ldap.secret"), "w") as f:
+            f.write(servicePassword + "\n")
+        return (
+            '[router]\ntype = "ldap"\n'
+            f"servers = [{json.dumps(url)}]\n"
+            f'bind_dn = "{SERVICE_DN}"\nbind_password_file = "ldap.secret"\n'
+            'base = "ou=people,dc=example,dc=org"\n'
+            'filter = "(&(objectClass=inetLocalMailRecipient)(mail={user}))"\n'
+            'backend_attribute = "mailHost"\nauth = "bind"\nconnect_timeout = 2\ntimeout = 2\n'
+        )
+
+    def test_ldapSearches(self) -> None:
+        """
+        The LDAP router binds as its service account and searches the
+        account's entry: one entry for alice, none for a made-up account.
+        """
+        slapd = self.slapd()
+        path = self.writeConfig(dead=False, router=self.ldapRouter(slapd.url, slapd.servicePassword))
+        done = self.mailproxy("check", path, "--probe", "--user", "alice@example.org")
+        lines = done.stdout.splitlines()
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertEqual(
+            lines[1],
+            "router ldap: OK, the directory answers: 1 entry for alice@example.org "
+            "(it routes only at login, with the password)",
+        )
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("the directory answers: 0 entries for mailproxy-check@example.invalid", done.stdout)
+
+    def test_ldapWrongServicePassword(self) -> None:
+        """
+        A service password the directory refuses fails the probe, saying
+        the bind failed.
+        """
+        slapd = self.slapd()
+        path = self.writeConfig(dead=False, router=self.ldapRouter(slapd.url, "not-the-password"))
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        line = done.stdout.splitlines()[1]
+        self.assertTrue(line.startswith("router ldap: FAILED: "), line)
+        self.assertIn(f"service bind as '{SERVICE_DN}' failed: invalidCredentials", line)
+        self.assertNotIn("not-the-password", done.stdout + done.stderr)
+        self.assertEqual(done.stderr, f"{path}: 1 probe failed\n")
+
+    def test_httpConnects(self) -> None:
+        """
+        The HTTP router connects to its auth server (here a listening
+        socket that is never read from) and asks nothing; a URL where
+        nothing listens fails the probe.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        port = listening.getsockname()[1]
+        router = f'[router]\ntype = "http"\nurl = "http://127.0.0.1:{port}/auth"\ntimeout = 3\n'
+        path = self.writeConfig(dead=False, router=router)
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertEqual(
+            done.stdout.splitlines()[1],
+            f"router http: OK, the auth server accepts connections at 127.0.0.1:{port} "
+            "(it routes only at login, with the password)",
+        )
+        connection, _ = listening.accept()
+        self.addCleanup(connection.close)
+        connection.settimeout(5)
+        self.assertEqual(connection.recv(100), b"")
+
+        dead = refusedPort()
+        path = self.writeConfig(dead=False, router=router.replace(str(port), str(dead)))
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        line = done.stdout.splitlines()[1]
+        self.assertTrue(line.startswith("router http: FAILED: "), line)
+        self.assertIn("refused", line)
