@@ -47,14 +47,14 @@ from twisted.logger import (
 from twisted.scripts.twistd import ServerOptions, runApp
 
 from mailproxy import __version__
-from mailproxy._clidoc import bashCompletion, manPage
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
+from mailproxy._clidoc import bashCompletion, manPage
 from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
 from mailproxy._migrate import explainRoute
+from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy._stats import routerChain
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
-from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
 from mailproxy.demo import defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter

@@ -67,7 +67,7 @@ class CommandTestsMixin:
 
 class CheckTests(CommandTestsMixin, SynchronousTestCase):
     """
-    C{mailproxy check CONFIG}.
+    C{mailproxy check FILE}.
     """
 
     def test_minimal(self) -> None:
