@@ -116,7 +116,7 @@ def buildParser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        usage="%(prog)s [-h] [--config] FILE [--probe [--user ACCOUNT]]",
+        usage="%(prog)s [-h] [[--config] FILE] [--probe [--user ACCOUNT]]",
         help="validate a configuration file (and, with --probe, the router and backends)",
         description=(
             "Load a configuration as the proxy would: the file, the files it names, "
@@ -125,7 +125,9 @@ def buildParser() -> argparse.ArgumentParser:
             "to every backend port. Exit status 0 if it is usable, 1 if not."
         ),
     )
-    check.add_argument("config", nargs="?", metavar="FILE", help="the configuration file")
+    check.add_argument(
+        "config", nargs="?", metavar="FILE", help=f"the configuration file (default: {DEFAULT_CONFIG})"
+    )
     check.add_argument(
         "--config", dest="configOption", metavar="FILE", help="the configuration file (the same as FILE)"
     )
@@ -344,13 +346,13 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
 
 
 def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    if (arguments.config is None) == (arguments.configOption is None):
+    if arguments.config is not None and arguments.configOption is not None:
         print(f"{_PROG} check: name the configuration file once: check FILE or check --config FILE", file=err)
         return 2
     if arguments.user is not None and not arguments.probe:
         print(f"{_PROG} check: --user is for --probe", file=err)
         return 2
-    report = checkConfig(arguments.config or arguments.configOption, _globalReactor())
+    report = checkConfig(arguments.config or arguments.configOption or DEFAULT_CONFIG, _globalReactor())
     for warning in report.warnings:
         print(f"warning: {warning}", file=err)
     for problem in report.problems:

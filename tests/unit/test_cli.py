@@ -15,7 +15,7 @@ import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy import __version__
+from mailproxy import __version__, cli
 from mailproxy._tls import makeSelfSigned
 from mailproxy._clidoc import commands
 from mailproxy.cli import buildParser, main
@@ -245,13 +245,23 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
 
     def test_fileOnce(self) -> None:
         """
-        Naming no file, or two, is a usage error that says how to name it.
+        Naming two files is a usage error that says how to name one.
         """
-        self.assertEqual(main(["check"]), 2)
         self.assertEqual(main(["check", "a.toml", "--config", "b.toml"]), 2)
         self.assertEqual(
             self.err.getvalue(),
-            "mailproxy check: name the configuration file once: check FILE or check --config FILE\n" * 2,
+            "mailproxy check: name the configuration file once: check FILE or check --config FILE\n",
+        )
+
+    def test_defaultFile(self) -> None:
+        """
+        Without a file, C{check} checks the one the other commands read by
+        default.
+        """
+        self.patch(cli, "DEFAULT_CONFIG", os.path.join(self.directory, "absent.toml"))
+        self.assertEqual(main(["check"]), 1)
+        self.assertEqual(
+            self.err.getvalue(), f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
         )
 
     def test_userNeedsProbe(self) -> None:
