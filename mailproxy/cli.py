@@ -661,10 +661,15 @@ def _stats(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> i
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """
     JSON data as C{(dotted.name, value)} pairs, one per number or string
-    (C{imap.sessions 3}); an empty object or array gives none.
+    (C{sessions.open 3}); an empty object or array gives none, an empty
+    key is written C{-} (the sessions not yet at a backend).
     """
     if isinstance(value, dict):
-        return [pair for key, item in value.items() for pair in _flatten(item, f"{prefix}.{key}" if prefix else str(key))]
+        return [
+            pair
+            for key, item in value.items()
+            for pair in _flatten(item, f"{prefix}.{key or '-'}" if prefix else str(key or "-"))
+        ]
     if isinstance(value, list):
         return [pair for index, item in enumerate(value) for pair in _flatten(item, f"{prefix}[{index}]")]
     return [(prefix, json.dumps(value) if value is None or isinstance(value, bool) else str(value))]

@@ -258,10 +258,20 @@ class CommandTests(SynchronousTestCase):
         C{stats} prints one C{NAME VALUE} line per counter, nested names
         joined with dots; C{--json} prints the answer as it came.
         """
-        answer = {"uptime": 12.5, "sessions": {"imap": 2, "pop3": 0}, "draining": False, "backends": {}}
+        answer = {
+            "uptime": 12.5,
+            "sessions": {"open": 3, "byBackend": {"imap": {"": 1, "old": 2}}},
+            "router": {"averageSeconds": None, "cache": None},
+            "draining": False,
+            "backends": {},
+        }
         self.answers += [(200, answer), (200, answer)]
         self.assertEqual(self.command("stats"), 0)
-        self.assertEqual(self.out.getvalue(), "uptime 12.5\nsessions.imap 2\nsessions.pop3 0\ndraining false\n")
+        self.assertEqual(
+            self.out.getvalue(),
+            "uptime 12.5\nsessions.open 3\nsessions.byBackend.imap.- 1\nsessions.byBackend.imap.old 2\n"
+            "router.averageSeconds null\nrouter.cache null\ndraining false\n",
+        )
         self.out.truncate(0)
         self.out.seek(0)
         self.assertEqual(self.command("stats", "--json"), 0)
