@@ -816,27 +816,43 @@ def _parseTLS(table: Table | None) -> tuple[CertificateSource | None, tuple[Cert
     if table is None:
         return None, ()
     table.allow("certificate", "key", "sni")
-    default = CertificateSource(certificate=table.path("certificate"), key=table.path("key"))
-    sni = []
+    problems = table.problems
+    before = len(problems.found) if problems is not None else 0
+    # Each file and each SNI entry is checked even when another is wrong.
+    certificate = table.collect(lambda: table.path("certificate"), "")
+    key = table.collect(lambda: table.path("key"), "")
     seen: dict[str, int] = {}
-    for index, entry in enumerate(table.tables("sni")):
-        entry.allow("names", "certificate", "key")
-        names = entry.strings("names")
-        for name in names:
-            if any(c.isspace() for c in name):
-                entry.fail("names", f"not a host name: {name!r}")
-            folded = name.lower()
-            if folded in seen:
-                entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
-            seen[folded] = index
-        sni.append(
-            CertificateSource(
-                certificate=entry.path("certificate"),
-                key=entry.path("key"),
-                names=tuple(name.lower() for name in names),
-            )
-        )
-    return default, tuple(sni)
+    sni = [
+        table.collect(lambda: _parseSNI(entry, index, seen), None)
+        for index, entry in enumerate(table.collect(lambda: table.tables("sni"), []))
+    ]
+    if problems is not None and len(problems.found) > before:
+        # Collected: the configuration will not be made.
+        return None, ()
+    return CertificateSource(certificate=certificate, key=key), tuple(entry for entry in sni if entry is not None)
+
+
+def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSource:
+    """
+    One C{[[tls.sni]]} entry.
+
+    @param seen: the SNI entry that has each name (folded) so far; this
+        entry's names are added.
+    """
+    entry.allow("names", "certificate", "key")
+    names = entry.strings("names")
+    for name in names:
+        if any(c.isspace() for c in name):
+            entry.fail("names", f"not a host name: {name!r}")
+        folded = name.lower()
+        if folded in seen:
+            entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
+        seen[folded] = index
+    return CertificateSource(
+        certificate=entry.path("certificate"),
+        key=entry.path("key"),
+        names=tuple(name.lower() for name in names),
+    )
 
 
 def _parseBackends(table: Table | None) -> dict[str, Backend]:

@@ -1330,6 +1330,23 @@ class EveryProblemTests(ConfigTestCase):
             error.problems, (f"{self.path}: backend.old.ports.imap: must be an integer, not a string",)
         )
 
+    def test_everyCertificateProblem(self) -> None:
+        """
+        In C{[tls]}, a missing key and problems in two SNI entries are all
+        reported.
+        """
+        text = configText(
+            extra='[tls]\ncertificate = "cert.pem"\nkey = "absent.pem"\n'
+            '[[tls.sni]]\nnames = ["a.example"]\ncertificate = "other.pem"\nkey = "other.key"\n'
+            '[[tls.sni]]\nnames = ["A.example"]\ncertificate = "other.pem"\nkey = "other.key"\n'
+            '[[tls.sni]]\nnames = ["c.example"]\ncertificate = "nothere.pem"\nkey = "other.key"\n'
+        )
+        error = self.assertRaises(ConfigError, self.parse, text)
+        self.assertEqual(
+            [problem.split(": ", 2)[1] for problem in error.problems],
+            ["tls.key", "tls.sni[1].names", "tls.sni[2].certificate"],
+        )
+
 
 class EndpointWordsTests(ConfigTestCase):
     """
