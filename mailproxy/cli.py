@@ -615,6 +615,9 @@ def _sessions(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -
         if not arguments.account and not arguments.backend:
             raise AdminError("--drop needs --account or --backend")
         result = client.call("POST", "/sessions/drop", {"account": arguments.account, "backend": arguments.backend})
+        if arguments.json:
+            _printJSON(result, out)
+            return 0
         print(f"{result['dropped']} session{'s' if result['dropped'] != 1 else ''} dropped", file=out)
         return 0
     query = "&".join(

@@ -279,13 +279,19 @@ class CommandTests(SynchronousTestCase):
 
     def test_sessionsJSON(self) -> None:
         """
-        C{sessions --json} prints the endpoint's answer as JSON.
+        C{sessions --json} (and with C{--drop}) prints the endpoint's answer
+        as JSON.
         """
         answer = {"count": 1, "sessions": [{"session": "s1", "protocol": "imap", "account": "a@x"}]}
         self.answers.append((200, answer))
         self.assertEqual(self.command("sessions", "--account", "a@x", "--json"), 0)
         self.assertEqual(self.requests[0][1:3], ("GET", "/sessions?account=a@x"))
         self.assertEqual(json.loads(self.out.getvalue()), answer)
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.answers.append((200, {"dropped": 1, "sessions": ["s1"]}))
+        self.assertEqual(self.command("sessions", "--account", "a@x", "--drop", "--json"), 0)
+        self.assertEqual(json.loads(self.out.getvalue()), {"dropped": 1, "sessions": ["s1"]})
 
     def test_routeExplainJSON(self) -> None:
         """
