@@ -130,11 +130,17 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         _startRouter(self.context.router)
+        self._warn(self.config)
         try:
             self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
         except ValueError:
             # Not the main thread (embedded use): no signal handling.
             self._previousHandler = None
+
+    def _warn(self, config: Config) -> None:
+        # What works but should be fixed (a token file others can read).
+        for warning in config.warnings:
+            self.log.warn("configuration: {problem}", problem=warning)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._reloadFromSignal)
@@ -222,6 +228,7 @@ class ProxyService(MultiService):
             self.log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return {"ok": False, "path": path, "error": str(e)}
 
+        self._warn(config)
         restart = self._restartNeeded(config)
         context = self.context
         oldRouter, context.router = context.router, router

@@ -3,13 +3,20 @@ The C{mailproxy} command.
 
   - C{mailproxy demo}: the proxy in front of two built-in demo servers, with
     a generated certificate and configuration (L{mailproxy.demo});
-  - C{mailproxy check CONFIG}: validate a configuration as the proxy would
-    load it, files, route table and certificates included;
+  - C{mailproxy check [--config] FILE [--probe]}: validate a configuration
+    as the proxy would load it, files, route table and certificates
+    included, reporting every problem at once; C{--probe} also asks the
+    router and every backend port;
+  - C{mailproxy config show}: the effective configuration, defaults filled
+    in, as TOML;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
     as C{twistd -n mailproxy --config FILE} without a pid file;
   - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
-    see L{mailproxy.admin}.
+    see L{mailproxy.admin};
+  - C{mailproxy completion bash}, C{mailproxy manpage}: a bash completion
+    script and a man page, both made from this module's parser
+    (L{mailproxy._clidoc}).
 
 This module is an entry point: it alone picks the global reactor and sets up
 logging, and hands both to the library.
@@ -19,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from urllib.parse import quote
 from collections.abc import Sequence
 from typing import Any, TextIO
+
+from attrs import Factory, define
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -38,8 +48,14 @@ from twisted.scripts.twistd import ServerOptions, runApp
 
 from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
+from mailproxy._clidoc import bashCompletion, manPage
+from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
+from mailproxy._migrate import explainRoute
+from mailproxy._showconfig import dumpTOML, effectiveConfig
+from mailproxy._stats import routerChain
 from mailproxy._tls import TLSConfigError, serverOptions
-from mailproxy.config import ConfigError, loadConfig
+from mailproxy.admin import HealthChecker
+from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
 from mailproxy.demo import defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter
 
@@ -100,14 +116,46 @@ def buildParser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="validate a configuration file",
+        usage="%(prog)s [-h] [[--config] FILE] [--probe [--user ACCOUNT]]",
+        help="validate a configuration file (and, with --probe, the router and backends)",
         description=(
             "Load a configuration as the proxy would: the file, the files it names, "
-            "the router and its route table, and the TLS certificates. "
-            "Exit status 0 if it is usable, 1 if not."
+            "the router and its route table, and the TLS certificates; every problem "
+            "is reported, one per line. With --probe, also ask the router and connect "
+            "to every backend port. Exit status 0 if it is usable, 1 if not."
         ),
     )
-    check.add_argument("config", metavar="CONFIG", help="the configuration file")
+    check.add_argument(
+        "config", nargs="?", metavar="FILE", help=f"the configuration file (default: {DEFAULT_CONFIG})"
+    )
+    check.add_argument(
+        "--config", dest="configOption", metavar="FILE", help="the configuration file (the same as FILE)"
+    )
+    check.add_argument(
+        "--probe", action="store_true",
+        help="also ask the router and read every backend port's greeting",
+    )
+    check.add_argument(
+        "--user", metavar="ACCOUNT",
+        help="with --probe: the account to ask the router about (default: a made-up one)",
+    )
+
+    config = commands.add_parser(
+        "config", help="show the configuration", description="Show the configuration."
+    )
+    configActions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = configActions.add_parser(
+        "show",
+        help="the effective configuration as TOML, defaults filled in, secrets left out",
+        description=(
+            "Print the effective configuration as TOML: every default filled in, paths "
+            "made absolute, secrets left out (files holding secrets are named, not read out)."
+        ),
+    )
+    show.add_argument(
+        "--config", default=DEFAULT_CONFIG, metavar="FILE",
+        help="the configuration file (default: %(default)s)",
+    )
 
     run = commands.add_parser(
         "run",
@@ -119,6 +167,16 @@ def buildParser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
     _addOperations(commands)
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script",
+        description="Print a completion script for SHELL; e.g. mailproxy completion bash > /etc/bash_completion.d/mailproxy",
+    )
+    completion.add_argument("shell", choices=["bash"], metavar="SHELL", help="the shell: bash")
+    commands.add_parser(
+        "manpage", help="print the manual page (roff)",
+        description="Print the manual page, in roff; e.g. mailproxy manpage > mailproxy.1",
+    )
     return parser
 
 
@@ -157,7 +215,9 @@ def _addOperations(commands: Any) -> None:
             "that their clients reconnect to the new home. Rollback: move them back."
         ),
     )
-    move.add_argument("targets", nargs="+", metavar="TARGET", help="the accounts to move, then the backend")
+    # One positional list, since the backend comes last; named like the
+    # usage line so that argparse's own errors speak of BACKEND too.
+    move.add_argument("targets", nargs="+", metavar="BACKEND", help="the accounts to move (ACCOUNT ...), then BACKEND")
     move.add_argument("--domain", metavar="DOMAIN", help="also move every account of DOMAIN without an entry of its own")
     move.add_argument("--dry-run", action="store_true", help="only show what would change")
     move.add_argument(
@@ -173,6 +233,7 @@ def _addOperations(commands: Any) -> None:
         description="Say which router, rule and backend decide ACCOUNT's route, without logging in.",
     )
     explain.add_argument("account", metavar="ACCOUNT")
+    explain.add_argument("--json", action="store_true", help="print the answer as JSON")
     actions.add_parser("list", parents=[common], help="list the entries", description="List the route table's entries.")
     setRoute = actions.add_parser(
         "set", parents=[common], help="set one entry (no sessions are dropped; see move)",
@@ -190,13 +251,16 @@ def _addOperations(commands: Any) -> None:
     sessions.add_argument("--account", metavar="ACCOUNT", help="only the sessions logged in as ACCOUNT")
     sessions.add_argument("--backend", metavar="BACKEND", help="only the sessions relayed to BACKEND")
     sessions.add_argument("--drop", action="store_true", help="drop the matching sessions (needs a filter)")
+    sessions.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     for name, text in (
         ("reload", "reload the configuration, route table and certificates (like SIGHUP)"),
-        ("stats", "show the counters as JSON"),
+        ("stats", "show the counters, one NAME VALUE per line"),
         ("health", "check the proxy and every backend (exit status 1 if unhealthy)"),
     ):
-        commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        added = commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "stats":
+            added.add_argument("--json", action="store_true", help="print the counters as JSON")
 
 
 def _globalReactor() -> Any:
@@ -212,37 +276,183 @@ def _problem(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def checkConfig(path: str, reactor: Any) -> str:
+@define
+class CheckReport:
+    """
+    What C{mailproxy check} found.
+
+    @ivar path: the file, as the operator named it.
+    @ivar config: the configuration, if it loads.
+    @ivar router: the router built from it, if it could be built.
+    @ivar problems: what makes it unusable, each C{"<file>: <key>: <why>"}.
+    @ivar warnings: what works but should be fixed, in the same form.
+    """
+
+    path: str
+    config: Config | None = None
+    router: Any = None
+    problems: list[str] = Factory(list)
+    warnings: list[str] = Factory(list)
+
+    @property
+    def summary(self) -> str:
+        """
+        The one line that says the configuration is usable.
+        """
+        assert self.config is not None
+        listeners = len(self.config.listeners)
+        backends = len(self.config.backends)
+        return (
+            f"{self.path}: OK ({listeners} listener{'s' if listeners != 1 else ''}, "
+            f"{backends} backend{'s' if backends != 1 else ''})"
+        )
+
+
+def checkConfig(path: str, reactor: Any) -> CheckReport:
     """
     Load the configuration at C{path} and build everything the proxy would
     build from it before listening: the router (and its route table) and the
-    TLS options (and their certificates and keys).
+    TLS options (and their certificates and keys), collecting every problem.
 
     @param reactor: given to the router; nothing is started on it.
-    @return: a one-line summary for the operator.
-    @raise mailproxy.config.ConfigError: if the configuration is wrong.
-    @raise mailproxy._tls.TLSConfigError: if a certificate or key is unusable.
     """
-    config = loadConfig(path)
-    buildRouter(config, reactor)
+    report = CheckReport(path)
+    try:
+        config = loadConfig(path)
+    except ConfigError as e:
+        report.problems.extend(e.problems)
+        report.warnings.extend(e.warnings)
+        return report
+    report.config = config
+    report.warnings.extend(config.warnings)
+    try:
+        report.router = buildRouter(config, reactor)
+    except ConfigError as e:
+        report.problems.extend(e.problems)
+    else:
+        for member in routerChain(report.router):
+            report.problems.extend(getattr(member, "checkProblems", ()))
+    certificates = []
     if config.tls is not None:
-        serverOptions(config.tls, config.sni)
-    listeners = len(config.listeners)
-    backends = len(config.backends)
-    return (
-        f"{path}: OK ({listeners} listener{'s' if listeners != 1 else ''}, "
-        f"{backends} backend{'s' if backends != 1 else ''})"
-    )
+        certificates.append((config.tls, config.sni))
+    if config.admin is not None and config.admin.tls is not None:
+        certificates.append((config.admin.tls, ()))
+    for default, sni in certificates:
+        try:
+            serverOptions(default, sni)
+        except TLSConfigError as e:
+            report.problems.append(_problem(e))
+    return report
 
 
 def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        summary = checkConfig(arguments.config, _globalReactor())
-    except (ConfigError, TLSConfigError) as e:
-        print(_problem(e), file=err)
+    if arguments.config is not None and arguments.configOption is not None:
+        print(f"{_PROG} check: name the configuration file once: check FILE or check --config FILE", file=err)
+        return 2
+    if arguments.user is not None and not arguments.probe:
+        print(f"{_PROG} check: --user is for --probe", file=err)
+        return 2
+    report = checkConfig(arguments.config or arguments.configOption or DEFAULT_CONFIG, _globalReactor())
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=err)
+    for problem in report.problems:
+        print(problem, file=err)
+    if report.problems:
+        _closeRouter(report.router)
+        if len(report.problems) > 1:
+            print(f"{report.path}: {len(report.problems)} problems", file=err)
         return 1
-    print(summary, file=out)
+    print(report.summary, file=out)
+    if not arguments.probe:
+        _closeRouter(report.router)
+        return 0
+    return _probe(report, arguments.user, out, err)
+
+
+#: The account C{check --probe} asks the router about without C{--user}:
+#: in a reserved domain (RFC 2606), so it exists nowhere.
+PROBE_ACCOUNT = "mailproxy-check@example.invalid"
+
+
+def _probe(report: CheckReport, user: str | None, out: TextIO, err: TextIO) -> int:
+    """
+    Ask the router about one account and read every backend port's
+    greeting, printing one line for each; 1 if any failed.
+    """
+    config, router = report.config, report.router
+    assert config is not None
+    failures = 0
+
+    async def main(reactor: Any) -> None:
+        nonlocal failures
+        _startRouter(router)
+        try:
+            line, ok = await _probeRouter(router, config.router.type, user)
+            print(line, file=out)
+            failures += not ok
+            checker = HealthChecker(reactor, lambda: config.backends, timeout=_PROBE_TIMEOUT)
+            states = await checker.check()
+            for name, backend in sorted(config.backends.items()):
+                for protocol, port in sorted(backend.ports.items()):
+                    state = states[name][protocol]
+                    where = f"backend {name} {protocol} {backend.host}:{port}"
+                    if state["ok"]:
+                        print(f"{where}: OK, greeting in {state['seconds']:.3f}s", file=out)
+                    else:
+                        failures += 1
+                        print(f"{where}: FAILED: {state['error']}", file=out)
+        finally:
+            _stopRouter(router)
+            _closeRouter(router)
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as e:
+        # react() always exits; only the probes' outcome decides here.
+        if e.code:
+            failures += 1
+    if failures:
+        print(f"{report.path}: {failures} probe{'s' if failures != 1 else ''} failed", file=err)
+        return 1
     return 0
+
+
+#: Seconds each probe of C{check --probe} may take.
+_PROBE_TIMEOUT = 5.0
+
+
+async def _probeRouter(router: Any, routerName: str, user: str | None) -> tuple[str, bool]:
+    """
+    Ask the router which backend holds C{user} (or L{PROBE_ACCOUNT}),
+    without a password, as C{mailproxy route explain} does.
+
+    @return: the line to print, and whether the router answered.
+    """
+    account = user or PROBE_ACCOUNT
+    try:
+        answer = await explainRoute(router, routerName, account)
+    except Exception as e:
+        return f"router {routerName}: FAILED asking about {account}: {_problem(e)}", False
+    if not answer["explained"]:
+        # A router that decides only at login may still show that it can
+        # reach its directory or auth server.
+        for member in routerChain(router):
+            probe = getattr(member, "probe", None)
+            if callable(probe):
+                try:
+                    said = await probe(account)
+                except Exception as e:
+                    return f"router {routerName}: FAILED: {_problem(e)}", False
+                return f"router {routerName}: OK, {said} (it routes only at login, with the password)", True
+        return (
+            f"router {routerName}: not asked: it decides only at login, with the password",
+            True,
+        )
+    if answer["backend"] is None:
+        verdict = "no rule matches (its login would be refused)"
+    else:
+        verdict = f"{answer['backend']} (rule: {answer['rule']})"
+    return f"router {routerName}: OK, {account} -> {verdict}", True
 
 
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -256,6 +466,24 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     options = ServerOptions()
     options.parseOptions(["--nodaemon", "--pidfile=", "mailproxy", "--config", arguments.config])
     runApp(options)
+    return 0
+
+
+def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        config = loadConfig(arguments.config)
+        data = readTOML(config.path)
+    except ConfigError as e:
+        print(_problem(e), file=err)
+        return 1
+    base = os.path.dirname(config.path)
+    masterPasswordFiles = {
+        name: os.path.normpath(os.path.join(base, os.path.expanduser(table["master_password_file"])))
+        for name, table in data.get("backend", {}).items()
+        if "master_password_file" in table
+    }
+    out.write(f"# {config.path}: the effective configuration (mailproxy {__version__})\n")
+    out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles)))
     return 0
 
 
@@ -303,14 +531,18 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _client(arguments: argparse.Namespace) -> AdminClient:
+def _client(arguments: argparse.Namespace, err: TextIO) -> AdminClient:
     """
-    The management client the arguments ask for.
+    The management client the arguments ask for; a warning on C{err} if
+    the token file given is open to others.
 
     @raise AdminError: no endpoint or token can be found.
     """
     token = None
     if arguments.token_file:
+        loose = tokenFilePermissions(arguments.token_file)
+        if loose:
+            print(f"warning: --token-file: {loose}", file=err)
         try:
             with open(arguments.token_file, "rb") as f:
                 token = f.readline().strip()
@@ -355,6 +587,9 @@ def _move(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> in
 def _route(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
     if arguments.action == "explain":
         answer = client.call("GET", "/explain?account=" + quote(arguments.account, safe="@"))
+        if arguments.json:
+            _printJSON(answer, out)
+            return 0
         chain = " -> ".join(answer["chain"])
         print(f"account: {answer['account']}", file=out)
         print(f"router:  {answer['router']} ({chain})", file=out)
@@ -380,6 +615,9 @@ def _sessions(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -
         if not arguments.account and not arguments.backend:
             raise AdminError("--drop needs --account or --backend")
         result = client.call("POST", "/sessions/drop", {"account": arguments.account, "backend": arguments.backend})
+        if arguments.json:
+            _printJSON(result, out)
+            return 0
         print(f"{result['dropped']} session{'s' if result['dropped'] != 1 else ''} dropped", file=out)
         return 0
     query = "&".join(
@@ -388,6 +626,9 @@ def _sessions(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -
         if value
     )
     answer = client.call("GET", "/sessions" + ("?" + query if query else ""))
+    if arguments.json:
+        _printJSON(answer, out)
+        return 0
     for session in answer["sessions"]:
         print(
             f"{session['session']} {session['protocol']} {session['state']} "
@@ -411,13 +652,39 @@ def _reload(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> 
 
 
 def _stats(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
-    print(json.dumps(client.call("GET", "/stats"), indent=2), file=out)
+    answer = client.call("GET", "/stats")
+    if arguments.json:
+        _printJSON(answer, out)
+    else:
+        for name, value in _flatten(answer):
+            print(f"{name} {value}", file=out)
     return 0
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """
+    JSON data as C{(dotted.name, value)} pairs, one per number or string
+    (C{sessions.open 3}); an empty object or array gives none, an empty
+    key is written C{-} (the sessions not yet at a backend).
+    """
+    if isinstance(value, dict):
+        return [
+            pair
+            for key, item in value.items()
+            for pair in _flatten(item, f"{prefix}.{key or '-'}" if prefix else str(key or "-"))
+        ]
+    if isinstance(value, list):
+        return [pair for index, item in enumerate(value) for pair in _flatten(item, f"{prefix}[{index}]")]
+    return [(prefix, json.dumps(value) if value is None or isinstance(value, bool) else str(value))]
+
+
+def _printJSON(answer: Any, out: TextIO) -> None:
+    print(json.dumps(answer, indent=2), file=out)
 
 
 def _health(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
     status, answer = client.request("GET", "/health")
-    print(json.dumps(answer, indent=2), file=out)
+    _printJSON(answer, out)
     return 0 if status == 200 else 1
 
 
@@ -433,13 +700,31 @@ _OPERATIONS = {
 
 def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
-        return _OPERATIONS[arguments.command](arguments, _client(arguments), out)
+        return _OPERATIONS[arguments.command](arguments, _client(arguments, err), out)
     except AdminError as e:
         print(f"{_PROG} {arguments.command}: {e}", file=err)
         return 1
 
 
-_COMMANDS = {"demo": _demo, "check": _check, "run": _run, **{name: _operate for name in _OPERATIONS}}
+def _completion(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    out.write(bashCompletion(buildParser()))
+    return 0
+
+
+def _manpage(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    out.write(manPage(buildParser()))
+    return 0
+
+
+_COMMANDS = {
+    "demo": _demo,
+    "check": _check,
+    "config": _configShow,
+    "run": _run,
+    "completion": _completion,
+    "manpage": _manpage,
+    **{name: _operate for name in _OPERATIONS},
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,14 +15,15 @@ Relative paths resolve against the directory of the configuration file.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NoReturn, get_args
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, get_args
 
 import idna
 from attrs import field, frozen
@@ -36,6 +37,8 @@ from mailproxy.model import Backend, BackendTLS, Forwarding
 
 __all__ = [
     "ConfigError",
+    "Problems",
+    "suggest",
     "Limits",
     "Listener",
     "AdminConfig",
@@ -56,6 +59,7 @@ __all__ = [
     "ENDPOINT_TYPES",
     "ROUTER_TYPES",
     "formatKey",
+    "tokenFilePermissions",
     "Table",
     "parseTOML",
     "readTOML",
@@ -149,8 +153,64 @@ class ConfigError(Exception):
     The configuration (or a file it names) is wrong.
 
     C{str(error)} is C{"<file>: <key>: <what is wrong>"}, ready for an
-    operator; it never contains a secret.
+    operator; it never contains a secret.  When several things are wrong it
+    is one such line for each, and L{problems} holds them one by one.
+
+    @ivar problems: the lines of C{str(error)}.
+    @ivar warnings: what else was found that works but should be fixed.
     """
+
+    def __init__(self, message: str, problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+        self.warnings: tuple[str, ...] = tuple(warnings)
+
+
+_T = TypeVar("_T")
+_D = TypeVar("_D")
+
+
+class Problems:
+    """
+    Collects the problems of a whole configuration, so that one run of
+    C{mailproxy check} reports every one of them instead of the first.
+
+    @ivar found: the problems so far, each C{"<file>: <key>: <why>"}.
+    @ivar warnings: things that work but should be fixed (a token file
+        others can read), in the same form.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self.warnings: list[str] = []
+
+    def collect(self, read: Callable[[], _T], default: _D) -> _T | _D:
+        """
+        Call C{read}; if it raises L{ConfigError}, keep its problems and
+        return C{default} so that the caller goes on with the next key.
+        """
+        try:
+            return read()
+        except ConfigError as e:
+            self.found.extend(e.problems)
+            return default
+
+    def check(self) -> None:
+        """
+        @raise ConfigError: with every problem found, if there is one.
+        """
+        if self.found:
+            raise ConfigError("\n".join(self.found), self.found, self.warnings)
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """
+    A hint naming the choice closest to a misspelt C{word}, or C{""}.
+
+    @return: e.g. C{" (did you mean 'endpoint'?)"}, to append to a message.
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def formatKey(key: Iterable[str | int]) -> str:
@@ -328,6 +388,8 @@ class Config:
     @ivar backends: the C{[backend.NAME]} tables by NAME.
     @ivar admin: the management endpoint, or L{None} without C{[admin]}.
     @ivar log: where and how the proxy's events are written.
+    @ivar warnings: things that work but should be fixed (a token file
+        others can read), each C{"<file>: <key>: <why>"}.
     """
 
     path: str
@@ -340,6 +402,7 @@ class Config:
     backends: dict[str, Backend] = field(hash=False)
     admin: AdminConfig | None = None
     log: LogConfig = field(factory=LogConfig)
+    warnings: tuple[str, ...] = field(default=(), eq=False)
 
 
 _MISSING: Any = object()
@@ -355,30 +418,69 @@ class Table:
     @ivar file: the file the table came from, for messages.
     @ivar key: the path of this table inside the file.
     @ivar base: the directory relative paths resolve against.
+    @ivar problems: where a whole configuration's problems are collected
+        (shared with the sub-tables), or L{None} to raise at the first.
     """
 
-    def __init__(self, file: str, key: Key, data: Mapping[str, Any], base: str) -> None:
+    def __init__(
+        self, file: str, key: Key, data: Mapping[str, Any], base: str, problems: Problems | None = None
+    ) -> None:
         self.file = file
         self.key = key
         self.data = data
         self.base = base
+        self.problems = problems
+
+    def problem(self, name: str | int | None, what: str) -> str:
+        """
+        The text of a problem with C{name} in this table (or with the table
+        itself when C{name} is L{None}).
+        """
+        key = self.key if name is None else self.key + (name,)
+        return f"{self.file}: {formatKey(key) or '(top level)'}: {what}"
 
     def fail(self, name: str | int | None, what: str) -> NoReturn:
         """
         Raise a L{ConfigError} about C{name} in this table (or about the table
         itself when C{name} is L{None}).
         """
-        key = self.key if name is None else self.key + (name,)
-        raise ConfigError(f"{self.file}: {formatKey(key) or '(top level)'}: {what}")
+        raise ConfigError(self.problem(name, what))
+
+    def warn(self, name: str | int | None, what: str) -> None:
+        """
+        Note something that works but should be fixed, if this table's
+        problems are collected.
+        """
+        if self.problems is not None:
+            self.problems.warnings.append(self.problem(name, what))
+
+    def collect(self, read: Callable[[], _T], default: _D) -> _T | _D:
+        """
+        C{read()}; when problems are collected, a L{ConfigError} it raises
+        is kept and C{default} returned instead.
+        """
+        if self.problems is None:
+            return read()
+        return self.problems.collect(read, default)
 
     def allow(self, *names: str) -> None:
         """
-        Refuse any key not in C{names}, listing the allowed ones.
+        Refuse every key not in C{names}, listing the allowed ones and
+        suggesting the closest.  When problems are collected they are only
+        noted, so that the table's known keys are still read.
         """
-        for name in self.data:
-            if name not in names:
-                allowed = ", ".join(names) if names else "none"
-                self.fail(name, f"unknown key; allowed keys here: {allowed}")
+        allowed = ", ".join(names) if names else "none"
+        unknown = [
+            self.problem(name, f"unknown key; allowed keys here: {allowed}{suggest(name, names)}")
+            for name in self.data
+            if name not in names
+        ]
+        if not unknown:
+            return
+        if self.problems is not None:
+            self.problems.found.extend(unknown)
+            return
+        raise ConfigError("\n".join(unknown), unknown)
 
     def __contains__(self, name: str) -> bool:
         return name in self.data
@@ -407,7 +509,7 @@ class Table:
         if not isinstance(value, str):
             self.fail(name, f"must be a string, not {_typeName(value)}")
         if choices is not None and value not in choices:
-            self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
+            self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}{suggest(value, choices)}")
         if not value:
             self.fail(name, "must not be empty")
         return value
@@ -510,7 +612,7 @@ class Table:
             return None
         if not isinstance(value, dict):
             self.fail(name, f"must be a table, not {_typeName(value)}")
-        return Table(self.file, self.key + (name,), value, self.base)
+        return Table(self.file, self.key + (name,), value, self.base, self.problems)
 
     def tables(self, name: str) -> list[Table]:
         """
@@ -520,7 +622,7 @@ class Table:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
             self.fail(name, f"must be an array of tables ([[{formatKey(self.key + (name,))}]])")
         return [
-            Table(self.file, self.key + (name, index), item, self.base)
+            Table(self.file, self.key + (name, index), item, self.base, self.problems)
             for index, item in enumerate(value)
         ]
 
@@ -631,19 +733,26 @@ def parseConfig(text: str, path: str) -> Config:
     return _build(parseTOML(text, path), path)
 
 
-def _build(data: dict[str, Any], path: str) -> Config:
-    root = Table(path, (), data, os.path.dirname(path))
+def _build(data: dict[str, Any], path: str, problems: Problems | None = None) -> Config:
+    # Each section, and inside one each key that others do not depend on,
+    # is read even when an earlier one is wrong: one run reports them all.
+    problems = Problems() if problems is None else problems
+    root = Table(path, (), data, os.path.dirname(path), problems)
     root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log")
-    hostname = _parseProxy(root.table("proxy"))
-    limits = _parseLimits(root.table("limits"))
-    tls, sni = _parseTLS(root.table("tls"))
-    backends = _parseBackends(root.table("backend"))
-    listeners = _parseListeners(root, tls is not None, backends)
-    routerTable = root.table("router", required=True)
-    assert routerTable is not None
-    router = _parseRouter(routerTable)
-    admin = _parseAdmin(root.table("admin"), listeners)
-    log = _parseLog(root.table("log"))
+    hostname = root.collect(lambda: _parseProxy(root.table("proxy")), "")
+    limits = root.collect(lambda: _parseLimits(root.table("limits")), Limits())
+    tls, sni = root.collect(lambda: _parseTLS(root.table("tls")), (None, ()))
+    before = len(problems.found)
+    backends = root.collect(lambda: _parseBackends(root.table("backend")), {})
+    # Which protocols the backends serve is only known when all of them
+    # were read; otherwise a listener would be blamed for a backend's typo.
+    backendsRead = len(problems.found) == before
+    listeners = _parseListeners(root, "tls" in root, backends if backendsRead else None)
+    router = root.collect(lambda: _parseRouter(root.table("router", required=True)), None)  # type: ignore[arg-type]
+    admin = root.collect(lambda: _parseAdmin(root.table("admin"), listeners), None)
+    log = root.collect(lambda: _parseLog(root.table("log")), LogConfig())
+    problems.check()
+    assert router is not None
     return Config(
         path=path,
         hostname=hostname,
@@ -655,6 +764,7 @@ def _build(data: dict[str, Any], path: str) -> Config:
         backends=backends,
         admin=admin,
         log=log,
+        warnings=tuple(problems.warnings),
     )
 
 
@@ -694,9 +804,11 @@ def _parseLimits(table: Table | None) -> Limits:
         if key not in table:
             continue
         if isInteger:
-            values[attribute] = table.integer(key, None, minimum, maximum)  # type: ignore[arg-type]
+            value = table.collect(lambda: table.integer(key, None, minimum, maximum), None)  # type: ignore[arg-type]
         else:
-            values[attribute] = table.number(key, None, minimum, maximum, positive)
+            value = table.collect(lambda: table.number(key, None, minimum, maximum, positive), None)
+        if value is not None:
+            values[attribute] = value
     return Limits(**values)
 
 
@@ -704,36 +816,60 @@ def _parseTLS(table: Table | None) -> tuple[CertificateSource | None, tuple[Cert
     if table is None:
         return None, ()
     table.allow("certificate", "key", "sni")
-    default = CertificateSource(certificate=table.path("certificate"), key=table.path("key"))
-    sni = []
+    problems = table.problems
+    before = len(problems.found) if problems is not None else 0
+    # Each file and each SNI entry is checked even when another is wrong.
+    certificate = table.collect(lambda: table.path("certificate"), "")
+    key = table.collect(lambda: table.path("key"), "")
     seen: dict[str, int] = {}
-    for index, entry in enumerate(table.tables("sni")):
-        entry.allow("names", "certificate", "key")
-        names = entry.strings("names")
-        for name in names:
-            if any(c.isspace() for c in name):
-                entry.fail("names", f"not a host name: {name!r}")
-            folded = name.lower()
-            if folded in seen:
-                entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
-            seen[folded] = index
-        sni.append(
-            CertificateSource(
-                certificate=entry.path("certificate"),
-                key=entry.path("key"),
-                names=tuple(name.lower() for name in names),
-            )
-        )
-    return default, tuple(sni)
+    sni = [
+        table.collect(lambda: _parseSNI(entry, index, seen), None)
+        for index, entry in enumerate(table.collect(lambda: table.tables("sni"), []))
+    ]
+    if problems is not None and len(problems.found) > before:
+        # Collected: the configuration will not be made.
+        return None, ()
+    return CertificateSource(certificate=certificate, key=key), tuple(entry for entry in sni if entry is not None)
+
+
+def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSource:
+    """
+    One C{[[tls.sni]]} entry.
+
+    @param seen: the SNI entry that has each name (folded) so far; this
+        entry's names are added.
+    """
+    entry.allow("names", "certificate", "key")
+    names = entry.strings("names")
+    for name in names:
+        if any(c.isspace() for c in name):
+            entry.fail("names", f"not a host name: {name!r}")
+        folded = name.lower()
+        if folded in seen:
+            entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
+        seen[folded] = index
+    return CertificateSource(
+        certificate=entry.path("certificate"),
+        key=entry.path("key"),
+        names=tuple(name.lower() for name in names),
+    )
 
 
 def _parseBackends(table: Table | None) -> dict[str, Backend]:
     if table is None:
         return {}
-    return {name: _parseBackend(name, table) for name in table.data}
+    backends = {}
+    for name in table.data:
+        backend = table.collect(lambda: _parseBackend(name, table), None)
+        if backend is not None:
+            backends[name] = backend
+    return backends
 
 
-def _parseBackend(name: str, parent: Table) -> Backend:
+def _parseBackend(name: str, parent: Table) -> Backend | None:
+    """
+    One C{[backend.NAME]}, or L{None} when its problems were collected.
+    """
     table = parent.table(name)
     assert table is not None
     table.allow(
@@ -750,35 +886,56 @@ def _parseBackend(name: str, parent: Table) -> Backend:
         "connect_timeout",
         "port_tls",
     )
-    host = table.string("host")
+    problems = table.problems
+    before = len(problems.found) if problems is not None else 0
+    host = table.collect(lambda: _parseHost(table), "")
+    ports = table.collect(lambda: _parsePorts(table), {})
+    masterUser, masterPassword = table.collect(
+        lambda: _readNameAndSecret(table, "master_user", "master_password_file"), (None, None)
+    )
+    # Without its ports, which port_tls may name is unknown.
+    portTLS = table.collect(lambda: _parsePortTLS(table, set(ports)), {}) if ports else {}
+    values: dict[str, Any] = {
+        attribute: table.collect(read, None)
+        for attribute, read in (
+            ("tls", lambda: table.string("tls", "none", _BACKEND_TLS)),
+            ("verify", lambda: table.boolean("verify", True)),
+            ("caFile", lambda: table.path("ca_file", None)),
+            ("serverName", lambda: table.string("server_name", None)),
+            ("forward", lambda: table.string("forward", "auto", _FORWARDING)),
+            ("masterSeparator", lambda: table.string("master_separator", "*")),
+            ("connectTimeout", lambda: table.number("connect_timeout", 10.0, positive=True)),
+        )
+    }
+    if problems is not None and len(problems.found) > before:
+        # Collected: the caller leaves this backend out.
+        return None
+    return Backend(
+        name=name,
+        host=host,
+        ports=ports,
+        masterUser=masterUser,
+        masterPassword=masterPassword,
+        portTLS=portTLS,
+        **values,
+    )
+
+
+def _parseHost(table: Table) -> str:
+    host: str = table.string("host")
     if not _HOSTNAME.match(host) and ":" not in host:
         table.fail("host", f"not a host name or address: {host!r}")
+    return host
 
+
+def _parsePorts(table: Table) -> dict[str, int]:
     portsTable = table.table("ports", required=True)
     assert portsTable is not None
     portsTable.allow(*BACKEND_PROTOCOLS)
     ports = {protocol: portsTable.integer(protocol, None, 1, 65535) for protocol in portsTable.data}
     if not ports:
         table.fail("ports", f"must name at least one of {', '.join(BACKEND_PROTOCOLS)}")
-
-    masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
-    portTLS = _parsePortTLS(table, set(ports))
-
-    return Backend(
-        name=name,
-        host=host,
-        ports=ports,
-        tls=table.string("tls", "none", _BACKEND_TLS),
-        verify=table.boolean("verify", True),
-        caFile=table.path("ca_file", None),
-        serverName=table.string("server_name", None),
-        forward=table.string("forward", "auto", _FORWARDING),
-        masterUser=masterUser,
-        masterPassword=masterPassword,
-        masterSeparator=table.string("master_separator", "*"),
-        connectTimeout=table.number("connect_timeout", 10.0, positive=True),
-        portTLS=portTLS,
-    )
+    return ports
 
 
 def _parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
@@ -832,63 +989,118 @@ def _readNameAndSecret(table: Table, name: str, secretFile: str) -> tuple[str | 
     return value, secret
 
 
-def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend]) -> tuple[Listener, ...]:
-    entries = root.tables("listener")
-    if not entries:
-        root.fail("listener", "at least one [[listener]] is required")
+def _parseListeners(root: Table, haveTLS: bool, backends: Mapping[str, Backend] | None) -> tuple[Listener, ...]:
+    """
+    The C{[[listener]]} entries that are right; the problems of the others
+    are collected.
+
+    @param backends: every backend, or L{None} if some could not be read
+        (then whether a backend serves a listener is not checked).
+    """
+    entries: list[Table] | None = root.collect(lambda: root.tables("listener"), None)
+    if entries == []:
+        root.collect(lambda: root.fail("listener", "at least one [[listener]] is required"), None)
     listeners = []
     bound: dict[tuple[str, int], int] = {}
-    for index, entry in enumerate(entries):
-        entry.allow(
-            "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode", "local_domains"
-        )
-        protocol = entry.string("protocol", choices=LISTENER_PROTOCOLS)
-        mode = _parseMode(entry, protocol)
-        endpoint = entry.string("endpoint")
-        tls = entry.string("tls", choices=LISTENER_TLS_MODES)
-        digestAuth = entry.boolean("digest_auth", False)
-        if digestAuth and protocol not in DIGEST_AUTH_PROTOCOLS:
-            entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
-        if digestAuth and mode == "mx":
-            entry.fail("digest_auth", "mx listeners take no logins")
-        localDomains = _parseLocalDomains(entry, mode)
-        proxyProtocol = entry.boolean("proxy_protocol", False)
-        proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
-        if proxyProtocol and not proxyTrusted:
-            entry.fail("proxy_trusted", "proxy_protocol = true needs the balancers' addresses, e.g. [\"10.0.0.0/24\"]")
-        if proxyTrusted and not proxyProtocol:
-            entry.fail("proxy_trusted", "only meaningful with proxy_protocol = true")
-        for network in proxyTrusted:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                entry.fail("proxy_trusted", f"{network!r} is not an address or network")
-        if tls != "none" and not haveTLS:
-            entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key")
+    for index, entry in enumerate(entries or ()):
+        listener = entry.collect(lambda: _parseListener(entry, index, haveTLS, backends, bound), None)
+        if listener is not None:
+            listeners.append(listener)
+    return tuple(listeners)
+
+
+def _parseListener(
+    entry: Table,
+    index: int,
+    haveTLS: bool,
+    backends: Mapping[str, Backend] | None,
+    bound: dict[tuple[str, int], int],
+) -> Listener | None:
+    """
+    One C{[[listener]]}, or L{None} if something in it is wrong: each of its
+    keys is checked and every problem collected.
+
+    @param bound: the addresses the listeners before this one bind, by
+        index; this one's are added.
+    """
+    problems = entry.problems
+    before = len(problems.found) if problems is not None else 0
+    entry.allow(
+        "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode", "local_domains"
+    )
+    protocol = entry.collect(lambda: entry.string("protocol", choices=LISTENER_PROTOCOLS), None)
+    mode = entry.collect(lambda: _parseMode(entry, protocol), None) if protocol is not None else None
+    endpoint = entry.collect(lambda: entry.string("endpoint"), None)
+    tls = entry.collect(lambda: entry.string("tls", choices=LISTENER_TLS_MODES), None)
+    digestAuth = entry.collect(lambda: _parseDigestAuth(entry, protocol, mode), False)
+    # Whether local_domains may be set depends on the mode: not judged
+    # while the protocol or mode is itself wrong.
+    kindKnown = protocol is not None and (mode is not None or protocol not in LISTENER_MODES)
+    localDomains = entry.collect(lambda: _parseLocalDomains(entry, mode), frozenset()) if kindKnown else frozenset()
+    proxyProtocol, proxyTrusted = entry.collect(lambda: _parseProxyProtocol(entry), (False, ()))
+    if tls is not None and tls != "none" and not haveTLS:
+        entry.collect(lambda: entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key"), None)
+    if kindKnown and backends is not None:
+        assert protocol is not None
         portName = MODE_PORTS.get((protocol, mode or ""), protocol)
         if not any(portName in backend.ports for backend in backends.values()):
             served = repr(protocol) if mode is None else f"{protocol!r} in mode {mode!r}"
-            entry.fail(
-                "protocol",
-                f"no backend serves {served}; add ports.{portName} to a [backend.NAME] table",
+            entry.collect(
+                lambda: entry.fail(
+                    "protocol",
+                    f"no backend serves {served}; add ports.{portName} to a [backend.NAME] table",
+                ),
+                None,
             )
-        for address in _checkEndpoint(entry, endpoint):
+    if endpoint is not None:
+        for address in entry.collect(lambda: _checkEndpoint(entry, endpoint), []):
             if address in bound:
-                entry.fail("endpoint", f"same address and port as listener[{bound[address]}]")
+                entry.collect(lambda: entry.fail("endpoint", f"same address and port as listener[{bound[address]}]"), None)
             bound[address] = index
-        listeners.append(
-            Listener(
-                protocol=protocol,
-                endpoint=endpoint,
-                tls=tls,
-                proxyProtocol=proxyProtocol,
-                proxyTrusted=proxyTrusted,
-                digestAuth=digestAuth,
-                mode=mode,
-                localDomains=localDomains,
-            )
-        )
-    return tuple(listeners)
+    if problems is not None and len(problems.found) > before:
+        return None
+    assert protocol is not None and endpoint is not None and tls is not None
+    return Listener(
+        protocol=protocol,
+        endpoint=endpoint,
+        tls=tls,
+        proxyProtocol=proxyProtocol,
+        proxyTrusted=proxyTrusted,
+        digestAuth=digestAuth,
+        mode=mode,
+        localDomains=localDomains,
+    )
+
+
+def _parseDigestAuth(entry: Table, protocol: str | None, mode: str | None) -> bool:
+    """
+    A listener's C{digest_auth}: only for the protocols that have digest
+    mechanisms, and never for MX.
+    """
+    digestAuth: bool = entry.boolean("digest_auth", False)
+    if digestAuth and protocol is not None and protocol not in DIGEST_AUTH_PROTOCOLS:
+        entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
+    if digestAuth and mode == "mx":
+        entry.fail("digest_auth", "mx listeners take no logins")
+    return digestAuth
+
+
+def _parseProxyProtocol(entry: Table) -> tuple[bool, tuple[str, ...]]:
+    """
+    A listener's C{proxy_protocol} and the C{proxy_trusted} it needs.
+    """
+    proxyProtocol: bool = entry.boolean("proxy_protocol", False)
+    proxyTrusted = tuple(entry.strings("proxy_trusted", ()))
+    if proxyProtocol and not proxyTrusted:
+        entry.fail("proxy_trusted", "proxy_protocol = true needs the balancers' addresses, e.g. [\"10.0.0.0/24\"]")
+    if proxyTrusted and not proxyProtocol:
+        entry.fail("proxy_trusted", "only meaningful with proxy_protocol = true")
+    for network in proxyTrusted:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            entry.fail("proxy_trusted", f"{network!r} is not an address or network")
+    return proxyProtocol, proxyTrusted
 
 
 def _parseLocalDomains(entry: Table, mode: str | None) -> frozenset[str]:
@@ -950,16 +1162,21 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
             "endpoint",
             f"unsupported endpoint type {kind!r} in {endpoint!r}; use {allowed}",
         )
+    problem = _endpointProblem(endpoint)
     # A MemoryReactor parses and "listens" without touching the network,
     # which also reveals the port the endpoint would bind.
     reactor = MemoryReactor()
-    try:
-        serverFromString(reactor, endpoint).listen(Factory())
-    except Exception as e:
-        hint = ""
+    if problem is None:
+        try:
+            serverFromString(reactor, endpoint).listen(Factory())
+        except Exception:
+            # Twisted's own words name its functions and arguments; say
+            # what the operator can write instead.
+            problem = "write it as tcp:PORT, tcp:PORT:interface=ADDRESS or tcp6:PORT:interface=ADDRESS"
+    if problem is not None:
         if _unescapedColonInValue(_UNESCAPED_COLON.split(endpoint)):
-            hint = " (write a colon inside a value as \\:, e.g. interface=\\:\\:1)"
-        entry.fail("endpoint", f"cannot parse {endpoint!r}: {e}{hint}")
+            problem += " (write a colon inside a value as \\:, e.g. interface=\\:\\:1)"
+        entry.fail("endpoint", f"cannot parse {endpoint!r}: {problem}")
     addresses = []
     for port, _, _, interface in reactor.tcpServers:
         if not 0 <= port <= 65535:
@@ -967,6 +1184,42 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
         if port:
             addresses.append((interface, port))
     return addresses
+
+
+#: The arguments of Twisted's tcp: and tcp6: server endpoints, in the order
+#: they may also be given without a name.
+_ENDPOINT_ARGUMENTS = ("port", "interface", "backlog")
+
+
+def _endpointProblem(endpoint: str) -> str | None:
+    """
+    What is wrong with the arguments of a tcp: or tcp6: endpoint string, in
+    words, or L{None} if nothing is: Twisted's own errors for these
+    (C{invalid literal for int()}, C{got multiple values for argument})
+    speak of its functions, not of the string.
+    """
+    given: dict[str, str] = {}
+    for position, segment in enumerate(_UNESCAPED_COLON.split(endpoint)[1:]):
+        if "=" in segment:
+            name, value = segment.split("=", 1)
+            if name not in _ENDPOINT_ARGUMENTS:
+                return (
+                    f"unknown option {name!r}{suggest(name, _ENDPOINT_ARGUMENTS)}; "
+                    f"the options are {', '.join(_ENDPOINT_ARGUMENTS)}"
+                )
+        elif position < len(_ENDPOINT_ARGUMENTS):
+            name, value = _ENDPOINT_ARGUMENTS[position], segment
+        else:
+            return f"too many values; the options are {', '.join(_ENDPOINT_ARGUMENTS)}"
+        if name in given:
+            return f"{name} is given twice"
+        given[name] = value
+    if "port" not in given:
+        return "no port; e.g. tcp:993"
+    for name in ("port", "backlog"):
+        if name in given and not given[name].strip().isdigit():
+            return f"{name} must be a number, not {given[name]!r}"
+    return None
 
 
 def _unescapedColonInValue(segments: list[str]) -> bool:
@@ -1018,8 +1271,31 @@ def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConf
             f"the token in {tokenFile!r} has {len(token)} characters; at least "
             f"{MIN_TOKEN_LENGTH} are required (make one with: openssl rand -hex 32)",
         )
+    loose = tokenFilePermissions(tokenFile)
+    if loose:
+        table.warn("token_file", loose)
     return AdminConfig(
         endpoint=endpoint, token=token, tokenFile=tokenFile, tls=tls, healthDetails=table.boolean("health_details", False)
+    )
+
+
+def tokenFilePermissions(path: str) -> str | None:
+    """
+    Why the management token file C{path} is too open, or L{None}.
+
+    The token gives whoever holds it the management endpoint: routes,
+    sessions, reloads.  A file that users other than its owner may read or
+    write still works, but is worth a warning.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"{path!r} can be read or written by users other than its owner "
+        f"(mode {mode & 0o777:04o}); make it private: chmod 600 {path}"
     )
 
 

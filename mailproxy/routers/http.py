@@ -43,6 +43,8 @@ from attrs import field, frozen
 from zope.interface import implementer
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -363,6 +365,26 @@ class HTTPRouter:
         if client is None:
             client = _makeClient(reactor, timeout, caFile, verify, connections)
         self._client = client
+
+    def probe(self, user: str) -> Deferred[str]:
+        """
+        Connect to the auth server and hang up, asking nothing (a question
+        without the password would count as a failed login there): for
+        C{mailproxy check --probe}.
+
+        @return: fires with what was reached, in words; fails if the
+            connection cannot be made within L{timeout}.
+        """
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        endpoint = HostnameEndpoint(self._reactor, parts.hostname or "", port, timeout=max(1, int(self.timeout)))
+
+        def connected(protocol: Protocol) -> str:
+            assert protocol.transport is not None
+            protocol.transport.loseConnection()
+            return f"the auth server accepts connections at {parts.hostname}:{port}"
+
+        return connectProtocol(endpoint, Protocol()).addCallback(connected)
 
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """

@@ -44,7 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailproxy._safetext import logQuote
-from mailproxy.config import Table, _readNameAndSecret
+from mailproxy.config import Table, _readNameAndSecret, suggest
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
@@ -459,6 +459,22 @@ class LDAPRouter:
         if close is not None:
             close()
 
+    def probe(self, user: str) -> Deferred[str]:
+        """
+        Search C{user}'s entry as a login would, with the service account,
+        checking no password: for C{mailproxy check --probe}.
+
+        @return: fires with what the directory answered, in words; fails
+            with L{DirectoryUnavailable} if no server answered.
+        """
+
+        async def search() -> str:
+            entries = await self._runner.run(self._deadline, self.directory.find, self.filter.fill(user))
+            count = len(entries)
+            return f"the directory answers: {count} entr{'y' if count == 1 else 'ies'} for {user}"
+
+        return Deferred.fromCoroutine(search())
+
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
         Look the login up, check its password, and route it.
@@ -611,7 +627,10 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
         options.fail("backend_attribute", "required (or default_backend)")
     if defaultBackend is not None and defaultBackend not in backends:
         configured = ", ".join(sorted(backends)) or "none"
-        options.fail("default_backend", f"unknown backend {defaultBackend!r}; configured backends: {configured}")
+        options.fail(
+            "default_backend",
+            f"unknown backend {defaultBackend!r}; configured backends: {configured}{suggest(defaultBackend, backends)}",
+        )
     connectTimeout = options.number("connect_timeout", 3.0, positive=True)
     timeout = options.number("timeout", 5.0, positive=True)
     settings = LDAPSettings(

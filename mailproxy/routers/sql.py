@@ -51,6 +51,7 @@ transaction: all happen or none.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -410,6 +411,10 @@ class SQLRouter:
 
     log = Logger()
 
+    #: What C{mailproxy check} should report although the router was built
+    #: (a missing SQLite file), each C{"<file>: <key>: <why>"}.
+    checkProblems: tuple[str, ...] = ()
+
     def __init__(
         self,
         database: Any,
@@ -708,6 +713,7 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         *ROUTE_STATEMENTS,
     )
     driver = options.string("driver", choices=tuple(DRIVERS))
+    checkProblems: list[str] = []
     try:
         module = importlib.import_module(driver)
     except ImportError:
@@ -718,10 +724,18 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         for key in ("dsn", "password_file"):
             if key in options:
                 options.fail(key, "not used by sqlite3; name the file with database")
-        # Not checked for existence here: `mailproxy check` may run where
-        # the database is not; a missing file fails each lookup, logged.
+        # Not refused here: the proxy may be configured before the database
+        # is made; a missing file fails each lookup, logged.  `mailproxy
+        # check` reports it (checkProblems below), as every login would fail.
         writable = any(key in options for key in ROUTE_STATEMENTS)
-        connect = _sqliteConnect(module, options.path("database", readable=False), timeout, writable)
+        database = options.path("database", readable=False)
+        if not os.path.exists(database):
+            checkProblems.append(
+                options.problem(
+                    "database", f"{database!r} does not exist; the proxy never creates it, so every login would fail"
+                )
+            )
+        connect = _sqliteConnect(module, database, timeout, writable)
     else:
         if "database" in options:
             options.fail("database", f"only for sqlite3; {driver} connects with dsn")
@@ -739,16 +753,18 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
     except ValueError as e:
         options.fail("query", str(e))
     statements = _routeStatements(options, _PARAMSTYLES[driver])
-    database = SQLDatabase(connect, module, query)
+    sql = SQLDatabase(connect, module, query)
     runner = ThreadRunner(reactor, options.integer("pool_size", 4, 1, 64), f"mailproxy-sql-{driver}")
-    runner.whenStopping(database.close)
-    return SQLRouter(
-        database,
+    runner.whenStopping(sql.close)
+    router = SQLRouter(
+        sql,
         BackendResolver(backends, parseBackendDefaults(options.table("backend_defaults"))),
         runner=runner,
         timeout=2 * timeout + 1,
         statements=statements,
     )
+    router.checkProblems = tuple(checkProblems)
+    return router
 
 
 def _routeStatements(options: Table, paramstyle: str) -> RouteStatements | None:

@@ -36,7 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailproxy._safetext import logQuote
-from mailproxy.config import ConfigError, Table, parseTOML, readTOML
+from mailproxy.config import ConfigError, Table, parseTOML, readTOML, suggest
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
 from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntry
@@ -184,7 +184,7 @@ def _backend(table: Table, name: str, backends: Mapping[str, Backend]) -> Backen
         table.fail(name, "must be a backend name (a string)")
     if value not in backends:
         configured = ", ".join(sorted(backends)) or "none"
-        table.fail(name, f"unknown backend {value!r}; configured backends: {configured}")
+        table.fail(name, f"unknown backend {value!r}; configured backends: {configured}{suggest(value, backends)}")
     return backends[value]
 
 

@@ -8,6 +8,7 @@ replaced by canned answers.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from typing import Any
@@ -233,6 +234,85 @@ class CommandTests(SynchronousTestCase):
         token = os.path.join(self.directory, "admin.token")
         self.assertEqual(main(["stats", "--url", "http://[::1]:8000", "--token-file", token]), 0)
         self.assertEqual(self.requests[0][:3], ("http://[::1]:8000", "GET", "/stats"))
+
+    def test_tokenFileOpenToOthers(self) -> None:
+        """
+        A C{--token-file} others can read is used, with a warning; a
+        private one gives none.
+        """
+        token = os.path.join(self.directory, "admin.token")
+        os.chmod(token, 0o640)
+        self.answers += [(200, {"uptime": 1}), (200, {"uptime": 1})]
+        self.assertEqual(main(["stats", "--url", "http://[::1]:8000", "--token-file", token]), 0)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: --token-file: {token!r} can be read or written by users other than its owner "
+            f"(mode 0640); make it private: chmod 600 {token}\n",
+        )
+        os.chmod(token, 0o600)
+        self.assertEqual(main(["stats", "--url", "http://[::1]:8000", "--token-file", token]), 0)
+        self.assertEqual(self.err.getvalue().count("warning"), 1)
+
+    def test_statsLines(self) -> None:
+        """
+        C{stats} prints one C{NAME VALUE} line per counter, nested names
+        joined with dots; C{--json} prints the answer as it came.
+        """
+        answer = {
+            "uptime": 12.5,
+            "sessions": {"open": 3, "byBackend": {"imap": {"": 1, "old": 2}}},
+            "router": {"averageSeconds": None, "cache": None},
+            "draining": False,
+            "backends": {},
+        }
+        self.answers += [(200, answer), (200, answer)]
+        self.assertEqual(self.command("stats"), 0)
+        self.assertEqual(
+            self.out.getvalue(),
+            "uptime 12.5\nsessions.open 3\nsessions.byBackend.imap.- 1\nsessions.byBackend.imap.old 2\n"
+            "router.averageSeconds null\nrouter.cache null\ndraining false\n",
+        )
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.assertEqual(self.command("stats", "--json"), 0)
+        self.assertEqual(json.loads(self.out.getvalue()), answer)
+
+    def test_sessionsJSON(self) -> None:
+        """
+        C{sessions --json} (and with C{--drop}) prints the endpoint's answer
+        as JSON.
+        """
+        answer = {"count": 1, "sessions": [{"session": "s1", "protocol": "imap", "account": "a@x"}]}
+        self.answers.append((200, answer))
+        self.assertEqual(self.command("sessions", "--account", "a@x", "--json"), 0)
+        self.assertEqual(self.requests[0][1:3], ("GET", "/sessions?account=a@x"))
+        self.assertEqual(json.loads(self.out.getvalue()), answer)
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.answers.append((200, {"dropped": 1, "sessions": ["s1"]}))
+        self.assertEqual(self.command("sessions", "--account", "a@x", "--drop", "--json"), 0)
+        self.assertEqual(json.loads(self.out.getvalue()), {"dropped": 1, "sessions": ["s1"]})
+
+    def test_routeExplainJSON(self) -> None:
+        """
+        C{route explain --json} prints the endpoint's answer as JSON.
+        """
+        answer = {"account": "a@x", "router": "ldap", "chain": ["LDAPRouter"], "rule": None, "backend": None,
+                  "explained": False}
+        self.answers.append((200, answer))
+        self.assertEqual(self.command("route", "explain", "a@x", "--json"), 0)
+        self.assertEqual(json.loads(self.out.getvalue()), answer)
+
+    def test_moveNamesBackend(self) -> None:
+        """
+        C{move} without arguments is a usage error that names BACKEND, as
+        its usage line does (not TARGET).
+        """
+        self.assertEqual(self.command("move"), 2)
+        error = self.err.getvalue()
+        self.assertIn("usage: mailproxy move [options] [ACCOUNT ...] BACKEND\n", error)
+        self.assertIn("error: the following arguments are required: BACKEND\n", error)
+        self.assertNotIn("TARGET", error)
 
 
 class UnreachableTests(SynchronousTestCase):

@@ -190,11 +190,13 @@ class OperationsConfigTests(SynchronousTestCase):
 
     def test_unknownAdminKey(self) -> None:
         """
-        Unknown keys in C{[admin]} are refused with the allowed ones listed.
+        Unknown keys in C{[admin]} are refused with the allowed ones listed
+        and the closest one suggested.
         """
         self.assertRefused(
             '[admin]\ntoken_file = "admin.token"\ntoken = "x"\n',
-            "admin.token: unknown key; allowed keys here: endpoint, token_file, certificate, key, health_details",
+            "admin.token: unknown key; allowed keys here: endpoint, token_file, certificate, key, health_details"
+            " (did you mean 'token_file'?)",
         )
 
     def test_healthDetails(self) -> None:
@@ -244,3 +246,43 @@ class OperationsConfigTests(SynchronousTestCase):
         self.assertEqual(self.parse("[limits]\nshutdown_grace = 5\n").limits.shutdownGrace, 5.0)
         self.assertEqual(self.parse("[limits]\nshutdown_grace = 0\n").limits.shutdownGrace, 0.0)
         self.assertRefused("[limits]\nshutdown_grace = -1\n", "limits.shutdown_grace: must be at least 0, not -1")
+
+
+class TokenFileModeTests(SynchronousTestCase):
+    """
+    A management token file that others may read works, with a warning.
+    """
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.path = os.path.join(self.directory, "mailproxy.toml")
+        with open(os.path.join(self.directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.token = os.path.join(self.directory, "admin.token")
+        with open(self.token, "w") as f:
+            f.write(TOKEN + "\n")
+
+    def test_private(self) -> None:
+        """
+        A token file only its owner may read gives no warning.
+        """
+        os.chmod(self.token, 0o600)
+        config = parseConfig(BASE + '[admin]\ntoken_file = "admin.token"\n', self.path)
+        self.assertEqual(config.warnings, ())
+
+    def test_readableByOthers(self) -> None:
+        """
+        A token file others may read is accepted with a warning naming the
+        file, its mode and the fix.
+        """
+        os.chmod(self.token, 0o644)
+        config = parseConfig(BASE + '[admin]\ntoken_file = "admin.token"\n', self.path)
+        self.assertEqual(config.admin.token, TOKEN.encode())
+        self.assertEqual(
+            config.warnings,
+            (
+                f"{self.path}: admin.token_file: {self.token!r} can be read or written by users other than "
+                f"its owner (mode 0644); make it private: chmod 600 {self.token}",
+            ),
+        )

@@ -521,3 +521,48 @@ class EventLogTests(SynchronousTestCase):
         )
 
 
+
+
+class ConfigurationWarningTests(ServiceTreeTestsMixin, SynchronousTestCase):
+    """
+    The warnings of a configuration (L{mailproxy.config.Config.warnings})
+    are logged when the proxy starts and when it reloads.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict] = []
+        self.patch(ProxyService, "log", Logger(observer=LogPublisher(self.events.append)))
+
+    def warnings(self) -> list[str]:
+        """
+        The warnings logged so far.
+        """
+        return [event["problem"] for event in self.events if "problem" in event]
+
+    def test_tokenFileAtStart(self) -> None:
+        """
+        A token file others can read is named in a warning at start.
+        """
+        os.chmod(os.path.join(self.directory, "admin.token"), 0o644)
+        self.service = serviceFromConfig(loadConfig(self.path), self.reactor)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        (warning,) = self.warnings()
+        self.assertIn("admin.token_file:", warning)
+        self.assertIn("chmod 600", warning)
+
+    def test_tokenFileOnReload(self) -> None:
+        """
+        A reload that finds the token file opened up warns; a private one
+        gives no warning.
+        """
+        token = os.path.join(self.directory, "admin.token")
+        os.chmod(token, 0o600)
+        self.assertTrue(self.service.reload()["ok"])
+        self.assertEqual(self.warnings(), [])
+        os.chmod(token, 0o604)
+        self.assertTrue(self.service.reload()["ok"])
+        (warning,) = self.warnings()
+        self.assertIn("mode 0604", warning)

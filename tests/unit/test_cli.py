@@ -5,15 +5,21 @@ on good and bad configurations, and C{run}'s refusal of a bad one.
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import shlex
+import subprocess
 import sys
+import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy import __version__
+from mailproxy import __version__, cli
 from mailproxy._tls import makeSelfSigned
-from mailproxy.cli import main
+from mailproxy._clidoc import commands
+from mailproxy.cli import buildParser, main
+from mailproxy.config import loadConfig, parseConfig
 from mailproxy.demo import writeDemoConfig
 
 MINIMAL = """\
@@ -61,7 +67,7 @@ class CommandTestsMixin:
 
 class CheckTests(CommandTestsMixin, SynchronousTestCase):
     """
-    C{mailproxy check CONFIG}.
+    C{mailproxy check FILE}.
     """
 
     def test_minimal(self) -> None:
@@ -219,3 +225,269 @@ class ArgumentTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("port must be 1-65535, not 70000", self.err.getvalue())
         self.assertEqual(main(["demo", "--imap-port", "x"]), 2)
         self.assertIn("not a port number: 'x'", self.err.getvalue())
+
+
+class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
+    """
+    C{mailproxy check} reports every problem in one run, and takes the file
+    as C{--config FILE} too.
+    """
+
+    def test_configOption(self) -> None:
+        """
+        C{check --config FILE} is C{check FILE}, as every other command
+        takes C{--config}.
+        """
+        self.write("routes.toml", ROUTES)
+        path = self.write("proxy.toml", MINIMAL)
+        self.assertEqual(main(["check", "--config", path]), 0)
+        self.assertEqual(self.out.getvalue(), f"{path}: OK (1 listener, 1 backend)\n")
+
+    def test_fileOnce(self) -> None:
+        """
+        Naming two files is a usage error that says how to name one.
+        """
+        self.assertEqual(main(["check", "a.toml", "--config", "b.toml"]), 2)
+        self.assertEqual(
+            self.err.getvalue(),
+            "mailproxy check: name the configuration file once: check FILE or check --config FILE\n",
+        )
+
+    def test_defaultFile(self) -> None:
+        """
+        Without a file, C{check} checks the one the other commands read by
+        default.
+        """
+        self.patch(cli, "DEFAULT_CONFIG", os.path.join(self.directory, "absent.toml"))
+        self.assertEqual(main(["check"]), 1)
+        self.assertEqual(
+            self.err.getvalue(), f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
+        )
+
+    def test_userNeedsProbe(self) -> None:
+        """
+        C{--user} without C{--probe} is a usage error.
+        """
+        self.assertEqual(main(["check", "a.toml", "--user", "a@x"]), 2)
+        self.assertEqual(self.err.getvalue(), "mailproxy check: --user is for --probe\n")
+
+    def test_everyProblem(self) -> None:
+        """
+        Several mistakes are each reported on a line naming file and key,
+        misspellings with the closest word, then how many there are.
+        """
+        path = self.write(
+            "proxy.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "nones"').replace("tcp:1143:", "tcp:imap:")
+            + "[limits]\nidle_timout = 5\n",
+        )
+        self.assertEqual(main(["check", path]), 1)
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertEqual(
+            self.err.getvalue().splitlines(),
+            [
+                f"{path}: limits.idle_timout: unknown key; allowed keys here: line_length, literal_size, "
+                "preauth_timeout, connections_per_address, login_failures, failure_delay, idle_timeout, "
+                "backend_timeout, shutdown_grace (did you mean 'idle_timeout'?)",
+                f"{path}: listener[0].tls: must be one of implicit, starttls, starttls-required, none, "
+                "not 'nones' (did you mean 'none'?)",
+                f"{path}: listener[0].endpoint: cannot parse 'tcp:imap:interface=127.0.0.1': "
+                "port must be a number, not 'imap'",
+                f"{path}: router.path: cannot read '{self.directory}/routes.toml': No such file or directory",
+                f"{path}: 4 problems",
+            ],
+        )
+
+    def test_routeTableAndCertificate(self) -> None:
+        """
+        A bad route table and a key that does not match its certificate are
+        reported in the same run.
+        """
+        one, two = os.path.join(self.directory, "one"), os.path.join(self.directory, "two")
+        os.makedirs(one)
+        os.makedirs(two)
+        certificate, _ = makeSelfSigned(one)
+        _, key = makeSelfSigned(two)
+        routes = self.write("routes.toml", 'default = "elsewhere"\n')
+        path = self.write(
+            "proxy.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "implicit"')
+            + f'\n[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n',
+        )
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].startswith(f"{routes}: "), lines)
+        self.assertTrue(lines[1].startswith(f"{key}: "), lines)
+        self.assertEqual(lines[2], f"{path}: 2 problems")
+
+    def test_missingSQLiteDatabase(self) -> None:
+        """
+        An SQLite database that does not exist fails the check (the proxy
+        opens it read-only and never creates it: every login would fail).
+        """
+        router = (
+            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+            'query = "SELECT backend FROM accounts WHERE address = :user"\n'
+        )
+        path = self.write("proxy.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', router))
+        self.assertEqual(main(["check", path]), 1)
+        database = os.path.join(self.directory, "accounts.sqlite")
+        self.assertEqual(
+            self.err.getvalue(),
+            f"{path}: router.database: {database!r} does not exist; the proxy never creates it, "
+            "so every login would fail\n",
+        )
+        with open(database, "wb"):
+            pass
+        self.err.truncate(0)
+        self.assertEqual(main(["check", path]), 0)
+
+    def test_tokenFileWarning(self) -> None:
+        """
+        A token file others can read passes with a warning on stderr.
+        """
+        self.write("routes.toml", ROUTES)
+        token = self.write("admin.token", "t" * 40 + "\n")
+        os.chmod(token, 0o644)
+        path = self.write("proxy.toml", MINIMAL + '[admin]\ntoken_file = "admin.token"\n')
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(self.out.getvalue(), f"{path}: OK (1 listener, 1 backend)\n")
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: {path}: admin.token_file: {token!r} can be read or written by users other than its "
+            f"owner (mode 0644); make it private: chmod 600 {token}\n",
+        )
+        os.chmod(token, 0o600)
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(self.err.getvalue(), "")
+
+
+class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
+    """
+    C{mailproxy config show}: the effective configuration as TOML.
+    """
+
+    def test_defaultsFilled(self) -> None:
+        """
+        The output is TOML with the defaults filled in and the paths
+        absolute, and loads back into the same configuration.
+        """
+        self.write("routes.toml", ROUTES)
+        path = self.write("proxy.toml", MINIMAL.replace("[router]", '[proxy]\nhostname = "mx.example.org"\n[router]'))
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        shown = self.out.getvalue()
+        data = tomllib.loads(shown)
+        self.assertEqual(data["limits"]["preauth_timeout"], 120.0)
+        self.assertEqual(data["backend"]["only"]["ports"], {"imap": 143})
+        self.assertEqual(data["backend"]["only"]["forward"], "auto")
+        self.assertEqual(data["listener"][0]["digest_auth"], False)
+        self.assertEqual(data["router"]["path"], os.path.join(self.directory, "routes.toml"))
+        self.assertIn("ports = { imap = 143 }\n", shown)
+        self.assertEqual(parseConfig(shown, path), loadConfig(path))
+
+    def test_secretsLeftOut(self) -> None:
+        """
+        Files holding secrets are named, never read out; inline secrets of a
+        router (a password in a URL, HTTP headers) are hidden.
+        """
+        self.write("master.pw", "t0p-secret\n")
+        self.write("admin.token", "a" * 40 + "\n")
+        router = (
+            '[router]\ntype = "http"\nurl = "http://auth:s3cret@127.0.0.1:8080/auth"\n'
+            'headers = { X-Auth-Key = "k3y-s3cret" }\n'
+        )
+        path = self.write(
+            "proxy.toml",
+            MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', router)
+            + 'master_user = "proxy"\nmaster_password_file = "master.pw"\n'
+            + '[admin]\ntoken_file = "admin.token"\n',
+        )
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        shown = self.out.getvalue()
+        for secret in ("t0p-secret", "a" * 40, "s3cret", "k3y"):
+            self.assertNotIn(secret, shown)
+        data = tomllib.loads(shown)
+        self.assertEqual(data["backend"]["only"]["master_password_file"], os.path.join(self.directory, "master.pw"))
+        self.assertEqual(data["admin"]["token_file"], os.path.join(self.directory, "admin.token"))
+        self.assertEqual(data["router"]["url"], "http://auth:***@127.0.0.1:8080/auth")
+        self.assertEqual(data["router"]["headers"], {"X-Auth-Key": "(not shown)"})
+
+    def test_broken(self) -> None:
+        """
+        A configuration that does not load exits 1 with its problems.
+        """
+        path = self.write("proxy.toml", MINIMAL.replace("imap = 143", "imap = 0"))
+        self.assertEqual(main(["config", "show", "--config", path]), 1)
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertIn(f"{path}: backend.only.ports.imap: must be at least 1, not 0\n", self.err.getvalue())
+
+
+class GeneratedDocumentTests(CommandTestsMixin, SynchronousTestCase):
+    """
+    The bash completion script and the man page, made from the parser.
+    """
+
+    def test_manPageHasEveryCommand(self) -> None:
+        """
+        The man page has a section for every command and names every option
+        of each.
+        """
+        self.assertEqual(main(["manpage"]), 0)
+        page = self.out.getvalue()
+        self.assertTrue(page.startswith(f'.TH MAILPROXY 1 "" "mailproxy {__version__}"'), page[:80])
+        for path, _, command in commands(buildParser()):
+            if path and not any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                self.assertIn(f'.SS "mailproxy {" ".join(path)}"\n', page)
+                section = page.split(f'.SS "mailproxy {" ".join(path)}"\n', 1)[1].split(".SS ", 1)[0]
+                for action in command._actions:
+                    for option in action.option_strings:
+                        self.assertIn(option.replace("-", "\\-"), section)
+        for name in ("check", "config show", "route explain", "sessions", "stats", "completion", "manpage"):
+            self.assertIn(f'.SS "mailproxy {name}"\n', page)
+
+    def test_manPageRenders(self) -> None:
+        """
+        C{man} renders the page without warnings.
+        """
+        self.assertEqual(main(["manpage"]), 0)
+        page = os.path.join(self.directory, "mailproxy.1")
+        with open(page, "w") as f:
+            f.write(self.out.getvalue())
+        rendered = subprocess.run(
+            ["man", "--warnings", "-l", page], capture_output=True, text=True, env={**os.environ, "MANWIDTH": "100"}
+        )
+        self.assertEqual(rendered.stderr, "")
+        self.assertIn("mailproxy check", rendered.stdout)
+
+    def complete(self, *words: str) -> list[str]:
+        """
+        What bash completes the last of C{words} to, with the script loaded.
+        """
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.assertEqual(main(["completion", "bash"]), 0)
+        script = os.path.join(self.directory, "completion.bash")
+        with open(script, "w") as f:
+            f.write(self.out.getvalue())
+        line = " ".join(shlex.quote(word) for word in words)
+        program = (
+            f"source {shlex.quote(script)}; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); "
+            'cd "$1"; _mailproxy; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        done = subprocess.run(["bash", "-c", program, "bash", self.directory], capture_output=True, text=True, check=True)
+        return [word for word in done.stdout.splitlines() if word]
+
+    def test_completion(self) -> None:
+        """
+        bash completes commands, subcommands, each command's own options,
+        and file names after an option that takes a file.
+        """
+        self.assertEqual(self.complete("mailproxy", "ch"), ["check"])
+        self.assertEqual(self.complete("mailproxy", "route", ""), ["explain", "list", "set", "delete"])
+        self.assertEqual(self.complete("mailproxy", "sessions", "--j"), ["--json"])
+        self.assertEqual(self.complete("mailproxy", "check", "--p"), ["--probe"])
+        self.write("proxy.toml", "")
+        self.assertEqual(self.complete("mailproxy", "check", "--config", "pro"), ["proxy.toml"])

@@ -741,14 +741,17 @@ class ListenerTests(ConfigTestCase):
 
     def test_documentedMessage(self) -> None:
         """
-        A misspelt TLS mode gives exactly the message an operator needs.
+        A misspelt TLS mode gives exactly the message an operator needs,
+        with the closest mode suggested; the missing route table of the same
+        file is reported in the same run, on a line of its own.
         """
         text = LISTENER + self.listener(endpoint="tcp:1994", tls="startls") + ROUTER + BACKEND
         error = self.assertRaises(ConfigError, parseConfig, text, "/etc/mp.toml")
         self.assertEqual(
             str(error),
             "/etc/mp.toml: listener[1].tls: must be one of implicit, starttls, "
-            "starttls-required, none, not 'startls'",
+            "starttls-required, none, not 'startls' (did you mean 'starttls'?)\n"
+            "/etc/mp.toml: router.path: cannot read '/etc/routes.toml': No such file or directory",
         )
 
     def test_none(self) -> None:
@@ -1250,3 +1253,153 @@ class RouterTests(ConfigTestCase):
             f.write("")
         config = self.parse(configText(router=f'[router]\ntype = "static"\npath = "{routes}"\n'))
         self.assertEqual(config.router.options, {"path": routes})
+
+
+class EveryProblemTests(ConfigTestCase):
+    """
+    One parse reports every problem of a configuration, each on a line of
+    its own naming the file and key, with the closest key or value
+    suggested for a misspelt one.
+    """
+
+    def test_everyProblemAtOnce(self) -> None:
+        """
+        Problems in different sections, and several in one listener and one
+        backend, are all reported in one L{ConfigError}, in file order.
+        """
+        text = (
+            '[proxy]\nhostnme = "mx"\n'
+            "[limits]\nidle_timeout = -1\nlogin_failures = 0\n"
+            '[[listener]]\nprotocol = "imapp"\nendpoint = "tcp:imaps"\ntls = "startls"\n'
+            + ROUTER
+            + '[backend.old]\nhost = "bad host"\nports = { imap = 143 }\ntls = "yes"\n'
+        )
+        error = self.assertRaises(ConfigError, self.parse, text)
+        p = self.path
+        expected = [
+            f"{p}: proxy.hostnme: unknown key; allowed keys here: hostname (did you mean 'hostname'?)",
+            f"{p}: limits.login_failures: must be at least 1, not 0",
+            f"{p}: limits.idle_timeout: must be greater than 0, not -1",
+            f"{p}: backend.old.host: not a host name or address: 'bad host'",
+            f"{p}: backend.old.tls: must be one of none, starttls, implicit, not 'yes'",
+            f"{p}: listener[0].protocol: must be one of imap, pop3, sieve, smtp, not 'imapp' (did you mean 'imap'?)",
+            f"{p}: listener[0].tls: must be one of implicit, starttls, starttls-required, none, "
+            "not 'startls' (did you mean 'starttls'?)",
+            f"{p}: listener[0].endpoint: cannot parse 'tcp:imaps': port must be a number, not 'imaps'",
+        ]
+        self.assertEqual(sorted(error.problems), sorted(expected))
+        self.assertEqual(str(error), "\n".join(error.problems))
+
+    def test_oneProblemOneLine(self) -> None:
+        """
+        A single problem is a single line, as before.
+        """
+        error = self.assertRaises(ConfigError, self.parse, configText(extra="[limits]\nliteral_size = 0\n"))
+        self.assertEqual(error.problems, (f"{self.path}: limits.literal_size: must be at least 1, not 0",))
+        self.assertEqual(str(error), error.problems[0])
+
+    def test_everyUnknownKey(self) -> None:
+        """
+        Every unknown key of one table is reported, not only the first.
+        """
+        error = self.assertRaises(
+            ConfigError, self.parse, configText(listener=LISTENER + "endpont = 1\nprotocl = 2\n")
+        )
+        self.assertEqual(
+            [problem.split(": ")[1] for problem in error.problems], ["listener[0].endpont", "listener[0].protocl"]
+        )
+        self.assertIn("(did you mean 'endpoint'?)", error.problems[0])
+        self.assertIn("(did you mean 'protocol'?)", error.problems[1])
+
+    def test_noSuggestionForStrangers(self) -> None:
+        """
+        A key like none of the allowed ones gets no suggestion.
+        """
+        message = self.assertConfigError(configText(extra='[proxy]\ncolour = "x"\n'), "proxy.colour")
+        self.assertNotIn("did you mean", message)
+
+    def test_badBackendBlamesNoListener(self) -> None:
+        """
+        When a backend cannot be read, listeners are not also refused for
+        having no backend that serves them.
+        """
+        error = self.assertRaises(
+            ConfigError, self.parse, LISTENER + ROUTER + '[backend.old]\nhost = "127.0.0.1"\nports = { imap = "143" }\n'
+        )
+        self.assertEqual(
+            error.problems, (f"{self.path}: backend.old.ports.imap: must be an integer, not a string",)
+        )
+
+    def test_everyCertificateProblem(self) -> None:
+        """
+        In C{[tls]}, a missing key and problems in two SNI entries are all
+        reported.
+        """
+        text = configText(
+            extra='[tls]\ncertificate = "cert.pem"\nkey = "absent.pem"\n'
+            '[[tls.sni]]\nnames = ["a.example"]\ncertificate = "other.pem"\nkey = "other.key"\n'
+            '[[tls.sni]]\nnames = ["A.example"]\ncertificate = "other.pem"\nkey = "other.key"\n'
+            '[[tls.sni]]\nnames = ["c.example"]\ncertificate = "nothere.pem"\nkey = "other.key"\n'
+        )
+        error = self.assertRaises(ConfigError, self.parse, text)
+        self.assertEqual(
+            [problem.split(": ", 2)[1] for problem in error.problems],
+            ["tls.key", "tls.sni[1].names", "tls.sni[2].certificate"],
+        )
+
+
+class EndpointWordsTests(ConfigTestCase):
+    """
+    Endpoint strings Twisted refuses are explained in terms of the string,
+    never in Twisted's own words (its function and argument names).
+    """
+
+    def assertEndpoint(self, endpoint: str, words: str) -> None:
+        """
+        The listener endpoint C{endpoint} is refused with exactly C{words}
+        after C{cannot parse 'ENDPOINT': }.
+        """
+        listener = f'[[listener]]\nprotocol = "imap"\nendpoint = "{endpoint}"\ntls = "none"\n'
+        message = self.assertConfigError(configText(listener=listener), "listener[0].endpoint")
+        self.assertEqual(message, f"{self.path}: listener[0].endpoint: cannot parse {endpoint!r}: {words}")
+
+    def test_portNotANumber(self) -> None:
+        """
+        A service name for a port is refused as not a number (Twisted:
+        C{invalid literal for int() with base 10}).
+        """
+        self.assertEndpoint("tcp:imaps", "port must be a number, not 'imaps'")
+
+    def test_interfaceTwice(self) -> None:
+        """
+        An interface given by position and by name is refused as given
+        twice (Twisted: C{got multiple values for argument 'interface'}).
+        """
+        self.assertEndpoint("tcp:993:127.0.0.1:interface=127.0.0.2", "interface is given twice")
+
+    def test_unknownOption(self) -> None:
+        """
+        A misspelt option is named with the closest one.
+        """
+        self.assertEndpoint(
+            "tcp:993:interfce=127.0.0.1",
+            "unknown option 'interfce' (did you mean 'interface'?); the options are port, interface, backlog",
+        )
+
+    def test_backlog(self) -> None:
+        """
+        A backlog that is not a number is refused in words.
+        """
+        self.assertEndpoint("tcp:993:backlog=many", "backlog must be a number, not 'many'")
+
+    def test_tooMany(self) -> None:
+        """
+        More values than a tcp endpoint takes are refused in words.
+        """
+        self.assertEndpoint("tcp:993:127.0.0.1:50:x", "too many values; the options are port, interface, backlog")
+
+    def test_noPort(self) -> None:
+        """
+        An endpoint without a port is refused in words.
+        """
+        self.assertEndpoint("tcp:interface=127.0.0.1", "no port; e.g. tcp:993")

@@ -411,14 +411,15 @@ class TableErrorTests(RouterTestCase):
     def test_unknownBackend(self) -> None:
         """
         A backend name that is not configured is refused with the configured
-        ones listed.
+        ones listed, and the closest one suggested if one is close.
         """
         self.assertTableError(
             '[accounts]\n"alice@example.org" = "neww"\n',
             'accounts."alice@example.org"',
-            "unknown backend 'neww'; configured backends: mastered, new, old, smtponly",
+            "unknown backend 'neww'; configured backends: mastered, new, old, smtponly (did you mean 'new'?)",
         )
-        self.assertTableError('default = "gone"\n', "default", "unknown backend 'gone'")
+        message = self.assertTableError('default = "gone"\n', "default", "unknown backend 'gone'")
+        self.assertNotIn("did you mean", message)
         self.assertTableError('[domains]\n"a.example" = "gone"\n', 'domains."a.example"', "'gone'")
         self.assertTableError(
             '[accounts]\n"a@b" = { backend = "gone" }\n', 'accounts."a@b".backend', "'gone'"
