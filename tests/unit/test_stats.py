@@ -262,7 +262,7 @@ class CounterTests(SynchronousTestCase):
         frontend.dataReceived(b"a LOGIN alice secret\r\n")
         proxy.clock.advance(0.03)
         router.pending[0].callback(Rejection())
-        latency = proxy.context.stats.routerLatency
+        (latency,) = proxy.context.stats.routerLatency.values()
         self.assertEqual(latency.count, 1)
         self.assertAlmostEqual(latency.total, 0.03)
         self.assertEqual(latency.counts[:5], [0, 0, 0, 0, 0])
@@ -327,8 +327,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             samples["mailproxy_logins_total", (("backend", "old"), ("protocol", "imap"), ("result", "ok"))], 2
         )
-        self.assertEqual(samples["mailproxy_router_latency_seconds_count", ()], 3)
-        self.assertEqual(samples["mailproxy_router_latency_seconds_bucket", (("le", "+Inf"),)], 3)
+        self.assertEqual(samples["mailproxy_router_latency_seconds_count", (("router", "fake"),)], 3)
+        self.assertEqual(samples["mailproxy_router_latency_seconds_bucket", (("le", "+Inf"), ("router", "fake"))], 3)
 
     def test_bytes(self) -> None:
         """
