@@ -2,16 +2,19 @@
 C{GET /metrics} of a running proxy after real traffic: a real Dovecot as one
 backend and a port that refuses connections as another (a backend that is
 down), IMAP clients on a plaintext and an implicit-TLS listener, and
-Prometheus's own C{promtool check metrics} on what the endpoint serves.
+Prometheus's own C{promtool check metrics} on what the endpoint serves; and
+the README's alert rules under C{promtool test rules}.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,6 +29,8 @@ TIMEOUT = 30.0
 PASSWORD = "metrics-secret"
 TOKEN = "metrics-token-0123456789abcdef0123456789abcdef"
 USERS = {"alice@example.org": PASSWORD, "bob@example.org": PASSWORD}
+
+_REPOSITORY = Path(__file__).resolve().parent.parent.parent
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -276,3 +281,82 @@ class MetricsTests(SynchronousTestCase):
             timeout=TIMEOUT,
         )
         self.assertEqual((check.returncode, check.stdout, check.stderr), (0, "", ""))
+
+    def test_alertRules(self) -> None:
+        """
+        The README's alert rules (C{examples/prometheus/mailproxy-alerts.yml})
+        pass C{promtool check rules}, and in C{promtool test rules} the
+        backend-down rule fires for exactly the backend port the running
+        proxy reports down, the failure-rate rule for a proxy where a third
+        of the logins fail, not for one with as many failures but little
+        traffic.
+        """
+        rules = _REPOSITORY / "examples" / "prometheus" / "mailproxy-alerts.yml"
+        self.assertIn(rules.read_text(), (_REPOSITORY / "README.md").read_text())
+        promtool = _binary("promtool")
+        check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+        up = [
+            (dict(labels), value)
+            for (name, labels), value in parse(scrape(self.proxy)).items()
+            if name == "mailproxy_backend_up"
+        ]
+        self.assertEqual(sorted(value for _, value in up), [0, 1])
+
+        def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+            text = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+            return {"series": f"{name}{{{text}}}", "values": values}
+
+        def logins(instance: str, result: str, perMinute: int) -> dict[str, str]:
+            labels = {"instance": instance, "protocol": "imap", "backend": "store", "result": result}
+            return series("mailproxy_logins_total", labels, f"0+{perMinute}x30")
+
+        test = {
+            "rule_files": [str(rules)],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": [
+                        *(series("mailproxy_backend_up", {**labels, "instance": "proxy"}, f"{value:g}x5") for labels, value in up),
+                        logins("proxy", "ok", 60),
+                        logins("proxy", "auth", 30),
+                        logins("quiet", "ok", 1),
+                        logins("quiet", "auth", 1),
+                    ],
+                    "alert_rule_test": [
+                        {
+                            "eval_time": "3m",
+                            "alertname": "MailproxyBackendDown",
+                            "exp_alerts": [
+                                {
+                                    "exp_labels": {**labels, "instance": "proxy", "severity": "critical"},
+                                    "exp_annotations": {
+                                        "summary": f"proxy: backend {labels['backend']} does not greet on its {labels['port']} port"
+                                    },
+                                }
+                                for labels, value in up
+                                if value == 0
+                            ],
+                        },
+                        {
+                            "eval_time": "20m",
+                            "alertname": "MailproxyLoginFailureRate",
+                            "exp_alerts": [
+                                {
+                                    "exp_labels": {"instance": "proxy", "severity": "warning"},
+                                    "exp_annotations": {"summary": "proxy: 33.33% of logins fail"},
+                                }
+                            ],
+                        },
+                    ],
+                }
+            ],
+        }
+        path = os.path.abspath(self.mktemp()) + ".yml"
+        # JSON is YAML.
+        with open(path, "w") as f:
+            json.dump(test, f)
+        result = subprocess.run([promtool, "test", "rules", path], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
