@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any, Callable, Iterator, cast
 
 from attrs import define, field
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -252,9 +253,12 @@ class FrontendProtocol(Protocol):
     @ivar mechanism: the mechanism of the latest login attempt.
     @ivar route: the router's answer to the latest login attempt, once it
         gave one.
+    @ivar listenerName: how metrics name this connection's listener (its
+        position in the configuration), set by L{FrontendFactory}.
     """
 
     protocolName = ""
+    listenerName = ""
     log = Logger()
     transport: IProxyTransport
 
@@ -280,6 +284,7 @@ class FrontendProtocol(Protocol):
         self._pending: Deferred | None = None
         self._backend: BackendProtocol | None = None
         self._started = time.monotonic()
+        self._loginStarted: float | None = None
         self.client = ClientInfo(sessionId=newSessionId(), address="", port=0, localAddress="", localPort=0)
 
     # Life cycle
@@ -297,11 +302,13 @@ class FrontendProtocol(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         if not self.context.tracker.add(self.client.address):
+            self.context.stats.connectionRefused(self.protocolName, self.listenerName, "connections_per_address")
             self.result = "too many connections"
             self.sayGoodbye("Too many connections from your address.")
             self.closeConnection()
             return
         self._counted = True
+        self.context.stats.connectionAccepted(self.protocolName, self.listenerName)
         self.context.sessions.add(self)
         self._preauthTimer = self.context.reactor.callLater(self.limits.preauthTimeout, self._preauthExpired)
         if not self.tlsActive:
@@ -328,6 +335,10 @@ class FrontendProtocol(Protocol):
             self.frontendDataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.tlsActive and self.client.tls is None and reason is not None and reason.check(SSL.Error):
+            # The TLS layer reports its failure here; after the handshake
+            # the client's TLS facts are known.
+            self.context.stats.tlsHandshakeFailed(self.protocolName, self.listenerName)
         self._closing = True
         self._lost = True
         self._watchingReplies = False
@@ -577,6 +588,7 @@ class FrontendProtocol(Protocol):
             L{LoginFailed}.
         """
         self.attempts += 1
+        self._loginStarted = self.context.reactor.seconds()
         self.user = credentials.user
         self.mechanism = credentials.mechanism
         self.route = None
@@ -605,7 +617,7 @@ class FrontendProtocol(Protocol):
         started = clock.seconds()
 
         def answered(result: object) -> object:
-            self.context.stats.routerAnswered(clock.seconds() - started)
+            self.context.stats.routerAnswered(clock.seconds() - started, self.context.routerName)
             return result
 
         return callRouter(self.context.router, request).addBoth(answered)
@@ -660,7 +672,21 @@ class FrontendProtocol(Protocol):
             clientID=clientID,
         )
         self._backend = self.makeBackendLogin(job)
-        d = self.context.backendConnector(self.context.reactor, self._backend)
+        clock = self.context.reactor
+        started = clock.seconds()
+
+        def timed(result: object) -> object:
+            kind: str = "ok"
+            if isinstance(result, Failure):
+                if not result.check(BackendFailure):
+                    # Abandoned (the client left), not an outcome.
+                    return result
+                kind = cast(BackendFailure, result.value).kind
+            self.context.stats.backendLoginDone(self.protocolName, backend.name, kind, clock.seconds() - started)
+            return result
+
+        d = self.context.backendConnector(clock, self._backend)
+        d.addBoth(timed)
         d.addErrback(self._backendFailed)
         return d
 
@@ -700,7 +726,7 @@ class FrontendProtocol(Protocol):
         else:
             self.log.failure("login failed unexpectedly", reason)
             failure, wait = LoginFailed("unavailable"), 0.0
-        self.context.stats.loginFailed(self.protocolName, self.backendName or "", failure.kind)
+        self.context.stats.loginFailed(self.protocolName, self.backendName or "", failure.kind, self._loginSeconds())
         if failure.kind == "auth":
             self.failures += 1
             wait += self.failures * self.limits.failureDelay
@@ -731,6 +757,12 @@ class FrontendProtocol(Protocol):
         delayed: Deferred = Deferred(lambda d: call.cancel())
         call = self.context.reactor.callLater(wait, delayed.callback, None)
         return delayed.addCallback(deliver)
+
+    def _loginSeconds(self) -> float | None:
+        # The latest login's time so far, on the context's clock.
+        if self._loginStarted is None:
+            return None
+        return self.context.reactor.seconds() - self._loginStarted
 
     def _loginDone(self, result):
         self._pending = None
@@ -778,7 +810,7 @@ class FrontendProtocol(Protocol):
         self._preauthTimer = None
         self._stopWatchingReplies()
         self.result = "logged in"
-        self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name)
+        self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name, self._loginSeconds())
         relay = Relay(
             self.transport,
             backend.transport,
@@ -873,10 +905,18 @@ class FrontendFactory(Factory):
 
     noisy = False  # one log line per listener start is enough
 
-    def __init__(self, protocolClass: type[FrontendProtocol], context: ProxyContext, listener: Listener) -> None:
+    def __init__(
+        self, protocolClass: type[FrontendProtocol], context: ProxyContext, listener: Listener, name: str = ""
+    ) -> None:
+        """
+        @param name: how metrics name the listener.
+        """
         self.protocolClass = protocolClass
         self.context = context
         self.listener = listener
+        self.name = name
 
     def buildProtocol(self, addr) -> FrontendProtocol:
-        return self.protocolClass(self.context, self.listener)
+        protocol = self.protocolClass(self.context, self.listener)
+        protocol.listenerName = self.name
+        return protocol

@@ -2,24 +2,35 @@
 What one proxy counts, and how it is shown: JSON for C{GET /stats} and the
 Prometheus text format for C{GET /metrics}.
 
-The session path reports events (a login succeeded or failed, the router
-answered, a session ended) to a L{ProxyStats}; nothing is counted per relayed
-chunk.  Bytes of sessions still open are read from their relays when a
+The session path reports events (a connection was accepted or refused, a TLS
+handshake failed, a login succeeded or failed and how long it took, the
+router answered, a session ended) to a L{ProxyStats}; nothing is counted per
+relayed chunk.  Bytes of sessions still open are read from their relays when a
 snapshot is taken, and added to the totals when a session ends, so that the
-counters only ever grow.
+counters only ever grow.  The backends' health comes from the management
+endpoint's probes, and the process's own figures (C{process_*}) from
+prometheus_client, when the metrics are scraped.
+
+Everything is counted per process.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
+import twisted
+from OpenSSL import SSL
 from twisted.internet.interfaces import IReactorTime
+
+from . import __version__
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "LOGIN_BUCKETS",
     "LatencyHistogram",
     "ProxyStats",
     "routerChain",
@@ -33,24 +44,33 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf,
 )
 
+#: Upper bounds (seconds) of the login latency histograms' buckets: a login
+#: takes milliseconds to seconds, a slow backend up to its timeout.
+LOGIN_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf,
+)
+
 #: The C{Content-Type} of L{metricsText}.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _Labels = tuple[str, str]
+_Key = TypeVar("_Key")
 
 
 class LatencyHistogram:
     """
     A cumulative histogram of durations, in Prometheus's shape.
 
-    @ivar counts: for each bound in L{LATENCY_BUCKETS}, how many
-        observations were at most that long.
+    @ivar buckets: the upper bounds of the buckets, the last infinite.
+    @ivar counts: for each bound in L{buckets}, how many observations were
+        at most that long.
     @ivar total: the sum of all observations, in seconds.
     @ivar count: the number of observations.
     """
 
-    def __init__(self) -> None:
-        self.counts = [0] * len(LATENCY_BUCKETS)
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
         self.total = 0.0
         self.count = 0
 
@@ -60,9 +80,24 @@ class LatencyHistogram:
         """
         self.count += 1
         self.total += seconds
-        for index, bound in enumerate(LATENCY_BUCKETS):
+        for index, bound in enumerate(self.buckets):
             if seconds <= bound:
                 self.counts[index] += 1
+
+
+def _observe(
+    histograms: dict[_Key, LatencyHistogram], key: _Key, seconds: float | None, buckets: tuple[float, ...]
+) -> None:
+    """
+    Count C{seconds} in the histogram of C{key}, made on first use; nothing
+    if C{seconds} is L{None} (not measured).
+    """
+    if seconds is None:
+        return
+    histogram = histograms.get(key)
+    if histogram is None:
+        histogram = histograms[key] = LatencyHistogram(buckets)
+    histogram.observe(seconds)
 
 
 class ProxyStats:
@@ -76,7 +111,19 @@ class ProxyStats:
     @ivar bytesFromClient: octets relayed to backends by sessions that have
         ended, by C{(protocol, backend)}.
     @ivar bytesFromBackend: octets relayed to clients likewise.
-    @ivar routerLatency: how long the router took to answer.
+    @ivar accepted: client connections served, by C{(protocol, listener)};
+        C{listener} is the C{[[listener]]}'s position in the configuration.
+    @ivar refused: client connections closed at once without service, by
+        C{(protocol, listener, reason)}; C{reason} is the limit that refused
+        them (C{"connections_per_address"}).
+    @ivar tlsFailures: client connections whose TLS handshake (implicit or
+        after STARTTLS) failed, by C{(protocol, listener)}.
+    @ivar loginLatency: from a client's credentials to the outcome of its
+        login (before any failed-login delay), by C{(protocol, result)}.
+    @ivar backendLoginLatency: from connecting a backend to the outcome of
+        the login there, by C{(protocol, backend, result)}.
+    @ivar routerLatency: how long the router took to answer, by router (the
+        configured type).
     @ivar started: when counting began, in the clock's seconds.
     """
 
@@ -91,27 +138,65 @@ class ProxyStats:
         self.ended: Counter[_Labels] = Counter()
         self.bytesFromClient: Counter[_Labels] = Counter()
         self.bytesFromBackend: Counter[_Labels] = Counter()
-        self.routerLatency = LatencyHistogram()
+        self.accepted: Counter[_Labels] = Counter()
+        self.refused: Counter[tuple[str, str, str]] = Counter()
+        self.tlsFailures: Counter[_Labels] = Counter()
+        self.loginLatency: dict[_Labels, LatencyHistogram] = {}
+        self.backendLoginLatency: dict[tuple[str, str, str], LatencyHistogram] = {}
+        self.routerLatency: dict[str, LatencyHistogram] = {}
 
-    def loginSucceeded(self, protocol: str, backend: str) -> None:
+    def connectionAccepted(self, protocol: str, listener: str) -> None:
+        """
+        A client connection to C{listener} is served.
+        """
+        self.accepted[protocol, listener] += 1
+
+    def connectionRefused(self, protocol: str, listener: str, reason: str) -> None:
+        """
+        A client connection to C{listener} was refused because of the limit
+        C{reason}.
+        """
+        self.refused[protocol, listener, reason] += 1
+
+    def tlsHandshakeFailed(self, protocol: str, listener: str) -> None:
+        """
+        A client connection to C{listener} failed its TLS handshake.
+        """
+        self.tlsFailures[protocol, listener] += 1
+
+    def loginSucceeded(self, protocol: str, backend: str, seconds: float | None = None) -> None:
         """
         A login reached C{backend}: the session is being relayed.
+
+        @param seconds: how long the login took, if measured.
         """
         self.logins[protocol, backend, "ok"] += 1
+        _observe(self.loginLatency, (protocol, "ok"), seconds, LOGIN_BUCKETS)
 
-    def loginFailed(self, protocol: str, backend: str, reason: str) -> None:
+    def loginFailed(self, protocol: str, backend: str, reason: str, seconds: float | None = None) -> None:
         """
         A login attempt failed for C{reason} (a L{LoginFailed} kind).
 
         @param backend: the routed backend, or C{""} if the router refused.
+        @param seconds: how long it took to fail, if measured.
         """
         self.logins[protocol, backend, reason] += 1
+        _observe(self.loginLatency, (protocol, reason), seconds, LOGIN_BUCKETS)
 
-    def routerAnswered(self, seconds: float) -> None:
+    def backendLoginDone(self, protocol: str, backend: str, result: str, seconds: float) -> None:
+        """
+        The login at C{backend} ended with C{result} (C{"ok"} or a
+        L{mailproxy._backend.BackendFailure} kind) C{seconds} after the proxy began connecting.
+        """
+        _observe(self.backendLoginLatency, (protocol, backend, result), seconds, LOGIN_BUCKETS)
+
+    def routerAnswered(self, seconds: float, router: str = "") -> None:
         """
         The router answered (or failed) after C{seconds}.
+
+        @param router: how the router is named (its configured type).
         """
-        self.routerLatency.observe(seconds)
+        _observe(self.routerLatency, router, seconds, LATENCY_BUCKETS)
 
     def sessionEnded(self, protocol: str, backend: str, fromClient: int, fromBackend: int) -> None:
         """
@@ -193,15 +278,22 @@ def snapshot(stats: ProxyStats, sessions: Iterable[Any], router: object) -> dict
     Everything counted, as JSON-ready data for C{GET /stats}.
 
     Sessions are keyed by protocol, then backend (C{""}: not yet logged
-    in); logins by protocol, backend, then result.
+    in); logins by protocol, backend, then result; connections by protocol,
+    then listener (then the reason of a refusal).
     """
     open_, liveClient, liveBackend = _openSessions(sessions)
     fromClient = stats.bytesFromClient + liveClient
     fromBackend = stats.bytesFromBackend + liveBackend
-    latency = stats.routerLatency
+    answers = sum(h.count for h in stats.routerLatency.values())
+    answerSeconds = sum(h.total for h in stats.routerLatency.values())
     cache = _cacheCounts(router)
     return {
         "uptime": (stats.clock.seconds() - stats.started) if stats.clock is not None else 0.0,
+        "connections": {
+            "accepted": _nested(stats.accepted),
+            "refused": _nested(stats.refused),
+            "tlsHandshakeFailures": _nested(stats.tlsFailures),
+        },
         "sessions": {"open": sum(open_.values()), "byBackend": _nested(open_)},
         "logins": _nested(stats.logins),
         "sessionsEnded": _nested(stats.ended),
@@ -212,8 +304,8 @@ def snapshot(stats: ProxyStats, sessions: Iterable[Any], router: object) -> dict
             "fromBackendByBackend": _nested(fromBackend),
         },
         "router": {
-            "answers": latency.count,
-            "averageSeconds": latency.total / latency.count if latency.count else None,
+            "answers": answers,
+            "averageSeconds": answerSeconds / answers if answers else None,
             "cache": None
             if cache is None
             else {
@@ -225,24 +317,114 @@ def snapshot(stats: ProxyStats, sessions: Iterable[Any], router: object) -> dict
     }
 
 
+def _histogramFamily(name: str, documentation: str, labels: list[str], histograms: Mapping[Any, LatencyHistogram]) -> Any:
+    """
+    A Prometheus histogram family with one histogram per label values.
+
+    @param histograms: by label values, a tuple in the order of C{labels}
+        (a lone string if there is one label).
+    """
+    from prometheus_client.core import HistogramMetricFamily
+
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for key, histogram in sorted(histograms.items()):
+        buckets = [
+            ("+Inf" if math.isinf(bound) else repr(bound), count)
+            for bound, count in zip(histogram.buckets, histogram.counts)
+        ]
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], buckets, histogram.total)
+    return family
+
+
+def _counterFamily(name: str, documentation: str, labels: list[str], counter: Counter[Any]) -> Any:
+    """
+    A Prometheus counter family from a L{Counter} keyed by label values.
+
+    @param name: without the C{_total} suffix, which prometheus_client adds.
+    """
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(counter.items()):
+        family.add_metric(list(key), count)
+    return family
+
+
+def _buildInfo() -> dict[str, str]:
+    """
+    The versions of mailproxy and of what it runs on, for
+    C{mailproxy_build_info}.
+    """
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode("ascii", "replace"),
+    }
+
+
 class _Collector:
     """
     A Prometheus collector that reads a proxy's state when scraped.
+
+    @ivar health: the backends' states from the health probes,
+        C{{name: {port: {"ok": bool, ...}}}}, or L{None} if not probed.
     """
 
-    def __init__(self, stats: ProxyStats, sessions: Iterable[Any], router: object) -> None:
+    def __init__(
+        self,
+        stats: ProxyStats,
+        sessions: Iterable[Any],
+        router: object,
+        health: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    ) -> None:
         self.stats = stats
         self.sessions = sessions
         self.router = router
+        self.health = health
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
-            HistogramMetricFamily,
+            InfoMetricFamily,
         )
 
         stats = self.stats
+        yield InfoMetricFamily(
+            "mailproxy_build", "The versions of mailproxy, Python, Twisted and OpenSSL.", value=_buildInfo()
+        )
+
+        if self.health is not None:
+            up = GaugeMetricFamily(
+                "mailproxy_backend_up",
+                "1 if the backend port answered the health probe with its greeting, else 0.",
+                labels=["backend", "port"],
+            )
+            for backend, ports in sorted(self.health.items()):
+                for port, state in sorted(ports.items()):
+                    up.add_metric([backend, port], 1 if state.get("ok") else 0)
+            yield up
+
+        yield _counterFamily(
+            "mailproxy_connections_accepted",
+            "Client connections served, per listener (its position in the configuration).",
+            ["protocol", "listener"],
+            stats.accepted,
+        )
+        yield _counterFamily(
+            "mailproxy_connections_refused",
+            "Client connections closed at once by a limit (reason: connections_per_address).",
+            ["protocol", "listener", "reason"],
+            stats.refused,
+        )
+        yield _counterFamily(
+            "mailproxy_tls_handshake_failures",
+            "Client connections whose TLS handshake failed (implicit TLS or STARTTLS).",
+            ["protocol", "listener"],
+            stats.tlsFailures,
+        )
+
         open_, liveClient, liveBackend = _openSessions(self.sessions)
         sessions = GaugeMetricFamily(
             "mailproxy_sessions_open",
@@ -253,23 +435,27 @@ class _Collector:
             sessions.add_metric([protocol, backend], count)
         yield sessions
 
-        logins = CounterMetricFamily(
+        yield _counterFamily(
             "mailproxy_logins",
             "Login attempts by outcome: ok, auth, unavailable, refused.",
-            labels=["protocol", "backend", "result"],
+            ["protocol", "backend", "result"],
+            stats.logins,
         )
-        for (protocol, backend, result), count in sorted(stats.logins.items()):
-            logins.add_metric([protocol, backend, result], count)
-        yield logins
-
-        ended = CounterMetricFamily(
-            "mailproxy_sessions_ended",
-            "Relayed sessions that have ended.",
-            labels=["protocol", "backend"],
+        yield _histogramFamily(
+            "mailproxy_login_latency_seconds",
+            "Time from a client's credentials to its login's outcome, before any failed-login delay.",
+            ["protocol", "result"],
+            stats.loginLatency,
         )
-        for (protocol, backend), count in sorted(stats.ended.items()):
-            ended.add_metric([protocol, backend], count)
-        yield ended
+        yield _histogramFamily(
+            "mailproxy_backend_login_latency_seconds",
+            "Time from connecting a backend to the outcome of the login there.",
+            ["protocol", "backend", "result"],
+            stats.backendLoginLatency,
+        )
+        yield _counterFamily(
+            "mailproxy_sessions_ended", "Relayed sessions that have ended.", ["protocol", "backend"], stats.ended
+        )
 
         relayed = CounterMetricFamily(
             "mailproxy_relayed_bytes",
@@ -284,16 +470,12 @@ class _Collector:
                 relayed.add_metric([protocol, backend, direction], count)
         yield relayed
 
-        latency = stats.routerLatency
-        histogram = HistogramMetricFamily(
-            "mailproxy_router_latency_seconds", "Time the router took to answer a login."
+        yield _histogramFamily(
+            "mailproxy_router_latency_seconds",
+            "Time the router took to answer a login, by router (its configured type).",
+            ["router"],
+            stats.routerLatency,
         )
-        histogram.add_metric(
-            [],
-            [("+Inf" if math.isinf(bound) else repr(bound), count) for bound, count in zip(LATENCY_BUCKETS, latency.counts)],
-            latency.total,
-        )
-        yield histogram
 
         cache = _cacheCounts(self.router)
         if cache is not None:
@@ -306,13 +488,24 @@ class _Collector:
                 yield counter
 
 
-def metricsText(stats: ProxyStats, sessions: Iterable[Any], router: object) -> bytes:
+def metricsText(
+    stats: ProxyStats,
+    sessions: Iterable[Any],
+    router: object,
+    health: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+) -> bytes:
     """
     The proxy's metrics in the Prometheus text exposition format, from a
-    registry of its own (nothing global is involved).
+    registry of its own (nothing global is involved), with the process's
+    own (C{process_*}: CPU, memory, open files, start time).
+
+    @param health: the backends' states from
+        L{mailproxy.admin.HealthChecker.check}, for C{mailproxy_backend_up};
+        without them that metric is left out.
     """
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(stats, sessions, router))  # type: ignore[arg-type]
+    registry.register(_Collector(stats, sessions, router, health))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -14,7 +14,9 @@ cut off at L{MAX_BODY} octets the same way.
     JSON, and each backend port's state with the token (or without it,
     with C{[admin] health_details}).
   - C{GET /stats}: JSON counters (see L{mailproxy._stats.snapshot}).
-  - C{GET /metrics}: the same in Prometheus's text format.
+  - C{GET /metrics}: the same in Prometheus's text format, with each
+    backend port's health (C{mailproxy_backend_up}) and the process's own
+    figures (C{process_*}).
   - C{GET /sessions?account=&backend=&domain=}: the open sessions.
   - C{POST /sessions/drop} C{{"account": ..., "backend": ..., "session": ...}}:
     drop the matching sessions (at least one filter).
@@ -402,12 +404,17 @@ class AdminResource(Resource):
         context = self.proxy.context
         return _json(200, snapshot(context.stats, context.sessions, context.router))
 
-    def getMetrics(self, request: Request, _: str) -> tuple[int, bytes, str]:
+    def getMetrics(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
-        C{GET /metrics}.
+        C{GET /metrics}, with the backends' health from the probes (run at
+        most every L{HealthChecker.keep} seconds, as for C{GET /health}).
         """
-        context = self.proxy.context
-        return 200, metricsText(context.stats, context.sessions, context.router), METRICS_CONTENT_TYPE
+        def render(backends: dict[str, Any]) -> tuple[int, bytes, str]:
+            context = self.proxy.context
+            text = metricsText(context.stats, context.sessions, context.router, backends)
+            return 200, text, METRICS_CONTENT_TYPE
+
+        return self.health.check().addCallback(render)
 
     def getSessions(self, request: Request, _: str) -> tuple[int, bytes, str]:
         """

@@ -128,13 +128,15 @@ def listeningPort(service: ProxyService, index: int) -> int | None:
     return endpoint.port.getHost().port  # type: ignore[no-any-return]
 
 
-def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFactory:
+def listenerFactory(context: ProxyContext, listener: Listener, name: str = "") -> IProtocolFactory:
     """
     The protocol factory for one listener, with TLS wrapped around it for
     implicit TLS.
+
+    @param name: how metrics name the listener (its index).
     """
     frontend = namedAny(FRONTENDS[listener.protocol])
-    factory: IProtocolFactory = FrontendFactory(frontend, context, listener)
+    factory: IProtocolFactory = FrontendFactory(frontend, context, listener, name)
     if listener.tls == "implicit":
         # The configuration refuses a TLS listener without [tls].
         options = _tls.ApplicationProtocolOptions(
@@ -177,7 +179,7 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
     for index, listener in enumerate(config.listeners):
         name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
         endpoint = ReportingEndpoint(serverFromString(reactor, withBacklog(listener.endpoint)), name)
-        service = StreamServerEndpointService(endpoint, listenerFactory(context, listener))
+        service = StreamServerEndpointService(endpoint, listenerFactory(context, listener, str(index)))
         # A listener that cannot bind must stop the proxy, not be logged and
         # forgotten.
         service._raiseSynchronously = True

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
-from mailproxy._session import FrontendProtocol, ProxyContext
+from mailproxy._session import FrontendFactory, FrontendProtocol, ProxyContext
 from mailproxy.config import Limits, Listener
 from mailproxy.imap._frontend import IMAPFrontend
 from mailproxy.testing import MemoryConnector, TLSStringTransport
@@ -46,12 +46,14 @@ class ProxyHarness:
         )
         self._ports = 50000
 
-    def connect(self, address: str = "192.0.2.10") -> tuple[FrontendProtocol, TLSStringTransport]:
+    def connect(self, address: str = "192.0.2.10", listener: str = "0") -> tuple[FrontendProtocol, TLSStringTransport]:
         """
-        A new client connection; its greeting is cleared.
+        A new client connection to the plaintext IMAP listener named
+        C{listener}; its greeting is cleared.
         """
         self._ports += 1
-        frontend = IMAPFrontend(self.context, Listener(protocol="imap", endpoint="tcp:0", tls="none"))
+        factory = FrontendFactory(IMAPFrontend, self.context, Listener(protocol="imap", endpoint="tcp:0", tls="none"), listener)
+        frontend = factory.buildProtocol(None)
         transport = TLSStringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 143),
             peerAddress=IPv4Address("TCP", address, self._ports),

@@ -331,6 +331,21 @@ class StatsAndMetricsTests(AdminTestsMixin, SynchronousTestCase):
         self.assertEqual((sample.labels, sample.value), ({"protocol": "imap", "backend": "old"}, 1))
         self.assertIn("mailproxy_logins", families)
 
+    def test_metricsBackendUp(self) -> None:
+        """
+        C{/metrics} runs the health probes (or reuses their answers of the
+        last two seconds, as C{/health} does) and shows each backend port
+        as up (1) or down (0).
+        """
+        self.health.answers[("new", "imap")] = {"ok": False, "error": "Connection refused"}
+        status, text = self.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        up = {(s.labels["backend"], s.labels["port"]): s.value for s in families["mailproxy_backend_up"].samples}
+        self.assertEqual(up, {(n, p): 1 for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve")} | {("new", "imap"): 0})
+        self.request("GET", "/health")
+        self.assertEqual(len(self.health.probed), 8)
+
 
 class SessionTests(AdminTestsMixin, SynchronousTestCase):
     """

@@ -177,7 +177,8 @@ class ListenerALPNTests(TestCase):
             tls=tls,
             mode="submission" if protocol == "smtp" else None,
         )
-        factory = _TrackingFactory(listenerFactory(self.context, listener))
+        # The listener's name in the metrics is its TLS mode here.
+        factory = _TrackingFactory(listenerFactory(self.context, listener, tls))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         options = _ALPNClient(alpn, serverName)
@@ -199,7 +200,8 @@ class ListenerALPNTests(TestCase):
         """
         A client offering only C{h2} fails the handshake on every
         protocol's listener, implicit TLS and STARTTLS, with the default
-        certificate and with the one SNI selects.
+        certificate and with the one SNI selects; the metrics count each
+        failed handshake for its listener.
         """
         for protocol in ("imap", "pop3", "smtp", "sieve"):
             for tls in ("implicit", "starttls"):
@@ -208,12 +210,17 @@ class ListenerALPNTests(TestCase):
                     where = f"{protocol} {tls} SNI={serverName!r}"
                     self.assertEqual(kind, "lost", where)
                     self.assertIn("alert no application protocol", str(detail.value), where)
+        self.assertEqual(
+            dict(self.context.stats.tlsFailures),
+            {(protocol, tls): 2 for protocol in ("imap", "pop3", "smtp", "sieve") for tls in ("implicit", "starttls")},
+        )
 
     @defer.inlineCallbacks
     def test_servedWithTheProtocolsIdOrNone(self):  # type: ignore[no-untyped-def]
         """
         A client offering the protocol's ALPN id (among others) negotiates
         it and is served over TLS; a client offering no ALPN is served too.
+        No handshake counts as failed.
         """
         ids = {"imap": b"imap", "pop3": b"pop3", "smtp": b"smtp", "sieve": b"managesieve"}
         for protocol, alpnId in ids.items():
@@ -227,3 +234,5 @@ class ListenerALPNTests(TestCase):
                         self.assertTrue(line.startswith(_GREETINGS[protocol]), (where, line))
                     else:
                         self.assertNotEqual(line, b"", where)
+        self.assertEqual(dict(self.context.stats.tlsFailures), {})
+        self.assertEqual(sum(self.context.stats.accepted.values()), 16)

@@ -7,17 +7,28 @@ and the log events at session end and for failed logins.
 from __future__ import annotations
 
 import json
+import os
+import platform
 
+import twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._stats import ProxyStats, metricsText, routerChain, snapshot
+from mailproxy import __version__
+from mailproxy._stats import LOGIN_BUCKETS, ProxyStats, metricsText, routerChain, snapshot
+from mailproxy._tls import CertificateSource, makeSelfSigned, serverOptions
+from mailproxy.config import Limits, Listener
 from mailproxy.model import Rejection, Route
+from mailproxy.tap import listenerFactory
 from mailproxy.testing import FakeRouter, makeBackend
 
-from .opsfixtures import GREETING, ProxyHarness
+from .opsfixtures import GREETING, LOGGED_IN, ProxyHarness
 
 OLD = makeBackend("old")
 NEW = makeBackend("new")
@@ -262,11 +273,112 @@ class CounterTests(SynchronousTestCase):
         frontend.dataReceived(b"a LOGIN alice secret\r\n")
         proxy.clock.advance(0.03)
         router.pending[0].callback(Rejection())
-        latency = proxy.context.stats.routerLatency
+        (latency,) = proxy.context.stats.routerLatency.values()
         self.assertEqual(latency.count, 1)
         self.assertAlmostEqual(latency.total, 0.03)
         self.assertEqual(latency.counts[:5], [0, 0, 0, 0, 0])
         self.assertEqual(latency.counts[5:], [1] * 9)
+
+    def test_connectionsPerListener(self) -> None:
+        """
+        Connections are counted per listener as accepted, or refused with
+        the limit that refused them (C{connections_per_address}), whose
+        connection is closed.
+        """
+        proxy = harness(limits=Limits(connectionsPerAddress=1))
+        proxy.connect("192.0.2.10", listener="0")
+        _, refused = proxy.connect("192.0.2.10", listener="0")
+        proxy.connect("192.0.2.11", listener="1")
+        self.assertTrue(refused.disconnecting)
+        stats = proxy.context.stats
+        self.assertEqual(dict(stats.accepted), {("imap", "0"): 1, ("imap", "1"): 1})
+        self.assertEqual(dict(stats.refused), {("imap", "0", "connections_per_address"): 1})
+        data = snapshot(stats, proxy.context.sessions, proxy.context.router)
+        self.assertEqual(data["connections"]["refused"], {"imap": {"0": {"connections_per_address": 1}}})
+
+    def test_tlsHandshakeFailure(self) -> None:
+        """
+        A client of an implicit-TLS listener that sends no TLS ClientHello
+        fails the handshake, which is counted for its listener; a client
+        that leaves without a word is not counted.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        proxy = harness()
+        proxy.context.serverTLS = serverOptions(CertificateSource(*makeSelfSigned(directory)))
+        factory = listenerFactory(proxy.context, Listener(protocol="imap", endpoint="tcp:0", tls="implicit"), "1")
+
+        def connect() -> tuple[object, StringTransport]:
+            protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 50000))
+            transport = StringTransport(
+                hostAddress=IPv4Address("TCP", "192.0.2.1", 993), peerAddress=IPv4Address("TCP", "192.0.2.10", 50000)
+            )
+            protocol.makeConnection(transport)
+            return protocol, transport
+
+        garbage, transport = connect()
+        garbage.dataReceived(b"a LOGIN alice@example.org secret\r\n")  # type: ignore[attr-defined]
+        self.assertTrue(transport.disconnecting)
+        garbage.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        silent, _ = connect()
+        silent.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        stats = proxy.context.stats
+        self.assertEqual(dict(stats.tlsFailures), {("imap", "1"): 1})
+        self.assertEqual(dict(stats.accepted), {("imap", "1"): 2})
+
+    def test_loginLatency(self) -> None:
+        """
+        A login is timed from the client's credentials to its outcome, and
+        the backend's part from connecting it to its answer, on the
+        context's clock; the router's time is labelled with its name.
+        """
+        router = FakeRouter(manual=True)
+        proxy = ProxyHarness(router)
+        frontend, client = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        proxy.clock.advance(0.03)
+        router.pending[0].callback(Route(OLD))
+        proxy.clock.advance(0.2)
+        proxy.connector.protocols[0].dataReceived(GREETING)
+        proxy.connector.protocols[0].dataReceived(LOGGED_IN)
+        self.assertIsNotNone(frontend.relay, client.value())
+        stats = proxy.context.stats
+        self.assertEqual(list(stats.loginLatency), [("imap", "ok")])
+        self.assertAlmostEqual(stats.loginLatency["imap", "ok"].total, 0.23)
+        self.assertEqual(list(stats.backendLoginLatency), [("imap", "old", "ok")])
+        self.assertAlmostEqual(stats.backendLoginLatency["imap", "old", "ok"].total, 0.2)
+        self.assertAlmostEqual(stats.routerLatency["fake"].total, 0.03)
+        # Cumulative buckets: 0.23 s is above 0.1 and within 0.25.
+        self.assertEqual(stats.loginLatency["imap", "ok"].counts, [0] * 5 + [1] * 9)
+        self.assertEqual(len(LOGIN_BUCKETS), 14)
+
+    def test_failedLoginLatency(self) -> None:
+        """
+        A failed login is timed up to the failure, without the delay that
+        slows its answer; the backend's refusal and an unreachable backend
+        are timed with their kind, a router's refusal has no backend time.
+        """
+        proxy = harness()
+        frontend, client = proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org wrong\r\n")
+        proxy.clock.advance(0.5)
+        proxy.connector.protocols[-1].dataReceived(GREETING)
+        proxy.connector.protocols[-1].dataReceived(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        proxy.clock.advance(1)
+        self.assertIn(b"a NO", client.value())
+        frontend.dataReceived(b"b LOGIN nobody secret\r\n")
+        proxy.clock.advance(2)
+        proxy.connector.refuse = True
+        other, _ = proxy.connect()
+        other.dataReceived(b"a LOGIN carol@example.org secret\r\n")
+        stats = proxy.context.stats
+        self.assertEqual(stats.loginLatency["imap", "auth"].count, 2)
+        self.assertAlmostEqual(stats.loginLatency["imap", "auth"].total, 0.5)
+        self.assertEqual(stats.loginLatency["imap", "unavailable"].count, 1)
+        self.assertEqual(
+            {key: (h.count, h.total) for key, h in stats.backendLoginLatency.items()},
+            {("imap", "old", "auth"): (1, 0.5), ("imap", "new", "unavailable"): (1, 0.0)},
+        )
 
     def test_cacheHitRate(self) -> None:
         """
@@ -297,13 +409,14 @@ class MetricsTests(SynchronousTestCase):
     The Prometheus exposition.
     """
 
-    def metrics(self, proxy: ProxyHarness) -> dict:
+    def metrics(self, proxy: ProxyHarness, health: dict | None = None) -> dict:
         """
         Parse the proxy's metrics with prometheus_client's own parser.
 
+        @param health: the backends' states from the health probes.
         @return: C{{(sample name, labels as sorted tuple): value}}.
         """
-        text = metricsText(proxy.context.stats, proxy.context.sessions, proxy.context.router).decode()
+        text = metricsText(proxy.context.stats, proxy.context.sessions, proxy.context.router, health).decode()
         samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -327,8 +440,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             samples["mailproxy_logins_total", (("backend", "old"), ("protocol", "imap"), ("result", "ok"))], 2
         )
-        self.assertEqual(samples["mailproxy_router_latency_seconds_count", ()], 3)
-        self.assertEqual(samples["mailproxy_router_latency_seconds_bucket", (("le", "+Inf"),)], 3)
+        self.assertEqual(samples["mailproxy_router_latency_seconds_count", (("router", "fake"),)], 3)
+        self.assertEqual(samples["mailproxy_router_latency_seconds_bucket", (("le", "+Inf"), ("router", "fake"))], 3)
 
     def test_bytes(self) -> None:
         """
@@ -345,6 +458,68 @@ class MetricsTests(SynchronousTestCase):
             ],
             8,
         )
+
+    def test_connectionsAndLatencies(self) -> None:
+        """
+        Connections per listener, login and backend login latency and the
+        router's latency appear with their labels.
+        """
+        proxy = harness(limits=Limits(connectionsPerAddress=1))
+        proxy.login("alice@example.org")
+        proxy.connect(listener="0")
+        samples = self.metrics(proxy)
+        self.assertEqual(samples["mailproxy_connections_accepted_total", (("listener", "0"), ("protocol", "imap"))], 1)
+        self.assertEqual(
+            samples[
+                "mailproxy_connections_refused_total",
+                (("listener", "0"), ("protocol", "imap"), ("reason", "connections_per_address")),
+            ],
+            1,
+        )
+        self.assertEqual(
+            samples["mailproxy_login_latency_seconds_bucket", (("le", "0.005"), ("protocol", "imap"), ("result", "ok"))], 1
+        )
+        self.assertEqual(
+            samples["mailproxy_login_latency_seconds_count", (("protocol", "imap"), ("result", "ok"))], 1
+        )
+        self.assertEqual(
+            samples[
+                "mailproxy_backend_login_latency_seconds_bucket",
+                (("backend", "old"), ("le", "60.0"), ("protocol", "imap"), ("result", "ok")),
+            ],
+            1,
+        )
+        self.assertEqual(samples["mailproxy_router_latency_seconds_sum", (("router", "fake"),)], 0)
+
+    def test_backendUp(self) -> None:
+        """
+        Each backend port's health probe gives C{mailproxy_backend_up}, 1 or
+        0; without probes the metric is left out.
+        """
+        proxy = harness()
+        context = proxy.context
+        health = {"old": {"imap": {"ok": True, "seconds": 0.01}}, "new": {"imap": {"ok": False, "error": "refused"}}}
+        samples = self.metrics(proxy, health)
+        self.assertEqual(samples["mailproxy_backend_up", (("backend", "old"), ("port", "imap"))], 1)
+        self.assertEqual(samples["mailproxy_backend_up", (("backend", "new"), ("port", "imap"))], 0)
+        text = metricsText(context.stats, context.sessions, context.router).decode()
+        self.assertNotIn("mailproxy_backend_up", text)
+
+    def test_buildAndProcess(self) -> None:
+        """
+        C{mailproxy_build_info} names the versions of mailproxy, Python,
+        Twisted and OpenSSL; the process's own metrics are there too.
+        """
+        samples = self.metrics(harness())
+        (labels,) = [dict(labels) for name, labels in samples if name == "mailproxy_build_info"]
+        self.assertEqual(
+            {key: labels[key] for key in ("version", "python", "twisted")},
+            {"version": __version__, "python": platform.python_version(), "twisted": twisted.__version__},
+        )
+        self.assertTrue(labels["openssl"].startswith("OpenSSL "), labels)
+        self.assertGreater(samples["process_resident_memory_bytes", ()], 0)
+        self.assertGreater(samples["process_open_fds", ()], 0)
+        self.assertIn(("process_cpu_seconds_total", ()), samples)
 
     def test_oneRegistryPerProxy(self) -> None:
         """
