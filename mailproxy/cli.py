@@ -40,7 +40,7 @@ from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.config import ConfigError, loadConfig
-from mailproxy.demo import defaultDirectory, instructions, startDemo
+from mailproxy.demo import DEFAULT_ADMIN_PORT, defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter
 
 _PROG = "mailproxy"
@@ -78,8 +78,8 @@ def buildParser() -> argparse.ArgumentParser:
         help="run the proxy in front of two built-in demo IMAP servers",
         description=(
             "Start the proxy with a self-signed certificate in front of two small "
-            "built-in IMAP servers on loopback ports, and print how to try it. "
-            "Runs until Ctrl-C."
+            "built-in IMAP servers on loopback ports, with its management endpoint "
+            "and a new token, and print how to try and operate it. Runs until Ctrl-C."
         ),
     )
     demo.add_argument(
@@ -89,6 +89,10 @@ def buildParser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--imap-port", type=_port, default=10143, metavar="N",
         help="the proxy's STARTTLS port (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--admin-port", type=_port, default=DEFAULT_ADMIN_PORT, metavar="N",
+        help="the port of the proxy's management endpoint (default: %(default)s)",
     )
     demo.add_argument(
         "--directory", metavar="D", default=None,
@@ -280,11 +284,18 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async def main(reactor: Any) -> None:
         try:
             demo = await startDemo(
-                reactor, directory, imapsPort=arguments.imaps_port, imapPort=arguments.imap_port
+                reactor,
+                directory,
+                imapsPort=arguments.imaps_port,
+                imapPort=arguments.imap_port,
+                adminPort=arguments.admin_port,
             )
         except CannotListenError as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
-            print(f"{_PROG} demo: choose other ports with --imaps-port and --imap-port", file=err)
+            print(
+                f"{_PROG} demo: choose other ports with --imaps-port, --imap-port and --admin-port",
+                file=err,
+            )
             raise SystemExit(1) from None
         except (ConfigError, TLSConfigError, OSError) as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
