@@ -7,6 +7,8 @@ The C{mailproxy} command.
     load it, files, route table and certificates included;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
     as C{twistd -n mailproxy --config FILE} without a pid file;
+  - C{mailproxy examples DIR}: copy the examples shipped with the package
+    into DIR (L{mailproxy._examples});
   - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
     see L{mailproxy.admin}.
@@ -38,6 +40,7 @@ from twisted.scripts.twistd import ServerOptions, runApp
 
 from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
+from mailproxy._examples import ExamplesError, writeExamples
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.config import ConfigError, loadConfig
 from mailproxy.demo import DEFAULT_ADMIN_PORT, defaultDirectory, instructions, startDemo
@@ -122,6 +125,18 @@ def buildParser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
+
+    examples = commands.add_parser(
+        "examples",
+        help="copy the example configurations and files into a directory",
+        description=(
+            "Copy the examples shipped with mailproxy (configurations, route tables, "
+            "routers, the systemd unit, fail2ban filters) into DIRECTORY, creating it "
+            "if need be. Existing files are never replaced: if any would be, nothing "
+            "is written."
+        ),
+    )
+    examples.add_argument("directory", metavar="DIRECTORY")
     _addOperations(commands)
     return parser
 
@@ -260,6 +275,17 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     options = ServerOptions()
     options.parseOptions(["--nodaemon", "--pidfile=", "mailproxy", "--config", arguments.config])
     runApp(options)
+    return 0
+
+
+def _examples(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        written = writeExamples(arguments.directory)
+    except ExamplesError as e:
+        print(f"{_PROG} examples: {e}", file=err)
+        return 1
+    for path in written:
+        print(path, file=out)
     return 0
 
 
@@ -450,7 +476,13 @@ def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 1
 
 
-_COMMANDS = {"demo": _demo, "check": _check, "run": _run, **{name: _operate for name in _OPERATIONS}}
+_COMMANDS = {
+    "demo": _demo,
+    "check": _check,
+    "run": _run,
+    "examples": _examples,
+    **{name: _operate for name in _OPERATIONS},
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
