@@ -287,6 +287,12 @@ class WheelTests(TestCase):
 
     @inlineCallbacks
     def setUp(self) -> Any:  # type: ignore[override]
+        [setuptools] = [r for r in testRequires() if r.name == "setuptools"]
+        installed = importlib.metadata.version("setuptools")
+        self.assertIn(
+            installed, setuptools.specifier,
+            f"building the wheel needs {setuptools} (the test extras; tests/run installs them), not {installed}",
+        )
         self.work = os.path.abspath(self.mktemp())
         source = os.path.join(self.work, "source")
         for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
