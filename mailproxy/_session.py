@@ -414,7 +414,7 @@ class FrontendProtocol(Protocol):
         # a login's bookkeeping. The fields stay in the event for JSON.
         text = (
             f"session {client.sessionId} end: {self.protocolName} from {client.address}:{client.port} "
-            f"user={logQuote(self.user)} backend={backend} result={result} reason={logQuote(reason)} "
+            f"user={logQuote(self.user)} backend={backend or '-'} result={result} reason={logQuote(reason)} "
             f"duration={duration:.3f}s in={bytesIn} out={bytesOut}"
         )
         self.log.info(

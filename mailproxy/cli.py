@@ -11,6 +11,8 @@ The C{mailproxy} command.
     in, as TOML;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
     as C{twistd -n mailproxy --config FILE} without a pid file;
+  - C{mailproxy examples DIR}: copy the examples shipped with the package
+    into DIR (L{mailproxy._examples});
   - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
     see L{mailproxy.admin};
@@ -49,6 +51,7 @@ from twisted.scripts.twistd import ServerOptions, runApp
 from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
 from mailproxy._clidoc import bashCompletion, manPage
+from mailproxy._examples import ExamplesError, writeExamples
 from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
 from mailproxy._migrate import explainRoute
 from mailproxy._showconfig import dumpTOML, effectiveConfig
@@ -56,7 +59,7 @@ from mailproxy._stats import routerChain
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
-from mailproxy.demo import defaultDirectory, instructions, startDemo
+from mailproxy.demo import DEFAULT_ADMIN_PORT, defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter
 
 _PROG = "mailproxy"
@@ -94,8 +97,8 @@ def buildParser() -> argparse.ArgumentParser:
         help="run the proxy in front of two built-in demo IMAP servers",
         description=(
             "Start the proxy with a self-signed certificate in front of two small "
-            "built-in IMAP servers on loopback ports, and print how to try it. "
-            "Runs until Ctrl-C."
+            "built-in IMAP servers on loopback ports, with its management endpoint "
+            "and a new token, and print how to try and operate it. Runs until Ctrl-C."
         ),
     )
     demo.add_argument(
@@ -105,6 +108,10 @@ def buildParser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--imap-port", type=_port, default=10143, metavar="N",
         help="the proxy's STARTTLS port (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--admin-port", type=_port, default=DEFAULT_ADMIN_PORT, metavar="N",
+        help="the port of the proxy's management endpoint (default: %(default)s)",
     )
     demo.add_argument(
         "--directory", metavar="D", default=None,
@@ -166,6 +173,18 @@ def buildParser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
+
+    examples = commands.add_parser(
+        "examples",
+        help="copy the example configurations and files into a directory",
+        description=(
+            "Copy the examples shipped with mailproxy (configurations, route tables, "
+            "routers, the systemd unit, fail2ban filters) into DIRECTORY, creating it "
+            "if need be. Existing files are never replaced: if any would be, nothing "
+            "is written."
+        ),
+    )
+    examples.add_argument("directory", metavar="DIRECTORY")
     _addOperations(commands)
 
     completion = commands.add_parser(
@@ -487,6 +506,17 @@ def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _examples(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        written = writeExamples(arguments.directory)
+    except ExamplesError as e:
+        print(f"{_PROG} examples: {e}", file=err)
+        return 1
+    for path in written:
+        print(path, file=out)
+    return 0
+
+
 def _startLogging(stream: TextIO) -> None:
     """
     Send log events of level info and above to C{stream}, as text.
@@ -508,11 +538,18 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async def main(reactor: Any) -> None:
         try:
             demo = await startDemo(
-                reactor, directory, imapsPort=arguments.imaps_port, imapPort=arguments.imap_port
+                reactor,
+                directory,
+                imapsPort=arguments.imaps_port,
+                imapPort=arguments.imap_port,
+                adminPort=arguments.admin_port,
             )
         except CannotListenError as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
-            print(f"{_PROG} demo: choose other ports with --imaps-port and --imap-port", file=err)
+            print(
+                f"{_PROG} demo: choose other ports with --imaps-port, --imap-port and --admin-port",
+                file=err,
+            )
             raise SystemExit(1) from None
         except (ConfigError, TLSConfigError, OSError) as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
@@ -723,6 +760,7 @@ _COMMANDS = {
     "run": _run,
     "completion": _completion,
     "manpage": _manpage,
+    "examples": _examples,
     **{name: _operate for name in _OPERATIONS},
 }
 

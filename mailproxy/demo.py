@@ -3,8 +3,10 @@ The newcomer's first run: C{mailproxy demo}.
 
 It starts the proxy, with a freshly generated self-signed certificate, in
 front of two small built-in IMAP servers ("old" and "new") on loopback
-ports, writes the configuration it runs from into a directory, and prints
-how to try it with real clients. The account C{alice@example.org} is routed
+ports, with its management endpoint and a freshly generated token, writes
+the configuration it runs from into a directory, and prints how to try it
+with real clients and operate it with C{mailproxy move}, C{route explain},
+C{sessions} and C{/metrics}. The account C{alice@example.org} is routed
 to "old" and C{bob@example.org} to "new"; both servers hold both accounts,
 each INBOX seeded with a message that says which server it lives on, so what
 a client reads shows where the route table sent it.
@@ -35,7 +37,10 @@ import hmac
 import io
 import json
 import os
+import secrets
 import shlex
+import shutil
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
@@ -114,6 +119,17 @@ The name of the configuration file the demo writes.
 ROUTES_NAME = "routes.toml"
 """
 The name of the route table file the demo writes next to it.
+"""
+
+TOKEN_NAME = "admin.token"
+"""
+The name of the file with the management endpoint's token, which the demo
+generates on every run.
+"""
+
+DEFAULT_ADMIN_PORT = 19443
+"""
+The demo's management endpoint port unless told another.
 """
 
 
@@ -629,7 +645,12 @@ def _relative(path: str, directory: str) -> str:
 
 
 def demoConfig(
-    certificate: str, key: str, imapsPort: int, imapPort: int, storePorts: Mapping[str, int]
+    certificate: str,
+    key: str,
+    imapsPort: int,
+    imapPort: int,
+    storePorts: Mapping[str, int],
+    adminPort: int = DEFAULT_ADMIN_PORT,
 ) -> str:
     """
     The text of the demo's configuration file.
@@ -637,6 +658,8 @@ def demoConfig(
     @param certificate: the certificate file, relative to the configuration's
         directory or absolute; likewise C{key}.
     @param storePorts: the port of each demo server by name.
+    @param adminPort: the management endpoint's port; its token is
+        L{TOKEN_NAME} beside the configuration.
     """
     endpoint = "tcp:{port}:interface=" + DEMO_INTERFACE.replace(":", "\\:")
     parts = [
@@ -677,6 +700,13 @@ def demoConfig(
     ]
     parts += [
         "",
+        "# The management endpoint: `mailproxy move`, `route`, `sessions`, `stats`",
+        "# and `health` find it and its token here (with --config), Prometheus",
+        "# scrapes /metrics with the token. The demo makes a new token on every run.",
+        "[admin]",
+        f"endpoint = {_tomlString(endpoint.format(port=adminPort))}",
+        f"token_file = {_tomlString(TOKEN_NAME)}",
+        "",
         "# The built-in demo servers: plain IMAP on loopback ports chosen at start.",
         "# They are Twisted's IMAP server, which does not implement IMAP ID, so the",
         '# client\'s address is not forwarded to them ("auto" sends ID only where',
@@ -708,19 +738,31 @@ def demoRoutes(users: Iterable[DemoUser] = DEMO_USERS) -> str:
     return "\n".join(parts) + "\n"
 
 
-def writeDemoConfig(
+def writeToken(directory: str) -> str:
+    """
+    Write a new random token for the management endpoint into
+    C{directory}, readable by its owner only.
+
+    @return: the path of the token file.
+    """
+    path = os.path.join(directory, TOKEN_NAME)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="ascii") as f:
+        # A file left by an older run may have had a wider mode.
+        os.fchmod(f.fileno(), 0o600)
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def _writeConfig(
     directory: str,
     certificate: str,
     key: str,
     imapsPort: int,
     imapPort: int,
     storePorts: Mapping[str, int],
+    adminPort: int,
 ) -> str:
-    """
-    Write the demo's configuration and route table into C{directory}.
-
-    @return: the path of the configuration file.
-    """
     configPath = os.path.join(directory, CONFIG_NAME)
     text = demoConfig(
         _relative(certificate, directory),
@@ -728,12 +770,32 @@ def writeDemoConfig(
         imapsPort,
         imapPort,
         storePorts,
+        adminPort,
     )
-    with open(os.path.join(directory, ROUTES_NAME), "w", encoding="utf-8") as f:
-        f.write(demoRoutes())
     with open(configPath, "w", encoding="utf-8") as f:
         f.write(text)
     return configPath
+
+
+def writeDemoConfig(
+    directory: str,
+    certificate: str,
+    key: str,
+    imapsPort: int,
+    imapPort: int,
+    storePorts: Mapping[str, int],
+    adminPort: int = DEFAULT_ADMIN_PORT,
+) -> str:
+    """
+    Write the demo's configuration, its route table and a new token for
+    its management endpoint into C{directory}.
+
+    @return: the path of the configuration file.
+    """
+    with open(os.path.join(directory, ROUTES_NAME), "w", encoding="utf-8") as f:
+        f.write(demoRoutes())
+    writeToken(directory)
+    return _writeConfig(directory, certificate, key, imapsPort, imapPort, storePorts, adminPort)
 
 
 @define
@@ -746,6 +808,8 @@ class RunningDemo:
     @ivar certificatePath: the self-signed certificate clients can trust.
     @ivar imapsPort: the proxy's implicit TLS port.
     @ivar imapPort: the proxy's STARTTLS port.
+    @ivar adminPort: the port of the proxy's management endpoint.
+    @ivar tokenPath: the file with the management endpoint's token.
     @ivar stores: each demo server by name.
     @ivar storePorts: the port of each demo server by name.
     @ivar service: the running proxy.
@@ -756,6 +820,8 @@ class RunningDemo:
     certificatePath: str
     imapsPort: int
     imapPort: int
+    adminPort: int
+    tokenPath: str
     stores: dict[str, DemoStoreFactory]
     storePorts: dict[str, int]
     service: IService
@@ -789,18 +855,23 @@ async def startDemo(
     directory: str,
     imapsPort: int = 10993,
     imapPort: int = 10143,
+    adminPort: int = DEFAULT_ADMIN_PORT,
 ) -> RunningDemo:
     """
     Start the demo: the demo servers on free loopback ports, a self-signed
-    certificate and a configuration in C{directory}, and the proxy running
-    from that configuration. If anything fails, whatever had started is
-    stopped again.
+    certificate, a token and a configuration in C{directory}, and the proxy
+    running from that configuration, its management endpoint included. If
+    anything fails, whatever had started is stopped again.
 
     @param reactor: a reactor with TCP and time (L{IReactorTCP},
         L{IReactorTime}).
     @param imapsPort: the proxy's implicit TLS port; 0 lets the kernel
         choose a free one (the result says which).
     @param imapPort: the proxy's STARTTLS port; 0 likewise.
+    @param adminPort: the management endpoint's port; 0 likewise. With
+        port 0 the configuration file is written again once the proxy
+        listens, with the ports the kernel chose, so that the commands that
+        read it (C{mailproxy move --config}) find this proxy.
     @raise twisted.internet.error.CannotListenError: if a proxy port is
         taken.
     @raise mailproxy.config.ConfigError: if the written configuration does
@@ -822,12 +893,19 @@ async def startDemo(
         certificate, key = makeSelfSigned(
             directory, names=("localhost",), ips=("127.0.0.1", "::1")
         )
-        configPath = writeDemoConfig(directory, certificate, key, imapsPort, imapPort, storePorts)
+        configPath = writeDemoConfig(
+            directory, certificate, key, imapsPort, imapPort, storePorts, adminPort
+        )
         service = serviceFromConfig(loadConfig(configPath), reactor)
         service.startService()
+        requested = (imapsPort, imapPort, adminPort)
         # The listeners are the implicit TLS one, then the STARTTLS one.
         imapsPort = listeningPort(service, 0) or imapsPort
         imapPort = listeningPort(service, 1) or imapPort
+        admin = service.getServiceNamed("admin").endpoint.port  # type: ignore[attr-defined]
+        adminPort = admin.getHost().port if admin is not None else adminPort
+        if (imapsPort, imapPort, adminPort) != requested:
+            _writeConfig(directory, certificate, key, imapsPort, imapPort, storePorts, adminPort)
     except BaseException:
         if service is not None:
             await _stopStarted(service)
@@ -839,6 +917,8 @@ async def startDemo(
         certificatePath=str(certificate),
         imapsPort=imapsPort,
         imapPort=imapPort,
+        adminPort=adminPort,
+        tokenPath=os.path.join(directory, TOKEN_NAME),
         stores=stores,
         storePorts=storePorts,
         service=service,
@@ -892,6 +972,48 @@ def clientCommands(demo: RunningDemo) -> list[tuple[str, DemoUser, list[str]]]:
     ]
 
 
+def mailproxyCommand(
+    executable: str = sys.executable, which: Callable[[str], str | None] = shutil.which
+) -> str:
+    """
+    How to call the C{mailproxy} command that belongs to this Python: just
+    C{mailproxy} if that is the one on C{$PATH}, else the script's path
+    beside the interpreter (a virtualenv's C{bin}, which is seldom on
+    C{$PATH}).
+
+    @param executable: the running Python interpreter.
+    @param which: finds a command on C{$PATH}.
+    """
+    beside = os.path.join(os.path.dirname(os.path.abspath(executable)), "mailproxy")
+    if not os.access(beside, os.X_OK) or which("mailproxy") == beside:
+        return "mailproxy"
+    return beside
+
+
+def adminCommands(demo: RunningDemo, program: str = "mailproxy") -> list[tuple[str, str]]:
+    """
+    Shell lines that operate the running demo through its management
+    endpoint: the C{mailproxy} operations commands, which find the endpoint
+    and its token in the demo's configuration, and C{curl} for C{/metrics}.
+
+    @param program: how to call the C{mailproxy} command.
+    @return: for each command, what it shows and its shell line.
+    """
+    alice = DEMO_USERS[0]
+    config = ["--config", demo.configPath]
+    token = shlex.quote(demo.tokenPath)
+    return [
+        ("explain", shlex.join([program, "route", "explain", *config, alice.address])),
+        ("sessions", shlex.join([program, "sessions", *config])),
+        ("move", shlex.join([program, "move", *config, alice.address, "new"])),
+        (
+            "metrics",
+            f'curl -sS -H "Authorization: Bearer $(cat {token})" '
+            f"http://{DEMO_INTERFACE}:{demo.adminPort}/metrics",
+        ),
+    ]
+
+
 def _shellLine(argv: Sequence[str]) -> str:
     # curl's lines are long: the URL goes on a continuation line.
     if argv[0] == "curl":
@@ -899,21 +1021,26 @@ def _shellLine(argv: Sequence[str]) -> str:
     return f"  {shlex.join(argv)}"
 
 
-def instructions(demo: RunningDemo) -> str:
+def instructions(demo: RunningDemo, program: str | None = None) -> str:
     """
-    What to print once the demo runs: where everything is and the commands
-    that try it with real clients.
+    What to print once the demo runs: where everything is, the commands
+    that try it with real clients and those that operate it.
+
+    @param program: how to call the C{mailproxy} command; by default
+        L{mailproxyCommand}'s answer.
     """
     host = DEMO_INTERFACE
     alice = DEMO_USERS[0]
     cert = shlex.quote(demo.certificatePath)
     routes = os.path.join(demo.directory, ROUTES_NAME)
     width = max(len(u.address) for u in DEMO_USERS)
+    admin = dict(adminCommands(demo, program or mailproxyCommand()))
     lines = [
         "mailproxy demo is running.",
         "",
         f"  proxy, implicit TLS   {host}:{demo.imapsPort}",
         f"  proxy, STARTTLS       {host}:{demo.imapPort}",
+        f"  management endpoint   {host}:{demo.adminPort}  (HTTP, token in {demo.tokenPath})",
     ]
     lines += [
         f"  demo server {name!r:<9} {host}:{port}  (plain IMAP, behind the proxy)"
@@ -924,16 +1051,30 @@ def instructions(demo: RunningDemo) -> str:
     lines += ["", "Try it:"]
     lines += [_shellLine(argv) for _, _, argv in clientCommands(demo)]
     lines += [
-        f"  openssl s_client -quiet -crlf -CAfile {cert} -connect {host}:{demo.imapsPort}",
+        # -servername: the certificate's name is checked, and s_client
+        # has a name to report (without, it prints "Can't use
+        # SSL_get_servername").
+        f"  openssl s_client -quiet -crlf -CAfile {cert} -servername localhost"
+        f" -connect {host}:{demo.imapsPort}",
         f"      (add -starttls imap for port {demo.imapPort}), then type:",
         f"      a LOGIN {alice.address} {DEMO_PASSWORD}",
         "      b SELECT INBOX",
         "      c FETCH 1 BODY[TEXT]",
         "      d LOGOUT",
         "",
-        f"Move {alice.address} to 'new' the way a migration does: edit {routes}",
-        f"to say \"{alice.address}\" = \"new\" and read again; the proxy re-reads",
-        "the table within seconds, no restart.",
+        "Operate it through its management endpoint; these commands find it, and",
+        "its token, in the configuration. Which rule sends alice where, and the",
+        "open sessions:",
+        f"  {admin['explain']}",
+        f"  {admin['sessions']}",
+        f"Move {alice.address} to 'new' the way a migration does, with one command:",
+        "her open sessions get \"* BYE\" and her client reconnects, to 'new' (move",
+        "her back the same way):",
+        f"  {admin['move']}",
+        f"Or edit {routes}",
+        f"to say \"{alice.address}\" = \"new\": the proxy re-reads the table within",
+        "seconds, no restart. The counters, as Prometheus reads them:",
+        f"  {admin['metrics']}",
         "",
         f"The certificate is self-signed: {demo.certificatePath}",
         f"The configuration is a starting point for a real deployment: {demo.configPath}",

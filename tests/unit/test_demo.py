@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import imaplib
 import os
+import shlex
 import shutil
 import socket
 import ssl
+import stat
 import sys
 import tomllib
 from typing import Any
@@ -34,11 +36,13 @@ from mailproxy.demo import (
     DEMO_USERS,
     DemoMailbox,
     DemoStoreFactory,
+    adminCommands,
     clientCommands,
     defaultDirectory,
     demoConfig,
     demoRoutes,
     instructions,
+    mailproxyCommand,
     startDemo,
     writeDemoConfig,
 )
@@ -331,6 +335,7 @@ class ConfigurationTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(config.tls.certificate, certificate)  # type: ignore[union-attr]
+        self.assertEqual(config.admin.endpoint, "tcp:19443:interface=127.0.0.1")  # type: ignore[union-attr]
         self.assertEqual(
             {name: (b.port("imap"), b.tls, b.forward) for name, b in config.backends.items()},
             {"old": (4001, "none", "none"), "new": (4002, "none", "none")},
@@ -355,6 +360,26 @@ class ConfigurationTests(SynchronousTestCase):
             data = tomllib.load(f)
         self.assertEqual(data["tls"], {"certificate": "c.pem", "key": "/elsewhere/k.pem"})
         self.assertEqual(data["router"], {"type": "static", "path": "routes.toml"})
+        self.assertEqual(data["admin"]["token_file"], "admin.token")
+
+    def test_token(self) -> None:
+        """
+        Each write makes a new token of 64 hexadecimal digits, in a file
+        only its owner can read, whatever mode an older one had.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        tokenPath = os.path.join(directory, "admin.token")
+        tokens = []
+        for _ in range(2):
+            writeDemoConfig(directory, "c.pem", "k.pem", 1, 2, {})
+            self.assertEqual(stat.S_IMODE(os.stat(tokenPath).st_mode), 0o600)
+            with open(tokenPath, encoding="ascii") as f:
+                tokens.append(f.read())
+            os.chmod(tokenPath, 0o644)
+        for token in tokens:
+            self.assertRegex(token, "^[0-9a-f]{64}\n$")
+        self.assertNotEqual(tokens[0], tokens[1])
 
     def test_quoting(self) -> None:
         """
@@ -373,6 +398,24 @@ class ConfigurationTests(SynchronousTestCase):
             tomllib.loads(demoRoutes()),
             {"accounts": {"alice@example.org": "old", "bob@example.org": "new"}},
         )
+
+    def test_mailproxyCommand(self) -> None:
+        """
+        The printed commands call C{mailproxy} by name when that is the
+        script beside the running Python, else by the script's path (a
+        virtualenv not on C{$PATH}); without such a script, by name.
+        """
+        bin = os.path.abspath(self.mktemp())
+        os.makedirs(bin)
+        python = os.path.join(bin, "python")
+        script = os.path.join(bin, "mailproxy")
+        self.assertEqual(mailproxyCommand(python, lambda name: None), "mailproxy")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(script, 0o755)
+        self.assertEqual(mailproxyCommand(python, lambda name: None), script)
+        self.assertEqual(mailproxyCommand(python, lambda name: "/usr/bin/mailproxy"), script)
+        self.assertEqual(mailproxyCommand(python, lambda name: script), "mailproxy")
 
     def test_defaultDirectory(self) -> None:
         """
@@ -421,6 +464,29 @@ class StoreOverTCPTests(TestCase):
         yield client.logout()
 
 
+def runWithInput(argv: list[str], data: bytes) -> tuple[bytes, bytes, int]:
+    """
+    Run C{argv} with C{data} on its standard input, waiting at most 20
+    seconds.
+
+    @return: its standard output, standard error and exit status.
+    """
+    import subprocess
+
+    result = subprocess.run(argv, input=data, capture_output=True, timeout=20)
+    return result.stdout, result.stderr, result.returncode
+
+
+def closeQuietly(client: imaplib.IMAP4) -> None:
+    """
+    Close an IMAP client's socket, whatever state the session is in.
+    """
+    try:
+        client.shutdown()
+    except OSError:
+        pass
+
+
 def readInbox(
     port: int, user: str, password: str, cafile: str, starttls: bool = False
 ) -> bytes:
@@ -457,7 +523,7 @@ class DemoTests(TestCase):
     def setUp(self) -> Any:  # type: ignore[override]
         self.directory = os.path.abspath(self.mktemp())
         self.demo = yield Deferred.fromCoroutine(
-            startDemo(reactor, self.directory, imapsPort=0, imapPort=0)
+            startDemo(reactor, self.directory, imapsPort=0, imapPort=0, adminPort=0)
         )
         self.addCleanup(self.demo.stop)
 
@@ -557,6 +623,114 @@ class DemoTests(TestCase):
         )
         for name, port in self.demo.storePorts.items():
             self.assertIn(f"127.0.0.1:{port}", printed)
+        self.assertIn(
+            f"management endpoint   127.0.0.1:{self.demo.adminPort}  "
+            f"(HTTP, token in {os.path.join(self.directory, 'admin.token')})",
+            printed,
+        )
+
+    def test_sClientLine(self) -> None:
+        """
+        The s_client line names the server, so that the certificate's name
+        is checked and s_client has a name to report.
+        """
+        printed = instructions(self.demo)
+        self.assertIn(
+            f"openssl s_client -quiet -crlf -CAfile {self.demo.certificatePath} "
+            f"-servername localhost -connect 127.0.0.1:{self.demo.imapsPort}\n",
+            printed,
+        )
+
+    @inlineCallbacks
+    def test_sClient(self) -> Any:
+        """
+        The printed s_client line, with the printed commands typed, reads
+        alice's INBOX, on the implicit TLS port and with C{-starttls imap}
+        on the other, and says nothing on stderr but the verification.
+        """
+        printed = instructions(self.demo)
+        [line] = [l for l in printed.splitlines() if "openssl s_client" in l]
+        argv = shlex.split(line)
+        typed = b"".join(
+            l.strip().encode() + b"\n"
+            for l in printed.splitlines()
+            if l.strip()[:2] in ("a ", "b ", "c ", "d ")
+        )
+        self.assertIn(f"(add -starttls imap for port {self.demo.imapPort})", printed)
+        starttls = argv[:-1] + [f"127.0.0.1:{self.demo.imapPort}", "-starttls", "imap"]
+        for command in (argv, starttls):
+            out, err, code = yield deferToThread(runWithInput, command, typed)
+            self.assertEqual(code, 0, err)
+            self.assertIn(b"this message lives on the demo server 'old'.", out)
+            self.assertIn(b"d OK LOGOUT", out)
+            self.assertNotIn(b"SSL_get_servername", err)
+            self.assertIn(b"verify return:1", err)
+
+    @inlineCallbacks
+    def test_adminCommands(self) -> Any:
+        """
+        The operations commands the demo prints work as printed, against the
+        configuration it wrote: explain names alice's rule and backend,
+        sessions lists her open session, move moves her and drops it, and
+        /metrics answers with the token.
+        """
+        program = self.wrapper()
+        printed = instructions(self.demo, program)
+        commands = dict(adminCommands(self.demo, program))
+        for line in commands.values():
+            self.assertIn(f"\n  {line}\n", printed)
+        client = yield deferToThread(self.login, "alice@example.org")
+        self.addCleanup(closeQuietly, client)
+
+        out = yield self.shell(commands["explain"])
+        self.assertIn("rule:    accounts['alice@example.org']\nbackend: old\n", out)
+        out = yield self.shell(commands["sessions"])
+        self.assertIn(" imap relay alice@example.org old 127.0.0.1:", out)
+        self.assertTrue(out.endswith("\n1 session\n"), out)
+        out = yield self.shell(commands["move"])
+        self.assertEqual(out, "changed: alice@example.org: old -> new\n1 open session dropped\n")
+        out = yield self.shell(commands["explain"])
+        self.assertIn("backend: new\n", out)
+        out = yield self.shell(commands["metrics"])
+        self.assertIn('mailproxy_logins_total{backend="old",protocol="imap",result="ok"} 1.0', out)
+        text = yield self.read("alice@example.org")
+        self.assertIn(b"this message lives on the demo server 'new'.", text)
+
+    def wrapper(self) -> str:
+        """
+        A C{mailproxy} command that runs this checkout's code, to stand in
+        for the installed one in the printed lines.
+        """
+        path = os.path.abspath(self.mktemp())
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(
+                "#!/bin/sh\n"
+                f"PYTHONPATH={shlex.quote(checkout)} exec {shlex.quote(sys.executable)} -c "
+                "'import sys; from mailproxy.cli import main; sys.exit(main(sys.argv[1:]))' \"$@\"\n"
+            )
+        os.chmod(path, 0o755)
+        return path
+
+    @inlineCallbacks
+    def shell(self, line: str) -> Any:
+        """
+        Run a printed line with C{sh}; it must succeed.
+
+        @return: a L{Deferred} that fires with its standard output.
+        """
+        out, err, code = yield getProcessOutputAndValue("/bin/sh", ["-c", line], env=os.environ)
+        self.assertEqual(code, 0, f"{line}: {err!r}")
+        return out.decode("utf-8")
+
+    def login(self, user: str) -> imaplib.IMAP4_SSL:
+        """
+        An IMAP session through the proxy, logged in as C{user}, left open.
+        """
+        context = ssl.create_default_context(cafile=self.demo.certificatePath)
+        client = imaplib.IMAP4_SSL("127.0.0.1", self.demo.imapsPort, ssl_context=context, timeout=20)
+        client.login(user, DEMO_PASSWORD)
+        return client
 
 
 class DemoPortTests(TestCase):
@@ -573,7 +747,7 @@ class DemoPortTests(TestCase):
         from twisted.logger import formatEvent
 
         with capturedLogs() as events:
-            demo = yield Deferred.fromCoroutine(startDemo(reactor, os.path.abspath(self.mktemp()), 0, 0))
+            demo = yield Deferred.fromCoroutine(startDemo(reactor, os.path.abspath(self.mktemp()), 0, 0, 0))
         self.addCleanup(demo.stop)
         lines = [formatEvent(e) for e in events if "listening on" in e.get("log_format", "")]
         self.assertEqual(
@@ -581,9 +755,31 @@ class DemoPortTests(TestCase):
             [
                 f"listener[0] (imap, tls=implicit) listening on 127.0.0.1:{demo.imapsPort}",
                 f"listener[1] (imap, tls=starttls-required) listening on 127.0.0.1:{demo.imapPort}",
+                f"admin listening on 127.0.0.1:{demo.adminPort}",
             ],
         )
-        self.assertNotIn(0, (demo.imapsPort, demo.imapPort))
+        self.assertNotIn(0, (demo.imapsPort, demo.imapPort, demo.adminPort))
+
+    @inlineCallbacks
+    def test_chosenPortsWritten(self) -> Any:
+        """
+        With port 0, the configuration file is written again with the ports
+        the kernel chose, so that the commands that read it reach this
+        proxy; the route table and the token stay as the proxy read them.
+        """
+        directory = os.path.abspath(self.mktemp())
+        demo = yield Deferred.fromCoroutine(startDemo(reactor, directory, 0, 0, 0))
+        self.addCleanup(demo.stop)
+        config = loadConfig(demo.configPath)
+        self.assertEqual(
+            [l.endpoint for l in config.listeners],
+            [f"tcp:{demo.imapsPort}:interface=127.0.0.1", f"tcp:{demo.imapPort}:interface=127.0.0.1"],
+        )
+        self.assertEqual(config.admin.endpoint, f"tcp:{demo.adminPort}:interface=127.0.0.1")  # type: ignore[union-attr]
+        self.assertEqual(
+            config.admin.token,  # type: ignore[union-attr]
+            demo.service.admin.guard.token,  # type: ignore[attr-defined]
+        )
 
 
 class DemoStartFailureTests(TestCase):
@@ -609,6 +805,7 @@ class DemoStartFailureTests(TestCase):
                         directory,
                         imapsPort=0,
                         imapPort=taken.getHost().port,  # type: ignore[attr-defined]
+                        adminPort=0,
                     )
                 ),
                 CannotListenError,
@@ -617,5 +814,35 @@ class DemoStartFailureTests(TestCase):
         [imapsPort] = [e["port"] for e in events if e.get("name", "").startswith("listener[0] ")]
         config = loadConfig(os.path.join(directory, "mailproxy.toml"))
         for port in [imapsPort] + [b.port("imap") for b in config.backends.values()]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+
+    @inlineCallbacks
+    def test_adminPortInUse(self) -> Any:
+        """
+        If the management endpoint's port is taken, startDemo fails with
+        L{CannotListenError} and closes both proxy listeners, which had
+        started, and the demo servers.
+        """
+        taken = reactor.listenTCP(0, DemoStoreFactory("x", reactor), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        directory = os.path.abspath(self.mktemp())
+        with capturedLogs() as events:
+            yield self.assertFailure(
+                Deferred.fromCoroutine(
+                    startDemo(
+                        reactor,
+                        directory,
+                        imapsPort=0,
+                        imapPort=0,
+                        adminPort=taken.getHost().port,  # type: ignore[attr-defined]
+                    )
+                ),
+                CannotListenError,
+            )
+        ports = [e["port"] for e in events if e.get("name", "").startswith("listener[")]
+        self.assertEqual(len(ports), 2)
+        config = loadConfig(os.path.join(directory, "mailproxy.toml"))
+        for port in ports + [b.port("imap") for b in config.backends.values()]:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))

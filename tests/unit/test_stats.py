@@ -598,6 +598,27 @@ class LogEventTests(SynchronousTestCase):
             'protocol=imap user="x address=192.0.2.99" attempt=1',
         )
 
+    def test_sessionEndLineWithoutBackend(self) -> None:
+        """
+        A session that ends before a login reads C{user=- backend=-} in the
+        text line, as every absent value does there (never Python's
+        C{None}); the JSON event keeps L{None}.
+        """
+        from twisted.logger import formatEvent
+
+        events = captureEvents(self)
+        proxy = harness()
+        frontend, _ = proxy.connect(address="198.51.100.7")
+        proxy.close(frontend)
+        (end,) = [e for e in events if e.get("event") == "session_end"]
+        self.assertIsNone(end["backend"])
+        text = formatEvent(end)
+        self.assertIn(
+            f"session {frontend.client.sessionId} end: imap from 198.51.100.7:{frontend.client.port} "
+            "user=- backend=- result=no-login ",
+            text,
+        )
+
     def test_userCannotBreakTheLine(self) -> None:
         """
         A login name with a line break (sent as a literal) stays on one
