@@ -6,10 +6,14 @@ The C{mailproxy} command.
   - C{mailproxy check CONFIG}: validate a configuration as the proxy would
     load it, files, route table and certificates included;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
-    as C{twistd -n mailproxy --config FILE} without a pid file;
+    as C{twistd -n mailproxy --config FILE} without a pid file, without
+    scanning Twisted's plugins (so it never writes their C{dropin.cache}),
+    logging to standard output in the journal's way under systemd;
   - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
-    see L{mailproxy.admin}.
+    see L{mailproxy.admin}; C{mailproxy reload --pid PID} needs no
+    management endpoint: it sends SIGHUP and reads the outcome the proxy
+    records under C{$RUNTIME_DIRECTORY} (L{mailproxy._systemd}).
 
 This module is an entry point: it alone picks the global reactor and sets up
 logging, and hands both to the library.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from urllib.parse import quote
 from collections.abc import Sequence
@@ -27,6 +32,7 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
+from twisted.application.service import IServiceMaker
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -38,6 +44,8 @@ from twisted.scripts.twistd import ServerOptions, runApp
 
 from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
+from mailproxy._logs import processLogObserver
+from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.config import ConfigError, loadConfig
 from mailproxy.demo import defaultDirectory, instructions, startDemo
@@ -114,7 +122,9 @@ def buildParser() -> argparse.ArgumentParser:
         help="run the proxy in the foreground",
         description=(
             "Run the proxy in the foreground, logging to standard output: the same as "
-            "`twistd -n mailproxy --config FILE`, but without writing a pid file."
+            "`twistd -n mailproxy --config FILE`, but without writing a pid file or "
+            "Twisted's plugin cache. With [log] path = \"-\" standard output has only "
+            "the [log] format; on the journal, lines carry their syslog priority."
         ),
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
@@ -191,12 +201,26 @@ def _addOperations(commands: Any) -> None:
     sessions.add_argument("--backend", metavar="BACKEND", help="only the sessions relayed to BACKEND")
     sessions.add_argument("--drop", action="store_true", help="drop the matching sessions (needs a filter)")
 
+    parsers = {}
     for name, text in (
         ("reload", "reload the configuration, route table and certificates (like SIGHUP)"),
         ("stats", "show the counters as JSON"),
         ("health", "check the proxy and every backend (exit status 1 if unhealthy)"),
     ):
-        commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        parsers[name] = commands.add_parser(
+            name, parents=[common], help=text, description=text[0].upper() + text[1:] + "."
+        )
+    parsers["reload"].add_argument(
+        "--pid", type=int, metavar="PID",
+        help=(
+            "send SIGHUP to the proxy PID and wait for the outcome it records in "
+            "$RUNTIME_DIRECTORY, without the management endpoint (systemd: --pid $MAINPID)"
+        ),
+    )
+    parsers["reload"].add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        help="with --pid: how long to wait for the outcome (default: %(default)s)",
+    )
 
 
 def _globalReactor() -> Any:
@@ -245,16 +269,34 @@ def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+class _RunOptions(ServerOptions):
+    """
+    twistd's options, knowing of no plugin but mailproxy's: looking for the
+    others would scan Twisted's plugin directories and try to rewrite their
+    C{dropin.cache}, which a service user may not (C{Unable to write to
+    plugin cache}).
+    """
+
+    @staticmethod
+    def _getPlugins(interface: Any, package: Any = None) -> list[Any]:
+        from twisted.plugins.mailproxy_plugin import mailproxy
+
+        return [mailproxy] if interface is IServiceMaker else []
+
+
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # twistd would report a bad file as a usage error with a traceback
     # around it; say it the way `mailproxy check` does.
     try:
-        loadConfig(arguments.config)
+        config = loadConfig(arguments.config)
     except ConfigError as e:
         print(_problem(e), file=err)
         return 1
-    options = ServerOptions()
+    options = _RunOptions()
     options.parseOptions(["--nodaemon", "--pidfile=", "mailproxy", "--config", arguments.config])
+    # One writer on standard output, in the [log] format if path is "-".
+    options["logger"] = lambda: processLogObserver(config.log)
+    options.subOptions["eventLogOnStandardOutput"] = True
     runApp(options)
     return 0
 
@@ -404,10 +446,27 @@ def _reload(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> 
     status, outcome = client.request("POST", "/reload")
     if status != 200:
         raise AdminError(f"reload failed, the running configuration is kept: {outcome.get('error', outcome)}")
+    _printReloaded(outcome, out)
+    return 0
+
+
+def _reloadBySignal(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        outcome = reloadBySignal(arguments.pid, os.environ.get("RUNTIME_DIRECTORY"), arguments.timeout)
+    except ReloadError as e:
+        print(f"{_PROG} reload: {e}", file=err)
+        return 1
+    if not outcome["ok"]:
+        print(f"{_PROG} reload: reload failed, the running configuration is kept: {outcome['error']}", file=err)
+        return 1
+    _printReloaded(outcome, out)
+    return 0
+
+
+def _printReloaded(outcome: dict[str, Any], out: TextIO) -> None:
     print(f"reloaded {outcome['path']}", file=out)
     if outcome["restartNeeded"]:
         print(f"these changes need a restart: {', '.join(outcome['restartNeeded'])}", file=out)
-    return 0
 
 
 def _stats(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
@@ -432,6 +491,8 @@ _OPERATIONS = {
 
 
 def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if getattr(arguments, "pid", None) is not None:
+        return _reloadBySignal(arguments, out, err)
     try:
         return _OPERATIONS[arguments.command](arguments, _client(arguments), out)
     except AdminError as e:
