@@ -406,6 +406,28 @@ class UnitFileTests(SynchronousTestCase):
     The example unit, C{examples/mailproxy.service}.
     """
 
+    def test_settings(self) -> None:
+        """
+        It runs C{mailproxy run} as C{Type=notify}, reloads with C{mailproxy
+        reload --pid}, keeps state in C{/var/lib/mailproxy} and the reload
+        outcome in C{/run/mailproxy}, and leaves C{/etc/mailproxy}
+        read-only.
+        """
+        text = (_REPOSITORY / "examples" / "mailproxy.service").read_text()
+        settings: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            if "=" in line and not line.startswith(("#", "[")):
+                key, value = line.split("=", 1)
+                settings.setdefault(key, []).append(value)
+        self.assertEqual(settings["Type"], ["notify"])
+        self.assertEqual(
+            settings["ExecStart"], ["/opt/mailproxy/bin/mailproxy run --config /etc/mailproxy/mailproxy.toml"]
+        )
+        self.assertEqual(settings["ExecReload"], ["/opt/mailproxy/bin/mailproxy reload --pid $MAINPID"])
+        self.assertEqual((settings["StateDirectory"], settings["RuntimeDirectory"]), (["mailproxy"], ["mailproxy"]))
+        self.assertEqual(settings["ProtectSystem"], ["strict"])
+        self.assertNotIn("ReadWritePaths", settings)
+
     def test_verify(self) -> None:
         """
         C{systemd-analyze verify} finds nothing wrong with it, its commands
