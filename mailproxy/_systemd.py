@@ -61,12 +61,14 @@ def syslogPriority(level: LogLevel | None) -> int:
     return _PRIORITIES.get(level, 6) if level is not None else 6
 
 
-def isJournalStream(stream: IO[str] | None, environ: Mapping[str, str] = os.environ) -> bool:
+def isJournalStream(stream: IO[str] | None, environ: Mapping[str, str] | None = None) -> bool:
     """
     Whether C{stream} is connected to the journal: systemd names the
     journal's stream in C{$JOURNAL_STREAM} as C{device:inode}.
+
+    @param environ: by default the process's environment.
     """
-    value = environ.get("JOURNAL_STREAM", "")
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
     if stream is None or ":" not in value:
         return False
     try:
