@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import IO, Any, Callable
 
 from twisted.logger import Logger, LogLevel
@@ -115,12 +115,16 @@ class ServiceNotifier:
         self._failed = False
 
     @classmethod
-    def fromEnvironment(cls, environ: dict[str, str] | Any = os.environ) -> "ServiceNotifier":
+    def fromEnvironment(cls, environ: MutableMapping[str, str] | None = None) -> "ServiceNotifier":
         """
         The notifier systemd's environment asks for. C{NOTIFY_SOCKET} is
         removed from C{environ}, so that no child process takes it for its
         own.
+
+        @param environ: by default the process's environment.
         """
+        if environ is None:
+            environ = os.environ
         address: str | bytes | None = environ.pop("NOTIFY_SOCKET", None) or None
         if isinstance(address, str):
             if address.startswith("@"):
@@ -248,7 +252,7 @@ def reloadBySignal(
         raise ReloadError("$RUNTIME_DIRECTORY is not set (RuntimeDirectory= in the unit), so no outcome can be read")
     path = os.path.join(directory, RELOAD_STATUS)
     before = _readStatus(path)
-    if before is None or before.get("pid") != pid:
+    if before is None or before.get("pid") != pid or not isinstance(before.get("generation"), int):
         raise ReloadError(f"{path} is not written by process {pid}: was it started with this RuntimeDirectory?")
     try:
         os.kill(pid, signal.SIGHUP)
