@@ -29,10 +29,10 @@ from urllib.parse import quote
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
-from twisted.application.service import IServiceMaker
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -491,8 +491,6 @@ _OPERATIONS = {
 
 
 def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    if getattr(arguments, "pid", None) is not None:
-        return _reloadBySignal(arguments, out, err)
     try:
         return _OPERATIONS[arguments.command](arguments, _client(arguments), out)
     except AdminError as e:
@@ -500,7 +498,19 @@ def _operate(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 1
 
 
-_COMMANDS = {"demo": _demo, "check": _check, "run": _run, **{name: _operate for name in _OPERATIONS}}
+def _reloadCommand(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if arguments.pid is not None:
+        return _reloadBySignal(arguments, out, err)
+    return _operate(arguments, out, err)
+
+
+_COMMANDS = {
+    "demo": _demo,
+    "check": _check,
+    "run": _run,
+    **{name: _operate for name in _OPERATIONS},
+    "reload": _reloadCommand,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

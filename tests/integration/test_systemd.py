@@ -176,6 +176,11 @@ class NotifyTests(SynchronousTestCase):
         )
         self.assertTrue(greeting(proxy.ports[0]).startswith(b"* OK"))
 
+        # Both greeted clients have gone: the proxy has seen them close.
+        deadline = time.monotonic() + TIMEOUT
+        while proxy.logText().count(" end: imap from ") < 2:
+            self.assertLess(time.monotonic(), deadline, proxy.logText())
+            time.sleep(0.05)
         proxy.stop()
         self.assertEqual(notifications.next(), {"STOPPING": "1", "STATUS": "stopping: 0 sessions open"})
         # twistd ends by the signal, which systemd counts as a clean exit.
