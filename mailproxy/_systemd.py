@@ -31,6 +31,7 @@ from twisted.logger import Logger, LogLevel
 __all__ = [
     "ServiceNotifier",
     "isJournalStream",
+    "passedSocketProblem",
     "syslogPriority",
     "ReloadError",
     "reloadBySignal",
@@ -77,6 +78,25 @@ def isJournalStream(stream: IO[str] | None, environ: Mapping[str, str] | None = 
     except (OSError, ValueError, AttributeError):
         return False
     return (status.st_dev, status.st_ino) == (device, inode)
+
+
+def passedSocketProblem(fileno: int, family: int) -> str | None:
+    """
+    What is wrong with descriptor C{fileno}, passed by systemd for a TCP
+    listener of address family C{family}: L{None} if it is a listening
+    stream socket of that family.
+    """
+    try:
+        probe = socket.socket(fileno=os.dup(fileno))
+    except OSError as e:
+        return f"descriptor {fileno} is no socket ({e.strerror})"
+    with probe:
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if probe.type != socket.SOCK_STREAM or not listening:
+            return f"descriptor {fileno} is no listening stream socket (ListenStream=)"
+        if probe.family != family:
+            return f"descriptor {fileno} is an {probe.family.name} socket, not {socket.AddressFamily(family).name}"
+    return None
 
 
 def _status(text: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any, cast
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -27,7 +28,7 @@ from ._lifecycle import ProxyService, ReloadableServerTLS
 from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
-from ._systemd import ServiceNotifier
+from ._systemd import ServiceNotifier, passedSocketProblem
 from .config import Config, ConfigError, Listener, loadConfig
 from .admin import adminSite
 from .routers import buildRouter
@@ -134,10 +135,11 @@ def listenerEndpoint(reactor: Any, endpoint: str) -> IStreamServerEndpoint:
     The server endpoint of a listener's endpoint string.
 
     @raise ValueError: a C{systemd:} endpoint names a socket systemd did not
-        pass (C{$LISTEN_FDS}, C{$LISTEN_FDNAMES}); the message says which.
+        pass (C{$LISTEN_FDS}, C{$LISTEN_FDNAMES}), or one of another kind;
+        the message says which.
     """
     try:
-        return serverEndpoint(reactor, withBacklog(endpoint))
+        server = serverEndpoint(reactor, withBacklog(endpoint))
     except (IndexError, KeyError):
         # The configuration has checked the syntax; only the sockets passed
         # can be missing.
@@ -145,6 +147,13 @@ def listenerEndpoint(reactor: Any, endpoint: str) -> IStreamServerEndpoint:
             f"systemd passed no such socket (the socket unit's ListenStream= and "
             f"FileDescriptorName=, or the service's Sockets=): {endpoint!r}"
         ) from None
+    if isinstance(server, AdoptedStreamServerEndpoint):
+        # Twisted would adopt a socket of another family and misread its
+        # addresses.
+        problem = passedSocketProblem(server.fileno, server.addressFamily)
+        if problem is not None:
+            raise ValueError(f"{endpoint!r}: {problem}")
+    return server
 
 
 def listenerFactory(context: ProxyContext, listener: Listener) -> IProtocolFactory:

@@ -13,10 +13,11 @@ import signal
 import socket
 from typing import Any
 
-from twisted.internet.endpoints import TCP6ServerEndpoint
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP6ServerEndpoint, _SystemdParser
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
+from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._endpoints import serverEndpoint, splitDescription
@@ -224,18 +225,61 @@ class ProxyServiceNotifyTests(ServiceTreeTestsMixin, SynchronousTestCase):
 
 class SystemdListenerTests(ServiceTreeTestsMixin, SynchronousTestCase):
     """
-    A C{systemd:} listener whose socket was not passed.
+    A C{systemd:} listener and the socket systemd passed, or did not.
     """
+
+    def useEndpoint(self, endpoint: str) -> None:
+        """
+        Make the configuration's listener use C{endpoint}.
+        """
+        with open(self.path) as f:
+            text = f.read().replace("tcp:10993:interface=127.0.0.1", endpoint)
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def passSocket(self, family: int, kind: int = socket.SOCK_STREAM, listen: bool = True) -> None:
+        """
+        Pretend systemd passed one socket, named C{imap}.
+        """
+        passed = socket.socket(family, kind)
+        self.addCleanup(passed.close)
+        passed.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        if listen:
+            passed.listen(5)
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([passed.fileno()], ("imap",)))
+
+    def test_passedSocket(self) -> None:
+        """
+        The listener adopts the socket of its name.
+        """
+        self.useEndpoint("systemd:domain=INET6:name=imap")
+        self.passSocket(socket.AF_INET6)
+        service = serviceFromConfig(loadConfig(self.path), MemoryReactor())
+        endpoint = service.getServiceNamed("listener-0").endpoint.endpoint  # type: ignore[attr-defined]
+        self.assertIsInstance(endpoint, AdoptedStreamServerEndpoint)
+
+    def test_wrongSocket(self) -> None:
+        """
+        A socket of another address family than the endpoint's domain, or
+        one that does not listen for streams, stops the start, saying so.
+        """
+        self.useEndpoint("systemd:domain=INET:name=imap")
+        for family, kind, listen, why in [
+            (socket.AF_INET6, socket.SOCK_STREAM, True, "is an AF_INET6 socket, not AF_INET"),
+            (socket.AF_INET, socket.SOCK_STREAM, False, "is no listening stream socket (ListenStream=)"),
+            (socket.AF_INET, socket.SOCK_DGRAM, False, "is no listening stream socket (ListenStream=)"),
+        ]:
+            self.passSocket(family, kind, listen)
+            error = self.assertRaises(ConfigError, serviceFromConfig, loadConfig(self.path), MemoryReactor())
+            self.assertIn(f"listener[0]: endpoint: 'systemd:domain=INET:name=imap': descriptor ", str(error))
+            self.assertTrue(str(error).endswith(why), str(error))
 
     def test_noSocket(self) -> None:
         """
         The proxy is not built: the error names the listener and the
         endpoint.
         """
-        with open(self.path) as f:
-            text = f.read().replace("tcp:10993:interface=127.0.0.1", "systemd:domain=INET:name=nothing-passed")
-        with open(self.path, "w") as f:
-            f.write(text)
+        self.useEndpoint("systemd:domain=INET:name=nothing-passed")
         error = self.assertRaises(ConfigError, serviceFromConfig, loadConfig(self.path), MemoryReactor())
         self.assertEqual(
             str(error),
