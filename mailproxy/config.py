@@ -30,7 +30,7 @@ from attrs import field, frozen
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
-from mailproxy._endpoints import serverEndpoint
+from mailproxy._endpoints import serverEndpoint, splitDescription
 from mailproxy._tls import CertificateSource, _normalName
 from mailproxy.model import Backend, BackendTLS, Forwarding
 
@@ -981,17 +981,14 @@ def _checkSystemdEndpoint(entry: Table, endpoint: str) -> str:
     @return: which socket it takes (C{"systemd:name=imaps"}), so that two
         listeners cannot take the same one.
     """
-    arguments: dict[str, str] = {}
-    for part in _UNESCAPED_COLON.split(endpoint)[1:]:
-        key, equals, value = part.partition("=")
-        if not equals or key not in ("domain", "index", "name") or key in arguments:
-            entry.fail("endpoint", f"{endpoint!r}: expected systemd:domain=INET|INET6:index=N or :name=NAME")
-        arguments[key] = value
+    positional, arguments = splitDescription(endpoint)
+    if len(positional) > 1 or set(arguments) - {"domain", "index", "name"}:
+        entry.fail("endpoint", f"{endpoint!r}: expected systemd:domain=INET|INET6:index=N or :name=NAME")
     if arguments.get("domain") not in ("INET", "INET6"):
         entry.fail("endpoint", f"{endpoint!r}: domain must be INET or INET6 (a TCP socket)")
     if ("index" in arguments) == ("name" in arguments):
         entry.fail("endpoint", f"{endpoint!r}: give either index=N or name=NAME (FileDescriptorName=)")
-    if "index" in arguments and not arguments["index"].isdigit():
+    if "index" in arguments and not (arguments["index"].isascii() and arguments["index"].isdigit()):
         entry.fail("endpoint", f"{endpoint!r}: index must be a number, counting from 0")
     if "name" in arguments and not arguments["name"]:
         entry.fail("endpoint", f"{endpoint!r}: name must not be empty")
