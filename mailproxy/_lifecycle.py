@@ -15,6 +15,11 @@ On shutdown the listeners stop accepting first; open sessions then have
 C{[limits] shutdown_grace} seconds to end on their own, after which each
 gets its protocol's goodbye (IMAP C{* BYE Server shutting down.}) and is
 closed.
+
+Under systemd (C{Type=notify}) the service manager hears of each step: ready
+once the listeners listen, reloading and ready again around a reload (with
+its outcome as the status text), stopping at shutdown
+(L{mailproxy._systemd.ServiceNotifier}).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._migrate import LoginHold, Mover
+from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, loadConfig
 from .routers import buildRouter
 
@@ -100,11 +106,17 @@ class ProxyService(MultiService):
     @ivar draining: shutdown has begun.
     @ivar admin: the management resource, if there is an endpoint.
     @ivar eventLog: the C{[log]} service, if C{[log] path} is set.
+    @ivar notifier: tells the service manager (systemd) what happens.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, context: Any, reactor: Any) -> None:
+    def __init__(
+        self, config: Config, context: Any, reactor: Any, notifier: ServiceNotifier | None = None
+    ) -> None:
+        """
+        @param notifier: by default, one that tells nobody.
+        """
         super().__init__()
         self.config = config
         self.context = context
@@ -116,6 +128,7 @@ class ProxyService(MultiService):
         self.admin: Any = None
         self.adminTLS: ReloadableServerTLS | None = None
         self.eventLog: Any = None
+        self.notifier = notifier if notifier is not None else ServiceNotifier()
         self._previousHandler: Any = None
 
     @property
@@ -136,6 +149,12 @@ class ProxyService(MultiService):
         except ValueError:
             # Not the main thread (embedded use): no signal handling.
             self._previousHandler = None
+        # The listeners listen by now: a listener that cannot has raised.
+        listeners = sum(1 for child in self if (child.name or "").startswith("listener-"))
+        self.notifier.writeStatus(None)
+        self.notifier.ready(
+            f"serving: {listeners} listener{'s' if listeners != 1 else ''}, router {self.context.routerName}"
+        )
 
     def _warn(self, config: Config) -> None:
         # What works but should be fixed (a token file others can read).
@@ -157,6 +176,7 @@ class ProxyService(MultiService):
             self._previousHandler = None
         self.running = False
         self.draining = True
+        self.notifier.stopping(f"stopping: {len(self.context.sessions)} sessions open")
         listeners = [child for child in self if (child.name or "").startswith("listener-")]
         others = [child for child in self if child not in listeners]
         stopping = gatherResults([maybeDeferred(child.stopService) for child in listeners if child.running])
@@ -197,6 +217,7 @@ class ProxyService(MultiService):
         def graceOver() -> None:
             remaining = list(sessions)
             self.log.info("shutting down: closing {count} sessions", count=len(remaining))
+            self.notifier.status(f"stopping: closing {len(remaining)} sessions")
             for session in remaining:
                 session.drop(SHUTDOWN)
             calls.append(self.reactor.callLater(CLOSE_WAIT, finish))
@@ -216,6 +237,12 @@ class ProxyService(MultiService):
             C{{"ok": False, "path": ..., "error": why}} when the file (or
             what it names) is wrong and the running configuration was kept.
         """
+        self.notifier.reloading(f"reloading {self.config.path}")
+        outcome = self._reload()
+        self.notifier.reloaded(outcome)
+        return outcome
+
+    def _reload(self) -> dict[str, Any]:
         path = self.config.path
         try:
             config = loadConfig(path)

@@ -17,6 +17,15 @@ chose is quoted (L{mailproxy._safetext.logQuote}) and never breaks a line.
 Should other text carry a control character (a traceback's message), it is
 written as an escape (C{\\x1b}), and text UTF-8 cannot encode as
 C{\\udcff}: the line is written, and cannot drive a terminal.
+
+Written to the journal (standard output under systemd), every line starts
+with its syslog priority, C{<3>} for an error to C{<6>} for info (the
+sd-daemon convention): the journal keeps the priority and removes the
+prefix.
+
+C{mailproxy run} logs to standard output through L{processLogObserver}: in
+the C{[log]} format when C{[log] path = "-"}, so that standard output holds
+one format only.
 """
 
 from __future__ import annotations
@@ -39,9 +48,10 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from ._safetext import LogQuoted
+from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "EventLogService"]
+__all__ = ["jsonLine", "EventLogService", "processLogObserver"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -84,11 +94,15 @@ def jsonLine(event: dict[str, Any]) -> str:
 class _FileObserver:
     """
     Writes events to a stream in one of the formats.
+
+    @ivar priorities: start each line with the event's syslog priority
+        (C{<6>}), for the journal.
     """
 
-    def __init__(self, stream: IO[str], format: str) -> None:
+    def __init__(self, stream: IO[str], format: str, priorities: bool = False) -> None:
         self.stream = stream
         self.format = format
+        self.priorities = priorities
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.format == "json":
@@ -97,6 +111,10 @@ class _FileObserver:
             line = formatEventAsClassicLogText(event) or ""
             if not (line.isascii() and line[:-1].replace("\n\t", "").isprintable()):
                 line = line.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
+        if line and self.priorities:
+            # Each line of a traceback is a journal entry of its own.
+            prefix = f"<{syslogPriority(event.get('log_level'))}>"
+            line = prefix + line[:-1].replace("\n", "\n" + prefix) + "\n"
         if line:
             self.stream.write(line)
             self.stream.flush()
@@ -126,7 +144,9 @@ class EventLogService(Service):
     def startService(self) -> None:
         super().startService()
         self._stream = self._open()
-        self._observer = _FileObserver(self._stream, self.config.format)
+        self._observer = _FileObserver(
+            self._stream, self.config.format, self.config.path == "-" and isJournalStream(self._stream)
+        )
         self._filter = FilteringLogObserver(self._observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
         self.publisher.addObserver(self._filter)
 
@@ -151,3 +171,18 @@ class EventLogService(Service):
         self._stream = None
         self._observer = None
         return super().stopService()
+
+
+def processLogObserver(config: LogConfig, stream: IO[str] | None = None) -> ILogObserver:
+    """
+    The observer of C{mailproxy run}'s own log on standard output: events
+    of level info and above, in the C{[log]} format if C{[log] path} is
+    C{"-"} (then the L{EventLogService} adds no second writer), else as
+    text; with priorities when standard output is the journal.
+
+    @param stream: by default the process's standard output.
+    """
+    stream = stream if stream is not None else cast(IO[str], sys.__stdout__)
+    format = config.format if config.path == "-" else "text"
+    observer = _FileObserver(stream, format, isJournalStream(stream))
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])

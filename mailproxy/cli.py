@@ -10,12 +10,16 @@ The C{mailproxy} command.
   - C{mailproxy config show}: the effective configuration, defaults filled
     in, as TOML;
   - C{mailproxy run --config FILE}: run the proxy in the foreground, the same
-    as C{twistd -n mailproxy --config FILE} without a pid file;
+    as C{twistd -n mailproxy --config FILE} without a pid file, without
+    scanning Twisted's plugins (so it never writes their C{dropin.cache}),
+    logging to standard output in the journal's way under systemd;
   - C{mailproxy examples DIR}: copy the examples shipped with the package
     into DIR (L{mailproxy._examples});
   - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
-    see L{mailproxy.admin};
+    see L{mailproxy.admin}; C{mailproxy reload --pid PID} needs no
+    management endpoint: it sends SIGHUP and reads the outcome the proxy
+    records under C{$RUNTIME_DIRECTORY} (L{mailproxy._systemd});
   - C{mailproxy completion bash}, C{mailproxy manpage}: a bash completion
     script and a man page, both made from this module's parser
     (L{mailproxy._clidoc}).
@@ -36,6 +40,7 @@ from typing import Any, TextIO
 
 from attrs import Factory, define
 
+from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
@@ -56,6 +61,8 @@ from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
 from mailproxy._migrate import explainRoute
 from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy._stats import routerChain
+from mailproxy._logs import processLogObserver
+from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
@@ -169,7 +176,9 @@ def buildParser() -> argparse.ArgumentParser:
         help="run the proxy in the foreground",
         description=(
             "Run the proxy in the foreground, logging to standard output: the same as "
-            "`twistd -n mailproxy --config FILE`, but without writing a pid file."
+            "`twistd -n mailproxy --config FILE`, but without writing a pid file or "
+            "Twisted's plugin cache. With [log] path = \"-\" standard output has only "
+            "the [log] format; on the journal, lines carry their syslog priority."
         ),
     )
     run.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
@@ -272,14 +281,27 @@ def _addOperations(commands: Any) -> None:
     sessions.add_argument("--drop", action="store_true", help="drop the matching sessions (needs a filter)")
     sessions.add_argument("--json", action="store_true", help="print the answer as JSON")
 
+    parsers = {}
     for name, text in (
         ("reload", "reload the configuration, route table and certificates (like SIGHUP)"),
         ("stats", "show the counters, one NAME VALUE per line"),
         ("health", "check the proxy and every backend (exit status 1 if unhealthy)"),
     ):
-        added = commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
-        if name == "stats":
-            added.add_argument("--json", action="store_true", help="print the counters as JSON")
+        parsers[name] = commands.add_parser(
+            name, parents=[common], help=text, description=text[0].upper() + text[1:] + "."
+        )
+    parsers["reload"].add_argument(
+        "--pid", type=int, metavar="PID",
+        help=(
+            "send SIGHUP to the proxy PID and wait for the outcome it records in "
+            "$RUNTIME_DIRECTORY, without the management endpoint (systemd: --pid $MAINPID)"
+        ),
+    )
+    parsers["reload"].add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        help="with --pid: how long to wait for the outcome (default: %(default)s)",
+    )
+    parsers["stats"].add_argument("--json", action="store_true", help="print the counters as JSON")
 
 
 def _globalReactor() -> Any:
@@ -474,16 +496,34 @@ async def _probeRouter(router: Any, routerName: str, user: str | None) -> tuple[
     return f"router {routerName}: OK, {account} -> {verdict}", True
 
 
+class _RunOptions(ServerOptions):
+    """
+    twistd's options, knowing of no plugin but mailproxy's: looking for the
+    others would scan Twisted's plugin directories and try to rewrite their
+    C{dropin.cache}, which a service user may not (C{Unable to write to
+    plugin cache}).
+    """
+
+    @staticmethod
+    def _getPlugins(interface: Any, package: Any = None) -> list[Any]:
+        from twisted.plugins.mailproxy_plugin import mailproxy
+
+        return [mailproxy] if interface is IServiceMaker else []
+
+
 def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # twistd would report a bad file as a usage error with a traceback
     # around it; say it the way `mailproxy check` does.
     try:
-        loadConfig(arguments.config)
+        config = loadConfig(arguments.config)
     except ConfigError as e:
         print(_problem(e), file=err)
         return 1
-    options = ServerOptions()
+    options = _RunOptions()
     options.parseOptions(["--nodaemon", "--pidfile=", "mailproxy", "--config", arguments.config])
+    # One writer on standard output, in the [log] format if path is "-".
+    options["logger"] = lambda: processLogObserver(config.log)
+    options.subOptions["eventLogOnStandardOutput"] = True
     runApp(options)
     return 0
 
@@ -682,10 +722,27 @@ def _reload(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> 
     status, outcome = client.request("POST", "/reload")
     if status != 200:
         raise AdminError(f"reload failed, the running configuration is kept: {outcome.get('error', outcome)}")
+    _printReloaded(outcome, out)
+    return 0
+
+
+def _reloadBySignal(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        outcome = reloadBySignal(arguments.pid, os.environ.get("RUNTIME_DIRECTORY"), arguments.timeout)
+    except ReloadError as e:
+        print(f"{_PROG} reload: {e}", file=err)
+        return 1
+    if not outcome["ok"]:
+        print(f"{_PROG} reload: reload failed, the running configuration is kept: {outcome['error']}", file=err)
+        return 1
+    _printReloaded(outcome, out)
+    return 0
+
+
+def _printReloaded(outcome: dict[str, Any], out: TextIO) -> None:
     print(f"reloaded {outcome['path']}", file=out)
     if outcome["restartNeeded"]:
         print(f"these changes need a restart: {', '.join(outcome['restartNeeded'])}", file=out)
-    return 0
 
 
 def _stats(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
@@ -753,6 +810,12 @@ def _manpage(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _reloadCommand(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if arguments.pid is not None:
+        return _reloadBySignal(arguments, out, err)
+    return _operate(arguments, out, err)
+
+
 _COMMANDS = {
     "demo": _demo,
     "check": _check,
@@ -762,6 +825,7 @@ _COMMANDS = {
     "manpage": _manpage,
     "examples": _examples,
     **{name: _operate for name in _OPERATIONS},
+    "reload": _reloadCommand,
 }
 
 

@@ -28,10 +28,10 @@ from typing import Any, NoReturn, TypeVar, get_args
 import idna
 from attrs import field, frozen
 
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
+from mailproxy._endpoints import serverEndpoint, splitDescription
 from mailproxy._tls import CertificateSource, _normalName
 from mailproxy.model import Backend, BackendTLS, Forwarding
 
@@ -119,6 +119,8 @@ The Twisted server endpoint types a listener may use.  TLS is never part of
 the endpoint: it is the listener's C{tls} key, so that the proxy owns the
 certificates and the STARTTLS logic; likewise a PROXY header from a load
 balancer is the listener's C{proxy_protocol} key, not Twisted's C{haproxy:}.
+A listener may also take a socket systemd passes (socket activation):
+C{systemd:domain=INET6:name=imaps} or C{systemd:domain=INET:index=0}.
 """
 
 MIN_TOKEN_LENGTH = 32
@@ -1156,8 +1158,10 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
         entry.fail("endpoint", "do not use haproxy:; set proxy_protocol = true and proxy_trusted on the listener")
     if kind == "ssl":
         entry.fail("endpoint", "must not be an ssl: endpoint; set the listener's tls key instead")
+    if kind == "systemd":
+        return [(_checkSystemdEndpoint(entry, endpoint), 0)]
     if kind not in ENDPOINT_TYPES:
-        allowed = ", ".join(ENDPOINT_TYPES)
+        allowed = ", ".join(ENDPOINT_TYPES + ("systemd",))
         entry.fail(
             "endpoint",
             f"unsupported endpoint type {kind!r} in {endpoint!r}; use {allowed}",
@@ -1168,7 +1172,7 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
     reactor = MemoryReactor()
     if problem is None:
         try:
-            serverFromString(reactor, endpoint).listen(Factory())
+            serverEndpoint(reactor, endpoint).listen(Factory())
         except Exception:
             # Twisted's own words name its functions and arguments; say
             # what the operator can write instead.
@@ -1220,6 +1224,29 @@ def _endpointProblem(endpoint: str) -> str | None:
         if name in given and not given[name].strip().isdigit():
             return f"{name} must be a number, not {given[name]!r}"
     return None
+
+
+def _checkSystemdEndpoint(entry: Table, endpoint: str) -> str:
+    """
+    Check a C{systemd:} endpoint's syntax; the sockets themselves exist only
+    when systemd starts the proxy, not when a configuration is checked.
+
+    @return: which socket it takes (C{"systemd:name=imaps"}), so that two
+        listeners cannot take the same one.
+    """
+    positional, arguments = splitDescription(endpoint)
+    if len(positional) > 1 or set(arguments) - {"domain", "index", "name"}:
+        entry.fail("endpoint", f"{endpoint!r}: expected systemd:domain=INET|INET6:index=N or :name=NAME")
+    if arguments.get("domain") not in ("INET", "INET6"):
+        entry.fail("endpoint", f"{endpoint!r}: domain must be INET or INET6 (a TCP socket)")
+    if ("index" in arguments) == ("name" in arguments):
+        entry.fail("endpoint", f"{endpoint!r}: give either index=N or name=NAME (FileDescriptorName=)")
+    if "index" in arguments and not (arguments["index"].isascii() and arguments["index"].isdigit()):
+        entry.fail("endpoint", f"{endpoint!r}: index must be a number, counting from 0")
+    if "name" in arguments and not arguments["name"]:
+        entry.fail("endpoint", f"{endpoint!r}: name must not be empty")
+    which = f"index={int(arguments['index'])}" if "index" in arguments else f"name={arguments['name']}"
+    return f"systemd:{which}"
 
 
 def _unescapedColonInValue(segments: list[str]) -> bool:

@@ -8,8 +8,8 @@ from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -23,10 +23,12 @@ from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
 from . import _tls
+from ._endpoints import serverEndpoint
 from ._lifecycle import ProxyService, ReloadableServerTLS
 from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
+from ._systemd import ServiceNotifier, passedSocketProblem
 from .config import Config, ConfigError, Listener, loadConfig
 from .admin import adminSite
 from .routers import buildRouter
@@ -128,6 +130,32 @@ def listeningPort(service: ProxyService, index: int) -> int | None:
     return endpoint.port.getHost().port  # type: ignore[no-any-return]
 
 
+def listenerEndpoint(reactor: Any, endpoint: str) -> IStreamServerEndpoint:
+    """
+    The server endpoint of a listener's endpoint string.
+
+    @raise ValueError: a C{systemd:} endpoint names a socket systemd did not
+        pass (C{$LISTEN_FDS}, C{$LISTEN_FDNAMES}), or one of another kind;
+        the message says which.
+    """
+    try:
+        server = serverEndpoint(reactor, withBacklog(endpoint))
+    except (IndexError, KeyError):
+        # The configuration has checked the syntax; only the sockets passed
+        # can be missing.
+        raise ValueError(
+            f"systemd passed no such socket (the socket unit's ListenStream= and "
+            f"FileDescriptorName=, or the service's Sockets=): {endpoint!r}"
+        ) from None
+    if isinstance(server, AdoptedStreamServerEndpoint):
+        # Twisted would adopt a socket of another family and misread its
+        # addresses.
+        problem = passedSocketProblem(server.fileno, server.addressFamily)
+        if problem is not None:
+            raise ValueError(f"{endpoint!r}: {problem}")
+    return server
+
+
 def listenerFactory(context: ProxyContext, listener: Listener, name: str = "") -> IProtocolFactory:
     """
     The protocol factory for one listener, with TLS wrapped around it for
@@ -149,13 +177,24 @@ def listenerFactory(context: ProxyContext, listener: Listener, name: str = "") -
     return factory
 
 
-def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
+def serviceFromConfig(
+    config: Config,
+    reactor: Any,
+    notifier: ServiceNotifier | None = None,
+    eventLogOnStandardOutput: bool = False,
+) -> ProxyService:
     """
     Build the whole proxy from a loaded configuration: its listeners, the
     management endpoint and the event log (see L{ProxyService} for reload
     and shutdown).
 
-    @raise ConfigError: if the router or the certificates cannot be set up.
+    @param notifier: tells the service manager what the proxy does; by
+        default nobody is told.
+    @param eventLogOnStandardOutput: the process's own log already writes
+        the C{[log]} lines to standard output (C{mailproxy run}), so
+        C{[log] path = "-"} adds no second writer.
+    @raise ConfigError: if the router or the certificates cannot be set up,
+        or a C{systemd:} listener has no socket.
     """
     router = buildRouter(config, reactor)
     serverTLS = adminTLS = None
@@ -175,10 +214,13 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
         backends=dict(config.backends),
         routerName=config.router.type,
     )
-    top = ProxyService(config, context, reactor)
+    top = ProxyService(config, context, reactor, notifier)
     for index, listener in enumerate(config.listeners):
         name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
-        endpoint = ReportingEndpoint(serverFromString(reactor, withBacklog(listener.endpoint)), name)
+        try:
+            endpoint = ReportingEndpoint(listenerEndpoint(reactor, listener.endpoint), name)
+        except ValueError as e:
+            raise ConfigError(f"{config.path}: listener[{index}]: endpoint: {e}")
         service = StreamServerEndpointService(endpoint, listenerFactory(context, listener, str(index)))
         # A listener that cannot bind must stop the proxy, not be logged and
         # forgotten.
@@ -189,12 +231,12 @@ def serviceFromConfig(config: Config, reactor: Any) -> ProxyService:
         site, top.admin = adminSite(top, config.admin.token, reactor, config.admin.healthDetails)
         factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
         top.adminTLS = adminTLS
-        endpoint = ReportingEndpoint(serverFromString(reactor, config.admin.endpoint), "admin")
+        endpoint = ReportingEndpoint(serverEndpoint(reactor, config.admin.endpoint), "admin")
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True
         service.setName("admin")
         service.setServiceParent(top)
-    if config.log.path is not None:
+    if config.log.path is not None and not (config.log.path == "-" and eventLogOnStandardOutput):
         top.eventLog = EventLogService(config.log)
         top.eventLog.setName("log")
         # First among the children: it starts before anything logs.
@@ -227,6 +269,11 @@ def makeService(options: Options) -> IService:
     raiseFileLimit()
 
     try:
-        return serviceFromConfig(options["loaded"], reactor)
+        return serviceFromConfig(
+            options["loaded"],
+            reactor,
+            ServiceNotifier.fromEnvironment(),
+            eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),
+        )
     except ConfigError as e:
         raise SystemExit(f"mailproxy: {e}")

@@ -557,6 +557,9 @@ class Proxy:
     @ivar pid: the process id, once started.
     @ivar ports: the port of each C{[[listener]]}, in order, once started.
     @ivar adminPort: the management endpoint's port, once started, if any.
+    @ivar environment: more environment variables for the proxy.
+    @ivar passFds: descriptors the proxy inherits (see L{subprocess.Popen}).
+    @ivar returncode: its exit status, once stopped.
     """
 
     pid: int
@@ -577,6 +580,9 @@ class Proxy:
         self.logPath = self.directory / "proxy.log"
         self._stderrPath = self.directory / "proxy.stderr"
         self._process: subprocess.Popen[bytes] | None = None
+        self.environment: dict[str, str] = {}
+        self.passFds: tuple[int, ...] = ()
+        self.returncode: int | None = None
 
     def command(self) -> list[str]:
         """
@@ -625,11 +631,13 @@ class Proxy:
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(_REPOSITORY), environment.get("PYTHONPATH")])
         )
+        environment.update(self.environment)
         with open(self._stderrPath, "ab") as stderr:
             self._process = subprocess.Popen(
                 self.command(),
                 cwd=self.directory,
                 env=environment,
+                pass_fds=self.passFds,
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=subprocess.STDOUT,
@@ -691,6 +699,7 @@ class Proxy:
         """
         if self._process is not None:
             _stopProcess(self._process)
+            self.returncode = self._process.returncode
             self._process = None
 
     def running(self) -> bool:

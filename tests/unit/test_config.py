@@ -795,15 +795,51 @@ class ListenerTests(ConfigTestCase):
         """
         Endpoint types other than TCP are refused, naming the allowed ones.
         """
-        for endpoint, kind in [("unix:/tmp/s", "unix"), ("1993", "1993"), ("systemd:domain=INET:index=0", "systemd")]:
+        for endpoint, kind in [("unix:/tmp/s", "unix"), ("1993", "1993")]:
             self.assertConfigError(
                 configText(listener=self.listener(endpoint=endpoint)),
                 "listener[0].endpoint",
                 f"unsupported endpoint type {kind!r}",
-                "use tcp, tcp6",
+                "use tcp, tcp6, systemd",
             )
         self.assertConfigError(
             configText(listener=self.listener(endpoint="")), "listener[0].endpoint", "must not be empty"
+        )
+
+    def test_systemdEndpoint(self) -> None:
+        """
+        A C{systemd:} endpoint (socket activation) is accepted by index or
+        by name, although no socket was passed to the process checking it.
+        """
+        for endpoint in ("systemd:domain=INET:index=0", "systemd:domain=INET6:name=imaps"):
+            config = self.parse(configText(listener=self.listener(endpoint=endpoint)))
+            self.assertEqual(config.listeners[0].endpoint, endpoint)
+
+    def test_systemdEndpointRefused(self) -> None:
+        """
+        A C{systemd:} endpoint must name a TCP socket's domain and exactly
+        one of index and name; two listeners cannot take the same socket.
+        """
+        for endpoint, why in [
+            ("systemd:domain=UNIX:index=0", "domain must be INET or INET6"),
+            ("systemd:index=0", "domain must be INET or INET6"),
+            ("systemd:domain=INET", "give either index=N or name=NAME"),
+            ("systemd:domain=INET:index=0:name=imaps", "give either index=N or name=NAME"),
+            ("systemd:domain=INET:index=x", "index must be a number"),
+            ("systemd:domain=INET:name=", "name must not be empty"),
+            ("systemd:INET:0", "expected systemd:domain=INET|INET6:index=N or :name=NAME"),
+            ("systemd:domain=INET:port=993", "expected systemd:domain=INET|INET6:index=N or :name=NAME"),
+        ]:
+            self.assertConfigError(
+                configText(listener=self.listener(endpoint=endpoint)), "listener[0].endpoint", why
+            )
+        self.assertConfigError(
+            configText(
+                listener=self.listener(endpoint="systemd:domain=INET:name=imap")
+                + self.listener(endpoint="systemd:domain=INET6:name=imap")
+            ),
+            "listener[1].endpoint",
+            "listener[0]",
         )
 
     def test_unparseableEndpoint(self) -> None:
