@@ -206,6 +206,21 @@ def _stopProcess(
         process.wait()
 
 
+def openDescriptors(pid: int) -> dict[str, str]:
+    """
+    What each open file descriptor of process C{pid} refers to, as
+    C{/proc} names it (C{socket:[inode]}, C{pipe:[inode]}, a path...); a
+    descriptor closed while they are read is left out.
+    """
+    targets = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+    return targets
+
+
 def startOnFreePorts(
     choosePorts: Callable[[], None],
     start: Callable[[], None],

@@ -42,7 +42,7 @@ from mailproxy._relay import _pipes
 from mailproxy._session import CLOSE_GRACE
 
 from .common import tomlTable, tomlValue
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, openDescriptors, requireServer, sharedFixture
 
 if TYPE_CHECKING:
     MixinBase = SynchronousTestCase
@@ -619,16 +619,9 @@ def _processFacts(pid: int) -> tuple[int, int, int, int]:
     The proxy's open file descriptors other than pipes, its pipe ends, its
     threads and its resident memory (KiB).
     """
-    fds = pipes = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("pipe:"):
-            pipes += 1
-        else:
-            fds += 1
+    targets = openDescriptors(pid).values()
+    pipes = sum(target.startswith("pipe:") for target in targets)
+    fds = len(targets) - pipes
     threads = len(os.listdir(f"/proc/{pid}/task"))
     status = Path(f"/proc/{pid}/status").read_text()
     rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
@@ -655,13 +648,7 @@ def _openFiles(pid: int) -> list[str]:
     """
     What the proxy's file descriptors refer to, for failure messages.
     """
-    names = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            names.append(f"{fd}: {os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except OSError:
-            pass
-    return names
+    return [f"{fd}: {target}" for fd, target in openDescriptors(pid).items()]
 
 
 class TidyMixin(MixinBase):
