@@ -22,15 +22,12 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import select
 import socket
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,8 +42,8 @@ if str(_REPOSITORY) not in sys.path:
 
 from benchmarks import procstat  # noqa: E402
 from benchmarks.load import Target, raiseFileLimit, runLogins, summarizeLogins  # noqa: E402
-from benchmarks.run import TLS_MODES, formatNumber, mailproxyConfig  # noqa: E402
-from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+from benchmarks.run import formatNumber, givenOptions, startMailproxy, workDirectory, writeReport  # noqa: E402
+from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 PASSWORD = "pw"
 #: What each flooding client pipelines, over and over.
@@ -211,17 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
     options = parser.parse_args(argv)
     settings = Settings.quick() if options.quick else Settings()
-    overrides = {"flooders": options.flooders, "duration": options.duration, "tls": options.tls}
-    settings = attrs.evolve(settings, **{k: v for k, v in overrides.items() if v is not None})
+    settings = attrs.evolve(settings, **givenOptions(options, ("flooders", "duration", "tls")))
     raiseFileLimit()
 
-    if options.keep:
-        directory = Path(options.keep).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-flood-bench-")
-        directory = Path(cleanup.name)
+    directory, cleanup = workDirectory(options.keep, "mailproxy-flood-bench-")
     started = time.monotonic()
     ca = TestCA(str(directory / "ca"))
     users = [f"bench{i}" for i in range(settings.users)]
@@ -229,18 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     proxy: Proxy | None = None
     try:
         dovecot.start()
-        certificate, key = ca.issue("mailproxy")
-        proxyPorts: dict[str, int] = {}
-        while len(set(proxyPorts.values())) < len(TLS_MODES):
-            proxyPorts = {mode: freePort() for mode in TLS_MODES}
-        proxyDirectory = directory / "mailproxy"
-        proxyDirectory.mkdir(exist_ok=True)
-        (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
-        proxy = Proxy(
-            str(proxyDirectory),
-            mailproxyConfig("imap", proxyPorts, dovecot.imap, certificate, key, {"connections_per_address": 0}),
+        proxy, proxyPorts = startMailproxy(
+            directory / "mailproxy", "imap", dovecot.imap, ca, {"connections_per_address": 0}
         )
-        proxy.start(list(proxyPorts.values()))
         port = proxyPorts[settings.tls]
         target = Target("127.0.0.1", port, settings.tls, tuple(users), PASSWORD, ca.caPath, "localhost")
         results = measure(target, proxy.pid, settings)
@@ -257,14 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in failures:
         print(f"- login errors {line}")
     if options.json:
-        document = {
-            "settings": attrs.asdict(settings),
-            "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
-            "results": results,
-            "failures": failures,
-            "table": table,
-        }
-        Path(options.json).write_text(json.dumps(document, indent=2) + "\n")
+        writeReport(options.json, settings, started, results, failures, table)
     return 1 if failures else 0
 
 

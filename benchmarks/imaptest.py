@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,8 +41,8 @@ _REPOSITORY = _HERE.parent
 if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
-from benchmarks.run import TLS_MODES, mailproxyConfig  # noqa: E402
-from tests.integration.servers import Dovecot, Proxy, TestCA, freePort  # noqa: E402
+from benchmarks.run import startMailproxy, workDirectory  # noqa: E402
+from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 #: The account imaptest logs in as; its scripts make and delete their own
 #: mailboxes in it, so consecutive runs start from the same state.
@@ -287,13 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         limits[name.strip()] = value.strip()
 
-    if options.keep:
-        directory = Path(options.keep).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-imaptest-")
-        directory = Path(cleanup.name)
+    directory, cleanup = workDirectory(options.keep, "mailproxy-imaptest-")
 
     started = time.monotonic()
     ca = TestCA(str(directory / "ca"))
@@ -303,19 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     proxyErrors: list[str] = []
     try:
         dovecot.start()
-        certificate, key = ca.issue("mailproxy")
-        ports: dict[str, int] = {}
-        while len(set(ports.values())) < len(TLS_MODES):
-            ports = {mode: freePort() for mode in TLS_MODES}
-        proxyDirectory = directory / "mailproxy"
-        proxyDirectory.mkdir(exist_ok=True)
-        (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
         # Values arrive as TOML text and go into the table as they are.
-        proxy = Proxy(
-            str(proxyDirectory),
-            mailproxyConfig("imap", ports, dovecot.imap, certificate, key, limits),
-        )
-        proxy.start(list(ports.values()))
+        proxy, ports = startMailproxy(directory / "mailproxy", "imap", dovecot.imap, ca, limits)
 
         runs: list[tuple[str, int, int]] = []
         if not options.no_direct:

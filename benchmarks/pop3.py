@@ -22,10 +22,7 @@ against servers someone else started, for C{benchmarks/run.py}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,10 +45,16 @@ from benchmarks.load import (  # noqa: E402
     raiseFileLimit,
     summarizeLogins,
 )
-from benchmarks.run import formatNumber, mailproxyConfig  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    TLS_MODES,
+    formatNumber,
+    givenOptions,
+    startMailproxy,
+    workDirectory,
+    writeReport,
+)
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
-TLS_MODES = ("none", "starttls", "implicit")
 PATHS = ("direct", "mailproxy")
 PASSWORD = "pw"
 
@@ -233,22 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
     options = parser.parse_args(argv)
     settings = Settings.quick() if options.quick else Settings()
-    overrides = {
-        "concurrency": options.concurrency,
-        "duration": options.duration,
-        "warmup": options.warmup,
-        "users": options.users,
-    }
-    settings = attrs.evolve(settings, **{k: v for k, v in overrides.items() if v is not None})
+    settings = attrs.evolve(settings, **givenOptions(options, ("concurrency", "duration", "warmup", "users")))
     raiseFileLimit()
 
-    if options.keep:
-        directory = Path(options.keep).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-pop3-bench-")
-        directory = Path(cleanup.name)
+    directory, cleanup = workDirectory(options.keep, "mailproxy-pop3-bench-")
     started = time.monotonic()
     ca = TestCA(str(directory / "ca"))
     users = [f"bench{i}" for i in range(settings.users)]
@@ -263,18 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         for user in users:
             dovecot.deliver(user, message)
         dovecot.indexAll()
-        certificate, key = ca.issue("mailproxy")
-        # Port 0: the proxy logs the ports the kernel chose.
-        proxyPorts = {mode: 0 for mode in TLS_MODES}
-        proxyDirectory = directory / "mailproxy"
-        proxyDirectory.mkdir(exist_ok=True)
-        (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
-        proxy = Proxy(
-            str(proxyDirectory),
-            mailproxyConfig("pop3", proxyPorts, dovecot.pop3, certificate, key, {"connections_per_address": 0}),
+        proxy, proxyPorts = startMailproxy(
+            directory / "mailproxy", "pop3", dovecot.pop3, ca, {"connections_per_address": 0}
         )
-        proxy.start()
-        proxyPorts = dict(zip(TLS_MODES, proxy.ports))
         ports = {
             "direct": {"none": dovecot.pop3, "starttls": dovecot.pop3, "implicit": dovecot.pop3s},
             "mailproxy": proxyPorts,
@@ -298,14 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in failures:
         print(f"- errors: {line}")
     if options.json:
-        document = {
-            "settings": attrs.asdict(settings),
-            "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
-            "results": results,
-            "failures": failures,
-            "table": table,
-        }
-        Path(options.json).write_text(json.dumps(document, indent=2) + "\n")
+        writeReport(options.json, settings, started, results, failures, table)
     return 1 if failures else 0
 
 

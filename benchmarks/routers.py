@@ -34,7 +34,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +47,7 @@ if str(_REPOSITORY) not in sys.path:
 
 from benchmarks import procstat  # noqa: E402
 from benchmarks.load import raiseFileLimit  # noqa: E402
+from benchmarks.run import givenOptions, workDirectory  # noqa: E402
 from tests.integration.servers import (  # noqa: E402
     Dovecot,
     Proxy,
@@ -358,20 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown routers: {', '.join(sorted(set(routers) - set(ROUTERS)))}", file=sys.stderr)
         return 2
     settings = Settings.quick() if options.quick else Settings()
-    changes = {
-        name: getattr(options, name)
-        for name in ("concurrency", "duration", "warmup", "users")
-        if getattr(options, name) is not None
-    }
-    settings = attrs.evolve(settings, **changes)
+    settings = attrs.evolve(settings, **givenOptions(options, ("concurrency", "duration", "warmup", "users")))
     raiseFileLimit()
-    if options.keep:
-        directory = Path(options.keep).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        holder = None
-    else:
-        holder = tempfile.TemporaryDirectory(prefix="mailproxy-routers-")
-        directory = Path(holder.name)
+    directory, holder = workDirectory(options.keep, "mailproxy-routers-")
     started = time.monotonic()
     try:
         results = measure(settings, routers, directory, lambda line: print(line, file=sys.stderr, flush=True))

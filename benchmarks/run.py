@@ -102,6 +102,64 @@ def mailproxyConfig(
     )  # fmt: skip
 
 
+def givenOptions(options: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """
+    The command-line options among C{names} that were given, by name: the
+    changes to a benchmark's settings (C{attrs.evolve(settings, **...)}).
+    """
+    return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+
+
+def startMailproxy(
+    directory: Path, protocol: str, backendPort: int, ca: TestCA, limits: Mapping[str, object]
+) -> tuple[Proxy, dict[str, int]]:
+    """
+    Start mailproxy in C{directory} as L{mailproxyConfig} describes it,
+    with every account routed to C{dovecot} and a certificate from C{ca}.
+
+    @return: the started proxy and its listeners' ports by TLS mode.
+    """
+    certificate, key = ca.issue("mailproxy")
+    directory.mkdir(exist_ok=True)
+    (directory / "routes.toml").write_text('default = "dovecot"\n')
+    # Port 0: the proxy logs the ports the kernel chose.
+    ports = {mode: 0 for mode in TLS_MODES}
+    proxy = Proxy(str(directory), mailproxyConfig(protocol, ports, backendPort, certificate, key, limits))
+    proxy.start()
+    return proxy, dict(zip(TLS_MODES, proxy.ports))
+
+
+def workDirectory(keep: str | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """
+    Where a benchmark writes its servers' files and logs: C{keep} (made if
+    missing, left afterwards), or else a new temporary directory, also
+    returned for the caller to clean up.
+    """
+    if keep:
+        directory = Path(keep).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory, None
+    holder = tempfile.TemporaryDirectory(prefix=prefix)
+    return Path(holder.name), holder
+
+
+def writeReport(path: str, settings: Any, started: float, results: Any, failures: list[str], table: str) -> None:
+    """
+    Write a benchmark's outcome as JSON to C{path}: its settings (an
+    C{attrs} instance), this machine's CPU count and the seconds since
+    C{started} (a C{time.monotonic()} reading), the raw results, the
+    failures and the table printed.
+    """
+    document = {
+        "settings": attrs.asdict(settings),
+        "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
+        "results": results,
+        "failures": failures,
+        "table": table,
+    }
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
+
+
 @attrs.frozen
 class Settings:
     """
@@ -562,13 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted.remove("mailproxy")
             notes.append(f"mailproxy column empty: `twistd mailproxy` cannot run ({why})")
 
-    if options.keep:
-        directory = Path(options.keep).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="mailproxy-bench-")
-        directory = Path(cleanup.name)
+    directory, cleanup = workDirectory(options.keep, "mailproxy-bench-")
 
     # SIGTERM, like Ctrl-C, stops the run but still prints what was measured.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -594,17 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             ports = {"none": dovecot.imap, "starttls": dovecot.imap, "implicit": dovecot.imaps}
             paths.append(Endpoint("direct", ports, None))
         if "mailproxy" in wanted:
-            certificate, key = ca.issue("mailproxy")
-            # Port 0: the proxy logs the ports the kernel chose.
-            ports = {mode: 0 for mode in TLS_MODES}
-            proxyDirectory = directory / "mailproxy"
-            proxyDirectory.mkdir(exist_ok=True)
-            (proxyDirectory / "routes.toml").write_text('default = "dovecot"\n')
             limits = {"connections_per_address": 0, "preauth_timeout": 300, "idle_timeout": 3600}
-            text = mailproxyConfig("imap", ports, dovecot.imap, certificate, key, limits)
-            proxy = Proxy(str(proxyDirectory), text)
-            proxy.start()
-            ports = dict(zip(TLS_MODES, proxy.ports))
+            proxy, ports = startMailproxy(directory / "mailproxy", "imap", dovecot.imap, ca, limits)
             paths.append(Endpoint("mailproxy", ports, proxy.pid))
         if "nginx" in wanted:
             certificate, key = ca.issue("nginx")

@@ -19,7 +19,7 @@ at most what one read from the client brought, besides one command line
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar, Mapping
 
 from zope.interface import Interface, implementer
 
@@ -97,10 +97,14 @@ class CommandGuard:
     L{lineStep} reads a command line and asks L{command}) and
     L{countReplies} (complete replies in a piece of backend output).
 
+    @cvar refusals: the command words (upper-case) answered instead of
+        forwarded, and each one's reply.
     @ivar link: the relay, once attached.
     @ivar outstanding: replies the backend owes for what was forwarded.
     @ivar lineLimit: the longest command line forwarded, line end included.
     """
+
+    refusals: ClassVar[Mapping[bytes, bytes]] = {}
 
     def __init__(self, lineLimit: int) -> None:
         self.link: IRelayLink | None = None
@@ -208,6 +212,18 @@ class CommandGuard:
         so far; no client input is read before.
         """
         self._then = action
+
+    def refuseListed(self, verb: bytes) -> bool:
+        """
+        Refuse a command whose word L{refusals} lists, with its reply.
+
+        @return: whether it was refused.
+        """
+        refusal = self.refusals.get(verb)
+        if refusal is None:
+            return False
+        self.refuse(refusal)
+        return True
 
     def refuse(self, reply: bytes) -> None:
         """

@@ -49,6 +49,8 @@ class POP3Guard(CommandGuard):
     Guards a POP3 session after login (see the module).
     """
 
+    refusals = _REFUSED
+
     def __init__(self, lineLimit: int = GUARDED_LINE) -> None:
         super().__init__(lineLimit)
         self._multiLine: deque[bool] = deque()
@@ -64,9 +66,7 @@ class POP3Guard(CommandGuard):
 
     def command(self, line: bytes) -> bool:
         verb = commandVerb(line)
-        refusal = _REFUSED.get(verb)
-        if refusal is not None:
-            self.refuse(refusal)
+        if self.refuseListed(verb):
             return False
         self.outstanding += 1
         if verb in _MULTI_LINE_LISTING:

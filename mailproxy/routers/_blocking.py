@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["ThreadRunner", "PerThread"]
+__all__ = ["ThreadRunner", "PerThread", "closeRunner"]
 
 _T = TypeVar("_T")
 
@@ -113,6 +113,16 @@ class ThreadRunner:
             pool.stop()
         for cleanup in self._onStop:
             cleanup()
+
+
+def closeRunner(runner: Any) -> None:
+    """
+    Close a router's runner when it has a C{close} (a L{ThreadRunner}; a
+    test double may have only C{run}).
+    """
+    close = getattr(runner, "close", None)
+    if close is not None:
+        close()
 
 
 class PerThread(Generic[_T]):

@@ -48,7 +48,7 @@ from mailproxy.config import Table, _readNameAndSecret, suggest
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
-from mailproxy.routers._blocking import PerThread, ThreadRunner
+from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
     "FILTER_FIELDS",
@@ -455,9 +455,7 @@ class LDAPRouter:
         This router is no longer used (a reload replaced it): its threads
         stop and its connections close once the lookups under way are done.
         """
-        close = getattr(self._runner, "close", None)
-        if close is not None:
-            close()
+        closeRunner(self._runner)
 
     def probe(self, user: str) -> Deferred[str]:
         """

@@ -68,7 +68,7 @@ from mailproxy.config import Table, _readSecretLine
 from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
-from mailproxy.routers._blocking import PerThread, ThreadRunner
+from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
     "DRIVERS",
@@ -446,9 +446,7 @@ class SQLRouter:
         This router is no longer used (a reload replaced it): its threads
         stop and its connections close once the lookups under way are done.
         """
-        close = getattr(self._runner, "close", None)
-        if close is not None:
-            close()
+        closeRunner(self._runner)
 
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """

@@ -72,6 +72,8 @@ class SieveGuard(CommandGuard):
     Guards a ManageSieve session after login (see the module).
     """
 
+    refusals = _REFUSED
+
     def __init__(self, lineLimit: int = GUARDED_LINE) -> None:
         super().__init__(lineLimit)
         self._inCommand = False
@@ -130,7 +132,7 @@ class SieveGuard(CommandGuard):
     def command(self, line: bytes) -> bool:
         if not self._inCommand:
             self._inCommand = True
-            self._refusal = _REFUSED.get(commandVerb(line))
+            self._refusal = self.refusals.get(commandVerb(line))
         literal = _LITERAL.search(line)
         if literal is not None:
             self._literalLeft = int(literal.group(1))

@@ -54,6 +54,8 @@ class SMTPGuard(CommandGuard):
     @ivar lastCode: the code of the backend's latest complete reply.
     """
 
+    refusals = _REFUSED
+
     def __init__(self, lineLimit: int = GUARDED_LINE) -> None:
         super().__init__(lineLimit)
         self.lastCode = b""
@@ -77,9 +79,7 @@ class SMTPGuard(CommandGuard):
 
     def command(self, line: bytes) -> bool:
         verb = commandVerb(line)
-        refusal = _REFUSED.get(verb)
-        if refusal is not None:
-            self.refuse(refusal)
+        if self.refuseListed(verb):
             return False
         if verb == b"BDAT":
             argument = line.lstrip(b" \t")[4:].strip(b" \t\r")

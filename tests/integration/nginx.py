@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from .servers import _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer
+from .servers import _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer, startOnFreePorts
 
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
@@ -74,23 +74,17 @@ class NginxMailProxy:
         if not Path(MAIL_MODULE).exists():
             requireServer("libnginx-mod-mail (ngx_mail_module.so)")
         self.directory.mkdir(parents=True, exist_ok=True)
-        # nginx must be told its ports: free when chosen, they may be taken
-        # before nginx binds them; choose again then.
-        for attempt in range(3):
-            ports: set[int] = set()
-            while len(ports) < 2:
-                ports.add(freePort())
-            self.imap, self.pop3 = sorted(ports)
-            self.configPath.write_text(self.configuration())
-            logged = self.logPath.stat().st_size if self.logPath.exists() else 0
-            try:
-                self._run()
-                return
-            except RuntimeError:
-                with open(self.logPath, "rb") as log:
-                    log.seek(logged)
-                    if attempt == 2 or b"Address already in use" not in log.read():
-                        raise
+        startOnFreePorts(self._choosePorts, self._run, self.logPath)
+
+    def _choosePorts(self) -> None:
+        """
+        Pick two distinct free ports and write the configuration.
+        """
+        ports: set[int] = set()
+        while len(ports) < 2:
+            ports.add(freePort())
+        self.imap, self.pop3 = sorted(ports)
+        self.configPath.write_text(self.configuration())
 
     def _run(self) -> None:
         """

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .servers import TestCA, _accepts, _binary, _tail, freePort, requireServer
+from .servers import TestCA, _accepts, _binary, _tail, freePort, requireServer, startOnFreePorts
 
 #: The services Postfix needs besides the listeners (Debian's master.cf,
 #: without chroot).
@@ -154,9 +154,8 @@ class Postfix:
             certificate, key = self._ca.issue(f"postfix-{self.name}")
             shutil.copy(certificate, etc / "cert.pem")
             shutil.copy(key, etc / "key.pem")
-            # Postfix must be told its ports: they are free when chosen but
-            # may be taken before Postfix binds them; choose again then.
-            for attempt in range(3):
+
+            def choosePorts() -> None:
                 ports: set[int] = set()
                 while len(ports) < len(self._PORT_NAMES):
                     ports.add(freePort())
@@ -164,16 +163,13 @@ class Postfix:
                     setattr(self, name, port)
                 (etc / "main.cf").write_text(self._mainCf())
                 (etc / "master.cf").write_text(self._masterCf())
-                logged = len(self.logText())
-                try:
-                    self._postfix("start")
-                    self._running = True
-                    self._waitForPorts(timeout=30)
-                    return
-                except RuntimeError:
-                    if attempt == 2 or "Address already in use" not in self.logText()[logged:]:
-                        raise
-                    self._halt()
+
+            def start() -> None:
+                self._postfix("start")
+                self._running = True
+                self._waitForPorts(timeout=30)
+
+            startOnFreePorts(choosePorts, start, self.logPath, undo=self._halt)
         except BaseException:
             self.stop()
             raise

@@ -206,6 +206,58 @@ def _stopProcess(
         process.wait()
 
 
+def openDescriptors(pid: int) -> dict[str, str]:
+    """
+    What each open file descriptor of process C{pid} refers to, as
+    C{/proc} names it (C{socket:[inode]}, C{pipe:[inode]}, a path...); a
+    descriptor closed while they are read is left out.
+    """
+    targets = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+    return targets
+
+
+def startOnFreePorts(
+    choosePorts: Callable[[], None],
+    start: Callable[[], None],
+    log: Path,
+    undo: Callable[[], None] | None = None,
+) -> None:
+    """
+    Start a server that must be told its ports. They are free when chosen
+    but may be taken before the server binds them: when its log says so
+    after a failed start, choose again and start again, three times in all.
+
+    @param choosePorts: chooses the ports and writes the configuration.
+    @param start: starts the server and waits until it listens.
+    @param log: the server's log; only what a start adds to it is read.
+    @param undo: what to do after a failed start before the next one.
+    @raise RuntimeError: from C{start}, when it failed for another reason
+        or on the last attempt.
+    """
+    for attempt in range(3):
+        choosePorts()
+        logged = log.stat().st_size if log.exists() else 0
+        try:
+            start()
+            return
+        except RuntimeError:
+            try:
+                with open(log, "rb") as file:
+                    file.seek(logged)
+                    said = file.read()
+            except FileNotFoundError:
+                said = b""
+            if attempt == 2 or b"Address already in use" not in said:
+                raise
+        if undo is not None:
+            undo()
+
+
 class TestCA:
     """
     A certificate authority for tests, made with the C{openssl} command in a
@@ -374,20 +426,12 @@ class Dovecot:
             (self.directory / "runtime").symlink_to(self._runtime)
             self._writeUsers()
             certificate, key = self._ca.issue(f"dovecot-{self.name}")
-            # Ports are free when chosen but may be taken before Dovecot
-            # binds them; choose again when that happens.
-            for attempt in range(3):
+
+            def choosePorts() -> None:
                 self._choosePorts()
                 self.configPath.write_text(self._configuration(instance, certificate, key))
-                logged = self.logPath.stat().st_size if self.logPath.exists() else 0
-                try:
-                    self._startProcess()
-                    return
-                except RuntimeError:
-                    with open(self.logPath, "rb") as log:
-                        log.seek(logged)
-                        if attempt == 2 or b"Address already in use" not in log.read():
-                            raise
+
+            startOnFreePorts(choosePorts, self._startProcess, self.logPath)
         except BaseException:
             self._removeRuntime()
             raise

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from attrs import frozen
 
-from .servers import _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer
+from .servers import _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer, startOnFreePorts
 
 SUFFIX = "dc=example,dc=org"
 PEOPLE = f"ou=people,{SUFFIX}"
@@ -103,19 +103,10 @@ class Slapd:
         )
         if loaded.returncode != 0:
             raise RuntimeError("slapadd failed:\n" + (loaded.stdout + loaded.stderr).decode("utf-8", "replace"))
-        # slapd must be told its port: free when chosen, it may be taken
-        # before slapd binds it; choose again then.
-        for attempt in range(3):
-            self.port = freePort()
-            logged = self.logPath.stat().st_size if self.logPath.exists() else 0
-            try:
-                self._run()
-                return
-            except RuntimeError:
-                with open(self.logPath, "rb") as log:
-                    log.seek(logged)
-                    if attempt == 2 or b"Address already in use" not in log.read():
-                        raise
+        startOnFreePorts(self._choosePort, self._run, self.logPath)
+
+    def _choosePort(self) -> None:
+        self.port = freePort()
 
     def _run(self) -> None:
         config = self.directory / "slapd.conf"

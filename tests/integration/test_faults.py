@@ -42,7 +42,7 @@ from mailproxy._relay import _pipes
 from mailproxy._session import CLOSE_GRACE
 
 from .common import tomlTable, tomlValue
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, openDescriptors, requireServer, sharedFixture
 
 if TYPE_CHECKING:
     MixinBase = SynchronousTestCase
@@ -152,6 +152,14 @@ class FakeBackend:
             except OSError:
                 pass
 
+    def flood(self, connection: socket.socket, chunk: bytes) -> None:
+        """
+        Send C{chunk} on C{connection} again and again until L{stop} (or
+        until the proxy closes it).
+        """
+        while not self.stopping.is_set():
+            connection.sendall(chunk)
+
     def stop(self) -> None:
         """
         Stop accepting; connections in progress end on their own.
@@ -245,9 +253,7 @@ def endlessLine(backend: FakeBackend, connection: socket.socket, record: bytearr
     if _login(connection, reader) is None:
         return
     connection.sendall(b"* OK ")
-    chunk = b"x" * 65536
-    while not backend.stopping.is_set():
-        connection.sendall(chunk)
+    backend.flood(connection, b"x" * 65536)
 
 
 def endlessUntagged(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
@@ -257,9 +263,7 @@ def endlessUntagged(backend: FakeBackend, connection: socket.socket, record: byt
     reader = _Recording(connection, record)
     if _login(connection, reader) is None:
         return
-    chunk = b"* OK [ALERT] still here\r\n" * 2048
-    while not backend.stopping.is_set():
-        connection.sendall(chunk)
+    backend.flood(connection, b"* OK [ALERT] still here\r\n" * 2048)
 
 
 def dropsAfterLogin(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
@@ -304,9 +308,7 @@ def endlessPOP3Capa(backend: FakeBackend, connection: socket.socket, record: byt
     if reader.line() is None:
         return
     connection.sendall(b"+OK\r\n")
-    chunk = b"X-CAPABILITY\r\n" * 4096
-    while not backend.stopping.is_set():
-        connection.sendall(chunk)
+    backend.flood(connection, b"X-CAPABILITY\r\n" * 4096)
 
 
 def endlessSieveGreeting(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
@@ -327,9 +329,7 @@ def endlessEHLO(backend: FakeBackend, connection: socket.socket, record: bytearr
     connection.sendall(b"220 fake ESMTP ready\r\n")
     if reader.line() is None:
         return
-    chunk = b"250-X-EXTENSION\r\n" * 4096
-    while not backend.stopping.is_set():
-        connection.sendall(chunk)
+    backend.flood(connection, b"250-X-EXTENSION\r\n" * 4096)
 
 
 class FaultServers:
@@ -619,16 +619,9 @@ def _processFacts(pid: int) -> tuple[int, int, int, int]:
     The proxy's open file descriptors other than pipes, its pipe ends, its
     threads and its resident memory (KiB).
     """
-    fds = pipes = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("pipe:"):
-            pipes += 1
-        else:
-            fds += 1
+    targets = openDescriptors(pid).values()
+    pipes = sum(target.startswith("pipe:") for target in targets)
+    fds = len(targets) - pipes
     threads = len(os.listdir(f"/proc/{pid}/task"))
     status = Path(f"/proc/{pid}/status").read_text()
     rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
@@ -655,13 +648,7 @@ def _openFiles(pid: int) -> list[str]:
     """
     What the proxy's file descriptors refer to, for failure messages.
     """
-    names = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            names.append(f"{fd}: {os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except OSError:
-            pass
-    return names
+    return [f"{fd}: {target}" for fd, target in openDescriptors(pid).items()]
 
 
 class TidyMixin(MixinBase):

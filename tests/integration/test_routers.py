@@ -40,6 +40,7 @@ from .servers import (
     _dieWithParent,
     _stopProcess,
     fixtureDirectory,
+    openDescriptors,
     requireServer,
     sharedFixture,
 )
@@ -744,14 +745,7 @@ def _connectionsTo(pid: int, port: int) -> list[int]:
     The established TCP connections process C{pid} holds to C{port} on
     127.0.0.1 (socket inodes), as the kernel lists them.
     """
-    sockets = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            sockets.add(int(target[8:-1]))
+    sockets = {int(target[8:-1]) for target in openDescriptors(pid).values() if target.startswith("socket:[")}
     found = []
     with open(f"/proc/{pid}/net/tcp") as table:
         next(table)
