@@ -76,6 +76,19 @@ class LogoutPeer(HalfClosingCollector):
         self.transport.loseConnection()
 
 
+class ByeOnLogout(HalfClosingCollector):
+    """
+    An outer backend that answers C{b LOGOUT} with its goodbye and closes,
+    as Dovecot does.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if bytes(self.received).endswith(b"b LOGOUT\r\n"):
+            self.transport.write(LOGOUT_REPLY)
+            self.transport.loseConnection()
+
+
 @implementer(IHandshakeListener)
 class Inner(Protocol):
     """
@@ -522,6 +535,43 @@ class HalfCloseTests(TestCase):
         yield self.clientInner.lost
         yield self.backendInner.lost
         self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_backendClosesToTLSClient(self) -> None:
+        """
+        A backend that closes after its goodbye has that passed on to a TLS
+        client at once (no timer needed): a client that waits for the
+        server's close after its LOGOUT is not kept waiting.
+        """
+        serverFactory = Factory.forProtocol(Inner)
+        serverFactory.inner = Deferred()
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        go = threading.Event()
+        self.addCleanup(go.set)
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
+                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
+                tls.handshake()
+                go.wait(10)
+                tls.write(b"b LOGOUT\r\n")
+                try:
+                    return tls.readAll()
+                except socket.timeout:
+                    return b"(no close within the socket timeout)"
+
+        received = deferToThread(client)
+        self.clientInner = yield serverFactory.inner
+        yield self.clientInner.handshake
+        self.backend, self.backendInner = yield self.leg(ByeOnLogout())
+        # A clock that never moves: nothing may wait for a timer.
+        self.join(clock=Clock())
+        go.set()
+        received = yield received
+        self.assertEqual(received, b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        yield self.clientInner.lost
+        yield self.backendInner.lost
 
     @inlineCallbacks
     def test_tlsBackend(self) -> None:
