@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _proxyproto, _tls
+from ._relay import socketOf
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
@@ -293,21 +294,6 @@ class BackendProtocol(Protocol):
         self._timer = None
 
 
-def streamSocket(transport: object) -> socket.socket | None:
-    """
-    The TCP socket under C{transport}, through the TLS layer and protocol
-    wrappers (a PROXY header reader, say), or L{None} (an in-memory one).
-    """
-    for _ in range(8):
-        handle = getattr(transport, "socket", None)
-        if isinstance(handle, socket.socket):
-            return handle
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    return None
-
-
 def acknowledgeNow(transport: object) -> None:
     """
     Acknowledge what the backend sent at once, instead of after the
@@ -324,10 +310,8 @@ def acknowledgeNow(transport: object) -> None:
     C{TCP_QUICKACK}, no socket) this does nothing.
     """
     option: int | None = getattr(socket, "TCP_QUICKACK", None)
-    if option is None:
-        return
-    handle = streamSocket(transport)
-    if handle is not None:
+    handle = getattr(socketOf(transport), "socket", None)
+    if option is not None and isinstance(handle, socket.socket):
         try:
             handle.setsockopt(socket.IPPROTO_TCP, option, 1)
         except OSError:

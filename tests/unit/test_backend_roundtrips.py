@@ -21,9 +21,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
+from mailproxy._relay import socketOf
 from mailproxy._tls import makeSelfSigned
 from mailproxy.imap._backend import IMAPBackendLogin
 from mailproxy.model import ClientInfo, Credentials, Route
@@ -265,7 +267,10 @@ class RoundTripTestsMixin:
             return server
 
         factory = ServerFactory(make)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        listening: Factory = factory
+        if tls == "implicit":
+            listening = TLSMemoryBIOFactory(options, False, factory)
+        port = reactor.listenTCP(0, listening, interface="127.0.0.1")
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
         backendOptions: dict[str, object] = {}
         if master:
@@ -288,6 +293,7 @@ class RoundTripTestsMixin:
         login = loginClass(job, reactor, 10, **extra)
         loggedIn = yield connectBackend(reactor, login)
         self.addCleanup(loggedIn.transport.abortConnection)  # type: ignore[attr-defined]
+        self.loggedIn = loggedIn
         assert factory.server is not None
         return factory.server
 
@@ -364,6 +370,27 @@ class POP3RoundTripTests(RoundTripTestsMixin, TestCase):
         """
         server = yield self.login("pop3", self.GREETING, pop3Script(), POP3BackendLogin, tls="starttls")
         self.assertReads(server, [b"STLS", b"CAPA", b"XCLIENT | AUTH"])
+
+    @inlineCallbacks
+    def test_implicitTLS(self):
+        """
+        With implicit TLS the greeting comes inside TLS: the same two round
+        trips after the handshake.
+        """
+        server = yield self.login("pop3", self.GREETING, pop3Script(), POP3BackendLogin, tls="implicit")
+        self.assertReads(server, [b"CAPA", b"XCLIENT | AUTH"])
+
+    @inlineCallbacks
+    def test_noDelay(self):
+        """
+        The connection to the backend has C{TCP_NODELAY} set, in plain
+        text, after STLS and with implicit TLS: the proxy's small commands
+        are never held back waiting for an ACK.
+        """
+        for tls in ("none", "starttls", "implicit"):
+            yield self.login("pop3", self.GREETING, pop3Script(), POP3BackendLogin, tls=tls)
+            handle = getattr(socketOf(self.loggedIn.transport), "socket")
+            self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), tls)
 
     @inlineCallbacks
     def test_acknowledgedAtOnce(self):
