@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import struct
-from base64 import b64encode
 from typing import Callable
 
 from twisted.internet import reactor
@@ -266,7 +265,7 @@ class RoundTripTestsMixin:
                 server.script = withGreeting
             return server
 
-        factory = ServerFactory(make)
+        factory = self.factory = ServerFactory(make)
         listening: Factory = factory
         if tls == "implicit":
             listening = TLSMemoryBIOFactory(options, False, factory)
@@ -403,7 +402,7 @@ class POP3RoundTripTests(RoundTripTestsMixin, TestCase):
         Dovecot's pop3 process does with its C{+OK Logged in.}.
         """
         unacked: list[int] = []
-        servers: list[ScriptedServer] = []
+        case = self
 
         def answer(line: bytes) -> tuple[bytes, bool]:
             if line.startswith(b"AUTH "):
@@ -414,18 +413,12 @@ class POP3RoundTripTests(RoundTripTestsMixin, TestCase):
         class Login(POP3BackendLogin):
             def dataReceived(self, data: bytes) -> None:
                 super().dataReceived(data)
-                server = servers[0]
                 if data == b"+OK Updated\r\n":
+                    server = case.factory.server
+                    assert server is not None
                     unacked.append(unackedSegments(server.transport.getHandle()))
                     server.transport.write(b"+OK Logged in.\r\n")
 
-        original = ScriptedServer.__init__
-
-        def recordingInit(server: ScriptedServer, *args: object, **kwargs: object) -> None:
-            original(server, *args, **kwargs)  # type: ignore[arg-type]
-            servers.append(server)
-
-        self.patch(ScriptedServer, "__init__", recordingInit)
         yield self.login("pop3", self.GREETING, answer, Login)
         self.assertEqual(unacked, [0])
 
