@@ -56,8 +56,6 @@ class ScriptedServer(Protocol):
     its script, starts TLS when the script says so, and records each read.
 
     @ivar reads: what each read returned, in order (after TLS, decrypted).
-    @ivar held: replies waiting for L{release}: a script reply written only
-        after the proxy has read the one before.
     """
 
     def __init__(self, greeting: bytes, script: Script, options: object, headerFirst: bool = False) -> None:
@@ -69,7 +67,6 @@ class ScriptedServer(Protocol):
         self.buffer = b""
         self.literal = 0
         self.pending = b""
-        self.held: list[bytes] = []
 
     def connectionMade(self) -> None:
         if not self.headerFirst:
@@ -129,6 +126,10 @@ POP3_CAPA = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RES
 
 
 def pop3Script(capa: bytes = POP3_CAPA) -> Script:
+    """
+    Dovecot's POP3 login: C{capa} to CAPA, C{+OK} to the rest.
+    """
+
     def answer(line: bytes) -> tuple[bytes, bool]:
         word = line.split(b" ")[0].upper()
         if word == b"STLS":
@@ -150,6 +151,11 @@ IMAP_POST_CAPS = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=
 
 
 def imapScript(caps: bytes = IMAP_CAPS, capsInLoginReply: bool = True) -> Script:
+    """
+    Dovecot's IMAP login: C{caps} before login; the login's OK carries
+    the post-login capabilities unless C{capsInLoginReply} is false.
+    """
+
     state = {"loggedIn": False}
 
     def answer(line: bytes) -> tuple[bytes, bool]:
@@ -178,6 +184,11 @@ SIEVE_GREETING = (
 
 
 def sieveScript() -> Script:
+    """
+    Dovecot's ManageSieve login (it re-sends its capabilities after TLS:
+    see L{RoundTripTestsMixin.login}'s C{afterTLS}).
+    """
+
     def answer(line: bytes) -> tuple[bytes, bool]:
         command = line.split(b" ")[0].upper()
         if command == b"STARTTLS":
@@ -199,6 +210,10 @@ SMTP_EHLO = (
 
 
 def smtpScript() -> Script:
+    """
+    Postfix's submission: XCLIENT answered with a new greeting.
+    """
+
     def answer(line: bytes) -> tuple[bytes, bool]:
         command = line.split(b" ")[0].upper()
         if command == b"STARTTLS":
@@ -441,6 +456,16 @@ class IMAPRoundTripTests(RoundTripTestsMixin, TestCase):
         self.assertReads(server, [b"P1 | P2"])
         self.assertIn(b"P1 ID (", server.reads[0])
         self.assertIn(b"P2 AUTHENTICATE PLAIN ", server.reads[0])
+
+    @inlineCallbacks
+    def test_noCapabilitiesInLoginReply(self):
+        """
+        A server whose login reply carries no post-login capabilities costs
+        one more round trip: CAPABILITY after the login.
+        """
+        server = yield self.login("imap", self.GREETING, imapScript(capsInLoginReply=False), IMAPBackendLogin)
+        self.assertReads(server, [b"P1 | P2", b"P3"])
+        self.assertIn(b"P3 CAPABILITY", server.reads[1])
 
     @inlineCallbacks
     def test_noForwarding(self):
