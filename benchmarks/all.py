@@ -1,6 +1,7 @@
 """
 Every benchmark in one run: IMAP against direct Dovecot and nginx
-(C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}), the routers
+(C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}), single-client
+login latency of every protocol (C{latency.py}), the routers
 (C{routers.py}) and clients flooding commands unread (C{flood.py}), each
 printing its own table.
 
@@ -20,12 +21,13 @@ _REPOSITORY = Path(__file__).resolve().parent.parent
 if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
-from benchmarks import flood, pop3, routers, run, smtp  # noqa: E402
+from benchmarks import flood, latency, pop3, routers, run, smtp  # noqa: E402
 
 PARTS = (
     ("IMAP", run.main),
     ("POP3", pop3.main),
     ("ESMTP", smtp.main),
+    ("Login latency", latency.main),
     ("Routers", routers.main),
     ("Flood", flood.main),
 )

@@ -5,9 +5,10 @@ Order (as Pigeonhole's own proxy does it): the capability greeting ->
 STARTTLS, the handshake and the capability list the server re-sends after
 it (if configured; what was learnt before TLS is forgotten, the C{XCLIENT}
 offer included) -> C{XCLIENT} with the client's addresses (if forwarding
-that way) -> C{AUTHENTICATE "PLAIN"} with an initial response -> the
-server's C{OK} line, which the client gets as the reply to its own
-AUTHENTICATE.
+that way) and C{AUTHENTICATE "PLAIN"} with an initial response, in one
+write (the server answers them in order; a refused XCLIENT fails the login
+whatever the login's reply) -> the server's C{OK} line, which the client
+gets as the reply to its own AUTHENTICATE.
 """
 
 from __future__ import annotations
@@ -139,11 +140,15 @@ class SieveBackendLogin(BackendProtocol):
             self._state = "starttls"
             self.transport.write(b"STARTTLS\r\n")
             return
+        login = self._loginCommand()
+        if login is None:
+            return
         if backend.forward == "xclient" or (backend.forward == "auto" and b"XCLIENT" in self.capabilities):
             self._state = "xclient"
-            self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n")
+            self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n" + login)
             return
-        self._login()
+        self._state = "login"
+        self.transport.write(login)
 
     def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
         if self._status(values) != b"OK":
@@ -184,19 +189,23 @@ class SieveBackendLogin(BackendProtocol):
         if self._status(values) != b"OK":
             self.fail("unavailable", "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
             return
-        self._login()
+        # The AUTHENTICATE went with the XCLIENT: its reply follows.
+        self._state = "login"
 
-    def _login(self) -> None:
+    def _loginCommand(self) -> bytes | None:
+        """
+        The AUTHENTICATE command line, CRLF included, or L{None} (the login
+        failed) when the server offers no SASL PLAIN.
+        """
         mechanisms = (self.capabilities.get(b"SASL") or b"").upper().split()
         if b"PLAIN" not in mechanisms:
             hint = ""
             if not self.tlsActive and b"STARTTLS" in self.capabilities:
                 hint = "; it may want TLS first (tls = starttls)"
             self.fail("unavailable", "backend does not offer SASL PLAIN" + hint)
-            return
+            return None
         response = plainResponse(*self.job.saslIdentities())
-        self._state = "login"
-        self.transport.write(b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n")
+        return b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n"
 
     def _loginReply(self, values: tuple[SieveValue, ...]) -> None:
         status = self._status(values)

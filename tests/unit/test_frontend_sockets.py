@@ -10,6 +10,7 @@ on a L{Clock} the test advances.
 
 from __future__ import annotations
 
+from socket import IPPROTO_TCP, TCP_NODELAY
 from typing import Any
 
 from OpenSSL import SSL
@@ -226,6 +227,20 @@ class FrontendSocketTests(TestCase):
         self.assertEqual(bytes(client.received), b"".join(b"a%d OK NOOP completed.\r\n" % n for n in range(count)))
 
     test_implicitTLSFlood.timeout = 60  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_noDelay(self) -> None:
+        """
+        Every listener kind sets C{TCP_NODELAY} on the client's connection
+        (under the TLS layer too), so a small reply after the TLS handshake
+        never waits for the client's delayed ACK, as nginx's do.
+        """
+        for protocol, tls in (("imap", "none"), ("pop3", "starttls"), ("smtp", "implicit"), ("sieve", "starttls")):
+            _, frontend = yield self.connect(protocol, tls)
+            descriptor = socketOf(frontend.transport)
+            assert descriptor is not None
+            noDelay = descriptor.socket.getsockopt(IPPROTO_TCP, TCP_NODELAY)  # type: ignore[attr-defined]
+            self.assertTrue(noDelay, (protocol, tls))
 
 
 def _directory(case: TestCase) -> str:

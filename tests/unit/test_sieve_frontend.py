@@ -400,7 +400,8 @@ class BackendLoginTests(SieveFrontendTestsMixin, SynchronousTestCase):
     def test_xclientWhenOffered(self) -> None:
         """
         With C{forward = "auto"} and XCLIENT offered, the proxy sends
-        XCLIENT with the client's addresses, then AUTHENTICATE PLAIN.
+        XCLIENT with the client's addresses and AUTHENTICATE PLAIN in one
+        write, and waits for both replies.
         """
         self.build()
         self.send(b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n')
@@ -408,11 +409,11 @@ class BackendLoginTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(
             self.backendSays(GREETING),
             b"XCLIENT ADDR=192.0.2.10 PORT=50000 DESTADDR=192.0.2.1 DESTPORT=143 SESSION=" + sid
-            + b" TTL=5 CLIENT-TRANSPORT=insecure\r\n",
+            + b" TTL=5 CLIENT-TRANSPORT=insecure\r\n"
+            + b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n',
         )
-        self.assertEqual(
-            self.backendSays(b'OK "Updated"\r\n'), b'AUTHENTICATE "PLAIN" "' + ALICE_PLAIN + b'"\r\n'
-        )
+        self.assertEqual(self.backendSays(b'OK "Updated"\r\n'), b"")
+        self.assertEqual(self.frontend.transport.value(), b"")
 
     def test_xclientTLSAndServerName(self) -> None:
         """
