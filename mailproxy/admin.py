@@ -22,7 +22,8 @@ cut off at L{MAX_BODY} octets the same way.
     C{{"backend": ...}} and C{DELETE /routes/KEY} change one.
   - C{GET /explain?account=}: which router, rule and backend decide.
   - C{POST /move} C{{"backend": ..., "accounts": [...], "domain": ...,
-    "dry_run": false, "hold": 0, "drop": true}}: move accounts.
+    "include_accounts": false, "dry_run": false, "hold": 0, "drop": true}}:
+    move accounts.
   - C{POST /reload}: re-read the configuration (as SIGHUP does).
 
 Answers are JSON objects; errors are C{{"error": "..."}} with a 4xx or 5xx
@@ -502,10 +503,17 @@ class AdminResource(Resource):
         if isinstance(hold, bool) or not isinstance(hold, (int, float)):
             raise _HTTPError(400, "hold must be a number of seconds")
         dryRun, drop = body.get("dry_run", False), body.get("drop", True)
-        if not isinstance(dryRun, bool) or not isinstance(drop, bool):
-            raise _HTTPError(400, "dry_run and drop must be true or false")
+        includeAccounts = body.get("include_accounts", False)
+        if not all(isinstance(flag, bool) for flag in (dryRun, drop, includeAccounts)):
+            raise _HTTPError(400, "dry_run, drop and include_accounts must be true or false")
         moving = self.proxy.mover.move(
-            backend, accounts, _optionalString(body, "domain"), dryRun=dryRun, hold=float(hold), drop=drop
+            backend,
+            accounts,
+            _optionalString(body, "domain"),
+            dryRun=dryRun,
+            hold=float(hold),
+            drop=drop,
+            includeAccounts=includeAccounts,
         )
         return moving.addCallback(lambda result: _json(200, result.asJSON()))
 

@@ -281,6 +281,6 @@ class StaticRouteStoreTests(SynchronousTestCase):
         An entry the router cannot edit in place gives an error naming the
         file, and leaves the file as it was.
         """
-        error = self.assertRaises(RouteStoreError, self.router.deleteRoute, "zed@example.org")
+        error = self.failureResultOf(self.router.deleteRoute("zed@example.org"), RouteStoreError).value
         self.assertEqual(str(error), f"{self.path}: there is no entry 'zed@example.org' in accounts")
         self.assertEqual(self.read(), TABLE)
