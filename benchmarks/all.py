@@ -1,7 +1,8 @@
 """
 Every benchmark in one run: IMAP against direct Dovecot and nginx
-(C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}) and the routers
-(C{routers.py}), each printing its own table.
+(C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}), the routers
+(C{routers.py}) and the event loop during a bulk move (C{moves.py}), each
+printing its own table.
 
     python benchmarks/all.py [--quick]
 
@@ -19,9 +20,16 @@ _REPOSITORY = Path(__file__).resolve().parent.parent
 if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
-from benchmarks import pop3, routers, run, smtp  # noqa: E402
+from benchmarks import moves, pop3, routers, run, smtp  # noqa: E402
 
-PARTS = (("IMAP", run.main), ("POP3", pop3.main), ("ESMTP", smtp.main), ("Routers", routers.main))
+PARTS = (
+    ("IMAP", run.main),
+    ("POP3", pop3.main),
+    ("ESMTP", smtp.main),
+    ("Routers", routers.main),
+    # Last: it runs Twisted's reactor in this process, which runs only once.
+    ("Moves", moves.main),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -526,7 +526,10 @@ class AdminResource(Resource):
 
 
 def _json(status: int, data: Any) -> tuple[int, bytes, str]:
-    return status, json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n", "application/json"
+    # Compact: only then does json use its C encoder; indented, the answer
+    # to a move of 1,000 accounts (or a list of 20,000 routes) took the
+    # reactor 10 ms (100 ms) to write.
+    return status, json.dumps(data, sort_keys=False).encode("utf-8") + b"\n", "application/json"
 
 
 _UNAUTHORIZED = _json(401, {"error": "a valid bearer token is required"})

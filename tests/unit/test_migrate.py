@@ -12,8 +12,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import alsoProvides
 
 from mailproxy._migrate import MOVED, LoginHold, MoveError, MoveResult, Mover, RouteChange, explainRoute
+from mailproxy.interfaces import IRouteStore
 from mailproxy.routers import static
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import FakeRouter, makeBackend
@@ -185,6 +187,28 @@ class MoveTests(SynchronousTestCase):
         self.successResultOf(self.mover.move("new", accounts, domain="example.net"))
         self.assertEqual(calls, [[*accounts, "example.net"]])
         self.assertEqual(self.cache.invalidated, [])
+
+    def test_storeKeysCompared(self) -> None:
+        """
+        A store that lists keys with capitals (a database's rows as
+        written) has them matched without case: the change says what the
+        entry named before, and a domain move names the account as kept.
+        """
+        class Store:
+            def routes(self) -> dict[str, str]:
+                return {"Alice@Example.ORG": "old", "@example.org": "old", "Zed@Example.net": "old"}
+
+            def setRoutes(self, changes: dict[str, str]) -> None:
+                pass
+
+        alsoProvides(store := Store(), IRouteStore)
+        proxy = ProxyHarness(store, gate=LoginHold())
+        mover = Mover(proxy.context, BACKENDS, proxy.clock)
+        result = self.successResultOf(mover.move("new", ["alice@example.org"], domain="example.net", dryRun=True))
+        self.assertEqual(
+            result.changes, (RouteChange("alice@example.org", "old", "new"), RouteChange("@example.net", None, "new"))
+        )
+        self.assertEqual(result.kept, ("zed@example.net",))
 
     def test_includeAccountsNeedsDomain(self) -> None:
         """
