@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailproxy._safetext import logQuote
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML
@@ -289,7 +290,7 @@ class StaticRouter:
 
     @ivar path: the absolute path of the route table.
     @ivar watchInterval: seconds between two looks at the file while
-        watching.
+        watching; a changed file is read in the edits' thread.
     @ivar lastError: why the last reload failed, or L{None} if it worked.
     """
 
@@ -520,16 +521,30 @@ class StaticRouter:
         Re-read the table; if it is unreadable or wrong, keep the previous one
         and log why.
         """
+        self._loaded(self._load())
+
+    def _load(self) -> tuple[_Signature | None, RouteTable | ConfigError]:
+        """
+        Read the file (in the runner's thread, for the watcher): its
+        signature, taken before reading (a change made during the read is
+        seen next time), and its table or why it has none.
+        """
         signature = self._stat()
         try:
-            table = loadRouteTable(self.path, self._backends)
+            return signature, loadRouteTable(self.path, self._backends)
         except ConfigError as e:
-            self._signature = signature
-            self.lastError = str(e)
-            self.log.error("Keeping the previous route table: {error}", error=str(e))
-            return
-        self._signature = signature
-        self._install(table)
+            return signature, e
+
+    def _loaded(self, loaded: tuple[_Signature | None, RouteTable | ConfigError]) -> None:
+        """
+        Use what L{_load} read, or keep the previous table and log why.
+        """
+        self._signature, table = loaded
+        if isinstance(table, ConfigError):
+            self.lastError = str(table)
+            self.log.error("Keeping the previous route table: {error}", error=str(table))
+        else:
+            self._install(table)
 
     def _install(self, table: RouteTable) -> None:
         """
@@ -570,7 +585,8 @@ class StaticRouter:
 
     def _poll(self) -> None:
         if self._editing:
-            # The edit installs its own table and the file's new signature.
+            # An edit installs its own table and the file's new signature
+            # (or a load under way its own).
             return
         signature = self._stat()
         if signature == self._signature:
@@ -579,7 +595,19 @@ class StaticRouter:
             self._signature = None
             self.log.error("Route table {path} is gone; keeping the previous table", path=self.path)
             return
-        self.reload()
+        if self._runner is None:
+            self.reload()
+            return
+        # A large table takes a while to parse: not on the reactor.
+        self._editing += 1
+
+        def done(result: object) -> None:
+            self._editing -= 1
+            if isinstance(result, Failure):
+                # Timed out: the next look tries again.
+                self.log.failure("Reading route table {path} failed", result, path=self.path)
+
+        self._runner.run(EDIT_TIMEOUT, self._load).addCallback(self._loaded).addBoth(done)
 
     def _stat(self) -> _Signature | None:
         try:

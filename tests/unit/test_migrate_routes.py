@@ -449,6 +449,45 @@ class StaticBulkEditTests(SynchronousTestCase):
         self.assertEqual(router.explain("user1@x"), "accounts['user1@x'] -> new")
         clock.advance(router.watchInterval)
         self.assertEqual(reloads, [])
+        self.assertEqual(len(calls), 1)
+
+    def test_watcherReadsThroughRunner(self) -> None:
+        """
+        A file changed by hand is read by the runner too (a large table
+        takes a while to parse), one read at a time: the new table is used
+        once the read is done; a broken one is reported then and the
+        previous table kept.
+        """
+        calls: list[tuple[Any, Deferred[Any]]] = []
+
+        class Runner:
+            def run(self, timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+                calls.append((f, Deferred()))
+                return calls[-1][1]
+
+        clock = Clock()
+        router = StaticRouter(self.path, BACKENDS, reactor=clock, runner=Runner())
+        router.startWatching()
+        with open(self.path, "a") as f:
+            f.write('"new@x" = "new"\n')
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(router.explain("new@x"), "default -> old")
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+        read, finished = calls[0]
+        finished.callback(read())
+        self.assertEqual(router.explain("new@x"), "accounts['new@x'] -> new")
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+
+        with open(self.path, "a") as f:
+            f.write('"broken@x" = "nowhere"\n')
+        clock.advance(router.watchInterval)
+        read, finished = calls[1]
+        finished.callback(read())
+        self.assertIn("unknown backend 'nowhere'", router.lastError or "")
+        self.assertEqual(router.explain("new@x"), "accounts['new@x'] -> new")
 
     def test_runnerTimeout(self) -> None:
         """
