@@ -66,6 +66,9 @@ class MoveResult:
     @ivar sessions: the sessions dropped (would be dropped), by id.
     @ivar accounts: the accounts of those sessions.
     @ivar held: seconds new logins of the accounts were held.
+    @ivar kept: for a domain move, the domain's accounts that keep an
+        entry of their own on another backend (and so do not move): the
+        move changed only the domain's entry.
     """
 
     backend: str
@@ -74,6 +77,7 @@ class MoveResult:
     accounts: tuple[str, ...]
     dryRun: bool
     held: float = 0.0
+    kept: tuple[str, ...] = ()
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -87,6 +91,8 @@ class MoveResult:
             "sessionIds": list(self.sessions),
             "accounts": list(self.accounts),
             "held": self.held,
+            "kept": len(self.kept),
+            "keptAccounts": list(self.kept),
         }
 
 
@@ -149,23 +155,29 @@ def findRouteStore(router: object) -> Any:
     return None
 
 
-def invalidateCaches(router: object, key: str) -> None:
+def invalidateCaches(router: object, *keys: str) -> None:
     """
-    Make every cache in C{router}'s chain forget its answers for a route
-    store key: an account, C{"@domain"} (every account in it) or C{"*"}
-    (everything).
+    Make every cache in C{router}'s chain forget its answers for route
+    store keys: an account, C{"@domain"} (every account in it) or C{"*"}
+    (everything).  A cache with C{invalidateMany(names)} forgets all of
+    them in one pass over its entries.
     """
-    if key == "*":
-        argument = None
-    elif key.startswith("@"):
-        # Caches name a domain without its "@" (as a route table does).
-        argument = key[1:]
-    else:
-        argument = key
+    if not keys:
+        return
+    # Caches name a domain without its "@" (as a route table does).
+    names = [key[1:] if key.startswith("@") else key for key in keys]
     for member in routerChain(router):
         invalidate = getattr(member, "invalidate", None)
-        if callable(invalidate):
-            invalidate(argument)
+        if not callable(invalidate):
+            continue
+        many = getattr(member, "invalidateMany", None)
+        if "*" in keys:
+            invalidate(None)
+        elif callable(many):
+            many(names)
+        else:
+            for name in names:
+                invalidate(name)
 
 
 class Mover:
@@ -194,20 +206,30 @@ class Mover:
         dryRun: bool = False,
         hold: float = 0.0,
         drop: bool = True,
+        includeAccounts: bool = False,
     ) -> Deferred[MoveResult]:
         """
         Route C{accounts} (and/or every account of C{domain} that has no
         entry of its own) to C{backend}.
 
+        The route store is changed once for all of them (in its own
+        threads: see L{IRouteStore}); the reactor only compares the
+        entries and drops the sessions.
+
         @param hold: seconds to hold new logins of these accounts, from
             before the change until after their sessions are dropped.
         @param drop: drop the accounts' sessions that are on another
             backend.
+        @param includeAccounts: with C{domain}, also move the domain's
+            accounts that have an entry of their own (else they stay, and
+            the result's C{kept} names them).
         @return: fires with a L{MoveResult}, or fails with L{MoveError}.
         """
-        return self._lock.run(self._move, backend, list(accounts), domain, dryRun, hold, drop)
+        return self._lock.run(self._move, backend, list(accounts), domain, dryRun, hold, drop, includeAccounts)
 
-    async def _movePlan(self, backend: str, accounts: list[str], domain: str | None) -> tuple[Any, dict[str, str], list[RouteChange], list[Any]]:
+    async def _movePlan(
+        self, backend: str, accounts: list[str], domain: str | None, includeAccounts: bool
+    ) -> tuple[Any, list[RouteChange], list[Any], list[str]]:
         if backend not in self.backends:
             configured = ", ".join(sorted(self.backends)) or "none"
             raise MoveError(f"unknown backend {backend!r}; configured backends: {configured}")
@@ -218,38 +240,64 @@ class Mover:
                 raise MoveError(f"not an account: {account!r}")
         if domain is not None and (not domain or "@" in domain):
             raise MoveError(f"not a domain: {domain!r}")
+        if includeAccounts and domain is None:
+            raise MoveError("include_accounts needs a domain")
         store = findRouteStore(self.context.router)
         if store is None:
             raise MoveError(f"the router ({self.context.routerName or type(self.context.router).__name__}) cannot change routes")
         entries = await maybeDeferred(store.routes)
-        folded = {key.lower(): value for key, value in entries.items()}
-        keys = [account for account in dict.fromkeys(a.lower() for a in accounts)]
+        # Keys are compared without case.  A store's keys are usually lower
+        # case already (the static router's always are): then one look at
+        # all of them joined is much cheaper, on the reactor, than folding
+        # each of tens of thousands.
+        joined = "".join(entries)
+        folded = entries if joined == joined.lower() else {key.lower(): value for key, value in entries.items()}
+        keys = list(dict.fromkeys(a.lower() for a in accounts))
         # A store whose domain entry overrides its accounts' own (the SQL
         # router's set_domain_route rewrites them all) moves every account.
         covers = bool(getattr(store, "domainCoversAccounts", False))
+        kept: list[str] = []
         if domain is not None:
-            keys.append("@" + domain.lower())
+            suffix = "@" + domain.lower()
+            if not covers:
+                # The domain's accounts with an entry of their own: the
+                # domain's entry does not route them.
+                own = sorted(key for key in folded if key.endswith(suffix) and not key.startswith("@"))
+                named = set(keys)
+                if includeAccounts:
+                    keys.extend(key for key in own if key not in named)
+                else:
+                    kept = [key for key in own if folded[key] != backend and key not in named]
+            keys.append(suffix)
         changes = [
             RouteChange(key, folded.get(key), backend)
             for key in keys
             if folded.get(key) != backend or (covers and key.startswith("@"))
         ]
+        moving = set(keys)
         sessions = []
         for session in self.context.sessions:
             user = (session.user or "").lower()
             if not user or session.backendName in (None, backend):
                 continue
-            if user in keys or (
+            if user in moving or (
                 domain is not None
                 and "@" in user
                 and user.rpartition("@")[2] == domain.lower()
                 and (covers or user not in folded)
             ):
                 sessions.append(session)
-        return store, folded, changes, sessions
+        return store, changes, sessions, kept
 
     async def _move(
-        self, backend: str, accounts: list[str], domain: str | None, dryRun: bool, hold: float, drop: bool
+        self,
+        backend: str,
+        accounts: list[str],
+        domain: str | None,
+        dryRun: bool,
+        hold: float,
+        drop: bool,
+        includeAccounts: bool,
     ) -> MoveResult:
         if not 0 <= hold <= MAX_HOLD:
             raise MoveError(f"hold must be 0 to {MAX_HOLD:.0f} seconds, not {hold}")
@@ -258,7 +306,7 @@ class Mover:
             release = self.context.gate.hold([a for a in accounts], [domain] if domain else [])
         started = self.clock.seconds()
         try:
-            store, _, changes, sessions = await self._movePlan(backend, accounts, domain)
+            store, changes, sessions, kept = await self._movePlan(backend, accounts, domain, includeAccounts)
             if not drop:
                 sessions = []
             result = MoveResult(
@@ -268,21 +316,22 @@ class Mover:
                 accounts=tuple(sorted({(s.user or "").lower() for s in sessions})),
                 dryRun=dryRun,
                 held=hold if release is not None else 0.0,
+                kept=tuple(kept),
             )
             if dryRun:
                 return result
             if changes:
                 await self._write(store, {change.key: backend for change in changes})
-            for change in changes:
-                invalidateCaches(self.context.router, change.key)
+            invalidateCaches(self.context.router, *(change.key for change in changes))
             for session in sessions:
                 session.drop(MOVED)
             self.log.info(
-                "moved {keys} to {backend}: {count} sessions dropped",
+                "moved {keys} to {backend}: {count} sessions dropped; {kept} accounts keep their own entry",
                 event="move",
                 keys=[change.key for change in changes],
                 backend=backend,
                 count=len(sessions),
+                kept=len(kept),
             )
             if release is not None:
                 remaining = hold - (self.clock.seconds() - started)

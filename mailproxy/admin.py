@@ -24,7 +24,8 @@ cut off at L{MAX_BODY} octets the same way.
     C{{"backend": ...}} and C{DELETE /routes/KEY} change one.
   - C{GET /explain?account=}: which router, rule and backend decide.
   - C{POST /move} C{{"backend": ..., "accounts": [...], "domain": ...,
-    "dry_run": false, "hold": 0, "drop": true}}: move accounts.
+    "include_accounts": false, "dry_run": false, "hold": 0, "drop": true}}:
+    move accounts.
   - C{POST /reload}: re-read the configuration (as SIGHUP does).
 
 Answers are JSON objects; errors are C{{"error": "..."}} with a 4xx or 5xx
@@ -514,10 +515,17 @@ class AdminResource(Resource):
             # An integer of hundreds of digits; the mover judges the range.
             raise _HTTPError(400, "hold must be a number of seconds") from None
         dryRun, drop = body.get("dry_run", False), body.get("drop", True)
-        if not isinstance(dryRun, bool) or not isinstance(drop, bool):
-            raise _HTTPError(400, "dry_run and drop must be true or false")
+        includeAccounts = body.get("include_accounts", False)
+        if not all(isinstance(flag, bool) for flag in (dryRun, drop, includeAccounts)):
+            raise _HTTPError(400, "dry_run, drop and include_accounts must be true or false")
         moving = self.proxy.mover.move(
-            backend, accounts, _optionalString(body, "domain"), dryRun=dryRun, hold=hold, drop=drop
+            backend,
+            accounts,
+            _optionalString(body, "domain"),
+            dryRun=dryRun,
+            hold=float(hold),
+            drop=drop,
+            includeAccounts=includeAccounts,
         )
         return moving.addCallback(lambda result: _json(200, result.asJSON()))
 
@@ -530,7 +538,10 @@ class AdminResource(Resource):
 
 
 def _json(status: int, data: Any) -> tuple[int, bytes, str]:
-    return status, json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n", "application/json"
+    # Compact: only then does json use its C encoder; indented, the answer
+    # to a move of 1,000 accounts (or a list of 20,000 routes) took the
+    # reactor 10 ms (100 ms) to write.
+    return status, json.dumps(data, sort_keys=False).encode("utf-8") + b"\n", "application/json"
 
 
 _UNAUTHORIZED = _json(401, {"error": "a valid bearer token is required"})

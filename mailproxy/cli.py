@@ -63,6 +63,7 @@ from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy._stats import routerChain
 from mailproxy._logs import processLogObserver
 from mailproxy._systemd import ReloadError, reloadBySignal
+from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
@@ -246,7 +247,15 @@ def _addOperations(commands: Any) -> None:
     # One positional list, since the backend comes last; named like the
     # usage line so that argparse's own errors speak of BACKEND too.
     move.add_argument("targets", nargs="+", metavar="BACKEND", help="the accounts to move (ACCOUNT ...), then BACKEND")
+    move.add_argument(
+        "--from-file", metavar="FILE",
+        help="also move the accounts listed in FILE, one per line (- for standard input; blank lines and # comments are skipped)",
+    )
     move.add_argument("--domain", metavar="DOMAIN", help="also move every account of DOMAIN without an entry of its own")
+    move.add_argument(
+        "--include-accounts", action="store_true",
+        help="with --domain, also move the domain's accounts that have an entry of their own",
+    )
     move.add_argument("--dry-run", action="store_true", help="only show what would change")
     move.add_argument(
         "--hold", type=_hold, default=0.0, metavar="SECONDS",
@@ -630,12 +639,20 @@ def _client(arguments: argparse.Namespace, err: TextIO) -> AdminClient:
     return clientFromConfig(arguments.config, arguments.url, token)
 
 
-def _printMove(result: dict[str, Any], out: TextIO) -> None:
+def _printMove(result: dict[str, Any], out: TextIO, domain: str | None = None) -> None:
     verb = "would change" if result["dryRun"] else "changed"
     if not result["changes"]:
         print(f"route table: nothing to change, already on {result['backend']}", file=out)
     for change in result["changes"]:
         print(f"{verb}: {change['key']}: {change['from'] or '(no entry)'} -> {change['to']}", file=out)
+    kept = result.get("keptAccounts", [])
+    if kept:
+        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        print(
+            f"not moved: {len(kept)} account{'s' if len(kept) != 1 else ''} of {domain} with their own entry: "
+            f"{shown} (--include-accounts moves them too)",
+            file=out,
+        )
     count = result["sessions"]
     sessions = f"{count} open session{'s' if count != 1 else ''}"
     if result["dryRun"]:
@@ -644,20 +661,83 @@ def _printMove(result: dict[str, Any], out: TextIO) -> None:
         print(f"{sessions} dropped" + (f"; logins held {result['held']:g}s" if result["held"] else ""), file=out)
 
 
+def _readAccounts(path: str) -> list[str]:
+    """
+    The accounts listed in C{path} (C{-}: standard input), one per line;
+    blank lines and C{#} comments are skipped.
+    """
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdminError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    accounts = []
+    for line in text.splitlines():
+        account = line.split("#", 1)[0].strip()
+        if account:
+            accounts.append(account)
+    return accounts
+
+
+def _batches(accounts: list[str], limit: int) -> list[list[str]]:
+    """
+    C{accounts} in runs whose JSON fits in C{limit} bytes (one run, unless
+    the list is longer than the management endpoint takes in one body).
+    """
+    batches: list[list[str]] = [[]]
+    size = 0
+    for account in accounts:
+        length = len(json.dumps(account).encode("utf-8")) + 2
+        if batches[-1] and size + length > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(account)
+        size += length
+    return batches
+
+
 def _move(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
     *accounts, backend = arguments.targets
-    result = client.call(
-        "POST", "/move",
-        {
-            "backend": backend,
-            "accounts": accounts,
-            "domain": arguments.domain,
-            "dry_run": arguments.dry_run,
-            "hold": arguments.hold,
-            "drop": not arguments.no_drop,
-        },
-    )
-    _printMove(result, out)
+    if arguments.from_file is not None:
+        accounts += _readAccounts(arguments.from_file)
+    if arguments.include_accounts and not arguments.domain:
+        raise AdminError("--include-accounts needs --domain")
+    # Room for the other fields of the body.
+    batches = _batches(accounts, MAX_BODY - 1024)
+    total: dict[str, Any] | None = None
+    moved = 0
+    for index, batch in enumerate(batches):
+        first = index == 0
+        try:
+            result = client.call(
+                "POST", "/move",
+                {
+                    "backend": backend,
+                    "accounts": batch,
+                    "domain": arguments.domain if first else None,
+                    "include_accounts": arguments.include_accounts and first,
+                    "dry_run": arguments.dry_run,
+                    "hold": arguments.hold,
+                    "drop": not arguments.no_drop,
+                },
+            )
+        except AdminError as e:
+            if total is None:
+                raise
+            _printMove(total, out, arguments.domain)
+            raise AdminError(f"{e} (the first {moved} of {len(accounts)} accounts were moved; move the rest again)") from None
+        moved += len(batch)
+        if total is None:
+            total = result
+        else:
+            total["changes"] += result["changes"]
+            total["sessions"] += result["sessions"]
+            total["accounts"] += result["accounts"]
+    assert total is not None
+    _printMove(total, out, arguments.domain)
     return 0
 
 

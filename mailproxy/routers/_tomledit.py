@@ -29,9 +29,10 @@ import re
 import stat
 import tempfile
 import tomllib
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["EditError", "setEntry", "deleteEntry", "replaceFile"]
+__all__ = ["EditError", "setEntry", "setEntries", "deleteEntry", "replaceFile"]
 
 _KEY = r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|[A-Za-z0-9_-]+'
 _STRING = r'"(?:[^"\\]|\\.)*"|\'[^\']*\''
@@ -170,6 +171,13 @@ def _check(text: str, expected: dict[str, Any], what: str) -> str:
     """
     Return C{text} if it parses to C{expected}, else refuse the edit.
     """
+    return _checked(text, expected, what)[0]
+
+
+def _checked(text: str, expected: dict[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """
+    Like L{_check}, also returning what C{text} parses to.
+    """
     try:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
@@ -179,7 +187,7 @@ def _check(text: str, expected: dict[str, Any], what: str) -> str:
             f"cannot change {what} by editing its line (it is written in a form this "
             "tool does not rewrite, e.g. a dotted key); change it by hand"
         )
-    return text
+    return text, parsed
 
 
 def _withoutEmptyTables(data: dict[str, Any]) -> dict[str, Any]:
@@ -199,48 +207,123 @@ def setEntry(text: str, table: str | None, key: str, backend: str) -> str:
     @raise EditError: the text does not parse, or the entry cannot be edited
         in place.
     """
+    return setEntries(text, [(table, key, backend)])[0]
+
+
+def setEntries(text: str, edits: Iterable[tuple[str | None, str, str]]) -> tuple[str, dict[str, Any]]:
+    """
+    Make several edits like L{setEntry} at once: the text is parsed once,
+    each entry's line is found in an index of the file's lines, and the
+    result is checked once, however many entries change.  All of the edits
+    happen or none does.
+
+    @param edits: C{(table, key, backend)} like L{setEntry}'s arguments;
+        of two edits of the same entry (keys compared without case), the
+        last wins.
+    @return: the new text and what it parses to.
+    @raise EditError: the text does not parse, or an entry cannot be edited
+        in place.
+    """
     data = _parse(text)
     expected = copy.deepcopy(data)
     lines = _splitLines(text)
-    if table is None:
-        expected["default"] = backend
-        index = _findKey(lines, *_topLevel(lines), "default")
-        if index is not None:
-            return _edited(lines, index, backend, expected, "default")
-        line = "default = " + _quote(backend)
-        return _check("\n".join(_insertTopLevel(lines, line)), expected, "default")
-
-    entries = expected.setdefault(table, {})
-    if not isinstance(entries, dict):
-        raise EditError(f"{table} is not a table")
-    existing = _existingKey(entries, key)
-    what = f"{table}[{(existing or key)!r}]"
     sections = _sections(lines)
-    if existing is None:
-        entries[key] = backend
-        line = _quote(key) + " = " + _quote(backend)
+    # Keyed without case, as the route table matches entries.
+    wanted: dict[tuple[str | None, str], tuple[str, str]] = {}
+    for table, key, backend in edits:
+        wanted[table, "" if table is None else key.lower()] = (key, backend)
+    # Lines are replaced in place; new lines are inserted at the end, from
+    # the bottom up, so that the indexes of the lines stay right meanwhile.
+    replaced: dict[int, str] = {}
+    inserted: dict[str | None, list[str]] = {}
+    unedited: list[str] = []
+    existingKeys: dict[str, dict[str, str]] = {}
+    keyLines: dict[tuple[str, ...], dict[str, int]] = {}
+
+    def findKey(path: tuple[str, ...], key: str) -> int | None:
+        if path not in keyLines:
+            found: dict[str, int] = {}
+            for sectionPath, start, end in sections:
+                if sectionPath == path:
+                    for index in range(start, end):
+                        match = _KEY_VALUE.match(lines[index])
+                        if match is not None:
+                            name = _unquote(match.group("key"))
+                            if name is not None:
+                                found.setdefault(name, index)
+                    break
+            keyLines[path] = found
+        return keyLines[path].get(key)
+
+    def replace(index: int | None, backend: str, what: str) -> None:
+        line = None if index is None else _replaceValue(lines[index], backend)
+        if index is None or line is None:
+            unedited.append(what)
+        else:
+            replaced[index] = line
+
+    for (table, _), (key, backend) in wanted.items():
+        if table is None:
+            expected["default"] = backend
+            index = _findKey(lines, *_topLevel(lines), "default")
+            if index is None:
+                inserted.setdefault(None, []).append("default = " + _quote(backend))
+            else:
+                replace(index, backend, "default")
+            continue
+        entries = expected.setdefault(table, {})
+        if not isinstance(entries, dict):
+            raise EditError(f"{table} is not a table")
+        if table not in existingKeys:
+            existingKeys[table] = {name.lower(): name for name in entries}
+        existing = existingKeys[table].get(key.lower())
+        if existing is None:
+            entries[key] = backend
+            existingKeys[table][key.lower()] = key
+            inserted.setdefault(table, []).append(_quote(key) + " = " + _quote(backend))
+            continue
+        what = f"{table}[{existing!r}]"
+        value = entries[existing]
+        if isinstance(value, dict):
+            value["backend"] = backend
+        else:
+            entries[existing] = backend
+        index = findKey((table,), existing)
+        if index is None:
+            index = findKey((table, existing), "backend")
+        replace(index, backend, what)
+
+    for index, line in replaced.items():
+        lines[index] = line
+    appended: list[str] = []
+    at: list[tuple[int, list[str]]] = []
+    for table, new in inserted.items():
+        if table is None:
+            # Inserted alone below: the top level's place depends on its lines.
+            continue
         for path, start, end in sections:
             if path == (table,):
-                at = _lastEntryLine(lines, start, end)
-                return _check("\n".join(lines[:at] + [line] + lines[at:]), expected, what)
-        body = lines[:-1] if lines[-1] == "" else lines
-        return _check("\n".join(body + ["", f"[{table}]", line, ""]), expected, what)
-
-    value = entries[existing]
-    if isinstance(value, dict):
-        value["backend"] = backend
+                at.append((_lastEntryLine(lines, start, end), new))
+                break
+        else:
+            appended += ["", f"[{table}]", *new]
+    for index, new in sorted(at, key=lambda item: item[0], reverse=True):
+        lines[index:index] = new
+    if appended:
+        if lines[-1] == "":
+            lines.pop()
+        lines += appended + [""]
+    if None in inserted:
+        lines = _insertTopLevel(lines, inserted[None][0])
+    if unedited:
+        what = unedited[0]
+    elif len(wanted) == 1:
+        # One entry: the refusal names it, as it always did.
+        ((table, _), (key, _)), = wanted.items()
+        what = "default" if table is None else f"{table}[{existingKeys[table][key.lower()]!r}]"
     else:
-        entries[existing] = backend
-    for path, start, end in sections:
-        if path == (table,):
-            index = _findKey(lines, start, end, existing)
-            if index is not None:
-                return _edited(lines, index, backend, expected, what)
-        if path == (table, existing):
-            index = _findKey(lines, start, end, "backend")
-            if index is not None:
-                return _edited(lines, index, backend, expected, what)
-    return _check(text, expected, what)
+        what = "the route table"
+    return _checked("\n".join(lines), expected, what)
 
 
 def deleteEntry(text: str, table: str | None, key: str) -> str:

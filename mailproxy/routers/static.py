@@ -21,25 +21,33 @@ Moving an account is one edit of the file: L{StaticRouter.startWatching}
 notices it, or the service calls L{StaticRouter.reload} (on SIGHUP, say).  A
 file that does not parse, half-written or wrong, leaves the previous table in
 place, so an editor saving in place can never empty the routing.
+
+Changes through L{IRouteStore} (a move) edit the file in a thread of their
+own: however many entries change, the file is parsed, edited, validated and
+written once, and the reactor only swaps the new table in.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from attrs import field, frozen
 from zope.interface import implementer
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailproxy._safetext import logQuote
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML, suggest
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
-from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntry
+from mailproxy.routers._blocking import ThreadRunner
+from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries
 
 __all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]
 
@@ -82,16 +90,25 @@ class RouteTable:
     @ivar domains: domain rules by lower-cased domain.
     @ivar default: the rule for everything else, if any.
     @ivar accountDomains: the domains of the accounts' names.
+    @ivar entries: the rules' backends by L{IRouteStore} key (accounts,
+        C{"@domain"}, C{"*"}), made with the table (in an edit's thread)
+        so that listing them is a copy.
     """
 
     accounts: dict[str, RouteRule] = field(factory=dict, hash=False)
     domains: dict[str, RouteRule] = field(factory=dict, hash=False)
     default: RouteRule | None = None
     accountDomains: frozenset[str] = field(init=False, hash=False, repr=False)
+    entries: dict[str, str] = field(init=False, hash=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         domains = frozenset(name.rpartition("@")[2] for name in self.accounts if "@" in name)
         object.__setattr__(self, "accountDomains", domains)
+        entries = {name: rule.backend.name for name, rule in self.accounts.items()}
+        entries.update({"@" + name: rule.backend.name for name, rule in self.domains.items()})
+        if self.default is not None:
+            entries["*"] = self.default.backend.name
+        object.__setattr__(self, "entries", entries)
 
     def findRecipient(self, address: str) -> RouteRule | RejectionReason:
         """
@@ -249,6 +266,9 @@ def loadRouteTable(path: str, backends: Mapping[str, Backend]) -> RouteTable:
 
 _Signature = tuple[int, int, int]
 
+#: Seconds an edit of the route table file may take in its thread.
+EDIT_TIMEOUT = 120.0
+
 
 @implementer(IRouter, IReloadable, IRouteStore)
 class StaticRouter:
@@ -262,13 +282,15 @@ class StaticRouter:
     (the reason goes to the log), so that clients cannot learn which
     accounts have a stored password.
 
-    As an L{IRouteStore}, it changes the file itself: the one line of the
+    As an L{IRouteStore}, it changes the file itself: the one line of each
     entry is edited (comments and order stay), the result is validated, and
     the file is replaced atomically (see L{mailproxy.routers._tomledit}).
+    This happens in a thread (given a reactor that has threads), one edit
+    at a time; the changes' Deferred fires once the new table is in use.
 
     @ivar path: the absolute path of the route table.
     @ivar watchInterval: seconds between two looks at the file while
-        watching.
+        watching; a changed file is read in the edits' thread.
     @ivar lastError: why the last reload failed, or L{None} if it worked.
     """
 
@@ -281,12 +303,18 @@ class StaticRouter:
         *,
         reactor: IReactorTime | None = None,
         watchInterval: float = 2.0,
+        runner: Any = None,
     ) -> None:
         """
         Load the table now.
 
         @param backends: the configured backends, by name.
-        @param reactor: the clock for L{startWatching}.
+        @param reactor: the clock for L{startWatching}, and the threads for
+            edits.
+        @param runner: runs the edits of the file: anything with
+            L{ThreadRunner}'s C{run(timeout, f, *args)}.  By default a
+            L{ThreadRunner} of one thread if C{reactor} has threads; without
+            one, edits run in the caller's thread.
         @raise ConfigError: if the table cannot be loaded.
         """
         self.path = os.path.abspath(path)
@@ -295,6 +323,12 @@ class StaticRouter:
         self._backends = dict(backends)
         self._reactor = reactor
         self._watcher: LoopingCall | None = None
+        if runner is None and IReactorThreads.providedBy(reactor):
+            # One thread: edits happen one after the other, in order.
+            runner = ThreadRunner(reactor, 1, "mailproxy-routes")
+        self._runner = runner
+        # Edits under way: the watcher leaves the file to them meanwhile.
+        self._editing = 0
         # Taken before reading: a change made during the read is seen next time.
         self._signature = self._stat()
         self._table = loadRouteTable(self.path, self._backends)
@@ -383,23 +417,19 @@ class StaticRouter:
         The entries of the current table: accounts by name, domains as
         C{"@domain"}, the default as C{"*"}; values are backend names.
         """
-        entries = {name: rule.backend.name for name, rule in self._table.accounts.items()}
-        entries.update({"@" + name: rule.backend.name for name, rule in self._table.domains.items()})
-        if self._table.default is not None:
-            entries["*"] = self._table.default.backend.name
-        return entries
+        return dict(self._table.entries)
 
-    def setRoute(self, key: str, backend: str) -> None:
+    def setRoute(self, key: str, backend: str) -> Deferred[None]:
         """
         Route C{key} (see L{routes}) to C{backend} by editing the file; an
         account's other settings stay as they are.
 
-        @raise RouteStoreError: an unknown backend, or a file that cannot be
-            edited or written.
+        @raise RouteStoreError: (maybe in the Deferred) an unknown backend,
+            or a file that cannot be edited or written.
         """
-        self.setRoutes({key: backend})
+        return self.setRoutes({key: backend})
 
-    def setRoutes(self, changes: Mapping[str, str]) -> None:
+    def setRoutes(self, changes: Mapping[str, str]) -> Deferred[None]:
         """
         Like L{setRoute} for several keys, written to the file at once: all
         of the changes happen or none does.
@@ -408,54 +438,118 @@ class StaticRouter:
             if backend not in self._backends:
                 configured = ", ".join(sorted(self._backends)) or "none"
                 raise RouteStoreError(f"unknown backend {backend!r}; configured backends: {configured}")
-        edits = [(_tableAndName(key), backend) for key, backend in changes.items()]
+        edits = [(*_tableAndName(key), backend) for key, backend in changes.items()]
+        return self._edit(lambda text: setEntries(text, edits))
 
-        def change(text: str) -> str:
-            for (table, name), backend in edits:
-                text = setEntry(text, table, name, backend)
-            return text
-
-        self._edit(change)
-
-    def deleteRoute(self, key: str) -> None:
+    def deleteRoute(self, key: str) -> Deferred[None]:
         """
         Remove the entry for C{key} (see L{routes}) from the file.
 
-        @raise RouteStoreError: no such entry, or a file that cannot be
-            edited or written.
+        @raise RouteStoreError: (maybe in the Deferred) no such entry, or a
+            file that cannot be edited or written.
         """
         table, name = _tableAndName(key)
-        self._edit(lambda text: deleteEntry(text, table, name))
+        return self._edit(lambda text: (deleteEntry(text, table, name), None))
 
-    def _edit(self, change: Callable[[str], str]) -> None:
+    def _edit(self, change: Callable[[str], tuple[str, Mapping[str, object] | None]]) -> Deferred[None]:
+        """
+        Edit the file with C{change} (given its text, the new text and, if
+        known, what that parses to) in the runner's thread, then use the
+        new table.
+        """
+        def install(edited: tuple[_Signature | None, RouteTable]) -> None:
+            self._signature, table = edited
+            self._install(table)
+
+        def done(result: object) -> object:
+            self._editing -= 1
+            return result
+
+        def timedOut(reason: Any) -> None:
+            reason.trap(TimeoutError)
+            raise RouteStoreError(
+                f"{self.path}: the edit did not finish within {EDIT_TIMEOUT:g} s; "
+                "it may still take effect (see the routes)"
+            )
+
+        self._editing += 1
+        try:
+            if self._runner is None:
+                editing = maybeDeferred(self._editFile, change)
+            else:
+                editing = self._runner.run(EDIT_TIMEOUT, self._editFile, change)
+        except BaseException:
+            self._editing -= 1
+            raise
+        return editing.addCallback(install).addErrback(timedOut).addBoth(done)
+
+    def _editFile(
+        self, change: Callable[[str], tuple[str, Mapping[str, object] | None]]
+    ) -> tuple[_Signature | None, RouteTable]:
+        """
+        Read, change, validate and replace the file (in the runner's
+        thread: this touches nothing of the router's but its path and
+        backends).
+
+        @return: the file's new signature and table.
+        """
         try:
             with open(self.path, "rb") as f:
                 text = f.read().decode("utf-8")
-            changed = change(text)
-            parseRouteTable(parseTOML(changed, self.path), self.path, self._backends)
+            changed, data = change(text)
+            if data is None:
+                data = parseTOML(changed, self.path)
+            table = parseRouteTable(data, self.path, self._backends)
             replaceFile(self.path, changed)
         except (EditError, ConfigError) as e:
             raise RouteStoreError(f"{self.path}: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise RouteStoreError(f"{self.path}: cannot rewrite: {e}") from None
-        self.reload()
-        if self.lastError is not None:
-            raise RouteStoreError(self.lastError)
+        return self._stat(), table
+
+    def close(self) -> None:
+        """
+        This router is no longer used (a reload replaced it): the edit
+        thread stops once an edit under way is done.
+        """
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
 
     def reload(self) -> None:
         """
         Re-read the table; if it is unreadable or wrong, keep the previous one
         and log why.
         """
+        self._loaded(self._load())
+
+    def _load(self) -> tuple[_Signature | None, RouteTable | ConfigError]:
+        """
+        Read the file (in the runner's thread, for the watcher): its
+        signature, taken before reading (a change made during the read is
+        seen next time), and its table or why it has none.
+        """
         signature = self._stat()
         try:
-            table = loadRouteTable(self.path, self._backends)
+            return signature, loadRouteTable(self.path, self._backends)
         except ConfigError as e:
-            self._signature = signature
-            self.lastError = str(e)
-            self.log.error("Keeping the previous route table: {error}", error=str(e))
-            return
-        self._signature = signature
+            return signature, e
+
+    def _loaded(self, loaded: tuple[_Signature | None, RouteTable | ConfigError]) -> None:
+        """
+        Use what L{_load} read, or keep the previous table and log why.
+        """
+        self._signature, table = loaded
+        if isinstance(table, ConfigError):
+            self.lastError = str(table)
+            self.log.error("Keeping the previous route table: {error}", error=str(table))
+        else:
+            self._install(table)
+
+    def _install(self, table: RouteTable) -> None:
+        """
+        Route by C{table} from now on.
+        """
         self._table = table
         self.lastError = None
         self.log.info(
@@ -490,6 +584,10 @@ class StaticRouter:
             self._watcher = None
 
     def _poll(self) -> None:
+        if self._editing:
+            # An edit installs its own table and the file's new signature
+            # (or a load under way its own).
+            return
         signature = self._stat()
         if signature == self._signature:
             return
@@ -497,7 +595,19 @@ class StaticRouter:
             self._signature = None
             self.log.error("Route table {path} is gone; keeping the previous table", path=self.path)
             return
-        self.reload()
+        if self._runner is None:
+            self.reload()
+            return
+        # A large table takes a while to parse: not on the reactor.
+        self._editing += 1
+
+        def done(result: object) -> None:
+            self._editing -= 1
+            if isinstance(result, Failure):
+                # Timed out: the next look tries again.
+                self.log.failure("Reading route table {path} failed", result, path=self.path)
+
+        self._runner.run(EDIT_TIMEOUT, self._load).addCallback(self._loaded).addBoth(done)
 
     def _stat(self) -> _Signature | None:
         try:

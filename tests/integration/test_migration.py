@@ -244,9 +244,10 @@ class IMAPClient:
         self.connection.close()
 
 
-def mailproxyCommand(*arguments: str) -> subprocess.CompletedProcess[str]:
+def mailproxyCommand(*arguments: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """
-    Run the C{mailproxy} command of this checkout.
+    Run the C{mailproxy} command of this checkout (with C{input} on its
+    standard input).
     """
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPOSITORY), environment.get("PYTHONPATH")]))
@@ -256,6 +257,7 @@ def mailproxyCommand(*arguments: str) -> subprocess.CompletedProcess[str]:
         text=True,
         env=environment,
         timeout=TIMEOUT * 2,
+        input=input,
     )
 
 
@@ -316,11 +318,11 @@ class DrillTestsMixin:
         self.addCleanup(client.close)  # type: ignore[attr-defined]
         return client
 
-    def mailproxy(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+    def mailproxy(self, *arguments: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         """
         Run C{mailproxy ARGUMENTS --config} with the proxy's configuration.
         """
-        return mailproxyCommand(*arguments, "--config", str(self.proxy.proxy.configPath))
+        return mailproxyCommand(*arguments, "--config", str(self.proxy.proxy.configPath), input=input)
 
 
 class MigrationDrillTests(DrillTestsMixin, SynchronousTestCase):
@@ -406,6 +408,50 @@ class MigrationDrillTests(DrillTestsMixin, SynchronousTestCase):
         self.assertEqual({e["user"] for e in dropped}, set(MOVING))
         self.assertEqual({e["backend"] for e in dropped if e["bytesOut"] > 0}, {"old", "new"})
         self.assertFalse([e for e in self.proxy.events() if e.get("event") == "login_failed"])
+
+
+class DomainMoveTests(DrillTestsMixin, SynchronousTestCase):
+    """
+    A domain whose accounts have entries of their own, moved back.
+    """
+
+    def test_domainMoveLeavesNoneBehind(self) -> None:
+        """
+        Five accounts moved to new with C{--from-file -} get entries of
+        their own.  Moving their domain back to old says, in the dry run
+        already, that those five would stay on new; with
+        C{--include-accounts} (and a hold) they move too: their sessions on
+        new get the BYE, and their clients log in to old again.
+        """
+        accounts = ACCOUNTS[:5]
+        moved = self.mailproxy("move", "--from-file", "-", "new", input="# to new\n" + "\n".join(accounts) + "\n")
+        self.assertEqual(moved.returncode, 0, moved.stderr)
+        self.assertEqual(moved.stdout.count("(no entry) -> new"), 5, moved.stdout)
+        clients = {}
+        for account in accounts:
+            clients[account] = self.connect()
+            self.assertEqual(clients[account].login(account), f"{account} on new")
+            clients[account].idle()
+
+        dry = self.mailproxy("move", "--domain", "example.org", "--dry-run", "old")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertEqual(
+            dry.stdout,
+            "would change: @example.org: (no entry) -> old\n"
+            f"not moved: 5 accounts of example.org with their own entry: {', '.join(accounts)} "
+            "(--include-accounts moves them too)\n"
+            "0 open sessions would be dropped\n",
+        )
+
+        back = self.mailproxy("move", "--domain", "example.org", "--include-accounts", "--hold", "1", "old")
+        self.assertEqual(back.returncode, 0, back.stderr)
+        self.assertEqual(back.stdout.count(" new -> old"), 5, back.stdout)
+        self.assertIn("5 open sessions dropped; logins held 1s", back.stdout)
+        self.assertNotIn("not moved", back.stdout)
+        for account in accounts:
+            self.assertEqual(clients[account].untilClosed(), [MOVED_BYE], account)
+            again = self.connect()
+            self.assertEqual(again.login(account), f"{account} on old")
 
 
 class ManagementTests(DrillTestsMixin, SynchronousTestCase):

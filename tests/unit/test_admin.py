@@ -479,6 +479,30 @@ class RouteTests(AdminTestsMixin, SynchronousTestCase):
         self.assertEqual((status, body["sessions"], body["dryRun"]), (200, 1, False))
         self.assertEqual(aliceClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
 
+    def test_moveDomainKept(self) -> None:
+        """
+        A domain move answers with the domain's accounts that keep their
+        own entry (C{kept}, C{keptAccounts}); with C{include_accounts} they
+        move too and their sessions are dropped.
+        """
+        _, aliceClient, _ = self.harness.login("alice@example.org")
+        status, body = self.request("POST", "/move", {"backend": "new", "domain": "example.org", "dry_run": True})
+        self.assertEqual((status, body["kept"], body["keptAccounts"]), (200, 1, ["alice@example.org"]))
+        self.assertEqual(body["changes"], [{"key": "@example.org", "from": None, "to": "new"}])
+        status, body = self.request(
+            "POST", "/move", {"backend": "new", "domain": "example.org", "include_accounts": True}
+        )
+        self.assertEqual((status, body["kept"], body["sessions"]), (200, 0, 1))
+        self.assertEqual(
+            body["changes"],
+            [{"key": "alice@example.org", "from": "old", "to": "new"}, {"key": "@example.org", "from": None, "to": "new"}],
+        )
+        self.assertEqual(aliceClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+        self.assertEqual(
+            self.request("POST", "/move", {"backend": "new", "domain": "example.org", "include_accounts": "yes"}),
+            (400, {"error": "dry_run, drop and include_accounts must be true or false"}),
+        )
+
     def test_moveRefused(self) -> None:
         """
         A refused move is a 409 with the reason; a malformed one a 400.

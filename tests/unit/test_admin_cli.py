@@ -16,6 +16,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._adminclient import AdminClient, AdminError, adminFromFile, endpointURL
+from mailproxy.admin import MAX_BODY
 from mailproxy.cli import main
 
 CONFIG = """\
@@ -99,7 +100,8 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(
             self.requests,
             [("http://127.0.0.1:19443", "POST", "/move",
-              {"backend": "new", "accounts": ["a@x", "b@x"], "domain": None, "dry_run": False, "hold": 0.0, "drop": True})],
+              {"backend": "new", "accounts": ["a@x", "b@x"], "domain": None, "include_accounts": False,
+               "dry_run": False, "hold": 0.0, "drop": True})],
         )
         self.assertEqual(
             self.out.getvalue(),
@@ -117,9 +119,101 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.command("move", "--domain", "x", "--dry-run", "--hold", "5", "--no-drop", "new"), 0)
         self.assertEqual(
             self.requests[0][3],
-            {"backend": "new", "accounts": [], "domain": "x", "dry_run": True, "hold": 5.0, "drop": False},
+            {"backend": "new", "accounts": [], "domain": "x", "include_accounts": False, "dry_run": True, "hold": 5.0,
+             "drop": False},
         )
         self.assertEqual(self.out.getvalue(), "would change: @x: old -> new\n1 open session would be dropped (e@x)\n")
+
+    def test_moveDomainReportsKept(self) -> None:
+        """
+        A domain move whose accounts keep an entry of their own says how
+        many do not move, names some, and points to C{--include-accounts}.
+        """
+        kept = [f"u{i}@bulk.example" for i in range(12)]
+        self.answers.append(
+            (200, {"backend": "old", "dryRun": True, "held": 0.0, "sessions": 0, "accounts": [],
+                   "changes": [{"key": "@bulk.example", "from": None, "to": "old"}], "kept": 12, "keptAccounts": kept})
+        )
+        self.assertEqual(self.command("move", "--domain", "bulk.example", "--dry-run", "old"), 0)
+        self.assertEqual(
+            self.out.getvalue(),
+            "would change: @bulk.example: (no entry) -> old\n"
+            "not moved: 12 accounts of bulk.example with their own entry: "
+            + ", ".join(kept[:10])
+            + " and 2 more (--include-accounts moves them too)\n"
+            "0 open sessions would be dropped\n",
+        )
+
+    def test_moveIncludeAccounts(self) -> None:
+        """
+        C{--include-accounts} asks for the domain's own entries to move
+        too; without C{--domain} it is refused before any request.
+        """
+        self.answers.append((200, {"backend": "old", "dryRun": False, "held": 0.0, "sessions": 0, "accounts": [],
+                                   "changes": [], "kept": 0, "keptAccounts": []}))
+        self.assertEqual(self.command("move", "--domain", "bulk.example", "--include-accounts", "old"), 0)
+        self.assertTrue(self.requests[0][3]["include_accounts"])
+        self.assertEqual(self.command("move", "--include-accounts", "a@x", "old"), 1)
+        self.assertEqual(len(self.requests), 1)
+        self.assertEqual(self.err.getvalue(), "mailproxy move: --include-accounts needs --domain\n")
+
+    def test_moveFromFile(self) -> None:
+        """
+        C{--from-file FILE} adds the accounts listed in FILE (blank lines
+        and comments skipped) to those on the command line, in one request.
+        """
+        path = os.path.join(self.directory, "accounts.txt")
+        with open(path, "w") as f:
+            f.write("# week 3\nb@x\n\n  c@x   # the boss\n")
+        self.answers.append((200, {"backend": "new", "dryRun": False, "held": 0.0, "sessions": 0, "accounts": [],
+                                   "changes": []}))
+        self.assertEqual(self.command("move", "--from-file", path, "a@x", "new"), 0)
+        self.assertEqual([r[3]["accounts"] for r in self.requests], [["a@x", "b@x", "c@x"]])
+
+    def test_moveFromStandardInput(self) -> None:
+        """
+        C{--from-file -} reads the accounts from standard input.
+        """
+        self.patch(sys, "stdin", io.StringIO("a@x\nb@x\n"))
+        self.answers.append((200, {"backend": "new", "dryRun": False, "held": 0.0, "sessions": 0, "accounts": [],
+                                   "changes": []}))
+        self.assertEqual(self.command("move", "--from-file", "-", "new"), 0)
+        self.assertEqual(self.requests[0][3]["accounts"], ["a@x", "b@x"])
+
+    def test_moveFromFileUnreadable(self) -> None:
+        """
+        A file that cannot be read is named in the error; nothing is sent.
+        """
+        missing = os.path.join(self.directory, "missing.txt")
+        self.assertEqual(self.command("move", "--from-file", missing, "new"), 1)
+        self.assertEqual(self.requests, [])
+        self.assertEqual(self.err.getvalue(), f"mailproxy move: {missing}: cannot read: No such file or directory\n")
+
+    def test_moveLargerThanOneBody(self) -> None:
+        """
+        More accounts than one request body of the endpoint holds are sent
+        in as few requests as fit (each within the endpoint's limit), the
+        domain with the first; the output adds them up.
+        """
+        accounts = [f"user{i:05}@example.org" for i in range(6000)]
+        path = os.path.join(self.directory, "accounts.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(accounts) + "\n")
+
+        def answer(count: int) -> tuple[int, Any]:
+            return 200, {"backend": "new", "dryRun": False, "held": 0.0, "sessions": 1, "accounts": ["a@x"],
+                         "changes": [{"key": "k", "from": "old", "to": "new"}] * count}
+
+        self.answers += [answer(1), answer(2), answer(3)]
+        self.assertEqual(self.command("move", "--from-file", path, "--domain", "x", "new"), 0)
+        bodies = [request[3] for request in self.requests]
+        self.assertEqual(len(bodies), 3)
+        self.assertEqual(sum((body["accounts"] for body in bodies), []), accounts)
+        self.assertEqual([body["domain"] for body in bodies], ["x", None, None])
+        for body in bodies:
+            self.assertLessEqual(len(json.dumps(body).encode()), MAX_BODY)
+        self.assertEqual(self.out.getvalue().count("changed: k: old -> new\n"), 6)
+        self.assertTrue(self.out.getvalue().endswith("3 open sessions dropped\n"))
 
     def test_moveRefused(self) -> None:
         """

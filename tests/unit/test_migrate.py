@@ -6,11 +6,17 @@ table and in-memory sessions.
 from __future__ import annotations
 
 import os
+import threading
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.task import LoopingCall
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import alsoProvides
 
-from mailproxy._migrate import MOVED, LoginHold, MoveError, Mover, RouteChange, explainRoute
+from mailproxy._migrate import MOVED, LoginHold, MoveError, MoveResult, Mover, RouteChange, explainRoute
+from mailproxy.interfaces import IRouteStore
+from mailproxy.routers import static
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import FakeRouter, makeBackend
 
@@ -132,6 +138,85 @@ class MoveTests(SynchronousTestCase):
         # Caches name a domain without its "@".
         self.assertEqual(self.cache.invalidated, ["example.net"])
 
+    def test_domainReportsKept(self) -> None:
+        """
+        A domain move says which of the domain's accounts keep an entry of
+        their own on another backend (so do not move), in the dry run too;
+        their sessions go on.  An account whose own entry already names
+        the target is not among them.
+        """
+        with open(self.path, "w") as f:
+            f.write(TABLE + '"dora@example.net" = "new"\n"frank@example.org" = "old"\n')
+        self.store.reload()
+        carol, carolClient, _ = self.proxy.login("carol@example.net")
+        dry = self.successResultOf(self.mover.move("new", domain="example.net", dryRun=True))
+        self.assertEqual(dry.kept, ("carol@example.net",))
+        self.assertEqual((dry.asJSON()["kept"], dry.asJSON()["keptAccounts"]), (1, ["carol@example.net"]))
+        result = self.successResultOf(self.mover.move("new", domain="example.net"))
+        self.assertEqual(result.changes, (RouteChange("@example.net", "old", "new"),))
+        self.assertEqual(result.kept, ("carol@example.net",))
+        self.assertIn('"carol@example.net" = "old"', self.read())
+        self.assertEqual(carolClient.value(), b"")
+
+    def test_domainIncludeAccounts(self) -> None:
+        """
+        With C{includeAccounts}, a domain move also moves the domain's
+        accounts that have an entry of their own, drops their sessions,
+        and keeps none behind.
+        """
+        carol, carolClient, _ = self.proxy.login("carol@example.net")
+        result = self.successResultOf(self.mover.move("new", domain="example.net", includeAccounts=True))
+        self.assertEqual(
+            result.changes,
+            (RouteChange("carol@example.net", "old", "new"), RouteChange("@example.net", "old", "new")),
+        )
+        self.assertEqual(result.kept, ())
+        self.assertEqual(result.sessions, (carol.client.sessionId,))
+        self.assertIn('"carol@example.net" = "new"', self.read())
+        self.assertEqual(carolClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+        self.assertEqual(self.cache.invalidated, ["carol@example.net", "example.net"])
+
+    def test_cacheInvalidatedOnce(self) -> None:
+        """
+        A cache that can forget many names at once is asked once for the
+        whole move (one pass over its entries), not once per account.
+        """
+        calls: list[list[str]] = []
+        self.cache.invalidateMany = calls.append  # type: ignore[attr-defined]
+        accounts = [f"user{i}@example.org" for i in range(50)]
+        self.successResultOf(self.mover.move("new", accounts, domain="example.net"))
+        self.assertEqual(calls, [[*accounts, "example.net"]])
+        self.assertEqual(self.cache.invalidated, [])
+
+    def test_storeKeysCompared(self) -> None:
+        """
+        A store that lists keys with capitals (a database's rows as
+        written) has them matched without case: the change says what the
+        entry named before, and a domain move names the account as kept.
+        """
+        class Store:
+            def routes(self) -> dict[str, str]:
+                return {"Alice@Example.ORG": "old", "@example.org": "old", "Zed@Example.net": "old"}
+
+            def setRoutes(self, changes: dict[str, str]) -> None:
+                pass
+
+        alsoProvides(store := Store(), IRouteStore)
+        proxy = ProxyHarness(store, gate=LoginHold())
+        mover = Mover(proxy.context, BACKENDS, proxy.clock)
+        result = self.successResultOf(mover.move("new", ["alice@example.org"], domain="example.net", dryRun=True))
+        self.assertEqual(
+            result.changes, (RouteChange("alice@example.org", "old", "new"), RouteChange("@example.net", None, "new"))
+        )
+        self.assertEqual(result.kept, ("zed@example.net",))
+
+    def test_includeAccountsNeedsDomain(self) -> None:
+        """
+        C{includeAccounts} without a domain is refused.
+        """
+        failure = self.failureResultOf(self.mover.move("new", ["alice@example.org"], includeAccounts=True), MoveError)
+        self.assertEqual(str(failure.value), "include_accounts needs a domain")
+
     def test_realCache(self) -> None:
         """
         Behind the project's own route cache, a moved account's next login
@@ -248,6 +333,72 @@ class MoveTests(SynchronousTestCase):
         result = self.successResultOf(self.mover.move("new", ["alice@example.org"], drop=False))
         self.assertEqual(result.sessions, ())
         self.assertEqual(aliceClient.value(), b"")
+
+
+class BulkMoveTests(TestCase):
+    """
+    A move of many accounts with the proxy's own reactor: the route table
+    is edited in a thread while the reactor goes on.
+    """
+
+    def test_reactorTurnsDuringMove(self) -> None:
+        """
+        A move of 1,000 accounts in a 20,000-entry table writes the file in
+        another thread, and while it does, the reactor keeps running: a
+        LoopingCall runs three times before the move is done (the thread
+        waits for them before it replaces the file).  The moved accounts'
+        sessions are dropped and their next logins go to the new backend.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "routes.toml")
+        with open(path, "w") as f:
+            f.write('default = "old"\n[accounts]\n' + "".join(f'"user{i}@x" = "old"\n' for i in range(20000)))
+        store = StaticRouter(path, BACKENDS, reactor=reactor)
+        self.addCleanup(store.close)
+        proxy = ProxyHarness(store, gate=LoginHold())
+        mover = Mover(proxy.context, BACKENDS, reactor)
+        _, movedClient, _ = proxy.login("user20@x")
+        _, stayingClient, _ = proxy.login("user21@x")
+
+        main = threading.get_ident()
+        writers: list[int] = []
+        turned = threading.Event()
+        original = static.replaceFile
+
+        def replaceFile(path: str, text: str) -> None:
+            writers.append(threading.get_ident())
+            # Bounded, so that a reactor that does not turn fails the test
+            # below instead of hanging it.
+            turned.wait(10)
+            original(path, text)
+
+        self.patch(static, "replaceFile", replaceFile)
+        done: list[bool] = []
+        moving = mover.move("new", [f"user{i}@x" for i in range(0, 20000, 20)])
+        moving.addBoth(lambda result: done.append(True) or result)
+        duringMove: list[bool] = []
+
+        def tick() -> None:
+            duringMove.append(not done)
+            if len(duringMove) == 3:
+                turned.set()
+
+        probe = LoopingCall(tick)
+        probe.start(0.001)
+
+        def moved(result: MoveResult) -> None:
+            probe.stop()
+            self.assertEqual(len(writers), 1)
+            self.assertNotEqual(writers[0], main)
+            self.assertEqual(duringMove[:3], [True, True, True])
+            self.assertEqual(len(result.changes), 1000)
+            self.assertEqual(movedClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+            self.assertEqual(stayingClient.value(), b"")
+            self.assertEqual(proxy.login("user20@x")[0].backendName, "new")
+            self.assertEqual(proxy.login("user21@x")[0].backendName, "old")
+
+        return moving.addCallback(moved)
 
 
 class ExplainTests(SynchronousTestCase):

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
+from typing import Any
 
+from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mailproxy.interfaces import IRouteStore, RouteStoreError
 from mailproxy.model import Route
-from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntry
+from mailproxy.routers._blocking import ThreadRunner
+from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries, setEntry
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend, makeRequest
 
@@ -35,6 +42,13 @@ password = "d4ve"
 """
 
 BACKENDS = {name: makeBackend(name) for name in ("old", "new")}
+
+
+@implementer(IReactorThreads)
+class FakeThreadsReactor(Clock):
+    """
+    A clock that says it has threads (none is started: nothing is run).
+    """
 
 
 class SetEntryTests(SynchronousTestCase):
@@ -134,6 +148,85 @@ class SetEntryTests(SynchronousTestCase):
         text = 'accounts."erin@example.org" = "old"\n'
         error = self.assertRaises(EditError, setEntry, text, "accounts", "erin@example.org", "new")
         self.assertIn("change it by hand", str(error))
+
+
+class SetEntriesTests(SynchronousTestCase):
+    """
+    L{setEntries}: many edits in one pass over the file.
+    """
+
+    def test_sameAsOneByOne(self) -> None:
+        """
+        Edits of every form (a string value, an inline table, a sub-table,
+        a new account, a domain, the default) give the text that making
+        them one at a time gives, and what that text parses to.
+        """
+        edits = [
+            ("accounts", "ALICE@example.org", "new"),
+            ("accounts", "carol@example.org", "new"),
+            ("accounts", "dave@example.org", "new"),
+            ("accounts", "bob@example.org", "new"),
+            ("accounts", "zed@example.org", "old"),
+            ("domains", "example.org", "new"),
+            ("domains", "example.net", "new"),
+            (None, "", "new"),
+        ]
+        expected = TABLE
+        for table, key, backend in edits:
+            expected = setEntry(expected, table, key, backend)
+        text, data = setEntries(TABLE, edits)
+        self.assertEqual(text, expected)
+        self.assertEqual(data, tomllib.loads(expected))
+
+    def test_newTables(self) -> None:
+        """
+        Tables the file does not have yet are added at the end, each once.
+        """
+        text, _ = setEntries(
+            'default = "old"\n',
+            [("accounts", "a@x", "new"), ("domains", "x", "new"), ("accounts", "b@x", "old")],
+        )
+        self.assertEqual(
+            text, 'default = "old"\n\n[accounts]\n"a@x" = "new"\n"b@x" = "old"\n\n[domains]\n"x" = "new"\n'
+        )
+
+    def test_lastWins(self) -> None:
+        """
+        Of two edits of the same entry (names compared without case), the
+        last is made.
+        """
+        text, data = setEntries('[accounts]\n', [("accounts", "Bob@x", "old"), ("accounts", "bob@x", "new")])
+        self.assertEqual(data, {"accounts": {"bob@x": "new"}})
+        self.assertEqual(text, '[accounts]\n"bob@x" = "new"\n')
+
+    def test_allOrNothing(self) -> None:
+        """
+        One entry that cannot be edited in place refuses the whole edit,
+        naming that entry.
+        """
+        text = 'accounts."erin@example.org" = "old"\naccounts."a@x" = "old"\n'
+        error = self.assertRaises(
+            EditError, setEntries, text, [("accounts", "new@x", "new"), ("accounts", "erin@example.org", "new")]
+        )
+        self.assertIn("cannot change accounts['erin@example.org'] by editing its line", str(error))
+
+    def test_oneParse(self) -> None:
+        """
+        However many entries change, the file is parsed twice: once as it
+        is, once as edited (the check).
+        """
+        table = "[accounts]\n" + "".join(f'"user{i}@x" = "old"\n' for i in range(1000))
+        parses: list[int] = []
+        loads = tomllib.loads
+
+        def counting(text: str) -> dict[str, object]:
+            parses.append(len(text))
+            return loads(text)
+
+        self.patch(tomllib, "loads", counting)
+        text, data = setEntries(table, [("accounts", f"user{i}@x", "new") for i in range(0, 1000, 3)])
+        self.assertEqual(len(parses), 2)
+        self.assertEqual(sum(1 for backend in data["accounts"].values() if backend == "new"), 334)
 
 
 class ReplaceFileTests(SynchronousTestCase):
@@ -281,6 +374,143 @@ class StaticRouteStoreTests(SynchronousTestCase):
         An entry the router cannot edit in place gives an error naming the
         file, and leaves the file as it was.
         """
-        error = self.assertRaises(RouteStoreError, self.router.deleteRoute, "zed@example.org")
+        error = self.failureResultOf(self.router.deleteRoute("zed@example.org"), RouteStoreError).value
         self.assertEqual(str(error), f"{self.path}: there is no entry 'zed@example.org' in accounts")
         self.assertEqual(self.read(), TABLE)
+
+
+class StaticBulkEditTests(SynchronousTestCase):
+    """
+    Many changes to L{StaticRouter}'s file at once, and the runner its
+    edits go through.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "routes.toml")
+        with open(self.path, "w") as f:
+            f.write('default = "old"\n[accounts]\n' + "".join(f'"user{i}@x" = "old"\n' for i in range(1000)))
+
+    def test_parsedTwice(self) -> None:
+        """
+        Moving 300 accounts of a 1,000-entry table parses the file twice
+        (as it is; as edited, which is also the table validated and then
+        used), not once or more per account.
+        """
+        router = StaticRouter(self.path, BACKENDS)
+        parses: list[int] = []
+        loads = tomllib.loads
+
+        def counting(text: str) -> dict[str, object]:
+            parses.append(len(text))
+            return loads(text)
+
+        self.patch(tomllib, "loads", counting)
+        self.successResultOf(router.setRoutes({f"user{i}@x": "new" for i in range(300)}))
+        self.assertEqual(len(parses), 2)
+        self.assertEqual(router.explain("user299@x"), "accounts['user299@x'] -> new")
+        self.assertEqual(router.explain("user300@x"), "accounts['user300@x'] -> old")
+
+    def test_editThroughRunner(self) -> None:
+        """
+        The edit is handed to the runner (a thread, in the proxy): until it
+        is done, the file and the table are as they were and the changes'
+        Deferred has not fired; the file watcher does not reload meanwhile
+        nor after (the edit installs its own table).
+        """
+        calls: list[tuple[float, Any, tuple[Any, ...]]] = []
+        finished: Deferred[Any] = Deferred()
+
+        class Runner:
+            def run(self, timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+                calls.append((timeout, f, args))
+                return finished
+
+        clock = Clock()
+        router = StaticRouter(self.path, BACKENDS, reactor=clock, runner=Runner())
+        before = open(self.path).read()
+        reloads: list[None] = []
+        self.patch(router, "reload", lambda: reloads.append(None))
+        router.startWatching()
+        moving = router.setRoutes({"user1@x": "new"})
+        self.assertNoResult(moving)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(open(self.path).read(), before)
+        # The thread's work, done: the file changes now.
+        timeout, f, args = calls[0]
+        edited = f(*args)
+        self.assertIn('"user1@x" = "new"', open(self.path).read())
+        self.assertEqual(router.explain("user1@x"), "accounts['user1@x'] -> old")
+        clock.advance(router.watchInterval)
+        self.assertEqual(reloads, [])
+        finished.callback(edited)
+        self.assertIsNone(self.successResultOf(moving))
+        self.assertEqual(router.explain("user1@x"), "accounts['user1@x'] -> new")
+        clock.advance(router.watchInterval)
+        self.assertEqual(reloads, [])
+        self.assertEqual(len(calls), 1)
+
+    def test_watcherReadsThroughRunner(self) -> None:
+        """
+        A file changed by hand is read by the runner too (a large table
+        takes a while to parse), one read at a time: the new table is used
+        once the read is done; a broken one is reported then and the
+        previous table kept.
+        """
+        calls: list[tuple[Any, Deferred[Any]]] = []
+
+        class Runner:
+            def run(self, timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+                calls.append((f, Deferred()))
+                return calls[-1][1]
+
+        clock = Clock()
+        router = StaticRouter(self.path, BACKENDS, reactor=clock, runner=Runner())
+        router.startWatching()
+        with open(self.path, "a") as f:
+            f.write('"new@x" = "new"\n')
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(router.explain("new@x"), "default -> old")
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+        read, finished = calls[0]
+        finished.callback(read())
+        self.assertEqual(router.explain("new@x"), "accounts['new@x'] -> new")
+        clock.advance(router.watchInterval)
+        self.assertEqual(len(calls), 1)
+
+        with open(self.path, "a") as f:
+            f.write('"broken@x" = "nowhere"\n')
+        clock.advance(router.watchInterval)
+        read, finished = calls[1]
+        finished.callback(read())
+        self.assertIn("unknown backend 'nowhere'", router.lastError or "")
+        self.assertEqual(router.explain("new@x"), "accounts['new@x'] -> new")
+
+    def test_runnerTimeout(self) -> None:
+        """
+        An edit that does not finish in time fails with a route store
+        error that says it may still take effect.
+        """
+        class Runner:
+            def run(self, timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+                return fail(TimeoutError())
+
+        router = StaticRouter(self.path, BACKENDS, runner=Runner())
+        error = self.failureResultOf(router.setRoutes({"user1@x": "new"}), RouteStoreError).value
+        self.assertEqual(
+            str(error), f"{self.path}: the edit did not finish within 120 s; it may still take effect (see the routes)"
+        )
+
+    def test_threadsOfTheReactor(self) -> None:
+        """
+        Given a reactor with threads (the proxy's), the router edits in a
+        thread pool of one thread (edits are made one after the other),
+        which stops when the router is closed.
+        """
+        router = StaticRouter(self.path, BACKENDS, reactor=FakeThreadsReactor())
+        self.assertIsInstance(router._runner, ThreadRunner)
+        self.assertEqual(router._runner.size, 1)
+        self.assertIsNone(StaticRouter(self.path, BACKENDS, reactor=Clock())._runner)

@@ -347,6 +347,33 @@ class MoveTests(SynchronousTestCase):
         again, _, _ = self.proxy.login("carol@example.net")
         self.assertEqual(again.backendName, "new")
 
+    def test_bulkInOneTransaction(self) -> None:
+        """
+        A move of many accounts reads the routes once and changes them in
+        one transaction, each in one call to the router's threads (never in
+        the reactor's); a domain move with C{includeAccounts} reports no
+        account kept, since the domain's statement changes them all.
+        """
+        with sqlite3.connect(self.path) as db:
+            db.executemany("INSERT INTO accounts VALUES (?, 'old')", [(f"user{i}@example.com",) for i in range(500)])
+        db.close()
+        calls: list[str] = []
+        inline = InlineRunner()
+
+        class Runner:
+            def run(self, timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+                calls.append(f.__name__)
+                return inline.run(timeout, f, *args)
+
+        self.store._runner = Runner()
+        result = self.successResultOf(
+            self.mover.move("new", [f"user{i}@example.com" for i in range(500)], domain="example.net", includeAccounts=True)
+        )
+        self.assertEqual(calls, ["entries", "change"])
+        self.assertEqual(len(result.changes), 501)
+        self.assertEqual(result.kept, ())
+        self.assertEqual({backend for address, backend in rows(self.path).items() if address.startswith("user")}, {"new"})
+
     def test_rollback(self) -> None:
         """
         Moving back restores the row and drops the sessions on the new

@@ -338,6 +338,22 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(cache.invalidate("example.org"), 3)
         self.assertEqual(len(cache), 1)
 
+    def test_invalidateMany(self) -> None:
+        """
+        L{CachingRouter.invalidateMany} drops the entries of every login
+        name (any case) and domain given, and only those.
+        """
+        cache = self.cache()
+        for user in ("alice@example.org", "bob@EXAMPLE.org", "carol@example.net", "dave@example.com", "erin@example.com"):
+            result(cache.route(login(user)))
+        self.assertEqual(cache.invalidateMany(["ALICE@example.org", "example.net", "dave@example.com"]), 3)
+        asked = self.inner.asked
+        for user in ("bob@EXAMPLE.org", "erin@example.com"):
+            result(cache.route(login(user)))
+        self.assertEqual(self.inner.asked, asked)
+        result(cache.route(login("carol@example.net")))
+        self.assertEqual(self.inner.asked, asked + 1)
+
     def test_walkable(self) -> None:
         """
         Tools that walk composed routers find the wrapped router as
