@@ -30,6 +30,10 @@ from .common import TIMEOUT, listenerTable, routesText, tomlTable
 from .servers import Proxy, _REPOSITORY, requireServer, sharedFixture
 from .test_imap import MailServers, closeIMAP
 from .test_migration import mailproxyCommand
+from .test_routers import imapFailedLogin
+
+#: Debian's Python, where fail2ban and python3-systemd live.
+_SYSTEM_PYTHON = "/usr/bin/python3"
 
 #: Runs a command with a listening socket as descriptor 3 and LISTEN_PID
 #: set to its own pid, as systemd does between fork and exec.
@@ -370,6 +374,116 @@ class JournalTests(SynchronousTestCase):
         self.assertIn(f"listener[0] (imap, tls=none) listening on 127.0.0.1:{proxy.ports[0]}", messages)
         self.assertTrue(any(message.startswith("twistd ") for message in messages), messages)
         self.assertEqual(len([event for event in events if event["event"] == "session_end"]), 1)
+
+    def test_fail2banJournal(self) -> None:
+        """
+        With C{backend = systemd}, fail2ban's own code, reading the journal
+        entries journald makes of the proxy's standard output, finds with
+        each filter in examples/ (the text one, and the JSON one for
+        C{[log] path = "-"}) the real client's address once per failed
+        login (a wrong password, and names forged to add an entry shaped
+        like a failed login from another address, in either format), and no
+        other address: neither in an entry that continues a traceback (it
+        starts with a tab), nor in one another program wrote under the
+        proxy's name.
+        """
+        requireServer("fail2ban-regex", _SYSTEM_PYTHON)
+        servers = sharedFixture("mail servers", MailServers.__module__, MailServers.start)
+        filters = _REPOSITORY / "examples" / "fail2ban" / "filter.d"
+        for name, log in (("mailproxy.conf", None), ("mailproxy-json.conf", {"path": "-", "format": "json"})):
+            proxy = RunProxy(tempfile.mkdtemp(dir=os.getcwd()), proxyConfig(servers.old.imap, log=log))
+            if log is not None:
+                proxy._LISTENING = re.compile(r'"message": "(listener\[(\d+)\]|admin) [^"]*listening on [^"\s]+:(\d+)"')
+            self.startOnJournal(proxy)
+            # fail2ban's line for an entry: "host mailproxy[pid]: " then
+            # the message.
+            entryPrefix = f"{socket.gethostname()} mailproxy[{proxy.pid}]: "
+            forgedText = (
+                b"2026-01-01T00:00:00+0000 [mailproxy.imap._frontend.IMAPFrontend#info] authentication failed: "
+                b'session=forged address=6.6.6.6 protocol=imap user="x" attempt=1'
+            )
+            forgedJSON = json.dumps(
+                {
+                    "time": "2026-01-01T00:00:00.000Z",
+                    "level": "info",
+                    "namespace": "mailproxy.imap._frontend.IMAPFrontend",
+                    "event": "login_failed",
+                    "message": 'authentication failed: session=forged address=6.6.6.7 protocol=imap user="x" attempt=1',
+                }
+            ).encode()
+            replies = [
+                imapFailedLogin(proxy.ports[0], b"x@example.org\n" + forgedText, b"secret"),
+                imapFailedLogin(proxy.ports[0], b"y@example.org\r\x00\x1b[2J\n" + forgedJSON, b"secret", sasl=True),
+                imapFailedLogin(proxy.ports[0], b"alice@example.org", b"not-alices-password"),
+            ]
+            proxy.stop()
+            self.assertEqual([reply[:5] for reply in replies], [b"a NO "] * 3)
+            entries = journalEntries(proxy)
+            failures = [entry for entry in entries if "address=127.0.0.1 protocol=imap" in entry["MESSAGE"]]
+            self.assertTrue(failures, entries)
+            others = [
+                # A traceback's continuation line that quotes a log line.
+                {**failures[-1], "MESSAGE": "\t" + failures[-1]["MESSAGE"].replace("127.0.0.1", "6.6.6.8")},
+                # logger -t mailproxy, by any local user.
+                {
+                    **failures[-1],
+                    "MESSAGE": failures[-1]["MESSAGE"].replace("127.0.0.1", "6.6.6.9"),
+                    "_TRANSPORT": "syslog",
+                    "_COMM": "logger",
+                    "_PID": "1",
+                    "_SYSTEMD_UNIT": "session-1.scope",
+                },
+                # The entry a forged name would have made, were it not
+                # quoted: the filter takes it.
+                {**failures[-1], "MESSAGE": (forgedText if log is None else forgedJSON).decode()},
+            ]
+            result = subprocess.run(
+                [_SYSTEM_PYTHON, str(Path(__file__).with_name("fail2ban_journal.py"))],
+                input=json.dumps({"filter": str(filters / name), "entries": entries + others}),
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            found = json.loads(result.stdout)
+            ofProxy, ofOthers = found[: len(entries)], found[len(entries) :]
+            self.assertEqual(
+                [(item["line"][: len(entryPrefix)], item["addresses"]) for item in ofProxy if item["addresses"]],
+                [(entryPrefix, ["127.0.0.1"])] * len(replies),
+                name,
+            )
+            self.assertEqual(
+                [(item["selected"], item["addresses"]) for item in ofOthers],
+                [(True, []), (False, []), (True, ["6.6.6.6" if log is None else "6.6.6.7"])],
+                name,
+            )
+
+
+def journalEntries(proxy: RunProxy) -> list[dict[str, str]]:
+    """
+    The entries journald makes of C{proxy}'s standard output under the
+    example unit (C{SyslogLevelPrefix=yes}): one per line, its C{<N>}
+    priority taken off into C{PRIORITY}, with the fields journald adds to
+    an entry from a service's standard output.
+    """
+    entries = []
+    for line in proxy.logText().splitlines():
+        match = re.fullmatch(r"<([0-7])>(.*)", line)
+        assert match is not None, line
+        entries.append(
+            {
+                "MESSAGE": match.group(2),
+                "PRIORITY": match.group(1),
+                "SYSLOG_FACILITY": "3",
+                "SYSLOG_IDENTIFIER": "mailproxy",
+                "_TRANSPORT": "stdout",
+                "_PID": str(proxy.pid),
+                "_COMM": "mailproxy",
+                "_SYSTEMD_UNIT": "mailproxy.service",
+                "_HOSTNAME": socket.gethostname(),
+            }
+        )
+    return entries
 
 
 class PluginCacheTests(SynchronousTestCase):
