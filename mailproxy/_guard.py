@@ -283,13 +283,10 @@ class CommandGuard:
 def commandVerb(line: bytes) -> bytes:
     """
     The command word of C{line}, upper-cased, read as leniently as any
-    server might: leading blanks skipped, ended by a blank, a NUL or the
-    line's end.
+    server might: leading white space skipped and the word ended by white
+    space, as Postfix's tokenizer reads it (space, tab, CR, LF, vertical
+    tab, form feed: C{XCLIENT\\x0bLOGIN=...} is an XCLIENT to Postfix), or by
+    a NUL (where a C string ends).
     """
-    line = line.lstrip(b" \t")
-    end = len(line)
-    for separator in (b" ", b"\t", b"\r", b"\n", b"\0"):
-        found = line.find(separator, 0, end)
-        if found >= 0:
-            end = found
-    return line[:end].upper()
+    words = line.split(b"\0", 1)[0].split(None, 1)
+    return words[0].upper() if words else b""

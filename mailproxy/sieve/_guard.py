@@ -16,7 +16,9 @@ A command may carry literals (C{{n}} or C{{n+}} at the end of a line, then
 n octets: the script of C{PUTSCRIPT}); their octets are never read as
 commands. Since a backend could disagree about where a literal is (it may
 refuse a command before reading its literal), a line inside a literal, or
-after one, that starts with C{XCLIENT} ends the session.
+after one, that starts with C{XCLIENT} ends the session. (The others are
+not identity forwarding, and Pigeonhole's after-login process knows none of
+them; a script line may well start with such a word.)
 
 Its answers come in order among the backend's responses, which it counts:
 a response ends with a line starting C{OK}, C{NO} or C{BYE}, and server
@@ -47,11 +49,15 @@ _HEAD = 64
 def _startsXCLIENT(buffer: bytes, position: int) -> bool | None:
     """
     Whether the line starting at C{position} is an C{XCLIENT} command to a
-    server that took it for one; L{None} if more octets must tell.
+    server that took it for one (however spaced); L{None} if more octets
+    must tell.
     """
     head = buffer[position : position + _HEAD]
+    lineEnd = head.find(b"\n")
+    if lineEnd >= 0:
+        head = head[:lineEnd]
     verb = commandVerb(head)
-    if len(head.lstrip(b" \t")) > len(verb) or len(head) == _HEAD:
+    if lineEnd >= 0 or b"\0" in head or len(head.lstrip()) > len(verb) or len(head) == _HEAD:
         return verb == b"XCLIENT"
     return None if b"XCLIENT".startswith(verb) else False
 

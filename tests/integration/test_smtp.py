@@ -651,6 +651,26 @@ class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertSubmitted("old", user, mark, messageId, "PLAIN")
         self.assertNotSpoofed(mark)
 
+    def test_xclientOtherWhiteSpace(self) -> None:
+        """
+        XCLIENT spaced with characters Postfix's tokenizer takes for white
+        space (vertical tab, form feed, a leading CR) is refused the same:
+        Postfix never sees it.
+        """
+        user, messageId, mark = "alice@example.org", newMessageId(), self.logMark("old")
+        client = self.loggedIn(user)
+        refused = [b"550 5.7.0 Error: insufficient authorization"]
+        for spoof in (
+            b"XCLIENT\x0bADDR=6.6.6.6 LOGIN=bob@example.org",
+            b"\x0cXCLIENT ADDR=6.6.6.6 LOGIN=bob@example.org",
+            b"\rXCLIENT ADDR=6.6.6.6 LOGIN=bob@example.org",
+        ):
+            self.assertEqual(client.command(spoof), refused, spoof)
+        self.submit(client, user, messageId)
+        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
+        self.assertSubmitted("old", user, mark, messageId, "PLAIN")
+        self.assertNotSpoofed(mark)
+
     def test_xclientPipelinedBehindAuth(self) -> None:
         """
         XCLIENT pipelined behind AUTH, with MAIL and RCPT after it: every

@@ -961,20 +961,23 @@ class RelayTests(SieveFrontendTestsMixin, SynchronousTestCase):
     def test_xclientInLiteralCloses(self) -> None:
         """
         A line starting with XCLIENT inside a literal, or right after one,
-        ends the session: a backend that refused the command without
-        reading its literal would take it for a command.
+        however it is spaced, ends the session: a backend that refused the
+        command without reading its literal would take it for a command.
         """
-        for sent in (
-            b'FOO {22+}\r\nXCLIENT ADDR=1.2.3.4\r\n\r\n',
-            b'FOO {0+}\r\nxclient ADDR=1.2.3.4\r\n',
-            b'PUTSCRIPT "a" {16+}\r\nkeep;\r\nXCLI',
+        for sent, rest in (
+            (b'FOO {22+}\r\nXCLIENT ADDR=1.2.3.4\r\n\r\n', b"ENT ADDR=1.2.3.4\r\n"),
+            (b'FOO {0+}\r\nxclient ADDR=1.2.3.4\r\n', b"ENT ADDR=1.2.3.4\r\n"),
+            (b'PUTSCRIPT "a" {16+}\r\nkeep;\r\nXCLI', b"ENT ADDR=1.2.3.4\r\n"),
+            (b'PUTSCRIPT "x {10}\r\nXCLIENT\r\n', b"ADDR=1.2.3.4\r\n"),
+            (b'FOO {30+}\r\n\x0cXCLIENT\x0bADDR=1.2.3.4\r\n', b"\r\n"),
+            (b'FOO {40+}\r\n\r\nXCLIENT ADDR=1.2.3.4\r\n', b"\r\n"),
         ):
             self.loggedIn()
             backendTransport = self.connector.transports[-1]
             backendTransport.clear()
-            out = self.send(sent) + self.send(b"ENT ADDR=1.2.3.4\r\n")
-            self.assertNotIn(b"ADDR=1.2.3.4", backendTransport.value())
-            self.assertEqual(out, b'BYE "XCLIENT is not allowed."\r\n')
+            out = self.send(sent) + self.send(rest)
+            self.assertNotIn(b"ADDR=1.2.3.4", backendTransport.value(), sent)
+            self.assertEqual(out, b'BYE "XCLIENT is not allowed."\r\n', sent)
             self.assertTrue(self.client.disconnecting)
 
 

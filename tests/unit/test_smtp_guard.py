@@ -85,6 +85,19 @@ class SMTPGuardTests(SynchronousTestCase):
             + b"502 5.5.1 Error: command not implemented\r\n" * 3,
         )
 
+    def test_postfixWhiteSpace(self) -> None:
+        """
+        Postfix's tokenizer takes vertical tab, form feed and CR for white
+        space, before the command word and after it: XCLIENT and XFORWARD
+        spaced that way are refused like any other.
+        """
+        self.client(
+            b"XCLIENT\x0bLOGIN=bob\r\nXCLIENT\x0cLOGIN=bob\r\n\x0cXCLIENT LOGIN=bob\r\n"
+            b" \x0bXCLIENT LOGIN=bob\r\n\rXCLIENT LOGIN=bob\r\nXFORWARD\x0cADDR=6.6.6.6\r\n"
+        )
+        self.assertEqual(self.link.toBackend, b"")
+        self.assertEqual(self.link.toClient, REFUSED * 6)
+
     def test_otherCommandsForwarded(self) -> None:
         """
         Every other command goes to the backend as it came, in one write.
