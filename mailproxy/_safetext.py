@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import unicodedata
 
-__all__ = ["oneLine", "MAX_LINE_TEXT", "logQuote", "LogQuoted"]
+__all__ = ["oneLine", "MAX_LINE_TEXT", "logQuote", "LogQuoted", "MAX_LOG_TEXT"]
 
 #: The most octets (UTF-8) of foreign text put on one client line.
 MAX_LINE_TEXT = 200
@@ -71,6 +71,13 @@ class LogQuoted(str):
     raw: str | None
 
 
+#: The most characters of one foreign text a text log line carries; the rest
+#: is cut (the quoted form then ends in C{...}). Escaped, a text may grow
+#: sixfold: a line must stay short enough that the journal (48 KiB per line)
+#: keeps it whole, and the fail2ban filter, anchored at the line's end, sees it.
+MAX_LOG_TEXT = 1024
+
+
 def logQuote(text: str | None) -> str:
     """
     C{text} as a JSON string in printable ASCII (C{"-"} for L{None}), for
@@ -82,6 +89,11 @@ def logQuote(text: str | None) -> str:
     C{{user}} in the format: the text log shows the quoted form and the
     JSON event log the original text (see L{LogQuoted}).
     """
-    quoted = LogQuoted("-" if text is None else json.dumps(text))
+    if text is None:
+        quoted = LogQuoted("-")
+    elif len(text) > MAX_LOG_TEXT:
+        quoted = LogQuoted(json.dumps(text[:MAX_LOG_TEXT]) + "...")
+    else:
+        quoted = LogQuoted(json.dumps(text))
     quoted.raw = text
     return quoted

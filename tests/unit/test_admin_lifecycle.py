@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
 from mailproxy._logs import EventLogService, jsonLine
-from mailproxy._safetext import logQuote
+from mailproxy._safetext import MAX_LOG_TEXT, logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
 from mailproxy.routers.static import StaticRouter
@@ -461,6 +461,21 @@ class EventLogTests(SynchronousTestCase):
         (line,) = [line for line in text.split("\n") if "session abc end" in line]
         self.assertTrue(line.isascii() and line.isprintable(), line)
         self.assertNotIn("\n[mailproxy.test#info] forged", text)
+
+    def test_longTextCut(self) -> None:
+        """
+        A client's text longer than L{MAX_LOG_TEXT} characters is cut in
+        the text line (which ends in C{...}), so that 8 KiB of control
+        characters (6 octets each, escaped) cannot make a line the journal
+        splits; the JSON line keeps the whole text.
+        """
+        user = "\x01" * 8192
+        text = self.emit("text", user)
+        (line,) = [line for line in text.split("\n") if "session abc end" in line]
+        self.assertTrue(line.endswith("user=" + json.dumps("\x01" * MAX_LOG_TEXT) + "..."), line[-80:])
+        self.assertLess(len(line), 7 * MAX_LOG_TEXT)
+        first = json.loads(self.emit("json", user).splitlines()[0])
+        self.assertEqual(first["user"], user)
 
     def test_textControlsEscaped(self) -> None:
         """
