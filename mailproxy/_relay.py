@@ -22,7 +22,7 @@ sees the client's octets before the backend and decides what reaches it.
 
 Half-close: a side that stops sending (TCP FIN, or a TLS close_notify) has
 that passed on to the other side once everything it sent has been written
-there (to a TLS peer, L{TLS_HALF_CLOSE_DELAY} later), and the other
+there (to a TLS backend, L{TLS_HALF_CLOSE_DELAY} later), and the other
 direction goes on until it ends too (a client's C{LOGOUT} followed by
 C{shutdown(SHUT_WR)} still gets the backend's C{* BYE} and tagged C{OK}).
 The idle timeout keeps applying meanwhile.
@@ -64,11 +64,13 @@ from ._transport import IProxyTransport
 RELAY_READ_SIZE = 256 * 1024
 
 
-#: Seconds a TLS peer learns of the other side's half-close (our
+#: Seconds a TLS backend learns of the client's half-close (our
 #: close_notify) after it, unless the session ends before. Dovecot's login
 #: process, which runs the TLS of its IMAP and POP3 connections, drops its
 #: reply to a command (C{LOGOUT}) that arrives together with the
-#: close_notify; a plain TCP peer gets its FIN at once.
+#: close_notify; a plain TCP backend gets its FIN at once. A client gets the
+#: backend's half-close at once, TLS or not: after its C{LOGOUT} it waits
+#: for the close.
 TLS_HALF_CLOSE_DELAY = 2.0
 
 #: Seconds without traffic after which a half-closed session ends (the
@@ -424,7 +426,7 @@ class Relay:
             sink.unregisterProducer()
         except Exception:
             pass
-        if any(isinstance(layer, TLSMemoryBIOProtocol) for layer in _layers(sink)):
+        if sink is self._backend and any(isinstance(layer, TLSMemoryBIOProtocol) for layer in _layers(sink)):
             self._halfCloseCall = self._clock.callLater(TLS_HALF_CLOSE_DELAY, closeWriting, sink)
         else:
             closeWriting(sink)

@@ -76,6 +76,19 @@ class LogoutPeer(HalfClosingCollector):
         self.transport.loseConnection()
 
 
+class LogoutAnswerer(Collector):
+    """
+    An outer backend that answers C{b LOGOUT} as an IMAP server does: its
+    goodbye, then it closes.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.received.endswith(b"b LOGOUT\r\n"):
+            self.transport.write(b"* BYE Logging out\r\nb OK Logout completed.\r\n")
+            self.transport.loseConnection()
+
+
 @implementer(IHandshakeListener)
 class Inner(Protocol):
     """
@@ -522,6 +535,37 @@ class HalfCloseTests(TestCase):
         yield self.clientInner.lost
         yield self.backendInner.lost
         self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_backendLogoutReachesTLSClientAtOnce(self) -> None:
+        """
+        A backend that answers C{LOGOUT} and closes has its reply reach a
+        TLS client followed at once by the proxy's close_notify: a client
+        waiting for the close after C{LOGOUT} is not held for
+        L{_relay.TLS_HALF_CLOSE_DELAY} (the relay's clock never moves here).
+        """
+        serverFactory = Factory.forProtocol(Inner)
+        serverFactory.inner = Deferred()
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
+                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
+                tls.handshake()
+                tls.write(b"b LOGOUT\r\n")
+                return tls.readAll()
+
+        received = deferToThread(client)
+        self.clientInner = yield serverFactory.inner
+        yield self.clientInner.handshake
+        self.backend, self.backendInner = yield self.leg(LogoutAnswerer())
+        self.join(clock=Clock())
+        received = yield received
+        self.assertEqual(received, b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        yield self.backend.closed
+        yield self.clientInner.lost
+        self.assertEqual(self.relay.endReason, "backend closed")
 
     @inlineCallbacks
     def test_tlsBackend(self) -> None:
