@@ -257,7 +257,7 @@ def _serverContext(loaded: _LoadedCertificate) -> SSL.Context:
     # Mail sessions idle for hours; without this each keeps ~30 KiB of buffers.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     # A client that reconnects resumes with a session ticket: no certificate
-    # and no signature, a third of a full handshake's CPU. Tickets are
+    # and no signature, the costliest parts of a handshake. Tickets are
     # stateless (sealed with a key OpenSSL makes for this context, so a
     # reload's new contexts start afresh), hence no server-side cache. The
     # tickets of every certificate are sealed by the default context, where a
