@@ -151,6 +151,7 @@ class BackendProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._done = False
         self._awaitingHandshake = False
+        self._tlsOptions: _tls.ResumingClientOptions | None = None
         self._received = 0
         self.onLost: Callable[[], None] | None = None
         self.onHalfClosed: Callable[[], None] | None = None
@@ -196,7 +197,9 @@ class BackendProtocol(Protocol):
         has finished and the certificate has been verified.
         """
         self._awaitingHandshake = True
-        self.transport.startTLS(_tls.clientOptions(self.job.backend))
+        job = self.job
+        self._tlsOptions = _tls.clientOptions(job.backend, job.backend.ports.get(job.portName or job.protocol))
+        self.transport.startTLS(self._tlsOptions)
 
     def handshakeCompleted(self) -> None:
         self.tlsActive = True
@@ -243,6 +246,9 @@ class BackendProtocol(Protocol):
             return
         self._done = True
         self._cancelTimer()
+        if self._tlsOptions is not None:
+            # The backend has answered since the handshake: its tickets are in.
+            self._tlsOptions.keepSession(self.transport)
         self.leftover = leftover
         self.result.callback(self)
 

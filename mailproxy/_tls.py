@@ -57,6 +57,7 @@ __all__ = [
     "serverOptions",
     "ApplicationProtocolOptions",
     "clientOptions",
+    "ResumingClientOptions",
     "tlsInfo",
     "makeSelfSigned",
 ]
@@ -252,11 +253,15 @@ def _serverContext(loaded: _LoadedCertificate) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     # No OP_CIPHER_SERVER_PREFERENCE: every allowed cipher is strong, so the
     # client may pick what its hardware does fast.
-    context.set_options(
-        SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
-    )
+    context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
     # Mail sessions idle for hours; without this each keeps ~30 KiB of buffers.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # A client that reconnects resumes with a session ticket: no certificate
+    # and no signature, the costliest parts of a handshake. Tickets are
+    # stateless (sealed with a key OpenSSL makes for this context, so a
+    # reload's new contexts start afresh), hence no server-side cache. The
+    # tickets of every certificate are sealed by the default context, where a
+    # handshake starts: the SNI callback runs after the ticket is accepted.
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_cipher_list(_TLS12_CIPHERS)
     context.set_tls13_ciphersuites(_TLS13_SUITES)
@@ -457,7 +462,7 @@ class _UnverifiedClientOptions:
                 raise TLSConfigError(f"{serverName!r} is not a valid host name") from None
         self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        self._context.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+        self._context.set_options(SSL.OP_NO_COMPRESSION)
         self._context.set_mode(SSL.MODE_RELEASE_BUFFERS)
         self._context.set_verify(SSL.VERIFY_NONE)
 
@@ -488,27 +493,80 @@ def _loadTrustRoot(path: str) -> IOpenSSLTrustRoot:
     )
 
 
-@functools.lru_cache(maxsize=256)
-def clientOptions(backend: Backend) -> IOpenSSLClientConnectionCreator:
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingClientOptions:
     """
-    The TLS options for connections to C{backend}, built once per backend.
+    Client TLS to one backend port that resumes the session of an earlier
+    connection: after the first login a handshake costs no certificate
+    chain to verify and no signature, on either side.
+
+    Only the latest session is kept: a backend issues a new ticket with
+    every handshake, so the one kept stays fresh. The server still decides;
+    if it does not resume (a restart changed its ticket key), the handshake
+    is a full one, with the certificate verified as always.
+
+    @ivar options: the creator of the connections (verified or not).
+    """
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator) -> None:
+        self.options = options
+        self._session: SSL.Session | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        Create the OpenSSL connection for one backend connection, offering
+        the session kept, if any.
+
+        @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
+            that will drive it.
+        """
+        connection: SSL.Connection = self.options.clientConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
+        if self._session is not None:
+            connection.set_session(self._session)
+        return connection
+
+    def keepSession(self, transport: object) -> None:
+        """
+        Keep the session of C{transport}'s TLS connection for the next
+        connections.
+
+        Call it once the server has answered a command after the handshake:
+        a TLS 1.3 server sends its tickets after the handshake, and they
+        are read with the first answer.
+        """
+        connection = _tlsConnection(transport)
+        if connection is not None:
+            session = connection.get_session()
+            if session is not None:
+                self._session = session
+
+
+@functools.lru_cache(maxsize=256)
+def clientOptions(backend: Backend, port: int | None = None) -> ResumingClientOptions:
+    """
+    The TLS options for connections to C{backend}, built once per backend
+    and port (each port keeps its own session to resume: another port may
+    be another server).
 
     With C{backend.verify}, the server's certificate must chain to a CA in
     C{backend.caFile} (or the platform's store) and be valid for
     C{backend.serverName} or else C{backend.host}; IP literals are matched
     against IP address SANs.  Without it, nothing is verified.
 
-    The result is cached per L{Backend} value; call C{clientOptions.cache_clear()}
-    when a CA file changes on disk without the configuration changing.
+    The result is cached per L{Backend} value and port; call
+    C{clientOptions.cache_clear()} when a CA file changes on disk without
+    the configuration changing.
 
     @raise TLSConfigError: if C{backend.caFile} cannot be read or holds no
         certificate.
     """
     name = backend.serverName or backend.host
     if not backend.verify:
-        return _UnverifiedClientOptions(name)
+        return ResumingClientOptions(_UnverifiedClientOptions(name))
     trustRoot = _loadTrustRoot(backend.caFile) if backend.caFile else None
-    return optionsForClientTLS(name, trustRoot=trustRoot)
+    return ResumingClientOptions(
+        optionsForClientTLS(name, trustRoot=trustRoot, extraCertificateOptions={"enableSessionTickets": True})
+    )
 
 
 def _tlsConnection(transport: object) -> SSL.Connection | None:

@@ -489,13 +489,14 @@ class ServerOptionsTests(SynchronousTestCase):
         mode = lib.SSL_set_mode(connection._ssl, 0)
         self.assertTrue(mode & lib.SSL_MODE_RELEASE_BUFFERS)
 
-    def test_noTicketsOrServerPreference(self) -> None:
+    def test_ticketsButNoServerPreference(self) -> None:
         """
-        Session tickets, renegotiation and server cipher preference are off.
+        Session tickets are on (clients resume); renegotiation and server
+        cipher preference are off.
         """
         connection = self.options.serverConnectionForTLS(None)  # type: ignore[arg-type]
         options = connection.set_options(0)
-        self.assertTrue(options & SSL.OP_NO_TICKET)
+        self.assertFalse(options & SSL.OP_NO_TICKET)
         self.assertTrue(options & SSL.OP_NO_RENEGOTIATION)
         self.assertFalse(options & SSL.OP_CIPHER_SERVER_PREFERENCE)
 
