@@ -919,13 +919,11 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         client.reset()
         self.assertTidy()
 
-    def test_clientHalfCloseAfterLogin(self) -> None:
+    def assertLastRepliesAfterHalfClose(self, client: Client) -> None:
         """
-        A client that sends its last commands and half-closes gets every
-        reply before the connection closes.
+        C{client} sends C{NOOP} and C{LOGOUT} and half-closes: it gets
+        both replies before the connection closes; then everything is tidy.
         """
-        client = self.connect()
-        self.assertTrue(client.login("good").startswith(b"a OK "))
         client.connection.sendall(b"b NOOP\r\nc LOGOUT\r\n")
         client.connection.shutdown(socket.SHUT_WR)
         self.assertEqual(
@@ -933,18 +931,22 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         )
         self.assertTidy()
 
+    def test_clientHalfCloseAfterLogin(self) -> None:
+        """
+        A client that sends its last commands and half-closes gets every
+        reply before the connection closes.
+        """
+        client = self.connect()
+        self.assertTrue(client.login("good").startswith(b"a OK "))
+        self.assertLastRepliesAfterHalfClose(client)
+
     def test_clientHalfCloseBeforeLogin(self) -> None:
         """
         A client that sends commands before login and half-closes gets
         every reply before the connection closes.
         """
         client = self.connect()
-        client.connection.sendall(b"b NOOP\r\nc LOGOUT\r\n")
-        client.connection.shutdown(socket.SHUT_WR)
-        self.assertEqual(
-            client.rest(), b"b OK NOOP completed.\r\n* BYE Logging out\r\nc OK Logout completed.\r\n"
-        )
-        self.assertTidy()
+        self.assertLastRepliesAfterHalfClose(client)
 
     def test_clientNeverReadsAfterLogin(self) -> None:
         """
