@@ -42,7 +42,14 @@ if str(_REPOSITORY) not in sys.path:
 
 from benchmarks import procstat  # noqa: E402
 from benchmarks.load import Target, raiseFileLimit, runLogins, summarizeLogins  # noqa: E402
-from benchmarks.run import formatNumber, givenOptions, startMailproxy, workDirectory, writeReport  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    chosenSettings,
+    formatNumber,
+    startMailproxy,
+    stopServers,
+    workDirectory,
+    writeReport,
+)
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 PASSWORD = "pw"
@@ -207,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw results and the table to this file")
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
     options = parser.parse_args(argv)
-    settings = Settings.quick() if options.quick else Settings()
-    settings = attrs.evolve(settings, **givenOptions(options, ("flooders", "duration", "tls")))
+    settings = chosenSettings(options, Settings, ("flooders", "duration", "tls"))
     raiseFileLimit()
 
     directory, cleanup = workDirectory(options.keep, "mailproxy-flood-bench-")
@@ -226,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         target = Target("127.0.0.1", port, settings.tls, tuple(users), PASSWORD, ca.caPath, "localhost")
         results = measure(target, proxy.pid, settings)
     finally:
-        if proxy is not None:
-            proxy.stop()
-        dovecot.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
+        stopServers([proxy, dovecot], cleanup)
 
     table = markdownTable(results, settings)
     print(table)

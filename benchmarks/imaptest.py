@@ -41,7 +41,7 @@ _REPOSITORY = _HERE.parent
 if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
-from benchmarks.run import startMailproxy, workDirectory  # noqa: E402
+from benchmarks.run import startMailproxy, stopServers, workDirectory  # noqa: E402
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
 #: The account imaptest logs in as; its scripts make and delete their own
@@ -321,11 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             line for line in proxy.logText().splitlines() if "Unhandled Error" in line or "Traceback" in line
         ]
     finally:
-        if proxy is not None:
-            proxy.stop()
-        dovecot.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
+        stopServers([proxy, dovecot], cleanup)
 
     proxied = [r for r in results if r.path == "mailproxy"]
     hangs = sum(r.hung for r in proxied)

@@ -57,7 +57,7 @@ if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
 from benchmarks.nginx import Nginx  # noqa: E402
-from benchmarks.run import formatNumber  # noqa: E402
+from benchmarks.run import formatNumber, stopServers, submitMessage  # noqa: E402
 from tests.integration.postfix import Postfix, dovecotSASLConfig  # noqa: E402
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
@@ -267,19 +267,7 @@ def smtpSession(port: int, tls: str, user: str, context: ssl.SSLContext) -> None
     ESMTP submission: C{EHLO} (and C{STARTTLS}, C{EHLO} when C{tls} is
     C{"starttls"}), C{AUTH PLAIN}, one small message, C{QUIT}.
     """
-    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
-    try:
-        client.ehlo("latency.example")
-        if tls == "starttls":
-            client.starttls(context=context)
-            client.ehlo("latency.example")
-        client.login(user, PASSWORD)
-        refused = client.sendmail(user, [user], MESSAGE)
-        if refused:
-            raise smtplib.SMTPRecipientsRefused(refused)
-        client.quit()
-    finally:
-        client.close()
+    submitMessage("127.0.0.1", port, tls, user, PASSWORD, MESSAGE, context, "latency.example")
 
 
 CLIENTS: dict[str, Callable[[int, str, str, ssl.SSLContext], None]] = {
@@ -413,9 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     protocol, targets[path][protocol], tls, user, context, options.count, options.warmup
                 )
     finally:
-        for server in (proxy, nginx, postfix, dovecot):
-            if server is not None:
-                server.stop()
+        stopServers([proxy, nginx, postfix, dovecot], None)
         if not options.keep:
             shutil.rmtree(directory, ignore_errors=True)
     table = markdownTable(results)

@@ -47,9 +47,10 @@ from benchmarks.load import (  # noqa: E402
 )
 from benchmarks.run import (  # noqa: E402
     TLS_MODES,
+    chosenSettings,
     formatNumber,
-    givenOptions,
     startMailproxy,
+    stopServers,
     workDirectory,
     writeReport,
 )
@@ -235,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw results and the table to this file")
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
     options = parser.parse_args(argv)
-    settings = Settings.quick() if options.quick else Settings()
-    settings = attrs.evolve(settings, **givenOptions(options, ("concurrency", "duration", "warmup", "users")))
+    settings = chosenSettings(options, Settings, ("concurrency", "duration", "warmup", "users"))
     raiseFileLimit()
 
     directory, cleanup = workDirectory(options.keep, "mailproxy-pop3-bench-")
@@ -263,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         results = measure(ports, ca.caPath, users, settings, pids={"mailproxy": proxy.pid}, dovecotPid=dovecotPid)
     finally:
-        if proxy is not None:
-            proxy.stop()
-        dovecot.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
+        stopServers([proxy, dovecot], cleanup)
 
     table = markdownTable(results)
     print(table)

@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import signal
+import smtplib
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -141,6 +143,54 @@ def workDirectory(keep: str | None, prefix: str) -> tuple[Path, tempfile.Tempora
         return directory, None
     holder = tempfile.TemporaryDirectory(prefix=prefix)
     return Path(holder.name), holder
+
+
+def submitMessage(
+    host: str, port: int, tls: str, user: str, password: str, message: bytes, context: ssl.SSLContext, helo: str
+) -> None:
+    """
+    One ESMTP submission session: C{EHLO helo} (over implicit TLS, or then
+    C{STARTTLS} and C{EHLO} again, as C{tls} says), C{AUTH PLAIN} as
+    C{user}, C{message} from and to C{user}, C{QUIT}.
+    """
+    client: smtplib.SMTP
+    if tls == "implicit":
+        client = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
+    else:
+        client = smtplib.SMTP(host, port, timeout=30)
+    try:
+        client.ehlo(helo)
+        if tls == "starttls":
+            client.starttls(context=context)
+            client.ehlo(helo)
+        client.login(user, password)
+        refused = client.sendmail(user, [user], message)
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
+        client.quit()
+    finally:
+        client.close()
+
+
+def stopServers(servers: Sequence[Any], cleanup: tempfile.TemporaryDirectory[str] | None) -> None:
+    """
+    Stop, in order, each of C{servers} that started (L{None} for one that
+    did not), then remove the work directory L{workDirectory} made, if any.
+    """
+    for server in servers:
+        if server is not None:
+            server.stop()
+    if cleanup is not None:
+        cleanup.cleanup()
+
+
+def chosenSettings(options: argparse.Namespace, kind: Any, names: Sequence[str]) -> Any:
+    """
+    The settings of a benchmark: C{kind}'s defaults (or C{kind.quick()}'s
+    with C{--quick}), changed by the options among C{names} that were given.
+    """
+    settings = kind.quick() if options.quick else kind()
+    return attrs.evolve(settings, **givenOptions(options, names))
 
 
 def writeReport(path: str, settings: Any, started: float, results: Any, failures: list[str], table: str) -> None:

@@ -45,6 +45,7 @@ if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
 from benchmarks import procstat  # noqa: E402
+from benchmarks.run import stopServers, submitMessage  # noqa: E402
 from tests.integration.postfix import Postfix, dovecotSASLConfig  # noqa: E402
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
@@ -76,23 +77,7 @@ service auth {
 
 
 def _session(host: str, port: int, tls: str, user: str, context: ssl.SSLContext) -> None:
-    client: smtplib.SMTP
-    if tls == "implicit":
-        client = smtplib.SMTP_SSL(host, port, timeout=30, context=context)
-    else:
-        client = smtplib.SMTP(host, port, timeout=30)
-    try:
-        client.ehlo("bench.example")
-        if tls == "starttls":
-            client.starttls(context=context)
-            client.ehlo("bench.example")
-        client.login(user, PASSWORD)
-        refused = client.sendmail(user, [user], MESSAGE)
-        if refused:
-            raise smtplib.SMTPRecipientsRefused(refused)
-        client.quit()
-    finally:
-        client.close()
+    submitMessage(host, port, tls, user, PASSWORD, MESSAGE, context, "bench.example")
 
 
 def _worker(arguments: tuple[str, int, str, str, str, float, float]) -> tuple[int, int, list[float], str]:
@@ -290,11 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row["proxyCpuMs"] = 1000 * (procstat.usage(proxy.pid).cpu - before.cpu) / options.mx_messages
             results["MX, smtp-source, no TLS"] = row
     finally:
-        if proxy is not None:
-            proxy.stop()
-        if postfix is not None:
-            postfix.stop()
-        dovecot.stop()
+        stopServers([proxy, postfix, dovecot], None)
         if not options.keep:
             shutil.rmtree(directory, ignore_errors=True)
     table = markdown(results)

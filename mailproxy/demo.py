@@ -754,15 +754,29 @@ def writeToken(directory: str) -> str:
     return path
 
 
-def _writeConfig(
+def writeDemoConfig(
     directory: str,
     certificate: str,
     key: str,
     imapsPort: int,
     imapPort: int,
     storePorts: Mapping[str, int],
-    adminPort: int,
+    adminPort: int = DEFAULT_ADMIN_PORT,
+    configOnly: bool = False,
 ) -> str:
+    """
+    Write the demo's configuration, its route table and a new token for
+    its management endpoint into C{directory}.
+
+    @param configOnly: write the configuration file alone, keeping the
+        route table and the token an earlier call wrote (which the running
+        proxy has read).
+    @return: the path of the configuration file.
+    """
+    if not configOnly:
+        with open(os.path.join(directory, ROUTES_NAME), "w", encoding="utf-8") as f:
+            f.write(demoRoutes())
+        writeToken(directory)
     configPath = os.path.join(directory, CONFIG_NAME)
     text = demoConfig(
         _relative(certificate, directory),
@@ -775,27 +789,6 @@ def _writeConfig(
     with open(configPath, "w", encoding="utf-8") as f:
         f.write(text)
     return configPath
-
-
-def writeDemoConfig(
-    directory: str,
-    certificate: str,
-    key: str,
-    imapsPort: int,
-    imapPort: int,
-    storePorts: Mapping[str, int],
-    adminPort: int = DEFAULT_ADMIN_PORT,
-) -> str:
-    """
-    Write the demo's configuration, its route table and a new token for
-    its management endpoint into C{directory}.
-
-    @return: the path of the configuration file.
-    """
-    with open(os.path.join(directory, ROUTES_NAME), "w", encoding="utf-8") as f:
-        f.write(demoRoutes())
-    writeToken(directory)
-    return _writeConfig(directory, certificate, key, imapsPort, imapPort, storePorts, adminPort)
 
 
 @define
@@ -905,7 +898,16 @@ async def startDemo(
         admin = service.getServiceNamed("admin").endpoint.port  # type: ignore[attr-defined]
         adminPort = admin.getHost().port if admin is not None else adminPort
         if (imapsPort, imapPort, adminPort) != requested:
-            _writeConfig(directory, certificate, key, imapsPort, imapPort, storePorts, adminPort)
+            writeDemoConfig(
+                directory,
+                certificate,
+                key,
+                imapsPort,
+                imapPort,
+                storePorts,
+                adminPort,
+                configOnly=True,
+            )
     except BaseException:
         if service is not None:
             await _stopStarted(service)

@@ -299,16 +299,29 @@ def resetsMidTransfer(backend: FakeBackend, connection: socket.socket, record: b
         _reset(connection)
 
 
-def endlessPOP3Capa(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
+def _floodsFirstReply(
+    greeting: bytes, chunk: bytes, first: bytes = b""
+) -> Callable[[FakeBackend, socket.socket, bytearray], None]:
     """
-    A POP3 server whose CAPA list never ends.
+    A server that sends C{greeting}, reads one command and answers it with
+    C{first}, then C{chunk} again and again.
     """
-    reader = _Recording(connection, record)
-    connection.sendall(b"+OK fake POP3 ready\r\n")
-    if reader.line() is None:
-        return
-    connection.sendall(b"+OK\r\n")
-    backend.flood(connection, b"X-CAPABILITY\r\n" * 4096)
+
+    def behaviour(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
+        reader = _Recording(connection, record)
+        connection.sendall(greeting)
+        if reader.line() is None:
+            return
+        connection.sendall(first)
+        backend.flood(connection, chunk)
+
+    return behaviour
+
+
+endlessPOP3Capa = _floodsFirstReply(b"+OK fake POP3 ready\r\n", b"X-CAPABILITY\r\n" * 4096, first=b"+OK\r\n")
+"""
+A POP3 server whose CAPA list never ends.
+"""
 
 
 def endlessSieveGreeting(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
@@ -321,15 +334,10 @@ def endlessSieveGreeting(backend: FakeBackend, connection: socket.socket, record
         number += 4096
 
 
-def endlessEHLO(backend: FakeBackend, connection: socket.socket, record: bytearray) -> None:
-    """
-    An SMTP server whose EHLO reply never ends.
-    """
-    reader = _Recording(connection, record)
-    connection.sendall(b"220 fake ESMTP ready\r\n")
-    if reader.line() is None:
-        return
-    backend.flood(connection, b"250-X-EXTENSION\r\n" * 4096)
+endlessEHLO = _floodsFirstReply(b"220 fake ESMTP ready\r\n", b"250-X-EXTENSION\r\n" * 4096)
+"""
+An SMTP server whose EHLO reply never ends.
+"""
 
 
 class FaultServers:
@@ -911,13 +919,11 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         client.reset()
         self.assertTidy()
 
-    def test_clientHalfCloseAfterLogin(self) -> None:
+    def assertLastRepliesAfterHalfClose(self, client: Client) -> None:
         """
-        A client that sends its last commands and half-closes gets every
-        reply before the connection closes.
+        C{client} sends C{NOOP} and C{LOGOUT} and half-closes: it gets
+        both replies before the connection closes; then everything is tidy.
         """
-        client = self.connect()
-        self.assertTrue(client.login("good").startswith(b"a OK "))
         client.connection.sendall(b"b NOOP\r\nc LOGOUT\r\n")
         client.connection.shutdown(socket.SHUT_WR)
         self.assertEqual(
@@ -925,18 +931,22 @@ class FaultMatrixTests(TidyMixin, SynchronousTestCase):
         )
         self.assertTidy()
 
+    def test_clientHalfCloseAfterLogin(self) -> None:
+        """
+        A client that sends its last commands and half-closes gets every
+        reply before the connection closes.
+        """
+        client = self.connect()
+        self.assertTrue(client.login("good").startswith(b"a OK "))
+        self.assertLastRepliesAfterHalfClose(client)
+
     def test_clientHalfCloseBeforeLogin(self) -> None:
         """
         A client that sends commands before login and half-closes gets
         every reply before the connection closes.
         """
         client = self.connect()
-        client.connection.sendall(b"b NOOP\r\nc LOGOUT\r\n")
-        client.connection.shutdown(socket.SHUT_WR)
-        self.assertEqual(
-            client.rest(), b"b OK NOOP completed.\r\n* BYE Logging out\r\nc OK Logout completed.\r\n"
-        )
-        self.assertTidy()
+        self.assertLastRepliesAfterHalfClose(client)
 
     def test_clientNeverReadsAfterLogin(self) -> None:
         """

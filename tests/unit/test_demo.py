@@ -788,34 +788,47 @@ class DemoStartFailureTests(TestCase):
     """
 
     @inlineCallbacks
+    def startWithPortTaken(self, which: str) -> Any:
+        """
+        Start the demo with its port C{which} (a L{startDemo} argument) on a
+        port that is taken and its other ports chosen by the kernel, which
+        must fail with L{CannotListenError}.
+
+        @return: the events logged meanwhile and the configuration the demo
+            wrote.
+        """
+        taken = reactor.listenTCP(0, DemoStoreFactory("x", reactor), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        directory = os.path.abspath(self.mktemp())
+        ports = {"imapsPort": 0, "imapPort": 0, "adminPort": 0}
+        ports[which] = taken.getHost().port  # type: ignore[attr-defined]
+        with capturedLogs() as events:
+            yield self.assertFailure(
+                Deferred.fromCoroutine(startDemo(reactor, directory, **ports)),
+                CannotListenError,
+            )
+        return events, loadConfig(os.path.join(directory, "mailproxy.toml"))
+
+    def assertClosed(self, ports: list[int], config: Any) -> None:
+        """
+        C{ports} and the ports of C{config}'s demo servers can be bound
+        again: nothing listens there any more.
+        """
+        for port in ports + [b.port("imap") for b in config.backends.values()]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+
+    @inlineCallbacks
     def test_portInUse(self) -> Any:
         """
         If the STARTTLS port is taken, startDemo fails with
         L{CannotListenError} and closes the listeners it had opened: the
         implicit TLS port and the demo servers.
         """
-        taken = reactor.listenTCP(0, DemoStoreFactory("x", reactor), interface="127.0.0.1")
-        self.addCleanup(taken.stopListening)
-        directory = os.path.abspath(self.mktemp())
-        with capturedLogs() as events:
-            yield self.assertFailure(
-                Deferred.fromCoroutine(
-                    startDemo(
-                        reactor,
-                        directory,
-                        imapsPort=0,
-                        imapPort=taken.getHost().port,  # type: ignore[attr-defined]
-                        adminPort=0,
-                    )
-                ),
-                CannotListenError,
-            )
+        events, config = yield self.startWithPortTaken("imapPort")
         # The port the kernel chose for the implicit TLS listener, as logged.
         [imapsPort] = [e["port"] for e in events if e.get("name", "").startswith("listener[0] ")]
-        config = loadConfig(os.path.join(directory, "mailproxy.toml"))
-        for port in [imapsPort] + [b.port("imap") for b in config.backends.values()]:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port))
+        self.assertClosed([imapsPort], config)
 
     @inlineCallbacks
     def test_adminPortInUse(self) -> Any:
@@ -824,25 +837,7 @@ class DemoStartFailureTests(TestCase):
         L{CannotListenError} and closes both proxy listeners, which had
         started, and the demo servers.
         """
-        taken = reactor.listenTCP(0, DemoStoreFactory("x", reactor), interface="127.0.0.1")
-        self.addCleanup(taken.stopListening)
-        directory = os.path.abspath(self.mktemp())
-        with capturedLogs() as events:
-            yield self.assertFailure(
-                Deferred.fromCoroutine(
-                    startDemo(
-                        reactor,
-                        directory,
-                        imapsPort=0,
-                        imapPort=0,
-                        adminPort=taken.getHost().port,  # type: ignore[attr-defined]
-                    )
-                ),
-                CannotListenError,
-            )
+        events, config = yield self.startWithPortTaken("adminPort")
         ports = [e["port"] for e in events if e.get("name", "").startswith("listener[")]
         self.assertEqual(len(ports), 2)
-        config = loadConfig(os.path.join(directory, "mailproxy.toml"))
-        for port in ports + [b.port("imap") for b in config.backends.values()]:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port))
+        self.assertClosed(ports, config)

@@ -51,6 +51,23 @@ class FakeThreadsReactor(Clock):
     """
 
 
+def countParses(testCase: SynchronousTestCase) -> list[int]:
+    """
+    Count TOML parses for the rest of C{testCase}.
+
+    @return: a list that gets the length of each text parsed.
+    """
+    parses: list[int] = []
+    loads = tomllib.loads
+
+    def counting(text: str) -> dict[str, object]:
+        parses.append(len(text))
+        return loads(text)
+
+    testCase.patch(tomllib, "loads", counting)
+    return parses
+
+
 class SetEntryTests(SynchronousTestCase):
     """
     L{setEntry} and L{deleteEntry} change one line and keep the rest.
@@ -216,14 +233,7 @@ class SetEntriesTests(SynchronousTestCase):
         is, once as edited (the check).
         """
         table = "[accounts]\n" + "".join(f'"user{i}@x" = "old"\n' for i in range(1000))
-        parses: list[int] = []
-        loads = tomllib.loads
-
-        def counting(text: str) -> dict[str, object]:
-            parses.append(len(text))
-            return loads(text)
-
-        self.patch(tomllib, "loads", counting)
+        parses = countParses(self)
         text, data = setEntries(table, [("accounts", f"user{i}@x", "new") for i in range(0, 1000, 3)])
         self.assertEqual(len(parses), 2)
         self.assertEqual(sum(1 for backend in data["accounts"].values() if backend == "new"), 334)
@@ -399,14 +409,7 @@ class StaticBulkEditTests(SynchronousTestCase):
         used), not once or more per account.
         """
         router = StaticRouter(self.path, BACKENDS)
-        parses: list[int] = []
-        loads = tomllib.loads
-
-        def counting(text: str) -> dict[str, object]:
-            parses.append(len(text))
-            return loads(text)
-
-        self.patch(tomllib, "loads", counting)
+        parses = countParses(self)
         self.successResultOf(router.setRoutes({f"user{i}@x": "new" for i in range(300)}))
         self.assertEqual(len(parses), 2)
         self.assertEqual(router.explain("user299@x"), "accounts['user299@x'] -> new")

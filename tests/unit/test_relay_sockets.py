@@ -11,6 +11,7 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -454,6 +455,35 @@ class HalfCloseTests(TestCase):
         yield self.backendInner.lost
 
     @inlineCallbacks
+    def tlsClientLeg(self, talk: Callable[[BlockingTLS], bytes]):
+        """
+        A blocking TLS client, in a thread, connected to a listening TLS
+        port; wait for its handshake (L{clientInner} is then the proxy's
+        side). The client waits for C{go} before it calls C{talk}, so that
+        the relay is joined first.
+
+        @return: (C{go}, a Deferred that fires with what C{talk} returns).
+        """
+        serverFactory = Factory.forProtocol(Inner)
+        serverFactory.inner = Deferred()
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        go = threading.Event()
+        self.addCleanup(go.set)
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
+                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
+                tls.handshake()
+                go.wait(10)
+                return talk(tls)
+
+        received = deferToThread(client)
+        self.clientInner = yield serverFactory.inner
+        yield self.clientInner.handshake
+        return go, received
+
+    @inlineCallbacks
     def test_spliced(self) -> None:
         """
         On spliced legs, the backend learns of the client's half-close
@@ -507,25 +537,13 @@ class HalfCloseTests(TestCase):
         A TLS client that sends C{b LOGOUT} and its close_notify gets the
         backend's reply, then the proxy's close_notify.
         """
-        serverFactory = Factory.forProtocol(Inner)
-        serverFactory.inner = Deferred()
-        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        go = threading.Event()
-        self.addCleanup(go.set)
 
-        def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
-                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
-                tls.handshake()
-                go.wait(10)
-                tls.write(b"b LOGOUT\r\n")
-                tls.closeNotify()
-                return tls.readAll()
+        def talk(tls: BlockingTLS) -> bytes:
+            tls.write(b"b LOGOUT\r\n")
+            tls.closeNotify()
+            return tls.readAll()
 
-        received = deferToThread(client)
-        self.clientInner = yield serverFactory.inner
-        yield self.clientInner.handshake
+        go, received = yield self.tlsClientLeg(talk)
         self.backend, self.backendInner = yield self.leg(LogoutPeer())
         self.join()
         go.set()
@@ -543,27 +561,15 @@ class HalfCloseTests(TestCase):
         client at once (no timer needed): a client that waits for the
         server's close after its LOGOUT is not kept waiting.
         """
-        serverFactory = Factory.forProtocol(Inner)
-        serverFactory.inner = Deferred()
-        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        go = threading.Event()
-        self.addCleanup(go.set)
 
-        def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port.getHost().port)) as sock:
-                tls = BlockingTLS(sock, self.clientContext, serverSide=False)
-                tls.handshake()
-                go.wait(10)
-                tls.write(b"b LOGOUT\r\n")
-                try:
-                    return tls.readAll()
-                except socket.timeout:
-                    return b"(no close within the socket timeout)"
+        def talk(tls: BlockingTLS) -> bytes:
+            tls.write(b"b LOGOUT\r\n")
+            try:
+                return tls.readAll()
+            except socket.timeout:
+                return b"(no close within the socket timeout)"
 
-        received = deferToThread(client)
-        self.clientInner = yield serverFactory.inner
-        yield self.clientInner.handshake
+        go, received = yield self.tlsClientLeg(talk)
         self.backend, self.backendInner = yield self.leg(ByeOnLogout())
         # A clock that never moves: nothing may wait for a timer.
         self.join(clock=Clock())
