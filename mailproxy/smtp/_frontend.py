@@ -576,7 +576,8 @@ class SubmissionFrontend(SMTPFrontend):
     def _loggedIn(self, backend: SMTPBackend) -> None:
         self.send(235, "2.7.0", "Authentication successful")
         self.state = "relay"
-        self.handOver(backend, toBackend=self.reader.takeRemaining(), guard=SMTPGuard())
+        chunking = backend.extensions is not None and "CHUNKING" in backend.extensions
+        self.handOver(backend, toBackend=self.reader.takeRemaining(), guard=SMTPGuard(chunking=chunking))
 
     def _loginFailed(self, reason: Failure) -> None:
         reason.trap(LoginFailed)

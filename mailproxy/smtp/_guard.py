@@ -23,7 +23,9 @@ same packet stays a command). Content ends at the line C{.}; a bare CR or
 LF in it ends the session before it reaches the backend, since a backend
 that ends data at C{LF . LF} would read what follows as commands the guard
 took for content. C{BDAT n} is followed by n octets of content whatever the
-backend answers (RFC 3030).
+backend answers (RFC 3030), if the backend offered C{CHUNKING}; to one that
+did not, C{BDAT} is just an unknown command and what follows is read as
+commands, as that backend reads it.
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ class SMTPGuard(CommandGuard):
     Guards a submission session after login (see the module).
 
     @ivar lastCode: the code of the backend's latest complete reply.
+    @ivar chunking: the backend offered C{CHUNKING}, so it takes the octets
+        after C{BDAT n} as content.
     """
 
     refusals = _REFUSED
 
-    def __init__(self, lineLimit: int = GUARDED_LINE) -> None:
+    def __init__(self, lineLimit: int = GUARDED_LINE, chunking: bool = True) -> None:
         super().__init__(lineLimit)
+        self.chunking = chunking
         self.lastCode = b""
         self._head = b""
         self._scanner: DataScanner | None = None
@@ -81,7 +86,7 @@ class SMTPGuard(CommandGuard):
         verb = commandVerb(line)
         if self.refuseListed(verb):
             return False
-        if verb == b"BDAT":
+        if verb == b"BDAT" and self.chunking:
             argument = line.lstrip(b" \t")[4:].strip(b" \t\r")
             try:
                 size, _ = parseBDAT(argument)

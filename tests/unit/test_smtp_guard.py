@@ -202,6 +202,21 @@ class SMTPGuardTests(SynchronousTestCase):
         self.backend(b"250 2.0.0 Ok: queued\r\n")
         self.assertEqual(self.link.toClient, b"250 2.0.0 Ok: queued\r\n" + REFUSED)
 
+    def test_bdatWithoutChunking(self) -> None:
+        """
+        To a backend that did not offer CHUNKING, BDAT is an unknown
+        command and what follows it is read as commands, as that backend
+        reads it: an XCLIENT there is refused, not forwarded as content.
+        """
+        self.guard = SMTPGuard(chunking=False)
+        self.link = FakeLink()
+        self.guard.attach(self.link)
+        self.client(b"BDAT 34 LAST\r\nXCLIENT ADDR=6.6.6.6 LOGIN=bob\r\n")
+        self.assertEqual(self.link.toBackend, b"BDAT 34 LAST\r\n")
+        self.backend(b"502 5.5.2 Error: command not recognized\r\n")
+        self.assertEqual(self.link.toBackend, b"BDAT 34 LAST\r\n")
+        self.assertEqual(self.link.toClient, b"502 5.5.2 Error: command not recognized\r\n" + REFUSED)
+
     def test_badBDAT(self) -> None:
         """
         BDAT without a size the proxy can read is refused: the backend
