@@ -636,6 +636,16 @@ class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
         client.send(message(user, [user], messageId) + b".\r\n")
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
 
+    def submitAsOwnUser(self, client: LineClient, user: str, messageId: str, mark: int) -> None:
+        """
+        Send a message as C{user} and quit; Postfix's log shows it submitted
+        by C{user} with PLAIN and nothing spoofed.
+        """
+        self.submit(client, user, messageId)
+        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
+        self.assertSubmitted("old", user, mark, messageId, "PLAIN")
+        self.assertNotSpoofed(mark)
+
     def test_xclientRefused(self) -> None:
         """
         XCLIENT ADDR/LOGIN after login gets the proxy's C{550 5.7.0}; the
@@ -646,10 +656,7 @@ class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
         client = self.loggedIn(user)
         self.assertEqual(client.command(self.SPOOF), [b"550 5.7.0 Error: insufficient authorization"])
         self.assertEqual(client.command(b"XFORWARD ADDR=6.6.6.6"), [b"550 5.7.0 Error: insufficient authorization"])
-        self.submit(client, user, messageId)
-        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
-        self.assertSubmitted("old", user, mark, messageId, "PLAIN")
-        self.assertNotSpoofed(mark)
+        self.submitAsOwnUser(client, user, messageId, mark)
 
     def test_xclientOtherWhiteSpace(self) -> None:
         """
@@ -666,10 +673,7 @@ class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
             b"\rXCLIENT ADDR=6.6.6.6 LOGIN=bob@example.org",
         ):
             self.assertEqual(client.command(spoof), refused, spoof)
-        self.submit(client, user, messageId)
-        self.assertEqual(client.command(b"QUIT")[0][:3], b"221")
-        self.assertSubmitted("old", user, mark, messageId, "PLAIN")
-        self.assertNotSpoofed(mark)
+        self.submitAsOwnUser(client, user, messageId, mark)
 
     def test_xclientPipelinedBehindAuth(self) -> None:
         """
