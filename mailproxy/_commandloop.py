@@ -21,7 +21,7 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from ._session import FrontendProtocol, ProxyContext
-from .config import Listener
+from .settings import Listener
 
 
 class CommandFrontend(FrontendProtocol):

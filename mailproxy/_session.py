@@ -38,10 +38,10 @@ from ._relay import Relay
 from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
 from ._transport import IProxyTransport
-from .config import Limits, Listener
+from .settings import Limits, Listener
 from .interfaces import IRouter
 from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
-from .routers import callRouter
+from ._routing import callRouter
 
 
 #: Seconds a connection the proxy closed may take to finish closing before it

@@ -34,6 +34,15 @@ from twisted.internet.testing import MemoryReactor
 from mailproxy._endpoints import serverEndpoint, splitDescription
 from mailproxy._tls import CertificateSource, _normalName
 from mailproxy.model import Backend, BackendTLS, Forwarding
+from mailproxy.protocols import (
+    APPLICATION_PROTOCOLS,
+    BACKEND_PROTOCOLS,
+    DIGEST_AUTH_PROTOCOLS,
+    LISTENER_MODES,
+    LISTENER_PROTOCOLS,
+    MODE_PORTS,
+)
+from mailproxy.settings import Limits, Listener
 
 __all__ = [
     "ConfigError",
@@ -64,49 +73,6 @@ __all__ = [
     "parseTOML",
     "readTOML",
 ]
-
-LISTENER_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "sieve", "smtp")
-"""
-The protocols a C{[[listener]]} can speak (the front ends that exist).
-"""
-
-DIGEST_AUTH_PROTOCOLS: tuple[str, ...] = ("pop3", "smtp")
-"""
-The listener protocols whose front ends offer digest mechanisms when a
-listener sets C{digest_auth = true}.
-"""
-
-BACKEND_PROTOCOLS: tuple[str, ...] = ("imap", "pop3", "smtp", "sieve", "mx")
-"""
-The protocols a backend's C{ports} table may name (C{mx}: where inbound
-mail from an C{smtp} listener in C{mx} mode goes; C{smtp}: submission).
-"""
-
-LISTENER_MODES: dict[str, tuple[str, ...]] = {"smtp": ("submission", "mx")}
-"""
-The listener protocols that come in kinds, with the values of their
-required C{mode} key.
-"""
-
-MODE_PORTS: dict[tuple[str, str], str] = {("smtp", "mx"): "mx"}
-"""
-The backend C{ports} key a listener mode connects to, where it is not the
-listener's protocol.
-"""
-
-APPLICATION_PROTOCOLS: dict[str, tuple[bytes, ...]] = {
-    "imap": (b"imap",),
-    "pop3": (b"pop3",),
-    "sieve": (b"managesieve",),
-    # IANA has registered no ALPN id for SMTP; "smtp" is what a client that
-    # sends one anyway is most likely to send.
-    "smtp": (b"smtp",),
-}
-"""
-The TLS ALPN protocol ids each listener protocol accepts: a client that
-offers ALPN without one of them (a browser sent to a mail port, say) is
-refused during the handshake.
-"""
 
 LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
 """
@@ -232,94 +198,6 @@ def formatKey(key: Iterable[str | int]) -> str:
             part = '"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
         text += ("." if text else "") + part
     return text
-
-
-@frozen
-class Limits:
-    """
-    Bounds on what one client may cost before and after login.
-
-    @ivar lineLength: longest pre-auth command line, in octets (literals
-        excluded), for IMAP, ManageSieve and SMTP (POP3 keeps RFC 2449's
-        255); L{None} for each protocol's own default (L{lineLengthFor}).
-    @ivar literalSize: largest pre-auth literal (IMAP LOGIN arguments).
-    @ivar preauthTimeout: seconds from connect until the login must be done.
-    @ivar connectionsPerAddress: concurrent connections from one client
-        address; 0 means unlimited.
-    @ivar loginFailures: failed logins after which the connection is closed.
-    @ivar failureDelay: seconds; the n-th failure is answered after
-        C{n * failureDelay}.
-    @ivar idleTimeout: seconds without traffic either way after login.
-    @ivar backendTimeout: seconds for the backend's greeting and login
-        dialogue.
-    @ivar shutdownGrace: seconds open sessions may go on after SIGTERM
-        before the proxy says goodbye and closes them.
-    """
-
-    lineLength: int | None = None
-    literalSize: int = 8192
-    preauthTimeout: float = 120.0
-    connectionsPerAddress: int = 50
-    loginFailures: int = 3
-    failureDelay: float = 1.0
-    idleTimeout: float = 1800.0
-    backendTimeout: float = 30.0
-    shutdownGrace: float = 30.0
-
-    def lineLengthFor(self, default: int) -> int:
-        """
-        The pre-auth line limit of a protocol whose own default is
-        C{default}: the configured C{line_length}, else that default.
-
-        The protocols' defaults are their backends' own limits (Dovecot's
-        C{imap_max_line_length} for IMAP, for instance), so that what a
-        client may send to the backend directly still passes the proxy.
-        """
-        return default if self.lineLength is None else self.lineLength
-
-
-@frozen
-class Listener:
-    """
-    One C{[[listener]]}: where to accept clients and how.
-
-    @ivar protocol: one of L{LISTENER_PROTOCOLS}.
-    @ivar endpoint: a Twisted server endpoint string, known to parse.
-    @ivar tls: one of L{LISTENER_TLS_MODES}.
-    @ivar proxyProtocol: every connection starts with a PROXY v1/v2 header
-        from a load balancer in C{proxyTrusted}.
-    @ivar proxyTrusted: addresses or CIDR networks of those balancers.
-    @ivar digestAuth: offer the digest mechanisms (POP3 APOP and
-        CRAM-MD5), which only a router holding cleartext passwords can check.
-    @ivar mode: the kind of listener, for protocols in L{LISTENER_MODES}
-        (SMTP: C{"submission"} or C{"mx"}); L{None} for the others.
-    @ivar localDomains: for an MX listener, the domains the proxy receives
-        mail for (lower case, A-labels): a recipient there that the router
-        refuses is an unknown user (C{550 5.1.1}), not relaying (C{5.7.1}).
-    """
-
-    protocol: str
-    endpoint: str
-    tls: str
-    proxyProtocol: bool = False
-    proxyTrusted: tuple[str, ...] = ()
-    digestAuth: bool = False
-    mode: str | None = None
-    localDomains: frozenset[str] = frozenset()
-
-    @property
-    def portName(self) -> str:
-        """
-        The key of a backend's C{ports} this listener's sessions connect to.
-        """
-        return MODE_PORTS.get((self.protocol, self.mode or ""), self.protocol)
-
-    @property
-    def applicationProtocols(self) -> tuple[bytes, ...]:
-        """
-        The TLS ALPN protocol ids this listener's clients may negotiate.
-        """
-        return APPLICATION_PROTOCOLS[self.protocol]
 
 
 def _optionsRepr(options: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from ._backend import BackendProtocol
 from ._session import FrontendProtocol, ProxyContext
-from .config import Limits, Listener
+from .settings import Limits, Listener
 from .interfaces import IRouter
 from .model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
 

@@ -27,22 +27,17 @@ or be written with C{async def}.  See C{examples/myrouter.py}.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-
+from mailproxy._routing import callRouter
 from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, _isPathKey, formatKey
 from mailproxy.interfaces import IRouter
-from mailproxy.model import Backend, Rejection, Route, RouteRequest
+from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter
 
 __all__ = ["buildRouter", "buildFromTable", "callRouter"]
-
-_T = TypeVar("_T")
-
 
 _Builder = Callable[[Table, Mapping[str, Backend], Any], IRouter]
 
@@ -174,39 +169,3 @@ def _buildPython(options: Table, backends: Mapping[str, Backend], reactor: Any, 
     if not callable(getattr(router, "route", None)):
         raise problem(f"{name} has no route method")
     return router  # type: ignore[no-any-return]
-
-
-def callRouter(router: IRouter, request: RouteRequest) -> Deferred[Route | Rejection]:
-    """
-    Ask C{router} about C{request}.
-
-    @return: a Deferred that fires with the L{Route} or L{Rejection}, whether
-        C{route} returned it, a Deferred of it, or is a coroutine function.
-        It fails if C{route} raised, or answered with anything else.
-    """
-    try:
-        result = router.route(request)
-    except Exception:
-        return fail()
-    answer: Deferred[Any]
-    if isinstance(result, Deferred):
-        answer = result
-    elif inspect.isawaitable(result):
-        coroutine = result if inspect.iscoroutine(result) else _await(result)
-        answer = Deferred.fromCoroutine(coroutine)
-    else:
-        answer = succeed(result)
-    return answer.addCallback(_checkAnswer, router)
-
-
-async def _await(awaitable: Awaitable[_T]) -> _T:
-    return await awaitable
-
-
-def _checkAnswer(result: object, router: object) -> Route | Rejection:
-    if not isinstance(result, (Route, Rejection)):
-        raise TypeError(
-            f"{type(router).__name__}.route answered with {type(result).__name__}, "
-            "not a Route or Rejection"
-        )
-    return result

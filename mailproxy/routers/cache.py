@@ -198,7 +198,7 @@ class CachingRouter:
         The cached answer for C{request}, or the router's.
         """
         # Imported here: mailproxy.routers imports this module.
-        from mailproxy.routers import callRouter
+        from mailproxy._routing import callRouter
 
         key = self.keyFor(request)
         now = self._reactor.seconds()

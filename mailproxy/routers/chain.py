@@ -65,7 +65,7 @@ class ChainRouter:
 
     async def _route(self, request: RouteRequest) -> Route | Rejection:
         # Imported here: mailproxy.routers imports this module.
-        from mailproxy.routers import callRouter
+        from mailproxy._routing import callRouter
 
         answer: Route | Rejection = Rejection(unknown=True)
         for index, router in enumerate(self.routers):

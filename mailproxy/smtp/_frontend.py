@@ -30,7 +30,7 @@ from .._commandloop import CommandFrontend
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge
 from .._session import LoginFailed, ProxyContext, newSessionId
-from ..config import Listener
+from ..settings import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
 from ._backend import SMTPBackend
 from ._ehlo import PASSED_ON, BackendExtensions, Extensions

@@ -36,9 +36,9 @@ from .._backend import BackendFailure, LoginJob
 from .._safetext import logQuote
 from .._session import ProxyContext
 from .._tls import _normalName
-from ..config import Listener
+from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
-from ..routers import callRouter
+from .._routing import callRouter
 from ._backend import BackendLost, SMTPBackend
 from ._frontend import SMTPFrontend
 from ._parser import (
