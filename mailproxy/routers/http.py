@@ -63,7 +63,6 @@ from mailproxy.routers._backends import (
     UnusableBackend,
     parseBackendDefaults,
     parsePort,
-    portName,
     splitHostPort,
 )
 
@@ -180,9 +179,9 @@ def requestHeaders(
         (b"Auth-Login-Attempt", b"%d" % request.attempt),
         (b"Client-IP", request.client.address.encode("ascii", "replace")),
     ]
-    if method == b"none":
-        # Whole command lines, like nginx keeps them (unescaped: the SMTP
-        # parser already refused CR and LF).
+    if request.lookup == "recipient":
+        # nginx's Auth-Method none: whole command lines, like nginx keeps
+        # them (unescaped: the SMTP parser already refused CR and LF).
         headers += [
             (b"Auth-SMTP-Helo", _raw(request.helo or "")),
             (b"Auth-SMTP-From", b"MAIL FROM:<" + _raw(request.mailFrom or "") + b">"),
@@ -438,7 +437,7 @@ class HTTPRouter:
         if answer.status != b"OK":
             return self._refusal(answer, user)
         try:
-            backend = self._backend(answer, portName(request))
+            backend = self._backend(answer, request.port)
         except UnusableBackend as e:
             self.log.error(
                 "auth_http {url} routed {user} nowhere: {problem}", url=self.url, user=logQuote(user), problem=logQuote(str(e))
