@@ -307,10 +307,15 @@ class _AuthServerTLS:
     def __init__(self, caFile: str | None, verify: bool) -> None:
         self.caFile = caFile
         self.verify = verify
+        # Built once per host (the CA file is read then): the auth server.
+        self._options: dict[str, Any] = {}
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         name = hostname.decode("ascii")
-        return _tls.clientOptions(Backend(name="auth_http", host=name, verify=self.verify, caFile=self.caFile))
+        options = self._options.get(name)
+        if options is None:
+            options = self._options[name] = _tls.hostClientOptions(name, self.caFile, self.verify)
+        return options
 
 
 def _discard(data: bytes) -> None:
@@ -587,7 +592,7 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
     verify = options.boolean("verify", True)
     if parts.scheme == "https":
         try:
-            _tls.clientOptions(Backend(name="auth_http", host=parts.hostname, verify=verify, caFile=caFile))
+            _tls.hostClientOptions(parts.hostname, caFile, verify)
         except _tls.TLSConfigError as e:
             options.fail("ca_file" if caFile else "url", str(e))
     defaults = parseBackendDefaults(options.table("backend_defaults"))
