@@ -978,7 +978,7 @@ def _parseDigestAuth(entry: Table, protocol: str | None, mode: str | None) -> bo
     if digestAuth and protocol is not None and protocol not in DIGEST_AUTH_PROTOCOLS:
         entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
     if digestAuth and _asksRecipients(protocol, mode):
-        entry.fail("digest_auth", f"{mode} listeners take no logins")
+        entry.fail("digest_auth", f"{mode or protocol} listeners take no logins")
     return digestAuth
 
 
@@ -1005,10 +1005,7 @@ def _asksRecipients(protocol: str | None, mode: str | None) -> bool:
     Whether listeners of C{protocol} in C{mode} receive mail (and ask the
     router about recipients) instead of taking logins.
     """
-    if protocol is None:
-        return False
-    found = protocolNamed(protocol).mode(mode)
-    return found is not None and found.lookup == "recipient"
+    return protocol is not None and protocolNamed(protocol).lookupFor(mode) == "recipient"
 
 
 def _parseLocalDomains(entry: Table, protocol: str | None, mode: str | None) -> frozenset[str]:
@@ -1020,10 +1017,10 @@ def _parseLocalDomains(entry: Table, protocol: str | None, mode: str | None) -> 
         return frozenset()
     if not _asksRecipients(protocol, mode):
         receiving = " or ".join(
-            f"{each.name} listeners in mode \"{kind.name}\""
+            f"{each.name} listeners" + (f" in mode \"{kind}\"" if kind is not None else "")
             for each in PROTOCOLS
-            for kind in each.modes
-            if kind.lookup == "recipient"
+            for kind in ([mode.name for mode in each.modes] if each.modes else [None])
+            if each.lookupFor(kind) == "recipient"
         )
         entry.fail("local_domains", f"only {receiving} receive mail for domains")
     domains = set()

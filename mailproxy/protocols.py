@@ -65,14 +65,15 @@ class Mode:
 
     @ivar name: the listener's C{mode} value.
     @ivar port: the key of a backend's C{ports} its sessions connect to.
-    @ivar lookup: what its sessions ask the router.
+    @ivar lookup: what its sessions ask the router, where it is not what
+        the protocol's ask (L{ProtocolDescriptor.lookup}).
     @ivar frontend: the dotted name of its front end, where it is not the
-        protocol's (see L{ProtocolDescriptor.frontend}).
+        protocol's (L{ProtocolDescriptor.frontend}).
     """
 
     name: str
     port: str
-    lookup: Lookup = "login"
+    lookup: Lookup | None = None
     frontend: str | None = None
 
 
@@ -87,9 +88,9 @@ class ProtocolDescriptor:
         (nginx's C{Auth-Protocol}).
     @ivar ports: the keys of a backend's C{ports} its sessions connect to,
         each with its standard port (where a router names a backend by host
-        alone); the first is the one logins use, named as the protocol.
-        The keys of one protocol may share an address: a host named for
-        one of them serves the others there too.
+        alone); the first, its own (L{ownPort}), is named as the protocol,
+        others are its modes'.  The keys of one protocol may share an
+        address: a host named for one of them serves the others there too.
     @ivar frontend: the dotted name of its front end: called with the
         L{mailproxy._session.ProxyContext} and the
         L{mailproxy.settings.Listener}, it returns the protocol of one
@@ -101,6 +102,9 @@ class ProtocolDescriptor:
         sent to a mail port, say) is refused during the handshake.
     @ivar greeting: how a well server's first line starts (any one of
         these); the health probes read it on each of L{ports}.
+    @ivar lookup: what its sessions ask the router: C{"login"}, or
+        C{"recipient"} for a protocol that receives mail (a mode may say
+        otherwise).
     @ivar modes: its kinds of listener, each with its required C{mode}
         value; empty for a protocol of one kind.
     @ivar digestAuth: its front end can offer digest mechanisms (POP3 APOP,
@@ -115,14 +119,16 @@ class ProtocolDescriptor:
     backendLogin: str
     applicationProtocols: tuple[bytes, ...]
     greeting: tuple[bytes, ...]
+    lookup: Lookup = "login"
     modes: tuple[Mode, ...] = ()
     digestAuth: bool = False
     oauth: bool = False
 
     @property
-    def loginPort(self) -> str:
+    def ownPort(self) -> str:
         """
-        The C{ports} key its logins connect to.
+        Its own C{ports} key, named as it: the one its listeners without
+        a mode connect to.
         """
         return next(iter(self.ports))
 
@@ -141,17 +147,24 @@ class ProtocolDescriptor:
         The C{ports} key the sessions of a listener in C{mode} connect to.
         """
         found = self.mode(mode)
-        return found.port if found is not None else self.loginPort
+        return found.port if found is not None else self.ownPort
+
+    def lookupFor(self, mode: str | None = None) -> Lookup:
+        """
+        What the sessions of a listener in C{mode} ask the router.
+        """
+        found = self.mode(mode)
+        return found.lookup if found is not None and found.lookup is not None else self.lookup
 
     def portForLookup(self, lookup: Lookup) -> str:
         """
-        The C{ports} key a session asking C{lookup} connects to: a mode's
-        that asks it, else the login port.
+        The C{ports} key a session asking C{lookup} connects to: that of
+        the first mode that asks it, else its own.
         """
         for mode in self.modes:
-            if mode.lookup == lookup:
+            if self.lookupFor(mode.name) == lookup:
                 return mode.port
-        return self.loginPort
+        return self.ownPort
 
     def frontendFactory(self, mode: str | None = None) -> Any:
         """
@@ -270,14 +283,14 @@ listener sets C{digest_auth = true}.
 
 BACKEND_PROTOCOLS: tuple[str, ...] = tuple(
     dict.fromkeys(
-        [protocol.loginPort for protocol in PROTOCOLS]
+        [protocol.ownPort for protocol in PROTOCOLS]
         + [mode.port for protocol in PROTOCOLS for mode in protocol.modes]
         + [port for protocol in PROTOCOLS for port in protocol.ports]
     )
 )
 """
-The keys a backend's C{ports} table may name: each protocol's login port,
-then those of the listener modes (C{mx}: where inbound mail from an
+The keys a backend's C{ports} table may name: each protocol's own, then
+those of the listener modes (C{mx}: where inbound mail from an
 C{smtp} listener in C{mx} mode goes; C{smtp}: submission).
 """
 

@@ -107,8 +107,7 @@ class Listener:
         What this listener's sessions ask the router: C{"login"}, or
         C{"recipient"} (SMTP MX).
         """
-        mode = self.descriptor.mode(self.mode)
-        return mode.lookup if mode is not None else "login"
+        return self.descriptor.lookupFor(self.mode)
 
     @property
     def applicationProtocols(self) -> tuple[bytes, ...]:

@@ -172,7 +172,7 @@ def makeBackend(name: str = "backend", **kwargs: Any) -> Backend:
     port (at a documentation address, so nothing is reached).
     """
     kwargs.setdefault("host", "192.0.2.1")
-    kwargs.setdefault("ports", {protocol.loginPort: protocol.ports[protocol.loginPort] for protocol in PROTOCOLS})
+    kwargs.setdefault("ports", {protocol.ownPort: protocol.ports[protocol.ownPort] for protocol in PROTOCOLS})
     return Backend(name=name, **kwargs)
 
 

@@ -27,6 +27,7 @@ from mailproxy.protocols import (
     LISTENER_PROTOCOLS,
     MODE_PORTS,
     PROTOCOLS,
+    ProtocolDescriptor,
     protocolForPort,
     protocolNamed,
 )
@@ -103,12 +104,32 @@ class RegistryTests(SynchronousTestCase):
     def test_portKeys(self) -> None:
         """
         Each backend C{ports} key belongs to one protocol: C{mx} to SMTP;
-        a protocol's first key, its own name, is the one logins use.
+        a protocol's first key is its own, named as it.
         """
         self.assertEqual(protocolForPort("mx").name, "smtp")
         self.assertEqual(protocolForPort("imap").name, "imap")
-        self.assertEqual([protocol.loginPort for protocol in PROTOCOLS], [protocol.name for protocol in PROTOCOLS])
+        self.assertEqual([protocol.ownPort for protocol in PROTOCOLS], [protocol.name for protocol in PROTOCOLS])
         self.assertRaises(KeyError, protocolForPort, "nntp")
+
+    def test_receivingProtocol(self) -> None:
+        """
+        A protocol of one kind that receives mail (LMTP, say) is described
+        by its entry alone: its sessions ask about recipients, on its own
+        port.
+        """
+        lmtp = ProtocolDescriptor(
+            name="lmtp",
+            ports={"lmtp": 24},
+            frontend="example.lmtp.LMTPFrontend",
+            backendLogin="example.lmtp.LMTPBackend",
+            applicationProtocols=(b"lmtp",),
+            greeting=(b"220",),
+            lookup="recipient",
+        )
+        self.assertEqual((lmtp.portFor(None), lmtp.lookupFor(None)), ("lmtp", "recipient"))
+        self.assertEqual((lmtp.portForLookup("recipient"), lmtp.portForLookup("login")), ("lmtp", "lmtp"))
+        self.assertTrue(lmtp.greets(b"220 lmtp.example.org LMTP"))
+        self.assertFalse(lmtp.greets(b"* OK"))
 
     def test_listener(self) -> None:
         """
