@@ -171,6 +171,17 @@ def greetingProblem(port: str, line: bytes) -> str | None:
     return "unexpected greeting: " + line[:80].decode("ascii", "replace")
 
 
+def _probeRequest(port: str) -> bytes:
+    """
+    What the health probe of the backend C{ports} key C{port} sends before
+    it reads the first line (nothing for the mail protocols).
+    """
+    try:
+        return protocolForPort(port).probe
+    except KeyError:
+        return b""
+
+
 class HealthChecker:
     """
     Asks every backend port for its greeting; answers are kept for a
@@ -235,7 +246,7 @@ class HealthChecker:
         endpoint: Any = HostnameEndpoint(self.reactor, backend.host, port, timeout=self.timeout)
         if backend.tlsFor(protocol) == "implicit":
             endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
-        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b""))
+        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b"") + _probeRequest(protocol))
         connecting = connectProtocol(endpoint, probe)
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
 

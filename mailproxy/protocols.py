@@ -102,6 +102,9 @@ class ProtocolDescriptor:
         sent to a mail port, say) is refused during the handshake.
     @ivar greeting: how a well server's first line starts (any one of
         these); the health probes read it on each of L{ports}.
+    @ivar probe: what a health probe sends once connected, before it reads
+        that line: nothing for mail protocols, whose servers speak first;
+        a request for one whose servers only answer (HTTP).
     @ivar lookup: what its sessions ask the router: C{"login"}, or
         C{"recipient"} for a protocol that receives mail (a mode may say
         otherwise).
@@ -119,6 +122,7 @@ class ProtocolDescriptor:
     backendLogin: str
     applicationProtocols: tuple[bytes, ...]
     greeting: tuple[bytes, ...]
+    probe: bytes = b""
     lookup: Lookup = "login"
     modes: tuple[Mode, ...] = ()
     digestAuth: bool = False

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailproxy._routing import callRouter
-from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, isPathKey, formatKey
+from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, formatKey, isPathKey
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter

@@ -67,7 +67,7 @@ from mailproxy._safetext import logQuote
 from mailproxy.config import Table, readSecretLine
 from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
-from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, lookedUp
+from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
 from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [

@@ -223,6 +223,18 @@ class _Greeter(Protocol):
         self.transport.write(self.factory.greeting)  # type: ignore[attr-defined]
 
 
+class _Answerer(Protocol):
+    """
+    Says nothing until asked, then answers as an HTTP server does.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.asked += data  # type: ignore[attr-defined]
+        if b"\r\n\r\n" in self.factory.asked:  # type: ignore[attr-defined]
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.0 200 OK\r\n\r\n")
+
+
 class HealthProbeTests(TestCase):
     """
     L{HealthChecker.probe} judges each backend port's greeting by the
@@ -230,13 +242,14 @@ class HealthProbeTests(TestCase):
     """
 
     @inlineCallbacks
-    def probe(self, port: str, greeting: bytes) -> Deferred[dict]:
+    def probe(self, port: str, greeting: bytes, factory: Factory | None = None) -> Deferred[dict]:
         """
-        Probe a loopback server that greets with C{greeting}, as the backend
-        port C{port}.
+        Probe a loopback server that greets with C{greeting} (or one that
+        C{factory} makes), as the backend port C{port}.
         """
-        factory = Factory.forProtocol(_Greeter)
-        factory.greeting = greeting  # type: ignore[attr-defined]
+        if factory is None:
+            factory = Factory.forProtocol(_Greeter)
+            factory.greeting = greeting  # type: ignore[attr-defined]
         listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(listening.stopListening)
         number = listening.getHost().port
@@ -264,3 +277,28 @@ class HealthProbeTests(TestCase):
         self.assertTrue(well["ok"], well)
         wrong = yield self.probe("imap", b"220 smtp\r\n")
         self.assertEqual(wrong, {"ok": False, "error": "unexpected greeting: 220 smtp"})
+
+    @inlineCallbacks
+    def test_probeRequest(self) -> None:
+        """
+        For a protocol whose servers speak only when asked (an HTTP entry,
+        made up here), the probe sends the entry's request first and judges
+        the answer's first line.
+        """
+        import mailproxy.protocols
+
+        http = ProtocolDescriptor(
+            name="http",
+            ports={"http": 80},
+            frontend="example.http.HTTPFrontend",
+            backendLogin="example.http.HTTPBackend",
+            applicationProtocols=(b"http/1.1",),
+            greeting=(b"HTTP/1.0 200", b"HTTP/1.1 200"),
+            probe=b"HEAD / HTTP/1.0\r\n\r\n",
+        )
+        self.patch(mailproxy.protocols, "_BY_PORT", {**mailproxy.protocols._BY_PORT, "http": http})
+        factory = Factory.forProtocol(_Answerer)
+        factory.asked = b""  # type: ignore[attr-defined]
+        result = yield self.probe("http", b"", factory)
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(factory.asked, b"HEAD / HTTP/1.0\r\n\r\n")  # type: ignore[attr-defined]
