@@ -13,7 +13,7 @@ timeout and the classification of failures live here.
 from __future__ import annotations
 
 import socket
-from typing import Callable, Literal, cast
+from typing import Callable, cast
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred
@@ -26,11 +26,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _proxyproto, _tls
+from ._outcomes import FailureKind
 from ._relay import socketOf
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
-
-FailureKind = Literal["auth", "unavailable", "refused"]
 
 #: Octets a backend may send from its greeting to the end of the login
 #: dialogue. A real server's greeting, capabilities and login reply take a
@@ -44,14 +43,15 @@ class BackendFailure(Exception):
     """
     The backend did not give us a logged-in session.
 
-    @ivar kind: C{"auth"}: it refused the credentials (the client sees the
-        generic authentication failure); C{"unavailable"}: it could not be
-        reached, timed out, failed TLS or spoke nonsense (the client sees a
-        temporary failure); C{"refused"}: it refused for a reason worth
-        passing on (C{clientText} is safe to show, e.g. an IMAP
-        C{[LIMIT]} code).
+    @ivar kind: L{FailureKind.AUTH}: it refused the credentials (the client
+        sees the generic authentication failure);
+        L{FailureKind.UNAVAILABLE}: it could not be reached, timed out,
+        failed TLS or spoke nonsense (the client sees a temporary failure);
+        L{FailureKind.REFUSED}: it refused for a reason worth passing on
+        (C{clientText} is safe to show, e.g. an IMAP C{[LIMIT]} code).
     @ivar detail: what happened, for the log (never a credential).
-    @ivar clientText: for C{"refused"}, the protocol-specific reply text.
+    @ivar clientText: for L{FailureKind.REFUSED}, the protocol-specific
+        reply text.
     """
 
     def __init__(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
@@ -174,12 +174,12 @@ class BackendProtocol(Protocol):
         if not self._done:
             self._received += len(data)
             if self._received > MAX_LOGIN_DIALOGUE:
-                self.fail("unavailable", f"backend sent more than {MAX_LOGIN_DIALOGUE} octets during login")
+                self.fail(FailureKind.UNAVAILABLE, f"backend sent more than {MAX_LOGIN_DIALOGUE} octets during login")
                 return
         if self._awaitingHandshake and not self.tlsActive:
             # Bytes the server sent before the TLS handshake finished can only
             # be plaintext injected after its STARTTLS reply.
-            self.fail("unavailable", "backend sent data before the TLS handshake")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent data before the TLS handshake")
             return
         self.dialogueReceived(data)
         if not self._done:
@@ -218,7 +218,7 @@ class BackendProtocol(Protocol):
             detail = "connection closed during login"
             if self._awaitingHandshake:
                 detail = "TLS handshake failed: " + _describe(reason)
-            self.fail("unavailable", detail)
+            self.fail(FailureKind.UNAVAILABLE, detail)
         elif self.onLost is not None:
             self.onLost()
 
@@ -261,7 +261,7 @@ class BackendProtocol(Protocol):
         self._done = True
         self._cancelTimer()
         if self.transport is not None:
-            if kind == "unavailable":
+            if kind is FailureKind.UNAVAILABLE:
                 self.transport.abortConnection()
             else:
                 # The server answered cleanly; leave it cleanly.
@@ -277,7 +277,7 @@ class BackendProtocol(Protocol):
             self._cancelTimer()
             if not self.result.called:
                 self.result.addErrback(lambda f: None)
-                self.result.errback(Failure(BackendFailure("unavailable", "client left")))
+                self.result.errback(Failure(BackendFailure(FailureKind.UNAVAILABLE, "client left")))
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -292,7 +292,7 @@ class BackendProtocol(Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        self.fail("unavailable", f"no login reply within {self._timeout:.0f}s")
+        self.fail(FailureKind.UNAVAILABLE, f"no login reply within {self._timeout:.0f}s")
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -388,7 +388,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
         port = backend.port(job.portName or job.protocol)
     except KeyError:
         protocol.result.errback(
-            Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.portName or job.protocol} port"))
+            Failure(BackendFailure(FailureKind.UNAVAILABLE, f"backend {backend.name} has no {job.portName or job.protocol} port"))
         )
         return protocol.result
 
@@ -401,7 +401,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
         protocol._done = True
         protocol._cancelTimer()
         protocol.result.errback(
-            Failure(BackendFailure("unavailable", f"cannot connect to {backend.name}: {_describe(reason)}"))
+            Failure(BackendFailure(FailureKind.UNAVAILABLE, f"cannot connect to {backend.name}: {_describe(reason)}"))
         )
 
     factory = _OneBackendFactory(protocol, connectFailed)

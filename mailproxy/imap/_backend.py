@@ -19,6 +19,7 @@ import re
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._outcomes import FailureKind
 from .._safetext import oneLine
 from .._sasl import plainResponse
 
@@ -118,14 +119,14 @@ class IMAPBackendLogin(BackendProtocol):
             response = self._nextResponse()
             if response is None:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend response line too long")
+                    self.fail(FailureKind.UNAVAILABLE, "backend response line too long")
                 return
             self._handle(response)
             if self._state == "tls":
                 # After the STARTTLS reply, any byte still buffered came in
                 # clear before the handshake: an injection attempt.
                 if self._buffer:
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STARTTLS reply")
                 return
 
     def _nextResponse(self) -> bytes | None:
@@ -146,7 +147,7 @@ class IMAPBackendLogin(BackendProtocol):
             start = end + 1 + int(match.group(1))
             if start > len(self._buffer):
                 if start > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend literal too large")
+                    self.fail(FailureKind.UNAVAILABLE, "backend literal too large")
                 return None
 
     def _handle(self, response: bytes) -> None:
@@ -162,7 +163,7 @@ class IMAPBackendLogin(BackendProtocol):
             return
         purpose = self._waiting.pop(tag, None)
         if purpose is None:
-            self.fail("unavailable", "backend sent an unexpected tagged response")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected tagged response")
             return
         status, _, text = rest.partition(b" ")
         status = status.upper()
@@ -188,7 +189,7 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _keep(self, response: bytes) -> None:
         if len(self.untagged) >= MAX_LOGIN_UNTAGGED:
-            self.fail("unavailable", f"backend sent more than {MAX_LOGIN_UNTAGGED} untagged lines during login")
+            self.fail(FailureKind.UNAVAILABLE, f"backend sent more than {MAX_LOGIN_UNTAGGED} untagged lines during login")
             return
         self.untagged.append(response)
 
@@ -197,7 +198,7 @@ class IMAPBackendLogin(BackendProtocol):
     def _greeting(self, line: bytes) -> None:
         status = line[:5].upper()
         if status != b"* OK ":
-            self.fail("unavailable", "unexpected greeting: " + line[:60].decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "unexpected greeting: " + line[:60].decode("ascii", "replace"))
             return
         code, args, _ = parseCode(line[5:])
         if code == b"CAPABILITY":
@@ -205,7 +206,7 @@ class IMAPBackendLogin(BackendProtocol):
         self._state = "dialogue"
         if self.job.tls == "starttls":
             if self.capabilities is not None and b"STARTTLS" not in self._caps():
-                self.fail("unavailable", "backend does not offer STARTTLS")
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer STARTTLS")
                 return
             self._send("starttls", b"STARTTLS")
             return
@@ -213,7 +214,7 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _reply_starttls(self, status: bytes, text: bytes) -> None:
         if status != b"OK":
-            self.fail("unavailable", "backend refused STARTTLS")
+            self.fail(FailureKind.UNAVAILABLE, "backend refused STARTTLS")
             return
         self._state = "tls"
         self.startTLS()
@@ -234,7 +235,7 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _reply_capability(self, status: bytes, text: bytes) -> None:
         if status != b"OK" or self.capabilities is None:
-            self.fail("unavailable", "backend CAPABILITY failed")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPABILITY failed")
             return
         self._login()
 
@@ -246,7 +247,7 @@ class IMAPBackendLogin(BackendProtocol):
         caps = self._caps()
         backend = self.job.backend
         if not self.tlsActive and b"LOGINDISABLED" in caps:
-            self.fail("unavailable", "backend refuses plaintext login (LOGINDISABLED); configure tls for it")
+            self.fail(FailureKind.UNAVAILABLE, "backend refuses plaintext login (LOGINDISABLED); configure tls for it")
             return
         commands = []
         forward = backend.forward
@@ -277,7 +278,7 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _continuation(self) -> None:
         if not self._pendingLiterals:
-            self.fail("unavailable", "backend sent an unexpected continuation")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
             return
         self.transport.write(self._pendingLiterals.pop(0))
 
@@ -320,18 +321,18 @@ class IMAPBackendLogin(BackendProtocol):
             return
         code, _, rest = parseCode(text)
         if status == b"NO" and code in _AUTH_CODES:
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
         elif status == b"NO" and code in _TEMP_CODES:
-            self.fail("unavailable", "backend login: " + code.decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "backend login: " + code.decode("ascii", "replace"))
         elif status == b"NO":
             clientText = b"NO [" + code + b"] " + (replyText(rest) or b"Login refused.")
-            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
+            self.fail(FailureKind.REFUSED, "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
         else:
-            self.fail("unavailable", "backend answered login with " + status.decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered login with " + status.decode("ascii", "replace"))
 
     def _reply_postcapability(self, status: bytes, text: bytes) -> None:
         if status != b"OK" or self.capabilities is None:
-            self.fail("unavailable", "backend CAPABILITY after login failed")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPABILITY after login failed")
             return
         self.succeed(self._buffer)
 

@@ -23,6 +23,7 @@ import re
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._outcomes import FailureKind
 from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
@@ -82,7 +83,7 @@ class POP3BackendLogin(BackendProtocol):
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend response line too long")
+                    self.fail(FailureKind.UNAVAILABLE, "backend response line too long")
                 return
             line = self._buffer[:end].rstrip(b"\r")
             self._buffer = self._buffer[end + 1 :]
@@ -91,7 +92,7 @@ class POP3BackendLogin(BackendProtocol):
                 # After the STLS reply, any byte still buffered came in clear
                 # before the handshake: an injection attempt.
                 if self._buffer:
-                    self.fail("unavailable", "backend sent data after its STLS reply")
+                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STLS reply")
                 return
 
     def _line(self, line: bytes) -> None:
@@ -112,13 +113,13 @@ class POP3BackendLogin(BackendProtocol):
             else:
                 self._finalReply(line)
         else:
-            self.fail("unavailable", "backend sent an unexpected line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected line")
 
     # The dialogue
 
     def _greeting(self, line: bytes) -> None:
         if not line.startswith(b"+OK"):
-            self.fail("unavailable", "unexpected greeting: " + _show(line))
+            self.fail(FailureKind.UNAVAILABLE, "unexpected greeting: " + _show(line))
             return
         self.xclientOffered = line[3:].upper().startswith(b" [XCLIENT]")
         if self.job.tls == "starttls":
@@ -129,7 +130,7 @@ class POP3BackendLogin(BackendProtocol):
 
     def _stlsReply(self, line: bytes) -> None:
         if not line.startswith(b"+OK"):
-            self.fail("unavailable", "backend refused STLS: " + _show(line))
+            self.fail(FailureKind.UNAVAILABLE, "backend refused STLS: " + _show(line))
             return
         self._state = "tls"
         self.startTLS()
@@ -158,7 +159,7 @@ class POP3BackendLogin(BackendProtocol):
             self._login()
             return
         if len(self._capa) >= MAX_CAPA_LINES:
-            self.fail("unavailable", "backend CAPA list too long")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
             return
         if line.startswith(b"."):
             line = line[1:]
@@ -171,7 +172,7 @@ class POP3BackendLogin(BackendProtocol):
         if any(_UNSAFE.search(value) for value in (authzid, authcid, password)):
             # Only a rewritten login from the router can get here: client
             # lines never carry CR, LF or NUL.
-            self.fail("unavailable", "the login name or password contains control characters")
+            self.fail(FailureKind.UNAVAILABLE, "the login name or password contains control characters")
             return
         commands = []
         if self._forwardByXCLIENT():
@@ -239,7 +240,7 @@ class POP3BackendLogin(BackendProtocol):
         # temporary, so that the misconfiguration shows at once.
         if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
             self.fail(
-                "unavailable",
+                FailureKind.UNAVAILABLE,
                 "backend did not take XCLIENT (" + _show(line) + "); is the proxy in its login_trusted_networks?",
             )
 
@@ -259,7 +260,7 @@ class POP3BackendLogin(BackendProtocol):
             return
         if line.startswith(b"+ ") or line == b"+":
             if self._afterContinuation is None:
-                self.fail("unavailable", "backend sent an unexpected continuation")
+                self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
                 return
             response, self._afterContinuation = self._afterContinuation, None
             self.transport.write(response + b"\r\n")
@@ -268,18 +269,18 @@ class POP3BackendLogin(BackendProtocol):
 
     def _refused(self, line: bytes) -> None:
         if not line.startswith(b"-ERR"):
-            self.fail("unavailable", "backend answered the login with: " + _show(line))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered the login with: " + _show(line))
             return
         code = parseCode(line[4:])
         if code == b"SYS/TEMP":
-            self.fail("unavailable", "backend login: SYS/TEMP")
+            self.fail(FailureKind.UNAVAILABLE, "backend login: SYS/TEMP")
         elif code in _PASSED_ON_CODES:
             clientText = _clientLine(line).decode("utf-8", "replace")
-            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText)
+            self.fail(FailureKind.REFUSED, "backend login: " + code.decode("ascii", "replace"), clientText)
         else:
             # [AUTH], no code, or one we do not know: the generic failure, so
             # that no backend wording can tell accounts apart.
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
 
 
 def _clientLine(line: bytes) -> bytes:

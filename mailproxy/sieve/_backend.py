@@ -18,6 +18,7 @@ import re
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob
+from .._outcomes import FailureKind
 from .._sasl import plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
 
@@ -82,18 +83,18 @@ class SieveBackendLogin(BackendProtocol):
                 return
             if not isinstance(event, Line):
                 reason = event.reason if isinstance(event, Fatal) else "unparsable line: " + event.reason
-                self.fail("unavailable", "backend sent " + reason)
+                self.fail(FailureKind.UNAVAILABLE, "backend sent " + reason)
                 return
             handler = self._handlers.get(self._state)
             if handler is None:
-                self.fail("unavailable", "backend sent data while TLS was starting")
+                self.fail(FailureKind.UNAVAILABLE, "backend sent data while TLS was starting")
                 return
             handler(event.values)
             if self._state == "tls" and not self._done:
                 # After the STARTTLS reply, any octet still buffered came in
                 # clear before the handshake: an injection attempt.
                 if self._parser.buffered:
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STARTTLS reply")
                     return
                 self.startTLS()
                 return
@@ -117,17 +118,17 @@ class SieveBackendLogin(BackendProtocol):
             self._greeted()
             return
         if status:
-            self.fail("unavailable", "backend greeted with " + status.decode("ascii") + " " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend greeted with " + status.decode("ascii") + " " + _code(values))
             return
         if not values or not isinstance(values[0], bytes) or len(values) > 2:
-            self.fail("unavailable", "backend sent an invalid capability line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an invalid capability line")
             return
         value = values[1] if len(values) == 2 else None
         if value is not None and not isinstance(value, bytes):
-            self.fail("unavailable", "backend sent an invalid capability line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an invalid capability line")
             return
         if len(self.capabilities) >= MAX_CAPABILITY_LINES:
-            self.fail("unavailable", "backend sent too many capabilities")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent too many capabilities")
             return
         self.capabilities[values[0].upper()] = value
 
@@ -135,7 +136,7 @@ class SieveBackendLogin(BackendProtocol):
         backend = self.job.backend
         if self.job.tls == "starttls" and not self.tlsActive:
             if b"STARTTLS" not in self.capabilities:
-                self.fail("unavailable", "backend does not offer STARTTLS")
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer STARTTLS")
                 return
             self._state = "starttls"
             self.transport.write(b"STARTTLS\r\n")
@@ -152,7 +153,7 @@ class SieveBackendLogin(BackendProtocol):
 
     def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
         if self._status(values) != b"OK":
-            self.fail("unavailable", "backend refused STARTTLS")
+            self.fail(FailureKind.UNAVAILABLE, "backend refused STARTTLS")
             return
         self._state = "tls"
 
@@ -187,7 +188,7 @@ class SieveBackendLogin(BackendProtocol):
 
     def _xclientReply(self, values: tuple[SieveValue, ...]) -> None:
         if self._status(values) != b"OK":
-            self.fail("unavailable", "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
+            self.fail(FailureKind.UNAVAILABLE, "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
             return
         # The AUTHENTICATE went with the XCLIENT: its reply follows.
         self._state = "login"
@@ -202,7 +203,7 @@ class SieveBackendLogin(BackendProtocol):
             hint = ""
             if not self.tlsActive and b"STARTTLS" in self.capabilities:
                 hint = "; it may want TLS first (tls = starttls)"
-            self.fail("unavailable", "backend does not offer SASL PLAIN" + hint)
+            self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL PLAIN" + hint)
             return None
         response = plainResponse(*self.job.saslIdentities())
         return b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n"
@@ -215,16 +216,16 @@ class SieveBackendLogin(BackendProtocol):
             return
         code = responseCode(values)
         if status == b"NO" and code in _TEMPORARY_CODES:
-            self.fail("unavailable", "backend login: NO " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend login: NO " + _code(values))
         elif status == b"NO" and code in _SETUP_CODES:
-            self.fail("unavailable", "backend login: NO " + _code(values) + "; configure tls for it")
+            self.fail(FailureKind.UNAVAILABLE, "backend login: NO " + _code(values) + "; configure tls for it")
         elif status == b"NO":
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
         elif status == b"BYE":
-            self.fail("unavailable", "backend answered the login with BYE " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered the login with BYE " + _code(values))
         else:
             # A SASL challenge: PLAIN with an initial response needs none.
-            self.fail("unavailable", "backend sent an unexpected SASL challenge")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected SASL challenge")
 
 
 def _code(values: tuple[SieveValue, ...]) -> str:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
+from .._outcomes import FailureKind
 from .._safetext import logQuote, oneLine
 from .._sasl import plainResponse
 from ..model import ClientInfo
@@ -188,12 +189,12 @@ class SMTPBackend(BackendProtocol):
                 # Bytes after the STARTTLS reply came in clear before the
                 # handshake: an injection attempt.
                 if len(self._reader):
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
+                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STARTTLS reply")
                 return
 
     def _broken(self, detail: str) -> None:
         if not self._done:
-            self.fail("unavailable", detail)
+            self.fail(FailureKind.UNAVAILABLE, detail)
             return
         self.log.warn("backend {backend}: {detail}", backend=self.job.backend.name, detail=logQuote(detail))
         if self.transport is not None:
@@ -208,14 +209,14 @@ class SMTPBackend(BackendProtocol):
         state = self._state
         if state == "greeting":
             if reply.code != 220:
-                self.fail("unavailable", "backend greeting: " + _show(reply))
+                self.fail(FailureKind.UNAVAILABLE, "backend greeting: " + _show(reply))
                 return
             self._ehlo(self.hostname)
         elif state == "ehlo":
             self._ehloReply(reply)
         elif state == "starttls":
             if reply.code != 220:
-                self.fail("unavailable", "backend refused STARTTLS: " + _show(reply))
+                self.fail(FailureKind.UNAVAILABLE, "backend refused STARTTLS: " + _show(reply))
                 return
             self._state = "tls"
             self.startTLS()
@@ -224,7 +225,7 @@ class SMTPBackend(BackendProtocol):
         elif state == "auth":
             self._authReply(reply)
         else:
-            self.fail("unavailable", "backend sent an unexpected reply: " + _show(reply))
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected reply: " + _show(reply))
 
     def _ehlo(self, name: str) -> None:
         self._state = "ehlo"
@@ -235,13 +236,13 @@ class SMTPBackend(BackendProtocol):
             if self._xclientSent:
                 self._refusedClient("backend refused EHLO after XCLIENT", reply)
             else:
-                self.fail("unavailable", "backend refused EHLO: " + _show(reply))
+                self.fail(FailureKind.UNAVAILABLE, "backend refused EHLO: " + _show(reply))
             return
         self.extensions = Extensions.fromReply(reply)
         backend = self.job.backend
         if self.job.tls == "starttls" and not self.tlsActive:
             if "STARTTLS" not in self.extensions:
-                self.fail("unavailable", "backend does not offer STARTTLS")
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer STARTTLS")
                 return
             self._state = "starttls"
             self._send(b"STARTTLS")
@@ -251,7 +252,7 @@ class SMTPBackend(BackendProtocol):
             return
         if backend.forward == "xclient" and not self._xclientSent and self.purpose != "probe":
             self.fail(
-                "unavailable",
+                FailureKind.UNAVAILABLE,
                 "backend does not offer XCLIENT to the proxy (is the proxy in smtpd_authorized_xclient_hosts?)",
             )
             return
@@ -285,7 +286,7 @@ class SMTPBackend(BackendProtocol):
         try:
             commands = xclientCommands(attributes, advertised)
         except ValueError as e:
-            self.fail("unavailable", str(e))
+            self.fail(FailureKind.UNAVAILABLE, str(e))
             return
         self.xclientLogin = login is not None
         self._xclientSent = True
@@ -313,9 +314,9 @@ class SMTPBackend(BackendProtocol):
         if 500 <= reply.code < 600:
             # The client's reply: one line, whatever the server wrote.
             line = oneLine(reply.lines[-1].decode("utf-8", "replace")) or "Access denied"
-            self.fail("refused", f"{what}: {_show(reply)}", f"{reply.code} {line}")
+            self.fail(FailureKind.REFUSED, f"{what}: {_show(reply)}", f"{reply.code} {line}")
         else:
-            self.fail("unavailable", f"{what}: {_show(reply)}")
+            self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}")
 
     def _identified(self) -> None:
         if self.purpose == "probe":
@@ -350,7 +351,7 @@ class SMTPBackend(BackendProtocol):
             self._send(b"AUTH LOGIN")
         else:
             needed = "PLAIN" if authzid else "PLAIN or LOGIN"
-            self.fail("unavailable", f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
+            self.fail(FailureKind.UNAVAILABLE, f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
 
     def _authReply(self, reply: Reply) -> None:
         if reply.code == 334 and self._authSteps:
@@ -361,13 +362,13 @@ class SMTPBackend(BackendProtocol):
             self.succeed(self._reader.takeRemaining())
         elif reply.code == 334:
             self._send(b"*")
-            self.fail("unavailable", "backend asked for more than the mechanism needs")
+            self.fail(FailureKind.UNAVAILABLE, "backend asked for more than the mechanism needs")
         elif 400 <= reply.code < 500:
-            self.fail("unavailable", "backend AUTH: " + _show(reply))
+            self.fail(FailureKind.UNAVAILABLE, "backend AUTH: " + _show(reply))
         else:
             # Any permanent refusal is answered like a wrong password, so
             # that clients learn nothing about accounts.
-            self.fail("auth", "backend refused the credentials: " + _show(reply))
+            self.fail(FailureKind.AUTH, "backend refused the credentials: " + _show(reply))
 
     # The session after the dialogue (purpose "relay")
 
