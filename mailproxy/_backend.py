@@ -4,15 +4,18 @@ shared plumbing.
 
 A protocol module writes its backend login as a subclass of
 L{BackendProtocol}: it only speaks its wire syntax (greeting, capabilities,
-identity forwarding, login) and reports the outcome with L{succeed} or
-L{fail}. Connecting, the PROXY header, implicit TLS, STARTTLS with
-certificate verification before any credential is written, the dialogue's
-timeout and the classification of failures live here.
+identity forwarding, login), moves through the L{LoginState}s and reports
+the outcome with L{succeed} or L{fail}. Connecting, the PROXY header,
+implicit TLS, STARTTLS (the request, the check that nothing came in clear
+behind the reply, the handshake with certificate verification before any
+credential is written), the dialogue's timeout and the classification of
+failures live here.
 """
 
 from __future__ import annotations
 
 import socket
+from enum import Enum
 from typing import Callable, cast
 
 from attrs import field, frozen
@@ -37,6 +40,34 @@ from .model import Backend, ClientInfo, Credentials, Route
 #: capability list without end) fails the login as temporary here instead of
 #: growing what the dialogue collects.
 MAX_LOGIN_DIALOGUE = 256 * 1024
+
+
+class LoginState(Enum):
+    """
+    Where a backend login dialogue stands. Each protocol passes through
+    those its dialogue has, in about this order; SMTP asks for the
+    capabilities again after TLS and after XCLIENT, ManageSieve reads a
+    second greeting after TLS.
+    """
+
+    #: Connected (with implicit TLS, handshaking): the greeting is awaited.
+    GREETING = "greeting"
+    #: The capabilities were asked for (IMAP CAPABILITY, POP3 CAPA, SMTP
+    #: EHLO).
+    CAPABILITIES = "capabilities"
+    #: STARTTLS (POP3: STLS) was sent; its reply is awaited.
+    STARTTLS = "starttls"
+    #: The server accepted STARTTLS: the handshake runs, and nothing may
+    #: arrive in clear.
+    HANDSHAKE = "handshake"
+    #: The client's identity was sent on its own (XCLIENT); the server's
+    #: answer is awaited.
+    IDENTITY = "identity"
+    #: The login was sent (with any identity forwarding pipelined before
+    #: it); its outcome is awaited.
+    LOGIN = "login"
+    #: No login to do (an SMTP relay): the front end drives the connection.
+    SESSION = "session"
 
 
 class BackendFailure(Exception):
@@ -125,16 +156,20 @@ class BackendProtocol(Protocol):
     The client side of a connection to a backend, until login.
 
     Subclasses implement L{dialogueReceived} (bytes before hand-over) and
-    call L{startTLS}, L{succeed} and L{fail}. After L{succeed}, the relay
-    replaces C{dataReceived} and the subclass is done.
+    L{buffered}, call L{askForTLS} and L{tlsAnswered} for STARTTLS, continue
+    in L{tlsReady}, and end with L{succeed} or L{fail}. After L{succeed},
+    the relay replaces C{dataReceived} and the subclass is done.
 
     @ivar result: fires with this protocol once logged in, or fails with
         L{BackendFailure}.
+    @ivar state: where the dialogue stands.
     @ivar leftover: octets read past the end of the login dialogue.
     @ivar tlsActive: TLS is up (implicit, or after STARTTLS) and verified.
+    @cvar startTLSCommand: the protocol's name for STARTTLS, for logs.
     """
 
     log = Logger()
+    startTLSCommand = "STARTTLS"
     # None until connected: the dialogue runs on a connection, and what may
     # run before one (fail, abandon, cancelling) checks.
     transport: IProxyTransport
@@ -142,6 +177,7 @@ class BackendProtocol(Protocol):
     def __init__(self, job: LoginJob, clock: IReactorTime, timeout: float) -> None:
         self.job = job
         self.result: Deferred[BackendProtocol] = Deferred(lambda d: self._cancelled())
+        self.state = LoginState.GREETING
         #: Abandons a connection attempt still under way.
         self.stopConnecting: Callable[[], object] | None = None
         self.leftover = b""
@@ -191,10 +227,61 @@ class BackendProtocol(Protocol):
         """
         raise NotImplementedError(type(self).__name__ + " must handle the dialogue")
 
+    def buffered(self) -> int:
+        """
+        How many octets the backend sent that the dialogue has read but not
+        handled yet.
+        """
+        raise NotImplementedError(type(self).__name__ + " must say what it holds unread")
+
+    # STARTTLS: the protocol words the command and judges the reply; the
+    # rest is the same for all.
+
+    def askForTLS(self, line: bytes, offered: bool = True) -> None:
+        """
+        Send the protocol's STARTTLS command; the protocol passes the reply
+        to L{tlsAnswered}.
+
+        @param line: the command line without CRLF (an IMAP tag included).
+        @param offered: whether the server's capabilities allow it (if
+            they are unknown, try); if not, the login fails as temporary,
+            since the backend is configured for STARTTLS.
+        """
+        if not offered:
+            self.fail(FailureKind.UNAVAILABLE, "backend does not offer " + self.startTLSCommand)
+            return
+        self.state = LoginState.STARTTLS
+        self.transport.write(line + b"\r\n")
+
+    def tlsAnswered(self, accepted: bool, reply: str | None = None) -> None:
+        """
+        The backend replied to STARTTLS: go on with TLS if C{accepted} (the
+        reply means "go on" in the protocol's terms), else fail.
+
+        Call it once the reply is consumed, so that L{buffered} counts only
+        what followed it.
+
+        @param reply: the reply as a log shows it, if the log should.
+        """
+        if not accepted:
+            shown = "" if reply is None else ": " + reply
+            self.fail(FailureKind.UNAVAILABLE, f"backend refused {self.startTLSCommand}{shown}")
+            return
+        if self.buffered():
+            # They came in clear behind the reply, so anyone on the path
+            # could have written them; read after the handshake, they would
+            # pass for protected (command injection).
+            self.fail(FailureKind.UNAVAILABLE, f"backend sent data after its {self.startTLSCommand} reply")
+            return
+        self.state = LoginState.HANDSHAKE
+        self.startTLS()
+
     def startTLS(self) -> None:
         """
-        Start TLS towards the backend; L{tlsReady} runs once the handshake
-        has finished and the certificate has been verified.
+        Start TLS towards the backend (for implicit TLS, at once; after
+        STARTTLS, from L{tlsAnswered}); after STARTTLS, L{tlsReady} runs
+        once the handshake has finished and the certificate has been
+        verified.
         """
         self._awaitingHandshake = True
         job = self.job
@@ -204,12 +291,15 @@ class BackendProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.tlsActive = True
         self._awaitingHandshake = False
-        self.tlsReady()
+        if self.state is LoginState.HANDSHAKE:
+            self.tlsReady()
 
     def tlsReady(self) -> None:
         """
-        TLS to the backend is up and verified; subclasses continue here
-        after STARTTLS. With implicit TLS, the greeting follows anyway.
+        TLS to the backend is up and verified after STARTTLS; subclasses
+        continue their dialogue here (what the server said in clear is to
+        be forgotten). Not called for implicit TLS, where the greeting
+        follows.
         """
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

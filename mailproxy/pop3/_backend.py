@@ -19,10 +19,11 @@ ready.}); C{forward = "auto"} uses it then, or when CAPA lists XCLIENT.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState
 from .._outcomes import FailureKind
 from .._sasl import plainResponse
 
@@ -61,6 +62,7 @@ class POP3BackendLogin(BackendProtocol):
     """
 
     log = Logger()
+    startTLSCommand = "STLS"
 
     def __init__(self, job: LoginJob, clock, timeout: float) -> None:
         super().__init__(job, clock, timeout)
@@ -68,10 +70,10 @@ class POP3BackendLogin(BackendProtocol):
         self.xclientOffered = False
         self.okLine = b""
         self._buffer = b""
-        self._state = "greeting"
         self._capa: list[bytes] | None = None
-        # The replies still to come, oldest first, as handler names.
-        self._expected: list[str] = []
+        # The handlers of the replies to the login still to come, oldest
+        # first; each takes itself off once its reply is complete.
+        self._expected: list[Callable[[bytes], None]] = []
         self._afterUser: bytes | None = None
         self._afterContinuation: bytes | None = None
 
@@ -88,30 +90,19 @@ class POP3BackendLogin(BackendProtocol):
             line = self._buffer[:end].rstrip(b"\r")
             self._buffer = self._buffer[end + 1 :]
             self._line(line)
-            if self._state == "tls" and not self._done:
-                # After the STLS reply, any byte still buffered came in clear
-                # before the handshake: an injection attempt.
-                if self._buffer:
-                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STLS reply")
-                return
+
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def _line(self, line: bytes) -> None:
-        if self._state == "greeting":
+        if self.state is LoginState.GREETING:
             self._greeting(line)
-        elif self._state == "stls":
-            self._stlsReply(line)
-        elif self._state == "capa":
+        elif self.state is LoginState.STARTTLS:
+            self.tlsAnswered(line.startswith(b"+OK"), _show(line))
+        elif self.state is LoginState.CAPABILITIES:
             self._capaLine(line)
-        elif self._state == "login" and self._expected:
-            handler = self._expected[0]
-            if handler == "xclient":
-                self._expected.pop(0)
-                self._xclientReply(line)
-            elif handler == "user":
-                self._expected.pop(0)
-                self._userReply(line)
-            else:
-                self._finalReply(line)
+        elif self.state is LoginState.LOGIN and self._expected:
+            self._expected[0](line)
         else:
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected line")
 
@@ -123,27 +114,17 @@ class POP3BackendLogin(BackendProtocol):
             return
         self.xclientOffered = line[3:].upper().startswith(b" [XCLIENT]")
         if self.job.tls == "starttls":
-            self._state = "stls"
-            self.transport.write(b"STLS\r\n")
+            self.askForTLS(b"STLS")
             return
         self._askCapabilities()
 
-    def _stlsReply(self, line: bytes) -> None:
-        if not line.startswith(b"+OK"):
-            self.fail(FailureKind.UNAVAILABLE, "backend refused STLS: " + _show(line))
-            return
-        self._state = "tls"
-        self.startTLS()
-
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
         self._askCapabilities()
 
     def _askCapabilities(self) -> None:
         # Asked after TLS only: what a server says in clear could have been
         # changed on the way (RFC 2595 section 4).
-        self._state = "capa"
+        self.state = LoginState.CAPABILITIES
         self.transport.write(b"CAPA\r\n")
 
     def _capaLine(self, line: bytes) -> None:
@@ -166,7 +147,7 @@ class POP3BackendLogin(BackendProtocol):
         self._capa.append(line.upper())
 
     def _login(self) -> None:
-        self._state = "login"
+        self.state = LoginState.LOGIN
         job = self.job
         authzid, authcid, password = job.saslIdentities()
         if any(_UNSAFE.search(value) for value in (authzid, authcid, password)):
@@ -177,7 +158,7 @@ class POP3BackendLogin(BackendProtocol):
         commands = []
         if self._forwardByXCLIENT():
             commands.append(self._xclientCommand())
-            self._expected.append("xclient")
+            self._expected.append(self._xclientReply)
         if self._offers(b"SASL", b"PLAIN"):
             response = plainResponse(authzid, authcid, password)
             command = b"AUTH PLAIN " + response
@@ -185,12 +166,12 @@ class POP3BackendLogin(BackendProtocol):
                 command = b"AUTH PLAIN"
                 self._afterContinuation = response
             commands.append(command)
-            self._expected.append("final")
+            self._expected.append(self._finalReply)
         else:
             if authzid:
                 authcid = authzid + job.backend.masterSeparator.encode("utf-8") + authcid
             commands.append(b"USER " + authcid)
-            self._expected += ["user", "final"]
+            self._expected += [self._userReply, self._finalReply]
             if self._offers(b"PIPELINING"):
                 commands.append(b"PASS " + password)
             else:
@@ -238,6 +219,7 @@ class POP3BackendLogin(BackendProtocol):
         # ignoring", would leave the server counting every client as the
         # proxy (its penalties and limits per address included): fail as
         # temporary, so that the misconfiguration shows at once.
+        self._expected.pop(0)
         if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
             self.fail(
                 FailureKind.UNAVAILABLE,
@@ -245,6 +227,7 @@ class POP3BackendLogin(BackendProtocol):
             )
 
     def _userReply(self, line: bytes) -> None:
+        self._expected.pop(0)
         if not line.startswith(b"+OK"):
             self._refused(line)
             return

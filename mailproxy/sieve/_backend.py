@@ -17,7 +17,7 @@ import re
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState
 from .._outcomes import FailureKind
 from .._sasl import plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
@@ -65,12 +65,11 @@ class SieveBackendLogin(BackendProtocol):
         self.capabilities: dict[bytes, bytes | None] = {}
         self.okLine = b""
         self._parser = LineParser(MAX_BACKEND_LINE, MAX_BACKEND_LINE, MAX_BACKEND_LINE)
-        self._state = "greeting"
         self._handlers = {
-            "greeting": self._greetingLine,
-            "starttls": self._startTLSReply,
-            "xclient": self._xclientReply,
-            "login": self._loginReply,
+            LoginState.GREETING: self._greetingLine,
+            LoginState.STARTTLS: self._startTLSReply,
+            LoginState.IDENTITY: self._xclientReply,
+            LoginState.LOGIN: self._loginReply,
         }
 
     # Reading
@@ -85,19 +84,14 @@ class SieveBackendLogin(BackendProtocol):
                 reason = event.reason if isinstance(event, Fatal) else "unparsable line: " + event.reason
                 self.fail(FailureKind.UNAVAILABLE, "backend sent " + reason)
                 return
-            handler = self._handlers.get(self._state)
+            handler = self._handlers.get(self.state)
             if handler is None:
                 self.fail(FailureKind.UNAVAILABLE, "backend sent data while TLS was starting")
                 return
             handler(event.values)
-            if self._state == "tls" and not self._done:
-                # After the STARTTLS reply, any octet still buffered came in
-                # clear before the handshake: an injection attempt.
-                if self._parser.buffered:
-                    self.fail(FailureKind.UNAVAILABLE, "backend sent data after its STARTTLS reply")
-                    return
-                self.startTLS()
-                return
+
+    def buffered(self) -> int:
+        return self._parser.buffered
 
     def _status(self, values: tuple[SieveValue, ...]) -> bytes:
         """
@@ -135,35 +129,26 @@ class SieveBackendLogin(BackendProtocol):
     def _greeted(self) -> None:
         backend = self.job.backend
         if self.job.tls == "starttls" and not self.tlsActive:
-            if b"STARTTLS" not in self.capabilities:
-                self.fail(FailureKind.UNAVAILABLE, "backend does not offer STARTTLS")
-                return
-            self._state = "starttls"
-            self.transport.write(b"STARTTLS\r\n")
+            self.askForTLS(b"STARTTLS", b"STARTTLS" in self.capabilities)
             return
         login = self._loginCommand()
         if login is None:
             return
         if backend.forward == "xclient" or (backend.forward == "auto" and b"XCLIENT" in self.capabilities):
-            self._state = "xclient"
+            self.state = LoginState.IDENTITY
             self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n" + login)
             return
-        self._state = "login"
+        self.state = LoginState.LOGIN
         self.transport.write(login)
 
     def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
-        if self._status(values) != b"OK":
-            self.fail(FailureKind.UNAVAILABLE, "backend refused STARTTLS")
-            return
-        self._state = "tls"
+        self.tlsAnswered(self._status(values) == b"OK")
 
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
         # The server re-sends its capabilities now (RFC 5804 section 2.2);
         # what it said in clear is forgotten.
         self.capabilities = {}
-        self._state = "greeting"
+        self.state = LoginState.GREETING
 
     def _xclientArguments(self) -> bytes:
         client = self.job.client
@@ -191,7 +176,7 @@ class SieveBackendLogin(BackendProtocol):
             self.fail(FailureKind.UNAVAILABLE, "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
             return
         # The AUTHENTICATE went with the XCLIENT: its reply follows.
-        self._state = "login"
+        self.state = LoginState.LOGIN
 
     def _loginCommand(self) -> bytes | None:
         """
