@@ -320,20 +320,8 @@ class SMTPBackendLogin(_ESMTPDialogue):
     otherwise with AUTH PLAIN (or LOGIN).
     """
 
-    def __init__(
-        self,
-        job: LoginJob,
-        clock,
-        timeout: float,
-        *,
-        hostname: str,
-        helo: str | None = None,
-        esmtp: bool = True,
-        learn: Callable[[Extensions], None] | None = None,
-    ) -> None:
-        super().__init__(job, clock, timeout, hostname=hostname, helo=helo, esmtp=esmtp, learn=learn)
-        # What the AUTH exchange still has to send, one per challenge.
-        self._authSteps: list[bytes] = []
+    #: What the AUTH exchange still has to send, one per challenge.
+    _authSteps: tuple[bytes, ...] = ()
 
     @property
     def xclientLogin(self) -> bool:
@@ -375,10 +363,10 @@ class SMTPBackendLogin(_ESMTPDialogue):
             else:
                 # Too long for a command line: send it after an empty
                 # challenge instead (RFC 4954 §4).
-                self._authSteps = [response]
+                self._authSteps = (response,)
                 self._send(b"AUTH PLAIN")
         elif "LOGIN" in mechanisms and not authzid:
-            self._authSteps = [b64encode(authcid), b64encode(password)]
+            self._authSteps = (b64encode(authcid), b64encode(password))
             self._send(b"AUTH LOGIN")
         else:
             needed = "PLAIN" if authzid else "PLAIN or LOGIN"
@@ -386,9 +374,10 @@ class SMTPBackendLogin(_ESMTPDialogue):
 
     def _authReply(self, reply: Reply) -> None:
         if reply.code == 334 and self._authSteps:
-            self._send(self._authSteps.pop(0))
+            step, self._authSteps = self._authSteps[0], self._authSteps[1:]
+            self._send(step)
             return
-        self._authSteps = []
+        self._authSteps = ()
         if reply.code == 235:
             self.succeed(self._reader.takeRemaining())
         elif reply.code == 334:
