@@ -41,6 +41,13 @@ from .model import Backend, ClientInfo, Credentials, Route
 #: growing what the dialogue collects.
 MAX_LOGIN_DIALOGUE = 256 * 1024
 
+#: The hop count a backend is told with the client's identity (IMAP ID
+#: C{x-proxy-ttl}, XCLIENT C{TTL}). A proxy that forwards the session
+#: again passes on a lower count and refuses at zero, so that proxies
+#: routed at each other stop. This proxy is always the first hop: it
+#: takes no forwarded identity from its clients.
+PROXY_TTL = 5
+
 
 class LoginState(Enum):
     """
@@ -118,7 +125,6 @@ class LoginJob:
     masterUser: str | None = None
     masterPassword: bytes | None = field(default=None, repr=False)
     clientID: tuple[tuple[str, str], ...] = ()
-    ttl: int = 5
     portName: str | None = None
 
     @property
@@ -388,6 +394,28 @@ class BackendProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+def forwardedIdentity(client: ClientInfo) -> dict[str, str]:
+    """
+    What identity forwarding tells a backend about C{client}, under
+    XCLIENT's attribute names: C{ADDR}, C{PORT}, C{DESTADDR},
+    C{DESTPORT}, C{SESSION}, C{TTL}, C{CLIENT-TRANSPORT}, and
+    C{DESTNAME} when the client named the server (SNI). Each protocol
+    picks, orders, names and encodes them its own way.
+    """
+    identity = {
+        "ADDR": client.address,
+        "PORT": str(client.port),
+        "DESTADDR": client.localAddress,
+        "DESTPORT": str(client.localPort),
+        "SESSION": client.sessionId,
+        "TTL": str(PROXY_TTL),
+        "CLIENT-TRANSPORT": "TLS" if client.tls else "insecure",
+    }
+    if client.tls and client.tls.serverName:
+        identity["DESTNAME"] = client.tls.serverName
+    return identity
 
 
 def acknowledgeNow(transport: object) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob, LoginState
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
 from .._safetext import oneLine
 from .._sasl import plainResponse
@@ -35,6 +35,19 @@ _HIDDEN_CAPABILITIES = frozenset([b"UNAUTHENTICATE", b"STARTTLS", b"LOGINDISABLE
 _AUTH_CODES = frozenset([b"", b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"])
 #: Backend NO codes that mean "try later".
 _TEMP_CODES = frozenset([b"UNAVAILABLE", b"SERVERBUG"])
+
+#: The client's identity as IMAP ID fields (the names Dovecot reads), in the
+#: order sent, by their L{forwardedIdentity} keys.
+_ID_FIELDS = (
+    ("SESSION", "x-session-id"),
+    ("ADDR", "x-originating-ip"),
+    ("PORT", "x-originating-port"),
+    ("DESTADDR", "x-connected-ip"),
+    ("DESTPORT", "x-connected-port"),
+    ("TTL", "x-proxy-ttl"),
+    ("CLIENT-TRANSPORT", "x-client-transport"),
+    ("DESTNAME", "x-connected-name"),
+)
 
 #: Handles a tagged reply: its status (upper-cased) and text.
 _ReplyHandler = Callable[[bytes, bytes], None]
@@ -268,21 +281,11 @@ class IMAPBackendLogin(BackendProtocol):
         self.transport.write(self._pendingLiterals.pop(0))
 
     def _idParameters(self) -> bytes:
-        client = self.job.client
         pairs: list[tuple[str, str]] = [
             (k, v) for k, v in self.job.clientID if not k.lower().startswith("x-")
         ]
-        pairs += [
-            ("x-session-id", client.sessionId),
-            ("x-originating-ip", client.address),
-            ("x-originating-port", str(client.port)),
-            ("x-connected-ip", client.localAddress),
-            ("x-connected-port", str(client.localPort)),
-            ("x-proxy-ttl", str(self.job.ttl)),
-            ("x-client-transport", "TLS" if client.tls else "insecure"),
-        ]
-        if client.tls and client.tls.serverName:
-            pairs.append(("x-connected-name", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
+        pairs += [(name, identity[key]) for key, name in _ID_FIELDS if key in identity]
         items = []
         for key, value in pairs:
             k, v = key.encode("utf-8"), value.encode("utf-8")

@@ -23,7 +23,7 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob, LoginState
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
 from .._sasl import plainResponse
 
@@ -36,6 +36,9 @@ MAX_CAPA_LINES = 256
 MAX_COMMAND_LINE = 255
 #: Response codes that tell the client something it can act on: passed on.
 _PASSED_ON_CODES = frozenset([b"IN-USE", b"LOGIN-DELAY", b"SYS/PERM"])
+
+#: The XCLIENT attributes sent, in order (see L{forwardedIdentity}).
+_XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "SESSION", "TTL", "CLIENT-TRANSPORT", "DESTADDR", "DESTPORT", "DESTNAME")
 
 _CODE = re.compile(rb"\[([^\]\s]+)\]")
 _HOSTNAME = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
@@ -190,26 +193,17 @@ class POP3BackendLogin(BackendProtocol):
         return forward == "xclient" or (forward == "auto" and (self.xclientOffered or self._offers(b"XCLIENT")))
 
     def _xclientCommand(self) -> bytes:
-        client = self.job.client
-        fields = [
-            (b"ADDR", client.address),
-            (b"PORT", str(client.port) if client.port else ""),
-            (b"SESSION", client.sessionId),
-            (b"TTL", str(self.job.ttl)),
-            (b"CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
-            (b"DESTADDR", client.localAddress),
-            (b"DESTPORT", str(client.localPort) if client.localPort else ""),
-        ]
-        if client.tls and client.tls.serverName:
-            fields.append((b"DESTNAME", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
         words = [b"XCLIENT"]
-        for name, value in fields:
-            encoded = value.encode("ascii", "replace")
+        for name in _XCLIENT_ATTRIBUTES:
+            encoded = identity.get(name, "").encode("ascii", "replace")
+            if name.endswith("PORT") and encoded == b"0":
+                continue  # no port known
             # Values are raw words: one with a space or control character
             # would split the command, so it is left out.
             if encoded and b" " not in encoded and not _UNSAFE.search(encoded):
-                if name != b"DESTNAME" or _HOSTNAME.match(encoded):
-                    words.append(name + b"=" + encoded)
+                if name != "DESTNAME" or _HOSTNAME.match(encoded):
+                    words.append(name.encode("ascii") + b"=" + encoded)
         return b" ".join(words)
 
     # Replies to the login

@@ -17,7 +17,7 @@ import re
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob, LoginState
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
 from .._sasl import plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
@@ -33,6 +33,9 @@ _TEMPORARY_CODES = frozenset([b"TRYLATER"])
 #: Response codes that mean the proxy's own set-up is wrong (TLS towards
 #: the backend is needed), not the client's password.
 _SETUP_CODES = frozenset([b"ENCRYPT-NEEDED", b"AUTH-TOO-WEAK"])
+
+#: The XCLIENT attributes sent, in order (see L{forwardedIdentity}).
+_XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "DESTADDR", "DESTPORT", "SESSION", "TTL", "CLIENT-TRANSPORT", "DESTNAME")
 
 _XCLIENT_WORD = re.compile(rb"[!#-'*-\[\]-z|-~]+\Z")
 
@@ -151,20 +154,10 @@ class SieveBackendLogin(BackendProtocol):
         self.state = LoginState.GREETING
 
     def _xclientArguments(self) -> bytes:
-        client = self.job.client
-        pairs = [
-            ("ADDR", client.address),
-            ("PORT", str(client.port)),
-            ("DESTADDR", client.localAddress),
-            ("DESTPORT", str(client.localPort)),
-            ("SESSION", client.sessionId),
-            ("TTL", str(self.job.ttl)),
-            ("CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
-        ]
-        if client.tls and client.tls.serverName:
-            pairs.append(("DESTNAME", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
         words = []
-        for key, value in pairs:
+        for key in _XCLIENT_ATTRIBUTES:
+            value = identity.get(key, "")
             word = (key + "=" + value).encode("utf-8", "replace")
             # Each is sent as an atom; anything that is not one is left out.
             if value and _XCLIENT_WORD.match(word):
