@@ -18,7 +18,7 @@ import socket
 from enum import Enum
 from typing import Callable, cast
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
@@ -141,6 +141,23 @@ class LoginJob:
         C{"starttls"} or C{"implicit"}.
         """
         return self.route.backend.tlsFor(self.portName or self.protocol)
+
+    def withoutSecrets(self) -> LoginJob:
+        """
+        This job with no password left in it: neither the backend's nor
+        the master user's, nor the client's credentials' (a digest's
+        response included), nor the route's.
+        """
+        credentials = self.credentials
+        if credentials is not None:
+            credentials = evolve(credentials, password=None, response=None)
+        return evolve(
+            self,
+            route=evolve(self.route, password=None),
+            credentials=credentials,
+            password=None,
+            masterPassword=None,
+        )
 
     def saslIdentities(self) -> tuple[bytes, bytes, bytes]:
         """
@@ -340,8 +357,7 @@ class BackendProtocol(Protocol):
         """
         if self._done or self.result.called:
             return
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self._tlsOptions is not None:
             # The backend has answered since the handshake: its tickets are in.
             self._tlsOptions.keepSession(self.transport)
@@ -354,10 +370,9 @@ class BackendProtocol(Protocol):
         """
         if self._done or self.result.called:
             return
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self.transport is not None:
-            if kind is FailureKind.UNAVAILABLE:
+            if kind == FailureKind.UNAVAILABLE:
                 self.transport.abortConnection()
             else:
                 # The server answered cleanly; leave it cleanly.
@@ -369,8 +384,7 @@ class BackendProtocol(Protocol):
         The client went away before the login finished: close quietly.
         """
         if not self._done:
-            self._done = True
-            self._cancelTimer()
+            self._over()
             if not self.result.called:
                 self.result.addErrback(lambda f: None)
                 self.result.errback(Failure(BackendFailure(FailureKind.UNAVAILABLE, "client left")))
@@ -379,12 +393,28 @@ class BackendProtocol(Protocol):
 
     def _cancelled(self) -> None:
         # The session gave up on this login (its client left).
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self.transport is not None:
             self.transport.abortConnection()
         elif self.stopConnecting is not None:
             self.stopConnecting()
+
+    def _over(self) -> None:
+        """
+        The dialogue is over (logged in, failed or given up): no timer
+        runs, no other outcome follows, and no password stays in a
+        connection that may now be relayed for hours.
+        """
+        self._done = True
+        self._cancelTimer()
+        self.forgetSecrets()
+
+    def forgetSecrets(self) -> None:
+        """
+        Drop every password the login held. A subclass that keeps one
+        elsewhere (a callback made with the job in hand) drops that too.
+        """
+        self.job = self.job.withoutSecrets()
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -516,8 +546,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
             # Done already, or the session cancelled (stopping the attempt
             # lands here): the result is not ours to fire.
             return
-        protocol._done = True
-        protocol._cancelTimer()
+        protocol._over()
         protocol.result.errback(
             Failure(BackendFailure(FailureKind.UNAVAILABLE, f"cannot connect to {backend.name}: {_describe(reason)}"))
         )

@@ -188,6 +188,12 @@ class _ESMTPDialogue(BackendProtocol):
     def buffered(self) -> int:
         return len(self._reader)
 
+    def forgetSecrets(self) -> None:
+        super().forgetSecrets()
+        # The front end's callback may hold the job it made, passwords and
+        # all; it is only needed during the dialogue.
+        self._learn = None
+
     def _broken(self, detail: str) -> None:
         if not self._done:
             self.fail(FailureKind.UNAVAILABLE, detail)

@@ -5,6 +5,9 @@ job it carries, with a fake reactor whose connector behaves like Twisted's.
 
 from __future__ import annotations
 
+import gc
+from types import FunctionType, ModuleType
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import UserError
 from twisted.internet.task import Clock
@@ -13,8 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
+from mailproxy._sasl import plainResponse
 from mailproxy.imap._backend import IMAPBackendLogin
-from mailproxy.smtp._backend import SMTPBackend
+from mailproxy.smtp._backend import SMTPBackend, SMTPBackendLogin
 from mailproxy.testing import FakeRouter, TLSStringTransport, makeBackend, makeFrontend
 
 
@@ -109,6 +113,113 @@ class LoginJobTests(SynchronousTestCase):
         job = makeJob(masterUser="proxy", masterPassword=b"MasterSecretPw")
         self.assertNotIn("Sup3rSecretPw", repr(job))
         self.assertNotIn("MasterSecretPw", repr(job))
+
+
+def holds(root: object, secret: bytes) -> bool:
+    """
+    Whether C{secret} (or a PLAIN response carrying it) can be reached from
+    C{root}: through attributes, containers, bound methods and closures,
+    not through classes, modules or a function's globals.
+    """
+    forms = (secret, plainResponse(b"", b"alice", secret))
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, bytes):
+            if any(form in obj for form in forms):
+                return True
+        elif isinstance(obj, FunctionType):
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or ())
+            todo.extend(obj.__defaults__ or ())
+        elif not isinstance(obj, (type, ModuleType)):
+            todo.extend(gc.get_referents(obj))
+    return False
+
+
+class ForgottenSecretsTests(SynchronousTestCase):
+    """
+    A backend connection outlives its login by the whole relayed session;
+    once the dialogue is over it keeps no password: not the backend's, not
+    the master user's, not the client's, not the route's.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def job(self, **kwargs) -> LoginJob:
+        route = Route(makeBackend("old", forward="none"), password=b"Sup3rSecretPw")
+        return makeJob(route=route, **kwargs)
+
+    def connect(self, protocol: BackendProtocol) -> TLSStringTransport:
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        return transport
+
+    def assertForgotten(self, protocol: BackendProtocol, transport: TLSStringTransport) -> None:
+        transport.clear()
+        self.assertFalse(holds(protocol, b"Sup3rSecretPw"))
+        self.assertFalse(holds(protocol, b"MasterSecretPw"))
+
+    def test_imapLoggedIn(self) -> None:
+        """
+        After an IMAP login with the user's password, nothing reachable from
+        the connection holds that password.
+        """
+        protocol = IMAPBackendLogin(self.job(), self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        self.assertIn(b"AUTHENTICATE PLAIN", transport.value())
+        protocol.dataReceived(b"P1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.assertIs(self.successResultOf(protocol.result), protocol)
+        self.assertForgotten(protocol, transport)
+
+    def test_imapMasterUserLoggedIn(self) -> None:
+        """
+        After a master user's IMAP login, the connection holds neither the
+        master password nor the user's.
+        """
+        job = self.job(password=None, masterUser="proxy", masterPassword=b"MasterSecretPw")
+        protocol = IMAPBackendLogin(job, self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        protocol.dataReceived(b"P1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.successResultOf(protocol.result)
+        self.assertForgotten(protocol, transport)
+
+    def test_imapRefused(self) -> None:
+        """
+        A refused login forgets the passwords too.
+        """
+        protocol = IMAPBackendLogin(self.job(), self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        protocol.dataReceived(b"P1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.failureResultOf(protocol.result)
+        self.assertForgotten(protocol, transport)
+
+    def test_smtpLoggedIn(self) -> None:
+        """
+        After a submission login, the connection holds no password, although
+        the front end's C{learn} callback was made with the job in hand.
+        """
+        job = self.job(protocol="smtp")
+        learnt: list[str] = []
+        protocol = SMTPBackendLogin(
+            job, self.clock, 30, hostname="proxy.test", learn=lambda extensions: learnt.append(job.backend.name)
+        )
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"220 old ESMTP\r\n")
+        protocol.dataReceived(b"250-old\r\n250 AUTH PLAIN\r\n")
+        self.assertIn(b"AUTH PLAIN ", transport.value())
+        protocol.dataReceived(b"235 2.7.0 Authentication successful\r\n")
+        self.successResultOf(protocol.result)
+        self.assertEqual(learnt, ["old"])
+        self.assertForgotten(protocol, transport)
 
 
 class PortTLSTests(SynchronousTestCase):
