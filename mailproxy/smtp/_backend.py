@@ -38,8 +38,8 @@ from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
 Purpose = Literal["relay", "probe"]
 
 #: The XCLIENT attributes the proxy can fill in, in the order sent: NAME
-#: and ADDR last, because a server judges later XCLIENT commands by the new
-#: address (Postfix's XCLIENT_README).
+#: and ADDR last, because Postfix judges each later XCLIENT command by the
+#: address the one before set (which need not be trusted).
 _XCLIENT_ORDER = ("PROTO", "HELO", "LOGIN", "PORT", "DESTADDR", "DESTPORT", "REVERSE_NAME", "NAME", "ADDR")
 #: Longest raw value Postfix accepts for one attribute.
 _XCLIENT_VALUE = 255

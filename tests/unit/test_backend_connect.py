@@ -14,10 +14,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
+from mailproxy._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
 from mailproxy._sasl import plainResponse
 from mailproxy.imap._backend import IMAPBackendLogin
+from mailproxy.pop3._backend import POP3BackendLogin
+from mailproxy.sieve._backend import SieveBackendLogin
 from mailproxy.smtp._backend import SMTPBackend, SMTPBackendLogin
 from mailproxy.testing import FakeRouter, TLSStringTransport, makeBackend, makeFrontend
 
@@ -220,6 +222,94 @@ class ForgottenSecretsTests(SynchronousTestCase):
         self.successResultOf(protocol.result)
         self.assertEqual(learnt, ["old"])
         self.assertForgotten(protocol, transport)
+
+
+class BackendStartTLSTests(SynchronousTestCase):
+    """
+    STARTTLS towards a backend, the same in every protocol: octets behind
+    the server's "go on" came in clear, so TLS is not even started and the
+    login fails as temporary; a refusal fails it too, before any
+    credential.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.route = Route(makeBackend("old", tls="starttls", forward="none"))
+
+    def start(self, protocol: BackendProtocol, greeting: bytes, ask: bytes) -> TLSStringTransport:
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        protocol.dataReceived(greeting)
+        self.assertEqual(transport.value(), ask)
+        transport.clear()
+        return transport
+
+    def assertFailed(self, protocol: BackendProtocol, transport: TLSStringTransport, detail: str) -> None:
+        failure = self.failureResultOf(protocol.result, BackendFailure).value
+        self.assertEqual((failure.kind, failure.detail), ("unavailable", detail))
+        self.assertIsNone(transport.tlsOptions)
+        self.assertEqual(transport.value(), b"")
+
+    def test_imapInjection(self) -> None:
+        """
+        IMAP: a line behind the tagged OK to STARTTLS.
+        """
+        protocol = IMAPBackendLogin(makeJob(route=self.route), self.clock, 30)
+        transport = self.start(protocol, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n", b"P1 STARTTLS\r\n")
+        protocol.dataReceived(b"P1 OK Begin TLS\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_pop3Injection(self) -> None:
+        """
+        POP3: a line behind the C{+OK} to STLS.
+        """
+        protocol = POP3BackendLogin(makeJob(route=self.route, protocol="pop3"), self.clock, 30)
+        transport = self.start(protocol, b"+OK ready\r\n", b"STLS\r\n")
+        protocol.dataReceived(b"+OK Begin TLS\r\n+OK\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STLS reply")
+
+    def test_sieveInjection(self) -> None:
+        """
+        ManageSieve: a line behind the OK to STARTTLS.
+        """
+        protocol = SieveBackendLogin(makeJob(route=self.route, protocol="sieve"), self.clock, 30)
+        transport = self.start(protocol, b'"SASL" "PLAIN"\r\n"STARTTLS"\r\nOK "ready"\r\n', b"STARTTLS\r\n")
+        protocol.dataReceived(b'OK "go"\r\n"SASL" "PLAIN"\r\n')
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_smtpInjection(self) -> None:
+        """
+        SMTP: a reply behind the 220 to STARTTLS.
+        """
+        protocol = SMTPBackendLogin(makeJob(route=self.route, protocol="smtp"), self.clock, 30, hostname="proxy.test")
+        transport = self.start(protocol, b"220 old ESMTP\r\n", b"EHLO proxy.test\r\n")
+        protocol.dataReceived(b"250-old\r\n250 STARTTLS\r\n")
+        self.assertEqual(transport.value(), b"STARTTLS\r\n")
+        transport.clear()
+        protocol.dataReceived(b"220 go ahead\r\n250 AUTH PLAIN\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_pop3Refused(self) -> None:
+        """
+        A refused STLS fails the login, with the server's reply in the log
+        detail.
+        """
+        protocol = POP3BackendLogin(makeJob(route=self.route, protocol="pop3"), self.clock, 30)
+        transport = self.start(protocol, b"+OK ready\r\n", b"STLS\r\n")
+        protocol.dataReceived(b"-ERR no TLS here\r\n")
+        self.assertFailed(protocol, transport, "backend refused STLS: -ERR no TLS here")
+
+    def test_notOffered(self) -> None:
+        """
+        A server whose capabilities lack STARTTLS is not asked.
+        """
+        protocol = IMAPBackendLogin(makeJob(route=self.route), self.clock, 30)
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        self.assertFailed(protocol, transport, "backend does not offer STARTTLS")
 
 
 class PortTLSTests(SynchronousTestCase):
