@@ -155,10 +155,11 @@ class MemoryConnector:
         from twisted.python.failure import Failure
 
         from ._backend import BackendFailure
+        from ._outcomes import FailureKind
 
         self.protocols.append(protocol)
         if self.refuse:
-            protocol.result.errback(Failure(BackendFailure("unavailable", "connection refused")))
+            protocol.result.errback(Failure(BackendFailure(FailureKind.UNAVAILABLE, "connection refused")))
             return protocol.result
         transport = TLSStringTransport()
         self.transports.append(transport)
