@@ -217,7 +217,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         # 587 for submission logins, 25 for inbound mail (MX).
         ports={"smtp": 587, "mx": 25},
         frontend="mailproxy.smtp.SubmissionFrontend",
-        backendLogin="mailproxy.smtp._backend.SMTPBackend",
+        backendLogin="mailproxy.smtp._backend.SMTPBackendLogin",
         # IANA has registered no ALPN id for SMTP; "smtp" is what a client
         # that sends one anyway is most likely to send.
         applicationProtocols=(b"smtp",),
