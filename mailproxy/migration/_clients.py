@@ -1,0 +1,337 @@
+"""
+The IMAP and ManageSieve conversations of a migration, as a backend's
+master user on an account's behalf (SASL PLAIN with the account as the
+authorization identity, so the account's password is never needed).
+
+These functions block: the engine runs them in threads.  Errors they raise
+never contain a password (the password only goes into the SASL exchange).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import imaplib
+import re
+import socket
+import ssl
+from typing import Any
+
+from ..model import Backend
+
+__all__ = ["fingerprints", "copySubscriptions", "copySieve", "ClientError"]
+
+
+class ClientError(Exception):
+    """
+    A server refused or broke a conversation; C{str(error)} is for the
+    operator (no password in it).
+    """
+
+
+def _context(backend: Backend) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=backend.caFile)
+    if not backend.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _plain(backend: Backend, account: str) -> bytes:
+    assert backend.masterUser is not None and backend.masterPassword is not None
+    return account.encode() + b"\0" + backend.masterUser.encode() + b"\0" + backend.masterPassword
+
+
+def _imap(backend: Backend, account: str, timeout: float) -> imaplib.IMAP4:
+    """
+    An IMAP connection to C{backend}, logged in as C{account} by the master
+    user.
+    """
+    mode = backend.tlsFor("imap")
+    port = backend.port("imap")
+    name = backend.serverName or backend.host
+    try:
+        if mode == "implicit":
+            connection: imaplib.IMAP4 = imaplib.IMAP4_SSL(backend.host, port, ssl_context=_context(backend), timeout=timeout)
+        else:
+            connection = imaplib.IMAP4(backend.host, port, timeout=timeout)
+            if mode == "starttls":
+                connection.starttls(_context(backend))
+        del name
+        connection.authenticate("PLAIN", lambda _: _plain(backend, account))
+    except (imaplib.IMAP4.error, OSError) as error:
+        raise ClientError(f"IMAP on {backend.name} ({backend.host}:{port}) for {account}: {_text(error)}") from None
+    return connection
+
+
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+_LIST = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delimiter>NIL|"(?:[^"\\]|\\.)*") (?P<name>.*)$', re.DOTALL)
+
+
+def _unquote(value: bytes) -> bytes:
+    if value.startswith(b'"') and value.endswith(b'"') and len(value) >= 2:
+        return re.sub(rb"\\(.)", rb"\1", value[1:-1])
+    return value
+
+
+def _quote(name: bytes) -> str:
+    return '"' + name.decode("utf-8", "surrogateescape").replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _folders(connection: imaplib.IMAP4, command: str = "LIST") -> list[tuple[bytes, str, bool]]:
+    """
+    The account's folders: raw name, name with C{/} between levels, and
+    whether it can be selected.
+    """
+    status, lines = connection.list() if command == "LIST" else connection.lsub()
+    if status != "OK":
+        raise ClientError(f"{command} failed: {lines!r}")
+    folders = []
+    for line in lines:
+        if line is None:
+            continue
+        if isinstance(line, tuple):
+            # The name came as a literal.
+            head, literal = line
+            match = _LIST.match(head.rstrip() + b" x")
+            name = literal
+        else:
+            match = _LIST.match(line)
+            name = _unquote(match.group("name")) if match else b""
+        if match is None:
+            continue
+        flags = match.group("flags").lower()
+        delimiter = _unquote(match.group("delimiter")) if match.group("delimiter") != b"NIL" else b""
+        text = name.decode("utf-8", "surrogateescape")
+        normalised = text.replace(delimiter.decode(), "/") if delimiter else text
+        if normalised.upper() == "INBOX":
+            normalised = "INBOX"
+        folders.append((name, normalised, b"\\noselect" not in flags and b"\\nonexistent" not in flags))
+    return folders
+
+
+_FETCH = re.compile(rb"RFC822\.SIZE (\d+)|INTERNALDATE \"([^\"]*)\"")
+
+
+def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, list[tuple[str, int]]]:
+    """
+    Per selectable folder of C{account} on C{backend} (C{/} between
+    levels), each message's fingerprint (its Message-ID, or its size and
+    internal date when it has none) and size.
+
+    @raise ClientError: the server refused something.
+    """
+    connection = _imap(backend, account, timeout)
+    try:
+        found: dict[str, list[tuple[str, int]]] = {}
+        for name, normalised, selectable in _folders(connection):
+            if not selectable:
+                continue
+            status, data = connection.select(_quote(name), readonly=True)
+            if status != "OK":
+                raise ClientError(f"cannot select {normalised!r} on {backend.name}: {data!r}")
+            count = int(data[0] or 0)
+            messages: list[tuple[str, int]] = []
+            if count:
+                status, items = connection.fetch("1:*", "(RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+                if status != "OK":
+                    raise ClientError(f"cannot fetch {normalised!r} on {backend.name}: {items!r}")
+                for item in items:
+                    if not isinstance(item, tuple):
+                        continue
+                    head, header = item
+                    size, date = 0, ""
+                    for match in _FETCH.finditer(head):
+                        if match.group(1):
+                            size = int(match.group(1))
+                        else:
+                            date = match.group(2).decode("ascii", "replace")
+                    parsed = email.parser.BytesHeaderParser().parsebytes(header)
+                    messageId = (parsed.get("Message-ID") or "").strip()
+                    key = f"id:{messageId}" if messageId else f"size:{size} date:{date}"
+                    messages.append((key, size))
+            found[normalised] = messages
+        return found
+    except (imaplib.IMAP4.error, OSError) as error:
+        raise ClientError(f"IMAP on {backend.name} for {account}: {_text(error)}") from None
+    finally:
+        _logout(connection)
+
+
+def _logout(connection: imaplib.IMAP4) -> None:
+    try:
+        connection.logout()
+    except Exception:
+        pass
+
+
+def copySubscriptions(source: Backend, target: Backend, account: str, timeout: float) -> int:
+    """
+    Subscribe C{account} on C{target} to the folders it is subscribed to
+    on C{source} (mbsync copies folders, not subscriptions).
+
+    @return: how many subscriptions were made.
+    """
+    before = _imap(source, account, timeout)
+    try:
+        wanted = {normalised for _, normalised, _ in _folders(before, "LSUB")}
+    finally:
+        _logout(before)
+    after = _imap(target, account, timeout)
+    try:
+        have = {normalised for _, normalised, _ in _folders(after, "LSUB")}
+        names = {normalised: name for name, normalised, _ in _folders(after)}
+        made = 0
+        for folder in sorted(wanted - have):
+            if folder in names:
+                status, data = after.subscribe(_quote(names[folder]))
+                if status != "OK":
+                    raise ClientError(f"cannot subscribe {folder!r} on {target.name}: {data!r}")
+                made += 1
+        return made
+    except (imaplib.IMAP4.error, OSError) as error:
+        raise ClientError(f"IMAP on {target.name} for {account}: {_text(error)}") from None
+    finally:
+        _logout(after)
+
+
+class _Sieve:
+    """
+    A blocking ManageSieve (RFC 5804) client, enough to list, get, put and
+    activate scripts.
+    """
+
+    def __init__(self, backend: Backend, account: str, timeout: float) -> None:
+        self.backend = backend
+        port = backend.port("sieve")
+        mode = backend.tlsFor("sieve")
+        self.name = f"ManageSieve on {backend.name} ({backend.host}:{port}) for {account}"
+        raw = socket.create_connection((backend.host, port), timeout)
+        self.socket: Any = raw
+        if mode == "implicit":
+            self.socket = _context(backend).wrap_socket(raw, server_hostname=backend.serverName or backend.host)
+        self.buffer = b""
+        self.response()
+        if mode == "starttls":
+            self.command(b"STARTTLS")
+            self.socket = _context(backend).wrap_socket(self.socket, server_hostname=backend.serverName or backend.host)
+            self.response()
+        secret = base64.b64encode(_plain(backend, account))
+        self.command(b'AUTHENTICATE "PLAIN" "' + secret + b'"', what="AUTHENTICATE")
+
+    def _fill(self) -> None:
+        data = self.socket.recv(65536)
+        if not data:
+            raise ClientError(f"{self.name}: the server closed the connection")
+        self.buffer += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def _literal(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._fill()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def response(self) -> list[tuple[bytes, bytes | None]]:
+        """
+        The lines up to the status line, each with the literal it
+        announced; raise L{ClientError} unless the status is OK.
+        """
+        lines: list[tuple[bytes, bytes | None]] = []
+        while True:
+            line = self._line()
+            literal = None
+            match = re.search(rb"\{(\d+)\+?\}$", line)
+            if match:
+                literal = self._literal(int(match.group(1)))
+                line = line[: match.start()] + self._line()
+            word = line.split(b" ", 1)[0].upper()
+            if literal is None and word in (b"OK", b"NO", b"BYE"):
+                if word != b"OK":
+                    raise ClientError(f"{self.name}: {line.decode('utf-8', 'replace')[:300]}")
+                return lines
+            lines.append((line, literal))
+
+    def command(self, line: bytes, what: str | None = None) -> list[tuple[bytes, bytes | None]]:
+        self.socket.sendall(line + b"\r\n")
+        try:
+            return self.response()
+        except ClientError as error:
+            if what is not None:
+                # The command itself had a secret: name it instead.
+                raise ClientError(f"{self.name}: {what} refused: {str(error).rpartition(': ')[2]}") from None
+            raise
+
+    def scripts(self) -> list[tuple[str, bool]]:
+        found = []
+        for line, literal in self.command(b"LISTSCRIPTS"):
+            if literal is not None:
+                name = literal
+                rest = line
+            else:
+                match = re.match(rb'^"((?:[^"\\]|\\.)*)"(.*)$', line)
+                if match is None:
+                    continue
+                name, rest = _unquote(b'"' + match.group(1) + b'"'), match.group(2)
+            found.append((name.decode("utf-8", "replace"), b"ACTIVE" in rest.upper()))
+        return found
+
+    def get(self, name: str) -> bytes:
+        for line, literal in self.command(b"GETSCRIPT " + _quote(name.encode()).encode()):
+            if literal is not None:
+                return literal
+            if line.startswith(b'"'):
+                return _unquote(line)
+        raise ClientError(f"{self.name}: GETSCRIPT {name!r} returned nothing")
+
+    def put(self, name: str, script: bytes) -> None:
+        self.socket.sendall(b"PUTSCRIPT " + _quote(name.encode()).encode() + b" {%d+}\r\n" % len(script) + script + b"\r\n")
+        self.response()
+
+    def activate(self, name: str) -> None:
+        self.command(b"SETACTIVE " + _quote(name.encode()).encode())
+
+    def close(self) -> None:
+        try:
+            self.socket.sendall(b"LOGOUT\r\n")
+            self.socket.close()
+        except OSError:
+            pass
+
+
+def copySieve(source: Backend, target: Backend, account: str, timeout: float) -> int:
+    """
+    Copy C{account}'s Sieve scripts from C{source} to C{target} with
+    ManageSieve and activate there the one active on C{source} (or none).
+
+    @return: how many scripts were copied.
+    """
+    try:
+        reader = _Sieve(source, account, timeout)
+        try:
+            scripts = [(name, active, reader.get(name)) for name, active in reader.scripts()]
+        finally:
+            reader.close()
+        writer = _Sieve(target, account, timeout)
+        try:
+            for name, _, script in scripts:
+                writer.put(name, script)
+            active = [name for name, isActive, _ in scripts if isActive]
+            if active:
+                writer.activate(active[0])
+            elif any(isActive for _, isActive in writer.scripts()):
+                writer.activate("")
+        finally:
+            writer.close()
+        return len(scripts)
+    except OSError as error:
+        raise ClientError(f"ManageSieve for {account}: {_text(error)}") from None

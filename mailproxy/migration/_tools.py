@@ -1,0 +1,360 @@
+"""
+The sync tools a migration runs, as subprocesses that never block the
+reactor, and what they are given.
+
+Two tools copy an account's mail from its current backend to the target:
+
+  - Dovecot's C{doveadm backup -R -u ACCOUNT imapc:} (its documented
+    migration path), for a target that is a Dovecot whose configuration
+    this host can read: doveadm runs I{as} the target (C{-c} its
+    configuration, which reaches its mail storage and its auth service)
+    and reads the source over IMAP (C{imapc}) as the source's master user
+    on the account's behalf, so no user password is needed.  Folders,
+    subscriptions, flags, keywords, internal dates and UIDs are kept.
+    The settings doveadm needs for imapc, the master password among them,
+    are in a private configuration file (mode 0600) that includes the
+    target's own and is removed after the run: a password on doveadm's
+    command line (C{-o imapc_password=...}) would be visible in C{ps}.
+
+    Why not run doveadm elsewhere: C{doveadm -S host:port} (a doveadm
+    server) and C{doveadm sync tcp:host:port} reach a remote Dovecot, but
+    the former runs the command with the I{server's} settings (the C{-o}
+    imapc settings, and so the source's address and master password, are
+    not passed along; they would have to be written into the target's
+    configuration for every source), and the latter needs a local mail
+    storage and a userdb on the proxy host for the other side.  Neither is
+    something an operator can run from a proxy host without changing the
+    mail servers.  So doveadm is used where the target's configuration is
+    local (the proxy on the mail server, or run where the operator runs
+    the campaign); every other target gets mbsync.
+
+  - C{mbsync} (Debian's isync) for any other target: it needs only IMAP
+    on both sides and logs in to both as their master users
+    (C{ACCOUNT<separator>MASTER} with LOGIN).  It keeps folders, flags
+    and internal dates (C{CopyArrivalDate}), not UIDs; the engine copies
+    the subscriptions itself, which mbsync does not.  Its state directory
+    is kept between the bulk copy and the final delta sync, which then
+    transfers only what changed.  Its configuration (with the two master
+    passwords) is a private file too.
+
+Every secret given to a tool is removed from what it printed before any of
+it reaches a log, an error or an exception: see L{scrub}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from ..model import Backend
+
+__all__ = [
+    "ToolResult",
+    "ToolFailed",
+    "runProcess",
+    "scrub",
+    "excerpt",
+    "doveadmConfiguration",
+    "doveadmCommand",
+    "mbsyncConfiguration",
+    "mbsyncCommand",
+    "PrivateDirectory",
+    "TOOLS",
+]
+
+#: The sync tools the engine knows.
+TOOLS = ("doveadm", "mbsync")
+
+#: How much of a tool's output is kept (its end: where the errors are).
+OUTPUT_LIMIT = 64 * 1024
+
+#: How many characters of a tool's error output an error message quotes.
+EXCERPT_LIMIT = 600
+
+#: What a secret is replaced with.
+HIDDEN = "********"
+
+
+@frozen
+class ToolResult:
+    """
+    How a tool run ended.
+
+    @ivar code: its exit status, or L{None} if a signal ended it.
+    @ivar signal: the signal that ended it, if any.
+    @ivar stdout: the end of its standard output.
+    @ivar stderr: the end of its standard error.
+    """
+
+    code: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        """
+        Whether it exited with status 0.
+        """
+        return self.code == 0
+
+
+class ToolFailed(Exception):
+    """
+    A tool failed; C{str(error)} names it and quotes its error output,
+    already scrubbed of secrets.
+    """
+
+
+def scrub(text: str, secrets: Iterable[bytes | str | None]) -> str:
+    """
+    C{text} with every one of C{secrets} replaced by L{HIDDEN}.
+    """
+    for secret in secrets:
+        if not secret:
+            continue
+        value = secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
+        text = text.replace(value, HIDDEN)
+    return text
+
+
+def excerpt(output: bytes, secrets: Iterable[bytes | str | None], limit: int = EXCERPT_LIMIT) -> str:
+    """
+    The end of a tool's output as one line of text for an error message:
+    the last C{limit} characters, secrets removed, lines joined with
+    C{" | "}.
+    """
+    text = scrub(output.decode("utf-8", "replace"), secrets)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " | ".join(lines)
+    if len(joined) > limit:
+        joined = "..." + joined[-limit:]
+    return joined
+
+
+class _Collector(ProcessProtocol):
+    """
+    Keeps the end of a process's output and fires a Deferred with a
+    L{ToolResult} when it ends.
+    """
+
+    def __init__(self, done: Deferred[ToolResult]) -> None:
+        self.done = done
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def _keep(self, buffer: bytearray, data: bytes) -> None:
+        buffer += data
+        if len(buffer) > OUTPUT_LIMIT:
+            del buffer[: len(buffer) - OUTPUT_LIMIT]
+
+    def outReceived(self, data: bytes) -> None:
+        self._keep(self.out, data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._keep(self.err, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        code: int | None = 0
+        signal: int | None = None
+        if isinstance(reason.value, ProcessTerminated):
+            code = reason.value.exitCode
+            signal = reason.value.signal
+        elif not reason.check(ProcessDone):
+            code = None
+        if not self.done.called:
+            self.done.callback(ToolResult(code, signal, bytes(self.out), bytes(self.err)))
+
+
+def runProcess(reactor: Any, argv: Sequence[str], env: dict[str, str], timeout: float) -> Deferred[ToolResult]:
+    """
+    Run C{argv} as a subprocess (through the reactor: nothing blocks) with
+    standard input closed.
+
+    @param env: its whole environment.
+    @param timeout: seconds after which it is killed and the Deferred
+        fails with L{twisted.internet.defer.TimeoutError}.
+    @return: fires with a L{ToolResult} when it ended; cancelling it kills
+        the process.
+    """
+    processes: list[Any] = []
+
+    def kill(_: object) -> None:
+        for process in processes:
+            try:
+                process.signalProcess("KILL")
+            except Exception:
+                # It ended meanwhile.
+                pass
+
+    done: Deferred[ToolResult] = Deferred(kill)
+    collector = _Collector(done)
+    process = reactor.spawnProcess(collector, argv[0], list(argv), env=env)
+    processes.append(process)
+    process.closeStdin()
+    return done.addTimeout(timeout, reactor)
+
+
+def _environment() -> dict[str, str]:
+    """
+    The environment a tool runs with: a search path and the C locale, and
+    nothing of the proxy's own environment (which may hold secrets).
+    """
+    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C", "LC_ALL": "C"}
+
+
+def _dovecotValue(value: str) -> str:
+    """
+    C{value} quoted for a Dovecot configuration file; C{%} is doubled so
+    that Dovecot does not expand it as a variable.
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
+    """
+    The text of the private Dovecot configuration doveadm runs with: the
+    target's configuration, and the imapc settings to read C{source} as its
+    master user.
+
+    @raise ValueError: C{source} has no master user or no IMAP port.
+    """
+    if source.masterUser is None or source.masterPassword is None:
+        raise ValueError(f"backend {source.name!r} has no master_user and master_password")
+    ssl = {"none": "no", "starttls": "starttls", "implicit": "imaps"}[source.tlsFor("imap")]
+    lines = [
+        "# Written by mailproxy for one migration run; removed after it.",
+        f"!include {_dovecotValue(targetConfig)}",
+        f"imapc_host = {_dovecotValue(source.host)}",
+        f"imapc_port = {source.port('imap')}",
+        "imapc_user = %u",
+        f"imapc_master_user = {_dovecotValue(source.masterUser)}",
+        f"imapc_password = {_dovecotValue(source.masterPassword.decode('utf-8', 'surrogateescape'))}",
+        f"imapc_ssl = {ssl}",
+        f"imapc_ssl_verify = {'yes' if source.verify else 'no'}",
+        # The sizes and headers imapc would otherwise fetch one by one.
+        "imapc_features = rfc822.size fetch-headers",
+        "mail_prefetch_count = 20",
+    ]
+    if source.caFile:
+        lines.append(f"ssl_client_ca_file = {_dovecotValue(source.caFile)}")
+    elif ssl != "no":
+        lines.append("ssl_client_ca_dir = /etc/ssl/certs")
+    return "\n".join(lines) + "\n"
+
+
+def doveadmCommand(doveadm: str, configPath: str, account: str) -> list[str]:
+    """
+    The command line of a doveadm copy: the target (the local side) becomes
+    a copy of the source (imapc), in both the bulk and the delta run.
+    """
+    return [doveadm, "-c", configPath, "backup", "-R", "-u", account, "imapc:"]
+
+
+def _mbsyncValue(value: str) -> str:
+    """
+    C{value} quoted for an mbsync configuration file.
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _mbsyncAccount(name: str, backend: Backend, account: str) -> list[str]:
+    if backend.masterUser is None or backend.masterPassword is None:
+        raise ValueError(f"backend {backend.name!r} has no master_user and master_password")
+    mode = {"none": "None", "starttls": "STARTTLS", "implicit": "IMAPS"}[backend.tlsFor("imap")]
+    lines = [
+        f"IMAPAccount {name}",
+        f"Host {backend.host}",
+        f"Port {backend.port('imap')}",
+        f"User {_mbsyncValue(account + backend.masterSeparator + backend.masterUser)}",
+        f"Pass {_mbsyncValue(backend.masterPassword.decode('utf-8', 'surrogateescape'))}",
+        f"SSLType {mode}",
+        "AuthMechs LOGIN",
+    ]
+    if backend.caFile:
+        lines.append(f"CertificateFile {_mbsyncValue(backend.caFile)}")
+    lines += ["", f"IMAPStore {name}", f"Account {name}", ""]
+    return lines
+
+
+def mbsyncConfiguration(source: Backend, target: Backend, account: str, stateDirectory: str) -> str:
+    """
+    The text of the private mbsync configuration: one channel that makes
+    the target's folders of C{account} a copy of the source's (new
+    messages, flags and deletions go from source to target only).
+
+    @raise ValueError: a backend has no master user or no IMAP port.
+    """
+    lines = [
+        "# Written by mailproxy for one migration; removed after it.",
+        "",
+        *_mbsyncAccount("source", source, account),
+        *_mbsyncAccount("target", target, account),
+        "Channel migrate",
+        "Far :source:",
+        "Near :target:",
+        "Patterns *",
+        "Create Near",
+        "Remove Near",
+        "Expunge Near",
+        "Sync Pull",
+        "CopyArrivalDate yes",
+        f"SyncState {_mbsyncValue(stateDirectory.rstrip('/') + '/')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def mbsyncCommand(mbsync: str, configPath: str) -> list[str]:
+    """
+    The command line of an mbsync copy.
+    """
+    return [mbsync, "-c", configPath, "migrate"]
+
+
+def toolEnvironment() -> dict[str, str]:
+    """
+    The environment every tool runs with.
+    """
+    return _environment()
+
+
+class PrivateDirectory:
+    """
+    A directory only this user can read, for one account's tool files
+    (configurations with passwords, mbsync's state).  Its methods block:
+    call them in a thread.
+    """
+
+    def __init__(self, parent: str, prefix: str) -> None:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+    def write(self, name: str, text: str) -> str:
+        """
+        Write C{text} to a new file C{name} (mode 0600) and return its path.
+        """
+        path = os.path.join(self.path, name)
+        if os.path.exists(path):
+            os.unlink(path)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
+            file.write(text)
+        return path
+
+    def remove(self) -> None:
+        """
+        Remove the directory and everything in it.
+        """
+        shutil.rmtree(self.path, ignore_errors=True)
