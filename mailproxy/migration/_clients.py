@@ -114,20 +114,25 @@ def _folders(connection: imaplib.IMAP4, command: str = "LIST") -> list[tuple[byt
     return folders
 
 
-_FETCH = re.compile(rb"RFC822\.SIZE (\d+)|INTERNALDATE \"([^\"]*)\"")
+_FETCH = re.compile(rb"RFC822\.SIZE (\d+)|INTERNALDATE \"([^\"]*)\"|FLAGS \(([^)]*)\)")
+
+#: The flags the verify compares: the system flags every IMAP server and
+#: every tool keeps (mbsync 1.4 does not copy keywords).
+SYSTEM_FLAGS = ("\\answered", "\\deleted", "\\draft", "\\flagged", "\\seen")
 
 
-def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, list[tuple[str, int]]]:
+def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, list[tuple[str, int, str]]]:
     """
     Per selectable folder of C{account} on C{backend} (C{/} between
     levels), each message's fingerprint (its Message-ID, or its size and
-    internal date when it has none) and size.
+    internal date when it has none), size and system flags (lower case,
+    sorted, space separated).
 
     @raise ClientError: the server refused something.
     """
     connection = _imap(backend, account, timeout)
     try:
-        found: dict[str, list[tuple[str, int]]] = {}
+        found: dict[str, list[tuple[str, int, str]]] = {}
         for name, normalised, selectable in _folders(connection):
             if not selectable:
                 continue
@@ -135,25 +140,28 @@ def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, li
             if status != "OK":
                 raise ClientError(f"cannot select {normalised!r} on {backend.name}: {data!r}")
             count = int(data[0] or 0)
-            messages: list[tuple[str, int]] = []
+            messages: list[tuple[str, int, str]] = []
             if count:
-                status, items = connection.fetch("1:*", "(RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+                status, items = connection.fetch("1:*", "(FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
                 if status != "OK":
                     raise ClientError(f"cannot fetch {normalised!r} on {backend.name}: {items!r}")
                 for item in items:
                     if not isinstance(item, tuple):
                         continue
                     head, header = item
-                    size, date = 0, ""
+                    size, date, flags = 0, "", ""
                     for match in _FETCH.finditer(head):
                         if match.group(1):
                             size = int(match.group(1))
-                        else:
+                        elif match.group(2) is not None:
                             date = match.group(2).decode("ascii", "replace")
+                        else:
+                            words = match.group(3).decode("ascii", "replace").lower().split()
+                            flags = " ".join(sorted(w for w in words if w in SYSTEM_FLAGS))
                     parsed = email.parser.BytesHeaderParser().parsebytes(header)
                     messageId = (parsed.get("Message-ID") or "").strip()
                     key = f"id:{messageId}" if messageId else f"size:{size} date:{date}"
-                    messages.append((key, size))
+                    messages.append((key, size, flags))
             found[normalised] = messages
         return found
     except (imaplib.IMAP4.error, OSError) as error:

@@ -10,9 +10,11 @@ Per account, in order (each step is one event to the observers):
      its sessions on other backends are dropped;
   3. C{sync}: the same tool again, which now copies only what changed
      (mail delivered or flags changed since step 1), and the scripts;
-  4. C{verify}: per folder, the message count and the set of Message-IDs
-     (size and internal date for a message without one) on both sides,
-     read over IMAP as the backends' master users;
+  4. C{verify}: per folder, the message count, the set of Message-IDs
+     (size and internal date for a message without one) and their system
+     flags on both sides, read over IMAP as the backends' master users; a
+     difference runs steps 3 and 4 once more (C{syncAttempts}), then
+     fails the account;
   5. C{flip}: the route store names the target (the proxy's L{Mover}, which
      forgets cached routes too), and the hold ends.
 
@@ -118,6 +120,8 @@ class MigrationSettings:
         verify, a script copy) may take.
     @ivar sessionPoll: seconds between looks, for an account migrated on
         login, whether its sessions have ended (its hold waits for that).
+    @ivar syncAttempts: how many times the final sync and the verify run
+        before a difference fails the account.
     """
 
     onLogin: str | None = None
@@ -132,6 +136,7 @@ class MigrationSettings:
     holdTimeout: float = 120.0
     clientTimeout: float = 300.0
     sessionPoll: float = 5.0
+    syncAttempts: int = 2
 
     def toolFor(self, target: str) -> str:
         """
@@ -658,10 +663,20 @@ class MigrationManager:
         release = self.mover.context.gate.hold([job.account], [])
         try:
             await self._step(campaign, job, "hold", lambda: self._dropSessions(job, campaign.target))
-            await self._step(campaign, job, "sync", lambda: self._copy(campaign, job, source, target, bulk=False))
-            if self.beforeVerify is not None:
-                await maybeDeferred(self.beforeVerify, job)
-            await self._step(campaign, job, "verify", lambda: self._verify(job, source, target))
+            attempts = max(1, self.settings.syncAttempts)
+            for attempt in range(1, attempts + 1):
+                await self._step(campaign, job, "sync", lambda: self._copy(campaign, job, source, target, bulk=False))
+                if self.beforeVerify is not None:
+                    await maybeDeferred(self.beforeVerify, job)
+                try:
+                    await self._step(campaign, job, "verify", lambda: self._verify(job, source, target))
+                    break
+                except StepFailed:
+                    # Mail delivered to the source between the sync and the
+                    # verify (the hold stops logins, not deliveries) is
+                    # copied by one more sync.
+                    if attempt == attempts:
+                        raise
             await self._step(campaign, job, "flip", lambda: self._flip(campaign, job))
         finally:
             release()
@@ -700,20 +715,27 @@ class MigrationManager:
                     source, self.settings.doveadmConfig.get(target.name, "/etc/dovecot/dovecot.conf")
                 )
                 path = await self._runBlocking(60.0, directory.write, "dovecot.conf", config)
-                argv = _tools.doveadmCommand(self.settings.doveadm, path, job.account)
+                commands = _tools.doveadmCommands(self.settings.doveadm, path, job.account)
             else:
                 state = os.path.join(self.workDirectory, campaign.id, _safeName(job.account) + ".mbsync")
                 config = _tools.mbsyncConfiguration(source, target, job.account, state)
                 await self._runBlocking(60.0, os.makedirs, state, 0o700, True)
                 path = await self._runBlocking(60.0, directory.write, "mbsyncrc", config)
-                argv = _tools.mbsyncCommand(self.settings.mbsync, path)
-            result = await self._runTool(argv, _tools.toolEnvironment(), timeout)
+                commands = [_tools.mbsyncCommand(self.settings.mbsync, path)]
+            for argv in commands:
+                for _ in range(_tools.TEMPFAIL_RUNS):
+                    result = await self._runTool(argv, _tools.toolEnvironment(directory.path), timeout)
+                    # doveadm's sync exits with EX_TEMPFAIL when it had to
+                    # start a mailbox over (it found the target changed
+                    # behind its back): it asks to be run again.
+                    if result.code != _tools.EX_TEMPFAIL or job.tool != "doveadm":
+                        break
+                if not result.ok:
+                    how = f"exit status {result.code}" if result.code is not None else f"signal {result.signal}"
+                    said = _tools.excerpt(result.stderr or result.stdout, self._secrets()) or "no output"
+                    raise _tools.ToolFailed(f"{job.tool} failed ({how}): {said}")
         finally:
             await self._runBlocking(60.0, directory.remove)
-        if not result.ok:
-            how = f"exit status {result.code}" if result.code is not None else f"signal {result.signal}"
-            said = _tools.excerpt(result.stderr or result.stdout, self._secrets()) or "no output"
-            raise _tools.ToolFailed(f"{job.tool} failed ({how}): {said}")
         timeoutClient = self.settings.clientTimeout
         if job.tool == "mbsync":
             # mbsync leaves subscriptions alone; doveadm copies them.
@@ -739,7 +761,7 @@ class MigrationManager:
         after = await self._runBlocking(timeout, self._clients.fingerprints, target, job.account, timeout)
         differences = compareFolders(before, after)
         job.messages = sum(len(messages) for messages in before.values())
-        job.bytes = sum(size for messages in before.values() for _, size in messages)
+        job.bytes = sum(size for messages in before.values() for _, size, _ in messages)
         if differences:
             raise StepFailed("verify", "; ".join(differences))
 
@@ -873,14 +895,14 @@ def _safeName(account: str) -> str:
 
 
 def compareFolders(
-    source: Mapping[str, Sequence[tuple[str, int]]], target: Mapping[str, Sequence[tuple[str, int]]]
+    source: Mapping[str, Sequence[tuple[str, int, str]]], target: Mapping[str, Sequence[tuple[str, int, str]]]
 ) -> list[str]:
     """
     What differs between two accounts' folders, one text per folder that
     differs (empty when they are equal).
 
-    @param source: per folder (C{/} between levels), the fingerprint and
-        size of each message.
+    @param source: per folder (C{/} between levels), the fingerprint, size
+        and system flags of each message.
     """
     differences = []
     for folder in sorted(set(source) | set(target)):
@@ -890,16 +912,21 @@ def compareFolders(
         if folder not in source:
             differences.append(f"folder {folder!r}: only on the target ({len(target[folder])} messages)")
             continue
-        before = Counter(key for key, _ in source[folder])
-        after = Counter(key for key, _ in target[folder])
+        before = Counter(key for key, _, _ in source[folder])
+        after = Counter(key for key, _, _ in target[folder])
         missing = sum((before - after).values())
         extra = sum((after - before).values())
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"{missing} missing on the target")
-            if extra:
-                parts.append(f"{extra} only on the target")
+        parts = []
+        if missing:
+            parts.append(f"{missing} missing on the target")
+        if extra:
+            parts.append(f"{extra} only on the target")
+        if not parts:
+            flagged = Counter((key, flags) for key, _, flags in source[folder])
+            other = sum((flagged - Counter((key, flags) for key, _, flags in target[folder])).values())
+            if other:
+                parts.append(f"{other} with other flags on the target")
+        if parts:
             differences.append(
                 f"folder {folder!r}: {', '.join(parts)} (source {sum(before.values())}, target {sum(after.values())} messages)"
             )

@@ -5,7 +5,8 @@ reactor, and what they are given.
 Two tools copy an account's mail from its current backend to the target:
 
   - Dovecot's C{doveadm backup -R -u ACCOUNT imapc:} (its documented
-    migration path), for a target that is a Dovecot whose configuration
+    migration path; INBOX with C{sync -1}, see L{doveadmCommands}), for a
+    target that is a Dovecot whose configuration
     this host can read: doveadm runs I{as} the target (C{-c} its
     configuration, which reaches its mail storage and its auth service)
     and reads the source over IMAP (C{imapc}) as the source's master user
@@ -64,7 +65,7 @@ __all__ = [
     "scrub",
     "excerpt",
     "doveadmConfiguration",
-    "doveadmCommand",
+    "doveadmCommands",
     "mbsyncConfiguration",
     "mbsyncCommand",
     "PrivateDirectory",
@@ -79,6 +80,12 @@ OUTPUT_LIMIT = 64 * 1024
 
 #: How many characters of a tool's error output an error message quotes.
 EXCERPT_LIMIT = 600
+
+#: The exit status with which doveadm's sync asks to be run again.
+EX_TEMPFAIL = 75
+
+#: How many times a doveadm run that asks for it is run in a row.
+TEMPFAIL_RUNS = 3
 
 #: What a secret is replaced with.
 HIDDEN = "********"
@@ -135,6 +142,16 @@ def excerpt(output: bytes, secrets: Iterable[bytes | str | None], limit: int = E
     """
     text = scrub(output.decode("utf-8", "replace"), secrets)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # Dovecot's errors say what went wrong; a panic that may follow them
+    # (doveadm 2.3 asserts after a failed imapc login) and its backtrace
+    # do not.
+    errors = [
+        line
+        for line in lines
+        if ("Error:" in line or "Fatal:" in line) and "Raw backtrace" not in line and "Panic:" not in line
+    ]
+    if errors:
+        lines = errors
     joined = " | ".join(lines)
     if len(joined) > limit:
         joined = "..." + joined[-limit:]
@@ -231,10 +248,14 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
     """
     if source.masterUser is None or source.masterPassword is None:
         raise ValueError(f"backend {source.name!r} has no master_user and master_password")
+    if any(c in targetConfig for c in "\r\n"):
+        raise ValueError(f"unusable Dovecot configuration path {targetConfig!r}")
     ssl = {"none": "no", "starttls": "starttls", "implicit": "imaps"}[source.tlsFor("imap")]
     lines = [
         "# Written by mailproxy for one migration run; removed after it.",
-        f"!include {_dovecotValue(targetConfig)}",
+        # !include takes the path as it is (a quoted path is a glob that
+        # matches nothing).
+        f"!include {targetConfig}",
         f"imapc_host = {_dovecotValue(source.host)}",
         f"imapc_port = {source.port('imap')}",
         "imapc_user = %u",
@@ -242,8 +263,9 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
         f"imapc_password = {_dovecotValue(source.masterPassword.decode('utf-8', 'surrogateescape'))}",
         f"imapc_ssl = {ssl}",
         f"imapc_ssl_verify = {'yes' if source.verify else 'no'}",
-        # The sizes and headers imapc would otherwise fetch one by one.
-        "imapc_features = rfc822.size fetch-headers",
+        # The sizes and headers imapc would otherwise fetch one by one, and
+        # the modification sequences dsync needs to see flag changes.
+        "imapc_features = rfc822.size fetch-headers modseq",
         "mail_prefetch_count = 20",
     ]
     if source.caFile:
@@ -253,12 +275,25 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def doveadmCommand(doveadm: str, configPath: str, account: str) -> list[str]:
+def doveadmCommands(doveadm: str, configPath: str, account: str) -> list[list[str]]:
     """
-    The command line of a doveadm copy: the target (the local side) becomes
-    a copy of the source (imapc), in both the bulk and the delta run.
+    The command lines of a doveadm copy, run one after the other: the
+    target (the local side) is brought to what the source (imapc) has, in
+    both the bulk and the delta run.
+
+    Every mailbox but INBOX with C{backup} (an exact copy: mail, flags,
+    expunges, folders and subscriptions; a mailbox the target has with
+    another UIDVALIDITY is made again).  INBOX with a one-way C{sync -1}:
+    the target always has an INBOX already (a rollback, an account that
+    once logged in there) and Dovecot 2.3's C{backup} fails on it ("INBOX
+    can't be deleted"); the one-way sync brings new mail, flag changes
+    and expunges from the source, and leaves a message that only the
+    target ever had, which the verify step then reports.
     """
-    return [doveadm, "-c", configPath, "backup", "-R", "-u", account, "imapc:"]
+    return [
+        [doveadm, "-c", configPath, "backup", "-R", "-x", "INBOX", "-u", account, "imapc:"],
+        [doveadm, "-c", configPath, "sync", "-1", "-R", "-m", "INBOX", "-u", account, "imapc:"],
+    ]
 
 
 def _mbsyncValue(value: str) -> str:
@@ -323,11 +358,12 @@ def mbsyncCommand(mbsync: str, configPath: str) -> list[str]:
     return [mbsync, "-c", configPath, "migrate"]
 
 
-def toolEnvironment() -> dict[str, str]:
+def toolEnvironment(home: str) -> dict[str, str]:
     """
-    The environment every tool runs with.
+    The environment every tool runs with; C{home} is its C{HOME} (mbsync
+    insists on one), the account's private directory.
     """
-    return _environment()
+    return {**_environment(), "HOME": home}
 
 
 class PrivateDirectory:
