@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
@@ -114,8 +114,8 @@ class MigrationSettings:
         Dovecot's configuration (C{dovecot.conf}) on this host: doveadm
         runs as that server (see L{mailproxy.migration._tools}).
     @ivar copyTimeout: seconds a bulk copy may take.
-    @ivar holdTimeout: seconds the final sync (run while logins are held)
-        may take; the verify and the flip follow it.
+    @ivar holdTimeout: seconds an account's logins may be held (its final
+        sync, verify and flip); longer fails the account, its route stays.
     @ivar clientTimeout: seconds an IMAP or ManageSieve conversation (a
         verify, a script copy) may take.
     @ivar sessionPoll: seconds between looks, for an account migrated on
@@ -133,7 +133,7 @@ class MigrationSettings:
     tools: dict[str, str] = field(factory=dict)
     doveadmConfig: dict[str, str] = field(factory=dict)
     copyTimeout: float = 6 * 3600.0
-    holdTimeout: float = 120.0
+    holdTimeout: float = 60.0
     clientTimeout: float = 300.0
     sessionPoll: float = 5.0
     syncAttempts: int = 2
@@ -629,16 +629,23 @@ class MigrationManager:
                 return
             job.state = "cancelled"
             self._accountEvent(campaign, job, "cancelled")
-        except StepFailed as failure:
+        except Exception as error:
+            if isinstance(error, StepFailed):
+                step, message = error.step, str(error)
+            else:
+                # The journal could not be written, or a bug: the account
+                # fails, it does not hang.
+                step = job.step or "copy"
+                message = _tools.scrub(f"{type(error).__name__}: {error}", self._secrets())
             job.state = "failed"
-            job.error = f"{failure.step}: {failure}"
+            job.error = f"{step}: {message}"
             self._accountEvent(campaign, job, "failed")
             self.log.warn(
                 "migration of {account} to {target} failed at {step}: {error}",
                 account=job.account,
                 target=campaign.target,
-                step=failure.step,
-                error=str(failure),
+                step=step,
+                error=message,
             )
         else:
             job.state = "done"
@@ -661,6 +668,18 @@ class MigrationManager:
         if campaign.onLogin:
             await self._waitForNoSession(job)
         release = self.mover.context.gate.hold([job.account], [])
+        # Held logins wait: the hold is bounded.  When it lasts too long,
+        # the step under way is cancelled (its tool killed), unless the
+        # route is being flipped, which is quick and must not be cut.
+        expired: list[bool] = []
+
+        def expire() -> None:
+            running = campaign._running.get(job.account)
+            if job.state != "flipping" and running is not None:
+                expired.append(True)
+                running.cancel()
+
+        timer = self.reactor.callLater(self.settings.holdTimeout, expire)
         try:
             await self._step(campaign, job, "hold", lambda: self._dropSessions(job, campaign.target))
             attempts = max(1, self.settings.syncAttempts)
@@ -678,7 +697,19 @@ class MigrationManager:
                     if attempt == attempts:
                         raise
             await self._step(campaign, job, "flip", lambda: self._flip(campaign, job))
+        except CancelledError:
+            if expired:
+                step = job.step or "hold"
+                message = (
+                    f"logins were held for {self.settings.holdTimeout:g} s, the longest allowed (hold_timeout); "
+                    f"the account stays on {job.source}"
+                )
+                self._stepEvent(campaign, job, step, "failed", message)
+                raise StepFailed(step, message) from None
+            raise
         finally:
+            if timer.active():
+                timer.cancel()
             release()
 
     async def _step(self, campaign: Campaign, job: AccountJob, step: str, run: Callable[[], Any]) -> None:
@@ -724,7 +755,10 @@ class MigrationManager:
                 commands = [_tools.mbsyncCommand(self.settings.mbsync, path)]
             for argv in commands:
                 for _ in range(_tools.TEMPFAIL_RUNS):
-                    result = await self._runTool(argv, _tools.toolEnvironment(directory.path), timeout)
+                    try:
+                        result = await self._runTool(argv, _tools.toolEnvironment(directory.path), timeout)
+                    except TimeoutError:
+                        raise _tools.ToolFailed(f"{job.tool} did not finish in {timeout:g} s and was killed") from None
                     # doveadm's sync exits with EX_TEMPFAIL when it had to
                     # start a mailbox over (it found the target changed
                     # behind its back): it asks to be run again.

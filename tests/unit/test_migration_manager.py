@@ -312,6 +312,38 @@ class FailureTests(ManagerTestCase):
         campaign = self.start(["alice@example.org"])
         self.assertEqual(self.assertFailedAt(campaign, "sync"), "sync: doveadm failed (exit status 1): Error: disk full")
 
+    def test_holdIsBounded(self) -> None:
+        """
+        When the final sync keeps the logins held longer than
+        C{holdTimeout}, the sync is cancelled (its tool killed), the
+        account fails saying so, and the logins go on.
+        """
+        killed = []
+        self.tools.answers = [OK, OK, Deferred(lambda d: killed.append(True))]
+        campaign = self.start(["alice@example.org"])
+        self.assertTrue(self.held("alice@example.org"))
+        self.proxy.clock.advance(self.settings.holdTimeout)
+        self.assertEqual(killed, [True])
+        self.assertEqual(
+            self.assertFailedAt(campaign, "sync"),
+            "sync: logins were held for 60 s, the longest allowed (hold_timeout); the account stays on old",
+        )
+        self.assertEqual(self.steps("alice@example.org")[-1], ("sync", "failed"))
+
+    def test_toolTimeout(self) -> None:
+        """
+        A tool that runs past its timeout fails the step with a text that
+        says it was killed.
+        """
+        from twisted.internet.defer import TimeoutError
+
+        self.tools.answers = [Deferred()]
+        self.tools.answers[0].errback(TimeoutError())
+        campaign = self.start(["alice@example.org"])
+        self.assertEqual(
+            self.assertFailedAt(campaign, "copy"), "copy: doveadm did not finish in 21600 s and was killed"
+        )
+
     def test_tempfailRunsAgain(self) -> None:
         """
         doveadm's EX_TEMPFAIL (it started a mailbox over) runs the same
