@@ -42,6 +42,21 @@ def _plain(backend: Backend, account: str) -> bytes:
     return account.encode() + b"\0" + backend.masterUser.encode() + b"\0" + backend.masterPassword
 
 
+class _IMAP4TLS(imaplib.IMAP4_SSL):
+    """
+    imaplib's implicit TLS client, verifying the backend's C{serverName}
+    (imaplib would verify the address it connects to).
+    """
+
+    def __init__(self, host: str, port: int, serverName: str, context: ssl.SSLContext, timeout: float) -> None:
+        self._serverName = serverName
+        super().__init__(host, port, ssl_context=context, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        raw = imaplib.IMAP4._create_socket(self, timeout)  # type: ignore[attr-defined]
+        return self.ssl_context.wrap_socket(raw, server_hostname=self._serverName)  # type: ignore[attr-defined, no-any-return]
+
+
 def _imap(backend: Backend, account: str, timeout: float) -> imaplib.IMAP4:
     """
     An IMAP connection to C{backend}, logged in as C{account} by the master
@@ -49,15 +64,16 @@ def _imap(backend: Backend, account: str, timeout: float) -> imaplib.IMAP4:
     """
     mode = backend.tlsFor("imap")
     port = backend.port("imap")
-    name = backend.serverName or backend.host
+    serverName = backend.serverName or backend.host
     try:
         if mode == "implicit":
-            connection: imaplib.IMAP4 = imaplib.IMAP4_SSL(backend.host, port, ssl_context=_context(backend), timeout=timeout)
+            connection: imaplib.IMAP4 = _IMAP4TLS(backend.host, port, serverName, _context(backend), timeout)
         else:
             connection = imaplib.IMAP4(backend.host, port, timeout=timeout)
             if mode == "starttls":
+                # imaplib verifies the name in C{host}.
+                connection.host = serverName
                 connection.starttls(_context(backend))
-        del name
         connection.authenticate("PLAIN", lambda _: _plain(backend, account))
     except (imaplib.IMAP4.error, OSError) as error:
         raise ClientError(f"IMAP on {backend.name} ({backend.host}:{port}) for {account}: {_text(error)}") from None

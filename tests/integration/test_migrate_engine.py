@@ -149,14 +149,20 @@ class EngineTestCase(TestCase):
         self.events: list[dict[str, Any]] = []
         self.logged: list[str] = []
 
-    def backend(self, server: Dovecot, masterPassword: str = MASTER[1]) -> Backend:
+    def backend(self, server: Dovecot, masterPassword: str = MASTER[1], tls: str = "none") -> Backend:
         """
-        The backend for C{server}, with the master user.
+        The backend for C{server}, with the master user; with C{tls}
+        C{"implicit"} IMAP is its IMAPS port and ManageSieve uses STARTTLS,
+        C{"starttls"} both use STARTTLS (the test CA is trusted).
         """
         return Backend(
             name=server.name,
-            host="127.0.0.1",
-            ports={"imap": server.imap, "sieve": server.sieve},
+            # mbsync checks the certificate's DNS names only.
+            host="localhost" if tls != "none" else "127.0.0.1",
+            ports={"imap": server.imaps if tls == "implicit" else server.imap, "sieve": server.sieve},
+            tls=tls,  # type: ignore[arg-type]
+            portTLS={"sieve": "starttls"} if tls != "none" else {},
+            caFile=self.servers.ca.caPath if tls != "none" else None,
             masterUser=MASTER[0],
             masterPassword=masterPassword.encode(),
         )
@@ -384,18 +390,22 @@ class DoveadmMigrationTests(EngineTestCase):
 
 class MbsyncMigrationTests(EngineTestCase):
     """
-    A campaign with mbsync (IMAP on both sides) as the tool.
+    A campaign with mbsync (IMAP on both sides, over TLS) as the tool.
     """
 
     def test_mbsyncCopiesVerifiesAndFlips(self) -> Deferred[None]:
         """
         mbsync copies an account's nested folders, messages and system
-        flags over IMAP as the master users (isync 1.4 leaves keywords
+        flags over IMAPS and STARTTLS as the master users (isync 1.4 leaves keywords
         such as C{$Important} behind); the engine adds the subscriptions
         and the Sieve script, verifies and flips the route.
         """
         account = ACCOUNTS[7]
         fill(self.servers.old, account)
+        # Over TLS, as a real operator's servers would be reached: IMAPS to
+        # old, STARTTLS to new, ManageSieve with STARTTLS on both.
+        self.backends["old"] = self.backend(self.servers.old, tls="implicit")
+        self.backends["new"] = self.backend(self.servers.new, tls="starttls")
         manager = self.manager("mbsync")
 
         async def run() -> None:
