@@ -244,6 +244,10 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
     target's configuration, and the imapc settings to read C{source} as its
     master user.
 
+    doveadm reads this file as the user that starts it, but opens the
+    source's CA file (C{ssl_client_ca_file}) after switching to the mail
+    user: that file must be readable by the mail user (as C{/etc/ssl} is).
+
     @raise ValueError: C{source} has no master user or no IMAP port.
     """
     if source.masterUser is None or source.masterPassword is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +144,19 @@ class EngineTestCase(TestCase):
         self.directory.mkdir(parents=True)
         self.routesPath = self.directory / "routes.toml"
         self.routesPath.write_text('default = "old"\n\n[accounts]\n')
+        self.events: list[dict[str, Any]] = []
+        # doveadm reads the CA file (ssl_client_ca_file) after switching to
+        # the mail user: a copy that user can read, as /etc/ssl is.
+        shared = Path(tempfile.mkdtemp(prefix="engine-ca-"))
+        self.addCleanup(shutil.rmtree, shared, True)
+        shared.chmod(0o755)
+        self.caPath = str(shared / "ca.pem")
+        shutil.copyfile(self.servers.ca.caPath, self.caPath)
+        os.chmod(self.caPath, 0o644)
         self.backends = {
             "old": self.backend(self.servers.old),
             "new": self.backend(self.servers.new),
         }
-        self.events: list[dict[str, Any]] = []
-        self.logged: list[str] = []
 
     def backend(self, server: Dovecot, masterPassword: str = MASTER[1], tls: str = "none") -> Backend:
         """
@@ -162,7 +171,7 @@ class EngineTestCase(TestCase):
             ports={"imap": server.imaps if tls == "implicit" else server.imap, "sieve": server.sieve},
             tls=tls,  # type: ignore[arg-type]
             portTLS={"sieve": "starttls"} if tls != "none" else {},
-            caFile=self.servers.ca.caPath if tls != "none" else None,
+            caFile=self.caPath if tls != "none" else None,
             masterUser=MASTER[0],
             masterPassword=masterPassword.encode(),
         )
@@ -243,7 +252,8 @@ class DoveadmMigrationTests(EngineTestCase):
 
     def test_campaignCopiesVerifiesAndFlips(self) -> Deferred[None]:
         """
-        Three accounts migrate as one campaign, two at once: on new each has
+        Three accounts migrate as one campaign, two at once, old read over
+        IMAPS: on new each has
         the same messages in the same nested folders with the same flags
         and keyword, the 2 MB message, the same subscriptions, and its
         Sieve script active; a message delivered to old after the bulk copy
@@ -253,6 +263,8 @@ class DoveadmMigrationTests(EngineTestCase):
         accounts = ACCOUNTS[0:3]
         for n, account in enumerate(accounts):
             fill(self.servers.old, account, big=n == 0)
+        # imapc reads old over IMAPS, verifying its certificate.
+        self.backends["old"] = self.backend(self.servers.old, tls="implicit")
         manager = self.manager("doveadm")
 
         def lateDelivery(event: dict[str, Any]) -> None:
