@@ -42,7 +42,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    FirstError,
+    TimeoutError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 
 from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
@@ -360,17 +369,8 @@ class MigrationManager:
             runBlocking = self._threads.run
         self._runBlocking = runBlocking
         self._clients = clients if clients is not None else _clients
-        if journalPath is not None:
-            # One thread for the journal: its writes land in order.
-            if runBlocking is not getattr(getattr(self, "_threads", None), "run", None):
-                self._journal: Journal | None = Journal(journalPath, runBlocking)
-            else:
-                from ..routers._blocking import ThreadRunner
-
-                self._journalThread = ThreadRunner(reactor, 1, "mailproxy-migration-journal")
-                self._journal = Journal(journalPath, self._journalThread.run)
-        else:
-            self._journal = None
+        # The journal writes one at a time (it waits for each), in order.
+        self._journal = Journal(journalPath, runBlocking) if journalPath is not None else None
         self.workDirectory = (journalPath + ".d") if journalPath else os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"mailproxy-migration-{os.getpid()}"
         )
@@ -791,8 +791,17 @@ class MigrationManager:
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:
         timeout = self.settings.clientTimeout
-        before = await self._runBlocking(timeout, self._clients.fingerprints, source, job.account, timeout)
-        after = await self._runBlocking(timeout, self._clients.fingerprints, target, job.account, timeout)
+        # Both sides at once: the logins are held meanwhile.
+        try:
+            before, after = await gatherResults(
+                [
+                    self._runBlocking(timeout, self._clients.fingerprints, backend, job.account, timeout)
+                    for backend in (source, target)
+                ],
+                consumeErrors=True,
+            )
+        except FirstError as error:
+            error.subFailure.raiseException()
         differences = compareFolders(before, after)
         job.messages = sum(len(messages) for messages in before.values())
         job.bytes = sum(size for messages in before.values() for _, size, _ in messages)
