@@ -34,6 +34,7 @@ unfinished account.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -852,6 +853,10 @@ class MigrationManager:
                 rerun.append((campaign, job))
             self._finishIfDone(campaign)
         await self._save()
+        # A proxy killed during a tool run left its private files (with
+        # master passwords) behind: remove them; mbsync's state stays for
+        # the accounts that run again.
+        await self._runBlocking(60.0, _removeLeftovers, self.workDirectory)
         for campaign, job in rerun:
             self.log.info(
                 "migration {campaign}: resuming {account} from the first step",
@@ -871,6 +876,11 @@ class MigrationManager:
             campaign.state = "failed" if any(job.state == "failed" for job in campaign.accounts) else "done"
         if campaign.finished is None:
             campaign.finished = time.time()
+            # mbsync's state (and any private file a killed run left) is of
+            # no use once the campaign is over.
+            self._runBlocking(60.0, shutil.rmtree, os.path.join(self.workDirectory, campaign.id), True).addErrback(
+                lambda failure: self.log.failure("removing the files of migration {campaign}", failure, campaign=campaign.id)
+            )
             self.log.info(
                 "migration {campaign} {state}: {done} of {total} accounts done",
                 event="migration_campaign",
@@ -928,6 +938,24 @@ class MigrationManager:
                 "error": job.error,
             }
         )
+
+
+def _removeLeftovers(directory: str) -> None:
+    """
+    Remove the private directories of tool runs under C{directory} (one
+    directory per campaign), keeping mbsync's state directories.
+    """
+    try:
+        campaigns = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for campaign in campaigns:
+        path = os.path.join(directory, campaign)
+        if not os.path.isdir(path):
+            continue
+        for name in os.listdir(path):
+            if not name.endswith(".mbsync"):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def _safeName(account: str) -> str:

@@ -606,6 +606,27 @@ class JournalTests(ManagerTestCase):
         assert resumed is not None
         self.assertEqual((resumed.state, self.route("alice@example.org")), ("done", "new"))
 
+    def test_resumeRemovesLeftoverPrivateFiles(self) -> None:
+        """
+        A private tool directory a killed proxy left behind (its
+        configuration holds a master password) is removed on resume;
+        mbsync's state of an account that runs again stays until its
+        campaign is over.
+        """
+        self.journalWith("copying", None)
+        left = os.path.join(self.directory, "migrations.json.d", "c1", "alice@example.org.x1y2")
+        state = os.path.join(self.directory, "migrations.json.d", "c1", "alice@example.org.mbsync")
+        os.makedirs(left)
+        os.makedirs(state)
+        with open(os.path.join(left, "dovecot.conf"), "w") as file:
+            file.write(f"imapc_password = {MASTER_PASSWORD}\n")
+        kept = []
+        self.tools.onRun = lambda run: kept.append(os.path.isdir(state))
+        self.successResultOf(self.manager.resume())
+        self.assertFalse(os.path.exists(left))
+        self.assertEqual(kept[0], True)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "migrations.json.d", "c1")))
+
     def test_journalIsPrivateAndAtomic(self) -> None:
         """
         The journal is written with mode 0600 and no temporary file is
