@@ -115,8 +115,10 @@ class MigrationSettings:
     @ivar onLoginDomains: the domains migrated on login; empty: all.
     @ivar journal: the journal file; L{None}: beside the configuration.
     @ivar concurrency: accounts migrated at once per campaign, by default.
-    @ivar doveadm: the doveadm command.
-    @ivar mbsync: the mbsync command.
+    @ivar doveadm: the doveadm command, split like a shell would (e.g.
+        C{"sudo -n /usr/bin/doveadm"}: doveadm must run as a user that may
+        read the target Dovecot's configuration and become its mail user).
+    @ivar mbsync: the mbsync command, split the same way.
     @ivar tools: the tool per target backend name (C{"doveadm"} or
         C{"mbsync"}); a target not named uses doveadm if it has a
         C{doveadmConfig} entry, else mbsync.

@@ -45,6 +45,7 @@ it reaches a log, an error or an exception: see L{scrub}.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -281,6 +282,11 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
 
 def doveadmCommands(doveadm: str, configPath: str, account: str) -> list[list[str]]:
     """
+    @param doveadm: the command, split like a shell would: it may start
+        with a wrapper (C{"sudo -n doveadm"}), as doveadm must run as a user
+        that may read the target's configuration and switch to its mail
+        user, which the proxy's own user usually may not.
+
     The command lines of a doveadm copy, run one after the other: the
     target (the local side) is brought to what the source (imapc) has, in
     both the bulk and the delta run.
@@ -295,8 +301,8 @@ def doveadmCommands(doveadm: str, configPath: str, account: str) -> list[list[st
     target ever had, which the verify step then reports.
     """
     return [
-        [doveadm, "-c", configPath, "backup", "-R", "-x", "INBOX", "-u", account, "imapc:"],
-        [doveadm, "-c", configPath, "sync", "-1", "-R", "-m", "INBOX", "-u", account, "imapc:"],
+        [*shlex.split(doveadm), "-c", configPath, "backup", "-R", "-x", "INBOX", "-u", account, "imapc:"],
+        [*shlex.split(doveadm), "-c", configPath, "sync", "-1", "-R", "-m", "INBOX", "-u", account, "imapc:"],
     ]
 
 
@@ -359,7 +365,7 @@ def mbsyncCommand(mbsync: str, configPath: str) -> list[str]:
     """
     The command line of an mbsync copy.
     """
-    return [mbsync, "-c", configPath, "migrate"]
+    return [*shlex.split(mbsync), "-c", configPath, "migrate"]
 
 
 def toolEnvironment(home: str) -> dict[str, str]:

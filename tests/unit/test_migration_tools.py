@@ -87,6 +87,14 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertIn("Sync Pull\nCopyArrivalDate yes\n", text)
         self.assertIn('SyncState "/var/lib/state/"\n', text)
 
+    def test_commandWithWrapper(self) -> None:
+        """
+        The tool setting is split like a shell would, so that doveadm can
+        run under sudo.
+        """
+        [first, _] = _tools.doveadmCommands("sudo -n '/usr/bin/doveadm'", "/tmp/c", "a@example.org")
+        self.assertEqual(first[:5], ["sudo", "-n", "/usr/bin/doveadm", "-c", "/tmp/c"])
+
     def test_commandsHaveNoSecret(self) -> None:
         """
         The command lines name only the configuration file.
