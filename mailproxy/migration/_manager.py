@@ -6,8 +6,9 @@ Per account, in order (each step is one event to the observers):
   1. C{copy}: the bulk copy from the account's current backend to the
      target with a sync tool (L{mailproxy.migration._tools}), then its
      Sieve scripts with ManageSieve, while the user keeps working;
-  2. C{hold}: new logins of the account wait (the proxy's L{LoginHold}),
-     its sessions on other backends are dropped;
+  2. C{hold}: new logins of the account wait, and so does mail for it
+     arriving through the proxy's MX (the proxy's L{LoginHold}); its
+     sessions on other backends are dropped;
   3. C{sync}: the same tool again, which now copies only what changed
      (mail delivered or flags changed since step 1), and the scripts;
   4. C{verify}: per folder, the message count, the set of Message-IDs
@@ -670,7 +671,9 @@ class MigrationManager:
         await self._step(campaign, job, "copy", lambda: self._copy(campaign, job, source, target, bulk=True))
         if campaign.onLogin:
             await self._waitForNoSession(job)
-        release = self.mover.context.gate.hold([job.account], [])
+        # Its mail is held too: a message delivered to the source after the
+        # final sync would be left behind by the flip.
+        release = self.mover.context.gate.hold([job.account], [], mail=True)
         # Held logins wait: the hold is bounded.  When it lasts too long,
         # the step under way is cancelled (its tool killed), unless the
         # route is being flipped, which is quick and must not be cut.

@@ -163,6 +163,20 @@ class ManagerTestCase(SynchronousTestCase):
         )
         return self.proxy.context.gate.wait(request) is not None
 
+    def mailHeld(self, account: str) -> bool:
+        """
+        Whether mail for C{account} arriving through the MX (a recipient)
+        waits at the gate now.
+        """
+        request = RouteRequest(
+            protocol="smtp",
+            credentials=None,
+            client=ClientInfo("t", "192.0.2.9", 1, "192.0.2.1", 25),
+            mailFrom="sender@example.net",
+            rcptTo=account.upper(),
+        )
+        return self.proxy.context.gate.wait(request) is not None
+
     def journal(self) -> dict[str, Any]:
         """
         The journal file's content.
@@ -248,16 +262,20 @@ class StepTests(ManagerTestCase):
     def test_holdDropsSessionsAndHoldsLoginsUntilFlip(self) -> None:
         """
         From the hold step on, the account's logged-in session is dropped
-        with the moved message and new logins wait; during the bulk copy
-        neither happens; once flipped, logins go on.
+        with the moved message, and new logins and MX recipients of the
+        account wait; during the bulk copy none of this happens; once
+        flipped, logins and mail go on.
         """
         frontend, client, _ = self.proxy.login("alice@example.org")
         seen = []
-        self.tools.onRun = lambda run: seen.append((self.held("alice@example.org"), client.value()))
+        self.tools.onRun = lambda run: seen.append(
+            (self.held("alice@example.org"), self.mailHeld("alice@example.org"), client.value())
+        )
         self.start(["alice@example.org"])
-        self.assertEqual(seen[0], (False, b""))
-        self.assertEqual(seen[2], (True, b"* BYE " + MOVED.encode() + b"\r\n"))
+        self.assertEqual(seen[0], (False, False, b""))
+        self.assertEqual(seen[2], (True, True, b"* BYE " + MOVED.encode() + b"\r\n"))
         self.assertFalse(self.held("alice@example.org"))
+        self.assertFalse(self.mailHeld("alice@example.org"))
 
 
 class FailureTests(ManagerTestCase):
@@ -408,6 +426,59 @@ class FailureTests(ManagerTestCase):
         self.assertEqual((job.state, job.step, job.flip, job.error), ("failed", "flip", None, "flip: the route table is read-only"))
         self.assertIsNone(self.route("alice@example.org"))
         self.assertFalse(self.held("alice@example.org"))
+
+
+class LoginHoldMailTests(SynchronousTestCase):
+    """
+    L{LoginHold} with C{mail}: what a migration holds and a move does not.
+    """
+
+    def request(self, rcptTo: str) -> RouteRequest:
+        """
+        An MX recipient's route request.
+        """
+        return RouteRequest(
+            protocol="smtp",
+            credentials=None,
+            client=ClientInfo("t", "192.0.2.9", 1, "192.0.2.1", 25),
+            rcptTo=rcptTo,
+        )
+
+    def test_mailHeldOnlyWhenAsked(self) -> None:
+        """
+        A hold without C{mail} (a move's) lets MX recipients go on; one
+        with it makes a recipient of its account or domain wait until its
+        release, which also ends only its own waiters.
+        """
+        gate = LoginHold()
+        releaseMove = gate.hold(["alice@example.org"], [])
+        self.assertIsNone(gate.wait(self.request("alice@example.org")))
+        releaseMigration = gate.hold(["alice@example.org"], ["example.net"], mail=True)
+        waiting = gate.wait(self.request("Alice@Example.org"))
+        other = gate.wait(self.request("x@example.net"))
+        assert waiting is not None and other is not None
+        self.assertIsNone(gate.wait(self.request("bob@example.org")))
+        releaseMove()
+        self.assertNoResult(waiting)
+        releaseMigration()
+        self.successResultOf(waiting)
+        self.successResultOf(other)
+        self.assertIsNone(gate.wait(self.request("alice@example.org")))
+
+    def test_equalHoldsReleasedSeparately(self) -> None:
+        """
+        Two holds of the same account are two holds: releasing one keeps
+        the other's waiters waiting.
+        """
+        gate = LoginHold()
+        first = gate.hold(["alice@example.org"], [], mail=True)
+        second = gate.hold(["alice@example.org"], [], mail=True)
+        waiting = gate.wait(self.request("alice@example.org"))
+        assert waiting is not None
+        second()
+        self.assertNoResult(waiting)
+        first()
+        self.successResultOf(waiting)
 
 
 class ValidationTests(ManagerTestCase):
