@@ -17,7 +17,11 @@ Per account, in order (each step is one event to the observers):
      difference runs steps 3 and 4 once more (C{syncAttempts}), then
      fails the account;
   5. C{flip}: the route store names the target (the proxy's L{Mover}, which
-     forgets cached routes too), and the hold ends.
+     forgets cached routes too); mail that reached the source after the
+     final sync anyway (a delivery under way when the hold began, or one
+     that did not pass through the proxy) is copied over IMAP, and the hold
+     ends.  The source is looked at once more C{lateMailGrace} seconds
+     later (an event with step C{"late"} when that copied or failed).
 
 A failure at any step leaves the route where it was, ends the hold, and
 says which step failed and why (a tool's own error output, never a
@@ -135,6 +139,9 @@ class MigrationSettings:
         login, whether its sessions have ended (its hold waits for that).
     @ivar syncAttempts: how many times the final sync and the verify run
         before a difference fails the account.
+    @ivar lateMailGrace: seconds after the flip when the source is looked
+        at once more for mail that reached it late (see L{MigrationManager});
+        0: only right after the flip.
     """
 
     onLogin: str | None = None
@@ -150,6 +157,7 @@ class MigrationSettings:
     clientTimeout: float = 300.0
     sessionPoll: float = 5.0
     syncAttempts: int = 2
+    lateMailGrace: float = 30.0
 
     def toolFor(self, target: str) -> str:
         """
@@ -171,6 +179,8 @@ class AccountJob:
     @ivar error: why it failed.
     @ivar flip: L{None}; C{"started"} once the route store is being
         changed; C{"done"} once it was.
+    @ivar verified: the source's fingerprints per folder at the verify
+        (not journalled): what the late-mail copies compare with.
     """
 
     account: str
@@ -182,6 +192,7 @@ class AccountJob:
     bytes: int = 0
     error: str | None = None
     flip: str | None = None
+    verified: dict[str, list[str]] | None = field(default=None, repr=False, eq=False)
 
     def describe(self) -> dict[str, Any]:
         """
@@ -381,6 +392,7 @@ class MigrationManager:
         self._campaigns: dict[str, Campaign] = {}
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._stopping = False
+        self._lateCalls: set[Any] = set()
         self.beforeVerify: Callable[[AccountJob], Any] | None = None
 
     # The API
@@ -500,6 +512,10 @@ class MigrationManager:
         again).
         """
         self._stopping = True
+        for call in self._lateCalls:
+            if call.active():
+                call.cancel()
+        self._lateCalls.clear()
         for campaign in self._campaigns.values():
             for account, running in list(campaign._running.items()):
                 job = campaign.job(account)
@@ -808,6 +824,7 @@ class MigrationManager:
             )
         except FirstError as error:
             error.subFailure.raiseException()
+        job.verified = {folder: [key for key, _, _ in messages] for folder, messages in before.items()}
         differences = compareFolders(before, after)
         job.messages = sum(len(messages) for messages in before.values())
         job.bytes = sum(size for messages in before.values() for _, size, _ in messages)
@@ -823,6 +840,55 @@ class MigrationManager:
             job.flip = None
             raise StepFailed("flip", str(error)) from None
         job.flip = "done"
+        source, target = self.backends.get(job.source), self.backends.get(campaign.target)
+        if source is None or target is None:
+            return
+        # Mail that reached the source after the final sync (a delivery
+        # under way when the account was held, or one that did not pass
+        # through the proxy) is copied now, still under the hold, and once
+        # more after a grace period.
+        await self._copyLate(campaign, job, source, target)
+        if self.settings.lateMailGrace > 0 and not self._stopping:
+            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
+            self._lateCalls.add(call)
+
+    def _lateAgain(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
+        self._lateCalls = {call for call in self._lateCalls if call.active()}
+        Deferred.fromCoroutine(self._copyLate(campaign, job, source, target))
+
+    async def _copyLate(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
+        """
+        Copy what reached the source since the verify; the account is on
+        the target already, so a failure is reported (an event with step
+        C{"late"}, a warning) but does not undo anything.
+        """
+        if job.verified is None:
+            return
+        timeout = self.settings.clientTimeout
+        try:
+            copied = await self._runBlocking(timeout, self._clients.copyLate, source, target, job.account, job.verified, timeout)
+        except Exception as error:
+            message = _tools.scrub(f"{type(error).__name__}: {error}", self._secrets())
+            self._stepEvent(campaign, job, "late", "failed", message)
+            self.log.warn(
+                "migration of {account}: mail that reached {source} after the flip was not copied: {error}",
+                account=job.account,
+                source=job.source,
+                error=message,
+            )
+            return
+        for folder, key in copied:
+            job.verified.setdefault(folder, []).append(key)
+        if copied:
+            job.messages += len(copied)
+            self._stepEvent(campaign, job, "late", "ok")
+            self.log.info(
+                "migration of {account}: {count} messages that reached {source} late copied to {target}",
+                account=job.account,
+                count=len(copied),
+                source=job.source,
+                target=campaign.target,
+            )
 
     # Resume
 

@@ -257,8 +257,10 @@ class DoveadmMigrationTests(EngineTestCase):
         the same messages in the same nested folders with the same flags
         and keyword, the 2 MB message, the same subscriptions, and its
         Sieve script active; a message delivered to old after the bulk copy
-        is there too (the final sync); every route names new, no login is
-        left held, and each account reported every step.
+        is there too (the final sync), and so is one delivered to old
+        after the verify (the late copy at the flip), each once; every
+        route names new, no login is left held, and each account reported
+        every step.
         """
         accounts = ACCOUNTS[0:3]
         for n, account in enumerate(accounts):
@@ -270,6 +272,12 @@ class DoveadmMigrationTests(EngineTestCase):
         def lateDelivery(event: dict[str, Any]) -> None:
             if event["step"] == "copy" and event["result"] == "ok":
                 self.servers.old.deliver(event["account"], message(f"{event['account']}-late@example.net", "late"))
+            if event["step"] == "verify" and event["result"] == "ok":
+                # After the final sync and the verify: only the late copy
+                # at the flip brings this one over.
+                self.servers.old.deliver(
+                    event["account"], message(f"{event['account']}-after-verify@example.net", "very late")
+                )
 
         manager.addObserver(lateDelivery)
 
@@ -283,9 +291,9 @@ class DoveadmMigrationTests(EngineTestCase):
             for account in accounts:
                 before = contents(self.servers.old, account)
                 self.assertEqual(contents(self.servers.new, account), before)
-                self.assertIn(("INBOX", f"<{account}-late@example.net>", "", before[-1][3]), [
-                    (m[0], m[1], m[2], before[-1][3]) for m in before
-                ])
+                ids = [m[1] for m in contents(self.servers.new, account)]
+                self.assertEqual(ids.count(f"<{account}-late@example.net>"), 1)
+                self.assertEqual(ids.count(f"<{account}-after-verify@example.net>"), 1)
                 self.assertIn(("INBOX", "<" + account.split("@")[0] + "-inbox-0@example.net>", "$Important \\Flagged \\Seen"), [
                     m[:3] for m in contents(self.servers.new, account)
                 ])
@@ -296,7 +304,9 @@ class DoveadmMigrationTests(EngineTestCase):
                 self.assertFalse(self.held(account))
                 steps = [(e["step"], e["result"]) for e in self.events if e["account"] == account and e["event"] == "migration_step"]
                 self.assertEqual(
-                    steps, [(step, result) for step in ("copy", "hold", "sync", "verify", "flip") for result in ("started", "ok")]
+                    steps,
+                    [(step, result) for step in ("copy", "hold", "sync", "verify") for result in ("started", "ok")]
+                    + [("flip", "started"), ("late", "ok"), ("flip", "ok")],
                 )
             big = contents(self.servers.new, accounts[0])
             self.assertTrue(any(int(m[3]) > 2_000_000 for m in big), big)
