@@ -377,15 +377,21 @@ class MigrationManager:
         if runTool is None:
             runTool = lambda argv, env, timeout: _tools.runProcess(reactor, argv, env, timeout)  # noqa: E731
         self._runTool = runTool
+        journalRun = runBlocking
         if runBlocking is None:
+            # Imported here: mailproxy.routers imports the configuration
+            # parser, which may import this module (for MigrationSettings).
             from ..routers._blocking import ThreadRunner
 
-            self._threads = ThreadRunner(reactor, 4, "mailproxy-migration")
-            runBlocking = self._threads.run
+            # IMAP and ManageSieve conversations (two per verify) and file
+            # work; the journal has a thread of its own, so that its writes
+            # never wait behind a long verify.
+            runBlocking = ThreadRunner(reactor, 8, "mailproxy-migration").run
+            journalRun = ThreadRunner(reactor, 1, "mailproxy-migration-journal").run
         self._runBlocking = runBlocking
         self._clients = clients if clients is not None else _clients
         # The journal writes one at a time (it waits for each), in order.
-        self._journal = Journal(journalPath, runBlocking) if journalPath is not None else None
+        self._journal = Journal(journalPath, journalRun) if journalPath is not None else None
         self.workDirectory = (journalPath + ".d") if journalPath else os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"mailproxy-migration-{os.getpid()}"
         )
