@@ -487,10 +487,18 @@ class MigrationManager:
         domains = {d.lower().lstrip("@") for d in self.settings.onLoginDomains}
         if domains and account.rpartition("@")[2] not in domains:
             return
-        for existing in self._campaigns.values():
+        last = None
+        for existing in self.campaigns():
             found = existing.job(account)
-            if found is not None and existing.state == "running" and found.state not in _FINAL:
+            if found is None:
+                continue
+            if existing.state == "running" and found.state not in _FINAL:
                 return
+            if found.state == "done":
+                last = existing
+        if last is not None and not last.onLogin and last.target != target:
+            # An operator's campaign moved it here (a rollback): it stays.
+            return
         campaignId = f"on-login-{target}"
         current = self._campaigns.get(campaignId)
         if current is not None and current.state == "running":
@@ -842,9 +850,18 @@ class MigrationManager:
         await self._save()
         try:
             await self.mover.move(campaign.target, [job.account], hold=0.0, drop=True)
-        except MoveError as error:
-            job.flip = None
-            raise StepFailed("flip", str(error)) from None
+        except Exception as error:
+            # The store may have failed after making the change: what it
+            # says now decides (the journal must not say a flip that
+            # happened did not).
+            try:
+                current = await self._currentBackend(job.account)
+            except Exception:
+                current = None
+            if current != campaign.target:
+                job.flip = None
+                message = str(error) if isinstance(error, MoveError) else f"{type(error).__name__}: {error}"
+                raise StepFailed("flip", _tools.scrub(message, self._secrets())) from None
         job.flip = "done"
         source, target = self.backends.get(job.source), self.backends.get(campaign.target)
         if source is None or target is None:

@@ -536,6 +536,28 @@ class LoginHoldMailTests(SynchronousTestCase):
         self.successResultOf(waiting)
 
 
+class FlipStoreTests(ManagerTestCase):
+    """
+    A route store that fails after making the change.
+    """
+
+    def test_changeMadeDespiteError(self) -> None:
+        """
+        When the store raises after writing the change, the account is
+        done (the journal says so), as the store names the target.
+        """
+        original = self.store.setRoutes
+
+        def writeThenFail(changes: Any) -> None:
+            original(changes)
+            raise RuntimeError("connection lost after commit")
+
+        self.store.setRoutes = writeThenFail  # type: ignore[method-assign]
+        campaign = self.start(["alice@example.org"])
+        self.assertEqual((campaign.accounts[0].state, campaign.accounts[0].flip), ("done", "done"))
+        self.assertEqual(self.journal()["campaigns"][0]["accounts"][0]["flip"], "done")
+
+
 class ValidationTests(ManagerTestCase):
     """
     What L{MigrationManager.start} refuses.
@@ -786,6 +808,18 @@ class OnLoginTests(ManagerTestCase):
         self.proxy.clock.advance(self.settings.sessionPoll)
         self.assertEqual(self.route("alice@example.org"), "new")
         self.assertEqual(self.manager.campaigns()[0].id, "on-login-new")
+
+    def test_rolledBackAccountStays(self) -> None:
+        """
+        An account an operator's campaign moved back from the on-login
+        target (a rollback) is not migrated again at its next login.
+        """
+        self.settings.onLogin = "new"
+        self.start(["alice@example.org"], "new")
+        self.start(["alice@example.org"], "old")
+        self.assertEqual(self.route("alice@example.org"), "old")
+        self.manager.queueOnLogin("alice@example.org", "old")
+        self.assertEqual(len(self.manager.campaigns()), 2)
 
     def test_filters(self) -> None:
         """
