@@ -123,6 +123,20 @@ def contents(server: Dovecot, account: str) -> list[tuple[str, str, str, str]]:
     return sorted(found)
 
 
+def uids(server: Dovecot, account: str) -> list[tuple[str, str, str]]:
+    """
+    Each message of C{account} on C{server} as folder, UID and Message-ID,
+    sorted.
+    """
+    text = server.doveadm("fetch", "-u", account, "mailbox uid hdr.message-id", "all").decode()
+    found = []
+    for block in text.split("\f"):
+        fields = dict(re.findall(r"^([a-z.-]+): ?(.*)$", block, re.MULTILINE))
+        if "mailbox" in fields:
+            found.append((fields["mailbox"], fields["uid"], fields.get("hdr.message-id", "").strip()))
+    return sorted(found)
+
+
 def subscriptions(server: Dovecot, account: str) -> set[str]:
     """
     The folders C{account} is subscribed to on C{server}.
@@ -253,9 +267,9 @@ class DoveadmMigrationTests(EngineTestCase):
     def test_campaignCopiesVerifiesAndFlips(self) -> Deferred[None]:
         """
         Three accounts migrate as one campaign, two at once, old read over
-        IMAPS: on new each has
-        the same messages in the same nested folders with the same flags
-        and keyword, the 2 MB message, the same subscriptions, and its
+        IMAPS: on new each has the same messages under the same UIDs in the
+        same nested folders with the same flags and keyword, the 2 MB
+        message, the same subscriptions, and its
         Sieve script active; a message delivered to old after the bulk copy
         is there too (the final sync), and so is one delivered to old
         after the verify (the late copy at the flip), each once; every
@@ -291,6 +305,7 @@ class DoveadmMigrationTests(EngineTestCase):
             for account in accounts:
                 before = contents(self.servers.old, account)
                 self.assertEqual(contents(self.servers.new, account), before)
+                self.assertEqual(uids(self.servers.new, account), uids(self.servers.old, account))
                 ids = [m[1] for m in contents(self.servers.new, account)]
                 self.assertEqual(ids.count(f"<{account}-late@example.net>"), 1)
                 self.assertEqual(ids.count(f"<{account}-after-verify@example.net>"), 1)
