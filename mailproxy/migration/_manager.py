@@ -399,6 +399,7 @@ class MigrationManager:
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._stopping = False
         self._lateCalls: set[Any] = set()
+        self._refusedOnLogin: set[str] = set()
         self.beforeVerify: Callable[[AccountJob], Any] | None = None
 
     # The API
@@ -458,7 +459,7 @@ class MigrationManager:
             if found is not None and found.state != "flipping":
                 running.cancel()
         self._finishIfDone(campaign)
-        self._save()
+        self._saveSoon()
         return True
 
     def resume(self) -> Deferred[None]:
@@ -499,6 +500,17 @@ class MigrationManager:
         if last is not None and not last.onLogin and last.target != target:
             # An operator's campaign moved it here (a rollback): it stays.
             return
+        try:
+            self._checkBackend(self.backends[backend], "source")
+            self._checkBackend(self.backends[target], "target")
+            if findRouteStore(self.router) is None:
+                raise MigrationError(f"the router ({self.routerName or type(self.router).__name__}) cannot change routes")
+        except MigrationError as error:
+            # Said once per backend, not at every login.
+            if backend not in self._refusedOnLogin:
+                self._refusedOnLogin.add(backend)
+                self.log.warn("no migration on login from {backend}: {error}", backend=backend, error=str(error))
+            return
         campaignId = f"on-login-{target}"
         current = self._campaigns.get(campaignId)
         if current is not None and current.state == "running":
@@ -516,7 +528,7 @@ class MigrationManager:
             self._campaigns[campaign.id] = campaign
         job = AccountJob(account=account, source=backend, tool=self.settings.toolFor(target))
         campaign.accounts.append(job)
-        self._save()
+        self._saveSoon()
         self._launch(campaign, job)
 
     def stop(self) -> Deferred[None]:
@@ -983,6 +995,13 @@ class MigrationManager:
                 done=sum(1 for job in campaign.accounts if job.state == "done"),
                 total=len(campaign.accounts),
             )
+
+    def _saveSoon(self) -> None:
+        """
+        Write the journal without waiting for it (a caller that cannot
+        wait); a failure is logged.
+        """
+        self._save().addErrback(lambda failure: self.log.failure("writing the migration journal", failure))
 
     def _save(self) -> Deferred[None]:
         if self._journal is None:

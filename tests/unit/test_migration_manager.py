@@ -821,6 +821,15 @@ class OnLoginTests(ManagerTestCase):
         self.manager.queueOnLogin("alice@example.org", "old")
         self.assertEqual(len(self.manager.campaigns()), 2)
 
+    def test_sourceWithoutMasterUser(self) -> None:
+        """
+        A login routed to a backend without a master user queues nothing
+        (the copy could not log in there).
+        """
+        self.settings.onLogin = "new"
+        self.manager.queueOnLogin("alice@example.org", "plain")
+        self.assertEqual(self.manager.campaigns(), [])
+
     def test_filters(self) -> None:
         """
         Nothing is queued without C{onLogin}, for an account already on the
