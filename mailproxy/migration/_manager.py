@@ -501,8 +501,8 @@ class MigrationManager:
             # An operator's campaign moved it here (a rollback): it stays.
             return
         try:
-            self._checkBackend(self.backends[backend], "source")
-            self._checkBackend(self.backends[target], "target")
+            self._checkBackend(self.backends[backend], "source", account)
+            self._checkBackend(self.backends[target], "target", account)
             if findRouteStore(self.router) is None:
                 raise MigrationError(f"the router ({self.routerName or type(self.router).__name__}) cannot change routes")
         except MigrationError as error:
@@ -589,7 +589,8 @@ class MigrationManager:
                 raise MigrationError(f"{name} is routed to {source!r}, which is not a configured backend")
             if source == target:
                 raise MigrationError(f"{name} is already on {target}")
-            self._checkBackend(self.backends[source], "source")
+            self._checkBackend(self.backends[source], "source", name)
+            self._checkBackend(self.backends[target], "target", name)
             jobs.append(AccountJob(account=name, source=source, tool=tool))
         campaign = Campaign(
             id=uuid.uuid4().hex[:12],
@@ -619,13 +620,18 @@ class MigrationManager:
             self._launch(campaign, job)
         return campaign
 
-    def _checkBackend(self, backend: Backend, role: str) -> None:
+    def _checkBackend(self, backend: Backend, role: str, account: str | None = None) -> None:
         if backend.masterUser is None or backend.masterPassword is None:
             raise MigrationError(
                 f"{role} backend {backend.name!r} has no master_user and master_password: the migration logs in with them"
             )
         if "imap" not in backend.ports:
             raise MigrationError(f"{role} backend {backend.name!r} has no IMAP port")
+        if account is not None and backend.masterSeparator and backend.masterSeparator in account:
+            # ACCOUNT<separator>MASTER would name another login.
+            raise MigrationError(
+                f"{account} has {backend.name}'s master user separator {backend.masterSeparator!r} in its name"
+            )
 
     async def _currentBackend(self, account: str) -> str | None:
         """

@@ -566,8 +566,10 @@ class ValidationTests(ManagerTestCase):
     def test_refusals(self) -> None:
         """
         An unknown target, an account already there, a backend without a
-        master user, an empty list and a bad concurrency are refused with
-        a text that says so; nothing is journalled.
+        master user, an empty list, an account whose name has the master
+        user separator (its master login would name another one) and a bad
+        concurrency are refused with a text that says so; nothing is
+        journalled.
         """
         cases = [
             ((["alice@example.org"], "nowhere"), "unknown backend 'nowhere'; configured backends: new, old, plain"),
@@ -575,6 +577,7 @@ class ValidationTests(ManagerTestCase):
             ((["alice@example.org"], "plain"), "target backend 'plain' has no master_user and master_password: the migration logs in with them"),
             (([], "new"), "name at least one account"),
             ((["@example.org"], "new"), "not an account: '@example.org'"),
+            ((["eve*proxy@example.org"], "new"), "eve*proxy@example.org has old's master user separator '*' in its name"),
         ]
         for (accounts, target), text in cases:
             failure = self.failureResultOf(self.manager.start(accounts, target), MigrationError)

@@ -69,6 +69,19 @@ class ConfigurationTests(SynchronousTestCase):
             _tools.doveadmConfiguration(makeBackend("old"), "/etc/dovecot/dovecot.conf")
         self.assertEqual(str(caught.exception), "backend 'old' has no master_user and master_password")
 
+    def test_lineBreakInPassword(self) -> None:
+        """
+        A master password with a line break cannot be written into a
+        configuration line: refused, without quoting it.
+        """
+        for build in (
+            lambda b: _tools.doveadmConfiguration(b, "/etc/dovecot/dovecot.conf"),
+            lambda b: _tools.mbsyncConfiguration(b, backend("new"), "a@example.org", "/s"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                build(backend(masterPassword=b"one\ntwo"))
+            self.assertEqual(str(caught.exception), "the master user or password of backend 'old' has a line break or NUL")
+
     def test_mbsyncConfiguration(self) -> None:
         """
         mbsync's file logs in to each side as ACCOUNT<separator>MASTER with
