@@ -17,11 +17,11 @@ Per account, in order (each step is one event to the observers):
      difference runs steps 3 and 4 once more (C{syncAttempts}), then
      fails the account;
   5. C{flip}: the route store names the target (the proxy's L{Mover}, which
-     forgets cached routes too); mail that reached the source after the
-     final sync anyway (a delivery under way when the hold began, or one
-     that did not pass through the proxy) is copied over IMAP, and the hold
-     ends.  The source is looked at once more C{lateMailGrace} seconds
-     later (an event with step C{"late"} when that copied or failed).
+     forgets cached routes too), and the hold ends.  Then mail that
+     reached the source after the final sync anyway (a delivery under way
+     when the hold began, or one that did not pass through the proxy) is
+     copied over IMAP, at once and again C{lateMailGrace} seconds later
+     (an event with step C{"late"} when that copied or failed).
 
 A failure at any step leaves the route where it was, ends the hold, and
 says which step failed and why (a tool's own error output, never a
@@ -765,6 +765,15 @@ class MigrationManager:
             if timer.active():
                 timer.cancel()
             release()
+        # Mail that reached the source after the final sync (a delivery
+        # under way when the account was held, or one that did not pass
+        # through the proxy) is copied now, and once more after a grace
+        # period.  Not under the hold: it only adds messages the target
+        # lacks, and a slow source must not keep the logins waiting.
+        await self._copyLate(campaign, job, source, target)
+        if self.settings.lateMailGrace > 0 and not self._stopping:
+            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
+            self._lateCalls.add(call)
 
     async def _step(self, campaign: Campaign, job: AccountJob, step: str, run: Callable[[], Any]) -> None:
         job.state = _STEP_STATE[step]
@@ -881,17 +890,6 @@ class MigrationManager:
                 message = str(error) if isinstance(error, MoveError) else f"{type(error).__name__}: {error}"
                 raise StepFailed("flip", _tools.scrub(message, self._secrets())) from None
         job.flip = "done"
-        source, target = self.backends.get(job.source), self.backends.get(campaign.target)
-        if source is None or target is None:
-            return
-        # Mail that reached the source after the final sync (a delivery
-        # under way when the account was held, or one that did not pass
-        # through the proxy) is copied now, still under the hold, and once
-        # more after a grace period.
-        await self._copyLate(campaign, job, source, target)
-        if self.settings.lateMailGrace > 0 and not self._stopping:
-            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
-            self._lateCalls.add(call)
 
     def _lateAgain(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
         self._lateCalls = {call for call in self._lateCalls if call.active()}

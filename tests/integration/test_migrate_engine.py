@@ -324,7 +324,7 @@ class DoveadmMigrationTests(EngineTestCase):
                 self.assertEqual(
                     steps,
                     [(step, result) for step in ("copy", "hold", "sync", "verify") for result in ("started", "ok")]
-                    + [("flip", "started"), ("late", "ok"), ("flip", "ok")],
+                    + [("flip", "started"), ("flip", "ok"), ("late", "ok")],
                 )
             big = contents(self.servers.new, accounts[0])
             self.assertTrue(any(int(m[3]) > 2_000_000 for m in big), big)

@@ -290,7 +290,7 @@ class LateMailTests(ManagerTestCase):
 
     def test_copiedAtFlipAndAfterGrace(self) -> None:
         """
-        Right after the flip (still under the hold) the source is compared
+        Right after the flip (and the hold) the source is compared
         with what was verified and what is new is copied; once more after
         C{lateMailGrace} seconds, knowing what was copied already; each
         copy that moved mail is a C{late} event and counts its messages.
@@ -300,12 +300,28 @@ class LateMailTests(ManagerTestCase):
         late = [call for call in self.clients.calls if call[0] == "late"]
         verified = "[('INBOX', ['id:<a@x>', 'id:<b@x>']), ('Work/Sub', ['id:<c@x>'])]"
         self.assertEqual(late, [("late", "old", "new", "alice@example.org", verified)])
-        self.assertEqual(self.steps("alice@example.org")[-3:], [("flip", "started"), ("late", "ok"), ("flip", "ok")])
+        self.assertEqual(self.steps("alice@example.org")[-3:], [("flip", "started"), ("flip", "ok"), ("late", "ok")])
         self.proxy.clock.advance(self.settings.lateMailGrace)
         late = [call for call in self.clients.calls if call[0] == "late"]
         self.assertEqual(late[1][4], "[('INBOX', ['id:<a@x>', 'id:<b@x>', 'id:<late@x>']), ('Work/Sub', ['id:<c@x>'])]")
         self.assertEqual(self.steps("alice@example.org")[-1], ("late", "ok"))
         self.assertEqual(self.manager.campaigns()[0].accounts[0].messages, 5)
+
+    def test_notUnderHold(self) -> None:
+        """
+        The late copy runs after the hold ended: a slow source does not
+        keep the account's logins waiting.
+        """
+        seen = []
+        copyLate = self.clients.copyLate
+
+        def watching(*args: Any) -> Any:
+            seen.append(self.held("alice@example.org"))
+            return copyLate(*args)
+
+        self.clients.copyLate = watching  # type: ignore[method-assign]
+        self.start(["alice@example.org"])
+        self.assertEqual(seen, [False])
 
     def test_lateFailureDoesNotUndo(self) -> None:
         """
