@@ -154,6 +154,7 @@ class ProxyService(MultiService):
             routerName=config.router.type,
         )
         manager.addObserver(StepLog(context.stats))
+        context.sessions.observe(OnLoginMigration(manager))
         return manager
 
     @property

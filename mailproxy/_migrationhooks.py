@@ -21,7 +21,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from ._contract import ISessionObserver
 from ._migrate import findRouteStore
 from ._safetext import logQuote
 from ._stats import ProxyStats
@@ -123,6 +125,7 @@ class StepLog:
             self.log.info(text, **fields)
 
 
+@implementer(ISessionObserver)
 class OnLoginMigration:
     """
     A session observer (C{SessionRegistry.observe}) that tells the engine

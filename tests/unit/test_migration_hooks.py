@@ -231,6 +231,20 @@ class LifecycleTests(ServiceTreeTestsMixin, SynchronousTestCase):
         manager._emit(accountEvent("a@x", "done", bytes=10))
         self.assertEqual(self.service.context.stats.migrations["done"], 1)
 
+    def test_loginsObserved(self) -> None:
+        """
+        With C{[migration] on_login}, a session that logs in is handed to
+        the engine's on-login queue with the backend it went to.
+        """
+        queued: list[tuple[str, str]] = []
+        manager = self.service.migrations
+        self.patch(manager, "queueOnLogin", lambda account, backend: queued.append((account, backend)))
+        manager.settings = MigrationSettings(onLogin="new")
+        session = FakeSession("alice@example.org", "old")
+        self.service.context.sessions.add(session)  # type: ignore[arg-type]
+        self.service.context.sessions.loggedIn(session)  # type: ignore[arg-type]
+        self.assertEqual(queued, [("alice@example.org", "old")])
+
     def test_resumedOnlyWithJournal(self) -> None:
         """
         On start the engine resumes the journal's unfinished work if an
