@@ -84,7 +84,7 @@ class StepLog:
     L{ProxyStats}.
     """
 
-    log = Logger(namespace="mailproxy.migration")
+    log = Logger()
 
     def __init__(self, stats: ProxyStats) -> None:
         self.stats = stats

@@ -50,7 +50,7 @@ class StepLogTests(SynchronousTestCase):
         self.events: list[dict[str, Any]] = []
         self.stats = ProxyStats()
         self.observer = StepLog(self.stats)
-        self.observer.log = Logger(namespace="mailproxy.migration", observer=self.events.append)
+        self.observer.log = Logger(namespace="mailproxy._migrationhooks.StepLog", observer=self.events.append)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """
@@ -79,7 +79,7 @@ class StepLogTests(SynchronousTestCase):
         line = json.loads(jsonLine(self.events[-1]))
         self.assertEqual(
             {key: line[key] for key in ("event", "namespace", "level", "campaign", "account", "source", "target", "tool", "result", "messages", "bytes")},
-            {"event": "migration_account", "namespace": "mailproxy.migration", "level": "info", "campaign": "c1",
+            {"event": "migration_account", "namespace": "mailproxy._migrationhooks.StepLog", "level": "info", "campaign": "c1",
              "account": "a@x", "source": "old", "target": "new", "tool": "doveadm", "result": "done", "messages": 3,
              "bytes": 3000},
         )
