@@ -15,11 +15,12 @@ import imaplib
 import re
 import socket
 import ssl
+from collections import Counter
 from typing import Any
 
 from ..model import Backend
 
-__all__ = ["fingerprints", "copySubscriptions", "copySieve", "ClientError"]
+__all__ = ["fingerprints", "copyLate", "copySubscriptions", "copySieve", "ClientError"]
 
 
 class ClientError(Exception):
@@ -130,11 +131,48 @@ def _folders(connection: imaplib.IMAP4, command: str = "LIST") -> list[tuple[byt
     return folders
 
 
-_FETCH = re.compile(rb"RFC822\.SIZE (\d+)|INTERNALDATE \"([^\"]*)\"|FLAGS \(([^)]*)\)")
+_FETCH = re.compile(rb"RFC822\.SIZE (\d+)|INTERNALDATE \"([^\"]*)\"|FLAGS \(([^)]*)\)|UID (\d+)")
 
 #: The flags the verify compares: the system flags every IMAP server and
 #: every tool keeps (mbsync 1.4 does not copy keywords).
 SYSTEM_FLAGS = ("\\answered", "\\deleted", "\\draft", "\\flagged", "\\seen")
+
+
+def _messages(connection: imaplib.IMAP4, where: str, name: bytes, normalised: str) -> list[tuple[int, str, int, str]]:
+    """
+    The messages of folder C{name}: UID, fingerprint (the Message-ID, or
+    size and internal date when it has none), size and system flags (lower
+    case, sorted, space separated).
+    """
+    status, data = connection.select(_quote(name), readonly=True)
+    if status != "OK":
+        raise ClientError(f"cannot select {normalised!r} on {where}: {data!r}")
+    if not int(data[0] or 0):
+        return []
+    status, items = connection.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+    if status != "OK":
+        raise ClientError(f"cannot fetch {normalised!r} on {where}: {items!r}")
+    messages = []
+    for item in items:
+        if not isinstance(item, tuple):
+            continue
+        head, header = item
+        uid, size, date, flags = 0, 0, "", ""
+        for match in _FETCH.finditer(head):
+            if match.group(1):
+                size = int(match.group(1))
+            elif match.group(2) is not None:
+                date = match.group(2).decode("ascii", "replace")
+            elif match.group(3) is not None:
+                words = match.group(3).decode("ascii", "replace").lower().split()
+                flags = " ".join(sorted(w for w in words if w in SYSTEM_FLAGS))
+            else:
+                uid = int(match.group(4))
+        parsed = email.parser.BytesHeaderParser().parsebytes(header)
+        messageId = (parsed.get("Message-ID") or "").strip()
+        key = f"id:{messageId}" if messageId else f"size:{size} date:{date}"
+        messages.append((uid, key, size, flags))
+    return messages
 
 
 def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, list[tuple[str, int, str]]]:
@@ -148,42 +186,84 @@ def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, li
     """
     connection = _imap(backend, account, timeout)
     try:
-        found: dict[str, list[tuple[str, int, str]]] = {}
-        for name, normalised, selectable in _folders(connection):
-            if not selectable:
-                continue
-            status, data = connection.select(_quote(name), readonly=True)
-            if status != "OK":
-                raise ClientError(f"cannot select {normalised!r} on {backend.name}: {data!r}")
-            count = int(data[0] or 0)
-            messages: list[tuple[str, int, str]] = []
-            if count:
-                status, items = connection.fetch("1:*", "(FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-                if status != "OK":
-                    raise ClientError(f"cannot fetch {normalised!r} on {backend.name}: {items!r}")
-                for item in items:
-                    if not isinstance(item, tuple):
-                        continue
-                    head, header = item
-                    size, date, flags = 0, "", ""
-                    for match in _FETCH.finditer(head):
-                        if match.group(1):
-                            size = int(match.group(1))
-                        elif match.group(2) is not None:
-                            date = match.group(2).decode("ascii", "replace")
-                        else:
-                            words = match.group(3).decode("ascii", "replace").lower().split()
-                            flags = " ".join(sorted(w for w in words if w in SYSTEM_FLAGS))
-                    parsed = email.parser.BytesHeaderParser().parsebytes(header)
-                    messageId = (parsed.get("Message-ID") or "").strip()
-                    key = f"id:{messageId}" if messageId else f"size:{size} date:{date}"
-                    messages.append((key, size, flags))
-            found[normalised] = messages
-        return found
+        return {
+            normalised: [(key, size, flags) for _, key, size, flags in _messages(connection, backend.name, name, normalised)]
+            for name, normalised, selectable in _folders(connection)
+            if selectable
+        }
     except (imaplib.IMAP4.error, OSError) as error:
         raise ClientError(f"IMAP on {backend.name} for {account}: {_text(error)}") from None
     finally:
         _logout(connection)
+
+
+_WHOLE = re.compile(rb"FLAGS \(([^)]*)\)|INTERNALDATE (\"[^\"]*\")")
+
+
+def copyLate(
+    source: Backend, target: Backend, account: str, known: dict[str, list[str]], timeout: float
+) -> list[tuple[str, str]]:
+    """
+    Copy to C{target} the messages of C{account} that are on C{source} but
+    not in C{known} (the source's fingerprints per folder when it was
+    verified), with their flags and internal dates: mail that reached the
+    source after the final sync (a delivery under way when the account was
+    held, or one that did not pass through the proxy).  A message the
+    target has already is not copied again; nothing is ever removed.
+
+    @return: the folder and fingerprint of each message copied.
+    @raise ClientError: a server refused something, or such a message is
+        in a folder the target does not have.
+    """
+    reader = _imap(source, account, timeout)
+    writer = None
+    copied: list[tuple[str, str]] = []
+    try:
+        for name, normalised, selectable in _folders(reader):
+            if not selectable:
+                continue
+            seen = Counter(known.get(normalised, ()))
+            late = []
+            for uid, key, _, _ in _messages(reader, source.name, name, normalised):
+                if seen[key]:
+                    seen[key] -= 1
+                else:
+                    late.append((uid, key))
+            if not late:
+                continue
+            if writer is None:
+                writer = _imap(target, account, timeout)
+                names = {n: raw for raw, n, _ in _folders(writer)}
+            if normalised not in names:
+                raise ClientError(f"{len(late)} new messages in {normalised!r} on {source.name}, a folder {target.name} does not have")
+            there = Counter(key for _, key, _, _ in _messages(writer, target.name, names[normalised], normalised))
+            for uid, key in late:
+                if there[key]:
+                    there[key] -= 1
+                    continue
+                status, items = reader.uid("FETCH", str(uid), "(FLAGS INTERNALDATE BODY.PEEK[])")
+                whole = [item for item in items if isinstance(item, tuple)]
+                if status != "OK" or not whole:
+                    # Expunged meanwhile.
+                    continue
+                head, body = whole[0]
+                flags, date = "", None
+                for match in _WHOLE.finditer(head):
+                    if match.group(1) is not None:
+                        flags = " ".join(f for f in match.group(1).decode("ascii", "replace").split() if f.lower() != "\\recent")
+                    else:
+                        date = match.group(2).decode("ascii", "replace")
+                status, data = writer.append(_quote(names[normalised]), f"({flags})", date, body)
+                if status != "OK":
+                    raise ClientError(f"cannot append to {normalised!r} on {target.name}: {data!r}")
+                copied.append((normalised, key))
+        return copied
+    except (imaplib.IMAP4.error, OSError) as error:
+        raise ClientError(f"IMAP for {account}: {_text(error)}") from None
+    finally:
+        _logout(reader)
+        if writer is not None:
+            _logout(writer)
 
 
 def _logout(connection: imaplib.IMAP4) -> None:

@@ -17,7 +17,11 @@ Per account, in order (each step is one event to the observers):
      difference runs steps 3 and 4 once more (C{syncAttempts}), then
      fails the account;
   5. C{flip}: the route store names the target (the proxy's L{Mover}, which
-     forgets cached routes too), and the hold ends.
+     forgets cached routes too); mail that reached the source after the
+     final sync anyway (a delivery under way when the hold began, or one
+     that did not pass through the proxy) is copied over IMAP, and the hold
+     ends.  The source is looked at once more C{lateMailGrace} seconds
+     later (an event with step C{"late"} when that copied or failed).
 
 A failure at any step leaves the route where it was, ends the hold, and
 says which step failed and why (a tool's own error output, never a
@@ -135,6 +139,9 @@ class MigrationSettings:
         login, whether its sessions have ended (its hold waits for that).
     @ivar syncAttempts: how many times the final sync and the verify run
         before a difference fails the account.
+    @ivar lateMailGrace: seconds after the flip when the source is looked
+        at once more for mail that reached it late (see L{MigrationManager});
+        0: only right after the flip.
     """
 
     onLogin: str | None = None
@@ -150,6 +157,7 @@ class MigrationSettings:
     clientTimeout: float = 300.0
     sessionPoll: float = 5.0
     syncAttempts: int = 2
+    lateMailGrace: float = 30.0
 
     def toolFor(self, target: str) -> str:
         """
@@ -171,6 +179,8 @@ class AccountJob:
     @ivar error: why it failed.
     @ivar flip: L{None}; C{"started"} once the route store is being
         changed; C{"done"} once it was.
+    @ivar verified: the source's fingerprints per folder at the verify
+        (not journalled): what the late-mail copies compare with.
     """
 
     account: str
@@ -182,6 +192,7 @@ class AccountJob:
     bytes: int = 0
     error: str | None = None
     flip: str | None = None
+    verified: dict[str, list[str]] | None = field(default=None, repr=False, eq=False)
 
     def describe(self) -> dict[str, Any]:
         """
@@ -366,21 +377,28 @@ class MigrationManager:
         if runTool is None:
             runTool = lambda argv, env, timeout: _tools.runProcess(reactor, argv, env, timeout)  # noqa: E731
         self._runTool = runTool
+        journalRun = runBlocking
         if runBlocking is None:
+            # Imported here: mailproxy.routers imports the configuration
+            # parser, which may import this module (for MigrationSettings).
             from ..routers._blocking import ThreadRunner
 
-            self._threads = ThreadRunner(reactor, 4, "mailproxy-migration")
-            runBlocking = self._threads.run
+            # IMAP and ManageSieve conversations (two per verify) and file
+            # work; the journal has a thread of its own, so that its writes
+            # never wait behind a long verify.
+            runBlocking = ThreadRunner(reactor, 8, "mailproxy-migration").run
+            journalRun = ThreadRunner(reactor, 1, "mailproxy-migration-journal").run
         self._runBlocking = runBlocking
         self._clients = clients if clients is not None else _clients
         # The journal writes one at a time (it waits for each), in order.
-        self._journal = Journal(journalPath, runBlocking) if journalPath is not None else None
+        self._journal = Journal(journalPath, journalRun) if journalPath is not None else None
         self.workDirectory = (journalPath + ".d") if journalPath else os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"mailproxy-migration-{os.getpid()}"
         )
         self._campaigns: dict[str, Campaign] = {}
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._stopping = False
+        self._lateCalls: set[Any] = set()
         self.beforeVerify: Callable[[AccountJob], Any] | None = None
 
     # The API
@@ -469,10 +487,18 @@ class MigrationManager:
         domains = {d.lower().lstrip("@") for d in self.settings.onLoginDomains}
         if domains and account.rpartition("@")[2] not in domains:
             return
-        for existing in self._campaigns.values():
+        last = None
+        for existing in self.campaigns():
             found = existing.job(account)
-            if found is not None and existing.state == "running" and found.state not in _FINAL:
+            if found is None:
+                continue
+            if existing.state == "running" and found.state not in _FINAL:
                 return
+            if found.state == "done":
+                last = existing
+        if last is not None and not last.onLogin and last.target != target:
+            # An operator's campaign moved it here (a rollback): it stays.
+            return
         campaignId = f"on-login-{target}"
         current = self._campaigns.get(campaignId)
         if current is not None and current.state == "running":
@@ -500,6 +526,10 @@ class MigrationManager:
         again).
         """
         self._stopping = True
+        for call in self._lateCalls:
+            if call.active():
+                call.cancel()
+        self._lateCalls.clear()
         for campaign in self._campaigns.values():
             for account, running in list(campaign._running.items()):
                 job = campaign.job(account)
@@ -808,6 +838,7 @@ class MigrationManager:
             )
         except FirstError as error:
             error.subFailure.raiseException()
+        job.verified = {folder: [key for key, _, _ in messages] for folder, messages in before.items()}
         differences = compareFolders(before, after)
         job.messages = sum(len(messages) for messages in before.values())
         job.bytes = sum(size for messages in before.values() for _, size, _ in messages)
@@ -819,10 +850,68 @@ class MigrationManager:
         await self._save()
         try:
             await self.mover.move(campaign.target, [job.account], hold=0.0, drop=True)
-        except MoveError as error:
-            job.flip = None
-            raise StepFailed("flip", str(error)) from None
+        except Exception as error:
+            # The store may have failed after making the change: what it
+            # says now decides (the journal must not say a flip that
+            # happened did not).
+            try:
+                current = await self._currentBackend(job.account)
+            except Exception:
+                current = None
+            if current != campaign.target:
+                job.flip = None
+                message = str(error) if isinstance(error, MoveError) else f"{type(error).__name__}: {error}"
+                raise StepFailed("flip", _tools.scrub(message, self._secrets())) from None
         job.flip = "done"
+        source, target = self.backends.get(job.source), self.backends.get(campaign.target)
+        if source is None or target is None:
+            return
+        # Mail that reached the source after the final sync (a delivery
+        # under way when the account was held, or one that did not pass
+        # through the proxy) is copied now, still under the hold, and once
+        # more after a grace period.
+        await self._copyLate(campaign, job, source, target)
+        if self.settings.lateMailGrace > 0 and not self._stopping:
+            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
+            self._lateCalls.add(call)
+
+    def _lateAgain(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
+        self._lateCalls = {call for call in self._lateCalls if call.active()}
+        Deferred.fromCoroutine(self._copyLate(campaign, job, source, target))
+
+    async def _copyLate(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
+        """
+        Copy what reached the source since the verify; the account is on
+        the target already, so a failure is reported (an event with step
+        C{"late"}, a warning) but does not undo anything.
+        """
+        if job.verified is None:
+            return
+        timeout = self.settings.clientTimeout
+        try:
+            copied = await self._runBlocking(timeout, self._clients.copyLate, source, target, job.account, job.verified, timeout)
+        except Exception as error:
+            message = _tools.scrub(f"{type(error).__name__}: {error}", self._secrets())
+            self._stepEvent(campaign, job, "late", "failed", message)
+            self.log.warn(
+                "migration of {account}: mail that reached {source} after the flip was not copied: {error}",
+                account=job.account,
+                source=job.source,
+                error=message,
+            )
+            return
+        for folder, key in copied:
+            job.verified.setdefault(folder, []).append(key)
+        if copied:
+            job.messages += len(copied)
+            self._stepEvent(campaign, job, "late", "ok")
+            self.log.info(
+                "migration of {account}: {count} messages that reached {source} late copied to {target}",
+                account=job.account,
+                count=len(copied),
+                source=job.source,
+                target=campaign.target,
+            )
 
     # Resume
 

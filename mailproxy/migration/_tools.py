@@ -17,13 +17,15 @@ Two tools copy an account's mail from its current backend to the target:
     target's own and is removed after the run: a password on doveadm's
     command line (C{-o imapc_password=...}) would be visible in C{ps}.
 
-    Why not run doveadm elsewhere: C{doveadm -S host:port} (a doveadm
-    server) and C{doveadm sync tcp:host:port} reach a remote Dovecot, but
-    the former runs the command with the I{server's} settings (the C{-o}
-    imapc settings, and so the source's address and master password, are
-    not passed along; they would have to be written into the target's
-    configuration for every source), and the latter needs a local mail
-    storage and a userdb on the proxy host for the other side.  Neither is
+    Why not run doveadm elsewhere: C{doveadm backup -S host:port} (a
+    doveadm server) and C{doveadm sync tcp:host:port} reach a remote
+    Dovecot, but the former runs the command with the I{server's}
+    settings: the client's imapc settings, and so the source's address
+    and master password, are not passed along (Dovecot 2.3.19 answers
+    "Mailbox list driver imapc: missing imapc_host"); they would have to
+    be written into the target's configuration for every source.  The
+    latter needs a local mail storage and a userdb on the proxy host for
+    the other side.  Neither is
     something an operator can run from a proxy host without changing the
     mail servers.  So doveadm is used where the target's configuration is
     local (the proxy on the mail server, or run where the operator runs

@@ -123,6 +123,20 @@ def contents(server: Dovecot, account: str) -> list[tuple[str, str, str, str]]:
     return sorted(found)
 
 
+def uids(server: Dovecot, account: str) -> list[tuple[str, str, str]]:
+    """
+    Each message of C{account} on C{server} as folder, UID and Message-ID,
+    sorted.
+    """
+    text = server.doveadm("fetch", "-u", account, "mailbox uid hdr.message-id", "all").decode()
+    found = []
+    for block in text.split("\f"):
+        fields = dict(re.findall(r"^([a-z.-]+): ?(.*)$", block, re.MULTILINE))
+        if "mailbox" in fields:
+            found.append((fields["mailbox"], fields["uid"], fields.get("hdr.message-id", "").strip()))
+    return sorted(found)
+
+
 def subscriptions(server: Dovecot, account: str) -> set[str]:
     """
     The folders C{account} is subscribed to on C{server}.
@@ -253,12 +267,14 @@ class DoveadmMigrationTests(EngineTestCase):
     def test_campaignCopiesVerifiesAndFlips(self) -> Deferred[None]:
         """
         Three accounts migrate as one campaign, two at once, old read over
-        IMAPS: on new each has
-        the same messages in the same nested folders with the same flags
-        and keyword, the 2 MB message, the same subscriptions, and its
+        IMAPS: on new each has the same messages under the same UIDs in the
+        same nested folders with the same flags and keyword, the 2 MB
+        message, the same subscriptions, and its
         Sieve script active; a message delivered to old after the bulk copy
-        is there too (the final sync); every route names new, no login is
-        left held, and each account reported every step.
+        is there too (the final sync), and so is one delivered to old
+        after the verify (the late copy at the flip), each once; every
+        route names new, no login is left held, and each account reported
+        every step.
         """
         accounts = ACCOUNTS[0:3]
         for n, account in enumerate(accounts):
@@ -270,6 +286,12 @@ class DoveadmMigrationTests(EngineTestCase):
         def lateDelivery(event: dict[str, Any]) -> None:
             if event["step"] == "copy" and event["result"] == "ok":
                 self.servers.old.deliver(event["account"], message(f"{event['account']}-late@example.net", "late"))
+            if event["step"] == "verify" and event["result"] == "ok":
+                # After the final sync and the verify: only the late copy
+                # at the flip brings this one over.
+                self.servers.old.deliver(
+                    event["account"], message(f"{event['account']}-after-verify@example.net", "very late")
+                )
 
         manager.addObserver(lateDelivery)
 
@@ -283,9 +305,10 @@ class DoveadmMigrationTests(EngineTestCase):
             for account in accounts:
                 before = contents(self.servers.old, account)
                 self.assertEqual(contents(self.servers.new, account), before)
-                self.assertIn(("INBOX", f"<{account}-late@example.net>", "", before[-1][3]), [
-                    (m[0], m[1], m[2], before[-1][3]) for m in before
-                ])
+                self.assertEqual(uids(self.servers.new, account), uids(self.servers.old, account))
+                ids = [m[1] for m in contents(self.servers.new, account)]
+                self.assertEqual(ids.count(f"<{account}-late@example.net>"), 1)
+                self.assertEqual(ids.count(f"<{account}-after-verify@example.net>"), 1)
                 self.assertIn(("INBOX", "<" + account.split("@")[0] + "-inbox-0@example.net>", "$Important \\Flagged \\Seen"), [
                     m[:3] for m in contents(self.servers.new, account)
                 ])
@@ -296,7 +319,9 @@ class DoveadmMigrationTests(EngineTestCase):
                 self.assertFalse(self.held(account))
                 steps = [(e["step"], e["result"]) for e in self.events if e["account"] == account and e["event"] == "migration_step"]
                 self.assertEqual(
-                    steps, [(step, result) for step in ("copy", "hold", "sync", "verify", "flip") for result in ("started", "ok")]
+                    steps,
+                    [(step, result) for step in ("copy", "hold", "sync", "verify") for result in ("started", "ok")]
+                    + [("flip", "started"), ("late", "ok"), ("flip", "ok")],
                 )
             big = contents(self.servers.new, accounts[0])
             self.assertTrue(any(int(m[3]) > 2_000_000 for m in big), big)

@@ -73,6 +73,7 @@ class ScriptedClients:
     def __init__(self) -> None:
         self.mailboxes: dict[str, Any] = {"old": MAILBOX, "new": MAILBOX}
         self.calls: list[tuple[str, ...]] = []
+        self.late: list[list[tuple[str, str]]] = []
 
     def fingerprints(self, backend: Any, account: str, timeout: float) -> Any:
         self.calls.append(("fingerprints", backend.name, account))
@@ -84,6 +85,10 @@ class ScriptedClients:
     def copySubscriptions(self, source: Any, target: Any, account: str, timeout: float) -> int:
         self.calls.append(("subscriptions", source.name, target.name, account))
         return 0
+
+    def copyLate(self, source: Any, target: Any, account: str, known: Any, timeout: float) -> list[tuple[str, str]]:
+        self.calls.append(("late", source.name, target.name, account, repr(sorted((f, sorted(k)) for f, k in known.items()))))
+        return self.late.pop(0) if self.late else []
 
     def copySieve(self, source: Any, target: Any, account: str, timeout: float) -> int:
         self.calls.append(("sieve", source.name, target.name, account))
@@ -276,6 +281,56 @@ class StepTests(ManagerTestCase):
         self.assertEqual(seen[2], (True, True, b"* BYE " + MOVED.encode() + b"\r\n"))
         self.assertFalse(self.held("alice@example.org"))
         self.assertFalse(self.mailHeld("alice@example.org"))
+
+
+class LateMailTests(ManagerTestCase):
+    """
+    Mail that reaches the source after the final sync.
+    """
+
+    def test_copiedAtFlipAndAfterGrace(self) -> None:
+        """
+        Right after the flip (still under the hold) the source is compared
+        with what was verified and what is new is copied; once more after
+        C{lateMailGrace} seconds, knowing what was copied already; each
+        copy that moved mail is a C{late} event and counts its messages.
+        """
+        self.clients.late = [[("INBOX", "id:<late@x>")], [("Work/Sub", "id:<later@x>")]]
+        self.start(["alice@example.org"])
+        late = [call for call in self.clients.calls if call[0] == "late"]
+        verified = "[('INBOX', ['id:<a@x>', 'id:<b@x>']), ('Work/Sub', ['id:<c@x>'])]"
+        self.assertEqual(late, [("late", "old", "new", "alice@example.org", verified)])
+        self.assertEqual(self.steps("alice@example.org")[-3:], [("flip", "started"), ("late", "ok"), ("flip", "ok")])
+        self.proxy.clock.advance(self.settings.lateMailGrace)
+        late = [call for call in self.clients.calls if call[0] == "late"]
+        self.assertEqual(late[1][4], "[('INBOX', ['id:<a@x>', 'id:<b@x>', 'id:<late@x>']), ('Work/Sub', ['id:<c@x>'])]")
+        self.assertEqual(self.steps("alice@example.org")[-1], ("late", "ok"))
+        self.assertEqual(self.manager.campaigns()[0].accounts[0].messages, 5)
+
+    def test_lateFailureDoesNotUndo(self) -> None:
+        """
+        A late copy that fails is reported (without the password) and the
+        account stays done on the target.
+        """
+
+        def failing(*args: Any) -> Any:
+            raise OSError(f"lost connection ({MASTER_PASSWORD})")
+
+        self.clients.copyLate = failing  # type: ignore[method-assign]
+        campaign = self.start(["alice@example.org"])
+        self.assertEqual(campaign.accounts[0].state, "done")
+        self.assertEqual(self.route("alice@example.org"), "new")
+        [event] = [e for e in self.events if e["step"] == "late"]
+        self.assertEqual((event["result"], event["error"]), ("failed", "OSError: lost connection (********)"))
+
+    def test_stopCancelsPendingLateCopy(self) -> None:
+        """
+        Stopping the proxy cancels the copy planned after the grace period.
+        """
+        self.start(["alice@example.org"])
+        self.assertEqual(len(self.proxy.clock.getDelayedCalls()), 1)
+        self.successResultOf(self.manager.stop())
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
 
 
 class FailureTests(ManagerTestCase):
@@ -479,6 +534,28 @@ class LoginHoldMailTests(SynchronousTestCase):
         self.assertNoResult(waiting)
         first()
         self.successResultOf(waiting)
+
+
+class FlipStoreTests(ManagerTestCase):
+    """
+    A route store that fails after making the change.
+    """
+
+    def test_changeMadeDespiteError(self) -> None:
+        """
+        When the store raises after writing the change, the account is
+        done (the journal says so), as the store names the target.
+        """
+        original = self.store.setRoutes
+
+        def writeThenFail(changes: Any) -> None:
+            original(changes)
+            raise RuntimeError("connection lost after commit")
+
+        self.store.setRoutes = writeThenFail  # type: ignore[method-assign]
+        campaign = self.start(["alice@example.org"])
+        self.assertEqual((campaign.accounts[0].state, campaign.accounts[0].flip), ("done", "done"))
+        self.assertEqual(self.journal()["campaigns"][0]["accounts"][0]["flip"], "done")
 
 
 class ValidationTests(ManagerTestCase):
@@ -731,6 +808,18 @@ class OnLoginTests(ManagerTestCase):
         self.proxy.clock.advance(self.settings.sessionPoll)
         self.assertEqual(self.route("alice@example.org"), "new")
         self.assertEqual(self.manager.campaigns()[0].id, "on-login-new")
+
+    def test_rolledBackAccountStays(self) -> None:
+        """
+        An account an operator's campaign moved back from the on-login
+        target (a rollback) is not migrated again at its next login.
+        """
+        self.settings.onLogin = "new"
+        self.start(["alice@example.org"], "new")
+        self.start(["alice@example.org"], "old")
+        self.assertEqual(self.route("alice@example.org"), "old")
+        self.manager.queueOnLogin("alice@example.org", "old")
+        self.assertEqual(len(self.manager.campaigns()), 2)
 
     def test_filters(self) -> None:
         """

@@ -284,7 +284,7 @@ class FakeIMAP:
         raw = name[1:-1].replace('\\"', '"').encode()
         return "OK", [str(len(self.folders[raw])).encode()]
 
-    def fetch(self, sequence: str, items: str) -> tuple[str, list[Any]]:
+    def uid(self, command: str, sequence: str, items: str) -> tuple[str, list[Any]]:
         name = self.selected[-1][1:-1].replace('\\"', '"').encode()
         return "OK", self.folders[name]
 
@@ -307,9 +307,9 @@ class FingerprintTests(SynchronousTestCase):
         connection = FakeIMAP(
             {
                 b"INBOX": [
-                    (b'1 (FLAGS (\\Seen $Label1 \\Flagged) RFC822.SIZE 120 INTERNALDATE "01-Dec-2026 10:00:00 +0000" BODY[HEADER.FIELDS (MESSAGE-ID)] {22}', b"Message-ID: <a@x>\r\n\r\n"),
+                    (b'1 (UID 7 FLAGS (\\Seen $Label1 \\Flagged) RFC822.SIZE 120 INTERNALDATE "01-Dec-2026 10:00:00 +0000" BODY[HEADER.FIELDS (MESSAGE-ID)] {22}', b"Message-ID: <a@x>\r\n\r\n"),
                     b")",
-                    (b'2 (FLAGS () RFC822.SIZE 7 INTERNALDATE "02-Dec-2026 10:00:00 +0000" BODY[HEADER.FIELDS (MESSAGE-ID)] {2}', b"\r\n"),
+                    (b'2 (UID 9 FLAGS () RFC822.SIZE 7 INTERNALDATE "02-Dec-2026 10:00:00 +0000" BODY[HEADER.FIELDS (MESSAGE-ID)] {2}', b"\r\n"),
                     b")",
                 ],
                 b'Work.My "Sub"': [],
