@@ -121,6 +121,7 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
             "client_timeout": migration.clientTimeout,
             "session_poll": migration.sessionPoll,
             "sync_attempts": migration.syncAttempts,
+            "late_mail_grace": migration.lateMailGrace,
         }
     )
     return data

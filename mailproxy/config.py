@@ -1252,9 +1252,10 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
     The C{[migration]} table: the backend accounts migrate to when they log
     in (C{on_login}) and the domains that applies to, where the engine
     keeps its journal, how many accounts a campaign copies at once, the
-    sync tools it runs (and which one per target), its time limits, and
-    how often it runs the final sync and verify before a difference fails
-    an account.
+    sync tools it runs (and which one per target), its time limits, how
+    often it runs the final sync and verify before a difference fails an
+    account, and when it looks again for mail that reached the source
+    after the flip.
 
     @param backends: the configured backends, or L{None} if they could not
         be read (then the backends named here are not checked).
@@ -1263,7 +1264,7 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
         return MigrationSettings()
     table.allow(
         "on_login", "on_login_domains", "journal", "concurrency", "doveadm", "mbsync", "tools", "doveadm_config",
-        *(key for key, _ in _MIGRATION_TIMEOUTS), "sync_attempts",
+        *(key for key, _ in _MIGRATION_TIMEOUTS), "sync_attempts", "late_mail_grace",
     )
 
     def backend(name: str, key: str | int, where: Table) -> None:
@@ -1326,6 +1327,7 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
         tools=table.collect(lambda: perBackend("tools", lambda t, n: t.string(n, None, MIGRATION_TOOLS)), {}),
         doveadmConfig=table.collect(lambda: perBackend("doveadm_config", lambda t, n: t.path(n)), {}),
         syncAttempts=table.collect(lambda: table.integer("sync_attempts", defaults.syncAttempts, 1, 10), 1),
+        lateMailGrace=table.collect(lambda: table.number("late_mail_grace", defaults.lateMailGrace, 0), 0.0),
         **{attribute: value for attribute, value in values.items() if value is not None},
     )
 

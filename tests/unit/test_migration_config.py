@@ -10,6 +10,8 @@ import os
 import sys
 import tomllib
 
+import attrs
+
 from mailproxy.cli import main
 from mailproxy.config import ConfigError, loadConfig, parseConfig
 from mailproxy.migration import MigrationSettings
@@ -102,6 +104,28 @@ class MigrationConfigTests(ConfigTestCase):
         ):
             self.assertConfigError(configText(extra=f"{NEW}[migration]\n{extra}\n"), key, fragment)
 
+    def test_everySettingHasAKey(self) -> None:
+        """
+        Every setting of the engine can be set in C{[migration]}: a table
+        giving each key a value other than its default changes every
+        attribute (so a setting the engine adds without a key here fails
+        this test).
+        """
+        os.makedirs(os.path.join(self.directory, "state"))
+        self.write("dovecot.conf", "")
+        settings = self.parse(
+            configText(
+                extra=NEW
+                + '[migration]\non_login = "new"\non_login_domains = ["example.org"]\njournal = "state/j.json"\n'
+                'concurrency = 2\ndoveadm = "/usr/local/bin/doveadm"\nmbsync = "/usr/local/bin/mbsync"\n'
+                'tools = { new = "mbsync" }\ndoveadm_config = { new = "dovecot.conf" }\ncopy_timeout = 1\n'
+                "hold_timeout = 1\nclient_timeout = 1\nsession_poll = 1\nsync_attempts = 5\nlate_mail_grace = 0\n"
+            )
+        ).migration
+        defaults = MigrationSettings()
+        unchanged = [a.name for a in attrs.fields(MigrationSettings) if getattr(settings, a.name) == getattr(defaults, a.name)]
+        self.assertEqual(unchanged, [])
+
     def test_onLoginUnknownBackend(self) -> None:
         """
         C{on_login} must name a configured backend; the message lists them
@@ -171,7 +195,8 @@ class MigrationConfigTests(ConfigTestCase):
             configText(extra="[migration]\nconcurency = 2\n"),
             "migration.concurency",
             "unknown key; allowed keys here: on_login, on_login_domains, journal, concurrency, doveadm, mbsync, "
-            "tools, doveadm_config, copy_timeout, hold_timeout, client_timeout, session_poll, sync_attempts",
+            "tools, doveadm_config, copy_timeout, hold_timeout, client_timeout, session_poll, sync_attempts, "
+            "late_mail_grace",
             "(did you mean 'concurrency'?)",
         )
 
@@ -228,6 +253,6 @@ class MigrationConfigShowTests(ConfigTestCase):
             {"on_login": "new", "concurrency": 4, "doveadm": "doveadm", "mbsync": "mbsync", "tools": {"new": "doveadm"},
              "doveadm_config": {"new": dovecot}, "copy_timeout": defaults.copyTimeout, "hold_timeout": defaults.holdTimeout,
              "client_timeout": defaults.clientTimeout, "session_poll": defaults.sessionPoll,
-             "sync_attempts": defaults.syncAttempts},
+             "sync_attempts": defaults.syncAttempts, "late_mail_grace": defaults.lateMailGrace},
         )
         self.assertEqual(parseConfig(out.getvalue(), path), loadConfig(path))
