@@ -163,7 +163,8 @@ def campaignLine(campaign: dict[str, Any]) -> str:
     One line on a campaign: accounts done of total, failures, messages,
     bytes, rate and time left.
     """
-    return f"migration {campaign['id']} to {campaign.get('target', '?')}: " + ", ".join(_figures(campaign, "accounts done"))
+    kind = "dry run" if campaign.get("dry_run") else "migration"
+    return f"{kind} {campaign['id']} to {campaign.get('target', '?')}: " + ", ".join(_figures(campaign, "accounts done"))
 
 
 def accountLine(account: dict[str, Any]) -> str:

@@ -269,14 +269,16 @@ class MigrateCommandTests(SynchronousTestCase):
 
     def test_listStatusCancel(self) -> None:
         """
-        C{--list} prints one line per campaign, C{--status ID} the campaign
+        C{--list} prints one line per campaign (a dry run says so),
+        C{--status ID} the campaign
         and its accounts (exit 1 if it ended with failures), C{--cancel ID}
         cancels it.
         """
         running = campaign("running", [account("a@x", "copying", 2, 20), account("b@x")])
         ended = campaign("done", [account("a@x", "failed", step="copy", error="doveadm: mailbox locked")], id="c2")
+        dry = campaign("done", [account("a@x")], id="c3", dry_run=True)
         self.answers += [
-            (200, {"count": 2, "migrations": [running, ended]}),
+            (200, {"count": 3, "migrations": [running, ended, dry]}),
             (200, running),
             (200, ended),
             (200, dict(running, state="cancelled")),
@@ -293,7 +295,8 @@ class MigrateCommandTests(SynchronousTestCase):
             self.out.getvalue(),
             "c1 running 2026-12-04T08:00:00Z migration c1 to new: 0/2 accounts done, 2 messages, 20 B, 2.0 MiB/s, ETA 1:15\n"
             "c2 done 2026-12-04T08:00:00Z migration c2 to new: 0/1 accounts done, 1 failed, 0 messages, 0 B\n"
-            "2 campaigns\n"
+            "c3 done 2026-12-04T08:00:00Z dry run c3 to new: 0/1 accounts done, 0 messages, 0 B\n"
+            "3 campaigns\n"
             "migration c1 to new: 0/2 accounts done, 2 messages, 20 B, 2.0 MiB/s, ETA 1:15\n"
             "  a@x: copying (2 messages, 20 B)\n"
             "  b@x: queued\n"
