@@ -10,7 +10,9 @@ C{{"event": "migration_step", "campaign", "account", "source", "target",
 "started" | "ok" | "failed", "messages", "bytes", "error"}}, and once per
 account at its end C{{"event": "migration_account", ..., "result": "done" |
 "failed" | "cancelled"}}; C{messages} and C{bytes} are the account's (known
-from its verify on).
+from its verify on).  Mail that reached the source after the flip is
+copied at the flip and once more a while after the account's end: a step
+C{"late"} that reports only C{"ok"} or C{"failed"}.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class StepLog:
         size = event.get("bytes") or 0
         if kind == ACCOUNT_EVENT:
             self.stats.migrationEnded(campaign, account, result, size if result == "done" else 0)
-        else:
+        elif result == "started":
+            # Only a step that starts puts the account in flight: the look
+            # for late mail after the end reports "ok" or "failed" alone.
             self.stats.migrationStep(campaign, account)
         error = event.get("error")
         fields: dict[str, Any] = {

@@ -217,8 +217,8 @@ class ProxyStats:
 
     def migrationStep(self, campaign: str, account: str) -> None:
         """
-        A step of C{account}'s migration in C{campaign} began or ended: the
-        account is being migrated.
+        A step of C{account}'s migration in C{campaign} began: the account
+        is being migrated.
         """
         self.migrating.add((campaign, account))
 

@@ -125,6 +125,21 @@ class StepLogTests(SynchronousTestCase):
             {"inFlight": 1, "ended": {"done": 1, "failed": 1}, "bytes": 5000},
         )
 
+    def test_lateMailAfterTheEnd(self) -> None:
+        """
+        The engine's second look for late mail, after the account's end,
+        neither puts the account back in flight nor counts it again.
+        """
+        self.observer(stepEvent("a@x", "copy", "started"))
+        self.observer(stepEvent("a@x", "late", "ok"))
+        self.observer(accountEvent("a@x", "done", bytes=5000))
+        self.observer(stepEvent("a@x", "late", "ok"))
+        self.observer(stepEvent("a@x", "late", "failed", error="late: IMAP trouble"))
+        samples = self.metrics()
+        self.assertEqual(samples[("mailproxy_migrations_in_flight", ())], 0)
+        self.assertEqual(samples[("mailproxy_migrations_total", (("result", "done"),))], 1)
+        self.assertEqual(len(self.events), 5)
+
 
 class FakeSession:
     """
