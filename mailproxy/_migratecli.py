@@ -175,7 +175,12 @@ def accountLine(account: dict[str, Any]) -> str:
     text = f"{account['account']}: {state}"
     if state == "failed":
         step = account.get("step")
-        text += (f" at {step}" if step else "") + f": {account.get('error') or 'no reason given'}"
+        error = account.get("error") or "no reason given"
+        if step:
+            # The engine's reason may start with the step's name already.
+            text += f" at {step}"
+            error = error.removeprefix(f"{step}: ")
+        text += f": {error}"
     elif state in ACTIVE_STATES or state == "done":
         text += f" ({_plural(account.get('messages', 0) or 0, 'message')}, {formatBytes(account.get('bytes', 0) or 0)})"
     return text

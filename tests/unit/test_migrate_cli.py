@@ -145,9 +145,10 @@ class MigrateCommandTests(SynchronousTestCase):
     def test_failedAccount(self) -> None:
         """
         An account that fails is printed with the step and the engine's
-        reason; the campaign's outcome counts it, and the exit status is 1.
+        reason (its leading step name said once); the campaign's outcome
+        counts it, and the exit status is 1.
         """
-        failed = account("b@x", "failed", step="verify", error="INBOX: 2 messages missing on new")
+        failed = account("b@x", "failed", step="verify", error="verify: INBOX: 2 messages missing on new")
         self.answers += [
             (200, campaign("running", [account("a@x"), account("b@x")])),
             (200, campaign("done", [account("a@x", "done", 1, 10), failed])),
