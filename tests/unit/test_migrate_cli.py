@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
+import subprocess
 import sys
 from typing import Any
 
@@ -361,6 +363,54 @@ class MigrateCommandTests(SynchronousTestCase):
             "stop it with mailproxy migrate --cancel c1\n",
             self.err.getvalue(),
         )
+
+
+class DocumentTests(SynchronousTestCase):
+    """
+    C{migrate} in the generated man page and bash completion.
+    """
+
+    def test_manPage(self) -> None:
+        """
+        The man page has a section for C{mailproxy migrate} with its usage
+        forms and options.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(main(["manpage"]), 0)
+        section = out.getvalue().split('.SS "mailproxy migrate"\n', 1)[1].split(".SS ", 1)[0]
+        for text in ("\\-\\-to", "\\-\\-from\\-file", "\\-\\-list", "\\-\\-status", "\\-\\-cancel", "\\-\\-concurrency"):
+            self.assertIn(text, section)
+        self.assertIn("ACCOUNT ... \\-\\-to BACKEND", section)
+
+    def test_completion(self) -> None:
+        """
+        bash completes C{migrate}'s options, and a file name after
+        C{--from-file}.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "week3.txt"), "w") as f:
+            f.write("a@x\n")
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(main(["completion", "bash"]), 0)
+        script = os.path.join(directory, "completion.bash")
+        with open(script, "w") as f:
+            f.write(out.getvalue())
+
+        def complete(*words: str) -> list[str]:
+            line = " ".join(shlex.quote(word) for word in words)
+            program = (
+                f"source {shlex.quote(script)}; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); "
+                'cd "$1"; _mailproxy; printf "%s\\n" "${COMPREPLY[@]}"'
+            )
+            done = subprocess.run(["bash", "-c", program, "bash", directory], capture_output=True, text=True, check=True)
+            return [word for word in done.stdout.splitlines() if word]
+
+        self.assertEqual(complete("mailproxy", "mig"), ["migrate"])
+        self.assertEqual(complete("mailproxy", "migrate", "--co"), ["--config", "--concurrency"])
+        self.assertEqual(complete("mailproxy", "migrate", "--from-file", "we"), ["week3.txt"])
 
 
 class FormatTests(SynchronousTestCase):
