@@ -89,7 +89,9 @@ def addMigrateCommand(commands: Any, common: argparse.ArgumentParser) -> None:
         "--from-file", metavar="FILE",
         help="also migrate the accounts listed in FILE, one per line (- for standard input; blank lines and # comments are skipped)",
     )
-    migrate.add_argument("--domain", metavar="DOMAIN", help="also migrate every account of DOMAIN")
+    migrate.add_argument(
+        "--domain", metavar="DOMAIN", help="also migrate the accounts of DOMAIN that have an entry of their own in the route store"
+    )
     migrate.add_argument("--dry-run", action="store_true", help="only show which accounts would be migrated, from where")
     migrate.add_argument(
         "--concurrency", type=_concurrency, metavar="N",
