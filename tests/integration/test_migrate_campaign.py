@@ -351,7 +351,8 @@ class Load:
     @ivar failures: what went wrong that a user would call an error: a
         login refused or broken, a session that ended other than by the
         proxy's C{moved} goodbye, a message refused for good.
-    @ivar drops: sessions the proxy dropped with its C{moved} goodbye.
+    @ivar drops: sessions the proxy dropped with its C{moved} goodbye, by
+        protocol (C{"... login"}: while they were logging in).
     @ivar logins: successful logins, by protocol.
     @ivar delivered: Message-IDs accepted by MX, by account.
     @ivar times: when each protocol's logins succeeded, and MX deliveries
@@ -405,6 +406,22 @@ class Load:
         with self._lock:
             return {kind: sum(1 for t in times if start <= t <= end) for kind, times in self.times.items()}
 
+    def _refusedAtHold(self, protocol: str, account: str, answer: str) -> bool:
+        """
+        A login was refused or cut: with the proxy's C{moved} goodbye, it
+        was under way at the backend when its account's hold began (the
+        hold drops the account's sessions, logging in or not), which
+        counts as a drop; anything else is a failure.
+
+        @return: whether it was the hold's.
+        """
+        if "moved" in answer.lower():
+            with self._lock:
+                self.drops[f"{protocol} login"] += 1
+            return True
+        self._fail(f"{protocol} login of {account}: {answer}")
+        return False
+
     def _fail(self, text: str) -> None:
         with self._lock:
             self.failures.append(text)
@@ -429,7 +446,15 @@ class Load:
             with self._lock:
                 self._clients.append(client)
             try:
-                reply = client.command(f'LOGIN "{account}" "{PASSWORD}"')
+                client.connection.sendall(f'l LOGIN "{account}" "{PASSWORD}"\r\n'.encode())
+                reply = []
+                try:
+                    while not reply or not reply[-1].startswith(b"l "):
+                        reply.append(client.readLine())
+                except EOFError:
+                    if self._refusedAtHold("imap", account, repr(reply)):
+                        continue
+                    return
                 if reply[-1].split()[1] != b"OK":
                     self._fail(f"IMAP login of {account}: {reply[-1]!r}")
                     return
@@ -460,7 +485,9 @@ class Load:
                     client.user(account)
                     client.pass_(PASSWORD)
                 except poplib.error_proto as e:
-                    self._fail(f"POP3 login of {account}: {e}")
+                    client.close()
+                    if self._refusedAtHold("pop3", account, str(e)):
+                        continue
                     return
                 self._count("pop3")
                 try:
@@ -482,10 +509,16 @@ class Load:
                 if self._stop.is_set():
                     return
                 client = smtplib.SMTP_SSL("127.0.0.1", self.proxy.submission, timeout=TIMEOUT, context=context)
+                # One AUTH PLAIN (smtplib's login() would try the next
+                # mechanism after a refusal, on a closed connection).
+                client.user, client.password = account, PASSWORD
                 try:
-                    client.login(account, PASSWORD)
-                except smtplib.SMTPException as e:
-                    self._fail(f"submission login of {account}: {e}")
+                    client.ehlo()
+                    client.auth("PLAIN", client.auth_plain)
+                except smtplib.SMTPResponseException as e:
+                    client.close()
+                    if self._refusedAtHold("submission", account, f"{e.smtp_code} {e.smtp_error!r}"):
+                        continue
                     return
                 self._count("submission")
                 try:
