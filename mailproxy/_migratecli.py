@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from ._adminclient import AdminClient, AdminError
+from ._adminclient import AdminClient, AdminError, EndpointUnreachable
 from .config import MAX_MIGRATION_CONCURRENCY
 
 __all__ = ["addMigrateCommand", "migrate", "ProgressView", "formatBytes", "formatDuration"]
@@ -338,9 +338,7 @@ def follow(
         sleep(POLL_INTERVAL)
         try:
             campaign = client.call("GET", path)
-        except AdminError as e:
-            if "cannot reach" not in str(e):
-                raise
+        except EndpointUnreachable as e:
             now = clock()
             if lost is None:
                 lost = now

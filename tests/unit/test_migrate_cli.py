@@ -18,7 +18,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import _migratecli
-from mailproxy._adminclient import AdminClient, AdminError
+from mailproxy._adminclient import AdminClient, EndpointUnreachable
 from mailproxy._migratecli import ProgressView, formatBytes, formatDuration
 from mailproxy.cli import main
 
@@ -325,7 +325,7 @@ class MigrateCommandTests(SynchronousTestCase):
         command says so once and keeps looking; when it answers again the
         command goes on to the end.
         """
-        away = AdminError("cannot reach the management endpoint at http://127.0.0.1:19443: Connection refused")
+        away = EndpointUnreachable("cannot reach the management endpoint at http://127.0.0.1:19443: Connection refused")
         self.answers += [
             (200, campaign("running", [account("a@x")])),
             away, away, away,
@@ -343,13 +343,26 @@ class MigrateCommandTests(SynchronousTestCase):
         An endpoint away for longer than L{_migratecli.RECONNECT_WAIT} ends
         the command with status 1, saying the campaign goes on.
         """
-        away = AdminError("cannot reach the management endpoint at http://127.0.0.1:19443: Connection refused")
+        away = EndpointUnreachable("cannot reach the management endpoint at http://127.0.0.1:19443: Connection refused")
         self.answers += [(200, campaign("running", [account("a@x")]))] + [away] * 200
         self.assertEqual(self.command("a@x", "--to", "new"), 1)
         self.assertTrue(
             self.err.getvalue().endswith(f"mailproxy migrate: {away} for 120s; campaign c1 goes on in the proxy\n"),
             self.err.getvalue(),
         )
+
+    def test_campaignGone(self) -> None:
+        """
+        A proxy that answers but no longer knows the campaign (404) ends
+        the command at once with its reason, without waiting.
+        """
+        self.answers += [
+            (200, campaign("running", [account("a@x")])),
+            (404, {"error": "no migration campaign 'c1'"}),
+        ]
+        self.assertEqual(self.command("a@x", "--to", "new"), 1)
+        self.assertEqual(self.err.getvalue(), "mailproxy migrate: GET /migrations/c1: 404 no migration campaign 'c1'\n")
+        self.assertEqual(self.time.slept, [1.0])
 
     def test_interrupted(self) -> None:
         """
