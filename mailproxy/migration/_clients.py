@@ -66,9 +66,10 @@ def _imap(backend: Backend, account: str, timeout: float) -> imaplib.IMAP4:
     mode = backend.tlsFor("imap")
     port = backend.port("imap")
     serverName = backend.serverName or backend.host
+    connection: imaplib.IMAP4 | None = None
     try:
         if mode == "implicit":
-            connection: imaplib.IMAP4 = _IMAP4TLS(backend.host, port, serverName, _context(backend), timeout)
+            connection = _IMAP4TLS(backend.host, port, serverName, _context(backend), timeout)
         else:
             connection = imaplib.IMAP4(backend.host, port, timeout=timeout)
             if mode == "starttls":
@@ -77,6 +78,11 @@ def _imap(backend: Backend, account: str, timeout: float) -> imaplib.IMAP4:
                 connection.starttls(_context(backend))
         connection.authenticate("PLAIN", lambda _: _plain(backend, account))
     except (imaplib.IMAP4.error, OSError) as error:
+        if connection is not None:
+            try:
+                connection.shutdown()
+            except OSError:
+                pass
         raise ClientError(f"IMAP on {backend.name} ({backend.host}:{port}) for {account}: {_text(error)}") from None
     return connection
 
@@ -316,16 +322,20 @@ class _Sieve:
         self.name = f"ManageSieve on {backend.name} ({backend.host}:{port}) for {account}"
         raw = socket.create_connection((backend.host, port), timeout)
         self.socket: Any = raw
-        if mode == "implicit":
-            self.socket = _context(backend).wrap_socket(raw, server_hostname=backend.serverName or backend.host)
         self.buffer = b""
-        self.response()
-        if mode == "starttls":
-            self.command(b"STARTTLS")
-            self.socket = _context(backend).wrap_socket(self.socket, server_hostname=backend.serverName or backend.host)
+        try:
+            if mode == "implicit":
+                self.socket = _context(backend).wrap_socket(raw, server_hostname=backend.serverName or backend.host)
             self.response()
-        secret = base64.b64encode(_plain(backend, account))
-        self.command(b'AUTHENTICATE "PLAIN" "' + secret + b'"', what="AUTHENTICATE")
+            if mode == "starttls":
+                self.command(b"STARTTLS")
+                self.socket = _context(backend).wrap_socket(self.socket, server_hostname=backend.serverName or backend.host)
+                self.response()
+            secret = base64.b64encode(_plain(backend, account))
+            self.command(b'AUTHENTICATE "PLAIN" "' + secret + b'"', what="AUTHENTICATE")
+        except BaseException:
+            self.socket.close()
+            raise
 
     def _fill(self) -> None:
         data = self.socket.recv(65536)

@@ -17,11 +17,11 @@ Per account, in order (each step is one event to the observers):
      difference runs steps 3 and 4 once more (C{syncAttempts}), then
      fails the account;
   5. C{flip}: the route store names the target (the proxy's L{Mover}, which
-     forgets cached routes too); mail that reached the source after the
-     final sync anyway (a delivery under way when the hold began, or one
-     that did not pass through the proxy) is copied over IMAP, and the hold
-     ends.  The source is looked at once more C{lateMailGrace} seconds
-     later (an event with step C{"late"} when that copied or failed).
+     forgets cached routes too), and the hold ends.  Then mail that
+     reached the source after the final sync anyway (a delivery under way
+     when the hold began, or one that did not pass through the proxy) is
+     copied over IMAP, at once and again C{lateMailGrace} seconds later
+     (an event with step C{"late"} when that copied or failed).
 
 A failure at any step leaves the route where it was, ends the hold, and
 says which step failed and why (a tool's own error output, never a
@@ -399,6 +399,7 @@ class MigrationManager:
         self._observers: list[Callable[[dict[str, Any]], None]] = []
         self._stopping = False
         self._lateCalls: set[Any] = set()
+        self._refusedOnLogin: set[str] = set()
         self.beforeVerify: Callable[[AccountJob], Any] | None = None
 
     # The API
@@ -458,7 +459,7 @@ class MigrationManager:
             if found is not None and found.state != "flipping":
                 running.cancel()
         self._finishIfDone(campaign)
-        self._save()
+        self._saveSoon()
         return True
 
     def resume(self) -> Deferred[None]:
@@ -499,6 +500,17 @@ class MigrationManager:
         if last is not None and not last.onLogin and last.target != target:
             # An operator's campaign moved it here (a rollback): it stays.
             return
+        try:
+            self._checkBackend(self.backends[backend], "source", account)
+            self._checkBackend(self.backends[target], "target", account)
+            if findRouteStore(self.router) is None:
+                raise MigrationError(f"the router ({self.routerName or type(self.router).__name__}) cannot change routes")
+        except MigrationError as error:
+            # Said once per backend, not at every login.
+            if backend not in self._refusedOnLogin:
+                self._refusedOnLogin.add(backend)
+                self.log.warn("no migration on login from {backend}: {error}", backend=backend, error=str(error))
+            return
         campaignId = f"on-login-{target}"
         current = self._campaigns.get(campaignId)
         if current is not None and current.state == "running":
@@ -516,7 +528,7 @@ class MigrationManager:
             self._campaigns[campaign.id] = campaign
         job = AccountJob(account=account, source=backend, tool=self.settings.toolFor(target))
         campaign.accounts.append(job)
-        self._save()
+        self._saveSoon()
         self._launch(campaign, job)
 
     def stop(self) -> Deferred[None]:
@@ -577,7 +589,8 @@ class MigrationManager:
                 raise MigrationError(f"{name} is routed to {source!r}, which is not a configured backend")
             if source == target:
                 raise MigrationError(f"{name} is already on {target}")
-            self._checkBackend(self.backends[source], "source")
+            self._checkBackend(self.backends[source], "source", name)
+            self._checkBackend(self.backends[target], "target", name)
             jobs.append(AccountJob(account=name, source=source, tool=tool))
         campaign = Campaign(
             id=uuid.uuid4().hex[:12],
@@ -607,13 +620,18 @@ class MigrationManager:
             self._launch(campaign, job)
         return campaign
 
-    def _checkBackend(self, backend: Backend, role: str) -> None:
+    def _checkBackend(self, backend: Backend, role: str, account: str | None = None) -> None:
         if backend.masterUser is None or backend.masterPassword is None:
             raise MigrationError(
                 f"{role} backend {backend.name!r} has no master_user and master_password: the migration logs in with them"
             )
         if "imap" not in backend.ports:
             raise MigrationError(f"{role} backend {backend.name!r} has no IMAP port")
+        if account is not None and backend.masterSeparator and backend.masterSeparator in account:
+            # ACCOUNT<separator>MASTER would name another login.
+            raise MigrationError(
+                f"{account} has {backend.name}'s master user separator {backend.masterSeparator!r} in its name"
+            )
 
     async def _currentBackend(self, account: str) -> str | None:
         """
@@ -747,6 +765,15 @@ class MigrationManager:
             if timer.active():
                 timer.cancel()
             release()
+        # Mail that reached the source after the final sync (a delivery
+        # under way when the account was held, or one that did not pass
+        # through the proxy) is copied now, and once more after a grace
+        # period.  Not under the hold: it only adds messages the target
+        # lacks, and a slow source must not keep the logins waiting.
+        await self._copyLate(campaign, job, source, target)
+        if self.settings.lateMailGrace > 0 and not self._stopping:
+            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
+            self._lateCalls.add(call)
 
     async def _step(self, campaign: Campaign, job: AccountJob, step: str, run: Callable[[], Any]) -> None:
         job.state = _STEP_STATE[step]
@@ -863,17 +890,6 @@ class MigrationManager:
                 message = str(error) if isinstance(error, MoveError) else f"{type(error).__name__}: {error}"
                 raise StepFailed("flip", _tools.scrub(message, self._secrets())) from None
         job.flip = "done"
-        source, target = self.backends.get(job.source), self.backends.get(campaign.target)
-        if source is None or target is None:
-            return
-        # Mail that reached the source after the final sync (a delivery
-        # under way when the account was held, or one that did not pass
-        # through the proxy) is copied now, still under the hold, and once
-        # more after a grace period.
-        await self._copyLate(campaign, job, source, target)
-        if self.settings.lateMailGrace > 0 and not self._stopping:
-            call = self.reactor.callLater(self.settings.lateMailGrace, self._lateAgain, campaign, job, source, target)
-            self._lateCalls.add(call)
 
     def _lateAgain(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend) -> None:
         self._lateCalls = {call for call in self._lateCalls if call.active()}
@@ -983,6 +999,13 @@ class MigrationManager:
                 done=sum(1 for job in campaign.accounts if job.state == "done"),
                 total=len(campaign.accounts),
             )
+
+    def _saveSoon(self) -> None:
+        """
+        Write the journal without waiting for it (a caller that cannot
+        wait); a failure is logged.
+        """
+        self._save().addErrback(lambda failure: self.log.failure("writing the migration journal", failure))
 
     def _save(self) -> Deferred[None]:
         if self._journal is None:

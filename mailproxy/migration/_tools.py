@@ -253,8 +253,8 @@ def doveadmConfiguration(source: Backend, targetConfig: str) -> str:
 
     @raise ValueError: C{source} has no master user or no IMAP port.
     """
-    if source.masterUser is None or source.masterPassword is None:
-        raise ValueError(f"backend {source.name!r} has no master_user and master_password")
+    _checkMaster(source)
+    assert source.masterUser is not None and source.masterPassword is not None
     if any(c in targetConfig for c in "\r\n"):
         raise ValueError(f"unusable Dovecot configuration path {targetConfig!r}")
     ssl = {"none": "no", "starttls": "starttls", "implicit": "imaps"}[source.tlsFor("imap")]
@@ -316,9 +316,21 @@ def _mbsyncValue(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _mbsyncAccount(name: str, backend: Backend, account: str) -> list[str]:
+def _checkMaster(backend: Backend) -> None:
+    """
+    @raise ValueError: C{backend} has no master user, or one that cannot
+        be written on one line of a configuration file (the message does
+        not quote it).
+    """
     if backend.masterUser is None or backend.masterPassword is None:
         raise ValueError(f"backend {backend.name!r} has no master_user and master_password")
+    if any(c in backend.masterUser.encode() + backend.masterPassword for c in b"\r\n\0"):
+        raise ValueError(f"the master user or password of backend {backend.name!r} has a line break or NUL")
+
+
+def _mbsyncAccount(name: str, backend: Backend, account: str) -> list[str]:
+    _checkMaster(backend)
+    assert backend.masterUser is not None and backend.masterPassword is not None
     mode = {"none": "None", "starttls": "STARTTLS", "implicit": "IMAPS"}[backend.tlsFor("imap")]
     lines = [
         f"IMAPAccount {name}",

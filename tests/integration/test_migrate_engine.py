@@ -28,6 +28,7 @@ from twisted.trial.unittest import TestCase
 from mailproxy._migrate import LoginHold, Mover
 from mailproxy._session import SessionRegistry
 from mailproxy.migration import Campaign, MigrationManager, MigrationSettings
+from mailproxy.migration._tools import runProcess
 from mailproxy.model import Backend, ClientInfo, Credentials, RouteRequest
 from mailproxy.routers.static import StaticRouter
 
@@ -35,7 +36,7 @@ from .servers import Dovecot, TestCA, fixtureDirectory, requireServer, sharedFix
 
 MASTER = ("proxy", "engine-master-secret")
 WRONG_MASTER = "wrong-master-Zq8x"
-ACCOUNTS = [f"mig{n}@example.org" for n in range(8)]
+ACCOUNTS = [f"mig{n}@example.org" for n in range(11)]
 PASSWORD = "user-password-never-used"
 SIEVE_SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "report" { fileinto "Work"; }\r\n'
 
@@ -190,9 +191,10 @@ class EngineTestCase(TestCase):
             masterPassword=masterPassword.encode(),
         )
 
-    def manager(self, tool: str = "doveadm") -> MigrationManager:
+    def manager(self, tool: str = "doveadm", runTool: Any = None) -> MigrationManager:
         """
-        A manager whose target copies use C{tool}.
+        A manager whose target copies use C{tool} (run by C{runTool}, by
+        default as subprocesses).
         """
         self.router = StaticRouter(str(self.routesPath), self.backends, reactor=reactor)
         self.sessions = SessionRegistry()
@@ -213,6 +215,7 @@ class EngineTestCase(TestCase):
             settings=settings,
             journalPath=str(self.directory / "migrations.json"),
             routerName="static",
+            runTool=runTool,
         )
         manager.addObserver(self.events.append)
         self.addCleanup(manager.stop)
@@ -321,7 +324,7 @@ class DoveadmMigrationTests(EngineTestCase):
                 self.assertEqual(
                     steps,
                     [(step, result) for step in ("copy", "hold", "sync", "verify") for result in ("started", "ok")]
-                    + [("flip", "started"), ("late", "ok"), ("flip", "ok")],
+                    + [("flip", "started"), ("flip", "ok"), ("late", "ok")],
                 )
             big = contents(self.servers.new, accounts[0])
             self.assertTrue(any(int(m[3]) > 2_000_000 for m in big), big)
@@ -458,5 +461,113 @@ class MbsyncMigrationTests(EngineTestCase):
             self.assertIn("filters ACTIVE", self.servers.new.doveadm("sieve", "list", "-u", account).decode())
             self.assertEqual(self.route(account), "new")
             self.assertEqual(campaign.accounts[0].tool, "mbsync")
+
+        return Deferred.fromCoroutine(run())
+
+
+class ResumeTests(EngineTestCase):
+    """
+    A proxy killed in the middle of a campaign, then started again.
+    """
+
+    def test_killedCampaignResumes(self) -> None:
+        """
+        Three accounts; the proxy dies while one is in its final sync (its
+        logins held) and while another's route change was written but not
+        yet journalled as done.  A new manager (a fresh proxy: no hold) on
+        the same journal and route table runs the first again from the
+        copy and flips it, does not write the second's route again, and
+        leaves the finished third alone; every account's mail is on new
+        exactly once.
+        """
+        killedInSync, killedInFlip, finished = ACCOUNTS[8:11]
+        for account in (killedInSync, killedInFlip, finished):
+            fill(self.servers.old, account)
+
+        def finishedIsDone() -> bool:
+            return any(e["event"] == "migration_account" and e["account"] == finished for e in self.events)
+
+        async def afterFinished(argv: Any, env: Any, timeout: float) -> Any:
+            # The dying flip holds the route store's lock for good: the
+            # finished account flips before it.
+            while not finishedIsDone():
+                waited: Deferred[None] = Deferred()
+                reactor.callLater(0.05, waited.callback, None)
+                await waited
+            return await runProcess(reactor, argv, env, timeout)
+
+        # What the dead process was waiting for; answered at the end, so
+        # that its timers go.
+        dying: list[Deferred[Any]] = []
+
+        def dyingTool(argv: Any, env: Any, timeout: float) -> Deferred[Any]:
+            if killedInSync in argv and any(e["account"] == killedInSync and e["step"] == "sync" for e in self.events):
+                # The process dies here: this never returns.
+                dying.append(Deferred())
+                return dying[-1]
+            if killedInFlip in argv:
+                return Deferred.fromCoroutine(afterFinished(argv, env, timeout))
+            return runProcess(reactor, argv, env, timeout)
+
+        first = self.manager("doveadm", runTool=dyingTool)
+        written = self.router.setRoutes
+
+        def dyingWrite(changes: Any) -> Any:
+            result = written(changes)
+            if killedInFlip in changes:
+                # Written, then the process dies before it hears back.
+                dying.append(Deferred())
+                return dying[-1]
+            return result
+
+        self.router.setRoutes = dyingWrite  # type: ignore[method-assign]
+
+        async def run() -> None:
+            campaign = await first.start([killedInSync, killedInFlip, finished], "new", concurrency=3)
+            jobs = [campaign.job(account) for account in (killedInSync, killedInFlip, finished)]
+            while [(job.state, job.flip) for job in jobs if job is not None] != [
+                ("syncing", None),
+                ("flipping", "started"),
+                ("done", "done"),
+            ]:
+                waited: Deferred[None] = Deferred()
+                reactor.callLater(0.05, waited.callback, None)
+                await waited
+            # SIGKILL: the first manager is gone; its journal stays as it was.
+            first._journal = None
+            self.assertEqual((self.route(killedInSync), self.route(killedInFlip)), (None, "new"))
+            self.events.clear()
+
+            second = self.manager("doveadm")
+            writes: list[Any] = []
+            rewrite = self.router.setRoutes
+            self.router.setRoutes = lambda changes: (writes.append(dict(changes)), rewrite(changes))[1]  # type: ignore[method-assign]
+            await second.resume()
+            resumed = second.campaign(campaign.id)
+            assert resumed is not None
+            await self.finished(resumed)
+            self.assertEqual(
+                [(job.account, job.state) for job in resumed.accounts],
+                [(killedInSync, "done"), (killedInFlip, "done"), (finished, "done")],
+            )
+            self.assertEqual(writes, [{killedInSync: "new"}])
+            self.assertEqual(self.events[0]["account"], killedInFlip)
+            self.assertEqual((self.events[0]["event"], self.events[0]["result"]), ("migration_account", "done"))
+            self.assertEqual(
+                [(e["step"], e["result"]) for e in self.events if e["account"] == killedInSync][:2],
+                [("copy", "started"), ("copy", "ok")],
+            )
+            for account in (killedInSync, killedInFlip, finished):
+                self.assertEqual(self.route(account), "new")
+                self.assertFalse(self.held(account))
+                ids = [m[1] for m in contents(self.servers.new, account)]
+                self.assertEqual(sorted(ids), sorted(m[1] for m in contents(self.servers.old, account)))
+                self.assertEqual(len(ids), len(set(ids)))
+            for never in dying:
+                never.errback(RuntimeError("the process was killed"))
+            while campaign._running:
+                waited = Deferred()
+                reactor.callLater(0.05, waited.callback, None)
+                await waited
 
         return Deferred.fromCoroutine(run())

@@ -290,7 +290,7 @@ class LateMailTests(ManagerTestCase):
 
     def test_copiedAtFlipAndAfterGrace(self) -> None:
         """
-        Right after the flip (still under the hold) the source is compared
+        Right after the flip (and the hold) the source is compared
         with what was verified and what is new is copied; once more after
         C{lateMailGrace} seconds, knowing what was copied already; each
         copy that moved mail is a C{late} event and counts its messages.
@@ -300,12 +300,28 @@ class LateMailTests(ManagerTestCase):
         late = [call for call in self.clients.calls if call[0] == "late"]
         verified = "[('INBOX', ['id:<a@x>', 'id:<b@x>']), ('Work/Sub', ['id:<c@x>'])]"
         self.assertEqual(late, [("late", "old", "new", "alice@example.org", verified)])
-        self.assertEqual(self.steps("alice@example.org")[-3:], [("flip", "started"), ("late", "ok"), ("flip", "ok")])
+        self.assertEqual(self.steps("alice@example.org")[-3:], [("flip", "started"), ("flip", "ok"), ("late", "ok")])
         self.proxy.clock.advance(self.settings.lateMailGrace)
         late = [call for call in self.clients.calls if call[0] == "late"]
         self.assertEqual(late[1][4], "[('INBOX', ['id:<a@x>', 'id:<b@x>', 'id:<late@x>']), ('Work/Sub', ['id:<c@x>'])]")
         self.assertEqual(self.steps("alice@example.org")[-1], ("late", "ok"))
         self.assertEqual(self.manager.campaigns()[0].accounts[0].messages, 5)
+
+    def test_notUnderHold(self) -> None:
+        """
+        The late copy runs after the hold ended: a slow source does not
+        keep the account's logins waiting.
+        """
+        seen = []
+        copyLate = self.clients.copyLate
+
+        def watching(*args: Any) -> Any:
+            seen.append(self.held("alice@example.org"))
+            return copyLate(*args)
+
+        self.clients.copyLate = watching  # type: ignore[method-assign]
+        self.start(["alice@example.org"])
+        self.assertEqual(seen, [False])
 
     def test_lateFailureDoesNotUndo(self) -> None:
         """
@@ -566,8 +582,10 @@ class ValidationTests(ManagerTestCase):
     def test_refusals(self) -> None:
         """
         An unknown target, an account already there, a backend without a
-        master user, an empty list and a bad concurrency are refused with
-        a text that says so; nothing is journalled.
+        master user, an empty list, an account whose name has the master
+        user separator (its master login would name another one) and a bad
+        concurrency are refused with a text that says so; nothing is
+        journalled.
         """
         cases = [
             ((["alice@example.org"], "nowhere"), "unknown backend 'nowhere'; configured backends: new, old, plain"),
@@ -575,6 +593,7 @@ class ValidationTests(ManagerTestCase):
             ((["alice@example.org"], "plain"), "target backend 'plain' has no master_user and master_password: the migration logs in with them"),
             (([], "new"), "name at least one account"),
             ((["@example.org"], "new"), "not an account: '@example.org'"),
+            ((["eve*proxy@example.org"], "new"), "eve*proxy@example.org has old's master user separator '*' in its name"),
         ]
         for (accounts, target), text in cases:
             failure = self.failureResultOf(self.manager.start(accounts, target), MigrationError)
@@ -820,6 +839,15 @@ class OnLoginTests(ManagerTestCase):
         self.assertEqual(self.route("alice@example.org"), "old")
         self.manager.queueOnLogin("alice@example.org", "old")
         self.assertEqual(len(self.manager.campaigns()), 2)
+
+    def test_sourceWithoutMasterUser(self) -> None:
+        """
+        A login routed to a backend without a master user queues nothing
+        (the copy could not log in there).
+        """
+        self.settings.onLogin = "new"
+        self.manager.queueOnLogin("alice@example.org", "plain")
+        self.assertEqual(self.manager.campaigns(), [])
 
     def test_filters(self) -> None:
         """

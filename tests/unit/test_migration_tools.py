@@ -69,6 +69,19 @@ class ConfigurationTests(SynchronousTestCase):
             _tools.doveadmConfiguration(makeBackend("old"), "/etc/dovecot/dovecot.conf")
         self.assertEqual(str(caught.exception), "backend 'old' has no master_user and master_password")
 
+    def test_lineBreakInPassword(self) -> None:
+        """
+        A master password with a line break cannot be written into a
+        configuration line: refused, without quoting it.
+        """
+        for build in (
+            lambda b: _tools.doveadmConfiguration(b, "/etc/dovecot/dovecot.conf"),
+            lambda b: _tools.mbsyncConfiguration(b, backend("new"), "a@example.org", "/s"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                build(backend(masterPassword=b"one\ntwo"))
+            self.assertEqual(str(caught.exception), "the master user or password of backend 'old' has a line break or NUL")
+
     def test_mbsyncConfiguration(self) -> None:
         """
         mbsync's file logs in to each side as ACCOUNT<separator>MASTER with
@@ -330,3 +343,117 @@ class FingerprintTests(SynchronousTestCase):
             },
         )
         self.assertEqual(connection.selected, ['"INBOX"', '"Work.My \\"Sub\\""'])
+
+
+class ScriptedSieveServer:
+    """
+    One ManageSieve server connection on a socket pair, answering the
+    client's lines from a script in a thread; records what it received.
+    """
+
+    def __init__(self, script: list[tuple[bytes, bytes]]) -> None:
+        """
+        @param script: the greeting's reply first (expected prefix C{b""}),
+            then for each client line, the prefix it must start with and
+            the reply.
+        """
+        import socket
+        import threading
+
+        self.client, self.server = socket.socketpair()
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, args=(script,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, script: list[tuple[bytes, bytes]]) -> None:
+        buffer = b""
+        try:
+            for expected, reply in script:
+                if expected:
+                    while b"\r\n" not in buffer:
+                        buffer += self.server.recv(65536)
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    if line.endswith(b"+}"):
+                        size = int(line[line.rindex(b"{") + 1 : -2])
+                        while len(buffer) < size + 2:
+                            buffer += self.server.recv(65536)
+                        line, buffer = line + b"\r\n" + buffer[:size], buffer[size + 2 :]
+                    self.received.append(line)
+                    if not line.startswith(expected):
+                        reply = b'NO "unexpected"\r\n'
+                self.server.sendall(reply)
+        finally:
+            self.server.close()
+
+
+class SieveCopyTests(SynchronousTestCase):
+    """
+    L{_clients.copySieve} against scripted ManageSieve servers.
+    """
+
+    def connectTo(self, *servers: ScriptedSieveServer) -> None:
+        """
+        Make the client's connections go to C{servers}, in order.
+        """
+        queue = list(servers)
+        self.patch(_clients.socket, "create_connection", lambda address, timeout: queue.pop(0).client)
+
+    def test_copiesAndActivates(self) -> None:
+        """
+        Every script on the source (names as quoted strings or literals)
+        is read and put on the target; the one active on the source is
+        activated there.  The login is SASL PLAIN as the master user for
+        the account.
+        """
+        greeting = b'"IMPLEMENTATION" "test"\r\n"SASL" "PLAIN"\r\nOK "ready"\r\n'
+        reader = ScriptedSieveServer(
+            [
+                (b"", greeting),
+                (b"AUTHENTICATE", b'OK "Logged in."\r\n'),
+                (b"LISTSCRIPTS", b'"filters" ACTIVE\r\n{5}\r\nspam \r\nOK\r\n'),
+                (b'GETSCRIPT "filters"', b'{11}\r\nkeep;\r\nstop\r\nOK\r\n'),
+                (b'GETSCRIPT "spam "', b'"discard;"\r\nOK\r\n'),
+                (b"LOGOUT", b""),
+            ]
+        )
+        writer = ScriptedSieveServer(
+            [
+                (b"", greeting),
+                (b"AUTHENTICATE", b'OK "Logged in."\r\n'),
+                (b'PUTSCRIPT "filters" {11+}', b"OK\r\n"),
+                (b'PUTSCRIPT "spam " {8+}', b"OK\r\n"),
+                (b'SETACTIVE "filters"', b"OK\r\n"),
+                (b"LOGOUT", b""),
+            ]
+        )
+        self.connectTo(reader, writer)
+        copied = _clients.copySieve(backend("old"), backend("new"), "alice@example.org", 10)
+        reader.thread.join(10)
+        writer.thread.join(10)
+        self.assertEqual(copied, 2)
+        import base64
+
+        plain = base64.b64encode(b"alice@example.org\0proxy\0" + SECRET.encode())
+        self.assertEqual(reader.received[0], b'AUTHENTICATE "PLAIN" "' + plain + b'"')
+        self.assertEqual(
+            writer.received[1:4],
+            [b'PUTSCRIPT "filters" {11+}\r\nkeep;\r\nstop', b'PUTSCRIPT "spam " {8+}\r\ndiscard;', b'SETACTIVE "filters"'],
+        )
+
+    def test_refusedLoginWithoutSecret(self) -> None:
+        """
+        A refused login says so and which server, without the password or
+        the SASL exchange that carries it.
+        """
+        server = ScriptedSieveServer(
+            [(b"", b'"IMPLEMENTATION" "test"\r\nOK\r\n'), (b"AUTHENTICATE", b'NO "Authentication failed."\r\n')]
+        )
+        self.connectTo(server)
+        with self.assertRaises(_clients.ClientError) as caught:
+            _clients.copySieve(backend("old"), backend("new"), "alice@example.org", 10)
+        server.thread.join(10)
+        message = str(caught.exception)
+        self.assertEqual(
+            message,
+            'ManageSieve on old (192.0.2.1:4190) for alice@example.org: AUTHENTICATE refused: NO "Authentication failed."',
+        )
