@@ -54,9 +54,11 @@ CAMPAIGN = [f"camp{n:02d}@example.org" for n in range(int(os.environ.get("MAILPR
 KILLED = [f"kill{n:02d}@example.org" for n in range(6)]
 #: An account migrated when it logs in.
 ROAMING = "roam@example.org"
+#: An account migrated to new and back.
+RETURNING = "back@example.org"
 #: An account nobody migrates: its mail and route stay on old.
 STAYING = "stay@example.org"
-ACCOUNTS = [*CAMPAIGN, *KILLED, ROAMING, STAYING]
+ACCOUNTS = [*CAMPAIGN, *KILLED, ROAMING, RETURNING, STAYING]
 PASSWORD = "campaign-secret"
 MASTER = ("proxy", "campaign-master")
 TOKEN = "campaign-token-0123456789abcdef0123456789abcdef"
@@ -763,6 +765,41 @@ class KilledCampaignTests(CampaignTestsMixin, SynchronousTestCase):
             self.assertEqual(client.command(f'LOGIN "{account}" "{PASSWORD}"')[-1].split()[1], b"OK", account)
             self.assertMigrated(account, before[account])
         self.assertEqual(self.proxy.campaign(campaignId[0])["state"], "done")
+
+
+class RollbackTests(CampaignTestsMixin, SynchronousTestCase):
+    """
+    Rollback: the same command with the old backend as target.
+    """
+
+    name = "campaign-rollback-proxy"
+
+    def test_back(self) -> None:
+        """
+        An account migrated to new, which gets mail and a flag change
+        there, migrated back to old: old then has what new had (the new
+        message, the flag), the route names old again, and a login lands on
+        old.
+        """
+        before = mailbox(self.old, RETURNING)
+        there = self.proxy.run("migrate", RETURNING, "--to", "new")
+        self.assertEqual(there.returncode, 0, there.stdout + there.stderr)
+        self.assertMigrated(RETURNING, before)
+        self.new.doveadm("save", "-u", RETURNING, "-m", "INBOX", input=message("<while-on-new@example.com>", "on new"))
+        self.new.doveadm("flags", "add", "-u", RETURNING, "\\Deleted", "mailbox", "Work", "uid", "1")
+        back = self.proxy.run("migrate", RETURNING, "--to", "old")
+        self.assertEqual(back.returncode, 0, back.stdout + back.stderr)
+        self.assertRegex(back.stdout.splitlines()[-1], r"^migration \w+ done: 1/1 accounts migrated to old; ")
+        self.assertIn(f'"{RETURNING}" = "old"', self.proxy.routes())
+        self.assertEqual(mailbox(self.old, RETURNING), mailbox(self.new, RETURNING))
+        (work,) = mailbox(self.old, RETURNING)["Work"]
+        self.assertIn("\\Deleted", work[1])
+        self.assertIn("<while-on-new@example.com>", [m for m, _ in mailbox(self.old, RETURNING)["INBOX"]])
+        client = IMAPClient(self.proxy.imap)
+        self.addCleanup(client.close)
+        self.assertEqual(client.command(f'LOGIN "{RETURNING}" "{PASSWORD}"')[-1].split()[1], b"OK")
+        _, body = adminRequest(self.proxy, f"/sessions?account={RETURNING}")
+        self.assertEqual([s["backend"] for s in json.loads(body)["sessions"]], ["old"])
 
 
 class OnLoginTests(CampaignTestsMixin, SynchronousTestCase):
