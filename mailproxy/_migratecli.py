@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from ._adminclient import AdminClient, AdminError, EndpointUnreachable
+from ._safetext import oneLine
 from .config import MAX_MIGRATION_CONCURRENCY
 
 __all__ = ["addMigrateCommand", "migrate", "ProgressView", "formatBytes", "formatDuration"]
@@ -45,6 +46,10 @@ FINAL_STATES = ("done", "failed", "cancelled")
 
 #: The width of a progress bar, in characters.
 BAR_WIDTH = 20
+
+#: The most octets of an account's name, and of a failure's reason, shown.
+MAX_NAME = 320
+MAX_REASON = 2000
 
 
 def _concurrency(text: str) -> int:
@@ -172,12 +177,15 @@ def campaignLine(campaign: dict[str, Any]) -> str:
 def accountLine(account: dict[str, Any]) -> str:
     """
     One line on an account: its state, what it moved, and why it failed.
+    The account's name (a client chose it, for a migration on login) and
+    the reason (a tool's output) are made one line without controls: they
+    must not drive the operator's terminal.
     """
     state = account.get("state", "?")
-    text = f"{account['account']}: {state}"
+    text = f"{oneLine(account['account'], MAX_NAME)}: {state}"
     if state == "failed":
         step = account.get("step")
-        error = account.get("error") or "no reason given"
+        error = oneLine(account.get("error") or "", MAX_REASON) or "no reason given"
         if step:
             # The engine's reason may start with the step's name already.
             text += f" at {step}"
@@ -271,10 +279,11 @@ class ProgressView:
             self._clear()
         if campaign.get("dry_run"):
             for account in campaign.get("accounts", []):
+                name = oneLine(account["account"], MAX_NAME)
                 if account.get("state") == "failed":
-                    print(f"{account['account']}: cannot migrate: {account.get('error')}", file=self.out)
+                    print(f"{name}: cannot migrate: {oneLine(account.get('error') or '', MAX_REASON)}", file=self.out)
                 else:
-                    print(f"{account['account']}: {account.get('source') or '?'} -> {campaign.get('target')}", file=self.out)
+                    print(f"{name}: {account.get('source') or '?'} -> {campaign.get('target')}", file=self.out)
         print(summary(campaign), file=self.out)
         self.out.flush()
 

@@ -446,6 +446,19 @@ class FormatTests(SynchronousTestCase):
         """
         self.assertEqual([formatDuration(s) for s in (None, 0, 75, 3600 + 61)], ["?", "0:00", "1:15", "1:01:01"])
 
+    def test_noControls(self) -> None:
+        """
+        An account's name and a failure's reason cannot drive the
+        terminal: escapes and line breaks are shown as spaces.
+        """
+        out = io.StringIO()
+        view = ProgressView(out, terminal=False)
+        view.update(
+            campaign("running", [account("evil\x1b[2J@x", "failed", step="copy", error="copy: doveadm: bad\r\n\x1b]0;owned\x07")])
+        )
+        self.assertNotIn("\x1b", out.getvalue())
+        self.assertIn("evil [2J@x: failed at copy: doveadm: bad ]0;owned\n", out.getvalue())
+
     def test_linesCutToWidth(self) -> None:
         """
         On a narrow terminal no line is longer than its width (a longer one
