@@ -21,7 +21,7 @@ commands the proxy never saw (SMTP smuggling).
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import idna
 
@@ -40,14 +40,13 @@ from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
 from .._routing import callRouter
 from ._backend import BackendLost, SMTPBackend
-from ._frontend import SMTPFrontend
+from ._base import SMTPFrontend
 from ._parser import (
     Command,
     DataScanner,
     Path,
     Reply,
     SMTPSyntaxError,
-    parseBDAT,
     parseMailFrom,
     parseRcptTo,
     reply,
@@ -96,9 +95,8 @@ class MXFrontend(SMTPFrontend):
     """
     One inbound SMTP session.
 
-    More states: C{"data"} (a DATA message streams to the backend),
-    C{"chunk"} (a BDAT chunk streams to the backend, or is skipped when it
-    is refused).
+    One more state: C{"data"} (a DATA message streams to the backend); a
+    BDAT chunk streams to the backend, or is skipped when it is refused.
 
     @ivar mailFrom: the transaction's sender, once MAIL was accepted.
     @ivar accepted: recipients the backend accepted in this transaction.
@@ -125,13 +123,10 @@ class MXFrontend(SMTPFrontend):
         self._broken = False
         self._scanner: DataScanner | None = None
         self._dataProblem: str | None = None
-        self._chunkLeft = 0
-        self._chunkLast = False
-        self._chunkRefusal: tuple[int, str, str] | None = None
-        self._chunkReply: Deferred[Reply | None] | None = None
         self._streaming = False
         self._lastActivity = 0.0
         self._idleCall: Any = None
+        self.inputStates["data"] = self._readData
         self._commands.update(
             {
                 b"MAIL": self.do_MAIL,
@@ -188,24 +183,13 @@ class MXFrontend(SMTPFrontend):
         self._lastActivity = self.context.reactor.seconds()
         super().frontendDataReceived(data)
 
-    def processInput(self) -> None:
-        while not self.repliesUnread:
-            if self.state == "data":
-                pending = self.reader.takeRemaining()
-                if not pending:
-                    return
-                self._streamData(pending)
-                continue
-            if self.state == "chunk":
-                if self._chunkLeft and not len(self.reader):
-                    return
-                self._chunkBytes(self.reader.take(self._chunkLeft))
-                continue
-            if self.state != "command":
-                return
-            super().processInput()
-            if self.state not in ("data", "chunk"):
-                return
+    def _readData(self) -> bool:
+        # What arrives of a DATA message.
+        pending = self.reader.takeRemaining()
+        if not pending:
+            return False
+        self._streamData(pending)
+        return True
 
     # Transactions
 
@@ -269,11 +253,8 @@ class MXFrontend(SMTPFrontend):
         if self.mailFrom is not None:
             self.error(503, "5.5.1", "Error: nested MAIL command")
             return
-        try:
-            path = parseMailFrom(command.argument)
-            self._checkParameters(path, _MAIL_PARAMETERS)
-        except SMTPSyntaxError as e:
-            self.syntaxError(e)
+        path = self._path(parseMailFrom, command, _MAIL_PARAMETERS)
+        if path is None:
             return
         size = path.parameter(b"SIZE")
         if size is not None:
@@ -294,21 +275,29 @@ class MXFrontend(SMTPFrontend):
         self.mailFrom = path
         self.send(250, "2.1.0", "Ok")
 
-    def _checkParameters(self, path: Path, allowed: dict[bytes, str]) -> None:
-        for name, _ in path.parameters:
-            needs = allowed.get(name)
-            if needs is None or needs not in self.offered:
-                raise SMTPSyntaxError(555, "5.5.4", "Unsupported option: " + name.decode("ascii"))
+    def _path(self, parse: Callable[[bytes], Path], command: Command, allowed: dict[bytes, str]) -> Path | None:
+        """
+        The path of a MAIL or RCPT command, with only parameters of offered
+        extensions (C{allowed} says which extension each needs); L{None}
+        once a wrong one is answered.
+        """
+        try:
+            path = parse(command.argument)
+            for name, _ in path.parameters:
+                needs = allowed.get(name)
+                if needs is None or needs not in self.offered:
+                    raise SMTPSyntaxError(555, "5.5.4", "Unsupported option: " + name.decode("ascii"))
+        except SMTPSyntaxError as e:
+            self.syntaxError(e)
+            return None
+        return path
 
     def do_RCPT(self, command: Command) -> None:
         if self.mailFrom is None:
             self.error(503, "5.5.1", "Error: need MAIL command")
             return
-        try:
-            path = parseRcptTo(command.argument)
-            self._checkParameters(path, _RCPT_PARAMETERS)
-        except SMTPSyntaxError as e:
-            self.syntaxError(e)
+        path = self._path(parseRcptTo, command, _RCPT_PARAMETERS)
+        if path is None:
             return
         if self.recipients >= MAX_RECIPIENTS:
             self.send(452, "4.5.3", "Error: too many recipients")
@@ -385,7 +374,6 @@ class MXFrontend(SMTPFrontend):
     def _connection(self, route: Route) -> Deferred[Any]:
         if self.backend is not None and not self.backend.lost:
             return succeed(self.backend)
-        knowledge = self.knowledge
         name = route.backend.name
         job = LoginJob(
             route=route,
@@ -396,16 +384,7 @@ class MXFrontend(SMTPFrontend):
             password=None,
             portName=self.portName,
         )
-        protocol = SMTPBackend(
-            job,
-            self.context.reactor,
-            self.limits.backendTimeout,
-            hostname=self.context.hostname,
-            purpose="relay",
-            helo=self.helo,
-            esmtp=self.esmtp,
-            learn=lambda extensions: knowledge.learn(name, extensions),
-        )
+        protocol = self.backendFor(job, "relay")
         self._connecting = protocol
 
         def connected(backend: SMTPBackend) -> SMTPBackend:
@@ -590,13 +569,10 @@ class MXFrontend(SMTPFrontend):
         self._endTransaction()
 
     def do_BDAT(self, command: Command) -> None:
-        try:
-            size, last = parseBDAT(command.argument)
-        except SMTPSyntaxError:
-            # Without a size nobody can tell where the chunk ends.
-            self.result = "protocol error: bad BDAT"
-            self.close(421, "4.7.0", self.context.hostname + " Error: bad BDAT syntax, closing connection")
+        chunk = self.chunkSize(command)
+        if chunk is None:
             return
+        size, last = chunk
         refusal: tuple[int, str, str] | None = None
         if "CHUNKING" not in self.offered:
             refusal = (502, "5.5.1", "Error: command not implemented")
@@ -606,37 +582,28 @@ class MXFrontend(SMTPFrontend):
             refusal = _LOST
         elif not self.accepted or self.backend is None:
             refusal = (554, "5.5.1", "Error: no valid recipients")
-        self._chunkLeft = size
-        self._chunkLast = last
-        self._chunkRefusal = refusal
         self._dataProblem = None
-        self._chunkReply = None
-        if refusal is None:
-            assert self.backend is not None
-            line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
-            self._chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
-            self._startStreaming()
-        self.state = "chunk"
+        if refusal is not None:
+            self.receiveChunk(size, None, lambda: self.error(*refusal))
+            return
+        assert self.backend is not None
+        line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
+        chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
+        self._startStreaming()
+        self.receiveChunk(size, self._chunkData, lambda: self._chunkSent(chunkReply, last))
 
-    def _chunkBytes(self, data: bytes) -> None:
-        if self._chunkRefusal is None and self._dataProblem is None and self.backend is not None:
+    def _chunkData(self, data: bytes) -> None:
+        if self._dataProblem is None and self.backend is not None:
             self.backend.writeData(data)
-        self._chunkLeft -= len(data)
-        if self._chunkLeft > 0:
-            return
+
+    def _chunkSent(self, chunkReply: Deferred[Reply | None], last: bool) -> None:
         self._stopStreaming()
-        self.state = "command"
-        if self._chunkRefusal is not None:
-            self.error(*self._chunkRefusal)
-            return
         if self._dataProblem is not None:
             self._dataProblem = None
             self.send(*_LOST)
             self._endTransaction()
             return
-        assert self._chunkReply is not None
-        last = self._chunkLast
-        self.wait(self._chunkReply, lambda chunkReply: self._chunkDone(chunkReply, last))
+        self.wait(chunkReply, lambda answer: self._chunkDone(answer, last))
 
     def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
         if chunkReply is None:

@@ -17,7 +17,7 @@ from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 from mailproxy.smtp import _mx
 from mailproxy.smtp._ehlo import Extensions
-from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import makeBackend
 
 from .frontendhelpers import FrontendTestsMixin

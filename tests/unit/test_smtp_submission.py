@@ -18,7 +18,7 @@ from mailproxy.config import Limits
 from mailproxy.model import Backend, ClientInfo, Rejection, Route
 from mailproxy.smtp._backend import xclientAttributes, xclientCommands
 from mailproxy.smtp._ehlo import Extensions
-from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
 
 from .frontendhelpers import FrontendTestsMixin
