@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from ._backend import BackendProtocol
 from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
 from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
-from ._session import FrontendProtocol, LoginFailed, ProxyContext, Session
+from ._login import LoginFailed
+from ._session import FrontendProtocol, ProxyContext, Session
 from .model import Credentials
 from .settings import Listener
 

@@ -912,7 +912,7 @@ class FrontendProtocol(Session):
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=backend.leftover, toBackend=toBackend)
-        if self.relay is relay and relay.endReason is None:
+        if self in self.context.sessions:
             self.context.sessions.loggedIn(self)
 
     def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:

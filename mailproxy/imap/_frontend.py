@@ -22,7 +22,7 @@ from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
-from .._session import LoginFailed
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
 from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest

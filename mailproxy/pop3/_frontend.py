@@ -33,7 +33,7 @@ from .._guard import IRelayGuard
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
 from .._sasl import newChallenge, parseDigestResponse
-from .._session import LoginFailed
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
 from ._guard import POP3Guard
