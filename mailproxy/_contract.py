@@ -187,7 +187,7 @@ class ILoginFrontend(IProtocolFrontend):
 
 class ISessionObserver(Interface):
     """
-    Told by a L{mailproxy._session.SessionRegistry} (see its C{observe})
+    Told by a L{mailproxy._registry.SessionRegistry} (see its C{observe})
     when a session logs in and when it ends.
     """
 

@@ -135,7 +135,7 @@ class RecordingObserver:
 
 class RegistryObserverTests(SynchronousTestCase):
     """
-    L{mailproxy._session.SessionRegistry.observe}: an observer hears of each
+    L{mailproxy._registry.SessionRegistry.observe}: an observer hears of each
     hand-over (with the account and the backend) and each end.
     """
 
