@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from ._backend import BackendProtocol
 from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
 from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
-from ._session import FrontendProtocol, LoginFailed, ProxyContext, Session
+from ._login import LoginFailed
+from ._session import FrontendProtocol, ProxyContext, Session
 from .model import Credentials
 from .settings import Listener
 
@@ -65,10 +66,10 @@ class CommandLoop(Session):
     """
     A L{Session} that reads commands in a loop.
 
-    Subclasses implement L{processInput} and provide L{input} (see
+    Subclasses implement L{readCommand} and provide L{input} (see
     L{mailproxy._contract.IProtocolFrontend}), besides what L{Session} asks
-    for. Their loops run while C{state} lets them and stop while
-    L{repliesUnread}.
+    for. The loop (L{processInput}) runs while C{state} lets it and stops
+    while L{repliesUnread}.
 
     @cvar maxBadCommands: invalid commands after which the session ends.
     @cvar badCommandsReason: the L{EndReason} then.
@@ -128,9 +129,29 @@ class CommandLoop(Session):
 
     def processInput(self) -> None:
         """
-        The loop behind L{process}: read and answer buffered input while
-        the state allows and the client reads the replies (not
-        L{repliesUnread}).
+        The loop behind L{process}: read and answer buffered input, one
+        command (L{readNext}) at a time, while the client reads the replies
+        (not L{repliesUnread}) and there is something to read in the
+        current state.  A protocol with input states of its own (SMTP's
+        message data) extends it.
+        """
+        while not self.repliesUnread and self.readNext():
+            pass
+
+    def readNext(self) -> bool:
+        """
+        Read and answer one unit of input in the current state.
+
+        @return: whether the loop goes on: C{False} when nothing complete
+            is buffered, or the state reads no input.
+        """
+        if self.state == LoopState.COMMAND:
+            return self.readCommand()
+        return False
+
+    def readCommand(self) -> bool:
+        """
+        See L{mailproxy._contract.IProtocolFrontend.readCommand}.
         """
         raise NotImplementedError
 
@@ -327,6 +348,17 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
             self.answerSASLRefusal(command, SASLRefusal.BAD_BASE64, exchange.mechanism)
             return
         self._nextSASLStep(exchange.respond(decoded))
+
+    def readNext(self) -> bool:
+        if self.state == LoopState.SASL:
+            return self.readSASLResponse()
+        return super().readNext()
+
+    def readSASLResponse(self) -> bool:
+        """
+        See L{mailproxy._contract.ILoginFrontend.readSASLResponse}.
+        """
+        raise NotImplementedError
 
     def abandonSASL(self) -> None:
         """

@@ -88,8 +88,18 @@ class IProtocolFrontend(Interface):
 
     def processInput() -> None:
         """
-        Read and answer buffered commands while the loop's state allows
-        and the client reads its replies; called by the core's C{process}.
+        Read and answer buffered input while the loop's state allows and
+        the client reads its replies; called by the core's C{process}.  The
+        core's loop calls L{readCommand}; a protocol with input states of
+        its own (SMTP's message data) extends it.
+        """
+
+    def readCommand() -> bool:
+        """
+        Read one buffered command and answer it (or hand it to the core).
+
+        @return: C{False} if no complete command is buffered (the loop
+            waits for more input), C{True} to go on.
         """
 
     def answerStartTLS(command: Any, refusal: Any) -> None:
@@ -122,6 +132,16 @@ class ILoginFrontend(IProtocolFrontend):
         The SASL mechanism names (upper case C{str}) this listener supports,
         whether or not the connection may use them now (the core refuses
         them before TLS where the listener asks for TLS first).
+        """
+
+    def readSASLResponse() -> bool:
+        """
+        Read one buffered response to a SASL challenge and give it to the
+        core's C{saslResponse} (or, if it cannot be read, answer it and
+        call the core's C{abandonSASL}).
+
+        @return: C{False} if no complete response is buffered, C{True} to
+            go on.
         """
 
     def saslChallenge(command: Any, data: bytes) -> None:
@@ -167,7 +187,7 @@ class ILoginFrontend(IProtocolFrontend):
 
 class ISessionObserver(Interface):
     """
-    Told by a L{mailproxy._session.SessionRegistry} (see its C{observe})
+    Told by a L{mailproxy._registry.SessionRegistry} (see its C{observe})
     when a session logs in and when it ends.
     """
 
