@@ -2,12 +2,15 @@
 What both SMTP front ends share: the command loop of an ESMTP server.
 
 L{SMTPFrontend} writes replies with enhanced status codes, greets, answers
-EHLO/HELO with the extensions every backend has, STARTTLS, NOOP, RSET,
-HELP, VRFY and QUIT, refuses the rest, answers pipelined commands in order
-(L{SMTPFrontend.wait}) and reads a BDAT chunk's octets
-(L{SMTPFrontend.receiveChunk}). It logs nobody in: the two front ends are
-siblings on it, L{mailproxy.smtp._frontend.SubmissionFrontend} (ports
-587/465: AUTH, then the client talks to its backend) and
+EHLO/HELO with the extensions every backend has, STARTTLS (the core
+decides, L{SMTPFrontend.answerStartTLS} words it), NOOP, RSET, HELP, VRFY
+and QUIT, refuses the rest, answers pipelined commands in order
+(L{SMTPFrontend.wait}), reads a BDAT chunk's octets
+(L{SMTPFrontend.receiveChunk}) and words the goodbye for each
+L{EndReason}. It logs nobody in: it is a
+L{mailproxy._commandloop.CommandLoop}, and the two front ends are siblings
+on it, L{mailproxy.smtp._frontend.SubmissionFrontend} (ports 587/465: AUTH
+through the core's login, then the client talks to its backend) and
 L{mailproxy.smtp._mx.MXFrontend} (port 25: every recipient routed, every
 command read by the proxy).
 
@@ -17,15 +20,18 @@ the object.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, Callable, Literal
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._backend import LoginJob
-from .._commandloop import CommandFrontend
-from .._outcomes import EndReason
+from .._commandloop import CommandLoop, LoopState
+from .._contract import IProtocolFrontend
+from .._outcomes import EndReason, StartTLSRefusal
 from .._session import ProxyContext, newSessionId
 from ..model import Backend, ClientInfo, Route
 from ..settings import Listener
@@ -43,12 +49,45 @@ MAX_ERRORS = 20
 #: port (cross-protocol attacks); the connection is closed at once.
 _FOREIGN_VERBS = frozenset([b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS"])
 
-#: The enhanced code of the goodbye for each reason the core gives.
+#: The last words after a bug in answering a command.
+INTERNAL_ERROR_GOODBYE = "Internal error, closing connection"
+
+#: The enhanced status code of the C{421} goodbye by why the session ends
+#: (C{4.7.0} for the others).
 _GOODBYE_CODES = {
     EndReason.PREAUTH_TIMEOUT: "4.4.2",
     EndReason.IDLE_TIMEOUT: "4.4.2",
+    EndReason.TIMEOUT: "4.4.2",
     EndReason.SHUTDOWN: "4.3.2",
+    EndReason.INTERNAL_ERROR: "4.3.0",
 }
+#: The goodbye's words by why the session ends, where SMTP has its own
+#: (Postfix's) rather than the core's.
+_GOODBYE_TEXTS = {
+    EndReason.TOO_MANY_FAILED_LOGINS: "Error: too many failed authentication attempts",
+}
+#: The answer to a refused STARTTLS, by why the core refused it.
+_STARTTLS_REFUSALS = {
+    StartTLSRefusal.ARGUMENTS: (501, "5.5.4", "Syntax: STARTTLS"),
+    StartTLSRefusal.ACTIVE: (554, "5.5.1", "Error: TLS already active"),
+    StartTLSRefusal.UNAVAILABLE: (502, "5.5.1", "Error: command not implemented"),
+    StartTLSRefusal.TRANSACTION: (503, "5.5.1", "Error: MAIL transaction in progress"),
+}
+
+
+class SMTPState(str, Enum):
+    """
+    The states of an SMTP command loop besides those of L{LoopState}: what
+    follows a command that is not a command.
+    """
+
+    #: The octets of a BDAT chunk (see L{SMTPFrontend.receiveChunk}).
+    CHUNK = "chunk"
+    #: A DATA message streaming to the backend (MX).
+    DATA = "data"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _probeClient() -> ClientInfo:
@@ -109,41 +148,36 @@ def backendExtensions(context: ProxyContext, portName: str) -> BackendExtensions
     return knowledge
 
 
-class SMTPFrontend(CommandFrontend):
+@implementer(IProtocolFrontend)
+class SMTPFrontend(CommandLoop):
     """
     What submission and MX sessions share.
 
-    States: C{"command"} (reading commands), C{"waiting"} (a command is
-    being answered asynchronously; client input stays buffered and reading
-    pauses), C{"chunk"} (the octets of a BDAT chunk, see L{receiveChunk}),
-    C{"closed"}; subclasses add their own, with a reader for each in
-    L{inputStates}.
+    States: those of L{LoopState} (C{WAITING}: a command is being answered
+    asynchronously, see L{wait}) and L{SMTPState}.
 
     @ivar helo: the client's EHLO/HELO name, L{None} before it gave one
         (and again after STARTTLS).
     @ivar esmtp: it greeted with EHLO.
     @ivar offered: the extensions offered in the EHLO reply (empty after
         HELO).
-    @ivar inputStates: for each state besides C{"command"} in which client
-        input is read, the reader of that input: it consumes what it can
-        and answers whether the loop may go on (C{False}: it needs more
-        input).
     """
 
     protocolName = "smtp"
     maxBadCommands = MAX_ERRORS
+    badCommandsReason = EndReason.TOO_MANY_ERRORS
+    badCommandsGoodbye = "Error: too many errors"
     log = Logger()
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        self.reader = LineReader()
+        self.input = LineReader()
         self.helo: str | None = None
         self.esmtp = False
         self.offered = Extensions()
         self._chunkLeft = 0
         self._chunkSink: Callable[[bytes], None] | None = None
         self._chunkThen: Callable[[], None] = lambda: None
-        self.inputStates: dict[str, Callable[[], bool]] = {"chunk": self._readChunk}
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"EHLO": self.do_EHLO,
             b"HELO": self.do_HELO,
@@ -204,18 +238,28 @@ class SMTPFrontend(CommandFrontend):
         """
         self.transport.write(reply(code, enhanced, *lines))
 
-    # FrontendProtocol
+    # The contract (IProtocolFrontend)
 
     def greet(self) -> None:
         self.send(220, None, self.context.hostname.encode("idna") + b" ESMTP mailproxy")
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
-        self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + text.encode("utf-8"))
+        text = _GOODBYE_TEXTS.get(reason, text)
+        if reason is EndReason.INTERNAL_ERROR:
+            self.send(421, enhanced, text)
+        else:
+            self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + text.encode("utf-8"))
 
-    def frontendDataReceived(self, data: bytes) -> None:
-        self.reader.feed(data)
-        self.process()
+    def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
+        if refusal is not None:
+            self.error(*_STARTTLS_REFUSALS[refusal])
+        else:
+            self.send(220, "2.0.0", "Ready to start TLS")
+
+    def forgetBeforeTLS(self) -> None:
+        # What was learned before TLS is forgotten (RFC 3207 §4.2).
+        self.helo, self.esmtp, self.offered = None, False, Extensions()
 
     # Waiting
 
@@ -231,9 +275,9 @@ class SMTPFrontend(CommandFrontend):
             if not waiting:
                 early.append(result)
                 return
-            if self.state == "closed":
+            if self.state is LoopState.CLOSED:
                 return
-            self.state = "command"
+            self.state = LoopState.COMMAND
             self.resume("waiting")
             self._then(then, result)
             self.process()
@@ -244,7 +288,7 @@ class SMTPFrontend(CommandFrontend):
             self._then(then, early[0])
             return
         waiting = True
-        self.state = "waiting"
+        self.state = LoopState.WAITING
         self.pause("waiting")
 
     def _then(self, then: Callable[[Any], None], result: Any) -> None:
@@ -261,11 +305,10 @@ class SMTPFrontend(CommandFrontend):
         Answering a command failed (a bug): log it and end the session,
         unless it ended first.
         """
-        if reason.check(CancelledError) or self.state == "closed":
+        if reason.check(CancelledError) or self.state is LoopState.CLOSED:
             return
         self.log.failure("SMTP session {session} failed", reason, session=self.client.sessionId)
-        self.result = "internal error"
-        self.close(421, "4.3.0", "Internal error, closing connection")
+        self.end(EndReason.INTERNAL_ERROR, INTERNAL_ERROR_GOODBYE)
 
     # The command loop
 
@@ -275,24 +318,20 @@ class SMTPFrontend(CommandFrontend):
         """
         return max(COMMAND_LINE, self.limits.lineLengthFor(LINE_LENGTH))
 
-    def processInput(self) -> None:
-        """
-        Answer command lines, and read the input of the other states with
-        their L{inputStates} readers.
-        """
-        while not self.repliesUnread:
-            if self.state != "command":
-                read = self.inputStates.get(str(self.state))
-                if read is None or not read():
-                    return
-                continue
-            line = self.reader.nextLine(self.lineLimit())
-            if line is None:
-                return
-            if isinstance(line, TooLong):
-                self.error(500, "5.5.2", "Error: line too long")
-                continue
+    def readNext(self) -> bool:
+        if self.state is SMTPState.CHUNK:
+            return self._readChunk()
+        return super().readNext()
+
+    def readCommand(self) -> bool:
+        line = self.input.nextLine(self.lineLimit())
+        if line is None:
+            return False
+        if isinstance(line, TooLong):
+            self.error(500, "5.5.2", "Error: line too long")
+        else:
             self.command(line)
+        return True
 
     def command(self, line: bytes) -> None:
         """
@@ -303,8 +342,8 @@ class SMTPFrontend(CommandFrontend):
             self.error(500, "5.5.2", "Error: bad syntax")
             return
         if command.verb in _FOREIGN_VERBS:
-            self.result = "protocol error: not SMTP"
-            self.close(521, "5.5.1", "Protocol error")
+            self.send(521, "5.5.1", "Protocol error")
+            self.end(EndReason.PROTOCOL_ERROR, detail="not SMTP")
             return
         handler = self._commands.get(command.verb)
         if handler is None:
@@ -319,23 +358,11 @@ class SMTPFrontend(CommandFrontend):
         self.send(code, enhanced, text)
         self.countBadCommand()
 
-    def tooManyBadCommands(self) -> None:
-        self.result = "too many errors"
-        self.close(421, "4.7.0", self.context.hostname + " Error: too many errors")
-
     def syntaxError(self, error: SMTPSyntaxError) -> None:
         """
         Answer a command whose arguments did not parse.
         """
         self.error(error.code, error.enhanced, error.text)
-
-    def close(self, code: int, enhanced: str, text: str) -> None:
-        """
-        Write a last reply and close the connection.
-        """
-        self.state = "closed"
-        self.send(code, enhanced, text)
-        self.closeConnection()
 
     # BDAT chunks
 
@@ -348,8 +375,7 @@ class SMTPFrontend(CommandFrontend):
         try:
             return parseBDAT(command.argument)
         except SMTPSyntaxError:
-            self.result = "protocol error: bad BDAT"
-            self.close(421, "4.7.0", self.context.hostname + " Error: bad BDAT syntax, closing connection")
+            self.end(EndReason.PROTOCOL_ERROR, "Error: bad BDAT syntax, closing connection", "bad BDAT")
             return None
 
     def receiveChunk(self, size: int, sink: Callable[[bytes], None] | None, end: Callable[[], None]) -> None:
@@ -361,18 +387,18 @@ class SMTPFrontend(CommandFrontend):
         self._chunkLeft = size
         self._chunkSink = sink
         self._chunkThen = end
-        self.state = "chunk"
+        self.state = SMTPState.CHUNK
 
     def _readChunk(self) -> bool:
-        if self._chunkLeft and not len(self.reader):
+        if self._chunkLeft and not len(self.input):
             return False
-        data = self.reader.take(self._chunkLeft)
+        data = self.input.take(self._chunkLeft)
         self._chunkLeft -= len(data)
         if self._chunkSink is not None:
             self._chunkSink(data)
         if self._chunkLeft > 0:
             return True
-        self.state = "command"
+        self.state = LoopState.COMMAND
         self._chunkSink = None
         self._chunkThen()
         return True
@@ -438,25 +464,7 @@ class SMTPFrontend(CommandFrontend):
         self.send(250, None, self.context.hostname.encode("idna"))
 
     def do_STARTTLS(self, command: Command) -> None:
-        if command.argument.strip(b" "):
-            self.error(501, "5.5.4", "Syntax: STARTTLS")
-            return
-        if self.tlsActive:
-            self.error(554, "5.5.1", "Error: TLS already active")
-            return
-        if not self.tlsAvailable:
-            self.error(502, "5.5.1", "Error: command not implemented")
-            return
-        if self.inTransaction():
-            self.error(503, "5.5.1", "Error: MAIL transaction in progress")
-            return
-        self.send(220, "2.0.0", "Ready to start TLS")
-        # Anything pipelined behind STARTTLS arrived in clear and could have
-        # been injected (CVE-2011-0411); what was learned before TLS is
-        # forgotten (RFC 3207 §4.2).
-        self.reader.clear()
-        self.helo, self.esmtp, self.offered = None, False, Extensions()
-        self.startTLS()
+        self.startTLSCommand(command, bool(command.argument.strip(b" ")), self.inTransaction())
 
     def do_NOOP(self, command: Command) -> None:
         self.send(250, "2.0.0", "Ok")
@@ -469,8 +477,8 @@ class SMTPFrontend(CommandFrontend):
         self.send(250, "2.0.0", "Ok")
 
     def do_QUIT(self, command: Command) -> None:
-        self.result = "quit"
-        self.close(221, "2.0.0", "Bye")
+        self.send(221, "2.0.0", "Bye")
+        self.end(EndReason.QUIT)
 
     def do_HELP(self, command: Command) -> None:
         self.send(214, "2.0.0", "See RFC 5321")

@@ -33,14 +33,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._backend import BackendFailure, LoginJob
+from .._commandloop import LoopState
+from .._contract import IProtocolFrontend
+from .._outcomes import EndReason
 from .._safetext import logQuote
-from .._session import ProxyContext
+from .._session import ProxyContext, Timer
 from .._tls import _normalName
 from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
-from .._routing import callRouter
+from .._routing import routeLogin
 from ._backend import BackendLost, SMTPBackend
-from ._base import SMTPFrontend
+from ._base import SMTPFrontend, SMTPState
 from ._parser import (
     Command,
     DataScanner,
@@ -91,9 +94,11 @@ def _lostToNone(reason: Failure) -> None:
     return None
 
 
+@implementer(IProtocolFrontend)
 class MXFrontend(SMTPFrontend):
     """
-    One inbound SMTP session.
+    One inbound SMTP session: a session without a login, timed by client
+    silence (C{preauth_timeout}) rather than by a pre-auth deadline.
 
     One more state: C{"data"} (a DATA message streams to the backend); a
     BDAT chunk streams to the backend, or is skipped when it is refused.
@@ -106,6 +111,7 @@ class MXFrontend(SMTPFrontend):
     @ivar messages: messages the backends accepted in this session.
     """
 
+    defaultEndReason = EndReason.NO_MAIL
     log = Logger()
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
@@ -116,7 +122,6 @@ class MXFrontend(SMTPFrontend):
         self.bound: str | None = None
         self.backend: SMTPBackend | None = None
         self.messages = 0
-        self.result = "no mail"
         self._backendName: str | None = None
         self._connecting: SMTPBackend | None = None
         self._mailSent = False
@@ -125,8 +130,7 @@ class MXFrontend(SMTPFrontend):
         self._dataProblem: str | None = None
         self._streaming = False
         self._lastActivity = 0.0
-        self._idleCall: Any = None
-        self.inputStates["data"] = self._readData
+        self._idle = Timer(context.reactor, self._checkIdle)
         self._commands.update(
             {
                 b"MAIL": self.do_MAIL,
@@ -143,49 +147,52 @@ class MXFrontend(SMTPFrontend):
 
     # Life cycle
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if getattr(self.transport, "disconnecting", False):
-            return
-        # No login ends this session's pre-auth phase: it is timed by
-        # client silence instead, so a long message never hits a deadline.
-        self.stopPreauthTimer()
+    def sessionOpened(self) -> None:
+        # No login ends a pre-auth phase here: the session is timed by
+        # client silence, so a long message never hits a deadline.
         self._lastActivity = self.context.reactor.seconds()
-        self._idleCall = self.context.reactor.callLater(self.limits.preauthTimeout, self._checkIdle)
+        self._idle.start(self.limits.preauthTimeout)
+
+    def connectionClosing(self) -> None:
+        self._idle.stop()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
+        # Before the loop takes the state to CLOSED: a message the client
+        # was still sending is cut off (the backend is aborted, see
+        # _dropBackend).
+        self._idle.stop()
         self._stopStreaming()
         if self._connecting is not None:
             self._connecting.abandon()
             self._connecting = None
-        self._dropBackend(abort=self.state in ("data", "chunk"))
+        self._dropBackend(abort=self.state in (SMTPState.DATA, SMTPState.CHUNK))
         super().connectionLost(reason)
 
     def _checkIdle(self) -> None:
-        self._idleCall = None
         now = self.context.reactor.seconds()
-        if self.state == "waiting":
+        if self.state is LoopState.WAITING:
             # The proxy is the one waiting (for a backend, which has
             # timeouts of its own): the client is not idle.
             self._lastActivity = now
         idle = now - self._lastActivity
         limit = self.limits.preauthTimeout
         if idle >= limit:
-            self.result = "timeout"
-            self.close(421, "4.4.2", self.context.hostname + " Error: timeout exceeded")
+            self.end(EndReason.TIMEOUT, "Error: timeout exceeded")
             return
-        self._idleCall = self.context.reactor.callLater(limit - idle, self._checkIdle)
+        self._idle.start(limit - idle)
 
     def frontendDataReceived(self, data: bytes) -> None:
         self._lastActivity = self.context.reactor.seconds()
         super().frontendDataReceived(data)
 
+    def readNext(self) -> bool:
+        if self.state is SMTPState.DATA:
+            return self._readData()
+        return super().readNext()
+
     def _readData(self) -> bool:
         # What arrives of a DATA message.
-        pending = self.reader.takeRemaining()
+        pending = self.input.takeRemaining()
         if not pending:
             return False
         self._streamData(pending)
@@ -234,7 +241,7 @@ class MXFrontend(SMTPFrontend):
             # believe this transaction can still deliver to them.
             self._broken = True
         self._mailSent = False
-        if self.state in ("data", "chunk") and self._dataProblem is None:
+        if self.state in (SMTPState.DATA, SMTPState.CHUNK) and self._dataProblem is None:
             self._dataProblem = "lost"
             self._stopStreaming()
 
@@ -314,12 +321,9 @@ class MXFrontend(SMTPFrontend):
             mailFrom=self.mailFrom.address,
             rcptTo=path.address,
         )
-        gate = getattr(self.context, "gate", None)
-        waiting = gate.wait(request) if gate is not None else None
-        if waiting is None:
-            d = callRouter(self.context.router, request)
-        else:
-            d = waiting.addCallback(lambda _: callRouter(self.context.router, request))
+        # A recipient lookup is not a login: the router's time is not
+        # counted with the logins'.
+        d = routeLogin(self.context.router, request, self.context.reactor, lambda seconds: None, self.context.gate)
         d.addCallbacks(self._recipientRouted, self._lookupFailed, callbackArgs=(path,), errbackArgs=(path,))
         self.wait(d, self._answerRecipient)
 
@@ -462,8 +466,7 @@ class MXFrontend(SMTPFrontend):
         text, close = answer
         self.transport.write(text)
         if close:
-            self.result = "closed by the router"
-            self.close(421, "4.7.0", self.context.hostname + " Closing connection")
+            self.end(EndReason.CLOSED_BY_ROUTER, "Closing connection")
 
     def do_DATA(self, command: Command) -> None:
         if command.argument.strip(b" "):
@@ -488,7 +491,7 @@ class MXFrontend(SMTPFrontend):
         self.transport.write(dataReply.raw)
         if dataReply.code != 354:
             return
-        self.state = "data"
+        self.state = SMTPState.DATA
         self._scanner = DataScanner()
         self._dataProblem = None
         self._startStreaming()
@@ -522,13 +525,13 @@ class MXFrontend(SMTPFrontend):
         if self._dataProblem is None and self.backend is not None:
             self.backend.writeData(part)
         if end is not None:
-            self.reader.feed(data[end:])
+            self.input.feed(data[end:])
             self._endOfData(scanner.size)
 
     def _endOfData(self, size: int) -> None:
         self._stopStreaming()
         self._scanner = None
-        self.state = "command"
+        self.state = LoopState.COMMAND
         problem, self._dataProblem = self._dataProblem, None
         if problem == "bare line ending":
             self.log.info(
@@ -552,7 +555,7 @@ class MXFrontend(SMTPFrontend):
             self.transport.write(messageReply.raw)
             if messageReply.positive:
                 self.messages += 1
-                self.result = f"{self.messages} message(s) accepted"
+                self.noteOutcome(EndReason.MESSAGES_ACCEPTED, str(self.messages))
         self.log.info(
             "message: session={session} from={sender} recipients={recipients} backend={backend} size={size} reply={reply}",
             session=self.client.sessionId,
