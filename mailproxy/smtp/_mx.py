@@ -323,7 +323,7 @@ class MXFrontend(SMTPFrontend):
         )
         # A recipient lookup is not a login: the router's time is not
         # counted with the logins'.
-        d = routeLogin(self.context.router, request, self.context.reactor, lambda seconds: None, self.context.gate)
+        d = routeLogin(self.context.router, request, self.context.reactor, gate=self.context.gate)
         d.addCallbacks(self._recipientRouted, self._lookupFailed, callbackArgs=(path,), errbackArgs=(path,))
         self.wait(d, self._answerRecipient)
 
