@@ -247,6 +247,7 @@ class SMTPFrontend(CommandLoop):
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
         text = _GOODBYE_TEXTS.get(reason, text)
         if reason is EndReason.INTERNAL_ERROR:
+            # The one goodbye that has always gone without the host name.
             self.send(421, enhanced, text)
         else:
             self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + text.encode("utf-8"))
