@@ -4,7 +4,7 @@ routed backend) and inbound MX (25, every recipient routed).
 """
 
 from ._base import SMTPFrontend
-from ._frontend import SubmissionFrontend, buildFrontend
+from ._frontend import SubmissionFrontend
 from ._mx import MXFrontend
 
-__all__ = ["SMTPFrontend", "SubmissionFrontend", "MXFrontend", "buildFrontend"]
+__all__ = ["SMTPFrontend", "SubmissionFrontend", "MXFrontend"]

@@ -21,14 +21,14 @@ the object.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable, Literal
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._backend import LoginJob
+from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandLoop, LoopState
 from .._contract import IProtocolFrontend
 from .._outcomes import EndReason, StartTLSRefusal
@@ -48,6 +48,8 @@ MAX_ERRORS = 20
 #: Verbs of other protocols: a browser or proxy request sent to the SMTP
 #: port (cross-protocol attacks); the connection is closed at once.
 _FOREIGN_VERBS = frozenset([b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS"])
+
+_Dialogue = TypeVar("_Dialogue", bound=BackendProtocol)
 
 #: The last words after a bug in answering a command.
 INTERNAL_ERROR_GOODBYE = "Internal error, closing connection"
@@ -209,25 +211,28 @@ class SMTPFrontend(CommandLoop):
         """
         return backendExtensions(self.context, self.portName)
 
-    def backendFor(self, job: LoginJob, purpose: Literal["login", "relay"]) -> SMTPBackend:
+    def backendFor(self, dialogue: Callable[..., _Dialogue], job: LoginJob, **options: Any) -> _Dialogue:
         """
         A connection to C{job}'s backend that greets it as the client
         greeted the proxy (EHLO or HELO, with the client's name) and tells
         L{knowledge} the extensions it finds.
 
-        @param purpose: C{"login"} or C{"relay"}, see L{SMTPBackend}.
+        @param dialogue: the client: C{SMTPBackendLogin} (submission's
+            login) or L{SMTPBackend} (MX's relay).
+        @param options: more arguments of C{dialogue} (the purpose of an
+            L{SMTPBackend}).
         """
         knowledge = self.knowledge
         name = job.backend.name
-        return SMTPBackend(
+        return dialogue(
             job,
             self.context.reactor,
             self.limits.backendTimeout,
             hostname=self.context.hostname,
-            purpose=purpose,
             helo=self.helo,
             esmtp=self.esmtp,
             learn=lambda extensions: knowledge.learn(name, extensions),
+            **options,
         )
 
     # Writing

@@ -28,10 +28,9 @@ from .._outcomes import EndReason, FailureKind, SASLRefusal
 from .._safetext import oneLine
 from .._session import ProxyContext
 from ..settings import Listener
-from ._backend import SMTPBackend
+from ._backend import SMTPBackendLogin
 from ._base import INTERNAL_ERROR_GOODBYE, SMTPFrontend
 from ._guard import SMTPGuard
-from ._mx import MXFrontend
 from ._parser import Command, TooLong
 
 #: Longest AUTH response line (RFC 4954 §4 calls 12288 octets enough).
@@ -87,7 +86,7 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
     # The contract (ILoginFrontend)
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
-        return self.backendFor(job, "login")
+        return self.backendFor(SMTPBackendLogin, job)
 
     def saslMechanisms(self) -> list[str]:
         return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
@@ -114,7 +113,7 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
 
     def answerLogin(self, command: Command, backend: BackendProtocol) -> IRelayGuard:
         self.send(235, "2.7.0", "Authentication successful")
-        extensions = cast(SMTPBackend, backend).extensions
+        extensions = cast(SMTPBackendLogin, backend).extensions
         chunking = extensions is not None and "CHUNKING" in extensions
         return SMTPGuard(chunking=chunking)
 
@@ -155,12 +154,3 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
             self.error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
             return
         self.authenticate(command, words[0].decode("ascii", "replace"), words[1] if len(words) == 2 else None)
-
-
-def buildFrontend(context: ProxyContext, listener: Listener) -> SMTPFrontend:
-    """
-    The front end for one connection to an SMTP listener, by its C{mode}.
-    """
-    if getattr(listener, "mode", None) == "mx":
-        return MXFrontend(context, listener)
-    return SubmissionFrontend(context, listener)

@@ -320,6 +320,8 @@ class MXFrontend(SMTPFrontend):
             helo=self.helo,
             mailFrom=self.mailFrom.address,
             rcptTo=path.address,
+            lookup="recipient",
+            port=self.portName,
         )
         # A recipient lookup is not a login: the router's time is not
         # counted with the logins'.
@@ -388,7 +390,7 @@ class MXFrontend(SMTPFrontend):
             password=None,
             portName=self.portName,
         )
-        protocol = self.backendFor(job, "relay")
+        protocol = self.backendFor(SMTPBackend, job, purpose="relay")
         self._connecting = protocol
 
         def connected(backend: SMTPBackend) -> SMTPBackend:
