@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from ._backend import BackendProtocol
 from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
 from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
-from ._session import FrontendProtocol, LoginFailed, ProxyContext, Session
+from ._login import LoginFailed
+from ._session import FrontendProtocol, ProxyContext, Session
 from .model import Credentials
 from .settings import Listener
 
@@ -65,10 +66,10 @@ class CommandLoop(Session):
     """
     A L{Session} that reads commands in a loop.
 
-    Subclasses implement L{processInput} and provide L{input} (see
+    Subclasses implement L{readCommand} and provide L{input} (see
     L{mailproxy._contract.IProtocolFrontend}), besides what L{Session} asks
-    for. Their loops run while C{state} lets them and stop while
-    L{repliesUnread}.
+    for. The loop (L{processInput}) runs while C{state} lets it and stops
+    while L{repliesUnread}.
 
     @cvar maxBadCommands: invalid commands after which the session ends.
     @cvar badCommandsReason: the L{EndReason} then.
@@ -86,9 +87,7 @@ class CommandLoop(Session):
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        # Transitional: front ends not yet converted keep words (a str
-        # enum compares equal to them).
-        self.state: Enum | str = LoopState.COMMAND
+        self.state: Enum = LoopState.COMMAND
         self.badCommands = 0
         self._processing = False
 
@@ -128,9 +127,29 @@ class CommandLoop(Session):
 
     def processInput(self) -> None:
         """
-        The loop behind L{process}: read and answer buffered input while
-        the state allows and the client reads the replies (not
-        L{repliesUnread}).
+        The loop behind L{process}: read and answer buffered input, one
+        command (L{readNext}) at a time, while the client reads the replies
+        (not L{repliesUnread}) and there is something to read in the
+        current state.  A protocol with input states of its own (SMTP's
+        message data) extends it.
+        """
+        while not self.repliesUnread and self.readNext():
+            pass
+
+    def readNext(self) -> bool:
+        """
+        Read and answer one unit of input in the current state.
+
+        @return: whether the loop goes on: C{False} when nothing complete
+            is buffered, or the state reads no input.
+        """
+        if self.state == LoopState.COMMAND:
+            return self.readCommand()
+        return False
+
+    def readCommand(self) -> bool:
+        """
+        See L{mailproxy._contract.IProtocolFrontend.readCommand}.
         """
         raise NotImplementedError
 
@@ -194,38 +213,6 @@ class CommandLoop(Session):
         """
         See L{mailproxy._contract.IProtocolFrontend.forgetBeforeTLS}.
         """
-
-    # Transitional: the ways to end a session before end(), kept for the
-    # front ends not yet converted to it.
-
-    def closeWith(self, goodbye: str | None = None) -> None:
-        """
-        Transitional: L{end} with the reason noted so far (or set as
-        C{result}).
-        """
-        if not self.closing:
-            self._finish(self.endReason, goodbye)
-
-    def fatal(self, reason: str) -> None:
-        """
-        Transitional: the input cannot be read any further; L{end} with
-        L{EndReason.PROTOCOL_ERROR}.
-        """
-        self.end(EndReason.PROTOCOL_ERROR, reason, detail=reason)
-
-    def closeAfterLoginFailure(self) -> None:
-        """
-        Transitional: L{CommandFrontend} ends a session after a failed login
-        itself.
-        """
-        failures = cast(FrontendProtocol, self).failures
-        self.closeWith(_loginFailureGoodbye(failures, self.limits.loginFailures))
-
-
-def _loginFailureGoodbye(failures: int, limit: int) -> str:
-    if failures >= limit:
-        return "Too many invalid authentication attempts."
-    return "Closing connection."
 
 
 class CommandFrontend(CommandLoop, FrontendProtocol):
@@ -328,6 +315,17 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
             return
         self._nextSASLStep(exchange.respond(decoded))
 
+    def readNext(self) -> bool:
+        if self.state == LoopState.SASL:
+            return self.readSASLResponse()
+        return super().readNext()
+
+    def readSASLResponse(self) -> bool:
+        """
+        See L{mailproxy._contract.ILoginFrontend.readSASLResponse}.
+        """
+        raise NotImplementedError
+
     def abandonSASL(self) -> None:
         """
         The client's response could not be read (the protocol answered it
@@ -375,7 +373,11 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         if failure.close:
             endReason = self.loginFailureReason
             detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""
-            self.end(endReason, _loginFailureGoodbye(self.failures, self.limits.loginFailures), detail)
+            if self.failures >= self.limits.loginFailures:
+                goodbye = "Too many invalid authentication attempts."
+            else:
+                goodbye = "Closing connection."
+            self.end(endReason, goodbye, detail)
             return
         self.state = LoopState.COMMAND
         self.process()

@@ -64,29 +64,33 @@ def routeLogin(
     router: IRouter,
     request: RouteRequest,
     clock: IReactorTime,
-    answered: Callable[[float], None],
+    answered: Callable[[float], None] | None = None,
     gate: Any = None,
 ) -> Deferred[Route | Rejection]:
     """
-    Ask C{router} about a login, once C{gate} lets it go on.
+    Ask C{router} about a session's request (a login, or an MX session's
+    recipient), once C{gate} lets it go on.
 
-    @param answered: called with the seconds the router took (the wait at
-        the gate not included), whatever its answer; the session counts it
-        in its statistics.
+    @param answered: if given, called with the seconds the router took (the
+        wait at the gate not included), whatever its answer; a session
+        counts it in its statistics.
     @param gate: if given, its C{wait(request)} answers L{None} (go on) or
-        a Deferred that fires when the login may go on (an operator holds
+        a Deferred that fires when the request may go on (an operator holds
         the account while it moves).  Cancelling the Deferred returned here
         cancels that wait, or the router's answer.
     """
 
     def ask(_: object = None) -> Deferred[Route | Rejection]:
         started = clock.seconds()
+        answer = callRouter(router, request)
+        if answered is None:
+            return answer
 
         def timed(result: object) -> object:
             answered(clock.seconds() - started)
             return result
 
-        return callRouter(router, request).addBoth(timed)
+        return answer.addBoth(timed)
 
     waiting = gate.wait(request) if gate is not None else None
     if waiting is None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections import Counter
 from enum import Enum
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, cast
 
 from attrs import define, field
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -39,10 +38,10 @@ from zope.interface import implementer
 
 from . import _tls
 from ._backend import BackendProtocol, LoginJob, connectBackend
-from ._contract import ISessionObserver
 from ._guard import IRelayGuard
 from ._login import LoginAttempt, LoginFailed
 from ._outcomes import EndReason
+from ._registry import ConnectionTracker, SessionRegistry
 from ._relay import Relay
 from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
@@ -51,6 +50,8 @@ from .interfaces import IRouter
 from .model import ClientInfo, Credentials, Route
 from .settings import Limits, Listener
 
+# ConnectionTracker and SessionRegistry (of mailproxy._registry) and
+# LoginFailed (of mailproxy._login) are known from here too.
 __all__ = [
     "CLOSE_GRACE",
     "ConnectionTracker",
@@ -74,147 +75,6 @@ CLOSE_GRACE = 5.0
 #: The reason to pause reading while a client does not read its replies
 #: (L{FrontendProtocol.repliesUnread}).
 REPLIES_UNREAD = "replies unread"
-
-
-class ConnectionTracker:
-    """
-    Counts open connections per client address, across all listeners.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[str] = Counter()
-
-    def add(self, address: str) -> bool:
-        """
-        Count a new connection from C{address}.
-
-        @return: C{False} (and nothing counted) if the address is at its limit.
-        """
-        if self.limit and self._open[address] >= self.limit:
-            return False
-        self._open[address] += 1
-        return True
-
-    def remove(self, address: str) -> None:
-        """
-        A connection from C{address} closed.
-        """
-        self._open[address] -= 1
-        if self._open[address] <= 0:
-            del self._open[address]
-
-
-class SessionRegistry:
-    """
-    The open sessions of one proxy, to find them by account or backend.
-
-    A session is in the registry from its first byte to its close, before
-    and after login.
-    """
-
-    log = Logger()
-
-    def __init__(self) -> None:
-        self._sessions: set[Session] = set()
-        self._emptyWaiters: list[Deferred[None]] = []
-        self._observers: list[ISessionObserver] = []
-
-    def observe(self, observer: ISessionObserver) -> Callable[[], None]:
-        """
-        Tell C{observer} of every session that logs in or ends from now on.
-
-        An observer's exception is logged and keeps neither the session nor
-        the other observers from going on.
-
-        @return: a function that stops the observing.
-        """
-        self._observers.append(observer)
-
-        def stop() -> None:
-            if observer in self._observers:
-                self._observers.remove(observer)
-
-        return stop
-
-    def add(self, session: Session) -> None:
-        """
-        A session opened.
-        """
-        self._sessions.add(session)
-
-    def loggedIn(self, session: Session) -> None:
-        """
-        C{session} was handed over to its backend.
-        """
-        self._tell("sessionLoggedIn", session)
-
-    def discard(self, session: Session) -> None:
-        """
-        A session closed.
-        """
-        if session not in self._sessions:
-            return
-        self._sessions.discard(session)
-        self._tell("sessionEnded", session)
-        if not self._sessions:
-            waiters, self._emptyWaiters = self._emptyWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def _tell(self, event: str, session: Session) -> None:
-        for observer in list(self._observers):
-            try:
-                getattr(observer, event)(session)
-            except Exception:
-                self.log.failure("session observer {observer!r} failed on {event}", observer=observer, event=event)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def __iter__(self) -> Iterator[Session]:
-        # A copy: callers drop sessions while they iterate.
-        return iter(list(self._sessions))
-
-    def __contains__(self, session: object) -> bool:
-        return session in self._sessions
-
-    def find(
-        self,
-        account: str | None = None,
-        backend: str | None = None,
-        domain: str | None = None,
-    ) -> list[Session]:
-        """
-        The sessions matching every filter given.
-
-        @param account: the login name the client gave, without case.
-        @param backend: the name of the backend the session is relayed to;
-            sessions not logged in have none.
-        @param domain: the part of the login name after the last C{@},
-            without case.
-        """
-        found = []
-        for session in self._sessions:
-            user = (session.user or "").lower()
-            if account is not None and (not session.user or user != account.lower()):
-                continue
-            if domain is not None and (not session.user or user.rpartition("@")[2] != domain.lower() or "@" not in user):
-                continue
-            if backend is not None and session.backendName != backend:
-                continue
-            found.append(session)
-        return found
-
-    def whenEmpty(self) -> Deferred[None]:
-        """
-        A Deferred that fires once no session is open (at once if none is).
-        """
-        if not self._sessions:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._emptyWaiters.append(waiter)
-        return waiter
 
 
 @define
@@ -378,7 +238,6 @@ class Session(Protocol):
         self.route: Route | None = None
         self._endReason = self.defaultEndReason
         self._endDetail = ""
-        self._endWords: str | None = None
         self._counted = False
         self._closeGrace = Timer(context.reactor, self._closeGraceExpired)
         self._pauses: set[str] = set()
@@ -473,7 +332,8 @@ class Session(Protocol):
         Notes C{reason} (with C{detail}) for the session-end line, says
         the protocol's goodbye with C{goodbye} if one is given
         (L{sayGoodbye}), and closes the connection once what was written is
-        sent (L{closeConnection}). A session already closing is left alone.
+        sent, aborting it if it is still open L{CLOSE_GRACE} seconds later.
+        A session already closing is left alone.
 
         @param goodbye: the words for the client, or L{None} when the
             protocol wrote its last reply itself (a LOGOUT's C{OK}).
@@ -481,14 +341,18 @@ class Session(Protocol):
         if self.closing:
             return
         self.noteOutcome(reason, detail)
-        self._finish(reason, goodbye)
+        self.lifecycle = SessionState.CLOSING
+        self.sessionEnding()
+        if goodbye is not None:
+            self.sayGoodbye(reason, goodbye)
+        self._closeConnection()
 
     def noteOutcome(self, reason: EndReason, detail: str = "") -> None:
         """
         What the session-end line says (C{reason=}) unless something else
         happens first: a failed login, an MX session's messages.
         """
-        self._endReason, self._endDetail, self._endWords = reason, detail, None
+        self._endReason, self._endDetail = reason, detail
 
     @property
     def endReason(self) -> EndReason:
@@ -503,41 +367,21 @@ class Session(Protocol):
         The session-end line's C{reason=} words so far (before hand-over;
         after it the relay's reason is logged).
         """
-        if self._endWords is not None:
-            return self._endWords
         return self._endReason.words(self._endDetail)
-
-    @result.setter
-    def result(self, words: str) -> None:
-        # Transitional, for front ends not yet ending through end(): their
-        # words are logged as they are.
-        self._endWords = words
-
-    def _finish(self, reason: EndReason, goodbye: str | None) -> None:
-        self.lifecycle = SessionState.CLOSING
-        self.sessionEnding()
-        if goodbye is not None:
-            self.sayGoodbye(reason, goodbye)
-        self.closeConnection()
 
     def sessionEnding(self) -> None:
         """
         L{end} is closing the session, before its goodbye: subclasses stop
-        what must not go on (a login still running must not hand over
-        after the goodbye).
+        their timers and what must not go on (a login still running must
+        not hand over after the goodbye).
         """
 
-    def closeConnection(self) -> None:
-        """
-        Close the client connection once what was written is sent (after
-        the protocol's last words), reading no more input, and abort it if
-        it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
-        answer the close alert, or keep writing without reading.  L{end}
-        comes here; a protocol that wrote its last reply itself may too.
-        """
+    def _closeConnection(self) -> None:
+        # Close once what was written is sent (after the protocol's last
+        # words), reading no more input, and abort if still open
+        # CLOSE_GRACE seconds later: a TLS peer may never answer the close
+        # alert, or keep writing without reading.
         self._stopWatchingReplies()
-        if self.lifecycle is not SessionState.CLOSED:
-            self.lifecycle = SessionState.CLOSING
         self.connectionClosing()
         self.transport.loseConnection()
         if self.lifecycle is not SessionState.CLOSED:
@@ -545,8 +389,8 @@ class Session(Protocol):
 
     def connectionClosing(self) -> None:
         """
-        The proxy started closing the connection: subclasses stop the
-        timers that would close it again.
+        The proxy started closing the connection (after the goodbye):
+        subclasses stop the timers that would close it again.
         """
 
     def _closeGraceExpired(self) -> None:
@@ -808,12 +652,10 @@ class FrontendProtocol(Session):
         self._preauth.start(self.limits.preauthTimeout)
 
     def sessionEnding(self) -> None:
+        self._preauth.stop()
         if self._pending is not None:
             # A login still running must not hand over after the goodbye.
             self._pending.cancel()
-
-    def connectionClosing(self) -> None:
-        self._preauth.stop()
 
     def sessionLost(self) -> None:
         self._preauth.stop()
@@ -837,17 +679,6 @@ class FrontendProtocol(Session):
             self.transport.abortConnection()
             return
         self.end(EndReason.PREAUTH_TIMEOUT, "Disconnected for inactivity.")
-
-    def stopPreauthTimer(self) -> None:
-        """
-        Stop the pre-auth timer of a session that never logs in (SMTP MX,
-        served by the proxy from start to end): its front end applies
-        timeouts of its own.
-
-        Transitional: such a front end derives from L{Session}, which has
-        no pre-auth timer, once it is converted.
-        """
-        self._preauth.stop()
 
     # Login
 
@@ -912,7 +743,7 @@ class FrontendProtocol(Session):
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=backend.leftover, toBackend=toBackend)
-        if self.relay is relay and relay.endReason is None:
+        if self in self.context.sessions:
             self.context.sessions.loggedIn(self)
 
     def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:

@@ -22,7 +22,7 @@ from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
-from .._session import LoginFailed
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
 from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest
@@ -172,37 +172,37 @@ class IMAPFrontend(CommandFrontend):
 
     # The command loop
 
-    def processInput(self) -> None:
-        while self.state in (LoopState.COMMAND, LoopState.SASL) and not self.repliesUnread:
-            if self.state == LoopState.SASL:
-                line = self.input.nextLine(MAX_SASL_LINE)
-                if line is None:
-                    return
-                if isinstance(line, Fatal):
-                    self.end(EndReason.PROTOCOL_ERROR, line.reason, detail=line.reason)
-                    return
-                self.saslResponse(line.data.strip())
-                continue
-            event = self.input.next()
-            if event is None:
-                return
-            if isinstance(event, Command):
-                handler = self._commands.get(event.name)
-                if handler is not None:
-                    handler(event)
-                elif event.name in _AFTER_LOGIN:
-                    self._bad(event.tag, "Command not permitted before authentication.")
-                else:
-                    self._bad(event.tag, "Unknown command.")
-            elif isinstance(event, LiteralRequest):
-                self.sendLine(b"+ Ready for literal data")
-                self.input.acceptLiteral()
-            elif isinstance(event, BadCommand):
-                text = ("[" + event.code + "] " if event.code else "") + event.reason
-                self._bad(event.tag, text)
-            elif isinstance(event, Fatal):
-                self.end(EndReason.PROTOCOL_ERROR, event.reason, detail=event.reason)
-                return
+    def readSASLResponse(self) -> bool:
+        line = self.input.nextLine(MAX_SASL_LINE)
+        if line is None:
+            return False
+        if isinstance(line, Fatal):
+            self.end(EndReason.PROTOCOL_ERROR, line.reason, detail=line.reason)
+        else:
+            self.saslResponse(line.data.strip())
+        return True
+
+    def readCommand(self) -> bool:
+        event = self.input.next()
+        if event is None:
+            return False
+        if isinstance(event, Command):
+            handler = self._commands.get(event.name)
+            if handler is not None:
+                handler(event)
+            elif event.name in _AFTER_LOGIN:
+                self._bad(event.tag, "Command not permitted before authentication.")
+            else:
+                self._bad(event.tag, "Unknown command.")
+        elif isinstance(event, LiteralRequest):
+            self.sendLine(b"+ Ready for literal data")
+            self.input.acceptLiteral()
+        elif isinstance(event, BadCommand):
+            text = ("[" + event.code + "] " if event.code else "") + event.reason
+            self._bad(event.tag, text)
+        else:
+            self.end(EndReason.PROTOCOL_ERROR, event.reason, detail=event.reason)
+        return True
 
     def _bad(self, tag: bytes | None, text: str) -> None:
         self.reply(tag if tag is not None else b"*", b"BAD", text)

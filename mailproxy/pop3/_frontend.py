@@ -33,7 +33,7 @@ from .._guard import IRelayGuard
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
 from .._sasl import newChallenge, parseDigestResponse
-from .._session import LoginFailed
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
 from ._guard import POP3Guard
@@ -205,32 +205,33 @@ class POP3Frontend(CommandFrontend):
 
     # The command loop
 
-    def processInput(self) -> None:
-        while self.state in (LoopState.COMMAND, LoopState.SASL) and not self.repliesUnread:
-            if self.state == LoopState.SASL:
-                line = self.input.nextLine(MAX_SASL_LINE)
-                if line is None:
-                    return
-                if isinstance(line, BadLine):
-                    self.abandonSASL()
-                    self.err(line.reason)
-                    continue
-                self.saslResponse(line.data.strip())
-                continue
-            event = self.input.nextCommand()
-            if event is None:
-                return
-            if isinstance(event, BadLine):
-                self._bad(event.reason)
-                continue
-            handler = self._commands.get(event.name)
-            if handler is not None:
-                self.badCommands = 0
-                handler(event)
-            elif event.name in _AFTER_LOGIN:
-                self._bad("Command not permitted before authentication.")
-            else:
-                self._bad("Unknown command.")
+    def readSASLResponse(self) -> bool:
+        line = self.input.nextLine(MAX_SASL_LINE)
+        if line is None:
+            return False
+        if isinstance(line, BadLine):
+            self.abandonSASL()
+            self.err(line.reason)
+        else:
+            self.saslResponse(line.data.strip())
+        return True
+
+    def readCommand(self) -> bool:
+        event = self.input.nextCommand()
+        if event is None:
+            return False
+        if isinstance(event, BadLine):
+            self._bad(event.reason)
+            return True
+        handler = self._commands.get(event.name)
+        if handler is not None:
+            self.badCommands = 0
+            handler(event)
+        elif event.name in _AFTER_LOGIN:
+            self._bad("Command not permitted before authentication.")
+        else:
+            self._bad("Unknown command.")
+        return True
 
     def _bad(self, text: str) -> None:
         self.err(text)
