@@ -20,6 +20,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1345,12 +1346,24 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
         return path
 
     def tool(name: str) -> str:
-        # A command name is looked up in PATH when run; a path is resolved
-        # against the configuration's directory, as other paths are.
+        # A command line, split like a shell would when run (it may start
+        # with a wrapper: "sudo -n /usr/bin/doveadm").  Its first word, if a
+        # relative path, is resolved against the configuration's directory
+        # as other paths are; a bare name is looked up in PATH when run.
         command: str = table.string(name, name)
-        if "/" in command:
-            command = os.path.normpath(os.path.join(table.base, os.path.expanduser(command)))
-        return command
+        try:
+            words = shlex.split(command)
+        except ValueError as error:
+            table.fail(name, f"not a command line: {error}")
+        if not words:
+            table.fail(name, "must name a command")
+        first = os.path.expanduser(words[0])
+        if "/" in first:
+            first = os.path.normpath(os.path.join(table.base, first))
+        if first == words[0]:
+            return command
+        words[0] = first
+        return shlex.join(words)
 
     def perBackend(key: str, read: Callable[[Table, str], str]) -> dict[str, str]:
         # A table keyed by target backend: tools = { new = "doveadm" }.

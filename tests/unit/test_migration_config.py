@@ -65,6 +65,32 @@ class MigrationConfigTests(ConfigTestCase):
             ),
         )
 
+    def test_toolCommandLines(self) -> None:
+        """
+        C{doveadm} and C{mbsync} are command lines (the engine splits them
+        like a shell would): a wrapper with absolute paths is kept as
+        written; only a relative first word is resolved against the
+        configuration's directory, the arguments after it are left alone.
+        """
+        for written, expected in (
+            ("sudo -n /usr/bin/doveadm", "sudo -n /usr/bin/doveadm"),
+            ("/usr/bin/sudo -n -u vmail /usr/bin/doveadm", "/usr/bin/sudo -n -u vmail /usr/bin/doveadm"),
+            ("bin/wrap --config etc/x.conf", f"{self.directory}/bin/wrap --config etc/x.conf"),
+            ("'my tools/doveadm' -v", f"'{self.directory}/my tools/doveadm' -v"),
+        ):
+            settings = self.parse(configText(extra=f"{NEW}[migration]\ndoveadm = {written!r}\nmbsync = {written!r}\n")).migration
+            self.assertEqual((settings.doveadm, settings.mbsync), (expected, expected), written)
+
+    def test_toolCommandLineRefused(self) -> None:
+        """
+        A command line a shell could not split, or one without a word, is
+        refused at its key.
+        """
+        self.assertConfigError(
+            configText(extra=NEW + '[migration]\ndoveadm = "sudo \'doveadm"\n'), "migration.doveadm", "not a command line"
+        )
+        self.assertConfigError(configText(extra=NEW + '[migration]\nmbsync = " "\n'), "migration.mbsync", "must name a command")
+
     def test_toolsAndTimeouts(self) -> None:
         """
         C{tools} picks the tool per target backend, C{doveadm_config} names
