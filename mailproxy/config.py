@@ -1302,7 +1302,7 @@ _MIGRATION_TIMEOUTS = (
 def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None) -> MigrationSettings:
     """
     The C{[migration]} table: the backend accounts migrate to when they log
-    in (C{on_login}) and the domains that applies to, where the engine
+    in (C{on_login}) and the domains and router rule that applies to, where the engine
     keeps its journal, how many accounts a campaign copies at once, the
     sync tools it runs (and which one per target), its time limits, how
     often it runs the final sync and verify before a difference fails an
@@ -1315,7 +1315,8 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
     if table is None:
         return MigrationSettings()
     table.allow(
-        "on_login", "on_login_domains", "journal", "concurrency", "doveadm", "mbsync", "tools", "doveadm_config",
+        "on_login", "on_login_domains", "on_login_rule", "journal", "concurrency", "doveadm", "mbsync", "tools",
+        "doveadm_config",
         *(key for key, _ in _MIGRATION_TIMEOUTS), "sync_attempts", "late_mail_grace",
     )
 
@@ -1338,6 +1339,12 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
             if "@" in name or not _HOSTNAME.match(name):
                 table.fail("on_login_domains", f"not a domain: {name!r}")
         return tuple(name.lower() for name in names)
+
+    def rule() -> str | None:
+        pattern: str | None = table.string("on_login_rule", None)
+        if pattern is not None and "on_login" not in table:
+            table.fail("on_login_rule", "needs on_login (the backend to migrate to)")
+        return pattern
 
     def journal() -> str | None:
         path: str | None = table.path("journal", None, readable=False)
@@ -1384,6 +1391,7 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
     return MigrationSettings(
         onLogin=table.collect(onLogin, None),
         onLoginDomains=table.collect(domains, ()),
+        onLoginRule=table.collect(rule, None),
         journal=table.collect(journal, None),
         concurrency=table.collect(lambda: table.integer("concurrency", defaults.concurrency, 1, MAX_MIGRATION_CONCURRENCY), 1),
         doveadm=table.collect(lambda: tool("doveadm"), "doveadm"),

@@ -118,6 +118,13 @@ class MigrationSettings:
     @ivar onLogin: the backend accounts move to after a login elsewhere
         (L{MigrationManager.queueOnLogin}); L{None}: no migration on login.
     @ivar onLoginDomains: the domains migrated on login; empty: all.
+    @ivar onLoginRule: a pattern (C{*} any text, C{?} one character, without
+        case): only a login whose route came from a matching router rule
+        (the route's C{rule}, the session-end log's C{rule} field, e.g.
+        C{"ldap uid=bob,ou=wave1,dc=example,dc=org -> old"}) queues a
+        migration; L{None}: any rule.  The on-login trigger
+        (L{mailproxy._migrationhooks.OnLoginMigration}) applies it: only a
+        session knows its route.
     @ivar journal: the journal file; L{None}: beside the configuration.
     @ivar concurrency: accounts migrated at once per campaign, by default.
     @ivar doveadm: the doveadm command, split like a shell would (e.g.
@@ -146,6 +153,7 @@ class MigrationSettings:
 
     onLogin: str | None = None
     onLoginDomains: tuple[str, ...] = ()
+    onLoginRule: str | None = None
     journal: str | None = None
     concurrency: int = 4
     doveadm: str = "doveadm"
