@@ -88,6 +88,10 @@ CAMPAIGN_STATES = ("running", "done", "failed", "cancelled")
 _STEP_STATE = dict(zip(STEPS, ("copying", "holding", "syncing", "verifying", "flipping")))
 _FINAL = ("done", "failed", "cancelled")
 
+#: Seconds between two looks, while an account's bulk copy runs, at how
+#: much of it the target has (one IMAP login and a STATUS per folder).
+PROGRESS_POLL = 5.0
+
 #: How many finished campaigns the journal (and L{MigrationManager.campaigns})
 #: keeps.
 KEEP_FINISHED = 50
@@ -182,8 +186,15 @@ class AccountJob:
     @ivar source: the backend it is on when the campaign starts.
     @ivar state: one of L{ACCOUNT_STATES}.
     @ivar step: the step running, or the last one that ran.
-    @ivar messages: messages on the source at the verify.
-    @ivar bytes: their size.
+    @ivar messages: while the bulk copy runs, the messages the target has
+        so far (looked at every L{PROGRESS_POLL} seconds); from the verify
+        on, the messages on the source.
+    @ivar bytes: their size (while the copy runs, without C{STATUS=SIZE}
+        on the target, estimated from the message count and the source's
+        average size).
+    @ivar totalMessages: the messages on the source when its bulk copy
+        started (L{None}: not known yet).
+    @ivar totalBytes: their size.
     @ivar error: why it failed.
     @ivar flip: L{None}; C{"started"} once the route store is being
         changed; C{"done"} once it was.
@@ -200,6 +211,8 @@ class AccountJob:
     bytes: int = 0
     error: str | None = None
     flip: str | None = None
+    totalMessages: int | None = None
+    totalBytes: int | None = None
     verified: dict[str, list[str]] | None = field(default=None, repr=False, eq=False)
 
     def describe(self) -> dict[str, Any]:
@@ -214,6 +227,8 @@ class AccountJob:
             "step": self.step,
             "messages": self.messages,
             "bytes": self.bytes,
+            "total_messages": self.totalMessages,
+            "total_bytes": self.totalBytes,
             "error": self.error,
             "flip": self.flip,
         }
@@ -233,6 +248,8 @@ class AccountJob:
             bytes=int(data.get("bytes") or 0),
             error=data.get("error"),
             flip=data.get("flip"),
+            totalMessages=_count(data.get("total_messages")),
+            totalBytes=_count(data.get("total_bytes")),
         )
 
 
@@ -276,12 +293,20 @@ class Campaign:
         done = sum(1 for job in self.accounts if job.state == "done")
         failed = sum(1 for job in self.accounts if job.state == "failed")
         finishedCount = sum(1 for job in self.accounts if job.state in _FINAL)
-        moved = sum(job.bytes for job in self.accounts if job.state == "done")
+        # What the done accounts moved, and what the running ones have on
+        # the target so far (not a failed or cancelled account's part).
+        counted = [job for job in self.accounts if job.state == "done" or job.state in _STEP_STATE.values()]
+        moved = sum(job.bytes for job in counted)
         elapsed = max((self.finished or now) - self.created, 0.001)
+        rate = moved / elapsed
         remaining = len(self.accounts) - finishedCount
         eta = None
-        if self.state == "running" and finishedCount and remaining:
-            eta = round(elapsed / finishedCount * remaining, 1)
+        if self.state == "running" and remaining:
+            left = self._bytesLeft()
+            if left is not None and rate > 0:
+                eta = round(left / rate, 1)
+            elif finishedCount:
+                eta = round(elapsed / finishedCount * remaining, 1)
         elif self.state != "running" or not remaining:
             eta = 0.0 if not remaining else None
         return {
@@ -295,12 +320,29 @@ class Campaign:
             "total": len(self.accounts),
             "done": done,
             "failed": failed,
-            "messages": sum(job.messages for job in self.accounts if job.state == "done"),
+            "messages": sum(job.messages for job in counted),
             "bytes": moved,
-            "rate": round(moved / elapsed, 1),
+            "rate": round(rate, 1),
             "eta": eta,
             "accounts": [job.describe() for job in self.accounts],
         }
+
+    def _bytesLeft(self) -> float | None:
+        """
+        The bytes still to copy for the unfinished accounts: for each that
+        knows its total, what the target lacks of it; for each that does
+        not yet (queued), the average total of those that do.  L{None}
+        when no account knows its total yet.
+        """
+        known = [job.totalBytes for job in self.accounts if job.totalBytes is not None]
+        if not known:
+            return None
+        average = sum(known) / len(known)
+        return sum(
+            max(job.totalBytes - job.bytes, 0) if job.totalBytes is not None else average
+            for job in self.accounts
+            if job.state not in _FINAL
+        )
 
     def toJSON(self) -> dict[str, Any]:
         """
@@ -807,6 +849,37 @@ class MigrationManager:
         return [backend.masterPassword for backend in self.backends.values()]
 
     async def _copy(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend, bulk: bool) -> None:
+        if not bulk:
+            await self._runCopy(campaign, job, source, target, bulk)
+            return
+        await self._takeTotals(job, source)
+        progress = _Progress(self, job, target)
+        try:
+            await self._runCopy(campaign, job, source, target, bulk)
+        finally:
+            progress.stop()
+
+    async def _takeTotals(self, job: AccountJob, source: Backend) -> None:
+        """
+        Count the account's messages and bytes on the source before its
+        bulk copy, for the progress shown while it runs.  A failure here
+        only leaves the totals unknown: the copy says what is wrong.
+        """
+        timeout = self.settings.clientTimeout
+        try:
+            job.totalMessages, job.totalBytes = await self._runBlocking(
+                timeout, self._clients.totals, source, job.account, timeout
+            )
+        except Exception as error:
+            job.totalMessages = job.totalBytes = None
+            self.log.info(
+                "migration of {account}: cannot count its mail on {source}: {error}",
+                account=job.account,
+                source=source.name,
+                error=_tools.scrub(f"{type(error).__name__}: {error}", self._secrets()),
+            )
+
+    async def _runCopy(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend, bulk: bool) -> None:
         timeout = self.settings.copyTimeout if bulk else self.settings.holdTimeout
         directory = await self._runBlocking(
             60.0, _tools.PrivateDirectory, os.path.join(self.workDirectory, campaign.id), _safeName(job.account) + "."
@@ -1063,6 +1136,59 @@ class MigrationManager:
                 "error": job.error,
             }
         )
+
+
+class _Progress:
+    """
+    While an account's bulk copy runs, look every L{PROGRESS_POLL} seconds
+    at how many of its messages (and bytes) the target has, into the job's
+    C{messages} and C{bytes}.  One look at a time (a slow server is not
+    asked again before it answered), each bounded by C{clientTimeout},
+    and none after L{stop}; a failed look is skipped.
+    """
+
+    def __init__(self, manager: MigrationManager, job: AccountJob, target: Backend) -> None:
+        self.manager = manager
+        self.job = job
+        self.target = target
+        self.stopped = False
+        self.call = manager.reactor.callLater(PROGRESS_POLL, self._look)
+
+    def _look(self) -> None:
+        timeout = self.manager.settings.clientTimeout
+        looked = self.manager._runBlocking(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
+        looked.addCallbacks(self._seen, lambda failure: None)
+        looked.addBoth(self._again)
+
+    def _seen(self, counted: tuple[int, int | None]) -> None:
+        if self.stopped:
+            return
+        job = self.job
+        job.messages, size = counted
+        if size is None:
+            # The target has no STATUS=SIZE: the source's average size.
+            average = job.totalBytes / job.totalMessages if job.totalMessages and job.totalBytes is not None else 0
+            size = round(job.messages * average)
+        job.bytes = size
+
+    def _again(self, _: object) -> None:
+        if not self.stopped:
+            self.call = self.manager.reactor.callLater(PROGRESS_POLL, self._look)
+
+    def stop(self) -> None:
+        """
+        The copy has ended: no more looks (one under way is ignored).
+        """
+        self.stopped = True
+        if self.call.active():
+            self.call.cancel()
+
+
+def _count(value: Any) -> int | None:
+    """
+    A count read back from the journal (L{None} stays unknown).
+    """
+    return None if value is None else int(value)
 
 
 def _removeLeftovers(directory: str) -> None:
