@@ -197,8 +197,9 @@ def accountLine(account: dict[str, Any]) -> str:
             text += f" at {step}"
             error = error.removeprefix(f"{step}: ")
         text += f": {error}"
-    elif state in ACTIVE_STATES and account.get("total_messages") is not None and account.get("total_bytes") is not None:
-        # Of the source's totals, counted before the copy.
+    elif state == "copying" and account.get("total_messages") is not None and account.get("total_bytes") is not None:
+        # Of the source's totals, counted before the copy (later steps may
+        # count mail that arrived since).
         text += (
             f" ({account.get('messages', 0) or 0:,}/{_plural(account['total_messages'], 'message')}, "
             f"{formatBytes(account.get('bytes', 0) or 0)}/{formatBytes(account['total_bytes'])})"

@@ -858,6 +858,9 @@ class MigrationManager:
             await self._runCopy(campaign, job, source, target, bulk)
         finally:
             progress.stop()
+        # What the copy left on the target (a copy shorter than
+        # PROGRESS_POLL was never looked at).
+        await progress.lastLook()
 
     async def _takeTotals(self, job: AccountJob, source: Backend) -> None:
         """
@@ -1154,15 +1157,29 @@ class _Progress:
         self.stopped = False
         self.call = manager.reactor.callLater(PROGRESS_POLL, self._look)
 
-    def _look(self) -> None:
+    def _ask(self) -> Deferred[tuple[int, int | None]]:
         timeout = self.manager.settings.clientTimeout
-        looked = self.manager._runBlocking(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
+        return self.manager._runBlocking(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
+
+    def _look(self) -> None:
+        looked = self._ask()
         looked.addCallbacks(self._seen, lambda failure: None)
         looked.addBoth(self._again)
 
+    async def lastLook(self) -> None:
+        """
+        Look once more, after the copy (a failed look is skipped).
+        """
+        try:
+            self._update(await self._ask())
+        except Exception:
+            pass
+
     def _seen(self, counted: tuple[int, int | None]) -> None:
-        if self.stopped:
-            return
+        if not self.stopped:
+            self._update(counted)
+
+    def _update(self, counted: tuple[int, int | None]) -> None:
         job = self.job
         job.messages, size = counted
         if size is None:

@@ -306,7 +306,7 @@ class ProgressTests(ManagerTestCase):
         runs, the target's count and size so far are looked at every
         L{PROGRESS_POLL} seconds (a cheap look: no size sweep), and the
         campaign's bytes, rate and time left follow them; once the copy
-        ends the looks stop.
+        ends, one last look, then none.
         """
         copying: Deferred[ToolResult] = Deferred()
         self.tools.answers = [copying]
@@ -326,9 +326,12 @@ class ProgressTests(ManagerTestCase):
         self.assertEqual((campaign.accounts[0].messages, campaign.accounts[0].bytes), (2, 300))
         looks = [call for call in self.clients.calls if call[:2] == ("totals", "new")]
         self.assertEqual(looks, [("totals", "new", "alice@example.org", "False")] * 2)
+        self.clients.counts["new"] = (3, 350)
         copying.callback(OK)
+        # One last look once the copy has ended, then none.
+        self.assertEqual([call for call in self.clients.calls if call[:2] == ("totals", "new")], looks + looks[:1])
         self.proxy.clock.advance(PROGRESS_POLL * 3)
-        self.assertEqual([call for call in self.clients.calls if call[:2] == ("totals", "new")], looks)
+        self.assertEqual([call for call in self.clients.calls if call[:2] == ("totals", "new")], looks + looks[:1])
         self.assertEqual(campaign.describe()["accounts"][0]["state"], "done")
 
     def test_targetWithoutStatusSize(self) -> None:
