@@ -62,6 +62,7 @@ from twisted.logger import Logger
 
 from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
 from ..model import Backend
+from ..settings import Limits
 from . import _clients, _tools
 from ._journal import Journal
 
@@ -91,6 +92,10 @@ _FINAL = ("done", "failed", "cancelled")
 #: Seconds between two looks, while an account's bulk copy runs, at how
 #: much of it the target has (one IMAP login and a STATUS per folder).
 PROGRESS_POLL = 5.0
+
+#: Seconds between two looks, at an account's hold, whether its logins
+#: under way have finished.
+LOGIN_POLL = 0.05
 
 #: How many finished campaigns the journal (and L{MigrationManager.campaigns})
 #: keeps.
@@ -932,8 +937,38 @@ class MigrationManager:
             await waited
 
     async def _dropSessions(self, job: AccountJob, target: str) -> None:
+        """
+        Drop the account's sessions on other backends, and the logins of it
+        under way (past the gate when the hold began: at the router or the
+        backend), which could otherwise write to the source after the final
+        sync.  Such a login is first given up to C{backend_timeout} seconds
+        to finish, so that its client gets its login's answer and then the
+        goodbye rather than the goodbye for an answer; one still under way
+        then is dropped as it is.  Logins waiting at the hold are left to
+        go on after the flip, to the target.
+        """
+        context = self.mover.context
+        gate = context.gate
+        limits = getattr(context, "limits", None)
+        deadline = self.reactor.seconds() + (limits.backendTimeout if limits is not None else Limits().backendTimeout)
+
+        def underway() -> list[Any]:
+            held = gate.heldSessions() if callable(getattr(gate, "heldSessions", None)) else frozenset()
+            found = []
+            for session in self.sessions.find(account=job.account):
+                described = session.describe()
+                if described["state"] == "login" and described["session"] not in held:
+                    found.append(session)
+            return found
+
+        while underway() and self.reactor.seconds() < deadline:
+            waited: Deferred[None] = Deferred()
+            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
+            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
+            await waited
+        late = underway()
         for session in self.sessions.find(account=job.account):
-            if session.backendName not in (None, target):
+            if session.backendName not in (None, target) or session in late:
                 session.drop(MOVED)
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:

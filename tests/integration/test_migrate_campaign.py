@@ -411,9 +411,10 @@ class Load:
     def _refusedAtHold(self, protocol: str, account: str, answer: str) -> bool:
         """
         A login was refused or cut: with the proxy's C{moved} goodbye, it
-        was under way at the backend when its account's hold began (the
-        hold drops the account's sessions, logging in or not), which
-        counts as a drop; anything else is a failure.
+        was under way when its account's hold began and did not finish
+        within C{backend_timeout} (the hold then drops it; one that
+        finishes gets its OK and the goodbye after it), which counts as a
+        drop; anything else is a failure.
 
         @return: whether it was the hold's.
         """

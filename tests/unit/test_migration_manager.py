@@ -20,13 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailproxy._migrate import MOVED, LoginHold, Mover
 from mailproxy.interfaces import RouteStoreError
 from mailproxy.migration import Campaign, MigrationError, MigrationManager, MigrationSettings
-from mailproxy.migration._manager import PROGRESS_POLL
+from mailproxy.migration._manager import LOGIN_POLL, PROGRESS_POLL
 from mailproxy.migration._tools import ToolResult
 from mailproxy.model import ClientInfo, Credentials, RouteRequest
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend
 
-from .opsfixtures import ProxyHarness
+from .opsfixtures import GREETING, LOGGED_IN, ProxyHarness
 
 MASTER_PASSWORD = "m4ster-Secret%x"
 BACKENDS = {
@@ -293,6 +293,75 @@ class StepTests(ManagerTestCase):
         self.assertEqual(seen[2], (True, True, b"* BYE " + MOVED.encode() + b"\r\n"))
         self.assertFalse(self.held("alice@example.org"))
         self.assertFalse(self.mailHeld("alice@example.org"))
+
+
+class LoginUnderWayTests(ManagerTestCase):
+    """
+    A login of the account under way (past the gate) when its hold begins.
+    """
+
+    def underway(self, user: str = "alice@example.org") -> tuple[Any, Any]:
+        """
+        A session whose login was routed to old and waits for old's answer.
+
+        @return: the session and its client transport.
+        """
+        frontend, client = self.proxy.connect()
+        frontend.dataReceived(f"a LOGIN {user} secret\r\n".encode())
+        self.assertEqual((frontend.describe()["state"], frontend.backendName), ("login", "old"))
+        return frontend, client
+
+    def test_loginFinishesThenGoodbye(self) -> None:
+        """
+        The hold waits for the login to finish: the client gets its login's
+        OK, then the moved goodbye; only then does the final sync start, and
+        a login of the account arriving meanwhile waits at the gate (it is
+        not waited for) and goes on after the flip.
+        """
+        frontend, client = self.underway()
+        self.start(["alice@example.org"])
+        self.assertEqual(self.steps("alice@example.org")[-1], ("hold", "started"))
+        self.proxy.clock.advance(LOGIN_POLL * 3)
+        self.assertEqual(self.steps("alice@example.org")[-1], ("hold", "started"))
+        self.assertEqual(len(self.tools.runs), 2)
+        later, laterClient = self.proxy.connect()
+        later.dataReceived(b"b LOGIN alice@example.org secret\r\n")
+        backend = self.proxy.connector.protocols[0]
+        backend.dataReceived(GREETING)
+        backend.dataReceived(LOGGED_IN)
+        self.assertTrue(client.value().startswith(b"a OK "), client.value())
+        self.assertNotIn(b"BYE", client.value())
+        self.proxy.clock.advance(LOGIN_POLL)
+        self.assertTrue(client.value().endswith(b"* BYE " + MOVED.encode() + b"\r\n"), client.value())
+        self.assertEqual(self.route("alice@example.org"), "new")
+        self.assertEqual((later.backendName, len(self.proxy.connector.protocols)), ("new", 2))
+
+    def test_loginTooSlowIsDropped(self) -> None:
+        """
+        A login still under way after C{backend_timeout} seconds (here: its
+        router has not answered) is dropped with the goodbye as its
+        answer, before the final sync starts: it must not log in to old
+        after the sync.
+        """
+        answers: list[Deferred[Any]] = []
+
+        class SlowRouter:
+            def route(self, request: Any) -> Deferred[Any]:
+                answers.append(Deferred())
+                return answers[-1]
+
+        self.proxy.context.router = SlowRouter()
+        frontend, client = self.proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.assertEqual((frontend.describe()["state"], frontend.backendName, len(answers)), ("login", None, 1))
+        # The flip changes the real table.
+        self.proxy.context.router = self.store
+        self.start(["alice@example.org"])
+        self.proxy.clock.advance(self.proxy.context.limits.backendTimeout - LOGIN_POLL)
+        self.assertEqual((len(self.tools.runs), client.value()), (2, b""))
+        self.proxy.clock.pump([LOGIN_POLL] * 3)
+        self.assertEqual(client.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+        self.assertEqual(self.route("alice@example.org"), "new")
 
 
 class ProgressTests(ManagerTestCase):
