@@ -623,11 +623,13 @@ class ResumeTests(EngineTestCase):
         async def run() -> None:
             campaign = await first.start([killedInSync, killedInFlip, finished], "new", concurrency=3)
             jobs = [campaign.job(account) for account in (killedInSync, killedInFlip, finished)]
+            # The second's route change is written (in the store's thread)
+            # some time after its flip is journalled as started.
             while [(job.state, job.flip) for job in jobs if job is not None] != [
                 ("syncing", None),
                 ("flipping", "started"),
                 ("done", "done"),
-            ]:
+            ] or self.route(killedInFlip) != "new":
                 waited: Deferred[None] = Deferred()
                 reactor.callLater(0.05, waited.callback, None)
                 await waited
