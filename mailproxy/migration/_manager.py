@@ -878,6 +878,9 @@ class MigrationManager:
             job.totalMessages, job.totalBytes = await self._runBlocking(
                 timeout, self._clients.totals, source, job.account, timeout
             )
+        except CancelledError:
+            # The account is cancelled (or the proxy stops): no copy.
+            raise
         except Exception as error:
             job.totalMessages = job.totalBytes = None
             self.log.info(
@@ -1207,6 +1210,8 @@ class _Progress:
         """
         try:
             self._update(await self._ask())
+        except CancelledError:
+            raise
         except Exception:
             pass
 

@@ -438,6 +438,26 @@ class ProgressTests(ManagerTestCase):
         [job] = campaign.describe()["accounts"]
         self.assertEqual((job["state"], job["total_messages"], job["total_bytes"]), ("done", None, None))
 
+    def test_cancelWhileCounting(self) -> None:
+        """
+        A campaign cancelled while the source is being counted runs no
+        copy: the account is cancelled, its route stays.
+        """
+        counting: Deferred[Any] = Deferred()
+        runs: list[Any] = []
+
+        def run(timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+            if f == self.clients.totals and len(runs) == 0:
+                runs.append(f)
+                return counting
+            return maybeDeferred(f, *args)
+
+        self.manager._runBlocking = run
+        campaign = self.start(["alice@example.org"])
+        self.assertTrue(self.manager.cancel(campaign.id))
+        self.assertEqual((campaign.accounts[0].state, len(self.tools.runs)), ("cancelled", 0))
+        self.assertEqual(self.route("alice@example.org"), None)
+
     def test_totalsJournalled(self) -> None:
         """
         The totals are in the journal and read back after a restart.
