@@ -93,6 +93,9 @@ _FINAL = ("done", "failed", "cancelled")
 #: much of it the target has (one IMAP login and a STATUS per folder).
 PROGRESS_POLL = 5.0
 
+#: Seconds one such look may take at most (a slow server is skipped).
+LOOK_TIMEOUT = 30.0
+
 #: Seconds between two looks, at an account's hold, whether its logins
 #: under way have finished.
 LOGIN_POLL = 0.05
@@ -432,7 +435,7 @@ class MigrationManager:
         if runTool is None:
             runTool = lambda argv, env, timeout: _tools.runProcess(reactor, argv, env, timeout)  # noqa: E731
         self._runTool = runTool
-        journalRun = runBlocking
+        journalRun = lookRun = runBlocking
         if runBlocking is None:
             # Imported here: mailproxy.routers imports the configuration
             # parser, which may import this module (for MigrationSettings).
@@ -443,7 +446,11 @@ class MigrationManager:
             # never wait behind a long verify.
             runBlocking = ThreadRunner(reactor, 8, "mailproxy-migration").run
             journalRun = ThreadRunner(reactor, 1, "mailproxy-migration-journal").run
+            # The progress looks while copies run: two at most, and never
+            # ahead of a verify (which runs while logins are held).
+            lookRun = ThreadRunner(reactor, 2, "mailproxy-migration-progress").run
         self._runBlocking = runBlocking
+        self._runLook: Callable[..., Deferred[Any]] = lookRun or runBlocking
         self._clients = clients if clients is not None else _clients
         # The journal writes one at a time (it waits for each), in order.
         self._journal = Journal(journalPath, journalRun) if journalPath is not None else None
@@ -1183,9 +1190,10 @@ class _Progress:
     """
     While an account's bulk copy runs, look every L{PROGRESS_POLL} seconds
     at how many of its messages (and bytes) the target has, into the job's
-    C{messages} and C{bytes}.  One look at a time (a slow server is not
-    asked again before it answered), each bounded by C{clientTimeout},
-    and none after L{stop}; a failed look is skipped.
+    C{messages} and C{bytes}.  One look at a time per account (a slow
+    server is not asked again before it answered), two at most for the
+    whole proxy (threads of their own), each bounded by L{LOOK_TIMEOUT}
+    seconds, and none after L{stop}; a failed look is skipped.
     """
 
     def __init__(self, manager: MigrationManager, job: AccountJob, target: Backend) -> None:
@@ -1196,8 +1204,8 @@ class _Progress:
         self.call = manager.reactor.callLater(PROGRESS_POLL, self._look)
 
     def _ask(self) -> Deferred[tuple[int, int | None]]:
-        timeout = self.manager.settings.clientTimeout
-        return self.manager._runBlocking(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
+        timeout = min(self.manager.settings.clientTimeout, LOOK_TIMEOUT)
+        return self.manager._runLook(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
 
     def _look(self) -> None:
         looked = self._ask()
