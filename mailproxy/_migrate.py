@@ -105,6 +105,8 @@ class LoginHold:
 
     def __init__(self) -> None:
         self._holds: list[tuple[frozenset[str], frozenset[str], list[Deferred[None]], bool]] = []
+        # The sessions whose logins wait, per hold (by the hold's waiters).
+        self._sessions: dict[int, set[str]] = {}
 
     def wait(self, request: Any) -> Deferred[None] | None:
         """
@@ -126,8 +128,19 @@ class LoginHold:
             if user in accounts or domain in domains:
                 waiter: Deferred[None] = Deferred()
                 waiters.append(waiter)
+                sessionId = getattr(request.client, "sessionId", None)
+                if sessionId is not None:
+                    self._sessions.setdefault(id(waiters), set()).add(sessionId)
                 return waiter
         return None
+
+    def heldSessions(self) -> frozenset[str]:
+        """
+        The ids of the sessions whose logins wait at this gate now (they go
+        on when their hold ends; a session that closed meanwhile may still
+        be named).
+        """
+        return frozenset(sessionId for held in self._sessions.values() for sessionId in held)
 
     def hold(self, accounts: Iterable[str], domains: Iterable[str], mail: bool = False) -> Callable[[], None]:
         """
@@ -151,6 +164,7 @@ class LoginHold:
             for index, held in enumerate(self._holds):
                 if held is entry:
                     del self._holds[index]
+                    self._sessions.pop(id(entry[2]), None)
                     for waiter in entry[2]:
                         waiter.callback(None)
                     break

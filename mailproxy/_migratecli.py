@@ -6,9 +6,10 @@ campaigns, show or cancel one.
 While it follows a campaign it shows, on a terminal, a bar for the campaign
 (accounts done of total, messages, bytes, rate, time left) and one for each
 account being migrated, redrawn in place; elsewhere (a pipe, a log, cron)
-one plain line each time an account changes state, and a campaign line each
-time an account ends. The exit status is 0 when every account was migrated
-(or, for a dry run, could be), 1 otherwise.
+one plain line each time an account changes state (and, while it runs,
+its progress every L{PLAIN_PROGRESS_INTERVAL} seconds), and a campaign
+line each time an account ends or progressed. The exit status is 0 when
+every account was migrated (or, for a dry run, could be), 1 otherwise.
 
 The campaign runs in the proxy, not in this command: interrupting the
 command leaves it running, and if the endpoint goes away for a while (the
@@ -43,6 +44,11 @@ ACTIVE_STATES = ("copying", "holding", "syncing", "verifying", "flipping")
 
 #: The account states that end an account's migration.
 FINAL_STATES = ("done", "failed", "cancelled")
+
+#: Seconds between two progress lines of a running account in plain
+#: output (not on a terminal): a log keeps a big account's copy visible
+#: without a line per look.
+PLAIN_PROGRESS_INTERVAL = 30.0
 
 #: The width of a progress bar, in characters.
 BAR_WIDTH = 20
@@ -191,6 +197,13 @@ def accountLine(account: dict[str, Any]) -> str:
             text += f" at {step}"
             error = error.removeprefix(f"{step}: ")
         text += f": {error}"
+    elif state == "copying" and account.get("total_messages") is not None and account.get("total_bytes") is not None:
+        # Of the source's totals, counted before the copy (later steps may
+        # count mail that arrived since).
+        text += (
+            f" ({account.get('messages', 0) or 0:,}/{_plural(account['total_messages'], 'message')}, "
+            f"{formatBytes(account.get('bytes', 0) or 0)}/{formatBytes(account['total_bytes'])})"
+        )
     elif state in ACTIVE_STATES or state == "done":
         text += f" ({_plural(account.get('messages', 0) or 0, 'message')}, {formatBytes(account.get('bytes', 0) or 0)})"
     return text
@@ -214,6 +227,9 @@ class ProgressView:
         self._drawn = 0
         self._finished = -1
         self._named = False
+        # Plain output: per running account, what its last line said and
+        # when.
+        self._progress: dict[str, tuple[float, tuple[Any, Any]]] = {}
 
     def update(self, campaign: dict[str, Any]) -> None:
         """
@@ -226,11 +242,21 @@ class ProgressView:
         # What is said once and stays: accounts that ended (the terminal
         # keeps them above the bars), or every change of state (plain).
         lasting = []
+        now = time.monotonic()
+        progressed = False
         for account in campaign.get("accounts", []):
             name, state = account["account"], account.get("state", "?")
+            figures = (account.get("messages"), account.get("bytes"))
             if self._states.get(name) == state:
-                continue
+                if self.terminal or state not in ACTIVE_STATES:
+                    continue
+                # Plain: a running account's figures, now and then.
+                shown, before = self._progress.get(name, (now, figures))
+                if figures == before or now - shown < PLAIN_PROGRESS_INTERVAL:
+                    continue
+                progressed = True
             self._states[name] = state
+            self._progress[name] = (now, figures)
             if state in FINAL_STATES or (not self.terminal and state != "queued"):
                 lasting.append(accountLine(account))
         finished = campaign.get("done", 0) + campaign.get("failed", 0)
@@ -245,7 +271,7 @@ class ProgressView:
         else:
             for line in lasting:
                 print(line, file=self.out)
-            if finished != self._finished and (lasting or self._finished < 0):
+            if (finished != self._finished and (lasting or self._finished < 0)) or progressed:
                 print(campaignLine(campaign), file=self.out)
         self._finished = finished
         self.out.flush()

@@ -18,6 +18,7 @@ C{"late"} that reports only C{"ok"} or C{"failed"}.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,9 +30,10 @@ from ._contract import ISessionObserver
 from ._migrate import findRouteStore
 from ._safetext import logQuote
 from ._stats import ProxyStats
+from .model import Route
 from .migration import MigrationError
 
-__all__ = ["StepLog", "OnLoginMigration", "journalPath", "domainAccounts", "JOURNAL_NAME"]
+__all__ = ["StepLog", "OnLoginMigration", "ruleMatches", "journalPath", "domainAccounts", "JOURNAL_NAME"]
 
 #: The journal's file name beside the configuration, unless C{[migration]
 #: journal} names another.
@@ -129,13 +131,29 @@ class StepLog:
             self.log.info(text, **fields)
 
 
+def ruleMatches(pattern: str, route: Route | None) -> bool:
+    """
+    Whether C{route} came from a router rule matching C{pattern} (C{[migration]
+    on_login_rule}) over the whole rule text as the session-end log's
+    C{rule} field shows it, without case: C{*} stands for any text, C{?}
+    for one character, everything else for itself (brackets too: the
+    static router's rules are written C{accounts['...']}).
+    """
+    if route is None:
+        return False
+    expression = "".join({"*": ".*", "?": "."}.get(c, re.escape(c)) for c in pattern)
+    return re.fullmatch(expression, route.rule, re.IGNORECASE | re.DOTALL) is not None
+
+
 @implementer(ISessionObserver)
 class OnLoginMigration:
     """
     A session observer (C{SessionRegistry.observe}) that tells the engine
     of every successful login with the backend it went to; the engine
     queues the account's migration when C{[migration] on_login} names
-    another backend (and the domain is one of C{on_login_domains}). The
+    another backend (and the domain is one of C{on_login_domains}). With
+    C{on_login_rule}, only logins whose route came from a matching router
+    rule are handed over (L{ruleMatches}). The
     user goes on working on the old backend; the engine flips the route
     once the copy is done and the account's sessions have ended.
 
@@ -153,7 +171,10 @@ class OnLoginMigration:
         login is configured.
         """
         account, backend = session.user, session.backendName
-        if self.manager.settings.onLogin is None or not account or backend is None:
+        settings = self.manager.settings
+        if settings.onLogin is None or not account or backend is None:
+            return
+        if settings.onLoginRule is not None and not ruleMatches(settings.onLoginRule, session.route):
             return
         try:
             self.manager.queueOnLogin(account, backend)

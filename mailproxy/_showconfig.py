@@ -110,6 +110,7 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
         {
             "on_login": migration.onLogin,
             "on_login_domains": list(migration.onLoginDomains) or None,
+            "on_login_rule": migration.onLoginRule,
             "journal": migration.journal,
             "concurrency": migration.concurrency,
             "doveadm": migration.doveadm,

@@ -20,6 +20,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1301,7 +1302,7 @@ _MIGRATION_TIMEOUTS = (
 def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None) -> MigrationSettings:
     """
     The C{[migration]} table: the backend accounts migrate to when they log
-    in (C{on_login}) and the domains that applies to, where the engine
+    in (C{on_login}) and the domains and router rule that applies to, where the engine
     keeps its journal, how many accounts a campaign copies at once, the
     sync tools it runs (and which one per target), its time limits, how
     often it runs the final sync and verify before a difference fails an
@@ -1314,7 +1315,8 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
     if table is None:
         return MigrationSettings()
     table.allow(
-        "on_login", "on_login_domains", "journal", "concurrency", "doveadm", "mbsync", "tools", "doveadm_config",
+        "on_login", "on_login_domains", "on_login_rule", "journal", "concurrency", "doveadm", "mbsync", "tools",
+        "doveadm_config",
         *(key for key, _ in _MIGRATION_TIMEOUTS), "sync_attempts", "late_mail_grace",
     )
 
@@ -1338,6 +1340,12 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
                 table.fail("on_login_domains", f"not a domain: {name!r}")
         return tuple(name.lower() for name in names)
 
+    def rule() -> str | None:
+        pattern: str | None = table.string("on_login_rule", None)
+        if pattern is not None and "on_login" not in table:
+            table.fail("on_login_rule", "needs on_login (the backend to migrate to)")
+        return pattern
+
     def journal() -> str | None:
         path: str | None = table.path("journal", None, readable=False)
         if path is not None and not os.path.isdir(os.path.dirname(path)):
@@ -1345,12 +1353,24 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
         return path
 
     def tool(name: str) -> str:
-        # A command name is looked up in PATH when run; a path is resolved
-        # against the configuration's directory, as other paths are.
+        # A command line, split like a shell would when run (it may start
+        # with a wrapper: "sudo -n /usr/bin/doveadm").  Its first word, if a
+        # relative path, is resolved against the configuration's directory
+        # as other paths are; a bare name is looked up in PATH when run.
         command: str = table.string(name, name)
-        if "/" in command:
-            command = os.path.normpath(os.path.join(table.base, os.path.expanduser(command)))
-        return command
+        try:
+            words = shlex.split(command)
+        except ValueError as error:
+            table.fail(name, f"not a command line: {error}")
+        if not words:
+            table.fail(name, "must name a command")
+        first = os.path.expanduser(words[0])
+        if "/" in first:
+            first = os.path.normpath(os.path.join(table.base, first))
+        if first == words[0]:
+            return command
+        words[0] = first
+        return shlex.join(words)
 
     def perBackend(key: str, read: Callable[[Table, str], str]) -> dict[str, str]:
         # A table keyed by target backend: tools = { new = "doveadm" }.
@@ -1371,6 +1391,7 @@ def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None)
     return MigrationSettings(
         onLogin=table.collect(onLogin, None),
         onLoginDomains=table.collect(domains, ()),
+        onLoginRule=table.collect(rule, None),
         journal=table.collect(journal, None),
         concurrency=table.collect(lambda: table.integer("concurrency", defaults.concurrency, 1, MAX_MIGRATION_CONCURRENCY), 1),
         doveadm=table.collect(lambda: tool("doveadm"), "doveadm"),

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..model import Backend
 
-__all__ = ["fingerprints", "copyLate", "copySubscriptions", "copySieve", "ClientError"]
+__all__ = ["fingerprints", "totals", "copyLate", "copySubscriptions", "copySieve", "ClientError"]
 
 
 class ClientError(Exception):
@@ -201,6 +201,67 @@ def fingerprints(backend: Backend, account: str, timeout: float) -> dict[str, li
         raise ClientError(f"IMAP on {backend.name} for {account}: {_text(error)}") from None
     finally:
         _logout(connection)
+
+
+_STATUS = re.compile(rb"\b(MESSAGES|SIZE) (\d+)", re.IGNORECASE)
+
+
+def _statusItems(data: list[Any]) -> dict[bytes, int]:
+    """
+    The items of a STATUS answer (the folder's name may have come as a
+    literal: the items are the last parenthesised list).
+    """
+    text = b"".join(part for item in data for part in (item if isinstance(item, tuple) else (item,)) if part)
+    return {name.upper(): int(value) for name, value in _STATUS.findall(text[text.rfind(b"(") :])}
+
+
+def totals(backend: Backend, account: str, timeout: float, sizes: bool = True) -> tuple[int, int | None]:
+    """
+    How many messages C{account} has on C{backend}, in all its selectable
+    folders, and their total size (the sum of their C{RFC822.SIZE}, as the
+    verify counts it).
+
+    A server with C{STATUS=SIZE} (RFC 8438; Dovecot 2.3 has it) answers
+    both with one C{STATUS (MESSAGES SIZE)} per folder.  Another answers
+    C{STATUS (MESSAGES)}; then, with C{sizes}, every folder's messages are
+    fetched for their sizes (C{FETCH 1:* RFC822.SIZE}), and without, the
+    size is L{None} (a cheap look, for progress while a copy runs).
+
+    @raise ClientError: the server refused something.
+    """
+    connection = _imap(backend, account, timeout)
+    try:
+        status, data = connection.capability()
+        capabilities = b" ".join(item for item in data if isinstance(item, bytes)).upper().split()
+        withSize = status == "OK" and b"STATUS=SIZE" in capabilities
+        messages, size = 0, 0
+        for name, normalised, selectable in _folders(connection):
+            if not selectable:
+                continue
+            status, data = connection.status(_quote(name), "(MESSAGES SIZE)" if withSize else "(MESSAGES)")
+            if status != "OK":
+                raise ClientError(f"cannot look at {normalised!r} on {backend.name}: {data!r}")
+            items = _statusItems(data)
+            count = items.get(b"MESSAGES", 0)
+            messages += count
+            if withSize:
+                size += items.get(b"SIZE", 0)
+            elif sizes and count:
+                status, data = connection.select(_quote(name), readonly=True)
+                if status != "OK":
+                    raise ClientError(f"cannot select {normalised!r} on {backend.name}: {data!r}")
+                status, fetched = connection.fetch("1:*", "(RFC822.SIZE)")
+                if status != "OK":
+                    raise ClientError(f"cannot fetch {normalised!r} on {backend.name}: {fetched!r}")
+                size += sum(int(found) for item in fetched if isinstance(item, bytes) for found in _SIZE.findall(item))
+        return messages, (size if withSize or sizes else None)
+    except (imaplib.IMAP4.error, OSError) as error:
+        raise ClientError(f"IMAP on {backend.name} for {account}: {_text(error)}") from None
+    finally:
+        _logout(connection)
+
+
+_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
 _WHOLE = re.compile(rb"FLAGS \(([^)]*)\)|INTERNALDATE (\"[^\"]*\")")

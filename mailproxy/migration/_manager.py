@@ -62,6 +62,7 @@ from twisted.logger import Logger
 
 from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
 from ..model import Backend
+from ..settings import Limits
 from . import _clients, _tools
 from ._journal import Journal
 
@@ -87,6 +88,17 @@ CAMPAIGN_STATES = ("running", "done", "failed", "cancelled")
 
 _STEP_STATE = dict(zip(STEPS, ("copying", "holding", "syncing", "verifying", "flipping")))
 _FINAL = ("done", "failed", "cancelled")
+
+#: Seconds between two looks, while an account's bulk copy runs, at how
+#: much of it the target has (one IMAP login and a STATUS per folder).
+PROGRESS_POLL = 5.0
+
+#: Seconds one such look may take at most (a slow server is skipped).
+LOOK_TIMEOUT = 30.0
+
+#: Seconds between two looks, at an account's hold, whether its logins
+#: under way have finished.
+LOGIN_POLL = 0.05
 
 #: How many finished campaigns the journal (and L{MigrationManager.campaigns})
 #: keeps.
@@ -118,6 +130,13 @@ class MigrationSettings:
     @ivar onLogin: the backend accounts move to after a login elsewhere
         (L{MigrationManager.queueOnLogin}); L{None}: no migration on login.
     @ivar onLoginDomains: the domains migrated on login; empty: all.
+    @ivar onLoginRule: a pattern (C{*} any text, C{?} one character, without
+        case): only a login whose route came from a matching router rule
+        (the route's C{rule}, the session-end log's C{rule} field, e.g.
+        C{"ldap uid=bob,ou=wave1,dc=example,dc=org -> old"}) queues a
+        migration; L{None}: any rule.  The on-login trigger
+        (L{mailproxy._migrationhooks.OnLoginMigration}) applies it: only a
+        session knows its route.
     @ivar journal: the journal file; L{None}: beside the configuration.
     @ivar concurrency: accounts migrated at once per campaign, by default.
     @ivar doveadm: the doveadm command, split like a shell would (e.g.
@@ -146,6 +165,7 @@ class MigrationSettings:
 
     onLogin: str | None = None
     onLoginDomains: tuple[str, ...] = ()
+    onLoginRule: str | None = None
     journal: str | None = None
     concurrency: int = 4
     doveadm: str = "doveadm"
@@ -174,8 +194,15 @@ class AccountJob:
     @ivar source: the backend it is on when the campaign starts.
     @ivar state: one of L{ACCOUNT_STATES}.
     @ivar step: the step running, or the last one that ran.
-    @ivar messages: messages on the source at the verify.
-    @ivar bytes: their size.
+    @ivar messages: while the bulk copy runs, the messages the target has
+        so far (looked at every L{PROGRESS_POLL} seconds); from the verify
+        on, the messages on the source.
+    @ivar bytes: their size (while the copy runs, without C{STATUS=SIZE}
+        on the target, estimated from the message count and the source's
+        average size).
+    @ivar totalMessages: the messages on the source when its bulk copy
+        started (L{None}: not known yet).
+    @ivar totalBytes: their size.
     @ivar error: why it failed.
     @ivar flip: L{None}; C{"started"} once the route store is being
         changed; C{"done"} once it was.
@@ -192,6 +219,8 @@ class AccountJob:
     bytes: int = 0
     error: str | None = None
     flip: str | None = None
+    totalMessages: int | None = None
+    totalBytes: int | None = None
     verified: dict[str, list[str]] | None = field(default=None, repr=False, eq=False)
 
     def describe(self) -> dict[str, Any]:
@@ -206,6 +235,8 @@ class AccountJob:
             "step": self.step,
             "messages": self.messages,
             "bytes": self.bytes,
+            "total_messages": self.totalMessages,
+            "total_bytes": self.totalBytes,
             "error": self.error,
             "flip": self.flip,
         }
@@ -225,6 +256,8 @@ class AccountJob:
             bytes=int(data.get("bytes") or 0),
             error=data.get("error"),
             flip=data.get("flip"),
+            totalMessages=_count(data.get("total_messages")),
+            totalBytes=_count(data.get("total_bytes")),
         )
 
 
@@ -268,12 +301,20 @@ class Campaign:
         done = sum(1 for job in self.accounts if job.state == "done")
         failed = sum(1 for job in self.accounts if job.state == "failed")
         finishedCount = sum(1 for job in self.accounts if job.state in _FINAL)
-        moved = sum(job.bytes for job in self.accounts if job.state == "done")
+        # What the done accounts moved, and what the running ones have on
+        # the target so far (not a failed or cancelled account's part).
+        counted = [job for job in self.accounts if job.state == "done" or job.state in _STEP_STATE.values()]
+        moved = sum(job.bytes for job in counted)
         elapsed = max((self.finished or now) - self.created, 0.001)
+        rate = moved / elapsed
         remaining = len(self.accounts) - finishedCount
         eta = None
-        if self.state == "running" and finishedCount and remaining:
-            eta = round(elapsed / finishedCount * remaining, 1)
+        if self.state == "running" and remaining:
+            left = self._bytesLeft()
+            if left is not None and rate > 0:
+                eta = round(left / rate, 1)
+            elif finishedCount:
+                eta = round(elapsed / finishedCount * remaining, 1)
         elif self.state != "running" or not remaining:
             eta = 0.0 if not remaining else None
         return {
@@ -287,12 +328,29 @@ class Campaign:
             "total": len(self.accounts),
             "done": done,
             "failed": failed,
-            "messages": sum(job.messages for job in self.accounts if job.state == "done"),
+            "messages": sum(job.messages for job in counted),
             "bytes": moved,
-            "rate": round(moved / elapsed, 1),
+            "rate": round(rate, 1),
             "eta": eta,
             "accounts": [job.describe() for job in self.accounts],
         }
+
+    def _bytesLeft(self) -> float | None:
+        """
+        The bytes still to copy for the unfinished accounts: for each that
+        knows its total, what the target lacks of it; for each that does
+        not yet (queued), the average total of those that do.  L{None}
+        when no account knows its total yet.
+        """
+        known = [job.totalBytes for job in self.accounts if job.totalBytes is not None]
+        if not known:
+            return None
+        average = sum(known) / len(known)
+        return sum(
+            max(job.totalBytes - job.bytes, 0) if job.totalBytes is not None else average
+            for job in self.accounts
+            if job.state not in _FINAL
+        )
 
     def toJSON(self) -> dict[str, Any]:
         """
@@ -377,7 +435,7 @@ class MigrationManager:
         if runTool is None:
             runTool = lambda argv, env, timeout: _tools.runProcess(reactor, argv, env, timeout)  # noqa: E731
         self._runTool = runTool
-        journalRun = runBlocking
+        journalRun = lookRun = runBlocking
         if runBlocking is None:
             # Imported here: mailproxy.routers imports the configuration
             # parser, which may import this module (for MigrationSettings).
@@ -388,7 +446,11 @@ class MigrationManager:
             # never wait behind a long verify.
             runBlocking = ThreadRunner(reactor, 8, "mailproxy-migration").run
             journalRun = ThreadRunner(reactor, 1, "mailproxy-migration-journal").run
+            # The progress looks while copies run: two at most, and never
+            # ahead of a verify (which runs while logins are held).
+            lookRun = ThreadRunner(reactor, 2, "mailproxy-migration-progress").run
         self._runBlocking = runBlocking
+        self._runLook: Callable[..., Deferred[Any]] = lookRun or runBlocking
         self._clients = clients if clients is not None else _clients
         # The journal writes one at a time (it waits for each), in order.
         self._journal = Journal(journalPath, journalRun) if journalPath is not None else None
@@ -799,6 +861,43 @@ class MigrationManager:
         return [backend.masterPassword for backend in self.backends.values()]
 
     async def _copy(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend, bulk: bool) -> None:
+        if not bulk:
+            await self._runCopy(campaign, job, source, target, bulk)
+            return
+        await self._takeTotals(job, source)
+        progress = _Progress(self, job, target)
+        try:
+            await self._runCopy(campaign, job, source, target, bulk)
+        finally:
+            progress.stop()
+        # What the copy left on the target (a copy shorter than
+        # PROGRESS_POLL was never looked at).
+        await progress.lastLook()
+
+    async def _takeTotals(self, job: AccountJob, source: Backend) -> None:
+        """
+        Count the account's messages and bytes on the source before its
+        bulk copy, for the progress shown while it runs.  A failure here
+        only leaves the totals unknown: the copy says what is wrong.
+        """
+        timeout = self.settings.clientTimeout
+        try:
+            job.totalMessages, job.totalBytes = await self._runBlocking(
+                timeout, self._clients.totals, source, job.account, timeout
+            )
+        except CancelledError:
+            # The account is cancelled (or the proxy stops): no copy.
+            raise
+        except Exception as error:
+            job.totalMessages = job.totalBytes = None
+            self.log.info(
+                "migration of {account}: cannot count its mail on {source}: {error}",
+                account=job.account,
+                source=source.name,
+                error=_tools.scrub(f"{type(error).__name__}: {error}", self._secrets()),
+            )
+
+    async def _runCopy(self, campaign: Campaign, job: AccountJob, source: Backend, target: Backend, bulk: bool) -> None:
         timeout = self.settings.copyTimeout if bulk else self.settings.holdTimeout
         directory = await self._runBlocking(
             60.0, _tools.PrivateDirectory, os.path.join(self.workDirectory, campaign.id), _safeName(job.account) + "."
@@ -848,8 +947,38 @@ class MigrationManager:
             await waited
 
     async def _dropSessions(self, job: AccountJob, target: str) -> None:
+        """
+        Drop the account's sessions on other backends, and the logins of it
+        under way (past the gate when the hold began: at the router or the
+        backend), which could otherwise write to the source after the final
+        sync.  Such a login is first given up to C{backend_timeout} seconds
+        to finish, so that its client gets its login's answer and then the
+        goodbye rather than the goodbye for an answer; one still under way
+        then is dropped as it is.  Logins waiting at the hold are left to
+        go on after the flip, to the target.
+        """
+        context = self.mover.context
+        gate = context.gate
+        limits = getattr(context, "limits", None)
+        deadline = self.reactor.seconds() + (limits.backendTimeout if limits is not None else Limits().backendTimeout)
+
+        def underway() -> list[Any]:
+            held = gate.heldSessions() if callable(getattr(gate, "heldSessions", None)) else frozenset()
+            found = []
+            for session in self.sessions.find(account=job.account):
+                described = session.describe()
+                if described["state"] == "login" and described["session"] not in held:
+                    found.append(session)
+            return found
+
+        while underway() and self.reactor.seconds() < deadline:
+            waited: Deferred[None] = Deferred()
+            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
+            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
+            await waited
+        late = underway()
         for session in self.sessions.find(account=job.account):
-            if session.backendName not in (None, target):
+            if session.backendName not in (None, target) or session in late:
                 session.drop(MOVED)
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:
@@ -1055,6 +1184,76 @@ class MigrationManager:
                 "error": job.error,
             }
         )
+
+
+class _Progress:
+    """
+    While an account's bulk copy runs, look every L{PROGRESS_POLL} seconds
+    at how many of its messages (and bytes) the target has, into the job's
+    C{messages} and C{bytes}.  One look at a time per account (a slow
+    server is not asked again before it answered), two at most for the
+    whole proxy (threads of their own), each bounded by L{LOOK_TIMEOUT}
+    seconds, and none after L{stop}; a failed look is skipped.
+    """
+
+    def __init__(self, manager: MigrationManager, job: AccountJob, target: Backend) -> None:
+        self.manager = manager
+        self.job = job
+        self.target = target
+        self.stopped = False
+        self.call = manager.reactor.callLater(PROGRESS_POLL, self._look)
+
+    def _ask(self) -> Deferred[tuple[int, int | None]]:
+        timeout = min(self.manager.settings.clientTimeout, LOOK_TIMEOUT)
+        return self.manager._runLook(timeout, self.manager._clients.totals, self.target, self.job.account, timeout, False)
+
+    def _look(self) -> None:
+        looked = self._ask()
+        looked.addCallbacks(self._seen, lambda failure: None)
+        looked.addBoth(self._again)
+
+    async def lastLook(self) -> None:
+        """
+        Look once more, after the copy (a failed look is skipped).
+        """
+        try:
+            self._update(await self._ask())
+        except CancelledError:
+            raise
+        except Exception:
+            pass
+
+    def _seen(self, counted: tuple[int, int | None]) -> None:
+        if not self.stopped:
+            self._update(counted)
+
+    def _update(self, counted: tuple[int, int | None]) -> None:
+        job = self.job
+        job.messages, size = counted
+        if size is None:
+            # The target has no STATUS=SIZE: the source's average size.
+            average = job.totalBytes / job.totalMessages if job.totalMessages and job.totalBytes is not None else 0
+            size = round(job.messages * average)
+        job.bytes = size
+
+    def _again(self, _: object) -> None:
+        if not self.stopped:
+            self.call = self.manager.reactor.callLater(PROGRESS_POLL, self._look)
+
+    def stop(self) -> None:
+        """
+        The copy has ended: no more looks (one under way is ignored).
+        """
+        self.stopped = True
+        if self.call.active():
+            self.call.cancel()
+
+
+def _count(value: Any) -> int | None:
+    """
+    A count read back from the journal (L{None} stays unknown).
+    """
+    return None if value is None else int(value)
 
 
 def _removeLeftovers(directory: str) -> None:

@@ -14,6 +14,7 @@ table's text, and what the engine reported.
 
 from __future__ import annotations
 
+import imaplib
 import os
 import re
 import shutil
@@ -23,12 +24,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
 from mailproxy._migrate import LoginHold, Mover
 from mailproxy._session import SessionRegistry
 from mailproxy.migration import Campaign, MigrationManager, MigrationSettings
-from mailproxy.migration._tools import runProcess
+from mailproxy.migration import _clients, _manager
+from mailproxy.migration._tools import ToolResult, runProcess
 from mailproxy.model import Backend, ClientInfo, Credentials, RouteRequest
 from mailproxy.routers.static import StaticRouter
 
@@ -36,7 +39,7 @@ from .servers import Dovecot, TestCA, fixtureDirectory, requireServer, sharedFix
 
 MASTER = ("proxy", "engine-master-secret")
 WRONG_MASTER = "wrong-master-Zq8x"
-ACCOUNTS = [f"mig{n}@example.org" for n in range(11)]
+ACCOUNTS = [f"mig{n}@example.org" for n in range(13)]
 PASSWORD = "user-password-never-used"
 SIEVE_SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "report" { fileinto "Work"; }\r\n'
 
@@ -428,6 +431,101 @@ class DoveadmMigrationTests(EngineTestCase):
         return Deferred.fromCoroutine(run())
 
 
+class ProgressTests(EngineTestCase):
+    """
+    The totals and progress an account's description shows, read from the
+    real servers.
+    """
+
+    def test_progressDuringCopy(self) -> Deferred[None]:
+        """
+        Before a real doveadm copy the source's totals are taken (STATUS
+        MESSAGES SIZE per folder, Dovecot has STATUS=SIZE); while the copy
+        runs, the looks at the target see its messages arrive, and once
+        the copy has written everything (still in the copy step) they
+        equal the totals; the totals are what the verify counts on the
+        source, and a look at the target never ran after the copy step.
+        """
+        self.patch(_manager, "PROGRESS_POLL", 0.05)
+        account = ACCOUNTS[11]
+        fill(self.servers.old, account, big=True)
+        seen: list[tuple[str, int | None, int | None, int, int]] = []
+        campaigns: list[Campaign] = []
+
+        def snapshot() -> None:
+            if campaigns:
+                [job] = campaigns[0].describe()["accounts"]
+                now = (job["state"], job["total_messages"], job["total_bytes"], job["messages"], job["bytes"])
+                if not seen or seen[-1] != now:
+                    seen.append(now)
+
+        watch = LoopingCall(snapshot)
+        watch.clock = reactor
+        watch.start(0.02)
+        self.addCleanup(lambda: watch.stop() if watch.running else None)
+
+        async def tool(argv: Any, env: dict[str, str], timeout: float) -> ToolResult:
+            result = await runProcess(reactor, argv, env, timeout)
+            job = campaigns[0].job(account) if campaigns else None
+            if job is not None and job.state == "copying" and "sync" in argv:
+                # The last run of the bulk copy: stay in the step until a
+                # look at the target has seen all of it (or 30 s).
+                for _ in range(600):
+                    if job.totalMessages and job.messages == job.totalMessages:
+                        break
+                    waited: Deferred[None] = Deferred()
+                    reactor.callLater(0.05, waited.callback, None)
+                    await waited
+            return result
+
+        manager = self.manager("doveadm", runTool=lambda argv, env, timeout: Deferred.fromCoroutine(tool(argv, env, timeout)))
+
+        async def run() -> None:
+            campaign = await manager.start([account], "new")
+            campaigns.append(campaign)
+            await self.finished(campaign)
+            watch.stop()
+            job = campaign.job(account)
+            assert job is not None
+            self.assertEqual(job.state, "done", job.error)
+            total = (job.totalMessages, job.totalBytes)
+            # The verify's count of the source (nothing arrived meanwhile).
+            self.assertEqual(total, (job.messages, job.bytes))
+            self.assertEqual(total[0], len(contents(self.servers.old, account)))
+            self.assertGreater(total[1] or 0, 2_000_000)
+            copying = [s for s in seen if s[0] == "copying" and s[1] is not None]
+            self.assertIn(("copying", *total, *total), copying)
+            self.assertTrue(all(s[1:3] == total for s in copying), copying)
+            # Counts only grow while the copy writes.
+            self.assertEqual([s[3] for s in copying], sorted(s[3] for s in copying))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_totalsWithoutStatusSize(self) -> None:
+        """
+        Against a server without STATUS=SIZE (Dovecot with the capability
+        hidden from the client), the totals come from STATUS MESSAGES and a
+        FETCH RFC822.SIZE sweep of each folder, and equal what STATUS SIZE
+        says; the cheap look (no sweep) gives the count and no size.
+        """
+        account = ACCOUNTS[12]
+        fill(self.servers.old, account, big=True)
+        backend = self.backend(self.servers.old)
+        withSize = _clients.totals(backend, account, 30.0)
+        capability = imaplib.IMAP4.capability
+
+        def hidden(connection: imaplib.IMAP4) -> tuple[str, list[bytes]]:
+            status, data = capability(connection)
+            return status, [item.replace(b" STATUS=SIZE", b"") for item in data]
+
+        self.patch(imaplib.IMAP4, "capability", hidden)
+        self.assertEqual(_clients.totals(backend, account, 30.0), withSize)
+        self.assertEqual(_clients.totals(backend, account, 30.0, sizes=False), (withSize[0], None))
+        self.assertEqual(withSize[0], len(contents(self.servers.old, account)))
+        fingerprints = _clients.fingerprints(backend, account, 30.0)
+        self.assertEqual(withSize[1], sum(size for messages in fingerprints.values() for _, size, _ in messages))
+
+
 class MbsyncMigrationTests(EngineTestCase):
     """
     A campaign with mbsync (IMAP on both sides, over TLS) as the tool.
@@ -525,11 +623,13 @@ class ResumeTests(EngineTestCase):
         async def run() -> None:
             campaign = await first.start([killedInSync, killedInFlip, finished], "new", concurrency=3)
             jobs = [campaign.job(account) for account in (killedInSync, killedInFlip, finished)]
+            # The second's route change is written (in the store's thread)
+            # some time after its flip is journalled as started.
             while [(job.state, job.flip) for job in jobs if job is not None] != [
                 ("syncing", None),
                 ("flipping", "started"),
                 ("done", "done"),
-            ]:
+            ] or self.route(killedInFlip) != "new":
                 waited: Deferred[None] = Deferred()
                 reactor.callLater(0.05, waited.callback, None)
                 await waited

@@ -144,6 +144,35 @@ class MigrateCommandTests(SynchronousTestCase):
             "migration c1 done: 2/2 accounts migrated to new; 17 messages, 2.0 MiB\n",
         )
 
+    def test_plainProgressDuringCopy(self) -> None:
+        """
+        Not on a terminal, an account whose copy runs long gets a line with
+        its figures of the source's totals (and a campaign line) every
+        L{PLAIN_PROGRESS_INTERVAL} seconds, only when they changed.
+        """
+        self.patch(_migratecli, "PLAIN_PROGRESS_INTERVAL", 2.0)
+        totals = {"total_messages": 900, "total_bytes": 100 * MiB}
+        self.answers += [
+            (200, campaign("running", [account("a@x")])),
+            (200, campaign("running", [account("a@x", "copying", 0, 0, **totals)])),
+            (200, campaign("running", [account("a@x", "copying", 120, 12 * MiB, **totals)])),
+            (200, campaign("running", [account("a@x", "copying", 300, 35 * MiB, **totals)])),
+            (200, campaign("running", [account("a@x", "copying", 300, 35 * MiB, **totals)])),
+            (200, campaign("running", [account("a@x", "copying", 300, 35 * MiB, **totals)])),
+            (200, campaign("done", [account("a@x", "done", 900, 100 * MiB, **totals)])),
+        ]
+        self.assertEqual(self.command("a@x", "--to", "new"), 0, self.err.getvalue())
+        self.assertEqual(
+            self.out.getvalue(),
+            "migration c1 to new: 0/1 accounts done, 0 messages, 0 B, 2.0 MiB/s, ETA 1:15\n"
+            "a@x: copying (0/900 messages, 0 B/100.0 MiB)\n"
+            "a@x: copying (300/900 messages, 35.0 MiB/100.0 MiB)\n"
+            "migration c1 to new: 0/1 accounts done, 300 messages, 35.0 MiB, 2.0 MiB/s, ETA 1:15\n"
+            "a@x: done (900 messages, 100.0 MiB)\n"
+            "migration c1 to new: 1/1 accounts done, 900 messages, 100.0 MiB\n"
+            "migration c1 done: 1/1 accounts migrated to new; 900 messages, 100.0 MiB\n",
+        )
+
     def test_failedAccount(self) -> None:
         """
         An account that fails is printed with the step and the engine's
@@ -173,7 +202,7 @@ class MigrateCommandTests(SynchronousTestCase):
         self.patch(sys, "stdout", terminal)
         self.answers += [
             (200, campaign("running", [account("a@x"), account("b@x")])),
-            (200, campaign("running", [account("a@x", "copying", 10, MiB, total_bytes=4 * MiB), account("b@x", "syncing", 3, 1000)])),
+            (200, campaign("running", [account("a@x", "copying", 10, MiB, total_messages=40, total_bytes=4 * MiB), account("b@x", "syncing", 3, 1000)])),
             (200, campaign("done", [account("a@x", "done", 12, 4 * MiB), account("b@x", "done", 3, 1000)])),
         ]
         self.assertEqual(self.command("a@x", "b@x", "--to", "new"), 0)
@@ -185,7 +214,7 @@ class MigrateCommandTests(SynchronousTestCase):
                 "[..........] 0/2 done, 0 msgs, 0 B, 2.0 MiB/s, ETA 1:15\n"
                 "\x1b[1F",
                 "[..........] 0/2 done, 13 msgs, 1.0 MiB, 2.0 MiB/s, ETA 1:15\n"
-                "  [##........] a@x: copying (10 messages, 1.0 MiB)\n"
+                "  [##........] a@x: copying (10/40 messages, 1.0 MiB/4.0 MiB)\n"
                 "  [..........] b@x: syncing (3 messages, 1000 B)\n"
                 "\x1b[3F",
                 "a@x: done (12 messages, 4.0 MiB)\n"

@@ -65,6 +65,45 @@ class MigrationConfigTests(ConfigTestCase):
             ),
         )
 
+    def test_toolCommandLines(self) -> None:
+        """
+        C{doveadm} and C{mbsync} are command lines (the engine splits them
+        like a shell would): a wrapper with absolute paths is kept as
+        written; only a relative first word is resolved against the
+        configuration's directory, the arguments after it are left alone.
+        """
+        for written, expected in (
+            ("sudo -n /usr/bin/doveadm", "sudo -n /usr/bin/doveadm"),
+            ("/usr/bin/sudo -n -u vmail /usr/bin/doveadm", "/usr/bin/sudo -n -u vmail /usr/bin/doveadm"),
+            ("bin/wrap --config etc/x.conf", f"{self.directory}/bin/wrap --config etc/x.conf"),
+            ("'my tools/doveadm' -v", f"'{self.directory}/my tools/doveadm' -v"),
+        ):
+            settings = self.parse(configText(extra=f"{NEW}[migration]\ndoveadm = {written!r}\nmbsync = {written!r}\n")).migration
+            self.assertEqual((settings.doveadm, settings.mbsync), (expected, expected), written)
+
+    def test_toolCommandLineRefused(self) -> None:
+        """
+        A command line a shell could not split, or one without a word, is
+        refused at its key.
+        """
+        self.assertConfigError(
+            configText(extra=NEW + '[migration]\ndoveadm = "sudo \'doveadm"\n'), "migration.doveadm", "not a command line"
+        )
+        self.assertConfigError(configText(extra=NEW + '[migration]\nmbsync = " "\n'), "migration.mbsync", "must name a command")
+
+    def test_onLoginRule(self) -> None:
+        """
+        C{on_login_rule} is kept as written (a pattern over the routers'
+        rule texts); like C{on_login_domains} it needs C{on_login}.
+        """
+        settings = self.parse(
+            configText(extra=NEW + '[migration]\non_login = "new"\non_login_rule = "*ou=Wave1,*"\n')
+        ).migration
+        self.assertEqual(settings.onLoginRule, "*ou=Wave1,*")
+        self.assertConfigError(
+            configText(extra=NEW + '[migration]\non_login_rule = "ldap *"\n'), "migration.on_login_rule", "needs on_login"
+        )
+
     def test_toolsAndTimeouts(self) -> None:
         """
         C{tools} picks the tool per target backend, C{doveadm_config} names
@@ -116,7 +155,8 @@ class MigrationConfigTests(ConfigTestCase):
         settings = self.parse(
             configText(
                 extra=NEW
-                + '[migration]\non_login = "new"\non_login_domains = ["example.org"]\njournal = "state/j.json"\n'
+                + '[migration]\non_login = "new"\non_login_domains = ["example.org"]\non_login_rule = "ldap *"\n'
+                'journal = "state/j.json"\n'
                 'concurrency = 2\ndoveadm = "/usr/local/bin/doveadm"\nmbsync = "/usr/local/bin/mbsync"\n'
                 'tools = { new = "mbsync" }\ndoveadm_config = { new = "dovecot.conf" }\ncopy_timeout = 1\n'
                 "hold_timeout = 1\nclient_timeout = 1\nsession_poll = 1\nsync_attempts = 5\nlate_mail_grace = 0\n"
@@ -194,7 +234,7 @@ class MigrationConfigTests(ConfigTestCase):
         self.assertConfigError(
             configText(extra="[migration]\nconcurency = 2\n"),
             "migration.concurency",
-            "unknown key; allowed keys here: on_login, on_login_domains, journal, concurrency, doveadm, mbsync, "
+            "unknown key; allowed keys here: on_login, on_login_domains, on_login_rule, journal, concurrency, doveadm, mbsync, "
             "tools, doveadm_config, copy_timeout, hold_timeout, client_timeout, session_poll, sync_attempts, "
             "late_mail_grace",
             "(did you mean 'concurrency'?)",

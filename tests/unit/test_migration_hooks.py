@@ -20,6 +20,8 @@ from mailproxy._migrationhooks import JOURNAL_NAME, OnLoginMigration, StepLog, j
 from mailproxy._stats import ProxyStats, metricsText, snapshot
 from mailproxy.config import loadConfig
 from mailproxy.migration import MigrationManager, MigrationSettings
+from mailproxy.model import Route
+from mailproxy.testing import makeBackend
 
 from .test_admin_lifecycle import ServiceTreeTestsMixin
 
@@ -146,9 +148,10 @@ class FakeSession:
     A logged-in session as the registry's observers see it.
     """
 
-    def __init__(self, user: str | None, backendName: str | None) -> None:
+    def __init__(self, user: str | None, backendName: str | None, rule: str | None = None) -> None:
         self.user = user
         self.backendName = backendName
+        self.route = None if rule is None or backendName is None else Route(backend=makeBackend(backendName), rule=rule)
 
 
 class FakeManager:
@@ -197,6 +200,24 @@ class OnLoginTests(SynchronousTestCase):
         trigger.sessionLoggedIn(FakeSession("bob@example.org", None))
         trigger.sessionLoggedIn(FakeSession("carol@example.org", "old"))
         self.assertEqual(manager.queued, [("carol@example.org", "old")])
+
+    def test_onlyMatchingRule(self) -> None:
+        """
+        With C{on_login_rule}, only a login whose route came from a router
+        rule matching the pattern (a glob over the rule's text, without
+        case) is handed to the engine; one without a route is not.
+        """
+        manager = FakeManager(MigrationSettings(onLogin="new", onLoginRule="*OU=Wave1,*"))
+        trigger = OnLoginMigration(manager)
+        trigger.sessionLoggedIn(FakeSession("alice@example.org", "old", "routers[1]: ldap uid=alice,ou=wave1,dc=example,dc=org -> old"))
+        trigger.sessionLoggedIn(FakeSession("bob@example.org", "old", "routers[1]: ldap uid=bob,ou=wave2,dc=example,dc=org -> old"))
+        trigger.sessionLoggedIn(FakeSession("carol@example.org", "old", "routers[0]: accounts['carol@example.org'] -> old"))
+        trigger.sessionLoggedIn(FakeSession("olga@example.org", "old", "routers[1]: ldap uid=olga,ou=wave10,dc=example,dc=org -> old"))
+        trigger.sessionLoggedIn(FakeSession("dave@example.org", "old"))
+        manager.settings = MigrationSettings(onLogin="new", onLoginRule="domains['example.org'] -> *")
+        trigger.sessionLoggedIn(FakeSession("erin@example.org", "old", "domains['example.org'] -> old"))
+        trigger.sessionLoggedIn(FakeSession("frank@example.org", "old", "default -> old"))
+        self.assertEqual(manager.queued, [("alice@example.org", "old"), ("erin@example.org", "old")])
 
     def test_engineTroubleLogged(self) -> None:
         """

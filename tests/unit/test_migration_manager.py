@@ -20,12 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailproxy._migrate import MOVED, LoginHold, Mover
 from mailproxy.interfaces import RouteStoreError
 from mailproxy.migration import Campaign, MigrationError, MigrationManager, MigrationSettings
+from mailproxy.migration._manager import LOGIN_POLL, PROGRESS_POLL
 from mailproxy.migration._tools import ToolResult
 from mailproxy.model import ClientInfo, Credentials, RouteRequest
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend
 
-from .opsfixtures import ProxyHarness
+from .opsfixtures import GREETING, LOGGED_IN, ProxyHarness
 
 MASTER_PASSWORD = "m4ster-Secret%x"
 BACKENDS = {
@@ -74,6 +75,7 @@ class ScriptedClients:
         self.mailboxes: dict[str, Any] = {"old": MAILBOX, "new": MAILBOX}
         self.calls: list[tuple[str, ...]] = []
         self.late: list[list[tuple[str, str]]] = []
+        self.counts: dict[str, Any] = {}
 
     def fingerprints(self, backend: Any, account: str, timeout: float) -> Any:
         self.calls.append(("fingerprints", backend.name, account))
@@ -93,6 +95,16 @@ class ScriptedClients:
     def copySieve(self, source: Any, target: Any, account: str, timeout: float) -> int:
         self.calls.append(("sieve", source.name, target.name, account))
         return 1
+
+    def totals(self, backend: Any, account: str, timeout: float, sizes: bool = True) -> tuple[int, int | None]:
+        self.calls.append(("totals", backend.name, account, str(sizes)))
+        answer = self.counts.get(backend.name)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is None:
+            mailbox = self.mailboxes[backend.name]
+            return sum(len(m) for m in mailbox.values()), sum(size for m in mailbox.values() for _, size, _ in m)
+        return answer if sizes or answer[1] is not None else (answer[0], None)
 
 
 def syncRun(timeout: float, f: Any, *args: Any) -> Deferred[Any]:
@@ -281,6 +293,183 @@ class StepTests(ManagerTestCase):
         self.assertEqual(seen[2], (True, True, b"* BYE " + MOVED.encode() + b"\r\n"))
         self.assertFalse(self.held("alice@example.org"))
         self.assertFalse(self.mailHeld("alice@example.org"))
+
+
+class LoginUnderWayTests(ManagerTestCase):
+    """
+    A login of the account under way (past the gate) when its hold begins.
+    """
+
+    def underway(self, user: str = "alice@example.org") -> tuple[Any, Any]:
+        """
+        A session whose login was routed to old and waits for old's answer.
+
+        @return: the session and its client transport.
+        """
+        frontend, client = self.proxy.connect()
+        frontend.dataReceived(f"a LOGIN {user} secret\r\n".encode())
+        self.assertEqual((frontend.describe()["state"], frontend.backendName), ("login", "old"))
+        return frontend, client
+
+    def test_loginFinishesThenGoodbye(self) -> None:
+        """
+        The hold waits for the login to finish: the client gets its login's
+        OK, then the moved goodbye; only then does the final sync start, and
+        a login of the account arriving meanwhile waits at the gate (it is
+        not waited for) and goes on after the flip.
+        """
+        frontend, client = self.underway()
+        self.start(["alice@example.org"])
+        self.assertEqual(self.steps("alice@example.org")[-1], ("hold", "started"))
+        self.proxy.clock.advance(LOGIN_POLL * 3)
+        self.assertEqual(self.steps("alice@example.org")[-1], ("hold", "started"))
+        self.assertEqual(len(self.tools.runs), 2)
+        later, laterClient = self.proxy.connect()
+        later.dataReceived(b"b LOGIN alice@example.org secret\r\n")
+        backend = self.proxy.connector.protocols[0]
+        backend.dataReceived(GREETING)
+        backend.dataReceived(LOGGED_IN)
+        self.assertTrue(client.value().startswith(b"a OK "), client.value())
+        self.assertNotIn(b"BYE", client.value())
+        self.proxy.clock.advance(LOGIN_POLL)
+        self.assertTrue(client.value().endswith(b"* BYE " + MOVED.encode() + b"\r\n"), client.value())
+        self.assertEqual(self.route("alice@example.org"), "new")
+        self.assertEqual((later.backendName, len(self.proxy.connector.protocols)), ("new", 2))
+
+    def test_loginTooSlowIsDropped(self) -> None:
+        """
+        A login still under way after C{backend_timeout} seconds (here: its
+        router has not answered) is dropped with the goodbye as its
+        answer, before the final sync starts: it must not log in to old
+        after the sync.
+        """
+        answers: list[Deferred[Any]] = []
+
+        class SlowRouter:
+            def route(self, request: Any) -> Deferred[Any]:
+                answers.append(Deferred())
+                return answers[-1]
+
+        self.proxy.context.router = SlowRouter()
+        frontend, client = self.proxy.connect()
+        frontend.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.assertEqual((frontend.describe()["state"], frontend.backendName, len(answers)), ("login", None, 1))
+        # The flip changes the real table.
+        self.proxy.context.router = self.store
+        self.start(["alice@example.org"])
+        self.proxy.clock.advance(self.proxy.context.limits.backendTimeout - LOGIN_POLL)
+        self.assertEqual((len(self.tools.runs), client.value()), (2, b""))
+        self.proxy.clock.pump([LOGIN_POLL] * 3)
+        self.assertEqual(client.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+        self.assertEqual(self.route("alice@example.org"), "new")
+
+
+class ProgressTests(ManagerTestCase):
+    """
+    What an account's description says while its bulk copy runs.
+    """
+
+    def test_totalsThenTargetCountsDuringCopy(self) -> None:
+        """
+        Before the bulk copy the source's totals are taken; while the copy
+        runs, the target's count and size so far are looked at every
+        L{PROGRESS_POLL} seconds (a cheap look: no size sweep), and the
+        campaign's bytes, rate and time left follow them; once the copy
+        ends, one last look, then none.
+        """
+        copying: Deferred[ToolResult] = Deferred()
+        self.tools.answers = [copying]
+        self.clients.counts = {"old": (3, 350), "new": (0, 0)}
+        campaign = self.start(["alice@example.org"])
+        [job] = campaign.describe()["accounts"]
+        self.assertEqual(
+            (job["state"], job["total_messages"], job["total_bytes"], job["messages"], job["bytes"]), ("copying", 3, 350, 0, 0)
+        )
+        self.clients.counts["new"] = (1, 100)
+        self.proxy.clock.advance(PROGRESS_POLL)
+        described = campaign.describe(now=campaign.created + 10)
+        self.assertEqual((described["accounts"][0]["messages"], described["accounts"][0]["bytes"]), (1, 100))
+        self.assertEqual((described["messages"], described["bytes"], described["rate"], described["eta"]), (1, 100, 10.0, 25.0))
+        self.clients.counts["new"] = (2, 300)
+        self.proxy.clock.advance(PROGRESS_POLL)
+        self.assertEqual((campaign.accounts[0].messages, campaign.accounts[0].bytes), (2, 300))
+        looks = [call for call in self.clients.calls if call[:2] == ("totals", "new")]
+        self.assertEqual(looks, [("totals", "new", "alice@example.org", "False")] * 2)
+        self.clients.counts["new"] = (3, 350)
+        copying.callback(OK)
+        # One last look once the copy has ended, then none.
+        self.assertEqual([call for call in self.clients.calls if call[:2] == ("totals", "new")], looks + looks[:1])
+        self.proxy.clock.advance(PROGRESS_POLL * 3)
+        self.assertEqual([call for call in self.clients.calls if call[:2] == ("totals", "new")], looks + looks[:1])
+        self.assertEqual(campaign.describe()["accounts"][0]["state"], "done")
+
+    def test_targetWithoutStatusSize(self) -> None:
+        """
+        A target without C{STATUS=SIZE} gives only its message count; the
+        bytes so far are estimated from the source's average size.
+        """
+        self.tools.answers = [Deferred()]
+        self.clients.counts = {"old": (3, 300), "new": (2, None)}
+        campaign = self.start(["alice@example.org"])
+        self.proxy.clock.advance(PROGRESS_POLL)
+        self.assertEqual((campaign.accounts[0].messages, campaign.accounts[0].bytes), (2, 200))
+
+    def test_queuedAccountsCountAtTheAverage(self) -> None:
+        """
+        The time left counts, for an account not started yet, the average
+        size of those whose totals are known.
+        """
+        self.tools.answers = [Deferred()]
+        self.clients.counts = {"old": (3, 400), "new": (1, 100)}
+        campaign = self.start(["alice@example.org", "carol@example.org"], concurrency=1)
+        self.proxy.clock.advance(PROGRESS_POLL)
+        described = campaign.describe(now=campaign.created + 10)
+        # (400 - 100) left of alice, 400 (the average) of carol, at 10 B/s.
+        self.assertEqual((described["rate"], described["eta"]), (10.0, 70.0))
+        self.assertEqual(described["accounts"][1]["total_bytes"], None)
+
+    def test_sourceCountFailureLeavesTotalsUnknown(self) -> None:
+        """
+        If the source cannot be counted, the totals stay unknown and the
+        copy goes on (it says itself what is wrong, if anything is).
+        """
+        self.clients.counts = {"old": RuntimeError("no STATUS today")}
+        campaign = self.start(["alice@example.org"])
+        [job] = campaign.describe()["accounts"]
+        self.assertEqual((job["state"], job["total_messages"], job["total_bytes"]), ("done", None, None))
+
+    def test_cancelWhileCounting(self) -> None:
+        """
+        A campaign cancelled while the source is being counted runs no
+        copy: the account is cancelled, its route stays.
+        """
+        counting: Deferred[Any] = Deferred()
+        runs: list[Any] = []
+
+        def run(timeout: float, f: Any, *args: Any) -> Deferred[Any]:
+            if f == self.clients.totals and len(runs) == 0:
+                runs.append(f)
+                return counting
+            return maybeDeferred(f, *args)
+
+        self.manager._runBlocking = run
+        campaign = self.start(["alice@example.org"])
+        self.assertTrue(self.manager.cancel(campaign.id))
+        self.assertEqual((campaign.accounts[0].state, len(self.tools.runs)), ("cancelled", 0))
+        self.assertEqual(self.route("alice@example.org"), None)
+
+    def test_totalsJournalled(self) -> None:
+        """
+        The totals are in the journal and read back after a restart.
+        """
+        self.clients.counts = {"old": (3, 350)}
+        self.start(["alice@example.org"])
+        [saved] = self.journal()["campaigns"][0]["accounts"]
+        self.assertEqual((saved["total_messages"], saved["total_bytes"]), (3, 350))
+        self.makeManager()
+        self.successResultOf(self.manager.resume())
+        [job] = self.manager.campaigns()[0].describe()["accounts"]
+        self.assertEqual((job["state"], job["total_messages"], job["total_bytes"]), ("done", 3, 350))
 
 
 class LateMailTests(ManagerTestCase):
