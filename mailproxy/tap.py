@@ -41,12 +41,12 @@ FRONTENDS = {
     "smtp": "mailproxy.smtp._frontend.buildFrontend",
 }
 
-#: The TLS ALPN ids the management endpoint accepts: it serves HTTP/1.1 only.
-ADMIN_APPLICATION_PROTOCOLS = (b"http/1.1",)
-
 #: Listen backlog when the endpoint string does not set one: Twisted's
 #: default of 50 drops connection bursts.
 DEFAULT_BACKLOG = 1024
+
+#: The TLS ALPN ids the management endpoint accepts: it serves HTTP/1.1 only.
+ADMIN_APPLICATION_PROTOCOLS = (b"http/1.1",)
 
 
 class Options(usage.Options):
