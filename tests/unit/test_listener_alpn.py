@@ -220,6 +220,19 @@ class ListenerALPNTests(TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_refusedWithHTTP(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering only C{http/1.1} (a browser steered to a mail
+        port) fails the handshake on an IMAP listener, implicit TLS and
+        STARTTLS, and never sees a line over TLS.
+        """
+        for tls in ("implicit", "starttls"):
+            kind, detail, negotiated = yield self.connect("imap", tls, [b"http/1.1"])
+            self.assertEqual(kind, "lost", tls)
+            self.assertIn("alert no application protocol", str(detail.value), tls)
+            self.assertIsNone(negotiated, tls)
+
+    @defer.inlineCallbacks
     def test_servedWithTheProtocolsIdOrNone(self):  # type: ignore[no-untyped-def]
         """
         A client offering the protocol's ALPN id (among others) negotiates
