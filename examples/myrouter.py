@@ -111,12 +111,12 @@ class ShardRouter:
         if backend is None:
             backend = self.shardFor(user)
             rule = "shard"
-        if request.protocol not in backend.ports:
+        if request.port not in backend.ports:
             self.log.error(
-                "{user} lives on {backend}, which has no {protocol} port",
+                "{user} lives on {backend}, which has no {port} port",
                 user=user,
                 backend=backend.name,
-                protocol=request.protocol,
+                port=request.port,
             )
             return Rejection(message="Service temporarily unavailable.", temporary=True)
         return Route(backend=backend, rule=f"{rule} -> {backend.name}")

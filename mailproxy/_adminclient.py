@@ -17,7 +17,7 @@ import tomllib
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .config import _UNESCAPED_COLON, AdminConfig, Config, ConfigError, Table, _parseAdmin, loadConfig
+from .config import AdminConfig, Config, ConfigError, Table, loadConfig, parseAdmin, splitEndpoint
 
 __all__ = ["AdminClient", "AdminError", "endpointURL", "clientFromConfig", "adminFromFile"]
 
@@ -38,7 +38,7 @@ def endpointURL(endpoint: str, tls: bool) -> str:
     The URL that reaches a server endpoint string from this machine: an
     all-interfaces address becomes loopback.
     """
-    parts = [_unescape(part) for part in _UNESCAPED_COLON.split(endpoint)]
+    parts = [_unescape(part) for part in splitEndpoint(endpoint)]
     kind, port = parts[0], parts[1]
     options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
     if port.startswith("port="):
@@ -191,6 +191,6 @@ def adminFromFile(path: str) -> tuple[AdminConfig | None, str | None]:
     if not isinstance(data, dict):
         return None, problem
     try:
-        return _parseAdmin(Table(path, ("admin",), data, os.path.dirname(path)), ()), problem
+        return parseAdmin(Table(path, ("admin",), data, os.path.dirname(path)), ()), problem
     except ConfigError as e:
         raise AdminError(str(e)) from None

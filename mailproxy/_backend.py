@@ -4,18 +4,21 @@ shared plumbing.
 
 A protocol module writes its backend login as a subclass of
 L{BackendProtocol}: it only speaks its wire syntax (greeting, capabilities,
-identity forwarding, login) and reports the outcome with L{succeed} or
-L{fail}. Connecting, the PROXY header, implicit TLS, STARTTLS with
-certificate verification before any credential is written, the dialogue's
-timeout and the classification of failures live here.
+identity forwarding, login), moves through the L{LoginState}s and reports
+the outcome with L{succeed} or L{fail}. Connecting, the PROXY header,
+implicit TLS, STARTTLS (the request, the check that nothing came in clear
+behind the reply, the handshake with certificate verification before any
+credential is written), the dialogue's timeout and the classification of
+failures live here.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Callable, Literal, cast
+from enum import Enum
+from typing import Callable, cast
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
@@ -26,11 +29,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _proxyproto, _tls
+from ._outcomes import FailureKind
 from ._relay import socketOf
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
-
-FailureKind = Literal["auth", "unavailable", "refused"]
 
 #: Octets a backend may send from its greeting to the end of the login
 #: dialogue. A real server's greeting, capabilities and login reply take a
@@ -39,19 +41,55 @@ FailureKind = Literal["auth", "unavailable", "refused"]
 #: growing what the dialogue collects.
 MAX_LOGIN_DIALOGUE = 256 * 1024
 
+#: The hop count a backend is told with the client's identity (IMAP ID
+#: C{x-proxy-ttl}, XCLIENT C{TTL}). A proxy that forwards the session
+#: again passes on a lower count and refuses at zero, so that proxies
+#: routed at each other stop. This proxy is always the first hop: it
+#: takes no forwarded identity from its clients.
+PROXY_TTL = 5
+
+
+class LoginState(Enum):
+    """
+    Where a backend login dialogue stands. Each protocol passes through
+    those its dialogue has, in about this order; SMTP asks for the
+    capabilities again after TLS and after XCLIENT, ManageSieve reads a
+    second greeting after TLS.
+    """
+
+    #: Connected (with implicit TLS, handshaking): the greeting is awaited.
+    GREETING = "greeting"
+    #: The capabilities were asked for (IMAP CAPABILITY, POP3 CAPA, SMTP
+    #: EHLO).
+    CAPABILITIES = "capabilities"
+    #: STARTTLS (POP3: STLS) was sent; its reply is awaited.
+    STARTTLS = "starttls"
+    #: The server accepted STARTTLS: the handshake runs, and nothing may
+    #: arrive in clear.
+    HANDSHAKE = "handshake"
+    #: The client's identity was sent on its own (XCLIENT); the server's
+    #: answer is awaited.
+    IDENTITY = "identity"
+    #: The login was sent (with any identity forwarding pipelined before
+    #: it); its outcome is awaited.
+    LOGIN = "login"
+    #: No login to do (an SMTP relay): the front end drives the connection.
+    SESSION = "session"
+
 
 class BackendFailure(Exception):
     """
     The backend did not give us a logged-in session.
 
-    @ivar kind: C{"auth"}: it refused the credentials (the client sees the
-        generic authentication failure); C{"unavailable"}: it could not be
-        reached, timed out, failed TLS or spoke nonsense (the client sees a
-        temporary failure); C{"refused"}: it refused for a reason worth
-        passing on (C{clientText} is safe to show, e.g. an IMAP
-        C{[LIMIT]} code).
+    @ivar kind: L{FailureKind.AUTH}: it refused the credentials (the client
+        sees the generic authentication failure);
+        L{FailureKind.UNAVAILABLE}: it could not be reached, timed out,
+        failed TLS or spoke nonsense (the client sees a temporary failure);
+        L{FailureKind.REFUSED}: it refused for a reason worth passing on
+        (C{clientText} is safe to show, e.g. an IMAP C{[LIMIT]} code).
     @ivar detail: what happened, for the log (never a credential).
-    @ivar clientText: for C{"refused"}, the protocol-specific reply text.
+    @ivar clientText: for L{FailureKind.REFUSED}, the protocol-specific
+        reply text.
     """
 
     def __init__(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
@@ -87,7 +125,6 @@ class LoginJob:
     masterUser: str | None = None
     masterPassword: bytes | None = field(default=None, repr=False)
     clientID: tuple[tuple[str, str], ...] = ()
-    ttl: int = 5
     portName: str | None = None
 
     @property
@@ -104,6 +141,23 @@ class LoginJob:
         C{"starttls"} or C{"implicit"}.
         """
         return self.route.backend.tlsFor(self.portName or self.protocol)
+
+    def withoutSecrets(self) -> LoginJob:
+        """
+        This job with no password left in it: neither the backend's nor
+        the master user's, nor the client's credentials' (a digest's
+        response included), nor the route's.
+        """
+        credentials = self.credentials
+        if credentials is not None:
+            credentials = evolve(credentials, password=None, response=None)
+        return evolve(
+            self,
+            route=evolve(self.route, password=None),
+            credentials=credentials,
+            password=None,
+            masterPassword=None,
+        )
 
     def saslIdentities(self) -> tuple[bytes, bytes, bytes]:
         """
@@ -125,16 +179,20 @@ class BackendProtocol(Protocol):
     The client side of a connection to a backend, until login.
 
     Subclasses implement L{dialogueReceived} (bytes before hand-over) and
-    call L{startTLS}, L{succeed} and L{fail}. After L{succeed}, the relay
-    replaces C{dataReceived} and the subclass is done.
+    L{buffered}, call L{askForTLS} and L{tlsAnswered} for STARTTLS, continue
+    in L{tlsReady}, and end with L{succeed} or L{fail}. After L{succeed},
+    the relay replaces C{dataReceived} and the subclass is done.
 
     @ivar result: fires with this protocol once logged in, or fails with
         L{BackendFailure}.
+    @ivar state: where the dialogue stands.
     @ivar leftover: octets read past the end of the login dialogue.
     @ivar tlsActive: TLS is up (implicit, or after STARTTLS) and verified.
+    @cvar startTLSCommand: the protocol's name for STARTTLS, for logs.
     """
 
     log = Logger()
+    startTLSCommand = "STARTTLS"
     # None until connected: the dialogue runs on a connection, and what may
     # run before one (fail, abandon, cancelling) checks.
     transport: IProxyTransport
@@ -142,6 +200,7 @@ class BackendProtocol(Protocol):
     def __init__(self, job: LoginJob, clock: IReactorTime, timeout: float) -> None:
         self.job = job
         self.result: Deferred[BackendProtocol] = Deferred(lambda d: self._cancelled())
+        self.state = LoginState.GREETING
         #: Abandons a connection attempt still under way.
         self.stopConnecting: Callable[[], object] | None = None
         self.leftover = b""
@@ -174,12 +233,12 @@ class BackendProtocol(Protocol):
         if not self._done:
             self._received += len(data)
             if self._received > MAX_LOGIN_DIALOGUE:
-                self.fail("unavailable", f"backend sent more than {MAX_LOGIN_DIALOGUE} octets during login")
+                self.fail(FailureKind.UNAVAILABLE, f"backend sent more than {MAX_LOGIN_DIALOGUE} octets during login")
                 return
         if self._awaitingHandshake and not self.tlsActive:
             # Bytes the server sent before the TLS handshake finished can only
             # be plaintext injected after its STARTTLS reply.
-            self.fail("unavailable", "backend sent data before the TLS handshake")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent data before the TLS handshake")
             return
         self.dialogueReceived(data)
         if not self._done:
@@ -191,10 +250,61 @@ class BackendProtocol(Protocol):
         """
         raise NotImplementedError(type(self).__name__ + " must handle the dialogue")
 
+    def buffered(self) -> int:
+        """
+        How many octets the backend sent that the dialogue has read but not
+        handled yet.
+        """
+        raise NotImplementedError(type(self).__name__ + " must say what it holds unread")
+
+    # STARTTLS: the protocol words the command and judges the reply; the
+    # rest is the same for all.
+
+    def askForTLS(self, line: bytes, offered: bool = True) -> None:
+        """
+        Send the protocol's STARTTLS command; the protocol passes the reply
+        to L{tlsAnswered}.
+
+        @param line: the command line without CRLF (an IMAP tag included).
+        @param offered: whether the server's capabilities allow it (if
+            they are unknown, try); if not, the login fails as temporary,
+            since the backend is configured for STARTTLS.
+        """
+        if not offered:
+            self.fail(FailureKind.UNAVAILABLE, "backend does not offer " + self.startTLSCommand)
+            return
+        self.state = LoginState.STARTTLS
+        self.transport.write(line + b"\r\n")
+
+    def tlsAnswered(self, accepted: bool, reply: str | None = None) -> None:
+        """
+        The backend replied to STARTTLS: go on with TLS if C{accepted} (the
+        reply means "go on" in the protocol's terms), else fail.
+
+        Call it once the reply is consumed, so that L{buffered} counts only
+        what followed it.
+
+        @param reply: the reply as a log shows it, if the log should.
+        """
+        if not accepted:
+            shown = "" if reply is None else ": " + reply
+            self.fail(FailureKind.UNAVAILABLE, f"backend refused {self.startTLSCommand}{shown}")
+            return
+        if self.buffered():
+            # They came in clear behind the reply, so anyone on the path
+            # could have written them; read after the handshake, they would
+            # pass for protected (command injection).
+            self.fail(FailureKind.UNAVAILABLE, f"backend sent data after its {self.startTLSCommand} reply")
+            return
+        self.state = LoginState.HANDSHAKE
+        self.startTLS()
+
     def startTLS(self) -> None:
         """
-        Start TLS towards the backend; L{tlsReady} runs once the handshake
-        has finished and the certificate has been verified.
+        Start TLS towards the backend (for implicit TLS, at once; after
+        STARTTLS, from L{tlsAnswered}); after STARTTLS, L{tlsReady} runs
+        once the handshake has finished and the certificate has been
+        verified.
         """
         self._awaitingHandshake = True
         job = self.job
@@ -204,12 +314,15 @@ class BackendProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.tlsActive = True
         self._awaitingHandshake = False
-        self.tlsReady()
+        if self.state is LoginState.HANDSHAKE:
+            self.tlsReady()
 
     def tlsReady(self) -> None:
         """
-        TLS to the backend is up and verified; subclasses continue here
-        after STARTTLS. With implicit TLS, the greeting follows anyway.
+        TLS to the backend is up and verified after STARTTLS; subclasses
+        continue their dialogue here (what the server said in clear is to
+        be forgotten). Not called for implicit TLS, where the greeting
+        follows.
         """
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -218,7 +331,7 @@ class BackendProtocol(Protocol):
             detail = "connection closed during login"
             if self._awaitingHandshake:
                 detail = "TLS handshake failed: " + _describe(reason)
-            self.fail("unavailable", detail)
+            self.fail(FailureKind.UNAVAILABLE, detail)
         elif self.onLost is not None:
             self.onLost()
 
@@ -244,8 +357,7 @@ class BackendProtocol(Protocol):
         """
         if self._done or self.result.called:
             return
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self._tlsOptions is not None:
             # The backend has answered since the handshake: its tickets are in.
             self._tlsOptions.keepSession(self.transport)
@@ -258,10 +370,9 @@ class BackendProtocol(Protocol):
         """
         if self._done or self.result.called:
             return
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self.transport is not None:
-            if kind == "unavailable":
+            if kind == FailureKind.UNAVAILABLE:
                 self.transport.abortConnection()
             else:
                 # The server answered cleanly; leave it cleanly.
@@ -273,31 +384,68 @@ class BackendProtocol(Protocol):
         The client went away before the login finished: close quietly.
         """
         if not self._done:
-            self._done = True
-            self._cancelTimer()
+            self._over()
             if not self.result.called:
                 self.result.addErrback(lambda f: None)
-                self.result.errback(Failure(BackendFailure("unavailable", "client left")))
+                self.result.errback(Failure(BackendFailure(FailureKind.UNAVAILABLE, "client left")))
         if self.transport is not None:
             self.transport.abortConnection()
 
     def _cancelled(self) -> None:
         # The session gave up on this login (its client left).
-        self._done = True
-        self._cancelTimer()
+        self._over()
         if self.transport is not None:
             self.transport.abortConnection()
         elif self.stopConnecting is not None:
             self.stopConnecting()
 
+    def _over(self) -> None:
+        """
+        The dialogue is over (logged in, failed or given up): no timer
+        runs, no other outcome follows, and no password stays in a
+        connection that may now be relayed for hours.
+        """
+        self._done = True
+        self._cancelTimer()
+        self.forgetSecrets()
+
+    def forgetSecrets(self) -> None:
+        """
+        Drop every password the login held. A subclass that keeps one
+        elsewhere (a callback made with the job in hand) drops that too.
+        """
+        self.job = self.job.withoutSecrets()
+
     def _timedOut(self) -> None:
         self._timer = None
-        self.fail("unavailable", f"no login reply within {self._timeout:.0f}s")
+        self.fail(FailureKind.UNAVAILABLE, f"no login reply within {self._timeout:.0f}s")
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+def forwardedIdentity(client: ClientInfo) -> dict[str, str]:
+    """
+    What identity forwarding tells a backend about C{client}, under
+    XCLIENT's attribute names: C{ADDR}, C{PORT}, C{DESTADDR},
+    C{DESTPORT}, C{SESSION}, C{TTL}, C{CLIENT-TRANSPORT}, and
+    C{DESTNAME} when the client named the server (SNI). Each protocol
+    picks, orders, names and encodes them its own way.
+    """
+    identity = {
+        "ADDR": client.address,
+        "PORT": str(client.port),
+        "DESTADDR": client.localAddress,
+        "DESTPORT": str(client.localPort),
+        "SESSION": client.sessionId,
+        "TTL": str(PROXY_TTL),
+        "CLIENT-TRANSPORT": "TLS" if client.tls else "insecure",
+    }
+    if client.tls and client.tls.serverName:
+        identity["DESTNAME"] = client.tls.serverName
+    return identity
 
 
 def acknowledgeNow(transport: object) -> None:
@@ -388,7 +536,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
         port = backend.port(job.portName or job.protocol)
     except KeyError:
         protocol.result.errback(
-            Failure(BackendFailure("unavailable", f"backend {backend.name} has no {job.portName or job.protocol} port"))
+            Failure(BackendFailure(FailureKind.UNAVAILABLE, f"backend {backend.name} has no {job.portName or job.protocol} port"))
         )
         return protocol.result
 
@@ -398,10 +546,9 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
             # Done already, or the session cancelled (stopping the attempt
             # lands here): the result is not ours to fire.
             return
-        protocol._done = True
-        protocol._cancelTimer()
+        protocol._over()
         protocol.result.errback(
-            Failure(BackendFailure("unavailable", f"cannot connect to {backend.name}: {_describe(reason)}"))
+            Failure(BackendFailure(FailureKind.UNAVAILABLE, f"cannot connect to {backend.name}: {_describe(reason)}"))
         )
 
     factory = _OneBackendFactory(protocol, connectFailed)

@@ -508,6 +508,43 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
+# Twisted's write buffer. Once the splicer owns a socket, what the proxy
+# wrote to it through Twisted and Twisted has not sent yet (the login
+# reply, typically) must go first, through the pipe. FileDescriptor has no
+# public way to take that back, nor to tell when it is all sent: these two
+# functions are the only places that touch its buffer, dataBuffer from
+# offset on and then the _tempDataBuffer list (_tempDataLen octets), as
+# Twisted has long kept it (checked with 26.10). If a Twisted renames
+# them, _unsentSize says None and sessions are relayed in Python (slower,
+# still correct); if it keeps the names but buffers elsewhere too, unsent
+# bytes would be lost or overtaken, which the spliced relay tests (the
+# login reply reaches the client first) show.
+
+
+def _unsentSize(connection: tcp.Connection) -> int | None:
+    """
+    How many octets Twisted holds for C{connection}, written but not yet
+    sent; L{None} if this Twisted does not keep them where we look.
+    """
+    try:
+        return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
+    except AttributeError:
+        return None
+
+
+def _takeUnsent(connection: tcp.Connection) -> bytes:
+    """
+    Take what Twisted holds for C{connection} unsent, leaving its buffer
+    empty (Twisted's writing must be stopped).
+    """
+    data = bytes(connection.dataBuffer[connection.offset :]) + b"".join(connection._tempDataBuffer)
+    connection.dataBuffer = b""
+    connection.offset = 0
+    connection._tempDataBuffer = []
+    connection._tempDataLen = 0
+    return data
+
+
 def _plainSocket(transport: object) -> tcp.Connection | None:
     """
     The TCP connection under C{transport} if nothing but a PROXY header
@@ -518,8 +555,8 @@ def _plainSocket(transport: object) -> tcp.Connection | None:
         return None
     if transport is not descriptor and not isinstance(transport, ProxyHeaderProtocol):
         return None
-    if not hasattr(descriptor, "dataBuffer") or not hasattr(descriptor, "_tempDataBuffer"):
-        return None
+    if _unsentSize(descriptor) is None:
+        return None  # this Twisted buffers writes some other way
     if not descriptor.connected or descriptor.disconnecting:
         # Being closed (a session dropped during its login): Twisted must
         # finish that, it would not once the splicer took the socket.
@@ -701,7 +738,7 @@ class _Splicer:
         client, backend = _plainSocket(relay._client), _plainSocket(relay._backend)
         if client is None or backend is None:
             return None
-        sizes = (cls._unwrittenSize(client) + len(toClient), cls._unwrittenSize(backend) + len(toBackend))
+        sizes = (cast(int, _unsentSize(client)) + len(toClient), cast(int, _unsentSize(backend)) + len(toBackend))
         if sum(sizes) > 32768:
             return None  # more than a pipe surely holds at once: stay in Python
         splicer = cls(relay, client, backend)
@@ -715,7 +752,7 @@ class _Splicer:
         for connection in (client, backend):
             connection.stopReading()
             connection.stopWriting()
-        early = [cls._unwritten(client) + toClient, cls._unwritten(backend) + toBackend]
+        early = [_takeUnsent(client) + toClient, _takeUnsent(backend) + toBackend]
         for direction, data in zip((splicer.toClient, splicer.toBackend), early):
             if data:
                 os.write(direction.hold().write, data)
@@ -726,19 +763,6 @@ class _Splicer:
         relay._splicer = splicer
         splicer.run()
         return splicer
-
-    @staticmethod
-    def _unwrittenSize(connection: tcp.Connection) -> int:
-        return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
-
-    @staticmethod
-    def _unwritten(connection: tcp.Connection) -> bytes:
-        data = bytes(connection.dataBuffer[connection.offset :]) + b"".join(connection._tempDataBuffer)
-        connection.dataBuffer = b""
-        connection.offset = 0
-        connection._tempDataBuffer = []
-        connection._tempDataLen = 0
-        return data
 
     def __init__(self, relay: Relay, client: tcp.Connection, backend: tcp.Connection) -> None:
         self.relay = relay

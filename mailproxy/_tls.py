@@ -57,6 +57,7 @@ __all__ = [
     "serverOptions",
     "ApplicationProtocolOptions",
     "clientOptions",
+    "hostClientOptions",
     "ResumingClientOptions",
     "tlsInfo",
     "makeSelfSigned",
@@ -674,3 +675,21 @@ def makeSelfSigned(
             )
         )
     return certificatePath, keyPath
+
+
+def hostClientOptions(hostname: str, caFile: str | None = None, verify: bool = True) -> IOpenSSLClientConnectionCreator:
+    """
+    The TLS options for connections to C{hostname} when it is no mail
+    backend (the HTTP router's auth server), checked as a backend's are
+    (L{clientOptions}): with C{verify}, the certificate must chain to a CA
+    in C{caFile} (or the platform's store) and be valid for C{hostname};
+    without it, nothing is checked.  Each call builds them anew: cache the
+    result.
+
+    @raise TLSConfigError: if C{caFile} cannot be read or holds no
+        certificate, or C{hostname} is no valid host name.
+    """
+    if not verify:
+        return _UnverifiedClientOptions(hostname)
+    trustRoot = _loadTrustRoot(caFile) if caFile else None
+    return optionsForClientTLS(hostname, trustRoot=trustRoot, extraCertificateOptions={"enableSessionTickets": True})

@@ -57,16 +57,13 @@ from ._safetext import logQuote
 from ._stats import METRICS_CONTENT_TYPE, metricsText, snapshot
 from .interfaces import RouteStoreError
 from .model import Backend
+from .protocols import PROTOCOLS, protocolForPort
 
-__all__ = ["AdminResource", "HealthChecker", "TokenGuard", "adminSite", "GREETINGS"]
+__all__ = ["AdminResource", "HealthChecker", "TokenGuard", "adminSite", "GREETINGS", "greetingProblem"]
 
-#: The first line each protocol's server greets with when it is well.
-GREETINGS: dict[str, tuple[bytes, ...]] = {
-    "imap": (b"* OK", b"* PREAUTH"),
-    "pop3": (b"+OK",),
-    "smtp": (b"220",),
-    "sieve": (b'"',),
-}
+#: How the first line of a well server starts, by backend C{ports} key
+#: (from the protocol registry: C{mx} is SMTP's).
+GREETINGS: dict[str, tuple[bytes, ...]] = {port: protocol.greeting for protocol in PROTOCOLS for port in protocol.ports}
 
 #: A PROXY header that says "this connection is the proxy's own" (v1
 #: UNKNOWN, v2 LOCAL): backends that require a header still greet a probe.
@@ -159,6 +156,32 @@ class _GreetingProbe(Protocol):
             self.line.errback(Failure(ConnectionError("closed before greeting")))
 
 
+def greetingProblem(port: str, line: bytes) -> str | None:
+    """
+    What is wrong with C{line}, the first a backend sent on its C{ports}
+    key C{port}, or L{None} if it is how a well server of that protocol
+    greets (a key no protocol knows accepts any line).
+    """
+    try:
+        protocol = protocolForPort(port)
+    except KeyError:
+        return None
+    if protocol.greets(line):
+        return None
+    return "unexpected greeting: " + line[:80].decode("ascii", "replace")
+
+
+def _probeRequest(port: str) -> bytes:
+    """
+    What the health probe of the backend C{ports} key C{port} sends before
+    it reads the first line (nothing for the mail protocols).
+    """
+    try:
+        return protocolForPort(port).probe
+    except KeyError:
+        return b""
+
+
 class HealthChecker:
     """
     Asks every backend port for its greeting; answers are kept for a
@@ -223,7 +246,7 @@ class HealthChecker:
         endpoint: Any = HostnameEndpoint(self.reactor, backend.host, port, timeout=self.timeout)
         if backend.tlsFor(protocol) == "implicit":
             endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
-        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b""))
+        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b"") + _probeRequest(protocol))
         connecting = connectProtocol(endpoint, probe)
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
 
@@ -231,8 +254,9 @@ class HealthChecker:
             return probe.line
 
         def judge(line: bytes) -> dict[str, Any]:
-            if not line.startswith(GREETINGS.get(protocol, (b"",))):
-                return {"ok": False, "error": "unexpected greeting: " + line[:80].decode("ascii", "replace")}
+            problem = greetingProblem(protocol, line)
+            if problem is not None:
+                return {"ok": False, "error": problem}
             return {"ok": True, "seconds": round(self.reactor.seconds() - started, 4)}
 
         def trouble(reason: Failure) -> dict[str, Any]:

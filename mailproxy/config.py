@@ -41,6 +41,8 @@ from mailproxy.protocols import (
     LISTENER_MODES,
     LISTENER_PROTOCOLS,
     MODE_PORTS,
+    PROTOCOLS,
+    protocolNamed,
 )
 from mailproxy.settings import Limits, Listener
 
@@ -72,6 +74,12 @@ __all__ = [
     "Table",
     "parseTOML",
     "readTOML",
+    "readSecretLine",
+    "readNameAndSecret",
+    "parsePortTLS",
+    "isPathKey",
+    "splitEndpoint",
+    "parseAdmin",
 ]
 
 LISTENER_TLS_MODES: tuple[str, ...] = ("implicit", "starttls", "starttls-required", "none")
@@ -629,7 +637,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     backendsRead = len(problems.found) == before
     listeners = _parseListeners(root, "tls" in root, backends if backendsRead else None)
     router = root.collect(lambda: _parseRouter(root.table("router", required=True)), None)  # type: ignore[arg-type]
-    admin = root.collect(lambda: _parseAdmin(root.table("admin"), listeners), None)
+    admin = root.collect(lambda: parseAdmin(root.table("admin"), listeners), None)
     log = root.collect(lambda: _parseLog(root.table("log")), LogConfig())
     problems.check()
     assert router is not None
@@ -771,10 +779,10 @@ def _parseBackend(name: str, parent: Table) -> Backend | None:
     host = table.collect(lambda: _parseHost(table), "")
     ports = table.collect(lambda: _parsePorts(table), {})
     masterUser, masterPassword = table.collect(
-        lambda: _readNameAndSecret(table, "master_user", "master_password_file"), (None, None)
+        lambda: readNameAndSecret(table, "master_user", "master_password_file"), (None, None)
     )
     # Without its ports, which port_tls may name is unknown.
-    portTLS = table.collect(lambda: _parsePortTLS(table, set(ports)), {}) if ports else {}
+    portTLS = table.collect(lambda: parsePortTLS(table, set(ports)), {}) if ports else {}
     values: dict[str, Any] = {
         attribute: table.collect(read, None)
         for attribute, read in (
@@ -818,12 +826,15 @@ def _parsePorts(table: Table) -> dict[str, int]:
     return ports
 
 
-def _parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
+def parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
     """
     A backend's C{port_tls}: the TLS mode of single ports where it differs
-    from the backend's C{tls} (C{port_tls = { mx = "none" }}).
+    from the backend's C{tls} (C{port_tls = { mx = "none" }}).  Also read
+    by routers for their C{backend_defaults}.
 
+    @param table: the table holding C{port_tls}.
     @param ports: the C{ports} keys the backend has; no other may be named.
+    @raise ConfigError: naming the key that is wrong.
     """
     portTable = table.table("port_tls")
     if portTable is None:
@@ -835,9 +846,12 @@ def _parsePortTLS(table: Table, ports: Iterable[str]) -> dict[str, BackendTLS]:
     return {name: portTable.string(name, None, _BACKEND_TLS) for name in portTable.data}
 
 
-def _readSecretLine(table: Table, name: str) -> bytes:
+def readSecretLine(table: Table, name: str) -> bytes:
     """
-    The first line of the file named by C{name}, without its line ending.
+    The first line of the file named by the key C{name} of C{table} (a
+    password file), without its line ending; errors never show it.
+
+    @raise ConfigError: the file cannot be read, or its first line is empty.
     """
     path = table.path(name)
     try:
@@ -851,19 +865,22 @@ def _readSecretLine(table: Table, name: str) -> bytes:
     return secret
 
 
-def _readNameAndSecret(table: Table, name: str, secretFile: str) -> tuple[str | None, bytes | None]:
+def readNameAndSecret(table: Table, name: str, secretFile: str) -> tuple[str | None, bytes | None]:
     """
     An optional name (a master user, a bind DN) and its secret, read from
     the file named by C{secretFile}: each of the two keys needs the other.
 
+    @param name: the key of the name in C{table}.
+    @param secretFile: the key of the secret's file (see L{readSecretLine}).
     @return: both, or C{(None, None)} when neither is set.
+    @raise ConfigError: one key without the other, or an unreadable file.
     """
     value = table.string(name, None)
     secret = None
     if secretFile in table:
         if value is None:
             table.fail(secretFile, f"needs {name}")
-        secret = _readSecretLine(table, secretFile)
+        secret = readSecretLine(table, secretFile)
     elif value is not None:
         table.fail(name, f"needs {secretFile}")
     return value, secret
@@ -916,13 +933,13 @@ def _parseListener(
     # Whether local_domains may be set depends on the mode: not judged
     # while the protocol or mode is itself wrong.
     kindKnown = protocol is not None and (mode is not None or protocol not in LISTENER_MODES)
-    localDomains = entry.collect(lambda: _parseLocalDomains(entry, mode), frozenset()) if kindKnown else frozenset()
+    localDomains = entry.collect(lambda: _parseLocalDomains(entry, protocol, mode), frozenset()) if kindKnown else frozenset()
     proxyProtocol, proxyTrusted = entry.collect(lambda: _parseProxyProtocol(entry), (False, ()))
     if tls is not None and tls != "none" and not haveTLS:
         entry.collect(lambda: entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key"), None)
     if kindKnown and backends is not None:
         assert protocol is not None
-        portName = MODE_PORTS.get((protocol, mode or ""), protocol)
+        portName = protocolNamed(protocol).portFor(mode)
         if not any(portName in backend.ports for backend in backends.values()):
             served = repr(protocol) if mode is None else f"{protocol!r} in mode {mode!r}"
             entry.collect(
@@ -960,8 +977,8 @@ def _parseDigestAuth(entry: Table, protocol: str | None, mode: str | None) -> bo
     digestAuth: bool = entry.boolean("digest_auth", False)
     if digestAuth and protocol is not None and protocol not in DIGEST_AUTH_PROTOCOLS:
         entry.fail("digest_auth", f"only {', '.join(DIGEST_AUTH_PROTOCOLS)} listeners offer digest mechanisms")
-    if digestAuth and mode == "mx":
-        entry.fail("digest_auth", "mx listeners take no logins")
+    if digestAuth and _asksRecipients(protocol, mode):
+        entry.fail("digest_auth", f"{mode or protocol} listeners take no logins")
     return digestAuth
 
 
@@ -983,15 +1000,29 @@ def _parseProxyProtocol(entry: Table) -> tuple[bool, tuple[str, ...]]:
     return proxyProtocol, proxyTrusted
 
 
-def _parseLocalDomains(entry: Table, mode: str | None) -> frozenset[str]:
+def _asksRecipients(protocol: str | None, mode: str | None) -> bool:
+    """
+    Whether listeners of C{protocol} in C{mode} receive mail (and ask the
+    router about recipients) instead of taking logins.
+    """
+    return protocol is not None and protocolNamed(protocol).lookupFor(mode) == "recipient"
+
+
+def _parseLocalDomains(entry: Table, protocol: str | None, mode: str | None) -> frozenset[str]:
     """
     An MX listener's C{local_domains}, in the form recipients are compared
     in: lower case, A-labels, no final dot.
     """
     if "local_domains" not in entry:
         return frozenset()
-    if mode != "mx":
-        entry.fail("local_domains", "only smtp listeners in mode \"mx\" receive mail for domains")
+    if not _asksRecipients(protocol, mode):
+        receiving = " or ".join(
+            f"{each.name} listeners" + (f" in mode \"{kind}\"" if kind is not None else "")
+            for each in PROTOCOLS
+            for kind in ([mode.name for mode in each.modes] if each.modes else [None])
+            if each.lookupFor(kind) == "recipient"
+        )
+        entry.fail("local_domains", f"only {receiving} receive mail for domains")
     domains = set()
     for name in entry.strings("local_domains"):
         if "@" in name:
@@ -1021,6 +1052,17 @@ def _parseMode(entry: Table, protocol: str) -> str | None:
     return entry.string("mode", choices=modes)  # type: ignore[no-any-return]
 
 
+def splitEndpoint(endpoint: str, maxsplit: int = 0) -> list[str]:
+    """
+    The colon-separated parts of an endpoint string, as written: a colon
+    escaped inside a value (C{interface=\\:\\:1}) does not separate, and
+    its backslash is kept.
+
+    @param maxsplit: split at most this many times; 0 for no limit.
+    """
+    return _UNESCAPED_COLON.split(endpoint, maxsplit=maxsplit)
+
+
 def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
     """
     Check that C{endpoint} is a supported server endpoint string, without
@@ -1028,7 +1070,7 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
 
     @return: the (interface, port) pairs it would bind, port 0 excluded.
     """
-    parts = _UNESCAPED_COLON.split(endpoint, maxsplit=2)
+    parts = splitEndpoint(endpoint, maxsplit=2)
     kind = parts[0].strip().lower()
     if kind == "haproxy":
         # Twisted's haproxy: endpoint greets before the header arrives and
@@ -1056,7 +1098,7 @@ def _checkEndpoint(entry: Table, endpoint: str) -> list[tuple[str, int]]:
             # what the operator can write instead.
             problem = "write it as tcp:PORT, tcp:PORT:interface=ADDRESS or tcp6:PORT:interface=ADDRESS"
     if problem is not None:
-        if _unescapedColonInValue(_UNESCAPED_COLON.split(endpoint)):
+        if _unescapedColonInValue(splitEndpoint(endpoint)):
             problem += " (write a colon inside a value as \\:, e.g. interface=\\:\\:1)"
         entry.fail("endpoint", f"cannot parse {endpoint!r}: {problem}")
     addresses = []
@@ -1081,7 +1123,7 @@ def _endpointProblem(endpoint: str) -> str | None:
     speak of its functions, not of the string.
     """
     given: dict[str, str] = {}
-    for position, segment in enumerate(_UNESCAPED_COLON.split(endpoint)[1:]):
+    for position, segment in enumerate(splitEndpoint(endpoint)[1:]):
         if "=" in segment:
             name, value = segment.split("=", 1)
             if name not in _ENDPOINT_ARGUMENTS:
@@ -1141,12 +1183,21 @@ def _unescapedColonInValue(segments: list[str]) -> bool:
 _LOOPBACK = "127.0.0.1"
 
 
-def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfig | None:
+def parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfig | None:
+    """
+    The C{[admin]} table, or L{None} without one: its endpoint (loopback
+    unless it names an interface, and then with TLS), its token file (read
+    now) and C{health_details}.
+
+    @param listeners: the listeners already read; the endpoint must not
+        take an address and port of theirs.
+    @raise ConfigError: naming the key that is wrong.
+    """
     if table is None:
         return None
     table.allow("endpoint", "token_file", "certificate", "key", "health_details")
     endpoint = table.string("endpoint", f"tcp:9443:interface={_LOOPBACK}")
-    parts = _UNESCAPED_COLON.split(endpoint)
+    parts = splitEndpoint(endpoint)
     if parts[0].strip().lower() not in ENDPOINT_TYPES:
         table.fail("endpoint", f"must be a tcp: or tcp6: endpoint, not {endpoint!r}")
     if not any(part.startswith("interface=") for part in parts[1:]):
@@ -1169,7 +1220,7 @@ def _parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConf
                     "add certificate and key, or use interface=127.0.0.1",
                 )
     tokenFile = table.path("token_file")
-    token = _readSecretLine(table, "token_file").strip()
+    token = readSecretLine(table, "token_file").strip()
     if len(token) < MIN_TOKEN_LENGTH:
         table.fail(
             "token_file",
@@ -1241,11 +1292,16 @@ def _parseRouter(table: Table) -> RouterConfig:
     for name, value in table.data.items():
         if name == "type":
             continue
-        if _isPathKey(name) and isinstance(value, str):
+        if isPathKey(name) and isinstance(value, str):
             value = table.path(name, readable=False)
         options[name] = value
     return RouterConfig(type=kind, options=options)
 
 
-def _isPathKey(name: str) -> bool:
+def isPathKey(name: str) -> bool:
+    """
+    Whether a router option named C{name} holds a file name, resolved
+    against the configuration's directory: C{path}, and names ending in
+    C{_path}, C{_file} or C{_dir}.
+    """
     return name == "path" or name.endswith(("_path", "_file", "_dir"))

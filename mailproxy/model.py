@@ -12,9 +12,14 @@ import hashlib
 import hmac
 from typing import Literal
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 
-Protocol = Literal["imap", "pop3", "smtp", "sieve"]
+from mailproxy.protocols import Lookup, protocolNamed
+
+Protocol = str
+"""
+A protocol's name: one of L{mailproxy.protocols.PROTOCOLS}.
+"""
 BackendTLS = Literal["none", "starttls", "implicit"]
 Forwarding = Literal["auto", "id", "xclient", "proxy-v1", "proxy-v2", "none"]
 RejectionReason = Literal["", "unknown-user", "not-local"]
@@ -94,11 +99,29 @@ class Credentials:
         return hmac.compare_digest(expected.encode("ascii"), self.response.lower())
 
 
+def _defaultLookup(request: RouteRequest) -> Lookup:
+    # A request made without saying: no credentials means a recipient (MX).
+    return "recipient" if request.credentials is None else "login"
+
+
+def _defaultPort(request: RouteRequest) -> str:
+    try:
+        protocol = protocolNamed(request.protocol)
+    except KeyError:
+        # A protocol the registry does not know (a test's, say): its name.
+        return request.protocol
+    return protocol.portForLookup(request.lookup)
+
+
 @frozen
 class RouteRequest:
     """
-    One question to a router: where does this login go?
+    One question to a router: where does this login (or this recipient's
+    mail) go?
 
+    @ivar protocol: the client's protocol (C{"imap"}, C{"smtp"}...).
+    @ivar credentials: what the client offered to log in; L{None} for a
+        recipient lookup.
     @ivar attempt: 1 for the session's first login attempt, then 2, 3...
     @ivar clientID: for IMAP, the key/value pairs of the client's ID command.
     @ivar helo: for SMTP, the client's HELO/EHLO name.
@@ -106,6 +129,13 @@ class RouteRequest:
         sender as the client wrote it, without the brackets.
     @ivar rcptTo: for SMTP without authentication (MX), the recipient this
         question is about, without the brackets.
+    @ivar lookup: what is asked: C{"login"} (where the credentials' account
+        lives) or C{"recipient"} (where mail for C{rcptTo} goes).  By
+        default C{"recipient"} without credentials, else C{"login"}.
+    @ivar port: the key of a backend's C{ports} the session will connect
+        to (C{"imap"}, C{"smtp"} for submission, C{"mx"} for inbound
+        mail); a router's backend must have it.  By default the one the
+        protocol's registry entry gives for C{lookup}.
     """
 
     protocol: Protocol
@@ -116,6 +146,8 @@ class RouteRequest:
     helo: str | None = None
     mailFrom: str | None = None
     rcptTo: str | None = None
+    lookup: Lookup = field(default=Factory(_defaultLookup, takes_self=True))
+    port: str = field(default=Factory(_defaultPort, takes_self=True))
 
 
 @frozen

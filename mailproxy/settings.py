@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from attrs import frozen
 
-from mailproxy.protocols import APPLICATION_PROTOCOLS, MODE_PORTS
+from mailproxy.protocols import Lookup, ProtocolDescriptor, protocolNamed
 
 __all__ = ["Limits", "Listener"]
 
@@ -88,15 +88,30 @@ class Listener:
     localDomains: frozenset[str] = frozenset()
 
     @property
+    def descriptor(self) -> ProtocolDescriptor:
+        """
+        What the proxy knows of this listener's protocol.
+        """
+        return protocolNamed(self.protocol)
+
+    @property
     def portName(self) -> str:
         """
         The key of a backend's C{ports} this listener's sessions connect to.
         """
-        return MODE_PORTS.get((self.protocol, self.mode or ""), self.protocol)
+        return self.descriptor.portFor(self.mode)
+
+    @property
+    def lookup(self) -> Lookup:
+        """
+        What this listener's sessions ask the router: C{"login"}, or
+        C{"recipient"} (SMTP MX).
+        """
+        return self.descriptor.lookupFor(self.mode)
 
     @property
     def applicationProtocols(self) -> tuple[bytes, ...]:
         """
         The TLS ALPN protocol ids this listener's clients may negotiate.
         """
-        return APPLICATION_PROTOCOLS[self.protocol]
+        return self.descriptor.applicationProtocols

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
 from . import _tls
@@ -32,14 +31,6 @@ from ._systemd import ServiceNotifier, passedSocketProblem
 from .config import Config, ConfigError, Listener, loadConfig
 from .admin import adminSite
 from .routers import buildRouter
-
-#: The front end for each listener protocol. Adding a protocol adds a line.
-FRONTENDS = {
-    "imap": "mailproxy.imap._frontend.IMAPFrontend",
-    "pop3": "mailproxy.pop3._frontend.POP3Frontend",
-    "sieve": "mailproxy.sieve._frontend.SieveFrontend",
-    "smtp": "mailproxy.smtp._frontend.buildFrontend",
-}
 
 #: Listen backlog when the endpoint string does not set one: Twisted's
 #: default of 50 drops connection bursts.
@@ -166,7 +157,8 @@ def listenerFactory(context: ProxyContext, listener: Listener, name: str = "") -
 
     @param name: how metrics name the listener (its index).
     """
-    frontend = namedAny(FRONTENDS[listener.protocol])
+    # The protocol registry names the front end; it is imported only now.
+    frontend = listener.descriptor.frontendFactory(listener.mode)
     factory: IProtocolFactory = FrontendFactory(frontend, context, listener, name)
     if listener.tls == "implicit":
         # The configuration refuses a TLS listener without [tls].

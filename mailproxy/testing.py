@@ -29,6 +29,7 @@ from ._session import FrontendProtocol, ProxyContext
 from .settings import Limits, Listener
 from .interfaces import IRouter
 from .model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest
+from .protocols import PROTOCOLS
 
 
 @implementer(IRouter)
@@ -154,10 +155,11 @@ class MemoryConnector:
         from twisted.python.failure import Failure
 
         from ._backend import BackendFailure
+        from ._outcomes import FailureKind
 
         self.protocols.append(protocol)
         if self.refuse:
-            protocol.result.errback(Failure(BackendFailure("unavailable", "connection refused")))
+            protocol.result.errback(Failure(BackendFailure(FailureKind.UNAVAILABLE, "connection refused")))
             return protocol.result
         transport = TLSStringTransport()
         self.transports.append(transport)
@@ -167,10 +169,11 @@ class MemoryConnector:
 
 def makeBackend(name: str = "backend", **kwargs: Any) -> Backend:
     """
-    A L{Backend} for tests, serving every protocol on made-up ports.
+    A L{Backend} for tests, serving every protocol's logins on its standard
+    port (at a documentation address, so nothing is reached).
     """
     kwargs.setdefault("host", "192.0.2.1")
-    kwargs.setdefault("ports", {"imap": 143, "pop3": 110, "smtp": 587, "sieve": 4190})
+    kwargs.setdefault("ports", {protocol.ownPort: protocol.ports[protocol.ownPort] for protocol in PROTOCOLS})
     return Backend(name=name, **kwargs)
 
 
@@ -213,9 +216,6 @@ def makeFrontend(
     @return: the protocol, its client transport and the clock it uses.
     """
     from twisted.internet.address import IPv4Address
-    from twisted.python.reflect import namedAny
-
-    from .tap import FRONTENDS
 
     clock = clock if clock is not None else Clock()
     context = ProxyContext(
@@ -228,7 +228,7 @@ def makeFrontend(
         backendConnector=connector if connector is not None else MemoryConnector(),
     )
     listener = Listener(protocol=protocol, endpoint="tcp:0", tls=tls, **listenerOptions)
-    frontend = namedAny(FRONTENDS[protocol])(context, listener)
+    frontend = listener.descriptor.frontendFactory(listener.mode)(context, listener)
     transport = transportClass(
         hostAddress=IPv4Address("TCP", "192.0.2.1", 993 if tls == "implicit" else 143),
         peerAddress=IPv4Address("TCP", *peer),

@@ -15,10 +15,12 @@ with LITERAL+), so no quoting bug can ever mangle a password.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
+from .._outcomes import FailureKind
 from .._safetext import oneLine
 from .._sasl import plainResponse
 
@@ -33,6 +35,22 @@ _HIDDEN_CAPABILITIES = frozenset([b"UNAUTHENTICATE", b"STARTTLS", b"LOGINDISABLE
 _AUTH_CODES = frozenset([b"", b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"])
 #: Backend NO codes that mean "try later".
 _TEMP_CODES = frozenset([b"UNAVAILABLE", b"SERVERBUG"])
+
+#: The client's identity as IMAP ID fields (the names Dovecot reads), in the
+#: order sent, by their L{forwardedIdentity} keys.
+_ID_FIELDS = (
+    ("SESSION", "x-session-id"),
+    ("ADDR", "x-originating-ip"),
+    ("PORT", "x-originating-port"),
+    ("DESTADDR", "x-connected-ip"),
+    ("DESTPORT", "x-connected-port"),
+    ("TTL", "x-proxy-ttl"),
+    ("CLIENT-TRANSPORT", "x-client-transport"),
+    ("DESTNAME", "x-connected-name"),
+)
+
+#: Handles a tagged reply: its status (upper-cased) and text.
+_ReplyHandler = Callable[[bytes, bytes], None]
 
 _CODE = re.compile(rb"^\[([^\]\s]+)(?: ([^\]]*))?\] ?")
 _LITERAL_END = re.compile(rb"\{(\d{1,9})\+?\}$")
@@ -87,28 +105,21 @@ class IMAPBackendLogin(BackendProtocol):
         self.untagged: list[bytes] = []
         self.okText = b""
         self._buffer = b""
-        self._state = "greeting"
         self._tag = 0
-        self._waiting: dict[bytes, str] = {}
+        # Each tag sent, to the handler of its tagged reply.
+        self._waiting: dict[bytes, _ReplyHandler] = {}
         self._pendingLiterals: list[bytes] = []
-        self._replyHandlers = {
-            "starttls": self._reply_starttls,
-            "capability": self._reply_capability,
-            "id": self._reply_id,
-            "login": self._reply_login,
-            "postcapability": self._reply_postcapability,
-        }
 
     # Writing
 
-    def _nextTag(self, purpose: str) -> bytes:
+    def _nextTag(self, onReply: _ReplyHandler) -> bytes:
         self._tag += 1
         tag = b"P%d" % (self._tag,)
-        self._waiting[tag] = purpose
+        self._waiting[tag] = onReply
         return tag
 
-    def _send(self, purpose: str, command: bytes) -> None:
-        self.transport.write(self._nextTag(purpose) + b" " + command + b"\r\n")
+    def _send(self, onReply: _ReplyHandler, command: bytes) -> None:
+        self.transport.write(self._nextTag(onReply) + b" " + command + b"\r\n")
 
     # Reading
 
@@ -118,15 +129,12 @@ class IMAPBackendLogin(BackendProtocol):
             response = self._nextResponse()
             if response is None:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend response line too long")
+                    self.fail(FailureKind.UNAVAILABLE, "backend response line too long")
                 return
             self._handle(response)
-            if self._state == "tls":
-                # After the STARTTLS reply, any byte still buffered came in
-                # clear before the handshake: an injection attempt.
-                if self._buffer:
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
-                return
+
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def _nextResponse(self) -> bytes | None:
         """
@@ -146,11 +154,11 @@ class IMAPBackendLogin(BackendProtocol):
             start = end + 1 + int(match.group(1))
             if start > len(self._buffer):
                 if start > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend literal too large")
+                    self.fail(FailureKind.UNAVAILABLE, "backend literal too large")
                 return None
 
     def _handle(self, response: bytes) -> None:
-        if self._state == "greeting":
+        if self.state is LoginState.GREETING:
             self._greeting(response)
             return
         if response.startswith(b"+"):
@@ -160,13 +168,12 @@ class IMAPBackendLogin(BackendProtocol):
         if tag == b"*":
             self._untaggedResponse(response, rest)
             return
-        purpose = self._waiting.pop(tag, None)
-        if purpose is None:
-            self.fail("unavailable", "backend sent an unexpected tagged response")
+        onReply = self._waiting.pop(tag, None)
+        if onReply is None:
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected tagged response")
             return
         status, _, text = rest.partition(b" ")
-        status = status.upper()
-        self._replyHandlers[purpose](status, text)
+        onReply(status.upper(), text)
 
     def _untaggedResponse(self, response: bytes, rest: bytes) -> None:
         kind, _, text = rest.partition(b" ")
@@ -188,7 +195,7 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _keep(self, response: bytes) -> None:
         if len(self.untagged) >= MAX_LOGIN_UNTAGGED:
-            self.fail("unavailable", f"backend sent more than {MAX_LOGIN_UNTAGGED} untagged lines during login")
+            self.fail(FailureKind.UNAVAILABLE, f"backend sent more than {MAX_LOGIN_UNTAGGED} untagged lines during login")
             return
         self.untagged.append(response)
 
@@ -197,48 +204,39 @@ class IMAPBackendLogin(BackendProtocol):
     def _greeting(self, line: bytes) -> None:
         status = line[:5].upper()
         if status != b"* OK ":
-            self.fail("unavailable", "unexpected greeting: " + line[:60].decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "unexpected greeting: " + line[:60].decode("ascii", "replace"))
             return
         code, args, _ = parseCode(line[5:])
         if code == b"CAPABILITY":
             self.capabilities = args.split()
-        self._state = "dialogue"
         if self.job.tls == "starttls":
-            if self.capabilities is not None and b"STARTTLS" not in self._caps():
-                self.fail("unavailable", "backend does not offer STARTTLS")
-                return
-            self._send("starttls", b"STARTTLS")
+            offered = self.capabilities is None or b"STARTTLS" in self._caps()
+            self.askForTLS(self._nextTag(self._startTLSReply) + b" STARTTLS", offered)
             return
         self._ready()
 
-    def _reply_starttls(self, status: bytes, text: bytes) -> None:
-        if status != b"OK":
-            self.fail("unavailable", "backend refused STARTTLS")
-            return
-        self._state = "tls"
-        self.startTLS()
+    def _startTLSReply(self, status: bytes, text: bytes) -> None:
+        self.tlsAnswered(status == b"OK")
 
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
-        self._state = "dialogue"
         # Capabilities seen before TLS are forgotten (RFC 9051 §6.2.1).
         self.capabilities = None
         self._ready()
 
     def _ready(self) -> None:
         if self.capabilities is None:
-            self._send("capability", b"CAPABILITY")
+            self.state = LoginState.CAPABILITIES
+            self._send(self._capabilityReply, b"CAPABILITY")
             return
         self._login()
 
-    def _reply_capability(self, status: bytes, text: bytes) -> None:
+    def _capabilityReply(self, status: bytes, text: bytes) -> None:
         if status != b"OK" or self.capabilities is None:
-            self.fail("unavailable", "backend CAPABILITY failed")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPABILITY failed")
             return
         self._login()
 
-    def _reply_id(self, status: bytes, text: bytes) -> None:
+    def _idReply(self, status: bytes, text: bytes) -> None:
         # A server that rejects ID still lets us log in.
         pass
 
@@ -246,24 +244,25 @@ class IMAPBackendLogin(BackendProtocol):
         caps = self._caps()
         backend = self.job.backend
         if not self.tlsActive and b"LOGINDISABLED" in caps:
-            self.fail("unavailable", "backend refuses plaintext login (LOGINDISABLED); configure tls for it")
+            self.fail(FailureKind.UNAVAILABLE, "backend refuses plaintext login (LOGINDISABLED); configure tls for it")
             return
+        self.state = LoginState.LOGIN
         commands = []
         forward = backend.forward
         if forward == "id" or (forward == "auto" and b"ID" in caps):
-            commands.append(self._nextTag("id") + b" ID " + self._idParameters())
+            commands.append(self._nextTag(self._idReply) + b" ID " + self._idParameters())
         authzid, authcid, password = self.job.saslIdentities()
         if b"AUTH=PLAIN" in caps and (b"SASL-IR" in caps or authzid):
             response = plainResponse(authzid, authcid, password)
             if b"SASL-IR" in caps:
-                commands.append(self._nextTag("login") + b" AUTHENTICATE PLAIN " + response)
+                commands.append(self._nextTag(self._loginReply) + b" AUTHENTICATE PLAIN " + response)
             else:
-                commands.append(self._nextTag("login") + b" AUTHENTICATE PLAIN")
+                commands.append(self._nextTag(self._loginReply) + b" AUTHENTICATE PLAIN")
                 self._pendingLiterals = [response + b"\r\n"]
         else:
             if authzid:
                 authcid = authzid + backend.masterSeparator.encode("utf-8") + authcid
-            tag = self._nextTag("login")
+            tag = self._nextTag(self._loginReply)
             if b"LITERAL+" in caps:
                 commands.append(tag + b" LOGIN {%d+}\r\n%s {%d+}\r\n%s" % (len(authcid), authcid, len(password), password))
             else:
@@ -277,26 +276,16 @@ class IMAPBackendLogin(BackendProtocol):
 
     def _continuation(self) -> None:
         if not self._pendingLiterals:
-            self.fail("unavailable", "backend sent an unexpected continuation")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
             return
         self.transport.write(self._pendingLiterals.pop(0))
 
     def _idParameters(self) -> bytes:
-        client = self.job.client
         pairs: list[tuple[str, str]] = [
             (k, v) for k, v in self.job.clientID if not k.lower().startswith("x-")
         ]
-        pairs += [
-            ("x-session-id", client.sessionId),
-            ("x-originating-ip", client.address),
-            ("x-originating-port", str(client.port)),
-            ("x-connected-ip", client.localAddress),
-            ("x-connected-port", str(client.localPort)),
-            ("x-proxy-ttl", str(self.job.ttl)),
-            ("x-client-transport", "TLS" if client.tls else "insecure"),
-        ]
-        if client.tls and client.tls.serverName:
-            pairs.append(("x-connected-name", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
+        pairs += [(name, identity[key]) for key, name in _ID_FIELDS if key in identity]
         items = []
         for key, value in pairs:
             k, v = key.encode("utf-8"), value.encode("utf-8")
@@ -304,7 +293,7 @@ class IMAPBackendLogin(BackendProtocol):
                 items.append(quoted(k) + b" " + quoted(v))
         return b"(" + b" ".join(items) + b")"
 
-    def _reply_login(self, status: bytes, text: bytes) -> None:
+    def _loginReply(self, status: bytes, text: bytes) -> None:
         self._pendingLiterals = []
         if status == b"OK":
             code, args, rest = parseCode(text)
@@ -316,22 +305,22 @@ class IMAPBackendLogin(BackendProtocol):
                 # No post-login list in the reply: ask, so the client never
                 # sees the pre-login one as if it were post-login.
                 self.capabilities = None
-                self._send("postcapability", b"CAPABILITY")
+                self._send(self._postCapabilityReply, b"CAPABILITY")
             return
         code, _, rest = parseCode(text)
         if status == b"NO" and code in _AUTH_CODES:
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
         elif status == b"NO" and code in _TEMP_CODES:
-            self.fail("unavailable", "backend login: " + code.decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "backend login: " + code.decode("ascii", "replace"))
         elif status == b"NO":
             clientText = b"NO [" + code + b"] " + (replyText(rest) or b"Login refused.")
-            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
+            self.fail(FailureKind.REFUSED, "backend login: " + code.decode("ascii", "replace"), clientText.decode("utf-8", "replace"))
         else:
-            self.fail("unavailable", "backend answered login with " + status.decode("ascii", "replace"))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered login with " + status.decode("ascii", "replace"))
 
-    def _reply_postcapability(self, status: bytes, text: bytes) -> None:
+    def _postCapabilityReply(self, status: bytes, text: bytes) -> None:
         if status != b"OK" or self.capabilities is None:
-            self.fail("unavailable", "backend CAPABILITY after login failed")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPABILITY after login failed")
             return
         self.succeed(self._buffer)
 

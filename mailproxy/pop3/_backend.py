@@ -19,10 +19,12 @@ ready.}); C{forward = "auto"} uses it then, or when CAPA lists XCLIENT.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
+from .._outcomes import FailureKind
 from .._sasl import plainResponse
 
 #: Longest backend response line accepted during login.
@@ -34,6 +36,9 @@ MAX_CAPA_LINES = 256
 MAX_COMMAND_LINE = 255
 #: Response codes that tell the client something it can act on: passed on.
 _PASSED_ON_CODES = frozenset([b"IN-USE", b"LOGIN-DELAY", b"SYS/PERM"])
+
+#: The XCLIENT attributes sent, in order (see L{forwardedIdentity}).
+_XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "SESSION", "TTL", "CLIENT-TRANSPORT", "DESTADDR", "DESTPORT", "DESTNAME")
 
 _CODE = re.compile(rb"\[([^\]\s]+)\]")
 _HOSTNAME = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
@@ -60,6 +65,7 @@ class POP3BackendLogin(BackendProtocol):
     """
 
     log = Logger()
+    startTLSCommand = "STLS"
 
     def __init__(self, job: LoginJob, clock, timeout: float) -> None:
         super().__init__(job, clock, timeout)
@@ -67,10 +73,10 @@ class POP3BackendLogin(BackendProtocol):
         self.xclientOffered = False
         self.okLine = b""
         self._buffer = b""
-        self._state = "greeting"
         self._capa: list[bytes] | None = None
-        # The replies still to come, oldest first, as handler names.
-        self._expected: list[str] = []
+        # The handlers of the replies to the login still to come, oldest
+        # first; each takes itself off once its reply is complete.
+        self._expected: list[Callable[[bytes], None]] = []
         self._afterUser: bytes | None = None
         self._afterContinuation: bytes | None = None
 
@@ -82,67 +88,46 @@ class POP3BackendLogin(BackendProtocol):
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    self.fail("unavailable", "backend response line too long")
+                    self.fail(FailureKind.UNAVAILABLE, "backend response line too long")
                 return
             line = self._buffer[:end].rstrip(b"\r")
             self._buffer = self._buffer[end + 1 :]
             self._line(line)
-            if self._state == "tls" and not self._done:
-                # After the STLS reply, any byte still buffered came in clear
-                # before the handshake: an injection attempt.
-                if self._buffer:
-                    self.fail("unavailable", "backend sent data after its STLS reply")
-                return
+
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def _line(self, line: bytes) -> None:
-        if self._state == "greeting":
+        if self.state is LoginState.GREETING:
             self._greeting(line)
-        elif self._state == "stls":
-            self._stlsReply(line)
-        elif self._state == "capa":
+        elif self.state is LoginState.STARTTLS:
+            self.tlsAnswered(line.startswith(b"+OK"), _show(line))
+        elif self.state is LoginState.CAPABILITIES:
             self._capaLine(line)
-        elif self._state == "login" and self._expected:
-            handler = self._expected[0]
-            if handler == "xclient":
-                self._expected.pop(0)
-                self._xclientReply(line)
-            elif handler == "user":
-                self._expected.pop(0)
-                self._userReply(line)
-            else:
-                self._finalReply(line)
+        elif self.state is LoginState.LOGIN and self._expected:
+            self._expected[0](line)
         else:
-            self.fail("unavailable", "backend sent an unexpected line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected line")
 
     # The dialogue
 
     def _greeting(self, line: bytes) -> None:
         if not line.startswith(b"+OK"):
-            self.fail("unavailable", "unexpected greeting: " + _show(line))
+            self.fail(FailureKind.UNAVAILABLE, "unexpected greeting: " + _show(line))
             return
         self.xclientOffered = line[3:].upper().startswith(b" [XCLIENT]")
         if self.job.tls == "starttls":
-            self._state = "stls"
-            self.transport.write(b"STLS\r\n")
+            self.askForTLS(b"STLS")
             return
         self._askCapabilities()
 
-    def _stlsReply(self, line: bytes) -> None:
-        if not line.startswith(b"+OK"):
-            self.fail("unavailable", "backend refused STLS: " + _show(line))
-            return
-        self._state = "tls"
-        self.startTLS()
-
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
         self._askCapabilities()
 
     def _askCapabilities(self) -> None:
         # Asked after TLS only: what a server says in clear could have been
         # changed on the way (RFC 2595 section 4).
-        self._state = "capa"
+        self.state = LoginState.CAPABILITIES
         self.transport.write(b"CAPA\r\n")
 
     def _capaLine(self, line: bytes) -> None:
@@ -158,25 +143,25 @@ class POP3BackendLogin(BackendProtocol):
             self._login()
             return
         if len(self._capa) >= MAX_CAPA_LINES:
-            self.fail("unavailable", "backend CAPA list too long")
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
             return
         if line.startswith(b"."):
             line = line[1:]
         self._capa.append(line.upper())
 
     def _login(self) -> None:
-        self._state = "login"
+        self.state = LoginState.LOGIN
         job = self.job
         authzid, authcid, password = job.saslIdentities()
         if any(_UNSAFE.search(value) for value in (authzid, authcid, password)):
             # Only a rewritten login from the router can get here: client
             # lines never carry CR, LF or NUL.
-            self.fail("unavailable", "the login name or password contains control characters")
+            self.fail(FailureKind.UNAVAILABLE, "the login name or password contains control characters")
             return
         commands = []
         if self._forwardByXCLIENT():
             commands.append(self._xclientCommand())
-            self._expected.append("xclient")
+            self._expected.append(self._xclientReply)
         if self._offers(b"SASL", b"PLAIN"):
             response = plainResponse(authzid, authcid, password)
             command = b"AUTH PLAIN " + response
@@ -184,12 +169,12 @@ class POP3BackendLogin(BackendProtocol):
                 command = b"AUTH PLAIN"
                 self._afterContinuation = response
             commands.append(command)
-            self._expected.append("final")
+            self._expected.append(self._finalReply)
         else:
             if authzid:
                 authcid = authzid + job.backend.masterSeparator.encode("utf-8") + authcid
             commands.append(b"USER " + authcid)
-            self._expected += ["user", "final"]
+            self._expected += [self._userReply, self._finalReply]
             if self._offers(b"PIPELINING"):
                 commands.append(b"PASS " + password)
             else:
@@ -208,26 +193,17 @@ class POP3BackendLogin(BackendProtocol):
         return forward == "xclient" or (forward == "auto" and (self.xclientOffered or self._offers(b"XCLIENT")))
 
     def _xclientCommand(self) -> bytes:
-        client = self.job.client
-        fields = [
-            (b"ADDR", client.address),
-            (b"PORT", str(client.port) if client.port else ""),
-            (b"SESSION", client.sessionId),
-            (b"TTL", str(self.job.ttl)),
-            (b"CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
-            (b"DESTADDR", client.localAddress),
-            (b"DESTPORT", str(client.localPort) if client.localPort else ""),
-        ]
-        if client.tls and client.tls.serverName:
-            fields.append((b"DESTNAME", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
         words = [b"XCLIENT"]
-        for name, value in fields:
-            encoded = value.encode("ascii", "replace")
+        for name in _XCLIENT_ATTRIBUTES:
+            encoded = identity.get(name, "").encode("ascii", "replace")
+            if name.endswith("PORT") and encoded == b"0":
+                continue  # no port known
             # Values are raw words: one with a space or control character
             # would split the command, so it is left out.
             if encoded and b" " not in encoded and not _UNSAFE.search(encoded):
-                if name != b"DESTNAME" or _HOSTNAME.match(encoded):
-                    words.append(name + b"=" + encoded)
+                if name != "DESTNAME" or _HOSTNAME.match(encoded):
+                    words.append(name.encode("ascii") + b"=" + encoded)
         return b" ".join(words)
 
     # Replies to the login
@@ -237,13 +213,15 @@ class POP3BackendLogin(BackendProtocol):
         # ignoring", would leave the server counting every client as the
         # proxy (its penalties and limits per address included): fail as
         # temporary, so that the misconfiguration shows at once.
+        self._expected.pop(0)
         if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
             self.fail(
-                "unavailable",
+                FailureKind.UNAVAILABLE,
                 "backend did not take XCLIENT (" + _show(line) + "); is the proxy in its login_trusted_networks?",
             )
 
     def _userReply(self, line: bytes) -> None:
+        self._expected.pop(0)
         if not line.startswith(b"+OK"):
             self._refused(line)
             return
@@ -259,7 +237,7 @@ class POP3BackendLogin(BackendProtocol):
             return
         if line.startswith(b"+ ") or line == b"+":
             if self._afterContinuation is None:
-                self.fail("unavailable", "backend sent an unexpected continuation")
+                self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
                 return
             response, self._afterContinuation = self._afterContinuation, None
             self.transport.write(response + b"\r\n")
@@ -268,18 +246,18 @@ class POP3BackendLogin(BackendProtocol):
 
     def _refused(self, line: bytes) -> None:
         if not line.startswith(b"-ERR"):
-            self.fail("unavailable", "backend answered the login with: " + _show(line))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered the login with: " + _show(line))
             return
         code = parseCode(line[4:])
         if code == b"SYS/TEMP":
-            self.fail("unavailable", "backend login: SYS/TEMP")
+            self.fail(FailureKind.UNAVAILABLE, "backend login: SYS/TEMP")
         elif code in _PASSED_ON_CODES:
             clientText = _clientLine(line).decode("utf-8", "replace")
-            self.fail("refused", "backend login: " + code.decode("ascii", "replace"), clientText)
+            self.fail(FailureKind.REFUSED, "backend login: " + code.decode("ascii", "replace"), clientText)
         else:
             # [AUTH], no code, or one we do not know: the generic failure, so
             # that no backend wording can tell accounts apart.
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
 
 
 def _clientLine(line: bytes) -> bytes:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailproxy._routing import callRouter
-from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, _isPathKey, formatKey
+from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, formatKey, isPathKey
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter
@@ -155,7 +155,7 @@ def _buildPython(options: Table, backends: Mapping[str, Backend], reactor: Any, 
     # Paths in the top-level [router] are already resolved; those of a
     # chain's routers are resolved the same way here.
     arguments = {
-        key: options.path(key, readable=False) if _isPathKey(key) and isinstance(value, str) else value
+        key: options.path(key, readable=False) if isPathKey(key) and isinstance(value, str) else value
         for key, value in options.data.items()
     }
     try:

@@ -18,27 +18,26 @@ from typing import get_args
 
 from attrs import field, frozen
 
-from mailproxy.config import BACKEND_PROTOCOLS, Table, _parsePortTLS, _readNameAndSecret
+from mailproxy.config import Table, parsePortTLS, readNameAndSecret
 from mailproxy.model import Backend, BackendTLS, Forwarding, RouteRequest
+from mailproxy.protocols import BACKEND_PROTOCOLS, protocolForPort, standardPorts
 
 __all__ = [
     "STANDARD_PORTS",
     "BackendDefaults",
     "BackendResolver",
     "UnusableBackend",
+    "lookedUp",
     "parseBackendDefaults",
-    "portName",
     "splitHostPort",
 ]
 
-STANDARD_PORTS: dict[str, int] = {"imap": 143, "pop3": 110, "smtp": 587, "mx": 25, "sieve": 4190}
+STANDARD_PORTS: dict[str, int] = dict(standardPorts())
 """
-The port of each protocol on an ad-hoc backend named without one: the plain
-(or STARTTLS) ports, submission for SMTP logins and 25 for SMTP sessions
-without login (C{mx}).
+The port of each C{ports} key on an ad-hoc backend named without one, from
+the protocol registry: the plain (or STARTTLS) ports, submission for SMTP
+logins and 25 for SMTP sessions without login (C{mx}).
 """
-
-_PORT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(BACKEND_PROTOCOLS + ("mx",)))
 
 BACKEND_TLS_MODES: tuple[str, ...] = get_args(BackendTLS)
 FORWARDING_MODES: tuple[str, ...] = get_args(Forwarding)
@@ -147,14 +146,14 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
     ports = dict(STANDARD_PORTS)
     portsTable = table.table("ports")
     if portsTable is not None:
-        portsTable.allow(*_PORT_NAMES)
+        portsTable.allow(*BACKEND_PROTOCOLS)
         for protocol in portsTable.data:
             ports[protocol] = portsTable.integer(protocol, None, 1, 65535)
-    masterUser, masterPassword = _readNameAndSecret(table, "master_user", "master_password_file")
+    masterUser, masterPassword = readNameAndSecret(table, "master_user", "master_password_file")
     return BackendDefaults(
         ports=ports,
         tls=table.string("tls", "none", BACKEND_TLS_MODES),
-        portTLS=_parsePortTLS(table, _PORT_NAMES),
+        portTLS=parsePortTLS(table, BACKEND_PROTOCOLS),
         verify=table.boolean("verify", True),
         caFile=table.path("ca_file", None),
         forward=table.string("forward", "auto", FORWARDING_MODES),
@@ -165,27 +164,27 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
     )
 
 
-def portName(request: RouteRequest) -> str:
+def lookedUp(request: RouteRequest) -> str:
     """
-    The key of a backend's C{ports} that C{request}'s session connects to:
-    its protocol, or C{"mx"} for SMTP without login (inbound mail).
+    The name a router looks up for C{request}: the login's user name, or
+    for a recipient lookup (SMTP MX) the recipient's address.
     """
-    if request.protocol == "smtp" and request.credentials is None:
-        return "mx"
-    return request.protocol
+    if request.lookup == "recipient":
+        return request.rcptTo or ""
+    return request.credentials.user if request.credentials is not None else ""
 
 
 def _portNames(name: str) -> tuple[str, ...]:
     """
-    The C{ports} keys one address serves for the key C{name}: an SMTP
-    backend named by address takes both submission logins and MX sessions
-    there.
+    The C{ports} keys one address serves for the key C{name}, C{name}
+    first: those of its protocol (an SMTP backend named by address takes
+    both submission logins and MX sessions there).
     """
-    if name == "smtp":
-        return ("smtp", "mx")
-    if name == "mx":
-        return ("mx", "smtp")
-    return (name,)
+    try:
+        protocol = protocolForPort(name)
+    except KeyError:
+        return (name,)
+    return (name,) + tuple(other for other in protocol.ports if other != name)
 
 
 class BackendResolver:
@@ -210,7 +209,7 @@ class BackendResolver:
     def named(self, name: str, protocol: str) -> Backend:
         """
         The configured backend C{name}, which must serve C{protocol} (a
-        C{ports} key: L{portName}).
+        C{ports} key: L{mailproxy.model.RouteRequest.port}).
 
         @raise UnusableBackend: there is none, or it lacks that protocol.
         """
@@ -283,7 +282,7 @@ class BackendResolver:
         The backend a directory value means: a configured backend's name, or
         C{host[:port]}.
 
-        @param protocol: the C{ports} key (L{portName}).
+        @param protocol: the C{ports} key (L{mailproxy.model.RouteRequest.port}).
         @raise UnusableBackend: it is neither, or lacks C{protocol}.
         """
         value = value.strip()

@@ -63,7 +63,6 @@ from mailproxy.routers._backends import (
     UnusableBackend,
     parseBackendDefaults,
     parsePort,
-    portName,
     splitHostPort,
 )
 
@@ -180,9 +179,9 @@ def requestHeaders(
         (b"Auth-Login-Attempt", b"%d" % request.attempt),
         (b"Client-IP", request.client.address.encode("ascii", "replace")),
     ]
-    if method == b"none":
-        # Whole command lines, like nginx keeps them (unescaped: the SMTP
-        # parser already refused CR and LF).
+    if request.lookup == "recipient":
+        # nginx's Auth-Method none: whole command lines, like nginx keeps
+        # them (unescaped: the SMTP parser already refused CR and LF).
         headers += [
             (b"Auth-SMTP-Helo", _raw(request.helo or "")),
             (b"Auth-SMTP-From", b"MAIL FROM:<" + _raw(request.mailFrom or "") + b">"),
@@ -308,10 +307,15 @@ class _AuthServerTLS:
     def __init__(self, caFile: str | None, verify: bool) -> None:
         self.caFile = caFile
         self.verify = verify
+        # Built once per host (the CA file is read then): the auth server.
+        self._options: dict[str, Any] = {}
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         name = hostname.decode("ascii")
-        return _tls.clientOptions(Backend(name="auth_http", host=name, verify=self.verify, caFile=self.caFile))
+        options = self._options.get(name)
+        if options is None:
+            options = self._options[name] = _tls.hostClientOptions(name, self.caFile, self.verify)
+        return options
 
 
 def _discard(data: bytes) -> None:
@@ -438,7 +442,7 @@ class HTTPRouter:
         if answer.status != b"OK":
             return self._refusal(answer, user)
         try:
-            backend = self._backend(answer, portName(request))
+            backend = self._backend(answer, request.port)
         except UnusableBackend as e:
             self.log.error(
                 "auth_http {url} routed {user} nowhere: {problem}", url=self.url, user=logQuote(user), problem=logQuote(str(e))
@@ -588,7 +592,7 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
     verify = options.boolean("verify", True)
     if parts.scheme == "https":
         try:
-            _tls.clientOptions(Backend(name="auth_http", host=parts.hostname, verify=verify, caFile=caFile))
+            _tls.hostClientOptions(parts.hostname, caFile, verify)
         except _tls.TLSConfigError as e:
             options.fail("ca_file" if caFile else "url", str(e))
     defaults = parseBackendDefaults(options.table("backend_defaults"))

@@ -44,10 +44,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailproxy._safetext import logQuote
-from mailproxy.config import Table, _readNameAndSecret, suggest
+from mailproxy.config import Table, readNameAndSecret, suggest
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
-from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
+from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
 from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
@@ -480,9 +480,8 @@ class LDAPRouter:
         return Deferred.fromCoroutine(self._route(request))
 
     async def _route(self, request: RouteRequest) -> Route | Rejection:
-        credentials = request.credentials
-        # SMTP without authentication (MX) asks about the recipient.
-        user = credentials.user if credentials is not None else (request.rcptTo or "")
+        credentials = request.credentials if request.lookup == "login" else None
+        user = lookedUp(request)
         try:
             entries = await self._runner.run(self._deadline, self.directory.find, self.filter.fill(user))
         except Exception as e:
@@ -533,7 +532,7 @@ class LDAPRouter:
             )
             return Rejection()
         try:
-            backend = self._backend(entry, portName(request))
+            backend = self._backend(entry, request.port)
         except UnusableBackend as e:
             self.log.error(
                 "LDAP: {dn} routes {user} nowhere: {problem}", dn=logQuote(entry.dn), user=logQuote(user), problem=logQuote(str(e))
@@ -608,7 +607,7 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
             options.fail("servers", f"{url!r} is not an ldap:// or ldaps:// URL with a host")
         if startTLS and lowered.startswith("ldaps://"):
             options.fail("start_tls", f"{url!r} is ldaps:// (TLS from the start); start_tls is for ldap://")
-    bindDN, bindPassword = _readNameAndSecret(options, "bind_dn", "bind_password_file")
+    bindDN, bindPassword = readNameAndSecret(options, "bind_dn", "bind_password_file")
     try:
         template = FilterTemplate.check(options.string("filter", "(mail={user})"))
     except ValueError as e:

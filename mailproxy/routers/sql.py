@@ -64,10 +64,10 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from mailproxy._safetext import logQuote
-from mailproxy.config import Table, _readSecretLine
+from mailproxy.config import Table, readSecretLine
 from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
-from mailproxy.routers._backends import BackendResolver, UnusableBackend, parseBackendDefaults, portName
+from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
 from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
@@ -455,8 +455,8 @@ class SQLRouter:
         return Deferred.fromCoroutine(self._route(request))
 
     async def _route(self, request: RouteRequest) -> Route | Rejection:
-        credentials = request.credentials
-        user = credentials.user if credentials is not None else (request.rcptTo or "")
+        credentials = request.credentials if request.lookup == "login" else None
+        user = lookedUp(request)
         parameters = _parameters(user)
         try:
             rows = await self._runner.run(self.timeout, self.database.lookup, parameters)
@@ -490,7 +490,7 @@ class SQLRouter:
         try:
             if row.backend is None:
                 raise UnusableBackend("its backend column is NULL")
-            backend = self.resolver.resolve(row.backend, portName(request))
+            backend = self.resolver.resolve(row.backend, request.port)
         except UnusableBackend as e:
             self.log.error("SQL: the row for {user} routes nowhere: {problem}", user=logQuote(user), problem=logQuote(str(e)))
             return Rejection(_UNAVAILABLE, temporary=True)
@@ -717,7 +717,7 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
     except ImportError:
         options.fail("driver", f"{driver} is not installed; {DRIVERS[driver]}")
     timeout = options.number("timeout", 5.0, positive=True)
-    password = _readSecretLine(options, "password_file") if "password_file" in options else None
+    password = readSecretLine(options, "password_file") if "password_file" in options else None
     if driver == "sqlite3":
         for key in ("dsn", "password_file"):
             if key in options:

@@ -337,8 +337,8 @@ class StaticRouter:
         """
         Answer C{request} from the current table.
         """
-        if request.credentials is None and request.rcptTo is not None:
-            return self._routeRecipient(request.rcptTo)
+        if request.lookup == "recipient" and request.rcptTo is not None:
+            return self._routeRecipient(request.rcptTo, request.port)
         credentials = request.credentials
         user = credentials.user if credentials is not None else ""
         rule = self._table.find(user)
@@ -359,13 +359,13 @@ class StaticRouter:
                 rule=rule.description,
             )
             return Rejection()
-        if request.protocol not in rule.backend.ports:
+        if request.port not in rule.backend.ports:
             self.log.error(
-                "{rule} sends {user} to backend {backend}, which has no {protocol} port",
+                "{rule} sends {user} to backend {backend}, which has no {port} port",
                 rule=rule.description,
                 user=logQuote(user),
                 backend=rule.backend.name,
-                protocol=request.protocol,
+                port=request.port,
             )
             return Rejection(message="Service temporarily unavailable.", temporary=True)
         password = rule.loginPassword
@@ -380,17 +380,18 @@ class StaticRouter:
             rule=rule.explain(),
         )
 
-    def _routeRecipient(self, address: str) -> Route | Rejection:
+    def _routeRecipient(self, address: str, port: str) -> Route | Rejection:
         found = self._table.findRecipient(address)
         if isinstance(found, str):
             self.log.info("No route for recipient {recipient}: {reason}", recipient=logQuote(address), reason=found)
             return Rejection(message="Recipient refused.", unknown=True, reason=found)
-        if "mx" not in found.backend.ports:
+        if port not in found.backend.ports:
             self.log.error(
-                "{rule} sends mail for {recipient} to backend {backend}, which has no mx port",
+                "{rule} sends mail for {recipient} to backend {backend}, which has no {port} port",
                 rule=found.description,
                 recipient=logQuote(address),
                 backend=found.backend.name,
+                port=port,
             )
             return Rejection(message="Service temporarily unavailable.", temporary=True)
         return Route(backend=found.backend, rule=found.explain())

@@ -17,7 +17,8 @@ import re
 
 from twisted.logger import Logger
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
+from .._outcomes import FailureKind
 from .._sasl import plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
 
@@ -32,6 +33,9 @@ _TEMPORARY_CODES = frozenset([b"TRYLATER"])
 #: Response codes that mean the proxy's own set-up is wrong (TLS towards
 #: the backend is needed), not the client's password.
 _SETUP_CODES = frozenset([b"ENCRYPT-NEEDED", b"AUTH-TOO-WEAK"])
+
+#: The XCLIENT attributes sent, in order (see L{forwardedIdentity}).
+_XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "DESTADDR", "DESTPORT", "SESSION", "TTL", "CLIENT-TRANSPORT", "DESTNAME")
 
 _XCLIENT_WORD = re.compile(rb"[!#-'*-\[\]-z|-~]+\Z")
 
@@ -64,12 +68,11 @@ class SieveBackendLogin(BackendProtocol):
         self.capabilities: dict[bytes, bytes | None] = {}
         self.okLine = b""
         self._parser = LineParser(MAX_BACKEND_LINE, MAX_BACKEND_LINE, MAX_BACKEND_LINE)
-        self._state = "greeting"
         self._handlers = {
-            "greeting": self._greetingLine,
-            "starttls": self._startTLSReply,
-            "xclient": self._xclientReply,
-            "login": self._loginReply,
+            LoginState.GREETING: self._greetingLine,
+            LoginState.STARTTLS: self._startTLSReply,
+            LoginState.IDENTITY: self._xclientReply,
+            LoginState.LOGIN: self._loginReply,
         }
 
     # Reading
@@ -82,21 +85,16 @@ class SieveBackendLogin(BackendProtocol):
                 return
             if not isinstance(event, Line):
                 reason = event.reason if isinstance(event, Fatal) else "unparsable line: " + event.reason
-                self.fail("unavailable", "backend sent " + reason)
+                self.fail(FailureKind.UNAVAILABLE, "backend sent " + reason)
                 return
-            handler = self._handlers.get(self._state)
+            handler = self._handlers.get(self.state)
             if handler is None:
-                self.fail("unavailable", "backend sent data while TLS was starting")
+                self.fail(FailureKind.UNAVAILABLE, "backend sent data while TLS was starting")
                 return
             handler(event.values)
-            if self._state == "tls" and not self._done:
-                # After the STARTTLS reply, any octet still buffered came in
-                # clear before the handshake: an injection attempt.
-                if self._parser.buffered:
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
-                    return
-                self.startTLS()
-                return
+
+    def buffered(self) -> int:
+        return self._parser.buffered
 
     def _status(self, values: tuple[SieveValue, ...]) -> bytes:
         """
@@ -117,68 +115,49 @@ class SieveBackendLogin(BackendProtocol):
             self._greeted()
             return
         if status:
-            self.fail("unavailable", "backend greeted with " + status.decode("ascii") + " " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend greeted with " + status.decode("ascii") + " " + _code(values))
             return
         if not values or not isinstance(values[0], bytes) or len(values) > 2:
-            self.fail("unavailable", "backend sent an invalid capability line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an invalid capability line")
             return
         value = values[1] if len(values) == 2 else None
         if value is not None and not isinstance(value, bytes):
-            self.fail("unavailable", "backend sent an invalid capability line")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an invalid capability line")
             return
         if len(self.capabilities) >= MAX_CAPABILITY_LINES:
-            self.fail("unavailable", "backend sent too many capabilities")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent too many capabilities")
             return
         self.capabilities[values[0].upper()] = value
 
     def _greeted(self) -> None:
         backend = self.job.backend
         if self.job.tls == "starttls" and not self.tlsActive:
-            if b"STARTTLS" not in self.capabilities:
-                self.fail("unavailable", "backend does not offer STARTTLS")
-                return
-            self._state = "starttls"
-            self.transport.write(b"STARTTLS\r\n")
+            self.askForTLS(b"STARTTLS", b"STARTTLS" in self.capabilities)
             return
         login = self._loginCommand()
         if login is None:
             return
         if backend.forward == "xclient" or (backend.forward == "auto" and b"XCLIENT" in self.capabilities):
-            self._state = "xclient"
+            self.state = LoginState.IDENTITY
             self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n" + login)
             return
-        self._state = "login"
+        self.state = LoginState.LOGIN
         self.transport.write(login)
 
     def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
-        if self._status(values) != b"OK":
-            self.fail("unavailable", "backend refused STARTTLS")
-            return
-        self._state = "tls"
+        self.tlsAnswered(self._status(values) == b"OK")
 
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
         # The server re-sends its capabilities now (RFC 5804 section 2.2);
         # what it said in clear is forgotten.
         self.capabilities = {}
-        self._state = "greeting"
+        self.state = LoginState.GREETING
 
     def _xclientArguments(self) -> bytes:
-        client = self.job.client
-        pairs = [
-            ("ADDR", client.address),
-            ("PORT", str(client.port)),
-            ("DESTADDR", client.localAddress),
-            ("DESTPORT", str(client.localPort)),
-            ("SESSION", client.sessionId),
-            ("TTL", str(self.job.ttl)),
-            ("CLIENT-TRANSPORT", "TLS" if client.tls else "insecure"),
-        ]
-        if client.tls and client.tls.serverName:
-            pairs.append(("DESTNAME", client.tls.serverName))
+        identity = forwardedIdentity(self.job.client)
         words = []
-        for key, value in pairs:
+        for key in _XCLIENT_ATTRIBUTES:
+            value = identity.get(key, "")
             word = (key + "=" + value).encode("utf-8", "replace")
             # Each is sent as an atom; anything that is not one is left out.
             if value and _XCLIENT_WORD.match(word):
@@ -187,10 +166,10 @@ class SieveBackendLogin(BackendProtocol):
 
     def _xclientReply(self, values: tuple[SieveValue, ...]) -> None:
         if self._status(values) != b"OK":
-            self.fail("unavailable", "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
+            self.fail(FailureKind.UNAVAILABLE, "backend refused XCLIENT " + _code(values) + "; is the proxy in its login_trusted_networks?")
             return
         # The AUTHENTICATE went with the XCLIENT: its reply follows.
-        self._state = "login"
+        self.state = LoginState.LOGIN
 
     def _loginCommand(self) -> bytes | None:
         """
@@ -202,7 +181,7 @@ class SieveBackendLogin(BackendProtocol):
             hint = ""
             if not self.tlsActive and b"STARTTLS" in self.capabilities:
                 hint = "; it may want TLS first (tls = starttls)"
-            self.fail("unavailable", "backend does not offer SASL PLAIN" + hint)
+            self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL PLAIN" + hint)
             return None
         response = plainResponse(*self.job.saslIdentities())
         return b'AUTHENTICATE "PLAIN" ' + clientString(response) + b"\r\n"
@@ -215,16 +194,16 @@ class SieveBackendLogin(BackendProtocol):
             return
         code = responseCode(values)
         if status == b"NO" and code in _TEMPORARY_CODES:
-            self.fail("unavailable", "backend login: NO " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend login: NO " + _code(values))
         elif status == b"NO" and code in _SETUP_CODES:
-            self.fail("unavailable", "backend login: NO " + _code(values) + "; configure tls for it")
+            self.fail(FailureKind.UNAVAILABLE, "backend login: NO " + _code(values) + "; configure tls for it")
         elif status == b"NO":
-            self.fail("auth", "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials")
         elif status == b"BYE":
-            self.fail("unavailable", "backend answered the login with BYE " + _code(values))
+            self.fail(FailureKind.UNAVAILABLE, "backend answered the login with BYE " + _code(values))
         else:
             # A SASL challenge: PLAIN with an initial response needs none.
-            self.fail("unavailable", "backend sent an unexpected SASL challenge")
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected SASL challenge")
 
 
 def _code(values: tuple[SieveValue, ...]) -> str:

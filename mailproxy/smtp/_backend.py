@@ -7,10 +7,12 @@ the server answers with a new greeting, then EHLO again with the client's
 name (if forwarding by XCLIENT) -> AUTH (submission, unless XCLIENT LOGIN
 already logged the user in).
 
-One class serves three purposes: C{"login"} (submission: the client is
-then relayed to the logged-in session), C{"relay"} (MX: after the identity
-the front end drives the session with L{SMTPBackend.command}) and
-C{"probe"} (learn the EHLO keywords, then QUIT).
+Two clients share that dialogue up to the identity:
+L{SMTPBackendLogin} (submission: it logs in, then the client is relayed to
+the logged-in session) and L{SMTPBackend}, which logs in nowhere: as an
+MX relay the front end then drives the session with
+L{SMTPBackend.command}, as a probe it learns the EHLO keywords and says
+QUIT.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol, LoginJob, LoginState
+from .._outcomes import FailureKind
 from .._safetext import logQuote, oneLine
 from .._sasl import plainResponse
 from ..model import ClientInfo
 from ._ehlo import Extensions
 from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
 
-Purpose = Literal["login", "relay", "probe"]
+#: What an L{SMTPBackend} is for: an MX session, or learning the keywords.
+Purpose = Literal["relay", "probe"]
 
 #: The XCLIENT attributes the proxy can fill in, in the order sent: NAME
-#: and ADDR last, because a server judges later XCLIENT commands by the new
-#: address (Postfix's XCLIENT_README).
+#: and ADDR last, because Postfix judges each later XCLIENT command by the
+#: address the one before set (which need not be trusted).
 _XCLIENT_ORDER = ("PROTO", "HELO", "LOGIN", "PORT", "DESTADDR", "DESTPORT", "REVERSE_NAME", "NAME", "ADDR")
 #: Longest raw value Postfix accepts for one attribute.
 _XCLIENT_VALUE = 255
@@ -113,16 +117,20 @@ def xclientCommands(attributes: dict[str, str], advertised: list[str]) -> list[b
     return lines
 
 
-class SMTPBackend(BackendProtocol):
+class _ESMTPDialogue(BackendProtocol):
     """
-    One connection to an ESMTP backend.
+    The ESMTP dialogue up to the client's identity: greeting, EHLO,
+    STARTTLS and EHLO again, XCLIENT and EHLO again. What follows is the
+    subclass's L{identified}.
 
     @ivar extensions: the backend's EHLO keywords from its latest EHLO
         reply.
-    @ivar xclientLogin: the user was logged in with XCLIENT LOGIN.
     """
 
     log = Logger()
+    #: Whether the client's identity is passed on with XCLIENT (where the
+    #: backend's C{forward} asks for it).
+    forwardsIdentity = True
 
     def __init__(
         self,
@@ -131,7 +139,6 @@ class SMTPBackend(BackendProtocol):
         timeout: float,
         *,
         hostname: str,
-        purpose: Purpose,
         helo: str | None = None,
         esmtp: bool = True,
         learn: Callable[[Extensions], None] | None = None,
@@ -144,56 +151,52 @@ class SMTPBackend(BackendProtocol):
         """
         super().__init__(job, clock, timeout)
         self.hostname = hostname
-        self.purpose = purpose
         self.helo = helo
         self.esmtp = esmtp
         self.extensions: Extensions | None = None
-        self.xclientLogin = False
         self._learn = learn
         self._reader = ReplyReader()
-        self._state = "greeting"
         self._xclientSent = False
+        # The user XCLIENT LOGIN logged in, if it did.
+        self._xclientUser: str | None = None
         self._pendingXCLIENT: list[bytes] = []
-        self._authSteps: list[bytes] = []
-        # After the dialogue: commands waiting to be written, and the
-        # Deferreds of commands written and awaiting their replies.
-        self._queued: deque[tuple[bytes, Deferred[Reply], float]] = deque()
-        self._inflight: deque[tuple[Deferred[Reply], float]] = deque()
-        self._replyTimer: IDelayedCall | None = None
-        self._lost = False
 
     # Reading
 
     def dialogueReceived(self, data: bytes) -> None:
         self._reader.feed(data)
-        while True:
-            if self._state == "session" and not self._inflight:
-                if len(self._reader):
-                    self._broken("backend sent a reply nobody asked for")
-                return
-            try:
-                reply = self._reader.next()
-            except ReplyError as e:
-                self._broken(f"backend sent garbage: {e}")
-                return
+        self._readDialogue()
+
+    def _readDialogue(self) -> None:
+        while not self._done:
+            reply = self._nextReply()
             if reply is None:
                 return
-            if self._state == "session":
-                self._sessionReply(reply)
-                continue
             self._handle(reply)
-            if self._done and self._state != "session":
-                return
-            if self._state == "tls":
-                # Bytes after the STARTTLS reply came in clear before the
-                # handshake: an injection attempt.
-                if len(self._reader):
-                    self.fail("unavailable", "backend sent data after its STARTTLS reply")
-                return
+
+    def _nextReply(self) -> Reply | None:
+        """
+        The next whole reply, or L{None} if none is complete (or what came
+        is not a reply: then the connection is broken off).
+        """
+        try:
+            return self._reader.next()
+        except ReplyError as e:
+            self._broken(f"backend sent garbage: {e}")
+            return None
+
+    def buffered(self) -> int:
+        return len(self._reader)
+
+    def forgetSecrets(self) -> None:
+        super().forgetSecrets()
+        # The front end's callback may hold the job it made, passwords and
+        # all; it is only needed during the dialogue.
+        self._learn = None
 
     def _broken(self, detail: str) -> None:
         if not self._done:
-            self.fail("unavailable", detail)
+            self.fail(FailureKind.UNAVAILABLE, detail)
             return
         self.log.warn("backend {backend}: {detail}", backend=self.job.backend.name, detail=logQuote(detail))
         if self.transport is not None:
@@ -205,29 +208,23 @@ class SMTPBackend(BackendProtocol):
     # The dialogue
 
     def _handle(self, reply: Reply) -> None:
-        state = self._state
-        if state == "greeting":
+        state = self.state
+        if state is LoginState.GREETING:
             if reply.code != 220:
-                self.fail("unavailable", "backend greeting: " + _show(reply))
+                self.fail(FailureKind.UNAVAILABLE, "backend greeting: " + _show(reply))
                 return
             self._ehlo(self.hostname)
-        elif state == "ehlo":
+        elif state is LoginState.CAPABILITIES:
             self._ehloReply(reply)
-        elif state == "starttls":
-            if reply.code != 220:
-                self.fail("unavailable", "backend refused STARTTLS: " + _show(reply))
-                return
-            self._state = "tls"
-            self.startTLS()
-        elif state == "xclient":
+        elif state is LoginState.STARTTLS:
+            self.tlsAnswered(reply.code == 220, _show(reply))
+        elif state is LoginState.IDENTITY:
             self._xclientReply(reply)
-        elif state == "auth":
-            self._authReply(reply)
         else:
-            self.fail("unavailable", "backend sent an unexpected reply: " + _show(reply))
+            self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected reply: " + _show(reply))
 
     def _ehlo(self, name: str) -> None:
-        self._state = "ehlo"
+        self.state = LoginState.CAPABILITIES
         self._send(b"EHLO " + name.encode("utf-8", "surrogateescape"))
 
     def _ehloReply(self, reply: Reply) -> None:
@@ -235,62 +232,60 @@ class SMTPBackend(BackendProtocol):
             if self._xclientSent:
                 self._refusedClient("backend refused EHLO after XCLIENT", reply)
             else:
-                self.fail("unavailable", "backend refused EHLO: " + _show(reply))
+                self.fail(FailureKind.UNAVAILABLE, "backend refused EHLO: " + _show(reply))
             return
         self.extensions = Extensions.fromReply(reply)
         backend = self.job.backend
         if self.job.tls == "starttls" and not self.tlsActive:
-            if "STARTTLS" not in self.extensions:
-                self.fail("unavailable", "backend does not offer STARTTLS")
-                return
-            self._state = "starttls"
-            self._send(b"STARTTLS")
+            self.askForTLS(b"STARTTLS", "STARTTLS" in self.extensions)
             return
         if self._wantsXCLIENT():
             self._startXCLIENT()
             return
-        if backend.forward == "xclient" and not self._xclientSent and self.purpose != "probe":
+        if backend.forward == "xclient" and not self._xclientSent and self.forwardsIdentity:
             self.fail(
-                "unavailable",
+                FailureKind.UNAVAILABLE,
                 "backend does not offer XCLIENT to the proxy (is the proxy in smtpd_authorized_xclient_hosts?)",
             )
             return
         if self._learn is not None:
             self._learn(self.extensions)
-        self._identified()
+        self.identified()
 
     def tlsReady(self) -> None:
-        if self._state != "tls":
-            return  # implicit TLS: the greeting follows
         # What the server listed in clear is forgotten (RFC 3207 §4.2).
         self.extensions = None
         self._ehlo(self.hostname)
 
     def _wantsXCLIENT(self) -> bool:
-        if self._xclientSent or self.purpose == "probe":
+        if self._xclientSent or not self.forwardsIdentity:
             return False
         assert self.extensions is not None
         return self.job.backend.forward in ("xclient", "auto") and "XCLIENT" in self.extensions
 
+    def xclientLoginName(self, advertised: list[str]) -> str | None:
+        """
+        The user to log in with XCLIENT LOGIN, or L{None}: this dialogue
+        logs no one in.
+
+        @param advertised: the attributes the server's XCLIENT takes.
+        """
+        return None
+
     def _startXCLIENT(self) -> None:
         assert self.extensions is not None
         advertised = self.extensions.parameters("XCLIENT")
-        job = self.job
-        login = None
-        if self.purpose == "login" and job.route.authenticated and "LOGIN" in advertised:
-            # The router checked the password: the backend trusts the proxy
-            # to say who logged in, and needs no password of its own.
-            login = job.user
-        attributes = xclientAttributes(job.client, self.helo, self.esmtp, login)
+        login = self.xclientLoginName(advertised)
+        attributes = xclientAttributes(self.job.client, self.helo, self.esmtp, login)
         try:
             commands = xclientCommands(attributes, advertised)
         except ValueError as e:
-            self.fail("unavailable", str(e))
+            self.fail(FailureKind.UNAVAILABLE, str(e))
             return
-        self.xclientLogin = login is not None
+        self._xclientUser = login
         self._xclientSent = True
         self._pendingXCLIENT = commands[1:]
-        self._state = "xclient"
+        self.state = LoginState.IDENTITY
         self._send(commands[0])
 
     def _xclientReply(self, reply: Reply) -> None:
@@ -313,19 +308,50 @@ class SMTPBackend(BackendProtocol):
         if 500 <= reply.code < 600:
             # The client's reply: one line, whatever the server wrote.
             line = oneLine(reply.lines[-1].decode("utf-8", "replace")) or "Access denied"
-            self.fail("refused", f"{what}: {_show(reply)}", f"{reply.code} {line}")
+            self.fail(FailureKind.REFUSED, f"{what}: {_show(reply)}", f"{reply.code} {line}")
         else:
-            self.fail("unavailable", f"{what}: {_show(reply)}")
+            self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}")
 
-    def _identified(self) -> None:
-        if self.purpose == "probe":
-            self._send(b"QUIT")
-            self.succeed()
-        elif self.purpose == "relay":
-            self._state = "session"
-            self.succeed()
-            self._flush()
-        elif self.xclientLogin:
+    def identified(self) -> None:
+        """
+        The backend knows who the client is (or was not to be told): go on.
+        """
+        raise NotImplementedError(type(self).__name__ + " must say what follows the identity")
+
+
+class SMTPBackendLogin(_ESMTPDialogue):
+    """
+    Logs in to an ESMTP server for one submission client: with XCLIENT
+    LOGIN where the router checked the password and the server takes it,
+    otherwise with AUTH PLAIN (or LOGIN).
+    """
+
+    #: What the AUTH exchange still has to send, one per challenge.
+    _authSteps: tuple[bytes, ...] = ()
+
+    @property
+    def xclientLogin(self) -> bool:
+        """
+        The user was logged in with XCLIENT LOGIN.
+        """
+        return self._xclientUser is not None
+
+    def xclientLoginName(self, advertised: list[str]) -> str | None:
+        job = self.job
+        if job.route.authenticated and "LOGIN" in advertised:
+            # The router checked the password: the backend trusts the proxy
+            # to say who logged in, and needs no password of its own.
+            return job.user
+        return None
+
+    def _handle(self, reply: Reply) -> None:
+        if self.state is LoginState.LOGIN:
+            self._authReply(reply)
+        else:
+            super()._handle(reply)
+
+    def identified(self) -> None:
+        if self.xclientLogin:
             self.succeed(self._reader.takeRemaining())
         else:
             self._authenticate()
@@ -334,7 +360,7 @@ class SMTPBackend(BackendProtocol):
         assert self.extensions is not None
         mechanisms = self.extensions.parameters("AUTH")
         authzid, authcid, password = self.job.saslIdentities()
-        self._state = "auth"
+        self.state = LoginState.LOGIN
         if "PLAIN" in mechanisms:
             response = plainResponse(authzid, authcid, password)
             line = b"AUTH PLAIN " + response
@@ -343,33 +369,96 @@ class SMTPBackend(BackendProtocol):
             else:
                 # Too long for a command line: send it after an empty
                 # challenge instead (RFC 4954 §4).
-                self._authSteps = [response]
+                self._authSteps = (response,)
                 self._send(b"AUTH PLAIN")
         elif "LOGIN" in mechanisms and not authzid:
-            self._authSteps = [b64encode(authcid), b64encode(password)]
+            self._authSteps = (b64encode(authcid), b64encode(password))
             self._send(b"AUTH LOGIN")
         else:
             needed = "PLAIN" if authzid else "PLAIN or LOGIN"
-            self.fail("unavailable", f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
+            self.fail(FailureKind.UNAVAILABLE, f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
 
     def _authReply(self, reply: Reply) -> None:
         if reply.code == 334 and self._authSteps:
-            self._send(self._authSteps.pop(0))
+            step, self._authSteps = self._authSteps[0], self._authSteps[1:]
+            self._send(step)
             return
-        self._authSteps = []
+        self._authSteps = ()
         if reply.code == 235:
             self.succeed(self._reader.takeRemaining())
         elif reply.code == 334:
             self._send(b"*")
-            self.fail("unavailable", "backend asked for more than the mechanism needs")
+            self.fail(FailureKind.UNAVAILABLE, "backend asked for more than the mechanism needs")
         elif 400 <= reply.code < 500:
-            self.fail("unavailable", "backend AUTH: " + _show(reply))
+            self.fail(FailureKind.UNAVAILABLE, "backend AUTH: " + _show(reply))
         else:
             # Any permanent refusal is answered like a wrong password, so
             # that clients learn nothing about accounts.
-            self.fail("auth", "backend refused the credentials: " + _show(reply))
+            self.fail(FailureKind.AUTH, "backend refused the credentials: " + _show(reply))
+
+
+class SMTPBackend(_ESMTPDialogue):
+    """
+    One connection to an ESMTP backend that logs in nowhere: an MX
+    session's relay (C{purpose="relay"}: after the identity, the front end
+    sends the commands with L{command}), or a probe (C{purpose="probe"}:
+    learn the EHLO keywords, without XCLIENT, then QUIT).
+    """
+
+    def __init__(
+        self,
+        job: LoginJob,
+        clock,
+        timeout: float,
+        *,
+        hostname: str,
+        purpose: Purpose,
+        helo: str | None = None,
+        esmtp: bool = True,
+        learn: Callable[[Extensions], None] | None = None,
+    ) -> None:
+        """
+        @param purpose: C{"relay"} or C{"probe"}.
+        """
+        super().__init__(job, clock, timeout, hostname=hostname, helo=helo, esmtp=esmtp, learn=learn)
+        self.purpose = purpose
+        # A probe tells the backend nothing about anyone.
+        self.forwardsIdentity = purpose != "probe"
+        # After the dialogue: commands waiting to be written, and the
+        # Deferreds of commands written and awaiting their replies.
+        self._queued: deque[tuple[bytes, Deferred[Reply], float]] = deque()
+        self._inflight: deque[tuple[Deferred[Reply], float]] = deque()
+        self._replyTimer: IDelayedCall | None = None
+        self._lost = False
+
+    def dialogueReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        if self.state is not LoginState.SESSION:
+            self._readDialogue()
+        if self.state is LoginState.SESSION:
+            self._readSession()
+
+    def identified(self) -> None:
+        if self.purpose == "probe":
+            self._send(b"QUIT")
+            self.succeed()
+        else:
+            self.state = LoginState.SESSION
+            self.succeed()
+            self._flush()
 
     # The session after the dialogue (purpose "relay")
+
+    def _readSession(self) -> None:
+        while True:
+            if not self._inflight:
+                if len(self._reader):
+                    self._broken("backend sent a reply nobody asked for")
+                return
+            reply = self._nextReply()
+            if reply is None:
+                return
+            self._sessionReply(reply)
 
     def command(self, line: bytes, timeout: float | None = None) -> Deferred[Reply]:
         """
@@ -436,7 +525,7 @@ class SMTPBackend(BackendProtocol):
         return self._lost
 
     def _flush(self) -> None:
-        if self._state != "session":
+        if self.state is not LoginState.SESSION:
             return
         while self._queued and (self.pipelining or not self._inflight):
             line, d, timeout = self._queued.popleft()

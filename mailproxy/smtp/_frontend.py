@@ -32,7 +32,7 @@ from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, ne
 from .._session import LoginFailed, ProxyContext, newSessionId
 from ..settings import Listener
 from ..model import Backend, ClientInfo, Credentials, Route
-from ._backend import SMTPBackend
+from ._backend import SMTPBackend, SMTPBackendLogin
 from ._ehlo import PASSED_ON, BackendExtensions, Extensions
 from ._guard import SMTPGuard
 from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong, parseBDAT, parseCommand, parseHelo, reply
@@ -453,12 +453,11 @@ class SubmissionFrontend(SMTPFrontend):
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         knowledge = self.knowledge
-        return SMTPBackend(
+        return SMTPBackendLogin(
             job,
             self.context.reactor,
             self.limits.backendTimeout,
             hostname=self.context.hostname,
-            purpose="login",
             helo=self.helo,
             esmtp=self.esmtp,
             learn=lambda extensions: knowledge.learn(job.backend.name, extensions),
@@ -573,7 +572,7 @@ class SubmissionFrontend(SMTPFrontend):
         d.addCallbacks(self._loggedIn, self._loginFailed)
         d.addErrback(self._internalError)
 
-    def _loggedIn(self, backend: SMTPBackend) -> None:
+    def _loggedIn(self, backend: SMTPBackendLogin) -> None:
         self.send(235, "2.7.0", "Authentication successful")
         self.state = "relay"
         chunking = backend.extensions is not None and "CHUNKING" in backend.extensions

@@ -5,16 +5,22 @@ job it carries, with a fake reactor whose connector behaves like Twisted's.
 
 from __future__ import annotations
 
+import gc
+from types import FunctionType, ModuleType
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import UserError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
+from mailproxy._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
+from mailproxy._sasl import plainResponse
 from mailproxy.imap._backend import IMAPBackendLogin
-from mailproxy.smtp._backend import SMTPBackend
+from mailproxy.pop3._backend import POP3BackendLogin
+from mailproxy.sieve._backend import SieveBackendLogin
+from mailproxy.smtp._backend import SMTPBackend, SMTPBackendLogin
 from mailproxy.testing import FakeRouter, TLSStringTransport, makeBackend, makeFrontend
 
 
@@ -109,6 +115,201 @@ class LoginJobTests(SynchronousTestCase):
         job = makeJob(masterUser="proxy", masterPassword=b"MasterSecretPw")
         self.assertNotIn("Sup3rSecretPw", repr(job))
         self.assertNotIn("MasterSecretPw", repr(job))
+
+
+def holds(root: object, secret: bytes) -> bool:
+    """
+    Whether C{secret} (or a PLAIN response carrying it) can be reached from
+    C{root}: through attributes, containers, bound methods and closures,
+    not through classes, modules or a function's globals.
+    """
+    forms = (secret, plainResponse(b"", b"alice", secret))
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, bytes):
+            if any(form in obj for form in forms):
+                return True
+        elif isinstance(obj, FunctionType):
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or ())
+            todo.extend(obj.__defaults__ or ())
+        elif not isinstance(obj, (type, ModuleType)):
+            todo.extend(gc.get_referents(obj))
+    return False
+
+
+class ForgottenSecretsTests(SynchronousTestCase):
+    """
+    A backend connection outlives its login by the whole relayed session;
+    once the dialogue is over it keeps no password: not the backend's, not
+    the master user's, not the client's, not the route's.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def job(self, **kwargs) -> LoginJob:
+        route = Route(makeBackend("old", forward="none"), password=b"Sup3rSecretPw")
+        return makeJob(route=route, **kwargs)
+
+    def connect(self, protocol: BackendProtocol) -> TLSStringTransport:
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        return transport
+
+    def assertForgotten(self, protocol: BackendProtocol, transport: TLSStringTransport) -> None:
+        transport.clear()
+        self.assertFalse(holds(protocol, b"Sup3rSecretPw"))
+        self.assertFalse(holds(protocol, b"MasterSecretPw"))
+
+    def test_imapLoggedIn(self) -> None:
+        """
+        After an IMAP login with the user's password, nothing reachable from
+        the connection holds that password.
+        """
+        protocol = IMAPBackendLogin(self.job(), self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        self.assertIn(b"AUTHENTICATE PLAIN", transport.value())
+        protocol.dataReceived(b"P1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.assertIs(self.successResultOf(protocol.result), protocol)
+        self.assertForgotten(protocol, transport)
+
+    def test_imapMasterUserLoggedIn(self) -> None:
+        """
+        After a master user's IMAP login, the connection holds neither the
+        master password nor the user's.
+        """
+        job = self.job(password=None, masterUser="proxy", masterPassword=b"MasterSecretPw")
+        protocol = IMAPBackendLogin(job, self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        protocol.dataReceived(b"P1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.successResultOf(protocol.result)
+        self.assertForgotten(protocol, transport)
+
+    def test_imapRefused(self) -> None:
+        """
+        A refused login forgets the passwords too.
+        """
+        protocol = IMAPBackendLogin(self.job(), self.clock, 30)
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        protocol.dataReceived(b"P1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.failureResultOf(protocol.result)
+        self.assertForgotten(protocol, transport)
+
+    def test_smtpLoggedIn(self) -> None:
+        """
+        After a submission login, the connection holds no password, although
+        the front end's C{learn} callback was made with the job in hand.
+        """
+        job = self.job(protocol="smtp")
+        learnt: list[str] = []
+        protocol = SMTPBackendLogin(
+            job, self.clock, 30, hostname="proxy.test", learn=lambda extensions: learnt.append(job.backend.name)
+        )
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"220 old ESMTP\r\n")
+        protocol.dataReceived(b"250-old\r\n250 AUTH PLAIN\r\n")
+        self.assertIn(b"AUTH PLAIN ", transport.value())
+        protocol.dataReceived(b"235 2.7.0 Authentication successful\r\n")
+        self.successResultOf(protocol.result)
+        self.assertEqual(learnt, ["old"])
+        self.assertForgotten(protocol, transport)
+
+
+class BackendStartTLSTests(SynchronousTestCase):
+    """
+    STARTTLS towards a backend, the same in every protocol: octets behind
+    the server's "go on" came in clear, so TLS is not even started and the
+    login fails as temporary; a refusal fails it too, before any
+    credential.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.route = Route(makeBackend("old", tls="starttls", forward="none"))
+
+    def start(self, protocol: BackendProtocol, greeting: bytes, ask: bytes) -> TLSStringTransport:
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        protocol.dataReceived(greeting)
+        self.assertEqual(transport.value(), ask)
+        transport.clear()
+        return transport
+
+    def assertFailed(self, protocol: BackendProtocol, transport: TLSStringTransport, detail: str) -> None:
+        failure = self.failureResultOf(protocol.result, BackendFailure).value
+        self.assertEqual((failure.kind, failure.detail), ("unavailable", detail))
+        self.assertIsNone(transport.tlsOptions)
+        self.assertEqual(transport.value(), b"")
+
+    def test_imapInjection(self) -> None:
+        """
+        IMAP: a line behind the tagged OK to STARTTLS.
+        """
+        protocol = IMAPBackendLogin(makeJob(route=self.route), self.clock, 30)
+        transport = self.start(protocol, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n", b"P1 STARTTLS\r\n")
+        protocol.dataReceived(b"P1 OK Begin TLS\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_pop3Injection(self) -> None:
+        """
+        POP3: a line behind the C{+OK} to STLS.
+        """
+        protocol = POP3BackendLogin(makeJob(route=self.route, protocol="pop3"), self.clock, 30)
+        transport = self.start(protocol, b"+OK ready\r\n", b"STLS\r\n")
+        protocol.dataReceived(b"+OK Begin TLS\r\n+OK\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STLS reply")
+
+    def test_sieveInjection(self) -> None:
+        """
+        ManageSieve: a line behind the OK to STARTTLS.
+        """
+        protocol = SieveBackendLogin(makeJob(route=self.route, protocol="sieve"), self.clock, 30)
+        transport = self.start(protocol, b'"SASL" "PLAIN"\r\n"STARTTLS"\r\nOK "ready"\r\n', b"STARTTLS\r\n")
+        protocol.dataReceived(b'OK "go"\r\n"SASL" "PLAIN"\r\n')
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_smtpInjection(self) -> None:
+        """
+        SMTP: a reply behind the 220 to STARTTLS.
+        """
+        protocol = SMTPBackendLogin(makeJob(route=self.route, protocol="smtp"), self.clock, 30, hostname="proxy.test")
+        transport = self.start(protocol, b"220 old ESMTP\r\n", b"EHLO proxy.test\r\n")
+        protocol.dataReceived(b"250-old\r\n250 STARTTLS\r\n")
+        self.assertEqual(transport.value(), b"STARTTLS\r\n")
+        transport.clear()
+        protocol.dataReceived(b"220 go ahead\r\n250 AUTH PLAIN\r\n")
+        self.assertFailed(protocol, transport, "backend sent data after its STARTTLS reply")
+
+    def test_pop3Refused(self) -> None:
+        """
+        A refused STLS fails the login, with the server's reply in the log
+        detail.
+        """
+        protocol = POP3BackendLogin(makeJob(route=self.route, protocol="pop3"), self.clock, 30)
+        transport = self.start(protocol, b"+OK ready\r\n", b"STLS\r\n")
+        protocol.dataReceived(b"-ERR no TLS here\r\n")
+        self.assertFailed(protocol, transport, "backend refused STLS: -ERR no TLS here")
+
+    def test_notOffered(self) -> None:
+        """
+        A server whose capabilities lack STARTTLS is not asked.
+        """
+        protocol = IMAPBackendLogin(makeJob(route=self.route), self.clock, 30)
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol._cancelTimer)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        self.assertFailed(protocol, transport, "backend does not offer STARTTLS")
 
 
 class PortTLSTests(SynchronousTestCase):

@@ -30,7 +30,7 @@ from mailproxy.imap._backend import IMAPBackendLogin
 from mailproxy.model import ClientInfo, Credentials, Route
 from mailproxy.pop3._backend import POP3BackendLogin
 from mailproxy.sieve._backend import SieveBackendLogin
-from mailproxy.smtp._backend import SMTPBackend
+from mailproxy.smtp._backend import SMTPBackendLogin
 from mailproxy.testing import makeBackend
 
 #: What a server answers: the command line (without CRLF, IMAP literals
@@ -576,7 +576,7 @@ class SMTPRoundTripTests(RoundTripTestsMixin, TestCase):
 
     def smtpLogin(self, **kwargs: object) -> Deferred[ScriptedServer]:
         return self.login(
-            "smtp", self.GREETING, smtpScript(), SMTPBackend, hostname="proxy.test", purpose="login",
+            "smtp", self.GREETING, smtpScript(), SMTPBackendLogin, hostname="proxy.test",
             helo="client.example", **kwargs,
         )  # fmt: skip
 

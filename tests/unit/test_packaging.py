@@ -295,7 +295,7 @@ class WheelTests(TestCase):
         )
         self.work = os.path.abspath(self.mktemp())
         source = os.path.join(self.work, "source")
-        for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "LICENSE"):
             os.makedirs(source, exist_ok=True)
             shutil.copy(os.path.join(CHECKOUT, name), source)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -316,6 +316,22 @@ class WheelTests(TestCase):
         [name] = os.listdir(dist)
         self.wheel = zipfile.ZipFile(os.path.join(dist, name))
         self.addCleanup(self.wheel.close)
+
+    def test_everyPackageShipped(self) -> None:
+        """
+        Every module of every package under mailproxy/ is in the wheel (a
+        new protocol's package needs no line in the packaging), and so is
+        the twistd plugin.
+        """
+        shipped = set(self.wheel.namelist())
+        expected = {"twisted/plugins/mailproxy_plugin.py"}
+        for directory, subdirectories, files in os.walk(os.path.join(CHECKOUT, "mailproxy")):
+            subdirectories[:] = [name for name in subdirectories if name != "__pycache__"]
+            if "__init__.py" in files:
+                relative = os.path.relpath(directory, CHECKOUT).replace(os.sep, "/")
+                expected.update(f"{relative}/{name}" for name in files if name.endswith(".py"))
+        self.assertIn("mailproxy/imap/_frontend.py", expected)
+        self.assertEqual(expected - shipped, set())
 
     def test_license(self) -> None:
         """
