@@ -51,10 +51,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mailproxy.__file__)))
 #: protocol is covered too.
 CORE_MODULES = (
     "mailproxy._session",
+    "mailproxy._registry",
     "mailproxy._login",
     "mailproxy._commandloop",
+    "mailproxy._contract",
+    "mailproxy._sasl",
     "mailproxy._backend",
     "mailproxy._relay",
+    "mailproxy._guard",
     "mailproxy._routing",
     "mailproxy._outcomes",
     "mailproxy.settings",
