@@ -23,6 +23,11 @@ as a string at run time (C{importlib.import_module}, a router type named
 in the configuration) is invisible here, as it should be: that is plug-in
 loading, not structure.
 
+The layers are read from the table under "The parts" in
+C{docs/ARCHITECTURE.md} (L{documentedLayers}), so that the page and the
+code cannot drift apart: every module must be in one row, and import only
+from its own row and the rows before it.
+
 What C{mailproxy check} loads is measured in a fresh interpreter instead:
 what a process holds in C{sys.modules} after running the command.
 """
@@ -33,10 +38,11 @@ import ast
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -258,6 +264,43 @@ def coreModules(graph: Mapping[str, object]) -> list[str]:
     return found
 
 
+#: The page whose table of the parts names the layers.
+ARCHITECTURE = os.path.join(_ROOT, "docs", "ARCHITECTURE.md")
+
+
+def documentedLayers(text: str) -> list[tuple[str, list[str]]]:
+    """
+    The layers of the table under "The parts" in C{text}, bottom first,
+    each with its modules as dotted names (C{"mailproxy.imap"} for the
+    package C{imap/} and everything in it); files outside C{mailproxy/}
+    are left out.
+    """
+    section = text.split("## The parts", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not line.startswith("|") or cells[0] in ("layer", "---"):
+            continue
+        modules = []
+        for name in re.findall(r"`([^`]+)`", cells[1]):
+            if "/" in name.rstrip("/"):
+                continue
+            modules.append("mailproxy." + name.rstrip("/").removesuffix(".py").replace("/", "."))
+        layers.append((cells[0], modules))
+    return layers
+
+
+def layerOf(layers: Sequence[tuple[str, list[str]]], module: str) -> int | None:
+    """
+    The index in C{layers} of the row that holds C{module} (itself, or the
+    package it is in), or L{None}.
+    """
+    for index, (_, modules) in enumerate(layers):
+        if any(module == name or module.startswith(name + ".") for name in modules):
+            return index
+    return None
+
+
 class GraphTests(SynchronousTestCase):
     """
     L{importGraph}, L{findCycles} and L{reachable} on a made-up package, so
@@ -336,6 +379,43 @@ class GraphTests(SynchronousTestCase):
         self.assertEqual(graph["mailproxy.outside"], {"mailproxy.pkg.sub": False, "mailproxy.pkg": False})
         self.assertEqual(findCycles(graph), [["mailproxy.outside", "mailproxy.pkg", "mailproxy.outside"]])
 
+    def test_documentedLayers(self) -> None:
+        """
+        The layers are read from the parts table of a page: the rows in
+        order, modules and packages as dotted names, files outside the
+        package and the other sections left out.
+        """
+        page = textwrap.dedent(
+            """\
+            # title
+
+            ## The parts
+
+            | layer | modules | what |
+            | --- | --- | --- |
+            | data | `model.py`, `settings.py` | values (`Route`) |
+            | protocols | `imap/` | `_parser.py` |
+            | entry | `cli.py`, `twisted/plugins/x.py` | the command |
+
+            ## Next
+
+            | layer | modules | what |
+            | --- | --- | --- |
+            | other | `nothing.py` | |
+            """
+        )
+        layers = documentedLayers(page)
+        self.assertEqual(
+            layers,
+            [
+                ("data", ["mailproxy.model", "mailproxy.settings"]),
+                ("protocols", ["mailproxy.imap"]),
+                ("entry", ["mailproxy.cli"]),
+            ],
+        )
+        self.assertEqual(layerOf(layers, "mailproxy.imap._frontend"), 1)
+        self.assertIsNone(layerOf(layers, "mailproxy.imapx"))
+
     def test_cyclesAndReach(self) -> None:
         """
         Every group of modules that import each other is reported once, as
@@ -403,6 +483,33 @@ class StructureTests(SynchronousTestCase):
                     problems.append(f"  {module} reaches {forbidden}: {' -> '.join(paths[reached[0]])}")
         if problems:
             self.fail("core modules that import config or routers:\n" + "\n".join(problems))
+
+    def test_layers(self) -> None:
+        """
+        Every module is in one row of the parts table of
+        C{docs/ARCHITECTURE.md}, and imports only from its own row and
+        the rows before it.  The failure lists every module missing from
+        the table and every import that goes to a later row.
+        """
+        with open(ARCHITECTURE, encoding="utf-8") as f:
+            layers = documentedLayers(f.read())
+        self.assertIn("data", [name for name, _ in layers])
+        problems = []
+        for module in sorted(self.graph):
+            index = layerOf(layers, module)
+            if index is None:
+                if module != "mailproxy":
+                    problems.append(f"  {module} is in no row of the table")
+                continue
+            for target, lazy in sorted(self.graph[module].items()):
+                targetIndex = layerOf(layers, target)
+                if targetIndex is not None and targetIndex > index:
+                    problems.append(
+                        f"  {module} ({layers[index][0]}) imports {target} ({layers[targetIndex][0]})"
+                        + (" lazily" if lazy else "")
+                    )
+        if problems:
+            self.fail(f"the layers of {ARCHITECTURE} do not hold:\n" + "\n".join(problems))
 
 
 _CHECK_CONFIG = """\
