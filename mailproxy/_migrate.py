@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ._stats import routerChain
-from .interfaces import IRouteStore, RouteStoreError
+from .interfaces import IRouteCache, IRouteStore, RouteStoreError
 
 __all__ = [
     "MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "invalidateCaches", "explainRoute", "MOVED",
@@ -185,27 +185,26 @@ def findRouteStore(router: object) -> Any:
 
 def invalidateCaches(router: object, *keys: str) -> None:
     """
-    Make every cache in C{router}'s chain forget its answers for route
-    store keys: an account, C{"@domain"} (every account in it) or C{"*"}
-    (everything).  A cache with C{invalidateMany(names)} forgets all of
-    them in one pass over its entries.
+    Make every cache (L{IRouteCache}) in C{router}'s chain forget its
+    answers for route store keys: an account, C{"@domain"} (every account
+    in it) or C{"*"} (everything).  A cache with C{invalidateMany(names)}
+    forgets all of them in one pass over its entries.
     """
     if not keys:
         return
     # Caches name a domain without its "@" (as a route table does).
     names = [key[1:] if key.startswith("@") else key for key in keys]
     for member in routerChain(router):
-        invalidate = getattr(member, "invalidate", None)
-        if not callable(invalidate):
+        if not IRouteCache.providedBy(member):
             continue
         many = getattr(member, "invalidateMany", None)
         if "*" in keys:
-            invalidate(None)
+            member.invalidate(None)
         elif callable(many):
             many(names)
         else:
             for name in names:
-                invalidate(name)
+                member.invalidate(name)
 
 
 class Mover:

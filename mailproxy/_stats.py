@@ -27,6 +27,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IReactorTime
 
 from . import __version__
+from .interfaces import IRouteCache
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -253,17 +254,16 @@ def routerChain(router: object) -> Iterator[object]:
 
 def _cacheCounts(router: object) -> tuple[int, int] | None:
     """
-    The hits and misses of every cache in C{router}'s chain (routers with
-    integer C{hits} and C{misses} attributes), or L{None} if none caches.
+    The hits and misses of every cache (L{IRouteCache}) in C{router}'s
+    chain, or L{None} if none caches.
     """
     hits = misses = 0
     found = False
     for member in routerChain(router):
-        memberHits, memberMisses = getattr(member, "hits", None), getattr(member, "misses", None)
-        if isinstance(memberHits, int) and isinstance(memberMisses, int):
+        if IRouteCache.providedBy(member):
             found = True
-            hits += memberHits
-            misses += memberMisses
+            hits += member.hits
+            misses += member.misses
     return (hits, misses) if found else None
 
 

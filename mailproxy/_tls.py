@@ -235,8 +235,9 @@ def _selectApplicationProtocol(connection: SSL.Connection, offered: list[bytes])
 
     The acceptable protocols travel with the connection, not the context, so
     that the per-name contexts SNI switches to enforce them too, and one set
-    of certificates serves listeners of every protocol.  A client that sends
-    no ALPN is not asked; a connection with none set negotiates nothing.
+    of certificates serves listeners of every protocol: a listener sets them
+    with L{ApplicationProtocolOptions}.  A client that sends no ALPN is not
+    asked; a connection with none set negotiates nothing.
     """
     acceptable = _acceptedProtocols.get(connection)
     if not acceptable:
@@ -308,7 +309,6 @@ class _ServerOptions:
 
     @ivar _exact: contexts by exact (normalised) name.
     @ivar _wildcard: contexts by the parent domain of a C{*.} name.
-    @ivar _alpn: the application protocols its connections accept.
     """
 
     def __init__(
@@ -316,12 +316,10 @@ class _ServerOptions:
         default: SSL.Context,
         exact: dict[str, SSL.Context],
         wildcard: dict[str, SSL.Context],
-        alpn: tuple[bytes, ...] = (),
     ) -> None:
         self._default = default
         self._exact = exact
         self._wildcard = wildcard
-        self._alpn = alpn
         if exact or wildcard:
             default.set_tlsext_servername_callback(self._selectContext)
 
@@ -332,9 +330,7 @@ class _ServerOptions:
         @param tlsProtocol: the L{twisted.protocols.tls.TLSMemoryBIOProtocol}
             that will drive it.
         """
-        connection = SSL.Connection(self._default, None)
-        _acceptedProtocols[connection] = self._alpn
-        return connection
+        return SSL.Connection(self._default, None)
 
     def contextForName(self, serverName: bytes | None) -> SSL.Context:
         """
@@ -363,24 +359,23 @@ class _ServerOptions:
 def serverOptions(
     default: CertificateSource,
     others: Sequence[CertificateSource] = (),
-    alpn: Sequence[bytes] = (),
 ) -> IOpenSSLServerConnectionCreator:
     """
     Build the TLS options for a listener, implicit TLS or STARTTLS alike.
 
-    Use it as C{TLSMemoryBIOFactory(options, False, factory)} or
-    C{transport.startTLS(options)}.
+    One set serves listeners of every protocol: each listener wraps it in
+    L{ApplicationProtocolOptions} with its ALPN ids, and uses that as
+    C{TLSMemoryBIOFactory(options, False, factory)} or
+    C{transport.startTLS(options)}.  Unwrapped, its connections negotiate
+    no ALPN and refuse none.
 
     @param default: the certificate for clients that send no SNI or a name no
         other source serves; its own C{names} are served too.
     @param others: certificates selected by SNI.
-    @param alpn: the application protocols this listener speaks (e.g.
-        C{[b"imap"]}); a client offering ALPN without any of them is refused.
 
     @raise TLSConfigError: if a file is missing, unreadable, not PEM, or a key
         does not match its certificate, or two sources claim the same name.
     """
-    acceptable = tuple(alpn)
     defaultContext = _serverContext(_loadSource(default))
     exact: dict[str, SSL.Context] = {}
     wildcard: dict[str, SSL.Context] = {}
@@ -408,7 +403,7 @@ def serverOptions(
                 wildcard[normal[2:]] = context
             else:
                 exact[normal] = context
-    return _ServerOptions(defaultContext, exact, wildcard, acceptable)
+    return _ServerOptions(defaultContext, exact, wildcard)
 
 
 @implementer(IOpenSSLServerConnectionCreator)

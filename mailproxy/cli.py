@@ -69,7 +69,6 @@ from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
-from mailproxy.demo import DEFAULT_ADMIN_PORT, defaultDirectory, instructions, startDemo
 from mailproxy.routers import buildRouter
 
 _PROG = "mailproxy"
@@ -111,6 +110,8 @@ def buildParser() -> argparse.ArgumentParser:
             "and a new token, and print how to try and operate it. Runs until Ctrl-C."
         ),
     )
+    # The demo's own defaults (mailproxy.demo.startDemo's), written out: the
+    # parser must not import the demo, which loads twisted.mail.
     demo.add_argument(
         "--imaps-port", type=_port, default=10993, metavar="N",
         help="the proxy's implicit TLS port (default: %(default)s)",
@@ -120,7 +121,7 @@ def buildParser() -> argparse.ArgumentParser:
         help="the proxy's STARTTLS port (default: %(default)s)",
     )
     demo.add_argument(
-        "--admin-port", type=_port, default=DEFAULT_ADMIN_PORT, metavar="N",
+        "--admin-port", type=_port, default=19443, metavar="N",
         help="the port of the proxy's management endpoint (default: %(default)s)",
     )
     demo.add_argument(
@@ -585,6 +586,9 @@ def _startLogging(stream: TextIO) -> None:
 
 
 def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # Imported here: no other command needs the demo's IMAP servers.
+    from mailproxy.demo import defaultDirectory, instructions, startDemo
+
     directory = arguments.directory or defaultDirectory()
 
     async def main(reactor: Any) -> None:

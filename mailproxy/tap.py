@@ -36,6 +36,9 @@ from .routers import buildRouter
 #: default of 50 drops connection bursts.
 DEFAULT_BACKLOG = 1024
 
+#: The TLS ALPN ids the management endpoint accepts: it serves HTTP/1.1 only.
+ADMIN_APPLICATION_PROTOCOLS = (b"http/1.1",)
+
 
 class Options(usage.Options):
     """
@@ -221,7 +224,11 @@ def serviceFromConfig(
         service.setServiceParent(top)
     if config.admin is not None:
         site, top.admin = adminSite(top, config.admin.token, reactor, config.admin.healthDetails)
-        factory = site if adminTLS is None else TLSMemoryBIOFactory(adminTLS, False, site)
+        factory: IProtocolFactory = site
+        if adminTLS is not None:
+            # Only HTTP/1.1's ALPN id, as each listener accepts only its own.
+            options = _tls.ApplicationProtocolOptions(adminTLS, ADMIN_APPLICATION_PROTOCOLS)
+            factory = TLSMemoryBIOFactory(options, False, site)
         top.adminTLS = adminTLS
         endpoint = ReportingEndpoint(serverEndpoint(reactor, config.admin.endpoint), "admin")
         service = StreamServerEndpointService(endpoint, factory)

@@ -75,7 +75,7 @@ class Journal:
         """
         @param runBlocking: runs a blocking call off the reactor:
             C{runBlocking(timeout, f, *args)} returns a Deferred (a
-            L{mailproxy.routers._blocking.ThreadRunner}'s C{run}).
+            L{mailproxy._blocking.ThreadRunner}'s C{run}).
         """
         self.path = path
         self._run = runBlocking

@@ -60,6 +60,7 @@ from twisted.internet.defer import (
 )
 from twisted.logger import Logger
 
+from .._blocking import ThreadRunner
 from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
 from ..model import Backend
 from ..settings import Limits
@@ -437,10 +438,6 @@ class MigrationManager:
         self._runTool = runTool
         journalRun = lookRun = runBlocking
         if runBlocking is None:
-            # Imported here: mailproxy.routers imports the configuration
-            # parser, which may import this module (for MigrationSettings).
-            from ..routers._blocking import ThreadRunner
-
             # IMAP and ManageSieve conversations (two per verify) and file
             # work; the journal has a thread of its own, so that its writes
             # never wait behind a long verify.

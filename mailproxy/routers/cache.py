@@ -44,9 +44,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailproxy._routing import callRouter
 from mailproxy._safetext import logQuote
 from mailproxy.config import Table
-from mailproxy.interfaces import IReloadable, IRouter
+from mailproxy.interfaces import IReloadable, IRouteCache, IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 
 __all__ = ["VARY_FIELDS", "CachingRouter", "buildCache"]
@@ -91,11 +92,13 @@ class _Entry:
     user: str
 
 
-@implementer(IRouter, IReloadable)
+@implementer(IRouter, IReloadable, IRouteCache)
 class CachingRouter:
     """
     Remembers another router's answers for a while (see the module
-    docstring).
+    docstring).  The management endpoint finds it in the router chain as
+    an L{IRouteCache}: it reports its hit rate and invalidates it when a
+    route changes.
 
     @ivar router: the router asked on a miss.
     @ivar stats: counters: C{hits}, C{misses}, C{collapsed} (callers that
@@ -197,9 +200,6 @@ class CachingRouter:
         """
         The cached answer for C{request}, or the router's.
         """
-        # Imported here: mailproxy.routers imports this module.
-        from mailproxy._routing import callRouter
-
         key = self.keyFor(request)
         now = self._reactor.seconds()
         entry = self._entries.get(key)

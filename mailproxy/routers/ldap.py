@@ -43,12 +43,12 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailproxy._blocking import PerThread, ThreadRunner, closeRunner
 from mailproxy._safetext import logQuote
 from mailproxy.config import Table, readNameAndSecret, suggest
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
-from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
     "FILTER_FIELDS",

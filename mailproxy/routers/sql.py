@@ -63,12 +63,12 @@ from zope.interface import alsoProvides, implementer
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
+from mailproxy._blocking import PerThread, ThreadRunner, closeRunner
 from mailproxy._safetext import logQuote
 from mailproxy.config import Table, readSecretLine
 from mailproxy.interfaces import IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
-from mailproxy.routers._blocking import PerThread, ThreadRunner, closeRunner
 
 __all__ = [
     "DRIVERS",

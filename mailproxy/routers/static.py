@@ -42,11 +42,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailproxy._blocking import ThreadRunner
 from mailproxy._safetext import logQuote
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML, suggest
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
-from mailproxy.routers._blocking import ThreadRunner
 from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries
 
 __all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]

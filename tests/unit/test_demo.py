@@ -1,7 +1,7 @@
 """
-Tests for L{mailproxy.demo}: the demo IMAP servers on the wire, the
-configuration the demo writes, and the whole demo through the proxy with real
-clients (Twisted's IMAP client, Python's imaplib, curl).
+Tests for L{mailproxy.demo}: the demo IMAP servers (L{mailproxy._demoimap})
+on the wire, the configuration the demo writes, and the whole demo through
+the proxy with real clients (Twisted's IMAP client, Python's imaplib, curl).
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailproxy.config import loadConfig
+from mailproxy._demoimap import DEMO_PASSWORD, DEMO_USERS, DemoMailbox, DemoStoreFactory
 from mailproxy.demo import (
-    DEMO_PASSWORD,
-    DEMO_USERS,
-    DemoMailbox,
-    DemoStoreFactory,
     adminCommands,
     clientCommands,
     defaultDirectory,
@@ -46,6 +42,7 @@ from mailproxy.demo import (
     startDemo,
     writeDemoConfig,
 )
+from mailproxy.config import loadConfig
 from mailproxy.model import ClientInfo, Credentials, Route, RouteRequest
 from mailproxy.routers import buildRouter
 

@@ -2,7 +2,8 @@
 ALPN on the proxy's listeners: each protocol's TLS, implicit or after
 STARTTLS, accepts only its own ALPN ids, with the SNI-selected certificate
 too.  Real pyOpenSSL contexts on real TCP sockets over loopback (STARTTLS
-needs a real transport's C{startTLS}).
+needs a real transport's C{startTLS}).  The management endpoint's TLS
+accepts only HTTP/1.1's id; it is tested in memory.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from OpenSSL import SSL
 from zope.interface import implementer
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import TestCase
 
 from mailproxy._lifecycle import ReloadableServerTLS
 from mailproxy._session import ProxyContext
 from mailproxy._tls import CertificateSource, makeSelfSigned, serverOptions
-from mailproxy.config import Limits, Listener
-from mailproxy.tap import listenerFactory
+from mailproxy.config import Limits, Listener, loadConfig
+from mailproxy.tap import listenerFactory, serviceFromConfig
 from mailproxy.testing import FakeRouter
 
 #: What a client says and waits for, per protocol, until it may start TLS:
@@ -216,6 +220,19 @@ class ListenerALPNTests(TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_refusedWithHTTP(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering only C{http/1.1} (a browser steered to a mail
+        port) fails the handshake on an IMAP listener, implicit TLS and
+        STARTTLS, and never sees a line over TLS.
+        """
+        for tls in ("implicit", "starttls"):
+            kind, detail, negotiated = yield self.connect("imap", tls, [b"http/1.1"])
+            self.assertEqual(kind, "lost", tls)
+            self.assertIn("alert no application protocol", str(detail.value), tls)
+            self.assertIsNone(negotiated, tls)
+
+    @defer.inlineCallbacks
     def test_servedWithTheProtocolsIdOrNone(self):  # type: ignore[no-untyped-def]
         """
         A client offering the protocol's ALPN id (among others) negotiates
@@ -236,3 +253,123 @@ class ListenerALPNTests(TestCase):
                         self.assertNotEqual(line, b"", where)
         self.assertEqual(dict(self.context.stats.tlsFailures), {})
         self.assertEqual(sum(self.context.stats.accepted.values()), 16)
+
+
+_ADMIN_CONFIG = """\
+[tls]
+certificate = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:10993:interface=127.0.0.1"
+tls = "implicit"
+
+[router]
+type = "static"
+path = "routes.toml"
+
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+
+[admin]
+endpoint = "tcp:19443:interface=127.0.0.1"
+token_file = "admin.token"
+certificate = "cert.pem"
+key = "key.pem"
+"""
+
+
+@implementer(IHandshakeListener)
+class _HTTPSClient(Protocol):
+    """
+    Sends one request once the TLS handshake is done and keeps what comes
+    back, or why the connection was lost.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.negotiated: bytes | None = None
+        self.lostReason: Failure | None = None
+
+    def handshakeCompleted(self) -> None:
+        self.negotiated = self.transport.negotiatedProtocol  # type: ignore[union-attr]
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lostReason = reason
+
+
+class AdminALPNTests(TestCase):
+    """
+    The management endpoint over TLS accepts only HTTP/1.1's ALPN id, as
+    the mail listeners accept only theirs: a mail client (or a cross-protocol
+    attacker) offering C{imap} is refused during the handshake.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        certificate, key = makeSelfSigned(directory)
+        os.rename(certificate, os.path.join(directory, "cert.pem"))
+        os.rename(key, os.path.join(directory, "key.pem"))
+        self.token = b"t" * 40
+        for name, text in (
+            ("routes.toml", b'default = "old"\n'),
+            ("admin.token", self.token + b"\n"),
+            ("mailproxy.toml", _ADMIN_CONFIG.encode("ascii")),
+        ):
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(text)
+        self.reactor = MemoryReactorClock()
+        service = serviceFromConfig(loadConfig(os.path.join(directory, "mailproxy.toml")), self.reactor)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        [self.factory] = [factory for port, factory, _, _ in self.reactor.tcpServers if port == 19443]
+
+    def request(self, alpn: list[bytes]) -> _HTTPSClient:
+        """
+        Connect a TLS client offering C{alpn} to the management endpoint in
+        memory and have it ask for C{/stats} with the token.
+        """
+        # With "Connection: close" the answer is flushed as the connection
+        # closes; a kept-alive answer waits for the global reactor's TLS flush.
+        client = _HTTPSClient(
+            b"GET /stats HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + self.token + b"\r\n\r\n"
+        )
+        options = _ALPNClient(alpn, None)
+        clientFactory = TLSMemoryBIOFactory(options, True, Factory.forProtocol(lambda: client), clock=self.reactor)  # type: ignore[arg-type]
+        _, _, pump = connectedServerAndClient(
+            lambda: self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)),
+            lambda: clientFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 19443)),
+            clock=self.reactor,
+        )
+        pump.flush()
+        return client
+
+    def test_refusedWithAMailProtocolsId(self) -> None:
+        """
+        A client offering only C{imap} fails the handshake with the
+        C{no_application_protocol} alert and gets no HTTP answer.
+        """
+        client = self.request([b"imap"])
+        self.assertEqual(client.received, b"")
+        self.assertIsNotNone(client.lostReason)
+        self.assertIn("alert no application protocol", str(client.lostReason.value))  # type: ignore[union-attr]
+
+    def test_servedWithHTTPOrNone(self) -> None:
+        """
+        A client offering C{http/1.1} (among others) negotiates it and gets
+        its answer; a client offering no ALPN gets its answer too.
+        """
+        for alpn, expected in (([b"h2", b"http/1.1"], b"http/1.1"), ([], None)):
+            client = self.request(alpn)
+            self.assertEqual(client.negotiated, expected, alpn)
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), (alpn, client.received[:100]))

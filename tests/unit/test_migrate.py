@@ -12,10 +12,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import alsoProvides
+from zope.interface import alsoProvides, implementer
 
 from mailproxy._migrate import MOVED, LoginHold, MoveError, MoveResult, Mover, RouteChange, explainRoute
-from mailproxy.interfaces import IRouteStore
+from mailproxy.interfaces import IRouteCache, IRouteStore
 from mailproxy.routers import static
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import FakeRouter, makeBackend
@@ -36,6 +36,7 @@ default = "old"
 BACKENDS = {name: makeBackend(name) for name in ("old", "new")}
 
 
+@implementer(IRouteCache)
 class Cache:
     """
     A stand-in route cache: records invalidations.

@@ -16,9 +16,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from mailproxy._blocking import ThreadRunner
 from mailproxy.interfaces import IRouteStore, RouteStoreError
 from mailproxy.model import Route
-from mailproxy.routers._blocking import ThreadRunner
 from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries, setEntry
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend, makeRequest

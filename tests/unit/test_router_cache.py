@@ -11,8 +11,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from mailproxy.config import ConfigError, Table
+from mailproxy.interfaces import IReloadable, IRouteCache, IRouter
 from mailproxy.model import Backend, ClientInfo, Credentials, Rejection, Route, RouteRequest, TLSInfo
 from mailproxy.routers.cache import CachingRouter, buildCache
 from mailproxy.testing import FakeRouter
@@ -79,6 +81,18 @@ class CacheTests(SynchronousTestCase):
         kwargs.setdefault("ttl", 60)
         kwargs.setdefault("negativeTTL", 10)
         return CachingRouter(self.inner, reactor=self.clock, **kwargs)
+
+    def test_interfaces(self) -> None:
+        """
+        The cache is a router, reloadable, and declares itself a route
+        cache with everything L{IRouteCache} names: the management
+        endpoint finds it by that declaration.
+        """
+        cache = self.cache()
+        self.assertTrue(verifyObject(IRouter, cache))
+        self.assertTrue(verifyObject(IReloadable, cache))
+        self.assertTrue(verifyObject(IRouteCache, cache))
+        self.assertIs(cache.wrapped, self.inner)
 
     def test_positiveTTL(self) -> None:
         """

@@ -1,5 +1,5 @@
 """
-Tests for L{mailproxy.routers._blocking}: the bounded thread pool the LDAP
+Tests for L{mailproxy._blocking}: the bounded thread pool the LDAP
 and SQL routers run their blocking libraries in, on the real reactor.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailproxy.routers._blocking import PerThread, ThreadRunner
+from mailproxy._blocking import PerThread, ThreadRunner
 
 
 class ThreadRunnerTests(TestCase):

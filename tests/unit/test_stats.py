@@ -19,11 +19,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mailproxy import __version__
 from mailproxy._stats import LOGIN_BUCKETS, ProxyStats, metricsText, routerChain, snapshot
 from mailproxy._tls import CertificateSource, makeSelfSigned, serverOptions
 from mailproxy.config import Limits, Listener
+from mailproxy.interfaces import IRouteCache
 from mailproxy.model import Rejection, Route
 from mailproxy.tap import listenerFactory
 from mailproxy.testing import FakeRouter, makeBackend
@@ -382,10 +384,11 @@ class CounterTests(SynchronousTestCase):
 
     def test_cacheHitRate(self) -> None:
         """
-        A cache in the router chain (C{hits} and C{misses}, reached through
+        A cache in the router chain (an L{IRouteCache}, reached through
         C{wrapped} or C{routers}) shows up as a hit rate.
         """
 
+        @implementer(IRouteCache)
         class Cache:
             hits, misses = 3, 1
 
@@ -402,6 +405,18 @@ class CounterTests(SynchronousTestCase):
         data = snapshot(ProxyStats(), [], router)
         self.assertEqual(data["router"]["cache"], {"hits": 3, "misses": 1, "hitRate": 0.75})
         self.assertIsNone(snapshot(ProxyStats(), [], inner)["router"]["cache"])
+
+    def test_onlyCachesCounted(self) -> None:
+        """
+        A router that counts C{hits} and C{misses} of its own but is no
+        L{IRouteCache} (an authenticating router counting its directory's
+        answers, say) is not reported as a route cache.
+        """
+
+        class CountingRouter(FakeRouter):
+            hits, misses = 5, 5
+
+        self.assertIsNone(snapshot(ProxyStats(), [], CountingRouter())["router"]["cache"])
 
 
 class MetricsTests(SynchronousTestCase):

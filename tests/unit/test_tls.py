@@ -37,6 +37,7 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._tls import (
+    ApplicationProtocolOptions,
     CertificateSource,
     TLSConfigError,
     clientOptions,
@@ -462,7 +463,7 @@ class ServerOptionsTests(SynchronousTestCase):
         offering only others is refused with C{no_application_protocol}, and
         a client without ALPN still connects.
         """
-        options = serverOptions(self.default, [self.mail], alpn=[b"imap"])
+        options = ApplicationProtocolOptions(serverOptions(self.default, [self.mail]), [b"imap"])
         serverApp, clientApp, _ = _handshake(
             options, _TestClient(b"mail.example.com", alpn=[b"pop3", b"imap"])
         )

@@ -1,5 +1,7 @@
 """
-Blocking client libraries (ldap3, DB-API drivers) off the reactor thread.
+Blocking work off the reactor thread: the client libraries of the LDAP and
+SQL routers (ldap3, DB-API drivers), the migration's IMAP and ManageSieve
+conversations and its journal.
 
 L{ThreadRunner} runs calls in a bounded pool of threads of its own, so that
 a slow directory can occupy at most that many threads and never the
