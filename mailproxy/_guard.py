@@ -23,6 +23,8 @@ from typing import Callable, ClassVar, Mapping
 
 from zope.interface import Interface, implementer
 
+from ._outcomes import EndReason
+
 
 class IRelayLink(Interface):
     """
@@ -49,10 +51,10 @@ class IRelayLink(Interface):
         Read from the client again (unless something else pauses it).
         """
 
-    def close(reason: str) -> None:
+    def close(reason: EndReason, detail: str = "") -> None:
         """
         End the session: both connections are closed, after what was
-        written.
+        written; the session-end log gives C{reason} with C{detail}.
         """
 
 
@@ -232,14 +234,18 @@ class CommandGuard:
         """
         self.afterReplies(lambda: self._answer(reply))
 
-    def close(self, reply: bytes, reason: str) -> None:
+    def close(self, reply: bytes, problem: str) -> None:
         """
-        Say C{reply} and end the session; nothing more is forwarded.
+        Say C{reply} and end the session as a protocol error; nothing more
+        is forwarded.
+
+        @param problem: what the session-end log says after
+            C{protocol error:}.
         """
         assert self.link is not None
         self.closed = True
         self.link.answer(reply)
-        self.link.close(reason)
+        self.link.close(EndReason.PROTOCOL_ERROR, problem)
 
     # The loop
 

@@ -77,9 +77,10 @@ class SASLRefusal(Enum):
     BAD_INITIAL_RESPONSE = "bad initial response"
 
 
-class EndReason(Enum):
+class EndReason(str, Enum):
     """
     Why a session ended, as the session-end log line says it (C{reason=}).
+    A C{str} enum, like L{FailureKind}: its value is the log word.
 
     The values are the log words; a reason may carry a detail, which
     L{words} joins to them (C{protocol error: line too long}).  The
@@ -112,6 +113,12 @@ class EndReason(Enum):
     SHUTDOWN = "shutdown"
     LOGGED_IN = "logged in"
     IDLE_TIMEOUT = "idle timeout"
+    #: After the hand-over: the client closed (or half-closed) first.
+    CLIENT_CLOSED = "client closed"
+    #: After the hand-over: the backend closed (or half-closed) first.
+    BACKEND_CLOSED = "backend closed"
+    #: After the hand-over: a socket failed (reset, broken pipe).
+    CONNECTION_RESET = "connection reset"
     #: An SMTP MX session that delivered nothing.
     NO_MAIL = "no mail"
     #: An SMTP MX session whose backends accepted messages; the detail is
@@ -121,6 +128,9 @@ class EndReason(Enum):
     TIMEOUT = "timeout"
     #: An SMTP MX session the router asked to close.
     CLOSED_BY_ROUTER = "closed by the router"
+
+    def __str__(self) -> str:
+        return self.value
 
     def words(self, detail: str = "") -> str:
         """

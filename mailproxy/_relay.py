@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from ._guard import IRelayGuard, IRelayLink
+from ._outcomes import EndReason
 from ._proxylistener import ProxyHeaderProtocol
 from ._transport import IProxyTransport
 
@@ -243,9 +244,12 @@ class Relay:
         started (all sent to the backend, but what a guard refused).
     @ivar bytesFromBackend: octets read from the backend and sent to the
         client.
-    @ivar endReason: why the relay ended: C{"client closed"},
-        C{"backend closed"} (whichever side closed or half-closed first),
-        C{"idle timeout"} or C{"shutdown"}; L{None} while it runs.
+    @ivar endReason: why the relay ended: L{EndReason.CLIENT_CLOSED} or
+        L{EndReason.BACKEND_CLOSED} (whichever side closed or half-closed
+        first), L{EndReason.IDLE_TIMEOUT}, L{EndReason.CONNECTION_RESET},
+        or what L{stop} was given; L{None} while it runs.
+    @ivar endDetail: what goes with C{endReason} in the log (a drop's
+        text, a guard's protocol error).
     @ivar clientGone: the client's connection is lost (the relay did not
         have to close it).
     """
@@ -271,7 +275,8 @@ class Relay:
         self._lastActivity = 0.0
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
-        self.endReason: str | None = None
+        self.endReason: EndReason | None = None
+        self.endDetail = ""
         self._guard = guard
         self._clientHolds: set[str] = set()
         self.clientGone = False
@@ -279,7 +284,7 @@ class Relay:
         # first.
         self._clientDone = False
         self._backendDone = False
-        self._closedFirst: str | None = None
+        self._closedFirst: EndReason | None = None
         self._halfCloseCall: IDelayedCall | None = None
 
     def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
@@ -360,8 +365,8 @@ class Relay:
             if not self._clientHolds and self.endReason is None:
                 self._client.resumeProducing()
 
-    def close(self, reason: str) -> None:
-        self.stop(reason)
+    def close(self, reason: EndReason, detail: str = "") -> None:
+        self.stop(reason, detail)
 
     def clientLost(self) -> None:
         """
@@ -369,14 +374,14 @@ class Relay:
         received everything already written.
         """
         self.clientGone = True
-        self._end(self._closedFirst or "client closed", self._backend)
+        self._end(self._closedFirst or EndReason.CLIENT_CLOSED, self._backend)
 
     def backendLost(self) -> None:
         """
         The backend's connection is gone: close the client once the
         backend's last words (e.g. C{* BYE}) have reached it.
         """
-        self._end(self._closedFirst or "backend closed", self._client)
+        self._end(self._closedFirst or EndReason.BACKEND_CLOSED, self._client)
 
     def clientHalfClosed(self) -> None:
         """
@@ -387,7 +392,7 @@ class Relay:
         if self.endReason is None and not self._clientDone:
             self._clientDone = True
             if self._guard is None:
-                self._halfClosed("client closed", self._client, self._backend, self._backendDone)
+                self._halfClosed(EndReason.CLIENT_CLOSED, self._client, self._backend, self._backendDone)
             else:
                 # Commands the guard still holds (waiting for replies) go to
                 # the backend before the half-close does.
@@ -395,7 +400,7 @@ class Relay:
 
     def _clientDrained(self) -> None:
         if self.endReason is None:
-            self._halfClosed("client closed", self._client, self._backend, self._backendDone)
+            self._halfClosed(EndReason.CLIENT_CLOSED, self._client, self._backend, self._backendDone)
 
     def backendHalfClosed(self) -> None:
         """
@@ -404,9 +409,9 @@ class Relay:
         """
         if self.endReason is None and not self._backendDone:
             self._backendDone = True
-            self._halfClosed("backend closed", self._backend, self._client, self._clientDone)
+            self._halfClosed(EndReason.BACKEND_CLOSED, self._backend, self._client, self._clientDone)
 
-    def _halfClosed(self, reason: str, source: IProxyTransport, sink: IProxyTransport, sinkDone: bool) -> None:
+    def _halfClosed(self, reason: EndReason, source: IProxyTransport, sink: IProxyTransport, sinkDone: bool) -> None:
         if self._closedFirst is None:
             self._closedFirst = reason
         if sinkDone:
@@ -431,12 +436,14 @@ class Relay:
         else:
             closeWriting(sink)
 
-    def stop(self, reason: str = "shutdown") -> None:
+    def stop(self, reason: EndReason = EndReason.SHUTDOWN, detail: str = "") -> None:
         """
         End the relay from outside (shutdown, an operator dropping the
-        session): both connections are closed.
+        session, a guard refusing the client): both connections are closed.
+
+        @param detail: what the log says with C{reason}.
         """
-        if self._end(reason, self._backend):
+        if self._end(reason, self._backend, detail):
             self._client.loseConnection()
 
     def _checkIdle(self) -> None:
@@ -444,16 +451,17 @@ class Relay:
         if idleFor >= self._idleTimeout:
             self._idleCall = None
             self.log.info("relay idle for {seconds:.0f}s, closing", seconds=idleFor)
-            self.stop("idle timeout")
+            self.stop(EndReason.IDLE_TIMEOUT)
         else:
             self._idleCall = self._clock.callLater(
                 self._idleTimeout - idleFor, self._checkIdle
             )
 
-    def _end(self, reason: str, other: IProxyTransport) -> bool:
+    def _end(self, reason: EndReason, other: IProxyTransport, detail: str = "") -> bool:
         if self.endReason is not None:
             return False
         self.endReason = reason
+        self.endDetail = detail
         for call in (self._idleCall, self._halfCloseCall):
             if call is not None and call.active():
                 call.cancel()
@@ -847,7 +855,7 @@ class _Splicer:
             except OSError:
                 pass
             if self.relay._closedFirst is None:
-                self.relay._closedFirst = "client closed" if direction is self.toBackend else "backend closed"
+                self.relay._closedFirst = EndReason.CLIENT_CLOSED if direction is self.toBackend else EndReason.BACKEND_CLOSED
             return
         # Both ways are over and everything reached its sink: end as
         # Twisted would have (the relay closes the sink), and close the
@@ -868,7 +876,7 @@ class _Splicer:
         A socket failed: end the relay; Twisted closes both sockets.
         """
         if self.attached:
-            self.relay.stop("connection reset")
+            self.relay.stop(EndReason.CONNECTION_RESET)
 
     def detach(self) -> None:
         """

@@ -420,7 +420,7 @@ class Session(Protocol):
             result = "failed"
         else:
             result = "no-login"
-        reason = relay.endReason if relay and relay.endReason else self.result
+        reason = relay.endReason.words(relay.endDetail) if relay and relay.endReason else self.result
         route = self.route
         backend = route.backend.name if route else None
         duration = time.monotonic() - self._started
@@ -753,12 +753,12 @@ class FrontendProtocol(Session):
         reason = oneLine(reason) or "Disconnected."
         if self.relay.endReason is None:
             self._goodbye = (why, reason)
-            self.relay.stop(why.words(reason))
+            self.relay.stop(why, reason)
 
     def _relayEnded(self, relay: Relay) -> None:
         # The client sees a goodbye only from us; the backend's own
         # connection is closed under it.
-        if relay.endReason == EndReason.IDLE_TIMEOUT.value:
+        if relay.endReason is EndReason.IDLE_TIMEOUT:
             self.sayGoodbye(EndReason.IDLE_TIMEOUT, "Idle timeout.")
         elif self._goodbye is not None:
             self.sayGoodbye(*self._goodbye)

@@ -105,7 +105,7 @@ class SieveGuard(CommandGuard):
             if smuggled is None:
                 return None
             if smuggled:
-                self.close(_HIDDEN, "protocol error: XCLIENT inside a command")
+                self.close(_HIDDEN, "XCLIENT inside a command")
                 return None
         consumed = self.lineStep(buffer, position)
         if consumed is not None:
@@ -121,7 +121,7 @@ class SieveGuard(CommandGuard):
                 if smuggled is None:
                     break
                 if smuggled:
-                    self.close(_HIDDEN, "protocol error: XCLIENT inside a literal")
+                    self.close(_HIDDEN, "XCLIENT inside a literal")
                     return None
                 self._lineStart = False
             found = buffer.find(b"\n", scan, end)

@@ -110,7 +110,7 @@ class SMTPGuard(CommandGuard):
         if scanner.bareLineEnding:
             # What the backend has is an unfinished message: closing the
             # connection discards it.
-            self.close(_BARE_LINE_ENDING, "protocol error: bare CR or LF in message data")
+            self.close(_BARE_LINE_ENDING, "bare CR or LF in message data")
             return None
         if found is None:
             return len(buffer), True

@@ -25,6 +25,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from mailproxy import _relay
+from mailproxy._outcomes import EndReason
 from mailproxy._relay import Relay
 from mailproxy._tls import makeSelfSigned
 
@@ -227,7 +228,7 @@ class SplicedRelayTests(TestCase):
             self.clientInner.transport.write(b"* BYE moved\r\n")
 
         self.relay._onEnd = goodbye
-        self.relay.stop("dropped")
+        self.relay.stop(EndReason.DROPPED)
         yield self.client.closed
         yield self.backend.closed
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* BYE moved\r\n")

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mailproxy._guard import IRelayLink
+from mailproxy._outcomes import EndReason
 from mailproxy._relay import HALF_CLOSED_IDLE, Relay
 from mailproxy.smtp._guard import GUARDED_LINE, SMTPGuard
 
@@ -45,8 +46,9 @@ class FakeLink:
     def releaseClient(self) -> None:
         self.held = False
 
-    def close(self, reason: str) -> None:
-        self.closed = reason
+    def close(self, reason: EndReason, detail: str = "") -> None:
+        # What the session-end log will say.
+        self.closed = reason.words(detail)
 
 
 class SMTPGuardTests(SynchronousTestCase):
