@@ -771,9 +771,13 @@ class FrontendProtocol(Session):
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         """
-        The protocol module's backend login dialogue for C{job}.
+        The protocol's backend login dialogue for C{job}: the registry's
+        C{backendLogin} of this listener's protocol, given the job, the
+        reactor and the backend timeout.  A protocol whose dialogue needs
+        more (SMTP's knowledge of the backends' extensions) overrides this.
         """
-        raise NotImplementedError
+        dialogue = self.listener.descriptor.backendLoginFactory()
+        return cast(BackendProtocol, dialogue(job, self.context.reactor, self.limits.backendTimeout))
 
 
 @implementer(IPushProducer)

@@ -17,7 +17,6 @@ from typing import Any, Callable, cast
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
@@ -125,9 +124,6 @@ class IMAPFrontend(CommandFrontend):
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         self.sendLine(b"* BYE " + text.encode("utf-8"))
-
-    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
-        return IMAPBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:

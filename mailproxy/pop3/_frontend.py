@@ -21,12 +21,12 @@ password for the backend login.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Any, Callable
+from typing import Callable, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
@@ -156,9 +156,6 @@ class POP3Frontend(CommandFrontend):
             return
         self.err(text)
 
-    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
-        return POP3BackendLogin(job, self.context.reactor, self.limits.backendTimeout)
-
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:
             self.ok("Begin TLS negotiation now.")
@@ -191,8 +188,8 @@ class POP3Frontend(CommandFrontend):
         else:
             self.err("Invalid " + mechanism + " response.")
 
-    def answerLogin(self, command: Command, backend: Any) -> IRelayGuard:
-        self.sendLine(backend.okLine)
+    def answerLogin(self, command: Command, backend: BackendProtocol) -> IRelayGuard:
+        self.sendLine(cast(POP3BackendLogin, backend).okLine)
         return POP3Guard()
 
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:

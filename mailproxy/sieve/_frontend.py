@@ -22,7 +22,7 @@ from typing import Callable, cast
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .._backend import BackendProtocol, LoginJob
+from .._backend import BackendProtocol
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
@@ -175,9 +175,6 @@ class SieveFrontend(CommandFrontend):
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         self.reply(b"BYE", text)
-
-    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
-        return SieveBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
     def answerStartTLS(self, command: tuple[SieveValue, ...], refusal: StartTLSRefusal | None) -> None:
         if refusal is not None:
