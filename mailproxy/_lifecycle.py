@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._migrate import LoginHold, Mover
+from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, loadConfig
 from .routers import buildRouter
@@ -226,6 +227,46 @@ class ProxyService(MultiService):
         if not done.called:
             calls.append(self.reactor.callLater(grace, graceOver))
         return done
+
+    # What the management endpoint asks (a parent of worker processes
+    # answers the same for all of them: mailproxy._workers.Machine)
+
+    def statsSnapshot(self) -> dict[str, Any]:
+        """
+        C{GET /stats}: L{mailproxy._stats.snapshot} of this proxy.
+        """
+        context = self.context
+        return snapshot(context.stats, context.sessions, context.router)
+
+    def metrics(self, health: dict[str, Any]) -> bytes:
+        """
+        C{GET /metrics}: L{mailproxy._stats.metricsText} of this proxy.
+        """
+        context = self.context
+        return metricsText(context.stats, context.sessions, context.router, health)
+
+    def describeSessions(
+        self, account: str | None = None, backend: str | None = None, domain: str | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        C{GET /sessions}: the open sessions matching every filter given,
+        each as its C{describe()}.
+        """
+        return [session.describe() for session in self.context.sessions.find(account=account, backend=backend, domain=domain)]
+
+    def dropSessions(self, account: str | None, backend: str | None, sessionId: str | None, reason: str) -> list[str]:
+        """
+        C{POST /sessions/drop}: drop the sessions matching every filter
+        given, with C{reason} for their clients.
+
+        @return: the ids of the sessions dropped.
+        """
+        sessions = self.context.sessions.find(account=account, backend=backend)
+        if sessionId is not None:
+            sessions = [s for s in sessions if s.client.sessionId == sessionId]
+        for session in sessions:
+            session.drop(reason)
+        return [s.client.sessionId for s in sessions]
 
     # Reload
 
