@@ -64,7 +64,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, _closeRouter, _startRouter, _stopRouter
-from ._migrate import LoginHold, Mover
+from ._migrate import Mover, findRouteStore
 from ._safetext import LogQuoted
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import mergeStates, metricsText, snapshot, statsState
@@ -348,7 +348,7 @@ class _MachineMover(Mover):
     def invalidate(self, *keys: str) -> None:
         super().invalidate(*keys)
         if keys:
-            self.machine.tellWorkers("invalidate", list(keys))
+            self.machine.tellWorkers("routesChanged", list(keys))
 
 
 class _MachineContext:
@@ -981,10 +981,22 @@ class _WorkerSide:
             "reload": lambda _: self.service.reload(),
             "hold": self._hold,
             "release": lambda argument: self.holds.pop(argument["id"], lambda: None)(),
-            "invalidate": lambda keys: self.service.mover.invalidate(*keys),
+            "routesChanged": self._routesChanged,
             "block": self._block,
             "failures": lambda argument: self.failures.learn(argument["address"], argument["count"]),
         }
+
+    def _routesChanged(self, keys: list[str]) -> None:
+        # The parent changed the route store. A store each process reads
+        # into memory (the static router's file) is read again now, not at
+        # its next look at the file: the clients a move drops reconnect at
+        # once, and the drops come after this on the channel. A shared
+        # store (SQL, LDAP, HTTP) is asked afresh once the caches forget.
+        store = findRouteStore(self.service.context.router)
+        reload = getattr(store, "reload", None)
+        if callable(reload):
+            reload()
+        self.service.mover.invalidate(*keys)
 
     def _drop(self, argument: dict[str, Any]) -> list[str]:
         return cast(
