@@ -1,0 +1,390 @@
+"""
+Tests for L{mailproxy._workers}: the channel between the parent and its
+workers, counting per client address across workers, supervision, the
+parent's reload, log events relayed to the parent, and the workers'
+counters summed (L{mailproxy._stats.mergeStates}); and for
+L{mailproxy._shared}.  The processes themselves run in
+tests.integration.test_workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
+from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._logs import jsonLine
+from mailproxy._safetext import logQuote
+from mailproxy._shared import FAILURE_MEMORY, LocalFailures
+from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
+from mailproxy._workers import (
+    MAX_BACKOFF,
+    STABLE,
+    CallError,
+    Channel,
+    Machine,
+    WorkerConnections,
+    _eventForParent,
+    _eventFromWorker,
+)
+from mailproxy.config import parseConfig
+
+
+def channels(parentHandlers: dict[str, Any], workerHandlers: dict[str, Any]) -> tuple[Channel, Channel, Any]:
+    """
+    A parent's and a worker's channel connected in memory, and the pump
+    that moves their bytes.
+    """
+    parent, worker = Channel(parentHandlers), Channel(workerHandlers)
+    pump = connect(worker, makeFakeServer(worker), parent, makeFakeClient(parent))
+    return parent, worker, pump
+
+
+class ChannelTests(SynchronousTestCase):
+    """
+    Calls by name over AMP, with JSON of any size.
+    """
+
+    def test_largeArgumentAndAnswer(self) -> None:
+        """
+        An argument and an answer far larger than one AMP value (65,535
+        octets) arrive whole.
+        """
+        sessions = [{"session": f"s{n:06d}", "account": f"user{n}@example.org"} for n in range(5000)]
+        parent, worker, pump = channels({}, {"echo": lambda argument: {"got": argument}})
+        answers: list[Any] = []
+        parent.call("echo", sessions).addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(answers, [{"got": sessions}])
+
+    def test_deferredAnswer(self) -> None:
+        """
+        A handler may answer later, with a Deferred.
+        """
+        later: Deferred[int] = Deferred()
+        parent, worker, pump = channels({}, {"later": lambda _: later})
+        answers: list[Any] = []
+        parent.call("later").addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(answers, [])
+        later.callback(7)
+        pump.flush()
+        self.assertEqual(answers, [7])
+
+    def test_unknownMethod(self) -> None:
+        """
+        A call of a method the other side does not have fails with
+        L{CallError}, and the channel goes on.
+        """
+        parent, worker, pump = channels({}, {"known": lambda _: 1})
+        failures: list[Failure] = []
+        answers: list[Any] = []
+        parent.call("unknown").addErrback(failures.append)
+        parent.call("known").addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(CallError)
+        self.assertEqual(answers, [1])
+
+    def test_notify(self) -> None:
+        """
+        A notification reaches its handler; nothing answers it.
+        """
+        heard: list[Any] = []
+        parent, worker, pump = channels({"log": heard.append}, {})
+        worker.notify("log", {"a": 1})
+        pump.flush()
+        self.assertEqual(heard, [{"a": 1}])
+
+
+class FakeChannel:
+    """
+    Records notifications.
+    """
+
+    def __init__(self) -> None:
+        self.notified: list[tuple[str, Any]] = []
+
+    def notify(self, method: str, argument: Any) -> None:
+        self.notified.append((method, argument))
+
+
+class WorkerConnectionsTests(SynchronousTestCase):
+    """
+    A worker's count of connections per address.
+    """
+
+    def test_ownLimit(self) -> None:
+        """
+        A worker refuses an address at the limit by its own count.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(2, channel, clock)  # type: ignore[arg-type]
+        self.assertEqual([tracker.add("192.0.2.1") for _ in range(3)], [True, True, False])
+        tracker.remove("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_blockedByParent(self) -> None:
+        """
+        An address the parent says is at the limit (counting every worker)
+        is refused, until it says it is not.
+        """
+        tracker = WorkerConnections(5, FakeChannel(), Clock())  # type: ignore[arg-type]
+        tracker.blocked.add("192.0.2.1")
+        self.assertFalse(tracker.add("192.0.2.1"))
+        self.assertTrue(tracker.add("192.0.2.2"))
+        tracker.blocked.discard("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_noLimit(self) -> None:
+        """
+        With no limit (0) nothing is refused.
+        """
+        tracker = WorkerConnections(0, FakeChannel(), Clock())  # type: ignore[arg-type]
+        tracker.blocked.add("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_reportedOncePerTurn(self) -> None:
+        """
+        What one turn of the reactor counted goes to the parent in one
+        message, changes that cancel out left out.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.2")
+        tracker.remove("192.0.2.2")
+        self.assertEqual(channel.notified, [])
+        clock.advance(0)
+        self.assertEqual(channel.notified, [("connections", {"192.0.2.1": 2})])
+
+
+CONFIG = """\
+[proxy]
+hostname = "proxy.example.org"
+workers = 2
+[limits]
+connections_per_address = 3
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+[router]
+type = "static"
+path = "routes.toml"
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+"""
+
+
+class MachineTests(SynchronousTestCase):
+    """
+    The parent: counting across workers, supervision, reload.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+        with open(self.path, "w") as f:
+            f.write(CONFIG)
+        self.clock = Clock()
+        self.machine = Machine(parseConfig(CONFIG, self.path), 2, self.clock, [])
+        self.told: list[tuple[str, Any]] = []
+        self.machine.tellWorkers = lambda method, argument: self.told.append((method, argument))  # type: ignore[method-assign]
+        self.one, self.two = self.machine.workers
+
+    def test_limitAcrossWorkers(self) -> None:
+        """
+        Every worker hears when an address reaches the limit counting all
+        workers' connections, and when it drops below.
+        """
+        self.machine._connections(self.one, {"192.0.2.1": 2})
+        self.assertEqual(self.told, [])
+        self.machine._connections(self.two, {"192.0.2.1": 1})
+        self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
+        self.machine._connections(self.two, {"192.0.2.1": -1})
+        self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+
+    def test_deadWorkerUncounted(self) -> None:
+        """
+        The connections of a worker that died are no longer counted.
+        """
+        self.machine._connections(self.one, {"192.0.2.1": 2})
+        self.machine._connections(self.two, {"192.0.2.1": 1})
+        self.machine.running = False
+        self.machine.workerEnded(self.one, "was killed by signal 9")
+        self.assertEqual(self.told[-1], ("block", {"address": "192.0.2.1", "blocked": False}))
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 1})
+
+    def test_backOff(self) -> None:
+        """
+        A worker that dies soon after its start is started again after a
+        wait that doubles each time, up to L{MAX_BACKOFF}; once one ran
+        L{STABLE} seconds, the next starts at once.
+        """
+        self.machine.running = True
+        waits = []
+        for _ in range(8):
+            self.one.started = self.clock.seconds()
+            self.machine.workerEnded(self.one, "exited with status 1")
+            (call,) = self.clock.getDelayedCalls()
+            waits.append(call.getTime() - self.clock.seconds())
+            call.cancel()
+        self.assertEqual(waits, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_BACKOFF, MAX_BACKOFF])
+        self.clock.advance(STABLE)
+        self.machine.workerEnded(self.one, "exited with status 1")
+        (call,) = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), self.clock.seconds())
+
+    def test_brokenReload(self) -> None:
+        """
+        A reload of a broken file answers why, and tells no worker.
+        """
+        with open(self.path, "w") as f:
+            f.write(CONFIG.replace('type = "static"', 'type = "nonesuch"'))
+        asked: list[str] = []
+        self.machine.askWorkers = lambda method, argument=None: asked.append(method)  # type: ignore[assignment, method-assign, misc, return-value]
+        outcomes: list[dict[str, Any]] = []
+        self.machine.reload().addCallback(outcomes.append)
+        self.assertEqual(len(outcomes), 1)
+        self.assertFalse(outcomes[0]["ok"])
+        self.assertIn("nonesuch", outcomes[0]["error"])
+        self.assertEqual((asked, self.told), ([], []))
+
+    def test_holdInEveryWorker(self) -> None:
+        """
+        A move's hold is told to every worker, and its end; a worker that
+        starts meanwhile learns of the hold in effect.
+        """
+        release = self.machine.gate.hold(["a@example.org"], ["example.net"])
+        self.assertEqual(self.told, [("hold", {"id": 1, "accounts": ["a@example.org"], "domains": ["example.net"]})])
+        self.assertEqual(self.machine._hello(self.one)["holds"], [self.told[0][1]])
+        release()
+        self.assertEqual(self.told[1:], [("release", {"id": 1})])
+        self.assertEqual(self.machine._hello(self.one)["holds"], [])
+
+    def test_failuresTold(self) -> None:
+        """
+        A failed login a worker reports is counted for its address and the
+        count told to every worker.
+        """
+        self.machine._failed("192.0.2.1")
+        self.machine._failed("192.0.2.1")
+        self.assertEqual(self.told, [("failures", {"address": "192.0.2.1", "count": n}) for n in (1, 2)])
+
+
+class LocalFailuresTests(SynchronousTestCase):
+    """
+    Failed logins per address.
+    """
+
+    def test_countAndForget(self) -> None:
+        """
+        Failures from one address count up; after L{FAILURE_MEMORY}
+        seconds without one, they are forgotten.
+        """
+        clock = Clock()
+        failures = LocalFailures(clock)
+        self.assertEqual([failures.failed("192.0.2.1") for _ in range(3)], [1, 2, 3])
+        self.assertEqual(failures.failed("192.0.2.2"), 1)
+        clock.advance(FAILURE_MEMORY + 1)
+        self.assertEqual(failures.failed("192.0.2.1"), 1)
+
+    def test_learn(self) -> None:
+        """
+        A larger count learned from elsewhere is the count from then on.
+        """
+        failures = LocalFailures(Clock())
+        failures.failed("192.0.2.1")
+        failures.learn("192.0.2.1", 4)
+        failures.learn("192.0.2.1", 2)
+        self.assertEqual(failures.failed("192.0.2.1"), 5)
+
+
+class LogRelayTests(SynchronousTestCase):
+    """
+    A worker's log events, as the parent's log writes them.
+    """
+
+    def test_textAndFields(self) -> None:
+        """
+        The parent's event has the worker's text (braces included), level,
+        fields, and quoted text in both forms, plus the worker's number.
+        """
+        event = {
+            "log_format": "login {user} {{literal}} {n}",
+            "log_level": LogLevel.warn,
+            "log_namespace": "mailproxy._session",
+            "log_time": 1000.0,
+            "user": logQuote('a"b\r\n'),
+            "n": 3,
+            "event": "login_failed",
+            "object": object(),
+        }
+        relayed = _eventFromWorker(_eventForParent(event, 2))  # type: ignore[arg-type]
+        self.assertEqual(formatEvent(relayed), formatEvent(event))
+        self.assertEqual(relayed["log_level"], LogLevel.warn)
+        self.assertEqual(relayed["worker"], 2)
+        self.assertEqual(relayed["log_system"], "worker 2")
+        self.assertNotIn("object", relayed)
+        line = jsonLine(relayed)
+        self.assertIn('"user": "a\\"b\\r\\n"', line)
+        self.assertIn('"event": "login_failed"', line)
+
+    def test_debugStays(self) -> None:
+        """
+        Debug events stay in the worker, as the parent's log would drop
+        them.
+        """
+        self.assertIsNone(_eventForParent({"log_format": "x", "log_level": LogLevel.debug}, 1))
+
+    def test_failureTraceback(self) -> None:
+        """
+        A failure's traceback travels in the text.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        event = {"log_format": "oops", "log_level": LogLevel.critical, "log_failure": failure}
+        text = formatEvent(_eventFromWorker(_eventForParent(event, 1)))  # type: ignore[arg-type]
+        self.assertIn("oops", text)
+        self.assertIn("ZeroDivisionError", text)
+
+
+class MergeTests(SynchronousTestCase):
+    """
+    The workers' counters summed.
+    """
+
+    def test_sumEqualsOneProcess(self) -> None:
+        """
+        What two workers counted, summed, is what one process counting
+        the same events shows.
+        """
+        clock = Clock()
+        one, two, both = ProxyStats(clock), ProxyStats(clock), ProxyStats(clock)
+        for stats in (one, both):
+            stats.connectionAccepted("imap", "0")
+            stats.loginSucceeded("imap", "old", 0.02)
+            stats.routerAnswered(0.003, "static")
+        for stats in (two, both):
+            stats.connectionAccepted("imap", "0")
+            stats.connectionRefused("imap", "0", "connections_per_address")
+            stats.loginFailed("imap", "old", "auth", 0.5)
+            stats.routerAnswered(0.2, "static")
+            stats.sessionEnded("imap", "old", 10, 20)
+        states = [statsState(stats, [], None) for stats in (one, two)]
+        merged, sessions, cache = mergeStates(states, clock)
+        self.assertEqual(snapshot(merged, sessions, cache), snapshot(both, [], None))  # type: ignore[arg-type]
