@@ -1,61 +1,109 @@
 """
-The command loop every front end runs before login.
+The command loop every front end runs before login, and the decisions it
+takes for every protocol.
 
 A front end reads its client's commands one after another and answers
 each; a login in between stops the loop until the router and the backend
-have answered. L{CommandFrontend} holds what every such loop needs: its
-state, the guard that keeps a login answered at once from nesting the
-loop, counting invalid commands, and closing the session.
+have answered. L{CommandLoop} holds what every such loop needs: its state
+(L{LoopState}), the guard that keeps a command answered at once from
+nesting the loop, counting invalid commands, and the STARTTLS policy.
+L{CommandFrontend} adds what a loop with a login decides: the SASL
+exchange and the answer to a login.  The protocol only phrases the
+outcomes (L{mailproxy._contract}).
 
 A client may pipeline commands without reading the replies: the loop then
 stops answering as soon as the transport's write buffer is full
-(L{FrontendProtocol.repliesUnread}), reading pauses, and the loop goes on
-where it stopped once the client has read (L{CommandFrontend.repliesRead}).
-What was read meanwhile stays buffered, bounded by one read and the line
-limits.
+(L{Session.repliesUnread}), reading pauses, and the loop goes on where it
+stopped once the client has read (L{CommandLoop.repliesRead}).  What was
+read meanwhile stays buffered, bounded by one read and the line limits.
 """
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any, Sequence, cast
+
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
-from ._session import FrontendProtocol, ProxyContext
+from ._backend import BackendProtocol
+from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
+from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
+from ._login import LoginFailed
+from ._session import FrontendProtocol, ProxyContext, Session
+from .model import Credentials
 from .settings import Listener
 
+__all__ = ["CommandFrontend", "CommandLoop", "LoopState"]
 
-class CommandFrontend(FrontendProtocol):
+
+class LoopState(str, Enum):
     """
-    A L{FrontendProtocol} that reads commands in a loop.
+    What a command loop does with client input now.
 
-    Subclasses implement L{processInput}, besides what L{FrontendProtocol}
-    asks for, and call L{process} when input arrives or a login failed.
-    Their loops stop while L{repliesUnread}.
+    A C{str} enum: a protocol may compare it with its old words.
+    """
 
-    States (subclasses add their own): C{"command"} (reading commands),
-    C{"login"} (waiting for the router and the backend; client input stays
-    buffered), C{"relay"} (handed over), C{"closed"}.
+    #: Reading commands.
+    COMMAND = "command"
+    #: Reading the client's response to a SASL challenge.
+    SASL = "sasl"
+    #: Waiting for the router and the backend; client input stays buffered.
+    LOGIN = "login"
+    #: Waiting for something else the answer needs (SMTP's EHLO waits for
+    #: what the backends support); client input stays buffered.
+    WAITING = "waiting"
+    #: Handed over: the relay has the client.
+    RELAY = "relay"
+    #: The session ended; nothing more is read or answered.
+    CLOSED = "closed"
 
-    @cvar maxBadCommands: invalid commands after which the connection is
-        closed.
+    def __str__(self) -> str:
+        return self.value
+
+
+class CommandLoop(Session):
+    """
+    A L{Session} that reads commands in a loop.
+
+    Subclasses implement L{readCommand} and provide L{input} (see
+    L{mailproxy._contract.IProtocolFrontend}), besides what L{Session} asks
+    for. The loop (L{processInput}) runs while C{state} lets it and stops
+    while L{repliesUnread}.
+
+    @cvar maxBadCommands: invalid commands after which the session ends.
+    @cvar badCommandsReason: the L{EndReason} then.
     @cvar badCommandsGoodbye: the last words then.
-    @cvar internalErrorGoodbye: the last words after a bug in login handling.
+    @ivar state: the L{LoopState} (a protocol may use states of its own).
     @ivar badCommands: invalid commands so far.
+    @ivar input: the protocol's L{IClientInput}.
     """
 
     maxBadCommands = 10
+    badCommandsReason = EndReason.BAD_COMMANDS
     badCommandsGoodbye = "Too many invalid commands."
-    internalErrorGoodbye = "Internal error."
+    #: Provides L{IClientInput}; a protocol gives its own parser's type.
+    input: Any
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        self.state = "command"
+        # Transitional: front ends not yet converted keep words (a str
+        # enum compares equal to them).
+        self.state: Enum | str = LoopState.COMMAND
         self.badCommands = 0
         self._processing = False
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.state = "closed"
+        self.state = LoopState.CLOSED
         super().connectionLost(reason)
+
+    def sessionEnding(self) -> None:
+        self.state = LoopState.CLOSED
+        super().sessionEnding()
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        self.input.feed(data)
+        self.process()
 
     def sendLine(self, line: bytes) -> None:
         """
@@ -81,9 +129,29 @@ class CommandFrontend(FrontendProtocol):
 
     def processInput(self) -> None:
         """
-        The loop behind L{process}: read and answer buffered input while
-        the state allows and the client reads the replies (not
-        L{repliesUnread}).
+        The loop behind L{process}: read and answer buffered input, one
+        command (L{readNext}) at a time, while the client reads the replies
+        (not L{repliesUnread}) and there is something to read in the
+        current state.  A protocol with input states of its own (SMTP's
+        message data) extends it.
+        """
+        while not self.repliesUnread and self.readNext():
+            pass
+
+    def readNext(self) -> bool:
+        """
+        Read and answer one unit of input in the current state.
+
+        @return: whether the loop goes on: C{False} when nothing complete
+            is buffered, or the state reads no input.
+        """
+        if self.state == LoopState.COMMAND:
+            return self.readCommand()
+        return False
+
+    def readCommand(self) -> bool:
+        """
+        See L{mailproxy._contract.IProtocolFrontend.readCommand}.
         """
         raise NotImplementedError
 
@@ -93,7 +161,7 @@ class CommandFrontend(FrontendProtocol):
     def countBadCommand(self) -> None:
         """
         An invalid command has been answered; after L{maxBadCommands} of
-        them the session ends with L{tooManyBadCommands}.
+        them the session ends (L{badCommandsReason}, L{badCommandsGoodbye}).
         """
         self.badCommands += 1
         if self.badCommands >= self.maxBadCommands:
@@ -103,15 +171,246 @@ class CommandFrontend(FrontendProtocol):
         """
         End the session after one invalid command too many.
         """
-        self.result = "too many invalid commands"
-        self.closeWith(self.badCommandsGoodbye)
+        self.end(self.badCommandsReason, self.badCommandsGoodbye)
+
+    # STARTTLS
+
+    def startTLSCommand(self, command: Any, hasArguments: bool, inTransaction: bool = False) -> None:
+        """
+        The client asked for TLS (STARTTLS, STLS): refuse it, or let the
+        protocol say go ahead, then discard the input buffered after the
+        command (it arrived in clear and could have been injected,
+        CVE-2011-0411), let the protocol forget what it learned before TLS
+        and start TLS.
+
+        @param command: the protocol's command, handed back to
+            C{answerStartTLS}.
+        @param hasArguments: the command came with arguments.
+        @param inTransaction: the protocol is in the middle of something
+            TLS must not interrupt (an SMTP mail transaction).
+        """
+        refusal: StartTLSRefusal | None = None
+        if hasArguments:
+            refusal = StartTLSRefusal.ARGUMENTS
+        elif self.tlsActive:
+            refusal = StartTLSRefusal.ACTIVE
+        elif not self.tlsAvailable:
+            refusal = StartTLSRefusal.UNAVAILABLE
+        elif inTransaction:
+            refusal = StartTLSRefusal.TRANSACTION
+        self.answerStartTLS(command, refusal)
+        if refusal is not None:
+            return
+        self.input.clear()
+        self.forgetBeforeTLS()
+        self.startTLS()
+
+    def answerStartTLS(self, command: Any, refusal: StartTLSRefusal | None) -> None:
+        """
+        See L{mailproxy._contract.IProtocolFrontend.answerStartTLS}.
+        """
+        raise NotImplementedError
+
+    def forgetBeforeTLS(self) -> None:
+        """
+        See L{mailproxy._contract.IProtocolFrontend.forgetBeforeTLS}.
+        """
+
+    # Transitional: the ways to end a session before end(), kept for the
+    # front ends not yet converted to it.
+
+    def closeWith(self, goodbye: str | None = None) -> None:
+        """
+        Transitional: L{end} with the reason noted so far (or set as
+        C{result}).
+        """
+        if not self.closing:
+            self._finish(self.endReason, goodbye)
 
     def fatal(self, reason: str) -> None:
         """
-        The input cannot be read any further: say C{reason} and close.
+        Transitional: the input cannot be read any further; L{end} with
+        L{EndReason.PROTOCOL_ERROR}.
         """
-        self.result = "protocol error: " + reason
-        self.closeWith(reason)
+        self.end(EndReason.PROTOCOL_ERROR, reason, detail=reason)
+
+    def closeAfterLoginFailure(self) -> None:
+        """
+        Transitional: L{CommandFrontend} ends a session after a failed login
+        itself.
+        """
+        failures = cast(FrontendProtocol, self).failures
+        self.closeWith(_loginFailureGoodbye(failures, self.limits.loginFailures))
+
+
+def _loginFailureGoodbye(failures: int, limit: int) -> str:
+    if failures >= limit:
+        return "Too many invalid authentication attempts."
+    return "Closing connection."
+
+
+class CommandFrontend(CommandLoop, FrontendProtocol):
+    """
+    A command loop whose client logs in: the core of the login-capable
+    front ends (L{mailproxy._contract.ILoginFrontend}).
+
+    It runs the SASL exchange (L{authenticate}, L{saslResponse}) and the
+    login (L{loginWith}), and answers through the protocol's phrasing
+    methods; after a successful login it hands the session over with what
+    the client pipelined behind its login.
+
+    @cvar internalErrorGoodbye: the last words after a bug in login handling.
+    @cvar saslLoneEquals: a lone C{=} stands for an empty response (RFC
+        4954, 5034, 4959); ManageSieve has quoted strings instead.
+    @cvar saslLoginUserRequired: LOGIN refuses an empty user name.
+    @cvar loginFailureReason: the L{EndReason} when a failed login ends the
+        session; L{EndReason.LOGIN_FAILED} is logged with the failure kind.
+    @ivar clientID: what the client said about itself (IMAP ID), for the
+        router and the backend.
+    """
+
+    internalErrorGoodbye = "Internal error."
+    saslLoneEquals = True
+    saslLoginUserRequired = False
+    loginFailureReason = EndReason.LOGIN_FAILED
+
+    def __init__(self, context: ProxyContext, listener: Listener) -> None:
+        super().__init__(context, listener)
+        self.clientID: tuple[tuple[str, str], ...] = ()
+        self._exchange: ServerExchange | None = None
+        self._saslCommand: Any = None
+
+    def offeredMechanisms(self) -> list[str]:
+        """
+        The SASL mechanisms a client may use on this connection now: none
+        before TLS where the listener asks for TLS first.
+        """
+        return list(self.saslMechanisms()) if self.plaintextLoginAllowed else []
+
+    # SASL
+
+    def authenticate(
+        self, command: Any, mechanism: str, initialResponse: bytes | None = None, badInitialResponse: bool = False
+    ) -> None:
+        """
+        The client starts a SASL exchange (AUTH, AUTHENTICATE).
+
+        Refuses a mechanism not supported, credentials before TLS where
+        the listener asks for TLS first, an initial response that is not
+        base64 (or given to CRAM-MD5); otherwise sends the first challenge
+        or, with an initial response that completes the exchange, logs in.
+
+        @param mechanism: the name the client gave (ASCII; any case).
+        @param initialResponse: the client's initial response, still base64.
+        @param badInitialResponse: the client gave an initial response that
+            is not a string in the protocol's syntax.
+        """
+        mechanism = mechanism.upper()
+        if mechanism not in self.saslMechanisms():
+            self.answerSASLRefusal(command, SASLRefusal.UNSUPPORTED, mechanism)
+            return
+        if not self.plaintextLoginAllowed:
+            self.answerSASLRefusal(command, SASLRefusal.PRIVACY_REQUIRED, mechanism)
+            return
+        if badInitialResponse:
+            self.answerSASLRefusal(command, SASLRefusal.BAD_INITIAL_RESPONSE, mechanism)
+            return
+        initial: bytes | None = None
+        if initialResponse is not None:
+            initial = self._decodeSASL(initialResponse)
+            if initial is None:
+                self.answerSASLRefusal(command, SASLRefusal.BAD_BASE64, mechanism)
+                return
+        challenge = b""
+        if mechanism == "CRAM-MD5":
+            if initial is not None:
+                # CRAM-MD5 starts with the server's challenge.
+                self.answerSASLRefusal(command, SASLRefusal.NO_INITIAL_RESPONSE, mechanism)
+                return
+            challenge = newChallenge(self.context.reactor.seconds(), self.context.hostname)
+        self._saslCommand = command
+        self._exchange = ServerExchange(mechanism, challenge, loginUserRequired=self.saslLoginUserRequired)
+        self._nextSASLStep(self._exchange.start(initial))
+
+    def saslResponse(self, response: bytes) -> None:
+        """
+        The client's response to the latest challenge, as the protocol read
+        it (still base64; C{*} cancels).
+        """
+        self.state = LoopState.COMMAND
+        command, exchange = self._saslCommand, self._exchange
+        assert exchange is not None
+        if response == b"*":
+            self.answerSASLRefusal(command, SASLRefusal.ABORTED, exchange.mechanism)
+            return
+        decoded = self._decodeSASL(response)
+        if decoded is None:
+            self.answerSASLRefusal(command, SASLRefusal.BAD_BASE64, exchange.mechanism)
+            return
+        self._nextSASLStep(exchange.respond(decoded))
+
+    def readNext(self) -> bool:
+        if self.state == LoopState.SASL:
+            return self.readSASLResponse()
+        return super().readNext()
+
+    def readSASLResponse(self) -> bool:
+        """
+        See L{mailproxy._contract.ILoginFrontend.readSASLResponse}.
+        """
+        raise NotImplementedError
+
+    def abandonSASL(self) -> None:
+        """
+        The client's response could not be read (the protocol answered it
+        in its own words): the exchange ends, commands are read again.
+        """
+        self.state = LoopState.COMMAND
+
+    def _decodeSASL(self, data: bytes) -> bytes | None:
+        return decodeResponse(data) if self.saslLoneEquals else decodeBase64(data)
+
+    def _nextSASLStep(self, step: Step) -> None:
+        command = self._saslCommand
+        if isinstance(step, Challenge):
+            self.saslChallenge(command, step.data)
+            self.state = LoopState.SASL
+        elif isinstance(step, Refused):
+            refusal = SASLRefusal.AUTHORIZATION if step.reason == "authorization" else SASLRefusal.BAD_RESPONSE
+            self.answerSASLRefusal(command, refusal, step.mechanism)
+        else:
+            self.loginWith(command, step)
+
+    # Login
+
+    def loginWith(self, command: Any, credentials: Credentials) -> None:
+        """
+        Log in with C{credentials} (with L{clientID}) and answer C{command}
+        once the router and the backend have: the success reply and the
+        hand-over, or the refusal and then the next command or the end of
+        the session.
+        """
+        self.state = LoopState.LOGIN
+        d = self.login(credentials, self.clientID)
+        d.addCallbacks(self._loginSucceeded, self._loginRefused, callbackArgs=(command,), errbackArgs=(command,))
+        d.addErrback(self.loginHandlingFailed)
+
+    def _loginSucceeded(self, backend: BackendProtocol, command: Any) -> None:
+        guard = self.answerLogin(command, backend)
+        self.state = LoopState.RELAY
+        self.handOver(backend, toBackend=self.input.takeRemaining(), guard=guard)
+
+    def _loginRefused(self, reason: Failure, command: Any) -> None:
+        reason.trap(LoginFailed)
+        failure = cast(LoginFailed, reason.value)
+        self.answerLoginFailure(command, failure)
+        if failure.close:
+            endReason = self.loginFailureReason
+            detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""
+            self.end(endReason, _loginFailureGoodbye(self.failures, self.limits.loginFailures), detail)
+            return
+        self.state = LoopState.COMMAND
+        self.process()
 
     def loginHandlingFailed(self, reason: Failure) -> None:
         """
@@ -119,28 +418,39 @@ class CommandFrontend(FrontendProtocol):
         answering the login. Log it and end the session, unless the session
         ended first (its login was cancelled).
         """
-        if self.state == "closed" or reason.check(CancelledError):
+        if self.state == LoopState.CLOSED or reason.check(CancelledError):
             return
         self.log.failure("{protocol} login handling failed", reason, protocol=self.protocolName)
-        self.result = "internal error"
-        self.closeWith(self.internalErrorGoodbye)
+        self.end(EndReason.INTERNAL_ERROR, self.internalErrorGoodbye)
 
-    def closeAfterLoginFailure(self) -> None:
-        """
-        Close after a failed login that ends the session, saying why.
-        """
-        if self.failures >= self.limits.loginFailures:
-            self.closeWith("Too many invalid authentication attempts.")
-        else:
-            self.closeWith("Closing connection.")
+    # For subclasses (see mailproxy._contract.ILoginFrontend)
 
-    def closeWith(self, goodbye: str | None = None) -> None:
+    def saslMechanisms(self) -> Sequence[str]:
         """
-        Read no more commands and close the connection once what was
-        written is sent, after the protocol's goodbye with C{goodbye} if
-        one is given.
+        See L{mailproxy._contract.ILoginFrontend.saslMechanisms}.
         """
-        self.state = "closed"
-        if goodbye is not None:
-            self.sayGoodbye(goodbye)
-        self.closeConnection()
+        return ()
+
+    def saslChallenge(self, command: Any, data: bytes) -> None:
+        """
+        See L{mailproxy._contract.ILoginFrontend.saslChallenge}.
+        """
+        raise NotImplementedError
+
+    def answerSASLRefusal(self, command: Any, refusal: SASLRefusal, mechanism: str) -> None:
+        """
+        See L{mailproxy._contract.ILoginFrontend.answerSASLRefusal}.
+        """
+        raise NotImplementedError
+
+    def answerLogin(self, command: Any, backend: BackendProtocol) -> Any:
+        """
+        See L{mailproxy._contract.ILoginFrontend.answerLogin}.
+        """
+        raise NotImplementedError
+
+    def answerLoginFailure(self, command: Any, failure: LoginFailed) -> None:
+        """
+        See L{mailproxy._contract.ILoginFrontend.answerLoginFailure}.
+        """
+        raise NotImplementedError

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._migrate import LoginHold, Mover
+from ._outcomes import EndReason
 from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, loadConfig
@@ -220,7 +221,7 @@ class ProxyService(MultiService):
             self.log.info("shutting down: closing {count} sessions", count=len(remaining))
             self.notifier.status(f"stopping: closing {len(remaining)} sessions")
             for session in remaining:
-                session.drop(SHUTDOWN)
+                session.drop(SHUTDOWN, EndReason.SHUTDOWN)
             calls.append(self.reactor.callLater(CLOSE_WAIT, finish))
 
         sessions.whenEmpty().addCallback(finish)

@@ -49,6 +49,9 @@ class StartTLSRefusal(Enum):
     ACTIVE = "active"
     #: The listener does not do STARTTLS.
     UNAVAILABLE = "unavailable"
+    #: The protocol is in the middle of something TLS must not cut (an
+    #: SMTP mail transaction).
+    TRANSACTION = "transaction"
 
 
 class SASLRefusal(Enum):
@@ -70,25 +73,64 @@ class SASLRefusal(Enum):
     AUTHORIZATION = "authorization"
     #: The mechanism takes no initial response (CRAM-MD5).
     NO_INITIAL_RESPONSE = "no initial response"
+    #: The initial response is not a string in the protocol's syntax.
+    BAD_INITIAL_RESPONSE = "bad initial response"
 
 
 class EndReason(Enum):
     """
     Why a session ended, as the session-end log line says it (C{reason=}).
 
-    The values are the log words; some reasons carry a detail after a
-    colon (C{protocol error: line too long}).
+    The values are the log words; a reason may carry a detail, which
+    L{words} joins to them (C{protocol error: line too long}).  The
+    protocols phrase their goodbye by the reason, never by its text.
     """
 
     DISCONNECTED = "disconnected before login"
     TOO_MANY_CONNECTIONS = "too many connections"
     PREAUTH_TIMEOUT = "pre-auth timeout"
+    #: The client said goodbye (IMAP and ManageSieve LOGOUT, POP3 QUIT).
     LOGGED_OUT = "logged out"
+    #: The client said goodbye with SMTP's QUIT.
+    QUIT = "quit"
     BAD_COMMANDS = "too many invalid commands"
+    #: SMTP's words for L{BAD_COMMANDS}.
+    TOO_MANY_ERRORS = "too many errors"
+    #: The input cannot be read any further; the detail says why.
     PROTOCOL_ERROR = "protocol error"
+    #: A failed login ended the session; the detail is its L{FailureKind}.
     LOGIN_FAILED = "login failed"
+    #: SMTP's words for a failed login that ends the session.
+    TOO_MANY_FAILED_LOGINS = "too many failed logins"
     INTERNAL_ERROR = "internal error"
+    #: Ended from outside (an operator, a move); the detail is the text
+    #: the client was given.
     DROPPED = "dropped"
+    #: Ended from outside because the proxy stops; logged as a drop
+    #: (C{dropped: Server shutting down.}), phrased as a shutdown (SMTP's
+    #: C{421 4.3.2}).
+    SHUTDOWN = "shutdown"
     LOGGED_IN = "logged in"
     IDLE_TIMEOUT = "idle timeout"
-    SHUTDOWN = "shutdown"
+    #: An SMTP MX session that delivered nothing.
+    NO_MAIL = "no mail"
+    #: An SMTP MX session whose backends accepted messages; the detail is
+    #: how many (C{2 message(s) accepted}).
+    MESSAGES_ACCEPTED = "message(s) accepted"
+    #: An SMTP MX session closed for client silence.
+    TIMEOUT = "timeout"
+    #: An SMTP MX session the router asked to close.
+    CLOSED_BY_ROUTER = "closed by the router"
+
+    def words(self, detail: str = "") -> str:
+        """
+        The log words for this reason with C{detail}: C{"reason: detail"},
+        or the reason alone without a detail.
+        """
+        if not detail:
+            return self.value
+        if self is EndReason.MESSAGES_ACCEPTED:
+            return f"{detail} {self.value}"
+        if self is EndReason.SHUTDOWN:
+            return f"{EndReason.DROPPED.value}: {detail}"
+        return f"{self.value}: {detail}"

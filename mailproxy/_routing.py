@@ -1,6 +1,7 @@
 """
 Asking a router: L{callRouter} takes whatever style a router's C{route}
-method is written in and gives a Deferred of the answer.
+method is written in and gives a Deferred of the answer; L{routeLogin} is
+how a session asks, after the gate and with the router's time counted.
 
 This module imports no router and no configuration, so that the session
 core and the routers that wrap other routers (cache, chain) can both use it.
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 
-__all__ = ["callRouter"]
+__all__ = ["callRouter", "routeLogin"]
 
 _T = TypeVar("_T")
 
@@ -56,3 +58,41 @@ def _checkAnswer(result: object, router: object) -> Route | Rejection:
             "not a Route or Rejection"
         )
     return result
+
+
+def routeLogin(
+    router: IRouter,
+    request: RouteRequest,
+    clock: IReactorTime,
+    answered: Callable[[float], None] | None = None,
+    gate: Any = None,
+) -> Deferred[Route | Rejection]:
+    """
+    Ask C{router} about a session's request (a login, or an MX session's
+    recipient), once C{gate} lets it go on.
+
+    @param answered: if given, called with the seconds the router took (the
+        wait at the gate not included), whatever its answer; a session
+        counts it in its statistics.
+    @param gate: if given, its C{wait(request)} answers L{None} (go on) or
+        a Deferred that fires when the request may go on (an operator holds
+        the account while it moves).  Cancelling the Deferred returned here
+        cancels that wait, or the router's answer.
+    """
+
+    def ask(_: object = None) -> Deferred[Route | Rejection]:
+        started = clock.seconds()
+        answer = callRouter(router, request)
+        if answered is None:
+            return answer
+
+        def timed(result: object) -> object:
+            answered(clock.seconds() - started)
+            return result
+
+        return answer.addBoth(timed)
+
+    waiting = gate.wait(request) if gate is not None else None
+    if waiting is None:
+        return ask()
+    return waiting.addCallback(ask)  # type: ignore[no-any-return]

@@ -1,11 +1,16 @@
 """
 The path every session takes, whatever its protocol.
 
-A protocol's front end subclasses L{FrontendProtocol} and writes only its
-wire syntax: the greeting, commands, and how each outcome is phrased. This
-module owns the rest: connection limits per client address, the pre-auth
-timer, STARTTLS, asking the router, slowing failed logins, connecting the
-backend, and joining the two connections in a L{Relay}.
+L{Session} is a client connection without a login: limits per client
+address, the registry of open sessions, pausing and resuming, TLS, the
+one way a session ends (L{Session.end}) and its session-end log line.
+L{FrontendProtocol} adds the login: the pre-auth timer, a
+L{mailproxy._login.LoginAttempt} per login, and the hand-over that joins
+the client and the backend in a L{Relay}.
+
+A protocol's front end writes only its wire syntax and the words for each
+outcome (L{mailproxy._contract}); the command loop of
+L{mailproxy._commandloop} takes the decisions between the two.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections import Counter
-from typing import Any, Callable, Iterator, cast
+from enum import Enum
+from typing import Any, Callable, cast
 
 from attrs import define, field
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -32,16 +37,33 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
-from ._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
+from ._backend import BackendProtocol, LoginJob, connectBackend
 from ._guard import IRelayGuard
+from ._login import LoginAttempt, LoginFailed
+from ._outcomes import EndReason
+from ._registry import ConnectionTracker, SessionRegistry
 from ._relay import Relay
 from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
 from ._transport import IProxyTransport
-from .settings import Limits, Listener
 from .interfaces import IRouter
-from .model import ClientInfo, Credentials, Rejection, Route, RouteRequest
-from ._routing import callRouter
+from .model import ClientInfo, Credentials, Route
+from .settings import Limits, Listener
+
+# ConnectionTracker and SessionRegistry (of mailproxy._registry) and
+# LoginFailed (of mailproxy._login) are known from here too.
+__all__ = [
+    "CLOSE_GRACE",
+    "ConnectionTracker",
+    "FrontendFactory",
+    "FrontendProtocol",
+    "LoginFailed",
+    "ProxyContext",
+    "Session",
+    "SessionRegistry",
+    "SessionState",
+    "Timer",
+]
 
 
 #: Seconds a connection the proxy closed may take to finish closing before it
@@ -53,111 +75,6 @@ CLOSE_GRACE = 5.0
 #: The reason to pause reading while a client does not read its replies
 #: (L{FrontendProtocol.repliesUnread}).
 REPLIES_UNREAD = "replies unread"
-
-
-class ConnectionTracker:
-    """
-    Counts open connections per client address, across all listeners.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[str] = Counter()
-
-    def add(self, address: str) -> bool:
-        """
-        Count a new connection from C{address}.
-
-        @return: C{False} (and nothing counted) if the address is at its limit.
-        """
-        if self.limit and self._open[address] >= self.limit:
-            return False
-        self._open[address] += 1
-        return True
-
-    def remove(self, address: str) -> None:
-        """
-        A connection from C{address} closed.
-        """
-        self._open[address] -= 1
-        if self._open[address] <= 0:
-            del self._open[address]
-
-
-class SessionRegistry:
-    """
-    The open sessions of one proxy, to find them by account or backend.
-
-    A session is in the registry from its first byte to its close, before
-    and after login.
-    """
-
-    def __init__(self) -> None:
-        self._sessions: set[FrontendProtocol] = set()
-        self._emptyWaiters: list[Deferred[None]] = []
-
-    def add(self, session: FrontendProtocol) -> None:
-        """
-        A session opened.
-        """
-        self._sessions.add(session)
-
-    def discard(self, session: FrontendProtocol) -> None:
-        """
-        A session closed.
-        """
-        self._sessions.discard(session)
-        if not self._sessions:
-            waiters, self._emptyWaiters = self._emptyWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def __iter__(self) -> Iterator[FrontendProtocol]:
-        # A copy: callers drop sessions while they iterate.
-        return iter(list(self._sessions))
-
-    def __contains__(self, session: object) -> bool:
-        return session in self._sessions
-
-    def find(
-        self,
-        account: str | None = None,
-        backend: str | None = None,
-        domain: str | None = None,
-    ) -> list[FrontendProtocol]:
-        """
-        The sessions matching every filter given.
-
-        @param account: the login name the client gave, without case.
-        @param backend: the name of the backend the session is relayed to;
-            sessions not logged in have none.
-        @param domain: the part of the login name after the last C{@},
-            without case.
-        """
-        found = []
-        for session in self._sessions:
-            user = (session.user or "").lower()
-            if account is not None and (not session.user or user != account.lower()):
-                continue
-            if domain is not None and (not session.user or user.rpartition("@")[2] != domain.lower() or "@" not in user):
-                continue
-            if backend is not None and session.backendName != backend:
-                continue
-            found.append(session)
-        return found
-
-    def whenEmpty(self) -> Deferred[None]:
-        """
-        A Deferred that fires once no session is open (at once if none is).
-        """
-        if not self._sessions:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._emptyWaiters.append(waiter)
-        return waiter
 
 
 @define
@@ -200,26 +117,6 @@ class ProxyContext:
             self.stats = ProxyStats(self.reactor)  # type: ignore[arg-type]
 
 
-class LoginFailed(Exception):
-    """
-    A login attempt did not lead to a backend session; the front end phrases
-    the refusal.
-
-    @ivar kind: C{"auth"} (bad credentials, unknown account),
-        C{"unavailable"} (router or backend trouble, try later) or
-        C{"refused"} (the backend's own coded refusal, in C{clientText}).
-    @ivar message: the router's text, if it gave one.
-    @ivar close: the connection is to be closed after the reply.
-    """
-
-    def __init__(self, kind: str, message: str = "", clientText: str = "", close: bool = False) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.message = message
-        self.clientText = clientText
-        self.close = close
-
-
 def plainAddress(address: str) -> str:
     """
     An IPv4 client of a dual-stack listener as plain IPv4 (C{::ffff:192.0.2.1}
@@ -237,54 +134,116 @@ def newSessionId() -> str:
     return base64.b32encode(os.urandom(10)).decode("ascii").lower()
 
 
-@implementer(IHandshakeListener)
-class FrontendProtocol(Protocol):
+class Timer:
     """
-    The shared half of a client connection before and after login.
+    One deadline on a clock: L{start} (or restart) it, L{stop} it; when it
+    expires it calls its function once.
 
-    Subclasses implement L{greet}, L{sayGoodbye}, L{frontendDataReceived}
-    and L{makeBackendLogin}.
+    Every timer of a session is one of these: the pre-auth timeout, the
+    close grace, a protocol's own idle timeout.
+    """
+
+    def __init__(self, clock: IReactorTime, expired: Callable[[], None]) -> None:
+        self._clock = clock
+        self._expired = expired
+        self._call: IDelayedCall | None = None
+
+    def start(self, seconds: float) -> None:
+        """
+        Expire C{seconds} from now (instead of any time set before).
+        """
+        self.stop()
+        self._call = self._clock.callLater(seconds, self._expire)
+
+    def stop(self) -> None:
+        """
+        Do not expire (again).
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    @property
+    def running(self) -> bool:
+        """
+        The timer was started and has neither expired nor been stopped.
+        """
+        return self._call is not None
+
+    def _expire(self) -> None:
+        self._call = None
+        self._expired()
+
+
+class SessionState(Enum):
+    """
+    Where a session is in its life; its values are what the management
+    endpoint shows (L{Session.describe}).
+    """
+
+    #: Open, before a login (or without one).
+    PREAUTH = "pre-auth"
+    #: A login is running: the router or the backend has it.
+    LOGIN = "login"
+    #: Handed over: the client and the backend talk through a L{Relay}.
+    RELAY = "relay"
+    #: The proxy is closing the connection (its last words are being
+    #: sent), or the relay ended.
+    CLOSING = "closing"
+    #: The connection is gone.
+    CLOSED = "closed"
+
+
+@implementer(IHandshakeListener)
+class Session(Protocol):
+    """
+    A client connection, with or without a login: the bookkeeping every
+    protocol shares.
+
+    Subclasses implement L{greet}, L{sayGoodbye} and
+    L{frontendDataReceived}; a session ends through L{end}.
 
     @cvar protocolName: C{"imap"}, C{"pop3"}, ...
+    @cvar defaultEndReason: what the session-end line says if the client
+        leaves before anything else happened.
     @ivar client: the client's addresses and TLS facts.
     @ivar tlsActive: the connection is (or is becoming) TLS.
-    @ivar relay: the L{Relay} once logged in.
+    @ivar lifecycle: the L{SessionState}.
+    @ivar relay: the L{Relay} once logged in (never, without a login).
     @ivar user: the login name of the latest login attempt.
     @ivar mechanism: the mechanism of the latest login attempt.
-    @ivar route: the router's answer to the latest login attempt, once it
-        gave one.
+    @ivar route: the router's answer to the latest login attempt (or
+        recipient), once it gave one.
+    @ivar attempts: login attempts so far.
     @ivar listenerName: how metrics name this connection's listener (its
         position in the configuration), set by L{FrontendFactory}.
     """
 
     protocolName = ""
     listenerName = ""
+    defaultEndReason = EndReason.DISCONNECTED
     log = Logger()
     transport: IProxyTransport
+    relay: Relay | None = None
+    attempts = 0
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         self.context = context
         self.listener = listener
         self.limits = context.limits
         self.tlsActive = listener.tls == "implicit"
-        self.relay: Relay | None = None
-        self.attempts = 0
-        self.failures = 0
+        self.lifecycle = SessionState.PREAUTH
         self.user: str | None = None
         self.mechanism: str | None = None
         self.route: Route | None = None
-        self.result = "disconnected before login"
-        self._goodbye: str | None = None
+        self._endReason = self.defaultEndReason
+        self._endDetail = ""
+        self._endWords: str | None = None
         self._counted = False
-        self._closing = False
-        self._preauthTimer: IDelayedCall | None = None
-        self._lost = False
+        self._closeGrace = Timer(context.reactor, self._closeGraceExpired)
         self._pauses: set[str] = set()
         self._watchingReplies = False
-        self._pending: Deferred | None = None
-        self._backend: BackendProtocol | None = None
         self._started = time.monotonic()
-        self._loginStarted: float | None = None
         self.client = ClientInfo(sessionId=newSessionId(), address="", port=0, localAddress="", localPort=0)
 
     # Life cycle
@@ -303,17 +262,21 @@ class FrontendProtocol(Protocol):
             setNoDelay(True)
         if not self.context.tracker.add(self.client.address):
             self.context.stats.connectionRefused(self.protocolName, self.listenerName, "connections_per_address")
-            self.result = "too many connections"
-            self.sayGoodbye("Too many connections from your address.")
-            self.closeConnection()
+            self.end(EndReason.TOO_MANY_CONNECTIONS, "Too many connections from your address.")
             return
         self._counted = True
         self.context.stats.connectionAccepted(self.protocolName, self.listenerName)
         self.context.sessions.add(self)
-        self._preauthTimer = self.context.reactor.callLater(self.limits.preauthTimeout, self._preauthExpired)
+        self.sessionOpened()
         if not self.tlsActive:
             self._watchReplies()
         self.greet()
+
+    def sessionOpened(self) -> None:
+        """
+        The connection was accepted and registered; the greeting follows.
+        Subclasses start their timers here.
+        """
 
     def handshakeCompleted(self) -> None:
         self._watchReplies()
@@ -331,7 +294,7 @@ class FrontendProtocol(Protocol):
         # (and a PROXY header reader) still deliver what arrives while they
         # wait for the peer, and a refused or timed-out client must not go
         # on logging in.
-        if not self._closing and not getattr(self.transport, "disconnecting", False):
+        if not self.closing and not getattr(self.transport, "disconnecting", False):
             self.frontendDataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -339,27 +302,117 @@ class FrontendProtocol(Protocol):
             # The TLS layer reports its failure here; after the handshake
             # the client's TLS facts are known.
             self.context.stats.tlsHandshakeFailed(self.protocolName, self.listenerName)
-        self._closing = True
-        self._lost = True
+        self.lifecycle = SessionState.CLOSED
         self._watchingReplies = False
-        if self._preauthTimer is not None and self._preauthTimer.active():
-            self._preauthTimer.cancel()
-        self._preauthTimer = None
-        if self._pending is not None:
-            self._pending.cancel()
-        if self._backend is not None and self.relay is None:
-            self._backend.abandon()
-        if self.relay is not None:
-            self.relay.clientLost()
+        self._closeGrace.stop()
+        self.sessionLost()
         if self._counted:
             self._counted = False
             self.context.tracker.remove(self.client.address)
-            if self.relay is not None and self.route is not None:
-                self.context.stats.sessionEnded(
-                    self.protocolName, self.route.backend.name, self.relay.bytesFromClient, self.relay.bytesFromBackend
-                )
             self.context.sessions.discard(self)
             self._logEnd()
+
+    def sessionLost(self) -> None:
+        """
+        The connection is gone, before it leaves the registry: subclasses
+        stop their timers and give up what they hold.
+        """
+
+    @property
+    def closing(self) -> bool:
+        """
+        The proxy is closing the connection, or it is gone: no more input
+        is read.
+        """
+        return self.lifecycle in (SessionState.CLOSING, SessionState.CLOSED)
+
+    def end(self, reason: EndReason, goodbye: str | None = None, detail: str = "") -> None:
+        """
+        End the session: the one way a session the proxy closes ends.
+
+        Notes C{reason} (with C{detail}) for the session-end line, says
+        the protocol's goodbye with C{goodbye} if one is given
+        (L{sayGoodbye}), and closes the connection once what was written is
+        sent (L{closeConnection}). A session already closing is left alone.
+
+        @param goodbye: the words for the client, or L{None} when the
+            protocol wrote its last reply itself (a LOGOUT's C{OK}).
+        """
+        if self.closing:
+            return
+        self.noteOutcome(reason, detail)
+        self._finish(reason, goodbye)
+
+    def noteOutcome(self, reason: EndReason, detail: str = "") -> None:
+        """
+        What the session-end line says (C{reason=}) unless something else
+        happens first: a failed login, an MX session's messages.
+        """
+        self._endReason, self._endDetail, self._endWords = reason, detail, None
+
+    @property
+    def endReason(self) -> EndReason:
+        """
+        The L{EndReason} the session-end line gives so far.
+        """
+        return self._endReason
+
+    @property
+    def result(self) -> str:
+        """
+        The session-end line's C{reason=} words so far (before hand-over;
+        after it the relay's reason is logged).
+        """
+        if self._endWords is not None:
+            return self._endWords
+        return self._endReason.words(self._endDetail)
+
+    @result.setter
+    def result(self, words: str) -> None:
+        # Transitional, for front ends not yet ending through end(): their
+        # words are logged as they are.
+        self._endWords = words
+
+    def _finish(self, reason: EndReason, goodbye: str | None) -> None:
+        self.lifecycle = SessionState.CLOSING
+        self.sessionEnding()
+        if goodbye is not None:
+            self.sayGoodbye(reason, goodbye)
+        self.closeConnection()
+
+    def sessionEnding(self) -> None:
+        """
+        L{end} is closing the session, before its goodbye: subclasses stop
+        what must not go on (a login still running must not hand over
+        after the goodbye).
+        """
+
+    def closeConnection(self) -> None:
+        """
+        Close the client connection once what was written is sent (after
+        the protocol's last words), reading no more input, and abort it if
+        it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
+        answer the close alert, or keep writing without reading.  L{end}
+        comes here; a protocol that wrote its last reply itself may too.
+        """
+        self._stopWatchingReplies()
+        if self.lifecycle is not SessionState.CLOSED:
+            self.lifecycle = SessionState.CLOSING
+        self.connectionClosing()
+        self.transport.loseConnection()
+        if self.lifecycle is not SessionState.CLOSED:
+            self._closeGrace.start(CLOSE_GRACE)
+
+    def connectionClosing(self) -> None:
+        """
+        The proxy started closing the connection: subclasses stop the
+        timers that would close it again.
+        """
+
+    def _closeGraceExpired(self) -> None:
+        # Closed already, yet still here: the peer holds the connection
+        # open (TLS waits for its close alert as long as it likes).
+        self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:
         """
@@ -375,26 +428,6 @@ class FrontendProtocol(Protocol):
         the client's own close follows.
         """
 
-    def _preauthExpired(self) -> None:
-        self._preauthTimer = None
-        if self._closing or getattr(self.transport, "disconnecting", False):
-            # Closed already, yet still here: the peer holds the connection
-            # open (TLS waits for its close alert as long as it likes).
-            self.transport.abortConnection()
-            return
-        self._closeBeforeLogin("pre-auth timeout", "Disconnected for inactivity.")
-
-    def _closeBeforeLogin(self, result: str, goodbye: str) -> None:
-        self._closing = True
-        self.result = result
-        if self._preauthTimer is not None and self._preauthTimer.active():
-            self._preauthTimer.cancel()
-        if self._pending is not None:
-            # A login still running must not hand over after the goodbye.
-            self._pending.cancel()
-        self.sayGoodbye(goodbye)
-        self.closeConnection()
-
     def _logEnd(self) -> None:
         relay = self.relay
         if relay is not None:
@@ -404,7 +437,8 @@ class FrontendProtocol(Protocol):
         else:
             result = "no-login"
         reason = relay.endReason if relay and relay.endReason else self.result
-        backend = self.route.backend.name if self.route else None
+        route = self.route
+        backend = route.backend.name if route else None
         duration = time.monotonic() - self._started
         bytesIn = relay.bytesFromClient if relay else 0
         bytesOut = relay.bytesFromBackend if relay else 0
@@ -430,7 +464,7 @@ class FrontendProtocol(Protocol):
             user=self.user,
             mechanism=self.mechanism,
             router=self.context.routerName,
-            rule=self.route.rule if self.route else None,
+            rule=route.rule if route else None,
             backend=backend,
             result=result,
             reason=reason,
@@ -447,24 +481,22 @@ class FrontendProtocol(Protocol):
         The name of the backend this session's latest login was routed to,
         or L{None} before a route is known.
         """
-        return self.route.backend.name if self.route is not None else None
+        route = self.route
+        return route.backend.name if route is not None else None
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
         """
         End this session from outside (an operator, a move, shutdown): say
         the protocol's goodbye with C{reason} and close both connections.
 
         @param reason: for the client; made one line of bounded length
             here (it may come from the management endpoint).
+        @param why: L{EndReason.DROPPED}, or L{EndReason.SHUTDOWN} when the
+            proxy stops; the log says C{dropped: } and C{reason} for both.
         """
         reason = oneLine(reason) or "Disconnected."
-        if self.relay is not None:
-            if self.relay.endReason is None:
-                self._goodbye = reason
-                self.relay.stop("dropped: " + reason)
-            return
-        if self._counted and not self._closing:
-            self._closeBeforeLogin("dropped: " + reason, reason)
+        if self._counted:
+            self.end(why, reason, detail=reason)
 
     def describe(self) -> dict[str, Any]:
         """
@@ -472,15 +504,15 @@ class FrontendProtocol(Protocol):
         """
         relay = self.relay
         if relay is not None:
-            state = "relay"
-        elif self._pending is not None:
-            state = "login"
+            state = SessionState.RELAY
+        elif self.loginRunning:
+            state = SessionState.LOGIN
         else:
-            state = "pre-auth"
+            state = SessionState.PREAUTH
         return {
             "session": self.client.sessionId,
             "protocol": self.protocolName,
-            "state": state,
+            "state": state.value,
             "account": self.user,
             "backend": self.backendName,
             "address": self.client.address,
@@ -492,6 +524,13 @@ class FrontendProtocol(Protocol):
             "bytesFromBackend": relay.bytesFromBackend if relay else 0,
         }
 
+    @property
+    def loginRunning(self) -> bool:
+        """
+        A login is waiting for the router or the backend.
+        """
+        return False
+
     # Services for the protocol modules
 
     def pause(self, why: str) -> None:
@@ -501,7 +540,7 @@ class FrontendProtocol(Protocol):
         answered) does not resume reading another still holds (replies the
         client has not read).
         """
-        if not self._pauses and self.transport is not None and not self._closing:
+        if not self._pauses and self.transport is not None and not self.closing:
             self.transport.pauseProducing()
         self._pauses.add(why)
 
@@ -512,7 +551,7 @@ class FrontendProtocol(Protocol):
         if why not in self._pauses:
             return
         self._pauses.discard(why)
-        if not self._pauses and self.transport is not None and not self._closing:
+        if not self._pauses and self.transport is not None and not self.closing:
             self.transport.resumeProducing()
 
     @property
@@ -538,7 +577,7 @@ class FrontendProtocol(Protocol):
         # is done: TLS holds what is written during the handshake and pauses
         # the producer meanwhile, which must not stop the reading the
         # handshake needs.
-        if not self._watchingReplies and not self._closing and self.relay is None:
+        if not self._watchingReplies and not self.closing and self.relay is None:
             self.transport.registerProducer(_RepliesReader(self), True)
             self._watchingReplies = True
 
@@ -576,9 +615,106 @@ class FrontendProtocol(Protocol):
         """
         return self.tlsActive or self.listener.tls != "starttls-required"
 
+    # For subclasses
+
+    def greet(self) -> None:
+        """
+        Write the protocol's greeting.
+        """
+        raise NotImplementedError
+
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
+        """
+        Write the protocol's last words before the proxy closes the
+        connection (see L{mailproxy._contract.IProtocolFrontend.sayGoodbye}).
+        """
+        raise NotImplementedError
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        """
+        Handle client octets before hand-over.
+        """
+        raise NotImplementedError
+
+
+class FrontendProtocol(Session):
+    """
+    A session whose client logs in: until the hand-over it is timed by the
+    pre-auth timeout; each login is a L{LoginAttempt}; once the backend
+    accepted it, the client and the backend are joined in a L{Relay}.
+
+    Subclasses implement L{makeBackendLogin} besides what L{Session} asks.
+
+    @ivar failures: logins refused for their credentials so far.
+    """
+
+    def __init__(self, context: ProxyContext, listener: Listener) -> None:
+        super().__init__(context, listener)
+        self.relay = None
+        self.attempts = 0
+        self.failures = 0
+        self._attempt: LoginAttempt | None = None
+        self._pending: Deferred[BackendProtocol] | None = None
+        self._goodbye: tuple[EndReason, str] | None = None
+        self._preauth = Timer(context.reactor, self._preauthExpired)
+
+    @property
+    def loginRunning(self) -> bool:
+        return self._pending is not None
+
+    # Life cycle
+
+    def sessionOpened(self) -> None:
+        self._preauth.start(self.limits.preauthTimeout)
+
+    def sessionEnding(self) -> None:
+        if self._pending is not None:
+            # A login still running must not hand over after the goodbye.
+            self._pending.cancel()
+
+    def connectionClosing(self) -> None:
+        self._preauth.stop()
+
+    def sessionLost(self) -> None:
+        self._preauth.stop()
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._attempt is not None:
+            backend = self._attempt.release()
+            if backend is not None and self.relay is None:
+                backend.abandon()
+        if self.relay is not None:
+            self.relay.clientLost()
+            if self._counted and self.route is not None:
+                self.context.stats.sessionEnded(
+                    self.protocolName, self.route.backend.name, self.relay.bytesFromClient, self.relay.bytesFromBackend
+                )
+
+    def _preauthExpired(self) -> None:
+        if self.closing or getattr(self.transport, "disconnecting", False):
+            # Closed already (not through end()), yet still here: the peer
+            # holds the connection open.
+            self.transport.abortConnection()
+            return
+        self.end(EndReason.PREAUTH_TIMEOUT, "Disconnected for inactivity.")
+
+    def stopPreauthTimer(self) -> None:
+        """
+        Stop the pre-auth timer of a session that never logs in (SMTP MX,
+        served by the proxy from start to end): its front end applies
+        timeouts of its own.
+
+        Transitional: such a front end derives from L{Session}, which has
+        no pre-auth timer, once it is converted.
+        """
+        self._preauth.stop()
+
+    # Login
+
     def login(self, credentials: Credentials, clientID: tuple[tuple[str, str], ...] = ()) -> Deferred[BackendProtocol]:
         """
-        Route C{credentials}, connect the backend and log in there.
+        Route C{credentials}, connect the backend and log in there (a
+        L{LoginAttempt}).
 
         Reading from the client pauses until the outcome is known. A
         failure is delivered only after the failed-login delay.
@@ -588,214 +724,23 @@ class FrontendProtocol(Protocol):
             L{LoginFailed}.
         """
         self.attempts += 1
-        self._loginStarted = self.context.reactor.seconds()
         self.user = credentials.user
         self.mechanism = credentials.mechanism
         self.route = None
+        self.lifecycle = SessionState.LOGIN
+        self._attempt = LoginAttempt(self, credentials, clientID)
         self.pause("login")
-        request = RouteRequest(
-            protocol=self.protocolName,  # type: ignore[arg-type]
-            credentials=credentials,
-            client=self.client,
-            attempt=self.attempts,
-            clientID=clientID,
-        )
-        gate = self.context.gate
-        waiting = gate.wait(request) if gate is not None else None
-        if waiting is None:
-            d = self._callRouter(request)
-        else:
-            d = waiting.addCallback(lambda _: self._callRouter(request))
-        d.addCallbacks(self._routed, self._routerFailed, callbackArgs=(credentials, clientID))
-        d.addErrback(self._delayFailure, self.context.reactor.seconds())
+        d = self._attempt.run()
         d.addBoth(self._loginDone)
         self._pending = d
         return d
 
-    def _callRouter(self, request: RouteRequest) -> Deferred:
-        clock = self.context.reactor
-        started = clock.seconds()
-
-        def answered(result: object) -> object:
-            self.context.stats.routerAnswered(clock.seconds() - started, self.context.routerName)
-            return result
-
-        return callRouter(self.context.router, request).addBoth(answered)
-
-    def _routerFailed(self, reason: Failure) -> Failure:
-        if reason.check(CancelledError) and self._closing:
-            # The session ended while the router (or a move's hold) had the
-            # login: it is abandoned, not failed, and must not be answered.
-            return reason
-        reason.trap(Exception)
-        self.log.failure("router failed for session {session}", reason, session=self.client.sessionId)
-        raise LoginFailed("unavailable")
-
-    def _routed(self, answer, credentials: Credentials, clientID) -> Deferred:
-        if isinstance(answer, Rejection):
-            self.log.info(
-                "login refused by router: session={session} user={user} temporary={temporary}",
-                session=self.client.sessionId,
-                user=logQuote(credentials.user),
-                temporary=answer.temporary,
-            )
-            raise _Rejected(answer)
-        if not isinstance(answer, Route):
-            raise TypeError(f"router returned {type(answer).__name__}, not Route or Rejection")
-        self.route = answer
-        backend = answer.backend
-        user = answer.user if answer.user is not None else credentials.user
-        password = answer.password if answer.password is not None else credentials.password
-        masterUser = masterPassword = None
-        if answer.useMaster:
-            if backend.masterUser is None:
-                raise LoginFailed("unavailable")
-            masterUser, masterPassword, password = backend.masterUser, backend.masterPassword, None
-        elif password is None:
-            # A digest mechanism and a router that gave no password: nothing
-            # to log in with at the backend.
-            self.log.warn(
-                "route for {user} has no password for the backend ({mechanism})",
-                user=logQuote(credentials.user),
-                mechanism=credentials.mechanism,
-            )
-            raise LoginFailed("unavailable")
-        job = LoginJob(
-            route=answer,
-            protocol=self.protocolName,
-            client=self.client,
-            credentials=credentials,
-            user=user,
-            password=password,
-            masterUser=masterUser,
-            masterPassword=masterPassword,
-            clientID=clientID,
-        )
-        self._backend = self.makeBackendLogin(job)
-        clock = self.context.reactor
-        started = clock.seconds()
-
-        def timed(result: object) -> object:
-            kind: str = "ok"
-            if isinstance(result, Failure):
-                if not result.check(BackendFailure):
-                    # Abandoned (the client left), not an outcome.
-                    return result
-                kind = cast(BackendFailure, result.value).kind
-            self.context.stats.backendLoginDone(self.protocolName, backend.name, kind, clock.seconds() - started)
-            return result
-
-        d = self.context.backendConnector(clock, self._backend)
-        d.addBoth(timed)
-        d.addErrback(self._backendFailed)
-        return d
-
-    def _backendFailed(self, reason: Failure) -> None:
-        reason.trap(BackendFailure)
-        failure = cast(BackendFailure, reason.value)
-        self._backend = None
-        self.log.info(
-            "backend login failed: session={session} user={user} backend={backend} {kind}: {detail}",
-            session=self.client.sessionId,
-            user=logQuote(self.user),
-            backend=self.route.backend.name if self.route else None,
-            kind=failure.kind,
-            # The backend's words, which may repeat the client's.
-            detail=logQuote(failure.detail),
-        )
-        raise LoginFailed(failure.kind, clientText=failure.clientText)
-
-    def _delayFailure(self, reason: Failure, started: float) -> Deferred[None] | Failure:
-        # The delay runs from the start of the attempt, not from the
-        # router's or the backend's answer: an unknown user (refused by the
-        # router) and a wrong password (refused by the backend, later) are
-        # answered at the same moment.
-        if reason.check(CancelledError):
-            return reason
-        if reason.check(_Rejected):
-            rejection = cast(_Rejected, reason.value).rejection
-            failure = LoginFailed(
-                "unavailable" if rejection.temporary else "auth",
-                message=rejection.message,
-                close=rejection.close,
-            )
-            wait = rejection.wait
-        elif reason.check(LoginFailed):
-            failure = cast(LoginFailed, reason.value)
-            wait = 0.0
-        else:
-            self.log.failure("login failed unexpectedly", reason)
-            failure, wait = LoginFailed("unavailable"), 0.0
-        self.context.stats.loginFailed(self.protocolName, self.backendName or "", failure.kind, self._loginSeconds())
-        if failure.kind == "auth":
-            self.failures += 1
-            wait += self.failures * self.limits.failureDelay
-            # A stable line for fail2ban (examples/fail2ban): the address
-            # comes before anything the client chose.
-            self.log.info(
-                "authentication failed: session={session} address={address} protocol={protocol} "
-                "user={user} attempt={attempt}",
-                event="login_failed",
-                session=self.client.sessionId,
-                address=self.client.address,
-                port=self.client.port,
-                protocol=self.protocolName,
-                user=logQuote(self.user),
-                mechanism=self.mechanism,
-                attempt=self.attempts,
-            )
-        if self.failures >= self.limits.loginFailures:
-            failure.close = True
-        self.result = "login failed: " + failure.kind
-
-        def deliver(_: object) -> None:
-            raise failure
-
-        wait -= self.context.reactor.seconds() - started
-        if wait <= 0:
-            raise failure
-        delayed: Deferred = Deferred(lambda d: call.cancel())
-        call = self.context.reactor.callLater(wait, delayed.callback, None)
-        return delayed.addCallback(deliver)
-
-    def _loginSeconds(self) -> float | None:
-        # The latest login's time so far, on the context's clock.
-        if self._loginStarted is None:
-            return None
-        return self.context.reactor.seconds() - self._loginStarted
-
-    def _loginDone(self, result):
+    def _loginDone(self, result: object) -> object:
         self._pending = None
+        if self.lifecycle is SessionState.LOGIN:
+            self.lifecycle = SessionState.PREAUTH
         self.resume("login")
         return result
-
-    def closeConnection(self) -> None:
-        """
-        Close the client connection once what was written is sent (after
-        the protocol's last words), reading no more input, and abort it if
-        it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
-        answer the close alert, or keep writing without reading.  This
-        replaces the pre-auth timer.  Every close a front end starts before
-        the hand-over comes here.
-        """
-        self._stopWatchingReplies()
-        self._closing = True
-        if self._preauthTimer is not None and self._preauthTimer.active():
-            self._preauthTimer.cancel()
-        self._preauthTimer = None
-        self.transport.loseConnection()
-        if not self._lost:
-            self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
-
-    def stopPreauthTimer(self) -> None:
-        """
-        Stop the pre-auth timer of a session that never logs in (SMTP MX,
-        served by the proxy from start to end): its front end applies
-        timeouts of its own.
-        """
-        if self._preauthTimer is not None and self._preauthTimer.active():
-            self._preauthTimer.cancel()
-        self._preauthTimer = None
 
     def handOver(self, backend: BackendProtocol, toBackend: bytes = b"", guard: IRelayGuard | None = None) -> None:
         """
@@ -805,12 +750,12 @@ class FrontendProtocol(Protocol):
         @param guard: what keeps the client from saying what only the proxy
             may say to this backend (identity forwarding), if anything can.
         """
-        if self._preauthTimer is not None and self._preauthTimer.active():
-            self._preauthTimer.cancel()
-        self._preauthTimer = None
+        self._preauth.stop()
         self._stopWatchingReplies()
-        self.result = "logged in"
-        self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name, self._loginSeconds())
+        self.lifecycle = SessionState.RELAY
+        self.noteOutcome(EndReason.LOGGED_IN)
+        seconds = self._attempt.seconds() if self._attempt is not None else None
+        self.context.stats.loginSucceeded(self.protocolName, backend.job.backend.name, seconds)
         relay = Relay(
             self.transport,
             backend.transport,
@@ -820,45 +765,38 @@ class FrontendProtocol(Protocol):
             guard=guard,
         )
         self.relay = relay
-        self._backend = None
+        if self._attempt is not None:
+            self._attempt.release()
         self.dataReceived = relay.fromClient  # type: ignore[method-assign]
         backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=backend.leftover, toBackend=toBackend)
+        if self in self.context.sessions:
+            self.context.sessions.loggedIn(self)
+
+    def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
+        if self.relay is None:
+            super().drop(reason, why)
+            return
+        reason = oneLine(reason) or "Disconnected."
+        if self.relay.endReason is None:
+            self._goodbye = (why, reason)
+            self.relay.stop(why.words(reason))
 
     def _relayEnded(self, relay: Relay) -> None:
         # The client sees a goodbye only from us; the backend's own
         # connection is closed under it.
-        if relay.endReason == "idle timeout":
-            self.sayGoodbye("Idle timeout.")
+        if relay.endReason == EndReason.IDLE_TIMEOUT.value:
+            self.sayGoodbye(EndReason.IDLE_TIMEOUT, "Idle timeout.")
         elif self._goodbye is not None:
-            self.sayGoodbye(self._goodbye)
+            self.sayGoodbye(*self._goodbye)
         if not relay.clientGone:
             # The relay closes the client: cut it if it never finishes.
-            self._closing = True
-            self._preauthTimer = self.context.reactor.callLater(CLOSE_GRACE, self._preauthExpired)
+            self.lifecycle = SessionState.CLOSING
+            self._closeGrace.start(CLOSE_GRACE)
 
     # For subclasses
-
-    def greet(self) -> None:
-        """
-        Write the protocol's greeting.
-        """
-        raise NotImplementedError
-
-    def sayGoodbye(self, reason: str) -> None:
-        """
-        Write the protocol's last words before the proxy closes the
-        connection (IMAP C{* BYE}, POP3 C{-ERR}, SMTP C{421}).
-        """
-        raise NotImplementedError
-
-    def frontendDataReceived(self, data: bytes) -> None:
-        """
-        Handle client octets before hand-over.
-        """
-        raise NotImplementedError
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         """
@@ -876,7 +814,7 @@ class _RepliesReader:
     resumes it once the buffer is sent.
     """
 
-    def __init__(self, frontend: FrontendProtocol) -> None:
+    def __init__(self, frontend: Session) -> None:
         self._frontend = frontend
 
     def pauseProducing(self) -> None:
@@ -892,12 +830,6 @@ class _RepliesReader:
         pass
 
 
-class _Rejected(Exception):
-    def __init__(self, rejection: Rejection) -> None:
-        super().__init__("rejected")
-        self.rejection = rejection
-
-
 class FrontendFactory(Factory):
     """
     Builds a front-end protocol for each connection to one listener.
@@ -906,7 +838,7 @@ class FrontendFactory(Factory):
     noisy = False  # one log line per listener start is enough
 
     def __init__(
-        self, protocolClass: type[FrontendProtocol], context: ProxyContext, listener: Listener, name: str = ""
+        self, protocolClass: type[Session], context: ProxyContext, listener: Listener, name: str = ""
     ) -> None:
         """
         @param name: how metrics name the listener.
@@ -916,7 +848,7 @@ class FrontendFactory(Factory):
         self.listener = listener
         self.name = name
 
-    def buildProtocol(self, addr) -> FrontendProtocol:
+    def buildProtocol(self, addr) -> Session:
         protocol = self.protocolClass(self.context, self.listener)
         protocol.listenerName = self.name
         return protocol

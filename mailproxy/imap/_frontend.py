@@ -12,19 +12,20 @@ the object.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._backend import BackendProtocol, LoginJob
-from .._commandloop import CommandFrontend
+from .._commandloop import CommandFrontend, LoopState
+from .._contract import ILoginFrontend
+from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
-from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse
-from .._session import LoginFailed
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
-from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest, RawLine
+from ._parser import Atom, BadCommand, Command, CommandParser, Fatal, LiteralRequest
 
 #: Longest pre-auth command line unless C{line_length} says otherwise:
 #: Dovecot's C{imap_max_line_length}.  Before login Dovecot bounds each
@@ -47,14 +48,34 @@ _AFTER_LOGIN = frozenset(
     b"GETMETADATA SETMETADATA COMPRESS".split()
 )
 
+_PRIVACY_REQUIRED = "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 
+_STARTTLS_REFUSALS = {
+    StartTLSRefusal.ARGUMENTS: "STARTTLS takes no arguments.",
+    StartTLSRefusal.ACTIVE: "TLS is already active.",
+    StartTLSRefusal.UNAVAILABLE: "STARTTLS is not available on this port.",
+}
+
+#: How each SASL refusal is answered: C{NO} or C{BAD} (counted as an
+#: invalid command), and the text.
+_SASL_REFUSALS = {
+    SASLRefusal.UNSUPPORTED: (b"NO", "Unsupported authentication mechanism."),
+    SASLRefusal.PRIVACY_REQUIRED: (b"NO", _PRIVACY_REQUIRED),
+    SASLRefusal.BAD_INITIAL_RESPONSE: (b"BAD", "Invalid initial response."),
+    SASLRefusal.BAD_BASE64: (b"BAD", "Invalid base64 data in continued response."),
+    SASLRefusal.ABORTED: (b"BAD", "Authentication aborted by client."),
+    SASLRefusal.AUTHORIZATION: (b"NO", "[AUTHORIZATIONFAILED] Authorization identity not supported."),
+}
+
+
+@implementer(ILoginFrontend)
 class IMAPFrontend(CommandFrontend):
     """
     Pre-auth IMAP4rev1 for one client connection.
 
-    States: C{"command"} (reading commands), C{"sasl"} (reading
-    AUTHENTICATE continuation lines), C{"login"} (waiting for the router and
-    backend; client input stays buffered), C{"closed"}.
+    The core (L{CommandFrontend}) decides; this class reads IMAP and words
+    the outcomes; the C{command} it hands the core is the L{Command}, whose
+    tag the answers carry.  States: those of L{LoopState}.
     """
 
     protocolName = "imap"
@@ -64,11 +85,8 @@ class IMAPFrontend(CommandFrontend):
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
-        self.parser = CommandParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
-        self.clientID: tuple[tuple[str, str], ...] = ()
+        self.input: CommandParser = CommandParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
         self.capabilityAsked = False
-        self._saslTag = b""
-        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
             b"NOOP": self.do_NOOP,
@@ -100,54 +118,91 @@ class IMAPFrontend(CommandFrontend):
             caps.append(b"LOGINDISABLED")
         return b" ".join(caps)
 
-    # FrontendProtocol
+    # The contract (ILoginFrontend)
 
     def greet(self) -> None:
         self.sendLine(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready.")
 
-    def sayGoodbye(self, reason: str) -> None:
-        self.sendLine(b"* BYE " + reason.encode("utf-8"))
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
+        self.sendLine(b"* BYE " + text.encode("utf-8"))
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return IMAPBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
-    def frontendDataReceived(self, data: bytes) -> None:
-        self.parser.feed(data)
-        self.process()
+    def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
+        if refusal is None:
+            self.reply(command.tag, b"OK", "Begin TLS negotiation now.")
+        else:
+            self._bad(command.tag, _STARTTLS_REFUSALS[refusal])
+
+    def forgetBeforeTLS(self) -> None:
+        self.capabilityAsked = False
+        self.clientID = ()
+
+    def saslMechanisms(self) -> list[str]:
+        return ["PLAIN", "LOGIN"]
+
+    def saslChallenge(self, command: Command, data: bytes) -> None:
+        self.sendLine(b"+ " + b64encode(data))
+
+    def answerSASLRefusal(self, command: Command, refusal: SASLRefusal, mechanism: str) -> None:
+        status, text = _SASL_REFUSALS.get(refusal, (b"BAD", "Invalid " + mechanism + " response."))
+        if status == b"BAD":
+            self._bad(command.tag, text)
+        else:
+            self.reply(command.tag, status, text)
+
+    def answerLogin(self, command: Command, backend: Any) -> None:
+        login = cast(IMAPBackendLogin, backend)
+        for line in login.untagged:
+            self.sendLine(line)
+        caps = b" ".join(login.postLoginCapabilities())
+        if self.capabilityAsked:
+            self.sendLine(b"* CAPABILITY " + caps)
+        self.sendLine(command.tag + b" OK [CAPABILITY " + caps + b"] " + (login.okText or b"Logged in"))
+
+    def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
+        tag = command.tag
+        if failure.kind is FailureKind.AUTH:
+            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
+        elif failure.kind is FailureKind.REFUSED and failure.clientText:
+            self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
+        else:
+            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message) or "Service temporarily unavailable, try again later."))
 
     # The command loop
 
-    def processInput(self) -> None:
-        while self.state in ("command", "sasl") and not self.repliesUnread:
-            if self.state == "sasl":
-                line = self.parser.nextLine(MAX_SASL_LINE)
-                if line is None:
-                    return
-                if isinstance(line, Fatal):
-                    self.fatal(line.reason)
-                    return
-                self._saslLine(line)
-                continue
-            event = self.parser.next()
-            if event is None:
-                return
-            if isinstance(event, Command):
-                handler = self._commands.get(event.name)
-                if handler is not None:
-                    handler(event)
-                elif event.name in _AFTER_LOGIN:
-                    self._bad(event.tag, "Command not permitted before authentication.")
-                else:
-                    self._bad(event.tag, "Unknown command.")
-            elif isinstance(event, LiteralRequest):
-                self.sendLine(b"+ Ready for literal data")
-                self.parser.acceptLiteral()
-            elif isinstance(event, BadCommand):
-                text = ("[" + event.code + "] " if event.code else "") + event.reason
-                self._bad(event.tag, text)
-            elif isinstance(event, Fatal):
-                self.fatal(event.reason)
-                return
+    def readSASLResponse(self) -> bool:
+        line = self.input.nextLine(MAX_SASL_LINE)
+        if line is None:
+            return False
+        if isinstance(line, Fatal):
+            self.end(EndReason.PROTOCOL_ERROR, line.reason, detail=line.reason)
+        else:
+            self.saslResponse(line.data.strip())
+        return True
+
+    def readCommand(self) -> bool:
+        event = self.input.next()
+        if event is None:
+            return False
+        if isinstance(event, Command):
+            handler = self._commands.get(event.name)
+            if handler is not None:
+                handler(event)
+            elif event.name in _AFTER_LOGIN:
+                self._bad(event.tag, "Command not permitted before authentication.")
+            else:
+                self._bad(event.tag, "Unknown command.")
+        elif isinstance(event, LiteralRequest):
+            self.sendLine(b"+ Ready for literal data")
+            self.input.acceptLiteral()
+        elif isinstance(event, BadCommand):
+            text = ("[" + event.code + "] " if event.code else "") + event.reason
+            self._bad(event.tag, text)
+        else:
+            self.end(EndReason.PROTOCOL_ERROR, event.reason, detail=event.reason)
+        return True
 
     def _bad(self, tag: bytes | None, text: str) -> None:
         self.reply(tag if tag is not None else b"*", b"BAD", text)
@@ -164,28 +219,12 @@ class IMAPFrontend(CommandFrontend):
         self.reply(command.tag, b"OK", "NOOP completed.")
 
     def do_LOGOUT(self, command: Command) -> None:
-        self.result = "logged out"
         self.sendLine(b"* BYE Logging out")
         self.reply(command.tag, b"OK", "Logout completed.")
-        self.closeWith()
+        self.end(EndReason.LOGGED_OUT)
 
     def do_STARTTLS(self, command: Command) -> None:
-        if command.args:
-            self._bad(command.tag, "STARTTLS takes no arguments.")
-            return
-        if self.tlsActive:
-            self._bad(command.tag, "TLS is already active.")
-            return
-        if not self.tlsAvailable:
-            self._bad(command.tag, "STARTTLS is not available on this port.")
-            return
-        self.reply(command.tag, b"OK", "Begin TLS negotiation now.")
-        # Anything the client sent after STARTTLS in plaintext could have
-        # been injected by an attacker: drop it (CVE-2011-0411).
-        self.parser.clear()
-        self.capabilityAsked = False
-        self.clientID = ()
-        self.startTLS()
+        self.startTLSCommand(command, hasArguments=bool(command.args))
 
     def do_ID(self, command: Command) -> None:
         if len(command.args) != 1:
@@ -218,96 +257,24 @@ class IMAPFrontend(CommandFrontend):
             self._bad(command.tag, "LOGIN takes a user name and a password.")
             return
         if not self.plaintextLoginAllowed:
-            self.reply(command.tag, b"NO", "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.")
+            self.reply(command.tag, b"NO", _PRIVACY_REQUIRED)
             return
         # Each is bytes or an Atom, checked above.
         user, password = (a.value if isinstance(a, Atom) else cast(bytes, a) for a in command.args)
-        self._login(command.tag, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=password))
+        self.loginWith(command, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=password))
 
     def do_AUTHENTICATE(self, command: Command) -> None:
         args = command.args
         if not 1 <= len(args) <= 2 or not isinstance(args[0], Atom):
             self._bad(command.tag, "AUTHENTICATE takes a mechanism and an optional initial response.")
             return
-        mechanism = args[0].value.upper()
-        if mechanism not in (b"PLAIN", b"LOGIN"):
-            self.reply(command.tag, b"NO", "Unsupported authentication mechanism.")
-            return
-        if not self.plaintextLoginAllowed:
-            self.reply(command.tag, b"NO", "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.")
-            return
         initial: bytes | None = None
         if len(args) == 2:
             raw = args[1].value if isinstance(args[1], Atom) else args[1]
-            if not isinstance(raw, bytes):
-                self._bad(command.tag, "Invalid initial response.")
-                return
-            initial = self._decode(command.tag, raw)
-            if initial is None:
-                return
-        self._saslTag = command.tag
-        self._exchange = ServerExchange(mechanism.decode("ascii"))
-        self._saslStep(self._exchange.start(initial))
-
-    # SASL
-
-    def _decode(self, tag: bytes, raw: bytes) -> bytes | None:
-        decoded = decodeResponse(raw)
-        if decoded is None:
-            self.state = "command"
-            self._bad(tag, "Invalid base64 data in continued response.")
-        return decoded
-
-    def _saslLine(self, line: RawLine) -> None:
-        self.state = "command"
-        if line.data.strip() == b"*":
-            self._bad(self._saslTag, "Authentication aborted by client.")
-            return
-        decoded = self._decode(self._saslTag, line.data.strip())
-        if decoded is not None and self._exchange is not None:
-            self._saslStep(self._exchange.respond(decoded))
-
-    def _saslStep(self, step: Step) -> None:
-        if isinstance(step, Challenge):
-            self.sendLine(b"+ " + b64encode(step.data))
-            self.state = "sasl"
-        elif isinstance(step, Refused) and step.reason == "authorization":
-            self.reply(self._saslTag, b"NO", "[AUTHORIZATIONFAILED] Authorization identity not supported.")
-        elif isinstance(step, Refused):
-            self._bad(self._saslTag, "Invalid " + step.mechanism + " response.")
-        else:
-            self._login(self._saslTag, step)
-
-    # Login
-
-    def _login(self, tag: bytes, credentials: Credentials) -> None:
-        self.state = "login"
-        d = self.login(credentials, self.clientID)
-        d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(tag,), errbackArgs=(tag,))
-        d.addErrback(self.loginHandlingFailed)
-
-    def _loggedIn(self, backend: IMAPBackendLogin, tag: bytes) -> None:
-        for line in backend.untagged:
-            self.sendLine(line)
-        caps = b" ".join(backend.postLoginCapabilities())
-        if self.capabilityAsked:
-            self.sendLine(b"* CAPABILITY " + caps)
-        self.sendLine(tag + b" OK [CAPABILITY " + caps + b"] " + (backend.okText or b"Logged in"))
-        self.state = "relay"
-        self.handOver(backend, toBackend=self.parser.takeRemaining())
-
-    def _loginFailed(self, reason: Failure, tag: bytes) -> None:
-        reason.trap(LoginFailed)
-        failure = cast(LoginFailed, reason.value)
-        if failure.kind == "auth":
-            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
-        elif failure.kind == "refused" and failure.clientText:
-            self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
-        else:
-            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message) or "Service temporarily unavailable, try again later."))
-        if failure.close:
-            self.closeAfterLoginFailure()
-            return
-        self.state = "command"
-        self.process()
-
+            initial = raw if isinstance(raw, bytes) else None
+        self.authenticate(
+            command,
+            args[0].value.decode("ascii", "replace"),
+            initial,
+            badInitialResponse=len(args) == 2 and initial is None,
+        )

@@ -21,20 +21,23 @@ password for the backend login.
 from __future__ import annotations
 
 from base64 import b64encode
-from typing import Callable, cast
+from typing import Any, Callable
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._backend import BackendProtocol, LoginJob
-from .._commandloop import CommandFrontend
+from .._commandloop import CommandFrontend, LoopState
+from .._contract import ILoginFrontend
+from .._guard import IRelayGuard
+from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
-from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge, parseDigestResponse
-from .._session import LoginFailed
+from .._sasl import newChallenge, parseDigestResponse
+from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import POP3BackendLogin
 from ._guard import POP3Guard
-from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser, RawLine
+from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser
 
 #: Invalid or unknown commands in a row after which the connection is
 #: closed. Dovecot also allows three: a cross-protocol request (an HTTP
@@ -48,6 +51,12 @@ _PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secur
 _AUTH_FAILED = "Authentication failed."
 _UNAVAILABLE = "Service temporarily unavailable, try again later."
 
+_STARTTLS_REFUSALS = {
+    StartTLSRefusal.ARGUMENTS: "STLS takes no arguments.",
+    StartTLSRefusal.ACTIVE: "TLS is already active.",
+    StartTLSRefusal.UNAVAILABLE: "STLS is not available on this port.",
+}
+
 
 def _text(value: bytes) -> str:
     """
@@ -56,13 +65,13 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
+@implementer(ILoginFrontend)
 class POP3Frontend(CommandFrontend):
     """
     The AUTHORIZATION state of POP3 for one client connection.
 
-    States: C{"command"} (reading commands), C{"sasl"} (reading an AUTH
-    response line), C{"login"} (waiting for the router and the backend;
-    client input stays buffered), C{"relay"}, C{"closed"}.
+    The core (L{CommandFrontend}) decides; this class reads POP3 and words
+    the outcomes.  States: those of L{LoopState}.
 
     @ivar timestamp: the APOP timestamp of the greeting, L{None} when
         digest mechanisms are off.
@@ -75,11 +84,10 @@ class POP3Frontend(CommandFrontend):
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
-        self.parser = LineParser()
+        self.input: LineParser = LineParser()
         self.digestAuth = listener.digestAuth
         self.timestamp: bytes | None = None
         self._user: bytes | None = None
-        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[Command], None]] = {
             b"CAPA": self.do_CAPA,
             b"STLS": self.do_STLS,
@@ -116,9 +124,7 @@ class POP3Frontend(CommandFrontend):
         """
         The SASL mechanisms a client may use on this connection now.
         """
-        if not self.plaintextLoginAllowed:
-            return []
-        return [b"PLAIN", b"LOGIN"] + ([b"CRAM-MD5"] if self.digestAuth else [])
+        return [mechanism.encode("ascii") for mechanism in self.offeredMechanisms()]
 
     def capabilities(self) -> list[bytes]:
         """
@@ -134,7 +140,7 @@ class POP3Frontend(CommandFrontend):
             caps.append(b"SASL " + b" ".join(mechanisms))
         return caps
 
-    # FrontendProtocol
+    # The contract (ILoginFrontend)
 
     def greet(self) -> None:
         greeting = b"+OK " + self.context.hostname.encode("idna") + b" POP3 proxy ready."
@@ -143,44 +149,89 @@ class POP3Frontend(CommandFrontend):
             greeting += b" " + self.timestamp
         self.sendLine(greeting)
 
-    def sayGoodbye(self, reason: str) -> None:
-        self.err(reason)
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
+        if reason is EndReason.LOGIN_FAILED:
+            # POP3 has no goodbye line: the failed login's -ERR was the last
+            # word.
+            return
+        self.err(text)
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return POP3BackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
-    def frontendDataReceived(self, data: bytes) -> None:
-        self.parser.feed(data)
-        self.process()
+    def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
+        if refusal is None:
+            self.ok("Begin TLS negotiation now.")
+        else:
+            self.err(_STARTTLS_REFUSALS[refusal])
+
+    def forgetBeforeTLS(self) -> None:
+        # A user name given before TLS is forgotten (RFC 2595 section 4).
+        self._user = None
+
+    def saslMechanisms(self) -> list[str]:
+        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.digestAuth else [])
+
+    def saslChallenge(self, command: Command, data: bytes) -> None:
+        self.sendLine(b"+ " + b64encode(data))
+
+    def answerSASLRefusal(self, command: Command, refusal: SASLRefusal, mechanism: str) -> None:
+        if refusal is SASLRefusal.UNSUPPORTED:
+            self.err("Unsupported authentication mechanism.")
+        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
+            self.err(_PLAINTEXT_DISALLOWED)
+        elif refusal is SASLRefusal.BAD_BASE64:
+            self.err("Invalid base64 data.")
+        elif refusal is SASLRefusal.NO_INITIAL_RESPONSE:
+            self.err("CRAM-MD5 takes no initial response.")
+        elif refusal is SASLRefusal.ABORTED:
+            self.err("Authentication aborted by client.")
+        elif refusal is SASLRefusal.AUTHORIZATION:
+            self.err("Authorization identity not supported.")
+        else:
+            self.err("Invalid " + mechanism + " response.")
+
+    def answerLogin(self, command: Command, backend: Any) -> IRelayGuard:
+        self.sendLine(backend.okLine)
+        return POP3Guard()
+
+    def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
+        if failure.kind is FailureKind.AUTH:
+            self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
+        elif failure.kind is FailureKind.REFUSED and failure.clientText:
+            self.sendLine(failure.clientText.encode("utf-8"))
+        else:
+            self.err("[SYS/TEMP] " + (oneLine(failure.message) or _UNAVAILABLE))
 
     # The command loop
 
-    def processInput(self) -> None:
-        while self.state in ("command", "sasl") and not self.repliesUnread:
-            if self.state == "sasl":
-                line = self.parser.nextLine(MAX_SASL_LINE)
-                if line is None:
-                    return
-                self.state = "command"
-                if isinstance(line, BadLine):
-                    self.err(line.reason)
-                    continue
-                self._saslLine(line)
-                continue
-            event = self.parser.nextCommand()
-            if event is None:
-                return
-            if isinstance(event, BadLine):
-                self._bad(event.reason)
-                continue
-            handler = self._commands.get(event.name)
-            if handler is not None:
-                self.badCommands = 0
-                handler(event)
-            elif event.name in _AFTER_LOGIN:
-                self._bad("Command not permitted before authentication.")
-            else:
-                self._bad("Unknown command.")
+    def readSASLResponse(self) -> bool:
+        line = self.input.nextLine(MAX_SASL_LINE)
+        if line is None:
+            return False
+        if isinstance(line, BadLine):
+            self.abandonSASL()
+            self.err(line.reason)
+        else:
+            self.saslResponse(line.data.strip())
+        return True
+
+    def readCommand(self) -> bool:
+        event = self.input.nextCommand()
+        if event is None:
+            return False
+        if isinstance(event, BadLine):
+            self._bad(event.reason)
+            return True
+        handler = self._commands.get(event.name)
+        if handler is not None:
+            self.badCommands = 0
+            handler(event)
+        elif event.name in _AFTER_LOGIN:
+            self._bad("Command not permitted before authentication.")
+        else:
+            self._bad("Unknown command.")
+        return True
 
     def _bad(self, text: str) -> None:
         self.err(text)
@@ -198,27 +249,11 @@ class POP3Frontend(CommandFrontend):
         self.ok()
 
     def do_QUIT(self, command: Command) -> None:
-        self.result = "logged out"
         self.ok("Logging out.")
-        self.closeWith()
+        self.end(EndReason.LOGGED_OUT)
 
     def do_STLS(self, command: Command) -> None:
-        if command.argument is not None:
-            self.err("STLS takes no arguments.")
-            return
-        if self.tlsActive:
-            self.err("TLS is already active.")
-            return
-        if not self.tlsAvailable:
-            self.err("STLS is not available on this port.")
-            return
-        self.ok("Begin TLS negotiation now.")
-        # Anything the client sent after STLS in plaintext could have been
-        # injected by an attacker: drop it (CVE-2011-0411), and forget a user
-        # name given before TLS (RFC 2595 section 4).
-        self.parser.clear()
-        self._user = None
-        self.startTLS()
+        self.startTLSCommand(command, hasArguments=command.argument is not None)
 
     def do_USER(self, command: Command) -> None:
         if not self.plaintextLoginAllowed:
@@ -238,7 +273,7 @@ class POP3Frontend(CommandFrontend):
         if user is None:
             self.err("No username given.")
             return
-        self._login(Credentials("LOGIN", _text(user), password=command.argument or b""))
+        self.loginWith(command, Credentials("LOGIN", _text(user), password=command.argument or b""))
 
     def do_APOP(self, command: Command) -> None:
         if self.timestamp is None:
@@ -252,7 +287,7 @@ class POP3Frontend(CommandFrontend):
             self.err("Invalid APOP parameters.")
             return
         user, digest = parsed
-        self._login(Credentials("APOP", _text(user), challenge=self.timestamp, response=digest))
+        self.loginWith(command, Credentials("APOP", _text(user), challenge=self.timestamp, response=digest))
 
     def do_AUTH(self, command: Command) -> None:
         args = command.arguments()
@@ -266,82 +301,4 @@ class POP3Frontend(CommandFrontend):
         if len(args) > 2:
             self.err("AUTH takes a mechanism and an optional initial response.")
             return
-        mechanism = args[0].upper()
-        if mechanism not in (b"PLAIN", b"LOGIN") and not (mechanism == b"CRAM-MD5" and self.digestAuth):
-            self.err("Unsupported authentication mechanism.")
-            return
-        if not self.plaintextLoginAllowed:
-            self.err(_PLAINTEXT_DISALLOWED)
-            return
-        initial: bytes | None = None
-        if len(args) == 2:
-            initial = self._decode(args[1])
-            if initial is None:
-                return
-        challenge = b""
-        if mechanism == b"CRAM-MD5":
-            if initial is not None:
-                # CRAM-MD5 starts with the server's challenge.
-                self.err("CRAM-MD5 takes no initial response.")
-                return
-            challenge = self.newChallenge()
-        self._exchange = ServerExchange(mechanism.decode("ascii"), challenge)
-        self._saslStep(self._exchange.start(initial))
-
-    # SASL
-
-    def _decode(self, raw: bytes) -> bytes | None:
-        decoded = decodeResponse(raw)
-        if decoded is None:
-            self.err("Invalid base64 data.")
-        return decoded
-
-    def _saslLine(self, line: RawLine) -> None:
-        data = line.data.strip()
-        if data == b"*":
-            self.err("Authentication aborted by client.")
-            return
-        decoded = self._decode(data)
-        if decoded is not None and self._exchange is not None:
-            self._saslStep(self._exchange.respond(decoded))
-
-    def _saslStep(self, step: Step) -> None:
-        if isinstance(step, Challenge):
-            self.sendLine(b"+ " + b64encode(step.data))
-            self.state = "sasl"
-        elif isinstance(step, Refused) and step.reason == "authorization":
-            self.err("Authorization identity not supported.")
-        elif isinstance(step, Refused):
-            self.err("Invalid " + step.mechanism + " response.")
-        else:
-            self._login(step)
-
-    # Login
-
-    def _login(self, credentials: Credentials) -> None:
-        self.state = "login"
-        d = self.login(credentials)
-        d.addCallbacks(self._loggedIn, self._loginFailed)
-        d.addErrback(self.loginHandlingFailed)
-
-    def _loggedIn(self, backend: POP3BackendLogin) -> None:
-        self.sendLine(backend.okLine)
-        self.state = "relay"
-        self.handOver(backend, toBackend=self.parser.takeRemaining(), guard=POP3Guard())
-
-    def _loginFailed(self, reason: Failure) -> None:
-        reason.trap(LoginFailed)
-        failure = cast(LoginFailed, reason.value)
-        if failure.kind == "auth":
-            self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
-        elif failure.kind == "refused" and failure.clientText:
-            self.sendLine(failure.clientText.encode("utf-8"))
-        else:
-            self.err("[SYS/TEMP] " + (oneLine(failure.message) or _UNAVAILABLE))
-        if failure.close:
-            # POP3 has no goodbye line: the -ERR above was the last word.
-            self.closeWith()
-            return
-        self.state = "command"
-        self.process()
-
+        self.authenticate(command, args[0].decode("ascii", "replace"), args[1] if len(args) == 2 else None)

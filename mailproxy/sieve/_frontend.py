@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandFrontend
+from .._outcomes import EndReason
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64
 from .._session import LoginFailed
@@ -151,8 +152,8 @@ class SieveFrontend(CommandFrontend):
     def greet(self) -> None:
         self.sendCapabilities(self.context.hostname + " ManageSieve proxy ready.")
 
-    def sayGoodbye(self, reason: str) -> None:
-        self.reply(b"BYE", reason)
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
+        self.reply(b"BYE", text)
 
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return SieveBackendLogin(job, self.context.reactor, self.limits.backendTimeout)

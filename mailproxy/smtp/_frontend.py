@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandFrontend
+from .._outcomes import EndReason
 from .._safetext import oneLine
 from .._sasl import Challenge, Refused, ServerExchange, Step, decodeResponse, newChallenge
 from .._session import LoginFailed, ProxyContext, newSessionId
@@ -51,9 +52,9 @@ _FOREIGN_VERBS = frozenset([b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTI
 
 #: The enhanced code of the goodbye for each reason the core gives.
 _GOODBYE_CODES = {
-    "Disconnected for inactivity.": "4.4.2",
-    "Idle timeout.": "4.4.2",
-    "Server shutting down.": "4.3.2",
+    EndReason.PREAUTH_TIMEOUT: "4.4.2",
+    EndReason.IDLE_TIMEOUT: "4.4.2",
+    EndReason.SHUTDOWN: "4.3.2",
 }
 
 
@@ -184,9 +185,9 @@ class SMTPFrontend(CommandFrontend):
     def greet(self) -> None:
         self.send(220, None, self.context.hostname.encode("idna") + b" ESMTP mailproxy")
 
-    def sayGoodbye(self, reason: str) -> None:
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
-        self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + reason.encode("utf-8"))
+        self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + text.encode("utf-8"))
 
     def frontendDataReceived(self, data: bytes) -> None:
         self.reader.feed(data)

@@ -218,8 +218,10 @@ class Session:
         if not self.closed:
             # What the front end holds of the client's input: at most a
             # line (a SASL response line is the longest) or a literal.
-            parser = getattr(self.frontend, "parser", None)
-            held = parser.buffered if parser is not None else len(getattr(self.frontend, "reader"))
+            parser = next(
+                getattr(self.frontend, name) for name in ("input", "parser", "reader") if hasattr(self.frontend, name)
+            )
+            held = parser.buffered if hasattr(parser, "buffered") else len(parser)
             if held > MAX_HELD:
                 raise AssertionError(f"the front end holds {held} octets of input")
 

@@ -14,6 +14,7 @@ import hashlib
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._outcomes import EndReason
 from mailproxy.config import Limits
 from mailproxy.model import Backend, ClientInfo, Rejection, Route
 from mailproxy.smtp._backend import xclientAttributes, xclientCommands
@@ -221,7 +222,7 @@ class GreetingAndEHLOTests(SubmissionTestsMixin, SynchronousTestCase):
         says 4.3.2 (service not available).
         """
         self.build()
-        self.frontend.drop("Server shutting down.")
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
         self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
         self.assertTrue(self.client.disconnecting)
 
