@@ -970,7 +970,6 @@ class _WorkerSide:
         self.service = service
         self.channel = channel
         self.holds: dict[int, Callable[[], None]] = {}
-        self.failures = LocalFailures(reactor)
 
     def handlers(self) -> dict[str, Callable[[Any], Any]]:
         return {
@@ -983,7 +982,7 @@ class _WorkerSide:
             "release": lambda argument: self.holds.pop(argument["id"], lambda: None)(),
             "routesChanged": self._routesChanged,
             "block": self._block,
-            "failures": lambda argument: self.failures.learn(argument["address"], argument["count"]),
+            "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
         }
 
     def _routesChanged(self, keys: list[str]) -> None:
@@ -1082,15 +1081,15 @@ def workerMain(argv: list[str] | None = None) -> None:
             return
         context = service.context
         context.tracker = WorkerConnections(config.limits.connectionsPerAddress, channel, reactor)
+        context.failures = _WorkerFailures(reactor, channel)
         side = _WorkerSide(reactor, worker, service, channel)
-        side.failures = _WorkerFailures(reactor, channel)
         handlers.update(side.handlers())
         state = await channel.call("hello")
         for hold in state["holds"]:
             side._hold(hold)
         context.tracker.blocked.update(state["blocked"])
         for address, count in state["failures"].items():
-            side.failures.learn(address, count)
+            context.failures.learn(address, count)
         service.startService()
         # The parent's signal: a SIGHUP to the process group reloads once.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

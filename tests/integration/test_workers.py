@@ -274,6 +274,29 @@ class WorkersTests(SynchronousTestCase):
         self.addCleanup(accepted.close)
         self.assertTrue(_readLine(accepted).startswith(b"* OK "))
 
+    def test_failedLoginsAcrossWorkers(self) -> None:
+        """
+        Failed logins from one address count in both workers: after two in
+        worker 1, the next in worker 2 is the address's third (the delay
+        grows with it); the JSON log's C{login_failed} events say so, each
+        with the worker that served it.
+        """
+        for number, failures in ((1, 2), (2, 1)):
+            with self.onlyWorker(number):
+                client = self.connect()
+                for _ in range(failures):
+                    reply = client.command(f'LOGIN "{ACCOUNTS[0]}" "wrong"')
+                    self.assertEqual(reply[-1].split()[1:3], [b"NO", b"[AUTHENTICATIONFAILED]"])
+                client.close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            failed = [e for e in self.proxy.events() if e.get("event") == "login_failed"]
+            if len(failed) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual([(e["worker"], e["addressFailures"]) for e in failed], [(1, 1), (1, 2), (2, 3)])
+        self.assertEqual({e["address"] for e in failed}, {"127.0.0.1"})
+
     def connectFrom(self, source: str) -> socket.socket:
         """
         A connection to the proxy from the local address C{source}, its

@@ -14,14 +14,15 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mailproxy._logs import jsonLine
 from mailproxy._safetext import logQuote
-from mailproxy._shared import FAILURE_MEMORY, LocalFailures
+from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
 from mailproxy._workers import (
     MAX_BACKOFF,
@@ -34,6 +35,11 @@ from mailproxy._workers import (
     _eventFromWorker,
 )
 from mailproxy.config import parseConfig
+from mailproxy.interfaces import IRouter
+from mailproxy.model import Rejection
+from mailproxy.settings import Limits
+
+from .opsfixtures import ProxyHarness
 
 
 def channels(parentHandlers: dict[str, Any], workerHandlers: dict[str, Any]) -> tuple[Channel, Channel, Any]:
@@ -388,3 +394,63 @@ class MergeTests(SynchronousTestCase):
         states = [statsState(stats, [], None) for stats in (one, two)]
         merged, sessions, cache = mergeStates(states, clock)
         self.assertEqual(snapshot(merged, sessions, cache), snapshot(both, [], None))  # type: ignore[arg-type]
+
+
+@implementer(IRouter)
+class RejectAll:
+    """
+    A router that knows nobody.
+    """
+
+    def route(self, request: Any) -> Rejection:
+        return Rejection()
+
+
+class AddressFailureDelayTests(SynchronousTestCase):
+    """
+    The failed-login delay counts the failures of the client's address in
+    every session (L{mailproxy._shared.IFailureCounter}).
+    """
+
+    def failAt(self, harness: ProxyHarness, frontend: Any, transport: Any) -> float:
+        """
+        Send a login that fails; return how long its answer took.
+        """
+        started = harness.clock.seconds()
+        frontend.dataReceived(b"a LOGIN nobody x\r\n")
+        while not transport.value():
+            harness.clock.advance(0.25)
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", transport.value())
+        transport.clear()
+        return harness.clock.seconds() - started
+
+    def test_reconnectGainsNothing(self) -> None:
+        """
+        After two failures in one session, the first failure of a new
+        session from the same address waits three delays; another
+        address's waits one. The JSON log's C{login_failed} event says how
+        many failures the address had.
+        """
+        harness = ProxyHarness(RejectAll(), Limits(failureDelay=1.0, loginFailures=3))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first, firstTransport = harness.connect("192.0.2.7")
+        self.assertEqual([self.failAt(harness, first, firstTransport) for _ in range(2)], [1.0, 2.0])
+        second, secondTransport = harness.connect("192.0.2.7")
+        self.assertEqual(self.failAt(harness, second, secondTransport), 3.0)
+        other, otherTransport = harness.connect("192.0.2.8")
+        self.assertEqual(self.failAt(harness, other, otherTransport), 1.0)
+        failed = [(e["address"], e["addressFailures"]) for e in events if e.get("event") == "login_failed"]
+        self.assertEqual(failed, [("192.0.2.7", 1), ("192.0.2.7", 2), ("192.0.2.7", 3), ("192.0.2.8", 1)])
+
+    def test_countedFailuresBounded(self) -> None:
+        """
+        However many failures an address had, a session's first failure
+        waits at most L{MAX_FAILURES_COUNTED} delays.
+        """
+        harness = ProxyHarness(RejectAll(), Limits(failureDelay=1.0, loginFailures=3))
+        for _ in range(MAX_FAILURES_COUNTED + 5):
+            harness.context.failures.failed("192.0.2.7")
+        frontend, transport = harness.connect("192.0.2.7")
+        self.assertEqual(self.failAt(harness, frontend, transport), float(MAX_FAILURES_COUNTED))
