@@ -39,7 +39,7 @@ from ._migrate import LoginHold, Mover
 from ._outcomes import EndReason
 from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
-from .config import Config, ConfigError, loadConfig
+from .config import Config, ConfigError, loadConfig, parseConfig
 from .routers import buildRouter
 
 __all__ = ["ReloadableServerTLS", "ProxyService", "SHUTDOWN", "RESTART_KEYS"]
@@ -271,23 +271,26 @@ class ProxyService(MultiService):
 
     # Reload
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, text: str | None = None) -> dict[str, Any]:
         """
         Re-read the configuration file and apply what can change live.
+
+        @param text: the file's text as a worker's parent read and checked
+            it (L{mailproxy._workers}), instead of reading the file again.
 
         @return: C{{"ok": True, "path": ..., "restartNeeded": [keys]}}, or
             C{{"ok": False, "path": ..., "error": why}} when the file (or
             what it names) is wrong and the running configuration was kept.
         """
         self.notifier.reloading(f"reloading {self.config.path}")
-        outcome = self._reload()
+        outcome = self._reload(text)
         self.notifier.reloaded(outcome)
         return outcome
 
-    def _reload(self) -> dict[str, Any]:
+    def _reload(self, text: str | None = None) -> dict[str, Any]:
         path = self.config.path
         try:
-            config = loadConfig(path)
+            config = loadConfig(path) if text is None else parseConfig(text, path)
             router = buildRouter(config, self.reactor)
             serverTLS = _tls.serverOptions(config.tls, config.sni) if config.tls is not None else None
             adminTLS = None

@@ -50,6 +50,7 @@ import signal
 import socket
 import sys
 from collections import Counter
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -69,7 +70,7 @@ from ._safetext import LogQuoted
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier
-from .config import Config, ConfigError, loadConfig
+from .config import Config, ConfigError, parseConfig
 from .routers import buildRouter
 
 __all__ = ["Channel", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF"]
@@ -514,6 +515,7 @@ class Machine(MultiService):
         """
         super().__init__()
         self.config = config
+        self.configText = Path(config.path).read_text(encoding="utf-8")
         self.count = count
         self.reactor = reactor
         self.endpoints = endpoints
@@ -546,7 +548,14 @@ class Machine(MultiService):
 
     # Start and stop
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
+        # Before twistd gives up root (--uid): ports below 1024.
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.ports:
+            return
         for index, endpoint in enumerate(self.endpoints):
             outcome: list[Any] = []
             endpoint.listen(_NoConnections()).addBoth(outcome.append)
@@ -557,6 +566,9 @@ class Machine(MultiService):
             # The workers accept; the parent only holds the socket open.
             port.stopReading()
             self.ports.append(port)
+
+    def startService(self) -> None:
+        self._bind()
         super().startService()
         _startRouter(self.context.router)
         for warning in self.config.warnings:
@@ -581,8 +593,12 @@ class Machine(MultiService):
         }
 
     def _hello(self, worker: _Worker) -> dict[str, Any]:
-        # What a starting worker must know before it accepts.
+        # What a starting worker must know before it accepts: the
+        # configuration the parent checked (the file may have been edited
+        # since, and not yet reloaded), the holds, the addresses at their
+        # limit and those that failed lately.
         return {
+            "config": self.configText,
             "holds": list(self.gate.holds.values()),
             "blocked": sorted(self.blocked),
             "failures": {address: count for address, (count, _) in self.failures.known.items()},
@@ -796,12 +812,16 @@ class Machine(MultiService):
             self.notifier.reloaded(result)
             return result
 
-        return self.askWorkers("reload").addCallback(workersReloaded)
+        return self.askWorkers("reload", self.configText).addCallback(workersReloaded)
 
     def _check(self) -> dict[str, Any]:
         path = self.config.path
         try:
-            config = loadConfig(path)
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: cannot read: {e}") from None
+            config = parseConfig(text, path)
             router = buildRouter(config, self.reactor)
             if config.tls is not None:
                 _tls.serverOptions(config.tls, config.sni)
@@ -835,6 +855,7 @@ class Machine(MultiService):
             self.admin.healthDetails = config.admin.healthDetails
         if adminTLS is not None and self.adminTLS is not None:
             self.adminTLS.options = adminTLS
+        self.configText = text
         self.config = Config(
             path=config.path, hostname=config.hostname, limits=config.limits, tls=config.tls, sni=config.sni,
             listeners=self.config.listeners, router=config.router, backends=config.backends,
@@ -978,7 +999,7 @@ class _WorkerSide:
             "drop": self._drop,
             "dropIds": self._dropIds,
             "stats": self._stats,
-            "reload": lambda _: self.service.reload(),
+            "reload": lambda text: self.service.reload(text),
             "hold": self._hold,
             "release": lambda argument: self.holds.pop(argument["id"], lambda: None)(),
             "routesChanged": self._routesChanged,
@@ -1072,8 +1093,9 @@ def workerMain(argv: list[str] | None = None) -> None:
     raiseFileLimit()
 
     async def start() -> None:
+        state = await channel.call("hello")
         try:
-            config = loadConfig(path)
+            config = parseConfig(state["config"], path)
             adopted = [(CHANNEL_FD + 1 + index, family) for index, family in enumerate(json.loads(families))]
             service = serviceFromConfig(config, reactor, adopted=adopted)
         except (ConfigError, ValueError) as e:
@@ -1085,7 +1107,6 @@ def workerMain(argv: list[str] | None = None) -> None:
         context.failures = _WorkerFailures(reactor, channel)
         side = _WorkerSide(reactor, worker, service, channel)
         handlers.update(side.handlers())
-        state = await channel.call("hello")
         for hold in state["holds"]:
             side._hold(hold)
         context.tracker.blocked.update(state["blocked"])

@@ -244,6 +244,25 @@ class WorkersTests(SynchronousTestCase):
             with self.onlyWorker(number):
                 self.assertIn(b" mended.example.org IMAP proxy ready.", self.greeting())
 
+    def test_replacementUsesCheckedConfiguration(self) -> None:
+        """
+        A worker that replaces a dead one runs the configuration the parent
+        checked last, not a file edited since (here broken) and not
+        reloaded: it starts, and greets with the running host name.
+        """
+        self.proxy.proxy.configPath.write_text(
+            self.proxy.text.replace('hostname = "proxy.example.org"', 'hostname = "edited.example.org"').replace(
+                '[router]\ntype = "static"', '[router]\ntype = "nonesuch"'
+            )
+        )
+        killed = self.pids[2]
+        os.kill(killed, signal.SIGKILL)
+        self.pids = self.waitForWorkers(2, gone=frozenset({killed}))
+        with self.onlyWorker(2):
+            self.assertIn(b" proxy.example.org IMAP proxy ready.", self.greeting())
+            client = self.connect()
+            self.assertEqual(client.login(ACCOUNTS[3]), f"{ACCOUNTS[3]} on old")
+
     def test_connectionsPerAddressAcrossWorkers(self) -> None:
         """
         C{connections_per_address} counts the connections of both workers:
