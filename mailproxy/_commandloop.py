@@ -87,9 +87,7 @@ class CommandLoop(Session):
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        # Transitional: front ends not yet converted keep words (a str
-        # enum compares equal to them).
-        self.state: Enum | str = LoopState.COMMAND
+        self.state: Enum = LoopState.COMMAND
         self.badCommands = 0
         self._processing = False
 
@@ -215,38 +213,6 @@ class CommandLoop(Session):
         """
         See L{mailproxy._contract.IProtocolFrontend.forgetBeforeTLS}.
         """
-
-    # Transitional: the ways to end a session before end(), kept for the
-    # front ends not yet converted to it.
-
-    def closeWith(self, goodbye: str | None = None) -> None:
-        """
-        Transitional: L{end} with the reason noted so far (or set as
-        C{result}).
-        """
-        if not self.closing:
-            self._finish(self.endReason, goodbye)
-
-    def fatal(self, reason: str) -> None:
-        """
-        Transitional: the input cannot be read any further; L{end} with
-        L{EndReason.PROTOCOL_ERROR}.
-        """
-        self.end(EndReason.PROTOCOL_ERROR, reason, detail=reason)
-
-    def closeAfterLoginFailure(self) -> None:
-        """
-        Transitional: L{CommandFrontend} ends a session after a failed login
-        itself.
-        """
-        failures = cast(FrontendProtocol, self).failures
-        self.closeWith(_loginFailureGoodbye(failures, self.limits.loginFailures))
-
-
-def _loginFailureGoodbye(failures: int, limit: int) -> str:
-    if failures >= limit:
-        return "Too many invalid authentication attempts."
-    return "Closing connection."
 
 
 class CommandFrontend(CommandLoop, FrontendProtocol):
@@ -407,7 +373,11 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         if failure.close:
             endReason = self.loginFailureReason
             detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""
-            self.end(endReason, _loginFailureGoodbye(self.failures, self.limits.loginFailures), detail)
+            if self.failures >= self.limits.loginFailures:
+                goodbye = "Too many invalid authentication attempts."
+            else:
+                goodbye = "Closing connection."
+            self.end(endReason, goodbye, detail)
             return
         self.state = LoopState.COMMAND
         self.process()

@@ -248,7 +248,6 @@ class Session(Protocol):
         self.route: Route | None = None
         self._endReason = self.defaultEndReason
         self._endDetail = ""
-        self._endWords: str | None = None
         self._counted = False
         self._closeGrace = Timer(context.reactor, self._closeGraceExpired)
         self._pauses: set[str] = set()
@@ -343,7 +342,8 @@ class Session(Protocol):
         Notes C{reason} (with C{detail}) for the session-end line, says
         the protocol's goodbye with C{goodbye} if one is given
         (L{sayGoodbye}), and closes the connection once what was written is
-        sent (L{closeConnection}). A session already closing is left alone.
+        sent, aborting it if it is still open L{CLOSE_GRACE} seconds later.
+        A session already closing is left alone.
 
         @param goodbye: the words for the client, or L{None} when the
             protocol wrote its last reply itself (a LOGOUT's C{OK}).
@@ -351,14 +351,18 @@ class Session(Protocol):
         if self.closing:
             return
         self.noteOutcome(reason, detail)
-        self._finish(reason, goodbye)
+        self.lifecycle = SessionState.CLOSING
+        self.sessionEnding()
+        if goodbye is not None:
+            self.sayGoodbye(reason, goodbye)
+        self._closeConnection()
 
     def noteOutcome(self, reason: EndReason, detail: str = "") -> None:
         """
         What the session-end line says (C{reason=}) unless something else
         happens first: a failed login, an MX session's messages.
         """
-        self._endReason, self._endDetail, self._endWords = reason, detail, None
+        self._endReason, self._endDetail = reason, detail
 
     @property
     def endReason(self) -> EndReason:
@@ -373,41 +377,21 @@ class Session(Protocol):
         The session-end line's C{reason=} words so far (before hand-over;
         after it the relay's reason is logged).
         """
-        if self._endWords is not None:
-            return self._endWords
         return self._endReason.words(self._endDetail)
-
-    @result.setter
-    def result(self, words: str) -> None:
-        # Transitional, for front ends not yet ending through end(): their
-        # words are logged as they are.
-        self._endWords = words
-
-    def _finish(self, reason: EndReason, goodbye: str | None) -> None:
-        self.lifecycle = SessionState.CLOSING
-        self.sessionEnding()
-        if goodbye is not None:
-            self.sayGoodbye(reason, goodbye)
-        self.closeConnection()
 
     def sessionEnding(self) -> None:
         """
         L{end} is closing the session, before its goodbye: subclasses stop
-        what must not go on (a login still running must not hand over
-        after the goodbye).
+        their timers and what must not go on (a login still running must
+        not hand over after the goodbye).
         """
 
-    def closeConnection(self) -> None:
-        """
-        Close the client connection once what was written is sent (after
-        the protocol's last words), reading no more input, and abort it if
-        it is still open L{CLOSE_GRACE} seconds later: a TLS peer may never
-        answer the close alert, or keep writing without reading.  L{end}
-        comes here; a protocol that wrote its last reply itself may too.
-        """
+    def _closeConnection(self) -> None:
+        # Close once what was written is sent (after the protocol's last
+        # words), reading no more input, and abort if still open
+        # CLOSE_GRACE seconds later: a TLS peer may never answer the close
+        # alert, or keep writing without reading.
         self._stopWatchingReplies()
-        if self.lifecycle is not SessionState.CLOSED:
-            self.lifecycle = SessionState.CLOSING
         self.connectionClosing()
         self.transport.loseConnection()
         if self.lifecycle is not SessionState.CLOSED:
@@ -415,8 +399,8 @@ class Session(Protocol):
 
     def connectionClosing(self) -> None:
         """
-        The proxy started closing the connection: subclasses stop the
-        timers that would close it again.
+        The proxy started closing the connection (after the goodbye):
+        subclasses stop the timers that would close it again.
         """
 
     def _closeGraceExpired(self) -> None:
@@ -678,12 +662,10 @@ class FrontendProtocol(Session):
         self._preauth.start(self.limits.preauthTimeout)
 
     def sessionEnding(self) -> None:
+        self._preauth.stop()
         if self._pending is not None:
             # A login still running must not hand over after the goodbye.
             self._pending.cancel()
-
-    def connectionClosing(self) -> None:
-        self._preauth.stop()
 
     def sessionLost(self) -> None:
         self._preauth.stop()
@@ -707,17 +689,6 @@ class FrontendProtocol(Session):
             self.transport.abortConnection()
             return
         self.end(EndReason.PREAUTH_TIMEOUT, "Disconnected for inactivity.")
-
-    def stopPreauthTimer(self) -> None:
-        """
-        Stop the pre-auth timer of a session that never logs in (SMTP MX,
-        served by the proxy from start to end): its front end applies
-        timeouts of its own.
-
-        Transitional: such a front end derives from L{Session}, which has
-        no pre-auth timer, once it is converted.
-        """
-        self._preauth.stop()
 
     # Login
 

@@ -4,7 +4,9 @@ The ManageSieve front end: what a client sees before it is logged in.
 It greets with a capability list, answers CAPABILITY, NOOP, LOGOUT,
 STARTTLS (and re-sends the capability list after the handshake, RFC 5804
 section 2.2) and AUTHENTICATE with PLAIN or LOGIN itself, and refuses every
-other command with C{NO}. On a successful backend login the client gets the
+other command with C{NO}. The core (L{CommandFrontend}) decides STARTTLS,
+runs the SASL exchange and the login; this module reads ManageSieve and
+words the outcomes. On a successful backend login the client gets the
 backend's own C{OK} line and the relay starts; from then on, CAPABILITY is
 answered by the backend, so the client sees the backend's SIEVE extensions,
 and L{SieveGuard} refuses what only the proxy may say to the backend
@@ -18,15 +20,15 @@ from base64 import b64encode
 from typing import Callable, cast
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._backend import BackendProtocol, LoginJob
-from .._commandloop import CommandFrontend
-from .._outcomes import EndReason
+from .._commandloop import CommandFrontend, LoopState
+from .._contract import ILoginFrontend
+from .._guard import IRelayGuard
+from .._login import LoginFailed
+from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from .._safetext import oneLine
-from .._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64
-from .._session import LoginFailed
-from ..model import Credentials
 from ._backend import SieveBackendLogin
 from ._guard import SieveGuard
 from ._parser import Atom, BadLine, Fatal, Line, LineParser, SieveValue, quoteString
@@ -57,6 +59,25 @@ _AFTER_LOGIN = frozenset(
 
 _PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 
+#: The C{NO} to a refused STARTTLS, by why the core refused it (counted as
+#: an invalid command).
+_STARTTLS_REFUSALS = {
+    StartTLSRefusal.ARGUMENTS: "STARTTLS takes no arguments.",
+    StartTLSRefusal.ACTIVE: "TLS is already active.",
+    StartTLSRefusal.UNAVAILABLE: "STARTTLS is not available on this port.",
+    StartTLSRefusal.TRANSACTION: "STARTTLS is not available now.",
+}
+#: The C{NO} to an authentication exchange that ends without a login, by
+#: why the core ended it (C{BAD_RESPONSE} names the mechanism).
+_SASL_REFUSALS = {
+    SASLRefusal.UNSUPPORTED: "Unsupported authentication mechanism.",
+    SASLRefusal.BAD_INITIAL_RESPONSE: "Invalid AUTHENTICATE initial response.",
+    SASLRefusal.BAD_BASE64: "Invalid base64 data in AUTHENTICATE response.",
+    SASLRefusal.NO_INITIAL_RESPONSE: "The mechanism takes no initial response.",
+    SASLRefusal.ABORTED: "Authentication aborted by client.",
+    SASLRefusal.AUTHORIZATION: "Authorization identity not supported.",
+}
+
 
 def _string(value: SieveValue) -> bytes | None:
     """
@@ -69,13 +90,12 @@ def _string(value: SieveValue) -> bytes | None:
     return None
 
 
+@implementer(ILoginFrontend)
 class SieveFrontend(CommandFrontend):
     """
     Pre-auth ManageSieve for one client connection.
 
-    States: C{"command"} (reading commands), C{"sasl"} (reading
-    AUTHENTICATE responses), C{"login"} (waiting for the router and
-    backend; client input stays buffered), C{"relay"}, C{"closed"}.
+    States: those of L{LoopState}.
 
     @cvar implementation: the C{IMPLEMENTATION} capability's value.
     @cvar sieveExtensions: the C{SIEVE} capability's value before login.
@@ -89,13 +109,14 @@ class SieveFrontend(CommandFrontend):
     notifyMethods: str | None = DEFAULT_NOTIFY_METHODS
     maxBadCommands = MAX_BAD_COMMANDS
     badCommandsGoodbye = "Too many invalid MANAGESIEVE commands."
+    # Responses are strings: no lone "=" for an empty one.
+    saslLoneEquals = False
     log = Logger()
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
-        self.parser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
+        self.input: LineParser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
         self._startingTLS = False
-        self._exchange: ServerExchange | None = None
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
             b"NOOP": self.do_NOOP,
@@ -120,7 +141,7 @@ class SieveFrontend(CommandFrontend):
         """
         The pre-login capability lines, reflecting TLS state.
         """
-        mechanisms = "PLAIN LOGIN" if self.plaintextLoginAllowed else ""
+        mechanisms = " ".join(self.offeredMechanisms())
         pairs: list[tuple[str, str | None]] = [
             ("IMPLEMENTATION", self.implementation),
             ("SIEVE", self.sieveExtensions),
@@ -147,7 +168,7 @@ class SieveFrontend(CommandFrontend):
         lines.append(b"OK " + quoteString(text.encode("utf-8")))
         self.transport.write(b"".join(line + b"\r\n" for line in lines))
 
-    # FrontendProtocol
+    # The contract (ILoginFrontend)
 
     def greet(self) -> None:
         self.sendCapabilities(self.context.hostname + " ManageSieve proxy ready.")
@@ -158,35 +179,85 @@ class SieveFrontend(CommandFrontend):
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return SieveBackendLogin(job, self.context.reactor, self.limits.backendTimeout)
 
+    def answerStartTLS(self, command: tuple[SieveValue, ...], refusal: StartTLSRefusal | None) -> None:
+        if refusal is not None:
+            self._bad(_STARTTLS_REFUSALS[refusal])
+            return
+        self.reply(b"OK", "Begin TLS negotiation now.")
+        self._startingTLS = True
+
     def handshakeCompleted(self) -> None:
         super().handshakeCompleted()
         if self._startingTLS:
             # RFC 5804 section 2.2: the server speaks first after STARTTLS.
             self._startingTLS = False
-            if self.state != "closed":
+            if self.state is not LoopState.CLOSED:
                 self.sendCapabilities("TLS negotiation successful.")
 
-    def frontendDataReceived(self, data: bytes) -> None:
-        self.parser.feed(data)
-        self.process()
+    def saslMechanisms(self) -> list[str]:
+        return ["PLAIN", "LOGIN"]
+
+    def saslChallenge(self, command: tuple[SieveValue, ...], data: bytes) -> None:
+        self.sendLine(quoteString(b64encode(data)))
+
+    def answerSASLRefusal(self, command: tuple[SieveValue, ...], refusal: SASLRefusal, mechanism: str) -> None:
+        if refusal is SASLRefusal.PRIVACY_REQUIRED:
+            self.reply(b"NO", _PLAINTEXT_REFUSED, code=b"ENCRYPT-NEEDED")
+        elif refusal is SASLRefusal.BAD_RESPONSE:
+            self.reply(b"NO", "Invalid " + mechanism + " response.")
+        else:
+            self.reply(b"NO", _SASL_REFUSALS[refusal])
+
+    def answerLogin(self, command: tuple[SieveValue, ...], backend: BackendProtocol) -> IRelayGuard:
+        self.transport.write(cast(SieveBackendLogin, backend).okLine)
+        return SieveGuard()
+
+    def answerLoginFailure(self, command: tuple[SieveValue, ...], failure: LoginFailed) -> None:
+        if failure.kind is FailureKind.AUTH:
+            self.reply(b"NO", oneLine(failure.message) or "Authentication failed.")
+        else:
+            self.reply(
+                b"NO",
+                oneLine(failure.message) or "Service temporarily unavailable, try again later.",
+                code=b"TRYLATER",
+            )
 
     # The command loop
 
-    def processInput(self) -> None:
-        while self.state in ("command", "sasl") and not self.repliesUnread:
-            event = self.parser.next()
-            if event is None:
-                return
-            if isinstance(event, Fatal):
-                self.fatal(event.reason)
-                return
-            if self.state == "sasl":
-                self._saslLine(event)
-                continue
-            if isinstance(event, BadLine):
-                self._bad(event.reason)
-                continue
+    def _next(self) -> Line | BadLine | None:
+        # The next line; None when none is complete, or when the input
+        # cannot be read any further (the session ends).
+        event = self.input.next()
+        if isinstance(event, Fatal):
+            self.end(EndReason.PROTOCOL_ERROR, event.reason, event.reason)
+            return None
+        return event
+
+    def readCommand(self) -> bool:
+        event = self._next()
+        if event is None:
+            return False
+        if isinstance(event, BadLine):
+            self._bad(event.reason)
+        else:
             self._command(event)
+        return True
+
+    def readSASLResponse(self) -> bool:
+        event = self._next()
+        if event is None:
+            return False
+        values = event.values if isinstance(event, Line) else ()
+        response = values[0] if len(values) == 1 else None
+        if isinstance(response, Atom) and response.value == b"*":
+            # Only a bare * is tolerated unquoted: some clients cancel so.
+            response = b"*"
+        if isinstance(response, bytes):
+            self.saslResponse(response)
+        else:
+            self.abandonSASL()
+            self.reply(b"NO", "Invalid AUTHENTICATE client response.")
+        return True
 
     def _command(self, line: Line) -> None:
         values = line.values
@@ -229,26 +300,11 @@ class SieveFrontend(CommandFrontend):
         self.reply(b"OK", "Done", code=b"TAG " + quoteString(tag))
 
     def do_LOGOUT(self, args: tuple[SieveValue, ...]) -> None:
-        self.result = "logged out"
         self.reply(b"OK", "Logout completed.")
-        self.closeWith()
+        self.end(EndReason.LOGGED_OUT)
 
     def do_STARTTLS(self, args: tuple[SieveValue, ...]) -> None:
-        if args:
-            self._bad("STARTTLS takes no arguments.")
-            return
-        if self.tlsActive:
-            self._bad("TLS is already active.")
-            return
-        if not self.tlsAvailable:
-            self._bad("STARTTLS is not available on this port.")
-            return
-        self.reply(b"OK", "Begin TLS negotiation now.")
-        # Anything the client sent after STARTTLS in plaintext could have
-        # been injected by an attacker: drop it (CVE-2011-0411).
-        self.parser.clear()
-        self._startingTLS = True
-        self.startTLS()
+        self.startTLSCommand(args, bool(args))
 
     def do_AUTHENTICATE(self, args: tuple[SieveValue, ...]) -> None:
         if not 1 <= len(args) <= 2:
@@ -258,92 +314,10 @@ class SieveFrontend(CommandFrontend):
         if mechanism is None:
             self._bad("Invalid mechanism name.")
             return
-        mechanism = mechanism.upper()
-        if mechanism not in (b"PLAIN", b"LOGIN"):
-            self.reply(b"NO", "Unsupported authentication mechanism.")
-            return
-        if not self.plaintextLoginAllowed:
-            self.reply(b"NO", _PLAINTEXT_REFUSED, code=b"ENCRYPT-NEEDED")
-            return
-        initial: bytes | None = None
-        if len(args) == 2:
-            if not isinstance(args[1], bytes):
-                self.reply(b"NO", "Invalid AUTHENTICATE initial response.")
-                return
-            initial = self._decode(args[1])
-            if initial is None:
-                return
-        self._exchange = ServerExchange(mechanism.decode("ascii"))
-        self._saslStep(self._exchange.start(initial))
-
-    # SASL
-
-    def _decode(self, raw: bytes) -> bytes | None:
-        decoded = decodeBase64(raw)
-        if decoded is None:
-            self.state = "command"
-            self.reply(b"NO", "Invalid base64 data in AUTHENTICATE response.")
-        return decoded
-
-    def _saslLine(self, event: Line | BadLine) -> None:
-        self.state = "command"
-        values = event.values if isinstance(event, Line) else ()
-        if len(values) != 1 or not isinstance(values[0], (bytes, Atom)):
-            self.reply(b"NO", "Invalid AUTHENTICATE client response.")
-            return
-        if isinstance(values[0], Atom):
-            # Only a bare * is tolerated unquoted: some clients cancel so.
-            if values[0].value != b"*":
-                self.reply(b"NO", "Invalid AUTHENTICATE client response.")
-                return
-            response = b"*"
-        else:
-            response = values[0]
-        if response == b"*":
-            self.reply(b"NO", "Authentication aborted by client.")
-            return
-        decoded = self._decode(response)
-        if decoded is not None and self._exchange is not None:
-            self._saslStep(self._exchange.respond(decoded))
-
-    def _saslStep(self, step: Step) -> None:
-        if isinstance(step, Challenge):
-            self.sendLine(quoteString(b64encode(step.data)))
-            self.state = "sasl"
-        elif isinstance(step, Refused) and step.reason == "authorization":
-            self.reply(b"NO", "Authorization identity not supported.")
-        elif isinstance(step, Refused):
-            self.reply(b"NO", "Invalid " + step.mechanism + " response.")
-        else:
-            self._login(step)
-
-    # Login
-
-    def _login(self, credentials: Credentials) -> None:
-        self.state = "login"
-        d = self.login(credentials)
-        d.addCallbacks(self._loggedIn, self._loginFailed)
-        d.addErrback(self.loginHandlingFailed)
-
-    def _loggedIn(self, backend: SieveBackendLogin) -> None:
-        self.transport.write(backend.okLine)
-        self.state = "relay"
-        self.handOver(backend, toBackend=self.parser.takeRemaining(), guard=SieveGuard())
-
-    def _loginFailed(self, reason: Failure) -> None:
-        reason.trap(LoginFailed)
-        failure = cast(LoginFailed, reason.value)
-        if failure.kind == "auth":
-            self.reply(b"NO", oneLine(failure.message) or "Authentication failed.")
-        else:
-            self.reply(
-                b"NO",
-                oneLine(failure.message) or "Service temporarily unavailable, try again later.",
-                code=b"TRYLATER",
-            )
-        if failure.close:
-            self.closeAfterLoginFailure()
-            return
-        self.state = "command"
-        self.process()
-
+        initial = args[1] if len(args) == 2 else None
+        self.authenticate(
+            args,
+            mechanism.decode("ascii", "replace"),
+            initial if isinstance(initial, bytes) else None,
+            badInitialResponse=initial is not None and not isinstance(initial, bytes),
+        )

@@ -21,7 +21,7 @@ commands the proxy never saw (SMTP smuggling).
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import idna
 
@@ -33,21 +33,23 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._backend import BackendFailure, LoginJob
+from .._commandloop import LoopState
+from .._contract import IProtocolFrontend
+from .._outcomes import EndReason
 from .._safetext import logQuote
-from .._session import ProxyContext
+from .._session import ProxyContext, Timer
 from .._tls import _normalName
 from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
-from .._routing import callRouter
+from .._routing import routeLogin
 from ._backend import BackendLost, SMTPBackend
-from ._frontend import SMTPFrontend
+from ._base import SMTPFrontend, SMTPState
 from ._parser import (
     Command,
     DataScanner,
     Path,
     Reply,
     SMTPSyntaxError,
-    parseBDAT,
     parseMailFrom,
     parseRcptTo,
     reply,
@@ -92,13 +94,14 @@ def _lostToNone(reason: Failure) -> None:
     return None
 
 
+@implementer(IProtocolFrontend)
 class MXFrontend(SMTPFrontend):
     """
-    One inbound SMTP session.
+    One inbound SMTP session: a session without a login, timed by client
+    silence (C{preauth_timeout}) rather than by a pre-auth deadline.
 
-    More states: C{"data"} (a DATA message streams to the backend),
-    C{"chunk"} (a BDAT chunk streams to the backend, or is skipped when it
-    is refused).
+    One more state: C{"data"} (a DATA message streams to the backend); a
+    BDAT chunk streams to the backend, or is skipped when it is refused.
 
     @ivar mailFrom: the transaction's sender, once MAIL was accepted.
     @ivar accepted: recipients the backend accepted in this transaction.
@@ -108,6 +111,7 @@ class MXFrontend(SMTPFrontend):
     @ivar messages: messages the backends accepted in this session.
     """
 
+    defaultEndReason = EndReason.NO_MAIL
     log = Logger()
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
@@ -118,20 +122,15 @@ class MXFrontend(SMTPFrontend):
         self.bound: str | None = None
         self.backend: SMTPBackend | None = None
         self.messages = 0
-        self.result = "no mail"
         self._backendName: str | None = None
         self._connecting: SMTPBackend | None = None
         self._mailSent = False
         self._broken = False
         self._scanner: DataScanner | None = None
         self._dataProblem: str | None = None
-        self._chunkLeft = 0
-        self._chunkLast = False
-        self._chunkRefusal: tuple[int, str, str] | None = None
-        self._chunkReply: Deferred[Reply | None] | None = None
         self._streaming = False
         self._lastActivity = 0.0
-        self._idleCall: Any = None
+        self._idle = Timer(context.reactor, self._checkIdle)
         self._commands.update(
             {
                 b"MAIL": self.do_MAIL,
@@ -148,64 +147,56 @@ class MXFrontend(SMTPFrontend):
 
     # Life cycle
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if getattr(self.transport, "disconnecting", False):
-            return
-        # No login ends this session's pre-auth phase: it is timed by
-        # client silence instead, so a long message never hits a deadline.
-        self.stopPreauthTimer()
+    def sessionOpened(self) -> None:
+        # No login ends a pre-auth phase here: the session is timed by
+        # client silence, so a long message never hits a deadline.
         self._lastActivity = self.context.reactor.seconds()
-        self._idleCall = self.context.reactor.callLater(self.limits.preauthTimeout, self._checkIdle)
+        self._idle.start(self.limits.preauthTimeout)
+
+    def connectionClosing(self) -> None:
+        self._idle.stop()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
+        # Before the loop takes the state to CLOSED: a message the client
+        # was still sending is cut off (the backend is aborted, see
+        # _dropBackend).
+        self._idle.stop()
         self._stopStreaming()
         if self._connecting is not None:
             self._connecting.abandon()
             self._connecting = None
-        self._dropBackend(abort=self.state in ("data", "chunk"))
+        self._dropBackend(abort=self.state in (SMTPState.DATA, SMTPState.CHUNK))
         super().connectionLost(reason)
 
     def _checkIdle(self) -> None:
-        self._idleCall = None
         now = self.context.reactor.seconds()
-        if self.state == "waiting":
+        if self.state is LoopState.WAITING:
             # The proxy is the one waiting (for a backend, which has
             # timeouts of its own): the client is not idle.
             self._lastActivity = now
         idle = now - self._lastActivity
         limit = self.limits.preauthTimeout
         if idle >= limit:
-            self.result = "timeout"
-            self.close(421, "4.4.2", self.context.hostname + " Error: timeout exceeded")
+            self.end(EndReason.TIMEOUT, "Error: timeout exceeded")
             return
-        self._idleCall = self.context.reactor.callLater(limit - idle, self._checkIdle)
+        self._idle.start(limit - idle)
 
     def frontendDataReceived(self, data: bytes) -> None:
         self._lastActivity = self.context.reactor.seconds()
         super().frontendDataReceived(data)
 
-    def processInput(self) -> None:
-        while not self.repliesUnread:
-            if self.state == "data":
-                pending = self.reader.takeRemaining()
-                if not pending:
-                    return
-                self._streamData(pending)
-                continue
-            if self.state == "chunk":
-                if self._chunkLeft and not len(self.reader):
-                    return
-                self._chunkBytes(self.reader.take(self._chunkLeft))
-                continue
-            if self.state != "command":
-                return
-            super().processInput()
-            if self.state not in ("data", "chunk"):
-                return
+    def readNext(self) -> bool:
+        if self.state is SMTPState.DATA:
+            return self._readData()
+        return super().readNext()
+
+    def _readData(self) -> bool:
+        # What arrives of a DATA message.
+        pending = self.input.takeRemaining()
+        if not pending:
+            return False
+        self._streamData(pending)
+        return True
 
     # Transactions
 
@@ -250,7 +241,7 @@ class MXFrontend(SMTPFrontend):
             # believe this transaction can still deliver to them.
             self._broken = True
         self._mailSent = False
-        if self.state in ("data", "chunk") and self._dataProblem is None:
+        if self.state in (SMTPState.DATA, SMTPState.CHUNK) and self._dataProblem is None:
             self._dataProblem = "lost"
             self._stopStreaming()
 
@@ -269,11 +260,8 @@ class MXFrontend(SMTPFrontend):
         if self.mailFrom is not None:
             self.error(503, "5.5.1", "Error: nested MAIL command")
             return
-        try:
-            path = parseMailFrom(command.argument)
-            self._checkParameters(path, _MAIL_PARAMETERS)
-        except SMTPSyntaxError as e:
-            self.syntaxError(e)
+        path = self._path(parseMailFrom, command, _MAIL_PARAMETERS)
+        if path is None:
             return
         size = path.parameter(b"SIZE")
         if size is not None:
@@ -294,21 +282,29 @@ class MXFrontend(SMTPFrontend):
         self.mailFrom = path
         self.send(250, "2.1.0", "Ok")
 
-    def _checkParameters(self, path: Path, allowed: dict[bytes, str]) -> None:
-        for name, _ in path.parameters:
-            needs = allowed.get(name)
-            if needs is None or needs not in self.offered:
-                raise SMTPSyntaxError(555, "5.5.4", "Unsupported option: " + name.decode("ascii"))
+    def _path(self, parse: Callable[[bytes], Path], command: Command, allowed: dict[bytes, str]) -> Path | None:
+        """
+        The path of a MAIL or RCPT command, with only parameters of offered
+        extensions (C{allowed} says which extension each needs); L{None}
+        once a wrong one is answered.
+        """
+        try:
+            path = parse(command.argument)
+            for name, _ in path.parameters:
+                needs = allowed.get(name)
+                if needs is None or needs not in self.offered:
+                    raise SMTPSyntaxError(555, "5.5.4", "Unsupported option: " + name.decode("ascii"))
+        except SMTPSyntaxError as e:
+            self.syntaxError(e)
+            return None
+        return path
 
     def do_RCPT(self, command: Command) -> None:
         if self.mailFrom is None:
             self.error(503, "5.5.1", "Error: need MAIL command")
             return
-        try:
-            path = parseRcptTo(command.argument)
-            self._checkParameters(path, _RCPT_PARAMETERS)
-        except SMTPSyntaxError as e:
-            self.syntaxError(e)
+        path = self._path(parseRcptTo, command, _RCPT_PARAMETERS)
+        if path is None:
             return
         if self.recipients >= MAX_RECIPIENTS:
             self.send(452, "4.5.3", "Error: too many recipients")
@@ -324,13 +320,12 @@ class MXFrontend(SMTPFrontend):
             helo=self.helo,
             mailFrom=self.mailFrom.address,
             rcptTo=path.address,
+            lookup="recipient",
+            port=self.portName,
         )
-        gate = getattr(self.context, "gate", None)
-        waiting = gate.wait(request) if gate is not None else None
-        if waiting is None:
-            d = callRouter(self.context.router, request)
-        else:
-            d = waiting.addCallback(lambda _: callRouter(self.context.router, request))
+        # A recipient lookup is not a login: the router's time is not
+        # counted with the logins'.
+        d = routeLogin(self.context.router, request, self.context.reactor, gate=self.context.gate)
         d.addCallbacks(self._recipientRouted, self._lookupFailed, callbackArgs=(path,), errbackArgs=(path,))
         self.wait(d, self._answerRecipient)
 
@@ -385,7 +380,6 @@ class MXFrontend(SMTPFrontend):
     def _connection(self, route: Route) -> Deferred[Any]:
         if self.backend is not None and not self.backend.lost:
             return succeed(self.backend)
-        knowledge = self.knowledge
         name = route.backend.name
         job = LoginJob(
             route=route,
@@ -396,16 +390,7 @@ class MXFrontend(SMTPFrontend):
             password=None,
             portName=self.portName,
         )
-        protocol = SMTPBackend(
-            job,
-            self.context.reactor,
-            self.limits.backendTimeout,
-            hostname=self.context.hostname,
-            purpose="relay",
-            helo=self.helo,
-            esmtp=self.esmtp,
-            learn=lambda extensions: knowledge.learn(name, extensions),
-        )
+        protocol = self.backendFor(SMTPBackend, job, purpose="relay")
         self._connecting = protocol
 
         def connected(backend: SMTPBackend) -> SMTPBackend:
@@ -483,8 +468,7 @@ class MXFrontend(SMTPFrontend):
         text, close = answer
         self.transport.write(text)
         if close:
-            self.result = "closed by the router"
-            self.close(421, "4.7.0", self.context.hostname + " Closing connection")
+            self.end(EndReason.CLOSED_BY_ROUTER, "Closing connection")
 
     def do_DATA(self, command: Command) -> None:
         if command.argument.strip(b" "):
@@ -509,7 +493,7 @@ class MXFrontend(SMTPFrontend):
         self.transport.write(dataReply.raw)
         if dataReply.code != 354:
             return
-        self.state = "data"
+        self.state = SMTPState.DATA
         self._scanner = DataScanner()
         self._dataProblem = None
         self._startStreaming()
@@ -543,13 +527,13 @@ class MXFrontend(SMTPFrontend):
         if self._dataProblem is None and self.backend is not None:
             self.backend.writeData(part)
         if end is not None:
-            self.reader.feed(data[end:])
+            self.input.feed(data[end:])
             self._endOfData(scanner.size)
 
     def _endOfData(self, size: int) -> None:
         self._stopStreaming()
         self._scanner = None
-        self.state = "command"
+        self.state = LoopState.COMMAND
         problem, self._dataProblem = self._dataProblem, None
         if problem == "bare line ending":
             self.log.info(
@@ -573,7 +557,7 @@ class MXFrontend(SMTPFrontend):
             self.transport.write(messageReply.raw)
             if messageReply.positive:
                 self.messages += 1
-                self.result = f"{self.messages} message(s) accepted"
+                self.noteOutcome(EndReason.MESSAGES_ACCEPTED, str(self.messages))
         self.log.info(
             "message: session={session} from={sender} recipients={recipients} backend={backend} size={size} reply={reply}",
             session=self.client.sessionId,
@@ -590,13 +574,10 @@ class MXFrontend(SMTPFrontend):
         self._endTransaction()
 
     def do_BDAT(self, command: Command) -> None:
-        try:
-            size, last = parseBDAT(command.argument)
-        except SMTPSyntaxError:
-            # Without a size nobody can tell where the chunk ends.
-            self.result = "protocol error: bad BDAT"
-            self.close(421, "4.7.0", self.context.hostname + " Error: bad BDAT syntax, closing connection")
+        chunk = self.chunkSize(command)
+        if chunk is None:
             return
+        size, last = chunk
         refusal: tuple[int, str, str] | None = None
         if "CHUNKING" not in self.offered:
             refusal = (502, "5.5.1", "Error: command not implemented")
@@ -606,37 +587,28 @@ class MXFrontend(SMTPFrontend):
             refusal = _LOST
         elif not self.accepted or self.backend is None:
             refusal = (554, "5.5.1", "Error: no valid recipients")
-        self._chunkLeft = size
-        self._chunkLast = last
-        self._chunkRefusal = refusal
         self._dataProblem = None
-        self._chunkReply = None
-        if refusal is None:
-            assert self.backend is not None
-            line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
-            self._chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
-            self._startStreaming()
-        self.state = "chunk"
+        if refusal is not None:
+            self.receiveChunk(size, None, lambda: self.error(*refusal))
+            return
+        assert self.backend is not None
+        line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
+        chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
+        self._startStreaming()
+        self.receiveChunk(size, self._chunkData, lambda: self._chunkSent(chunkReply, last))
 
-    def _chunkBytes(self, data: bytes) -> None:
-        if self._chunkRefusal is None and self._dataProblem is None and self.backend is not None:
+    def _chunkData(self, data: bytes) -> None:
+        if self._dataProblem is None and self.backend is not None:
             self.backend.writeData(data)
-        self._chunkLeft -= len(data)
-        if self._chunkLeft > 0:
-            return
+
+    def _chunkSent(self, chunkReply: Deferred[Reply | None], last: bool) -> None:
         self._stopStreaming()
-        self.state = "command"
-        if self._chunkRefusal is not None:
-            self.error(*self._chunkRefusal)
-            return
         if self._dataProblem is not None:
             self._dataProblem = None
             self.send(*_LOST)
             self._endTransaction()
             return
-        assert self._chunkReply is not None
-        last = self._chunkLast
-        self.wait(self._chunkReply, lambda chunkReply: self._chunkDone(chunkReply, last))
+        self.wait(chunkReply, lambda answer: self._chunkDone(answer, last))
 
     def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
         if chunkReply is None:

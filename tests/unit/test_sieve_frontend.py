@@ -12,7 +12,9 @@ from base64 import b64encode
 from attrs import evolve
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from mailproxy._contract import ILoginFrontend
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, TLSInfo
 from mailproxy.sieve._frontend import DEFAULT_SIEVE_EXTENSIONS
@@ -86,6 +88,14 @@ class GreetingTests(SieveFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(
             client.value(), capabilityBlock(startTLS=True, ok=b"proxy.test ManageSieve proxy ready.")
         )
+
+    def test_contract(self) -> None:
+        """
+        The ManageSieve front end implements the protocol side of the
+        core's contract for a front end whose clients log in.
+        """
+        frontend, _, _ = makeFrontend("sieve", FakeRouter())
+        self.assertTrue(verifyObject(ILoginFrontend, frontend))
 
     def test_startTLSRequiredHidesMechanisms(self) -> None:
         """

@@ -13,7 +13,7 @@ from mailproxy._session import ProxyContext
 from mailproxy.config import Limits
 from mailproxy.model import Backend
 from mailproxy.smtp._ehlo import BackendExtensions, Extensions, common
-from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector
 from mailproxy.smtp._parser import ReplyReader
 

@@ -10,14 +10,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from mailproxy._session import CLOSE_GRACE
+from mailproxy._contract import ILoginFrontend, IProtocolFrontend
+from mailproxy._session import CLOSE_GRACE, FrontendProtocol
 from mailproxy.config import Limits
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 from mailproxy.smtp import _mx
 from mailproxy.smtp._ehlo import Extensions
-from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import makeBackend
 
 from .frontendhelpers import FrontendTestsMixin
@@ -112,6 +114,17 @@ class EHLOAndMailTests(MXTestsMixin, SynchronousTestCase):
     """
     What the proxy answers itself: EHLO and MAIL.
     """
+
+    def test_contract(self) -> None:
+        """
+        The MX front end implements the protocol side of the core's
+        contract, and is a session without a login: it has neither the
+        login's side of the contract nor the login-capable session base.
+        """
+        self.build()
+        self.assertTrue(verifyObject(IProtocolFrontend, self.frontend))
+        self.assertFalse(ILoginFrontend.providedBy(self.frontend))
+        self.assertNotIsInstance(self.frontend, FrontendProtocol)
 
     def test_ehlo(self) -> None:
         """

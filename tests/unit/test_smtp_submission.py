@@ -13,13 +13,15 @@ import hmac
 import hashlib
 
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from mailproxy._contract import ILoginFrontend
 from mailproxy._outcomes import EndReason
 from mailproxy.config import Limits
 from mailproxy.model import Backend, ClientInfo, Rejection, Route
 from mailproxy.smtp._backend import xclientAttributes, xclientCommands
 from mailproxy.smtp._ehlo import Extensions
-from mailproxy.smtp._frontend import backendExtensions
+from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
 
 from .frontendhelpers import FrontendTestsMixin
@@ -116,6 +118,14 @@ class GreetingAndEHLOTests(SubmissionTestsMixin, SynchronousTestCase):
         """
         _, client, _ = makeFrontend("smtp", FakeRouter(), mode="submission")
         self.assertEqual(client.value(), b"220 proxy.test ESMTP mailproxy\r\n")
+
+    def test_contract(self) -> None:
+        """
+        The submission front end implements the protocol side of the
+        core's contract for a front end whose clients log in.
+        """
+        frontend, _, _ = makeFrontend("smtp", FakeRouter(), mode="submission")
+        self.assertTrue(verifyObject(ILoginFrontend, frontend))
 
     def test_ehloBeforeTLS(self) -> None:
         """
