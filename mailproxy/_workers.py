@@ -1100,6 +1100,7 @@ def workerMain(argv: list[str] | None = None) -> None:
             service = serviceFromConfig(config, reactor, adopted=adopted)
         except (ConfigError, ValueError) as e:
             Logger().error("worker {number} cannot start: {error}", number=worker, error=str(e))
+            stopping.append(False)
             reactor.stop()  # type: ignore[attr-defined]
             return
         context = service.context
@@ -1120,7 +1121,11 @@ def workerMain(argv: list[str] | None = None) -> None:
 
     def failed(reason: Failure) -> None:
         Logger().failure("worker {number} cannot start", reason, number=worker)
+        stopping.append(False)
         reactor.stop()  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
+    if False in stopping:
+        # The parent's log says "exited with status 1", and backs off.
+        sys.exit(1)

@@ -263,6 +263,17 @@ class WorkersTests(SynchronousTestCase):
             client = self.connect()
             self.assertEqual(client.login(ACCOUNTS[3]), f"{ACCOUNTS[3]} on old")
 
+    def test_parentKilled(self) -> None:
+        """
+        When the parent dies (SIGKILL: nothing is told), its workers see
+        the channel close, drain and exit: no worker outlives it.
+        """
+        os.kill(self.proxy.proxy.pid, signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT
+        while any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in self.pids.values()):
+            self.assertLess(time.monotonic(), deadline, self.pids)
+            time.sleep(0.05)
+
     def test_connectionsPerAddressAcrossWorkers(self) -> None:
         """
         C{connections_per_address} counts the connections of both workers:
@@ -343,6 +354,18 @@ class WorkersTests(SynchronousTestCase):
             if time.monotonic() > deadline:
                 self.fail(f"not logged: {fragments}\n{self.proxy.log()[mark:][-3000:]}")
             time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    """
+    The state letter of process C{pid} (C{Z}: exited, not yet reaped), or
+    C{""} if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def _readLine(connection: socket.socket) -> bytes:

@@ -34,7 +34,7 @@ from mailproxy._workers import (
     _eventForParent,
     _eventFromWorker,
 )
-from mailproxy.config import parseConfig
+from mailproxy.config import ConfigError, parseConfig, workerCount
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection
 from mailproxy.settings import Limits
@@ -454,3 +454,41 @@ class AddressFailureDelayTests(SynchronousTestCase):
             harness.context.failures.failed("192.0.2.7")
         frontend, transport = harness.connect("192.0.2.7")
         self.assertEqual(self.failAt(harness, frontend, transport), float(MAX_FAILURES_COUNTED))
+
+
+class WorkersSettingTests(SynchronousTestCase):
+    """
+    C{[proxy] workers}.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+
+    def test_default(self) -> None:
+        """
+        Without the key, one worker per CPU this process may run on.
+        """
+        config = parseConfig(CONFIG.replace("workers = 2\n", ""), self.path)
+        self.assertIsNone(config.workers)
+        self.assertEqual(workerCount(config), len(os.sched_getaffinity(0)))
+
+    def test_given(self) -> None:
+        """
+        A number given is the count.
+        """
+        self.assertEqual(workerCount(parseConfig(CONFIG, self.path)), 2)
+
+    def test_wrong(self) -> None:
+        """
+        0, more than 256 and what is not an integer are refused, naming
+        the key.
+        """
+        for value, why in (("0", "at least 1"), ("257", "at most 256"), ('"auto"', "must be an integer")):
+            with self.assertRaises(ConfigError) as raised:
+                parseConfig(CONFIG.replace("workers = 2", f"workers = {value}"), self.path)
+            self.assertIn("proxy.workers", str(raised.exception))
+            self.assertIn(why, str(raised.exception))
