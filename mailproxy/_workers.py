@@ -174,9 +174,14 @@ class Channel(amp.AMP):
         """
         Tell the other side C{argument}, without waiting (small arguments:
         one AMP value).
+
+        @raise ValueError: C{argument} is too large for one AMP value.
         """
+        data = json.dumps(argument)
+        if len(data) > _PART:
+            raise ValueError(f"{method}: {len(data)} characters of JSON, more than {_PART}")
         if self.connected:
-            self.callRemote(_Notify, method=method, data=json.dumps(argument))
+            self.callRemote(_Notify, method=method, data=data)
 
     def _send(self, value: Any) -> int:
         text = json.dumps(value)
@@ -257,15 +262,23 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
             data[key] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
             data[key] = list(value)
-    data["log_text"] = text[:_PART // 2]
+    data["log_text"] = text
     data["log_level"] = level.name
     data["log_namespace"] = event.get("log_namespace")
     data["log_time"] = event.get("log_time")
     data["worker"] = worker
-    # Roughly its JSON's length, without encoding it twice.
-    if sum(len(value) if isinstance(value, str) else 24 for value in data.values()) > _PART // 2:
-        data = {key: data[key] for key in ("log_text", "log_level", "log_namespace", "log_time", "worker")}
     return data
+
+
+def _shortEvent(data: dict[str, Any]) -> dict[str, Any]:
+    """
+    An event too large for the channel: its text cut short, without its
+    fields.
+    """
+    short = {key: data[key] for key in ("log_level", "log_namespace", "log_time", "worker")}
+    # ASCII escapes make JSON at most six times the text.
+    short["log_text"] = data["log_text"][: _PART // 8] + " [cut]"
+    return short
 
 
 def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
@@ -1085,7 +1098,10 @@ def workerMain(argv: list[str] | None = None) -> None:
             return
         sending.append(True)
         try:
-            channel.notify("log", data)
+            try:
+                channel.notify("log", data)
+            except ValueError:
+                channel.notify("log", _shortEvent(data))
         finally:
             sending.pop()
 

@@ -33,6 +33,7 @@ from mailproxy._workers import (
     WorkerConnections,
     _eventForParent,
     _eventFromWorker,
+    _shortEvent,
 )
 from mailproxy.config import ConfigError, parseConfig, workerCount
 from mailproxy.interfaces import IRouter
@@ -347,6 +348,19 @@ class LogRelayTests(SynchronousTestCase):
         line = jsonLine(relayed)
         self.assertIn('"user": "a\\"b\\r\\n"', line)
         self.assertIn('"event": "login_failed"', line)
+
+    def test_tooLarge(self) -> None:
+        """
+        An event too large for one AMP value is refused by the channel; its
+        short form fits, with the start of its text.
+        """
+        parent, worker, pump = channels({"log": lambda data: None}, {})
+        event = {"log_format": "{text}", "log_level": LogLevel.error, "text": "\x01" * 50000}
+        data = _eventForParent(event, 1)
+        assert data is not None
+        self.assertRaises(ValueError, worker.notify, "log", data)
+        worker.notify("log", _shortEvent(data))
+        self.assertTrue(formatEvent(_eventFromWorker(_shortEvent(data))).endswith(" [cut]"))
 
     def test_debugStays(self) -> None:
         """
