@@ -11,16 +11,32 @@ end reads its own syntax, calls the core's entry points with what the
 client asked, and implements the interfaces below, which only put an
 outcome (an enum of L{mailproxy._outcomes}) into the protocol's words.
 
-Entry points the core offers a protocol (L{mailproxy._commandloop}):
+A front end derives from L{mailproxy._commandloop.CommandLoop} (a session
+without a login: SMTP MX; it implements L{IProtocolFrontend}) or from
+L{mailproxy._commandloop.CommandFrontend} (a session whose client logs in;
+L{ILoginFrontend}).  Below them, L{mailproxy._session.Session} is a
+connection (limits, registry, timers, TLS, the session-end line) and
+L{mailproxy._session.FrontendProtocol} adds the login
+(L{mailproxy._login.LoginAttempt}) and the hand-over to the relay.
 
-  - C{startTLSCommand(command, hasArguments)}: the client asked for TLS;
-  - C{authenticate(command, mechanism, initialResponse)}: the client
-    started a SASL exchange; C{saslResponse(response)}: it answered a
-    challenge;
-  - C{loginWith(command, credentials, clientID)}: the client gave
-    credentials in a command of its own (IMAP LOGIN, POP3 USER/PASS, APOP);
+Entry points the core offers a protocol (L{mailproxy._commandloop},
+L{mailproxy._session}):
+
+  - C{startTLSCommand(command, hasArguments, inTransaction)}: the client
+    asked for TLS;
+  - C{authenticate(command, mechanism, initialResponse,
+    badInitialResponse)}: the client started a SASL exchange;
+    C{saslResponse(response)}: it answered a challenge;
+    C{abandonSASL()}: its answer could not be read;
+  - C{loginWith(command, credentials)}: the client gave credentials in a
+    command of its own (IMAP LOGIN, POP3 USER/PASS, APOP); the front end's
+    C{clientID} (IMAP ID) goes with them;
   - C{countBadCommand()}: an invalid command was answered;
-  - C{end(reason, goodbye, detail)}: the one way a session ends.
+  - C{end(reason, goodbye, detail)}: the one way a session ends;
+    C{noteOutcome(reason, detail)}: what the session-end line says if the
+    client leaves first;
+  - hooks for timers of the protocol's own (L{mailproxy._session.Timer}):
+    C{sessionOpened}, C{connectionClosing}, C{sessionLost}.
 
 C{command} is the protocol's own object for the command being answered
 (IMAP needs its tag); the core hands it back untouched to the phrasing
