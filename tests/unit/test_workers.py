@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -268,6 +268,56 @@ class MachineTests(SynchronousTestCase):
         self.assertFalse(outcomes[0]["ok"])
         self.assertIn("nonesuch", outcomes[0]["error"])
         self.assertEqual((asked, self.told), ([], []))
+
+    def answering(self, answers: dict[str, list[Any]]) -> list[tuple[str, Any]]:
+        """
+        Make the workers answer calls by method, worker 1's answer first;
+        return the calls made.
+        """
+        asked: list[tuple[str, Any]] = []
+
+        def askWorkers(method: str, argument: Any = None) -> Deferred[list[tuple[Any, Any]]]:
+            asked.append((method, argument))
+            return succeed(list(zip((self.one, self.two), answers[method])))
+
+        self.machine.askWorkers = askWorkers  # type: ignore[method-assign]
+        return asked
+
+    def test_reloadTellsCheckedText(self) -> None:
+        """
+        A reload of a good file sends every worker the text the parent
+        checked; a worker's refusal makes the outcome a failure naming it.
+        """
+        with open(self.path, "w") as f:
+            f.write(CONFIG.replace("proxy.example.org", "new.example.org"))
+        asked = self.answering({"reload": [{"ok": True}, {"ok": False, "error": "no certificate"}]})
+        outcomes: list[dict[str, Any]] = []
+        self.machine.reload().addCallback(outcomes.append)
+        self.assertEqual(asked, [("reload", CONFIG.replace("proxy.example.org", "new.example.org"))])
+        self.assertEqual(outcomes, [{"ok": False, "path": self.path, "error": "worker 2: no certificate"}])
+        self.assertEqual(self.machine.config.hostname, "new.example.org")
+
+    def test_sessionsOfEveryWorker(self) -> None:
+        """
+        The sessions listed are every worker's, each with its worker; a
+        drop's answer names every worker's dropped sessions.
+        """
+        asked = self.answering(
+            {"sessions": [[{"session": "a"}], [{"session": "b"}, {"session": "c"}]], "drop": [["a"], ["c"]]}
+        )
+        listed: list[Any] = []
+        self.machine.describeSessions(account="x@example.org").addCallback(listed.append)
+        self.assertEqual(listed, [[{"session": "a", "worker": 1}, {"session": "b", "worker": 2}, {"session": "c", "worker": 2}]])
+        dropped: list[Any] = []
+        self.machine.dropSessions("x@example.org", None, None, "Bye.").addCallback(dropped.append)
+        self.assertEqual(dropped, [["a", "c"]])
+        self.assertEqual(
+            asked,
+            [
+                ("sessions", {"account": "x@example.org", "backend": None, "domain": None}),
+                ("drop", {"account": "x@example.org", "backend": None, "session": None, "reason": "Bye."}),
+            ],
+        )
 
     def test_holdInEveryWorker(self) -> None:
         """
