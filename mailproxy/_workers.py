@@ -446,8 +446,7 @@ class _Worker:
         )
         theirs.close()
         self.pid = self.process.pid
-        _adoptChannel(reactor, os.dup(ours.fileno()), self.channel)
-        ours.close()
+        _adoptChannel(reactor, ours.detach(), self.channel)
         self.log.info("worker {number} started (pid {pid})", number=self.number, pid=self.pid)
 
     def lost(self) -> None:
@@ -492,7 +491,11 @@ class _Worker:
         self._dropCall = None
         drops, self._drops = self._drops, {}
         for reason, ids in drops.items():
-            self.call("dropIds", {"ids": ids, "reason": reason})
+            self.call("dropIds", {"ids": ids, "reason": reason}).addErrback(
+                lambda failure: self.log.warn(
+                    "worker {number} did not drop sessions: {why}", number=self.number, why=failure.getErrorMessage()
+                )
+            )
 
 
 class Machine(MultiService):
@@ -712,8 +715,19 @@ class Machine(MultiService):
         Tell every worker C{argument}, without waiting.
         """
         for worker in self.workers:
-            if worker.channel is not None:
+            if worker.channel is None:
+                continue
+            try:
                 worker.channel.notify(method, argument)
+            except ValueError:
+                # A hold of many accounts: too large for one message, it
+                # travels in parts (and in order all the same).
+                worker.channel.call(method, argument).addErrback(self._untold, worker, method)
+
+    def _untold(self, reason: Failure, worker: _Worker, method: str) -> None:
+        self.log.warn(
+            "worker {number} did not take {method}: {why}", number=worker.number, method=method, why=reason.getErrorMessage()
+        )
 
     def askWorkers(self, method: str, argument: Any = None) -> Deferred[list[tuple[_Worker, Any]]]:
         """
@@ -972,8 +986,9 @@ class WorkerConnections:
         deltas = {address: delta for address, delta in self._deltas.items() if delta}
         self._deltas.clear()
         items = list(deltas.items())
-        for start in range(0, len(items), 1000):
-            self.channel.notify("connections", dict(items[start : start + 1000]))
+        # 500 addresses (IPv6 at most 45 characters) fit in one message.
+        for start in range(0, len(items), 500):
+            self.channel.notify("connections", dict(items[start : start + 500]))
 
 
 class _WorkerFailures(LocalFailures):

@@ -556,3 +556,31 @@ class WorkersSettingTests(SynchronousTestCase):
                 parseConfig(CONFIG.replace("workers = 2", f"workers = {value}"), self.path)
             self.assertIn("proxy.workers", str(raised.exception))
             self.assertIn(why, str(raised.exception))
+
+
+class TellWorkersTests(SynchronousTestCase):
+    """
+    What the parent tells every worker.
+    """
+
+    def test_largeHold(self) -> None:
+        """
+        A hold of more accounts than one message holds reaches the worker
+        whole.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        path = os.path.join(directory, "config.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        machine = Machine(parseConfig(CONFIG, path), 1, Clock(), [])
+        held: list[Any] = []
+        parent, worker, pump = channels(machine.handlersFor(machine.workers[0]), {"hold": held.append})
+        machine.workers[0].channel = parent
+        accounts = [f"user{n:05d}@example.org" for n in range(3000)]
+        release = machine.gate.hold(accounts, [])
+        pump.flush()
+        self.assertEqual(held, [{"id": 1, "accounts": accounts, "domains": []}])
+        del release
