@@ -19,13 +19,20 @@ from urllib.parse import quote, urlsplit
 
 from .config import AdminConfig, Config, ConfigError, Table, loadConfig, parseAdmin, splitEndpoint
 
-__all__ = ["AdminClient", "AdminError", "endpointURL", "clientFromConfig", "adminFromFile"]
+__all__ = ["AdminClient", "AdminError", "EndpointUnreachable", "endpointURL", "clientFromConfig", "adminFromFile"]
 
 
 class AdminError(Exception):
     """
     The proxy could not be reached, or refused the request; C{str(error)}
     says why.
+    """
+
+
+class EndpointUnreachable(AdminError):
+    """
+    The management endpoint could not be reached (or broke off): the proxy
+    may be down or restarting.
     """
 
 
@@ -100,7 +107,7 @@ class AdminClient:
             response = connection.getresponse()
             content = response.read()
         except (OSError, http.client.HTTPException) as e:
-            raise AdminError(f"cannot reach the management endpoint at {self.url}: {e}") from None
+            raise EndpointUnreachable(f"cannot reach the management endpoint at {self.url}: {e}") from None
         finally:
             connection.close()
         if response.getheader("Content-Type", "").startswith("application/json"):

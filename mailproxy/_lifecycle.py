@@ -7,9 +7,10 @@ certificates before anything changes; any error keeps the running
 configuration and says why.  What can change while sessions run is applied
 at once: the router and its route table, the backends, the limits, the host
 name, the TLS certificates (listeners hold a L{ReloadableServerTLS}, whose
-options are replaced), the management token and certificate.  Listeners,
-the management endpoint's address, turning its TLS on or off, and C{[log]}
-need a restart; a reload names what changed there and leaves it as it is.
+options are replaced), the management token and certificate, C{[migration]}
+but for its journal.  Listeners, the management endpoint's address, turning
+its TLS on or off, C{[log]} and C{[migration] journal} need a restart; a
+reload names what changed there and leaves it as it is.
 
 On shutdown the listeners stop accepting first; open sessions then have
 C{[limits] shutdown_grace} seconds to end on their own, after which each
@@ -24,9 +25,11 @@ its outcome as the status text), stopping at shutdown
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
+from attrs import evolve
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -36,10 +39,12 @@ from zope.interface import implementer
 
 from . import _tls
 from ._migrate import LoginHold, Mover
+from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._outcomes import EndReason
 from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, loadConfig, parseConfig
+from .migration import MigrationManager
 from .routers import buildRouter
 
 __all__ = ["ReloadableServerTLS", "ProxyService", "SHUTDOWN", "RESTART_KEYS"]
@@ -51,7 +56,7 @@ SHUTDOWN = "Server shutting down."
 CLOSE_WAIT = 5.0
 
 #: The configuration keys a reload cannot apply to a running proxy.
-RESTART_KEYS = ("listener", "admin.endpoint", "admin.tls", "log")
+RESTART_KEYS = ("listener", "admin.endpoint", "admin.tls", "log", "migration.journal")
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -105,6 +110,9 @@ class ProxyService(MultiService):
         endpoint and log settings may lag behind the file until a restart).
     @ivar context: what the sessions share.
     @ivar mover: moves accounts (used by the management endpoint).
+    @ivar migrations: copies, verifies and moves accounts (the management
+        endpoint's campaigns, and C{[migration] on_login}); it resumes the
+        journal's unfinished work when the proxy starts.
     @ivar draining: shutdown has begun.
     @ivar admin: the management resource, if there is an endpoint.
     @ivar eventLog: the C{[log]} service, if C{[log] path} is set.
@@ -126,12 +134,29 @@ class ProxyService(MultiService):
         if context.gate is None:
             context.gate = LoginHold()
         self.mover = Mover(context, config.backends, reactor)
+        self.migrations = self._migrationManager(config)
         self.draining = False
         self.admin: Any = None
         self.adminTLS: ReloadableServerTLS | None = None
         self.eventLog: Any = None
         self.notifier = notifier if notifier is not None else ServiceNotifier()
         self._previousHandler: Any = None
+
+    def _migrationManager(self, config: Config) -> MigrationManager:
+        context = self.context
+        manager = MigrationManager(
+            reactor=self.reactor,
+            mover=self.mover,
+            router=context.router,
+            backends=dict(config.backends),
+            sessions=context.sessions,
+            settings=config.migration,
+            journalPath=journalPath(config.path, config.migration.journal),
+            routerName=config.router.type,
+        )
+        manager.addObserver(StepLog(context.stats))
+        context.sessions.observe(OnLoginMigration(manager))
+        return manager
 
     @property
     def backends(self) -> dict[str, Any]:
@@ -146,6 +171,9 @@ class ProxyService(MultiService):
         super().startService()
         _startRouter(self.context.router)
         self._warn(self.config)
+        if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
+            # Only a journal left by an earlier run has work to resume.
+            self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
         try:
             self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
         except ValueError:
@@ -181,7 +209,11 @@ class ProxyService(MultiService):
         self.notifier.stopping(f"stopping: {len(self.context.sessions)} sessions open")
         listeners = [child for child in self if (child.name or "").startswith("listener-")]
         others = [child for child in self if child not in listeners]
-        stopping = gatherResults([maybeDeferred(child.stopService) for child in listeners if child.running])
+        stopping = gatherResults(
+            [maybeDeferred(child.stopService) for child in listeners if child.running]
+            # Without a campaign there is nothing to stop or to journal.
+            + ([self.migrations.stop()] if self.migrations.campaigns() else [])
+        )
 
         def stopOthers(_: object) -> Deferred[Any]:
             _stopRouter(self.context.router)
@@ -316,6 +348,12 @@ class ProxyService(MultiService):
         if serverTLS is not None and isinstance(context.serverTLS, ReloadableServerTLS):
             context.serverTLS.options = serverTLS
         self.mover.backends = set(config.backends)
+        # The running engine keeps its journal where it is until a restart.
+        migration = evolve(config.migration, journal=self.config.migration.journal)
+        self.migrations.router = router
+        self.migrations.routerName = config.router.type
+        self.migrations.backends = dict(config.backends)
+        self.migrations.settings = migration
         if self.admin is not None and config.admin is not None:
             self.admin.guard.token = config.admin.token
             self.admin.healthDetails = config.admin.healthDetails
@@ -333,6 +371,7 @@ class ProxyService(MultiService):
             backends=config.backends,
             admin=self.config.admin if {"admin.endpoint", "admin.tls"} & set(restart) else config.admin,
             log=self.config.log,
+            migration=migration,
         )
         if restart:
             self.log.warn(
@@ -356,4 +395,6 @@ class ProxyService(MultiService):
             changed.append("admin.tls")
         if config.log != old.log:
             changed.append("log")
+        if config.migration.journal != old.migration.journal:
+            changed.append("migration.journal")
         return changed

@@ -99,47 +99,61 @@ class MoveResult:
 class LoginHold:
     """
     The login gate of a proxy (L{ProxyContext.gate}): logins of accounts or
-    domains being moved wait until the move releases them.
+    domains being moved wait until the move releases them; a hold made with
+    C{mail=True} (a migration's) also holds mail for them (MX recipients).
     """
 
     def __init__(self) -> None:
-        self._holds: list[tuple[frozenset[str], frozenset[str], list[Deferred[None]]]] = []
+        self._holds: list[tuple[frozenset[str], frozenset[str], list[Deferred[None]], bool]] = []
 
     def wait(self, request: Any) -> Deferred[None] | None:
         """
-        L{None} if C{request}'s login may go on now, else a Deferred that
-        fires when it may.
+        L{None} if C{request}'s login (or, for MX, its recipient) may go on
+        now, else a Deferred that fires when it may.
         """
-        if not self._holds or request.credentials is None:
+        if not self._holds:
             return None
-        user = request.credentials.user.lower()
+        if request.credentials is not None:
+            user, isMail = request.credentials.user.lower(), False
+        elif getattr(request, "rcptTo", None):
+            user, isMail = request.rcptTo.lower(), True
+        else:
+            return None
         domain = user.rpartition("@")[2] if "@" in user else None
-        for accounts, domains, waiters in self._holds:
+        for accounts, domains, waiters, mail in self._holds:
+            if isMail and not mail:
+                continue
             if user in accounts or domain in domains:
                 waiter: Deferred[None] = Deferred()
                 waiters.append(waiter)
                 return waiter
         return None
 
-    def hold(self, accounts: Iterable[str], domains: Iterable[str]) -> Callable[[], None]:
+    def hold(self, accounts: Iterable[str], domains: Iterable[str], mail: bool = False) -> Callable[[], None]:
         """
         Hold new logins of C{accounts} and of every account in C{domains}.
 
+        @param mail: hold their incoming mail too (MX recipients wait), so
+            that nothing is delivered where they are moving from meanwhile.
         @return: a function that ends this hold and lets the waiting logins
             go on.
         """
-        entry: tuple[frozenset[str], frozenset[str], list[Deferred[None]]] = (
+        entry: tuple[frozenset[str], frozenset[str], list[Deferred[None]], bool] = (
             frozenset(a.lower() for a in accounts),
             frozenset(d.lower() for d in domains),
             [],
+            mail,
         )
         self._holds.append(entry)
 
         def release() -> None:
-            if entry in self._holds:
-                self._holds.remove(entry)
-                for waiter in entry[2]:
-                    waiter.callback(None)
+            # By identity: another hold may have equal contents.
+            for index, held in enumerate(self._holds):
+                if held is entry:
+                    del self._holds[index]
+                    for waiter in entry[2]:
+                        waiter.callback(None)
+                    break
 
         return release
 

@@ -107,6 +107,25 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
             "health_details": admin.healthDetails,
         }
     data["log"] = _withoutNone({"format": config.log.format, "path": config.log.path})
+    migration = config.migration
+    data["migration"] = _withoutNone(
+        {
+            "on_login": migration.onLogin,
+            "on_login_domains": list(migration.onLoginDomains) or None,
+            "journal": migration.journal,
+            "concurrency": migration.concurrency,
+            "doveadm": migration.doveadm,
+            "mbsync": migration.mbsync,
+            "tools": dict(migration.tools) or None,
+            "doveadm_config": dict(migration.doveadmConfig) or None,
+            "copy_timeout": migration.copyTimeout,
+            "hold_timeout": migration.holdTimeout,
+            "client_timeout": migration.clientTimeout,
+            "session_poll": migration.sessionPoll,
+            "sync_attempts": migration.syncAttempts,
+            "late_mail_grace": migration.lateMailGrace,
+        }
+    )
     return data
 
 

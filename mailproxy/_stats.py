@@ -128,6 +128,11 @@ class ProxyStats:
         the login there, by C{(protocol, backend, result)}.
     @ivar routerLatency: how long the router took to answer, by router (the
         configured type).
+    @ivar migrations: accounts whose migration ended, by result (C{"done"},
+        C{"failed"}, C{"cancelled"}).
+    @ivar migrationBytes: octets of mail in the accounts migrated.
+    @ivar migrating: the accounts being migrated now, by C{(campaign,
+        account)}.
     @ivar started: when counting began, in the clock's seconds.
     """
 
@@ -148,6 +153,9 @@ class ProxyStats:
         self.loginLatency: dict[_Labels, LatencyHistogram] = {}
         self.backendLoginLatency: dict[tuple[str, str, str], LatencyHistogram] = {}
         self.routerLatency: dict[str, LatencyHistogram] = {}
+        self.migrations: Counter[str] = Counter()
+        self.migrationBytes = 0
+        self.migrating: set[tuple[str, str]] = set()
 
     def connectionAccepted(self, protocol: str, listener: str) -> None:
         """
@@ -209,6 +217,23 @@ class ProxyStats:
         self.ended[protocol, backend] += 1
         self.bytesFromClient[protocol, backend] += fromClient
         self.bytesFromBackend[protocol, backend] += fromBackend
+
+
+    def migrationStep(self, campaign: str, account: str) -> None:
+        """
+        A step of C{account}'s migration in C{campaign} began: the account
+        is being migrated.
+        """
+        self.migrating.add((campaign, account))
+
+    def migrationEnded(self, campaign: str, account: str, result: str, copied: int = 0) -> None:
+        """
+        C{account}'s migration in C{campaign} ended with C{result}, after
+        copying C{copied} octets (its mail, for a migration that is done).
+        """
+        self.migrating.discard((campaign, account))
+        self.migrations[result] += 1
+        self.migrationBytes += copied
 
 
 def routerChain(router: object) -> Iterator[object]:
@@ -335,6 +360,11 @@ def snapshot(stats: ProxyStats, sessions: Iterable[Any], router: object) -> dict
                 "misses": cache[1],
                 "hitRate": cache[0] / (cache[0] + cache[1]) if cache[0] + cache[1] else None,
             },
+        },
+        "migrations": {
+            "inFlight": len(stats.migrating),
+            "ended": dict(sorted(stats.migrations.items())),
+            "bytes": stats.migrationBytes,
         },
     }
 
@@ -501,6 +531,8 @@ class _Collector:
             stats.routerLatency,
         )
 
+        yield from self._migrations()
+
         cache = _cacheCounts(self.router)
         if cache is not None:
             for name, value, text in (
@@ -521,6 +553,25 @@ class _Collector:
             for worker, seconds in sorted(self.workers.items()):
                 cpu.add_metric([worker], seconds)
             yield cpu
+
+
+    def _migrations(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.stats
+        ended = CounterMetricFamily(
+            "mailproxy_migrations", "Accounts whose migration ended, by result: done, failed, cancelled.", labels=["result"]
+        )
+        for result, count in sorted(stats.migrations.items()):
+            ended.add_metric([result], count)
+        yield ended
+        copied = CounterMetricFamily("mailproxy_migration_bytes", "Octets of mail in the accounts migrated (as verified on both backends).")
+        copied.add_metric([], stats.migrationBytes)
+        yield copied
+        yield GaugeMetricFamily(
+            "mailproxy_migrations_in_flight", "Accounts being migrated (copying, held, syncing, verifying or flipping).",
+            value=len(stats.migrating),
+        )
 
 
 def metricsText(

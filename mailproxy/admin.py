@@ -27,6 +27,11 @@ cut off at L{MAX_BODY} octets the same way.
     "include_accounts": false, "dry_run": false, "hold": 0, "drop": true}}:
     move accounts.
   - C{POST /reload}: re-read the configuration (as SIGHUP does).
+  - C{POST /migrations} C{{"accounts": [...], "domain": ..., "to": ...,
+    "dry_run": false, "concurrency": N}}: start a migration campaign
+    (copy, verify, flip; see L{mailproxy.migration}); C{GET /migrations}
+    lists the campaigns, C{GET /migrations/ID} shows one with its progress,
+    C{DELETE /migrations/ID} cancels it.
 
 Answers are JSON objects; errors are C{{"error": "..."}} with a 4xx or 5xx
 status.
@@ -53,9 +58,12 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
 from ._migrate import MoveError, explainRoute, findRouteStore
+from ._migrationhooks import domainAccounts
 from ._safetext import logQuote
 from ._stats import METRICS_CONTENT_TYPE
+from .config import MAX_MIGRATION_CONCURRENCY
 from .interfaces import RouteStoreError
+from .migration import MigrationError
 from .model import Backend
 from .protocols import PROTOCOLS, protocolForPort
 
@@ -74,6 +82,9 @@ _PROXY_LOCAL = {
 
 #: The largest request body accepted.
 MAX_BODY = 64 * 1024
+
+#: Paths whose last segment is the argument (a route key, a campaign id).
+_PREFIXES = ("/routes/", "/migrations/")
 
 
 class TokenGuard:
@@ -294,7 +305,8 @@ class AdminResource(Resource):
         L{mailproxy._session.ProxyContext}: its router), C{mover} (a
         L{mailproxy._migrate.Mover}), C{backends} (the configured backends
         by name), C{draining} (a bool), C{reload()} (JSON-ready data on the
-        outcome), and C{statsSnapshot()}, C{metrics(health)},
+        outcome), C{migrations} (a L{mailproxy.migration.MigrationManager}),
+        and C{statsSnapshot()}, C{metrics(health)},
         C{describeSessions(account, backend, domain)} and
         C{dropSessions(account, backend, sessionId, reason)} (see
         L{mailproxy._lifecycle.ProxyService}); each may answer with a
@@ -324,6 +336,7 @@ class AdminResource(Resource):
             (b"GET", "/explain"): self.getExplain,
             (b"POST", "/move"): self.postMove,
             (b"POST", "/reload"): self.postReload,
+            **self._migrationRoutes(),
         }
 
     def render(self, request: Request) -> Any:
@@ -388,12 +401,13 @@ class AdminResource(Resource):
     def _dispatch(self, method: bytes, path: str, request: Request) -> Deferred[tuple[int, bytes, str]]:
         handler = self._routes.get((method, path))
         argument = ""
-        if handler is None and path.startswith("/routes/"):
-            handler = self._routes.get((method, "/routes/"))
-            argument = path[len("/routes/") :]
+        prefix = next((p for p in _PREFIXES if path.startswith(p)), None)
+        if handler is None and prefix is not None:
+            handler = self._routes.get((method, prefix))
+            argument = path[len(prefix) :]
         if handler is None:
             known = {p for (_, p) in self._routes} | {"/health"}
-            status = 405 if path in known or path.startswith("/routes/") else 404
+            status = 405 if path in known or prefix is not None else 404
             return succeed(_json(status, {"error": f"no {method.decode()} {path}"}))
         return maybeDeferred(handler, request, argument)
 
@@ -401,7 +415,7 @@ class AdminResource(Resource):
         if reason.check(_HTTPError):
             error = cast(_HTTPError, reason.value)
             return _json(error.status, {"error": error.message})
-        if reason.check(MoveError, RouteStoreError):
+        if reason.check(MoveError, RouteStoreError, MigrationError):
             return _json(409, {"error": str(reason.value)})
         self.log.failure("management request failed", reason)
         return _json(500, {"error": "internal error; see the proxy's log"})
@@ -561,6 +575,89 @@ class AdminResource(Resource):
         C{POST /reload}.
         """
         return maybeDeferred(self.proxy.reload).addCallback(lambda outcome: _json(200 if outcome["ok"] else 409, outcome))
+
+    # Migration campaigns (the engine: mailproxy.migration)
+
+    def _migrationRoutes(self) -> dict[tuple[bytes, str], Callable[[Request, str], Any]]:
+        return {
+            (b"POST", "/migrations"): self.postMigrations,
+            (b"GET", "/migrations"): self.getMigrations,
+            (b"GET", "/migrations/"): self.getMigration,
+            (b"DELETE", "/migrations/"): self.deleteMigration,
+        }
+
+    def postMigrations(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
+        """
+        C{POST /migrations}: start a campaign; the answer is its
+        description (C{Campaign.describe()}), with its C{id}.  A domain
+        adds the accounts the route store has of it
+        (L{mailproxy._migrationhooks.domainAccounts}).
+        """
+        body = _body(request)
+        target = _optionalString(body, "to")
+        if target is None:
+            raise _HTTPError(400, "to is required")
+        accounts = body.get("accounts", [])
+        if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
+            raise _HTTPError(400, "accounts must be a list of strings")
+        domain = _optionalString(body, "domain")
+        if not accounts and domain is None:
+            raise _HTTPError(400, "name at least one account or a domain")
+        dryRun = body.get("dry_run", False)
+        if not isinstance(dryRun, bool):
+            raise _HTTPError(400, "dry_run must be true or false")
+        concurrency = body.get("concurrency")
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_MIGRATION_CONCURRENCY
+        ):
+            raise _HTTPError(400, f"concurrency must be an integer from 1 to {MAX_MIGRATION_CONCURRENCY}")
+        manager = self.proxy.migrations
+        if domain is None:
+            starting = manager.start(accounts, target, dryRun=dryRun, concurrency=concurrency)
+        else:
+            starting = domainAccounts(self.proxy.context.router, domain).addCallback(
+                lambda more: manager.start(accounts + more, target, dryRun=dryRun, concurrency=concurrency)
+            )
+
+        def started(campaign: Any) -> tuple[int, bytes, str]:
+            self.log.info(
+                "management: migration {campaign} of {count} accounts to {target} started (dry run: {dryRun})",
+                campaign=campaign.id, count=len(campaign.accounts), target=logQuote(target), dryRun=dryRun,
+            )
+            return _json(200, campaign.describe())
+
+        return starting.addCallback(started)
+
+    def getMigrations(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /migrations}: every campaign this proxy knows, newest last.
+        """
+        described = [campaign.describe() for campaign in self.proxy.migrations.campaigns()]
+        return _json(200, {"count": len(described), "migrations": described})
+
+    def _campaign(self, campaignId: str) -> Any:
+        campaign = self.proxy.migrations.campaign(campaignId) if campaignId else None
+        if campaign is None:
+            raise _HTTPError(404, f"no migration campaign {campaignId!r}")
+        return campaign
+
+    def getMigration(self, request: Request, campaignId: str) -> tuple[int, bytes, str]:
+        """
+        C{GET /migrations/ID}.
+        """
+        return _json(200, self._campaign(campaignId).describe())
+
+    def deleteMigration(self, request: Request, campaignId: str) -> tuple[int, bytes, str]:
+        """
+        C{DELETE /migrations/ID}: cancel a running campaign; accounts
+        already flipped stay flipped, the others stay where they are.
+        """
+        campaign = self._campaign(campaignId)
+        if not self.proxy.migrations.cancel(campaignId):
+            state = campaign.describe()["state"]
+            raise _HTTPError(409, f"migration campaign {campaignId!r} has ended ({state})")
+        self.log.info("management: migration {campaign} cancelled", campaign=logQuote(campaignId))
+        return _json(200, campaign.describe())
 
 
 def _json(status: int, data: Any) -> tuple[int, bytes, str]:

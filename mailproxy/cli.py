@@ -15,7 +15,8 @@ The C{mailproxy} command.
     logging to standard output in the journal's way under systemd;
   - C{mailproxy examples DIR}: copy the examples shipped with the package
     into DIR (L{mailproxy._examples});
-  - C{mailproxy move}, C{route}, C{sessions}, C{reload}, C{stats}, C{health}:
+  - C{mailproxy move}, C{migrate}, C{route}, C{sessions}, C{reload},
+    C{stats}, C{health}:
     operate the running proxy through its management endpoint (C{[admin]}),
     see L{mailproxy.admin}; C{mailproxy reload --pid PID} needs no
     management endpoint: it sends SIGHUP and reads the outcome the proxy
@@ -59,6 +60,7 @@ from mailproxy._clidoc import bashCompletion, manPage
 from mailproxy._examples import ExamplesError, writeExamples
 from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
 from mailproxy._migrate import explainRoute
+from mailproxy._migratecli import addMigrateCommand, migrate
 from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy._stats import routerChain
 from mailproxy._logs import processLogObserver
@@ -262,6 +264,7 @@ def _addOperations(commands: Any) -> None:
         help="hold new logins of these accounts this long while the move happens (default: 0)",
     )
     move.add_argument("--no-drop", action="store_true", help="leave open sessions alone")
+    addMigrateCommand(commands, common)
 
     route = commands.add_parser("route", help="read or change the route table", description="Read or change the route table.")
     actions = route.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -741,6 +744,10 @@ def _move(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> in
     return 0
 
 
+def _migrate(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
+    return migrate(arguments, client, out, sys.stderr, _readAccounts, MAX_BODY)
+
+
 def _route(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
     if arguments.action == "explain":
         answer = client.call("GET", "/explain?account=" + quote(arguments.account, safe="@"))
@@ -864,6 +871,7 @@ def _health(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> 
 
 _OPERATIONS = {
     "move": _move,
+    "migrate": _migrate,
     "route": _route,
     "sessions": _sessions,
     "reload": _reload,

@@ -33,6 +33,8 @@ from twisted.internet.testing import MemoryReactor
 
 from mailproxy._endpoints import serverEndpoint, splitDescription
 from mailproxy._tls import CertificateSource, _normalName
+from mailproxy.migration import MigrationSettings
+from mailproxy.migration._tools import TOOLS as MIGRATION_TOOLS
 from mailproxy.model import Backend, BackendTLS, Forwarding
 from mailproxy.protocols import (
     APPLICATION_PROTOCOLS,
@@ -278,6 +280,7 @@ class Config:
     @ivar backends: the C{[backend.NAME]} tables by NAME.
     @ivar admin: the management endpoint, or L{None} without C{[admin]}.
     @ivar log: where and how the proxy's events are written.
+    @ivar migration: the C{[migration]} table (defaults without it).
     @ivar warnings: things that work but should be fixed (a token file
         others can read), each C{"<file>: <key>: <why>"}.
     @ivar workers: C{[proxy] workers}: how many worker processes serve
@@ -295,6 +298,7 @@ class Config:
     backends: dict[str, Backend] = field(hash=False)
     admin: AdminConfig | None = None
     log: LogConfig = field(factory=LogConfig)
+    migration: MigrationSettings = field(factory=MigrationSettings)
     warnings: tuple[str, ...] = field(default=(), eq=False)
     workers: int | None = None
 
@@ -632,7 +636,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     # is read even when an earlier one is wrong: one run reports them all.
     problems = Problems() if problems is None else problems
     root = Table(path, (), data, os.path.dirname(path), problems)
-    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log")
+    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration")
     hostname, workers = root.collect(lambda: _parseProxy(root.table("proxy")), ("", None))
     limits = root.collect(lambda: _parseLimits(root.table("limits")), Limits())
     tls, sni = root.collect(lambda: _parseTLS(root.table("tls")), (None, ()))
@@ -645,6 +649,9 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     router = root.collect(lambda: _parseRouter(root.table("router", required=True)), None)  # type: ignore[arg-type]
     admin = root.collect(lambda: parseAdmin(root.table("admin"), listeners), None)
     log = root.collect(lambda: _parseLog(root.table("log")), LogConfig())
+    migration = root.collect(
+        lambda: _parseMigration(root.table("migration"), backends if backendsRead else None), MigrationSettings()
+    )
     problems.check()
     assert router is not None
     return Config(
@@ -658,6 +665,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
         backends=backends,
         admin=admin,
         log=log,
+        migration=migration,
         warnings=tuple(problems.warnings),
         workers=workers,
     )
@@ -1303,6 +1311,103 @@ def _parseLog(table: Table | None) -> LogConfig:
         if not os.path.isdir(directory):
             table.fail("path", f"the directory {directory!r} does not exist")
     return LogConfig(format=logFormat, path=path)
+
+
+#: The most accounts a migration campaign copies at once.
+MAX_MIGRATION_CONCURRENCY = 64
+
+#: The time limits of C{[migration]}: (TOML key, L{MigrationSettings} attribute).
+_MIGRATION_TIMEOUTS = (
+    ("copy_timeout", "copyTimeout"),
+    ("hold_timeout", "holdTimeout"),
+    ("client_timeout", "clientTimeout"),
+    ("session_poll", "sessionPoll"),
+)
+
+
+def _parseMigration(table: Table | None, backends: Mapping[str, Backend] | None) -> MigrationSettings:
+    """
+    The C{[migration]} table: the backend accounts migrate to when they log
+    in (C{on_login}) and the domains that applies to, where the engine
+    keeps its journal, how many accounts a campaign copies at once, the
+    sync tools it runs (and which one per target), its time limits, how
+    often it runs the final sync and verify before a difference fails an
+    account, and when it looks again for mail that reached the source
+    after the flip.
+
+    @param backends: the configured backends, or L{None} if they could not
+        be read (then the backends named here are not checked).
+    """
+    if table is None:
+        return MigrationSettings()
+    table.allow(
+        "on_login", "on_login_domains", "journal", "concurrency", "doveadm", "mbsync", "tools", "doveadm_config",
+        *(key for key, _ in _MIGRATION_TIMEOUTS), "sync_attempts", "late_mail_grace",
+    )
+
+    def backend(name: str, key: str | int, where: Table) -> None:
+        if backends is not None and name not in backends:
+            configured = ", ".join(sorted(backends)) or "none"
+            where.fail(key, f"no backend named {name!r}; configured backends: {configured}{suggest(name, backends)}")
+
+    def onLogin() -> str | None:
+        target: str | None = table.string("on_login", None)
+        if target is not None:
+            backend(target, "on_login", table)
+        return target
+
+    def domains() -> tuple[str, ...]:
+        names: tuple[str, ...] = table.strings("on_login_domains", ())
+        if names and "on_login" not in table:
+            table.fail("on_login_domains", "needs on_login (the backend to migrate to)")
+        for name in names:
+            if "@" in name or not _HOSTNAME.match(name):
+                table.fail("on_login_domains", f"not a domain: {name!r}")
+        return tuple(name.lower() for name in names)
+
+    def journal() -> str | None:
+        path: str | None = table.path("journal", None, readable=False)
+        if path is not None and not os.path.isdir(os.path.dirname(path)):
+            table.fail("journal", f"the directory {os.path.dirname(path)!r} does not exist")
+        return path
+
+    def tool(name: str) -> str:
+        # A command name is looked up in PATH when run; a path is resolved
+        # against the configuration's directory, as other paths are.
+        command: str = table.string(name, name)
+        if "/" in command:
+            command = os.path.normpath(os.path.join(table.base, os.path.expanduser(command)))
+        return command
+
+    def perBackend(key: str, read: Callable[[Table, str], str]) -> dict[str, str]:
+        # A table keyed by target backend: tools = { new = "doveadm" }.
+        entries = table.table(key)
+        if entries is None:
+            return {}
+        values = {}
+        for name in entries.data:
+            backend(name, name, entries)
+            values[name] = read(entries, name)
+        return values
+
+    defaults = MigrationSettings()
+    values: dict[str, Any] = {
+        attribute: table.collect(lambda: table.number(key, None, positive=True), None)
+        for key, attribute in _MIGRATION_TIMEOUTS
+    }
+    return MigrationSettings(
+        onLogin=table.collect(onLogin, None),
+        onLoginDomains=table.collect(domains, ()),
+        journal=table.collect(journal, None),
+        concurrency=table.collect(lambda: table.integer("concurrency", defaults.concurrency, 1, MAX_MIGRATION_CONCURRENCY), 1),
+        doveadm=table.collect(lambda: tool("doveadm"), "doveadm"),
+        mbsync=table.collect(lambda: tool("mbsync"), "mbsync"),
+        tools=table.collect(lambda: perBackend("tools", lambda t, n: t.string(n, None, MIGRATION_TOOLS)), {}),
+        doveadmConfig=table.collect(lambda: perBackend("doveadm_config", lambda t, n: t.path(n)), {}),
+        syncAttempts=table.collect(lambda: table.integer("sync_attempts", defaults.syncAttempts, 1, 10), 1),
+        lateMailGrace=table.collect(lambda: table.number("late_mail_grace", defaults.lateMailGrace, 0), 0.0),
+        **{attribute: value for attribute, value in values.items() if value is not None},
+    )
 
 
 def _parseRouter(table: Table) -> RouterConfig:

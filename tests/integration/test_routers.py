@@ -664,12 +664,20 @@ class RouterTestsMixin(_MixinBase):
         for reply in replies:
             self.assertTrue(reply.startswith(b"a NO "), replies)
         self.assertIn(b"[AUTHENTICATIONFAILED]", replies[-1])
-        with open(proxy.logPath, "rb") as f:
-            f.seek(textMark)
-            text = f.read().decode("ascii")
-        with open(events, "rb") as f:
-            f.seek(eventMark)
-            jsonText = f.read().decode("ascii")
+        # The proxy writes its logs as events happen: read until the last
+        # failed login's event is there and no line is half written.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with open(proxy.logPath, "rb") as f:
+                f.seek(textMark)
+                text = f.read().decode("ascii")
+            with open(events, "rb") as f:
+                f.seek(eventMark)
+                jsonText = f.read().decode("ascii")
+            complete = text.endswith("\n") and jsonText.endswith("\n")
+            if (complete and '"erin@example.org"' in jsonText) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         for line in text.splitlines():
             self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\x00-\x1f\x7f]*$")
         for line in jsonText.splitlines():
