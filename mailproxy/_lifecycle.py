@@ -122,15 +122,25 @@ class ProxyService(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: Config, context: Any, reactor: Any, notifier: ServiceNotifier | None = None
+        self,
+        config: Config,
+        context: Any,
+        reactor: Any,
+        notifier: ServiceNotifier | None = None,
+        migrating: bool = True,
     ) -> None:
         """
         @param notifier: by default, one that tells nobody.
+        @param migrating: this process runs migrations: it resumes the
+            journal and queues migrations on login. A worker process does
+            not: its parent runs them for every worker
+            (L{mailproxy._workers}).
         """
         super().__init__()
         self.config = config
         self.context = context
         self.reactor = reactor
+        self.migrating = migrating
         if context.gate is None:
             context.gate = LoginHold()
         self.mover = Mover(context, config.backends, reactor)
@@ -155,7 +165,8 @@ class ProxyService(MultiService):
             routerName=config.router.type,
         )
         manager.addObserver(StepLog(context.stats))
-        context.sessions.observe(OnLoginMigration(manager))
+        if self.migrating:
+            context.sessions.observe(OnLoginMigration(manager))
         return manager
 
     @property
@@ -171,7 +182,7 @@ class ProxyService(MultiService):
         super().startService()
         _startRouter(self.context.router)
         self._warn(self.config)
-        if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
+        if self.migrating and self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
             # Only a journal left by an earlier run has work to resume.
             self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
         try:

@@ -54,6 +54,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
+from attrs import evolve
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -66,11 +67,14 @@ from zope.interface import implementer
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, _closeRouter, _startRouter, _stopRouter
 from ._migrate import Mover, findRouteStore
+from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
+from ._contract import ISessionObserver
 from ._shared import IConnectionCounter, LocalFailures
-from ._stats import mergeStates, metricsText, snapshot, statsState
+from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, parseConfig
+from .migration import MigrationManager
 from .routers import buildRouter
 
 __all__ = ["Channel", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF"]
@@ -381,6 +385,51 @@ class _MachineContext:
         self.sessions: list[_RemoteSession] = []
 
 
+class _UnknownSession:
+    # Stands for an account's sessions until the workers have said which
+    # it has: on an unknown backend, and dropping it does nothing.
+    user = None
+    backendName = ""
+
+    def drop(self, reason: str) -> None:
+        pass
+
+
+class _MachineSessions:
+    """
+    The workers' sessions as the migration engine asks for them, at once
+    (L{mailproxy.migration.MigrationManager} looks every few seconds
+    whether an account's sessions have ended): the workers' latest answer
+    for the account, asked afresh at each look. Until the first answer, an
+    unknown session stands for them, so that waiting for the account's
+    sessions to end waits for the workers to tell.
+
+    @ivar known: the latest answer, by account in lower case.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.known: dict[str, list[_RemoteSession]] = {}
+        self._asking: set[str] = set()
+
+    def find(self, account: str | None = None, backend: str | None = None, domain: str | None = None) -> list[Any]:
+        key = (account or "").lower()
+        if key not in self._asking:
+            self._asking.add(key)
+
+            def answered(answers: list[tuple[_Worker, Any]]) -> None:
+                self.known[key] = [
+                    _RemoteSession(worker, described) for worker, sessions in answers for described in sessions or ()
+                ]
+
+            filters = {"account": account, "backend": None, "domain": domain}
+            self.machine.askWorkers("sessions", filters).addCallback(answered).addBoth(lambda _: self._asking.discard(key))
+        sessions = self.known.get(key)
+        if sessions is None:
+            return [_UnknownSession()]
+        return [session for session in sessions if backend is None or session.backendName == backend]
+
+
 class _WorkerProcess(ProcessProtocol):
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
@@ -542,6 +591,20 @@ class Machine(MultiService):
         self.context = _MachineContext(buildRouter(config, reactor), config.router.type, config.limits, self.gate)
         self.mover = _MachineMover(self.context, config.backends, reactor)
         self.mover.machine = self
+        # What the parent counts itself: the migrations it runs.
+        self.stats = ProxyStats(reactor)
+        self.migrations = MigrationManager(
+            reactor=reactor,
+            mover=self.mover,
+            router=self.context.router,
+            backends=dict(config.backends),
+            sessions=_MachineSessions(self),
+            settings=config.migration,
+            journalPath=journalPath(config.path, config.migration.journal),
+            routerName=config.router.type,
+        )
+        self.migrations.addObserver(StepLog(self.stats))
+        self._onLogin = OnLoginMigration(self.migrations)
         self.draining = False
         self.admin: Any = None
         self.adminTLS: ReloadableServerTLS | None = None
@@ -589,6 +652,9 @@ class Machine(MultiService):
         _startRouter(self.context.router)
         for warning in self.config.warnings:
             self.log.warn("configuration: {problem}", problem=warning)
+        if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
+            # The parent runs the migrations of every worker.
+            self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
         try:
             self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
         except ValueError:
@@ -606,6 +672,7 @@ class Machine(MultiService):
             "log": lambda data: globalLogPublisher(_eventFromWorker(data)),
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
+            "loggedIn": lambda login: self._onLogin.sessionLoggedIn(_RemoteSession(worker, login)),
         }
 
     def _hello(self, worker: _Worker) -> dict[str, Any]:
@@ -692,7 +759,11 @@ class Machine(MultiService):
             _stopRouter(self.context.router)
             return gatherResults([maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running])
 
-        waiting = DeferredList([cast(Deferred[None], worker.exited) for worker in running])
+        waiting = DeferredList(
+            [cast(Deferred[None], worker.exited) for worker in running]
+            # Without a campaign there is nothing to stop or to journal.
+            + ([self.migrations.stop()] if self.migrations.campaigns() else [])
+        )
         return waiting.addCallback(stopped).addCallback(lambda _: None)
 
     def _killStragglers(self) -> None:
@@ -763,13 +834,22 @@ class Machine(MultiService):
 
     # What the management endpoint asks
 
+    def _merged(self, answers: list[tuple[_Worker, Any]]) -> tuple[ProxyStats, Any, Any]:
+        # The workers' counters summed, with the parent's uptime and the
+        # migrations it runs.
+        stats, sessions, cache = mergeStates((state["stats"] for _, state in answers), self.reactor)
+        stats.started = self.started
+        stats.migrations = self.stats.migrations
+        stats.migrationBytes = self.stats.migrationBytes
+        stats.migrating = self.stats.migrating
+        return stats, sessions, cache
+
     def statsSnapshot(self) -> Deferred[dict[str, Any]]:
         """
         C{GET /stats}: every worker's counters summed.
         """
         def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
-            stats, sessions, cache = mergeStates((state["stats"] for _, state in answers), self.reactor)
-            stats.started = self.started
+            stats, sessions, cache = self._merged(answers)
             answer = snapshot(stats, cast(Any, sessions), cache)
             answer["workers"] = {str(worker.number): {"pid": worker.pid} for worker, _ in answers}
             return answer
@@ -781,8 +861,7 @@ class Machine(MultiService):
         C{GET /metrics}: every worker's counters summed; CPU per worker.
         """
         def merged(answers: list[tuple[_Worker, Any]]) -> bytes:
-            stats, sessions, cache = mergeStates((state["stats"] for _, state in answers), self.reactor)
-            stats.started = self.started
+            stats, sessions, cache = self._merged(answers)
             cpu = {str(worker.number): state["cpu"] for worker, state in answers}
             return metricsText(stats, cast(Any, sessions), cache, health, cpu)
 
@@ -877,6 +956,11 @@ class Machine(MultiService):
         self.context.routerName = config.router.type
         self.context.limits = config.limits
         self.mover.backends = set(config.backends)
+        # The running engine keeps its journal where it is until a restart.
+        self.migrations.router = router
+        self.migrations.routerName = config.router.type
+        self.migrations.backends = dict(config.backends)
+        self.migrations.settings = evolve(config.migration, journal=self.config.migration.journal)
         if self.admin is not None and config.admin is not None:
             self.admin.guard.token = config.admin.token
             self.admin.healthDetails = config.admin.healthDetails
@@ -887,7 +971,7 @@ class Machine(MultiService):
             path=config.path, hostname=config.hostname, limits=config.limits, tls=config.tls, sni=config.sni,
             listeners=self.config.listeners, router=config.router, backends=config.backends,
             admin=self.config.admin if "admin.endpoint" in restart else config.admin,
-            log=self.config.log, workers=self.config.workers,
+            log=self.config.log, workers=self.config.workers, migration=self.migrations.settings,
         )
         for address in list(self.connections):
             self._judge(address)
@@ -1005,6 +1089,24 @@ class _WorkerFailures(LocalFailures):
         count = super().failed(address)
         self.channel.notify("failed", address)
         return count
+
+
+@implementer(ISessionObserver)
+class _LoginsToParent:
+    """
+    Tells the parent of every login (C{[migration] on_login}: the parent
+    runs the migrations, and queues the account's).
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def sessionLoggedIn(self, session: Any) -> None:
+        if session.user and session.backendName is not None:
+            self.channel.notify("loggedIn", {"account": session.user, "backend": session.backendName, "session": ""})
+
+    def sessionEnded(self, session: Any) -> None:
+        pass
 
 
 class _WorkerSide:
@@ -1137,6 +1239,8 @@ def workerMain(argv: list[str] | None = None) -> None:
         context = service.context
         context.tracker = WorkerConnections(config.limits.connectionsPerAddress, channel, reactor)
         context.failures = _WorkerFailures(reactor, channel)
+        if config.migration.onLogin is not None:
+            context.sessions.observe(_LoginsToParent(channel))
         side = _WorkerSide(reactor, worker, service, channel)
         handlers.update(side.handlers())
         for hold in state["holds"]:

@@ -212,7 +212,8 @@ def serviceFromConfig(
         backends=dict(config.backends),
         routerName=config.router.type,
     )
-    top = ProxyService(config, context, reactor, notifier)
+    # A worker leaves migrations to its parent.
+    top = ProxyService(config, context, reactor, notifier, migrating=adopted is None)
     for index, listener in enumerate(config.listeners):
         endpoint: IStreamServerEndpoint
         if adopted is not None:

@@ -584,3 +584,75 @@ class TellWorkersTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(held, [{"id": 1, "accounts": accounts, "domains": []}])
         del release
+
+
+class MigrationsInParentTests(SynchronousTestCase):
+    """
+    With workers, the parent runs the migrations: it asks the workers for
+    an account's sessions, hears of their logins, and counts the
+    migrations in C{/stats}.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+        with open(self.path, "w") as f:
+            f.write(CONFIG)
+        self.machine = Machine(parseConfig(CONFIG, self.path), 2, Clock(), [])
+        self.one, self.two = self.machine.workers
+        self.asked: list[tuple[str, Any, Deferred[Any]]] = []
+
+        def askWorkers(method: str, argument: Any = None) -> Deferred[Any]:
+            answer: Deferred[Any] = Deferred()
+            self.asked.append((method, argument, answer))
+            return answer
+
+        self.machine.askWorkers = askWorkers  # type: ignore[method-assign]
+
+    def test_sessionsUnknownUntilAnswered(self) -> None:
+        """
+        Until the workers answer, an account has one session on an unknown
+        backend (so a wait for its sessions to end goes on); then the
+        workers' sessions; each look asks again, never twice at once.
+        """
+        sessions = self.machine.migrations.sessions
+        found = sessions.find(account="A@example.org")
+        self.assertEqual([s.backendName for s in found], [""])
+        sessions.find(account="a@example.org")
+        self.assertEqual(len(self.asked), 1)
+        method, argument, answer = self.asked[0]
+        self.assertEqual((method, argument["account"]), ("sessions", "A@example.org"))
+        answer.callback([(self.one, [{"account": "a@example.org", "backend": "old", "session": "s1"}]), (self.two, [])])
+        found = sessions.find(account="a@example.org")
+        self.assertEqual([(s.backendName, s.client.sessionId, s.worker) for s in found], [("old", "s1", self.one)])
+        self.assertEqual(len(self.asked), 2)
+        self.asked[1][2].callback([(self.one, []), (self.two, [])])
+        self.assertEqual(sessions.find(account="a@example.org"), [])
+
+    def test_migrationsCounted(self) -> None:
+        """
+        C{/stats} has the migrations the parent ran beside the workers'
+        counters.
+        """
+        self.machine.stats.migrationEnded("c", "a@example.org", "done", 1234)
+        answers: list[Any] = []
+        self.machine.statsSnapshot().addCallback(answers.append)
+        state = statsState(ProxyStats(Clock()), [], None)
+        self.asked[0][2].callback([(self.one, {"stats": state, "cpu": 0.5})])
+        self.assertEqual(answers[0]["migrations"], {"inFlight": 0, "ended": {"done": 1}, "bytes": 1234})
+
+    def test_workerRunsNoMigrations(self) -> None:
+        """
+        A worker's proxy neither queues migrations on login nor resumes
+        the journal: its parent does.
+        """
+        from mailproxy.tap import serviceFromConfig
+
+        config = parseConfig(CONFIG, self.path)
+        service = serviceFromConfig(config, Clock(), adopted=[(-1, 2)])
+        self.assertFalse(service.migrating)
+        self.assertEqual(service.context.sessions._observers, [])
+        self.assertTrue(serviceFromConfig(config, Clock()).migrating)
