@@ -41,8 +41,9 @@ from . import _tls
 from ._migrate import LoginHold, Mover
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._outcomes import EndReason
+from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
-from .config import Config, ConfigError, loadConfig
+from .config import Config, ConfigError, loadConfig, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
 
@@ -121,15 +122,25 @@ class ProxyService(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: Config, context: Any, reactor: Any, notifier: ServiceNotifier | None = None
+        self,
+        config: Config,
+        context: Any,
+        reactor: Any,
+        notifier: ServiceNotifier | None = None,
+        migrating: bool = True,
     ) -> None:
         """
         @param notifier: by default, one that tells nobody.
+        @param migrating: this process runs migrations: it resumes the
+            journal and queues migrations on login. A worker process does
+            not: its parent runs them for every worker
+            (L{mailproxy._workers}).
         """
         super().__init__()
         self.config = config
         self.context = context
         self.reactor = reactor
+        self.migrating = migrating
         if context.gate is None:
             context.gate = LoginHold()
         self.mover = Mover(context, config.backends, reactor)
@@ -154,7 +165,8 @@ class ProxyService(MultiService):
             routerName=config.router.type,
         )
         manager.addObserver(StepLog(context.stats))
-        context.sessions.observe(OnLoginMigration(manager))
+        if self.migrating:
+            context.sessions.observe(OnLoginMigration(manager))
         return manager
 
     @property
@@ -170,7 +182,7 @@ class ProxyService(MultiService):
         super().startService()
         _startRouter(self.context.router)
         self._warn(self.config)
-        if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
+        if self.migrating and self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
             # Only a journal left by an earlier run has work to resume.
             self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
         try:
@@ -260,25 +272,68 @@ class ProxyService(MultiService):
             calls.append(self.reactor.callLater(grace, graceOver))
         return done
 
+    # What the management endpoint asks (a parent of worker processes
+    # answers the same for all of them: mailproxy._workers.Machine)
+
+    def statsSnapshot(self) -> dict[str, Any]:
+        """
+        C{GET /stats}: L{mailproxy._stats.snapshot} of this proxy.
+        """
+        context = self.context
+        return snapshot(context.stats, context.sessions, context.router)
+
+    def metrics(self, health: dict[str, Any]) -> bytes:
+        """
+        C{GET /metrics}: L{mailproxy._stats.metricsText} of this proxy.
+        """
+        context = self.context
+        return metricsText(context.stats, context.sessions, context.router, health)
+
+    def describeSessions(
+        self, account: str | None = None, backend: str | None = None, domain: str | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        C{GET /sessions}: the open sessions matching every filter given,
+        each as its C{describe()}.
+        """
+        return [session.describe() for session in self.context.sessions.find(account=account, backend=backend, domain=domain)]
+
+    def dropSessions(self, account: str | None, backend: str | None, sessionId: str | None, reason: str) -> list[str]:
+        """
+        C{POST /sessions/drop}: drop the sessions matching every filter
+        given, with C{reason} for their clients.
+
+        @return: the ids of the sessions dropped.
+        """
+        sessions = self.context.sessions.find(account=account, backend=backend)
+        if sessionId is not None:
+            sessions = [s for s in sessions if s.client.sessionId == sessionId]
+        for session in sessions:
+            session.drop(reason)
+        return [s.client.sessionId for s in sessions]
+
     # Reload
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, text: str | None = None) -> dict[str, Any]:
         """
         Re-read the configuration file and apply what can change live.
+
+        @param text: the file's text as a worker's parent read and checked
+            it (L{mailproxy._workers}), instead of reading the file again.
 
         @return: C{{"ok": True, "path": ..., "restartNeeded": [keys]}}, or
             C{{"ok": False, "path": ..., "error": why}} when the file (or
             what it names) is wrong and the running configuration was kept.
         """
         self.notifier.reloading(f"reloading {self.config.path}")
-        outcome = self._reload()
+        outcome = self._reload(text)
         self.notifier.reloaded(outcome)
         return outcome
 
-    def _reload(self) -> dict[str, Any]:
+    def _reload(self, text: str | None = None) -> dict[str, Any]:
         path = self.config.path
         try:
-            config = loadConfig(path)
+            config = loadConfig(path) if text is None else parseConfig(text, path)
             router = buildRouter(config, self.reactor)
             serverTLS = _tls.serverOptions(config.tls, config.sni) if config.tls is not None else None
             adminTLS = None

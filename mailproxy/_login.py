@@ -22,6 +22,7 @@ from ._backend import BackendFailure, BackendProtocol, LoginJob
 from ._outcomes import EndReason, FailureKind
 from ._routing import routeLogin
 from ._safetext import logQuote
+from ._shared import MAX_FAILURES_COUNTED
 from .model import Credentials, Rejection, Route, RouteRequest
 
 if TYPE_CHECKING:
@@ -238,7 +239,11 @@ class LoginAttempt:
         )
         if failure.kind is FailureKind.AUTH:
             session.failures += 1
-            wait += session.failures * session.limits.failureDelay
+            # The delay grows with the failures of the client's address in
+            # every session (of every worker) lately, not only in this
+            # one: a client gains nothing by reconnecting after each.
+            recent = min(session.context.failures.failed(session.client.address), MAX_FAILURES_COUNTED)
+            wait += max(session.failures, recent) * session.limits.failureDelay
             # A stable line for fail2ban (examples/fail2ban): the address
             # comes before anything the client chose.
             session.log.info(
@@ -252,6 +257,7 @@ class LoginAttempt:
                 user=logQuote(self.credentials.user),
                 mechanism=self.credentials.mechanism,
                 attempt=self.number,
+                addressFailures=recent,
             )
         if session.failures >= session.limits.loginFailures:
             failure.close = True

@@ -349,7 +349,7 @@ class Mover:
                 return result
             if changes:
                 await self._write(store, {change.key: backend for change in changes})
-            invalidateCaches(self.context.router, *(change.key for change in changes))
+            self.invalidate(*(change.key for change in changes))
             for session in sessions:
                 session.drop(MOVED)
             self.log.info(
@@ -370,6 +370,12 @@ class Mover:
         finally:
             if release is not None:
                 release()
+
+    def invalidate(self, *keys: str) -> None:
+        """
+        Make the route caches forget C{keys} (see L{invalidateCaches}).
+        """
+        invalidateCaches(self.context.router, *keys)
 
     async def _write(self, store: Any, changes: Mapping[str, str]) -> None:
         try:

@@ -45,6 +45,7 @@ from ._registry import ConnectionTracker, SessionRegistry
 from ._relay import Relay
 from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
+from ._shared import IFailureCounter, LocalFailures
 from ._transport import IProxyTransport
 from .interfaces import IRouter
 from .model import ClientInfo, Credentials, Route
@@ -94,6 +95,12 @@ class ProxyContext:
         routed; it answers L{None} (go on) or a Deferred that fires when the
         login may go on (an operator holds an account while it moves).
     @ivar routerName: how logs name the router (the configured type).
+    @ivar tracker: counts open connections per client address
+        (L{mailproxy._shared.IConnectionCounter}; a worker's counts those
+        of every worker).
+    @ivar failures: counts failed logins per client address
+        (L{mailproxy._shared.IFailureCounter}; a worker's counts those of
+        every worker).
     """
 
     reactor: IReactorTime
@@ -109,10 +116,13 @@ class ProxyContext:
     stats: ProxyStats = field(default=None)
     gate: Any = None
     routerName: str = ""
+    failures: IFailureCounter = field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.tracker is None:
             self.tracker = ConnectionTracker(self.limits.connectionsPerAddress)
+        if self.failures is None:
+            self.failures = LocalFailures(self.reactor)
         if self.stats is None:
             self.stats = ProxyStats(self.reactor)  # type: ignore[arg-type]
 

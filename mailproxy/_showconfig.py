@@ -42,7 +42,9 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
     """
     limits = config.limits
     data: dict[str, Any] = {
-        "proxy": {"hostname": config.hostname},
+        # Without workers, one per CPU: shown as a number it would pin this
+        # host's count.
+        "proxy": _withoutNone({"hostname": config.hostname, "workers": config.workers}),
         "limits": _withoutNone(
             {
                 "line_length": limits.lineLength,

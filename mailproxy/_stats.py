@@ -11,7 +11,8 @@ counters only ever grow.  The backends' health comes from the management
 endpoint's probes, and the process's own figures (C{process_*}) from
 prometheus_client, when the metrics are scraped.
 
-Everything is counted per process.
+Everything is counted per process; with worker processes the parent sums
+what each worker counted (L{statsState}, L{mergeStates}).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ __all__ = [
     "snapshot",
     "metricsText",
     "METRICS_CONTENT_TYPE",
+    "SessionTotals",
+    "statsState",
+    "mergeStates",
 ]
 
 #: Upper bounds (seconds) of the router latency histogram's buckets.
@@ -267,11 +271,29 @@ def _cacheCounts(router: object) -> tuple[int, int] | None:
     return (hits, misses) if found else None
 
 
+class SessionTotals:
+    """
+    What L{snapshot} and L{metricsText} read from the open sessions,
+    counted already (by the workers, for their parent).
+
+    @ivar open: open sessions by C{(protocol, backend)}.
+    @ivar fromClient: octets their relays moved from the clients so far.
+    @ivar fromBackend: octets moved from the backends so far.
+    """
+
+    def __init__(self) -> None:
+        self.open: Counter[_Labels] = Counter()
+        self.fromClient: Counter[_Labels] = Counter()
+        self.fromBackend: Counter[_Labels] = Counter()
+
+
 def _openSessions(sessions: Iterable[Any]) -> tuple[Counter[_Labels], Counter[_Labels], Counter[_Labels]]:
     """
     Count the open sessions, and the octets their relays moved so far, by
     C{(protocol, backend)}; a session not yet relayed has backend C{""}.
     """
+    if isinstance(sessions, SessionTotals):
+        return sessions.open, sessions.fromClient, sessions.fromBackend
     open_: Counter[_Labels] = Counter()
     fromClient: Counter[_Labels] = Counter()
     fromBackend: Counter[_Labels] = Counter()
@@ -407,11 +429,13 @@ class _Collector:
         sessions: Iterable[Any],
         router: object,
         health: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+        workers: Mapping[str, float] | None = None,
     ) -> None:
         self.stats = stats
         self.sessions = sessions
         self.router = router
         self.health = health
+        self.workers = workers
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -519,6 +543,17 @@ class _Collector:
                 counter.add_metric([], value)
                 yield counter
 
+        if self.workers is not None:
+            # Summed, the workers' CPU would hide one that is saturated.
+            cpu = CounterMetricFamily(
+                "mailproxy_worker_cpu_seconds",
+                "CPU time (user and system) each worker process used; process_* are the parent's own.",
+                labels=["worker"],
+            )
+            for worker, seconds in sorted(self.workers.items()):
+                cpu.add_metric([worker], seconds)
+            yield cpu
+
 
     def _migrations(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -544,6 +579,7 @@ def metricsText(
     sessions: Iterable[Any],
     router: object,
     health: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    workers: Mapping[str, float] | None = None,
 ) -> bytes:
     """
     The proxy's metrics in the Prometheus text exposition format, from a
@@ -553,10 +589,83 @@ def metricsText(
     @param health: the backends' states from
         L{mailproxy.admin.HealthChecker.check}, for C{mailproxy_backend_up};
         without them that metric is left out.
+    @param workers: with worker processes, each one's CPU seconds by its
+        number, for C{mailproxy_worker_cpu_seconds_total}.
     """
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(stats, sessions, router, health))  # type: ignore[arg-type]
+    registry.register(_Collector(stats, sessions, router, health, workers))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     return generate_latest(registry)
+
+
+# The state of a worker, for its parent
+
+_COUNTERS = ("logins", "ended", "bytesFromClient", "bytesFromBackend", "accepted", "refused", "tlsFailures")
+_HISTOGRAMS = ("loginLatency", "backendLoginLatency", "routerLatency")
+
+
+def statsState(stats: ProxyStats, sessions: Iterable[Any], router: object) -> dict[str, Any]:
+    """
+    What one worker counted, as JSON-ready data for its parent to sum with
+    L{mergeStates}.
+    """
+    state: dict[str, Any] = {}
+    for name in _COUNTERS:
+        state[name] = [[*key, count] for key, count in getattr(stats, name).items()]
+    for name in _HISTOGRAMS:
+        state[name] = [
+            [list(key) if isinstance(key, tuple) else key, list(h.buckets[:-1]), h.counts, h.total, h.count]
+            for key, h in getattr(stats, name).items()
+        ]
+    open_, fromClient, fromBackend = _openSessions(sessions)
+    state["sessions"] = [[*key, open_[key], fromClient[key], fromBackend[key]] for key in open_]
+    state["cache"] = _cacheCounts(router)
+    return state
+
+
+class _CacheCounts:
+    # What _cacheCounts reads from a cache: the workers' caches summed.
+    def __init__(self, hits: int, misses: int) -> None:
+        self.hits = hits
+        self.misses = misses
+
+
+def mergeStates(states: Iterable[Mapping[str, Any]], clock: IReactorTime) -> tuple[ProxyStats, SessionTotals, object]:
+    """
+    Sum what the workers counted (each a L{statsState}).
+
+    @param clock: the parent's clock: uptime is the parent's.
+    @return: the counters, the open sessions and a stand-in for the router
+        (its caches' hits and misses) to give L{snapshot} or
+        L{metricsText}.
+    """
+    stats = ProxyStats(clock)
+    totals = SessionTotals()
+    cache: _CacheCounts | None = None
+    for state in states:
+        for name in _COUNTERS:
+            counter = getattr(stats, name)
+            for *key, count in state[name]:
+                counter[tuple(key)] += count
+        for name in _HISTOGRAMS:
+            histograms = getattr(stats, name)
+            for key, bounds, counts, total, count in state[name]:
+                key = tuple(key) if isinstance(key, list) else key
+                histogram = histograms.get(key)
+                if histogram is None:
+                    histogram = histograms[key] = LatencyHistogram((*bounds, math.inf))
+                histogram.counts = [a + b for a, b in zip(histogram.counts, counts)]
+                histogram.total += total
+                histogram.count += count
+        for protocol, backend, open_, fromClient, fromBackend in state["sessions"]:
+            totals.open[protocol, backend] += open_
+            totals.fromClient[protocol, backend] += fromClient
+            totals.fromBackend[protocol, backend] += fromBackend
+        if state["cache"] is not None:
+            if cache is None:
+                cache = _CacheCounts(0, 0)
+            cache.hits += state["cache"][0]
+            cache.misses += state["cache"][1]
+    return stats, totals, cache

@@ -57,10 +57,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
-from ._migrate import MoveError, explainRoute, findRouteStore, invalidateCaches
+from ._migrate import MoveError, explainRoute, findRouteStore
 from ._migrationhooks import domainAccounts
 from ._safetext import logQuote
-from ._stats import METRICS_CONTENT_TYPE, metricsText, snapshot
+from ._stats import METRICS_CONTENT_TYPE
 from .config import MAX_MIGRATION_CONCURRENCY
 from .interfaces import RouteStoreError
 from .migration import MigrationError
@@ -302,11 +302,15 @@ class AdminResource(Resource):
     path through an explicit table.
 
     @ivar proxy: what the API operates on; it has C{context} (the
-        L{mailproxy._session.ProxyContext}), C{mover} (a
+        L{mailproxy._session.ProxyContext}: its router), C{mover} (a
         L{mailproxy._migrate.Mover}), C{backends} (the configured backends
-        by name), C{draining} (a bool), C{reload()} (returns JSON-ready
-        data on the outcome), and C{migrations} (a
-        L{mailproxy.migration.MigrationManager}).
+        by name), C{draining} (a bool), C{reload()} (JSON-ready data on the
+        outcome), C{migrations} (a L{mailproxy.migration.MigrationManager}),
+        and C{statsSnapshot()}, C{metrics(health)},
+        C{describeSessions(account, backend, domain)} and
+        C{dropSessions(account, backend, sessionId, reason)} (see
+        L{mailproxy._lifecycle.ProxyService}); each may answer with a
+        Deferred (a parent of worker processes asks its workers).
     @ivar healthDetails: C{GET /health} without a token names the backends
         and their troubles too, not only the status.
     """
@@ -436,35 +440,35 @@ class AdminResource(Resource):
 
         return self.health.check().addCallback(report)
 
-    def getStats(self, request: Request, _: str) -> tuple[int, bytes, str]:
+    def getStats(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{GET /stats}.
         """
-        context = self.proxy.context
-        return _json(200, snapshot(context.stats, context.sessions, context.router))
+        return maybeDeferred(self.proxy.statsSnapshot).addCallback(lambda answer: _json(200, answer))
 
     def getMetrics(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{GET /metrics}, with the backends' health from the probes (run at
         most every L{HealthChecker.keep} seconds, as for C{GET /health}).
         """
-        def render(backends: dict[str, Any]) -> tuple[int, bytes, str]:
-            context = self.proxy.context
-            text = metricsText(context.stats, context.sessions, context.router, backends)
-            return 200, text, METRICS_CONTENT_TYPE
+        def render(backends: dict[str, Any]) -> Deferred[bytes]:
+            return maybeDeferred(self.proxy.metrics, backends)
 
-        return self.health.check().addCallback(render)
+        return self.health.check().addCallback(render).addCallback(lambda text: (200, text, METRICS_CONTENT_TYPE))
 
-    def getSessions(self, request: Request, _: str) -> tuple[int, bytes, str]:
+    def getSessions(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{GET /sessions?account=&backend=&domain=}.
         """
         filters = {name: _argument(request, name) for name in ("account", "backend", "domain")}
-        sessions = self.proxy.context.sessions.find(**filters)
-        described = sorted((session.describe() for session in sessions), key=lambda s: -s["seconds"])
-        return _json(200, {"count": len(described), "sessions": described})
 
-    def dropSessions(self, request: Request, _: str) -> tuple[int, bytes, str]:
+        def answer(sessions: list[dict[str, Any]]) -> tuple[int, bytes, str]:
+            described = sorted(sessions, key=lambda s: -s["seconds"])
+            return _json(200, {"count": len(described), "sessions": described})
+
+        return maybeDeferred(self.proxy.describeSessions, **filters).addCallback(answer)
+
+    def dropSessions(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{POST /sessions/drop}.
         """
@@ -472,17 +476,16 @@ class AdminResource(Resource):
         account, backend, sessionId = (_optionalString(body, key) for key in ("account", "backend", "session"))
         if account is None and backend is None and sessionId is None:
             raise _HTTPError(400, "name an account, a backend or a session")
-        sessions = self.proxy.context.sessions.find(account=account, backend=backend)
-        if sessionId is not None:
-            sessions = [s for s in sessions if s.client.sessionId == sessionId]
         reason = _optionalString(body, "reason") or "Disconnected by the administrator."
-        for session in sessions:
-            session.drop(reason)
-        self.log.info(
-            "management: dropped {count} sessions (account={account} backend={backend} session={session})",
-            count=len(sessions), account=logQuote(account), backend=logQuote(backend), session=logQuote(sessionId),
-        )
-        return _json(200, {"dropped": len(sessions), "sessions": [s.client.sessionId for s in sessions]})
+
+        def dropped(sessions: list[str]) -> tuple[int, bytes, str]:
+            self.log.info(
+                "management: dropped {count} sessions (account={account} backend={backend} session={session})",
+                count=len(sessions), account=logQuote(account), backend=logQuote(backend), session=logQuote(sessionId),
+            )
+            return _json(200, {"dropped": len(sessions), "sessions": sessions})
+
+        return maybeDeferred(self.proxy.dropSessions, account, backend, sessionId, reason).addCallback(dropped)
 
     def _store(self) -> Any:
         store = findRouteStore(self.proxy.context.router)
@@ -506,7 +509,7 @@ class AdminResource(Resource):
         store = self._store()
 
         def done(_: object) -> tuple[int, bytes, str]:
-            invalidateCaches(self.proxy.context.router, key)
+            self.proxy.mover.invalidate(key)
             self.log.info("management: route {key} set to {backend}", key=logQuote(key), backend=logQuote(backend))
             return _json(200, {"key": key, "backend": backend})
 
@@ -517,7 +520,7 @@ class AdminResource(Resource):
         C{DELETE /routes/KEY}.
         """
         def done(_: object) -> tuple[int, bytes, str]:
-            invalidateCaches(self.proxy.context.router, key)
+            self.proxy.mover.invalidate(key)
             self.log.info("management: route {key} deleted", key=logQuote(key))
             return _json(200, {"key": key, "deleted": True})
 
@@ -567,12 +570,11 @@ class AdminResource(Resource):
         )
         return moving.addCallback(lambda result: _json(200, result.asJSON()))
 
-    def postReload(self, request: Request, _: str) -> tuple[int, bytes, str]:
+    def postReload(self, request: Request, _: str) -> Deferred[tuple[int, bytes, str]]:
         """
         C{POST /reload}.
         """
-        outcome = self.proxy.reload()
-        return _json(200 if outcome["ok"] else 409, outcome)
+        return maybeDeferred(self.proxy.reload).addCallback(lambda outcome: _json(200 if outcome["ok"] else 409, outcome))
 
     # Migration campaigns (the engine: mailproxy.migration)
 

@@ -58,6 +58,8 @@ __all__ = [
     "AdminConfig",
     "LogConfig",
     "MIN_TOKEN_LENGTH",
+    "MAX_WORKERS",
+    "workerCount",
     "LOG_FORMATS",
     "RouterConfig",
     "Config",
@@ -282,6 +284,9 @@ class Config:
     @ivar migration: the C{[migration]} table (defaults without it).
     @ivar warnings: things that work but should be fixed (a token file
         others can read), each C{"<file>: <key>: <why>"}.
+    @ivar workers: C{[proxy] workers}: how many worker processes serve
+        the listeners, or L{None} for one per CPU the process may use
+        (L{mailproxy._workers.workerCount}).
     """
 
     path: str
@@ -296,6 +301,7 @@ class Config:
     log: LogConfig = field(factory=LogConfig)
     migration: MigrationSettings = field(factory=MigrationSettings)
     warnings: tuple[str, ...] = field(default=(), eq=False)
+    workers: int | None = None
 
 
 _MISSING: Any = object()
@@ -632,7 +638,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     problems = Problems() if problems is None else problems
     root = Table(path, (), data, os.path.dirname(path), problems)
     root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration")
-    hostname = root.collect(lambda: _parseProxy(root.table("proxy")), "")
+    hostname, workers = root.collect(lambda: _parseProxy(root.table("proxy")), ("", None))
     limits = root.collect(lambda: _parseLimits(root.table("limits")), Limits())
     tls, sni = root.collect(lambda: _parseTLS(root.table("tls")), (None, ()))
     before = len(problems.found)
@@ -662,20 +668,41 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
         log=log,
         migration=migration,
         warnings=tuple(problems.warnings),
+        workers=workers,
     )
 
 
-def _parseProxy(table: Table | None) -> str:
+#: The most worker processes C{[proxy] workers} may ask for.
+MAX_WORKERS = 256
+
+
+def workerCount(config: Config) -> int:
+    """
+    How many worker processes serve C{config}'s listeners: C{[proxy]
+    workers}, else one per CPU this process may run on (its affinity, which
+    C{taskset}, cgroups' cpusets and systemd's C{CPUAffinity=} narrow), as
+    nginx's C{worker_processes auto} counts them.
+    """
+    if config.workers is not None:
+        return config.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _parseProxy(table: Table | None) -> tuple[str, int | None]:
     if table is None:
-        return socket.getfqdn()
-    table.allow("hostname")
+        return socket.getfqdn(), None
+    table.allow("hostname", "workers")
+    workers = table.collect(lambda: table.integer("workers", None, 1, MAX_WORKERS), None)
     hostname = table.string("hostname", None)
     if hostname is None:
-        return socket.getfqdn()
+        return socket.getfqdn(), workers
     # It is written into greetings: no spaces, CR or LF may reach the wire.
     if not _HOSTNAME.match(hostname):
         table.fail("hostname", f"not a host name: {hostname!r}")
-    return hostname
+    return hostname, workers
 
 
 # (TOML key, Limits attribute, integer?, minimum, maximum, must be > 0)

@@ -28,7 +28,8 @@ from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from ._systemd import ServiceNotifier, passedSocketProblem
-from .config import Config, ConfigError, Listener, loadConfig
+from ._workers import Machine
+from .config import Config, ConfigError, Listener, loadConfig, workerCount
 from .admin import adminSite
 from .routers import buildRouter
 
@@ -177,6 +178,7 @@ def serviceFromConfig(
     reactor: Any,
     notifier: ServiceNotifier | None = None,
     eventLogOnStandardOutput: bool = False,
+    adopted: list[tuple[int, int]] | None = None,
 ) -> ProxyService:
     """
     Build the whole proxy from a loaded configuration: its listeners, the
@@ -188,6 +190,10 @@ def serviceFromConfig(
     @param eventLogOnStandardOutput: the process's own log already writes
         the C{[log]} lines to standard output (C{mailproxy run}), so
         C{[log] path = "-"} adds no second writer.
+    @param adopted: for a worker process (L{mailproxy._workers}), the
+        listening sockets its parent bound, as C{(descriptor, address
+        family)} in the order of the listeners; the management endpoint and
+        the event log are then the parent's, not built here.
     @raise ConfigError: if the router or the certificates cannot be set up,
         or a C{systemd:} listener has no socket.
     """
@@ -209,19 +215,40 @@ def serviceFromConfig(
         backends=dict(config.backends),
         routerName=config.router.type,
     )
-    top = ProxyService(config, context, reactor, notifier)
+    # A worker leaves migrations to its parent.
+    top = ProxyService(config, context, reactor, notifier, migrating=adopted is None)
     for index, listener in enumerate(config.listeners):
-        name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
-        try:
-            endpoint = ReportingEndpoint(listenerEndpoint(reactor, listener.endpoint), name)
-        except ValueError as e:
-            raise ConfigError(f"{config.path}: listener[{index}]: endpoint: {e}")
+        endpoint: IStreamServerEndpoint
+        if adopted is not None:
+            # Its parent said where it listens.
+            endpoint = AdoptedStreamServerEndpoint(reactor, *adopted[index])
+        else:
+            endpoint = _listenerEndpoint(config, reactor, index)
         service = StreamServerEndpointService(endpoint, listenerFactory(context, listener, str(index)))
         # A listener that cannot bind must stop the proxy, not be logged and
         # forgotten.
         service._raiseSynchronously = True
         service.setName(f"listener-{index}")
         service.setServiceParent(top)
+    if adopted is None:
+        _addAdminAndLog(top, config, reactor, adminTLS, eventLogOnStandardOutput)
+    return top
+
+
+def _listenerEndpoint(config: Config, reactor: Any, index: int) -> ReportingEndpoint:
+    listener = config.listeners[index]
+    name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
+    try:
+        return ReportingEndpoint(listenerEndpoint(reactor, listener.endpoint), name)
+    except ValueError as e:
+        raise ConfigError(f"{config.path}: listener[{index}]: endpoint: {e}")
+
+
+def _addAdminAndLog(
+    top: Any, config: Config, reactor: Any, adminTLS: ReloadableServerTLS | None, eventLogOnStandardOutput: bool
+) -> None:
+    # The management endpoint and the event log, as children of top (a
+    # proxy, or the parent of worker processes).
     if config.admin is not None:
         site, top.admin = adminSite(top, config.admin.token, reactor, config.admin.healthDetails)
         factory: IProtocolFactory = site
@@ -241,6 +268,34 @@ def serviceFromConfig(
         # First among the children: it starts before anything logs.
         top.eventLog.setServiceParent(top)
         top.services.insert(0, top.services.pop())
+
+
+def machineFromConfig(
+    config: Config,
+    count: int,
+    reactor: Any,
+    notifier: ServiceNotifier | None = None,
+    eventLogOnStandardOutput: bool = False,
+) -> Machine:
+    """
+    Build the parent of C{count} worker processes (L{mailproxy._workers}):
+    the listeners it binds for them, its management endpoint and event log.
+
+    @raise ConfigError: as L{serviceFromConfig}.
+    """
+    adminTLS = None
+    try:
+        # The workers build their own; a certificate that cannot load must
+        # stop the parent, not make every worker die at its start.
+        if config.tls is not None:
+            _tls.serverOptions(config.tls, config.sni)
+        if config.admin is not None and config.admin.tls is not None:
+            adminTLS = ReloadableServerTLS(_tls.serverOptions(config.admin.tls))
+    except _tls.TLSConfigError as e:
+        raise ConfigError(f"{config.path}: tls: {e}")
+    endpoints = [_listenerEndpoint(config, reactor, index) for index in range(len(config.listeners))]
+    top = Machine(config, count, reactor, endpoints, notifier)
+    _addAdminAndLog(top, config, reactor, adminTLS, eventLogOnStandardOutput)
     return top
 
 
@@ -267,9 +322,19 @@ def makeService(options: Options) -> IService:
 
     raiseFileLimit()
 
+    config = options["loaded"]
+    count = workerCount(config)
     try:
+        if count > 1:
+            return machineFromConfig(
+                config,
+                count,
+                reactor,
+                ServiceNotifier.fromEnvironment(),
+                eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),
+            )
         return serviceFromConfig(
-            options["loaded"],
+            config,
             reactor,
             ServiceNotifier.fromEnvironment(),
             eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),

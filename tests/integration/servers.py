@@ -589,6 +589,24 @@ class Dovecot:
             return ""
 
 
+def withOneWorker(text: str) -> str:
+    """
+    A proxy configuration with C{[proxy] workers = 1} unless it says how
+    many workers to run.
+
+    The suite's proxies run as one process (the default would be one
+    worker per CPU): what they test is the same code a worker runs, their
+    logs come out in order, and a hundred proxies started by the suite
+    cost one process each on a small test machine; the tests of worker
+    processes (test_workers) say how many they want.
+    """
+    if re.search(r"^workers\s*=", text, re.MULTILINE):
+        return text
+    if re.search(r"^\[proxy\]", text, re.MULTILINE):
+        return re.sub(r"^\[proxy\][^\n]*\n", lambda m: m.group(0) + "workers = 1\n", text, count=1, flags=re.MULTILINE)
+    return "[proxy]\nworkers = 1\n" + text
+
+
 class Proxy:
     """
     The proxy (C{twistd mailproxy}) as a subprocess, with its configuration,
@@ -665,7 +683,8 @@ class Proxy:
         """
         Start the proxy once; see L{start}.
         """
-        text = self.configPath.read_text()
+        text = withOneWorker(self.configPath.read_text())
+        self.configPath.write_text(text)
         listeners = len(re.findall(r"^\[\[listener\]\]", text, re.MULTILINE))
         admin = re.search(r"^\[admin\]", text, re.MULTILINE) is not None
         logged = self.logPath.stat().st_size if self.logPath.exists() else 0

@@ -562,3 +562,74 @@ class UnitFileTests(SynchronousTestCase):
             ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=TIMEOUT
         )
         self.assertEqual((result.returncode, result.stderr), (0, ""))
+
+
+class WorkersUnderSystemdTests(SynchronousTestCase):
+    """
+    The example unit's ways with a proxy of two worker processes: the
+    socket systemd passes is served by the workers, the parent alone
+    notifies, C{mailproxy reload --pid $MAINPID} reloads every worker or
+    none, SIGTERM stops them all.
+    """
+
+    def test_unit(self) -> None:
+        """
+        C{READY=1} names the workers once both serve on the passed socket;
+        logins go through; a broken file's reload fails (status 1, every
+        worker serving on), a good one succeeds; SIGTERM brings
+        C{STOPPING=1} and ends the workers with the parent.
+        """
+        servers = sharedFixture("mail servers", MailServers.__module__, MailServers.start)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        text = proxyConfig(servers.old.imap, "systemd:domain=INET:name=imap")
+        self.assertIn("[proxy]\n", text)
+        text = text.replace("[proxy]\n", "[proxy]\nworkers = 2\n", 1)
+        notifications = Notifications(self)
+        runtime = os.path.abspath(tempfile.mkdtemp(dir=os.getcwd()))
+        proxy = ActivatedProxy(tempfile.mkdtemp(dir=os.getcwd()), text, listening, "imap")
+        proxy.environment.update({"NOTIFY_SOCKET": notifications.address, "RUNTIME_DIRECTORY": runtime})
+        startProxy(self, proxy)
+        listening.close()
+        self.assertEqual(notifications.next(), {"READY": "1", "STATUS": "serving: 1 listener, 2 workers, router static"})
+        workers = re.findall(r"worker \d \(pid (\d+)\) serving", proxy.logText())
+        self.assertEqual(len(workers), 2, proxy.logText())
+
+        for _ in range(4):
+            client = imaplib.IMAP4("127.0.0.1", port, timeout=TIMEOUT)
+            self.assertEqual(client.login("alice@example.org", "alice secret")[0], "OK")
+            closeIMAP(client)
+
+        def reload() -> subprocess.CompletedProcess[str]:
+            os.environ["RUNTIME_DIRECTORY"] = runtime
+            try:
+                return mailproxyCommand("reload", "--pid", str(proxy.pid))
+            finally:
+                del os.environ["RUNTIME_DIRECTORY"]
+
+        good = proxy.configPath.read_text()
+        proxy.configPath.write_text(good + "[router]\n")
+        refused = reload()
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn("reload failed, the running configuration is kept", refused.stderr)
+        self.assertNotIn("] reloaded", proxy.logText())
+        proxy.configPath.write_text(good)
+        applied = reload()
+        self.assertEqual((applied.returncode, applied.stdout), (0, f"reloaded {proxy.configPath}\n"), applied.stderr)
+        deadline = time.monotonic() + TIMEOUT
+        while proxy.logText().count("] reloaded ") < 3:
+            self.assertLess(time.monotonic(), deadline, proxy.logText())
+            time.sleep(0.05)
+        self.assertTrue(greeting(port).startswith(b"* OK"))
+
+        proxy.stop()
+        # The reloads' own notifications come first.
+        notice = notifications.next()
+        while "STOPPING" not in notice:
+            notice = notifications.next()
+        self.assertEqual(notice, {"STOPPING": "1", "STATUS": "stopping: 2 workers draining"})
+        for pid in workers:
+            self.assertFalse(os.path.exists(f"/proc/{pid}"), pid)

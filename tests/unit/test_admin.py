@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._lifecycle import ProxyService
 from mailproxy._migrate import MOVED, LoginHold, Mover
 from mailproxy.admin import MAX_BODY, AdminResource, HealthChecker, TokenGuard, _GreetingProbe, adminSite
 from mailproxy.routers.static import StaticRouter
@@ -61,6 +62,12 @@ class Proxy:
 
     def reload(self) -> dict:
         return self.reloads.pop(0)
+
+    # What the endpoint asks, answered as the proxy itself answers.
+    statsSnapshot = ProxyService.statsSnapshot
+    metrics = ProxyService.metrics
+    describeSessions = ProxyService.describeSessions
+    dropSessions = ProxyService.dropSessions
 
 
 class AdminTestsMixin:

@@ -1313,7 +1313,7 @@ class EveryProblemTests(ConfigTestCase):
         error = self.assertRaises(ConfigError, self.parse, text)
         p = self.path
         expected = [
-            f"{p}: proxy.hostnme: unknown key; allowed keys here: hostname (did you mean 'hostname'?)",
+            f"{p}: proxy.hostnme: unknown key; allowed keys here: hostname, workers (did you mean 'hostname'?)",
             f"{p}: limits.login_failures: must be at least 1, not 0",
             f"{p}: limits.idle_timeout: must be greater than 0, not -1",
             f"{p}: backend.old.host: not a host name or address: 'bad host'",

@@ -1,0 +1,1266 @@
+"""
+Worker processes: every core of one machine serves mail.
+
+With C{[proxy] workers = N} above 1, the process C{twistd} (or C{mailproxy
+run}) starts is the parent: it binds every listener and the management
+endpoint once, starts N worker processes that accept on the listeners, and
+never accepts a mail connection itself. Each worker is a whole proxy
+(L{mailproxy._lifecycle.ProxyService}) built from the same configuration,
+without the management endpoint and the event log, which stay in the
+parent.
+
+The workers share the parent's listening sockets: each worker inherits
+them (as descriptors 4 and up) and adopts them (C{adoptStreamPort}), and
+the kernel gives each new connection to one of the workers waiting on the
+socket. Not C{SO_REUSEPORT}: a socket systemd passes (C{systemd:}
+endpoints) is one socket that only inheriting can share; with one socket
+there is one queue, so a worker that is busy, restarting or dead leaves
+its connections to the others instead of stranding those the kernel had
+hashed to its socket; and nothing else on the host can bind the same port
+beside the proxy.
+
+The parent talks to each worker over a Unix socket pair with AMP
+(L{Channel}): it tells the workers to reload, hold and release logins,
+drop sessions and forget cached routes, asks them for their sessions and
+counters, and hears their log events (the parent writes the log, so the
+log file, the journal and C{[log] path} have one writer each), their
+connection counts per client address and their failed logins
+(L{mailproxy._shared}).
+
+The parent supervises: a worker that exits while the proxy runs is
+replaced at once, or after a back-off that doubles (up to
+L{MAX_BACKOFF}) while workers keep dying within L{STABLE} seconds of
+their start; each exit is logged with its status or signal. If the parent
+dies, its workers notice the closed channel, drain and exit.
+
+Signals are the parent's: SIGHUP makes it check the new configuration
+(everything C{mailproxy check} checks, the router and the certificates
+built) and, only if that succeeds, tell every worker to reload; SIGTERM
+makes every worker drain for C{[limits] shutdown_grace} seconds, and the
+parent exits when the last one has.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+from attrs import evolve
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import _tls
+from ._lifecycle import ReloadableServerTLS, _closeRouter, _startRouter, _stopRouter
+from ._migrate import Mover, findRouteStore
+from ._migrationhooks import OnLoginMigration, StepLog, journalPath
+from ._safetext import LogQuoted
+from ._contract import ISessionObserver
+from ._shared import IConnectionCounter, LocalFailures
+from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
+from ._systemd import ServiceNotifier
+from .config import Config, ConfigError, parseConfig
+from .migration import MigrationManager
+from .routers import buildRouter
+
+__all__ = ["Channel", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF"]
+
+#: A worker that ran this many seconds before it exited was healthy: the
+#: next one starts at once.
+STABLE = 10.0
+
+#: The longest wait, in seconds, before a worker that keeps dying is
+#: started again.
+MAX_BACKOFF = 30.0
+
+#: Seconds a worker may take to exit after its drain (shutdown_grace) and
+#: goodbyes before the parent kills it.
+STOP_SLACK = 15.0
+
+#: The descriptor of a worker's channel to its parent; its listening
+#: sockets follow, in the order of the listeners.
+CHANNEL_FD = 3
+
+#: Characters of JSON per AMP value (AMP allows 65,535 octets; JSON is
+#: ASCII here).
+_PART = 60000
+
+
+# The channel
+
+
+class CallError(Exception):
+    """
+    The other side could not answer a call; C{str(error)} says why.
+    """
+
+
+class _Call(amp.Command):
+    # Call METHOD with the JSON sent in STREAM's parts; the answer's JSON
+    # is in the parts of the stream answered.
+    arguments = [(b"method", amp.Unicode()), (b"stream", amp.Integer())]
+    response = [(b"stream", amp.Integer())]
+    errors = {CallError: b"CALL_ERROR"}
+
+
+class _Part(amp.Command):
+    arguments = [(b"stream", amp.Integer()), (b"data", amp.Unicode())]
+    requiresAnswer = False
+
+
+class _Notify(amp.Command):
+    # A call whose answer nobody waits for, its JSON in one value.
+    arguments = [(b"method", amp.Unicode()), (b"data", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Channel(amp.AMP):
+    """
+    One side of the channel between the parent and a worker: calls by
+    name with JSON-ready arguments and answers, over AMP.
+
+    AMP values are at most 65,535 octets; a list of tens of thousands of
+    sessions is larger, so a call's argument and answer travel as JSON in
+    parts (AMP keeps their order on the connection), each named by a
+    stream number of the side that sends it.
+
+    @ivar handlers: what this side answers, by method name: a function of
+        the argument returning the answer or a Deferred of it.
+    @ivar lost: called once when the connection is lost.
+    """
+
+    def __init__(self, handlers: dict[str, Callable[[Any], Any]], lost: Callable[[], None] = lambda: None) -> None:
+        """
+        @param handlers: kept, not copied: what is added later is answered.
+        """
+        super().__init__()
+        self.handlers = handlers
+        self.lost = lost
+        self.connected = False
+        self._streams = itertools.count(1)
+        self._parts: dict[int, list[str]] = {}
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.connected = True
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.connected = False
+        super().connectionLost(reason)
+        self.lost()
+
+    def call(self, method: str, argument: Any = None) -> Deferred[Any]:
+        """
+        Call C{method} on the other side.
+
+        @return: fires with its answer, or fails (L{CallError}, or the
+            connection's loss).
+        """
+        stream = self._send(argument)
+        answered = self.callRemote(_Call, method=method, stream=stream)
+        return answered.addCallback(lambda answer: self._take(answer["stream"]))
+
+    def notify(self, method: str, argument: Any) -> None:
+        """
+        Tell the other side C{argument}, without waiting (small arguments:
+        one AMP value).
+
+        @raise ValueError: C{argument} is too large for one AMP value.
+        """
+        data = json.dumps(argument)
+        if len(data) > _PART:
+            raise ValueError(f"{method}: {len(data)} characters of JSON, more than {_PART}")
+        if self.connected:
+            self.callRemote(_Notify, method=method, data=data)
+
+    def _send(self, value: Any) -> int:
+        text = json.dumps(value)
+        stream = next(self._streams)
+        for start in range(0, len(text), _PART):
+            self.callRemote(_Part, stream=stream, data=text[start : start + _PART])
+        return stream
+
+    def _take(self, stream: int) -> Any:
+        return json.loads("".join(self._parts.pop(stream, ["null"])))
+
+    @_Part.responder
+    def _part(self, stream: int, data: str) -> dict[str, Any]:
+        self._parts.setdefault(stream, []).append(data)
+        return {}
+
+    @_Call.responder
+    def _called(self, method: str, stream: int) -> Deferred[dict[str, int]]:
+        argument = self._take(stream)
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise CallError(f"no such method: {method}")
+
+        def failed(reason: Failure) -> Failure:
+            Logger().failure("the call {method} failed", reason, method=method)
+            return Failure(CallError(f"{method} failed: {reason.getErrorMessage()}"))
+
+        return maybeDeferred(handler, argument).addCallbacks(lambda answer: {"stream": self._send(answer)}, failed)
+
+    @_Notify.responder
+    def _notified(self, method: str, data: str) -> dict[str, Any]:
+        handler = self.handlers.get(method)
+        if handler is not None:
+            handler(json.loads(data))
+        return {}
+
+
+class _ChannelFactory(Factory):
+    # adoptStreamConnection wants a factory; the channel exists already.
+    noisy = False
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.channel
+
+
+def _adoptChannel(reactor: Any, fd: int, channel: Channel) -> None:
+    # The reactor takes a copy of the descriptor.
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _ChannelFactory(channel))
+    os.close(fd)
+
+
+# Log events, from the workers to the parent's log
+
+
+def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | None:
+    """
+    A worker's log event as JSON-ready data for the parent: its text
+    formatted here (with a failure's traceback), the fields JSON can carry
+    (text quoted for the log line keeps both forms).
+    """
+    level = event.get("log_level")
+    if level is None or level < LogLevel.info:
+        return None
+    text = formatEvent(dict(event))
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text += "\n" + failure.getTraceback()
+    data: dict[str, Any] = {}
+    for key, value in event.items():
+        if key.startswith("log_") or key == "format":
+            continue
+        if isinstance(value, LogQuoted):
+            data[key] = {"quoted": str(value), "raw": value.raw}
+        elif isinstance(value, (str, int, float, bool, type(None))):
+            data[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
+            data[key] = list(value)
+    data["log_text"] = text
+    data["log_level"] = level.name
+    data["log_namespace"] = event.get("log_namespace")
+    data["log_time"] = event.get("log_time")
+    data["worker"] = worker
+    return data
+
+
+def _shortEvent(data: dict[str, Any]) -> dict[str, Any]:
+    """
+    An event too large for the channel: its text cut short, without its
+    fields.
+    """
+    short = {key: data[key] for key in ("log_level", "log_namespace", "log_time", "worker")}
+    # ASCII escapes make JSON at most six times the text.
+    short["log_text"] = data["log_text"][: _PART // 8] + " [cut]"
+    return short
+
+
+def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
+    """
+    A worker's event as the parent's log publishes it.
+    """
+    event: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) == {"quoted", "raw"}:
+            quoted = LogQuoted(value["quoted"])
+            quoted.raw = value["raw"]
+            event[key] = quoted
+        else:
+            event[key] = value
+    # The text is formatted already: braces in it are not fields.
+    event["log_format"] = event.pop("log_text").replace("{", "{{").replace("}", "}}")
+    event["log_level"] = LogLevel.levelWithName(event["log_level"])
+    event["log_system"] = f"worker {data['worker']}"
+    return event
+
+
+# The parent
+
+
+class _RemoteSession:
+    """
+    A worker's session as a move sees it: its account, backend and id,
+    and a drop that the worker carries out.
+    """
+
+    class _Client:
+        def __init__(self, sessionId: str) -> None:
+            self.sessionId = sessionId
+
+    def __init__(self, worker: _Worker, described: Mapping[str, Any]) -> None:
+        self.worker = worker
+        self.user = described["account"]
+        self.backendName = described["backend"]
+        self.client = self._Client(described["session"])
+
+    def drop(self, reason: str) -> None:
+        self.worker.dropLater(self.client.sessionId, reason)
+
+
+class _MachineGate:
+    """
+    Holds logins in every worker (the parent itself logs nobody in); a
+    worker started later gets the holds in effect.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.holds: dict[int, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+
+    def hold(self, accounts: Iterable[str], domains: Iterable[str]) -> Callable[[], None]:
+        holdId = next(self._ids)
+        hold = {"id": holdId, "accounts": list(accounts), "domains": list(domains)}
+        self.holds[holdId] = hold
+        self.machine.tellWorkers("hold", hold)
+
+        def release() -> None:
+            if self.holds.pop(holdId, None) is not None:
+                self.machine.tellWorkers("release", {"id": holdId})
+
+        return release
+
+
+class _MachineMover(Mover):
+    """
+    Moves accounts for every worker: the route store is changed once, by
+    the parent; the sessions to drop are those the workers list just
+    before; route caches are invalidated in every worker.
+    """
+
+    machine: Machine
+
+    async def _movePlan(self, backend: str, accounts: list[str], domain: str | None, includeAccounts: bool) -> Any:
+        self.context.sessions = await self.machine.remoteSessions()
+        return await super()._movePlan(backend, accounts, domain, includeAccounts)
+
+    def invalidate(self, *keys: str) -> None:
+        super().invalidate(*keys)
+        if keys:
+            self.machine.tellWorkers("routesChanged", list(keys))
+
+
+class _MachineContext:
+    """
+    What the parent's management endpoint and mover use of a proxy's
+    context: the router (its route store), the login gate, and the
+    sessions of a move (the workers', listed when it plans).
+    """
+
+    def __init__(self, router: Any, routerName: str, limits: Any, gate: _MachineGate) -> None:
+        self.router = router
+        self.routerName = routerName
+        self.limits = limits
+        self.gate = gate
+        self.sessions: list[_RemoteSession] = []
+
+
+class _UnknownSession:
+    # Stands for an account's sessions until the workers have said which
+    # it has: on an unknown backend, and dropping it does nothing.
+    user = None
+    backendName = ""
+
+    def drop(self, reason: str) -> None:
+        pass
+
+
+class _MachineSessions:
+    """
+    The workers' sessions as the migration engine asks for them, at once
+    (L{mailproxy.migration.MigrationManager} looks every few seconds
+    whether an account's sessions have ended): the workers' latest answer
+    for the account, asked afresh at each look. Until the first answer, an
+    unknown session stands for them, so that waiting for the account's
+    sessions to end waits for the workers to tell.
+
+    @ivar known: the latest answer, by account in lower case.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.known: dict[str, list[_RemoteSession]] = {}
+        self._asking: set[str] = set()
+
+    def find(self, account: str | None = None, backend: str | None = None, domain: str | None = None) -> list[Any]:
+        key = (account or "").lower()
+        if key not in self._asking:
+            self._asking.add(key)
+
+            def answered(answers: list[tuple[_Worker, Any]]) -> None:
+                self.known[key] = [
+                    _RemoteSession(worker, described) for worker, sessions in answers for described in sessions or ()
+                ]
+
+            filters = {"account": account, "backend": None, "domain": domain}
+            self.machine.askWorkers("sessions", filters).addCallback(answered).addBoth(lambda _: self._asking.discard(key))
+        sessions = self.known.get(key)
+        if sessions is None:
+            return [_UnknownSession()]
+        return [session for session in sessions if backend is None or session.backendName == backend]
+
+
+class _WorkerProcess(ProcessProtocol):
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+
+    def processEnded(self, reason: Failure) -> None:
+        self.worker.ended(reason)
+
+
+class _Worker:
+    """
+    One worker process, as its parent knows it.
+
+    @ivar number: which worker it is (1 to N); its replacement keeps it.
+    @ivar pid: its process id.
+    @ivar channel: the channel to it.
+    @ivar ready: it serves (its listeners adopted).
+    @ivar connections: its open connections per client address.
+    """
+
+    log = Logger()
+
+    def __init__(self, machine: Machine, number: int) -> None:
+        self.machine = machine
+        self.number = number
+        self.pid: int | None = None
+        self.channel: Channel | None = None
+        self.process: Any = None
+        self.ready = False
+        self.started = 0.0
+        self.connections: Counter[str] = Counter()
+        self.exited: Deferred[None] | None = None
+        self._drops: dict[str, list[str]] = {}
+        self._dropCall: Any = None
+
+    def start(self) -> None:
+        """
+        Start the process, with the listening sockets and its end of the
+        channel.
+        """
+        machine = self.machine
+        reactor = machine.reactor
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        childFDs: dict[int, Any] = {0: 0, 1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
+        families = []
+        for offset, port in enumerate(machine.ports):
+            childFDs[CHANNEL_FD + 1 + offset] = port.fileno()
+            families.append(int(port.socket.family))
+        self.channel = Channel(machine.handlersFor(self), self.lost)
+        self.ready = False
+        self.started = reactor.seconds()
+        self.exited = Deferred()
+        # -P: the worker imports mailproxy from where the parent did (its
+        # sys.path, passed as PYTHONPATH), never from the working directory.
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.process = reactor.spawnProcess(
+            _WorkerProcess(self),
+            sys.executable,
+            [sys.executable, "-P", "-c", "from mailproxy._workers import workerMain; workerMain()",
+             machine.config.path, str(self.number), json.dumps(families)],
+            env=environment,
+            childFDs=childFDs,
+        )
+        theirs.close()
+        self.pid = self.process.pid
+        _adoptChannel(reactor, ours.detach(), self.channel)
+        self.log.info("worker {number} started (pid {pid})", number=self.number, pid=self.pid)
+
+    def lost(self) -> None:
+        # The channel closed: the process is ending (or ended).
+        self.ready = False
+
+    def ended(self, reason: Failure) -> None:
+        """
+        The process exited.
+        """
+        self.ready = False
+        self.channel = None
+        if isinstance(reason.value, ProcessTerminated) and reason.value.signal is not None:
+            how = f"was killed by signal {reason.value.signal}"
+        elif isinstance(reason.value, (ProcessDone, ProcessTerminated)):
+            how = f"exited with status {reason.value.exitCode}"
+        else:
+            how = f"ended: {reason.getErrorMessage()}"
+        exited, self.exited = self.exited, None
+        self.machine.workerEnded(self, how)
+        if exited is not None:
+            exited.callback(None)
+
+    def call(self, method: str, argument: Any = None) -> Deferred[Any]:
+        """
+        Call C{method} in this worker.
+        """
+        if self.channel is None or not self.ready:
+            return succeed(None)
+        return self.channel.call(method, argument)
+
+    def dropLater(self, sessionId: str, reason: str) -> None:
+        """
+        Drop a session of this worker; the drops of one turn of the
+        reactor go in one message.
+        """
+        self._drops.setdefault(reason, []).append(sessionId)
+        if self._dropCall is None:
+            self._dropCall = self.machine.reactor.callLater(0, self._sendDrops)
+
+    def _sendDrops(self) -> None:
+        self._dropCall = None
+        drops, self._drops = self._drops, {}
+        for reason, ids in drops.items():
+            self.call("dropIds", {"ids": ids, "reason": reason}).addErrback(
+                lambda failure: self.log.warn(
+                    "worker {number} did not drop sessions: {why}", number=self.number, why=failure.getErrorMessage()
+                )
+            )
+
+
+class Machine(MultiService):
+    """
+    The parent of the worker processes: it holds the listening sockets,
+    the management endpoint (a child service named C{admin}), the event
+    log, and the workers; it answers the management endpoint for all of
+    them (the same methods as L{mailproxy._lifecycle.ProxyService}).
+
+    @ivar config: the configuration in effect.
+    @ivar count: how many workers run.
+    @ivar ports: the listening ports, in the order of the listeners (not
+        reading: the parent accepts nothing).
+    @ivar context: the parent's router and login gate (L{_MachineContext}).
+    @ivar mover: moves accounts for every worker.
+    @ivar draining: shutdown has begun.
+    @ivar failures: failed logins per client address, from every worker.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        reactor: Any,
+        endpoints: list[Any],
+        notifier: ServiceNotifier | None = None,
+    ) -> None:
+        """
+        @param endpoints: the listeners' endpoints, in order; the parent
+            listens on each once.
+        """
+        super().__init__()
+        self.config = config
+        self.configText = Path(config.path).read_text(encoding="utf-8")
+        self.count = count
+        self.reactor = reactor
+        self.endpoints = endpoints
+        # tcp.Port: their descriptors are passed on.
+        self.ports: list[Any] = []
+        self.notifier = notifier if notifier is not None else ServiceNotifier()
+        self.gate = _MachineGate(self)
+        self.context = _MachineContext(buildRouter(config, reactor), config.router.type, config.limits, self.gate)
+        self.mover = _MachineMover(self.context, config.backends, reactor)
+        self.mover.machine = self
+        # What the parent counts itself: the migrations it runs.
+        self.stats = ProxyStats(reactor)
+        self.migrations = MigrationManager(
+            reactor=reactor,
+            mover=self.mover,
+            router=self.context.router,
+            backends=dict(config.backends),
+            sessions=_MachineSessions(self),
+            settings=config.migration,
+            journalPath=journalPath(config.path, config.migration.journal),
+            routerName=config.router.type,
+        )
+        self.migrations.addObserver(StepLog(self.stats))
+        self._onLogin = OnLoginMigration(self.migrations)
+        self.draining = False
+        self.admin: Any = None
+        self.adminTLS: ReloadableServerTLS | None = None
+        self.eventLog: Any = None
+        self.workers = [_Worker(self, number) for number in range(1, count + 1)]
+        self.failures = LocalFailures(reactor)
+        self.connections: Counter[str] = Counter()
+        self.blocked: set[str] = set()
+        self.started = reactor.seconds()
+        self._deaths = 0
+        self._announced = False
+        self._previousHandler: Any = None
+
+    @property
+    def backends(self) -> dict[str, Any]:
+        """
+        The configured backends, by name.
+        """
+        return self.config.backends
+
+    # Start and stop
+
+    def privilegedStartService(self) -> None:
+        # Before twistd gives up root (--uid): ports below 1024.
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.ports:
+            return
+        for index, endpoint in enumerate(self.endpoints):
+            outcome: list[Any] = []
+            endpoint.listen(_NoConnections()).addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                # A listener that cannot bind stops the proxy.
+                outcome[0].raiseException()
+            port = outcome[0]
+            # The workers accept; the parent only holds the socket open.
+            port.stopReading()
+            self.ports.append(port)
+
+    def startService(self) -> None:
+        self._bind()
+        super().startService()
+        _startRouter(self.context.router)
+        for warning in self.config.warnings:
+            self.log.warn("configuration: {problem}", problem=warning)
+        if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
+            # The parent runs the migrations of every worker.
+            self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
+        try:
+            self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
+        except ValueError:
+            self._previousHandler = None
+        for worker in self.workers:
+            worker.start()
+
+    def handlersFor(self, worker: _Worker) -> dict[str, Callable[[Any], Any]]:
+        """
+        What a worker may call in its parent.
+        """
+        return {
+            "hello": lambda _: self._hello(worker),
+            "ready": lambda _: self._ready(worker),
+            "log": lambda data: globalLogPublisher(_eventFromWorker(data)),
+            "connections": lambda deltas: self._connections(worker, deltas),
+            "failed": lambda address: self._failed(address),
+            "loggedIn": lambda login: self._onLogin.sessionLoggedIn(_RemoteSession(worker, login)),
+        }
+
+    def _hello(self, worker: _Worker) -> dict[str, Any]:
+        # What a starting worker must know before it accepts: the
+        # configuration the parent checked (the file may have been edited
+        # since, and not yet reloaded), the holds, the addresses at their
+        # limit and those that failed lately.
+        return {
+            "config": self.configText,
+            "holds": list(self.gate.holds.values()),
+            "blocked": sorted(self.blocked),
+            "failures": {address: count for address, (count, _) in self.failures.known.items()},
+        }
+
+    def _ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        self.log.info("worker {number} (pid {pid}) serving", number=worker.number, pid=worker.pid)
+        if not self._announced and all(w.ready for w in self.workers):
+            self._announced = True
+            self.notifier.writeStatus(None)
+            listeners = len(self.ports)
+            self.notifier.ready(
+                f"serving: {listeners} listener{'s' if listeners != 1 else ''}, "
+                f"{self.count} workers, router {self.context.routerName}"
+            )
+
+    def workerEnded(self, worker: _Worker, how: str) -> None:
+        """
+        A worker exited: forget its connections; unless the proxy is
+        stopping, start another in its place.
+        """
+        for address, count in worker.connections.items():
+            self._count(address, -count)
+        worker.connections.clear()
+        if not self.running:
+            self.log.info("worker {number} (pid {pid}) {how}", number=worker.number, pid=worker.pid, how=how)
+            return
+        lived = self.reactor.seconds() - worker.started
+        if lived >= STABLE:
+            self._deaths = 0
+            delay = 0.0
+        else:
+            self._deaths += 1
+            delay = min(MAX_BACKOFF, 0.5 * 2 ** (self._deaths - 1))
+        self.log.warn(
+            "worker {number} (pid {pid}) {how} after {lived:.1f}s; starting another in {delay:.1f}s",
+            number=worker.number, pid=worker.pid, how=how, lived=lived, delay=delay,
+        )
+        self.reactor.callLater(delay, self._restart, worker)
+
+    def _restart(self, worker: _Worker) -> None:
+        if self.running and worker.exited is None:
+            worker.start()
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reloadFromSignal)
+
+    def _reloadFromSignal(self) -> None:
+        self.log.info("SIGHUP: reloading {path}", path=self.config.path)
+        self.reload()
+        if self.eventLog is not None:
+            self.eventLog.reopen()
+
+    def stopService(self) -> Deferred[None]:
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        self.running = False
+        self.draining = True
+        self.notifier.stopping(f"stopping: {self.count} workers draining")
+        # Closed here, the sockets stay open in the workers until each
+        # stops accepting.
+        for port in self.ports:
+            port.stopListening()
+        running = [worker for worker in self.workers if worker.exited is not None]
+        for worker in running:
+            self._signal(worker, signal.SIGTERM)
+        slack = self.config.limits.shutdownGrace + STOP_SLACK
+        kill = self.reactor.callLater(slack, self._killStragglers)
+
+        def stopped(_: object) -> Deferred[Any]:
+            if kill.active():
+                kill.cancel()
+            _stopRouter(self.context.router)
+            return gatherResults([maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running])
+
+        waiting = DeferredList(
+            [cast(Deferred[None], worker.exited) for worker in running]
+            # Without a campaign there is nothing to stop or to journal.
+            + ([self.migrations.stop()] if self.migrations.campaigns() else [])
+        )
+        return waiting.addCallback(stopped).addCallback(lambda _: None)
+
+    def _killStragglers(self) -> None:
+        for worker in self.workers:
+            if worker.exited is not None:
+                self.log.warn("worker {number} (pid {pid}) did not stop; killing it", number=worker.number, pid=worker.pid)
+                self._signal(worker, signal.SIGKILL)
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        try:
+            worker.process.signalProcess(signum)
+        except Exception:
+            # Exited meanwhile.
+            pass
+
+    # Asking the workers
+
+    def tellWorkers(self, method: str, argument: Any) -> None:
+        """
+        Tell every worker C{argument}, without waiting.
+        """
+        for worker in self.workers:
+            if worker.channel is None:
+                continue
+            try:
+                worker.channel.notify(method, argument)
+            except ValueError:
+                # A hold of many accounts: too large for one message, it
+                # travels in parts (and in order all the same).
+                worker.channel.call(method, argument).addErrback(self._untold, worker, method)
+
+    def _untold(self, reason: Failure, worker: _Worker, method: str) -> None:
+        self.log.warn(
+            "worker {number} did not take {method}: {why}", number=worker.number, method=method, why=reason.getErrorMessage()
+        )
+
+    def askWorkers(self, method: str, argument: Any = None) -> Deferred[list[tuple[_Worker, Any]]]:
+        """
+        Call C{method} in every worker that serves.
+
+        @return: fires with each worker's answer; a worker that cannot
+            answer (it died meanwhile) is left out, and logged.
+        """
+        workers = [worker for worker in self.workers if worker.ready]
+
+        def answered(results: list[tuple[bool, Any]]) -> list[tuple[_Worker, Any]]:
+            answers = []
+            for worker, (ok, result) in zip(workers, results):
+                if ok:
+                    answers.append((worker, result))
+                else:
+                    self.log.warn(
+                        "worker {number} did not answer {method}: {why}",
+                        number=worker.number, method=method, why=result.getErrorMessage(),
+                    )
+            return answers
+
+        return DeferredList([worker.call(method, argument) for worker in workers], consumeErrors=True).addCallback(answered)
+
+    def remoteSessions(self) -> Deferred[list[_RemoteSession]]:
+        """
+        Every worker's open sessions, for a move.
+        """
+        def collect(answers: list[tuple[_Worker, Any]]) -> list[_RemoteSession]:
+            return [_RemoteSession(worker, described) for worker, sessions in answers for described in sessions or ()]
+
+        return self.askWorkers("sessions", {}).addCallback(collect)
+
+    # What the management endpoint asks
+
+    def _merged(self, answers: list[tuple[_Worker, Any]]) -> tuple[ProxyStats, Any, Any]:
+        # The workers' counters summed, with the parent's uptime and the
+        # migrations it runs.
+        stats, sessions, cache = mergeStates((state["stats"] for _, state in answers), self.reactor)
+        stats.started = self.started
+        stats.migrations = self.stats.migrations
+        stats.migrationBytes = self.stats.migrationBytes
+        stats.migrating = self.stats.migrating
+        return stats, sessions, cache
+
+    def statsSnapshot(self) -> Deferred[dict[str, Any]]:
+        """
+        C{GET /stats}: every worker's counters summed.
+        """
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            stats, sessions, cache = self._merged(answers)
+            answer = snapshot(stats, cast(Any, sessions), cache)
+            answer["workers"] = {str(worker.number): {"pid": worker.pid} for worker, _ in answers}
+            return answer
+
+        return self.askWorkers("stats").addCallback(merged)
+
+    def metrics(self, health: dict[str, Any]) -> Deferred[bytes]:
+        """
+        C{GET /metrics}: every worker's counters summed; CPU per worker.
+        """
+        def merged(answers: list[tuple[_Worker, Any]]) -> bytes:
+            stats, sessions, cache = self._merged(answers)
+            cpu = {str(worker.number): state["cpu"] for worker, state in answers}
+            return metricsText(stats, cast(Any, sessions), cache, health, cpu)
+
+        return self.askWorkers("stats").addCallback(merged)
+
+    def describeSessions(
+        self, account: str | None = None, backend: str | None = None, domain: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        C{GET /sessions}: every worker's sessions, each with its C{worker}.
+        """
+        def collect(answers: list[tuple[_Worker, Any]]) -> list[dict[str, Any]]:
+            return [dict(described, worker=worker.number) for worker, sessions in answers for described in sessions or ()]
+
+        filters = {"account": account, "backend": backend, "domain": domain}
+        return self.askWorkers("sessions", filters).addCallback(collect)
+
+    def dropSessions(
+        self, account: str | None, backend: str | None, sessionId: str | None, reason: str
+    ) -> Deferred[list[str]]:
+        """
+        C{POST /sessions/drop} in every worker.
+        """
+        argument = {"account": account, "backend": backend, "session": sessionId, "reason": reason}
+        return self.askWorkers("drop", argument).addCallback(
+            lambda answers: [sessionId for _, dropped in answers for sessionId in dropped or ()]
+        )
+
+    # Reload
+
+    def reload(self) -> Deferred[dict[str, Any]]:
+        """
+        Check the configuration file; if it is right, apply what the parent
+        uses and tell every worker to reload.
+
+        @return: fires with C{{"ok": True, "path": ..., "restartNeeded":
+            [keys]}}, or C{{"ok": False, "path": ..., "error": why}} when
+            the file (or what it names) is wrong, which changes nothing in
+            any process, or when a worker could not reload (it says which).
+        """
+        self.notifier.reloading(f"reloading {self.config.path}")
+        outcome = self._check()
+        if not outcome["ok"]:
+            self.notifier.reloaded(outcome)
+            return succeed(outcome)
+
+        def workersReloaded(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            problems = [
+                f"worker {worker.number}: {answer['error']}" for worker, answer in answers if answer and not answer["ok"]
+            ]
+            result = outcome
+            if problems:
+                result = {"ok": False, "path": outcome["path"], "error": "; ".join(problems)}
+            self.notifier.reloaded(result)
+            return result
+
+        return self.askWorkers("reload", self.configText).addCallback(workersReloaded)
+
+    def _check(self) -> dict[str, Any]:
+        path = self.config.path
+        try:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: cannot read: {e}") from None
+            config = parseConfig(text, path)
+            router = buildRouter(config, self.reactor)
+            if config.tls is not None:
+                _tls.serverOptions(config.tls, config.sni)
+            adminTLS = None
+            if config.admin is not None and config.admin.tls is not None:
+                adminTLS = _tls.serverOptions(config.admin.tls)
+        except (ConfigError, _tls.TLSConfigError) as e:
+            self.log.error("reload failed, every worker keeps the running configuration: {error}", error=str(e))
+            return {"ok": False, "path": path, "error": str(e)}
+        restart = []
+        if config.listeners != self.config.listeners or (config.tls is None) != (self.config.tls is None):
+            restart.append("listener")
+        if (config.admin is None) != (self.config.admin is None) or (
+            config.admin is not None and self.config.admin is not None and config.admin.endpoint != self.config.admin.endpoint
+        ):
+            restart.append("admin.endpoint")
+        if config.log != self.config.log:
+            restart.append("log")
+        if config.workers != self.config.workers:
+            restart.append("proxy.workers")
+        old, self.context.router = self.context.router, router
+        _stopRouter(old)
+        _closeRouter(old)
+        if self.running:
+            _startRouter(router)
+        self.context.routerName = config.router.type
+        self.context.limits = config.limits
+        self.mover.backends = set(config.backends)
+        # The running engine keeps its journal where it is until a restart.
+        self.migrations.router = router
+        self.migrations.routerName = config.router.type
+        self.migrations.backends = dict(config.backends)
+        self.migrations.settings = evolve(config.migration, journal=self.config.migration.journal)
+        if self.admin is not None and config.admin is not None:
+            self.admin.guard.token = config.admin.token
+            self.admin.healthDetails = config.admin.healthDetails
+        if adminTLS is not None and self.adminTLS is not None:
+            self.adminTLS.options = adminTLS
+        self.configText = text
+        self.config = Config(
+            path=config.path, hostname=config.hostname, limits=config.limits, tls=config.tls, sni=config.sni,
+            listeners=self.config.listeners, router=config.router, backends=config.backends,
+            admin=self.config.admin if "admin.endpoint" in restart else config.admin,
+            log=self.config.log, workers=self.config.workers, migration=self.migrations.settings,
+        )
+        for address in list(self.connections):
+            self._judge(address)
+        if restart:
+            self.log.warn("reloaded {path}; these changes need a restart: {keys}", path=path, keys=", ".join(restart))
+        else:
+            self.log.info("reloaded {path}", path=path)
+        return {"ok": True, "path": path, "restartNeeded": restart}
+
+    # Counting per client address, for every worker
+
+    def _connections(self, worker: _Worker, deltas: Mapping[str, int]) -> None:
+        for address, delta in deltas.items():
+            worker.connections[address] += delta
+            if worker.connections[address] <= 0:
+                del worker.connections[address]
+            self._count(address, delta)
+
+    def _count(self, address: str, delta: int) -> None:
+        self.connections[address] += delta
+        if self.connections[address] <= 0:
+            del self.connections[address]
+        self._judge(address)
+
+    def _judge(self, address: str) -> None:
+        # Tell the workers only when an address reaches or leaves the
+        # limit: the counts stay here.
+        limit = self.config.limits.connectionsPerAddress
+        atLimit = bool(limit) and self.connections[address] >= limit
+        if atLimit != (address in self.blocked):
+            if atLimit:
+                self.blocked.add(address)
+            else:
+                self.blocked.discard(address)
+            self.tellWorkers("block", {"address": address, "blocked": atLimit})
+
+    def _failed(self, address: str) -> None:
+        count = self.failures.failed(address)
+        self.tellWorkers("failures", {"address": address, "count": count})
+
+
+class _NoConnections(Factory):
+    # The parent's listening ports never read: nothing is built.
+    noisy = False
+
+    def buildProtocol(self, addr: object) -> None:  # type: ignore[override]
+        return None
+
+
+# The worker
+
+
+@implementer(IConnectionCounter)
+class WorkerConnections:
+    """
+    A worker's count of open connections per client address: its own
+    count, plus the addresses the parent says are at the limit counting
+    every worker's. What it counts goes to the parent once per turn of the
+    reactor.
+
+    Between a connection another worker accepts and the parent's word
+    that its address reached the limit, this worker may accept a few
+    more: the limit may be passed by the connections that arrive at the
+    same moment in different workers, no more.
+    """
+
+    def __init__(self, limit: int, channel: Channel, clock: Any) -> None:
+        self.limit = limit
+        self.channel = channel
+        self.clock = clock
+        self.blocked: set[str] = set()
+        self._open: Counter[str] = Counter()
+        self._deltas: Counter[str] = Counter()
+        self._flush: Any = None
+
+    def add(self, address: str) -> bool:
+        if self.limit and (self._open[address] >= self.limit or address in self.blocked):
+            return False
+        self._open[address] += 1
+        self._report(address, 1)
+        return True
+
+    def remove(self, address: str) -> None:
+        self._open[address] -= 1
+        if self._open[address] <= 0:
+            del self._open[address]
+        self._report(address, -1)
+
+    def _report(self, address: str, delta: int) -> None:
+        self._deltas[address] += delta
+        if self._flush is None:
+            self._flush = self.clock.callLater(0, self._send)
+
+    def _send(self) -> None:
+        self._flush = None
+        deltas = {address: delta for address, delta in self._deltas.items() if delta}
+        self._deltas.clear()
+        items = list(deltas.items())
+        # 500 addresses (IPv6 at most 45 characters) fit in one message.
+        for start in range(0, len(items), 500):
+            self.channel.notify("connections", dict(items[start : start + 500]))
+
+
+class _WorkerFailures(LocalFailures):
+    """
+    A worker's failed logins per address: what every worker counted, as
+    the parent tells; each failure counted here is told to the parent.
+    """
+
+    def __init__(self, clock: Any, channel: Channel) -> None:
+        super().__init__(clock)
+        self.channel = channel
+
+    def failed(self, address: str) -> int:
+        count = super().failed(address)
+        self.channel.notify("failed", address)
+        return count
+
+
+@implementer(ISessionObserver)
+class _LoginsToParent:
+    """
+    Tells the parent of every login (C{[migration] on_login}: the parent
+    runs the migrations, and queues the account's).
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def sessionLoggedIn(self, session: Any) -> None:
+        if session.user and session.backendName is not None:
+            self.channel.notify("loggedIn", {"account": session.user, "backend": session.backendName, "session": ""})
+
+    def sessionEnded(self, session: Any) -> None:
+        pass
+
+
+class _WorkerSide:
+    """
+    The worker's side: its proxy and what the parent may ask of it.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, number: int, service: Any, channel: Channel) -> None:
+        self.reactor = reactor
+        self.number = number
+        self.service = service
+        self.channel = channel
+        self.holds: dict[int, Callable[[], None]] = {}
+
+    def handlers(self) -> dict[str, Callable[[Any], Any]]:
+        return {
+            "sessions": lambda filters: self.service.describeSessions(**(filters or {})),
+            "drop": self._drop,
+            "dropIds": self._dropIds,
+            "stats": self._stats,
+            "reload": lambda text: self.service.reload(text),
+            "hold": self._hold,
+            "release": lambda argument: self.holds.pop(argument["id"], lambda: None)(),
+            "routesChanged": self._routesChanged,
+            "block": self._block,
+            "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
+        }
+
+    def _routesChanged(self, keys: list[str]) -> None:
+        # The parent changed the route store. A store each process reads
+        # into memory (the static router's file) is read again now, not at
+        # its next look at the file: the clients a move drops reconnect at
+        # once, and the drops come after this on the channel. A shared
+        # store (SQL, LDAP, HTTP) is asked afresh once the caches forget.
+        store = findRouteStore(self.service.context.router)
+        reload = getattr(store, "reload", None)
+        if callable(reload):
+            reload()
+        self.service.mover.invalidate(*keys)
+
+    def _drop(self, argument: dict[str, Any]) -> list[str]:
+        return cast(
+            "list[str]",
+            self.service.dropSessions(argument["account"], argument["backend"], argument["session"], argument["reason"]),
+        )
+
+    def _dropIds(self, argument: dict[str, Any]) -> list[str]:
+        ids = set(argument["ids"])
+        sessions = [session for session in self.service.context.sessions if session.client.sessionId in ids]
+        for session in sessions:
+            session.drop(argument["reason"])
+        return [session.client.sessionId for session in sessions]
+
+    def _stats(self, _: object) -> dict[str, Any]:
+        context = self.service.context
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "stats": statsState(context.stats, context.sessions, context.router),
+            "cpu": usage.ru_utime + usage.ru_stime,
+        }
+
+    def _hold(self, hold: dict[str, Any]) -> None:
+        self.holds[hold["id"]] = self.service.context.gate.hold(hold["accounts"], hold["domains"])
+
+    def _block(self, argument: dict[str, Any]) -> None:
+        tracker = self.service.context.tracker
+        if argument["blocked"]:
+            tracker.blocked.add(argument["address"])
+        else:
+            tracker.blocked.discard(argument["address"])
+
+
+def workerMain(argv: list[str] | None = None) -> None:
+    """
+    A worker process: C{CONFIG NUMBER FAMILIES} (the listening sockets'
+    address families as JSON, their descriptors following the channel's).
+    """
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from .tap import raiseFileLimit, serviceFromConfig
+
+    path, number, families = (sys.argv[1:] if argv is None else argv)[:3]
+    worker = int(number)
+    handlers: dict[str, Callable[[Any], Any]] = {}
+    stopping: list[bool] = []
+
+    def parentGone() -> None:
+        # Without its parent nobody supervises or logs: drain and exit.
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()  # type: ignore[attr-defined]
+
+    channel = Channel(handlers, parentGone)
+    _adoptChannel(reactor, CHANNEL_FD, channel)
+
+    sending: list[bool] = []
+
+    def forward(event: dict[str, Any]) -> None:
+        if sending:
+            return
+        data = _eventForParent(event, worker)
+        if data is None:
+            return
+        sending.append(True)
+        try:
+            try:
+                channel.notify("log", data)
+            except ValueError:
+                channel.notify("log", _shortEvent(data))
+        finally:
+            sending.pop()
+
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, forward)], redirectStandardIO=False, discardBuffer=True)
+    raiseFileLimit()
+
+    async def start() -> None:
+        state = await channel.call("hello")
+        try:
+            config = parseConfig(state["config"], path)
+            adopted = [(CHANNEL_FD + 1 + index, family) for index, family in enumerate(json.loads(families))]
+            service = serviceFromConfig(config, reactor, adopted=adopted)
+        except (ConfigError, ValueError) as e:
+            Logger().error("worker {number} cannot start: {error}", number=worker, error=str(e))
+            stopping.append(False)
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        context = service.context
+        context.tracker = WorkerConnections(config.limits.connectionsPerAddress, channel, reactor)
+        context.failures = _WorkerFailures(reactor, channel)
+        if config.migration.onLogin is not None:
+            context.sessions.observe(_LoginsToParent(channel))
+        side = _WorkerSide(reactor, worker, service, channel)
+        handlers.update(side.handlers())
+        for hold in state["holds"]:
+            side._hold(hold)
+        context.tracker.blocked.update(state["blocked"])
+        for address, count in state["failures"].items():
+            context.failures.learn(address, count)
+        service.startService()
+        # The parent's signal: a SIGHUP to the process group reloads once.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+        channel.notify("ready", None)
+
+    def failed(reason: Failure) -> None:
+        Logger().failure("worker {number} cannot start", reason, number=worker)
+        stopping.append(False)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    if False in stopping:
+        # The parent's log says "exited with status 1", and backs off.
+        sys.exit(1)

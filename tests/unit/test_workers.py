@@ -1,0 +1,658 @@
+"""
+Tests for L{mailproxy._workers}: the channel between the parent and its
+workers, counting per client address across workers, supervision, the
+parent's reload, log events relayed to the parent, and the workers'
+counters summed (L{mailproxy._stats.mergeStates}); and for
+L{mailproxy._shared}.  The processes themselves run in
+tests.integration.test_workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from mailproxy._logs import jsonLine
+from mailproxy._safetext import logQuote
+from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
+from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
+from mailproxy._workers import (
+    MAX_BACKOFF,
+    STABLE,
+    CallError,
+    Channel,
+    Machine,
+    WorkerConnections,
+    _eventForParent,
+    _eventFromWorker,
+    _shortEvent,
+)
+from mailproxy.config import ConfigError, parseConfig, workerCount
+from mailproxy.interfaces import IRouter
+from mailproxy.model import Rejection
+from mailproxy.settings import Limits
+
+from .opsfixtures import ProxyHarness
+
+
+def channels(parentHandlers: dict[str, Any], workerHandlers: dict[str, Any]) -> tuple[Channel, Channel, Any]:
+    """
+    A parent's and a worker's channel connected in memory, and the pump
+    that moves their bytes.
+    """
+    parent, worker = Channel(parentHandlers), Channel(workerHandlers)
+    pump = connect(worker, makeFakeServer(worker), parent, makeFakeClient(parent))
+    return parent, worker, pump
+
+
+class ChannelTests(SynchronousTestCase):
+    """
+    Calls by name over AMP, with JSON of any size.
+    """
+
+    def test_largeArgumentAndAnswer(self) -> None:
+        """
+        An argument and an answer far larger than one AMP value (65,535
+        octets) arrive whole.
+        """
+        sessions = [{"session": f"s{n:06d}", "account": f"user{n}@example.org"} for n in range(5000)]
+        parent, worker, pump = channels({}, {"echo": lambda argument: {"got": argument}})
+        answers: list[Any] = []
+        parent.call("echo", sessions).addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(answers, [{"got": sessions}])
+
+    def test_deferredAnswer(self) -> None:
+        """
+        A handler may answer later, with a Deferred.
+        """
+        later: Deferred[int] = Deferred()
+        parent, worker, pump = channels({}, {"later": lambda _: later})
+        answers: list[Any] = []
+        parent.call("later").addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(answers, [])
+        later.callback(7)
+        pump.flush()
+        self.assertEqual(answers, [7])
+
+    def test_unknownMethod(self) -> None:
+        """
+        A call of a method the other side does not have fails with
+        L{CallError}, and the channel goes on.
+        """
+        parent, worker, pump = channels({}, {"known": lambda _: 1})
+        failures: list[Failure] = []
+        answers: list[Any] = []
+        parent.call("unknown").addErrback(failures.append)
+        parent.call("known").addCallback(answers.append)
+        pump.flush()
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(CallError)
+        self.assertEqual(answers, [1])
+
+    def test_notify(self) -> None:
+        """
+        A notification reaches its handler; nothing answers it.
+        """
+        heard: list[Any] = []
+        parent, worker, pump = channels({"log": heard.append}, {})
+        worker.notify("log", {"a": 1})
+        pump.flush()
+        self.assertEqual(heard, [{"a": 1}])
+
+
+class FakeChannel:
+    """
+    Records notifications.
+    """
+
+    def __init__(self) -> None:
+        self.notified: list[tuple[str, Any]] = []
+
+    def notify(self, method: str, argument: Any) -> None:
+        self.notified.append((method, argument))
+
+
+class WorkerConnectionsTests(SynchronousTestCase):
+    """
+    A worker's count of connections per address.
+    """
+
+    def test_ownLimit(self) -> None:
+        """
+        A worker refuses an address at the limit by its own count.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(2, channel, clock)  # type: ignore[arg-type]
+        self.assertEqual([tracker.add("192.0.2.1") for _ in range(3)], [True, True, False])
+        tracker.remove("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_blockedByParent(self) -> None:
+        """
+        An address the parent says is at the limit (counting every worker)
+        is refused, until it says it is not.
+        """
+        tracker = WorkerConnections(5, FakeChannel(), Clock())  # type: ignore[arg-type]
+        tracker.blocked.add("192.0.2.1")
+        self.assertFalse(tracker.add("192.0.2.1"))
+        self.assertTrue(tracker.add("192.0.2.2"))
+        tracker.blocked.discard("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_noLimit(self) -> None:
+        """
+        With no limit (0) nothing is refused.
+        """
+        tracker = WorkerConnections(0, FakeChannel(), Clock())  # type: ignore[arg-type]
+        tracker.blocked.add("192.0.2.1")
+        self.assertTrue(tracker.add("192.0.2.1"))
+
+    def test_reportedOncePerTurn(self) -> None:
+        """
+        What one turn of the reactor counted goes to the parent in one
+        message, changes that cancel out left out.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.2")
+        tracker.remove("192.0.2.2")
+        self.assertEqual(channel.notified, [])
+        clock.advance(0)
+        self.assertEqual(channel.notified, [("connections", {"192.0.2.1": 2})])
+
+
+CONFIG = """\
+[proxy]
+hostname = "proxy.example.org"
+workers = 2
+[limits]
+connections_per_address = 3
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+[router]
+type = "static"
+path = "routes.toml"
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+"""
+
+
+class MachineTests(SynchronousTestCase):
+    """
+    The parent: counting across workers, supervision, reload.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+        with open(self.path, "w") as f:
+            f.write(CONFIG)
+        self.clock = Clock()
+        self.machine = Machine(parseConfig(CONFIG, self.path), 2, self.clock, [])
+        self.told: list[tuple[str, Any]] = []
+        self.machine.tellWorkers = lambda method, argument: self.told.append((method, argument))  # type: ignore[method-assign]
+        self.one, self.two = self.machine.workers
+
+    def test_limitAcrossWorkers(self) -> None:
+        """
+        Every worker hears when an address reaches the limit counting all
+        workers' connections, and when it drops below.
+        """
+        self.machine._connections(self.one, {"192.0.2.1": 2})
+        self.assertEqual(self.told, [])
+        self.machine._connections(self.two, {"192.0.2.1": 1})
+        self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
+        self.machine._connections(self.two, {"192.0.2.1": -1})
+        self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+
+    def test_deadWorkerUncounted(self) -> None:
+        """
+        The connections of a worker that died are no longer counted.
+        """
+        self.machine._connections(self.one, {"192.0.2.1": 2})
+        self.machine._connections(self.two, {"192.0.2.1": 1})
+        self.machine.running = False
+        self.machine.workerEnded(self.one, "was killed by signal 9")
+        self.assertEqual(self.told[-1], ("block", {"address": "192.0.2.1", "blocked": False}))
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 1})
+
+    def test_backOff(self) -> None:
+        """
+        A worker that dies soon after its start is started again after a
+        wait that doubles each time, up to L{MAX_BACKOFF}; once one ran
+        L{STABLE} seconds, the next starts at once.
+        """
+        self.machine.running = True
+        waits = []
+        for _ in range(8):
+            self.one.started = self.clock.seconds()
+            self.machine.workerEnded(self.one, "exited with status 1")
+            (call,) = self.clock.getDelayedCalls()
+            waits.append(call.getTime() - self.clock.seconds())
+            call.cancel()
+        self.assertEqual(waits, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_BACKOFF, MAX_BACKOFF])
+        self.clock.advance(STABLE)
+        self.machine.workerEnded(self.one, "exited with status 1")
+        (call,) = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), self.clock.seconds())
+
+    def test_brokenReload(self) -> None:
+        """
+        A reload of a broken file answers why, and tells no worker.
+        """
+        with open(self.path, "w") as f:
+            f.write(CONFIG.replace('type = "static"', 'type = "nonesuch"'))
+        asked: list[str] = []
+        self.machine.askWorkers = lambda method, argument=None: asked.append(method)  # type: ignore[assignment, method-assign, misc, return-value]
+        outcomes: list[dict[str, Any]] = []
+        self.machine.reload().addCallback(outcomes.append)
+        self.assertEqual(len(outcomes), 1)
+        self.assertFalse(outcomes[0]["ok"])
+        self.assertIn("nonesuch", outcomes[0]["error"])
+        self.assertEqual((asked, self.told), ([], []))
+
+    def answering(self, answers: dict[str, list[Any]]) -> list[tuple[str, Any]]:
+        """
+        Make the workers answer calls by method, worker 1's answer first;
+        return the calls made.
+        """
+        asked: list[tuple[str, Any]] = []
+
+        def askWorkers(method: str, argument: Any = None) -> Deferred[list[tuple[Any, Any]]]:
+            asked.append((method, argument))
+            return succeed(list(zip((self.one, self.two), answers[method])))
+
+        self.machine.askWorkers = askWorkers  # type: ignore[method-assign]
+        return asked
+
+    def test_reloadTellsCheckedText(self) -> None:
+        """
+        A reload of a good file sends every worker the text the parent
+        checked; a worker's refusal makes the outcome a failure naming it.
+        """
+        with open(self.path, "w") as f:
+            f.write(CONFIG.replace("proxy.example.org", "new.example.org"))
+        asked = self.answering({"reload": [{"ok": True}, {"ok": False, "error": "no certificate"}]})
+        outcomes: list[dict[str, Any]] = []
+        self.machine.reload().addCallback(outcomes.append)
+        self.assertEqual(asked, [("reload", CONFIG.replace("proxy.example.org", "new.example.org"))])
+        self.assertEqual(outcomes, [{"ok": False, "path": self.path, "error": "worker 2: no certificate"}])
+        self.assertEqual(self.machine.config.hostname, "new.example.org")
+
+    def test_sessionsOfEveryWorker(self) -> None:
+        """
+        The sessions listed are every worker's, each with its worker; a
+        drop's answer names every worker's dropped sessions.
+        """
+        asked = self.answering(
+            {"sessions": [[{"session": "a"}], [{"session": "b"}, {"session": "c"}]], "drop": [["a"], ["c"]]}
+        )
+        listed: list[Any] = []
+        self.machine.describeSessions(account="x@example.org").addCallback(listed.append)
+        self.assertEqual(listed, [[{"session": "a", "worker": 1}, {"session": "b", "worker": 2}, {"session": "c", "worker": 2}]])
+        dropped: list[Any] = []
+        self.machine.dropSessions("x@example.org", None, None, "Bye.").addCallback(dropped.append)
+        self.assertEqual(dropped, [["a", "c"]])
+        self.assertEqual(
+            asked,
+            [
+                ("sessions", {"account": "x@example.org", "backend": None, "domain": None}),
+                ("drop", {"account": "x@example.org", "backend": None, "session": None, "reason": "Bye."}),
+            ],
+        )
+
+    def test_holdInEveryWorker(self) -> None:
+        """
+        A move's hold is told to every worker, and its end; a worker that
+        starts meanwhile learns of the hold in effect.
+        """
+        release = self.machine.gate.hold(["a@example.org"], ["example.net"])
+        self.assertEqual(self.told, [("hold", {"id": 1, "accounts": ["a@example.org"], "domains": ["example.net"]})])
+        self.assertEqual(self.machine._hello(self.one)["holds"], [self.told[0][1]])
+        release()
+        self.assertEqual(self.told[1:], [("release", {"id": 1})])
+        self.assertEqual(self.machine._hello(self.one)["holds"], [])
+
+    def test_failuresTold(self) -> None:
+        """
+        A failed login a worker reports is counted for its address and the
+        count told to every worker.
+        """
+        self.machine._failed("192.0.2.1")
+        self.machine._failed("192.0.2.1")
+        self.assertEqual(self.told, [("failures", {"address": "192.0.2.1", "count": n}) for n in (1, 2)])
+
+
+class LocalFailuresTests(SynchronousTestCase):
+    """
+    Failed logins per address.
+    """
+
+    def test_countAndForget(self) -> None:
+        """
+        Failures from one address count up; after L{FAILURE_MEMORY}
+        seconds without one, they are forgotten.
+        """
+        clock = Clock()
+        failures = LocalFailures(clock)
+        self.assertEqual([failures.failed("192.0.2.1") for _ in range(3)], [1, 2, 3])
+        self.assertEqual(failures.failed("192.0.2.2"), 1)
+        clock.advance(FAILURE_MEMORY + 1)
+        self.assertEqual(failures.failed("192.0.2.1"), 1)
+
+    def test_learn(self) -> None:
+        """
+        A larger count learned from elsewhere is the count from then on.
+        """
+        failures = LocalFailures(Clock())
+        failures.failed("192.0.2.1")
+        failures.learn("192.0.2.1", 4)
+        failures.learn("192.0.2.1", 2)
+        self.assertEqual(failures.failed("192.0.2.1"), 5)
+
+
+class LogRelayTests(SynchronousTestCase):
+    """
+    A worker's log events, as the parent's log writes them.
+    """
+
+    def test_textAndFields(self) -> None:
+        """
+        The parent's event has the worker's text (braces included), level,
+        fields, and quoted text in both forms, plus the worker's number.
+        """
+        event = {
+            "log_format": "login {user} {{literal}} {n}",
+            "log_level": LogLevel.warn,
+            "log_namespace": "mailproxy._session",
+            "log_time": 1000.0,
+            "user": logQuote('a"b\r\n'),
+            "n": 3,
+            "event": "login_failed",
+            "object": object(),
+        }
+        relayed = _eventFromWorker(_eventForParent(event, 2))  # type: ignore[arg-type]
+        self.assertEqual(formatEvent(relayed), formatEvent(event))
+        self.assertEqual(relayed["log_level"], LogLevel.warn)
+        self.assertEqual(relayed["worker"], 2)
+        self.assertEqual(relayed["log_system"], "worker 2")
+        self.assertNotIn("object", relayed)
+        line = jsonLine(relayed)
+        self.assertIn('"user": "a\\"b\\r\\n"', line)
+        self.assertIn('"event": "login_failed"', line)
+
+    def test_tooLarge(self) -> None:
+        """
+        An event too large for one AMP value is refused by the channel; its
+        short form fits, with the start of its text.
+        """
+        parent, worker, pump = channels({"log": lambda data: None}, {})
+        event = {"log_format": "{text}", "log_level": LogLevel.error, "text": "\x01" * 50000}
+        data = _eventForParent(event, 1)
+        assert data is not None
+        self.assertRaises(ValueError, worker.notify, "log", data)
+        worker.notify("log", _shortEvent(data))
+        self.assertTrue(formatEvent(_eventFromWorker(_shortEvent(data))).endswith(" [cut]"))
+
+    def test_debugStays(self) -> None:
+        """
+        Debug events stay in the worker, as the parent's log would drop
+        them.
+        """
+        self.assertIsNone(_eventForParent({"log_format": "x", "log_level": LogLevel.debug}, 1))
+
+    def test_failureTraceback(self) -> None:
+        """
+        A failure's traceback travels in the text.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        event = {"log_format": "oops", "log_level": LogLevel.critical, "log_failure": failure}
+        text = formatEvent(_eventFromWorker(_eventForParent(event, 1)))  # type: ignore[arg-type]
+        self.assertIn("oops", text)
+        self.assertIn("ZeroDivisionError", text)
+
+
+class MergeTests(SynchronousTestCase):
+    """
+    The workers' counters summed.
+    """
+
+    def test_sumEqualsOneProcess(self) -> None:
+        """
+        What two workers counted, summed, is what one process counting
+        the same events shows.
+        """
+        clock = Clock()
+        one, two, both = ProxyStats(clock), ProxyStats(clock), ProxyStats(clock)
+        for stats in (one, both):
+            stats.connectionAccepted("imap", "0")
+            stats.loginSucceeded("imap", "old", 0.02)
+            stats.routerAnswered(0.003, "static")
+        for stats in (two, both):
+            stats.connectionAccepted("imap", "0")
+            stats.connectionRefused("imap", "0", "connections_per_address")
+            stats.loginFailed("imap", "old", "auth", 0.5)
+            stats.routerAnswered(0.2, "static")
+            stats.sessionEnded("imap", "old", 10, 20)
+        states = [statsState(stats, [], None) for stats in (one, two)]
+        merged, sessions, cache = mergeStates(states, clock)
+        self.assertEqual(snapshot(merged, sessions, cache), snapshot(both, [], None))  # type: ignore[arg-type]
+
+
+@implementer(IRouter)
+class RejectAll:
+    """
+    A router that knows nobody.
+    """
+
+    def route(self, request: Any) -> Rejection:
+        return Rejection()
+
+
+class AddressFailureDelayTests(SynchronousTestCase):
+    """
+    The failed-login delay counts the failures of the client's address in
+    every session (L{mailproxy._shared.IFailureCounter}).
+    """
+
+    def failAt(self, harness: ProxyHarness, frontend: Any, transport: Any) -> float:
+        """
+        Send a login that fails; return how long its answer took.
+        """
+        started = harness.clock.seconds()
+        frontend.dataReceived(b"a LOGIN nobody x\r\n")
+        while not transport.value():
+            harness.clock.advance(0.25)
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", transport.value())
+        transport.clear()
+        return harness.clock.seconds() - started
+
+    def test_reconnectGainsNothing(self) -> None:
+        """
+        After two failures in one session, the first failure of a new
+        session from the same address waits three delays; another
+        address's waits one. The JSON log's C{login_failed} event says how
+        many failures the address had.
+        """
+        harness = ProxyHarness(RejectAll(), Limits(failureDelay=1.0, loginFailures=3))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first, firstTransport = harness.connect("192.0.2.7")
+        self.assertEqual([self.failAt(harness, first, firstTransport) for _ in range(2)], [1.0, 2.0])
+        second, secondTransport = harness.connect("192.0.2.7")
+        self.assertEqual(self.failAt(harness, second, secondTransport), 3.0)
+        other, otherTransport = harness.connect("192.0.2.8")
+        self.assertEqual(self.failAt(harness, other, otherTransport), 1.0)
+        failed = [(e["address"], e["addressFailures"]) for e in events if e.get("event") == "login_failed"]
+        self.assertEqual(failed, [("192.0.2.7", 1), ("192.0.2.7", 2), ("192.0.2.7", 3), ("192.0.2.8", 1)])
+
+    def test_countedFailuresBounded(self) -> None:
+        """
+        However many failures an address had, a session's first failure
+        waits at most L{MAX_FAILURES_COUNTED} delays.
+        """
+        harness = ProxyHarness(RejectAll(), Limits(failureDelay=1.0, loginFailures=3))
+        for _ in range(MAX_FAILURES_COUNTED + 5):
+            harness.context.failures.failed("192.0.2.7")
+        frontend, transport = harness.connect("192.0.2.7")
+        self.assertEqual(self.failAt(harness, frontend, transport), float(MAX_FAILURES_COUNTED))
+
+
+class WorkersSettingTests(SynchronousTestCase):
+    """
+    C{[proxy] workers}.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+
+    def test_default(self) -> None:
+        """
+        Without the key, one worker per CPU this process may run on.
+        """
+        config = parseConfig(CONFIG.replace("workers = 2\n", ""), self.path)
+        self.assertIsNone(config.workers)
+        self.assertEqual(workerCount(config), len(os.sched_getaffinity(0)))
+
+    def test_given(self) -> None:
+        """
+        A number given is the count.
+        """
+        self.assertEqual(workerCount(parseConfig(CONFIG, self.path)), 2)
+
+    def test_wrong(self) -> None:
+        """
+        0, more than 256 and what is not an integer are refused, naming
+        the key.
+        """
+        for value, why in (("0", "at least 1"), ("257", "at most 256"), ('"auto"', "must be an integer")):
+            with self.assertRaises(ConfigError) as raised:
+                parseConfig(CONFIG.replace("workers = 2", f"workers = {value}"), self.path)
+            self.assertIn("proxy.workers", str(raised.exception))
+            self.assertIn(why, str(raised.exception))
+
+
+class TellWorkersTests(SynchronousTestCase):
+    """
+    What the parent tells every worker.
+    """
+
+    def test_largeHold(self) -> None:
+        """
+        A hold of more accounts than one message holds reaches the worker
+        whole.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        path = os.path.join(directory, "config.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        machine = Machine(parseConfig(CONFIG, path), 1, Clock(), [])
+        held: list[Any] = []
+        parent, worker, pump = channels(machine.handlersFor(machine.workers[0]), {"hold": held.append})
+        machine.workers[0].channel = parent
+        accounts = [f"user{n:05d}@example.org" for n in range(3000)]
+        release = machine.gate.hold(accounts, [])
+        pump.flush()
+        self.assertEqual(held, [{"id": 1, "accounts": accounts, "domains": []}])
+        del release
+
+
+class MigrationsInParentTests(SynchronousTestCase):
+    """
+    With workers, the parent runs the migrations: it asks the workers for
+    an account's sessions, hears of their logins, and counts the
+    migrations in C{/stats}.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        self.path = os.path.join(directory, "config.toml")
+        with open(self.path, "w") as f:
+            f.write(CONFIG)
+        self.machine = Machine(parseConfig(CONFIG, self.path), 2, Clock(), [])
+        self.one, self.two = self.machine.workers
+        self.asked: list[tuple[str, Any, Deferred[Any]]] = []
+
+        def askWorkers(method: str, argument: Any = None) -> Deferred[Any]:
+            answer: Deferred[Any] = Deferred()
+            self.asked.append((method, argument, answer))
+            return answer
+
+        self.machine.askWorkers = askWorkers  # type: ignore[method-assign]
+
+    def test_sessionsUnknownUntilAnswered(self) -> None:
+        """
+        Until the workers answer, an account has one session on an unknown
+        backend (so a wait for its sessions to end goes on); then the
+        workers' sessions; each look asks again, never twice at once.
+        """
+        sessions = self.machine.migrations.sessions
+        found = sessions.find(account="A@example.org")
+        self.assertEqual([s.backendName for s in found], [""])
+        sessions.find(account="a@example.org")
+        self.assertEqual(len(self.asked), 1)
+        method, argument, answer = self.asked[0]
+        self.assertEqual((method, argument["account"]), ("sessions", "A@example.org"))
+        answer.callback([(self.one, [{"account": "a@example.org", "backend": "old", "session": "s1"}]), (self.two, [])])
+        found = sessions.find(account="a@example.org")
+        self.assertEqual([(s.backendName, s.client.sessionId, s.worker) for s in found], [("old", "s1", self.one)])
+        self.assertEqual(len(self.asked), 2)
+        self.asked[1][2].callback([(self.one, []), (self.two, [])])
+        self.assertEqual(sessions.find(account="a@example.org"), [])
+
+    def test_migrationsCounted(self) -> None:
+        """
+        C{/stats} has the migrations the parent ran beside the workers'
+        counters.
+        """
+        self.machine.stats.migrationEnded("c", "a@example.org", "done", 1234)
+        answers: list[Any] = []
+        self.machine.statsSnapshot().addCallback(answers.append)
+        state = statsState(ProxyStats(Clock()), [], None)
+        self.asked[0][2].callback([(self.one, {"stats": state, "cpu": 0.5})])
+        self.assertEqual(answers[0]["migrations"], {"inFlight": 0, "ended": {"done": 1}, "bytes": 1234})
+
+    def test_workerRunsNoMigrations(self) -> None:
+        """
+        A worker's proxy neither queues migrations on login nor resumes
+        the journal: its parent does.
+        """
+        from mailproxy.tap import serviceFromConfig
+
+        config = parseConfig(CONFIG, self.path)
+        service = serviceFromConfig(config, Clock(), adopted=[(-1, 2)])
+        self.assertFalse(service.migrating)
+        self.assertEqual(service.context.sessions._observers, [])
+        self.assertTrue(serviceFromConfig(config, Clock()).migrating)
