@@ -197,7 +197,10 @@ class ILoginFrontend(IProtocolFrontend):
         """
         The protocol's backend login dialogue (a
         L{mailproxy._backend.BackendProtocol}) for a
-        L{mailproxy._backend.LoginJob}.
+        L{mailproxy._backend.LoginJob}.  The core provides it from the
+        protocol registry's C{backendLogin}; a protocol overrides it only
+        when its dialogue needs more than the job, the reactor and the
+        backend timeout.
         """
 
 

@@ -488,7 +488,7 @@ class _Worker:
         self.process = reactor.spawnProcess(
             _WorkerProcess(self),
             sys.executable,
-            [sys.executable, "-P", "-c", "from mailproxy._workers import workerMain; workerMain()",
+            [sys.executable, "-P", "-c", "from mailproxy.tap import runWorker; runWorker()",
              machine.config.path, str(self.number), json.dumps(families)],
             env=environment,
             childFDs=childFDs,
@@ -1181,15 +1181,24 @@ class _WorkerSide:
             tracker.blocked.discard(argument["address"])
 
 
-def workerMain(argv: list[str] | None = None) -> None:
+def workerMain(
+    buildService: Callable[..., Any], prepareProcess: Callable[[], None], argv: list[str] | None = None
+) -> None:
     """
     A worker process: C{CONFIG NUMBER FAMILIES} (the listening sockets'
     address families as JSON, their descriptors following the channel's).
+
+    The worker's proxy is built as the single process's is, by the
+    service tree's builder, which this module is given rather than imports
+    (the builder is the one that imports this module to start workers).
+
+    @param buildService: makes the proxy's service from a configuration:
+        C{buildService(config, reactor, adopted=[(fd, family), ...])}.
+    @param prepareProcess: what the process does before it serves (raise
+        the descriptor limit).
     """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
-
-    from .tap import raiseFileLimit, serviceFromConfig
 
     path, number, families = (sys.argv[1:] if argv is None else argv)[:3]
     worker = int(number)
@@ -1223,14 +1232,14 @@ def workerMain(argv: list[str] | None = None) -> None:
             sending.pop()
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, forward)], redirectStandardIO=False, discardBuffer=True)
-    raiseFileLimit()
+    prepareProcess()
 
     async def start() -> None:
         state = await channel.call("hello")
         try:
             config = parseConfig(state["config"], path)
             adopted = [(CHANNEL_FD + 1 + index, family) for index, family in enumerate(json.loads(families))]
-            service = serviceFromConfig(config, reactor, adopted=adopted)
+            service = buildService(config, reactor, adopted=adopted)
         except (ConfigError, ValueError) as e:
             Logger().error("worker {number} cannot start: {error}", number=worker, error=str(e))
             stopping.append(False)

@@ -28,7 +28,7 @@ from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from ._systemd import ServiceNotifier, passedSocketProblem
-from ._workers import Machine
+from ._workers import Machine, workerMain
 from .config import Config, ConfigError, Listener, loadConfig, workerCount
 from .admin import adminSite
 from .routers import buildRouter
@@ -341,3 +341,12 @@ def makeService(options: Options) -> IService:
         )
     except ConfigError as e:
         raise SystemExit(f"mailproxy: {e}")
+
+
+def runWorker() -> None:
+    """
+    The entry point of a worker process (the parent starts it with the
+    arguments L{mailproxy._workers.workerMain} reads): a proxy built as a
+    single process's is, on the sockets the parent passes down.
+    """
+    workerMain(serviceFromConfig, raiseFileLimit)
