@@ -383,6 +383,8 @@ class ProxyService(MultiService):
             admin=self.config.admin if {"admin.endpoint", "admin.tls"} & set(restart) else config.admin,
             log=self.config.log,
             migration=migration,
+            workers=self.config.workers,
+            cluster=self.config.cluster,
         )
         if restart:
             self.log.warn(
@@ -408,4 +410,6 @@ class ProxyService(MultiService):
             changed.append("log")
         if config.migration.journal != old.migration.journal:
             changed.append("migration.journal")
+        if config.cluster != old.cluster:
+            changed.append("cluster")
         return changed

@@ -948,6 +948,8 @@ class Machine(MultiService):
             restart.append("log")
         if config.workers != self.config.workers:
             restart.append("proxy.workers")
+        if config.cluster != self.config.cluster:
+            restart.append("cluster")
         old, self.context.router = self.context.router, router
         _stopRouter(old)
         _closeRouter(old)
@@ -972,6 +974,7 @@ class Machine(MultiService):
             listeners=self.config.listeners, router=config.router, backends=config.backends,
             admin=self.config.admin if "admin.endpoint" in restart else config.admin,
             log=self.config.log, workers=self.config.workers, migration=self.migrations.settings,
+            cluster=self.config.cluster,
         )
         for address in list(self.connections):
             self._judge(address)
