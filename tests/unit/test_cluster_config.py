@@ -11,6 +11,10 @@ from mailproxy._showconfig import effectiveConfig
 from .test_config import ConfigTestCase, configText
 
 
+#: A fleet's proxy runs one process.
+ONE = "[proxy]\nworkers = 1\n"
+
+
 class ClusterConfigTests(ConfigTestCase):
     """
     Tests for the C{[cluster]} table.
@@ -27,7 +31,7 @@ class ClusterConfigTests(ConfigTestCase):
         A bare C{redis://HOST} URL means port 6379, database 0, no TLS, no
         password, the C{mailproxy:} key prefix and this host's name.
         """
-        cluster = self.parse(configText(extra='[cluster]\nredis = "redis://redis.example.net"\n')).cluster
+        cluster = self.parse(configText(extra=ONE + '[cluster]\nredis = "redis://redis.example.net"\n')).cluster
         assert cluster is not None
         self.assertEqual(
             (cluster.host, cluster.port, cluster.db, cluster.tls, cluster.password, cluster.keyPrefix, cluster.name),
@@ -42,7 +46,7 @@ class ClusterConfigTests(ConfigTestCase):
         """
         cluster = self.parse(
             configText(
-                extra='[cluster]\nredis = "rediss://[::1]:6380/3"\nca_file = "ca.pem"\npassword_file = "master.pw"\n'
+                extra=ONE + '[cluster]\nredis = "rediss://[::1]:6380/3"\nca_file = "ca.pem"\npassword_file = "master.pw"\n'
                 'key_prefix = "fleet1:"\nname = "proxy-a"\nconnect_timeout = 1\ntimeout = 0.5\nheartbeat = 2\n'
             )
         ).cluster
@@ -53,6 +57,18 @@ class ClusterConfigTests(ConfigTestCase):
         self.assertEqual((cluster.keyPrefix, cluster.name), ("fleet1:", "proxy-a"))
         self.assertEqual((cluster.connectTimeout, cluster.timeout, cluster.heartbeat), (1.0, 0.5, 2.0))
 
+    def test_oneWorker(self) -> None:
+        """
+        A fleet's proxy runs as one process: C{[cluster]} with more workers,
+        or with the default (one per CPU), is refused with what to write.
+        """
+        for proxy in ("", "[proxy]\nworkers = 2\n"):
+            self.assertConfigError(
+                configText(extra=proxy + '[cluster]\nredis = "redis://redis"\n'), "proxy.workers", "must be 1 with [cluster]"
+            )
+        config = self.parse(configText(extra='[proxy]\nworkers = 1\n[cluster]\nredis = "redis://redis"\n'))
+        self.assertEqual(config.workers, 1)
+
     def test_notAURL(self) -> None:
         """
         Another scheme, or a user and password in the URL (they belong in
@@ -60,7 +76,7 @@ class ClusterConfigTests(ConfigTestCase):
         """
         for url in ("http://redis:6379", "redis://user:pw@redis", "redis://redis:6379/db", "redis://"):
             message = self.assertConfigError(
-                configText(extra=f'[cluster]\nredis = "{url}"\n'), "cluster.redis", "redis://HOST[:PORT][/DB]"
+                configText(extra=ONE + f'[cluster]\nredis = "{url}"\n'), "cluster.redis", "redis://HOST[:PORT][/DB]"
             )
             self.assertNotIn("pw@", message.split("not ", 1)[0])
 
@@ -68,14 +84,14 @@ class ClusterConfigTests(ConfigTestCase):
         """
         A port beyond 65535 is refused.
         """
-        self.assertConfigError(configText(extra='[cluster]\nredis = "redis://redis:70000"\n'), "cluster.redis", "port")
+        self.assertConfigError(configText(extra=ONE + '[cluster]\nredis = "redis://redis:70000"\n'), "cluster.redis", "port")
 
     def test_caFileWithoutTLS(self) -> None:
         """
         C{ca_file} without C{rediss://} is refused: it would check nothing.
         """
         self.assertConfigError(
-            configText(extra='[cluster]\nredis = "redis://redis"\nca_file = "ca.pem"\n'), "cluster.ca_file", "rediss://"
+            configText(extra=ONE + '[cluster]\nredis = "redis://redis"\nca_file = "ca.pem"\n'), "cluster.ca_file", "rediss://"
         )
 
     def test_missingPasswordFile(self) -> None:
@@ -83,7 +99,7 @@ class ClusterConfigTests(ConfigTestCase):
         A password file that cannot be read is refused, naming the key.
         """
         self.assertConfigError(
-            configText(extra='[cluster]\nredis = "redis://redis"\npassword_file = "nope.pw"\n'),
+            configText(extra=ONE + '[cluster]\nredis = "redis://redis"\npassword_file = "nope.pw"\n'),
             "cluster.password_file",
             "nope.pw",
         )
@@ -93,7 +109,7 @@ class ClusterConfigTests(ConfigTestCase):
         A proxy name with a space is refused.
         """
         self.assertConfigError(
-            configText(extra='[cluster]\nredis = "redis://redis"\nname = "proxy a"\n'), "cluster.name", "without spaces"
+            configText(extra=ONE + '[cluster]\nredis = "redis://redis"\nname = "proxy a"\n'), "cluster.name", "without spaces"
         )
 
     def test_unknownKey(self) -> None:
@@ -101,7 +117,7 @@ class ClusterConfigTests(ConfigTestCase):
         A misspelt key is refused with the allowed ones.
         """
         self.assertConfigError(
-            configText(extra='[cluster]\nredis = "redis://redis"\nkeyprefix = "x"\n'), "cluster.keyprefix", "key_prefix"
+            configText(extra=ONE + '[cluster]\nredis = "redis://redis"\nkeyprefix = "x"\n'), "cluster.keyprefix", "key_prefix"
         )
 
     def test_showConfigLeavesPasswordOut(self) -> None:
@@ -110,7 +126,7 @@ class ClusterConfigTests(ConfigTestCase):
         never the password.
         """
         config = self.parse(
-            configText(extra='[cluster]\nredis = "redis://10.0.0.5/2"\npassword_file = "master.pw"\nname = "a"\n')
+            configText(extra=ONE + '[cluster]\nredis = "redis://10.0.0.5/2"\npassword_file = "master.pw"\nname = "a"\n')
         )
         shown = effectiveConfig(config, {})["cluster"]
         self.assertEqual(shown["redis"], "redis://10.0.0.5:6379/2")
