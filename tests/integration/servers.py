@@ -599,7 +599,16 @@ class Redis:
     @ivar port: its port, once started.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(
+        self, directory: str, tls: tuple[str, str, str] | None = None, password: str | None = None
+    ) -> None:
+        """
+        @param tls: the certificate (chain), key and CA files: it then
+            speaks TLS only (C{rediss://}), on the same port.
+        @param password: AUTH is then required.
+        """
+        self.tls = tls
+        self.password = password
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.logPath = self.directory / "redis.log"
@@ -622,9 +631,18 @@ class Redis:
         startOnFreePorts(choosePort, self._start, self.logPath)
 
     def _start(self) -> None:
+        arguments = ["--port", str(self.port)]
+        if self.tls is not None:
+            certificate, key, ca = self.tls
+            arguments = [
+                "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", certificate,
+                "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+            ]
+        if self.password is not None:
+            arguments += ["--requirepass", self.password]
         self._process = subprocess.Popen(
             [
-                _binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                _binary("redis-server"), *arguments, "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--appendonly", "no",
                 "--pidfile", str(self.pidPath), "--logfile", str(self.logPath), "--daemonize", "no",
             ],
@@ -658,8 +676,13 @@ class Redis:
         """
         Run C{redis-cli} against it; its output.
         """
+        options = ["-p", str(self.port)]
+        if self.tls is not None:
+            options += ["--tls", "--cacert", self.tls[2]]
+        if self.password is not None:
+            options += ["--no-auth-warning", "-a", self.password]
         return subprocess.run(
-            [_binary("redis-cli"), "-p", str(self.port), *arguments],
+            [_binary("redis-cli"), *options, *arguments],
             check=True, capture_output=True, timeout=10,
         ).stdout.decode()
 

@@ -39,7 +39,11 @@ class Member:
     C{[cluster]}.
     """
 
-    def __init__(self, name: str, servers: DrillServers, redis: Redis, database: Path) -> None:
+    def __init__(self, name: str, servers: DrillServers, redis: Redis, database: Path, cluster: str = "") -> None:
+        """
+        @param cluster: more C{[cluster]} lines; without a C{redis} line
+            among them, C{redis://} to C{redis}.
+        """
         self.name = name
         self.admin = freePort()
         directory = Path(fixtureDirectory(f"fleet-{name}"))
@@ -59,8 +63,9 @@ class Member:
             )
             + f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
             '[log]\nformat = "json"\npath = "events.jsonl"\n'
-            f'[cluster]\nredis = "redis://127.0.0.1:{redis.port}/0"\nname = "{name}"\n'
-            "heartbeat = 1\ntimeout = 1\nconnect_timeout = 1\n"
+            + "[cluster]\n"
+            + (cluster if "redis =" in cluster else f'redis = "redis://127.0.0.1:{redis.port}/0"\n' + cluster)
+            + f'name = "{name}"\nheartbeat = 1\ntimeout = 1\nconnect_timeout = 1\n'
         )
         self.proxy = Proxy(str(directory), text)
         (self.proxy.directory / "admin.token").write_text(TOKEN + "\n")
@@ -280,3 +285,71 @@ class FleetTests(SynchronousTestCase):
             self.waitFor(lambda member=member: sorted(self.listed(member)) == sorted(ACCOUNTS[:4]), f"{member.name} lists all")
             self.assertEqual(set(self.listed(member).values()), {"proxy-a", "proxy-b"})
             self.assertEqual(member.request("/health")[1]["cluster"], {"name": member.name, "redis": "ok"})
+
+
+class SecuredRedisTests(SynchronousTestCase):
+    """
+    A proxy whose Redis speaks only TLS and requires a password
+    (C{rediss://}, C{ca_file}, C{password_file}).
+    """
+
+    def test_rediss(self) -> None:
+        """
+        Over TLS, with the certificate checked against C{ca_file} and the
+        password from C{password_file}, the proxy registers its sessions:
+        Redis holds them, C{/health} says ok, and the password appears in
+        no log. A wrong password leaves the proxy serving, degraded.
+        """
+        requireServer("redis-server", "redis-cli", "openssl")
+        servers = sharedFixture("mail servers", __name__, DrillServers.start)
+        directory = Path(fixtureDirectory("fleet-tls"))
+        certificate, key = servers.ca.issue("redis")
+        redis = Redis(str(directory / "redis"), tls=(certificate, key, servers.ca.caPath), password="redis-s3cret")
+        redis.start()
+        self.addCleanup(redis.stop)
+        database = directory / "accounts.sqlite"
+        with sqlite3.connect(database) as db:
+            db.execute("CREATE TABLE accounts (address TEXT PRIMARY KEY, backend TEXT NOT NULL)")
+            db.executemany("INSERT INTO accounts VALUES (?, 'old')", [(account,) for account in ACCOUNTS])
+        db.close()
+        (directory / "redis.pw").write_text("redis-s3cret\n")
+        (directory / "wrong.pw").write_text("not-it\n")
+        members = {}
+        for name, passwordFile in (("proxy-tls", "redis.pw"), ("proxy-wrong", "wrong.pw")):
+            member = Member(
+                name, servers, redis, database,
+                cluster=f'redis = "rediss://localhost:{redis.port}/2"\nca_file = "{servers.ca.caPath}"\n'
+                f'password_file = "{directory / passwordFile}"\n',
+            )
+            text = member.proxy.configPath.read_text().replace("proxy_protocol = true\n", "").replace(
+                'proxy_trusted = ["127.0.0.1/32"]\n', ""
+            )
+            member.proxy.configPath.write_text(text)
+            member.start()
+            self.addCleanup(member.proxy.stop)
+            members[name] = member
+        good, wrong = members["proxy-tls"], members["proxy-wrong"]
+        deadline = time.monotonic() + TIMEOUT
+        while good.request("/health")[1].get("cluster", {}).get("redis") != "ok":
+            self.assertLess(time.monotonic(), deadline, good.proxy.logText()[-2000:])
+            time.sleep(0.1)
+        client = IMAPClient(good.imap)
+        self.addCleanup(client.close)
+        self.assertEqual(client.login(ACCOUNTS[0]), f"{ACCOUNTS[0]} on old")
+        deadline = time.monotonic() + TIMEOUT
+        while ACCOUNTS[0] not in redis.cli("-n", "2", "HGETALL", "mailproxy:sessions:proxy-tls"):
+            self.assertLess(time.monotonic(), deadline, good.proxy.logText()[-2000:])
+            time.sleep(0.1)
+        # The wrong password: serving all the same, and saying why.
+        deadline = time.monotonic() + TIMEOUT
+        while "why" not in wrong.request("/health")[1].get("cluster", {}):
+            self.assertLess(time.monotonic(), deadline, wrong.proxy.logText()[-2000:])
+            time.sleep(0.1)
+        status, health = wrong.request("/health")
+        self.assertEqual((status, health["status"]), (200, "degraded"))
+        other = IMAPClient(wrong.imap)
+        self.addCleanup(other.close)
+        self.assertEqual(other.login(ACCOUNTS[1]), f"{ACCOUNTS[1]} on old")
+        for member in (good, wrong):
+            self.assertNotIn("s3cret", member.proxy.logText())
+            self.assertNotIn("not-it", member.proxy.logText())
