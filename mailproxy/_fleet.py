@@ -307,6 +307,7 @@ class Fleet(Service):
             "account": session.user,
             "backend": session.backendName,
             "address": session.client.address,
+            "port": session.client.port,
             "since": self.clock.seconds(),
         }
         self.local[session.client.sessionId] = entry
@@ -367,7 +368,8 @@ class Fleet(Service):
                     if _matches(entry, account, backend, domain):
                         described = {key: value for key, value in entry.items() if key != "since"}
                         described["seconds"] = round(max(0.0, now - entry.get("since", now)), 3)
-                        described["state"] = "relay"
+                        # What only the session's own proxy knows.
+                        described.update(state="relay", tls=None, sni=None, bytesFromClient=None, bytesFromBackend=None)
                         found.append(dict(described, proxy=proxy))
             return found
 

@@ -215,8 +215,8 @@ class FleetTests(SynchronousTestCase):
     def test_sessionsAndMoveAcrossTheFleet(self) -> None:
         """
         IDLE sessions through the balancer land on both proxies; each
-        proxy's C{/sessions} lists all of them with their proxy. C{mailproxy
-        move} through A drops the moved accounts' sessions on B too (the
+        proxy's C{/sessions} (and C{mailproxy sessions}) lists all of them
+        with their proxy. C{mailproxy move} through A drops the moved accounts' sessions on B too (the
         clients get the BYE of a move), the others idle on, and B routes
         the moved accounts to their new home at once (its route cache was
         told).
@@ -227,6 +227,10 @@ class FleetTests(SynchronousTestCase):
             proxies = self.listed(member)
             self.assertEqual(sorted(proxies), sorted(accounts))
             self.assertEqual(set(proxies.values()), {"proxy-a", "proxy-b"})
+        listed = mailproxyCommand("sessions", "--config", str(self.a.proxy.configPath))
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertIn("8 sessions", listed.stdout)
+        self.assertIn(" proxy=proxy-b\n", listed.stdout)
         onB = [account for account, proxy in self.listed(self.a).items() if proxy == "proxy-b"]
         moving = accounts[:4]
         self.assertTrue(set(moving) & set(onB))

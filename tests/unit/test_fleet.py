@@ -250,6 +250,13 @@ class FleetTests(SynchronousTestCase):
             listed = {(s["account"], s["proxy"], s["backend"]) for s in member.sessions()}
             self.assertEqual(listed, {("alice@example.org", "a", "old"), ("bob@example.org", "b", "old")})
         self.assertEqual([s["proxy"] for s in self.b.sessions(account="ALICE@example.org")], ["a"])
+        # Another proxy's session has the keys of a local one (what only
+        # its proxy knows is null), for mailproxy sessions and scripts.
+        local, remote = (
+            next(s for s in member.sessions() if s["account"] == "alice@example.org") for member in (self.a, self.b)
+        )
+        self.assertEqual(set(remote), set(local))
+        self.assertEqual((remote["port"], remote["bytesFromClient"]), (local["port"], None))
         self.a.harness.close(alice)
         self.assertEqual([s["account"] for s in self.b.sessions()], ["bob@example.org"])
 
