@@ -295,6 +295,21 @@ class FleetTests(SynchronousTestCase):
             self.assertEqual(f.read(), TABLE)
         self.assertEqual(client.value(), b"")
 
+    def test_dropEverywhere(self) -> None:
+        """
+        C{POST /sessions/drop} on C{b} for an account drops its sessions on
+        both proxies, with the reason given, and names them all.
+        """
+        _, onA, _ = self.a.harness.login("alice@example.org")
+        _, onB, _ = self.b.harness.login("alice@example.org")
+        _, other, _ = self.a.harness.login("bob@example.org")
+        dropped = self.successResultOf(ProxyService.dropSessions(self.b.proxy, "alice@example.org", None, None, "Maintenance."))
+        self.clock.advance(0)
+        self.assertEqual(len(dropped), 2)
+        for client in (onA, onB):
+            self.assertEqual(client.value(), b"* BYE Maintenance.\r\n")
+        self.assertEqual(other.value(), b"")
+
     def test_holdEverywhere(self) -> None:
         """
         A hold made on C{a} (a move's) holds the account's logins on C{b}
