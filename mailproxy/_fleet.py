@@ -25,10 +25,13 @@ proxy go on alone: C{/health} says C{degraded} and why, the log says so,
 and it connects again after a back-off that doubles up to
 L{MAX_RETRY_DELAY}; once connected it registers its open sessions again.
 
-One process talks to Redis: the proxy itself. With C{[proxy] workers}
-above 1 the parent would be the place (it already answers for every
-worker), which is not built yet: the configuration refuses C{[cluster]}
-with more than one worker.
+One process per machine talks to Redis: the proxy itself, or with
+C{[proxy] workers} above 1 the parent (L{mailproxy._workers.Machine}). The
+parent already answers the management endpoint for every worker, holds
+and drops in them, changes the routes and counts their failed logins; its
+workers tell it of each login and session end. One connection pair per
+machine instead of one per worker, and a worker that dies takes nothing
+of the fleet's state with it (the parent forgets its sessions).
 """
 
 from __future__ import annotations
@@ -141,6 +144,9 @@ class Fleet(Service):
         self._dropCall: Any = None
         self._connecting = False
         self._stopObserving: Callable[[], None] | None = None
+        # What a route change elsewhere makes this proxy do (the parent of
+        # worker processes tells its workers too).
+        self.forgetRoutes: Callable[[list[str]], None] = lambda keys: invalidateCaches(self.context.router, *keys)
 
     # Keys
 
@@ -458,7 +464,7 @@ class Fleet(Service):
             release()
 
     def _on_routes(self, message: dict[str, Any]) -> None:
-        invalidateCaches(self.context.router, *message.get("keys", ()))
+        self.forgetRoutes(list(message.get("keys", ())))
 
     def _on_failed(self, message: dict[str, Any]) -> None:
         self.failures.learn(str(message["address"]), int(message["count"]))
@@ -547,6 +553,13 @@ class FleetFailures(LocalFailures):
     def __init__(self, fleet: Fleet) -> None:
         super().__init__(fleet.clock, FAILURE_MEMORY)
         self.fleet = fleet
+        # Told of each count learned from the fleet (the parent of worker
+        # processes tells its workers).
+        self.learned: Callable[[str, int], None] = lambda address, count: None
+
+    def learn(self, address: str, count: int) -> None:
+        super().learn(address, count)
+        self.learned(address, count)
 
     def failed(self, address: str) -> int:
         count = super().failed(address)

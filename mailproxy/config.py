@@ -694,15 +694,6 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
         lambda: _parseMigration(root.table("migration"), backends if backendsRead else None), MigrationSettings()
     )
     cluster = root.collect(lambda: parseCluster(root.table("cluster")), None)
-    if cluster is not None and workers != 1:
-        # The parent of the workers would be the fleet's member (it answers
-        # for every worker already); until it is, one process per proxy.
-        root.collect(
-            lambda: Table(path, ("proxy",), {}, os.path.dirname(path), problems).fail(
-                "workers", "must be 1 with [cluster] (run one proxy process per machine in a fleet)"
-            ),
-            None,
-        )
     problems.check()
     assert router is not None
     return Config(

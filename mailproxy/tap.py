@@ -218,7 +218,8 @@ def serviceFromConfig(
     )
     # A worker leaves migrations to its parent.
     top = ProxyService(config, context, reactor, notifier, migrating=adopted is None)
-    if config.cluster is not None:
+    if config.cluster is not None and adopted is None:
+        # A worker's parent is the machine's member of the fleet.
         _joinFleet(top, config, reactor)
     for index, listener in enumerate(config.listeners):
         endpoint: IStreamServerEndpoint
@@ -307,6 +308,11 @@ def machineFromConfig(
         raise ConfigError(f"{config.path}: tls: {e}")
     endpoints = [_listenerEndpoint(config, reactor, index) for index in range(len(config.listeners))]
     top = Machine(config, count, reactor, endpoints, notifier)
+    if config.cluster is not None:
+        # The parent is the machine's member of the fleet; its workers are not.
+        fleet = top.joinFleet(config.cluster, redisConnector(config.cluster, reactor))
+        fleet.setName("cluster")
+        fleet.setServiceParent(top)
     _addAdminAndLog(top, config, reactor, adminTLS, eventLogOnStandardOutput)
     return top
 

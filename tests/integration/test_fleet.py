@@ -1,5 +1,6 @@
 """
-A fleet, end to end: two proxies (C{workers = 1}, each its own ports)
+A fleet, end to end: two proxies (A one process, B a parent with two
+worker processes; each its own ports)
 sharing one real Redis (C{redis-server}), a real HAProxy in front doing
 round-robin with a PROXY v2 header to both, the two real Dovecot servers
 of the migration drill behind, and one SQL route table (an SQLite file)
@@ -39,16 +40,19 @@ class Member:
     C{[cluster]}.
     """
 
-    def __init__(self, name: str, servers: DrillServers, redis: Redis, database: Path, cluster: str = "") -> None:
+    def __init__(
+        self, name: str, servers: DrillServers, redis: Redis, database: Path, cluster: str = "", workers: int = 1
+    ) -> None:
         """
         @param cluster: more C{[cluster]} lines; without a C{redis} line
             among them, C{redis://} to C{redis}.
+        @param workers: C{[proxy] workers}.
         """
         self.name = name
         self.admin = freePort()
         directory = Path(fixtureDirectory(f"fleet-{name}"))
         text = (
-            '[proxy]\nhostname = "proxy.example.org"\nworkers = 1\n'
+            f'[proxy]\nhostname = "proxy.example.org"\nworkers = {workers}\n'
             "[limits]\nfailure_delay = 0.1\nshutdown_grace = 0\nlogin_failures = 1\n"
             '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
             'proxy_protocol = true\nproxy_trusted = ["127.0.0.1/32"]\n'
@@ -156,7 +160,8 @@ class RoundRobin:
 
 class FleetTests(SynchronousTestCase):
     """
-    Two proxies, C{proxy-a} and C{proxy-b}, behind HAProxy, sharing Redis.
+    Two proxies, C{proxy-a} (one process) and C{proxy-b} (two workers),
+    behind HAProxy, sharing Redis.
     """
 
     def setUp(self) -> None:
@@ -172,7 +177,8 @@ class FleetTests(SynchronousTestCase):
             db.executemany("INSERT INTO accounts VALUES (?, 'old')", [(account,) for account in ACCOUNTS])
         db.close()
         self.a = Member("proxy-a", self.servers, self.redis, self.database)
-        self.b = Member("proxy-b", self.servers, self.redis, self.database)
+        # B runs two worker processes: its parent is its member of the fleet.
+        self.b = Member("proxy-b", self.servers, self.redis, self.database, workers=2)
         for member in (self.a, self.b):
             member.start()
             self.addCleanup(member.proxy.stop)

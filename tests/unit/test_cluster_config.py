@@ -11,7 +11,7 @@ from mailproxy._showconfig import effectiveConfig
 from .test_config import ConfigTestCase, configText
 
 
-#: A fleet's proxy runs one process.
+#: One process (any number of workers would do).
 ONE = "[proxy]\nworkers = 1\n"
 
 
@@ -57,17 +57,13 @@ class ClusterConfigTests(ConfigTestCase):
         self.assertEqual((cluster.keyPrefix, cluster.name), ("fleet1:", "proxy-a"))
         self.assertEqual((cluster.connectTimeout, cluster.timeout, cluster.heartbeat), (1.0, 0.5, 2.0))
 
-    def test_oneWorker(self) -> None:
+    def test_withWorkers(self) -> None:
         """
-        A fleet's proxy runs as one process: C{[cluster]} with more workers,
-        or with the default (one per CPU), is refused with what to write.
+        C{[cluster]} goes with any number of workers (the parent is the
+        machine's member of the fleet).
         """
-        for proxy in ("", "[proxy]\nworkers = 2\n"):
-            self.assertConfigError(
-                configText(extra=proxy + '[cluster]\nredis = "redis://redis"\n'), "proxy.workers", "must be 1 with [cluster]"
-            )
-        config = self.parse(configText(extra='[proxy]\nworkers = 1\n[cluster]\nredis = "redis://redis"\n'))
-        self.assertEqual(config.workers, 1)
+        config = self.parse(configText(extra='[proxy]\nworkers = 2\n[cluster]\nredis = "redis://redis"\n'))
+        self.assertEqual((config.workers, config.cluster is not None), (2, True))
 
     def test_notAURL(self) -> None:
         """

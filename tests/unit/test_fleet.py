@@ -441,3 +441,136 @@ class FleetTests(SynchronousTestCase):
         self.a.fleet.stopService()
         self.assertNotIn("mailproxy:sessions:a", self.redis.hashes)
         self.assertNotIn("a", self.redis.zsets["mailproxy:proxies"])
+
+
+MACHINE = """\
+[proxy]
+hostname = "proxy.example.org"
+workers = 2
+[[listener]]
+protocol = "imap"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+[router]
+type = "static"
+path = "routes.toml"
+[backend.old]
+host = "127.0.0.1"
+ports = { imap = 143 }
+[backend.new]
+host = "127.0.0.1"
+ports = { imap = 144 }
+[cluster]
+redis = "redis://redis.test"
+name = "m"
+"""
+
+
+class MachineInFleetTests(SynchronousTestCase):
+    """
+    The parent of two worker processes (L{mailproxy._workers.Machine},
+    its workers stood in for) as the machine's member of a fleet, beside
+    a one-process proxy C{a}.
+    """
+
+    def setUp(self) -> None:
+        from mailproxy._workers import Machine
+        from mailproxy.config import parseConfig
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        path = os.path.join(directory, "config.toml")
+        with open(path, "w") as f:
+            f.write(MACHINE)
+        self.redis = FakeRedis()
+        self.store = SharedStore()
+        self.a = Member(self, "a", self.redis, self.store)
+        self.a.case = self  # type: ignore[attr-defined]
+        self.clock = self.a.harness.clock
+        config = parseConfig(MACHINE, path)
+        self.machine = Machine(config, 2, self.clock, [])
+        # The route store the fleet shares (a static file would refuse moves).
+        self.machine.context.router = self.store
+        self.told: list[tuple[str, Any]] = []
+        self.machine.tellWorkers = lambda method, argument: self.told.append((method, argument))  # type: ignore[method-assign]
+        assert config.cluster is not None
+        self.fleet = self.machine.joinFleet(config.cluster, self.redis.connect)
+        self.fleet.startService()
+        self.addCleanup(self.fleet.stopService)
+        self.one, self.two = self.machine.workers
+        self.drops: list[tuple[int, str, str]] = []
+        for worker in (self.one, self.two):
+            worker.dropLater = lambda sessionId, reason, worker=worker: self.drops.append((worker.number, sessionId, reason))  # type: ignore[method-assign]
+        self.handlers = {worker.number: self.machine.handlersFor(worker) for worker in (self.one, self.two)}
+
+    def login(self, worker: int, sessionId: str, account: str) -> None:
+        """
+        Worker C{worker} tells the parent of a login.
+        """
+        self.handlers[worker]["loggedIn"](
+            {"account": account, "backend": "old", "session": sessionId, "protocol": "imap", "address": "192.0.2.9", "port": 4000}
+        )
+
+    def test_workersSessionsInTheFleet(self) -> None:
+        """
+        The workers' logins, told to the parent, are the machine's sessions
+        in the fleet: C{a} lists them with the machine's name; a session's
+        end, or its worker's death, takes it out.
+        """
+        self.login(1, "w1", "alice@example.org")
+        self.login(2, "w2", "bob@example.org")
+        listed = {(s["session"], s["account"], s["proxy"]) for s in self.a.sessions()}
+        self.assertEqual(listed, {("w1", "alice@example.org", "m"), ("w2", "bob@example.org", "m")})
+        self.handlers[1]["ended"]({"session": "w1"})
+        self.assertEqual([s["session"] for s in self.a.sessions()], ["w2"])
+        self.machine.running = False
+        self.machine.workerEnded(self.two, "was killed by signal 9")
+        self.assertEqual(self.a.sessions(), [])
+
+    def test_moveThroughAnotherProxy(self) -> None:
+        """
+        A move through C{a} holds the logins in every worker (and then
+        releases them), drops the account's session in its worker, and
+        makes every worker forget the changed route.
+        """
+        self.login(2, "w2", "alice@example.org")
+        self.login(1, "w1", "bob@example.org")
+        moving = self.a.proxy.mover.move("new", ["alice@example.org"], hold=1.0)
+        self.clock.advance(0)
+        self.assertEqual(self.drops, [(2, "w2", MOVED)])
+        self.assertEqual(self.told[0][0], "hold")
+        self.assertEqual(self.told[0][1]["accounts"], ["alice@example.org"])
+        self.assertIn(("routesChanged", ["alice@example.org"]), self.told)
+        self.assertNotIn("release", [method for method, _ in self.told])
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(moving).sessions, ("w2",))
+        self.assertEqual(self.told[-1][0], "release")
+
+    def test_moveThroughTheMachine(self) -> None:
+        """
+        A move through the machine drops the account's sessions on C{a}
+        too, and the machine lists C{a}'s sessions.
+        """
+        _, client, _ = self.a.harness.login("alice@example.org")
+        listed: list[Any] = []
+        self.machine.askWorkers = lambda method, argument=None: succeed([(self.one, []), (self.two, [])])  # type: ignore[method-assign]
+        self.machine.describeSessions().addCallback(listed.append)
+        self.assertEqual([(s["account"], s["proxy"]) for s in listed[0]], [("alice@example.org", "a")])
+        result = self.successResultOf(self.machine.mover.move("new", ["alice@example.org"]))
+        self.clock.advance(0)
+        self.assertEqual(len(result.sessions), 1)
+        self.assertEqual(client.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+
+    def test_failuresLearnedAreToldToWorkers(self) -> None:
+        """
+        Failed logins counted on C{a} reach the machine's workers; a
+        failure in a worker counts with them.
+        """
+        self.a.fleet.failures.failed("198.51.100.7")
+        self.a.fleet.failures.failed("198.51.100.7")
+        self.assertIn(("failures", {"address": "198.51.100.7", "count": 2}), self.told)
+        self.handlers[1]["failed"]("198.51.100.7")
+        self.assertEqual(self.redis.counters["mailproxy:failures:198.51.100.7"], 3)
+        self.assertEqual(self.told[-1], ("failures", {"address": "198.51.100.7", "count": 3}))
