@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -213,7 +213,11 @@ class Fleet(Service):
                 connection.transport.loseConnection()
             return succeed(None)
         self.client, self.subscriber = client, subscriber
-        return subscriber.subscribe(self.key("events")).addCallback(lambda _: self._resynchronise())
+        try:
+            subscribing = subscriber.subscribe(self.key("events"))
+        except Exception:
+            subscribing = fail(Failure())
+        return subscribing.addCallbacks(lambda _: self._resynchronise(), self.trouble)
 
     def _resynchronise(self) -> Deferred[Any]:
         # Redis may have lost this proxy's entry (restarted, or it expired

@@ -418,6 +418,21 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(self.a.fleet.health()["redis"], "ok")
         self.assertEqual([s["proxy"] for s in self.b.sessions()], ["a"])
 
+    def test_subscribeRefused(self) -> None:
+        """
+        A Redis that refuses the subscription (an ACL, say) is trouble like
+        any other: the proxy serves alone, says why, and tries again.
+        """
+        self.redis.stop()
+        self.redis.start()
+        original = FakeClient.subscribe
+        self.patch(FakeClient, "subscribe", lambda client, channel: fail(Exception("NOPERM this user has no permissions")))
+        self.clock.advance(1)
+        self.assertIn("NOPERM", self.a.fleet.health()["why"])
+        self.patch(FakeClient, "subscribe", original)
+        self.clock.advance(2)
+        self.assertEqual(self.a.fleet.health()["redis"], "ok")
+
     def test_heartbeat(self) -> None:
         """
         Each heartbeat renews the proxy's entry (its expiry three
