@@ -99,7 +99,46 @@ def _closeRouter(router: object) -> None:
         close()
 
 
-class ProxyService(MultiService):
+class ReloadOnHangup:
+    """
+    What a service that reloads its configuration on C{SIGHUP} does with
+    the signal: the handler it installs at start and takes back at stop,
+    and the reload it runs in the reactor thread (then the event log
+    reopens, for logrotate).  The service provides C{reactor}, C{log},
+    C{config}, C{eventLog} and C{reload}.
+    """
+
+    _previousHandler: Any = None
+
+    def catchHangup(self) -> None:
+        """
+        Reload on C{SIGHUP} from now on (only the main thread may install
+        a handler: embedded in another program, nothing is installed).
+        """
+        try:
+            self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
+        except ValueError:
+            self._previousHandler = None
+
+    def releaseHangup(self) -> None:
+        """
+        Give C{SIGHUP} back to the handler that was there before.
+        """
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reloadFromSignal)  # type: ignore[attr-defined]
+
+    def _reloadFromSignal(self) -> None:
+        self.log.info("SIGHUP: reloading {path}", path=self.config.path)  # type: ignore[attr-defined]
+        self.reload()  # type: ignore[attr-defined]
+        if self.eventLog is not None:  # type: ignore[attr-defined]
+            self.eventLog.reopen()  # type: ignore[attr-defined]
+
+
+class ProxyService(ReloadOnHangup, MultiService):
     """
     The proxy: its listeners and management endpoint as children, its
     shared L{ProxyContext}, reload and drain.
@@ -152,7 +191,6 @@ class ProxyService(MultiService):
         self.adminTLS: ReloadableServerTLS | None = None
         self.eventLog: Any = None
         self.notifier = notifier if notifier is not None else ServiceNotifier()
-        self._previousHandler: Any = None
         # In a fleet (a child service then): the shared registry, holds,
         # drops and health (see mailproxy._fleet).
         self.fleet: Any = None
@@ -190,11 +228,7 @@ class ProxyService(MultiService):
         if self.migrating and self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
             # Only a journal left by an earlier run has work to resume.
             self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
-        try:
-            self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
-        except ValueError:
-            # Not the main thread (embedded use): no signal handling.
-            self._previousHandler = None
+        self.catchHangup()
         # The listeners listen by now: a listener that cannot has raised.
         listeners = sum(1 for child in self if (child.name or "").startswith("listener-"))
         self.notifier.writeStatus(None)
@@ -207,19 +241,8 @@ class ProxyService(MultiService):
         for warning in config.warnings:
             self.log.warn("configuration: {problem}", problem=warning)
 
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._reloadFromSignal)
-
-    def _reloadFromSignal(self) -> None:
-        self.log.info("SIGHUP: reloading {path}", path=self.config.path)
-        self.reload()
-        if self.eventLog is not None:
-            self.eventLog.reopen()
-
     def stopService(self) -> Deferred[None]:
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
+        self.releaseHangup()
         self.running = False
         self.draining = True
         self.notifier.stopping(f"stopping: {len(self.context.sessions)} sessions open")

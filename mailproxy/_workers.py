@@ -65,7 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
-from ._lifecycle import ReloadableServerTLS, _closeRouter, _startRouter, _stopRouter
+from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -630,7 +630,7 @@ class _Worker:
             )
 
 
-class Machine(MultiService):
+class Machine(ReloadOnHangup, MultiService):
     """
     The parent of the worker processes: it holds the listening sockets,
     the management endpoint (a child service named C{admin}), the event
@@ -702,7 +702,6 @@ class Machine(MultiService):
         self.started = reactor.seconds()
         self._deaths = 0
         self._announced = False
-        self._previousHandler: Any = None
 
     @property
     def backends(self) -> dict[str, Any]:
@@ -741,10 +740,7 @@ class Machine(MultiService):
         if self.migrations.journalPath is not None and os.path.exists(self.migrations.journalPath):
             # The parent runs the migrations of every worker.
             self.migrations.resume().addErrback(lambda reason: self.log.failure("resuming migrations", reason))
-        try:
-            self._previousHandler = signal.signal(signal.SIGHUP, self._sighup)
-        except ValueError:
-            self._previousHandler = None
+        self.catchHangup()
         for worker in self.workers:
             worker.start()
 
@@ -847,19 +843,8 @@ class Machine(MultiService):
         if self.running and worker.exited is None:
             worker.start()
 
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._reloadFromSignal)
-
-    def _reloadFromSignal(self) -> None:
-        self.log.info("SIGHUP: reloading {path}", path=self.config.path)
-        self.reload()
-        if self.eventLog is not None:
-            self.eventLog.reopen()
-
     def stopService(self) -> Deferred[None]:
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
+        self.releaseHangup()
         self.running = False
         self.draining = True
         self.notifier.stopping(f"stopping: {self.count} workers draining")

@@ -553,9 +553,7 @@ class AdminResource(Resource):
         backend = _optionalString(body, "backend")
         if backend is None:
             raise _HTTPError(400, "backend is required")
-        accounts = body.get("accounts", [])
-        if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
-            raise _HTTPError(400, "accounts must be a list of strings")
+        accounts = _accounts(body)
         hold = body.get("hold", 0)
         if isinstance(hold, bool) or not isinstance(hold, (int, float)):
             raise _HTTPError(400, "hold must be a number of seconds")
@@ -606,9 +604,7 @@ class AdminResource(Resource):
         target = _optionalString(body, "to")
         if target is None:
             raise _HTTPError(400, "to is required")
-        accounts = body.get("accounts", [])
-        if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
-            raise _HTTPError(400, "accounts must be a list of strings")
+        accounts = _accounts(body)
         domain = _optionalString(body, "domain")
         if not accounts and domain is None:
             raise _HTTPError(400, "name at least one account or a domain")
@@ -775,6 +771,14 @@ def _body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _HTTPError(400, "the body must be a JSON object")
     return body
+
+
+def _accounts(body: Mapping[str, Any]) -> list[str]:
+    # The accounts a move or a migration names (none: the domain's).
+    accounts = body.get("accounts", [])
+    if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
+        raise _HTTPError(400, "accounts must be a list of strings")
+    return accounts
 
 
 def _optionalString(body: Mapping[str, Any], key: str) -> str | None:
