@@ -156,6 +156,8 @@ class ProxyService(ReloadOnHangup, MultiService):
     @ivar admin: the management resource, if there is an endpoint.
     @ivar eventLog: the C{[log]} service, if C{[log] path} is set.
     @ivar notifier: tells the service manager (systemd) what happens.
+    @ivar fleet: the proxy's L{mailproxy._fleet.Fleet} with C{[cluster]},
+        else L{None}.
     """
 
     log = Logger()
@@ -189,6 +191,9 @@ class ProxyService(ReloadOnHangup, MultiService):
         self.adminTLS: ReloadableServerTLS | None = None
         self.eventLog: Any = None
         self.notifier = notifier if notifier is not None else ServiceNotifier()
+        # In a fleet (a child service then): the shared registry, holds,
+        # drops and health (see mailproxy._fleet).
+        self.fleet: Any = None
 
     def _migrationManager(self, config: Config) -> MigrationManager:
         context = self.context
@@ -319,7 +324,11 @@ class ProxyService(ReloadOnHangup, MultiService):
         C{GET /sessions}: the open sessions matching every filter given,
         each as its C{describe()}.
         """
-        return [session.describe() for session in self.context.sessions.find(account=account, backend=backend, domain=domain)]
+        local = [session.describe() for session in self.context.sessions.find(account=account, backend=backend, domain=domain)]
+        if self.fleet is not None:
+            # Every proxy's, each with its name.
+            return self.fleet.describeSessions(local, account, backend, domain)  # type: ignore[no-any-return]
+        return local
 
     def dropSessions(self, account: str | None, backend: str | None, sessionId: str | None, reason: str) -> list[str]:
         """
@@ -328,12 +337,20 @@ class ProxyService(ReloadOnHangup, MultiService):
 
         @return: the ids of the sessions dropped.
         """
-        sessions = self.context.sessions.find(account=account, backend=backend)
-        if sessionId is not None:
-            sessions = [s for s in sessions if s.client.sessionId == sessionId]
-        for session in sessions:
-            session.drop(reason)
-        return [s.client.sessionId for s in sessions]
+        sessions: list[Any] = self.context.sessions.find(account=account, backend=backend)
+
+        def drop(remote: list[Any]) -> list[str]:
+            chosen = sessions + remote
+            if sessionId is not None:
+                chosen = [s for s in chosen if s.client.sessionId == sessionId]
+            for session in chosen:
+                session.drop(reason)
+            return [s.client.sessionId for s in chosen]
+
+        if self.fleet is not None:
+            # Those of the other proxies too, each dropped by its proxy.
+            return self.fleet.findRemote(account, backend).addCallback(drop)  # type: ignore[no-any-return]
+        return drop([])
 
     # Reload
 
@@ -406,6 +423,8 @@ class ProxyService(ReloadOnHangup, MultiService):
             admin=self.config.admin if {"admin.endpoint", "admin.tls"} & set(restart) else config.admin,
             log=self.config.log,
             migration=migration,
+            workers=self.config.workers,
+            cluster=self.config.cluster,
         )
         if restart:
             self.log.warn(
@@ -431,4 +450,6 @@ class ProxyService(ReloadOnHangup, MultiService):
             changed.append("log")
         if config.migration.journal != old.migration.journal:
             changed.append("migration.journal")
+        if config.cluster != old.cluster:
+            changed.append("cluster")
         return changed

@@ -303,7 +303,7 @@ class Mover:
         ]
         moving = set(keys)
         sessions = []
-        for session in self.context.sessions:
+        for session in self.candidates():
             user = (session.user or "").lower()
             if not user or session.backendName in (None, backend):
                 continue
@@ -370,6 +370,13 @@ class Mover:
         finally:
             if release is not None:
                 release()
+
+    def candidates(self) -> Iterable[Any]:
+        """
+        The sessions a move may drop (those of other accounts and backends
+        are left out by the move): this proxy's.
+        """
+        return self.context.sessions  # type: ignore[no-any-return]
 
     def invalidate(self, *keys: str) -> None:
         """

@@ -12,10 +12,11 @@ Both are asked on the session path, where nothing may wait: each answers
 at once from what it knows here, and a shared implementation learns what
 the others count in the background (the parent of the workers tells each
 worker which addresses are at the limit and how often each failed). A
-Redis implementation fits the same shape: C{INCR}/C{DECR} and C{EXPIRE}
-per address, sent without waiting, their answers (and a pub/sub channel)
-updating what is known here; while Redis is away, what is known here is
-what decides.
+fleet's (L{mailproxy._fleet.FleetFailures}) has the same shape: C{INCR}
+and C{EXPIRE} per address, sent without waiting, their answers (and a
+pub/sub channel) updating what is known here; while Redis is away, what
+is known here is what decides. Connections per address are not counted
+across a fleet (each proxy counts its own).
 """
 
 from __future__ import annotations

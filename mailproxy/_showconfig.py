@@ -127,7 +127,27 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
             "late_mail_grace": migration.lateMailGrace,
         }
     )
+    cluster = config.cluster
+    if cluster is not None:
+        # The URL as the operator writes it; the password stays in its file.
+        data["cluster"] = _withoutNone(
+            {
+                "redis": f"{'rediss' if cluster.tls else 'redis'}://{_urlHost(cluster.host)}:{cluster.port}/{cluster.db}",
+                "ca_file": cluster.caFile,
+                "password_file": cluster.passwordFile,
+                "key_prefix": cluster.keyPrefix,
+                "name": cluster.name,
+                "connect_timeout": cluster.connectTimeout,
+                "timeout": cluster.timeout,
+                "heartbeat": cluster.heartbeat,
+            }
+        )
     return data
+
+
+def _urlHost(host: str) -> str:
+    # An IPv6 address goes in brackets in a URL.
+    return f"[{host}]" if ":" in host else host
 
 
 def _certificate(source: CertificateSource) -> dict[str, Any]:

@@ -51,7 +51,7 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 from attrs import evolve
@@ -70,6 +70,7 @@ from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
 from ._contract import ISessionObserver
+from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier
@@ -314,17 +315,93 @@ class _RemoteSession:
     """
 
     class _Client:
-        def __init__(self, sessionId: str) -> None:
+        def __init__(self, sessionId: str, address: str = "", port: int = 0) -> None:
             self.sessionId = sessionId
+            self.address = address
+            self.port = port
 
     def __init__(self, worker: _Worker, described: Mapping[str, Any]) -> None:
         self.worker = worker
         self.user = described["account"]
         self.backendName = described["backend"]
-        self.client = self._Client(described["session"])
+        self.protocolName = described.get("protocol", "")
+        self.client = self._Client(described["session"], described.get("address", ""), described.get("port", 0))
 
     def drop(self, reason: str) -> None:
         self.worker.dropLater(self.client.sessionId, reason)
+
+
+class _MachineRegistry:
+    """
+    The workers' logged-in sessions, as their worker told the parent (in
+    a fleet: the sessions the parent registers in Redis, and drops when
+    another proxy asks).
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, _RemoteSession] = {}
+        self._observers: list[Any] = []
+
+    def observe(self, observer: Any) -> Callable[[], None]:
+        """
+        Tell C{observer} of every login and end from now on.
+
+        @return: stops the observing.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def loggedIn(self, session: _RemoteSession) -> None:
+        """
+        A worker's session logged in.
+        """
+        self.sessions[session.client.sessionId] = session
+        self._tell("sessionLoggedIn", session)
+
+    def ended(self, sessionId: str) -> None:
+        """
+        A worker's session that logged in ended.
+        """
+        session = self.sessions.pop(sessionId, None)
+        if session is not None:
+            self._tell("sessionEnded", session)
+
+    def forgetWorker(self, worker: _Worker) -> None:
+        """
+        C{worker} exited: its sessions ended with it.
+        """
+        for sessionId, session in list(self.sessions.items()):
+            if session.worker is worker:
+                self.ended(sessionId)
+
+    def _tell(self, event: str, session: _RemoteSession) -> None:
+        for observer in list(self._observers):
+            try:
+                getattr(observer, event)(session)
+            except Exception:
+                self.log.failure("session observer {observer!r} failed on {event}", observer=observer, event=event)
+
+    def __iter__(self) -> Iterator[_RemoteSession]:
+        return iter(list(self.sessions.values()))
+
+
+class _FleetContext:
+    """
+    What the parent's fleet membership (L{mailproxy._fleet.Fleet}) acts
+    on: the workers' sessions, the gate that holds in every worker, and
+    the parent's router.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.sessions = machine.registry
+        self.gate = machine.gate
+
+    @property
+    def router(self) -> Any:
+        return self.machine.context.router
 
 
 class _MachineGate:
@@ -338,9 +415,9 @@ class _MachineGate:
         self.holds: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(1)
 
-    def hold(self, accounts: Iterable[str], domains: Iterable[str]) -> Callable[[], None]:
+    def hold(self, accounts: Iterable[str], domains: Iterable[str], mail: bool = False) -> Callable[[], None]:
         holdId = next(self._ids)
-        hold = {"id": holdId, "accounts": list(accounts), "domains": list(domains)}
+        hold = {"id": holdId, "accounts": list(accounts), "domains": list(domains), "mail": mail}
         self.holds[holdId] = hold
         self.machine.tellWorkers("hold", hold)
 
@@ -368,6 +445,12 @@ class _MachineMover(Mover):
         super().invalidate(*keys)
         if keys:
             self.machine.tellWorkers("routesChanged", list(keys))
+
+
+class _MachineFleetMover(_MachineMover, FleetMover):
+    """
+    Moves accounts for every worker and every proxy of the fleet.
+    """
 
 
 class _MachineContext:
@@ -611,6 +694,9 @@ class Machine(ReloadOnHangup, MultiService):
         self.eventLog: Any = None
         self.workers = [_Worker(self, number) for number in range(1, count + 1)]
         self.failures = LocalFailures(reactor)
+        self.registry = _MachineRegistry()
+        # In a fleet ([cluster]): the parent is this machine's member.
+        self.fleet: Fleet | None = None
         self.connections: Counter[str] = Counter()
         self.blocked: set[str] = set()
         self.started = reactor.seconds()
@@ -668,8 +754,41 @@ class Machine(ReloadOnHangup, MultiService):
             "log": lambda data: globalLogPublisher(_eventFromWorker(data)),
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
-            "loggedIn": lambda login: self._onLogin.sessionLoggedIn(_RemoteSession(worker, login)),
+            "loggedIn": lambda login: self._loggedIn(worker, login),
+            "ended": lambda ended: self.registry.ended(ended["session"]),
         }
+
+    def _loggedIn(self, worker: _Worker, login: Mapping[str, Any]) -> None:
+        session = _RemoteSession(worker, login)
+        self.registry.loggedIn(session)
+        self._onLogin.sessionLoggedIn(session)
+
+    def joinFleet(self, settings: Any, connect: Callable[[Fleet], Deferred[Any]]) -> Fleet:
+        """
+        Make this machine a member of the fleet of C{settings} (C{[cluster]}):
+        the parent registers the workers' sessions, carries out the other
+        proxies' holds, drops and route changes in its workers, and counts
+        their failed logins with the fleet.
+
+        @return: the fleet service, to start with the parent (a child).
+        """
+        fleet = Fleet(settings, _FleetContext(self), self.reactor, connect)
+        fleet.failures.known.update(self.failures.known)
+        self.failures = fleet.failures
+        fleet.failures.learned = lambda address, count: self.tellWorkers("failures", {"address": address, "count": count})
+
+        def forgetRoutes(keys: list[str]) -> None:
+            invalidateCaches(self.context.router, *keys)
+            self.tellWorkers("routesChanged", keys)
+
+        fleet.forgetRoutes = forgetRoutes
+        self.context.gate = FleetGate(self.gate, fleet)  # type: ignore[assignment]
+        mover = _MachineFleetMover(self.context, self.config.backends, self.reactor)
+        mover.machine = self
+        mover.fleet = fleet
+        self.mover = self.migrations.mover = mover
+        self.fleet = fleet
+        return fleet
 
     def _hello(self, worker: _Worker) -> dict[str, Any]:
         # What a starting worker must know before it accepts: the
@@ -703,6 +822,7 @@ class Machine(ReloadOnHangup, MultiService):
         for address, count in worker.connections.items():
             self._count(address, -count)
         worker.connections.clear()
+        self.registry.forgetWorker(worker)
         if not self.running:
             self.log.info("worker {number} (pid {pid}) {how}", number=worker.number, pid=worker.pid, how=how)
             return
@@ -862,7 +982,12 @@ class Machine(ReloadOnHangup, MultiService):
             return [dict(described, worker=worker.number) for worker, sessions in answers for described in sessions or ()]
 
         filters = {"account": account, "backend": backend, "domain": domain}
-        return self.askWorkers("sessions", filters).addCallback(collect)
+        listed = self.askWorkers("sessions", filters).addCallback(collect)
+        fleet = self.fleet
+        if fleet is not None:
+            # And the other proxies', each with its proxy.
+            listed.addCallback(lambda local: fleet.describeSessions(local, account, backend, domain))
+        return listed
 
     def dropSessions(
         self, account: str | None, backend: str | None, sessionId: str | None, reason: str
@@ -871,9 +996,24 @@ class Machine(ReloadOnHangup, MultiService):
         C{POST /sessions/drop} in every worker.
         """
         argument = {"account": account, "backend": backend, "session": sessionId, "reason": reason}
-        return self.askWorkers("drop", argument).addCallback(
+        dropped = self.askWorkers("drop", argument).addCallback(
             lambda answers: [sessionId for _, dropped in answers for sessionId in dropped or ()]
         )
+        fleet = self.fleet
+        if fleet is None:
+            return dropped
+
+        def elsewhere(here: list[str]) -> Deferred[list[str]]:
+            # The other proxies' sessions, each dropped by its proxy.
+            def drop(remote: list[Any]) -> list[str]:
+                chosen = [s for s in remote if sessionId is None or s.client.sessionId == sessionId]
+                for session in chosen:
+                    session.drop(reason)
+                return here + [s.client.sessionId for s in chosen]
+
+            return fleet.findRemote(account, backend).addCallback(drop)
+
+        return dropped.addCallback(elsewhere)
 
     # Reload
 
@@ -933,6 +1073,8 @@ class Machine(ReloadOnHangup, MultiService):
             restart.append("log")
         if config.workers != self.config.workers:
             restart.append("proxy.workers")
+        if config.cluster != self.config.cluster:
+            restart.append("cluster")
         old, self.context.router = self.context.router, router
         _stopRouter(old)
         _closeRouter(old)
@@ -957,6 +1099,7 @@ class Machine(ReloadOnHangup, MultiService):
             listeners=self.config.listeners, router=config.router, backends=config.backends,
             admin=self.config.admin if "admin.endpoint" in restart else config.admin,
             log=self.config.log, workers=self.config.workers, migration=self.migrations.settings,
+            cluster=self.config.cluster,
         )
         for address in list(self.connections):
             self._judge(address)
@@ -1083,15 +1226,32 @@ class _LoginsToParent:
     runs the migrations, and queues the account's).
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, ends: bool = False) -> None:
+        """
+        @param ends: tell the parent of each end too (in a fleet, the
+            parent registers the sessions).
+        """
         self.channel = channel
+        self.ends = ends
+        self._told: set[str] = set()
 
     def sessionLoggedIn(self, session: Any) -> None:
         if session.user and session.backendName is not None:
-            self.channel.notify("loggedIn", {"account": session.user, "backend": session.backendName, "session": ""})
+            sessionId = session.client.sessionId
+            self.channel.notify(
+                "loggedIn",
+                {
+                    "account": session.user, "backend": session.backendName, "session": sessionId,
+                    "protocol": session.protocolName, "address": session.client.address, "port": session.client.port,
+                },
+            )
+            if self.ends:
+                self._told.add(sessionId)
 
     def sessionEnded(self, session: Any) -> None:
-        pass
+        if self.ends and session.client.sessionId in self._told:
+            self._told.discard(session.client.sessionId)
+            self.channel.notify("ended", {"session": session.client.sessionId})
 
 
 class _WorkerSide:
@@ -1156,7 +1316,7 @@ class _WorkerSide:
         }
 
     def _hold(self, hold: dict[str, Any]) -> None:
-        self.holds[hold["id"]] = self.service.context.gate.hold(hold["accounts"], hold["domains"])
+        self.holds[hold["id"]] = self.service.context.gate.hold(hold["accounts"], hold["domains"], hold.get("mail", False))
 
     def _block(self, argument: dict[str, Any]) -> None:
         tracker = self.service.context.tracker
@@ -1233,8 +1393,8 @@ def workerMain(
         context = service.context
         context.tracker = WorkerConnections(config.limits.connectionsPerAddress, channel, reactor)
         context.failures = _WorkerFailures(reactor, channel)
-        if config.migration.onLogin is not None:
-            context.sessions.observe(_LoginsToParent(channel))
+        if config.migration.onLogin is not None or config.cluster is not None:
+            context.sessions.observe(_LoginsToParent(channel, ends=config.cluster is not None))
         side = _WorkerSide(reactor, worker, service, channel)
         handlers.update(side.handlers())
         for hold in state["holds"]:

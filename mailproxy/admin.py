@@ -429,14 +429,23 @@ class AdminResource(Resource):
         """
         def report(backends: dict[str, Any]) -> tuple[int, bytes, str]:
             healthy = all(state["ok"] for ports in backends.values() for state in ports.values())
+            # A proxy of a fleet that cannot reach Redis serves on with
+            # its own state: degraded, and the details say why.
+            fleet = getattr(self.proxy, "fleet", None)
+            cluster = fleet.health() if fleet is not None else None
             if self.proxy.draining:
                 status = "draining"
             else:
-                status = "ok" if healthy else "degraded"
+                status = "ok" if healthy and (cluster is None or cluster["redis"] == "ok") else "degraded"
             answer: dict[str, Any] = {"status": status}
             if details:
                 answer["backends"] = backends
-            return _json(200 if status == "ok" else 503, answer)
+                if cluster is not None:
+                    answer["cluster"] = cluster
+            # Redis away alone keeps 200: the proxy serves every login, and
+            # a load balancer checking /health must not take every proxy
+            # of the fleet out at once.
+            return _json(200 if status == "ok" or (healthy and status == "degraded") else 503, answer)
 
         return self.health.check().addCallback(report)
 

@@ -798,15 +798,22 @@ def _sessions(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -
         _printJSON(answer, out)
         return 0
     for session in answer["sessions"]:
+        # In a fleet, another proxy's session has its proxy, and no byte
+        # counts (only its own proxy has them).
         print(
             f"{session['session']} {session['protocol']} {session['state']} "
             f"{session['account'] or '-'} {session['backend'] or '-'} "
             f"{session['address']}:{session['port']} {session['seconds']:.0f}s "
-            f"in={session['bytesFromClient']} out={session['bytesFromBackend']}",
+            f"in={_orDash(session['bytesFromClient'])} out={_orDash(session['bytesFromBackend'])}"
+            + (f" proxy={session['proxy']}" if "proxy" in session else ""),
             file=out,
         )
     print(f"{answer['count']} session{'s' if answer['count'] != 1 else ''}", file=out)
     return 0
+
+
+def _orDash(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def _reload(arguments: argparse.Namespace, client: AdminClient, out: TextIO) -> int:

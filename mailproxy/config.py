@@ -270,6 +270,45 @@ class LogConfig:
 
 
 @frozen
+class ClusterConfig:
+    """
+    The C{[cluster]} table: the Redis server the proxies of a fleet share
+    their state through (L{mailproxy._fleet}).
+
+    @ivar host: the Redis server's host name or address.
+    @ivar port: its port.
+    @ivar db: the database number (the URL's path).
+    @ivar tls: C{rediss://}: TLS to Redis, the server's certificate checked
+        against C{caFile} (else the system's authorities).
+    @ivar caFile: the authorities for C{rediss://}, or L{None}.
+    @ivar password: from C{password_file}'s first line, or L{None}.
+    @ivar passwordFile: that file, or L{None}.
+    @ivar keyPrefix: the start of every key and channel name, so several
+        fleets (or other programs) can share one Redis.
+    @ivar name: this proxy's name in the fleet (C{/sessions} shows it);
+        unique per proxy.
+    @ivar connectTimeout: seconds to connect to Redis.
+    @ivar timeout: seconds Redis may take to answer before the proxy
+        calls it slow, goes on with what it knows itself and reconnects.
+    @ivar heartbeat: seconds between two renewals of this proxy's entry;
+        an entry not renewed for three of them expires (a proxy that died).
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    tls: bool = False
+    caFile: str | None = None
+    password: bytes | None = field(default=None, repr=False)
+    passwordFile: str | None = None
+    keyPrefix: str = "mailproxy:"
+    name: str = ""
+    connectTimeout: float = 5.0
+    timeout: float = 2.0
+    heartbeat: float = 10.0
+
+
+@frozen
 class Config:
     """
     A whole, validated configuration.
@@ -302,6 +341,7 @@ class Config:
     migration: MigrationSettings = field(factory=MigrationSettings)
     warnings: tuple[str, ...] = field(default=(), eq=False)
     workers: int | None = None
+    cluster: ClusterConfig | None = None
 
 
 _MISSING: Any = object()
@@ -637,7 +677,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     # is read even when an earlier one is wrong: one run reports them all.
     problems = Problems() if problems is None else problems
     root = Table(path, (), data, os.path.dirname(path), problems)
-    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration")
+    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration", "cluster")
     hostname, workers = root.collect(lambda: _parseProxy(root.table("proxy")), ("", None))
     limits = root.collect(lambda: _parseLimits(root.table("limits")), Limits())
     tls, sni = root.collect(lambda: _parseTLS(root.table("tls")), (None, ()))
@@ -653,6 +693,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     migration = root.collect(
         lambda: _parseMigration(root.table("migration"), backends if backendsRead else None), MigrationSettings()
     )
+    cluster = root.collect(lambda: parseCluster(root.table("cluster")), None)
     problems.check()
     assert router is not None
     return Config(
@@ -669,6 +710,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
         migration=migration,
         warnings=tuple(problems.warnings),
         workers=workers,
+        cluster=cluster,
     )
 
 
@@ -1268,6 +1310,57 @@ def parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfi
         table.warn("token_file", loose)
     return AdminConfig(
         endpoint=endpoint, token=token, tokenFile=tokenFile, tls=tls, healthDetails=table.boolean("health_details", False)
+    )
+
+
+_REDIS_URL = re.compile(r"^(rediss?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?(?:/(\d{1,2})?)?$")
+
+
+def parseCluster(table: Table | None) -> ClusterConfig | None:
+    """
+    The C{[cluster]} table, or L{None} without one (the proxy keeps its
+    state to itself).
+
+    @raise ConfigError: naming the key that is wrong.
+    """
+    if table is None:
+        return None
+    table.allow("redis", "ca_file", "password_file", "key_prefix", "name", "connect_timeout", "timeout", "heartbeat")
+    url = table.string("redis")
+    match = _REDIS_URL.match(url)
+    if match is None:
+        # No user name or password in the URL: they would show in every
+        # error and in `mailproxy show-config`; password_file holds it.
+        table.fail("redis", f"must be redis://HOST[:PORT][/DB] or rediss://HOST[:PORT][/DB], not {url!r}")
+    scheme, host, port, db = match.groups()
+    if port is not None and not 1 <= int(port) <= 65535:
+        table.fail("redis", f"port must be 1 to 65535, not {port}")
+    tls = scheme == "rediss"
+    caFile = table.collect(lambda: table.path("ca_file", None), None)
+    if caFile is not None and not tls:
+        table.fail("ca_file", "only for rediss:// (TLS to Redis)")
+    password = readSecretLine(table, "password_file") if "password_file" in table else None
+    prefix = table.string("key_prefix", "mailproxy:")
+    if any(c.isspace() for c in prefix):
+        table.fail("key_prefix", f"must not contain white space: {prefix!r}")
+    name = table.string("name", None)
+    if name is None:
+        name = socket.gethostname()
+    if not _HOSTNAME.match(name):
+        table.fail("name", f"must be a name without spaces (a host name, say), not {name!r}")
+    return ClusterConfig(
+        host=host.strip("[]"),
+        port=int(port) if port is not None else 6379,
+        db=int(db) if db else 0,
+        tls=tls,
+        caFile=caFile,
+        password=password,
+        passwordFile=table.path("password_file") if password is not None else None,
+        keyPrefix=prefix,
+        name=name,
+        connectTimeout=table.number("connect_timeout", 5.0, positive=True, maximum=300),
+        timeout=table.number("timeout", 2.0, positive=True, maximum=300),
+        heartbeat=table.number("heartbeat", 10.0, minimum=1, maximum=3600),
     )
 
 

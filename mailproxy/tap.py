@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._endpoints import serverEndpoint
+from ._fleet import joinFleet, redisConnector
 from ._lifecycle import ProxyService, ReloadableServerTLS
 from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
@@ -217,6 +218,9 @@ def serviceFromConfig(
     )
     # A worker leaves migrations to its parent.
     top = ProxyService(config, context, reactor, notifier, migrating=adopted is None)
+    if config.cluster is not None and adopted is None:
+        # A worker's parent is the machine's member of the fleet.
+        _joinFleet(top, config, reactor)
     for index, listener in enumerate(config.listeners):
         endpoint: IStreamServerEndpoint
         if adopted is not None:
@@ -233,6 +237,15 @@ def serviceFromConfig(
     if adopted is None:
         _addAdminAndLog(top, config, reactor, adminTLS, eventLogOnStandardOutput)
     return top
+
+
+def _joinFleet(top: ProxyService, config: Config, reactor: Any) -> None:
+    # The proxy shares its sessions, holds, drops, route changes and
+    # failed logins with the fleet (mailproxy._fleet).
+    assert config.cluster is not None
+    fleet = joinFleet(top, config.cluster, config.backends, reactor, redisConnector(config.cluster, reactor))
+    fleet.setName("cluster")
+    fleet.setServiceParent(top)
 
 
 def _listenerEndpoint(config: Config, reactor: Any, index: int) -> ReportingEndpoint:
@@ -295,6 +308,11 @@ def machineFromConfig(
         raise ConfigError(f"{config.path}: tls: {e}")
     endpoints = [_listenerEndpoint(config, reactor, index) for index in range(len(config.listeners))]
     top = Machine(config, count, reactor, endpoints, notifier)
+    if config.cluster is not None:
+        # The parent is the machine's member of the fleet; its workers are not.
+        fleet = top.joinFleet(config.cluster, redisConnector(config.cluster, reactor))
+        fleet.setName("cluster")
+        fleet.setServiceParent(top)
     _addAdminAndLog(top, config, reactor, adminTLS, eventLogOnStandardOutput)
     return top
 

@@ -589,6 +589,104 @@ class Dovecot:
             return ""
 
 
+class Redis:
+    """
+    A private C{redis-server} on a free loopback port, its state (no
+    persistence: nothing is saved) and log in a directory. It can be
+    stopped and started again on the same port, as a Redis that goes away
+    and returns.
+
+    @ivar port: its port, once started.
+    """
+
+    def __init__(
+        self, directory: str, tls: tuple[str, str, str] | None = None, password: str | None = None
+    ) -> None:
+        """
+        @param tls: the certificate (chain), key and CA files: it then
+            speaks TLS only (C{rediss://}), on the same port.
+        @param password: AUTH is then required.
+        """
+        self.tls = tls
+        self.password = password
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.logPath = self.directory / "redis.log"
+        self.pidPath = self.directory / "redis.pid"
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """
+        Start it (on a free port the first time, on the same port after
+        L{stop}) and wait until it accepts connections.
+        """
+        if self.port:
+            self._start()
+            return
+
+        def choosePort() -> None:
+            self.port = freePort()
+
+        startOnFreePorts(choosePort, self._start, self.logPath)
+
+    def _start(self) -> None:
+        arguments = ["--port", str(self.port)]
+        if self.tls is not None:
+            certificate, key, ca = self.tls
+            arguments = [
+                "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", certificate,
+                "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+            ]
+        if self.password is not None:
+            arguments += ["--requirepass", self.password]
+        self._process = subprocess.Popen(
+            [
+                _binary("redis-server"), *arguments, "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+                "--pidfile", str(self.pidPath), "--logfile", str(self.logPath), "--daemonize", "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_dieWithParent,
+        )
+        try:
+            _waitForPorts(self._process, [self.port], timeout=20, describe="redis-server", log=self.logPath)
+        except RuntimeError:
+            _stopProcess(self._process)
+            self._process = None
+            raise
+
+    def stop(self) -> None:
+        """
+        Stop it (by the pid in its pid file) and wait. Doing so twice is
+        harmless.
+        """
+        if self._process is not None:
+            pid = None
+            try:
+                pid = int(self.pidPath.read_text().strip())
+            except (OSError, ValueError):
+                pass
+            _stopProcess(self._process, pid)
+            self._process = None
+
+    def cli(self, *arguments: str) -> str:
+        """
+        Run C{redis-cli} against it; its output.
+        """
+        options = ["-p", str(self.port)]
+        if self.tls is not None:
+            options += ["--tls", "--cacert", self.tls[2]]
+        if self.password is not None:
+            options += ["--no-auth-warning", "-a", self.password]
+        return subprocess.run(
+            [_binary("redis-cli"), *options, *arguments],
+            check=True, capture_output=True, timeout=10,
+        ).stdout.decode()
+
+
 def withOneWorker(text: str) -> str:
     """
     A proxy configuration with C{[proxy] workers = 1} unless it says how

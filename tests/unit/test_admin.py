@@ -58,6 +58,8 @@ class Proxy:
         self.backends = BACKENDS
         self.mover = Mover(harness.context, BACKENDS, harness.clock)
         self.draining = False
+        # Not in a fleet (test_clusterDegraded sets one).
+        self.fleet: Any = None
         self.reloads: list[dict] = [{"ok": True, "changed": [], "restartNeeded": []}]
 
     def reload(self) -> dict:
@@ -239,6 +241,31 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         self.proxy.draining = True
         status, body = self.request("GET", "/health", headers=None)
         self.assertEqual((status, body["status"]), (503, "draining"))
+
+    def test_clusterDegraded(self) -> None:
+        """
+        A proxy of a fleet whose Redis is unavailable says C{degraded}, and
+        with the token why; it answers 200 all the same (it serves every
+        login), so a load balancer checking health keeps sending clients.
+        """
+        from mailproxy._fleet import Fleet
+        from mailproxy.config import ClusterConfig
+
+        fleet = Fleet(ClusterConfig(host="redis.test", name="proxy-a"), self.harness.context, self.clock, lambda _: Deferred())
+        fleet.problem = "Redis at redis.test:6379: Connection refused"
+        self.proxy.fleet = fleet
+        self.assertEqual(self.request("GET", "/health", headers=None), (200, {"status": "degraded"}))
+        self.clock.advance(2)
+        status, body = self.request("GET", "/health")
+        self.assertEqual((status, body["status"]), (200, "degraded"))
+        self.assertEqual(
+            body["cluster"],
+            {"name": "proxy-a", "redis": "unavailable", "why": "Redis at redis.test:6379: Connection refused"},
+        )
+        fleet.problem = None
+        self.clock.advance(2)
+        status, body = self.request("GET", "/health")
+        self.assertEqual((status, body["status"], body["cluster"]), (200, "ok", {"name": "proxy-a", "redis": "ok"}))
 
     def test_answersKept(self) -> None:
         """

@@ -285,6 +285,25 @@ class CommandTests(SynchronousTestCase):
         )
         self.assertEqual(self.err.getvalue(), "mailproxy sessions: --drop needs --account or --backend\n")
 
+    def test_sessionsOfAFleet(self) -> None:
+        """
+        In a fleet, each session is listed with its proxy; another proxy's
+        session, whose byte counts only that proxy knows, shows none.
+        """
+        common = {"protocol": "imap", "state": "relay", "backend": "old", "address": "192.0.2.1", "port": 5000, "seconds": 3}
+        self.answers.append(
+            (200, {"count": 2, "sessions": [
+                {**common, "session": "s1", "account": "a@x", "bytesFromClient": 10, "bytesFromBackend": 20, "proxy": "pa"},
+                {**common, "session": "s2", "account": "b@x", "bytesFromClient": None, "bytesFromBackend": None, "proxy": "pb"},
+            ]})
+        )
+        self.assertEqual(self.command("sessions"), 0)
+        self.assertEqual(
+            self.out.getvalue(),
+            "s1 imap relay a@x old 192.0.2.1:5000 3s in=10 out=20 proxy=pa\n"
+            "s2 imap relay b@x old 192.0.2.1:5000 3s in=- out=- proxy=pb\n2 sessions\n",
+        )
+
     def test_reload(self) -> None:
         """
         C{reload} says what happened; a refused reload exits 1 with why.

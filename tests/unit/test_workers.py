@@ -325,11 +325,22 @@ class MachineTests(SynchronousTestCase):
         starts meanwhile learns of the hold in effect.
         """
         release = self.machine.gate.hold(["a@example.org"], ["example.net"])
-        self.assertEqual(self.told, [("hold", {"id": 1, "accounts": ["a@example.org"], "domains": ["example.net"]})])
+        self.assertEqual(
+            self.told, [("hold", {"id": 1, "accounts": ["a@example.org"], "domains": ["example.net"], "mail": False})]
+        )
         self.assertEqual(self.machine._hello(self.one)["holds"], [self.told[0][1]])
         release()
         self.assertEqual(self.told[1:], [("release", {"id": 1})])
         self.assertEqual(self.machine._hello(self.one)["holds"], [])
+
+    def test_mailHoldInEveryWorker(self) -> None:
+        """
+        A migration's hold (C{mail=True}: MX recipients wait too), which
+        the parent's migration engine makes, is told to every worker with
+        its C{mail}.
+        """
+        self.machine.gate.hold(["a@example.org"], [], mail=True)
+        self.assertEqual(self.told, [("hold", {"id": 1, "accounts": ["a@example.org"], "domains": [], "mail": True})])
 
     def test_failuresTold(self) -> None:
         """
@@ -582,7 +593,7 @@ class TellWorkersTests(SynchronousTestCase):
         accounts = [f"user{n:05d}@example.org" for n in range(3000)]
         release = machine.gate.hold(accounts, [])
         pump.flush()
-        self.assertEqual(held, [{"id": 1, "accounts": accounts, "domains": []}])
+        self.assertEqual(held, [{"id": 1, "accounts": accounts, "domains": [], "mail": False}])
         del release
 
 
