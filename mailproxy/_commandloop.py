@@ -398,8 +398,13 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
     def saslMechanisms(self) -> Sequence[str]:
         """
         See L{mailproxy._contract.ILoginFrontend.saslMechanisms}.
+
+        The same list for every protocol: PLAIN and LOGIN, and CRAM-MD5
+        where the listener offers digest mechanisms (C{digest_auth}, which
+        the configuration allows only for protocols whose registry entry
+        says C{digestAuth}).  A protocol overrides it only to offer less.
         """
-        return ()
+        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
 
     def saslChallenge(self, command: Any, data: bytes) -> None:
         """

@@ -110,8 +110,8 @@ class ProtocolDescriptor:
         otherwise).
     @ivar modes: its kinds of listener, each with its required C{mode}
         value; empty for a protocol of one kind.
-    @ivar digestAuth: its front end can offer digest mechanisms (POP3 APOP,
-        CRAM-MD5) when a listener sets C{digest_auth = true}.
+    @ivar digestAuth: its front end can offer digest mechanisms (CRAM-MD5,
+        and APOP on POP3) when a listener sets C{digest_auth = true}.
     @ivar oauth: its front end can offer OAuth mechanisms (OAUTHBEARER,
         XOAUTH2); none does yet.
     """
@@ -202,6 +202,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         backendLogin="mailproxy.imap._backend.IMAPBackendLogin",
         applicationProtocols=(b"imap",),
         greeting=(b"* OK", b"* PREAUTH"),
+        digestAuth=True,
     ),
     ProtocolDescriptor(
         name="pop3",

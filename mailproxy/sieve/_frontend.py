@@ -191,9 +191,6 @@ class SieveFrontend(CommandFrontend):
             if self.state is not LoopState.CLOSED:
                 self.sendCapabilities("TLS negotiation successful.")
 
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"]
-
     def saslChallenge(self, command: tuple[SieveValue, ...], data: bytes) -> None:
         self.sendLine(quoteString(b64encode(data)))
 

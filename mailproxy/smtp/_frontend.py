@@ -88,9 +88,6 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return self.backendFor(SMTPBackendLogin, job)
 
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
-
     def readSASLResponse(self) -> bool:
         line = self.input.nextLine(MAX_SASL_LINE)
         if line is None:
