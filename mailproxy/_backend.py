@@ -146,11 +146,11 @@ class LoginJob:
         """
         This job with no password left in it: neither the backend's nor
         the master user's, nor the client's credentials' (a digest's
-        response included), nor the route's.
+        response and an OAuth token included), nor the route's.
         """
         credentials = self.credentials
         if credentials is not None:
-            credentials = evolve(credentials, password=None, response=None)
+            credentials = evolve(credentials, password=None, response=None, token=None)
         return evolve(
             self,
             route=evolve(self.route, password=None),

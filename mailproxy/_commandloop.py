@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from ._backend import BackendProtocol
 from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
-from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
+from ._sasl import OAUTH_MECHANISMS, Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
 from ._login import LoginFailed
 from ._session import FrontendProtocol, ProxyContext, Session
 from .model import Credentials
@@ -399,12 +399,18 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         """
         See L{mailproxy._contract.ILoginFrontend.saslMechanisms}.
 
-        The same list for every protocol: PLAIN and LOGIN, and CRAM-MD5
-        where the listener offers digest mechanisms (C{digest_auth}, which
-        the configuration allows only for protocols whose registry entry
-        says C{digestAuth}).  A protocol overrides it only to offer less.
+        The same list for every protocol: PLAIN and LOGIN, CRAM-MD5 where
+        the listener offers digest mechanisms (C{digest_auth}), and
+        OAUTHBEARER and XOAUTH2 where it offers OAuth (C{oauth}) and TLS is
+        active: a bearer token is a password anyone who reads it can use.
+        The configuration allows each switch only for protocols whose
+        registry entry says so.  A protocol overrides it only to offer
+        less.
         """
-        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
+        mechanisms = ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
+        if self.listener.oauth and self.tlsActive:
+            mechanisms += OAUTH_MECHANISMS
+        return mechanisms
 
     def saslChallenge(self, command: Any, data: bytes) -> None:
         """

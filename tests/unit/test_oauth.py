@@ -1,0 +1,325 @@
+"""
+OAUTHBEARER (RFC 7628) and XOAUTH2: reading the client's message, offering
+the mechanisms on every login protocol once TLS is active, the credentials
+the router gets, and tokens kept out of the logs.
+"""
+
+from __future__ import annotations
+
+from base64 import b64decode, b64encode
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._sasl import Credentials, Refused, ServerExchange, oauthResponse, parseOAuthResponse
+from mailproxy.model import Rejection, Route
+from mailproxy.smtp._base import backendExtensions
+from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+
+from .test_config import ROUTER, ConfigTestCase, configText
+
+#: A token as long as big providers' JWTs get (8 KiB), in RFC 6750's
+#: b64token alphabet.
+LONG_TOKEN = (b"eyJhbGciOiJSUzI1NiJ9." + b"A" * 8000 + b".sig-_~+/").ljust(8192, b"x")
+
+
+def oauthbearer(user: bytes, token: bytes, extra: bytes = b"") -> bytes:
+    """
+    A client's OAUTHBEARER message (not base64).
+    """
+    return b"n,a=" + user + b",\x01" + extra + b"auth=Bearer " + token + b"\x01\x01"
+
+
+def xoauth2(user: bytes, token: bytes) -> bytes:
+    """
+    A client's XOAUTH2 message (not base64).
+    """
+    return b"user=" + user + b"\x01auth=Bearer " + token + b"\x01\x01"
+
+
+class ParseTests(SynchronousTestCase):
+    """
+    L{parseOAuthResponse} and L{oauthResponse}.
+    """
+
+    def test_oauthbearer(self) -> None:
+        """
+        The user comes from the GS2 header's C{a=} (with C{=2C} and C{=3D}
+        unescaped), the token from C{auth=Bearer}; C{host} and C{port} may
+        come too, the scheme in any case.
+        """
+        self.assertEqual(
+            parseOAuthResponse("OAUTHBEARER", oauthbearer(b"alice@example.org", b"tok.en-1")),
+            (b"alice@example.org", b"tok.en-1"),
+        )
+        message = b"y,a=a=2Cb=3Dc,\x01host=imap.example.org\x01port=993\x01auth=bearer t0k==\x01\x01"
+        self.assertEqual(parseOAuthResponse("OAUTHBEARER", message), (b"a,b=c", b"t0k=="))
+
+    def test_xoauth2(self) -> None:
+        """
+        XOAUTH2 names the user in C{user=}.
+        """
+        self.assertEqual(parseOAuthResponse("XOAUTH2", xoauth2(b"bob", b"abc")), (b"bob", b"abc"))
+
+    def test_malformed(self) -> None:
+        """
+        Channel binding (C{p=}), no user, no or a bad C{auth}, a missing
+        final C{^A}, a repeated key, a bad port, a bad escape, or the lone
+        C{^A} of a client that gave up: not credentials.
+        """
+        bad = [
+            b"p=tls-unique,a=alice,\x01auth=Bearer t\x01\x01",
+            b"n,,\x01auth=Bearer t\x01\x01",
+            b"n,a=alice,\x01host=x\x01\x01",
+            b"n,a=alice,\x01auth=Basic dDp0\x01\x01",
+            b"n,a=alice,\x01auth=Bearer \x01\x01",
+            b"n,a=alice,\x01auth=Bearer t t\x01\x01",
+            b"n,a=alice,\x01auth=Bearer t\x01",
+            b"n,a=alice,\x01auth=Bearer t\x01auth=Bearer u\x01\x01",
+            b"n,a=alice,\x01port=99999\x01auth=Bearer t\x01\x01",
+            b"n,a=al=41ice,\x01auth=Bearer t\x01\x01",
+            b"n,a=alice\x01auth=Bearer t\x01\x01",
+            b"\x01",
+            b"",
+        ]
+        for message in bad:
+            self.assertIsNone(parseOAuthResponse("OAUTHBEARER", message), message)
+        self.assertIsNone(parseOAuthResponse("XOAUTH2", b"auth=Bearer t\x01\x01"))
+        self.assertIsNone(parseOAuthResponse("XOAUTH2", b"user=bob\x01auth=Bearer t\x01"))
+
+    def test_roundTrip(self) -> None:
+        """
+        What L{oauthResponse} writes, L{parseOAuthResponse} reads back, for
+        both mechanisms and a user with a comma.
+        """
+        for mechanism in ("OAUTHBEARER", "XOAUTH2"):
+            message = b64decode(oauthResponse(mechanism, b"a,b@example.org", LONG_TOKEN, b"imap.example.org", 993))
+            self.assertEqual(parseOAuthResponse(mechanism, message), (b"a,b@example.org", LONG_TOKEN))
+
+    def test_exchange(self) -> None:
+        """
+        The exchange starts with an empty challenge and ends in
+        L{Credentials} with the token, or L{Refused} without it.
+        """
+        exchange = ServerExchange("OAUTHBEARER")
+        self.assertEqual(exchange.start().data, b"")  # type: ignore[union-attr]
+        self.assertEqual(
+            exchange.respond(oauthbearer(b"alice", b"tok")), Credentials("OAUTHBEARER", "alice", token=b"tok")
+        )
+        refused = ServerExchange("XOAUTH2").start(b"user=alice\x01auth=Bearer secret-token")
+        self.assertEqual(refused, Refused("XOAUTH2", "malformed"))
+        self.assertNotIn("secret-token", repr(refused))
+        self.assertNotIn("tok", repr(Credentials("OAUTHBEARER", "alice", token=b"tok")))
+
+
+class OfferTestsMixin:
+    """
+    One protocol's front end on an C{oauth = true} listener: how it offers
+    the mechanisms and what the router gets.
+    """
+
+    protocol: str
+    options: dict[str, Any] = {}
+
+    def connect(self, tls: str = "implicit", oauth: bool = True, router: Any = None) -> None:
+        self.router = router if router is not None else FakeRouter({"alice@example.org": Route(makeBackend("old"))})
+        self.connector = MemoryConnector()
+        self.frontend, self.client, self.clock = makeFrontend(
+            self.protocol, self.router, self.connector, tls=tls, oauth=oauth, **self.options
+        )
+        self.greeting = self.client.value()
+        self.client.clear()
+
+    def send(self, data: bytes) -> bytes:
+        self.client.clear()
+        self.frontend.dataReceived(data)
+        return self.client.value()
+
+    def offered(self) -> bytes:
+        """
+        What the client is told about the mechanisms now.
+        """
+        raise NotImplementedError
+
+    def authenticate(self, mechanism: bytes, message: bytes) -> bytes:
+        """
+        Authenticate with an initial response; return the reply.
+        """
+        raise NotImplementedError
+
+    def test_offeredOnlyOverTLS(self) -> None:
+        """
+        OAUTHBEARER and XOAUTH2 are listed over TLS on an C{oauth}
+        listener; not without C{oauth}, nor before STARTTLS, where they are
+        refused as unsupported and the router is not asked.
+        """
+        self.connect()
+        self.assertIn(self.mechanisms, self.offered())
+        self.connect(oauth=False)
+        self.assertNotIn(b"OAUTHBEARER", self.offered())
+        self.connect(tls="starttls")
+        self.assertNotIn(b"OAUTHBEARER", self.offered())
+        self.authenticate(b"OAUTHBEARER", oauthbearer(b"alice@example.org", b"tok"))
+        self.assertEqual(self.router.requests, [])
+
+    def test_credentials(self) -> None:
+        """
+        An 8 KiB token as initial response reaches the router with the user
+        the client names, for both mechanisms.
+        """
+        for mechanism, message in ((b"OAUTHBEARER", oauthbearer), (b"XOAUTH2", xoauth2)):
+            self.connect()
+            self.authenticate(mechanism, message(b"alice@example.org", LONG_TOKEN))
+            credentials = self.router.requests[-1].credentials
+            self.assertEqual(
+                (credentials.mechanism, credentials.user, credentials.token, credentials.password),
+                (mechanism.decode(), "alice@example.org", LONG_TOKEN, None),
+            )
+
+    def test_tokenNeverLogged(self) -> None:
+        """
+        Neither a refused token login nor a malformed message puts the
+        token, or a part of it, in any log event.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.connect(router=FakeRouter({}, default=Rejection()))
+        self.authenticate(b"OAUTHBEARER", oauthbearer(b"nobody@example.org", b"SeCrEtToKeN" * 20))
+        self.clock.advance(60)
+        self.connect()
+        self.authenticate(b"XOAUTH2", b"user=alice\x01auth=Bearer SeCrEtToKeN")
+        self.assertTrue(events)
+        for event in events:
+            self.assertNotIn("SeCrEt", repr(event))
+            self.assertNotIn("ToKeN", repr(event))
+
+
+class IMAPOfferTests(OfferTestsMixin, SynchronousTestCase):
+    """
+    IMAP: C{AUTH=} capabilities, AUTHENTICATE with SASL-IR.
+    """
+
+    protocol = "imap"
+    mechanisms = b"AUTH=PLAIN AUTH=LOGIN AUTH=OAUTHBEARER AUTH=XOAUTH2"
+
+    def offered(self) -> bytes:
+        return self.send(b"c CAPABILITY\r\n")
+
+    def authenticate(self, mechanism: bytes, message: bytes) -> bytes:
+        return self.send(b"a AUTHENTICATE " + mechanism + b" " + b64encode(message) + b"\r\n")
+
+    def test_withoutInitialResponse(self) -> None:
+        """
+        Without SASL-IR the client gets an empty challenge and answers it
+        with a line of its own.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"a AUTHENTICATE XOAUTH2\r\n"), b"+ \r\n")
+        self.send(b64encode(xoauth2(b"alice@example.org", LONG_TOKEN)) + b"\r\n")
+        self.assertEqual(self.router.requests[-1].credentials.token, LONG_TOKEN)
+
+    def test_malformed(self) -> None:
+        """
+        A message not of the mechanism's form is a BAD, the router not
+        asked.
+        """
+        self.connect()
+        self.assertEqual(
+            self.authenticate(b"OAUTHBEARER", b"n,,\x01auth=Bearer t\x01\x01"), b"a BAD Invalid OAUTHBEARER response.\r\n"
+        )
+        self.assertEqual(self.router.requests, [])
+
+
+class POP3OfferTests(OfferTestsMixin, SynchronousTestCase):
+    """
+    POP3: the CAPA C{SASL} line, AUTH with an initial response.
+    """
+
+    protocol = "pop3"
+    mechanisms = b"SASL PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"
+
+    def offered(self) -> bytes:
+        return self.send(b"CAPA\r\n")
+
+    def authenticate(self, mechanism: bytes, message: bytes) -> bytes:
+        return self.send(b"AUTH " + mechanism + b" " + b64encode(message) + b"\r\n")
+
+
+class SubmissionOfferTests(OfferTestsMixin, SynchronousTestCase):
+    """
+    SMTP submission: the EHLO C{AUTH} keyword, AUTH with an initial
+    response (a line longer than other commands may be).
+    """
+
+    protocol = "smtp"
+    options = {"mode": "submission"}
+    mechanisms = b"AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"
+
+    def connect(self, tls: str = "implicit", oauth: bool = True, router: Any = None) -> None:
+        super().connect(tls, oauth, router)
+        backend = makeBackend("old", ports={"smtp": 587})
+        self.frontend.context.backends[backend.name] = backend
+        backendExtensions(self.frontend.context, "smtp").learn(backend.name, {"PIPELINING": ""})  # type: ignore[arg-type]
+
+    def offered(self) -> bytes:
+        return self.send(b"EHLO client.example\r\n")
+
+    def authenticate(self, mechanism: bytes, message: bytes) -> bytes:
+        self.send(b"EHLO client.example\r\n")
+        return self.send(b"AUTH " + mechanism + b" " + b64encode(message) + b"\r\n")
+
+
+class SieveOfferTests(OfferTestsMixin, SynchronousTestCase):
+    """
+    ManageSieve: the C{SASL} capability, AUTHENTICATE with a quoted
+    initial response.
+    """
+
+    protocol = "sieve"
+    mechanisms = b'"SASL" "PLAIN LOGIN OAUTHBEARER XOAUTH2"'
+
+    def offered(self) -> bytes:
+        return self.send(b"CAPABILITY\r\n")
+
+    def authenticate(self, mechanism: bytes, message: bytes) -> bytes:
+        return self.send(b'AUTHENTICATE "' + mechanism + b'" "' + b64encode(message) + b'"\r\n')
+
+
+class ConfigTests(ConfigTestCase):
+    """
+    The listener key C{oauth}.
+    """
+
+    def oauthListener(self, protocol: str = "imap", tls: str = "implicit", extra: str = "") -> str:
+        return (
+            f'[[listener]]\nprotocol = "{protocol}"\nendpoint = "tcp:0"\ntls = "{tls}"\noauth = true\n{extra}'
+            + ROUTER
+            + '[backend.old]\nhost = "127.0.0.1"\nports = { imap = 143, pop3 = 110, sieve = 4190, smtp = 587, mx = 25 }\n'
+            + '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n'
+        )
+
+    def test_accepted(self) -> None:
+        """
+        C{oauth = true} is accepted on TLS listeners of every login
+        protocol; it is off by default.
+        """
+        for protocol, extra in (("imap", ""), ("pop3", ""), ("sieve", ""), ("smtp", 'mode = "submission"\n')):
+            [listener] = self.parse(self.oauthListener(protocol, "starttls", extra)).listeners
+            self.assertTrue(listener.oauth, protocol)
+        [listener] = self.parse(configText()).listeners
+        self.assertFalse(listener.oauth)
+
+    def test_refused(self) -> None:
+        """
+        C{oauth} is refused on a listener without TLS (the mechanisms are
+        offered only over TLS) and on MX, and must be a boolean.
+        """
+        self.assertConfigError(self.oauthListener(tls="none"), "listener[0].oauth", 'tls = "none"')
+        self.assertConfigError(
+            self.oauthListener("smtp", extra='mode = "mx"\n'), "listener[0].oauth", "mx listeners take no logins"
+        )
+        self.assertConfigError(
+            self.oauthListener().replace("oauth = true", 'oauth = "yes"'), "listener[0].oauth", "true or false"
+        )
