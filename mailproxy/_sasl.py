@@ -25,6 +25,7 @@ from attrs import frozen
 from .model import Credentials
 
 __all__ = [
+    "OAUTH_INVALID_TOKEN",
     "OAUTH_MECHANISMS",
     "Challenge",
     "Refused",
@@ -33,6 +34,7 @@ __all__ = [
     "decodeBase64",
     "decodeResponse",
     "newChallenge",
+    "oauthErrorAck",
     "oauthResponse",
     "parseDigestResponse",
     "parseOAuthResponse",
@@ -195,6 +197,20 @@ def oauthResponse(mechanism: str, user: bytes, token: bytes, host: bytes = b"", 
         pairs += b"port=%d" % (port,) + _KVSEP
     name = user.replace(b"=", b"=3D").replace(b",", b"=2C")
     return b64encode(b"n,a=" + name + b"," + _KVSEP + pairs + bearer + _KVSEP)
+
+
+def oauthErrorAck(mechanism: str) -> bytes:
+    """
+    What a client answers an OAuth error challenge with, base64, before
+    the server's final failure: OAUTHBEARER's dummy C{^A} (RFC 7628
+    section 3.2.3), XOAUTH2's empty response.
+    """
+    return b64encode(_KVSEP) if mechanism == "OAUTHBEARER" else b""
+
+
+#: The error challenge for an OAuth login refused without one from a
+#: backend (the router said no): RFC 7628 section 3.2.2's JSON.
+OAUTH_INVALID_TOKEN = b'{"status":"invalid_token"}'
 
 
 def plainResponse(authzid: bytes, authcid: bytes, password: bytes) -> bytes:

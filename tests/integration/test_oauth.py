@@ -1,0 +1,254 @@
+"""
+OAUTHBEARER and XOAUTH2 passed through the proxy to a real Dovecot that
+validates the tokens itself (C{passdb oauth2} with local JWT validation,
+C{local_validation_key_dict}), with JWTs the test mints with PyJWT under a
+key it generates; real clients: Python's C{imaplib} and C{poplib}, and
+curl (C{--oauth2-bearer}).
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import os
+import poplib
+import re
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import jwt
+from twisted.trial.unittest import SynchronousTestCase
+
+from .common import TIMEOUT, listenerTable, routesText, staticProxyConfig
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
+
+USERS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password"}
+
+
+class OAuthServers:
+    """
+    A Dovecot that takes tokens signed with L{secret}, and the proxy in
+    front of it with an C{oauth} listener (implicit TLS) per protocol.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.ca = TestCA(str(self.directory / "ca"))
+        self.secret = os.urandom(32)
+        # Dovecot's auth process (an unprivileged user) reads the keys: a
+        # directory it can reach, removed at stop.
+        self.keys = keys = Path(tempfile.mkdtemp(prefix="dovecot-oauth-keys-"))
+        keys.chmod(0o755)
+        # The key for tokens without azp and kid, HS256: Dovecot looks it up
+        # as shared/default/HS256/default in its key dictionary.
+        for path in (keys / "default" / "HS256" / "default", keys / "shared" / "default" / "HS256" / "default"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(base64.b64encode(self.secret))
+            path.chmod(0o644)
+            for parent in path.relative_to(keys).parents:
+                (keys / parent).chmod(0o755)
+        oauthConfig = self.directory / "dovecot-oauth2.conf.ext"
+        oauthConfig.write_text(
+            f"introspection_mode = local\nlocal_validation_key_dict = fs:posix:prefix={keys}/\nusername_attribute = email\n"
+        )
+        extra = (
+            "auth_mechanisms = plain login oauthbearer xoauth2\n"
+            f"passdb {{\n  driver = oauth2\n  mechanisms = oauthbearer xoauth2\n  args = {oauthConfig}\n}}\n"
+        )
+        self.dovecot = Dovecot(str(self.directory / "dovecot"), "oauth", USERS, ca=self.ca, masterUser=None, extraConfig=extra)
+
+    def start(self) -> None:
+        """
+        Start Dovecot, then the proxy.
+        """
+        self.dovecot.start()
+        try:
+            certificate, key = self.ca.issue("proxy")
+            ports = {"imap": self.dovecot.imap, "pop3": self.dovecot.pop3, "sieve": self.dovecot.sieve}
+            listeners = [listenerTable(protocol, 0, "implicit", oauth=True) for protocol in ("imap", "pop3", "sieve")]
+            backends = {"dovecot": {"host": "127.0.0.1", "ports": ports, "tls": "none", "forward": "none"}}
+            self.proxy = Proxy(str(self.directory / "proxy"), staticProxyConfig(certificate, key, listeners, backends))
+            (self.proxy.directory / "routes.toml").write_text(routesText({"default": "dovecot"}))
+            self.proxy.start()
+        except BaseException:
+            self.dovecot.stop()
+            raise
+        self.imap, self.pop3, self.sieve = self.proxy.ports
+
+    def stop(self) -> None:
+        """
+        Stop both.
+        """
+        try:
+            self.proxy.stop()
+            self.dovecot.stop()
+        finally:
+            shutil.rmtree(self.keys, ignore_errors=True)
+
+    def token(self, email: str, lifetime: float = 300, key: bytes | None = None) -> str:
+        """
+        A JWT for C{email}, valid for C{lifetime} seconds from now (expired
+        if negative), signed with L{secret} or C{key}.
+        """
+        now = int(time.time())
+        claims = {"sub": email, "email": email, "iat": now - 600, "nbf": now - 600, "exp": now + int(lifetime)}
+        return jwt.encode(claims, key or self.secret, algorithm="HS256")
+
+    def context(self) -> ssl.SSLContext:
+        """
+        A client TLS context that trusts the test CA.
+        """
+        context = ssl.create_default_context(cafile=self.ca.caPath)
+        context.check_hostname = False
+        return context
+
+
+def servers() -> OAuthServers:
+    """
+    The module's servers, started on first use.
+    """
+
+    def start() -> OAuthServers:
+        requireServer("dovecot")
+        running = OAuthServers(fixtureDirectory("oauth"))
+        running.start()
+        return running
+
+    return sharedFixture("oauth", "oauth", start)
+
+
+def oauthbearer(user: str, token: str) -> bytes:
+    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def xoauth2(user: str, token: str) -> bytes:
+    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+class IMAPPassThroughTests(SynchronousTestCase):
+    """
+    IMAP through the proxy to Dovecot's oauth2 passdb, with imaplib.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def login(self, mechanism: str, message: bytes) -> tuple[str, list[bytes]]:
+        """
+        AUTHENTICATE with C{message}; return the outcome and the
+        challenges the client got.
+        """
+        challenges: list[bytes] = []
+
+        def answer(challenge: bytes) -> bytes:
+            if not challenges and challenge == b"":
+                challenges.append(challenge)
+                return message
+            challenges.append(challenge)
+            return b"\x01" if mechanism == "OAUTHBEARER" else b""
+
+        with imaplib.IMAP4_SSL("127.0.0.1", self.servers.imap, ssl_context=self.servers.context(), timeout=TIMEOUT) as client:
+            try:
+                typ, data = client.authenticate(mechanism, answer)
+            except imaplib.IMAP4.error as e:
+                return "NO " + (e.args[0].decode() if isinstance(e.args[0], bytes) else str(e.args[0])), challenges
+            typ, data = client.select("INBOX")
+            return typ, challenges
+
+    def test_capabilities(self) -> None:
+        """
+        Over TLS the proxy offers both mechanisms.
+        """
+        with imaplib.IMAP4_SSL("127.0.0.1", self.servers.imap, ssl_context=self.servers.context(), timeout=TIMEOUT) as client:
+            self.assertIn("AUTH=OAUTHBEARER", client.capabilities)
+            self.assertIn("AUTH=XOAUTH2", client.capabilities)
+
+    def test_oauthbearer(self) -> None:
+        """
+        A valid token logs alice in with OAUTHBEARER (Dovecot validated
+        it: its log shows the mechanism), and bob with XOAUTH2.
+        """
+        outcome, _ = self.login("OAUTHBEARER", oauthbearer("alice@example.org", self.servers.token("alice@example.org")))
+        self.assertEqual(outcome, "OK")
+        outcome, _ = self.login("XOAUTH2", xoauth2("bob@example.org", self.servers.token("bob@example.org")))
+        self.assertEqual(outcome, "OK")
+        log = self.servers.dovecot.logPath.read_text()
+        self.assertRegex(log, r"Login: user=<alice@example\.org>, method=OAUTHBEARER")
+        self.assertRegex(log, r"Login: user=<bob@example\.org>, method=XOAUTH2")
+
+    def test_refusedTokens(self) -> None:
+        """
+        An expired token, one signed with another key and one for another
+        user are refused: the client gets Dovecot's RFC 7628 error JSON as
+        a challenge, answers it, then NO [AUTHENTICATIONFAILED]; no token
+        is in the proxy's log.
+        """
+        bad = [
+            self.servers.token("alice@example.org", lifetime=-60),
+            self.servers.token("alice@example.org", key=os.urandom(32)),
+            self.servers.token("bob@example.org"),
+        ]
+        for token in bad:
+            outcome, challenges = self.login("OAUTHBEARER", oauthbearer("alice@example.org", token))
+            self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
+            self.assertEqual(len(challenges), 2, challenges)
+            self.assertIn(b'"status":"invalid_token"', challenges[1])
+        outcome, challenges = self.login("XOAUTH2", xoauth2("alice@example.org", bad[0]))
+        self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
+        self.assertIn(b'"status"', challenges[1])
+        log = self.servers.proxy.logPath.read_text()
+        for token in bad:
+            for part in token.split("."):
+                self.assertNotIn(part, log)
+
+
+class POP3PassThroughTests(SynchronousTestCase):
+    """
+    POP3 through the proxy to Dovecot's oauth2 passdb, with poplib and curl.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def test_poplib(self) -> None:
+        """
+        poplib's AUTH XOAUTH2 with an initial response logs alice in and
+        STAT works; a wrong-key token gets the error challenge, then -ERR.
+        """
+        client = poplib.POP3_SSL("127.0.0.1", self.servers.pop3, context=self.servers.context(), timeout=TIMEOUT)
+        try:
+            message = base64.b64encode(xoauth2("alice@example.org", self.servers.token("alice@example.org")))
+            self.assertTrue(client._shortcmd("AUTH XOAUTH2 " + message.decode()).startswith(b"+OK"))
+            self.assertEqual(client.stat()[0], 0)
+        finally:
+            client.quit()
+        client = poplib.POP3_SSL("127.0.0.1", self.servers.pop3, context=self.servers.context(), timeout=TIMEOUT)
+        try:
+            message = base64.b64encode(oauthbearer("alice@example.org", self.servers.token("alice@example.org", key=b"k" * 32)))
+            client._putcmd("AUTH OAUTHBEARER " + message.decode())
+            challenge = client._getline()[0]
+            self.assertTrue(challenge.startswith(b"+ "), challenge)
+            self.assertIn(b'"status":"invalid_token"', base64.b64decode(challenge[2:]))
+            client._putcmd("AQ==")
+            self.assertTrue(client._getline()[0].startswith(b"-ERR"))
+        finally:
+            client.close()
+
+    def test_curl(self) -> None:
+        """
+        curl's C{--oauth2-bearer} lists alice's (empty) mailbox over POP3S
+        and IMAPS.
+        """
+        requireServer("curl")
+        token = self.servers.token("alice@example.org")
+        for scheme, port in (("pop3s", self.servers.pop3), ("imaps", self.servers.imap)):
+            result = subprocess.run(
+                ["curl", "-sS", "--max-time", "20", "--cacert", self.servers.ca.caPath, "-k",
+                 "--user", "alice@example.org", "--oauth2-bearer", token, f"{scheme}://127.0.0.1:{port}/"],
+                capture_output=True,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
