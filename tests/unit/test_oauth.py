@@ -323,3 +323,211 @@ class ConfigTests(ConfigTestCase):
         self.assertConfigError(
             self.oauthListener().replace("oauth = true", 'oauth = "yes"'), "listener[0].oauth", "true or false"
         )
+
+
+#: The error challenge a Dovecot backend sends for a refused token.
+DOVECOT_ERROR = b'{"status":"invalid_token","schemes":"bearer","scope":"mail"}'
+
+
+class PassThroughMixin:
+    """
+    A token login on an C{oauth} listener whose route gives no password:
+    the backend gets the client's mechanism and token, and its error
+    challenge reaches the client before the protocol's failure.
+    """
+
+    protocol: str
+    options: dict[str, Any] = {}
+
+    def connect(self, route: Route | None = None) -> None:
+        self.backend = makeBackend("old", forward="none", ports={"imap": 143, "pop3": 110, "smtp": 587, "sieve": 4190})
+        self.router = FakeRouter({"alice@example.org": route or Route(self.backend)})
+        self.connector = MemoryConnector()
+        self.frontend, self.client, self.clock = makeFrontend(
+            self.protocol, self.router, self.connector, tls="implicit", oauth=True, **self.options
+        )
+        self.client.clear()
+
+    def send(self, data: bytes) -> bytes:
+        self.client.clear()
+        self.frontend.dataReceived(data)
+        return self.client.value()
+
+    def backendSays(self, data: bytes) -> bytes:
+        transport = self.connector.transports[-1]
+        transport.clear()
+        self.connector.protocols[-1].dataReceived(data)
+        return transport.value()
+
+    def startLogin(self, message: bytes) -> bytes:
+        """
+        The client authenticates with C{message} (OAUTHBEARER); play the
+        backend up to its login command and return that command.
+        """
+        raise NotImplementedError
+
+    def test_tokenPassedThrough(self) -> None:
+        """
+        The backend gets the client's mechanism, user and token as the
+        login's initial response.
+        """
+        self.connect()
+        sent = self.startLogin(oauthbearer(b"alice@example.org", LONG_TOKEN))
+        self.assertIn(b64encode(oauthbearer(b"alice@example.org", LONG_TOKEN)), sent)
+        self.assertIn(b"OAUTHBEARER", sent)
+
+
+class IMAPPassThroughTests(PassThroughMixin, SynchronousTestCase):
+    """
+    IMAP: AUTHENTICATE with SASL-IR towards the backend, the backend's
+    continuation relayed as the client's.
+    """
+
+    protocol = "imap"
+
+    def startLogin(self, message: bytes) -> bytes:
+        self.send(b"a AUTHENTICATE OAUTHBEARER " + b64encode(message) + b"\r\n")
+        return self.backendSays(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=OAUTHBEARER AUTH=XOAUTH2] ready\r\n")
+
+    def test_errorRelayed(self) -> None:
+        """
+        The backend's error challenge goes to the client (after the failure
+        delay); the proxy answers the backend with the dummy C{^A}; the
+        client's own answer brings the NO.
+        """
+        self.connect()
+        sent = self.startLogin(oauthbearer(b"alice@example.org", b"bad"))
+        self.assertTrue(sent.startswith(b"P1 AUTHENTICATE OAUTHBEARER "), sent)
+        self.assertEqual(self.backendSays(b"+ " + b64encode(DOVECOT_ERROR) + b"\r\n"), b"AQ==\r\n")
+        self.backendSays(b"P1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.clock.advance(10)
+        self.assertEqual(self.client.value(), b"+ " + b64encode(DOVECOT_ERROR) + b"\r\n")
+        self.assertEqual(self.send(b"AQ==\r\n"), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
+
+    def test_routerRefusal(self) -> None:
+        """
+        A router's refusal gets the generic C{invalid_token} challenge
+        first, then the NO, whatever the client answers (even C{*}).
+        """
+        self.connect()
+        self.send(b"a AUTHENTICATE XOAUTH2 " + b64encode(xoauth2(b"nobody@example.org", b"t")) + b"\r\n")
+        self.clock.advance(10)
+        self.assertEqual(self.client.value(), b"+ " + b64encode(b'{"status":"invalid_token"}') + b"\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+
+    def test_backendWithoutMechanism(self) -> None:
+        """
+        A backend that does not offer the client's mechanism cannot take
+        the token: a temporary failure, no credential written.
+        """
+        self.connect()
+        self.send(b"a AUTHENTICATE OAUTHBEARER " + b64encode(oauthbearer(b"alice@example.org", b"t")) + b"\r\n")
+        sent = self.backendSays(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        self.assertEqual(sent, b"")
+        self.assertTrue(self.client.value().startswith(b"a NO [UNAVAILABLE]"), self.client.value())
+
+    def test_masterUserRoute(self) -> None:
+        """
+        A router that validated the token itself answers with the master
+        user: the backend gets PLAIN with the master user, never the token.
+        """
+        backend = makeBackend("old", forward="none", masterUser="proxy", masterPassword=b"masterpw")
+        self.connect(Route(backend, useMaster=True))
+        sent = self.startLogin(oauthbearer(b"alice@example.org", b"the-token"))
+        self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"alice@example.org\x00proxy\x00masterpw"), sent)
+        self.assertNotIn(b"the-token", b64decode(sent.split()[-1]))
+
+
+class POP3PassThroughTests(PassThroughMixin, SynchronousTestCase):
+    """
+    POP3: AUTH towards the backend (after its continuation: the line
+    would be too long), the error relayed.
+    """
+
+    protocol = "pop3"
+
+    def startLogin(self, message: bytes) -> bytes:
+        self.send(b"AUTH OAUTHBEARER " + b64encode(message) + b"\r\n")
+        self.backendSays(b"+OK ready\r\n")
+        first = self.backendSays(b"+OK\r\nSASL PLAIN OAUTHBEARER XOAUTH2\r\n.\r\n")
+        if first == b"AUTH OAUTHBEARER\r\n":
+            # Too long for one line: the response follows the continuation.
+            return first + self.backendSays(b"+ \r\n")
+        return first
+
+    def test_errorRelayed(self) -> None:
+        """
+        The backend's error challenge reaches the client, then -ERR.
+        """
+        self.connect()
+        self.startLogin(oauthbearer(b"alice@example.org", b"bad"))
+        self.assertEqual(self.backendSays(b"+ " + b64encode(DOVECOT_ERROR) + b"\r\n"), b"AQ==\r\n")
+        self.backendSays(b"-ERR [AUTH] Authentication failed.\r\n")
+        self.clock.advance(10)
+        self.assertEqual(self.client.value(), b"+ " + b64encode(DOVECOT_ERROR) + b"\r\n")
+        self.assertTrue(self.send(b"AQ==\r\n").startswith(b"-ERR [AUTH]"))
+
+
+class SievePassThroughTests(PassThroughMixin, SynchronousTestCase):
+    """
+    ManageSieve: AUTHENTICATE towards the backend, the error challenge
+    relayed as a string.
+    """
+
+    protocol = "sieve"
+    GREETING = b'"IMPLEMENTATION" "Dovecot"\r\n"SASL" "PLAIN OAUTHBEARER XOAUTH2"\r\nOK "ready"\r\n'
+
+    def startLogin(self, message: bytes) -> bytes:
+        self.send(b'AUTHENTICATE "OAUTHBEARER" "' + b64encode(message) + b'"\r\n')
+        return self.backendSays(self.GREETING)
+
+    def test_errorRelayed(self) -> None:
+        """
+        The backend's error challenge reaches the client as a string, then
+        NO.
+        """
+        self.connect()
+        self.startLogin(oauthbearer(b"alice@example.org", b"bad"))
+        self.assertEqual(self.backendSays(b'"' + b64encode(DOVECOT_ERROR) + b'"\r\n'), b'"AQ=="\r\n')
+        self.backendSays(b'NO "Authentication failed."\r\n')
+        self.clock.advance(10)
+        self.assertEqual(self.client.value(), b'"' + b64encode(DOVECOT_ERROR) + b'"\r\n')
+        self.assertTrue(self.send(b'"AQ=="\r\n').startswith(b"NO"))
+
+
+class SubmissionPassThroughTests(PassThroughMixin, SynchronousTestCase):
+    """
+    SMTP submission: AUTH towards the backend (after a 334 when too long
+    for a command line), the error relayed as a 334, then 535.
+    """
+
+    protocol = "smtp"
+    options = {"mode": "submission"}
+
+    def connect(self, route: Route | None = None) -> None:
+        super().connect(route)
+        self.frontend.context.backends[self.backend.name] = self.backend
+        backendExtensions(self.frontend.context, "smtp").learn(self.backend.name, {"PIPELINING": ""})  # type: ignore[arg-type]
+
+    def startLogin(self, message: bytes) -> bytes:
+        self.send(b"EHLO client.example\r\n")
+        self.send(b"AUTH OAUTHBEARER " + b64encode(message) + b"\r\n")
+        self.backendSays(b"220 old.test ESMTP\r\n")
+        first = self.backendSays(b"250-old.test\r\n250 AUTH PLAIN OAUTHBEARER XOAUTH2\r\n")
+        if first == b"AUTH OAUTHBEARER\r\n":
+            return first + self.backendSays(b"334 \r\n")
+        return first
+
+    def test_errorRelayed(self) -> None:
+        """
+        The backend's error challenge reaches the client as a 334, then
+        the client's answer brings 535.
+        """
+        self.connect()
+        self.startLogin(oauthbearer(b"alice@example.org", b"bad"))
+        self.assertEqual(self.backendSays(b"334 " + b64encode(DOVECOT_ERROR) + b"\r\n"), b"AQ==\r\n")
+        self.backendSays(b"535 5.7.8 Error: authentication failed\r\n")
+        self.clock.advance(10)
+        self.assertEqual(self.client.value(), b"334 " + b64encode(DOVECOT_ERROR) + b"\r\n")
+        self.assertTrue(self.send(b"AQ==\r\n").startswith(b"535 5.7.8"))
