@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .common import TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
+from .test_sieve import SieveClient
 
 USERS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password"}
 
@@ -252,3 +253,38 @@ class POP3PassThroughTests(SynchronousTestCase):
                 capture_output=True,
             )
             self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class SievePassThroughTests(SynchronousTestCase):
+    """
+    ManageSieve through the proxy to Dovecot's oauth2 passdb, with a bare
+    ManageSieve client.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def connect(self) -> SieveClient:
+        client = SieveClient.connect(self.servers.sieve, self.servers.context())
+        self.addCleanup(client.close)
+        self.assertIn(b'"SASL" "PLAIN LOGIN OAUTHBEARER XOAUTH2"', client.readResponse())
+        return client
+
+    def test_login(self) -> None:
+        """
+        AUTHENTICATE "OAUTHBEARER" and "XOAUTH2" with a valid token log in
+        (LISTSCRIPTS works after); a token signed with another key gets the
+        error challenge as a string, then NO.
+        """
+        for mechanism, message in ((b"OAUTHBEARER", oauthbearer), (b"XOAUTH2", xoauth2)):
+            client = self.connect()
+            response = base64.b64encode(message("alice@example.org", self.servers.token("alice@example.org")))
+            reply = client.command(b'AUTHENTICATE "' + mechanism + b'" "' + response + b'"')
+            self.assertTrue(reply[-1].startswith(b"OK"), reply)
+            self.assertTrue(client.command(b"LISTSCRIPTS")[-1].startswith(b"OK"))
+        client = self.connect()
+        bad = base64.b64encode(oauthbearer("alice@example.org", self.servers.token("alice@example.org", key=b"x" * 32)))
+        client.connection.sendall(b'AUTHENTICATE "OAUTHBEARER" "' + bad + b'"\r\n')
+        challenge = client.readLine()
+        self.assertIn(b'"status":"invalid_token"', base64.b64decode(challenge.strip(b'"')))
+        self.assertTrue(client.command(b'"AQ=="')[-1].startswith(b"NO"))
