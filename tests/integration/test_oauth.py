@@ -13,6 +13,7 @@ import imaplib
 import os
 import poplib
 import re
+import smtplib
 import shutil
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
 from .common import TIMEOUT, listenerTable, routesText, staticProxyConfig
+from .postfix import Postfix, dovecotSASLConfig
 from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
 from .test_sieve import SieveClient
 
@@ -60,25 +62,48 @@ class OAuthServers:
             "auth_mechanisms = plain login oauthbearer xoauth2\n"
             f"passdb {{\n  driver = oauth2\n  mechanisms = oauthbearer xoauth2\n  args = {oauthConfig}\n}}\n"
         )
-        self.dovecot = Dovecot(str(self.directory / "dovecot"), "oauth", USERS, ca=self.ca, masterUser=None, extraConfig=extra)
+        self.dovecot = Dovecot(
+            str(self.directory / "dovecot"), "oauth", USERS, ca=self.ca, masterUser=None, extraConfig=extra + dovecotSASLConfig()
+        )
 
     def start(self) -> None:
         """
         Start Dovecot, then the proxy.
         """
         self.dovecot.start()
+        self.postfix: Postfix | None = None
         try:
+            # Submission: Postfix asks the Dovecot for SASL, so it offers
+            # and checks the same mechanisms.
+            self.postfix = Postfix(
+                str(self.directory / "postfix"),
+                "oauth",
+                domains=["example.org"],
+                mailboxes=list(USERS),
+                lmtpPort=self.dovecot.lmtp,
+                saslPath=os.path.join(os.path.realpath(self.dovecot.directory / "runtime"), "run", "postfix-auth"),
+                ca=self.ca,
+            )
+            self.postfix.start()
             certificate, key = self.ca.issue("proxy")
-            ports = {"imap": self.dovecot.imap, "pop3": self.dovecot.pop3, "sieve": self.dovecot.sieve}
+            ports = {
+                "imap": self.dovecot.imap,
+                "pop3": self.dovecot.pop3,
+                "sieve": self.dovecot.sieve,
+                "smtp": self.postfix.submission,
+            }
             listeners = [listenerTable(protocol, 0, "implicit", oauth=True) for protocol in ("imap", "pop3", "sieve")]
+            listeners.append(listenerTable("smtp", 0, "implicit", mode="submission", oauth=True))
             backends = {"dovecot": {"host": "127.0.0.1", "ports": ports, "tls": "none", "forward": "none"}}
             self.proxy = Proxy(str(self.directory / "proxy"), staticProxyConfig(certificate, key, listeners, backends))
             (self.proxy.directory / "routes.toml").write_text(routesText({"default": "dovecot"}))
             self.proxy.start()
         except BaseException:
+            if self.postfix is not None:
+                self.postfix.stop()
             self.dovecot.stop()
             raise
-        self.imap, self.pop3, self.sieve = self.proxy.ports
+        self.imap, self.pop3, self.sieve, self.submission = self.proxy.ports
 
     def stop(self) -> None:
         """
@@ -86,6 +111,8 @@ class OAuthServers:
         """
         try:
             self.proxy.stop()
+            if self.postfix is not None:
+                self.postfix.stop()
             self.dovecot.stop()
         finally:
             shutil.rmtree(self.keys, ignore_errors=True)
@@ -288,3 +315,63 @@ class SievePassThroughTests(SynchronousTestCase):
         challenge = client.readLine()
         self.assertIn(b'"status":"invalid_token"', base64.b64decode(challenge.strip(b'"')))
         self.assertTrue(client.command(b'"AQ=="')[-1].startswith(b"NO"))
+
+
+class SubmissionPassThroughTests(SynchronousTestCase):
+    """
+    SMTP submission through the proxy to Postfix, which asks Dovecot's
+    oauth2 passdb; with smtplib and curl.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def smtp(self) -> smtplib.SMTP_SSL:
+        client = smtplib.SMTP_SSL("127.0.0.1", self.servers.submission, context=self.servers.context(), timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        client.ehlo("client.example.net")
+        return client
+
+    def test_smtplib(self) -> None:
+        """
+        smtplib's AUTH with an initial response logs alice in with
+        OAUTHBEARER and with XOAUTH2, and she can send; an expired token
+        gets the error challenge (a 334 with the JSON), then 535.
+        """
+        self.assertIn("OAUTHBEARER", self.smtp().esmtp_features["auth"])
+        for mechanism, message in (("OAUTHBEARER", oauthbearer), ("XOAUTH2", xoauth2)):
+            client = self.smtp()
+            token = self.servers.token("alice@example.org")
+            # smtplib wants the message as text, and base64-encodes it.
+            code, _ = client.auth(mechanism, lambda challenge=None: message("alice@example.org", token).decode())
+            self.assertEqual(code, 235)
+            client.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nHi.\r\n")
+        client = self.smtp()
+        challenges: list[bytes] = []
+
+        def answer(challenge: bytes | None = None) -> str:
+            if challenge is None:
+                return oauthbearer("alice@example.org", self.servers.token("alice@example.org", lifetime=-60)).decode()
+            challenges.append(challenge)
+            return "\x01"
+
+        with self.assertRaises(smtplib.SMTPAuthenticationError) as raised:
+            client.auth("OAUTHBEARER", answer)
+        self.assertEqual(raised.exception.smtp_code, 535)
+        self.assertEqual(len(challenges), 1)
+        self.assertIn(b'"status":"invalid_token"', challenges[0])
+
+    def test_curl(self) -> None:
+        """
+        curl's C{--oauth2-bearer} sends a message over SMTPS.
+        """
+        requireServer("curl")
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "-k", "--user", "alice@example.org",
+             "--oauth2-bearer", self.servers.token("alice@example.org"),
+             "--mail-from", "alice@example.org", "--mail-rcpt", "bob@example.org", "-T", "-",
+             f"smtps://127.0.0.1:{self.servers.submission}/"],
+            input=b"Subject: from curl\r\n\r\nHi.\r\n",
+            capture_output=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
