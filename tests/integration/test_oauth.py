@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import json
 import os
 import poplib
 import re
@@ -30,6 +31,7 @@ from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sh
 from .test_sieve import SieveClient
 
 USERS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password"}
+MASTER = ("proxy", "master-password")
 
 
 class OAuthServers:
@@ -63,7 +65,7 @@ class OAuthServers:
             f"passdb {{\n  driver = oauth2\n  mechanisms = oauthbearer xoauth2\n  args = {oauthConfig}\n}}\n"
         )
         self.dovecot = Dovecot(
-            str(self.directory / "dovecot"), "oauth", USERS, ca=self.ca, masterUser=None, extraConfig=extra + dovecotSASLConfig()
+            str(self.directory / "dovecot"), "oauth", USERS, ca=self.ca, masterUser=MASTER, extraConfig=extra + dovecotSASLConfig()
         )
 
     def start(self) -> None:
@@ -98,6 +100,18 @@ class OAuthServers:
             self.proxy = Proxy(str(self.directory / "proxy"), staticProxyConfig(certificate, key, listeners, backends))
             (self.proxy.directory / "routes.toml").write_text(routesText({"default": "dovecot"}))
             self.proxy.start()
+            # The validating mode: a second proxy checks the tokens against
+            # a JWKS file with the same key and logs in as the master user.
+            jwks = {"keys": [{"kty": "oct", "k": base64.urlsafe_b64encode(self.secret).rstrip(b"=").decode(), "alg": "HS256"}]}
+            validating = dict(backends["dovecot"], master_user=MASTER[0], master_password_file="master.pw")
+            config = staticProxyConfig(certificate, key, listeners[:1], {"dovecot": validating})
+            config += '[router.oauth]\njwks_file = "jwks.json"\nclaim = "email"\n'
+            self.validating = Proxy(str(self.directory / "validating"), config)
+            (self.validating.directory / "routes.toml").write_text(routesText({"default": "dovecot"}))
+            (self.validating.directory / "jwks.json").write_text(json.dumps(jwks))
+            (self.validating.directory / "master.pw").write_text(MASTER[1] + "\n")
+            self.validating.start()
+            (self.validatingIMAP,) = self.validating.ports
         except BaseException:
             if self.postfix is not None:
                 self.postfix.stop()
@@ -110,6 +124,7 @@ class OAuthServers:
         Stop both.
         """
         try:
+            self.validating.stop()
             self.proxy.stop()
             if self.postfix is not None:
                 self.postfix.stop()
@@ -375,3 +390,44 @@ class SubmissionPassThroughTests(SynchronousTestCase):
             capture_output=True,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class ValidatingTests(SynchronousTestCase):
+    """
+    The validating mode: the proxy checks the JWT against a JWKS file and
+    logs in to Dovecot as the master user on the account's behalf.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def login(self, mechanism: str, message: bytes) -> str:
+        with imaplib.IMAP4_SSL(
+            "127.0.0.1", self.servers.validatingIMAP, ssl_context=self.servers.context(), timeout=TIMEOUT
+        ) as client:
+            try:
+                client.authenticate(mechanism, lambda challenge: message if challenge == b"" else b"\x01")
+            except imaplib.IMAP4.error as e:
+                return "NO " + (e.args[0].decode() if isinstance(e.args[0], bytes) else str(e.args[0]))
+            return client.select("INBOX")[0]
+
+    def test_masterLogin(self) -> None:
+        """
+        A valid token logs alice in: Dovecot's log shows a PLAIN login for
+        her by the master user (the token never reached it); an expired
+        token, a wrongly signed one and one for bob naming alice are
+        refused by the proxy with the error challenge, then NO.
+        """
+        token = self.servers.token("alice@example.org")
+        self.assertEqual(self.login("OAUTHBEARER", oauthbearer("alice@example.org", token)), "OK")
+        log = self.servers.dovecot.logPath.read_text()
+        self.assertRegex(log, r"Login: user=<alice@example\.org>, method=PLAIN, .*auth=<proxy>")
+        bad = [
+            self.servers.token("alice@example.org", lifetime=-60),
+            self.servers.token("alice@example.org", key=os.urandom(32)),
+            self.servers.token("bob@example.org"),
+        ]
+        for token in bad:
+            outcome = self.login("XOAUTH2", xoauth2("alice@example.org", token))
+            self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
+        self.assertEqual(self.servers.dovecot.logPath.read_text().count("auth=<proxy>"), log.count("auth=<proxy>"))

@@ -6,16 +6,23 @@ the router gets, and tokens kept out of the logs.
 
 from __future__ import annotations
 
-from base64 import b64decode, b64encode
+import os
+import time
+from base64 import b64decode, b64encode, urlsafe_b64encode
 from typing import Any
 
+from attrs import evolve
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._sasl import Credentials, Refused, ServerExchange, oauthResponse, parseOAuthResponse
 from mailproxy.model import Rejection, Route
 from mailproxy.smtp._base import backendExtensions
-from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+from mailproxy.config import ConfigError
+from mailproxy.routers import buildRouter
+from mailproxy.routers.oauth import TokenValidatingRouter
+from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend, makeRequest
 
 from .test_config import ROUTER, ConfigTestCase, configText
 
@@ -531,3 +538,103 @@ class SubmissionPassThroughTests(PassThroughMixin, SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.client.value(), b"334 " + b64encode(DOVECOT_ERROR) + b"\r\n")
         self.assertTrue(self.send(b"AQ==\r\n").startswith(b"535 5.7.8"))
+
+
+class TokenValidatingRouterTests(SynchronousTestCase):
+    """
+    L{TokenValidatingRouter}: the validating mode.
+    """
+
+    SECRET = b"s" * 32
+
+    def setUp(self) -> None:
+        import jwt
+
+        jwk = {"kty": "oct", "kid": "k1", "alg": "HS256", "k": urlsafe_b64encode(self.SECRET).rstrip(b"=").decode()}
+        self.backend = makeBackend("old", masterUser="proxy", masterPassword=b"masterpw")
+        self.inner = FakeRouter({"alice@example.org": Route(self.backend)})
+        self.router = TokenValidatingRouter(self.inner, jwt.PyJWKSet([jwk]), claim="email")
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def token(self, email: str = "alice@example.org", lifetime: int = 300, key: bytes | None = None, kid: str = "k1") -> bytes:
+        import jwt
+
+        now = int(time.time())
+        claims = {"sub": "x", "email": email, "exp": now + lifetime}
+        return jwt.encode(claims, key or self.SECRET, algorithm="HS256", headers={"kid": kid}).encode()
+
+    def route(self, token: bytes, user: str = "alice@example.org") -> Route | Rejection:
+        request = evolve(makeRequest(), credentials=Credentials("OAUTHBEARER", user, token=token))
+        return self.successResultOf(self.router.route(request))
+
+    def test_valid(self) -> None:
+        """
+        A valid token for the account is routed by the wrapped router and
+        becomes a master-user login.
+        """
+        route = self.route(self.token())
+        assert isinstance(route, Route)
+        self.assertEqual((route.backend, route.useMaster, route.password, route.authenticated), (self.backend, True, None, True))
+
+    def test_refused(self) -> None:
+        """
+        An expired token, one signed with another key, one naming an
+        unknown key, or one for another account is refused without asking
+        the wrapped router; the log says why and never holds the token.
+        """
+        bad = [
+            self.token(lifetime=-60),
+            self.token(key=b"o" * 32),
+            self.token(kid="k2"),
+            self.token(email="bob@example.org"),
+            b"not-a-jwt",
+        ]
+        for token in bad:
+            self.assertIsInstance(self.route(token), Rejection, token)
+        self.assertEqual(self.inner.requests, [])
+        text = repr(self.events)
+        for token in bad:
+            for part in token.split(b"."):
+                self.assertNotIn(part.decode(), text)
+
+    def test_otherLogins(self) -> None:
+        """
+        A password login goes to the wrapped router untouched.
+        """
+        request = makeRequest()
+        route = self.successResultOf(self.router.route(request))
+        assert isinstance(route, Route)
+        self.assertFalse(route.useMaster)
+
+
+class ValidationConfigTests(ConfigTestCase):
+    """
+    The C{[router.oauth]} sub-table.
+    """
+
+    def build(self, oauth: str, jwks: str) -> Any:
+        with open(os.path.join(self.directory, "jwks.json"), "w") as f:
+            f.write(jwks)
+        config = self.parse(configText(extra="[router.oauth]\n" + oauth))
+        return buildRouter(config, Clock())
+
+    def test_wraps(self) -> None:
+        """
+        With a JWKS file the router is wrapped in the validation, with the
+        claim asked for.
+        """
+        router = self.build('jwks_file = "jwks.json"\nclaim = "sub"\n', '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+        self.assertIsInstance(router, TokenValidatingRouter)
+        self.assertEqual(router.claim, "sub")
+
+    def test_errors(self) -> None:
+        """
+        A file that is not a JWKS and an unknown key are refused, naming
+        the key.
+        """
+        error = self.assertRaises(ConfigError, self.build, 'jwks_file = "jwks.json"\n', "{}")
+        self.assertIn("router.oauth.jwks_file: not a usable JWKS", str(error))
+        error = self.assertRaises(ConfigError, self.build, 'jwks_file = "jwks.json"\njwks_url = "x"\n', '{"keys": []}')
+        self.assertIn("router.oauth", str(error))
