@@ -136,7 +136,7 @@ def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) 
     if oauth is not None:
         from mailproxy.routers.oauth import buildTokenValidation
 
-        router = buildTokenValidation(oauth, router)
+        router = buildTokenValidation(oauth, router, reactor)
     if cache is not None:
         from mailproxy.routers.cache import buildCache
 

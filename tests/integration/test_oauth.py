@@ -9,6 +9,7 @@ curl (C{--oauth2-bearer}).
 from __future__ import annotations
 
 import base64
+import http.server
 import imaplib
 import json
 import os
@@ -19,8 +20,11 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
@@ -112,6 +116,19 @@ class OAuthServers:
             (self.validating.directory / "master.pw").write_text(MASTER[1] + "\n")
             self.validating.start()
             (self.validatingIMAP,) = self.validating.ports
+            # And by introspection: a third proxy asks the test's endpoint.
+            self.introspection = _IntrospectionEndpoint(self.secret)
+            config = staticProxyConfig(certificate, key, listeners[:1], {"dovecot": validating})
+            config += (
+                f'[router.oauth]\nintrospection_url = "{self.introspection.url}"\n'
+                'client_id = "mailproxy"\nclient_secret_file = "introspection.secret"\n'
+            )
+            self.introspecting = Proxy(str(self.directory / "introspecting"), config)
+            (self.introspecting.directory / "routes.toml").write_text(routesText({"default": "dovecot"}))
+            (self.introspecting.directory / "master.pw").write_text(MASTER[1] + "\n")
+            (self.introspecting.directory / "introspection.secret").write_text("client-secret\n")
+            self.introspecting.start()
+            (self.introspectingIMAP,) = self.introspecting.ports
         except BaseException:
             if self.postfix is not None:
                 self.postfix.stop()
@@ -124,6 +141,8 @@ class OAuthServers:
         Stop both.
         """
         try:
+            self.introspecting.stop()
+            self.introspection.stop()
             self.validating.stop()
             self.proxy.stop()
             if self.postfix is not None:
@@ -148,6 +167,45 @@ class OAuthServers:
         context = ssl.create_default_context(cafile=self.ca.caPath)
         context.check_hostname = False
         return context
+
+
+class _IntrospectionEndpoint:
+    """
+    An OAuth 2.0 token introspection endpoint (RFC 7662) in a thread: a
+    token is active if it is a JWT signed with the test's key and not
+    expired; it answers its claims. It records the requests.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        endpoint = self
+        self.requests: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                endpoint.requests.append((form["token"][0], self.headers.get("Authorization", "")))
+                try:
+                    answer = dict(jwt.decode(form["token"][0], secret, algorithms=["HS256"]), active=True)
+                except jwt.PyJWTError:
+                    answer = {"active": False}
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/introspect"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def servers() -> OAuthServers:
@@ -431,3 +489,42 @@ class ValidatingTests(SynchronousTestCase):
             outcome = self.login("XOAUTH2", xoauth2("alice@example.org", token))
             self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
         self.assertEqual(self.servers.dovecot.logPath.read_text().count("auth=<proxy>"), log.count("auth=<proxy>"))
+
+
+class IntrospectionTests(SynchronousTestCase):
+    """
+    The validating mode by token introspection: the proxy asks the test's
+    RFC 7662 endpoint, keeps its answer until the token's exp, and logs in
+    to Dovecot as the master user.
+    """
+
+    def setUp(self) -> None:
+        self.servers = servers()
+
+    def login(self, message: bytes) -> str:
+        with imaplib.IMAP4_SSL(
+            "127.0.0.1", self.servers.introspectingIMAP, ssl_context=self.servers.context(), timeout=TIMEOUT
+        ) as client:
+            try:
+                client.authenticate("OAUTHBEARER", lambda challenge: message if challenge == b"" else b"\x01")
+            except imaplib.IMAP4.error as e:
+                return "NO " + (e.args[0].decode() if isinstance(e.args[0], bytes) else str(e.args[0]))
+            return client.select("INBOX")[0]
+
+    def test_introspected(self) -> None:
+        """
+        A valid token logs bob in as the master user after one request to
+        the endpoint (with the proxy's client credentials); the same token
+        again needs no request; an expired or foreign token is refused.
+        """
+        endpoint = self.servers.introspection
+        before = len(endpoint.requests)
+        token = self.servers.token("bob@example.org")
+        self.assertEqual(self.login(oauthbearer("bob@example.org", token)), "OK")
+        self.assertEqual(self.login(oauthbearer("bob@example.org", token)), "OK")
+        self.assertEqual(len(endpoint.requests) - before, 1)
+        self.assertEqual(endpoint.requests[-1], (token, "Basic " + base64.b64encode(b"mailproxy:client-secret").decode()))
+        self.assertRegex(self.servers.dovecot.logPath.read_text(), r"Login: user=<bob@example\.org>, method=PLAIN, .*auth=<proxy>")
+        for bad in (self.servers.token("bob@example.org", lifetime=-60), self.servers.token("alice@example.org")):
+            outcome = self.login(oauthbearer("bob@example.org", bad))
+            self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)

@@ -6,13 +6,16 @@ the router gets, and tokens kept out of the logs.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from base64 import b64decode, b64encode, urlsafe_b64encode
 from typing import Any
 
 from attrs import evolve
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,7 +24,7 @@ from mailproxy.model import Rejection, Route
 from mailproxy.smtp._base import backendExtensions
 from mailproxy.config import ConfigError
 from mailproxy.routers import buildRouter
-from mailproxy.routers.oauth import TokenValidatingRouter
+from mailproxy.routers.oauth import IntrospectionClient, TokenValidatingRouter
 from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend, makeRequest
 
 from .test_config import ROUTER, ConfigTestCase, configText
@@ -638,3 +641,89 @@ class ValidationConfigTests(ConfigTestCase):
         self.assertIn("router.oauth.jwks_file: not a usable JWKS", str(error))
         error = self.assertRaises(ConfigError, self.build, 'jwks_file = "jwks.json"\njwks_url = "x"\n', '{"keys": []}')
         self.assertIn("router.oauth", str(error))
+        both = 'jwks_file = "jwks.json"\nintrospection_url = "https://id.example/introspect"\n'
+        error = self.assertRaises(ConfigError, self.build, both, '{"keys": []}')
+        self.assertIn("router.oauth.jwks_file: give jwks_file or introspection_url, not both", str(error))
+        error = self.assertRaises(ConfigError, self.build, 'introspection_url = "ftp://x"\n', "")
+        self.assertIn("router.oauth.introspection_url: must be an http:// or https:// URL", str(error))
+
+    def test_introspection(self) -> None:
+        """
+        With an introspection URL the router asks it.
+        """
+        router = self.build('introspection_url = "https://id.example/introspect"\nclient_id = "proxy"\n', "")
+        self.assertIsInstance(router, TokenValidatingRouter)
+
+
+class _Introspection(Resource):
+    """
+    An RFC 7662 endpoint: tokens it knows are active for a user until an
+    expiry, others inactive; it records each request's form and
+    authorization.
+    """
+
+    isLeaf = True
+
+    def __init__(self, tokens: dict[bytes, dict[str, Any]]) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.asked: list[tuple[bytes, bytes | None]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        token = request.args[b"token"][0]
+        self.asked.append((token, request.getHeader(b"authorization")))
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.tokens.get(token, {"active": False})).encode()
+
+
+class IntrospectionTests(SynchronousTestCase):
+    """
+    The validating mode with token introspection (RFC 7662).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.endpoint = _Introspection({b"good": {"active": True, "email": "alice@example.org", "exp": 1100}})
+        self.client = IntrospectionClient(
+            StubTreq(self.endpoint), "http://id.example/introspect", self.clock, clientID="proxy", clientSecret=b"pw"
+        )
+        backend = makeBackend("old", masterUser="proxy", masterPassword=b"masterpw")
+        self.router = TokenValidatingRouter(FakeRouter({"alice@example.org": Route(backend)}), introspection=self.client)
+
+    def route(self, token: bytes, user: str = "alice@example.org") -> Any:
+        request = evolve(makeRequest(), credentials=Credentials("XOAUTH2", user, token=token))
+        return self.successResultOf(self.router.route(request))
+
+    def test_activeToken(self) -> None:
+        """
+        An active token naming the account is a master-user route; the
+        endpoint got the token with the client's credentials; its answer
+        is kept until the token's exp, then asked again.
+        """
+        route = self.route(b"good")
+        self.assertTrue(isinstance(route, Route) and route.useMaster, route)
+        self.assertEqual(self.endpoint.asked, [(b"good", b"Basic " + b64encode(b"proxy:pw"))])
+        self.route(b"good")
+        self.assertEqual(len(self.endpoint.asked), 1)
+        self.clock.advance(100)
+        self.assertIsInstance(self.route(b"good"), Rejection)
+        self.assertEqual(len(self.endpoint.asked), 2)
+
+    def test_refused(self) -> None:
+        """
+        An inactive token, or an active one for another account, is
+        refused; an inactive answer is not kept.
+        """
+        self.assertIsInstance(self.route(b"unknown"), Rejection)
+        self.assertIsInstance(self.route(b"unknown"), Rejection)
+        self.assertEqual(len(self.endpoint.asked), 2)
+        self.assertIsInstance(self.route(b"good", "bob@example.org"), Rejection)
+
+    def test_endpointDown(self) -> None:
+        """
+        An endpoint that does not answer usably gives a temporary refusal.
+        """
+        self.endpoint.tokens[b"broken"] = ["not", "an", "object"]  # type: ignore[assignment]
+        answer = self.route(b"broken")
+        self.assertTrue(isinstance(answer, Rejection) and answer.temporary, answer)
