@@ -298,9 +298,11 @@ class IMAPPassThroughTests(SynchronousTestCase):
             self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
             self.assertEqual(len(challenges), 2, challenges)
             self.assertIn(b'"status":"invalid_token"', challenges[1])
+        # Dovecot's XOAUTH2 error differs from the proxy's own: what the
+        # client gets is the backend's, relayed.
         outcome, challenges = self.login("XOAUTH2", xoauth2("alice@example.org", bad[0]))
         self.assertTrue(outcome.startswith("NO [AUTHENTICATIONFAILED]"), outcome)
-        self.assertIn(b'"status"', challenges[1])
+        self.assertEqual(challenges[1], b'{"status":"401","schemes":"bearer","scope":"mail"}')
         log = self.servers.proxy.logPath.read_text()
         for token in bad:
             for part in token.split("."):
