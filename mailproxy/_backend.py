@@ -31,6 +31,7 @@ from zope.interface import implementer
 from . import _proxyproto, _tls
 from ._outcomes import FailureKind
 from ._relay import socketOf
+from ._sasl import oauthResponse, plainResponse
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
@@ -90,13 +91,17 @@ class BackendFailure(Exception):
     @ivar detail: what happened, for the log (never a credential).
     @ivar clientText: for L{FailureKind.REFUSED}, the protocol-specific
         reply text.
+    @ivar saslError: for an OAuth login passed through, the error the
+        backend sent as its last challenge (RFC 7628's JSON, decoded),
+        for the client; empty if none.
     """
 
-    def __init__(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
+    def __init__(self, kind: FailureKind, detail: str, clientText: str = "", saslError: bytes = b"") -> None:
         super().__init__(kind, detail)
         self.kind = kind
         self.detail = detail
         self.clientText = clientText
+        self.saslError = saslError
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}"
@@ -146,11 +151,11 @@ class LoginJob:
         """
         This job with no password left in it: neither the backend's nor
         the master user's, nor the client's credentials' (a digest's
-        response included), nor the route's.
+        response and an OAuth token included), nor the route's.
         """
         credentials = self.credentials
         if credentials is not None:
-            credentials = evolve(credentials, password=None, response=None)
+            credentials = evolve(credentials, password=None, response=None, token=None)
         return evolve(
             self,
             route=evolve(self.route, password=None),
@@ -158,6 +163,28 @@ class LoginJob:
             password=None,
             masterPassword=None,
         )
+
+    @property
+    def passesToken(self) -> bool:
+        """
+        The backend gets the client's OAuth mechanism and token (the
+        router gave neither a password nor the master user): the backend
+        validates the token.
+        """
+        credentials = self.credentials
+        return self.masterUser is None and self.password is None and credentials is not None and credentials.token is not None
+
+    def saslLogin(self) -> tuple[bytes, bytes]:
+        """
+        The SASL mechanism to log in with and its initial response (base64):
+        the client's OAuth mechanism and token where L{passesToken}, else
+        PLAIN with L{saslIdentities}.
+        """
+        credentials = self.credentials
+        if self.passesToken and credentials is not None and credentials.token is not None:
+            user = self.user.encode("utf-8", "surrogateescape")
+            return credentials.mechanism.encode("ascii"), oauthResponse(credentials.mechanism, user, credentials.token)
+        return b"PLAIN", plainResponse(*self.saslIdentities())
 
     def saslIdentities(self) -> tuple[bytes, bytes, bytes]:
         """
@@ -364,9 +391,11 @@ class BackendProtocol(Protocol):
         self.leftover = leftover
         self.result.callback(self)
 
-    def fail(self, kind: FailureKind, detail: str, clientText: str = "") -> None:
+    def fail(self, kind: FailureKind, detail: str, clientText: str = "", saslError: bytes = b"") -> None:
         """
         The login did not succeed; close the connection and report why.
+
+        @param saslError: see L{BackendFailure.saslError}.
         """
         if self._done or self.result.called:
             return
@@ -377,7 +406,7 @@ class BackendProtocol(Protocol):
             else:
                 # The server answered cleanly; leave it cleanly.
                 self.transport.loseConnection()
-        self.result.errback(Failure(BackendFailure(kind, detail, clientText)))
+        self.result.errback(Failure(BackendFailure(kind, detail, clientText, saslError)))
 
     def abandon(self) -> None:
         """

@@ -27,8 +27,8 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from ._backend import BackendProtocol
-from ._outcomes import EndReason, SASLRefusal, StartTLSRefusal
-from ._sasl import Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
+from ._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
+from ._sasl import OAUTH_INVALID_TOKEN, OAUTH_MECHANISMS, Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
 from ._login import LoginFailed
 from ._session import FrontendProtocol, ProxyContext, Session
 from .model import Credentials
@@ -245,6 +245,10 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         self.clientID: tuple[tuple[str, str], ...] = ()
         self._exchange: ServerExchange | None = None
         self._saslCommand: Any = None
+        # An OAuth login's refusal, held while the client answers the error
+        # challenge (RFC 7628 section 3.2.2).
+        self._oauthLogin = False
+        self._heldFailure: LoginFailed | None = None
 
     def offeredMechanisms(self) -> list[str]:
         """
@@ -305,6 +309,12 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         """
         self.state = LoopState.COMMAND
         command, exchange = self._saslCommand, self._exchange
+        if self._heldFailure is not None:
+            # The client's answer to the error challenge (a dummy ^A, an
+            # empty line, or *): whatever it is, the refusal follows.
+            failure, self._heldFailure = self._heldFailure, None
+            self._answerRefusal(command, failure)
+            return
         assert exchange is not None
         if response == b"*":
             self.answerSASLRefusal(command, SASLRefusal.ABORTED, exchange.mechanism)
@@ -357,6 +367,7 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         the session.
         """
         self.state = LoopState.LOGIN
+        self._oauthLogin = credentials.mechanism in OAUTH_MECHANISMS
         d = self.login(credentials, self.clientID)
         d.addCallbacks(self._loginSucceeded, self._loginRefused, callbackArgs=(command,), errbackArgs=(command,))
         d.addErrback(self.loginHandlingFailed)
@@ -369,6 +380,22 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
     def _loginRefused(self, reason: Failure, command: Any) -> None:
         reason.trap(LoginFailed)
         failure = cast(LoginFailed, reason.value)
+        if self._oauthLogin and failure.kind is FailureKind.AUTH:
+            # RFC 7628: a refused token gets an error challenge first (the
+            # backend's, or the generic one when the router refused), and
+            # the refusal once the client has answered it.
+            self._saslCommand = command
+            self._heldFailure = failure
+            self.saslChallenge(command, failure.saslError or OAUTH_INVALID_TOKEN)
+            self.state = LoopState.SASL
+            self.process()
+            return
+        self._answerRefusal(command, failure)
+
+    def _answerRefusal(self, command: Any, failure: LoginFailed) -> None:
+        """
+        Answer a refused login, then end the session or read on.
+        """
         self.answerLoginFailure(command, failure)
         if failure.close:
             endReason = self.loginFailureReason
@@ -398,8 +425,19 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
     def saslMechanisms(self) -> Sequence[str]:
         """
         See L{mailproxy._contract.ILoginFrontend.saslMechanisms}.
+
+        The same list for every protocol: PLAIN and LOGIN, CRAM-MD5 where
+        the listener offers digest mechanisms (C{digest_auth}), and
+        OAUTHBEARER and XOAUTH2 where it offers OAuth (C{oauth}) and TLS is
+        active: a bearer token is a password anyone who reads it can use.
+        The configuration allows each switch only for protocols whose
+        registry entry says so.  A protocol overrides it only to offer
+        less.
         """
-        return ()
+        mechanisms = ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
+        if self.listener.oauth and self.tlsActive:
+            mechanisms += OAUTH_MECHANISMS
+        return mechanisms
 
     def saslChallenge(self, command: Any, data: bytes) -> None:
         """

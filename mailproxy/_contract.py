@@ -147,7 +147,10 @@ class ILoginFrontend(IProtocolFrontend):
         """
         The SASL mechanism names (upper case C{str}) this listener supports,
         whether or not the connection may use them now (the core refuses
-        them before TLS where the listener asks for TLS first).
+        them before TLS where the listener asks for TLS first).  The core
+        answers it from the listener for every protocol
+        (L{mailproxy._commandloop.CommandFrontend.saslMechanisms}); a
+        protocol overrides it only to offer less.
         """
 
     def readSASLResponse() -> bool:

@@ -43,15 +43,20 @@ class LoginFailed(Exception):
     @ivar clientText: the backend's own refusal line, for
         L{FailureKind.REFUSED}.
     @ivar close: the connection is to be closed after the reply.
+    @ivar saslError: the backend's error challenge to an OAuth login passed
+        through (RFC 7628's JSON), for the client; empty if none.
     """
 
-    def __init__(self, kind: FailureKind | str, message: str = "", clientText: str = "", close: bool = False) -> None:
+    def __init__(
+        self, kind: FailureKind | str, message: str = "", clientText: str = "", close: bool = False, saslError: bytes = b""
+    ) -> None:
         kind = FailureKind(kind)
         super().__init__(kind.value)
         self.kind = kind
         self.message = message
         self.clientText = clientText
         self.close = close
+        self.saslError = saslError
 
 
 class _Rejected(Exception):
@@ -158,9 +163,10 @@ class LoginAttempt:
             if backend.masterUser is None:
                 raise LoginFailed(FailureKind.UNAVAILABLE)
             masterUser, masterPassword, password = backend.masterUser, backend.masterPassword, None
-        elif password is None:
+        elif password is None and credentials.token is None:
             # A digest mechanism and a router that gave no password: nothing
-            # to log in with at the backend.
+            # to log in with at the backend.  (An OAuth token without one
+            # goes to the backend, which validates it.)
             session.log.warn(
                 "route for {user} has no password for the backend ({mechanism})",
                 user=logQuote(credentials.user),
@@ -210,7 +216,7 @@ class LoginAttempt:
             # The backend's words, which may repeat the client's.
             detail=logQuote(failure.detail),
         )
-        raise LoginFailed(failure.kind, clientText=failure.clientText)
+        raise LoginFailed(failure.kind, clientText=failure.clientText, saslError=failure.saslError)
 
     def _delayFailure(self, reason: Failure) -> Deferred[None] | Failure:
         # The delay runs from the start of the attempt, not from the

@@ -41,6 +41,7 @@ from mailproxy.protocols import (
     APPLICATION_PROTOCOLS,
     BACKEND_PROTOCOLS,
     DIGEST_AUTH_PROTOCOLS,
+    OAUTH_PROTOCOLS,
     LISTENER_MODES,
     LISTENER_PROTOCOLS,
     MODE_PORTS,
@@ -68,6 +69,7 @@ __all__ = [
     "LISTENER_PROTOCOLS",
     "BACKEND_PROTOCOLS",
     "DIGEST_AUTH_PROTOCOLS",
+    "OAUTH_PROTOCOLS",
     "LISTENER_MODES",
     "MODE_PORTS",
     "APPLICATION_PROTOCOLS",
@@ -1001,13 +1003,14 @@ def _parseListener(
     problems = entry.problems
     before = len(problems.found) if problems is not None else 0
     entry.allow(
-        "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "mode", "local_domains"
+        "protocol", "endpoint", "tls", "proxy_protocol", "proxy_trusted", "digest_auth", "oauth", "mode", "local_domains"
     )
     protocol = entry.collect(lambda: entry.string("protocol", choices=LISTENER_PROTOCOLS), None)
     mode = entry.collect(lambda: _parseMode(entry, protocol), None) if protocol is not None else None
     endpoint = entry.collect(lambda: entry.string("endpoint"), None)
     tls = entry.collect(lambda: entry.string("tls", choices=LISTENER_TLS_MODES), None)
     digestAuth = entry.collect(lambda: _parseDigestAuth(entry, protocol, mode), False)
+    oauth = entry.collect(lambda: _parseOAuth(entry, protocol, mode, tls), False)
     # Whether local_domains may be set depends on the mode: not judged
     # while the protocol or mode is itself wrong.
     kindKnown = protocol is not None and (mode is not None or protocol not in LISTENER_MODES)
@@ -1044,6 +1047,7 @@ def _parseListener(
         digestAuth=digestAuth,
         mode=mode,
         localDomains=localDomains,
+        oauth=oauth,
     )
 
 
@@ -1058,6 +1062,22 @@ def _parseDigestAuth(entry: Table, protocol: str | None, mode: str | None) -> bo
     if digestAuth and _asksRecipients(protocol, mode):
         entry.fail("digest_auth", f"{mode or protocol} listeners take no logins")
     return digestAuth
+
+
+def _parseOAuth(entry: Table, protocol: str | None, mode: str | None, tls: str | None) -> bool:
+    """
+    A listener's C{oauth}: only for the protocols whose front ends offer
+    OAuth mechanisms, never for MX, and only with TLS (they are offered
+    only once it is active).
+    """
+    oauth: bool = entry.boolean("oauth", False)
+    if oauth and protocol is not None and protocol not in OAUTH_PROTOCOLS:
+        entry.fail("oauth", f"only {', '.join(OAUTH_PROTOCOLS)} listeners offer OAuth mechanisms")
+    if oauth and _asksRecipients(protocol, mode):
+        entry.fail("oauth", f"{mode or protocol} listeners take no logins")
+    if oauth and tls == "none":
+        entry.fail("oauth", 'OAuth mechanisms are offered only over TLS; this listener has tls = "none"')
+    return oauth
 
 
 def _parseProxyProtocol(entry: Table) -> tuple[bool, tuple[str, ...]]:

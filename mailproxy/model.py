@@ -64,13 +64,18 @@ class Credentials:
     What the client offered to log in.
 
     @ivar mechanism: C{"LOGIN"} (IMAP LOGIN, POP3 USER/PASS, SASL LOGIN),
-        C{"PLAIN"}, C{"CRAM-MD5"} or C{"APOP"}.
-    @ivar user: the authentication identity, decoded as UTF-8 with
-        C{surrogateescape} so that any byte string survives the round trip.
+        C{"PLAIN"}, C{"CRAM-MD5"}, C{"APOP"}, C{"OAUTHBEARER"} or
+        C{"XOAUTH2"}.
+    @ivar user: the authentication identity (for the OAuth mechanisms the
+        user the client names: OAUTHBEARER's C{a=}, XOAUTH2's C{user=}),
+        decoded as UTF-8 with C{surrogateescape} so that any byte string
+        survives the round trip.
     @ivar password: the cleartext password, or L{None} for digest mechanisms.
     @ivar authzid: the SASL authorization identity, C{""} when none was given.
     @ivar challenge: for CRAM-MD5 and APOP, the challenge the proxy sent.
     @ivar response: for CRAM-MD5 and APOP, the client's hex digest.
+    @ivar token: for OAUTHBEARER and XOAUTH2, the client's bearer token
+        (never logged: it is a password for as long as it is valid).
     """
 
     mechanism: str
@@ -79,6 +84,7 @@ class Credentials:
     authzid: str = ""
     challenge: bytes | None = None
     response: bytes | None = field(default=None, repr=False)
+    token: bytes | None = field(default=None, repr=False)
 
     def check(self, secret: bytes) -> bool:
         """

@@ -36,6 +36,7 @@ __all__ = [
     "LISTENER_PROTOCOLS",
     "BACKEND_PROTOCOLS",
     "DIGEST_AUTH_PROTOCOLS",
+    "OAUTH_PROTOCOLS",
     "LISTENER_MODES",
     "MODE_PORTS",
     "APPLICATION_PROTOCOLS",
@@ -110,10 +111,10 @@ class ProtocolDescriptor:
         otherwise).
     @ivar modes: its kinds of listener, each with its required C{mode}
         value; empty for a protocol of one kind.
-    @ivar digestAuth: its front end can offer digest mechanisms (POP3 APOP,
-        CRAM-MD5) when a listener sets C{digest_auth = true}.
+    @ivar digestAuth: its front end can offer digest mechanisms (CRAM-MD5,
+        and APOP on POP3) when a listener sets C{digest_auth = true}.
     @ivar oauth: its front end can offer OAuth mechanisms (OAUTHBEARER,
-        XOAUTH2); none does yet.
+        XOAUTH2) when a listener sets C{oauth = true}.
     """
 
     name: str
@@ -202,6 +203,8 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         backendLogin="mailproxy.imap._backend.IMAPBackendLogin",
         applicationProtocols=(b"imap",),
         greeting=(b"* OK", b"* PREAUTH"),
+        digestAuth=True,
+        oauth=True,
     ),
     ProtocolDescriptor(
         name="pop3",
@@ -211,6 +214,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         applicationProtocols=(b"pop3",),
         greeting=(b"+OK",),
         digestAuth=True,
+        oauth=True,
     ),
     ProtocolDescriptor(
         name="smtp",
@@ -227,6 +231,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
             Mode("mx", port="mx", lookup="recipient", frontend="mailproxy.smtp.MXFrontend"),
         ),
         digestAuth=True,
+        oauth=True,
     ),
     ProtocolDescriptor(
         name="sieve",
@@ -236,6 +241,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         applicationProtocols=(b"managesieve",),
         # ManageSieve greets with its capabilities, each a quoted string.
         greeting=(b'"',),
+        oauth=True,
     ),
 )
 """
@@ -283,6 +289,12 @@ DIGEST_AUTH_PROTOCOLS: tuple[str, ...] = tuple(protocol.name for protocol in PRO
 """
 The listener protocols whose front ends offer digest mechanisms when a
 listener sets C{digest_auth = true}.
+"""
+
+OAUTH_PROTOCOLS: tuple[str, ...] = tuple(protocol.name for protocol in PROTOCOLS if protocol.oauth)
+"""
+The listener protocols whose front ends offer OAUTHBEARER and XOAUTH2 when
+a listener sets C{oauth = true}.
 """
 
 BACKEND_PROTOCOLS: tuple[str, ...] = tuple(

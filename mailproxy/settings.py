@@ -69,8 +69,10 @@ class Listener:
     @ivar proxyProtocol: every connection starts with a PROXY v1/v2 header
         from a load balancer in C{proxyTrusted}.
     @ivar proxyTrusted: addresses or CIDR networks of those balancers.
-    @ivar digestAuth: offer the digest mechanisms (POP3 APOP and
-        CRAM-MD5), which only a router holding cleartext passwords can check.
+    @ivar digestAuth: offer the digest mechanisms (CRAM-MD5, and APOP
+        on POP3), which only a router holding cleartext passwords can check.
+    @ivar oauth: offer the OAuth 2.0 mechanisms (OAUTHBEARER, XOAUTH2)
+        once TLS is active.
     @ivar mode: the kind of listener, for protocols in L{mailproxy.protocols.LISTENER_MODES}
         (SMTP: C{"submission"} or C{"mx"}); L{None} for the others.
     @ivar localDomains: for an MX listener, the domains the proxy receives
@@ -85,6 +87,7 @@ class Listener:
     proxyTrusted: tuple[str, ...] = ()
     digestAuth: bool = False
     mode: str | None = None
+    oauth: bool = False
     localDomains: frozenset[str] = frozenset()
 
     @property

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
 from .._safetext import oneLine
-from .._sasl import plainResponse
+from .._sasl import OAUTH_INVALID_TOKEN, decodeBase64, oauthErrorAck, plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 65536
@@ -109,6 +109,8 @@ class IMAPBackendLogin(BackendProtocol):
         # Each tag sent, to the handler of its tagged reply.
         self._waiting: dict[bytes, _ReplyHandler] = {}
         self._pendingLiterals: list[bytes] = []
+        # An OAuth error challenge the server sent, for the client.
+        self._saslError = b""
 
     # Writing
 
@@ -162,7 +164,7 @@ class IMAPBackendLogin(BackendProtocol):
             self._greeting(response)
             return
         if response.startswith(b"+"):
-            self._continuation()
+            self._continuation(response[1:].strip())
             return
         tag, _, rest = response.partition(b" ")
         if tag == b"*":
@@ -252,7 +254,18 @@ class IMAPBackendLogin(BackendProtocol):
         if forward == "id" or (forward == "auto" and b"ID" in caps):
             commands.append(self._nextTag(self._idReply) + b" ID " + self._idParameters())
         authzid, authcid, password = self.job.saslIdentities()
-        if b"AUTH=PLAIN" in caps and (b"SASL-IR" in caps or authzid):
+        if self.job.passesToken:
+            mechanism, response = self.job.saslLogin()
+            if b"AUTH=" + mechanism not in caps:
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer AUTH=" + mechanism.decode("ascii"))
+                return
+            tag = self._nextTag(self._loginReply)
+            if b"SASL-IR" in caps:
+                commands.append(tag + b" AUTHENTICATE " + mechanism + b" " + response)
+            else:
+                commands.append(tag + b" AUTHENTICATE " + mechanism)
+                self._pendingLiterals = [response + b"\r\n"]
+        elif b"AUTH=PLAIN" in caps and (b"SASL-IR" in caps or authzid):
             response = plainResponse(authzid, authcid, password)
             if b"SASL-IR" in caps:
                 commands.append(self._nextTag(self._loginReply) + b" AUTHENTICATE PLAIN " + response)
@@ -274,7 +287,15 @@ class IMAPBackendLogin(BackendProtocol):
                 ]
         self.transport.write(b"\r\n".join(commands) + b"\r\n")
 
-    def _continuation(self) -> None:
+    def _continuation(self, text: bytes) -> None:
+        if not self._pendingLiterals and self.job.passesToken and not self._saslError:
+            # The server's error challenge to the token (RFC 7628): keep it
+            # for the client, answer as a client does, await the NO.
+            credentials = self.job.credentials
+            assert credentials is not None
+            self._saslError = decodeBase64(text) or OAUTH_INVALID_TOKEN
+            self.transport.write(oauthErrorAck(credentials.mechanism) + b"\r\n")
+            return
         if not self._pendingLiterals:
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
             return
@@ -309,7 +330,7 @@ class IMAPBackendLogin(BackendProtocol):
             return
         code, _, rest = parseCode(text)
         if status == b"NO" and code in _AUTH_CODES:
-            self.fail(FailureKind.AUTH, "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials", saslError=self._saslError)
         elif status == b"NO" and code in _TEMP_CODES:
             self.fail(FailureKind.UNAVAILABLE, "backend login: " + code.decode("ascii", "replace"))
         elif status == b"NO":

@@ -2,7 +2,7 @@
 The IMAP4 front end: what a client sees before it is logged in.
 
 It answers CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and AUTHENTICATE
-(PLAIN and LOGIN, with SASL-IR) itself, refuses everything else with the
+(PLAIN and LOGIN, CRAM-MD5 with C{digest_auth}, with SASL-IR) itself, refuses everything else with the
 RFC's BAD or NO, and on a successful backend login answers the client's
 command with the backend's post-login capabilities before the relay starts.
 Commands are dispatched through an explicit table, never by name lookup on
@@ -61,6 +61,7 @@ _SASL_REFUSALS = {
     SASLRefusal.UNSUPPORTED: (b"NO", "Unsupported authentication mechanism."),
     SASLRefusal.PRIVACY_REQUIRED: (b"NO", _PRIVACY_REQUIRED),
     SASLRefusal.BAD_INITIAL_RESPONSE: (b"BAD", "Invalid initial response."),
+    SASLRefusal.NO_INITIAL_RESPONSE: (b"BAD", "CRAM-MD5 takes no initial response."),
     SASLRefusal.BAD_BASE64: (b"BAD", "Invalid base64 data in continued response."),
     SASLRefusal.ABORTED: (b"BAD", "Authentication aborted by client."),
     SASLRefusal.AUTHORIZATION: (b"NO", "[AUTHORIZATIONFAILED] Authorization identity not supported."),
@@ -112,7 +113,7 @@ class IMAPFrontend(CommandFrontend):
         if self.tlsAvailable:
             caps.append(b"STARTTLS")
         if self.plaintextLoginAllowed:
-            caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
+            caps += [b"AUTH=" + mechanism.encode("ascii") for mechanism in self.offeredMechanisms()]
         else:
             caps.append(b"LOGINDISABLED")
         return b" ".join(caps)
@@ -134,9 +135,6 @@ class IMAPFrontend(CommandFrontend):
     def forgetBeforeTLS(self) -> None:
         self.capabilityAsked = False
         self.clientID = ()
-
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"]
 
     def saslChallenge(self, command: Command, data: bytes) -> None:
         self.sendLine(b"+ " + b64encode(data))

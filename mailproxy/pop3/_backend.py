@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
-from .._sasl import plainResponse
+from .._sasl import OAUTH_INVALID_TOKEN, decodeBase64, oauthErrorAck, plainResponse
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 8192
@@ -79,6 +79,8 @@ class POP3BackendLogin(BackendProtocol):
         self._expected: list[Callable[[bytes], None]] = []
         self._afterUser: bytes | None = None
         self._afterContinuation: bytes | None = None
+        # An OAuth error challenge the server sent, for the client.
+        self._saslError = b""
 
     # Reading
 
@@ -162,7 +164,18 @@ class POP3BackendLogin(BackendProtocol):
         if self._forwardByXCLIENT():
             commands.append(self._xclientCommand())
             self._expected.append(self._xclientReply)
-        if self._offers(b"SASL", b"PLAIN"):
+        if job.passesToken:
+            mechanism, response = job.saslLogin()
+            if not self._offers(b"SASL", mechanism):
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL " + mechanism.decode("ascii"))
+                return
+            command = b"AUTH " + mechanism + b" " + response
+            if len(command) + 2 > MAX_COMMAND_LINE:
+                command = b"AUTH " + mechanism
+                self._afterContinuation = response
+            commands.append(command)
+            self._expected.append(self._finalReply)
+        elif self._offers(b"SASL", b"PLAIN"):
             response = plainResponse(authzid, authcid, password)
             command = b"AUTH PLAIN " + response
             if len(command) + 2 > MAX_COMMAND_LINE:
@@ -236,6 +249,13 @@ class POP3BackendLogin(BackendProtocol):
             self.succeed(self._buffer)
             return
         if line.startswith(b"+ ") or line == b"+":
+            credentials = self.job.credentials
+            if self._afterContinuation is None and self.job.passesToken and credentials is not None and not self._saslError:
+                # The server's error challenge to the token (RFC 7628): keep
+                # it for the client, answer as a client does, await -ERR.
+                self._saslError = decodeBase64(line[1:].strip()) or OAUTH_INVALID_TOKEN
+                self.transport.write(oauthErrorAck(credentials.mechanism) + b"\r\n")
+                return
             if self._afterContinuation is None:
                 self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
                 return
@@ -257,7 +277,7 @@ class POP3BackendLogin(BackendProtocol):
         else:
             # [AUTH], no code, or one we do not know: the generic failure, so
             # that no backend wording can tell accounts apart.
-            self.fail(FailureKind.AUTH, "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials", saslError=self._saslError)
 
 
 def _clientLine(line: bytes) -> bytes:

@@ -166,9 +166,6 @@ class POP3Frontend(CommandFrontend):
         # A user name given before TLS is forgotten (RFC 2595 section 4).
         self._user = None
 
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.digestAuth else [])
-
     def saslChallenge(self, command: Command, data: bytes) -> None:
         self.sendLine(b"+ " + b64encode(data))
 

@@ -110,18 +110,20 @@ def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) 
     Make the router one table describes: C{[router]}, or one of a chain's
     C{[[router.routers]]}.
 
-    Its C{type} picks the kind; a C{cache} sub-table wraps it in a
-    L{mailproxy.routers.cache.CachingRouter}; every other key is the
-    router's option.
+    Its C{type} picks the kind; an C{oauth} sub-table wraps it in a
+    L{mailproxy.routers.oauth.TokenValidatingRouter}, then a C{cache}
+    sub-table in a L{mailproxy.routers.cache.CachingRouter}; every other
+    key is the router's option.
 
     @raise ConfigError: naming the file and the key that is wrong.
     """
     kind = table.string("type")
     cache = table.table("cache")
+    oauth = table.table("oauth")
     options = Table(
         table.file,
         table.key,
-        {name: value for name, value in table.data.items() if name not in ("type", "cache")},
+        {name: value for name, value in table.data.items() if name not in ("type", "cache", "oauth")},
         table.base,
     )
     if kind in _BUILDERS:
@@ -131,6 +133,10 @@ def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) 
     else:
         allowed = ", ".join(ROUTER_TYPES + ("python:package.module.Class",))
         table.fail("type", f"must be one of {allowed}, not {kind!r}")
+    if oauth is not None:
+        from mailproxy.routers.oauth import buildTokenValidation
+
+        router = buildTokenValidation(oauth, router, reactor)
     if cache is not None:
         from mailproxy.routers.cache import buildCache
 

@@ -185,10 +185,11 @@ class CachingRouter:
                 kind, secret = "cleartext", credentials.password
             else:
                 kind = credentials.mechanism.upper()
-                secret = b"%d:%s%s" % (
+                secret = b"%d:%s%s%s" % (
                     len(credentials.challenge or b""),
                     credentials.challenge or b"",
                     credentials.response or b"",
+                    credentials.token or b"",
                 )
             digest = hmac.new(self._hashKey, secret, hashlib.sha256).digest()
             identity = (credentials.user, credentials.authzid, kind, digest)

@@ -280,7 +280,8 @@ class StaticRouter:
     route table holds the account's C{password}.  Such a login for an account
     without one is refused with the same generic text as a wrong password
     (the reason goes to the log), so that clients cannot learn which
-    accounts have a stored password.
+    accounts have a stored password.  An OAuth login (OAUTHBEARER,
+    XOAUTH2) is routed without either: the backend validates the token.
 
     As an L{IRouteStore}, it changes the file itself: the one line of each
     entry is edited (comments and order stay), the result is validated, and
@@ -345,8 +346,14 @@ class StaticRouter:
         if rule is None:
             self.log.info("No route for {user}", user=logQuote(user))
             return Rejection(unknown=True)
-        digest = credentials is not None and credentials.password is None
-        if rule.password is not None:
+        # An OAuth token: the table cannot judge it, the backend does
+        # (pass-through), so the route gives neither a password nor the
+        # master user, which would log in whoever named the account.
+        oauth = credentials is not None and credentials.token is not None
+        digest = credentials is not None and credentials.password is None and not oauth
+        if oauth:
+            pass
+        elif rule.password is not None:
             if credentials is None or not credentials.check(rule.password):
                 self.log.info("Wrong password for {user} ({rule})", user=logQuote(user), rule=rule.description)
                 return Rejection()
@@ -374,9 +381,9 @@ class StaticRouter:
         return Route(
             backend=rule.backend,
             user=rule.loginUser,
-            password=password,
-            useMaster=rule.master,
-            authenticated=rule.password is not None,
+            password=None if oauth else password,
+            useMaster=rule.master and not oauth,
+            authenticated=rule.password is not None and not oauth,
             rule=rule.explain(),
         )
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
-from .._sasl import plainResponse
+from .._sasl import OAUTH_INVALID_TOKEN, decodeBase64, oauthErrorAck, plainResponse
 from ._parser import Atom, Fatal, Line, LineParser, SieveValue, clientString, formatValues
 
 #: Longest backend line (and literal) accepted during login.
@@ -67,6 +67,8 @@ class SieveBackendLogin(BackendProtocol):
         super().__init__(job, clock, timeout)
         self.capabilities: dict[bytes, bytes | None] = {}
         self.okLine = b""
+        # An OAuth error challenge the server sent, for the client.
+        self._saslError = b""
         self._parser = LineParser(MAX_BACKEND_LINE, MAX_BACKEND_LINE, MAX_BACKEND_LINE)
         self._handlers = {
             LoginState.GREETING: self._greetingLine,
@@ -177,6 +179,12 @@ class SieveBackendLogin(BackendProtocol):
         failed) when the server offers no SASL PLAIN.
         """
         mechanisms = (self.capabilities.get(b"SASL") or b"").upper().split()
+        if self.job.passesToken:
+            mechanism, response = self.job.saslLogin()
+            if mechanism not in mechanisms:
+                self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL " + mechanism.decode("ascii"))
+                return None
+            return b'AUTHENTICATE "' + mechanism + b'" ' + clientString(response) + b"\r\n"
         if b"PLAIN" not in mechanisms:
             hint = ""
             if not self.tlsActive and b"STARTTLS" in self.capabilities:
@@ -198,9 +206,20 @@ class SieveBackendLogin(BackendProtocol):
         elif status == b"NO" and code in _SETUP_CODES:
             self.fail(FailureKind.UNAVAILABLE, "backend login: NO " + _code(values) + "; configure tls for it")
         elif status == b"NO":
-            self.fail(FailureKind.AUTH, "backend refused the credentials")
+            self.fail(FailureKind.AUTH, "backend refused the credentials", saslError=self._saslError)
         elif status == b"BYE":
             self.fail(FailureKind.UNAVAILABLE, "backend answered the login with BYE " + _code(values))
+        elif (
+            self.job.passesToken
+            and self.job.credentials is not None
+            and not self._saslError
+            and len(values) == 1
+            and isinstance(values[0], bytes)
+        ):
+            # The server's error challenge to the token (RFC 7628): keep it
+            # for the client, answer as a client does, await the NO.
+            self._saslError = decodeBase64(values[0]) or OAUTH_INVALID_TOKEN
+            self.transport.write(clientString(oauthErrorAck(self.job.credentials.mechanism)) + b"\r\n")
         else:
             # A SASL challenge: PLAIN with an initial response needs none.
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected SASL challenge")

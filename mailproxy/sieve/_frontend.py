@@ -50,6 +50,10 @@ MAX_BAD_COMMANDS = 10
 #: Dovecot's C{managesieve_max_line_length} (before login it takes about
 #: 1 KiB, but AUTHENTICATE strings of several KiB).
 LINE_LENGTH = 65536
+#: Longest quoted string before login: a SASL string carries an OAuth
+#: token, which can take KiBs (RFC 4954's 12288 octets, as SMTP's AUTH);
+#: other strings are bounded by the line.
+MAX_QUOTED_LENGTH = 12288
 
 #: Commands that exist but need an authenticated session.
 _AFTER_LOGIN = frozenset(
@@ -115,7 +119,7 @@ class SieveFrontend(CommandFrontend):
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
-        self.input: LineParser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
+        self.input: LineParser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize, MAX_QUOTED_LENGTH)
         self._startingTLS = False
         self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
@@ -190,9 +194,6 @@ class SieveFrontend(CommandFrontend):
             self._startingTLS = False
             if self.state is not LoopState.CLOSED:
                 self.sendCapabilities("TLS negotiation successful.")
-
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"]
 
     def saslChallenge(self, command: tuple[SieveValue, ...], data: bytes) -> None:
         self.sendLine(quoteString(b64encode(data)))

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from .._backend import BackendProtocol, LoginJob, LoginState
 from .._outcomes import FailureKind
 from .._safetext import logQuote, oneLine
-from .._sasl import plainResponse
+from .._sasl import OAUTH_INVALID_TOKEN, decodeBase64, oauthErrorAck, plainResponse
 from ..model import ClientInfo
 from ._ehlo import Extensions
 from ._parser import COMMAND_LINE, Reply, ReplyError, ReplyReader, xtextEncode
@@ -328,6 +328,8 @@ class SMTPBackendLogin(_ESMTPDialogue):
 
     #: What the AUTH exchange still has to send, one per challenge.
     _authSteps: tuple[bytes, ...] = ()
+    #: An OAuth error challenge the server sent, for the client.
+    _saslError = b""
 
     @property
     def xclientLogin(self) -> bool:
@@ -361,7 +363,18 @@ class SMTPBackendLogin(_ESMTPDialogue):
         mechanisms = self.extensions.parameters("AUTH")
         authzid, authcid, password = self.job.saslIdentities()
         self.state = LoginState.LOGIN
-        if "PLAIN" in mechanisms:
+        if self.job.passesToken:
+            mechanism, response = self.job.saslLogin()
+            if mechanism.decode("ascii") not in mechanisms:
+                self.fail(FailureKind.UNAVAILABLE, "backend offers no AUTH " + mechanism.decode("ascii"))
+                return
+            line = b"AUTH " + mechanism + b" " + response
+            if len(line) + 2 <= COMMAND_LINE:
+                self._send(line)
+            else:
+                self._authSteps = (response,)
+                self._send(b"AUTH " + mechanism)
+        elif "PLAIN" in mechanisms:
             response = plainResponse(authzid, authcid, password)
             line = b"AUTH PLAIN " + response
             if len(line) + 2 <= COMMAND_LINE:
@@ -386,6 +399,11 @@ class SMTPBackendLogin(_ESMTPDialogue):
         self._authSteps = ()
         if reply.code == 235:
             self.succeed(self._reader.takeRemaining())
+        elif reply.code == 334 and self.job.passesToken and self.job.credentials is not None and not self._saslError:
+            # The server's error challenge to the token (RFC 7628): keep it
+            # for the client, answer as a client does, await the 535.
+            self._saslError = decodeBase64(b"".join(reply.lines).strip()) or OAUTH_INVALID_TOKEN
+            self._send(oauthErrorAck(self.job.credentials.mechanism))
         elif reply.code == 334:
             self._send(b"*")
             self.fail(FailureKind.UNAVAILABLE, "backend asked for more than the mechanism needs")
@@ -394,7 +412,7 @@ class SMTPBackendLogin(_ESMTPDialogue):
         else:
             # Any permanent refusal is answered like a wrong password, so
             # that clients learn nothing about accounts.
-            self.fail(FailureKind.AUTH, "backend refused the credentials: " + _show(reply))
+            self.fail(FailureKind.AUTH, "backend refused the credentials: " + _show(reply), saslError=self._saslError)
 
 
 class SMTPBackend(_ESMTPDialogue):

@@ -88,8 +88,13 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
     def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
         return self.backendFor(SMTPBackendLogin, job)
 
-    def saslMechanisms(self) -> list[str]:
-        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.listener.digestAuth else [])
+    def lineLimit(self) -> int:
+        limit = super().lineLimit()
+        if self.input.startsWith(b"AUTH "):
+            # An AUTH command line with an initial response (an OAuth
+            # token) may be as long as a response line (RFC 4954 section 4).
+            return max(limit, MAX_SASL_LINE)
+        return limit
 
     def readSASLResponse(self) -> bool:
         line = self.input.nextLine(MAX_SASL_LINE)

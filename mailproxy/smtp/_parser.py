@@ -197,6 +197,13 @@ class LineReader:
             line = line[:-1]
         return line
 
+    def startsWith(self, prefix: bytes) -> bool:
+        """
+        Whether the buffered input starts with C{prefix} (upper case), in
+        any case: a command whose line may be longer than others.
+        """
+        return bytes(self._buffer[: len(prefix)]).upper() == prefix
+
     def take(self, size: int) -> bytes:
         """
         Up to C{size} raw octets from the front of the buffer (a BDAT

@@ -57,7 +57,7 @@ class NginxMailProxy:
             f"{headers}"
             "    auth_http_timeout 10s;\n"
             "    proxy_pass_error_message on;\n"
-            "    imap_auth login plain;\n"
+            "    imap_auth login plain cram-md5;\n"
             "    pop3_auth plain apop;\n"
             f"    server {{ listen 127.0.0.1:{self.imap}; protocol imap; }}\n"
             f"    server {{ listen 127.0.0.1:{self.pop3}; protocol pop3; }}\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import imaplib
 import json
 import os
 import re
@@ -309,7 +310,8 @@ class RoutingProxy:
         """
         @param router: the C{[router]} part of the configuration, TOML.
         @param files: more files for the configuration's directory.
-        @param digest: offer APOP (C{digest_auth}) on the POP3 listener.
+        @param digest: offer the digest mechanisms (C{digest_auth}) on the
+            IMAP (CRAM-MD5) and POP3 (APOP, CRAM-MD5) listeners.
         """
         backends = "".join(
             f'[backend.{name}]\nhost = "127.0.0.1"\n'
@@ -322,7 +324,7 @@ class RoutingProxy:
             '[proxy]\nhostname = "proxy.example.org"\n'
             "[limits]\nfailure_delay = 0.0\nbackend_timeout = 10\n"
             # Port 0: the proxy logs the ports the kernel chose (see start).
-            + listenerTable("imap", 0, "none")
+            + listenerTable("imap", 0, "none", **({"digest_auth": True} if digest else {}))
             + listenerTable("pop3", 0, "none", **({"digest_auth": True} if digest else {}))
             + listenerTable("smtp", 0, "none", mode="submission")
             + listenerTable("smtp", 0, "none", mode="mx")
@@ -427,6 +429,24 @@ def imapFailedLogin(port: int, user: bytes, password: bytes, sasl: bool = False)
     finally:
         reader.close()
         connection.close()
+
+
+def imapCramMD5Login(port: int, user: str, password: str) -> tuple[str, str]:
+    """
+    Log in over IMAP with Python's C{imaplib} and C{AUTHENTICATE CRAM-MD5};
+    return like L{imapLogin}.
+    """
+    with imaplib.IMAP4("127.0.0.1", port, timeout=TIMEOUT) as client:
+        try:
+            client.login_cram_md5(user, password)
+        except imaplib.IMAP4.error as e:
+            text = e.args[0]
+            return "NO", text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        client.select("INBOX")
+        _, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        fetched = b"".join(part[1] if isinstance(part, tuple) else part for part in data)
+        match = re.search(rb"Subject: ([^\r\n]*)", fetched)
+        return "OK", match.group(1).decode() if match else "?"
 
 
 def pop3Login(port: int, user: str, password: str) -> tuple[str, str]:
@@ -1059,6 +1079,90 @@ class _Pair:
         self.slapd.stop()
 
 
+class CramMD5TestsMixin(_MixinBase):
+    """
+    IMAP C{AUTHENTICATE CRAM-MD5} through the proxy with a router that
+    holds the passwords: the router checks the digest, the backend gets
+    the password; a test class supplies the C{[router]} configuration.
+    """
+
+    servers: MailServers
+    running: RoutingProxy
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        """
+        The C{[router]} TOML and any files it needs.
+        """
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        """
+        Get the mail servers and this class's proxy, with C{digest_auth}.
+        """
+        self.servers = mailServers()
+
+        def start() -> RoutingProxy:
+            router, files = self.routerConfig()
+            running = RoutingProxy(fixtureDirectory(f"proxy-{type(self).__name__}"), self.servers, router, files, digest=True)
+            running.start()
+            return running
+
+        self.running = sharedFixture("routers-proxy", type(self), start)
+
+    def test_imapCramMD5(self) -> None:
+        """
+        imaplib's CRAM-MD5 logs alice in on old and bob on new; a digest of
+        the wrong password is refused by the router (the backend would
+        have taken the router's password), with IMAP's
+        C{[AUTHENTICATIONFAILED]}.
+        """
+        for user in ("alice@example.org", "bob@example.org"):
+            self.assertEqual(imapCramMD5Login(self.running.imap, user, PASSWORDS[user]), ("OK", f"{user} on {HOMES[user]}"))
+        status, text = imapCramMD5Login(self.running.imap, "alice@example.org", "wrong password")
+        self.assertEqual(status, "NO")
+        self.assertTrue(text.startswith("[AUTHENTICATIONFAILED]"), text)
+
+
+class StaticCramMD5Tests(CramMD5TestsMixin, SynchronousTestCase):
+    """
+    CRAM-MD5 with the static router's authenticated accounts.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        accounts = "".join(
+            f'"{user}" = {{ backend = "{HOMES[user]}", password = {json.dumps(password)} }}\n' for user, password in PASSWORDS.items()
+        )
+        return '[router]\ntype = "static"\npath = "routes.toml"\n', {"routes.toml": "[accounts]\n" + accounts}
+
+
+class SQLCramMD5Tests(CramMD5TestsMixin, SynchronousTestCase):
+    """
+    CRAM-MD5 with the SQL router, whose database holds the passwords.
+    """
+
+    routerConfig = SQLRouterTests.routerConfig
+
+
+class LDAPCompareCramMD5Tests(CramMD5TestsMixin, SynchronousTestCase):
+    """
+    CRAM-MD5 with the LDAP router in C{auth = "compare"}: the proxy reads
+    the cleartext C{userPassword} as its service account.
+    """
+
+    def routerConfig(self) -> tuple[str, dict[str, str]]:
+        table, files = _ldapRouter(directory(), self.servers)
+        return table.replace('auth = "bind"\n', 'auth = "compare"\n'), files
+
+
+class HTTPCramMD5Tests(CramMD5TestsMixin, SynchronousTestCase):
+    """
+    CRAM-MD5 with the HTTP router: the auth server checks the digest
+    (C{Auth-Method: cram-md5}, C{Auth-Salt}) and answers the password.
+    """
+
+    routerConfig = HTTPRouterTests.routerConfig
+
+
 class NginxComparisonTests(SynchronousTestCase):
     """
     The same auth server behind Debian's nginx mail proxy and behind
@@ -1137,6 +1241,19 @@ class NginxComparisonTests(SynchronousTestCase):
         POP3: the same routes and refusals, the same questions.
         """
         self.compare(pop3Login, self.nginx.pop3, self.running.pop3)
+
+    def test_imapCramMD5(self) -> None:
+        """
+        IMAP AUTHENTICATE CRAM-MD5 (imaplib): both send C{Auth-Method:
+        cram-md5} with the client's digest in C{Auth-Pass} and the
+        challenge in C{Auth-Salt}, in the same place, and log in with the
+        C{Auth-Pass} the server answers; a wrong password is refused by
+        both.
+        """
+        self.compare(imapCramMD5Login, self.nginx.imap, self.running.imap, sameValues=False)
+        question = self.auth.questions()[-1]["headers"]
+        self.assertEqual([name for name, _ in question][:6], ["Host", "Auth-Method", "Auth-User", "Auth-Pass", "Auth-Salt", "Auth-Protocol"])
+        self.assertEqual((question[1], question[5]), (["Auth-Method", "cram-md5"], ["Auth-Protocol", "imap"]))
 
     def test_apop(self) -> None:
         """

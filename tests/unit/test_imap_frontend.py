@@ -7,7 +7,10 @@ replies the tests write by hand in Dovecot's dialect.
 
 from __future__ import annotations
 
-from base64 import b64encode
+import hashlib
+import hmac
+from base64 import b64decode, b64encode
+from typing import Any
 
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,6 +21,8 @@ from mailproxy.model import Rejection, Route
 from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
 
 from .frontendhelpers import FrontendTestsMixin
+
+_PRIVACY_REQUIRED = b"[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n"
 POSTLOGIN = b"IMAP4rev1 SASL-IR ID ENABLE IDLE SORT THREAD=REFERENCES UNAUTHENTICATE LITERAL+ MOVE"
@@ -880,3 +885,91 @@ class BackendTextTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.backendSays(b"P1 OK\r\nP2 NO [LIMIT] Too many {14}\r\na OK injected\r\n")
         self.assertEqual(self.client.value(), b"a NO [LIMIT] Too many\r\n")
         self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
+
+
+class CramMD5Tests(IMAPFrontendTestsMixin, SynchronousTestCase):
+    """
+    AUTHENTICATE CRAM-MD5 on listeners with C{digest_auth = true}.
+    """
+
+    def build(self, tls: str = "none", digestAuth: bool = True, **routeArgs: Any) -> None:  # type: ignore[override]
+        self.backend = makeBackend("old")
+        self.connect(FakeRouter({"alice": Route(self.backend, **routeArgs)}), tls=tls, digestAuth=digestAuth)
+
+    def test_offeredWithDigestAuth(self) -> None:
+        """
+        The greeting and CAPABILITY list AUTH=CRAM-MD5 after PLAIN and
+        LOGIN; not on a listener without C{digest_auth}, nor before TLS
+        on a starttls-required one.
+        """
+        self.build()
+        self.assertIn(b" AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5]", self.greeting)
+        self.assertIn(b" AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5\r\n", self.send(b"a CAPABILITY\r\n"))
+        self.build(digestAuth=False)
+        self.assertNotIn(b"CRAM-MD5", self.greeting)
+        self.build(tls="starttls-required")
+        self.assertNotIn(b"CRAM-MD5", self.send(b"a CAPABILITY\r\n"))
+        self.assertEqual(self.send(b"b AUTHENTICATE CRAM-MD5\r\n"), b"b NO " + _PRIVACY_REQUIRED + b"\r\n")
+
+    def test_challengeAndDigest(self) -> None:
+        """
+        AUTHENTICATE CRAM-MD5 sends a fresh challenge; the router gets the
+        challenge and the client's digest (no password), which proves the
+        password; the backend gets the route's password.
+        """
+        self.build(password=b"backend pw")
+        reply = self.send(b"a AUTHENTICATE CRAM-MD5\r\n")
+        self.assertTrue(reply.startswith(b"+ ") and reply.endswith(b"\r\n"), reply)
+        challenge = b64decode(reply[2:-2])
+        self.assertRegex(challenge, rb"\A<[0-9a-f]{24}\.0@proxy\.test>\Z")
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        self.send(b64encode(b"alice " + digest) + b"\r\n")
+        credentials = self.router.requests[-1].credentials
+        self.assertEqual(
+            (credentials.mechanism, credentials.user, credentials.challenge, credentials.password),
+            ("CRAM-MD5", "alice", challenge, None),
+        )
+        self.assertTrue(credentials.check(b"secret"))
+        self.assertFalse(credentials.check(b"wrong"))
+        sent = self.backendSays(GREETING)
+        self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"\x00alice\x00backend pw") + b"\r\n", sent)
+
+    def test_masterUser(self) -> None:
+        """
+        A route with C{useMaster} logs the CRAM-MD5 client in as the
+        backend's master user on the account's behalf.
+        """
+        self.backend = makeBackend("old", masterUser="proxy", masterPassword=b"masterpw")
+        self.connect(FakeRouter({"alice": Route(self.backend, useMaster=True)}), digestAuth=True)
+        challenge = b64decode(self.send(b"a AUTHENTICATE CRAM-MD5\r\n")[2:-2])
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        self.send(b64encode(b"alice " + digest) + b"\r\n")
+        sent = self.backendSays(GREETING)
+        self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"alice\x00proxy\x00masterpw") + b"\r\n", sent)
+
+    def test_errors(self) -> None:
+        """
+        CRAM-MD5 takes no initial response, needs C{user digest}, and is
+        refused where C{digest_auth} is off; the router is never asked.
+        """
+        self.build()
+        self.assertEqual(self.send(b"a AUTHENTICATE CRAM-MD5 YWJj\r\n"), b"a BAD CRAM-MD5 takes no initial response.\r\n")
+        self.send(b"b AUTHENTICATE CRAM-MD5\r\n")
+        self.assertEqual(self.send(b64encode(b"alice nothex") + b"\r\n"), b"b BAD Invalid CRAM-MD5 response.\r\n")
+        self.send(b"c AUTHENTICATE CRAM-MD5\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"c BAD Authentication aborted by client.\r\n")
+        self.build(digestAuth=False)
+        self.assertEqual(self.send(b"d AUTHENTICATE CRAM-MD5\r\n"), b"d NO Unsupported authentication mechanism.\r\n")
+        self.assertEqual(self.router.requests, [])
+
+    def test_routerWithoutPassword(self) -> None:
+        """
+        A route without a password for a digest login cannot log in to the
+        backend: C{NO [UNAVAILABLE]}, no backend contacted.
+        """
+        self.build()
+        challenge = b64decode(self.send(b"a AUTHENTICATE CRAM-MD5\r\n")[2:-2])
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        reply = self.send(b64encode(b"alice " + digest) + b"\r\n")
+        self.assertTrue(reply.startswith(b"a NO [UNAVAILABLE]"), reply)
+        self.assertEqual(self.connector.protocols, [])

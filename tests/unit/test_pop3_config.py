@@ -72,13 +72,20 @@ class POP3ConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, self.parse, listener(extra='digest_auth = "yes"\n') + BACKEND)
         self.assertIn("listener[0].digest_auth: must be true or false", str(error))
 
-    def test_digestAuthOnlyForPOP3(self) -> None:
+    def test_digestAuthOnlyWhereOffered(self) -> None:
         """
         C{digest_auth} on a listener whose protocol has no digest mechanisms
-        is refused.
+        (ManageSieve) is refused.
         """
-        error = self.assertRaises(ConfigError, self.parse, listener("imap", "digest_auth = true\n") + BACKEND)
-        self.assertIn("listener[0].digest_auth: only pop3, smtp listeners offer digest mechanisms", str(error))
+        error = self.assertRaises(ConfigError, self.parse, listener("sieve", "digest_auth = true\n") + BACKEND)
+        self.assertIn("listener[0].digest_auth: only imap, pop3, smtp listeners offer digest mechanisms", str(error))
+
+    def test_digestAuthOnIMAP(self) -> None:
+        """
+        C{digest_auth = true} is accepted on an IMAP listener (CRAM-MD5).
+        """
+        [imap] = self.parse(listener("imap", "digest_auth = true\n") + BACKEND).listeners
+        self.assertTrue(imap.digestAuth)
 
     def test_needsPOP3Backend(self) -> None:
         """

@@ -50,7 +50,7 @@ class RegistryTests(SynchronousTestCase):
         """
         self.assertEqual(LISTENER_PROTOCOLS, ("imap", "pop3", "sieve", "smtp"))
         self.assertEqual(BACKEND_PROTOCOLS, ("imap", "pop3", "smtp", "sieve", "mx"))
-        self.assertEqual(DIGEST_AUTH_PROTOCOLS, ("pop3", "smtp"))
+        self.assertEqual(DIGEST_AUTH_PROTOCOLS, ("imap", "pop3", "smtp"))
         self.assertEqual(LISTENER_MODES, {"smtp": ("submission", "mx")})
         self.assertEqual(MODE_PORTS, {("smtp", "mx"): "mx"})
         self.assertEqual(

@@ -156,6 +156,23 @@ class CacheTests(SynchronousTestCase):
         self.assertNotEqual(key, second.keyFor(login(password=b"hunter2")))
         self.assertNotEqual(key, first.keyFor(login(password=b"hunter3")))
 
+    def test_keyHoldsToken(self) -> None:
+        """
+        An OAuth login's key holds a keyed hash of its token: another
+        token for the same user is another key (a validating router's
+        answer for one token is never reused for another), and the token
+        is not in the key.
+        """
+        cache = self.cache()
+
+        def oauth(token: bytes) -> RouteRequest:
+            return RouteRequest(protocol="imap", credentials=Credentials("OAUTHBEARER", "alice@example.org", token=token), client=CLIENT)
+
+        key = cache.keyFor(oauth(b"token-one"))
+        self.assertNotIn("token-one", repr(key))
+        self.assertEqual(key, cache.keyFor(oauth(b"token-one")))
+        self.assertNotEqual(key, cache.keyFor(oauth(b"token-two")))
+
     def test_keyParts(self) -> None:
         """
         The protocol, the user, the authorization identity, the SMTP

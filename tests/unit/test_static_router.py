@@ -357,6 +357,29 @@ class PasswordTests(RouterTestCase):
             self.logText(),
         )
 
+    def test_oauthPassThrough(self) -> None:
+        """
+        An OAuth token login is routed to the account's backend without a
+        password or the master user, whatever the table stores for the
+        account: the table cannot judge a token, the backend does.
+        """
+        router = self.router()
+        for user, backend, loginUser in (
+            ("alice@example.org", NEW, None),
+            ("carol@example.org", NEW, "carol"),
+            ("erin@example.org", MASTERED, None),
+        ):
+            request = RouteRequest(
+                protocol="imap", credentials=Credentials("OAUTHBEARER", user, token=b"a-token"), client=CLIENT
+            )
+            route = router.route(request)
+            assert isinstance(route, Route), route
+            self.assertEqual(
+                (route.backend, route.user, route.password, route.useMaster, route.authenticated),
+                (backend, loginUser, None, False, False),
+                user,
+            )
+
     def test_ruleRepr(self) -> None:
         """
         The repr of a loaded rule does not show its passwords.
