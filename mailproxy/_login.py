@@ -22,7 +22,7 @@ from ._backend import BackendFailure, BackendProtocol, LoginJob
 from ._outcomes import EndReason, FailureKind
 from ._routing import routeLogin
 from ._safetext import logQuote
-from ._shared import MAX_FAILURES_COUNTED
+from ._shared import MAX_FAILURES_COUNTED, accountKey
 from .model import Credentials, Rejection, Route, RouteRequest
 
 if TYPE_CHECKING:
@@ -246,10 +246,15 @@ class LoginAttempt:
         if failure.kind is FailureKind.AUTH:
             session.failures += 1
             # The delay grows with the failures of the client's address in
-            # every session (of every worker) lately, not only in this
-            # one: a client gains nothing by reconnecting after each.
-            recent = min(session.context.failures.failed(session.client.address), MAX_FAILURES_COUNTED)
-            wait += max(session.failures, recent) * session.limits.failureDelay
+            # every session (of every worker, of every proxy of a fleet)
+            # lately, not only in this one: a client gains nothing by
+            # reconnecting after each. Likewise with the account's
+            # failures: guessing one account's password from many
+            # addresses gains nothing either.
+            counter = session.context.failures
+            recent = min(counter.failed(session.client.address), MAX_FAILURES_COUNTED)
+            accountRecent = min(counter.failed(accountKey(self.credentials.user)), MAX_FAILURES_COUNTED)
+            wait += max(session.failures, recent, accountRecent) * session.limits.failureDelay
             # A stable line for fail2ban (examples/fail2ban): the address
             # comes before anything the client chose.
             session.log.info(
@@ -264,6 +269,7 @@ class LoginAttempt:
                 mechanism=self.credentials.mechanism,
                 attempt=self.number,
                 addressFailures=recent,
+                accountFailures=accountRecent,
             )
         if session.failures >= session.limits.loginFailures:
             failure.close = True

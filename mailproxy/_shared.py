@@ -24,7 +24,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
-__all__ = ["IConnectionCounter", "IFailureCounter", "LocalFailures", "FAILURE_MEMORY", "MAX_FAILURES_COUNTED"]
+__all__ = ["IConnectionCounter", "IFailureCounter", "LocalFailures", "accountKey", "FAILURE_MEMORY", "MAX_FAILURES_COUNTED"]
 
 #: Seconds after its latest failed login an address's failures are
 #: forgotten.
@@ -58,10 +58,22 @@ class IConnectionCounter(Interface):
         """
 
 
+def accountKey(user: str) -> str:
+    """
+    The key an account's failed logins are counted under, beside the
+    client addresses' (an address never starts with C{account:}), so that
+    guessing one account's password from many addresses gains nothing
+    either.  Names that differ only in case count together, as backends
+    treat them.
+    """
+    return "account:" + user.lower()
+
+
 class IFailureCounter(Interface):
     """
-    Counts failed logins per client address; the failed-login delay grows
-    with the count.
+    Counts failed logins per key, a client address or an account
+    (L{accountKey}); the failed-login delay grows with the count.  Keys are
+    opaque to every implementation.
     """
 
     def failed(address: str) -> int:

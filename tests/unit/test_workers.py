@@ -487,12 +487,12 @@ class AddressFailureDelayTests(SynchronousTestCase):
     every session (L{mailproxy._shared.IFailureCounter}).
     """
 
-    def failAt(self, harness: ProxyHarness, frontend: Any, transport: Any) -> float:
+    def failAt(self, harness: ProxyHarness, frontend: Any, transport: Any, user: bytes = b"nobody") -> float:
         """
-        Send a login that fails; return how long its answer took.
+        Send a login of C{user} that fails; return how long its answer took.
         """
         started = harness.clock.seconds()
-        frontend.dataReceived(b"a LOGIN nobody x\r\n")
+        frontend.dataReceived(b"a LOGIN " + user + b" x\r\n")
         while not transport.value():
             harness.clock.advance(0.25)
         self.assertIn(b"a NO [AUTHENTICATIONFAILED]", transport.value())
@@ -515,9 +515,30 @@ class AddressFailureDelayTests(SynchronousTestCase):
         second, secondTransport = harness.connect("192.0.2.7")
         self.assertEqual(self.failAt(harness, second, secondTransport), 3.0)
         other, otherTransport = harness.connect("192.0.2.8")
-        self.assertEqual(self.failAt(harness, other, otherTransport), 1.0)
+        self.assertEqual(self.failAt(harness, other, otherTransport, b"somebody"), 1.0)
         failed = [(e["address"], e["addressFailures"]) for e in events if e.get("event") == "login_failed"]
         self.assertEqual(failed, [("192.0.2.7", 1), ("192.0.2.7", 2), ("192.0.2.7", 3), ("192.0.2.8", 1)])
+
+    def test_otherAddressesGainNothing(self) -> None:
+        """
+        Failed logins of one account from many addresses count together:
+        the fourth address's first failure for the account waits four
+        delays, another account's from a fresh address one. The JSON log's
+        C{login_failed} event says how many failures the account had.
+        """
+        harness = ProxyHarness(RejectAll(), Limits(failureDelay=1.0, loginFailures=3))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        waits = []
+        for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"):
+            frontend, transport = harness.connect(address)
+            waits.append(self.failAt(harness, frontend, transport, b"Alice@example.org"))
+        self.assertEqual(waits, [1.0, 2.0, 3.0, 4.0])
+        frontend, transport = harness.connect("192.0.2.5")
+        self.assertEqual(self.failAt(harness, frontend, transport, b"bob@example.org"), 1.0)
+        failed = [e["accountFailures"] for e in events if e.get("event") == "login_failed"]
+        self.assertEqual(failed, [1, 2, 3, 4, 1])
 
     def test_countedFailuresBounded(self) -> None:
         """
