@@ -654,15 +654,22 @@ def redisConnector(settings: ClusterConfig, reactor: Any) -> Callable[[Fleet], D
         def connectionError(self, why: str) -> None:
             self.fleet.trouble(why)
 
-    def endpoint() -> Any:
-        plain = HostnameEndpoint(reactor, settings.host, settings.port, timeout=settings.connectTimeout)
-        if not settings.tls:
-            return plain
+    # Read once, here at start-up: every reconnection, which may come while
+    # sessions are open, reuses it instead of reading the file on the
+    # reactor (a changed [cluster] needs a restart anyway).
+    options: Any = None
+    if settings.tls:
         trust: Any = platformTrust()
         if settings.caFile is not None:
             with open(settings.caFile, "rb") as f:
                 trust = Certificate.loadPEM(f.read())
-        return wrapClientTLS(optionsForClientTLS(settings.host, trustRoot=trust), plain)
+        options = optionsForClientTLS(settings.host, trustRoot=trust)
+
+    def endpoint() -> Any:
+        plain = HostnameEndpoint(reactor, settings.host, settings.port, timeout=settings.connectTimeout)
+        if options is None:
+            return plain
+        return wrapClientTLS(options, plain)
 
     def connect(fleet: Fleet) -> Deferred[Any]:
         def ready(protocol: Any) -> Deferred[Any]:
