@@ -16,44 +16,16 @@ waits for the disk.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
+
+from mailproxy._files import replaceFile
 
 __all__ = ["Journal", "JOURNAL_VERSION"]
 
 #: The format of the file; a file of another version is not read.
 JOURNAL_VERSION = 1
-
-
-def _writeFile(path: str, text: str) -> None:
-    # In a thread: write beside the file, flush to disk, rename over it.
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    try:
-        # The rename itself survives a crash once the directory is synced.
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _readFile(path: str) -> str | None:
@@ -89,7 +61,7 @@ class Journal:
         @return: fires once the new content is durable.
         """
         text = json.dumps({"version": JOURNAL_VERSION, **data}, indent=1, sort_keys=True)
-        return self._lock.run(self._run, 60.0, _writeFile, self.path, text)
+        return self._lock.run(self._run, 60.0, replaceFile, self.path, text, 0o600)
 
     async def load(self) -> dict[str, Any]:
         """

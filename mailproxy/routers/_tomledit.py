@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import stat
-import tempfile
 import tomllib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["EditError", "setEntry", "setEntries", "deleteEntry", "replaceFile"]
+__all__ = ["EditError", "setEntry", "setEntries", "deleteEntry"]
 
 _KEY = r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|[A-Za-z0-9_-]+'
 _STRING = r'"(?:[^"\\]|\\.)*"|\'[^\']*\''
@@ -402,40 +399,3 @@ def _edited(lines: list[str], index: int, backend: str, expected: dict[str, Any]
     if line is None:
         return _check("\n".join(lines), expected, what)
     return _check("\n".join(lines[:index] + [line] + lines[index + 1 :]), expected, what)
-
-
-def replaceFile(path: str, text: str) -> None:
-    """
-    Replace the file at C{path} (following symbolic links) with C{text},
-    atomically and durably: a new file beside it with the same mode and
-    owner, written and flushed to disk, renamed over the old one, and the
-    directory flushed too.  Readers see the old file or the new one, never
-    a part.
-    """
-    target = os.path.realpath(path)
-    directory, name = os.path.split(target)
-    info = os.stat(target)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(descriptor, stat.S_IMODE(info.st_mode))
-        try:
-            os.fchown(descriptor, info.st_uid, info.st_gid)
-        except PermissionError:
-            # Not root: the file stays ours, as it would with any editor.
-            pass
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    directoryDescriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directoryDescriptor)
-    finally:
-        os.close(directoryDescriptor)

@@ -47,7 +47,8 @@ from mailproxy._safetext import logQuote
 from mailproxy.config import ConfigError, Table, parseTOML, readTOML, suggest
 from mailproxy.interfaces import IReloadable, IRouter, IRouteStore, RouteStoreError
 from mailproxy.model import Backend, Rejection, RejectionReason, Route, RouteRequest
-from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries
+from mailproxy._files import replaceFile
+from mailproxy.routers._tomledit import EditError, deleteEntry, setEntries
 
 __all__ = ["RouteRule", "RouteTable", "parseRouteTable", "loadRouteTable", "StaticRouter"]
 

@@ -19,7 +19,8 @@ from zope.interface import implementer
 from mailproxy._blocking import ThreadRunner
 from mailproxy.interfaces import IRouteStore, RouteStoreError
 from mailproxy.model import Route
-from mailproxy.routers._tomledit import EditError, deleteEntry, replaceFile, setEntries, setEntry
+from mailproxy._files import replaceFile
+from mailproxy.routers._tomledit import EditError, deleteEntry, setEntries, setEntry
 from mailproxy.routers.static import StaticRouter
 from mailproxy.testing import makeBackend, makeRequest
 
