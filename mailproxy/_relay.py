@@ -278,7 +278,9 @@ class Relay:
         self.endReason: EndReason | None = None
         self.endDetail = ""
         self._guard = guard
-        self._clientHolds: set[str] = set()
+        # Immutable: the empty set is shared, so an idle session holds none
+        # of its own.
+        self._clientHolds: frozenset[str] = frozenset()
         self.clientGone = False
         # The sides that have stopped sending (half-closed), and which did
         # first.
@@ -357,11 +359,12 @@ class Relay:
     def holdClient(self, why: str = "guard") -> None:
         if not self._clientHolds:
             self._client.pauseProducing()
-        self._clientHolds.add(why)
+        self._clientHolds |= {why}
 
     def releaseClient(self, why: str = "guard") -> None:
         if why in self._clientHolds:
-            self._clientHolds.discard(why)
+            # The shared empty set when none is left.
+            self._clientHolds = self._clientHolds - {why} or frozenset()
             if not self._clientHolds and self.endReason is None:
                 self._client.resumeProducing()
 

@@ -21,7 +21,7 @@ import time
 from enum import Enum
 from typing import Any, Callable, cast
 
-from attrs import define, field
+from attrs import define, evolve, field
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -237,6 +237,16 @@ class Session(Protocol):
     relay: Relay | None = None
     attempts = 0
 
+    # What every session sets, in slots: an idle session is mostly this
+    # object, and with the subclasses' attributes in the instance
+    # dictionary as well, there are more than CPython shares between the
+    # instances of a class (30), so each session would carry a whole
+    # dictionary of its own (about 1.5 KiB).
+    __slots__ = (
+        "context", "listener", "limits", "tlsActive", "lifecycle", "user", "mechanism", "route",
+        "_endReason", "_endDetail", "_counted", "_closeGrace", "_pauses", "_watchingReplies", "_started", "client",
+    )  # fmt: skip
+
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         self.context = context
         self.listener = listener
@@ -250,7 +260,9 @@ class Session(Protocol):
         self._endDetail = ""
         self._counted = False
         self._closeGrace = Timer(context.reactor, self._closeGraceExpired)
-        self._pauses: set[str] = set()
+        # Immutable: the empty set is shared, so an idle session holds none
+        # of its own.
+        self._pauses: frozenset[str] = frozenset()
         self._watchingReplies = False
         self._started = time.monotonic()
         self.client = ClientInfo(sessionId=newSessionId(), address="", port=0, localAddress="", localPort=0)
@@ -536,7 +548,7 @@ class Session(Protocol):
         """
         if not self._pauses and self.transport is not None and not self.closing:
             self.transport.pauseProducing()
-        self._pauses.add(why)
+        self._pauses |= {why}
 
     def resume(self, why: str) -> None:
         """
@@ -544,7 +556,8 @@ class Session(Protocol):
         """
         if why not in self._pauses:
             return
-        self._pauses.discard(why)
+        # The shared empty set when none is left.
+        self._pauses = self._pauses - {why} or frozenset()
         if not self._pauses and self.transport is not None and not self.closing:
             self.transport.resumeProducing()
 
@@ -748,11 +761,17 @@ class FrontendProtocol(Session):
         self.relay = relay
         if self._attempt is not None:
             self._attempt.release()
+            # The attempt holds the client's credentials: a relayed session
+            # may last for hours, and needs neither them nor the attempt.
+            self._attempt = None
+        if self.route is not None and self.route.password is not None:
+            self.route = evolve(self.route, password=None)
         self.dataReceived = relay.fromClient  # type: ignore[method-assign]
         backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=backend.leftover, toBackend=toBackend)
+        backend.handedOver()
         if self in self.context.sessions:
             self.context.sessions.loggedIn(self)
 
