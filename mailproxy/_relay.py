@@ -81,6 +81,11 @@ TLS_HALF_CLOSE_DELAY = 2.0
 HALF_CLOSED_IDLE = 60.0
 
 
+#: No holds on the client: one empty set every relay shares (CPython has
+#: no shared empty frozenset).
+_NO_HOLDS: frozenset[str] = frozenset()
+
+
 def socketOf(transport: object) -> FileDescriptor | None:
     """
     The socket-level transport under C{transport}'s wrappers (TLS, PROXY
@@ -280,7 +285,7 @@ class Relay:
         self._guard = guard
         # Immutable: the empty set is shared, so an idle session holds none
         # of its own.
-        self._clientHolds: frozenset[str] = frozenset()
+        self._clientHolds: frozenset[str] = _NO_HOLDS
         self.clientGone = False
         # The sides that have stopped sending (half-closed), and which did
         # first.
@@ -363,8 +368,7 @@ class Relay:
 
     def releaseClient(self, why: str = "guard") -> None:
         if why in self._clientHolds:
-            # The shared empty set when none is left.
-            self._clientHolds = self._clientHolds - {why} or frozenset()
+            self._clientHolds = self._clientHolds - {why} or _NO_HOLDS
             if not self._clientHolds and self.endReason is None:
                 self._client.resumeProducing()
 

@@ -77,6 +77,11 @@ CLOSE_GRACE = 5.0
 #: (L{FrontendProtocol.repliesUnread}).
 REPLIES_UNREAD = "replies unread"
 
+#: The reasons to pause when there are none: one empty set that every
+#: session shares (an empty set of its own costs an idle session 216
+#: octets; CPython has no shared empty frozenset).
+_NO_PAUSES: frozenset[str] = frozenset()
+
 
 @define
 class ProxyContext:
@@ -260,9 +265,7 @@ class Session(Protocol):
         self._endDetail = ""
         self._counted = False
         self._closeGrace = Timer(context.reactor, self._closeGraceExpired)
-        # Immutable: the empty set is shared, so an idle session holds none
-        # of its own.
-        self._pauses: frozenset[str] = frozenset()
+        self._pauses: frozenset[str] = _NO_PAUSES
         self._watchingReplies = False
         self._started = time.monotonic()
         self.client = ClientInfo(sessionId=newSessionId(), address="", port=0, localAddress="", localPort=0)
@@ -556,8 +559,7 @@ class Session(Protocol):
         """
         if why not in self._pauses:
             return
-        # The shared empty set when none is left.
-        self._pauses = self._pauses - {why} or frozenset()
+        self._pauses = self._pauses - {why} or _NO_PAUSES
         if not self._pauses and self.transport is not None and not self.closing:
             self.transport.resumeProducing()
 
