@@ -188,14 +188,21 @@ class MailNginx(Nginx):
         return {"imap": self.plain, "pop3": self.starttls, "smtp": self.ssl}
 
 
-def proxyConfig(listeners: dict[str, int], backends: dict[str, int], certificate: str, key: str) -> str:
+def proxyConfig(
+    listeners: dict[str, int], backends: dict[str, int], certificate: str, key: str, workers: int | None = None
+) -> str:
     """
     mailproxy with one plain listener per protocol (SMTP offering STARTTLS)
     and the backends C{auto} and C{none}: the same servers, forwarding the
     client's identity or not.
+
+    @param workers: C{[proxy] workers}; L{None} leaves the default (one
+        worker process per CPU), what an operator gets.
     """
     text = (
-        '[proxy]\nhostname = "localhost"\n\n'
+        '[proxy]\nhostname = "localhost"\n'
+        + ("" if workers is None else f"workers = {workers}\n")
+        + "\n"
         "[limits]\nconnections_per_address = 0\nfailure_delay = 0\n\n"
         f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n\n'
     )
@@ -347,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="subset of: " + ", ".join(PATHS))
     parser.add_argument("--json", help="write the raw results and the table to this file")
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
+    parser.add_argument(
+        "--workers", type=int, help="mailproxy's [proxy] workers (default: not set, one worker per CPU)"
+    )
     options = parser.parse_args(argv)
     if options.quick:
         options.count, options.warmup = 20, 3
@@ -379,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "mailproxy" in wanted or "mailproxy-none" in wanted:
             certificate, key = ca.issue("mailproxy")
             # Port 0: the proxy logs the ports the kernel chose.
-            proxy = Proxy(str(directory / "mailproxy"), proxyConfig({p: 0 for p in backends}, backends, certificate, key))
+            proxy = Proxy(str(directory / "mailproxy"), proxyConfig({p: 0 for p in backends}, backends, certificate, key, options.workers))
             (proxy.directory / "routes.toml").write_text(
                 "[domains]\n" + "".join(f'"{domain}" = "{forward}"\n' for forward, domain in DOMAINS.items())
             )
@@ -405,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not options.keep:
             shutil.rmtree(directory, ignore_errors=True)
     table = markdownTable(results)
+    workers = "default (one per CPU)" if options.workers is None else str(options.workers)
+    print(f"mailproxy [proxy] workers: {workers}")
     print(table)
     failures = [
         f"{label} ({path}): {r['errors']} errors, {r['error']}"
@@ -415,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in failures:
         print(f"- errors: {line}")
     if options.json:
-        document = {"count": options.count, "results": results, "failures": failures, "table": table}
+        document = {"count": options.count, "workers": options.workers, "results": results, "failures": failures, "table": table}
         Path(options.json).write_text(json.dumps(document, indent=2) + "\n")
     return 1 if failures else 0
 

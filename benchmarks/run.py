@@ -226,6 +226,10 @@ class Settings:
     repeat: int = 10
     users: int = 50
     procs: int = 1
+    #: Seconds the idle sessions are left alone before their memory is
+    #: read: longer than mailproxy's TLS_BUFFERS_QUIET, after which an
+    #: idle TLS session gives back the buffers its login grew.
+    idleSettle: float = 12.0
 
     @classmethod
     def quick(cls) -> Settings:
@@ -234,7 +238,7 @@ class Settings:
         """
         return cls(
             duration=1.5, warmup=0.3, latencyCount=20, sessions=60,
-            idleConcurrency=20, sizeMB=2.0, repeat=2,
+            idleConcurrency=20, sizeMB=2.0, repeat=2, idleSettle=1.0,
         )  # fmt: skip
 
 
@@ -421,7 +425,7 @@ class Bench:
                 raise RuntimeError(f"load.py idle ended early (status {process.wait()})")
             ready = json.loads(readyLine)
             # Let lazily freed buffers and late writes settle.
-            time.sleep(1.0)
+            time.sleep(s.idleSettle)
             during = self.usage(path)
             process.stdin.write(b"release\n")
             process.stdin.flush()
@@ -542,7 +546,11 @@ def buildRows(results: dict[str, dict[str, Any]]) -> list[Row]:
         if not any(key in r for r in results.values()):
             continue
         values = pick(key, "kibPerSession")
-        target = _judge(values, "<= 3x nginx", lambda m, n: m <= 3 * n, "mailproxy", "nginx")
+        if tls == "none":
+            target = _judge(values, "<= 3x nginx", lambda m, n: m <= 3 * n, "mailproxy", "nginx")
+        else:
+            # Issue 11: an idle TLS session holds no more than nginx's.
+            target = _judge(values, "<= nginx", lambda m, n: m <= n, "mailproxy", "nginx")
         rows.append(Row(f"proxy RSS KiB/idle session, {mode}", values, *target))
     return rows
 
@@ -609,6 +617,7 @@ def buildParser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-count", type=int)
     parser.add_argument("--sessions", type=int, help="idle sessions held")
     parser.add_argument("--idle-concurrency", type=int)
+    parser.add_argument("--idle-settle", type=float, help="seconds the idle sessions wait before RSS is read (12)")
     parser.add_argument("--size-mb", type=float, help="size of the fetched message")
     parser.add_argument("--repeat", type=int, help="timed fetches")
     parser.add_argument("--users", type=int)
@@ -638,6 +647,7 @@ def settingsFrom(options: argparse.Namespace) -> Settings:
         "repeat": options.repeat,
         "users": options.users,
         "procs": options.procs,
+        "idleSettle": options.idle_settle,
     }
     return attrs.evolve(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -725,6 +735,19 @@ def main(argv: list[str] | None = None) -> int:
                 each(f"relay {tls}", functools.partial(bench.relay, tls=tls))
         if "idle" in groups:
             for tls in ("none", "implicit"):
+                # Each round in freshly started proxies: memory the round
+                # before freed stays with the allocator and would be
+                # reused, flattering the later round.
+                for index, path in enumerate(paths):
+                    if path.name == "mailproxy" and proxy is not None:
+                        proxy.stop()
+                        proxy, ports = startMailproxy(directory / f"mailproxy-idle-{tls}", "imap", dovecot.imap, ca, limits)
+                        paths[index] = Endpoint("mailproxy", ports, proxy.pid)
+                    elif path.name == "nginx" and nginx is not None:
+                        nginx.stop()
+                        nginx.start()
+                        ports = {"none": nginx.plain, "starttls": nginx.starttls, "implicit": nginx.ssl}
+                        paths[index] = Endpoint("nginx", ports, nginx.pid)
                 each(f"idle {tls}", functools.partial(bench.idle, tls=tls))
     except KeyboardInterrupt:
         interrupted = True

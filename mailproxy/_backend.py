@@ -391,6 +391,15 @@ class BackendProtocol(Protocol):
         self.leftover = leftover
         self.result.callback(self)
 
+    def handedOver(self) -> None:
+        """
+        The session relays this connection now: forget what only the login
+        dialogue needed, which an idle session would otherwise hold for
+        hours. A subclass drops its own dialogue state too (what the
+        server said, what it was asked).
+        """
+        self.leftover = b""
+
     def fail(self, kind: FailureKind, detail: str, clientText: str = "", saslError: bytes = b"") -> None:
         """
         The login did not succeed; close the connection and report why.

@@ -374,6 +374,8 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
 
     def _loginSucceeded(self, backend: BackendProtocol, command: Any) -> None:
         guard = self.answerLogin(command, backend)
+        # The SASL exchange is over (it may hold the client's password).
+        self._exchange = self._saslCommand = None
         self.state = LoopState.RELAY
         self.handOver(backend, toBackend=self.input.takeRemaining(), guard=guard)
 

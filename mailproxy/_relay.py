@@ -53,6 +53,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
+from . import _tls
 from ._guard import IRelayGuard, IRelayLink
 from ._outcomes import EndReason
 from ._proxylistener import ProxyHeaderProtocol
@@ -74,11 +75,23 @@ RELAY_READ_SIZE = 256 * 1024
 #: its LOGOUT).
 TLS_HALF_CLOSE_DELAY = 2.0
 
+#: Seconds without traffic after which a relayed TLS session gives back the
+#: buffers its TLS connections grew (L{mailproxy._tls.releaseBuffers}): a
+#: big transfer leaves each with as much as it once held, for as long as
+#: the session lasts. Later, and a burst of commands would pay for growing
+#: them again.
+TLS_BUFFERS_QUIET = 10.0
+
 #: Seconds without traffic after which a half-closed session ends (the
 #: idle timeout, if shorter). A client's close reaches the backend as a
 #: half-close (TCP cannot tell the two apart); a backend that then neither
 #: answers nor closes must not hold the session for the whole idle timeout.
 HALF_CLOSED_IDLE = 60.0
+
+
+#: No holds on the client: one empty set every relay shares (CPython has
+#: no shared empty frozenset).
+_NO_HOLDS: frozenset[str] = frozenset()
 
 
 def socketOf(transport: object) -> FileDescriptor | None:
@@ -278,7 +291,9 @@ class Relay:
         self.endReason: EndReason | None = None
         self.endDetail = ""
         self._guard = guard
-        self._clientHolds: set[str] = set()
+        # Immutable: the empty set is shared, so an idle session holds none
+        # of its own.
+        self._clientHolds: frozenset[str] = _NO_HOLDS
         self.clientGone = False
         # The sides that have stopped sending (half-closed), and which did
         # first.
@@ -286,6 +301,10 @@ class Relay:
         self._backendDone = False
         self._closedFirst: EndReason | None = None
         self._halfCloseCall: IDelayedCall | None = None
+        # The legs that are TLS (their buffers are given back when quiet),
+        # and the call that will do it.
+        self._tlsLegs: tuple[IProxyTransport, ...] = ()
+        self._releaseCall: IDelayedCall | None = None
 
     def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
         """
@@ -308,6 +327,10 @@ class Relay:
             descriptor = socketOf(transport)
             if descriptor is not None:
                 descriptor.bufferSize = RELAY_READ_SIZE
+        self._tlsLegs = tuple(t for t in (self._client, self._backend) if _tls.isTLS(t))
+        if self._tlsLegs:
+            # The login's handshakes and dialogue grew them already.
+            self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
         # Each side is the other's producer: a full send buffer on one leg
         # pauses reading on the other.
         if self._guard is None:
@@ -331,6 +354,8 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
+        if self._releaseCall is None and self._tlsLegs:
+            self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
         if self._guard is None:
             self._backend.write(data)
         elif self.endReason is None:
@@ -342,6 +367,8 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
+        if self._releaseCall is None and self._tlsLegs:
+            self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
         self._client.write(data)
         if self._guard is not None and self.endReason is None:
             self._guard.fromBackend(data)
@@ -357,11 +384,11 @@ class Relay:
     def holdClient(self, why: str = "guard") -> None:
         if not self._clientHolds:
             self._client.pauseProducing()
-        self._clientHolds.add(why)
+        self._clientHolds |= {why}
 
     def releaseClient(self, why: str = "guard") -> None:
         if why in self._clientHolds:
-            self._clientHolds.discard(why)
+            self._clientHolds = self._clientHolds - {why} or _NO_HOLDS
             if not self._clientHolds and self.endReason is None:
                 self._client.resumeProducing()
 
@@ -457,15 +484,27 @@ class Relay:
                 self._idleTimeout - idleFor, self._checkIdle
             )
 
+    def _releaseBuffers(self) -> None:
+        # Once both directions have been quiet for TLS_BUFFERS_QUIET
+        # seconds (checked lazily, as the idle timeout is), until the next
+        # traffic re-arms it.
+        quietFor = self._clock.seconds() - self._lastActivity
+        if quietFor < TLS_BUFFERS_QUIET:
+            self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET - quietFor, self._releaseBuffers)
+            return
+        self._releaseCall = None
+        for transport in self._tlsLegs:
+            _tls.releaseBuffers(transport)
+
     def _end(self, reason: EndReason, other: IProxyTransport, detail: str = "") -> bool:
         if self.endReason is not None:
             return False
         self.endReason = reason
         self.endDetail = detail
-        for call in (self._idleCall, self._halfCloseCall):
+        for call in (self._idleCall, self._halfCloseCall, self._releaseCall):
             if call is not None and call.active():
                 call.cancel()
-        self._idleCall = self._halfCloseCall = None
+        self._idleCall = self._halfCloseCall = self._releaseCall = None
         if self._splicer is not None:
             # Give the sockets back to Twisted, which closes them.
             self._splicer.detach()

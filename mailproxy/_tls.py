@@ -586,6 +586,51 @@ def _tlsConnection(transport: object) -> SSL.Connection | None:
     return None
 
 
+def isTLS(transport: object) -> bool:
+    """
+    Whether C{transport} runs over TLS (implicit, or after STARTTLS).
+    """
+    return _tlsConnection(transport) is not None
+
+
+def releaseBuffers(transport: object) -> bool:
+    """
+    Give back the memory the TLS connection under C{transport} keeps
+    between its bytes and the socket, if nothing waits there.
+
+    Twisted's TLS runs OpenSSL over two memory BIOs, and a memory BIO
+    keeps the largest buffer it ever held: after one big transfer (a
+    FETCH of a message, an APPEND) an idle session would hold tens of KiB
+    for as long as it lasts. Both BIOs are replaced by new, empty ones
+    (OpenSSL frees the old ones); C{SSL_MODE_RELEASE_BUFFERS} already
+    frees OpenSSL's own record buffers.
+
+    @return: whether they were replaced: not without TLS, not while either
+        holds bytes, not if pyOpenSSL no longer keeps them where this
+        looks.
+    """
+    connection = _tlsConnection(transport)
+    if connection is None:
+        return False
+    from OpenSSL._util import ffi, lib
+
+    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
+    if into is None or out is None or not hasattr(connection, "_ssl"):
+        return False
+    if lib.BIO_get_mem_data(into, ffi.NULL) or lib.BIO_get_mem_data(out, ffi.NULL):
+        return False
+    newInto, newOut = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+    if newInto == ffi.NULL or newOut == ffi.NULL:
+        for bio in (newInto, newOut):
+            if bio != ffi.NULL:
+                lib.BIO_free(bio)
+        return False
+    # The SSL object owns its BIOs: setting others frees these.
+    lib.SSL_set_bio(connection._ssl, newInto, newOut)
+    connection._into_ssl, connection._from_ssl = newInto, newOut
+    return True
+
+
 def tlsInfo(transport: object) -> TLSInfo | None:
     """
     What TLS negotiated on C{transport}.

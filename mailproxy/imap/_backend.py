@@ -112,6 +112,13 @@ class IMAPBackendLogin(BackendProtocol):
         # An OAuth error challenge the server sent, for the client.
         self._saslError = b""
 
+    def handedOver(self) -> None:
+        super().handedOver()
+        self.capabilities = None
+        self.untagged = []
+        self._buffer = b""
+        self._waiting = {}
+
     # Writing
 
     def _nextTag(self, onReply: _ReplyHandler) -> bytes:

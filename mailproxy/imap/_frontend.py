@@ -82,20 +82,22 @@ class IMAPFrontend(CommandFrontend):
     maxBadCommands = MAX_BAD_COMMANDS
     badCommandsGoodbye = "Too many invalid IMAP commands."
     log = Logger()
+    #: The method answering each command, by name: one table for every
+    #: session (a table of bound methods would cost each session its own).
+    _commands = {
+        b"CAPABILITY": "do_CAPABILITY",
+        b"NOOP": "do_NOOP",
+        b"LOGOUT": "do_LOGOUT",
+        b"STARTTLS": "do_STARTTLS",
+        b"ID": "do_ID",
+        b"LOGIN": "do_LOGIN",
+        b"AUTHENTICATE": "do_AUTHENTICATE",
+    }
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
         self.input: CommandParser = CommandParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize)
         self.capabilityAsked = False
-        self._commands: dict[bytes, Callable[[Command], None]] = {
-            b"CAPABILITY": self.do_CAPABILITY,
-            b"NOOP": self.do_NOOP,
-            b"LOGOUT": self.do_LOGOUT,
-            b"STARTTLS": self.do_STARTTLS,
-            b"ID": self.do_ID,
-            b"LOGIN": self.do_LOGIN,
-            b"AUTHENTICATE": self.do_AUTHENTICATE,
-        }
 
     # Wire helpers
 
@@ -183,7 +185,7 @@ class IMAPFrontend(CommandFrontend):
         if isinstance(event, Command):
             handler = self._commands.get(event.name)
             if handler is not None:
-                handler(event)
+                getattr(self, handler)(event)
             elif event.name in _AFTER_LOGIN:
                 self._bad(event.tag, "Command not permitted before authentication.")
             else:

@@ -81,6 +81,18 @@ class POP3Frontend(CommandFrontend):
     internalErrorGoodbye = "[SYS/TEMP] Internal error."
     maxBadCommands = MAX_BAD_COMMANDS
     log = Logger()
+    #: The method answering each command, by name: one table for every
+    #: session (a table of bound methods would cost each session its own).
+    _commands = {
+        b"CAPA": "do_CAPA",
+        b"STLS": "do_STLS",
+        b"USER": "do_USER",
+        b"PASS": "do_PASS",
+        b"APOP": "do_APOP",
+        b"AUTH": "do_AUTH",
+        b"NOOP": "do_NOOP",
+        b"QUIT": "do_QUIT",
+    }
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
@@ -88,16 +100,6 @@ class POP3Frontend(CommandFrontend):
         self.digestAuth = listener.digestAuth
         self.timestamp: bytes | None = None
         self._user: bytes | None = None
-        self._commands: dict[bytes, Callable[[Command], None]] = {
-            b"CAPA": self.do_CAPA,
-            b"STLS": self.do_STLS,
-            b"USER": self.do_USER,
-            b"PASS": self.do_PASS,
-            b"APOP": self.do_APOP,
-            b"AUTH": self.do_AUTH,
-            b"NOOP": self.do_NOOP,
-            b"QUIT": self.do_QUIT,
-        }
 
     # Wire helpers
 
@@ -220,7 +222,7 @@ class POP3Frontend(CommandFrontend):
         handler = self._commands.get(event.name)
         if handler is not None:
             self.badCommands = 0
-            handler(event)
+            getattr(self, handler)(event)
         elif event.name in _AFTER_LOGIN:
             self._bad("Command not permitted before authentication.")
         else:

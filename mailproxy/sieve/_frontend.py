@@ -116,18 +116,20 @@ class SieveFrontend(CommandFrontend):
     # Responses are strings: no lone "=" for an empty one.
     saslLoneEquals = False
     log = Logger()
+    #: The method answering each command, by name: one table for every
+    #: session (a table of bound methods would cost each session its own).
+    _commands = {
+        b"CAPABILITY": "do_CAPABILITY",
+        b"NOOP": "do_NOOP",
+        b"LOGOUT": "do_LOGOUT",
+        b"STARTTLS": "do_STARTTLS",
+        b"AUTHENTICATE": "do_AUTHENTICATE",
+    }
 
     def __init__(self, context, listener) -> None:
         super().__init__(context, listener)
         self.input: LineParser = LineParser(self.limits.lineLengthFor(LINE_LENGTH), self.limits.literalSize, MAX_QUOTED_LENGTH)
         self._startingTLS = False
-        self._commands: dict[bytes, Callable[[tuple[SieveValue, ...]], None]] = {
-            b"CAPABILITY": self.do_CAPABILITY,
-            b"NOOP": self.do_NOOP,
-            b"LOGOUT": self.do_LOGOUT,
-            b"STARTTLS": self.do_STARTTLS,
-            b"AUTHENTICATE": self.do_AUTHENTICATE,
-        }
 
     # Wire helpers
 
@@ -268,7 +270,7 @@ class SieveFrontend(CommandFrontend):
             return
         handler = self._commands.get(name.value.upper())
         if handler is not None:
-            handler(values[1:])
+            getattr(self, handler)(values[1:])
         elif name.value.upper() in _AFTER_LOGIN:
             self._bad("Authenticate first.")
         else:

@@ -170,6 +170,25 @@ class SMTPFrontend(CommandLoop):
     badCommandsReason = EndReason.TOO_MANY_ERRORS
     badCommandsGoodbye = "Error: too many errors"
     log = Logger()
+    #: The method answering each command, by verb: one table for every
+    #: session (a table of bound methods would cost each session its own);
+    #: subclasses extend it.
+    _commands = {
+        b"EHLO": "do_EHLO",
+        b"HELO": "do_HELO",
+        b"STARTTLS": "do_STARTTLS",
+        b"NOOP": "do_NOOP",
+        b"RSET": "do_RSET",
+        b"QUIT": "do_QUIT",
+        b"HELP": "do_HELP",
+        b"VRFY": "do_VRFY",
+        b"EXPN": "notImplemented",
+        b"ETRN": "notImplemented",
+        b"TURN": "notImplemented",
+        b"ATRN": "notImplemented",
+        b"XCLIENT": "notAuthorized",
+        b"XFORWARD": "notAuthorized",
+    }
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
@@ -180,22 +199,6 @@ class SMTPFrontend(CommandLoop):
         self._chunkLeft = 0
         self._chunkSink: Callable[[bytes], None] | None = None
         self._chunkThen: Callable[[], None] = lambda: None
-        self._commands: dict[bytes, Callable[[Command], None]] = {
-            b"EHLO": self.do_EHLO,
-            b"HELO": self.do_HELO,
-            b"STARTTLS": self.do_STARTTLS,
-            b"NOOP": self.do_NOOP,
-            b"RSET": self.do_RSET,
-            b"QUIT": self.do_QUIT,
-            b"HELP": self.do_HELP,
-            b"VRFY": self.do_VRFY,
-            b"EXPN": self.notImplemented,
-            b"ETRN": self.notImplemented,
-            b"TURN": self.notImplemented,
-            b"ATRN": self.notImplemented,
-            b"XCLIENT": self.notAuthorized,
-            b"XFORWARD": self.notAuthorized,
-        }
 
     @property
     def portName(self) -> str:
@@ -355,7 +358,7 @@ class SMTPFrontend(CommandLoop):
         if handler is None:
             self.error(500, "5.5.2", "Error: command not recognized")
             return
-        handler(command)
+        getattr(self, handler)(command)
 
     def error(self, code: int, enhanced: str, text: str) -> None:
         """

@@ -63,18 +63,17 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
     loginFailureReason = EndReason.TOO_MANY_FAILED_LOGINS
     internalErrorGoodbye = INTERNAL_ERROR_GOODBYE
     log = Logger()
+    _commands = {
+        **SMTPFrontend._commands,
+        b"AUTH": "do_AUTH",
+        b"MAIL": "authenticationRequired",
+        b"RCPT": "authenticationRequired",
+        b"DATA": "authenticationRequired",
+        b"BDAT": "do_BDAT",
+    }
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
-        self._commands.update(
-            {
-                b"AUTH": self.do_AUTH,
-                b"MAIL": self.authenticationRequired,
-                b"RCPT": self.authenticationRequired,
-                b"DATA": self.authenticationRequired,
-                b"BDAT": self.do_BDAT,
-            }
-        )
 
     def ownKeywords(self) -> list[str]:
         own = super().ownKeywords()

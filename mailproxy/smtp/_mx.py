@@ -113,6 +113,14 @@ class MXFrontend(SMTPFrontend):
 
     defaultEndReason = EndReason.NO_MAIL
     log = Logger()
+    _commands = {
+        **SMTPFrontend._commands,
+        b"MAIL": "do_MAIL",
+        b"RCPT": "do_RCPT",
+        b"DATA": "do_DATA",
+        b"BDAT": "do_BDAT",
+        b"AUTH": "do_AUTH",
+    }
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
@@ -131,15 +139,6 @@ class MXFrontend(SMTPFrontend):
         self._streaming = False
         self._lastActivity = 0.0
         self._idle = Timer(context.reactor, self._checkIdle)
-        self._commands.update(
-            {
-                b"MAIL": self.do_MAIL,
-                b"RCPT": self.do_RCPT,
-                b"DATA": self.do_DATA,
-                b"BDAT": self.do_BDAT,
-                b"AUTH": self.do_AUTH,
-            }
-        )
 
     @property
     def portName(self) -> str:

@@ -238,6 +238,11 @@ class _LoggedIn:
         self.job = job
         self.transport = StringTransport()
 
+    def handedOver(self) -> None:
+        """
+        Nothing of the dialogue to forget.
+        """
+
 
 @implementer(ILoginFrontend)
 class ToyFrontend(CommandFrontend):

@@ -612,11 +612,12 @@ class HalfCloseTests(TestCase):
         self.join(clock=clock)
         self.client.transport.write(b"b LOGOUT\r\n")
         self.client.transport.loseWriteConnection()
-        while len(clock.getDelayedCalls()) < 2:
+        while len(clock.getDelayedCalls()) < 3:
             yield deferLater(reactor, 0.01)
-        # The half-close waits for its delay (beside the idle check).
+        # The half-close waits for its delay (beside the idle check and the
+        # release of the TLS buffers).
         delays = sorted(call.getTime() for call in clock.getDelayedCalls())
-        self.assertEqual(delays, [_relay.TLS_HALF_CLOSE_DELAY, 60])
+        self.assertEqual(delays, [_relay.TLS_HALF_CLOSE_DELAY, _relay.TLS_BUFFERS_QUIET, 60])
         clock.advance(_relay.TLS_HALF_CLOSE_DELAY)
         yield self.plainClientLogsOut(alreadySent=True)
         self.assertEqual((yield backendReceived), b"b LOGOUT\r\n")
