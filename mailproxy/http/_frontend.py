@@ -375,6 +375,13 @@ class HTTPFrontend(FrontendProtocol):
                 described["state"] = SessionState.RELAY.value
         return described
 
+    def relayed(self) -> tuple[str, int, int]:
+        if self.relay is not None:
+            return super().relayed()
+        if self.backend is None:
+            return "", 0, 0
+        return self.backend.job.backend.name, self.bytesFromClient, self.bytesFromBackend
+
     def sessionFields(self) -> dict[str, Any]:
         return {"requests": self.requests}
 
