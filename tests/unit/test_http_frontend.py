@@ -745,3 +745,105 @@ class TLSListenerTests(HTTPFrontendTestCase):
         self.assertIsInstance(self.client, TLSStringTransport)
         self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(head(self.backendGot())[1][b"x-forwarded-proto"], [b"https"])
+
+
+class ExchangeTests(HTTPFrontendTestCase):
+    """
+    The framing of responses that are not plain bodies, and of requests
+    that come several at once.
+    """
+
+    def test_head(self) -> None:
+        """
+        The response to HEAD has no body whatever its Content-Length says;
+        the next request on the connection is answered.
+        """
+        self.connect()
+        self.send(b"HEAD /blob HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        self.assertTrue(answer.endswith(b"Content-Length: 1000\r\n\r\n"), answer)
+        self.connector.transports[0].clear()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.backendGot().startswith(b"GET / HTTP/1.1\r\n"))
+        self.assertTrue(self.backendSays(OK).endswith(b"hello"))
+
+    def test_pipelined(self) -> None:
+        """
+        Requests sent together are answered one after the other, in order,
+        each sent to the backend once the one before is answered.
+        """
+        self.connect()
+        self.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertNotIn(b"GET /2", self.backendGot())
+        self.connector.transports[0].clear()
+        first = self.backendSays(OK)
+        self.assertTrue(self.backendGot().startswith(b"GET /2 HTTP/1.1\r\n"))
+        second = self.backendSays(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(second.startswith(b"HTTP/1.1 204 No Content"))
+        self.assertEqual(self.frontend.requests, 2)
+
+    def test_http10(self) -> None:
+        """
+        An HTTP/1.0 client gets a close-delimited body and the connection
+        closed after it.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(head(self.backendGot())[1][b"host"], [b"192.0.2.1"])
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 OK\r\n"))
+        self.assertTrue(answer.endswith(b"\r\n\r\nabc"))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_backendClosesAfter(self) -> None:
+        """
+        A backend that says Connection: close gets a new connection for
+        the next request; the client's connection goes on.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.connector.transports[0].disconnecting)
+        self.assertFalse(self.client.disconnecting)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(self.connector.transports), 2)
+
+    def test_backendTLS(self) -> None:
+        """
+        A backend reached with TLS gets the request only once its handshake
+        is done (and its certificate verified).
+        """
+        self.old = makeBackend("old", tls="implicit")
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.backendGot(), b"")
+        self.assertIsNotNone(self.connector.transports[0].tlsOptions)
+        self.connector.protocols[0].handshakeCompleted()
+        self.assertTrue(self.backendGot().startswith(b"GET / HTTP/1.1\r\n"))
+
+    def test_metrics(self) -> None:
+        """
+        The open-session metrics count an HTTP session under its backend,
+        with the octets it moved.
+        """
+        from mailproxy._stats import _openSessions
+
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(OK)
+        open_, fromClient, fromBackend = _openSessions([self.frontend])
+        self.assertEqual(open_, {("http", "old"): 1})
+        self.assertEqual(fromClient[("http", "old")], len(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        self.assertGreater(fromBackend[("http", "old")], 5)
+
+    def test_healthProbe(self) -> None:
+        """
+        The health probe of a backend's http port asks OPTIONS * and takes
+        any status line as alive.
+        """
+        from mailproxy.admin import _probeRequest, greetingProblem
+
+        self.assertTrue(_probeRequest("http").startswith(b"OPTIONS * HTTP/1.1\r\n"))
+        self.assertIsNone(greetingProblem("http", b"HTTP/1.1 405 Method Not Allowed"))
+        self.assertIsNotNone(greetingProblem("http", b"* OK IMAP"))
