@@ -454,6 +454,21 @@ class StreamingTests(HTTPFrontendTestCase):
         self.assertEqual(backend.producerState, "producing")
         self.assertEqual(self.backendSays(b"z" * 5000), b"z" * 5000)
 
+    def test_pausedAtEndOfResponse(self) -> None:
+        """
+        A response that ends while the client is not reading leaves the
+        kept-alive backend connection readable for the next response.
+        """
+        self.connect()
+        self.send(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = self.connector.transports[0]
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        self.client.producer.pauseProducing()
+        self.backendSays(b"67890")
+        self.send(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(self.connector.transports), 1)
+        self.assertEqual(backend.producerState, "producing")
+
     def test_chunkedResponse(self) -> None:
         """
         A chunked (or close-delimited) response reaches an HTTP/1.1 client
