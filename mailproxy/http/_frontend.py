@@ -446,6 +446,9 @@ class HTTPFrontend(FrontendProtocol):
         request.upgrade = b"upgrade" in [
             token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
         ] and headers.hasHeader(b"upgrade")
+        # A body that stops coming, like a response that does, ends the
+        # connection after the idle timeout.
+        self._streamTimer.start(self.limits.idleTimeout)
         # Until the backend is connected and has the head, the body waits
         # in the client's buffers.
         self.pause("routing")
@@ -837,6 +840,7 @@ class HTTPFrontend(FrontendProtocol):
         self._fail(request, 502, b"Bad Gateway", "The server sent an invalid response.")
 
     def _finish(self, request: _ProxyRequest) -> None:
+        self._streamTimer.stop()
         if not request.bodyDone:
             if request.length == 0:
                 # Answered while its head is being read (a synchronous

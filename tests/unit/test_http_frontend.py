@@ -670,6 +670,33 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.clock.advance(10)
         self.assertTrue(self.client.disconnected)
 
+    def test_stalledUpload(self) -> None:
+        """
+        A request body that stops coming ends the connection after the
+        idle timeout (each chunk that comes restarts it).
+        """
+        self.connect(limits=Limits(failureDelay=0, idleTimeout=100.0))
+        self.send(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+        self.clock.advance(90)
+        self.send(b"def")
+        self.clock.advance(90)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(10)
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_leftDuringRouting(self) -> None:
+        """
+        A client that leaves while the router has its request is not
+        answered, and the router's late answer connects nothing.
+        """
+        self.connect(FakeRouter(manual=True))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.frontend.connectionLost(Failure(Exception("reset")))
+        self.router.pending[0].callback(Route(self.new))
+        self.assertEqual(self.connector.protocols, [])
+        self.assertEqual(self.client.value(), b"")
+
     def test_backendSilent(self) -> None:
         """
         A backend that does not start its response within response_timeout
