@@ -455,7 +455,7 @@ class Session(Protocol):
         result, bytesIn, bytesOut = self.sessionTraffic()
         reason = relay.endReason.words(relay.endDetail) if relay and relay.endReason else self.result
         route = self.route
-        backend = route.backend.name if route else None
+        backend = self.backendName
         duration = time.monotonic() - self._started
         client = self.client
         # The line is composed here with an f-string: the logging system's

@@ -298,6 +298,7 @@ class HTTPFrontend(FrontendProtocol):
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
         self._account: str | None = None
+        self._lastBackend: str | None = None
         self._registered = False
         # The last Authorization the router accepted, and what it becomes.
         self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]]] | None = None
@@ -355,10 +356,9 @@ class HTTPFrontend(FrontendProtocol):
         if self.relay is None:
             self.channel.connectionLost(Failure(ConnectionDone()))
             self._dropBackend()
-            if self._counted and self.route is not None:
-                self.context.stats.sessionEnded(
-                    self.protocolName, self.route.backend.name, self.bytesFromClient, self.bytesFromBackend
-                )
+            backendName = self.backendName
+            if self._counted and backendName is not None:
+                self.context.stats.sessionEnded(self.protocolName, backendName, self.bytesFromClient, self.bytesFromBackend)
 
     def _stopTimers(self) -> None:
         self._waiting.stop()
@@ -388,15 +388,16 @@ class HTTPFrontend(FrontendProtocol):
     def sessionTraffic(self) -> tuple[str, int, int]:
         if self.relay is not None:
             return super().sessionTraffic()
-        result = "ok" if self.route is not None or self.requests else "no-request"
+        result = "ok" if self.backendName is not None else "no-request"
         if self.failures and self.route is None:
             result = "failed"
         return result, self.bytesFromClient, self.bytesFromBackend
 
     @property
     def backendName(self) -> str | None:
+        # Requests without credentials have no route, yet a backend.
         route = self.route
-        return route.backend.name if route is not None else None
+        return route.backend.name if route is not None else self._lastBackend
 
     # Timers
 
@@ -677,6 +678,7 @@ class HTTPFrontend(FrontendProtocol):
             return
         self._dropBackend()
         self.backend = backend
+        self._lastBackend = backend.job.backend.name
         backend.lost = self._backendLost
         backend.transport.registerProducer(_UploadPause(self), True)
 

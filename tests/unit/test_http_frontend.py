@@ -864,6 +864,19 @@ class ExchangeTests(HTTPFrontendTestCase):
         self.connector.protocols[0].handshakeCompleted()
         self.assertTrue(self.backendGot().startswith(b"GET / HTTP/1.1\r\n"))
 
+    def test_unauthenticatedLogged(self) -> None:
+        """
+        A session of requests without credentials is logged with the
+        backend that served them, and found by it.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(OK)
+        self.assertEqual(self.frontend.context.sessions.find(backend="old"), [self.frontend])
+        self.frontend.connectionLost(Failure(Exception("gone")))
+        (end,) = [event for event in self.events if event.get("event") == "session_end"]
+        self.assertEqual((end["user"], end["backend"], end["result"], end["requests"]), (None, "old", "ok", 1))
+
     def test_metrics(self) -> None:
         """
         The open-session metrics count an HTTP session under its backend,
