@@ -14,6 +14,7 @@ import os
 import re
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,14 +189,29 @@ class HTTPLoopbackTests(SynchronousTestCase):
             "new": {"host": "127.0.0.1", "ports": {"http": self.new.port}},
             "dead": {"host": "127.0.0.1", "ports": {"http": dead}},
         }
-        config = staticProxyConfig(certificate, key, [listenerTable("http", 0, "implicit")], backends) + tomlTable(
-            "http", {"default_backend": "old", "pins": {"/login": "old"}}
+        config = (
+            staticProxyConfig(certificate, key, [listenerTable("http", 0, "implicit")], backends)
+            + tomlTable("http", {"default_backend": "old", "pins": {"/login": "old"}})
+            + tomlTable("admin", {"endpoint": "tcp:ADMINPORT:interface=127.0.0.1", "token_file": "admin.token"})
         )
         self.proxy = Proxy(str(directory / "proxy"), config)
+        token = self.proxy.directory / "admin.token"
+        token.write_text("http-test-token-" + "0" * 32 + "\n")
+        token.chmod(0o600)
         (self.proxy.directory / "routes.toml").write_text(
             routesText({"default": "old", "accounts": {"bob@example.org": "new", "zed@example.org": "dead"}})
         )
-        self.proxy.start()
+        # The move command finds the management endpoint in the
+        # configuration: its port is chosen, not the kernel's.
+        self.adminPort = 0
+
+        def chooseAdminPort() -> None:
+            old, self.adminPort = self.adminPort, freePort()
+            text = self.proxy.configPath.read_text()
+            self.proxy.configPath.write_text(text.replace(f"tcp:{old or 'ADMINPORT'}:", f"tcp:{self.adminPort}:"))
+
+        chooseAdminPort()
+        self.proxy.start(choosePorts=chooseAdminPort)
         self.addCleanup(self.proxy.stop)
 
     def client(self) -> http.client.HTTPSConnection:
@@ -297,3 +313,36 @@ class HTTPLoopbackTests(SynchronousTestCase):
             time.sleep(0.05)
         self.assertRegex(self.proxy.logPath.read_text(), pattern)
         self.assertNotIn("bob-pw", self.proxy.logPath.read_text())
+
+    def test_moveDropsStream(self) -> None:
+        """
+        C{mailproxy move} of an account closes its connection in the middle
+        of a long response, and its next request is served by its new home.
+        """
+        size = 64 * 1024 * 1024
+        with open(self.new.directory / "root" / "dav" / "big", "wb") as f:
+            f.truncate(size)
+        connection = self.client()
+        connection.request("GET", "/dav/big", headers={"Authorization": basic("bob@example.org", "x")})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        response.read(1 << 20)
+        environment = dict(os.environ)
+        repository = str(Path(__file__).resolve().parent.parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
+        moved = subprocess.run(
+            [sys.executable, "-c", "import sys; from mailproxy.cli import main; sys.exit(main(sys.argv[1:]))",
+             "move", "bob@example.org", "old", "--config", str(self.proxy.configPath)],
+            capture_output=True, text=True, env=environment, timeout=TIMEOUT * 2,
+        )
+        self.assertEqual(moved.returncode, 0, moved.stderr)
+        self.assertIn("1 open session dropped", moved.stdout)
+        received = 1 << 20
+        try:
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+        except http.client.IncompleteRead as e:
+            received += len(e.partial)
+        self.assertLess(received, size)
+        status, body, _ = self.get(self.client(), "/whoami", Authorization=basic("bob@example.org", "bob-pw"))
+        self.assertEqual((status, body), (200, b"old\n"))
