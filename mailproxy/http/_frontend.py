@@ -126,7 +126,7 @@ class _UploadPause:
         self._frontend = frontend
 
     def pauseProducing(self) -> None:
-        self._frontend.pause("backend busy")
+        self._frontend.holdClient("backend busy")
 
     def resumeProducing(self) -> None:
         self._frontend.resume("backend busy")
@@ -260,6 +260,14 @@ class _Channel(HTTPChannel):
         if request not in self.requests:
             return
         super().requestDone(request)
+
+    @property
+    def clientBusy(self) -> bool:
+        """
+        The client's transport asked to stop writing to it, and has not
+        asked to go on.
+        """
+        return bool(self._waitingForTransport)
 
     @property
     def buffered(self) -> bytes:
@@ -399,6 +407,17 @@ class HTTPFrontend(FrontendProtocol):
         route = self.route
         return route.backend.name if route is not None else self._lastBackend
 
+    def holdClient(self, why: str) -> None:
+        """
+        Stop reading the client for C{why} (as L{pause}), even if another
+        reason holds it already: the channel resumes its transport on its
+        own (between requests, when the client drains its replies), and a
+        transport asks again on each write over its buffer.
+        """
+        self.pause(why)
+        if not self.closing:
+            self.transport.pauseProducing()
+
     # Timers
 
     def _awaitRequest(self) -> None:
@@ -476,7 +495,7 @@ class HTTPFrontend(FrontendProtocol):
             request.pending.append(data)
             request.pendingSize += len(data)
             if request.pendingSize > _PENDING_LIMIT:
-                self.transport.pauseProducing()
+                self.holdClient("routing")
             return
         self._sendBody(request, backend, data)
 
@@ -784,6 +803,11 @@ class HTTPFrontend(FrontendProtocol):
         self.bytesFromBackend += head.size
         backend = cast(HTTPBackend, request.backend)
         request.registerProducer(backend.transport, True)
+        if self.channel.clientBusy:
+            # The client stopped reading during an earlier response: the
+            # channel pauses a producer only when the client's transport
+            # says so, which it may not say again (TLS says it once).
+            backend.transport.pauseProducing()
         # The head goes out now: an event stream's first event may be long
         # in coming.
         request.write(b"")

@@ -423,6 +423,38 @@ class StreamingTests(HTTPFrontendTestCase):
         backend.producer.resumeProducing()
         self.assertEqual(self.client.producerState, "producing")
 
+    def test_uploadPausedAgain(self) -> None:
+        """
+        A client resumed by something else (the channel, between its
+        replies) while the backend's buffer is still full is paused again
+        when the backend's transport says so again.
+        """
+        self.connect()
+        self.send(b"PUT /blob HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        backend = self.connector.transports[0]
+        backend.producer.pauseProducing()
+        self.client.resumeProducing()
+        self.send(b"x" * 1000)
+        backend.producer.pauseProducing()
+        self.assertEqual(self.client.producerState, "paused")
+
+    def test_nextResponseWhileClientBusy(self) -> None:
+        """
+        A response that starts while the client is still not reading the
+        one before does not read its backend until the client drains.
+        """
+        self.connect()
+        self.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = self.connector.transports[0]
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+        self.client.producer.pauseProducing()
+        self.backendSays(b"abc")
+        self.send(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        self.assertEqual(backend.producerState, "paused")
+        self.client.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+
     def test_bodyBeforeBackendBounded(self) -> None:
         """
         Body octets that arrive before the backend is connected are kept
