@@ -619,7 +619,7 @@ class HTTPFrontend(FrontendProtocol):
             self.context.stats.loginSucceeded(self.protocolName, route.backend.name, seconds)
             # A failed attempt before does not make the session's outcome.
             self.noteOutcome(self.defaultEndReason)
-            if not self._registered and self in self.context.sessions:
+            if account and not self._registered and self in self.context.sessions:
                 self._registered = True
                 self.context.sessions.loggedIn(self)
             self._ready(request, backend, outgoing, setCookie=True)
