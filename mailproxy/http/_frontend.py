@@ -756,9 +756,12 @@ class HTTPFrontend(FrontendProtocol):
         lines.append(b"\r\n")
         return b"".join(lines)
 
+    def _clientProto(self) -> bytes:
+        return b"https" if self.client.tls is not None or self.listener.tls == "implicit" else b"http"
+
     def _forwardingHeaders(self, host: bytes) -> list[bytes]:
         client = self.client
-        proto = b"https" if client.tls is not None or self.listener.tls == "implicit" else b"http"
+        proto = self._clientProto()
         hostText = host.decode("latin-1")
         forwarded = f"for={forwardedFor(client.address, client.port)};proto={proto.decode()};host={_quoted(hostText)}"
         return [
@@ -793,10 +796,16 @@ class HTTPFrontend(FrontendProtocol):
             return
         request.setResponseCode(head.code, head.reason)
         named = set(head.tokens(b"connection"))
+        # A backend behind the proxy's TLS writes links to itself as http:
+        # on the client's host they become https: (nginx's proxy_redirect).
+        plain = b"http://" + (request.requestHeaders.getRawHeaders(b"host", [b""])[0]).lower()
+        secure = self._clientProto() == b"https"
         for name, value in head.headers:
             lower = name.lower()
             if lower in _RESPONSE_REMOVED or lower in named:
                 continue
+            if secure and lower in (b"location", b"content-location") and _onHost(value, plain):
+                value = b"https" + value[4:]
             request.responseHeaders.addRawHeader(name, value)
         if request.cookie is not None:
             request.responseHeaders.addRawHeader(b"Set-Cookie", request.cookie)
@@ -1007,6 +1016,14 @@ class _Response:
 
     def responseFailed(self, why: str) -> None:
         self.frontend.responseFailed(self.request, why)
+
+
+def _onHost(url: bytes, origin: bytes) -> bool:
+    """
+    Whether C{url} is on C{origin} (C{http://host[:port]}, lower case).
+    """
+    start = url[: len(origin)].lower()
+    return start == origin and url[len(origin) : len(origin) + 1] in (b"", b"/", b"?", b"#")
 
 
 def outgoingAuthorization(job: LoginJob) -> list[tuple[bytes, bytes]]:

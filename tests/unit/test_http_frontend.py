@@ -805,6 +805,39 @@ class TLSListenerTests(HTTPFrontendTestCase):
     Behind TLS, the client is told https.
     """
 
+    def test_redirectsOnHostSecured(self) -> None:
+        """
+        On a TLS listener, a backend's Location (and Content-Location) to
+        http: on the client's own host becomes https:; to other hosts, or
+        on a plain listener, it stays.
+        """
+        self.router = FakeRouter({})
+        self.connector = MemoryConnector()
+        frontend, self.client, self.clock = makeFrontend(
+            "http", self.router, self.connector, tls="implicit", http=HTTPSettings(cookieSecret=SECRET, defaultBackend="old")
+        )
+        frontend.context.backends["old"] = self.old
+        self.frontend = frontend  # type: ignore[assignment]
+        cases = [
+            (b"http://Mail.example:8443/jmap/", b"https://Mail.example:8443/jmap/"),
+            (b"http://mail.example:8443", b"https://mail.example:8443"),
+            (b"http://mail.example:84430/x", b"http://mail.example:84430/x"),
+            (b"http://other.example/x", b"http://other.example/x"),
+            (b"/relative", b"/relative"),
+        ]
+        for sent, expected in cases:
+            self.send(b"GET /.well-known/jmap HTTP/1.1\r\nHost: mail.example:8443\r\n\r\n")
+            answer = self.backendSays(
+                b"HTTP/1.1 301 Moved Permanently\r\nLocation: " + sent + b"\r\nContent-Location: " + sent
+                + b"\r\nContent-Length: 0\r\n\r\n"
+            )
+            fields = head(answer)[1]
+            self.assertEqual((fields[b"location"], fields[b"content-location"]), ([expected], [expected]))
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 302 Found\r\nLocation: http://mail.example/\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(head(answer)[1][b"location"], [b"http://mail.example/"])
+
     def test_proto(self) -> None:
         """
         On an implicit TLS listener, the backend is told proto=https.
