@@ -457,6 +457,9 @@ class HTTPFrontend(FrontendProtocol):
         A request's headers are complete: route it and start it at the
         backend.
         """
+        if self.closing:
+            # Parsed from what arrived with the input that ended the session.
+            return
         self.requests += 1
         self._waiting.stop()
         self._waitingForHead = False

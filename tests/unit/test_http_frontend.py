@@ -659,18 +659,29 @@ class HostileInputTests(HTTPFrontendTestCase):
     def test_badRequests(self) -> None:
         """
         A malformed request line, a header without a colon, both framings
-        at once, a bad length, and bad chunking get 400 and a close.
+        at once, a bad length, and bad chunking get 400 and a close; what
+        follows a bad header is not read (no backend is asked).
         """
         for data in (
             b"GARBAGE\r\n\r\n",
             b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nHost: h\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\nHost: h\r\n\r\n",
         ):
             self.connect()
-            self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", self.send(data), data)
+            answer = self.send(data)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data)
+            self.assertEqual(answer.count(b"HTTP/1.1"), 1, data)
             self.assertTrue(self.client.disconnecting, data)
+            self.assertEqual(self.connector.protocols, [], data)
+            self.assertEqual(self.frontend.requests, 0, data)
+        self.connect()
+        answer = self.send(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertEqual(answer, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+                         b"Connection: close\r\n\r\nBad Request\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[0].disconnecting)
 
     def test_slowHead(self) -> None:
         """
