@@ -172,6 +172,31 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(fields[b"www-authenticate"], [b'Basic realm="cyrus"'])
         self.assertTrue(answer.endswith(b"\r\n\r\nNo, no.\r\n"))
 
+    def test_backend401Delayed(self) -> None:
+        """
+        The backend's 401 to routed credentials is a failed login: logged
+        for fail2ban, counted, and passed on (untouched) only after the
+        failed-login delay, as the router's refusal would be; the backend
+        is not read meanwhile.
+        """
+        self.connect(limits=Limits(failureDelay=2.0))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong-pw") + b"\r\n\r\n")
+        self.clock.advance(0.5)
+        refusal = b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="cyrus"\r\nContent-Length: 4\r\n\r\nNo.\n'
+        self.assertEqual(self.backendSays(refusal), b"")
+        self.assertEqual(self.connector.transports[0].producerState, "paused")
+        self.clock.advance(1.4)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.1)
+        answer = self.client.value()
+        self.assertEqual(head(answer)[0], b"HTTP/1.1 401 Unauthorized")
+        self.assertTrue(answer.endswith(b"\r\n\r\nNo.\n"))
+        self.assertEqual(self.connector.transports[0].producerState, "producing")
+        failed = [event for event in self.events if event.get("event") == "login_failed"]
+        self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
+        self.assertNotIn("wrong-pw", repr(self.events))
+        self.assertEqual(self.frontend.failures, 1)
+
     def test_routerRefusal(self) -> None:
         """
         An authenticating router's refusal is the proxy's 401 with its
