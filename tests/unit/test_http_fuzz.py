@@ -43,6 +43,21 @@ BACKEND_WORDS = [
 ]
 
 
+def messages(starts: list[bytes], fields: list[bytes], bodies: list[bytes]) -> st.SearchStrategy[bytes]:
+    """
+    One to three HTTP messages (a start line, fields, a blank line, a
+    body) built from the pieces given, or random octets, one after the
+    other: well-formed enough to reach past the head.
+    """
+    message = st.builds(
+        lambda start, chosen, body: start + b"\r\n" + b"".join(field + b"\r\n" for field in chosen) + b"\r\n" + body,
+        st.sampled_from(starts),
+        st.lists(st.sampled_from(fields), max_size=5),
+        st.one_of(st.sampled_from(bodies), st.binary(max_size=40)),
+    )
+    return st.lists(st.one_of(message, message, st.binary(max_size=60)), min_size=1, max_size=3).map(b"".join)
+
+
 class HTTPFuzzTests(SynchronousTestCase):
     """
     Hostile clients and hostile backends.
@@ -77,8 +92,8 @@ class HTTPFuzzTests(SynchronousTestCase):
         client goes.
         """
 
-        @settings(max_examples=200, deadline=None)
-        @given(chunked(hostileLines(CLIENT_WORDS)))
+        @settings(max_examples=300, deadline=None)
+        @given(chunked(st.one_of(hostileLines(CLIENT_WORDS), messages(CLIENT_WORDS[:5], CLIENT_WORDS[5:22], CLIENT_WORDS[22:]))))
         def run(example: tuple[bytes, list[bytes]]) -> None:
             self.connect()
             self.feedClient(example[1])
@@ -100,8 +115,8 @@ class HTTPFuzzTests(SynchronousTestCase):
         no exception, no logged error; the client gets an answer or a close.
         """
 
-        @settings(max_examples=200, deadline=None)
-        @given(chunked(hostileLines(BACKEND_WORDS)))
+        @settings(max_examples=300, deadline=None)
+        @given(chunked(st.one_of(hostileLines(BACKEND_WORDS), messages(BACKEND_WORDS[:7], BACKEND_WORDS[7:11] + BACKEND_WORDS[17:], BACKEND_WORDS[11:17]))))
         def run(example: tuple[bytes, list[bytes]]) -> None:
             self.connect()
             self.frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n" + AUTH + b"\r\n\r\n")
