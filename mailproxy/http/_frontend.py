@@ -155,6 +155,10 @@ class _ProxyRequest(Request):
     @ivar credentials: what the client authenticated with, if anything.
     @ivar route: the router's answer for them.
     @ivar started: when its headers were complete.
+    @ivar authorization: the credential fields it went to the backend with.
+    @ivar reused: it went on a backend connection kept from a request
+        before.
+    @ivar retried: it was sent again on a new connection.
     """
 
     def __init__(self, channel: _Channel, frontend: HTTPFrontend) -> None:
@@ -174,6 +178,9 @@ class _ProxyRequest(Request):
         self.credentials: Credentials | None = None
         self.route: Route | None = None
         self.started = 0.0
+        self.authorization: list[tuple[bytes, bytes]] = []
+        self.reused = False
+        self.retried = False
         self.content = None
 
     def gotLength(self, length: int | None) -> None:
@@ -566,13 +573,15 @@ class HTTPFrontend(FrontendProtocol):
 
     # Routing without credentials
 
-    def _connect(self, request: _ProxyRequest, backend: Backend | None) -> None:
+    def _connect(
+        self, request: _ProxyRequest, backend: Backend | None, authorization: list[tuple[bytes, bytes]] = []
+    ) -> None:
         if backend is None:
             self._fail(request, 503, b"Service Unavailable", "No server is configured for this request.", retry=True)
             return
         current = self.backend
         if current is not None and not current.gone and current.job.backend.name == backend.name:
-            self._ready(request, current, [])
+            self._ready(request, current, authorization)
             return
         job = LoginJob(
             route=Route(backend), protocol=self.protocolName, client=self.client, credentials=None, user="", password=None
@@ -581,7 +590,7 @@ class HTTPFrontend(FrontendProtocol):
         d = self.context.backendConnector(self.context.reactor, connection)
 
         def connected(result: BackendProtocol) -> None:
-            self._ready(request, cast(HTTPBackend, result), [])
+            self._ready(request, cast(HTTPBackend, result), authorization)
 
         def failed(reason: Failure) -> None:
             if reason.trap(BackendFailure, CancelledError) is CancelledError:
@@ -692,6 +701,8 @@ class HTTPFrontend(FrontendProtocol):
             if backend is not self.backend:
                 backend.transport.abortConnection()
             return
+        request.reused = backend is self.backend
+        request.authorization = authorization
         self._useBackend(backend)
         request.backend = backend
         if setCookie and self._account is not None:
@@ -911,8 +922,17 @@ class HTTPFrontend(FrontendProtocol):
             session=self.client.sessionId,
             why=why,
         )
+        backend = request.backend
         self._dropBackend()
         if request.gone:
+            return
+        if backend is not None and request.reused and not request.retried and request.bodyDone and request.length == 0:
+            # A kept-alive connection the backend closed as the request
+            # went out (its idle timeout): nothing of the request was lost
+            # and nothing answered, so it goes again on a new connection.
+            request.retried = True
+            request.backend = None
+            self._connect(request, backend.job.backend, request.authorization)
             return
         if request.startedWriting:
             # Too late for a status: the client sees the response cut short.

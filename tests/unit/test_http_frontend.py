@@ -786,6 +786,32 @@ class HostileInputTests(HTTPFrontendTestCase):
             self.assertEqual(head(self.backendSays(data))[0], b"HTTP/1.1 502 Bad Gateway")
             self.assertTrue(self.connector.transports[0].disconnecting)
 
+    def test_keptConnectionClosed(self) -> None:
+        """
+        A request without a body sent on a kept-alive backend connection
+        that the backend closes before answering goes again, once, on a new
+        connection, with the same credentials; the client sees only the
+        answer.
+        """
+        self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        self.send(request)
+        self.backendSays(OK)
+        self.client.clear()
+        self.send(request)
+        self.connector.protocols[0].connectionLost(Failure(Exception("closed")))
+        self.assertEqual(len(self.connector.protocols), 2)
+        self.assertEqual(head(self.backendGot())[1][b"authorization"], [basic("alice", "pw")])
+        self.assertEqual(self.client.value(), b"")
+        self.assertTrue(self.backendSays(OK).endswith(b"hello"))
+        self.assertEqual(len(self.router.requests), 1)
+        self.send(request)
+        self.connector.protocols[1].connectionLost(Failure(Exception("closed")))
+        self.send(b"")
+        self.assertEqual(len(self.connector.protocols), 3)
+        self.connector.protocols[2].connectionLost(Failure(Exception("closed")))
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 502 Bad Gateway")
+
     def test_backendVanishes(self) -> None:
         """
         A backend that closes in the middle of a response cuts the client's
