@@ -858,9 +858,12 @@ class HTTPFrontend(FrontendProtocol):
         # on the client's host they become https: (nginx's proxy_redirect).
         plain = b"http://" + (request.requestHeaders.getRawHeaders(b"host", [b""])[0]).lower()
         secure = self._clientProto() == b"https"
+        # A length beside a transfer coding is not the length of what the
+        # client gets (the body is decoded): it would desynchronise it.
+        removed = _RESPONSE_REMOVED | named | ({b"content-length"} if head.values(b"transfer-encoding") else set())
         for name, value in head.headers:
             lower = name.lower()
-            if lower in _RESPONSE_REMOVED or lower in named:
+            if lower in removed:
                 continue
             if secure and lower in (b"location", b"content-location") and _onHost(value, plain):
                 value = b"https" + value[4:]

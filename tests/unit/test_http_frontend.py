@@ -538,6 +538,21 @@ class StreamingTests(HTTPFrontendTestCase):
         self.assertEqual(head(answer)[1][b"transfer-encoding"], [b"chunked"])
         self.assertFalse(self.client.disconnecting)
 
+    def test_lengthBesideChunked(self) -> None:
+        """
+        A backend response with both Content-Length and chunked coding
+        reaches the client chunked, without the length (which would no
+        longer frame it).
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        fields = head(answer)[1]
+        self.assertNotIn(b"content-length", fields)
+        self.assertTrue(answer.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), answer)
+
     def test_eventStream(self) -> None:
         """
         An event stream's head reaches the client at once, and each event
