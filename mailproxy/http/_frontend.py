@@ -159,6 +159,9 @@ class _ProxyRequest(Request):
     @ivar reused: it went on a backend connection kept from a request
         before.
     @ivar retried: it was sent again on a new connection.
+    @ivar loginSeconds: for the first request of a login, how long the
+        login took (router and connection): its response says whether the
+        backend took the credentials.
     """
 
     def __init__(self, channel: _Channel, frontend: HTTPFrontend) -> None:
@@ -181,6 +184,7 @@ class _ProxyRequest(Request):
         self.authorization: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.retried = False
+        self.loginSeconds: float | None = None
         self.content = None
 
     def gotLength(self, length: int | None) -> None:
@@ -637,10 +641,9 @@ class HTTPFrontend(FrontendProtocol):
             outgoing, self._outgoingAuth = self._outgoingAuth, []
             self._auth = (authorization, route, outgoing, credentials)
             request.credentials, request.route = credentials, route
-            seconds = self._attempt.seconds() if self._attempt is not None else None
+            request.loginSeconds = self._attempt.seconds() if self._attempt is not None else 0.0
             if self._attempt is not None:
                 self._attempt.release()
-            self.context.stats.loginSucceeded(self.protocolName, route.backend.name, seconds)
             # A failed attempt before does not make the session's outcome.
             self.noteOutcome(self.defaultEndReason)
             if account and not self._registered and self in self.context.sessions:
@@ -814,7 +817,17 @@ class HTTPFrontend(FrontendProtocol):
             self._dropBackend()
             return
         credentials, route = request.credentials, request.route
-        if head.code == 401 and credentials is not None and route is not None and not route.authenticated:
+        refused = head.code == 401 and credentials is not None and route is not None and not route.authenticated
+        if route is not None and (refused or request.loginSeconds is not None):
+            # A login counts as one once the backend judged it, by the
+            # first response (or any later refusal).
+            stats = self.context.stats
+            if refused:
+                stats.loginFailed(self.protocolName, route.backend.name, FailureKind.AUTH.value, request.loginSeconds)
+            else:
+                stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
+        if refused:
+            assert credentials is not None
             # The backend judged the credentials and refused them: a failed
             # login as when the router refuses, counted, logged for
             # fail2ban, and answered after the failed-login delay.

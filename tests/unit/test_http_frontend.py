@@ -196,6 +196,22 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
         self.assertNotIn("wrong-pw", repr(self.events))
         self.assertEqual(self.frontend.failures, 1)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
+
+    def test_loginCountedByResponse(self) -> None:
+        """
+        A routed login counts as accepted once the backend answered its
+        first request with anything but 401; later requests of the login
+        count no more.
+        """
+        self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        self.send(request)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {})
+        self.backendSays(OK)
+        self.send(request)
+        self.backendSays(OK)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "ok"): 1})
 
     def test_routerRefusal(self) -> None:
         """
