@@ -1,0 +1,235 @@
+"""
+A private Cyrus IMAP 3.6 server (Debian's C{cyrus-imapd} and
+C{cyrus-caldav}) as a test fixture: C{master} with an C{imapd} and an
+C{httpd} carrying JMAP, CalDAV and CardDAV, on free loopback ports, its
+state in a temporary directory, passwords in a sasldb file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import imaplib
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+from .servers import _HERE, _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer, startOnFreePorts
+
+#: Where Debian installs the Cyrus services (master finds them there too).
+CYRUS_BIN = Path("/usr/lib/cyrus/bin")
+
+
+class Cyrus:
+    """
+    Cyrus C{master} on 127.0.0.1 with an IMAP and an HTTP service.
+
+    Cyrus keeps mailboxes, databases and unix sockets in its configuration
+    directory, which its services must reach as the C{cyrus} user: the
+    state lives in a private directory under the system's temporary
+    directory, owned by that user when the tests run as root (C{master}
+    switches to it), linked from C{directory/runtime}. Run by another user,
+    Cyrus runs as that user (C{CYRUS_USER}).
+
+    Users log in as C{user@domain} (virtual domains); C{admin} is the
+    administrator.
+
+    @ivar imap: the IMAP port (plain, PLAIN and LOGIN accepted), chosen at
+        L{start}.
+    @ivar http: the HTTP port (plain): C{/jmap/}, C{/dav/}, chosen at
+        L{start}.
+    @ivar users: login name to password.
+    """
+
+    imap: int
+    http: int
+
+    def __init__(
+        self,
+        directory: str,
+        name: str,
+        users: Mapping[str, str],
+        admin: tuple[str, str] = ("admin", "cyrus-admin-secret"),
+    ) -> None:
+        """
+        @param directory: where this instance keeps its configuration and
+            log.
+        @param name: a short name, its C{servername} (C{name.example.org},
+            the realm of its C{WWW-Authenticate}) and part of file names.
+        @param users: login name (C{user@domain}) to password.
+        @param admin: the administrator's name and password.
+        """
+        self.directory = Path(directory)
+        self.name = name
+        self.users = dict(users)
+        self.admin = admin
+        self.configPath = self.directory / "imapd.conf"
+        self.servicesPath = self.directory / "cyrus.conf"
+        self.logPath = self.directory / "master.log"
+        self._runtime: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def servername(self) -> str:
+        """
+        The name Cyrus gives itself (IMAP greeting, HTTP realm).
+        """
+        return f"{self.name}.example.org"
+
+    def start(self) -> None:
+        """
+        Write the configuration and the password database, start C{master}
+        and wait until both services accept connections.
+
+        @raise RuntimeError: it did not come up; the message ends with the
+            tail of its log.
+        """
+        requireServer(str(CYRUS_BIN / "master"), str(CYRUS_BIN / "httpd"), "saslpasswd2")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._runtime = Path(tempfile.mkdtemp(prefix=f"cyrus-{self.name}-"))
+        try:
+            for sub in ("conf", "spool", "sieve", "socket"):
+                (self._runtime / sub).mkdir()
+            (self.directory / "runtime").unlink(missing_ok=True)
+            (self.directory / "runtime").symlink_to(self._runtime)
+            self._writePasswords()
+            self._own()
+            startOnFreePorts(self._choosePorts, self._run, self.logPath)
+        except BaseException:
+            self._removeRuntime()
+            raise
+
+    def _writePasswords(self) -> None:
+        """
+        Write every user's (and the admin's) password into the sasldb.
+        """
+        assert self._runtime is not None
+        for user, password in [*self.users.items(), self.admin]:
+            # -p reads the password from standard input, -c creates the
+            # entry; the realm is the part after "@", as Cyrus asks for it.
+            done = subprocess.run(
+                [_binary("saslpasswd2"), "-p", "-c", "-f", str(self._runtime / "sasldb2"), user],
+                input=password.encode(),
+                capture_output=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"saslpasswd2 {user} failed: {done.stderr.decode(errors='replace')}")
+
+    def _own(self) -> None:
+        """
+        As root, hand the state to the C{cyrus} user (and the C{mail}
+        group), which Cyrus switches to.
+        """
+        assert self._runtime is not None
+        if os.geteuid() != 0:
+            return
+        account = pwd.getpwnam("cyrus")
+        for path in [self._runtime, *self._runtime.rglob("*")]:
+            os.chown(path, account.pw_uid, account.pw_gid)
+        self._runtime.chmod(0o750)
+
+    def _choosePorts(self) -> None:
+        """
+        Pick two distinct free ports and write the configuration.
+        """
+        assert self._runtime is not None
+        ports: set[int] = set()
+        while len(ports) < 2:
+            ports.add(freePort())
+        self.imap, self.http = sorted(ports)
+        values = {
+            "RUNTIME": str(self._runtime),
+            "SERVERNAME": self.servername,
+            "ADMIN": self.admin[0],
+            "CONFIG": str(self.configPath),
+            "IMAP": str(self.imap),
+            "HTTP": str(self.http),
+        }
+        for template, path in (("cyrus-imapd.conf.in", self.configPath), ("cyrus.conf.in", self.servicesPath)):
+            text = (_HERE / template).read_text()
+            for key, value in values.items():
+                text = text.replace(f"@{key}@", value)
+            path.write_text(text)
+
+    def _run(self) -> None:
+        """
+        Run C{master} in the foreground and wait for its ports.
+        """
+        environment = dict(os.environ)
+        if os.geteuid() != 0:
+            environment["CYRUS_USER"] = getpass.getuser()
+        with open(self.logPath, "ab") as log:
+            # -D: stay a child of the tests. Cyrus logs to syslog; what it
+            # prints (fatal errors) lands in the log file.
+            self._process = subprocess.Popen(
+                [
+                    str(CYRUS_BIN / "master"), "-D", "-C", str(self.configPath),
+                    "-M", str(self.servicesPath), "-p", str(self.directory / "master.pid"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                preexec_fn=_dieWithParent,
+            )
+        try:
+            _waitForPorts(
+                self._process, [self.imap, self.http], timeout=30, describe=f"cyrus {self.name}", log=self.logPath
+            )
+        except RuntimeError:
+            _stopProcess(self._process)
+            self._process = None
+            raise
+
+    def stop(self) -> None:
+        """
+        Stop C{master} (which stops its services) and remove the state.
+        Doing so twice is harmless.
+        """
+        if self._process is not None:
+            _stopProcess(self._process)
+            self._process = None
+        self._removeRuntime()
+
+    def _removeRuntime(self) -> None:
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+            (self.directory / "runtime").unlink(missing_ok=True)
+            self._runtime = None
+
+    def running(self) -> bool:
+        """
+        Whether C{master} is alive.
+        """
+        return self._process is not None and self._process.poll() is None
+
+    def baseURL(self) -> str:
+        """
+        The URL of its HTTP service, without a trailing slash.
+        """
+        return f"http://127.0.0.1:{self.http}"
+
+    def append(self, user: str, *messages: bytes, mailbox: str = "INBOX") -> None:
+        """
+        Log in over IMAP as C{user} (which creates the account's INBOX the
+        first time) and append C{messages} (RFC 5322 bytes) to C{mailbox},
+        created if missing.
+        """
+        client = imaplib.IMAP4("127.0.0.1", self.imap, timeout=30)
+        try:
+            client.login(user, self.users[user])
+            if mailbox != "INBOX":
+                client.create(mailbox)
+            for message in messages:
+                status, detail = client.append(mailbox, None, None, message)
+                if status != "OK":
+                    raise RuntimeError(f"APPEND for {user} failed: {detail!r}")
+            client.logout()
+        finally:
+            try:
+                client.shutdown()
+            except OSError:
+                pass
