@@ -422,20 +422,31 @@ class Session(Protocol):
         the client's own close follows.
         """
 
-    def _logEnd(self) -> None:
+    def sessionTraffic(self) -> tuple[str, int, int]:
+        """
+        The session-end line's C{result=} and the octets from the client
+        and from the backend.  A protocol that relays in its own way (HTTP,
+        request by request) counts its own.
+        """
         relay = self.relay
         if relay is not None:
-            result = "ok"
-        elif self.attempts:
-            result = "failed"
-        else:
-            result = "no-login"
+            return "ok", relay.bytesFromClient, relay.bytesFromBackend
+        return ("failed" if self.attempts else "no-login"), 0, 0
+
+    def sessionFields(self) -> dict[str, Any]:
+        """
+        What a protocol adds to its C{session_end} event (HTTP: the
+        requests counted).
+        """
+        return {}
+
+    def _logEnd(self) -> None:
+        relay = self.relay
+        result, bytesIn, bytesOut = self.sessionTraffic()
         reason = relay.endReason.words(relay.endDetail) if relay and relay.endReason else self.result
         route = self.route
         backend = route.backend.name if route else None
         duration = time.monotonic() - self._started
-        bytesIn = relay.bytesFromClient if relay else 0
-        bytesOut = relay.bytesFromBackend if relay else 0
         client = self.client
         # The line is composed here with an f-string: the logging system's
         # own formatter is pure Python and costs more than the whole rest of
@@ -465,6 +476,7 @@ class Session(Protocol):
             duration=duration,
             bytesIn=bytesIn,
             bytesOut=bytesOut,
+            **self.sessionFields(),
         )
 
     # Operations

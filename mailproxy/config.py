@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar, get_args
 
 import idna
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
@@ -48,7 +48,7 @@ from mailproxy.protocols import (
     PROTOCOLS,
     protocolNamed,
 )
-from mailproxy.settings import Limits, Listener
+from mailproxy.settings import HTTPSettings, Limits, Listener
 
 __all__ = [
     "ConfigError",
@@ -123,6 +123,7 @@ Each validates its own options when built (L{mailproxy.routers.buildRouter}).
 _BACKEND_TLS: tuple[str, ...] = get_args(BackendTLS)
 _FORWARDING: tuple[str, ...] = get_args(Forwarding)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+_COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 _PYTHON_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
 _TOML_POSITION = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\Z")
@@ -679,7 +680,7 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     # is read even when an earlier one is wrong: one run reports them all.
     problems = Problems() if problems is None else problems
     root = Table(path, (), data, os.path.dirname(path), problems)
-    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration", "cluster")
+    root.allow("proxy", "limits", "tls", "listener", "router", "backend", "admin", "log", "migration", "cluster", "http")
     hostname, workers = root.collect(lambda: _parseProxy(root.table("proxy")), ("", None))
     limits = root.collect(lambda: _parseLimits(root.table("limits")), Limits())
     tls, sni = root.collect(lambda: _parseTLS(root.table("tls")), (None, ()))
@@ -689,6 +690,9 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     # were read; otherwise a listener would be blamed for a backend's typo.
     backendsRead = len(problems.found) == before
     listeners = _parseListeners(root, "tls" in root, backends if backendsRead else None)
+    listeners = root.collect(
+        lambda: _withHTTP(root, listeners, backends if backendsRead else None, workers), listeners
+    )
     router = root.collect(lambda: _parseRouter(root.table("router", required=True)), None)  # type: ignore[arg-type]
     admin = root.collect(lambda: parseAdmin(root.table("admin"), listeners), None)
     log = root.collect(lambda: _parseLog(root.table("log")), LogConfig())
@@ -1016,6 +1020,8 @@ def _parseListener(
     kindKnown = protocol is not None and (mode is not None or protocol not in LISTENER_MODES)
     localDomains = entry.collect(lambda: _parseLocalDomains(entry, protocol, mode), frozenset()) if kindKnown else frozenset()
     proxyProtocol, proxyTrusted = entry.collect(lambda: _parseProxyProtocol(entry), (False, ()))
+    if protocol == "http" and tls is not None and tls.startswith("starttls"):
+        entry.collect(lambda: entry.fail("tls", 'HTTP has no STARTTLS: "implicit" or "none"'), None)
     if tls is not None and tls != "none" and not haveTLS:
         entry.collect(lambda: entry.fail("tls", f"{tls!r} needs a [tls] table with certificate and key"), None)
     if kindKnown and backends is not None:
@@ -1048,6 +1054,94 @@ def _parseListener(
         mode=mode,
         localDomains=localDomains,
         oauth=oauth,
+    )
+
+
+# (TOML key, HTTPSettings attribute, integer?, minimum)
+_HTTP_LIMITS: tuple[tuple[str, str, bool, float], ...] = (
+    ("max_header_size", "maxHeaderSize", True, 1024),
+    ("max_headers", "maxHeaders", True, 8),
+    ("keepalive_timeout", "keepaliveTimeout", False, 0),
+    ("header_timeout", "headerTimeout", False, 0),
+    ("response_timeout", "responseTimeout", False, 0),
+)
+
+
+def _withHTTP(
+    root: Table, listeners: tuple[Listener, ...], backends: Mapping[str, Backend] | None, workers: int | None
+) -> tuple[Listener, ...]:
+    """
+    The listeners, the HTTP ones given the C{[http]} section: required
+    (for its C{default_backend}) when a listener has C{protocol = "http"},
+    refused without one.
+    """
+    table = root.table("http")
+    serving = [listener for listener in listeners if listener.protocol == "http"]
+    if not serving:
+        if table is not None:
+            root.fail("http", 'no [[listener]] has protocol = "http"')
+        return listeners
+    if table is None:
+        root.fail("http", 'required with a protocol = "http" listener (it names default_backend)')
+    settings = _parseHTTP(table, backends, workers)
+    return tuple(evolve(listener, http=settings) if listener.protocol == "http" else listener for listener in listeners)
+
+
+def _parseHTTP(table: Table, backends: Mapping[str, Backend] | None, workers: int | None) -> HTTPSettings:
+    table.allow("cookie_secret_file", "cookie_name", "default_backend", "pins", "realm", *(key for key, *_ in _HTTP_LIMITS))
+
+    def backendWithHTTP(where: Table, name: str) -> str:
+        value = where.string(name)
+        if backends is not None:
+            if value not in backends:
+                where.fail(name, f"no [backend.{value}]{suggest(value, backends)}")
+            if "http" not in backends[value].ports:
+                where.fail(name, f"backend {value!r} has no ports.http")
+        return value
+
+    if "cookie_secret_file" in table:
+        secret = table.collect(lambda: readSecretLine(table, "cookie_secret_file"), b"")
+    else:
+        secret = os.urandom(32)
+        if workers is None or workers > 1:
+            table.warn(
+                "cookie_secret_file",
+                "unset: each worker process signs cookies with a key of its own, so a cookie set by one is "
+                "refused by the others (and by every one after a restart); set it, or [proxy] workers = 1",
+            )
+    cookieName = table.collect(lambda: table.string("cookie_name", "mailproxy_backend"), "mailproxy_backend")
+    if not _COOKIE_NAME.match(cookieName):
+        table.collect(lambda: table.fail("cookie_name", "not a cookie name (letters, digits, - and _)"), None)
+    realm = table.collect(lambda: table.string("realm", "mail"), "mail")
+    if '"' in realm or "\\" in realm or not realm.isprintable():
+        table.collect(lambda: table.fail("realm", "no quote, backslash or control character"), None)
+    default = table.collect(lambda: backendWithHTTP(table, "default_backend"), "")
+    pins: list[tuple[str, str]] = []
+    pinTable = table.collect(lambda: table.table("pins"), None)
+    if pinTable is not None:
+        for prefix in pinTable.data:
+            if not prefix.startswith("/"):
+                pinTable.collect(lambda: pinTable.fail(prefix, "a path prefix starts with /"), None)
+                continue
+            backend = pinTable.collect(lambda: backendWithHTTP(pinTable, prefix), None)
+            if backend is not None:
+                pins.append((prefix, backend))
+    values: dict[str, Any] = {}
+    for key, attribute, isInteger, minimum in _HTTP_LIMITS:
+        if key in table:
+            if isInteger:
+                value = table.collect(lambda: table.integer(key, None, int(minimum)), None)
+            else:
+                value = table.collect(lambda: table.number(key, None, minimum, None, True), None)
+            if value is not None:
+                values[attribute] = value
+    return HTTPSettings(
+        cookieSecret=secret,
+        cookieName=cookieName,
+        defaultBackend=default,
+        pins=tuple(sorted(pins, key=lambda pin: -len(pin[0]))),
+        realm=realm,
+        **values,
     )
 
 

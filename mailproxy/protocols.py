@@ -243,6 +243,17 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         greeting=(b'"',),
         oauth=True,
     ),
+    ProtocolDescriptor(
+        name="http",
+        ports={"http": 80},
+        frontend="mailproxy.http.HTTPFrontend",
+        backendLogin="mailproxy.http._backend.HTTPBackend",
+        applicationProtocols=(b"http/1.1",),
+        # Any status line: a server that answers is up (even "OPTIONS *"
+        # refused with 405 or 501).
+        greeting=(b"HTTP/1.",),
+        probe=b"OPTIONS * HTTP/1.1\r\nHost: mailproxy\r\nConnection: close\r\n\r\n",
+    ),
 )
 """
 Every protocol, one entry each.  The order is the one messages list them

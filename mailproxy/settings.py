@@ -7,11 +7,11 @@ loading the parser.
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import field, frozen
 
 from mailproxy.protocols import Lookup, ProtocolDescriptor, protocolNamed
 
-__all__ = ["Limits", "Listener"]
+__all__ = ["HTTPSettings", "Limits", "Listener"]
 
 
 @frozen
@@ -59,6 +59,43 @@ class Limits:
 
 
 @frozen
+class HTTPSettings:
+    """
+    The C{[http]} section: how HTTP listeners route requests that carry no
+    credentials, and what one request may cost.
+
+    @ivar cookieSecret: the key that signs the routing cookie (HMAC-SHA256).
+    @ivar cookieName: the routing cookie's name.
+    @ivar defaultBackend: the backend of requests with neither credentials,
+        a pinned path nor a valid cookie.
+    @ivar pins: path prefixes and the backend each is pinned to, longest
+        prefix first.
+    @ivar realm: the realm of the C{WWW-Authenticate: Basic} challenge the
+        proxy sends when a router refuses credentials.
+    @ivar maxHeaderSize: octets of a request's line and headers, or of a
+        response's; more gets 431 (a backend's: 502).
+    @ivar maxHeaders: header fields of a request; more gets 431.
+    @ivar keepaliveTimeout: seconds a connection may wait for its next
+        request; then it is closed.
+    @ivar headerTimeout: seconds from a request's first octet until its
+        headers are complete; then 408 and the connection is closed.
+    @ivar responseTimeout: seconds the backend may take to start its
+        response once the request was sent; then 504.
+    """
+
+    cookieSecret: bytes = field(repr=False)
+    cookieName: str = "mailproxy_backend"
+    defaultBackend: str = ""
+    pins: tuple[tuple[str, str], ...] = ()
+    realm: str = "mail"
+    maxHeaderSize: int = 32768
+    maxHeaders: int = 100
+    keepaliveTimeout: float = 75.0
+    headerTimeout: float = 30.0
+    responseTimeout: float = 60.0
+
+
+@frozen
 class Listener:
     """
     One C{[[listener]]}: where to accept clients and how.
@@ -78,6 +115,7 @@ class Listener:
     @ivar localDomains: for an MX listener, the domains the proxy receives
         mail for (lower case, A-labels): a recipient there that the router
         refuses is an unknown user (C{550 5.1.1}), not relaying (C{5.7.1}).
+    @ivar http: for an HTTP listener, the C{[http]} section.
     """
 
     protocol: str
@@ -89,6 +127,7 @@ class Listener:
     mode: str | None = None
     oauth: bool = False
     localDomains: frozenset[str] = frozenset()
+    http: HTTPSettings | None = None
 
     @property
     def descriptor(self) -> ProtocolDescriptor:

@@ -101,11 +101,17 @@ class TokenValidatingRouter:
         else:
             d = maybeDeferred(lambda: self._check(token, user))
 
-        def decided(why: str | None) -> Any:
+        def decided(outcome: tuple[str | None, str]) -> Any:
+            why, account = outcome
             if why is not None:
                 self.log.info("OAuth token for {user} refused: {why}", user=logQuote(user), why=logQuote(why))
                 return Rejection()
-            return maybeDeferred(self.router.route, request).addCallback(self._asMaster)
+            located = request
+            if not user:
+                # A bearer token that names no user (HTTP's Authorization:
+                # Bearer): the token's claim is the account.
+                located = evolve(request, credentials=evolve(credentials, user=account))
+            return maybeDeferred(self.router.route, located).addCallback(self._asMaster, account)
 
         def failed(reason: Failure) -> Rejection:
             # The endpoint is down or talks nonsense: try again later. Its
@@ -120,23 +126,27 @@ class TokenValidatingRouter:
         d.addCallbacks(decided, failed)
         return d  # type: ignore[return-value]
 
-    def _judge(self, claims: dict[str, Any], user: str) -> str | None:
+    def _judge(self, claims: dict[str, Any], user: str) -> tuple[str | None, str]:
         """
-        Why an introspection answer does not log C{user} in, or L{None}.
+        Why an introspection answer does not log C{user} in (or L{None}),
+        and the account it names.
         """
         if claims.get("active") is not True:
-            return "the token is not active"
+            return "the token is not active", ""
         return self._names(claims, user)
 
-    def _names(self, claims: dict[str, Any], user: str) -> str | None:
+    def _names(self, claims: dict[str, Any], user: str) -> tuple[str | None, str]:
+        # An empty user (a bearer token alone, over HTTP) takes the claim's
+        # account; a named one must be it.
         named = claims.get(self.claim)
-        if not isinstance(named, str) or named.casefold() != user.casefold():
-            return f"its {self.claim} claim is not the account"
-        return None
+        if not isinstance(named, str) or not named or (user and named.casefold() != user.casefold()):
+            return f"its {self.claim} claim is not the account", ""
+        return None, named if not user else user
 
-    def _check(self, token: bytes, user: str) -> str | None:
+    def _check(self, token: bytes, user: str) -> tuple[str | None, str]:
         """
-        Why C{token} does not log C{user} in, or L{None} if it does.
+        Why C{token} does not log C{user} in (or L{None} if it does), and
+        the account it names.
         """
         import jwt
 
@@ -146,7 +156,7 @@ class TokenValidatingRouter:
             if key is None and header.get("kid") is None and len(self._keys) == 1:
                 key = next(iter(self._keys.values()))
             if key is None:
-                return "no key for its kid"
+                return "no key for its kid", ""
             claims = jwt.decode(
                 token,
                 key.key,
@@ -156,12 +166,18 @@ class TokenValidatingRouter:
                 options={"require": ["exp"], "verify_aud": self._audience is not None},
             )
         except jwt.PyJWTError as e:
-            return type(e).__name__ + ": " + str(e)
+            return type(e).__name__ + ": " + str(e), ""
         return self._names(claims, user)
 
-    def _asMaster(self, answer: Route | Rejection) -> Route | Rejection:
+    def _asMaster(self, answer: Route | Rejection, account: str) -> Route | Rejection:
         if isinstance(answer, Route):
-            return evolve(answer, password=None, useMaster=True, authenticated=True)
+            return evolve(
+                answer,
+                password=None,
+                useMaster=True,
+                authenticated=True,
+                user=answer.user if answer.user is not None else account,
+            )
         return answer
 
 

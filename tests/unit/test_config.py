@@ -1318,7 +1318,7 @@ class EveryProblemTests(ConfigTestCase):
             f"{p}: limits.idle_timeout: must be greater than 0, not -1",
             f"{p}: backend.old.host: not a host name or address: 'bad host'",
             f"{p}: backend.old.tls: must be one of none, starttls, implicit, not 'yes'",
-            f"{p}: listener[0].protocol: must be one of imap, pop3, sieve, smtp, not 'imapp' (did you mean 'imap'?)",
+            f"{p}: listener[0].protocol: must be one of http, imap, pop3, sieve, smtp, not 'imapp' (did you mean 'imap'?)",
             f"{p}: listener[0].tls: must be one of implicit, starttls, starttls-required, none, "
             "not 'startls' (did you mean 'starttls'?)",
             f"{p}: listener[0].endpoint: cannot parse 'tcp:imaps': port must be a number, not 'imaps'",

@@ -602,6 +602,18 @@ class TokenValidatingRouterTests(SynchronousTestCase):
             for part in token.split(b"."):
                 self.assertNotIn(part.decode(), text)
 
+    def test_tokenAlone(self) -> None:
+        """
+        A token that comes without a user (HTTP's Authorization: Bearer)
+        is routed as the account its claim names, and the route names that
+        account; an invalid one is still refused.
+        """
+        route = self.route(self.token(), user="")
+        assert isinstance(route, Route)
+        self.assertEqual((route.backend, route.useMaster, route.user), (self.backend, True, "alice@example.org"))
+        self.assertEqual(self.inner.requests[0].credentials.user, "alice@example.org")
+        self.assertIsInstance(self.route(self.token(lifetime=-60), user=""), Rejection)
+
     def test_otherLogins(self) -> None:
         """
         A password login goes to the wrapped router untouched.

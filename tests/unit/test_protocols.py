@@ -48,14 +48,20 @@ class RegistryTests(SynchronousTestCase):
         order (which configuration errors list them in) they had when they
         were written out by hand.
         """
-        self.assertEqual(LISTENER_PROTOCOLS, ("imap", "pop3", "sieve", "smtp"))
-        self.assertEqual(BACKEND_PROTOCOLS, ("imap", "pop3", "smtp", "sieve", "mx"))
+        self.assertEqual(LISTENER_PROTOCOLS, ("http", "imap", "pop3", "sieve", "smtp"))
+        self.assertEqual(BACKEND_PROTOCOLS, ("imap", "pop3", "smtp", "sieve", "http", "mx"))
         self.assertEqual(DIGEST_AUTH_PROTOCOLS, ("imap", "pop3", "smtp"))
         self.assertEqual(LISTENER_MODES, {"smtp": ("submission", "mx")})
         self.assertEqual(MODE_PORTS, {("smtp", "mx"): "mx"})
         self.assertEqual(
             APPLICATION_PROTOCOLS,
-            {"imap": (b"imap",), "pop3": (b"pop3",), "smtp": (b"smtp",), "sieve": (b"managesieve",)},
+            {
+                "imap": (b"imap",),
+                "pop3": (b"pop3",),
+                "smtp": (b"smtp",),
+                "sieve": (b"managesieve",),
+                "http": (b"http/1.1",),
+            },
         )
 
     def test_referencesResolve(self) -> None:
@@ -93,7 +99,8 @@ class RegistryTests(SynchronousTestCase):
             "import mailproxy.protocols, mailproxy.config, mailproxy.settings, mailproxy.model\n"
             "import mailproxy.routers, mailproxy.admin, mailproxy.tap, mailproxy.testing\n"
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[:2] in "
-            "(['mailproxy', 'imap'], ['mailproxy', 'pop3'], ['mailproxy', 'sieve'], ['mailproxy', 'smtp']))))\n"
+            "(['mailproxy', 'imap'], ['mailproxy', 'pop3'], ['mailproxy', 'sieve'], ['mailproxy', 'smtp'], "
+            "['mailproxy', 'http']))))\n"
         )
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         done = subprocess.run(

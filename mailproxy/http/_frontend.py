@@ -1,0 +1,993 @@
+"""
+The HTTP front end: one client connection (L{HTTPFrontend}, a session of
+the core like an IMAP one) whose requests are each routed to a backend and
+streamed there and back.
+
+The design, and why:
+
+ - The client side is Twisted's own HTTP/1.1 server parser,
+   L{twisted.web.http.HTTPChannel}: request line and header parsing with
+   its limits, C{chunked} and C{Content-Length} bodies (and the refusal of
+   both at once), keep-alive and pipelining, C{Expect: 100-continue}, and
+   the response's framing by L{twisted.web.http.Request}.  Its request
+   class here (L{_ProxyRequest}) starts the backend request as soon as the
+   headers are complete (C{gotLength}) and passes each body chunk on as it
+   arrives (C{handleContentChunk}): a body is never gathered in memory or
+   in a file, as C{Request} would otherwise do.
+ - The backend side is not C{twisted.web.client.Agent}: the identity of
+   the client is per client connection (a PROXY header goes first on the
+   backend connection, so connections cannot be pooled across clients), a
+   C{101} must hand the raw connection over to a byte relay (which Agent
+   cannot), and the connection must be made like every other backend's
+   (TLS verification, timeouts, the PROXY header: L{mailproxy._backend}).
+   So each client connection has at most one backend connection at a time
+   (L{HTTPBackend}), kept alive across requests to the same backend, and
+   the response's head is parsed by L{ResponseReader}.
+ - Backpressure both ways: while the backend's send buffer is full (a
+   producer registered on its transport is paused) the client is not read;
+   the backend's transport is the response's producer, so a client that
+   does not read pauses the backend.  Each side's buffer stays at the
+   transports' C{bufferSize}.
+ - Credentials go through the core's login (L{FrontendProtocol.login}, a
+   L{mailproxy._login.LoginAttempt}): the move gate, the router, the
+   failed-login delay and the fail2ban line, the statistics.  A connection
+   that sends the same C{Authorization} again reuses its route.
+ - After a C{101 Switching Protocols} (a WebSocket), the connection is a
+   L{mailproxy._relay.Relay} like a mail session after login.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
+from zope.interface import implementer
+
+from .._backend import BackendFailure, BackendProtocol, LoginJob
+from .._login import LoginFailed
+from .._outcomes import EndReason, FailureKind
+from .._relay import Relay
+from .._safetext import logQuote
+from .._session import FrontendProtocol, ProxyContext, SessionState, Timer
+from ..model import Backend, Credentials, Route
+from ..settings import HTTPSettings, Listener
+from ._backend import HTTPBackend, ResponseHead, ResponseReader
+from ._cookie import readCookie, signCookie
+
+__all__ = ["HTTPFrontend"]
+
+#: Request header fields the proxy never passes on: the client's claims of
+#: who it is (only the proxy says that), the proxy's own credentials, and
+#: the hop-by-hop fields of RFC 9110 section 7.6.1 (the framing is the
+#: proxy's own towards the backend).
+_REMOVED = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"authorize-as",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"content-length",
+        b"upgrade",
+        b"expect",
+    }
+)
+
+#: Response fields not passed to the client: hop-by-hop, and the framing,
+#: which L{Request} writes for the client's connection.
+_RESPONSE_REMOVED = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+
+#: Seconds a client is told to wait (C{Retry-After}) when the router or
+#: the backend is unavailable.
+RETRY_AFTER = 5
+
+#: Body octets read from the client before its backend is ready, past which
+#: reading pauses (one read's worth arrives with the headers).
+_PENDING_LIMIT = 65536
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def forwardedFor(address: str, port: int) -> str:
+    """
+    The RFC 7239 C{for=} node of a client (an IPv6 address in brackets,
+    with its port, quoted).
+    """
+    host = f"[{address}]" if ":" in address else address
+    return _quoted(f"{host}:{port}")
+
+
+@implementer(IPushProducer)
+class _UploadPause:
+    """
+    Registered on the backend's transport while requests go there: its
+    full send buffer pauses reading the client (the request body waits in
+    the client's and the kernel's buffers, not ours).
+    """
+
+    def __init__(self, frontend: HTTPFrontend) -> None:
+        self._frontend = frontend
+
+    def pauseProducing(self) -> None:
+        self._frontend.pause("backend busy")
+
+    def resumeProducing(self) -> None:
+        self._frontend.resume("backend busy")
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _ProxyRequest(Request):
+    """
+    One request of the client, relayed as it arrives.
+
+    @ivar backend: the backend connection it goes to, once connected.
+    @ivar pending: body octets read before the backend was ready.
+    @ivar bodyDone: the client sent the whole request.
+    @ivar length: the body's length, L{None} for a chunked one.
+    @ivar chunkedBody: the body goes to the backend in chunks (the
+        client's length is unknown).
+    @ivar expectContinue: the client waits for C{100 Continue} before it
+        sends its body; it gets it once the backend has the request.
+    @ivar finishLater: answered before its (empty) body was read: finished
+        once it is.
+    @ivar answered: a response (the backend's or the proxy's) began.
+    @ivar upgrade: the client asks for a protocol switch (WebSocket).
+    @ivar cookie: the routing cookie to set in the response, if any.
+    """
+
+    def __init__(self, channel: _Channel, frontend: HTTPFrontend) -> None:
+        super().__init__(channel)
+        self.frontend = frontend
+        self.backend: HTTPBackend | None = None
+        self.pending: list[bytes] = []
+        self.pendingSize = 0
+        self.bodyDone = False
+        self.length: int | None = 0
+        self.chunkedBody = False
+        self.expectContinue = False
+        self.finishLater = False
+        self.answered = False
+        self.upgrade = False
+        self.cookie: bytes | None = None
+        self.content = None
+
+    def gotLength(self, length: int | None) -> None:
+        # Not Request's: it would gather the body in memory or a file.
+        self.length = length
+        self.chunkedBody = length is None
+        self.frontend.requestStarted(self)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.frontend.requestBody(self, data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The body is complete; it was passed on already (nor is it parsed
+        # for form arguments, as Request would).
+        self.frontend.requestBodyDone(self)
+
+    @property
+    def gone(self) -> bool:
+        """
+        The client's connection is lost, or the response was finished.
+        """
+        return bool(self._disconnected or self.finished)
+
+
+class _Channel(HTTPChannel):
+    """
+    Twisted's HTTP/1.1 server parser, for one L{HTTPFrontend}: its
+    requests are L{_ProxyRequest}s, its limits the C{[http]} section's,
+    and its refusals and closes go through the session.
+    """
+
+    def __init__(self, frontend: HTTPFrontend, settings: HTTPSettings) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.requestFactory = self._makeRequest  # type: ignore[assignment]
+        self.maxHeaders = settings.maxHeaders
+        self.totalHeadersSize = settings.maxHeaderSize
+        # One line may be as long as the whole head.
+        self.MAX_LENGTH = settings.maxHeaderSize
+        # The session's timers apply, not the channel's.
+        self.timeOut = None
+        self._lines = 0
+
+    def _makeRequest(self, channel: object, queued: object = None) -> _ProxyRequest:
+        return _ProxyRequest(self, self.frontend)
+
+    def connectionMade(self) -> None:
+        # HTTPChannel registers itself as its transport's producer only if
+        # the transport declares IPushProducer, which TLS and the PROXY
+        # header reader do not (they have its methods): a client that does
+        # not read must pause the backend whatever the layers below.
+        transport = cast(Any, self.transport)
+        self._networkProducer = transport
+        transport.registerProducer(self, True)
+
+    def lineReceived(self, line: bytes) -> None:
+        # HTTPChannel answers 400 to every oversized head; 431 says which
+        # limit it was (RFC 6585).
+        self._lines += 1
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
+            self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
+
+    def allHeadersReceived(self) -> None:
+        self._lines = 0
+        request = cast(_ProxyRequest, self.requests[-1])
+        # Known to the request only once its body is in; needed now.
+        request.method, request.uri, request.clientproto = self._command, self._path, self._version
+        request.path = request.uri.split(b"?", 1)[0]
+        # The proxy says 100 Continue itself, once the backend has the
+        # request (HTTPChannel would say it at once, even before a refusal).
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        if expect is not None:
+            request.requestHeaders.removeHeader(b"expect")
+            request.expectContinue = expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1"
+        super().allHeadersReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.frontend.refuse(400, b"Bad Request", "bad request")
+
+    def loseConnection(self) -> None:
+        # The end of a response on a connection that does not persist.
+        self.frontend.responsesOver()
+
+    def requestDone(self, request: Request) -> None:
+        if request not in self.requests:
+            return
+        super().requestDone(request)
+
+    @property
+    def buffered(self) -> bytes:
+        """
+        What the client sent behind the request being answered.
+        """
+        return b"".join(self._dataBuffer)
+
+
+class HTTPFrontend(FrontendProtocol):
+    """
+    One HTTP client connection: each request is routed (a pinned path,
+    the credentials through the core's login, the routing cookie, or the
+    default backend) and relayed with its body and its response streamed.
+
+    @ivar requests: requests received so far.
+    @ivar backend: the backend connection of the latest request, kept
+        alive for the next one to the same backend.
+    @ivar current: the request being answered.
+    """
+
+    protocolName = "http"
+    defaultEndReason = EndReason.CLIENT_CLOSED
+
+    def __init__(self, context: ProxyContext, listener: Listener) -> None:
+        super().__init__(context, listener)
+        settings = listener.http
+        if settings is None:
+            # A listener built without the configuration (a test's).
+            settings = HTTPSettings(cookieSecret=os.urandom(32))
+        self.settings = settings
+        self.channel = _Channel(self, settings)
+        self.requests = 0
+        self.backend: HTTPBackend | None = None
+        self.current: _ProxyRequest | None = None
+        self.bytesFromClient = 0
+        self.bytesFromBackend = 0
+        self._account: str | None = None
+        self._registered = False
+        # The last Authorization the router accepted, and what it becomes.
+        self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]]] | None = None
+        self._outgoingAuth: list[tuple[bytes, bytes]] = []
+        self._waiting = Timer(context.reactor, self._waitExpired)
+        self._waitingForHead = False
+        self._responseTimer = Timer(context.reactor, self._responseExpired)
+        self._streamTimer = Timer(context.reactor, self._streamIdle)
+        self._lastActivity = 0.0
+
+    # Session
+
+    def sessionOpened(self) -> None:
+        # No pre-login timeout: a web client may never log in.
+        self.channel.makeConnection(self.transport)
+        self._awaitRequest()
+
+    def _watchReplies(self) -> None:
+        # The channel is the transport's producer and pauses reading while
+        # the client does not read.
+        pass
+
+    def greet(self) -> None:
+        pass
+
+    def frontendDataReceived(self, data: bytes) -> None:
+        self.bytesFromClient += len(data)
+        if self.current is None and not self._waitingForHead:
+            # The next request begins: its head must come in time.
+            self._waitingForHead = True
+            self._waiting.start(self.settings.headerTimeout)
+        elif self.current is not None:
+            self._lastActivity = self.context.reactor.seconds()
+        self.channel.dataReceived(data)
+
+    def sayGoodbye(self, reason: EndReason, text: str) -> None:
+        if self.relay is not None:
+            return
+        request = self.current
+        if request is None or request.gone or request.startedWriting:
+            return
+        self._writeError(request, 503, b"Service Unavailable", text, retry=True)
+
+    def connectionClosing(self) -> None:
+        self._stopTimers()
+        # TCP (and TLS) close a connection with a paused producer only
+        # once no producer is registered.
+        if self.relay is None:
+            self.transport.unregisterProducer()
+        self._dropBackend()
+
+    def sessionLost(self) -> None:
+        super().sessionLost()
+        self._stopTimers()
+        if self.relay is None:
+            self.channel.connectionLost(Failure(ConnectionDone()))
+            self._dropBackend()
+            if self._counted and self.route is not None:
+                self.context.stats.sessionEnded(
+                    self.protocolName, self.route.backend.name, self.bytesFromClient, self.bytesFromBackend
+                )
+
+    def _stopTimers(self) -> None:
+        self._waiting.stop()
+        self._responseTimer.stop()
+        self._streamTimer.stop()
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["requests"] = self.requests
+        if self.relay is None:
+            described["bytesFromClient"] = self.bytesFromClient
+            described["bytesFromBackend"] = self.bytesFromBackend
+            if self.backend is not None:
+                described["state"] = SessionState.RELAY.value
+        return described
+
+    def sessionFields(self) -> dict[str, Any]:
+        return {"requests": self.requests}
+
+    def sessionTraffic(self) -> tuple[str, int, int]:
+        if self.relay is not None:
+            return super().sessionTraffic()
+        result = "ok" if self.route is not None or self.requests else "no-request"
+        if self.failures and self.route is None:
+            result = "failed"
+        return result, self.bytesFromClient, self.bytesFromBackend
+
+    @property
+    def backendName(self) -> str | None:
+        route = self.route
+        return route.backend.name if route is not None else None
+
+    # Timers
+
+    def _awaitRequest(self) -> None:
+        self._waitingForHead = False
+        self._waiting.start(self.settings.keepaliveTimeout)
+
+    def _waitExpired(self) -> None:
+        if self._waitingForHead:
+            self.refuse(408, b"Request Timeout", "no complete request head in time", reason=EndReason.TIMEOUT)
+        else:
+            self.end(EndReason.IDLE_TIMEOUT)
+
+    def _responseExpired(self) -> None:
+        request = self.current
+        if request is None or request.answered:
+            return
+        self.log.info(
+            "backend {backend} did not answer within {seconds}s: session={session}",
+            backend=self.backendName or "-",
+            seconds=self.settings.responseTimeout,
+            session=self.client.sessionId,
+        )
+        self._dropBackend()
+        self._fail(request, 504, b"Gateway Timeout", "The server did not answer in time.")
+
+    def _streamIdle(self) -> None:
+        idle = self.context.reactor.seconds() - self._lastActivity
+        if idle < self.limits.idleTimeout:
+            self._streamTimer.start(self.limits.idleTimeout - idle)
+            return
+        self.end(EndReason.IDLE_TIMEOUT)
+
+    # Requests
+
+    def requestStarted(self, request: _ProxyRequest) -> None:
+        """
+        A request's headers are complete: route it and start it at the
+        backend.
+        """
+        self.requests += 1
+        self._waiting.stop()
+        self._waitingForHead = False
+        self.current = request
+        self._lastActivity = self.context.reactor.seconds()
+        headers = request.requestHeaders
+        request.upgrade = b"upgrade" in [
+            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
+        ] and headers.hasHeader(b"upgrade")
+        # Until the backend is connected and has the head, the body waits
+        # in the client's buffers.
+        self.pause("routing")
+        pinned = self._pinned(request.path)
+        authorization = headers.getRawHeaders(b"authorization", [None])[0]
+        if pinned is not None:
+            self._connect(request, pinned)
+        elif authorization is not None:
+            self._authenticate(request, authorization)
+        else:
+            self._connect(request, self._cookieBackend(request) or self._backendNamed(self.settings.defaultBackend))
+
+    def requestBody(self, request: _ProxyRequest, data: bytes) -> None:
+        """
+        Body octets of C{request}: to its backend, or kept until it is
+        ready.
+        """
+        if request is not self.current or request.answered and request.backend is None:
+            # Answered by the proxy already: the rest is discarded.
+            return
+        self._lastActivity = self.context.reactor.seconds()
+        backend = request.backend
+        if backend is None:
+            request.pending.append(data)
+            request.pendingSize += len(data)
+            if request.pendingSize > _PENDING_LIMIT:
+                self.transport.pauseProducing()
+            return
+        self._sendBody(request, backend, data)
+
+    def requestBodyDone(self, request: _ProxyRequest) -> None:
+        """
+        The client sent all of C{request}.
+        """
+        request.bodyDone = True
+        if request is not self.current:
+            return
+        if request.finishLater:
+            self._finish(request)
+            return
+        backend = request.backend
+        if backend is not None and not request.answered:
+            self._endBody(request, backend)
+
+    def _sendBody(self, request: _ProxyRequest, backend: HTTPBackend, data: bytes) -> None:
+        if request.chunkedBody:
+            backend.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            backend.transport.write(data)
+
+    def _endBody(self, request: _ProxyRequest, backend: HTTPBackend) -> None:
+        if request.chunkedBody:
+            backend.transport.write(b"0\r\n\r\n")
+        self._responseTimer.start(self.settings.responseTimeout)
+
+    def _pinned(self, path: bytes) -> Backend | None:
+        text = path.decode("latin-1")
+        for prefix, name in self.settings.pins:
+            if text.startswith(prefix):
+                return self._backendNamed(name)
+        return None
+
+    def _backendNamed(self, name: str) -> Backend | None:
+        return self.context.backends.get(name)
+
+    def _cookieBackend(self, request: _ProxyRequest) -> Backend | None:
+        value = request.received_cookies.get(self.settings.cookieName.encode("ascii"))
+        if value is None:
+            return None
+        found = readCookie(self.settings.cookieSecret, value, self.context.reactor.seconds())
+        if found is None:
+            return None
+        backendName, account = found
+        backend = self._backendNamed(backendName)
+        if backend is None or "http" not in backend.ports:
+            return None
+        if account and self.user is None:
+            # The account's session as much as an authenticated one: a
+            # move drops it.
+            self.user = account
+        return backend
+
+    # Routing without credentials
+
+    def _connect(self, request: _ProxyRequest, backend: Backend | None) -> None:
+        if backend is None:
+            self._fail(request, 503, b"Service Unavailable", "No server is configured for this request.", retry=True)
+            return
+        current = self.backend
+        if current is not None and not current.gone and current.job.backend.name == backend.name:
+            self._ready(request, current, [])
+            return
+        job = LoginJob(
+            route=Route(backend), protocol=self.protocolName, client=self.client, credentials=None, user="", password=None
+        )
+        connection = HTTPBackend(job, self.context.reactor, self.limits.backendTimeout)
+        d = self.context.backendConnector(self.context.reactor, connection)
+
+        def connected(result: BackendProtocol) -> None:
+            self._ready(request, cast(HTTPBackend, result), [])
+
+        def failed(reason: Failure) -> None:
+            if reason.trap(BackendFailure, CancelledError) is CancelledError:
+                return
+            self.log.info(
+                "backend {backend} unavailable: session={session} {detail}",
+                backend=backend.name,
+                session=self.client.sessionId,
+                detail=logQuote(str(reason.value)),
+            )
+            self._fail(request, 503, b"Service Unavailable", "The server is unavailable, try again later.", retry=True)
+
+        d.addCallbacks(connected, failed)
+
+    # Routing with credentials
+
+    def _authenticate(self, request: _ProxyRequest, authorization: bytes) -> None:
+        cached = self._auth
+        current = self.backend
+        if (
+            cached is not None
+            and current is not None
+            and not current.gone
+            and hmac.compare_digest(cached[0], authorization)
+            and current.job.backend.name == cached[1].backend.name
+        ):
+            self._ready(request, current, cached[2])
+            return
+        credentials = self._credentials(authorization)
+        if credentials is None:
+            # Another scheme (Digest, Negotiate): the proxy cannot read it;
+            # the default backend judges it.
+            self._connect(request, self._backendNamed(self.settings.defaultBackend))
+            return
+        d = self.login(credentials)
+
+        def loggedIn(result: BackendProtocol) -> None:
+            backend = cast(HTTPBackend, result)
+            route = cast(Route, self.route)
+            account = route.user if route.user is not None else credentials.user
+            self.user = account or self.user
+            self._account = account
+            outgoing, self._outgoingAuth = self._outgoingAuth, []
+            self._auth = (authorization, route, outgoing)
+            seconds = self._attempt.seconds() if self._attempt is not None else None
+            if self._attempt is not None:
+                self._attempt.release()
+            self.context.stats.loginSucceeded(self.protocolName, route.backend.name, seconds)
+            # A failed attempt before does not make the session's outcome.
+            self.noteOutcome(self.defaultEndReason)
+            if not self._registered and self in self.context.sessions:
+                self._registered = True
+                self.context.sessions.loggedIn(self)
+            self._ready(request, backend, outgoing, setCookie=True)
+
+        def failed(reason: Failure) -> None:
+            if reason.trap(LoginFailed, CancelledError) is CancelledError:
+                # The session ended while the login ran.
+                return
+            failure = cast(LoginFailed, reason.value)
+            if failure.close:
+                self.channel.persistent = False
+            if failure.kind is FailureKind.AUTH:
+                challenge = f"Basic realm={_quoted(self.settings.realm)}"
+                if credentials.token is not None:
+                    challenge = 'Bearer error="invalid_token"'
+                self._fail(
+                    request,
+                    401,
+                    b"Unauthorized",
+                    "Authentication failed.",
+                    headers=[(b"WWW-Authenticate", challenge.encode("latin-1"))],
+                )
+            else:
+                self._fail(request, 503, b"Service Unavailable", "Service temporarily unavailable, try again later.", retry=True)
+
+        d.addCallbacks(loggedIn, failed)
+
+    def _credentials(self, authorization: bytes) -> Credentials | None:
+        scheme, _, value = authorization.strip().partition(b" ")
+        value = value.strip()
+        if scheme.lower() == b"basic":
+            try:
+                decoded = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            user, _, password = decoded.partition(b":")
+            return Credentials(mechanism="LOGIN", user=user.decode("utf-8", "surrogateescape"), password=password)
+        if scheme.lower() == b"bearer" and value:
+            # The router derives the account from the token.
+            return Credentials(mechanism="OAUTHBEARER", user="", token=value)
+        return None
+
+    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
+        # The credentials the backend gets, computed now: the job forgets
+        # its passwords once connected.
+        self._outgoingAuth = outgoingAuthorization(job)
+        return HTTPBackend(job, self.context.reactor, self.limits.backendTimeout)
+
+    # Relaying one request
+
+    def _ready(
+        self, request: _ProxyRequest, backend: HTTPBackend, authorization: list[tuple[bytes, bytes]], setCookie: bool = False
+    ) -> None:
+        if request.gone or request is not self.current or self.closing:
+            if backend is not self.backend:
+                backend.transport.abortConnection()
+            return
+        self._useBackend(backend)
+        request.backend = backend
+        if setCookie and self._account is not None:
+            request.cookie = self._routingCookie(backend.job.backend.name, self._account)
+        backend.reader = ResponseReader(_Response(self, request), request.method, self.settings.maxHeaderSize)
+        backend.transport.write(self._requestHead(request, backend.job.backend, authorization))
+        if request.expectContinue and not request.bodyDone:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        pending, request.pending, request.pendingSize = request.pending, [], 0
+        for data in pending:
+            self._sendBody(request, backend, data)
+        if request.bodyDone:
+            self._endBody(request, backend)
+        self.resume("routing")
+
+    def _useBackend(self, backend: HTTPBackend) -> None:
+        if self.backend is backend:
+            return
+        self._dropBackend()
+        self.backend = backend
+        backend.lost = self._backendLost
+        backend.transport.registerProducer(_UploadPause(self), True)
+
+    def _dropBackend(self) -> None:
+        backend, self.backend = self.backend, None
+        self.resume("backend busy")
+        if backend is not None and not backend.gone:
+            backend.lost = None
+            backend.reader = None
+            backend.transport.unregisterProducer()
+            backend.transport.loseConnection()
+
+    def _backendLost(self, backend: HTTPBackend) -> None:
+        if backend is self.backend:
+            self.backend = None
+            self.resume("backend busy")
+
+    def _routingCookie(self, backendName: str, account: str) -> bytes:
+        value = signCookie(self.settings.cookieSecret, backendName, account, self.context.reactor.seconds())
+        return self.settings.cookieName.encode("ascii") + b"=" + value + b"; Path=/; Secure; HttpOnly; SameSite=Lax"
+
+    def _requestHead(self, request: _ProxyRequest, backend: Backend, authorization: list[tuple[bytes, bytes]]) -> bytes:
+        headers = request.requestHeaders
+        named = {
+            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
+        }
+        lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
+        host = None
+        for name, values in headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _REMOVED or lower.startswith(b"x-forwarded-") or lower in named:
+                continue
+            if authorization and lower == b"authorization":
+                continue
+            if lower == b"host":
+                host = values[0]
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        if host is None:
+            host = backend.host.encode("idna") if ":" not in backend.host else b"[" + backend.host.encode("ascii") + b"]"
+            lines += [b"Host: ", host, b"\r\n"]
+        for name, value in authorization:
+            lines += [name, b": ", value, b"\r\n"]
+        if backend.forward != "none":
+            lines += self._forwardingHeaders(host)
+        if request.upgrade:
+            lines += [b"Connection: Upgrade\r\n"]
+            for value in headers.getRawHeaders(b"upgrade", []):
+                lines += [b"Upgrade: ", value, b"\r\n"]
+        if request.chunkedBody:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            length = headers.getRawHeaders(b"content-length")
+            if length is not None:
+                lines += [b"Content-Length: ", length[0], b"\r\n"]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _forwardingHeaders(self, host: bytes) -> list[bytes]:
+        client = self.client
+        proto = b"https" if client.tls is not None or self.listener.tls == "implicit" else b"http"
+        hostText = host.decode("latin-1")
+        forwarded = f"for={forwardedFor(client.address, client.port)};proto={proto.decode()};host={_quoted(hostText)}"
+        return [
+            b"Forwarded: ",
+            forwarded.encode("latin-1"),
+            b"\r\nX-Forwarded-For: ",
+            client.address.encode("ascii"),
+            b"\r\nX-Forwarded-Proto: ",
+            proto,
+            b"\r\nX-Forwarded-Host: ",
+            host,
+            b"\r\n",
+        ]
+
+    # The backend's response
+
+    def responseHead(self, request: _ProxyRequest, head: ResponseHead) -> None:
+        """
+        The backend's status line and headers for C{request}.
+        """
+        self._responseTimer.stop()
+        request.answered = True
+        if request.gone:
+            self._dropBackend()
+            return
+        if head.code == 101:
+            if request.upgrade:
+                self._upgrade(request, head)
+            else:
+                self._dropBackend()
+                self._fail(request, 502, b"Bad Gateway", "The server answered with a protocol switch nobody asked for.")
+            return
+        request.setResponseCode(head.code, head.reason)
+        named = set(head.tokens(b"connection"))
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in _RESPONSE_REMOVED or lower in named:
+                continue
+            request.responseHeaders.addRawHeader(name, value)
+        if request.cookie is not None:
+            request.responseHeaders.addRawHeader(b"Set-Cookie", request.cookie)
+        self.bytesFromBackend += head.size
+        backend = cast(HTTPBackend, request.backend)
+        request.registerProducer(backend.transport, True)
+        # The head goes out now: an event stream's first event may be long
+        # in coming.
+        request.write(b"")
+        self._lastActivity = self.context.reactor.seconds()
+        self._streamTimer.start(self.limits.idleTimeout)
+
+    def responseData(self, request: _ProxyRequest, data: bytes) -> None:
+        """
+        Body octets of the backend's response to C{request}.
+        """
+        self.bytesFromBackend += len(data)
+        self._lastActivity = self.context.reactor.seconds()
+        if not request.gone:
+            request.write(data)
+
+    def responseDone(self, request: _ProxyRequest, reusable: bool) -> None:
+        """
+        The backend's response to C{request} is complete.
+        """
+        self._streamTimer.stop()
+        backend = request.backend
+        if request.gone:
+            self._dropBackend()
+            return
+        request.unregisterProducer()
+        if backend is not None:
+            backend.reader = None
+            if reusable:
+                # A client slow to read may have paused it as the response
+                # ended; the next response must be read.
+                backend.transport.resumeProducing()
+            else:
+                self._dropBackend()
+        self._finish(request)
+
+    def responseFailed(self, request: _ProxyRequest, why: str) -> None:
+        """
+        The backend's response to C{request} broke off or made no sense.
+        """
+        self._responseTimer.stop()
+        self._streamTimer.stop()
+        self.log.info(
+            "backend {backend} response failed: session={session} {why}",
+            backend=self.backendName or "-",
+            session=self.client.sessionId,
+            why=why,
+        )
+        self._dropBackend()
+        if request.gone:
+            return
+        if request.startedWriting:
+            # Too late for a status: the client sees the response cut short.
+            self.end(EndReason.BACKEND_CLOSED, detail=why)
+            return
+        request.unregisterProducer()
+        self._fail(request, 502, b"Bad Gateway", "The server sent an invalid response.")
+
+    def _finish(self, request: _ProxyRequest) -> None:
+        if not request.bodyDone:
+            if request.length == 0:
+                # Answered while its head is being read (a synchronous
+                # router): the channel completes the request right after.
+                request.finishLater = True
+                return
+            # Answered before the client sent all of its body: the rest
+            # cannot be told from a next request, so the connection ends
+            # with this response.
+            self.current = None
+            if request.chunked:
+                self.channel.write(b"0\r\n\r\n")
+            self.end(self.endReason)
+            return
+        # The next request may begin (pipelined) inside finish().
+        self.current = None
+        self._awaitRequest()
+        self.resume("routing")
+        request.finish()
+
+    def _fail(
+        self,
+        request: _ProxyRequest,
+        code: int,
+        phrase: bytes,
+        text: str,
+        retry: bool = False,
+        headers: list[tuple[bytes, bytes]] = [],
+    ) -> None:
+        """
+        Answer C{request} with the proxy's own error.
+        """
+        request.answered = True
+        if request.backend is not None and request.backend.reader is not None:
+            # The backend is in the middle of this request.
+            self._dropBackend()
+        request.backend = None
+        if request.gone or request is not self.current:
+            return
+        self._writeError(request, code, phrase, text, retry, headers)
+        self._finish(request)
+
+    def _writeError(
+        self,
+        request: _ProxyRequest,
+        code: int,
+        phrase: bytes,
+        text: str,
+        retry: bool = False,
+        headers: list[tuple[bytes, bytes]] = [],
+    ) -> None:
+        body = text.encode("utf-8") + b"\r\n"
+        request.setResponseCode(code, phrase)
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        if retry:
+            request.responseHeaders.setRawHeaders(b"Retry-After", [b"%d" % RETRY_AFTER])
+        for name, value in headers:
+            request.responseHeaders.addRawHeader(name, value)
+        if (request.length != 0 and not request.bodyDone) or not self.channel.persistent:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.write(body)
+
+    def refuse(self, code: int, phrase: bytes, detail: str, reason: EndReason = EndReason.PROTOCOL_ERROR) -> None:
+        """
+        Answer input the proxy will not read on with C{code} and close.
+        """
+        if self.closing:
+            return
+        request = self.current
+        if request is None or (not request.startedWriting and not request.gone):
+            body = phrase + b"\r\n"
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (code, phrase, len(body), body)
+            )
+        self.end(reason, detail=detail)
+
+    def responsesOver(self) -> None:
+        """
+        The last response of a connection that does not persist was
+        written: close it.
+        """
+        self.end(self.endReason if self.endReason is not self.defaultEndReason else EndReason.CLIENT_CLOSED)
+
+    # After 101 Switching Protocols
+
+    def _upgrade(self, request: _ProxyRequest, head: ResponseHead) -> None:
+        backend = cast(HTTPBackend, request.backend)
+        reader = backend.reader
+        leftover = reader.leftover if reader is not None else b""
+        lines = [head.version, b" 101 ", head.reason, b"\r\n"]
+        for name, value in head.headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+        self._stopTimers()
+        self.current = None
+        toBackend = self.channel.buffered
+        # The channel and the upload pause step aside for the relay's own
+        # producers.
+        self.transport.unregisterProducer()
+        backend.transport.unregisterProducer()
+        backend.reader = None
+        backend.lost = None
+        self.backend = None
+        self.resume("routing")
+        self.resume("backend busy")
+        self.transport.resumeProducing()
+        self.lifecycle = SessionState.RELAY
+        relay = Relay(self.transport, backend.transport, self.context.reactor, self.limits.idleTimeout, onEnd=self._relayEnded)
+        self.relay = relay
+        self.dataReceived = relay.fromClient  # type: ignore[method-assign]
+        backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
+        backend.onLost = relay.backendLost
+        backend.onHalfClosed = relay.backendHalfClosed
+        relay.start(toClient=leftover, toBackend=toBackend)
+
+
+class _Response:
+    """
+    Passes what a L{ResponseReader} reads to the front end, with the
+    request it answers.
+    """
+
+    def __init__(self, frontend: HTTPFrontend, request: _ProxyRequest) -> None:
+        self.frontend = frontend
+        self.request = request
+
+    def responseHead(self, head: ResponseHead) -> None:
+        self.frontend.responseHead(self.request, head)
+
+    def responseData(self, data: bytes) -> None:
+        self.frontend.responseData(self.request, data)
+
+    def responseDone(self, reusable: bool) -> None:
+        self.frontend.responseDone(self.request, reusable)
+
+    def responseFailed(self, why: str) -> None:
+        self.frontend.responseFailed(self.request, why)
+
+
+def outgoingAuthorization(job: LoginJob) -> list[tuple[bytes, bytes]]:
+    """
+    The header fields that carry a routed login's credentials to an HTTP
+    backend: Basic with the route's user and password; for a master user,
+    Basic with the master's and C{Authorize-As} naming the account (Cyrus
+    httpd's proxy authorization); a bearer token the router left alone
+    goes as it came.
+    """
+    if job.masterUser is not None:
+        pair = job.masterUser.encode("utf-8", "surrogateescape") + b":" + (job.masterPassword or b"")
+        return [
+            (b"Authorization", b"Basic " + base64.b64encode(pair)),
+            (b"Authorize-As", job.user.encode("utf-8", "surrogateescape")),
+        ]
+    credentials = job.credentials
+    if job.password is None and credentials is not None and credentials.token is not None:
+        return [(b"Authorization", b"Bearer " + credentials.token)]
+    pair = job.user.encode("utf-8", "surrogateescape") + b":" + (job.password or b"")
+    return [(b"Authorization", b"Basic " + base64.b64encode(pair))]

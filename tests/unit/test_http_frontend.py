@@ -1,0 +1,747 @@
+"""
+The HTTP front end over in-memory transports: routing by each method, the
+routing cookie, the forwarding headers, the refusals, backpressure both
+ways, the WebSocket relay, drops, and hostile input.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy._backend import BackendProtocol
+from mailproxy.http._cookie import readCookie, signCookie
+from mailproxy.http._frontend import HTTPFrontend
+from mailproxy.model import Rejection, Route
+from mailproxy.settings import HTTPSettings, Limits
+from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
+
+SECRET = b"cookie key"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+def head(data: bytes) -> tuple[bytes, dict[bytes, list[bytes]]]:
+    """
+    The first line and the header fields (names in lower case) of the
+    message at the start of C{data}.
+    """
+    top = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    fields: dict[bytes, list[bytes]] = {}
+    for line in top[1:]:
+        name, _, value = line.partition(b":")
+        fields.setdefault(name.strip().lower(), []).append(value.strip())
+    return top[0], fields
+
+
+class _ManualConnector(MemoryConnector):
+    """
+    A connector whose connections are made only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[BackendProtocol] = []
+
+    def __call__(self, reactor: Any, protocol: BackendProtocol) -> Deferred:
+        self.waiting.append(protocol)
+        return protocol.result
+
+    def connectNext(self) -> None:
+        protocol = self.waiting.pop(0)
+        super().__call__(None, protocol)
+
+
+class HTTPFrontendTestCase(SynchronousTestCase):
+    """
+    A front end with two backends, "old" (the default) and "new", and a
+    router that sends alice to new.
+    """
+
+    def setUp(self) -> None:
+        self.old = makeBackend("old")
+        self.new = makeBackend("new")
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(
+        self,
+        router: Any = None,
+        connector: MemoryConnector | None = None,
+        limits: Limits | None = None,
+        **settings: Any,
+    ) -> None:
+        self.router = router if router is not None else FakeRouter({"alice": Route(self.new)})
+        self.connector = connector if connector is not None else MemoryConnector()
+        settings.setdefault("defaultBackend", "old")
+        self.settings = HTTPSettings(cookieSecret=SECRET, **settings)
+        frontend, self.client, self.clock = makeFrontend(
+            "http", self.router, self.connector, limits=limits or Limits(failureDelay=0), http=self.settings
+        )
+        assert isinstance(frontend, HTTPFrontend)
+        self.frontend = frontend
+        frontend.context.backends.update({"old": self.old, "new": self.new})
+
+    def send(self, data: bytes) -> bytes:
+        self.client.clear()
+        self.frontend.dataReceived(data)
+        return self.client.value()
+
+    def backendSays(self, data: bytes, index: int = -1) -> bytes:
+        self.client.clear()
+        self.connector.protocols[index].dataReceived(data)
+        return self.client.value()
+
+    def backendGot(self, index: int = -1) -> bytes:
+        return self.connector.transports[index].value()
+
+
+class RoutingTests(HTTPFrontendTestCase):
+    """
+    Each request goes where its pinned path, its credentials, its cookie or
+    the default say.
+    """
+
+    def test_basicRewritten(self) -> None:
+        """
+        Basic credentials go to the router as a login; the request goes to
+        the routed backend with the user and password the route says, and
+        its response (with a signed, HttpOnly, Secure, SameSite=Lax cookie)
+        to the client.
+        """
+        self.connect(FakeRouter({"alice": Route(self.new, user="alice@new", password=b"other")}))
+        self.send(b"GET /jmap/session HTTP/1.1\r\nHost: mail.example\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        request = self.router.requests[0]
+        self.assertEqual((request.protocol, request.port, request.lookup), ("http", "http", "login"))
+        self.assertEqual((request.credentials.user, request.credentials.password), ("alice", b"pw"))
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+        line, fields = head(self.backendGot())
+        self.assertEqual(line, b"GET /jmap/session HTTP/1.1")
+        self.assertEqual(fields[b"authorization"], [basic("alice@new", "other")])
+        self.assertEqual(fields[b"host"], [b"mail.example"])
+        answer = self.backendSays(OK)
+        line, fields = head(answer)
+        self.assertEqual(line, b"HTTP/1.1 200 OK")
+        self.assertTrue(answer.endswith(b"\r\n\r\nhello"))
+        (cookie,) = fields[b"set-cookie"]
+        value, _, attributes = cookie.partition(b";")
+        self.assertEqual(attributes, b" Path=/; Secure; HttpOnly; SameSite=Lax")
+        name, _, signed = value.partition(b"=")
+        self.assertEqual(name, b"mailproxy_backend")
+        self.assertEqual(readCookie(SECRET, signed, self.clock.seconds()), ("new", "alice@new"))
+
+    def test_sameCredentialsReuseRoute(self) -> None:
+        """
+        A keep-alive connection that sends the same credentials again is
+        not routed again and keeps its backend connection; the cookie is
+        set only on the first response.
+        """
+        self.connect()
+        request = b"GET /a HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        self.send(request)
+        self.backendSays(OK)
+        self.connector.transports[0].clear()
+        self.send(request)
+        self.assertEqual(len(self.router.requests), 1)
+        self.assertEqual(len(self.connector.protocols), 1)
+        self.assertTrue(self.backendGot().startswith(b"GET /a HTTP/1.1\r\n"))
+        self.assertNotIn(b"set-cookie", head(self.backendSays(OK))[1])
+        self.assertEqual(self.frontend.requests, 2)
+
+    def test_backend401Untouched(self) -> None:
+        """
+        A locating router's route is taken; the backend's 401 reaches the
+        client as the backend worded it.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong") + b"\r\n\r\n")
+        answer = self.backendSays(
+            b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="cyrus"\r\nContent-Length: 9\r\n\r\nNo, no.\r\n'
+        )
+        line, fields = head(answer)
+        self.assertEqual(line, b"HTTP/1.1 401 Unauthorized")
+        self.assertEqual(fields[b"www-authenticate"], [b'Basic realm="cyrus"'])
+        self.assertTrue(answer.endswith(b"\r\n\r\nNo, no.\r\n"))
+
+    def test_routerRefusal(self) -> None:
+        """
+        An authenticating router's refusal is the proxy's 401 with its
+        Basic challenge, after the failed-login delay, for an unknown user
+        as for a wrong password; the fail2ban line is logged without the
+        password.
+        """
+        self.connect(FakeRouter({}), limits=Limits(failureDelay=2.0))
+        answer = self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("mallory", "s3cret-pw") + b"\r\n\r\n")
+        self.assertEqual(answer, b"")
+        self.clock.advance(1.9)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.1)
+        line, fields = head(self.client.value())
+        self.assertEqual(line, b"HTTP/1.1 401 Unauthorized")
+        self.assertEqual(fields[b"www-authenticate"], [b'Basic realm="mail"'])
+        self.assertEqual(self.connector.protocols, [])
+        failed = [event for event in self.events if event.get("event") == "login_failed"]
+        self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"mallory"')])
+        self.assertNotIn("s3cret-pw", repr(self.events))
+
+    def test_tooManyFailures(self) -> None:
+        """
+        After login_failures refusals on one connection, the 401 closes
+        it, as a mail session ends.
+        """
+        self.connect(FakeRouter({}), limits=Limits(failureDelay=0, loginFailures=2))
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("mallory", "x") + b"\r\n\r\n"
+        self.assertTrue(self.send(request).startswith(b"HTTP/1.1 401 "))
+        self.assertFalse(self.client.disconnecting)
+        line, fields = head(self.send(request))
+        self.assertEqual((line, fields[b"connection"]), (b"HTTP/1.1 401 Unauthorized", [b"close"]))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_routerDown(self) -> None:
+        """
+        A router that fails answers 503 with Retry-After at once.
+        """
+
+        class Broken:
+            def route(self, request: object) -> Deferred:
+                return fail(RuntimeError("database down"))
+
+        self.connect(Broken())
+        line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"))
+        self.assertEqual(line, b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(fields[b"retry-after"], [b"5"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_deadBackend(self) -> None:
+        """
+        A backend that cannot be reached answers 503 with Retry-After at
+        once, with credentials or without.
+        """
+        connector = MemoryConnector()
+        connector.refuse = True
+        self.connect(connector=connector)
+        line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"))
+        self.assertEqual((line, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"5"]))
+        line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        self.assertEqual((line, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"5"]))
+
+    def test_bearer(self) -> None:
+        """
+        A bearer token goes to the router (no user named); the account the
+        route names is the session's, and the token goes to the backend
+        unchanged.
+        """
+
+        class ByToken:
+            def __init__(self, backend: Any) -> None:
+                self.backend = backend
+                self.requests: list[Any] = []
+
+            def route(self, request: Any) -> Route | Rejection:
+                self.requests.append(request)
+                if request.credentials.token == b"tok-bob":
+                    return Route(self.backend, user="bob@example.org")
+                return Rejection()
+
+        self.connect(ByToken(self.new))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok-bob\r\n\r\n")
+        credentials = self.router.requests[0].credentials
+        self.assertEqual((credentials.mechanism, credentials.user, credentials.token), ("OAUTHBEARER", "", b"tok-bob"))
+        self.assertEqual(head(self.backendGot())[1][b"authorization"], [b"Bearer tok-bob"])
+        self.assertEqual(self.frontend.user, "bob@example.org")
+        self.assertEqual(self.frontend.context.sessions.find(account="bob@example.org"), [self.frontend])
+        self.backendSays(OK)
+        line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok-eve\r\n\r\n"))
+        self.assertEqual((line, fields[b"www-authenticate"]), (b"HTTP/1.1 401 Unauthorized", [b'Bearer error="invalid_token"']))
+
+    def test_masterUser(self) -> None:
+        """
+        A route through the master user sends the master's credentials and
+        names the account in Authorize-As; the client cannot send its own
+        Authorize-As.
+        """
+        master = makeBackend("new", masterUser="proxy", masterPassword=b"mpw")
+        self.connect(FakeRouter({"alice": Route(master, useMaster=True)}))
+        self.send(
+            b"GET / HTTP/1.1\r\nHost: h\r\nAuthorize-As: admin\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        )
+        fields = head(self.backendGot())[1]
+        self.assertEqual(fields[b"authorization"], [basic("proxy", "mpw")])
+        self.assertEqual(fields[b"authorize-as"], [b"alice"])
+
+    def test_noCredentialsDefault(self) -> None:
+        """
+        A request without credentials or cookie goes to the default backend;
+        the router is not asked.
+        """
+        self.connect()
+        self.send(b"GET /.well-known/jmap HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.router.requests, [])
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "old")
+
+    def test_pinnedPath(self) -> None:
+        """
+        A pinned path prefix goes to its backend, credentials or not, and
+        the longest prefix wins; other paths are routed as usual.
+        """
+        self.connect(pins=(("/login/new", "new"), ("/login", "old")))
+        self.send(b"GET /login/form HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.assertEqual(self.router.requests, [])
+        self.assertEqual(self.connector.protocols[-1].job.backend.name, "old")
+        self.backendSays(OK)
+        self.send(b"GET /login/new/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.connector.protocols[-1].job.backend.name, "new")
+
+    def test_cookieRoutes(self) -> None:
+        """
+        The cookie set on an authenticated response sends a later request
+        without credentials, on another connection, to the same backend,
+        and that session counts as the account's.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        cookie = head(self.backendSays(OK))[1][b"set-cookie"][0].split(b";")[0]
+        self.connect()
+        self.send(b"GET /ui HTTP/1.1\r\nHost: h\r\nCookie: theme=dark; " + cookie + b"\r\n\r\n")
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+        self.assertEqual(self.router.requests, [])
+        self.assertEqual(self.frontend.context.sessions.find(account="alice"), [self.frontend])
+
+    def test_forgedCookie(self) -> None:
+        """
+        A cookie not signed with the proxy's key, altered, or too old is
+        ignored: the default backend gets the request.
+        """
+        now = 1_000_000.0
+        forged = signCookie(b"another key", "new", "alice", now)
+        genuine = signCookie(SECRET, "new", "alice", now)
+        altered = genuine.replace(b"bmV3", b"b2xk")
+        for value, advance in ((forged, 0.0), (altered, 0.0), (genuine, 8 * 86400.0)):
+            self.connect(keepaliveTimeout=1e9)
+            self.clock.advance(now + advance)
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\nCookie: mailproxy_backend=" + value + b"\r\n\r\n")
+            self.assertEqual(self.connector.protocols[0].job.backend.name, "old", value)
+        self.connect(keepaliveTimeout=1e9)
+        self.clock.advance(now)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nCookie: mailproxy_backend=" + genuine + b"\r\n\r\n")
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+
+
+class ForwardingTests(HTTPFrontendTestCase):
+    """
+    The backend learns the client from the proxy only.
+    """
+
+    def test_headersReplaced(self) -> None:
+        """
+        Forwarded, X-Forwarded-* and X-Real-IP from the client are removed;
+        the proxy's Forwarded and X-Forwarded-For/-Proto/-Host name the
+        client it saw.
+        """
+        self.connect()
+        self.send(
+            b"GET / HTTP/1.1\r\nHost: mail.example\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n"
+            b"X-Real-IP: 6.6.6.6\r\nx-forwarded-host: evil\r\nX-Forwarded-Proto: https\r\n\r\n"
+        )
+        sent = self.backendGot()
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"evil", sent)
+        fields = head(sent)[1]
+        self.assertEqual(fields[b"forwarded"], [b'for="192.0.2.10:50000";proto=http;host="mail.example"'])
+        self.assertEqual(fields[b"x-forwarded-for"], [b"192.0.2.10"])
+        self.assertEqual(fields[b"x-forwarded-proto"], [b"http"])
+        self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
+        self.assertNotIn(b"x-real-ip", fields)
+
+    def test_forwardNone(self) -> None:
+        """
+        A backend with forward = "none" learns nothing of the client, and
+        still gets none of the client's claims.
+        """
+        self.old = makeBackend("old", forward="none")
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        fields = head(self.backendGot())[1]
+        self.assertFalse({b"forwarded", b"x-forwarded-for"} & set(fields))
+
+    def test_proxyHeader(self) -> None:
+        """
+        A backend with forward = "proxy-v1" gets the PROXY header first,
+        then the request with the forwarding headers.
+        """
+        self.old = makeBackend("old", forward="proxy-v1")
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        sent = self.backendGot()
+        self.assertTrue(sent.startswith(b"PROXY TCP4 192.0.2.10 192.0.2.1 50000 143\r\nGET / HTTP/1.1\r\n"))
+        self.assertEqual(head(sent.split(b"\r\n", 1)[1])[1][b"x-forwarded-for"], [b"192.0.2.10"])
+
+
+class StreamingTests(HTTPFrontendTestCase):
+    """
+    Bodies are passed on as they come, and each side's full buffer pauses
+    the other.
+    """
+
+    def test_uploadStreamed(self) -> None:
+        """
+        A request body is written to the backend chunk by chunk as it
+        arrives, the framing kept: Content-Length as is, chunked re-chunked.
+        """
+        self.connect()
+        self.send(b"PUT /blob HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234")
+        self.assertTrue(self.backendGot().endswith(b"Content-Length: 10\r\n\r\n01234"))
+        self.send(b"56789")
+        self.assertTrue(self.backendGot().endswith(b"\r\n\r\n0123456789"))
+        self.backendSays(OK)
+        self.connector.transports[0].clear()
+        self.send(b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.assertTrue(self.backendGot().endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"))
+        self.send(b"0\r\n\r\n")
+        self.assertTrue(self.backendGot().endswith(b"3\r\nabc\r\n0\r\n\r\n"))
+
+    def test_uploadBackpressure(self) -> None:
+        """
+        While the backend's send buffer is full the client is not read;
+        reading resumes once the backend's buffer drains.
+        """
+        self.connect()
+        self.send(b"PUT /blob HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        backend = self.connector.transports[0]
+        self.assertEqual(self.client.producerState, "producing")
+        backend.producer.pauseProducing()
+        self.assertEqual(self.client.producerState, "paused")
+        backend.producer.resumeProducing()
+        self.assertEqual(self.client.producerState, "producing")
+
+    def test_bodyBeforeBackendBounded(self) -> None:
+        """
+        Body octets that arrive before the backend is connected are kept
+        only up to a bound: past it the client is not read; all of them
+        reach the backend once it is connected.
+        """
+        connector = _ManualConnector()
+        self.connect(connector=connector)
+        self.send(b"PUT /blob HTTP/1.1\r\nHost: h\r\nContent-Length: 200000\r\n\r\n" + b"a" * 40000)
+        self.assertEqual(self.client.producerState, "paused")
+        self.send(b"b" * 40000)
+        connector.connectNext()
+        self.assertTrue(self.backendGot().endswith(b"\r\n\r\n" + b"a" * 40000 + b"b" * 40000))
+        self.assertEqual(self.client.producerState, "producing")
+
+    def test_downloadBackpressure(self) -> None:
+        """
+        While the client does not read, the backend is not read; its
+        response body is passed on as it comes, never gathered.
+        """
+        self.connect()
+        self.send(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = self.connector.transports[0]
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"y" * 1000)
+        self.assertTrue(answer.endswith(b"\r\n\r\n" + b"y" * 1000))
+        self.client.producer.pauseProducing()
+        self.assertEqual(backend.producerState, "paused")
+        self.client.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+        self.assertEqual(self.backendSays(b"z" * 5000), b"z" * 5000)
+
+    def test_chunkedResponse(self) -> None:
+        """
+        A chunked (or close-delimited) response reaches an HTTP/1.1 client
+        chunked, decoded and re-framed; the connection goes on.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n0\r\n\r\n")
+        self.assertTrue(answer.endswith(b"\r\n\r\n4\r\ndata\r\n0\r\n\r\n"), answer)
+        self.assertEqual(head(answer)[1][b"transfer-encoding"], [b"chunked"])
+        self.assertFalse(self.client.disconnecting)
+
+    def test_eventStream(self) -> None:
+        """
+        An event stream's head reaches the client at once, and each event
+        as it comes.
+        """
+        self.connect()
+        self.send(b"GET /jmap/eventsource HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        self.assertEqual(head(answer)[0], b"HTTP/1.1 200 OK")
+        self.assertEqual(self.backendSays(b"event: state\ndata: {}\n\n"), b"17\r\nevent: state\ndata: {}\n\n\r\n")
+
+
+class UpgradeTests(HTTPFrontendTestCase):
+    """
+    A WebSocket upgrade becomes a byte relay.
+    """
+
+    def test_websocket(self) -> None:
+        """
+        Upgrade: websocket is passed on; after the backend's 101, bytes go
+        both ways unchanged, including those either side sent right behind
+        the heads.
+        """
+        self.connect()
+        self.send(
+            b"GET /jmap/ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: k\r\nSec-WebSocket-Protocol: jmap\r\n\r\n"
+        )
+        fields = head(self.backendGot())[1]
+        self.assertEqual((fields[b"connection"], fields[b"upgrade"]), ([b"Upgrade"], [b"websocket"]))
+        self.connector.transports[0].clear()
+        answer = self.backendSays(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
+        )
+        self.assertEqual(
+            answer, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
+        )
+        self.assertIsNotNone(self.frontend.relay)
+        self.send(b"\x81\x82\x00\x00\x00\x00ok GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.backendGot(), b"\x81\x82\x00\x00\x00\x00ok GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.backendSays(b"\x88\x00"), b"\x88\x00")
+
+    def test_unaskedSwitch(self) -> None:
+        """
+        A 101 to a request that asked for no upgrade is the backend's
+        error: 502.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(head(self.backendSays(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"))[0], b"HTTP/1.1 502 Bad Gateway")
+
+
+class SessionTests(HTTPFrontendTestCase):
+    """
+    An HTTP connection is a session of the core: listed, counted, dropped.
+    """
+
+    def test_dropOnMove(self) -> None:
+        """
+        Dropping the account's sessions (what a move does) closes an
+        authenticated connection in the middle of an event stream.
+        """
+        self.connect()
+        self.send(b"GET /events HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        (session,) = self.frontend.context.sessions.find(account="alice")
+        session.drop("Moved.")
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_dropWebSocket(self) -> None:
+        """
+        A drop closes a WebSocket relay too.
+        """
+        self.connect()
+        self.send(
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nAuthorization: "
+            + basic("alice", "pw")
+            + b"\r\n\r\n"
+        )
+        self.backendSays(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        self.frontend.context.sessions.find(account="alice")[0].drop("Moved.")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_dropWaitingRequest(self) -> None:
+        """
+        A drop while a request waits for its backend answers it 503.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.client.clear()
+        self.frontend.drop("Moved.")
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_describedAndLogged(self) -> None:
+        """
+        /sessions shows the account, backend and requests; the session-end
+        event says protocol http, the account, the backend and the
+        requests counted.
+        """
+        self.connect()
+        for _ in range(2):
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+            self.backendSays(OK)
+        described = self.frontend.describe()
+        self.assertEqual(
+            (described["protocol"], described["account"], described["backend"], described["requests"]),
+            ("http", "alice", "new", 2),
+        )
+        self.frontend.connectionLost(Failure(Exception("gone")))
+        (end,) = [event for event in self.events if event.get("event") == "session_end"]
+        self.assertEqual(
+            (end["protocol"], end["user"], end["backend"], end["requests"], end["result"]), ("http", "alice", "new", 2, "ok")
+        )
+        self.assertTrue(self.connector.transports[0].disconnecting)
+
+
+class HostileInputTests(HTTPFrontendTestCase):
+    """
+    Bad input gets its status and a close, never a hang.
+    """
+
+    def test_headTooLarge(self) -> None:
+        """
+        A head longer than max_header_size is answered 431 and closed,
+        whether in one line or many.
+        """
+        for data in (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n", b"GET / HTTP/1.1\r\n" + b"X-A: aaaaaaaaaa\r\n" * 200):
+            self.connect(maxHeaderSize=1024)
+            self.assertEqual(head(self.send(data))[0], b"HTTP/1.1 431 Request Header Fields Too Large")
+            self.assertTrue(self.client.disconnecting)
+            self.assertEqual(self.connector.protocols, [])
+
+    def test_tooManyHeaders(self) -> None:
+        """
+        More header fields than max_headers: 431 and closed.
+        """
+        self.connect(maxHeaders=10)
+        answer = self.send(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n")
+        self.assertEqual(head(answer)[0], b"HTTP/1.1 431 Request Header Fields Too Large")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_badRequests(self) -> None:
+        """
+        A malformed request line, a header without a colon, both framings
+        at once, a bad length, and bad chunking get 400 and a close.
+        """
+        for data in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ):
+            self.connect()
+            self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", self.send(data), data)
+            self.assertTrue(self.client.disconnecting, data)
+
+    def test_slowHead(self) -> None:
+        """
+        A head that does not complete within header_timeout gets 408 and
+        a close (slowloris).
+        """
+        self.connect(headerTimeout=30.0)
+        for _ in range(5):
+            self.send(b"X")
+            self.clock.advance(5)
+        self.clock.advance(5)
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_idleKeepAlive(self) -> None:
+        """
+        A connection idle for keepalive_timeout between requests is closed
+        without a word; after the close grace it is aborted.
+        """
+        self.connect(keepaliveTimeout=75.0)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(OK)
+        self.client.clear()
+        self.clock.advance(74)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.client.value(), b"")
+        self.assertTrue(self.client.disconnecting)
+        self.clock.advance(10)
+        self.assertTrue(self.client.disconnected)
+
+    def test_backendSilent(self) -> None:
+        """
+        A backend that does not start its response within response_timeout
+        gives 504; its connection is closed.
+        """
+        self.connect(responseTimeout=60.0)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.clock.advance(60)
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 504 Gateway Timeout")
+        self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_backendGarbage(self) -> None:
+        """
+        A backend that answers nonsense, or an endless head, gives 502.
+        """
+        for data in (b"SPAM\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10000):
+            self.connect(maxHeaderSize=4096)
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual(head(self.backendSays(data))[0], b"HTTP/1.1 502 Bad Gateway")
+            self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_backendVanishes(self) -> None:
+        """
+        A backend that closes in the middle of a response cuts the client's
+        connection (it sees the response short), and the session ends.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        self.connector.protocols[0].connectionLost(Failure(Exception("reset")))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_clientVanishes(self) -> None:
+        """
+        A client that leaves in the middle of a request closes its backend
+        connection and leaves the registry.
+        """
+        self.connect()
+        self.send(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+        self.frontend.connectionLost(Failure(Exception("reset")))
+        self.assertTrue(self.connector.transports[0].disconnecting)
+        self.assertEqual(len(self.frontend.context.sessions), 0)
+
+    def test_answeredBeforeBody(self) -> None:
+        """
+        A refusal before the client sent its body closes the connection
+        after the answer (what follows could not be told from a request);
+        an Expect: 100-continue client is not told to go on.
+        """
+        self.connect(FakeRouter({}))
+        answer = self.send(
+            b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\nAuthorization: "
+            + basic("mallory", "x")
+            + b"\r\n\r\n"
+        )
+        self.assertNotIn(b"100 Continue", answer)
+        line, fields = head(answer)
+        self.assertEqual((line, fields[b"connection"]), (b"HTTP/1.1 401 Unauthorized", [b"close"]))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_expectContinue(self) -> None:
+        """
+        An Expect: 100-continue client is told to go on once its backend
+        has the request; the backend is not asked to say it again.
+        """
+        self.connect()
+        answer = self.send(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(answer, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertNotIn(b"expect", head(self.backendGot())[1])
+
+
+class TLSListenerTests(HTTPFrontendTestCase):
+    """
+    Behind TLS, the client is told https.
+    """
+
+    def test_proto(self) -> None:
+        """
+        On an implicit TLS listener, the backend is told proto=https.
+        """
+        self.router = FakeRouter({})
+        self.connector = MemoryConnector()
+        frontend, self.client, self.clock = makeFrontend(
+            "http", self.router, self.connector, tls="implicit", http=HTTPSettings(cookieSecret=SECRET, defaultBackend="old")
+        )
+        frontend.context.backends["old"] = self.old
+        self.frontend = frontend  # type: ignore[assignment]
+        self.assertIsInstance(self.client, TLSStringTransport)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(head(self.backendGot())[1][b"x-forwarded-proto"], [b"https"])
