@@ -7,15 +7,18 @@ state in a temporary directory, passwords in a sasldb file.
 
 from __future__ import annotations
 
+import base64
 import getpass
+import http.client
 import imaplib
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .servers import _HERE, _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer, startOnFreePorts
 
@@ -34,8 +37,10 @@ class Cyrus:
     switches to it), linked from C{directory/runtime}. Run by another user,
     Cyrus runs as that user (C{CYRUS_USER}).
 
-    Users log in as C{user@domain} (virtual domains); C{admin} is the
-    administrator.
+    The configuration files live there too (C{runtime/imapd.conf},
+    C{runtime/cyrus.conf}): every service reads C{imapd.conf}.
+
+    Users log in as C{user@domain} (virtual domains).
 
     @ivar imap: the IMAP port (plain, PLAIN and LOGIN accepted), chosen at
         L{start}.
@@ -46,13 +51,14 @@ class Cyrus:
 
     imap: int
     http: int
+    configPath: Path
+    servicesPath: Path
 
     def __init__(
         self,
         directory: str,
         name: str,
         users: Mapping[str, str],
-        admin: tuple[str, str] = ("admin", "cyrus-admin-secret"),
     ) -> None:
         """
         @param directory: where this instance keeps its configuration and
@@ -60,14 +66,10 @@ class Cyrus:
         @param name: a short name, its C{servername} (C{name.example.org},
             the realm of its C{WWW-Authenticate}) and part of file names.
         @param users: login name (C{user@domain}) to password.
-        @param admin: the administrator's name and password.
         """
         self.directory = Path(directory)
         self.name = name
         self.users = dict(users)
-        self.admin = admin
-        self.configPath = self.directory / "imapd.conf"
-        self.servicesPath = self.directory / "cyrus.conf"
         self.logPath = self.directory / "master.log"
         self._runtime: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -90,6 +92,8 @@ class Cyrus:
         requireServer(str(CYRUS_BIN / "master"), str(CYRUS_BIN / "httpd"), "saslpasswd2")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"cyrus-{self.name}-"))
+        self.configPath = self._runtime / "imapd.conf"
+        self.servicesPath = self._runtime / "cyrus.conf"
         try:
             for sub in ("conf", "spool", "sieve", "socket"):
                 (self._runtime / sub).mkdir()
@@ -104,10 +108,10 @@ class Cyrus:
 
     def _writePasswords(self) -> None:
         """
-        Write every user's (and the admin's) password into the sasldb.
+        Write every user's password into the sasldb.
         """
         assert self._runtime is not None
-        for user, password in [*self.users.items(), self.admin]:
+        for user, password in self.users.items():
             # -p reads the password from standard input, -c creates the
             # entry; the realm is the part after "@", as Cyrus asks for it.
             done = subprocess.run(
@@ -143,7 +147,6 @@ class Cyrus:
         values = {
             "RUNTIME": str(self._runtime),
             "SERVERNAME": self.servername,
-            "ADMIN": self.admin[0],
             "CONFIG": str(self.configPath),
             "IMAP": str(self.imap),
             "HTTP": str(self.http),
@@ -212,19 +215,56 @@ class Cyrus:
         """
         return f"http://127.0.0.1:{self.http}"
 
+    def provision(self, user: str, *messages: bytes, mailboxes: Sequence[str] = ()) -> None:
+        """
+        Create C{user}'s account with everything Cyrus creates on first use:
+        the INBOX (holding C{messages}) and C{mailboxes} over IMAP, the
+        calendars and address book (a CalDAV and a CardDAV C{PROPFIND}),
+        and the JMAP session; then wait for the next second.
+
+        Cyrus 3.6 as Debian builds it (without libuuid) names each new
+        mailbox with C{rand()}, seeded from the clock's second (C{srand}
+        with the time and process id, in each new process): two accounts
+        created in the same second get the same mailbox ids, and so share
+        one INBOX. One account a second, all made here, avoids that.
+        """
+        self.append(user, *messages)
+        for mailbox in mailboxes:
+            self.append(user, mailbox=mailbox)
+        authorization = "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+        for method, path in (
+            ("PROPFIND", f"/dav/calendars/user/{user}/"),
+            ("PROPFIND", f"/dav/addressbooks/user/{user}/"),
+            ("GET", "/jmap/"),
+        ):
+            connection = http.client.HTTPConnection("127.0.0.1", self.http, timeout=30)
+            try:
+                connection.request(method, path, headers={"Authorization": authorization, "Depth": "1"})
+                response = connection.getresponse()
+                response.read()
+                if response.status not in (200, 207):
+                    raise RuntimeError(f"{method} {path} for {user}: {response.status} {response.reason}")
+            finally:
+                connection.close()
+        time.sleep(1 - time.time() % 1 + 0.01)
+
     def append(self, user: str, *messages: bytes, mailbox: str = "INBOX") -> None:
         """
         Log in over IMAP as C{user} (which creates the account's INBOX the
         first time) and append C{messages} (RFC 5322 bytes) to C{mailbox},
-        created if missing.
+        which is created first unless it is the INBOX.
         """
         client = imaplib.IMAP4("127.0.0.1", self.imap, timeout=30)
         try:
             client.login(user, self.users[user])
+            # imaplib sends mailbox names as they are: quote them.
+            quoted = '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
             if mailbox != "INBOX":
-                client.create(mailbox)
+                status, detail = client.create(quoted)
+                if status != "OK":
+                    raise RuntimeError(f"CREATE {mailbox} for {user} failed: {detail!r}")
             for message in messages:
-                status, detail = client.append(mailbox, None, None, message)
+                status, detail = client.append(quoted, None, None, message)
                 if status != "OK":
                     raise RuntimeError(f"APPEND for {user} failed: {detail!r}")
             client.logout()

@@ -130,7 +130,7 @@ class NginxMailProxy:
 #: The access log line of L{NginxWeb}: what the proxy told it about the
 #: client, in the headers a reverse proxy sets.
 WEB_LOG_FORMAT = (
-    'remote=$remote_addr request="$request" status=$status '
+    'remote=$remote_addr user="$remote_user" request="$request" status=$status '
     'xff="$http_x_forwarded_for" forwarded="$http_forwarded" '
     'proto="$http_x_forwarded_proto" host="$http_x_forwarded_host" real="$http_x_real_ip"'
 )
