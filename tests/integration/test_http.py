@@ -648,71 +648,85 @@ def largeBody() -> Iterator[bytes]:
         yield hashlib.sha256(str(index).encode()).digest() * ((1 << 20) // 32)
 
 
-def largeDigest() -> str:
+def largeBlobId() -> str:
     """
-    The SHA-256 of L{largeBody}.
+    The JMAP blob id Cyrus gives L{largeBody}: C{G} and its SHA-1.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha1()
     for block in largeBody():
         digest.update(block)
-    return digest.hexdigest()
+    return "G" + digest.hexdigest()
 
 
 class LargeBodyTests(HTTPTestsMixin):
     """
-    100 MB through the proxy each way, streamed.
+    A 100 MB JMAP blob through the proxy each way, streamed.
     """
 
-    def test_upload(self) -> None:
+    user = "alice@example.org"
+
+    def upload(self, connection: http.client.HTTPConnection) -> dict[str, Any]:
         """
-        A 100 MB PUT arrives byte-identical at the backend, and the proxy's
-        resident memory grows by less than 20 MB meanwhile.
+        Upload L{largeBody} as alice's JMAP blob on C{connection}, a block
+        at a time; Cyrus's answer.
         """
-        before = peakMemoryReset(self.proxy.proxy.pid)
-        connection = self.connect()
-        connection.putrequest("PUT", "/files/large/upload.bin")
+        connection.putrequest("POST", f"/jmap/upload/{self.user}/")
+        connection.putheader("Authorization", basic(self.user, PASSWORDS[self.user]))
+        connection.putheader("Content-Type", "application/octet-stream")
         connection.putheader("Content-Length", str(LARGE))
         connection.endheaders()
         for block in largeBody():
             connection.send(block)
         response = connection.getresponse()
-        response.read()
-        self.assertEqual(response.status, 201)
-        self.assertLess(peakMemoryGrowth(self.proxy.proxy.pid, before), MEMORY_BOUND)
-        stored = self.servers.webold.filesPath / "large" / "upload.bin"
-        digest = hashlib.sha256()
-        with open(stored, "rb") as file:
-            while block := file.read(1 << 20):
-                digest.update(block)
-        self.assertEqual(stored.stat().st_size, LARGE)
-        self.assertEqual(digest.hexdigest(), largeDigest())
-        stored.unlink()
+        body = response.read()
+        self.assertEqual(response.status, 201, body)
+        return json.loads(body)  # type: ignore[no-any-return]
 
-    def test_download(self) -> None:
+    def download(self, connection: http.client.HTTPConnection, blobId: str) -> tuple[int, str]:
         """
-        A 100 MB GET arrives byte-identical at the client, read slowly (a
-        block at a time), and the proxy's resident memory grows by less than
-        20 MB meanwhile.
+        Download alice's blob C{blobId} on C{connection}, reading 64 KiB at
+        a time; its size and SHA-1 blob id.
         """
-        stored = self.servers.webold.filesPath / "large" / "download.bin"
-        stored.parent.mkdir(exist_ok=True)
-        with open(stored, "wb") as file:
-            for block in largeBody():
-                file.write(block)
-        self.addCleanup(stored.unlink)
-        before = peakMemoryReset(self.proxy.proxy.pid)
-        connection = self.connect()
-        connection.request("GET", "/files/large/download.bin")
+        connection.request(
+            "GET",
+            f"/jmap/download/{self.user}/{blobId}/large.bin?accept=application/octet-stream",
+            headers={"Authorization": basic(self.user, PASSWORDS[self.user])},
+        )
         response = connection.getresponse()
         self.assertEqual(response.status, 200)
-        digest = hashlib.sha256()
+        digest = hashlib.sha1()
         size = 0
         while block := response.read(1 << 16):
             digest.update(block)
             size += len(block)
+        return size, "G" + digest.hexdigest()
+
+    def test_upload(self) -> None:
+        """
+        A 100 MB blob uploaded through the proxy arrives byte-identical at
+        Cyrus (its blob id is the content's SHA-1; read back directly), and
+        the proxy's resident memory grows by less than 20 MB meanwhile.
+        """
+        before = peakMemoryReset(self.proxy.proxy.pid)
+        blob = self.upload(self.connect())
         self.assertLess(peakMemoryGrowth(self.proxy.proxy.pid, before), MEMORY_BOUND)
-        self.assertEqual(size, LARGE)
-        self.assertEqual(digest.hexdigest(), largeDigest())
+        self.assertEqual((blob["size"], blob["blobId"]), (LARGE, largeBlobId()))
+        direct = http.client.HTTPConnection("127.0.0.1", self.servers.old.http, timeout=TIMEOUT)
+        self.addCleanup(direct.close)
+        self.assertEqual(self.download(direct, blob["blobId"]), (LARGE, largeBlobId()))
+
+    def test_download(self) -> None:
+        """
+        A 100 MB blob uploaded straight to Cyrus comes out of the proxy
+        byte-identical, read slowly (64 KiB at a time), and the proxy's
+        resident memory grows by less than 20 MB meanwhile.
+        """
+        direct = http.client.HTTPConnection("127.0.0.1", self.servers.old.http, timeout=TIMEOUT)
+        self.addCleanup(direct.close)
+        blob = self.upload(direct)
+        before = peakMemoryReset(self.proxy.proxy.pid)
+        self.assertEqual(self.download(self.connect(), blob["blobId"]), (LARGE, largeBlobId()))
+        self.assertLess(peakMemoryGrowth(self.proxy.proxy.pid, before), MEMORY_BOUND)
 
 
 class PushMoveTests(HTTPTestsMixin):
