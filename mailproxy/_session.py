@@ -433,6 +433,16 @@ class Session(Protocol):
             return "ok", relay.bytesFromClient, relay.bytesFromBackend
         return ("failed" if self.attempts else "no-login"), 0, 0
 
+    def relayed(self) -> tuple[str, int, int]:
+        """
+        For the open-session metrics: the backend this session relays to
+        (C{""} before it does) and the octets relayed so far each way.
+        """
+        relay, route = self.relay, self.route
+        if relay is None or route is None:
+            return "", 0, 0
+        return route.backend.name, relay.bytesFromClient, relay.bytesFromBackend
+
     def sessionFields(self) -> dict[str, Any]:
         """
         What a protocol adds to its C{session_end} event (HTTP: the
@@ -445,7 +455,7 @@ class Session(Protocol):
         result, bytesIn, bytesOut = self.sessionTraffic()
         reason = relay.endReason.words(relay.endDetail) if relay and relay.endReason else self.result
         route = self.route
-        backend = route.backend.name if route else None
+        backend = self.backendName
         duration = time.monotonic() - self._started
         client = self.client
         # The line is composed here with an f-string: the logging system's

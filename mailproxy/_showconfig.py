@@ -78,6 +78,22 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
         )
         for listener in config.listeners
     ]
+    http = next((listener.http for listener in config.listeners if listener.http is not None), None)
+    if http is not None:
+        data["http"] = _withoutNone(
+            {
+                "cookie_secret_file": http.cookieSecretFile,
+                "cookie_name": http.cookieName,
+                "default_backend": http.defaultBackend,
+                "pins": dict(http.pins) or None,
+                "realm": http.realm,
+                "max_header_size": http.maxHeaderSize,
+                "max_headers": http.maxHeaders,
+                "keepalive_timeout": http.keepaliveTimeout,
+                "header_timeout": http.headerTimeout,
+                "response_timeout": http.responseTimeout,
+            }
+        )
     data["router"] = {"type": config.router.type, **_hideSecrets(config.router.options)}
     data["backend"] = {
         name: _withoutNone(

@@ -298,12 +298,11 @@ def _openSessions(sessions: Iterable[Any]) -> tuple[Counter[_Labels], Counter[_L
     fromClient: Counter[_Labels] = Counter()
     fromBackend: Counter[_Labels] = Counter()
     for session in sessions:
-        relay = session.relay
-        labels = (session.protocolName, session.route.backend.name if relay is not None else "")
+        backend, octetsIn, octetsOut = session.relayed()
+        labels = (session.protocolName, backend)
         open_[labels] += 1
-        if relay is not None:
-            fromClient[labels] += relay.bytesFromClient
-            fromBackend[labels] += relay.bytesFromBackend
+        fromClient[labels] += octetsIn
+        fromBackend[labels] += octetsOut
     return open_, fromClient, fromBackend
 
 

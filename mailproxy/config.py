@@ -1099,8 +1099,10 @@ def _parseHTTP(table: Table, backends: Mapping[str, Backend] | None, workers: in
                 where.fail(name, f"backend {value!r} has no ports.http")
         return value
 
+    secretFile = None
     if "cookie_secret_file" in table:
         secret = table.collect(lambda: readSecretLine(table, "cookie_secret_file"), b"")
+        secretFile = table.path("cookie_secret_file", readable=False)
     else:
         secret = os.urandom(32)
         if workers is None or workers > 1:
@@ -1137,6 +1139,7 @@ def _parseHTTP(table: Table, backends: Mapping[str, Backend] | None, workers: in
                 values[attribute] = value
     return HTTPSettings(
         cookieSecret=secret,
+        cookieSecretFile=secretFile,
         cookieName=cookieName,
         defaultBackend=default,
         pins=tuple(sorted(pins, key=lambda pin: -len(pin[0]))),

@@ -65,6 +65,8 @@ class HTTPSettings:
     credentials, and what one request may cost.
 
     @ivar cookieSecret: the key that signs the routing cookie (HMAC-SHA256).
+    @ivar cookieSecretFile: the file it was read from, if any (else it is
+        random, made at start).
     @ivar cookieName: the routing cookie's name.
     @ivar defaultBackend: the backend of requests with neither credentials,
         a pinned path nor a valid cookie.
@@ -84,6 +86,7 @@ class HTTPSettings:
     """
 
     cookieSecret: bytes = field(repr=False)
+    cookieSecretFile: str | None = None
     cookieName: str = "mailproxy_backend"
     defaultBackend: str = ""
     pins: tuple[tuple[str, str], ...] = ()

@@ -126,7 +126,7 @@ class _UploadPause:
         self._frontend = frontend
 
     def pauseProducing(self) -> None:
-        self._frontend.pause("backend busy")
+        self._frontend.holdClient("backend busy")
 
     def resumeProducing(self) -> None:
         self._frontend.resume("backend busy")
@@ -262,6 +262,14 @@ class _Channel(HTTPChannel):
         super().requestDone(request)
 
     @property
+    def clientBusy(self) -> bool:
+        """
+        The client's transport asked to stop writing to it, and has not
+        asked to go on.
+        """
+        return bool(self._waitingForTransport)
+
+    @property
     def buffered(self) -> bytes:
         """
         What the client sent behind the request being answered.
@@ -298,6 +306,7 @@ class HTTPFrontend(FrontendProtocol):
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
         self._account: str | None = None
+        self._lastBackend: str | None = None
         self._registered = False
         # The last Authorization the router accepted, and what it becomes.
         self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]]] | None = None
@@ -355,10 +364,9 @@ class HTTPFrontend(FrontendProtocol):
         if self.relay is None:
             self.channel.connectionLost(Failure(ConnectionDone()))
             self._dropBackend()
-            if self._counted and self.route is not None:
-                self.context.stats.sessionEnded(
-                    self.protocolName, self.route.backend.name, self.bytesFromClient, self.bytesFromBackend
-                )
+            backendName = self.backendName
+            if self._counted and backendName is not None:
+                self.context.stats.sessionEnded(self.protocolName, backendName, self.bytesFromClient, self.bytesFromBackend)
 
     def _stopTimers(self) -> None:
         self._waiting.stop()
@@ -375,21 +383,40 @@ class HTTPFrontend(FrontendProtocol):
                 described["state"] = SessionState.RELAY.value
         return described
 
+    def relayed(self) -> tuple[str, int, int]:
+        if self.relay is not None:
+            return super().relayed()
+        if self.backend is None:
+            return "", 0, 0
+        return self.backend.job.backend.name, self.bytesFromClient, self.bytesFromBackend
+
     def sessionFields(self) -> dict[str, Any]:
         return {"requests": self.requests}
 
     def sessionTraffic(self) -> tuple[str, int, int]:
         if self.relay is not None:
             return super().sessionTraffic()
-        result = "ok" if self.route is not None or self.requests else "no-request"
+        result = "ok" if self.backendName is not None else "no-request"
         if self.failures and self.route is None:
             result = "failed"
         return result, self.bytesFromClient, self.bytesFromBackend
 
     @property
     def backendName(self) -> str | None:
+        # Requests without credentials have no route, yet a backend.
         route = self.route
-        return route.backend.name if route is not None else None
+        return route.backend.name if route is not None else self._lastBackend
+
+    def holdClient(self, why: str) -> None:
+        """
+        Stop reading the client for C{why} (as L{pause}), even if another
+        reason holds it already: the channel resumes its transport on its
+        own (between requests, when the client drains its replies), and a
+        transport asks again on each write over its buffer.
+        """
+        self.pause(why)
+        if not self.closing:
+            self.transport.pauseProducing()
 
     # Timers
 
@@ -439,6 +466,9 @@ class HTTPFrontend(FrontendProtocol):
         request.upgrade = b"upgrade" in [
             token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
         ] and headers.hasHeader(b"upgrade")
+        # A body that stops coming, like a response that does, ends the
+        # connection after the idle timeout.
+        self._streamTimer.start(self.limits.idleTimeout)
         # Until the backend is connected and has the head, the body waits
         # in the client's buffers.
         self.pause("routing")
@@ -465,7 +495,7 @@ class HTTPFrontend(FrontendProtocol):
             request.pending.append(data)
             request.pendingSize += len(data)
             if request.pendingSize > _PENDING_LIMIT:
-                self.transport.pauseProducing()
+                self.holdClient("routing")
             return
         self._sendBody(request, backend, data)
 
@@ -589,7 +619,7 @@ class HTTPFrontend(FrontendProtocol):
             self.context.stats.loginSucceeded(self.protocolName, route.backend.name, seconds)
             # A failed attempt before does not make the session's outcome.
             self.noteOutcome(self.defaultEndReason)
-            if not self._registered and self in self.context.sessions:
+            if account and not self._registered and self in self.context.sessions:
                 self._registered = True
                 self.context.sessions.loggedIn(self)
             self._ready(request, backend, outgoing, setCookie=True)
@@ -667,6 +697,7 @@ class HTTPFrontend(FrontendProtocol):
             return
         self._dropBackend()
         self.backend = backend
+        self._lastBackend = backend.job.backend.name
         backend.lost = self._backendLost
         backend.transport.registerProducer(_UploadPause(self), True)
 
@@ -725,9 +756,12 @@ class HTTPFrontend(FrontendProtocol):
         lines.append(b"\r\n")
         return b"".join(lines)
 
+    def _clientProto(self) -> bytes:
+        return b"https" if self.client.tls is not None or self.listener.tls == "implicit" else b"http"
+
     def _forwardingHeaders(self, host: bytes) -> list[bytes]:
         client = self.client
-        proto = b"https" if client.tls is not None or self.listener.tls == "implicit" else b"http"
+        proto = self._clientProto()
         hostText = host.decode("latin-1")
         forwarded = f"for={forwardedFor(client.address, client.port)};proto={proto.decode()};host={_quoted(hostText)}"
         return [
@@ -762,16 +796,27 @@ class HTTPFrontend(FrontendProtocol):
             return
         request.setResponseCode(head.code, head.reason)
         named = set(head.tokens(b"connection"))
+        # A backend behind the proxy's TLS writes links to itself as http:
+        # on the client's host they become https: (nginx's proxy_redirect).
+        plain = b"http://" + (request.requestHeaders.getRawHeaders(b"host", [b""])[0]).lower()
+        secure = self._clientProto() == b"https"
         for name, value in head.headers:
             lower = name.lower()
             if lower in _RESPONSE_REMOVED or lower in named:
                 continue
+            if secure and lower in (b"location", b"content-location") and _onHost(value, plain):
+                value = b"https" + value[4:]
             request.responseHeaders.addRawHeader(name, value)
         if request.cookie is not None:
             request.responseHeaders.addRawHeader(b"Set-Cookie", request.cookie)
         self.bytesFromBackend += head.size
         backend = cast(HTTPBackend, request.backend)
         request.registerProducer(backend.transport, True)
+        if self.channel.clientBusy:
+            # The client stopped reading during an earlier response: the
+            # channel pauses a producer only when the client's transport
+            # says so, which it may not say again (TLS says it once).
+            backend.transport.pauseProducing()
         # The head goes out now: an event stream's first event may be long
         # in coming.
         request.write(b"")
@@ -830,6 +875,7 @@ class HTTPFrontend(FrontendProtocol):
         self._fail(request, 502, b"Bad Gateway", "The server sent an invalid response.")
 
     def _finish(self, request: _ProxyRequest) -> None:
+        self._streamTimer.stop()
         if not request.bodyDone:
             if request.length == 0:
                 # Answered while its head is being read (a synchronous
@@ -970,6 +1016,14 @@ class _Response:
 
     def responseFailed(self, why: str) -> None:
         self.frontend.responseFailed(self.request, why)
+
+
+def _onHost(url: bytes, origin: bytes) -> bool:
+    """
+    Whether C{url} is on C{origin} (C{http://host[:port]}, lower case).
+    """
+    start = url[: len(origin)].lower()
+    return start == origin and url[len(origin) : len(origin) + 1] in (b"", b"/", b"?", b"#")
 
 
 def outgoingAuthorization(job: LoginJob) -> list[tuple[bytes, bytes]]:

@@ -199,7 +199,7 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         """
         status, body = self.request("GET", "/health")
         self.assertEqual(status, 200)
-        self.assertEqual(set(self.health.probed), {(n, p) for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve")})
+        self.assertEqual(set(self.health.probed), {(n, p) for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve", "http")})
         self.assertEqual(body["backends"]["old"]["imap"], {"ok": True, "seconds": 0.001})
 
     def test_backendDown(self) -> None:
@@ -273,10 +273,10 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         """
         self.request("GET", "/health", headers=None)
         self.request("GET", "/health", headers=None)
-        self.assertEqual(len(self.health.probed), 8)
+        self.assertEqual(len(self.health.probed), 10)
         self.clock.advance(2)
         self.request("GET", "/health", headers=None)
-        self.assertEqual(len(self.health.probed), 16)
+        self.assertEqual(len(self.health.probed), 20)
 
     def test_concurrentChecksShareProbes(self) -> None:
         """
@@ -376,9 +376,9 @@ class StatsAndMetricsTests(AdminTestsMixin, SynchronousTestCase):
         self.assertEqual(status, 200)
         families = {f.name: f for f in text_string_to_metric_families(text.decode())}
         up = {(s.labels["backend"], s.labels["port"]): s.value for s in families["mailproxy_backend_up"].samples}
-        self.assertEqual(up, {(n, p): 1 for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve")} | {("new", "imap"): 0})
+        self.assertEqual(up, {(n, p): 1 for n in BACKENDS for p in ("imap", "pop3", "smtp", "sieve", "http")} | {("new", "imap"): 0})
         self.request("GET", "/health")
-        self.assertEqual(len(self.health.probed), 8)
+        self.assertEqual(len(self.health.probed), 10)
 
 
 class SessionTests(AdminTestsMixin, SynchronousTestCase):

@@ -10,6 +10,7 @@ import os
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy.config import ConfigError, parseConfig
 from mailproxy.http import HTTPFrontend
 from mailproxy.tap import listenerFactory, serviceFromConfig
@@ -122,3 +123,19 @@ class HTTPConfigTests(SynchronousTestCase):
         protocol = factory.buildProtocol(None)
         self.assertIsInstance(protocol, HTTPFrontend)
         self.assertEqual(protocol.settings.defaultBackend, "old")
+
+    def test_shown(self) -> None:
+        """
+        C{mailproxy show-config} shows the [http] section with the key's
+        file, never the key, and what it shows loads as the same settings.
+        """
+        config = self.parse(
+            "[proxy]\nworkers = 1\n" + LISTENER + BACKENDS + '[http]\ncookie_secret_file = "cookie.secret"\n'
+            'default_backend = "old"\npins = { "/login" = "old" }\n',
+            secret=b"the key",
+        )
+        text = dumpTOML(effectiveConfig(config, {}))
+        self.assertNotIn("the key", text)
+        self.assertIn('cookie_secret_file = "' + os.path.dirname(config.path) + '/cookie.secret"', text)
+        again = parseConfig(text, config.path)
+        self.assertEqual(again.listeners[0].http, config.listeners[0].http)

@@ -423,6 +423,38 @@ class StreamingTests(HTTPFrontendTestCase):
         backend.producer.resumeProducing()
         self.assertEqual(self.client.producerState, "producing")
 
+    def test_uploadPausedAgain(self) -> None:
+        """
+        A client resumed by something else (the channel, between its
+        replies) while the backend's buffer is still full is paused again
+        when the backend's transport says so again.
+        """
+        self.connect()
+        self.send(b"PUT /blob HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        backend = self.connector.transports[0]
+        backend.producer.pauseProducing()
+        self.client.resumeProducing()
+        self.send(b"x" * 1000)
+        backend.producer.pauseProducing()
+        self.assertEqual(self.client.producerState, "paused")
+
+    def test_nextResponseWhileClientBusy(self) -> None:
+        """
+        A response that starts while the client is still not reading the
+        one before does not read its backend until the client drains.
+        """
+        self.connect()
+        self.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = self.connector.transports[0]
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+        self.client.producer.pauseProducing()
+        self.backendSays(b"abc")
+        self.send(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        self.assertEqual(backend.producerState, "paused")
+        self.client.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+
     def test_bodyBeforeBackendBounded(self) -> None:
         """
         Body octets that arrive before the backend is connected are kept
@@ -453,6 +485,21 @@ class StreamingTests(HTTPFrontendTestCase):
         self.client.producer.resumeProducing()
         self.assertEqual(backend.producerState, "producing")
         self.assertEqual(self.backendSays(b"z" * 5000), b"z" * 5000)
+
+    def test_pausedAtEndOfResponse(self) -> None:
+        """
+        A response that ends while the client is not reading leaves the
+        kept-alive backend connection readable for the next response.
+        """
+        self.connect()
+        self.send(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = self.connector.transports[0]
+        self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        self.client.producer.pauseProducing()
+        self.backendSays(b"67890")
+        self.send(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(self.connector.transports), 1)
+        self.assertEqual(backend.producerState, "producing")
 
     def test_chunkedResponse(self) -> None:
         """
@@ -655,6 +702,33 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.clock.advance(10)
         self.assertTrue(self.client.disconnected)
 
+    def test_stalledUpload(self) -> None:
+        """
+        A request body that stops coming ends the connection after the
+        idle timeout (each chunk that comes restarts it).
+        """
+        self.connect(limits=Limits(failureDelay=0, idleTimeout=100.0))
+        self.send(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+        self.clock.advance(90)
+        self.send(b"def")
+        self.clock.advance(90)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(10)
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_leftDuringRouting(self) -> None:
+        """
+        A client that leaves while the router has its request is not
+        answered, and the router's late answer connects nothing.
+        """
+        self.connect(FakeRouter(manual=True))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.frontend.connectionLost(Failure(Exception("reset")))
+        self.router.pending[0].callback(Route(self.new))
+        self.assertEqual(self.connector.protocols, [])
+        self.assertEqual(self.client.value(), b"")
+
     def test_backendSilent(self) -> None:
         """
         A backend that does not start its response within response_timeout
@@ -731,6 +805,39 @@ class TLSListenerTests(HTTPFrontendTestCase):
     Behind TLS, the client is told https.
     """
 
+    def test_redirectsOnHostSecured(self) -> None:
+        """
+        On a TLS listener, a backend's Location (and Content-Location) to
+        http: on the client's own host becomes https:; to other hosts, or
+        on a plain listener, it stays.
+        """
+        self.router = FakeRouter({})
+        self.connector = MemoryConnector()
+        frontend, self.client, self.clock = makeFrontend(
+            "http", self.router, self.connector, tls="implicit", http=HTTPSettings(cookieSecret=SECRET, defaultBackend="old")
+        )
+        frontend.context.backends["old"] = self.old
+        self.frontend = frontend  # type: ignore[assignment]
+        cases = [
+            (b"http://Mail.example:8443/jmap/", b"https://Mail.example:8443/jmap/"),
+            (b"http://mail.example:8443", b"https://mail.example:8443"),
+            (b"http://mail.example:84430/x", b"http://mail.example:84430/x"),
+            (b"http://other.example/x", b"http://other.example/x"),
+            (b"/relative", b"/relative"),
+        ]
+        for sent, expected in cases:
+            self.send(b"GET /.well-known/jmap HTTP/1.1\r\nHost: mail.example:8443\r\n\r\n")
+            answer = self.backendSays(
+                b"HTTP/1.1 301 Moved Permanently\r\nLocation: " + sent + b"\r\nContent-Location: " + sent
+                + b"\r\nContent-Length: 0\r\n\r\n"
+            )
+            fields = head(answer)[1]
+            self.assertEqual((fields[b"location"], fields[b"content-location"]), ([expected], [expected]))
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 302 Found\r\nLocation: http://mail.example/\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(head(answer)[1][b"location"], [b"http://mail.example/"])
+
     def test_proto(self) -> None:
         """
         On an implicit TLS listener, the backend is told proto=https.
@@ -745,3 +852,118 @@ class TLSListenerTests(HTTPFrontendTestCase):
         self.assertIsInstance(self.client, TLSStringTransport)
         self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(head(self.backendGot())[1][b"x-forwarded-proto"], [b"https"])
+
+
+class ExchangeTests(HTTPFrontendTestCase):
+    """
+    The framing of responses that are not plain bodies, and of requests
+    that come several at once.
+    """
+
+    def test_head(self) -> None:
+        """
+        The response to HEAD has no body whatever its Content-Length says;
+        the next request on the connection is answered.
+        """
+        self.connect()
+        self.send(b"HEAD /blob HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        self.assertTrue(answer.endswith(b"Content-Length: 1000\r\n\r\n"), answer)
+        self.connector.transports[0].clear()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.backendGot().startswith(b"GET / HTTP/1.1\r\n"))
+        self.assertTrue(self.backendSays(OK).endswith(b"hello"))
+
+    def test_pipelined(self) -> None:
+        """
+        Requests sent together are answered one after the other, in order,
+        each sent to the backend once the one before is answered.
+        """
+        self.connect()
+        self.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertNotIn(b"GET /2", self.backendGot())
+        self.connector.transports[0].clear()
+        first = self.backendSays(OK)
+        self.assertTrue(self.backendGot().startswith(b"GET /2 HTTP/1.1\r\n"))
+        second = self.backendSays(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(second.startswith(b"HTTP/1.1 204 No Content"))
+        self.assertEqual(self.frontend.requests, 2)
+
+    def test_http10(self) -> None:
+        """
+        An HTTP/1.0 client gets a close-delimited body and the connection
+        closed after it.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(head(self.backendGot())[1][b"host"], [b"192.0.2.1"])
+        answer = self.backendSays(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 OK\r\n"))
+        self.assertTrue(answer.endswith(b"\r\n\r\nabc"))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_backendClosesAfter(self) -> None:
+        """
+        A backend that says Connection: close gets a new connection for
+        the next request; the client's connection goes on.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.connector.transports[0].disconnecting)
+        self.assertFalse(self.client.disconnecting)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(self.connector.transports), 2)
+
+    def test_backendTLS(self) -> None:
+        """
+        A backend reached with TLS gets the request only once its handshake
+        is done (and its certificate verified).
+        """
+        self.old = makeBackend("old", tls="implicit")
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.backendGot(), b"")
+        self.assertIsNotNone(self.connector.transports[0].tlsOptions)
+        self.connector.protocols[0].handshakeCompleted()
+        self.assertTrue(self.backendGot().startswith(b"GET / HTTP/1.1\r\n"))
+
+    def test_unauthenticatedLogged(self) -> None:
+        """
+        A session of requests without credentials is logged with the
+        backend that served them, and found by it.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(OK)
+        self.assertEqual(self.frontend.context.sessions.find(backend="old"), [self.frontend])
+        self.frontend.connectionLost(Failure(Exception("gone")))
+        (end,) = [event for event in self.events if event.get("event") == "session_end"]
+        self.assertEqual((end["user"], end["backend"], end["result"], end["requests"]), (None, "old", "ok", 1))
+
+    def test_metrics(self) -> None:
+        """
+        The open-session metrics count an HTTP session under its backend,
+        with the octets it moved.
+        """
+        from mailproxy._stats import _openSessions
+
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.backendSays(OK)
+        open_, fromClient, fromBackend = _openSessions([self.frontend])
+        self.assertEqual(open_, {("http", "old"): 1})
+        self.assertEqual(fromClient[("http", "old")], len(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        self.assertGreater(fromBackend[("http", "old")], 5)
+
+    def test_healthProbe(self) -> None:
+        """
+        The health probe of a backend's http port asks OPTIONS * and takes
+        any status line as alive.
+        """
+        from mailproxy.admin import _probeRequest, greetingProblem
+
+        self.assertTrue(_probeRequest("http").startswith(b"OPTIONS * HTTP/1.1\r\n"))
+        self.assertIsNone(greetingProblem("http", b"HTTP/1.1 405 Method Not Allowed"))
+        self.assertIsNotNone(greetingProblem("http", b"* OK IMAP"))
