@@ -210,12 +210,14 @@ class CyrusJMAPClient:
     """
 
     @staticmethod
-    def make(base: str, user: str, password: str, verify: str | bool) -> Any:
+    def make(base: str, user: str, password: str, verify: str | bool, wellKnown: bool = False) -> Any:
         """
         A jmapc client of the JMAP server at C{base} (C{https://host:port}).
 
-        @param verify: the CA file that signed the server's certificate
-            (or C{False} for plain HTTP).
+        @param verify: the CA file that signed the server's certificate.
+        @param wellKnown: read the session resource as jmapc does (from
+            C{/.well-known/jmap}, URLs as they are), for a test of that
+            step alone.
         """
         from jmapc import Client
         from jmapc.session import Session
@@ -239,7 +241,9 @@ class CyrusJMAPClient:
                     data[key] = urllib.parse.urljoin(url, data[key])
                 return Session.from_dict(data)
 
-        return Adapted.create_with_password(base, user, password)
+        if wellKnown:
+            del Adapted.jmap_session
+        return Adapted.create_with_password(base.removeprefix("https://"), user, password)
 
 
 def mailboxesAndSubjects(client: Any) -> tuple[set[str], list[str]]:
@@ -440,6 +444,20 @@ class JMAPTests(HTTPTestsMixin):
             self.assertEqual(response.status, 200, response.body)
             emails = json.loads(response.body)["methodResponses"][1][1]["list"]
             self.assertEqual([email["subject"] for email in emails], [f"{user} on {server}"])
+
+    def test_wellKnownRedirect(self) -> None:
+        """
+        Cyrus answers C{/.well-known/jmap} with a redirect to its own scheme
+        (C{http:}); through the TLS listener the client is sent to
+        C{https:} on the same host, and jmapc's own discovery (which starts
+        there) reads the session resource.
+        """
+        user = "alice@example.org"
+        response = self.request("GET", "/.well-known/jmap", {"Authorization": basic(user, PASSWORDS[user])})
+        self.assertEqual(response.status, 301)
+        self.assertEqual(response.header("Location"), f"https://127.0.0.1:{self.proxy.port}/jmap")
+        client = CyrusJMAPClient.make(self.proxy.baseURL(), user, PASSWORDS[user], self.servers.ca.caPath, wellKnown=True)
+        self.assertEqual(client.jmap_session.username, user)
 
     def test_routingCookie(self) -> None:
         """
