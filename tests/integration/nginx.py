@@ -132,7 +132,8 @@ class NginxMailProxy:
 WEB_LOG_FORMAT = (
     'remote=$remote_addr user="$remote_user" request="$request" status=$status '
     'xff="$http_x_forwarded_for" forwarded="$http_forwarded" '
-    'proto="$http_x_forwarded_proto" host="$http_x_forwarded_host" real="$http_x_real_ip"'
+    'proto="$http_x_forwarded_proto" host="$http_x_forwarded_host" real="$http_x_real_ip" '
+    'proxied="$proxy_protocol_addr:$proxy_protocol_port"'
 )
 
 
@@ -152,13 +153,18 @@ class NginxWeb:
       - everything else passed to C{upstream} (a Cyrus C{httpd}) when given,
         else 404.
 
-    Its access log prints the forwarding headers each request carried.
+    Its access log prints the forwarding headers each request carried, and
+    on L{proxyPort} (which requires a PROXY protocol header first) the
+    address that header gave.
 
     @ivar port: the port, chosen at L{start}.
+    @ivar proxyPort: the same server behind a PROXY header, chosen at
+        L{start}.
     @ivar filesPath: the directory behind C{/files/}.
     """
 
     port: int
+    proxyPort: int
 
     def __init__(self, directory: str, name: str, upstream: int | None = None) -> None:
         """
@@ -214,6 +220,7 @@ class NginxWeb:
             "    sendfile off;\n"
             "    server {\n"
             f"        listen 127.0.0.1:{self.port};\n"
+            f"        listen 127.0.0.1:{self.proxyPort} proxy_protocol;\n"
             f"        add_header X-Backend {self.name} always;\n"
             "        location ^~ /jmap/eventsource/ {\n"
             f"            root {self.directory};\n"
@@ -255,7 +262,10 @@ class NginxWeb:
         startOnFreePorts(self._choosePort, self._run, self.logPath)
 
     def _choosePort(self) -> None:
-        self.port = freePort()
+        ports: set[int] = set()
+        while len(ports) < 2:
+            ports.add(freePort())
+        self.port, self.proxyPort = sorted(ports)
         self.configPath.write_text(self.configuration())
 
     def _run(self) -> None:
@@ -270,7 +280,7 @@ class NginxWeb:
                 preexec_fn=_dieWithParent,
             )
         try:
-            _waitForPorts(self._process, [self.port], timeout=20, describe="nginx", log=self.logPath)
+            _waitForPorts(self._process, [self.port, self.proxyPort], timeout=20, describe="nginx", log=self.logPath)
         except RuntimeError:
             _stopProcess(self._process)
             self._process = None

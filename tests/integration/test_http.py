@@ -25,6 +25,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 from base64 import b64encode
@@ -133,7 +134,8 @@ class HTTPProxy:
     C{old} and C{new} (Cyrus), C{webold} and C{webnew} (nginx in front of
     them), C{dead} (nobody listens), the management endpoint and the JSON
     event log. Requests without credentials go to C{webold}; C{/files/pinned/}
-    is pinned to C{webnew}.
+    is pinned to C{webnew}, C{/files/proxied/} to C{webproxied} (webold's
+    port that wants a PROXY v2 header).
     """
 
     def __init__(self, servers: HTTPServers) -> None:
@@ -147,16 +149,18 @@ class HTTPProxy:
             "webnew": servers.webnew.port,
             "dead": refusedPort(),
         }
+        options: dict[str, dict[str, object]] = {"webproxied": {"forward": "proxy-v2"}}
+        backends["webproxied"] = servers.webold.proxyPort
         self.text = (
             tomlTable("proxy", {"hostname": "proxy.example.org"})
             + tomlTable("limits", {"failure_delay": 0.1, "backend_timeout": 10})
             + tomlTable("tls", {"certificate": certificate, "key": key})
             + '[[listener]]\nprotocol = "http"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "implicit"\n'
             + '[http]\ncookie_secret_file = "cookie.secret"\ndefault_backend = "webold"\n'
-            + 'pins = { "/files/pinned/" = "webnew" }\n'
+            + 'pins = { "/files/pinned/" = "webnew", "/files/proxied/" = "webproxied" }\n'
             + tomlTable("router", {"type": "static", "path": "routes.toml"})
             + "".join(
-                tomlTable(f"backend.{name}", {"host": "127.0.0.1", "ports": {"http": port}})
+                tomlTable(f"backend.{name}", {"host": "127.0.0.1", "ports": {"http": port}, **options.get(name, {})})
                 for name, port in backends.items()
             )
             + f'[admin]\nendpoint = "tcp:{self.admin}:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
@@ -188,6 +192,15 @@ class HTTPProxy:
         Stop the proxy.
         """
         self.proxy.stop()
+
+    def events(self) -> list[dict[str, Any]]:
+        """
+        The JSON events the proxy wrote so far.
+        """
+        path = self.directory / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def baseURL(self) -> str:
         """
@@ -374,6 +387,20 @@ class HTTPTestsMixin(SynchronousTestCase):
         connection = http.client.HTTPConnection("127.0.0.1", cyrus.http, timeout=TIMEOUT)
         self.addCleanup(connection.close)
         return self.request(method, path, headers, connection=connection)
+
+    def accessLines(self, server: NginxWeb, mark: int, fragment: str) -> list[str]:
+        """
+        The lines C{server}'s access log added after C{mark}, once one of
+        them contains C{fragment} (nginx writes a line after the response).
+        """
+        deadline = time.monotonic() + 10
+        while True:
+            lines = server.accessLog()[mark:].splitlines()
+            if any(fragment in line for line in lines):
+                return lines
+            if time.monotonic() > deadline:
+                self.fail(f"no line with {fragment!r} in {server.name}'s access log; it added: {lines}")
+            time.sleep(0.05)
 
     def jmap(self, user: str, password: str | None = None) -> Any:
         """
@@ -586,7 +613,7 @@ class FailureTests(HTTPTestsMixin):
         self.assertEqual(json.loads(accepted.body)["username"], "dave@example.org")
         self.assertEqual(accepted.header("X-Backend"), "old")
         # Only the accepted request reached the backend.
-        (line,) = self.servers.webold.accessLog()[mark:].splitlines()
+        (line,) = self.accessLines(self.servers.webold, mark, 'user="dave@example.org"')
         self.assertIn('user="dave@example.org" request="GET /jmap/ HTTP/1.1" status=200', line)
 
     def test_deadBackend(self) -> None:
@@ -627,13 +654,31 @@ class ForwardingTests(HTTPTestsMixin):
         )
         self.assertEqual(response.status, 404)
         self.assertEqual(response.header("X-Backend"), "old")
-        (line,) = [line for line in self.servers.webold.accessLog()[mark:].splitlines() if "/files/forwarded-check" in line]
+        (line,) = [line for line in self.accessLines(self.servers.webold, mark, "/files/forwarded-check") if "/files/forwarded-check" in line]
         self.assertNotIn(forged, line)
         self.assertNotIn("evil.example", line)
         self.assertIn(f'xff="{CLIENT_ADDRESS}"', line)
         self.assertIn(f"for=\\x22{CLIENT_ADDRESS}:", line)
         self.assertIn('proto="https"', line)
         self.assertIn('real="-"', line)
+
+    def test_proxyHeader(self) -> None:
+        """
+        To a backend with C{forward = "proxy-v2"} the client's address and
+        port go in a PROXY header (nginx logs them from it) as well as in
+        the proxy's own headers; the client's forged ones are gone.
+        """
+        mark = len(self.servers.webold.accessLog())
+        connection = self.connect(source=CLIENT_ADDRESS)
+        response = self.request(
+            "GET", "/files/proxied/check", {"X-Forwarded-For": "203.0.113.9"}, connection=connection
+        )
+        self.assertEqual(response.status, 404)
+        clientPort = connection.sock.getsockname()[1]
+        (line,) = [line for line in self.accessLines(self.servers.webold, mark, "/files/proxied/check") if "/files/proxied/check" in line]
+        self.assertIn(f'proxied="{CLIENT_ADDRESS}:{clientPort}"', line)
+        self.assertIn(f'xff="{CLIENT_ADDRESS}"', line)
+        self.assertNotIn("203.0.113.9", line)
 
     def test_pinnedPath(self) -> None:
         """
@@ -775,8 +820,9 @@ class PushMoveTests(HTTPTestsMixin):
         """
         erin's event source (served through webold) is listed as an HTTP
         session of hers; C{mailproxy move erin@example.org webnew} drops it
-        (the stream ends), her next event source comes from webnew, and
-        jmapc then reads her mail on Cyrus new.
+        (the stream ends, the session log says it was dropped), her next
+        event source comes from webnew, and jmapc then reads her mail on
+        Cyrus new.
         """
         user = "erin@example.org"
         before = self.jmap(user)
@@ -802,6 +848,19 @@ class PushMoveTests(HTTPTestsMixin):
         except (http.client.IncompleteRead, ConnectionError, ssl.SSLError):
             pass
         self.assertNotIn(b'"server":"new"', rest)
+
+        # The session log says why the stream's session ended.
+        deadline = time.monotonic() + 10
+        while True:
+            ended = [
+                (event["backend"], event["requests"], event["reason"])
+                for event in self.proxy.events()
+                if event.get("event") == "session_end" and event.get("user") == user
+            ]
+            if ("webold", 1, "dropped: Your mailbox has moved, please reconnect.") in ended:
+                break
+            self.assertLess(time.monotonic(), deadline, ended)
+            time.sleep(0.05)
 
         _, again = self.openEventSource(user)
         self.assertIn('"server":"new"', again)
