@@ -59,6 +59,7 @@ class Cyrus:
         directory: str,
         name: str,
         users: Mapping[str, str],
+        reuseProcesses: bool = False,
     ) -> None:
         """
         @param directory: where this instance keeps its configuration and
@@ -66,10 +67,14 @@ class Cyrus:
         @param name: a short name, its C{servername} (C{name.example.org},
             the realm of its C{WWW-Authenticate}) and part of file names.
         @param users: login name (C{user@domain}) to password.
+        @param reuseProcesses: let a service process serve one connection
+            after another (Cyrus's default, for benchmarks) instead of one
+            process per connection; see L{provision} for why not by default.
         """
         self.directory = Path(directory)
         self.name = name
         self.users = dict(users)
+        self.reuseProcesses = reuseProcesses
         self.logPath = self.directory / "master.log"
         self._runtime: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -150,6 +155,7 @@ class Cyrus:
             "CONFIG": str(self.configPath),
             "IMAP": str(self.imap),
             "HTTP": str(self.http),
+            "USES": "" if self.reuseProcesses else "-U 1",
         }
         for template, path in (("cyrus-imapd.conf.in", self.configPath), ("cyrus.conf.in", self.servicesPath)):
             text = (_HERE / template).read_text()
