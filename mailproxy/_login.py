@@ -28,7 +28,7 @@ from .model import Credentials, Rejection, Route, RouteRequest
 if TYPE_CHECKING:
     from ._session import FrontendProtocol
 
-__all__ = ["LoginAttempt", "LoginFailed"]
+__all__ = ["LoginAttempt", "LoginFailed", "authenticationFailed"]
 
 
 class LoginFailed(Exception):
@@ -57,6 +57,43 @@ class LoginFailed(Exception):
         self.clientText = clientText
         self.close = close
         self.saslError = saslError
+
+
+def authenticationFailed(session: FrontendProtocol, credentials: Credentials, attempt: int) -> float:
+    """
+    Count a login of C{session} refused for its credentials (by the router
+    or the backend) and log the line fail2ban reads.
+
+    @param attempt: which login attempt of the session it was.
+    @return: how long after the attempt began the refusal is to be
+        answered (the failed-login delay).
+    """
+    session.failures += 1
+    # The delay grows with the failures of the client's address in every
+    # session (of every worker, of every proxy of a fleet) lately, not only
+    # in this one: a client gains nothing by reconnecting after each.
+    # Likewise with the account's failures: guessing one account's password
+    # from many addresses gains nothing either.
+    counter = session.context.failures
+    recent = min(counter.failed(session.client.address), MAX_FAILURES_COUNTED)
+    accountRecent = min(counter.failed(accountKey(credentials.user)), MAX_FAILURES_COUNTED)
+    # A stable line for fail2ban (examples/fail2ban): the address comes
+    # before anything the client chose.
+    session.log.info(
+        "authentication failed: session={session} address={address} protocol={protocol} "
+        "user={user} attempt={attempt}",
+        event="login_failed",
+        session=session.client.sessionId,
+        address=session.client.address,
+        port=session.client.port,
+        protocol=session.protocolName,
+        user=logQuote(credentials.user),
+        mechanism=credentials.mechanism,
+        attempt=attempt,
+        addressFailures=recent,
+        accountFailures=accountRecent,
+    )
+    return max(session.failures, recent, accountRecent) * session.limits.failureDelay
 
 
 class _Rejected(Exception):
@@ -244,33 +281,7 @@ class LoginAttempt:
             session.protocolName, session.backendName or "", failure.kind.value, self.seconds()
         )
         if failure.kind is FailureKind.AUTH:
-            session.failures += 1
-            # The delay grows with the failures of the client's address in
-            # every session (of every worker, of every proxy of a fleet)
-            # lately, not only in this one: a client gains nothing by
-            # reconnecting after each. Likewise with the account's
-            # failures: guessing one account's password from many
-            # addresses gains nothing either.
-            counter = session.context.failures
-            recent = min(counter.failed(session.client.address), MAX_FAILURES_COUNTED)
-            accountRecent = min(counter.failed(accountKey(self.credentials.user)), MAX_FAILURES_COUNTED)
-            wait += max(session.failures, recent, accountRecent) * session.limits.failureDelay
-            # A stable line for fail2ban (examples/fail2ban): the address
-            # comes before anything the client chose.
-            session.log.info(
-                "authentication failed: session={session} address={address} protocol={protocol} "
-                "user={user} attempt={attempt}",
-                event="login_failed",
-                session=session.client.sessionId,
-                address=session.client.address,
-                port=session.client.port,
-                protocol=session.protocolName,
-                user=logQuote(self.credentials.user),
-                mechanism=self.credentials.mechanism,
-                attempt=self.number,
-                addressFailures=recent,
-                accountFailures=accountRecent,
-            )
+            wait += authenticationFailed(session, self.credentials, self.number)
         if session.failures >= session.limits.loginFailures:
             failure.close = True
         session.noteOutcome(EndReason.LOGIN_FAILED, failure.kind.value)

@@ -85,7 +85,9 @@ class HTTPSettings:
         response once the request was sent; then 504.
     """
 
-    cookieSecret: bytes = field(repr=False)
+    # Not compared: a random key differs at each reading, and a reload
+    # must not take that for a changed listener.
+    cookieSecret: bytes = field(repr=False, eq=False)
     cookieSecretFile: str | None = None
     cookieName: str = "mailproxy_backend"
     defaultBackend: str = ""

@@ -42,17 +42,17 @@ import base64
 import binascii
 import hmac
 import os
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from .._backend import BackendFailure, BackendProtocol, LoginJob
-from .._login import LoginFailed
+from .._login import LoginFailed, authenticationFailed
 from .._outcomes import EndReason, FailureKind
 from .._relay import Relay
 from .._safetext import logQuote
@@ -152,6 +152,9 @@ class _ProxyRequest(Request):
     @ivar answered: a response (the backend's or the proxy's) began.
     @ivar upgrade: the client asks for a protocol switch (WebSocket).
     @ivar cookie: the routing cookie to set in the response, if any.
+    @ivar credentials: what the client authenticated with, if anything.
+    @ivar route: the router's answer for them.
+    @ivar started: when its headers were complete.
     """
 
     def __init__(self, channel: _Channel, frontend: HTTPFrontend) -> None:
@@ -168,6 +171,9 @@ class _ProxyRequest(Request):
         self.answered = False
         self.upgrade = False
         self.cookie: bytes | None = None
+        self.credentials: Credentials | None = None
+        self.route: Route | None = None
+        self.started = 0.0
         self.content = None
 
     def gotLength(self, length: int | None) -> None:
@@ -309,7 +315,8 @@ class HTTPFrontend(FrontendProtocol):
         self._lastBackend: str | None = None
         self._registered = False
         # The last Authorization the router accepted, and what it becomes.
-        self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]]] | None = None
+        self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]], Credentials] | None = None
+        self._held: IDelayedCall | None = None
         self._outgoingAuth: list[tuple[bytes, bytes]] = []
         self._waiting = Timer(context.reactor, self._waitExpired)
         self._waitingForHead = False
@@ -369,6 +376,9 @@ class HTTPFrontend(FrontendProtocol):
                 self.context.stats.sessionEnded(self.protocolName, backendName, self.bytesFromClient, self.bytesFromBackend)
 
     def _stopTimers(self) -> None:
+        if self._held is not None and self._held.active():
+            self._held.cancel()
+        self._held = None
         self._waiting.stop()
         self._responseTimer.stop()
         self._streamTimer.stop()
@@ -457,11 +467,14 @@ class HTTPFrontend(FrontendProtocol):
         A request's headers are complete: route it and start it at the
         backend.
         """
+        if self.closing:
+            # Parsed from what arrived with the input that ended the session.
+            return
         self.requests += 1
         self._waiting.stop()
         self._waitingForHead = False
         self.current = request
-        self._lastActivity = self.context.reactor.seconds()
+        self._lastActivity = request.started = self.context.reactor.seconds()
         headers = request.requestHeaders
         request.upgrade = b"upgrade" in [
             token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
@@ -595,6 +608,7 @@ class HTTPFrontend(FrontendProtocol):
             and hmac.compare_digest(cached[0], authorization)
             and current.job.backend.name == cached[1].backend.name
         ):
+            request.credentials, request.route = cached[3], cached[1]
             self._ready(request, current, cached[2])
             return
         credentials = self._credentials(authorization)
@@ -612,7 +626,8 @@ class HTTPFrontend(FrontendProtocol):
             self.user = account or self.user
             self._account = account
             outgoing, self._outgoingAuth = self._outgoingAuth, []
-            self._auth = (authorization, route, outgoing)
+            self._auth = (authorization, route, outgoing, credentials)
+            request.credentials, request.route = credentials, route
             seconds = self._attempt.seconds() if self._attempt is not None else None
             if self._attempt is not None:
                 self._attempt.release()
@@ -778,7 +793,7 @@ class HTTPFrontend(FrontendProtocol):
 
     # The backend's response
 
-    def responseHead(self, request: _ProxyRequest, head: ResponseHead) -> None:
+    def responseHead(self, request: _ProxyRequest, head: ResponseHead, response: _Response) -> None:
         """
         The backend's status line and headers for C{request}.
         """
@@ -787,6 +802,38 @@ class HTTPFrontend(FrontendProtocol):
         if request.gone:
             self._dropBackend()
             return
+        credentials, route = request.credentials, request.route
+        if head.code == 401 and credentials is not None and route is not None and not route.authenticated:
+            # The backend judged the credentials and refused them: a failed
+            # login as when the router refuses, counted, logged for
+            # fail2ban, and answered after the failed-login delay.
+            wait = authenticationFailed(self, credentials, self.attempts)
+            wait -= self.context.reactor.seconds() - request.started
+            self.noteOutcome(EndReason.LOGIN_FAILED, FailureKind.AUTH.value)
+            if self.failures >= self.limits.loginFailures:
+                self.channel.persistent = False
+            if wait > 0:
+                backend = cast(HTTPBackend, request.backend)
+                backend.transport.pauseProducing()
+                response.held = []
+                self._held = self.context.reactor.callLater(wait, self._release, request, head, response)
+                return
+        self._startResponse(request, head)
+
+    def _release(self, request: _ProxyRequest, head: ResponseHead, response: _Response) -> None:
+        self._held = None
+        held, response.held = response.held or [], None
+        backend = request.backend
+        if backend is not None and not backend.gone:
+            backend.transport.resumeProducing()
+        if request.gone:
+            self._dropBackend()
+            return
+        self._startResponse(request, head)
+        for event in held:
+            event()
+
+    def _startResponse(self, request: _ProxyRequest, head: ResponseHead) -> None:
         if head.code == 101:
             if request.upgrade:
                 self._upgrade(request, head)
@@ -1004,17 +1051,29 @@ class _Response:
     def __init__(self, frontend: HTTPFrontend, request: _ProxyRequest) -> None:
         self.frontend = frontend
         self.request = request
+        #: While the response waits (the failed-login delay), what came
+        #: after its head, in order.
+        self.held: list[Callable[[], None]] | None = None
 
     def responseHead(self, head: ResponseHead) -> None:
-        self.frontend.responseHead(self.request, head)
+        self.frontend.responseHead(self.request, head, self)
 
     def responseData(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(lambda: self.frontend.responseData(self.request, data))
+            return
         self.frontend.responseData(self.request, data)
 
     def responseDone(self, reusable: bool) -> None:
+        if self.held is not None:
+            self.held.append(lambda: self.frontend.responseDone(self.request, reusable))
+            return
         self.frontend.responseDone(self.request, reusable)
 
     def responseFailed(self, why: str) -> None:
+        if self.held is not None:
+            self.held.append(lambda: self.frontend.responseFailed(self.request, why))
+            return
         self.frontend.responseFailed(self.request, why)
 
 

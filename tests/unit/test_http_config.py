@@ -84,6 +84,18 @@ class HTTPConfigTests(SynchronousTestCase):
         self.assertEqual(len(config.listeners[0].http.cookieSecret), 32)
         self.assertIn("http.cookie_secret_file: unset", "\n".join(config.warnings))
 
+    def test_randomKeyNotAChange(self) -> None:
+        """
+        Read twice without cookie_secret_file, the listeners differ in
+        their random keys only, which a reload does not count as a change
+        needing a restart; other [http] changes do.
+        """
+        text = "[proxy]\nworkers = 1\n" + LISTENER + BACKENDS + '[http]\ndefault_backend = "old"\n'
+        first, second = self.parse(text), self.parse(text)
+        self.assertNotEqual(first.listeners[0].http.cookieSecret, second.listeners[0].http.cookieSecret)
+        self.assertEqual(first.listeners, second.listeners)
+        self.assertNotEqual(first.listeners, self.parse(text + "keepalive_timeout = 5\n").listeners)
+
     def test_refusals(self) -> None:
         """
         An http listener needs [http] with a default_backend serving http;
@@ -139,3 +151,4 @@ class HTTPConfigTests(SynchronousTestCase):
         self.assertIn('cookie_secret_file = "' + os.path.dirname(config.path) + '/cookie.secret"', text)
         again = parseConfig(text, config.path)
         self.assertEqual(again.listeners[0].http, config.listeners[0].http)
+        self.assertEqual(again.listeners[0].http.cookieSecret, b"the key")

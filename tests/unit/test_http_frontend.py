@@ -172,6 +172,31 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(fields[b"www-authenticate"], [b'Basic realm="cyrus"'])
         self.assertTrue(answer.endswith(b"\r\n\r\nNo, no.\r\n"))
 
+    def test_backend401Delayed(self) -> None:
+        """
+        The backend's 401 to routed credentials is a failed login: logged
+        for fail2ban, counted, and passed on (untouched) only after the
+        failed-login delay, as the router's refusal would be; the backend
+        is not read meanwhile.
+        """
+        self.connect(limits=Limits(failureDelay=2.0))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong-pw") + b"\r\n\r\n")
+        self.clock.advance(0.5)
+        refusal = b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="cyrus"\r\nContent-Length: 4\r\n\r\nNo.\n'
+        self.assertEqual(self.backendSays(refusal), b"")
+        self.assertEqual(self.connector.transports[0].producerState, "paused")
+        self.clock.advance(1.4)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.1)
+        answer = self.client.value()
+        self.assertEqual(head(answer)[0], b"HTTP/1.1 401 Unauthorized")
+        self.assertTrue(answer.endswith(b"\r\n\r\nNo.\n"))
+        self.assertEqual(self.connector.transports[0].producerState, "producing")
+        failed = [event for event in self.events if event.get("event") == "login_failed"]
+        self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
+        self.assertNotIn("wrong-pw", repr(self.events))
+        self.assertEqual(self.frontend.failures, 1)
+
     def test_routerRefusal(self) -> None:
         """
         An authenticating router's refusal is the proxy's 401 with its
@@ -659,18 +684,29 @@ class HostileInputTests(HTTPFrontendTestCase):
     def test_badRequests(self) -> None:
         """
         A malformed request line, a header without a colon, both framings
-        at once, a bad length, and bad chunking get 400 and a close.
+        at once, a bad length, and bad chunking get 400 and a close; what
+        follows a bad header is not read (no backend is asked).
         """
         for data in (
             b"GARBAGE\r\n\r\n",
             b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nHost: h\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\nHost: h\r\n\r\n",
         ):
             self.connect()
-            self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", self.send(data), data)
+            answer = self.send(data)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data)
+            self.assertEqual(answer.count(b"HTTP/1.1"), 1, data)
             self.assertTrue(self.client.disconnecting, data)
+            self.assertEqual(self.connector.protocols, [], data)
+            self.assertEqual(self.frontend.requests, 0, data)
+        self.connect()
+        answer = self.send(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertEqual(answer, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+                         b"Connection: close\r\n\r\nBad Request\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(self.connector.transports[0].disconnecting)
 
     def test_slowHead(self) -> None:
         """
