@@ -402,6 +402,21 @@ class HTTPTestsMixin(SynchronousTestCase):
                 self.fail(f"no line with {fragment!r} in {server.name}'s access log; it added: {lines}")
             time.sleep(0.05)
 
+    def proxyLogLine(self, mark: int, *fragments: str) -> str:
+        """
+        The first line of the proxy's log after C{mark} that holds every one
+        of C{fragments}, waiting for it.
+        """
+        deadline = time.monotonic() + 10
+        while True:
+            added = self.proxy.proxy.logText()[mark:]
+            for line in added.splitlines():
+                if all(fragment in line for fragment in fragments):
+                    return line
+            if time.monotonic() > deadline:
+                self.fail(f"no line with {fragments} in the proxy's log; it added:\n{added}")
+            time.sleep(0.05)
+
     def jmap(self, user: str, password: str | None = None) -> Any:
         """
         A jmapc client of the proxy for C{user}.
@@ -582,9 +597,10 @@ class FailureTests(HTTPTestsMixin):
         """
         With a locating route, a wrong password gets Cyrus's own 401:
         status, challenge and page exactly as Cyrus answers the same
-        request directly.
+        request directly; the proxy logs it as a failed login.
         """
         headers = {"Authorization": basic("alice@example.org", "wrong"), "Host": f"127.0.0.1:{self.proxy.port}"}
+        mark = len(self.proxy.proxy.logText())
         proxied = self.request("GET", "/jmap/", headers)
         direct = self.direct(self.servers.old, "GET", "/jmap/", headers)
         self.assertEqual(direct.status, 401)
@@ -594,18 +610,22 @@ class FailureTests(HTTPTestsMixin):
         self.assertEqual(proxied.header("Content-Type"), direct.header("Content-Type"))
         self.assertEqual(proxied.body, direct.body)
         self.assertIn(b"Authentication failed", proxied.body)
+        # A failed login all the same: the line fail2ban reads.
+        self.proxyLogLine(mark, "authentication failed:", 'protocol=http user="alice@example.org"')
 
     def test_wrongPasswordRouterRefuses(self) -> None:
         """
         With an authenticating route, a wrong password gets the proxy's own
-        401 and its challenge, and reaches no backend; the right one is
-        served by the account's server.
+        401 and its challenge (logged as a failed login), and reaches no
+        backend; the right one is served by the account's server.
         """
         mark = len(self.servers.webold.accessLog())
+        logMark = len(self.proxy.proxy.logText())
         refused = self.request("GET", "/jmap/", {"Authorization": basic("dave@example.org", "wrong")})
         self.assertEqual(refused.status, 401)
         self.assertEqual(refused.header("WWW-Authenticate"), PROXY_CHALLENGE)
         self.assertNotIn(b"Cyrus", refused.body)
+        self.proxyLogLine(logMark, "authentication failed:", 'protocol=http user="dave@example.org"')
         unknown = self.request("GET", "/jmap/", {"Authorization": basic("nobody@example.org", "whatever")})
         self.assertEqual((unknown.status, unknown.header("WWW-Authenticate"), unknown.body), (401, PROXY_CHALLENGE, refused.body))
         accepted = self.request("GET", "/jmap/", {"Authorization": basic("dave@example.org", PASSWORDS["dave@example.org"])})
