@@ -51,7 +51,16 @@ if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
 from benchmarks import procstat  # noqa: E402
-from benchmarks.load import Connection, Driver, ProtocolError, Step, Target, cpuSeconds, raiseFileLimit, summarizeLogins  # noqa: E402
+from benchmarks.load import (  # noqa: E402
+    Connection,
+    Driver,
+    ProtocolError,
+    Step,
+    Target,
+    cpuSeconds,
+    raiseFileLimit,
+    summarizeLogins,
+)
 from benchmarks.run import chosenSettings, formatNumber, stopServers, workDirectory, writeReport  # noqa: E402
 from tests.integration.cyrus import Cyrus  # noqa: E402
 from tests.integration.servers import Proxy, _dieWithParent, _stopProcess, _waitForPorts, freePort  # noqa: E402
@@ -347,7 +356,7 @@ def markdownTable(results: dict[str, dict[str, Any]]) -> str:
             return a / b if a is not None and b else None
 
         cells = [label, *(formatNumber(v) for v in values)]
-        cells += [formatNumber(ratio(proxied, direct)), formatNumber(ratio(nginx, direct)), formatNumber(ratio(proxied, nginx))]
+        cells += [formatNumber(ratio(a, b)) for a, b in ((proxied, direct), (nginx, direct), (proxied, nginx))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .servers import _HERE, _binary, _dieWithParent, _stopProcess, _waitForPorts, freePort, requireServer, startOnFreePorts
+from .servers import (
+    _HERE,
+    _binary,
+    _dieWithParent,
+    _stopProcess,
+    _waitForPorts,
+    freePort,
+    requireServer,
+    startOnFreePorts,
+)
 
 #: Where Debian installs the Cyrus services (master finds them there too).
 CYRUS_BIN = Path("/usr/lib/cyrus/bin")

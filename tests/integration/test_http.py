@@ -21,7 +21,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import sys
@@ -477,7 +476,15 @@ class JMAPTests(HTTPTestsMixin):
                         "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
                         "methodCalls": [
                             ["Email/query", {"accountId": user}, "q"],
-                            ["Email/get", {"accountId": user, "#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"}, "properties": ["subject"]}, "g"],
+                            [
+                                "Email/get",
+                                {
+                                    "accountId": user,
+                                    "#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"},
+                                    "properties": ["subject"],
+                                },
+                                "g",
+                            ],
                         ],
                     }
                 ),
@@ -579,7 +586,10 @@ class DAVTests(HTTPTestsMixin):
         """
         uid = str(uuid.uuid4())
         path = f"/dav/addressbooks/user/bob@example.org/Default/{uid}.vcf"
-        card = f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:{uid}\r\nFN:Carol Contact\r\nN:Contact;Carol;;;\r\nEMAIL:carol@example.net\r\nEND:VCARD\r\n"
+        card = (
+            f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:{uid}\r\nFN:Carol Contact\r\nN:Contact;Carol;;;\r\n"
+            "EMAIL:carol@example.net\r\nEND:VCARD\r\n"
+        )
         authorization = {"Authorization": basic("bob@example.org", PASSWORDS["bob@example.org"])}
         put = self.request("PUT", path, {**authorization, "Content-Type": "text/vcard; charset=utf-8"}, card.encode())
         self.assertEqual(put.status, 201, put.body)
@@ -627,8 +637,11 @@ class FailureTests(HTTPTestsMixin):
         self.assertNotIn(b"Cyrus", refused.body)
         self.proxyLogLine(logMark, "authentication failed:", 'protocol=http user="dave@example.org"')
         unknown = self.request("GET", "/jmap/", {"Authorization": basic("nobody@example.org", "whatever")})
-        self.assertEqual((unknown.status, unknown.header("WWW-Authenticate"), unknown.body), (401, PROXY_CHALLENGE, refused.body))
-        accepted = self.request("GET", "/jmap/", {"Authorization": basic("dave@example.org", PASSWORDS["dave@example.org"])})
+        self.assertEqual(
+            (unknown.status, unknown.header("WWW-Authenticate"), unknown.body), (401, PROXY_CHALLENGE, refused.body)
+        )
+        dave = basic("dave@example.org", PASSWORDS["dave@example.org"])
+        accepted = self.request("GET", "/jmap/", {"Authorization": dave})
         self.assertEqual(accepted.status, 200)
         self.assertEqual(json.loads(accepted.body)["username"], "dave@example.org")
         self.assertEqual(accepted.header("X-Backend"), "old")
@@ -674,7 +687,8 @@ class ForwardingTests(HTTPTestsMixin):
         )
         self.assertEqual(response.status, 404)
         self.assertEqual(response.header("X-Backend"), "old")
-        (line,) = [line for line in self.accessLines(self.servers.webold, mark, "/files/forwarded-check") if "/files/forwarded-check" in line]
+        lines = self.accessLines(self.servers.webold, mark, "/files/forwarded-check")
+        (line,) = [line for line in lines if "/files/forwarded-check" in line]
         self.assertNotIn(forged, line)
         self.assertNotIn("evil.example", line)
         self.assertIn(f'xff="{CLIENT_ADDRESS}"', line)
@@ -695,7 +709,8 @@ class ForwardingTests(HTTPTestsMixin):
         )
         self.assertEqual(response.status, 404)
         clientPort = connection.sock.getsockname()[1]
-        (line,) = [line for line in self.accessLines(self.servers.webold, mark, "/files/proxied/check") if "/files/proxied/check" in line]
+        lines = self.accessLines(self.servers.webold, mark, "/files/proxied/check")
+        (line,) = [line for line in lines if "/files/proxied/check" in line]
         self.assertIn(f'proxied="{CLIENT_ADDRESS}:{clientPort}"', line)
         self.assertIn(f'xff="{CLIENT_ADDRESS}"', line)
         self.assertNotIn("203.0.113.9", line)
