@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from .common import CLIENT_ADDRESS, TIMEOUT, routesText, tomlTable
@@ -529,6 +530,55 @@ class JMAPTests(HTTPTestsMixin):
         self.assertEqual((without.status, without.header("WWW-Authenticate")), (401, 'Basic realm="old.example.org"'))
         forged = self.request("GET", "/jmap/", {"Cookie": f"mailproxy_backend={value[:-2]}xx"})
         self.assertEqual(forged.header("WWW-Authenticate"), 'Basic realm="old.example.org"')
+
+
+class MetricsTests(HTTPTestsMixin):
+    """
+    What an operator's monitoring sees of HTTP.
+    """
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """
+        The management endpoint's C{/metrics}, parsed with
+        prometheus_client's own parser.
+        """
+        connection = http.client.HTTPConnection("127.0.0.1", self.proxy.admin, timeout=TIMEOUT)
+        self.addCleanup(connection.close)
+        response = self.request("GET", "/metrics", {"Authorization": f"Bearer {TOKEN}"}, connection=connection)
+        self.assertEqual(response.status, 200)
+        samples = {}
+        for family in text_string_to_metric_families(response.body.decode()):
+            for sample in family.samples:
+                samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+        return samples
+
+    def test_loginsAndOpenSessions(self) -> None:
+        """
+        An accepted and a refused Basic login count as HTTP logins by
+        backend and outcome, and an open client connection is an open HTTP
+        session on its backend.
+        """
+        ok = ("mailproxy_logins_total", (("backend", "new"), ("protocol", "http"), ("result", "ok")))
+
+        def refused(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+            # The backend refused it: whichever backend label it carries.
+            return sum(
+                value
+                for (name, labels), value in samples.items()
+                if name == "mailproxy_logins_total" and ("protocol", "http") in labels and ("result", "auth") in labels
+            )
+
+        before = self.metrics()
+        connection = self.connect()
+        response = self.request(
+            "GET", "/jmap/", {"Authorization": basic("bob@example.org", PASSWORDS["bob@example.org"])}, connection=connection
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.request("GET", "/jmap/", {"Authorization": basic("alice@example.org", "wrong")}).status, 401)
+        after = self.metrics()
+        self.assertEqual(after.get(ok, 0) - before.get(ok, 0), 1)
+        self.assertEqual(refused(after) - refused(before), 1, [k for k in after if ("protocol", "http") in k[1]])
+        self.assertGreaterEqual(after.get(("mailproxy_sessions_open", (("backend", "new"), ("protocol", "http"))), 0), 1)
 
 
 class DAVTests(HTTPTestsMixin):
