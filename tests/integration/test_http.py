@@ -1,8 +1,9 @@
 """
 HTTP through the proxy, end to end: two real Cyrus IMAP 3.6 servers ("old"
 and "new", whose C{httpd} serves JMAP, CalDAV and CardDAV), an nginx in
-front of each (the event stream, WebDAV files, and an access log of the
-forwarding headers it received), the proxy as a subprocess with an
+front of each (the push event stream, WebDAV files, a port behind a PROXY
+header, and an access log of what the proxy told it about the client), the
+proxy as a subprocess with an
 implicit-TLS C{protocol = "http"} listener, and real clients: the C{jmapc}
 and C{caldav} libraries, and C{http.client} where the exact response or
 the client's source address matters.
