@@ -69,6 +69,7 @@ class Cyrus:
         name: str,
         users: Mapping[str, str],
         reuseProcesses: bool = False,
+        jwtKey: bytes | None = None,
     ) -> None:
         """
         @param directory: where this instance keeps its configuration and
@@ -79,11 +80,15 @@ class Cyrus:
         @param reuseProcesses: let a service process serve one connection
             after another (Cyrus's default, for benchmarks) instead of one
             process per connection; see L{provision} for why not by default.
+        @param jwtKey: an HMAC key: C{httpd} then also accepts
+            C{Authorization: Bearer} with a JWT signed with it (HS256, its
+            C{sub} the account).
         """
         self.directory = Path(directory)
         self.name = name
         self.users = dict(users)
         self.reuseProcesses = reuseProcesses
+        self.jwtKey = jwtKey
         self.logPath = self.directory / "master.log"
         self._runtime: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -109,8 +114,12 @@ class Cyrus:
         self.configPath = self._runtime / "imapd.conf"
         self.servicesPath = self._runtime / "cyrus.conf"
         try:
-            for sub in ("conf", "spool", "sieve", "socket"):
+            for sub in ("conf", "spool", "sieve", "socket", "jwt"):
                 (self._runtime / sub).mkdir()
+            if self.jwtKey is not None:
+                (self._runtime / "jwt" / "hmac.pem").write_text(
+                    f"-----BEGIN HMAC KEY-----\n{base64.b64encode(self.jwtKey).decode()}\n-----END HMAC KEY-----\n"
+                )
             (self.directory / "runtime").unlink(missing_ok=True)
             (self.directory / "runtime").symlink_to(self._runtime)
             self._writePasswords()
@@ -165,6 +174,7 @@ class Cyrus:
             "IMAP": str(self.imap),
             "HTTP": str(self.http),
             "USES": "" if self.reuseProcesses else "-U 1",
+            "JWT": f"http_jwt_key_dir: {self._runtime / 'jwt'}" if self.jwtKey is not None else "",
         }
         for template, path in (("cyrus-imapd.conf.in", self.configPath), ("cyrus.conf.in", self.servicesPath)):
             text = (_HERE / template).read_text()

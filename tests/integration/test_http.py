@@ -66,6 +66,9 @@ ROUTES: dict[str, Any] = {
 
 TOKEN = "http-token-0123456789abcdef0123456789abcdef"
 
+#: The key both Cyrus servers check bearer tokens (JWT, HS256) with.
+JWT_KEY = b"cyrus-jwt-test-key-0123456789abcdef"
+
 #: The proxy's answer when a router refuses credentials (its realm is the
 #: [http] default, "mail").
 PROXY_CHALLENGE = 'Basic realm="mail"'
@@ -90,8 +93,8 @@ class HTTPServers:
 
     def __init__(self, directory: str) -> None:
         self.ca = TestCA(os.path.join(directory, "ca"))
-        self.old = Cyrus(os.path.join(directory, "old"), "old", PASSWORDS)
-        self.new = Cyrus(os.path.join(directory, "new"), "new", PASSWORDS)
+        self.old = Cyrus(os.path.join(directory, "old"), "old", PASSWORDS, jwtKey=JWT_KEY)
+        self.new = Cyrus(os.path.join(directory, "new"), "new", PASSWORDS, jwtKey=JWT_KEY)
         self.webold: NginxWeb
         self.webnew: NginxWeb
         self._directory = directory
@@ -139,7 +142,11 @@ class HTTPProxy:
     port that wants a PROXY v2 header).
     """
 
-    def __init__(self, servers: HTTPServers) -> None:
+    def __init__(self, servers: HTTPServers, router: Mapping[str, object] | None = None) -> None:
+        """
+        @param router: the C{[router]} table; by default the static router
+            reading L{ROUTES}.
+        """
         directory = fixtureDirectory("http-proxy")
         certificate, key = servers.ca.issue("http-proxy")
         self.admin = freePort()
@@ -159,7 +166,7 @@ class HTTPProxy:
             + '[[listener]]\nprotocol = "http"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "implicit"\n'
             + '[http]\ncookie_secret_file = "cookie.secret"\ndefault_backend = "webold"\n'
             + 'pins = { "/files/pinned/" = "webnew", "/files/proxied/" = "webproxied" }\n'
-            + tomlTable("router", {"type": "static", "path": "routes.toml"})
+            + tomlTable("router", router or {"type": "static", "path": "routes.toml"})
             + "".join(
                 tomlTable(f"backend.{name}", {"host": "127.0.0.1", "ports": {"http": port}, **options.get(name, {})})
                 for name, port in backends.items()
@@ -224,7 +231,9 @@ class CyrusJMAPClient:
     """
 
     @staticmethod
-    def make(base: str, user: str, password: str, verify: str | bool, wellKnown: bool = False) -> Any:
+    def make(
+        base: str, user: str | None, password: str | None, verify: str | bool, wellKnown: bool = False, token: str = ""
+    ) -> Any:
         """
         A jmapc client of the JMAP server at C{base} (C{https://host:port}).
 
@@ -232,6 +241,8 @@ class CyrusJMAPClient:
         @param wellKnown: read the session resource as jmapc does (from
             C{/.well-known/jmap}, URLs as they are), for a test of that
             step alone.
+        @param token: a bearer token to send instead of C{user} and
+            C{password}.
         """
         from jmapc import Client
         from jmapc.session import Session
@@ -257,6 +268,8 @@ class CyrusJMAPClient:
 
         if wellKnown:
             del Adapted.jmap_session
+        if token:
+            return Adapted.create_with_api_token(base.removeprefix("https://"), token)
         return Adapted.create_with_password(base.removeprefix("https://"), user, password)
 
 
@@ -298,6 +311,19 @@ class Response:
         The first value of header C{name}, or L{None}.
         """
         return self.headers.get(name.lower(), [None])[0]
+
+    def challenges(self) -> list[str]:
+        """
+        Every C{WWW-Authenticate} value, in order.
+        """
+        return self.headers.get("www-authenticate", [])
+
+
+def challenges(server: str) -> list[str]:
+    """
+    The challenges of a 401 from Cyrus C{server} (with bearer tokens on).
+    """
+    return [f'Bearer realm="{server}.example.org"', f'Basic realm="{server}.example.org"']
 
 
 def mailproxyCommand(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -526,11 +552,63 @@ class JMAPTests(HTTPTestsMixin):
         value, _, attributes = rest.partition(";")
         self.assertEqual(attributes.strip(), "Path=/; Secure; HttpOnly; SameSite=Lax")
         withCookie = self.request("GET", "/jmap/", {"Cookie": f"mailproxy_backend={value}"})
-        self.assertEqual((withCookie.status, withCookie.header("WWW-Authenticate")), (401, 'Basic realm="new.example.org"'))
+        self.assertEqual((withCookie.status, withCookie.challenges()), (401, challenges("new")))
         without = self.request("GET", "/jmap/")
-        self.assertEqual((without.status, without.header("WWW-Authenticate")), (401, 'Basic realm="old.example.org"'))
+        self.assertEqual((without.status, without.challenges()), (401, challenges("old")))
         forged = self.request("GET", "/jmap/", {"Cookie": f"mailproxy_backend={value[:-2]}xx"})
-        self.assertEqual(forged.header("WWW-Authenticate"), 'Basic realm="old.example.org"')
+        self.assertEqual(forged.challenges(), challenges("old"))
+
+
+class BearerTests(HTTPTestsMixin):
+    """
+    Bearer tokens, through a proxy whose (Python) router places a token by
+    its C{sub} claim; Cyrus checks the token (C{http_jwt_key_dir}).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.proxy = sharedFixture("http token proxy", __name__, self._startTokenProxy)
+
+    def _startTokenProxy(self) -> HTTPProxy:
+        homes = {"alice@example.org": "old", "bob@example.org": "new"}
+        proxy = HTTPProxy(self.servers, {"type": "python:tests.integration.tokenrouter.TokenRouter", "homes": homes})
+        proxy.start()
+        return proxy
+
+    def token(self, account: str, key: bytes = JWT_KEY) -> str:
+        """
+        A JWT for C{account} as Cyrus accepts it (HS256, only C{sub}).
+        """
+        import jwt
+
+        return jwt.encode({"sub": account}, key, algorithm="HS256")
+
+    def test_tokenRoutedByItsAccount(self) -> None:
+        """
+        jmapc with alice's token reads her mail on old, with bob's his on
+        new: the token reached the account's own server unchanged, which
+        accepted it.
+        """
+        for user, server in (("alice@example.org", "old"), ("bob@example.org", "new")):
+            client = CyrusJMAPClient.make(
+                self.proxy.baseURL(), None, None, self.servers.ca.caPath, token=self.token(user)
+            )
+            self.assertEqual(client.jmap_session.username, user)
+            self.assertEqual(mailboxesAndSubjects(client), ({"Inbox", f"Archive {server}"}, [f"{user} on {server}"]))
+
+    def test_badTokenBackendsWords(self) -> None:
+        """
+        A token for bob signed with another key goes to new, whose 401 and
+        challenges reach the client as Cyrus words them.
+        """
+        forged = self.token("bob@example.org", b"not-the-key-0123456789abcdef0123")
+        headers = {"Authorization": f"Bearer {forged}", "Host": f"127.0.0.1:{self.proxy.port}"}
+        proxied = self.request("GET", "/jmap/", headers)
+        direct = self.direct(self.servers.new, "GET", "/jmap/", headers)
+        self.assertEqual((proxied.status, direct.status), (401, 401))
+        self.assertEqual(proxied.challenges(), challenges("new"))
+        self.assertEqual(proxied.challenges(), direct.challenges())
+        self.assertEqual(proxied.body, direct.body)
 
 
 class MetricsTests(HTTPTestsMixin):
@@ -666,8 +744,8 @@ class FailureTests(HTTPTestsMixin):
         direct = self.direct(self.servers.old, "GET", "/jmap/", headers)
         self.assertEqual(direct.status, 401)
         self.assertEqual(proxied.status, 401)
-        self.assertEqual(proxied.header("WWW-Authenticate"), 'Basic realm="old.example.org"')
-        self.assertEqual(proxied.header("WWW-Authenticate"), direct.header("WWW-Authenticate"))
+        self.assertEqual(proxied.challenges(), challenges("old"))
+        self.assertEqual(proxied.challenges(), direct.challenges())
         self.assertEqual(proxied.header("Content-Type"), direct.header("Content-Type"))
         self.assertEqual(proxied.body, direct.body)
         self.assertIn(b"Authentication failed", proxied.body)
@@ -684,12 +762,12 @@ class FailureTests(HTTPTestsMixin):
         logMark = len(self.proxy.proxy.logText())
         refused = self.request("GET", "/jmap/", {"Authorization": basic("dave@example.org", "wrong")})
         self.assertEqual(refused.status, 401)
-        self.assertEqual(refused.header("WWW-Authenticate"), PROXY_CHALLENGE)
+        self.assertEqual(refused.challenges(), [PROXY_CHALLENGE])
         self.assertNotIn(b"Cyrus", refused.body)
         self.proxyLogLine(logMark, "authentication failed:", 'protocol=http user="dave@example.org"')
         unknown = self.request("GET", "/jmap/", {"Authorization": basic("nobody@example.org", "whatever")})
         self.assertEqual(
-            (unknown.status, unknown.header("WWW-Authenticate"), unknown.body), (401, PROXY_CHALLENGE, refused.body)
+            (unknown.status, unknown.challenges(), unknown.body), (401, [PROXY_CHALLENGE], refused.body)
         )
         dave = basic("dave@example.org", PASSWORDS["dave@example.org"])
         accepted = self.request("GET", "/jmap/", {"Authorization": dave})
