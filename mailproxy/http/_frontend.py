@@ -155,6 +155,13 @@ class _ProxyRequest(Request):
     @ivar credentials: what the client authenticated with, if anything.
     @ivar route: the router's answer for them.
     @ivar started: when its headers were complete.
+    @ivar authorization: the credential fields it went to the backend with.
+    @ivar reused: it went on a backend connection kept from a request
+        before.
+    @ivar retried: it was sent again on a new connection.
+    @ivar loginSeconds: for the first request of a login, how long the
+        login took (router and connection): its response says whether the
+        backend took the credentials.
     """
 
     def __init__(self, channel: _Channel, frontend: HTTPFrontend) -> None:
@@ -174,6 +181,10 @@ class _ProxyRequest(Request):
         self.credentials: Credentials | None = None
         self.route: Route | None = None
         self.started = 0.0
+        self.authorization: list[tuple[bytes, bytes]] = []
+        self.reused = False
+        self.retried = False
+        self.loginSeconds: float | None = None
         self.content = None
 
     def gotLength(self, length: int | None) -> None:
@@ -566,13 +577,15 @@ class HTTPFrontend(FrontendProtocol):
 
     # Routing without credentials
 
-    def _connect(self, request: _ProxyRequest, backend: Backend | None) -> None:
+    def _connect(
+        self, request: _ProxyRequest, backend: Backend | None, authorization: list[tuple[bytes, bytes]] = []
+    ) -> None:
         if backend is None:
             self._fail(request, 503, b"Service Unavailable", "No server is configured for this request.", retry=True)
             return
         current = self.backend
         if current is not None and not current.gone and current.job.backend.name == backend.name:
-            self._ready(request, current, [])
+            self._ready(request, current, authorization)
             return
         job = LoginJob(
             route=Route(backend), protocol=self.protocolName, client=self.client, credentials=None, user="", password=None
@@ -581,7 +594,7 @@ class HTTPFrontend(FrontendProtocol):
         d = self.context.backendConnector(self.context.reactor, connection)
 
         def connected(result: BackendProtocol) -> None:
-            self._ready(request, cast(HTTPBackend, result), [])
+            self._ready(request, cast(HTTPBackend, result), authorization)
 
         def failed(reason: Failure) -> None:
             if reason.trap(BackendFailure, CancelledError) is CancelledError:
@@ -628,10 +641,9 @@ class HTTPFrontend(FrontendProtocol):
             outgoing, self._outgoingAuth = self._outgoingAuth, []
             self._auth = (authorization, route, outgoing, credentials)
             request.credentials, request.route = credentials, route
-            seconds = self._attempt.seconds() if self._attempt is not None else None
+            request.loginSeconds = self._attempt.seconds() if self._attempt is not None else 0.0
             if self._attempt is not None:
                 self._attempt.release()
-            self.context.stats.loginSucceeded(self.protocolName, route.backend.name, seconds)
             # A failed attempt before does not make the session's outcome.
             self.noteOutcome(self.defaultEndReason)
             if account and not self._registered and self in self.context.sessions:
@@ -692,6 +704,8 @@ class HTTPFrontend(FrontendProtocol):
             if backend is not self.backend:
                 backend.transport.abortConnection()
             return
+        request.reused = backend is self.backend
+        request.authorization = authorization
         self._useBackend(backend)
         request.backend = backend
         if setCookie and self._account is not None:
@@ -803,7 +817,17 @@ class HTTPFrontend(FrontendProtocol):
             self._dropBackend()
             return
         credentials, route = request.credentials, request.route
-        if head.code == 401 and credentials is not None and route is not None and not route.authenticated:
+        refused = head.code == 401 and credentials is not None and route is not None and not route.authenticated
+        if route is not None and (refused or request.loginSeconds is not None):
+            # A login counts as one once the backend judged it, by the
+            # first response (or any later refusal).
+            stats = self.context.stats
+            if refused:
+                stats.loginFailed(self.protocolName, route.backend.name, FailureKind.AUTH.value, request.loginSeconds)
+            else:
+                stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
+        if refused:
+            assert credentials is not None
             # The backend judged the credentials and refused them: a failed
             # login as when the router refuses, counted, logged for
             # fail2ban, and answered after the failed-login delay.
@@ -847,9 +871,12 @@ class HTTPFrontend(FrontendProtocol):
         # on the client's host they become https: (nginx's proxy_redirect).
         plain = b"http://" + (request.requestHeaders.getRawHeaders(b"host", [b""])[0]).lower()
         secure = self._clientProto() == b"https"
+        # A length beside a transfer coding is not the length of what the
+        # client gets (the body is decoded): it would desynchronise it.
+        removed = _RESPONSE_REMOVED | named | ({b"content-length"} if head.values(b"transfer-encoding") else set())
         for name, value in head.headers:
             lower = name.lower()
-            if lower in _RESPONSE_REMOVED or lower in named:
+            if lower in removed:
                 continue
             if secure and lower in (b"location", b"content-location") and _onHost(value, plain):
                 value = b"https" + value[4:]
@@ -911,8 +938,17 @@ class HTTPFrontend(FrontendProtocol):
             session=self.client.sessionId,
             why=why,
         )
+        backend = request.backend
         self._dropBackend()
         if request.gone:
+            return
+        if backend is not None and request.reused and not request.retried and request.bodyDone and request.length == 0:
+            # A kept-alive connection the backend closed as the request
+            # went out (its idle timeout): nothing of the request was lost
+            # and nothing answered, so it goes again on a new connection.
+            request.retried = True
+            request.backend = None
+            self._connect(request, backend.job.backend, request.authorization)
             return
         if request.startedWriting:
             # Too late for a status: the client sees the response cut short.

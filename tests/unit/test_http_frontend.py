@@ -196,6 +196,22 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
         self.assertNotIn("wrong-pw", repr(self.events))
         self.assertEqual(self.frontend.failures, 1)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
+
+    def test_loginCountedByResponse(self) -> None:
+        """
+        A routed login counts as accepted once the backend answered its
+        first request with anything but 401; later requests of the login
+        count no more.
+        """
+        self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        self.send(request)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {})
+        self.backendSays(OK)
+        self.send(request)
+        self.backendSays(OK)
+        self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "ok"): 1})
 
     def test_routerRefusal(self) -> None:
         """
@@ -538,6 +554,21 @@ class StreamingTests(HTTPFrontendTestCase):
         self.assertEqual(head(answer)[1][b"transfer-encoding"], [b"chunked"])
         self.assertFalse(self.client.disconnecting)
 
+    def test_lengthBesideChunked(self) -> None:
+        """
+        A backend response with both Content-Length and chunked coding
+        reaches the client chunked, without the length (which would no
+        longer frame it).
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        fields = head(answer)[1]
+        self.assertNotIn(b"content-length", fields)
+        self.assertTrue(answer.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), answer)
+
     def test_eventStream(self) -> None:
         """
         An event stream's head reaches the client at once, and each event
@@ -785,6 +816,32 @@ class HostileInputTests(HTTPFrontendTestCase):
             self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
             self.assertEqual(head(self.backendSays(data))[0], b"HTTP/1.1 502 Bad Gateway")
             self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_keptConnectionClosed(self) -> None:
+        """
+        A request without a body sent on a kept-alive backend connection
+        that the backend closes before answering goes again, once, on a new
+        connection, with the same credentials; the client sees only the
+        answer.
+        """
+        self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n"
+        self.send(request)
+        self.backendSays(OK)
+        self.client.clear()
+        self.send(request)
+        self.connector.protocols[0].connectionLost(Failure(Exception("closed")))
+        self.assertEqual(len(self.connector.protocols), 2)
+        self.assertEqual(head(self.backendGot())[1][b"authorization"], [basic("alice", "pw")])
+        self.assertEqual(self.client.value(), b"")
+        self.assertTrue(self.backendSays(OK).endswith(b"hello"))
+        self.assertEqual(len(self.router.requests), 1)
+        self.send(request)
+        self.connector.protocols[1].connectionLost(Failure(Exception("closed")))
+        self.send(b"")
+        self.assertEqual(len(self.connector.protocols), 3)
+        self.connector.protocols[2].connectionLost(Failure(Exception("closed")))
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 502 Bad Gateway")
 
     def test_backendVanishes(self) -> None:
         """
