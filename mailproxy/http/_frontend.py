@@ -487,9 +487,12 @@ class HTTPFrontend(FrontendProtocol):
         self.current = request
         self._lastActivity = request.started = self.context.reactor.seconds()
         headers = request.requestHeaders
+        # Only a WebSocket is relayed after a 101 (RFC 8887's JMAP push);
+        # other upgrades (h2c) are not passed on, so the backend answers
+        # in HTTP/1.1 and the next request is routed again.
         request.upgrade = b"upgrade" in [
             token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
-        ] and headers.hasHeader(b"upgrade")
+        ] and [value.strip().lower() for value in headers.getRawHeaders(b"upgrade", [])] == [b"websocket"]
         # A body that stops coming, like a response that does, ends the
         # connection after the idle timeout.
         self._streamTimer.start(self.limits.idleTimeout)

@@ -164,6 +164,11 @@ def requestHeaders(
     if credentials is not None:
         user = credentials.user.encode("utf-8", "surrogateescape")
         secret = credentials.password if credentials.password is not None else credentials.response
+        if secret is None and credentials.token is not None and not credentials.user:
+            # A bearer token that names no user (HTTP's Authorization:
+            # Bearer): only the token says whose it is, so the auth server
+            # gets it to look the account up (and names it in Auth-User).
+            secret = credentials.token
         password = secret or b""
     method = authMethod(credentials)
     headers = [

@@ -611,6 +611,19 @@ class UpgradeTests(HTTPFrontendTestCase):
         self.assertEqual(self.backendGot(), b"\x81\x82\x00\x00\x00\x00ok GET / HTTP/1.1\r\n\r\n")
         self.assertEqual(self.backendSays(b"\x88\x00"), b"\x88\x00")
 
+    def test_otherUpgradesNotPassed(self) -> None:
+        """
+        An upgrade to anything but a WebSocket (h2c) is not passed on: the
+        backend answers in HTTP/1.1.
+        """
+        self.connect()
+        self.send(
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+        fields = head(self.backendGot())[1]
+        self.assertFalse({b"upgrade", b"connection", b"http2-settings"} & set(fields))
+
     def test_unaskedSwitch(self) -> None:
         """
         A 101 to a request that asked for no upgrade is the backend's

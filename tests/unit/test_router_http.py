@@ -263,6 +263,19 @@ class WireTests(SynchronousTestCase):
             router = HTTPRouter(url, BackendResolver({}, BackendDefaults()), reactor=Clock(), client=object())
             self.assertEqual(router._host, host)
 
+    def test_bareBearerToken(self) -> None:
+        """
+        A bearer token that names no user (HTTP) goes to the auth server
+        in Auth-Pass, so that it can name the account; a token login that
+        names its user (OAUTHBEARER over IMAP) still sends no token.
+        """
+        bare = RouteRequest(protocol="http", credentials=Credentials("OAUTHBEARER", "", token=b"tok en"), client=CLIENT)
+        headers = dict(requestHeaders(bare, b"auth"))
+        self.assertEqual((headers[b"Auth-Method"], headers[b"Auth-User"], headers[b"Auth-Pass"]), (b"oauthbearer", b"", b"tok%20en"))
+        self.assertEqual(headers[b"Auth-Protocol"], b"http")
+        named = RouteRequest(protocol="imap", credentials=Credentials("OAUTHBEARER", "alice", token=b"tok"), client=CLIENT)
+        self.assertEqual(dict(requestHeaders(named, b"auth"))[b"Auth-Pass"], b"")
+
     def test_requestHeadersFunction(self) -> None:
         """
         L{requestHeaders} gives the list the router sends, for tools that
