@@ -1,6 +1,6 @@
 """
-A private Cyrus IMAP 3.6 server (Debian's C{cyrus-imapd} and
-C{cyrus-caldav}) as a test fixture: C{master} with an C{imapd} and an
+A private Cyrus IMAP 3.6 server (Debian's C{cyrus-common} and
+C{cyrus-caldav}) as a test fixture: C{master} with an C{lmtpd} and an
 C{httpd} carrying JMAP, CalDAV and CardDAV, on free loopback ports, its
 state in a temporary directory, passwords in a sasldb file.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import getpass
 import http.client
-import imaplib
+import json
 import os
 import pwd
 import shutil
+import smtplib
 import subprocess
 import tempfile
 import time
@@ -37,7 +38,12 @@ CYRUS_BIN = Path("/usr/lib/cyrus/bin")
 
 class Cyrus:
     """
-    Cyrus C{master} on 127.0.0.1 with an IMAP and an HTTP service.
+    Cyrus C{master} on 127.0.0.1 with an LMTP and an HTTP service.
+
+    No IMAP service: Debian's C{cyrus-imapd} conflicts with
+    C{dovecot-imapd} (both provide C{imap-server}), which the other tests
+    need; C{lmtpd} and C{httpd} come from C{cyrus-common} and
+    C{cyrus-caldav}, which install beside Dovecot.
 
     Cyrus keeps mailboxes, databases and unix sockets in its configuration
     directory, which its services must reach as the C{cyrus} user: the
@@ -51,14 +57,14 @@ class Cyrus:
 
     Users log in as C{user@domain} (virtual domains).
 
-    @ivar imap: the IMAP port (plain, PLAIN and LOGIN accepted), chosen at
+    @ivar lmtp: the LMTP port (no authentication), chosen at
         L{start}.
     @ivar http: the HTTP port (plain): C{/jmap/}, C{/dav/}, chosen at
         L{start}.
     @ivar users: login name to password.
     """
 
-    imap: int
+    lmtp: int
     http: int
     configPath: Path
     servicesPath: Path
@@ -96,7 +102,7 @@ class Cyrus:
     @property
     def servername(self) -> str:
         """
-        The name Cyrus gives itself (IMAP greeting, HTTP realm).
+        The name Cyrus gives itself (its greetings, the HTTP realm).
         """
         return f"{self.name}.example.org"
 
@@ -108,7 +114,7 @@ class Cyrus:
         @raise RuntimeError: it did not come up; the message ends with the
             tail of its log.
         """
-        requireServer(str(CYRUS_BIN / "master"), str(CYRUS_BIN / "httpd"), "saslpasswd2")
+        requireServer(str(CYRUS_BIN / "master"), str(CYRUS_BIN / "lmtpd"), str(CYRUS_BIN / "httpd"), "saslpasswd2")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._runtime = Path(tempfile.mkdtemp(prefix=f"cyrus-{self.name}-"))
         self.configPath = self._runtime / "imapd.conf"
@@ -166,12 +172,12 @@ class Cyrus:
         ports: set[int] = set()
         while len(ports) < 2:
             ports.add(freePort())
-        self.imap, self.http = sorted(ports)
+        self.lmtp, self.http = sorted(ports)
         values = {
             "RUNTIME": str(self._runtime),
             "SERVERNAME": self.servername,
             "CONFIG": str(self.configPath),
-            "IMAP": str(self.imap),
+            "LMTP": str(self.lmtp),
             "HTTP": str(self.http),
             "USES": "" if self.reuseProcesses else "-U 1",
             "JWT": f"http_jwt_key_dir: {self._runtime / 'jwt'}" if self.jwtKey is not None else "",
@@ -205,7 +211,7 @@ class Cyrus:
             )
         try:
             _waitForPorts(
-                self._process, [self.imap, self.http], timeout=30, describe=f"cyrus {self.name}", log=self.logPath
+                self._process, [self.lmtp, self.http], timeout=30, describe=f"cyrus {self.name}", log=self.logPath
             )
         except RuntimeError:
             _stopProcess(self._process)
@@ -243,9 +249,9 @@ class Cyrus:
     def provision(self, user: str, *messages: bytes, mailboxes: Sequence[str] = ()) -> None:
         """
         Create C{user}'s account with everything Cyrus creates on first use:
-        the INBOX (holding C{messages}) and C{mailboxes} over IMAP, the
-        calendars and address book (a CalDAV and a CardDAV C{PROPFIND}),
-        and the JMAP session; then wait for the next second.
+        the INBOX (C{messages} delivered over LMTP), C{mailboxes} (JMAP
+        C{Mailbox/set}), the calendars and address book (a CalDAV and a
+        CardDAV C{PROPFIND}); then wait for the next second.
 
         Cyrus 3.6 as Debian builds it (without libuuid) names each new
         mailbox with C{rand()}, seeded from the clock's second (C{srand}
@@ -253,48 +259,50 @@ class Cyrus:
         created in the same second get the same mailbox ids, and so share
         one INBOX. One account a second, all made here, avoids that.
         """
-        self.append(user, *messages)
-        for mailbox in mailboxes:
-            self.append(user, mailbox=mailbox)
-        authorization = "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
-        for method, path in (
-            ("PROPFIND", f"/dav/calendars/user/{user}/"),
-            ("PROPFIND", f"/dav/addressbooks/user/{user}/"),
-            ("GET", "/jmap/"),
-        ):
-            connection = http.client.HTTPConnection("127.0.0.1", self.http, timeout=30)
-            try:
-                connection.request(method, path, headers={"Authorization": authorization, "Depth": "1"})
-                response = connection.getresponse()
-                response.read()
-                if response.status not in (200, 207):
-                    raise RuntimeError(f"{method} {path} for {user}: {response.status} {response.reason}")
-            finally:
-                connection.close()
+        self.deliver(user, *messages)
+        if mailboxes:
+            create = {f"m{index}": {"name": name, "parentId": None} for index, name in enumerate(mailboxes)}
+            call = ["Mailbox/set", {"accountId": user, "create": create}, "c"]
+            answer = self._request(user, "POST", "/jmap/", json.dumps(
+                {"using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"], "methodCalls": [call]}
+            ).encode())
+            created = json.loads(answer)["methodResponses"][0][1].get("created", {})
+            if len(created) != len(mailboxes):
+                raise RuntimeError(f"Mailbox/set for {user}: {answer[:300]!r}")
+        self._request(user, "PROPFIND", f"/dav/calendars/user/{user}/")
+        self._request(user, "PROPFIND", f"/dav/addressbooks/user/{user}/")
         time.sleep(1 - time.time() % 1 + 0.01)
 
-    def append(self, user: str, *messages: bytes, mailbox: str = "INBOX") -> None:
+    def _request(self, user: str, method: str, path: str, body: bytes | None = None) -> bytes:
         """
-        Log in over IMAP as C{user} (which creates the account's INBOX the
-        first time) and append C{messages} (RFC 5322 bytes) to C{mailbox},
-        which is created first unless it is the INBOX.
+        One request to C{httpd} as C{user}; the body of its 2xx answer.
         """
-        client = imaplib.IMAP4("127.0.0.1", self.imap, timeout=30)
+        authorization = "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+        headers = {"Authorization": authorization, "Depth": "1"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        connection = http.client.HTTPConnection("127.0.0.1", self.http, timeout=30)
         try:
-            client.login(user, self.users[user])
-            # imaplib sends mailbox names as they are: quote them.
-            quoted = '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            if mailbox != "INBOX":
-                status, detail = client.create(quoted)
-                if status != "OK":
-                    raise RuntimeError(f"CREATE {mailbox} for {user} failed: {detail!r}")
-            for message in messages:
-                status, detail = client.append(quoted, None, None, message)
-                if status != "OK":
-                    raise RuntimeError(f"APPEND for {user} failed: {detail!r}")
-            client.logout()
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            answer = response.read()
         finally:
-            try:
-                client.shutdown()
-            except OSError:
-                pass
+            connection.close()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"{method} {path} for {user}: {response.status} {response.reason}")
+        return answer
+
+    def deliver(self, user: str, *messages: bytes) -> None:
+        """
+        Deliver C{messages} (RFC 5322 bytes) to C{user}'s INBOX over LMTP
+        (the first delivery creates the account).
+        """
+        client = smtplib.LMTP("127.0.0.1", self.lmtp, timeout=30)
+        try:
+            for message in messages:
+                refused = client.sendmail("postmaster@example.org", [user], message)
+                if refused:
+                    raise RuntimeError(f"LMTP delivery to {user} refused: {refused!r}")
+            client.quit()
+        finally:
+            client.close()
