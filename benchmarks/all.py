@@ -2,7 +2,8 @@
 Every benchmark in one run: IMAP against direct Dovecot and nginx
 (C{run.py}), then POP3 (C{pop3.py}), ESMTP (C{smtp.py}), single-client
 login latency of every protocol (C{latency.py}), the routers
-(C{routers.py}), clients flooding commands unread (C{flood.py}), logins
+(C{routers.py}), HTTP/JMAP against direct Cyrus and nginx (C{jmap.py}),
+clients flooding commands unread (C{flood.py}), logins
 through one and two worker processes (C{workers.py}) and the
 event loop during a bulk move (C{moves.py}), each
 printing its own table.
@@ -23,7 +24,7 @@ _REPOSITORY = Path(__file__).resolve().parent.parent
 if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
-from benchmarks import flood, latency, moves, pop3, routers, run, smtp, workers  # noqa: E402
+from benchmarks import flood, jmap, latency, moves, pop3, routers, run, smtp, workers  # noqa: E402
 
 PARTS = (
     ("IMAP", run.main),
@@ -31,6 +32,7 @@ PARTS = (
     ("ESMTP", smtp.main),
     ("Login latency", latency.main),
     ("Routers", routers.main),
+    ("HTTP (JMAP)", jmap.main),
     ("Flood", flood.main),
     ("Worker processes", workers.main),
     # Last: it runs Twisted's reactor in this process, which runs only once.
