@@ -181,6 +181,14 @@ class LoginAttempt:
 
     def _routed(self, answer: Route | Rejection) -> Deferred[BackendProtocol]:
         session, credentials = self.session, self.credentials
+        if isinstance(answer, Rejection) and answer.unknown and not answer.temporary:
+            # The router does not know the account at all; the front end
+            # may have a backend of its own for it (HTTP: a bearer token no
+            # router could place goes to the default backend, which judges
+            # it).
+            placed = session.routeUnknown(credentials)
+            if placed is not None:
+                answer = placed
         if isinstance(answer, Rejection):
             session.log.info(
                 "login refused by router: session={session} user={user} temporary={temporary}",

@@ -729,6 +729,15 @@ class FrontendProtocol(Session):
 
     # Login
 
+    def routeUnknown(self, credentials: Credentials) -> Route | None:
+        """
+        Where a login goes that the router refused as unknown (it does not
+        know the account at all): L{None}, refused like any failed login.
+        A front end with a backend of its own for such logins returns its
+        route; that backend then judges the credentials.
+        """
+        return None
+
     def login(self, credentials: Credentials, clientID: tuple[tuple[str, str], ...] = ()) -> Deferred[BackendProtocol]:
         """
         Route C{credentials}, connect the backend and log in there (a

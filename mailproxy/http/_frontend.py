@@ -677,6 +677,19 @@ class HTTPFrontend(FrontendProtocol):
 
         d.addCallbacks(loggedIn, failed)
 
+    def routeUnknown(self, credentials: Credentials) -> Route | None:
+        # A bearer token that names no account and that the router cannot
+        # place (a static table, a directory: they know accounts, not
+        # tokens) goes where a request without credentials would: the
+        # default backend, which judges the token itself.  A token the
+        # router does know and refuses stays refused.
+        if credentials.token is None or credentials.user:
+            return None
+        backend = self._backendNamed(self.settings.defaultBackend)
+        if backend is None:
+            return None
+        return Route(backend, rule="default_backend (token not placed by the router)")
+
     def _credentials(self, authorization: bytes) -> Credentials | None:
         scheme, _, value = authorization.strip().partition(b" ")
         value = value.strip()

@@ -275,6 +275,34 @@ class RoutingTests(HTTPFrontendTestCase):
         line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
         self.assertEqual((line, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"5"]))
 
+    def test_bearerUnplacedGoesToDefault(self) -> None:
+        """
+        A bearer token the router does not know (a table of accounts,
+        which cannot place tokens) goes to the default backend unchanged,
+        which judges it; no failed login is counted for it.
+        """
+        self.connect(FakeRouter({"alice": Route(self.new)}, default=Rejection(unknown=True)))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok-x\r\n\r\n")
+        self.assertEqual(self.connector.protocols[-1].job.backend.name, "old")
+        self.assertEqual(head(self.backendGot())[1][b"authorization"], [b"Bearer tok-x"])
+        self.assertEqual(self.frontend.failures, 0)
+        self.assertEqual(self.backendSays(OK)[: len(b"HTTP/1.1 200")], b"HTTP/1.1 200")
+
+    def test_bearerRefusedStaysRefused(self) -> None:
+        """
+        A token the router knows and refuses (not "unknown") gets the
+        proxy's 401, and no backend is asked.
+        """
+
+        class Refusing:
+            def route(self, request: Any) -> Rejection:
+                return Rejection()
+
+        self.connect(Refusing())
+        line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok-x\r\n\r\n"))
+        self.assertEqual((line, fields[b"www-authenticate"]), (b"HTTP/1.1 401 Unauthorized", [b'Bearer error="invalid_token"']))
+        self.assertEqual(self.connector.protocols, [])
+
     def test_bearer(self) -> None:
         """
         A bearer token goes to the router (no user named); the account the
