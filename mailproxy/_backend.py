@@ -32,6 +32,7 @@ from . import _proxyproto, _tls
 from ._outcomes import FailureKind
 from ._relay import socketOf
 from ._sasl import oauthResponse, plainResponse
+from ._tcp import connectAtOnce
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
@@ -582,7 +583,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
 
     factory = _OneBackendFactory(protocol, connectFailed)
     if isIPAddress(backend.host) or isIPv6Address(backend.host):
-        connector = reactor.connectTCP(backend.host, port, factory, timeout=backend.connectTimeout)
+        connector = connectAtOnce(reactor, backend.host, port, factory, backend.connectTimeout)
         protocol.stopConnecting = connector.stopConnecting
     else:
         endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)

@@ -29,6 +29,7 @@ from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from ._systemd import ServiceNotifier, passedSocketProblem
+from ._tcp import AtOnceEndpoint, listenAtOnce
 from ._workers import Machine, workerMain
 from .config import Config, ConfigError, Listener, loadConfig, workerCount
 from .admin import adminSite
@@ -102,7 +103,7 @@ class ReportingEndpoint:
         """
 
         def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
+            self.port = listenAtOnce(port)
             address = port.getHost()
             self.log.info(
                 "{name} listening on {host}:{port}",
@@ -225,7 +226,7 @@ def serviceFromConfig(
         endpoint: IStreamServerEndpoint
         if adopted is not None:
             # Its parent said where it listens.
-            endpoint = AdoptedStreamServerEndpoint(reactor, *adopted[index])
+            endpoint = AtOnceEndpoint(AdoptedStreamServerEndpoint(reactor, *adopted[index]))
         else:
             endpoint = _listenerEndpoint(config, reactor, index)
         service = StreamServerEndpointService(endpoint, listenerFactory(context, listener, str(index)))
