@@ -10,7 +10,7 @@ import gc
 import os
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
@@ -44,6 +44,21 @@ class Peer(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.closed.callback(None)
+
+
+class OneShotFactory(ClientFactory):
+    """
+    Hands its one protocol to the first connection and keeps no reference
+    to it, so that only the transports could tie a closed connection into
+    a reference cycle.
+    """
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer: Peer | None = peer
+
+    def buildProtocol(self, addr: object) -> Peer | None:
+        peer, self.peer = self.peer, None
+        return peer
 
 
 class AtOnceTests(TestCase):
@@ -83,7 +98,7 @@ class AtOnceTests(TestCase):
         """
         Connect C{peer} to C{portNumber} on loopback.
         """
-        factory = ClientFactory.forProtocol(lambda: peer)
+        factory = OneShotFactory(peer)
         if atOnce:
             return _tcp.connectAtOnce(reactor, "127.0.0.1", portNumber, factory, 5)
         return reactor.connectTCP("127.0.0.1", portNumber, factory)
@@ -216,10 +231,10 @@ class AtOnceTests(TestCase):
         connector = self.connect(portNumber, client, atOnce=True)
         yield client.ready
         yield self.closeBoth(server, client)
-        del connector, client
+        del connector, client, self.watched[:]
         yield deferLater(reactor, 0)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if type(o).__module__ == _tcp.__name__]
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (tcp.Client, tcp.Connector))]
         del gc.garbage[:]
         self.assertEqual(left, [])
