@@ -21,7 +21,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from mailproxy import _tcp
+from mailproxy import _tcp, tap
 from mailproxy._session import ProxyContext
 from mailproxy.config import Limits, Listener
 from mailproxy.model import Route
@@ -163,3 +163,27 @@ class LoginGarbageTests(TestCase):
         splicer's objects to the garbage collector.
         """
         self.assertEqual((yield self.loginGarbage("imap")), [])
+
+
+class CollectorTuningTests(TestCase):
+    """
+    The proxy's processes run the garbage collector's passes less often
+    than Python's default, with what exists at start-up left out of them.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
+
+    def test_prepareProcess(self) -> None:
+        """
+        L{tap.prepareProcess}, which the twistd entry point and every
+        worker process run before they serve, sets L{tap.GC_THRESHOLDS}
+        (a young generation of 50,000 objects, not 700) and freezes the
+        objects that exist by then.
+        """
+        gc.unfreeze()
+        tap.prepareProcess()
+        self.assertEqual(gc.get_threshold(), tap.GC_THRESHOLDS)
+        self.assertGreaterEqual(gc.get_threshold()[0], 50_000)
+        self.assertGreater(gc.get_freeze_count(), 0)
