@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from twisted.internet import _newtls, tcp
+from twisted.internet import _newtls, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -113,6 +113,26 @@ class AtOnceClient(_AtOnce, tcp.Client):
     """
     An outgoing TCP connection that sends at once (see the module).
     """
+
+
+class _AtOnceUnixServer(_AtOnce, unix.Server):
+    """
+    A connected UNIX socket (the channel between the proxy's parent and a
+    worker) that sends at once (see the module).
+    """
+
+
+def sendAtOnceOn(transport: object) -> None:
+    """
+    Have C{transport}, a UNIX socket connection Twisted made (adopting a
+    socket builds its transport itself), send at once from now on: its
+    messages then leave in the order they are written relative to the
+    TCP connections' replies, which do. Any other transport is left as it
+    is.
+    """
+    if type(transport) is unix.Server:
+        # The subclass adds no state, only the write methods.
+        transport.__class__ = _AtOnceUnixServer
 
 
 class _AtOnceConnector(tcp.Connector):
