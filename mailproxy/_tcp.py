@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from twisted.internet import _newtls, tcp, unix
+from twisted.internet import _newtls, main, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -62,8 +63,7 @@ def sendAtOnce(connection: Any, data: bytes) -> None:
         and data
         and connection.connected
         and not connection._writeDisconnected
-        and not connection._tempDataBuffer
-        and connection.offset == len(connection.dataBuffer)
+        and not _buffered(connection)
         and (connection.producer is None or connection.streamingProducer)
     ):
         try:
@@ -82,8 +82,12 @@ class _AtOnce:
     """
     What L{AtOnceServer} and L{AtOnceClient} change in Twisted's TCP
     transports: C{write}, C{writeSequence} and, for the TLS layer
-    C{startTLS} puts on top, the class its ciphertext is written through.
+    C{startTLS} puts on top, the class its ciphertext is written through;
+    and C{loseConnection}, which closes at once when nothing is buffered.
     """
+
+    # Twisted's FileDescriptor flag, set here too.
+    disconnecting: int
 
     def write(self, data: bytes) -> None:
         if self.TLS:  # type: ignore[attr-defined]
@@ -101,6 +105,48 @@ class _AtOnce:
 
     def startTLS(self, ctx: object, normal: bool = True) -> None:
         _newtls.startTLS(self, ctx, normal, _SendAtOnce)
+
+    def loseConnection(self) -> None:
+        # Twisted closes through a write event even with nothing to send:
+        # it watches the socket for writability, sends zero octets when the
+        # event comes and then closes (two to three epoll_ctl, a send(2)
+        # and a turn of the event loop). With nothing buffered there is
+        # nothing to wait for: close on the next turn, as Twisted's own
+        # abortConnection does (not now: a protocol does not expect its
+        # connectionLost while it is still calling loseConnection).
+        if (
+            not self.TLS  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting
+            and not self._writeDisconnected  # type: ignore[attr-defined]
+            and not self._writeDisconnecting  # type: ignore[attr-defined]
+            and self.producer is None  # type: ignore[attr-defined]
+            and not _buffered(self)
+        ):
+            self.stopReading()  # type: ignore[attr-defined]
+            self.disconnecting = 1
+            self.reactor.callLater(0, self._closeNow)  # type: ignore[attr-defined]
+            return
+        super().loseConnection()  # type: ignore[misc]
+
+    def _closeNow(self) -> None:
+        if not self.connected or self._aborting:  # type: ignore[attr-defined]
+            # Closed meanwhile, or aborted (which closes it itself).
+            return
+        if _buffered(self) or self._writeDisconnecting:  # type: ignore[attr-defined]
+            # Written (or half-closed) since, and not all sent at once:
+            # Twisted sends it and then closes, as it does when
+            # loseConnection finds something buffered.
+            self.startWriting()  # type: ignore[attr-defined]
+            return
+        self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
+
+
+def _buffered(connection: Any) -> bool:
+    """
+    Whether Twisted holds octets written on C{connection} and not yet sent.
+    """
+    return bool(connection._tempDataBuffer) or connection.offset != len(connection.dataBuffer)
 
 
 class AtOnceServer(_AtOnce, tcp.Server):

@@ -216,6 +216,68 @@ class AtOnceTests(TestCase):
         yield self.closeBoth(server, client)
 
     @inlineCallbacks
+    def test_closeAtOnce(self) -> Any:
+        """
+        Closing a connection with nothing buffered does not have the
+        reactor watch it for writability (Twisted's own transports close
+        through a write event): the peer sees the close, and the protocol
+        learns of it once, after loseConnection returned.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        lost: list[object] = []
+        server.connectionLost = lambda reason=None: (lost.append(reason), Peer.connectionLost(server))  # type: ignore[method-assign]
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseConnection()
+        self.assertEqual(lost, [])
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(len(lost), 1)
+        self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
+    def test_closeAfterLateWrite(self) -> Any:
+        """
+        What is written after loseConnection still reaches the peer before
+        the close, even what the kernel does not take at once.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        client.transport.pauseProducing()
+        server.transport.loseConnection()
+        late = b"x" * (6 * 1024 * 1024)
+        server.transport.write(late)
+        yield deferLater(reactor, 0.05)
+        client.transport.resumeProducing()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(len(client.received), len(late))
+
+    @inlineCallbacks
+    def test_abortAfterClose(self) -> Any:
+        """
+        An abort right after a close ends the connection once (Twisted's
+        abort closes it on the next turn too).
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        lost: list[object] = []
+        server.connectionLost = lambda reason=None: (lost.append(reason), Peer.connectionLost(server))  # type: ignore[method-assign]
+        server.transport.loseConnection()
+        server.transport.abortConnection()
+        yield server.closed
+        yield client.closed
+        yield deferLater(reactor, 0.01)
+        self.assertEqual(len(lost), 1)
+
+    @inlineCallbacks
     def test_connectorLetsGo(self) -> Any:
         """
         A connection made by L{_tcp.connectAtOnce} leaves no reference
