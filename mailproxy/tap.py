@@ -30,7 +30,7 @@ from ._logs import EventLogService
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from ._systemd import ServiceNotifier, passedSocketProblem
-from ._tcp import AtOnceEndpoint, listenAtOnce
+from ._tcp import AtOnceEndpoint, installReactor, listenAtOnce
 from ._workers import Machine, workerMain
 from .config import Config, ConfigError, Listener, loadConfig, workerCount
 from .admin import adminSite
@@ -369,8 +369,10 @@ def prepareProcess() -> None:
 
 def makeService(options: Options) -> IService:
     """
-    The twistd entry point.
+    The twistd entry point. Unless C{twistd -r} chose a reactor, the proxy
+    runs on L{_tcp.DirectReactor}.
     """
+    installReactor()
     from twisted.internet import reactor
 
     prepareProcess()
@@ -402,4 +404,5 @@ def runWorker() -> None:
     arguments L{mailproxy._workers.workerMain} reads): a proxy built as a
     single process's is, on the sockets the parent passes down.
     """
+    installReactor()
     workerMain(serviceFromConfig, prepareProcess)

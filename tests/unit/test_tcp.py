@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
+import subprocess
+import sys
 from typing import Any
 
 from twisted.internet import reactor, tcp
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
@@ -300,3 +305,87 @@ class AtOnceTests(TestCase):
         left = [type(o).__name__ for o in gc.garbage if isinstance(o, (tcp.Client, tcp.Connector))]
         del gc.garbage[:]
         self.assertEqual(left, [])
+
+
+class Readable:
+    """
+    A descriptor for a reactor to watch: counts its read events.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "readable"
+
+    def doRead(self) -> None:
+        self.reads += 1
+        self.sock.recv(100)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+class DirectReactorTests(TestCase):
+    """
+    L{_tcp.DirectReactor} dispatches events to descriptors without
+    Twisted's per-event legacy log context.
+    """
+
+    def dispatchOne(self, reactorType: type) -> tuple[int, int]:
+        """
+        Have a fresh C{reactorType} dispatch one read event.
+
+        @return: the reads the descriptor saw and the calls to
+            C{twisted.python.log.callWithLogger} meanwhile.
+        """
+        calls: list[object] = []
+        original = log.callWithLogger
+
+        def counting(logger: object, func: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(logger)
+            return original(logger, func, *args, **kwargs)
+
+        self.patch(log, "callWithLogger", counting)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        loop = reactorType()
+        readable = Readable(ours)
+        loop.addReader(readable)
+        theirs.send(b"x")
+        loop.doIteration(0)
+        loop.removeAll()
+        loop._poller.close()
+        for fd in (loop.waker.i, loop.waker.o):
+            os.close(fd)
+        return readable.reads, len(calls)
+
+    def test_noLogContext(self) -> None:
+        """
+        The event reaches the descriptor, and C{log.callWithLogger} is not
+        called (Twisted's epoll reactor calls it for each event).
+        """
+        self.assertEqual(self.dispatchOne(_tcp.DirectReactor), (1, 0))
+        self.assertEqual(self.dispatchOne(EPollReactor), (1, 1))
+
+    def test_installed(self) -> None:
+        """
+        L{_tcp.installReactor} makes a L{_tcp.DirectReactor} the global
+        reactor in a process that has none yet, and leaves one installed
+        alone.
+        """
+        script = (
+            "from mailproxy import _tcp\n"
+            "first = _tcp.installReactor()\n"
+            "from twisted.internet import reactor\n"
+            "print(first, _tcp.installReactor(), type(reactor).__name__)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, check=True, cwd=os.path.dirname(os.path.dirname(_tcp.__file__))
+        ).stdout
+        self.assertEqual(output.split(), [b"True", b"False", b"DirectReactor"])
