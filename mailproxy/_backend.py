@@ -32,6 +32,7 @@ from . import _proxyproto, _tls
 from ._outcomes import FailureKind
 from ._relay import socketOf
 from ._sasl import oauthResponse, plainResponse
+from ._tcp import connectAtOnce
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
@@ -245,6 +246,9 @@ class BackendProtocol(Protocol):
     # Connection lifecycle
 
     def connectionMade(self) -> None:
+        # Connected: nothing to abandon any more (and the connector, which
+        # refers to this protocol, need not be kept alive by it).
+        self.stopConnecting = None
         backend = self.job.backend
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
@@ -548,14 +552,21 @@ class _OneBackendFactory(ClientFactory):
     noisy = False
 
     def __init__(self, protocol: BackendProtocol, failed: Callable[[Failure], None]) -> None:
-        self.backendProtocol = protocol
-        self.failed = failed
+        self.backendProtocol: BackendProtocol | None = protocol
+        self.failed: Callable[[Failure], None] | None = failed
 
-    def buildProtocol(self, addr: object) -> BackendProtocol:
-        return self.backendProtocol
+    def buildProtocol(self, addr: object) -> BackendProtocol | None:
+        # Handed over once, and connected: the connector keeps this factory
+        # as long as the connection lasts, which need keep neither the
+        # protocol nor the failure callback (which refers to it): the
+        # transport refers to the connector, and these would close a
+        # reference cycle per login.
+        protocol, self.backendProtocol, self.failed = self.backendProtocol, None, None
+        return protocol
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        self.failed(reason)
+        if self.failed is not None:
+            self.failed(reason)
 
 
 def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtocol]:
@@ -591,7 +602,7 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
 
     factory = _OneBackendFactory(protocol, connectFailed)
     if isIPAddress(backend.host) or isIPv6Address(backend.host):
-        connector = reactor.connectTCP(backend.host, port, factory, timeout=backend.connectTimeout)
+        connector = connectAtOnce(reactor, backend.host, port, factory, backend.connectTimeout)
         protocol.stopConnecting = connector.stopConnecting
     else:
         endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)

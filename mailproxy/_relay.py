@@ -617,10 +617,14 @@ class _SocketEnd:
     One relayed socket, as the reactor sees it while splicing: readable
     means the peer sent something, writable means the pipe towards it can
     drain.
+
+    @ivar splicer: the splicer, until it lets go of the socket (L{None}
+        from then on: the two no longer keep each other alive, so a spliced
+        session leaves nothing for the garbage collector).
     """
 
     def __init__(self, splicer: _Splicer, connection: tcp.Connection) -> None:
-        self.splicer = splicer
+        self.splicer: _Splicer | None = splicer
         self.connection = connection
         self._fileno = connection.fileno()
 
@@ -631,13 +635,16 @@ class _SocketEnd:
         return "splice"
 
     def doRead(self) -> None:
-        self.splicer.readable(self)
+        if self.splicer is not None:
+            self.splicer.readable(self)
 
     def doWrite(self) -> None:
-        self.splicer.writable(self)
+        if self.splicer is not None:
+            self.splicer.writable(self)
 
     def connectionLost(self, reason: object) -> None:
-        self.splicer.fail()
+        if self.splicer is not None:
+            self.splicer.fail()
 
 
 class _Pipe:
@@ -928,5 +935,6 @@ class _Splicer:
         for end in (self.client, self.backend):
             self.reactor.removeReader(end)
             self.reactor.removeWriter(end)
+            end.splicer = None
         for direction in (self.toBackend, self.toClient):
             direction.close()

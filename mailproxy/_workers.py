@@ -74,6 +74,7 @@ from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier
+from ._tcp import sendAtOnceOn
 from .config import Config, ConfigError, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
@@ -157,6 +158,9 @@ class Channel(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # What a worker tells its parent (a failed login, say) must leave
+        # before the reply the client gets next, which is sent at once.
+        sendAtOnceOn(self.transport)
         self.connected = True
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]

@@ -1,0 +1,292 @@
+"""
+TCP transports that send at once.
+
+Twisted's TCP transport never sends from C{write}: it appends the bytes to
+its buffer and asks the reactor to watch the socket for writability
+(C{epoll_ctl}), sends on the next turn of the event loop, and, its buffer
+empty, stops watching (C{epoll_ctl} again). That is right for a socket
+whose send buffer is full, but a proxy's login writes a few short replies
+on connections whose send buffer is empty: each one cost two system calls,
+an event loop turn and the reactor's dispatch of the event, about a third
+of the C{epoll_ctl} calls of a login.
+
+Here C{write} tries C{send(2)} first when nothing is buffered, and leaves
+to Twisted only what the kernel did not take (and any error, which
+Twisted's next write attempt meets and handles as always). The bytes and
+their order on the wire are the same; what changes is only when they
+leave. A pull producer keeps Twisted's way (it is asked for more data when
+the buffer empties, which an immediate send would skip).
+
+L{listenAtOnce} makes a listening port build these transports for the
+connections it accepts, L{connectAtOnce} connects one. Both fall back to
+Twisted's own transports where the reactor or the port is not Twisted's
+POSIX TCP (tests drive the proxy on in-memory reactors).
+
+The same goes for the reactor: L{DirectReactor} dispatches events without
+Twisted's per-event legacy log context; the proxy's entry points install
+it (L{installReactor}).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+from twisted.internet import _newtls, main, tcp, unix
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class _SendAtOnce(FileDescriptor):
+    """
+    Twisted's L{FileDescriptor} writing with L{sendAtOnce}. Not instantiated:
+    Twisted's TLS layer calls its methods on a TCP connection (the class is
+    what C{startTLS} writes ciphertext through), as L{_AtOnce} does for
+    cleartext.
+    """
+
+    def write(self, data: bytes) -> None:
+        sendAtOnce(self, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        sendAtOnce(self, b"".join(iovec))
+
+
+def sendAtOnce(connection: Any, data: bytes) -> None:
+    """
+    Write C{data} on the TCP C{connection} (a L{tcp.Connection}): with
+    C{send(2)} now when nothing waits in its buffer, the rest (if any) as
+    Twisted's L{FileDescriptor.write} does.
+    """
+    if (
+        type(data) is bytes
+        and data
+        and connection.connected
+        and not connection._writeDisconnected
+        and not _buffered(connection)
+        and (connection.producer is None or connection.streamingProducer)
+    ):
+        try:
+            sent = connection.socket.send(data)
+        except OSError:
+            # Full (EAGAIN) or broken: Twisted's write attempt on the next
+            # turn sends it or reports the loss, as it would have anyway.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    FileDescriptor.write(connection, data)
+
+
+class _AtOnce:
+    """
+    What L{AtOnceServer} and L{AtOnceClient} change in Twisted's TCP
+    transports: C{write}, C{writeSequence} and, for the TLS layer
+    C{startTLS} puts on top, the class its ciphertext is written through;
+    and C{loseConnection}, which closes at once when nothing is buffered.
+    """
+
+    # Twisted's FileDescriptor flag, set here too.
+    disconnecting: int
+
+    def write(self, data: bytes) -> None:
+        if self.TLS:  # type: ignore[attr-defined]
+            if self.connected:  # type: ignore[attr-defined]
+                self.protocol.write(data)  # type: ignore[attr-defined]
+        else:
+            sendAtOnce(self, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        if self.TLS:  # type: ignore[attr-defined]
+            if self.connected:  # type: ignore[attr-defined]
+                self.protocol.writeSequence(iovec)  # type: ignore[attr-defined]
+        else:
+            sendAtOnce(self, b"".join(iovec))
+
+    def startTLS(self, ctx: object, normal: bool = True) -> None:
+        _newtls.startTLS(self, ctx, normal, _SendAtOnce)
+
+    def loseConnection(self) -> None:
+        # Twisted closes through a write event even with nothing to send:
+        # it watches the socket for writability, sends zero octets when the
+        # event comes and then closes (two to three epoll_ctl, a send(2)
+        # and a turn of the event loop). With nothing buffered there is
+        # nothing to wait for: close on the next turn, as Twisted's own
+        # abortConnection does (not now: a protocol does not expect its
+        # connectionLost while it is still calling loseConnection).
+        if (
+            not self.TLS  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting
+            and not self._writeDisconnected  # type: ignore[attr-defined]
+            and not self._writeDisconnecting  # type: ignore[attr-defined]
+            and self.producer is None  # type: ignore[attr-defined]
+            and not _buffered(self)
+        ):
+            self.stopReading()  # type: ignore[attr-defined]
+            self.disconnecting = 1
+            self.reactor.callLater(0, self._closeNow)  # type: ignore[attr-defined]
+            return
+        super().loseConnection()  # type: ignore[misc]
+
+    def _closeNow(self) -> None:
+        if not self.connected or self._aborting:  # type: ignore[attr-defined]
+            # Closed meanwhile, or aborted (which closes it itself).
+            return
+        if _buffered(self) or self._writeDisconnecting:  # type: ignore[attr-defined]
+            # Written (or half-closed) since, and not all sent at once:
+            # Twisted sends it and then closes, as it does when
+            # loseConnection finds something buffered.
+            self.startWriting()  # type: ignore[attr-defined]
+            return
+        self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
+
+
+def _buffered(connection: Any) -> bool:
+    """
+    Whether Twisted holds octets written on C{connection} and not yet sent.
+    """
+    return bool(connection._tempDataBuffer) or connection.offset != len(connection.dataBuffer)
+
+
+class AtOnceServer(_AtOnce, tcp.Server):
+    """
+    An accepted TCP connection that sends at once (see the module).
+    """
+
+
+class AtOnceClient(_AtOnce, tcp.Client):
+    """
+    An outgoing TCP connection that sends at once (see the module).
+    """
+
+
+class _AtOnceUnixServer(_AtOnce, unix.Server):
+    """
+    A connected UNIX socket (the channel between the proxy's parent and a
+    worker) that sends at once (see the module).
+    """
+
+
+def sendAtOnceOn(transport: object) -> None:
+    """
+    Have C{transport}, a UNIX socket connection Twisted made (adopting a
+    socket builds its transport itself), send at once from now on: its
+    messages then leave in the order they are written relative to the
+    TCP connections' replies, which do. Any other transport is left as it
+    is.
+    """
+    if type(transport) is unix.Server:
+        # The subclass adds no state, only the write methods.
+        transport.__class__ = _AtOnceUnixServer
+
+
+class _AtOnceConnector(tcp.Connector):
+    """
+    Twisted's connector, building an L{AtOnceClient}; it lets go of its
+    transport once the connection is over (Twisted's keeps it, and the
+    transport keeps the connector: a reference cycle per connection, left
+    to the garbage collector).
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return AtOnceClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.transport = None
+        super().connectionLost(reason)
+
+
+def connectAtOnce(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
+    """
+    C{reactor.connectTCP(host, port, factory, timeout=timeout)}, with an
+    L{AtOnceClient} as the transport where C{reactor} is Twisted's POSIX
+    reactor.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.connectTCP(host, port, factory, timeout=timeout)  # type: ignore[no-any-return]
+    connector = _AtOnceConnector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector
+
+
+def listenAtOnce(port: IListeningPort) -> IListeningPort:
+    """
+    Have the listening C{port} give the connections it accepts from now on
+    an L{AtOnceServer} transport, if it is Twisted's TCP port (its
+    C{transport} attribute is the class it builds them with); any other
+    port is left as it is.
+
+    @return: C{port}.
+    """
+    if isinstance(port, tcp.Port) and port.transport is tcp.Server:
+        port.transport = AtOnceServer
+    return port
+
+
+@implementer(IStreamServerEndpoint)
+class AtOnceEndpoint:
+    """
+    A server endpoint whose listening port accepts connections with
+    L{AtOnceServer} transports (see L{listenAtOnce}).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.endpoint.listen(protocolFactory).addCallback(listenAtOnce)
+
+
+class DirectReactor(EPollReactor):
+    """
+    Twisted's epoll reactor, dispatching each event straight to its
+    descriptor.
+
+    Twisted's runs every event through C{log.callWithLogger}: it asks the
+    descriptor for its log prefix and copies and extends the legacy log
+    context around the call (about ten Python calls per event, some 6 % of
+    a plain login's CPU here), only so that a legacy log line written
+    meanwhile would carry the connection's prefix in its C{[system]}
+    field. The proxy logs through C{twisted.logger}, which does not read
+    that context; the one difference is that an unhandled error in an
+    event handler, which Twisted logs, says C{[-]} there instead of the
+    connection's prefix.
+    """
+
+    def doPoll(self, timeout: float | None) -> None:
+        if timeout is None:
+            timeout = -1  # Wait indefinitely.
+        try:
+            events = self._poller.poll(timeout, len(self._selectables))
+        except InterruptedError:
+            return
+        selectables = self._selectables
+        dispatch = self._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                dispatch(selectable, fd, event)
+
+    doIteration = doPoll
+
+
+def installReactor() -> bool:
+    """
+    Install a L{DirectReactor} as Twisted's global reactor, unless one is
+    installed already (C{twistd -r}, or an import made one).
+
+    @return: whether it was installed.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        return False
+    from twisted.internet.main import installReactor as install
+
+    install(DirectReactor())
+    return True

@@ -1,0 +1,189 @@
+"""
+What a whole login, over real loopback connections (a listener of the
+proxy, the backend connection, the spliced relay, the logout), leaves for
+Python's garbage collector: objects in reference cycles, which reference
+counting cannot free and which the collector's passes pay for.
+
+The relay's splicing parts must not be among them. (The session's own
+cycles, between a front end and its timers, its relay and its login
+attempt, are not checked here yet; the transports they refer to are
+freed with them.)
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from mailproxy import _tcp, tap
+from mailproxy._session import ProxyContext
+from mailproxy.config import Limits, Listener
+from mailproxy.model import Route
+from mailproxy.tap import listenerFactory
+from mailproxy.testing import FakeRouter, makeBackend
+
+#: What the backend answers, by protocol: its greeting, then a reply per
+#: command line (by the command's first word, upper case).
+ANSWERS = {
+    "imap": (
+        b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN] ready.\r\n",
+        {
+            b"AUTHENTICATE": b"{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+            b"LOGIN": b"{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+            b"LOGOUT": b"* BYE Logging out\r\n{tag} OK Logout completed.\r\n",
+        },
+    ),
+}
+
+#: What the client says, by protocol, and the line after which it has
+#: nothing more to wait for but the close.
+CLIENT = {
+    "imap": (b"a LOGIN alice secret\r\n", b"a OK", b"b LOGOUT\r\n"),
+}
+
+
+class ScriptedBackend(Protocol):
+    """
+    A backend answering each command line from L{ANSWERS}, closing after
+    the logout.
+    """
+
+    def __init__(self, protocol: str) -> None:
+        self.greeting, self.answers = ANSWERS[protocol]
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            words = line.split(b" ")
+            tagged = self.greeting.startswith(b"*")
+            tag, command = (words[0], words[1].upper()) if tagged else (b"", words[0].upper())
+            self.transport.write(self.answers[command].replace(b"{tag}", tag))
+            if command in (b"LOGOUT", b"QUIT"):
+                self.transport.loseConnection()
+
+
+class LoggingOutClient(Protocol):
+    """
+    A client that logs in, logs out once logged in, and says when the
+    proxy closed the connection.
+    """
+
+    def __init__(self, protocol: str) -> None:
+        self.login, self.loggedIn, self.logout = CLIENT[protocol]
+        self.received = b""
+        self.greeted = False
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.greeted and b"\r\n" in self.received:
+            self.greeted = True
+            self.transport.write(self.login)
+        elif self.loggedIn in self.received and self.logout:
+            self.transport.write(self.logout)
+            self.logout = b""
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(self.received)
+
+
+class OneShotFactory(ClientFactory):
+    """
+    Hands its one protocol to the connection and keeps no reference to it.
+    """
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol: Protocol | None = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        protocol, self.protocol = self.protocol, None
+        return protocol
+
+
+class LoginGarbageTests(TestCase):
+    """
+    Logins through a real listener to a real (in-process) backend leave
+    none of the relay's splicing objects to the garbage collector.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.set_debug, gc.get_debug())
+        self.addCleanup(gc.enable)
+
+    @inlineCallbacks
+    def loginGarbage(self, protocol: str, logins: int = 3) -> Any:
+        """
+        Log in and out C{logins} times through a C{protocol} listener (the
+        first login warms up what is made once) and return what the
+        garbage collector found of the other logins.
+        """
+        backendPort = reactor.listenTCP(0, Factory.forProtocol(lambda: ScriptedBackend(protocol)), interface="127.0.0.1")
+        self.addCleanup(backendPort.stopListening)
+        backend = makeBackend("b", host="127.0.0.1", ports={protocol: backendPort.getHost().port}, forward="none")
+        context = ProxyContext(
+            reactor=reactor, router=FakeRouter(default=Route(backend)), limits=Limits(failureDelay=0), hostname="proxy.test"
+        )
+        listener = Listener(protocol=protocol, endpoint="tcp:0", tls="none")
+        port = _tcp.listenAtOnce(reactor.listenTCP(0, listenerFactory(context, listener), interface="127.0.0.1"))
+        self.addCleanup(port.stopListening)
+        for login in range(logins):
+            if login == 1:
+                gc.collect()
+                gc.disable()
+            client = LoggingOutClient(protocol)
+            _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
+            received = yield client.closed
+            self.assertIn(CLIENT[protocol][1], received)
+            del client
+            # The proxy's side of the close runs in the turns after the client's.
+            while context.sessions:
+                yield deferLater(reactor, 0.01)
+            yield deferLater(reactor, 0.01)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = sorted({type(o).__module__ + "." + type(o).__qualname__ for o in gc.garbage})
+        del gc.garbage[:]
+        return [name for name in garbage if name.startswith("mailproxy._relay._")]
+
+    @inlineCallbacks
+    def test_imap(self) -> Any:
+        """
+        An IMAP LOGIN and LOGOUT, relayed by splicing, leave none of the
+        splicer's objects to the garbage collector.
+        """
+        self.assertEqual((yield self.loginGarbage("imap")), [])
+
+
+class CollectorTuningTests(TestCase):
+    """
+    The proxy's processes run the garbage collector's passes less often
+    than Python's default, with what exists at start-up left out of them.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
+
+    def test_prepareProcess(self) -> None:
+        """
+        L{tap.prepareProcess}, which the twistd entry point and every
+        worker process run before they serve, sets L{tap.GC_THRESHOLDS}
+        (a young generation of 50,000 objects, not 700) and freezes the
+        objects that exist by then.
+        """
+        gc.unfreeze()
+        tap.prepareProcess()
+        self.assertEqual(gc.get_threshold(), tap.GC_THRESHOLDS)
+        self.assertGreaterEqual(gc.get_threshold()[0], 50_000)
+        self.assertGreater(gc.get_freeze_count(), 0)

@@ -1,0 +1,391 @@
+"""
+The TCP transports that send at once (L{mailproxy._tcp}), on real loopback
+connections: what the reactor is asked to watch is counted, and what the
+peer receives is checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import reactor, tcp
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
+from twisted.trial.unittest import TestCase
+
+from mailproxy import _tcp
+from mailproxy._tls import makeSelfSigned
+
+
+class Peer(Protocol):
+    """
+    One end of a test connection: writes C{greeting} once connected,
+    collects what it receives, and says when it is closed.
+    """
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.received = bytearray()
+        self.ready: Deferred[Peer] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        if self.greeting:
+            self.transport.write(self.greeting)
+        self.ready.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)
+
+
+class OneShotFactory(ClientFactory):
+    """
+    Hands its one protocol to the first connection and keeps no reference
+    to it, so that only the transports could tie a closed connection into
+    a reference cycle.
+    """
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer: Peer | None = peer
+
+    def buildProtocol(self, addr: object) -> Peer | None:
+        peer, self.peer = self.peer, None
+        return peer
+
+
+class AtOnceTests(TestCase):
+    """
+    L{_tcp.AtOnceServer} and L{_tcp.AtOnceClient} send from C{write} when
+    nothing is buffered, without asking the reactor to watch the socket
+    for writability.
+    """
+
+    def setUp(self) -> None:
+        self.watched: list[Any] = []
+        addWriter = reactor.addWriter
+
+        def counting(selectable: Any) -> None:
+            self.watched.append(selectable)
+            addWriter(selectable)
+
+        self.patch(reactor, "addWriter", counting)
+
+    def listen(self, peer: Peer, atOnce: bool = True, tls: Any = None) -> int:
+        """
+        Listen on loopback with C{peer} as the one server protocol (its
+        transport sending at once if C{atOnce}).
+
+        @return: the port number.
+        """
+        factory: Any = Factory.forProtocol(lambda: peer)
+        if tls is not None:
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        if atOnce:
+            _tcp.listenAtOnce(port)
+        return int(port.getHost().port)
+
+    def connect(self, portNumber: int, peer: Peer, atOnce: bool = False) -> Any:
+        """
+        Connect C{peer} to C{portNumber} on loopback.
+        """
+        factory = OneShotFactory(peer)
+        if atOnce:
+            return _tcp.connectAtOnce(reactor, "127.0.0.1", portNumber, factory, 5)
+        return reactor.connectTCP("127.0.0.1", portNumber, factory)
+
+    @inlineCallbacks
+    def closeBoth(self, *peers: Peer) -> Any:
+        for peer in peers:
+            if peer.transport is not None and peer.transport.connected:
+                peer.transport.loseConnection()
+        for peer in peers:
+            yield peer.closed
+
+    @inlineCallbacks
+    def waitFor(self, condition: Any) -> Any:
+        for _ in range(500):
+            if condition():
+                return
+            yield deferLater(reactor, 0.01)
+        self.fail("condition never met")
+
+    @inlineCallbacks
+    def test_serverSendsAtOnce(self) -> Any:
+        """
+        A greeting written by a protocol on an accepted connection reaches
+        the client without the reactor being asked to watch the server's
+        socket for writability.
+        """
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK ready\r\n")
+        self.assertNotIn(server.transport, self.watched)
+        self.assertIsInstance(server.transport, _tcp.AtOnceServer)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_clientSendsAtOnce(self) -> Any:
+        """
+        A command written on a connection made by L{_tcp.connectAtOnce}
+        reaches the server without the reactor watching the client's socket
+        for writability after the connection is made.
+        """
+        server, client = Peer(), Peer(b"a LOGIN alice secret\r\n")
+        watchedBefore: list[Any] = []
+        client.connectionMade = lambda: (  # type: ignore[method-assign]
+            watchedBefore.extend(self.watched),
+            Peer.connectionMade(client),
+        )
+        self.connect(self.listen(server, atOnce=False), client, atOnce=True)
+        yield client.ready
+        yield self.waitFor(lambda: bytes(server.received) == b"a LOGIN alice secret\r\n")
+        self.assertEqual(self.watched, watchedBefore)
+        self.assertIsInstance(client.transport, _tcp.AtOnceClient)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_twistedTransportsWatch(self) -> Any:
+        """
+        Twisted's own transports (a listening port left alone) buffer the
+        write and have the reactor watch the socket: what the two tests
+        above count.
+        """
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        self.connect(self.listen(server, atOnce=False), client)
+        yield server.ready
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK ready\r\n")
+        self.assertIn(server.transport, self.watched)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_fullSendBufferLeftToTwisted(self) -> Any:
+        """
+        What the kernel does not take at once stays in Twisted's buffer and
+        is sent as the peer reads: every byte arrives, in order, across
+        writes made while the buffer holds some.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        client.transport.pauseProducing()
+        chunks = [bytes([65 + i]) * (3 * 1024 * 1024) for i in range(3)]
+        for chunk in chunks:
+            server.transport.write(chunk)
+        server.transport.writeSequence([b"tail", b"\r\n"])
+        self.assertIn(server.transport, self.watched)
+        client.transport.resumeProducing()
+        expected = b"".join(chunks) + b"tail\r\n"
+        yield self.waitFor(lambda: len(client.received) == len(expected))
+        self.assertEqual(bytes(client.received), expected)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_startTLSSendsAtOnce(self) -> Any:
+        """
+        After C{startTLS} on an accepted connection, the ciphertext of the
+        handshake and of what the protocol writes is sent at once too, and
+        the client reads the cleartext.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = makeSelfSigned(directory)
+        with open(certificate, "rb") as c, open(key, "rb") as k:
+            pem = c.read() + k.read()
+        serverOptions = PrivateCertificate.loadPEM(pem).options()
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.startTLS(serverOptions)
+        client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=PrivateCertificate.loadPEM(pem)))
+        server.transport.write(b"* OK over TLS\r\n")
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK over TLS\r\n")
+        self.assertNotIn(server.transport, self.watched)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_closeAtOnce(self) -> Any:
+        """
+        Closing a connection with nothing buffered does not have the
+        reactor watch it for writability (Twisted's own transports close
+        through a write event): the peer sees the close, and the protocol
+        learns of it once, after loseConnection returned.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        lost: list[object] = []
+        server.connectionLost = lambda reason=None: (lost.append(reason), Peer.connectionLost(server))  # type: ignore[method-assign]
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseConnection()
+        self.assertEqual(lost, [])
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(len(lost), 1)
+        self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
+    def test_closeAfterLateWrite(self) -> Any:
+        """
+        What is written after loseConnection still reaches the peer before
+        the close, even what the kernel does not take at once.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        client.transport.pauseProducing()
+        server.transport.loseConnection()
+        late = b"x" * (6 * 1024 * 1024)
+        server.transport.write(late)
+        yield deferLater(reactor, 0.05)
+        client.transport.resumeProducing()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(len(client.received), len(late))
+
+    @inlineCallbacks
+    def test_abortAfterClose(self) -> Any:
+        """
+        An abort right after a close ends the connection once (Twisted's
+        abort closes it on the next turn too).
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        lost: list[object] = []
+        server.connectionLost = lambda reason=None: (lost.append(reason), Peer.connectionLost(server))  # type: ignore[method-assign]
+        server.transport.loseConnection()
+        server.transport.abortConnection()
+        yield server.closed
+        yield client.closed
+        yield deferLater(reactor, 0.01)
+        self.assertEqual(len(lost), 1)
+
+    @inlineCallbacks
+    def test_connectorLetsGo(self) -> Any:
+        """
+        A connection made by L{_tcp.connectAtOnce} leaves no reference
+        cycle behind once closed: nothing of it is left for the garbage
+        collector (Twisted's connector and transport refer to each other).
+        """
+        server, client = Peer(), Peer()
+        portNumber = self.listen(server)
+        gc.collect()
+        self.addCleanup(gc.set_debug, gc.get_debug())
+        self.addCleanup(gc.enable)
+        gc.disable()
+        connector = self.connect(portNumber, client, atOnce=True)
+        yield client.ready
+        yield self.closeBoth(server, client)
+        del connector, client, self.watched[:]
+        yield deferLater(reactor, 0)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (tcp.Client, tcp.Connector))]
+        del gc.garbage[:]
+        self.assertEqual(left, [])
+
+
+class Readable:
+    """
+    A descriptor for a reactor to watch: counts its read events.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "readable"
+
+    def doRead(self) -> None:
+        self.reads += 1
+        self.sock.recv(100)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+class DirectReactorTests(TestCase):
+    """
+    L{_tcp.DirectReactor} dispatches events to descriptors without
+    Twisted's per-event legacy log context.
+    """
+
+    def dispatchOne(self, reactorType: type) -> tuple[int, int]:
+        """
+        Have a fresh C{reactorType} dispatch one read event.
+
+        @return: the reads the descriptor saw and the calls to
+            C{twisted.python.log.callWithLogger} meanwhile.
+        """
+        calls: list[object] = []
+        original = log.callWithLogger
+
+        def counting(logger: object, func: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(logger)
+            return original(logger, func, *args, **kwargs)
+
+        self.patch(log, "callWithLogger", counting)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        loop = reactorType()
+        readable = Readable(ours)
+        loop.addReader(readable)
+        theirs.send(b"x")
+        loop.doIteration(0)
+        loop.removeAll()
+        loop._poller.close()
+        for fd in (loop.waker.i, loop.waker.o):
+            os.close(fd)
+        return readable.reads, len(calls)
+
+    def test_noLogContext(self) -> None:
+        """
+        The event reaches the descriptor, and C{log.callWithLogger} is not
+        called (Twisted's epoll reactor calls it for each event).
+        """
+        self.assertEqual(self.dispatchOne(_tcp.DirectReactor), (1, 0))
+        self.assertEqual(self.dispatchOne(EPollReactor), (1, 1))
+
+    def test_installed(self) -> None:
+        """
+        L{_tcp.installReactor} makes a L{_tcp.DirectReactor} the global
+        reactor in a process that has none yet, and leaves one installed
+        alone.
+        """
+        script = (
+            "from mailproxy import _tcp\n"
+            "first = _tcp.installReactor()\n"
+            "from twisted.internet import reactor\n"
+            "print(first, _tcp.installReactor(), type(reactor).__name__)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, check=True, cwd=os.path.dirname(os.path.dirname(_tcp.__file__))
+        ).stdout
+        self.assertEqual(output.split(), [b"True", b"False", b"DirectReactor"])
