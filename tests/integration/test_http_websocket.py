@@ -18,6 +18,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from .common import TIMEOUT, listenerTable, routesText, tomlTable
 from .servers import Proxy, _dieWithParent, _stopProcess, _waitForPorts, freePort, startOnFreePorts
@@ -124,7 +125,7 @@ class WebSocketTests(SynchronousTestCase):
         connection = connect(
             f"ws://127.0.0.1:{self.proxy.ports[0]}/jmap/ws/",
             additional_headers={"Authorization": basic(ALICE, "alice-pw"), **headers},
-            subprotocols=["jmap"],  # type: ignore[list-item]
+            subprotocols=[Subprotocol("jmap")],
             max_size=None,
             open_timeout=TIMEOUT,
             close_timeout=TIMEOUT,

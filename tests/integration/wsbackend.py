@@ -15,6 +15,7 @@ import json
 import sys
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.typing import Subprotocol
 
 
 def handshakeUser(authorization: str | None) -> str | None:
@@ -31,14 +32,16 @@ async def main(name: str, port: int) -> None:
         first = True
         async for message in connection:
             if first and message == "whoami":
-                headers = connection.request.headers if connection.request is not None else {}
+                # Set once the handshake is done, as it is in the handler.
+                assert connection.request is not None
+                headers = connection.request.headers
                 await connection.send(
                     json.dumps(
                         {
                             "server": name,
                             "user": handshakeUser(headers.get("Authorization")),
-                            "x-forwarded-for": headers.get_all("X-Forwarded-For") if headers else [],
-                            "forwarded": headers.get_all("Forwarded") if headers else [],
+                            "x-forwarded-for": headers.get_all("X-Forwarded-For"),
+                            "forwarded": headers.get_all("Forwarded"),
                         }
                     )
                 )
@@ -48,7 +51,7 @@ async def main(name: str, port: int) -> None:
                 await connection.send(name + ":" + message)
             first = False
 
-    async with serve(handler, "127.0.0.1", port, subprotocols=["jmap"], max_size=None):
+    async with serve(handler, "127.0.0.1", port, subprotocols=[Subprotocol("jmap")], max_size=None):
         print(f"listening on {port}", flush=True)
         await asyncio.Future()
 
