@@ -755,6 +755,24 @@ class Proxy:
             "mailproxy", "--config", str(self.configPath),
         ]
 
+    def startWithAdminPort(self) -> None:
+        """
+        Start a proxy whose management endpoint is C{tcp:ADMINPORT:...} in
+        its configuration, on a free port written there (commands such as
+        C{mailproxy move} read the port from the configuration, so it cannot
+        be 0), and on another one if that was taken meanwhile.
+        """
+        chosen = 0
+
+        def choose() -> None:
+            nonlocal chosen
+            old, chosen = chosen, freePort()
+            text = self.configPath.read_text()
+            self.configPath.write_text(text.replace(f"tcp:{old or 'ADMINPORT'}:", f"tcp:{chosen}:"))
+
+        choose()
+        self.start(choosePorts=choose)
+
     def start(self, waitPorts: Sequence[int] = (), choosePorts: Callable[[], None] | None = None) -> None:
         """
         Start the proxy, wait until it has logged where each listener (and

@@ -201,17 +201,7 @@ class HTTPLoopbackTests(SynchronousTestCase):
         (self.proxy.directory / "routes.toml").write_text(
             routesText({"default": "old", "accounts": {"bob@example.org": "new", "zed@example.org": "dead"}})
         )
-        # The move command finds the management endpoint in the
-        # configuration: its port is chosen, not the kernel's.
-        self.adminPort = 0
-
-        def chooseAdminPort() -> None:
-            old, self.adminPort = self.adminPort, freePort()
-            text = self.proxy.configPath.read_text()
-            self.proxy.configPath.write_text(text.replace(f"tcp:{old or 'ADMINPORT'}:", f"tcp:{self.adminPort}:"))
-
-        chooseAdminPort()
-        self.proxy.start(choosePorts=chooseAdminPort)
+        self.proxy.startWithAdminPort()
         self.addCleanup(self.proxy.stop)
 
     def client(self) -> http.client.HTTPSConnection:

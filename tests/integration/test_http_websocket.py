@@ -105,17 +105,7 @@ class WebSocketTests(SynchronousTestCase):
         token.write_text("ws-test-token-" + "0" * 32 + "\n")
         token.chmod(0o600)
         (self.proxy.directory / "routes.toml").write_text(routesText({"default": "old", "accounts": {ALICE: "old"}}))
-        # The move command finds the management endpoint in the
-        # configuration: its port is chosen, not the kernel's.
-        self.adminPort = 0
-
-        def chooseAdminPort() -> None:
-            old, self.adminPort = self.adminPort, freePort()
-            text = self.proxy.configPath.read_text()
-            self.proxy.configPath.write_text(text.replace(f"tcp:{old or 'ADMINPORT'}:", f"tcp:{self.adminPort}:"))
-
-        chooseAdminPort()
-        self.proxy.start(choosePorts=chooseAdminPort)
+        self.proxy.startWithAdminPort()
         self.addCleanup(self.proxy.stop)
 
     def connect(self, **headers: str) -> ClientConnection:
