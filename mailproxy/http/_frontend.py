@@ -502,6 +502,8 @@ class HTTPFrontend(FrontendProtocol):
         pinned = self._pinned(request.path)
         authorization = headers.getRawHeaders(b"authorization", [None])[0]
         if pinned is not None:
+            if authorization is not None:
+                self._backendJudges(request, pinned, authorization)
             self._connect(request, pinned)
         elif authorization is not None:
             self._authenticate(request, authorization)
@@ -631,7 +633,9 @@ class HTTPFrontend(FrontendProtocol):
         if credentials is None:
             # Another scheme (Digest, Negotiate): the proxy cannot read it;
             # the default backend judges it.
-            self._connect(request, self._backendNamed(self.settings.defaultBackend))
+            backend = self._backendNamed(self.settings.defaultBackend)
+            self._backendJudges(request, backend, authorization)
+            self._connect(request, backend)
             return
         d = self.login(credentials)
 
@@ -689,6 +693,18 @@ class HTTPFrontend(FrontendProtocol):
         if backend is None:
             return None
         return Route(backend, rule="default_backend (token not placed by the router)")
+
+    def _backendJudges(self, request: _ProxyRequest, backend: Backend | None, authorization: bytes) -> None:
+        # Credentials the proxy passes on without asking the router (a
+        # pinned path, a scheme it cannot read) are still a login: the
+        # backend's 401 to them is a failed login like any other (the
+        # delay, the fail2ban line, the limit per connection), or a pinned
+        # login page would take unlimited password guesses.
+        if backend is None:
+            return
+        request.credentials = self._credentials(authorization) or Credentials(mechanism="HTTP", user="")
+        request.route = Route(backend, rule="credentials passed on unrouted")
+        request.loginSeconds = 0.0
 
     def _credentials(self, authorization: bytes) -> Credentials | None:
         scheme, _, value = authorization.strip().partition(b" ")

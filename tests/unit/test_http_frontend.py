@@ -275,6 +275,22 @@ class RoutingTests(HTTPFrontendTestCase):
         line, fields = head(self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
         self.assertEqual((line, fields[b"retry-after"]), (b"HTTP/1.1 503 Service Unavailable", [b"5"]))
 
+    def test_pinnedCredentialsRefusedCount(self) -> None:
+        """
+        Credentials sent to a pinned path go to the pinned backend as
+        they are, and its 401 to them is a failed login: after
+        C{login_failures} of them the connection is closed, so a pinned
+        login page takes no unlimited guesses on one connection.
+        """
+        self.connect(pins=(("/login", "old"),), limits=Limits(failureDelay=0, loginFailures=2))
+        refusal = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nWWW-Authenticate: Basic realm=x\r\n\r\n"
+        for _ in range(2):
+            self.send(b"GET /login HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "guess") + b"\r\n\r\n")
+            self.assertEqual(head(self.backendGot())[1][b"authorization"], [basic("alice", "guess")])
+            self.assertEqual(self.backendSays(refusal)[: len(b"HTTP/1.1 401")], b"HTTP/1.1 401")
+        self.assertEqual(self.frontend.failures, 2)
+        self.assertTrue(self.client.disconnecting)
+
     def test_bearerUnplacedGoesToDefault(self) -> None:
         """
         A bearer token the router does not know (a table of accounts,
