@@ -240,6 +240,11 @@ class ResponseReader:
 
 def _parseHead(raw: bytes) -> ResponseHead | None:
     lines = raw.split(b"\r\n")
+    if b"\0" in raw or b"\r" in lines[0] or b"\n" in lines[0]:
+        # The status line's reason phrase goes to the client as it came: a
+        # bare CR or LF in it would start a header of the backend's choosing
+        # there. A NUL is refused in every line (RFC 9110, section 5.5).
+        return None
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
         return None

@@ -43,6 +43,7 @@ import binascii
 import hmac
 import os
 from typing import Any, Callable, cast
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
@@ -554,9 +555,9 @@ class HTTPFrontend(FrontendProtocol):
         self._responseTimer.start(self.settings.responseTimeout)
 
     def _pinned(self, path: bytes) -> Backend | None:
-        text = path.decode("latin-1")
+        normal = normalisedPath(path)
         for prefix, name in self.settings.pins:
-            if text.startswith(prefix):
+            if normal.startswith(prefix.encode("utf-8")):
                 return self._backendNamed(name)
         return None
 
@@ -1108,6 +1109,35 @@ class HTTPFrontend(FrontendProtocol):
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
         relay.start(toClient=leftover, toBackend=toBackend)
+
+
+def normalisedPath(target: bytes) -> bytes:
+    """
+    The path of a request target as a backend resolves it, for matching
+    pins: without scheme and authority (absolute form), percent-decoded,
+    with C{.} and C{..} segments resolved and runs of slashes merged, as
+    nginx does before it matches a C{location}. Matching the raw target
+    would let C{//login}, C{/%6Cogin} or C{/./login} pass a C{/login} pin
+    and still reach the same page on whatever backend the rest of the
+    request chose.
+
+    @param target: the request target's path (before any C{?}).
+    """
+    if not target.startswith(b"/"):
+        # Absolute form (scheme://authority/path), or the asterisk form.
+        rest = target.partition(b"://")[2]
+        slash = rest.find(b"/")
+        target = rest[slash:] if slash >= 0 else b"/"
+    kept: list[bytes] = []
+    trailing = False
+    for segment in unquote_to_bytes(target).split(b"/")[1:]:
+        trailing = segment in (b"", b".", b"..")
+        if segment == b"..":
+            if kept:
+                kept.pop()
+        elif not trailing:
+            kept.append(segment)
+    return b"/" + b"/".join(kept) + (b"/" if trailing and kept else b"")
 
 
 class _Response:

@@ -386,6 +386,22 @@ class RoutingTests(HTTPFrontendTestCase):
         self.send(b"GET /login/new/x HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(self.connector.protocols[-1].job.backend.name, "new")
 
+    def test_pinnedPathNormalised(self) -> None:
+        """
+        A pin matches the path as a backend resolves it: doubled slashes,
+        dot segments, percent-encoding and the absolute form all reach the
+        pinned backend, and a path that only looks like the prefix before
+        it is resolved does not.
+        """
+        self.connect(pins=(("/login", "old"),))
+        for target in (b"//login", b"/%6Cogin", b"/./login/form", b"/x/../login", b"http://h/login", b"/LOGIN/../login"):
+            self.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+            self.assertEqual((target, self.connector.protocols[-1].job.backend.name), (target, "old"))
+            self.assertEqual(self.router.requests, [])
+            self.backendSays(OK)
+        self.send(b"GET /login/../inbox HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.assertEqual(len(self.router.requests), 1)
+
     def test_cookieRoutes(self) -> None:
         """
         The cookie set on an authenticated response sends a later request
@@ -866,9 +882,18 @@ class HostileInputTests(HTTPFrontendTestCase):
 
     def test_backendGarbage(self) -> None:
         """
-        A backend that answers nonsense, or an endless head, gives 502.
+        A backend that answers nonsense, an endless head, or a head with a
+        bare CR, LF or NUL gives 502.
         """
-        for data in (b"SPAM\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10000):
+        for data in (
+            b"SPAM\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10000,
+            # A reason phrase that would start a header of its own at the
+            # client, and a NUL in a field.
+            b"HTTP/1.1 200 OK\nSet-Cookie: x=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\rSet-Cookie: x=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: a\0b\r\nContent-Length: 0\r\n\r\n",
+        ):
             self.connect(maxHeaderSize=4096)
             self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
             self.assertEqual(head(self.backendSays(data))[0], b"HTTP/1.1 502 Bad Gateway")
