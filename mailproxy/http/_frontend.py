@@ -783,9 +783,12 @@ class HTTPFrontend(FrontendProtocol):
 
     def _requestHead(self, request: _ProxyRequest, backend: Backend, authorization: list[tuple[bytes, bytes]]) -> bytes:
         headers = request.requestHeaders
+        # Fields the client names in Connection are for this hop only;
+        # Host never is (RFC 9110, section 7.6.1 forbids naming an
+        # end-to-end field): a client that names it keeps its Host.
         named = {
             token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
-        }
+        } - {b"host"}
         lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
         host = None
         for name, values in headers.getAllRawHeaders():

@@ -463,6 +463,17 @@ class ForwardingTests(HTTPFrontendTestCase):
         self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
         self.assertNotIn(b"x-real-ip", fields)
 
+    def test_connectionNamesHost(self) -> None:
+        """
+        A field the client names in Connection is not passed on, but Host
+        is never one of them: the backend gets the client's Host.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: mail.example\r\nConnection: host, x-hop\r\nX-Hop: 1\r\n\r\n")
+        fields = head(self.backendGot())[1]
+        self.assertEqual(fields[b"host"], [b"mail.example"])
+        self.assertNotIn(b"x-hop", fields)
+
     def test_forwardNone(self) -> None:
         """
         A backend with forward = "none" learns nothing of the client, and
