@@ -29,10 +29,13 @@ it (L{installReactor}).
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import sys
 from typing import Any, Iterable
 
-from twisted.internet import _newtls, main, tcp, unix
+from twisted.internet import _newtls, error, main, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -163,8 +166,53 @@ class AtOnceServer(_AtOnce, tcp.Server):
 
 class AtOnceClient(_AtOnce, tcp.Client):
     """
-    An outgoing TCP connection that sends at once (see the module).
+    An outgoing TCP connection that sends at once (see the module), and
+    connects with fewer system calls than Twisted's: Twisted watches the
+    connecting socket for reading and writing, and once it is connected
+    stops watching both before it starts reading again (five C{epoll_ctl}
+    calls per connection); here reading stays watched throughout and only
+    writing stops (three).
     """
+
+    def resolveAddress(self) -> None:
+        # Twisted goes through a Deferred even for an address literal, all
+        # connectAtOnce is given.
+        if self._requiresResolution:
+            super().resolveAddress()
+            return
+        try:
+            self._setRealAddress(self.addr)
+        except Exception as e:
+            self.failIfNotConnected(e)
+
+    def doConnect(self) -> None:
+        # Twisted's doConnect, but for the reactor registrations (see the
+        # class): called first to start connecting, then when the socket
+        # is ready.
+        self.doWrite = self.doConnect  # type: ignore[method-assign]
+        self.doRead = self.doConnect  # type: ignore[method-assign]
+        if not hasattr(self, "connector"):
+            return  # the attempt failed before it started
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            return
+        try:
+            result = self.socket.connect_ex(self.realAddress)
+        except OSError as e:
+            result = e.args[0]
+        if result in (errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EALREADY):
+            self.startReading()
+            self.startWriting()
+            return
+        if result and result != errno.EISCONN:
+            self.failIfNotConnected(error.getConnectError((result, os.strerror(result))))
+            return
+        del self.doWrite
+        del self.doRead
+        # Reading stays watched (a no-op for _connectDone's startReading).
+        self.stopWriting()
+        self._connectDone()
 
 
 class _AtOnceUnixServer(_AtOnce, unix.Server):
