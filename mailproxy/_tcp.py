@@ -95,8 +95,10 @@ class _AtOnce:
     and C{loseConnection}, which closes at once when nothing is buffered.
     """
 
-    # Twisted's FileDescriptor flag, set here too.
+    # Twisted's FileDescriptor flags, set here too.
     disconnecting: int
+    _writeDisconnecting: bool
+    _writeDisconnected: bool
 
     def write(self, data: bytes) -> None:
         if self.TLS:  # type: ignore[attr-defined]
@@ -137,6 +139,36 @@ class _AtOnce:
             self.reactor.callLater(0, self._closeNow)  # type: ignore[attr-defined]
             return
         super().loseConnection()  # type: ignore[misc]
+
+    def loseWriteConnection(self) -> None:
+        # A half-close (the relay passing on a peer's FIN), likewise: with
+        # nothing buffered, shut down writing on the next turn instead of
+        # through a write event.
+        if (
+            not self.TLS  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting
+            and not self._writeDisconnected  # type: ignore[attr-defined]
+            and not self._writeDisconnecting  # type: ignore[attr-defined]
+            and self.producer is None  # type: ignore[attr-defined]
+            and not _buffered(self)
+        ):
+            self._writeDisconnecting = True
+            self.reactor.callLater(0, self._closeWriteNow)  # type: ignore[attr-defined]
+            return
+        super().loseWriteConnection()  # type: ignore[misc]
+
+    def _closeWriteNow(self) -> None:
+        if not self.connected or self.disconnecting or self._writeDisconnected:  # type: ignore[attr-defined]
+            # Closed meanwhile, or being closed (which sends what is left).
+            return
+        if _buffered(self):
+            # Written since and not all sent: Twisted sends it, then shuts
+            # down writing, as it does when it finds something buffered.
+            self.startWriting()  # type: ignore[attr-defined]
+            return
+        self._writeDisconnected = True
+        self._closeWriteConnection()  # type: ignore[attr-defined]
 
     def _closeNow(self) -> None:
         if not self.connected or self._aborting:  # type: ignore[attr-defined]

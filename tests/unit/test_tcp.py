@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor, tcp
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -23,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from mailproxy import _tcp
 from mailproxy._tls import makeSelfSigned
@@ -50,6 +52,23 @@ class Peer(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.closed.callback(None)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingPeer(Peer):
+    """
+    A peer that is told of half-closes: it counts its
+    C{writeConnectionLost} calls and closes once the other side has
+    finished sending too.
+    """
+
+    writeLost = 0
+
+    def writeConnectionLost(self) -> None:
+        self.writeLost += 1
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
 
 class OneShotFactory(ClientFactory):
@@ -243,6 +262,49 @@ class AtOnceTests(TestCase):
         self.assertEqual(bytes(client.received), b"* BYE\r\n")
         self.assertEqual(len(lost), 1)
         self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
+    def test_halfCloseAtOnce(self) -> Any:
+        """
+        Half-closing a connection with nothing buffered does not have the
+        reactor watch it for writability either: the peer gets what was
+        written, then the end of the stream, and the protocol its
+        C{writeConnectionLost} once, after loseWriteConnection returned.
+        """
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseWriteConnection()
+        self.assertEqual(server.writeLost, 0)
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(server.writeLost, 1)
+        self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
+    def test_halfCloseAfterLateWrite(self) -> Any:
+        """
+        What is written after loseWriteConnection still reaches the peer
+        before the end of the stream, even what the kernel does not take
+        at once.
+        """
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        client.transport.pauseProducing()
+        server.transport.loseWriteConnection()
+        late = b"x" * (6 * 1024 * 1024)
+        server.transport.write(late)
+        yield deferLater(reactor, 0.05)
+        client.transport.resumeProducing()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(len(client.received), len(late))
+        self.assertEqual(server.writeLost, 1)
 
     @inlineCallbacks
     def test_closeAfterLateWrite(self) -> Any:
