@@ -203,7 +203,8 @@ class AtOnceClient(_AtOnce, tcp.Client):
     connecting socket for reading and writing, and once it is connected
     stops watching both before it starts reading again (five C{epoll_ctl}
     calls per connection); here reading stays watched throughout and only
-    writing stops (three).
+    writing stops (three). Twisted also calls C{connect} again to learn
+    that the socket is connected, which its writability already says.
     """
 
     def resolveAddress(self) -> None:
@@ -220,8 +221,8 @@ class AtOnceClient(_AtOnce, tcp.Client):
     def doConnect(self) -> None:
         # Twisted's doConnect, but for the reactor registrations (see the
         # class): called first to start connecting, then when the socket
-        # is ready.
-        self.doWrite = self.doConnect  # type: ignore[method-assign]
+        # is readable.
+        self.doWrite = self._connectWritable  # type: ignore[method-assign]
         self.doRead = self.doConnect  # type: ignore[method-assign]
         if not hasattr(self, "connector"):
             return  # the attempt failed before it started
@@ -240,6 +241,20 @@ class AtOnceClient(_AtOnce, tcp.Client):
         if result and result != errno.EISCONN:
             self.failIfNotConnected(error.getConnectError((result, os.strerror(result))))
             return
+        self._connected()
+
+    def _connectWritable(self) -> None:
+        # Writable after a connect in progress, without an error pending:
+        # connected (connect(2)), no second connect call needed to tell.
+        if not hasattr(self, "connector"):
+            return  # failed on the read event just before
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            return
+        self._connected()
+
+    def _connected(self) -> None:
         del self.doWrite
         del self.doRead
         # Reading stays watched (a no-op for _connectDone's startReading).

@@ -402,15 +402,24 @@ class ConnectTests(TestCase):
     def test_threeRegistrations(self) -> Any:
         """
         From the connect call to the protocol's C{connectionMade}, the
-        client's socket costs three C{epoll_ctl} operations (Twisted's own
-        connect costs five: it stops watching the socket for reading and
-        writing, then starts reading again).
+        client's socket costs three C{epoll_ctl} operations and one
+        C{connect} (Twisted's own connect costs five and two: it stops
+        watching the socket for reading and writing, then starts reading
+        again, and calls C{connect} again to learn it is connected).
         """
         server, client = Peer(), Peer()
         port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         poller = CountingPoller(reactor._poller)
         self.patch(reactor, "_poller", poller)
+        connects: list[object] = []
+        realConnect = socket.socket.connect_ex
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            connects.append(address)
+            return realConnect(sock, address)
+
+        self.patch(socket.socket, "connect_ex", connect_ex)
         seen: list[list[str]] = []
         client.connectionMade = lambda: (  # type: ignore[method-assign]
             seen.append([name for name, fd in poller.operations if fd == client.transport.fileno()]),
@@ -419,6 +428,7 @@ class ConnectTests(TestCase):
         _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
         yield client.ready
         self.assertEqual(seen, [["register", "modify", "modify"]])
+        self.assertEqual(len(connects), 1)
         client.transport.write(b"a NOOP\r\n")
         yield AtOnceTests.waitFor(self, lambda: bytes(server.received) == b"a NOOP\r\n")
         client.transport.loseConnection()
