@@ -219,17 +219,12 @@ class AtOnceClient(_AtOnce, tcp.Client):
             self.failIfNotConnected(e)
 
     def doConnect(self) -> None:
-        # Twisted's doConnect, but for the reactor registrations (see the
-        # class): called first to start connecting, then when the socket
-        # is readable.
-        self.doWrite = self._connectWritable  # type: ignore[method-assign]
-        self.doRead = self.doConnect  # type: ignore[method-assign]
+        # Twisted's doConnect, but for the reactor registrations and the
+        # system calls (see the class). Called once, to start connecting.
+        self.doWrite = self._connectReady  # type: ignore[method-assign]
+        self.doRead = self._connectReady  # type: ignore[method-assign]
         if not hasattr(self, "connector"):
             return  # the attempt failed before it started
-        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
-            return
         try:
             result = self.socket.connect_ex(self.realAddress)
         except OSError as e:
@@ -243,11 +238,12 @@ class AtOnceClient(_AtOnce, tcp.Client):
             return
         self._connected()
 
-    def _connectWritable(self) -> None:
-        # Writable after a connect in progress, without an error pending:
-        # connected (connect(2)), no second connect call needed to tell.
+    def _connectReady(self) -> None:
+        # The connecting socket is readable or writable: with no error
+        # pending it is connected (a socket still connecting is neither;
+        # connect(2)). Twisted calls connect again to learn it.
         if not hasattr(self, "connector"):
-            return  # failed on the read event just before
+            return  # failed on the read event just before the write event
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))

@@ -436,6 +436,44 @@ class ConnectTests(TestCase):
         yield server.closed
 
     @inlineCallbacks
+    def test_greetedAtOnce(self) -> Any:
+        """
+        A server that greets before the proxy's reactor sees the connection
+        made (the socket readable as well as writable, as a backend's
+        greeting often makes it) costs one C{connect} too, and the greeting
+        reaches the protocol.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.settimeout(5)
+        accepted: list[socket.socket] = []
+        connects: list[object] = []
+        realConnect = socket.socket.connect_ex
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            connects.append(address)
+            result = realConnect(sock, address)
+            if not accepted:
+                # Loopback: the handshake is done; the greeting arrives
+                # before the reactor polls.
+                server, _ = listening.accept()
+                self.addCleanup(server.close)
+                server.sendall(b"* OK ready\r\n")
+                accepted.append(server)
+            return result
+
+        self.patch(socket.socket, "connect_ex", connect_ex)
+        client = Peer()
+        _tcp.connectAtOnce(reactor, "127.0.0.1", listening.getsockname()[1], OneShotFactory(client), 5)
+        yield client.ready
+        yield AtOnceTests.waitFor(self, lambda: bytes(client.received) == b"* OK ready\r\n")
+        self.assertEqual(len(connects), 1)
+        accepted[0].close()
+        yield client.closed
+
+    @inlineCallbacks
     def test_refused(self) -> Any:
         """
         A connection to a port nobody listens on fails with Twisted's
