@@ -552,8 +552,41 @@ class Relay:
             except Exception:
                 pass
         other.loseConnection()
-        self._onEnd(self)
+        # Neither is needed once ended, and each refers back to the relay
+        # (the session's method, the guard's link): reference cycles that
+        # only the garbage collector would free.
+        onEnd, self._onEnd = self._onEnd, _ended
+        if self._guard is not None:
+            self._guard = _ENDED_GUARD
+        onEnd(self)
         return True
+
+
+def _ended(relay: Relay) -> None:
+    pass
+
+
+@implementer(IRelayGuard)
+class _EndedGuard:
+    """
+    What a guarded relay holds instead of its guard once it has ended: no
+    octet reaches a guard after that.
+    """
+
+    def attach(self, link: IRelayLink) -> None:
+        pass
+
+    def fromClient(self, data: bytes) -> None:
+        pass
+
+    def fromBackend(self, data: bytes) -> None:
+        pass
+
+    def whenDrained(self, action: Callable[[], None]) -> None:
+        pass
+
+
+_ENDED_GUARD = _EndedGuard()
 
 
 @implementer(IPushProducer)

@@ -155,6 +155,10 @@ def newSessionId() -> str:
     return base64.b32encode(os.urandom(10)).decode("ascii").lower()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Timer:
     """
     One deadline on a clock: L{start} (or restart) it, L{stop} it; when it
@@ -183,6 +187,15 @@ class Timer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+    def close(self) -> None:
+        """
+        Stop for good, letting go of the function: a session's timer calls
+        one of the session's methods, and the two would otherwise form a
+        reference cycle that only the garbage collector frees.
+        """
+        self.stop()
+        self._expired = _nothing
 
     @property
     def running(self) -> bool:
@@ -339,7 +352,7 @@ class Session(Protocol):
             self.context.stats.tlsHandshakeFailed(self.protocolName, self.listenerName)
         self.lifecycle = SessionState.CLOSED
         self._watchingReplies = False
-        self._closeGrace.stop()
+        self._closeGrace.close()
         self.sessionLost()
         if self._counted:
             self._counted = False
@@ -723,7 +736,7 @@ class FrontendProtocol(Session):
             self._pending.cancel()
 
     def sessionLost(self) -> None:
-        self._preauth.stop()
+        self._preauth.close()
         if self._pending is not None:
             self._pending.cancel()
         if self._attempt is not None:
