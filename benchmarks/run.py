@@ -79,7 +79,13 @@ service anvil {
 
 
 def mailproxyConfig(
-    protocol: str, ports: dict[str, int], backendPort: int, certificate: str, key: str, limits: Mapping[str, object]
+    protocol: str,
+    ports: dict[str, int],
+    backendPort: int,
+    certificate: str,
+    key: str,
+    limits: Mapping[str, object],
+    workers: int | None = None,
 ) -> str:
     """
     mailproxy in front of one Dovecot: a C{protocol} listener for each TLS
@@ -88,6 +94,8 @@ def mailproxyConfig(
     forwarding, so that Dovecot checks every password on both paths.
 
     @param limits: the C{[limits]} table.
+    @param workers: C{[proxy] workers}; L{None} leaves the default (one
+        worker per CPU).
     """
     listeners = "".join(
         f'[[listener]]\nprotocol = "{protocol}"\n'
@@ -95,7 +103,8 @@ def mailproxyConfig(
         for tls in TLS_MODES
     )
     return (
-        '[proxy]\nhostname = "localhost"\n\n'
+        '[proxy]\nhostname = "localhost"\n'
+        + ("" if workers is None else f"workers = {workers}\n") + "\n"
         + "[limits]\n" + "".join(f"{name} = {value}\n" for name, value in limits.items()) + "\n"
         + f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n\n'
         + listeners
@@ -113,11 +122,18 @@ def givenOptions(options: argparse.Namespace, names: Sequence[str]) -> dict[str,
 
 
 def startMailproxy(
-    directory: Path, protocol: str, backendPort: int, ca: TestCA, limits: Mapping[str, object]
+    directory: Path,
+    protocol: str,
+    backendPort: int,
+    ca: TestCA,
+    limits: Mapping[str, object],
+    workers: int | None = None,
 ) -> tuple[Proxy, dict[str, int]]:
     """
     Start mailproxy in C{directory} as L{mailproxyConfig} describes it,
     with every account routed to C{dovecot} and a certificate from C{ca}.
+
+    @param workers: C{[proxy] workers} (L{None}: the default).
 
     @return: the started proxy and its listeners' ports by TLS mode.
     """
@@ -126,7 +142,7 @@ def startMailproxy(
     (directory / "routes.toml").write_text('default = "dovecot"\n')
     # Port 0: the proxy logs the ports the kernel chose.
     ports = {mode: 0 for mode in TLS_MODES}
-    proxy = Proxy(str(directory), mailproxyConfig(protocol, ports, backendPort, certificate, key, limits))
+    proxy = Proxy(str(directory), mailproxyConfig(protocol, ports, backendPort, certificate, key, limits, workers))
     proxy.start()
     return proxy, dict(zip(TLS_MODES, proxy.ports))
 
@@ -622,6 +638,9 @@ def buildParser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, help="timed fetches")
     parser.add_argument("--users", type=int)
     parser.add_argument("--procs", type=int, help="load generator worker processes")
+    parser.add_argument(
+        "--workers", type=int, help="mailproxy's [proxy] workers (default: not set, one worker per CPU)"
+    )
     parser.add_argument("--nginx-workers", type=int, default=1)
     parser.add_argument("--nginx-buffer", default="4k", help="nginx proxy_buffer")
     parser.add_argument("--nginx-log-level", default="info")
@@ -707,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(Endpoint("direct", ports, None))
         if "mailproxy" in wanted:
             limits = {"connections_per_address": 0, "preauth_timeout": 300, "idle_timeout": 3600}
-            proxy, ports = startMailproxy(directory / "mailproxy", "imap", dovecot.imap, ca, limits)
+            proxy, ports = startMailproxy(directory / "mailproxy", "imap", dovecot.imap, ca, limits, options.workers)
             paths.append(Endpoint("mailproxy", ports, proxy.pid))
         if "nginx" in wanted:
             certificate, key = ca.issue("nginx")
@@ -741,7 +760,9 @@ def main(argv: list[str] | None = None) -> int:
                 for index, path in enumerate(paths):
                     if path.name == "mailproxy" and proxy is not None:
                         proxy.stop()
-                        proxy, ports = startMailproxy(directory / f"mailproxy-idle-{tls}", "imap", dovecot.imap, ca, limits)
+                        proxy, ports = startMailproxy(
+                            directory / f"mailproxy-idle-{tls}", "imap", dovecot.imap, ca, limits, options.workers
+                        )
                         paths[index] = Endpoint("mailproxy", ports, proxy.pid)
                     elif path.name == "nginx" and nginx is not None:
                         nginx.stop()
@@ -775,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "fdLimit": fdLimit,
+        "mailproxyWorkers": options.workers,
         "nginxWorkers": options.nginx_workers,
         "nginxProxyBuffer": options.nginx_buffer,
         "nginxLogLevel": options.nginx_log_level,

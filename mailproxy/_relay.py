@@ -15,7 +15,10 @@ transports' own buffers.
 
 When both legs are plain TCP (no TLS on either), the bytes need not pass
 through Python at all: L{_Splicer} moves them with C{splice(2)} through a
-pipe per direction, and only the readiness events are handled here.
+pipe per direction, and only the readiness events are handled here. Taking
+the sockets over costs more than relaying a few lines, so a session is
+relayed in Python first and spliced once it has moved L{SPLICE_AFTER}
+octets: most sessions are short (a login, a few commands, a logout).
 
 A protocol may give the relay a guard (L{mailproxy._guard.IRelayGuard}): it
 sees the client's octets before the backend and decides what reaches it.
@@ -87,6 +90,13 @@ TLS_BUFFERS_QUIET = 10.0
 #: half-close (TCP cannot tell the two apart); a backend that then neither
 #: answers nor closes must not hold the session for the whole idle timeout.
 HALF_CLOSED_IDLE = 60.0
+
+
+#: Octets a plain session relays in Python before its sockets are spliced
+#: (0: at once). Taking them over costs four C{epoll_ctl} calls, and each
+#: chunk spliced costs two C{splice} calls and more reactor events than a
+#: C{recv} and a C{send}: a short session (a logout) costs less in Python.
+SPLICE_AFTER = 64 * 1024
 
 
 #: No holds on the client: one empty set every relay shares (CPython has
@@ -285,6 +295,9 @@ class Relay:
         self._onEnd = onEnd
         self._idleCall: IDelayedCall | None = None
         self._splicer: _Splicer | None = None
+        # The octets relayed in Python after which the sockets are spliced
+        # (L{SPLICE_AFTER}); None: not now, or never.
+        self._spliceAt: int | None = None
         self._lastActivity = 0.0
         self.bytesFromClient = 0
         self.bytesFromBackend = 0
@@ -319,8 +332,10 @@ class Relay:
             self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
         # A guard must see every client octet before the backend does: the
         # kernel cannot move them for it.
-        if self._guard is None and _Splicer.attempt(self, toClient, toBackend) is not None:
-            return
+        if self._guard is None and _Splicer.possible(self):
+            if SPLICE_AFTER == 0 and _Splicer.attempt(self, toClient, toBackend) is not None:
+                return
+            self._spliceAt = SPLICE_AFTER
         for transport in (self._client, self._backend):
             allowHalfClose(transport)
         for transport in (self._client, self._backend):
@@ -354,6 +369,8 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
+        if self._spliceAt is not None and self.bytesFromClient + self.bytesFromBackend >= self._spliceAt:
+            self._spliceSoon()
         if self._releaseCall is None and self._tlsLegs:
             self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
         if self._guard is None:
@@ -367,11 +384,30 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
+        if self._spliceAt is not None and self.bytesFromClient + self.bytesFromBackend >= self._spliceAt:
+            self._spliceSoon()
         if self._releaseCall is None and self._tlsLegs:
             self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
         self._client.write(data)
         if self._guard is not None and self.endReason is None:
             self._guard.fromBackend(data)
+
+    def _spliceSoon(self) -> None:
+        # Not from inside a read: the reactor may go on to the socket's
+        # write event, and Twisted's transport would then unregister the
+        # splicer's writer on the same descriptor. In the next turn,
+        # before the reactor polls again.
+        self._spliceAt = None
+        self._clock.callLater(0, self._splice)
+
+    def _splice(self) -> None:
+        # A half-close already seen (or a hold, or the end) is state the
+        # splicer would not know about: such a session stays in Python.
+        if self.endReason is not None or self._closedFirst is not None or self._clientHolds:
+            return
+        if _Splicer.attempt(self, b"", b"") is None:
+            # More buffered than the pipes take now: later.
+            self._spliceAt = self.bytesFromClient + self.bytesFromBackend + SPLICE_AFTER
 
     # IRelayLink, for the guard
 
@@ -516,8 +552,41 @@ class Relay:
             except Exception:
                 pass
         other.loseConnection()
-        self._onEnd(self)
+        # Neither is needed once ended, and each refers back to the relay
+        # (the session's method, the guard's link): reference cycles that
+        # only the garbage collector would free.
+        onEnd, self._onEnd = self._onEnd, _ended
+        if self._guard is not None:
+            self._guard = _ENDED_GUARD
+        onEnd(self)
         return True
+
+
+def _ended(relay: Relay) -> None:
+    pass
+
+
+@implementer(IRelayGuard)
+class _EndedGuard:
+    """
+    What a guarded relay holds instead of its guard once it has ended: no
+    octet reaches a guard after that.
+    """
+
+    def attach(self, link: IRelayLink) -> None:
+        pass
+
+    def fromClient(self, data: bytes) -> None:
+        pass
+
+    def fromBackend(self, data: bytes) -> None:
+        pass
+
+    def whenDrained(self, action: Callable[[], None]) -> None:
+        pass
+
+
+_ENDED_GUARD = _EndedGuard()
 
 
 @implementer(IPushProducer)
@@ -781,11 +850,21 @@ class _Splicer:
 
     log = Logger()
 
+    @staticmethod
+    def possible(relay: Relay) -> bool:
+        """
+        Whether the kernel splices and both of C{relay}'s legs are plain TCP
+        sockets that L{attempt} may take over.
+        """
+        return _spliceWorks() and _plainSocket(relay._client) is not None and _plainSocket(relay._backend) is not None
+
     @classmethod
     def attempt(cls, relay: Relay, toClient: bytes, toBackend: bytes) -> _Splicer | None:
         """
         Take over both sockets from Twisted if both are plain TCP; what
-        Twisted had not yet written, and the early bytes, go first.
+        Twisted had not yet written, and the early bytes, go first. A relay
+        running in Python stops: neither transport is the other's producer
+        any more.
         """
         if not _spliceWorks():
             return None
@@ -793,8 +872,8 @@ class _Splicer:
         if client is None or backend is None:
             return None
         sizes = (cast(int, _unsentSize(client)) + len(toClient), cast(int, _unsentSize(backend)) + len(toBackend))
-        if sum(sizes) > 32768:
-            return None  # more than a pipe surely holds at once: stay in Python
+        if max(sizes) > SPLICE_PIPE_SIZE:
+            return None  # more than a pipe holds: stay in Python
         splicer = cls(relay, client, backend)
         for size, direction in zip(sizes, (splicer.toClient, splicer.toBackend)):
             if size and size > direction.hold().capacity:
@@ -804,6 +883,7 @@ class _Splicer:
                     each.close()
                 return None
         for connection in (client, backend):
+            connection.unregisterProducer()
             connection.stopReading()
             connection.stopWriting()
         early = [_takeUnsent(client) + toClient, _takeUnsent(backend) + toBackend]

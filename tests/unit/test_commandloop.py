@@ -214,6 +214,8 @@ class UnreadRepliesTests(SynchronousTestCase):
         buffered = cast(SocketBufferTransport, client)
         buffered.read()
         frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        # Input during the login stops reading.
+        frontend.dataReceived(b"b NOOP\r\n")
         self.assertEqual(client.producerState, "paused")
         # The transport's buffer fills and drains while the router thinks.
         buffered.producer.pauseProducing()
@@ -266,6 +268,56 @@ CLOSES = {
     "MX QUIT": ("smtp", {"mode": "mx"}, b"QUIT\r\n"),
     "MX errors": ("smtp", {"mode": "mx"}, b"BOGUS\r\n" * 20),
 }
+
+
+class LoginPauseTests(SynchronousTestCase):
+    """
+    Reading from the client stops during a login only once the client
+    sends something meanwhile: a client that waits for its login reply
+    costs no pause and resume.
+    """
+
+    def counted(self, client: Any) -> list[str]:
+        """
+        Record the pause and resume calls on the client's transport.
+        """
+        calls: list[str] = []
+        for name in ("pauseProducing", "resumeProducing"):
+            method = getattr(client, name)
+            setattr(client, name, lambda method=method, name=name: (calls.append(name), method())[1])
+        return calls
+
+    def test_quietClient(self) -> None:
+        """
+        A login answered while the client sends nothing else never pauses
+        reading.
+        """
+        router = FakeRouter(manual=True)
+        frontend, client, _ = makeFrontend("imap", router, limits=Limits(failureDelay=0))
+        calls = self.counted(client)
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        router.pending[0].callback(Rejection())
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", client.value())
+        self.assertEqual(calls, [])
+
+    def test_inputDuringLogin(self) -> None:
+        """
+        Input during a login pauses reading; it is answered after the login
+        reply, and reading resumes then.
+        """
+        router = FakeRouter(manual=True)
+        frontend, client, _ = makeFrontend("imap", router, limits=Limits(failureDelay=0))
+        calls = self.counted(client)
+        client.clear()
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        frontend.dataReceived(b"b NOOP\r\n")
+        self.assertEqual((calls, client.producerState, client.value()), (["pauseProducing"], "paused", b""))
+        router.pending[0].callback(Rejection())
+        self.assertEqual(client.producerState, "producing")
+        self.assertEqual(calls, ["pauseProducing", "resumeProducing"])
+        replies = client.value().split(b"\r\n")
+        self.assertTrue(replies[0].startswith(b"a NO [AUTHENTICATIONFAILED]"), replies)
+        self.assertTrue(replies[1].startswith(b"b OK"), replies)
 
 
 class CloseGraceTests(SynchronousTestCase):

@@ -211,7 +211,9 @@ class Session:
     def send(self, data: bytes) -> None:
         """
         One read of C{data}, then as much time as the front end waits for
-        logins (a real transport delivers nothing while it is paused).
+        logins (the next read would come after: a real transport delivers
+        nothing while it is paused, and the front end pauses it on input
+        during a login).
         """
         self.frontend.dataReceived(data)
         self.settle()
@@ -233,7 +235,7 @@ class Session:
         waited = 0
         if self.mailServer is not None:
             self.mailServer.serve(self.connector)
-        while self.client.producerState == "paused" and not self.closed:
+        while (self.frontend.loginRunning or self.client.producerState == "paused") and not self.closed:
             if self.mailServer is not None:
                 self.mailServer.serve(self.connector)
             if waited >= LOGIN_WAIT:

@@ -131,6 +131,10 @@ class SplicedRelayTests(TestCase):
     Bytes and closes cross a relay of two plain TCP connections.
     """
 
+    def setUp(self) -> None:
+        # About the splicer itself: splice from the start.
+        self.patch(_relay, "SPLICE_AFTER", 0)
+
     @inlineCallbacks
     def leg(self, outer: Collector | None = None):
         """
@@ -244,6 +248,7 @@ class SpliceHandOverTests(TestCase):
     leg = SplicedRelayTests.leg
     relayed = SplicedRelayTests.relayed
     join = SplicedRelayTests.join
+    setUp = SplicedRelayTests.setUp
 
     @inlineCallbacks
     def test_largeEarlyBytes(self) -> None:
@@ -347,6 +352,89 @@ class SpliceHandOverTests(TestCase):
 
 
 LOGOUT_REPLY = b"* BYE Logging out\r\nb OK Logout completed.\r\n"
+
+
+class DeferredSpliceTests(TestCase):
+    """
+    A plain session is relayed in Python until it has moved
+    L{_relay.SPLICE_AFTER} octets, then spliced.
+    """
+
+    timeout = 20
+    leg = SplicedRelayTests.leg
+    relayed = SplicedRelayTests.relayed
+    join = SplicedRelayTests.join
+
+    def countSplices(self) -> list[int]:
+        """
+        Count the C{splice(2)} calls from now on.
+
+        @return: a list that gets one entry per call.
+        """
+        calls: list[int] = []
+        realSplice = os.splice
+
+        def splice(*args: object, **kwargs: object) -> int:
+            calls.append(1)
+            return realSplice(*args, **kwargs)
+
+        self.patch(os, "splice", splice)
+        return calls
+
+    @inlineCallbacks
+    def test_shortSessionNotSpliced(self) -> None:
+        """
+        A logout (a few dozen octets each way) is relayed without a single
+        C{splice(2)} call, and the client gets the login reply, then the
+        backend's reply, then the close.
+        """
+        _relay._spliceWorks()
+        splices = self.countSplices()
+        yield self.relayed(backend=LogoutPeer())
+        yield HalfCloseTests.plainClientLogsOut(self)
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(self.relay.endReason, "client closed")
+        self.assertEqual(len(splices), 0)
+
+    @inlineCallbacks
+    def test_longSessionSpliced(self) -> None:
+        """
+        A session that moves more than L{_relay.SPLICE_AFTER} octets is then
+        spliced, and what Twisted held unsent for the client at the switch
+        (a client slow to read) reaches it in order, before the rest.
+        """
+        yield self.relayed(toClient=b"* 1 EXISTS\r\n")
+        self.assertIsNone(self.relay._splicer)
+        # The client does not read and the proxy's socket towards it takes
+        # little: Twisted holds most of what the relay writes to it.
+        self.client.transport.pauseProducing()
+        self.clientInner.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        taken: list[int] = []
+        realTake = _relay._takeUnsent
+
+        def takeUnsent(connection: object) -> bytes:
+            data = realTake(connection)
+            taken.append(len(data))
+            return data
+
+        self.patch(_relay, "_takeUnsent", takeUnsent)
+        splices = self.countSplices()
+        down = os.urandom(3 * 1024 * 1024)
+        self.backend.transport.write(down)
+        while self.relay._splicer is None:
+            yield deferLater(reactor, 0.01)
+        self.assertGreater(sum(taken), 0)
+        self.client.transport.resumeProducing()
+        self.client.transport.write(b"b LOGOUT\r\n")
+        while len(self.backend.received) < len(b"b LOGOUT\r\n"):
+            yield deferLater(reactor, 0.01)
+        self.backend.transport.loseConnection()
+        yield self.client.closed
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* 1 EXISTS\r\n" + down)
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+        self.assertGreater(len(splices), 0)
+        self.assertEqual(self.relay.bytesFromBackend, len(b"* 1 EXISTS\r\n") + len(down))
 
 
 class BlockingTLS:
@@ -491,6 +579,7 @@ class HalfCloseTests(TestCase):
         after its LOGOUT, and its reply reaches the client before the
         close.
         """
+        self.patch(_relay, "SPLICE_AFTER", 0)
         yield self.relayed(backend=LogoutPeer())
         self.assertIsNotNone(self.relay._splicer)
         yield self.plainClientLogsOut()
@@ -517,6 +606,7 @@ class HalfCloseTests(TestCase):
         A backend that says goodbye and half-closes still gets what the
         client sends afterwards, spliced or not.
         """
+        self.patch(_relay, "SPLICE_AFTER", 0)
         for splice in (None, False):
             self.patch(_relay, "_spliceChecked", splice)
             yield self.relayed(client=HalfClosingCollector())

@@ -140,7 +140,6 @@ class DropDuringLoginTests(SynchronousTestCase):
         self.assertEqual(self.frontend.failures, 0)
         self.assertEqual(dict(self.frontend.context.stats.logins), {})
         self.assertEqual(self.frontend.result, "dropped: Moved.")
-        self.assertEqual(self.client.producerState, "paused")
         self.assertEqual(self.connector.protocols, [])
 
     def test_whileRoutingOtherProtocols(self) -> None:

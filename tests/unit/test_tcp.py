@@ -14,6 +14,8 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor, tcp
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -22,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from mailproxy import _tcp
 from mailproxy._tls import makeSelfSigned
@@ -49,6 +52,23 @@ class Peer(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.closed.callback(None)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingPeer(Peer):
+    """
+    A peer that is told of half-closes: it counts its
+    C{writeConnectionLost} calls and closes once the other side has
+    finished sending too.
+    """
+
+    writeLost = 0
+
+    def writeConnectionLost(self) -> None:
+        self.writeLost += 1
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
 
 class OneShotFactory(ClientFactory):
@@ -244,6 +264,49 @@ class AtOnceTests(TestCase):
         self.assertNotIn(server.transport, self.watched)
 
     @inlineCallbacks
+    def test_halfCloseAtOnce(self) -> Any:
+        """
+        Half-closing a connection with nothing buffered does not have the
+        reactor watch it for writability either: the peer gets what was
+        written, then the end of the stream, and the protocol its
+        C{writeConnectionLost} once, after loseWriteConnection returned.
+        """
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseWriteConnection()
+        self.assertEqual(server.writeLost, 0)
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(server.writeLost, 1)
+        self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
+    def test_halfCloseAfterLateWrite(self) -> Any:
+        """
+        What is written after loseWriteConnection still reaches the peer
+        before the end of the stream, even what the kernel does not take
+        at once.
+        """
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        client.transport.pauseProducing()
+        server.transport.loseWriteConnection()
+        late = b"x" * (6 * 1024 * 1024)
+        server.transport.write(late)
+        yield deferLater(reactor, 0.05)
+        client.transport.resumeProducing()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(len(client.received), len(late))
+        self.assertEqual(server.writeLost, 1)
+
+    @inlineCallbacks
     def test_closeAfterLateWrite(self) -> Any:
         """
         What is written after loseConnection still reaches the peer before
@@ -305,6 +368,131 @@ class AtOnceTests(TestCase):
         left = [type(o).__name__ for o in gc.garbage if isinstance(o, (tcp.Client, tcp.Connector))]
         del gc.garbage[:]
         self.assertEqual(left, [])
+
+
+class CountingPoller:
+    """
+    An epoll object's stand-in that records the C{epoll_ctl} operations
+    (C{register}, C{modify}, C{unregister}) by file descriptor.
+    """
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.operations: list[tuple[str, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.poller, name)
+        if name not in ("register", "modify", "unregister"):
+            return method
+
+        def counted(fd: int, *args: Any) -> Any:
+            self.operations.append((name, fd))
+            return method(fd, *args)
+
+        return counted
+
+
+class ConnectTests(TestCase):
+    """
+    L{_tcp.connectAtOnce} connects with fewer reactor registrations than
+    Twisted, and still reports a refused connection as Twisted does.
+    """
+
+    @inlineCallbacks
+    def test_threeRegistrations(self) -> Any:
+        """
+        From the connect call to the protocol's C{connectionMade}, the
+        client's socket costs three C{epoll_ctl} operations and one
+        C{connect} (Twisted's own connect costs five and two: it stops
+        watching the socket for reading and writing, then starts reading
+        again, and calls C{connect} again to learn it is connected).
+        """
+        server, client = Peer(), Peer()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        poller = CountingPoller(reactor._poller)
+        self.patch(reactor, "_poller", poller)
+        connects: list[object] = []
+        realConnect = socket.socket.connect_ex
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            connects.append(address)
+            return realConnect(sock, address)
+
+        self.patch(socket.socket, "connect_ex", connect_ex)
+        seen: list[list[str]] = []
+        client.connectionMade = lambda: (  # type: ignore[method-assign]
+            seen.append([name for name, fd in poller.operations if fd == client.transport.fileno()]),
+            Peer.connectionMade(client),
+        )
+        _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
+        yield client.ready
+        self.assertEqual(seen, [["register", "modify", "modify"]])
+        self.assertEqual(len(connects), 1)
+        client.transport.write(b"a NOOP\r\n")
+        yield AtOnceTests.waitFor(self, lambda: bytes(server.received) == b"a NOOP\r\n")
+        client.transport.loseConnection()
+        yield client.closed
+        yield server.closed
+
+    @inlineCallbacks
+    def test_greetedAtOnce(self) -> Any:
+        """
+        A server that greets before the proxy's reactor sees the connection
+        made (the socket readable as well as writable, as a backend's
+        greeting often makes it) costs one C{connect} too, and the greeting
+        reaches the protocol.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.settimeout(5)
+        accepted: list[socket.socket] = []
+        connects: list[object] = []
+        realConnect = socket.socket.connect_ex
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            connects.append(address)
+            result = realConnect(sock, address)
+            if not accepted:
+                # Loopback: the handshake is done; the greeting arrives
+                # before the reactor polls.
+                server, _ = listening.accept()
+                self.addCleanup(server.close)
+                server.sendall(b"* OK ready\r\n")
+                accepted.append(server)
+            return result
+
+        self.patch(socket.socket, "connect_ex", connect_ex)
+        client = Peer()
+        _tcp.connectAtOnce(reactor, "127.0.0.1", listening.getsockname()[1], OneShotFactory(client), 5)
+        yield client.ready
+        yield AtOnceTests.waitFor(self, lambda: bytes(client.received) == b"* OK ready\r\n")
+        self.assertEqual(len(connects), 1)
+        accepted[0].close()
+        yield client.closed
+
+    @inlineCallbacks
+    def test_refused(self) -> Any:
+        """
+        A connection to a port nobody listens on fails with Twisted's
+        C{ConnectionRefusedError}, given to the factory's
+        C{clientConnectionFailed}.
+        """
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        portNumber = listening.getsockname()[1]
+        listening.close()
+        failed: Deferred[Any] = Deferred()
+
+        class Refused(ClientFactory):
+            def clientConnectionFailed(self, connector: object, reason: Any) -> None:
+                failed.callback([reason])
+
+        _tcp.connectAtOnce(reactor, "127.0.0.1", portNumber, Refused(), 5)
+        [reason] = yield failed
+        self.assertTrue(reason.check(ConnectionRefusedError), reason)
 
 
 class Readable:
