@@ -645,8 +645,9 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
 
     def _again(self) -> None:
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
-        self.backendSays(GREETING)
-        self.backendSays(POSTFIX_EHLO)
+        # The backend offered XCLIENT on the first connection: XCLIENT
+        # follows the greeting, no EHLO before it.
+        self.assertEqual(self.backendSays(GREETING)[:8], b"XCLIENT ")
         self.backendSays(GREETING)
 
     def test_routerRefuses(self) -> None:
@@ -688,6 +689,11 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.connector.refuse = False
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
         self.backendSays(GREETING)
+        # It offered XCLIENT before: the proxy sends it unasked, and asks
+        # with EHLO when it is refused.
+        self.assertEqual(
+            self.backendSays(b"550 5.7.0 Error: insufficient authorization\r\n"), b"EHLO proxy.test\r\n"
+        )
         self.backendSays(POSTFIX_EHLO.replace(b"250-XCLIENT " + XCLIENT_ATTRIBUTES + b"\r\n", b""))
         self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
