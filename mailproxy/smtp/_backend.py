@@ -178,8 +178,10 @@ class _ESMTPDialogue(BackendProtocol):
         self._knownXCLIENT = knownXCLIENT
         self._rememberXCLIENT = rememberXCLIENT
         # XCLIENT was sent on the word of an earlier connection, no EHLO
-        # before it: a refusal of its first line is no refusal of the client.
+        # before it: a refusal of its first line is no refusal of the client
+        # unless the EHLO that follows is refused too (it is kept till then).
         self._xclientUnasked = False
+        self._unaskedRefusal: Reply | None = None
 
     # Reading
 
@@ -254,8 +256,12 @@ class _ESMTPDialogue(BackendProtocol):
         self._send(b"EHLO " + name.encode("utf-8", "surrogateescape"))
 
     def _ehloReply(self, reply: Reply) -> None:
+        refusal, self._unaskedRefusal = self._unaskedRefusal, None
         if reply.code != 250:
-            if self._xclientSent:
+            if refusal is not None:
+                # XCLIENT took hold and the server refuses the client.
+                self._refusedClient("backend refused XCLIENT", refusal)
+            elif self._xclientSent:
                 self._refusedClient("backend refused EHLO after XCLIENT", reply)
             else:
                 self.fail(FailureKind.UNAVAILABLE, "backend refused EHLO: " + _show(reply))
@@ -267,7 +273,7 @@ class _ESMTPDialogue(BackendProtocol):
             return
         if self._wantsXCLIENT():
             advertised = self.extensions.parameters("XCLIENT")
-            if self._rememberXCLIENT is not None and self.job.tls != "starttls" and advertised != self._knownXCLIENT:
+            if self._rememberXCLIENT is not None and self._xclientFirst() and advertised != self._knownXCLIENT:
                 self._rememberXCLIENT(advertised)
             self._startXCLIENT(advertised)
             return
@@ -332,8 +338,7 @@ class _ESMTPDialogue(BackendProtocol):
     def _xclientReply(self, reply: Reply) -> None:
         unasked, self._xclientUnasked = self._xclientUnasked, False
         if reply.code != 220 and unasked:
-            # What an earlier connection offered, this one does not (or
-            # the refusal is the client's: XCLIENT, offered, says so).
+            # What an earlier connection offered, this one may not: ask.
             self.log.info(
                 "backend {backend} refused XCLIENT sent without EHLO: {reply}; asking it with EHLO",
                 backend=self.job.backend.name,
@@ -341,6 +346,7 @@ class _ESMTPDialogue(BackendProtocol):
             )
             if self._rememberXCLIENT is not None:
                 self._rememberXCLIENT(None)
+            self._unaskedRefusal = reply
             self._knownXCLIENT = None
             self._xclientSent = False
             self._xclientUser = None

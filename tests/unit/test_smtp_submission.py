@@ -713,6 +713,26 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
 
+    def test_clientRefusedAtXCLIENTSentUnasked(self) -> None:
+        """
+        A backend known to offer XCLIENT gets it right after the greeting;
+        if it refuses that XCLIENT and then the EHLO, the client is what it
+        refuses: the client gets its refusal, as when XCLIENT was offered.
+        """
+        self.build()
+        self.toXCLIENT()
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
+        self.client.clear()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.assertEqual(self.backendSays(GREETING)[:8], b"XCLIENT ")
+        self.assertEqual(
+            self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n"), b"EHLO proxy.test\r\n"
+        )
+        self.backendSays(b"503 5.5.0 Error: access denied for unknown[192.0.2.7]\r\n")
+        self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
+
     def test_noUsableMechanism(self) -> None:
         """
         A backend offering neither PLAIN nor LOGIN (and no XCLIENT LOGIN for
