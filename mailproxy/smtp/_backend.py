@@ -7,6 +7,13 @@ the server answers with a new greeting, then EHLO again with the client's
 name (if forwarding by XCLIENT) -> AUTH (submission, unless XCLIENT LOGIN
 already logged the user in).
 
+A backend in plain text (or implicit TLS) that offered XCLIENT on an
+earlier connection gets XCLIENT right after its greeting: the EHLO before
+it would only say again what the proxy already knows, and XCLIENT resets
+the session anyway. Should the server refuse it (it no longer trusts the
+proxy, or no longer offers XCLIENT), the proxy forgets what it knew and
+goes on as on a first connection, with EHLO.
+
 Two clients share that dialogue up to the identity:
 L{SMTPBackendLogin} (submission: it logs in, then the client is relayed to
 the logged-in session) and L{SMTPBackend}, which logs in nowhere: as an
@@ -142,12 +149,20 @@ class _ESMTPDialogue(BackendProtocol):
         helo: str | None = None,
         esmtp: bool = True,
         learn: Callable[[Extensions], None] | None = None,
+        knownXCLIENT: list[str] | None = None,
+        rememberXCLIENT: Callable[[list[str] | None], None] | None = None,
     ) -> None:
         """
         @param hostname: the proxy's name, for its own EHLO.
         @param helo: the client's EHLO name, passed on after XCLIENT.
         @param esmtp: the client greeted with EHLO (not HELO).
         @param learn: told the backend's extensions after its last EHLO.
+        @param knownXCLIENT: the XCLIENT attributes this backend offered the
+            proxy on an earlier connection, if it did: XCLIENT then follows
+            the greeting, without an EHLO before it.
+        @param rememberXCLIENT: told the XCLIENT attributes the backend
+            offers the proxy (L{None}: it refused XCLIENT sent on
+            C{knownXCLIENT}'s word), for later connections.
         """
         super().__init__(job, clock, timeout)
         self.hostname = hostname
@@ -160,6 +175,13 @@ class _ESMTPDialogue(BackendProtocol):
         # The user XCLIENT LOGIN logged in, if it did.
         self._xclientUser: str | None = None
         self._pendingXCLIENT: list[bytes] = []
+        self._knownXCLIENT = knownXCLIENT
+        self._rememberXCLIENT = rememberXCLIENT
+        # XCLIENT was sent on the word of an earlier connection, no EHLO
+        # before it: a refusal of its first line is no refusal of the client
+        # unless the EHLO that follows is refused too (it is kept till then).
+        self._xclientUnasked = False
+        self._unaskedRefusal: Reply | None = None
 
     # Reading
 
@@ -193,6 +215,7 @@ class _ESMTPDialogue(BackendProtocol):
         # The front end's callback may hold the job it made, passwords and
         # all; it is only needed during the dialogue.
         self._learn = None
+        self._rememberXCLIENT = None
 
     def _broken(self, detail: str) -> None:
         if not self._done:
@@ -213,6 +236,11 @@ class _ESMTPDialogue(BackendProtocol):
             if reply.code != 220:
                 self.fail(FailureKind.UNAVAILABLE, "backend greeting: " + _show(reply))
                 return
+            known = self._knownXCLIENT
+            if known is not None and self._xclientFirst():
+                self._xclientUnasked = True
+                self._startXCLIENT(known)
+                return
             self._ehlo(self.hostname)
         elif state is LoginState.CAPABILITIES:
             self._ehloReply(reply)
@@ -228,8 +256,12 @@ class _ESMTPDialogue(BackendProtocol):
         self._send(b"EHLO " + name.encode("utf-8", "surrogateescape"))
 
     def _ehloReply(self, reply: Reply) -> None:
+        refusal, self._unaskedRefusal = self._unaskedRefusal, None
         if reply.code != 250:
-            if self._xclientSent:
+            if refusal is not None:
+                # XCLIENT took hold and the server refuses the client.
+                self._refusedClient("backend refused XCLIENT", refusal)
+            elif self._xclientSent:
                 self._refusedClient("backend refused EHLO after XCLIENT", reply)
             else:
                 self.fail(FailureKind.UNAVAILABLE, "backend refused EHLO: " + _show(reply))
@@ -240,7 +272,10 @@ class _ESMTPDialogue(BackendProtocol):
             self.askForTLS(b"STARTTLS", "STARTTLS" in self.extensions)
             return
         if self._wantsXCLIENT():
-            self._startXCLIENT()
+            advertised = self.extensions.parameters("XCLIENT")
+            if self._rememberXCLIENT is not None and self._xclientFirst() and advertised != self._knownXCLIENT:
+                self._rememberXCLIENT(advertised)
+            self._startXCLIENT(advertised)
             return
         if backend.forward == "xclient" and not self._xclientSent and self.forwardsIdentity:
             self.fail(
@@ -272,9 +307,21 @@ class _ESMTPDialogue(BackendProtocol):
         """
         return None
 
-    def _startXCLIENT(self) -> None:
-        assert self.extensions is not None
-        advertised = self.extensions.parameters("XCLIENT")
+    def _xclientFirst(self) -> bool:
+        """
+        Whether XCLIENT may follow the greeting at once: the identity is to
+        be forwarded by XCLIENT and no STARTTLS comes first.
+        """
+        return (
+            self.forwardsIdentity and self.job.backend.forward in ("xclient", "auto") and self.job.tls != "starttls"
+        )
+
+    def _startXCLIENT(self, advertised: list[str]) -> None:
+        """
+        Send the first XCLIENT command line.
+
+        @param advertised: the attributes the server's XCLIENT takes.
+        """
         login = self.xclientLoginName(advertised)
         attributes = xclientAttributes(self.job.client, self.helo, self.esmtp, login)
         try:
@@ -289,6 +336,23 @@ class _ESMTPDialogue(BackendProtocol):
         self._send(commands[0])
 
     def _xclientReply(self, reply: Reply) -> None:
+        unasked, self._xclientUnasked = self._xclientUnasked, False
+        if reply.code != 220 and unasked:
+            # What an earlier connection offered, this one may not: ask.
+            self.log.info(
+                "backend {backend} refused XCLIENT sent without EHLO: {reply}; asking it with EHLO",
+                backend=self.job.backend.name,
+                reply=logQuote(_show(reply)),
+            )
+            if self._rememberXCLIENT is not None:
+                self._rememberXCLIENT(None)
+            self._unaskedRefusal = reply
+            self._knownXCLIENT = None
+            self._xclientSent = False
+            self._xclientUser = None
+            self._pendingXCLIENT = []
+            self._ehlo(self.hostname)
+            return
         if reply.code != 220:
             self._refusedClient("backend refused XCLIENT", reply)
             return
@@ -434,11 +498,16 @@ class SMTPBackend(_ESMTPDialogue):
         helo: str | None = None,
         esmtp: bool = True,
         learn: Callable[[Extensions], None] | None = None,
+        knownXCLIENT: list[str] | None = None,
+        rememberXCLIENT: Callable[[list[str] | None], None] | None = None,
     ) -> None:
         """
         @param purpose: C{"relay"} or C{"probe"}.
         """
-        super().__init__(job, clock, timeout, hostname=hostname, helo=helo, esmtp=esmtp, learn=learn)
+        super().__init__(
+            job, clock, timeout, hostname=hostname, helo=helo, esmtp=esmtp, learn=learn,
+            knownXCLIENT=knownXCLIENT, rememberXCLIENT=rememberXCLIENT,
+        )  # fmt: skip
         self.purpose = purpose
         # A probe tells the backend nothing about anyone.
         self.forwardsIdentity = purpose != "probe"

@@ -217,8 +217,9 @@ class SMTPFrontend(CommandLoop):
     def backendFor(self, dialogue: Callable[..., _Dialogue], job: LoginJob, **options: Any) -> _Dialogue:
         """
         A connection to C{job}'s backend that greets it as the client
-        greeted the proxy (EHLO or HELO, with the client's name) and tells
-        L{knowledge} the extensions it finds.
+        greeted the proxy (EHLO or HELO, with the client's name), tells
+        L{knowledge} the extensions it finds, and sends XCLIENT without
+        asking first where L{knowledge} knows the backend offers it.
 
         @param dialogue: the client: C{SMTPBackendLogin} (submission's
             login) or L{SMTPBackend} (MX's relay).
@@ -235,6 +236,8 @@ class SMTPFrontend(CommandLoop):
             helo=self.helo,
             esmtp=self.esmtp,
             learn=lambda extensions: knowledge.learn(name, extensions),
+            knownXCLIENT=knowledge.xclientOf(name),
+            rememberXCLIENT=lambda attributes: knowledge.learnXCLIENT(name, attributes),
             **options,
         )
 

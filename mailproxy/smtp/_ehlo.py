@@ -129,6 +129,7 @@ class BackendExtensions:
         self._probe = probe
         self.retryInterval = retryInterval
         self._known: dict[str, Extensions] = {}
+        self._xclient: dict[str, list[str]] = {}
         self._failedAt: dict[str, float] = {}
         self._probing: dict[str, Deferred[None]] = {}
 
@@ -138,6 +139,23 @@ class BackendExtensions:
         """
         self._known[name] = extensions
         self._failedAt.pop(name, None)
+
+    def learnXCLIENT(self, name: str, attributes: list[str] | None) -> None:
+        """
+        Backend C{name} offered the proxy XCLIENT with C{attributes} before
+        any XCLIENT (L{None}: it refused an XCLIENT sent without asking).
+        """
+        if attributes is None:
+            self._xclient.pop(name, None)
+        else:
+            self._xclient[name] = attributes
+
+    def xclientOf(self, name: str) -> list[str] | None:
+        """
+        The XCLIENT attributes backend C{name} last offered the proxy, if
+        it offered XCLIENT.
+        """
+        return self._xclient.get(name)
 
     def extensionsOf(self, name: str) -> Extensions | None:
         """

@@ -593,6 +593,27 @@ class SubmissionTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertSubmitted("new", user, mark, messageId, "PLAIN")
 
 
+    def test_xclientWithoutEHLOOnceKnown(self) -> None:
+        """
+        Once Postfix has offered the proxy XCLIENT, a later login sends it
+        right after the greeting: Postfix counts one EHLO (the one with the
+        client's name after XCLIENT) where a first connection has two,
+        logs no improper pipelining, and both messages arrive.
+        """
+        user = "alice@example.org"
+        for _ in range(2):
+            messageId, mark = newMessageId(), self.logMark("old")
+            client = self.smtp(self.running.submission)
+            client.starttls(context=self.context)
+            client.login(user, PASSWORDS[user])
+            self.assertEqual(client.sendmail(user, [user], message(user, [user], messageId)), {})
+            client.quit()
+            self.assertSubmitted("old", user, mark, messageId, "PLAIN")
+        line = self.postfixLine("old", mark, f"disconnect from unknown[{CLIENT_ADDRESS}]", "auth=1")
+        self.assertIn(" ehlo=1 xclient=", line)
+        self.assertNotIn("improper command pipelining", self.system.postfixes["old"].logText()[mark:])
+
+
 class AfterLoginTests(SMTPFixtureMixin, SynchronousTestCase):
     """
     What a logged-in submission client may not say to Postfix, which trusts

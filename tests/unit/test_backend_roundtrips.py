@@ -207,6 +207,7 @@ SMTP_EHLO = (
     b"250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
 )
+SMTP_XCLIENT_ATTRIBUTES = ["NAME", "ADDR", "PROTO", "HELO", "REVERSE_NAME", "PORT", "LOGIN", "DESTADDR", "DESTPORT"]
 
 
 def smtpScript() -> Script:
@@ -612,4 +613,56 @@ class SMTPRoundTripTests(RoundTripTestsMixin, TestCase):
         AUTH.
         """
         server = yield self.smtpLogin(tls="starttls")
+        self.assertReads(server, [b"EHLO", b"STARTTLS", b"EHLO", b"XCLIENT", b"EHLO", b"AUTH"])
+
+    @inlineCallbacks
+    def test_xclientRemembered(self):
+        """
+        A first connection asks with EHLO and remembers the XCLIENT
+        attributes offered; a later one sends XCLIENT right after the
+        greeting: XCLIENT, EHLO with the client's name, AUTH.
+        """
+        remembered: list[list[str] | None] = []
+        server = yield self.smtpLogin(rememberXCLIENT=remembered.append)
+        self.assertReads(server, [b"EHLO", b"XCLIENT", b"EHLO", b"AUTH"])
+        self.assertEqual(remembered, [SMTP_XCLIENT_ATTRIBUTES])
+        server = yield self.smtpLogin(knownXCLIENT=remembered[0], rememberXCLIENT=remembered.append)
+        self.assertReads(server, [b"XCLIENT", b"EHLO", b"AUTH"])
+        self.assertTrue(server.reads[0].startswith(b"XCLIENT PROTO=ESMTP HELO=client.example PORT=50000 "))
+        self.assertTrue(server.reads[1].startswith(b"EHLO client.example\r\n"))
+        self.assertEqual(len(remembered), 1)
+
+    @inlineCallbacks
+    def test_xclientKnownRefused(self):
+        """
+        A backend that no longer offers XCLIENT refuses the one sent
+        without asking: the proxy forgets it, asks with EHLO and logs in
+        without forwarding (C{forward = "auto"}).
+        """
+        remembered: list[list[str] | None] = []
+        noXCLIENT = SMTP_EHLO.replace(b"250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n", b"")
+
+        def answer(line: bytes) -> tuple[bytes, bool]:
+            command = line.split(b" ")[0].upper()
+            if command == b"EHLO":
+                return noXCLIENT, False
+            if command == b"XCLIENT":
+                return b"550 5.7.0 Error: insufficient authorization\r\n", False
+            return smtpScript()(line)
+
+        server = yield self.login(
+            "smtp", self.GREETING, answer, SMTPBackendLogin, hostname="proxy.test", helo="client.example",
+            knownXCLIENT=SMTP_XCLIENT_ATTRIBUTES, rememberXCLIENT=remembered.append,
+        )  # fmt: skip
+        self.assertReads(server, [b"XCLIENT", b"EHLO", b"AUTH"])
+        self.assertTrue(server.reads[1].startswith(b"EHLO proxy.test\r\n"))
+        self.assertEqual(remembered, [None])
+
+    @inlineCallbacks
+    def test_xclientKnownStartTLS(self):
+        """
+        Where STARTTLS comes first, XCLIENT waits for TLS and the EHLO
+        inside it, known or not.
+        """
+        server = yield self.smtpLogin(tls="starttls", knownXCLIENT=SMTP_XCLIENT_ATTRIBUTES)
         self.assertReads(server, [b"EHLO", b"STARTTLS", b"EHLO", b"XCLIENT", b"EHLO", b"AUTH"])

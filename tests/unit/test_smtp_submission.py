@@ -645,8 +645,9 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
 
     def _again(self) -> None:
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
-        self.backendSays(GREETING)
-        self.backendSays(POSTFIX_EHLO)
+        # The backend offered XCLIENT on the first connection: XCLIENT
+        # follows the greeting, no EHLO before it.
+        self.assertEqual(self.backendSays(GREETING)[:8], b"XCLIENT ")
         self.backendSays(GREETING)
 
     def test_routerRefuses(self) -> None:
@@ -688,6 +689,11 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.connector.refuse = False
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
         self.backendSays(GREETING)
+        # It offered XCLIENT before: the proxy sends it unasked, and asks
+        # with EHLO when it is refused.
+        self.assertEqual(
+            self.backendSays(b"550 5.7.0 Error: insufficient authorization\r\n"), b"EHLO proxy.test\r\n"
+        )
         self.backendSays(POSTFIX_EHLO.replace(b"250-XCLIENT " + XCLIENT_ATTRIBUTES + b"\r\n", b""))
         self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
@@ -705,6 +711,26 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.backendSays(GREETING)
         self.backendSays(POSTFIX_EHLO)
         self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n")
+        self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
+
+    def test_clientRefusedAtXCLIENTSentUnasked(self) -> None:
+        """
+        A backend known to offer XCLIENT gets it right after the greeting;
+        if it refuses that XCLIENT and then the EHLO, the client is what it
+        refuses: the client gets its refusal, as when XCLIENT was offered.
+        """
+        self.build()
+        self.toXCLIENT()
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
+        self.client.clear()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.assertEqual(self.backendSays(GREETING)[:8], b"XCLIENT ")
+        self.assertEqual(
+            self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n"), b"EHLO proxy.test\r\n"
+        )
+        self.backendSays(b"503 5.5.0 Error: access denied for unknown[192.0.2.7]\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
 
     def test_noUsableMechanism(self) -> None:
