@@ -10,9 +10,13 @@ tests.integration.test_workers.
 from __future__ import annotations
 
 import os
+import select
+import socket
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -24,6 +28,7 @@ from mailproxy._logs import jsonLine
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
+from mailproxy._tcp import DirectReactor
 from mailproxy._workers import (
     MAX_BACKOFF,
     STABLE,
@@ -163,7 +168,7 @@ class WorkerConnectionsTests(SynchronousTestCase):
         message, changes that cancel out left out.
         """
         clock, channel = Clock(), FakeChannel()
-        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker = WorkerConnections(5, channel, clock)  # type: ignore[arg-type]
         tracker.add("192.0.2.1")
         tracker.add("192.0.2.1")
         tracker.add("192.0.2.2")
@@ -172,6 +177,19 @@ class WorkerConnectionsTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(channel.notified, [("connections", {"192.0.2.1": 2})])
 
+    def test_noLimitTellsNothing(self) -> None:
+        """
+        With no limit (0, the default) the parent is told nothing: no
+        message, and no wake-up of the parent, per connection.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.2")
+        tracker.remove("192.0.2.2")
+        clock.advance(0)
+        self.assertEqual(channel.notified, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 CONFIG = """\
 [proxy]
@@ -222,6 +240,46 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
         self.machine._connections(self.two, {"192.0.2.1": -1})
         self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+
+    def test_limitSetByReload(self) -> None:
+        """
+        A reload that sets a limit has each worker tell the parent every
+        connection it has open (counted while nothing was told), so the
+        parent blocks an address as soon as all workers' connections reach
+        the limit; a reload that removes it takes them back, and setting it
+        again counts them once, not twice.
+        """
+        trackers = []
+        for worker in self.machine.workers:
+            channel = FakeChannel()
+            channel.notify = lambda method, deltas, worker=worker: self.machine._connections(worker, deltas)  # type: ignore[method-assign]
+            trackers.append(WorkerConnections(0, channel, self.clock))  # type: ignore[arg-type]
+        one, two = trackers
+        one.add("192.0.2.1")
+        one.add("192.0.2.1")
+        two.add("192.0.2.1")
+        two.add("192.0.2.2")
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {})
+        # The reload: the parent's limit is 3 already; now each worker's.
+        for tracker in trackers:
+            tracker.limit = 3
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 3, "192.0.2.2": 1})
+        self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
+        one.remove("192.0.2.1")
+        self.clock.advance(0)
+        self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+        for tracker in trackers:
+            tracker.limit = 0
+        two.remove("192.0.2.2")
+        two.add("192.0.2.3")
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {})
+        for tracker in trackers:
+            tracker.limit = 3
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 2, "192.0.2.3": 1})
 
     def test_deadWorkerUncounted(self) -> None:
         """
@@ -688,3 +746,73 @@ class MigrationsInParentTests(SynchronousTestCase):
         self.assertFalse(service.migrating)
         self.assertEqual(service.context.sessions._observers, [])
         self.assertTrue(serviceFromConfig(config, Clock()).migrating)
+
+
+def epollFlags(reactor: Any, fd: int) -> int | None:
+    """
+    The events C{reactor}'s epoll instance watches C{fd} for, as the
+    kernel holds them (C{/proc/self/fdinfo}; in, out and exclusive only:
+    the kernel adds error and hang-up), or L{None} if it does not.
+    """
+    with open(f"/proc/self/fdinfo/{reactor._poller.fileno()}") as f:
+        for line in f:
+            fields = line.split()
+            if fields[:1] == ["tfd:"] and int(fields[1]) == fd:
+                return int(fields[3], 16) & (select.EPOLLIN | select.EPOLLOUT | select.EPOLLEXCLUSIVE)
+    return None
+
+
+class ListeningWakeupTests(SynchronousTestCase):
+    """
+    A worker's reactor (L{_tcp.DirectReactor}) watches the listening socket
+    it shares with the other workers so that a connection wakes one of
+    them, not all.
+    """
+
+    def reactor(self) -> DirectReactor:
+        reactor = DirectReactor()
+
+        def close() -> None:
+            reactor.removeAll()
+            reactor._poller.close()
+            for fd in (reactor.waker.i, reactor.waker.o):
+                os.close(fd)
+
+        self.addCleanup(close)
+        return reactor
+
+    def test_adoptedPortExclusive(self) -> None:
+        """
+        The listening socket a worker adopts from its parent is in its
+        epoll set with C{EPOLLEXCLUSIVE}; once it stops listening it is out
+        of the set, and listening again adds it the same way.
+        """
+        shared = socket.socket()
+        self.addCleanup(shared.close)
+        shared.bind(("127.0.0.1", 0))
+        shared.listen(5)
+        shared.setblocking(False)
+        reactor = self.reactor()
+        port = reactor.adoptStreamPort(shared.fileno(), socket.AF_INET, Factory())
+        flags = epollFlags(reactor, port.fileno())
+        self.assertEqual(flags, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        port.stopReading()
+        self.assertIsNone(epollFlags(reactor, port.fileno()))
+        port.startReading()
+        self.assertEqual(epollFlags(reactor, port.fileno()), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        port.stopListening()
+
+    def test_connectionsNotExclusive(self) -> None:
+        """
+        A connection's socket, which is watched for writing too (and
+        modified), is watched as Twisted does, without the flag.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reactor = self.reactor()
+        reader = FileDescriptor(reactor)
+        reader.fileno = ours.fileno  # type: ignore[method-assign]
+        reactor.addReader(reader)
+        reactor.addWriter(reader)
+        self.assertEqual(epollFlags(reactor, ours.fileno()), select.EPOLLIN | select.EPOLLOUT)
