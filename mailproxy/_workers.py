@@ -1161,8 +1161,11 @@ class WorkerConnections:
     """
     A worker's count of open connections per client address: its own
     count, plus the addresses the parent says are at the limit counting
-    every worker's. What it counts goes to the parent once per turn of the
-    reactor.
+    every worker's. With a limit, what it counts goes to the parent once
+    per turn of the reactor; without one (0, the default) the parent has
+    nothing to judge and hears nothing, until a reload sets a limit: then
+    the worker tells it every connection it has open (and takes them back
+    when a reload removes the limit), so the parent's counts are whole.
 
     Between a connection another worker accepts and the parent's word
     that its address reached the limit, this worker may accept a few
@@ -1171,7 +1174,7 @@ class WorkerConnections:
     """
 
     def __init__(self, limit: int, channel: Channel, clock: Any) -> None:
-        self.limit = limit
+        self._limit = limit
         self.channel = channel
         self.clock = clock
         self.blocked: set[str] = set()
@@ -1179,18 +1182,38 @@ class WorkerConnections:
         self._deltas: Counter[str] = Counter()
         self._flush: Any = None
 
+    @property
+    def limit(self) -> int:
+        """
+        The most connections from one address (0: no limit); a reload sets
+        it.
+        """
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        counted, self._limit = bool(self._limit), limit
+        if counted != bool(limit):
+            # What the parent holds for this worker is what it was told:
+            # every open connection while there was a limit, none before.
+            sign = 1 if limit else -1
+            for address, count in self._open.items():
+                self._report(address, sign * count)
+
     def add(self, address: str) -> bool:
-        if self.limit and (self._open[address] >= self.limit or address in self.blocked):
-            return False
+        if self._limit:
+            if self._open[address] >= self._limit or address in self.blocked:
+                return False
+            self._report(address, 1)
         self._open[address] += 1
-        self._report(address, 1)
         return True
 
     def remove(self, address: str) -> None:
         self._open[address] -= 1
         if self._open[address] <= 0:
             del self._open[address]
-        self._report(address, -1)
+        if self._limit:
+            self._report(address, -1)
 
     def _report(self, address: str, delta: int) -> None:
         self._deltas[address] += delta
