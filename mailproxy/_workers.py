@@ -79,7 +79,7 @@ from .config import Config, ConfigError, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
 
-__all__ = ["Channel", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF"]
+__all__ = ["Channel", "LogBatch", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF"]
 
 #: A worker that ran this many seconds before it exited was healthy: the
 #: next one starts at once.
@@ -153,6 +153,7 @@ class Channel(amp.AMP):
         self.handlers = handlers
         self.lost = lost
         self.connected = False
+        self.beforeSend: Callable[[], None] | None = None
         self._streams = itertools.count(1)
         self._parts: dict[int, list[str]] = {}
 
@@ -191,6 +192,22 @@ class Channel(amp.AMP):
             raise ValueError(f"{method}: {len(data)} characters of JSON, more than {_PART}")
         if self.connected:
             self.callRemote(_Notify, method=method, data=data)
+
+    def notifyEncoded(self, method: str, data: str) -> None:
+        """
+        L{notify}, its argument encoded already (JSON of at most L{_PART}
+        characters).
+        """
+        if self.connected:
+            self.callRemote(_Notify, method=method, data=data)
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        # Whatever this side says leaves after what beforeSend sends first
+        # (a worker's log events waiting for their batch: the order of the
+        # worker's messages, log lines included, stays the order of events).
+        if self.beforeSend is not None:
+            self.beforeSend()
+        super().sendBox(box)
 
     def _send(self, value: Any) -> int:
         text = json.dumps(value)
@@ -307,6 +324,81 @@ def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
     event["log_level"] = LogLevel.levelWithName(event["log_level"])
     event["log_system"] = f"worker {data['worker']}"
     return event
+
+
+@implementer(ILogObserver)
+class LogBatch:
+    """
+    A worker's log observer: the events of one turn of its reactor go to
+    the parent (L{_eventForParent}) in one message, instead of a message,
+    a wake-up of the parent and a dispatch of a channel message per event
+    (a session's end line per login: the parent spent about 0.2 ms per
+    login on them). The busier the worker, the more events share a
+    message.
+
+    Nothing is reordered or lost on the way: a warning or an error goes at
+    once, with the events before it; so do the events waiting before any
+    other message the worker sends (the channel's C{beforeSend}), and
+    every event once the reactor is not running (at exit). An event leaves
+    at the end of the turn that logged it rather than at once, which puts
+    the parent's work after the replies that turn sends.
+    """
+
+    def __init__(self, channel: Channel, clock: Any, worker: int) -> None:
+        self.channel = channel
+        self.clock = clock
+        self.worker = worker
+        self._pending: list[str] = []
+        self._size = 0
+        self._call: Any = None
+        self._sending = False
+        channel.beforeSend = self.flush
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._sending:
+            # Logged while sending (the channel's own trouble): it would
+            # only come back here.
+            return
+        data = _eventForParent(event, self.worker)
+        if data is None:
+            return
+        text = json.dumps(data)
+        if len(text) > _PART - 2:
+            text = json.dumps(_shortEvent(data))
+        if self._size + len(text) + 1 > _PART - 2:
+            self.flush()
+        self._pending.append(text)
+        self._size += len(text) + 1
+        if event["log_level"] >= LogLevel.warn or not getattr(self.clock, "running", True):
+            self.flush()
+        elif self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Send the events waiting, if any, in one message.
+        """
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if not self._pending or self._sending:
+            return
+        pending, self._pending, self._size = self._pending, [], 0
+        self._sending = True
+        try:
+            self.channel.notifyEncoded("log", "[" + ",".join(pending) + "]")
+        finally:
+            self._sending = False
+
+
+def _publishFromWorker(events: list[dict[str, Any]]) -> None:
+    """
+    Publish a worker's batch of events (L{LogBatch}) in the parent's log,
+    in order.
+    """
+    for data in events:
+        globalLogPublisher(_eventFromWorker(data))
 
 
 # The parent
@@ -755,7 +847,7 @@ class Machine(ReloadOnHangup, MultiService):
         return {
             "hello": lambda _: self._hello(worker),
             "ready": lambda _: self._ready(worker),
-            "log": lambda data: globalLogPublisher(_eventFromWorker(data)),
+            "log": _publishFromWorker,
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
             "loggedIn": lambda login: self._loggedIn(worker, login),
@@ -1386,24 +1478,10 @@ def workerMain(
     channel = Channel(handlers, parentGone)
     _adoptChannel(reactor, CHANNEL_FD, channel)
 
-    sending: list[bool] = []
-
-    def forward(event: dict[str, Any]) -> None:
-        if sending:
-            return
-        data = _eventForParent(event, worker)
-        if data is None:
-            return
-        sending.append(True)
-        try:
-            try:
-                channel.notify("log", data)
-            except ValueError:
-                channel.notify("log", _shortEvent(data))
-        finally:
-            sending.pop()
-
-    globalLogBeginner.beginLoggingTo([cast(ILogObserver, forward)], redirectStandardIO=False, discardBuffer=True)
+    forward = LogBatch(channel, reactor, worker)
+    globalLogBeginner.beginLoggingTo([forward], redirectStandardIO=False, discardBuffer=True)
+    # What is logged while the reactor stops leaves before the process ends.
+    reactor.addSystemEventTrigger("after", "shutdown", forward.flush)  # type: ignore[attr-defined]
     prepareProcess()
 
     async def start() -> None:
@@ -1442,6 +1520,7 @@ def workerMain(
 
     reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
+    forward.flush()
     if False in stopping:
         # The parent's log says "exited with status 1", and backs off.
         sys.exit(1)

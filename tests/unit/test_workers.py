@@ -29,11 +29,13 @@ from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
 from mailproxy._tcp import DirectReactor
+from mailproxy import _workers
 from mailproxy._workers import (
     MAX_BACKOFF,
     STABLE,
     CallError,
     Channel,
+    LogBatch,
     Machine,
     WorkerConnections,
     _eventForParent,
@@ -500,6 +502,123 @@ class LogRelayTests(SynchronousTestCase):
         text = formatEvent(_eventFromWorker(_eventForParent(event, 1)))  # type: ignore[arg-type]
         self.assertIn("oops", text)
         self.assertIn("ZeroDivisionError", text)
+
+
+class BoxCounter:
+    """
+    Counts the AMP boxes a channel sends.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.boxes: list[Any] = []
+        send = channel.sendBox
+
+        def counting(box: Any) -> None:
+            self.boxes.append(box)
+            send(box)
+
+        channel.sendBox = counting  # type: ignore[method-assign]
+
+
+class LogBatchTests(SynchronousTestCase):
+    """
+    A worker's log events reach the parent's log in batches, whole and in
+    order.
+    """
+
+    def setUp(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.patch(_workers, "globalLogPublisher", self.published.append)
+        self.parent, self.worker, self.pump = channels(Machine.handlersFor(None, None), {})  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.batch = LogBatch(self.worker, self.clock, 2)
+        self.sent = BoxCounter(self.worker)
+
+    def session(self, n: int, level: LogLevel = LogLevel.info) -> dict[str, Any]:
+        """
+        A session's end event, as a worker's log has it.
+        """
+        return {
+            "log_format": "session {id} end: user={user} {{braces}}",
+            "log_level": level,
+            "log_namespace": "mailproxy._session",
+            "log_time": 1000.0 + n,
+            "id": f"s{n}",
+            "user": logQuote(f'u"{n}'),
+            "event": "session_end",
+        }
+
+    def test_oneMessageForMany(self) -> None:
+        """
+        The session lines a worker logs in one turn of its reactor go to
+        the parent in one message (one wake-up of the parent) at the end of
+        the turn, and the parent's log gets each line whole, in order, with
+        the worker's number, as if each had travelled alone.
+        """
+        events = [self.session(n) for n in range(20)]
+        for event in events:
+            self.batch(event)
+        self.pump.flush()
+        self.assertEqual((self.sent.boxes, self.published), ([], []))
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertEqual(len(self.sent.boxes), 1)
+        self.assertEqual([formatEvent(e) for e in self.published], [formatEvent(e) for e in events])
+        self.assertEqual([jsonLine(e) for e in self.published], [jsonLine(_eventFromWorker(_eventForParent(e, 2))) for e in events])  # type: ignore[arg-type]
+        self.assertEqual({e["log_system"] for e in self.published}, {"worker 2"})
+
+    def test_warningAtOnce(self) -> None:
+        """
+        A warning goes at once, after the lines logged before it.
+        """
+        self.batch(self.session(1))
+        self.batch(self.session(2, LogLevel.warn))
+        self.pump.flush()
+        self.assertEqual([e["id"] for e in self.published], ["s1", "s2"])
+        self.assertEqual(len(self.sent.boxes), 1)
+
+    def test_otherMessagesAfter(self) -> None:
+        """
+        Whatever else the worker tells the parent leaves after the lines
+        logged before it (the parent sees them in the order they happened).
+        """
+        order: list[str] = []
+        self.patch(_workers, "globalLogPublisher", lambda event: order.append(event["id"]))
+        self.parent.handlers["failed"] = lambda address: order.append("failed")
+        self.batch(self.session(1))
+        self.worker.notify("failed", "192.0.2.1")
+        self.batch(self.session(2))
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertEqual(order, ["s1", "failed", "s2"])
+
+    def test_largeBatchesSplit(self) -> None:
+        """
+        Lines that would not fit in one channel message go in several,
+        every line whole; a line too long for one message alone is cut.
+        """
+        # About 20,000 characters of JSON each (the text and its field):
+        # two fit in one message.
+        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000}
+        for n in range(7):
+            self.batch(dict(long, n=n))
+        self.batch({"log_format": "{text}", "log_level": LogLevel.info, "text": "y" * 70000})
+        self.clock.advance(0)
+        self.pump.flush()
+        texts = [formatEvent(e) for e in self.published]
+        self.assertEqual(texts[:7], ["x" * 10000] * 7)
+        self.assertTrue(texts[7].startswith("yyy") and texts[7].endswith(" [cut]"))
+        self.assertEqual(len(self.sent.boxes), 4)
+
+    def test_notRunningAtOnce(self) -> None:
+        """
+        Once the reactor no longer runs (the worker exits), each event goes
+        at once: nothing waits for a turn that will not come.
+        """
+        self.clock.running = False  # type: ignore[attr-defined]
+        self.batch(self.session(1))
+        self.pump.flush()
+        self.assertEqual([e["id"] for e in self.published], ["s1"])
 
 
 class MergeTests(SynchronousTestCase):
