@@ -299,7 +299,9 @@ class DirectReactor(EPollReactor):
         # others' accept4 fails (EAGAIN) after a wake-up, a turn of the
         # loop and a system call for nothing, per worker per connection.
         # EPOLLEXCLUSIVE (Linux 4.5) has the kernel wake one waiting
-        # worker, or a busy one's next poll finds it. The socket stays one,
+        # worker, or a busy one's next poll finds it (a worker woken and
+        # then stopped, by SIGSTOP or a debugger, keeps that connection
+        # waiting until it runs again). The socket stays one,
         # with one queue: per-worker SO_REUSEPORT sockets would spare the
         # kernel nothing more, and would strand the connections queued on
         # a dead or restarting worker's socket (the kernel hashes each to
