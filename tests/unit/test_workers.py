@@ -31,6 +31,7 @@ from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
 from mailproxy._tcp import DirectReactor
 from mailproxy import _workers
 from mailproxy._workers import (
+    LOG_BATCH,
     MAX_BACKOFF,
     STABLE,
     CallError,
@@ -550,17 +551,18 @@ class LogBatchTests(SynchronousTestCase):
 
     def test_oneMessageForMany(self) -> None:
         """
-        The session lines a worker logs in one turn of its reactor go to
-        the parent in one message (one wake-up of the parent) at the end of
-        the turn, and the parent's log gets each line whole, in order, with
-        the worker's number, as if each had travelled alone.
+        The session lines a worker logs within L{LOG_BATCH} seconds go to
+        the parent in one message (one wake-up of the parent), and the
+        parent's log gets each line whole, in order, with the worker's
+        number, as if each had travelled alone.
         """
         events = [self.session(n) for n in range(20)]
         for event in events:
             self.batch(event)
+        self.clock.advance(LOG_BATCH / 2)
         self.pump.flush()
         self.assertEqual((self.sent.boxes, self.published), ([], []))
-        self.clock.advance(0)
+        self.clock.advance(LOG_BATCH / 2)
         self.pump.flush()
         self.assertEqual(len(self.sent.boxes), 1)
         self.assertEqual([formatEvent(e) for e in self.published], [formatEvent(e) for e in events])
@@ -588,7 +590,7 @@ class LogBatchTests(SynchronousTestCase):
         self.batch(self.session(1))
         self.worker.notify("failed", "192.0.2.1")
         self.batch(self.session(2))
-        self.clock.advance(0)
+        self.clock.advance(LOG_BATCH)
         self.pump.flush()
         self.assertEqual(order, ["s1", "failed", "s2"])
 
@@ -603,7 +605,7 @@ class LogBatchTests(SynchronousTestCase):
         for n in range(7):
             self.batch(dict(long, n=n))
         self.batch({"log_format": "{text}", "log_level": LogLevel.info, "text": "y" * 70000})
-        self.clock.advance(0)
+        self.clock.advance(LOG_BATCH)
         self.pump.flush()
         texts = [formatEvent(e) for e in self.published]
         self.assertEqual(texts[:7], ["x" * 10000] * 7)
