@@ -832,6 +832,10 @@ class Machine(ReloadOnHangup, MultiService):
             port = outcome[0]
             # The workers accept; the parent only holds the socket open.
             port.stopReading()
+            # And closes its copy at its stop without shutdown(2), which
+            # would end the socket for the workers still draining (their
+            # accept failing with EINVAL) and reset the connections queued.
+            port._shouldShutdown = False
             self.ports.append(port)
 
     def startService(self) -> None:

@@ -937,3 +937,40 @@ class ListeningWakeupTests(SynchronousTestCase):
         reactor.addReader(reader)
         reactor.addWriter(reader)
         self.assertEqual(epollFlags(reactor, ours.fileno()), select.EPOLLIN | select.EPOLLOUT)
+
+
+class ParentPortTests(SynchronousTestCase):
+    """
+    The listening sockets the parent binds for its workers.
+    """
+
+    def test_stopKeepsWorkersListening(self) -> None:
+        """
+        When the parent stops, it closes its copy of a listening socket
+        without shutting the socket down: a worker's copy (inherited) still
+        listens, and accepts the connections queued.
+        """
+        from twisted.internet import reactor
+
+        from mailproxy._endpoints import serverEndpoint
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        path = os.path.join(directory, "config.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1")
+        machine = Machine(parseConfig(CONFIG, path), 2, Clock(), [endpoint])
+        machine._bind()
+        [port] = machine.ports
+        worker = socket.socket(fileno=os.dup(port.fileno()))
+        self.addCleanup(worker.close)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        port.stopListening()
+        reactor.runUntilCurrent()  # type: ignore[attr-defined]
+        self.assertEqual(worker.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
+        accepted, _ = worker.accept()
+        accepted.close()
