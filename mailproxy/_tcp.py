@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import sys
 from typing import Any, Iterable
@@ -349,6 +350,10 @@ class DirectReactor(EPollReactor):
     that context; the one difference is that an unhandled error in an
     event handler, which Twisted logs, says C{[-]} there instead of the
     connection's prefix.
+
+    It also watches listening sockets with C{EPOLLEXCLUSIVE}, so that a
+    connection to a socket that several worker processes share wakes one
+    of them (L{_addListening}).
     """
 
     def doPoll(self, timeout: float | None) -> None:
@@ -366,6 +371,47 @@ class DirectReactor(EPollReactor):
                 dispatch(selectable, fd, event)
 
     doIteration = doPoll
+
+    def addReader(self, reader: Any) -> None:
+        """
+        Watch C{reader}; a listening socket only for one waiter at a time
+        (L{_addListening}).
+        """
+        fd = reader.fileno()
+        if isinstance(reader, (tcp.Port, unix.Port)) and fd not in self._reads and fd not in self._writes:
+            self._addListening(reader, fd)
+            return
+        super().addReader(reader)
+
+    def _addListening(self, port: Any, fd: int) -> None:
+        # The worker processes (mailproxy._workers) all wait on one
+        # listening socket, inherited from their parent. Watched the usual
+        # way, each connection wakes every worker: one accepts it, the
+        # others' accept4 fails (EAGAIN) after a wake-up, a turn of the
+        # loop and a system call for nothing, per worker per connection.
+        # EPOLLEXCLUSIVE (Linux 4.5) has the kernel wake one waiting
+        # worker, or a busy one's next poll finds it (a worker woken and
+        # then stopped, by SIGSTOP or a debugger, keeps that connection
+        # waiting until it runs again). The socket stays one,
+        # with one queue: per-worker SO_REUSEPORT sockets would spare the
+        # kernel nothing more, and would strand the connections queued on
+        # a dead or restarting worker's socket (the kernel hashes each to
+        # a socket, not to whoever is free); nor can they share a socket
+        # systemd passes. The flag is only allowed when a descriptor is
+        # added (never modified), which is how a listening port is
+        # watched: for reading only, added and removed whole.
+        try:
+            self._poller.register(fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+        except OSError:
+            # A kernel without the flag (EINVAL): watched as Twisted does.
+            super().addReader(port)
+            return
+        self._reads.add(fd)
+        self._selectables[fd] = port
+
+
+#: Linux's epoll flag (select.EPOLLEXCLUSIVE where Python knows it).
+_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 
 
 def installReactor() -> bool:

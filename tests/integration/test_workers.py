@@ -43,6 +43,14 @@ from .test_migration import (
 LIMIT = 25
 
 
+def _state(pid: int) -> str:
+    """
+    The state of process C{pid} (C{T}: stopped), from C{/proc}.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 class WorkersProxy(DrillProxy):
     """
     The drill's proxy with two workers and a connection limit per address.
@@ -115,6 +123,13 @@ class WorkersTests(SynchronousTestCase):
         others = [pid for n, pid in self.pids.items() if n != number]
         for pid in others:
             os.kill(pid, signal.SIGSTOP)
+        for pid in others:
+            # kill() returns before the process stops: one still waking up
+            # may take the next connection (the kernel wakes one worker per
+            # connection) and then stop with it unanswered.
+            deadline = time.monotonic() + TIMEOUT
+            while _state(pid) != "T" and time.monotonic() < deadline:
+                time.sleep(0.005)
         try:
             yield
         finally:
@@ -311,6 +326,7 @@ class WorkersTests(SynchronousTestCase):
         grows with it); the JSON log's C{login_failed} events say so, each
         with the worker that served it.
         """
+        logged = 0
         for number, failures in ((1, 2), (2, 1)):
             with self.onlyWorker(number):
                 client = self.connect()
@@ -318,12 +334,15 @@ class WorkersTests(SynchronousTestCase):
                     reply = client.command(f'LOGIN "{ACCOUNTS[0]}" "wrong"')
                     self.assertEqual(reply[-1].split()[1:3], [b"NO", b"[AUTHENTICATIONFAILED]"])
                 client.close()
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            failed = [e for e in self.proxy.events() if e.get("event") == "login_failed"]
-            if len(failed) >= 3 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+                # A worker's lines leave at the end of the turn that sent
+                # the reply: stopped before that, it would hold them.
+                logged += failures
+                deadline = time.monotonic() + TIMEOUT
+                while True:
+                    failed = [e for e in self.proxy.events() if e.get("event") == "login_failed"]
+                    if len(failed) >= logged or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
         self.assertEqual([(e["worker"], e["addressFailures"]) for e in failed], [(1, 1), (1, 2), (2, 3)])
         self.assertEqual({e["address"] for e in failed}, {"127.0.0.1"})
 

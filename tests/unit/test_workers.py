@@ -10,9 +10,13 @@ tests.integration.test_workers.
 from __future__ import annotations
 
 import os
+import select
+import socket
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -24,11 +28,15 @@ from mailproxy._logs import jsonLine
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
+from mailproxy._tcp import DirectReactor
+from mailproxy import _workers
 from mailproxy._workers import (
+    LOG_BATCH,
     MAX_BACKOFF,
     STABLE,
     CallError,
     Channel,
+    LogBatch,
     Machine,
     WorkerConnections,
     _eventForParent,
@@ -163,7 +171,7 @@ class WorkerConnectionsTests(SynchronousTestCase):
         message, changes that cancel out left out.
         """
         clock, channel = Clock(), FakeChannel()
-        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker = WorkerConnections(5, channel, clock)  # type: ignore[arg-type]
         tracker.add("192.0.2.1")
         tracker.add("192.0.2.1")
         tracker.add("192.0.2.2")
@@ -172,6 +180,19 @@ class WorkerConnectionsTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(channel.notified, [("connections", {"192.0.2.1": 2})])
 
+    def test_noLimitTellsNothing(self) -> None:
+        """
+        With no limit (0, the default) the parent is told nothing: no
+        message, and no wake-up of the parent, per connection.
+        """
+        clock, channel = Clock(), FakeChannel()
+        tracker = WorkerConnections(0, channel, clock)  # type: ignore[arg-type]
+        tracker.add("192.0.2.1")
+        tracker.add("192.0.2.2")
+        tracker.remove("192.0.2.2")
+        clock.advance(0)
+        self.assertEqual(channel.notified, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 CONFIG = """\
 [proxy]
@@ -222,6 +243,46 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
         self.machine._connections(self.two, {"192.0.2.1": -1})
         self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+
+    def test_limitSetByReload(self) -> None:
+        """
+        A reload that sets a limit has each worker tell the parent every
+        connection it has open (counted while nothing was told), so the
+        parent blocks an address as soon as all workers' connections reach
+        the limit; a reload that removes it takes them back, and setting it
+        again counts them once, not twice.
+        """
+        trackers = []
+        for worker in self.machine.workers:
+            channel = FakeChannel()
+            channel.notify = lambda method, deltas, worker=worker: self.machine._connections(worker, deltas)  # type: ignore[method-assign]
+            trackers.append(WorkerConnections(0, channel, self.clock))  # type: ignore[arg-type]
+        one, two = trackers
+        one.add("192.0.2.1")
+        one.add("192.0.2.1")
+        two.add("192.0.2.1")
+        two.add("192.0.2.2")
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {})
+        # The reload: the parent's limit is 3 already; now each worker's.
+        for tracker in trackers:
+            tracker.limit = 3
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 3, "192.0.2.2": 1})
+        self.assertEqual(self.told, [("block", {"address": "192.0.2.1", "blocked": True})])
+        one.remove("192.0.2.1")
+        self.clock.advance(0)
+        self.assertEqual(self.told[1:], [("block", {"address": "192.0.2.1", "blocked": False})])
+        for tracker in trackers:
+            tracker.limit = 0
+        two.remove("192.0.2.2")
+        two.add("192.0.2.3")
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {})
+        for tracker in trackers:
+            tracker.limit = 3
+        self.clock.advance(0)
+        self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 2, "192.0.2.3": 1})
 
     def test_deadWorkerUncounted(self) -> None:
         """
@@ -442,6 +503,124 @@ class LogRelayTests(SynchronousTestCase):
         text = formatEvent(_eventFromWorker(_eventForParent(event, 1)))  # type: ignore[arg-type]
         self.assertIn("oops", text)
         self.assertIn("ZeroDivisionError", text)
+
+
+class BoxCounter:
+    """
+    Counts the AMP boxes a channel sends.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.boxes: list[Any] = []
+        send = channel.sendBox
+
+        def counting(box: Any) -> None:
+            self.boxes.append(box)
+            send(box)
+
+        channel.sendBox = counting  # type: ignore[method-assign]
+
+
+class LogBatchTests(SynchronousTestCase):
+    """
+    A worker's log events reach the parent's log in batches, whole and in
+    order.
+    """
+
+    def setUp(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.patch(_workers, "globalLogPublisher", self.published.append)
+        self.parent, self.worker, self.pump = channels(Machine.handlersFor(None, None), {})  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.batch = LogBatch(self.worker, self.clock, 2)
+        self.sent = BoxCounter(self.worker)
+
+    def session(self, n: int, level: LogLevel = LogLevel.info) -> dict[str, Any]:
+        """
+        A session's end event, as a worker's log has it.
+        """
+        return {
+            "log_format": "session {id} end: user={user} {{braces}}",
+            "log_level": level,
+            "log_namespace": "mailproxy._session",
+            "log_time": 1000.0 + n,
+            "id": f"s{n}",
+            "user": logQuote(f'u"{n}'),
+            "event": "session_end",
+        }
+
+    def test_oneMessageForMany(self) -> None:
+        """
+        The session lines a worker logs within L{LOG_BATCH} seconds go to
+        the parent in one message (one wake-up of the parent), and the
+        parent's log gets each line whole, in order, with the worker's
+        number, as if each had travelled alone.
+        """
+        events = [self.session(n) for n in range(20)]
+        for event in events:
+            self.batch(event)
+        self.clock.advance(LOG_BATCH / 2)
+        self.pump.flush()
+        self.assertEqual((self.sent.boxes, self.published), ([], []))
+        self.clock.advance(LOG_BATCH / 2)
+        self.pump.flush()
+        self.assertEqual(len(self.sent.boxes), 1)
+        self.assertEqual([formatEvent(e) for e in self.published], [formatEvent(e) for e in events])
+        self.assertEqual([jsonLine(e) for e in self.published], [jsonLine(_eventFromWorker(_eventForParent(e, 2))) for e in events])  # type: ignore[arg-type]
+        self.assertEqual({e["log_system"] for e in self.published}, {"worker 2"})
+
+    def test_warningAtOnce(self) -> None:
+        """
+        A warning goes at once, after the lines logged before it.
+        """
+        self.batch(self.session(1))
+        self.batch(self.session(2, LogLevel.warn))
+        self.pump.flush()
+        self.assertEqual([e["id"] for e in self.published], ["s1", "s2"])
+        self.assertEqual(len(self.sent.boxes), 1)
+
+    def test_otherMessagesAfter(self) -> None:
+        """
+        Whatever else the worker tells the parent leaves after the lines
+        logged before it (the parent sees them in the order they happened).
+        """
+        order: list[str] = []
+        self.patch(_workers, "globalLogPublisher", lambda event: order.append(event["id"]))
+        self.parent.handlers["failed"] = lambda address: order.append("failed")
+        self.batch(self.session(1))
+        self.worker.notify("failed", "192.0.2.1")
+        self.batch(self.session(2))
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+        self.assertEqual(order, ["s1", "failed", "s2"])
+
+    def test_largeBatchesSplit(self) -> None:
+        """
+        Lines that would not fit in one channel message go in several,
+        every line whole; a line too long for one message alone is cut.
+        """
+        # About 20,000 characters of JSON each (the text and its field):
+        # two fit in one message.
+        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000}
+        for n in range(7):
+            self.batch(dict(long, n=n))
+        self.batch({"log_format": "{text}", "log_level": LogLevel.info, "text": "y" * 70000})
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+        texts = [formatEvent(e) for e in self.published]
+        self.assertEqual(texts[:7], ["x" * 10000] * 7)
+        self.assertTrue(texts[7].startswith("yyy") and texts[7].endswith(" [cut]"))
+        self.assertEqual(len(self.sent.boxes), 4)
+
+    def test_notRunningAtOnce(self) -> None:
+        """
+        Once the reactor no longer runs (the worker exits), each event goes
+        at once: nothing waits for a turn that will not come.
+        """
+        self.clock.running = False  # type: ignore[attr-defined]
+        self.batch(self.session(1))
+        self.pump.flush()
+        self.assertEqual([e["id"] for e in self.published], ["s1"])
 
 
 class MergeTests(SynchronousTestCase):
@@ -688,3 +867,110 @@ class MigrationsInParentTests(SynchronousTestCase):
         self.assertFalse(service.migrating)
         self.assertEqual(service.context.sessions._observers, [])
         self.assertTrue(serviceFromConfig(config, Clock()).migrating)
+
+
+def epollFlags(reactor: Any, fd: int) -> int | None:
+    """
+    The events C{reactor}'s epoll instance watches C{fd} for, as the
+    kernel holds them (C{/proc/self/fdinfo}; in, out and exclusive only:
+    the kernel adds error and hang-up), or L{None} if it does not.
+    """
+    with open(f"/proc/self/fdinfo/{reactor._poller.fileno()}") as f:
+        for line in f:
+            fields = line.split()
+            if fields[:1] == ["tfd:"] and int(fields[1]) == fd:
+                return int(fields[3], 16) & (select.EPOLLIN | select.EPOLLOUT | select.EPOLLEXCLUSIVE)
+    return None
+
+
+class ListeningWakeupTests(SynchronousTestCase):
+    """
+    A worker's reactor (L{_tcp.DirectReactor}) watches the listening socket
+    it shares with the other workers so that a connection wakes one of
+    them, not all.
+    """
+
+    def reactor(self) -> DirectReactor:
+        reactor = DirectReactor()
+
+        def close() -> None:
+            reactor.removeAll()
+            reactor._poller.close()
+            for fd in (reactor.waker.i, reactor.waker.o):
+                os.close(fd)
+
+        self.addCleanup(close)
+        return reactor
+
+    def test_adoptedPortExclusive(self) -> None:
+        """
+        The listening socket a worker adopts from its parent is in its
+        epoll set with C{EPOLLEXCLUSIVE}; once it stops listening it is out
+        of the set, and listening again adds it the same way.
+        """
+        shared = socket.socket()
+        self.addCleanup(shared.close)
+        shared.bind(("127.0.0.1", 0))
+        shared.listen(5)
+        shared.setblocking(False)
+        reactor = self.reactor()
+        port = reactor.adoptStreamPort(shared.fileno(), socket.AF_INET, Factory())
+        flags = epollFlags(reactor, port.fileno())
+        self.assertEqual(flags, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        port.stopReading()
+        self.assertIsNone(epollFlags(reactor, port.fileno()))
+        port.startReading()
+        self.assertEqual(epollFlags(reactor, port.fileno()), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        port.stopListening()
+
+    def test_connectionsNotExclusive(self) -> None:
+        """
+        A connection's socket, which is watched for writing too (and
+        modified), is watched as Twisted does, without the flag.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reactor = self.reactor()
+        reader = FileDescriptor(reactor)
+        reader.fileno = ours.fileno  # type: ignore[method-assign]
+        reactor.addReader(reader)
+        reactor.addWriter(reader)
+        self.assertEqual(epollFlags(reactor, ours.fileno()), select.EPOLLIN | select.EPOLLOUT)
+
+
+class ParentPortTests(SynchronousTestCase):
+    """
+    The listening sockets the parent binds for its workers.
+    """
+
+    def test_stopKeepsWorkersListening(self) -> None:
+        """
+        When the parent stops, it closes its copy of a listening socket
+        without shutting the socket down: a worker's copy (inherited) still
+        listens, and accepts the connections queued.
+        """
+        from twisted.internet import reactor
+
+        from mailproxy._endpoints import serverEndpoint
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "routes.toml"), "w") as f:
+            f.write('default = "old"\n')
+        path = os.path.join(directory, "config.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1")
+        machine = Machine(parseConfig(CONFIG, path), 2, Clock(), [endpoint])
+        machine._bind()
+        [port] = machine.ports
+        worker = socket.socket(fileno=os.dup(port.fileno()))
+        self.addCleanup(worker.close)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        port.stopListening()
+        reactor.runUntilCurrent()  # type: ignore[attr-defined]
+        self.assertEqual(worker.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
+        accepted, _ = worker.accept()
+        accepted.close()
