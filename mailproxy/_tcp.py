@@ -118,6 +118,19 @@ class _AtOnce:
     def startTLS(self, ctx: object, normal: bool = True) -> None:
         _newtls.startTLS(self, ctx, normal, _SendAtOnce)
 
+    def _nothingToWaitFor(self) -> bool:
+        # A plain connection, open both ways, with no producer and nothing
+        # buffered: a close or a half-close has nothing to send first.
+        return bool(
+            not self.TLS  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting
+            and not self._writeDisconnected
+            and not self._writeDisconnecting
+            and self.producer is None  # type: ignore[attr-defined]
+            and not _buffered(self)
+        )
+
     def loseConnection(self) -> None:
         # Twisted closes through a write event even with nothing to send:
         # it watches the socket for writability, sends zero octets when the
@@ -126,15 +139,7 @@ class _AtOnce:
         # nothing to wait for: close on the next turn, as Twisted's own
         # abortConnection does (not now: a protocol does not expect its
         # connectionLost while it is still calling loseConnection).
-        if (
-            not self.TLS  # type: ignore[attr-defined]
-            and self.connected  # type: ignore[attr-defined]
-            and not self.disconnecting
-            and not self._writeDisconnected  # type: ignore[attr-defined]
-            and not self._writeDisconnecting  # type: ignore[attr-defined]
-            and self.producer is None  # type: ignore[attr-defined]
-            and not _buffered(self)
-        ):
+        if self._nothingToWaitFor():
             self.stopReading()  # type: ignore[attr-defined]
             self.disconnecting = 1
             self.reactor.callLater(0, self._closeNow)  # type: ignore[attr-defined]
@@ -145,15 +150,7 @@ class _AtOnce:
         # A half-close (the relay passing on a peer's FIN), likewise: with
         # nothing buffered, shut down writing on the next turn instead of
         # through a write event.
-        if (
-            not self.TLS  # type: ignore[attr-defined]
-            and self.connected  # type: ignore[attr-defined]
-            and not self.disconnecting
-            and not self._writeDisconnected  # type: ignore[attr-defined]
-            and not self._writeDisconnecting  # type: ignore[attr-defined]
-            and self.producer is None  # type: ignore[attr-defined]
-            and not _buffered(self)
-        ):
+        if self._nothingToWaitFor():
             self._writeDisconnecting = True
             self.reactor.callLater(0, self._closeWriteNow)  # type: ignore[attr-defined]
             return
