@@ -369,10 +369,7 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
-        if self._spliceAt is not None and self.bytesFromClient + self.bytesFromBackend >= self._spliceAt:
-            self._spliceSoon()
-        if self._releaseCall is None and self._tlsLegs:
-            self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
+        self._relayed()
         if self._guard is None:
             self._backend.write(data)
         elif self.endReason is None:
@@ -384,13 +381,18 @@ class Relay:
         """
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
+        self._relayed()
+        self._client.write(data)
+        if self._guard is not None and self.endReason is None:
+            self._guard.fromBackend(data)
+
+    def _relayed(self) -> None:
+        # Octets passed through Python either way, counted already: time
+        # to splice, or to start the quiet timer of TLS buffers.
         if self._spliceAt is not None and self.bytesFromClient + self.bytesFromBackend >= self._spliceAt:
             self._spliceSoon()
         if self._releaseCall is None and self._tlsLegs:
             self._releaseCall = self._clock.callLater(TLS_BUFFERS_QUIET, self._releaseBuffers)
-        self._client.write(data)
-        if self._guard is not None and self.endReason is None:
-            self._guard.fromBackend(data)
 
     def _spliceSoon(self) -> None:
         # Not from inside a read: the reactor may go on to the socket's

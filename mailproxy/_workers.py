@@ -190,8 +190,7 @@ class Channel(amp.AMP):
         data = json.dumps(argument)
         if len(data) > _PART:
             raise ValueError(f"{method}: {len(data)} characters of JSON, more than {_PART}")
-        if self.connected:
-            self.callRemote(_Notify, method=method, data=data)
+        self.notifyEncoded(method, data)
 
     def notifyEncoded(self, method: str, data: str) -> None:
         """
