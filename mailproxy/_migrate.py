@@ -7,8 +7,6 @@ accounts' sessions that are on another backend so that their clients
 reconnect to the new home, then let the held logins go on.  Rollback is the
 same move back.  A dry run computes the same plan and changes nothing.
 
-Also here: L{explainRoute}, which says which router, rule and backend decide
-an account's route without logging in.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from ._stats import routerChain
 from .interfaces import IRouteCache, IRouteStore, RouteStoreError
 
 __all__ = [
-    "MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "invalidateCaches", "explainRoute", "MOVED",
+    "MoveError", "RouteChange", "MoveResult", "LoginHold", "Mover", "findRouteStore", "invalidateCaches", "MOVED",
 ]
 
 #: What a moved account's clients are told when their session is dropped.
@@ -393,47 +391,3 @@ class Mover:
                     await maybeDeferred(store.setRoute, key, backend)
         except RouteStoreError as e:
             raise MoveError(str(e)) from None
-
-
-def explainRoute(router: object, routerName: str, account: str) -> Deferred[dict[str, Any]]:
-    """
-    Which router, rule and backend decide C{account}'s route, without a
-    login: the routers that do the deciding (not caches or chains) are
-    asked in the order a login asks them, each with
-    C{explainRoute(user) -> (rule, backend) | None} (or a Deferred of it:
-    a database is asked in its own threads); the first rule found decides,
-    and a router that cannot tell without the password ends the search.
-
-    @return: fires with JSON-ready data: C{account}, C{router} (the
-        configured type), C{chain} (class names, outermost first), C{rule}
-        and C{backend} (L{None} when no rule matches), and C{explained}
-        (whether the answer is known without the password); fails with
-        what a router raised (L{RouteStoreError} for a database that
-        cannot answer).
-    """
-    return Deferred.fromCoroutine(_explainRoute(router, routerName, account))
-
-
-async def _explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
-    chain = list(routerChain(router))
-    answer: dict[str, Any] = {
-        "account": account,
-        "router": routerName,
-        "chain": [type(member).__name__ for member in chain],
-        "rule": None,
-        "backend": None,
-        "explained": False,
-    }
-    answer["explained"] = True
-    for member in chain:
-        if getattr(member, "wrapped", None) is not None or getattr(member, "routers", None):
-            continue
-        explain = getattr(member, "explainRoute", None)
-        if not callable(explain):
-            answer["explained"] = False
-            break
-        found = await maybeDeferred(explain, account)
-        if found is not None:
-            answer["rule"], answer["backend"] = found
-            break
-    return answer

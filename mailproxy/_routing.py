@@ -1,7 +1,10 @@
 """
 Asking a router: L{callRouter} takes whatever style a router's C{route}
 method is written in and gives a Deferred of the answer; L{routeLogin} is
-how a session asks, after the gate and with the router's time counted.
+how a session asks, after the gate and with the router's time counted;
+L{explainRoute} says which router, rule and backend decide an account's
+route without a login (for an operator, and for a request that carries
+only the HTTP routing cookie).
 
 This module imports no router and no configuration, so that the session
 core and the routers that wrap other routers (cache, chain) can both use it.
@@ -13,13 +16,14 @@ import inspect
 from collections.abc import Awaitable
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from mailproxy._stats import routerChain
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 
-__all__ = ["callRouter", "routeLogin"]
+__all__ = ["callRouter", "routeLogin", "explainRoute"]
 
 _T = TypeVar("_T")
 
@@ -96,3 +100,47 @@ def routeLogin(
     if waiting is None:
         return ask()
     return waiting.addCallback(ask)  # type: ignore[no-any-return]
+
+
+def explainRoute(router: object, routerName: str, account: str) -> Deferred[dict[str, Any]]:
+    """
+    Which router, rule and backend decide C{account}'s route, without a
+    login: the routers that do the deciding (not caches or chains) are
+    asked in the order a login asks them, each with
+    C{explainRoute(user) -> (rule, backend) | None} (or a Deferred of it:
+    a database is asked in its own threads); the first rule found decides,
+    and a router that cannot tell without the password ends the search.
+
+    @return: fires with JSON-ready data: C{account}, C{router} (the
+        configured type), C{chain} (class names, outermost first), C{rule}
+        and C{backend} (L{None} when no rule matches), and C{explained}
+        (whether the answer is known without the password); fails with
+        what a router raised (L{RouteStoreError} for a database that
+        cannot answer).
+    """
+    return Deferred.fromCoroutine(_explainRoute(router, routerName, account))
+
+
+async def _explainRoute(router: object, routerName: str, account: str) -> dict[str, Any]:
+    chain = list(routerChain(router))
+    answer: dict[str, Any] = {
+        "account": account,
+        "router": routerName,
+        "chain": [type(member).__name__ for member in chain],
+        "rule": None,
+        "backend": None,
+        "explained": False,
+    }
+    answer["explained"] = True
+    for member in chain:
+        if getattr(member, "wrapped", None) is not None or getattr(member, "routers", None):
+            continue
+        explain = getattr(member, "explainRoute", None)
+        if not callable(explain):
+            answer["explained"] = False
+            break
+        found = await maybeDeferred(explain, account)
+        if found is not None:
+            answer["rule"], answer["backend"] = found
+            break
+    return answer

@@ -57,7 +57,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import _tls
-from ._migrate import MoveError, explainRoute, findRouteStore
+from ._migrate import MoveError, findRouteStore
+from ._routing import explainRoute
 from ._migrationhooks import domainAccounts
 from ._safetext import logQuote
 from ._stats import METRICS_CONTENT_TYPE

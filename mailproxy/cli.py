@@ -59,7 +59,7 @@ from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, qu
 from mailproxy._clidoc import bashCompletion, manPage
 from mailproxy._examples import ExamplesError, writeExamples
 from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
-from mailproxy._migrate import explainRoute
+from mailproxy._routing import explainRoute
 from mailproxy._migratecli import addMigrateCommand, migrate
 from mailproxy._showconfig import dumpTOML, effectiveConfig
 from mailproxy._stats import routerChain

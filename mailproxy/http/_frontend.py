@@ -56,6 +56,7 @@ from .._backend import BackendFailure, BackendProtocol, LoginJob
 from .._login import LoginFailed, authenticationFailed
 from .._outcomes import EndReason, FailureKind
 from .._relay import Relay
+from .._routing import explainRoute
 from .._safetext import logQuote
 from .._session import FrontendProtocol, ProxyContext, SessionState, Timer
 from ..model import Backend, Credentials, Route
@@ -325,6 +326,9 @@ class HTTPFrontend(FrontendProtocol):
         self.bytesFromBackend = 0
         self._account: str | None = None
         self._lastBackend: str | None = None
+        # The routing cookie this connection's requests carried, and the
+        # backend it was found to route to.
+        self._cookieRoute: tuple[bytes, Backend | None] | None = None
         self._registered = False
         # The last Authorization the router accepted, and what it becomes.
         self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]], Credentials] | None = None
@@ -509,7 +513,7 @@ class HTTPFrontend(FrontendProtocol):
         elif authorization is not None:
             self._authenticate(request, authorization)
         else:
-            self._connect(request, self._cookieBackend(request) or self._backendNamed(self.settings.defaultBackend))
+            self._routeByCookie(request)
 
     def requestBody(self, request: _ProxyRequest, data: bytes) -> None:
         """
@@ -564,22 +568,69 @@ class HTTPFrontend(FrontendProtocol):
     def _backendNamed(self, name: str) -> Backend | None:
         return self.context.backends.get(name)
 
-    def _cookieBackend(self, request: _ProxyRequest) -> Backend | None:
+    def _routeByCookie(self, request: _ProxyRequest) -> None:
+        # A request without credentials goes where its routing cookie says:
+        # the backend that served its account's last authenticated request,
+        # unless the account's route has changed since (an operator moved
+        # it). The router is asked once per connection, as an operator's
+        # "mailproxy route" asks it; a move drops the connection (its
+        # session counts as the account's), so the next one asks again. A
+        # router that cannot tell without the password, or cannot answer,
+        # leaves the cookie's backend.
+        default = self._backendNamed(self.settings.defaultBackend)
         value = request.received_cookies.get(self.settings.cookieName.encode("ascii"))
-        if value is None:
-            return None
-        found = readCookie(self.settings.cookieSecret, value, self.context.reactor.seconds())
-        if found is None:
-            return None
+        found = None if value is None else readCookie(self.settings.cookieSecret, value, self.context.reactor.seconds())
+        if value is None or found is None:
+            self._connect(request, default)
+            return
         backendName, account = found
-        backend = self._backendNamed(backendName)
-        if backend is None or "http" not in backend.ports:
-            return None
         if account and self.user is None:
             # The account's session as much as an authenticated one: a
             # move drops it.
             self.user = account
-        return backend
+        checked = self._cookieRoute
+        if checked is not None and checked[0] == value:
+            self._connect(request, checked[1] or default)
+            return
+        if not account:
+            self._cookieRouted(request, value, self._httpBackend(backendName))
+            return
+
+        def explained(answer: dict[str, Any]) -> None:
+            current = answer["backend"]
+            if not answer["explained"] or current == backendName:
+                self._cookieRouted(request, value, self._httpBackend(backendName))
+                return
+            self.log.info(
+                "routing cookie names {cookie} for {user}, routed to {backend} now: session={session}",
+                cookie=backendName,
+                user=logQuote(account),
+                backend=current or "-",
+                session=self.client.sessionId,
+            )
+            self._cookieRouted(request, value, self._httpBackend(current) if current else None)
+
+        def unexplained(reason: Failure) -> None:
+            self.log.info(
+                "routing cookie for {user} not checked, the router failed: session={session} {detail}",
+                user=logQuote(account),
+                session=self.client.sessionId,
+                detail=logQuote(str(reason.value)),
+            )
+            self._cookieRouted(request, value, self._httpBackend(backendName))
+
+        explainRoute(self.context.router, self.context.routerName, account).addCallbacks(explained, unexplained)
+
+    def _cookieRouted(self, request: _ProxyRequest, value: bytes, backend: Backend | None) -> None:
+        if self.closing or request is not self.current:
+            # The session ended while the router was asked.
+            return
+        self._cookieRoute = (value, backend)
+        self._connect(request, backend or self._backendNamed(self.settings.defaultBackend))
+
+    def _httpBackend(self, name: str) -> Backend | None:
+        backend = self._backendNamed(name)
+        return backend if backend is not None and "http" in backend.ports else None
 
     # Routing without credentials
 
@@ -643,7 +694,10 @@ class HTTPFrontend(FrontendProtocol):
         def loggedIn(result: BackendProtocol) -> None:
             backend = cast(HTTPBackend, result)
             route = cast(Route, self.route)
-            account = route.user if route.user is not None else credentials.user
+            # The login name, as for the other protocols' sessions (a move
+            # names it, and the route store knows it); a token's account is
+            # the one the router found.
+            account = credentials.user or route.user
             self.user = account or self.user
             self._account = account
             outgoing, self._outgoingAuth = self._outgoingAuth, []

@@ -61,7 +61,8 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 
 from .._blocking import ThreadRunner
-from .._migrate import MOVED, MoveError, explainRoute, findRouteStore
+from .._migrate import MOVED, MoveError, findRouteStore
+from .._routing import explainRoute
 from ..model import Backend
 from ..settings import Limits
 from . import _clients, _tools

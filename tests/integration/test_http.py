@@ -973,6 +973,26 @@ class PushMoveTests(HTTPTestsMixin):
             lines.append(line.decode())
         return response, "".join(lines)
 
+    def test_cookieFollowsMove(self) -> None:
+        """
+        bob's routing cookie, issued while he was on new, sends a request
+        without credentials to old once C{mailproxy move} has moved him
+        there (old's challenge names its realm), not back to new.
+        """
+        user = "bob@example.org"
+        response = self.request("GET", "/jmap/", {"Authorization": basic(user, PASSWORDS[user])})
+        self.assertEqual(response.status, 200)
+        cookie = response.header("Set-Cookie")
+        assert cookie is not None
+        value = cookie.partition(";")[0]
+        before = self.request("GET", "/jmap/", {"Cookie": value})
+        self.assertEqual(before.challenges(), challenges("new"))
+        moved = self.mailproxy("move", user, "old")
+        self.addCleanup(self.mailproxy, "move", user, "new")
+        self.assertEqual(moved.returncode, 0, moved.stderr)
+        after = self.request("GET", "/jmap/", {"Cookie": value})
+        self.assertEqual((after.status, after.challenges()), (401, challenges("old")))
+
     def test_moveDropsPushAndNextRequestGoesToNew(self) -> None:
         """
         erin's event source (served through webold) is listed as an HTTP

@@ -7,17 +7,22 @@ ways, the WebSocket relay, drops, and hostile input.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import globalLogPublisher
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._backend import BackendProtocol
 from mailproxy.http._cookie import readCookie, signCookie
 from mailproxy.http._frontend import HTTPFrontend
+from mailproxy.interfaces import RouteStoreError
 from mailproxy.model import Rejection, Route
+from mailproxy.routers.static import StaticRouter
 from mailproxy.settings import HTTPSettings, Limits
 from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
 
@@ -137,7 +142,9 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(attributes, b" Path=/; Secure; HttpOnly; SameSite=Lax")
         name, _, signed = value.partition(b"=")
         self.assertEqual(name, b"mailproxy_backend")
-        self.assertEqual(readCookie(SECRET, signed, self.clock.seconds()), ("new", "alice@new"))
+        # The account it names is the login name, as a move names it.
+        self.assertEqual(readCookie(SECRET, signed, self.clock.seconds()), ("new", "alice"))
+        self.assertEqual(self.frontend.user, "alice")
 
     def test_sameCredentialsReuseRoute(self) -> None:
         """
@@ -435,6 +442,116 @@ class RoutingTests(HTTPFrontendTestCase):
         self.clock.advance(now)
         self.send(b"GET / HTTP/1.1\r\nHost: h\r\nCookie: mailproxy_backend=" + genuine + b"\r\n\r\n")
         self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+
+
+class CookieMoveTests(HTTPFrontendTestCase):
+    """
+    A routing cookie routes to its account's backend as the router places
+    the account now: an operator's move is not undone by a cookie issued
+    before it.
+    """
+
+    def staticRouter(self) -> StaticRouter:
+        """
+        A static route table (alice on new, the rest on old) that changes
+        as a move changes it.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('default = "old"\n[accounts]\n"alice" = "new"\n')
+        self.clock = Clock()
+        return StaticRouter(path, {"old": self.old, "new": self.new}, reactor=self.clock)
+
+    def cookieFor(self, router: Any) -> bytes:
+        """
+        Log alice in on a first connection; the routing cookie her
+        response sets (name=value).
+        """
+        self.connect(router, keepaliveTimeout=1e9)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.assertEqual(self.connector.protocols[-1].job.backend.name, "new")
+        cookie: bytes = head(self.backendSays(OK))[1][b"set-cookie"][0].split(b";")[0]
+        return cookie
+
+    def test_cookieFollowsMove(self) -> None:
+        """
+        After alice is moved from new to old, a request that carries only
+        the cookie issued before the move goes to old, and the log says
+        why; one on the route the cookie names still goes there.
+        """
+        router = self.staticRouter()
+        cookie = self.cookieFor(router)
+        self.successResultOf(router.setRoute("alice", "old"))
+        self.connect(router, keepaliveTimeout=1e9)
+        self.events.clear()
+        self.send(b"GET /mail HTTP/1.1\r\nHost: h\r\nCookie: " + cookie + b"\r\n\r\n")
+        self.assertEqual([p.job.backend.name for p in self.connector.protocols], ["old"])
+        self.assertEqual(self.frontend.user, "alice")
+        self.assertIn(
+            'routing cookie names new for "alice", routed to old now',
+            [formatEvent(event).partition(":")[0] for event in self.events],
+        )
+        self.successResultOf(router.setRoute("alice", "new"))
+        self.connect(router, keepaliveTimeout=1e9)
+        self.send(b"GET /mail HTTP/1.1\r\nHost: h\r\nCookie: " + cookie + b"\r\n\r\n")
+        self.assertEqual([p.job.backend.name for p in self.connector.protocols], ["new"])
+
+    def test_askedOncePerConnection(self) -> None:
+        """
+        The router is asked about the cookie's account once per connection:
+        the next request with the same cookie keeps the answer and the
+        backend connection.
+        """
+        router = self.staticRouter()
+        cookie = self.cookieFor(router)
+        asked: list[str] = []
+        explain = router.explainRoute
+
+        def counted(user: str) -> tuple[str, str] | None:
+            asked.append(user)
+            return explain(user)
+
+        router.explainRoute = counted  # type: ignore[method-assign]
+        self.connect(router, keepaliveTimeout=1e9)
+        for _ in range(3):
+            self.send(b"GET /mail HTTP/1.1\r\nHost: h\r\nCookie: " + cookie + b"\r\n\r\n")
+            self.backendSays(OK)
+        self.assertEqual(asked, ["alice"])
+        self.assertEqual([p.job.backend.name for p in self.connector.protocols], ["new"])
+
+    def test_routerCannotTell(self) -> None:
+        """
+        A router that cannot place an account without its password, or
+        that fails, leaves the cookie's backend.
+        """
+        cookie = self.cookieFor(FakeRouter({"alice": Route(self.new)}))
+
+        class Failing(FakeRouter):
+            def explainRoute(self, user: str) -> Deferred[None]:
+                return fail(RouteStoreError("SQL: the lookup failed: the database is gone"))
+
+        for router in (FakeRouter({"alice": Route(self.new)}), Failing({"alice": Route(self.new)})):
+            self.connect(router, keepaliveTimeout=1e9)
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\nCookie: " + cookie + b"\r\n\r\n")
+            self.assertEqual([p.job.backend.name for p in self.connector.protocols], ["new"])
+
+    def test_sessionEndsWhileAsked(self) -> None:
+        """
+        A client that goes away while the router is asked about its cookie
+        gets no backend connection.
+        """
+        cookie = self.cookieFor(FakeRouter({"alice": Route(self.new)}))
+        answer: Deferred[tuple[str, str]] = Deferred()
+
+        class Slow(FakeRouter):
+            def explainRoute(self, user: str) -> Deferred[tuple[str, str]]:
+                return answer
+
+        self.connect(Slow(), keepaliveTimeout=1e9)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nCookie: " + cookie + b"\r\n\r\n")
+        self.frontend.connectionLost(Failure(ConnectionDone()))
+        answer.callback(("accounts['alice']", "new"))
+        self.assertEqual(self.connector.protocols, [])
 
 
 class ForwardingTests(HTTPFrontendTestCase):

@@ -14,7 +14,8 @@ from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import alsoProvides, implementer
 
-from mailproxy._migrate import MOVED, LoginHold, MoveError, MoveResult, Mover, RouteChange, explainRoute
+from mailproxy._migrate import MOVED, LoginHold, MoveError, MoveResult, Mover, RouteChange
+from mailproxy._routing import explainRoute
 from mailproxy.interfaces import IRouteCache, IRouteStore
 from mailproxy.routers import static
 from mailproxy.routers.static import StaticRouter
