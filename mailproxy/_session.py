@@ -743,6 +743,8 @@ class FrontendProtocol(Session):
             backend = self._attempt.release()
             if backend is not None and self.relay is None:
                 backend.abandon()
+            # The attempt refers to the session.
+            self._attempt = None
         if self.relay is not None:
             self.relay.clientLost()
             if self._counted and self.route is not None:

@@ -86,6 +86,10 @@ class IResponseConsumer(TypingProtocol):
         """
 
 
+def _ignore(data: bytes) -> None:
+    pass
+
+
 class ResponseReader:
     """
     Reads one response to one request from a backend's octets.
@@ -125,12 +129,18 @@ class ResponseReader:
             self._fail("backend closed the connection during the response")
 
     def _fail(self, why: str) -> None:
-        self.done = True
+        self._end()
         self.consumer.responseFailed(why)
 
     def _finish(self, reusable: bool) -> None:
-        self.done = True
+        self._end()
         self.consumer.responseDone(reusable and self._reusable)
+
+    def _end(self) -> None:
+        self.done = True
+        # Nothing more is read: the reader lets go of its own method (a
+        # reference cycle, left to the garbage collector otherwise).
+        self._feed = _ignore
 
     def _readHead(self, data: bytes) -> None:
         start = max(0, len(self._head) - 3)

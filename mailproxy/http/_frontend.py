@@ -42,6 +42,7 @@ import base64
 import binascii
 import hmac
 import os
+import weakref
 from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
 
@@ -220,8 +221,9 @@ class _Channel(HTTPChannel):
 
     def __init__(self, frontend: HTTPFrontend, settings: HTTPSettings) -> None:
         super().__init__()
-        self.frontend = frontend
-        self.requestFactory = self._makeRequest  # type: ignore[assignment]
+        # Weak: the front end holds its channel, and the two would be a
+        # reference cycle per connection, left to the garbage collector.
+        self._frontend = weakref.ref(frontend)
         self.maxHeaders = settings.maxHeaders
         self.totalHeadersSize = settings.maxHeaderSize
         # One line may be as long as the whole head.
@@ -230,7 +232,17 @@ class _Channel(HTTPChannel):
         self.timeOut = None
         self._lines = 0
 
-    def _makeRequest(self, channel: object, queued: object = None) -> _ProxyRequest:
+    @property
+    def frontend(self) -> HTTPFrontend:
+        """
+        The session this channel parses for.
+        """
+        return cast(HTTPFrontend, self._frontend())
+
+    # A method, not HTTPChannel's class attribute: each request needs the
+    # front end. Not an instance attribute either: a bound method of the
+    # channel kept on the channel is a reference cycle per connection.
+    def requestFactory(self, channel: object, queued: object = None) -> _ProxyRequest:  # type: ignore[override]
         return _ProxyRequest(self, self.frontend)
 
     def connectionMade(self) -> None:
@@ -383,6 +395,9 @@ class HTTPFrontend(FrontendProtocol):
 
     def sessionLost(self) -> None:
         super().sessionLost()
+        # The timers call the session's methods: closed, they let go of it.
+        for timer in (self._waiting, self._responseTimer, self._streamTimer):
+            timer.close()
         self._stopTimers()
         if self.relay is None:
             self.channel.connectionLost(Failure(ConnectionDone()))

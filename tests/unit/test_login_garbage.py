@@ -12,6 +12,7 @@ connections may be among them.
 
 from __future__ import annotations
 
+import base64
 import gc
 from typing import Any
 
@@ -24,6 +25,7 @@ from twisted.trial.unittest import TestCase
 from mailproxy import _relay, _tcp, tap
 from mailproxy._session import ProxyContext
 from mailproxy.config import Limits, Listener
+from mailproxy.settings import HTTPSettings
 from mailproxy.model import Route
 from mailproxy.tap import listenerFactory
 from mailproxy.testing import FakeRouter, makeBackend
@@ -121,6 +123,38 @@ class OneShotFactory(ClientFactory):
         return protocol
 
 
+class HTTPBackend(Protocol):
+    """
+    A web server answering one request, then closing as the request asked.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.endswith(b"\r\n\r\n"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            self.transport.loseConnection()
+
+
+class HTTPClient(Protocol):
+    """
+    A web client sending one request with credentials and C{Connection:
+    close}, saying when the proxy closed the connection.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        credentials = base64.b64encode(b"alice:secret")
+        self.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Basic " + credentials + b"\r\nConnection: close\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(self.received)
+
+
 class LoginGarbageTests(TestCase):
     """
     Logins through a real listener to a real (in-process) backend leave
@@ -138,23 +172,24 @@ class LoginGarbageTests(TestCase):
         first login warms up what is made once) and return what the
         garbage collector found of the other logins.
         """
-        backendPort = reactor.listenTCP(0, Factory.forProtocol(lambda: ScriptedBackend(protocol)), interface="127.0.0.1")
+        server = HTTPBackend if protocol == "http" else lambda: ScriptedBackend(protocol)
+        backendPort = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
         self.addCleanup(backendPort.stopListening)
         backend = makeBackend("b", host="127.0.0.1", ports={protocol: backendPort.getHost().port}, forward="none")
         context = ProxyContext(
             reactor=reactor, router=FakeRouter(default=Route(backend)), limits=Limits(failureDelay=0), hostname="proxy.test"
         )
-        listener = Listener(protocol=protocol, endpoint="tcp:0", tls="none")
+        listener = Listener(protocol=protocol, endpoint="tcp:0", tls="none", http=HTTPSettings(cookieSecret=b"key", defaultBackend="b"))
         port = _tcp.listenAtOnce(reactor.listenTCP(0, listenerFactory(context, listener), interface="127.0.0.1"))
         self.addCleanup(port.stopListening)
         for login in range(logins):
             if login == 1:
                 gc.collect()
                 gc.disable()
-            client = LoggingOutClient(protocol)
+            client = HTTPClient() if protocol == "http" else LoggingOutClient(protocol)
             _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
             received = yield client.closed
-            self.assertIn(CLIENT[protocol][1], received)
+            self.assertIn(b"\r\n\r\nok" if protocol == "http" else CLIENT[protocol][1], received)
             del client
             # The proxy's side of the close runs in the turns after the client's.
             while context.sessions:
@@ -190,6 +225,15 @@ class LoginGarbageTests(TestCase):
         (which refers back to the relay).
         """
         self.assertEqual((yield self.loginGarbage("pop3")), [])
+
+    @inlineCallbacks
+    def test_http(self) -> Any:
+        """
+        The same for an HTTP request with Basic credentials, relayed by the
+        HTTP front end (its timers refer back to it), and closed as the
+        client asked.
+        """
+        self.assertEqual((yield self.loginGarbage("http")), [])
 
 
 class CollectorTuningTests(TestCase):
