@@ -158,8 +158,8 @@ class MXFrontend(SMTPFrontend):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         # Before the loop takes the state to CLOSED: a message the client
         # was still sending is cut off (the backend is aborted, see
-        # _dropBackend).
-        self._idle.stop()
+        # _dropBackend). The idle timer, closed, lets go of the session.
+        self._idle.close()
         self._stopStreaming()
         if self._connecting is not None:
             self._connecting.abandon()

@@ -155,6 +155,66 @@ class HTTPClient(Protocol):
         self.closed.callback(self.received)
 
 
+class SMTPServer(Protocol):
+    """
+    A mail server taking one message and a QUIT.
+    """
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.data = False
+        self.transport.write(b"220 mx.test ESMTP\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if self.data:
+                if line == b".":
+                    self.data = False
+                    self.transport.write(b"250 2.0.0 queued\r\n")
+                continue
+            command = line.split(b" ")[0].upper()
+            if command == b"EHLO":
+                self.transport.write(b"250-mx.test\r\n250 PIPELINING\r\n")
+            elif command == b"DATA":
+                self.data = True
+                self.transport.write(b"354 go on\r\n")
+            elif command == b"QUIT":
+                self.transport.write(b"221 2.0.0 bye\r\n")
+                self.transport.loseConnection()
+            else:
+                self.transport.write(b"250 2.1.0 ok\r\n")
+
+
+class SMTPClient(Protocol):
+    """
+    A sending mail server: EHLO, one message, QUIT, each command once the
+    reply before it is complete; says when the proxy closed.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.script = [
+            b"EHLO client.test\r\n",
+            b"MAIL FROM:<a@example.net>\r\n",
+            b"RCPT TO:<alice@example.org>\r\n",
+            b"DATA\r\n",
+            b"Subject: hi\r\n\r\nhello\r\n.\r\n",
+            b"QUIT\r\n",
+        ]
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        # A reply is complete at a line whose code is followed by a space.
+        if self.script and self.received.endswith(b"\r\n") and self.received.split(b"\r\n")[-2][3:4] == b" ":
+            self.transport.write(self.script.pop(0))
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(self.received)
+
+
 class LoginGarbageTests(TestCase):
     """
     Logins through a real listener to a real (in-process) backend leave
@@ -172,24 +232,32 @@ class LoginGarbageTests(TestCase):
         first login warms up what is made once) and return what the
         garbage collector found of the other logins.
         """
-        server = HTTPBackend if protocol == "http" else lambda: ScriptedBackend(protocol)
+        server = {"http": HTTPBackend, "smtp": SMTPServer}.get(protocol) or (lambda: ScriptedBackend(protocol))
         backendPort = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
         self.addCleanup(backendPort.stopListening)
-        backend = makeBackend("b", host="127.0.0.1", ports={protocol: backendPort.getHost().port}, forward="none")
+        portName = "mx" if protocol == "smtp" else protocol
+        backend = makeBackend("b", host="127.0.0.1", ports={portName: backendPort.getHost().port}, forward="none")
         context = ProxyContext(
             reactor=reactor, router=FakeRouter(default=Route(backend)), limits=Limits(failureDelay=0), hostname="proxy.test"
         )
-        listener = Listener(protocol=protocol, endpoint="tcp:0", tls="none", http=HTTPSettings(cookieSecret=b"key", defaultBackend="b"))
+        listener = Listener(
+            protocol=protocol,
+            endpoint="tcp:0",
+            tls="none",
+            mode="mx" if protocol == "smtp" else None,
+            http=HTTPSettings(cookieSecret=b"key", defaultBackend="b"),
+        )
         port = _tcp.listenAtOnce(reactor.listenTCP(0, listenerFactory(context, listener), interface="127.0.0.1"))
         self.addCleanup(port.stopListening)
         for login in range(logins):
             if login == 1:
                 gc.collect()
                 gc.disable()
-            client = HTTPClient() if protocol == "http" else LoggingOutClient(protocol)
+            client = {"http": HTTPClient, "smtp": SMTPClient}.get(protocol, lambda: LoggingOutClient(protocol))()
             _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
             received = yield client.closed
-            self.assertIn(b"\r\n\r\nok" if protocol == "http" else CLIENT[protocol][1], received)
+            done = {"http": b"\r\n\r\nok", "smtp": b"250 2.0.0 queued\r\n221 "}.get(protocol) or CLIENT[protocol][1]
+            self.assertIn(done, received)
             del client
             # The proxy's side of the close runs in the turns after the client's.
             while context.sessions:
@@ -234,6 +302,14 @@ class LoginGarbageTests(TestCase):
         client asked.
         """
         self.assertEqual((yield self.loginGarbage("http")), [])
+
+    @inlineCallbacks
+    def test_smtpMX(self) -> Any:
+        """
+        The same for an MX session that relays one message to the
+        recipient's backend (its idle timer refers back to it).
+        """
+        self.assertEqual((yield self.loginGarbage("smtp")), [])
 
 
 class CollectorTuningTests(TestCase):
