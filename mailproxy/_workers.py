@@ -992,6 +992,13 @@ class Machine(ReloadOnHangup, MultiService):
 
     # Asking the workers
 
+    def workerHealth(self) -> dict[str, int]:
+        """
+        For C{GET /health}: how many worker processes the configuration
+        asks for, and how many serve (started, not ended).
+        """
+        return {"configured": self.count, "serving": sum(1 for worker in self.workers if worker.ready)}
+
     def tellWorkers(self, method: str, argument: Any) -> None:
         """
         Tell every worker C{argument}, without waiting.

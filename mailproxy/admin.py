@@ -434,19 +434,28 @@ class AdminResource(Resource):
             # its own state: degraded, and the details say why.
             fleet = getattr(self.proxy, "fleet", None)
             cluster = fleet.health() if fleet is not None else None
+            # With worker processes: one that died (and is being started
+            # again, maybe after a back-off) serves nobody meanwhile.
+            countWorkers = getattr(self.proxy, "workerHealth", None)
+            workers = countWorkers() if countWorkers is not None else None
+            serving = workers is None or workers["serving"] == workers["configured"]
             if self.proxy.draining:
                 status = "draining"
             else:
-                status = "ok" if healthy and (cluster is None or cluster["redis"] == "ok") else "degraded"
+                status = "ok" if healthy and serving and (cluster is None or cluster["redis"] == "ok") else "degraded"
             answer: dict[str, Any] = {"status": status}
             if details:
                 answer["backends"] = backends
+                if workers is not None:
+                    answer["workers"] = workers
                 if cluster is not None:
                     answer["cluster"] = cluster
-            # Redis away alone keeps 200: the proxy serves every login, and
-            # a load balancer checking /health must not take every proxy
-            # of the fleet out at once.
-            return _json(200 if status == "ok" or (healthy and status == "degraded") else 503, answer)
+            # Redis away, or some of the workers, alone keeps 200: the proxy
+            # serves every login, and a load balancer checking /health must
+            # not take every proxy of the fleet out at once. No worker
+            # serving is 503: the connections queue and nobody answers.
+            up = workers is None or workers["serving"] > 0
+            return _json(200 if up and (status == "ok" or (healthy and status == "degraded")) else 503, answer)
 
         return self.health.check().addCallback(report)
 

@@ -203,6 +203,17 @@ class WorkersTests(SynchronousTestCase):
         clients = self.idlers()
         killed = self.pids[1]
         os.kill(killed, signal.SIGKILL)
+        # Until its replacement serves, health says a worker is missing
+        # (200: the other one serves).
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status, body = adminRequest(self.proxy, "/health")
+            health = json.loads(body)
+            if health.get("workers") == {"configured": 2, "serving": 1}:
+                break
+            self.assertLess(time.monotonic(), deadline, health)
+            time.sleep(0.01)
+        self.assertEqual((status, health["status"]), (200, "degraded"))
         # Logins go on while the parent replaces the worker: those the
         # killed worker had accepted fail with it; the others succeed.
         succeeded = 0
@@ -219,6 +230,8 @@ class WorkersTests(SynchronousTestCase):
                 break
         self.assertGreaterEqual(succeeded, 5)
         self.pids = self.waitForWorkers(2, gone=frozenset({killed}))
+        status, body = adminRequest(self.proxy, "/health")
+        self.assertEqual((status, json.loads(body)["workers"]), (200, {"configured": 2, "serving": 2}))
         self.assertRegex(self.proxy.log(), rf"worker 1 \(pid {killed}\) was killed by signal 9 after [0-9.]+s; starting another in 0\.[0-9]s")
 
         for account in ACCOUNTS[0::2]:
@@ -273,6 +286,8 @@ class WorkersTests(SynchronousTestCase):
         killed = self.pids[2]
         os.kill(killed, signal.SIGKILL)
         self.pids = self.waitForWorkers(2, gone=frozenset({killed}))
+        status, body = adminRequest(self.proxy, "/health")
+        self.assertEqual((status, json.loads(body)["workers"]), (200, {"configured": 2, "serving": 2}))
         with self.onlyWorker(2):
             self.assertIn(b" proxy.example.org IMAP proxy ready.", self.greeting())
             client = self.connect()

@@ -242,6 +242,23 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         status, body = self.request("GET", "/health", headers=None)
         self.assertEqual((status, body["status"]), (503, "draining"))
 
+    def test_workersMissing(self) -> None:
+        """
+        With worker processes, health says how many serve: all of them is
+        C{ok}; one dead (being started again) is C{degraded} with 200, as
+        the others serve; none is 503.
+        """
+        counts = {"configured": 2, "serving": 2}
+        self.proxy.workerHealth = lambda: dict(counts)
+        status, body = self.request("GET", "/health")
+        self.assertEqual((status, body["status"], body["workers"]), (200, "ok", {"configured": 2, "serving": 2}))
+        counts["serving"] = 1
+        self.clock.advance(2)
+        status, body = self.request("GET", "/health")
+        self.assertEqual((status, body["status"], body["workers"]), (200, "degraded", {"configured": 2, "serving": 1}))
+        counts["serving"] = 0
+        self.assertEqual(self.request("GET", "/health", headers=None), (503, {"status": "degraded"}))
+
     def test_clusterDegraded(self) -> None:
         """
         A proxy of a fleet whose Redis is unavailable says C{degraded}, and

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -294,6 +295,19 @@ class MachineTests(SynchronousTestCase):
         self.machine.workerEnded(self.one, "was killed by signal 9")
         self.assertEqual(self.told[-1], ("block", {"address": "192.0.2.1", "blocked": False}))
         self.assertEqual(dict(self.machine.connections), {"192.0.2.1": 1})
+
+    def test_workerHealth(self) -> None:
+        """
+        The parent counts the workers that serve: none before they are
+        ready, and one fewer from a worker's death until its replacement
+        is ready.
+        """
+        self.assertEqual(self.machine.workerHealth(), {"configured": 2, "serving": 0})
+        for worker in self.machine.workers:
+            self.machine._ready(worker)
+        self.assertEqual(self.machine.workerHealth(), {"configured": 2, "serving": 2})
+        self.one.ended(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.machine.workerHealth(), {"configured": 2, "serving": 1})
 
     def test_backOff(self) -> None:
         """
