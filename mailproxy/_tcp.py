@@ -34,7 +34,7 @@ import os
 import select
 import socket
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet import _newtls, error, main, tcp, unix
 from twisted.internet.abstract import FileDescriptor
@@ -43,8 +43,12 @@ from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFac
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+
+_log = Logger()
 
 
 class _SendAtOnce(FileDescriptor):
@@ -136,23 +140,24 @@ class _AtOnce:
         # it watches the socket for writability, sends zero octets when the
         # event comes and then closes (two to three epoll_ctl, a send(2)
         # and a turn of the event loop). With nothing buffered there is
-        # nothing to wait for: close on the next turn, as Twisted's own
-        # abortConnection does (not now: a protocol does not expect its
-        # connectionLost while it is still calling loseConnection).
+        # nothing to wait for: close once the current event is handled, as
+        # Twisted's own abortConnection does on the next turn (not now: a
+        # protocol does not expect its connectionLost while it is still
+        # calling loseConnection).
         if self._nothingToWaitFor():
             self.stopReading()  # type: ignore[attr-defined]
             self.disconnecting = 1
-            self.reactor.callLater(0, self._closeNow)  # type: ignore[attr-defined]
+            callSoon(self.reactor, self._closeNow)  # type: ignore[attr-defined]
             return
         super().loseConnection()  # type: ignore[misc]
 
     def loseWriteConnection(self) -> None:
         # A half-close (the relay passing on a peer's FIN), likewise: with
-        # nothing buffered, shut down writing on the next turn instead of
-        # through a write event.
+        # nothing buffered, shut down writing once the current event is
+        # handled instead of through a write event.
         if self._nothingToWaitFor():
             self._writeDisconnecting = True
-            self.reactor.callLater(0, self._closeWriteNow)  # type: ignore[attr-defined]
+            callSoon(self.reactor, self._closeWriteNow)  # type: ignore[attr-defined]
             return
         super().loseWriteConnection()  # type: ignore[misc]
 
@@ -181,6 +186,20 @@ class _AtOnce:
         self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
 
 
+def callSoon(reactor: Any, f: Callable[[], object]) -> None:
+    """
+    Call C{f} once the event being handled is done with: on a
+    L{DirectReactor}, after the other events of this turn of the loop
+    (L{DirectReactor.callSoon}); on another reactor, on its next turn
+    (C{callLater(0, f)}).
+    """
+    soon = getattr(reactor, "callSoon", None)
+    if soon is not None:
+        soon(f)
+    else:
+        reactor.callLater(0, f)
+
+
 def _buffered(connection: Any) -> bool:
     """
     Whether Twisted holds octets written on C{connection} and not yet sent.
@@ -204,6 +223,16 @@ class AtOnceClient(_AtOnce, tcp.Client):
     writing stops (three). Twisted also calls C{connect} again to learn
     that the socket is connected, which its writability already says.
     """
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        # Twisted's, but for how the connection attempt (or the failure to
+        # prepare it) is put off until the caller has returned: see
+        # callSoon.
+        if whenDone:
+            self._commonConnection.__init__(self, skt, None, reactor)  # type: ignore[arg-type]
+            callSoon(reactor, whenDone)
+        else:
+            callSoon(reactor, lambda: self.failIfNotConnected(error))
 
     def resolveAddress(self) -> None:
         # Twisted goes through a Deferred even for an address literal, all
@@ -353,19 +382,44 @@ class DirectReactor(EPollReactor):
     of them (L{_addListening}).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._soon: list[Callable[[], object]] = []
+
+    def callSoon(self, f: Callable[[], object]) -> None:
+        """
+        Call C{f} after the events of this turn of the loop are dispatched
+        (or, called from a timed call, right after the next poll): what
+        C{callLater(0, f)} is used for, without a L{DelayedCall} in the
+        reactor's heap of timed calls and without a turn of the loop
+        between. A closing connection puts off its close this way (see
+        L{_AtOnce.loseConnection}), two or three times per login.
+        """
+        self._soon.append(f)
+
     def doPoll(self, timeout: float | None) -> None:
         if timeout is None:
             timeout = -1  # Wait indefinitely.
+        if self._soon:
+            timeout = 0
         try:
             events = self._poller.poll(timeout, len(self._selectables))
         except InterruptedError:
-            return
+            events = []
         selectables = self._selectables
         dispatch = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
                 dispatch(selectable, fd, event)
+        # Those called now, not those they ask for in turn: the next
+        # poll comes first (without waiting), as with callLater(0).
+        soon, self._soon = self._soon, []
+        for f in soon:
+            try:
+                f()
+            except Exception:
+                _log.failure("while calling {f!r}", f=f)
 
     doIteration = doPoll
 

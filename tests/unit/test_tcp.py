@@ -561,6 +561,107 @@ class DirectReactorTests(TestCase):
         self.assertEqual(self.dispatchOne(_tcp.DirectReactor), (1, 0))
         self.assertEqual(self.dispatchOne(EPollReactor), (1, 1))
 
+    def freshReactor(self) -> _tcp.DirectReactor:
+        """
+        A L{_tcp.DirectReactor} of this test's own, whose poller records
+        the timeout of each poll in C{polls}.
+        """
+        loop = _tcp.DirectReactor()
+        polls: list[float] = []
+        poller = loop._poller
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(poller, name)
+
+            def poll(self, timeout: float, *args: Any) -> Any:
+                polls.append(timeout)
+                return poller.poll(timeout, *args)
+
+        loop._poller = Recording()
+        loop.polls = polls  # type: ignore[attr-defined]
+
+        def close() -> None:
+            loop.removeAll()
+            poller.close()
+            for fd in (loop.waker.i, loop.waker.o):
+                os.close(fd)
+
+        self.addCleanup(close)
+        return loop
+
+    def test_callSoon(self) -> None:
+        """
+        A call put off with C{callSoon} from an event handler runs in the
+        same turn of the loop, once the handler has returned, without a
+        timed call; what it puts off in turn runs after the next poll,
+        which does not wait; one that raises is logged and the others run.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        loop = self.freshReactor()
+        calls: list[str] = []
+        readable = Readable(ours)
+
+        def later() -> None:
+            calls.append("later")
+            loop.callSoon(lambda: calls.append("after the next poll"))
+
+        def fails() -> None:
+            raise RuntimeError("boom")
+
+        def read() -> None:
+            Readable.doRead(readable)
+            loop.callSoon(fails)
+            loop.callSoon(later)
+            calls.append("handler done")
+
+        readable.doRead = read  # type: ignore[method-assign]
+        loop.addReader(readable)
+        theirs.send(b"x")
+        loop.doIteration(None)
+        self.assertEqual(calls, ["handler done", "later"])
+        self.assertEqual(loop.getDelayedCalls(), [])
+        self.assertEqual([str(f.value) for f in self.flushLoggedErrors(RuntimeError)], ["boom"])
+        loop.doIteration(None)
+        self.assertEqual(calls[2:], ["after the next poll"])
+        self.assertEqual(loop.polls, [-1, 0])
+
+    def test_closeWithoutTimedCall(self) -> None:
+        """
+        On a L{_tcp.DirectReactor}, a connection closed with nothing
+        buffered closes in the same turn of the loop, and no timed call is
+        made for it: the peer reads the last words and the end.
+        """
+        loop = self.freshReactor()
+        lost: list[object] = []
+
+        class Goodbye(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"* BYE\r\n")
+                self.transport.loseConnection()
+                self.transport.loseConnection()
+
+            def connectionLost(self, reason: object = None) -> None:
+                lost.append(reason)
+
+        port = _tcp.listenAtOnce(loop.listenTCP(0, Factory.forProtocol(Goodbye), interface="127.0.0.1"))
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        while not loop.getReaders() or len(loop.getReaders()) < 2:
+            loop.doIteration(1)
+        client.send(b"a LOGOUT\r\n")
+        while not lost:
+            self.assertEqual(loop.getDelayedCalls(), [])
+            loop.doIteration(1)
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(client.recv(100), b"* BYE\r\n")
+        self.assertEqual(client.recv(100), b"")
+        stopped = port.stopListening()
+        loop.runUntilCurrent()
+        self.successResultOf(stopped)
+
     def test_installed(self) -> None:
         """
         L{_tcp.installReactor} makes a L{_tcp.DirectReactor} the global
