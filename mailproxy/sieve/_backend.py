@@ -14,6 +14,7 @@ gets as the reply to its own AUTHENTICATE.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from twisted.logger import Logger
 
@@ -70,12 +71,6 @@ class SieveBackendLogin(BackendProtocol):
         # An OAuth error challenge the server sent, for the client.
         self._saslError = b""
         self._parser = LineParser(MAX_BACKEND_LINE, MAX_BACKEND_LINE, MAX_BACKEND_LINE)
-        self._handlers = {
-            LoginState.GREETING: self._greetingLine,
-            LoginState.STARTTLS: self._startTLSReply,
-            LoginState.IDENTITY: self._xclientReply,
-            LoginState.LOGIN: self._loginReply,
-        }
 
     # Reading
 
@@ -89,11 +84,11 @@ class SieveBackendLogin(BackendProtocol):
                 reason = event.reason if isinstance(event, Fatal) else "unparsable line: " + event.reason
                 self.fail(FailureKind.UNAVAILABLE, "backend sent " + reason)
                 return
-            handler = self._handlers.get(self.state)
+            handler = _HANDLERS.get(self.state)
             if handler is None:
                 self.fail(FailureKind.UNAVAILABLE, "backend sent data while TLS was starting")
                 return
-            handler(event.values)
+            handler(self, event.values)
 
     def buffered(self) -> int:
         return self._parser.buffered
@@ -223,6 +218,17 @@ class SieveBackendLogin(BackendProtocol):
         else:
             # A SASL challenge: PLAIN with an initial response needs none.
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected SASL challenge")
+
+
+#: What reads a server line in each state: the class's functions, not the
+#: login's bound methods (a dict of those on the login would be a reference
+#: cycle per login).
+_HANDLERS: dict[LoginState, Callable[[SieveBackendLogin, tuple[SieveValue, ...]], None]] = {
+    LoginState.GREETING: SieveBackendLogin._greetingLine,
+    LoginState.STARTTLS: SieveBackendLogin._startTLSReply,
+    LoginState.IDENTITY: SieveBackendLogin._xclientReply,
+    LoginState.LOGIN: SieveBackendLogin._loginReply,
+}
 
 
 def _code(values: tuple[SieveValue, ...]) -> str:

@@ -176,7 +176,9 @@ class SMTPServer(Protocol):
                 continue
             command = line.split(b" ")[0].upper()
             if command == b"EHLO":
-                self.transport.write(b"250-mx.test\r\n250 PIPELINING\r\n")
+                self.transport.write(b"250-mx.test\r\n250-AUTH PLAIN\r\n250 PIPELINING\r\n")
+            elif command == b"AUTH":
+                self.transport.write(b"235 2.7.0 Authentication successful\r\n")
             elif command == b"DATA":
                 self.data = True
                 self.transport.write(b"354 go on\r\n")
@@ -189,14 +191,16 @@ class SMTPServer(Protocol):
 
 class SMTPClient(Protocol):
     """
-    A sending mail server: EHLO, one message, QUIT, each command once the
-    reply before it is complete; says when the proxy closed.
+    A sending mail server (or, given a C{login} command, a submitting
+    client): EHLO, one message, QUIT, each command once the reply before it
+    is complete; says when the proxy closed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, login: bytes = b"") -> None:
         self.received = b""
         self.script = [
             b"EHLO client.test\r\n",
+            *([login] if login else []),
             b"MAIL FROM:<a@example.net>\r\n",
             b"RCPT TO:<alice@example.org>\r\n",
             b"DATA\r\n",
@@ -215,6 +219,52 @@ class SMTPClient(Protocol):
         self.closed.callback(self.received)
 
 
+class SieveServer(Protocol):
+    """
+    A ManageSieve server: its capabilities, then OK to an AUTHENTICATE and
+    to a LOGOUT, after which it closes.
+    """
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.transport.write(b'"IMPLEMENTATION" "test"\r\n"SASL" "PLAIN"\r\n"VERSION" "1.0"\r\nOK "ready"\r\n')
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if line.upper().startswith(b"LOGOUT"):
+                self.transport.write(b'OK "Bye."\r\n')
+                self.transport.loseConnection()
+            else:
+                self.transport.write(b'OK "Logged in."\r\n')
+
+
+class SieveClient(Protocol):
+    """
+    A ManageSieve client: AUTHENTICATE PLAIN once greeted, LOGOUT once
+    logged in; says when the proxy closed.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.state = "greeting"
+        self.closed: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.state == "greeting" and self.received.endswith(b"\r\n") and b"\r\nOK" in self.received:
+            self.state = "login"
+            credentials = base64.b64encode(b"\0alice\0secret")
+            self.transport.write(b'AUTHENTICATE "PLAIN" "' + credentials + b'"\r\n')
+        elif self.state == "login" and b'OK "Logged in' in self.received:
+            self.state = "logout"
+            self.transport.write(b"LOGOUT\r\n")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(self.received)
+
+
 class LoginGarbageTests(TestCase):
     """
     Logins through a real listener to a real (in-process) backend leave
@@ -228,14 +278,18 @@ class LoginGarbageTests(TestCase):
     @inlineCallbacks
     def loginGarbage(self, protocol: str, logins: int = 3) -> Any:
         """
-        Log in and out C{logins} times through a C{protocol} listener (the
+        Log in and out C{logins} times through a C{protocol} listener
+        (C{"mx"} and C{"submission"} are SMTP listeners of that mode; the
         first login warms up what is made once) and return what the
         garbage collector found of the other logins.
         """
-        server = {"http": HTTPBackend, "smtp": SMTPServer}.get(protocol) or (lambda: ScriptedBackend(protocol))
+        mode = {"mx": "mx", "submission": "submission"}.get(protocol)
+        if mode is not None:
+            protocol = "smtp"
+        server = {"http": HTTPBackend, "smtp": SMTPServer, "sieve": SieveServer}.get(protocol) or (lambda: ScriptedBackend(protocol))
         backendPort = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
         self.addCleanup(backendPort.stopListening)
-        portName = "mx" if protocol == "smtp" else protocol
+        portName = "mx" if mode == "mx" else protocol
         backend = makeBackend("b", host="127.0.0.1", ports={portName: backendPort.getHost().port}, forward="none")
         context = ProxyContext(
             reactor=reactor, router=FakeRouter(default=Route(backend)), limits=Limits(failureDelay=0), hostname="proxy.test"
@@ -244,7 +298,7 @@ class LoginGarbageTests(TestCase):
             protocol=protocol,
             endpoint="tcp:0",
             tls="none",
-            mode="mx" if protocol == "smtp" else None,
+            mode=mode,
             http=HTTPSettings(cookieSecret=b"key", defaultBackend="b"),
         )
         port = _tcp.listenAtOnce(reactor.listenTCP(0, listenerFactory(context, listener), interface="127.0.0.1"))
@@ -253,10 +307,13 @@ class LoginGarbageTests(TestCase):
             if login == 1:
                 gc.collect()
                 gc.disable()
-            client = {"http": HTTPClient, "smtp": SMTPClient}.get(protocol, lambda: LoggingOutClient(protocol))()
+            login = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret") + b"\r\n" if mode == "submission" else b""
+            client = {"http": HTTPClient, "smtp": lambda: SMTPClient(login), "sieve": SieveClient}.get(
+                protocol, lambda: LoggingOutClient(protocol)
+            )()
             _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
             received = yield client.closed
-            done = {"http": b"\r\n\r\nok", "smtp": b"250 2.0.0 queued\r\n221 "}.get(protocol) or CLIENT[protocol][1]
+            done = {"http": b"\r\n\r\nok", "smtp": b"250 2.0.0 queued\r\n221 ", "sieve": b'OK "Bye."'}.get(protocol) or CLIENT[protocol][1]
             self.assertIn(done, received)
             del client
             # The proxy's side of the close runs in the turns after the client's.
@@ -304,12 +361,27 @@ class LoginGarbageTests(TestCase):
         self.assertEqual((yield self.loginGarbage("http")), [])
 
     @inlineCallbacks
+    def test_sieve(self) -> Any:
+        """
+        The same for a ManageSieve AUTHENTICATE and LOGOUT.
+        """
+        self.assertEqual((yield self.loginGarbage("sieve")), [])
+
+    @inlineCallbacks
     def test_smtpMX(self) -> Any:
         """
         The same for an MX session that relays one message to the
         recipient's backend (its idle timer refers back to it).
         """
-        self.assertEqual((yield self.loginGarbage("smtp")), [])
+        self.assertEqual((yield self.loginGarbage("mx")), [])
+
+    @inlineCallbacks
+    def test_smtpSubmission(self) -> Any:
+        """
+        The same for a submission session: AUTH, one message relayed
+        through the guard, QUIT.
+        """
+        self.assertEqual((yield self.loginGarbage("submission")), [])
 
 
 class CollectorTuningTests(TestCase):
