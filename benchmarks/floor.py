@@ -4,14 +4,15 @@ same IMAP LOGIN (benchmarks/floorrelay.py: greet, read one line, connect,
 send it, pass the answer, relay; nothing else) measured beside mailproxy and
 nginx's mail proxy, each with one process, in the same run.
 
-    python benchmarks/floor.py [--rounds 3] [--duration 5] [--json out.json]
+    python benchmarks/floor.py [--rounds 3] [--duration 5] [--tls none,implicit] [--json out.json]
 
 The paths are measured in turn, round after round (the machine's noise
 moves every path alike within a round), with the same load as
 benchmarks/run.py (C{load.py logins}: connect, LOGIN, LOGOUT, plain,
-C{--concurrency} clients); each path's best round is reported. The relay
-runs on mailproxy's reactor and transports (C{floor}) and on Twisted's own
-(C{floor-stock}). What it shows: how much of mailproxy's CPU per login is
+C{--concurrency} clients), plain and with implicit TLS (the relay with
+mailproxy's TLS settings and Twisted's TLS layer); each path's best round
+is reported. The relay runs on mailproxy's reactor and transports
+(C{floor}) and on Twisted's own (C{floor-stock}). What it shows: how much of mailproxy's CPU per login is
 its own work, and how close to nginx a Twisted program on CPython can get
 at all.
 """
@@ -50,14 +51,14 @@ class FloorRelay:
     benchmarks/floorrelay.py in a subprocess.
     """
 
-    def __init__(self, backendPort: int, stock: bool) -> None:
-        command = [sys.executable, str(_HERE / "floorrelay.py"), "0", str(backendPort)] + (["--stock"] if stock else [])
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=_REPOSITORY)
+    def __init__(self, backendPort: int, stock: bool, certificate: tuple[str, str]) -> None:
+        command = [sys.executable, str(_HERE / "floorrelay.py"), "0", str(backendPort), "--tls", *certificate]
+        self.process = subprocess.Popen(command + (["--stock"] if stock else []), stdout=subprocess.PIPE, cwd=_REPOSITORY)
         assert self.process.stdout is not None
         ready = self.process.stdout.readline().split()
         if ready[:1] != [b"ready"]:
             raise RuntimeError(f"floorrelay.py did not start (status {self.process.wait()})")
-        self.port = int(ready[1])
+        self.ports = {"none": int(ready[1]), "implicit": int(ready[2])}
         self.pid = self.process.pid
 
     def stop(self) -> None:
@@ -65,31 +66,32 @@ class FloorRelay:
         self.process.wait(10)
 
 
-def table(results: dict[str, list[dict[str, Any]]]) -> str:
+def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     """
-    Each path's best round: logins per second, CPU per login, and the CPU
-    as a multiple of nginx's and of the floor's.
+    Per TLS mode, each path's best round: logins per second, CPU per
+    login, and the CPU as a multiple of nginx's and of the floor's.
     """
-    best = {
-        path: min(rounds, key=lambda r: r["proxyCpuMsPerLogin"]) for path, rounds in results.items() if rounds
-    }
-    cpu = {path: result["proxyCpuMsPerLogin"] for path, result in best.items()}
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}" if a is not None and b else ""
 
     lines = [
-        "| path | logins/s | CPU ms/login (best round) | every round | x nginx | x floor |",
-        "|---|---:|---:|---|---:|---:|",
+        "| TLS | path | logins/s | CPU ms/login (best round) | every round | x nginx | x floor |",
+        "|---|---|---:|---:|---|---:|---:|",
     ]
-    for path in PATHS:
-        if path not in best:
-            continue
-        rounds = ", ".join(f"{r['proxyCpuMsPerLogin']:.3f}" for r in results[path])
-        lines.append(
-            f"| {path} | {best[path]['perSecond']:.0f} | {cpu[path]:.3f} | {rounds} | "
-            f"{ratio(cpu[path], cpu.get('nginx'))} | {ratio(cpu[path], cpu.get('floor'))} |"
-        )
+    for mode, byPath in results.items():
+        best = {
+            path: min(rounds, key=lambda r: r["proxyCpuMsPerLogin"]) for path, rounds in byPath.items() if rounds
+        }
+        cpu = {path: result["proxyCpuMsPerLogin"] for path, result in best.items()}
+        for path in PATHS:
+            if path not in best:
+                continue
+            rounds = ", ".join(f"{r['proxyCpuMsPerLogin']:.3f}" for r in byPath[path])
+            lines.append(
+                f"| {mode} | {path} | {best[path]['perSecond']:.0f} | {cpu[path]:.3f} | {rounds} | "
+                f"{ratio(cpu[path], cpu.get('nginx'))} | {ratio(cpu[path], cpu.get('floor'))} |"
+            )
     return "\n".join(lines)
 
 
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tls", default="none,implicit", help="TLS modes measured: none, implicit")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per path and round")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--json", help="also write the raw results and the table here")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     dovecot = Dovecot(str(directory / "dovecot"), "bench", users, ca=ca, extraConfig=DOVECOT_TUNING)
     servers: list[Any] = []
     bench = Bench(settings, directory, ca.caPath)
-    results: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
+    modes = [mode.strip() for mode in options.tls.split(",") if mode.strip()]
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {mode: {path: [] for path in PATHS} for mode in modes}
     try:
         dovecot.start()
         servers.append(dovecot)
@@ -123,21 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         proxy, ports = startMailproxy(directory / "mailproxy", 1, dovecot.imap, ca)
         servers.append(proxy)
         paths = [Endpoint("mailproxy", ports, proxy.pid)]
+        relayCertificate = ca.issue("floor")
         for name, stock in (("floor", False), ("floor-stock", True)):
-            relay = FloorRelay(dovecot.imap, stock)
+            relay = FloorRelay(dovecot.imap, stock, relayCertificate)
             servers.append(relay)
-            paths.append(Endpoint(name, {"none": relay.port}, relay.pid))
+            paths.append(Endpoint(name, relay.ports, relay.pid))
         certificate, key = ca.issue("nginx")
         nginx = Nginx(str(directory / "nginx"), dovecot.imap, certificate, key, workers=1)
         nginx.start()
         servers.append(nginx)
-        paths.append(Endpoint("nginx", {"none": nginx.plain}, nginx.pid))
-        for number in range(options.rounds):
-            for path in paths:
-                print(f"  round {number + 1}: {path.name}", file=sys.stderr, flush=True)
-                bench.results = {path.name: {}}
-                bench.logins(path, "none")
-                results[path.name].append(bench.results[path.name]["logins.none"])
+        paths.append(Endpoint("nginx", {"none": nginx.plain, "implicit": nginx.ssl}, nginx.pid))
+        for mode in modes:
+            for number in range(options.rounds):
+                for path in paths:
+                    print(f"  {mode}, round {number + 1}: {path.name}", file=sys.stderr, flush=True)
+                    bench.results = {path.name: {}}
+                    bench.logins(path, mode)
+                    results[mode][path.name].append(bench.results[path.name][f"logins.{mode}"])
     finally:
         for server in reversed(servers):
             server.stop()

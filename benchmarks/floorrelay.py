@@ -10,10 +10,14 @@ closes. No router, no parser, no timers, no limits, no logs, no metrics, no
 TLS: none of what makes a proxy safe to run. It exists only so that
 C{benchmarks/floor.py} can measure it.
 
-Run: C{python benchmarks/floorrelay.py LISTEN_PORT BACKEND_PORT [--stock]};
-it prints C{ready PORT} once it listens (port 0: the kernel's choice).
-Without C{--stock} it uses mailproxy's reactor and transports that send at
-once (L{mailproxy._tcp}), as mailproxy does; with it, Twisted's own.
+Run: C{python benchmarks/floorrelay.py LISTEN_PORT BACKEND_PORT [--stock]
+[--tls CERT KEY]}; it prints C{ready PORT [TLSPORT]} once it listens (port
+0: the kernel's choice). Without C{--stock} it uses mailproxy's reactor and
+transports that send at once (L{mailproxy._tcp}), as mailproxy does; with
+it, Twisted's own. With C{--tls}, a second port (the kernel's choice)
+serves the same relay in implicit TLS, with mailproxy's TLS settings for a
+listener (L{mailproxy._tls.serverOptions}) and Twisted's TLS layer, as
+mailproxy has them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def main(argv: list[str]) -> None:
     Listen and relay until killed.
     """
     stock = "--stock" in argv
+    tls: Any = None
+    if "--tls" in argv:
+        at = argv.index("--tls")
+        from mailproxy._tls import CertificateSource, serverOptions
+
+        tls = serverOptions(CertificateSource(argv[at + 1], argv[at + 2]))
+        argv = argv[:at] + argv[at + 3 :]
     listenPort, backendPort = (int(a) for a in argv if not a.startswith("--"))
     if not stock:
         from mailproxy import _tcp
@@ -100,8 +111,13 @@ def main(argv: list[str]) -> None:
         backend: Backend | None = None
         buffer = b""
 
+        encrypted = False
+
         def connectionMade(self) -> None:
             self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            if self.encrypted:
+                # Implicit TLS: the greeting is sent once the handshake is done.
+                self.transport.startTLS(tls)  # type: ignore[attr-defined]
             self.transport.write(GREETING)
 
         def dataReceived(self, data: bytes) -> None:
@@ -121,12 +137,18 @@ def main(argv: list[str]) -> None:
                 self.backend.transport.loseConnection()
                 self.backend = None
 
-    factory = Factory.forProtocol(Client)
-    factory.noisy = False
-    port = reactor.listenTCP(listenPort, factory, backlog=4096, interface="127.0.0.1")  # type: ignore[attr-defined]
-    if not stock:
-        _tcp.listenAtOnce(port)
-    print(f"ready {port.getHost().port}", flush=True)
+    class TLSClient(Client):
+        encrypted = True
+
+    ports = []
+    for protocol in (Client, TLSClient) if tls is not None else (Client,):
+        factory = Factory.forProtocol(protocol)
+        factory.noisy = False
+        port = reactor.listenTCP(listenPort if protocol is Client else 0, factory, backlog=4096, interface="127.0.0.1")  # type: ignore[attr-defined]
+        if not stock:
+            _tcp.listenAtOnce(port)
+        ports.append(str(port.getHost().port))
+    print("ready " + " ".join(ports), flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
 
