@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 from typing import IO, Any, cast
 
@@ -43,6 +44,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
 )
 from zope.interface import implementer
@@ -51,7 +53,7 @@ from ._safetext import LogQuoted
 from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "EventLogService", "processLogObserver"]
+__all__ = ["jsonLine", "ClassicText", "EventLogService", "processLogObserver"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -90,6 +92,57 @@ def jsonLine(event: dict[str, Any]) -> str:
     return json.dumps(data, default=str)
 
 
+class ClassicText:
+    """
+    Formats events as twistd's classic text lines, exactly as
+    L{formatEventAsClassicLogText} does, at a fraction of its cost: the
+    timestamp (which has no fraction of a second) is formatted once per
+    second, not per event (L{formatTime} converts to the local time zone and
+    calls C{strftime} each time), and the text of an event logged as
+    C{"{text}"} (a session's end) is taken as it is, without a format
+    string to parse.
+    """
+
+    def __init__(self) -> None:
+        self._second: float | None = None
+        self._stamp = ""
+
+    def _timeStamp(self, when: float) -> str:
+        fraction, second = math.modf(when)
+        # Past 0.9999995 the microseconds round up into the next second
+        # (datetime.fromtimestamp), which the cached stamp is not.
+        if fraction < 0 or fraction * 1e6 >= 999999.5:
+            return formatTime(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(when)
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        """
+        The event as a text line (with its line end; a line break inside
+        continues on a tab-indented line), or L{None} for no text.
+        """
+        if "log_failure" in event:
+            return formatEventAsClassicLogText(event)
+        text = event.get("text")
+        if type(text) is not str or event.get("log_format") != "{text}":
+            text = formatEvent(event)
+        if not text:
+            return None
+        when = event.get("log_time")
+        stamp = "-" if when is None else self._timeStamp(when)
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        else:
+            try:
+                system = str(system)
+            except Exception:
+                system = "UNFORMATTABLE"
+        return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
+
+
 @implementer(ILogObserver)
 class _FileObserver:
     """
@@ -103,12 +156,13 @@ class _FileObserver:
         self.stream = stream
         self.format = format
         self.priorities = priorities
+        self._classicText = ClassicText()
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.format == "json":
             line = jsonLine(event) + "\n"
         else:
-            line = formatEventAsClassicLogText(event) or ""
+            line = self._classicText(event) or ""
             if not (line.isascii() and line[:-1].replace("\n\t", "").isprintable()):
                 line = line.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
         if line and self.priorities:
