@@ -33,11 +33,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import signal
 import sys
-from typing import IO, Any, cast
+from typing import IO, Any, Mapping, cast
 
 from twisted.application.service import Service
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
@@ -47,13 +49,15 @@ from twisted.logger import (
     formatTime,
     globalLogPublisher,
 )
+from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from ._safetext import LogQuoted
 from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "ClassicText", "EventLogService", "processLogObserver"]
+__all__ = ["jsonLine", "ClassicText", "EventLogService", "processLogObserver", "twistdLogObserver", "TwistdLog"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -240,3 +244,53 @@ def processLogObserver(config: LogConfig, stream: IO[str] | None = None) -> ILog
     format = config.format if config.path == "-" else "text"
     observer = _FileObserver(stream, format, isJournalStream(stream))
     return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
+
+
+def twistdLogObserver(options: Mapping[str, Any]) -> ILogObserver | None:
+    """
+    The log twistd would write for its C{options} (C{--logfile}: that file,
+    rotated on C{SIGUSR1} as twistd does; C{--nodaemon} without it or with
+    C{-}: standard output), with the same lines, formatted by
+    L{ClassicText}; L{None} where twistd logs otherwise (C{--syslog}, a
+    C{--logger}) or refuses to (C{-} for a daemon), which is left to it.
+    """
+    if options.get("syslog") or options.get("logger"):
+        return None
+    path = options.get("logfile") or ""
+    if path == "-" or (not path and options.get("nodaemon")):
+        if not options.get("nodaemon"):
+            return None
+        return FileLogObserver(sys.stdout, ClassicText())
+    logFile = LogFile.fromFullPath(path or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return FileLogObserver(logFile, ClassicText())
+
+
+class TwistdLog:
+    """
+    A service that, made by twistd's plugin, has twistd write its log
+    through L{twistdLog}: twistd reads its application's L{ILogObserver}
+    component when it starts logging, after the service joined the
+    application.
+
+    @ivar twistdLog: the observer, or L{None} for twistd's own.
+    """
+
+    twistdLog: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Join C{parent}; if it is twistd's application and logs through no
+        observer of its own yet, through L{twistdLog}.
+        """
+        if self.twistdLog is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver) is None:
+                parent.setComponent(ILogObserver, self.twistdLog)
+        super().setServiceParent(parent)  # type: ignore[misc]

@@ -66,6 +66,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
+from ._logs import TwistdLog
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -732,7 +733,7 @@ class _Worker:
             )
 
 
-class Machine(ReloadOnHangup, MultiService):
+class Machine(TwistdLog, ReloadOnHangup, MultiService):
     """
     The parent of the worker processes: it holds the listening sockets,
     the management endpoint (a child service named C{admin}), the event

@@ -6,20 +6,23 @@ of L{mailproxy._logs}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
+import sys
 import time
 
-from twisted.application.service import Service
+from twisted.application.service import Application, Service
 from twisted.internet.defer import Deferred
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
-from mailproxy._logs import ClassicText, EventLogService, jsonLine
+from mailproxy._logs import ClassicText, EventLogService, TwistdLog, jsonLine, twistdLogObserver
 from mailproxy._safetext import MAX_LOG_TEXT, logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
@@ -435,6 +438,83 @@ class ClassicTextTests(SynchronousTestCase):
             for event in events:
                 timed = dict(event) if when is None else {**event, "log_time": when}
                 self.assertEqual(classic(timed), formatEventAsClassicLogText(timed), (when, event))
+
+
+class TwistdLogTests(SynchronousTestCase):
+    """
+    Under twistd, the proxy writes twistd's log itself (L{twistdLogObserver},
+    L{TwistdLog}): the same destination and lines as twistd's own.
+    """
+
+    event = {
+        "log_format": "{text}",
+        "text": "session abc end: imap",
+        "log_namespace": "mailproxy.x",
+        "log_level": LogLevel.info,
+        "log_time": 1700000000.25,
+    }
+
+    def setUp(self) -> None:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def test_logFile(self) -> None:
+        """
+        With C{--logfile}, the lines go to that file, as twistd writes them,
+        and C{SIGUSR1} is caught (to rotate it, as twistd does).
+        """
+        path = os.path.abspath(self.mktemp())
+        observer = twistdLogObserver({"logfile": path, "nodaemon": True, "syslog": False})
+        assert observer is not None
+        observer(dict(self.event))
+        with open(path) as f:
+            self.assertEqual(f.read(), formatEventAsClassicLogText(self.event))
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    def test_standardOutput(self) -> None:
+        """
+        In the foreground without a log file, or with C{-}, the lines go
+        to standard output.
+        """
+        for logfile in ("", "-"):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            observer = twistdLogObserver({"logfile": logfile, "nodaemon": True})
+            assert observer is not None
+            observer(dict(self.event))
+            self.assertEqual(out.getvalue(), formatEventAsClassicLogText(self.event))
+
+    def test_leftToTwistd(self) -> None:
+        """
+        twistd keeps its own log for syslog, a logger of the command line's
+        and a daemon told to log to standard output (which it refuses).
+        """
+        self.assertIsNone(twistdLogObserver({"syslog": True, "nodaemon": True}))
+        self.assertIsNone(twistdLogObserver({"logger": "x.y", "nodaemon": True}))
+        self.assertIsNone(twistdLogObserver({"logfile": "-", "nodaemon": False}))
+
+    def test_application(self) -> None:
+        """
+        Joining twistd's application, the service makes its observer the
+        application's log observer, which twistd then logs through; one
+        the application has already is kept.
+        """
+
+        class Root(TwistdLog, Service):
+            pass
+
+        root = Root()
+        root.twistdLog = LogPublisher()
+        application = Application("mailproxy")
+        root.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), root.twistdLog)
+        other = Root()
+        other.twistdLog = LogPublisher()
+        other.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), root.twistdLog)
+        plain = Application("mailproxy")
+        Root().setServiceParent(plain)
+        self.assertIsNone(plain.getComponent(ILogObserver))
 
 
 class EventLogTests(SynchronousTestCase):
