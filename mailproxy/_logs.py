@@ -57,7 +57,7 @@ from ._safetext import LogQuoted
 from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "ClassicText", "EventLogService", "processLogObserver", "twistdLogObserver", "TwistdLog"]
+__all__ = ["jsonLine", "eventText", "ClassicText", "EventLogService", "processLogObserver", "twistdLogObserver", "TwistdLog"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -96,6 +96,18 @@ def jsonLine(event: dict[str, Any]) -> str:
     return json.dumps(data, default=str)
 
 
+def eventText(event: Mapping[str, Any]) -> str:
+    """
+    An event's message, as L{formatEvent} gives it; for an event logged as
+    C{"{text}"} (a session's end, whose line the session composed), its
+    text, without a format string to parse.
+    """
+    text = event.get("text")
+    if type(text) is str and event.get("log_format") == "{text}":
+        return text
+    return formatEvent(dict(event))
+
+
 class ClassicText:
     """
     Formats events as twistd's classic text lines, exactly as
@@ -128,9 +140,7 @@ class ClassicText:
         """
         if "log_failure" in event:
             return formatEventAsClassicLogText(event)
-        text = event.get("text")
-        if type(text) is not str or event.get("log_format") != "{text}":
-            text = formatEvent(event)
+        text = eventText(event)
         if not text:
             return None
         when = event.get("log_time")

@@ -59,14 +59,14 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
-from ._logs import TwistdLog
+from ._logs import TwistdLog, eventText
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -274,7 +274,7 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     level = event.get("log_level")
     if level is None or level < LogLevel.info:
         return None
-    text = formatEvent(dict(event))
+    text = eventText(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         text += "\n" + failure.getTraceback()
