@@ -96,15 +96,22 @@ def jsonLine(event: dict[str, Any]) -> str:
     return json.dumps(data, default=str)
 
 
+# Formats that are one field holding the whole message, by that field.
+_TEXT_FORMATS = {"{text}": "text", "{log_text}": "log_text"}
+
+
 def eventText(event: Mapping[str, Any]) -> str:
     """
-    An event's message, as L{formatEvent} gives it; for an event logged as
-    C{"{text}"} (a session's end, whose line the session composed), its
-    text, without a format string to parse.
+    An event's message, as L{formatEvent} gives it; for an event whose
+    format is one field of text (C{"{text}"}: a session's end, whose line
+    the session composed; C{"{log_text}"}: a worker's event, formatted in
+    the worker), that text, without a format string to parse.
     """
-    text = event.get("text")
-    if type(text) is str and event.get("log_format") == "{text}":
-        return text
+    field = _TEXT_FORMATS.get(event.get("log_format"))  # type: ignore[arg-type]
+    if field is not None:
+        text = event.get(field)
+        if type(text) is str:
+            return text
     return formatEvent(dict(event))
 
 
@@ -114,9 +121,8 @@ class ClassicText:
     L{formatEventAsClassicLogText} does, at a fraction of its cost: the
     timestamp (which has no fraction of a second) is formatted once per
     second, not per event (L{formatTime} converts to the local time zone and
-    calls C{strftime} each time), and the text of an event logged as
-    C{"{text}"} (a session's end) is taken as it is, without a format
-    string to parse.
+    calls C{strftime} each time), and the text of an event whose format
+    is one field of text is taken as it is (L{eventText}).
     """
 
     def __init__(self) -> None:

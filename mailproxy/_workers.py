@@ -319,8 +319,10 @@ def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
             event[key] = quoted
         else:
             event[key] = value
-    # The text is formatted already: braces in it are not fields.
-    event["log_format"] = event.pop("log_text").replace("{", "{{").replace("}", "}}")
+    # The text is formatted already: the format is that text as a field
+    # (braces in it are not fields), which the log writes as it is
+    # (mailproxy._logs.eventText).
+    event["log_format"] = "{log_text}"
     event["log_level"] = LogLevel.levelWithName(event["log_level"])
     event["log_system"] = f"worker {data['worker']}"
     return event

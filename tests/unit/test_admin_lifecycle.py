@@ -408,8 +408,8 @@ class ClassicTextTests(SynchronousTestCase):
 
     def test_sameLines(self) -> None:
         """
-        For events of every shape (a C{"{text}"} line, another format, a
-        system, no level or namespace, line breaks, a failure, no text), at
+        For events of every shape (a C{"{text}"} line, a worker's
+        C{"{log_text}"} one, another format, a system, no level or namespace, line breaks, a failure, no text), at
         times within one second, across the start of summer time, and just
         before a second's end (which rounds up to the next one), in an
         order where a cached timestamp would show, each line is Twisted's.
@@ -427,6 +427,7 @@ class ClassicTextTests(SynchronousTestCase):
             {"log_format": "{text}", "text": "session abc end: imap", "log_namespace": "mailproxy.x", "log_level": LogLevel.info},
             {"log_format": "login {user} failed\nnext", "user": "bob", "log_namespace": "n", "log_level": LogLevel.warn},
             {"log_format": "{text}", "text": 3, "log_system": "worker 1"},
+            {"log_format": "{log_text}", "log_text": "from a worker {not a field}", "log_system": "worker 2"},
             {"log_format": "{text}", "text": "two\nlines", "log_level": LogLevel.error},
             {"log_format": "it broke", "log_failure": failure, "log_namespace": "n", "log_level": LogLevel.critical},
             {"log_format": "", "log_namespace": "n", "log_level": LogLevel.info},
