@@ -154,16 +154,14 @@ class LoginJob:
         the master user's, nor the client's credentials' (a digest's
         response and an OAuth token included), nor the route's.
         """
-        credentials = self.credentials
-        if credentials is not None:
+        # Copied only where a secret is (evolve costs microseconds, at
+        # every login): a router's route seldom holds a password.
+        credentials, route = self.credentials, self.route
+        if credentials is not None and (credentials.password, credentials.response, credentials.token) != (None, None, None):
             credentials = evolve(credentials, password=None, response=None, token=None)
-        return evolve(
-            self,
-            route=evolve(self.route, password=None),
-            credentials=credentials,
-            password=None,
-            masterPassword=None,
-        )
+        if route.password is not None:
+            route = evolve(route, password=None)
+        return evolve(self, route=route, credentials=credentials, password=None, masterPassword=None)
 
     @property
     def passesToken(self) -> bool:

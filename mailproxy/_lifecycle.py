@@ -38,6 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from . import _tls
+from ._logs import TwistdLog
 from ._migrate import LoginHold, Mover
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._outcomes import EndReason
@@ -138,7 +139,7 @@ class ReloadOnHangup:
             self.eventLog.reopen()  # type: ignore[attr-defined]
 
 
-class ProxyService(ReloadOnHangup, MultiService):
+class ProxyService(TwistdLog, ReloadOnHangup, MultiService):
     """
     The proxy: its listeners and management endpoint as children, its
     shared L{ProxyContext}, reload and drain.

@@ -148,6 +148,16 @@ def plainAddress(address: str) -> str:
     return address
 
 
+def _hostOf(address: object) -> str:
+    """
+    The host of a transport's address (L{plainAddress}), or its text if it
+    has none; that text is only made then (an address's repr costs more
+    than the rest of reading it).
+    """
+    host = getattr(address, "host", None)
+    return plainAddress(host if isinstance(host, str) else str(address))
+
+
 def newSessionId() -> str:
     """
     A short random session id, safe in any protocol's syntax.
@@ -297,9 +307,9 @@ class Session(Protocol):
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.client = ClientInfo(
             sessionId=self.client.sessionId,
-            address=plainAddress(getattr(peer, "host", str(peer))),
+            address=_hostOf(peer),
             port=getattr(peer, "port", 0),
-            localAddress=plainAddress(getattr(host, "host", str(host))),
+            localAddress=_hostOf(host),
             localPort=getattr(host, "port", 0),
         )
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)

@@ -59,13 +59,14 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
+from ._logs import TwistdLog, eventText
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -273,7 +274,7 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     level = event.get("log_level")
     if level is None or level < LogLevel.info:
         return None
-    text = formatEvent(dict(event))
+    text = eventText(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         text += "\n" + failure.getTraceback()
@@ -318,8 +319,10 @@ def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
             event[key] = quoted
         else:
             event[key] = value
-    # The text is formatted already: braces in it are not fields.
-    event["log_format"] = event.pop("log_text").replace("{", "{{").replace("}", "}}")
+    # The text is formatted already: the format is that text as a field
+    # (braces in it are not fields), which the log writes as it is
+    # (mailproxy._logs.eventText).
+    event["log_format"] = "{log_text}"
     event["log_level"] = LogLevel.levelWithName(event["log_level"])
     event["log_system"] = f"worker {data['worker']}"
     return event
@@ -732,7 +735,7 @@ class _Worker:
             )
 
 
-class Machine(ReloadOnHangup, MultiService):
+class Machine(TwistdLog, ReloadOnHangup, MultiService):
     """
     The parent of the worker processes: it holds the listening sockets,
     the management endpoint (a child service named C{admin}), the event

@@ -18,6 +18,7 @@ one entry in L{PROTOCOLS}.  The constants below the registry
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -49,10 +50,12 @@ account), or where mail for a C{"recipient"} goes (SMTP MX, no login).
 """
 
 
+@functools.cache
 def resolve(reference: str) -> Any:
     """
     The object a dotted name (C{package.module.name}) refers to, importing
-    its module.
+    its module; remembered, as sessions ask for their protocol's classes at
+    every login.
     """
     module, _, name = reference.rpartition(".")
     return getattr(importlib.import_module(module), name)

@@ -26,7 +26,7 @@ from . import _tls
 from ._endpoints import serverEndpoint
 from ._fleet import joinFleet, redisConnector
 from ._lifecycle import ProxyService, ReloadableServerTLS
-from ._logs import EventLogService
+from ._logs import EventLogService, twistdLogObserver
 from ._proxylistener import ProxyHeaderFactory, parseNetworks
 from ._session import FrontendFactory, ProxyContext
 from ._systemd import ServiceNotifier, passedSocketProblem
@@ -379,23 +379,29 @@ def makeService(options: Options) -> IService:
 
     config = options["loaded"]
     count = workerCount(config)
+    service: ProxyService | Machine
     try:
         if count > 1:
-            return machineFromConfig(
+            service = machineFromConfig(
                 config,
                 count,
                 reactor,
                 ServiceNotifier.fromEnvironment(),
                 eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),
             )
-        return serviceFromConfig(
-            config,
-            reactor,
-            ServiceNotifier.fromEnvironment(),
-            eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),
-        )
+        else:
+            service = serviceFromConfig(
+                config,
+                reactor,
+                ServiceNotifier.fromEnvironment(),
+                eventLogOnStandardOutput=options.get("eventLogOnStandardOutput", False),
+            )
     except ConfigError as e:
         raise SystemExit(f"mailproxy: {e}")
+    # twistd's options: its log, written with the proxy's formatter.
+    if options.parent is not None:
+        service.twistdLog = twistdLogObserver(options.parent)
+    return service
 
 
 def runWorker() -> None:

@@ -53,6 +53,7 @@ _ID_FIELDS = (
 _ReplyHandler = Callable[[bytes, bytes], None]
 
 _CODE = re.compile(rb"^\[([^\]\s]+)(?: ([^\]]*))?\] ?")
+_LINE_END = re.compile(rb"[\r\n]")
 _LITERAL_END = re.compile(rb"\{(\d{1,9})\+?\}$")
 _SAFE_QUOTED = re.compile(rb"^[\x20\x21\x23-\x5b\x5d-\x7e]*$")
 
@@ -64,7 +65,7 @@ def replyText(text: bytes) -> bytes:
     then a literal's announcement at the end of the line, then control
     characters (see L{mailproxy._safetext.oneLine}).
     """
-    line = re.split(rb"[\r\n]", text, maxsplit=1)[0]
+    line = _LINE_END.split(text, maxsplit=1)[0]
     line = _LITERAL_END.sub(b"", line)
     return oneLine(line.decode("utf-8", "replace")).encode("utf-8")
 

@@ -6,18 +6,23 @@ of L{mailproxy._logs}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
+import sys
+import time
 
-from twisted.application.service import Service
+from twisted.application.service import Application, Service
 from twisted.internet.defer import Deferred
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
-from mailproxy._logs import EventLogService, jsonLine
+from mailproxy._logs import ClassicText, EventLogService, TwistdLog, jsonLine, twistdLogObserver
 from mailproxy._safetext import MAX_LOG_TEXT, logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
@@ -379,6 +384,138 @@ def loadConfigStub(routes: str):
             '[backend.old]\nhost = "127.0.0.1"\nports = { imap = 143 }\n'
         )
     return loadConfig(path)
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """
+    L{ClassicText} writes what Twisted's L{formatEventAsClassicLogText}
+    writes, byte for byte.
+    """
+
+    def setUp(self) -> None:
+        # A zone with summer time, so that a line's offset can change.
+        self.addCleanup(self._restoreZone, os.environ.get("TZ"))
+        os.environ["TZ"] = "Europe/Berlin"
+        time.tzset()
+
+    @staticmethod
+    def _restoreZone(zone: str | None) -> None:
+        if zone is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
+
+    def test_sameLines(self) -> None:
+        """
+        For events of every shape (a C{"{text}"} line, a worker's
+        C{"{log_text}"} one, another format, a system, no level or namespace, line breaks, a failure, no text), at
+        times within one second, across the start of summer time, and just
+        before a second's end (which rounds up to the next one), in an
+        order where a cached timestamp would show, each line is Twisted's.
+        """
+        summer = 1774746000  # 2026-03-29T01:00:00Z: Berlin moves to +0200
+        times = [
+            summer - 1.5, summer - 1.25, summer - 0.0000001, summer - 0.5, summer, summer + 0.75,
+            1700000000.9999996, 1700000000.2, 1700000001.0, 0.0, None,
+        ]
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        events: list[dict[str, object]] = [
+            {"log_format": "{text}", "text": "session abc end: imap", "log_namespace": "mailproxy.x", "log_level": LogLevel.info},
+            {"log_format": "login {user} failed\nnext", "user": "bob", "log_namespace": "n", "log_level": LogLevel.warn},
+            {"log_format": "{text}", "text": 3, "log_system": "worker 1"},
+            {"log_format": "{log_text}", "log_text": "from a worker {not a field}", "log_system": "worker 2"},
+            {"log_format": "{text}", "text": "two\nlines", "log_level": LogLevel.error},
+            {"log_format": "it broke", "log_failure": failure, "log_namespace": "n", "log_level": LogLevel.critical},
+            {"log_format": "", "log_namespace": "n", "log_level": LogLevel.info},
+            {"log_format": "{text}", "text": "", "log_namespace": "n", "log_level": LogLevel.info},
+            {"log_format": None, "log_io": "from stdio", "log_namespace": "n"},
+        ]
+        classic = ClassicText()
+        for when in times:
+            for event in events:
+                timed = dict(event) if when is None else {**event, "log_time": when}
+                self.assertEqual(classic(timed), formatEventAsClassicLogText(timed), (when, event))
+
+
+class TwistdLogTests(SynchronousTestCase):
+    """
+    Under twistd, the proxy writes twistd's log itself (L{twistdLogObserver},
+    L{TwistdLog}): the same destination and lines as twistd's own.
+    """
+
+    event = {
+        "log_format": "{text}",
+        "text": "session abc end: imap",
+        "log_namespace": "mailproxy.x",
+        "log_level": LogLevel.info,
+        "log_time": 1700000000.25,
+    }
+
+    def setUp(self) -> None:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def test_logFile(self) -> None:
+        """
+        With C{--logfile}, the lines go to that file, as twistd writes them,
+        and C{SIGUSR1} is caught (to rotate it, as twistd does).
+        """
+        path = os.path.abspath(self.mktemp())
+        observer = twistdLogObserver({"logfile": path, "nodaemon": True, "syslog": False})
+        assert observer is not None
+        observer(dict(self.event))
+        with open(path) as f:
+            self.assertEqual(f.read(), formatEventAsClassicLogText(self.event))
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    def test_standardOutput(self) -> None:
+        """
+        In the foreground without a log file, or with C{-}, the lines go
+        to standard output.
+        """
+        for logfile in ("", "-"):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            observer = twistdLogObserver({"logfile": logfile, "nodaemon": True})
+            assert observer is not None
+            observer(dict(self.event))
+            self.assertEqual(out.getvalue(), formatEventAsClassicLogText(self.event))
+
+    def test_leftToTwistd(self) -> None:
+        """
+        twistd keeps its own log for syslog, a logger of the command line's
+        and a daemon told to log to standard output (which it refuses).
+        """
+        self.assertIsNone(twistdLogObserver({"syslog": True, "nodaemon": True}))
+        self.assertIsNone(twistdLogObserver({"logger": "x.y", "nodaemon": True}))
+        self.assertIsNone(twistdLogObserver({"logfile": "-", "nodaemon": False}))
+
+    def test_application(self) -> None:
+        """
+        Joining twistd's application, the service makes its observer the
+        application's log observer, which twistd then logs through; one
+        the application has already is kept.
+        """
+
+        class Root(TwistdLog, Service):
+            pass
+
+        root = Root()
+        root.twistdLog = LogPublisher()
+        application = Application("mailproxy")
+        root.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), root.twistdLog)
+        other = Root()
+        other.twistdLog = LogPublisher()
+        other.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), root.twistdLog)
+        plain = Application("mailproxy")
+        Root().setServiceParent(plain)
+        self.assertIsNone(plain.getComponent(ILogObserver))
 
 
 class EventLogTests(SynchronousTestCase):
