@@ -21,10 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy import _tcp
 from mailproxy._backend import BackendProtocol, LoginJob
+from mailproxy._lines import SegmentBuffer
 from mailproxy._login import LoginAttempt
 from mailproxy._sasl import ServerExchange
 from mailproxy._session import FrontendProtocol, ProxyContext
 from mailproxy.config import Limits, Listener
+from mailproxy.imap._parser import CommandParser
 from mailproxy.model import Credentials, Route
 from mailproxy.tap import listenerFactory
 from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
@@ -133,6 +135,17 @@ class IdleSessionTests(SynchronousTestCase):
         self.assertEqual((loginState, withPassword), ([], []))
         self.assertNotIn(PASSWORD, [item for item in found if isinstance(item, bytes)])
         self.assertIsNone(self.connector.protocols[-1].capabilities)  # type: ignore[attr-defined]
+
+    def test_parserReleased(self) -> None:
+        """
+        After the hand-over the session no longer holds its command
+        parser nor the parser's buffers: the relay reads the client.
+        """
+        _relayed(self.frontend, self.connector)
+        context = self.frontend.context
+        stop = {id(context), id(self.clock), id(self.frontend.listener), id(self.connector)}
+        found = _reachable(self.frontend, stop)
+        self.assertEqual([type(item).__name__ for item in found if isinstance(item, (CommandParser, SegmentBuffer))], [])
 
     def test_idleSessionBytes(self) -> None:
         """
