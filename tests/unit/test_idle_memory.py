@@ -147,6 +147,23 @@ class IdleSessionTests(SynchronousTestCase):
         found = _reachable(self.frontend, stop)
         self.assertEqual([type(item).__name__ for item in found if isinstance(item, (CommandParser, SegmentBuffer))], [])
 
+    def test_preauthTimerReleased(self) -> None:
+        """
+        After the hand-over the session's pre-authentication timer (and
+        the bound method it would call) is gone: nothing reachable from
+        the session is a timer that calls C{_preauthExpired}.
+        """
+        _relayed(self.frontend, self.connector)
+        context = self.frontend.context
+        stop = {id(context), id(self.clock), id(self.frontend.listener), id(self.connector)}
+        found = _reachable(self.frontend, stop)
+        preauth = [
+            item
+            for item in found
+            if isinstance(item, types.MethodType) and item.__func__.__name__ == "_preauthExpired"
+        ]
+        self.assertEqual(preauth, [])
+
     def test_idleSessionBytes(self) -> None:
         """
         Fifty more idle relayed sessions take at most L{IDLE_SESSION_BOUND}
