@@ -62,6 +62,34 @@ class LoopState(str, Enum):
         return self.value
 
 
+class _Relayed:
+    """
+    The input of a session that relays: the relay reads the client now,
+    and the protocol's parser (with its buffers) is let go, which an idle
+    session would otherwise hold for hours.  Nothing is ever buffered.
+    """
+
+    def feed(self, data: bytes) -> None:
+        """
+        Never called: the relay took over C{dataReceived}.
+        """
+
+    def clear(self) -> None:
+        """
+        Nothing to forget.
+        """
+
+    def takeRemaining(self) -> bytes:
+        """
+        Nothing buffered.
+        """
+        return b""
+
+
+#: Shared by every relayed session.
+RELAYED_INPUT = _Relayed()
+
+
 class CommandLoop(Session):
     """
     A L{Session} that reads commands in a loop.
@@ -377,7 +405,9 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         # The SASL exchange is over (it may hold the client's password).
         self._exchange = self._saslCommand = None
         self.state = LoopState.RELAY
-        self.handOver(backend, toBackend=self.input.takeRemaining(), guard=guard)
+        toBackend = self.input.takeRemaining()
+        self.input = RELAYED_INPUT
+        self.handOver(backend, toBackend=toBackend, guard=guard)
 
     def _loginRefused(self, reason: Failure, command: Any) -> None:
         reason.trap(LoginFailed)

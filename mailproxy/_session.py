@@ -219,6 +219,11 @@ class Timer:
         self._expired()
 
 
+#: What a relaying session has for the pre-authentication timer it no
+#: longer needs: one stopped timer for all (never started again).
+_NO_PREAUTH = Timer(cast(IReactorTime, None), _nothing)
+
+
 class SessionState(Enum):
     """
     Where a session is in its life; its values are what the management
@@ -820,7 +825,9 @@ class FrontendProtocol(Session):
         @param guard: what keeps the client from saying what only the proxy
             may say to this backend (identity forwarding), if anything can.
         """
-        self._preauth.stop()
+        # An idle session would hold the timer and its bound method for hours.
+        self._preauth.close()
+        self._preauth = _NO_PREAUTH
         self._stopWatchingReplies()
         self.lifecycle = SessionState.RELAY
         self.noteOutcome(EndReason.LOGGED_IN)
