@@ -194,7 +194,7 @@ class _ESMTPDialogue(BackendProtocol):
         self._knownExtensions = knownExtensions
         # The EHLO after XCLIENT was left out on the word of an earlier
         # connection (until the next command is answered).
-        self.ehloSkipped = False
+        self._ehloSkipped = False
 
     # Reading
 
@@ -377,7 +377,7 @@ class _ESMTPDialogue(BackendProtocol):
             # XCLIENT told the server the client's EHLO name and protocol;
             # its keywords are known: the EHLO would only cost a round trip.
             self.extensions = known
-            self.ehloSkipped = True
+            self._ehloSkipped = True
             self.identified()
             return
         # XCLIENT reset the session to the greeting: EHLO again, with the
@@ -450,7 +450,8 @@ class SMTPBackendLogin(_ESMTPDialogue):
         # AUTH: a server that wants the EHLO first says so with 503, and
         # gets it (L{_authReply}). Not XCLIENT LOGIN: the client's own
         # commands would follow it.
-        return not self.xclientLogin and "HELO" in (self._knownXCLIENT or ()) and "PROTO" in (self._knownXCLIENT or ())
+        attributes = self._knownXCLIENT or []
+        return not self.xclientLogin and "HELO" in attributes and "PROTO" in attributes
 
     def identified(self) -> None:
         if self.xclientLogin:
@@ -492,7 +493,7 @@ class SMTPBackendLogin(_ESMTPDialogue):
             self.fail(FailureKind.UNAVAILABLE, f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
 
     def _authReply(self, reply: Reply) -> None:
-        skipped, self.ehloSkipped = self.ehloSkipped, False
+        skipped, self._ehloSkipped = self._ehloSkipped, False
         if skipped and reply.code == 503:
             # This server wants the EHLO after XCLIENT after all.
             self.log.info(
