@@ -12,7 +12,12 @@ earlier connection gets XCLIENT right after its greeting: the EHLO before
 it would only say again what the proxy already knows, and XCLIENT resets
 the session anyway. Should the server refuse it (it no longer trusts the
 proxy, or no longer offers XCLIENT), the proxy forgets what it knew and
-goes on as on a first connection, with EHLO.
+goes on as on a first connection, with EHLO. If the proxy also knows the
+backend's EHLO keywords from an earlier login, the AUTH of a submission
+login follows XCLIENT at once too: XCLIENT gave the server the client's
+EHLO name and protocol (C{HELO=}, C{PROTO=ESMTP}), which Postfix takes
+as the EHLO; a server that answers that AUTH with C{503} (send EHLO first)
+gets the EHLO and the AUTH again.
 
 Two clients share that dialogue up to the identity:
 L{SMTPBackendLogin} (submission: it logs in, then the client is relayed to
@@ -151,6 +156,7 @@ class _ESMTPDialogue(BackendProtocol):
         learn: Callable[[Extensions], None] | None = None,
         knownXCLIENT: list[str] | None = None,
         rememberXCLIENT: Callable[[list[str] | None], None] | None = None,
+        knownExtensions: Extensions | None = None,
     ) -> None:
         """
         @param hostname: the proxy's name, for its own EHLO.
@@ -163,6 +169,9 @@ class _ESMTPDialogue(BackendProtocol):
         @param rememberXCLIENT: told the XCLIENT attributes the backend
             offers the proxy (L{None}: it refused XCLIENT sent on
             C{knownXCLIENT}'s word), for later connections.
+        @param knownExtensions: the EHLO keywords this backend offered on
+            an earlier connection, if known: with C{knownXCLIENT}, what
+            follows XCLIENT needs no EHLO (see L{followsXCLIENT}).
         """
         super().__init__(job, clock, timeout)
         self.hostname = hostname
@@ -182,6 +191,10 @@ class _ESMTPDialogue(BackendProtocol):
         # unless the EHLO that follows is refused too (it is kept till then).
         self._xclientUnasked = False
         self._unaskedRefusal: Reply | None = None
+        self._knownExtensions = knownExtensions
+        # The EHLO after XCLIENT was left out on the word of an earlier
+        # connection (until the next command is answered).
+        self._ehloSkipped = False
 
     # Reading
 
@@ -359,9 +372,26 @@ class _ESMTPDialogue(BackendProtocol):
         if self._pendingXCLIENT:
             self._send(self._pendingXCLIENT.pop(0))
             return
+        known = self._knownExtensions
+        if unasked and known is not None and self.helo is not None and self.esmtp and self.followsXCLIENT():
+            # XCLIENT told the server the client's EHLO name and protocol;
+            # its keywords are known: the EHLO would only cost a round trip.
+            self.extensions = known
+            self._ehloSkipped = True
+            self.identified()
+            return
         # XCLIENT reset the session to the greeting: EHLO again, with the
         # client's own name so that the server logs and judges it.
         self._ehlo(self.helo or self.hostname)
+
+    def followsXCLIENT(self) -> bool:
+        """
+        Whether what follows an XCLIENT sent without asking may go without
+        an EHLO when the backend's keywords are known: only a command whose
+        refusal can still be followed by the EHLO (see
+        L{SMTPBackendLogin}).
+        """
+        return False
 
     def _refusedClient(self, what: str, reply: Reply) -> None:
         """
@@ -416,6 +446,13 @@ class SMTPBackendLogin(_ESMTPDialogue):
         else:
             super()._handle(reply)
 
+    def followsXCLIENT(self) -> bool:
+        # AUTH: a server that wants the EHLO first says so with 503, and
+        # gets it (L{_authReply}). Not XCLIENT LOGIN: the client's own
+        # commands would follow it.
+        attributes = self._knownXCLIENT or []
+        return not self.xclientLogin and "HELO" in attributes and "PROTO" in attributes
+
     def identified(self) -> None:
         if self.xclientLogin:
             self.succeed(self._reader.takeRemaining())
@@ -456,6 +493,17 @@ class SMTPBackendLogin(_ESMTPDialogue):
             self.fail(FailureKind.UNAVAILABLE, f"backend offers no AUTH {needed} (and no XCLIENT LOGIN for this route)")
 
     def _authReply(self, reply: Reply) -> None:
+        skipped, self._ehloSkipped = self._ehloSkipped, False
+        if skipped and reply.code == 503:
+            # This server wants the EHLO after XCLIENT after all.
+            self.log.info(
+                "backend {backend} refused AUTH without EHLO after XCLIENT: {reply}; sending EHLO",
+                backend=self.job.backend.name,
+                reply=logQuote(_show(reply)),
+            )
+            self._authSteps = ()
+            self._ehlo(self.helo or self.hostname)
+            return
         if reply.code == 334 and self._authSteps:
             step, self._authSteps = self._authSteps[0], self._authSteps[1:]
             self._send(step)
@@ -500,13 +548,14 @@ class SMTPBackend(_ESMTPDialogue):
         learn: Callable[[Extensions], None] | None = None,
         knownXCLIENT: list[str] | None = None,
         rememberXCLIENT: Callable[[list[str] | None], None] | None = None,
+        knownExtensions: Extensions | None = None,
     ) -> None:
         """
         @param purpose: C{"relay"} or C{"probe"}.
         """
         super().__init__(
             job, clock, timeout, hostname=hostname, helo=helo, esmtp=esmtp, learn=learn,
-            knownXCLIENT=knownXCLIENT, rememberXCLIENT=rememberXCLIENT,
+            knownXCLIENT=knownXCLIENT, rememberXCLIENT=rememberXCLIENT, knownExtensions=knownExtensions,
         )  # fmt: skip
         self.purpose = purpose
         # A probe tells the backend nothing about anyone.

@@ -238,6 +238,7 @@ class SMTPFrontend(CommandLoop):
             learn=lambda extensions: knowledge.learn(name, extensions),
             knownXCLIENT=knowledge.xclientOf(name),
             rememberXCLIENT=lambda attributes: knowledge.learnXCLIENT(name, attributes),
+            knownExtensions=knowledge.extensionsOf(name),
             **options,
         )
 

@@ -31,6 +31,7 @@ from mailproxy.model import ClientInfo, Credentials, Route
 from mailproxy.pop3._backend import POP3BackendLogin
 from mailproxy.sieve._backend import SieveBackendLogin
 from mailproxy.smtp._backend import SMTPBackendLogin
+from mailproxy.smtp._ehlo import Extensions
 from mailproxy.testing import makeBackend
 
 #: What a server answers: the command line (without CRLF, IMAP literals
@@ -631,6 +632,48 @@ class SMTPRoundTripTests(RoundTripTestsMixin, TestCase):
         self.assertTrue(server.reads[0].startswith(b"XCLIENT PROTO=ESMTP HELO=client.example PORT=50000 "))
         self.assertTrue(server.reads[1].startswith(b"EHLO client.example\r\n"))
         self.assertEqual(len(remembered), 1)
+
+    @inlineCallbacks
+    def test_authAfterXCLIENTWhenKnown(self):
+        """
+        A backend whose XCLIENT attributes and EHLO keywords an earlier
+        login learned: XCLIENT (with the client's EHLO name and protocol),
+        then AUTH at once, no EHLO: two reads.
+        """
+        learned: list[Extensions] = []
+        server = yield self.smtpLogin(learn=learned.append)
+        self.assertReads(server, [b"EHLO", b"XCLIENT", b"EHLO", b"AUTH"])
+        server = yield self.smtpLogin(knownXCLIENT=SMTP_XCLIENT_ATTRIBUTES, knownExtensions=learned[0])
+        self.assertReads(server, [b"XCLIENT", b"AUTH"])
+        self.assertTrue(server.reads[0].startswith(b"XCLIENT PROTO=ESMTP HELO=client.example "))
+
+    @inlineCallbacks
+    def test_authWithoutEHLORefused(self):
+        """
+        A backend that wants the EHLO after XCLIENT refuses the AUTH sent
+        without it (503): the proxy sends the EHLO, with the client's
+        name, and the AUTH again, and the login succeeds.
+        """
+        greeted = []
+
+        def answer(line: bytes) -> tuple[bytes, bool]:
+            command = line.split(b" ")[0].upper()
+            if command == b"XCLIENT":
+                greeted.clear()
+            elif command == b"EHLO":
+                greeted.append(line)
+            elif command == b"AUTH" and not greeted:
+                return b"503 5.5.1 Error: send HELO/EHLO first\r\n", False
+            return smtpScript()(line)
+
+        learned: list[Extensions] = []
+        yield self.smtpLogin(learn=learned.append)
+        server = yield self.login(
+            "smtp", self.GREETING, answer, SMTPBackendLogin, hostname="proxy.test", helo="client.example",
+            knownXCLIENT=SMTP_XCLIENT_ATTRIBUTES, knownExtensions=learned[0],
+        )  # fmt: skip
+        self.assertReads(server, [b"XCLIENT", b"AUTH", b"EHLO", b"AUTH"])
+        self.assertTrue(server.reads[2].startswith(b"EHLO client.example\r\n"))
 
     @inlineCallbacks
     def test_xclientKnownRefused(self):
