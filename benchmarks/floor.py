@@ -20,7 +20,6 @@ at all.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -38,9 +37,9 @@ if str(_REPOSITORY) not in sys.path:
 
 from benchmarks.load import raiseFileLimit  # noqa: E402
 from benchmarks.nginx import Nginx  # noqa: E402
-from benchmarks.run import DOVECOT_TUNING, PASSWORD, Bench, Endpoint, Settings, workDirectory  # noqa: E402
+from benchmarks.run import Bench, Endpoint, Settings, startDovecot, workDirectory, writeReport  # noqa: E402
 from benchmarks.workers import startMailproxy  # noqa: E402
-from tests.integration.servers import Dovecot, TestCA  # noqa: E402
+from tests.integration.servers import TestCA  # noqa: E402
 
 #: The paths measured, in the table's order.
 PATHS = ("mailproxy", "floor", "floor-stock", "nginx")
@@ -114,16 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     ca = TestCA(str(directory / "ca"))
-    users = {f"bench{i}": PASSWORD for i in range(settings.users)}
-    dovecot = Dovecot(str(directory / "dovecot"), "bench", users, ca=ca, extraConfig=DOVECOT_TUNING)
     servers: list[Any] = []
     bench = Bench(settings, directory, ca.caPath)
     modes = [mode.strip() for mode in options.tls.split(",") if mode.strip()]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {mode: {path: [] for path in PATHS} for mode in modes}
     try:
-        dovecot.start()
+        dovecot, bench.dovecotPid = startDovecot(directory / "dovecot", ca, settings.users)
         servers.append(dovecot)
-        bench.dovecotPid = int((dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip())
         proxy, ports = startMailproxy(directory / "mailproxy", 1, dovecot.imap, ca)
         servers.append(proxy)
         paths = [Endpoint("mailproxy", ports, proxy.pid)]
@@ -155,19 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in bench.failures:
         print(f"- errors: {line}")
     if options.json:
-        Path(options.json).write_text(
-            json.dumps(
-                {
-                    "settings": attrs.asdict(settings),
-                    "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
-                    "results": results,
-                    "failures": bench.failures,
-                    "table": text,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        writeReport(options.json, settings, started, results, bench.failures, text)
     return 1 if bench.failures else 0
 
 

@@ -209,6 +209,20 @@ def chosenSettings(options: argparse.Namespace, kind: Any, names: Sequence[str])
     return attrs.evolve(settings, **givenOptions(options, names))
 
 
+def startDovecot(directory: Path, ca: TestCA, users: int) -> tuple[Dovecot, int]:
+    """
+    Start a private Dovecot tuned as L{DOVECOT_TUNING} says in
+    C{directory}, with accounts C{bench0} to C{bench<users - 1>} (password
+    L{PASSWORD}) and a certificate from C{ca}.
+
+    @return: the started Dovecot and its master process's id.
+    """
+    accounts = {f"bench{i}": PASSWORD for i in range(users)}
+    dovecot = Dovecot(str(directory), "bench", accounts, ca=ca, extraConfig=DOVECOT_TUNING)
+    dovecot.start()
+    return dovecot, int((dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip())
+
+
 def writeReport(path: str, settings: Any, started: float, results: Any, failures: list[str], table: str) -> None:
     """
     Write a benchmark's outcome as JSON to C{path}: its settings (an

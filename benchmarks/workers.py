@@ -17,7 +17,6 @@ why the gain is bounded on a small machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -35,16 +34,16 @@ if str(_REPOSITORY) not in sys.path:
 from benchmarks.load import raiseFileLimit  # noqa: E402
 from benchmarks.nginx import Nginx  # noqa: E402
 from benchmarks.run import (  # noqa: E402
-    DOVECOT_TUNING,
-    PASSWORD,
     TLS_MODES,
     Bench,
     Endpoint,
     Settings,
     mailproxyConfig,
+    startDovecot,
     workDirectory,
+    writeReport,
 )
-from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
+from tests.integration.servers import Proxy, TestCA  # noqa: E402
 
 #: The paths measured, in the table's order.
 PATHS = ("direct", "mailproxy-1", "mailproxy-2", "nginx-2")
@@ -122,15 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     ca = TestCA(str(directory / "ca"))
-    users = {f"bench{i}": PASSWORD for i in range(settings.users)}
-    dovecot = Dovecot(str(directory / "dovecot"), "bench", users, ca=ca, extraConfig=DOVECOT_TUNING)
     servers: list[Any] = []
     bench = Bench(settings, directory, ca.caPath)
     bench.results = {path: {} for path in PATHS}
     try:
-        dovecot.start()
+        dovecot, bench.dovecotPid = startDovecot(directory / "dovecot", ca, settings.users)
         servers.append(dovecot)
-        bench.dovecotPid = int((dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip())
         paths = [Endpoint("direct", {"none": dovecot.imap, "starttls": dovecot.imap, "implicit": dovecot.imaps}, None)]
         for workers in (1, 2):
             proxy, ports = startMailproxy(directory / f"mailproxy-{workers}", workers, dovecot.imap, ca)
@@ -159,19 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in bench.failures:
         print(f"- errors: {line}")
     if options.json:
-        Path(options.json).write_text(
-            json.dumps(
-                {
-                    "settings": attrs.asdict(settings),
-                    "environment": {"cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1)},
-                    "results": bench.results,
-                    "failures": bench.failures,
-                    "table": text,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        writeReport(options.json, settings, started, bench.results, bench.failures, text)
     return 1 if bench.failures else 0
 
 
