@@ -214,19 +214,28 @@ ports = { imap = 143 }
 """
 
 
+def configFile(case: SynchronousTestCase) -> str:
+    """
+    Write L{CONFIG} and the route table it names into a new directory of
+    C{case}'s; the configuration file's path.
+    """
+    directory = os.path.abspath(case.mktemp())
+    os.makedirs(directory)
+    with open(os.path.join(directory, "routes.toml"), "w") as f:
+        f.write('default = "old"\n')
+    path = os.path.join(directory, "config.toml")
+    with open(path, "w") as f:
+        f.write(CONFIG)
+    return path
+
+
 class MachineTests(SynchronousTestCase):
     """
     The parent: counting across workers, supervision, reload.
     """
 
     def setUp(self) -> None:
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, "routes.toml"), "w") as f:
-            f.write('default = "old"\n')
-        self.path = os.path.join(directory, "config.toml")
-        with open(self.path, "w") as f:
-            f.write(CONFIG)
+        self.path = configFile(self)
         self.clock = Clock()
         self.machine = Machine(parseConfig(CONFIG, self.path), 2, self.clock, [])
         self.told: list[tuple[str, Any]] = []
@@ -793,13 +802,7 @@ class TellWorkersTests(SynchronousTestCase):
         A hold of more accounts than one message holds reaches the worker
         whole.
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, "routes.toml"), "w") as f:
-            f.write('default = "old"\n')
-        path = os.path.join(directory, "config.toml")
-        with open(path, "w") as f:
-            f.write(CONFIG)
+        path = configFile(self)
         machine = Machine(parseConfig(CONFIG, path), 1, Clock(), [])
         held: list[Any] = []
         parent, worker, pump = channels(machine.handlersFor(machine.workers[0]), {"hold": held.append})
@@ -819,13 +822,7 @@ class MigrationsInParentTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, "routes.toml"), "w") as f:
-            f.write('default = "old"\n')
-        self.path = os.path.join(directory, "config.toml")
-        with open(self.path, "w") as f:
-            f.write(CONFIG)
+        self.path = configFile(self)
         self.machine = Machine(parseConfig(CONFIG, self.path), 2, Clock(), [])
         self.one, self.two = self.machine.workers
         self.asked: list[tuple[str, Any, Deferred[Any]]] = []
@@ -968,13 +965,7 @@ class ParentPortTests(SynchronousTestCase):
 
         from mailproxy._endpoints import serverEndpoint
 
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, "routes.toml"), "w") as f:
-            f.write('default = "old"\n')
-        path = os.path.join(directory, "config.toml")
-        with open(path, "w") as f:
-            f.write(CONFIG)
+        path = configFile(self)
         endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1")
         machine = Machine(parseConfig(CONFIG, path), 2, Clock(), [endpoint])
         machine._bind()
