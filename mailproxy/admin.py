@@ -438,11 +438,11 @@ class AdminResource(Resource):
             # again, maybe after a back-off) serves nobody meanwhile.
             countWorkers = getattr(self.proxy, "workerHealth", None)
             workers = countWorkers() if countWorkers is not None else None
-            serving = workers is None or workers["serving"] == workers["configured"]
+            allServing = workers is None or workers["serving"] == workers["configured"]
             if self.proxy.draining:
                 status = "draining"
             else:
-                status = "ok" if healthy and serving and (cluster is None or cluster["redis"] == "ok") else "degraded"
+                status = "ok" if healthy and allServing and (cluster is None or cluster["redis"] == "ok") else "degraded"
             answer: dict[str, Any] = {"status": status}
             if details:
                 answer["backends"] = backends
@@ -454,8 +454,8 @@ class AdminResource(Resource):
             # serves every login, and a load balancer checking /health must
             # not take every proxy of the fleet out at once. No worker
             # serving is 503: the connections queue and nobody answers.
-            up = workers is None or workers["serving"] > 0
-            return _json(200 if up and (status == "ok" or (healthy and status == "degraded")) else 503, answer)
+            anyServing = workers is None or workers["serving"] > 0
+            return _json(200 if anyServing and (status == "ok" or (healthy and status == "degraded")) else 503, answer)
 
         return self.health.check().addCallback(report)
 

@@ -588,15 +588,14 @@ class HTTPFrontend(FrontendProtocol):
         # the backend that served its account's last authenticated request,
         # unless the account's route has changed since (an operator moved
         # it). The router is asked once per connection, as an operator's
-        # "mailproxy route" asks it; a move drops the connection (its
+        # "mailproxy route explain" asks it; a move drops the connection (its
         # session counts as the account's), so the next one asks again. A
         # router that cannot tell without the password, or cannot answer,
         # leaves the cookie's backend.
-        default = self._backendNamed(self.settings.defaultBackend)
         value = request.received_cookies.get(self.settings.cookieName.encode("ascii"))
         found = None if value is None else readCookie(self.settings.cookieSecret, value, self.context.reactor.seconds())
         if value is None or found is None:
-            self._connect(request, default)
+            self._connect(request, self._backendNamed(self.settings.defaultBackend))
             return
         backendName, account = found
         if account and self.user is None:
@@ -605,7 +604,7 @@ class HTTPFrontend(FrontendProtocol):
             self.user = account
         checked = self._cookieRoute
         if checked is not None and checked[0] == value:
-            self._connect(request, checked[1] or default)
+            self._cookieRouted(request, value, checked[1])
             return
         if not account:
             self._cookieRouted(request, value, self._httpBackend(backendName))
