@@ -548,11 +548,12 @@ def buildRows(results: dict[str, dict[str, Any]]) -> list[Row]:
         rows.append(Row(f"login p50 ms, {mode}", pick(key, "p50ms")))
         rows.append(Row(f"login p99 ms, {mode}", pick(key, "p99ms")))
         cpu = pick(key, "proxyCpuMsPerLogin", proxies)
-        target = ("", "")
+        # Issue 11's targets: a plain login's CPU at most twice nginx's, a
+        # TLS login's (whose handshake both pay) at most 1.3 times.
         if tls == "none":
-            target = _judge(
-                cpu, "<= 1.5x nginx", lambda m, n: m <= 1.5 * n, "mailproxy", "nginx"
-            )
+            target = _judge(cpu, "<= 2x nginx", lambda m, n: m <= 2 * n, "mailproxy", "nginx")
+        else:
+            target = _judge(cpu, "<= 1.3x nginx", lambda m, n: m <= 1.3 * n, "mailproxy", "nginx")
         rows.append(Row(f"proxy CPU ms/login, {mode}", cpu, *target))
         rows.append(Row(f"Dovecot CPU ms/login, {mode}", pick(key, "dovecotCpuMsPerLogin")))
     if any("latency.implicit" in r for r in results.values()):
