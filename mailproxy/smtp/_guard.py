@@ -26,17 +26,11 @@ took for content. C{BDAT n} is followed by n octets of content whatever the
 backend answers (RFC 3030), if the backend offered C{CHUNKING}; to one that
 did not, C{BDAT} is just an unknown command and what follows is read as
 commands, as that backend reads it.
-
-The backend's C{221} to C{QUIT} ends the session at once: the proxy closes
-both connections after writing it, as a server does after its C{221}
-(RFC 5321 §4.1.1.10), instead of waiting for the backend to close first
-and passing that on.
 """
 
 from __future__ import annotations
 
 from .._guard import CommandGuard, commandVerb
-from .._outcomes import EndReason
 from ._parser import DataScanner, SMTPSyntaxError, parseBDAT, reply
 
 #: The longest command line forwarded after login, CRLF included: Postfix's
@@ -73,17 +67,6 @@ class SMTPGuard(CommandGuard):
         self._head = b""
         self._scanner: DataScanner | None = None
         self._chunkLeft = 0
-        # Replies to come up to and including the one to QUIT (0: no QUIT
-        # forwarded), and whether that one was C{221}.
-        self._untilQuit = 0
-        self._quitDone = False
-
-    def fromBackend(self, data: bytes) -> None:
-        super().fromBackend(data)
-        if self._quitDone and not self.closed:
-            assert self.link is not None
-            self.closed = True
-            self.link.close(EndReason.QUIT)
 
     def step(self, buffer: bytes, position: int) -> tuple[int, bool] | None:
         if position >= len(buffer):
@@ -114,8 +97,6 @@ class SMTPGuard(CommandGuard):
         self.outstanding += 1
         if verb == b"DATA":
             self.afterReplies(self._dataAnswered)
-        elif verb == b"QUIT" and not self._untilQuit:
-            self._untilQuit = self.outstanding
         return True
 
     def _dataAnswered(self) -> None:
@@ -151,7 +132,4 @@ class SMTPGuard(CommandGuard):
             if head[3:4] != b"-":
                 count += 1
                 self.lastCode = head[:3]
-                if self._untilQuit:
-                    self._untilQuit -= 1
-                    self._quitDone = self._untilQuit == 0 and self.lastCode == b"221"
             start = end + 1

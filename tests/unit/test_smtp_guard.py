@@ -266,31 +266,6 @@ class SMTPGuardTests(SynchronousTestCase):
         self.guard.whenDrained(lambda: drained.append(True))
         self.assertEqual(drained, [True])
 
-    def test_quitAnsweredEnds(self) -> None:
-        """
-        The backend's C{221} to C{QUIT}, pipelined behind another command,
-        ends the session as a quit, once that reply has come (not at the
-        reply before it).
-        """
-        self.client(b"RSET\r\nQUIT\r\n")
-        self.assertEqual(self.link.toBackend, b"RSET\r\nQUIT\r\n")
-        self.backend(b"250 2.0.0 Ok\r\n")
-        self.assertIsNone(self.link.closed)
-        self.backend(b"221 2.0.0 Bye\r\n")
-        self.assertEqual(self.link.closed, "quit")
-
-    def test_quitRefusedGoesOn(self) -> None:
-        """
-        A C{QUIT} the backend does not answer with C{221} ends nothing: the
-        session goes on, and a C{221} to a later command is no goodbye.
-        """
-        self.client(b"QUIT now\r\n")
-        self.backend(b"501 5.5.4 Syntax: QUIT\r\n")
-        self.client(b"NOOP\r\n")
-        self.backend(b"221 2.0.0 Odd\r\n")
-        self.assertIsNone(self.link.closed)
-        self.assertEqual(self.link.toBackend, b"QUIT now\r\nNOOP\r\n")
-
     def test_unsolicitedReply(self) -> None:
         """
         A reply nobody asked for (a timeout notice) does not make the guard
@@ -389,24 +364,6 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
         relay = self.frontend.relay
         assert relay is not None
         self.assertEqual(relay.endReason, "idle timeout")
-
-    def test_quitClosesBothAtOnce(self) -> None:
-        """
-        After the backend's C{221} to C{QUIT}, the proxy closes the client
-        and the backend connections itself, without waiting for the
-        backend to close first; the session ends as a quit.
-        """
-        self.loggedIn()
-        backend = self.connector.transports[-1]
-        self.send(b"QUIT\r\n")
-        self.assertEqual(backend.value(), b"QUIT\r\n")
-        self.assertFalse(self.client.disconnecting)
-        self.backendSays(b"221 2.0.0 Bye\r\n")
-        self.assertEqual(self.client.value(), b"221 2.0.0 Bye\r\n")
-        self.assertEqual((self.client.disconnecting, backend.disconnecting), (True, True))
-        relay = self.frontend.relay
-        assert relay is not None
-        self.assertEqual(relay.endReason, "quit")
 
     def test_bytesCounted(self) -> None:
         """
