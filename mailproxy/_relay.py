@@ -161,6 +161,26 @@ def allowHalfClose(transport: object) -> bool:
     return True
 
 
+def writeAtOnce(transport: object) -> None:
+    """
+    Have the TLS layer of the connection under C{transport} encrypt and
+    send each write at once, after what it holds now.
+
+    Twisted's TLS layer gathers the writes of one turn of the event loop
+    and sends them at the start of the next: fewer, fuller TLS records
+    where a protocol writes a reply piece by piece, but each write waits
+    for everything else the proxy does in that turn (at the hand-over,
+    the login reply waits for the relay to be set up). A relay writes
+    whole chunks, one per read: nothing is gained by waiting.
+    """
+    for layer in _layers(transport):
+        if isinstance(layer, BufferingTLSTransport):
+            layer._aggregator.flush()
+            # The instance's write is the gathering one; the class's
+            # (TLSMemoryBIOProtocol's) encrypts and sends at once.
+            vars(layer).pop("write", None)
+
+
 def closeWriting(transport: IProxyTransport) -> None:
     """
     Half-close C{transport} once what was written to it is sent: a TCP
@@ -327,6 +347,9 @@ class Relay:
             dialogue; they go to the client right after the login reply.
         @param toBackend: client octets pipelined after its login command.
         """
+        # First the login reply, if a TLS layer holds it back.
+        for transport in (self._client, self._backend):
+            writeAtOnce(transport)
         self._lastActivity = self._clock.seconds()
         if self._idleTimeout > 0:
             self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
