@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementedBy, implementer, providedBy
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -31,21 +32,28 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFa
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols import policies, tls
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailproxy._lifecycle import ReloadableServerTLS
+from mailproxy._session import ProxyContext
 from mailproxy._tls import (
     ApplicationProtocolOptions,
     CertificateSource,
     TLSConfigError,
+    TLSLayerFactory,
     clientOptions,
     makeSelfSigned,
     serverOptions,
     tlsInfo,
 )
+from mailproxy.config import Limits, Listener
 from mailproxy.model import Backend, TLSInfo
+from mailproxy.tap import listenerFactory
+from mailproxy.testing import FakeRouter
 
 
 @implementer(IHandshakeListener)
@@ -127,13 +135,14 @@ def _handshake(
     server: object, client: object
 ) -> tuple[_Recorder, _Recorder, IOPump]:
     """
-    Run a TLS handshake in memory.
+    Run a TLS handshake in memory, the server side with the TLS layer of
+    the proxy's listeners.
 
     @return: the server's and the client's application protocols, and the pump.
     """
     clock = Clock()
     serverApp, clientApp = _Recorder(), _Recorder()
-    serverFactory = TLSMemoryBIOFactory(
+    serverFactory = TLSLayerFactory(
         server, False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
     )
     clientFactory = TLSMemoryBIOFactory(
@@ -842,6 +851,47 @@ class TLSInfoTests(SynchronousTestCase):
         self.assertEqual(
             serverApp.info, TLSInfo("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", None)
         )
+
+
+class TLSLayerTests(SynchronousTestCase):
+    """
+    The TLS layer of an implicit-TLS listener's connections.
+    """
+
+    def test_oneDeclarationPerConnection(self) -> None:
+        """
+        The TLS layer a listener puts on each connection declares its
+        transport's interfaces on itself once as it connects (Twisted's
+        layer first declared each of them in turn, a dozen zope.interface
+        calls per connection that the last declaration replaces), and
+        provides what Twisted's layer provides once connected: the
+        transport's interfaces and those of its class.
+        """
+        calls: list[object] = []
+
+        def counting(target: object, *interfaces: object) -> None:
+            calls.append(target)
+            directlyProvides(target, *interfaces)
+
+        self.patch(tls, "directlyProvides", counting)
+        self.patch(policies, "directlyProvides", counting)
+        source, _ = _selfSigned(self, "localhost")
+        context = ProxyContext(
+            reactor=Clock(),
+            router=FakeRouter(),
+            limits=Limits(),
+            hostname="proxy.test",
+            serverTLS=ReloadableServerTLS(serverOptions(source)),
+        )
+        factory = listenerFactory(context, Listener(protocol="imap", endpoint="tcp:0", tls="implicit"))
+        layer = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 143))
+        transport = StringTransport()
+        layer.makeConnection(transport)
+        self.assertEqual(calls, [layer])
+        self.assertEqual(
+            set(providedBy(layer)), set(providedBy(transport)) | set(implementedBy(BufferingTLSTransport))
+        )
+        layer.loseConnection()
 
 
 class _StartTLSServer(Protocol):
