@@ -12,7 +12,7 @@ import datetime
 import ipaddress
 import os
 import stat
-from typing import Callable
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -884,7 +884,7 @@ class TLSLayerTests(SynchronousTestCase):
             serverTLS=ReloadableServerTLS(serverOptions(source)),
         )
         factory = listenerFactory(context, Listener(protocol="imap", endpoint="tcp:0", tls="implicit"))
-        layer = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 143))
+        layer: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 143))
         transport = StringTransport()
         layer.makeConnection(transport)
         self.assertEqual(calls, [layer])
@@ -892,6 +892,82 @@ class TLSLayerTests(SynchronousTestCase):
             set(providedBy(layer)), set(providedBy(transport)) | set(implementedBy(BufferingTLSTransport))
         )
         layer.loseConnection()
+
+
+    def test_batchedWithoutTimedCall(self) -> None:
+        """
+        The writes of one turn of the event loop leave in one TLS record,
+        as Twisted's layer sends them, put off with the reactor's
+        C{callSoon}: no timed call in the reactor's heap per burst of
+        writes.
+        """
+        source, _ = _selfSigned(self, "localhost")
+        clock = _SoonClock()
+        serverApp, clientApp = _Recorder(), _Receiver()
+        serverFactory = TLSLayerFactory(
+            serverOptions(source), False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
+        )
+        clientFactory = TLSMemoryBIOFactory(
+            _TestClient(), True, Factory.forProtocol(lambda: clientApp), clock=clock  # type: ignore[arg-type]
+        )
+        _, _, pump = connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(None),
+            lambda: clientFactory.buildProtocol(None),
+            clock=clock,
+        )
+        pump.flush()
+        self.assertTrue(serverApp.handshakeDone)
+        clock.runSoon()
+        pump.flush()
+        timed = len(clock.calls)
+        assert serverApp.transport is not None
+        serverApp.transport.write(b"* OK ")
+        serverApp.transport.write(b"ready\r\n")
+        self.assertEqual((len(clock.calls), len(clock.soon)), (timed, 1))
+        pump.flush()
+        self.assertEqual(clientApp.received, [])
+        clock.runSoon()
+        pump.flush()
+        self.assertEqual(clientApp.received, [b"* OK ready\r\n"])
+
+
+class _Receiver(_Recorder):
+    """
+    A L{_Recorder} that keeps what it receives.
+
+    @ivar received: the data of each C{dataReceived} call (one per TLS
+        record here).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class _SoonClock(Clock):
+    """
+    A L{Clock} with the proxy's reactor's C{callSoon}.
+
+    @ivar soon: the calls put off with C{callSoon}, not yet run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.soon: list[Callable[[], object]] = []
+
+    def callSoon(self, f: Callable[[], object]) -> None:
+        self.soon.append(f)
+
+    def runSoon(self) -> None:
+        """
+        Run the calls put off so far (as the reactor does once it has
+        handled the events of a turn).
+        """
+        soon, self.soon = self.soon, []
+        for f in soon:
+            f()
 
 
 class _StartTLSServer(Protocol):
