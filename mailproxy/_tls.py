@@ -33,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
+from twisted.internet._newtls import _BypassTLS
 from twisted.internet.interfaces import (
+    ISSLTransport,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
@@ -66,6 +68,7 @@ __all__ = [
     "ResumingClientOptions",
     "TLSLayer",
     "TLSLayerFactory",
+    "startTLS",
     "tlsInfo",
     "makeSelfSigned",
 ]
@@ -454,7 +457,11 @@ class TLSLayer(BufferingTLSTransport):
     round changes nothing; it costs about 3% of the instructions of an
     implicit-TLS login (a zope.interface specification and its resolution
     order made per call: their cache does not outlive the connections that
-    use them). Here only the declaration that stays is made.
+    use them). Here only the declaration that stays is made. Started on a
+    connection whose protocol is connected already (STARTTLS, L{startTLS}),
+    Twisted's layer keeps the last declaration of the first round, and on
+    the proxy's TCP transports that interface (C{ILoggingContext}) is one
+    the layer's class declares: none is made.
     """
 
     def makeConnection(self, transport: object) -> None:
@@ -540,6 +547,39 @@ class TLSLayerFactory(TLSMemoryBIOFactory):
     ) -> None:
         super().__init__(contextFactory, isClient, wrappedFactory, clock)  # type: ignore[arg-type]
         self._clock = _SoonClock(self._clock)  # type: ignore[assignment]
+
+
+def startTLS(transport: Any, options: object, normal: bool, bypass: type) -> None:
+    """
+    Start TLS on the TCP C{transport} as Twisted's C{startTLS} does
+    (C{twisted.internet._newtls}), but with a L{TLSLayer} built by a
+    L{TLSLayerFactory}: after STARTTLS, with a client or a backend, the
+    layer declares no interface per connection and flushes its batched
+    writes without a timed call, as an implicit-TLS listener's does.
+
+    @param options: the connection creator (server or client options).
+    @param normal: whether TLS goes the way TCP does (the accepting side is
+        the TLS server); C{False} swaps the roles.
+    @param bypass: the class whose C{write} sends on the socket itself,
+        under the TLS layer.
+    """
+    client = transport._tlsClientDefault if normal else not transport._tlsClientDefault
+    # A producer is registered again once TLS is on, so that it is hooked
+    # to the TLS layer.
+    producer, streaming = transport.producer, transport.streamingProducer
+    if producer is not None:
+        transport.unregisterProducer()
+    factory = TLSLayerFactory(options, client, None)
+    layer = factory.protocol(factory, transport.protocol, False)
+    transport.protocol = layer
+    transport.getHandle = layer.getHandle
+    transport.getPeerCertificate = layer.getPeerCertificate
+    directlyProvides(transport, ISSLTransport)
+    # Writes go through the TLS layer from now on.
+    transport.TLS = True
+    layer.makeConnection(_BypassTLS(bypass, transport))
+    if producer is not None:
+        transport.registerProducer(producer, streaming)
 
 
 def _isIPAddress(host: str) -> bool:

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailproxy import _tcp
 from mailproxy._lifecycle import ReloadableServerTLS
 from mailproxy._session import ProxyContext
 from mailproxy._tls import (
@@ -1027,6 +1028,34 @@ class StartTLSTests(TestCase):
         After STARTTLS both sides report the TLS version, cipher and the SNI
         name the client sent.
         """
+        return self.startTLSBothWays(atOnce=False)
+
+    def test_startTLSAtOnce(self) -> defer.Deferred[None]:
+        """
+        The same on the proxy's TCP transports (L{mailproxy._tcp}), whose
+        TLS layer, on either side, declares no interface on itself as it
+        connects (Twisted's declared each of its transport's in turn, a
+        dozen zope.interface calls per STARTTLS, each replacing the last).
+        """
+        calls: list[object] = []
+
+        def counting(target: object, *interfaces: object) -> None:
+            calls.append(target)
+            directlyProvides(target, *interfaces)
+
+        self.patch(tls, "directlyProvides", counting)
+        self.patch(policies, "directlyProvides", counting)
+        done = self.startTLSBothWays(atOnce=True)
+        done.addCallback(lambda _: self.assertEqual(calls, []))
+        return done
+
+    def startTLSBothWays(self, atOnce: bool) -> defer.Deferred[None]:
+        """
+        Connect a client to a server over loopback, start TLS on both,
+        and check what each reports.
+
+        @param atOnce: on the proxy's TCP transports (else Twisted's).
+        """
         from twisted.internet import reactor
 
         directory = _directory(self, "starttls")
@@ -1045,11 +1074,12 @@ class StartTLSTests(TestCase):
             interface="127.0.0.1",
         )
         self.addCleanup(port.stopListening)
-        connector = reactor.connectTCP(
-            "127.0.0.1",
-            port.getHost().port,  # type: ignore[attr-defined]
-            _ClientFactory(lambda: _HandshakeClient(client, clientDone)),
-        )
+        clientFactory = _ClientFactory(lambda: _HandshakeClient(client, clientDone))
+        if atOnce:
+            _tcp.listenAtOnce(port)
+            connector = _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, clientFactory, 10)  # type: ignore[attr-defined]
+        else:
+            connector = reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)  # type: ignore[attr-defined]
         self.addCleanup(connector.disconnect)
 
         def check(results: list[TLSInfo | None]) -> None:
