@@ -146,14 +146,15 @@ def allowHalfClose(transport: object) -> bool:
         return False
     for layer in layers:
         if isinstance(layer, TLSMemoryBIOProtocol):
-            if type(layer) not in (BufferingTLSTransport, _HalfClosingTLS):
+            if type(layer) not in (BufferingTLSTransport, _tls.TLSLayer, _HalfClosingTLS):
                 return False
         elif not hasattr(type(layer), "readConnectionLost"):
             return False
     for layer in layers:
-        if type(layer) is BufferingTLSTransport:
-            # Twisted's TLS ends the connection on a close_notify; the same
-            # layer with the half-close below (no state of its own).
+        if type(layer) in (BufferingTLSTransport, _tls.TLSLayer):
+            # Twisted's TLS (or a listener's TLSLayer) ends the connection
+            # on a close_notify; the same layer with the half-close below
+            # (no state of its own).
             layer.__class__ = _HalfClosingTLS
         # Declared on the instance, as its interfaces were declared for the
         # class it had (and as it must be for the other layers).
@@ -198,7 +199,7 @@ def closeWriting(transport: IProxyTransport) -> None:
 
 
 @implementer(IHalfCloseableProtocol)
-class _HalfClosingTLS(BufferingTLSTransport):
+class _HalfClosingTLS(_tls.TLSLayer):
     """
     Twisted's TLS layer, but a close_notify from the peer only ends its
     sending: the wrapped protocol gets C{readConnectionLost} and may go on

@@ -36,7 +36,7 @@ import socket
 import sys
 from typing import Any, Callable, Iterable
 
-from twisted.internet import _newtls, error, main, tcp, unix
+from twisted.internet import error, main, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -120,7 +120,10 @@ class _AtOnce:
             sendAtOnce(self, b"".join(iovec))
 
     def startTLS(self, ctx: object, normal: bool = True) -> None:
-        _newtls.startTLS(self, ctx, normal, _SendAtOnce)
+        # Twisted's, with the proxy's TLS layer (imported only when needed).
+        from . import _tls
+
+        _tls.startTLS(self, ctx, normal, _SendAtOnce)
 
     def _nothingToWaitFor(self) -> bool:
         # A plain connection, open both ways, with no producer and nothing

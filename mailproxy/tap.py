@@ -18,7 +18,6 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -169,7 +168,7 @@ def listenerFactory(context: ProxyContext, listener: Listener, name: str = "") -
         options = _tls.ApplicationProtocolOptions(
             cast(IOpenSSLServerConnectionCreator, context.serverTLS), listener.applicationProtocols
         )
-        factory = TLSMemoryBIOFactory(options, False, factory)
+        factory = _tls.TLSLayerFactory(options, False, factory)
     if listener.proxyProtocol:
         # Below TLS: a balancer sends the header before the ClientHello.
         factory = ProxyHeaderFactory(factory, parseNetworks(listener.proxyTrusted), context.reactor)
@@ -270,7 +269,7 @@ def _addAdminAndLog(
         if adminTLS is not None:
             # Only HTTP/1.1's ALPN id, as each listener accepts only its own.
             options = _tls.ApplicationProtocolOptions(adminTLS, ADMIN_APPLICATION_PROTOCOLS)
-            factory = TLSMemoryBIOFactory(options, False, site)
+            factory = _tls.TLSLayerFactory(options, False, site)
         top.adminTLS = adminTLS
         endpoint = ReportingEndpoint(serverEndpoint(reactor, config.admin.endpoint), "admin")
         service = StreamServerEndpointService(endpoint, factory)

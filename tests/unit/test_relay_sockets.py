@@ -20,14 +20,13 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from mailproxy import _relay
 from mailproxy._outcomes import EndReason
 from mailproxy._relay import Relay
-from mailproxy._tls import makeSelfSigned
+from mailproxy._tls import TLSLayerFactory, makeSelfSigned
 
 
 class Collector(Protocol):
@@ -547,7 +546,7 @@ class HalfCloseTests(TestCase):
     def tlsClientLeg(self, talk: Callable[[BlockingTLS], bytes]):
         """
         A blocking TLS client, in a thread, connected to a listening TLS
-        port; wait for its handshake (L{clientInner} is then the proxy's
+        port (with the TLS layer of the proxy's listeners); wait for its handshake (L{clientInner} is then the proxy's
         side). The client waits for C{go} before it calls C{talk}, so that
         the relay is joined first.
 
@@ -555,7 +554,7 @@ class HalfCloseTests(TestCase):
         """
         serverFactory = Factory.forProtocol(Inner)
         serverFactory.inner = Deferred()
-        port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
+        port = reactor.listenTCP(0, TLSLayerFactory(self.serverOptions, False, serverFactory), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         go = threading.Event()
         self.addCleanup(go.set)

@@ -12,16 +12,17 @@ import datetime
 import ipaddress
 import os
 import stat
-from typing import Callable
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementedBy, implementer, providedBy
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -31,21 +32,29 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFa
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols import policies, tls
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailproxy import _tcp
+from mailproxy._lifecycle import ReloadableServerTLS
+from mailproxy._session import ProxyContext
 from mailproxy._tls import (
     ApplicationProtocolOptions,
     CertificateSource,
     TLSConfigError,
+    TLSLayerFactory,
     clientOptions,
     makeSelfSigned,
     serverOptions,
     tlsInfo,
 )
+from mailproxy.config import Limits, Listener
 from mailproxy.model import Backend, TLSInfo
+from mailproxy.tap import listenerFactory
+from mailproxy.testing import FakeRouter
 
 
 @implementer(IHandshakeListener)
@@ -127,13 +136,14 @@ def _handshake(
     server: object, client: object
 ) -> tuple[_Recorder, _Recorder, IOPump]:
     """
-    Run a TLS handshake in memory.
+    Run a TLS handshake in memory, the server side with the TLS layer of
+    the proxy's listeners.
 
     @return: the server's and the client's application protocols, and the pump.
     """
     clock = Clock()
     serverApp, clientApp = _Recorder(), _Recorder()
-    serverFactory = TLSMemoryBIOFactory(
+    serverFactory = TLSLayerFactory(
         server, False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
     )
     clientFactory = TLSMemoryBIOFactory(
@@ -844,6 +854,123 @@ class TLSInfoTests(SynchronousTestCase):
         )
 
 
+class TLSLayerTests(SynchronousTestCase):
+    """
+    The TLS layer of an implicit-TLS listener's connections.
+    """
+
+    def test_oneDeclarationPerConnection(self) -> None:
+        """
+        The TLS layer a listener puts on each connection declares its
+        transport's interfaces on itself once as it connects (Twisted's
+        layer first declared each of them in turn, a dozen zope.interface
+        calls per connection that the last declaration replaces), and
+        provides what Twisted's layer provides once connected: the
+        transport's interfaces and those of its class.
+        """
+        calls: list[object] = []
+
+        def counting(target: object, *interfaces: object) -> None:
+            calls.append(target)
+            directlyProvides(target, *interfaces)
+
+        self.patch(tls, "directlyProvides", counting)
+        self.patch(policies, "directlyProvides", counting)
+        source, _ = _selfSigned(self, "localhost")
+        context = ProxyContext(
+            reactor=Clock(),
+            router=FakeRouter(),
+            limits=Limits(),
+            hostname="proxy.test",
+            serverTLS=ReloadableServerTLS(serverOptions(source)),
+        )
+        factory = listenerFactory(context, Listener(protocol="imap", endpoint="tcp:0", tls="implicit"))
+        layer: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 143))
+        transport = StringTransport()
+        layer.makeConnection(transport)
+        self.assertEqual(calls, [layer])
+        self.assertEqual(
+            set(providedBy(layer)), set(providedBy(transport)) | set(implementedBy(BufferingTLSTransport))
+        )
+        layer.loseConnection()
+
+
+    def test_batchedWithoutTimedCall(self) -> None:
+        """
+        The writes of one turn of the event loop leave in one TLS record,
+        as Twisted's layer sends them, put off with the reactor's
+        C{callSoon}: no timed call in the reactor's heap per burst of
+        writes.
+        """
+        source, _ = _selfSigned(self, "localhost")
+        clock = _SoonClock()
+        serverApp, clientApp = _Recorder(), _Receiver()
+        serverFactory = TLSLayerFactory(
+            serverOptions(source), False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
+        )
+        clientFactory = TLSMemoryBIOFactory(
+            _TestClient(), True, Factory.forProtocol(lambda: clientApp), clock=clock  # type: ignore[arg-type]
+        )
+        _, _, pump = connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(None),
+            lambda: clientFactory.buildProtocol(None),
+            clock=clock,
+        )
+        pump.flush()
+        self.assertTrue(serverApp.handshakeDone)
+        clock.runSoon()
+        pump.flush()
+        timed = len(clock.calls)
+        assert serverApp.transport is not None
+        serverApp.transport.write(b"* OK ")
+        serverApp.transport.write(b"ready\r\n")
+        self.assertEqual((len(clock.calls), len(clock.soon)), (timed, 1))
+        pump.flush()
+        self.assertEqual(clientApp.received, [])
+        clock.runSoon()
+        pump.flush()
+        self.assertEqual(clientApp.received, [b"* OK ready\r\n"])
+
+
+class _Receiver(_Recorder):
+    """
+    A L{_Recorder} that keeps what it receives.
+
+    @ivar received: the data of each C{dataReceived} call (one per TLS
+        record here).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class _SoonClock(Clock):
+    """
+    A L{Clock} with the proxy's reactor's C{callSoon}.
+
+    @ivar soon: the calls put off with C{callSoon}, not yet run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.soon: list[Callable[[], object]] = []
+
+    def callSoon(self, f: Callable[[], object]) -> None:
+        self.soon.append(f)
+
+    def runSoon(self) -> None:
+        """
+        Run the calls put off so far (as the reactor does once it has
+        handled the events of a turn).
+        """
+        soon, self.soon = self.soon, []
+        for f in soon:
+            f()
+
+
 class _StartTLSServer(Protocol):
     """
     Says C{OK}, then starts TLS; fires C{done} with L{tlsInfo} once secure.
@@ -901,6 +1028,34 @@ class StartTLSTests(TestCase):
         After STARTTLS both sides report the TLS version, cipher and the SNI
         name the client sent.
         """
+        return self.startTLSBothWays(atOnce=False)
+
+    def test_startTLSAtOnce(self) -> defer.Deferred[None]:
+        """
+        The same on the proxy's TCP transports (L{mailproxy._tcp}), whose
+        TLS layer, on either side, declares no interface on itself as it
+        connects (Twisted's declared each of its transport's in turn, a
+        dozen zope.interface calls per STARTTLS, each replacing the last).
+        """
+        calls: list[object] = []
+
+        def counting(target: object, *interfaces: object) -> None:
+            calls.append(target)
+            directlyProvides(target, *interfaces)
+
+        self.patch(tls, "directlyProvides", counting)
+        self.patch(policies, "directlyProvides", counting)
+        done = self.startTLSBothWays(atOnce=True)
+        done.addCallback(lambda _: self.assertEqual(calls, []))
+        return done
+
+    def startTLSBothWays(self, atOnce: bool) -> defer.Deferred[None]:
+        """
+        Connect a client to a server over loopback, start TLS on both,
+        and check what each reports.
+
+        @param atOnce: on the proxy's TCP transports (else Twisted's).
+        """
         from twisted.internet import reactor
 
         directory = _directory(self, "starttls")
@@ -919,11 +1074,12 @@ class StartTLSTests(TestCase):
             interface="127.0.0.1",
         )
         self.addCleanup(port.stopListening)
-        connector = reactor.connectTCP(
-            "127.0.0.1",
-            port.getHost().port,  # type: ignore[attr-defined]
-            _ClientFactory(lambda: _HandshakeClient(client, clientDone)),
-        )
+        clientFactory = _ClientFactory(lambda: _HandshakeClient(client, clientDone))
+        if atOnce:
+            _tcp.listenAtOnce(port)
+            connector = _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, clientFactory, 10)  # type: ignore[attr-defined]
+        else:
+            connector = reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)  # type: ignore[attr-defined]
         self.addCleanup(connector.disconnect)
 
         def check(results: list[TLSInfo | None]) -> None:
