@@ -119,6 +119,17 @@ class _AtOnce:
         else:
             sendAtOnce(self, b"".join(iovec))
 
+    def writeSomeData(self, data: bytes) -> Any:
+        # Twisted's write event sends what is buffered even when that is
+        # nothing: a backend connection's first write event comes with
+        # the read event of the greeting, when the server greeted before
+        # the connect was seen (on loopback, often); the read makes
+        # the connection, and the write then sent zero octets, a send(2)
+        # on the login's path.
+        if not data:
+            return 0
+        return super().writeSomeData(data)  # type: ignore[misc]
+
     def startTLS(self, ctx: object, normal: bool = True) -> None:
         # Twisted's, with the proxy's TLS layer (imported only when needed).
         from . import _tls

@@ -441,7 +441,8 @@ class ConnectTests(TestCase):
         A server that greets before the proxy's reactor sees the connection
         made (the socket readable as well as writable, as a backend's
         greeting often makes it) costs one C{connect} too, and the greeting
-        reaches the protocol.
+        reaches the protocol; the write event handled with the read finds
+        nothing to send and makes no C{send} (Twisted's sends zero octets).
         """
         listening = socket.socket()
         self.addCleanup(listening.close)
@@ -465,11 +466,20 @@ class ConnectTests(TestCase):
             return result
 
         self.patch(socket.socket, "connect_ex", connect_ex)
+        sent: list[bytes] = []
+        realSend = socket.socket.send
+
+        def send(sock: socket.socket, data: bytes, *flags: int) -> int:
+            sent.append(bytes(data))
+            return realSend(sock, data, *flags)
+
+        self.patch(socket.socket, "send", send)
         client = Peer()
         _tcp.connectAtOnce(reactor, "127.0.0.1", listening.getsockname()[1], OneShotFactory(client), 5)
         yield client.ready
         yield AtOnceTests.waitFor(self, lambda: bytes(client.received) == b"* OK ready\r\n")
         self.assertEqual(len(connects), 1)
+        self.assertEqual(sent, [])
         accepted[0].close()
         yield client.closed
 
