@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import platform
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import accumulate
 from typing import Any, TypeVar
 
 import twisted
@@ -67,17 +69,26 @@ class LatencyHistogram:
     A cumulative histogram of durations, in Prometheus's shape.
 
     @ivar buckets: the upper bounds of the buckets, the last infinite.
-    @ivar counts: for each bound in L{buckets}, how many observations were
-        at most that long.
     @ivar total: the sum of all observations, in seconds.
     @ivar count: the number of observations.
     """
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.buckets = buckets
-        self.counts = [0] * len(buckets)
+        # Per bucket, the observations above the bound before it: one
+        # count to add to per observation (a login makes three), where the
+        # cumulative counts would take one per bucket at most as long.
+        self._within = [0] * len(buckets)
         self.total = 0.0
         self.count = 0
+
+    @property
+    def counts(self) -> list[int]:
+        """
+        For each bound in L{buckets}, how many observations were at most
+        that long.
+        """
+        return list(accumulate(self._within))
 
     def observe(self, seconds: float) -> None:
         """
@@ -85,9 +96,17 @@ class LatencyHistogram:
         """
         self.count += 1
         self.total += seconds
-        for index, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                self.counts[index] += 1
+        self._within[bisect_left(self.buckets, seconds)] += 1
+
+    def add(self, counts: list[int], total: float, count: int) -> None:
+        """
+        Add another histogram's L{counts}, L{total} and L{count} (with the
+        same buckets) to this one.
+        """
+        for index, (cumulative, before) in enumerate(zip(counts, [0, *counts])):
+            self._within[index] += cumulative - before
+        self.total += total
+        self.count += count
 
 
 def _observe(
@@ -655,9 +674,7 @@ def mergeStates(states: Iterable[Mapping[str, Any]], clock: IReactorTime) -> tup
                 histogram = histograms.get(key)
                 if histogram is None:
                     histogram = histograms[key] = LatencyHistogram((*bounds, math.inf))
-                histogram.counts = [a + b for a, b in zip(histogram.counts, counts)]
-                histogram.total += total
-                histogram.count += count
+                histogram.add(counts, total, count)
         for protocol, backend, open_, fromClient, fromBackend in state["sessions"]:
             totals.open[protocol, backend] += open_
             totals.fromClient[protocol, backend] += fromClient

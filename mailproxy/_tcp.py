@@ -150,6 +150,13 @@ class _AtOnce:
         )
 
     def loseConnection(self) -> None:
+        if self._writeDisconnected and not self.TLS and self.connected and not self.disconnecting:  # type: ignore[attr-defined]
+            # Half-closed already (the relay passed a FIN on): Twisted's
+            # close at once, with the shared reason.
+            self.stopReading()  # type: ignore[attr-defined]
+            self.stopWriting()  # type: ignore[attr-defined]
+            self.connectionLost(_CONNECTION_DONE)  # type: ignore[attr-defined]
+            return
         # Twisted closes through a write event even with nothing to send:
         # it watches the socket for writability, sends zero octets when the
         # event comes and then closes (two to three epoll_ctl, a send(2)
@@ -197,7 +204,28 @@ class _AtOnce:
             # loseConnection finds something buffered.
             self.startWriting()  # type: ignore[attr-defined]
             return
-        self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
+        self.connectionLost(_CONNECTION_DONE)  # type: ignore[attr-defined]
+
+    def _closeSocket(self, orderly: bool) -> None:
+        # Twisted shuts the socket down both ways before closing it. With
+        # writing shut down already (a half-close passed on) the FIN is
+        # sent, and shutting down reading sends nothing: that shutdown(2)
+        # only fails (ENOTCONN) once the peer has closed too, as at the end
+        # of most relayed sessions.
+        if orderly and self._writeDisconnected:
+            try:
+                self.socket.close()  # type: ignore[attr-defined]
+            except OSError:
+                pass
+            return
+        super()._closeSocket(orderly)  # type: ignore[misc]
+
+
+#: The reason a connection closed in order gives its protocol: one for all,
+#: as Twisted's reactor has it for the connections it finds closed (a
+#: Failure works out its exception's class names on its first check: once,
+#: not twice per login).
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
 
 
 def callSoon(reactor: Any, f: Callable[[], object]) -> None:

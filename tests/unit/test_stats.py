@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from typing import Callable
 
 import twisted
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailproxy import __version__
-from mailproxy._stats import LOGIN_BUCKETS, ProxyStats, metricsText, routerChain, snapshot
+from mailproxy._stats import LOGIN_BUCKETS, LatencyHistogram, ProxyStats, metricsText, routerChain, snapshot
 from mailproxy._tls import CertificateSource, makeSelfSigned, serverOptions
 from mailproxy.config import Limits, Listener
 from mailproxy.interfaces import IRouteCache
@@ -353,6 +354,32 @@ class CounterTests(SynchronousTestCase):
         # Cumulative buckets: 0.23 s is above 0.1 and within 0.25.
         self.assertEqual(stats.loginLatency["imap", "ok"].counts, [0] * 5 + [1] * 9)
         self.assertEqual(len(LOGIN_BUCKETS), 14)
+
+    def test_histogramComparesFew(self) -> None:
+        """
+        A duration is counted with a binary search of the buckets (four
+        comparisons of 14 bounds), not a comparison with every bound (a
+        login counts three durations). The counts stay cumulative, the
+        bounds inclusive.
+        """
+        comparisons: list[object] = []
+
+        def noting(name: str) -> Callable[[float, object], bool]:
+            def compare(self: float, other: object) -> bool:
+                comparisons.append(other)
+                return bool(getattr(float(self), name)(other))
+
+            return compare
+
+        # A subclass's reflected comparison goes first: every comparison
+        # with a bound is noted, whichever side the bound is on.
+        Seconds = type("Seconds", (float,), {name: noting(name) for name in ("__lt__", "__le__", "__gt__", "__ge__")})
+        histogram = LatencyHistogram(LOGIN_BUCKETS)
+        histogram.observe(Seconds(0.25))
+        histogram.observe(Seconds(0.01))
+        self.assertLessEqual(len(comparisons), 8)
+        self.assertEqual(histogram.counts, [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+        self.assertEqual((histogram.count, histogram.total), (2, 0.26))
 
     def test_failedLoginLatency(self) -> None:
         """

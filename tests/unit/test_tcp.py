@@ -285,6 +285,46 @@ class AtOnceTests(TestCase):
         self.assertNotIn(server.transport, self.watched)
 
     @inlineCallbacks
+    def test_closeAfterHalfClose(self) -> Any:
+        """
+        A connection the proxy half-closed and its peer then closed is
+        closed with close(2) alone: its FIN went with the half-close, and
+        Twisted's shutdown(2) both ways before the close would only fail
+        (ENOTCONN). Its protocol learns of the close with the reason every
+        connection closed in order gets, one object, not one per
+        connection.
+        """
+        shutdowns: list[int] = []
+        sockets: list[socket.socket] = []
+        realShutdown = socket.socket.shutdown
+
+        def shutdown(sock: socket.socket, how: int) -> None:
+            if sock in sockets:
+                shutdowns.append(how)
+            realShutdown(sock, how)
+
+        self.patch(socket.socket, "shutdown", shutdown)
+        reasons: list[object] = []
+        for _ in range(2):
+            server, client = HalfClosingPeer(), Peer()
+            self.connect(self.listen(server), client)
+            yield server.ready
+            yield client.ready
+            sockets.append(server.transport.socket)
+            server.connectionLost = lambda reason=None, server=server: (  # type: ignore[method-assign]
+                reasons.append(reason),
+                Peer.connectionLost(server),
+            )
+            server.transport.write(b"* BYE\r\n")
+            server.transport.loseWriteConnection()
+            yield client.closed
+            yield server.closed
+            self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(shutdowns, [socket.SHUT_WR, socket.SHUT_WR])
+        self.assertEqual(len(reasons), 2)
+        self.assertIs(reasons[0], reasons[1])
+
+    @inlineCallbacks
     def test_halfCloseAfterLateWrite(self) -> Any:
         """
         What is written after loseWriteConnection still reaches the peer
