@@ -854,6 +854,24 @@ class TLSInfoTests(SynchronousTestCase):
         )
 
 
+
+def countDeclarations(case: SynchronousTestCase) -> list[object]:
+    """
+    Have Twisted's TLS layer and protocol wrapper record, for the rest of
+    C{case}, each object they declare interfaces on (C{directlyProvides}).
+
+    @return: the list the objects are recorded in.
+    """
+    calls: list[object] = []
+
+    def counting(target: object, *interfaces: object) -> None:
+        calls.append(target)
+        directlyProvides(target, *interfaces)
+
+    case.patch(tls, "directlyProvides", counting)
+    case.patch(policies, "directlyProvides", counting)
+    return calls
+
 class TLSLayerTests(SynchronousTestCase):
     """
     The TLS layer of an implicit-TLS listener's connections.
@@ -868,14 +886,7 @@ class TLSLayerTests(SynchronousTestCase):
         provides what Twisted's layer provides once connected: the
         transport's interfaces and those of its class.
         """
-        calls: list[object] = []
-
-        def counting(target: object, *interfaces: object) -> None:
-            calls.append(target)
-            directlyProvides(target, *interfaces)
-
-        self.patch(tls, "directlyProvides", counting)
-        self.patch(policies, "directlyProvides", counting)
+        calls = countDeclarations(self)
         source, _ = _selfSigned(self, "localhost")
         context = ProxyContext(
             reactor=Clock(),
@@ -1037,14 +1048,7 @@ class StartTLSTests(TestCase):
         connects (Twisted's declared each of its transport's in turn, a
         dozen zope.interface calls per STARTTLS, each replacing the last).
         """
-        calls: list[object] = []
-
-        def counting(target: object, *interfaces: object) -> None:
-            calls.append(target)
-            directlyProvides(target, *interfaces)
-
-        self.patch(tls, "directlyProvides", counting)
-        self.patch(policies, "directlyProvides", counting)
+        calls = countDeclarations(self)
         done = self.startTLSBothWays(atOnce=True)
         done.addCallback(lambda _: self.assertEqual(calls, []))
         return done
