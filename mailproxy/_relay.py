@@ -184,7 +184,8 @@ def _declareHalfCloseable(layer: object) -> None:
     # becomes a _HalfClosingTLS.
     declaring = _halfCloseableClasses.get(cls)
     if declaring is None:
-        made = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        made = type(cls.__name__, (cls,), {"__slots__": (), **names})
         declaring = _halfCloseableClasses[cls] = implementer(IHalfCloseableProtocol)(made)
     layer.__class__ = declaring
 
