@@ -19,10 +19,11 @@ from enum import Enum
 from typing import Callable, cast
 
 from attrs import evolve, field, frozen
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IConnector, IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -223,7 +224,7 @@ class BackendProtocol(Protocol):
     # own, about 1.5 KiB per idle session (CPython 3.11).
     __slots__ = (
         "job", "result", "state", "stopConnecting", "leftover", "tlsActive", "onLost", "onHalfClosed",
-        "_clock", "_timeout", "_timer", "_done", "_awaitingHandshake", "_tlsOptions", "_received",
+        "_clock", "_timeout", "_timer", "_done", "_awaitingHandshake", "_tlsOptions", "_received", "_connectExpired",
     )  # fmt: skip
 
     log = Logger()
@@ -243,6 +244,9 @@ class BackendProtocol(Protocol):
         self._clock = clock
         self._timeout = timeout
         self._timer: IDelayedCall | None = None
+        # What the timer does if it expires before the connection is made
+        # (timeConnect).
+        self._connectExpired: Callable[[], object] | None = None
         self._done = False
         self._awaitingHandshake = False
         self._tlsOptions: _tls.ResumingClientOptions | None = None
@@ -260,7 +264,12 @@ class BackendProtocol(Protocol):
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)
-        self._timer = self._clock.callLater(self._timeout, self._timedOut)
+        self._connectExpired = None
+        if self._timer is not None:
+            # It timed the connection attempt: from now on, the dialogue.
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._timedOut)
         header = proxyHeader(backend, self.job.client, self.job.protocol)
         if header:
             self.transport.write(header)
@@ -465,8 +474,23 @@ class BackendProtocol(Protocol):
         """
         self.job = self.job.withoutSecrets()
 
+    def timeConnect(self, seconds: float, expired: Callable[[], object]) -> None:
+        """
+        Time the connection attempt too, with the timer that then times
+        the dialogue: one timed call per login, not two.
+
+        @param expired: called if the connection is not made within
+            C{seconds}; it is to fail the attempt.
+        """
+        self._connectExpired = expired
+        self._timer = self._clock.callLater(seconds, self._timedOut)
+
     def _timedOut(self) -> None:
         self._timer = None
+        expired, self._connectExpired = self._connectExpired, None
+        if expired is not None:
+            expired()
+            return
         self.fail(FailureKind.UNAVAILABLE, f"no login reply within {self._timeout:.0f}s")
 
     def _cancelTimer(self) -> None:
@@ -576,6 +600,13 @@ class _OneBackendFactory(ClientFactory):
             self.failed(reason)
 
 
+def _timedOutConnecting(connector: IConnector) -> None:
+    # What Twisted's connector does when its own timeout expires.
+    transport = getattr(connector, "transport", None)
+    if transport is not None:
+        transport.failIfNotConnected(error.TimeoutError())
+
+
 def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtocol]:
     """
     Connect C{protocol} to its job's backend and run its login dialogue.
@@ -609,8 +640,12 @@ def connectBackend(reactor, protocol: BackendProtocol) -> Deferred[BackendProtoc
 
     factory = _OneBackendFactory(protocol, connectFailed)
     if isIPAddress(backend.host) or isIPv6Address(backend.host):
-        connector = connectAtOnce(reactor, backend.host, port, factory, backend.connectTimeout)
+        # The protocol's timer times the attempt, not one of the
+        # connector's own; when it expires, the attempt fails as the
+        # connector's would have (TimeoutError).
+        connector = connectAtOnce(reactor, backend.host, port, factory, None)
         protocol.stopConnecting = connector.stopConnecting
+        protocol.timeConnect(backend.connectTimeout, lambda: _timedOutConnecting(connector))
     else:
         endpoint = HostnameEndpoint(reactor, backend.host, port, timeout=backend.connectTimeout)
         connecting = endpoint.connect(factory)

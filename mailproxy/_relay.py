@@ -156,10 +156,38 @@ def allowHalfClose(transport: object) -> bool:
             # on a close_notify; the same layer with the half-close below
             # (no state of its own).
             layer.__class__ = _HalfClosingTLS
-        # Declared on the instance, as its interfaces were declared for the
-        # class it had (and as it must be for the other layers).
-        alsoProvides(layer, IHalfCloseableProtocol)
+        _declareHalfCloseable(layer)
     return True
+
+
+#: For each protocol class that got one, its subclass that declares
+#: IHalfCloseableProtocol (see _declareHalfCloseable).
+_halfCloseableClasses: dict[type, type] = {}
+
+
+def _declareHalfCloseable(layer: object) -> None:
+    """
+    Have C{layer} provide L{IHalfCloseableProtocol} from now on.
+    """
+    cls = type(layer)
+    if "__provides__" in getattr(layer, "__dict__", ()):
+        # Interfaces declared on the instance (a TLS layer's): declared
+        # there too, as the instance's declaration is what counts.
+        alsoProvides(layer, IHalfCloseableProtocol)
+        return
+    if IHalfCloseableProtocol.implementedBy(cls):
+        return
+    # Declaring it on the instance (alsoProvides) costs some 4 us, twice
+    # per login, and makes every later look-up of the interface slower: the
+    # protocol becomes an instance of a subclass that declares it (made
+    # once per class, the same name, no state of its own), as a TLS layer
+    # becomes a _HalfClosingTLS.
+    declaring = _halfCloseableClasses.get(cls)
+    if declaring is None:
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        made = type(cls.__name__, (cls,), {"__slots__": (), **names})
+        declaring = _halfCloseableClasses[cls] = implementer(IHalfCloseableProtocol)(made)
+    layer.__class__ = declaring
 
 
 def writeAtOnce(transport: object) -> None:

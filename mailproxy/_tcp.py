@@ -363,15 +363,17 @@ class _AtOnceConnector(tcp.Connector):
         super().connectionLost(reason)
 
 
-def connectAtOnce(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
+def connectAtOnce(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float | None) -> IConnector:
     """
     C{reactor.connectTCP(host, port, factory, timeout=timeout)}, with an
     L{AtOnceClient} as the transport where C{reactor} is Twisted's POSIX
     reactor.
+
+    @param timeout: L{None} if the caller times the attempt itself.
     """
     if not isinstance(reactor, PosixReactorBase):
         return reactor.connectTCP(host, port, factory, timeout=timeout)  # type: ignore[no-any-return]
-    connector = _AtOnceConnector(host, port, factory, timeout, None, reactor)
+    connector = _AtOnceConnector(host, port, factory, timeout, None, reactor)  # type: ignore[arg-type]
     connector.connect()
     return connector
 

@@ -6,13 +6,16 @@ job it carries, with a fake reactor whose connector behaves like Twisted's.
 from __future__ import annotations
 
 import gc
+import socket
 from types import FunctionType, ModuleType
+from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.error import UserError
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
@@ -28,16 +31,21 @@ class PendingConnector:
     """
     A TCP connection attempt still under way; stopping it reports the
     failure to the factory at once, as L{twisted.internet.base.BaseConnector}
-    does.
+    does, and so does its transport's C{failIfNotConnected}.
     """
 
     def __init__(self, factory) -> None:
         self.factory = factory
         self.state = "connecting"
+        self.transport = self
 
     def stopConnecting(self) -> None:
-        self.state = "disconnected"
-        self.factory.clientConnectionFailed(self, Failure(UserError()))
+        self.failIfNotConnected(UserError())
+
+    def failIfNotConnected(self, error: Exception) -> None:
+        if self.state == "connecting":
+            self.state = "disconnected"
+            self.factory.clientConnectionFailed(self, Failure(error))
 
 
 class SlowReactor(Clock):
@@ -100,6 +108,67 @@ class ConnectBackendTests(SynchronousTestCase):
         frontend.connectionLost(None)
         self.assertEqual(len(router.requests), 1)
         self.assertEqual(len(reactor.connectors), 1)
+
+
+class ConnectTimerTests(TestCase):
+    """
+    One timed call per backend login times both the connection attempt
+    (the backend's C{connect_timeout}) and the dialogue after it
+    (C{backend_timeout}).
+    """
+
+    def test_connectTimedOut(self) -> None:
+        """
+        A connection not made within the backend's C{connect_timeout}
+        fails the login as a timed-out connection.
+        """
+        clock = SlowReactor()
+        job = makeJob(route=Route(makeBackend("old", connectTimeout=4.0)))
+        d = connectBackend(clock, BackendProtocol(job, clock, 30))
+        clock.advance(3.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        failure = self.failureResultOf(d, BackendFailure)
+        self.assertEqual(str(failure.value), "unavailable: cannot connect to old: User timeout caused connection failure.")
+        self.assertEqual(clock.connectors[0].state, "disconnected")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_oneTimedCall(self) -> Any:
+        """
+        Connecting a backend over loopback and starting its dialogue makes
+        one timed call: set to the connection timeout, then moved to the
+        dialogue's.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        timed: list[float] = []
+        callLater = reactor.callLater
+
+        def counting(seconds: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+            # The login's own; not the reactor's callLater(0) for the
+            # connect, nor this test's polling.
+            if getattr(f, "__name__", "") in ("_timedOut", "failIfNotConnected"):
+                timed.append(seconds)
+            return callLater(seconds, f, *args, **kwargs)
+
+        self.patch(reactor, "callLater", counting)
+        backend = makeBackend("old", host="127.0.0.1", ports={"imap": listening.getsockname()[1]}, connectTimeout=4.0)
+        protocol = BackendProtocol(makeJob(route=Route(backend)), reactor, 30)
+        connectBackend(reactor, protocol)
+        for _ in range(500):
+            if protocol.stopConnecting is None:
+                break
+            yield deferLater(reactor, 0.01)
+        self.assertIsNone(protocol.stopConnecting)
+        self.assertEqual(timed, [4.0])
+        timer = protocol._timer
+        assert timer is not None
+        self.assertTrue(29 < timer.getTime() - reactor.seconds() <= 30)
+        protocol.abandon()
+        yield protocol.result.addErrback(lambda _: None)
 
 
 class LoginJobTests(SynchronousTestCase):

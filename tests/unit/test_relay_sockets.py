@@ -600,6 +600,28 @@ class HalfCloseTests(TestCase):
         self.assertEqual(self.relay.endReason, "client closed")
 
     @inlineCallbacks
+    def test_halfCloseableByClass(self) -> None:
+        """
+        At hand-over both legs' protocols become half-closeable through
+        their class (one subclass per protocol class, of the same name),
+        not through a declaration made for each: a relayed session, idle
+        for hours maybe, holds no interface declaration of its own.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        classes = set()
+        for _ in range(2):
+            yield self.relayed(backend=LogoutPeer())
+            for inner in (self.clientInner, self.backendInner):
+                self.assertTrue(IHalfCloseableProtocol.providedBy(inner))
+                self.assertNotIn("__provides__", vars(inner))
+                self.assertIsInstance(inner, Inner)
+                self.assertEqual(type(inner).__name__, "Inner")
+                classes.add(type(inner))
+            yield self.plainClientLogsOut()
+            self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+        self.assertEqual(len(classes), 1)
+
+    @inlineCallbacks
     def test_backendHalfCloses(self) -> None:
         """
         A backend that says goodbye and half-closes still gets what the
