@@ -492,13 +492,9 @@ class MachineInFleetTests(SynchronousTestCase):
         from mailproxy._workers import Machine
         from mailproxy.config import parseConfig
 
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, "routes.toml"), "w") as f:
-            f.write('default = "old"\n')
-        path = os.path.join(directory, "config.toml")
-        with open(path, "w") as f:
-            f.write(MACHINE)
+        from tests.unit.test_workers import configFile
+
+        path = configFile(self, MACHINE)
         self.redis = FakeRedis()
         self.store = SharedStore()
         self.a = Member(self, "a", self.redis, self.store)

@@ -214,10 +214,11 @@ ports = { imap = 143 }
 """
 
 
-def configFile(case: SynchronousTestCase) -> str:
+def configFile(case: SynchronousTestCase, text: str = CONFIG) -> str:
     """
-    Write L{CONFIG} and the route table it names into a new directory of
-    C{case}'s; the configuration file's path.
+    Write a configuration (C{text}, L{CONFIG} unless given) and the route
+    table it names into a new directory of C{case}'s; the configuration
+    file's path.
     """
     directory = os.path.abspath(case.mktemp())
     os.makedirs(directory)
@@ -225,7 +226,7 @@ def configFile(case: SynchronousTestCase) -> str:
         f.write('default = "old"\n')
     path = os.path.join(directory, "config.toml")
     with open(path, "w") as f:
-        f.write(CONFIG)
+        f.write(text)
     return path
 
 
