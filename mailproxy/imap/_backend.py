@@ -360,4 +360,11 @@ class IMAPBackendLogin(BackendProtocol):
         """
         The backend's post-login capabilities the client may see.
         """
-        return [cap for cap in self.capabilities or [] if cap.upper() not in _HIDDEN_CAPABILITIES]
+        capabilities = self.capabilities or []
+        # A post-login list (Dovecot's has some 50 names) seldom holds one
+        # to hide: the whole list is searched once, and only a list where
+        # one of their names appears somewhere is filtered name by name.
+        text = b" ".join(capabilities).upper()
+        if not any(hidden in text for hidden in _HIDDEN_CAPABILITIES):
+            return list(capabilities)
+        return [cap for cap in capabilities if cap.upper() not in _HIDDEN_CAPABILITIES]

@@ -216,6 +216,21 @@ class LoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.connector.protocols[-1].dataReceived(b"* 3 EXISTS\r\nb OK [READ-WRITE] Select completed.\r\n")
         self.assertEqual(self.client.value(), b"* 3 EXISTS\r\nb OK [READ-WRITE] Select completed.\r\n")
 
+    def test_hiddenCapabilitiesAnyCase(self) -> None:
+        """
+        A post-login capability the client may not see is left out in any
+        case; a name that only contains one of theirs stays, and a list
+        with none of them reaches the client as the backend wrote it.
+        """
+        for backendList, clientList in (
+            (b"IMAP4rev1 unauthenticate XSTARTTLSX Move", b"IMAP4rev1 XSTARTTLSX Move"),
+            (b"IMAP4rev1 SASL-IR idle MOVE", b"IMAP4rev1 SASL-IR idle MOVE"),
+        ):
+            self.build()
+            self.loginAndAccept()
+            self.backendSays(b"P1 OK ID\r\nP2 OK [CAPABILITY " + backendList + b"] Logged in\r\n")
+            self.assertEqual(self.client.value(), b"a OK [CAPABILITY " + clientList + b"] Logged in\r\n")
+
     def test_pipelinedCommandsReachBackend(self) -> None:
         """
         Commands the client pipelined behind LOGIN go to the backend after
