@@ -1,10 +1,13 @@
 """
-POP3 logins per second, straight to Dovecot and through mailproxy.
+POP3 logins per second, straight to Dovecot, through mailproxy and through
+nginx's mail proxy, in one run.
 
 One private Dovecot (its pop3-login and pop3 services tuned like the IMAP
-benchmark's) and mailproxy with three POP3 listeners (plain, STLS, implicit
-TLS; static router, one backend reached in plain POP3, C{forward = "none"}),
-so that Dovecot checks every password on both paths. Each session connects,
+benchmark's), mailproxy with three POP3 listeners (plain, STLS, implicit
+TLS; static router, one backend reached in plain POP3, C{forward = "none"})
+and nginx with the same three (one worker process, C{auth_http} answered by
+nginx itself with the one backend), so that Dovecot checks every password
+on every path. Each session connects,
 reads the greeting, does STLS or the TLS handshake as the mode says, sends
 C{USER} and C{PASS} in one write (both servers offer PIPELINING), says
 C{QUIT} and waits for the server to close. The load generator is
@@ -14,8 +17,10 @@ Run from the repository root::
 
     /tmp/venv/bin/python benchmarks/pop3.py [--quick] [--json pop3.json]
 
-It prints a markdown table (logins/s and latency per TLS mode, direct and
-through mailproxy, with the ratio). L{measure} runs the same measurements
+It prints a markdown table (logins/s, latency and CPU per login per TLS
+mode, on each path, with mailproxy's ratios to direct and to nginx, and
+issue 11's CPU targets judged: a plain login at most twice nginx's CPU, a
+TLS login at most 1.3 times). L{measure} runs the same measurements
 against servers someone else started, for C{benchmarks/run.py}.
 """
 
@@ -35,6 +40,7 @@ if str(_REPOSITORY) not in sys.path:
     sys.path.insert(0, str(_REPOSITORY))
 
 from benchmarks import procstat  # noqa: E402
+from benchmarks.nginx import Nginx  # noqa: E402
 from benchmarks.load import (  # noqa: E402
     Connection,
     Driver,
@@ -56,7 +62,7 @@ from benchmarks.run import (  # noqa: E402
 )
 from tests.integration.servers import Dovecot, Proxy, TestCA  # noqa: E402
 
-PATHS = ("direct", "mailproxy")
+PATHS = ("direct", "mailproxy", "nginx")
 PASSWORD = "pw"
 
 #: Dovecot settings so that Dovecot's POP3 side is not the bottleneck:
@@ -78,6 +84,66 @@ service pop3 {
 }
 mail_max_userip_connections = 100000
 """
+
+
+#: nginx's configuration: the three POP3 listeners of L{Pop3Nginx}, the
+#: TLS settings of benchmarks/nginx.conf.in.
+NGINX_CONFIG = """\
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{authPort};
+        location = /auth {{
+            add_header Auth-Status OK;
+            add_header Auth-Server 127.0.0.1;
+            add_header Auth-Port {backend};
+            return 204;
+        }}
+    }}
+}}
+mail {{
+    server_name localhost;
+    auth_http 127.0.0.1:{authPort}/auth;
+    proxy_pass_error_message on;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate {certificate};
+    ssl_certificate_key {key};
+    pop3_auth plain;
+    server {{ listen 127.0.0.1:{plain} backlog=4096; protocol pop3; starttls off; }}
+    server {{ listen 127.0.0.1:{starttls} backlog=4096; protocol pop3; starttls on; }}
+    server {{ listen 127.0.0.1:{ssl} ssl backlog=4096; protocol pop3; }}
+}}
+"""
+
+
+class Pop3Nginx(Nginx):
+    """
+    nginx proxying POP3 to one backend: the parent class's ports C{plain},
+    C{starttls} and C{ssl} are POP3 without TLS, with STLS offered and
+    with implicit TLS.
+    """
+
+    def configuration(self, authPort: int) -> str:
+        """
+        The text of C{nginx.conf}.
+        """
+        return NGINX_CONFIG.format(
+            dir=self.directory, authPort=authPort, certificate=self.certificate, key=self.key,
+            backend=self.backendPort, plain=self.plain, starttls=self.starttls, ssl=self.ssl,
+        )  # fmt: skip
 
 
 @attrs.frozen
@@ -171,8 +237,8 @@ def measure(
     """
     Logins per second for every path and TLS mode.
 
-    @param ports: per path (C{direct}, C{mailproxy}), the port of each TLS
-        mode (C{none}, C{starttls}, C{implicit}).
+    @param ports: per path (C{direct}, C{mailproxy}, C{nginx}), the port of
+        each TLS mode (C{none}, C{starttls}, C{implicit}).
     @param pids: per path, the proxy process whose CPU per login to report.
     @return: per path, C{"pop3.logins.<mode>"} to the summary.
     """
@@ -196,11 +262,23 @@ def measure(
 def markdownTable(results: dict[str, dict[str, Any]]) -> str:
     """
     The results as a markdown table: one row per metric and TLS mode, with
-    the mailproxy/direct ratio and, for plain logins/s, the target the IMAP
-    benchmark sets (at least 0.75 of direct).
+    mailproxy's ratios to direct and to nginx and the targets: for plain
+    logins/s the one the IMAP benchmark sets (at least 0.75 of direct), for
+    the proxy's CPU per login issue 11's (at most twice nginx's for a plain
+    login, 1.3 times for a TLS one).
     """
     modeNames = {"none": "plain", "starttls": "STLS", "implicit": "implicit TLS"}
-    lines = ["| POP3 metric | direct | mailproxy | mailproxy/direct | target | result |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| POP3 metric | direct | mailproxy | nginx | mailproxy/direct | mailproxy/nginx | target | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def judged(value: float | None, bound: float) -> str:
+        return "n/a" if value is None else ("PASS" if value <= bound else "MISS")
+
     for tls in TLS_MODES:
         key = f"pop3.logins.{tls}"
         for field, label in (
@@ -210,14 +288,16 @@ def markdownTable(results: dict[str, dict[str, Any]]) -> str:
             ("proxyCpuMsPerLogin", "proxy CPU ms/login"),
             ("dovecotCpuMsPerLogin", "Dovecot CPU ms/login"),
         ):
-            direct = results.get("direct", {}).get(key, {}).get(field)
-            proxied = results.get("mailproxy", {}).get(key, {}).get(field)
-            ratio = proxied / direct if direct and proxied is not None else None
+            direct, proxied, nginx = (results.get(path, {}).get(key, {}).get(field) for path in PATHS)
+            toDirect, toNginx = ratio(proxied, direct), ratio(proxied, nginx)
             target = result = ""
             if field == "perSecond" and tls == "none":
                 target = ">= 0.75x direct"
-                result = "n/a" if ratio is None else ("PASS" if ratio >= 0.75 else "MISS")
-            numbers = [formatNumber(value) for value in (direct, proxied, ratio)]
+                result = "n/a" if toDirect is None else ("PASS" if toDirect >= 0.75 else "MISS")
+            elif field == "proxyCpuMsPerLogin":
+                bound = 2.0 if tls == "none" else 1.3
+                target, result = f"<= {bound:g}x nginx", judged(toNginx, bound)
+            numbers = [formatNumber(value) for value in (direct, proxied, nginx, toDirect, toNginx)]
             cells = [f"{label}, {modeNames[tls]}", *numbers, target, result]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -227,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     Start Dovecot and mailproxy, measure, print the table.
     """
-    parser = argparse.ArgumentParser(description="POP3 logins per second: direct to Dovecot vs through mailproxy.")
+    parser = argparse.ArgumentParser(
+        description="POP3 logins per second: direct to Dovecot, through mailproxy and through nginx."
+    )
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
     parser.add_argument("--concurrency", type=int, help="sessions in flight (20)")
     parser.add_argument("--duration", type=float, help="measured seconds per test (10)")
@@ -247,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         str(directory / "dovecot"), "pop3bench", {user: PASSWORD for user in users}, ca=ca, extraConfig=POP3_TUNING
     )
     proxy: Proxy | None = None
+    nginx: Nginx | None = None
     try:
         dovecot.start()
         dovecotPid = int((dovecot.directory / "runtime" / "run" / "master.pid").read_text().strip())
@@ -257,13 +340,18 @@ def main(argv: list[str] | None = None) -> int:
         proxy, proxyPorts = startMailproxy(
             directory / "mailproxy", "pop3", dovecot.pop3, ca, {"connections_per_address": 0}
         )
+        certificate, key = ca.issue("nginx")
+        nginx = Pop3Nginx(str(directory / "nginx"), dovecot.pop3, certificate, key)
+        nginx.start()
         ports = {
             "direct": {"none": dovecot.pop3, "starttls": dovecot.pop3, "implicit": dovecot.pop3s},
             "mailproxy": proxyPorts,
+            "nginx": {"none": nginx.plain, "starttls": nginx.starttls, "implicit": nginx.ssl},
         }
-        results = measure(ports, ca.caPath, users, settings, pids={"mailproxy": proxy.pid}, dovecotPid=dovecotPid)
+        pids: dict[str, int | None] = {"mailproxy": proxy.pid, "nginx": nginx.pid}
+        results = measure(ports, ca.caPath, users, settings, pids=pids, dovecotPid=dovecotPid)
     finally:
-        stopServers([proxy, dovecot], cleanup)
+        stopServers([proxy, nginx, dovecot], cleanup)
 
     table = markdownTable(results)
     print(table)
