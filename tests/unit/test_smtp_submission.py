@@ -12,6 +12,7 @@ from base64 import b64decode, b64encode
 import hmac
 import hashlib
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -150,6 +151,29 @@ class GreetingAndEHLOTests(SubmissionTestsMixin, SynchronousTestCase):
         reply = self.ehlo()
         self.assertIn(b"250-AUTH PLAIN LOGIN\r\n", reply)
         self.assertNotIn(b"STARTTLS", reply)
+
+    def test_ehloAtOnce(self) -> None:
+        """
+        With every backend's keywords known, an EHLO is answered at once:
+        no Deferred is made for it, and each session's reply lists the
+        same keywords.
+        """
+        self.build()
+        made: list[Deferred[object]] = []
+        original = Deferred.__init__
+
+        def counting(d: Deferred[object], *args: object, **kwargs: object) -> None:
+            made.append(d)
+            original(d, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(Deferred, "__init__", counting)
+        expected = (
+            b"250-proxy.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n"
+            b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n250 CHUNKING\r\n"
+        )
+        self.assertEqual(self.ehlo(), expected)
+        self.assertEqual(self.send(b"EHLO again.example\r\n"), expected)
+        self.assertEqual(made, [])
 
     def test_authOfferedInPlaintextWhenAllowed(self) -> None:
         """
