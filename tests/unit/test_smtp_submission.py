@@ -11,6 +11,7 @@ from __future__ import annotations
 from base64 import b64decode, b64encode
 import hmac
 import hashlib
+import sys
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -830,6 +831,26 @@ class XCLIENTCommandTests(SynchronousTestCase):
         """
         lines = xclientCommands({"LOGIN": "ü" * 127, "ADDR": "192.0.2.10"}, ["LOGIN", "ADDR"])
         self.assertEqual(lines, [b"XCLIENT LOGIN=" + b"+C3+BC" * 127, b"XCLIENT ADDR=192.0.2.10"])
+
+    def test_noCallPerOctet(self) -> None:
+        """
+        The XCLIENT line of a login is built without a Python call per
+        octet of its values: a few calls per attribute at most.
+        """
+        attributes = xclientAttributes(ClientInfo("s", "192.0.2.10", 50000, "192.0.2.1", 143), "client.example", True, None)
+        calls: list[str] = []
+
+        def profile(frame: object, event: str, argument: object) -> None:
+            if event == "call":
+                calls.append(frame.f_code.co_name)  # type: ignore[attr-defined]
+
+        sys.setprofile(profile)
+        try:
+            lines = xclientCommands(attributes, XCLIENT_ATTRIBUTES.decode().split())
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(lines, [XCLIENT[:-2]])
+        self.assertLessEqual(len(calls), 2 * len(attributes), calls)
 
     def test_tooLong(self) -> None:
         """
