@@ -21,6 +21,7 @@ the object.
 from __future__ import annotations
 
 from enum import Enum
+from functools import lru_cache
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -36,7 +37,7 @@ from .._session import ProxyContext, newSessionId
 from ..model import Backend, ClientInfo, Route
 from ..settings import Listener
 from ._backend import SMTPBackend
-from ._ehlo import PASSED_ON, BackendExtensions, Extensions
+from ._ehlo import BackendExtensions, Extensions
 from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong, parseBDAT, parseCommand, parseHelo, reply
 
 #: Longest command line unless C{line_length} says otherwise: above
@@ -90,6 +91,15 @@ class SMTPState(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@lru_cache(maxsize=8)
+def hostBytes(hostname: str) -> bytes:
+    """
+    The proxy's name as replies write it (IDNA): the same for every reply
+    of every session with this name, so worked out once.
+    """
+    return hostname.encode("idna")
 
 
 def _probeClient() -> ClientInfo:
@@ -253,7 +263,7 @@ class SMTPFrontend(CommandLoop):
     # The contract (IProtocolFrontend)
 
     def greet(self) -> None:
-        self.send(220, None, self.context.hostname.encode("idna") + b" ESMTP mailproxy")
+        self.send(220, None, hostBytes(self.context.hostname) + b" ESMTP mailproxy")
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
@@ -262,7 +272,7 @@ class SMTPFrontend(CommandLoop):
             # The one goodbye that has always gone without the host name.
             self.send(421, enhanced, text)
         else:
-            self.send(421, enhanced, self.context.hostname.encode("idna") + b" " + text.encode("utf-8"))
+            self.send(421, enhanced, hostBytes(self.context.hostname) + b" " + text.encode("utf-8"))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is not None:
@@ -455,26 +465,23 @@ class SMTPFrontend(CommandLoop):
 
         def answer(extensions: Extensions) -> None:
             self.helo, self.esmtp, self.offered = name, True, extensions
-            passed = [
-                keyword + (" " + extensions.keywords[keyword] if extensions.keywords[keyword] else "")
-                for keyword in PASSED_ON
-                if keyword in extensions
-            ]
-            # The proxy's own keywords go where servers usually list them:
-            # after PIPELINING, SIZE and 8BITMIME.
-            split = sum(1 for keyword in ("PIPELINING", "SIZE", "8BITMIME") if keyword in extensions)
-            lines: list[str | bytes] = [self.context.hostname.encode("idna")]
-            lines += passed[:split] + self.ownKeywords() + passed[split:]
-            self.send(250, None, *lines)
+            before, after = extensions.passedOn
+            self.send(250, None, hostBytes(self.context.hostname), *before, *self.ownKeywords(), *after)
 
-        self.wait(self.knowledge.current(), answer)
+        knowledge = self.knowledge
+        known = knowledge.known()
+        if known is not None:
+            # Every backend is known (the usual case): answered at once.
+            self._then(answer, known)
+        else:
+            self.wait(knowledge.current(), answer)
 
     def do_HELO(self, command: Command) -> None:
         name = self._clientName(command)
         if name is None:
             return
         self.helo, self.esmtp, self.offered = name, False, Extensions()
-        self.send(250, None, self.context.hostname.encode("idna"))
+        self.send(250, None, hostBytes(self.context.hostname))
 
     def do_STARTTLS(self, command: Command) -> None:
         self.startTLSCommand(command, bool(command.argument.strip(b" ")), self.inTransaction())

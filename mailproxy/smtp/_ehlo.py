@@ -15,6 +15,7 @@ list shorter, never promise something it lacks; it is asked again later.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Callable, Iterable
 
 from attrs import field, frozen
@@ -75,6 +76,22 @@ class Extensions:
         """
         return self.keywords.get(keyword, "").upper().split()
 
+    @cached_property
+    def passedOn(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """
+        The keywords of L{PASSED_ON} in this list, as an EHLO reply lists
+        them (with their parameters), in two parts: the proxy's own
+        keywords go between them, where servers usually list theirs (after
+        PIPELINING, SIZE and 8BITMIME). Worked out once per list: every
+        EHLO of every session answered from the same knowledge shares it.
+        """
+        keywords = self.keywords
+        passed = tuple(
+            keyword + (" " + keywords[keyword] if keywords[keyword] else "") for keyword in PASSED_ON if keyword in keywords
+        )
+        split = sum(1 for keyword in ("PIPELINING", "SIZE", "8BITMIME") if keyword in keywords)
+        return passed[:split], passed[split:]
+
     @property
     def sizeLimit(self) -> int | None:
         """
@@ -129,6 +146,9 @@ class BackendExtensions:
         self._probe = probe
         self.retryInterval = retryInterval
         self._known: dict[str, Extensions] = {}
+        # What every backend has, once every backend is known (see known):
+        # worked out again only when what is known changes.
+        self._common: Extensions | None = None
         self._xclient: dict[str, list[str]] = {}
         self._failedAt: dict[str, float] = {}
         self._probing: dict[str, Deferred[None]] = {}
@@ -137,7 +157,9 @@ class BackendExtensions:
         """
         Backend C{name} just listed C{extensions} (in a session's dialogue).
         """
-        self._known[name] = extensions
+        if self._known.get(name) != extensions:
+            self._known[name] = extensions
+            self._common = None
         self._failedAt.pop(name, None)
 
     def learnXCLIENT(self, name: str, attributes: list[str] | None) -> None:
@@ -167,9 +189,11 @@ class BackendExtensions:
         """
         The common extensions if every backend is known, else L{None}.
         """
-        if any(backend.name not in self._known for backend in self._backends):
-            return None
-        return common(self._known[backend.name] for backend in self._backends)
+        if self._common is None:
+            if any(backend.name not in self._known for backend in self._backends):
+                return None
+            self._common = common(self._known[backend.name] for backend in self._backends)
+        return self._common
 
     def current(self) -> Deferred[Extensions]:
         """

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailproxy._session import ProxyContext
 from mailproxy.config import Limits
 from mailproxy.model import Backend
+from mailproxy.smtp import _ehlo
 from mailproxy.smtp._ehlo import BackendExtensions, Extensions, common
 from mailproxy.smtp._base import backendExtensions
 from mailproxy.testing import FakeRouter, MemoryConnector
@@ -168,6 +169,31 @@ class BackendExtensionsTests(SynchronousTestCase):
         self.knowledge.learn("new", Extensions({"PIPELINING": ""}))
         self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": ""})
         self.assertEqual([len(p) for p in self.probes.values()], [0, 0])
+
+    def test_commonWorkedOutOnce(self) -> None:
+        """
+        While what is known does not change (a session's dialogue seeing
+        the same keywords again), the common extensions are worked out
+        once, not once per EHLO; a change works them out again.
+        """
+        counted: list[object] = []
+
+        def counting(lists: object) -> Extensions:
+            counted.append(lists)
+            return common(lists)  # type: ignore[arg-type]
+
+        self.patch(_ehlo, "common", counting)
+        self.knowledge.learn("old", Extensions({"PIPELINING": "", "DSN": ""}))
+        self.knowledge.learn("new", Extensions({"PIPELINING": ""}))
+        for _ in range(3):
+            self.assertEqual(self.knowledge.known(), Extensions({"PIPELINING": ""}))
+            self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": ""})
+        self.knowledge.learn("new", Extensions({"PIPELINING": ""}))
+        self.assertEqual(self.knowledge.known(), Extensions({"PIPELINING": ""}))
+        self.assertEqual(len(counted), 1)
+        self.knowledge.learn("new", Extensions({"PIPELINING": "", "DSN": ""}))
+        self.assertEqual(self.knowledge.known(), Extensions({"PIPELINING": "", "DSN": ""}))
+        self.assertEqual(len(counted), 2)
 
     def test_synchronousProbe(self) -> None:
         """

@@ -11,7 +11,9 @@ from __future__ import annotations
 from base64 import b64decode, b64encode
 import hmac
 import hashlib
+import sys
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -150,6 +152,29 @@ class GreetingAndEHLOTests(SubmissionTestsMixin, SynchronousTestCase):
         reply = self.ehlo()
         self.assertIn(b"250-AUTH PLAIN LOGIN\r\n", reply)
         self.assertNotIn(b"STARTTLS", reply)
+
+    def test_ehloAtOnce(self) -> None:
+        """
+        With every backend's keywords known, an EHLO is answered at once:
+        no Deferred is made for it, and each session's reply lists the
+        same keywords.
+        """
+        self.build()
+        made: list[Deferred[object]] = []
+        original = Deferred.__init__
+
+        def counting(d: Deferred[object], *args: object, **kwargs: object) -> None:
+            made.append(d)
+            original(d, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(Deferred, "__init__", counting)
+        expected = (
+            b"250-proxy.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n"
+            b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n250 CHUNKING\r\n"
+        )
+        self.assertEqual(self.ehlo(), expected)
+        self.assertEqual(self.send(b"EHLO again.example\r\n"), expected)
+        self.assertEqual(made, [])
 
     def test_authOfferedInPlaintextWhenAllowed(self) -> None:
         """
@@ -806,6 +831,26 @@ class XCLIENTCommandTests(SynchronousTestCase):
         """
         lines = xclientCommands({"LOGIN": "ü" * 127, "ADDR": "192.0.2.10"}, ["LOGIN", "ADDR"])
         self.assertEqual(lines, [b"XCLIENT LOGIN=" + b"+C3+BC" * 127, b"XCLIENT ADDR=192.0.2.10"])
+
+    def test_noCallPerOctet(self) -> None:
+        """
+        The XCLIENT line of a login is built without a Python call per
+        octet of its values: a few calls per attribute at most.
+        """
+        attributes = xclientAttributes(ClientInfo("s", "192.0.2.10", 50000, "192.0.2.1", 143), "client.example", True, None)
+        calls: list[str] = []
+
+        def profile(frame: object, event: str, argument: object) -> None:
+            if event == "call":
+                calls.append(frame.f_code.co_name)  # type: ignore[attr-defined]
+
+        sys.setprofile(profile)
+        try:
+            lines = xclientCommands(attributes, XCLIENT_ATTRIBUTES.decode().split())
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(lines, [XCLIENT[:-2]])
+        self.assertLessEqual(len(calls), 2 * len(attributes), calls)
 
     def test_tooLong(self) -> None:
         """
