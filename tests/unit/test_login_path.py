@@ -11,10 +11,14 @@ from types import FrameType
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._session import FrontendProtocol
 from mailproxy.model import Route
-from mailproxy.testing import FakeRouter, MemoryConnector, makeBackend, makeFrontend
+from mailproxy.settings import Limits
+from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n"
 LOGGED_IN = b"P1 OK ID\r\nP2 OK [CAPABILITY IMAP4rev1 ID] Logged in\r\n"
@@ -68,3 +72,67 @@ class DeferredChainTests(SynchronousTestCase):
         self.assertTrue(client.value().endswith(b"a OK [CAPABILITY IMAP4rev1 ID] Logged in\r\n"))
         self.assertEqual(calls["_runCallbacks"], 2)
         self.assertLessEqual(sum(calls.values()), 13)
+
+
+class TimedCallTests(SynchronousTestCase):
+    """
+    A session's timed calls follow one another: the pre-authentication
+    timeout's call goes on as the relay's idle timeout.
+    """
+
+    def loggedIn(self, limits: Limits) -> tuple[FrontendProtocol, TLSStringTransport, Clock, list[str]]:
+        """
+        A plain IMAP session logged in with C{limits}, on a clock that
+        notes the function of every timed call made.
+
+        @return: the session, its client transport, the clock and the
+            functions' names.
+        """
+        clock = Clock()
+        made: list[str] = []
+        callLater = clock.callLater
+
+        def noting(seconds: float, f: Callable[..., object], *args: object, **kwargs: object) -> IDelayedCall:
+            made.append(getattr(f, "__qualname__", repr(f)))
+            return callLater(seconds, f, *args, **kwargs)
+
+        clock.callLater = noting  # type: ignore[method-assign]
+        connector = MemoryConnector()
+        router = FakeRouter({"alice": Route(makeBackend("old"))})
+        frontend, client, _ = makeFrontend("imap", router, connector, clock=clock, limits=limits)
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        connector.protocols[-1].dataReceived(GREETING)
+        connector.protocols[-1].dataReceived(LOGGED_IN)
+        self.assertIsNotNone(frontend.relay)
+        return frontend, client, clock, made
+
+    def test_twoTimedCallsToHandOver(self) -> None:
+        """
+        From the client's connection to the hand-over, a login makes two
+        timed calls: the pre-authentication timeout's, which then times
+        the relay's idleness, and the backend login's. (Before, the relay
+        made a third for its idle timeout.) The idle timeout still ends a
+        silent session, at its own time.
+        """
+        _, client, clock, made = self.loggedIn(Limits(preauthTimeout=120, idleTimeout=1800))
+        self.assertEqual(made, ["Timer._expire", "BackendProtocol._timedOut"])
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [1800])
+        clock.advance(1799)
+        self.assertFalse(client.disconnecting)
+        client.clear()
+        clock.advance(1)
+        self.assertEqual(client.value(), b"* BYE Idle timeout.\r\n")
+        self.assertTrue(client.disconnecting)
+
+    def test_noIdleTimeout(self) -> None:
+        """
+        Without an idle timeout, a relayed session keeps no timed call: the
+        pre-authentication timeout's is cancelled at the hand-over, and
+        its time passes without a goodbye.
+        """
+        _, client, clock, _ = self.loggedIn(Limits(preauthTimeout=120, idleTimeout=0))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        client.clear()
+        clock.advance(500)
+        self.assertEqual(client.value(), b"")
+        self.assertFalse(client.disconnecting)
