@@ -823,9 +823,10 @@ class FrontendProtocol(Session):
         self.lifecycle = SessionState.LOGIN
         self._attempt = LoginAttempt(self, credentials, clientID)
         self.pause(LOGIN_RUNNING)
-        d = self._attempt.run()
+        # Pending before its callback is added: an outcome known at once
+        # (a refusal with no delay) runs it now, and the login is over.
+        self._pending = d = self._attempt.run()
         d.addBoth(self._loginDone)
-        self._pending = d
         return d
 
     def _loginDone(self, result: object) -> object:

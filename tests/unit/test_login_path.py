@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._session import FrontendProtocol
-from mailproxy.model import Route
+from mailproxy.model import Rejection, Route
 from mailproxy.settings import Limits
 from mailproxy.testing import FakeRouter, MemoryConnector, TLSStringTransport, makeBackend, makeFrontend
 
@@ -136,3 +136,40 @@ class TimedCallTests(SynchronousTestCase):
         clock.advance(500)
         self.assertEqual(client.value(), b"")
         self.assertFalse(client.disconnecting)
+
+
+class LoginStateTests(SynchronousTestCase):
+    """
+    What a session says of its login while and after it runs.
+    """
+
+    def test_refusedAtOnceIsOver(self) -> None:
+        """
+        A login the router refuses as temporary, answered at once (no
+        failed-login delay), is over once answered: the management
+        endpoint shows the session as pre-auth, not logging in. (Before,
+        it still showed C{"login"}.)
+        """
+        router = FakeRouter({"alice": Rejection(temporary=True)})
+        frontend, client, _ = makeFrontend("imap", router, MemoryConnector())
+        client.clear()
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        self.assertEqual(client.value(), b"a NO [UNAVAILABLE] Authentication failed.\r\n")
+        self.assertFalse(frontend.loginRunning)
+        self.assertEqual(frontend.describe()["state"], "pre-auth")
+
+    def test_runningWhileRouting(self) -> None:
+        """
+        While the router has not answered, the session shows as logging in;
+        once the login is answered, as relaying.
+        """
+        router = FakeRouter(manual=True)
+        connector = MemoryConnector()
+        frontend, client, _ = makeFrontend("imap", router, connector)
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        self.assertEqual(frontend.describe()["state"], "login")
+        router.pending[0].callback(Route(makeBackend("old")))
+        self.assertEqual(frontend.describe()["state"], "login")
+        connector.protocols[-1].dataReceived(GREETING)
+        connector.protocols[-1].dataReceived(LOGGED_IN)
+        self.assertEqual(frontend.describe()["state"], "relay")
