@@ -73,6 +73,26 @@ class DeferredChainTests(SynchronousTestCase):
         self.assertEqual(calls["_runCallbacks"], 2)
         self.assertLessEqual(sum(calls.values()), 13)
 
+    def test_pop3LoginFiresTwoDeferreds(self) -> None:
+        """
+        The same for a POP3 login (USER and PASS): two Deferreds fired,
+        each once.
+        """
+        connector = MemoryConnector()
+        frontend, client, _ = makeFrontend("pop3", FakeRouter({"alice": Route(makeBackend("old"))}), connector)
+
+        def login() -> None:
+            frontend.dataReceived(b"USER alice\r\nPASS secret\r\n")
+            connector.protocols[-1].dataReceived(b"+OK [XCLIENT] Dovecot ready.\r\n")
+            connector.protocols[-1].dataReceived(b"+OK\r\nCAPA\r\nUSER\r\nSASL PLAIN\r\n.\r\n")
+            connector.protocols[-1].dataReceived(b"+OK Updated\r\n+OK Logged in.\r\n")
+
+        calls = deferredCalls(login)
+        self.assertIsNotNone(frontend.relay)
+        self.assertTrue(client.value().endswith(b"+OK Logged in.\r\n"))
+        self.assertEqual(calls["_runCallbacks"], 2)
+        self.assertLessEqual(sum(calls.values()), 13)
+
 
 class TimedCallTests(SynchronousTestCase):
     """
@@ -173,3 +193,109 @@ class LoginStateTests(SynchronousTestCase):
         connector.protocols[-1].dataReceived(GREETING)
         connector.protocols[-1].dataReceived(LOGGED_IN)
         self.assertEqual(frontend.describe()["state"], "relay")
+
+
+class _RaisingRouter:
+    """
+    A router whose C{route} raises, or answers with what it is given.
+    """
+
+    def __init__(self, answer: object = None) -> None:
+        self.answer = answer
+
+    def route(self, request: object) -> object:
+        if self.answer is None:
+            raise RuntimeError("directory down")
+        return self.answer
+
+
+class RouterTroubleTests(SynchronousTestCase):
+    """
+    A router that fails, at once or later, makes the login fail as
+    temporary, logged and counted like any failed login; its time is
+    counted too.
+    """
+
+    UNAVAILABLE = b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n"
+
+    def assertUnavailable(self, frontend: FrontendProtocol, client: TLSStringTransport, error: type[Exception]) -> None:
+        """
+        The client was refused as temporary; the router's failure was
+        logged as C{error}, the login counted as failed without a backend,
+        and the router's time observed once.
+        """
+        self.assertEqual(client.value(), self.UNAVAILABLE)
+        self.assertEqual(len(self.flushLoggedErrors(error)), 1)
+        stats = frontend.context.stats
+        self.assertEqual(dict(stats.logins), {("imap", "", "unavailable"): 1})
+        self.assertEqual([histogram.count for histogram in stats.routerLatency.values()], [1])
+        self.assertFalse(frontend.loginRunning)
+
+    def test_raisesAtOnce(self) -> None:
+        """
+        A router whose C{route} raises.
+        """
+        frontend, client, _ = makeFrontend("imap", _RaisingRouter(), MemoryConnector())
+        client.clear()
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        self.assertUnavailable(frontend, client, RuntimeError)
+
+    def test_wrongAnswerAtOnce(self) -> None:
+        """
+        A router that answers at once with something else than a route or
+        a rejection.
+        """
+        frontend, client, _ = makeFrontend("imap", _RaisingRouter("old"), MemoryConnector())
+        client.clear()
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        self.assertUnavailable(frontend, client, TypeError)
+
+    def test_failsLater(self) -> None:
+        """
+        A router whose answer fails after a while.
+        """
+        router = FakeRouter(manual=True)
+        frontend, client, _ = makeFrontend("imap", router, MemoryConnector())
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        client.clear()
+        router.pending[0].errback(RuntimeError("directory down"))
+        self.assertUnavailable(frontend, client, RuntimeError)
+
+
+class AbandonedLoginTests(SynchronousTestCase):
+    """
+    A client that leaves while its login runs leaves nothing behind.
+    """
+
+    def test_leftDuringDelay(self) -> None:
+        """
+        A client that leaves while its failed login waits out the delay
+        gets no reply, and no timed call is left on the clock.
+        """
+        frontend, client, clock = makeFrontend(
+            "imap", FakeRouter(), MemoryConnector(), limits=Limits(failureDelay=2.0)
+        )
+        client.clear()
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        frontend.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(5)
+        self.assertEqual(client.value(), b"")
+
+    def test_leftDuringBackendLogin(self) -> None:
+        """
+        A client that leaves while the backend logs in gets no reply; the
+        backend connection is aborted, its timer cancelled, and no failure
+        is counted.
+        """
+        connector = MemoryConnector()
+        frontend, client, clock = makeFrontend("imap", FakeRouter({"alice": Route(makeBackend("old"))}), connector)
+        frontend.dataReceived(b"a LOGIN alice secret\r\n")
+        client.clear()
+        frontend.connectionLost(None)
+        self.assertTrue(connector.transports[-1].disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(dict(frontend.context.stats.logins), {})
+        self.assertEqual(frontend.context.stats.backendLoginLatency, {})
