@@ -309,6 +309,15 @@ class LoginAttempt:
         self._failed(Failure(LoginFailed(failure.kind, clientText=failure.clientText, saslError=failure.saslError)))
 
     def _failed(self, reason: Failure) -> None:
+        try:
+            self._refuse(reason)
+        except Exception:
+            # A bug in counting or logging the failure: the session hears
+            # of it at once (its front end logs it and ends the session)
+            # rather than waiting for its pre-auth timeout.
+            self._outcome.errback()
+
+    def _refuse(self, reason: Failure) -> None:
         # The delay runs from the start of the attempt, not from the
         # router's or the backend's answer: an unknown user (refused by the
         # router) and a wrong password (refused by the backend, later) are

@@ -299,3 +299,27 @@ class AbandonedLoginTests(SynchronousTestCase):
         self.assertEqual(client.value(), b"")
         self.assertEqual(dict(frontend.context.stats.logins), {})
         self.assertEqual(frontend.context.stats.backendLoginLatency, {})
+
+
+class LoginBugTests(SynchronousTestCase):
+    """
+    A bug while a failed login is counted does not leave the session
+    waiting.
+    """
+
+    def test_failureHandlingFails(self) -> None:
+        """
+        If counting a refused login raises, the session ends at once with
+        its internal-error goodbye, and the error is logged.
+        """
+        frontend, client, _ = makeFrontend("imap", FakeRouter(), MemoryConnector())
+
+        def broken(*args: object) -> None:
+            raise ZeroDivisionError()
+
+        self.patch(frontend.context.stats, "loginFailed", broken)
+        client.clear()
+        frontend.dataReceived(b"a LOGIN nobody secret\r\n")
+        self.assertTrue(client.disconnecting)
+        self.assertTrue(client.value().startswith(b"* BYE "), client.value())
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
