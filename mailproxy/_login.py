@@ -13,14 +13,15 @@ L{mailproxy._contract.ILoginFrontend}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from ._backend import BackendFailure, BackendProtocol, LoginJob
 from ._outcomes import EndReason, FailureKind
-from ._routing import routeLogin
+from ._routing import routeNow
 from ._safetext import logQuote
 from ._shared import MAX_FAILURES_COUNTED, accountKey
 from .model import Credentials, Rejection, Route, RouteRequest
@@ -110,6 +111,13 @@ class LoginAttempt:
     them), keeps its latest attempt for the session-end line and reads
     C{route} and C{backend} from it.
 
+    The steps follow one another as plain calls: L{run} asks the router,
+    L{_routed} connects the backend with the login it found, and
+    L{_loggedIn} or L{_failed} gives the outcome. Only a step that waits
+    (a hold at the gate, a router that answers later, the backend's
+    dialogue, the failed-login delay) is taken up again by a callback;
+    the session hears the outcome through one Deferred.
+
     @ivar number: which attempt of the session this is, from 1.
     @ivar credentials: what the client logged in with.
     @ivar started: when the attempt started, on the session's clock.
@@ -128,6 +136,12 @@ class LoginAttempt:
         self.started = session.context.reactor.seconds()
         self.route: Route | None = None
         self.backend: BackendProtocol | None = None
+        self._backendStarted = 0.0
+        self._outcome: Deferred[BackendProtocol] = Deferred(self._cancel)
+        # What the attempt waits for, if anything: the gate or the router,
+        # the backend's login, or the failed-login delay. The session
+        # cancels it when it ends (the client left).
+        self._waitingFor: Deferred[Any] | IDelayedCall | None = None
 
     def run(self) -> Deferred[BackendProtocol]:
         """
@@ -145,16 +159,17 @@ class LoginAttempt:
             attempt=self.number,
             clientID=self.clientID,
         )
-        routed = routeLogin(
-            context.router,
-            request,
-            context.reactor,
-            lambda seconds: context.stats.routerAnswered(seconds, context.routerName),
-            context.gate,
-        )
-        d: Deferred[BackendProtocol] = routed.addCallbacks(self._routed, self._routerFailed)  # type: ignore[arg-type]
-        d.addErrback(self._delayFailure)
-        return d
+        try:
+            answer = routeNow(context.router, request, context.reactor, self._routerAnswered, context.gate)
+        except Exception:
+            self._routerFailed(Failure())
+            return self._outcome
+        if isinstance(answer, Deferred):
+            self._waitingFor = answer
+            answer.addCallbacks(self._routed, self._routerFailed)
+        else:
+            self._routed(answer)
+        return self._outcome
 
     def seconds(self) -> float:
         """
@@ -170,16 +185,48 @@ class LoginAttempt:
         backend, self.backend = self.backend, None
         return backend
 
-    def _routerFailed(self, reason: Failure) -> Failure:
+    def _cancel(self, outcome: Deferred[BackendProtocol]) -> None:
+        # The session ended: stop what the attempt waits for. A Deferred
+        # cancelled fails with CancelledError, which the step passes on
+        # (to _failed); the delay's call is simply not made.
+        waitingFor, self._waitingFor = self._waitingFor, None
+        if waitingFor is not None:
+            waitingFor.cancel()
+
+    def _routerAnswered(self, seconds: float) -> None:
+        context = self.session.context
+        context.stats.routerAnswered(seconds, context.routerName)
+
+    def _routerFailed(self, reason: Failure) -> None:
+        self._waitingFor = None
         if reason.check(CancelledError) and self.session.closing:
             # The session ended while the router (or a move's hold) had the
             # login: it is abandoned, not failed, and must not be answered.
-            return reason
-        reason.trap(Exception)
+            self._failed(reason)
+            return
         self.session.log.failure("router failed for session {session}", reason, session=self.session.client.sessionId)
-        raise LoginFailed(FailureKind.UNAVAILABLE)
+        self._failed(Failure(LoginFailed(FailureKind.UNAVAILABLE)))
 
-    def _routed(self, answer: Route | Rejection) -> Deferred[BackendProtocol]:
+    def _routed(self, answer: Route | Rejection) -> None:
+        self._waitingFor = None
+        session, context = self.session, self.session.context
+        try:
+            self.backend = session.makeBackendLogin(self._loginJob(answer))
+            self._backendStarted = context.reactor.seconds()
+            loggingIn = context.backendConnector(context.reactor, self.backend)
+        except Exception:
+            self._failed(Failure())
+            return
+        self._waitingFor = loggingIn
+        loggingIn.addCallbacks(self._loggedIn, self._backendFailed)
+
+    def _loginJob(self, answer: Route | Rejection) -> LoginJob:
+        """
+        The backend login the router's C{answer} asks for.
+
+        @raise _Rejected: the router refused the login.
+        @raise LoginFailed: the route does not allow a backend login.
+        """
         session, credentials = self.session, self.credentials
         if isinstance(answer, Rejection) and answer.unknown and not answer.temporary:
             # The router does not know the account at all; the front end
@@ -218,7 +265,7 @@ class LoginAttempt:
                 mechanism=credentials.mechanism,
             )
             raise LoginFailed(FailureKind.UNAVAILABLE)
-        job = LoginJob(
+        return LoginJob(
             route=answer,
             protocol=session.protocolName,
             client=session.client,
@@ -229,28 +276,26 @@ class LoginAttempt:
             masterPassword=masterPassword,
             clientID=self.clientID,
         )
-        self.backend = session.makeBackendLogin(job)
-        clock = session.context.reactor
-        started = clock.seconds()
 
-        def timed(result: object) -> object:
-            kind = "ok"
-            if isinstance(result, Failure):
-                if not result.check(BackendFailure):
-                    # Abandoned (the client left), not an outcome.
-                    return result
-                kind = str(cast(BackendFailure, result.value).kind)
-            session.context.stats.backendLoginDone(session.protocolName, backend.name, kind, clock.seconds() - started)
-            return result
+    def _backendDone(self, kind: str) -> None:
+        session = self.session
+        route = cast(Route, self.route)
+        seconds = session.context.reactor.seconds() - self._backendStarted
+        session.context.stats.backendLoginDone(session.protocolName, route.backend.name, kind, seconds)
 
-        d = session.context.backendConnector(clock, self.backend)
-        d.addBoth(timed)
-        d.addErrback(self._backendFailed)
-        return d
+    def _loggedIn(self, backend: BackendProtocol) -> None:
+        self._waitingFor = None
+        self._backendDone("ok")
+        self._outcome.callback(backend)
 
     def _backendFailed(self, reason: Failure) -> None:
-        reason.trap(BackendFailure)
+        self._waitingFor = None
+        if not reason.check(BackendFailure):
+            # Abandoned (the client left), not an outcome.
+            self._failed(reason)
+            return
         failure = cast(BackendFailure, reason.value)
+        self._backendDone(str(failure.kind))
         self.backend = None
         self.session.log.info(
             "backend login failed: session={session} user={user} backend={backend} {kind}: {detail}",
@@ -261,16 +306,26 @@ class LoginAttempt:
             # The backend's words, which may repeat the client's.
             detail=logQuote(failure.detail),
         )
-        raise LoginFailed(failure.kind, clientText=failure.clientText, saslError=failure.saslError)
+        self._failed(Failure(LoginFailed(failure.kind, clientText=failure.clientText, saslError=failure.saslError)))
 
-    def _delayFailure(self, reason: Failure) -> Deferred[None] | Failure:
+    def _failed(self, reason: Failure) -> None:
+        try:
+            self._refuse(reason)
+        except Exception:
+            # A bug in counting or logging the failure: the session hears
+            # of it at once (its front end logs it and ends the session)
+            # rather than waiting for its pre-auth timeout.
+            self._outcome.errback()
+
+    def _refuse(self, reason: Failure) -> None:
         # The delay runs from the start of the attempt, not from the
         # router's or the backend's answer: an unknown user (refused by the
         # router) and a wrong password (refused by the backend, later) are
         # answered at the same moment.
         session = self.session
         if reason.check(CancelledError):
-            return reason
+            self._outcome.errback(reason)
+            return
         if reason.check(_Rejected):
             rejection = cast(_Rejected, reason.value).rejection
             failure = LoginFailed(
@@ -293,14 +348,9 @@ class LoginAttempt:
         if session.failures >= session.limits.loginFailures:
             failure.close = True
         session.noteOutcome(EndReason.LOGIN_FAILED, failure.kind.value)
-
-        def deliver(_: object) -> None:
-            raise failure
-
         clock = session.context.reactor
         wait -= clock.seconds() - self.started
         if wait <= 0:
-            raise failure
-        delayed: Deferred[None] = Deferred(lambda d: call.cancel())
-        call = clock.callLater(wait, delayed.callback, None)
-        return delayed.addCallback(deliver)
+            self._outcome.errback(Failure(failure))
+        else:
+            self._waitingFor = clock.callLater(wait, self._outcome.errback, Failure(failure))

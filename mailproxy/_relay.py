@@ -368,20 +368,28 @@ class Relay:
         self._tlsLegs: tuple[IProxyTransport, ...] = ()
         self._releaseCall: IDelayedCall | None = None
 
-    def start(self, toClient: bytes = b"", toBackend: bytes = b"") -> None:
+    def start(
+        self,
+        toClient: bytes = b"",
+        toBackend: bytes = b"",
+        schedule: Callable[[float, Callable[[], None]], IDelayedCall] | None = None,
+    ) -> None:
         """
         Begin relaying, first delivering what either side sent early.
 
         @param toClient: backend octets read past the end of the login
             dialogue; they go to the client right after the login reply.
         @param toBackend: client octets pipelined after its login command.
+        @param schedule: makes the idle timeout's timed call, as the
+            clock's C{callLater} does (the default); a session gives its
+            pre-authentication timer's, which moves the call it has.
         """
         # First the login reply, if a TLS layer holds it back.
         for transport in (self._client, self._backend):
             writeAtOnce(transport)
         self._lastActivity = self._clock.seconds()
         if self._idleTimeout > 0:
-            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+            self._idleCall = (schedule or self._clock.callLater)(self._idleTimeout, self._checkIdle)
         # A guard must see every client octet before the backend does: the
         # kernel cannot move them for it.
         if self._guard is None and _Splicer.possible(self):

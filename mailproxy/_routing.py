@@ -1,7 +1,9 @@
 """
 Asking a router: L{callRouter} takes whatever style a router's C{route}
-method is written in and gives a Deferred of the answer; L{routeLogin} is
-how a session asks, after the gate and with the router's time counted;
+method is written in and gives a Deferred of the answer (L{askRouter}: the
+answer itself when the router gave it at once); L{routeLogin} is how a
+session asks, after the gate and with the router's time counted
+(L{routeNow}: the answer itself when it is known at once);
 L{explainRoute} says which router, rule and backend decide an account's
 route without a login (for an operator, and for a request that carries
 only the HTTP routing cookie).
@@ -23,7 +25,7 @@ from mailproxy._stats import routerChain
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
 
-__all__ = ["callRouter", "routeLogin", "explainRoute"]
+__all__ = ["askRouter", "callRouter", "routeLogin", "routeNow", "explainRoute"]
 
 _T = TypeVar("_T")
 
@@ -37,9 +39,25 @@ def callRouter(router: IRouter, request: RouteRequest) -> Deferred[Route | Rejec
         It fails if C{route} raised, or answered with anything else.
     """
     try:
-        result = router.route(request)
+        answer = askRouter(router, request)
     except Exception:
         return fail()
+    return answer if isinstance(answer, Deferred) else succeed(answer)
+
+
+def askRouter(router: IRouter, request: RouteRequest) -> Route | Rejection | Deferred[Route | Rejection]:
+    """
+    Ask C{router} about C{request}, as L{callRouter} does, but with the
+    answer itself when C{route} returned it at once (a static or file
+    router): the caller goes on with a plain call instead of a callback.
+
+    @return: the L{Route} or L{Rejection}, or a Deferred of it.
+    @raise Exception: what C{route} raised; L{TypeError} if it answered
+        at once with anything else.
+    """
+    result = router.route(request)
+    if isinstance(result, (Route, Rejection)):
+        return result
     answer: Deferred[Any]
     if isinstance(result, Deferred):
         answer = result
@@ -47,7 +65,7 @@ def callRouter(router: IRouter, request: RouteRequest) -> Deferred[Route | Rejec
         coroutine = result if inspect.iscoroutine(result) else _await(result)
         answer = Deferred.fromCoroutine(coroutine)
     else:
-        answer = succeed(result)
+        return _checkAnswer(result, router)
     return answer.addCallback(_checkAnswer, router)
 
 
@@ -83,23 +101,55 @@ def routeLogin(
         the account while it moves).  Cancelling the Deferred returned here
         cancels that wait, or the router's answer.
     """
+    try:
+        answer = routeNow(router, request, clock, answered, gate)
+    except Exception:
+        return fail()
+    return answer if isinstance(answer, Deferred) else succeed(answer)
 
-    def ask(_: object = None) -> Deferred[Route | Rejection]:
-        started = clock.seconds()
-        answer = callRouter(router, request)
-        if answered is None:
-            return answer
 
-        def timed(result: object) -> object:
-            answered(clock.seconds() - started)
-            return result
+def routeNow(
+    router: IRouter,
+    request: RouteRequest,
+    clock: IReactorTime,
+    answered: Callable[[float], None] | None = None,
+    gate: Any = None,
+) -> Route | Rejection | Deferred[Route | Rejection]:
+    """
+    L{routeLogin}, but with the answer itself when it is known at once (no
+    hold at the gate, and a router that answers without waiting), for a
+    login to go on with a plain call.
 
-        return answer.addBoth(timed)
-
+    @return: the L{Route} or L{Rejection}, or a Deferred of it.
+    @raise Exception: what the router raised at once (C{answered} has been
+        called), or L{TypeError} for an answer of another type.
+    """
     waiting = gate.wait(request) if gate is not None else None
     if waiting is None:
-        return ask()
-    return waiting.addCallback(ask)  # type: ignore[no-any-return]
+        return _ask(router, request, clock, answered)
+    return waiting.addCallback(lambda _: _ask(router, request, clock, answered))  # type: ignore[no-any-return]
+
+
+def _ask(
+    router: IRouter, request: RouteRequest, clock: IReactorTime, answered: Callable[[float], None] | None
+) -> Route | Rejection | Deferred[Route | Rejection]:
+    if answered is None:
+        return askRouter(router, request)
+    started = clock.seconds()
+    try:
+        answer = askRouter(router, request)
+    except Exception:
+        answered(clock.seconds() - started)
+        raise
+    if not isinstance(answer, Deferred):
+        answered(clock.seconds() - started)
+        return answer
+
+    def timed(result: object) -> object:
+        answered(clock.seconds() - started)
+        return result
+
+    return answer.addBoth(timed)
 
 
 def explainRoute(router: object, routerName: str, account: str) -> Deferred[dict[str, Any]]:

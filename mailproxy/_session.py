@@ -198,6 +198,24 @@ class Timer:
             self._call.cancel()
         self._call = None
 
+    def moveTo(self, seconds: float, expired: Callable[[], None]) -> IDelayedCall:
+        """
+        Give this timer's timed call to another deadline: C{expired} is
+        called C{seconds} from now, instead of this timer's function. A
+        running call is moved there (C{reset}), not cancelled and made
+        anew: a session's timed calls follow one another, and each new one
+        costs a little at every login. The caller owns the call from now
+        on (and cancels it if need be); this timer is not used again.
+
+        @return: the timed call.
+        """
+        call, self._call = self._call, None
+        self._expired = expired
+        if call is not None and call.active():
+            call.reset(seconds)
+            return call
+        return self._clock.callLater(seconds, self._expire)
+
     def close(self) -> None:
         """
         Stop for good, letting go of the function: a session's timer calls
@@ -805,9 +823,10 @@ class FrontendProtocol(Session):
         self.lifecycle = SessionState.LOGIN
         self._attempt = LoginAttempt(self, credentials, clientID)
         self.pause(LOGIN_RUNNING)
-        d = self._attempt.run()
+        # Pending before its callback is added: an outcome known at once
+        # (a refusal with no delay) runs it now, and the login is over.
+        self._pending = d = self._attempt.run()
         d.addBoth(self._loginDone)
-        self._pending = d
         return d
 
     def _loginDone(self, result: object) -> object:
@@ -825,9 +844,10 @@ class FrontendProtocol(Session):
         @param guard: what keeps the client from saying what only the proxy
             may say to this backend (identity forwarding), if anything can.
         """
-        # An idle session would hold the timer and its bound method for hours.
-        self._preauth.close()
-        self._preauth = _NO_PREAUTH
+        # The pre-authentication timer's timed call goes on as the relay's
+        # idle timeout; the session itself holds no timer while relaying
+        # (an idle session would hold it and its bound method for hours).
+        preauth, self._preauth = self._preauth, _NO_PREAUTH
         self._stopWatchingReplies()
         self.lifecycle = SessionState.RELAY
         self.noteOutcome(EndReason.LOGGED_IN)
@@ -853,7 +873,10 @@ class FrontendProtocol(Session):
         backend.dataReceived = relay.fromBackend  # type: ignore[method-assign]
         backend.onLost = relay.backendLost
         backend.onHalfClosed = relay.backendHalfClosed
-        relay.start(toClient=backend.leftover, toBackend=toBackend)
+        relay.start(toClient=backend.leftover, toBackend=toBackend, schedule=preauth.moveTo)
+        if preauth.running:
+            # The relay has no idle timeout: it took no timed call.
+            preauth.close()
         backend.handedOver()
         if self in self.context.sessions:
             self.context.sessions.loggedIn(self)
