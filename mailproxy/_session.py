@@ -202,9 +202,9 @@ class Timer:
         """
         Give this timer's timed call to another deadline: C{expired} is
         called C{seconds} from now, instead of this timer's function. A
-        running call is moved there (C{reset}), not cancelled and made
-        anew: a session's timed calls follow one another, and each new one
-        costs a little at every login. The caller owns the call from now
+        running call is moved to a later deadline (C{reset}), not cancelled
+        and made anew: a session's timed calls follow one another, and each
+        new one costs a little at every login. The caller owns the call from now
         on (and cancels it if need be); this timer is not used again.
 
         @return: the timed call.
@@ -212,8 +212,13 @@ class Timer:
         call, self._call = self._call, None
         self._expired = expired
         if call is not None and call.active():
-            call.reset(seconds)
-            return call
+            if call.getTime() <= self._clock.seconds() + seconds:
+                call.reset(seconds)
+                return call
+            # Sooner: Twisted's reset then looks the call up in the
+            # reactor's list of every timed call (one or two per session),
+            # where a new call costs a heap insertion.
+            call.cancel()
         return self._clock.callLater(seconds, self._expire)
 
     def close(self) -> None:

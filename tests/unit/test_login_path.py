@@ -24,6 +24,23 @@ GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ AUTH=PLA
 LOGGED_IN = b"P1 OK ID\r\nP2 OK [CAPABILITY IMAP4rev1 ID] Logged in\r\n"
 
 
+def _notingResets(
+    callLater: Callable[..., IDelayedCall], moved: list[IDelayedCall]
+) -> Callable[..., IDelayedCall]:
+    """
+    C{Clock.callLater}, but the calls it makes note in C{moved} each time
+    they are moved sooner, where a reactor would look them up in its heap
+    (the clock itself only sorts its calls when it advances).
+    """
+
+    def noting(clock: Clock, *args: Any, **kwargs: Any) -> IDelayedCall:
+        call = callLater(clock, *args, **kwargs)
+        call.resetter = moved.append  # type: ignore[attr-defined]
+        return call
+
+    return noting
+
+
 def deferredCalls(run: Callable[[], object]) -> Counter[str]:
     """
     The functions of L{twisted.internet.defer} that C{run} calls, and how
@@ -143,6 +160,24 @@ class TimedCallTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(client.value(), b"* BYE Idle timeout.\r\n")
         self.assertTrue(client.disconnecting)
+
+    def test_shorterIdleTimeoutNotMovedSooner(self) -> None:
+        """
+        An idle timeout shorter than what is left of the pre-authentication
+        timeout gets a timed call of its own; the pre-authentication call
+        is cancelled, not moved sooner: moving a call sooner makes Twisted's
+        reactor look it up in its list of every timed call (one or two per
+        session), at every login. The idle timeout still ends the session
+        at its time.
+        """
+        moved: list[IDelayedCall] = []
+        self.patch(Clock, "callLater", _notingResets(Clock.callLater, moved))
+        _, client, clock, _ = self.loggedIn(Limits(preauthTimeout=120, idleTimeout=30))
+        self.assertEqual(moved, [])
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [30])
+        client.clear()
+        clock.advance(30)
+        self.assertEqual(client.value(), b"* BYE Idle timeout.\r\n")
 
     def test_noIdleTimeout(self) -> None:
         """
