@@ -11,8 +11,10 @@ from types import FrameType
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._session import FrontendProtocol
@@ -133,7 +135,7 @@ class TimedCallTests(SynchronousTestCase):
             made.append(getattr(f, "__qualname__", repr(f)))
             return callLater(seconds, f, *args, **kwargs)
 
-        clock.callLater = noting  # type: ignore[method-assign]
+        clock.callLater = noting  # type: ignore[method-assign, assignment]
         connector = MemoryConnector()
         router = FakeRouter({"alice": Route(makeBackend("old"))})
         frontend, client, _ = makeFrontend("imap", router, connector, clock=clock, limits=limits)
@@ -313,7 +315,7 @@ class AbandonedLoginTests(SynchronousTestCase):
         client.clear()
         frontend.dataReceived(b"a LOGIN nobody secret\r\n")
         self.assertEqual(len(clock.getDelayedCalls()), 2)
-        frontend.connectionLost(None)
+        frontend.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(5)
         self.assertEqual(client.value(), b"")
@@ -328,7 +330,7 @@ class AbandonedLoginTests(SynchronousTestCase):
         frontend, client, clock = makeFrontend("imap", FakeRouter({"alice": Route(makeBackend("old"))}), connector)
         frontend.dataReceived(b"a LOGIN alice secret\r\n")
         client.clear()
-        frontend.connectionLost(None)
+        frontend.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(connector.transports[-1].disconnecting)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(client.value(), b"")
