@@ -622,6 +622,38 @@ class HalfCloseTests(TestCase):
         self.assertEqual(len(classes), 1)
 
     @inlineCallbacks
+    def test_legsLookedUpOnce(self) -> None:
+        """
+        Starting a relay finds each leg's socket under its wrappers once
+        (for the TLS layers' flush, the splice check, the half-close and
+        the read size together), and asks zope whether a protocol class is
+        half-closeable only the first time it meets the class.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        lookups: list[object] = []
+        socketOf = _relay.socketOf
+
+        def counting(transport: object) -> object:
+            lookups.append(transport)
+            return socketOf(transport)
+
+        self.patch(_relay, "socketOf", counting)
+        # The class is met once before, by another relay.
+        yield self.relayed(backend=LogoutPeer())
+        yield self.plainClientLogsOut()
+        asked: list[type] = []
+        implementedBy = IHalfCloseableProtocol.implementedBy
+        self.patch(IHalfCloseableProtocol, "implementedBy", lambda cls: asked.append(cls) or implementedBy(cls))
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg(LogoutPeer())
+        del lookups[:]
+        self.join()
+        self.assertEqual(lookups, [self.clientInner.transport, self.backendInner.transport])
+        self.assertEqual(asked, [])
+        yield self.plainClientLogsOut()
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+
+    @inlineCallbacks
     def test_backendHalfCloses(self) -> None:
         """
         A backend that says goodbye and half-closes still gets what the
