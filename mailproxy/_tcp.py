@@ -30,6 +30,7 @@ it (L{installReactor}).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import select
 import socket
@@ -251,8 +252,18 @@ def _buffered(connection: Any) -> bool:
 
 class AtOnceServer(_AtOnce, tcp.Server):
     """
-    An accepted TCP connection that sends at once (see the module).
+    An accepted TCP connection that sends at once (see the module), and
+    knows its own address from its listening port where the port's
+    address is its own (L{listenAtOnce}).
     """
+
+    def getHost(self) -> Any:
+        # Twisted asks the kernel (getsockname(2)) each time; every session
+        # does once, for its local address.
+        host = getattr(self.server, "acceptedHost", None)
+        if host is None:
+            return super().getHost()
+        return host
 
 
 class AtOnceClient(_AtOnce, tcp.Client):
@@ -385,11 +396,46 @@ def listenAtOnce(port: IListeningPort) -> IListeningPort:
     C{transport} attribute is the class it builds them with); any other
     port is left as it is.
 
+    The port's C{acceptedHost} is then the local address of every
+    connection it accepts (L{_acceptedHost}), or L{None} if they differ.
+
     @return: C{port}.
     """
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:
+        port.acceptedHost = _acceptedHost(port)  # type: ignore[attr-defined]
         port.transport = AtOnceServer
     return port
+
+
+def _acceptedHost(port: tcp.Port) -> Any:
+    """
+    The address of C{port}, the listening socket, if it is the local
+    address of every connection it accepts: bound to one address (not to
+    all of a family's, C{0.0.0.0} or C{::}), not to a link-local one
+    (whose accepted connections carry their own scope), and not
+    transparent (C{IP_TRANSPARENT}: a TPROXY listener accepts connections
+    to other addresses); else L{None}.
+    """
+    try:
+        address = port.getHost()
+        host = ipaddress.ip_address(address.host)
+        if host.is_unspecified or host.is_link_local or getattr(address, "scopeID", None):
+            return None
+        option = _TRANSPARENT.get(host.version)
+        if option is not None and port.socket.getsockopt(*option):
+            return None
+    except (OSError, ValueError):
+        return None
+    return address
+
+
+#: Linux's socket options for transparent proxying, by IP version (the
+#: socket module knows only the IPv4 one).
+_TRANSPARENT = (
+    {4: (socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19)), 6: (socket.IPPROTO_IPV6, 75)}
+    if sys.platform.startswith("linux")
+    else {}
+)
 
 
 @implementer(IStreamServerEndpoint)

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.epollreactor import EPollReactor
@@ -178,6 +179,65 @@ class AtOnceTests(TestCase):
         self.assertEqual(self.watched, watchedBefore)
         self.assertIsInstance(client.transport, _tcp.AtOnceClient)
         yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_hostFromPort(self) -> Any:
+        """
+        A connection accepted on a port that listens on one address has
+        that address as its own without a C{getsockname(2)} per
+        connection; one accepted on a port listening on all addresses
+        asks the kernel, and gets the address the client connected to.
+        """
+        asked: list[socket.socket] = []
+        getsockname = socket.socket.getsockname
+        self.patch(socket.socket, "getsockname", lambda sock: (asked.append(sock), getsockname(sock))[1])
+        for interface, expected in (("127.0.0.1", 0), ("0.0.0.0", 1)):
+            server, client = Peer(), Peer()
+            port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface=interface)
+            self.addCleanup(port.stopListening)
+            _tcp.listenAtOnce(port)
+            self.connect(port.getHost().port, client)
+            yield server.ready
+            yield client.ready
+            del asked[:]
+            host = server.transport.getHost()
+            self.assertEqual(len(asked), expected, interface)
+            self.assertEqual((host.type, host.host, host.port), ("TCP", "127.0.0.1", port.getHost().port))
+            self.assertEqual(host, client.transport.getPeer())
+            yield self.closeBoth(server, client)
+
+    def test_hostNotFromPort(self) -> None:
+        """
+        A port's address is not taken for its connections' where they may
+        differ: a port listening on all addresses, on a link-local one (a
+        connection carries its own scope), or transparent (a TPROXY port
+        accepts connections to other addresses).
+        """
+
+        class FakePort:
+            def __init__(self, address: Any, transparent: int = 0) -> None:
+                self.address = address
+                self.socket = self
+                self.transparent = transparent
+
+            def getHost(self) -> Any:
+                return self.address
+
+            def getsockopt(self, level: int, option: int) -> int:
+                return self.transparent
+
+        loopback = IPv4Address("TCP", "127.0.0.1", 143)
+        self.assertIs(_tcp._acceptedHost(FakePort(loopback)), loopback)  # type: ignore[arg-type]
+        ipv6 = IPv6Address("TCP", "2001:db8::1", 143)
+        self.assertIs(_tcp._acceptedHost(FakePort(ipv6)), ipv6)  # type: ignore[arg-type]
+        for address, transparent in (
+            (IPv4Address("TCP", "0.0.0.0", 143), 0),
+            (IPv6Address("TCP", "::", 143), 0),
+            (IPv6Address("TCP", "fe80::1%eth0", 143, 0, 2), 0),
+            (IPv4Address("TCP", "192.0.2.1", 143), 1),
+            (IPv6Address("TCP", "2001:db8::1", 143), 1),
+        ):
+            self.assertIsNone(_tcp._acceptedHost(FakePort(address, transparent)), address)  # type: ignore[arg-type]
 
     @inlineCallbacks
     def test_twistedTransportsWatch(self) -> Any:
