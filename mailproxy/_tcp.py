@@ -277,6 +277,15 @@ class AtOnceClient(_AtOnce, tcp.Client):
     that the socket is connected, which its writability already says.
     """
 
+    def createInternetSocket(self) -> socket.socket:
+        # Twisted's makes the socket, then makes it non-blocking (an
+        # ioctl), and the connection's __init__ makes it so again (another
+        # one): two system calls per backend connection for what socket(2)
+        # does with SOCK_NONBLOCK.
+        if _SOCK_NONBLOCK:
+            return _NonBlockingSocket(self.addressFamily, self.socketType | _SOCK_NONBLOCK)
+        return super().createInternetSocket()  # type: ignore[no-any-return]
+
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
         # Twisted's, but for how the connection attempt (or the failure to
         # prepare it) is put off until the caller has returned: see
@@ -336,6 +345,25 @@ class AtOnceClient(_AtOnce, tcp.Client):
         # Reading stays watched (a no-op for _connectDone's startReading).
         self.stopWriting()
         self._connectDone()
+
+
+#: socket(2)'s flag that makes the socket non-blocking (Linux; 0 where
+#: there is none).
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class _NonBlockingSocket(socket.socket):
+    """
+    A socket made non-blocking when it was made (C{SOCK_NONBLOCK}), that
+    is not made non-blocking again: Twisted makes every connection's
+    socket so, one system call each time.
+    """
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        if flag or self.gettimeout() != 0:
+            super().setblocking(flag)
 
 
 class _AtOnceUnixServer(_AtOnce, unix.Server):

@@ -536,6 +536,30 @@ class ConnectTests(TestCase):
         yield server.closed
 
     @inlineCallbacks
+    def test_nonBlockingFromTheStart(self) -> Any:
+        """
+        The client's socket is made non-blocking by C{socket(2)} itself
+        (C{SOCK_NONBLOCK}), and never again after: Twisted makes it
+        non-blocking twice, an C{ioctl} each time. It still never blocks.
+        """
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        modes: list[bool] = []
+        realSetBlocking = socket.socket.setblocking
+        self.patch(socket.socket, "setblocking", lambda sock, flag: (modes.append(flag), realSetBlocking(sock, flag))[1])
+        _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
+        yield client.ready
+        self.assertEqual(client.transport.socket.gettimeout(), 0.0)
+        # The accepted socket is Twisted's, made non-blocking once.
+        yield server.ready
+        self.assertEqual(modes, [False])
+        yield AtOnceTests.waitFor(self, lambda: bytes(client.received) == b"* OK ready\r\n")
+        client.transport.loseConnection()
+        yield client.closed
+        yield server.closed
+
+    @inlineCallbacks
     def test_greetedAtOnce(self) -> Any:
         """
         A server that greets before the proxy's reactor sees the connection
