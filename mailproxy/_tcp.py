@@ -207,6 +207,15 @@ class _AtOnce:
             return
         self.connectionLost(_CONNECTION_DONE)  # type: ignore[attr-defined]
 
+    def readConnectionLost(self, reason: Failure) -> None:
+        # The peer's FIN is read: nothing is left unread and nothing more
+        # comes in, so close(2) alone sends our FIN after what is still to
+        # be sent, as Twisted's shutdown(2) both ways before the close
+        # does (one system call more: the backend's close at the end of
+        # most relayed sessions). Twisted's own flag for that.
+        self._shouldShutdown = False
+        super().readConnectionLost(reason)  # type: ignore[misc]
+
     def _closeSocket(self, orderly: bool) -> None:
         # Twisted shuts the socket down both ways before closing it. With
         # writing shut down already (a half-close passed on) the FIN is

@@ -385,6 +385,46 @@ class AtOnceTests(TestCase):
         self.assertIs(reasons[0], reasons[1])
 
     @inlineCallbacks
+    def test_closeAfterPeerFIN(self) -> Any:
+        """
+        A connection whose peer's FIN was read is closed with close(2)
+        alone, whether its protocol is half-closeable (it writes its last
+        words and closes) or not (Twisted closes it): nothing is left
+        unread, so close(2) sends the same FIN after the same octets as
+        Twisted's shutdown(2) both ways before it.
+        """
+        shutdowns: list[int] = []
+        sockets: list[socket.socket] = []
+        realShutdown = socket.socket.shutdown
+
+        def shutdown(sock: socket.socket, how: int) -> None:
+            if sock in sockets:
+                shutdowns.append(how)
+            realShutdown(sock, how)
+
+        self.patch(socket.socket, "shutdown", shutdown)
+
+        @implementer(IHalfCloseableProtocol)
+        class LastWords(HalfClosingPeer):
+            def readConnectionLost(self) -> None:
+                self.transport.write(b"* BYE\r\n")
+                self.transport.loseConnection()
+
+        for server in (LastWords(), Peer()):
+            client = Peer()
+            self.connect(self.listen(server), client)
+            yield server.ready
+            yield client.ready
+            sockets.append(server.transport.socket)
+            client.transport.write(b"a LOGOUT\r\n")
+            client.transport.loseWriteConnection()
+            yield server.closed
+            yield client.closed
+            self.assertEqual(bytes(server.received), b"a LOGOUT\r\n")
+            self.assertEqual(bytes(client.received), b"* BYE\r\n" if isinstance(server, LastWords) else b"")
+        self.assertEqual(shutdowns, [])
+
+    @inlineCallbacks
     def test_halfCloseAfterLateWrite(self) -> Any:
         """
         What is written after loseWriteConnection still reaches the peer
