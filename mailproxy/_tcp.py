@@ -440,6 +440,10 @@ def listenAtOnce(port: IListeningPort) -> IListeningPort:
     """
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:
         port.acceptedHost = _acceptedHost(port)  # type: ignore[attr-defined]
+        # Twisted's port reads its logger (a descriptor that makes a bound
+        # Logger on every access) twice on every accept event: one for
+        # good, the same.
+        port._logger = port._logger
         port.transport = AtOnceServer
     return port
 

@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
 from twisted.python import log
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -205,6 +206,34 @@ class AtOnceTests(TestCase):
             self.assertEqual((host.type, host.host, host.port), ("TCP", "127.0.0.1", port.getHost().port))
             self.assertEqual(host, client.transport.getPeer())
             yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_acceptWithoutLoggers(self) -> Any:
+        """
+        Accepting connections makes no L{Logger}: Twisted's port made two
+        for every accept event (its C{_logger} binds a new one on every
+        access); its one logger logs the port's events as before.
+        """
+        made: list[object] = []
+        realInit = Logger.__init__
+
+        def counting(logger: Logger, *args: Any, **kwargs: Any) -> None:
+            realInit(logger, *args, **kwargs)
+            if logger.source is port:
+                made.append(logger)
+
+        server, client = Peer(), Peer()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        _tcp.listenAtOnce(port)
+        self.patch(Logger, "__init__", counting)
+        self.connect(port.getHost().port, client)
+        yield server.ready
+        yield client.ready
+        self.assertEqual(made, [])
+        self.assertIs(port._logger.source, port)
+        self.assertEqual(port._logger.namespace, "twisted.internet.tcp.Port")
+        yield self.closeBoth(server, client)
 
     def test_hostNotFromPort(self) -> None:
         """
