@@ -514,6 +514,8 @@ class DirectReactor(EPollReactor):
     """
 
     def __init__(self) -> None:
+        # Set before Twisted's __init__, which watches its waker.
+        self._polledContinuously = False
         super().__init__()
         self._soon: list[Callable[[], object]] = []
 
@@ -564,6 +566,39 @@ class DirectReactor(EPollReactor):
             self._addListening(reader, fd)
             return
         super().addReader(reader)
+        if fd not in self._reads:
+            # epoll refused it (a regular file): Twisted polls it.
+            self._polledContinuously = True
+
+    def addWriter(self, writer: Any) -> None:
+        """
+        Watch C{writer} for writability.
+        """
+        super().addWriter(writer)
+        if writer.fileno() not in self._writes:
+            self._polledContinuously = True
+
+    def removeReader(self, reader: Any) -> None:
+        """
+        Stop watching C{reader} for reading, if it is.
+        """
+        # Most calls find nothing to remove: a connection that closes stops
+        # reading, and stops again as it is lost; Twisted's way to find
+        # that out is three Python calls, six times per login. A descriptor
+        # (still open) whose number epoll does not watch for reading, with
+        # none polled by Twisted instead, has nothing to remove.
+        fd = reader.fileno()
+        if fd in self._reads or fd == -1 or self._polledContinuously:
+            super().removeReader(reader)
+
+    def removeWriter(self, writer: Any) -> None:
+        """
+        Stop watching C{writer} for writability, if it is.
+        """
+        # The same (four times per login).
+        fd = writer.fileno()
+        if fd in self._writes or fd == -1 or self._polledContinuously:
+            super().removeWriter(writer)
 
     def _addListening(self, port: Any, fd: int) -> None:
         # The worker processes (mailproxy._workers) all wait on one

@@ -756,6 +756,41 @@ class DirectReactorTests(TestCase):
             os.close(fd)
         return readable.reads, len(calls)
 
+    def test_removeNothingCheaply(self) -> None:
+        """
+        Removing a descriptor that is not watched (a closing connection
+        stops reading and writing, then again as it is lost) does not go
+        through Twisted's search; one that is watched is removed, and so
+        is one Twisted polls because epoll refuses it (a regular file).
+        """
+        loop = _tcp.DirectReactor()
+        self.addCleanup(lambda: (loop.removeAll(), loop._poller.close(), os.close(loop.waker.i), os.close(loop.waker.o)))
+        searches: list[object] = []
+        remove = loop._remove
+        self.patch(loop, "_remove", lambda xer, *args: (searches.append(xer), remove(xer, *args))[1])
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        readable = Readable(ours)
+        loop.removeReader(readable)
+        loop.removeWriter(readable)
+        self.assertEqual(searches, [])
+        loop.addReader(readable)
+        loop.addWriter(readable)
+        loop.removeWriter(readable)
+        loop.removeReader(readable)
+        self.assertEqual(searches, [readable, readable])
+        self.assertNotIn(ours.fileno(), loop._selectables)
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"x")
+        with open(path, "rb") as f:
+            regular = Readable(f)  # type: ignore[arg-type]
+            loop.addReader(regular)
+            self.assertTrue(loop._continuousPolling.isReading(regular))
+            loop.removeReader(regular)
+            self.assertFalse(loop._continuousPolling.isReading(regular))
+
     def test_noLogContext(self) -> None:
         """
         The event reaches the descriptor, and C{log.callWithLogger} is not
