@@ -558,9 +558,10 @@ class Relay:
         if self._closedFirst is None:
             self._closedFirst = reason
         if sinkDone:
-            # Both directions are over: close both connections.
-            if self._end(self._closedFirst, sink):
-                source.loseConnection()
+            # Both directions are over: close both connections, then end
+            # (the session learns of the end with a plain client already
+            # gone, and needs no timer to see its close through).
+            self._end(self._closedFirst, sink, alsoClose=source)
             return
         if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
             self._idleTimeout = HALF_CLOSED_IDLE
@@ -612,7 +613,15 @@ class Relay:
         for transport in self._tlsLegs:
             _tls.releaseBuffers(transport)
 
-    def _end(self, reason: EndReason, other: IProxyTransport, detail: str = "") -> bool:
+    def _end(
+        self, reason: EndReason, other: IProxyTransport, detail: str = "", alsoClose: IProxyTransport | None = None
+    ) -> bool:
+        """
+        End the relay (unless it has ended): close C{other} (and
+        C{alsoClose}), then call the C{onEnd} function.
+
+        @return: whether it ended now.
+        """
         if self.endReason is not None:
             return False
         self.endReason = reason
@@ -632,6 +641,8 @@ class Relay:
             except Exception:
                 pass
         other.loseConnection()
+        if alsoClose is not None:
+            alsoClose.loseConnection()
         # Neither is needed once ended, and each refers back to the relay
         # (the session's method, the guard's link): reference cycles that
         # only the garbage collector would free.
