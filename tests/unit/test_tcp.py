@@ -235,6 +235,32 @@ class AtOnceTests(TestCase):
         self.assertEqual(port._logger.namespace, "twisted.internet.tcp.Port")
         yield self.closeBoth(server, client)
 
+    @inlineCallbacks
+    def test_acceptWithoutEnums(self) -> Any:
+        """
+        A port accepts a connection without reading its socket's family
+        and type properties (which make an enum member of each, on every
+        connection, in Python's C{accept}); the accepted socket has the
+        same family and type.
+        """
+        read: list[str] = []
+        for name in ("family", "type"):
+            original = getattr(socket.socket, name)
+            self.patch(
+                socket.socket,
+                name,
+                property(lambda sock, name=name, original=original: (read.append(name), original.fget(sock))[1]),
+            )
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        port = self.listen(server)
+        read.clear()
+        self.connect(port, client)
+        yield server.ready
+        self.assertEqual(read, [])
+        self.assertEqual((server.transport.socket.family, server.transport.socket.type), (socket.AF_INET, socket.SOCK_STREAM))
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK ready\r\n")
+        yield self.closeBoth(server, client)
+
     def test_hostNotFromPort(self) -> None:
         """
         A port's address is not taken for its connections' where they may
