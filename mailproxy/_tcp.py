@@ -79,7 +79,10 @@ def sendAtOnce(connection: Any, data: bytes) -> None:
         and data
         and connection.connected
         and not connection._writeDisconnected
-        and not _buffered(connection)
+        # Nothing buffered (_buffered, written out: every write of a
+        # login comes this way).
+        and not connection._tempDataBuffer
+        and connection.offset == len(connection.dataBuffer)
         and (connection.producer is None or connection.streamingProducer)
     ):
         try:

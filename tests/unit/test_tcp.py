@@ -440,6 +440,32 @@ class AtOnceTests(TestCase):
         self.assertIs(reasons[0], reasons[1])
 
     @inlineCallbacks
+    def test_writeCallsNothingMore(self) -> Any:
+        """
+        A write with nothing buffered runs no Python function but the
+        transport's C{write} and L{_tcp.sendAtOnce} (every reply and
+        relayed chunk of a login is one).
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        calls: list[str] = []
+
+        def profile(frame: Any, event: str, arg: object) -> None:
+            if event == "call":
+                calls.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            server.transport.write(b"* OK\r\n")
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(calls, ["write", "sendAtOnce"])
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK\r\n")
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
     def test_closeAfterPeerFIN(self) -> Any:
         """
         A connection whose peer's FIN was read is closed with close(2)
