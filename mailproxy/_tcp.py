@@ -157,9 +157,8 @@ class _AtOnce:
     def loseConnection(self) -> None:
         if self._writeDisconnected and not self.TLS and self.connected and not self.disconnecting:  # type: ignore[attr-defined]
             # Half-closed already (the relay passed a FIN on): Twisted's
-            # close at once, with the shared reason.
-            self.stopReading()  # type: ignore[attr-defined]
-            self.stopWriting()  # type: ignore[attr-defined]
+            # close at once, with the shared reason (connectionLost stops
+            # reading and writing first).
             self.connectionLost(_CONNECTION_DONE)  # type: ignore[attr-defined]
             return
         # Twisted closes through a write event even with nothing to send:

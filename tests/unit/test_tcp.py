@@ -466,6 +466,34 @@ class AtOnceTests(TestCase):
         yield self.closeBoth(server, client)
 
     @inlineCallbacks
+    def test_closeHalfClosedOnce(self) -> Any:
+        """
+        Closing a connection the proxy half-closed (once the peer's FIN is
+        read, which stops the reading) stops the reactor's watching of it
+        once more, as it is lost, not once more before that too.
+        """
+        removals: list[str] = []
+        for name in ("removeReader", "removeWriter"):
+            original = getattr(reactor, name)
+
+            def counting(selectable: Any, original: Any = original, name: str = name) -> None:
+                if selectable is server.transport:
+                    removals.append(name)
+                original(selectable)
+
+            self.patch(reactor, name, counting)
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseWriteConnection()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(removals, ["removeReader", "removeReader", "removeWriter"])
+
+    @inlineCallbacks
     def test_closeAfterPeerFIN(self) -> Any:
         """
         A connection whose peer's FIN was read is closed with close(2)
