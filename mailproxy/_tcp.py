@@ -39,6 +39,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 from twisted.internet import error, main, tcp, unix
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -46,6 +47,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -588,8 +590,27 @@ class DirectReactor(EPollReactor):
         dispatch = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)
-            if selectable is not None:
+            if selectable is None:
+                continue
+            if event != select.EPOLLIN:
                 dispatch(selectable, fd, event)
+                continue
+            # Input and nothing else, most events of a login: what
+            # Twisted's _doReadOrWrite does with it, without the call.
+            inRead = False
+            why: object
+            try:
+                if selectable.fileno() == -1:
+                    why = _NO_FILEDESC
+                else:
+                    why = selectable.doRead()
+                    inRead = True
+            except BaseException:
+                # Logged, and the descriptor disconnected, as Twisted does.
+                why = sys.exc_info()[1]
+                log.err()
+            if why:
+                self._disconnectSelectable(selectable, why, inRead)
         # Those called now, not those they ask for in turn: the next
         # poll comes first (without waiting), as with callLater(0).
         soon, self._soon = self._soon, []

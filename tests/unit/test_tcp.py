@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
-from twisted.internet import reactor, tcp
+from twisted.internet import error, main, reactor, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -837,6 +837,58 @@ class DirectReactorTests(TestCase):
         for fd in (loop.waker.i, loop.waker.o):
             os.close(fd)
         return readable.reads, len(calls)
+
+    def test_readDispatchedDirectly(self) -> None:
+        """
+        An input event reaches the descriptor's C{doRead} straight from
+        the reactor's poll, without Twisted's dispatch call between; an
+        event with more in it (input and the peer's close) still goes
+        through Twisted's, which disconnects the descriptor as before,
+        and so does an input event whose C{doRead} fails.
+        """
+        loop = _tcp.DirectReactor()
+        self.addCleanup(lambda: (loop.removeAll(), loop._poller.close(), os.close(loop.waker.i), os.close(loop.waker.o)))
+        callers: list[str] = []
+        lost: list[object] = []
+
+        class Recording(Readable):
+            def doRead(self) -> Any:
+                callers.append(sys._getframe(1).f_code.co_name)
+                data = self.sock.recv(100)
+                return None if data else main.CONNECTION_DONE
+
+            def connectionLost(self, reason: Any) -> None:
+                lost.append(reason.type)
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        readable = Recording(ours)
+        loop.addReader(readable)
+        theirs.send(b"x")
+        loop.doIteration(0)
+        self.assertEqual((callers, lost), (["doPoll"], []))
+        theirs.close()
+        loop.doIteration(0)
+        self.assertEqual(callers, ["doPoll", "_doReadOrWrite"])
+        self.assertEqual(lost, [error.ConnectionDone])
+        self.assertNotIn(ours.fileno(), loop._reads)
+
+        class Failing(Readable):
+            def doRead(self) -> None:
+                raise ValueError("broken")
+
+            def connectionLost(self, reason: Any) -> None:
+                lost.append(reason.type)
+
+        ours2, theirs2 = socket.socketpair()
+        self.addCleanup(ours2.close)
+        self.addCleanup(theirs2.close)
+        loop.addReader(Failing(ours2))
+        theirs2.send(b"x")
+        loop.doIteration(0)
+        self.assertEqual(lost, [error.ConnectionDone, ValueError])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertNotIn(ours2.fileno(), loop._reads)
 
     def test_removeNothingCheaply(self) -> None:
         """
