@@ -264,7 +264,31 @@ def _buffered(connection: Any) -> bool:
     return bool(connection._tempDataBuffer) or connection.offset != len(connection.dataBuffer)
 
 
-class AtOnceServer(_AtOnce, tcp.Server):
+class _TCPReading:
+    """
+    Twisted's TCP C{doRead}, which reads and then hands the octets to its
+    C{_dataReceived}, in one method: a Python call less on every input
+    event of a connection (seven per plain IMAP login).
+    """
+
+    socket: socket.socket
+    bufferSize: int
+    protocol: Any
+
+    def doRead(self) -> error.ConnectionLost | error.ConnectionDone | None:
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as e:
+            if e.args[0] == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
+
+
+class AtOnceServer(_AtOnce, _TCPReading, tcp.Server):  # type: ignore[misc]
     """
     An accepted TCP connection that sends at once (see the module), and
     knows its own address from its listening port where the port's
@@ -280,7 +304,7 @@ class AtOnceServer(_AtOnce, tcp.Server):
         return host
 
 
-class AtOnceClient(_AtOnce, tcp.Client):
+class AtOnceClient(_AtOnce, _TCPReading, tcp.Client):  # type: ignore[misc]
     """
     An outgoing TCP connection that sends at once (see the module), and
     connects with fewer system calls than Twisted's: Twisted watches the

@@ -440,6 +440,28 @@ class AtOnceTests(TestCase):
         self.assertIs(reasons[0], reasons[1])
 
     @inlineCallbacks
+    def test_readInOneCall(self) -> Any:
+        """
+        Both transports hand what they read to their protocol from
+        C{doRead} itself (Twisted's calls a helper that does), and a
+        peer's close still reaches the protocol.
+        """
+        callers: list[str] = []
+
+        class Reading(Peer):
+            def dataReceived(self, data: bytes) -> None:
+                callers.append(sys._getframe(1).f_code.co_name)
+                Peer.dataReceived(self, data)
+
+        server, client = Reading(b"* OK ready\r\n"), Reading(b"a NOOP\r\n")
+        self.connect(self.listen(server), client, atOnce=True)
+        yield self.waitFor(lambda: bytes(server.received) == b"a NOOP\r\n" and bytes(client.received) == b"* OK ready\r\n")
+        self.assertEqual(callers, ["doRead", "doRead"])
+        client.transport.loseConnection()
+        yield server.closed
+        yield client.closed
+
+    @inlineCallbacks
     def test_writeCallsNothingMore(self) -> Any:
         """
         A write with nothing buffered runs no Python function but the
