@@ -212,15 +212,6 @@ class _AtOnce:
             return
         self.connectionLost(_CONNECTION_DONE)  # type: ignore[attr-defined]
 
-    def readConnectionLost(self, reason: Failure) -> None:
-        # The peer's FIN is read: nothing is left unread and nothing more
-        # comes in, so close(2) alone sends our FIN after what is still to
-        # be sent, as Twisted's shutdown(2) both ways before the close
-        # does (one system call more: the backend's close at the end of
-        # most relayed sessions). Twisted's own flag for that.
-        self._shouldShutdown = False
-        super().readConnectionLost(reason)  # type: ignore[misc]
-
     def _closeSocket(self, orderly: bool) -> None:
         # Twisted shuts the socket down both ways before closing it. With
         # writing shut down already (a half-close passed on) the FIN is
@@ -268,7 +259,8 @@ class _TCPReading:
     """
     Twisted's TCP C{doRead}, which reads and then hands the octets to its
     C{_dataReceived}, in one method: a Python call less on every input
-    event of a connection (seven per plain IMAP login).
+    event of a connection (seven per plain IMAP login); and no
+    C{shutdown(2)} before the close once the peer's FIN is read.
     """
 
     socket: socket.socket
@@ -286,6 +278,17 @@ class _TCPReading:
             return main.CONNECTION_DONE
         self.protocol.dataReceived(data)
         return None
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        # The peer's FIN is read: nothing is left unread and nothing more
+        # comes in, so close(2) alone sends our FIN after what is still to
+        # be sent, as Twisted's shutdown(2) both ways before the close
+        # does (one system call more: the backend's close at the end of
+        # most relayed sessions). Twisted's own flag for that. Only for
+        # TCP: the close of a UNIX socket shared with a child process
+        # would not reach the peer without it.
+        self._shouldShutdown = False
+        super().readConnectionLost(reason)  # type: ignore[misc]
 
 
 class AtOnceServer(_AtOnce, _TCPReading, tcp.Server):  # type: ignore[misc]

@@ -556,6 +556,30 @@ class AtOnceTests(TestCase):
         self.assertEqual(shutdowns, [])
 
     @inlineCallbacks
+    def test_unixCloseAfterPeerEOF(self) -> Any:
+        """
+        A UNIX connection sending at once (L{_tcp.sendAtOnceOn}, the
+        channel between the proxy's parent and a worker) is still shut
+        down before its close after the peer's end of file: its socket may
+        be shared with a child process, whose copy would keep the peer
+        from learning of a bare close.
+        """
+        shutdowns: list[int] = []
+        realShutdown = socket.socket.shutdown
+        self.patch(socket.socket, "shutdown", lambda sock, how: (shutdowns.append(how), realShutdown(sock, how))[1])
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        server = HalfClosingPeer()
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: server))
+        ours.close()
+        yield server.ready
+        _tcp.sendAtOnceOn(server.transport)
+        self.assertIsInstance(server.transport, _tcp._AtOnceUnixServer)
+        theirs.shutdown(socket.SHUT_WR)
+        yield server.closed
+        self.assertEqual(shutdowns, [socket.SHUT_WR, socket.SHUT_RDWR])
+
+    @inlineCallbacks
     def test_halfCloseAfterLateWrite(self) -> Any:
         """
         What is written after loseWriteConnection still reaches the peer
