@@ -122,7 +122,14 @@ def _layers(transport: object) -> list[object]:
     up to the session's (wrappers such as TLS or a PROXY header reader
     first).
     """
-    descriptor = socketOf(transport)
+    return _layersOf(socketOf(transport))
+
+
+def _layersOf(descriptor: FileDescriptor | None) -> list[object]:
+    """
+    The protocols of the connection of C{descriptor} (L{socketOf}), from
+    the socket's up to the session's.
+    """
     layers: list[object] = []
     layer = getattr(descriptor, "protocol", None)
     while layer is not None and len(layers) < 5:
@@ -141,7 +148,13 @@ def allowHalfClose(transport: object) -> bool:
     @return: whether every layer can pass it on; if one cannot, nothing
         is changed and the peer's half-close ends the connection as before.
     """
-    layers = _layers(transport)
+    return _allowHalfClose(_layers(transport))
+
+
+def _allowHalfClose(layers: list[object]) -> bool:
+    """
+    L{allowHalfClose} on a connection's L{_layers}.
+    """
     if not layers:
         return False
     for layer in layers:
@@ -175,19 +188,23 @@ def _declareHalfCloseable(layer: object) -> None:
         # there too, as the instance's declaration is what counts.
         alsoProvides(layer, IHalfCloseableProtocol)
         return
-    if IHalfCloseableProtocol.implementedBy(cls):
-        return
     # Declaring it on the instance (alsoProvides) costs some 4 us, twice
     # per login, and makes every later look-up of the interface slower: the
     # protocol becomes an instance of a subclass that declares it (made
     # once per class, the same name, no state of its own), as a TLS layer
-    # becomes a _HalfClosingTLS.
+    # becomes a _HalfClosingTLS. A class that declares it already is its
+    # own, found in the same table (zope is asked once per class).
     declaring = _halfCloseableClasses.get(cls)
     if declaring is None:
-        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-        made = type(cls.__name__, (cls,), {"__slots__": (), **names})
-        declaring = _halfCloseableClasses[cls] = implementer(IHalfCloseableProtocol)(made)
-    layer.__class__ = declaring
+        if IHalfCloseableProtocol.implementedBy(cls):
+            declaring = cls
+        else:
+            names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+            made = type(cls.__name__, (cls,), {"__slots__": (), **names})
+            declaring = implementer(IHalfCloseableProtocol)(made)
+        _halfCloseableClasses[cls] = declaring
+    if declaring is not cls:
+        layer.__class__ = declaring
 
 
 def writeAtOnce(transport: object) -> None:
@@ -202,7 +219,14 @@ def writeAtOnce(transport: object) -> None:
     the login reply waits for the relay to be set up). A relay writes
     whole chunks, one per read: nothing is gained by waiting.
     """
-    for layer in _layers(transport):
+    _writeAtOnce(_layers(transport))
+
+
+def _writeAtOnce(layers: list[object]) -> None:
+    """
+    L{writeAtOnce} on a connection's L{_layers}.
+    """
+    for layer in layers:
         if isinstance(layer, BufferingTLSTransport):
             layer._aggregator.flush()
             # The instance's write is the gathering one; the class's
@@ -384,22 +408,24 @@ class Relay:
             clock's C{callLater} does (the default); a session gives its
             pre-authentication timer's, which moves the call it has.
         """
+        # Each leg's socket and protocol layers, found once.
+        sockets = (socketOf(self._client), socketOf(self._backend))
+        layers = (_layersOf(sockets[0]), _layersOf(sockets[1]))
         # First the login reply, if a TLS layer holds it back.
-        for transport in (self._client, self._backend):
-            writeAtOnce(transport)
+        for each in layers:
+            _writeAtOnce(each)
         self._lastActivity = self._clock.seconds()
         if self._idleTimeout > 0:
             self._idleCall = (schedule or self._clock.callLater)(self._idleTimeout, self._checkIdle)
         # A guard must see every client octet before the backend does: the
         # kernel cannot move them for it.
-        if self._guard is None and _Splicer.possible(self):
+        if self._guard is None and _Splicer.possible(self, *sockets):
             if SPLICE_AFTER == 0 and _Splicer.attempt(self, toClient, toBackend) is not None:
                 return
             self._spliceAt = SPLICE_AFTER
-        for transport in (self._client, self._backend):
-            allowHalfClose(transport)
-        for transport in (self._client, self._backend):
-            descriptor = socketOf(transport)
+        for each in layers:
+            _allowHalfClose(each)
+        for descriptor in sockets:
             if descriptor is not None:
                 descriptor.bufferSize = RELAY_READ_SIZE
         self._tlsLegs = tuple(t for t in (self._client, self._backend) if _tls.isTLS(t))
@@ -540,9 +566,10 @@ class Relay:
         if self._closedFirst is None:
             self._closedFirst = reason
         if sinkDone:
-            # Both directions are over: close both connections.
-            if self._end(self._closedFirst, sink):
-                source.loseConnection()
+            # Both directions are over: close both connections, then end
+            # (the session learns of the end with a plain client already
+            # gone, and needs no timer to see its close through).
+            self._end(self._closedFirst, sink, alsoClose=source)
             return
         if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
             self._idleTimeout = HALF_CLOSED_IDLE
@@ -594,7 +621,15 @@ class Relay:
         for transport in self._tlsLegs:
             _tls.releaseBuffers(transport)
 
-    def _end(self, reason: EndReason, other: IProxyTransport, detail: str = "") -> bool:
+    def _end(
+        self, reason: EndReason, other: IProxyTransport, detail: str = "", alsoClose: IProxyTransport | None = None
+    ) -> bool:
+        """
+        End the relay (unless it has ended): close C{other} (and
+        C{alsoClose}), then call the C{onEnd} function.
+
+        @return: whether it ended now.
+        """
         if self.endReason is not None:
             return False
         self.endReason = reason
@@ -614,6 +649,8 @@ class Relay:
             except Exception:
                 pass
         other.loseConnection()
+        if alsoClose is not None:
+            alsoClose.loseConnection()
         # Neither is needed once ended, and each refers back to the relay
         # (the session's method, the guard's link): reference cycles that
         # only the garbage collector would free.
@@ -723,12 +760,12 @@ def _takeUnsent(connection: tcp.Connection) -> bytes:
     return data
 
 
-def _plainSocket(transport: object) -> tcp.Connection | None:
+def _plainSocket(transport: object, descriptor: FileDescriptor | None) -> tcp.Connection | None:
     """
-    The TCP connection under C{transport} if nothing but a PROXY header
-    reader sits between them and no TLS runs on it.
+    The TCP connection under C{transport} (C{descriptor}, its L{socketOf})
+    if nothing but a PROXY header reader sits between them and no TLS runs
+    on it.
     """
-    descriptor = socketOf(transport)
     if not isinstance(descriptor, tcp.Connection) or getattr(descriptor, "TLS", False):
         return None
     if transport is not descriptor and not isinstance(transport, ProxyHeaderProtocol):
@@ -913,12 +950,19 @@ class _Splicer:
     log = Logger()
 
     @staticmethod
-    def possible(relay: Relay) -> bool:
+    def possible(relay: Relay, clientSocket: FileDescriptor | None, backendSocket: FileDescriptor | None) -> bool:
         """
         Whether the kernel splices and both of C{relay}'s legs are plain TCP
         sockets that L{attempt} may take over.
+
+        @param clientSocket: L{socketOf} the client's transport.
+        @param backendSocket: L{socketOf} the backend's transport.
         """
-        return _spliceWorks() and _plainSocket(relay._client) is not None and _plainSocket(relay._backend) is not None
+        return (
+            _spliceWorks()
+            and _plainSocket(relay._client, clientSocket) is not None
+            and _plainSocket(relay._backend, backendSocket) is not None
+        )
 
     @classmethod
     def attempt(cls, relay: Relay, toClient: bytes, toBackend: bytes) -> _Splicer | None:
@@ -930,7 +974,8 @@ class _Splicer:
         """
         if not _spliceWorks():
             return None
-        client, backend = _plainSocket(relay._client), _plainSocket(relay._backend)
+        client = _plainSocket(relay._client, socketOf(relay._client))
+        backend = _plainSocket(relay._backend, socketOf(relay._backend))
         if client is None or backend is None:
             return None
         sizes = (cast(int, _unsentSize(client)) + len(toClient), cast(int, _unsentSize(backend)) + len(toBackend))

@@ -17,12 +17,20 @@ from twisted.application.service import Application, Service
 from twisted.internet.defer import Deferred
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    formatEventAsClassicLogText,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy._lifecycle import SHUTDOWN, ProxyService, ReloadableServerTLS
-from mailproxy._logs import ClassicText, EventLogService, TwistdLog, jsonLine, twistdLogObserver
+from mailproxy._logs import ClassicText, EventLogService, TwistdLog, _InfoAndAbove, jsonLine, processLogObserver, twistdLogObserver
 from mailproxy._safetext import MAX_LOG_TEXT, logQuote
 from mailproxy._tls import makeSelfSigned
 from mailproxy.config import LogConfig, loadConfig
@@ -516,6 +524,78 @@ class TwistdLogTests(SynchronousTestCase):
         plain = Application("mailproxy")
         Root().setServiceParent(plain)
         self.assertIsNone(plain.getComponent(ILogObserver))
+
+
+class InfoAndAboveTests(SynchronousTestCase):
+    """
+    L{_InfoAndAbove}, the level filter of the proxy's logs.
+    """
+
+    def test_sameAsTwisted(self) -> None:
+        """
+        It passes on the events Twisted's filter for level info passes on,
+        and only those: by level, and without a level or a namespace.
+        """
+        events: list[dict[str, object]] = []
+        for level in (*LogLevel.iterconstants(), None):
+            for namespace in ("mailproxy._session.FrontendProtocol", "x", "", None):
+                event: dict[str, object] = {"log_format": "{text}", "text": "t"}
+                if level is not None:
+                    event["log_level"] = level
+                if namespace is not None:
+                    event["log_namespace"] = namespace
+                events.append(event)
+        ours: list[object] = []
+        theirs: list[object] = []
+        twisted = FilteringLogObserver(theirs.append, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
+        filtered = _InfoAndAbove(ours.append)
+        for event in events:
+            twisted(event)
+            filtered(event)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(len(ours), 8)
+
+    def test_oneCall(self) -> None:
+        """
+        An event is judged without another Python call (Twisted's filter
+        makes several for each event: every session's end line goes
+        through it, once for each log that filters).
+        """
+        received: list[object] = []
+        filtered = _InfoAndAbove(received.append)
+        event = {"log_level": LogLevel.info, "log_namespace": "mailproxy._session.FrontendProtocol", "log_format": ""}
+        calls: list[str] = []
+
+        def profile(frame: object, kind: str, arg: object) -> None:
+            if kind == "call":
+                calls.append(getattr(frame, "f_code").co_name)
+
+        sys.setprofile(profile)
+        try:
+            filtered(event)
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(calls, ["__call__"])
+        self.assertEqual(received, [event])
+
+    def test_serviceAndProcessFilter(self) -> None:
+        """
+        The event log and C{mailproxy run}'s own log keep info and above.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig("text", path), publisher)
+        service.startService()
+        stream = io.StringIO()
+        process = processLogObserver(LogConfig("text", path), stream)
+        publisher.addObserver(process)
+        log = Logger(namespace="mailproxy.test", observer=publisher)
+        log.debug("hidden")
+        log.info("shown")
+        service.stopService()
+        with open(path) as f:
+            self.assertEqual([line.split("] ", 1)[1] for line in f], ["shown\n"])
+        self.assertEqual([line.split("] ", 1)[1] for line in stream.getvalue().splitlines()], ["shown"])
 
 
 class EventLogTests(SynchronousTestCase):

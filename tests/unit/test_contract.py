@@ -7,6 +7,7 @@ and ends.
 
 from __future__ import annotations
 
+import sys
 from base64 import b64encode
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from mailproxy._commandloop import CommandFrontend, LoopState
 from mailproxy._contract import ILoginFrontend, ISessionObserver
 from mailproxy._login import LoginFailed
 from mailproxy._outcomes import EndReason, SASLRefusal, StartTLSRefusal
-from mailproxy._session import ProxyContext, Session, Timer
+from mailproxy._session import ProxyContext, Session, Timer, newSessionId
 from mailproxy.imap._frontend import IMAPFrontend
 from mailproxy.model import Credentials, Route
 from mailproxy.pop3._frontend import POP3Frontend
@@ -115,6 +116,39 @@ class TimerTests(SynchronousTestCase):
         clock.advance(5)
         self.assertEqual(calls, [8])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class SessionIdTests(SynchronousTestCase):
+    """
+    L{newSessionId}, the id every session's log lines and forwarded
+    identity carry.
+    """
+
+    def test_base32Letters(self) -> None:
+        """
+        An id is 16 characters of lower-case base32, random (over many
+        ids every one of the 32 characters turns up, and no id repeats),
+        and made without running Python code: no pure-Python encoder on
+        every session.
+        """
+        calls: list[str] = []
+
+        def profile(frame: object, event: str, arg: object) -> None:
+            if event == "call":
+                calls.append(getattr(frame, "f_code").co_name)
+
+        ids = []
+        sys.setprofile(profile)
+        try:
+            for _ in range(200):
+                ids.append(newSessionId())
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(calls, ["newSessionId"] * len(ids))
+        for each in ids:
+            self.assertRegex(each, "^[a-z2-7]{16}$")
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(set("".join(ids)), set("abcdefghijklmnopqrstuvwxyz234567"))
 
 
 @implementer(ISessionObserver)

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from mailproxy import _relay
+from mailproxy import _relay, _tcp
 from mailproxy._outcomes import EndReason
 from mailproxy._relay import Relay
 from mailproxy._tls import TLSLayerFactory, makeSelfSigned
@@ -135,15 +135,18 @@ class SplicedRelayTests(TestCase):
         self.patch(_relay, "SPLICE_AFTER", 0)
 
     @inlineCallbacks
-    def leg(self, outer: Collector | None = None):
+    def leg(self, outer: Collector | None = None, atOnce: bool = False):
         """
         A loopback TCP connection: (outer C{outer} or a new Collector,
-        inner Inner).
+        inner Inner); the inner one on the proxy's transport if C{atOnce}
+        (L{_tcp.listenAtOnce}).
         """
         serverFactory = Factory.forProtocol(Inner)
         serverFactory.inner = Deferred()
         port = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        if atOnce:
+            _tcp.listenAtOnce(port)
         outer = outer or Collector()
         clientFactory = ClientFactory.forProtocol(lambda: outer)
         reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)
@@ -160,14 +163,21 @@ class SplicedRelayTests(TestCase):
         self.backend, self.backendInner = yield self.leg(backend)
         self.join(toClient, toBackend)
 
-    def join(self, toClient: bytes = b"", toBackend: bytes = b"", clock: object = reactor) -> None:
+    def join(
+        self,
+        toClient: bytes = b"",
+        toBackend: bytes = b"",
+        clock: object = reactor,
+        onEnd: Callable[[Relay], None] | None = None,
+    ) -> None:
         """
         Relay L{clientInner} and L{backendInner} as a session does after
-        its login reply, with C{clock} for its timers.
+        its login reply, with C{clock} for its timers; C{onEnd} (by default
+        L{ended}'s C{append}) is told of the end.
         """
         self.ended = []
         self.relay = Relay(
-            self.clientInner.transport, self.backendInner.transport, clock, 60, self.ended.append
+            self.clientInner.transport, self.backendInner.transport, clock, 60, onEnd or self.ended.append
         )
         for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
             inner.dataReceived = getattr(self.relay, method)
@@ -620,6 +630,62 @@ class HalfCloseTests(TestCase):
             yield self.plainClientLogsOut()
             self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
         self.assertEqual(len(classes), 1)
+
+    @inlineCallbacks
+    def test_legsLookedUpOnce(self) -> None:
+        """
+        Starting a relay finds each leg's socket under its wrappers once
+        (for the TLS layers' flush, the splice check, the half-close and
+        the read size together), and asks zope whether a protocol class is
+        half-closeable only the first time it meets the class.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        lookups: list[object] = []
+        socketOf = _relay.socketOf
+
+        def counting(transport: object) -> object:
+            lookups.append(transport)
+            return socketOf(transport)
+
+        self.patch(_relay, "socketOf", counting)
+        # The class is met once before, by another relay.
+        yield self.relayed(backend=LogoutPeer())
+        yield self.plainClientLogsOut()
+        asked: list[type] = []
+        implementedBy = IHalfCloseableProtocol.implementedBy
+        self.patch(IHalfCloseableProtocol, "implementedBy", lambda cls: asked.append(cls) or implementedBy(cls))
+        self.client, self.clientInner = yield self.leg()
+        self.backend, self.backendInner = yield self.leg(LogoutPeer())
+        del lookups[:]
+        self.join()
+        self.assertEqual(lookups, [self.clientInner.transport, self.backendInner.transport])
+        self.assertEqual(asked, [])
+        yield self.plainClientLogsOut()
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+
+    @inlineCallbacks
+    def test_endedAfterBothClosed(self) -> None:
+        """
+        Once both sides have half-closed (the backend's goodbye and FIN,
+        then the client's FIN), both connections are closed before the
+        relay reports its end: a plain client is gone by then, and a
+        session has no close of its own to see through (no timer).
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(HalfClosingCollector(), atOnce=True)
+        self.backend, self.backendInner = yield self.leg(HalfClosingCollector())
+        clientGone: list[bool] = []
+        self.join(onEnd=lambda relay: clientGone.append(relay.clientGone))
+        self.backend.transport.write(b"* BYE Logging out\r\n")
+        self.backend.transport.loseWriteConnection()
+        while not self.client.readClosed:
+            yield deferLater(reactor, 0.01)
+        self.client.transport.loseWriteConnection()
+        yield self.clientInner.lost
+        yield self.backendInner.lost
+        self.assertEqual(clientGone, [True])
+        self.assertEqual(self.relay.endReason, "backend closed")
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n* BYE Logging out\r\n")
 
     @inlineCallbacks
     def test_backendHalfCloses(self) -> None:

@@ -13,10 +13,12 @@ import subprocess
 import sys
 from typing import Any
 
-from twisted.internet import reactor, tcp
+from twisted.internet import error, main, reactor, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
 from twisted.python import log
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -180,6 +182,119 @@ class AtOnceTests(TestCase):
         yield self.closeBoth(server, client)
 
     @inlineCallbacks
+    def test_hostFromPort(self) -> Any:
+        """
+        A connection accepted on a port that listens on one address has
+        that address as its own without a C{getsockname(2)} per
+        connection; one accepted on a port listening on all addresses
+        asks the kernel, and gets the address the client connected to.
+        """
+        asked: list[socket.socket] = []
+        getsockname = socket.socket.getsockname
+        self.patch(socket.socket, "getsockname", lambda sock: (asked.append(sock), getsockname(sock))[1])
+        for interface, expected in (("127.0.0.1", 0), ("0.0.0.0", 1)):
+            server, client = Peer(), Peer()
+            port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface=interface)
+            self.addCleanup(port.stopListening)
+            _tcp.listenAtOnce(port)
+            self.connect(port.getHost().port, client)
+            yield server.ready
+            yield client.ready
+            del asked[:]
+            host = server.transport.getHost()
+            self.assertEqual(len(asked), expected, interface)
+            self.assertEqual((host.type, host.host, host.port), ("TCP", "127.0.0.1", port.getHost().port))
+            self.assertEqual(host, client.transport.getPeer())
+            yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_acceptWithoutLoggers(self) -> Any:
+        """
+        Accepting connections makes no L{Logger}: Twisted's port made two
+        for every accept event (its C{_logger} binds a new one on every
+        access); its one logger logs the port's events as before.
+        """
+        made: list[object] = []
+        realInit = Logger.__init__
+
+        def counting(logger: Logger, *args: Any, **kwargs: Any) -> None:
+            realInit(logger, *args, **kwargs)
+            if logger.source is port:
+                made.append(logger)
+
+        server, client = Peer(), Peer()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        _tcp.listenAtOnce(port)
+        self.patch(Logger, "__init__", counting)
+        self.connect(port.getHost().port, client)
+        yield server.ready
+        yield client.ready
+        self.assertEqual(made, [])
+        self.assertIs(port._logger.source, port)
+        self.assertEqual(port._logger.namespace, "twisted.internet.tcp.Port")
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_acceptWithoutEnums(self) -> Any:
+        """
+        A port accepts a connection without reading its socket's family
+        and type properties (which make an enum member of each, on every
+        connection, in Python's C{accept}); the accepted socket has the
+        same family and type.
+        """
+        read: list[str] = []
+        for name in ("family", "type"):
+            original = getattr(socket.socket, name)
+            self.patch(
+                socket.socket,
+                name,
+                property(lambda sock, name=name, original=original: (read.append(name), original.fget(sock))[1]),
+            )
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        port = self.listen(server)
+        read.clear()
+        self.connect(port, client)
+        yield server.ready
+        self.assertEqual(read, [])
+        self.assertEqual((server.transport.socket.family, server.transport.socket.type), (socket.AF_INET, socket.SOCK_STREAM))
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK ready\r\n")
+        yield self.closeBoth(server, client)
+
+    def test_hostNotFromPort(self) -> None:
+        """
+        A port's address is not taken for its connections' where they may
+        differ: a port listening on all addresses, on a link-local one (a
+        connection carries its own scope), or transparent (a TPROXY port
+        accepts connections to other addresses).
+        """
+
+        class FakePort:
+            def __init__(self, address: Any, transparent: int = 0) -> None:
+                self.address = address
+                self.socket = self
+                self.transparent = transparent
+
+            def getHost(self) -> Any:
+                return self.address
+
+            def getsockopt(self, level: int, option: int) -> int:
+                return self.transparent
+
+        loopback = IPv4Address("TCP", "127.0.0.1", 143)
+        self.assertIs(_tcp._acceptedHost(FakePort(loopback)), loopback)  # type: ignore[arg-type]
+        ipv6 = IPv6Address("TCP", "2001:db8::1", 143)
+        self.assertIs(_tcp._acceptedHost(FakePort(ipv6)), ipv6)  # type: ignore[arg-type]
+        for address, transparent in (
+            (IPv4Address("TCP", "0.0.0.0", 143), 0),
+            (IPv6Address("TCP", "::", 143), 0),
+            (IPv6Address("TCP", "fe80::1%eth0", 143, 0, 2), 0),
+            (IPv4Address("TCP", "192.0.2.1", 143), 1),
+            (IPv6Address("TCP", "2001:db8::1", 143), 1),
+        ):
+            self.assertIsNone(_tcp._acceptedHost(FakePort(address, transparent)), address)  # type: ignore[arg-type]
+
+    @inlineCallbacks
     def test_twistedTransportsWatch(self) -> Any:
         """
         Twisted's own transports (a listening port left alone) buffer the
@@ -325,6 +440,146 @@ class AtOnceTests(TestCase):
         self.assertIs(reasons[0], reasons[1])
 
     @inlineCallbacks
+    def test_readInOneCall(self) -> Any:
+        """
+        Both transports hand what they read to their protocol from
+        C{doRead} itself (Twisted's calls a helper that does), and a
+        peer's close still reaches the protocol.
+        """
+        callers: list[str] = []
+
+        class Reading(Peer):
+            def dataReceived(self, data: bytes) -> None:
+                callers.append(sys._getframe(1).f_code.co_name)
+                Peer.dataReceived(self, data)
+
+        server, client = Reading(b"* OK ready\r\n"), Reading(b"a NOOP\r\n")
+        self.connect(self.listen(server), client, atOnce=True)
+        yield self.waitFor(lambda: bytes(server.received) == b"a NOOP\r\n" and bytes(client.received) == b"* OK ready\r\n")
+        self.assertEqual(callers, ["doRead", "doRead"])
+        client.transport.loseConnection()
+        yield server.closed
+        yield client.closed
+
+    @inlineCallbacks
+    def test_writeCallsNothingMore(self) -> Any:
+        """
+        A write with nothing buffered runs no Python function but the
+        transport's C{write} and L{_tcp.sendAtOnce} (every reply and
+        relayed chunk of a login is one).
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        calls: list[str] = []
+
+        def profile(frame: Any, event: str, arg: object) -> None:
+            if event == "call":
+                calls.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            server.transport.write(b"* OK\r\n")
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(calls, ["write", "sendAtOnce"])
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK\r\n")
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_closeHalfClosedOnce(self) -> Any:
+        """
+        Closing a connection the proxy half-closed (once the peer's FIN is
+        read, which stops the reading) stops the reactor's watching of it
+        once more, as it is lost, not once more before that too.
+        """
+        removals: list[str] = []
+        for name in ("removeReader", "removeWriter"):
+            original = getattr(reactor, name)
+
+            def counting(selectable: Any, original: Any = original, name: str = name) -> None:
+                if selectable is server.transport:
+                    removals.append(name)
+                original(selectable)
+
+            self.patch(reactor, name, counting)
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseWriteConnection()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* BYE\r\n")
+        self.assertEqual(removals, ["removeReader", "removeReader", "removeWriter"])
+
+    @inlineCallbacks
+    def test_closeAfterPeerFIN(self) -> Any:
+        """
+        A connection whose peer's FIN was read is closed with close(2)
+        alone, whether its protocol is half-closeable (it writes its last
+        words and closes) or not (Twisted closes it): nothing is left
+        unread, so close(2) sends the same FIN after the same octets as
+        Twisted's shutdown(2) both ways before it.
+        """
+        shutdowns: list[int] = []
+        sockets: list[socket.socket] = []
+        realShutdown = socket.socket.shutdown
+
+        def shutdown(sock: socket.socket, how: int) -> None:
+            if sock in sockets:
+                shutdowns.append(how)
+            realShutdown(sock, how)
+
+        self.patch(socket.socket, "shutdown", shutdown)
+
+        @implementer(IHalfCloseableProtocol)
+        class LastWords(HalfClosingPeer):
+            def readConnectionLost(self) -> None:
+                self.transport.write(b"* BYE\r\n")
+                self.transport.loseConnection()
+
+        for server in (LastWords(), Peer()):
+            client = Peer()
+            self.connect(self.listen(server), client)
+            yield server.ready
+            yield client.ready
+            sockets.append(server.transport.socket)
+            client.transport.write(b"a LOGOUT\r\n")
+            client.transport.loseWriteConnection()
+            yield server.closed
+            yield client.closed
+            self.assertEqual(bytes(server.received), b"a LOGOUT\r\n")
+            self.assertEqual(bytes(client.received), b"* BYE\r\n" if isinstance(server, LastWords) else b"")
+        self.assertEqual(shutdowns, [])
+
+    @inlineCallbacks
+    def test_unixCloseAfterPeerEOF(self) -> Any:
+        """
+        A UNIX connection sending at once (L{_tcp.sendAtOnceOn}, the
+        channel between the proxy's parent and a worker) is still shut
+        down before its close after the peer's end of file: its socket may
+        be shared with a child process, whose copy would keep the peer
+        from learning of a bare close.
+        """
+        shutdowns: list[int] = []
+        realShutdown = socket.socket.shutdown
+        self.patch(socket.socket, "shutdown", lambda sock, how: (shutdowns.append(how), realShutdown(sock, how))[1])
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        server = HalfClosingPeer()
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: server))
+        ours.close()
+        yield server.ready
+        _tcp.sendAtOnceOn(server.transport)
+        self.assertIsInstance(server.transport, _tcp._AtOnceUnixServer)
+        theirs.shutdown(socket.SHUT_WR)
+        yield server.closed
+        self.assertEqual(shutdowns, [socket.SHUT_WR, socket.SHUT_RDWR])
+
+    @inlineCallbacks
     def test_halfCloseAfterLateWrite(self) -> Any:
         """
         What is written after loseWriteConnection still reaches the peer
@@ -439,13 +694,15 @@ class ConnectTests(TestCase):
     """
 
     @inlineCallbacks
-    def test_threeRegistrations(self) -> Any:
+    def test_twoRegistrations(self) -> Any:
         """
         From the connect call to the protocol's C{connectionMade}, the
-        client's socket costs three C{epoll_ctl} operations and one
-        C{connect} (Twisted's own connect costs five and two: it stops
-        watching the socket for reading and writing, then starts reading
-        again, and calls C{connect} again to learn it is connected).
+        client's socket costs two C{epoll_ctl} operations and one
+        C{connect}: it is watched for reading and writing with one, and
+        stops being watched for writing once connected (Twisted's own
+        connect costs five and two: it watches for reading, then for
+        writing too, stops watching both, then starts reading again, and
+        calls C{connect} again to learn it is connected).
         """
         server, client = Peer(), Peer()
         port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
@@ -467,10 +724,34 @@ class ConnectTests(TestCase):
         )
         _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
         yield client.ready
-        self.assertEqual(seen, [["register", "modify", "modify"]])
+        self.assertEqual(seen, [["register", "modify"]])
         self.assertEqual(len(connects), 1)
         client.transport.write(b"a NOOP\r\n")
         yield AtOnceTests.waitFor(self, lambda: bytes(server.received) == b"a NOOP\r\n")
+        client.transport.loseConnection()
+        yield client.closed
+        yield server.closed
+
+    @inlineCallbacks
+    def test_nonBlockingFromTheStart(self) -> Any:
+        """
+        The client's socket is made non-blocking by C{socket(2)} itself
+        (C{SOCK_NONBLOCK}), and never again after: Twisted makes it
+        non-blocking twice, an C{ioctl} each time. It still never blocks.
+        """
+        server, client = Peer(b"* OK ready\r\n"), Peer()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        modes: list[bool] = []
+        realSetBlocking = socket.socket.setblocking
+        self.patch(socket.socket, "setblocking", lambda sock, flag: (modes.append(flag), realSetBlocking(sock, flag))[1])
+        _tcp.connectAtOnce(reactor, "127.0.0.1", port.getHost().port, OneShotFactory(client), 5)
+        yield client.ready
+        self.assertEqual(client.transport.socket.gettimeout(), 0.0)
+        # The accepted socket is Twisted's, made non-blocking once.
+        yield server.ready
+        self.assertEqual(modes, [False])
+        yield AtOnceTests.waitFor(self, lambda: bytes(client.received) == b"* OK ready\r\n")
         client.transport.loseConnection()
         yield client.closed
         yield server.closed
@@ -602,6 +883,93 @@ class DirectReactorTests(TestCase):
         for fd in (loop.waker.i, loop.waker.o):
             os.close(fd)
         return readable.reads, len(calls)
+
+    def test_readDispatchedDirectly(self) -> None:
+        """
+        An input event reaches the descriptor's C{doRead} straight from
+        the reactor's poll, without Twisted's dispatch call between; an
+        event with more in it (input and the peer's close) still goes
+        through Twisted's, which disconnects the descriptor as before,
+        and so does an input event whose C{doRead} fails.
+        """
+        loop = _tcp.DirectReactor()
+        self.addCleanup(lambda: (loop.removeAll(), loop._poller.close(), os.close(loop.waker.i), os.close(loop.waker.o)))
+        callers: list[str] = []
+        lost: list[object] = []
+
+        class Recording(Readable):
+            def doRead(self) -> Any:
+                callers.append(sys._getframe(1).f_code.co_name)
+                data = self.sock.recv(100)
+                return None if data else main.CONNECTION_DONE
+
+            def connectionLost(self, reason: Any) -> None:
+                lost.append(reason.type)
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        readable = Recording(ours)
+        loop.addReader(readable)
+        theirs.send(b"x")
+        loop.doIteration(0)
+        self.assertEqual((callers, lost), (["doPoll"], []))
+        theirs.close()
+        loop.doIteration(0)
+        self.assertEqual(callers, ["doPoll", "_doReadOrWrite"])
+        self.assertEqual(lost, [error.ConnectionDone])
+        self.assertNotIn(ours.fileno(), loop._reads)
+
+        class Failing(Readable):
+            def doRead(self) -> None:
+                raise ValueError("broken")
+
+            def connectionLost(self, reason: Any) -> None:
+                lost.append(reason.type)
+
+        ours2, theirs2 = socket.socketpair()
+        self.addCleanup(ours2.close)
+        self.addCleanup(theirs2.close)
+        loop.addReader(Failing(ours2))
+        theirs2.send(b"x")
+        loop.doIteration(0)
+        self.assertEqual(lost, [error.ConnectionDone, ValueError])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertNotIn(ours2.fileno(), loop._reads)
+
+    def test_removeNothingCheaply(self) -> None:
+        """
+        Removing a descriptor that is not watched (a closing connection
+        stops reading and writing, then again as it is lost) does not go
+        through Twisted's search; one that is watched is removed, and so
+        is one Twisted polls because epoll refuses it (a regular file).
+        """
+        loop = _tcp.DirectReactor()
+        self.addCleanup(lambda: (loop.removeAll(), loop._poller.close(), os.close(loop.waker.i), os.close(loop.waker.o)))
+        searches: list[object] = []
+        remove = loop._remove
+        self.patch(loop, "_remove", lambda xer, *args: (searches.append(xer), remove(xer, *args))[1])
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        readable = Readable(ours)
+        loop.removeReader(readable)
+        loop.removeWriter(readable)
+        self.assertEqual(searches, [])
+        loop.addReader(readable)
+        loop.addWriter(readable)
+        loop.removeWriter(readable)
+        loop.removeReader(readable)
+        self.assertEqual(searches, [readable, readable])
+        self.assertNotIn(ours.fileno(), loop._selectables)
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"x")
+        with open(path, "rb") as f:
+            regular = Readable(f)  # type: ignore[arg-type]
+            loop.addReader(regular)
+            self.assertTrue(loop._continuousPolling.isReading(regular))
+            loop.removeReader(regular)
+            self.assertFalse(loop._continuousPolling.isReading(regular))
 
     def test_noLogContext(self) -> None:
         """
