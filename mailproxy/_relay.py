@@ -177,16 +177,32 @@ def _allowHalfClose(layers: list[object]) -> bool:
 #: IHalfCloseableProtocol (see _declareHalfCloseable).
 _halfCloseableClasses: dict[type, type] = {}
 
+#: For each instance declaration (and class) of a connection's layer that
+#: got one, that declaration with IHalfCloseableProtocol added (see
+#: _declareHalfCloseable). A few kinds of connection: a few entries.
+_halfCloseableDeclarations: dict[tuple[object, type], object] = {}
+
 
 def _declareHalfCloseable(layer: object) -> None:
     """
     Have C{layer} provide L{IHalfCloseableProtocol} from now on.
     """
     cls = type(layer)
-    if "__provides__" in getattr(layer, "__dict__", ()):
-        # Interfaces declared on the instance (a TLS layer's): declared
-        # there too, as the instance's declaration is what counts.
-        alsoProvides(layer, IHalfCloseableProtocol)
+    provides = getattr(layer, "__dict__", {}).get("__provides__")
+    if provides is not None:
+        # Interfaces declared on the instance (a TLS layer's, those of its
+        # transport): declared there too, as the instance's declaration is
+        # what counts. Every connection of a kind has the same declaration
+        # (zope shares them); alsoProvides would work out the same larger
+        # one for each (some 15 us, most of the interface machinery a TLS
+        # login runs), so it is worked out once per kind.
+        key = (provides, cls)
+        declared = _halfCloseableDeclarations.get(key)
+        if declared is None:
+            alsoProvides(layer, IHalfCloseableProtocol)
+            _halfCloseableDeclarations[key] = layer.__provides__  # type: ignore[attr-defined]
+        else:
+            layer.__provides__ = declared  # type: ignore[attr-defined]
         return
     # Declaring it on the instance (alsoProvides) costs some 4 us, twice
     # per login, and makes every later look-up of the interface slower: the

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.task import Clock, deferLater
@@ -731,6 +731,42 @@ class HalfCloseTests(TestCase):
         yield self.clientInner.lost
         yield self.backendInner.lost
         self.assertEqual(self.relay.endReason, "client closed")
+
+    @inlineCallbacks
+    def test_tlsDeclaredOncePerKind(self) -> None:
+        """
+        At hand-over a TLS layer, whose interfaces are declared on the
+        instance (those of its transport), provides the half-close too,
+        with the same declaration for every connection of its kind, worked
+        out once: the second session's relay does not run zope's
+        declaration machinery again. Both still get the backend's reply.
+        """
+        self.patch(_relay, "_halfCloseableDeclarations", {})
+        declared: list[object] = []
+        alsoProvides = _relay.alsoProvides
+        self.patch(_relay, "alsoProvides", lambda *args: (declared.append(args[0]), alsoProvides(*args)))
+
+        def talk(tls: BlockingTLS) -> bytes:
+            tls.write(b"b LOGOUT\r\n")
+            tls.closeNotify()
+            return tls.readAll()
+
+        layers = []
+        for _ in range(2):
+            go, received = yield self.tlsClientLeg(talk)
+            self.backend, self.backendInner = yield self.leg(LogoutPeer())
+            self.join()
+            layer = self.clientInner.transport
+            self.assertTrue(IHalfCloseableProtocol.providedBy(layer))
+            self.assertTrue(ISSLTransport.providedBy(layer))
+            self.assertTrue(ITCPTransport.providedBy(layer))
+            layers.append(layer)
+            go.set()
+            self.assertEqual((yield received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
+            yield self.clientInner.lost
+            yield self.backendInner.lost
+        self.assertEqual(len(declared), 1)
+        self.assertIs(vars(layers[0])["__provides__"], vars(layers[1])["__provides__"])
 
     @inlineCallbacks
     def test_backendClosesToTLSClient(self) -> None:
