@@ -943,6 +943,56 @@ class TLSLayerTests(SynchronousTestCase):
         self.assertEqual(clientApp.received, [b"* OK ready\r\n"])
 
 
+    def test_sendBufferReadOnlyWhenFilled(self) -> None:
+        """
+        The layer reads what OpenSSL has to send only when there is some:
+        Twisted's reads it after every step, and an empty read costs a 32
+        KiB allocation and an exception in pyOpenSSL, most reads of a
+        login. Everything still arrives, both ways.
+        """
+        reads: list[tuple[SSL.Connection, bool]] = []
+        bioRead = SSL.Connection.bio_read
+
+        def counting(connection: SSL.Connection, size: int) -> bytes:
+            try:
+                data = bioRead(connection, size)
+            except SSL.WantReadError:
+                reads.append((connection, False))
+                raise
+            reads.append((connection, True))
+            return data
+
+        self.patch(SSL.Connection, "bio_read", counting)
+        source, _ = _selfSigned(self, "localhost")
+        clock = _SoonClock()
+        serverApp, clientApp = _Receiver(), _Receiver()
+        serverFactory = TLSLayerFactory(
+            serverOptions(source), False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
+        )
+        clientFactory = TLSMemoryBIOFactory(
+            _TestClient(), True, Factory.forProtocol(lambda: clientApp), clock=clock  # type: ignore[arg-type]
+        )
+        _, _, pump = connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(None),
+            lambda: clientFactory.buildProtocol(None),
+            clock=clock,
+        )
+        pump.flush()
+        self.assertTrue(serverApp.handshakeDone)
+        assert serverApp.transport is not None and clientApp.transport is not None
+        for _ in range(3):
+            serverApp.transport.write(b"* OK ready\r\n")
+            clientApp.transport.write(b"a LOGIN\r\n")
+            clock.runSoon()
+            pump.flush()
+        self.assertEqual(b"".join(clientApp.received), b"* OK ready\r\n" * 3)
+        self.assertEqual(b"".join(serverApp.received), b"a LOGIN\r\n" * 3)
+        server = serverApp.transport._tlsConnection  # type: ignore[attr-defined]
+        filled = [found for connection, found in reads if connection is server]
+        self.assertEqual(filled.count(False), 0)
+        self.assertGreater(filled.count(True), 3)
+
+
 class _Receiver(_Recorder):
     """
     A L{_Recorder} that keeps what it receives.
