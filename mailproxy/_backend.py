@@ -155,14 +155,34 @@ class LoginJob:
         the master user's, nor the client's credentials' (a digest's
         response and an OAuth token included), nor the route's.
         """
-        # Copied only where a secret is (evolve costs microseconds, at
-        # every login): a router's route seldom holds a password.
+        # Copied only where a secret is: a router's route seldom holds a
+        # password. The job and the credentials, copied at every login
+        # between the backend's reply and the client's, are built field by
+        # field: attrs' evolve looks every field up by name first, some
+        # microseconds each (tests.unit.test_backend checks no field is
+        # left out).
         credentials, route = self.credentials, self.route
         if credentials is not None and (credentials.password, credentials.response, credentials.token) != (None, None, None):
-            credentials = evolve(credentials, password=None, response=None, token=None)
+            credentials = Credentials(
+                mechanism=credentials.mechanism,
+                user=credentials.user,
+                authzid=credentials.authzid,
+                challenge=credentials.challenge,
+            )
         if route.password is not None:
             route = evolve(route, password=None)
-        return evolve(self, route=route, credentials=credentials, password=None, masterPassword=None)
+        return LoginJob(
+            route=route,
+            protocol=self.protocol,
+            client=self.client,
+            credentials=credentials,
+            user=self.user,
+            password=None,
+            masterUser=self.masterUser,
+            masterPassword=None,
+            clientID=self.clientID,
+            portName=self.portName,
+        )
 
     @property
     def passesToken(self) -> bool:

@@ -10,6 +10,7 @@ import socket
 from types import FunctionType, ModuleType
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.error import UserError
@@ -17,6 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailproxy import _backend
 from mailproxy._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
 from mailproxy._sasl import plainResponse
@@ -291,6 +293,43 @@ class ForgottenSecretsTests(SynchronousTestCase):
         self.successResultOf(protocol.result)
         self.assertEqual(learnt, ["old"])
         self.assertForgotten(protocol, transport)
+
+
+class WithoutSecretsTests(SynchronousTestCase):
+    """
+    L{LoginJob.withoutSecrets}: what a relayed session keeps of its login.
+    """
+
+    def test_everythingButSecrets(self) -> None:
+        """
+        The copy keeps every field of the job and of its credentials but
+        the secrets (a field added to either later is kept too, or this
+        fails), and costs no attrs.evolve when the route holds no password
+        (one look-up of every field by name, at every login).
+        """
+        evolved: list[object] = []
+        realEvolve = _backend.evolve
+        self.patch(_backend, "evolve", lambda inst, **changes: (evolved.append(inst), realEvolve(inst, **changes))[1])
+        credentials = Credentials(
+            "CRAM-MD5", "alice", password=b"pw", authzid="bob", challenge=b"<1@x>", response=b"abc", token=b"tok"
+        )
+        job = makeJob(
+            credentials=credentials, masterUser="proxy", masterPassword=b"mpw", clientID=(("name", "x"),), portName="mx"
+        )
+        copy = job.withoutSecrets()
+        self.assertEqual(evolved, [])
+        secrets = {"password", "masterPassword", "response", "token"}
+        for name in (f.name for f in attrs.fields(LoginJob)):
+            if name == "credentials":
+                continue
+            self.assertEqual(getattr(copy, name), None if name in secrets else getattr(job, name), name)
+        assert copy.credentials is not None
+        for name in (f.name for f in attrs.fields(Credentials)):
+            expected = None if name in secrets else getattr(credentials, name)
+            self.assertEqual(getattr(copy.credentials, name), expected, name)
+        routed = makeJob(route=Route(makeBackend("old"), password=b"pw")).withoutSecrets()
+        self.assertIsNone(routed.route.password)
+        self.assertEqual(routed.route.backend.name, "old")
 
 
 class BackendStartTLSTests(SynchronousTestCase):
