@@ -105,6 +105,20 @@ class AtOnceTests(TestCase):
 
         self.patch(reactor, "addWriter", counting)
 
+    def countShutdowns(self, sockets: list[socket.socket], shutdowns: list[int]) -> None:
+        """
+        For the rest of the test, note in C{shutdowns} the C{how} of every
+        shutdown(2) made on a socket in C{sockets}.
+        """
+        realShutdown = socket.socket.shutdown
+
+        def shutdown(sock: socket.socket, how: int) -> None:
+            if sock in sockets:
+                shutdowns.append(how)
+            realShutdown(sock, how)
+
+        self.patch(socket.socket, "shutdown", shutdown)
+
     def listen(self, peer: Peer, atOnce: bool = True, tls: Any = None) -> int:
         """
         Listen on loopback with C{peer} as the one server protocol (its
@@ -411,14 +425,7 @@ class AtOnceTests(TestCase):
         """
         shutdowns: list[int] = []
         sockets: list[socket.socket] = []
-        realShutdown = socket.socket.shutdown
-
-        def shutdown(sock: socket.socket, how: int) -> None:
-            if sock in sockets:
-                shutdowns.append(how)
-            realShutdown(sock, how)
-
-        self.patch(socket.socket, "shutdown", shutdown)
+        self.countShutdowns(sockets, shutdowns)
         reasons: list[object] = []
         for _ in range(2):
             server, client = HalfClosingPeer(), Peer()
@@ -526,14 +533,7 @@ class AtOnceTests(TestCase):
         """
         shutdowns: list[int] = []
         sockets: list[socket.socket] = []
-        realShutdown = socket.socket.shutdown
-
-        def shutdown(sock: socket.socket, how: int) -> None:
-            if sock in sockets:
-                shutdowns.append(how)
-            realShutdown(sock, how)
-
-        self.patch(socket.socket, "shutdown", shutdown)
+        self.countShutdowns(sockets, shutdowns)
 
         @implementer(IHalfCloseableProtocol)
         class LastWords(HalfClosingPeer):

@@ -906,16 +906,16 @@ class TLSLayerTests(SynchronousTestCase):
         layer.loseConnection()
 
 
-    def test_batchedWithoutTimedCall(self) -> None:
+    def connectedLayers(self, serverApp: _Recorder, clientApp: _Receiver) -> tuple[_SoonClock, Any]:
         """
-        The writes of one turn of the event loop leave in one TLS record,
-        as Twisted's layer sends them, put off with the reactor's
-        C{callSoon}: no timed call in the reactor's heap per burst of
-        writes.
+        C{serverApp} behind a listener's TLS layer and C{clientApp} behind
+        Twisted's client layer, connected in memory on a L{_SoonClock},
+        with the handshake done.
+
+        @return: the clock and the pump between them.
         """
         source, _ = _selfSigned(self, "localhost")
         clock = _SoonClock()
-        serverApp, clientApp = _Recorder(), _Receiver()
         serverFactory = TLSLayerFactory(
             serverOptions(source), False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
         )
@@ -929,6 +929,17 @@ class TLSLayerTests(SynchronousTestCase):
         )
         pump.flush()
         self.assertTrue(serverApp.handshakeDone)
+        return clock, pump
+
+    def test_batchedWithoutTimedCall(self) -> None:
+        """
+        The writes of one turn of the event loop leave in one TLS record,
+        as Twisted's layer sends them, put off with the reactor's
+        C{callSoon}: no timed call in the reactor's heap per burst of
+        writes.
+        """
+        serverApp, clientApp = _Recorder(), _Receiver()
+        clock, pump = self.connectedLayers(serverApp, clientApp)
         clock.runSoon()
         pump.flush()
         timed = len(clock.calls)
@@ -963,22 +974,8 @@ class TLSLayerTests(SynchronousTestCase):
             return data
 
         self.patch(SSL.Connection, "bio_read", counting)
-        source, _ = _selfSigned(self, "localhost")
-        clock = _SoonClock()
         serverApp, clientApp = _Receiver(), _Receiver()
-        serverFactory = TLSLayerFactory(
-            serverOptions(source), False, Factory.forProtocol(lambda: serverApp), clock=clock  # type: ignore[arg-type]
-        )
-        clientFactory = TLSMemoryBIOFactory(
-            _TestClient(), True, Factory.forProtocol(lambda: clientApp), clock=clock  # type: ignore[arg-type]
-        )
-        _, _, pump = connectedServerAndClient(
-            lambda: serverFactory.buildProtocol(None),
-            lambda: clientFactory.buildProtocol(None),
-            clock=clock,
-        )
-        pump.flush()
-        self.assertTrue(serverApp.handshakeDone)
+        clock, pump = self.connectedLayers(serverApp, clientApp)
         assert serverApp.transport is not None and clientApp.transport is not None
         for _ in range(3):
             serverApp.transport.write(b"* OK ready\r\n")
