@@ -211,8 +211,9 @@ class Timer:
         called C{seconds} from now, instead of this timer's function. A
         running call is moved to a later deadline (C{reset}), not cancelled
         and made anew: a session's timed calls follow one another, and each
-        new one costs a little at every login. The caller owns the call from now
-        on (and cancels it if need be); this timer is not used again.
+        new one costs a little at every login. The caller owns the call
+        from now on (and cancels it if need be); this timer is not used
+        again.
 
         @return: the timed call.
         """
