@@ -77,6 +77,11 @@ class LogQuoted(str):
 #: keeps it whole, and the fail2ban filter, anchored at the line's end, sees it.
 MAX_LOG_TEXT = 1024
 
+#: A string as C{json.dumps} writes it (printable ASCII, the rest escaped),
+#: called without C{dumps}' detour through an encoder object: several log
+#: lines of every login quote their texts.
+_jsonString = json.encoder.encode_basestring_ascii
+
 
 def logQuote(text: str | None) -> str:
     """
@@ -92,8 +97,8 @@ def logQuote(text: str | None) -> str:
     if text is None:
         quoted = LogQuoted("-")
     elif len(text) > MAX_LOG_TEXT:
-        quoted = LogQuoted(json.dumps(text[:MAX_LOG_TEXT]) + "...")
+        quoted = LogQuoted(_jsonString(text[:MAX_LOG_TEXT]) + "...")
     else:
-        quoted = LogQuoted(json.dumps(text))
+        quoted = LogQuoted(_jsonString(text))
     quoted.raw = text
     return quoted

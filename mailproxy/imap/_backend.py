@@ -354,7 +354,9 @@ class IMAPBackendLogin(BackendProtocol):
         self.succeed(self._buffer)
 
     def _caps(self) -> frozenset[bytes]:
-        return frozenset(cap.upper() for cap in self.capabilities or ())
+        # Upper-cased as one string, not name by name: a capability never
+        # holds white space (the list was split on it).
+        return frozenset(b" ".join(self.capabilities or ()).upper().split())
 
     def postLoginCapabilities(self) -> list[bytes]:
         """
@@ -362,9 +364,8 @@ class IMAPBackendLogin(BackendProtocol):
         """
         capabilities = self.capabilities or []
         # A post-login list (Dovecot's has some 50 names) seldom holds one
-        # to hide: the whole list is searched once, and only a list where
-        # one of their names appears somewhere is filtered name by name.
-        text = b" ".join(capabilities).upper()
-        if not any(hidden in text for hidden in _HIDDEN_CAPABILITIES):
+        # to hide: the whole list is upper-cased and compared at once, and
+        # only a list holding one of them is filtered name by name.
+        if _HIDDEN_CAPABILITIES.isdisjoint(b" ".join(capabilities).upper().split()):
             return list(capabilities)
         return [cap for cap in capabilities if cap.upper() not in _HIDDEN_CAPABILITIES]

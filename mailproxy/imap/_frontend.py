@@ -249,14 +249,21 @@ class IMAPFrontend(CommandFrontend):
         self.reply(command.tag, b"OK", "ID completed.")
 
     def do_LOGIN(self, command: Command) -> None:
-        if len(command.args) != 2 or not all(isinstance(a, (bytes, Atom)) for a in command.args):
+        args = command.args
+        # Each argument is an atom or a string (quoted or a literal), not a
+        # list; looked at one by one, as every login does.
+        if len(args) != 2:
+            self._bad(command.tag, "LOGIN takes a user name and a password.")
+            return
+        user, password = args
+        user = user.value if isinstance(user, Atom) else user
+        password = password.value if isinstance(password, Atom) else password
+        if not (isinstance(user, bytes) and isinstance(password, bytes)):
             self._bad(command.tag, "LOGIN takes a user name and a password.")
             return
         if not self.plaintextLoginAllowed:
             self.reply(command.tag, b"NO", _PRIVACY_REQUIRED)
             return
-        # Each is bytes or an Atom, checked above.
-        user, password = (a.value if isinstance(a, Atom) else cast(bytes, a) for a in command.args)
         self.loginWith(command, Credentials("LOGIN", user.decode("utf-8", "surrogateescape"), password=password))
 
     def do_AUTHENTICATE(self, command: Command) -> None:

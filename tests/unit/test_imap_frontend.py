@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sys
 from base64 import b64decode, b64encode
+from collections import Counter
+from types import FrameType
 from typing import Any
 
 from twisted.logger import globalLogPublisher
@@ -17,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._session import CLOSE_GRACE
 from mailproxy.config import Limits
+from mailproxy.imap import _backend, _frontend
 from mailproxy.model import Rejection, Route
 from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
 
@@ -194,6 +198,32 @@ class LoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
             b'"x-connected-ip" "192.0.2.1" "x-connected-port" "143" "x-proxy-ttl" "5" "x-client-transport" "insecure")\r\n'
             b"P2 AUTHENTICATE PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n",
         )
+
+    def test_loginRunsNoGenerators(self) -> None:
+        """
+        A plain LOGIN, from the client's command to its tagged OK with
+        Dovecot's post-login capabilities, runs no generator in the IMAP
+        front end or backend dialogue: the arguments are checked one by
+        one and a capability list is upper-cased as one string, not name
+        by name, at every login.
+        """
+        self.build()
+        calls: Counter[str] = Counter()
+        modules = {_frontend.__file__, _backend.__file__}
+
+        def profile(frame: FrameType, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code.co_filename in modules:
+                calls[frame.f_code.co_name] += 1
+
+        sys.setprofile(profile)
+        try:
+            self.loginAndAccept()
+            self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\n')
+            self.backendSays(b"P2 OK [CAPABILITY " + POSTLOGIN + b"] Logged in\r\n")
+        finally:
+            sys.setprofile(None)
+        self.assertIn(b"a OK [CAPABILITY IMAP4rev1 ", self.client.value())
+        self.assertEqual((calls["do_LOGIN"], calls["<genexpr>"]), (1, 0))
 
     def test_successCarriesBackendCapabilities(self) -> None:
         """
