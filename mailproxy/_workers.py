@@ -279,8 +279,13 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     if isinstance(failure, Failure):
         text += "\n" + failure.getTraceback()
     data: dict[str, Any] = {}
+    # An event whose format is its field "text" (a session's end) has that
+    # field travel once, as the text: the line is most of the event.
+    textOnly = event.get("log_format") == "{text}" and event.get("text") == text
+    if textOnly:
+        data["log_format"] = "{text}"
     for key, value in event.items():
-        if key.startswith("log_") or key == "format":
+        if key.startswith("log_") or key == "format" or (textOnly and key == "text"):
             continue
         if isinstance(value, LogQuoted):
             data[key] = {"quoted": str(value), "raw": value.raw}
@@ -321,8 +326,12 @@ def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
             event[key] = value
     # The text is formatted already: the format is that text as a field
     # (braces in it are not fields), which the log writes as it is
-    # (mailproxy._logs.eventText).
-    event["log_format"] = "{log_text}"
+    # (mailproxy._logs.eventText); an event that had its text as the field
+    # "text" has it there again.
+    if event.get("log_format") == "{text}":
+        event["text"] = event["log_text"]
+    else:
+        event["log_format"] = "{log_text}"
     event["log_level"] = LogLevel.levelWithName(event["log_level"])
     event["log_system"] = f"worker {data['worker']}"
     return event

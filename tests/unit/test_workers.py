@@ -618,14 +618,35 @@ class LogBatchTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(order, ["s1", "failed", "s2"])
 
+    def test_textTravelsOnce(self) -> None:
+        """
+        A session's end line, whose format is its field C{text}, crosses the
+        channel once (not as the text and again as the field), and the
+        parent's event has the worker's format, text and fields: its text
+        and JSON lines are the worker's.
+        """
+        text = "session s1 end: IMAP from 192.0.2.1:1 user=u backend=b result=ok"
+        event = {
+            "log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "mailproxy._session",
+            "log_time": 1000.0, "text": text, "event": "session_end", "user": logQuote("u"),
+        }
+        self.batch(event)
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+        self.assertEqual(b"".join(value for box in self.sent.boxes for value in box.values()).count(text.encode()), 1)
+        [published] = self.published
+        self.assertEqual((published["log_format"], published["text"]), ("{text}", text))
+        self.assertEqual(formatEvent(published), text)
+        self.assertEqual(jsonLine(published), jsonLine(dict(event, log_system="worker 2", worker=2)))
+
     def test_largeBatchesSplit(self) -> None:
         """
         Lines that would not fit in one channel message go in several,
         every line whole; a line too long for one message alone is cut.
         """
-        # About 20,000 characters of JSON each (the text and its field):
-        # two fit in one message.
-        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000}
+        # About 20,000 characters of JSON each (the text and another
+        # field): two fit in one message.
+        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000, "also": "z" * 10000}
         for n in range(7):
             self.batch(dict(long, n=n))
         self.batch({"log_format": "{text}", "log_level": LogLevel.info, "text": "y" * 70000})
