@@ -33,8 +33,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import signal
 import sys
+from collections.abc import Callable
 from typing import IO, Any, Mapping, cast
 
 from twisted.application.service import Service
@@ -47,6 +49,7 @@ from twisted.logger import (
     formatTime,
     globalLogPublisher,
 )
+from twisted.python.compat import ioType
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
@@ -55,7 +58,18 @@ from ._safetext import LogQuoted
 from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "eventText", "ClassicText", "EventLogService", "processLogObserver", "twistdLogObserver", "TwistdLog"]
+__all__ = [
+    "jsonLine",
+    "eventText",
+    "ClassicText",
+    "classicLines",
+    "classicLineText",
+    "writeClassicLines",
+    "EventLogService",
+    "processLogObserver",
+    "twistdLogObserver",
+    "TwistdLog",
+]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -161,6 +175,64 @@ class ClassicText:
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
 
+#: What writes lines of L{ClassicText}'s, given as one text and their
+#: syslog priorities (see L{writeClassicLines}).
+ClassicWriter = Callable[[str, str], None]
+
+# Where one line of L{ClassicText}'s ends and the next starts: a line
+# break inside a line is followed by a tab, a line's start never is.
+_LINE_STARTS = re.compile(r"(?<=\n)(?!\t)")
+
+
+def classicLines(lines: str) -> list[str]:
+    """
+    The lines of L{ClassicText}'s in C{lines}, each with its line end.
+    """
+    return _LINE_STARTS.split(lines)[:-1]
+
+
+def classicLineText(line: str) -> str:
+    """
+    The text of an event with a system (C{log_system}) from its line of
+    L{ClassicText}'s.
+    """
+    return line[line.index("] ") + 2 : -1].replace("\n\t", "\n")
+
+
+def _classicWriter(observer: object) -> ClassicWriter | None:
+    # The observer's writer of classic lines, if it has one.
+    writer = getattr(observer, "classicWriter", None)
+    return writer() if writer is not None else None
+
+
+def writeClassicLines(publisher: object, lines: str, priorities: str) -> bool:
+    """
+    Write C{lines}, each one L{ClassicText} made of an event of level info
+    or above that names its namespace, to every observer of C{publisher}
+    (a L{twisted.logger.LogPublisher}) as it would write their events: if
+    each of them is one of this module's text logs, which then writes
+    them with one C{write}, without the events (a worker's log lines in
+    the parent: the worker formatted them).
+
+    @param priorities: each non-empty line's syslog priority, one digit
+        per line (C{"6"} for info).
+    @return: whether it wrote them; if not (an observer that needs the
+        events, such as a JSON log), nothing was written.
+    """
+    observers = getattr(publisher, "_observers", None)
+    if type(observers) is not list:
+        return False
+    writers = []
+    for observer in observers:
+        writer = _classicWriter(observer)
+        if writer is None:
+            return False
+        writers.append(writer)
+    for writer in writers:
+        writer(lines, priorities)
+    return True
+
+
 #: The levels the proxy's logs keep: info and above.
 _KEPT_LEVELS = frozenset(level for level in LogLevel.iterconstants() if not level < LogLevel.info)
 
@@ -185,6 +257,13 @@ class _InfoAndAbove:
             if "log_trace" in event:
                 event["log_trace"].append((self, self._observer))
             self._observer(event)
+
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        Its observer's writer of classic lines (lines of info and above
+        with a namespace, which it passes on all).
+        """
+        return _classicWriter(self._observer)
 
 
 @implementer(ILogObserver)
@@ -216,6 +295,33 @@ class _FileObserver:
         if line:
             self.stream.write(line)
             self.stream.flush()
+
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        L{_writeClassic} for the text format; none for JSON, which needs
+        the events.
+        """
+        return None if self.format == "json" else self._writeClassic
+
+    def _writeClassic(self, lines: str, priorities: str) -> None:
+        # What __call__ writes for each line, for all of them at once: the
+        # escapes change one character at a time, and leave line breaks
+        # and tabs alone.
+        if not (lines.isascii() and lines.replace("\n", "").replace("\t", "").isprintable()):
+            lines = lines.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
+        if not lines:
+            return
+        if self.priorities:
+            if len(set(priorities)) == 1:
+                prefix = f"<{priorities[0]}>"
+                lines = prefix + lines[:-1].replace("\n", "\n" + prefix) + "\n"
+            else:
+                lines = "".join(
+                    f"<{priority}>" + line[:-1].replace("\n", f"\n<{priority}>") + "\n"
+                    for priority, line in zip(priorities, classicLines(lines))
+                )
+        self.stream.write(lines)
+        self.stream.flush()
 
 
 class EventLogService(Service):
@@ -299,7 +405,7 @@ def twistdLogObserver(options: Mapping[str, Any]) -> ILogObserver | None:
     if path == "-" or (not path and options.get("nodaemon")):
         if not options.get("nodaemon"):
             return None
-        return FileLogObserver(sys.stdout, ClassicText())
+        return _ClassicFileObserver(sys.stdout)
     logFile = LogFile.fromFullPath(path or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
 
@@ -309,7 +415,35 @@ def twistdLogObserver(options: Mapping[str, Any]) -> ILogObserver | None:
             reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return FileLogObserver(logFile, ClassicText())
+    return _ClassicFileObserver(logFile)
+
+
+class _ClassicFileObserver(FileLogObserver):
+    """
+    Twistd's log: a L{FileLogObserver} of L{ClassicText}'s lines, which also
+    writes lines formatted already (L{writeClassicLines}) with one C{write}.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream, ClassicText())
+        self.stream = stream
+        self._binary = ioType(stream) is not str
+
+    def classicWriter(self) -> ClassicWriter:
+        return self._writeClassic
+
+    def _writeClassic(self, lines: str, priorities: str) -> None:
+        if not lines:
+            return
+        stream = self.stream
+        if isinstance(stream, LogFile) and stream.rotateLength and stream.size + len(lines) > stream.rotateLength:
+            # The file rotates before the line that finds it full: written
+            # one at a time, each line goes to the same file as before.
+            for line in classicLines(lines):
+                stream.write(line)
+        else:
+            stream.write(lines.encode("utf-8") if self._binary else lines)
+        stream.flush()
 
 
 class TwistdLog:

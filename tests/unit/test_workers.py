@@ -9,6 +9,8 @@ tests.integration.test_workers.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import select
 import socket
@@ -19,13 +21,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from mailproxy._logs import jsonLine
+from mailproxy._logs import _FileObserver, _InfoAndAbove, jsonLine, twistdLogObserver
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
@@ -666,6 +668,179 @@ class LogBatchTests(SynchronousTestCase):
         self.batch(self.session(1))
         self.pump.flush()
         self.assertEqual([e["id"] for e in self.published], ["s1"])
+
+
+class CountingStream(io.StringIO):
+    """
+    A text stream that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+class ParentLogLinesTests(SynchronousTestCase):
+    """
+    The parent writes a worker's batch of log lines to its text logs as
+    the worker made them: byte for byte what it wrote for each event, with
+    one write per log, without decoding the events. (Twistd's log is
+    reached as Twisted's L{FileLogObserver} keeps its file.)
+    """
+
+    def setUp(self) -> None:
+        self.parent, self.worker, self.pump = channels(Machine.handlersFor(None, None), {})  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.batch = LogBatch(self.worker, self.clock, 2)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {"log_level": LogLevel.info, "log_namespace": "mailproxy._session", "log_time": 1700000000.25}
+        self.events: list[dict[str, Any]] = [
+            dict(base, log_format="{text}", text='session s1 end: IMAP user="u" result=ok', event="session_end", user=logQuote("u")),
+            dict(base, log_format="backend {name} said {reply} {{braces}}", name="bé", reply="Grüße ✓ \x1b[31m"),
+            dict(base, log_format="", log_time=1700000000.9999996),
+            dict(base, log_format="{text}", text="two\nlines\n\tand a tab", log_level=LogLevel.warn, log_time=1700000001.5),
+            dict(base, log_format="it broke for {user}", user=logQuote("ü\r\n"), log_failure=failure, log_level=LogLevel.error),
+            dict(base, log_format="{text}", text="after the failure", log_time=1700000002.0),
+        ]
+
+    def logs(self) -> list[Any]:
+        """
+        The parent's logs: twistd's log file, the event log in text (with
+        and without the journal's priorities) and in JSON.
+        """
+        return [
+            twistdLogObserver({"logfile": os.path.abspath(self.mktemp()), "nodaemon": True}),
+            _InfoAndAbove(_FileObserver(CountingStream(), "text")),
+            _InfoAndAbove(_FileObserver(CountingStream(), "text", priorities=True)),
+            _InfoAndAbove(_FileObserver(CountingStream(), "json")),
+        ]
+
+    @staticmethod
+    def written(observer: Any) -> str:
+        """
+        What C{observer} of L{logs} wrote.
+        """
+        if isinstance(observer, _InfoAndAbove):
+            return observer._observer.stream.getvalue()  # type: ignore[attr-defined, no-any-return]
+        with open(observer._outFile.path, encoding="utf-8") as f:
+            return f.read()
+
+    def relay(self, events: list[dict[str, Any]], observers: list[Any]) -> None:
+        """
+        Log C{events} in the worker, and let the parent write them to
+        C{observers}.
+        """
+        self.patch(_workers, "globalLogPublisher", LogPublisher(*observers))
+        for event in events:
+            self.batch(dict(event))
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+
+    def reference(self, events: list[dict[str, Any]], observers: list[Any]) -> None:
+        """
+        Write C{events} to C{observers} as the parent did before it took a
+        worker's lines: each event from its JSON, one at a time.
+        """
+        for event in events:
+            data = _eventForParent(event, 2)
+            assert data is not None
+            for observer in observers:
+                observer(_eventFromWorker(json.loads(json.dumps(data))))
+
+    def assertSameLogs(self, events: list[dict[str, Any]], logs: list[Any]) -> None:
+        """
+        C{events} relayed to the text logs in C{logs} (and, apart, to all
+        of them with the JSON one) are written byte for byte as before.
+        """
+        for observers in (logs[:3], logs):
+            for observer in observers:
+                if not isinstance(observer, _InfoAndAbove):
+                    observer._outFile.rotate()
+                else:
+                    observer._observer.stream = CountingStream()  # type: ignore[attr-defined]
+            self.relay(events, observers)
+            written = [self.written(o) for o in observers]
+            expected = self.logs()[: len(observers)]
+            self.reference(events, expected)
+            self.assertEqual(written, [self.written(o) for o in expected])
+
+    def test_sameLines(self) -> None:
+        """
+        A batch with a session's end line, non-ASCII text and a control
+        character, an event without text, a line break with a tab, a
+        warning among info lines (the journal's priorities change within
+        the batch) and a failure's traceback:
+        twistd's log, the text event log and the JSON one are written byte
+        for byte as when the parent wrote each event itself.
+        """
+        logs = self.logs()
+        self.assertSameLogs(self.events, logs)
+        written = self.written(logs[1])
+        self.assertIn("bé said Grüße ✓ \\x1b[31m {braces}", written)
+        self.assertIn("two\n\tlines\n\t\tand a tab", written)
+        self.assertIn("ZeroDivisionError", written)
+        self.assertIn("<4>2023", self.written(logs[2]))
+
+    def test_noNamespace(self) -> None:
+        """
+        An event without a namespace (which twistd's log writes and the
+        event log leaves out) is written as before.
+        """
+        events = [self.events[0], dict(self.events[1], log_namespace=None), self.events[5]]
+        self.assertSameLogs(events, self.logs())
+
+    def test_oneWrite(self) -> None:
+        """
+        A batch of lines is one write to twistd's log file and one to the
+        text event log, without decoding the events' JSON.
+        """
+        twistd, text = self.logs()[:2]
+        writes: list[str] = []
+        decoded: list[str] = []
+        write, loads = twistd._outFile.write, json.loads
+
+        def counted(data: str) -> None:
+            writes.append(data)
+            write(data)
+
+        def decode(data: str) -> Any:
+            decoded.append(data)
+            return loads(data)
+
+        self.patch(twistd._outFile, "write", counted)
+        self.patch(_workers.json, "loads", decode)
+        self.relay([dict(self.events[0], log_time=1700000000.0 + n) for n in range(20)], [twistd, text])
+        self.assertEqual((len(writes), text._observer.stream.writes, len(decoded)), (1, 1, 0))
+        self.assertEqual(self.written(twistd).count("session s1 end"), 20)
+
+    def test_rotation(self) -> None:
+        """
+        Twistd's log file, rotated when it reaches its size, rotates
+        before the same line as when each line was written alone.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        lines = [dict(self.events[0], log_time=1700000000.0 + n) for n in range(12)]
+        for directory, write in (("new", self.relay), ("before", self.reference)):
+            os.mkdir(os.path.join(path, directory))
+            observer = twistdLogObserver({"logfile": os.path.join(path, directory, "twistd.log"), "nodaemon": True})
+            assert observer is not None
+            observer._outFile.rotateLength = 300  # type: ignore[attr-defined]
+            write(lines, [observer])
+            observer._outFile.close()  # type: ignore[attr-defined]
+        files: dict[str, dict[str, str]] = {}
+        for directory in ("new", "before"):
+            files[directory] = {}
+            for name in os.listdir(os.path.join(path, directory)):
+                with open(os.path.join(path, directory, name)) as f:
+                    files[directory][name] = f.read()
+        self.assertGreater(len(files["before"]), 2)
+        self.assertEqual(files["new"], files["before"])
 
 
 class MergeTests(SynchronousTestCase):
