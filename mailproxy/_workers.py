@@ -293,6 +293,13 @@ def _adoptChannel(reactor: Any, fd: int, channel: Channel) -> None:
 
 # Log events, from the workers to the parent's log
 
+#: The levels a worker's log sends its parent: those the parent's logs
+#: keep (info and above).
+_RELAYED_LEVELS = frozenset(level for level in LogLevel.iterconstants() if not level < LogLevel.info)
+# The types of field JSON carries as they are (and their subclasses).
+_PLAIN = (str, int, float, bool, type(None))
+_PLAIN_TYPES = frozenset(_PLAIN)
+
 
 def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | None:
     """
@@ -300,8 +307,8 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     formatted here (with a failure's traceback), the fields JSON can carry
     (text quoted for the log line keeps both forms).
     """
-    level = event.get("log_level")
-    if level is None or level < LogLevel.info:
+    level: LogLevel | None = event.get("log_level")
+    if level is None or level not in _RELAYED_LEVELS:
         return None
     text = eventText(event)
     failure = event.get("log_failure")
@@ -316,11 +323,15 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     for key, value in event.items():
         if key.startswith("log_") or key == "format" or (textOnly and key == "text"):
             continue
-        if isinstance(value, LogQuoted):
-            data[key] = {"quoted": str(value), "raw": value.raw}
-        elif isinstance(value, (str, int, float, bool, type(None))):
+        # Most fields are of a plain type exactly: one look-up, not a
+        # call of isinstance per type.
+        if type(value) in _PLAIN_TYPES:
             data[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
+        elif isinstance(value, LogQuoted):
+            data[key] = {"quoted": str(value), "raw": value.raw}
+        elif isinstance(value, _PLAIN):
+            data[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
             data[key] = list(value)
     data["log_text"] = text
     data["log_level"] = level.name

@@ -510,6 +510,34 @@ class LogRelayTests(SynchronousTestCase):
         worker.notify("log", _shortEvent(data))
         self.assertTrue(formatEvent(_eventFromWorker(_shortEvent(data))).endswith(" [cut]"))
 
+    def test_plainFieldsChecked(self) -> None:
+        """
+        A session's end event, whose fields are mostly plain strings and
+        numbers, has them relayed without calling C{isinstance} per field
+        and per type (each call costs the worker's every login); subclasses
+        of the plain types still go, quoted text in both forms.
+        """
+        checks: list[object] = []
+
+        def counting(value: object, types: Any) -> bool:
+            checks.append(value)
+            return isinstance(value, types)
+
+        _workers.isinstance = counting  # type: ignore[attr-defined]
+        self.addCleanup(delattr, _workers, "isinstance")
+        fields = {f"field{n}": value for n, value in enumerate(["a", 1, 2.5, True, None] * 4)}
+        event = {
+            "log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "mailproxy._session",
+            "log_time": 1000.0, "text": "session s1 end", "user": logQuote("u"), "level": LogLevel.warn, **fields,
+        }
+        data = _eventForParent(event, 1)
+        assert data is not None
+        self.assertEqual({key: data[key] for key in fields}, fields)
+        self.assertEqual(data["user"], {"quoted": '"u"', "raw": "u"})
+        self.assertNotIn("level", data)
+        # The failure's, the quoted text's, the level's three.
+        self.assertLessEqual(len(checks), 5)
+
     def test_debugStays(self) -> None:
         """
         Debug events stay in the worker, as the parent's log would drop
