@@ -65,6 +65,7 @@ __all__ = [
     "classicLines",
     "classicLineText",
     "writeClassicLines",
+    "classicWriters",
     "EventLogService",
     "processLogObserver",
     "twistdLogObserver",
@@ -219,18 +220,29 @@ def writeClassicLines(publisher: object, lines: str, priorities: str) -> bool:
     @return: whether it wrote them; if not (an observer that needs the
         events, such as a JSON log), nothing was written.
     """
+    writers = classicWriters(publisher)
+    if writers is None:
+        return False
+    for writer in writers:
+        writer(lines, priorities)
+    return True
+
+
+def classicWriters(publisher: object) -> list[ClassicWriter] | None:
+    """
+    The writers of classic lines of the observers of C{publisher} (see
+    L{writeClassicLines}), or L{None} if one of them has none.
+    """
     observers = getattr(publisher, "_observers", None)
     if type(observers) is not list:
-        return False
+        return None
     writers = []
     for observer in observers:
         writer = _classicWriter(observer)
         if writer is None:
-            return False
+            return None
         writers.append(writer)
-    for writer in writers:
-        writer(lines, priorities)
-    return True
+    return writers
 
 
 #: The levels the proxy's logs keep: info and above.

@@ -49,6 +49,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -66,7 +67,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
-from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, eventText, writeClassicLines
+from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, writeClassicLines
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -268,9 +269,11 @@ class Channel(amp.AMP):
 
     @_Log.responder
     def _logged(self, events: str, lines: str, priorities: str, whole: bool) -> dict[str, Any]:
+        # The handler says whether the worker must send the events' fields
+        # from now on (LogBatch.fields).
         handler = self.handlers.get("log")
-        if handler is not None:
-            handler(LogMessage(events, lines, priorities, whole))
+        if handler is not None and handler(LogMessage(events, lines, priorities, whole)):
+            self.notify("logFields", True)
         return {}
 
 
@@ -301,6 +304,17 @@ _PLAIN = (str, int, float, bool, type(None))
 _PLAIN_TYPES = frozenset(_PLAIN)
 
 
+def _relayedText(event: Mapping[str, Any]) -> str:
+    """
+    A worker's event's text for the parent, with a failure's traceback.
+    """
+    text = eventText(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text += "\n" + failure.getTraceback()
+    return text
+
+
 def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | None:
     """
     A worker's log event as JSON-ready data for the parent: its text
@@ -310,10 +324,7 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     level: LogLevel | None = event.get("log_level")
     if level is None or level not in _RELAYED_LEVELS:
         return None
-    text = eventText(event)
-    failure = event.get("log_failure")
-    if isinstance(failure, Failure):
-        text += "\n" + failure.getTraceback()
+    text = _relayedText(event)
     data: dict[str, Any] = {}
     # An event whose format is its field "text" (a session's end) has that
     # field travel once, as the text: the line is most of the event.
@@ -384,10 +395,12 @@ class LogMessage(NamedTuple):
     a parent whose logs are all text writes the lines as they are.
 
     An event's text crosses the channel once: in its line, if it has one,
-    else in its fields.
+    else in its fields. A parent that writes lines only tells its workers
+    (L{LogBatch.fields}), which then send no fields.
 
     @ivar events: the events' JSON (L{_eventForParent}); those without
-        C{log_text} have their text in their line, in order.
+        C{log_text} have their text in their line, in order. Empty for
+        lines without fields.
     @ivar lines: the lines.
     @ivar priorities: each line's syslog priority, one digit each.
     @ivar whole: whether every event that has text has its line (not an
@@ -417,7 +430,13 @@ class LogBatch:
 
     With the events go their lines as the parent's text logs write them
     (L{LogMessage}): a parent whose logs are all text writes them as they
-    are, with one C{write} per log, without decoding the events.
+    are, with one C{write} per log, without decoding the events; it tells
+    its workers so (L{fields}), and they send the lines without the
+    events' fields.
+
+    @ivar fields: whether the parent needs the events' fields (a JSON log,
+        or any other observer than the proxy's text logs); until it says
+        it does not.
 
     Nothing is lost or reordered within the worker: a warning or an error
     goes at once, with the events before it; so do the events waiting
@@ -442,24 +461,37 @@ class LogBatch:
         self._priorities: list[str] = []
         self._classicText = ClassicText()
         self._system = f"worker {worker}"
+        self.fields = True
         self._call: Any = None
         self._sending = False
         channel.beforeSend = self.flush
+
+    def sendFields(self, fields: bool) -> None:
+        """
+        Send the events' fields from now on, or only their lines (the
+        events waiting go first, as they were to).
+        """
+        if fields != self.fields:
+            self.flush()
+            self.fields = fields
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._sending:
             # Logged while sending (the channel's own trouble): it would
             # only come back here.
             return
+        if not self.fields:
+            self._lineOnly(event)
+            return
         data = _eventForParent(event, self.worker)
         if data is None:
             return
-        line, lineSize = self._line(data)
+        line, lineSize = self._line(data["log_namespace"], data["log_text"], data["log_time"])
         # The text goes in its line, if it has one.
         text = self._json(data, line)
         if len(text) > _PART - 2:
             data = _shortEvent(data)
-            line, lineSize = self._line(data)
+            line, lineSize = self._line(data["log_namespace"], data["log_text"], data["log_time"])
             text = self._json(data, line)
         if self._size + len(text) + 1 > _PART - 2 or self._linesSize + lineSize > _PART:
             self.flush()
@@ -471,7 +503,35 @@ class LogBatch:
             self._priorities.append(str(syslogPriority(event["log_level"])))
         elif line is None:
             self._whole = False
-        if event["log_level"] >= LogLevel.warn or not getattr(self.clock, "running", True):
+        self._sendSoon(event["log_level"])
+
+    def _lineOnly(self, event: dict[str, Any]) -> None:
+        # The event's line without its fields; an event that cannot go
+        # as a line goes alone with them.
+        level = event.get("log_level")
+        if level is None or level not in _RELAYED_LEVELS:
+            return
+        line, lineSize = self._line(event.get("log_namespace"), _relayedText(event), event.get("log_time"))
+        if line is None:
+            self.sendFields(True)
+            try:
+                self(event)
+                self.flush()
+            finally:
+                self.sendFields(False)
+            return
+        if self._linesSize + lineSize > _PART:
+            self.flush()
+        if line:
+            self._lines.append(line)
+            self._linesSize += lineSize
+            self._priorities.append(str(syslogPriority(level)))
+        self._sendSoon(level)
+
+    def _sendSoon(self, level: LogLevel) -> None:
+        # A warning or worse goes at once, and everything once the
+        # reactor no longer runs; the rest within LOG_BATCH seconds.
+        if level >= LogLevel.warn or not getattr(self.clock, "running", True):
             self.flush()
         elif self._call is None:
             self._call = self.clock.callLater(LOG_BATCH, self.flush)
@@ -487,15 +547,16 @@ class LogBatch:
         finally:
             data["log_text"] = text
 
-    def _line(self, data: dict[str, Any]) -> tuple[str | None, int]:
+    def _line(self, namespace: str | None, text: str, when: float | None) -> tuple[str | None, int]:
         """
-        The line the parent's text logs write for an event (L{_eventFromWorker}
-        of C{data}), empty for none, and its size in octets; L{None} if it
-        cannot go as a line (see L{LogMessage}).
+        The line the parent's text logs write for an event (of the
+        C{namespace}, C{text} and time from L{_eventForParent}), empty for
+        none, and its size in octets; L{None} if it cannot go as a line
+        (see L{LogMessage}).
         """
-        if not data["log_namespace"]:
+        if not namespace:
             return None, 0
-        event = {"log_format": "{log_text}", "log_text": data["log_text"], "log_time": data["log_time"], "log_system": self._system}
+        event = {"log_format": "{log_text}", "log_text": text, "log_time": when, "log_system": self._system}
         line = self._classicText(event) or ""
         if line.isascii():
             size = len(line)
@@ -516,10 +577,11 @@ class LogBatch:
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        if not self._pending or self._sending:
+        if not (self._pending or self._lines) or self._sending:
             return
         pending, self._pending, self._size = self._pending, [], 0
-        message = LogMessage("[" + ",".join(pending) + "]", "".join(self._lines), "".join(self._priorities), self._whole)
+        events = "[" + ",".join(pending) + "]" if self.fields else ""
+        message = LogMessage(events, "".join(self._lines), "".join(self._priorities), self._whole)
         self._lines, self._linesSize, self._priorities, self._whole = [], 0, [], True
         self._sending = True
         try:
@@ -528,19 +590,51 @@ class LogBatch:
             self._sending = False
 
 
-def _publishFromWorker(message: LogMessage) -> None:
+#: The log levels of the syslog priorities (L{syslogPriority}) a worker
+#: sends with its lines.
+_PRIORITY_LEVELS = {str(syslogPriority(level)): level for level in _RELAYED_LEVELS}
+
+
+def _publishFromWorker(message: LogMessage) -> bool:
     """
     Publish a worker's batch of events (L{LogBatch}) in the parent's log,
     in order: as the lines the worker made, if the parent's logs are all
     text (L{writeClassicLines}); else as events.
+
+    Lines sent without their fields, which the parent's logs no longer
+    all take as lines (an observer added since the worker was told they
+    did, L{needsFields}), are published as events of their text and level
+    only, in the namespace of this module, at the time they arrive.
+
+    @return: whether the worker must send the events' fields from now on.
     """
     if message.whole and writeClassicLines(globalLogPublisher, message.lines, message.priorities):
-        return
+        return False
+    if not message.events:
+        now = time.time()
+        for priority, line in zip(message.priorities, classicLines(message.lines)):
+            system = line[line.index(" [") + 2 : line.index("] ")]
+            globalLogPublisher(
+                {
+                    "log_format": "{log_text}", "log_text": classicLineText(line), "log_level": _PRIORITY_LEVELS[priority],
+                    "log_namespace": __name__, "log_time": now, "log_system": system,
+                }
+            )  # fmt: skip
+        return True
     lines = iter(classicLines(message.lines))
     for data in json.loads(message.events):
         if "log_text" not in data:
             data["log_text"] = classicLineText(next(lines))
         globalLogPublisher(_eventFromWorker(data))
+    return False
+
+
+def needsFields() -> bool:
+    """
+    Whether the parent's logs need the fields of a worker's events, not
+    only their lines (L{LogBatch.fields}).
+    """
+    return classicWriters(globalLogPublisher) is None
 
 
 # The parent
@@ -1042,6 +1136,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "holds": list(self.gate.holds.values()),
             "blocked": sorted(self.blocked),
             "failures": {address: count for address, (count, _) in self.failures.known.items()},
+            "logFields": needsFields(),
         }
 
     def _ready(self, worker: _Worker) -> None:
@@ -1632,6 +1727,7 @@ def workerMain(
     _adoptChannel(reactor, CHANNEL_FD, channel)
 
     forward = LogBatch(channel, reactor, worker)
+    handlers["logFields"] = forward.sendFields
     globalLogBeginner.beginLoggingTo([forward], redirectStandardIO=False, discardBuffer=True)
     # What is logged while the reactor stops leaves before the process ends.
     reactor.addSystemEventTrigger("after", "shutdown", forward.flush)  # type: ignore[attr-defined]
@@ -1639,6 +1735,7 @@ def workerMain(
 
     async def start() -> None:
         state = await channel.call("hello")
+        forward.sendFields(state.get("logFields", True))
         try:
             config = parseConfig(state["config"], path)
             adopted = [(CHANNEL_FD + 1 + index, family) for index, family in enumerate(json.loads(families))]

@@ -780,12 +780,14 @@ class ParentLogLinesTests(SynchronousTestCase):
             for observer in observers:
                 observer(_eventFromWorker(json.loads(json.dumps(data))))
 
-    def assertSameLogs(self, events: list[dict[str, Any]], logs: list[Any]) -> None:
+    def assertSameLogs(self, events: list[dict[str, Any]], logs: list[Any], rounds: int = 2) -> None:
         """
         C{events} relayed to the text logs in C{logs} (and, apart, to all
         of them with the JSON one) are written byte for byte as before.
+
+        @param rounds: 1 for the text logs only.
         """
-        for observers in (logs[:3], logs):
+        for observers in (logs[:3], logs)[:rounds]:
             for observer in observers:
                 if not isinstance(observer, _InfoAndAbove):
                     observer._outFile.rotate()
@@ -845,6 +847,44 @@ class ParentLogLinesTests(SynchronousTestCase):
         self.relay([dict(self.events[0], log_time=1700000000.0 + n) for n in range(20)], [twistd, text])
         self.assertEqual((len(writes), text._observer.stream.writes, len(decoded)), (1, 1, 0))
         self.assertEqual(self.written(twistd).count("session s1 end"), 20)
+
+    def test_linesWithoutFields(self) -> None:
+        """
+        A parent whose logs are all text says so to a starting worker,
+        which then sends its lines without the events' fields: no JSON,
+        and the logs get the same bytes; an event without a namespace
+        still goes with its fields, in its place.
+        """
+        machine = Machine(parseConfig(CONFIG, configFile(self)), 1, Clock(), [])
+        for observers, fields in ((self.logs()[:3], False), (self.logs(), True)):
+            self.patch(_workers, "globalLogPublisher", LogPublisher(*observers))
+            self.assertIs(machine._hello(machine.workers[0])["logFields"], fields)
+        self.batch.sendFields(False)
+        sent = BoxCounter(self.worker)
+        relayed: list[Any] = []
+        self.patch(_workers, "_eventForParent", lambda event, worker: relayed.append(event))
+        self.assertSameLogs(self.events, self.logs()[:3], rounds=1)
+        self.assertEqual(([box[b"events"] for box in sent.boxes], relayed), ([b""] * len(sent.boxes), []))
+        self.patch(_workers, "_eventForParent", _eventForParent)
+        events = [self.events[0], dict(self.events[1], log_namespace=None), self.events[5]]
+        self.assertSameLogs(events, self.logs()[:3], rounds=1)
+        self.assertFalse(self.batch.fields)
+
+    def test_fieldsNeededAgain(self) -> None:
+        """
+        Lines without fields reaching a parent whose logs no longer all
+        take lines are logged with their text and level, and the worker
+        sends the fields from then on.
+        """
+        self.worker.handlers["logFields"] = self.batch.sendFields
+        self.batch.sendFields(False)
+        jsonLog = self.logs()[3]
+        self.relay(self.events[:2], [jsonLog])
+        self.assertTrue(self.batch.fields)
+        lines = [json.loads(line) for line in self.written(jsonLog).splitlines()]
+        self.assertEqual([(line["message"], line["level"]) for line in lines], [(formatEvent(e), "info") for e in self.events[:2]])
+        self.relay(self.events[3:4], [jsonLog])
+        self.assertEqual(self.written(jsonLog).splitlines()[2], jsonLine(_eventFromWorker(_eventForParent(self.events[3], 2))))  # type: ignore[arg-type]
 
     def test_rotation(self) -> None:
         """
