@@ -27,7 +27,7 @@ from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from mailproxy._logs import _FileObserver, _InfoAndAbove, jsonLine, twistdLogObserver
+from mailproxy._logs import EventLogService, _FileObserver, _InfoAndAbove, jsonLine, twistdLogObserver
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
@@ -46,7 +46,7 @@ from mailproxy._workers import (
     _eventFromWorker,
     _shortEvent,
 )
-from mailproxy.config import ConfigError, parseConfig, workerCount
+from mailproxy.config import ConfigError, LogConfig, parseConfig, workerCount
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection
 from mailproxy.settings import Limits
@@ -885,6 +885,30 @@ class ParentLogLinesTests(SynchronousTestCase):
         self.assertEqual([(line["message"], line["level"]) for line in lines], [(formatEvent(e), "info") for e in self.events[:2]])
         self.relay(self.events[3:4], [jsonLog])
         self.assertEqual(self.written(jsonLog).splitlines()[2], jsonLine(_eventFromWorker(_eventForParent(self.events[3], 2))))  # type: ignore[arg-type]
+
+    def test_reopenAndRotate(self) -> None:
+        """
+        The text event log reopened after its file was moved away (log
+        rotation) and twistd's log file rotated (C{SIGUSR1}) get the lines
+        of the batches after, in their new files.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = EventLogService(LogConfig("text", path), LogPublisher())
+        service.startService()
+        self.addCleanup(service.stopService)
+        twistd = self.logs()[0]
+        observers = [service._filter, twistd]
+        self.relay(self.events[:1], observers)
+        os.rename(path, path + ".1")
+        service.reopen()
+        twistd._outFile.rotate()
+        self.relay(self.events[5:], observers)
+        for name in (path, twistd._outFile.path):
+            with open(name) as f, open(name + ".1") as before:
+                self.assertEqual(
+                    ([line.split("] ", 1)[1] for line in before], [line.split("] ", 1)[1] for line in f]),
+                    ([formatEvent(self.events[0]) + "\n"], ["after the failure\n"]),
+                )
 
     def test_rotation(self) -> None:
         """
