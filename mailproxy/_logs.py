@@ -30,13 +30,15 @@ one format only.
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import json
 import math
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any, Mapping, cast
 
 from twisted.application.service import Service
@@ -44,6 +46,7 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogLevel,
+    Logger,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -66,6 +69,7 @@ __all__ = [
     "classicLineText",
     "writeClassicLines",
     "classicWriters",
+    "heldWrites",
     "EventLogService",
     "processLogObserver",
     "twistdLogObserver",
@@ -200,6 +204,19 @@ def classicLineText(line: str) -> str:
     return line[line.index("] ") + 2 : -1].replace("\n\t", "\n")
 
 
+def _writesUTF8(stream: object) -> bool:
+    # Whether text written to the stream is encoded as UTF-8 (strictly, or
+    # with errors that a valid text never meets): lines written together
+    # then fail or not as each would have alone.
+    if isinstance(stream, LogFile) or ioType(stream) is bytes:
+        return True
+    encoding = getattr(stream, "encoding", None)
+    try:
+        return encoding is None or codecs.lookup(encoding).name == "utf-8"
+    except (LookupError, TypeError):
+        return False
+
+
 def _classicWriter(observer: object) -> ClassicWriter | None:
     # The observer's writer of classic lines, if it has one.
     writer = getattr(observer, "classicWriter", None)
@@ -245,6 +262,30 @@ def classicWriters(publisher: object) -> list[ClassicWriter] | None:
     return writers
 
 
+@contextmanager
+def heldWrites(publisher: object) -> Iterator[None]:
+    """
+    While in this context, the observers of C{publisher} (a
+    L{twisted.logger.LogPublisher}) that are this module's logs keep the
+    lines of the events they get, and write them with one C{write} each
+    at its end (the events of a worker's batch in the parent).
+    """
+    held = [observer for observer in getattr(publisher, "_observers", ()) if hasattr(observer, "holdWrites")]
+    for observer in held:
+        observer.holdWrites()
+    try:
+        yield
+    finally:
+        for observer in held:
+            try:
+                observer.releaseWrites()
+            except Exception:
+                # As the publisher reports an observer that raised.
+                Logger(observer=publisher).failure(  # type: ignore[arg-type]
+                    "Temporarily disabling observer {observer} due to exception", observer=observer
+                )
+
+
 #: The levels the proxy's logs keep: info and above.
 _KEPT_LEVELS = frozenset(level for level in LogLevel.iterconstants() if not level < LogLevel.info)
 
@@ -277,6 +318,18 @@ class _InfoAndAbove:
         """
         return _classicWriter(self._observer)
 
+    def holdWrites(self) -> None:
+        """
+        Its observer's L{_FileObserver.holdWrites}.
+        """
+        self._observer.holdWrites()  # type: ignore[attr-defined]
+
+    def releaseWrites(self) -> None:
+        """
+        Its observer's L{_FileObserver.releaseWrites}.
+        """
+        self._observer.releaseWrites()  # type: ignore[attr-defined]
+
 
 @implementer(ILogObserver)
 class _FileObserver:
@@ -292,6 +345,8 @@ class _FileObserver:
         self.format = format
         self.priorities = priorities
         self._classicText = ClassicText()
+        self._held: list[str] | None = None
+        self._together = _writesUTF8(stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.format == "json":
@@ -304,16 +359,38 @@ class _FileObserver:
             # Each line of a traceback is a journal entry of its own.
             prefix = f"<{syslogPriority(event.get('log_level'))}>"
             line = prefix + line[:-1].replace("\n", "\n" + prefix) + "\n"
-        if line:
+        if not line:
+            return
+        if self._held is not None:
+            self._held.append(line)
+        else:
             self.stream.write(line)
+            self.stream.flush()
+
+    def holdWrites(self) -> None:
+        """
+        Keep the lines of the events from now on (L{heldWrites}), if its
+        stream is UTF-8 (lines written together to another could fail
+        together).
+        """
+        if self._together:
+            self._held = []
+
+    def releaseWrites(self) -> None:
+        """
+        Write the lines kept, with one C{write}, and no longer keep them.
+        """
+        held, self._held = self._held, None
+        if held:
+            self.stream.write("".join(held))
             self.stream.flush()
 
     def classicWriter(self) -> ClassicWriter | None:
         """
-        L{_writeClassic} for the text format; none for JSON, which needs
-        the events.
+        L{_writeClassic} for the text format to a UTF-8 stream; none for
+        JSON, which needs the events.
         """
-        return None if self.format == "json" else self._writeClassic
+        return self._writeClassic if self.format != "json" and self._together else None
 
     def _writeClassic(self, lines: str, priorities: str) -> None:
         # What __call__ writes for each line, for all of them at once: the
@@ -440,9 +517,48 @@ class _ClassicFileObserver(FileLogObserver):
         super().__init__(stream, ClassicText())
         self.stream = stream
         self._binary = ioType(stream) is not str
+        self._held: list[str] | None = None
+        self._together = _writesUTF8(stream)
 
-    def classicWriter(self) -> ClassicWriter:
-        return self._writeClassic
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._held is None:
+            super().__call__(event)
+            return
+        text = self.formatEvent(event)
+        if text:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    # The lines kept go first; then the file refuses this
+                    # one as it did when each was written alone.
+                    self.releaseWrites()
+                    self.holdWrites()
+                    super().__call__(event)
+            self._held.append(text)
+
+    def holdWrites(self) -> None:
+        """
+        Keep the lines of the events from now on (L{heldWrites}), if its
+        stream is UTF-8.
+        """
+        if self._together:
+            self._held = []
+
+    def releaseWrites(self) -> None:
+        """
+        Write the lines kept as one (as L{_writeClassic} does), and no
+        longer keep them.
+        """
+        held, self._held = self._held, None
+        if held:
+            self._writeClassic("".join(held), "")
+
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        L{_writeClassic}, if its stream is UTF-8.
+        """
+        return self._writeClassic if self._together else None
 
     def _writeClassic(self, lines: str, priorities: str) -> None:
         if not lines:

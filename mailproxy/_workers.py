@@ -67,7 +67,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
-from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, writeClassicLines
+from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, heldWrites, writeClassicLines
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -622,10 +622,11 @@ def _publishFromWorker(message: LogMessage) -> bool:
             )  # fmt: skip
         return True
     lines = iter(classicLines(message.lines))
-    for data in json.loads(message.events):
-        if "log_text" not in data:
-            data["log_text"] = classicLineText(next(lines))
-        globalLogPublisher(_eventFromWorker(data))
+    with heldWrites(globalLogPublisher):
+        for data in json.loads(message.events):
+            if "log_text" not in data:
+                data["log_text"] = classicLineText(next(lines))
+            globalLogPublisher(_eventFromWorker(data))
     return False
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import select
 import socket
 from typing import Any
@@ -909,6 +910,49 @@ class ParentLogLinesTests(SynchronousTestCase):
                     ([line.split("] ", 1)[1] for line in before], [line.split("] ", 1)[1] for line in f]),
                     ([formatEvent(self.events[0]) + "\n"], ["after the failure\n"]),
                 )
+
+    def test_eventsWrittenTogether(self) -> None:
+        """
+        A batch the parent logs as events (its logs include a JSON one) is
+        one write to each log.
+        """
+        twistd, text, _, jsonLog = self.logs()
+        writes: list[str] = []
+        write = twistd._outFile.write
+
+        def counted(data: str) -> None:
+            writes.append(data)
+            write(data)
+
+        self.patch(twistd._outFile, "write", counted)
+        self.relay([dict(self.events[0], log_time=1700000000.0 + n) for n in range(20)], [twistd, text, jsonLog])
+        self.assertEqual((len(writes), text._observer.stream.writes, jsonLog._observer.stream.writes), (1, 1, 1))
+        self.assertEqual([len(self.written(o).splitlines()) for o in (twistd, text, jsonLog)], [20, 20, 20])
+
+    def test_lineRefused(self) -> None:
+        """
+        Of a batch logged as events, a line twistd's log file cannot
+        encode (a lone surrogate) is refused as when each line was written
+        alone: the lines before and after it are written, and the other
+        logs report the observer's error.
+        """
+        bad = dict(self.events[0], text="bad \udcff line")
+        events = [self.events[0], bad, self.events[5]]
+        observers = self.logs()[:2]
+        self.relay(events, observers)
+        expected = self.logs()[:2]
+        publisher = LogPublisher(*expected)
+        for event in events:
+            data = _eventForParent(event, 2)
+            assert data is not None
+            publisher(_eventFromWorker(json.loads(json.dumps(data))))
+        # The same lines, the same error (its traceback names other lines of
+        # the observer's call).
+        places = re.compile(r"0x[0-9a-f]+|py:[0-9]+:|line [0-9]+")
+        written, before = ([places.sub("", self.written(o)) for o in logs] for logs in (observers, expected))
+        self.assertEqual(written, before)
+        self.assertNotIn("bad", written[0])
+        self.assertIn("Temporarily disabling observer", written[1])
 
     def test_rotation(self) -> None:
         """
