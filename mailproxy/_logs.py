@@ -530,11 +530,12 @@ class _ClassicFileObserver(FileLogObserver):
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:
-                    # The lines kept go first; then the file refuses this
-                    # one as it did when each was written alone.
+                    # The lines kept go first; then this one alone, which
+                    # the file refuses as it did when each line went alone.
                     self.releaseWrites()
                     self.holdWrites()
                     super().__call__(event)
+                    return
             self._held.append(text)
 
     def holdWrites(self) -> None:

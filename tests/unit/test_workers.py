@@ -15,6 +15,7 @@ import os
 import re
 import select
 import socket
+import sys
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -953,6 +954,25 @@ class ParentLogLinesTests(SynchronousTestCase):
         self.assertEqual(written, before)
         self.assertNotIn("bad", written[0])
         self.assertIn("Temporarily disabling observer", written[1])
+
+    def test_surrogateWrittenAlone(self) -> None:
+        """
+        Of a batch logged as events, a line that twistd's standard output
+        takes only by its error handler (a lone surrogate, written as the
+        octet it stands for) is written once, in its place.
+        """
+        bad = dict(self.events[0], text="bad \udcff line")
+        events = [self.events[0], bad, self.events[5]]
+        outputs = []
+        for write in (self.relay, self.reference):
+            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape")
+            self.patch(sys, "stdout", out)
+            observers = [twistdLogObserver({"logfile": "-", "nodaemon": True}), self.logs()[3]]
+            write(events, observers)
+            out.flush()
+            outputs.append(out.buffer.getvalue())  # type: ignore[attr-defined]
+        self.assertEqual(outputs[0], outputs[1])
+        self.assertEqual(outputs[0].count(b"bad \xff line"), 1)
 
     def test_rotation(self) -> None:
         """
