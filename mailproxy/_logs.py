@@ -30,11 +30,15 @@ one format only.
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import json
 import math
+import re
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any, Mapping, cast
 
 from twisted.application.service import Service
@@ -42,11 +46,13 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogLevel,
+    Logger,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,
 )
+from twisted.python.compat import ioType
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
@@ -55,7 +61,20 @@ from ._safetext import LogQuoted
 from ._systemd import isJournalStream, syslogPriority
 from .config import LogConfig
 
-__all__ = ["jsonLine", "eventText", "ClassicText", "EventLogService", "processLogObserver", "twistdLogObserver", "TwistdLog"]
+__all__ = [
+    "jsonLine",
+    "eventText",
+    "ClassicText",
+    "classicLines",
+    "classicLineText",
+    "writeClassicLines",
+    "classicWriters",
+    "heldWrites",
+    "EventLogService",
+    "processLogObserver",
+    "twistdLogObserver",
+    "TwistdLog",
+]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 # Fields that repeat others in a form meant only for the text line.
@@ -161,6 +180,112 @@ class ClassicText:
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
 
+#: What writes lines of L{ClassicText}'s, given as one text and their
+#: syslog priorities (see L{writeClassicLines}).
+ClassicWriter = Callable[[str, str], None]
+
+# Where one line of L{ClassicText}'s ends and the next starts: a line
+# break inside a line is followed by a tab, a line's start never is.
+_LINE_STARTS = re.compile(r"(?<=\n)(?!\t)")
+
+
+def classicLines(lines: str) -> list[str]:
+    """
+    The lines of L{ClassicText}'s in C{lines}, each with its line end.
+    """
+    return _LINE_STARTS.split(lines)[:-1]
+
+
+def classicLineText(line: str) -> str:
+    """
+    The text of an event with a system (C{log_system}) from its line of
+    L{ClassicText}'s.
+    """
+    return line[line.index("] ") + 2 : -1].replace("\n\t", "\n")
+
+
+def _writesUTF8(stream: object) -> bool:
+    # Whether text written to the stream is encoded as UTF-8 (strictly, or
+    # with errors that a valid text never meets): lines written together
+    # then fail or not as each would have alone.
+    if isinstance(stream, LogFile) or ioType(stream) is bytes:
+        return True
+    encoding = getattr(stream, "encoding", None)
+    try:
+        return encoding is None or codecs.lookup(encoding).name == "utf-8"
+    except (LookupError, TypeError):
+        return False
+
+
+def _classicWriter(observer: object) -> ClassicWriter | None:
+    # The observer's writer of classic lines, if it has one.
+    writer = getattr(observer, "classicWriter", None)
+    return writer() if writer is not None else None
+
+
+def writeClassicLines(publisher: object, lines: str, priorities: str) -> bool:
+    """
+    Write C{lines}, each one L{ClassicText} made of an event of level info
+    or above that names its namespace, to every observer of C{publisher}
+    (a L{twisted.logger.LogPublisher}) as it would write their events: if
+    each of them is one of this module's text logs, which then writes
+    them with one C{write}, without the events (a worker's log lines in
+    the parent: the worker formatted them).
+
+    @param priorities: each non-empty line's syslog priority, one digit
+        per line (C{"6"} for info).
+    @return: whether it wrote them; if not (an observer that needs the
+        events, such as a JSON log), nothing was written.
+    """
+    writers = classicWriters(publisher)
+    if writers is None:
+        return False
+    for writer in writers:
+        writer(lines, priorities)
+    return True
+
+
+def classicWriters(publisher: object) -> list[ClassicWriter] | None:
+    """
+    The writers of classic lines of the observers of C{publisher} (see
+    L{writeClassicLines}), or L{None} if one of them has none.
+    """
+    observers = getattr(publisher, "_observers", None)
+    if type(observers) is not list:
+        return None
+    writers = []
+    for observer in observers:
+        writer = _classicWriter(observer)
+        if writer is None:
+            return None
+        writers.append(writer)
+    return writers
+
+
+@contextmanager
+def heldWrites(publisher: object) -> Iterator[None]:
+    """
+    While in this context, the observers of C{publisher} (a
+    L{twisted.logger.LogPublisher}) that are this module's logs keep the
+    lines of the events they get, and write them with one C{write} each
+    at its end (the events of a worker's batch in the parent).
+    """
+    held = [observer for observer in getattr(publisher, "_observers", ()) if hasattr(observer, "holdWrites")]
+    for observer in held:
+        observer.holdWrites()
+    try:
+        yield
+    finally:
+        for observer in held:
+            try:
+                observer.releaseWrites()
+            except Exception:
+                # As the publisher reports an observer that raised.
+                Logger(observer=publisher).failure(  # type: ignore[arg-type]
+                    "Temporarily disabling observer {observer} due to exception", observer=observer
+                )
+
+
 #: The levels the proxy's logs keep: info and above.
 _KEPT_LEVELS = frozenset(level for level in LogLevel.iterconstants() if not level < LogLevel.info)
 
@@ -186,6 +311,25 @@ class _InfoAndAbove:
                 event["log_trace"].append((self, self._observer))
             self._observer(event)
 
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        Its observer's writer of classic lines (lines of info and above
+        with a namespace, which it passes on all).
+        """
+        return _classicWriter(self._observer)
+
+    def holdWrites(self) -> None:
+        """
+        Its observer's L{_FileObserver.holdWrites}.
+        """
+        self._observer.holdWrites()  # type: ignore[attr-defined]
+
+    def releaseWrites(self) -> None:
+        """
+        Its observer's L{_FileObserver.releaseWrites}.
+        """
+        self._observer.releaseWrites()  # type: ignore[attr-defined]
+
 
 @implementer(ILogObserver)
 class _FileObserver:
@@ -201,6 +345,8 @@ class _FileObserver:
         self.format = format
         self.priorities = priorities
         self._classicText = ClassicText()
+        self._held: list[str] | None = None
+        self._together = _writesUTF8(stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.format == "json":
@@ -213,9 +359,58 @@ class _FileObserver:
             # Each line of a traceback is a journal entry of its own.
             prefix = f"<{syslogPriority(event.get('log_level'))}>"
             line = prefix + line[:-1].replace("\n", "\n" + prefix) + "\n"
-        if line:
+        if not line:
+            return
+        if self._held is not None:
+            self._held.append(line)
+        else:
             self.stream.write(line)
             self.stream.flush()
+
+    def holdWrites(self) -> None:
+        """
+        Keep the lines of the events from now on (L{heldWrites}), if its
+        stream is UTF-8 (lines written together to another could fail
+        together).
+        """
+        if self._together:
+            self._held = []
+
+    def releaseWrites(self) -> None:
+        """
+        Write the lines kept, with one C{write}, and no longer keep them.
+        """
+        held, self._held = self._held, None
+        if held:
+            self.stream.write("".join(held))
+            self.stream.flush()
+
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        L{_writeClassic} for the text format to a UTF-8 stream; none for
+        JSON, which needs the events.
+        """
+        return self._writeClassic if self.format != "json" and self._together else None
+
+    def _writeClassic(self, lines: str, priorities: str) -> None:
+        # What __call__ writes for each line, for all of them at once: the
+        # escapes change one character at a time, and leave line breaks
+        # and tabs alone.
+        if not (lines.isascii() and lines.replace("\n", "").replace("\t", "").isprintable()):
+            lines = lines.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
+        if not lines:
+            return
+        if self.priorities:
+            if len(set(priorities)) == 1:
+                prefix = f"<{priorities[0]}>"
+                lines = prefix + lines[:-1].replace("\n", "\n" + prefix) + "\n"
+            else:
+                lines = "".join(
+                    f"<{priority}>" + line[:-1].replace("\n", f"\n<{priority}>") + "\n"
+                    for priority, line in zip(priorities, classicLines(lines))
+                )
+        self.stream.write(lines)
+        self.stream.flush()
 
 
 class EventLogService(Service):
@@ -299,7 +494,7 @@ def twistdLogObserver(options: Mapping[str, Any]) -> ILogObserver | None:
     if path == "-" or (not path and options.get("nodaemon")):
         if not options.get("nodaemon"):
             return None
-        return FileLogObserver(sys.stdout, ClassicText())
+        return _ClassicFileObserver(sys.stdout)
     logFile = LogFile.fromFullPath(path or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
 
@@ -309,7 +504,75 @@ def twistdLogObserver(options: Mapping[str, Any]) -> ILogObserver | None:
             reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return FileLogObserver(logFile, ClassicText())
+    return _ClassicFileObserver(logFile)
+
+
+class _ClassicFileObserver(FileLogObserver):
+    """
+    Twistd's log: a L{FileLogObserver} of L{ClassicText}'s lines, which also
+    writes lines formatted already (L{writeClassicLines}) with one C{write}.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream, ClassicText())
+        self.stream = stream
+        self._binary = ioType(stream) is not str
+        self._held: list[str] | None = None
+        self._together = _writesUTF8(stream)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._held is None:
+            super().__call__(event)
+            return
+        text = self.formatEvent(event)
+        if text:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    # The lines kept go first; then this one alone, which
+                    # the file refuses as it did when each line went alone.
+                    self.releaseWrites()
+                    self.holdWrites()
+                    super().__call__(event)
+                    return
+            self._held.append(text)
+
+    def holdWrites(self) -> None:
+        """
+        Keep the lines of the events from now on (L{heldWrites}), if its
+        stream is UTF-8.
+        """
+        if self._together:
+            self._held = []
+
+    def releaseWrites(self) -> None:
+        """
+        Write the lines kept as one (as L{_writeClassic} does), and no
+        longer keep them.
+        """
+        held, self._held = self._held, None
+        if held:
+            self._writeClassic("".join(held), "")
+
+    def classicWriter(self) -> ClassicWriter | None:
+        """
+        L{_writeClassic}, if its stream is UTF-8.
+        """
+        return self._writeClassic if self._together else None
+
+    def _writeClassic(self, lines: str, priorities: str) -> None:
+        if not lines:
+            return
+        stream = self.stream
+        if isinstance(stream, LogFile) and stream.rotateLength and stream.size + len(lines) > stream.rotateLength:
+            # The file rotates before the line that finds it full: written
+            # one at a time, each line goes to the same file as before.
+            for line in classicLines(lines):
+                stream.write(line)
+        else:
+            stream.write(lines.encode("utf-8") if self._binary else lines)
+        stream.flush()
 
 
 class TwistdLog:

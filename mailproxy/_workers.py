@@ -49,10 +49,11 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from attrs import evolve
 from twisted.application.service import MultiService
@@ -66,7 +67,7 @@ from zope.interface import implementer
 
 from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
-from ._logs import TwistdLog, eventText
+from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, heldWrites, writeClassicLines
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog, journalPath
 from ._safetext import LogQuoted
@@ -74,13 +75,13 @@ from ._contract import ISessionObserver
 from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
-from ._systemd import ServiceNotifier
+from ._systemd import ServiceNotifier, syslogPriority
 from ._tcp import sendAtOnceOn
 from .config import Config, ConfigError, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
 
-__all__ = ["Channel", "LogBatch", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF", "LOG_BATCH"]
+__all__ = ["Channel", "LogBatch", "LogMessage", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF", "LOG_BATCH"]
 
 #: A worker that ran this many seconds before it exited was healthy: the
 #: next one starts at once.
@@ -128,6 +129,17 @@ class _Part(amp.Command):
 class _Notify(amp.Command):
     # A call whose answer nobody waits for, its JSON in one value.
     arguments = [(b"method", amp.Unicode()), (b"data", amp.Unicode())]
+    requiresAnswer = False
+
+
+class _Log(amp.Command):
+    # A worker's log events (LogBatch, LogMessage).
+    arguments = [
+        (b"events", amp.Unicode()),
+        (b"lines", amp.Unicode()),
+        (b"priorities", amp.Unicode()),
+        (b"whole", amp.Boolean()),
+    ]
     requiresAnswer = False
 
 
@@ -201,6 +213,17 @@ class Channel(amp.AMP):
         if self.connected:
             self.callRemote(_Notify, method=method, data=data)
 
+    def notifyLog(self, message: LogMessage) -> None:
+        """
+        Send a worker's log events (L{LogBatch}) to the parent's C{"log"}
+        handler.
+
+        @param message: its JSON of at most L{_PART} characters, its lines
+            of at most L{_PART} octets of UTF-8.
+        """
+        if self.connected:
+            self.callRemote(_Log, **message._asdict())
+
     def sendBox(self, box: amp.AmpBox) -> None:
         # Whatever this side says leaves after what beforeSend sends first
         # (a worker's log events waiting for their batch: the order of the
@@ -244,6 +267,15 @@ class Channel(amp.AMP):
             handler(json.loads(data))
         return {}
 
+    @_Log.responder
+    def _logged(self, events: str, lines: str, priorities: str, whole: bool) -> dict[str, Any]:
+        # The handler says whether the worker must send the events' fields
+        # from now on (LogBatch.fields).
+        handler = self.handlers.get("log")
+        if handler is not None and handler(LogMessage(events, lines, priorities, whole)):
+            self.notify("logFields", True)
+        return {}
+
 
 class _ChannelFactory(Factory):
     # adoptStreamConnection wants a factory; the channel exists already.
@@ -264,6 +296,24 @@ def _adoptChannel(reactor: Any, fd: int, channel: Channel) -> None:
 
 # Log events, from the workers to the parent's log
 
+#: The levels a worker's log sends its parent: those the parent's logs
+#: keep (info and above).
+_RELAYED_LEVELS = frozenset(level for level in LogLevel.iterconstants() if not level < LogLevel.info)
+# The types of field JSON carries as they are (and their subclasses).
+_PLAIN = (str, int, float, bool, type(None))
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
+def _relayedText(event: Mapping[str, Any]) -> str:
+    """
+    A worker's event's text for the parent, with a failure's traceback.
+    """
+    text = eventText(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text += "\n" + failure.getTraceback()
+    return text
+
 
 def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | None:
     """
@@ -271,22 +321,28 @@ def _eventForParent(event: Mapping[str, Any], worker: int) -> dict[str, Any] | N
     formatted here (with a failure's traceback), the fields JSON can carry
     (text quoted for the log line keeps both forms).
     """
-    level = event.get("log_level")
-    if level is None or level < LogLevel.info:
+    level: LogLevel | None = event.get("log_level")
+    if level is None or level not in _RELAYED_LEVELS:
         return None
-    text = eventText(event)
-    failure = event.get("log_failure")
-    if isinstance(failure, Failure):
-        text += "\n" + failure.getTraceback()
+    text = _relayedText(event)
     data: dict[str, Any] = {}
+    # An event whose format is its field "text" (a session's end) has that
+    # field travel once, as the text: the line is most of the event.
+    textOnly = event.get("log_format") == "{text}" and event.get("text") == text
+    if textOnly:
+        data["log_format"] = "{text}"
     for key, value in event.items():
-        if key.startswith("log_") or key == "format":
+        if key.startswith("log_") or key == "format" or (textOnly and key == "text"):
             continue
-        if isinstance(value, LogQuoted):
-            data[key] = {"quoted": str(value), "raw": value.raw}
-        elif isinstance(value, (str, int, float, bool, type(None))):
+        # Most fields are of a plain type exactly: one look-up, not a
+        # call of isinstance per type.
+        if type(value) in _PLAIN_TYPES:
             data[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
+        elif isinstance(value, LogQuoted):
+            data[key] = {"quoted": str(value), "raw": value.raw}
+        elif isinstance(value, _PLAIN):
+            data[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
             data[key] = list(value)
     data["log_text"] = text
     data["log_level"] = level.name
@@ -321,11 +377,41 @@ def _eventFromWorker(data: dict[str, Any]) -> dict[str, Any]:
             event[key] = value
     # The text is formatted already: the format is that text as a field
     # (braces in it are not fields), which the log writes as it is
-    # (mailproxy._logs.eventText).
-    event["log_format"] = "{log_text}"
+    # (mailproxy._logs.eventText); an event that had its text as the field
+    # "text" has it there again.
+    if event.get("log_format") == "{text}":
+        event["text"] = event["log_text"]
+    else:
+        event["log_format"] = "{log_text}"
     event["log_level"] = LogLevel.levelWithName(event["log_level"])
     event["log_system"] = f"worker {data['worker']}"
     return event
+
+
+class LogMessage(NamedTuple):
+    """
+    A worker's batch of log events (L{LogBatch}): their fields, and their
+    lines as the parent's text logs write them (L{ClassicText}), so that
+    a parent whose logs are all text writes the lines as they are.
+
+    An event's text crosses the channel once: in its line, if it has one,
+    else in its fields. A parent that writes lines only tells its workers
+    (L{LogBatch.fields}), which then send no fields.
+
+    @ivar events: the events' JSON (L{_eventForParent}); those without
+        C{log_text} have their text in their line, in order. Empty for
+        lines without fields.
+    @ivar lines: the lines.
+    @ivar priorities: each line's syslog priority, one digit each.
+    @ivar whole: whether every event that has text has its line (not an
+        event without a namespace, which the parent's event log leaves
+        out, nor a line UTF-8 cannot carry or too long for the channel).
+    """
+
+    events: str
+    lines: str
+    priorities: str
+    whole: bool
 
 
 #: Seconds a worker's info events may wait to go to its parent together
@@ -341,6 +427,16 @@ class LogBatch:
     message, a wake-up of the parent and a dispatch of a channel message
     per event. A session's end line per login cost the parent about 0.2 ms
     per login that way; in batches, under load, about 0.07 ms.
+
+    With the events go their lines as the parent's text logs write them
+    (L{LogMessage}): a parent whose logs are all text writes them as they
+    are, with one C{write} per log, without decoding the events; it tells
+    its workers so (L{fields}), and they send the lines without the
+    events' fields.
+
+    @ivar fields: whether the parent needs the events' fields (a JSON log,
+        or any other observer than the proxy's text logs); until it says
+        it does not.
 
     Nothing is lost or reordered within the worker: a warning or an error
     goes at once, with the events before it; so do the events waiting
@@ -359,29 +455,119 @@ class LogBatch:
         self.worker = worker
         self._pending: list[str] = []
         self._size = 0
+        self._lines: list[str] = []
+        self._linesSize = 0
+        self._whole = True
+        self._priorities: list[str] = []
+        self._classicText = ClassicText()
+        self._system = f"worker {worker}"
+        self.fields = True
         self._call: Any = None
         self._sending = False
         channel.beforeSend = self.flush
+
+    def sendFields(self, fields: bool) -> None:
+        """
+        Send the events' fields from now on, or only their lines (the
+        events waiting go first, as they were to).
+        """
+        if fields != self.fields:
+            self.flush()
+            self.fields = fields
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._sending:
             # Logged while sending (the channel's own trouble): it would
             # only come back here.
             return
+        if not self.fields:
+            self._lineOnly(event)
+            return
         data = _eventForParent(event, self.worker)
         if data is None:
             return
-        text = json.dumps(data)
+        line, lineSize = self._line(data["log_namespace"], data["log_text"], data["log_time"])
+        # The text goes in its line, if it has one.
+        text = self._json(data, line)
         if len(text) > _PART - 2:
-            text = json.dumps(_shortEvent(data))
-        if self._size + len(text) + 1 > _PART - 2:
+            data = _shortEvent(data)
+            line, lineSize = self._line(data["log_namespace"], data["log_text"], data["log_time"])
+            text = self._json(data, line)
+        if self._size + len(text) + 1 > _PART - 2 or self._linesSize + lineSize > _PART:
             self.flush()
         self._pending.append(text)
         self._size += len(text) + 1
-        if event["log_level"] >= LogLevel.warn or not getattr(self.clock, "running", True):
+        if line:
+            self._lines.append(line)
+            self._linesSize += lineSize
+            self._priorities.append(str(syslogPriority(event["log_level"])))
+        elif line is None:
+            self._whole = False
+        self._sendSoon(event["log_level"])
+
+    def _lineOnly(self, event: dict[str, Any]) -> None:
+        # The event's line without its fields; an event that cannot go
+        # as a line goes alone with them.
+        level = event.get("log_level")
+        if level is None or level not in _RELAYED_LEVELS:
+            return
+        line, lineSize = self._line(event.get("log_namespace"), _relayedText(event), event.get("log_time"))
+        if line is None:
+            self.sendFields(True)
+            try:
+                self(event)
+                self.flush()
+            finally:
+                self.sendFields(False)
+            return
+        if self._linesSize + lineSize > _PART:
+            self.flush()
+        if line:
+            self._lines.append(line)
+            self._linesSize += lineSize
+            self._priorities.append(str(syslogPriority(level)))
+        self._sendSoon(level)
+
+    def _sendSoon(self, level: LogLevel) -> None:
+        # A warning or worse goes at once, and everything once the
+        # reactor no longer runs; the rest within LOG_BATCH seconds.
+        if level >= LogLevel.warn or not getattr(self.clock, "running", True):
             self.flush()
         elif self._call is None:
             self._call = self.clock.callLater(LOG_BATCH, self.flush)
+
+    @staticmethod
+    def _json(data: dict[str, Any], line: str | None) -> str:
+        # The event's JSON, without its text if that is in its line.
+        if not line:
+            return json.dumps(data)
+        text = data.pop("log_text")
+        try:
+            return json.dumps(data)
+        finally:
+            data["log_text"] = text
+
+    def _line(self, namespace: str | None, text: str, when: float | None) -> tuple[str | None, int]:
+        """
+        The line the parent's text logs write for an event (of the
+        C{namespace}, C{text} and time from L{_eventForParent}), empty for
+        none, and its size in octets; L{None} if it cannot go as a line
+        (see L{LogMessage}).
+        """
+        if not namespace:
+            return None, 0
+        event = {"log_format": "{log_text}", "log_text": text, "log_time": when, "log_system": self._system}
+        line = self._classicText(event) or ""
+        if line.isascii():
+            size = len(line)
+        else:
+            try:
+                size = len(line.encode("utf-8"))
+            except UnicodeEncodeError:
+                return None, 0
+        if size > _PART:
+            return None, 0
+        return line, size
 
     def flush(self) -> None:
         """
@@ -391,23 +577,65 @@ class LogBatch:
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        if not self._pending or self._sending:
+        if not (self._pending or self._lines) or self._sending:
             return
         pending, self._pending, self._size = self._pending, [], 0
+        events = "[" + ",".join(pending) + "]" if self.fields else ""
+        message = LogMessage(events, "".join(self._lines), "".join(self._priorities), self._whole)
+        self._lines, self._linesSize, self._priorities, self._whole = [], 0, [], True
         self._sending = True
         try:
-            self.channel.notifyEncoded("log", "[" + ",".join(pending) + "]")
+            self.channel.notifyLog(message)
         finally:
             self._sending = False
 
 
-def _publishFromWorker(events: list[dict[str, Any]]) -> None:
+#: The log levels of the syslog priorities (L{syslogPriority}) a worker
+#: sends with its lines.
+_PRIORITY_LEVELS = {str(syslogPriority(level)): level for level in _RELAYED_LEVELS}
+
+
+def _publishFromWorker(message: LogMessage) -> bool:
     """
     Publish a worker's batch of events (L{LogBatch}) in the parent's log,
-    in order.
+    in order: as the lines the worker made, if the parent's logs are all
+    text (L{writeClassicLines}); else as events.
+
+    Lines sent without their fields, which the parent's logs no longer
+    all take as lines (an observer added since the worker was told they
+    did, L{needsFields}), are published as events of their text and level
+    only, in the namespace of this module, at the time they arrive.
+
+    @return: whether the worker must send the events' fields from now on.
     """
-    for data in events:
-        globalLogPublisher(_eventFromWorker(data))
+    if message.whole and writeClassicLines(globalLogPublisher, message.lines, message.priorities):
+        return False
+    if not message.events:
+        now = time.time()
+        for priority, line in zip(message.priorities, classicLines(message.lines)):
+            system = line[line.index(" [") + 2 : line.index("] ")]
+            globalLogPublisher(
+                {
+                    "log_format": "{log_text}", "log_text": classicLineText(line), "log_level": _PRIORITY_LEVELS[priority],
+                    "log_namespace": __name__, "log_time": now, "log_system": system,
+                }
+            )  # fmt: skip
+        return True
+    lines = iter(classicLines(message.lines))
+    with heldWrites(globalLogPublisher):
+        for data in json.loads(message.events):
+            if "log_text" not in data:
+                data["log_text"] = classicLineText(next(lines))
+            globalLogPublisher(_eventFromWorker(data))
+    return False
+
+
+def needsFields() -> bool:
+    """
+    Whether the parent's logs need the fields of a worker's events, not
+    only their lines (L{LogBatch.fields}).
+    """
+    return classicWriters(globalLogPublisher) is None
 
 
 # The parent
@@ -909,6 +1137,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "holds": list(self.gate.holds.values()),
             "blocked": sorted(self.blocked),
             "failures": {address: count for address, (count, _) in self.failures.known.items()},
+            "logFields": needsFields(),
         }
 
     def _ready(self, worker: _Worker) -> None:
@@ -1499,6 +1728,7 @@ def workerMain(
     _adoptChannel(reactor, CHANNEL_FD, channel)
 
     forward = LogBatch(channel, reactor, worker)
+    handlers["logFields"] = forward.sendFields
     globalLogBeginner.beginLoggingTo([forward], redirectStandardIO=False, discardBuffer=True)
     # What is logged while the reactor stops leaves before the process ends.
     reactor.addSystemEventTrigger("after", "shutdown", forward.flush)  # type: ignore[attr-defined]
@@ -1506,6 +1736,7 @@ def workerMain(
 
     async def start() -> None:
         state = await channel.call("hello")
+        forward.sendFields(state.get("logFields", True))
         try:
             config = parseConfig(state["config"], path)
             adopted = [(CHANNEL_FD + 1 + index, family) for index, family in enumerate(json.loads(families))]

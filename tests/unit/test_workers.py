@@ -9,9 +9,13 @@ tests.integration.test_workers.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import select
 import socket
+import sys
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -19,13 +23,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from mailproxy._logs import jsonLine
+from mailproxy._logs import EventLogService, _FileObserver, _InfoAndAbove, jsonLine, twistdLogObserver
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
 from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
@@ -44,7 +48,7 @@ from mailproxy._workers import (
     _eventFromWorker,
     _shortEvent,
 )
-from mailproxy.config import ConfigError, parseConfig, workerCount
+from mailproxy.config import ConfigError, LogConfig, parseConfig, workerCount
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection
 from mailproxy.settings import Limits
@@ -508,6 +512,34 @@ class LogRelayTests(SynchronousTestCase):
         worker.notify("log", _shortEvent(data))
         self.assertTrue(formatEvent(_eventFromWorker(_shortEvent(data))).endswith(" [cut]"))
 
+    def test_plainFieldsChecked(self) -> None:
+        """
+        A session's end event, whose fields are mostly plain strings and
+        numbers, has them relayed without calling C{isinstance} per field
+        and per type (each call costs the worker's every login); subclasses
+        of the plain types still go, quoted text in both forms.
+        """
+        checks: list[object] = []
+
+        def counting(value: object, types: Any) -> bool:
+            checks.append(value)
+            return isinstance(value, types)
+
+        _workers.isinstance = counting  # type: ignore[attr-defined]
+        self.addCleanup(delattr, _workers, "isinstance")
+        fields = {f"field{n}": value for n, value in enumerate(["a", 1, 2.5, True, None] * 4)}
+        event = {
+            "log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "mailproxy._session",
+            "log_time": 1000.0, "text": "session s1 end", "user": logQuote("u"), "level": LogLevel.warn, **fields,
+        }
+        data = _eventForParent(event, 1)
+        assert data is not None
+        self.assertEqual({key: data[key] for key in fields}, fields)
+        self.assertEqual(data["user"], {"quoted": '"u"', "raw": "u"})
+        self.assertNotIn("level", data)
+        # The failure's, the quoted text's, the level's three.
+        self.assertLessEqual(len(checks), 5)
+
     def test_debugStays(self) -> None:
         """
         Debug events stay in the worker, as the parent's log would drop
@@ -618,14 +650,35 @@ class LogBatchTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(order, ["s1", "failed", "s2"])
 
+    def test_textTravelsOnce(self) -> None:
+        """
+        A session's end line, whose format is its field C{text}, crosses the
+        channel once (not as the text and again as the field), and the
+        parent's event has the worker's format, text and fields: its text
+        and JSON lines are the worker's.
+        """
+        text = "session s1 end: IMAP from 192.0.2.1:1 user=u backend=b result=ok"
+        event = {
+            "log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "mailproxy._session",
+            "log_time": 1000.0, "text": text, "event": "session_end", "user": logQuote("u"),
+        }
+        self.batch(event)
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+        self.assertEqual(b"".join(value for box in self.sent.boxes for value in box.values()).count(text.encode()), 1)
+        [published] = self.published
+        self.assertEqual((published["log_format"], published["text"]), ("{text}", text))
+        self.assertEqual(formatEvent(published), text)
+        self.assertEqual(jsonLine(published), jsonLine(dict(event, log_system="worker 2", worker=2)))
+
     def test_largeBatchesSplit(self) -> None:
         """
         Lines that would not fit in one channel message go in several,
         every line whole; a line too long for one message alone is cut.
         """
-        # About 20,000 characters of JSON each (the text and its field):
-        # two fit in one message.
-        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000}
+        # About 20,000 characters of JSON each (the text and another
+        # field): two fit in one message.
+        long = {"log_format": "{text}", "log_level": LogLevel.info, "text": "x" * 10000, "also": "z" * 10000}
         for n in range(7):
             self.batch(dict(long, n=n))
         self.batch({"log_format": "{text}", "log_level": LogLevel.info, "text": "y" * 70000})
@@ -645,6 +698,305 @@ class LogBatchTests(SynchronousTestCase):
         self.batch(self.session(1))
         self.pump.flush()
         self.assertEqual([e["id"] for e in self.published], ["s1"])
+
+
+class CountingStream(io.StringIO):
+    """
+    A text stream that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+class ParentLogLinesTests(SynchronousTestCase):
+    """
+    The parent writes a worker's batch of log lines to its text logs as
+    the worker made them: byte for byte what it wrote for each event, with
+    one write per log, without decoding the events. (Twistd's log is
+    reached as Twisted's L{FileLogObserver} keeps its file.)
+    """
+
+    def setUp(self) -> None:
+        self.parent, self.worker, self.pump = channels(Machine.handlersFor(None, None), {})  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.batch = LogBatch(self.worker, self.clock, 2)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {"log_level": LogLevel.info, "log_namespace": "mailproxy._session", "log_time": 1700000000.25}
+        self.events: list[dict[str, Any]] = [
+            dict(base, log_format="{text}", text='session s1 end: IMAP user="u" result=ok', event="session_end", user=logQuote("u")),
+            dict(base, log_format="backend {name} said {reply} {{braces}}", name="bé", reply="Grüße ✓ \x1b[31m"),
+            dict(base, log_format="", log_time=1700000000.9999996),
+            dict(base, log_format="{text}", text="two\nlines\n\tand a tab", log_level=LogLevel.warn, log_time=1700000001.5),
+            dict(base, log_format="it broke for {user}", user=logQuote("ü\r\n"), log_failure=failure, log_level=LogLevel.error),
+            dict(base, log_format="{text}", text="after the failure", log_time=1700000002.0),
+        ]
+
+    def logs(self) -> list[Any]:
+        """
+        The parent's logs: twistd's log file, the event log in text (with
+        and without the journal's priorities) and in JSON.
+        """
+        return [
+            twistdLogObserver({"logfile": os.path.abspath(self.mktemp()), "nodaemon": True}),
+            _InfoAndAbove(_FileObserver(CountingStream(), "text")),
+            _InfoAndAbove(_FileObserver(CountingStream(), "text", priorities=True)),
+            _InfoAndAbove(_FileObserver(CountingStream(), "json")),
+        ]
+
+    @staticmethod
+    def written(observer: Any) -> str:
+        """
+        What C{observer} of L{logs} wrote.
+        """
+        if isinstance(observer, _InfoAndAbove):
+            return observer._observer.stream.getvalue()  # type: ignore[attr-defined, no-any-return]
+        with open(observer._outFile.path, encoding="utf-8") as f:
+            return f.read()
+
+    def relay(self, events: list[dict[str, Any]], observers: list[Any]) -> None:
+        """
+        Log C{events} in the worker, and let the parent write them to
+        C{observers}.
+        """
+        self.patch(_workers, "globalLogPublisher", LogPublisher(*observers))
+        for event in events:
+            self.batch(dict(event))
+        self.clock.advance(LOG_BATCH)
+        self.pump.flush()
+
+    def reference(self, events: list[dict[str, Any]], observers: list[Any]) -> None:
+        """
+        Write C{events} to C{observers} as the parent did before it took a
+        worker's lines: each event from its JSON, one at a time.
+        """
+        for event in events:
+            data = _eventForParent(event, 2)
+            assert data is not None
+            for observer in observers:
+                observer(_eventFromWorker(json.loads(json.dumps(data))))
+
+    def assertSameLogs(self, events: list[dict[str, Any]], logs: list[Any], rounds: int = 2) -> None:
+        """
+        C{events} relayed to the text logs in C{logs} (and, apart, to all
+        of them with the JSON one) are written byte for byte as before.
+
+        @param rounds: 1 for the text logs only.
+        """
+        for observers in (logs[:3], logs)[:rounds]:
+            for observer in observers:
+                if not isinstance(observer, _InfoAndAbove):
+                    observer._outFile.rotate()
+                else:
+                    observer._observer.stream = CountingStream()  # type: ignore[attr-defined]
+            self.relay(events, observers)
+            written = [self.written(o) for o in observers]
+            expected = self.logs()[: len(observers)]
+            self.reference(events, expected)
+            self.assertEqual(written, [self.written(o) for o in expected])
+
+    def test_sameLines(self) -> None:
+        """
+        A batch with a session's end line, non-ASCII text and a control
+        character, an event without text, a line break with a tab, a
+        warning among info lines (the journal's priorities change within
+        the batch) and a failure's traceback:
+        twistd's log, the text event log and the JSON one are written byte
+        for byte as when the parent wrote each event itself.
+        """
+        logs = self.logs()
+        self.assertSameLogs(self.events, logs)
+        written = self.written(logs[1])
+        self.assertIn("bé said Grüße ✓ \\x1b[31m {braces}", written)
+        self.assertIn("two\n\tlines\n\t\tand a tab", written)
+        self.assertIn("ZeroDivisionError", written)
+        self.assertIn("<4>2023", self.written(logs[2]))
+
+    def test_noNamespace(self) -> None:
+        """
+        An event without a namespace (which twistd's log writes and the
+        event log leaves out) is written as before.
+        """
+        events = [self.events[0], dict(self.events[1], log_namespace=None), self.events[5]]
+        self.assertSameLogs(events, self.logs())
+
+    def test_oneWrite(self) -> None:
+        """
+        A batch of lines is one write to twistd's log file and one to the
+        text event log, without decoding the events' JSON.
+        """
+        twistd, text = self.logs()[:2]
+        writes: list[str] = []
+        decoded: list[str] = []
+        write, loads = twistd._outFile.write, json.loads
+
+        def counted(data: str) -> None:
+            writes.append(data)
+            write(data)
+
+        def decode(data: str) -> Any:
+            decoded.append(data)
+            return loads(data)
+
+        self.patch(twistd._outFile, "write", counted)
+        self.patch(_workers.json, "loads", decode)
+        self.relay([dict(self.events[0], log_time=1700000000.0 + n) for n in range(20)], [twistd, text])
+        self.assertEqual((len(writes), text._observer.stream.writes, len(decoded)), (1, 1, 0))
+        self.assertEqual(self.written(twistd).count("session s1 end"), 20)
+
+    def test_linesWithoutFields(self) -> None:
+        """
+        A parent whose logs are all text says so to a starting worker,
+        which then sends its lines without the events' fields: no JSON,
+        and the logs get the same bytes; an event without a namespace
+        still goes with its fields, in its place.
+        """
+        machine = Machine(parseConfig(CONFIG, configFile(self)), 1, Clock(), [])
+        for observers, fields in ((self.logs()[:3], False), (self.logs(), True)):
+            self.patch(_workers, "globalLogPublisher", LogPublisher(*observers))
+            self.assertIs(machine._hello(machine.workers[0])["logFields"], fields)
+        self.batch.sendFields(False)
+        sent = BoxCounter(self.worker)
+        relayed: list[Any] = []
+        self.patch(_workers, "_eventForParent", lambda event, worker: relayed.append(event))
+        self.assertSameLogs(self.events, self.logs()[:3], rounds=1)
+        self.assertEqual(([box[b"events"] for box in sent.boxes], relayed), ([b""] * len(sent.boxes), []))
+        self.patch(_workers, "_eventForParent", _eventForParent)
+        events = [self.events[0], dict(self.events[1], log_namespace=None), self.events[5]]
+        self.assertSameLogs(events, self.logs()[:3], rounds=1)
+        self.assertFalse(self.batch.fields)
+
+    def test_fieldsNeededAgain(self) -> None:
+        """
+        Lines without fields reaching a parent whose logs no longer all
+        take lines are logged with their text and level, and the worker
+        sends the fields from then on.
+        """
+        self.worker.handlers["logFields"] = self.batch.sendFields
+        self.batch.sendFields(False)
+        jsonLog = self.logs()[3]
+        self.relay(self.events[:2], [jsonLog])
+        self.assertTrue(self.batch.fields)
+        lines = [json.loads(line) for line in self.written(jsonLog).splitlines()]
+        self.assertEqual([(line["message"], line["level"]) for line in lines], [(formatEvent(e), "info") for e in self.events[:2]])
+        self.relay(self.events[3:4], [jsonLog])
+        self.assertEqual(self.written(jsonLog).splitlines()[2], jsonLine(_eventFromWorker(_eventForParent(self.events[3], 2))))  # type: ignore[arg-type]
+
+    def test_reopenAndRotate(self) -> None:
+        """
+        The text event log reopened after its file was moved away (log
+        rotation) and twistd's log file rotated (C{SIGUSR1}) get the lines
+        of the batches after, in their new files.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = EventLogService(LogConfig("text", path), LogPublisher())
+        service.startService()
+        self.addCleanup(service.stopService)
+        twistd = self.logs()[0]
+        observers = [service._filter, twistd]
+        self.relay(self.events[:1], observers)
+        os.rename(path, path + ".1")
+        service.reopen()
+        twistd._outFile.rotate()
+        self.relay(self.events[5:], observers)
+        for name in (path, twistd._outFile.path):
+            with open(name) as f, open(name + ".1") as before:
+                self.assertEqual(
+                    ([line.split("] ", 1)[1] for line in before], [line.split("] ", 1)[1] for line in f]),
+                    ([formatEvent(self.events[0]) + "\n"], ["after the failure\n"]),
+                )
+
+    def test_eventsWrittenTogether(self) -> None:
+        """
+        A batch the parent logs as events (its logs include a JSON one) is
+        one write to each log.
+        """
+        twistd, text, _, jsonLog = self.logs()
+        writes: list[str] = []
+        write = twistd._outFile.write
+
+        def counted(data: str) -> None:
+            writes.append(data)
+            write(data)
+
+        self.patch(twistd._outFile, "write", counted)
+        self.relay([dict(self.events[0], log_time=1700000000.0 + n) for n in range(20)], [twistd, text, jsonLog])
+        self.assertEqual((len(writes), text._observer.stream.writes, jsonLog._observer.stream.writes), (1, 1, 1))
+        self.assertEqual([len(self.written(o).splitlines()) for o in (twistd, text, jsonLog)], [20, 20, 20])
+
+    def test_lineRefused(self) -> None:
+        """
+        Of a batch logged as events, a line twistd's log file cannot
+        encode (a lone surrogate) is refused as when each line was written
+        alone: the lines before and after it are written, and the other
+        logs report the observer's error.
+        """
+        bad = dict(self.events[0], text="bad \udcff line")
+        events = [self.events[0], bad, self.events[5]]
+        observers = self.logs()[:2]
+        self.relay(events, observers)
+        expected = self.logs()[:2]
+        publisher = LogPublisher(*expected)
+        for event in events:
+            data = _eventForParent(event, 2)
+            assert data is not None
+            publisher(_eventFromWorker(json.loads(json.dumps(data))))
+        # The same lines, the same error (its traceback names other lines of
+        # the observer's call).
+        places = re.compile(r"0x[0-9a-f]+|py:[0-9]+:|line [0-9]+")
+        written, before = ([places.sub("", self.written(o)) for o in logs] for logs in (observers, expected))
+        self.assertEqual(written, before)
+        self.assertNotIn("bad", written[0])
+        self.assertIn("Temporarily disabling observer", written[1])
+
+    def test_surrogateWrittenAlone(self) -> None:
+        """
+        Of a batch logged as events, a line that twistd's standard output
+        takes only by its error handler (a lone surrogate, written as the
+        octet it stands for) is written once, in its place.
+        """
+        bad = dict(self.events[0], text="bad \udcff line")
+        events = [self.events[0], bad, self.events[5]]
+        outputs = []
+        for write in (self.relay, self.reference):
+            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape")
+            self.patch(sys, "stdout", out)
+            observers = [twistdLogObserver({"logfile": "-", "nodaemon": True}), self.logs()[3]]
+            write(events, observers)
+            out.flush()
+            outputs.append(out.buffer.getvalue())  # type: ignore[attr-defined]
+        self.assertEqual(outputs[0], outputs[1])
+        self.assertEqual(outputs[0].count(b"bad \xff line"), 1)
+
+    def test_rotation(self) -> None:
+        """
+        Twistd's log file, rotated when it reaches its size, rotates
+        before the same line as when each line was written alone.
+        """
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        lines = [dict(self.events[0], log_time=1700000000.0 + n) for n in range(12)]
+        for directory, write in (("new", self.relay), ("before", self.reference)):
+            os.mkdir(os.path.join(path, directory))
+            observer = twistdLogObserver({"logfile": os.path.join(path, directory, "twistd.log"), "nodaemon": True})
+            assert observer is not None
+            observer._outFile.rotateLength = 300  # type: ignore[attr-defined]
+            write(lines, [observer])
+            observer._outFile.close()  # type: ignore[attr-defined]
+        files: dict[str, dict[str, str]] = {}
+        for directory in ("new", "before"):
+            files[directory] = {}
+            for name in os.listdir(os.path.join(path, directory)):
+                with open(os.path.join(path, directory, name)) as f:
+                    files[directory][name] = f.read()
+        self.assertGreater(len(files["before"]), 2)
+        self.assertEqual(files["new"], files["before"])
 
 
 class MergeTests(SynchronousTestCase):
