@@ -69,6 +69,19 @@ class _SendAtOnce(FileDescriptor):
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         sendAtOnce(self, b"".join(iovec))
 
+    def loseConnection(self) -> None:
+        # The TLS layer calls this once its close_notify is written. As on
+        # a plain connection (_AtOnce.loseConnection), with nothing left to
+        # send the socket is closed once the current event is handled, not
+        # through a write event: a STARTTLS session's close then costs what
+        # an implicit-TLS one does.
+        if _openAndIdle(self):
+            self.stopReading()
+            self.disconnecting = 1
+            callSoon(self.reactor, self._closeNow)  # type: ignore[attr-defined]
+            return
+        FileDescriptor.loseConnection(self)
+
 
 def sendAtOnce(connection: Any, data: bytes) -> None:
     """
@@ -144,17 +157,9 @@ class _AtOnce:
         _tls.startTLS(self, ctx, normal, _SendAtOnce)
 
     def _nothingToWaitFor(self) -> bool:
-        # A plain connection, open both ways, with no producer and nothing
-        # buffered: a close or a half-close has nothing to send first.
-        return bool(
-            not self.TLS  # type: ignore[attr-defined]
-            and self.connected  # type: ignore[attr-defined]
-            and not self.disconnecting
-            and not self._writeDisconnected
-            and not self._writeDisconnecting
-            and self.producer is None  # type: ignore[attr-defined]
-            and not _buffered(self)
-        )
+        # A plain connection with nothing to send before a close or a
+        # half-close (with TLS, the TLS layer has its close_notify to send).
+        return not self.TLS and _openAndIdle(self)  # type: ignore[attr-defined]
 
     def loseConnection(self) -> None:
         if self._writeDisconnected and not self.TLS and self.connected and not self.disconnecting:  # type: ignore[attr-defined]
@@ -246,6 +251,21 @@ def callSoon(reactor: Any, f: Callable[[], object]) -> None:
         soon(f)
     else:
         reactor.callLater(0, f)
+
+
+def _openAndIdle(connection: Any) -> bool:
+    """
+    Whether the TCP C{connection} is open both ways, with no producer and
+    nothing buffered: a close or a half-close has nothing to wait for.
+    """
+    return bool(
+        connection.connected
+        and not connection.disconnecting
+        and not connection._writeDisconnected
+        and not connection._writeDisconnecting
+        and connection.producer is None
+        and not _buffered(connection)
+    )
 
 
 def _buffered(connection: Any) -> bool:

@@ -370,6 +370,35 @@ class AtOnceTests(TestCase):
         yield self.closeBoth(server, client)
 
     @inlineCallbacks
+    def test_closeAfterStartTLSAtOnce(self) -> Any:
+        """
+        Closing a connection that went over to TLS with C{startTLS} (an IMAP
+        STARTTLS or POP3 STLS session), with nothing buffered, does not
+        have the reactor watch it for writability either, once the TLS
+        layer has sent its close_notify: the client reads what was written
+        and sees the connection close.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = makeSelfSigned(directory)
+        with open(certificate, "rb") as c, open(key, "rb") as k:
+            pem = c.read() + k.read()
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.startTLS(PrivateCertificate.loadPEM(pem).options())
+        client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=PrivateCertificate.loadPEM(pem)))
+        server.transport.write(b"* OK over TLS\r\n")
+        yield self.waitFor(lambda: bytes(client.received) == b"* OK over TLS\r\n")
+        server.transport.write(b"* BYE\r\n")
+        server.transport.loseConnection()
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"* OK over TLS\r\n* BYE\r\n")
+        self.assertNotIn(server.transport, self.watched)
+
+    @inlineCallbacks
     def test_closeAtOnce(self) -> Any:
         """
         Closing a connection with nothing buffered does not have the
