@@ -346,37 +346,13 @@ class AtOnceTests(TestCase):
         yield self.closeBoth(server, client)
 
     @inlineCallbacks
-    def test_startTLSSendsAtOnce(self) -> Any:
+    def overTLS(self) -> Any:
         """
-        After C{startTLS} on an accepted connection, the ciphertext of the
-        handshake and of what the protocol writes is sent at once too, and
-        the client reads the cleartext.
-        """
-        directory = self.mktemp()
-        os.makedirs(directory)
-        certificate, key = makeSelfSigned(directory)
-        with open(certificate, "rb") as c, open(key, "rb") as k:
-            pem = c.read() + k.read()
-        serverOptions = PrivateCertificate.loadPEM(pem).options()
-        server, client = Peer(), Peer()
-        self.connect(self.listen(server), client)
-        yield server.ready
-        yield client.ready
-        server.transport.startTLS(serverOptions)
-        client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=PrivateCertificate.loadPEM(pem)))
-        server.transport.write(b"* OK over TLS\r\n")
-        yield self.waitFor(lambda: bytes(client.received) == b"* OK over TLS\r\n")
-        self.assertNotIn(server.transport, self.watched)
-        yield self.closeBoth(server, client)
+        Connect two peers on loopback and have them start TLS with
+        C{startTLS}, the accepted side as the TLS server; then the server
+        writes a line, which the client reads.
 
-    @inlineCallbacks
-    def test_closeAfterStartTLSAtOnce(self) -> Any:
-        """
-        Closing a connection that went over to TLS with C{startTLS} (an IMAP
-        STARTTLS or POP3 STLS session), with nothing buffered, does not
-        have the reactor watch it for writability either, once the TLS
-        layer has sent its close_notify: the client reads what was written
-        and sees the connection close.
+        @return: a L{Deferred} firing with the server and client peers.
         """
         directory = self.mktemp()
         os.makedirs(directory)
@@ -391,6 +367,29 @@ class AtOnceTests(TestCase):
         client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=PrivateCertificate.loadPEM(pem)))
         server.transport.write(b"* OK over TLS\r\n")
         yield self.waitFor(lambda: bytes(client.received) == b"* OK over TLS\r\n")
+        return server, client
+
+    @inlineCallbacks
+    def test_startTLSSendsAtOnce(self) -> Any:
+        """
+        After C{startTLS} on an accepted connection, the ciphertext of the
+        handshake and of what the protocol writes is sent at once too, and
+        the client reads the cleartext.
+        """
+        server, client = yield self.overTLS()
+        self.assertNotIn(server.transport, self.watched)
+        yield self.closeBoth(server, client)
+
+    @inlineCallbacks
+    def test_closeAfterStartTLSAtOnce(self) -> Any:
+        """
+        Closing a connection that went over to TLS with C{startTLS} (an IMAP
+        STARTTLS or POP3 STLS session), with nothing buffered, does not
+        have the reactor watch it for writability either, once the TLS
+        layer has sent its close_notify: the client reads what was written
+        and sees the connection close.
+        """
+        server, client = yield self.overTLS()
         server.transport.write(b"* BYE\r\n")
         server.transport.loseConnection()
         yield client.closed
