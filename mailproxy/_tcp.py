@@ -76,9 +76,7 @@ class _SendAtOnce(FileDescriptor):
         # through a write event: a STARTTLS session's close then costs what
         # an implicit-TLS one does.
         if _openAndIdle(self):
-            self.stopReading()
-            self.disconnecting = 1
-            callSoon(self.reactor, self._closeNow)  # type: ignore[attr-defined]
+            _closeSoon(self)
             return
         FileDescriptor.loseConnection(self)
 
@@ -177,9 +175,7 @@ class _AtOnce:
         # protocol does not expect its connectionLost while it is still
         # calling loseConnection).
         if self._nothingToWaitFor():
-            self.stopReading()  # type: ignore[attr-defined]
-            self.disconnecting = 1
-            callSoon(self.reactor, self._closeNow)  # type: ignore[attr-defined]
+            _closeSoon(self)
             return
         super().loseConnection()  # type: ignore[misc]
 
@@ -266,6 +262,17 @@ def _openAndIdle(connection: Any) -> bool:
         and connection.producer is None
         and not _buffered(connection)
     )
+
+
+def _closeSoon(connection: Any) -> None:
+    """
+    Close the TCP C{connection}, which has nothing to send (L{_openAndIdle}),
+    once the current event is handled: it stops reading now, and says it is
+    disconnecting, as Twisted's C{loseConnection} does.
+    """
+    connection.stopReading()
+    connection.disconnecting = 1
+    callSoon(connection.reactor, connection._closeNow)
 
 
 def _buffered(connection: Any) -> bool:
