@@ -204,6 +204,16 @@ def classicLineText(line: str) -> str:
     return line[line.index("] ") + 2 : -1].replace("\n\t", "\n")
 
 
+def _journalLines(text: str, priority: object) -> str:
+    """
+    C{text} (ending with a line break) with the syslog C{priority} in front
+    of each of its lines, as the journal reads them from standard output:
+    each line of a traceback is an entry of its own.
+    """
+    prefix = f"<{priority}>"
+    return prefix + text[:-1].replace("\n", "\n" + prefix) + "\n"
+
+
 def _writesUTF8(stream: object) -> bool:
     # Whether text written to the stream is encoded as UTF-8 (strictly, or
     # with errors that a valid text never meets): lines written together
@@ -356,9 +366,7 @@ class _FileObserver:
             if not (line.isascii() and line[:-1].replace("\n\t", "").isprintable()):
                 line = line.translate(_TEXT_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
         if line and self.priorities:
-            # Each line of a traceback is a journal entry of its own.
-            prefix = f"<{syslogPriority(event.get('log_level'))}>"
-            line = prefix + line[:-1].replace("\n", "\n" + prefix) + "\n"
+            line = _journalLines(line, syslogPriority(event.get("log_level")))
         if not line:
             return
         if self._held is not None:
@@ -402,12 +410,10 @@ class _FileObserver:
             return
         if self.priorities:
             if len(set(priorities)) == 1:
-                prefix = f"<{priorities[0]}>"
-                lines = prefix + lines[:-1].replace("\n", "\n" + prefix) + "\n"
+                lines = _journalLines(lines, priorities[0])
             else:
                 lines = "".join(
-                    f"<{priority}>" + line[:-1].replace("\n", f"\n<{priority}>") + "\n"
-                    for priority, line in zip(priorities, classicLines(lines))
+                    _journalLines(line, priority) for priority, line in zip(priorities, classicLines(lines))
                 )
         self.stream.write(lines)
         self.stream.flush()
