@@ -498,9 +498,7 @@ class LogBatch:
         self._pending.append(text)
         self._size += len(text) + 1
         if line:
-            self._lines.append(line)
-            self._linesSize += lineSize
-            self._priorities.append(str(syslogPriority(event["log_level"])))
+            self._keepLine(line, lineSize, event["log_level"])
         elif line is None:
             self._whole = False
         self._sendSoon(event["log_level"])
@@ -523,10 +521,14 @@ class LogBatch:
         if self._linesSize + lineSize > _PART:
             self.flush()
         if line:
-            self._lines.append(line)
-            self._linesSize += lineSize
-            self._priorities.append(str(syslogPriority(level)))
+            self._keepLine(line, lineSize, level)
         self._sendSoon(level)
+
+    def _keepLine(self, line: str, size: int, level: LogLevel) -> None:
+        # The line goes with the next batch, with its syslog priority.
+        self._lines.append(line)
+        self._linesSize += size
+        self._priorities.append(str(syslogPriority(level)))
 
     def _sendSoon(self, level: LogLevel) -> None:
         # A warning or worse goes at once, and everything once the
