@@ -32,6 +32,9 @@ MAX_BACKEND_LINE = 8192
 #: CAPA lines accepted from a backend: real servers send about fifteen; a
 #: list that goes on is refused rather than collected until the timeout.
 MAX_CAPA_LINES = 256
+#: The end of a CAPA list: a line of one dot, at the start of the buffer or
+#: after a line's end.
+_CAPA_END = re.compile(rb"(?:^|(?<=\n))\.\r*\n")
 #: Longest command line a POP3 server must accept (RFC 2449 section 4).
 MAX_COMMAND_LINE = 255
 #: Response codes that tell the client something it can act on: passed on.
@@ -86,7 +89,14 @@ class POP3BackendLogin(BackendProtocol):
 
     def dialogueReceived(self, data: bytes) -> None:
         self._buffer += data
+        # The CAPA list's end is looked for once per read (what the lines
+        # before it left in the buffer has no end, or it would be read).
+        capaLooked = False
         while not self._done:
+            if not capaLooked and self.state is LoginState.CAPABILITIES and self._capa is not None:
+                capaLooked = True
+                if self._capaRead():
+                    continue
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_BACKEND_LINE:
@@ -131,6 +141,28 @@ class POP3BackendLogin(BackendProtocol):
         # changed on the way (RFC 2595 section 4).
         self.state = LoginState.CAPABILITIES
         self.transport.write(b"CAPA\r\n")
+
+    def _capaRead(self) -> bool:
+        """
+        Read the rest of the CAPA list at once, if its end (the C{.} line)
+        has arrived: the usual case, the whole reply in one read. Its lines
+        are taken as L{_capaLine} takes them one by one.
+
+        @return: whether it was read (the login then goes on).
+        """
+        end = _CAPA_END.search(self._buffer)
+        if end is None:
+            return False
+        # The split leaves an empty string after the last line's LF.
+        lines = [line.rstrip(b"\r") for line in self._buffer[: end.start()].upper().split(b"\n")[:-1]]
+        self._buffer = self._buffer[end.end() :]
+        capa = self._capa or []
+        if len(lines) > MAX_CAPA_LINES - len(capa):
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
+            return True
+        self.capabilities = capa + [line[1:] if line.startswith(b".") else line for line in lines]
+        self._login()
+        return True
 
     def _capaLine(self, line: bytes) -> None:
         if self._capa is None:
