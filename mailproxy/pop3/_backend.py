@@ -140,7 +140,7 @@ class POP3BackendLogin(BackendProtocol):
         # Asked after TLS only: what a server says in clear could have been
         # changed on the way (RFC 2595 section 4).
         self.state = LoginState.CAPABILITIES
-        self.transport.write(b"CAPA\r\n")
+        self.send(b"CAPA\r\n")
 
     def _capaRead(self) -> bool:
         """
@@ -224,7 +224,7 @@ class POP3BackendLogin(BackendProtocol):
                 commands.append(b"PASS " + password)
             else:
                 self._afterUser = b"PASS " + password
-        self.transport.write(b"".join(command + b"\r\n" for command in commands))
+        self.send(b"".join(command + b"\r\n" for command in commands))
 
     def _offers(self, name: bytes, argument: bytes | None = None) -> bool:
         for capability in self.capabilities:
@@ -272,7 +272,7 @@ class POP3BackendLogin(BackendProtocol):
             return
         if self._afterUser is not None:
             command, self._afterUser = self._afterUser, None
-            self.transport.write(command + b"\r\n")
+            self.send(command + b"\r\n")
 
     def _finalReply(self, line: bytes) -> None:
         if line.startswith(b"+OK"):
@@ -286,13 +286,13 @@ class POP3BackendLogin(BackendProtocol):
                 # The server's error challenge to the token (RFC 7628): keep
                 # it for the client, answer as a client does, await -ERR.
                 self._saslError = decodeBase64(line[1:].strip()) or OAUTH_INVALID_TOKEN
-                self.transport.write(oauthErrorAck(credentials.mechanism) + b"\r\n")
+                self.send(oauthErrorAck(credentials.mechanism) + b"\r\n")
                 return
             if self._afterContinuation is None:
                 self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
                 return
             response, self._afterContinuation = self._afterContinuation, None
-            self.transport.write(response + b"\r\n")
+            self.send(response + b"\r\n")
             return
         self._refused(line)
 
