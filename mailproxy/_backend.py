@@ -245,6 +245,7 @@ class BackendProtocol(Protocol):
     __slots__ = (
         "job", "result", "state", "stopConnecting", "leftover", "tlsActive", "onLost", "onHalfClosed",
         "_clock", "_timeout", "_timer", "_done", "_awaitingHandshake", "_tlsOptions", "_received", "_connectExpired",
+        "_answered",
     )  # fmt: skip
 
     log = Logger()
@@ -271,6 +272,7 @@ class BackendProtocol(Protocol):
         self._awaitingHandshake = False
         self._tlsOptions: _tls.ResumingClientOptions | None = None
         self._received = 0
+        self._answered = False
         self.onLost: Callable[[], None] | None = None
         self.onHalfClosed: Callable[[], None] | None = None
 
@@ -307,9 +309,21 @@ class BackendProtocol(Protocol):
             # be plaintext injected after its STARTTLS reply.
             self.fail(FailureKind.UNAVAILABLE, "backend sent data before the TLS handshake")
             return
+        self._answered = False
         self.dialogueReceived(data)
-        if not self._done:
+        if not self._done and not self._answered:
+            # Nothing written in reply carried the ACK of what was read.
             acknowledgeNow(self.transport)
+
+    def send(self, data: bytes) -> None:
+        """
+        Write C{data} to the backend during the login dialogue. A write made
+        while handling what the backend sent acknowledges it (the ACK goes
+        with the data), so no separate ACK (L{acknowledgeNow}) follows that
+        read: one system call less per command the dialogue answers with.
+        """
+        self._answered = True
+        self.transport.write(data)
 
     def dialogueReceived(self, data: bytes) -> None:
         """
@@ -341,7 +355,7 @@ class BackendProtocol(Protocol):
             self.fail(FailureKind.UNAVAILABLE, "backend does not offer " + self.startTLSCommand)
             return
         self.state = LoginState.STARTTLS
-        self.transport.write(line + b"\r\n")
+        self.send(line + b"\r\n")
 
     def tlsAnswered(self, accepted: bool, reply: str | None = None) -> None:
         """
@@ -551,10 +565,10 @@ def acknowledgeNow(transport: object) -> None:
     connection is interactive by then, so Linux delays the ACK of the first
     reply (40 ms), and a server under Nagle's algorithm (Dovecot's pop3
     process, say) holds its next small reply until that ACK: every login
-    would wait 40 ms for nothing. C{TCP_QUICKACK} sends a pending ACK now;
-    it costs one system call per read while the dialogue lasts, and sends
-    nothing when our own command already carried the ACK. Elsewhere (no
-    C{TCP_QUICKACK}, no socket) this does nothing.
+    would wait 40 ms for nothing. C{TCP_QUICKACK} sends a pending ACK now,
+    at one system call per read the dialogue does not answer (a command
+    written in reply carries the ACK: L{BackendProtocol.send}). Elsewhere
+    (no C{TCP_QUICKACK}, no socket) this does nothing.
     """
     option: int | None = getattr(socket, "TCP_QUICKACK", None)
     handle = getattr(socketOf(transport), "socket", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from enum import Enum
-from typing import Any, Callable, cast
+from typing import Any, Callable, TypeVar, cast
 
 from attrs import define, evolve, field
 from OpenSSL import SSL
@@ -86,6 +86,16 @@ LOGIN_RUNNING = "login"
 #: session shares (an empty set of its own costs an idle session 216
 #: octets; CPython has no shared empty frozenset).
 _NO_PAUSES: frozenset[str] = frozenset()
+
+_T = TypeVar("_T")
+
+#: What L{Session.perListener} worked out, by session class, name,
+#: listener (its id: a listener's settings are hashed field by field),
+#: TLS state and host name; with the listener, which the id must still be.
+_perListener: dict[tuple[type, str, int, bool, str], tuple[Listener, Any]] = {}
+#: Entries it keeps at most: a few per listener, more only across reloads
+#: of the configuration (each makes new listeners).
+_PER_LISTENER_ENTRIES = 256
 
 
 @define
@@ -708,6 +718,27 @@ class Session(Protocol):
         # The configuration refuses a STARTTLS listener without [tls].
         options = cast(IOpenSSLServerConnectionCreator, self.context.serverTLS)
         self.transport.startTLS(_tls.ApplicationProtocolOptions(options, self.listener.applicationProtocols))
+
+    def perListener(self, name: str, make: Callable[[], _T]) -> _T:
+        """
+        What C{make()} returns for this session, worked out once for every
+        session of this class on the same listener, in the same TLS state
+        and under the same host name, and kept: C{make} may depend on
+        nothing else (a pre-login capability list, a greeting).
+
+        @param name: what is made, to tell it from the class's other such
+            values.
+        """
+        listener, hostname = self.listener, self.context.hostname
+        key = (type(self), name, id(listener), self.tlsActive, hostname)
+        known = _perListener.get(key)
+        if known is not None and known[0] is listener:
+            return cast(_T, known[1])
+        value = make()
+        if len(_perListener) >= _PER_LISTENER_ENTRIES:
+            _perListener.clear()
+        _perListener[key] = (listener, value)
+        return value
 
     @property
     def tlsAvailable(self) -> bool:

@@ -422,6 +422,22 @@ class AtOnceClient(_AtOnce, _TCPReading, tcp.Client):  # type: ignore[misc]
             return
         self._connected()
 
+    def connectPolled(self, event: int) -> bool:
+        """
+        The reactor's poll reported C{event} on this socket: if it is still
+        connecting and the event has no error or hang-up in it, it is
+        connected, as epoll tells it (a failed connect reports C{EPOLLERR}),
+        without asking the kernel for the error (C{SO_ERROR}) as
+        L{_connectReady} does: one system call per backend connection.
+
+        @return: whether the event was this, and is handled.
+        """
+        if self.doWrite != self._connectReady or event & _POLL_FAILED or not hasattr(self, "connector"):
+            return False
+        # Input that came with it (a greeting) is read on the next poll.
+        self._connected()
+        return True
+
     def _connected(self) -> None:
         del self.doWrite
         del self.doRead
@@ -429,6 +445,9 @@ class AtOnceClient(_AtOnce, _TCPReading, tcp.Client):  # type: ignore[misc]
         self.stopWriting()
         self._connectDone()
 
+
+#: What epoll reports for a socket whose connect failed.
+_POLL_FAILED = select.EPOLLERR | select.EPOLLHUP
 
 #: socket(2)'s flag that makes the socket non-blocking (Linux; 0 where
 #: there is none).
@@ -647,7 +666,8 @@ class DirectReactor(EPollReactor):
             if selectable is None:
                 continue
             if event != select.EPOLLIN:
-                dispatch(selectable, fd, event)
+                if type(selectable) is not AtOnceClient or not selectable.connectPolled(event):
+                    dispatch(selectable, fd, event)
                 continue
             # Input and nothing else, most events of a login: what
             # Twisted's _doReadOrWrite does with it, without the call.

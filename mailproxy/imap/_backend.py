@@ -129,7 +129,7 @@ class IMAPBackendLogin(BackendProtocol):
         return tag
 
     def _send(self, onReply: _ReplyHandler, command: bytes) -> None:
-        self.transport.write(self._nextTag(onReply) + b" " + command + b"\r\n")
+        self.send(self._nextTag(onReply) + b" " + command + b"\r\n")
 
     # Reading
 
@@ -293,7 +293,7 @@ class IMAPBackendLogin(BackendProtocol):
                     authcid + b" {%d}\r\n" % (len(password),),
                     password + b"\r\n",
                 ]
-        self.transport.write(b"\r\n".join(commands) + b"\r\n")
+        self.send(b"\r\n".join(commands) + b"\r\n")
 
     def _continuation(self, text: bytes) -> None:
         if not self._pendingLiterals and self.job.passesToken and not self._saslError:
@@ -302,12 +302,12 @@ class IMAPBackendLogin(BackendProtocol):
             credentials = self.job.credentials
             assert credentials is not None
             self._saslError = decodeBase64(text) or OAUTH_INVALID_TOKEN
-            self.transport.write(oauthErrorAck(credentials.mechanism) + b"\r\n")
+            self.send(oauthErrorAck(credentials.mechanism) + b"\r\n")
             return
         if not self._pendingLiterals:
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
             return
-        self.transport.write(self._pendingLiterals.pop(0))
+        self.send(self._pendingLiterals.pop(0))
 
     def _idParameters(self) -> bytes:
         pairs: list[tuple[str, str]] = [

@@ -109,8 +109,12 @@ class IMAPFrontend(CommandFrontend):
 
     def capabilities(self) -> bytes:
         """
-        The pre-login capability list, reflecting TLS state.
+        The pre-login capability list, reflecting TLS state (the same for
+        every session of a listener in the same state: made once).
         """
+        return self.perListener("capabilities", self._capabilities)
+
+    def _capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"LITERAL+"]
         if self.tlsAvailable:
             caps.append(b"STARTTLS")
@@ -123,7 +127,10 @@ class IMAPFrontend(CommandFrontend):
     # The contract (ILoginFrontend)
 
     def greet(self) -> None:
-        self.sendLine(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready.")
+        self.sendLine(self.perListener("greeting", self._greeting))
+
+    def _greeting(self) -> bytes:
+        return b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready."
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         self.sendLine(b"* BYE " + text.encode("utf-8"))

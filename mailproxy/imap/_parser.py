@@ -153,6 +153,17 @@ _SPACES = re.compile(rb" +")
 
 _SYNTAX = ValueSyntax(atom=_ATOM, maxListDepth=MAX_LIST_DEPTH)
 
+# A whole command line of the commonest kind (a login's): a tag, a command
+# name, and atoms and quoted strings without escapes, each after one or
+# more spaces. Such a line means the same to the general parser; matched
+# at once, its arguments are then read with _SIMPLE_ARGUMENT.
+_ATOM_OCTETS = rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+"
+_QUOTED_SIMPLE = rb'"[^"\\\x00\r\n]*"'
+_SIMPLE_COMMAND = re.compile(
+    rb"(" + _TAG.pattern + rb") +(" + _ATOM_OCTETS + rb")((?: +(?:" + _ATOM_OCTETS + rb"|" + _QUOTED_SIMPLE + rb"))*) *\Z"
+)
+_SIMPLE_ARGUMENT = re.compile(rb" +(?:(" + _ATOM_OCTETS + rb')|"([^"\\\x00\r\n]*)")')
+
 _INPUT_BUFFER_FULL = "Input buffer full"
 _LITERAL_TOO_BIG = "Literal too big"
 
@@ -429,6 +440,13 @@ class CommandParser:
         Parse one line segment of a command.
         """
         first = self._state == _State.command
+        if first:
+            simple = _SIMPLE_COMMAND.match(line)
+            if simple is not None:
+                # The parser's state is untouched but for the line's length.
+                self._lineUsed = 0
+                arguments = tuple(Atom(atom) if atom else quoted for atom, quoted in _SIMPLE_ARGUMENT.findall(simple[3]))
+                return Command(simple[1], simple[2].upper(), arguments)
         try:
             position = self._parseHead(line) if first else 0
             return self._parseArguments(line, position)

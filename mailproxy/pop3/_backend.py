@@ -32,6 +32,9 @@ MAX_BACKEND_LINE = 8192
 #: CAPA lines accepted from a backend: real servers send about fifteen; a
 #: list that goes on is refused rather than collected until the timeout.
 MAX_CAPA_LINES = 256
+#: The end of a CAPA list: a line of one dot, at the start of the buffer or
+#: after a line's end.
+_CAPA_END = re.compile(rb"(?:^|(?<=\n))\.\r*\n")
 #: Longest command line a POP3 server must accept (RFC 2449 section 4).
 MAX_COMMAND_LINE = 255
 #: Response codes that tell the client something it can act on: passed on.
@@ -86,7 +89,14 @@ class POP3BackendLogin(BackendProtocol):
 
     def dialogueReceived(self, data: bytes) -> None:
         self._buffer += data
+        # The CAPA list's end is looked for once per read (what the lines
+        # before it left in the buffer has no end, or it would be read).
+        capaLooked = False
         while not self._done:
+            if not capaLooked and self.state is LoginState.CAPABILITIES and self._capa is not None:
+                capaLooked = True
+                if self._capaRead():
+                    continue
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_BACKEND_LINE:
@@ -130,7 +140,29 @@ class POP3BackendLogin(BackendProtocol):
         # Asked after TLS only: what a server says in clear could have been
         # changed on the way (RFC 2595 section 4).
         self.state = LoginState.CAPABILITIES
-        self.transport.write(b"CAPA\r\n")
+        self.send(b"CAPA\r\n")
+
+    def _capaRead(self) -> bool:
+        """
+        Read the rest of the CAPA list at once, if its end (the C{.} line)
+        has arrived: the usual case, the whole reply in one read. Its lines
+        are taken as L{_capaLine} takes them one by one.
+
+        @return: whether it was read (the login then goes on).
+        """
+        end = _CAPA_END.search(self._buffer)
+        if end is None:
+            return False
+        # The split leaves an empty string after the last line's LF.
+        lines = [line.rstrip(b"\r") for line in self._buffer[: end.start()].upper().split(b"\n")[:-1]]
+        self._buffer = self._buffer[end.end() :]
+        capa = self._capa or []
+        if len(lines) > MAX_CAPA_LINES - len(capa):
+            self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
+            return True
+        self.capabilities = capa + [line[1:] if line.startswith(b".") else line for line in lines]
+        self._login()
+        return True
 
     def _capaLine(self, line: bytes) -> None:
         if self._capa is None:
@@ -192,7 +224,7 @@ class POP3BackendLogin(BackendProtocol):
                 commands.append(b"PASS " + password)
             else:
                 self._afterUser = b"PASS " + password
-        self.transport.write(b"".join(command + b"\r\n" for command in commands))
+        self.send(b"".join(command + b"\r\n" for command in commands))
 
     def _offers(self, name: bytes, argument: bytes | None = None) -> bool:
         for capability in self.capabilities:
@@ -240,7 +272,7 @@ class POP3BackendLogin(BackendProtocol):
             return
         if self._afterUser is not None:
             command, self._afterUser = self._afterUser, None
-            self.transport.write(command + b"\r\n")
+            self.send(command + b"\r\n")
 
     def _finalReply(self, line: bytes) -> None:
         if line.startswith(b"+OK"):
@@ -254,13 +286,13 @@ class POP3BackendLogin(BackendProtocol):
                 # The server's error challenge to the token (RFC 7628): keep
                 # it for the client, answer as a client does, await -ERR.
                 self._saslError = decodeBase64(line[1:].strip()) or OAUTH_INVALID_TOKEN
-                self.transport.write(oauthErrorAck(credentials.mechanism) + b"\r\n")
+                self.send(oauthErrorAck(credentials.mechanism) + b"\r\n")
                 return
             if self._afterContinuation is None:
                 self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected continuation")
                 return
             response, self._afterContinuation = self._afterContinuation, None
-            self.transport.write(response + b"\r\n")
+            self.send(response + b"\r\n")
             return
         self._refused(line)
 

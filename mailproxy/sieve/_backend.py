@@ -136,10 +136,10 @@ class SieveBackendLogin(BackendProtocol):
             return
         if backend.forward == "xclient" or (backend.forward == "auto" and b"XCLIENT" in self.capabilities):
             self.state = LoginState.IDENTITY
-            self.transport.write(b"XCLIENT " + self._xclientArguments() + b"\r\n" + login)
+            self.send(b"XCLIENT " + self._xclientArguments() + b"\r\n" + login)
             return
         self.state = LoginState.LOGIN
-        self.transport.write(login)
+        self.send(login)
 
     def _startTLSReply(self, values: tuple[SieveValue, ...]) -> None:
         self.tlsAnswered(self._status(values) == b"OK")
@@ -214,7 +214,7 @@ class SieveBackendLogin(BackendProtocol):
             # The server's error challenge to the token (RFC 7628): keep it
             # for the client, answer as a client does, await the NO.
             self._saslError = decodeBase64(values[0]) or OAUTH_INVALID_TOKEN
-            self.transport.write(clientString(oauthErrorAck(self.job.credentials.mechanism)) + b"\r\n")
+            self.send(clientString(oauthErrorAck(self.job.credentials.mechanism)) + b"\r\n")
         else:
             # A SASL challenge: PLAIN with an initial response needs none.
             self.fail(FailureKind.UNAVAILABLE, "backend sent an unexpected SASL challenge")

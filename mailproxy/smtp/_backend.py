@@ -239,7 +239,7 @@ class _ESMTPDialogue(BackendProtocol):
             self.transport.abortConnection()
 
     def _send(self, line: bytes) -> None:
-        self.transport.write(line + b"\r\n")
+        self.send(line + b"\r\n")
 
     # The dialogue
 

@@ -23,6 +23,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
+from mailproxy import _backend
 from mailproxy._backend import BackendProtocol, LoginJob, connectBackend
 from mailproxy._relay import socketOf
 from mailproxy._tls import makeSelfSigned
@@ -476,6 +477,26 @@ class IMAPRoundTripTests(RoundTripTestsMixin, TestCase):
         """
         server = yield self.login("imap", self.GREETING, imapScript(), IMAPBackendLogin, forward="none")
         self.assertReads(server, [b"P1"])
+
+    @inlineCallbacks
+    def test_answerAcknowledges(self):
+        """
+        A backend reply the dialogue answers with a command is acknowledged
+        by that command (the ACK goes with it): no separate ACK is asked of
+        the kernel (one system call per such read). The greeting, answered
+        by the login, is the only read before the login's reply.
+        """
+        acknowledged: list[object] = []
+        original = _backend.acknowledgeNow
+
+        def acknowledgeNow(transport: object) -> None:
+            acknowledged.append(transport)
+            original(transport)
+
+        self.patch(_backend, "acknowledgeNow", acknowledgeNow)
+        server = yield self.login("imap", self.GREETING, imapScript(), IMAPBackendLogin, forward="none")
+        self.assertReads(server, [b"P1"])
+        self.assertEqual(acknowledged, [])
 
     @inlineCallbacks
     def test_loginWithLiterals(self):

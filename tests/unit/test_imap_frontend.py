@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailproxy._session import CLOSE_GRACE
 from mailproxy.config import Limits
 from mailproxy.imap import _backend, _frontend
+from mailproxy.imap._frontend import IMAPFrontend
 from mailproxy.model import Rejection, Route
 from mailproxy.testing import FakeRouter, makeBackend, makeFrontend
 
@@ -57,6 +58,35 @@ class GreetingAndCapabilityTests(IMAPFrontendTestsMixin, SynchronousTestCase):
             b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN]"
             b" proxy.test IMAP proxy ready.\r\n",
         )
+
+    def test_capabilitiesMadeOncePerListener(self) -> None:
+        """
+        The pre-login capability list and the greeting are worked out once
+        for the sessions of a listener in the same TLS state, and each
+        session still gets the list of its state: after STARTTLS, a client
+        sees the list of a TLS connection, and the next plain connection
+        the plain one again.
+        """
+        made: list[bool] = []
+        original = IMAPFrontend._capabilities
+
+        def counted(frontend: IMAPFrontend) -> bytes:
+            made.append(frontend.tlsActive)
+            return original(frontend)
+
+        self.patch(IMAPFrontend, "_capabilities", counted)
+        self.build(tls="starttls-required")
+        plain = b"* CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED\r\n"
+        self.assertIn(b"[CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED]", self.greeting)
+        second, client = self.connectAgain()
+        self.assertEqual(client.value(), self.greeting)
+        self.assertTrue(self.send(b"a CAPABILITY\r\n").startswith(plain))
+        self.send(b"b STARTTLS\r\n")
+        self.assertTrue(self.send(b"c CAPABILITY\r\n").startswith(b"* CAPABILITY IMAP4rev1 SASL-IR ID ENABLE IDLE LITERAL+ AUTH=PLAIN AUTH=LOGIN\r\n"))
+        client.clear()
+        second.dataReceived(b"d CAPABILITY\r\n")
+        self.assertTrue(client.value().startswith(plain))
+        self.assertEqual(made, [False, True])
 
     def test_startTLSRequiredHidesAuth(self) -> None:
         """

@@ -4,6 +4,7 @@ Tests for L{mailproxy.imap._parser}.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy.imap import _parser
 from mailproxy.imap._parser import (
     MAX_LIST_DEPTH,
     Atom,
@@ -1090,3 +1092,66 @@ class RoundTripTests(SynchronousTestCase):
         bounds = [0, *cuts, len(stream)]
         chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
         self.assertEqual(plain(drive(chunks)), expected)
+
+
+#: Arguments the whole-line match takes or could be mistaken to take
+#: (quoted strings with escapes), and others it must leave to the general
+#: parser (lists, literals, stray octets).
+_SIMPLE_PIECES = [b"a", b"LOGIN", b"NIL", b"x]y", b'"pw"', b'""', b'"a b"', b'"\xc3\xa9"', b'"\\""', b'"\\\\"', b'"a\\\\b"']
+_OTHER_PIECES = [
+    b"*", b"+", b"b%", b"\xc3\xa9", b"\x01", b'"open', b'"x"y', b"(", b")", b'("name" "x")', b"{3}", b"{3+}", b"{",
+    b"\\", b"\r",
+]
+
+
+class SimpleCommandTests(SynchronousTestCase):
+    """
+    A command line of a tag, a name, atoms and quoted strings without
+    escapes (most logins) is matched whole by one regular expression:
+    every line parses to the same events as through the general parser.
+    """
+
+    @staticmethod
+    def general(line: bytes) -> list[tuple[object, ...]]:
+        """
+        C{line} parsed with the whole-line match turned off.
+        """
+        parser = CommandParser()
+        original = _parser._SIMPLE_COMMAND
+        _parser._SIMPLE_COMMAND = re.compile(rb"(?!)")
+        try:
+            return plain(drive([line], parser))
+        finally:
+            _parser._SIMPLE_COMMAND = original
+
+    def test_login(self) -> None:
+        """
+        A login of an atom and a quoted string, and one with trailing
+        spaces, parse as the general parser has them.
+        """
+        for line in (b'a LOGIN bench0 "pw"\r\n', b'tag login "" x]y   \r\n', b"a NOOP\n"):
+            self.assertEqual(parseAll(line), self.general(line))
+        self.assertEqual(parseAll(b'a LOGIN bench0 "pw"\r\n'), [command(b"a", b"LOGIN", Atom(b"bench0"), b"pw")])
+
+    @settings(max_examples=1000, deadline=None)
+    @given(
+        st.sampled_from([b"a", b"a1", b"x]y", b"*", b"+", b"", b"\x01"]),
+        st.sampled_from([b"LOGIN", b"login", b"ID", b"NOOP", b"(", b'"x"', b"\xc3\xa9"]),
+        st.lists(
+            st.tuples(
+                st.sampled_from([b" ", b"  ", b""]),
+                st.one_of(st.sampled_from(_SIMPLE_PIECES), st.sampled_from(_SIMPLE_PIECES), st.sampled_from(_OTHER_PIECES)),
+            ),
+            max_size=5,
+        ),
+        st.sampled_from([b"", b" ", b"   "]),
+        st.sampled_from([b"\r\n", b"\n"]),
+    )
+    def test_sameEvents(
+        self, tag: bytes, name: bytes, arguments: list[tuple[bytes, bytes]], trailing: bytes, end: bytes
+    ) -> None:
+        """
+        Any line made of such pieces gives the same events either way.
+        """
+        line = tag + b" " + name + b"".join(space + piece for space, piece in arguments) + trailing + end
+        self.assertEqual(parseAll(line), self.general(line))

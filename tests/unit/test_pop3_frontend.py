@@ -323,6 +323,26 @@ class LoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
         self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
 
+    def test_capaInAnyPieces(self) -> None:
+        """
+        The CAPA list is read the same however it arrives: whole (then at
+        once), or split anywhere, its lines upper-cased, a dot-stuffed line
+        unstuffed, carriage returns before a line's end dropped. The proxy
+        logs in as the list allows (AUTH PLAIN).
+        """
+        capa = b"+OK\r\nCAPA\r\n..x-dotted\r\nuser\nSASL PLAIN LOGIN\r\r\n.\r\n"
+        for cut in range(len(capa) + 1):
+            for pieces in ([capa[:cut], capa[cut:]], [capa[:cut], capa[cut:-1], capa[-1:]]):
+                self.build()
+                self.sendLogin(b"USER alice\r\nPASS secret\r\n")
+                self.backendSays(GREETING)
+                sent = b"".join(self.backendSays(piece) for piece in pieces if piece)
+                login = self.xclient() + b"AUTH PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n"
+                self.assertEqual(sent, login, (cut, pieces))
+                self.assertEqual(
+                    self.connector.protocols[-1].capabilities, [b"CAPA", b".X-DOTTED", b"USER", b"SASL PLAIN LOGIN"]
+                )
+
     def test_relayAndPipelining(self) -> None:
         """
         Commands the client pipelined behind PASS go to the backend after

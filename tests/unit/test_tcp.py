@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import error, main, reactor, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -1107,6 +1107,77 @@ class DirectReactorTests(TestCase):
         stopped = port.stopListening()
         loop.runUntilCurrent()
         self.successResultOf(stopped)
+
+    def connectOnFresh(self, portNumber: int, factory: ClientFactory, done: Callable[[], bool]) -> list[int]:
+        """
+        Connect to C{portNumber} with L{_tcp.connectAtOnce} on a fresh
+        L{_tcp.DirectReactor}, and turn its loop until C{done()}.
+
+        @return: the C{SO_ERROR} look-ups made meanwhile (by descriptor).
+        """
+        loop = self.freshReactor()
+        looked: list[int] = []
+        realGetsockopt = socket.socket.getsockopt
+
+        def getsockopt(sock: socket.socket, level: int, option: int, *rest: int) -> Any:
+            if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR):
+                looked.append(sock.fileno())
+            return realGetsockopt(sock, level, option, *rest)
+
+        self.patch(socket.socket, "getsockopt", getsockopt)
+        _tcp.connectAtOnce(loop, "127.0.0.1", portNumber, factory, 5)
+        for _ in range(50):
+            if done():
+                break
+            loop.doIteration(0.1)
+        self.assertTrue(done())
+        return looked
+
+    def test_connectedByPoll(self) -> None:
+        """
+        On a L{_tcp.DirectReactor}, the poll's event says a backend
+        connection is made (no error or hang-up in it): the kernel is not
+        asked for the socket's error (C{SO_ERROR}), and the server's
+        greeting, there already, reaches the protocol.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        client = Peer()
+        looked = self.connectOnFresh(listening.getsockname()[1], OneShotFactory(client), lambda: client.ready.called)
+        self.assertEqual(looked, [])
+        server, _ = listening.accept()
+        self.addCleanup(server.close)
+        server.sendall(b"* OK ready\r\n")
+        loop = client.transport.reactor
+        for _ in range(50):
+            if bytes(client.received) == b"* OK ready\r\n":
+                break
+            loop.doIteration(0.1)
+        self.assertEqual(bytes(client.received), b"* OK ready\r\n")
+        client.transport.abortConnection()
+        loop.doIteration(0)
+
+    def test_refusedByPoll(self) -> None:
+        """
+        On a L{_tcp.DirectReactor}, a refused connection still fails with
+        Twisted's C{ConnectionRefusedError}: its event carries the error,
+        which the kernel is then asked for.
+        """
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        portNumber = listening.getsockname()[1]
+        listening.close()
+        reasons: list[Any] = []
+
+        class Refused(ClientFactory):
+            def clientConnectionFailed(self, connector: object, reason: Any) -> None:
+                reasons.append(reason)
+
+        looked = self.connectOnFresh(portNumber, Refused(), lambda: bool(reasons))
+        self.assertEqual(len(looked), 1)
+        self.assertTrue(reasons[0].check(ConnectionRefusedError), reasons[0])
 
     def test_installed(self) -> None:
         """
