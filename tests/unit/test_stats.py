@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from typing import Callable
 
 import twisted
@@ -17,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -123,6 +124,27 @@ class DropTests(SynchronousTestCase):
         (end,) = [e for e in events if e.get("event") == "session_end"]
         self.assertEqual(end["reason"], "dropped: Account moved, please reconnect.")
         self.assertEqual(end["result"], "ok")
+
+    def test_endEventAsLoggerMakesIt(self) -> None:
+        """
+        The session-end event carries what Twisted's C{Logger.info} puts in
+        an event: the session's logger, level, namespace and source, the
+        format of its one line, and the time; the line reads as it did.
+        """
+        events = captureEvents(self)
+        proxy = harness()
+        alice, client, _ = proxy.login("alice@example.org")
+        before = time.time()
+        proxy.close(alice)
+        (end,) = [e for e in events if e.get("event") == "session_end"]
+        self.assertEqual(end["log_level"], LogLevel.info)
+        self.assertEqual(end["log_namespace"], f"{type(alice).__module__}.{type(alice).__name__}")
+        self.assertIs(end["log_source"], alice)
+        self.assertEqual(end["log_logger"].namespace, end["log_namespace"])
+        self.assertEqual(end["log_format"], "{text}")
+        self.assertGreaterEqual(end["log_time"], before)
+        self.assertEqual(formatEvent(end), end["text"])
+        self.assertTrue(end["text"].startswith(f"session {alice.client.sessionId} end: imap from "))
 
     def test_dropTwice(self) -> None:
         """
