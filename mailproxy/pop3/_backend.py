@@ -89,8 +89,9 @@ class POP3BackendLogin(BackendProtocol):
 
     def dialogueReceived(self, data: bytes) -> None:
         self._buffer += data
-        # The CAPA list's end is looked for once per read (what the lines
-        # before it left in the buffer has no end, or it would be read).
+        # The CAPA list's end is looked for once per read: not there, the
+        # lines before it are taken one by one, and the next read looks
+        # again.
         capaLooked = False
         while not self._done:
             if not capaLooked and self.state is LoginState.CAPABILITIES and self._capa is not None:
