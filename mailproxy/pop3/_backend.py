@@ -6,6 +6,13 @@ greeting -> STLS and handshake (if configured) -> CAPA -> XCLIENT with the
 client's addresses (if forwarding by XCLIENT) and the login, pipelined ->
 the backend's C{+OK}, which the client gets verbatim.
 
+The CAPA list is remembered per backend port for L{CAPA_KEPT} seconds
+(L{CapabilityMemory}, one per proxy, L{sharedMemory}): the logins after the
+first skip that round trip. A
+login the server refuses after one that went by a remembered list asks
+CAPA again, and logs in again if the fresh list calls for another way of
+logging in (a mechanism the server no longer offers).
+
 The login is C{AUTH PLAIN} with an initial response (the master user as
 authentication identity and the account as authorization identity) when the
 server's CAPA lists C{SASL PLAIN}, otherwise C{USER}/C{PASS} (a master user
@@ -19,13 +26,16 @@ ready.}); C{forward = "auto"} uses it then, or when CAPA lists XCLIENT.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from twisted.logger import Logger
 
 from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
 from .._sasl import OAUTH_INVALID_TOKEN, decodeBase64, oauthErrorAck, plainResponse
+
+if TYPE_CHECKING:
+    from .._session import ProxyContext
 
 #: Longest backend response line accepted during login.
 MAX_BACKEND_LINE = 8192
@@ -43,6 +53,11 @@ _PASSED_ON_CODES = frozenset([b"IN-USE", b"LOGIN-DELAY", b"SYS/PERM"])
 #: The XCLIENT attributes sent, in order (see L{forwardedIdentity}).
 _XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "SESSION", "TTL", "CLIENT-TRANSPORT", "DESTADDR", "DESTPORT", "DESTNAME")
 
+#: Seconds a backend port's CAPA list is used without asking again.
+CAPA_KEPT = 60.0
+#: Backend ports whose CAPA lists a process remembers at most.
+CAPA_PORTS = 256
+
 _CODE = re.compile(rb"\[([^\]\s]+)\]")
 _HOSTNAME = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 _UNSAFE = re.compile(rb"[\x00-\x1f\x7f]")
@@ -57,12 +72,71 @@ def parseCode(text: bytes) -> bytes:
     return match.group(1).upper() if match else b""
 
 
+class CapabilityMemory:
+    """
+    The CAPA lists of the backend ports a proxy logs in to, each for
+    L{CAPA_KEPT} seconds after it was read: a POP3 server's capabilities
+    change with its configuration, not between logins, and asking for them
+    is a round trip of every login (neither nginx's nor Dovecot's proxy
+    asks at all).
+
+    A key is the backend (its whole configuration: a reload that changes
+    it starts afresh) and the name of the port's protocol, which says
+    whether the list was read over TLS.
+    """
+
+    def __init__(self, size: int = CAPA_PORTS) -> None:
+        self.size = size
+        self._lists: dict[object, tuple[float, list[bytes]]] = {}
+
+    def get(self, key: object, now: float) -> list[bytes] | None:
+        """
+        The list read for C{key} less than L{CAPA_KEPT} seconds before
+        C{now}, if any.
+        """
+        known = self._lists.get(key)
+        if known is None or not 0 <= now - known[0] < CAPA_KEPT:
+            return None
+        return known[1]
+
+    def keep(self, key: object, capabilities: list[bytes], now: float) -> None:
+        """
+        Remember C{capabilities}, read for C{key} at C{now}; the oldest
+        list goes when there are L{size} already.
+        """
+        self._lists.pop(key, None)
+        if len(self._lists) >= self.size:
+            del self._lists[next(iter(self._lists))]
+        self._lists[key] = (now, capabilities)
+
+    def forget(self, key: object) -> None:
+        """
+        Ask C{key}'s server again next time.
+        """
+        self._lists.pop(key, None)
+
+
+def sharedMemory(context: ProxyContext) -> CapabilityMemory:
+    """
+    The memory of CAPA lists the POP3 sessions of C{context} share.
+    """
+    memory = context.shared.get(_MEMORY)
+    if memory is None:
+        memory = context.shared[_MEMORY] = CapabilityMemory()
+    return cast(CapabilityMemory, memory)
+
+
+#: The key of L{sharedMemory} in a context's C{shared}.
+_MEMORY = "pop3-capabilities"
+
+
 class POP3BackendLogin(BackendProtocol):
     """
     Logs in to a POP3 server for one client.
 
     @ivar capabilities: the server's CAPA lines (after TLS, if any), upper-
-        cased; empty if it has no CAPA.
+        cased; empty if it has no CAPA. Read for this login, or remembered
+        from an earlier one (L{CapabilityMemory}).
     @ivar xclientOffered: the greeting carried Dovecot's C{[XCLIENT]}.
     @ivar okLine: the server's C{+OK} line to the login, for the client.
     """
@@ -70,8 +144,13 @@ class POP3BackendLogin(BackendProtocol):
     log = Logger()
     startTLSCommand = "STLS"
 
-    def __init__(self, job: LoginJob, clock, timeout: float) -> None:
+    def __init__(self, job: LoginJob, clock, timeout: float, memory: CapabilityMemory | None = None) -> None:
+        """
+        @param memory: where CAPA lists are remembered; L{None} to ask for
+            one every time.
+        """
         super().__init__(job, clock, timeout)
+        self._memory = memory
         self.capabilities: list[bytes] = []
         self.xclientOffered = False
         self.okLine = b""
@@ -84,6 +163,13 @@ class POP3BackendLogin(BackendProtocol):
         self._afterContinuation: bytes | None = None
         # An OAuth error challenge the server sent, for the client.
         self._saslError = b""
+        # Whether the capabilities are remembered, not read for this login;
+        # a refusal of the login waiting for a fresh CAPA list.
+        self._remembered = False
+        self._refusal: bytes | None = None
+        self._wayTaken: tuple[bool, bool] | None = None
+        # The server took XCLIENT (not sent again if the login is).
+        self._forwarded = False
 
     # Reading
 
@@ -139,9 +225,35 @@ class POP3BackendLogin(BackendProtocol):
 
     def _askCapabilities(self) -> None:
         # Asked after TLS only: what a server says in clear could have been
-        # changed on the way (RFC 2595 section 4).
+        # changed on the way (RFC 2595 section 4). The memory's key says
+        # whether the list was read over TLS.
+        known = None if self._memory is None else self._memory.get(self._memoryKey(), self._clock.seconds())
+        if known is not None:
+            self.capabilities = known
+            self._remembered = True
+            self._login()
+            return
+        self._remembered = False
+        self._capa = None
         self.state = LoginState.CAPABILITIES
         self.send(b"CAPA\r\n")
+
+    def _memoryKey(self) -> object:
+        return (self.job.backend, self.job.portName or self.job.protocol)
+
+    def _capabilitiesRead(self, capabilities: list[bytes]) -> None:
+        self.capabilities = capabilities
+        if self._memory is not None:
+            self._memory.keep(self._memoryKey(), capabilities, self._clock.seconds())
+        refusal, self._refusal = self._refusal, None
+        if refusal is not None and self._way(capabilities) == self._wayTaken:
+            # The login was refused, and the server offers what it went by.
+            self._refused(refusal)
+            return
+        self._expected = []
+        self._afterUser = self._afterContinuation = None
+        self._saslError = b""
+        self._login()
 
     def _capaRead(self) -> bool:
         """
@@ -161,8 +273,7 @@ class POP3BackendLogin(BackendProtocol):
         if len(lines) > MAX_CAPA_LINES - len(capa):
             self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
             return True
-        self.capabilities = capa + [line[1:] if line.startswith(b".") else line for line in lines]
-        self._login()
+        self._capabilitiesRead(capa + [line[1:] if line.startswith(b".") else line for line in lines])
         return True
 
     def _capaLine(self, line: bytes) -> None:
@@ -171,11 +282,10 @@ class POP3BackendLogin(BackendProtocol):
                 self._capa = []
                 return
             # A server without CAPA (RFC 1939 only): USER/PASS it is.
-            self._login()
+            self._capabilitiesRead([])
             return
         if line == b".":
-            self.capabilities = self._capa
-            self._login()
+            self._capabilitiesRead(self._capa)
             return
         if len(self._capa) >= MAX_CAPA_LINES:
             self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
@@ -193,6 +303,7 @@ class POP3BackendLogin(BackendProtocol):
             # lines never carry CR, LF or NUL.
             self.fail(FailureKind.UNAVAILABLE, "the login name or password contains control characters")
             return
+        self._wayTaken = self._way(self.capabilities) if self._remembered else None
         commands = []
         if self._forwardByXCLIENT():
             commands.append(self._xclientCommand())
@@ -200,6 +311,10 @@ class POP3BackendLogin(BackendProtocol):
         if job.passesToken:
             mechanism, response = job.saslLogin()
             if not self._offers(b"SASL", mechanism):
+                if self._remembered:
+                    # Perhaps offered since.
+                    self._askCapabilities()
+                    return
                 self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL " + mechanism.decode("ascii"))
                 return
             command = b"AUTH " + mechanism + b" " + response
@@ -227,14 +342,25 @@ class POP3BackendLogin(BackendProtocol):
                 self._afterUser = b"PASS " + password
         self.send(b"".join(command + b"\r\n" for command in commands))
 
-    def _offers(self, name: bytes, argument: bytes | None = None) -> bool:
-        for capability in self.capabilities:
+    def _way(self, capabilities: list[bytes]) -> tuple[bool, bool]:
+        """
+        What in C{capabilities} decides how the login is made, as far as a
+        server could refuse it for that: whether it offers the SASL
+        mechanism the login would use (PLAIN, or the token's).
+        """
+        mechanism = self.job.saslLogin()[0] if self.job.passesToken else b"PLAIN"
+        return (self.job.passesToken, self._offers(b"SASL", mechanism, capabilities))
+
+    def _offers(self, name: bytes, argument: bytes | None = None, capabilities: list[bytes] | None = None) -> bool:
+        for capability in self.capabilities if capabilities is None else capabilities:
             words = capability.split()
             if words and words[0] == name and (argument is None or argument in words[1:]):
                 return True
         return False
 
     def _forwardByXCLIENT(self) -> bool:
+        if self._forwarded:
+            return False
         forward = self.job.backend.forward
         return forward == "xclient" or (forward == "auto" and (self.xclientOffered or self._offers(b"XCLIENT")))
 
@@ -261,14 +387,21 @@ class POP3BackendLogin(BackendProtocol):
         # temporary, so that the misconfiguration shows at once.
         self._expected.pop(0)
         if not line.startswith(b"+OK") or b"not from trusted" in line.lower():
+            self._forgetRemembered()
             self.fail(
                 FailureKind.UNAVAILABLE,
                 "backend did not take XCLIENT (" + _show(line) + "); is the proxy in its login_trusted_networks?",
             )
+            return
+        self._forwarded = True
 
     def _userReply(self, line: bytes) -> None:
         self._expected.pop(0)
         if not line.startswith(b"+OK"):
+            if self._afterUser is None:
+                # PASS went with USER: its reply is still to come, no CAPA
+                # can be asked before it.
+                self._forgetRemembered()
             self._refused(line)
             return
         if self._afterUser is not None:
@@ -297,7 +430,20 @@ class POP3BackendLogin(BackendProtocol):
             return
         self._refused(line)
 
+    def _forgetRemembered(self) -> None:
+        if self._remembered and self._memory is not None:
+            self._remembered = False
+            self._memory.forget(self._memoryKey())
+
     def _refused(self, line: bytes) -> None:
+        if self._remembered:
+            # The login went by a remembered CAPA list: ask again, and log
+            # in again if the fresh list calls for another way (a mechanism
+            # the server no longer offers).
+            self._forgetRemembered()
+            self._refusal = line
+            self._askCapabilities()
+            return
         if not line.startswith(b"-ERR"):
             self.fail(FailureKind.UNAVAILABLE, "backend answered the login with: " + _show(line))
             return

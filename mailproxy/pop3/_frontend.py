@@ -26,7 +26,7 @@ from typing import Callable, cast
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .._backend import BackendProtocol
+from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
@@ -35,7 +35,7 @@ from .._safetext import oneLine
 from .._sasl import newChallenge, parseDigestResponse
 from .._login import LoginFailed
 from ..model import Credentials
-from ._backend import POP3BackendLogin
+from ._backend import POP3BackendLogin, sharedMemory
 from ._guard import POP3Guard
 from ._parser import MAX_SASL_LINE, BadLine, Command, LineParser
 
@@ -186,6 +186,10 @@ class POP3Frontend(CommandFrontend):
             self.err("Authorization identity not supported.")
         else:
             self.err("Invalid " + mechanism + " response.")
+
+    def makeBackendLogin(self, job: LoginJob) -> BackendProtocol:
+        # With the CAPA lists the proxy's POP3 sessions remember.
+        return POP3BackendLogin(job, self.context.reactor, self.limits.backendTimeout, sharedMemory(self.context))
 
     def answerLogin(self, command: Command, backend: BackendProtocol) -> IRelayGuard:
         self.sendLine(cast(POP3BackendLogin, backend).okLine)

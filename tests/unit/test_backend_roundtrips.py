@@ -29,7 +29,7 @@ from mailproxy._relay import socketOf
 from mailproxy._tls import makeSelfSigned
 from mailproxy.imap._backend import IMAPBackendLogin
 from mailproxy.model import ClientInfo, Credentials, Route
-from mailproxy.pop3._backend import POP3BackendLogin
+from mailproxy.pop3._backend import CapabilityMemory, POP3BackendLogin
 from mailproxy.sieve._backend import SieveBackendLogin
 from mailproxy.smtp._backend import SMTPBackendLogin
 from mailproxy.smtp._ehlo import Extensions
@@ -258,6 +258,7 @@ class RoundTripTestsMixin:
         forward: str = "auto",
         master: bool = False,
         afterTLS: bytes = b"",
+        again: bool = False,
         **extra: object,
     ):
         """
@@ -266,7 +267,14 @@ class RoundTripTestsMixin:
 
         @param afterTLS: what the server sends unprompted once TLS is up
             (ManageSieve's capabilities).
+        @param again: log in at the server and backend of the last call
+            (the other settings are ignored).
         """
+        if again:
+            loggedIn = yield connectBackend(reactor, loginClass(self.job, reactor, 10, **extra))
+            self.addCleanup(loggedIn.transport.abortConnection)  # type: ignore[attr-defined]
+            assert self.factory.server is not None
+            return self.factory.server
         options = self.serverOptions
 
         def make() -> ScriptedServer:
@@ -307,6 +315,7 @@ class RoundTripTestsMixin:
             masterUser="proxy" if master else None,
             masterPassword=b"masterpw" if master else None,
         )
+        self.job = job
         login = loginClass(job, reactor, 10, **extra)
         loggedIn = yield connectBackend(reactor, login)
         self.addCleanup(loggedIn.transport.abortConnection)  # type: ignore[attr-defined]
@@ -396,6 +405,20 @@ class POP3RoundTripTests(RoundTripTestsMixin, TestCase):
         """
         server = yield self.login("pop3", self.GREETING, pop3Script(), POP3BackendLogin, tls="implicit")
         self.assertReads(server, [b"CAPA", b"XCLIENT | AUTH"])
+
+    @inlineCallbacks
+    def test_capabilitiesRemembered(self):
+        """
+        The next login to the same backend port goes by the CAPA list the
+        first one read: one round trip, XCLIENT with AUTH PLAIN; with STLS
+        two, STLS and then the login.
+        """
+        for tls in ("none", "starttls", "implicit"):
+            memory = CapabilityMemory()
+            server = yield self.login("pop3", self.GREETING, pop3Script(), POP3BackendLogin, tls=tls, memory=memory)
+            self.assertReads(server, ([b"STLS"] if tls == "starttls" else []) + [b"CAPA", b"XCLIENT | AUTH"])
+            server = yield self.login("pop3", b"", pop3Script(), POP3BackendLogin, again=True, memory=memory)
+            self.assertReads(server, ([b"STLS"] if tls == "starttls" else []) + [b"XCLIENT | AUTH"])
 
     @inlineCallbacks
     def test_noDelay(self):

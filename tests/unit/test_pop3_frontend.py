@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, Route, TLSInfo
+from mailproxy.pop3._backend import CAPA_KEPT, CapabilityMemory
 from mailproxy.testing import FakeRouter, makeBackend
 
 from .frontendhelpers import FrontendTestsMixin
@@ -322,6 +323,82 @@ class LoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b"")
         self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
         self.assertEqual(self.client.value(), b"+OK Logged in.\r\n")
+
+    def loginAgain(self) -> tuple[object, object]:
+        """
+        A second client connection logs in as alice, up to the backend's
+        greeting.
+
+        @return: its front end and its client transport.
+        """
+        frontend, client = self.connectAgain()
+        frontend.dataReceived(b"USER alice\r\nPASS secret\r\n")
+        client.clear()
+        return frontend, client
+
+    def test_capabilitiesRemembered(self) -> None:
+        """
+        The proxy remembers a backend's CAPA list for a minute: the next
+        login there sends XCLIENT and the login right after the greeting,
+        one round trip less. After the minute it asks again.
+        """
+        self.build()
+        self.sendLogin()
+        self.assertEqual(self.backendSays(GREETING), b"CAPA\r\n")
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        frontend, client = self.loginAgain()
+        login = b"AUTH PLAIN " + b64encode(b"\x00alice\x00secret") + b"\r\n"
+        sent = self.backendSays(GREETING).split(b"\r\n")
+        self.assertEqual(len(sent), 3)
+        self.assertTrue(sent[0].startswith(b"XCLIENT ADDR=192.0.2.10 PORT=50001 "), sent)
+        self.assertEqual(sent[1] + b"\r\n", login)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        self.assertEqual(client.value(), b"+OK Logged in.\r\n")
+        self.clock.advance(60)
+        self.loginAgain()
+        self.assertEqual(self.backendSays(GREETING), b"CAPA\r\n")
+
+    def test_rememberedListOutdated(self) -> None:
+        """
+        A login made by a remembered CAPA list that the server refuses
+        asks CAPA again; if the server no longer offers the mechanism it
+        went by, the proxy logs in the way the fresh list allows (without
+        sending XCLIENT twice), and the client gets in.
+        """
+        self.build()
+        self.sendLogin()
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        frontend, client = self.loginAgain()
+        self.assertTrue(self.backendSays(GREETING).startswith(b"XCLIENT "))
+        sent = self.backendSays(b"+OK Updated\r\n-ERR Unsupported authentication mechanism.\r\n")
+        self.assertEqual(sent, b"CAPA\r\n")
+        self.assertEqual(self.backendSays(PIPELINED_CAPA), b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(client.value(), b"")
+        self.backendSays(b"+OK\r\n+OK Logged in.\r\n")
+        self.assertEqual(client.value(), b"+OK Logged in.\r\n")
+        # The fresh list is the one remembered now.
+        self.loginAgain()
+        self.assertTrue(self.backendSays(GREETING).endswith(b"USER alice\r\nPASS secret\r\n"))
+
+    def test_rememberedRefusalStands(self) -> None:
+        """
+        A login made by a remembered CAPA list that the server refuses,
+        when the fresh list still offers what it went by, fails as any
+        refused login: the password is not tried twice.
+        """
+        self.build(limits=Limits(failureDelay=0))
+        self.sendLogin()
+        self.backendSays(GREETING)
+        self.backendSays(CAPA)
+        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+        frontend, client = self.loginAgain()
+        self.backendSays(GREETING)
+        self.assertEqual(self.backendSays(b"+OK Updated\r\n-ERR [AUTH] Authentication failed.\r\n"), b"CAPA\r\n")
+        self.assertEqual(self.backendSays(CAPA), b"")
+        self.assertEqual(client.value(), AUTH_FAILED)
 
     def test_capaInAnyPieces(self) -> None:
         """
@@ -1007,8 +1084,8 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.clock.advance(10)
         digest = hashlib.md5(self.frontend.timestamp + b"Sup3rSecretPw").hexdigest()
         self.send(b"APOP alice " + digest.encode() + b"\r\n")
+        # The CAPA list is remembered from the first login.
         self.backendSays(GREETING)
-        self.backendSays(CAPA)
         self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
         self.frontend.connectionLost(None)
         self.assertTrue(events)
@@ -1143,3 +1220,37 @@ class BackendTextTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.assertTrue(line.startswith(b"+OK Logged in. +OK injected"), line)
         self.assertEqual(line.count(b"\r"), 1)
         self.assertLessEqual(len(line), 512)
+
+
+class CapabilityMemoryTests(SynchronousTestCase):
+    """
+    The memory of backends' CAPA lists: how long it keeps one, and how
+    many.
+    """
+
+    def test_kept(self) -> None:
+        """
+        A list is given back for C{CAPA_KEPT} seconds after it was read,
+        then not; nor if the clock went back.
+        """
+        memory = CapabilityMemory()
+        memory.keep("a", [b"USER"], 100.0)
+        self.assertEqual(memory.get("a", 100.0), [b"USER"])
+        self.assertEqual(memory.get("a", 100.0 + CAPA_KEPT - 0.5), [b"USER"])
+        self.assertIsNone(memory.get("a", 100.0 + CAPA_KEPT))
+        self.assertIsNone(memory.get("a", 99.0))
+        self.assertIsNone(memory.get("b", 100.0))
+        memory.forget("a")
+        self.assertIsNone(memory.get("a", 100.0))
+
+    def test_bounded(self) -> None:
+        """
+        It keeps at most its size of lists: the oldest read goes first.
+        """
+        memory = CapabilityMemory(size=3)
+        for key in "abcd":
+            memory.keep(key, [key.encode()], 0.0)
+        self.assertEqual([memory.get(key, 0.0) for key in "abcd"], [None, [b"b"], [b"c"], [b"d"]])
+        memory.keep("b", [b"B"], 1.0)
+        memory.keep("e", [b"e"], 1.0)
+        self.assertEqual([memory.get(key, 1.0) for key in "bcde"], [[b"B"], None, [b"d"], [b"e"]])
