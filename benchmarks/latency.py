@@ -189,19 +189,18 @@ class MailNginx(Nginx):
 
 
 def proxyConfig(
-    listeners: dict[str, int], backends: dict[str, int], certificate: str, key: str, workers: int | None = None
+    listeners: dict[str, int], backends: dict[str, int], certificate: str, key: str, workers: int = 1
 ) -> str:
     """
     mailproxy with one plain listener per protocol (SMTP offering STARTTLS)
     and the backends C{auto} and C{none}: the same servers, forwarding the
     client's identity or not.
 
-    @param workers: C{[proxy] workers}; L{None} leaves the default (one
-        worker process per CPU), what an operator gets.
+    @param workers: C{[proxy] workers}: 1, one process, unless given.
     """
     text = (
         '[proxy]\nhostname = "localhost"\n'
-        + ("" if workers is None else f"workers = {workers}\n")
+        + f"workers = {workers}\n"
         + "\n"
         "[limits]\nconnections_per_address = 0\nfailure_delay = 0\n\n"
         f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n\n'
@@ -355,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw results and the table to this file")
     parser.add_argument("--keep", help="keep the servers' files and logs in this directory")
     parser.add_argument(
-        "--workers", type=int, help="mailproxy's [proxy] workers (default: not set, one worker per CPU)"
+        "--workers", type=int, default=1, help="mailproxy's [proxy] workers (default 1: one process)"
     )
     options = parser.parse_args(argv)
     if options.quick:
@@ -415,8 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not options.keep:
             shutil.rmtree(directory, ignore_errors=True)
     table = markdownTable(results)
-    workers = "default (one per CPU)" if options.workers is None else str(options.workers)
-    print(f"mailproxy [proxy] workers: {workers}")
+    print(f"mailproxy [proxy] workers: {options.workers}")
     print(table)
     failures = [
         f"{label} ({path}): {r['errors']} errors, {r['error']}"

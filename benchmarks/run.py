@@ -86,7 +86,7 @@ def mailproxyConfig(
     certificate: str,
     key: str,
     limits: Mapping[str, object],
-    workers: int | None = None,
+    workers: int = 1,
 ) -> str:
     """
     mailproxy in front of one Dovecot: a C{protocol} listener for each TLS
@@ -95,8 +95,8 @@ def mailproxyConfig(
     forwarding, so that Dovecot checks every password on both paths.
 
     @param limits: the C{[limits]} table.
-    @param workers: C{[proxy] workers}; L{None} leaves the default (one
-        worker per CPU).
+    @param workers: C{[proxy] workers}: 1 (one process, as nginx runs one
+        worker here) unless a benchmark compares more.
     """
     listeners = "".join(
         f'[[listener]]\nprotocol = "{protocol}"\n'
@@ -105,7 +105,7 @@ def mailproxyConfig(
     )
     return (
         '[proxy]\nhostname = "localhost"\n'
-        + ("" if workers is None else f"workers = {workers}\n") + "\n"
+        + f"workers = {workers}\n\n"
         + "[limits]\n" + "".join(f"{name} = {value}\n" for name, value in limits.items()) + "\n"
         + f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n\n'
         + listeners
@@ -128,13 +128,13 @@ def startMailproxy(
     backendPort: int,
     ca: TestCA,
     limits: Mapping[str, object],
-    workers: int | None = None,
+    workers: int = 1,
 ) -> tuple[Proxy, dict[str, int]]:
     """
     Start mailproxy in C{directory} as L{mailproxyConfig} describes it,
     with every account routed to C{dovecot} and a certificate from C{ca}.
 
-    @param workers: C{[proxy] workers} (L{None}: the default).
+    @param workers: C{[proxy] workers}.
 
     @return: the started proxy and its listeners' ports by TLS mode.
     """
@@ -402,7 +402,9 @@ class Bench:
         run again (another round) is recorded as the median of its rounds
         (L{medianResult}).
         """
-        rounds = self.rounds[path.name].setdefault(key, [])
+        # Benchmarks built on this one (workers.py, floor.py) add paths of
+        # their own.
+        rounds = self.rounds.setdefault(path.name, {}).setdefault(key, [])
         rounds.append(result)
         self.results[path.name][key] = result if len(rounds) == 1 else medianResult(rounds)
         errors = result.get("errors", 0)
@@ -684,7 +686,7 @@ def buildParser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int)
     parser.add_argument("--procs", type=int, help="load generator worker processes")
     parser.add_argument(
-        "--workers", type=int, help="mailproxy's [proxy] workers (default: not set, one worker per CPU)"
+        "--workers", type=int, default=1, help="mailproxy's [proxy] workers (default 1: one process, like nginx's one worker)"
     )
     parser.add_argument("--nginx-workers", type=int, default=1)
     parser.add_argument("--nginx-buffer", default="4k", help="nginx proxy_buffer")

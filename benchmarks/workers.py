@@ -58,9 +58,7 @@ def startMailproxy(directory: Path, workers: int, backendPort: int, ca: TestCA) 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "routes.toml").write_text('default = "dovecot"\n')
     limits = {"connections_per_address": 0, "preauth_timeout": 300, "idle_timeout": 3600}
-    text = mailproxyConfig("imap", {mode: 0 for mode in TLS_MODES}, backendPort, certificate, key, limits)
-    text = text.replace('[proxy]\nhostname = "localhost"\n', f'[proxy]\nhostname = "localhost"\nworkers = {workers}\n', 1)
-    proxy = Proxy(str(directory), text)
+    proxy = Proxy(str(directory), mailproxyConfig("imap", {mode: 0 for mode in TLS_MODES}, backendPort, certificate, key, limits, workers))
     proxy.start()
     return proxy, dict(zip(TLS_MODES, proxy.ports))
 
