@@ -2,16 +2,17 @@
 The POP3 login dialogue towards a backend.
 
 Order (STLS first, so that nothing about the client travels in clear):
-greeting -> STLS and handshake (if configured) -> CAPA -> XCLIENT with the
+greeting -> STLS and handshake (if configured) -> CAPA (unless remembered,
+see below) -> XCLIENT with the
 client's addresses (if forwarding by XCLIENT) and the login, pipelined ->
 the backend's C{+OK}, which the client gets verbatim.
 
 The CAPA list is remembered per backend port for L{CAPA_KEPT} seconds
 (L{CapabilityMemory}, one per proxy, L{sharedMemory}): the logins after the
-first skip that round trip. A
-login the server refuses after one that went by a remembered list asks
-CAPA again, and logs in again if the fresh list calls for another way of
-logging in (a mechanism the server no longer offers).
+first skip that round trip. A login made by a remembered list that the
+server refuses without a response code asks CAPA again, and logs in again
+if the fresh list no longer offers the SASL mechanism it used; a refused
+XCLIENT forgets the list and fails as before.
 
 The login is C{AUTH PLAIN} with an initial response (the master user as
 authentication identity and the account as authorization identity) when the
@@ -29,6 +30,7 @@ import re
 from typing import TYPE_CHECKING, Callable, cast
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .._backend import BackendProtocol, LoginJob, LoginState, forwardedIdentity
 from .._outcomes import FailureKind
@@ -80,9 +82,9 @@ class CapabilityMemory:
     is a round trip of every login (neither nginx's nor Dovecot's proxy
     asks at all).
 
-    A key is the backend (its whole configuration: a reload that changes
-    it starts afresh) and the name of the port's protocol, which says
-    whether the list was read over TLS.
+    A key is the backend (its whole configuration, TLS settings included:
+    a reload that changes it starts afresh) and the name of its port: the
+    two say whether the list was read over TLS.
     """
 
     def __init__(self, size: int = CAPA_PORTS) -> None:
@@ -167,7 +169,9 @@ class POP3BackendLogin(BackendProtocol):
         # a refusal of the login waiting for a fresh CAPA list.
         self._remembered = False
         self._refusal: bytes | None = None
-        self._wayTaken: tuple[bool, bool] | None = None
+        # The SASL mechanism of a login made by a remembered list (None:
+        # USER/PASS, which every server takes).
+        self._mechanismTaken: bytes | None = None
         # The server took XCLIENT (not sent again if the login is).
         self._forwarded = False
 
@@ -246,8 +250,9 @@ class POP3BackendLogin(BackendProtocol):
         if self._memory is not None:
             self._memory.keep(self._memoryKey(), capabilities, self._clock.seconds())
         refusal, self._refusal = self._refusal, None
-        if refusal is not None and self._way(capabilities) == self._wayTaken:
-            # The login was refused, and the server offers what it went by.
+        if refusal is not None and (self._mechanismTaken is None or self._offers(b"SASL", self._mechanismTaken)):
+            # The login was refused, and the server still offers the way it
+            # was made: the refusal stands, the password tried once.
             self._refused(refusal)
             return
         self._expected = []
@@ -303,7 +308,6 @@ class POP3BackendLogin(BackendProtocol):
             # lines never carry CR, LF or NUL.
             self.fail(FailureKind.UNAVAILABLE, "the login name or password contains control characters")
             return
-        self._wayTaken = self._way(self.capabilities) if self._remembered else None
         commands = []
         if self._forwardByXCLIENT():
             commands.append(self._xclientCommand())
@@ -312,11 +316,13 @@ class POP3BackendLogin(BackendProtocol):
             mechanism, response = job.saslLogin()
             if not self._offers(b"SASL", mechanism):
                 if self._remembered:
-                    # Perhaps offered since.
+                    # Perhaps offered since: ask the server.
+                    self._forgetRemembered()
                     self._askCapabilities()
                     return
                 self.fail(FailureKind.UNAVAILABLE, "backend does not offer SASL " + mechanism.decode("ascii"))
                 return
+            self._mechanismTaken = mechanism
             command = b"AUTH " + mechanism + b" " + response
             if len(command) + 2 > MAX_COMMAND_LINE:
                 command = b"AUTH " + mechanism
@@ -324,6 +330,7 @@ class POP3BackendLogin(BackendProtocol):
             commands.append(command)
             self._expected.append(self._finalReply)
         elif self._offers(b"SASL", b"PLAIN"):
+            self._mechanismTaken = b"PLAIN"
             response = plainResponse(authzid, authcid, password)
             command = b"AUTH PLAIN " + response
             if len(command) + 2 > MAX_COMMAND_LINE:
@@ -334,6 +341,7 @@ class POP3BackendLogin(BackendProtocol):
         else:
             if authzid:
                 authcid = authzid + job.backend.masterSeparator.encode("utf-8") + authcid
+            self._mechanismTaken = None
             commands.append(b"USER " + authcid)
             self._expected += [self._userReply, self._finalReply]
             if self._offers(b"PIPELINING"):
@@ -342,17 +350,8 @@ class POP3BackendLogin(BackendProtocol):
                 self._afterUser = b"PASS " + password
         self.send(b"".join(command + b"\r\n" for command in commands))
 
-    def _way(self, capabilities: list[bytes]) -> tuple[bool, bool]:
-        """
-        What in C{capabilities} decides how the login is made, as far as a
-        server could refuse it for that: whether it offers the SASL
-        mechanism the login would use (PLAIN, or the token's).
-        """
-        mechanism = self.job.saslLogin()[0] if self.job.passesToken else b"PLAIN"
-        return (self.job.passesToken, self._offers(b"SASL", mechanism, capabilities))
-
-    def _offers(self, name: bytes, argument: bytes | None = None, capabilities: list[bytes] | None = None) -> bool:
-        for capability in self.capabilities if capabilities is None else capabilities:
+    def _offers(self, name: bytes, argument: bytes | None = None) -> bool:
+        for capability in self.capabilities:
             words = capability.split()
             if words and words[0] == name and (argument is None or argument in words[1:]):
                 return True
@@ -430,16 +429,27 @@ class POP3BackendLogin(BackendProtocol):
             return
         self._refused(line)
 
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        refusal, self._refusal = self._refusal, None
+        if refusal is not None:
+            # The server closed after refusing the login, before the fresh
+            # CAPA list (RFC 1939 lets it close after an -ERR): the refusal
+            # is its answer.
+            self._refused(refusal)
+        super().connectionLost(reason)
+
     def _forgetRemembered(self) -> None:
         if self._remembered and self._memory is not None:
             self._remembered = False
             self._memory.forget(self._memoryKey())
 
     def _refused(self, line: bytes) -> None:
-        if self._remembered:
-            # The login went by a remembered CAPA list: ask again, and log
-            # in again if the fresh list calls for another way (a mechanism
-            # the server no longer offers).
+        if self._remembered and not (line.startswith(b"-ERR") and parseCode(line[4:])):
+            # A refusal without a response code (RFC 2449's codes are about
+            # the account: [AUTH] a wrong password), of a login made by a
+            # remembered CAPA list, may be the server's "no such
+            # mechanism": ask again, and log in again if the fresh list no
+            # longer offers the mechanism used (_capabilitiesRead).
             self._forgetRemembered()
             self._refusal = line
             self._askCapabilities()

@@ -14,11 +14,18 @@ from base64 import b64decode, b64encode
 
 from attrs import evolve
 from twisted.logger import globalLogPublisher
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Limits
 from mailproxy.model import Rejection, Route, TLSInfo
-from mailproxy.pop3._backend import CAPA_KEPT, CapabilityMemory
+from mailproxy._backend import LoginJob
+from mailproxy._outcomes import FailureKind
+from mailproxy.model import ClientInfo, Credentials
+from mailproxy.pop3._backend import CAPA_KEPT, CapabilityMemory, POP3BackendLogin
 from mailproxy.testing import FakeRouter, makeBackend
 
 from .frontendhelpers import FrontendTestsMixin
@@ -385,20 +392,27 @@ class LoginTests(POP3FrontendTestsMixin, SynchronousTestCase):
 
     def test_rememberedRefusalStands(self) -> None:
         """
-        A login made by a remembered CAPA list that the server refuses,
-        when the fresh list still offers what it went by, fails as any
-        refused login: the password is not tried twice.
+        A login made by a remembered CAPA list that the server refuses
+        fails as any refused login, the password tried once: with a
+        response code ([AUTH]: a wrong password) at once; without one
+        (perhaps "no such mechanism") after a fresh CAPA list that still
+        offers the mechanism the login used.
         """
-        self.build(limits=Limits(failureDelay=0))
-        self.sendLogin()
-        self.backendSays(GREETING)
-        self.backendSays(CAPA)
-        self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
-        frontend, client = self.loginAgain()
-        self.backendSays(GREETING)
-        self.assertEqual(self.backendSays(b"+OK Updated\r\n-ERR [AUTH] Authentication failed.\r\n"), b"CAPA\r\n")
-        self.assertEqual(self.backendSays(CAPA), b"")
-        self.assertEqual(client.value(), AUTH_FAILED)
+        for refusal, capaAsked in ((b"-ERR [AUTH] Authentication failed.\r\n", False), (b"-ERR No.\r\n", True)):
+            self.build(limits=Limits(failureDelay=0))
+            self.sendLogin()
+            self.backendSays(GREETING)
+            self.backendSays(CAPA)
+            self.backendSays(b"+OK Updated\r\n+OK Logged in.\r\n")
+            frontend, client = self.loginAgain()
+            self.backendSays(GREETING)
+            sent = self.backendSays(b"+OK Updated\r\n" + refusal)
+            if capaAsked:
+                self.assertEqual(sent, b"CAPA\r\n")
+                self.assertEqual(client.value(), b"")
+                sent = self.backendSays(CAPA)
+            self.assertEqual(sent, b"", refusal)
+            self.assertEqual(client.value(), AUTH_FAILED)
 
     def test_capaInAnyPieces(self) -> None:
         """
@@ -1254,3 +1268,99 @@ class CapabilityMemoryTests(SynchronousTestCase):
         memory.keep("b", [b"B"], 1.0)
         memory.keep("e", [b"e"], 1.0)
         self.assertEqual([memory.get(key, 1.0) for key in "bcde"], [[b"B"], None, [b"d"], [b"e"]])
+
+
+class RememberedCapabilitiesTests(SynchronousTestCase):
+    """
+    The POP3 backend login going by a remembered CAPA list, when the list
+    turns out to be out of date, driven line by line.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.memory = CapabilityMemory()
+        self.backend = makeBackend("old", forward="none")
+
+    def login(self, lines: list[bytes], token: bool = False) -> tuple[POP3BackendLogin, list[bytes], list]:
+        """
+        A login (alice's password, or her OAUTHBEARER token passed on) at
+        a server that sends C{lines}, one read each.
+
+        @return: the dialogue, what it wrote after each read, and its
+            outcome (empty while there is none).
+        """
+        credentials = Credentials("OAUTHBEARER", "alice", token=b"tok") if token else Credentials("PLAIN", "alice", password=b"pw")
+        client = ClientInfo(sessionId="s", address="192.0.2.10", port=50000, localAddress="192.0.2.1", localPort=110)
+        job = LoginJob(
+            route=Route(self.backend), protocol="pop3", client=client, credentials=credentials,
+            user="alice", password=None if token else b"pw",
+        )  # fmt: skip
+        dialogue = POP3BackendLogin(job, self.clock, 10, self.memory)
+        transport = StringTransport()
+        dialogue.makeConnection(transport)
+        outcome: list = []
+        dialogue.result.addBoth(outcome.append)
+        sent = []
+        for line in lines:
+            dialogue.dataReceived(line)
+            sent.append(transport.value())
+            transport.clear()
+        return dialogue, sent, outcome
+
+    def remember(self, capa: bytes) -> None:
+        # A first login reads the list (USER and PASS one by one, without
+        # SASL PLAIN or PIPELINING).
+        replies = [b"+OK in\r\n"] if b"SASL PLAIN" in capa else [b"+OK\r\n", b"+OK in\r\n"]
+        _, _, outcome = self.login([b"+OK hi\r\n", capa, *replies])
+        self.assertIsInstance(outcome[0], POP3BackendLogin)
+
+    def assertFailed(self, outcome: list, kind: FailureKind) -> None:
+        self.assertEqual(len(outcome), 1)
+        self.assertIsInstance(outcome[0], Failure)
+        self.assertEqual(outcome[0].value.kind, kind)
+
+    def test_tokenMechanismOfferedSince(self) -> None:
+        """
+        A token login whose mechanism the remembered list lacks asks CAPA
+        again (once) and logs in if the fresh list offers it.
+        """
+        self.remember(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+        _, sent, outcome = self.login([b"+OK hi\r\n", b"+OK\r\nSASL PLAIN OAUTHBEARER\r\n.\r\n"], token=True)
+        self.assertEqual(sent[0], b"CAPA\r\n")
+        self.assertTrue(sent[1].startswith(b"AUTH OAUTHBEARER "), sent)
+        self.assertEqual(outcome, [])
+
+    def test_tokenMechanismStillMissing(self) -> None:
+        """
+        If the fresh list lacks it too, the login fails as temporary.
+        """
+        self.remember(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+        _, sent, outcome = self.login([b"+OK hi\r\n", b"+OK\r\nSASL PLAIN\r\n.\r\n"], token=True)
+        self.assertEqual(sent, [b"CAPA\r\n", b""])
+        self.assertFailed(outcome, FailureKind.UNAVAILABLE)
+
+    def test_userPassRefusalStands(self) -> None:
+        """
+        A USER/PASS login refused without a code stands even when the fresh
+        list offers SASL PLAIN now: USER/PASS was not refused for want of a
+        mechanism, and the password is not tried a second time.
+        """
+        self.remember(b"+OK\r\nUSER\r\n.\r\n")
+        _, sent, outcome = self.login(
+            [b"+OK hi\r\n", b"+OK\r\n", b"-ERR Authentication failed.\r\n", b"+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"]
+        )
+        self.assertEqual(sent, [b"USER alice\r\n", b"PASS pw\r\n", b"CAPA\r\n", b""])
+        self.assertFailed(outcome, FailureKind.AUTH)
+
+    def test_closedAfterRefusal(self) -> None:
+        """
+        A server that closes the connection after refusing the login
+        (before the fresh CAPA list) has refused it: the failure is the
+        refusal, not an unavailable backend.
+        """
+        self.remember(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+        dialogue, sent, outcome = self.login([b"+OK hi\r\n", b"-ERR Authentication failed.\r\n"])
+        self.assertEqual(sent[1], b"CAPA\r\n")
+        self.assertEqual(outcome, [])
+        dialogue.connectionLost(Failure(ConnectionDone()))
+        self.assertFailed(outcome, FailureKind.AUTH)
