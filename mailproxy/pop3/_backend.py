@@ -169,8 +169,8 @@ class POP3BackendLogin(BackendProtocol):
         # a refusal of the login waiting for a fresh CAPA list.
         self._remembered = False
         self._refusal: bytes | None = None
-        # The SASL mechanism of a login made by a remembered list (None:
-        # USER/PASS, which every server takes).
+        # The SASL mechanism the login used (None: USER/PASS, which every
+        # server takes), for a refusal of a login made by a remembered list.
         self._mechanismTaken: bytes | None = None
         # The server took XCLIENT (not sent again if the login is).
         self._forwarded = False
