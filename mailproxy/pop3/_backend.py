@@ -272,13 +272,13 @@ class POP3BackendLogin(BackendProtocol):
         if end is None:
             return False
         # The split leaves an empty string after the last line's LF.
-        lines = [line.rstrip(b"\r") for line in self._buffer[: end.start()].upper().split(b"\n")[:-1]]
+        lines = [_capability(line.rstrip(b"\r")) for line in self._buffer[: end.start()].split(b"\n")[:-1]]
         self._buffer = self._buffer[end.end() :]
         capa = self._capa or []
         if len(lines) > MAX_CAPA_LINES - len(capa):
             self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
             return True
-        self._capabilitiesRead(capa + [line[1:] if line.startswith(b".") else line for line in lines])
+        self._capabilitiesRead(capa + lines)
         return True
 
     def _capaLine(self, line: bytes) -> None:
@@ -295,9 +295,7 @@ class POP3BackendLogin(BackendProtocol):
         if len(self._capa) >= MAX_CAPA_LINES:
             self.fail(FailureKind.UNAVAILABLE, "backend CAPA list too long")
             return
-        if line.startswith(b"."):
-            line = line[1:]
-        self._capa.append(line.upper())
+        self._capa.append(_capability(line))
 
     def _login(self) -> None:
         self.state = LoginState.LOGIN
@@ -467,6 +465,14 @@ class POP3BackendLogin(BackendProtocol):
             # [AUTH], no code, or one we do not know: the generic failure, so
             # that no backend wording can tell accounts apart.
             self.fail(FailureKind.AUTH, "backend refused the credentials", saslError=self._saslError)
+
+
+def _capability(line: bytes) -> bytes:
+    """
+    A line of a CAPA list (its CRLF gone) as kept: dot-unstuffed and
+    upper-cased.
+    """
+    return (line[1:] if line.startswith(b".") else line).upper()
 
 
 def _clientLine(line: bytes) -> bytes:
