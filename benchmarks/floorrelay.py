@@ -59,7 +59,15 @@ def main(argv: list[str]) -> None:
         else:
             _tcp.connectAtOnce(reactor, host, port, factory, 10)
 
+    # The transports are Twisted's TCP ones (and its TLS layer): Any, as
+    # ITransport names neither setTcpNoDelay nor pauseProducing.
     class Backend(Protocol):
+        transport: Any
+        client: Any
+        greeted: bool
+        relaying: bool
+        buffer: bytes
+
         def __init__(self, client: Client, login: bytes) -> None:
             self.client = client
             self.login = login
@@ -69,7 +77,7 @@ def main(argv: list[str]) -> None:
             self.buffer = b""
 
         def connectionMade(self) -> None:
-            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.transport.setTcpNoDelay(True)
 
         def dataReceived(self, data: bytes) -> None:
             if self.relaying:
@@ -89,11 +97,11 @@ def main(argv: list[str]) -> None:
             self.client.backend = self
             self.client.transport.write(self.buffer)
             self.buffer = b""
-            self.client.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.client.transport.resumeProducing()
 
         def connectionLost(self, reason: Any = None) -> None:
             self.client.transport.loseConnection()
-            self.client = None  # type: ignore[assignment]
+            self.client = None
 
     class BackendFactory(ClientFactory):
         noisy = False
@@ -101,23 +109,24 @@ def main(argv: list[str]) -> None:
         def __init__(self, protocol: Backend) -> None:
             self.backendProtocol = protocol
 
-        def buildProtocol(self, addr: object) -> Backend:
+        def buildProtocol(self, addr: object) -> Backend:  # type: ignore[override]
             return self.backendProtocol
 
         def clientConnectionFailed(self, connector: object, reason: Any) -> None:
             self.backendProtocol.client.transport.loseConnection()
 
     class Client(Protocol):
+        transport: Any
         backend: Backend | None = None
         buffer = b""
 
         encrypted = False
 
         def connectionMade(self) -> None:
-            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.transport.setTcpNoDelay(True)
             if self.encrypted:
                 # Implicit TLS: the greeting is sent once the handshake is done.
-                self.transport.startTLS(tls)  # type: ignore[attr-defined]
+                self.transport.startTLS(tls)
             self.transport.write(GREETING)
 
         def dataReceived(self, data: bytes) -> None:
@@ -129,7 +138,7 @@ def main(argv: list[str]) -> None:
                 return
             line, _, rest = self.buffer.partition(b"\r\n")
             self.buffer = b""
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
             connect("127.0.0.1", backendPort, BackendFactory(Backend(self, line + b"\r\n" + rest)))
 
         def connectionLost(self, reason: Any = None) -> None:
@@ -140,11 +149,13 @@ def main(argv: list[str]) -> None:
     class TLSClient(Client):
         encrypted = True
 
+    # The reactor module's interfaces are invisible to mypy.
+    tcp: Any = reactor
     ports = []
     for protocol in (Client, TLSClient) if tls is not None else (Client,):
         factory = Factory.forProtocol(protocol)
         factory.noisy = False
-        port = reactor.listenTCP(listenPort if protocol is Client else 0, factory, backlog=4096, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port: Any = tcp.listenTCP(listenPort if protocol is Client else 0, factory, backlog=4096, interface="127.0.0.1")
         if not stock:
             _tcp.listenAtOnce(port)
         ports.append(str(port.getHost().port))
