@@ -879,6 +879,16 @@ def _parseBackend(name: str, parent: Table) -> Backend | None:
             ("connectTimeout", lambda: table.number("connect_timeout", 10.0, positive=True)),
         )
     }
+    if "http" in ports and portTLS.get("http", values["tls"]) == "starttls":
+        # HTTP has no STARTTLS: the requests, credentials included, would
+        # go in clear to a backend the operator configured for TLS.
+        if "http" in portTLS:
+            table.collect(lambda: table.fail("port_tls", 'http: HTTP has no STARTTLS: "implicit" or "none"'), None)
+        else:
+            table.collect(
+                lambda: table.fail("tls", 'its http port has no STARTTLS: set port_tls = { http = "none" } or "implicit"'),
+                None,
+            )
     if problems is not None and len(problems.found) > before:
         # Collected: the caller leaves this backend out.
         return None

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from .._backend import BackendProtocol, LoginJob, LoginState
+from .._outcomes import FailureKind
 
 __all__ = ["HTTPBackend", "IResponseConsumer", "ResponseHead", "ResponseReader"]
 
@@ -290,7 +291,12 @@ class HTTPBackend(BackendProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if self.job.tls != "implicit":
+        if self.job.tls == "starttls":
+            # HTTP has no STARTTLS; a router's answer can still ask for it
+            # (the configuration refuses it). Never send the request, and
+            # its credentials, in clear instead.
+            self.fail(FailureKind.UNAVAILABLE, 'HTTP has no STARTTLS: the backend\'s http port needs tls "implicit" or "none"')
+        elif self.job.tls != "implicit":
             self.succeed()
 
     def handshakeCompleted(self) -> None:

@@ -1155,6 +1155,29 @@ class BackendTests(ConfigTestCase):
             configText(backend='port_tls = "none"\n'), "backend.old.port_tls", "must be a table"
         )
 
+    def test_httpPortNoSTARTTLS(self) -> None:
+        """
+        A backend's http port cannot be reached with STARTTLS (HTTP has
+        none): whether from the backend's C{tls} or its C{port_tls}, the
+        configuration is refused, not run in clear; C{port_tls} can give
+        the http port its own mode.
+        """
+        web = '[backend.web]\nhost = "h"\nports = { imap = 143, http = 8080 }\n'
+        self.assertConfigError(
+            configText(extra=web + 'tls = "starttls"\n'),
+            "backend.web.tls",
+            'its http port has no STARTTLS: set port_tls = { http = "none" } or "implicit"',
+        )
+        self.assertConfigError(
+            configText(extra=web + 'port_tls = { http = "starttls" }\n'),
+            "backend.web.port_tls",
+            'http: HTTP has no STARTTLS: "implicit" or "none"',
+        )
+        config = self.parse(configText(extra=web + 'tls = "starttls"\nport_tls = { http = "none" }\n'))
+        self.assertEqual(
+            [config.backends["web"].tlsFor(name) for name in ("imap", "http")], ["starttls", "none"]
+        )
+
     def test_caFile(self) -> None:
         """
         A CA file that does not exist is refused.
