@@ -1088,7 +1088,13 @@ def _withHTTP(
     table = root.table("http")
     serving = [listener for listener in listeners if listener.protocol == "http"]
     if not serving:
-        if table is not None:
+        # A listener refused for another reason still asked for HTTP: its
+        # own problem is reported; blaming [http] as unused would be false.
+        declared = root.data.get("listener")
+        asked = isinstance(declared, list) and any(
+            isinstance(entry, dict) and entry.get("protocol") == "http" for entry in declared
+        )
+        if table is not None and not asked:
             root.fail("http", 'no [[listener]] has protocol = "http"')
         return listeners
     if table is None:
