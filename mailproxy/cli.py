@@ -335,7 +335,7 @@ class CheckReport:
     """
     What C{mailproxy check} found.
 
-    @ivar path: the file, as the operator named it.
+    @ivar path: the file, made absolute as in every problem's text.
     @ivar config: the configuration, if it loads.
     @ivar router: the router built from it, if it could be built.
     @ivar problems: what makes it unusable, each C{"<file>: <key>: <why>"}.
@@ -370,7 +370,7 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
 
     @param reactor: given to the router; nothing is started on it.
     """
-    report = CheckReport(path)
+    report = CheckReport(os.path.abspath(path))
     try:
         config = loadConfig(path)
     except ConfigError as e:
@@ -413,8 +413,8 @@ def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(problem, file=err)
     if report.problems:
         _closeRouter(report.router)
-        if len(report.problems) > 1:
-            print(f"{report.path}: {len(report.problems)} problems", file=err)
+        count = len(report.problems)
+        print(f"{report.path}: {count} problem{'s' if count != 1 else ''}", file=err)
         return 1
     print(report.summary, file=out)
     if not arguments.probe:

@@ -104,7 +104,8 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         message = self.err.getvalue()
         self.assertTrue(message.startswith(f"{path}: listener[0].tls: "), message)
         self.assertIn("sometimes", message)
-        self.assertEqual(message.count("\n"), 1)
+        self.assertEqual(message.count("\n"), 2)
+        self.assertTrue(message.endswith(f"\n{path}: 1 problem\n"), message)
 
     def test_badPortTLS(self) -> None:
         """
@@ -261,7 +262,9 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.patch(cli, "DEFAULT_CONFIG", os.path.join(self.directory, "absent.toml"))
         self.assertEqual(main(["check"]), 1)
         self.assertEqual(
-            self.err.getvalue(), f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
+            self.err.getvalue(),
+            f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
+            f"{self.directory}/absent.toml: 1 problem\n",
         )
 
     def test_userNeedsProbe(self) -> None:
@@ -297,6 +300,23 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
                 f"{path}: 4 problems",
             ],
         )
+
+    def test_relativePath(self) -> None:
+        """
+        A file named relative to the current directory is named absolute on
+        every line, the count's included, as the OK line does.
+        """
+        self.write("routes.toml", ROUTES)
+        path = self.write("proxy.toml", MINIMAL.replace('tls = "none"', 'tls = "nones"'))
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)
+        self.assertEqual(main(["check", "proxy.toml"]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual([line.split(": ", 1)[0] for line in lines], [path, path], lines)
+        self.assertEqual(lines[-1], f"{path}: 1 problem")
+        self.write("proxy.toml", MINIMAL)
+        self.assertEqual(main(["check", "proxy.toml"]), 0)
+        self.assertEqual(self.out.getvalue(), f"{path}: OK (1 listener, 1 backend)\n")
 
     def test_routeTableAndCertificate(self) -> None:
         """
@@ -336,7 +356,8 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(
             self.err.getvalue(),
             f"{path}: router.database: {database!r} does not exist; the proxy never creates it, "
-            "so every login would fail\n",
+            "so every login would fail\n"
+            f"{path}: 1 problem\n",
         )
         with open(database, "wb"):
             pass
