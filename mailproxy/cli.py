@@ -68,7 +68,7 @@ from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
-from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
+from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
 from mailproxy.routers import buildRouter
 
 _PROG = "mailproxy"
@@ -554,8 +554,17 @@ def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for name, table in data.get("backend", {}).items()
         if "master_password_file" in table
     }
+    # The router's defaults are known only to its builder: build it (as
+    # check does; nothing is started) and note what it read. One that
+    # cannot be built is shown as written (check names the problem).
+    with recordingReads() as routerReads:
+        try:
+            router = buildRouter(config, _globalReactor())
+        except ConfigError:
+            router = None
+    _closeRouter(router)
     out.write(f"# {config.path}: the effective configuration (mailproxy {__version__})\n")
-    out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles)))
+    out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles, routerReads)))
     return 0
 
 

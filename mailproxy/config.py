@@ -23,7 +23,9 @@ import re
 import shlex
 import socket
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, get_args
 
 import idna
@@ -85,6 +87,9 @@ __all__ = [
     "readNameAndSecret",
     "parsePortTLS",
     "isPathKey",
+    "recordingReads",
+    "journalPath",
+    "JOURNAL_NAME",
     "splitEndpoint",
     "parseAdmin",
 ]
@@ -350,6 +355,40 @@ class Config:
 _MISSING: Any = object()
 
 
+_reads: ContextVar[dict[tuple[str, Key], Any] | None] = ContextVar("_reads", default=None)
+
+
+@contextmanager
+def recordingReads() -> Iterator[dict[tuple[str, Key], Any]]:
+    """
+    Note, while active, what every L{Table} read took without the file
+    saying it: each default, and each path made absolute, by file and key.
+
+    How a router reads its options is known only to its builder: building
+    it under this tells C{config show} the defaults and paths it ran with.
+    """
+    reads: dict[tuple[str, Key], Any] = {}
+    token = _reads.set(reads)
+    try:
+        yield reads
+    finally:
+        _reads.reset(token)
+
+
+def _record(table: Table, name: str, value: Any) -> None:
+    # Only what TOML can show: a default may also be None (unset) or an
+    # object only the code knows.
+    reads = _reads.get()
+    if reads is None:
+        return
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, (str, bool, int, float)) or (
+        isinstance(value, list) and all(isinstance(item, (str, bool, int, float)) for item in value)
+    ):
+        reads[(table.file, table.key + (name,))] = value
+
+
 class Table:
     """
     A reader for one TOML table that turns every problem into a
@@ -432,6 +471,7 @@ class Table:
             return self.data[name]
         if default is _MISSING:
             self.fail(name, "required")
+        _record(self, name, default)
         return default
 
     def string(
@@ -543,6 +583,7 @@ class Table:
             problem = _unreadable(resolved)
             if problem:
                 self.fail(name, problem)
+        _record(self, name, resolved)
         return resolved
 
     def table(self, name: str, required: bool = False) -> Table | None:
@@ -699,6 +740,8 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     migration = root.collect(
         lambda: _parseMigration(root.table("migration"), backends if backendsRead else None), MigrationSettings()
     )
+    if migration.journal is None:
+        migration = evolve(migration, journal=journalPath(path, None))
     cluster = root.collect(lambda: parseCluster(root.table("cluster")), None)
     problems.check()
     assert router is not None
@@ -1675,6 +1718,21 @@ def _parseRouter(table: Table) -> RouterConfig:
             value = table.path(name, readable=False)
         options[name] = value
     return RouterConfig(type=kind, options=options)
+
+
+JOURNAL_NAME = "migrations.json"
+"""
+The migration journal's file name when C{[migration] journal} is unset: in
+the configuration file's directory.
+"""
+
+
+def journalPath(configPath: str, journal: str | None) -> str:
+    """
+    Where the migration engine keeps its journal: C{journal} if set, else
+    L{JOURNAL_NAME} in the configuration file's directory.
+    """
+    return journal if journal is not None else os.path.join(os.path.dirname(configPath), JOURNAL_NAME)
 
 
 def isPathKey(name: str) -> bool:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 
+from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import __version__, cli
@@ -406,8 +407,13 @@ class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(data["backend"]["only"]["forward"], "auto")
         self.assertEqual(data["listener"][0]["digest_auth"], False)
         self.assertEqual(data["router"]["path"], os.path.join(self.directory, "routes.toml"))
+        # The router's own defaults, which only its builder knows.
+        self.assertEqual(data["router"]["watch_interval"], 2.0)
+        self.assertEqual(data["migration"]["journal"], os.path.join(self.directory, "migrations.json"))
         self.assertIn("ports = { imap = 143 }\n", shown)
-        self.assertEqual(parseConfig(shown, path), loadConfig(path))
+        original, again = loadConfig(path), parseConfig(shown, path)
+        self.assertEqual(evolve(again, router=original.router), original)
+        self.assertEqual(again.router.options, {**original.router.options, "watch_interval": 2.0})
 
     def test_secretsLeftOut(self) -> None:
         """
