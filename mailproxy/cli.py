@@ -69,7 +69,7 @@ from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
-from mailproxy.routers import buildRouter
+from mailproxy.routers import buildRouter, buildRouterFrom
 
 _PROG = "mailproxy"
 
@@ -376,6 +376,17 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
     except ConfigError as e:
         report.problems.extend(e.problems)
         report.warnings.extend(e.warnings)
+        if e.routerParts is not None:
+            # The router's own problems (a file it reads, its database) in
+            # this run too, not only once the rest is fixed.
+            router, backends = e.routerParts
+            try:
+                built = buildRouterFrom(report.path, router, backends, reactor)
+            except ConfigError as routerError:
+                report.problems.extend(routerError.problems)
+            else:
+                report.problems.extend(_routerProblems(built))
+                _closeRouter(built)
         return report
     report.config = config
     report.warnings.extend(config.warnings)
@@ -384,8 +395,7 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
     except ConfigError as e:
         report.problems.extend(e.problems)
     else:
-        for member in routerChain(report.router):
-            report.problems.extend(getattr(member, "checkProblems", ()))
+        report.problems.extend(_routerProblems(report.router))
     certificates = []
     if config.tls is not None:
         certificates.append((config.tls, config.sni))
@@ -397,6 +407,12 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
         except TLSConfigError as e:
             report.problems.append(_problem(e))
     return report
+
+
+def _routerProblems(router: object) -> list[str]:
+    # What a router found wrong but could be built with (an SQLite database
+    # that does not exist), in every router of a chain.
+    return [problem for member in routerChain(router) for problem in getattr(member, "checkProblems", ())]
 
 
 def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:

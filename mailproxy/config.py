@@ -147,7 +147,13 @@ class ConfigError(Exception):
 
     @ivar problems: the lines of C{str(error)}.
     @ivar warnings: what else was found that works but should be fixed.
+    @ivar routerParts: when a whole configuration is refused but its
+        C{[router]} and every backend were read without a problem, those
+        (C{check} builds the router from them, to report its problems in
+        the same run); else L{None}.
     """
+
+    routerParts: tuple[RouterConfig, Mapping[str, Backend]] | None = None
 
     def __init__(self, message: str, problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -743,7 +749,12 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     if migration.journal is None:
         migration = evolve(migration, journal=journalPath(path, None))
     cluster = root.collect(lambda: parseCluster(root.table("cluster")), None)
-    problems.check()
+    try:
+        problems.check()
+    except ConfigError as e:
+        if router is not None and backendsRead:
+            e.routerParts = (router, backends)
+        raise
     assert router is not None
     return Config(
         path=path,

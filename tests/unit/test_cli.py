@@ -342,6 +342,40 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertTrue(lines[1].startswith(f"{key}: "), lines)
         self.assertEqual(lines[2], f"{path}: 2 problems")
 
+    def test_routerProblemsWithOthers(self) -> None:
+        """
+        What only building the router finds (a route table naming no
+        backend, an SQLite database that does not exist) is reported in the
+        same run as the file's own problems, not once they are fixed.
+        """
+        routes = self.write("routes.toml", 'default = "elsewhere"\n')
+        path = self.write("proxy.toml", MINIMAL.replace('tls = "none"', 'tls = "nones"'))
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].startswith(f"{path}: listener[0].tls: "), lines)
+        self.assertTrue(lines[1].startswith(f"{routes}: "), lines)
+        self.assertEqual(lines[2], f"{path}: 2 problems")
+
+        router = (
+            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+            'query = "SELECT backend FROM accounts WHERE address = :user"\n'
+        )
+        path = self.write(
+            "sql.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "nones"').replace(
+                '[router]\ntype = "static"\npath = "routes.toml"\n', router
+            ),
+        )
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].startswith(f"{path}: listener[0].tls: "), lines)
+        self.assertTrue(lines[1].startswith(f"{path}: router.database: "), lines)
+        self.assertIn("does not exist", lines[1])
+
     def test_missingSQLiteDatabase(self) -> None:
         """
         An SQLite database that does not exist fails the check (the proxy
