@@ -40,11 +40,11 @@ from zope.interface import implementer
 from . import _tls
 from ._logs import TwistdLog
 from ._migrate import LoginHold, Mover
-from ._migrationhooks import OnLoginMigration, StepLog, journalPath
+from ._migrationhooks import OnLoginMigration, StepLog
 from ._outcomes import EndReason
 from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
-from .config import Config, ConfigError, loadConfig, parseConfig
+from .config import Config, ConfigError, journalPath, loadConfig, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
 

@@ -17,7 +17,6 @@ C{"late"} that reports only C{"ok"} or C{"failed"}.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,22 +32,10 @@ from ._stats import ProxyStats
 from .model import Route
 from .migration import MigrationError
 
-__all__ = ["StepLog", "OnLoginMigration", "ruleMatches", "journalPath", "domainAccounts", "JOURNAL_NAME"]
-
-#: The journal's file name beside the configuration, unless C{[migration]
-#: journal} names another.
-JOURNAL_NAME = "migrations.json"
+__all__ = ["StepLog", "OnLoginMigration", "ruleMatches", "domainAccounts"]
 
 #: The event that ends an account's migration.
 ACCOUNT_EVENT = "migration_account"
-
-
-def journalPath(configPath: str, journal: str | None) -> str:
-    """
-    Where the engine keeps its journal: C{journal} if set, else
-    L{JOURNAL_NAME} in the configuration file's directory.
-    """
-    return journal if journal is not None else os.path.join(os.path.dirname(configPath), JOURNAL_NAME)
 
 
 def domainAccounts(router: object, domain: str) -> Deferred[list[str]]:

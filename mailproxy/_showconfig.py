@@ -12,14 +12,16 @@ C{***}.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mailproxy._tls import CertificateSource
-from mailproxy.config import Config, formatKey
+from mailproxy.config import Config, Key, formatKey
 
 __all__ = ["HIDDEN", "effectiveConfig", "dumpTOML"]
 
@@ -32,13 +34,20 @@ _SECRET_NAME = re.compile(r"password|secret|token|passphrase", re.IGNORECASE)
 _DSN_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
-def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> dict[str, Any]:
+def effectiveConfig(
+    config: Config,
+    masterPasswordFiles: Mapping[str, str],
+    routerReads: Mapping[tuple[str, Key], Any] | None = None,
+) -> dict[str, Any]:
     """
     C{config} as TOML-ready data, defaults filled in, secrets left out.
 
     @param masterPasswordFiles: each backend's C{master_password_file}
         (absolute), by backend name: L{Config} keeps the password it read,
         which is never shown, not the file it came from.
+    @param routerReads: what building the router read that the file does
+        not say (L{mailproxy.config.recordingReads}): its options'
+        defaults and absolute paths, which only the router's builder knows.
     """
     limits = config.limits
     data: dict[str, Any] = {
@@ -94,7 +103,8 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
                 "response_timeout": http.responseTimeout,
             }
         )
-    data["router"] = {"type": config.router.type, **_hideSecrets(config.router.options)}
+    options = _withReads(config, routerReads or {})
+    data["router"] = {"type": config.router.type, **_hideSecrets(options)}
     data["backend"] = {
         name: _withoutNone(
             {
@@ -159,6 +169,37 @@ def effectiveConfig(config: Config, masterPasswordFiles: Mapping[str, str]) -> d
             }
         )
     return data
+
+
+def _withReads(config: Config, reads: Mapping[tuple[str, Key], Any]) -> dict[str, Any]:
+    """
+    The router's options as written, with what building it read added:
+    each default where a key is left out, each path made absolute, in the
+    table the builder read it from (C{[router]}, its C{cache}, a chain's
+    C{[[router.routers]]}, ...).
+    """
+    options = copy.deepcopy(dict(config.router.options))
+    base = os.path.dirname(config.path)
+    for (file, key), value in reads.items():
+        if file != config.path or key[:1] != ("router",) or len(key) < 2:
+            continue
+        table: Any = options
+        for step in key[1:-1]:
+            if isinstance(step, int) and isinstance(table, list) and step < len(table):
+                table = table[step]
+            elif isinstance(step, str) and isinstance(table, dict) and isinstance(table.get(step), (dict, list)):
+                table = table[step]
+            else:
+                table = None
+                break
+        if not isinstance(table, dict):
+            continue
+        name, written = key[-1], table.get(key[-1])
+        if name not in table:
+            table[name] = value
+        elif isinstance(written, str) and os.path.normpath(os.path.join(base, os.path.expanduser(written))) == value:
+            table[name] = value
+    return options
 
 
 def _urlHost(host: str) -> str:

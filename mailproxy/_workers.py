@@ -69,7 +69,7 @@ from . import _tls
 from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
 from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, heldWrites, writeClassicLines
 from ._migrate import Mover, findRouteStore
-from ._migrationhooks import OnLoginMigration, StepLog, journalPath
+from ._migrationhooks import OnLoginMigration, StepLog
 from ._safetext import LogQuoted
 from ._contract import ISessionObserver
 from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
@@ -77,7 +77,7 @@ from ._shared import IConnectionCounter, LocalFailures
 from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier, syslogPriority
 from ._tcp import sendAtOnceOn
-from .config import Config, ConfigError, parseConfig
+from .config import Config, ConfigError, journalPath, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter
 

@@ -47,9 +47,9 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -168,6 +168,22 @@ class _GreetingProbe(Protocol):
             self.line.errback(Failure(ConnectionError("closed before greeting")))
 
 
+class _ProbeFactory(Factory):
+    """
+    Hands one probe to its connection. Twisted's C{connectProtocol} would,
+    but its factory logs its start and stop: two lines per backend port at
+    every health probe and metrics scrape.
+    """
+
+    noisy = False
+
+    def __init__(self, probe: _GreetingProbe) -> None:
+        self.probe = probe
+
+    def buildProtocol(self, addr: object) -> _GreetingProbe:
+        return self.probe
+
+
 def greetingProblem(port: str, line: bytes) -> str | None:
     """
     What is wrong with C{line}, the first a backend sent on its C{ports}
@@ -259,7 +275,7 @@ class HealthChecker:
         if backend.tlsFor(protocol) == "implicit":
             endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
         probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b"") + _probeRequest(protocol))
-        connecting = connectProtocol(endpoint, probe)
+        connecting = endpoint.connect(_ProbeFactory(probe))
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
 
         def connected(_: object) -> Deferred[bytes]:

@@ -68,8 +68,8 @@ from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
-from mailproxy.config import Config, ConfigError, loadConfig, readTOML, tokenFilePermissions
-from mailproxy.routers import buildRouter
+from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
+from mailproxy.routers import buildRouter, buildRouterFrom
 
 _PROG = "mailproxy"
 
@@ -335,7 +335,7 @@ class CheckReport:
     """
     What C{mailproxy check} found.
 
-    @ivar path: the file, as the operator named it.
+    @ivar path: the file, made absolute as in every problem's text.
     @ivar config: the configuration, if it loads.
     @ivar router: the router built from it, if it could be built.
     @ivar problems: what makes it unusable, each C{"<file>: <key>: <why>"}.
@@ -370,12 +370,23 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
 
     @param reactor: given to the router; nothing is started on it.
     """
-    report = CheckReport(path)
+    report = CheckReport(os.path.abspath(path))
     try:
         config = loadConfig(path)
     except ConfigError as e:
         report.problems.extend(e.problems)
         report.warnings.extend(e.warnings)
+        if e.routerParts is not None:
+            # The router's own problems (a file it reads, its database) in
+            # this run too, not only once the rest is fixed.
+            router, backends = e.routerParts
+            try:
+                built = buildRouterFrom(report.path, router, backends, reactor)
+            except ConfigError as routerError:
+                report.problems.extend(routerError.problems)
+            else:
+                report.problems.extend(_routerProblems(built))
+                _closeRouter(built)
         return report
     report.config = config
     report.warnings.extend(config.warnings)
@@ -384,8 +395,7 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
     except ConfigError as e:
         report.problems.extend(e.problems)
     else:
-        for member in routerChain(report.router):
-            report.problems.extend(getattr(member, "checkProblems", ()))
+        report.problems.extend(_routerProblems(report.router))
     certificates = []
     if config.tls is not None:
         certificates.append((config.tls, config.sni))
@@ -397,6 +407,12 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
         except TLSConfigError as e:
             report.problems.append(_problem(e))
     return report
+
+
+def _routerProblems(router: object) -> list[str]:
+    # What a router found wrong but could be built with (an SQLite database
+    # that does not exist), in every router of a chain.
+    return [problem for member in routerChain(router) for problem in getattr(member, "checkProblems", ())]
 
 
 def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -413,8 +429,8 @@ def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(problem, file=err)
     if report.problems:
         _closeRouter(report.router)
-        if len(report.problems) > 1:
-            print(f"{report.path}: {len(report.problems)} problems", file=err)
+        count = len(report.problems)
+        print(f"{report.path}: {count} problem{'s' if count != 1 else ''}", file=err)
         return 1
     print(report.summary, file=out)
     if not arguments.probe:
@@ -554,8 +570,17 @@ def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for name, table in data.get("backend", {}).items()
         if "master_password_file" in table
     }
+    # The router's defaults are known only to its builder: build it (as
+    # check does; nothing is started) and note what it read. One that
+    # cannot be built is shown as written (check names the problem).
+    with recordingReads() as routerReads:
+        try:
+            router = buildRouter(config, _globalReactor())
+        except ConfigError:
+            router = None
+    _closeRouter(router)
     out.write(f"# {config.path}: the effective configuration (mailproxy {__version__})\n")
-    out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles)))
+    out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles, routerReads)))
     return 0
 
 

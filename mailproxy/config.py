@@ -23,7 +23,9 @@ import re
 import shlex
 import socket
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, get_args
 
 import idna
@@ -85,6 +87,9 @@ __all__ = [
     "readNameAndSecret",
     "parsePortTLS",
     "isPathKey",
+    "recordingReads",
+    "journalPath",
+    "JOURNAL_NAME",
     "splitEndpoint",
     "parseAdmin",
 ]
@@ -142,7 +147,13 @@ class ConfigError(Exception):
 
     @ivar problems: the lines of C{str(error)}.
     @ivar warnings: what else was found that works but should be fixed.
+    @ivar routerParts: when a whole configuration is refused but its
+        C{[router]} and every backend were read without a problem, those
+        (C{check} builds the router from them, to report its problems in
+        the same run); else L{None}.
     """
+
+    routerParts: tuple[RouterConfig, Mapping[str, Backend]] | None = None
 
     def __init__(self, message: str, problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -350,6 +361,40 @@ class Config:
 _MISSING: Any = object()
 
 
+_reads: ContextVar[dict[tuple[str, Key], Any] | None] = ContextVar("_reads", default=None)
+
+
+@contextmanager
+def recordingReads() -> Iterator[dict[tuple[str, Key], Any]]:
+    """
+    Note, while active, what every L{Table} read took without the file
+    saying it: each default, and each path made absolute, by file and key.
+
+    How a router reads its options is known only to its builder: building
+    it under this tells C{config show} the defaults and paths it ran with.
+    """
+    reads: dict[tuple[str, Key], Any] = {}
+    token = _reads.set(reads)
+    try:
+        yield reads
+    finally:
+        _reads.reset(token)
+
+
+def _record(table: Table, name: str, value: Any) -> None:
+    # Only what TOML can show: a default may also be None (unset) or an
+    # object only the code knows.
+    reads = _reads.get()
+    if reads is None:
+        return
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, (str, bool, int, float)) or (
+        isinstance(value, list) and all(isinstance(item, (str, bool, int, float)) for item in value)
+    ):
+        reads[(table.file, table.key + (name,))] = value
+
+
 class Table:
     """
     A reader for one TOML table that turns every problem into a
@@ -432,6 +477,7 @@ class Table:
             return self.data[name]
         if default is _MISSING:
             self.fail(name, "required")
+        _record(self, name, default)
         return default
 
     def string(
@@ -543,6 +589,7 @@ class Table:
             problem = _unreadable(resolved)
             if problem:
                 self.fail(name, problem)
+        _record(self, name, resolved)
         return resolved
 
     def table(self, name: str, required: bool = False) -> Table | None:
@@ -699,8 +746,15 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
     migration = root.collect(
         lambda: _parseMigration(root.table("migration"), backends if backendsRead else None), MigrationSettings()
     )
+    if migration.journal is None:
+        migration = evolve(migration, journal=journalPath(path, None))
     cluster = root.collect(lambda: parseCluster(root.table("cluster")), None)
-    problems.check()
+    try:
+        problems.check()
+    except ConfigError as e:
+        if router is not None and backendsRead:
+            e.routerParts = (router, backends)
+        raise
     assert router is not None
     return Config(
         path=path,
@@ -1088,7 +1142,13 @@ def _withHTTP(
     table = root.table("http")
     serving = [listener for listener in listeners if listener.protocol == "http"]
     if not serving:
-        if table is not None:
+        # A listener refused for another reason still asked for HTTP: its
+        # own problem is reported; blaming [http] as unused would be false.
+        declared = root.data.get("listener")
+        asked = isinstance(declared, list) and any(
+            isinstance(entry, dict) and entry.get("protocol") == "http" for entry in declared
+        )
+        if table is not None and not asked:
             root.fail("http", 'no [[listener]] has protocol = "http"')
         return listeners
     if table is None:
@@ -1669,6 +1729,21 @@ def _parseRouter(table: Table) -> RouterConfig:
             value = table.path(name, readable=False)
         options[name] = value
     return RouterConfig(type=kind, options=options)
+
+
+JOURNAL_NAME = "migrations.json"
+"""
+The migration journal's file name when C{[migration] journal} is unset: in
+the configuration file's directory.
+"""
+
+
+def journalPath(configPath: str, journal: str | None) -> str:
+    """
+    Where the migration engine keeps its journal: C{journal} if set, else
+    L{JOURNAL_NAME} in the configuration file's directory.
+    """
+    return journal if journal is not None else os.path.join(os.path.dirname(configPath), JOURNAL_NAME)
 
 
 def isPathKey(name: str) -> bool:

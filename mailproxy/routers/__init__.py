@@ -32,12 +32,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailproxy._routing import callRouter
-from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Table, formatKey, isPathKey
+from mailproxy.config import ROUTER_TYPES, Config, ConfigError, RouterConfig, Table, formatKey, isPathKey
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter
 
-__all__ = ["buildRouter", "buildFromTable", "callRouter"]
+__all__ = ["buildRouter", "buildRouterFrom", "buildFromTable", "callRouter"]
 
 _Builder = Callable[[Table, Mapping[str, Backend], Any], IRouter]
 
@@ -96,13 +96,16 @@ def buildRouter(config: Config, reactor: Any) -> IRouter:
     @raise ConfigError: if the router cannot be made (a bad route table, a
         class that cannot be imported or that refuses its options).
     """
-    table = Table(
-        config.path,
-        ("router",),
-        {"type": config.router.type, **config.router.options},
-        os.path.dirname(config.path),
-    )
-    return buildFromTable(table, config.backends, reactor)
+    return buildRouterFrom(config.path, config.router, config.backends, reactor)
+
+
+def buildRouterFrom(path: str, router: RouterConfig, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
+    """
+    L{buildRouter} from the parts of a configuration a router needs: the
+    file's (absolute) C{path}, its C{[router]} and its backends.
+    """
+    table = Table(path, ("router",), {"type": router.type, **router.options}, os.path.dirname(path))
+    return buildFromTable(table, backends, reactor)
 
 
 def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 
+from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import __version__, cli
@@ -104,7 +105,8 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         message = self.err.getvalue()
         self.assertTrue(message.startswith(f"{path}: listener[0].tls: "), message)
         self.assertIn("sometimes", message)
-        self.assertEqual(message.count("\n"), 1)
+        self.assertEqual(message.count("\n"), 2)
+        self.assertTrue(message.endswith(f"\n{path}: 1 problem\n"), message)
 
     def test_badPortTLS(self) -> None:
         """
@@ -261,7 +263,9 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.patch(cli, "DEFAULT_CONFIG", os.path.join(self.directory, "absent.toml"))
         self.assertEqual(main(["check"]), 1)
         self.assertEqual(
-            self.err.getvalue(), f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
+            self.err.getvalue(),
+            f"{self.directory}/absent.toml: cannot read: No such file or directory\n"
+            f"{self.directory}/absent.toml: 1 problem\n",
         )
 
     def test_userNeedsProbe(self) -> None:
@@ -298,6 +302,23 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
             ],
         )
 
+    def test_relativePath(self) -> None:
+        """
+        A file named relative to the current directory is named absolute on
+        every line, the count's included, as the OK line does.
+        """
+        self.write("routes.toml", ROUTES)
+        path = self.write("proxy.toml", MINIMAL.replace('tls = "none"', 'tls = "nones"'))
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)
+        self.assertEqual(main(["check", "proxy.toml"]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual([line.split(": ", 1)[0] for line in lines], [path, path], lines)
+        self.assertEqual(lines[-1], f"{path}: 1 problem")
+        self.write("proxy.toml", MINIMAL)
+        self.assertEqual(main(["check", "proxy.toml"]), 0)
+        self.assertEqual(self.out.getvalue(), f"{path}: OK (1 listener, 1 backend)\n")
+
     def test_routeTableAndCertificate(self) -> None:
         """
         A bad route table and a key that does not match its certificate are
@@ -321,6 +342,40 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertTrue(lines[1].startswith(f"{key}: "), lines)
         self.assertEqual(lines[2], f"{path}: 2 problems")
 
+    def test_routerProblemsWithOthers(self) -> None:
+        """
+        What only building the router finds (a route table naming no
+        backend, an SQLite database that does not exist) is reported in the
+        same run as the file's own problems, not once they are fixed.
+        """
+        routes = self.write("routes.toml", 'default = "elsewhere"\n')
+        path = self.write("proxy.toml", MINIMAL.replace('tls = "none"', 'tls = "nones"'))
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].startswith(f"{path}: listener[0].tls: "), lines)
+        self.assertTrue(lines[1].startswith(f"{routes}: "), lines)
+        self.assertEqual(lines[2], f"{path}: 2 problems")
+
+        router = (
+            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+            'query = "SELECT backend FROM accounts WHERE address = :user"\n'
+        )
+        path = self.write(
+            "sql.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "nones"').replace(
+                '[router]\ntype = "static"\npath = "routes.toml"\n', router
+            ),
+        )
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].startswith(f"{path}: listener[0].tls: "), lines)
+        self.assertTrue(lines[1].startswith(f"{path}: router.database: "), lines)
+        self.assertIn("does not exist", lines[1])
+
     def test_missingSQLiteDatabase(self) -> None:
         """
         An SQLite database that does not exist fails the check (the proxy
@@ -336,7 +391,8 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(
             self.err.getvalue(),
             f"{path}: router.database: {database!r} does not exist; the proxy never creates it, "
-            "so every login would fail\n",
+            "so every login would fail\n"
+            f"{path}: 1 problem\n",
         )
         with open(database, "wb"):
             pass
@@ -385,8 +441,13 @@ class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(data["backend"]["only"]["forward"], "auto")
         self.assertEqual(data["listener"][0]["digest_auth"], False)
         self.assertEqual(data["router"]["path"], os.path.join(self.directory, "routes.toml"))
+        # The router's own defaults, which only its builder knows.
+        self.assertEqual(data["router"]["watch_interval"], 2.0)
+        self.assertEqual(data["migration"]["journal"], os.path.join(self.directory, "migrations.json"))
         self.assertIn("ports = { imap = 143 }\n", shown)
-        self.assertEqual(parseConfig(shown, path), loadConfig(path))
+        original, again = loadConfig(path), parseConfig(shown, path)
+        self.assertEqual(evolve(again, router=original.router), original)
+        self.assertEqual(again.router.options, {**original.router.options, "watch_interval": 2.0})
 
     def test_secretsLeftOut(self) -> None:
         """

@@ -22,6 +22,7 @@ from mailproxy.config import (
     loadConfig,
     parseConfig,
 )
+from mailproxy.migration import MigrationSettings
 from mailproxy.model import Backend
 
 LISTENER = """\
@@ -153,6 +154,7 @@ class DefaultTests(ConfigTestCase):
                 listeners=(Listener("imap", "tcp:1993:interface=127.0.0.1", "none"),),
                 router=RouterConfig("static", {"path": os.path.join(self.directory, "routes.toml")}),
                 backends={"old": Backend(name="old", host="127.0.0.1", ports={"imap": 143})},
+                migration=MigrationSettings(journal=os.path.join(self.directory, "migrations.json")),
             ),
         )
 

@@ -125,6 +125,20 @@ class HTTPConfigTests(SynchronousTestCase):
             'listener[0].tls: HTTP has no STARTTLS: "implicit" or "none"',
         )
 
+    def test_refusedListenerNotUnused(self) -> None:
+        """
+        An http listener refused because no backend serves http gets that
+        one problem; [http] is not also called unused.
+        """
+        backends = BACKENDS.replace("imap = 143, http = 8080", "imap = 143")
+        error = self.assertRaises(
+            ConfigError, self.parse, LISTENER + backends + '[http]\ndefault_backend = "old"\n'
+        )
+        self.assertEqual(
+            [problem.split(": ", 1)[1] for problem in error.problems],
+            ["listener[0].protocol: no backend serves 'http'; add ports.http to a [backend.NAME] table"],
+        )
+
     def test_listenerBuilt(self) -> None:
         """
         The listener's factory builds the HTTP front end with the section.

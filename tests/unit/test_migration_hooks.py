@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._logs import jsonLine
-from mailproxy._migrationhooks import JOURNAL_NAME, OnLoginMigration, StepLog, journalPath
+from mailproxy._migrationhooks import OnLoginMigration, StepLog
+from mailproxy.config import JOURNAL_NAME, journalPath
 from mailproxy._stats import ProxyStats, metricsText, snapshot
 from mailproxy.config import loadConfig
 from mailproxy.migration import MigrationManager, MigrationSettings
@@ -262,7 +263,7 @@ class LifecycleTests(ServiceTreeTestsMixin, SynchronousTestCase):
         self.assertIs(manager.mover, self.service.mover)
         self.assertEqual(set(manager.backends), {"old", "new"})
         self.assertEqual(manager.routerName, "static")
-        self.assertEqual(manager.settings, MigrationSettings())
+        self.assertEqual(manager.settings, MigrationSettings(journal=os.path.join(self.directory, "migrations.json")))
         self.assertEqual(manager.journalPath, os.path.join(self.directory, "migrations.json"))
         manager._emit(accountEvent("a@x", "done", bytes=10))
         self.assertEqual(self.service.context.stats.migrations["done"], 1)
@@ -324,6 +325,9 @@ class LifecycleTests(ServiceTreeTestsMixin, SynchronousTestCase):
         self.assertEqual(outcome["restartNeeded"], ["migration.journal"])
         manager = self.service.migrations
         self.assertIs(manager.router, self.service.context.router)
-        self.assertEqual((manager.settings.onLogin, manager.settings.concurrency, manager.settings.journal), ("new", 2, None))
+        self.assertEqual(
+            (manager.settings.onLogin, manager.settings.concurrency, manager.settings.journal),
+            ("new", 2, os.path.join(self.directory, "migrations.json")),
+        )
         self.assertEqual(self.service.config.migration, manager.settings)
         self.assertEqual(loadConfig(self.path).migration.journal, os.path.join(self.directory, "elsewhere.json"))

@@ -14,6 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy.admin import HealthChecker
@@ -263,6 +265,29 @@ class HealthProbeTests(TestCase):
         backend = Backend(name="store", host="127.0.0.1", ports={port: number})
         result = yield HealthChecker(reactor, lambda: {"store": backend}).probe(backend, port, number)
         return result
+
+    @inlineCallbacks
+    def test_quiet(self) -> None:
+        """
+        A probe logs nothing of its own: /health and every /metrics scrape
+        run one per backend port, and Twisted's factories would log two
+        lines each ("Starting factory", "Stopping factory").
+        """
+        factory = Factory.forProtocol(_Greeter)
+        factory.greeting = b"* OK ready\r\n"  # type: ignore[attr-defined]
+        factory.noisy = False
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        number = listening.getHost().port
+        backend = Backend(name="store", host="127.0.0.1", ports={"imap": number})
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        well = yield HealthChecker(reactor, lambda: {"store": backend}).probe(backend, "imap", number)
+        self.assertTrue(well["ok"], well)
+        # The probe hangs up once it has the greeting; let that finish.
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([formatEvent(event) for event in events], [])
 
     @inlineCallbacks
     def test_mxPortIsSMTP(self) -> None:
