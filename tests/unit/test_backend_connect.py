@@ -21,7 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailproxy import _backend
 from mailproxy._backend import BackendFailure, BackendProtocol, LoginJob, connectBackend
 from mailproxy.model import ClientInfo, Credentials, Route
+from mailproxy._outcomes import FailureKind
 from mailproxy._sasl import plainResponse
+from mailproxy.http._backend import HTTPBackend
 from mailproxy.imap._backend import IMAPBackendLogin
 from mailproxy.pop3._backend import POP3BackendLogin
 from mailproxy.sieve._backend import SieveBackendLogin
@@ -479,3 +481,22 @@ class PortTLSTests(SynchronousTestCase):
         transport.clear()
         protocol.dataReceived(b"250-store.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
         self.assertEqual(transport.value(), b"STARTTLS\r\n")
+
+    def test_httpNeverStartTLS(self) -> None:
+        """
+        HTTP has no STARTTLS: a backend whose http port a router's answer
+        says to reach with C{starttls} fails the login as unavailable and
+        is sent nothing, the request with its credentials least of all.
+        """
+        backend = makeBackend("store", ports={"http": 8080}, tls="starttls", forward="none")
+        job = makeJob(route=Route(backend), protocol="http")
+        protocol = HTTPBackend(job, self.clock, 30)
+        transport = self.connect(protocol)
+        failure = self.failureResultOf(protocol.result, BackendFailure).value
+        self.assertEqual(failure.kind, FailureKind.UNAVAILABLE)
+        self.assertIn("HTTP has no STARTTLS", failure.detail)
+        self.assertEqual(transport.value(), b"")
+        self.assertIsNone(transport.tlsOptions)
+        plain = HTTPBackend(makeJob(route=Route(attrs.evolve(backend, tls="none")), protocol="http"), self.clock, 30)
+        self.connect(plain)
+        self.assertIs(self.successResultOf(plain.result), plain)
