@@ -14,7 +14,6 @@ failures live here.
 
 from __future__ import annotations
 
-import socket
 from enum import Enum
 from typing import Callable, cast
 
@@ -33,7 +32,7 @@ from . import _proxyproto, _tls
 from ._outcomes import FailureKind
 from ._relay import socketOf
 from ._sasl import oauthResponse, plainResponse
-from ._tcp import connectAtOnce
+from ._tcp import connectAtOnce, quickAck
 from ._transport import IProxyTransport
 from .model import Backend, ClientInfo, Credentials, Route
 
@@ -557,26 +556,19 @@ def forwardedIdentity(client: ClientInfo) -> dict[str, str]:
 
 def acknowledgeNow(transport: object) -> None:
     """
-    Acknowledge what the backend sent at once, instead of after the
-    kernel's delayed-ACK wait.
+    Acknowledge what the peer of C{transport} sent at once, instead of
+    after the kernel's delayed-ACK wait (L{quickAck}).
 
     A login dialogue pipelines commands (XCLIENT and the login, ID and the
-    login) and then reads their replies without writing anything. The
-    connection is interactive by then, so Linux delays the ACK of the first
-    reply (40 ms), and a server under Nagle's algorithm (Dovecot's pop3
-    process, say) holds its next small reply until that ACK: every login
-    would wait 40 ms for nothing. C{TCP_QUICKACK} sends a pending ACK now,
-    at one system call per read the dialogue does not answer (a command
-    written in reply carries the ACK: L{BackendProtocol.send}). Elsewhere
-    (no C{TCP_QUICKACK}, no socket) this does nothing.
+    login) and then reads their replies without writing anything, and a
+    server under Nagle's algorithm (Dovecot's pop3 process, say) holds its
+    next small reply until the ACK of the first: every login would wait
+    40 ms for nothing. So the dialogue acknowledges each read it does not
+    answer (a command written in reply carries the ACK:
+    L{BackendProtocol.send}). A front end does the same for a client's
+    command read in part.
     """
-    option: int | None = getattr(socket, "TCP_QUICKACK", None)
-    handle = getattr(socketOf(transport), "socket", None)
-    if option is not None and isinstance(handle, socket.socket):
-        try:
-            handle.setsockopt(socket.IPPROTO_TCP, option, 1)
-        except OSError:
-            pass
+    quickAck(getattr(socketOf(transport), "socket", None))
 
 
 def _describe(reason: Failure | None) -> str:

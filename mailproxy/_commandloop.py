@@ -26,7 +26,7 @@ from typing import Any, Sequence, cast
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
-from ._backend import BackendProtocol
+from ._backend import BackendProtocol, acknowledgeNow
 from ._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
 from ._sasl import OAUTH_INVALID_TOKEN, OAUTH_MECHANISMS, Challenge, Refused, ServerExchange, Step, decodeBase64, decodeResponse, newChallenge
 from ._login import LoginFailed
@@ -85,6 +85,12 @@ class _Relayed:
         """
         return b""
 
+    def unfinished(self) -> bool:
+        """
+        Nothing read.
+        """
+        return False
+
 
 #: Shared by every relayed session.
 RELAYED_INPUT = _Relayed()
@@ -130,6 +136,18 @@ class CommandLoop(Session):
     def frontendDataReceived(self, data: bytes) -> None:
         self.input.feed(data)
         self.process()
+        if self.awaitingInput():
+            # Nothing answers this read yet, and the client may hold back
+            # the rest until it is acknowledged (a LOGIN's literal written
+            # apart from its CRLF): acknowledge it now, not 40 ms later.
+            acknowledgeNow(self.transport)
+
+    def awaitingInput(self) -> bool:
+        """
+        Whether, all buffered input handled, the proxy waits for more of
+        what the client is sending: a command read in part.
+        """
+        return bool(self.input.unfinished())
 
     def sendLine(self, line: bytes) -> None:
         """

@@ -74,6 +74,12 @@ class IClientInput(Interface):
         client pipelined behind its login goes to the backend).
         """
 
+    def unfinished() -> bool:
+        """
+        Whether a command is read in part, the rest still to come: a
+        client may hold the rest back until what it sent is acknowledged.
+        """
+
 
 class IProtocolFrontend(Interface):
     """

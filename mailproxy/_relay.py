@@ -60,6 +60,7 @@ from . import _tls
 from ._guard import IRelayGuard, IRelayLink
 from ._outcomes import EndReason
 from ._proxylistener import ProxyHeaderProtocol
+from ._tcp import quickAck
 from ._transport import IProxyTransport
 
 #: Octets read from a socket at once while relaying. Twisted's default of
@@ -468,7 +469,14 @@ class Relay:
     def fromClient(self, data: bytes) -> None:
         """
         The client sent C{data}: pass it to the backend.
+
+        Its ACK goes now (L{quickAck}): the proxy never answers a client
+        itself here, and a client that wrote a command in parts (Python's
+        imaplib sends an APPEND's literal and its CRLF in two writes) would
+        hold the last part until the delayed ACK, and the backend would
+        wait for it: 40 ms per command.
         """
+        quickAck(getattr(socketOf(self._client), "socket", None))
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
         self._relayed()
@@ -1061,6 +1069,8 @@ class _Splicer:
             return
         self.relay._lastActivity = self.relay._clock.seconds()
         if end is self.client:
+            # As Relay.fromClient does.
+            quickAck(end.connection.socket)
             self.relay.bytesFromClient += moved
         else:
             self.relay.bytesFromBackend += moved

@@ -235,6 +235,29 @@ class _AtOnce:
 _CONNECTION_DONE = Failure(main.CONNECTION_DONE)
 
 
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def quickAck(handle: object) -> None:
+    """
+    Send the ACK of what was read on the TCP socket C{handle} now, not
+    after the kernel's delayed-ACK wait (up to 40 ms on Linux).
+
+    Once a connection has gone back and forth, Linux delays the ACK of
+    what it reads, in the hope of sending it with an answer. A peer under
+    Nagle's algorithm (the default) that wrote part of something holds
+    its next small write until that ACK comes: when the part read gets no
+    answer yet, both sides wait the delay out. Where there is an answer,
+    it carries the ACK anyway and this sends nothing. Does nothing without
+    C{TCP_QUICKACK} (not Linux) or a socket (tests' transports).
+    """
+    if _QUICKACK is not None and isinstance(handle, socket.socket):
+        try:
+            handle.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass
+
+
 def callSoon(reactor: Any, f: Callable[[], object]) -> None:
     """
     Call C{f} once the event being handled is done with: on a

@@ -254,6 +254,13 @@ class CommandParser:
         if self._fatal is None:
             self._resetCommand()
 
+    def unfinished(self) -> bool:
+        """
+        Whether a command is read in part: octets of it are buffered, or
+        its first line segments or literals are consumed.
+        """
+        return bool(self._input) or self._state not in (_State.command, _State.fatal)
+
     def takeRemaining(self) -> bytes:
         """
         Take all buffered input unparsed, leaving the parser empty.

@@ -137,6 +137,13 @@ class LineParser:
         self._buffer.clear()
         self._discarding = False
 
+    def unfinished(self) -> bool:
+        """
+        Whether a line is read in part (or the rest of an overlong one is
+        still being skipped).
+        """
+        return bool(self._buffer) or self._discarding
+
     def takeRemaining(self) -> bytes:
         """
         Take all buffered input unparsed, leaving the parser empty.

@@ -213,6 +213,13 @@ class LineParser:
         if self._fatal is None:
             self._resetLine()
 
+    def unfinished(self) -> bool:
+        """
+        Whether a line is read in part: octets of it are buffered, or its
+        first segments or literals are consumed.
+        """
+        return bool(self._input) or self._state not in (_State.line, _State.fatal)
+
     def takeRemaining(self) -> bytes:
         """
         Take all buffered input unparsed, leaving the parser empty.

@@ -184,6 +184,11 @@ class MXFrontend(SMTPFrontend):
         self._lastActivity = self.context.reactor.seconds()
         super().frontendDataReceived(data)
 
+    def awaitingInput(self) -> bool:
+        # A message's data is streamed on as it comes, and nothing answers
+        # it before its end.
+        return self.state is SMTPState.DATA or super().awaitingInput()
+
     def readNext(self) -> bool:
         if self.state is SMTPState.DATA:
             return self._readData()

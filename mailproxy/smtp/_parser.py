@@ -214,6 +214,13 @@ class LineReader:
         self._scanned = 0
         return data
 
+    def unfinished(self) -> bool:
+        """
+        Whether a line is read in part (or the rest of an overlong one is
+        still being skipped).
+        """
+        return bool(self._buffer) or self._skipping
+
     def takeRemaining(self) -> bytes:
         """
         Everything buffered, unparsed; the reader is empty afterwards.

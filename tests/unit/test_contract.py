@@ -253,6 +253,9 @@ class _Lines:
         remaining, self.buffer = self.buffer, b""
         return remaining
 
+    def unfinished(self) -> bool:
+        return bool(self.buffer)
+
     def nextLine(self) -> bytes | None:
         line, found, rest = self.buffer.partition(b"\r\n")
         if not found:

@@ -27,6 +27,8 @@ from mailproxy.config import Limits, Listener
 from mailproxy.tap import listenerFactory
 from mailproxy.testing import FakeRouter
 
+from .test_backend_roundtrips import unackedSegments
+
 
 class MemoryTLSClient(Protocol):
     """
@@ -241,6 +243,39 @@ class FrontendSocketTests(TestCase):
             assert descriptor is not None
             noDelay = descriptor.socket.getsockopt(IPPROTO_TCP, TCP_NODELAY)  # type: ignore[attr-defined]
             self.assertTrue(noDelay, (protocol, tls))
+
+
+    @inlineCallbacks
+    def test_partCommandAcknowledged(self) -> None:
+        """
+        Before login, a read that leaves a command unfinished is
+        acknowledged at once: a client under Nagle's algorithm holds the
+        rest of a command it writes in parts (a LOGIN's literal apart from
+        its CRLF) until that ACK, which Linux otherwise delays by 40 ms on
+        a connection that has gone back and forth.
+        """
+        for protocol, tls, ask, answered in (
+            ("imap", "none", b"a%d NOOP\r\n", b"OK NOOP completed.\r\n"),
+            ("pop3", "implicit", b"CAPA\r\n", b"\r\n.\r\n"),
+        ):
+            client, frontend = yield self.connect(protocol, tls)
+            yield self.waitFor(lambda: b"\r\n" in client.received)
+            # Back and forth: the connection is interactive from then on.
+            for n in range(6):
+                client.received.clear()
+                client.send(ask % n if b"%d" in ask else ask)
+                yield self.waitFor(lambda: client.received.endswith(answered))
+            unacked: list[int] = []
+            read = frontend.dataReceived
+
+            def checked(data: bytes) -> None:
+                read(data)
+                unacked.append(unackedSegments(client.transport.getHandle()))
+
+            frontend.dataReceived = checked
+            client.send(b"a LOGIN alice sec" if protocol == "imap" else b"USER ali")
+            yield self.waitFor(lambda: unacked)
+            self.assertEqual(unacked, [0], (protocol, tls))
 
 
 def _directory(case: TestCase) -> str:

@@ -28,6 +28,8 @@ from mailproxy._outcomes import EndReason
 from mailproxy._relay import Relay
 from mailproxy._tls import TLSLayerFactory, makeSelfSigned
 
+from .test_backend_roundtrips import unackedSegments
+
 
 class Collector(Protocol):
     """
@@ -836,3 +838,101 @@ class HalfCloseTests(TestCase):
         self.assertEqual((yield backendReceived), b"b LOGOUT\r\n")
         self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + LOGOUT_REPLY)
         self.assertEqual(self.relay.endReason, "client closed")
+
+
+class Answerer(Collector):
+    """
+    An outer backend that answers every complete line at once.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        while b"\n" in self.received:
+            line, _, rest = bytes(self.received).partition(b"\n")
+            self.received[:] = rest
+            self.transport.write(line.split(b" ", 1)[0] + b" OK done\r\n")
+
+
+class PartialCommandTests(TestCase):
+    """
+    The relay acknowledges each client read at once, so that a client
+    under Nagle's algorithm that writes a command in parts (Python's
+    imaplib sends an APPEND's literal and its final CRLF apart) never
+    waits for the kernel's delayed ACK: the backend answers nothing before
+    the command's end, and the client would hold that end for 40 ms.
+    """
+
+    timeout = 20
+    leg = SplicedRelayTests.leg
+    relayed = SplicedRelayTests.relayed
+    join = SplicedRelayTests.join
+
+    @inlineCallbacks
+    def exchange(self, count: int):
+        """
+        C{count} commands and answers, which makes the proxy's socket
+        towards the client interactive: Linux then delays its ACKs.
+        """
+        for n in range(count):
+            answer = b"a%d OK done\r\n" % n
+            self.client.transport.write(b"a%d NOOP\r\n" % n)
+            while not bytes(self.client.received).endswith(answer):
+                yield deferLater(reactor, 0.001)
+
+    @inlineCallbacks
+    def assertAcknowledged(self, hook: Callable[[Callable[[], None]], None]):
+        """
+        Send the first part of a command; C{hook} is given what checks,
+        right after the proxy's read of it, that the client's socket has
+        nothing unacknowledged.
+        """
+        unacked: list[int] = []
+        hook(lambda: unacked.append(unackedSegments(self.client.transport.getHandle())))
+        self.client.transport.write(b"b APPEND INBOX {6}\r\nSubjec")
+        while not unacked:
+            yield deferLater(reactor, 0.001)
+        self.assertEqual(unacked, [0])
+        self.client.transport.write(b"t\r\n")
+        while not bytes(self.client.received).endswith(b"b OK done\r\n"):
+            yield deferLater(reactor, 0.001)
+
+    @inlineCallbacks
+    def test_python(self) -> None:
+        """
+        Relayed in Python (a short session, before any splice).
+        """
+        yield self.relayed(backend=Answerer())
+        yield self.exchange(6)
+        self.assertIsNone(self.relay._splicer)
+
+        def hook(check: Callable[[], None]) -> None:
+            def fromClient(data: bytes) -> None:
+                self.relay.fromClient(data)
+                check()
+
+            self.clientInner.dataReceived = fromClient
+
+        yield self.assertAcknowledged(hook)
+
+    @inlineCallbacks
+    def test_spliced(self) -> None:
+        """
+        Relayed by the kernel (splice).
+        """
+        self.patch(_relay, "SPLICE_AFTER", 0)
+        yield self.relayed(backend=Answerer())
+        yield self.exchange(6)
+        splicer = self.relay._splicer
+        assert splicer is not None
+
+        def hook(check: Callable[[], None]) -> None:
+            readable = splicer.readable
+
+            def checked(end: object) -> None:
+                readable(end)  # type: ignore[arg-type]
+                if end is splicer.client:
+                    check()
+
+            splicer.readable = checked  # type: ignore[method-assign]
+
+        yield self.assertAcknowledged(hook)
