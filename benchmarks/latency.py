@@ -22,7 +22,10 @@ A session, timed from connect to the server's close:
 - ManageSieve: the capability greeting, C{AUTHENTICATE "PLAIN"} with an
   initial response, C{LOGOUT} (a small client here);
 - SMTP: C{EHLO}, C{STARTTLS}, C{EHLO}, C{AUTH PLAIN}, one small message,
-  C{QUIT} (C{smtplib}); and the same without C{STARTTLS}.
+  C{QUIT} (C{smtplib}); and the same without C{STARTTLS};
+- IMAP with a message: C{LOGIN}, C{APPEND} of one small message,
+  C{LOGOUT} (C{imaplib}, which writes the message and the command's final
+  CRLF apart: a proxy that delays its ACKs holds that CRLF back 40 ms).
 
 Run from the repository root::
 
@@ -65,13 +68,16 @@ PASSWORD = "lat-pw"
 DOMAINS = {"auto": "auto.test", "none": "none.test"}
 #: The paths, as table columns, in order.
 PATHS = ("direct", "mailproxy", "mailproxy-none", "nginx")
-#: Sessions per row: name, protocol (the listener), client TLS.
+#: Sessions per row: name, protocol (the listener), client TLS, the
+#: client's session (a key of CLIENTS).
 SESSIONS = (
-    ("POP3 USER/PASS", "pop3", "none"),
-    ("IMAP LOGIN", "imap", "none"),
-    ("ManageSieve AUTHENTICATE", "sieve", "none"),
-    ("SMTP EHLO+AUTH+message", "smtp", "none"),
-    ("SMTP STARTTLS+AUTH+message", "smtp", "starttls"),
+    ("POP3 USER/PASS", "pop3", "none", "pop3"),
+    ("IMAP LOGIN", "imap", "none", "imap"),
+    ("ManageSieve AUTHENTICATE", "sieve", "none", "sieve"),
+    ("SMTP EHLO+AUTH+message", "smtp", "none", "smtp"),
+    ("SMTP STARTTLS+AUTH+message", "smtp", "starttls", "smtp"),
+    # Last: it adds a message to the mailbox each time.
+    ("IMAP LOGIN+APPEND", "imap", "none", "imap-append"),
 )
 MESSAGE = b"From: a@auto.test\r\nTo: a@auto.test\r\nSubject: latency\r\n\r\nHello.\r\n"
 
@@ -239,6 +245,18 @@ def imapSession(port: int, tls: str, user: str, context: ssl.SSLContext) -> None
     client.logout()
 
 
+def imapAppendSession(port: int, tls: str, user: str, context: ssl.SSLContext) -> None:
+    """
+    IMAP: C{LOGIN}, C{APPEND} of one small message, C{LOGOUT}.
+    """
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+    client.login(user, PASSWORD)
+    status, _ = client.append("INBOX", None, None, MESSAGE)
+    if status != "OK":
+        raise imaplib.IMAP4.error("APPEND: " + status)
+    client.logout()
+
+
 def sieveSession(port: int, tls: str, user: str, context: ssl.SSLContext) -> None:
     """
     ManageSieve: the capability greeting, C{AUTHENTICATE "PLAIN"} with an
@@ -279,19 +297,20 @@ def smtpSession(port: int, tls: str, user: str, context: ssl.SSLContext) -> None
 CLIENTS: dict[str, Callable[[int, str, str, ssl.SSLContext], None]] = {
     "pop3": pop3Session,
     "imap": imapSession,
+    "imap-append": imapAppendSession,
     "sieve": sieveSession,
     "smtp": smtpSession,
 }
 
 
 def measure(
-    protocol: str, port: int, tls: str, user: str, context: ssl.SSLContext, count: int, warmup: int
+    client: str, port: int, tls: str, user: str, context: ssl.SSLContext, count: int, warmup: int
 ) -> dict[str, Any]:
     """
-    Run C{warmup} and then C{count} sessions one after the other; the
-    latency of those counted, in ms.
+    Run C{warmup} and then C{count} sessions of C{client} (a key of
+    L{CLIENTS}) one after the other; the latency of those counted, in ms.
     """
-    session = CLIENTS[protocol]
+    session = CLIENTS[client]
     latencies: list[float] = []
     errors = 0
     error = ""
@@ -325,7 +344,7 @@ def markdownTable(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "| target (mailproxy p50) | result |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, _, _ in SESSIONS:
+    for label, _, _, _ in SESSIONS:
         row = results.get(label, {})
         cells = [label]
         for path in PATHS:
@@ -399,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nginx = MailNginx(str(directory / "nginx"), backends, certificate, key)
             nginx.start()
             targets["nginx"] = nginx.ports()
-        for label, protocol, tls in SESSIONS:
+        for label, protocol, tls, client in SESSIONS:
             results[label] = {}
             for path in PATHS:
                 if path not in wanted or protocol not in targets.get(path, {}):
@@ -407,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 user = "lat@" + DOMAINS["none" if path == "mailproxy-none" else "auto"]
                 print(f"  {label}: {path}", file=sys.stderr, flush=True)
                 results[label][path] = measure(
-                    protocol, targets[path][protocol], tls, user, context, options.count, options.warmup
+                    client, targets[path][protocol], tls, user, context, options.count, options.warmup
                 )
     finally:
         stopServers([proxy, nginx, postfix, dovecot], None)
