@@ -588,7 +588,11 @@ class SMTPBackend(_ESMTPDialogue):
     def _readSession(self) -> None:
         while True:
             if not self._inflight:
-                if len(self._reader):
+                if self._lost:
+                    # The reply to our QUIT (over TLS the close waits for
+                    # the server's close_notify, and the 221 comes first).
+                    self._reader.takeRemaining()
+                elif len(self._reader):
                     self._broken("backend sent a reply nobody asked for")
                 return
             reply = self._nextReply()
