@@ -566,8 +566,12 @@ class SMTPBackend(_ESMTPDialogue):
         self._inflight: deque[tuple[Deferred[Reply], float]] = deque()
         self._replyTimer: IDelayedCall | None = None
         self._lost = False
+        #: Octets the backend sent, its greeting included (for an MX
+        #: session's count: it relays no bytes as they come).
+        self.octetsReceived = 0
 
     def dialogueReceived(self, data: bytes) -> None:
+        self.octetsReceived += len(data)
         self._reader.feed(data)
         if self.state is not LoginState.SESSION:
             self._readDialogue()
