@@ -531,7 +531,7 @@ class FleetMover(Mover):
             # routing the accounts to where they were.
             raise MoveError(
                 "the static route table is this proxy's own file, which the other proxies of the fleet do not "
-                "read: move accounts with a shared route store (sql, http or ldap), or edit every proxy's "
+                "read: move accounts with a shared route store (the sql router's database), or edit every proxy's "
                 "route table and reload each"
             )
         self.remote = await self.fleet.findRemote(None, None)

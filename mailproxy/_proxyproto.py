@@ -16,6 +16,7 @@ from typing import Literal
 
 from attrs import frozen
 
+from mailproxy._safetext import logQuote
 from mailproxy.model import TLSInfo
 
 __all__ = [
@@ -233,24 +234,30 @@ def parseHeader(data: bytes) -> tuple[ProxyHeader | None, bytes]:
     raise ProxyHeaderError("no PROXY protocol signature")
 
 
+def _quoted(text: bytes) -> str:
+    # What a client sent, as every log line quotes it (a JSON string in
+    # printable ASCII); the bytes as Latin-1, one character each.
+    return logQuote(text.decode("latin-1"))
+
+
 def _parseV1Address(text: bytes, version: int) -> str:
     try:
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        raise ProxyHeaderError(f"bad address in PROXY v1 header: {text!r}") from None
+        raise ProxyHeaderError(f"bad address in PROXY v1 header: {_quoted(text)}") from None
     if getattr(address, "scope_id", None):
-        raise ProxyHeaderError(f"scoped address in PROXY v1 header: {text!r}")
+        raise ProxyHeaderError(f"scoped address in PROXY v1 header: {_quoted(text)}")
     if address.version != version:
-        raise ProxyHeaderError(f"wrong address family in PROXY v1 header: {text!r}")
+        raise ProxyHeaderError(f"wrong address family in PROXY v1 header: {_quoted(text)}")
     return _addressText(address)
 
 
 def _parseV1Port(text: bytes) -> int:
     if not text.isdigit() or (len(text) > 1 and text[0:1] == b"0"):
-        raise ProxyHeaderError(f"bad port in PROXY v1 header: {text!r}")
+        raise ProxyHeaderError(f"bad port in PROXY v1 header: {_quoted(text)}")
     port = int(text)
     if port > 0xFFFF:
-        raise ProxyHeaderError(f"port out of range in PROXY v1 header: {text!r}")
+        raise ProxyHeaderError(f"port out of range in PROXY v1 header: {_quoted(text)}")
     return port
 
 
@@ -276,7 +283,7 @@ def _parseV1(data: bytes) -> tuple[ProxyHeader | None, bytes]:
     elif fields[1] == b"TCP6":
         version = 6
     else:
-        raise ProxyHeaderError(f"unknown PROXY v1 protocol: {fields[1]!r}")
+        raise ProxyHeaderError(f"unknown PROXY v1 protocol: {_quoted(fields[1])}")
     if len(fields) != 6:
         raise ProxyHeaderError("PROXY v1 header needs exactly four fields after the protocol")
     source = (_parseV1Address(fields[2], version), _parseV1Port(fields[4]))

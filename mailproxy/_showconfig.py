@@ -219,13 +219,14 @@ def _withoutNone(table: dict[str, Any]) -> dict[str, Any]:
 def _hideSecrets(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     A router's options with whatever may be a secret replaced by
-    L{HIDDEN}; keys naming a file (C{password_file}) stay.
+    L{HIDDEN}; keys naming a file (C{password_file}) or a directory
+    attribute (C{password_attribute}) stay.
     """
     shown: dict[str, Any] = {}
     for name, value in options.items():
         if name == "headers" and isinstance(value, dict):
             shown[name] = {header: HIDDEN for header in value}
-        elif _SECRET_NAME.search(name) and not name.endswith(("_file", "_path", "_dir")):
+        elif _SECRET_NAME.search(name) and not name.endswith(("_file", "_path", "_dir", "_attribute")):
             shown[name] = HIDDEN
         else:
             shown[name] = _hideInValue(value)

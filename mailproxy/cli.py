@@ -385,7 +385,6 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
             except ConfigError as routerError:
                 report.problems.extend(routerError.problems)
             else:
-                report.problems.extend(_routerProblems(built))
                 _closeRouter(built)
         return report
     report.config = config
@@ -394,8 +393,6 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
         report.router = buildRouter(config, reactor)
     except ConfigError as e:
         report.problems.extend(e.problems)
-    else:
-        report.problems.extend(_routerProblems(report.router))
     certificates = []
     if config.tls is not None:
         certificates.append((config.tls, config.sni))
@@ -407,12 +404,6 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
         except TLSConfigError as e:
             report.problems.append(_problem(e))
     return report
-
-
-def _routerProblems(router: object) -> list[str]:
-    # What a router found wrong but could be built with (an SQLite database
-    # that does not exist), in every router of a chain.
-    return [problem for member in routerChain(router) for problem in getattr(member, "checkProblems", ())]
 
 
 def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:

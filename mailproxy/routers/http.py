@@ -43,10 +43,12 @@ from attrs import field, frozen
 from zope.interface import implementer
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
@@ -371,29 +373,35 @@ class HTTPRouter:
         self._reactor = reactor
         self._host = _hostHeader(self.url)
         self._extra = tuple((name.encode("ascii"), value.encode("utf-8")) for name, value in headers)
+        self._caFile = caFile
+        self._verify = verify
         if client is None:
             client = _makeClient(reactor, timeout, caFile, verify, connections)
         self._client = client
 
     def probe(self, user: str) -> Deferred[str]:
         """
-        Connect to the auth server and hang up, asking nothing (a question
-        without the password would count as a failed login there): for
-        C{mailproxy check --probe}.
+        Connect to the auth server (over https, through the TLS handshake,
+        its certificate checked as for a question) and hang up, asking
+        nothing (a question without the password would count as a failed
+        login there): for C{mailproxy check --probe}.
 
         @return: fires with what was reached, in words; fails if the
-            connection cannot be made within L{timeout}.
+            connection (or handshake) cannot be made within L{timeout}.
         """
         parts = urlsplit(self.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        endpoint = HostnameEndpoint(self._reactor, parts.hostname or "", port, timeout=max(1, int(self.timeout)))
-
-        def connected(protocol: Protocol) -> str:
-            assert protocol.transport is not None
-            protocol.transport.loseConnection()
-            return f"the auth server accepts connections at {parts.hostname}:{port}"
-
-        return connectProtocol(endpoint, Protocol()).addCallback(connected)
+        hostname = parts.hostname or ""
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        endpoint: Any = HostnameEndpoint(self._reactor, hostname, port, timeout=max(1, int(self.timeout)))
+        if tls:
+            endpoint = wrapClientTLS(_tls.hostClientOptions(hostname, self._caFile, self._verify), endpoint)
+        probe = _Reach(tls)
+        endpoint.connect(_OneProbe(probe)).addErrback(probe.failed)
+        what = "TLS connections" if tls else "connections"
+        return probe.reached.addTimeout(self.timeout, self._reactor).addCallback(
+            lambda _: f"the auth server accepts {what} at {hostname}:{port}"
+        )
 
     def route(self, request: RouteRequest) -> Deferred[Route | Rejection]:
         """
@@ -532,6 +540,54 @@ def _describe(error: Exception) -> str:
     return f"{name}: {text}" if text else name
 
 
+@implementer(IHandshakeListener)
+class _Reach(Protocol):
+    """
+    Hangs up as soon as it is connected, and with TLS as soon as the
+    handshake is done; L{reached} fires then, or fails with the reason the
+    connection or the handshake failed.
+    """
+
+    def __init__(self, tls: bool) -> None:
+        self.tls = tls
+        self.reached: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        if not self.tls:
+            self._done()
+
+    def handshakeCompleted(self) -> None:
+        self._done()
+
+    def _done(self) -> None:
+        if not self.reached.called:
+            self.reached.callback(None)
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def failed(self, reason: Failure) -> None:
+        if not self.reached.called:
+            self.reached.errback(reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.failed(reason)
+
+
+class _OneProbe(Factory):
+    """
+    Hands the probe to its connection, without the start and stop lines
+    Twisted's C{connectProtocol} factory logs.
+    """
+
+    noisy = False
+
+    def __init__(self, probe: _Reach) -> None:
+        self.probe = probe
+
+    def buildProtocol(self, addr: object) -> _Reach:
+        return self.probe
+
+
 def _normalURL(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
@@ -572,6 +628,14 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
     options.allow("url", "timeout", "headers", "ca_file", "verify", "connections", "backend_defaults")
     url = options.string("url")
     parts = urlsplit(_normalURL(url))
+    if "@" in parts.netloc:
+        # Never sent (nor shown: the URL appears in every log line about
+        # the auth server), so never taken.
+        options.fail(
+            "url",
+            "must not hold a user name or password; send credentials in a header: "
+            'headers = { Authorization = "Basic ..." }',
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         options.fail("url", f"must be an http:// or https:// URL with a host, not {url!r}")
     try:

@@ -411,10 +411,6 @@ class SQLRouter:
 
     log = Logger()
 
-    #: What C{mailproxy check} should report although the router was built
-    #: (a missing SQLite file), each C{"<file>: <key>: <why>"}.
-    checkProblems: tuple[str, ...] = ()
-
     def __init__(
         self,
         database: Any,
@@ -711,7 +707,7 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         *ROUTE_STATEMENTS,
     )
     driver = options.string("driver", choices=tuple(DRIVERS))
-    checkProblems: list[str] = []
+    missing: str | None = None
     try:
         module = importlib.import_module(driver)
     except ImportError:
@@ -722,17 +718,13 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         for key in ("dsn", "password_file"):
             if key in options:
                 options.fail(key, "not used by sqlite3; name the file with database")
-        # Not refused here: the proxy may be configured before the database
-        # is made; a missing file fails each lookup, logged.  `mailproxy
-        # check` reports it (checkProblems below), as every login would fail.
         writable = any(key in options for key in ROUTE_STATEMENTS)
         database = options.path("database", readable=False)
         if not os.path.exists(database):
-            checkProblems.append(
-                options.problem(
-                    "database", f"{database!r} does not exist; the proxy never creates it, so every login would fail"
-                )
-            )
+            # Refused (once the other options are read, so that check names
+            # their problems too): the proxy opens it, never creates it, and
+            # every login would fail. A start or reload with it fails.
+            missing = f"{database!r} does not exist; the proxy never creates it, so every login would fail"
         connect = _sqliteConnect(module, database, timeout, writable)
     else:
         if "database" in options:
@@ -751,6 +743,8 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
     except ValueError as e:
         options.fail("query", str(e))
     statements = _routeStatements(options, _PARAMSTYLES[driver])
+    if missing is not None:
+        options.fail("database", missing)
     sql = SQLDatabase(connect, module, query)
     runner = ThreadRunner(reactor, options.integer("pool_size", 4, 1, 64), f"mailproxy-sql-{driver}")
     runner.whenStopping(sql.close)
@@ -761,7 +755,6 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         timeout=2 * timeout + 1,
         statements=statements,
     )
-    router.checkProblems = tuple(checkProblems)
     return router
 
 

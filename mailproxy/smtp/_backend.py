@@ -566,8 +566,12 @@ class SMTPBackend(_ESMTPDialogue):
         self._inflight: deque[tuple[Deferred[Reply], float]] = deque()
         self._replyTimer: IDelayedCall | None = None
         self._lost = False
+        #: Octets the backend sent, its greeting included (for an MX
+        #: session's count: it relays no bytes as they come).
+        self.octetsReceived = 0
 
     def dialogueReceived(self, data: bytes) -> None:
+        self.octetsReceived += len(data)
         self._reader.feed(data)
         if self.state is not LoginState.SESSION:
             self._readDialogue()
@@ -588,7 +592,11 @@ class SMTPBackend(_ESMTPDialogue):
     def _readSession(self) -> None:
         while True:
             if not self._inflight:
-                if len(self._reader):
+                if self._lost:
+                    # The reply to our QUIT (over TLS the close waits for
+                    # the server's close_notify, and the 221 comes first).
+                    self._reader.takeRemaining()
+                elif len(self._reader):
                     self._broken("backend sent a reply nobody asked for")
                 return
             reply = self._nextReply()

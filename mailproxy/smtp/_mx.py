@@ -131,6 +131,12 @@ class MXFrontend(SMTPFrontend):
         self.backend: SMTPBackend | None = None
         self.messages = 0
         self._backendName: str | None = None
+        # What the session-end line and the metrics count: the octets the
+        # client sent, those its backends sent (the connections left so
+        # far), and the last backend it reached.
+        self.bytesFromClient = 0
+        self._fromBackends = 0
+        self._lastBackend: str | None = None
         self._connecting: SMTPBackend | None = None
         self._mailSent = False
         self._broken = False
@@ -165,6 +171,8 @@ class MXFrontend(SMTPFrontend):
             self._connecting.abandon()
             self._connecting = None
         self._dropBackend(abort=self.state in (SMTPState.DATA, SMTPState.CHUNK))
+        if self._counted and self._lastBackend is not None:
+            self.context.stats.sessionEnded(self.protocolName, self._lastBackend, self.bytesFromClient, self._fromBackends)
         super().connectionLost(reason)
 
     def _checkIdle(self) -> None:
@@ -182,7 +190,26 @@ class MXFrontend(SMTPFrontend):
 
     def frontendDataReceived(self, data: bytes) -> None:
         self._lastActivity = self.context.reactor.seconds()
+        self.bytesFromClient += len(data)
         super().frontendDataReceived(data)
+
+    # What the session moved: not a relay's count, the proxy speaks for
+    # the client; "ok" once a backend was reached.
+
+    @property
+    def backendName(self) -> str | None:
+        return self._lastBackend
+
+    def _fromBackendsNow(self) -> int:
+        backend = self.backend
+        return self._fromBackends + (backend.octetsReceived if backend is not None else 0)
+
+    def sessionTraffic(self) -> tuple[str, int, int]:
+        result = "ok" if self._lastBackend is not None else "no-login"
+        return result, self.bytesFromClient, self._fromBackendsNow()
+
+    def relayed(self) -> tuple[str, int, int]:
+        return self._backendName or "", self.bytesFromClient, self._fromBackendsNow()
 
     def awaitingInput(self) -> bool:
         # A message's data is streamed on as it comes, and nothing answers
@@ -229,6 +256,7 @@ class MXFrontend(SMTPFrontend):
         self._backendName = None
         self._mailSent = False
         if backend is not None:
+            self._fromBackends += backend.octetsReceived
             backend.onLost = None
             if abort and backend.transport is not None:
                 backend.transport.abortConnection()
@@ -238,6 +266,7 @@ class MXFrontend(SMTPFrontend):
     def _backendLost(self, backend: SMTPBackend) -> None:
         if backend is not self.backend:
             return
+        self._fromBackends += backend.octetsReceived
         self.backend = None
         self._backendName = None
         if self._mailSent or self.accepted:
@@ -400,7 +429,7 @@ class MXFrontend(SMTPFrontend):
         def connected(backend: SMTPBackend) -> SMTPBackend:
             self._connecting = None
             self.backend = backend
-            self._backendName = name
+            self._backendName = self._lastBackend = name
             self._mailSent = False
             backend.onLost = lambda: self._backendLost(backend)
             return backend

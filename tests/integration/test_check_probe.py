@@ -11,8 +11,10 @@ import json
 import os
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -271,3 +273,59 @@ class RouterProbeTests(ProbeMixin, SynchronousTestCase):
         line = done.stdout.splitlines()[1]
         self.assertTrue(line.startswith("router http: FAILED: "), line)
         self.assertIn("refused", line)
+
+    def test_httpsHandshakes(self) -> None:
+        """
+        Over https the probe completes the TLS handshake and checks the
+        auth server's certificate as a question would: with the CA that
+        signed it, OK; with another, the probe fails as every login would.
+        """
+        certificate, key = self.store.ca.issue("authserver")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        listening.settimeout(30)
+        port = listening.getsockname()[1]
+        handshakes: list[str] = []
+
+        def serve() -> None:
+            for _ in range(2):
+                try:
+                    connection, _ = listening.accept()
+                except OSError:
+                    return
+                with connection:
+                    try:
+                        with context.wrap_socket(connection, server_side=True):
+                            handshakes.append("done")
+                    except (ssl.SSLError, OSError) as e:
+                        handshakes.append(type(e).__name__)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        router = (
+            f'[router]\ntype = "http"\nurl = "https://localhost:{port}/auth"\ntimeout = 3\n'
+            f"ca_file = {json.dumps(self.store.ca.caPath)}\n"
+        )
+        path = self.writeConfig(dead=False, router=router)
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertEqual(
+            done.stdout.splitlines()[1],
+            f"router http: OK, the auth server accepts TLS connections at localhost:{port} "
+            "(it routes only at login, with the password)",
+        )
+
+        other = TestCA(os.path.join(self.directory, "other-ca"))
+        path = self.writeConfig(dead=False, router=router.replace(self.store.ca.caPath, other.caPath))
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        line = done.stdout.splitlines()[1]
+        self.assertTrue(line.startswith("router http: FAILED: "), line)
+        self.assertIn("certificate verify failed", line)
+        server.join(30)
+        self.assertEqual(handshakes[0], "done")
+        self.assertEqual(len(handshakes), 2)

@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.error import UserError
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy import _backend
@@ -500,3 +501,25 @@ class PortTLSTests(SynchronousTestCase):
         plain = HTTPBackend(makeJob(route=Route(attrs.evolve(backend, tls="none")), protocol="http"), self.clock, 30)
         self.connect(plain)
         self.assertIs(self.successResultOf(plain.result), plain)
+
+    def test_mxQuitReplyIgnored(self) -> None:
+        """
+        The backend's reply to the proxy's QUIT at the end of an MX session
+        (which arrives before the close, the TLS close waiting for the
+        server's close_notify) is no "reply nobody asked for": nothing is
+        logged and the connection is not aborted.
+        """
+        job = makeJob(route=Route(self.backend), protocol="smtp", portName="mx", credentials=None)
+        protocol = SMTPBackend(job, self.clock, 30, hostname="proxy.test", purpose="relay")
+        transport = self.connect(protocol)
+        protocol.dataReceived(b"220 store.test ESMTP\r\n")
+        protocol.dataReceived(b"250-store.test\r\n250 8BITMIME\r\n")
+        self.successResultOf(protocol.result)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol.quit()
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+        protocol.dataReceived(b"221 2.0.0 Bye\r\n")
+        self.assertEqual([formatEvent(event) for event in events], [])
+        self.assertFalse(transport.disconnected)  # not aborted (StringTransport sets it then)

@@ -476,6 +476,25 @@ class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(data["router"]["url"], "http://auth:***@127.0.0.1:8080/auth")
         self.assertEqual(data["router"]["headers"], {"X-Auth-Key": "(not shown)"})
 
+    def test_attributeNamesShown(self) -> None:
+        """
+        An option naming a directory attribute is no secret: LDAP's
+        C{password_attribute} (here its default, which C{auth = "compare"}
+        reads) is shown, so that the output works when loaded back.
+        """
+        self.write("ldap.secret", "service-s3cret\n")
+        router = (
+            '[router]\ntype = "ldap"\nservers = ["ldap://127.0.0.1:1"]\n'
+            'bind_dn = "cn=mailproxy,dc=example,dc=org"\nbind_password_file = "ldap.secret"\n'
+            'base = "dc=example,dc=org"\nfilter = "(mail={user})"\nbackend_attribute = "mailHost"\n'
+            'auth = "compare"\n'
+        )
+        path = self.write("proxy.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', router))
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        shown = self.out.getvalue()
+        self.assertNotIn("service-s3cret", shown)
+        self.assertEqual(tomllib.loads(shown)["router"]["password_attribute"], "userPassword")
+
     def test_broken(self) -> None:
         """
         A configuration that does not load exits 1 with its problems.

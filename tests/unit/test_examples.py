@@ -15,6 +15,7 @@ import io
 import os
 import re
 import shutil
+import sqlite3
 import sys
 
 from attrs import evolve
@@ -33,6 +34,7 @@ EXAMPLES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 #: Files the example configurations name that an operator supplies.
 _CERTIFICATE_NAMES = re.compile(r'^\s*(?:certificate|ca_file)\s*=\s*"([^"/]+)"', re.MULTILINE)
 _KEY_NAMES = re.compile(r'^\s*key\s*=\s*"([^"/]+)"', re.MULTILINE)
+_DATABASE_NAMES = re.compile(r'^\s*database\s*=\s*"([^"/]+)"', re.MULTILINE)
 _SECRET_NAMES = re.compile(r'^\s*\w+_file\s*=\s*"([^"/]+)"', re.MULTILINE)
 
 
@@ -71,6 +73,13 @@ class ExampleConfigTests(SynchronousTestCase):
             target = os.path.join(directory, name)
             if not os.path.exists(target):
                 shutil.copy(key, target)
+        for name in _DATABASE_NAMES.findall(text):
+            # As the README makes it: sqlite3 accounts.sqlite < accounts.sql
+            with open(os.path.join(directory, "accounts.sql"), encoding="utf-8") as f:
+                schema = f.read()
+            connection = sqlite3.connect(os.path.join(directory, name))
+            connection.executescript(schema)
+            connection.close()
         for name in _SECRET_NAMES.findall(text):
             target = os.path.join(directory, name)
             if not os.path.exists(target):

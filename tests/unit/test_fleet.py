@@ -290,7 +290,7 @@ class FleetTests(SynchronousTestCase):
         _, client, _ = member.harness.login("alice@example.org")
         error = self.failureResultOf(member.proxy.mover.move("new", ["alice@example.org"]), MoveError).value
         self.assertIn("static route table is this proxy's own file", str(error))
-        self.assertIn("sql, http or ldap", str(error))
+        self.assertIn("a shared route store (the sql router's database)", str(error))
         with open(path) as f:
             self.assertEqual(f.read(), TABLE)
         self.assertEqual(client.value(), b"")

@@ -456,7 +456,10 @@ class BuildTests(SynchronousTestCase):
         C{/etc/mp.toml}.
         """
         options = {"driver": "sqlite3", "database": "a.sqlite", "query": QUERY, **options}
-        return buildSQLRouter(Table("/etc/mp.toml", ("router",), options, "/etc"), BACKENDS, None)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        open(os.path.join(directory, "a.sqlite"), "wb").close()
+        return buildSQLRouter(Table("/etc/mp.toml", ("router",), options, directory), BACKENDS, None)
 
     def assertFails(self, key: str, fragment: str, **options: Any) -> None:
         """

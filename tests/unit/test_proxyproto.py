@@ -347,6 +347,17 @@ class ParseV1Tests(SynchronousTestCase):
         ]:
             self.assertRaises(ProxyHeaderError, parseHeader, line)
 
+    def test_errorQuotesClientText(self) -> None:
+        """
+        What the client sent appears in the error (which is logged) as the
+        log quotes a client's text: a JSON string in printable ASCII, so
+        that neither an escape sequence nor a quote reaches the log as it is.
+        """
+        error = self.assertRaises(ProxyHeaderError, parseHeader, b'PROXY TCP4 1.2.3.4\x1b[31m" 127.0.0.1 1111 143\r\n')
+        self.assertEqual(str(error), 'bad address in PROXY v1 header: "1.2.3.4\\u001b[31m\\""')
+        error = self.assertRaises(ProxyHeaderError, parseHeader, b"PROXY TCP\xe9 1.2.3.4 127.0.0.1 1111 143\r\n")
+        self.assertEqual(str(error), 'unknown PROXY v1 protocol: "TCP\\u00e9"')
+
     def test_badSignature(self) -> None:
         """
         Data that does not start like a header is an error at once, not a

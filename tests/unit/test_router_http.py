@@ -729,6 +729,18 @@ class BuildTests(SynchronousTestCase):
         self.assertFails("router.backend_defaults.tls", "must be one of", url="http://a/", backend_defaults={"tls": "yes"})
         self.assertFails("router.ca_file", "cannot read", url="https://a/", ca_file="/nonexistent/ca.pem")
 
+    def test_credentialsInURL(self) -> None:
+        """
+        A URL with a user name and password is refused, the password not
+        repeated: it would not be sent, and every log line about the auth
+        server names the URL. The message says where credentials go.
+        """
+        for url in ("http://mp:s3cretPw@127.0.0.1:9000/auth", "mp:s3cretPw@127.0.0.1:9000/auth", "https://mp@a/x"):
+            error = self.assertRaises(ConfigError, self.build, url=url)
+            self.assertTrue(str(error).startswith("/etc/mp.toml: router.url: must not hold a user name"), str(error))
+            self.assertIn("headers = { Authorization", str(error))
+            self.assertNotIn("s3cretPw", str(error))
+
     def test_httpsWithCA(self) -> None:
         """
         An C{https} URL with a readable CA file builds.

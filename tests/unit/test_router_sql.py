@@ -302,9 +302,36 @@ class BuildTests(SynchronousTestCase):
 
     def build(self, **options: Any) -> SQLRouter:
         """
-        Build from C{options} as C{[router]} of C{/etc/mp.toml}.
+        Build from C{options} as C{[router]} of C{/etc/mp.toml}, its
+        relative paths resolved in a directory where the SQLite database
+        named by C{database} exists (empty).
         """
-        return buildSQLRouter(Table("/etc/mp.toml", ("router",), options, "/etc"), BACKENDS, Clock())
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        if "database" in options:
+            open(os.path.join(directory, options["database"]), "wb").close()
+        return buildSQLRouter(Table("/etc/mp.toml", ("router",), options, directory), BACKENDS, Clock())
+
+    def test_missingDatabase(self) -> None:
+        """
+        An SQLite database that does not exist is refused (the proxy opens
+        it, never creates it: every login would fail), after the other
+        options are checked.
+        """
+        options = {"driver": "sqlite3", "database": "absent.sqlite", "query": "SELECT backend FROM a WHERE x = :user"}
+        error = self.assertRaises(
+            ConfigError, buildSQLRouter, Table("/etc/mp.toml", ("router",), options, "/nonexistent"), BACKENDS, Clock()
+        )
+        self.assertEqual(
+            str(error),
+            "/etc/mp.toml: router.database: '/nonexistent/absent.sqlite' does not exist; the proxy never creates it, "
+            "so every login would fail",
+        )
+        options["query"] = "SELECT :pw"
+        error = self.assertRaises(
+            ConfigError, buildSQLRouter, Table("/etc/mp.toml", ("router",), options, "/nonexistent"), BACKENDS, Clock()
+        )
+        self.assertIn("router.query: unknown parameter :pw", str(error))
 
     def assertFails(self, key: str, fragment: str, **options: Any) -> None:
         """

@@ -8,6 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -464,6 +467,50 @@ class DataTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"250 2.0.0 Ok: queued as ABC\r\n", 0)
         self.assertEqual(self.client.value(), b"250 2.0.0 Ok: queued as ABC\r\n250 2.0.0 Ok\r\n")
         self.assertEqual(self.frontend.messages, 1)
+
+    def test_counted(self) -> None:
+        """
+        An MX session that reached a backend ends with result ok, the
+        backend, the octets the client sent and those the backend sent, on
+        its session-end line and in the metrics' counters; one that reached
+        none ends as no-login.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build()
+        self.startData()
+        self.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.backendSays(b"250 2.0.0 Ok: queued as ABC\r\n", 0)
+        fromBackend = sum(
+            len(reply)
+            for reply in (
+                GREETING, POSTFIX_EHLO, GREETING, POSTFIX_EHLO, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+                b"354 End data with <CR><LF>.<CR><LF>\r\n", b"250 2.0.0 Ok: queued as ABC\r\n",
+            )
+        )  # fmt: skip
+        fromClient = len(
+            b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example> SIZE=100\r\n"
+            b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+        )
+        self.frontend.connectionLost(Failure(ConnectionDone()))
+        (end,) = [event for event in events if event.get("event") == "session_end"]
+        self.assertEqual(
+            (end["protocol"], end["backend"], end["result"], end["bytesIn"], end["bytesOut"]),
+            ("smtp", "old", "ok", fromClient, fromBackend),
+        )
+        stats = self.frontend.context.stats
+        self.assertEqual(
+            (stats.ended["smtp", "old"], stats.bytesFromClient["smtp", "old"], stats.bytesFromBackend["smtp", "old"]),
+            (1, fromClient, fromBackend),
+        )
+
+        events.clear()
+        self.build()
+        self.send(b"EHLO mta.remote.example\r\n")
+        self.frontend.connectionLost(Failure(ConnectionDone()))
+        (end,) = [event for event in events if event.get("event") == "session_end"]
+        self.assertEqual((end["backend"], end["result"], end["bytesOut"]), (None, "no-login", 0))
 
     def test_nextTransactionRoutedAnew(self) -> None:
         """
