@@ -41,20 +41,22 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 from typing import Any, cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from . import _tls
 from ._migrate import MoveError, findRouteStore
@@ -66,7 +68,7 @@ from .config import MAX_MIGRATION_CONCURRENCY
 from .interfaces import RouteStoreError
 from .migration import MigrationError
 from .model import Backend
-from .protocols import PROTOCOLS, protocolForPort
+from .protocols import PROTOCOLS, ProbeStep, protocolForPort
 
 __all__ = ["AdminResource", "HealthChecker", "TokenGuard", "adminSite", "GREETINGS", "greetingProblem"]
 
@@ -138,17 +140,37 @@ class TokenGuard:
         self._failures.pop(address, None)
 
 
+@implementer(IHandshakeListener)
 class _GreetingProbe(Protocol):
     """
-    Reads a server's first line, then hangs up.
+    Reads a server's first line and judges it, then hangs up. On a port
+    reached with STARTTLS it first goes on to the server's go-ahead (the
+    protocol's L{ProbeStep}s) and through the TLS handshake, the
+    certificate checked as for a login.
+
+    @ivar outcome: fires with what is wrong (L{None}: nothing), or fails
+        when the connection ends before the greeting.
     """
 
     # None until connected; the timeout, which may come first, checks.
     transport: ITCPTransport
 
-    def __init__(self, header: bytes) -> None:
+    def __init__(
+        self,
+        header: bytes,
+        judge: Callable[[bytes], str | None],
+        steps: Sequence[ProbeStep] = (),
+        tls: object = None,
+        hostname: bytes = b"",
+    ) -> None:
         self.header = header
-        self.line: Deferred[bytes] = Deferred()
+        self.judge = judge
+        self.steps = list(steps)
+        self.tls = tls
+        self.hostname = hostname
+        self.outcome: Deferred[str | None] = Deferred()
+        self.greeted = False
+        self._handshaking = False
         self._buffer = b""
 
     def connectionMade(self) -> None:
@@ -157,15 +179,61 @@ class _GreetingProbe(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
-        if b"\n" in self._buffer or len(self._buffer) > 4096:
-            line = self._buffer.split(b"\n", 1)[0].rstrip(b"\r")
-            if not self.line.called:
-                self.line.callback(line)
-            self.transport.loseConnection()
+        while not self.outcome.called and not self._handshaking:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > 4096:
+                    self._finish("a line longer than 4096 octets")
+                return
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            self._lineReceived(line)
+
+    def _lineReceived(self, line: bytes) -> None:
+        if not self.greeted:
+            self.greeted = True
+            problem = self.judge(line)
+            if problem is not None or self.tls is None:
+                self._finish(problem)
+            else:
+                self._nextStep()
+            return
+        step = self.steps[0]
+        if not step.last.match(line):
+            return
+        if not step.yes.match(line):
+            self._finish("STARTTLS refused: " + line[:80].decode("ascii", "replace"))
+            return
+        del self.steps[0]
+        self._nextStep()
+
+    def _nextStep(self) -> None:
+        if self.steps:
+            send = self.steps[0].send.replace(b"{hostname}", self.hostname)
+            if send:
+                self.transport.write(send)
+            return
+        # The go-ahead: what came with it in clear is no part of TLS.
+        self._buffer = b""
+        self._handshaking = True
+        self.transport.startTLS(self.tls)  # type: ignore[attr-defined]
+
+    def handshakeCompleted(self) -> None:
+        self._finish(None)
+
+    def _finish(self, problem: str | None) -> None:
+        if not self.outcome.called:
+            self.outcome.callback(problem)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.line.called:
-            self.line.errback(Failure(ConnectionError("closed before greeting")))
+        if self.outcome.called:
+            return
+        if self._handshaking:
+            self.outcome.callback("TLS handshake failed: " + (reason.getErrorMessage() if reason else "closed"))
+        elif self.greeted:
+            self.outcome.callback("closed before the STARTTLS go-ahead")
+        else:
+            self.outcome.errback(Failure(ConnectionError("closed before greeting")))
 
 
 class _ProbeFactory(Factory):
@@ -199,6 +267,17 @@ def greetingProblem(port: str, line: bytes) -> str | None:
     return "unexpected greeting: " + line[:80].decode("ascii", "replace")
 
 
+def _startTLSSteps(port: str) -> tuple[ProbeStep, ...]:
+    """
+    The exchanges of the health probe of the backend C{ports} key C{port},
+    reached with STARTTLS, before its handshake.
+    """
+    try:
+        return protocolForPort(port).startTLS
+    except KeyError:
+        return ()
+
+
 def _probeRequest(port: str) -> bytes:
     """
     What the health probe of the backend C{ports} key C{port} sends before
@@ -224,10 +303,16 @@ class HealthChecker:
         backends: Callable[[], Mapping[str, Backend]],
         timeout: float = 3.0,
         keep: float = 2.0,
+        hostname: str = "",
     ) -> None:
+        """
+        @param hostname: the proxy's name, for an SMTP probe's C{EHLO}
+            before STARTTLS (by default this host's).
+        """
         self.reactor = reactor
         self.backends = backends
         self.timeout = timeout
+        self.hostname = hostname or socket.getfqdn()
         self.keep = keep
         self._last: tuple[float, dict[str, Any]] | None = None
         self._waiting: list[Deferred[dict[str, Any]]] | None = None
@@ -272,17 +357,24 @@ class HealthChecker:
         """
         started = self.reactor.seconds()
         endpoint: Any = HostnameEndpoint(self.reactor, backend.host, port, timeout=self.timeout)
-        if backend.tlsFor(protocol) == "implicit":
+        tls = backend.tlsFor(protocol)
+        if tls == "implicit":
             endpoint = wrapClientTLS(_tls.clientOptions(backend), endpoint)
-        probe = _GreetingProbe(_PROXY_LOCAL.get(backend.forward, b"") + _probeRequest(protocol))
+        steps = _startTLSSteps(protocol) if tls == "starttls" else ()
+        probe = _GreetingProbe(
+            _PROXY_LOCAL.get(backend.forward, b"") + _probeRequest(protocol),
+            lambda line: greetingProblem(protocol, line),
+            steps,
+            _tls.clientOptions(backend) if steps else None,
+            self.hostname.encode("idna"),
+        )
         connecting = endpoint.connect(_ProbeFactory(probe))
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
 
-        def connected(_: object) -> Deferred[bytes]:
-            return probe.line
+        def connected(_: object) -> Deferred[str | None]:
+            return probe.outcome
 
-        def judge(line: bytes) -> dict[str, Any]:
-            problem = greetingProblem(protocol, line)
+        def judge(problem: str | None) -> dict[str, Any]:
             if problem is not None:
                 return {"ok": False, "error": problem}
             return {"ok": True, "seconds": round(self.reactor.seconds() - started, 4)}
@@ -299,8 +391,9 @@ class HealthChecker:
 
     def _timedOut(self, probe: _GreetingProbe, connecting: Deferred[Any]) -> None:
         if probe.transport is not None:
-            if not probe.line.called:
-                probe.line.errback(Failure(TimeoutError(f"no greeting within {self.timeout:.0f}s")))
+            if not probe.outcome.called:
+                what = "answer to STARTTLS" if probe.greeted else "greeting"
+                probe.outcome.errback(Failure(TimeoutError(f"no {what} within {self.timeout:.0f}s")))
             probe.transport.abortConnection()
         else:
             connecting.cancel()
@@ -824,7 +917,7 @@ def adminSite(proxy: Any, token: bytes, reactor: Any, healthDetails: bool = Fals
     resource = AdminResource(
         proxy,
         TokenGuard(token, reactor),
-        HealthChecker(reactor, lambda: proxy.backends),
+        HealthChecker(reactor, lambda: proxy.backends, hostname=getattr(getattr(proxy, "config", None), "hostname", "")),
         healthDetails,
     )
     site = Site(resource, reactor=reactor)

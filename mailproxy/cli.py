@@ -451,7 +451,7 @@ def _probe(report: CheckReport, user: str | None, out: TextIO, err: TextIO) -> i
             line, ok = await _probeRouter(router, config.router.type, user)
             print(line, file=out)
             failures += not ok
-            checker = HealthChecker(reactor, lambda: config.backends, timeout=_PROBE_TIMEOUT)
+            checker = HealthChecker(reactor, lambda: config.backends, timeout=_PROBE_TIMEOUT, hostname=config.hostname)
             states = await checker.check()
             for name, backend in sorted(config.backends.items()):
                 for protocol, port in sorted(backend.ports.items()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -82,6 +83,23 @@ class Mode:
 
 
 @frozen
+class ProbeStep:
+    """
+    One exchange of a health probe on its way to STARTTLS.
+
+    @ivar send: what the probe sends (C{{hostname}} replaced by the
+        proxy's name), or nothing: the step reads what the server sends on
+        its own (the rest of a greeting).
+    @ivar last: matches the line that ends the server's answer.
+    @ivar yes: matches that line when the answer is a yes.
+    """
+
+    send: bytes
+    last: re.Pattern[bytes]
+    yes: re.Pattern[bytes]
+
+
+@frozen
 class ProtocolDescriptor:
     """
     What the proxy knows of one protocol (as nginx's C{ngx_mail_protocol_t}
@@ -109,6 +127,10 @@ class ProtocolDescriptor:
     @ivar probe: what a health probe sends once connected, before it reads
         that line: nothing for mail protocols, whose servers speak first;
         a request for one whose servers only answer (HTTP).
+    @ivar startTLS: the exchanges a health probe has after that line on a
+        port reached with STARTTLS, up to the server's go-ahead; then it
+        makes the TLS handshake, the certificate checked as for a login.
+        Empty for a protocol without STARTTLS.
     @ivar lookup: what its sessions ask the router: C{"login"}, or
         C{"recipient"} for a protocol that receives mail (a mode may say
         otherwise).
@@ -127,6 +149,7 @@ class ProtocolDescriptor:
     applicationProtocols: tuple[bytes, ...]
     greeting: tuple[bytes, ...]
     probe: bytes = b""
+    startTLS: tuple[ProbeStep, ...] = ()
     lookup: Lookup = "login"
     modes: tuple[Mode, ...] = ()
     digestAuth: bool = False
@@ -198,6 +221,11 @@ class ProtocolDescriptor:
         return line.startswith(self.greeting)
 
 
+#: The last line of an SMTP reply (no "-" after its code); of a
+#: ManageSieve answer (its status).
+_SMTP_LAST = re.compile(rb"\d{3}(?: |$)")
+_SIEVE_LAST = re.compile(rb"(?i:OK|NO|BYE)")
+
 PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
     ProtocolDescriptor(
         name="imap",
@@ -206,6 +234,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         backendLogin="mailproxy.imap._backend.IMAPBackendLogin",
         applicationProtocols=(b"imap",),
         greeting=(b"* OK", b"* PREAUTH"),
+        startTLS=(ProbeStep(b"P STARTTLS\r\n", re.compile(rb"P "), re.compile(rb"P OK")),),
         digestAuth=True,
         oauth=True,
     ),
@@ -216,6 +245,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         backendLogin="mailproxy.pop3._backend.POP3BackendLogin",
         applicationProtocols=(b"pop3",),
         greeting=(b"+OK",),
+        startTLS=(ProbeStep(b"STLS\r\n", re.compile(rb""), re.compile(rb"\+OK")),),
         digestAuth=True,
         oauth=True,
     ),
@@ -229,6 +259,10 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         # that sends one anyway is most likely to send.
         applicationProtocols=(b"smtp",),
         greeting=(b"220",),
+        startTLS=(
+            ProbeStep(b"EHLO {hostname}\r\n", _SMTP_LAST, re.compile(rb"250")),
+            ProbeStep(b"STARTTLS\r\n", _SMTP_LAST, re.compile(rb"220")),
+        ),
         modes=(
             Mode("submission", port="smtp"),
             Mode("mx", port="mx", lookup="recipient", frontend="mailproxy.smtp.MXFrontend"),
@@ -244,6 +278,11 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         applicationProtocols=(b"managesieve",),
         # ManageSieve greets with its capabilities, each a quoted string.
         greeting=(b'"',),
+        # The rest of the capabilities, up to their OK; then STARTTLS.
+        startTLS=(
+            ProbeStep(b"", _SIEVE_LAST, re.compile(rb"(?i:OK)")),
+            ProbeStep(b"STARTTLS\r\n", _SIEVE_LAST, re.compile(rb"(?i:OK)")),
+        ),
         oauth=True,
     ),
     ProtocolDescriptor(

@@ -159,6 +159,42 @@ class CheckProbeTests(ProbeMixin, SynchronousTestCase):
         self.assertIn(": OK, greeting in ", lines[3])
         self.assertEqual(done.stderr, f"{path}: 1 probe failed\n")
 
+    def test_startTLSChecked(self) -> None:
+        """
+        A backend reached with STARTTLS is probed through it: Dovecot's
+        IMAP, POP3 and ManageSieve go TLS and their certificate is
+        verified; against another CA each fails as every login would.
+        """
+        dovecot = self.store.dovecot
+        path = self.writeConfig(dead=False)
+        backend = (
+            "[backend.tls]\nhost = \"127.0.0.1\"\n"
+            f"ports = {{ imap = {dovecot.imap}, pop3 = {dovecot.pop3}, sieve = {dovecot.sieve} }}\n"
+            'tls = "starttls"\nserver_name = "localhost"\nca_file = CA\n'
+        )
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text + backend.replace("CA", json.dumps(self.store.ca.caPath)))
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("backend tls ")]
+        self.assertEqual(len(lines), 3, done.stdout)
+        for line in lines:
+            self.assertIn(": OK, greeting in ", line)
+
+        other = TestCA(os.path.join(self.directory, "other-ca"))
+        with open(path, "w") as f:
+            f.write(text + backend.replace("CA", json.dumps(other.caPath)))
+        done = self.mailproxy("check", path, "--probe")
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("backend tls ")]
+        self.assertEqual(len(lines), 3, done.stdout)
+        for line in lines:
+            self.assertIn(": FAILED: TLS handshake failed: ", line)
+            self.assertIn("certificate verify failed", line)
+        self.assertEqual(done.stderr, f"{path}: 3 probes failed\n")
+
     def test_databaseGone(self) -> None:
         """
         Without --probe, a missing SQLite database already fails the check.

@@ -11,18 +11,21 @@ import os
 from io import BytesIO
 from typing import Any
 
+from OpenSSL import SSL
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy._lifecycle import ProxyService
 from mailproxy._migrate import MOVED, LoginHold, Mover
-from mailproxy.admin import MAX_BODY, AdminResource, HealthChecker, TokenGuard, _GreetingProbe, adminSite
+from mailproxy.admin import MAX_BODY, AdminResource, HealthChecker, TokenGuard, _GreetingProbe, adminSite, greetingProblem
+from mailproxy.protocols import protocolForPort
 from mailproxy.routers.static import StaticRouter
-from mailproxy.testing import makeBackend
+from mailproxy.testing import TLSStringTransport, makeBackend
 
 from .opsfixtures import ProxyHarness
 
@@ -320,38 +323,100 @@ class GreetingProbeTests(SynchronousTestCase):
     L{_GreetingProbe}, the protocol a health probe speaks.
     """
 
+    def probe(self, header: bytes = b"", port: str = "imap", starttls: bool = False) -> tuple[_GreetingProbe, TLSStringTransport]:
+        """
+        A probe of the backend C{ports} key C{port} (through STARTTLS if
+        C{starttls}), connected to a transport that records C{startTLS}.
+        """
+        steps = protocolForPort(port).startTLS if starttls else ()
+        probe = _GreetingProbe(
+            header, lambda line: greetingProblem(port, line), steps, "the options" if starttls else None, b"proxy.test"
+        )
+        transport = TLSStringTransport()
+        probe.makeConnection(transport)
+        return probe, transport
+
     def test_readsFirstLine(self) -> None:
         """
-        The first line is delivered, in pieces or not, and the probe hangs
-        up.
+        The first line is judged, in pieces or not, and the probe hangs up.
         """
-        probe = _GreetingProbe(b"")
-        transport = StringTransport()
-        probe.makeConnection(transport)
+        probe, transport = self.probe()
         probe.dataReceived(b"* OK Dove")
-        self.assertNoResult(probe.line)
+        self.assertNoResult(probe.outcome)
         probe.dataReceived(b"cot ready.\r\n* more")
-        self.assertEqual(self.successResultOf(probe.line), b"* OK Dovecot ready.")
+        self.assertIsNone(self.successResultOf(probe.outcome))
         self.assertTrue(transport.disconnecting)
+        probe, _ = self.probe()
+        probe.dataReceived(b"220 smtp.example ESMTP\r\n")
+        self.assertEqual(self.successResultOf(probe.outcome), "unexpected greeting: 220 smtp.example ESMTP")
 
     def test_proxyHeaderFirst(self) -> None:
         """
         For a backend that requires a PROXY header, the probe sends a LOCAL
         one first.
         """
-        probe = _GreetingProbe(b"PROXY UNKNOWN\r\n")
-        transport = StringTransport()
-        probe.makeConnection(transport)
+        _, transport = self.probe(b"PROXY UNKNOWN\r\n")
         self.assertEqual(transport.value(), b"PROXY UNKNOWN\r\n")
 
     def test_closedEarly(self) -> None:
         """
         A server that closes without greeting fails the probe.
         """
-        probe = _GreetingProbe(b"")
-        probe.makeConnection(StringTransport())
+        probe, _ = self.probe()
         probe.connectionLost(None)
-        self.failureResultOf(probe.line, ConnectionError)
+        self.failureResultOf(probe.outcome, ConnectionError)
+
+    def test_startTLS(self) -> None:
+        """
+        On a STARTTLS port the probe goes on, in each protocol's words, to
+        the server's go-ahead, starts TLS (with the backend's options) and
+        is done once the handshake is.
+        """
+        dialogues = {
+            "imap": [(b"* OK ready\r\n", b"P STARTTLS\r\n"), (b"* BYE not this\r\nP OK Begin TLS\r\n", b"")],
+            "pop3": [(b"+OK ready\r\n", b"STLS\r\n"), (b"+OK Begin TLS\r\n", b"")],
+            "smtp": [
+                (b"220 mx ESMTP\r\n", b"EHLO proxy.test\r\n"),
+                (b"250-mx\r\n250-STARTTLS\r\n", b""),
+                (b"250 8BITMIME\r\n", b"STARTTLS\r\n"),
+                (b"220 2.0.0 Ready\r\n", b""),
+            ],
+            "sieve": [
+                (b'"IMPLEMENTATION" "Pigeonhole"\r\n', b""),
+                (b'"STARTTLS"\r\nOK "Ready"\r\n', b"STARTTLS\r\n"),
+                (b'OK "Begin TLS"\r\n', b""),
+            ],
+        }
+        for port, dialogue in dialogues.items():
+            probe, transport = self.probe(port=port, starttls=True)
+            for server, sent in dialogue:
+                self.assertIsNone(transport.tlsOptions, port)
+                transport.clear()
+                probe.dataReceived(server)
+                self.assertEqual(transport.value(), sent, port)
+            self.assertEqual(transport.tlsOptions, "the options", port)
+            self.assertNoResult(probe.outcome)
+            probe.handshakeCompleted()
+            self.assertIsNone(self.successResultOf(probe.outcome), port)
+            self.assertTrue(transport.disconnecting, port)
+
+    def test_startTLSRefused(self) -> None:
+        """
+        A refused STARTTLS, or a handshake that fails (a certificate the
+        backend's C{ca_file} does not vouch for), fails the probe, saying
+        so; TLS is not started after a refusal.
+        """
+        probe, transport = self.probe(port="pop3", starttls=True)
+        probe.dataReceived(b"+OK ready\r\n-ERR TLS not available\r\n")
+        self.assertEqual(self.successResultOf(probe.outcome), "STARTTLS refused: -ERR TLS not available")
+        self.assertIsNone(transport.tlsOptions)
+        probe, transport = self.probe(port="imap", starttls=True)
+        probe.dataReceived(b"* OK ready\r\nP OK go\r\n")
+        probe.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+        self.assertEqual(
+            self.successResultOf(probe.outcome),
+            "TLS handshake failed: [('SSL routines', '', 'certificate verify failed')]",
+        )
 
 
 class StatsAndMetricsTests(AdminTestsMixin, SynchronousTestCase):
