@@ -187,6 +187,12 @@ def _withReads(config: Config, reads: Mapping[tuple[str, Key], Any]) -> dict[str
         for step in key[1:-1]:
             if isinstance(step, int) and isinstance(table, list) and step < len(table):
                 table = table[step]
+            elif isinstance(step, str) and isinstance(table, dict) and step not in table:
+                # A table the file leaves out and the builder read all the
+                # same, for its defaults.
+                child: dict[str, Any] = {}
+                table[step] = child
+                table = child
             elif isinstance(step, str) and isinstance(table, dict) and isinstance(table.get(step), (dict, list)):
                 table = table[step]
             else:
@@ -197,6 +203,8 @@ def _withReads(config: Config, reads: Mapping[tuple[str, Key], Any]) -> dict[str
         name, written = key[-1], table.get(key[-1])
         if name not in table:
             table[name] = value
+        elif isinstance(written, dict) and isinstance(value, dict):
+            table[name] = {**value, **written}
         elif isinstance(written, str) and os.path.normpath(os.path.join(base, os.path.expanduser(written))) == value:
             table[name] = value
     return options

@@ -88,6 +88,7 @@ __all__ = [
     "parsePortTLS",
     "isPathKey",
     "recordingReads",
+    "noteRead",
     "journalPath",
     "JOURNAL_NAME",
     "splitEndpoint",
@@ -389,10 +390,22 @@ def _record(table: Table, name: str, value: Any) -> None:
         return
     if isinstance(value, tuple):
         value = list(value)
-    if isinstance(value, (str, bool, int, float)) or (
-        isinstance(value, list) and all(isinstance(item, (str, bool, int, float)) for item in value)
+    scalar = (str, bool, int, float)
+    if (
+        isinstance(value, scalar)
+        or (isinstance(value, list) and all(isinstance(item, scalar) for item in value))
+        or (isinstance(value, dict) and all(isinstance(item, scalar) for item in value.values()))
     ):
         reads[(table.file, table.key + (name,))] = value
+
+
+def noteRead(table: Table, name: str, value: Any) -> None:
+    """
+    Note, for L{recordingReads}, that C{name} in C{table} took C{value}
+    without the file saying it all (a table of defaults the file changes
+    in part).
+    """
+    _record(table, name, value)
 
 
 class Table:
@@ -599,6 +612,18 @@ class Table:
         value = self._get(name, _MISSING if required else None)
         if value is None:
             return None
+        return self._subTable(name, value)
+
+    def tableOrEmpty(self, name: str) -> Table:
+        """
+        The sub-table C{name}, or an empty one in its place when absent: for
+        a table whose every key has a default, read the same either way
+        (and so shown with its defaults by C{config show}).
+        """
+        value = self._get(name, None)
+        return self._subTable(name, {} if value is None else value)
+
+    def _subTable(self, name: str, value: Any) -> Table:
         if not isinstance(value, dict):
             self.fail(name, f"must be a table, not {_typeName(value)}")
         return Table(self.file, self.key + (name,), value, self.base, self.problems)
@@ -943,6 +968,12 @@ def _parseBackend(name: str, parent: Table) -> Backend | None:
                 lambda: table.fail("tls", 'its http port has no STARTTLS: set port_tls = { http = "none" } or "implicit"'),
                 None,
             )
+    if values["forward"] == "id" and ports and "imap" not in ports:
+        table.warn(
+            "forward",
+            '"id" is IMAP\'s and this backend serves no IMAP: its sessions tell it nothing of the client '
+            '(use "auto" or "xclient")',
+        )
     if problems is not None and len(problems.found) > before:
         # Collected: the caller leaves this backend out.
         return None

@@ -18,7 +18,7 @@ from typing import get_args
 
 from attrs import field, frozen
 
-from mailproxy.config import Table, parsePortTLS, readNameAndSecret
+from mailproxy.config import Table, noteRead, parsePortTLS, readNameAndSecret
 from mailproxy.model import Backend, BackendTLS, Forwarding, RouteRequest
 from mailproxy.protocols import BACKEND_PROTOCOLS, protocolForPort, standardPorts
 
@@ -149,6 +149,7 @@ def parseBackendDefaults(table: Table | None) -> BackendDefaults:
         portsTable.allow(*BACKEND_PROTOCOLS)
         for protocol in portsTable.data:
             ports[protocol] = portsTable.integer(protocol, None, 1, 65535)
+    noteRead(table, "ports", ports)
     masterUser, masterPassword = readNameAndSecret(table, "master_user", "master_password_file")
     return BackendDefaults(
         ports=ports,

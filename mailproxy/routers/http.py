@@ -664,7 +664,7 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
             _tls.hostClientOptions(parts.hostname, caFile, verify)
         except _tls.TLSConfigError as e:
             options.fail("ca_file" if caFile else "url", str(e))
-    defaults = parseBackendDefaults(options.table("backend_defaults"))
+    defaults = parseBackendDefaults(options.tableOrEmpty("backend_defaults"))
     return HTTPRouter(
         url,
         BackendResolver(backends, defaults),

@@ -657,7 +657,7 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
     return LDAPRouter(
         directory,
         template,
-        BackendResolver(backends, parseBackendDefaults(options.table("backend_defaults"))),
+        BackendResolver(backends, parseBackendDefaults(options.tableOrEmpty("backend_defaults"))),
         runner=runner,
         auth=auth,
         defaultBackend=defaultBackend,

@@ -750,7 +750,7 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
     runner.whenStopping(sql.close)
     router = SQLRouter(
         sql,
-        BackendResolver(backends, parseBackendDefaults(options.table("backend_defaults"))),
+        BackendResolver(backends, parseBackendDefaults(options.tableOrEmpty("backend_defaults"))),
         runner=runner,
         timeout=2 * timeout + 1,
         statements=statements,

@@ -9,6 +9,7 @@ import argparse
 import io
 import os
 import shlex
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -421,6 +422,27 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(self.err.getvalue(), "")
 
 
+    def test_forwardIDWithoutIMAPWarned(self) -> None:
+        """
+        C{forward = "id"} on a backend that serves no IMAP passes with a
+        warning: its sessions would tell it nothing of the client.
+        """
+        self.write("routes.toml", ROUTES)
+        text = MINIMAL.replace('protocol = "imap"', 'protocol = "pop3"').replace("imap = 143", "pop3 = 110")
+        path = self.write("proxy.toml", text + 'forward = "id"\n')
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: {path}: backend.only.forward: \"id\" is IMAP's and this backend serves no IMAP: "
+            'its sessions tell it nothing of the client (use "auto" or "xclient")\n',
+        )
+        path = self.write("proxy.toml", MINIMAL + 'forward = "id"\n')
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(self.err.getvalue(), "")
+
+
 class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
     """
     C{mailproxy config show}: the effective configuration as TOML.
@@ -494,6 +516,32 @@ class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
         shown = self.out.getvalue()
         self.assertNotIn("service-s3cret", shown)
         self.assertEqual(tomllib.loads(shown)["router"]["password_attribute"], "userPassword")
+
+    def test_backendDefaultsShown(self) -> None:
+        """
+        A router's C{backend_defaults} are shown with their defaults, also
+        when the file leaves the table out, and its C{ports} whole (the
+        standard ports where the file names only some).
+        """
+        sqlite3.connect(os.path.join(self.directory, "accounts.sqlite")).close()
+        router = (
+            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+            'query = "SELECT backend FROM accounts WHERE address = :user"\n'
+        )
+        text = MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', router)
+        path = self.write("proxy.toml", text)
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        defaults = tomllib.loads(self.out.getvalue())["router"]["backend_defaults"]
+        self.assertEqual(
+            (defaults["tls"], defaults["forward"], defaults["connect_timeout"], defaults["ports"]["imap"]),
+            ("none", "auto", 10.0, 143),
+        )
+        path = self.write("proxy.toml", text + '[router.backend_defaults]\nports = { imap = 1143 }\n')
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        ports = tomllib.loads(self.out.getvalue())["router"]["backend_defaults"]["ports"]
+        self.assertEqual((ports["imap"], ports["pop3"], ports["sieve"]), (1143, 110, 4190))
 
     def test_broken(self) -> None:
         """
