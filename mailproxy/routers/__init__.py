@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailproxy._routing import callRouter
-from mailproxy.config import ROUTER_TYPES, Config, ConfigError, RouterConfig, Table, formatKey, isPathKey
+from mailproxy.config import ROUTER_TYPES, Config, ConfigError, Problems, RouterConfig, Table, formatKey, isPathKey
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter
@@ -123,27 +123,42 @@ def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) 
     kind = table.string("type")
     cache = table.table("cache")
     oauth = table.table("oauth")
+    # Problems a builder can note and go on after (unknown keys, options it
+    # reads with collect) are gathered, so that check reports them together
+    # with the one that stops it, if any.
+    problems = Problems()
     options = Table(
         table.file,
         table.key,
         {name: value for name, value in table.data.items() if name not in ("type", "cache", "oauth")},
         table.base,
+        problems,
     )
-    if kind in _BUILDERS:
-        router = _BUILDERS[kind](options, backends, reactor)
-    elif kind.startswith("python:"):
-        router = _buildPython(options, backends, reactor, kind[len("python:") :])
-    else:
-        allowed = ", ".join(ROUTER_TYPES + ("python:package.module.Class",))
-        table.fail("type", f"must be one of {allowed}, not {kind!r}")
-    if oauth is not None:
-        from mailproxy.routers.oauth import buildTokenValidation
+    router: IRouter | None = None
+    try:
+        if kind in _BUILDERS:
+            router = _BUILDERS[kind](options, backends, reactor)
+        elif kind.startswith("python:"):
+            router = _buildPython(options, backends, reactor, kind[len("python:") :])
+        else:
+            allowed = ", ".join(ROUTER_TYPES + ("python:package.module.Class",))
+            table.fail("type", f"must be one of {allowed}, not {kind!r}")
+        if oauth is not None:
+            from mailproxy.routers.oauth import buildTokenValidation
 
-        router = buildTokenValidation(oauth, router, reactor)
-    if cache is not None:
-        from mailproxy.routers.cache import buildCache
+            router = buildTokenValidation(oauth, router, reactor)
+        if cache is not None:
+            from mailproxy.routers.cache import buildCache
 
-        router = buildCache(cache, router, reactor)
+            router = buildCache(cache, router, reactor)
+    except ConfigError as e:
+        problems.found.extend(e.problems)
+    if problems.found:
+        close = getattr(router, "close", None)
+        if close is not None:
+            close()
+        problems.check()
+    assert router is not None
     return router
 
 

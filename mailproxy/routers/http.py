@@ -657,8 +657,12 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
             if any(ord(c) < 0x20 and c != "\t" for c in text) or "\x7f" in text:
                 headerTable.fail(name, "must not contain control characters")
             headers.append((name, text))
-    caFile = options.path("ca_file", None)
-    verify = options.boolean("verify", True)
+    # Read with collect: a wrong one is noted and the others still read
+    # (when the configuration's problems are gathered, as for check).
+    caFile = options.collect(lambda: options.path("ca_file", None), None)
+    verify = options.collect(lambda: options.boolean("verify", True), True)
+    timeout = options.collect(lambda: options.number("timeout", 10.0, positive=True), 10.0)
+    connections = options.collect(lambda: options.integer("connections", 10, 1, 1000), 10)
     if parts.scheme == "https":
         try:
             _tls.hostClientOptions(parts.hostname, caFile, verify)
@@ -669,11 +673,11 @@ def buildHTTPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
         url,
         BackendResolver(backends, defaults),
         reactor=reactor,
-        timeout=options.number("timeout", 10.0, positive=True),
+        timeout=timeout,
         headers=headers,
         caFile=caFile,
         verify=verify,
-        connections=options.integer("connections", 10, 1, 1000),
+        connections=connections,
     )
 
 

@@ -600,7 +600,9 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
         "backend_defaults",
     )
     servers: Sequence[str] = options.strings("servers")
-    startTLS = options.boolean("start_tls", False)
+    # Options read with collect: a wrong one is noted and the others still
+    # read (when the configuration's problems are gathered, as for check).
+    startTLS = options.collect(lambda: options.boolean("start_tls", False), False)
     for url in servers:
         lowered = url.lower()
         if not lowered.startswith(("ldap://", "ldaps://")) or len(url.split("://", 1)[1].strip("/")) == 0:
@@ -612,7 +614,7 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
         template = FilterTemplate.check(options.string("filter", "(mail={user})"))
     except ValueError as e:
         options.fail("filter", str(e))
-    auth = options.string("auth", "bind", AUTH_MODES)
+    auth = options.collect(lambda: options.string("auth", "bind", AUTH_MODES), "bind")
     passwordAttribute = None
     if auth == "compare":
         passwordAttribute = options.string("password_attribute", "userPassword")
@@ -628,24 +630,24 @@ def buildLDAPRouter(options: Table, backends: Mapping[str, Backend], reactor: An
             "default_backend",
             f"unknown backend {defaultBackend!r}; configured backends: {configured}{suggest(defaultBackend, backends)}",
         )
-    connectTimeout = options.number("connect_timeout", 3.0, positive=True)
-    timeout = options.number("timeout", 5.0, positive=True)
+    connectTimeout = options.collect(lambda: options.number("connect_timeout", 3.0, positive=True), 3.0)
+    timeout = options.collect(lambda: options.number("timeout", 5.0, positive=True), 5.0)
     settings = LDAPSettings(
         servers=tuple(servers),
-        base=options.string("base"),
+        base=options.collect(lambda: options.string("base"), ""),
         startTLS=startTLS,
-        caFile=options.path("ca_file", None),
-        verify=options.boolean("verify", True),
+        caFile=options.collect(lambda: options.path("ca_file", None), None),
+        verify=options.collect(lambda: options.boolean("verify", True), True),
         bindDN=bindDN,
         bindPassword=bindPassword,
-        scope=options.string("scope", "sub", _SCOPES),
+        scope=options.collect(lambda: options.string("scope", "sub", _SCOPES), "sub"),
         backendAttribute=backendAttribute,
-        userAttribute=options.string("user_attribute", None),
+        userAttribute=options.collect(lambda: options.string("user_attribute", None), None),
         passwordAttribute=passwordAttribute,
         connectTimeout=connectTimeout,
         timeout=timeout,
     )
-    poolSize = options.integer("pool_size", 4, 1, 64)
+    poolSize = options.collect(lambda: options.integer("pool_size", 4, 1, 64), 4)
     try:
         directory = LDAPDirectory(settings)
     except ImportError:

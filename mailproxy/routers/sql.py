@@ -712,7 +712,9 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
         module = importlib.import_module(driver)
     except ImportError:
         options.fail("driver", f"{driver} is not installed; {DRIVERS[driver]}")
-    timeout = options.number("timeout", 5.0, positive=True)
+    # Read with collect: a wrong one is noted and the others still read
+    # (when the configuration's problems are gathered, as for check).
+    timeout = options.collect(lambda: options.number("timeout", 5.0, positive=True), 5.0)
     password = readSecretLine(options, "password_file") if "password_file" in options else None
     if driver == "sqlite3":
         for key in ("dsn", "password_file"):
@@ -746,7 +748,8 @@ def buildSQLRouter(options: Table, backends: Mapping[str, Backend], reactor: Any
     if missing is not None:
         options.fail("database", missing)
     sql = SQLDatabase(connect, module, query)
-    runner = ThreadRunner(reactor, options.integer("pool_size", 4, 1, 64), f"mailproxy-sql-{driver}")
+    poolSize = options.collect(lambda: options.integer("pool_size", 4, 1, 64), 4)
+    runner = ThreadRunner(reactor, poolSize, f"mailproxy-sql-{driver}")
     runner.whenStopping(sql.close)
     router = SQLRouter(
         sql,

@@ -377,6 +377,35 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertTrue(lines[1].startswith(f"{path}: router.database: "), lines)
         self.assertIn("does not exist", lines[1])
 
+    def test_everyRouterProblem(self) -> None:
+        """
+        Inside a router's options too, one run names every problem: an
+        unknown key and a wrong value of the LDAP router; two wrong values
+        of the HTTP router.
+        """
+        self.write("ldap.secret", "service-secret\n")
+        ldap = (
+            '[router]\ntype = "ldap"\nservers = ["ldap://127.0.0.1:1"]\n'
+            'bind_dn = "cn=mailproxy,dc=example,dc=org"\nbind_password_file = "ldap.secret"\n'
+            'base = "dc=example,dc=org"\nbackend_atribute = "mailHost"\ndefault_backend = "only"\nauth = "bnd"\n'
+        )
+        path = self.write("ldap.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', ldap))
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual([line.split(": ")[1] for line in lines[:-1]], ["router.backend_atribute", "router.auth"], lines)
+        self.assertIn("did you mean 'backend_attribute'?", lines[0])
+        self.assertIn("must be one of bind, compare, none, not 'bnd'", lines[1])
+        self.assertEqual(lines[-1], f"{path}: 2 problems")
+
+        http = '[router]\ntype = "http"\nurl = "http://127.0.0.1:9000/auth"\ntimeout = "x"\nconnections = -1\n'
+        path = self.write("http.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', http))
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual([line.split(": ")[1] for line in lines[:-1]], ["router.timeout", "router.connections"], lines)
+        self.assertEqual(lines[-1], f"{path}: 2 problems")
+
     def test_missingSQLiteDatabase(self) -> None:
         """
         An SQLite database that does not exist fails the check (the proxy
