@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import ssl
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import field, frozen
@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from mailproxy._blocking import PerThread, ThreadRunner, closeRunner
 from mailproxy._safetext import logQuote
 from mailproxy.config import Table, readNameAndSecret, suggest
-from mailproxy.interfaces import IRouter
+from mailproxy.interfaces import IRouter, RouteStoreError
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendResolver, UnusableBackend, lookedUp, parseBackendDefaults
 
@@ -456,6 +456,43 @@ class LDAPRouter:
         stop and its connections close once the lookups under way are done.
         """
         closeRunner(self._runner)
+
+    @property
+    def explainRoute(self) -> Callable[[str], Deferred[tuple[str, str | None] | None]] | None:
+        """
+        With C{auth = "none"} the entry alone decides the route, so
+        C{route explain} and C{check --probe} can show it without a
+        password (L{_explainEntry}); with C{bind} or C{compare} the password
+        decides too, and there is nothing to explain before a login
+        (L{None}: those commands say so).
+        """
+        return self._explainEntry if self.auth == "none" else None
+
+    def _explainEntry(self, user: str) -> Deferred[tuple[str, str | None] | None]:
+        """
+        What the directory says about login name C{user}: C{("ldap DN",
+        backend)}, a rule saying why logins are refused (with no backend),
+        or L{None} for no entry.
+
+        @raise RouteStoreError: (in the Deferred) no server answered.
+        """
+
+        async def explain() -> tuple[str, str | None] | None:
+            try:
+                entries = await self._runner.run(self._deadline, self.directory.find, self.filter.fill(user))
+            except Exception as e:
+                raise RouteStoreError(f"LDAP: the search failed: {_describe(e)}") from None
+            if not entries:
+                return None
+            if len(entries) > 1:
+                return "ldap: more than one entry (logins are refused)", None
+            entry: DirectoryEntry = entries[0]
+            backend = entry.backend or self.defaultBackend
+            if backend is None:
+                return f"ldap {entry.dn}: no backend attribute and no default_backend (logins are refused)", None
+            return f"ldap {entry.dn}", backend
+
+        return Deferred.fromCoroutine(explain())
 
     def probe(self, user: str) -> Deferred[str]:
         """

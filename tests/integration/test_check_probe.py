@@ -262,6 +262,21 @@ class RouterProbeTests(ProbeMixin, SynchronousTestCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("the directory answers: 0 entries for mailproxy-check@example.invalid", done.stdout)
 
+    def test_ldapLocatesOnly(self) -> None:
+        """
+        With C{auth = "none"} the entry alone routes: the probe shows
+        alice's route as C{route explain} does, found in the directory.
+        """
+        slapd = self.slapd()
+        router = self.ldapRouter(slapd.url, slapd.servicePassword).replace('auth = "bind"', 'auth = "none"')
+        path = self.writeConfig(dead=False, router=router)
+        done = self.mailproxy("check", path, "--probe", "--user", "alice@example.org")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertEqual(
+            done.stdout.splitlines()[1],
+            "router ldap: OK, alice@example.org -> store (rule: ldap uid=alice,ou=people,dc=example,dc=org)",
+        )
+
     def test_ldapWrongServicePassword(self) -> None:
         """
         A service password the directory refuses fails the probe, saying

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy._routing import explainRoute
 from mailproxy.config import ConfigError, Table
 from mailproxy.model import Backend, Credentials, Rejection, Route, RouteRequest
 from mailproxy.routers._backends import BackendDefaults, BackendResolver
@@ -459,3 +460,52 @@ class BuildTests(SynchronousTestCase):
         self.assertFails("router.default_backend", "unknown backend 'x'", default_backend="x")
         self.assertFails("router.start_tls", "is ldaps://", servers=["ldaps://x"], start_tls=True, backend_attribute="a")
         self.assertFails("router.password_attribute", 'only used with auth = "compare"', password_attribute="p", backend_attribute="a")
+
+
+class ExplainTests(SynchronousTestCase):
+    """
+    C{route explain} and C{check --probe} with the LDAP router: with
+    C{auth = "none"} the entry alone routes, so it is shown without a
+    password; with C{bind} there is nothing to show before a login.
+    """
+
+    setUp = RouterTests.setUp
+    router = RouterTests.router
+
+    def test_authNone(self) -> None:
+        """
+        The entry's backend and DN; two entries, or one routed nowhere, say
+        logins are refused; no entry is for the next router.
+        """
+        router = self.router(auth="none")
+        answer = result(explainRoute(router, "ldap", "alice@example.org"))
+        self.assertEqual((answer["explained"], answer["rule"], answer["backend"]), (True, f"ldap {ALICE_DN}", "old"))
+        self.assertEqual(result(explainRoute(router, "ldap", "nobody@example.org"))["backend"], None)
+        self.directory.entries["(mail=twin@example.org)"] = [
+            DirectoryEntry(dn="uid=a", backend="old", user="a"),
+            DirectoryEntry(dn="uid=b", backend="new", user="b"),
+        ]
+        answer = result(explainRoute(router, "ldap", "twin@example.org"))
+        self.assertEqual((answer["rule"], answer["backend"]), ("ldap: more than one entry (logins are refused)", None))
+        self.directory.entries["(mail=lost@example.org)"] = [DirectoryEntry(dn="uid=lost", backend=None, user="lost")]
+        answer = result(explainRoute(router, "ldap", "lost@example.org"))
+        self.assertIsNone(answer["backend"])
+        self.assertIn("no backend attribute and no default_backend", answer["rule"])
+        answer = result(explainRoute(self.router(auth="none", defaultBackend="new"), "ldap", "lost@example.org"))
+        self.assertEqual(answer["backend"], "new")
+
+    def test_authBind(self) -> None:
+        """
+        With C{auth = "bind"} the password decides too: not explained.
+        """
+        answer = result(explainRoute(self.router(), "ldap", "alice@example.org"))
+        self.assertEqual((answer["explained"], answer["backend"]), (False, None))
+        self.assertEqual(self.directory.filters, [])
+
+    def test_directoryDown(self) -> None:
+        """
+        A directory that does not answer fails the explanation, saying so.
+        """
+        self.directory.down = True
+        failure = self.failureResultOf(explainRoute(self.router(auth="none"), "ldap", "alice@example.org"))
+        self.assertIn("LDAP: the search failed", failure.getErrorMessage())
