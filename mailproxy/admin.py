@@ -194,9 +194,13 @@ class _GreetingProbe(Protocol):
             problem = self.judge(line)
             if problem is not None or self.tls is None:
                 self._finish(problem)
-            else:
+                return
+            if self.steps[0].send:
                 self._nextStep()
-            return
+                return
+            # A first step that sends nothing reads the rest of a greeting
+            # of several lines (SMTP's 220-, ManageSieve's capabilities),
+            # this first line included.
         step = self.steps[0]
         if not step.last.match(line):
             return
@@ -218,7 +222,10 @@ class _GreetingProbe(Protocol):
         self.transport.startTLS(self.tls)  # type: ignore[attr-defined]
 
     def handshakeCompleted(self) -> None:
-        self._finish(None)
+        # On an implicit-TLS port the handshake comes before the greeting,
+        # which is still to be read and judged.
+        if self._handshaking:
+            self._finish(None)
 
     def _finish(self, problem: str | None) -> None:
         if not self.outcome.called:
@@ -312,7 +319,8 @@ class HealthChecker:
         self.reactor = reactor
         self.backends = backends
         self.timeout = timeout
-        self.hostname = hostname or socket.getfqdn()
+        # Encoded once: an EHLO's name, for SMTP probes through STARTTLS.
+        self._ehloName = (hostname or socket.getfqdn()).encode("idna")
         self.keep = keep
         self._last: tuple[float, dict[str, Any]] | None = None
         self._waiting: list[Deferred[dict[str, Any]]] | None = None
@@ -335,7 +343,14 @@ class HealthChecker:
         for name, backend in sorted(self.backends().items()):
             for protocol, port in sorted(backend.ports.items()):
                 keys.append((name, protocol))
-                probes.append(self.probe(backend, protocol, port))
+                # A probe that cannot even start (a CA file unreadable just
+                # now) is that port's failure; raised here, it would leave
+                # every later check waiting.
+                probes.append(
+                    maybeDeferred(self.probe, backend, protocol, port).addErrback(
+                        lambda reason: {"ok": False, "error": reason.getErrorMessage()}
+                    )
+                )
 
         def collect(results: list[dict[str, Any]]) -> None:
             states: dict[str, Any] = {}
@@ -366,7 +381,7 @@ class HealthChecker:
             lambda line: greetingProblem(protocol, line),
             steps,
             _tls.clientOptions(backend) if steps else None,
-            self.hostname.encode("idna"),
+            self._ehloName,
         )
         connecting = endpoint.connect(_ProbeFactory(probe))
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)

@@ -569,6 +569,7 @@ def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             router = buildRouter(config, _globalReactor())
         except ConfigError:
             router = None
+            routerReads.clear()
     _closeRouter(router)
     out.write(f"# {config.path}: the effective configuration (mailproxy {__version__})\n")
     out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles, routerReads)))

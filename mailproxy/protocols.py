@@ -260,6 +260,9 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         applicationProtocols=(b"smtp",),
         greeting=(b"220",),
         startTLS=(
+            # The rest of the greeting (it may have several lines), EHLO,
+            # then STARTTLS.
+            ProbeStep(b"", _SMTP_LAST, re.compile(rb"220")),
             ProbeStep(b"EHLO {hostname}\r\n", _SMTP_LAST, re.compile(rb"250")),
             ProbeStep(b"STARTTLS\r\n", _SMTP_LAST, re.compile(rb"220")),
         ),
@@ -278,7 +281,7 @@ PROTOCOLS: tuple[ProtocolDescriptor, ...] = (
         applicationProtocols=(b"managesieve",),
         # ManageSieve greets with its capabilities, each a quoted string.
         greeting=(b'"',),
-        # The rest of the capabilities, up to their OK; then STARTTLS.
+        # The capabilities, up to their OK; then STARTTLS.
         startTLS=(
             ProbeStep(b"", _SIEVE_LAST, re.compile(rb"(?i:OK)")),
             ProbeStep(b"STARTTLS\r\n", _SIEVE_LAST, re.compile(rb"(?i:OK)")),

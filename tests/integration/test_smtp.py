@@ -20,6 +20,7 @@ import re
 import smtplib
 import ssl
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -957,6 +958,44 @@ class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
         client.starttls(context=self.context)
         self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
         self.system.waitForCopy("old", user, messageId)
+
+
+    def test_probeThroughSTARTTLS(self) -> None:
+        """
+        C{check --probe} on the running proxy's configuration reads each
+        Postfix's greeting (its last line), says EHLO and STARTTLS and
+        makes the handshake: OK with the test CA; with another CA every
+        port fails as every login would.
+        """
+        configPath = self.running.proxy.configPath
+        done = self._check(configPath)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("backend ")]
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertTrue(lines, done.stdout)
+        for line in lines:
+            self.assertIn(": OK, greeting in ", line)
+        other = TestCA(os.path.join(os.path.dirname(configPath), "other-ca"))
+        wrong = configPath.with_name("wrong-ca.toml")
+        wrong.write_text(configPath.read_text().replace(self.system.ca.caPath, other.caPath))
+        done = self._check(wrong)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("backend ")]
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        self.assertTrue(lines, done.stdout)
+        for line in lines:
+            self.assertIn(": FAILED: TLS handshake failed: ", line)
+            self.assertIn("certificate verify failed", line)
+
+    def _check(self, path: Path) -> subprocess.CompletedProcess[str]:
+        environment = dict(os.environ)
+        repository = str(Path(__file__).resolve().parents[2])
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
+        return subprocess.run(
+            [sys.executable, "-c", "import sys; from mailproxy.cli import main; sys.exit(main())", "check", str(path), "--probe"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 class ImplicitTLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):

@@ -318,6 +318,27 @@ class HealthTests(AdminTestsMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), {"old": {"imap": {"ok": True}}})
 
 
+    def test_probeThatCannotStart(self) -> None:
+        """
+        A probe that raises as it starts (a backend's CA file unreadable
+        just now) is that port's failure; the check answers, and the next
+        check probes again instead of waiting for the first for ever.
+        """
+
+        class Broken(HealthChecker):
+            def probe(self, backend, protocol, port):
+                if backend.name == "bad":
+                    raise OSError("cannot read CA file")
+                return succeed({"ok": True})
+
+        backends = {"bad": makeBackend("bad", ports={"imap": 143}), "good": makeBackend("good", ports={"imap": 143})}
+        checker = Broken(self.clock, lambda: backends)
+        expected = {"bad": {"imap": {"ok": False, "error": "cannot read CA file"}}, "good": {"imap": {"ok": True}}}
+        self.assertEqual(self.successResultOf(checker.check()), expected)
+        self.clock.advance(checker.keep)
+        self.assertEqual(self.successResultOf(checker.check()), expected)
+
+
 class GreetingProbeTests(SynchronousTestCase):
     """
     L{_GreetingProbe}, the protocol a health probe speaks.
@@ -376,7 +397,9 @@ class GreetingProbeTests(SynchronousTestCase):
             "imap": [(b"* OK ready\r\n", b"P STARTTLS\r\n"), (b"* BYE not this\r\nP OK Begin TLS\r\n", b"")],
             "pop3": [(b"+OK ready\r\n", b"STLS\r\n"), (b"+OK Begin TLS\r\n", b"")],
             "smtp": [
-                (b"220 mx ESMTP\r\n", b"EHLO proxy.test\r\n"),
+                # A greeting of two lines: EHLO only after its last.
+                (b"220-mx ESMTP\r\n", b""),
+                (b"220 welcome\r\n", b"EHLO proxy.test\r\n"),
                 (b"250-mx\r\n250-STARTTLS\r\n", b""),
                 (b"250 8BITMIME\r\n", b"STARTTLS\r\n"),
                 (b"220 2.0.0 Ready\r\n", b""),
@@ -399,6 +422,18 @@ class GreetingProbeTests(SynchronousTestCase):
             probe.handshakeCompleted()
             self.assertIsNone(self.successResultOf(probe.outcome), port)
             self.assertTrue(transport.disconnecting, port)
+
+    def test_implicitTLSGreetingJudged(self) -> None:
+        """
+        On an implicit-TLS port the handshake, done before the server
+        greets, ends nothing: the greeting is still read and judged.
+        """
+        probe, transport = self.probe()
+        probe.handshakeCompleted()
+        self.assertNoResult(probe.outcome)
+        self.assertFalse(transport.disconnecting)
+        probe.dataReceived(b"* BYE go away\r\n")
+        self.assertEqual(self.successResultOf(probe.outcome), "unexpected greeting: * BYE go away")
 
     def test_startTLSRefused(self) -> None:
         """

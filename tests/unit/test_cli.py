@@ -572,6 +572,29 @@ class ConfigShowTests(CommandTestsMixin, SynchronousTestCase):
         ports = tomllib.loads(self.out.getvalue())["router"]["backend_defaults"]["ports"]
         self.assertEqual((ports["imap"], ports["pop3"], ports["sieve"]), (1143, 110, 4190))
 
+    def test_routerThatCannotBeBuilt(self) -> None:
+        """
+        A router that cannot be built (its SQLite database missing) is
+        shown as written: no default of what its builder read before it
+        stopped.
+        """
+        router = (
+            '[router]\ntype = "sql"\ndriver = "sqlite3"\ndatabase = "accounts.sqlite"\n'
+            'query = "SELECT backend FROM accounts WHERE address = :user"\n'
+        )
+        path = self.write("proxy.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', router))
+        self.assertEqual(main(["config", "show", "--config", path]), 0)
+        shown = tomllib.loads(self.out.getvalue())["router"]
+        self.assertEqual(
+            shown,
+            {
+                "type": "sql",
+                "driver": "sqlite3",
+                "database": "accounts.sqlite",
+                "query": "SELECT backend FROM accounts WHERE address = :user",
+            },
+        )
+
     def test_broken(self) -> None:
         """
         A configuration that does not load exits 1 with its problems.
