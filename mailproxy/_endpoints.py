@@ -1,5 +1,6 @@
 """
-Server endpoint strings, parsed without searching Twisted's plugins.
+Server endpoint strings, parsed without searching Twisted's plugins; and a
+client connection that logs nothing (L{connectQuietly}).
 
 Twisted finds the parsers of C{tcp6:} and C{systemd:} endpoints by loading
 every module in the C{twisted/plugins} directories and rewriting each
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint, IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.internet.protocol import Factory, Protocol
 from twisted.plugins.twisted_core import systemdEndpointParser, tcp6ServerEndpointParser
 
-__all__ = ["serverEndpoint", "splitDescription"]
+__all__ = ["connectQuietly", "serverEndpoint", "splitDescription"]
 
 #: The parsers Twisted would look up among its plugins, by endpoint type.
 _PLUGIN_PARSERS: dict[str, IStreamServerEndpointStringParser] = {
@@ -71,3 +74,27 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         return serverFromString(reactor, description)
     endpoint: IStreamServerEndpoint = parser.parseStreamServer(reactor, *arguments[1:], **keywords)
     return endpoint
+
+
+class _OneProtocol(Factory):
+    """
+    Hands one protocol to its connection, and logs nothing.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.connecting = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.connecting
+
+
+def connectQuietly(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred[IProtocol]:
+    """
+    Connect C{protocol} through C{endpoint}, as Twisted's
+    C{connectProtocol} does, but without its factory's "Starting factory"
+    and "Stopping factory" log lines: the health probes connect to every
+    backend port at each check and metrics scrape.
+    """
+    return endpoint.connect(_OneProtocol(protocol))

@@ -50,7 +50,7 @@ from urllib.parse import unquote
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -59,6 +59,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from . import _tls
+from ._endpoints import connectQuietly
 from ._migrate import MoveError, findRouteStore
 from ._routing import explainRoute
 from ._migrationhooks import domainAccounts
@@ -243,22 +244,6 @@ class _GreetingProbe(Protocol):
             self.outcome.errback(Failure(ConnectionError("closed before greeting")))
 
 
-class _ProbeFactory(Factory):
-    """
-    Hands one probe to its connection. Twisted's C{connectProtocol} would,
-    but its factory logs its start and stop: two lines per backend port at
-    every health probe and metrics scrape.
-    """
-
-    noisy = False
-
-    def __init__(self, probe: _GreetingProbe) -> None:
-        self.probe = probe
-
-    def buildProtocol(self, addr: object) -> _GreetingProbe:
-        return self.probe
-
-
 def greetingProblem(port: str, line: bytes) -> str | None:
     """
     What is wrong with C{line}, the first a backend sent on its C{ports}
@@ -383,7 +368,7 @@ class HealthChecker:
             _tls.clientOptions(backend) if steps else None,
             self._ehloName,
         )
-        connecting = endpoint.connect(_ProbeFactory(probe))
+        connecting = connectQuietly(endpoint, probe)
         timer = self.reactor.callLater(self.timeout, self._timedOut, probe, connecting)
 
         def connected(_: object) -> Deferred[str | None]:

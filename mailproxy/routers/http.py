@@ -45,7 +45,7 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +54,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 
 from mailproxy import _tls
+from mailproxy._endpoints import connectQuietly
 from mailproxy._safetext import logQuote
 from mailproxy.config import Table
 from mailproxy.interfaces import IRouter
@@ -397,7 +398,7 @@ class HTTPRouter:
         if tls:
             endpoint = wrapClientTLS(_tls.hostClientOptions(hostname, self._caFile, self._verify), endpoint)
         probe = _Reach(tls)
-        endpoint.connect(_OneProbe(probe)).addErrback(probe.failed)
+        connectQuietly(endpoint, probe).addErrback(probe.failed)
         what = "TLS connections" if tls else "connections"
         return probe.reached.addTimeout(self.timeout, self._reactor).addCallback(
             lambda _: f"the auth server accepts {what} at {hostname}:{port}"
@@ -571,21 +572,6 @@ class _Reach(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.failed(reason)
-
-
-class _OneProbe(Factory):
-    """
-    Hands the probe to its connection, without the start and stop lines
-    Twisted's C{connectProtocol} factory logs.
-    """
-
-    noisy = False
-
-    def __init__(self, probe: _Reach) -> None:
-        self.probe = probe
-
-    def buildProtocol(self, addr: object) -> _Reach:
-        return self.probe
 
 
 def _normalURL(url: str) -> str:
