@@ -46,7 +46,7 @@ from ._stats import metricsText, snapshot
 from ._systemd import ServiceNotifier
 from .config import Config, ConfigError, journalPath, loadConfig, parseConfig
 from .migration import MigrationManager
-from .routers import buildRouter
+from .routers import buildRouter, closeRouter
 
 __all__ = ["ReloadableServerTLS", "ProxyService", "SHUTDOWN", "RESTART_KEYS"]
 
@@ -90,14 +90,6 @@ def _stopRouter(router: object) -> None:
     stop = getattr(router, "stopWatching", None)
     if stop is not None:
         stop()
-
-
-def _closeRouter(router: object) -> None:
-    # A router holding threads or connections (LDAP, SQL) lets them go once
-    # its lookups under way are done.
-    close = getattr(router, "close", None)
-    if close is not None:
-        close()
 
 
 class ReloadOnHangup:
@@ -389,7 +381,7 @@ class ProxyService(TwistdLog, ReloadOnHangup, MultiService):
         context = self.context
         oldRouter, context.router = context.router, router
         _stopRouter(oldRouter)
-        _closeRouter(oldRouter)
+        closeRouter(oldRouter)
         if self.running:
             _startRouter(router)
         context.routerName = config.router.type

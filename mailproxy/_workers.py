@@ -66,7 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
-from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _closeRouter, _startRouter, _stopRouter
+from ._lifecycle import ReloadableServerTLS, ReloadOnHangup, _startRouter, _stopRouter
 from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classicWriters, eventText, heldWrites, writeClassicLines
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog
@@ -79,7 +79,7 @@ from ._systemd import ServiceNotifier, syslogPriority
 from ._tcp import sendAtOnceOn
 from .config import Config, ConfigError, journalPath, parseConfig
 from .migration import MigrationManager
-from .routers import buildRouter
+from .routers import buildRouter, closeRouter
 
 __all__ = ["Channel", "LogBatch", "LogMessage", "Machine", "WorkerConnections", "workerMain", "STABLE", "MAX_BACKOFF", "LOG_BATCH"]
 
@@ -1424,7 +1424,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             restart.append("cluster")
         old, self.context.router = self.context.router, router
         _stopRouter(old)
-        _closeRouter(old)
+        closeRouter(old)
         if self.running:
             _startRouter(router)
         self.context.routerName = config.router.type

@@ -58,7 +58,7 @@ from mailproxy import __version__
 from mailproxy._adminclient import AdminClient, AdminError, clientFromConfig, quoteKey
 from mailproxy._clidoc import bashCompletion, manPage
 from mailproxy._examples import ExamplesError, writeExamples
-from mailproxy._lifecycle import _closeRouter, _startRouter, _stopRouter
+from mailproxy._lifecycle import _startRouter, _stopRouter
 from mailproxy._routing import explainRoute
 from mailproxy._migratecli import addMigrateCommand, migrate
 from mailproxy._showconfig import dumpTOML, effectiveConfig
@@ -69,7 +69,7 @@ from mailproxy.admin import MAX_BODY
 from mailproxy._tls import TLSConfigError, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
-from mailproxy.routers import buildRouter, buildRouterFrom
+from mailproxy.routers import buildRouter, buildRouterFrom, closeRouter
 
 _PROG = "mailproxy"
 
@@ -385,7 +385,7 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
             except ConfigError as routerError:
                 report.problems.extend(routerError.problems)
             else:
-                _closeRouter(built)
+                closeRouter(built)
         return report
     report.config = config
     report.warnings.extend(config.warnings)
@@ -419,13 +419,13 @@ def _check(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for problem in report.problems:
         print(problem, file=err)
     if report.problems:
-        _closeRouter(report.router)
+        closeRouter(report.router)
         count = len(report.problems)
         print(f"{report.path}: {count} problem{'s' if count != 1 else ''}", file=err)
         return 1
     print(report.summary, file=out)
     if not arguments.probe:
-        _closeRouter(report.router)
+        closeRouter(report.router)
         return 0
     return _probe(report, arguments.user, out, err)
 
@@ -464,7 +464,7 @@ def _probe(report: CheckReport, user: str | None, out: TextIO, err: TextIO) -> i
                         print(f"{where}: FAILED: {state['error']}", file=out)
         finally:
             _stopRouter(router)
-            _closeRouter(router)
+            closeRouter(router)
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
@@ -570,7 +570,7 @@ def _configShow(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except ConfigError:
             router = None
             routerReads.clear()
-    _closeRouter(router)
+    closeRouter(router)
     out.write(f"# {config.path}: the effective configuration (mailproxy {__version__})\n")
     out.write(dumpTOML(effectiveConfig(config, masterPasswordFiles, routerReads)))
     return 0

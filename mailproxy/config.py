@@ -382,9 +382,14 @@ def recordingReads() -> Iterator[dict[tuple[str, Key], Any]]:
         _reads.reset(token)
 
 
-def _record(table: Table, name: str, value: Any) -> None:
-    # Only what TOML can show: a default may also be None (unset) or an
-    # object only the code knows.
+def noteRead(table: Table, name: str, value: Any) -> None:
+    """
+    Note, for L{recordingReads}, that C{name} in C{table} took C{value}
+    without the file saying it all: a default, a path made absolute, a
+    table of defaults the file changes in part. Only what TOML can show is
+    noted (a default may also be L{None}, unset, or an object only the
+    code knows).
+    """
     reads = _reads.get()
     if reads is None:
         return
@@ -397,15 +402,6 @@ def _record(table: Table, name: str, value: Any) -> None:
         or (isinstance(value, dict) and all(isinstance(item, scalar) for item in value.values()))
     ):
         reads[(table.file, table.key + (name,))] = value
-
-
-def noteRead(table: Table, name: str, value: Any) -> None:
-    """
-    Note, for L{recordingReads}, that C{name} in C{table} took C{value}
-    without the file saying it all (a table of defaults the file changes
-    in part).
-    """
-    _record(table, name, value)
 
 
 class Table:
@@ -490,7 +486,7 @@ class Table:
             return self.data[name]
         if default is _MISSING:
             self.fail(name, "required")
-        _record(self, name, default)
+        noteRead(self, name, default)
         return default
 
     def string(
@@ -602,7 +598,7 @@ class Table:
             problem = _unreadable(resolved)
             if problem:
                 self.fail(name, problem)
-        _record(self, name, resolved)
+        noteRead(self, name, resolved)
         return resolved
 
     def table(self, name: str, required: bool = False) -> Table | None:

@@ -37,7 +37,7 @@ from mailproxy.interfaces import IRouter
 from mailproxy.model import Backend
 from mailproxy.routers.static import StaticRouter
 
-__all__ = ["buildRouter", "buildRouterFrom", "buildFromTable", "callRouter"]
+__all__ = ["buildRouter", "buildRouterFrom", "buildFromTable", "callRouter", "closeRouter"]
 
 _Builder = Callable[[Table, Mapping[str, Backend], Any], IRouter]
 
@@ -154,12 +154,20 @@ def buildFromTable(table: Table, backends: Mapping[str, Backend], reactor: Any) 
     except ConfigError as e:
         problems.found.extend(e.problems)
     if problems.found:
-        close = getattr(router, "close", None)
-        if close is not None:
-            close()
+        closeRouter(router)
         problems.check()
     assert router is not None
     return router
+
+
+def closeRouter(router: object) -> None:
+    """
+    Let C{router} go: one holding threads or connections (LDAP, SQL) lets
+    them go once its lookups under way are done.
+    """
+    close = getattr(router, "close", None)
+    if close is not None:
+        close()
 
 
 def _buildPython(options: Table, backends: Mapping[str, Backend], reactor: Any, name: str) -> IRouter:
