@@ -102,6 +102,11 @@ LOOK_TIMEOUT = 30.0
 #: under way have finished.
 LOGIN_POLL = 0.05
 
+#: The directory, in the engine's work directory, of mbsync's state: per
+#: pair of backends, per account; kept after campaigns (a migration back
+#: or a retry copies only what changed).
+MBSYNC_STATE = ".mbsync"
+
 #: How many finished campaigns the journal (and L{MigrationManager.campaigns})
 #: keeps.
 KEEP_FINISHED = 50
@@ -908,7 +913,9 @@ class MigrationManager:
                 path = await self._runBlocking(60.0, directory.write, "dovecot.conf", config)
                 commands = _tools.doveadmCommands(self.settings.doveadm, path, job.account)
             else:
-                state = os.path.join(self.workDirectory, campaign.id, _safeName(job.account) + ".mbsync")
+                state = os.path.join(
+                    self.workDirectory, MBSYNC_STATE, _tools.mbsyncStateName(source, target), _safeName(job.account)
+                )
                 config = _tools.mbsyncConfiguration(source, target, job.account, state)
                 await self._runBlocking(60.0, os.makedirs, state, 0o700, True)
                 path = await self._runBlocking(60.0, directory.write, "mbsyncrc", config)
@@ -1091,8 +1098,7 @@ class MigrationManager:
             self._finishIfDone(campaign)
         await self._save()
         # A proxy killed during a tool run left its private files (with
-        # master passwords) behind: remove them; mbsync's state stays for
-        # the accounts that run again.
+        # master passwords) behind: remove them.
         await self._runBlocking(60.0, _removeLeftovers, self.workDirectory)
         for campaign, job in rerun:
             self.log.info(
@@ -1113,8 +1119,8 @@ class MigrationManager:
             campaign.state = "failed" if any(job.state == "failed" for job in campaign.accounts) else "done"
         if campaign.finished is None:
             campaign.finished = time.time()
-            # mbsync's state (and any private file a killed run left) is of
-            # no use once the campaign is over.
+            # Any private file a killed run left is of no use once the
+            # campaign is over (mbsync's state is not in there).
             self._runBlocking(60.0, shutil.rmtree, os.path.join(self.workDirectory, campaign.id), True).addErrback(
                 lambda failure: self.log.failure("removing the files of migration {campaign}", failure, campaign=campaign.id)
             )
@@ -1257,7 +1263,7 @@ def _count(value: Any) -> int | None:
 def _removeLeftovers(directory: str) -> None:
     """
     Remove the private directories of tool runs under C{directory} (one
-    directory per campaign), keeping mbsync's state directories.
+    directory per campaign), keeping mbsync's state.
     """
     try:
         campaigns = os.listdir(directory)
@@ -1265,11 +1271,10 @@ def _removeLeftovers(directory: str) -> None:
         return
     for campaign in campaigns:
         path = os.path.join(directory, campaign)
-        if not os.path.isdir(path):
+        if campaign == MBSYNC_STATE or not os.path.isdir(path):
             continue
         for name in os.listdir(path):
-            if not name.endswith(".mbsync"):
-                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def _safeName(account: str) -> str:
@@ -1300,12 +1305,16 @@ def compareFolders(
         before = Counter(key for key, _, _ in source[folder])
         after = Counter(key for key, _, _ in target[folder])
         missing = sum((before - after).values())
-        extra = sum((after - before).values())
+        surplus = after - before
+        copies = sum(count for key, count in surplus.items() if key in before)
+        extra = sum(surplus.values()) - copies
         parts = []
         if missing:
             parts.append(f"{missing} missing on the target")
         if extra:
             parts.append(f"{extra} only on the target")
+        if copies:
+            parts.append(f"{copies} copied twice on the target")
         if not parts:
             flagged = Counter((key, flags) for key, _, flags in source[folder])
             other = sum((flagged - Counter((key, flags) for key, _, flags in target[folder])).values())
