@@ -439,6 +439,49 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
 
+    def test_rightPasswordAfterFailuresWaitsToo(self) -> None:
+        """
+        After failures, the right password is answered no sooner than a
+        wrong one would have been, from the start of its attempt: a client
+        that hangs up when no OK came at once learns nothing about its
+        guess before the failed-login delay.  The failures of the address
+        count, from other sessions too.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN nobody wrong\r\n")
+        self.clock.advance(1.0)
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", self.client.value())
+        self.client.clear()
+        self.send(b"b LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.clock.advance(0.99)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.01)
+        self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+        # Another session from the same address: its first attempt waits
+        # for the address's failure too.
+        second, client = self.connectAgain()
+        client.clear()
+        second.dataReceived(b"c LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.assertEqual(client.value(), b"")
+        self.clock.advance(1.0)
+        self.assertEqual(client.value(), b"c OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+    def test_rightPasswordWithoutFailuresAtOnce(self) -> None:
+        """
+        Without failures, a login is answered as soon as the backend
+        accepts it.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"b LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
     def test_unknownUserLooksLikeWrongPassword(self) -> None:
         """
         A router rejection gives the same reply as a wrong password, and no
