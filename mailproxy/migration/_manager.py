@@ -671,7 +671,18 @@ class MigrationManager:
             self._campaigns[campaign.id] = campaign
             return campaign
         self._campaigns[campaign.id] = campaign
-        await self._save()
+        try:
+            await self._save()
+        except OSError as e:
+            # Nothing started: the campaign is forgotten, and the operator
+            # told where the journal is (a read-only configuration
+            # directory, its default place, under a hardened unit).
+            del self._campaigns[campaign.id]
+            assert self._journal is not None
+            raise MigrationError(
+                f"cannot write the migration journal {self._journal.path}: {e.strerror or e};"
+                " set [migration] journal to a writable place"
+            ) from None
         self.log.info(
             "migration {campaign} started: {count} accounts to {target} with {tool}, {concurrency} at once",
             event="migration_campaign",

@@ -986,6 +986,25 @@ class JournalTests(ManagerTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.directory, "migrations.json.d", "c1")))
         self.assertTrue(os.path.isdir(state))
 
+    def test_journalNotWritable(self) -> None:
+        """
+        A journal that cannot be written (its directory read-only, as the
+        configuration directory under a hardened unit) refuses the
+        campaign, naming the journal and what to set: nothing is copied,
+        and no campaign is left behind.
+        """
+        # Where no directory can be made (the tests may run as root, whom
+        # a read-only mode does not stop).
+        self.journalPath = os.path.join(self.routes, "migrations.json")
+        self.makeManager()
+        failure = self.failureResultOf(self.manager.start(["alice@example.org"], "new"), MigrationError)
+        self.assertEqual(
+            str(failure.value),
+            f"cannot write the migration journal {self.journalPath}: Not a directory;"
+            " set [migration] journal to a writable place",
+        )
+        self.assertEqual((self.manager.campaigns(), self.tools.runs), ([], []))
+
     def test_journalIsPrivateAndAtomic(self) -> None:
         """
         The journal is written with mode 0600 and no temporary file is
