@@ -636,6 +636,10 @@ class MigrationManager:
         self._checkBackend(self.backends[target], "target")
         if findRouteStore(self.router) is None:
             raise MigrationError(f"the router ({self.routerName or type(self.router).__name__}) cannot change routes")
+        refusal = self.mover.refusal()
+        if refusal is not None:
+            # Known before anything is copied or a session dropped.
+            raise MigrationError(refusal)
         busy = {
             job.account: campaign.id
             for campaign in self._campaigns.values()
@@ -996,6 +1000,26 @@ class MigrationManager:
         for session in self.sessions.find(account=job.account):
             if session.backendName not in (None, target) or session in late:
                 session.drop(MOVED)
+        fleet = getattr(self.mover, "fleet", None)
+        if fleet is None:
+            return
+        # The account's sessions on the other proxies of a fleet (their
+        # logins are held there too, by the fleet's gate), each dropped by
+        # its proxy: the final sync waits until they have gone from the
+        # fleet's registry (or the backend timeout passed).
+        told: set[str] = set()
+        while True:
+            remote = [s for s in await fleet.findRemote(job.account, None) if s.backendName != target]
+            if not remote or self.reactor.seconds() >= deadline:
+                return
+            for session in remote:
+                if session.client.sessionId not in told:
+                    told.add(session.client.sessionId)
+                    session.drop(MOVED)
+            waited = Deferred()
+            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
+            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
+            await waited
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:
         timeout = self.settings.clientTimeout

@@ -986,6 +986,17 @@ class JournalTests(ManagerTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.directory, "migrations.json.d", "c1")))
         self.assertTrue(os.path.isdir(state))
 
+    def test_moverRefusesUpFront(self) -> None:
+        """
+        A mover that can move nobody (a fleet over static route tables)
+        refuses the campaign before anything is copied or held.
+        """
+        self.mover.refusal = lambda: "the static route table is this proxy's own file"  # type: ignore[method-assign]
+        failure = self.failureResultOf(self.manager.start(["alice@example.org"], "new"), MigrationError)
+        self.assertEqual(str(failure.value), "the static route table is this proxy's own file")
+        self.assertEqual((self.manager.campaigns(), self.tools.runs), ([], []))
+        self.assertFalse(self.held("alice@example.org"))
+
     def test_journalNotWritable(self) -> None:
         """
         A journal that cannot be written (its directory read-only, as the
