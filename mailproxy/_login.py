@@ -271,6 +271,13 @@ class LoginAttempt:
         masterUser = masterPassword = None
         if answer.useMaster:
             if backend.masterUser is None:
+                # A route (a validated token's, or master = true) that the
+                # backend cannot serve: the operator's to fix, so said.
+                session.log.warn(
+                    "route for {user} logs in as backend {backend}'s master user, and it has no master_user",
+                    user=logQuote(credentials.user),
+                    backend=backend.name,
+                )
                 raise LoginFailed(FailureKind.UNAVAILABLE)
             masterUser, masterPassword, password = backend.masterUser, backend.masterPassword, None
         elif password is None and credentials.token is None:

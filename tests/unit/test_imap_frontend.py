@@ -377,6 +377,26 @@ class LoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         sent = self.loginAndAccept()
         self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"alice\x00proxy\x00masterpw") + b"\r\n", sent)
 
+    def test_masterRouteWithoutMasterUser(self) -> None:
+        """
+        A route that logs in as the master user of a backend that has none
+        (an operator's mistake) fails as unavailable, and the log says why.
+        """
+        from twisted.logger import formatEvent
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build(backend=makeBackend("old"), useMaster=True)
+        self.assertEqual(
+            self.send(b"a LOGIN alice secret\r\n"),
+            b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n",
+        )
+        self.assertIn(
+            "route for \"alice\" logs in as backend old's master user, and it has no master_user",
+            [formatEvent(event) for event in events],
+        )
+
     def test_loginWithoutSASLIR(self) -> None:
         """
         A backend without SASL-IR and LITERAL+ gets LOGIN with synchronizing
