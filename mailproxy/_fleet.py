@@ -525,15 +525,21 @@ class FleetMover(Mover):
 
     fleet: Fleet
 
-    async def _movePlan(self, backend: str, accounts: list[str], domain: str | None, includeAccounts: bool) -> Any:
+    def refusal(self) -> str | None:
         if isinstance(findRouteStore(self.context.router), StaticRouter):
             # The other proxies read their own files: they would go on
             # routing the accounts to where they were.
-            raise MoveError(
+            return (
                 "the static route table is this proxy's own file, which the other proxies of the fleet do not "
                 "read: move accounts with a shared route store (the sql router's database), or edit every proxy's "
                 "route table and reload each"
             )
+        return None
+
+    async def _movePlan(self, backend: str, accounts: list[str], domain: str | None, includeAccounts: bool) -> Any:
+        refusal = self.refusal()
+        if refusal is not None:
+            raise MoveError(refusal)
         self.remote = await self.fleet.findRemote(None, None)
         return await super()._movePlan(backend, accounts, domain, includeAccounts)
 

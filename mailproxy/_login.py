@@ -97,6 +97,24 @@ def authenticationFailed(session: FrontendProtocol, credentials: Credentials, at
     return max(session.failures, recent, accountRecent) * session.limits.failureDelay
 
 
+def failurePenalty(session: FrontendProtocol, credentials: Credentials) -> float:
+    """
+    How long after it began any answer to a login of C{session} with
+    C{credentials} waits, whatever its outcome: the failed-login delay the
+    failures so far (of the session, the client's address and the account)
+    have earned.
+
+    A wrong password is answered after the delay, and a right one after
+    this: otherwise a client that hangs up when no success came at once
+    would learn that a guess was wrong without waiting for the delay, and
+    could guess as fast as it connects.
+    """
+    counter = session.context.failures
+    recent = min(counter.recent(session.client.address), MAX_FAILURES_COUNTED)
+    accountRecent = min(counter.recent(accountKey(credentials.user)), MAX_FAILURES_COUNTED)
+    return max(session.failures, recent, accountRecent) * session.limits.failureDelay
+
+
 class _Rejected(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__("rejected")
@@ -253,6 +271,13 @@ class LoginAttempt:
         masterUser = masterPassword = None
         if answer.useMaster:
             if backend.masterUser is None:
+                # A route (a validated token's, or master = true) that the
+                # backend cannot serve: the operator's to fix, so said.
+                session.log.warn(
+                    "route for {user} logs in as backend {backend}'s master user, and it has no master_user",
+                    user=logQuote(credentials.user),
+                    backend=backend.name,
+                )
                 raise LoginFailed(FailureKind.UNAVAILABLE)
             masterUser, masterPassword, password = backend.masterUser, backend.masterPassword, None
         elif password is None and credentials.token is None:
@@ -286,7 +311,13 @@ class LoginAttempt:
     def _loggedIn(self, backend: BackendProtocol) -> None:
         self._waitingFor = None
         self._backendDone("ok")
-        self._outcome.callback(backend)
+        wait = failurePenalty(self.session, self.credentials) - self.seconds()
+        if wait <= 0:
+            self._outcome.callback(backend)
+        else:
+            # Answered when a wrong password would have been (see
+            # failurePenalty); the logged-in backend waits with it.
+            self._waitingFor = self.session.context.reactor.callLater(wait, self._outcome.callback, backend)
 
     def _backendFailed(self, reason: Failure) -> None:
         self._waitingFor = None

@@ -252,6 +252,13 @@ class Mover:
         """
         return self._lock.run(self._move, backend, list(accounts), domain, dryRun, hold, drop, includeAccounts)
 
+    def refusal(self) -> str | None:
+        """
+        Why this mover can move no account at all, whatever it is asked
+        (a migration asks before it copies anything); L{None} if it can.
+        """
+        return None
+
     async def _movePlan(
         self, backend: str, accounts: list[str], domain: str | None, includeAccounts: bool
     ) -> tuple[Any, list[RouteChange], list[Any], list[str]]:

@@ -85,6 +85,12 @@ class IFailureCounter(Interface):
             known here.
         """
 
+    def recent(address: str) -> int:
+        """
+        The failed logins from C{address} within L{FAILURE_MEMORY} of
+        each other, as far as known here, without counting one.
+        """
+
 
 @implementer(IFailureCounter)
 class LocalFailures:
@@ -107,6 +113,9 @@ class LocalFailures:
         count = self._current(address, now) + 1
         self.known[address] = (count, now)
         return count
+
+    def recent(self, address: str) -> int:
+        return self._current(address, self.clock.seconds())
 
     def learn(self, address: str, count: int) -> None:
         """

@@ -71,6 +71,7 @@ from ._logs import ClassicText, TwistdLog, classicLines, classicLineText, classi
 from ._migrate import Mover, findRouteStore
 from ._migrationhooks import OnLoginMigration, StepLog
 from ._safetext import LogQuoted
+from ._session import SessionState
 from ._contract import ISessionObserver
 from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
 from ._shared import IConnectionCounter, LocalFailures
@@ -657,10 +658,17 @@ class _RemoteSession:
 
     def __init__(self, worker: _Worker, described: Mapping[str, Any]) -> None:
         self.worker = worker
+        self.described = described
         self.user = described["account"]
         self.backendName = described["backend"]
         self.protocolName = described.get("protocol", "")
         self.client = self._Client(described["session"], described.get("address", ""), described.get("port", 0))
+
+    def describe(self) -> dict[str, Any]:
+        """
+        The session as its worker described it (C{Session.describe}).
+        """
+        return dict(self.described)
 
     def drop(self, reason: str) -> None:
         self.worker.dropLater(self.client.sessionId, reason)
@@ -749,18 +757,49 @@ class _MachineGate:
         self.machine = machine
         self.holds: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(1)
+        self._held: frozenset[str] = frozenset()
+        self._asking = False
+        # Counts holds and releases: an answer asked before the latest one
+        # may name logins that have gone on since, and is not kept.
+        self._changes = 0
 
     def hold(self, accounts: Iterable[str], domains: Iterable[str], mail: bool = False) -> Callable[[], None]:
         holdId = next(self._ids)
         hold = {"id": holdId, "accounts": list(accounts), "domains": list(domains), "mail": mail}
         self.holds[holdId] = hold
+        self._changes += 1
         self.machine.tellWorkers("hold", hold)
 
         def release() -> None:
             if self.holds.pop(holdId, None) is not None:
+                self._changes += 1
+                self._held = frozenset()
                 self.machine.tellWorkers("release", {"id": holdId})
 
         return release
+
+    def heldSessions(self) -> frozenset[str]:
+        """
+        The ids of the sessions whose logins wait at a hold in the workers,
+        as they last said; each look asks them afresh (the migration engine
+        looks every few milliseconds while it waits for the logins under
+        way), so the answer is at most one look old.  Until the workers
+        have answered, none: a held login then looks under way, and is
+        waited for until they have.
+        """
+        if not self._asking:
+            self._asking = True
+            asked = self._changes
+
+            def answered(answers: list[tuple[_Worker, Any]]) -> None:
+                if asked == self._changes:
+                    self._held = frozenset(sessionId for _, held in answers for sessionId in held or ())
+
+            def done(result: object) -> None:
+                self._asking = False
+
+            self.machine.askWorkers("held").addCallback(answered).addBoth(done)
+        return self._held
 
 
 class _MachineMover(Mover):
@@ -805,9 +844,14 @@ class _MachineContext:
 
 class _UnknownSession:
     # Stands for an account's sessions until the workers have said which
-    # it has: on an unknown backend, and dropping it does nothing.
+    # it has: on an unknown backend, with a login that may be under way
+    # (so that the migration engine waits for their answer), and dropping
+    # it does nothing.
     user = None
     backendName = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"session": None, "state": SessionState.LOGIN.value, "account": None, "backend": None}
 
     def drop(self, reason: str) -> None:
         pass
@@ -1641,6 +1685,7 @@ class _WorkerSide:
     def handlers(self) -> dict[str, Callable[[Any], Any]]:
         return {
             "sessions": lambda filters: self.service.describeSessions(**(filters or {})),
+            "held": lambda _: sorted(self.service.context.gate.heldSessions()),
             "drop": self._drop,
             "dropIds": self._dropIds,
             "stats": self._stats,

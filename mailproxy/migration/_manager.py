@@ -102,6 +102,11 @@ LOOK_TIMEOUT = 30.0
 #: under way have finished.
 LOGIN_POLL = 0.05
 
+#: The directory, in the engine's work directory, of mbsync's state: per
+#: pair of backends, per account; kept after campaigns (a migration back
+#: or a retry copies only what changed).
+MBSYNC_STATE = ".mbsync"
+
 #: How many finished campaigns the journal (and L{MigrationManager.campaigns})
 #: keeps.
 KEEP_FINISHED = 50
@@ -631,6 +636,10 @@ class MigrationManager:
         self._checkBackend(self.backends[target], "target")
         if findRouteStore(self.router) is None:
             raise MigrationError(f"the router ({self.routerName or type(self.router).__name__}) cannot change routes")
+        refusal = self.mover.refusal()
+        if refusal is not None:
+            # Known before anything is copied or a session dropped.
+            raise MigrationError(refusal)
         busy = {
             job.account: campaign.id
             for campaign in self._campaigns.values()
@@ -666,7 +675,18 @@ class MigrationManager:
             self._campaigns[campaign.id] = campaign
             return campaign
         self._campaigns[campaign.id] = campaign
-        await self._save()
+        try:
+            await self._save()
+        except OSError as e:
+            # Nothing started: the campaign is forgotten, and the operator
+            # told where the journal is (a read-only configuration
+            # directory, its default place, under a hardened unit).
+            del self._campaigns[campaign.id]
+            assert self._journal is not None
+            raise MigrationError(
+                f"cannot write the migration journal {self._journal.path}: {e.strerror or e};"
+                " set [migration] journal to a writable place"
+            ) from None
         self.log.info(
             "migration {campaign} started: {count} accounts to {target} with {tool}, {concurrency} at once",
             event="migration_campaign",
@@ -908,7 +928,9 @@ class MigrationManager:
                 path = await self._runBlocking(60.0, directory.write, "dovecot.conf", config)
                 commands = _tools.doveadmCommands(self.settings.doveadm, path, job.account)
             else:
-                state = os.path.join(self.workDirectory, campaign.id, _safeName(job.account) + ".mbsync")
+                state = os.path.join(
+                    self.workDirectory, MBSYNC_STATE, _tools.mbsyncStateName(source, target), _safeName(job.account)
+                )
                 config = _tools.mbsyncConfiguration(source, target, job.account, state)
                 await self._runBlocking(60.0, os.makedirs, state, 0o700, True)
                 path = await self._runBlocking(60.0, directory.write, "mbsyncrc", config)
@@ -978,6 +1000,26 @@ class MigrationManager:
         for session in self.sessions.find(account=job.account):
             if session.backendName not in (None, target) or session in late:
                 session.drop(MOVED)
+        fleet = getattr(self.mover, "fleet", None)
+        if fleet is None:
+            return
+        # The account's sessions on the other proxies of a fleet (their
+        # logins are held there too, by the fleet's gate), each dropped by
+        # its proxy: the final sync waits until they have gone from the
+        # fleet's registry (or the backend timeout passed).
+        told: set[str] = set()
+        while True:
+            remote = [s for s in await fleet.findRemote(job.account, None) if s.backendName != target]
+            if not remote or self.reactor.seconds() >= deadline:
+                return
+            for session in remote:
+                if session.client.sessionId not in told:
+                    told.add(session.client.sessionId)
+                    session.drop(MOVED)
+            waited = Deferred()
+            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
+            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
+            await waited
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:
         timeout = self.settings.clientTimeout
@@ -1091,8 +1133,7 @@ class MigrationManager:
             self._finishIfDone(campaign)
         await self._save()
         # A proxy killed during a tool run left its private files (with
-        # master passwords) behind: remove them; mbsync's state stays for
-        # the accounts that run again.
+        # master passwords) behind: remove them.
         await self._runBlocking(60.0, _removeLeftovers, self.workDirectory)
         for campaign, job in rerun:
             self.log.info(
@@ -1113,8 +1154,8 @@ class MigrationManager:
             campaign.state = "failed" if any(job.state == "failed" for job in campaign.accounts) else "done"
         if campaign.finished is None:
             campaign.finished = time.time()
-            # mbsync's state (and any private file a killed run left) is of
-            # no use once the campaign is over.
+            # Any private file a killed run left is of no use once the
+            # campaign is over (mbsync's state is not in there).
             self._runBlocking(60.0, shutil.rmtree, os.path.join(self.workDirectory, campaign.id), True).addErrback(
                 lambda failure: self.log.failure("removing the files of migration {campaign}", failure, campaign=campaign.id)
             )
@@ -1257,7 +1298,7 @@ def _count(value: Any) -> int | None:
 def _removeLeftovers(directory: str) -> None:
     """
     Remove the private directories of tool runs under C{directory} (one
-    directory per campaign), keeping mbsync's state directories.
+    directory per campaign), keeping mbsync's state.
     """
     try:
         campaigns = os.listdir(directory)
@@ -1265,11 +1306,10 @@ def _removeLeftovers(directory: str) -> None:
         return
     for campaign in campaigns:
         path = os.path.join(directory, campaign)
-        if not os.path.isdir(path):
+        if campaign == MBSYNC_STATE or not os.path.isdir(path):
             continue
         for name in os.listdir(path):
-            if not name.endswith(".mbsync"):
-                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def _safeName(account: str) -> str:
@@ -1300,12 +1340,16 @@ def compareFolders(
         before = Counter(key for key, _, _ in source[folder])
         after = Counter(key for key, _, _ in target[folder])
         missing = sum((before - after).values())
-        extra = sum((after - before).values())
+        surplus = after - before
+        copies = sum(count for key, count in surplus.items() if key in before)
+        extra = sum(surplus.values()) - copies
         parts = []
         if missing:
             parts.append(f"{missing} missing on the target")
         if extra:
             parts.append(f"{extra} only on the target")
+        if copies:
+            parts.append(f"{copies} copied twice on the target")
         if not parts:
             flagged = Counter((key, flags) for key, _, flags in source[folder])
             other = sum((flagged - Counter((key, flags) for key, _, flags in target[folder])).values())

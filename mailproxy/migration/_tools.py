@@ -35,9 +35,10 @@ Two tools copy an account's mail from its current backend to the target:
     on both sides and logs in to both as their master users
     (C{ACCOUNT<separator>MASTER} with LOGIN).  It keeps folders, flags
     and internal dates (C{CopyArrivalDate}), not UIDs; the engine copies
-    the subscriptions itself, which mbsync does not.  Its state directory
-    is kept between the bulk copy and the final delta sync, which then
-    transfers only what changed.  Its configuration (with the two master
+    the subscriptions itself, which mbsync does not.  Its state (which
+    message is which message's copy) is kept per account and pair of
+    backends, so that the final delta sync, a retry and a migration back
+    transfer only what changed.  Its configuration (with the two master
     passwords) is a private file too.
 
 Every secret given to a tool is removed from what it printed before any of
@@ -70,6 +71,7 @@ __all__ = [
     "doveadmConfiguration",
     "doveadmCommands",
     "mbsyncConfiguration",
+    "mbsyncStateName",
     "mbsyncCommand",
     "PrivateDirectory",
     "TOOLS",
@@ -347,27 +349,50 @@ def _mbsyncAccount(name: str, backend: Backend, account: str) -> list[str]:
     return lines
 
 
+def mbsyncStateName(source: Backend, target: Backend) -> str:
+    """
+    The name of the directory of mbsync's state between two backends, the
+    same whichever is the source: a migration back uses the pairs of
+    messages that the migration there recorded.
+    """
+    far, near = sorted((source.name, target.name))
+    return f"{far}+{near}"
+
+
 def mbsyncConfiguration(source: Backend, target: Backend, account: str, stateDirectory: str) -> str:
     """
     The text of the private mbsync configuration: one channel that makes
     the target's folders of C{account} a copy of the source's (new
     messages, flags and deletions go from source to target only).
 
+    mbsync's state pairs each message on one side with its copy on the
+    other, and a later run copies only what changed since; a message it
+    has not paired is copied, even when the other side holds a copy from
+    elsewhere.  So the channel has the same two sides whichever way an
+    account moves (the backend whose name sorts first is its far side),
+    and a migration back, or again after one that failed, syncs the
+    other way (C{Push} instead of C{Pull}) with the same state, in
+    C{stateDirectory} (see L{mbsyncStateName}).
+
     @raise ValueError: a backend has no master user or no IMAP port.
     """
+    if source.name <= target.name:
+        far, near, sync, changed = "source", "target", "Pull", "Near"
+    else:
+        far, near, sync, changed = "target", "source", "Push", "Far"
     lines = [
         "# Written by mailproxy for one migration; removed after it.",
         "",
         *_mbsyncAccount("source", source, account),
         *_mbsyncAccount("target", target, account),
         "Channel migrate",
-        "Far :source:",
-        "Near :target:",
+        f"Far :{far}:",
+        f"Near :{near}:",
         "Patterns *",
-        "Create Near",
-        "Remove Near",
-        "Expunge Near",
-        "Sync Pull",
+        f"Create {changed}",
+        f"Remove {changed}",
+        f"Expunge {changed}",
+        f"Sync {sync}",
         "CopyArrivalDate yes",
         f"SyncState {_mbsyncValue(stateDirectory.rstrip('/') + '/')}",
         "",

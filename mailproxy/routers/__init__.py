@@ -75,7 +75,7 @@ def _buildSQL(options: Table, backends: Mapping[str, Backend], reactor: Any) -> 
 def _buildChain(options: Table, backends: Mapping[str, Backend], reactor: Any) -> IRouter:
     from mailproxy.routers.chain import buildChain
 
-    return buildChain(options, backends, reactor, buildFromTable)
+    return buildChain(options, backends, reactor, buildFromTable, closeRouter)
 
 
 _BUILDERS: dict[str, _Builder] = {

@@ -32,7 +32,7 @@ from zope.interface import implementer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mailproxy.config import Table
+from mailproxy.config import Problems, Table
 from mailproxy.interfaces import IReloadable, IRouter
 from mailproxy.model import Backend, Rejection, Route, RouteRequest
 
@@ -114,16 +114,26 @@ def buildChain(
     backends: Mapping[str, Backend],
     reactor: Any,
     build: Callable[[Table, Mapping[str, Backend], Any], Any],
+    close: Callable[[Any], None],
 ) -> ChainRouter:
     """
     Make a L{ChainRouter} from its C{[[router.routers]]} tables.
 
     @param build: makes one router from its table (any type, with its own
         C{cache} sub-table).
+    @param close: lets a built router go (L{None} is let go too).
     @raise mailproxy.config.ConfigError: naming the key that is wrong.
     """
     options.allow("routers")
     tables = options.tables("routers")
     if not tables:
         options.fail("routers", "a chain needs at least one [[router.routers]] table")
-    return ChainRouter([build(table, backends, reactor) for table in tables])
+    # Every router is built even after one fails, so that check reports the
+    # problems of all of them in one run; those built are let go again.
+    problems = Problems()
+    built = [problems.collect(lambda: build(table, backends, reactor), None) for table in tables]
+    if problems.found:
+        for router in built:
+            close(router)
+        problems.check()
+    return ChainRouter(built)

@@ -58,7 +58,9 @@ ROAMING = "roam@example.org"
 RETURNING = "back@example.org"
 #: An account nobody migrates: its mail and route stay on old.
 STAYING = "stay@example.org"
-ACCOUNTS = [*CAMPAIGN, *KILLED, ROAMING, RETURNING, STAYING]
+#: Accounts migrated by a proxy with two worker processes.
+WORKED = [f"work{n:02d}@example.org" for n in range(4)]
+ACCOUNTS = [*CAMPAIGN, *KILLED, ROAMING, RETURNING, STAYING, *WORKED]
 PASSWORD = "campaign-secret"
 MASTER = ("proxy", "campaign-master")
 TOKEN = "campaign-token-0123456789abcdef0123456789abcdef"
@@ -202,7 +204,7 @@ class CampaignProxy:
     doveadm for both Dovecots (their configurations are on this host).
     """
 
-    def __init__(self, servers: CampaignServers, name: str, migration: str = "") -> None:
+    def __init__(self, servers: CampaignServers, name: str, migration: str = "", workers: int = 1) -> None:
         directory = fixtureDirectory(name)
         self.admin = freePort()
         self.caPath = servers.ca.caPath
@@ -218,7 +220,7 @@ class CampaignProxy:
             )
         doveadmConfig = ", ".join(f'{backend} = "{servers.dovecots[backend].configPath}"' for backend in ("old", "new"))
         self.text = (
-            '[proxy]\nhostname = "proxy.example.org"\n'
+            f'[proxy]\nhostname = "proxy.example.org"\nworkers = {workers}\n'
             "[limits]\nfailure_delay = 0.1\nshutdown_grace = 0\nbackend_timeout = 20\n"
             f'[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n'
             '[[listener]]\nprotocol = "imap"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
@@ -602,6 +604,7 @@ class CampaignTestsMixin:
 
     name = "campaign-proxy"
     migration = ""
+    workers = 1
 
     def setUp(self) -> None:
         self.servers = sharedFixture("campaign servers", __name__, CampaignServers.start)
@@ -609,7 +612,7 @@ class CampaignTestsMixin:
         self.old, self.new = self.servers.dovecots["old"], self.servers.dovecots["new"]
 
     def _startProxy(self) -> CampaignProxy:
-        proxy = CampaignProxy(self.servers, self.name, self.migration)
+        proxy = CampaignProxy(self.servers, self.name, self.migration, self.workers)
         proxy.start()
         return proxy
 
@@ -879,3 +882,36 @@ class OnLoginTests(CampaignTestsMixin, SynchronousTestCase):
         # An account nobody logs in as stays where it is.
         self.assertNotIn(STAYING, self.proxy.routes())
         self.assertEqual([e for e in self.proxy.events() if e.get("event") == "login_failed"], [])
+
+
+class WorkersCampaignTests(CampaignTestsMixin, SynchronousTestCase):
+    """
+    A campaign run by a proxy with two worker processes: the parent runs
+    it, and asks the workers which sessions each account has.
+    """
+
+    name = "campaign-workers-proxy"
+    workers = 2
+
+    def test_campaignWithSessionsInWorkers(self) -> None:
+        """
+        C{mailproxy migrate} of accounts idling in IMAP through the
+        workers: at the hold each client gets the goodbye of a move, and
+        every account ends on new with its mailbox.
+        """
+        before = {account: mailbox(self.old, account) for account in WORKED}
+        clients = {}
+        for account in WORKED:
+            client = IMAPClient(self.proxy.imap)
+            self.addCleanup(client.close)
+            self.assertEqual(client.command(f'LOGIN "{account}" "{PASSWORD}"')[-1].split()[1], b"OK")
+            client.idle()
+            clients[account] = client
+        _, body = adminRequest(self.proxy, "/sessions")
+        self.assertEqual(sorted(s["account"] for s in json.loads(body)["sessions"]), sorted(WORKED))
+        result = self.proxy.run("migrate", *WORKED, "--to", "new")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertRegex(result.stdout.splitlines()[-1], rf"^migration \w+ done: {len(WORKED)}/{len(WORKED)} accounts migrated to new; ")
+        for account, client in clients.items():
+            self.assertEqual(client.untilClosed(), [MOVED_BYE], account)
+            self.assertMigrated(account, before[account])

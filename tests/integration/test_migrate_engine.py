@@ -39,7 +39,7 @@ from .servers import Dovecot, TestCA, fixtureDirectory, requireServer, sharedFix
 
 MASTER = ("proxy", "engine-master-secret")
 WRONG_MASTER = "wrong-master-Zq8x"
-ACCOUNTS = [f"mig{n}@example.org" for n in range(13)]
+ACCOUNTS = [f"mig{n}@example.org" for n in range(14)]
 PASSWORD = "user-password-never-used"
 SIEVE_SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "report" { fileinto "Work"; }\r\n'
 
@@ -559,6 +559,39 @@ class MbsyncMigrationTests(EngineTestCase):
             self.assertIn("filters ACTIVE", self.servers.new.doveadm("sieve", "list", "-u", account).decode())
             self.assertEqual(self.route(account), "new")
             self.assertEqual(campaign.accounts[0].tool, "mbsync")
+
+        return Deferred.fromCoroutine(run())
+
+    def test_mbsyncRollback(self) -> Deferred[None]:
+        """
+        With mbsync both ways, migrating back copies only what changed on
+        new (mbsync's state of the way there pairs the messages): old
+        then equals new, each message once; and so does migrating to new
+        once more.
+        """
+        account = ACCOUNTS[13]
+        fill(self.servers.old, account)
+        manager = self.manager("mbsync")
+        tag = account.split("@")[0]
+
+        def system(found: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str]]:
+            return sorted((m[0], m[1], " ".join(f for f in m[2].split() if f.startswith("\\"))) for m in found)
+
+        async def run() -> None:
+            there = await self.finished(await manager.start([account], "new"))
+            self.assertEqual(there.state, "done", there.describe())
+            self.servers.new.deliver(account, message(f"{tag}-after@example.net", "after the move"))
+            self.servers.new.doveadm("expunge", "-u", account, "mailbox", "INBOX", "uid", "2")
+            self.servers.new.doveadm("flags", "add", "-u", account, "\\Flagged", "mailbox", "INBOX", "uid", "3")
+            for target in ("old", "new"):
+                moved = await self.finished(await manager.start([account], target))
+                self.assertEqual(moved.state, "done", moved.describe())
+                self.assertEqual(self.route(account), target)
+                self.assertEqual(system(contents(self.servers.old, account)), system(contents(self.servers.new, account)))
+                ids = [m[1] for m in contents(self.servers.old, account)]
+                self.assertEqual(len(ids), len(set(ids)), ids)
+                self.assertIn(f"<{tag}-after@example.net>", ids)
+                self.assertNotIn(f"<{tag}-inbox-1@example.net>", ids)
 
         return Deferred.fromCoroutine(run())
 

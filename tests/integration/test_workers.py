@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .servers import sharedFixture
+from .servers import requireServer, sharedFixture
 from .test_migration import (
     ACCOUNTS,
     MOVED_BYE,
@@ -37,6 +40,8 @@ from .test_migration import (
     adminRequest,
     mailproxyCommand,
 )
+
+_REPOSITORY = Path(__file__).resolve().parent.parent.parent
 
 #: connections_per_address of the proxy under test: more than the twenty
 #: idling clients, which all come from 127.0.0.1.
@@ -360,6 +365,18 @@ class WorkersTests(SynchronousTestCase):
                     time.sleep(0.05)
         self.assertEqual([(e["worker"], e["addressFailures"]) for e in failed], [(1, 1), (1, 2), (2, 3)])
         self.assertEqual({e["address"] for e in failed}, {"127.0.0.1"})
+        # The worker's number is in the text line's brackets: fail2ban's
+        # filters in examples/ find every one of these failures.
+        requireServer("fail2ban-regex")
+        text = self.proxy.log()
+        self.assertEqual(len(re.findall(r"^\S+ \[worker [12]\] authentication failed: ", text, re.MULTILINE)), 3, text[-3000:])
+        filters = _REPOSITORY / "examples" / "fail2ban" / "filter.d"
+        for log, name in ((self.proxy.proxy.logPath, "mailproxy.conf"), (self.proxy.directory / "events.jsonl", "mailproxy-json.conf")):
+            result = subprocess.run(
+                ["fail2ban-regex", "-v", str(log), str(filters / name)], capture_output=True, text=True
+            )
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn("Failregex: 3 total", result.stdout, name)
 
     def connectFrom(self, source: str) -> socket.socket:
         """

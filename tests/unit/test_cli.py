@@ -406,6 +406,25 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual([line.split(": ")[1] for line in lines[:-1]], ["router.timeout", "router.connections"], lines)
         self.assertEqual(lines[-1], f"{path}: 2 problems")
 
+    def test_everyChainedRouterProblem(self) -> None:
+        """
+        A chain's routers are all built, so one run names the problems of
+        each: a route table that is missing, then an HTTP router's wrong
+        timeout.
+        """
+        chain = (
+            '[router]\ntype = "chain"\n'
+            '[[router.routers]]\ntype = "static"\npath = "moved.toml"\n'
+            '[[router.routers]]\ntype = "http"\nurl = "http://127.0.0.1:9000/auth"\ntimeout = "x"\n'
+        )
+        path = self.write("chain.toml", MINIMAL.replace('[router]\ntype = "static"\npath = "routes.toml"\n', chain))
+        self.assertEqual(main(["check", path]), 1)
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(
+            [line.split(": ")[1] for line in lines[:-1]], ["router.routers[0].path", "router.routers[1].timeout"], lines
+        )
+        self.assertEqual(lines[-1], f"{path}: 2 problems")
+
     def test_missingSQLiteDatabase(self) -> None:
         """
         An SQLite database that does not exist fails the check (the proxy

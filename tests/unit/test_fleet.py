@@ -276,6 +276,58 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(daveClient.value(), b"")
         self.assertEqual(self.store.entries["alice@example.org"], "new")
 
+    def test_migrationDropsEverywhere(self) -> None:
+        """
+        A migration run by C{b} has C{a} drop the account's session at its
+        hold (with the moved goodbye), before the final sync, and flips the
+        shared route.
+        """
+        from mailproxy.migration import MigrationManager, MigrationSettings
+        from mailproxy.migration._manager import LOGIN_POLL
+
+        from .test_migration_manager import BACKENDS as MASTERED, OK, ScriptedClients, ScriptedTools, syncRun
+
+        alice, aliceClient, _ = self.a.harness.login("alice@example.org")
+        tools = ScriptedTools()
+        # Each tool run ends on a later turn of the reactor, as a process
+        # does; what alice's client got is noted as each run starts.
+        runs: list[Deferred[Any]] = [Deferred() for _ in range(8)]
+        tools.answers = list(runs)
+        seen: list[bytes] = []
+        tools.onRun = lambda run: seen.append(aliceClient.value())
+        manager = MigrationManager(
+            reactor=self.clock,
+            mover=self.b.proxy.mover,
+            router=self.store,
+            backends=MASTERED,
+            sessions=self.b.harness.context.sessions,
+            settings=MigrationSettings(doveadmConfig={"new": "/etc/dovecot/new.conf"}),
+            journalPath=None,
+            routerName="sql",
+            runTool=tools,
+            runBlocking=syncRun,
+            clients=ScriptedClients(),
+        )
+        campaign = self.successResultOf(manager.start(["alice@example.org"], "new"))
+        closed = False
+        for run in runs:
+            self.clock.pump([0, LOGIN_POLL])
+            if aliceClient.disconnecting and not closed:
+                # The dropped client's connection closes.
+                self.a.harness.close(alice)
+                closed = True
+                self.clock.pump([0, LOGIN_POLL])
+            if not run.called:
+                run.callback(OK)
+        self.clock.pump([0, LOGIN_POLL])
+        self.assertEqual(campaign.state, "done", campaign.describe())
+        # The bulk copy (two runs) with the session open, the final sync
+        # after its goodbye.
+        self.assertEqual(seen[:2], [b"", b""])
+        self.assertEqual(seen[2:], [b"* BYE " + MOVED.encode() + b"\r\n"] * (len(seen) - 2))
+        self.assertEqual(aliceClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
+        self.assertEqual(self.store.entries["alice@example.org"], "new")
+
     def test_staticTableMoveRefused(self) -> None:
         """
         A move in a fleet whose route table is a static file (each proxy

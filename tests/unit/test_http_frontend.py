@@ -205,6 +205,26 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(self.frontend.failures, 1)
         self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
 
+    def test_rightPasswordAfterFailureWaits(self) -> None:
+        """
+        After a failed login, the next login's request goes to the backend
+        only once a wrong password's refusal would have been answered: a
+        client that drops the connection when no answer came at once
+        learns nothing about its guess before the delay.
+        """
+        self.connect(limits=Limits(failureDelay=2.0))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong-pw") + b"\r\n\r\n")
+        self.backendSays(b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="x"\r\nContent-Length: 0\r\n\r\n')
+        self.clock.advance(2.0)
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 401 Unauthorized")
+        connections = len(self.connector.transports)
+        self.send(b"GET /inbox HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.clock.advance(1.9)
+        self.assertFalse(any(b"GET /inbox" in transport.value() for transport in self.connector.transports))
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.connector.transports), connections + 1)
+        self.assertIn(b"GET /inbox HTTP/1.1\r\n", self.connector.transports[-1].value())
+
     def test_loginCountedByResponse(self) -> None:
         """
         A routed login counts as accepted once the backend answered its

@@ -377,6 +377,26 @@ class LoginTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         sent = self.loginAndAccept()
         self.assertIn(b"AUTHENTICATE PLAIN " + b64encode(b"alice\x00proxy\x00masterpw") + b"\r\n", sent)
 
+    def test_masterRouteWithoutMasterUser(self) -> None:
+        """
+        A route that logs in as the master user of a backend that has none
+        (an operator's mistake) fails as unavailable, and the log says why.
+        """
+        from twisted.logger import formatEvent
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build(backend=makeBackend("old"), useMaster=True)
+        self.assertEqual(
+            self.send(b"a LOGIN alice secret\r\n"),
+            b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n",
+        )
+        self.assertIn(
+            "route for \"alice\" logs in as backend old's master user, and it has no master_user",
+            [formatEvent(event) for event in events],
+        )
+
     def test_loginWithoutSASLIR(self) -> None:
         """
         A backend without SASL-IR and LITERAL+ gets LOGIN with synchronizing
@@ -438,6 +458,49 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.clock.advance(2.0)
         self.assertEqual(self.client.value(), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
+
+    def test_rightPasswordAfterFailuresWaitsToo(self) -> None:
+        """
+        After failures, the right password is answered no sooner than a
+        wrong one would have been, from the start of its attempt: a client
+        that hangs up when no OK came at once learns nothing about its
+        guess before the failed-login delay.  The failures of the address
+        count, from other sessions too.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN nobody wrong\r\n")
+        self.clock.advance(1.0)
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", self.client.value())
+        self.client.clear()
+        self.send(b"b LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.clock.advance(0.99)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.01)
+        self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+        # Another session from the same address: its first attempt waits
+        # for the address's failure too.
+        second, client = self.connectAgain()
+        client.clear()
+        second.dataReceived(b"c LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.assertEqual(client.value(), b"")
+        self.clock.advance(1.0)
+        self.assertEqual(client.value(), b"c OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+    def test_rightPasswordWithoutFailuresAtOnce(self) -> None:
+        """
+        Without failures, a login is answered as soon as the backend
+        accepts it.
+        """
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"b LOGIN alice secret\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
 
     def test_unknownUserLooksLikeWrongPassword(self) -> None:
         """

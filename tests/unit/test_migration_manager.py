@@ -271,7 +271,9 @@ class StepTests(ManagerTestCase):
         self.assertEqual([run["argv"][0] for run in self.tools.runs], ["mbsync", "mbsync"])
         config = self.tools.runs[0]["config"]
         self.assertEqual(config.count('User "alice@example.org*proxy"'), 2)
-        self.assertIn("Sync Pull\n", config)
+        # From old to new: new is the channel's far side, whichever way.
+        self.assertIn("Sync Push\n", config)
+        self.assertIn(os.path.join("migrations.json.d", ".mbsync", "new+old", "alice@example.org/"), config)
         self.assertIn(("subscriptions", "old", "new", "alice@example.org"), self.clients.calls)
         self.assertIn(("sieve", "old", "new", "alice@example.org"), self.clients.calls)
         self.assertEqual(self.route("alice@example.org"), "new")
@@ -966,12 +968,12 @@ class JournalTests(ManagerTestCase):
         """
         A private tool directory a killed proxy left behind (its
         configuration holds a master password) is removed on resume;
-        mbsync's state of an account that runs again stays until its
-        campaign is over.
+        mbsync's state stays, after the campaign too (a migration back
+        uses it).
         """
         self.journalWith("copying", None)
         left = os.path.join(self.directory, "migrations.json.d", "c1", "alice@example.org.x1y2")
-        state = os.path.join(self.directory, "migrations.json.d", "c1", "alice@example.org.mbsync")
+        state = os.path.join(self.directory, "migrations.json.d", ".mbsync", "new+old", "alice@example.org")
         os.makedirs(left)
         os.makedirs(state)
         with open(os.path.join(left, "dovecot.conf"), "w") as file:
@@ -982,6 +984,37 @@ class JournalTests(ManagerTestCase):
         self.assertFalse(os.path.exists(left))
         self.assertEqual(kept[0], True)
         self.assertFalse(os.path.exists(os.path.join(self.directory, "migrations.json.d", "c1")))
+        self.assertTrue(os.path.isdir(state))
+
+    def test_moverRefusesUpFront(self) -> None:
+        """
+        A mover that can move nobody (a fleet over static route tables)
+        refuses the campaign before anything is copied or held.
+        """
+        self.mover.refusal = lambda: "the static route table is this proxy's own file"  # type: ignore[method-assign]
+        failure = self.failureResultOf(self.manager.start(["alice@example.org"], "new"), MigrationError)
+        self.assertEqual(str(failure.value), "the static route table is this proxy's own file")
+        self.assertEqual((self.manager.campaigns(), self.tools.runs), ([], []))
+        self.assertFalse(self.held("alice@example.org"))
+
+    def test_journalNotWritable(self) -> None:
+        """
+        A journal that cannot be written (its directory read-only, as the
+        configuration directory under a hardened unit) refuses the
+        campaign, naming the journal and what to set: nothing is copied,
+        and no campaign is left behind.
+        """
+        # Where no directory can be made (the tests may run as root, whom
+        # a read-only mode does not stop).
+        self.journalPath = os.path.join(self.routes, "migrations.json")
+        self.makeManager()
+        failure = self.failureResultOf(self.manager.start(["alice@example.org"], "new"), MigrationError)
+        self.assertEqual(
+            str(failure.value),
+            f"cannot write the migration journal {self.journalPath}: Not a directory;"
+            " set [migration] journal to a writable place",
+        )
+        self.assertEqual((self.manager.campaigns(), self.tools.runs), ([], []))
 
     def test_journalIsPrivateAndAtomic(self) -> None:
         """

@@ -85,8 +85,11 @@ class ConfigurationTests(SynchronousTestCase):
     def test_mbsyncConfiguration(self) -> None:
         """
         mbsync's file logs in to each side as ACCOUNT<separator>MASTER with
-        that side's password (quoted), in that side's TLS mode, and pulls
-        from source to target with arrival dates and a state directory.
+        that side's password (quoted), in that side's TLS mode, and copies
+        from source to target with arrival dates and a state directory;
+        the channel's sides are the same whichever way the account moves
+        (the name that sorts first is far), so that one state serves both
+        ways.
         """
         text = _tools.mbsyncConfiguration(
             backend("old", ports={"imap": 993}, tls="implicit"),
@@ -96,9 +99,14 @@ class ConfigurationTests(SynchronousTestCase):
         )
         self.assertIn('User "alice@example.org*proxy"\nPass "pa\\"ss\\\\w%rd"\nSSLType IMAPS\n', text)
         self.assertIn('User "alice@example.org%proxy"\nPass "other"\nSSLType None\n', text)
-        self.assertIn("Far :source:\nNear :target:\n", text)
-        self.assertIn("Sync Pull\nCopyArrivalDate yes\n", text)
+        self.assertIn("Far :target:\nNear :source:\n", text)
+        self.assertIn("Create Far\nRemove Far\nExpunge Far\nSync Push\nCopyArrivalDate yes\n", text)
         self.assertIn('SyncState "/var/lib/state/"\n', text)
+        back = _tools.mbsyncConfiguration(backend("new"), backend("old"), "alice@example.org", "/var/lib/state")
+        self.assertIn("Far :source:\nNear :target:\n", back)
+        self.assertIn("Create Near\nRemove Near\nExpunge Near\nSync Pull\n", back)
+        self.assertEqual(_tools.mbsyncStateName(backend("old"), backend("new")), "new+old")
+        self.assertEqual(_tools.mbsyncStateName(backend("new"), backend("old")), "new+old")
 
     def test_commandWithWrapper(self) -> None:
         """
@@ -253,18 +261,20 @@ class CompareTests(SynchronousTestCase):
     def test_differences(self) -> None:
         """
         Each differing folder is named with what differs and the counts:
-        a folder missing, one only on the target, messages missing or
-        extra (a duplicate counts), and other flags.
+        a folder missing, one only on the target, messages missing, only
+        on the target or copied twice there, and other flags.
         """
         source = {
             "INBOX": [("id:<a>", 1, ""), ("id:<b>", 1, "")],
             "Gone": [("id:<c>", 1, "")],
             "Work/Sub": [("id:<d>", 1, "")],
             "Flags": [("id:<e>", 1, "\\seen")],
+            "Twice": [("id:<f>", 1, "")],
         }
         target = {
             "INBOX": [("id:<a>", 1, ""), ("id:<a>", 1, "")],
             "Extra": [],
+            "Twice": [("id:<f>", 1, ""), ("id:<f>", 1, ""), ("id:<g>", 1, "")],
             "Work/Sub": [("id:<d>", 1, "")],
             "Flags": [("id:<e>", 1, "")],
         }
@@ -274,7 +284,8 @@ class CompareTests(SynchronousTestCase):
                 "folder 'Extra': only on the target (0 messages)",
                 "folder 'Flags': 1 with other flags on the target (source 1, target 1 messages)",
                 "folder 'Gone': missing on the target (1 messages)",
-                "folder 'INBOX': 1 missing on the target, 1 only on the target (source 2, target 2 messages)",
+                "folder 'INBOX': 1 missing on the target, 1 copied twice on the target (source 2, target 2 messages)",
+                "folder 'Twice': 1 only on the target, 1 copied twice on the target (source 1, target 3 messages)",
             ],
         )
 

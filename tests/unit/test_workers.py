@@ -1207,6 +1207,55 @@ class MigrationsInParentTests(SynchronousTestCase):
         self.asked[1][2].callback([(self.one, []), (self.two, [])])
         self.assertEqual(sessions.find(account="a@example.org"), [])
 
+    def test_sessionsDescribed(self) -> None:
+        """
+        The migration engine reads a session's state and id from its
+        description: a worker's session gives what its worker said; the
+        stand-in before the answer is a login that may be under way.
+        """
+        sessions = self.machine.migrations.sessions
+        (unknown,) = sessions.find(account="a@example.org")
+        self.assertEqual((unknown.describe()["state"], unknown.describe()["session"]), ("login", None))
+        described = {"account": "a@example.org", "backend": "old", "session": "s1", "state": "relay", "worker": 1}
+        self.asked[0][2].callback([(self.one, [described])])
+        (session,) = sessions.find(account="a@example.org")
+        self.assertEqual(session.describe(), described)
+
+    def test_heldSessions(self) -> None:
+        """
+        The sessions whose logins wait at a hold are those the workers
+        last named, asked afresh at each look; an answer asked before a
+        hold was released is not kept (its logins have gone on since).
+        """
+        gate = self.machine.gate
+        release = gate.hold(["a@example.org"], [])
+        self.assertEqual(gate.heldSessions(), frozenset())
+        gate.heldSessions()
+        self.assertEqual([method for method, _, _ in self.asked], ["held"])
+        self.asked[0][2].callback([(self.one, ["s1"]), (self.two, ["s2"])])
+        self.assertEqual(gate.heldSessions(), frozenset({"s1", "s2"}))
+        release()
+        self.assertEqual(gate.heldSessions(), frozenset())
+        self.asked[1][2].callback([(self.one, ["s1"])])
+        self.assertEqual(gate.heldSessions(), frozenset())
+
+    def test_workerNamesHeldSessions(self) -> None:
+        """
+        A worker answers the parent's C{held} with the sessions whose
+        logins wait at its gate.
+        """
+        from types import SimpleNamespace
+
+        from mailproxy._migrate import LoginHold
+        from mailproxy.model import Credentials
+
+        gate = LoginHold()
+        gate.hold(["a@example.org"], [])
+        request = SimpleNamespace(credentials=Credentials(mechanism="LOGIN", user="A@example.org", password=b"secret"), client=SimpleNamespace(sessionId="s7"))
+        self.assertIsNotNone(gate.wait(request))
+        side = _workers._WorkerSide(Clock(), 1, SimpleNamespace(context=SimpleNamespace(gate=gate)), None)  # type: ignore[arg-type]
+        self.assertEqual(side.handlers()["held"](None), ["s7"])
+
     def test_migrationsCounted(self) -> None:
         """
         C{/stats} has the migrations the parent ran beside the workers'
