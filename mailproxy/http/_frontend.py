@@ -68,13 +68,20 @@ from ._cookie import readCookie, signCookie
 __all__ = ["HTTPFrontend"]
 
 #: Request header fields the proxy never passes on: the client's claims of
-#: who it is (only the proxy says that), the proxy's own credentials, and
-#: the hop-by-hop fields of RFC 9110 section 7.6.1 (the framing is the
-#: proxy's own towards the backend).
+#: who it is (only the proxy says that; C{X-Client-IP}, C{Client-IP},
+#: C{True-Client-IP} and C{X-Cluster-Client-IP} are the ones other proxies
+#: and CDNs set, which "real IP" code in web applications reads), the
+#: proxy's own credentials, and the hop-by-hop fields of RFC 9110 section
+#: 7.6.1 (the framing is the proxy's own towards the backend).  Names as
+#: L{_fieldName} gives them.
 _REMOVED = frozenset(
     {
         b"forwarded",
         b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
         b"authorize-as",
         b"proxy-authorization",
         b"proxy-connection",
@@ -102,6 +109,17 @@ RETRY_AFTER = 5
 #: Body octets read from the client before its backend is ready, past which
 #: reading pauses (one read's worth arrives with the headers).
 _PENDING_LIMIT = 65536
+
+
+def _fieldName(name: bytes) -> bytes:
+    """
+    A request field's name as the backend may read it: in lower case, with
+    C{_} as C{-}.  CGI and WSGI servers (and PHP's C{$_SERVER}) turn both
+    into C{_} (C{X_Forwarded_For} and C{X-Forwarded-For} are both
+    C{HTTP_X_FORWARDED_FOR}), so a field the proxy removes or sets itself
+    is removed in every such spelling, as nginx and Apache drop them.
+    """
+    return name.lower().replace(b"_", b"-")
 
 
 def _quoted(text: str) -> str:
@@ -855,12 +873,14 @@ class HTTPFrontend(FrontendProtocol):
         # Host never is (RFC 9110, section 7.6.1 forbids naming an
         # end-to-end field): a client that names it keeps its Host.
         named = {
-            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
+            _fieldName(token.strip())
+            for value in headers.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
         } - {b"host"}
         lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
         host = None
         for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
+            lower = _fieldName(name)
             if lower in _REMOVED or lower.startswith(b"x-forwarded-") or lower in named:
                 continue
             if authorization and lower == b"authorization":

@@ -580,6 +580,31 @@ class ForwardingTests(HTTPFrontendTestCase):
         self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
         self.assertNotIn(b"x-real-ip", fields)
 
+    def test_underscoreSpellingsRemoved(self) -> None:
+        """
+        A field the proxy removes or sets, spelled with underscores, is
+        removed too (a CGI or WSGI backend reads C{X_Forwarded_For} as
+        C{HTTP_X_FORWARDED_FOR}), as are the client-IP fields other proxies
+        set; a field that collides with none of them passes.
+        """
+        self.connect()
+        self.send(
+            b"GET / HTTP/1.1\r\nHost: mail.example\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
+            b"X-Real_IP: 6.6.6.6\r\nx_forwarded_host: evil\r\nFORWARDED: for=6.6.6.6\r\nAuthorize_As: bob\r\n"
+            b"X-Client-IP: 6.6.6.6\r\nClient_IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\n"
+            b"X-Cluster-Client-IP: 6.6.6.6\r\nContent_Length: 7\r\nTransfer_Encoding: chunked\r\n"
+            b"Connection: x_hop\r\nX-Hop: 1\r\nMy_Field: kept\r\n\r\n"
+        )
+        sent = self.backendGot()
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"evil", sent)
+        fields = head(sent)[1]
+        self.assertEqual(fields[b"x-forwarded-for"], [b"192.0.2.10"])
+        self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
+        self.assertEqual(fields[b"my_field"], [b"kept"])
+        spelled = {name.replace(b"_", b"-") for name in fields}
+        self.assertFalse(spelled & {b"x-real-ip", b"authorize-as", b"content-length", b"transfer-encoding", b"x-hop"})
+
     def test_connectionNamesHost(self) -> None:
         """
         A field the client names in Connection is not passed on, but Host
