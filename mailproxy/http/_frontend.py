@@ -122,6 +122,20 @@ def _fieldName(name: bytes) -> bytes:
     return name.lower().replace(b"_", b"-")
 
 
+def _connectionOptions(request: Request) -> set[bytes]:
+    """
+    The options of every C{Connection} field of C{request}, in lower case
+    (RFC 9110 section 7.6.1: a comma-separated list, in any number of
+    fields).  Separated by spaces too: such a list is not one, and naming
+    C{close} anywhere in it must still close.
+    """
+    return {
+        option.lower()
+        for value in request.requestHeaders.getRawHeaders(b"connection", [])
+        for option in value.replace(b",", b" ").split()
+    }
+
+
 def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -297,6 +311,17 @@ class _Channel(HTTPChannel):
             request.requestHeaders.removeHeader(b"expect")
             request.expectContinue = expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1"
         super().allHeadersReceived()
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        # HTTPChannel reads only the first Connection field and splits it
+        # on spaces: "close, te" or a second "Connection: close" kept the
+        # connection open, where RFC 9112 section 9.6 says it must close
+        # after the response.
+        if version == b"HTTP/1.1" and b"close" not in _connectionOptions(request):
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        return False
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.frontend.refuse(400, b"Bad Request", "bad request")
@@ -528,9 +553,9 @@ class HTTPFrontend(FrontendProtocol):
         # Only a WebSocket is relayed after a 101 (RFC 8887's JMAP push);
         # other upgrades (h2c) are not passed on, so the backend answers
         # in HTTP/1.1 and the next request is routed again.
-        request.upgrade = b"upgrade" in [
-            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
-        ] and [value.strip().lower() for value in headers.getRawHeaders(b"upgrade", [])] == [b"websocket"]
+        request.upgrade = b"upgrade" in _connectionOptions(request) and [
+            value.strip().lower() for value in headers.getRawHeaders(b"upgrade", [])
+        ] == [b"websocket"]
         # A body that stops coming, like a response that does, ends the
         # connection after the idle timeout.
         self._streamTimer.start(self.limits.idleTimeout)
@@ -872,11 +897,7 @@ class HTTPFrontend(FrontendProtocol):
         # Fields the client names in Connection are for this hop only;
         # Host never is (RFC 9110, section 7.6.1 forbids naming an
         # end-to-end field): a client that names it keeps its Host.
-        named = {
-            _fieldName(token.strip())
-            for value in headers.getRawHeaders(b"connection", [])
-            for token in value.split(b",")
-        } - {b"host"}
+        named = {_fieldName(option) for option in _connectionOptions(request)} - {b"host"}
         lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
         host = None
         for name, values in headers.getAllRawHeaders():

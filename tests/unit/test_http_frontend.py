@@ -1231,6 +1231,30 @@ class ExchangeTests(HTTPFrontendTestCase):
         self.assertTrue(answer.endswith(b"\r\n\r\nabc"))
         self.assertTrue(self.client.disconnecting)
 
+    def test_connectionClose(self) -> None:
+        """
+        A client's C{Connection: close} closes its connection after the
+        response however it is written: among other options, in any order,
+        or in a second field (RFC 9112 section 9.6); without it the
+        connection stays open.
+        """
+        for fields in (
+            b"Connection: close,foo\r\n",
+            b"Connection: close, te\r\n",
+            b"Connection: te,close\r\n",
+            b"Connection: te\r\nConnection: Close\r\n",
+        ):
+            self.connect()
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n")
+            answer = self.backendSays(OK)
+            self.assertTrue(answer.endswith(b"hello"), fields)
+            self.assertEqual(head(answer)[1][b"connection"], [b"close"], fields)
+            self.assertTrue(self.client.disconnecting, fields)
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: te, closed\r\n\r\n")
+        self.assertNotIn(b"connection", head(self.backendSays(OK))[1])
+        self.assertFalse(self.client.disconnecting)
+
     def test_backendClosesAfter(self) -> None:
         """
         A backend that says Connection: close gets a new connection for
