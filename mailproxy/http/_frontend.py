@@ -111,6 +111,19 @@ RETRY_AFTER = 5
 _PENDING_LIMIT = 65536
 
 
+def _headProblem(request: Request) -> str | None:
+    """
+    Why the proxy refuses C{request}'s head with C{400}, if it does, after
+    RFC 9112: a transfer coding in HTTP/1.0 (section 6.1: its framing
+    cannot be trusted).
+    """
+    headers = request.requestHeaders
+    version = request.clientproto
+    if version != b"HTTP/1.1" and headers.hasHeader(b"transfer-encoding"):
+        return "Transfer-Encoding in an HTTP/1.0 request"
+    return None
+
+
 def _fieldName(name: bytes) -> bytes:
     """
     A request field's name as the backend may read it: in lower case, with
@@ -303,6 +316,12 @@ class _Channel(HTTPChannel):
         request = cast(_ProxyRequest, self.requests[-1])
         # Known to the request only once its body is in; needed now.
         request.method, request.uri, request.clientproto = self._command, self._path, self._version
+        problem = _headProblem(request)
+        if problem is not None:
+            # Never started: the channel's call to complete it finds no
+            # current request.
+            self.frontend.refuse(400, b"Bad Request", problem)
+            return
         request.path = request.uri.split(b"?", 1)[0]
         # The proxy says 100 Continue itself, once the backend has the
         # request (HTTPChannel would say it at once, even before a refusal).

@@ -965,6 +965,22 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.assertTrue(self.client.disconnecting)
         self.assertTrue(self.connector.transports[0].disconnecting)
 
+    def test_chunkedHTTP10(self) -> None:
+        """
+        A transfer coding in an HTTP/1.0 request (RFC 9112 section 6.1:
+        its framing is faulty) gets 400 and a close; its body is not taken
+        for a next request.
+        """
+        self.connect()
+        answer = self.send(
+            b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1a\r\nGET /smuggled HTTP/1.1\r\n\r\n\r\n0\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer)
+        self.assertEqual(answer.count(b"HTTP/1.1"), 1)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.connector.protocols, [])
+
     def test_slowHead(self) -> None:
         """
         A head that does not complete within header_timeout gets 408 and
