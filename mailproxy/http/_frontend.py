@@ -42,6 +42,7 @@ import base64
 import binascii
 import hmac
 import os
+import re
 import weakref
 from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
@@ -111,16 +112,59 @@ RETRY_AFTER = 5
 _PENDING_LIMIT = 65536
 
 
+#: A Host field's value, or the authority of an absolute-form request
+#: target (RFC 9110 section 7.2, RFC 3986 section 3.2.2): a bracketed IP
+#: literal or a name (an IPv4 address is one), then an optional port.  Not
+#: empty, and no user information.
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(:[0-9]*)?\Z")
+
+#: The scheme and authority of an absolute-form request target.
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
+
+
 def _headProblem(request: Request) -> str | None:
     """
     Why the proxy refuses C{request}'s head with C{400}, if it does, after
-    RFC 9112: a transfer coding in HTTP/1.0 (section 6.1: its framing
-    cannot be trusted).
+    RFC 9112: no Host in HTTP/1.1, several, or an invalid one (section 3.2:
+    the backend and the forwarding headers would get a host of the
+    client's making); a request target in none of the forms a server
+    takes; a transfer coding in HTTP/1.0 (section 6.1: its framing cannot
+    be trusted).
+
+    An absolute-form target is made origin-form, its authority the Host
+    (section 3.2.2: the target's authority wins), so that the target and
+    the Host the backend gets never disagree.
     """
     headers = request.requestHeaders
     version = request.clientproto
     if version != b"HTTP/1.1" and headers.hasHeader(b"transfer-encoding"):
         return "Transfer-Encoding in an HTTP/1.0 request"
+    hosts = headers.getRawHeaders(b"host")
+    if hosts is None:
+        # HTTP/1.0 has Host optional: the backend gets its own address.
+        if version == b"HTTP/1.1":
+            return "no Host"
+    elif len(hosts) > 1:
+        return "several Host fields"
+    elif _HOST.match(hosts[0]) is None:
+        return "invalid Host"
+    target = request.uri
+    absolute = _ABSOLUTE.match(target)
+    if absolute is not None:
+        scheme, authority = absolute.groups()
+        if scheme.lower() not in (b"http", b"https") or _HOST.match(authority) is None:
+            return "invalid request target"
+        rest = target[absolute.end() :]
+        if not rest.startswith(b"/"):
+            # An empty path: "*" for OPTIONS without a query, else "/"
+            # (RFC 9112 section 3.2.4).
+            rest = b"*" if request.method == b"OPTIONS" and not rest else b"/" + rest
+        request.uri = rest
+        headers.setRawHeaders(b"Host", [authority])
+    elif not target.startswith(b"/") and not (target == b"*" and request.method == b"OPTIONS"):
+        # The authority form is CONNECT's, for a tunnel the proxy does not
+        # make; anything else is no target at all.
+        return "invalid request target"
     return None
 
 

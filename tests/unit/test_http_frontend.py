@@ -605,6 +605,42 @@ class ForwardingTests(HTTPFrontendTestCase):
         spelled = {name.replace(b"_", b"-") for name in fields}
         self.assertFalse(spelled & {b"x-real-ip", b"authorize-as", b"content-length", b"transfer-encoding", b"x-hop"})
 
+    def test_absoluteForm(self) -> None:
+        """
+        An absolute-form target goes to the backend in origin form, its
+        authority the Host whatever Host the client sent (RFC 9112 section
+        3.2.2): the target, the Host and the forwarding headers never
+        disagree.
+        """
+        self.connect()
+        self.send(b"GET http://evil.example/login?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        top, fields = head(self.backendGot())
+        self.assertEqual(top, b"GET /login?x=1 HTTP/1.1")
+        self.assertEqual(fields[b"host"], [b"evil.example"])
+        self.assertEqual(fields[b"x-forwarded-host"], [b"evil.example"])
+        self.assertIn(b'host="evil.example"', fields[b"forwarded"][0])
+        for target, sent in (
+            (b"HTTPS://mail.example:8443?q", b"GET /?q"),
+            (b"http://mail.example", b"GET /"),
+        ):
+            self.connect()
+            self.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            top, fields = head(self.backendGot())
+            self.assertEqual(top, sent + b" HTTP/1.1")
+            self.assertEqual(fields[b"host"], [target.split(b"//")[1].split(b"?")[0]])
+        self.connect()
+        self.send(b"OPTIONS http://mail.example HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        self.assertEqual(head(self.backendGot())[0], b"OPTIONS * HTTP/1.1")
+
+    def test_absoluteFormPinned(self) -> None:
+        """
+        A pin applies to the path of an absolute-form target.
+        """
+        self.connect(pins=[("/login", "new")])
+        self.send(b"GET http://mail.example//login HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+        self.assertEqual(head(self.backendGot())[0], b"GET //login HTTP/1.1")
+
     def test_connectionNamesHost(self) -> None:
         """
         A field the client names in Connection is not passed on, but Host
@@ -964,6 +1000,42 @@ class HostileInputTests(HTTPFrontendTestCase):
                          b"Connection: close\r\n\r\nBad Request\r\n")
         self.assertTrue(self.client.disconnecting)
         self.assertTrue(self.connector.transports[0].disconnecting)
+
+    def test_badHost(self) -> None:
+        """
+        An HTTP/1.1 request without Host, any request with two Host fields
+        or a Host that is no host name (RFC 9112 section 3.2), and a target
+        in none of the forms a server takes get 400 and a close; no backend
+        is asked.
+        """
+        for data in (
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: user@h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h:x\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a b/c\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET http://user@h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http:///x HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET ftp://h/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",
+        ):
+            self.connect()
+            answer = self.send(data + b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data)
+            self.assertEqual(answer.count(b"HTTP/1.1"), 1, data)
+            self.assertTrue(self.client.disconnecting, data)
+            self.assertEqual(self.connector.protocols, [], data)
+            self.assertEqual(self.frontend.requests, 0, data)
+        for host in (b"mail.example", b"mail.example:8443", b"192.0.2.1", b"[2001:db8::1]:443", b"xn--bcher-kva.example"):
+            self.connect()
+            self.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual(head(self.backendGot())[1][b"host"], [host])
 
     def test_chunkedHTTP10(self) -> None:
         """
