@@ -70,11 +70,11 @@ __all__ = ["HTTPFrontend"]
 
 #: Request header fields the proxy never passes on: the client's claims of
 #: who it is (only the proxy says that; C{X-Client-IP}, C{Client-IP},
-#: C{True-Client-IP} and C{X-Cluster-Client-IP} are the ones other proxies
-#: and CDNs set, which "real IP" code in web applications reads), the
-#: proxy's own credentials, and the hop-by-hop fields of RFC 9110 section
-#: 7.6.1 (the framing is the proxy's own towards the backend).  Names as
-#: L{_fieldName} gives them.
+#: C{True-Client-IP}, C{X-Cluster-Client-IP}, C{X-Forwarded} and
+#: C{Forwarded-For} are the ones other proxies and CDNs set, which "real
+#: IP" code in web applications reads), the proxy's own credentials, and
+#: the hop-by-hop fields of RFC 9110 section 7.6.1 (the framing is the
+#: proxy's own towards the backend).  Names as L{_fieldName} gives them.
 _REMOVED = frozenset(
     {
         b"forwarded",
@@ -83,6 +83,8 @@ _REMOVED = frozenset(
         b"client-ip",
         b"true-client-ip",
         b"x-cluster-client-ip",
+        b"x-forwarded",
+        b"forwarded-for",
         b"authorize-as",
         b"proxy-authorization",
         b"proxy-connection",

@@ -592,7 +592,8 @@ class ForwardingTests(HTTPFrontendTestCase):
             b"GET / HTTP/1.1\r\nHost: mail.example\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
             b"X-Real_IP: 6.6.6.6\r\nx_forwarded_host: evil\r\nFORWARDED: for=6.6.6.6\r\nAuthorize_As: bob\r\n"
             b"X-Client-IP: 6.6.6.6\r\nClient_IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\n"
-            b"X-Cluster-Client-IP: 6.6.6.6\r\nContent_Length: 7\r\nTransfer_Encoding: chunked\r\n"
+            b"X-Cluster-Client-IP: 6.6.6.6\r\nX-Forwarded: for=6.6.6.6\r\nForwarded_For: 6.6.6.6\r\n"
+            b"Content_Length: 7\r\nTransfer_Encoding: chunked\r\n"
             b"Connection: x_hop\r\nX-Hop: 1\r\nMy_Field: kept\r\n\r\n"
         )
         sent = self.backendGot()
