@@ -42,6 +42,7 @@ import base64
 import binascii
 import hmac
 import os
+import re
 import weakref
 from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
@@ -68,13 +69,22 @@ from ._cookie import readCookie, signCookie
 __all__ = ["HTTPFrontend"]
 
 #: Request header fields the proxy never passes on: the client's claims of
-#: who it is (only the proxy says that), the proxy's own credentials, and
+#: who it is (only the proxy says that; C{X-Client-IP}, C{Client-IP},
+#: C{True-Client-IP}, C{X-Cluster-Client-IP}, C{X-Forwarded} and
+#: C{Forwarded-For} are the ones other proxies and CDNs set, which "real
+#: IP" code in web applications reads), the proxy's own credentials, and
 #: the hop-by-hop fields of RFC 9110 section 7.6.1 (the framing is the
-#: proxy's own towards the backend).
+#: proxy's own towards the backend).  Names as L{_fieldName} gives them.
 _REMOVED = frozenset(
     {
         b"forwarded",
         b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"x-forwarded",
+        b"forwarded-for",
         b"authorize-as",
         b"proxy-authorization",
         b"proxy-connection",
@@ -102,6 +112,87 @@ RETRY_AFTER = 5
 #: Body octets read from the client before its backend is ready, past which
 #: reading pauses (one read's worth arrives with the headers).
 _PENDING_LIMIT = 65536
+
+
+#: A Host field's value, or the authority of an absolute-form request
+#: target (RFC 9110 section 7.2, RFC 3986 section 3.2.2): a bracketed IP
+#: literal or a name (an IPv4 address is one), then an optional port.  Not
+#: empty, and no user information.
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(:[0-9]*)?\Z")
+
+#: The scheme and authority of an absolute-form request target.
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
+
+
+def _headProblem(request: Request) -> str | None:
+    """
+    Why the proxy refuses C{request}'s head with C{400}, if it does, after
+    RFC 9112: no Host in HTTP/1.1, several, or an invalid one (section 3.2:
+    the backend and the forwarding headers would get a host of the
+    client's making); a request target in none of the forms a server
+    takes; a transfer coding in HTTP/1.0 (section 6.1: its framing cannot
+    be trusted).
+
+    An absolute-form target is made origin-form, its authority the Host
+    (section 3.2.2: the target's authority wins), so that the target and
+    the Host the backend gets never disagree.
+    """
+    headers = request.requestHeaders
+    version = request.clientproto
+    if version != b"HTTP/1.1" and headers.hasHeader(b"transfer-encoding"):
+        return "Transfer-Encoding in an HTTP/1.0 request"
+    hosts = headers.getRawHeaders(b"host")
+    if hosts is None:
+        # HTTP/1.0 has Host optional: the backend gets its own address.
+        if version == b"HTTP/1.1":
+            return "no Host"
+    elif len(hosts) > 1:
+        return "several Host fields"
+    elif _HOST.match(hosts[0]) is None:
+        return "invalid Host"
+    target = request.uri
+    absolute = _ABSOLUTE.match(target)
+    if absolute is not None:
+        scheme, authority = absolute.groups()
+        if scheme.lower() not in (b"http", b"https") or _HOST.match(authority) is None:
+            return "invalid request target"
+        rest = target[absolute.end() :]
+        if not rest.startswith(b"/"):
+            # An empty path: "*" for OPTIONS without a query, else "/"
+            # (RFC 9112 section 3.2.4).
+            rest = b"*" if request.method == b"OPTIONS" and not rest else b"/" + rest
+        request.uri = rest
+        headers.setRawHeaders(b"Host", [authority])
+    elif not target.startswith(b"/") and not (target == b"*" and request.method == b"OPTIONS"):
+        # The authority form is CONNECT's, for a tunnel the proxy does not
+        # make; anything else is no target at all.
+        return "invalid request target"
+    return None
+
+
+def _fieldName(name: bytes) -> bytes:
+    """
+    A request field's name as the backend may read it: in lower case, with
+    C{_} as C{-}.  CGI and WSGI servers (and PHP's C{$_SERVER}) turn both
+    into C{_} (C{X_Forwarded_For} and C{X-Forwarded-For} are both
+    C{HTTP_X_FORWARDED_FOR}), so a field the proxy removes or sets itself
+    is removed in every such spelling, as nginx and Apache drop them.
+    """
+    return name.lower().replace(b"_", b"-")
+
+
+def _connectionOptions(request: Request) -> set[bytes]:
+    """
+    The options of every C{Connection} field of C{request}, in lower case
+    (RFC 9110 section 7.6.1: a comma-separated list, in any number of
+    fields).  Separated by spaces too: such a list is not one, and naming
+    C{close} anywhere in it must still close.
+    """
+    return {
+        option.lower()
+        for value in request.requestHeaders.getRawHeaders(b"connection", [])
+        for option in value.replace(b",", b" ").split()
+    }
 
 
 def _quoted(text: str) -> str:
@@ -271,6 +362,12 @@ class _Channel(HTTPChannel):
         request = cast(_ProxyRequest, self.requests[-1])
         # Known to the request only once its body is in; needed now.
         request.method, request.uri, request.clientproto = self._command, self._path, self._version
+        problem = _headProblem(request)
+        if problem is not None:
+            # Never started: the channel's call to complete it finds no
+            # current request.
+            self.frontend.refuse(400, b"Bad Request", problem)
+            return
         request.path = request.uri.split(b"?", 1)[0]
         # The proxy says 100 Continue itself, once the backend has the
         # request (HTTPChannel would say it at once, even before a refusal).
@@ -279,6 +376,17 @@ class _Channel(HTTPChannel):
             request.requestHeaders.removeHeader(b"expect")
             request.expectContinue = expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1"
         super().allHeadersReceived()
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        # HTTPChannel reads only the first Connection field and splits it
+        # on spaces: "close, te" or a second "Connection: close" kept the
+        # connection open, where RFC 9112 section 9.6 says it must close
+        # after the response.
+        if version == b"HTTP/1.1" and b"close" not in _connectionOptions(request):
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        return False
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.frontend.refuse(400, b"Bad Request", "bad request")
@@ -510,9 +618,9 @@ class HTTPFrontend(FrontendProtocol):
         # Only a WebSocket is relayed after a 101 (RFC 8887's JMAP push);
         # other upgrades (h2c) are not passed on, so the backend answers
         # in HTTP/1.1 and the next request is routed again.
-        request.upgrade = b"upgrade" in [
-            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
-        ] and [value.strip().lower() for value in headers.getRawHeaders(b"upgrade", [])] == [b"websocket"]
+        request.upgrade = b"upgrade" in _connectionOptions(request) and [
+            value.strip().lower() for value in headers.getRawHeaders(b"upgrade", [])
+        ] == [b"websocket"]
         # A body that stops coming, like a response that does, ends the
         # connection after the idle timeout.
         self._streamTimer.start(self.limits.idleTimeout)
@@ -854,13 +962,11 @@ class HTTPFrontend(FrontendProtocol):
         # Fields the client names in Connection are for this hop only;
         # Host never is (RFC 9110, section 7.6.1 forbids naming an
         # end-to-end field): a client that names it keeps its Host.
-        named = {
-            token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")
-        } - {b"host"}
+        named = {_fieldName(option) for option in _connectionOptions(request)} - {b"host"}
         lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
         host = None
         for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
+            lower = _fieldName(name)
             if lower in _REMOVED or lower.startswith(b"x-forwarded-") or lower in named:
                 continue
             if authorization and lower == b"authorization":

@@ -600,6 +600,68 @@ class ForwardingTests(HTTPFrontendTestCase):
         self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
         self.assertNotIn(b"x-real-ip", fields)
 
+    def test_underscoreSpellingsRemoved(self) -> None:
+        """
+        A field the proxy removes or sets, spelled with underscores, is
+        removed too (a CGI or WSGI backend reads C{X_Forwarded_For} as
+        C{HTTP_X_FORWARDED_FOR}), as are the client-IP fields other proxies
+        set; a field that collides with none of them passes.
+        """
+        self.connect()
+        self.send(
+            b"GET / HTTP/1.1\r\nHost: mail.example\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
+            b"X-Real_IP: 6.6.6.6\r\nx_forwarded_host: evil\r\nFORWARDED: for=6.6.6.6\r\nAuthorize_As: bob\r\n"
+            b"X-Client-IP: 6.6.6.6\r\nClient_IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\n"
+            b"X-Cluster-Client-IP: 6.6.6.6\r\nX-Forwarded: for=6.6.6.6\r\nForwarded_For: 6.6.6.6\r\n"
+            b"Content_Length: 7\r\nTransfer_Encoding: chunked\r\n"
+            b"Connection: x_hop\r\nX-Hop: 1\r\nMy_Field: kept\r\n\r\n"
+        )
+        sent = self.backendGot()
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"evil", sent)
+        fields = head(sent)[1]
+        self.assertEqual(fields[b"x-forwarded-for"], [b"192.0.2.10"])
+        self.assertEqual(fields[b"x-forwarded-host"], [b"mail.example"])
+        self.assertEqual(fields[b"my_field"], [b"kept"])
+        spelled = {name.replace(b"_", b"-") for name in fields}
+        self.assertFalse(spelled & {b"x-real-ip", b"authorize-as", b"content-length", b"transfer-encoding", b"x-hop"})
+
+    def test_absoluteForm(self) -> None:
+        """
+        An absolute-form target goes to the backend in origin form, its
+        authority the Host whatever Host the client sent (RFC 9112 section
+        3.2.2): the target, the Host and the forwarding headers never
+        disagree.
+        """
+        self.connect()
+        self.send(b"GET http://evil.example/login?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        top, fields = head(self.backendGot())
+        self.assertEqual(top, b"GET /login?x=1 HTTP/1.1")
+        self.assertEqual(fields[b"host"], [b"evil.example"])
+        self.assertEqual(fields[b"x-forwarded-host"], [b"evil.example"])
+        self.assertIn(b'host="evil.example"', fields[b"forwarded"][0])
+        for target, sent in (
+            (b"HTTPS://mail.example:8443?q", b"GET /?q"),
+            (b"http://mail.example", b"GET /"),
+        ):
+            self.connect()
+            self.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            top, fields = head(self.backendGot())
+            self.assertEqual(top, sent + b" HTTP/1.1")
+            self.assertEqual(fields[b"host"], [target.split(b"//")[1].split(b"?")[0]])
+        self.connect()
+        self.send(b"OPTIONS http://mail.example HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        self.assertEqual(head(self.backendGot())[0], b"OPTIONS * HTTP/1.1")
+
+    def test_absoluteFormPinned(self) -> None:
+        """
+        A pin applies to the path of an absolute-form target.
+        """
+        self.connect(pins=[("/login", "new")])
+        self.send(b"GET http://mail.example//login HTTP/1.1\r\nHost: mail.example\r\n\r\n")
+        self.assertEqual(self.connector.protocols[0].job.backend.name, "new")
+        self.assertEqual(head(self.backendGot())[0], b"GET //login HTTP/1.1")
+
     def test_connectionNamesHost(self) -> None:
         """
         A field the client names in Connection is not passed on, but Host
@@ -960,6 +1022,58 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.assertTrue(self.client.disconnecting)
         self.assertTrue(self.connector.transports[0].disconnecting)
 
+    def test_badHost(self) -> None:
+        """
+        An HTTP/1.1 request without Host, any request with two Host fields
+        or a Host that is no host name (RFC 9112 section 3.2), and a target
+        in none of the forms a server takes get 400 and a close; no backend
+        is asked.
+        """
+        for data in (
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: user@h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h:x\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a b/c\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET http://user@h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http:///x HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET ftp://h/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",
+        ):
+            self.connect()
+            answer = self.send(data + b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data)
+            self.assertEqual(answer.count(b"HTTP/1.1"), 1, data)
+            self.assertTrue(self.client.disconnecting, data)
+            self.assertEqual(self.connector.protocols, [], data)
+            self.assertEqual(self.frontend.requests, 0, data)
+        for host in (b"mail.example", b"mail.example:8443", b"192.0.2.1", b"[2001:db8::1]:443", b"xn--bcher-kva.example"):
+            self.connect()
+            self.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual(head(self.backendGot())[1][b"host"], [host])
+
+    def test_chunkedHTTP10(self) -> None:
+        """
+        A transfer coding in an HTTP/1.0 request (RFC 9112 section 6.1:
+        its framing is faulty) gets 400 and a close; its body is not taken
+        for a next request.
+        """
+        self.connect()
+        answer = self.send(
+            b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1a\r\nGET /smuggled HTTP/1.1\r\n\r\n\r\n0\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer)
+        self.assertEqual(answer.count(b"HTTP/1.1"), 1)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.connector.protocols, [])
+
     def test_slowHead(self) -> None:
         """
         A head that does not complete within header_timeout gets 408 and
@@ -1225,6 +1339,30 @@ class ExchangeTests(HTTPFrontendTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.0 200 OK\r\n"))
         self.assertTrue(answer.endswith(b"\r\n\r\nabc"))
         self.assertTrue(self.client.disconnecting)
+
+    def test_connectionClose(self) -> None:
+        """
+        A client's C{Connection: close} closes its connection after the
+        response however it is written: among other options, in any order,
+        or in a second field (RFC 9112 section 9.6); without it the
+        connection stays open.
+        """
+        for fields in (
+            b"Connection: close,foo\r\n",
+            b"Connection: close, te\r\n",
+            b"Connection: te,close\r\n",
+            b"Connection: te\r\nConnection: Close\r\n",
+        ):
+            self.connect()
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n")
+            answer = self.backendSays(OK)
+            self.assertTrue(answer.endswith(b"hello"), fields)
+            self.assertEqual(head(answer)[1][b"connection"], [b"close"], fields)
+            self.assertTrue(self.client.disconnecting, fields)
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: te, closed\r\n\r\n")
+        self.assertNotIn(b"connection", head(self.backendSays(OK))[1])
+        self.assertFalse(self.client.disconnecting)
 
     def test_backendClosesAfter(self) -> None:
         """
