@@ -475,20 +475,30 @@ class Relay:
         imaplib sends an APPEND's literal and its CRLF in two writes) would
         hold the last part until the delayed ACK, and the backend would
         wait for it: 40 ms per command.
+
+        Once the relay has ended nothing is passed on: a TLS client is
+        still read while its connection waits for the client's
+        close_notify, and a client dropped (its account moved) must not go
+        on giving the backend commands.
         """
+        if self.endReason is not None:
+            return
         quickAck(getattr(socketOf(self._client), "socket", None))
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
         self._relayed()
         if self._guard is None:
             self._backend.write(data)
-        elif self.endReason is None:
+        else:
             self._guard.fromClient(data)
 
     def fromBackend(self, data: bytes) -> None:
         """
-        The backend sent C{data}: pass it to the client.
+        The backend sent C{data}: pass it to the client (not once the
+        relay has ended: the client's goodbye was the last thing for it).
         """
+        if self.endReason is not None:
+            return
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
         self._relayed()

@@ -936,3 +936,58 @@ class PartialCommandTests(TestCase):
             splicer.readable = checked  # type: ignore[method-assign]
 
         yield self.assertAcknowledged(hook)
+
+
+class AfterEndTests(TestCase):
+    """
+    Once a relay has ended (a drop, the idle timeout, a side's close),
+    nothing more crosses it, and the connections it closes are gone in
+    bounded time.
+    """
+
+    timeout = 20
+    leg = SplicedRelayTests.leg
+    join = SplicedRelayTests.join
+    setUp = HalfCloseTests.setUp
+    tlsClientLeg = HalfCloseTests.tlsClientLeg
+
+    @inlineCallbacks
+    def test_tlsClientAfterDrop(self) -> None:
+        """
+        A TLS client is still read after the relay was stopped (its
+        connection waits for the client's close_notify), but what it says
+        then does not reach the backend, and no timer of the relay is
+        started again.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        dropped = threading.Event()
+
+        def talk(tls: BlockingTLS) -> bytes:
+            tls.write(b"a APPEND INBOX {100000}\r\n" + b"m" * 100000 + b"\r\n")
+            dropped.wait(10)
+            tls.write(b"z DELETE INBOX\r\n")
+            return tls.readAll()
+
+        go, received = yield self.tlsClientLeg(talk)
+        self.backend, self.backendInner = yield self.leg()
+        # The backend reads slowly: the backend's connection is still open,
+        # its buffer not sent, when the client's next command comes.
+        self.backend.transport.pauseProducing()
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.backendInner.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        clock = Clock()
+        self.join(clock=clock)
+        go.set()
+        while self.relay.bytesFromClient < 100000:
+            yield deferLater(reactor, 0.01)
+        self.relay.stop(EndReason.DROPPED, "account moved")
+        dropped.set()
+        # The client's command was read before its connection's end.
+        yield received
+        yield self.clientInner.lost
+        self.backend.transport.resumeProducing()
+        yield self.backend.closed
+        got = bytes(self.backend.received)
+        self.assertTrue(got.startswith(b"a APPEND INBOX {100000}\r\n"))
+        self.assertNotIn(b"z DELETE INBOX", got)
+        self.assertNotIn(self.relay._releaseBuffers, [call.func for call in clock.getDelayedCalls()])
