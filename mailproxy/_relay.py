@@ -605,11 +605,7 @@ class Relay:
             # gone, and needs no timer to see its close through).
             self._end(self._closedFirst, sink, alsoClose=source)
             return
-        if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
-            self._idleTimeout = HALF_CLOSED_IDLE
-            if self._idleCall is not None and self._idleCall.active():
-                self._idleCall.cancel()
-            self._idleCall = self._clock.callLater(HALF_CLOSED_IDLE, self._checkIdle)
+        self._shortenIdle()
         # The source produces nothing more: the sink's writes no longer
         # pause it, and a registered producer would hold back the sink's
         # half-close.
@@ -621,6 +617,16 @@ class Relay:
             self._halfCloseCall = self._clock.callLater(TLS_HALF_CLOSE_DELAY, closeWriting, sink)
         else:
             closeWriting(sink)
+
+    def _shortenIdle(self) -> None:
+        # One side half-closed (relayed in Python or spliced): the session
+        # ends after HALF_CLOSED_IDLE quiet seconds, not the whole idle
+        # timeout, if the other side neither answers nor closes.
+        if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
+            self._idleTimeout = HALF_CLOSED_IDLE
+            if self._idleCall is not None and self._idleCall.active():
+                self._idleCall.cancel()
+            self._idleCall = self._clock.callLater(HALF_CLOSED_IDLE, self._checkIdle)
 
     def stop(self, reason: EndReason = EndReason.SHUTDOWN, detail: str = "") -> None:
         """
@@ -1125,6 +1131,8 @@ class _Splicer:
                 pass
             if self.relay._closedFirst is None:
                 self.relay._closedFirst = EndReason.CLIENT_CLOSED if direction is self.toBackend else EndReason.BACKEND_CLOSED
+                # As Relay._halfClosed does for a relay in Python.
+                self.relay._shortenIdle()
             return
         # Both ways are over and everything reached its sink: end as
         # Twisted would have (the relay closes the sink), and close the

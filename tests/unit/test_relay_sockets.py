@@ -171,15 +171,16 @@ class SplicedRelayTests(TestCase):
         toBackend: bytes = b"",
         clock: object = reactor,
         onEnd: Callable[[Relay], None] | None = None,
+        idleTimeout: float = 60,
     ) -> None:
         """
         Relay L{clientInner} and L{backendInner} as a session does after
-        its login reply, with C{clock} for its timers; C{onEnd} (by default
-        L{ended}'s C{append}) is told of the end.
+        its login reply, with C{clock} for its timers and C{idleTimeout};
+        C{onEnd} (by default L{ended}'s C{append}) is told of the end.
         """
         self.ended = []
         self.relay = Relay(
-            self.clientInner.transport, self.backendInner.transport, clock, 60, onEnd or self.ended.append
+            self.clientInner.transport, self.backendInner.transport, clock, idleTimeout, onEnd or self.ended.append
         )
         for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
             inner.dataReceived = getattr(self.relay, method)
@@ -991,3 +992,48 @@ class AfterEndTests(TestCase):
         self.assertTrue(got.startswith(b"a APPEND INBOX {100000}\r\n"))
         self.assertNotIn(b"z DELETE INBOX", got)
         self.assertNotIn(self.relay._releaseBuffers, [call.func for call in clock.getDelayedCalls()])
+
+    @inlineCallbacks
+    def halfClosedSilence(self, splice: bool):
+        """
+        A client that says C{b LOGOUT} and half-closes, to a backend that
+        neither answers nor closes, with an idle timeout of half an hour;
+        relayed in Python, or spliced if C{splice}. The relay's clock
+        then moves L{_relay.HALF_CLOSED_IDLE} on: both connections must
+        be closed (the client sees its end).
+        """
+        if splice:
+            self.patch(_relay, "SPLICE_AFTER", 0)
+        else:
+            self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        # Told of the client's half-close, it does not close.
+        self.backend, self.backendInner = yield self.leg(HalfClosingCollector())
+        clock = Clock()
+        self.join(clock=clock, idleTimeout=1800)
+        self.assertEqual(self.relay._splicer is not None, splice)
+        self.client.transport.write(b"b LOGOUT\r\n")
+        self.client.transport.loseWriteConnection()
+        while not self.backend.readClosed:
+            yield deferLater(reactor, 0.01)
+        clock.advance(_relay.HALF_CLOSED_IDLE)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        # The backend had its FIN: the proxy's close shows on the wire
+        # only when it writes; the proxy's connection is gone.
+        yield self.backendInner.lost
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+
+    def test_halfClosedSilencePython(self) -> None:
+        """
+        Relayed in Python, a half-closed session whose other side is
+        silent ends after L{_relay.HALF_CLOSED_IDLE}, not the idle timeout.
+        """
+        return self.halfClosedSilence(False)
+
+    def test_halfClosedSilenceSpliced(self) -> None:
+        """
+        The same when spliced: the splicer's half-close shortens the idle
+        timeout too.
+        """
+        return self.halfClosedSilence(True)
