@@ -29,6 +29,10 @@ there (to a TLS backend, L{TLS_HALF_CLOSE_DELAY} later), and the other
 direction goes on until it ends too (a client's C{LOGOUT} followed by
 C{shutdown(SHUT_WR)} still gets the backend's C{* BYE} and tagged C{OK}).
 The idle timeout keeps applying meanwhile.
+
+Once the relay has ended nothing more crosses it, and a backend connection
+it closed that is still open L{CLOSE_GRACE} seconds later is aborted (the
+session does the same for its client).
 """
 
 from __future__ import annotations
@@ -91,6 +95,15 @@ TLS_BUFFERS_QUIET = 10.0
 #: half-close (TCP cannot tell the two apart); a backend that then neither
 #: answers nor closes must not hold the session for the whole idle timeout.
 HALF_CLOSED_IDLE = 60.0
+
+
+#: Seconds a connection the proxy closed may take to finish closing before it
+#: is aborted: a TLS peer may never answer the close alert (one that is still
+#: writing does not), and a peer that does not read never takes the last
+#: words. A few seconds are plenty for a goodbye of a few hundred octets.
+#: The session gives its client this long (L{mailproxy._session}), the relay
+#: the backend's connection it closes.
+CLOSE_GRACE = 5.0
 
 
 #: Octets a plain session relays in Python before its sockets are spliced
@@ -408,6 +421,9 @@ class Relay:
         # and the call that will do it.
         self._tlsLegs: tuple[IProxyTransport, ...] = ()
         self._releaseCall: IDelayedCall | None = None
+        # The abort of the backend's connection, once the relay closed it
+        # and until it is gone.
+        self._backendGrace: IDelayedCall | None = None
 
     def start(
         self,
@@ -566,6 +582,11 @@ class Relay:
         The backend's connection is gone: close the client once the
         backend's last words (e.g. C{* BYE}) have reached it.
         """
+        if self._backendGrace is not None:
+            # Closed as the relay asked, in time.
+            if self._backendGrace.active():
+                self._backendGrace.cancel()
+            self._backendGrace = None
         self._end(self._closedFirst or EndReason.BACKEND_CLOSED, self._client)
 
     def clientHalfClosed(self) -> None:
@@ -688,6 +709,14 @@ class Relay:
                 transport.unregisterProducer()
             except Exception:
                 pass
+        if self._backend is other or self._backend is alsoClose:
+            # A close the proxy starts finishes in bounded time: a backend
+            # that does not read keeps what was written to it unsent, and a
+            # TLS backend may never send its close_notify. The session sees
+            # to the client's close (the backend's is no business of it).
+            # Armed first: a half-closed connection closes within
+            # loseConnection, and backendLost then calls it off.
+            self._backendGrace = self._clock.callLater(CLOSE_GRACE, self._backendGraceExpired)
         other.loseConnection()
         if alsoClose is not None:
             alsoClose.loseConnection()
@@ -699,6 +728,11 @@ class Relay:
             self._guard = _ENDED_GUARD
         onEnd(self)
         return True
+
+    def _backendGraceExpired(self) -> None:
+        # Closed by the relay CLOSE_GRACE seconds ago and still there.
+        self._backendGrace = None
+        self._backend.abortConnection()
 
 
 def _ended(relay: Relay) -> None:

@@ -1037,3 +1037,101 @@ class AfterEndTests(TestCase):
         timeout too.
         """
         return self.halfClosedSilence(True)
+
+    @inlineCallbacks
+    def test_backendNotReadingAborted(self) -> None:
+        """
+        A backend that does not read keeps what the relay wrote to it
+        unsent, and with it the connection the relay closed when it ended:
+        that connection is aborted L{_relay.CLOSE_GRACE} seconds later, and
+        the backend then sees its end without the rest.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        self.backend.transport.pauseProducing()
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        clock = Clock()
+        self.join(clock=clock)
+        upload = b"x" * (4 * 1024 * 1024)
+        self.client.transport.write(upload)
+        while not _relay._unsentSize(self.backendInner.transport):
+            yield deferLater(reactor, 0.01)
+        clock.advance(60)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        clock.advance(_relay.CLOSE_GRACE)
+        yield self.backendInner.lost
+        self.backend.transport.resumeProducing()
+        yield self.backend.closed
+        self.assertLess(len(self.backend.received), len(upload))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_backendClosedInTimeNotAborted(self) -> None:
+        """
+        A backend whose connection closes within L{_relay.CLOSE_GRACE}
+        gets everything, and the relay's abort is called off.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        clock = Clock()
+        self.join(clock=clock)
+        self.client.transport.write(b"z LOGOUT\r\n")
+        self.client.transport.loseConnection()
+        yield self.backendInner.lost
+        yield self.backend.closed
+        self.assertEqual(bytes(self.backend.received), b"z LOGOUT\r\n")
+        self.assertEqual(self.relay.endReason, "client closed")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_hungTLSBackendAborted(self) -> None:
+        """
+        A TLS backend that neither answers nor closes: the idle timeout
+        ends the relay, the relay closes the backend's connection (its
+        close_notify), and the backend's never comes. The connection is
+        aborted L{_relay.CLOSE_GRACE} seconds later: the backend sees it
+        end.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def backend() -> bool:
+            sock, _ = listener.accept()
+            with sock:
+                tls = BlockingTLS(sock, self.serverContext, serverSide=True)
+                tls.handshake()
+                # Hung: reads nothing, sends nothing, until the test is
+                # done with the proxy's side; then whether the connection
+                # ends (after the proxy's close_notify).
+                release.wait(15)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except socket.timeout:
+                    return False
+                except OSError:
+                    pass  # reset
+                return True
+
+        done = deferToThread(backend)
+        self.client, self.clientInner = yield self.leg()
+        factory = ClientFactory.forProtocol(Inner)
+        factory.inner = Deferred()
+        reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
+        self.backendInner = yield factory.inner
+        self.backendInner.transport.startTLS(CertificateOptions())
+        yield self.backendInner.handshake
+        clock = Clock()
+        self.join(clock=clock)
+        clock.advance(60)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        clock.advance(_relay.CLOSE_GRACE)
+        yield self.backendInner.lost
+        release.set()
+        self.assertTrue((yield done))
