@@ -1099,12 +1099,14 @@ class AfterEndTests(TestCase):
         self.addCleanup(listener.close)
         release = threading.Event()
         self.addCleanup(release.set)
+        handshaken = threading.Event()
 
         def backend() -> bool:
             sock, _ = listener.accept()
             with sock:
                 tls = BlockingTLS(sock, self.serverContext, serverSide=True)
                 tls.handshake()
+                handshaken.set()
                 # Hung: reads nothing, sends nothing, until the test is
                 # done with the proxy's side; then whether the connection
                 # ends (after the proxy's close_notify).
@@ -1126,6 +1128,10 @@ class AfterEndTests(TestCase):
         self.backendInner = yield factory.inner
         self.backendInner.transport.startTLS(CertificateOptions())
         yield self.backendInner.handshake
+        # Its side of the handshake done too (with TLS 1.3 it sends its
+        # session tickets after the proxy's side is done).
+        while not handshaken.is_set():
+            yield deferLater(reactor, 0.01)
         clock = Clock()
         self.join(clock=clock)
         clock.advance(60)
