@@ -913,6 +913,23 @@ class _Pipe:
         os.close(self.write)
 
 
+def _drainPipe(pipe: _Pipe, size: int) -> bytes:
+    """
+    The C{size} octets C{pipe} holds (fewer if it holds fewer).
+    """
+    chunks = []
+    while size > 0:
+        try:
+            chunk = os.read(pipe.read, size)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 class _PipePool:
     """
     Empty pipes shared by every spliced session. A direction holds a pipe
@@ -1192,7 +1209,11 @@ class _Splicer:
     def detach(self) -> None:
         """
         Stop splicing and give both sockets back to their Twisted
-        transports (which then close them).
+        transports (which then close them). What the pipes still hold was
+        read from one side already: it goes to the other through Twisted's
+        buffer, as a relay in Python would have written it there, and the
+        close waits for it (in bounded time: the session's grace for the
+        client, the relay's for the backend).
         """
         if not self.attached:
             return
@@ -1202,4 +1223,10 @@ class _Splicer:
             self.reactor.removeWriter(end)
             end.splicer = None
         for direction in (self.toBackend, self.toClient):
+            if direction.pending and direction.pipe is not None:
+                data = _drainPipe(direction.pipe, direction.pending)
+                # Anything left (never, but then): the pipe is closed, not
+                # pooled with bytes in it.
+                direction.pending -= len(data)
+                direction.sink.connection.write(data)
             direction.close()

@@ -1141,3 +1141,56 @@ class AfterEndTests(TestCase):
         yield self.backendInner.lost
         release.set()
         self.assertTrue((yield done))
+
+    @inlineCallbacks
+    def backendResetsWhileClientSlow(self, splice: bool):
+        """
+        The backend sends a large answer to a client that does not read
+        for now, then resets its connection; the client then sends a
+        command (which meets the reset) and reads again. It must get
+        everything the proxy read from the backend.
+        """
+        if splice:
+            self.patch(_relay, "SPLICE_AFTER", 0)
+        else:
+            self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        self.client.transport.pauseProducing()
+        self.client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        # What the proxy holds for the client stays in the proxy (Twisted's
+        # buffer, or the pipe), not in the kernel.
+        self.clientInner.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.join()
+        self.assertEqual(self.relay._splicer is not None, splice)
+        self.backend.transport.write(b"y" * (3 * 1024 * 1024))
+        # The proxy holds some of it, and reads no more for now.
+        held = self.clientInner.transport
+        while not (_relay._unsentSize(held) or (self.relay._splicer and self.relay._splicer.toClient.pending)):
+            yield deferLater(reactor, 0.01)
+        # The backend goes away with a reset, seen by the proxy's socket.
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        self.backend.transport.abortConnection()
+        fd = self.backendInner.transport.fileno()
+        while not select.select([fd], [], [], 0)[0]:
+            yield deferLater(reactor, 0.01)
+        self.client.transport.write(b"c NOOP\r\n")
+        self.client.transport.resumeProducing()
+        yield self.client.closed
+        self.assertEqual(self.relay.endReason, "connection reset" if splice else "backend closed")
+        self.assertGreater(self.relay.bytesFromBackend, 0)
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + b"y" * self.relay.bytesFromBackend)
+
+    def test_backendResetPython(self) -> None:
+        """
+        Relayed in Python, what the proxy read from a backend that then
+        reset still reaches the client.
+        """
+        return self.backendResetsWhileClientSlow(False)
+
+    def test_backendResetSpliced(self) -> None:
+        """
+        Spliced, too: what the pipe holds reaches the client before the
+        close.
+        """
+        return self.backendResetsWhileClientSlow(True)
