@@ -29,6 +29,10 @@ there (to a TLS backend, L{TLS_HALF_CLOSE_DELAY} later), and the other
 direction goes on until it ends too (a client's C{LOGOUT} followed by
 C{shutdown(SHUT_WR)} still gets the backend's C{* BYE} and tagged C{OK}).
 The idle timeout keeps applying meanwhile.
+
+Once the relay has ended nothing more crosses it, and a backend connection
+it closed that is still open L{CLOSE_GRACE} seconds later is aborted (the
+session does the same for its client).
 """
 
 from __future__ import annotations
@@ -91,6 +95,15 @@ TLS_BUFFERS_QUIET = 10.0
 #: half-close (TCP cannot tell the two apart); a backend that then neither
 #: answers nor closes must not hold the session for the whole idle timeout.
 HALF_CLOSED_IDLE = 60.0
+
+
+#: Seconds a connection the proxy closed may take to finish closing before it
+#: is aborted: a TLS peer may never answer the close alert (one that is still
+#: writing does not), and a peer that does not read never takes the last
+#: words. A few seconds are plenty for a goodbye of a few hundred octets.
+#: The session gives its client this long (L{mailproxy._session}), the relay
+#: the backend's connection it closes.
+CLOSE_GRACE = 5.0
 
 
 #: Octets a plain session relays in Python before its sockets are spliced
@@ -408,6 +421,9 @@ class Relay:
         # and the call that will do it.
         self._tlsLegs: tuple[IProxyTransport, ...] = ()
         self._releaseCall: IDelayedCall | None = None
+        # The abort of the backend's connection, once the relay closed it
+        # and until it is gone.
+        self._backendGrace: IDelayedCall | None = None
 
     def start(
         self,
@@ -475,20 +491,30 @@ class Relay:
         imaplib sends an APPEND's literal and its CRLF in two writes) would
         hold the last part until the delayed ACK, and the backend would
         wait for it: 40 ms per command.
+
+        Once the relay has ended nothing is passed on: a TLS client is
+        still read while its connection waits for the client's
+        close_notify, and a client dropped (its account moved) must not go
+        on giving the backend commands.
         """
+        if self.endReason is not None:
+            return
         quickAck(getattr(socketOf(self._client), "socket", None))
         self._lastActivity = self._clock.seconds()
         self.bytesFromClient += len(data)
         self._relayed()
         if self._guard is None:
             self._backend.write(data)
-        elif self.endReason is None:
+        else:
             self._guard.fromClient(data)
 
     def fromBackend(self, data: bytes) -> None:
         """
-        The backend sent C{data}: pass it to the client.
+        The backend sent C{data}: pass it to the client (not once the
+        relay has ended: the client's goodbye was the last thing for it).
         """
+        if self.endReason is not None:
+            return
         self._lastActivity = self._clock.seconds()
         self.bytesFromBackend += len(data)
         self._relayed()
@@ -556,6 +582,11 @@ class Relay:
         The backend's connection is gone: close the client once the
         backend's last words (e.g. C{* BYE}) have reached it.
         """
+        if self._backendGrace is not None:
+            # Closed as the relay asked, in time.
+            if self._backendGrace.active():
+                self._backendGrace.cancel()
+            self._backendGrace = None
         self._end(self._closedFirst or EndReason.BACKEND_CLOSED, self._client)
 
     def clientHalfClosed(self) -> None:
@@ -595,11 +626,7 @@ class Relay:
             # gone, and needs no timer to see its close through).
             self._end(self._closedFirst, sink, alsoClose=source)
             return
-        if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
-            self._idleTimeout = HALF_CLOSED_IDLE
-            if self._idleCall is not None and self._idleCall.active():
-                self._idleCall.cancel()
-            self._idleCall = self._clock.callLater(HALF_CLOSED_IDLE, self._checkIdle)
+        self._shortenIdle()
         # The source produces nothing more: the sink's writes no longer
         # pause it, and a registered producer would hold back the sink's
         # half-close.
@@ -611,6 +638,16 @@ class Relay:
             self._halfCloseCall = self._clock.callLater(TLS_HALF_CLOSE_DELAY, closeWriting, sink)
         else:
             closeWriting(sink)
+
+    def _shortenIdle(self) -> None:
+        # One side half-closed (relayed in Python or spliced): the session
+        # ends after HALF_CLOSED_IDLE quiet seconds, not the whole idle
+        # timeout, if the other side neither answers nor closes.
+        if not 0 < self._idleTimeout <= HALF_CLOSED_IDLE:
+            self._idleTimeout = HALF_CLOSED_IDLE
+            if self._idleCall is not None and self._idleCall.active():
+                self._idleCall.cancel()
+            self._idleCall = self._clock.callLater(HALF_CLOSED_IDLE, self._checkIdle)
 
     def stop(self, reason: EndReason = EndReason.SHUTDOWN, detail: str = "") -> None:
         """
@@ -672,6 +709,14 @@ class Relay:
                 transport.unregisterProducer()
             except Exception:
                 pass
+        if self._backend is other or self._backend is alsoClose:
+            # A close the proxy starts finishes in bounded time: a backend
+            # that does not read keeps what was written to it unsent, and a
+            # TLS backend may never send its close_notify. The session sees
+            # to the client's close (the backend's is no business of it).
+            # Armed first: a half-closed connection closes within
+            # loseConnection, and backendLost then calls it off.
+            self._backendGrace = self._clock.callLater(CLOSE_GRACE, self._backendGraceExpired)
         other.loseConnection()
         if alsoClose is not None:
             alsoClose.loseConnection()
@@ -683,6 +728,11 @@ class Relay:
             self._guard = _ENDED_GUARD
         onEnd(self)
         return True
+
+    def _backendGraceExpired(self) -> None:
+        # Closed by the relay CLOSE_GRACE seconds ago and still there.
+        self._backendGrace = None
+        self._backend.abortConnection()
 
 
 def _ended(relay: Relay) -> None:
@@ -861,6 +911,23 @@ class _Pipe:
     def close(self) -> None:
         os.close(self.read)
         os.close(self.write)
+
+
+def _drainPipe(pipe: _Pipe, size: int) -> bytes:
+    """
+    The C{size} octets C{pipe} holds (fewer if it holds fewer).
+    """
+    chunks = []
+    while size > 0:
+        try:
+            chunk = os.read(pipe.read, size)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
 
 
 class _PipePool:
@@ -1115,6 +1182,8 @@ class _Splicer:
                 pass
             if self.relay._closedFirst is None:
                 self.relay._closedFirst = EndReason.CLIENT_CLOSED if direction is self.toBackend else EndReason.BACKEND_CLOSED
+                # As Relay._halfClosed does for a relay in Python.
+                self.relay._shortenIdle()
             return
         # Both ways are over and everything reached its sink: end as
         # Twisted would have (the relay closes the sink), and close the
@@ -1140,7 +1209,11 @@ class _Splicer:
     def detach(self) -> None:
         """
         Stop splicing and give both sockets back to their Twisted
-        transports (which then close them).
+        transports (which then close them). What the pipes still hold was
+        read from one side already: it goes to the other through Twisted's
+        buffer, as a relay in Python would have written it there, and the
+        close waits for it (in bounded time: the session's grace for the
+        client, the relay's for the backend).
         """
         if not self.attached:
             return
@@ -1150,4 +1223,10 @@ class _Splicer:
             self.reactor.removeWriter(end)
             end.splicer = None
         for direction in (self.toBackend, self.toClient):
+            if direction.pending and direction.pipe is not None:
+                data = _drainPipe(direction.pipe, direction.pending)
+                # Anything left (never, but then): the pipe is closed, not
+                # pooled with bytes in it.
+                direction.pending -= len(data)
+                direction.sink.connection.write(data)
             direction.close()

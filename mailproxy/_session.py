@@ -41,7 +41,7 @@ from ._guard import IRelayGuard
 from ._login import LoginAttempt, LoginFailed
 from ._outcomes import EndReason
 from ._registry import ConnectionTracker, SessionRegistry
-from ._relay import Relay
+from ._relay import CLOSE_GRACE, Relay
 from ._safetext import logQuote, oneLine
 from ._stats import ProxyStats
 from ._shared import IFailureCounter, LocalFailures
@@ -65,12 +65,6 @@ __all__ = [
     "Timer",
 ]
 
-
-#: Seconds a connection the proxy closed may take to finish closing before it
-#: is aborted: a TLS peer may never answer the close alert (one that is still
-#: writing does not), and a peer that does not read never takes the last
-#: words. A few seconds are plenty for a goodbye of a few hundred octets.
-CLOSE_GRACE = 5.0
 
 #: The reason to pause reading while a client does not read its replies
 #: (L{FrontendProtocol.repliesUnread}).

@@ -92,6 +92,9 @@ def sendAtOnce(connection: Any, data: bytes) -> None:
         and data
         and connection.connected
         and not connection._writeDisconnected
+        # Aborted: Twisted drops what is written from then on (its write
+        # buffers it for a doWrite that does nothing), so must this.
+        and not connection._aborting
         # Nothing buffered (_buffered, written out: every write of a
         # login comes this way).
         and not connection._tempDataBuffer
@@ -190,8 +193,10 @@ class _AtOnce:
         super().loseWriteConnection()  # type: ignore[misc]
 
     def _closeWriteNow(self) -> None:
-        if not self.connected or self.disconnecting or self._writeDisconnected:  # type: ignore[attr-defined]
-            # Closed meanwhile, or being closed (which sends what is left).
+        if not self.connected or self.disconnecting or self._writeDisconnected or self._aborting:  # type: ignore[attr-defined]
+            # Closed meanwhile, or being closed (which sends what is left),
+            # or aborted: no FIN, and no writeConnectionLost for a
+            # protocol whose connection is being cut.
             return
         if _buffered(self):
             # Written since and not all sent: Twisted sends it, then shuts

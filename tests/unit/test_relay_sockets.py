@@ -171,15 +171,16 @@ class SplicedRelayTests(TestCase):
         toBackend: bytes = b"",
         clock: object = reactor,
         onEnd: Callable[[Relay], None] | None = None,
+        idleTimeout: float = 60,
     ) -> None:
         """
         Relay L{clientInner} and L{backendInner} as a session does after
-        its login reply, with C{clock} for its timers; C{onEnd} (by default
-        L{ended}'s C{append}) is told of the end.
+        its login reply, with C{clock} for its timers and C{idleTimeout};
+        C{onEnd} (by default L{ended}'s C{append}) is told of the end.
         """
         self.ended = []
         self.relay = Relay(
-            self.clientInner.transport, self.backendInner.transport, clock, 60, onEnd or self.ended.append
+            self.clientInner.transport, self.backendInner.transport, clock, idleTimeout, onEnd or self.ended.append
         )
         for inner, method in ((self.clientInner, "fromClient"), (self.backendInner, "fromBackend")):
             inner.dataReceived = getattr(self.relay, method)
@@ -936,3 +937,260 @@ class PartialCommandTests(TestCase):
             splicer.readable = checked  # type: ignore[method-assign]
 
         yield self.assertAcknowledged(hook)
+
+
+class AfterEndTests(TestCase):
+    """
+    Once a relay has ended (a drop, the idle timeout, a side's close),
+    nothing more crosses it, and the connections it closes are gone in
+    bounded time.
+    """
+
+    timeout = 20
+    leg = SplicedRelayTests.leg
+    join = SplicedRelayTests.join
+    setUp = HalfCloseTests.setUp
+    tlsClientLeg = HalfCloseTests.tlsClientLeg
+
+    @inlineCallbacks
+    def test_tlsClientAfterDrop(self) -> None:
+        """
+        A TLS client is still read after the relay was stopped (its
+        connection waits for the client's close_notify), but what it says
+        then does not reach the backend, and no timer of the relay is
+        started again.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        dropped = threading.Event()
+
+        def talk(tls: BlockingTLS) -> bytes:
+            tls.write(b"a APPEND INBOX {100000}\r\n" + b"m" * 100000 + b"\r\n")
+            dropped.wait(10)
+            tls.write(b"z DELETE INBOX\r\n")
+            return tls.readAll()
+
+        go, received = yield self.tlsClientLeg(talk)
+        self.backend, self.backendInner = yield self.leg()
+        # The backend reads slowly: the backend's connection is still open,
+        # its buffer not sent, when the client's next command comes.
+        self.backend.transport.pauseProducing()
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.backendInner.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        clock = Clock()
+        self.join(clock=clock)
+        go.set()
+        while self.relay.bytesFromClient < 100000:
+            yield deferLater(reactor, 0.01)
+        self.relay.stop(EndReason.DROPPED, "account moved")
+        dropped.set()
+        # The client's command was read before its connection's end.
+        yield received
+        yield self.clientInner.lost
+        self.backend.transport.resumeProducing()
+        yield self.backend.closed
+        got = bytes(self.backend.received)
+        self.assertTrue(got.startswith(b"a APPEND INBOX {100000}\r\n"))
+        self.assertNotIn(b"z DELETE INBOX", got)
+        self.assertNotIn(self.relay._releaseBuffers, [call.func for call in clock.getDelayedCalls()])
+
+    @inlineCallbacks
+    def halfClosedSilence(self, splice: bool):
+        """
+        A client that says C{b LOGOUT} and half-closes, to a backend that
+        neither answers nor closes, with an idle timeout of half an hour;
+        relayed in Python, or spliced if C{splice}. The relay's clock
+        then moves L{_relay.HALF_CLOSED_IDLE} on: both connections must
+        be closed (the client sees its end).
+        """
+        if splice:
+            self.patch(_relay, "SPLICE_AFTER", 0)
+        else:
+            self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        # Told of the client's half-close, it does not close.
+        self.backend, self.backendInner = yield self.leg(HalfClosingCollector())
+        clock = Clock()
+        self.join(clock=clock, idleTimeout=1800)
+        self.assertEqual(self.relay._splicer is not None, splice)
+        self.client.transport.write(b"b LOGOUT\r\n")
+        self.client.transport.loseWriteConnection()
+        while not self.backend.readClosed:
+            yield deferLater(reactor, 0.01)
+        clock.advance(_relay.HALF_CLOSED_IDLE)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        # The backend had its FIN: the proxy's close shows on the wire
+        # only when it writes; the proxy's connection is gone.
+        yield self.backendInner.lost
+        self.assertEqual(bytes(self.backend.received), b"b LOGOUT\r\n")
+
+    def test_halfClosedSilencePython(self) -> None:
+        """
+        Relayed in Python, a half-closed session whose other side is
+        silent ends after L{_relay.HALF_CLOSED_IDLE}, not the idle timeout.
+        """
+        return self.halfClosedSilence(False)
+
+    def test_halfClosedSilenceSpliced(self) -> None:
+        """
+        The same when spliced: the splicer's half-close shortens the idle
+        timeout too.
+        """
+        return self.halfClosedSilence(True)
+
+    @inlineCallbacks
+    def test_backendNotReadingAborted(self) -> None:
+        """
+        A backend that does not read keeps what the relay wrote to it
+        unsent, and with it the connection the relay closed when it ended:
+        that connection is aborted L{_relay.CLOSE_GRACE} seconds later, and
+        the backend then sees its end without the rest.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        self.backend.transport.pauseProducing()
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        clock = Clock()
+        self.join(clock=clock)
+        upload = b"x" * (4 * 1024 * 1024)
+        self.client.transport.write(upload)
+        while not _relay._unsentSize(self.backendInner.transport):
+            yield deferLater(reactor, 0.01)
+        clock.advance(60)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        clock.advance(_relay.CLOSE_GRACE)
+        yield self.backendInner.lost
+        self.backend.transport.resumeProducing()
+        yield self.backend.closed
+        self.assertLess(len(self.backend.received), len(upload))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_backendClosedInTimeNotAborted(self) -> None:
+        """
+        A backend whose connection closes within L{_relay.CLOSE_GRACE}
+        gets everything, and the relay's abort is called off.
+        """
+        self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        clock = Clock()
+        self.join(clock=clock)
+        self.client.transport.write(b"z LOGOUT\r\n")
+        self.client.transport.loseConnection()
+        yield self.backendInner.lost
+        yield self.backend.closed
+        self.assertEqual(bytes(self.backend.received), b"z LOGOUT\r\n")
+        self.assertEqual(self.relay.endReason, "client closed")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_hungTLSBackendAborted(self) -> None:
+        """
+        A TLS backend that neither answers nor closes: the idle timeout
+        ends the relay, the relay closes the backend's connection (its
+        close_notify), and the backend's never comes. The connection is
+        aborted L{_relay.CLOSE_GRACE} seconds later: the backend sees it
+        end.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        handshaken = threading.Event()
+
+        def backend() -> bool:
+            sock, _ = listener.accept()
+            with sock:
+                tls = BlockingTLS(sock, self.serverContext, serverSide=True)
+                tls.handshake()
+                handshaken.set()
+                # Hung: reads nothing, sends nothing, until the test is
+                # done with the proxy's side; then whether the connection
+                # ends (after the proxy's close_notify).
+                release.wait(15)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except socket.timeout:
+                    return False
+                except OSError:
+                    pass  # reset
+                return True
+
+        done = deferToThread(backend)
+        self.client, self.clientInner = yield self.leg()
+        factory = ClientFactory.forProtocol(Inner)
+        factory.inner = Deferred()
+        reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
+        self.backendInner = yield factory.inner
+        self.backendInner.transport.startTLS(CertificateOptions())
+        yield self.backendInner.handshake
+        # Its side of the handshake done too (with TLS 1.3 it sends its
+        # session tickets after the proxy's side is done).
+        while not handshaken.is_set():
+            yield deferLater(reactor, 0.01)
+        clock = Clock()
+        self.join(clock=clock)
+        clock.advance(60)
+        self.assertEqual(self.relay.endReason, "idle timeout")
+        yield self.client.closed
+        clock.advance(_relay.CLOSE_GRACE)
+        yield self.backendInner.lost
+        release.set()
+        self.assertTrue((yield done))
+
+    @inlineCallbacks
+    def backendResetsWhileClientSlow(self, splice: bool):
+        """
+        The backend sends a large answer to a client that does not read
+        for now, then resets its connection; the client then sends a
+        command (which meets the reset) and reads again. It must get
+        everything the proxy read from the backend.
+        """
+        if splice:
+            self.patch(_relay, "SPLICE_AFTER", 0)
+        else:
+            self.patch(_relay, "_spliceChecked", False)
+        self.client, self.clientInner = yield self.leg(atOnce=True)
+        self.backend, self.backendInner = yield self.leg()
+        self.client.transport.pauseProducing()
+        self.client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        # What the proxy holds for the client stays in the proxy (Twisted's
+        # buffer, or the pipe), not in the kernel.
+        self.clientInner.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.join()
+        self.assertEqual(self.relay._splicer is not None, splice)
+        self.backend.transport.write(b"y" * (3 * 1024 * 1024))
+        # The proxy holds some of it, and reads no more for now.
+        held = self.clientInner.transport
+        while not (_relay._unsentSize(held) or (self.relay._splicer and self.relay._splicer.toClient.pending)):
+            yield deferLater(reactor, 0.01)
+        # The backend goes away with a reset, seen by the proxy's socket.
+        self.backend.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        self.backend.transport.abortConnection()
+        fd = self.backendInner.transport.fileno()
+        while not select.select([fd], [], [], 0)[0]:
+            yield deferLater(reactor, 0.01)
+        self.client.transport.write(b"c NOOP\r\n")
+        self.client.transport.resumeProducing()
+        yield self.client.closed
+        self.assertEqual(self.relay.endReason, "connection reset" if splice else "backend closed")
+        self.assertGreater(self.relay.bytesFromBackend, 0)
+        self.assertEqual(bytes(self.client.received), b"a OK Logged in\r\n" + b"y" * self.relay.bytesFromBackend)
+
+    def test_backendResetPython(self) -> None:
+        """
+        Relayed in Python, what the proxy read from a backend that then
+        reset still reaches the client.
+        """
+        return self.backendResetsWhileClientSlow(False)
+
+    def test_backendResetSpliced(self) -> None:
+        """
+        Spliced, too: what the pipe holds reaches the client before the
+        close.
+        """
+        return self.backendResetsWhileClientSlow(True)

@@ -400,6 +400,10 @@ class GuardedSocketTests(TestCase):
         )
         self.clientInner.dataReceived = relay.fromClient
         self.backendInner.dataReceived = relay.fromBackend
+        # As a session's protocols do: the relay learns of the closes (and
+        # calls off its abort of the backend's connection).
+        self.clientInner.connectionLost = lambda reason=None: (relay.clientLost(), test_relay_sockets.Inner.connectionLost(self.clientInner))
+        self.backendInner.connectionLost = lambda reason=None: (relay.backendLost(), test_relay_sockets.Inner.connectionLost(self.backendInner))
         relay.start()
         self.assertIsNone(relay._splicer)
         self.client.transport.write(b"XCLIENT LOGIN=bob\r\nNOOP\r\n")
@@ -408,3 +412,5 @@ class GuardedSocketTests(TestCase):
         self.assertEqual(bytes(self.backend.received), b"NOOP\r\n")
         self.assertEqual(bytes(self.client.received), REFUSED)
         relay.stop()
+        yield self.clientInner.lost
+        yield self.backendInner.lost

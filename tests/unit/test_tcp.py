@@ -669,6 +669,45 @@ class AtOnceTests(TestCase):
         self.assertEqual(len(lost), 1)
 
     @inlineCallbacks
+    def test_writeAfterAbort(self) -> Any:
+        """
+        What is written after abortConnection is dropped, as Twisted's own
+        transports drop it: the peer sees the connection end and nothing
+        of it.
+        """
+        server, client = Peer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        server.transport.abortConnection()
+        server.transport.write(b"written after the abort\r\n")
+        server.transport.writeSequence([b"and ", b"this\r\n"])
+        yield client.closed
+        yield server.closed
+        self.assertEqual(bytes(client.received), b"")
+
+    @inlineCallbacks
+    def test_abortAfterHalfClose(self) -> Any:
+        """
+        An abort right after a half-close (put off until the current event
+        is handled) cancels the half-close: the socket is not shut down for
+        writing and its protocol is not told that writing ended.
+        """
+        shutdowns: list[int] = []
+        self.countShutdowns([], shutdowns)
+        server, client = HalfClosingPeer(), Peer()
+        self.connect(self.listen(server), client)
+        yield server.ready
+        yield client.ready
+        self.countShutdowns([server.transport.socket], shutdowns)
+        server.transport.loseWriteConnection()
+        server.transport.abortConnection()
+        yield server.closed
+        yield client.closed
+        self.assertEqual(shutdowns, [])
+        self.assertEqual(server.writeLost, 0)
+
+    @inlineCallbacks
     def test_connectorLetsGo(self) -> Any:
         """
         A connection made by L{_tcp.connectAtOnce} leaves no reference
