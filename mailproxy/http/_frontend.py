@@ -1044,6 +1044,9 @@ class HTTPFrontend(FrontendProtocol):
             wait = authenticationFailed(self, credentials, self.attempts)
             wait -= self.context.reactor.seconds() - request.started
             self.noteOutcome(EndReason.LOGIN_FAILED, FailureKind.AUTH.value)
+            # No routing cookie: it would tell anyone who tries a name
+            # where that account lives, signed.
+            request.cookie = None
             if self.failures >= self.limits.loginFailures:
                 self.channel.persistent = False
             if wait > 0:

@@ -183,8 +183,8 @@ class RoutingTests(HTTPFrontendTestCase):
         """
         The backend's 401 to routed credentials is a failed login: logged
         for fail2ban, counted, and passed on (untouched) only after the
-        failed-login delay, as the router's refusal would be; the backend
-        is not read meanwhile.
+        failed-login delay, as the router's refusal would be, without the
+        routing cookie; the backend is not read meanwhile.
         """
         self.connect(limits=Limits(failureDelay=2.0))
         self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong-pw") + b"\r\n\r\n")
@@ -198,6 +198,8 @@ class RoutingTests(HTTPFrontendTestCase):
         answer = self.client.value()
         self.assertEqual(head(answer)[0], b"HTTP/1.1 401 Unauthorized")
         self.assertTrue(answer.endswith(b"\r\n\r\nNo.\n"))
+        # No routing cookie naming where alice lives.
+        self.assertNotIn(b"set-cookie", head(answer)[1])
         self.assertEqual(self.connector.transports[0].producerState, "producing")
         failed = [event for event in self.events if event.get("event") == "login_failed"]
         self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
