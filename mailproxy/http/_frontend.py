@@ -347,8 +347,10 @@ class _Channel(HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         # HTTPChannel answers 400 to every oversized head; 431 says which
-        # limit it was (RFC 6585).
-        self._lines += 1
+        # limit it was (RFC 6585).  The request line counts, as the
+        # head's first, and the empty line that ends it does not.
+        if line:
+            self._lines += 1
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
             self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
             return

@@ -997,6 +997,15 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.assertEqual(head(answer)[0], b"HTTP/1.1 431 Request Header Fields Too Large")
         self.assertTrue(self.client.disconnecting)
 
+    def test_asManyHeadersAsAllowed(self) -> None:
+        """
+        Exactly max_headers header fields pass.
+        """
+        self.connect(maxHeaders=10)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(9)) + b"\r\n")
+        self.assertIn(b"GET / HTTP/1.1\r\n", self.backendGot())
+        self.assertFalse(self.client.disconnecting)
+
     def test_badRequests(self) -> None:
         """
         A malformed request line, a header without a colon, both framings
