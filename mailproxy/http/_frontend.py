@@ -99,10 +99,12 @@ _REMOVED = frozenset(
     }
 )
 
-#: Response fields not passed to the client: hop-by-hop, and the framing,
-#: which L{Request} writes for the client's connection.
+#: Response fields not passed to the client: hop-by-hop, the framing,
+#: which L{Request} writes for the client's connection, and C{Alt-Svc}
+#: (RFC 7838: an alternative the backend serves, on its own port, which the
+#: client cannot reach through the proxy; Cyrus offers h2c so).
 _RESPONSE_REMOVED = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"alt-svc"}
 )
 
 #: Seconds a client is told to wait (C{Retry-After}) when the router or

@@ -826,6 +826,18 @@ class StreamingTests(HTTPFrontendTestCase):
         self.assertEqual(head(answer)[1][b"transfer-encoding"], [b"chunked"])
         self.assertFalse(self.client.disconnecting)
 
+    def test_altSvcNotPassed(self) -> None:
+        """
+        The backend's Alt-Svc (Cyrus offers h2c on its own port) does not
+        reach the client: the proxy serves no such alternative, and it
+        would name the backend's port; other fields pass.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(b'HTTP/1.1 200 OK\r\nAlt-Svc: h2c=":56433"\r\nX-Other: y\r\nContent-Length: 0\r\n\r\n')
+        self.assertNotIn(b"alt-svc", head(answer)[1])
+        self.assertEqual(head(answer)[1][b"x-other"], [b"y"])
+
     def test_lengthBesideChunked(self) -> None:
         """
         A backend response with both Content-Length and chunked coding
