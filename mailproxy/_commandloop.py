@@ -357,9 +357,11 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         command, exchange = self._saslCommand, self._exchange
         if self._heldFailure is not None:
             # The client's answer to the error challenge (a dummy ^A, an
-            # empty line, or *): whatever it is, the refusal follows.
+            # empty line, or *): whatever it is, the refusal follows, in
+            # the words of a cancelled exchange for * (IMAP: BAD).
             failure, self._heldFailure = self._heldFailure, None
-            self._answerRefusal(command, failure)
+            cancelled = exchange.mechanism if response == b"*" and exchange is not None else None
+            self._answerRefusal(command, failure, cancelled)
             return
         assert exchange is not None
         if response == b"*":
@@ -442,11 +444,18 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
             return
         self._answerRefusal(command, failure)
 
-    def _answerRefusal(self, command: Any, failure: LoginFailed) -> None:
+    def _answerRefusal(self, command: Any, failure: LoginFailed, cancelled: str | None = None) -> None:
         """
         Answer a refused login, then end the session or read on.
+
+        @param cancelled: the mechanism, if the client cancelled its SASL
+            exchange (after an error challenge): the answer is the
+            protocol's to a cancelled exchange.
         """
-        self.answerLoginFailure(command, failure)
+        if cancelled is not None:
+            self.answerSASLRefusal(command, SASLRefusal.ABORTED, cancelled)
+        else:
+            self.answerLoginFailure(command, failure)
         if failure.close:
             endReason = self.loginFailureReason
             detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""

@@ -280,6 +280,9 @@ def _cacheCounts(router: object) -> tuple[int, int] | None:
     The hits and misses of every cache (L{IRouteCache}) in C{router}'s
     chain, or L{None} if none caches.
     """
+    if isinstance(router, _CacheCounts):
+        # The workers' caches, summed by the parent (mergeStates).
+        return router.hits, router.misses
     hits = misses = 0
     found = False
     for member in routerChain(router):

@@ -99,10 +99,12 @@ _REMOVED = frozenset(
     }
 )
 
-#: Response fields not passed to the client: hop-by-hop, and the framing,
-#: which L{Request} writes for the client's connection.
+#: Response fields not passed to the client: hop-by-hop, the framing,
+#: which L{Request} writes for the client's connection, and C{Alt-Svc}
+#: (RFC 7838: an alternative the backend serves, on its own port, which the
+#: client cannot reach through the proxy; Cyrus offers h2c so).
 _RESPONSE_REMOVED = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"alt-svc"}
 )
 
 #: Seconds a client is told to wait (C{Retry-After}) when the router or
@@ -347,8 +349,10 @@ class _Channel(HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         # HTTPChannel answers 400 to every oversized head; 431 says which
-        # limit it was (RFC 6585).
-        self._lines += 1
+        # limit it was (RFC 6585).  The request line counts, as the
+        # head's first, and the empty line that ends it does not.
+        if line:
+            self._lines += 1
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
             self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
             return
@@ -1044,6 +1048,9 @@ class HTTPFrontend(FrontendProtocol):
             wait = authenticationFailed(self, credentials, self.attempts)
             wait -= self.context.reactor.seconds() - request.started
             self.noteOutcome(EndReason.LOGIN_FAILED, FailureKind.AUTH.value)
+            # No routing cookie: it would tell anyone who tries a name
+            # where that account lives, signed.
+            request.cookie = None
             if self.failures >= self.limits.loginFailures:
                 self.channel.persistent = False
             if wait > 0:

@@ -183,8 +183,8 @@ class RoutingTests(HTTPFrontendTestCase):
         """
         The backend's 401 to routed credentials is a failed login: logged
         for fail2ban, counted, and passed on (untouched) only after the
-        failed-login delay, as the router's refusal would be; the backend
-        is not read meanwhile.
+        failed-login delay, as the router's refusal would be, without the
+        routing cookie; the backend is not read meanwhile.
         """
         self.connect(limits=Limits(failureDelay=2.0))
         self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong-pw") + b"\r\n\r\n")
@@ -198,6 +198,8 @@ class RoutingTests(HTTPFrontendTestCase):
         answer = self.client.value()
         self.assertEqual(head(answer)[0], b"HTTP/1.1 401 Unauthorized")
         self.assertTrue(answer.endswith(b"\r\n\r\nNo.\n"))
+        # No routing cookie naming where alice lives.
+        self.assertNotIn(b"set-cookie", head(answer)[1])
         self.assertEqual(self.connector.transports[0].producerState, "producing")
         failed = [event for event in self.events if event.get("event") == "login_failed"]
         self.assertEqual([(event["protocol"], event["user"]) for event in failed], [("http", '"alice"')])
@@ -824,6 +826,18 @@ class StreamingTests(HTTPFrontendTestCase):
         self.assertEqual(head(answer)[1][b"transfer-encoding"], [b"chunked"])
         self.assertFalse(self.client.disconnecting)
 
+    def test_altSvcNotPassed(self) -> None:
+        """
+        The backend's Alt-Svc (Cyrus offers h2c on its own port) does not
+        reach the client: the proxy serves no such alternative, and it
+        would name the backend's port; other fields pass.
+        """
+        self.connect()
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = self.backendSays(b'HTTP/1.1 200 OK\r\nAlt-Svc: h2c=":56433"\r\nX-Other: y\r\nContent-Length: 0\r\n\r\n')
+        self.assertNotIn(b"alt-svc", head(answer)[1])
+        self.assertEqual(head(answer)[1][b"x-other"], [b"y"])
+
     def test_lengthBesideChunked(self) -> None:
         """
         A backend response with both Content-Length and chunked coding
@@ -994,6 +1008,15 @@ class HostileInputTests(HTTPFrontendTestCase):
         answer = self.send(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n")
         self.assertEqual(head(answer)[0], b"HTTP/1.1 431 Request Header Fields Too Large")
         self.assertTrue(self.client.disconnecting)
+
+    def test_asManyHeadersAsAllowed(self) -> None:
+        """
+        Exactly max_headers header fields pass.
+        """
+        self.connect(maxHeaders=10)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(9)) + b"\r\n")
+        self.assertIn(b"GET / HTTP/1.1\r\n", self.backendGot())
+        self.assertFalse(self.client.disconnecting)
 
     def test_badRequests(self) -> None:
         """

@@ -418,13 +418,20 @@ class IMAPPassThroughTests(PassThroughMixin, SynchronousTestCase):
     def test_routerRefusal(self) -> None:
         """
         A router's refusal gets the generic C{invalid_token} challenge
-        first, then the NO, whatever the client answers (even C{*}).
+        first, then the NO to the client's dummy response; a client that
+        cancels with C{*} instead gets the BAD of a cancelled exchange
+        (RFC 3501 section 6.2.2).  Either way the session reads on.
         """
         self.connect()
-        self.send(b"a AUTHENTICATE XOAUTH2 " + b64encode(xoauth2(b"nobody@example.org", b"t")) + b"\r\n")
-        self.clock.advance(10)
-        self.assertEqual(self.client.value(), b"+ " + b64encode(b'{"status":"invalid_token"}') + b"\r\n")
-        self.assertEqual(self.send(b"*\r\n"), b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        for answer, refusal in (
+            (b"\r\n", b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            (b"*\r\n", b"a BAD Authentication aborted by client.\r\n"),
+        ):
+            self.send(b"a AUTHENTICATE XOAUTH2 " + b64encode(xoauth2(b"nobody@example.org", b"t")) + b"\r\n")
+            self.clock.advance(10)
+            self.assertEqual(self.client.value(), b"+ " + b64encode(b'{"status":"invalid_token"}') + b"\r\n")
+            self.assertEqual(self.send(answer), refusal)
+        self.assertEqual(self.send(b"b NOOP\r\n"), b"b OK NOOP completed.\r\n")
 
     def test_backendWithoutMechanism(self) -> None:
         """

@@ -16,6 +16,7 @@ import re
 import select
 import socket
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -27,12 +28,12 @@ from twisted.logger import LogLevel, LogPublisher, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
 from mailproxy._logs import EventLogService, _FileObserver, _InfoAndAbove, jsonLine, twistdLogObserver
 from mailproxy._safetext import logQuote
 from mailproxy._shared import FAILURE_MEMORY, MAX_FAILURES_COUNTED, LocalFailures
-from mailproxy._stats import ProxyStats, mergeStates, snapshot, statsState
+from mailproxy._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from mailproxy._tcp import DirectReactor
 from mailproxy import _workers
 from mailproxy._workers import (
@@ -49,7 +50,7 @@ from mailproxy._workers import (
     _shortEvent,
 )
 from mailproxy.config import ConfigError, LogConfig, parseConfig, workerCount
-from mailproxy.interfaces import IRouter
+from mailproxy.interfaces import IRouteCache, IRouter
 from mailproxy.model import Rejection
 from mailproxy.settings import Limits
 
@@ -1024,6 +1025,23 @@ class MergeTests(SynchronousTestCase):
         states = [statsState(stats, [], None) for stats in (one, two)]
         merged, sessions, cache = mergeStates(states, clock)
         self.assertEqual(snapshot(merged, sessions, cache), snapshot(both, [], None))  # type: ignore[arg-type]
+
+    def test_cachesSummed(self) -> None:
+        """
+        The route caches' hits and misses of every worker are summed, in
+        C{/stats} and in C{/metrics}.
+        """
+        clock = Clock()
+        caches = [SimpleNamespace(hits=3, misses=1), SimpleNamespace(hits=2, misses=4)]
+        states = []
+        for counts in caches:
+            router = directlyProvides(counts, IRouteCache) or counts
+            states.append(statsState(ProxyStats(clock), [], router))
+        merged, sessions, cache = mergeStates(states, clock)
+        self.assertEqual(snapshot(merged, sessions, cache)["router"]["cache"]["hits"], 5)  # type: ignore[arg-type]
+        text = metricsText(merged, sessions, cache).decode()
+        self.assertIn("mailproxy_router_cache_hits_total 5.0", text)
+        self.assertIn("mailproxy_router_cache_misses_total 5.0", text)
 
 
 @implementer(IRouter)
