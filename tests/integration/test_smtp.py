@@ -18,6 +18,7 @@ import os
 import random
 import re
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -72,6 +73,11 @@ HOMES = {
 
 #: The SIZE both Postfixes declare; the proxy offers the smaller one.
 SIZE_LIMITS = {"old": 100 * 1024 * 1024, "new": 120 * 1024 * 1024}
+
+#: Each Postfix's C{inet_protocols}: old takes IPv4 only (as the fixture
+#: does by default), so it refuses an IPv6 client's address in XCLIENT;
+#: new takes both, so it accepts it (though it listens on 127.0.0.1 only).
+INET_PROTOCOLS = {"old": "ipv4", "new": "all"}
 
 if TYPE_CHECKING:
     _MixinBase = SynchronousTestCase
@@ -153,6 +159,7 @@ class MailSystem:
                     saslPath=sasl,
                     ca=system.ca,
                     messageSizeLimit=SIZE_LIMITS[name],
+                    extraMainCf=f"inet_protocols = {INET_PROTOCOLS[name]}\n",
                 )
                 system.postfixes[name] = postfix
                 postfix.start()
@@ -221,15 +228,23 @@ class RunningProxy:
     with opportunistic STARTTLS; the static router reads C{routes.toml}.
     """
 
-    def __init__(self, directory: str, backends: Mapping[str, Mapping[str, object]], ca: TestCA) -> None:
+    def __init__(
+        self, directory: str, backends: Mapping[str, Mapping[str, object]], ca: TestCA, endpoint: str | None = None
+    ) -> None:
         """
         Write the configuration and the route table into C{directory}.
+
+        @param endpoint: the listeners' endpoint (port 0), if not
+            127.0.0.1.
         """
         certificate, key = ca.issue("smtp-proxy")
         listeners = [("submission", "starttls-required"), ("submission", "implicit"), ("mx", "starttls")]
+        where = {} if endpoint is None else {"endpoint": endpoint}
         # Port 0: the proxy logs the ports the kernel chose (see start).
         tables = [
-            listenerTable("smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
+            listenerTable(
+                "smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}), **where
+            )
             for mode, tls in listeners
         ]
         config = staticProxyConfig(certificate, key, tables, backends)
@@ -284,12 +299,15 @@ class SMTPFixtureMixin(_MixinBase):
         self.running = sharedFixture("smtp proxy", type(self).__qualname__, self._startProxy)
         self.context = ssl.create_default_context(cafile=self.system.ca.caPath)
 
+    #: The proxy's listeners' endpoint, if not on 127.0.0.1.
+    endpoint: str | None = None
+
     def _startProxy(self) -> RunningProxy:
         backends = {
             name: {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(postfix)}
             for name, postfix in self.system.postfixes.items()
         }
-        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca)
+        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca, self.endpoint)
         running.start()
         return running
 
@@ -917,6 +935,79 @@ class ProxyHeaderTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
         self.system.waitForCopy("old", user, messageId)
         self.postfixLine("old", mark, f"[{CLIENT_ADDRESS}]")
+
+
+class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    Clients on IPv6 (the proxy listens on ::1): XCLIENT gives the backend
+    their address as C{IPV6:::1}, in ADDR and DESTADDR alike.
+    """
+
+    endpoint = "tcp6:0:interface=\\:\\:1"
+
+    def raw6(self, port: int, implicit: bool = False) -> LineClient:
+        """
+        A bare client of the proxy from ::1, its greeting read, closed after
+        the test.
+        """
+        connection = socket.create_connection(("::1", port), TIMEOUT)
+        if implicit:
+            connection = self.context.wrap_socket(connection, server_hostname=LineClient.serverName)
+        client = LineClient(connection)
+        self.addCleanup(client.close)
+        self.assertTrue(client.reply()[0].startswith(b"220 "))
+        return client
+
+    def test_mxDelivered(self) -> None:
+        """
+        Mail from ::1 to bob reaches new's Postfix, which logs the client
+        as C{[::1]}, and his mailbox.
+        """
+        sender, user, messageId, mark = "someone@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw6(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        self.postfixLine("new", mark, "client=unknown[::1]")
+        self.system.waitForCopy("new", user, messageId)
+
+    def test_submissionDelivered(self) -> None:
+        """
+        Submission from ::1 (bob, logged in at new with AUTH) reaches new's
+        Postfix, which logs the client as C{[::1]} with bob as SASL user.
+        """
+        user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw6(self.running.submissions, implicit=True)
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(user, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        self.postfixLine("new", mark, "[::1]", f"sasl_username={user}")
+        self.system.waitForCopy("new", user, messageId)
+
+    def test_backendWithoutIPv6Defers(self) -> None:
+        """
+        old's Postfix leaves IPv6 out of C{inet_protocols} and refuses the
+        XCLIENT (C{501 5.5.4 Bad DESTADDR syntax}): a fault between proxy
+        and backend, so the recipient gets a temporary 451, which a sending
+        MTA retries, never a permanent refusal it would bounce.
+        """
+        mark = self.logMark("old")
+        client = self.raw6(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<someone@remote.example>"), [b"250 2.1.0 Ok"])
+        self.assertEqual(
+            client.command(b"RCPT TO:<alice@example.org>"),
+            [b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later"],
+        )
+        self.postfixLine("old", mark, "disconnect from")
 
 
 class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):

@@ -393,6 +393,28 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"554 5.7.1 Client host blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host blocked\r\n")
 
+    def test_xclientRefusedIsTemporary(self) -> None:
+        """
+        A backend that refuses the XCLIENT command itself (here an IPv6
+        address its C{inet_protocols} leaves out; or the proxy is not
+        authorized): a fault between proxy and backend, so the recipient
+        gets 451 4.4.1, never the backend's permanent reply, which would
+        make the sender bounce the mail.
+        """
+        self.build()
+        self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        temporary = b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later\r\n"
+        for refusal in (
+            b"501 5.5.4 Bad DESTADDR syntax: IPV6:::1\r\n",
+            b"550 5.7.0 Error: insufficient authorization\r\n",
+        ):
+            self.client.clear()
+            self.send(b"RCPT TO:<alice@example.org>\r\n")
+            self.backendSays(GREETING)
+            self.backendSays(POSTFIX_EHLO)
+            self.backendSays(refusal)
+            self.assertEqual(self.client.value(), temporary, refusal)
+
     def test_backendLostAfterRecipient(self) -> None:
         """
         When the backend goes away after accepting a recipient, later

@@ -738,6 +738,21 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
 
+    def test_xclientRefusedIsTemporary(self) -> None:
+        """
+        A backend that refuses the XCLIENT command itself (a value it
+        cannot take, as an IPv6 address where its C{inet_protocols} leaves
+        IPv6 out): a fault between proxy and backend, answered as a
+        temporary failure, not with the backend's permanent reply.
+        """
+        self.build()
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"501 5.5.4 Bad DESTADDR syntax: IPV6:::1\r\n")
+        self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
+
     def test_clientRefusedAtXCLIENTSentUnasked(self) -> None:
         """
         A backend known to offer XCLIENT gets it right after the greeting;
