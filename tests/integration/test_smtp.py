@@ -159,7 +159,7 @@ class MailSystem:
                     saslPath=sasl,
                     ca=system.ca,
                     messageSizeLimit=SIZE_LIMITS[name],
-                    extraMainCf=f"inet_protocols = {INET_PROTOCOLS[name]}\n",
+                    inetProtocols=INET_PROTOCOLS[name],
                 )
                 system.postfixes[name] = postfix
                 postfix.start()
