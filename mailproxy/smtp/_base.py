@@ -463,7 +463,14 @@ class SMTPFrontend(CommandLoop):
         if name is None:
             return
 
-        def answer(extensions: Extensions) -> None:
+        def answer(extensions: Extensions | None) -> None:
+            if extensions is None:
+                # No backend could be asked: whatever the proxy offered
+                # would be a guess, and a sender told there is no SMTPUTF8
+                # bounces such mail for good. 421 makes it try later.
+                self.send(421, "4.3.0", hostBytes(self.context.hostname) + b" Service not available, try again later")
+                self.end(EndReason.BACKENDS_UNKNOWN)
+                return
             self.helo, self.esmtp, self.offered = name, True, extensions
             before, after = extensions.passedOn
             self.send(250, None, hostBytes(self.context.hostname), *before, *self.ownKeywords(), *after)

@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from . import common
 from .common import CLIENT_ADDRESS, TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .postfix import Postfix, dovecotSASLConfig
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
 
 #: Accounts, on both Dovecots (which also check SASL for both Postfixes).
 PASSWORDS = {
@@ -1008,6 +1008,42 @@ class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
             [b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later"],
         )
         self.postfixLine("old", mark, "disconnect from")
+
+
+class BackendDownTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    A third backend, "down", that no one listens for: the proxy cannot
+    learn its extensions, and offers what the two Postfixes have.
+    """
+
+    def _startProxy(self) -> RunningProxy:
+        backends: dict[str, Mapping[str, object]] = {
+            name: {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(postfix)}
+            for name, postfix in self.system.postfixes.items()
+        }
+        dead = freePort()
+        backends["down"] = {"host": "127.0.0.1", "connect_timeout": 5, "ports": {"smtp": dead, "mx": dead}, "tls": "none"}
+        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca)
+        running.start()
+        return running
+
+    def test_smtputf8MailDelivered(self) -> None:
+        """
+        The MX EHLO still offers SMTPUTF8 (a sending MTA bounces SMTPUTF8
+        mail at once where it is missing), and such mail for bob reaches
+        new's Postfix.
+        """
+        sender, user, messageId, mark = "jörg@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw(self.running.mx)
+        ehlo = client.command(b"EHLO mta.remote.example")
+        self.assertIn(b"250-SMTPUTF8", ehlo)
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b"> SMTPUTF8"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        # Dovecot's LMTP offers no SMTPUTF8: the copy stops at new's queue.
+        self.postfixLine("new", mark, f"message-id={messageId}")
 
 
 class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
