@@ -145,6 +145,13 @@ class MXFrontend(SMTPFrontend):
         self._streaming = False
         self._lastActivity = 0.0
         self._idle = Timer(context.reactor, self._checkIdle)
+        # When the reply to a message's end (its final dot or last BDAT)
+        # is due at the latest, while it is awaited: the backend may have
+        # taken the message, so the session is not cut before it (see
+        # drop).
+        self._replyDue: float | None = None
+        # A drop that waits for that reply: its words and reason.
+        self._dropAfterReply: tuple[str, EndReason] | None = None
 
     @property
     def portName(self) -> str:
@@ -174,6 +181,27 @@ class MXFrontend(SMTPFrontend):
         if self._counted and self._lastBackend is not None:
             self.context.stats.sessionEnded(self.protocolName, self._lastBackend, self.bytesFromClient, self._fromBackends)
         super().connectionLost(reason)
+
+    @property
+    def finishing(self) -> float:
+        if self._dropAfterReply is None or self._replyDue is None:
+            return 0.0
+        return max(0.0, self._replyDue - self.context.reactor.seconds())
+
+    def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
+        if self._replyDue is not None and not self.closing:
+            # The backend may already have queued the message: cut now, the
+            # client would never hear it and send the message again. The
+            # reply is bounded by DATA_END_TIMEOUT; the session ends after it.
+            self._dropAfterReply = (reason, why)
+            return
+        super().drop(reason, why)
+
+    def _awaitMessageReply(self) -> None:
+        """
+        The message's end went to the backend: its reply is awaited.
+        """
+        self._replyDue = self.context.reactor.seconds() + DATA_END_TIMEOUT
 
     def _checkIdle(self) -> None:
         now = self.context.reactor.seconds()
@@ -580,10 +608,20 @@ class MXFrontend(SMTPFrontend):
             self.send(*_LOST)
             self._endTransaction()
             return
+        self._awaitMessageReply()
         d = self.backend.expectReply(DATA_END_TIMEOUT).addErrback(_lostToNone)
         self.wait(d, lambda messageReply: self._messageDone(messageReply, size))
 
     def _messageDone(self, messageReply: Reply | None, size: int) -> None:
+        self._replyDue = None
+        try:
+            self._answerMessage(messageReply, size)
+        finally:
+            dropped, self._dropAfterReply = self._dropAfterReply, None
+            if dropped is not None:
+                self.drop(*dropped)
+
+    def _answerMessage(self, messageReply: Reply | None, size: int) -> None:
         if messageReply is None:
             self.send(*_LOST)
         else:
@@ -641,14 +679,17 @@ class MXFrontend(SMTPFrontend):
             self.send(*_LOST)
             self._endTransaction()
             return
+        if last:
+            self._awaitMessageReply()
         self.wait(chunkReply, lambda answer: self._chunkDone(answer, last))
 
     def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
+        if last:
+            # The message's end, answered (or lost) as DATA's is.
+            self._messageDone(chunkReply, 0)
+            return
         if chunkReply is None:
             self.send(*_LOST)
             self._broken = True
             return
-        if not last:
-            self.transport.write(chunkReply.raw)
-            return
-        self._messageDone(chunkReply, 0)
+        self.transport.write(chunkReply.raw)

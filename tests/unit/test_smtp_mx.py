@@ -16,6 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailproxy._contract import ILoginFrontend, IProtocolFrontend
+from mailproxy._outcomes import EndReason
 from mailproxy._session import CLOSE_GRACE, FrontendProtocol
 from mailproxy.config import Limits
 from mailproxy.interfaces import IRouter
@@ -646,6 +647,61 @@ class DataTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"250 2.0.0 Ok: 8 bytes queued as X\r\n", 0)
         self.assertEqual(self.client.value(), b"250 2.0.0 Ok: 5 bytes\r\n250 2.0.0 Ok: 8 bytes queued as X\r\n")
         self.assertEqual((self.frontend.messages, self.frontend.mailFrom), (1, None))
+
+    def test_shutdownAwaitsMessageReply(self) -> None:
+        """
+        A session dropped at shutdown after the message's final dot, while
+        the backend's reply is awaited, gets that reply before the goodbye
+        (cut, the sender would send the message again), however long the
+        reply takes within the data-reply timeout.
+        """
+        self.build()
+        self.startData()
+        self.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.assertFalse(self.client.disconnecting)
+        self.assertEqual(self.frontend.finishing, _mx.DATA_END_TIMEOUT)
+        self.clock.advance(_mx.DATA_END_TIMEOUT - 1)
+        self.assertEqual(self.frontend.finishing, 1)
+        self.backendSays(b"250 2.0.0 Ok: queued as ABC\r\n", 0)
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: queued as ABC\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.frontend.messages, 1)
+
+    def test_shutdownAwaitsLastChunkReply(self) -> None:
+        """
+        The same after the last BDAT chunk.
+        """
+        self.build()
+        self.transaction()
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.assertGreater(self.frontend.finishing, 0)
+        self.backendSays(b"250 2.0.0 Ok: 3 bytes queued as X\r\n", 0)
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: 3 bytes queued as X\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+        self.assertTrue(self.client.disconnecting)
+
+    def test_shutdownDuringDataCuts(self) -> None:
+        """
+        A message whose end has not been sent is cut at once: the backend
+        never got the dot, and the sender keeps its copy.
+        """
+        self.build()
+        self.startData()
+        self.send(b"Subject: x\r\n\r\nbo")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
+        self.assertTrue(self.client.disconnecting)
 
     def test_refusedChunkSkipped(self) -> None:
         """
