@@ -150,6 +150,9 @@ class MXFrontend(SMTPFrontend):
         # taken the message, so the session is not cut before it (see
         # drop).
         self._replyDue: float | None = None
+        # The octets of the transaction's BDAT chunks so far (the message's
+        # size for the log, as DATA's is counted by its scanner).
+        self._chunked = 0
         # A drop that waits for that reply: its words and reason.
         self._dropAfterReply: tuple[str, EndReason] | None = None
 
@@ -268,6 +271,7 @@ class MXFrontend(SMTPFrontend):
         self._endTransaction()
 
     def _endTransaction(self) -> None:
+        self._chunked = 0
         self.mailFrom = None
         self.accepted = 0
         self.recipients = 0
@@ -636,7 +640,9 @@ class MXFrontend(SMTPFrontend):
             recipients=self.accepted,
             backend=self.bound,
             size=size,
-            reply=messageReply.code if messageReply is not None else None,
+            # What the client got: the backend's code, or 451 for a lost
+            # backend (the proxy's own answer).
+            reply=messageReply.code if messageReply is not None else _LOST[0],
         )
         if messageReply is None or not messageReply.positive:
             # Start the next transaction on a fresh connection rather than
@@ -663,6 +669,7 @@ class MXFrontend(SMTPFrontend):
             self.receiveChunk(size, None, lambda: self.error(*refusal))
             return
         assert self.backend is not None
+        self._chunked += size
         line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
         chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
         self._startStreaming()
@@ -686,7 +693,7 @@ class MXFrontend(SMTPFrontend):
     def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
         if last:
             # The message's end, answered (or lost) as DATA's is.
-            self._messageDone(chunkReply, 0)
+            self._messageDone(chunkReply, self._chunked)
             return
         if chunkReply is None:
             self.send(*_LOST)

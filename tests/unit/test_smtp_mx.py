@@ -703,6 +703,53 @@ class DataTests(MXTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
         self.assertTrue(self.client.disconnecting)
 
+    def messageLines(self) -> list[dict[str, Any]]:
+        """
+        The message log events from now on.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def loggedMessages(self, events: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        """
+        The C{(size, reply)} of each message line in C{events}.
+        """
+        return [
+            (event["size"], event["reply"])
+            for event in events
+            if event.get("log_format", "").startswith("message: ")
+        ]
+
+    def test_chunkedMessageLogged(self) -> None:
+        """
+        A BDAT message is logged with the octets of all its chunks.
+        """
+        events = self.messageLines()
+        self.build()
+        self.transaction()
+        self.send(b"BDAT 5\r\nabcde")
+        self.backendSays(b"250 2.0.0 Ok: 5 bytes\r\n", 0)
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.backendSays(b"250 2.0.0 Ok: 8 bytes queued as X\r\n", 0)
+        self.assertEqual(self.loggedMessages(events), [(8, 250)])
+
+    def test_lostReplyLogged(self) -> None:
+        """
+        A backend lost while the reply to the message's end is awaited:
+        the client gets 451 4.4.2, and the log says 451, not nothing.
+        """
+        events = self.messageLines()
+        self.build()
+        self.startData()
+        self.send(b"body\r\n.\r\n")
+        self.client.clear()
+        self.connector.protocols[0].connectionLost(None)
+        self.assertEqual(self.client.value(), b"451 4.4.2 Lost connection with the mail server, try again later\r\n")
+        # The DATA size counts the end marker too (DataScanner.size).
+        self.assertEqual(self.loggedMessages(events), [(9, 451)])
+
     def test_refusedChunkSkipped(self) -> None:
         """
         A BDAT without recipients is refused after its octets, which are
