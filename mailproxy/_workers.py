@@ -100,13 +100,13 @@ def stopDeadline(config: Any) -> float:
     """
     Seconds after SIGTERM before the parent kills a worker still running:
     its drain (C{shutdown_grace}), L{STOP_SLACK} for the goodbyes and, with
-    an MX listener, the data-reply timeout, which a worker waits for a
+    an SMTP listener, the data-reply timeout, which a worker waits for a
     message whose end its backend has (killed, the sender would send the
     message again).
     """
     slack = config.limits.shutdownGrace + STOP_SLACK
-    if any(listener.protocol == "smtp" and listener.mode == "mx" for listener in config.listeners):
-        from .smtp._mx import DATA_END_TIMEOUT
+    if any(listener.protocol == "smtp" for listener in config.listeners):
+        from .smtp._base import DATA_END_TIMEOUT
 
         slack += DATA_END_TIMEOUT
     return float(slack)

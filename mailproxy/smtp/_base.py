@@ -44,6 +44,10 @@ from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong
 #: Postfix's C{line_length_limit} (2048) and RFC 5321's 512, yet small for
 #: an MX that takes connections from the whole Internet.
 LINE_LENGTH = 8192
+#: Seconds to wait for the backend's reply to the end of the message
+#: (RFC 5321 §4.5.3.2.6); a session dropped while waiting for it is closed
+#: only after it, at the latest this long after the message's end.
+DATA_END_TIMEOUT = 600.0
 #: Errors after which the connection is closed (Postfix's hard limit).
 MAX_ERRORS = 20
 #: Verbs of other protocols: a browser or proxy request sent to the SMTP

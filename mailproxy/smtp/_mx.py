@@ -43,7 +43,7 @@ from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
 from .._routing import routeLogin
 from ._backend import BackendLost, SMTPBackend
-from ._base import SMTPFrontend, SMTPState
+from ._base import DATA_END_TIMEOUT, SMTPFrontend, SMTPState
 from ._parser import (
     Command,
     DataScanner,
@@ -57,10 +57,6 @@ from ._parser import (
 
 #: Recipients accepted in one transaction (RFC 5321 asks for at least 100).
 MAX_RECIPIENTS = 1000
-#: Seconds to wait for the backend's reply to the end of the message
-#: (RFC 5321 §4.5.3.2.6).
-DATA_END_TIMEOUT = 600.0
-
 #: Which offered extension each MAIL parameter needs.
 _MAIL_PARAMETERS = {b"SIZE": "SIZE", b"BODY": "8BITMIME", b"SMTPUTF8": "SMTPUTF8", b"RET": "DSN", b"ENVID": "DSN"}
 #: Which offered extension each RCPT parameter needs.

@@ -1341,18 +1341,18 @@ class StopDeadlineTests(SynchronousTestCase):
 
     def test_withoutMX(self) -> None:
         """
-        Without an MX listener: the drain and the slack for goodbyes.
+        Without an SMTP listener: the drain and the slack for goodbyes.
         """
         config = parseConfig(CONFIG, configFile(self))
         self.assertEqual(_workers.stopDeadline(config), config.limits.shutdownGrace + _workers.STOP_SLACK)
 
     def test_withMX(self) -> None:
         """
-        With an MX listener, also the data-reply timeout: a worker waiting
+        With an SMTP listener, also the data-reply timeout: a worker waiting
         for the reply to a message's end is not killed before it (the
         sender would send the message again).
         """
-        from mailproxy.smtp._mx import DATA_END_TIMEOUT
+        from mailproxy.smtp._base import DATA_END_TIMEOUT
 
         text = CONFIG.replace("ports = { imap = 143 }", "ports = { imap = 143, mx = 25 }") + (
             '[[listener]]\nprotocol = "smtp"\nmode = "mx"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
