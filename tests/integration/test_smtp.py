@@ -17,11 +17,13 @@ import imaplib
 import os
 import random
 import re
+import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -1044,6 +1046,152 @@ class BackendDownTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
         # Dovecot's LMTP offers no SMTPUTF8: the copy stops at new's queue.
         self.postfixLine("new", mark, f"message-id={messageId}")
+
+
+class HeldPolicy:
+    """
+    A Postfix policy service (C{check_policy_service}) on 127.0.0.1 that
+    holds every request until L{release}: a backend's reply to the end of
+    a message then waits for the test, with the message in its hands.
+
+    @ivar asked: set once a request has arrived.
+    """
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self._released = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            reader = connection.makefile("rb")
+            while True:
+                # A request is attribute lines up to an empty one.
+                while True:
+                    line = reader.readline()
+                    if not line:
+                        return
+                    if line in (b"\n", b"\r\n"):
+                        break
+                self.asked.set()
+                self._released.wait(TIMEOUT)
+                connection.sendall(b"action=DUNNO\n\n")
+
+    def release(self) -> None:
+        """
+        Answer the held requests, and later ones at once.
+        """
+        self._released.set()
+
+    def close(self) -> None:
+        """
+        Stop listening; release whatever is held.
+        """
+        self.release()
+        self._server.close()
+
+
+class ShutdownTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    SIGTERM while a message's end waits for the backend's reply: a third
+    Postfix ("held", delivering into new's Dovecot) holds that reply in a
+    policy service until the proxy has begun closing its sessions; the
+    client must get the backend's 250 before the goodbye, and the message
+    must arrive once (cut there, a sender would send it again).
+    """
+
+    def setUp(self) -> None:
+        # The servers are shared; the proxy is each test's own (SIGTERM
+        # ends it).
+        self.system = sharedFixture("smtp servers", __name__, MailSystem.start)
+        self.context = ssl.create_default_context(cafile=self.system.ca.caPath)
+        self.policy = HeldPolicy()
+        self.addCleanup(self.policy.close)
+        dovecot = self.system.dovecots["new"]
+        sasl = os.path.join(os.path.realpath(dovecot.directory / "runtime"), "run", "postfix-auth")
+        self.held = Postfix(
+            fixtureDirectory(f"{type(self).__name__}-postfix-{self._testMethodName}"),
+            "held",
+            domains=["example.org", "example.net"],
+            mailboxes=list(PASSWORDS),
+            lmtpPort=dovecot.lmtp,
+            saslPath=sasl,
+            ca=self.system.ca,
+            extraMainCf=f"smtpd_end_of_data_restrictions = check_policy_service inet:127.0.0.1:{self.policy.port}\n",
+        )
+        self.held.start()
+        self.addCleanup(self.held.stop)
+        backends = {
+            "old": {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(self.system.postfixes["old"])},
+            "new": {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(self.held)},
+        }
+        self.proxy = RunningProxy(fixtureDirectory(f"{type(self).__name__}-{self._testMethodName}"), backends, self.system.ca)
+        config = self.proxy.proxy.configPath
+        # The goodbyes come at once after SIGTERM.
+        config.write_text(config.read_text().replace("[limits]\n", '[limits]\n"shutdown_grace" = 0\n', 1))
+        self.proxy.start()
+        self.addCleanup(self.proxy.stop)
+
+    def stopWhileHeld(self, client: LineClient, messageId: str, user: str) -> None:
+        """
+        With the message's end sent on C{client}, wait for the backend to
+        hold it, send the proxy SIGTERM, release the reply once the proxy
+        is closing its sessions; the client gets the 250, then the goodbye,
+        and C{user} the message once.
+        """
+        self.assertTrue(self.policy.asked.wait(TIMEOUT), "the backend never asked the policy service")
+        os.kill(self.proxy.proxy.pid, signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while "closing 1 sessions" not in self.proxy.proxy.logText():
+            self.assertLess(time.monotonic(), deadline, "the proxy did not begin closing its session")
+            time.sleep(0.05)
+        self.policy.release()
+        # DATA's "Ok: queued as X", BDAT's "Ok: N bytes queued as X".
+        queued = client.reply()
+        self.assertTrue(queued[0].startswith(b"250 2.0.0 Ok: ") and b"queued as " in queued[0], queued)
+        self.assertEqual(client.reply(), [b"421 4.3.2 proxy.example.org Server shutting down."])
+        self.system.waitForCopy("new", user, messageId)
+        self.assertEqual(len(self.system.copies("new", user, messageId)), 1)
+
+    def test_mx(self) -> None:
+        """
+        An MX session after the final dot.
+        """
+        sender, user, messageId = "someone@remote.example", "bob@example.org", newMessageId()
+        client = self.raw(self.proxy.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.stopWhileHeld(client, messageId, user)
+
+    def test_submission(self) -> None:
+        """
+        A submission session (bob, relayed after login) after the last
+        BDAT chunk.
+        """
+        user, messageId = "bob@example.org", newMessageId()
+        client = self.raw(self.proxy.submissions, implicit=True)
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        data = message(user, [user], messageId)
+        client.send(b"BDAT %d LAST\r\n" % len(data) + data)
+        self.stopWhileHeld(client, messageId, user)
 
 
 class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):
