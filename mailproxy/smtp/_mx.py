@@ -65,6 +65,21 @@ _RCPT_PARAMETERS = {b"NOTIFY": "DSN", b"ORCPT": "DSN"}
 _LOST = (451, "4.4.2", "Lost connection with the mail server, try again later")
 
 
+def _lacking(backend: SMTPBackend, path: Path, needs: dict[bytes, str]) -> str | None:
+    """
+    The extension one of C{path}'s parameters needs (by C{needs}) that
+    C{backend} did not list, if any.
+    """
+    extensions = backend.extensions
+    if extensions is None:
+        return None
+    for keyword, _ in path.parameters:
+        needed = needs.get(keyword.upper())
+        if needed is not None and needed not in extensions:
+            return needed
+    return None
+
+
 @implementer(IPushProducer)
 class _ClientReading:
     """
@@ -485,6 +500,16 @@ class MXFrontend(SMTPFrontend):
                 return backend.clientText.encode("utf-8", "replace") + b"\r\n", False
             return reply(451, "4.4.1", f"<{address}>: Mail server temporarily unavailable, try again later"), False
         assert self.mailFrom is not None
+        lacking = _lacking(backend, self.mailFrom, _MAIL_PARAMETERS) or _lacking(backend, path, _RCPT_PARAMETERS)
+        if lacking is not None:
+            # Offered while this backend was unknown (see _ehlo), but it does
+            # not have it: a temporary answer, and the EHLO of later sessions
+            # no longer offers it (the dialogue told the knowledge), so the
+            # sender's retry goes without it or is refused for good.
+            return (
+                reply(451, "4.3.0", f"<{address}>: Mail server does not offer {lacking} now, try again later"),
+                False,
+            )
         rcpt = b"RCPT TO:<" + path.raw + b">" + path.parameterText()
         if self._mailSent:
             return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone).addCallback(self._orLost, address)

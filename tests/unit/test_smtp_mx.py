@@ -394,6 +394,25 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"554 5.7.1 Client host blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host blocked\r\n")
 
+    def test_backendLacksOfferedExtension(self) -> None:
+        """
+        A backend whose EHLO lacks an extension the client was offered
+        (while that backend was unknown, others had it) and uses: the
+        recipient gets 451 4.3.0, nothing is sent to the backend, and later
+        EHLOs no longer offer the extension.
+        """
+        self.build(extensions=Extensions({**KEYWORDS.keywords, "SMTPUTF8": ""}))
+        self.send(b"EHLO mta.remote.example\r\n")
+        self.assertEqual(self.send(b"MAIL FROM:<s@remote.example> SMTPUTF8\r\n"), b"250 2.1.0 Ok\r\n")
+        self.send(b"RCPT TO:<alice@example.org>\r\n")
+        self.assertEqual(self.connectBackend(), b"")
+        self.assertEqual(
+            self.client.value(),
+            b"451 4.3.0 <alice@example.org>: Mail server does not offer SMTPUTF8 now, try again later\r\n",
+        )
+        self.client.clear()
+        self.assertNotIn(b"SMTPUTF8", self.send(b"EHLO mta.remote.example\r\n"))
+
     def test_xclientRefusedIsTemporary(self) -> None:
         """
         A backend that refuses the XCLIENT command itself (here an IPv6
