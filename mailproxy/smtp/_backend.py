@@ -420,7 +420,7 @@ class _ESMTPDialogue(BackendProtocol):
         """
         if xclient and reply.code in _XCLIENT_FAULTS:
             hint = ""
-            if reply.code == 501 and b"ADDR syntax: IPV6:" in reply.text.upper():
+            if reply.code == 501 and b"ADDR SYNTAX: IPV6:" in reply.text.upper():
                 hint = " (does the backend's inet_protocols include ipv6?)"
             self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}{hint}")
         elif 500 <= reply.code < 600:

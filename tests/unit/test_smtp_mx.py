@@ -421,6 +421,9 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         gets 451 4.4.1, never the backend's permanent reply, which would
         make the sender bounce the mail.
         """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.build()
         self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
         temporary = b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later\r\n"
@@ -434,6 +437,10 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
             self.backendSays(POSTFIX_EHLO)
             self.backendSays(refusal)
             self.assertEqual(self.client.value(), temporary, refusal)
+        # The operator learns what the backend needs.
+        details = [event.get("detail", "") for event in events if "unavailable for session" in event.get("log_format", "")]
+        self.assertIn("inet_protocols include ipv6", details[0])
+        self.assertNotIn("inet_protocols", details[1])
 
     def test_backendLostAfterRecipient(self) -> None:
         """
