@@ -612,7 +612,7 @@ class Session(Protocol):
     def finishing(self) -> float:
         """
         Seconds this session, asked to L{drop}, may still take to finish
-        what must not be cut (an MX message whose end was sent, waiting
+        what must not be cut (an SMTP message whose end was sent, waiting
         for the backend's reply: cut, the sender would send it again);
         0 when it closes at once.
         """

@@ -18,6 +18,7 @@ from typing import cast
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._backend import BackendProtocol, LoginJob
@@ -118,6 +119,15 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
             # Already waiting for the reply; it ends the session.
             return
         super().drop(reason, why)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        # A client gone while its drop waited for the reply: no bound left
+        # to keep.
+        if self._replyBound is not None and self._replyBound.active():
+            self._replyBound.cancel()
+        self._replyBound = None
+        self._replyDue = None
+        super().connectionLost(reason)
 
     def ownKeywords(self) -> list[str]:
         own = super().ownKeywords()

@@ -415,6 +415,19 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
 
+    def test_clientGoneWhileWaiting(self) -> None:
+        """
+        A client that leaves while its drop waits for the reply leaves no
+        bound behind.
+        """
+        self.loggedIn()
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        calls = len(self.clock.getDelayedCalls())
+        self.frontend.connectionLost(None)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertLess(len(self.clock.getDelayedCalls()), calls)
+
     def test_shutdownWithoutMessageCuts(self) -> None:
         """
         Without a message's end awaiting its reply, the goodbye is at once.
