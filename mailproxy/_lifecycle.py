@@ -286,7 +286,15 @@ class ProxyService(TwistdLog, ReloadOnHangup, MultiService):
             self.notifier.status(f"stopping: closing {len(remaining)} sessions")
             for session in remaining:
                 session.drop(SHUTDOWN, EndReason.SHUTDOWN)
-            calls.append(self.reactor.callLater(CLOSE_WAIT, finish))
+            # A session finishing what must not be cut (a message's reply)
+            # closes once it is done: wait for it, within its own bound.
+            finishing = max((session.finishing for session in remaining), default=0.0)
+            if finishing:
+                self.log.info(
+                    "shutting down: waiting up to {seconds:.0f}s for messages awaiting their backend's reply",
+                    seconds=finishing,
+                )
+            calls.append(self.reactor.callLater(CLOSE_WAIT + finishing, finish))
 
         sessions.whenEmpty().addCallback(finish)
         if not done.called:

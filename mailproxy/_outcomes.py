@@ -128,6 +128,10 @@ class EndReason(str, Enum):
     TIMEOUT = "timeout"
     #: An SMTP MX session the router asked to close.
     CLOSED_BY_ROUTER = "closed by the router"
+    #: An SMTP session refused at EHLO because no backend's extensions
+    #: are known (each is down, or its certificate fails): the client is
+    #: to try again later rather than be offered none.
+    BACKENDS_UNKNOWN = "no backend's extensions known"
 
     def __str__(self) -> str:
         return self.value

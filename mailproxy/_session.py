@@ -602,6 +602,16 @@ class Session(Protocol):
         route = self.route
         return route.backend.name if route is not None else None
 
+    @property
+    def finishing(self) -> float:
+        """
+        Seconds this session, asked to L{drop}, may still take to finish
+        what must not be cut (an SMTP message whose end was sent, waiting
+        for the backend's reply: cut, the sender would send it again);
+        0 when it closes at once.
+        """
+        return 0.0
+
     def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
         """
         End this session from outside (an operator, a move, shutdown): say

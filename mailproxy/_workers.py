@@ -96,6 +96,23 @@ MAX_BACKOFF = 30.0
 #: goodbyes before the parent kills it.
 STOP_SLACK = 15.0
 
+
+def stopDeadline(config: Any) -> float:
+    """
+    Seconds after SIGTERM before the parent kills a worker still running:
+    its drain (C{shutdown_grace}), L{STOP_SLACK} for the goodbyes and, with
+    an SMTP listener, the data-reply timeout, which a worker waits for a
+    message whose end its backend has (killed, the sender would send the
+    message again).
+    """
+    slack = config.limits.shutdownGrace + STOP_SLACK
+    if any(listener.protocol == "smtp" for listener in config.listeners):
+        from .smtp._base import DATA_END_TIMEOUT
+
+        slack += DATA_END_TIMEOUT
+    return float(slack)
+
+
 #: The descriptor of a worker's channel to its parent; its listening
 #: sockets follow, in the order of the listeners.
 CHANNEL_FD = 3
@@ -1239,8 +1256,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         running = [worker for worker in self.workers if worker.exited is not None]
         for worker in running:
             self._signal(worker, signal.SIGTERM)
-        slack = self.config.limits.shutdownGrace + STOP_SLACK
-        kill = self.reactor.callLater(slack, self._killStragglers)
+        kill = self.reactor.callLater(stopDeadline(self.config), self._killStragglers)
 
         def stopped(_: object) -> Deferred[Any]:
             if kill.active():

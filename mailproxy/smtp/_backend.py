@@ -65,9 +65,23 @@ class BackendLost(Exception):
     """
 
 
+#: Replies Postfix gives an XCLIENT command itself, before it takes the
+#: attributes: the command is not offered (502), out of place (503), the
+#: proxy is not in C{smtpd_authorized_xclient_hosts} (550 5.7.0) or a value
+#: is malformed (501: among others an IPv6 address where the backend's
+#: C{inet_protocols} leaves IPv6 out). Each is a fault between proxy and
+#: backend, never the client's; only what follows a taken XCLIENT, the
+#: new greeting (554 where C{smtpd_client_restrictions} refuse the client
+#: at once), speaks about the client.
+_XCLIENT_FAULTS = frozenset([500, 501, 502, 503, 504, 550])
+
+
 def xclientAddress(address: str) -> str:
     """
-    An address as XCLIENT writes it: IPv6 with the C{IPV6:} prefix.
+    An address as XCLIENT writes it: IPv6 with the C{IPV6:} prefix, for
+    C{DESTADDR} as for C{ADDR} (Postfix reads both with
+    C{normalize_mailhost_addr}, which wants the prefix, and refuses either
+    if its C{inet_protocols} leaves the address's family out).
     """
     return "IPV6:" + address if ":" in address else address
 
@@ -273,7 +287,7 @@ class _ESMTPDialogue(BackendProtocol):
         if reply.code != 250:
             if refusal is not None:
                 # XCLIENT took hold and the server refuses the client.
-                self._refusedClient("backend refused XCLIENT", refusal)
+                self._refusedClient("backend refused XCLIENT", refusal, xclient=True)
             elif self._xclientSent:
                 self._refusedClient("backend refused EHLO after XCLIENT", reply)
             else:
@@ -367,7 +381,7 @@ class _ESMTPDialogue(BackendProtocol):
             self._ehlo(self.hostname)
             return
         if reply.code != 220:
-            self._refusedClient("backend refused XCLIENT", reply)
+            self._refusedClient("backend refused XCLIENT", reply, xclient=True)
             return
         if self._pendingXCLIENT:
             self._send(self._pendingXCLIENT.pop(0))
@@ -393,13 +407,23 @@ class _ESMTPDialogue(BackendProtocol):
         """
         return False
 
-    def _refusedClient(self, what: str, reply: Reply) -> None:
+    def _refusedClient(self, what: str, reply: Reply, xclient: bool = False) -> None:
         """
         The backend, now knowing who the client is, refused it: a permanent
         refusal is the client's answer (its address is blocked, say); a
         temporary one means "try later".
+
+        @param xclient: C{reply} answers XCLIENT itself: Postfix's own
+            refusals of the command (L{_XCLIENT_FAULTS}) are faults between
+            proxy and backend, which the client must take as temporary,
+            never as a reason to bounce its mail.
         """
-        if 500 <= reply.code < 600:
+        if xclient and reply.code in _XCLIENT_FAULTS:
+            hint = ""
+            if reply.code == 501 and b"ADDR SYNTAX: IPV6:" in reply.text.upper():
+                hint = " (does the backend's inet_protocols include ipv6?)"
+            self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}{hint}")
+        elif 500 <= reply.code < 600:
             # The client's reply: one line, whatever the server wrote.
             line = oneLine(reply.lines[-1].decode("utf-8", "replace")) or "Access denied"
             self.fail(FailureKind.REFUSED, f"{what}: {_show(reply)}", f"{reply.code} {line}")

@@ -44,6 +44,10 @@ from ._parser import COMMAND_LINE, Command, LineReader, SMTPSyntaxError, TooLong
 #: Postfix's C{line_length_limit} (2048) and RFC 5321's 512, yet small for
 #: an MX that takes connections from the whole Internet.
 LINE_LENGTH = 8192
+#: Seconds to wait for the backend's reply to the end of the message
+#: (RFC 5321 §4.5.3.2.6); a session dropped while waiting for it is closed
+#: only after it, at the latest this long after the message's end.
+DATA_END_TIMEOUT = 600.0
 #: Errors after which the connection is closed (Postfix's hard limit).
 MAX_ERRORS = 20
 #: Verbs of other protocols: a browser or proxy request sent to the SMTP
@@ -463,7 +467,14 @@ class SMTPFrontend(CommandLoop):
         if name is None:
             return
 
-        def answer(extensions: Extensions) -> None:
+        def answer(extensions: Extensions | None) -> None:
+            if extensions is None:
+                # No backend could be asked: whatever the proxy offered
+                # would be a guess, and a sender told there is no SMTPUTF8
+                # bounces such mail for good. 421 makes it try later.
+                self.send(421, "4.3.0", hostBytes(self.context.hostname) + b" Service not available, try again later")
+                self.end(EndReason.BACKENDS_UNKNOWN)
+                return
             self.helo, self.esmtp, self.offered = name, True, extensions
             before, after = extensions.passedOn
             self.send(250, None, hostBytes(self.context.hostname), *before, *self.ownKeywords(), *after)

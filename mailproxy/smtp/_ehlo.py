@@ -8,9 +8,13 @@ backend the listener can route to has it.
 
 L{BackendExtensions} learns each backend's list: by probing (connect,
 EHLO, QUIT) the first time a client needs it, and again from every
-session that reaches the backend. A backend that could not be asked counts
-as having no extensions at all, so an unknown backend can only make the
-list shorter, never promise something it lacks; it is asked again later.
+session that reaches the backend. A backend that could not be asked (it
+is down, its certificate fails) is left out of the list and asked again
+later: sessions cannot reach it anyway, and counting it as having no
+extensions would take from clients of the healthy backends what they
+need (a sending MTA bounces SMTPUTF8 mail at once where SMTPUTF8 is not
+offered). While no backend at all is known there is nothing to offer:
+the EHLO is refused as temporary (see L{BackendExtensions.current}).
 """
 
 from __future__ import annotations
@@ -195,11 +199,13 @@ class BackendExtensions:
             self._common = common(self._known[backend.name] for backend in self._backends)
         return self._common
 
-    def current(self) -> Deferred[Extensions]:
+    def current(self) -> Deferred[Extensions | None]:
         """
         The extensions every backend has, probing backends not yet known
         (unless one failed recently) and waiting for probes under way.
-        A backend still unknown afterwards makes the answer empty.
+        A backend still unknown afterwards is left out; if none is known,
+        the answer is L{None} (unless the listener has no backends at all:
+        then it is empty).
         """
         now = self._clock.seconds()
         waits = []
@@ -220,9 +226,14 @@ class BackendExtensions:
             return succeed(self._answer())
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: self._answer())
 
-    def _answer(self) -> Extensions:
+    def _answer(self) -> Extensions | None:
         known = self.known()
-        return known if known is not None else Extensions()
+        if known is not None:
+            return known
+        # Only the backends that answered: an unknown one is unreachable for
+        # sessions too, and must not shrink what the others offer.
+        answered = [self._known[backend.name] for backend in self._backends if backend.name in self._known]
+        return common(answered) if answered else None
 
     def _startProbe(self, backend: Backend) -> Deferred[None]:
         def probed(extensions: Extensions) -> None:
@@ -231,7 +242,7 @@ class BackendExtensions:
         def failed(reason: Failure) -> None:
             self._failedAt[backend.name] = self._clock.seconds()
             self.log.warn(
-                "cannot learn the ESMTP extensions of backend {backend}: {why}; offering clients none until it answers",
+                "cannot learn the ESMTP extensions of backend {backend}: {why}; offering clients what the others have until it answers",
                 backend=backend.name,
                 why=logQuote(reason.getErrorMessage()),
             )

@@ -16,7 +16,9 @@ from __future__ import annotations
 from base64 import b64encode
 from typing import cast
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._backend import BackendProtocol, LoginJob
@@ -29,7 +31,7 @@ from .._safetext import oneLine
 from .._session import ProxyContext
 from ..settings import Listener
 from ._backend import SMTPBackendLogin
-from ._base import INTERNAL_ERROR_GOODBYE, SMTPFrontend
+from ._base import DATA_END_TIMEOUT, INTERNAL_ERROR_GOODBYE, SMTPFrontend
 from ._guard import SMTPGuard
 from ._parser import Command, TooLong
 
@@ -74,6 +76,58 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
+        # The guard of the relayed session, after login.
+        self._guard: SMTPGuard | None = None
+        # When the reply to a message's end is due at the latest, once a
+        # drop waits for it; and the call that drops at that bound.
+        self._replyDue: float | None = None
+        self._replyBound: IDelayedCall | None = None
+
+    @property
+    def finishing(self) -> float:
+        if self._replyDue is None:
+            return 0.0
+        return max(0.0, self._replyDue - self.context.reactor.seconds())
+
+    def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
+        guard = self._guard
+        relay = self.relay
+        if (
+            self._replyDue is None
+            and guard is not None
+            and guard.awaitingMessageReply
+            and relay is not None
+            and relay.endReason is None
+        ):
+            # The backend may already have queued the message: cut now, the
+            # client would never hear it and send the message again. The
+            # relay has no reply timeout of its own: MX's data-reply timeout
+            # bounds the wait.
+            self._replyDue = self.context.reactor.seconds() + DATA_END_TIMEOUT
+
+            def dropNow() -> None:
+                if self._replyBound is not None and self._replyBound.active():
+                    self._replyBound.cancel()
+                self._replyBound = None
+                self._replyDue = None
+                super(SubmissionFrontend, self).drop(reason, why)
+
+            self._replyBound = self.context.reactor.callLater(DATA_END_TIMEOUT, dropNow)
+            guard.whenMessageAnswered(dropNow)
+            return
+        if self._replyDue is not None:
+            # Already waiting for the reply; it ends the session.
+            return
+        super().drop(reason, why)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        # A client gone while its drop waited for the reply: no bound left
+        # to keep.
+        if self._replyBound is not None and self._replyBound.active():
+            self._replyBound.cancel()
+        self._replyBound = None
+        self._replyDue = None
+        super().connectionLost(reason)
 
     def ownKeywords(self) -> list[str]:
         own = super().ownKeywords()
@@ -119,7 +173,8 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
         self.send(235, "2.7.0", "Authentication successful")
         extensions = cast(SMTPBackendLogin, backend).extensions
         chunking = extensions is not None and "CHUNKING" in extensions
-        return SMTPGuard(chunking=chunking)
+        self._guard = SMTPGuard(chunking=chunking)
+        return self._guard
 
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         if failure.kind is FailureKind.REFUSED and failure.clientText:

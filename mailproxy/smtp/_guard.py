@@ -26,9 +26,15 @@ took for content. C{BDAT n} is followed by n octets of content whatever the
 backend answers (RFC 3030), if the backend offered C{CHUNKING}; to one that
 did not, C{BDAT} is just an unknown command and what follows is read as
 commands, as that backend reads it.
+
+The guard also knows when a message's end (its final dot, its last
+C{BDAT}) awaits the backend's reply (L{SMTPGuard.awaitingMessageReply}): a
+session dropped then is closed only after that reply reached the client.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from .._guard import CommandGuard, commandVerb
 from ._parser import DataScanner, SMTPSyntaxError, parseBDAT, reply
@@ -67,6 +73,14 @@ class SMTPGuard(CommandGuard):
         self._head = b""
         self._scanner: DataScanner | None = None
         self._chunkLeft = 0
+        # Replies owed and received since login, and how many must have come
+        # for the latest message's end (its final dot, its last BDAT) to be
+        # answered: a session waiting for that reply is not cut (see
+        # awaitingMessageReply).
+        self._owed = 0
+        self._received = 0
+        self._messageEnd = 0
+        self._whenAnswered: list[Callable[[], None]] = []
 
     def step(self, buffer: bytes, position: int) -> tuple[int, bool] | None:
         if position >= len(buffer):
@@ -82,19 +96,52 @@ class SMTPGuard(CommandGuard):
     def tooLong(self) -> bytes:
         return _TOO_LONG
 
+    @property
+    def awaitingMessageReply(self) -> bool:
+        """
+        A message's end went to the backend, which has not answered it yet
+        (it may already have queued the message).
+        """
+        return self._received < self._messageEnd
+
+    def whenMessageAnswered(self, action: Callable[[], None]) -> None:
+        """
+        Call C{action} once the backend's reply to the latest message's end
+        has been passed to the client (at once if it has).
+        """
+        if self.awaitingMessageReply:
+            self._whenAnswered.append(action)
+        else:
+            action()
+
+    def _owe(self, messageEnd: bool = False) -> None:
+        # One more reply is owed for what is forwarded.
+        self.outstanding += 1
+        self._owed += 1
+        if messageEnd:
+            self._messageEnd = self._owed
+
+    def fromBackend(self, data: bytes) -> None:
+        super().fromBackend(data)
+        if self._whenAnswered and not self.awaitingMessageReply:
+            actions, self._whenAnswered = self._whenAnswered, []
+            for action in actions:
+                action()
+
     def command(self, line: bytes) -> bool:
         verb = commandVerb(line)
         if self.refuseListed(verb):
             return False
+        last = False
         if verb == b"BDAT" and self.chunking:
             argument = line.lstrip(b" \t")[4:].strip(b" \t\r")
             try:
-                size, _ = parseBDAT(argument)
+                size, last = parseBDAT(argument)
             except SMTPSyntaxError as e:
                 self.refuse(reply(e.code, e.enhanced, e.text))
                 return False
             self._chunkLeft = size
-        self.outstanding += 1
+        self._owe(messageEnd=last)
         if verb == b"DATA":
             self.afterReplies(self._dataAnswered)
         return True
@@ -115,10 +162,15 @@ class SMTPGuard(CommandGuard):
         if found is None:
             return len(buffer), True
         self._scanner = None
-        self.outstanding += 1
+        self._owe(messageEnd=True)
         return position + found, True
 
     def countReplies(self, data: bytes) -> int:
+        count = self._countReplies(data)
+        self._received += count
+        return count
+
+    def _countReplies(self, data: bytes) -> int:
         # A reply's last line has no "-" after its code.
         count = start = 0
         while True:

@@ -43,7 +43,7 @@ from ..settings import Listener
 from ..model import Rejection, Route, RouteRequest
 from .._routing import routeLogin
 from ._backend import BackendLost, SMTPBackend
-from ._base import SMTPFrontend, SMTPState
+from ._base import DATA_END_TIMEOUT, SMTPFrontend, SMTPState
 from ._parser import (
     Command,
     DataScanner,
@@ -57,16 +57,27 @@ from ._parser import (
 
 #: Recipients accepted in one transaction (RFC 5321 asks for at least 100).
 MAX_RECIPIENTS = 1000
-#: Seconds to wait for the backend's reply to the end of the message
-#: (RFC 5321 §4.5.3.2.6).
-DATA_END_TIMEOUT = 600.0
-
 #: Which offered extension each MAIL parameter needs.
 _MAIL_PARAMETERS = {b"SIZE": "SIZE", b"BODY": "8BITMIME", b"SMTPUTF8": "SMTPUTF8", b"RET": "DSN", b"ENVID": "DSN"}
 #: Which offered extension each RCPT parameter needs.
 _RCPT_PARAMETERS = {b"NOTIFY": "DSN", b"ORCPT": "DSN"}
 
 _LOST = (451, "4.4.2", "Lost connection with the mail server, try again later")
+
+
+def _lacking(backend: SMTPBackend, path: Path, needs: dict[bytes, str]) -> str | None:
+    """
+    The extension one of C{path}'s parameters needs (by C{needs}) that
+    C{backend} did not list, if any.
+    """
+    extensions = backend.extensions
+    if extensions is None:
+        return None
+    for keyword, _ in path.parameters:
+        needed = needs.get(keyword.upper())
+        if needed is not None and needed not in extensions:
+            return needed
+    return None
 
 
 @implementer(IPushProducer)
@@ -145,6 +156,16 @@ class MXFrontend(SMTPFrontend):
         self._streaming = False
         self._lastActivity = 0.0
         self._idle = Timer(context.reactor, self._checkIdle)
+        # When the reply to a message's end (its final dot or last BDAT)
+        # is due at the latest, while it is awaited: the backend may have
+        # taken the message, so the session is not cut before it (see
+        # drop).
+        self._replyDue: float | None = None
+        # The octets of the transaction's BDAT chunks so far (the message's
+        # size for the log, as DATA's is counted by its scanner).
+        self._chunked = 0
+        # A drop that waits for that reply: its words and reason.
+        self._dropAfterReply: tuple[str, EndReason] | None = None
 
     @property
     def portName(self) -> str:
@@ -174,6 +195,27 @@ class MXFrontend(SMTPFrontend):
         if self._counted and self._lastBackend is not None:
             self.context.stats.sessionEnded(self.protocolName, self._lastBackend, self.bytesFromClient, self._fromBackends)
         super().connectionLost(reason)
+
+    @property
+    def finishing(self) -> float:
+        if self._dropAfterReply is None or self._replyDue is None:
+            return 0.0
+        return max(0.0, self._replyDue - self.context.reactor.seconds())
+
+    def drop(self, reason: str, why: EndReason = EndReason.DROPPED) -> None:
+        if self._replyDue is not None and not self.closing:
+            # The backend may already have queued the message: cut now, the
+            # client would never hear it and send the message again. The
+            # reply is bounded by DATA_END_TIMEOUT; the session ends after it.
+            self._dropAfterReply = (reason, why)
+            return
+        super().drop(reason, why)
+
+    def _awaitMessageReply(self) -> None:
+        """
+        The message's end went to the backend: its reply is awaited.
+        """
+        self._replyDue = self.context.reactor.seconds() + DATA_END_TIMEOUT
 
     def _checkIdle(self) -> None:
         now = self.context.reactor.seconds()
@@ -240,6 +282,7 @@ class MXFrontend(SMTPFrontend):
         self._endTransaction()
 
     def _endTransaction(self) -> None:
+        self._chunked = 0
         self.mailFrom = None
         self.accepted = 0
         self.recipients = 0
@@ -457,6 +500,16 @@ class MXFrontend(SMTPFrontend):
                 return backend.clientText.encode("utf-8", "replace") + b"\r\n", False
             return reply(451, "4.4.1", f"<{address}>: Mail server temporarily unavailable, try again later"), False
         assert self.mailFrom is not None
+        lacking = _lacking(backend, self.mailFrom, _MAIL_PARAMETERS) or _lacking(backend, path, _RCPT_PARAMETERS)
+        if lacking is not None:
+            # Offered while this backend was unknown (see _ehlo), but it does
+            # not have it: a temporary answer, and the EHLO of later sessions
+            # no longer offers it (the dialogue told the knowledge), so the
+            # sender's retry goes without it or is refused for good.
+            return (
+                reply(451, "4.3.0", f"<{address}>: Mail server does not offer {lacking} now, try again later"),
+                False,
+            )
         rcpt = b"RCPT TO:<" + path.raw + b">" + path.parameterText()
         if self._mailSent:
             return backend.command(rcpt).addCallbacks(self._recipientReply, _lostToNone).addCallback(self._orLost, address)
@@ -580,10 +633,20 @@ class MXFrontend(SMTPFrontend):
             self.send(*_LOST)
             self._endTransaction()
             return
+        self._awaitMessageReply()
         d = self.backend.expectReply(DATA_END_TIMEOUT).addErrback(_lostToNone)
         self.wait(d, lambda messageReply: self._messageDone(messageReply, size))
 
     def _messageDone(self, messageReply: Reply | None, size: int) -> None:
+        self._replyDue = None
+        try:
+            self._answerMessage(messageReply, size)
+        finally:
+            dropped, self._dropAfterReply = self._dropAfterReply, None
+            if dropped is not None:
+                self.drop(*dropped)
+
+    def _answerMessage(self, messageReply: Reply | None, size: int) -> None:
         if messageReply is None:
             self.send(*_LOST)
         else:
@@ -598,7 +661,9 @@ class MXFrontend(SMTPFrontend):
             recipients=self.accepted,
             backend=self.bound,
             size=size,
-            reply=messageReply.code if messageReply is not None else None,
+            # What the client got: the backend's code, or 451 for a lost
+            # backend (the proxy's own answer).
+            reply=messageReply.code if messageReply is not None else _LOST[0],
         )
         if messageReply is None or not messageReply.positive:
             # Start the next transaction on a fresh connection rather than
@@ -625,6 +690,7 @@ class MXFrontend(SMTPFrontend):
             self.receiveChunk(size, None, lambda: self.error(*refusal))
             return
         assert self.backend is not None
+        self._chunked += size
         line = b"BDAT %d%s" % (size, b" LAST" if last else b"")
         chunkReply = self.backend.command(line, DATA_END_TIMEOUT).addErrback(_lostToNone)
         self._startStreaming()
@@ -641,14 +707,17 @@ class MXFrontend(SMTPFrontend):
             self.send(*_LOST)
             self._endTransaction()
             return
+        if last:
+            self._awaitMessageReply()
         self.wait(chunkReply, lambda answer: self._chunkDone(answer, last))
 
     def _chunkDone(self, chunkReply: Reply | None, last: bool) -> None:
+        if last:
+            # The message's end, answered (or lost) as DATA's is.
+            self._messageDone(chunkReply, self._chunked)
+            return
         if chunkReply is None:
             self.send(*_LOST)
             self._broken = True
             return
-        if not last:
-            self.transport.write(chunkReply.raw)
-            return
-        self._messageDone(chunkReply, 0)
+        self.transport.write(chunkReply.raw)

@@ -83,6 +83,7 @@ class Postfix:
         saslPath: str,
         ca: TestCA,
         messageSizeLimit: int = 100 * 1024 * 1024,
+        inetProtocols: str = "ipv4",
         extraMainCf: str = "",
     ) -> None:
         """
@@ -91,6 +92,8 @@ class Postfix:
         @param lmtpPort: the LMTP port on 127.0.0.1 that mail is delivered to.
         @param saslPath: the Dovecot auth socket for SASL on submission.
         @param ca: signs its certificate (for C{localhost} and 127.0.0.1).
+        @param inetProtocols: its C{inet_protocols}: C{all} makes it take
+            IPv6 addresses in XCLIENT (it listens on 127.0.0.1 only).
         @param extraMainCf: more C{main.cf} lines; a setting given again
             here replaces the fixture's (e.g. C{virtual_transport} for a
             benchmark that discards the mail).
@@ -102,6 +105,7 @@ class Postfix:
         self.lmtpPort = lmtpPort
         self.saslPath = saslPath
         self.messageSizeLimit = messageSizeLimit
+        self.inetProtocols = inetProtocols
         self.extraMainCf = extraMainCf
         self._ca = ca
         self._runtime: Path | None = None
@@ -185,7 +189,7 @@ maillog_file = {runtime}/maillog
 maillog_file_prefixes = {runtime}
 syslog_name = postfix-{self.name}
 inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
+inet_protocols = {self.inetProtocols}
 myhostname = {self.hostname}
 mydestination =
 mynetworks = 127.0.0.1/32

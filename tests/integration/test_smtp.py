@@ -17,10 +17,13 @@ import imaplib
 import os
 import random
 import re
+import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +34,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from . import common
 from .common import CLIENT_ADDRESS, TIMEOUT, listenerTable, routesText, staticProxyConfig
 from .postfix import Postfix, dovecotSASLConfig
-from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, requireServer, sharedFixture
+from .servers import Dovecot, Proxy, TestCA, fixtureDirectory, freePort, requireServer, sharedFixture
 
 #: Accounts, on both Dovecots (which also check SASL for both Postfixes).
 PASSWORDS = {
@@ -72,6 +75,11 @@ HOMES = {
 
 #: The SIZE both Postfixes declare; the proxy offers the smaller one.
 SIZE_LIMITS = {"old": 100 * 1024 * 1024, "new": 120 * 1024 * 1024}
+
+#: Each Postfix's C{inet_protocols}: old takes IPv4 only (as the fixture
+#: does by default), so it refuses an IPv6 client's address in XCLIENT;
+#: new takes both, so it accepts it (though it listens on 127.0.0.1 only).
+INET_PROTOCOLS = {"old": "ipv4", "new": "all"}
 
 if TYPE_CHECKING:
     _MixinBase = SynchronousTestCase
@@ -153,6 +161,7 @@ class MailSystem:
                     saslPath=sasl,
                     ca=system.ca,
                     messageSizeLimit=SIZE_LIMITS[name],
+                    inetProtocols=INET_PROTOCOLS[name],
                 )
                 system.postfixes[name] = postfix
                 postfix.start()
@@ -221,15 +230,23 @@ class RunningProxy:
     with opportunistic STARTTLS; the static router reads C{routes.toml}.
     """
 
-    def __init__(self, directory: str, backends: Mapping[str, Mapping[str, object]], ca: TestCA) -> None:
+    def __init__(
+        self, directory: str, backends: Mapping[str, Mapping[str, object]], ca: TestCA, endpoint: str | None = None
+    ) -> None:
         """
         Write the configuration and the route table into C{directory}.
+
+        @param endpoint: the listeners' endpoint (port 0), if not
+            127.0.0.1.
         """
         certificate, key = ca.issue("smtp-proxy")
         listeners = [("submission", "starttls-required"), ("submission", "implicit"), ("mx", "starttls")]
+        where = {} if endpoint is None else {"endpoint": endpoint}
         # Port 0: the proxy logs the ports the kernel chose (see start).
         tables = [
-            listenerTable("smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}))
+            listenerTable(
+                "smtp", 0, tls, mode=mode, **({"local_domains": LOCAL_DOMAINS} if mode == "mx" else {}), **where
+            )
             for mode, tls in listeners
         ]
         config = staticProxyConfig(certificate, key, tables, backends)
@@ -284,12 +301,15 @@ class SMTPFixtureMixin(_MixinBase):
         self.running = sharedFixture("smtp proxy", type(self).__qualname__, self._startProxy)
         self.context = ssl.create_default_context(cafile=self.system.ca.caPath)
 
+    #: The proxy's listeners' endpoint, if not on 127.0.0.1.
+    endpoint: str | None = None
+
     def _startProxy(self) -> RunningProxy:
         backends = {
             name: {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(postfix)}
             for name, postfix in self.system.postfixes.items()
         }
-        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca)
+        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca, self.endpoint)
         running.start()
         return running
 
@@ -917,6 +937,261 @@ class ProxyHeaderTests(SMTPFixtureMixin, SynchronousTestCase):
         self.assertEqual(client.sendmail(sender, [user], message(sender, [user], messageId)), {})
         self.system.waitForCopy("old", user, messageId)
         self.postfixLine("old", mark, f"[{CLIENT_ADDRESS}]")
+
+
+class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    Clients on IPv6 (the proxy listens on ::1): XCLIENT gives the backend
+    their address as C{IPV6:::1}, in ADDR and DESTADDR alike.
+    """
+
+    endpoint = "tcp6:0:interface=\\:\\:1"
+
+    def raw6(self, port: int, implicit: bool = False) -> LineClient:
+        """
+        A bare client of the proxy from ::1, its greeting read, closed after
+        the test.
+        """
+        connection = socket.create_connection(("::1", port), TIMEOUT)
+        if implicit:
+            connection = self.context.wrap_socket(connection, server_hostname=LineClient.serverName)
+        client = LineClient(connection)
+        self.addCleanup(client.close)
+        self.assertTrue(client.reply()[0].startswith(b"220 "))
+        return client
+
+    def test_mxDelivered(self) -> None:
+        """
+        Mail from ::1 to bob reaches new's Postfix, which logs the client
+        as C{[::1]}, and his mailbox.
+        """
+        sender, user, messageId, mark = "someone@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw6(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        self.postfixLine("new", mark, "client=unknown[::1]")
+        self.system.waitForCopy("new", user, messageId)
+
+    def test_submissionDelivered(self) -> None:
+        """
+        Submission from ::1 (bob, logged in at new with AUTH) reaches new's
+        Postfix, which logs the client as C{[::1]} with bob as SASL user.
+        """
+        user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw6(self.running.submissions, implicit=True)
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(user, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        self.postfixLine("new", mark, "[::1]", f"sasl_username={user}")
+        self.system.waitForCopy("new", user, messageId)
+
+    def test_backendWithoutIPv6Defers(self) -> None:
+        """
+        old's Postfix leaves IPv6 out of C{inet_protocols} and refuses the
+        XCLIENT (C{501 5.5.4 Bad DESTADDR syntax}): a fault between proxy
+        and backend, so the recipient gets a temporary 451, which a sending
+        MTA retries, never a permanent refusal it would bounce.
+        """
+        mark = self.logMark("old")
+        client = self.raw6(self.running.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<someone@remote.example>"), [b"250 2.1.0 Ok"])
+        self.assertEqual(
+            client.command(b"RCPT TO:<alice@example.org>"),
+            [b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later"],
+        )
+        self.postfixLine("old", mark, "disconnect from")
+
+
+class BackendDownTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    A third backend, "down", that no one listens for: the proxy cannot
+    learn its extensions, and offers what the two Postfixes have.
+    """
+
+    def _startProxy(self) -> RunningProxy:
+        backends: dict[str, Mapping[str, object]] = {
+            name: {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(postfix)}
+            for name, postfix in self.system.postfixes.items()
+        }
+        dead = freePort()
+        backends["down"] = {"host": "127.0.0.1", "connect_timeout": 5, "ports": {"smtp": dead, "mx": dead}, "tls": "none"}
+        running = RunningProxy(fixtureDirectory(type(self).__name__), backends, self.system.ca)
+        running.start()
+        return running
+
+    def test_smtputf8MailDelivered(self) -> None:
+        """
+        The MX EHLO still offers SMTPUTF8 (a sending MTA bounces SMTPUTF8
+        mail at once where it is missing), and such mail for bob reaches
+        new's Postfix.
+        """
+        sender, user, messageId, mark = "jörg@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
+        client = self.raw(self.running.mx)
+        ehlo = client.command(b"EHLO mta.remote.example")
+        self.assertIn(b"250-SMTPUTF8", ehlo)
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b"> SMTPUTF8"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
+        # Dovecot's LMTP offers no SMTPUTF8: the copy stops at new's queue.
+        self.postfixLine("new", mark, f"message-id={messageId}")
+
+
+class HeldPolicy:
+    """
+    A Postfix policy service (C{check_policy_service}) on 127.0.0.1 that
+    holds every request until L{release}: a backend's reply to the end of
+    a message then waits for the test, with the message in its hands.
+
+    @ivar asked: set once a request has arrived.
+    """
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self._released = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            reader = connection.makefile("rb")
+            while True:
+                # A request is attribute lines up to an empty one.
+                while True:
+                    line = reader.readline()
+                    if not line:
+                        return
+                    if line in (b"\n", b"\r\n"):
+                        break
+                self.asked.set()
+                self._released.wait(TIMEOUT)
+                connection.sendall(b"action=DUNNO\n\n")
+
+    def release(self) -> None:
+        """
+        Answer the held requests, and later ones at once.
+        """
+        self._released.set()
+
+    def close(self) -> None:
+        """
+        Stop listening; release whatever is held.
+        """
+        self.release()
+        self._server.close()
+
+
+class ShutdownTests(SMTPFixtureMixin, SynchronousTestCase):
+    """
+    SIGTERM while a message's end waits for the backend's reply: a third
+    Postfix ("held", delivering into new's Dovecot) holds that reply in a
+    policy service until the proxy has begun closing its sessions; the
+    client must get the backend's 250 before the goodbye, and the message
+    must arrive once (cut there, a sender would send it again).
+    """
+
+    def setUp(self) -> None:
+        # The servers are shared; the proxy is each test's own (SIGTERM
+        # ends it).
+        self.system = sharedFixture("smtp servers", __name__, MailSystem.start)
+        self.context = ssl.create_default_context(cafile=self.system.ca.caPath)
+        self.policy = HeldPolicy()
+        self.addCleanup(self.policy.close)
+        dovecot = self.system.dovecots["new"]
+        sasl = os.path.join(os.path.realpath(dovecot.directory / "runtime"), "run", "postfix-auth")
+        self.held = Postfix(
+            fixtureDirectory(f"{type(self).__name__}-postfix-{self._testMethodName}"),
+            "held",
+            domains=["example.org", "example.net"],
+            mailboxes=list(PASSWORDS),
+            lmtpPort=dovecot.lmtp,
+            saslPath=sasl,
+            ca=self.system.ca,
+            extraMainCf=f"smtpd_end_of_data_restrictions = check_policy_service inet:127.0.0.1:{self.policy.port}\n",
+        )
+        self.held.start()
+        self.addCleanup(self.held.stop)
+        backends = {
+            "old": {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(self.system.postfixes["old"])},
+            "new": {"host": "127.0.0.1", "connect_timeout": 5, **self.backendOptions(self.held)},
+        }
+        self.proxy = RunningProxy(fixtureDirectory(f"{type(self).__name__}-{self._testMethodName}"), backends, self.system.ca)
+        config = self.proxy.proxy.configPath
+        # The goodbyes come at once after SIGTERM.
+        config.write_text(config.read_text().replace("[limits]\n", '[limits]\n"shutdown_grace" = 0\n', 1))
+        self.proxy.start()
+        self.addCleanup(self.proxy.stop)
+
+    def stopWhileHeld(self, client: LineClient, messageId: str, user: str) -> None:
+        """
+        With the message's end sent on C{client}, wait for the backend to
+        hold it, send the proxy SIGTERM, release the reply once the proxy
+        is closing its sessions; the client gets the 250, then the goodbye,
+        and C{user} the message once.
+        """
+        self.assertTrue(self.policy.asked.wait(TIMEOUT), "the backend never asked the policy service")
+        os.kill(self.proxy.proxy.pid, signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while "closing 1 sessions" not in self.proxy.proxy.logText():
+            self.assertLess(time.monotonic(), deadline, "the proxy did not begin closing its session")
+            time.sleep(0.05)
+        self.policy.release()
+        # DATA's "Ok: queued as X", BDAT's "Ok: N bytes queued as X".
+        queued = client.reply()
+        self.assertTrue(queued[0].startswith(b"250 2.0.0 Ok: ") and b"queued as " in queued[0], queued)
+        self.assertEqual(client.reply(), [b"421 4.3.2 proxy.example.org Server shutting down."])
+        self.system.waitForCopy("new", user, messageId)
+        self.assertEqual(len(self.system.copies("new", user, messageId)), 1)
+
+    def test_mx(self) -> None:
+        """
+        An MX session after the final dot.
+        """
+        sender, user, messageId = "someone@remote.example", "bob@example.org", newMessageId()
+        client = self.raw(self.proxy.mx)
+        client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.stopWhileHeld(client, messageId, user)
+
+    def test_submission(self) -> None:
+        """
+        A submission session (bob, relayed after login) after the last
+        BDAT chunk.
+        """
+        user, messageId = "bob@example.org", newMessageId()
+        client = self.raw(self.proxy.submissions, implicit=True)
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        data = message(user, [user], messageId)
+        client.send(b"BDAT %d LAST\r\n" % len(data) + data)
+        self.stopWhileHeld(client, messageId, user)
 
 
 class TLSBackendTests(SMTPFixtureMixin, SynchronousTestCase):

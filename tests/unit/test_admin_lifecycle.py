@@ -353,6 +353,24 @@ class DrainTests(SynchronousTestCase):
         self.harness.clock.advance(5)
         self.successResultOf(stopped)
 
+    def test_finishingSessionAwaited(self) -> None:
+        """
+        A session that, dropped, still has something to finish (an MX
+        message awaiting its backend's reply) holds up the shutdown for as
+        long as it says, not only the few seconds of the goodbyes; it ends
+        as soon as it closes.
+        """
+        alice, _, _ = self.harness.login("alice@example.org")
+        self.patch(type(alice), "finishing", property(lambda session: 100.0))
+        stopped = self.service.stopService()
+        self.listener.stopped.callback(None)
+        self.harness.clock.advance(10 + 5)
+        self.assertNoResult(stopped)
+        self.harness.clock.advance(50)
+        self.assertNoResult(stopped)
+        self.harness.close(alice)
+        self.successResultOf(stopped)
+
     def test_listenersFirst(self) -> None:
         """
         Draining begins only once the listeners have stopped accepting.

@@ -117,11 +117,13 @@ class BackendExtensionsTests(SynchronousTestCase):
 
         self.knowledge = BackendExtensions(self.clock, self.backends, probe, retryInterval=60)
 
-    def result(self, d: Deferred[Extensions]) -> Extensions:
+    def result(self, d: Deferred[Extensions | None]) -> Extensions:
         """
-        The result C{d} has now.
+        The result C{d} has now, which is not L{None}.
         """
-        return self.successResultOf(d)
+        result = self.successResultOf(d)
+        assert result is not None
+        return result
 
     def test_probesOnceAndShares(self) -> None:
         """
@@ -142,21 +144,35 @@ class BackendExtensionsTests(SynchronousTestCase):
 
     def test_failedProbe(self) -> None:
         """
-        A backend that cannot be probed makes the answer empty, and is
-        probed again only after the retry interval.
+        A backend that cannot be probed is left out: the answer is what
+        the backends that answered have (SMTPUTF8 stays offered for their
+        mail), and it is probed again only after the retry interval; once
+        it answers, it counts.
         """
         d = self.knowledge.current()
-        self.probes["old"][0].callback(Extensions({"PIPELINING": ""}))
+        self.probes["old"][0].callback(Extensions({"PIPELINING": "", "SMTPUTF8": ""}))
         self.probes["new"][0].errback(RuntimeError("refused"))
-        self.assertEqual(self.result(d).keywords, {})
+        self.assertEqual(self.result(d).keywords, {"PIPELINING": "", "SMTPUTF8": ""})
         self.flushLoggedErrors()
-        self.assertEqual(self.result(self.knowledge.current()).keywords, {})
+        self.assertEqual(self.result(self.knowledge.current()).keywords, {"PIPELINING": "", "SMTPUTF8": ""})
         self.assertEqual(len(self.probes["new"]), 1)
         self.clock.advance(60)
         d = self.knowledge.current()
         self.assertEqual(len(self.probes["new"]), 2)
         self.probes["new"][1].callback(Extensions({"PIPELINING": ""}))
         self.assertEqual(self.result(d).keywords, {"PIPELINING": ""})
+
+    def test_noneKnown(self) -> None:
+        """
+        While no backend could be probed, the answer is L{None}: nothing
+        is known to offer.
+        """
+        d = self.knowledge.current()
+        self.probes["old"][0].errback(RuntimeError("refused"))
+        self.probes["new"][0].errback(RuntimeError("refused"))
+        self.assertIsNone(self.successResultOf(d))
+        self.flushLoggedErrors()
+        self.assertIsNone(self.successResultOf(self.knowledge.current()))
 
     def test_learnFromSessions(self) -> None:
         """
@@ -202,7 +218,7 @@ class BackendExtensionsTests(SynchronousTestCase):
         knowledge = BackendExtensions(self.clock, self.backends[:1], lambda b: succeed(Extensions({"DSN": ""})))
         self.assertEqual(self.result(knowledge.current()).keywords, {"DSN": ""})
         failing = BackendExtensions(self.clock, self.backends[:1], lambda b: fail(RuntimeError("no")))
-        self.assertEqual(self.result(failing.current()).keywords, {})
+        self.assertIsNone(self.successResultOf(failing.current()))
         self.flushLoggedErrors()
 
 

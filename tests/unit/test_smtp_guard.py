@@ -14,6 +14,7 @@ from zope.interface import implementer
 from mailproxy._guard import IRelayLink
 from mailproxy._outcomes import EndReason
 from mailproxy._relay import HALF_CLOSED_IDLE, Relay
+from mailproxy.smtp._base import DATA_END_TIMEOUT
 from mailproxy.smtp._guard import GUARDED_LINE, SMTPGuard
 
 from . import test_relay_sockets
@@ -364,6 +365,79 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
         relay = self.frontend.relay
         assert relay is not None
         self.assertEqual(relay.endReason, "idle timeout")
+
+    def test_shutdownAwaitsMessageReply(self) -> None:
+        """
+        A session dropped at shutdown after the message's final dot, while
+        the backend's reply is awaited, passes that reply on before the
+        goodbye (cut, the client would send the message again).
+        """
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.backendSays(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.assertEqual(self.frontend.finishing, DATA_END_TIMEOUT)
+        self.backendSays(b"250 2.0.0 Ok: queued as X\r\n")
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: queued as X\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+        self.assertEqual(self.frontend.finishing, 0)
+
+    def test_shutdownAwaitsLastChunkReply(self) -> None:
+        """
+        The same after the last BDAT chunk.
+        """
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nBDAT 3 LAST\r\nxyz")
+        self.backendSays(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.backendSays(b"250 2.0.0 Ok: 3 bytes queued as X\r\n")
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: 3 bytes queued as X\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+
+    def test_shutdownWaitBounded(self) -> None:
+        """
+        A backend that never answers the message's end holds the session
+        for the data-reply timeout at most.
+        """
+        self.loggedIn()
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.clock.advance(DATA_END_TIMEOUT - 1)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
+
+    def test_clientGoneWhileWaiting(self) -> None:
+        """
+        A client that leaves while its drop waits for the reply leaves no
+        bound behind.
+        """
+        self.loggedIn()
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        calls = len(self.clock.getDelayedCalls())
+        self.frontend.connectionLost(None)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertLess(len(self.clock.getDelayedCalls()), calls)
+
+    def test_shutdownWithoutMessageCuts(self) -> None:
+        """
+        Without a message's end awaiting its reply, the goodbye is at once.
+        """
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
 
     def test_bytesCounted(self) -> None:
         """

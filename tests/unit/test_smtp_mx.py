@@ -16,6 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailproxy._contract import ILoginFrontend, IProtocolFrontend
+from mailproxy._outcomes import EndReason
 from mailproxy._session import CLOSE_GRACE, FrontendProtocol
 from mailproxy.config import Limits
 from mailproxy.interfaces import IRouter
@@ -393,6 +394,54 @@ class RecipientTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"554 5.7.1 Client host blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host blocked\r\n")
 
+    def test_backendLacksOfferedExtension(self) -> None:
+        """
+        A backend whose EHLO lacks an extension the client was offered
+        (while that backend was unknown, others had it) and uses: the
+        recipient gets 451 4.3.0, nothing is sent to the backend, and later
+        EHLOs no longer offer the extension.
+        """
+        self.build(extensions=Extensions({**KEYWORDS.keywords, "SMTPUTF8": ""}))
+        self.send(b"EHLO mta.remote.example\r\n")
+        self.assertEqual(self.send(b"MAIL FROM:<s@remote.example> SMTPUTF8\r\n"), b"250 2.1.0 Ok\r\n")
+        self.send(b"RCPT TO:<alice@example.org>\r\n")
+        self.assertEqual(self.connectBackend(), b"")
+        self.assertEqual(
+            self.client.value(),
+            b"451 4.3.0 <alice@example.org>: Mail server does not offer SMTPUTF8 now, try again later\r\n",
+        )
+        self.client.clear()
+        self.assertNotIn(b"SMTPUTF8", self.send(b"EHLO mta.remote.example\r\n"))
+
+    def test_xclientRefusedIsTemporary(self) -> None:
+        """
+        A backend that refuses the XCLIENT command itself (here an IPv6
+        address its C{inet_protocols} leaves out; or the proxy is not
+        authorized): a fault between proxy and backend, so the recipient
+        gets 451 4.4.1, never the backend's permanent reply, which would
+        make the sender bounce the mail.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build()
+        self.send(b"EHLO mta.remote.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        temporary = b"451 4.4.1 <alice@example.org>: Mail server temporarily unavailable, try again later\r\n"
+        for refusal in (
+            b"501 5.5.4 Bad DESTADDR syntax: IPV6:::1\r\n",
+            b"550 5.7.0 Error: insufficient authorization\r\n",
+        ):
+            self.client.clear()
+            self.send(b"RCPT TO:<alice@example.org>\r\n")
+            self.backendSays(GREETING)
+            self.backendSays(POSTFIX_EHLO)
+            self.backendSays(refusal)
+            self.assertEqual(self.client.value(), temporary, refusal)
+        # The operator learns what the backend needs.
+        details = [event.get("detail", "") for event in events if "unavailable for session" in event.get("log_format", "")]
+        self.assertIn("inet_protocols include ipv6", details[0])
+        self.assertNotIn("inet_protocols", details[1])
+
     def test_backendLostAfterRecipient(self) -> None:
         """
         When the backend goes away after accepting a recipient, later
@@ -624,6 +673,108 @@ class DataTests(MXTestsMixin, SynchronousTestCase):
         self.backendSays(b"250 2.0.0 Ok: 8 bytes queued as X\r\n", 0)
         self.assertEqual(self.client.value(), b"250 2.0.0 Ok: 5 bytes\r\n250 2.0.0 Ok: 8 bytes queued as X\r\n")
         self.assertEqual((self.frontend.messages, self.frontend.mailFrom), (1, None))
+
+    def test_shutdownAwaitsMessageReply(self) -> None:
+        """
+        A session dropped at shutdown after the message's final dot, while
+        the backend's reply is awaited, gets that reply before the goodbye
+        (cut, the sender would send the message again), however long the
+        reply takes within the data-reply timeout.
+        """
+        self.build()
+        self.startData()
+        self.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.assertFalse(self.client.disconnecting)
+        self.assertEqual(self.frontend.finishing, _mx.DATA_END_TIMEOUT)
+        self.clock.advance(_mx.DATA_END_TIMEOUT - 1)
+        self.assertEqual(self.frontend.finishing, 1)
+        self.backendSays(b"250 2.0.0 Ok: queued as ABC\r\n", 0)
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: queued as ABC\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.frontend.messages, 1)
+
+    def test_shutdownAwaitsLastChunkReply(self) -> None:
+        """
+        The same after the last BDAT chunk.
+        """
+        self.build()
+        self.transaction()
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.client.value(), b"")
+        self.assertGreater(self.frontend.finishing, 0)
+        self.backendSays(b"250 2.0.0 Ok: 3 bytes queued as X\r\n", 0)
+        self.assertEqual(
+            self.client.value(), b"250 2.0.0 Ok: 3 bytes queued as X\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
+        )
+        self.assertTrue(self.client.disconnecting)
+
+    def test_shutdownDuringDataCuts(self) -> None:
+        """
+        A message whose end has not been sent is cut at once: the backend
+        never got the dot, and the sender keeps its copy.
+        """
+        self.build()
+        self.startData()
+        self.send(b"Subject: x\r\n\r\nbo")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
+        self.assertTrue(self.client.disconnecting)
+
+    def messageLines(self) -> list[dict[str, Any]]:
+        """
+        The message log events from now on.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def loggedMessages(self, events: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        """
+        The C{(size, reply)} of each message line in C{events}.
+        """
+        return [
+            (event["size"], event["reply"])
+            for event in events
+            if event.get("log_format", "").startswith("message: ")
+        ]
+
+    def test_chunkedMessageLogged(self) -> None:
+        """
+        A BDAT message is logged with the octets of all its chunks.
+        """
+        events = self.messageLines()
+        self.build()
+        self.transaction()
+        self.send(b"BDAT 5\r\nabcde")
+        self.backendSays(b"250 2.0.0 Ok: 5 bytes\r\n", 0)
+        self.send(b"BDAT 3 LAST\r\nxyz")
+        self.backendSays(b"250 2.0.0 Ok: 8 bytes queued as X\r\n", 0)
+        self.assertEqual(self.loggedMessages(events), [(8, 250)])
+
+    def test_lostReplyLogged(self) -> None:
+        """
+        A backend lost while the reply to the message's end is awaited:
+        the client gets 451 4.4.2, and the log says 451, not nothing.
+        """
+        events = self.messageLines()
+        self.build()
+        self.startData()
+        self.send(b"body\r\n.\r\n")
+        self.client.clear()
+        self.connector.protocols[0].connectionLost(None)
+        self.assertEqual(self.client.value(), b"451 4.4.2 Lost connection with the mail server, try again later\r\n")
+        # The DATA size counts the end marker too (DataScanner.size).
+        self.assertEqual(self.loggedMessages(events), [(9, 451)])
 
     def test_refusedChunkSkipped(self) -> None:
         """

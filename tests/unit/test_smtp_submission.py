@@ -304,10 +304,15 @@ class ProbeTests(SubmissionTestsMixin, SynchronousTestCase):
 
     def test_probeFails(self) -> None:
         """
-        A backend that cannot be asked leaves only the proxy's own keywords.
+        While no backend can be asked, the EHLO gets 421 4.3.0 and the
+        connection closes: a sender tries again later rather than being
+        offered no extensions (and bouncing SMTPUTF8 mail for good).
         """
         self.connector.refuse = True
-        self.assertEqual(self.send(b"EHLO client.example\r\n"), b"250-proxy.test\r\n250 AUTH PLAIN LOGIN\r\n")
+        self.assertEqual(
+            self.send(b"EHLO client.example\r\n"), b"421 4.3.0 proxy.test Service not available, try again later\r\n"
+        )
+        self.assertTrue(self.client.disconnecting)
         self.flushLoggedErrors()
 
 
@@ -737,6 +742,21 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         self.backendSays(POSTFIX_EHLO)
         self.backendSays(b"554 5.7.1 Client host rejected: blocked\r\n")
         self.assertEqual(self.client.value(), b"554 5.7.1 Client host rejected: blocked\r\n")
+
+    def test_xclientRefusedIsTemporary(self) -> None:
+        """
+        A backend that refuses the XCLIENT command itself (a value it
+        cannot take, as an IPv6 address where its C{inet_protocols} leaves
+        IPv6 out): a fault between proxy and backend, answered as a
+        temporary failure, not with the backend's permanent reply.
+        """
+        self.build()
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.backendSays(GREETING)
+        self.backendSays(POSTFIX_EHLO)
+        self.backendSays(b"501 5.5.4 Bad DESTADDR syntax: IPV6:::1\r\n")
+        self.assertEqual(self.client.value(), b"454 4.7.0 Temporary authentication failure\r\n")
 
     def test_clientRefusedAtXCLIENTSentUnasked(self) -> None:
         """

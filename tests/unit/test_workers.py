@@ -1399,3 +1399,32 @@ class ParentPortTests(SynchronousTestCase):
         self.assertEqual(worker.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
         accepted, _ = worker.accept()
         accepted.close()
+
+
+class StopDeadlineTests(SynchronousTestCase):
+    """
+    L{_workers.stopDeadline}: how long the parent lets a worker stop.
+    """
+
+    def test_withoutMX(self) -> None:
+        """
+        Without an SMTP listener: the drain and the slack for goodbyes.
+        """
+        config = parseConfig(CONFIG, configFile(self))
+        self.assertEqual(_workers.stopDeadline(config), config.limits.shutdownGrace + _workers.STOP_SLACK)
+
+    def test_withMX(self) -> None:
+        """
+        With an SMTP listener, also the data-reply timeout: a worker waiting
+        for the reply to a message's end is not killed before it (the
+        sender would send the message again).
+        """
+        from mailproxy.smtp._base import DATA_END_TIMEOUT
+
+        text = CONFIG.replace("ports = { imap = 143 }", "ports = { imap = 143, mx = 25 }") + (
+            '[[listener]]\nprotocol = "smtp"\nmode = "mx"\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
+        )
+        config = parseConfig(text, configFile(self, text))
+        self.assertEqual(
+            _workers.stopDeadline(config), config.limits.shutdownGrace + _workers.STOP_SLACK + DATA_END_TIMEOUT
+        )
