@@ -359,6 +359,17 @@ class SMTPFixtureMixin(_MixinBase):
         self.assertTrue(client.reply()[0].startswith(b"220 "))
         return client
 
+    def submitTo(self, client: LineClient, user: str) -> None:
+        """
+        On submission: C{EHLO}, C{AUTH PLAIN} as C{user} and a transaction
+        from and to C{user}, its C{MAIL} and C{RCPT} accepted.
+        """
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+
     def sendMessage(self, client: LineClient, sender: str, user: str, messageId: str, parameters: bytes = b"") -> list[bytes]:
         """
         One MX transaction up to the message's final dot, sent: C{EHLO},
@@ -994,11 +1005,7 @@ class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
         client = self.raw6(self.running.submissions, implicit=True)
-        client.command(b"EHLO client.example")
-        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
-        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
-        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.submitTo(client, user)
         self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
         client.send(message(user, [user], messageId) + b".\r\n")
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
@@ -1187,11 +1194,7 @@ class ShutdownTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         user, messageId = "bob@example.org", newMessageId()
         client = self.raw(self.proxy.submissions, implicit=True)
-        client.command(b"EHLO client.example")
-        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
-        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
-        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.submitTo(client, user)
         data = message(user, [user], messageId)
         client.send(b"BDAT %d LAST\r\n" % len(data) + data)
         self.stopWhileHeld(client, messageId, user)
