@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from ._backend import BackendFailure, BackendProtocol, LoginJob
+from ._backend import BackendFailure, BackendProtocol, LoginJob, LoginState
 from ._outcomes import EndReason, FailureKind
 from ._routing import routeNow
 from ._safetext import logQuote
@@ -167,6 +167,9 @@ class LoginAttempt:
         # the backend's login, or the failed-login delay. The session
         # cancels it when it ends (the client left).
         self._waitingFor: Deferred[Any] | IDelayedCall | None = None
+        # The client left while the backend had the credentials: the
+        # attempt still learns and counts the backend's answer.
+        self._abandoned = False
 
     def run(self) -> Deferred[BackendProtocol]:
         """
@@ -220,6 +223,9 @@ class LoginAttempt:
         The session takes the logged-in backend over (hand-over) or gives
         it up (the client left): this attempt no longer holds it.
         """
+        if self._abandoned:
+            # Kept until the backend has answered (see _cancel).
+            return None
         backend, self.backend = self.backend, None
         return backend
 
@@ -227,6 +233,16 @@ class LoginAttempt:
         # The session ended: stop what the attempt waits for. A Deferred
         # cancelled fails with CancelledError, which the step passes on
         # (to _failed); the delay's call is simply not made.
+        backend = self.backend
+        if backend is not None and backend.state is LoginState.LOGIN and isinstance(self._waitingFor, Deferred):
+            # The credentials are with the backend: its answer is awaited
+            # all the same (within the backend timeout), and a refusal
+            # counted and logged as any failed login. Else a client that
+            # hangs up before a backend's slow "NO" (Dovecot waits before
+            # it) would learn a right password from a quick OK and have
+            # no wrong one ever counted.
+            self._abandoned = True
+            return
         waitingFor, self._waitingFor = self._waitingFor, None
         if waitingFor is not None:
             waitingFor.cancel()
@@ -331,10 +347,19 @@ class LoginAttempt:
     def _loggedIn(self, backend: BackendProtocol) -> None:
         self._waitingFor = None
         self._backendDone("ok")
+        if self._abandoned:
+            # Its client left meanwhile.
+            self.backend = None
+            backend.abandon()
+            return
         self._outcome.callback(backend)
 
     def _backendFailed(self, reason: Failure) -> None:
         self._waitingFor = None
+        if self._abandoned and not reason.check(BackendFailure):
+            # No answer to count (the backend connection was lost).
+            self.backend = None
+            return
         if not reason.check(BackendFailure):
             # Abandoned (the client left), not an outcome.
             self._failed(reason)
@@ -390,6 +415,9 @@ class LoginAttempt:
         )
         if failure.kind is FailureKind.AUTH:
             wait += authenticationFailed(session, self.credentials, self.number)
+        if self._abandoned:
+            # Counted; nobody is left to answer.
+            return
         if session.failures >= session.limits.loginFailures:
             failure.close = True
         session.noteOutcome(EndReason.LOGIN_FAILED, failure.kind.value)

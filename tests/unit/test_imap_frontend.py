@@ -519,6 +519,36 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertIn(b"c NO [AUTHENTICATIONFAILED]", client.value())
         self.assertEqual(failures.recent(accountKey("")), 0)
 
+    def test_hangUpBeforeBackendAnswers(self) -> None:
+        """
+        A client that hangs up while the backend has its credentials does
+        not escape the count: the backend's refusal, when it comes, is a
+        failed login (counted for the address, logged for fail2ban); its
+        acceptance closes the backend connection nobody will use.
+        """
+        from twisted.logger import formatEvent
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN alice wrong\r\n")
+        self.backendSays(GREETING)
+        self.frontend.connectionLost(None)
+        self.backendSays(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        failures = self.frontend.context.failures
+        self.assertEqual(failures.recent(self.frontend.client.address), 1)
+        self.assertTrue(any(formatEvent(e).startswith("authentication failed: ") for e in events))
+
+        second, client = self.connectAgain()
+        second.dataReceived(b"b LOGIN alice secret\r\n")
+        self.clock.advance(1.0)
+        self.backendSays(GREETING)
+        second.connectionLost(None)
+        self.backendSays(b"P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+        self.assertEqual(failures.recent(self.frontend.client.address), 1)
+
     def test_rightPasswordWithoutFailuresAtOnce(self) -> None:
         """
         Without failures, a login is answered as soon as the backend
