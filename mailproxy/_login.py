@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from ._backend import BackendFailure, BackendProtocol, LoginJob
+from ._backend import BackendFailure, BackendProtocol, LoginJob, LoginState
 from ._outcomes import EndReason, FailureKind
 from ._routing import routeNow
 from ._safetext import logQuote
@@ -77,7 +77,9 @@ def authenticationFailed(session: FrontendProtocol, credentials: Credentials, at
     # from many addresses gains nothing either.
     counter = session.context.failures
     recent = min(counter.failed(session.client.address), MAX_FAILURES_COUNTED)
-    accountRecent = min(counter.failed(accountKey(credentials.user)), MAX_FAILURES_COUNTED)
+    # No name (a bearer token, an empty user) is no account: every such
+    # login would share one count.
+    accountRecent = min(counter.failed(accountKey(credentials.user)), MAX_FAILURES_COUNTED) if credentials.user else 0
     # A stable line for fail2ban (examples/fail2ban): the address comes
     # before anything the client chose.
     session.log.info(
@@ -99,19 +101,21 @@ def authenticationFailed(session: FrontendProtocol, credentials: Credentials, at
 
 def failurePenalty(session: FrontendProtocol, credentials: Credentials) -> float:
     """
-    How long after it began any answer to a login of C{session} with
-    C{credentials} waits, whatever its outcome: the failed-login delay the
-    failures so far (of the session, the client's address and the account)
-    have earned.
+    How long a login of C{session} with C{credentials} waits before it is
+    routed, whatever its outcome will be: the failed-login delay that the
+    failures so far of the session and of the client's address have
+    earned, and at most one delay for those of the account.
 
-    A wrong password is answered after the delay, and a right one after
-    this: otherwise a client that hangs up when no success came at once
-    would learn that a guess was wrong without waiting for the delay, and
-    could guess as fast as it connects.
+    A wrong password is answered after the delay; without this wait a
+    right one would be answered at once, and a client that hangs up when
+    no success came at once would learn that a guess was wrong without
+    waiting, and could guess as fast as it connects.  The account's own
+    failures count for one delay only: anyone who knows an account's name
+    can fail it, and its owner's logins must not wait for that.
     """
     counter = session.context.failures
     recent = min(counter.recent(session.client.address), MAX_FAILURES_COUNTED)
-    accountRecent = min(counter.recent(accountKey(credentials.user)), MAX_FAILURES_COUNTED)
+    accountRecent = min(counter.recent(accountKey(credentials.user)), 1) if credentials.user else 0
     return max(session.failures, recent, accountRecent) * session.limits.failureDelay
 
 
@@ -155,11 +159,17 @@ class LoginAttempt:
         self.route: Route | None = None
         self.backend: BackendProtocol | None = None
         self._backendStarted = 0.0
+        # When routing began: after the wait that failures earn
+        # (failurePenalty), which is a delay, not the login's own time.
+        self._routeStarted = self.started
         self._outcome: Deferred[BackendProtocol] = Deferred(self._cancel)
         # What the attempt waits for, if anything: the gate or the router,
         # the backend's login, or the failed-login delay. The session
         # cancels it when it ends (the client left).
         self._waitingFor: Deferred[Any] | IDelayedCall | None = None
+        # The client left while the backend had the credentials: the
+        # attempt still learns and counts the backend's answer.
+        self._abandoned = False
 
     def run(self) -> Deferred[BackendProtocol]:
         """
@@ -169,7 +179,20 @@ class LoginAttempt:
             L{LoginFailed} (after the failed-login delay), or with
             L{CancelledError} if it is cancelled because the session ended.
         """
+        wait = failurePenalty(self.session, self.credentials)
+        if wait > 0:
+            # After failures, no answer comes sooner than this (see
+            # failurePenalty); the router and the backend are asked after
+            # it, so nothing waits half done meanwhile.
+            self._waitingFor = self.session.context.reactor.callLater(wait, self._route)
+        else:
+            self._route()
+        return self._outcome
+
+    def _route(self) -> None:
+        self._waitingFor = None
         session, context = self.session, self.session.context
+        self._routeStarted = context.reactor.seconds()
         request = RouteRequest(
             protocol=session.protocolName,  # type: ignore[arg-type]
             credentials=self.credentials,
@@ -181,25 +204,28 @@ class LoginAttempt:
             answer = routeNow(context.router, request, context.reactor, self._routerAnswered, context.gate)
         except Exception:
             self._routerFailed(Failure())
-            return self._outcome
+            return
         if isinstance(answer, Deferred):
             self._waitingFor = answer
             answer.addCallbacks(self._routed, self._routerFailed)
         else:
             self._routed(answer)
-        return self._outcome
 
     def seconds(self) -> float:
         """
-        How long this attempt took so far.
+        How long this attempt took so far, the wait before routing after
+        failures left out (it is a delay, as the failed-login delay is).
         """
-        return self.session.context.reactor.seconds() - self.started
+        return self.session.context.reactor.seconds() - self._routeStarted
 
     def release(self) -> BackendProtocol | None:
         """
         The session takes the logged-in backend over (hand-over) or gives
         it up (the client left): this attempt no longer holds it.
         """
+        if self._abandoned:
+            # Kept until the backend has answered (see _cancel).
+            return None
         backend, self.backend = self.backend, None
         return backend
 
@@ -207,6 +233,16 @@ class LoginAttempt:
         # The session ended: stop what the attempt waits for. A Deferred
         # cancelled fails with CancelledError, which the step passes on
         # (to _failed); the delay's call is simply not made.
+        backend = self.backend
+        if backend is not None and backend.state is LoginState.LOGIN and isinstance(self._waitingFor, Deferred):
+            # The credentials are with the backend: its answer is awaited
+            # all the same (within the backend timeout), and a refusal
+            # counted and logged as any failed login. Else a client that
+            # hangs up before a backend's slow "NO" (Dovecot waits before
+            # it) would learn a right password from a quick OK and have
+            # no wrong one ever counted.
+            self._abandoned = True
+            return
         waitingFor, self._waitingFor = self._waitingFor, None
         if waitingFor is not None:
             waitingFor.cancel()
@@ -311,16 +347,19 @@ class LoginAttempt:
     def _loggedIn(self, backend: BackendProtocol) -> None:
         self._waitingFor = None
         self._backendDone("ok")
-        wait = failurePenalty(self.session, self.credentials) - self.seconds()
-        if wait <= 0:
-            self._outcome.callback(backend)
-        else:
-            # Answered when a wrong password would have been (see
-            # failurePenalty); the logged-in backend waits with it.
-            self._waitingFor = self.session.context.reactor.callLater(wait, self._outcome.callback, backend)
+        if self._abandoned:
+            # Its client left meanwhile.
+            self.backend = None
+            backend.abandon()
+            return
+        self._outcome.callback(backend)
 
     def _backendFailed(self, reason: Failure) -> None:
         self._waitingFor = None
+        if self._abandoned and not reason.check(BackendFailure):
+            # No answer to count (the backend connection was lost).
+            self.backend = None
+            return
         if not reason.check(BackendFailure):
             # Abandoned (the client left), not an outcome.
             self._failed(reason)
@@ -376,6 +415,9 @@ class LoginAttempt:
         )
         if failure.kind is FailureKind.AUTH:
             wait += authenticationFailed(session, self.credentials, self.number)
+        if self._abandoned:
+            # Counted; nobody is left to answer.
+            return
         if session.failures >= session.limits.loginFailures:
             failure.close = True
         session.noteOutcome(EndReason.LOGIN_FAILED, failure.kind.value)

@@ -77,7 +77,7 @@ from ._fleet import Fleet, FleetGate, FleetMover, invalidateCaches
 from ._shared import IConnectionCounter, LocalFailures
 from ._stats import ProxyStats, mergeStates, metricsText, snapshot, statsState
 from ._systemd import ServiceNotifier, syslogPriority
-from ._tcp import sendAtOnceOn
+from ._tcp import _buffered, sendAtOnceOn
 from .config import Config, ConfigError, journalPath, parseConfig
 from .migration import MigrationManager
 from .routers import buildRouter, closeRouter
@@ -1757,6 +1757,46 @@ class _WorkerSide:
             tracker.blocked.discard(argument["address"])
 
 
+def _linesSent(result: object, service: Any, forward: LogBatch, channel: Channel, reactor: Any) -> Deferred[object]:
+    """
+    Once a stopping worker's proxy has stopped, have the sessions it left
+    open (clients that did not close within its wait) end now, and send
+    every log line the worker holds: the parent writes the log, and what
+    is still with the worker when its reactor stops (which would cut those
+    sessions and the channel alike) never reaches it.  A second at most
+    for each.
+
+    @return: fires with C{result}.
+    """
+    done: Deferred[object] = Deferred()
+    sessions = service.context.sessions
+    deadline = reactor.seconds() + 1.0
+
+    def closeRest() -> None:
+        for session in list(sessions):
+            transport = session.transport
+            if transport is not None:
+                transport.abortConnection()
+        reactor.callLater(0, drain, reactor.seconds() + 1.0)
+
+    def drain(deadline: float) -> None:
+        forward.flush()
+        transport: Any = channel.transport
+        if transport is None or not transport.connected or not _buffered(transport) or reactor.seconds() > deadline:
+            done.callback(result)
+        else:
+            reactor.callLater(0.01, drain, deadline)
+
+    def waitEmpty() -> None:
+        if not list(sessions) or reactor.seconds() > deadline:
+            closeRest()
+        else:
+            reactor.callLater(0.01, waitEmpty)
+
+    waitEmpty()
+    return done
+
+
 def workerMain(
     buildService: Callable[..., Any], prepareProcess: Callable[[], None], argv: list[str] | None = None
 ) -> None:
@@ -1824,7 +1864,9 @@ def workerMain(
         service.startService()
         # The parent's signal: a SIGHUP to the process group reloads once.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+        reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+            "before", "shutdown", lambda: maybeDeferred(service.stopService).addBoth(_linesSent, service, forward, channel, reactor)
+        )
         channel.notify("ready", None)
 
     def failed(reason: Failure) -> None:

@@ -1052,7 +1052,10 @@ class HTTPFrontend(FrontendProtocol):
             # where that account lives, signed.
             request.cookie = None
             if self.failures >= self.limits.loginFailures:
+                # The last response of the connection says so (RFC 9112
+                # section 9.6), as the proxy's own refusals do.
                 self.channel.persistent = False
+                request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             if wait > 0:
                 backend = cast(HTTPBackend, request.backend)
                 backend.transport.pauseProducing()

@@ -58,6 +58,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .._blocking import ThreadRunner
@@ -961,10 +962,7 @@ class MigrationManager:
 
     async def _waitForNoSession(self, job: AccountJob) -> None:
         while any(session.backendName is not None for session in self.sessions.find(account=job.account)):
-            waited: Deferred[None] = Deferred()
-            call = self.reactor.callLater(self.settings.sessionPoll, waited.callback, None)
-            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
-            await waited
+            await deferLater(self.reactor, self.settings.sessionPoll)
 
     async def _dropSessions(self, job: AccountJob, target: str) -> None:
         """
@@ -980,7 +978,8 @@ class MigrationManager:
         context = self.mover.context
         gate = context.gate
         limits = getattr(context, "limits", None)
-        deadline = self.reactor.seconds() + (limits.backendTimeout if limits is not None else Limits().backendTimeout)
+        timeout = limits.backendTimeout if limits is not None else Limits().backendTimeout
+        deadline = self.reactor.seconds() + timeout
 
         def underway() -> list[Any]:
             held = gate.heldSessions() if callable(getattr(gate, "heldSessions", None)) else frozenset()
@@ -992,10 +991,7 @@ class MigrationManager:
             return found
 
         while underway() and self.reactor.seconds() < deadline:
-            waited: Deferred[None] = Deferred()
-            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
-            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
-            await waited
+            await deferLater(self.reactor, LOGIN_POLL)
         late = underway()
         for session in self.sessions.find(account=job.account):
             if session.backendName not in (None, target) or session in late:
@@ -1006,20 +1002,19 @@ class MigrationManager:
         # The account's sessions on the other proxies of a fleet (their
         # logins are held there too, by the fleet's gate), each dropped by
         # its proxy: the final sync waits until they have gone from the
-        # fleet's registry (or the backend timeout passed).
+        # fleet's registry, for a backend timeout of its own (the wait for
+        # local logins above may have used up the first).
+        deadline = self.reactor.seconds() + timeout
         told: set[str] = set()
         while True:
             remote = [s for s in await fleet.findRemote(job.account, None) if s.backendName != target]
-            if not remote or self.reactor.seconds() >= deadline:
-                return
             for session in remote:
                 if session.client.sessionId not in told:
                     told.add(session.client.sessionId)
                     session.drop(MOVED)
-            waited = Deferred()
-            call = self.reactor.callLater(LOGIN_POLL, waited.callback, None)
-            waited.addErrback(lambda f: (call.cancel() if call.active() else None, f)[1])
-            await waited
+            if not remote or self.reactor.seconds() >= deadline:
+                return
+            await deferLater(self.reactor, LOGIN_POLL)
 
     async def _verify(self, job: AccountJob, source: Backend, target: Backend) -> None:
         timeout = self.settings.clientTimeout

@@ -53,6 +53,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -356,7 +357,9 @@ def mbsyncStateName(source: Backend, target: Backend) -> str:
     messages that the migration there recorded.
     """
     far, near = sorted((source.name, target.name))
-    return f"{far}+{near}"
+    # Escaped: a backend's name may hold "+" or "/" (no two pairs share a
+    # directory, and none is elsewhere).
+    return f"{quote(far, safe='')}+{quote(near, safe='')}"
 
 
 def mbsyncConfiguration(source: Backend, target: Backend, account: str, stateDirectory: str) -> str:

@@ -80,6 +80,9 @@ class SMTPGuard(CommandGuard):
         self._owed = 0
         self._received = 0
         self._messageEnd = 0
+        # The reply that will answer a message's end once the last BDAT
+        # chunk under way has all gone to the backend (0: none).
+        self._lastChunkReply = 0
         self._whenAnswered: list[Callable[[], None]] = []
 
     def step(self, buffer: bytes, position: int) -> tuple[int, bool] | None:
@@ -88,6 +91,9 @@ class SMTPGuard(CommandGuard):
         if self._chunkLeft:
             end = min(len(buffer), position + self._chunkLeft)
             self._chunkLeft -= end - position
+            if not self._chunkLeft and self._lastChunkReply:
+                # The message's end is with the backend now.
+                self._messageEnd, self._lastChunkReply = self._lastChunkReply, 0
             return end, True
         if self._scanner is not None:
             return self._content(buffer, position)
@@ -141,7 +147,12 @@ class SMTPGuard(CommandGuard):
                 self.refuse(reply(e.code, e.enhanced, e.text))
                 return False
             self._chunkLeft = size
-        self._owe(messageEnd=last)
+        if last and self._chunkLeft:
+            # Not the message's end until its octets have all gone on.
+            self._owe()
+            self._lastChunkReply = self._owed
+        else:
+            self._owe(messageEnd=last)
         if verb == b"DATA":
             self.afterReplies(self._dataAnswered)
         return True

@@ -359,6 +359,32 @@ class SMTPFixtureMixin(_MixinBase):
         self.assertTrue(client.reply()[0].startswith(b"220 "))
         return client
 
+    def submitTo(self, client: LineClient, user: str) -> None:
+        """
+        On submission: C{EHLO}, C{AUTH PLAIN} as C{user} and a transaction
+        from and to C{user}, its C{MAIL} and C{RCPT} accepted.
+        """
+        client.command(b"EHLO client.example")
+        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
+        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+
+    def sendMessage(self, client: LineClient, sender: str, user: str, messageId: str, parameters: bytes = b"") -> list[bytes]:
+        """
+        One MX transaction up to the message's final dot, sent: C{EHLO},
+        C{MAIL} (with C{parameters}) and C{RCPT} accepted, C{DATA}; the
+        reply to the message is the caller's to read.
+
+        @return: the reply to C{EHLO}.
+        """
+        ehlo = client.command(b"EHLO mta.remote.example")
+        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">" + parameters), [b"250 2.1.0 Ok"])
+        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
+        client.send(message(sender, [user], messageId) + b".\r\n")
+        return ehlo
+
     def assertSubmitted(self, server: str, user: str, mark: int, messageId: str, method: str) -> None:
         """
         The message C{messageId} went through C{server}'s Postfix, which
@@ -967,11 +993,7 @@ class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         sender, user, messageId, mark = "someone@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
         client = self.raw6(self.running.mx)
-        client.command(b"EHLO mta.remote.example")
-        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
-        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
-        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.sendMessage(client, sender, user, messageId)
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
         self.postfixLine("new", mark, "client=unknown[::1]")
         self.system.waitForCopy("new", user, messageId)
@@ -983,11 +1005,7 @@ class IPv6ClientTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         user, messageId, mark = "bob@example.org", newMessageId(), self.logMark("new")
         client = self.raw6(self.running.submissions, implicit=True)
-        client.command(b"EHLO client.example")
-        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
-        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
-        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.submitTo(client, user)
         self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
         client.send(message(user, [user], messageId) + b".\r\n")
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
@@ -1037,12 +1055,8 @@ class BackendDownTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         sender, user, messageId, mark = "jörg@remote.example", "bob@example.org", newMessageId(), self.logMark("new")
         client = self.raw(self.running.mx)
-        ehlo = client.command(b"EHLO mta.remote.example")
+        ehlo = self.sendMessage(client, sender, user, messageId, b" SMTPUTF8")
         self.assertIn(b"250-SMTPUTF8", ehlo)
-        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b"> SMTPUTF8"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
-        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
-        client.send(message(sender, [user], messageId) + b".\r\n")
         self.assertTrue(client.reply()[0].startswith(b"250 2.0.0 Ok: queued"))
         # Dovecot's LMTP offers no SMTPUTF8: the copy stops at new's queue.
         self.postfixLine("new", mark, f"message-id={messageId}")
@@ -1170,11 +1184,7 @@ class ShutdownTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         sender, user, messageId = "someone@remote.example", "bob@example.org", newMessageId()
         client = self.raw(self.proxy.mx)
-        client.command(b"EHLO mta.remote.example")
-        self.assertEqual(client.command(b"MAIL FROM:<" + sender.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
-        self.assertTrue(client.command(b"DATA")[0].startswith(b"354 "))
-        client.send(message(sender, [user], messageId) + b".\r\n")
+        self.sendMessage(client, sender, user, messageId)
         self.stopWhileHeld(client, messageId, user)
 
     def test_submission(self) -> None:
@@ -1184,11 +1194,7 @@ class ShutdownTests(SMTPFixtureMixin, SynchronousTestCase):
         """
         user, messageId = "bob@example.org", newMessageId()
         client = self.raw(self.proxy.submissions, implicit=True)
-        client.command(b"EHLO client.example")
-        response = base64.b64encode(b"\0" + user.encode() + b"\0" + PASSWORDS[user].encode())
-        self.assertEqual(client.command(b"AUTH PLAIN " + response), [b"235 2.7.0 Authentication successful"])
-        self.assertEqual(client.command(b"MAIL FROM:<" + user.encode() + b">"), [b"250 2.1.0 Ok"])
-        self.assertEqual(client.command(b"RCPT TO:<" + user.encode() + b">"), [b"250 2.1.5 Ok"])
+        self.submitTo(client, user)
         data = message(user, [user], messageId)
         client.send(b"BDAT %d LAST\r\n" % len(data) + data)
         self.stopWhileHeld(client, messageId, user)

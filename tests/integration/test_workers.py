@@ -378,6 +378,18 @@ class WorkersTests(SynchronousTestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("Failregex: 3 total", result.stdout, name)
 
+    def test_shutdownSessionsLogged(self) -> None:
+        """
+        Sessions a shutdown ends in the workers are logged by the parent
+        like any other session's end: each worker's last lines reach the
+        log before it exits.
+        """
+        clients = self.idlers()
+        self.proxy.proxy.stop()
+        text = self.proxy.log()
+        ended = re.findall(r'^\S+ \[worker [12]\] .*end: imap .*reason="dropped: Server shutting down\."', text, re.MULTILINE)
+        self.assertEqual(len(ended), len(clients), text[-3000:])
+
     def connectFrom(self, source: str) -> socket.socket:
         """
         A connection to the proxy from the local address C{source}, its

@@ -328,6 +328,55 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(aliceClient.value(), b"* BYE " + MOVED.encode() + b"\r\n")
         self.assertEqual(self.store.entries["alice@example.org"], "new")
 
+    def test_migrationDropsEverywhereAfterLocalWait(self) -> None:
+        """
+        A login on C{b} stuck at its backend uses up the wait for local
+        logins under way; the account's session on C{a} is dropped all the
+        same, before the final sync.
+        """
+        from mailproxy.migration import MigrationManager, MigrationSettings
+        from mailproxy.migration._manager import LOGIN_POLL
+        from mailproxy.settings import Limits
+
+        from .test_migration_manager import BACKENDS as MASTERED, OK, ScriptedClients, ScriptedTools, syncRun
+
+        alice, aliceClient, _ = self.a.harness.login("alice@example.org")
+        stuck, _ = self.b.harness.connect()
+        stuck.dataReceived(b"a LOGIN alice@example.org secret\r\n")
+        self.b.harness.context.limits = Limits(backendTimeout=1.0)
+        tools = ScriptedTools()
+        runs: list[Deferred[Any]] = [Deferred() for _ in range(8)]
+        tools.answers = list(runs)
+        seen: list[bytes] = []
+        tools.onRun = lambda run: seen.append(aliceClient.value())
+        manager = MigrationManager(
+            reactor=self.clock,
+            mover=self.b.proxy.mover,
+            router=self.store,
+            backends=MASTERED,
+            sessions=self.b.harness.context.sessions,
+            settings=MigrationSettings(doveadmConfig={"new": "/etc/dovecot/new.conf"}),
+            journalPath=None,
+            routerName="sql",
+            runTool=tools,
+            runBlocking=syncRun,
+            clients=ScriptedClients(),
+        )
+        campaign = self.successResultOf(manager.start(["alice@example.org"], "new"))
+        closed = False
+        for run in runs:
+            self.clock.pump([0] + [LOGIN_POLL] * 25)
+            if aliceClient.disconnecting and not closed:
+                self.a.harness.close(alice)
+                closed = True
+                self.clock.pump([0, LOGIN_POLL])
+            if not run.called:
+                run.callback(OK)
+        self.clock.pump([0, LOGIN_POLL])
+        self.assertEqual(campaign.state, "done", campaign.describe())
+        self.assertEqual(seen[:2], [b"", b""])
+        self.assertEqual(seen[2:], [b"* BYE " + MOVED.encode() + b"\r\n"] * (len(seen) - 2))
+
     def test_staticTableMoveRefused(self) -> None:
         """
         A move in a fleet whose route table is a static file (each proxy

@@ -313,12 +313,17 @@ class RoutingTests(HTTPFrontendTestCase):
         """
         self.connect(pins=(("/login", "old"),), limits=Limits(failureDelay=0, loginFailures=2))
         refusal = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nWWW-Authenticate: Basic realm=x\r\n\r\n"
+        answers = []
         for _ in range(2):
             self.send(b"GET /login HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "guess") + b"\r\n\r\n")
             self.assertEqual(head(self.backendGot())[1][b"authorization"], [basic("alice", "guess")])
-            self.assertEqual(self.backendSays(refusal)[: len(b"HTTP/1.1 401")], b"HTTP/1.1 401")
+            answers.append(self.backendSays(refusal))
+            self.assertEqual(answers[-1][: len(b"HTTP/1.1 401")], b"HTTP/1.1 401")
         self.assertEqual(self.frontend.failures, 2)
         self.assertTrue(self.client.disconnecting)
+        # The last response says the connection closes (RFC 9112 9.6).
+        self.assertNotIn(b"connection", head(answers[0])[1])
+        self.assertEqual(head(answers[1])[1][b"connection"], [b"close"])
 
     def test_bearerUnplacedGoesToDefault(self) -> None:
         """

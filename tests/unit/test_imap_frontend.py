@@ -461,11 +461,11 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
 
     def test_rightPasswordAfterFailuresWaitsToo(self) -> None:
         """
-        After failures, the right password is answered no sooner than a
-        wrong one would have been, from the start of its attempt: a client
-        that hangs up when no OK came at once learns nothing about its
-        guess before the failed-login delay.  The failures of the address
-        count, from other sessions too.
+        After failures, a login waits the failed-login delay before it is
+        routed (the backend is not asked meanwhile), so the right password
+        is answered no sooner than that: a client that hangs up when no OK
+        came at once learns nothing about its guess before the delay.  The
+        failures of the address count, from other sessions too.
         """
         self.build(limits=Limits(failureDelay=1.0))
         self.send(b"a LOGIN nobody wrong\r\n")
@@ -473,11 +473,12 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.assertIn(b"a NO [AUTHENTICATIONFAILED]", self.client.value())
         self.client.clear()
         self.send(b"b LOGIN alice secret\r\n")
+        # Not routed, no backend asked, until the delay has passed.
+        self.clock.advance(0.99)
+        self.assertEqual(self.connector.protocols, [])
+        self.clock.advance(0.01)
         self.backendSays(GREETING)
         self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
-        self.clock.advance(0.99)
-        self.assertEqual(self.client.value(), b"")
-        self.clock.advance(0.01)
         self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
 
         # Another session from the same address: its first attempt waits
@@ -485,11 +486,68 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         second, client = self.connectAgain()
         client.clear()
         second.dataReceived(b"c LOGIN alice secret\r\n")
+        self.assertEqual(len(self.connector.protocols), 1)
+        self.clock.advance(1.0)
         self.backendSays(GREETING)
         self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
-        self.assertEqual(client.value(), b"")
-        self.clock.advance(1.0)
         self.assertEqual(client.value(), b"c OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+    def test_accountFailuresWaitOneDelay(self) -> None:
+        """
+        Failures of the account from elsewhere (anyone who knows the name
+        can cause them) make its owner's login from a clean address wait
+        one delay, not one per failure; a login with no name counts under
+        no account.
+        """
+        from mailproxy._shared import accountKey
+
+        self.build(limits=Limits(failureDelay=1.0))
+        failures = self.frontend.context.failures
+        for _ in range(5):
+            failures.failed(accountKey("alice"))
+        self.send(b"b LOGIN alice secret\r\n")
+        self.clock.advance(0.99)
+        self.assertEqual(self.connector.protocols, [])
+        self.clock.advance(0.01)
+        self.backendSays(GREETING)
+        self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
+        self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+        second, client = self.connectAgain()
+        second.dataReceived(b'c LOGIN "" x\r\n')
+        self.clock.advance(5)
+        self.assertIn(b"c NO [AUTHENTICATIONFAILED]", client.value())
+        self.assertEqual(failures.recent(accountKey("")), 0)
+
+    def test_hangUpBeforeBackendAnswers(self) -> None:
+        """
+        A client that hangs up while the backend has its credentials does
+        not escape the count: the backend's refusal, when it comes, is a
+        failed login (counted for the address, logged for fail2ban); its
+        acceptance closes the backend connection nobody will use.
+        """
+        from twisted.logger import formatEvent
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.build(limits=Limits(failureDelay=1.0))
+        self.send(b"a LOGIN alice wrong\r\n")
+        self.backendSays(GREETING)
+        self.frontend.connectionLost(None)
+        self.backendSays(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        failures = self.frontend.context.failures
+        self.assertEqual(failures.recent(self.frontend.client.address), 1)
+        self.assertTrue(any(formatEvent(e).startswith("authentication failed: ") for e in events))
+
+        second, client = self.connectAgain()
+        second.dataReceived(b"b LOGIN alice secret\r\n")
+        self.clock.advance(1.0)
+        self.backendSays(GREETING)
+        second.connectionLost(None)
+        self.backendSays(b"P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.assertTrue(self.connector.transports[-1].disconnecting)
+        self.assertEqual(failures.recent(self.frontend.client.address), 1)
 
     def test_rightPasswordWithoutFailuresAtOnce(self) -> None:
         """

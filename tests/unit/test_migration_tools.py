@@ -107,6 +107,10 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertIn("Create Near\nRemove Near\nExpunge Near\nSync Pull\n", back)
         self.assertEqual(_tools.mbsyncStateName(backend("old"), backend("new")), "new+old")
         self.assertEqual(_tools.mbsyncStateName(backend("new"), backend("old")), "new+old")
+        self.assertNotEqual(
+            _tools.mbsyncStateName(backend("a+b"), backend("c")), _tools.mbsyncStateName(backend("a"), backend("b+c"))
+        )
+        self.assertEqual(_tools.mbsyncStateName(backend("../x"), backend("y")), "..%2Fx+y")
 
     def test_commandWithWrapper(self) -> None:
         """

@@ -886,6 +886,10 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), AUTH_FAILED)
         self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR No username given.\r\n")
         self.send(b"USER alice\r\nPASS secret\r\n")
+        # After one failure the next login waits one delay before it is
+        # routed.
+        self.assertEqual(len(self.connector.protocols), 1)
+        self.clock.advance(2.0)
         self.assertEqual(len(self.connector.protocols), 2)
 
     def test_backendWordingHidden(self) -> None:

@@ -127,6 +127,21 @@ class Inner(Protocol):
         self.lost.callback(None)
 
 
+@inlineCallbacks
+def tlsBackendLeg(port: int):  # type: ignore[no-untyped-def]
+    """
+    The proxy's leg to the TLS backend listening on C{port}, once the
+    proxy's side of the handshake is done.
+    """
+    factory = ClientFactory.forProtocol(Inner)
+    factory.inner = Deferred()
+    reactor.connectTCP("127.0.0.1", port, factory)
+    inner = yield factory.inner
+    inner.transport.startTLS(CertificateOptions())
+    yield inner.handshake
+    return inner
+
+
 class SplicedRelayTests(TestCase):
     """
     Bytes and closes cross a relay of two plain TCP connections.
@@ -818,12 +833,7 @@ class HalfCloseTests(TestCase):
 
         backendReceived = deferToThread(backend)
         self.client, self.clientInner = yield self.leg()
-        factory = ClientFactory.forProtocol(Inner)
-        factory.inner = Deferred()
-        reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
-        self.backendInner = yield factory.inner
-        self.backendInner.transport.startTLS(CertificateOptions())
-        yield self.backendInner.handshake
+        self.backendInner = yield tlsBackendLeg(listener.getsockname()[1])
         clock = Clock()
         self.join(clock=clock)
         self.client.transport.write(b"b LOGOUT\r\n")
@@ -1122,12 +1132,7 @@ class AfterEndTests(TestCase):
 
         done = deferToThread(backend)
         self.client, self.clientInner = yield self.leg()
-        factory = ClientFactory.forProtocol(Inner)
-        factory.inner = Deferred()
-        reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
-        self.backendInner = yield factory.inner
-        self.backendInner.transport.startTLS(CertificateOptions())
-        yield self.backendInner.handshake
+        self.backendInner = yield tlsBackendLeg(listener.getsockname()[1])
         # Its side of the handshake done too (with TLS 1.3 it sends its
         # session tickets after the proxy's side is done).
         while not handshaken.is_set():

@@ -401,6 +401,21 @@ class SubmissionGuardTests(SubmissionTestsMixin, SynchronousTestCase):
             self.client.value(), b"250 2.0.0 Ok: 3 bytes queued as X\r\n421 4.3.2 proxy.test Server shutting down.\r\n"
         )
 
+    def test_shutdownDuringLastChunkUpload(self) -> None:
+        """
+        A session dropped while its last chunk is still coming in owes the
+        client no message's reply yet: it closes at once (its message,
+        unfinished at the backend, is discarded, and the client sends it
+        again: no duplicate).
+        """
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nBDAT 1000 LAST\r\nxyz")
+        self.backendSays(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        self.client.clear()
+        self.frontend.drop("Server shutting down.", EndReason.SHUTDOWN)
+        self.assertEqual(self.frontend.finishing, 0)
+        self.assertEqual(self.client.value(), b"421 4.3.2 proxy.test Server shutting down.\r\n")
+
     def test_shutdownWaitBounded(self) -> None:
         """
         A backend that never answers the message's end holds the session

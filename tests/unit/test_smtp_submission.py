@@ -657,11 +657,13 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         """
         self.build(limits=Limits(failureDelay=1.0, loginFailures=3))
         for attempt in (1, 2, 3):
-            self.toXCLIENT() if attempt == 1 else self._again()
+            self.toXCLIENT() if attempt == 1 else self._again(attempt - 1.0)
             self.backendSays(POSTFIX_EHLO)
             self.backendSays(b"535 5.7.8 Error: authentication failed: bad\r\n")
             self.assertEqual(self.client.value(), b"")
-            self.clock.advance(attempt - 0.5)
+            # The n-th failure answered n delays after its AUTH, of which
+            # the first n - 1 passed before it was routed.
+            self.clock.advance(0.5)
             self.assertEqual(self.client.value(), b"")
             self.clock.advance(0.5)
             if attempt < 3:
@@ -673,8 +675,10 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         )
         self.assertTrue(self.client.disconnecting)
 
-    def _again(self) -> None:
+    def _again(self, penalty: float = 0.0) -> None:
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        # After failures the login waits before it is routed.
+        self.clock.advance(penalty)
         # The backend offered XCLIENT on the first connection: XCLIENT
         # follows the greeting, no EHLO before it.
         self.assertEqual(self.backendSays(GREETING)[:8], b"XCLIENT ")

@@ -276,12 +276,16 @@ class CounterTests(SynchronousTestCase):
         frontend.dataReceived(b"a LOGIN nobody secret\r\n")
         proxy.clock.advance(1)
         frontend.dataReceived(b"b LOGIN alice@example.org wrong\r\n")
+        # After a failure the next login waits a delay before its routing.
+        proxy.clock.advance(1)
         proxy.connector.protocols[-1].dataReceived(GREETING)
         proxy.connector.protocols[-1].dataReceived(b"P1 OK\r\nP2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         proxy.clock.advance(2)
         proxy.connector.refuse = True
         other, _ = proxy.connect()
         other.dataReceived(b"a LOGIN carol@example.org secret\r\n")
+        # Routed once the address's two failures' wait has passed.
+        proxy.clock.advance(2)
         self.assertEqual(
             dict(proxy.context.stats.logins),
             {("imap", "", "auth"): 1, ("imap", "old", "auth"): 1, ("imap", "new", "unavailable"): 1},
@@ -418,10 +422,14 @@ class CounterTests(SynchronousTestCase):
         proxy.clock.advance(1)
         self.assertIn(b"a NO", client.value())
         frontend.dataReceived(b"b LOGIN nobody secret\r\n")
-        proxy.clock.advance(2)
+        # Routed after the wait one failure earns (not timed), refused.
+        proxy.clock.advance(1)
+        proxy.clock.advance(1)
         proxy.connector.refuse = True
         other, _ = proxy.connect()
         other.dataReceived(b"a LOGIN carol@example.org secret\r\n")
+        # The address has two failures: routed two delays later.
+        proxy.clock.advance(2)
         stats = proxy.context.stats
         self.assertEqual(stats.loginLatency["imap", "auth"].count, 2)
         self.assertAlmostEqual(stats.loginLatency["imap", "auth"].total, 0.5)
