@@ -184,6 +184,11 @@ class SMTPFrontend(CommandLoop):
     badCommandsReason = EndReason.TOO_MANY_ERRORS
     badCommandsGoodbye = "Error: too many errors"
     log = Logger()
+    #: Whether EHLO is refused (421) while no backend's extensions are
+    #: known: on MX, where a sending MTA told no SMTPUTF8 bounces such mail
+    #: for good. Submission then offers its own keywords (AUTH), and a
+    #: login gets the backend's temporary failure.
+    refusedWhileNoBackendKnown = False
     #: The method answering each command, by verb: one table for every
     #: session (a table of bound methods would cost each session its own);
     #: subclasses extend it.
@@ -468,13 +473,15 @@ class SMTPFrontend(CommandLoop):
             return
 
         def answer(extensions: Extensions | None) -> None:
-            if extensions is None:
+            if extensions is None and self.refusedWhileNoBackendKnown:
                 # No backend could be asked: whatever the proxy offered
                 # would be a guess, and a sender told there is no SMTPUTF8
                 # bounces such mail for good. 421 makes it try later.
                 self.send(421, "4.3.0", hostBytes(self.context.hostname) + b" Service not available, try again later")
                 self.end(EndReason.BACKENDS_UNKNOWN)
                 return
+            if extensions is None:
+                extensions = Extensions()
             self.helo, self.esmtp, self.offered = name, True, extensions
             before, after = extensions.passedOn
             self.send(250, None, hostBytes(self.context.hostname), *before, *self.ownKeywords(), *after)

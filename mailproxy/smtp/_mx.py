@@ -122,6 +122,8 @@ class MXFrontend(SMTPFrontend):
     @ivar messages: messages the backends accepted in this session.
     """
 
+    refusedWhileNoBackendKnown = True
+
     defaultEndReason = EndReason.NO_MAIL
     log = Logger()
     _commands = {
