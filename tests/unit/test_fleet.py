@@ -276,21 +276,22 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(daveClient.value(), b"")
         self.assertEqual(self.store.entries["alice@example.org"], "new")
 
-    def test_migrationDropsEverywhere(self) -> None:
+    def migrateAlice(self, alice: Any, aliceClient: Any, turn: float) -> tuple[Any, list[bytes]]:
         """
-        A migration run by C{b} has C{a} drop the account's session at its
-        hold (with the moved goodbye), before the final sync, and flips the
-        shared route.
+        Migrate alice to new through C{b}, with scripted tool runs that
+        each end on a later turn of the reactor (as a process does; the
+        clock moves by C{turn} seconds in between), closing her client's
+        connection on C{a} once it is dropped.
+
+        @return: the campaign, and what her client had got as each tool
+            run started.
         """
         from mailproxy.migration import MigrationManager, MigrationSettings
         from mailproxy.migration._manager import LOGIN_POLL
 
         from .test_migration_manager import BACKENDS as MASTERED, OK, ScriptedClients, ScriptedTools, syncRun
 
-        alice, aliceClient, _ = self.a.harness.login("alice@example.org")
         tools = ScriptedTools()
-        # Each tool run ends on a later turn of the reactor, as a process
-        # does; what alice's client got is noted as each run starts.
         runs: list[Deferred[Any]] = [Deferred() for _ in range(8)]
         tools.answers = list(runs)
         seen: list[bytes] = []
@@ -309,9 +310,10 @@ class FleetTests(SynchronousTestCase):
             clients=ScriptedClients(),
         )
         campaign = self.successResultOf(manager.start(["alice@example.org"], "new"))
+        steps = [0] + [LOGIN_POLL] * max(1, round(turn / LOGIN_POLL))
         closed = False
         for run in runs:
-            self.clock.pump([0, LOGIN_POLL])
+            self.clock.pump(steps)
             if aliceClient.disconnecting and not closed:
                 # The dropped client's connection closes.
                 self.a.harness.close(alice)
@@ -320,6 +322,16 @@ class FleetTests(SynchronousTestCase):
             if not run.called:
                 run.callback(OK)
         self.clock.pump([0, LOGIN_POLL])
+        return campaign, seen
+
+    def test_migrationDropsEverywhere(self) -> None:
+        """
+        A migration run by C{b} has C{a} drop the account's session at its
+        hold (with the moved goodbye), before the final sync, and flips the
+        shared route.
+        """
+        alice, aliceClient, _ = self.a.harness.login("alice@example.org")
+        campaign, seen = self.migrateAlice(alice, aliceClient, 0.05)
         self.assertEqual(campaign.state, "done", campaign.describe())
         # The bulk copy (two runs) with the session open, the final sync
         # after its goodbye.
@@ -334,45 +346,13 @@ class FleetTests(SynchronousTestCase):
         logins under way; the account's session on C{a} is dropped all the
         same, before the final sync.
         """
-        from mailproxy.migration import MigrationManager, MigrationSettings
-        from mailproxy.migration._manager import LOGIN_POLL
         from mailproxy.settings import Limits
-
-        from .test_migration_manager import BACKENDS as MASTERED, OK, ScriptedClients, ScriptedTools, syncRun
 
         alice, aliceClient, _ = self.a.harness.login("alice@example.org")
         stuck, _ = self.b.harness.connect()
         stuck.dataReceived(b"a LOGIN alice@example.org secret\r\n")
         self.b.harness.context.limits = Limits(backendTimeout=1.0)
-        tools = ScriptedTools()
-        runs: list[Deferred[Any]] = [Deferred() for _ in range(8)]
-        tools.answers = list(runs)
-        seen: list[bytes] = []
-        tools.onRun = lambda run: seen.append(aliceClient.value())
-        manager = MigrationManager(
-            reactor=self.clock,
-            mover=self.b.proxy.mover,
-            router=self.store,
-            backends=MASTERED,
-            sessions=self.b.harness.context.sessions,
-            settings=MigrationSettings(doveadmConfig={"new": "/etc/dovecot/new.conf"}),
-            journalPath=None,
-            routerName="sql",
-            runTool=tools,
-            runBlocking=syncRun,
-            clients=ScriptedClients(),
-        )
-        campaign = self.successResultOf(manager.start(["alice@example.org"], "new"))
-        closed = False
-        for run in runs:
-            self.clock.pump([0] + [LOGIN_POLL] * 25)
-            if aliceClient.disconnecting and not closed:
-                self.a.harness.close(alice)
-                closed = True
-                self.clock.pump([0, LOGIN_POLL])
-            if not run.called:
-                run.callback(OK)
-        self.clock.pump([0, LOGIN_POLL])
+        campaign, seen = self.migrateAlice(alice, aliceClient, 1.25)
         self.assertEqual(campaign.state, "done", campaign.describe())
         self.assertEqual(seen[:2], [b"", b""])
         self.assertEqual(seen[2:], [b"* BYE " + MOVED.encode() + b"\r\n"] * (len(seen) - 2))
