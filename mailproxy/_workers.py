@@ -1770,9 +1770,8 @@ def _linesSent(result: object, service: Any, forward: LogBatch, channel: Channel
     """
     done: Deferred[object] = Deferred()
     sessions = service.context.sessions
-    deadline = reactor.seconds() + 1.0
 
-    def closeRest() -> None:
+    def closeRest(_: object) -> None:
         for session in list(sessions):
             transport = session.transport
             if transport is not None:
@@ -1787,13 +1786,7 @@ def _linesSent(result: object, service: Any, forward: LogBatch, channel: Channel
         else:
             reactor.callLater(0.01, drain, deadline)
 
-    def waitEmpty() -> None:
-        if not list(sessions) or reactor.seconds() > deadline:
-            closeRest()
-        else:
-            reactor.callLater(0.01, waitEmpty)
-
-    waitEmpty()
+    sessions.whenEmpty().addTimeout(1.0, reactor).addBoth(closeRest)
     return done
 
 
