@@ -1115,6 +1115,33 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
         self.assertTrue(self.client.disconnecting)
 
+    def test_slowPipelinedHead(self) -> None:
+        """
+        A partial request sent behind a complete one has header_timeout to
+        complete once the first is answered, not keepalive_timeout, and
+        gets 408.
+        """
+        self.connect(headerTimeout=30.0, keepaliveTimeout=75.0)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\nHo")
+        self.backendSays(OK)
+        self.client.clear()
+        self.clock.advance(30)
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_headSizeCountsLineEnds(self) -> None:
+        """
+        max_header_size counts the head's octets as sent, line ends
+        included: a head of exactly the limit passes, one octet more is
+        refused with 431.
+        """
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nX-A: " + b"a" * 60 + b"\r\n\r\n"
+        self.connect(maxHeaderSize=len(request))
+        self.send(request)
+        self.assertIn(b"GET / HTTP/1.1\r\n", self.backendGot())
+        self.connect(maxHeaderSize=len(request) - 1)
+        self.assertEqual(head(self.send(request))[0], b"HTTP/1.1 431 Request Header Fields Too Large")
+
     def test_idleKeepAlive(self) -> None:
         """
         A connection idle for keepalive_timeout between requests is closed
