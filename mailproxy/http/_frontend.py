@@ -422,7 +422,7 @@ class _Channel(HTTPChannel):
         """
         Part of a request head has come, and not all of it.
         """
-        return bool(self._headSize or self._buffer) and self.persistent
+        return bool((self._headSize or self._buffer) and self.persistent)
 
     @property
     def buffered(self) -> bytes:
