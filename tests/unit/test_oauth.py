@@ -739,6 +739,32 @@ class IntrospectionTests(SynchronousTestCase):
         self.assertEqual(len(self.endpoint.asked), 2)
         self.assertIsInstance(self.route(b"good", "bob@example.org"), Rejection)
 
+    def test_endpointSilent(self) -> None:
+        """
+        An endpoint that takes the request and never answers gives a
+        temporary refusal after C{timeout} seconds, logged in words.
+        """
+        from treq.client import HTTPClient
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from twisted.logger import formatEvent
+        from twisted.web.client import Agent
+
+        reactor = MemoryReactorClock()
+        client = IntrospectionClient(HTTPClient(Agent(reactor)), "http://id.example/introspect", reactor, timeout=3.0)
+        router = TokenValidatingRouter(FakeRouter({}), introspection=client)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        request = evolve(makeRequest(), credentials=Credentials("XOAUTH2", "alice@example.org", token=b"t0ken"))
+        d = router.route(request)
+        factory = reactor.tcpClients[0][2]
+        factory.buildProtocol(None).makeConnection(StringTransport())
+        reactor.advance(3)
+        answer = self.successResultOf(d)
+        self.assertTrue(isinstance(answer, Rejection) and answer.temporary, answer)
+        [line] = [formatEvent(event) for event in events if "introspection" in formatEvent(event)]
+        self.assertEqual(line, 'OAuth introspection for "alice@example.org" failed: "no answer within 3 s"')
+
     def test_endpointDown(self) -> None:
         """
         An endpoint that does not answer usably gives a temporary refusal.
