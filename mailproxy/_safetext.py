@@ -31,12 +31,18 @@ _AS_SPACE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _REMOVED = frozenset({"Cf"})
 
 
-def oneLine(text: str, limit: int = MAX_LINE_TEXT) -> str:
+def oneLine(text: str, limit: int = MAX_LINE_TEXT, ascii: bool = False) -> str:
     """
     C{text} as one line: line breaks, controls and unencodable characters
     become spaces, format characters are removed, runs of white space
     become one space, and the result is cut to at most C{limit} octets of
     UTF-8 without splitting a character.
+
+    @param ascii: make the line 7-bit, for a protocol whose texts are
+        (IMAP's resp-text, POP3's and SMTP's replies before the client
+        asked for UTF-8): letters lose their marks (C{\u00fc} becomes
+        C{u}), compatibility forms become their letters, and every other
+        character becomes C{?}.
 
     @return: the cleaned text, possibly empty.
     """
@@ -52,6 +58,12 @@ def oneLine(text: str, limit: int = MAX_LINE_TEXT) -> str:
                 kept.append(character)
         text = "".join(kept)
     text = " ".join(text.split())
+    if ascii and not text.isascii():
+        text = "".join(
+            character if character.isascii() else "?"
+            for character in unicodedata.normalize("NFKD", text)
+            if unicodedata.category(character) != "Mn"
+        )
     encoded = text.encode("utf-8")
     if len(encoded) > limit:
         text = encoded[:limit].decode("utf-8", "ignore").rstrip()

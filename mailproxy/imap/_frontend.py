@@ -167,11 +167,11 @@ class IMAPFrontend(CommandFrontend):
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         tag = command.tag
         if failure.kind is FailureKind.AUTH:
-            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
+            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message, ascii=True) or "Authentication failed."))
         elif failure.kind is FailureKind.REFUSED and failure.clientText:
             self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
         else:
-            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message) or "Service temporarily unavailable, try again later."))
+            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message, ascii=True) or "Service temporarily unavailable, try again later."))
 
     # The command loop
 

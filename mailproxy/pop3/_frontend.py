@@ -197,11 +197,11 @@ class POP3Frontend(CommandFrontend):
 
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         if failure.kind is FailureKind.AUTH:
-            self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
+            self.err("[AUTH] " + (oneLine(failure.message, ascii=True) or _AUTH_FAILED))
         elif failure.kind is FailureKind.REFUSED and failure.clientText:
             self.sendLine(failure.clientText.encode("utf-8"))
         else:
-            self.err("[SYS/TEMP] " + (oneLine(failure.message) or _UNAVAILABLE))
+            self.err("[SYS/TEMP] " + (oneLine(failure.message, ascii=True) or _UNAVAILABLE))
 
     # The command loop
 

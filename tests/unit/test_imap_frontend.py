@@ -618,6 +618,17 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.send(b"a LOGIN alice secret\r\n")
         self.assertEqual(self.client.value(), b"a NO [UNAVAILABLE] Directory down\r\n")
 
+    def test_rejectionTextSevenBit(self) -> None:
+        """
+        A router's refusal text with 8-bit characters reaches the client
+        as 7-bit ASCII, as IMAP's resp-text must be: accents lose their
+        marks, what has no ASCII form becomes C{?}.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Zugang f\u00fcr alice gesperrt \u2013 \u65e5", temporary=True)
+        self.send(b"a LOGIN alice secret\r\n")
+        self.assertEqual(self.client.value(), b"a NO [UNAVAILABLE] Zugang fur alice gesperrt ? ?\r\n")
+
     def test_growingDelayAndClose(self) -> None:
         """
         The n-th failure waits n times the delay; after the limit the

@@ -142,6 +142,17 @@ class DropDuringLoginTests(SynchronousTestCase):
         self.assertEqual(self.frontend.result, "dropped: Moved.")
         self.assertEqual(self.connector.protocols, [])
 
+    def test_reasonSevenBit(self) -> None:
+        """
+        An operator's reason with 8-bit characters reaches an IMAP client
+        7-bit, as BYE's text must be.
+        """
+        self.router.manual = True
+        self.start()
+        self.client.clear()
+        self.frontend.drop("Postfach wird verschoben, bitte sp\u00e4ter")
+        self.assertEqual(self.client.value(), b"* BYE Postfach wird verschoben, bitte spater\r\n")
+
     def test_whileRoutingOtherProtocols(self) -> None:
         """
         The same in POP3, ManageSieve and SMTP: the goodbye is the last
