@@ -38,11 +38,7 @@ def oneLine(text: str, limit: int = MAX_LINE_TEXT, ascii: bool = False) -> str:
     become one space, and the result is cut to at most C{limit} octets of
     UTF-8 without splitting a character.
 
-    @param ascii: make the line 7-bit, for a protocol whose texts are
-        (IMAP's resp-text, POP3's and SMTP's replies before the client
-        asked for UTF-8): letters lose their marks (C{\u00fc} becomes
-        C{u}), compatibility forms become their letters, and every other
-        character becomes C{?}.
+    @param ascii: make the line 7-bit (L{sevenBit}).
 
     @return: the cleaned text, possibly empty.
     """
@@ -58,16 +54,28 @@ def oneLine(text: str, limit: int = MAX_LINE_TEXT, ascii: bool = False) -> str:
                 kept.append(character)
         text = "".join(kept)
     text = " ".join(text.split())
-    if ascii and not text.isascii():
-        text = "".join(
-            character if character.isascii() else "?"
-            for character in unicodedata.normalize("NFKD", text)
-            if unicodedata.category(character) != "Mn"
-        )
+    if ascii:
+        text = sevenBit(text)
     encoded = text.encode("utf-8")
     if len(encoded) > limit:
         text = encoded[:limit].decode("utf-8", "ignore").rstrip()
     return text
+
+
+def sevenBit(text: str) -> str:
+    """
+    C{text} in 7-bit ASCII, for a protocol whose texts are (IMAP's
+    resp-text, POP3's and SMTP's replies): letters lose their marks
+    (C{\u00fc} becomes C{u}), compatibility forms become their letters
+    (C{\ufb01} becomes C{fi}), and every other character becomes C{?}.
+    """
+    if text.isascii():
+        return text
+    return "".join(
+        character if character.isascii() else "?"
+        for character in unicodedata.normalize("NFKD", text)
+        if unicodedata.category(character) != "Mn"
+    )
 
 
 class LogQuoted(str):

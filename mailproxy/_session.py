@@ -617,12 +617,12 @@ class Session(Protocol):
         End this session from outside (an operator, a move, shutdown): say
         the protocol's goodbye with C{reason} and close both connections.
 
-        @param reason: for the client; made one 7-bit line of bounded
-            length here (it may come from the management endpoint).
+        @param reason: for the client; made one line of bounded length
+            here (it may come from the management endpoint).
         @param why: L{EndReason.DROPPED}, or L{EndReason.SHUTDOWN} when the
             proxy stops; the log says C{dropped: } and C{reason} for both.
         """
-        reason = oneLine(reason, ascii=True) or "Disconnected."
+        reason = oneLine(reason) or "Disconnected."
         if self._counted:
             self.end(why, reason, detail=reason)
 
@@ -946,7 +946,7 @@ class FrontendProtocol(Session):
         if self.relay is None:
             super().drop(reason, why)
             return
-        reason = oneLine(reason, ascii=True) or "Disconnected."
+        reason = oneLine(reason) or "Disconnected."
         if self.relay.endReason is None:
             self._goodbye = (why, reason)
             self.relay.stop(why, reason)

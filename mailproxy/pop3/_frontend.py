@@ -31,7 +31,7 @@ from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
-from .._safetext import oneLine
+from .._safetext import oneLine, sevenBit
 from .._sasl import newChallenge, parseDigestResponse
 from .._login import LoginFailed
 from ..model import Credentials
@@ -156,7 +156,7 @@ class POP3Frontend(CommandFrontend):
             # POP3 has no goodbye line: the failed login's -ERR was the last
             # word.
             return
-        self.err(text)
+        self.err(sevenBit(text))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:
