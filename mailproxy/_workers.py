@@ -57,7 +57,7 @@ from typing import Any, NamedTuple, cast
 
 from attrs import evolve
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
@@ -116,6 +116,11 @@ def stopDeadline(config: Any) -> float:
 #: The descriptor of a worker's channel to its parent; its listening
 #: sockets follow, in the order of the listeners.
 CHANNEL_FD = 3
+
+#: Seconds a worker may take to answer the parent (its sessions, its
+#: counters, a reload); one that takes longer is taken to be hung, left
+#: out of the answers and logged.
+WORKER_ANSWER_TIMEOUT = 30.0
 
 #: Characters of JSON per AMP value (AMP allows 65,535 octets; JSON is
 #: ASCII here).
@@ -1317,7 +1322,8 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         Call C{method} in every worker that serves.
 
         @return: fires with each worker's answer; a worker that cannot
-            answer (it died meanwhile) is left out, and logged.
+            answer (it died meanwhile) or does not within
+            L{WORKER_ANSWER_TIMEOUT} (it is hung) is left out, and logged.
         """
         workers = [worker for worker in self.workers if worker.ready]
 
@@ -1327,13 +1333,14 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
                 if ok:
                     answers.append((worker, result))
                 else:
-                    self.log.warn(
-                        "worker {number} did not answer {method}: {why}",
-                        number=worker.number, method=method, why=result.getErrorMessage(),
-                    )
+                    why = result.getErrorMessage()
+                    if result.check(TimeoutError):
+                        why = f"no answer within {WORKER_ANSWER_TIMEOUT:g} s"
+                    self.log.warn("worker {number} did not answer {method}: {why}", number=worker.number, method=method, why=why)
             return answers
 
-        return DeferredList([worker.call(method, argument) for worker in workers], consumeErrors=True).addCallback(answered)
+        calls = [worker.call(method, argument).addTimeout(WORKER_ANSWER_TIMEOUT, self.reactor) for worker in workers]
+        return DeferredList(calls, consumeErrors=True).addCallback(answered)
 
     def remoteSessions(self) -> Deferred[list[_RemoteSession]]:
         """
@@ -1440,9 +1447,17 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             self.notifier.reloaded(outcome)
             return succeed(outcome)
 
+        asked = [worker for worker in self.workers if worker.ready]
+
         def workersReloaded(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
             problems = [
                 f"worker {worker.number}: {answer['error']}" for worker, answer in answers if answer and not answer["ok"]
+            ]
+            # One that died meanwhile starts again with the new file; one
+            # that is hung may never take it.
+            answering = {worker for worker, _ in answers}
+            problems += [
+                f"worker {worker.number}: did not answer" for worker in asked if worker not in answering and worker.ready
             ]
             result = outcome
             if problems:
