@@ -666,6 +666,30 @@ class ValidationConfigTests(ConfigTestCase):
         error = self.assertRaises(ConfigError, self.build, 'introspection_url = "ftp://x"\n', "")
         self.assertIn("router.oauth.introspection_url: must be an http:// or https:// URL", str(error))
 
+    def test_backendWithoutMasterUser(self) -> None:
+        """
+        A validating C{[router.oauth]} logs in to the backend as its master
+        user: a backend without one is named in a warning (an OAuth login
+        routed there would fail), in a chain's routers too; with a master
+        user, no warning.
+        """
+        oauth = '[router.oauth]\njwks_file = "jwks.json"\n'
+
+        def warnings(text: str) -> list[str]:
+            return [warning.split(": ", 1)[1] for warning in self.parse(text).warnings]
+
+        warning = (
+            "router.oauth: validates tokens and logs in to the backend as its master_user; "
+            "backend old has none, so an OAuth login routed there fails"
+        )
+        self.assertIn(warning, warnings(configText(extra=oauth)))
+        chain = '[router]\ntype = "chain"\n[[router.routers]]\ntype = "static"\npath = "routes.toml"\n'
+        chained = warnings(configText(router=chain, extra='[router.routers.oauth]\njwks_file = "jwks.json"\n'))
+        self.assertIn(warning.replace("router.oauth", "router.routers[0].oauth"), chained)
+        master = 'master_user = "proxy"\nmaster_password_file = "master.pw"\n'
+        self.assertEqual(warnings(configText(backend=master, extra=oauth)), [])
+        self.assertEqual(warnings(configText()), [])
+
     def test_introspection(self) -> None:
         """
         With an introspection URL the router asks it.
