@@ -1159,6 +1159,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "log": _publishFromWorker,
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
+            "succeeded": lambda address: self._succeeded(address),
             "loggedIn": lambda login: self._loggedIn(worker, login),
             "ended": lambda ended: self.registry.ended(ended["session"]),
         }
@@ -1181,6 +1182,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         fleet.failures.known.update(self.failures.known)
         self.failures = fleet.failures
         fleet.failures.learned = lambda address, count: self.tellWorkers("failures", {"address": address, "count": count})
+        fleet.failures.cleared = lambda address: self.tellWorkers("forget", {"address": address})
 
         def forgetRoutes(keys: list[str]) -> None:
             invalidateCaches(self.context.router, *keys)
@@ -1562,6 +1564,10 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         count = self.failures.failed(address)
         self.tellWorkers("failures", {"address": address, "count": count})
 
+    def _succeeded(self, address: str) -> None:
+        self.failures.succeeded(address)
+        self.tellWorkers("forget", {"address": address})
+
 
 class _NoConnections(Factory):
     # The parent's listening ports never read: nothing is built.
@@ -1663,6 +1669,10 @@ class _WorkerFailures(LocalFailures):
         self.channel.notify("failed", address)
         return count
 
+    def succeeded(self, address: str) -> None:
+        super().succeeded(address)
+        self.channel.notify("succeeded", address)
+
 
 @implementer(ISessionObserver)
 class _LoginsToParent:
@@ -1726,6 +1736,7 @@ class _WorkerSide:
             "routesChanged": self._routesChanged,
             "block": self._block,
             "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
+            "forget": lambda argument: self.service.context.failures.forget(argument["address"]),
         }
 
     def _routesChanged(self, keys: list[str]) -> None:

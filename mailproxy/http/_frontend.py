@@ -55,7 +55,7 @@ from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from .._backend import BackendFailure, BackendProtocol, LoginJob
-from .._login import LoginFailed, authenticationFailed
+from .._login import LoginFailed, authenticationFailed, failuresForgotten
 from .._outcomes import EndReason, FailureKind
 from .._relay import Relay
 from .._routing import explainRoute
@@ -1052,6 +1052,8 @@ class HTTPFrontend(FrontendProtocol):
                 stats.loginFailed(self.protocolName, route.backend.name, FailureKind.AUTH.value, request.loginSeconds)
             else:
                 stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
+                if credentials is not None:
+                    failuresForgotten(self, credentials)
         if refused:
             assert credentials is not None
             # The backend judged the credentials and refused them: a failed

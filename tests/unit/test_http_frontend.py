@@ -207,6 +207,23 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(self.frontend.failures, 1)
         self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
 
+    def test_successForgetsFailures(self) -> None:
+        """
+        A login the backend accepts forgets the failures of the client's
+        address and of the account, as in the other protocols.
+        """
+        from mailproxy._shared import accountKey
+
+        self.connect(limits=Limits(failureDelay=1.0))
+        failures = self.frontend.context.failures
+        address = self.frontend.client.address
+        failures.failed(address)
+        failures.failed(accountKey("alice"))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.clock.advance(1.0)
+        self.assertEqual(head(self.backendSays(OK))[0], b"HTTP/1.1 200 OK")
+        self.assertEqual((failures.recent(address), failures.recent(accountKey("alice"))), (0, 0))
+
     def test_rightPasswordAfterFailureWaits(self) -> None:
         """
         After a failed login, the next login's request goes to the backend
