@@ -473,6 +473,9 @@ class Fleet(Service):
     def _on_failed(self, message: dict[str, Any]) -> None:
         self.failures.learn(str(message["address"]), int(message["count"]))
 
+    def _on_cleared(self, message: dict[str, Any]) -> None:
+        self.failures.clearedElsewhere(str(message["address"]))
+
     def holdEverywhere(self, accounts: list[str], domains: list[str], mail: bool) -> Callable[[], None]:
         """
         Hold these logins on every other proxy.
@@ -566,6 +569,8 @@ class FleetFailures(LocalFailures):
         # Told of each count learned from the fleet (the parent of worker
         # processes tells its workers).
         self.learned: Callable[[str, int], None] = lambda address, count: None
+        # Told of each address whose failures another proxy cleared.
+        self.cleared: Callable[[str], None] = lambda address: None
 
     def learn(self, address: str, count: int) -> None:
         super().learn(address, count)
@@ -587,6 +592,18 @@ class FleetFailures(LocalFailures):
             except Exception:
                 self.fleet.trouble(Failure())
         return count
+
+    def succeeded(self, address: str) -> None:
+        super().succeeded(address)
+        self.fleet._send(self.fleet._command("delete"), self.fleet.key("failures", address))
+        self.fleet.publish({"op": "cleared", "address": address})
+
+    def clearedElsewhere(self, address: str) -> None:
+        """
+        Another proxy's login from C{address} succeeded.
+        """
+        self.forget(address)
+        self.cleared(address)
 
 
 def joinFleet(proxy: Any, settings: ClusterConfig, backends: Iterable[str], clock: Any, connect: Callable[[Fleet], Deferred[Any]]) -> Fleet:

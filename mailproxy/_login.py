@@ -119,6 +119,24 @@ def failurePenalty(session: FrontendProtocol, credentials: Credentials) -> float
     return max(session.failures, recent, accountRecent) * session.limits.failureDelay
 
 
+def failuresForgotten(session: FrontendProtocol, credentials: Credentials) -> None:
+    """
+    A login of C{session} with C{credentials} succeeded: the failed logins
+    of its address and of its account are forgotten (everywhere they were
+    counted), as Dovecot forgets its penalty.
+
+    Behind a NAT or a mobile carrier's shared address, one user's typos
+    would otherwise make every other user's logins wait for the next 15
+    minutes.  A guesser gains little: an attacker without an account of
+    its own never clears its address's count, and one that has one still
+    waits a delay per guess at an account that failed.
+    """
+    counter = session.context.failures
+    for key in (session.client.address, accountKey(credentials.user) if credentials.user else None):
+        if key is not None and counter.recent(key):
+            counter.succeeded(key)
+
+
 class _Rejected(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__("rejected")
@@ -352,6 +370,7 @@ class LoginAttempt:
             self.backend = None
             backend.abandon()
             return
+        failuresForgotten(self.session, self.credentials)
         self._outcome.callback(backend)
 
     def _backendFailed(self, reason: Failure) -> None:

@@ -31,12 +31,14 @@ _AS_SPACE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _REMOVED = frozenset({"Cf"})
 
 
-def oneLine(text: str, limit: int = MAX_LINE_TEXT) -> str:
+def oneLine(text: str, limit: int = MAX_LINE_TEXT, ascii: bool = False) -> str:
     """
     C{text} as one line: line breaks, controls and unencodable characters
     become spaces, format characters are removed, runs of white space
     become one space, and the result is cut to at most C{limit} octets of
     UTF-8 without splitting a character.
+
+    @param ascii: make the line 7-bit (L{sevenBit}).
 
     @return: the cleaned text, possibly empty.
     """
@@ -52,10 +54,28 @@ def oneLine(text: str, limit: int = MAX_LINE_TEXT) -> str:
                 kept.append(character)
         text = "".join(kept)
     text = " ".join(text.split())
+    if ascii:
+        text = sevenBit(text)
     encoded = text.encode("utf-8")
     if len(encoded) > limit:
         text = encoded[:limit].decode("utf-8", "ignore").rstrip()
     return text
+
+
+def sevenBit(text: str) -> str:
+    """
+    C{text} in 7-bit ASCII, for a protocol whose texts are (IMAP's
+    resp-text, POP3's and SMTP's replies): letters lose their marks
+    (C{\u00fc} becomes C{u}), compatibility forms become their letters
+    (C{\ufb01} becomes C{fi}), and every other character becomes C{?}.
+    """
+    if text.isascii():
+        return text
+    return "".join(
+        character if character.isascii() else "?"
+        for character in unicodedata.normalize("NFKD", text)
+        if unicodedata.category(character) != "Mn"
+    )
 
 
 class LogQuoted(str):

@@ -91,6 +91,12 @@ class IFailureCounter(Interface):
         each other, as far as known here, without counting one.
         """
 
+    def succeeded(address: str) -> None:
+        """
+        A login from C{address} succeeded: forget its failures, here and
+        wherever they were counted.
+        """
+
 
 @implementer(IFailureCounter)
 class LocalFailures:
@@ -116,6 +122,16 @@ class LocalFailures:
 
     def recent(self, address: str) -> int:
         return self._current(address, self.clock.seconds())
+
+    def succeeded(self, address: str) -> None:
+        self.forget(address)
+
+    def forget(self, address: str) -> None:
+        """
+        Forget the failures of C{address} (a login from it succeeded, here
+        or in another process).
+        """
+        self.known.pop(address, None)
 
     def learn(self, address: str, count: int) -> None:
         """

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple, cast
 
 from attrs import evolve
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
@@ -116,6 +116,11 @@ def stopDeadline(config: Any) -> float:
 #: The descriptor of a worker's channel to its parent; its listening
 #: sockets follow, in the order of the listeners.
 CHANNEL_FD = 3
+
+#: Seconds a worker may take to answer the parent (its sessions, its
+#: counters, a reload); one that takes longer is taken to be hung, left
+#: out of the answers and logged.
+WORKER_ANSWER_TIMEOUT = 30.0
 
 #: Characters of JSON per AMP value (AMP allows 65,535 octets; JSON is
 #: ASCII here).
@@ -1154,6 +1159,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "log": _publishFromWorker,
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
+            "succeeded": lambda address: self._succeeded(address),
             "loggedIn": lambda login: self._loggedIn(worker, login),
             "ended": lambda ended: self.registry.ended(ended["session"]),
         }
@@ -1176,6 +1182,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         fleet.failures.known.update(self.failures.known)
         self.failures = fleet.failures
         fleet.failures.learned = lambda address, count: self.tellWorkers("failures", {"address": address, "count": count})
+        fleet.failures.cleared = lambda address: self.tellWorkers("forget", {"address": address})
 
         def forgetRoutes(keys: list[str]) -> None:
             invalidateCaches(self.context.router, *keys)
@@ -1317,7 +1324,8 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         Call C{method} in every worker that serves.
 
         @return: fires with each worker's answer; a worker that cannot
-            answer (it died meanwhile) is left out, and logged.
+            answer (it died meanwhile) or does not within
+            L{WORKER_ANSWER_TIMEOUT} (it is hung) is left out, and logged.
         """
         workers = [worker for worker in self.workers if worker.ready]
 
@@ -1327,13 +1335,14 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
                 if ok:
                     answers.append((worker, result))
                 else:
-                    self.log.warn(
-                        "worker {number} did not answer {method}: {why}",
-                        number=worker.number, method=method, why=result.getErrorMessage(),
-                    )
+                    why = result.getErrorMessage()
+                    if result.check(TimeoutError):
+                        why = f"no answer within {WORKER_ANSWER_TIMEOUT:g} s"
+                    self.log.warn("worker {number} did not answer {method}: {why}", number=worker.number, method=method, why=why)
             return answers
 
-        return DeferredList([worker.call(method, argument) for worker in workers], consumeErrors=True).addCallback(answered)
+        calls = [worker.call(method, argument).addTimeout(WORKER_ANSWER_TIMEOUT, self.reactor) for worker in workers]
+        return DeferredList(calls, consumeErrors=True).addCallback(answered)
 
     def remoteSessions(self) -> Deferred[list[_RemoteSession]]:
         """
@@ -1440,9 +1449,17 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             self.notifier.reloaded(outcome)
             return succeed(outcome)
 
+        asked = [worker for worker in self.workers if worker.ready]
+
         def workersReloaded(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
             problems = [
                 f"worker {worker.number}: {answer['error']}" for worker, answer in answers if answer and not answer["ok"]
+            ]
+            # One that died meanwhile starts again with the new file; one
+            # that is hung may never take it.
+            answering = {worker for worker, _ in answers}
+            problems += [
+                f"worker {worker.number}: did not answer" for worker in asked if worker not in answering and worker.ready
             ]
             result = outcome
             if problems:
@@ -1547,6 +1564,10 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         count = self.failures.failed(address)
         self.tellWorkers("failures", {"address": address, "count": count})
 
+    def _succeeded(self, address: str) -> None:
+        self.failures.succeeded(address)
+        self.tellWorkers("forget", {"address": address})
+
 
 class _NoConnections(Factory):
     # The parent's listening ports never read: nothing is built.
@@ -1648,6 +1669,10 @@ class _WorkerFailures(LocalFailures):
         self.channel.notify("failed", address)
         return count
 
+    def succeeded(self, address: str) -> None:
+        super().succeeded(address)
+        self.channel.notify("succeeded", address)
+
 
 @implementer(ISessionObserver)
 class _LoginsToParent:
@@ -1711,6 +1736,7 @@ class _WorkerSide:
             "routesChanged": self._routesChanged,
             "block": self._block,
             "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
+            "forget": lambda argument: self.service.context.failures.forget(argument["address"]),
         }
 
     def _routesChanged(self, keys: list[str]) -> None:

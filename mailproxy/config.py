@@ -762,6 +762,9 @@ def _build(data: dict[str, Any], path: str, problems: Problems | None = None) ->
         lambda: _withHTTP(root, listeners, backends if backendsRead else None, workers), listeners
     )
     router = root.collect(lambda: _parseRouter(root.table("router", required=True)), None)  # type: ignore[arg-type]
+    routerTable = root.table("router")
+    if router is not None and routerTable is not None and backendsRead:
+        _warnOAuthWithoutMaster(routerTable, backends)
     admin = root.collect(lambda: parseAdmin(root.table("admin"), listeners), None)
     log = root.collect(lambda: _parseLog(root.table("log")), LogConfig())
     migration = root.collect(
@@ -1756,6 +1759,31 @@ def _parseRouter(table: Table) -> RouterConfig:
             value = table.path(name, readable=False)
         options[name] = value
     return RouterConfig(type=kind, options=options)
+
+
+def _warnOAuthWithoutMaster(table: Table, backends: Mapping[str, Backend]) -> None:
+    """
+    Warn about the backends a validating C{oauth} sub-table (of the router,
+    or of a chain's routers) cannot log in to: it logs in as the backend's
+    master user, and they have none.
+    """
+    lacking = sorted(name for name, backend in backends.items() if backend.masterUser is None)
+    if not lacking:
+        return
+    try:
+        members = table.tables("routers") if table.data.get("type") == "chain" else []
+    except ConfigError:
+        # The chain's builder says what is wrong with it.
+        members = []
+    for routerTable in [table, *members]:
+        if isinstance(routerTable.data.get("oauth"), dict):
+            names = ", ".join(lacking)
+            routerTable.warn(
+                "oauth",
+                f"validates tokens and logs in to the backend as its master_user; "
+                f"backend{'s' if len(lacking) > 1 else ''} {names} {'have' if len(lacking) > 1 else 'has'} none, "
+                "so an OAuth login routed there fails",
+            )
 
 
 JOURNAL_NAME = "migrations.json"

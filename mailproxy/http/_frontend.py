@@ -55,7 +55,7 @@ from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from .._backend import BackendFailure, BackendProtocol, LoginJob
-from .._login import LoginFailed, authenticationFailed
+from .._login import LoginFailed, authenticationFailed, failuresForgotten
 from .._outcomes import EndReason, FailureKind
 from .._relay import Relay
 from .._routing import explainRoute
@@ -323,7 +323,9 @@ class _Channel(HTTPChannel):
         self.MAX_LENGTH = settings.maxHeaderSize
         # The session's timers apply, not the channel's.
         self.timeOut = None
+        # Of the head being read: its lines and its octets as sent.
         self._lines = 0
+        self._headSize = 0
 
     @property
     def frontend(self) -> HTTPFrontend:
@@ -348,12 +350,15 @@ class _Channel(HTTPChannel):
         transport.registerProducer(self, True)
 
     def lineReceived(self, line: bytes) -> None:
-        # HTTPChannel answers 400 to every oversized head; 431 says which
-        # limit it was (RFC 6585).  The request line counts, as the
-        # head's first, and the empty line that ends it does not.
+        # HTTPChannel answers 400 to every oversized head, and counts its
+        # size without the line ends; 431 says which limit it was (RFC
+        # 6585), and the size is what the client sent, CRLFs included.
+        # The request line counts as a line, as the head's first, and the
+        # empty line that ends it does not.
         if line:
             self._lines += 1
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
+        self._headSize += len(line) + 2
+        if self._headSize > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
             self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
             return
         super().lineReceived(line)
@@ -362,7 +367,7 @@ class _Channel(HTTPChannel):
         self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
 
     def allHeadersReceived(self) -> None:
-        self._lines = 0
+        self._lines = self._headSize = 0
         request = cast(_ProxyRequest, self.requests[-1])
         # Known to the request only once its body is in; needed now.
         request.method, request.uri, request.clientproto = self._command, self._path, self._version
@@ -411,6 +416,13 @@ class _Channel(HTTPChannel):
         asked to go on.
         """
         return bool(self._waitingForTransport)
+
+    @property
+    def inHead(self) -> bool:
+        """
+        Part of a request head has come, and not all of it.
+        """
+        return bool((self._headSize or self._buffer) and self.persistent)
 
     @property
     def buffered(self) -> bytes:
@@ -1040,6 +1052,8 @@ class HTTPFrontend(FrontendProtocol):
                 stats.loginFailed(self.protocolName, route.backend.name, FailureKind.AUTH.value, request.loginSeconds)
             else:
                 stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
+                if credentials is not None:
+                    failuresForgotten(self, credentials)
         if refused:
             assert credentials is not None
             # The backend judged the credentials and refused them: a failed
@@ -1198,6 +1212,11 @@ class HTTPFrontend(FrontendProtocol):
         self._awaitRequest()
         self.resume("routing")
         request.finish()
+        if self.current is None and self.channel.inHead:
+            # Part of the next one came with this one: the rest of its
+            # head has header_timeout, as if it came now.
+            self._waitingForHead = True
+            self._waiting.start(self.settings.headerTimeout)
 
     def _fail(
         self,

@@ -67,7 +67,7 @@ def replyText(text: bytes) -> bytes:
     """
     line = _LINE_END.split(text, maxsplit=1)[0]
     line = _LITERAL_END.sub(b"", line)
-    return oneLine(line.decode("utf-8", "replace")).encode("utf-8")
+    return oneLine(line.decode("utf-8", "replace"), ascii=True).encode("utf-8")
 
 
 def quoted(value: bytes) -> bytes:

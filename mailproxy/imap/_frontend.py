@@ -20,7 +20,7 @@ from zope.interface import implementer
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
-from .._safetext import oneLine
+from .._safetext import oneLine, sevenBit
 from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
@@ -133,7 +133,7 @@ class IMAPFrontend(CommandFrontend):
         return b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready."
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
-        self.sendLine(b"* BYE " + text.encode("utf-8"))
+        self.sendLine(b"* BYE " + sevenBit(text).encode("ascii"))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:
@@ -167,11 +167,11 @@ class IMAPFrontend(CommandFrontend):
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         tag = command.tag
         if failure.kind is FailureKind.AUTH:
-            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message) or "Authentication failed."))
+            self.reply(tag, b"NO", "[AUTHENTICATIONFAILED] " + (oneLine(failure.message, ascii=True) or "Authentication failed."))
         elif failure.kind is FailureKind.REFUSED and failure.clientText:
             self.sendLine(tag + b" " + failure.clientText.encode("utf-8"))
         else:
-            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message) or "Service temporarily unavailable, try again later."))
+            self.reply(tag, b"NO", "[UNAVAILABLE] " + (oneLine(failure.message, ascii=True) or "Service temporarily unavailable, try again later."))
 
     # The command loop
 

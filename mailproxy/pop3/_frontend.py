@@ -31,7 +31,7 @@ from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
-from .._safetext import oneLine
+from .._safetext import oneLine, sevenBit
 from .._sasl import newChallenge, parseDigestResponse
 from .._login import LoginFailed
 from ..model import Credentials
@@ -156,7 +156,7 @@ class POP3Frontend(CommandFrontend):
             # POP3 has no goodbye line: the failed login's -ERR was the last
             # word.
             return
-        self.err(text)
+        self.err(sevenBit(text))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:
@@ -197,11 +197,11 @@ class POP3Frontend(CommandFrontend):
 
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         if failure.kind is FailureKind.AUTH:
-            self.err("[AUTH] " + (oneLine(failure.message) or _AUTH_FAILED))
+            self.err("[AUTH] " + (oneLine(failure.message, ascii=True) or _AUTH_FAILED))
         elif failure.kind is FailureKind.REFUSED and failure.clientText:
             self.sendLine(failure.clientText.encode("utf-8"))
         else:
-            self.err("[SYS/TEMP] " + (oneLine(failure.message) or _UNAVAILABLE))
+            self.err("[SYS/TEMP] " + (oneLine(failure.message, ascii=True) or _UNAVAILABLE))
 
     # The command loop
 

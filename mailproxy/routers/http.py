@@ -42,14 +42,21 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from attrs import field, frozen
 from zope.interface import implementer
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 
@@ -421,7 +428,7 @@ class HTTPRouter:
                     "auth_http {url} failed for {user}: {error}",
                     url=self.url,
                     user=logQuote(user),
-                    error=logQuote(_describe(e)),
+                    error=logQuote(describeRequestError(e, self.timeout)),
                 )
                 return Rejection(_UNAVAILABLE, temporary=True)
             if answer.status != b"WAIT":
@@ -535,10 +542,30 @@ def _choice(value: bytes | None, choices: Sequence[str], header: str) -> str | N
     return text
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: BaseException) -> str:
     text = str(error)
     name = type(error).__name__
     return f"{name}: {text}" if text else name
+
+
+def describeRequestError(error: BaseException, timeout: float) -> str:
+    """
+    Why a request to an HTTP service (the auth server, a token
+    introspection endpoint) got no answer, in words for the log.
+
+    The HTTP client reports a request that its timeout cancelled, or whose
+    connection broke, as a list of the failures inside; the log names
+    them instead.
+    """
+    if isinstance(error, (RequestGenerationFailed, RequestTransmissionFailed, ResponseNeverReceived, ResponseFailed)):
+        if any(reason.check(CancelledError) for reason in error.reasons):
+            return f"no answer within {timeout:g} s"
+        inner = "; ".join(_describe(reason.value) for reason in error.reasons)
+        return f"no answer: {inner or 'the connection was lost'}"
+    if isinstance(error, (TimeoutError, CancelledError)):
+        # Cancelled before a connection was made.
+        return f"no connection within {timeout:g} s"
+    return _describe(error)
 
 
 @implementer(IHandshakeListener)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any
+from typing import Any, cast
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -49,6 +49,7 @@ from mailproxy._safetext import logQuote
 from mailproxy.config import Table
 from mailproxy.interfaces import IRouter
 from mailproxy.model import Rejection, Route, RouteRequest
+from mailproxy.routers.http import describeRequestError
 
 __all__ = ["IntrospectionClient", "IntrospectionError", "TokenValidatingRouter", "buildTokenValidation"]
 
@@ -113,13 +114,15 @@ class TokenValidatingRouter:
                 located = evolve(request, credentials=evolve(credentials, user=account))
             return maybeDeferred(self.router.route, located).addCallback(self._asMaster, account)
 
+        timeout = self._introspection.timeout if self._introspection is not None else 0.0
+
         def failed(reason: Failure) -> Rejection:
             # The endpoint is down or talks nonsense: try again later. Its
             # error never quotes the token (it was sent in a request body).
             self.log.error(
                 "OAuth introspection for {user} failed: {error}",
                 user=logQuote(user),
-                error=logQuote(reason.getErrorMessage()),
+                error=logQuote(describeRequestError(cast(BaseException, reason.value), timeout)),
             )
             return Rejection(message="Service temporarily unavailable, try again later.", temporary=True)
 
@@ -207,7 +210,7 @@ class IntrospectionClient:
         self._url = url
         self._reactor = reactor
         self._auth = (clientID, (clientSecret or b"").decode("utf-8")) if clientID is not None else None
-        self._timeout = timeout
+        self.timeout = timeout
         self._size = size
         # Keyed by a keyed hash of the token, never the token itself.
         self._hashKey = os.urandom(32)
@@ -254,7 +257,7 @@ class IntrospectionClient:
 
         d.addCallback(answered)
         d.addCallback(kept_)
-        return d.addTimeout(self._timeout, self._reactor)
+        return d.addTimeout(self.timeout, self._reactor)
 
 
 class IntrospectionError(Exception):

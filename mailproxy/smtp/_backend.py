@@ -425,7 +425,7 @@ class _ESMTPDialogue(BackendProtocol):
             self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}{hint}")
         elif 500 <= reply.code < 600:
             # The client's reply: one line, whatever the server wrote.
-            line = oneLine(reply.lines[-1].decode("utf-8", "replace")) or "Access denied"
+            line = oneLine(reply.lines[-1].decode("utf-8", "replace"), ascii=True) or "Access denied"
             self.fail(FailureKind.REFUSED, f"{what}: {_show(reply)}", f"{reply.code} {line}")
         else:
             self.fail(FailureKind.UNAVAILABLE, f"{what}: {_show(reply)}")

@@ -33,6 +33,7 @@ from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandLoop, LoopState
 from .._contract import IProtocolFrontend
 from .._outcomes import EndReason, StartTLSRefusal
+from .._safetext import sevenBit
 from .._session import ProxyContext, newSessionId
 from ..model import Backend, ClientInfo, Route
 from ..settings import Listener
@@ -276,7 +277,7 @@ class SMTPFrontend(CommandLoop):
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
-        text = _GOODBYE_TEXTS.get(reason, text)
+        text = sevenBit(_GOODBYE_TEXTS.get(reason, text))
         if reason is EndReason.INTERNAL_ERROR:
             # The one goodbye that has always gone without the host name.
             self.send(421, enhanced, text)

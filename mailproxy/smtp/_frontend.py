@@ -178,11 +178,11 @@ class SubmissionFrontend(SMTPFrontend, CommandFrontend):
 
     def answerLoginFailure(self, command: Command, failure: LoginFailed) -> None:
         if failure.kind is FailureKind.REFUSED and failure.clientText:
-            self.sendLine(oneLine(failure.clientText).encode("utf-8"))
+            self.sendLine(oneLine(failure.clientText, ascii=True).encode("utf-8"))
         elif failure.kind is FailureKind.AUTH:
             self.send(535, "5.7.8", "Authentication credentials invalid")
         else:
-            self.send(454, "4.7.0", oneLine(failure.message) or "Temporary authentication failure")
+            self.send(454, "4.7.0", oneLine(failure.message, ascii=True) or "Temporary authentication failure")
 
     # Commands
 

@@ -339,6 +339,29 @@ class WorkersTests(SynchronousTestCase):
         self.addCleanup(accepted.close)
         self.assertTrue(_readLine(accepted).startswith(b"* OK "))
 
+    def failLogins(self, count: int) -> None:
+        """
+        Fail C{count} logins in one session, then wait until their lines
+        have left the worker: a worker's lines leave at the end of the
+        turn that sent the reply, and one stopped before that holds them.
+        """
+        client = self.connect()
+        for _ in range(count):
+            reply = client.command(f'LOGIN "{ACCOUNTS[0]}" "wrong"')
+            self.assertEqual(reply[-1].split()[1:3], [b"NO", b"[AUTHENTICATIONFAILED]"])
+        client.close()
+
+    def failedEvents(self, count: int) -> list[dict[str, Any]]:
+        """
+        The JSON log's C{login_failed} events, once there are C{count}.
+        """
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            failed = [e for e in self.proxy.events() if e.get("event") == "login_failed"]
+            if len(failed) >= count or time.monotonic() > deadline:
+                return failed
+            time.sleep(0.05)
+
     def test_failedLoginsAcrossWorkers(self) -> None:
         """
         Failed logins from one address count in both workers: after two in
@@ -349,20 +372,9 @@ class WorkersTests(SynchronousTestCase):
         logged = 0
         for number, failures in ((1, 2), (2, 1)):
             with self.onlyWorker(number):
-                client = self.connect()
-                for _ in range(failures):
-                    reply = client.command(f'LOGIN "{ACCOUNTS[0]}" "wrong"')
-                    self.assertEqual(reply[-1].split()[1:3], [b"NO", b"[AUTHENTICATIONFAILED]"])
-                client.close()
-                # A worker's lines leave at the end of the turn that sent
-                # the reply: stopped before that, it would hold them.
+                self.failLogins(failures)
                 logged += failures
-                deadline = time.monotonic() + TIMEOUT
-                while True:
-                    failed = [e for e in self.proxy.events() if e.get("event") == "login_failed"]
-                    if len(failed) >= logged or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
+                failed = self.failedEvents(logged)
         self.assertEqual([(e["worker"], e["addressFailures"]) for e in failed], [(1, 1), (1, 2), (2, 3)])
         self.assertEqual({e["address"] for e in failed}, {"127.0.0.1"})
         # The worker's number is in the text line's brackets: fail2ban's
@@ -377,6 +389,31 @@ class WorkersTests(SynchronousTestCase):
             )
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("Failregex: 3 total", result.stdout, name)
+
+    def test_successClearsAcrossWorkers(self) -> None:
+        """
+        A login that succeeds in one worker clears its address's failures
+        in every worker: after a failure in worker 1 and a success in
+        worker 2, the next failure in worker 1 is the address's first
+        again.
+        """
+        with self.onlyWorker(1):
+            self.failLogins(1)
+            self.failedEvents(1)
+        with self.onlyWorker(2):
+            client = self.connect()
+            self.assertEqual(client.login(ACCOUNTS[0]), f"{ACCOUNTS[0]} on old")
+            client.close()
+            deadline = time.monotonic() + TIMEOUT
+            while not any(e.get("event") == "session_end" for e in self.proxy.events()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # The parent tells worker 1 to forget: its word may follow the
+        # success's by a moment.
+        time.sleep(0.2)
+        with self.onlyWorker(1):
+            self.failLogins(1)
+            failed = self.failedEvents(2)
+        self.assertEqual([(e["worker"], e["addressFailures"]) for e in failed], [(1, 1), (1, 1)])
 
     def test_shutdownSessionsLogged(self) -> None:
         """

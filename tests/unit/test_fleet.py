@@ -108,6 +108,7 @@ class FakeClient:
 
     def delete(self, key: str) -> Deferred[Any]:
         self.redis.hashes.pop(key, None)
+        self.redis.counters.pop(key, None)
         return self._answer(1)
 
     def expire(self, key: str, seconds: int) -> Deferred[Any]:
@@ -446,6 +447,20 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(self.redis.expiries["mailproxy:failures:198.51.100.7"], 900)
         self.assertEqual(self.a.fleet.failures.failed("192.0.2.99"), 1)
 
+    def test_successClearsTheFleetsCount(self) -> None:
+        """
+        A login that succeeds on one proxy clears its address's failures
+        in Redis and on every proxy: the next failure, anywhere, counts
+        one again.
+        """
+        for member in (self.a, self.b, self.a):
+            member.fleet.failures.failed("198.51.100.7")
+        self.assertEqual(self.b.fleet.failures.recent("198.51.100.7"), 3)
+        self.b.fleet.failures.succeeded("198.51.100.7")
+        self.assertNotIn("mailproxy:failures:198.51.100.7", self.redis.counters)
+        self.assertEqual((self.a.fleet.failures.recent("198.51.100.7"), self.b.fleet.failures.recent("198.51.100.7")), (0, 0))
+        self.assertEqual(self.a.fleet.failures.failed("198.51.100.7"), 1)
+
     def test_redisDownLoginsGoOn(self) -> None:
         """
         With Redis gone, logins go on, the health says why, the log says
@@ -666,3 +681,17 @@ class MachineInFleetTests(SynchronousTestCase):
         self.handlers[1]["failed"]("198.51.100.7")
         self.assertEqual(self.redis.counters["mailproxy:failures:198.51.100.7"], 3)
         self.assertEqual(self.told[-1], ("failures", {"address": "198.51.100.7", "count": 3}))
+
+    def test_successClearedForWorkers(self) -> None:
+        """
+        A success in a worker clears the fleet's count and has every
+        worker forget it; so does a success on another proxy.
+        """
+        self.a.fleet.failures.failed("198.51.100.7")
+        self.handlers[1]["succeeded"]("198.51.100.7")
+        self.assertNotIn("mailproxy:failures:198.51.100.7", self.redis.counters)
+        self.assertEqual(self.told[-1], ("forget", {"address": "198.51.100.7"}))
+        self.a.fleet.failures.failed("198.51.100.8")
+        self.a.fleet.failures.succeeded("198.51.100.8")
+        self.assertEqual(self.told[-1], ("forget", {"address": "198.51.100.8"}))
+        self.assertEqual(self.fleet.failures.recent("198.51.100.8"), 0)

@@ -207,6 +207,23 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertEqual(self.frontend.failures, 1)
         self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
 
+    def test_successForgetsFailures(self) -> None:
+        """
+        A login the backend accepts forgets the failures of the client's
+        address and of the account, as in the other protocols.
+        """
+        from mailproxy._shared import accountKey
+
+        self.connect(limits=Limits(failureDelay=1.0))
+        failures = self.frontend.context.failures
+        address = self.frontend.client.address
+        failures.failed(address)
+        failures.failed(accountKey("alice"))
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        self.clock.advance(1.0)
+        self.assertEqual(head(self.backendSays(OK))[0], b"HTTP/1.1 200 OK")
+        self.assertEqual((failures.recent(address), failures.recent(accountKey("alice"))), (0, 0))
+
     def test_rightPasswordAfterFailureWaits(self) -> None:
         """
         After a failed login, the next login's request goes to the backend
@@ -1114,6 +1131,33 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.clock.advance(5)
         self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
         self.assertTrue(self.client.disconnecting)
+
+    def test_slowPipelinedHead(self) -> None:
+        """
+        A partial request sent behind a complete one has header_timeout to
+        complete once the first is answered, not keepalive_timeout, and
+        gets 408.
+        """
+        self.connect(headerTimeout=30.0, keepaliveTimeout=75.0)
+        self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\nHo")
+        self.backendSays(OK)
+        self.client.clear()
+        self.clock.advance(30)
+        self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_headSizeCountsLineEnds(self) -> None:
+        """
+        max_header_size counts the head's octets as sent, line ends
+        included: a head of exactly the limit passes, one octet more is
+        refused with 431.
+        """
+        request = b"GET / HTTP/1.1\r\nHost: h\r\nX-A: " + b"a" * 60 + b"\r\n\r\n"
+        self.connect(maxHeaderSize=len(request))
+        self.send(request)
+        self.assertIn(b"GET / HTTP/1.1\r\n", self.backendGot())
+        self.connect(maxHeaderSize=len(request) - 1)
+        self.assertEqual(head(self.send(request))[0], b"HTTP/1.1 431 Request Header Fields Too Large")
 
     def test_idleKeepAlive(self) -> None:
         """

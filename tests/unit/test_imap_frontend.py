@@ -465,7 +465,8 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         routed (the backend is not asked meanwhile), so the right password
         is answered no sooner than that: a client that hangs up when no OK
         came at once learns nothing about its guess before the delay.  The
-        failures of the address count, from other sessions too.
+        failures of the address count, from other sessions too, until a
+        login from it succeeds.
         """
         self.build(limits=Limits(failureDelay=1.0))
         self.send(b"a LOGIN nobody wrong\r\n")
@@ -481,8 +482,10 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.backendSays(b'* ID ("name" "Dovecot")\r\nP1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
         self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
 
-        # Another session from the same address: its first attempt waits
-        # for the address's failure too.
+        # Another session from the same address, after a new failure: its
+        # first attempt waits for the address's failure too.
+        failures = self.frontend.context.failures
+        failures.failed(self.frontend.client.address)
         second, client = self.connectAgain()
         client.clear()
         second.dataReceived(b"c LOGIN alice secret\r\n")
@@ -491,6 +494,14 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.backendSays(GREETING)
         self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
         self.assertEqual(client.value(), b"c OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+
+        # That success forgot the address's failures (as Dovecot does: one
+        # user's typo must not slow everyone behind the same NAT): the next
+        # session's login is routed at once.
+        self.assertEqual(failures.recent(self.frontend.client.address), 0)
+        third, client = self.connectAgain()
+        third.dataReceived(b"d LOGIN alice secret\r\n")
+        self.assertEqual(len(self.connector.protocols), 3)
 
     def test_accountFailuresWaitOneDelay(self) -> None:
         """
@@ -512,6 +523,8 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.backendSays(GREETING)
         self.backendSays(b'P1 OK ID completed.\r\nP2 OK [CAPABILITY IMAP4rev1] Logged in\r\n')
         self.assertEqual(self.client.value(), b"b OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        # Its owner's login forgot them.
+        self.assertEqual(failures.recent(accountKey("alice")), 0)
 
         second, client = self.connectAgain()
         second.dataReceived(b'c LOGIN "" x\r\n')
@@ -617,6 +630,17 @@ class FailureTests(IMAPFrontendTestsMixin, SynchronousTestCase):
         self.router.answers["alice"] = Rejection("Directory down", temporary=True)
         self.send(b"a LOGIN alice secret\r\n")
         self.assertEqual(self.client.value(), b"a NO [UNAVAILABLE] Directory down\r\n")
+
+    def test_rejectionTextSevenBit(self) -> None:
+        """
+        A router's refusal text with 8-bit characters reaches the client
+        as 7-bit ASCII, as IMAP's resp-text must be: accents lose their
+        marks, what has no ASCII form becomes C{?}.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Zugang f\u00fcr alice gesperrt \u2013 \u65e5", temporary=True)
+        self.send(b"a LOGIN alice secret\r\n")
+        self.assertEqual(self.client.value(), b"a NO [UNAVAILABLE] Zugang fur alice gesperrt ? ?\r\n")
 
     def test_growingDelayAndClose(self) -> None:
         """

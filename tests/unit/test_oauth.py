@@ -666,6 +666,30 @@ class ValidationConfigTests(ConfigTestCase):
         error = self.assertRaises(ConfigError, self.build, 'introspection_url = "ftp://x"\n', "")
         self.assertIn("router.oauth.introspection_url: must be an http:// or https:// URL", str(error))
 
+    def test_backendWithoutMasterUser(self) -> None:
+        """
+        A validating C{[router.oauth]} logs in to the backend as its master
+        user: a backend without one is named in a warning (an OAuth login
+        routed there would fail), in a chain's routers too; with a master
+        user, no warning.
+        """
+        oauth = '[router.oauth]\njwks_file = "jwks.json"\n'
+
+        def warnings(text: str) -> list[str]:
+            return [warning.split(": ", 1)[1] for warning in self.parse(text).warnings]
+
+        warning = (
+            "router.oauth: validates tokens and logs in to the backend as its master_user; "
+            "backend old has none, so an OAuth login routed there fails"
+        )
+        self.assertIn(warning, warnings(configText(extra=oauth)))
+        chain = '[router]\ntype = "chain"\n[[router.routers]]\ntype = "static"\npath = "routes.toml"\n'
+        chained = warnings(configText(router=chain, extra='[router.routers.oauth]\njwks_file = "jwks.json"\n'))
+        self.assertIn(warning.replace("router.oauth", "router.routers[0].oauth"), chained)
+        master = 'master_user = "proxy"\nmaster_password_file = "master.pw"\n'
+        self.assertEqual(warnings(configText(backend=master, extra=oauth)), [])
+        self.assertEqual(warnings(configText()), [])
+
     def test_introspection(self) -> None:
         """
         With an introspection URL the router asks it.
@@ -738,6 +762,32 @@ class IntrospectionTests(SynchronousTestCase):
         self.assertIsInstance(self.route(b"unknown"), Rejection)
         self.assertEqual(len(self.endpoint.asked), 2)
         self.assertIsInstance(self.route(b"good", "bob@example.org"), Rejection)
+
+    def test_endpointSilent(self) -> None:
+        """
+        An endpoint that takes the request and never answers gives a
+        temporary refusal after C{timeout} seconds, logged in words.
+        """
+        from treq.client import HTTPClient
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from twisted.logger import formatEvent
+        from twisted.web.client import Agent
+
+        reactor = MemoryReactorClock()
+        client = IntrospectionClient(HTTPClient(Agent(reactor)), "http://id.example/introspect", reactor, timeout=3.0)
+        router = TokenValidatingRouter(FakeRouter({}), introspection=client)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        request = evolve(makeRequest(), credentials=Credentials("XOAUTH2", "alice@example.org", token=b"t0ken"))
+        d = router.route(request)
+        factory = reactor.tcpClients[0][2]
+        factory.buildProtocol(None).makeConnection(StringTransport())
+        reactor.advance(3)
+        answer = self.successResultOf(d)
+        self.assertTrue(isinstance(answer, Rejection) and answer.temporary, answer)
+        [line] = [formatEvent(event) for event in events if "introspection" in formatEvent(event)]
+        self.assertEqual(line, 'OAuth introspection for "alice@example.org" failed: "no answer within 3 s"')
 
     def test_endpointDown(self) -> None:
         """

@@ -949,6 +949,15 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
         self.router.answers["alice"] = Rejection("Directory down\r\n", temporary=True)
         self.assertEqual(self.send(b"USER alice\r\nPASS secret\r\n"), b"+OK\r\n-ERR [SYS/TEMP] Directory down\r\n")
 
+    def test_rejectionTextSevenBit(self) -> None:
+        """
+        A router's refusal text with 8-bit characters reaches the client
+        as 7-bit ASCII.
+        """
+        self.build()
+        self.router.answers["alice"] = Rejection("Verzeichnis gest\u00f6rt", temporary=True)
+        self.assertEqual(self.send(b"USER alice\r\nPASS secret\r\n"), b"+OK\r\n-ERR [SYS/TEMP] Verzeichnis gestort\r\n")
+
     def test_endlessCapaReply(self) -> None:
         """
         A backend whose CAPA list never ends fails the login as temporary

@@ -14,8 +14,11 @@ from typing import Any
 from treq.testing import StubTreq
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -122,7 +125,7 @@ class WireTests(SynchronousTestCase):
         @return: the bytes the router sent, the client protocol (to feed an
             answer to) and the route Deferred.
         """
-        reactor = MemoryReactorClock()
+        reactor = self.reactor = MemoryReactorClock()
         from treq.client import HTTPClient
 
         router = HTTPRouter(
@@ -139,6 +142,36 @@ class WireTests(SynchronousTestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         return transport.value(), protocol, d
+
+    def test_noAnswer(self) -> None:
+        """
+        An auth server that takes the request and never answers fails the
+        login as temporary after C{timeout} seconds, and the log says so in
+        words, not as the HTTP client's list of inner failures.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, _, d = self.ask(login(), timeout=4.0)
+        self.reactor.advance(4)
+        self.assertTrue(result(d).temporary)
+        [line] = [formatEvent(event) for event in events if "failed for" in formatEvent(event)]
+        self.assertEqual(line, 'auth_http http://auth.internal:9000/auth?x=1 failed for "alice@example.org": "no answer within 4 s"')
+
+    def test_connectionBroken(self) -> None:
+        """
+        An auth server that closes the connection without an answer is
+        logged with the reason the connection ended.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, protocol, d = self.ask(login())
+        protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
+        self.assertTrue(result(d).temporary)
+        [line] = [formatEvent(event) for event in events if "failed for" in formatEvent(event)]
+        self.assertIn('failed for "alice@example.org": "no answer: ConnectionLost: ', line)
+        self.assertNotIn("Failure", line)
 
     def test_plainLogin(self) -> None:
         """

@@ -8,7 +8,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy._safetext import MAX_LOG_TEXT, logQuote
+from mailproxy._safetext import MAX_LOG_TEXT, logQuote, oneLine
 
 
 class LogQuoteTests(SynchronousTestCase):
@@ -47,3 +47,20 @@ class LogQuoteTests(SynchronousTestCase):
         self.patch(json, "dumps", counting)
         self.assertEqual((logQuote("alice"), logQuote("z" * (MAX_LOG_TEXT + 1))[-3:]), ('"alice"', "..."))
         self.assertEqual(calls, [])
+
+
+class OneLineTests(SynchronousTestCase):
+    """
+    L{oneLine} makes foreign text one safe line for a client.
+    """
+
+    def test_asciiOnly(self) -> None:
+        """
+        With C{ascii}, the line is 7-bit: marks are taken off letters,
+        compatibility forms become their ASCII letters, the rest C{?}; a
+        line already ASCII is unchanged, and the limit still holds.
+        """
+        self.assertEqual(oneLine("Gr\u00fc\u00dfe \ufb01le \u65e5\r\nx", ascii=True), "Gru?e file ? x")
+        self.assertEqual(oneLine("plain text", ascii=True), "plain text")
+        self.assertEqual(len(oneLine("\u00e9" * 300, limit=10, ascii=True)), 10)
+        self.assertEqual(oneLine("\u00e9t\u00e9"), "\u00e9t\u00e9")

@@ -72,11 +72,16 @@ class DropReasonTests(SynchronousTestCase):
 
     def test_nonASCII(self) -> None:
         """
-        Printable non-ASCII text stays; the bound counts octets and never
-        cuts a character in two.
+        Printable non-ASCII text stays in ManageSieve's goodbye (UTF-8);
+        the bound counts octets and never cuts a character in two. IMAP,
+        POP3 and SMTP texts are 7-bit: accents lose their marks, what has
+        no ASCII form becomes C{?}.
         """
-        self.assertEqual(self.dropped("imap", "Déménagé"), "* BYE Déménagé\r\n".encode())
-        self.assertEqual(self.dropped("imap", "x" + "é" * 200), b"* BYE x" + "é".encode() * 99 + b"\r\n")
+        self.assertEqual(self.dropped("sieve", "Déménagé"), 'BYE "Déménagé"\r\n'.encode())
+        self.assertEqual(self.dropped("sieve", "x" + "é" * 200), b'BYE "x' + "é".encode() * 99 + b'"\r\n')
+        self.assertEqual(self.dropped("imap", "Déménagé \u65e5"), b"* BYE Demenage ?\r\n")
+        self.assertEqual(self.dropped("pop3", "Déménagé"), b"-ERR Demenage\r\n")
+        self.assertEqual(self.dropped("smtp", "Déménagé", mode="submission"), b"421 4.7.0 proxy.test Demenage\r\n")
 
     def test_relaying(self) -> None:
         """

@@ -40,6 +40,7 @@ from mailproxy._workers import (
     LOG_BATCH,
     MAX_BACKOFF,
     STABLE,
+    WORKER_ANSWER_TIMEOUT,
     CallError,
     Channel,
     LogBatch,
@@ -344,6 +345,33 @@ class MachineTests(SynchronousTestCase):
         (call,) = self.clock.getDelayedCalls()
         self.assertEqual(call.getTime(), self.clock.seconds())
 
+    def test_hungWorker(self) -> None:
+        """
+        A worker that does not answer within L{WORKER_ANSWER_TIMEOUT} is
+        left out of the answers and logged, so what asked goes on; a
+        reload it did not confirm is reported as not done.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for worker in self.machine.workers:
+            worker.ready = True
+        self.one.call = lambda method, argument=None: succeed({"ok": True})  # type: ignore[method-assign]
+        self.two.call = lambda method, argument=None: Deferred()  # type: ignore[method-assign]
+        answers: list[Any] = []
+        self.machine.askWorkers("sessions", {}).addCallback(answers.append)
+        self.clock.advance(WORKER_ANSWER_TIMEOUT - 1)
+        self.assertEqual(answers, [])
+        self.clock.advance(1)
+        self.assertEqual(answers, [[(self.one, {"ok": True})]])
+        self.assertIn(
+            "worker 2 did not answer sessions: no answer within 30 s", [formatEvent(event) for event in events]
+        )
+        outcomes: list[dict[str, Any]] = []
+        self.machine.reload().addCallback(outcomes.append)
+        self.clock.advance(WORKER_ANSWER_TIMEOUT)
+        self.assertEqual((outcomes[0]["ok"], outcomes[0]["error"]), (False, "worker 2: did not answer"))
+
     def test_brokenReload(self) -> None:
         """
         A reload of a broken file answers why, and tells no worker.
@@ -440,6 +468,16 @@ class MachineTests(SynchronousTestCase):
         self.machine._failed("192.0.2.1")
         self.machine._failed("192.0.2.1")
         self.assertEqual(self.told, [("failures", {"address": "192.0.2.1", "count": n}) for n in (1, 2)])
+
+    def test_successTold(self) -> None:
+        """
+        A login that succeeds in a worker clears its address's failures
+        here, and every worker is told to forget them.
+        """
+        self.machine._failed("192.0.2.1")
+        self.machine._succeeded("192.0.2.1")
+        self.assertEqual(self.machine.failures.recent("192.0.2.1"), 0)
+        self.assertEqual(self.told[-1], ("forget", {"address": "192.0.2.1"}))
 
 
 class LocalFailuresTests(SynchronousTestCase):
