@@ -160,7 +160,8 @@ def requestHeaders(
     """
     The request headers nginx would send for C{request}, in its order.
 
-    nginx sends C{Client-Host} only when it resolved the client's name, the
+    nginx sends C{Client-Host} (its resolved name, or C{[UNAVAILABLE]}
+    when it resolves no names: on every SMTP question), the
     C{Proxy-Protocol-*} headers only for clients behind a PROXY header, and
     the C{Auth-SSL-Verify}/C{-Subject}/... headers only with client
     certificates; mailproxy does none of these, so it sends none of them.
@@ -195,8 +196,9 @@ def requestHeaders(
         (b"Client-IP", request.client.address.encode("ascii", "replace")),
     ]
     if request.lookup == "recipient":
-        # nginx's Auth-Method none: whole command lines, like nginx keeps
-        # them (unescaped: the SMTP parser already refused CR and LF).
+        # nginx's Auth-Method none: the commands, without their parameters
+        # (nginx passes SIZE= and the like on; scripts read the address),
+        # unescaped: the SMTP parser already refused CR and LF.
         headers += [
             (b"Auth-SMTP-Helo", _raw(request.helo or "")),
             (b"Auth-SMTP-From", b"MAIL FROM:<" + _raw(request.mailFrom or "") + b">"),
