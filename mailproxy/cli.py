@@ -962,4 +962,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return _COMMANDS[arguments.command](arguments, sys.stdout, sys.stderr)
+    try:
+        status = _COMMANDS[arguments.command](arguments, sys.stdout, sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The output's reader stopped early (| head): end quietly, as
+        # other commands do; what is left to flush at exit goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return status

@@ -661,6 +661,19 @@ class GeneratedDocumentTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(rendered.stderr, "")
         self.assertIn("mailproxy check", rendered.stdout)
 
+    def test_readerGone(self) -> None:
+        """
+        Output piped into a reader that stopped early (C{| head -1}) ends
+        the command with status 1 and without a traceback.
+        """
+        reader, writer = os.pipe()
+        os.close(reader)
+        stdout = os.fdopen(writer, "w")
+        self.addCleanup(stdout.close)
+        self.patch(sys, "stdout", stdout)
+        self.assertEqual(main(["manpage"]), 1)
+        self.assertEqual(self.err.getvalue(), "")
+
     def complete(self, *words: str) -> list[str]:
         """
         What bash completes the last of C{words} to, with the script loaded.
