@@ -544,7 +544,12 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # One writer on standard output, in the [log] format if path is "-".
     options["logger"] = lambda: processLogObserver(config.log)
     options.subOptions["eventLogOnStandardOutput"] = True
-    runApp(options)
+    try:
+        runApp(options)
+    except ConfigError as e:
+        # What only starting finds: a port taken, say.
+        print(_problem(e), file=err)
+        return 1
     return 0
 
 

@@ -184,6 +184,39 @@ class RunTests(CommandTestsMixin, SynchronousTestCase):
         self.assertEqual(main(["run", "--config", path]), 1)
         self.assertTrue(self.err.getvalue().startswith(f"{path}: "), self.err.getvalue())
 
+    def test_portTaken(self) -> None:
+        """
+        A listener whose port is taken stops the start with one line
+        naming the file, the listener and why, and exit status 1, not a
+        traceback.
+        """
+        import socket
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        self.write("routes.toml", 'default = "old"\n')
+        path = self.write(
+            "proxy.toml",
+            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{port}:interface=127.0.0.1"\ntls = "none"\n'
+            '[router]\ntype = "static"\npath = "routes.toml"\n'
+            '[backend.old]\nhost = "127.0.0.1"\nports = { imap = 143 }\n',
+        )
+        program = "import sys; from mailproxy.cli import main; sys.exit(main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", program, "run", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        self.assertEqual(
+            (done.returncode, done.stderr),
+            (1, f"{path}: listener[0].endpoint: cannot listen on 127.0.0.1:{port}: Address already in use\n"),
+        )
+
     def test_configRequired(self) -> None:
         """
         C{run} without C{--config} is a usage error: exit status 2.
