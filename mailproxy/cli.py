@@ -610,6 +610,7 @@ def _startLogging(stream: TextIO) -> None:
 def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here: no other command needs the demo's IMAP servers.
     from mailproxy.demo import defaultDirectory, instructions, startDemo
+    from mailproxy.tap import ListenError
 
     directory = arguments.directory or defaultDirectory()
 
@@ -622,7 +623,7 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 imapPort=arguments.imap_port,
                 adminPort=arguments.admin_port,
             )
-        except CannotListenError as e:
+        except (CannotListenError, ListenError) as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
             print(
                 f"{_PROG} demo: choose other ports with --imaps-port, --imap-port and --admin-port",

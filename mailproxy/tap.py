@@ -79,6 +79,14 @@ def withBacklog(endpoint: str) -> str:
     return endpoint
 
 
+class ListenError(ConfigError):
+    """
+    A listener of the configuration cannot listen (its port is taken, its
+    address is not this machine's): said as a problem of the file is,
+    C{"FILE: listener[N].endpoint: cannot listen on HOST:PORT: why"}.
+    """
+
+
 @implementer(IStreamServerEndpoint)
 class ReportingEndpoint:
     """
@@ -123,7 +131,7 @@ class ReportingEndpoint:
             reason.trap(CannotListenError)
             cause = cast(CannotListenError, reason.value)
             why = getattr(cause.socketError, "strerror", None) or str(cause.socketError)
-            raise ConfigError(f"{self.where or self.name}: cannot listen on {cause.interface or '*'}:{cause.port}: {why}")
+            raise ListenError(f"{self.where or self.name}: cannot listen on {cause.interface or '*'}:{cause.port}: {why}")
 
         return self.endpoint.listen(protocolFactory).addCallbacks(listening, refused)
 
