@@ -122,11 +122,21 @@ class CertificateSource:
     @ivar names: the SNI names this certificate answers for; C{"*.example.com"}
         matches one label below C{example.com}.  Empty for the default
         certificate.
+    @ivar where: the file and table that configure it (C{"FILE: tls"},
+        C{"FILE: tls.sni[0]"}), which its problems name with the setting.
     """
 
     certificate: str
     key: str
     names: tuple[str, ...] = field(default=(), converter=_namesTuple)
+    where: str | None = field(default=None, eq=False)
+
+    def problem(self, setting: str, text: str) -> TLSConfigError:
+        """
+        A problem with C{setting} (C{certificate} or C{key}), as
+        C{"FILE: tls.key: text"} when it is known where it is configured.
+        """
+        return TLSConfigError(f"{self.where}.{setting}: {text}" if self.where else text)
 
 
 def _readFile(path: str, what: str) -> bytes:
@@ -135,6 +145,13 @@ def _readFile(path: str, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _readSource(source: CertificateSource, setting: str, what: str) -> bytes:
+    try:
+        return _readFile(getattr(source, setting), what)
+    except TLSConfigError as e:
+        raise source.problem(setting, str(e)) from None
 
 
 def _publicKeyBytes(key: PublicKeyTypes) -> bytes:
@@ -161,29 +178,24 @@ def _loadSource(source: CertificateSource) -> _LoadedCertificate:
     @raise TLSConfigError: if either file is missing, unreadable, not PEM, or
         the key does not belong to the first certificate.
     """
-    chainData = _readFile(source.certificate, "certificate")
+    chainData = _readSource(source, "certificate", "certificate")
     try:
         chain = tuple(x509.load_pem_x509_certificates(chainData))
     except ValueError:
-        raise TLSConfigError(
-            f"{source.certificate}: no PEM certificate found"
-        ) from None
+        raise source.problem("certificate", f"{source.certificate}: no PEM certificate found") from None
 
-    keyData = _readFile(source.key, "private key")
+    keyData = _readSource(source, "key", "private key")
     try:
         key = serialization.load_pem_private_key(keyData, password=None)
     except TypeError:
-        raise TLSConfigError(
-            f"{source.key}: the private key is encrypted; give an unencrypted key"
-        ) from None
+        raise source.problem("key", f"{source.key}: the private key is encrypted; give an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise TLSConfigError(f"{source.key}: no usable PEM private key found") from None
+        raise source.problem("key", f"{source.key}: no usable PEM private key found") from None
 
     leaf = chain[0]
     if _publicKeyBytes(key.public_key()) != _publicKeyBytes(leaf.public_key()):
-        raise TLSConfigError(
-            f"{source.key}: the private key does not match the first certificate"
-            f" in {source.certificate}"
+        raise source.problem(
+            "key", f"{source.key}: the private key does not match the first certificate in {source.certificate}"
         )
     _warnAboutValidity(source.certificate, leaf)
     return _LoadedCertificate(source=source, chain=chain, key=key)
@@ -288,8 +300,8 @@ def _serverContext(loaded: _LoadedCertificate) -> SSL.Context:
     except SSL.Error as e:
         # OpenSSL's reasons ("ee key too small", ...) name no key material.
         reasons = "; ".join(reason for _, _, reason in e.args[0]) or "unusable"
-        raise TLSConfigError(
-            f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
+        raise loaded.source.problem(
+            "certificate", f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
         ) from None
     context.set_alpn_select_callback(_selectApplicationProtocol)  # type: ignore[arg-type]
     return context

@@ -149,7 +149,8 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
     def test_keyDoesNotMatch(self) -> None:
         """
         The check loads the certificates: a key that belongs to another
-        certificate exits 1 and names the key file.
+        certificate exits 1 and names the configuration's file and setting,
+        and the key file.
         """
         one, two = os.path.join(self.directory, "one"), os.path.join(self.directory, "two")
         os.makedirs(one)
@@ -164,7 +165,8 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(main(["check", path]), 1)
         message = self.err.getvalue()
-        self.assertTrue(message.startswith(f"{key}: "), message)
+        # The file and the setting first, as for every problem of the file.
+        self.assertTrue(message.startswith(f"{path}: tls.key: {key}: "), message)
         self.assertIn("does not match", message)
         self.assertEqual(self.out.getvalue(), "")
 
@@ -373,7 +375,7 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         lines = self.err.getvalue().splitlines()
         self.assertEqual(len(lines), 3, lines)
         self.assertTrue(lines[0].startswith(f"{routes}: "), lines)
-        self.assertTrue(lines[1].startswith(f"{key}: "), lines)
+        self.assertTrue(lines[1].startswith(f"{path}: tls.key: {key}: "), lines)
         self.assertEqual(lines[2], f"{path}: 2 problems")
 
     def test_routerProblemsWithOthers(self) -> None:
