@@ -197,28 +197,61 @@ def _loadSource(source: CertificateSource) -> _LoadedCertificate:
         raise source.problem(
             "key", f"{source.key}: the private key does not match the first certificate in {source.certificate}"
         )
-    _warnAboutValidity(source.certificate, leaf)
+    for problem in _clientsWouldRefuse(source, leaf):
+        _log.warn("TLS certificate {path} {problem}", path=source.certificate, problem=problem)
     return _LoadedCertificate(source=source, chain=chain, key=key)
 
 
-def _warnAboutValidity(path: str, leaf: x509.Certificate) -> None:
+def _clientsWouldRefuse(source: CertificateSource, leaf: x509.Certificate) -> list[str]:
     """
-    Log what will make clients refuse C{leaf}, without refusing it ourselves:
-    an expired certificate is still better than no listener at all.
+    What will make clients refuse C{leaf}, which is not refused here: an
+    expired certificate is still better than no listener at all.
+
+    @return: each problem in words (C{"expired on ..."}).
     """
+    problems = []
     now = datetime.datetime.now(datetime.timezone.utc)
     if leaf.not_valid_after_utc < now:
-        _log.warn(
-            "TLS certificate {path} expired on {notAfter}",
-            path=path,
-            notAfter=leaf.not_valid_after_utc.isoformat(),
-        )
+        problems.append(f"expired on {leaf.not_valid_after_utc.isoformat()}")
     elif leaf.not_valid_before_utc > now:
-        _log.warn(
-            "TLS certificate {path} is not valid before {notBefore}",
-            path=path,
-            notBefore=leaf.not_valid_before_utc.isoformat(),
-        )
+        problems.append(f"is not valid before {leaf.not_valid_before_utc.isoformat()}")
+    try:
+        alternatives = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        patterns = [name.lower() for name in alternatives.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        patterns = []
+    for name in source.names:
+        try:
+            normal = _normalName(name)
+        except idna.IDNAError:
+            continue
+        if not any(_covers(pattern, normal) for pattern in patterns):
+            problems.append(f"does not name {name!r} (no subjectAltName covers it), which it is to serve")
+    return problems
+
+
+def _covers(pattern: str, name: str) -> bool:
+    # RFC 6125: a wildcard stands for one whole label, the first.
+    if pattern == name:
+        return True
+    return pattern.startswith("*.") and not name.startswith("*.") and name.partition(".")[2] == pattern[2:]
+
+
+def certificateWarnings(default: CertificateSource, others: Sequence[CertificateSource] = ()) -> list[str]:
+    """
+    What in these certificates clients will refuse (expired, not yet
+    valid, not naming an SNI name they serve), as C{mailproxy check}
+    reports it: C{"FILE: tls.sni[0].certificate: PATH expired on ..."}.
+
+    @raise TLSConfigError: as L{serverOptions}.
+    """
+    warnings = []
+    for source in (default, *others):
+        leaf = _loadSource(source).chain[0]
+        for problem in _clientsWouldRefuse(source, leaf):
+            text = f"{source.certificate} {problem}"
+            warnings.append(f"{source.where}.certificate: {text}" if source.where else text)
+    return warnings
 
 
 def _setGroups(context: SSL.Context) -> None:

@@ -66,7 +66,7 @@ from mailproxy._stats import routerChain
 from mailproxy._logs import processLogObserver
 from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy.admin import MAX_BODY
-from mailproxy._tls import TLSConfigError, serverOptions
+from mailproxy._tls import TLSConfigError, certificateWarnings, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
 from mailproxy.routers import buildRouter, buildRouterFrom, closeRouter
@@ -403,6 +403,9 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
             serverOptions(default, sni)
         except TLSConfigError as e:
             report.problems.append(_problem(e))
+        else:
+            # What clients will refuse, which the proxy serves anyway.
+            report.warnings.extend(certificateWarnings(default, sni))
     return report
 
 

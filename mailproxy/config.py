@@ -895,6 +895,8 @@ def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSour
     for name in names:
         if any(c.isspace() for c in name):
             entry.fail("names", f"not a host name: {name!r}")
+        if "*" in name.removeprefix("*."):
+            entry.fail("names", f"a wildcard is a whole first label (*.example.com), not {name!r}")
         folded = name.lower()
         if folded in seen:
             entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")

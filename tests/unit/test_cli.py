@@ -146,6 +146,31 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         self.assertTrue(message.startswith(f"{routes}: "), message)
         self.assertIn("elsewhere", message)
 
+    def test_certificateClientsRefuse(self) -> None:
+        """
+        A certificate that does not name the SNI names it is to serve
+        passes with a warning naming the file, the setting and the name.
+        """
+        sni = os.path.join(self.directory, "sni")
+        os.makedirs(sni)
+        certificate, key = makeSelfSigned(sni, names=("old.example.com",))
+        self.write("routes.toml", ROUTES)
+        path = self.write(
+            "proxy.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "implicit"')
+            + f'\n[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n'
+            + f'[[tls.sni]]\nnames = ["old.example.org"]\ncertificate = "{certificate}"\nkey = "{key}"\n',
+        )
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: {path}: tls.sni[0].certificate: {certificate} does not name 'old.example.org' "
+            "(no subjectAltName covers it), which it is to serve\n",
+        )
+        path = self.write("proxy.toml", open(path).read().replace('"old.example.org"', '"*.*.example.com"'))
+        self.assertEqual(main(["check", path]), 1)
+        self.assertIn("tls.sni[0].names: a wildcard is a whole first label", self.err.getvalue())
+
     def test_keyDoesNotMatch(self) -> None:
         """
         The check loads the certificates: a key that belongs to another
