@@ -275,8 +275,9 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
     @cvar saslLoneEquals: a lone C{=} stands for an empty response (RFC
         4954, 5034, 4959); ManageSieve has quoted strings instead.
     @cvar saslLoginUserRequired: LOGIN refuses an empty user name.
-    @cvar loginFailureReason: the L{EndReason} when a failed login ends the
-        session; L{EndReason.LOGIN_FAILED} is logged with the failure kind.
+    @cvar loginFailureReason: the L{EndReason} when the last failed login
+        the limit allows ends the session (other refusals that close end it
+        with L{EndReason.LOGIN_FAILED}, logged with the failure kind).
     @ivar clientID: what the client said about itself (IMAP ID), for the
         router and the backend.
     """
@@ -457,12 +458,10 @@ class CommandFrontend(CommandLoop, FrontendProtocol):
         else:
             self.answerLoginFailure(command, failure)
         if failure.close:
-            endReason = self.loginFailureReason
-            detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""
+            endReason, goodbye = EndReason.LOGIN_FAILED, "Closing connection."
             if self.failures >= self.limits.loginFailures:
-                goodbye = "Too many invalid authentication attempts."
-            else:
-                goodbye = "Closing connection."
+                endReason, goodbye = self.loginFailureReason, "Too many invalid authentication attempts."
+            detail = failure.kind.value if endReason is EndReason.LOGIN_FAILED else ""
             self.end(endReason, goodbye, detail)
             return
         self.state = LoopState.COMMAND

@@ -440,8 +440,19 @@ class EventLogService(Service):
         assert self.config.path is not None
         return open(self.config.path, "a", encoding="utf-8")
 
+    def privilegedStartService(self) -> None:
+        # The listeners bind, and log where, in their privileged start:
+        # first among the proxy's children, this one observes by then.
+        super().privilegedStartService()
+        self._observe()
+
     def startService(self) -> None:
         super().startService()
+        self._observe()
+
+    def _observe(self) -> None:
+        if self._filter is not None:
+            return
         self._stream = self._open()
         self._observer = _FileObserver(
             self._stream, self.config.format, self.config.path == "-" and isJournalStream(self._stream)

@@ -122,11 +122,21 @@ class CertificateSource:
     @ivar names: the SNI names this certificate answers for; C{"*.example.com"}
         matches one label below C{example.com}.  Empty for the default
         certificate.
+    @ivar where: the file and table that configure it (C{"FILE: tls"},
+        C{"FILE: tls.sni[0]"}), which its problems name with the setting.
     """
 
     certificate: str
     key: str
     names: tuple[str, ...] = field(default=(), converter=_namesTuple)
+    where: str | None = field(default=None, eq=False)
+
+    def problem(self, setting: str, text: str) -> TLSConfigError:
+        """
+        A problem with C{setting} (C{certificate} or C{key}), as
+        C{"FILE: tls.key: text"} when it is known where it is configured.
+        """
+        return TLSConfigError(f"{self.where}.{setting}: {text}" if self.where else text)
 
 
 def _readFile(path: str, what: str) -> bytes:
@@ -135,6 +145,13 @@ def _readFile(path: str, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _readSource(source: CertificateSource, setting: str, what: str) -> bytes:
+    try:
+        return _readFile(getattr(source, setting), what)
+    except TLSConfigError as e:
+        raise source.problem(setting, str(e)) from None
 
 
 def _publicKeyBytes(key: PublicKeyTypes) -> bytes:
@@ -161,52 +178,80 @@ def _loadSource(source: CertificateSource) -> _LoadedCertificate:
     @raise TLSConfigError: if either file is missing, unreadable, not PEM, or
         the key does not belong to the first certificate.
     """
-    chainData = _readFile(source.certificate, "certificate")
+    chainData = _readSource(source, "certificate", "certificate")
     try:
         chain = tuple(x509.load_pem_x509_certificates(chainData))
     except ValueError:
-        raise TLSConfigError(
-            f"{source.certificate}: no PEM certificate found"
-        ) from None
+        raise source.problem("certificate", f"{source.certificate}: no PEM certificate found") from None
 
-    keyData = _readFile(source.key, "private key")
+    keyData = _readSource(source, "key", "private key")
     try:
         key = serialization.load_pem_private_key(keyData, password=None)
     except TypeError:
-        raise TLSConfigError(
-            f"{source.key}: the private key is encrypted; give an unencrypted key"
-        ) from None
+        raise source.problem("key", f"{source.key}: the private key is encrypted; give an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise TLSConfigError(f"{source.key}: no usable PEM private key found") from None
+        raise source.problem("key", f"{source.key}: no usable PEM private key found") from None
 
     leaf = chain[0]
     if _publicKeyBytes(key.public_key()) != _publicKeyBytes(leaf.public_key()):
-        raise TLSConfigError(
-            f"{source.key}: the private key does not match the first certificate"
-            f" in {source.certificate}"
+        raise source.problem(
+            "key", f"{source.key}: the private key does not match the first certificate in {source.certificate}"
         )
-    _warnAboutValidity(source.certificate, leaf)
+    for problem in _clientsWouldRefuse(source, leaf):
+        _log.warn("TLS certificate {path} {problem}", path=source.certificate, problem=problem)
     return _LoadedCertificate(source=source, chain=chain, key=key)
 
 
-def _warnAboutValidity(path: str, leaf: x509.Certificate) -> None:
+def _clientsWouldRefuse(source: CertificateSource, leaf: x509.Certificate) -> list[str]:
     """
-    Log what will make clients refuse C{leaf}, without refusing it ourselves:
-    an expired certificate is still better than no listener at all.
+    What will make clients refuse C{leaf}, which is not refused here: an
+    expired certificate is still better than no listener at all.
+
+    @return: each problem in words (C{"expired on ..."}).
     """
+    problems = []
     now = datetime.datetime.now(datetime.timezone.utc)
     if leaf.not_valid_after_utc < now:
-        _log.warn(
-            "TLS certificate {path} expired on {notAfter}",
-            path=path,
-            notAfter=leaf.not_valid_after_utc.isoformat(),
-        )
+        problems.append(f"expired on {leaf.not_valid_after_utc.isoformat()}")
     elif leaf.not_valid_before_utc > now:
-        _log.warn(
-            "TLS certificate {path} is not valid before {notBefore}",
-            path=path,
-            notBefore=leaf.not_valid_before_utc.isoformat(),
-        )
+        problems.append(f"is not valid before {leaf.not_valid_before_utc.isoformat()}")
+    try:
+        alternatives = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        patterns = [name.lower() for name in alternatives.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        patterns = []
+    for name in source.names:
+        try:
+            normal = _normalName(name)
+        except idna.IDNAError:
+            continue
+        if not any(_covers(pattern, normal) for pattern in patterns):
+            problems.append(f"does not name {name!r} (no subjectAltName covers it), which it is to serve")
+    return problems
+
+
+def _covers(pattern: str, name: str) -> bool:
+    # RFC 6125: a wildcard stands for one whole label, the first.
+    if pattern == name:
+        return True
+    return pattern.startswith("*.") and not name.startswith("*.") and name.partition(".")[2] == pattern[2:]
+
+
+def certificateWarnings(default: CertificateSource, others: Sequence[CertificateSource] = ()) -> list[str]:
+    """
+    What in these certificates clients will refuse (expired, not yet
+    valid, not naming an SNI name they serve), as C{mailproxy check}
+    reports it: C{"FILE: tls.sni[0].certificate: PATH expired on ..."}.
+
+    @raise TLSConfigError: as L{serverOptions}.
+    """
+    warnings = []
+    for source in (default, *others):
+        leaf = _loadSource(source).chain[0]
+        for problem in _clientsWouldRefuse(source, leaf):
+            text = f"{source.certificate} {problem}"
+            warnings.append(f"{source.where}.certificate: {text}" if source.where else text)
+    return warnings
 
 
 def _setGroups(context: SSL.Context) -> None:
@@ -288,8 +333,8 @@ def _serverContext(loaded: _LoadedCertificate) -> SSL.Context:
     except SSL.Error as e:
         # OpenSSL's reasons ("ee key too small", ...) name no key material.
         reasons = "; ".join(reason for _, _, reason in e.args[0]) or "unusable"
-        raise TLSConfigError(
-            f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
+        raise loaded.source.problem(
+            "certificate", f"{loaded.source.certificate}: OpenSSL refuses it: {reasons}"
         ) from None
     context.set_alpn_select_callback(_selectApplicationProtocol)  # type: ignore[arg-type]
     return context

@@ -66,7 +66,7 @@ from mailproxy._stats import routerChain
 from mailproxy._logs import processLogObserver
 from mailproxy._systemd import ReloadError, reloadBySignal
 from mailproxy.admin import MAX_BODY
-from mailproxy._tls import TLSConfigError, serverOptions
+from mailproxy._tls import TLSConfigError, certificateWarnings, serverOptions
 from mailproxy.admin import HealthChecker
 from mailproxy.config import Config, ConfigError, loadConfig, readTOML, recordingReads, tokenFilePermissions
 from mailproxy.routers import buildRouter, buildRouterFrom, closeRouter
@@ -403,6 +403,9 @@ def checkConfig(path: str, reactor: Any) -> CheckReport:
             serverOptions(default, sni)
         except TLSConfigError as e:
             report.problems.append(_problem(e))
+        else:
+            # What clients will refuse, which the proxy serves anyway.
+            report.warnings.extend(certificateWarnings(default, sni))
     return report
 
 
@@ -544,7 +547,12 @@ def _run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # One writer on standard output, in the [log] format if path is "-".
     options["logger"] = lambda: processLogObserver(config.log)
     options.subOptions["eventLogOnStandardOutput"] = True
-    runApp(options)
+    try:
+        runApp(options)
+    except ConfigError as e:
+        # What only starting finds: a port taken, say.
+        print(_problem(e), file=err)
+        return 1
     return 0
 
 
@@ -605,6 +613,7 @@ def _startLogging(stream: TextIO) -> None:
 def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here: no other command needs the demo's IMAP servers.
     from mailproxy.demo import defaultDirectory, instructions, startDemo
+    from mailproxy.tap import ListenError
 
     directory = arguments.directory or defaultDirectory()
 
@@ -617,7 +626,7 @@ def _demo(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 imapPort=arguments.imap_port,
                 adminPort=arguments.admin_port,
             )
-        except CannotListenError as e:
+        except (CannotListenError, ListenError) as e:
             print(f"{_PROG} demo: {_problem(e)}", file=err)
             print(
                 f"{_PROG} demo: choose other ports with --imaps-port, --imap-port and --admin-port",
@@ -962,4 +971,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return _COMMANDS[arguments.command](arguments, sys.stdout, sys.stderr)
+    try:
+        status = _COMMANDS[arguments.command](arguments, sys.stdout, sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The output's reader stopped early (| head): end quietly, as
+        # other commands do; what is left to flush at exit goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return status

@@ -879,7 +879,8 @@ def _parseTLS(table: Table | None) -> tuple[CertificateSource | None, tuple[Cert
     if problems is not None and len(problems.found) > before:
         # Collected: the configuration will not be made.
         return None, ()
-    return CertificateSource(certificate=certificate, key=key), tuple(entry for entry in sni if entry is not None)
+    where = f"{table.file}: {formatKey(table.key)}"
+    return CertificateSource(certificate=certificate, key=key, where=where), tuple(entry for entry in sni if entry is not None)
 
 
 def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSource:
@@ -894,6 +895,8 @@ def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSour
     for name in names:
         if any(c.isspace() for c in name):
             entry.fail("names", f"not a host name: {name!r}")
+        if "*" in name.removeprefix("*."):
+            entry.fail("names", f"a wildcard is a whole first label (*.example.com), not {name!r}")
         folded = name.lower()
         if folded in seen:
             entry.fail("names", f"{name!r} is already in tls.sni[{seen[folded]}]")
@@ -902,6 +905,7 @@ def _parseSNI(entry: Table, index: int, seen: dict[str, int]) -> CertificateSour
         certificate=entry.path("certificate"),
         key=entry.path("key"),
         names=tuple(name.lower() for name in names),
+        where=f"{entry.file}: {formatKey(entry.key)}",
     )
 
 
@@ -1505,7 +1509,9 @@ def parseAdmin(table: Table | None, listeners: Sequence[Listener]) -> AdminConfi
             table.fail("endpoint", f"same address and port as listener[{index}]")
     tls = None
     if "certificate" in table or "key" in table:
-        tls = CertificateSource(certificate=table.path("certificate"), key=table.path("key"))
+        tls = CertificateSource(
+            certificate=table.path("certificate"), key=table.path("key"), where=f"{table.file}: {formatKey(table.key)}"
+        )
     else:
         for interface in (address for address, _ in addresses):
             if not _isLoopback(interface):

@@ -328,8 +328,7 @@ async def startDemo(
         port 0 the configuration file is written again once the proxy
         listens, with the ports the kernel chose, so that the commands that
         read it (C{mailproxy move --config}) find this proxy.
-    @raise twisted.internet.error.CannotListenError: if a proxy port is
-        taken.
+    @raise mailproxy.tap.ListenError: if a proxy port is taken.
     @raise mailproxy.config.ConfigError: if the written configuration does
         not load.
     @raise OSError: if the directory or its files cannot be written.

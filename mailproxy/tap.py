@@ -5,12 +5,13 @@ C{twistd mailproxy}: options and the service tree.
 from __future__ import annotations
 
 import gc
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -19,6 +20,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _tls
@@ -77,6 +79,14 @@ def withBacklog(endpoint: str) -> str:
     return endpoint
 
 
+class ListenError(ConfigError):
+    """
+    A listener of the configuration cannot listen (its port is taken, its
+    address is not this machine's): said as a problem of the file is,
+    C{"FILE: listener[N].endpoint: cannot listen on HOST:PORT: why"}.
+    """
+
+
 @implementer(IStreamServerEndpoint)
 class ReportingEndpoint:
     """
@@ -89,12 +99,15 @@ class ReportingEndpoint:
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, name: str) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, name: str, where: str | None = None) -> None:
         """
         @param name: how the log line names the listener (C{listener[0]}).
+        @param where: the file and key that configure it
+            (C{"FILE: listener[0].endpoint"}), to name in an error.
         """
         self.endpoint = endpoint
         self.name = name
+        self.where = where
         self.port: IListeningPort | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -113,7 +126,14 @@ class ReportingEndpoint:
             )
             return port
 
-        return self.endpoint.listen(protocolFactory).addCallback(listening)
+        def refused(reason: Failure) -> NoReturn:
+            # Said the way a problem of the file is: where, and why.
+            reason.trap(CannotListenError)
+            cause = cast(CannotListenError, reason.value)
+            why = getattr(cause.socketError, "strerror", None) or str(cause.socketError)
+            raise ListenError(f"{self.where or self.name}: cannot listen on {cause.interface or '*'}:{cause.port}: {why}")
+
+        return self.endpoint.listen(protocolFactory).addCallbacks(listening, refused)
 
 
 def listeningPort(service: ProxyService, index: int) -> int | None:
@@ -253,7 +273,7 @@ def _listenerEndpoint(config: Config, reactor: Any, index: int) -> ReportingEndp
     listener = config.listeners[index]
     name = f"listener[{index}] ({listener.protocol}, tls={listener.tls})"
     try:
-        return ReportingEndpoint(listenerEndpoint(reactor, listener.endpoint), name)
+        return ReportingEndpoint(listenerEndpoint(reactor, listener.endpoint), name, f"{config.path}: listener[{index}].endpoint")
     except ValueError as e:
         raise ConfigError(f"{config.path}: listener[{index}]: endpoint: {e}")
 
@@ -271,7 +291,7 @@ def _addAdminAndLog(
             options = _tls.ApplicationProtocolOptions(adminTLS, ADMIN_APPLICATION_PROTOCOLS)
             factory = _tls.TLSLayerFactory(options, False, site)
         top.adminTLS = adminTLS
-        endpoint = ReportingEndpoint(serverEndpoint(reactor, config.admin.endpoint), "admin")
+        endpoint = ReportingEndpoint(serverEndpoint(reactor, config.admin.endpoint), "admin", f"{config.path}: admin.endpoint")
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True
         service.setName("admin")

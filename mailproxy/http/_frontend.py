@@ -466,6 +466,9 @@ class HTTPFrontend(FrontendProtocol):
         # backend it was found to route to.
         self._cookieRoute: tuple[bytes, Backend | None] | None = None
         self._registered = False
+        # A login of this connection was accepted (by the backend's first
+        # response).
+        self._accepted = False
         # The last Authorization the router accepted, and what it becomes.
         self._auth: tuple[bytes, Route, list[tuple[bytes, bytes]], Credentials] | None = None
         self._held: IDelayedCall | None = None
@@ -562,7 +565,8 @@ class HTTPFrontend(FrontendProtocol):
         if self.relay is not None:
             return super().sessionTraffic()
         result = "ok" if self.backendName is not None else "no-request"
-        if self.failures and self.route is None:
+        if self.failures and (self.route is None or not self._accepted):
+            # Refused by the router, or by the backend, and never accepted.
             result = "failed"
         return result, self.bytesFromClient, self.bytesFromBackend
 
@@ -1053,6 +1057,7 @@ class HTTPFrontend(FrontendProtocol):
             else:
                 stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
                 if credentials is not None:
+                    self._accepted = True
                     failuresForgotten(self, credentials)
         if refused:
             assert credentials is not None

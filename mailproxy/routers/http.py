@@ -160,7 +160,8 @@ def requestHeaders(
     """
     The request headers nginx would send for C{request}, in its order.
 
-    nginx sends C{Client-Host} only when it resolved the client's name, the
+    nginx sends C{Client-Host} (its resolved name, or C{[UNAVAILABLE]}
+    when it resolves no names: on every SMTP question), the
     C{Proxy-Protocol-*} headers only for clients behind a PROXY header, and
     the C{Auth-SSL-Verify}/C{-Subject}/... headers only with client
     certificates; mailproxy does none of these, so it sends none of them.
@@ -195,8 +196,9 @@ def requestHeaders(
         (b"Client-IP", request.client.address.encode("ascii", "replace")),
     ]
     if request.lookup == "recipient":
-        # nginx's Auth-Method none: whole command lines, like nginx keeps
-        # them (unescaped: the SMTP parser already refused CR and LF).
+        # nginx's Auth-Method none: the commands, without their parameters
+        # (nginx passes SIZE= and the like on; scripts read the address),
+        # unescaped: the SMTP parser already refused CR and LF.
         headers += [
             (b"Auth-SMTP-Helo", _raw(request.helo or "")),
             (b"Auth-SMTP-From", b"MAIL FROM:<" + _raw(request.mailFrom or "") + b">"),
@@ -277,6 +279,11 @@ def parseAnswer(headers: Headers) -> AuthAnswer:
         found = headers.getRawHeaders(name)
         if found:
             values[attribute] = found[-1].strip(b" \t")
+    statuses = [status.strip(b" \t") for status in headers.getRawHeaders(b"auth-status", ())]
+    refusals = [status for status in statuses if status != b"OK"]
+    if refusals:
+        # As in nginx, a refusal is not undone by an OK beside it.
+        values["status"] = refusals[-1]
     wait = values.pop("wait", b"")
     # nginx's ngx_atoi: digits only, anything else counts as no wait.
     values["wait"] = int(wait) if wait.isdigit() else 0
@@ -333,8 +340,30 @@ class _AuthServerTLS:
         return options
 
 
-def _discard(data: bytes) -> None:
-    pass
+class _Drain(Protocol):
+    """
+    Reads an answer's body, which nothing uses, so that its connection can
+    be used again; a body that has not ended within C{timeout} seconds
+    (one without a length on a connection left open, one that trickles)
+    is given up, which closes the connection.
+    """
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._giveUp = reactor.callLater(timeout, self._stop)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def _stop(self) -> None:
+        # A response body's transport is its producer: stopping it closes
+        # the connection.
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._giveUp.active():
+            self._giveUp.cancel()
 
 
 @implementer(IRouter)
@@ -447,11 +476,12 @@ class HTTPRouter:
             unbuffered=True,
         )
 
-        def answered(response: Any) -> Deferred[AuthAnswer]:
-            # The body is ignored, but read so that the connection can be
-            # reused.
-            drained: Deferred[Any] = response.collect(_discard)
-            return drained.addCallback(lambda _: parseAnswer(response.headers))
+        def answered(response: Any) -> AuthAnswer:
+            # The headers decide at once, as in nginx; the body is ignored,
+            # but read (after the answer, and for at most the timeout) so
+            # that the connection can be reused.
+            response.deliverBody(_Drain(self._reactor, self.timeout))
+            return parseAnswer(response.headers)
 
         d.addCallback(answered)
         return d.addTimeout(self.timeout, self._reactor)
@@ -461,7 +491,7 @@ class HTTPRouter:
             self.log.error("auth_http {url} answered without Auth-Status for {user}", url=self.url, user=logQuote(user))
             return Rejection(_UNAVAILABLE, temporary=True)
         if answer.status != b"OK":
-            return self._refusal(answer, user)
+            return self._refusal(answer, user, request.lookup)
         try:
             backend = self._backend(answer, request.port)
         except UnusableBackend as e:
@@ -487,7 +517,7 @@ class HTTPRouter:
             rule=f"auth_http -> {backend.name}",
         )
 
-    def _refusal(self, answer: AuthAnswer, user: str) -> Rejection:
+    def _refusal(self, answer: AuthAnswer, user: str, lookup: str) -> Rejection:
         assert answer.status is not None
         message = answer.status.decode("utf-8", "replace")
         temporary = _yes(answer.temporary) or (answer.errorCode or b"").startswith(b"4")
@@ -501,12 +531,14 @@ class HTTPRouter:
         # An MX recipient refused with 5.1.1 is a user unknown in a domain
         # the server serves (SMTP 550 5.1.1, not "relay access denied").
         unknownUser = b"5.1.1" in (answer.errorCode or b"").split()
-        # nginx: without Auth-Wait the error is the last thing said.
+        # nginx: without Auth-Wait the error is the last thing said. Not
+        # for an MX recipient: nginx asks once per session, this router
+        # about each recipient, and one refused must not lose the others.
         return Rejection(
             message,
             wait=float(answer.wait),
             temporary=temporary,
-            close=answer.wait == 0,
+            close=answer.wait == 0 and lookup != "recipient",
             unknown=_yes(answer.unknown),
             reason="unknown-user" if unknownUser else "",
         )

@@ -295,6 +295,13 @@ class LDAPDirectory:
             # An empty password is an unauthenticated bind (RFC 4513 5.1.2),
             # which many servers answer with success.
             return False
+        try:
+            password.decode("utf-8")
+        except UnicodeDecodeError:
+            # ldap3 makes the password text on its way out and fails on
+            # one that is not UTF-8 (a client sending Latin-1): wrong, as
+            # it would be for the directory, not a directory outage.
+            return False
         for attempt in (1, 2):
             try:
                 connection = self._users.get()

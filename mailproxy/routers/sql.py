@@ -453,6 +453,13 @@ class SQLRouter:
     async def _route(self, request: RouteRequest) -> Route | Rejection:
         credentials = request.credentials if request.lookup == "login" else None
         user = lookedUp(request)
+        try:
+            user.encode("utf-8")
+        except UnicodeEncodeError:
+            # Octets that are not UTF-8, kept as surrogates: no column
+            # holds such a name, and the driver could not send it.
+            self.log.info("SQL: no row for {user}", user=logQuote(user))
+            return Rejection(unknown=True)
         parameters = _parameters(user)
         try:
             rows = await self._runner.run(self.timeout, self.database.lookup, parameters)

@@ -510,8 +510,11 @@ class StaticRouter:
                 data = parseTOML(changed, self.path)
             table = parseRouteTable(data, self.path, self._backends)
             replaceFile(self.path, changed)
-        except (EditError, ConfigError) as e:
+        except EditError as e:
             raise RouteStoreError(f"{self.path}: {e}") from None
+        except ConfigError as e:
+            # Its problems name the file already.
+            raise RouteStoreError(str(e)) from None
         except (OSError, UnicodeDecodeError) as e:
             raise RouteStoreError(f"{self.path}: cannot rewrite: {e}") from None
         return self._stat(), table

@@ -616,6 +616,24 @@ class InfoAndAboveTests(SynchronousTestCase):
         self.assertEqual([line.split("] ", 1)[1] for line in stream.getvalue().splitlines()], ["shown"])
 
 
+    def test_startLinesInTheFile(self) -> None:
+        """
+        What is logged while the listeners bind (the privileged start,
+        before the services start) reaches the file: where each listener
+        listens.
+        """
+        path = os.path.abspath(self.mktemp())
+        publisher = LogPublisher()
+        service = EventLogService(LogConfig("text", path), publisher)
+        service.privilegedStartService()
+        Logger(namespace="mailproxy.test", observer=publisher).info("listening on 993")
+        service.startService()
+        Logger(namespace="mailproxy.test", observer=publisher).info("serving")
+        service.stopService()
+        with open(path) as f:
+            self.assertEqual([line.split("] ", 1)[1] for line in f], ["listening on 993\n", "serving\n"])
+
+
 class EventLogTests(SynchronousTestCase):
     """
     L{EventLogService} and L{jsonLine}.

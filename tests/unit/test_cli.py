@@ -146,10 +146,36 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         self.assertTrue(message.startswith(f"{routes}: "), message)
         self.assertIn("elsewhere", message)
 
+    def test_certificateClientsRefuse(self) -> None:
+        """
+        A certificate that does not name the SNI names it is to serve
+        passes with a warning naming the file, the setting and the name.
+        """
+        sni = os.path.join(self.directory, "sni")
+        os.makedirs(sni)
+        certificate, key = makeSelfSigned(sni, names=("old.example.com",))
+        self.write("routes.toml", ROUTES)
+        path = self.write(
+            "proxy.toml",
+            MINIMAL.replace('tls = "none"', 'tls = "implicit"')
+            + f'\n[tls]\ncertificate = "{certificate}"\nkey = "{key}"\n'
+            + f'[[tls.sni]]\nnames = ["old.example.org"]\ncertificate = "{certificate}"\nkey = "{key}"\n',
+        )
+        self.assertEqual(main(["check", path]), 0)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: {path}: tls.sni[0].certificate: {certificate} does not name 'old.example.org' "
+            "(no subjectAltName covers it), which it is to serve\n",
+        )
+        path = self.write("proxy.toml", open(path).read().replace('"old.example.org"', '"*.*.example.com"'))
+        self.assertEqual(main(["check", path]), 1)
+        self.assertIn("tls.sni[0].names: a wildcard is a whole first label", self.err.getvalue())
+
     def test_keyDoesNotMatch(self) -> None:
         """
         The check loads the certificates: a key that belongs to another
-        certificate exits 1 and names the key file.
+        certificate exits 1 and names the configuration's file and setting,
+        and the key file.
         """
         one, two = os.path.join(self.directory, "one"), os.path.join(self.directory, "two")
         os.makedirs(one)
@@ -164,7 +190,8 @@ class CheckTests(CommandTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(main(["check", path]), 1)
         message = self.err.getvalue()
-        self.assertTrue(message.startswith(f"{key}: "), message)
+        # The file and the setting first, as for every problem of the file.
+        self.assertTrue(message.startswith(f"{path}: tls.key: {key}: "), message)
         self.assertIn("does not match", message)
         self.assertEqual(self.out.getvalue(), "")
 
@@ -183,6 +210,39 @@ class RunTests(CommandTestsMixin, SynchronousTestCase):
         path = self.write("proxy.toml", "[[listener]]\n")
         self.assertEqual(main(["run", "--config", path]), 1)
         self.assertTrue(self.err.getvalue().startswith(f"{path}: "), self.err.getvalue())
+
+    def test_portTaken(self) -> None:
+        """
+        A listener whose port is taken stops the start with one line
+        naming the file, the listener and why, and exit status 1, not a
+        traceback.
+        """
+        import socket
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        self.write("routes.toml", 'default = "old"\n')
+        path = self.write(
+            "proxy.toml",
+            f'[[listener]]\nprotocol = "imap"\nendpoint = "tcp:{port}:interface=127.0.0.1"\ntls = "none"\n'
+            '[router]\ntype = "static"\npath = "routes.toml"\n'
+            '[backend.old]\nhost = "127.0.0.1"\nports = { imap = 143 }\n',
+        )
+        program = "import sys; from mailproxy.cli import main; sys.exit(main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", program, "run", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        self.assertEqual(
+            (done.returncode, done.stderr),
+            (1, f"{path}: listener[0].endpoint: cannot listen on 127.0.0.1:{port}: Address already in use\n"),
+        )
 
     def test_configRequired(self) -> None:
         """
@@ -340,7 +400,7 @@ class CheckEveryProblemTests(CommandTestsMixin, SynchronousTestCase):
         lines = self.err.getvalue().splitlines()
         self.assertEqual(len(lines), 3, lines)
         self.assertTrue(lines[0].startswith(f"{routes}: "), lines)
-        self.assertTrue(lines[1].startswith(f"{key}: "), lines)
+        self.assertTrue(lines[1].startswith(f"{path}: tls.key: {key}: "), lines)
         self.assertEqual(lines[2], f"{path}: 2 problems")
 
     def test_routerProblemsWithOthers(self) -> None:
@@ -660,6 +720,19 @@ class GeneratedDocumentTests(CommandTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(rendered.stderr, "")
         self.assertIn("mailproxy check", rendered.stdout)
+
+    def test_readerGone(self) -> None:
+        """
+        Output piped into a reader that stopped early (C{| head -1}) ends
+        the command with status 1 and without a traceback.
+        """
+        reader, writer = os.pipe()
+        os.close(reader)
+        stdout = os.fdopen(writer, "w")
+        self.addCleanup(stdout.close)
+        self.patch(sys, "stdout", stdout)
+        self.assertEqual(main(["manpage"]), 1)
+        self.assertEqual(self.err.getvalue(), "")
 
     def complete(self, *words: str) -> list[str]:
         """

@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientCreator
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -45,6 +45,7 @@ from mailproxy.demo import (
 from mailproxy.config import loadConfig
 from mailproxy.model import ClientInfo, Credentials, Route, RouteRequest
 from mailproxy.routers import buildRouter
+from mailproxy.tap import ListenError
 
 ALICE_TEXT_ON_OLD = (
     b"Hello Alice,\r\n"
@@ -789,7 +790,7 @@ class DemoStartFailureTests(TestCase):
         """
         Start the demo with its port C{which} (a L{startDemo} argument) on a
         port that is taken and its other ports chosen by the kernel, which
-        must fail with L{CannotListenError}.
+        must fail with L{ListenError}.
 
         @return: the events logged meanwhile and the configuration the demo
             wrote.
@@ -802,7 +803,7 @@ class DemoStartFailureTests(TestCase):
         with capturedLogs() as events:
             yield self.assertFailure(
                 Deferred.fromCoroutine(startDemo(reactor, directory, **ports)),
-                CannotListenError,
+                ListenError,
             )
         return events, loadConfig(os.path.join(directory, "mailproxy.toml"))
 
@@ -819,7 +820,7 @@ class DemoStartFailureTests(TestCase):
     def test_portInUse(self) -> Any:
         """
         If the STARTTLS port is taken, startDemo fails with
-        L{CannotListenError} and closes the listeners it had opened: the
+        L{ListenError} and closes the listeners it had opened: the
         implicit TLS port and the demo servers.
         """
         events, config = yield self.startWithPortTaken("imapPort")
@@ -831,7 +832,7 @@ class DemoStartFailureTests(TestCase):
     def test_adminPortInUse(self) -> Any:
         """
         If the management endpoint's port is taken, startDemo fails with
-        L{CannotListenError} and closes both proxy listeners, which had
+        L{ListenError} and closes both proxy listeners, which had
         started, and the demo servers.
         """
         events, config = yield self.startWithPortTaken("adminPort")

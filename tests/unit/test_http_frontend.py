@@ -206,6 +206,11 @@ class RoutingTests(HTTPFrontendTestCase):
         self.assertNotIn("wrong-pw", repr(self.events))
         self.assertEqual(self.frontend.failures, 1)
         self.assertEqual(dict(self.frontend.context.stats.logins), {("http", "new", "auth"): 1})
+        # Its session ends as one whose login failed, as after the
+        # router's refusal.
+        self.frontend.connectionLost(Failure(Exception("gone")))
+        (end,) = [event for event in self.events if event.get("event") == "session_end"]
+        self.assertEqual(end["result"], "failed")
 
     def test_successForgetsFailures(self) -> None:
         """

@@ -372,6 +372,23 @@ class StaticRouteStoreTests(SynchronousTestCase):
         self.assertEqual(str(error), "unknown backend 'elsewhere'; configured backends: new, old")
         self.assertEqual(self.read(), TABLE)
 
+    def test_refusedTableNamesFileOnce(self) -> None:
+        """
+        A change the table would refuse (a master-user entry moved to a
+        backend without a master user) gives its problem naming the file
+        once, and leaves the file as it was.
+        """
+        backends = {"old": makeBackend("old", masterUser="proxy", masterPassword=b"pw"), "new": makeBackend("new")}
+        text = '[accounts]\n"bob@example.org" = { backend = "old", password = "x", master = true }\n'
+        with open(self.path, "w") as f:
+            f.write(text)
+        router = StaticRouter(self.path, backends)
+        error = self.failureResultOf(router.setRoute("bob@example.org", "new"), RouteStoreError).value
+        self.assertEqual(str(error).count(self.path), 1, str(error))
+        self.assertIn("master: backend 'new' has no master_user", str(error))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), text)
+
     def test_badKeys(self) -> None:
         """
         Keys that are neither an account, a domain nor C{*} are refused.

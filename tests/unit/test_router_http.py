@@ -283,6 +283,24 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(route.backend.name, "10.0.0.9:1143")
         self.assertEqual((route.backend.host, route.backend.ports), ("10.0.0.9", {"imap": 1143}))
 
+    def test_answerBeforeItsBody(self) -> None:
+        """
+        The answer's headers decide as soon as they are in: a body that
+        comes late, or never (no length, the connection left open), does
+        not hold the login, and is drained within the timeout.
+        """
+        for answer in (
+            b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.9\r\nAuth-Port: 1143\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.9\r\nAuth-Port: 1143\r\n\r\n",
+        ):
+            _, protocol, d = self.ask(login(), timeout=4.0)
+            protocol.dataReceived(answer)
+            self.assertEqual(result(d).backend.name, "10.0.0.9:1143")
+            transport = protocol.transport
+            self.assertEqual(transport.producerState, "producing")
+            self.reactor.advance(4)
+            self.assertEqual(transport.producerState, "stopped")
+
     def test_hostHeader(self) -> None:
         """
         C{Host} is the URL's host without the port, as nginx sends it; an
@@ -581,6 +599,18 @@ class ResponseTests(SynchronousTestCase):
         rejection = self.answer([("Auth-Status", "No such user"), ("Auth-Error-Code", "550 5.1.1"), ("Auth-Wait", "1")])
         self.assertEqual(rejection, Rejection("No such user", wait=1.0, reason="unknown-user"))
 
+    def test_recipientRefusalKeepsSession(self) -> None:
+        """
+        A refused MX recipient does not end the session, with or without
+        C{Auth-Wait}: the router asks about every recipient (nginx asks once
+        per session, so its close after a refusal ends only that), and the
+        sender goes on with the others.
+        """
+        request = RouteRequest(protocol="smtp", credentials=None, client=CLIENT, rcptTo="zed@example.org", lookup="recipient")
+        self.server.answers[""] = [("Auth-Status", "User unknown"), ("Auth-Error-Code", "550 5.1.1")]
+        rejection = result(self.router().route(request))
+        self.assertEqual(rejection, Rejection("User unknown", reason="unknown-user"))
+
     def test_extensionFailureFlags(self) -> None:
         """
         C{X-Mailproxy-Unknown} and C{X-Mailproxy-Temporary} mark a refusal.
@@ -595,11 +625,18 @@ class ResponseTests(SynchronousTestCase):
     def test_lastHeaderCounts(self) -> None:
         """
         When a header comes twice, the last one counts, as in nginx; header
-        names are compared without case.
+        names are compared without case.  Not for C{Auth-Status}: as in
+        nginx, a refusal anywhere among them refuses, even before an C{OK}
+        (an auth script that adds an OK to a refusal must not let a wrong
+        password in).
         """
+        rejection = self.answer(
+            [("Auth-Status", "Invalid login or password"), ("Auth-Server", "10.0.0.7"), ("Auth-Port", "1"), ("Auth-Status", "OK")]
+        )
+        self.assertEqual(rejection, Rejection("Invalid login or password", close=True))
         route = self.answer(
             [
-                ("AUTH-STATUS", "No"),
+                ("AUTH-STATUS", "OK"),
                 ("auth-status", "OK"),
                 ("Auth-Server", "10.0.0.7"),
                 ("Auth-Port", "1"),

@@ -380,6 +380,15 @@ class MockServerTests(SynchronousTestCase):
         self.assertFalse(directory.checkPassword(ALICE_DN, b""))
         self.assertTrue(directory.checkPassword(ALICE_DN, b"alice secret"))
 
+    def test_passwordNotUTF8(self) -> None:
+        """
+        A password that is not UTF-8 (a client sending Latin-1), which
+        ldap3 cannot send, is a wrong password, not a directory outage.
+        """
+        directory = self.directory()
+        self.assertFalse(directory.checkPassword(ALICE_DN, b"p\xe4ssw\xf6rd"))
+        self.assertTrue(directory.checkPassword(ALICE_DN, b"alice secret"))
+
     def test_badServiceAccount(self) -> None:
         """
         A service bind that fails makes the directory unavailable, saying

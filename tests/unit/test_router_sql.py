@@ -200,6 +200,15 @@ class SQLiteRouterTests(SynchronousTestCase):
         """
         self.assertEqual(result(self.router().route(login("zed@example.org"))), Rejection(unknown=True))
 
+    def test_nameNotUTF8(self) -> None:
+        """
+        A login name that is not UTF-8 (its octets kept as surrogates) has
+        no row, as in the other routers: a failed login, not a database
+        outage.
+        """
+        self.assertEqual(result(self.router().route(login("\udcff\udcfe@example.org"))), Rejection(unknown=True))
+        self.assertNotIn("lookup failed", self.logText())
+
     def test_ambiguous(self) -> None:
         """
         Two rows are refused and logged.

@@ -672,6 +672,21 @@ class LoginFailureTests(SubmissionTestsMixin, SynchronousTestCase):
         )
         self.assertTrue(self.client.disconnecting)
 
+    def test_refusalThatClosesIsNotTooMany(self) -> None:
+        """
+        A refusal that closes the session before the limit (an auth_http
+        answer without Auth-Wait) says goodbye without claiming too many
+        attempts.
+        """
+        self.build(router=FakeRouter(default=Rejection(close=True)), limits=Limits(failureDelay=0, loginFailures=3))
+        self.ehlo()
+        self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
+        self.assertEqual(
+            self.client.value(),
+            b"535 5.7.8 Authentication credentials invalid\r\n421 4.7.0 proxy.test Closing connection.\r\n",
+        )
+        self.assertTrue(self.client.disconnecting)
+
     def _again(self, penalty: float = 0.0) -> None:
         self.send(b"AUTH PLAIN " + plain(b"alice", b"secret") + b"\r\n")
         # After failures the login waits before it is routed.

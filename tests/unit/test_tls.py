@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import policies, tls
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -46,6 +46,7 @@ from mailproxy._tls import (
     CertificateSource,
     TLSConfigError,
     TLSLayerFactory,
+    certificateWarnings,
     clientOptions,
     makeSelfSigned,
     serverOptions,
@@ -655,7 +656,28 @@ class TLSConfigErrorTests(SynchronousTestCase):
         warnings = [e for e in events if e.get("path") == path]
         self.assertEqual(len(warnings), 1)
         self.assertEqual(warnings[0]["log_level"].name, "warn")
-        self.assertIn("expired", warnings[0]["log_format"])
+        self.assertIn(f"TLS certificate {path} expired on ", formatEvent(warnings[0]))
+        [warning] = certificateWarnings(CertificateSource(path, path, where="proxy.toml: tls"))
+        self.assertTrue(warning.startswith(f"proxy.toml: tls.certificate: {path} expired on "), warning)
+
+    def test_namesNotCovered(self) -> None:
+        """
+        A certificate that does not name an SNI name it is to serve is
+        accepted with a warning: its own names and one-label wildcards
+        count, a wildcard's parent and deeper names do not.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = _certificate(
+            "mail.example.org", key, "mail.example.org", key, ca=False, names=("mail.example.org", "*.example.net")
+        )
+        path = _write(os.path.join(self.directory, "sni.pem"), _pem(certificate) + _keyPEM(key))
+        covered = ("MAIL.example.org", "imap.example.net", "*.example.net")
+        self.assertEqual(certificateWarnings(CertificateSource(path, path, names=covered)), [])
+        uncovered = ("example.net", "a.b.example.net", "old.example.com")
+        self.assertEqual(
+            certificateWarnings(CertificateSource(path, path, names=uncovered)),
+            [f"{path} does not name {name!r} (no subjectAltName covers it), which it is to serve" for name in uncovered],
+        )
 
     def test_validDoesNotWarn(self) -> None:
         """
