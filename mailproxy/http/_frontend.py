@@ -357,7 +357,10 @@ class _Channel(HTTPChannel):
         # empty line that ends it does not.
         if line:
             self._lines += 1
-        self._headSize += len(line) + 2
+        if self._lines:
+            # An empty line before a request line (the CRLF some clients
+            # send after a body) is no part of a head.
+            self._headSize += len(line) + 2
         if self._headSize > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
             self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
             return

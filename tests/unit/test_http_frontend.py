@@ -1151,6 +1151,20 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
         self.assertTrue(self.client.disconnecting)
 
+    def test_strayCRLFIsNoHead(self) -> None:
+        """
+        The empty line some clients send after a request's body is no
+        next request: the connection waits keepalive_timeout, quietly.
+        """
+        self.connect(headerTimeout=30.0, keepaliveTimeout=75.0)
+        self.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi\r\n")
+        self.backendSays(OK)
+        self.client.clear()
+        self.clock.advance(31)
+        self.assertEqual((self.client.value(), self.client.disconnecting), (b"", False))
+        self.clock.advance(44)
+        self.assertEqual((self.client.value(), self.client.disconnecting), (b"", True))
+
     def test_headSizeCountsLineEnds(self) -> None:
         """
         max_header_size counts the head's octets as sent, line ends
