@@ -214,7 +214,11 @@ class Channel(amp.AMP):
         """
         stream = self._send(argument)
         answered = self.callRemote(_Call, method=method, stream=stream)
-        return answered.addCallback(lambda answer: self._take(answer["stream"]))
+        # The answer's parts are taken even if the caller gave up on it (a
+        # timeout cancels only the Deferred returned), else they would stay.
+        caller: Deferred[Any] = Deferred()
+        answered.addCallback(lambda answer: self._take(answer["stream"])).chainDeferred(caller)
+        return caller
 
     def notify(self, method: str, argument: Any) -> None:
         """

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -98,6 +98,23 @@ class ChannelTests(SynchronousTestCase):
         later.callback(7)
         pump.flush()
         self.assertEqual(answers, [7])
+
+    def test_answerAfterCancel(self) -> None:
+        """
+        An answer that comes after its caller gave up (a timeout cancelled
+        the call) is taken and dropped, not kept: a large one would stay
+        for the channel's life.
+        """
+        later: Deferred[Any] = Deferred()
+        parent, worker, pump = channels({}, {"later": lambda _: later})
+        failures: list[Failure] = []
+        parent.call("later").addErrback(failures.append).cancel()
+        pump.flush()
+        later.callback([{"session": f"s{n}"} for n in range(5000)])
+        pump.flush()
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(CancelledError)
+        self.assertEqual(parent._parts, {})
 
     def test_unknownMethod(self) -> None:
         """
