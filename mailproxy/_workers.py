@@ -1453,17 +1453,19 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             self.notifier.reloaded(outcome)
             return succeed(outcome)
 
-        asked = [worker for worker in self.workers if worker.ready]
+        # Each by its channel: one started again meanwhile has the new file.
+        asked = {worker: worker.channel for worker in self.workers if worker.ready}
 
         def workersReloaded(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
             problems = [
                 f"worker {worker.number}: {answer['error']}" for worker, answer in answers if answer and not answer["ok"]
             ]
-            # One that died meanwhile starts again with the new file; one
-            # that is hung may never take it.
+            # One that is hung may never take it.
             answering = {worker for worker, _ in answers}
             problems += [
-                f"worker {worker.number}: did not answer" for worker in asked if worker not in answering and worker.ready
+                f"worker {worker.number}: did not answer"
+                for worker, channel in asked.items()
+                if worker not in answering and worker.channel is channel
             ]
             result = outcome
             if problems:
