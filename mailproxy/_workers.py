@@ -1163,7 +1163,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "log": _publishFromWorker,
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
-            "succeeded": lambda address: self._succeeded(address),
+            "forgive": lambda argument: self._forgive(argument["address"], argument["count"]),
             "loggedIn": lambda login: self._loggedIn(worker, login),
             "ended": lambda ended: self.registry.ended(ended["session"]),
         }
@@ -1186,7 +1186,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         fleet.failures.known.update(self.failures.known)
         self.failures = fleet.failures
         fleet.failures.learned = lambda address, count: self.tellWorkers("failures", {"address": address, "count": count})
-        fleet.failures.cleared = lambda address: self.tellWorkers("forget", {"address": address})
+        fleet.failures.lowered = lambda address, count: self.tellWorkers("lower", {"address": address, "count": count})
 
         def forgetRoutes(keys: list[str]) -> None:
             invalidateCaches(self.context.router, *keys)
@@ -1570,9 +1570,9 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         count = self.failures.failed(address)
         self.tellWorkers("failures", {"address": address, "count": count})
 
-    def _succeeded(self, address: str) -> None:
-        self.failures.succeeded(address)
-        self.tellWorkers("forget", {"address": address})
+    def _forgive(self, address: str, count: int) -> None:
+        self.failures.forgive(address, count)
+        self.tellWorkers("lower", {"address": address, "count": self.failures.recent(address)})
 
 
 class _NoConnections(Factory):
@@ -1675,9 +1675,9 @@ class _WorkerFailures(LocalFailures):
         self.channel.notify("failed", address)
         return count
 
-    def succeeded(self, address: str) -> None:
-        super().succeeded(address)
-        self.channel.notify("succeeded", address)
+    def forgive(self, address: str, count: int) -> None:
+        super().forgive(address, count)
+        self.channel.notify("forgive", {"address": address, "count": count})
 
 
 @implementer(ISessionObserver)
@@ -1742,7 +1742,7 @@ class _WorkerSide:
             "routesChanged": self._routesChanged,
             "block": self._block,
             "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
-            "forget": lambda argument: self.service.context.failures.forget(argument["address"]),
+            "lower": lambda argument: self.service.context.failures.lower(argument["address"], argument["count"]),
         }
 
     def _routesChanged(self, keys: list[str]) -> None:

@@ -486,15 +486,16 @@ class MachineTests(SynchronousTestCase):
         self.machine._failed("192.0.2.1")
         self.assertEqual(self.told, [("failures", {"address": "192.0.2.1", "count": n}) for n in (1, 2)])
 
-    def test_successTold(self) -> None:
+    def test_forgivenTold(self) -> None:
         """
-        A login that succeeds in a worker clears its address's failures
-        here, and every worker is told to forget them.
+        Failures a worker forgives come off its address's count here, and
+        every worker is told the count left.
         """
-        self.machine._failed("192.0.2.1")
-        self.machine._succeeded("192.0.2.1")
-        self.assertEqual(self.machine.failures.recent("192.0.2.1"), 0)
-        self.assertEqual(self.told[-1], ("forget", {"address": "192.0.2.1"}))
+        for _ in range(3):
+            self.machine._failed("192.0.2.1")
+        self.machine._forgive("192.0.2.1", 2)
+        self.assertEqual(self.machine.failures.recent("192.0.2.1"), 1)
+        self.assertEqual(self.told[-1], ("lower", {"address": "192.0.2.1", "count": 1}))
 
 
 class LocalFailuresTests(SynchronousTestCase):
