@@ -473,8 +473,8 @@ class Fleet(Service):
     def _on_failed(self, message: dict[str, Any]) -> None:
         self.failures.learn(str(message["address"]), int(message["count"]))
 
-    def _on_cleared(self, message: dict[str, Any]) -> None:
-        self.failures.clearedElsewhere(str(message["address"]))
+    def _on_lowered(self, message: dict[str, Any]) -> None:
+        self.failures.loweredElsewhere(str(message["address"]), int(message["count"]))
 
     def holdEverywhere(self, accounts: list[str], domains: list[str], mail: bool) -> Callable[[], None]:
         """
@@ -569,8 +569,8 @@ class FleetFailures(LocalFailures):
         # Told of each count learned from the fleet (the parent of worker
         # processes tells its workers).
         self.learned: Callable[[str, int], None] = lambda address, count: None
-        # Told of each address whose failures another proxy cleared.
-        self.cleared: Callable[[str], None] = lambda address: None
+        # Told of each count lowered by another proxy's forgiving.
+        self.lowered: Callable[[str, int], None] = lambda address, count: None
 
     def learn(self, address: str, count: int) -> None:
         super().learn(address, count)
@@ -593,17 +593,32 @@ class FleetFailures(LocalFailures):
                 self.fleet.trouble(Failure())
         return count
 
-    def succeeded(self, address: str) -> None:
-        super().succeeded(address)
-        self.fleet._send(self.fleet._command("delete"), self.fleet.key("failures", address))
-        self.fleet.publish({"op": "cleared", "address": address})
+    def forgive(self, address: str, count: int) -> None:
+        super().forgive(address, count)
+        client = self.fleet.client
+        if client is None:
+            return
+        key = self.fleet.key("failures", address)
 
-    def clearedElsewhere(self, address: str) -> None:
+        def lowered(total: Any) -> None:
+            left = max(0, int(total))
+            if left == 0:
+                # Not left below zero for the next failure to count from.
+                self.fleet._send(self.fleet._command("delete"), key)
+            self.lower(address, left)
+            self.fleet.publish({"op": "lowered", "address": address, "count": left})
+
+        try:
+            client.decrby(key, count).addCallbacks(lowered, self.fleet.trouble)
+        except Exception:
+            self.fleet.trouble(Failure())
+
+    def loweredElsewhere(self, address: str, count: int) -> None:
         """
-        Another proxy's login from C{address} succeeded.
+        Another proxy forgave failures of C{address}: C{count} are left.
         """
-        self.forget(address)
-        self.cleared(address)
+        self.lower(address, count)
+        self.lowered(address, self.recent(address))
 
 
 def joinFleet(proxy: Any, settings: ClusterConfig, backends: Iterable[str], clock: Any, connect: Callable[[Fleet], Deferred[Any]]) -> Fleet:

@@ -23,7 +23,7 @@ from ._backend import BackendFailure, BackendProtocol, LoginJob, LoginState
 from ._outcomes import EndReason, FailureKind
 from ._routing import routeNow
 from ._safetext import logQuote
-from ._shared import MAX_FAILURES_COUNTED, accountKey
+from ._shared import MAX_FAILURES_COUNTED, accountKey, pairKey
 from .model import Credentials, Rejection, Route, RouteRequest
 
 if TYPE_CHECKING:
@@ -80,6 +80,9 @@ def authenticationFailed(session: FrontendProtocol, credentials: Credentials, at
     # No name (a bearer token, an empty user) is no account: every such
     # login would share one count.
     accountRecent = min(counter.failed(accountKey(credentials.user)), MAX_FAILURES_COUNTED) if credentials.user else 0
+    if credentials.user:
+        # What this account's owner forgives by logging in from here.
+        counter.failed(pairKey(session.client.address, credentials.user))
     # A stable line for fail2ban (examples/fail2ban): the address comes
     # before anything the client chose.
     session.log.info(
@@ -119,22 +122,32 @@ def failurePenalty(session: FrontendProtocol, credentials: Credentials) -> float
     return max(session.failures, recent, accountRecent) * session.limits.failureDelay
 
 
-def failuresForgotten(session: FrontendProtocol, credentials: Credentials) -> None:
+def failuresForgiven(session: FrontendProtocol, credentials: Credentials) -> None:
     """
-    A login of C{session} with C{credentials} succeeded: the failed logins
-    of its address and of its account are forgotten (everywhere they were
-    counted), as Dovecot forgets its penalty.
+    A login of C{session} with C{credentials} succeeded, the password
+    checked: the failures of that account from the client's address are
+    taken off the address's count (everywhere it is counted), and the
+    account's own failures are forgotten.
 
     Behind a NAT or a mobile carrier's shared address, one user's typos
     would otherwise make every other user's logins wait for the next 15
-    minutes.  A guesser gains little: an attacker without an account of
-    its own never clears its address's count, and one that has one still
-    waits a delay per guess at an account that failed.
+    minutes.  Only the account's own failures are forgiven: a guesser that
+    logs in to an account of its own between guesses at others keeps the
+    count its guesses earned.
     """
+    if not credentials.user:
+        return
     counter = session.context.failures
-    for key in (session.client.address, accountKey(credentials.user) if credentials.user else None):
-        if key is not None and counter.recent(key):
-            counter.succeeded(key)
+    address = session.client.address
+    pair = pairKey(address, credentials.user)
+    own = counter.recent(pair)
+    if own:
+        counter.forgive(address, own)
+        counter.forgive(pair, own)
+    account = accountKey(credentials.user)
+    accountCount = counter.recent(account)
+    if accountCount:
+        counter.forgive(account, accountCount)
 
 
 class _Rejected(Exception):
@@ -370,7 +383,8 @@ class LoginAttempt:
             self.backend = None
             backend.abandon()
             return
-        failuresForgotten(self.session, self.credentials)
+        if self.session.backendChecksLogins:
+            failuresForgiven(self.session, self.credentials)
         self._outcome.callback(backend)
 
     def _backendFailed(self, reason: Failure) -> None:

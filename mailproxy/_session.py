@@ -801,8 +801,13 @@ class FrontendProtocol(Session):
 
     Subclasses implement L{makeBackendLogin} besides what L{Session} asks.
 
+    @cvar backendChecksLogins: the backend's acceptance of a login proves
+        its password (its login dialogue checks it), which forgives the
+        failures of the account from the client's address.
     @ivar failures: logins refused for their credentials so far.
     """
+
+    backendChecksLogins = True
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)

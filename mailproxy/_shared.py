@@ -58,6 +58,16 @@ class IConnectionCounter(Interface):
         """
 
 
+def pairKey(address: str, user: str) -> str:
+    """
+    The key the failed logins of one account from one client address are
+    counted under, beside the address's and the account's: those a
+    success of the account from the address forgives (an address never
+    contains a space).
+    """
+    return address + " " + accountKey(user)
+
+
 def accountKey(user: str) -> str:
     """
     The key an account's failed logins are counted under, beside the
@@ -91,10 +101,10 @@ class IFailureCounter(Interface):
         each other, as far as known here, without counting one.
         """
 
-    def succeeded(address: str) -> None:
+    def forgive(address: str, count: int) -> None:
         """
-        A login from C{address} succeeded: forget its failures, here and
-        wherever they were counted.
+        Take C{count} failures off those of C{address} (a key as in
+        L{failed}), here and wherever they were counted.
         """
 
 
@@ -123,15 +133,19 @@ class LocalFailures:
     def recent(self, address: str) -> int:
         return self._current(address, self.clock.seconds())
 
-    def succeeded(self, address: str) -> None:
-        self.forget(address)
+    def forgive(self, address: str, count: int) -> None:
+        self.lower(address, self._current(address, self.clock.seconds()) - count)
 
-    def forget(self, address: str) -> None:
+    def lower(self, address: str, count: int) -> None:
         """
-        Forget the failures of C{address} (a login from it succeeded, here
-        or in another process).
+        The failures of C{address} are C{count} now, if that is fewer than
+        known here (some were forgiven, here or in another process).
         """
-        self.known.pop(address, None)
+        known, last = self.known.get(address, (0, 0.0))
+        if count <= 0:
+            self.known.pop(address, None)
+        elif count < known:
+            self.known[address] = (count, last)
 
     def learn(self, address: str, count: int) -> None:
         """

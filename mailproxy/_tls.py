@@ -446,13 +446,10 @@ def serverOptions(
             try:
                 normal = _normalName(name)
             except idna.IDNAError:
-                raise TLSConfigError(
-                    f"{source.certificate}: {name!r} is not a valid host name"
-                ) from None
+                raise source.problem("names", f"{source.certificate}: {name!r} is not a valid host name") from None
             if normal in claimedBy:
-                raise TLSConfigError(
-                    f"{source.certificate}: the name {name!r} is already served"
-                    f" by {claimedBy[normal]}"
+                raise source.problem(
+                    "names", f"{source.certificate}: the name {name!r} is already served by {claimedBy[normal]}"
                 )
             claimedBy[normal] = source.certificate
             if normal.startswith("*."):

@@ -214,7 +214,11 @@ class Channel(amp.AMP):
         """
         stream = self._send(argument)
         answered = self.callRemote(_Call, method=method, stream=stream)
-        return answered.addCallback(lambda answer: self._take(answer["stream"]))
+        # The answer's parts are taken even if the caller gave up on it (a
+        # timeout cancels only the Deferred returned), else they would stay.
+        caller: Deferred[Any] = Deferred()
+        answered.addCallback(lambda answer: self._take(answer["stream"])).chainDeferred(caller)
+        return caller
 
     def notify(self, method: str, argument: Any) -> None:
         """
@@ -1159,7 +1163,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             "log": _publishFromWorker,
             "connections": lambda deltas: self._connections(worker, deltas),
             "failed": lambda address: self._failed(address),
-            "succeeded": lambda address: self._succeeded(address),
+            "forgive": lambda argument: self._forgive(argument["address"], argument["count"]),
             "loggedIn": lambda login: self._loggedIn(worker, login),
             "ended": lambda ended: self.registry.ended(ended["session"]),
         }
@@ -1182,7 +1186,7 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         fleet.failures.known.update(self.failures.known)
         self.failures = fleet.failures
         fleet.failures.learned = lambda address, count: self.tellWorkers("failures", {"address": address, "count": count})
-        fleet.failures.cleared = lambda address: self.tellWorkers("forget", {"address": address})
+        fleet.failures.lowered = lambda address, count: self.tellWorkers("lower", {"address": address, "count": count})
 
         def forgetRoutes(keys: list[str]) -> None:
             invalidateCaches(self.context.router, *keys)
@@ -1449,17 +1453,19 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
             self.notifier.reloaded(outcome)
             return succeed(outcome)
 
-        asked = [worker for worker in self.workers if worker.ready]
+        # Each by its channel: one started again meanwhile has the new file.
+        asked = {worker: worker.channel for worker in self.workers if worker.ready}
 
         def workersReloaded(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
             problems = [
                 f"worker {worker.number}: {answer['error']}" for worker, answer in answers if answer and not answer["ok"]
             ]
-            # One that died meanwhile starts again with the new file; one
-            # that is hung may never take it.
+            # One that is hung may never take it.
             answering = {worker for worker, _ in answers}
             problems += [
-                f"worker {worker.number}: did not answer" for worker in asked if worker not in answering and worker.ready
+                f"worker {worker.number}: did not answer"
+                for worker, channel in asked.items()
+                if worker not in answering and worker.channel is channel
             ]
             result = outcome
             if problems:
@@ -1564,9 +1570,9 @@ class Machine(TwistdLog, ReloadOnHangup, MultiService):
         count = self.failures.failed(address)
         self.tellWorkers("failures", {"address": address, "count": count})
 
-    def _succeeded(self, address: str) -> None:
-        self.failures.succeeded(address)
-        self.tellWorkers("forget", {"address": address})
+    def _forgive(self, address: str, count: int) -> None:
+        self.failures.forgive(address, count)
+        self.tellWorkers("lower", {"address": address, "count": self.failures.recent(address)})
 
 
 class _NoConnections(Factory):
@@ -1669,9 +1675,9 @@ class _WorkerFailures(LocalFailures):
         self.channel.notify("failed", address)
         return count
 
-    def succeeded(self, address: str) -> None:
-        super().succeeded(address)
-        self.channel.notify("succeeded", address)
+    def forgive(self, address: str, count: int) -> None:
+        super().forgive(address, count)
+        self.channel.notify("forgive", {"address": address, "count": count})
 
 
 @implementer(ISessionObserver)
@@ -1736,7 +1742,7 @@ class _WorkerSide:
             "routesChanged": self._routesChanged,
             "block": self._block,
             "failures": lambda argument: self.service.context.failures.learn(argument["address"], argument["count"]),
-            "forget": lambda argument: self.service.context.failures.forget(argument["address"]),
+            "lower": lambda argument: self.service.context.failures.lower(argument["address"], argument["count"]),
         }
 
     def _routesChanged(self, keys: list[str]) -> None:

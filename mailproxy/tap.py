@@ -227,7 +227,8 @@ def serviceFromConfig(
         if config.admin is not None and config.admin.tls is not None:
             adminTLS = ReloadableServerTLS(_tls.serverOptions(config.admin.tls))
     except _tls.TLSConfigError as e:
-        raise ConfigError(f"{config.path}: tls: {e}")
+        # It names the file and the setting.
+        raise ConfigError(str(e))
     context = ProxyContext(
         reactor=reactor,
         router=router,
@@ -326,7 +327,8 @@ def machineFromConfig(
         if config.admin is not None and config.admin.tls is not None:
             adminTLS = ReloadableServerTLS(_tls.serverOptions(config.admin.tls))
     except _tls.TLSConfigError as e:
-        raise ConfigError(f"{config.path}: tls: {e}")
+        # It names the file and the setting.
+        raise ConfigError(str(e))
     endpoints = [_listenerEndpoint(config, reactor, index) for index in range(len(config.listeners))]
     top = Machine(config, count, reactor, endpoints, notifier)
     if config.cluster is not None:

@@ -55,7 +55,7 @@ from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from .._backend import BackendFailure, BackendProtocol, LoginJob
-from .._login import LoginFailed, authenticationFailed, failuresForgotten
+from .._login import LoginFailed, authenticationFailed
 from .._outcomes import EndReason, FailureKind
 from .._relay import Relay
 from .._routing import explainRoute
@@ -357,7 +357,10 @@ class _Channel(HTTPChannel):
         # empty line that ends it does not.
         if line:
             self._lines += 1
-        self._headSize += len(line) + 2
+        if self._lines:
+            # An empty line before a request line (the CRLF some clients
+            # send after a body) is no part of a head.
+            self._headSize += len(line) + 2
         if self._headSize > self.totalHeadersSize or self._lines > self.maxHeaders + 1:
             self.frontend.refuse(431, b"Request Header Fields Too Large", "request head too large")
             return
@@ -446,6 +449,9 @@ class HTTPFrontend(FrontendProtocol):
 
     protocolName = "http"
     defaultEndReason = EndReason.CLIENT_CLOSED
+    # Its backend connection is "logged in" once connected; each request
+    # is judged later, by the backend.
+    backendChecksLogins = False
 
     def __init__(self, context: ProxyContext, listener: Listener) -> None:
         super().__init__(context, listener)
@@ -1057,8 +1063,10 @@ class HTTPFrontend(FrontendProtocol):
             else:
                 stats.loginSucceeded(self.protocolName, route.backend.name, request.loginSeconds)
                 if credentials is not None:
+                    # Not taken as proof of the password, which forgives
+                    # failures: a backend may answer a request without
+                    # checking it (OPTIONS, a public page).
                     self._accepted = True
-                    failuresForgotten(self, credentials)
         if refused:
             assert credentials is not None
             # The backend judged the credentials and refused them: a failed

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
-from .._safetext import oneLine, sevenBit
+from .._safetext import oneLine
 from .._login import LoginFailed
 from ..model import Credentials
 from ._backend import IMAPBackendLogin
@@ -133,7 +133,7 @@ class IMAPFrontend(CommandFrontend):
         return b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.hostname.encode("idna") + b" IMAP proxy ready."
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
-        self.sendLine(b"* BYE " + sevenBit(text).encode("ascii"))
+        self.sendLine(b"* BYE " + oneLine(text, ascii=True).encode("ascii"))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:

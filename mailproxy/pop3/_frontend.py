@@ -31,7 +31,7 @@ from .._commandloop import CommandFrontend, LoopState
 from .._contract import ILoginFrontend
 from .._guard import IRelayGuard
 from .._outcomes import EndReason, FailureKind, SASLRefusal, StartTLSRefusal
-from .._safetext import oneLine, sevenBit
+from .._safetext import oneLine
 from .._sasl import newChallenge, parseDigestResponse
 from .._login import LoginFailed
 from ..model import Credentials
@@ -156,7 +156,7 @@ class POP3Frontend(CommandFrontend):
             # POP3 has no goodbye line: the failed login's -ERR was the last
             # word.
             return
-        self.err(sevenBit(text))
+        self.err(oneLine(text, ascii=True))
 
     def answerStartTLS(self, command: Command, refusal: StartTLSRefusal | None) -> None:
         if refusal is None:
@@ -199,7 +199,7 @@ class POP3Frontend(CommandFrontend):
         if failure.kind is FailureKind.AUTH:
             self.err("[AUTH] " + (oneLine(failure.message, ascii=True) or _AUTH_FAILED))
         elif failure.kind is FailureKind.REFUSED and failure.clientText:
-            self.sendLine(failure.clientText.encode("utf-8"))
+            self.sendLine(oneLine(failure.clientText, 510, ascii=True).encode("ascii"))
         else:
             self.err("[SYS/TEMP] " + (oneLine(failure.message, ascii=True) or _UNAVAILABLE))
 

@@ -280,10 +280,12 @@ def parseAnswer(headers: Headers) -> AuthAnswer:
         if found:
             values[attribute] = found[-1].strip(b" \t")
     statuses = [status.strip(b" \t") for status in headers.getRawHeaders(b"auth-status", ())]
-    refusals = [status for status in statuses if status != b"OK"]
+    refusals = [status for status in statuses if status not in (b"OK", b"WAIT")]
     if refusals:
-        # As in nginx, a refusal is not undone by an OK beside it.
+        # As in nginx, a refusal is not undone by an OK or a WAIT beside it.
         values["status"] = refusals[-1]
+    elif b"WAIT" in statuses:
+        values["status"] = b"WAIT"
     wait = values.pop("wait", b"")
     # nginx's ngx_atoi: digits only, anything else counts as no wait.
     values["wait"] = int(wait) if wait.isdigit() else 0

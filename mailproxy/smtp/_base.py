@@ -33,7 +33,7 @@ from .._backend import BackendProtocol, LoginJob
 from .._commandloop import CommandLoop, LoopState
 from .._contract import IProtocolFrontend
 from .._outcomes import EndReason, StartTLSRefusal
-from .._safetext import sevenBit
+from .._safetext import oneLine
 from .._session import ProxyContext, newSessionId
 from ..model import Backend, ClientInfo, Route
 from ..settings import Listener
@@ -277,7 +277,7 @@ class SMTPFrontend(CommandLoop):
 
     def sayGoodbye(self, reason: EndReason, text: str) -> None:
         enhanced = _GOODBYE_CODES.get(reason, "4.7.0")
-        text = sevenBit(_GOODBYE_TEXTS.get(reason, text))
+        text = oneLine(_GOODBYE_TEXTS.get(reason, text), ascii=True)
         if reason is EndReason.INTERNAL_ERROR:
             # The one goodbye that has always gone without the host name.
             self.send(421, enhanced, text)

@@ -390,12 +390,12 @@ class WorkersTests(SynchronousTestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("Failregex: 3 total", result.stdout, name)
 
-    def test_successClearsAcrossWorkers(self) -> None:
+    def test_successForgivesAcrossWorkers(self) -> None:
         """
-        A login that succeeds in one worker clears its address's failures
-        in every worker: after a failure in worker 1 and a success in
-        worker 2, the next failure in worker 1 is the address's first
-        again.
+        A login that succeeds in one worker forgives the account's
+        failures from its address in every worker: after a failure in
+        worker 1 and the account's success in worker 2, the next failure
+        in worker 1 is the address's first again.
         """
         with self.onlyWorker(1):
             self.failLogins(1)
@@ -407,7 +407,7 @@ class WorkersTests(SynchronousTestCase):
             deadline = time.monotonic() + TIMEOUT
             while not any(e.get("event") == "session_end" for e in self.proxy.events()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        # The parent tells worker 1 to forget: its word may follow the
+        # The parent tells worker 1 the count left: its word may follow the
         # success's by a moment.
         time.sleep(0.2)
         with self.onlyWorker(1):

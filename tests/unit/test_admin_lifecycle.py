@@ -123,6 +123,21 @@ class ServiceTreeTests(ServiceTreeTestsMixin, SynchronousTestCase):
         self.assertEqual(self.service.context.routerName, "static")
         self.assertIsNotNone(self.service.admin)
 
+    def test_certificateProblemNamedOnce(self) -> None:
+        """
+        A key that does not match its certificate stops the build with the
+        problem as check reports it: the file and the setting, once.
+        """
+        from mailproxy.config import ConfigError
+
+        other = os.path.join(self.directory, "other")
+        os.makedirs(other)
+        _, key = makeSelfSigned(other)
+        os.replace(key, os.path.join(self.directory, "key.pem"))
+        error = self.assertRaises(ConfigError, serviceFromConfig, loadConfig(self.path), self.reactor)
+        self.assertTrue(str(error).startswith(f"{self.path}: tls.key: "), str(error))
+        self.assertEqual(str(error).count(self.path), 1, str(error))
+
     def test_adminListensOnLoopback(self) -> None:
         """
         Started, the management endpoint listens on 127.0.0.1 at its port.

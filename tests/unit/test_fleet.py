@@ -130,6 +130,10 @@ class FakeClient:
         self.redis.counters[key] = self.redis.counters.get(key, 0) + 1
         return self._answer(self.redis.counters[key])
 
+    def decrby(self, key: str, amount: int) -> Deferred[Any]:
+        self.redis.counters[key] = self.redis.counters.get(key, 0) - amount
+        return self._answer(self.redis.counters[key])
+
     def publish(self, channel: str, message: str) -> Deferred[Any]:
         if self.open:
             self.redis.published.append(json.loads(message))
@@ -447,19 +451,21 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(self.redis.expiries["mailproxy:failures:198.51.100.7"], 900)
         self.assertEqual(self.a.fleet.failures.failed("192.0.2.99"), 1)
 
-    def test_successClearsTheFleetsCount(self) -> None:
+    def test_forgivenInTheFleet(self) -> None:
         """
-        A login that succeeds on one proxy clears its address's failures
-        in Redis and on every proxy: the next failure, anywhere, counts
-        one again.
+        Failures forgiven on one proxy come off the count in Redis and on
+        every proxy; forgiving all of them removes the key, so the next
+        failure, anywhere, counts one again.
         """
         for member in (self.a, self.b, self.a):
             member.fleet.failures.failed("198.51.100.7")
-        self.assertEqual(self.b.fleet.failures.recent("198.51.100.7"), 3)
-        self.b.fleet.failures.succeeded("198.51.100.7")
+        self.b.fleet.failures.forgive("198.51.100.7", 2)
+        self.assertEqual(self.redis.counters["mailproxy:failures:198.51.100.7"], 1)
+        self.assertEqual((self.a.fleet.failures.recent("198.51.100.7"), self.b.fleet.failures.recent("198.51.100.7")), (1, 1))
+        self.a.fleet.failures.forgive("198.51.100.7", 1)
         self.assertNotIn("mailproxy:failures:198.51.100.7", self.redis.counters)
-        self.assertEqual((self.a.fleet.failures.recent("198.51.100.7"), self.b.fleet.failures.recent("198.51.100.7")), (0, 0))
-        self.assertEqual(self.a.fleet.failures.failed("198.51.100.7"), 1)
+        self.assertEqual(self.b.fleet.failures.recent("198.51.100.7"), 0)
+        self.assertEqual(self.b.fleet.failures.failed("198.51.100.7"), 1)
 
     def test_redisDownLoginsGoOn(self) -> None:
         """
@@ -682,16 +688,17 @@ class MachineInFleetTests(SynchronousTestCase):
         self.assertEqual(self.redis.counters["mailproxy:failures:198.51.100.7"], 3)
         self.assertEqual(self.told[-1], ("failures", {"address": "198.51.100.7", "count": 3}))
 
-    def test_successClearedForWorkers(self) -> None:
+    def test_forgivenForWorkers(self) -> None:
         """
-        A success in a worker clears the fleet's count and has every
-        worker forget it; so does a success on another proxy.
+        Failures a worker forgives come off the fleet's count, and every
+        worker is told the count left; so are those another proxy forgives.
         """
         self.a.fleet.failures.failed("198.51.100.7")
-        self.handlers[1]["succeeded"]("198.51.100.7")
-        self.assertNotIn("mailproxy:failures:198.51.100.7", self.redis.counters)
-        self.assertEqual(self.told[-1], ("forget", {"address": "198.51.100.7"}))
+        self.a.fleet.failures.failed("198.51.100.7")
+        self.handlers[1]["forgive"]({"address": "198.51.100.7", "count": 1})
+        self.assertEqual(self.redis.counters["mailproxy:failures:198.51.100.7"], 1)
+        self.assertEqual(self.told[-1], ("lower", {"address": "198.51.100.7", "count": 1}))
         self.a.fleet.failures.failed("198.51.100.8")
-        self.a.fleet.failures.succeeded("198.51.100.8")
-        self.assertEqual(self.told[-1], ("forget", {"address": "198.51.100.8"}))
+        self.a.fleet.failures.forgive("198.51.100.8", 1)
+        self.assertEqual(self.told[-1], ("lower", {"address": "198.51.100.8", "count": 0}))
         self.assertEqual(self.fleet.failures.recent("198.51.100.8"), 0)

@@ -212,22 +212,23 @@ class RoutingTests(HTTPFrontendTestCase):
         (end,) = [event for event in self.events if event.get("event") == "session_end"]
         self.assertEqual(end["result"], "failed")
 
-    def test_successForgetsFailures(self) -> None:
+    def test_responseForgivesNothing(self) -> None:
         """
-        A login the backend accepts forgets the failures of the client's
-        address and of the account, as in the other protocols.
+        A backend's answer other than 401 is no proof of the password (a
+        backend may answer a request without checking it): it forgives no
+        failed login of the address or the account.
         """
-        from mailproxy._shared import accountKey
+        from mailproxy._shared import accountKey, pairKey
 
         self.connect(limits=Limits(failureDelay=1.0))
         failures = self.frontend.context.failures
         address = self.frontend.client.address
-        failures.failed(address)
-        failures.failed(accountKey("alice"))
-        self.send(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "pw") + b"\r\n\r\n")
+        for key in (address, accountKey("alice"), pairKey(address, "alice")):
+            failures.failed(key)
+        self.send(b"OPTIONS / HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice", "wrong") + b"\r\n\r\n")
         self.clock.advance(1.0)
         self.assertEqual(head(self.backendSays(OK))[0], b"HTTP/1.1 200 OK")
-        self.assertEqual((failures.recent(address), failures.recent(accountKey("alice"))), (0, 0))
+        self.assertEqual([failures.recent(key) for key in (address, accountKey("alice"), pairKey(address, "alice"))], [1, 1, 1])
 
     def test_rightPasswordAfterFailureWaits(self) -> None:
         """
@@ -1150,6 +1151,20 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.clock.advance(30)
         self.assertEqual(head(self.client.value())[0], b"HTTP/1.1 408 Request Timeout")
         self.assertTrue(self.client.disconnecting)
+
+    def test_strayCRLFIsNoHead(self) -> None:
+        """
+        The empty line some clients send after a request's body is no
+        next request: the connection waits keepalive_timeout, quietly.
+        """
+        self.connect(headerTimeout=30.0, keepaliveTimeout=75.0)
+        self.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi\r\n")
+        self.backendSays(OK)
+        self.client.clear()
+        self.clock.advance(31)
+        self.assertEqual((self.client.value(), self.client.disconnecting), (b"", False))
+        self.clock.advance(44)
+        self.assertEqual((self.client.value(), self.client.disconnecting), (b"", True))
 
     def test_headSizeCountsLineEnds(self) -> None:
         """

@@ -996,6 +996,11 @@ class FailureTests(POP3FrontendTestsMixin, SynchronousTestCase):
             self.backendSays(b"+OK Updated\r\n" + reply + b"\r\n")
             self.assertEqual(self.client.value(), reply + b"\r\n")
             self.assertFalse(self.client.disconnecting)
+        # 8-bit text in such a line reaches the client 7-bit.
+        self.build()
+        self.login()
+        self.backendSays(b"+OK Updated\r\n-ERR [IN-USE] Postfach gesperrt f\xc3\xbcr \xff\r\n")
+        self.assertEqual(self.client.value(), b"-ERR [IN-USE] Postfach gesperrt fur ?\r\n")
 
     def test_growingDelayAndClose(self) -> None:
         """

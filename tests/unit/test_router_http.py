@@ -634,6 +634,9 @@ class ResponseTests(SynchronousTestCase):
             [("Auth-Status", "Invalid login or password"), ("Auth-Server", "10.0.0.7"), ("Auth-Port", "1"), ("Auth-Status", "OK")]
         )
         self.assertEqual(rejection, Rejection("Invalid login or password", close=True))
+        for statuses in (("Invalid login", "WAIT"), ("WAIT", "Invalid login")):
+            rejection = self.answer([("Auth-Status", status) for status in statuses])
+            self.assertEqual(rejection, Rejection("Invalid login", close=True), statuses)
         route = self.answer(
             [
                 ("AUTH-STATUS", "OK"),

@@ -82,6 +82,8 @@ class DropReasonTests(SynchronousTestCase):
         self.assertEqual(self.dropped("imap", "Déménagé \u65e5"), b"* BYE Demenage ?\r\n")
         self.assertEqual(self.dropped("pop3", "Déménagé"), b"-ERR Demenage\r\n")
         self.assertEqual(self.dropped("smtp", "Déménagé", mode="submission"), b"421 4.7.0 proxy.test Demenage\r\n")
+        # Folding may lengthen a text (U+FDFA is 18 letters): still bounded.
+        self.assertLessEqual(len(self.dropped("pop3", "\ufdfa" * 66)), len(b"-ERR ") + 200 + 2)
 
     def test_relaying(self) -> None:
         """

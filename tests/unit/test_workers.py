@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -98,6 +98,23 @@ class ChannelTests(SynchronousTestCase):
         later.callback(7)
         pump.flush()
         self.assertEqual(answers, [7])
+
+    def test_answerAfterCancel(self) -> None:
+        """
+        An answer that comes after its caller gave up (a timeout cancelled
+        the call) is taken and dropped, not kept: a large one would stay
+        for the channel's life.
+        """
+        later: Deferred[Any] = Deferred()
+        parent, worker, pump = channels({}, {"later": lambda _: later})
+        failures: list[Failure] = []
+        parent.call("later").addErrback(failures.append).cancel()
+        pump.flush()
+        later.callback([{"session": f"s{n}"} for n in range(5000)])
+        pump.flush()
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(CancelledError)
+        self.assertEqual(parent._parts, {})
 
     def test_unknownMethod(self) -> None:
         """
@@ -469,15 +486,16 @@ class MachineTests(SynchronousTestCase):
         self.machine._failed("192.0.2.1")
         self.assertEqual(self.told, [("failures", {"address": "192.0.2.1", "count": n}) for n in (1, 2)])
 
-    def test_successTold(self) -> None:
+    def test_forgivenTold(self) -> None:
         """
-        A login that succeeds in a worker clears its address's failures
-        here, and every worker is told to forget them.
+        Failures a worker forgives come off its address's count here, and
+        every worker is told the count left.
         """
-        self.machine._failed("192.0.2.1")
-        self.machine._succeeded("192.0.2.1")
-        self.assertEqual(self.machine.failures.recent("192.0.2.1"), 0)
-        self.assertEqual(self.told[-1], ("forget", {"address": "192.0.2.1"}))
+        for _ in range(3):
+            self.machine._failed("192.0.2.1")
+        self.machine._forgive("192.0.2.1", 2)
+        self.assertEqual(self.machine.failures.recent("192.0.2.1"), 1)
+        self.assertEqual(self.told[-1], ("lower", {"address": "192.0.2.1", "count": 1}))
 
 
 class LocalFailuresTests(SynchronousTestCase):
