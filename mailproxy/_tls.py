@@ -198,7 +198,9 @@ def _loadSource(source: CertificateSource) -> _LoadedCertificate:
             "key", f"{source.key}: the private key does not match the first certificate in {source.certificate}"
         )
     for problem in _clientsWouldRefuse(source, leaf):
-        _log.warn("TLS certificate {path} {problem}", path=source.certificate, problem=problem)
+        # Named as check names it: the file and the setting first.
+        where = f"{source.where}.certificate: " if source.where else ""
+        _log.warn("{where}TLS certificate {path} {problem}", where=where, path=source.certificate, problem=problem)
     return _LoadedCertificate(source=source, chain=chain, key=key)
 
 

@@ -355,6 +355,11 @@ class _Channel(HTTPChannel):
         # 6585), and the size is what the client sent, CRLFs included.
         # The request line counts as a line, as the head's first, and the
         # empty line that ends it does not.
+        if not line and not self._lines:
+            # Empty lines before a request line (the CRLF some clients send
+            # after a body, once or more) are skipped, as nginx does;
+            # HTTPChannel would skip one and answer a second with 400.
+            return
         if line:
             self._lines += 1
         if self._lines:

@@ -1166,6 +1166,17 @@ class HostileInputTests(HTTPFrontendTestCase):
         self.clock.advance(44)
         self.assertEqual((self.client.value(), self.client.disconnecting), (b"", True))
 
+    def test_emptyLinesBetweenRequests(self) -> None:
+        """
+        Any number of empty lines before a request line are skipped, as
+        nginx does: the request behind them is answered.
+        """
+        self.connect()
+        self.send(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n\r\n\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(head(self.backendSays(OK))[0], b"HTTP/1.1 200 OK")
+        self.assertIn(b"GET /b HTTP/1.1\r\n", self.backendGot())
+        self.assertNotIn(b"400", self.client.value())
+
     def test_headSizeCountsLineEnds(self) -> None:
         """
         max_header_size counts the head's octets as sent, line ends

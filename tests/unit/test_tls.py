@@ -659,6 +659,11 @@ class TLSConfigErrorTests(SynchronousTestCase):
         self.assertIn(f"TLS certificate {path} expired on ", formatEvent(warnings[0]))
         [warning] = certificateWarnings(CertificateSource(path, path, where="proxy.toml: tls"))
         self.assertTrue(warning.startswith(f"proxy.toml: tls.certificate: {path} expired on "), warning)
+        # The log at start and reload names the setting too.
+        with capturedLogs() as events:
+            serverOptions(CertificateSource(path, path, where="proxy.toml: tls"))
+        [logged] = [formatEvent(e) for e in events if e.get("path") == path]
+        self.assertTrue(logged.startswith(f"proxy.toml: tls.certificate: TLS certificate {path} expired on "), logged)
 
     def test_namesNotCovered(self) -> None:
         """
