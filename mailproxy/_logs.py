@@ -110,7 +110,25 @@ def jsonLine(event: dict[str, Any]) -> str:
         data["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
     # ASCII: a client's lone surrogate (from non-UTF-8 octets) could not be
     # written at all, and U+2028 or NEL would end the line for some readers.
-    return json.dumps(data, default=str)
+    line = json.dumps(data, default=str)
+    if "\\udc" in line:
+        line = _ESCAPES.sub(_octetEscape, line)
+    return line
+
+
+# In JSON text: an escaped backslash, a surrogate pair (a character beyond
+# the BMP), or a lone low surrogate of U+DC80-U+DCFF, which is how Python
+# keeps an octet that is not UTF-8 (a client's non-UTF-8 name).
+_ESCAPES = re.compile(r"\\\\|\\ud[89ab][0-9a-f]{2}\\udc[0-9a-f]{2}|\\udc([89a-f][0-9a-f])")
+
+
+def _octetEscape(match: re.Match[str]) -> str:
+    # A lone surrogate is valid JSON syntax, yet strict readers (Rust's
+    # serde_json, so log shippers built on it) refuse the whole line: a
+    # client could hide its failed logins from them with one such octet.
+    # It is written as the text \xNN instead.
+    octet = match.group(1)
+    return match.group(0) if octet is None else "\\\\x" + octet
 
 
 # Formats that are one field holding the whole message, by that field.

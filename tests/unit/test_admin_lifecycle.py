@@ -705,19 +705,24 @@ class EventLogTests(SynchronousTestCase):
 
     def test_jsonLinesASCII(self) -> None:
         """
-        A client's text that UTF-8 cannot encode (a lone surrogate from a
-        non-UTF-8 name) or that some readers take for a line end (U+2028,
+        A client's text that some readers take for a line end (U+2028,
         NEL) is escaped: each event is one printable ASCII line, which
-        reads back as the text the client sent.
+        reads back as the text the client sent, characters beyond the BMP
+        included. An octet that is not UTF-8 (a lone surrogate in Python)
+        reads back as the text C{\\xNN}: strict JSON readers refuse a lone
+        surrogate, and with it the whole line.
         """
-        user = "a\udcff\u2028b\x85c\x1b[2J\rd"
+        user = "a\udcff\u2028b\x85c\x1b[2J\rd\U0001f600"
         text = self.emit("json", user)
         self.assertTrue(text.isascii())
         lines = text.splitlines()
         self.assertEqual(len(lines), 2)
         self.assertTrue(all(line.isprintable() for line in lines))
         first = json.loads(lines[0])
-        self.assertEqual(first["user"], user)
+        self.assertEqual(first["user"], "a\\xff\u2028b\x85c\x1b[2J\rd\U0001f600")
+        # Every string of the line is Unicode a strict reader takes.
+        json.dumps(first, ensure_ascii=False).encode("utf-8")
+        # The text line quotes the client's octet as \udcff: kept as it is.
         self.assertEqual(first["message"], "session abc end: user=" + json.dumps(user))
 
     def test_textOneLine(self) -> None:
